@@ -1,0 +1,32 @@
+# amend: the two commands a fresh machine needs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+export AMEND_MODEL ?= $(HOME)/.cache/amend/gemma3-270m-q4_k_m.gguf
+
+.PHONY: setup model build demo test test-rust test-fuzz bench fmt clean
+
+setup:
+	@scripts/setup-deps.sh
+
+model: setup
+	@scripts/fetch-model.sh >/dev/null
+
+build: setup
+	$(CARGO) build --release --workspace
+
+demo: model build
+	@scripts/demo.sh
+
+# Real-model tests are mandatory under `make test` (AMEND_REQUIRE_MODEL=1): a missing model fails, never skips.
+test: model
+	AMEND_REQUIRE_MODEL=1 $(CARGO) test --release --workspace
+	@scripts/test-extra.sh
+
+bench: model
+	$(CARGO) bench --workspace
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

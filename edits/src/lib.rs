@@ -1,0 +1,1 @@
+//! amend bundles and edit math.
