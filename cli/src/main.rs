@@ -1,1 +1,62 @@
-fn main() {}
+//! `amend`: the command-line tool. Each subcommand lives in its own module.
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod compile;
+mod eval;
+mod info;
+mod keys;
+mod locate;
+mod run;
+
+#[derive(Parser)]
+#[command(name = "amend", version, about = "An edge runtime for edited language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a model, optionally with patch bundles applied.
+    Run(run::Args),
+    /// Print a model's dimensions and the hook sites found in its graph.
+    Info(info::Args),
+    /// Benchmark prefill/decode against plain llama.cpp.
+    Bench(bench::Args),
+    /// Write a new ed25519 signing key pair (PREFIX.key, PREFIX.pub).
+    Keygen(keys::KeygenArgs),
+    /// Sign a bundle in place.
+    Sign(keys::SignArgs),
+    /// Verify a bundle's signature and hashes (exit 0 only when valid).
+    Verify(keys::VerifyArgs),
+    /// Describe a bundle (text or --json).
+    Inspect(keys::InspectArgs),
+    /// Compile edit requests into a bundle.
+    Compile(compile::Args),
+    /// Evaluate bundles with the KnowEdit metrics on the deployed model.
+    Eval(eval::Args),
+    /// Causal tracing: where does the model store a fact?
+    Locate(locate::Args),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Keygen(a) => keys::keygen(a),
+        Command::Sign(a) => keys::sign(a),
+        Command::Verify(a) => keys::verify(a),
+        Command::Inspect(a) => keys::inspect(a),
+        Command::Compile(a) => compile::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Locate(a) => locate::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("amend: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,1 @@
+//! The four edit families' inference-time math (pure, unit-tested).

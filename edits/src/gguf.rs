@@ -1,0 +1,1 @@
+//! Minimal GGUF reader/writer.
