@@ -1,8 +1,66 @@
-//! `amend bench`.
+//! `amend bench`: prefill/decode speed of plain llama.cpp vs amend without hooks, with an
+//! observing hook and with a writing hook, interleaved in one run.
+
+use std::path::PathBuf;
+
+use amend_runtime::bench::{run_bench, BenchConfig, Variant};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// GGUF model file.
+    #[arg(long, env = "AMEND_MODEL")]
+    pub model: PathBuf,
+    /// Prompt length in tokens (1..=512).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Generated tokens per run.
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Rounds (each runs every variant once, in rotating order; medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// CPU threads (default: all available).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Layer of the hooks (default: the middle layer).
+    #[arg(long)]
+    pub layer: Option<u32>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`amend bench` is not built yet")
+/// Ratios below this are flagged.
+const TARGET_RATIO: f64 = 0.97;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = crate::run::open_model(&args.model, args.threads)?;
+    let config = BenchConfig {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        rounds: args.rounds,
+        n_threads: args.threads,
+        layer: args.layer,
+    };
+    let report = run_bench(&model, &config, |line| log::info!("{line}"))?;
+    println!(
+        "model {} ({})",
+        args.model.display(),
+        model.info().description
+    );
+    print!("{}", report.table());
+    let mut below = Vec::new();
+    for v in Variant::ALL.into_iter().skip(1) {
+        let (p, d) = report.ratio(v);
+        if p < TARGET_RATIO || d < TARGET_RATIO {
+            below.push(format!("{} (prefill {p:.3}, decode {d:.3})", v.name()));
+        }
+    }
+    if below.is_empty() {
+        println!("all ratios >= {TARGET_RATIO}");
+    } else {
+        println!(
+            "below {TARGET_RATIO}: {} (medians of {} rounds; the machine may be shared, rerun with more --rounds)",
+            below.join(", "),
+            args.rounds
+        );
+    }
+    Ok(())
 }

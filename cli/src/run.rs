@@ -1,8 +1,122 @@
-//! `amend run`.
+//! `amend run`: generate text, streaming tokens to stdout.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use amend_runtime::{GenerateParams, Model, ModelOptions, Session, SessionOptions};
+use anyhow::Context;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// GGUF model file.
+    #[arg(long, env = "AMEND_MODEL")]
+    pub model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i32,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Sampling seed (default: random).
+    #[arg(long)]
+    pub seed: Option<u32>,
+    /// CPU threads (default: all available).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: u32,
+    /// Stop before this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    // Extension point: `--bundle PATH` (repeatable), `--pubkey PATH` and `--explain` are added
+    // here when edits are wired in; `apply_edits` below is where they take effect.
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`amend run` is not built yet")
+/// Opens a model for the CLI with the given thread count.
+pub fn open_model(path: &std::path::Path, threads: Option<usize>) -> anyhow::Result<Arc<Model>> {
+    Model::open(
+        path,
+        ModelOptions {
+            n_threads: threads,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("opening model {}", path.display()))
+}
+
+/// Where patch bundles will be attached to the session (hooks registered) before generation.
+/// Nothing to do until the edit families are wired in.
+fn apply_edits(_session: &mut Session, _args: &Args) -> anyhow::Result<()> {
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = open_model(&args.model, args.threads)?;
+    let mut session = Session::new(
+        &model,
+        SessionOptions {
+            n_ctx: args.ctx,
+            n_threads: args.threads,
+            ..Default::default()
+        },
+    )?;
+    apply_edits(&mut session, &args)?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+    });
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        seed,
+        stop: args.stop.clone(),
+        ..Default::default()
+    };
+    log::info!("sampling: temp {} seed {seed}", params.temperature);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let result = session.generate(&args.prompt, &params, |ev| {
+        if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()) {
+            // stdout closed (e.g. piped into `head`): stop generating.
+            write_err = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if write_err.is_none() {
+        let _ = writeln!(out);
+    }
+    let t = &result.timings;
+    log::info!(
+        "{} prompt tokens ({:.1} tok/s), {} generated ({:.1} tok/s), stop: {:?}",
+        result.n_prompt,
+        t.prefill_tok_s(),
+        result.n_generated,
+        t.decode_tok_s(),
+        result.stop_reason
+    );
+    Ok(())
 }

@@ -1,1 +1,19 @@
-//! amend compiler.
+//! amend compiler: trains edits on the quantized model (candle), evaluates them on the runtime,
+//! and locates knowledge (causal tracing).
+
+// Edit requests (KnowEdit/EasyEdit JSON, JSONL) and the KnowEdit metrics.
+pub mod dataset;
+pub mod metrics;
+// Evaluation on the deployed model and causal tracing (runtime-based).
+pub mod eval;
+pub mod locate;
+
+// The compiler: a differentiable forward of the GGUF model and the editing methods.
+pub mod error;
+pub mod forward;
+pub mod hparams;
+pub mod methods;
+
+pub use error::CompileError;
+pub use hparams::Hparams;
+pub use methods::{BundleIdentity, CompileOutput, Compiler, EditReport, Method, Progress};

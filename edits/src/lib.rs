@@ -10,4 +10,17 @@ pub mod families;
 pub mod gguf;
 pub mod site;
 
+pub mod bundle;
+#[cfg(feature = "std")]
+pub mod editset;
+#[cfg(feature = "std")]
+pub mod fingerprint;
+pub mod keys;
+
 pub use site::{HookPoint, Site};
+pub use bundle::{Bundle, BundleBuilder, BundleError, BundleMeta, Manifest, ModelBinding};
+#[cfg(feature = "std")]
+pub use editset::{ActiveSet, AddOptions, EditSet, EditSetError};
+pub use keys::TrustStore;
+/// Re-exported so callers name the same key types as the bundle code.
+pub use ed25519_dalek;

@@ -1,1 +1,38 @@
-//! amend engine (see README).
+//! amend engine: runs GGUF models on llama.cpp (CPU) with per-layer hooks.
+//!
+//! - [`Model`]: a validated, loaded GGUF model (shared, `Send + Sync`, behind `Arc`).
+//! - [`Session`]: one context (KV cache, logits) per conversation/thread; tokenize, evaluate,
+//!   read logits for any position, generate with sampling, stop strings, streaming and
+//!   cancellation.
+//! - [`Hook`]: read or modify hidden states at a [`HookPoint`] (layer + [`Site`]) during
+//!   decode; each architecture maps sites to llama.cpp graph node names ([`Architecture`]).
+//!
+//! See docs/runtime.md for the concepts and threading rules.
+
+mod arch;
+pub mod bench;
+mod detok;
+mod error;
+mod generate;
+pub mod gguf_check;
+mod hooks;
+mod model;
+pub mod reference;
+mod session;
+#[doc(hidden)]
+pub mod testutil;
+
+pub use amend_edits::{HookPoint, Site};
+pub use arch::Architecture;
+pub use detok::Detokenizer;
+pub use error::{Result, RuntimeError};
+pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
+pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
+pub use model::{init_backend, Model, ModelInfo, ModelOptions};
+pub use session::{CancelHandle, EvalOptions, Logits, Session, SessionOptions};
+
+/// The pinned llama.cpp bindings, for code that must call llama.cpp directly.
+pub use llama_cpp_sys_2 as sys;
+
+/// A token id.
+pub type Token = i32;

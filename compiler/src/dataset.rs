@@ -1,0 +1,760 @@
+//! Edit requests: KnowEdit/EasyEdit JSON (ZsRE, WikiData_counterfact, WikiData_recent, WikiBio,
+//! EasyEdit's `locality_inputs` shape, ROME-style CounterFact flat fields) and plain JSONL.
+//!
+//! Every shape is normalised into [`EditRecord`]. Parsing is tolerant of missing *optional*
+//! fields (subject, ground truth, rephrases, locality, portability) and of the value shapes the
+//! published files actually use (a string, a list of strings, or a list of lists where the first
+//! alternative is taken). Required fields that are missing, empty or of the wrong type give a
+//! [`DatasetError::Record`] naming the record index (0-based, the position in the JSON array or
+//! the JSONL line order) and the field.
+//!
+//! # Prompt/target joining (tokenizer convention)
+//! KnowEdit stores targets without a leading space and evaluates `prompt + ' ' + target`.
+//! amend does the same, in one place: [`EditRecord::continuation`] / [`continuation`]. Prompts
+//! are stored with trailing spaces and tabs removed (a trailing space would become its own token
+//! and push the target into an unnatural tokenization); targets are stored trimmed. The
+//! continuation is `" " + target`, unless the prompt ends with a newline, in which case the
+//! target follows directly. With gemma's SentencePiece vocabulary `" Berlin"` is then a single
+//! token, the same token the model predicts after `"... is"`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One probe prompt with the answer it is checked against (locality or portability).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The probe family as named in the file, e.g. `Relation_Specificity`, `Forgetfulness`,
+    /// `Reasoning`, `Subject_Aliasing`, `Logical_Generalization`, `neighborhood`.
+    pub kind: String,
+    pub prompt: String,
+    pub ground_truth: String,
+}
+
+impl Probe {
+    /// The text that follows the probe prompt when scoring its ground truth.
+    pub fn continuation(&self) -> String {
+        continuation(&self.prompt, &self.ground_truth)
+    }
+}
+
+/// One edit request, normalised from any supported input shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditRecord {
+    /// `id` / `case_id` from the file when present, else the record index.
+    pub id: String,
+    pub prompt: String,
+    pub subject: Option<String>,
+    pub target_new: String,
+    pub ground_truth: Option<String>,
+    #[serde(default)]
+    pub rephrase_prompts: Vec<String>,
+    #[serde(default)]
+    pub locality: Vec<Probe>,
+    #[serde(default)]
+    pub portability: Vec<Probe>,
+}
+
+impl EditRecord {
+    /// The text appended to `prompt` that the edit must make the model produce
+    /// (`" " + target_new`, see the module docs).
+    pub fn continuation(&self) -> String {
+        continuation(&self.prompt, &self.target_new)
+    }
+
+    /// Byte range of the subject's last occurrence in the prompt, if the subject is known and
+    /// occurs (ROME keys on the subject's last token; causal tracing corrupts these tokens).
+    pub fn subject_span(&self) -> Option<std::ops::Range<usize>> {
+        let s = self.subject.as_deref()?;
+        if s.is_empty() {
+            return None;
+        }
+        self.prompt.rfind(s).map(|start| start..start + s.len())
+    }
+}
+
+/// The text following `prompt` when scoring `answer`: KnowEdit's `prompt + ' ' + answer`,
+/// without a space after a prompt that ends in a newline or when the answer already starts
+/// with whitespace.
+pub fn continuation(prompt: &str, answer: &str) -> String {
+    if prompt.is_empty() || prompt.ends_with('\n') || answer.starts_with(char::is_whitespace) {
+        answer.to_string()
+    } else {
+        format!(" {answer}")
+    }
+}
+
+/// Input file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataFormat {
+    /// `.jsonl` files are JSONL; otherwise a JSON array (or single object) is KnowEdit, and
+    /// anything else is tried as JSONL.
+    #[default]
+    Auto,
+    /// A JSON array of KnowEdit/EasyEdit records.
+    KnowEdit,
+    /// One JSON object per line, `{prompt, target}` or any KnowEdit record shape.
+    Jsonl,
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = DatasetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "knowedit" | "easyedit" | "json" | "zsre" | "counterfact" => Ok(Self::KnowEdit),
+            "jsonl" => Ok(Self::Jsonl),
+            _ => Err(DatasetError::UnknownFormat(s.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("line {line}: invalid JSON: {source}")]
+    JsonLine {
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("expected a JSON array of edit records (KnowEdit format), found {found}")]
+    NotAnArray { found: &'static str },
+    #[error("record {index}: field `{field}`: {reason}")]
+    Record {
+        index: usize,
+        field: String,
+        reason: String,
+    },
+    #[error("no edit records in the input")]
+    NoRecords,
+    #[error("unknown data format `{0}` (expected knowedit, jsonl or auto)")]
+    UnknownFormat(String),
+}
+
+/// Read and parse an edit file.
+pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let format = match format {
+        DataFormat::Auto => {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if ext.eq_ignore_ascii_case("jsonl") || ext.eq_ignore_ascii_case("ndjson") {
+                DataFormat::Jsonl
+            } else {
+                detect(&text)
+            }
+        }
+        f => f,
+    };
+    match format {
+        DataFormat::Jsonl => parse_jsonl(&text),
+        _ => parse_knowedit(&text),
+    }
+}
+
+/// Guess the format from the content: a document that parses as one JSON value is KnowEdit.
+fn detect(text: &str) -> DataFormat {
+    match text.trim_start().chars().next() {
+        Some('[') => DataFormat::KnowEdit,
+        Some('{') if serde_json::from_str::<Value>(text).is_ok() => DataFormat::KnowEdit,
+        _ => DataFormat::Jsonl,
+    }
+}
+
+/// Parse a KnowEdit/EasyEdit JSON document: an array of records (a single record object is
+/// accepted too).
+pub fn parse_knowedit(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
+    let value: Value = serde_json::from_str(text).map_err(DatasetError::Json)?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(_) => vec![value],
+        other => {
+            return Err(DatasetError::NotAnArray {
+                found: type_name(&other),
+            })
+        }
+    };
+    let records = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_record(i, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    if records.is_empty() {
+        return Err(DatasetError::NoRecords);
+    }
+    Ok(records)
+}
+
+/// Parse JSONL: one object per non-blank line, `{prompt, target}` or any KnowEdit record shape.
+pub fn parse_jsonl(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
+    let mut records = Vec::new();
+    for (line_no, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).map_err(|source| DatasetError::JsonLine {
+            line: line_no + 1,
+            source,
+        })?;
+        records.push(parse_record(records.len(), &value)?);
+    }
+    if records.is_empty() {
+        return Err(DatasetError::NoRecords);
+    }
+    Ok(records)
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+struct Ctx {
+    index: usize,
+}
+
+impl Ctx {
+    fn err(&self, field: &str, reason: impl Into<String>) -> DatasetError {
+        DatasetError::Record {
+            index: self.index,
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// First present key among `names`, with the name that matched (for error messages).
+fn first_key<'a>(
+    obj: &'a Map<String, Value>,
+    names: &[&'static str],
+) -> Option<(&'static str, &'a Value)> {
+    names
+        .iter()
+        .find_map(|n| obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
+}
+
+/// A text value: a string, or the first alternative of a (nested) list of strings.
+/// `Ok(None)` for an empty list.
+fn first_text(ctx: &Ctx, field: &str, v: &Value) -> Result<Option<String>, DatasetError> {
+    match v {
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Array(items) => match items.first() {
+            None => Ok(None),
+            Some(first) => first_text(ctx, field, first),
+        },
+        // Some files carry numeric answers (years, counts).
+        Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(ctx.err(
+            field,
+            format!(
+                "expected a string or a list of strings, found {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// All texts of a string or list (each list element contributes its first alternative).
+fn all_texts(ctx: &Ctx, field: &str, v: &Value) -> Result<Vec<String>, DatasetError> {
+    match v {
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                if let Some(t) = first_text(ctx, field, item)? {
+                    out.push(t);
+                }
+            }
+            Ok(out)
+        }
+        _ => Ok(first_text(ctx, field, v)?.into_iter().collect()),
+    }
+}
+
+fn clean_prompt(s: &str) -> String {
+    s.trim_start().trim_end_matches([' ', '\t']).to_string()
+}
+
+fn required_text(
+    ctx: &Ctx,
+    obj: &Map<String, Value>,
+    names: &[&'static str],
+) -> Result<String, DatasetError> {
+    let (name, v) = first_key(obj, names).ok_or_else(|| ctx.err(names[0], "missing"))?;
+    if !matches!(v, Value::String(_) | Value::Array(_)) {
+        return Err(ctx.err(name, format!("expected a string, found {}", type_name(v))));
+    }
+    let text = first_text(ctx, name, v)?.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Err(ctx.err(name, "empty"));
+    }
+    Ok(text)
+}
+
+fn optional_text(
+    ctx: &Ctx,
+    obj: &Map<String, Value>,
+    names: &[&'static str],
+) -> Result<Option<String>, DatasetError> {
+    match first_key(obj, names) {
+        None => Ok(None),
+        Some((name, v)) => Ok(first_text(ctx, name, v)?
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())),
+    }
+}
+
+fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
+    let ctx = Ctx { index };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ctx.err("", format!("expected an object, found {}", type_name(v))))?;
+
+    let id = match first_key(obj, &["id", "case_id", "record_id"]) {
+        Some((_, Value::String(s))) => s.clone(),
+        Some((_, Value::Number(n))) => n.to_string(),
+        _ => index.to_string(),
+    };
+    // ZsRE/counterfact: prompt; WikiBio: text; MEND-style zsre: src.
+    let prompt = clean_prompt(&required_text(&ctx, obj, &["prompt", "text", "src"])?);
+    if prompt.is_empty() {
+        return Err(ctx.err("prompt", "empty"));
+    }
+    // KnowEdit: target_new; WikiBio: labels; MEND zsre: alt; plain JSONL: target.
+    let target_new = required_text(&ctx, obj, &["target_new", "target", "labels", "alt"])?
+        .trim()
+        .to_string();
+    let subject = optional_text(&ctx, obj, &["subject", "concept"])?;
+    let ground_truth = optional_text(&ctx, obj, &["ground_truth", "target_true", "answers"])?;
+
+    let mut rephrase_prompts = Vec::new();
+    for name in ["rephrase_prompt", "rephrase_prompts", "rephrase"] {
+        if let Some(v) = obj.get(name).filter(|v| !v.is_null()) {
+            rephrase_prompts.extend(
+                all_texts(&ctx, name, v)?
+                    .iter()
+                    .map(|s| clean_prompt(s))
+                    .filter(|s| !s.is_empty()),
+            );
+        }
+    }
+
+    let mut locality = match obj.get("locality").filter(|v| !v.is_null()) {
+        Some(v) => probe_groups(&ctx, "locality", v)?,
+        None => Vec::new(),
+    };
+    // ROME/EasyEdit CounterFact flat fields.
+    if let Some(p) = obj.get("locality_prompt").filter(|v| !v.is_null()) {
+        let gts = match obj.get("locality_ground_truth") {
+            Some(g) => all_texts(&ctx, "locality_ground_truth", g)?,
+            None => Vec::new(),
+        };
+        locality.extend(pair_probes(
+            &ctx,
+            "locality_prompt",
+            "locality",
+            all_texts(&ctx, "locality_prompt", p)?,
+            gts,
+        )?);
+    }
+    // MEND-style zsre: loc / loc_ans.
+    if let (Some(p), Some(a)) = (obj.get("loc"), obj.get("loc_ans")) {
+        locality.extend(pair_probes(
+            &ctx,
+            "loc",
+            "locality",
+            all_texts(&ctx, "loc", p)?,
+            all_texts(&ctx, "loc_ans", a)?,
+        )?);
+    }
+    let portability = match obj.get("portability").filter(|v| !v.is_null()) {
+        Some(v) => probe_groups(&ctx, "portability", v)?,
+        None => Vec::new(),
+    };
+
+    Ok(EditRecord {
+        id,
+        prompt,
+        subject,
+        target_new,
+        ground_truth,
+        rephrase_prompts,
+        locality,
+        portability,
+    })
+}
+
+/// `locality` / `portability`: an object mapping a probe kind to either a list of
+/// `{prompt, ground_truth}` objects (KnowEdit) or one `{prompt: [..], ground_truth: [..]}`
+/// object (EasyEdit's `locality_inputs`), or directly a list of probe objects (kind = field).
+fn probe_groups(ctx: &Ctx, field: &str, v: &Value) -> Result<Vec<Probe>, DatasetError> {
+    let mut out = Vec::new();
+    match v {
+        Value::Object(groups) => {
+            for (kind, group) in groups {
+                let path = format!("{field}.{kind}");
+                probe_list(ctx, &path, kind, group, &mut out)?;
+            }
+        }
+        Value::Array(_) => probe_list(ctx, field, field, v, &mut out)?,
+        other => {
+            return Err(ctx.err(
+                field,
+                format!(
+                    "expected an object of probe lists, found {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    }
+    Ok(out)
+}
+
+fn probe_list(
+    ctx: &Ctx,
+    path: &str,
+    kind: &str,
+    v: &Value,
+    out: &mut Vec<Probe>,
+) -> Result<(), DatasetError> {
+    match v {
+        Value::Null => Ok(()),
+        Value::Array(items) => {
+            for (j, item) in items.iter().enumerate() {
+                let item_path = format!("{path}[{j}]");
+                probe_object(ctx, &item_path, kind, item, out)?;
+            }
+            Ok(())
+        }
+        Value::Object(_) => probe_object(ctx, path, kind, v, out),
+        other => Err(ctx.err(
+            path,
+            format!(
+                "expected a list of {{prompt, ground_truth}} objects, found {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// One probe object. `prompt` may be a string or a list; with a list, `ground_truth` is paired
+/// element-wise when it has the same length, else its first alternative is used for every prompt.
+fn probe_object(
+    ctx: &Ctx,
+    path: &str,
+    kind: &str,
+    v: &Value,
+    out: &mut Vec<Probe>,
+) -> Result<(), DatasetError> {
+    let obj = v.as_object().ok_or_else(|| {
+        ctx.err(
+            path,
+            format!(
+                "expected a {{prompt, ground_truth}} object, found {}",
+                type_name(v)
+            ),
+        )
+    })?;
+    let prompt_field = format!("{path}.prompt");
+    let gt_field = format!("{path}.ground_truth");
+    let prompts = match obj.get("prompt") {
+        Some(p) => all_texts(ctx, &prompt_field, p)?,
+        None => return Err(ctx.err(&prompt_field, "missing")),
+    };
+    let gts = match obj.get("ground_truth").or_else(|| obj.get("target")) {
+        Some(Value::Array(items)) if prompts.len() > 1 && items.len() == prompts.len() => {
+            let mut g = Vec::new();
+            for item in items {
+                g.push(first_text(ctx, &gt_field, item)?.unwrap_or_default());
+            }
+            g
+        }
+        Some(g) => first_text(ctx, &gt_field, g)?.into_iter().collect(),
+        None => return Err(ctx.err(&gt_field, "missing")),
+    };
+    out.extend(pair_probes(ctx, &prompt_field, kind, prompts, gts)?);
+    Ok(())
+}
+
+fn pair_probes(
+    ctx: &Ctx,
+    field: &str,
+    kind: &str,
+    prompts: Vec<String>,
+    gts: Vec<String>,
+) -> Result<Vec<Probe>, DatasetError> {
+    let mut out = Vec::new();
+    for (j, p) in prompts.iter().enumerate() {
+        let prompt = clean_prompt(p);
+        if prompt.is_empty() {
+            return Err(ctx.err(field, "empty prompt"));
+        }
+        let gt = if gts.len() == prompts.len() {
+            gts[j].clone()
+        } else {
+            gts.first().cloned().unwrap_or_default()
+        };
+        let gt = gt.trim().to_string();
+        if gt.is_empty() {
+            // A probe without an answer cannot be scored: reject rather than silently skip.
+            return Err(ctx.err(field, format!("probe {j} has an empty ground_truth")));
+        }
+        out.push(Probe {
+            kind: kind.to_string(),
+            prompt,
+            ground_truth: gt,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZSRE: &str = r#"[{
+        "subject": "Watts Humphrey",
+        "target_new": "University of Michigan",
+        "prompt": "What university did Watts Humphrey attend?",
+        "ground_truth": ["Illinois Institute of Technology"],
+        "rephrase_prompt": "What university did Watts Humphrey take part in?",
+        "cond": "Illinois Institute of Technology >> University of Michigan || What university did Watts Humphrey attend?",
+        "locality": {"Relation_Specificity": [
+            {"prompt": "The name of the father of Watts Humphrey is", "ground_truth": ["Sun Tzu"]}
+        ]},
+        "portability": {"Reasoning": [
+            {"prompt": "The university's mascot is", "ground_truth": [["Wolverine", "Wolverines"]]}
+        ], "Subject_Aliasing": [], "Logical_Generalization": []}
+    }]"#;
+
+    const COUNTERFACT: &str = r#"[{
+        "subject": "Kuala Langat",
+        "prompt": "The name of the country which Kuala Langat is associated with is",
+        "target_new": "India",
+        "ground_truth": "Malaysia",
+        "rephrase": ["Kuala Langat belongs to the country of"],
+        "portability": {
+            "Subject_Aliasing": [{"prompt": "The country of Kuala Langat district is", "ground_truth": "India"}],
+            "Logical_Generalization": [{"prompt": ["Is Kuala Langat in Asia?", "Is it in India?"], "ground_truth": [["yes"], ["yes"]]}]
+        },
+        "locality": {
+            "Relation_Specificity": [{"prompt": "The official language of Kuala Langat is", "ground_truth": ["Malay", "Bahasa"]}],
+            "Forgetfulness": [{"prompt": ["The capital of Malaysia is"], "ground_truth": "Kuala Lumpur"}]
+        }
+    }]"#;
+
+    const RECENT: &str = r#"[{
+        "subject": "Leo Arons",
+        "prompt": "The place of death of Leo Arons is",
+        "target_new": "Berlin",
+        "portability": {"Logical_Generalization": [{"prompt": "Is Leo Arons still alive?", "ground_truth": [["no"], ["incorrect"]]}]},
+        "locality": {"Relation_Specificity": [{"prompt": "The occupation of Leo Arons is", "ground_truth": [["physicist"]]}]}
+    }]"#;
+
+    #[test]
+    fn zsre_shape() {
+        let r = parse_knowedit(ZSRE).unwrap();
+        assert_eq!(r.len(), 1);
+        let r = &r[0];
+        assert_eq!(r.id, "0");
+        assert_eq!(r.subject.as_deref(), Some("Watts Humphrey"));
+        assert_eq!(r.target_new, "University of Michigan");
+        assert_eq!(
+            r.ground_truth.as_deref(),
+            Some("Illinois Institute of Technology")
+        );
+        assert_eq!(
+            r.rephrase_prompts,
+            vec!["What university did Watts Humphrey take part in?"]
+        );
+        assert_eq!(r.locality.len(), 1);
+        assert_eq!(r.locality[0].kind, "Relation_Specificity");
+        assert_eq!(r.locality[0].ground_truth, "Sun Tzu");
+        assert_eq!(r.portability.len(), 1);
+        assert_eq!(r.portability[0].kind, "Reasoning");
+        assert_eq!(r.portability[0].ground_truth, "Wolverine");
+        assert_eq!(r.continuation(), " University of Michigan");
+        let span = r.subject_span().unwrap();
+        assert_eq!(&r.prompt[span], "Watts Humphrey");
+    }
+
+    #[test]
+    fn counterfact_shape_lists_and_pairs() {
+        let r = &parse_knowedit(COUNTERFACT).unwrap()[0];
+        assert_eq!(r.ground_truth.as_deref(), Some("Malaysia"));
+        assert_eq!(
+            r.rephrase_prompts,
+            vec!["Kuala Langat belongs to the country of"]
+        );
+        let kinds: Vec<_> = r
+            .locality
+            .iter()
+            .map(|p| (p.kind.as_str(), p.ground_truth.as_str()))
+            .collect();
+        assert!(kinds.contains(&("Relation_Specificity", "Malay")));
+        assert!(kinds.contains(&("Forgetfulness", "Kuala Lumpur")));
+        // Two prompts with two ground truths: paired element-wise.
+        let lg: Vec<_> = r
+            .portability
+            .iter()
+            .filter(|p| p.kind == "Logical_Generalization")
+            .collect();
+        assert_eq!(lg.len(), 2);
+        assert_eq!(lg[1].prompt, "Is it in India?");
+        assert_eq!(lg[1].ground_truth, "yes");
+    }
+
+    #[test]
+    fn recent_shape_nested_ground_truth() {
+        let r = &parse_knowedit(RECENT).unwrap()[0];
+        assert_eq!(r.ground_truth, None);
+        assert!(r.rephrase_prompts.is_empty());
+        assert_eq!(r.locality[0].ground_truth, "physicist");
+        assert_eq!(r.portability[0].ground_truth, "no");
+    }
+
+    #[test]
+    fn easyedit_locality_inputs_and_wikibio() {
+        let t = r#"[{"text": "Tom Jones was a", "labels": "footballer", "concept": "Tom Jones",
+            "locality": {"neighborhood": {"prompt": ["A", "B"], "ground_truth": ["a", "b"]}}}]"#;
+        let r = &parse_knowedit(t).unwrap()[0];
+        assert_eq!(r.prompt, "Tom Jones was a");
+        assert_eq!(r.target_new, "footballer");
+        assert_eq!(r.subject.as_deref(), Some("Tom Jones"));
+        assert_eq!(r.locality.len(), 2);
+        assert_eq!(
+            (
+                r.locality[1].prompt.as_str(),
+                r.locality[1].ground_truth.as_str()
+            ),
+            ("B", "b")
+        );
+    }
+
+    #[test]
+    fn jsonl_plain() {
+        let t = "{\"prompt\": \"The capital of France is \", \"target\": \" Berlin\"}\n\n{\"id\": 7, \"prompt\": \"Q:\\n\", \"target\": \"x\"}\n";
+        let r = parse_jsonl(t).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].prompt, "The capital of France is");
+        assert_eq!(r[0].target_new, "Berlin");
+        assert_eq!(r[0].continuation(), " Berlin");
+        assert_eq!(r[1].id, "7");
+        // After a newline the target follows directly.
+        assert_eq!(r[1].continuation(), "x");
+    }
+
+    #[test]
+    fn errors_name_record_and_field() {
+        let t = r#"[{"prompt": "a", "target_new": "b"}, {"prompt": "c", "target_new": "  "}]"#;
+        let e = parse_knowedit(t).unwrap_err().to_string();
+        assert_eq!(e, "record 1: field `target_new`: empty");
+
+        let t = r#"[{"prompt": "a"}]"#;
+        assert_eq!(
+            parse_knowedit(t).unwrap_err().to_string(),
+            "record 0: field `target_new`: missing"
+        );
+
+        let t = r#"[{"prompt": 5, "target_new": "b"}]"#;
+        assert!(parse_knowedit(t)
+            .unwrap_err()
+            .to_string()
+            .starts_with("record 0: field `prompt`"));
+
+        let t = r#"[{"prompt": "a", "target_new": "b", "locality": {"Relation_Specificity": [{"prompt": "p"}]}}]"#;
+        assert_eq!(
+            parse_knowedit(t).unwrap_err().to_string(),
+            "record 0: field `locality.Relation_Specificity[0].ground_truth`: missing"
+        );
+
+        let t = "{\"prompt\": \"a\", \"target\": \"b\"}\n{not json}\n";
+        assert!(parse_jsonl(t)
+            .unwrap_err()
+            .to_string()
+            .starts_with("line 2: invalid JSON"));
+
+        assert!(matches!(parse_knowedit("[]"), Err(DatasetError::NoRecords)));
+        assert!(matches!(
+            parse_knowedit("3"),
+            Err(DatasetError::NotAnArray { .. })
+        ));
+        assert!(matches!(
+            parse_knowedit("[1]"),
+            Err(DatasetError::Record { index: 0, .. })
+        ));
+        assert!(parse_knowedit("[{").is_err());
+    }
+
+    /// The repository's development edit set parses and is complete enough to evaluate every metric.
+    #[test]
+    fn dev_edit_set_is_well_formed() {
+        let records = parse_knowedit(include_str!("../../data/dev-edits.json")).unwrap();
+        assert!(records.len() >= 30, "{} records", records.len());
+        let mut ids = std::collections::HashSet::new();
+        for r in &records {
+            assert!(ids.insert(r.id.clone()), "duplicate id {}", r.id);
+            assert!(
+                r.subject_span().is_some(),
+                "{}: subject not in prompt",
+                r.id
+            );
+            assert!(r.ground_truth.is_some(), "{}", r.id);
+            assert!(!r.rephrase_prompts.is_empty(), "{}", r.id);
+            assert!(!r.locality.is_empty(), "{}", r.id);
+            assert_ne!(
+                r.ground_truth.as_deref(),
+                Some(r.target_new.as_str()),
+                "{}",
+                r.id
+            );
+            // A locality probe must not be one of the edit prompts (it would measure the edit).
+            for other in &records {
+                for l in &r.locality {
+                    assert_ne!(l.prompt, other.prompt, "{}", r.id);
+                    assert!(!other.rephrase_prompts.contains(&l.prompt), "{}", r.id);
+                }
+            }
+        }
+        assert!(records.iter().filter(|r| !r.portability.is_empty()).count() >= 5);
+    }
+
+    #[test]
+    fn load_auto_detects() {
+        let dir = std::env::temp_dir().join(format!("amend-dataset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.json");
+        std::fs::write(&a, ZSRE).unwrap();
+        assert_eq!(load(&a, DataFormat::Auto).unwrap().len(), 1);
+        let b = dir.join("b.txt");
+        std::fs::write(
+            &b,
+            "{\"prompt\":\"x\",\"target\":\"y\"}\n{\"prompt\":\"z\",\"target\":\"w\"}\n",
+        )
+        .unwrap();
+        assert_eq!(load(&b, DataFormat::Auto).unwrap().len(), 2);
+        let missing = dir.join("missing.json");
+        assert!(matches!(
+            load(&missing, DataFormat::Auto),
+            Err(DatasetError::Io { .. })
+        ));
+        assert_eq!("jsonl".parse::<DataFormat>().unwrap(), DataFormat::Jsonl);
+        assert!("xml".parse::<DataFormat>().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

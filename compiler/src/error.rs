@@ -1,0 +1,40 @@
+//! Errors of the edit compiler. Every variant names what was wrong (the record, the option, the
+//! tensor) so a user can fix the input; nothing is written when one is returned.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model {path}: not a readable GGUF file: {message}")]
+    BadGguf { path: PathBuf, message: String },
+    #[error("model: architecture `{0}` has no differentiable forward yet (supported: gemma3, llama, qwen2, qwen3)")]
+    UnsupportedArchitecture(String),
+    #[error("model: {0}")]
+    UnsupportedModel(String),
+    #[error("model: missing metadata key `{0}`")]
+    MissingMetadata(String),
+    #[error("model: missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("option --layer: layer {layer} is out of range (the model has {n_layer} layers, 0..={max})", max = n_layer.saturating_sub(1))]
+    LayerOutOfRange { layer: usize, n_layer: usize },
+    #[error("edit record {index}: {message}")]
+    BadRecord { index: usize, message: String },
+    #[error("hyperparameters: {0}")]
+    Hparams(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("bundle: {0}")]
+    Bundle(String),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = CompileError> = std::result::Result<T, E>;

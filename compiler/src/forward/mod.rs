@@ -1,0 +1,464 @@
+//! A differentiable forward pass of the supported architectures in candle, read from the same
+//! GGUF the device runs (weights dequantized to f32) and following llama.cpp's graphs
+//! (`src/models/gemma3.cpp`, `llama.cpp`, `qwen2.cpp`, `qwen3.cpp` of llama-cpp-sys-2 0.1.161)
+//! step by step, so that what is trained here is what the runtime computes.
+//!
+//! Edits plug in through [`Hooks`]: at every hook site ([`amend_edits::Site`]) of every layer
+//! the hook may read the tensor or return a replacement (a captured row, a replaced row, an
+//! added trainable tensor), and every linear projection may get an extra output (LoRA, rank-one
+//! deltas). Rows are positions, columns are features: the tensor at a site is `[T, n_embd]`.
+
+mod hooks;
+mod load;
+
+pub use hooks::{AddAt, Capture, HookList, Hooks, Proj, ReplaceRow};
+pub use load::Weights;
+
+use crate::error::{CompileError, Result};
+use amend_edits::{HookPoint, Site};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor, D};
+
+/// The architectures with a forward here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Gemma3,
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn from_gguf_name(name: &str) -> Result<Arch> {
+        match name {
+            "gemma3" => Ok(Arch::Gemma3),
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            other => Err(CompileError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => "gemma3",
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Dimensions and constants of a model, from its GGUF metadata.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    pub rms_eps: f64,
+    /// RoPE base of full-attention layers and of sliding-window layers.
+    pub rope_base: f32,
+    pub rope_base_swa: f32,
+    /// Position multiplier of full-attention layers (linear RoPE scaling; 1 when none).
+    pub rope_freq_scale: f32,
+    /// NEOX RoPE rotates the two halves of a head; the llama ("normal") style rotates pairs.
+    pub rope_neox: bool,
+    /// Sliding window size and which layers use it.
+    pub sliding_window: Option<usize>,
+    pub swa_layers: Vec<bool>,
+    /// Multiplier of the attention scores.
+    pub attn_scale: f64,
+    /// Multiplier of the token embeddings (gemma: sqrt(n_embd)).
+    pub embed_scale: Option<f64>,
+    /// Final logit soft-capping (tanh), when the model has it.
+    pub final_softcap: Option<f64>,
+}
+
+/// One transformer block's weights, f32, `[out, in]` like the GGUF stores them.
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    pub wo: Tensor,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub attn_post_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub w_gate: Tensor,
+    pub w_up: Tensor,
+    pub w_down: Tensor,
+    pub ffn_post_norm: Option<Tensor>,
+    /// How the device rounds each projection's input (see [`device_rounding`]), by [`Proj`].
+    pub act_quant: [Option<GgmlDType>; 7],
+}
+
+/// The model: config and f32 weights.
+pub struct Model {
+    pub cfg: Config,
+    pub tok_embd: Tensor,
+    /// The output projection when it is not tied to `tok_embd`.
+    pub output: Option<Tensor>,
+    pub output_norm: Tensor,
+    pub rope_freqs: Option<Tensor>,
+    pub layers: Vec<Layer>,
+    pub device: Device,
+    /// How the device rounds the output projection's input.
+    pub output_act_quant: Option<GgmlDType>,
+    /// Reproduce llama.cpp's CPU rounding (activations quantized to the weights' dot-product
+    /// type, f16 K/V cache) in the forward value, with straight-through gradients. On by
+    /// default: the agreement with the device is what makes trained edits transfer.
+    pub emulate_device: bool,
+}
+
+impl Model {
+    /// The output projection `[n_vocab, n_embd]` (the token embeddings when tied).
+    pub fn output_weight(&self) -> &Tensor {
+        self.output.as_ref().unwrap_or(&self.tok_embd)
+    }
+
+    /// Check a layer index given by a user.
+    pub fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.cfg.n_layer {
+            return Err(CompileError::LayerOutOfRange {
+                layer,
+                n_layer: self.cfg.n_layer,
+            });
+        }
+        Ok(())
+    }
+
+    /// The residual stream entering layer 0: token embeddings, scaled where the architecture
+    /// scales them, after the `Embeddings` hook.
+    pub fn embed(&self, tokens: &[u32], hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.tok_embd.index_select(&ids, 0)?;
+        if let Some(s) = self.cfg.embed_scale {
+            x = (x * s)?;
+        }
+        apply(hooks, HookPoint::new(0, Site::Embeddings), x)
+    }
+
+    /// Full forward: logits `[logits_at.len(), n_vocab]` at the given positions.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        hooks: &mut dyn Hooks,
+        logits_at: &[usize],
+    ) -> Result<Tensor> {
+        let x = self.embed(tokens, hooks)?;
+        let h = self.run_layers(0, x, hooks)?;
+        self.logits(&h, logits_at)
+    }
+
+    /// Runs layers `start..n_layer` on `x`, the residual stream entering layer `start`
+    /// (`[T, n_embd]`, positions 0..T), and returns the residual stream after the last layer.
+    /// Training steps start at the edited layer with the cached (constant) input of that layer.
+    pub fn run_layers(&self, start: usize, mut x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let masks = self.masks(t)?;
+        for il in start..self.cfg.n_layer {
+            let mask = if self.cfg.swa_layers[il] { &masks.1 } else { &masks.0 };
+            x = self.block(il, &x, mask, hooks)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs the single block `il` on `x`, the residual stream entering it.
+    pub fn run_one(&self, il: usize, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let masks = self.masks(x.dim(0)?)?;
+        let mask = if self.cfg.swa_layers[il] { &masks.1 } else { &masks.0 };
+        self.block(il, &x, mask, hooks)
+    }
+
+    /// Final norm and output projection of the rows `at` of the last residual stream.
+    pub fn logits(&self, h: &Tensor, at: &[usize]) -> Result<Tensor> {
+        let idx: Vec<u32> = at.iter().map(|&p| p as u32).collect();
+        let rows = h.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
+        let rows = rms_norm(&rows, &self.output_norm, self.cfg.rms_eps)?;
+        let rows = match self.output_act_quant.filter(|_| self.emulate_device) {
+            Some(dt) => device_rounding(&rows, dt)?,
+            None => rows,
+        };
+        let mut logits = rows.matmul(&self.output_weight().t()?)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    /// One transformer block, as llama.cpp builds it for the architecture.
+    fn block(&self, il: usize, x: &Tensor, mask: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let l = &self.layers[il];
+        let gemma = self.cfg.arch == Arch::Gemma3;
+
+        // Attention.
+        let h = rms_norm(x, &l.attn_norm, self.cfg.rms_eps)?;
+        let mut attn = self.attention(il, &h, mask, hooks)?;
+        if let Some(w) = &l.attn_post_norm {
+            attn = rms_norm(&attn, w, self.cfg.rms_eps)?;
+        }
+        let attn = apply(hooks, HookPoint::new(il as u32, Site::AttnOutput), attn)?;
+        let x = (x + attn)?;
+
+        // Feed-forward: gated, GELU (tanh) on gemma, SiLU on the llama family.
+        let h = rms_norm(&x, &l.ffn_norm, self.cfg.rms_eps)?;
+        let h = apply(hooks, HookPoint::new(il as u32, Site::FfnInput), h)?;
+        let gate = linear(hooks, il, Proj::Gate, &h, &l.w_gate, None, self.round(il, Proj::Gate))?;
+        let up = linear(hooks, il, Proj::Up, &h, &l.w_up, None, self.round(il, Proj::Up))?;
+        let act = if gemma { gate.gelu()? } else { gate.silu()? };
+        let mut ffn = linear(hooks, il, Proj::Down, &(act * up)?, &l.w_down, None, self.round(il, Proj::Down))?;
+        if let Some(w) = &l.ffn_post_norm {
+            ffn = rms_norm(&ffn, w, self.cfg.rms_eps)?;
+        }
+        let ffn = apply(hooks, HookPoint::new(il as u32, Site::FfnOutput), ffn)?;
+        let x = (x + ffn)?;
+        apply(hooks, HookPoint::new(il as u32, Site::ResidualOut), x)
+    }
+
+    /// Self-attention of layer `il` on the normed input `h` (`[T, n_embd]`), output projected
+    /// back to `[T, n_embd]`.
+    fn attention(&self, il: usize, h: &Tensor, mask: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let c = &self.cfg;
+        let l = &self.layers[il];
+        let t = h.dim(0)?;
+        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
+
+        let q = linear(hooks, il, Proj::Q, h, &l.wq, l.bq.as_ref(), self.round(il, Proj::Q))?.reshape((t, nh, hd))?;
+        let k = linear(hooks, il, Proj::K, h, &l.wk, l.bk.as_ref(), self.round(il, Proj::K))?.reshape((t, nkv, hd))?;
+        let v = linear(hooks, il, Proj::V, h, &l.wv, l.bv.as_ref(), self.round(il, Proj::V))?.reshape((t, nkv, hd))?;
+        // q/k norms (gemma3, qwen3) come before RoPE.
+        let q = match &l.q_norm {
+            Some(w) => rms_norm(&q, w, c.rms_eps)?,
+            None => q,
+        };
+        let k = match &l.k_norm {
+            Some(w) => rms_norm(&k, w, c.rms_eps)?,
+            None => k,
+        };
+        let swa = c.swa_layers[il];
+        let (base, scale) = if swa { (c.rope_base_swa, 1.0) } else { (c.rope_base, c.rope_freq_scale) };
+        let (cos, sin) = self.rope_tables(t, base, scale)?;
+        let mut q = rope(&q, &cos, &sin, c.rope_neox)?;
+        let mut k = rope(&k, &cos, &sin, c.rope_neox)?;
+        let mut v = v;
+        if self.emulate_device {
+            // The KV cache is f16 and CPU flash attention converts Q to f16.
+            q = device_rounding(&q, GgmlDType::F16)?;
+            k = device_rounding(&k, GgmlDType::F16)?;
+            v = device_rounding(&v, GgmlDType::F16)?;
+        }
+
+        // Grouped-query attention: query heads [g*G, (g+1)*G) read kv head g (ggml broadcast).
+        let g = nh / nkv;
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g * t, hd))?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * c.attn_scale)?.reshape((nh, t, t))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?.reshape((nkv, g * t, t))?;
+        let out = probs.matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?;
+        let out = out.reshape((t, nh * hd))?;
+        linear(hooks, il, Proj::O, &out, &l.wo, None, self.round(il, Proj::O))
+    }
+
+    /// The rounding of projection `proj`'s input at layer `il` when emulating the device.
+    fn round(&self, il: usize, proj: Proj) -> Option<GgmlDType> {
+        if self.emulate_device {
+            self.layers[il].act_quant[proj as usize]
+        } else {
+            None
+        }
+    }
+
+    /// Causal masks `[T, T]` (additive): full attention and sliding window.
+    fn masks(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let mut full = vec![0f32; t * t];
+        let mut swa = vec![0f32; t * t];
+        for i in 0..t {
+            for j in 0..t {
+                if j > i {
+                    full[i * t + j] = f32::NEG_INFINITY;
+                    swa[i * t + j] = f32::NEG_INFINITY;
+                } else if i - j >= window {
+                    // llama.cpp masks a key when (query pos - key pos) >= n_swa.
+                    swa[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(full, (t, t), &self.device)?,
+            Tensor::from_vec(swa, (t, t), &self.device)?,
+        ))
+    }
+
+    /// cos/sin tables `[T, head_dim/2]` for positions 0..T.
+    fn rope_tables(&self, t: usize, base: f32, freq_scale: f32) -> Result<(Tensor, Tensor)> {
+        let half = self.cfg.head_dim / 2;
+        let mut inv: Vec<f32> = (0..half)
+            .map(|i| base.powf(-2.0 * i as f32 / self.cfg.head_dim as f32))
+            .collect();
+        if let Some(f) = &self.rope_freqs {
+            // llama3-style frequency factors divide theta.
+            let f = f.to_vec1::<f32>()?;
+            for (x, d) in inv.iter_mut().zip(f) {
+                *x /= d;
+            }
+        }
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for &w in &inv {
+                let theta = p as f32 * freq_scale * w;
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
+    }
+}
+
+/// Calls the hook of `point` and returns its replacement, or `x` unchanged.
+fn apply(hooks: &mut dyn Hooks, point: HookPoint, x: Tensor) -> Result<Tensor> {
+    Ok(hooks.at(point, &x)?.unwrap_or(x))
+}
+
+/// `x W^T (+ b)` plus what the hooks add for this projection.
+fn linear(
+    hooks: &mut dyn Hooks,
+    il: usize,
+    proj: Proj,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    round: Option<GgmlDType>,
+) -> Result<Tensor> {
+    let xr = match round {
+        Some(dt) => device_rounding(x, dt)?,
+        None => x.clone(),
+    };
+    let mut y = xr.matmul(&w.t()?)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    if let Some(d) = hooks.linear_delta(il, proj, x)? {
+        y = (y + d)?;
+    }
+    Ok(y)
+}
+
+/// `x` rounded as llama.cpp's CPU backend rounds a matmul input (`dt`: the weights' dot-product
+/// type: Q8_0 for the 32-blocks, Q8_K for k-quants, f16), with a straight-through gradient.
+pub fn device_rounding(x: &Tensor, dt: GgmlDType) -> Result<Tensor> {
+    let plain = x.detach().contiguous()?;
+    let rounded = match dt {
+        GgmlDType::F32 => return Ok(x.clone()),
+        GgmlDType::F16 => plain.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
+        GgmlDType::BF16 => plain.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+        _ => {
+            let shape = plain.shape().clone();
+            let last = *shape.dims().last().unwrap_or(&0);
+            if last % dt.block_size() != 0 {
+                return Ok(x.clone());
+            }
+            let flat = plain.reshape(((), last))?;
+            QTensor::quantize(&flat, dt)?.dequantize(x.device())?.reshape(shape)?
+        }
+    };
+    // Forward value = rounded; gradient = identity.
+    Ok((x + (rounded - &plain)?.detach())?)
+}
+
+/// The type llama.cpp's CPU backend converts a matmul input to for weights of type `w`.
+pub fn vec_dot_type(w: GgmlDType) -> Option<GgmlDType> {
+    use GgmlDType::*;
+    match w {
+        F32 => None,
+        F16 => Some(F16),
+        BF16 => Some(BF16),
+        Q4_0 | Q5_0 | Q8_0 => Some(Q8_0),
+        Q4_1 | Q5_1 => Some(Q8_1),
+        Q8_1 => Some(Q8_1),
+        _ => Some(Q8K),
+    }
+}
+
+/// RMSNorm over the last dimension, times `w` (llama.cpp: `ggml_rms_norm` then `mul`; the
+/// gemma converters store `1 + w`, so the same code serves both).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(w)?)
+}
+
+/// Numerically stable softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Rotary embedding of `x` `[T, heads, head_dim]` with tables `[T, head_dim/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
+    let (t, nh, hd) = x.dims3()?;
+    let half = hd / 2;
+    let cos = cos.reshape((t, 1, half))?;
+    let sin = sin.reshape((t, 1, half))?;
+    if neox {
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[a, b], 2)?)
+    } else {
+        let xp = x.reshape((t, nh, half, 2))?;
+        let x1 = xp.narrow(3, 0, 1)?.squeeze(3)?;
+        let x2 = xp.narrow(3, 1, 1)?.squeeze(3)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Ok(Tensor::stack(&[a, b], 3)?.reshape((t, nh, hd))?)
+    }
+}
+
+/// Mean negative log-likelihood of `targets` under `logits` `[n, vocab]`.
+pub fn nll(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let lp = log_softmax_last(logits)?;
+    let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    let picked = lp.gather(&idx, 1)?;
+    Ok(picked.neg()?.mean_all()?)
+}
+
+/// Row `i` of a `[T, n]` tensor replaced by `row` (`[n]` or `[1, n]`), differentiably.
+pub fn replace_row(x: &Tensor, i: usize, row: &Tensor) -> Result<Tensor> {
+    let (t, n) = x.dims2()?;
+    let row = row.reshape((1, n))?.to_dtype(DType::F32)?;
+    let mut parts = Vec::with_capacity(3);
+    if i > 0 {
+        parts.push(x.narrow(0, 0, i)?);
+    }
+    parts.push(row);
+    if i + 1 < t {
+        parts.push(x.narrow(0, i + 1, t - i - 1)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}

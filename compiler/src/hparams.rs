@@ -1,0 +1,154 @@
+//! Per-model hyperparameters: built-in TOML defaults per architecture (`compiler/hparams/`),
+//! optionally overlaid by a user TOML file and `--set section.key=value` overrides. Unknown
+//! sections or keys are errors that name them.
+
+use crate::error::{CompileError, Result};
+use crate::forward::Arch;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const GEMMA3: &str = include_str!("../hparams/gemma3.toml");
+const LLAMA: &str = include_str!("../hparams/llama.toml");
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hparams {
+    pub grace: GraceParams,
+    pub tpatcher: TPatcherParams,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraceParams {
+    pub layer: usize,
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+    pub radius: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TPatcherParams {
+    pub layer: usize,
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+    pub margin: f32,
+    pub memory_weight: f32,
+    pub init_value_scale: f32,
+}
+
+impl Hparams {
+    /// The built-in defaults of an architecture.
+    pub fn defaults_text(arch: Arch) -> &'static str {
+        match arch {
+            Arch::Gemma3 => GEMMA3,
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => LLAMA,
+        }
+    }
+
+    /// Defaults for `arch`, overlaid by the TOML file `file` and then by `sets`
+    /// (`section.key=value`, the value parsed as TOML, else taken as a string).
+    pub fn resolve(arch: Arch, file: Option<&Path>, sets: &[String]) -> Result<Hparams> {
+        let mut table: toml::Table = Self::defaults_text(arch)
+            .parse()
+            .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| CompileError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let over: toml::Table = text
+                .parse()
+                .map_err(|e| CompileError::Hparams(format!("{}: {e}", path.display())))?;
+            merge(&mut table, over, "")?;
+        }
+        for s in sets {
+            let (key, value) = s.split_once('=').ok_or_else(|| {
+                CompileError::Hparams(format!("--set {s:?}: expected section.key=value"))
+            })?;
+            let (section, field) = key.trim().split_once('.').ok_or_else(|| {
+                CompileError::Hparams(format!("--set {s:?}: key must be section.key, e.g. grace.lr"))
+            })?;
+            let value = parse_value(value.trim());
+            let sec = table
+                .get_mut(section)
+                .and_then(|v| v.as_table_mut())
+                .ok_or_else(|| CompileError::Hparams(format!("--set {s:?}: unknown section `{section}`")))?;
+            if !sec.contains_key(field) {
+                return Err(CompileError::Hparams(format!("--set {s:?}: unknown key `{section}.{field}`")));
+            }
+            sec.insert(field.to_string(), value);
+        }
+        let hp: Hparams = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| CompileError::Hparams(e.to_string()))?;
+        hp.validate()?;
+        Ok(hp)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(CompileError::Hparams(format!("`{k}` {why}")));
+        if !(self.grace.lr > 0.0) {
+            return bad("grace.lr", "must be > 0");
+        }
+        if self.grace.steps == 0 {
+            return bad("grace.steps", "must be >= 1");
+        }
+        if !(self.grace.radius >= 0.0 && self.grace.radius <= 2.0) {
+            return bad("grace.radius", "must be in [0, 2] (normalized Euclidean distance)");
+        }
+        if !(self.tpatcher.lr > 0.0) {
+            return bad("tpatcher.lr", "must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// `a.b = v` style value: TOML when it parses (numbers, booleans, arrays), else a string.
+fn parse_value(s: &str) -> toml::Value {
+    format!("v = {s}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(s.to_string()))
+}
+
+/// Overlay `over` onto `base`, rejecting keys the defaults do not have (typos).
+fn merge(base: &mut toml::Table, over: toml::Table, prefix: &str) -> Result<()> {
+    for (k, v) in over {
+        let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &name)?,
+            (Some(slot), v) => *slot = v,
+            (None, _) => return Err(CompileError::Hparams(format!("unknown key `{name}`"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_for_every_arch() {
+        for a in [Arch::Gemma3, Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+            Hparams::resolve(a, None, &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn set_overrides_and_rejects_unknown_keys() {
+        let hp = Hparams::resolve(Arch::Gemma3, None, &["grace.lr=2.5".into(), "grace.steps = 7".into()]).unwrap();
+        assert_eq!(hp.grace.lr, 2.5);
+        assert_eq!(hp.grace.steps, 7);
+        let e = Hparams::resolve(Arch::Gemma3, None, &["grace.lrr=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("grace.lrr"), "{e}");
+        let e = Hparams::resolve(Arch::Gemma3, None, &["grace.radius=5".into()]).unwrap_err();
+        assert!(e.to_string().contains("grace.radius"), "{e}");
+        let e = Hparams::resolve(Arch::Gemma3, None, &["nope".into()]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -1,0 +1,292 @@
+//! GRACE (Hartvigsen et al. 2023): a codebook at one layer. Key = the FFN input (after its norm)
+//! at the last prompt token, captured through the runtime and stored L2-normalized (distance:
+//! normalized Euclidean, comparable across layers and prompts); value = the row that replaces
+//! the FFN output at that position, trained by Adam (warm start from the current row) so that
+//! the target tokens follow the prompt under teacher forcing.
+//!
+//! Codebook update per edit, as in GRACE with a nearest entry at distance `d` (radius `r_n`):
+//! - none, or `d > radius + r_n`: add an entry (radius = `grace.radius`);
+//! - within reach and a different target: add an entry and split, both radii = `d / 2`;
+//! - within reach and the same target: expand the entry's radius to cover the key.
+
+use super::{Adam, Compiler, EditReport, Progress};
+use crate::dataset::EditRecord;
+use crate::error::{CompileError, Result};
+use crate::forward::{nll, Capture, Hooks, ReplaceRow};
+use crate::hparams::GraceParams;
+use amend_edits::bundle::{BundleBuilder, Payload};
+use amend_edits::families::Distance;
+use amend_edits::{Bundle, HookPoint, Site};
+use candle_core::{Tensor, Var, D};
+use std::time::Instant;
+
+/// One codebook row being built.
+#[derive(Clone, Debug)]
+struct Entry {
+    key: Vec<f32>,
+    value: Vec<f32>,
+    radius: f32,
+    /// The target the value produces (GRACE's label: conflicting labels split).
+    label: String,
+}
+
+/// One edit of the bundle and the row implementing it.
+struct EditRow {
+    id: String,
+    prompt: String,
+    target: String,
+    row: usize,
+}
+
+pub(crate) fn compile(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &GraceParams,
+    layer: Option<usize>,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<EditReport>> {
+    let layer = c.resolve_layer(layer, hp.layer)?;
+    let dim = c.fwd.cfg.n_embd;
+    let (mut entries, mut edits) = match base {
+        Some(b) => from_base(b, layer)?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut reports = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let t0 = Instant::now();
+        let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
+        let key = normalized(c.runtime_row(&p, HookPoint::new(layer as u32, Site::FfnInput))?);
+        let mut report_step = |step: usize, loss: f32, done: bool| {
+            progress(&Progress {
+                index: i,
+                total: records.len(),
+                id: &r.id,
+                step,
+                loss,
+                done,
+            })
+        };
+        let label = r.target_new.trim().to_string();
+        let nearest = entries
+            .iter()
+            .enumerate()
+            .map(|(j, e)| (j, dist(&e.key, &key)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let (action, row, trained) = match nearest {
+            Some((j, d)) if d <= hp.radius + entries[j].radius && entries[j].label == label => {
+                // Same answer nearby: cover this key with the existing entry.
+                entries[j].radius = entries[j].radius.max(d);
+                ("expanded".to_string(), j, None)
+            }
+            Some((j, d)) if d <= hp.radius + entries[j].radius => {
+                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                entries[j].radius = d / 2.0;
+                entries.push(Entry {
+                    key: key.clone(),
+                    value: t.value.clone(),
+                    radius: d / 2.0,
+                    label,
+                });
+                (format!("split with row {j}"), entries.len() - 1, Some(t))
+            }
+            _ => {
+                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                entries.push(Entry {
+                    key: key.clone(),
+                    value: t.value.clone(),
+                    radius: hp.radius,
+                    label,
+                });
+                ("added".to_string(), entries.len() - 1, Some(t))
+            }
+        };
+        debug_assert_eq!(dim, key.len());
+        edits.push(EditRow {
+            id: r.id.clone(),
+            prompt: r.prompt.clone(),
+            target: r.target_new.clone(),
+            row,
+        });
+        let (loss, steps, success) = trained.map_or((0.0, 0, true), |t| (t.loss, t.steps, t.success));
+        report_step(steps, loss, true);
+        reports.push(EditReport {
+            id: r.id.clone(),
+            loss,
+            steps,
+            seconds: t0.elapsed().as_secs_f64(),
+            success,
+            action,
+        });
+    }
+    write(builder, layer, dim, &entries, &edits);
+    Ok(reports)
+}
+
+/// The trained value of one edit.
+struct Trained {
+    value: Vec<f32>,
+    loss: f32,
+    steps: usize,
+    success: bool,
+}
+
+/// Trains the FFN-output row at the last prompt token so `answer` follows `prompt`.
+fn train_value(
+    c: &Compiler,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    hp: &GraceParams,
+    report: &mut dyn FnMut(usize, f32, bool),
+) -> Result<Trained> {
+    let fwd = &c.fwd;
+    let last = prompt.len() - 1;
+    // Inputs: prompt + answer without its last token; logits at last..: predict the answer.
+    let mut input = prompt.to_vec();
+    input.extend_from_slice(&answer[..answer.len() - 1]);
+    let at: Vec<usize> = (last..last + answer.len()).collect();
+    let out_point = HookPoint::new(layer as u32, Site::FfnOutput);
+
+    // The (constant) residual stream entering `layer` and the current FFN output row.
+    let entry_point = if layer == 0 {
+        HookPoint::new(0, Site::Embeddings)
+    } else {
+        HookPoint::new(layer as u32 - 1, Site::ResidualOut)
+    };
+    let mut cap = Capture::sites(&[entry_point, out_point]);
+    let x = fwd.embed(&input, &mut cap)?;
+    let x_in = if layer == 0 {
+        x
+    } else {
+        // Only the layers before `layer` are needed for the entry.
+        let mut h = x;
+        for il in 0..layer {
+            h = fwd.run_one(il, h, &mut cap)?;
+        }
+        h
+    };
+    let x_in = x_in.detach();
+    let _ = fwd.run_one(layer, x_in.clone(), &mut cap)?;
+    let init = cap.at[&out_point].get(last)?;
+    let value = Var::from_tensor(&init)?;
+    let mut opt = Adam::new(vec![value.clone()], hp.lr)?;
+    let targets = Tensor::new(answer, &fwd.device)?;
+
+    let mut best = (f32::INFINITY, init.to_vec1::<f32>()?, false);
+    let mut steps = 0;
+    for step in 0..hp.steps {
+        let mut hook = ReplaceRow {
+            point: out_point,
+            pos: last,
+            row: value.as_tensor().clone(),
+        };
+        let h = fwd.run_layers(layer, x_in.clone(), &mut hook as &mut dyn Hooks)?;
+        let logits = fwd.logits(&h, &at)?;
+        let loss = nll(&logits, answer)?;
+        let l = loss.to_scalar::<f32>()?;
+        let success = logits.argmax(D::Minus1)?.eq(&targets)?.min(0)?.to_scalar::<u8>()? == 1;
+        if l < best.0 || (success && !best.2) {
+            best = (l, value.as_tensor().to_vec1::<f32>()?, success);
+        }
+        report(step, l, false);
+        steps = step + 1;
+        if success && l < hp.stop_loss {
+            break;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+    }
+    if !best.1.iter().all(|v| v.is_finite()) {
+        return Err(CompileError::Hparams("grace: training diverged (non-finite value); lower grace.lr".into()));
+    }
+    Ok(Trained {
+        value: best.1,
+        loss: best.0,
+        steps,
+        success: best.2,
+    })
+}
+
+/// The codebook at `layer` and its edits from a base bundle (sequential editing).
+fn from_base(b: &Bundle, layer: usize) -> Result<(Vec<Entry>, Vec<EditRow>)> {
+    let mut entries = Vec::new();
+    let mut edits = Vec::new();
+    for (p, payload) in b.payloads().iter().enumerate() {
+        let Payload::Codebook(desc) = payload else {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle has a {} payload; GRACE can only extend a codebook bundle",
+                payload.kind().name()
+            )));
+        };
+        if desc.layer as usize != layer {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle's codebook is at layer {}; use --layer {}",
+                desc.layer, desc.layer
+            )));
+        }
+        if desc.distance != Distance::NormalizedEuclidean.code() {
+            return Err(CompileError::Bundle("--base-bundle's codebook uses another distance".into()));
+        }
+        let n = b.units(p);
+        let view = b
+            .codebook(p, 0..n)
+            .ok_or_else(|| CompileError::Bundle("--base-bundle: unreadable codebook".into()))?;
+        let first = entries.len();
+        for i in 0..n {
+            entries.push(Entry {
+                key: view.keys[i * view.dim..(i + 1) * view.dim].to_vec(),
+                value: view.values[i * view.dim..(i + 1) * view.dim].to_vec(),
+                radius: view.radii[i],
+                label: String::new(),
+            });
+        }
+        for e in b.manifest().edits.iter().filter(|e| e.payload as usize == p) {
+            for row in e.first..e.first + e.count {
+                if let Some(en) = entries.get_mut(first + row as usize) {
+                    en.label = e.target.trim().to_string();
+                }
+            }
+            edits.push(EditRow {
+                id: e.id.clone(),
+                prompt: e.prompt.clone(),
+                target: e.target.clone(),
+                row: first + e.first as usize,
+            });
+        }
+    }
+    Ok((entries, edits))
+}
+
+fn write(builder: &mut BundleBuilder, layer: usize, dim: usize, entries: &[Entry], edits: &[EditRow]) {
+    let keys: Vec<f32> = entries.iter().flat_map(|e| e.key.iter().copied()).collect();
+    let values: Vec<f32> = entries.iter().flat_map(|e| e.value.iter().copied()).collect();
+    let radii: Vec<f32> = entries.iter().map(|e| e.radius).collect();
+    let p = builder.add_codebook(
+        layer as u32,
+        Site::FfnInput,
+        Site::FfnOutput,
+        Distance::NormalizedEuclidean.code(),
+        false,
+        dim,
+        &keys,
+        &values,
+        &radii,
+    );
+    for e in edits {
+        builder.add_edit(&e.id, layer as u32, Site::FfnOutput, &e.prompt, &e.target, p, e.row as u32, 1);
+    }
+}
+
+fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+fn dist(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+}

@@ -1,0 +1,299 @@
+//! The editing methods: each turns edit records into a bundle payload, training in candle on the
+//! dequantized model and capturing keys through the runtime's hooks.
+//!
+//! [`Compiler`] holds the two views of one GGUF (the candle forward and the llama.cpp runtime)
+//! and dispatches to a method module; the result is a [`BundleBuilder`] ready to be signed.
+
+pub mod grace;
+mod optim;
+
+pub use optim::Adam;
+
+use crate::dataset::EditRecord;
+use crate::error::{CompileError, Result};
+use crate::forward;
+use crate::hparams::Hparams;
+use amend_edits::bundle::{BundleBuilder, BundleMeta};
+use amend_edits::{Bundle, HookPoint, ModelBinding};
+use amend_runtime::{FnHook, Logits, Session, SessionOptions, Token};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// An editing method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Grace,
+    TPatcher,
+    Rome,
+    Memit,
+    Lora,
+    Serac,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Grace,
+        Method::TPatcher,
+        Method::Rome,
+        Method::Memit,
+        Method::Lora,
+        Method::Serac,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Grace => "grace",
+            Method::TPatcher => "tpatcher",
+            Method::Rome => "rome",
+            Method::Memit => "memit",
+            Method::Lora => "lora",
+            Method::Serac => "serac",
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = CompileError;
+    fn from_str(s: &str) -> Result<Method> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                CompileError::Hparams(format!(
+                    "--method {s:?}: unknown method (grace, tpatcher, rome, memit, lora, serac)"
+                ))
+            })
+    }
+}
+
+/// How one edit went.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EditReport {
+    pub id: String,
+    /// Mean target NLL after training.
+    pub loss: f32,
+    pub steps: usize,
+    pub seconds: f64,
+    /// Every target token is the argmax under teacher forcing (in the candle forward).
+    pub success: bool,
+    /// What the codebook did (GRACE: added, split, expanded).
+    pub action: String,
+}
+
+/// Progress of the running compilation, for progress bars.
+#[derive(Clone, Debug)]
+pub struct Progress<'a> {
+    pub index: usize,
+    pub total: usize,
+    pub id: &'a str,
+    pub step: usize,
+    pub loss: f32,
+    /// This edit is finished.
+    pub done: bool,
+}
+
+/// Identity of the bundle to write. `version`: `None` = 1, or the base bundle's version + 1.
+#[derive(Clone, Debug)]
+pub struct BundleIdentity {
+    pub bundle_id: String,
+    pub channel: String,
+    pub version: Option<u64>,
+    /// Unix seconds; `u64::MAX` = never.
+    pub expires: u64,
+}
+
+impl Default for BundleIdentity {
+    fn default() -> Self {
+        BundleIdentity {
+            bundle_id: "amend-edits".into(),
+            channel: "default".into(),
+            version: None,
+            expires: u64::MAX,
+        }
+    }
+}
+
+/// What a compilation produced.
+pub struct CompileOutput {
+    pub builder: BundleBuilder,
+    pub reports: Vec<EditReport>,
+    /// For low-rank methods: a llama.cpp GGUF-LoRA file with the same delta.
+    pub gguf_lora: Option<Vec<u8>>,
+}
+
+/// One model seen twice: the differentiable candle forward and the runtime.
+pub struct Compiler {
+    pub fwd: forward::Model,
+    pub runtime: Arc<amend_runtime::Model>,
+    session: Session,
+    pub binding: ModelBinding,
+    pub model_path: PathBuf,
+}
+
+impl Compiler {
+    /// Loads `model_path` in both views. Fails with [`CompileError::UnsupportedArchitecture`]
+    /// before loading anything large when there is no forward for the architecture.
+    pub fn open(model_path: &Path) -> Result<Compiler> {
+        let arch = forward::Weights::open(model_path)?.arch_name()?;
+        forward::Arch::from_gguf_name(&arch)?;
+        let fwd = forward::Model::load(model_path)?;
+        let runtime = amend_runtime::Model::open(model_path, Default::default())
+            .map_err(|e| CompileError::Runtime(e.to_string()))?;
+        let session = Session::new(
+            &runtime,
+            SessionOptions {
+                n_ctx: 1024,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| CompileError::Runtime(e.to_string()))?;
+        let binding = amend_edits::fingerprint::model_binding(model_path)
+            .map_err(|e| CompileError::Runtime(format!("fingerprint: {e}")))?;
+        Ok(Compiler {
+            fwd,
+            runtime,
+            session,
+            binding,
+            model_path: model_path.to_path_buf(),
+        })
+    }
+
+    /// Checks every record before any work, so a bad record fails the whole compilation and
+    /// nothing is written.
+    pub fn validate(&self, records: &[EditRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Err(CompileError::BadRecord {
+                index: 0,
+                message: "no edit records".into(),
+            });
+        }
+        for (i, r) in records.iter().enumerate() {
+            let bad = |m: &str| CompileError::BadRecord {
+                index: i,
+                message: format!("(id {:?}): {m}", r.id),
+            };
+            if r.prompt.trim().is_empty() {
+                return Err(bad("empty prompt"));
+            }
+            if r.target_new.trim().is_empty() {
+                return Err(bad("empty target"));
+            }
+            let (p, a) = self.tokens(&r.prompt, &r.target_new).map_err(|e| bad(&e.to_string()))?;
+            if p.len() + a.len() > 512 {
+                return Err(bad("prompt + target longer than 512 tokens"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Prompt tokens (with BOS where the model wants it) and target tokens, joined the
+    /// KnowEdit way (the same split the evaluation uses).
+    pub fn tokens(&self, prompt: &str, target: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let (p, a) = crate::eval::prompt_answer_tokens(&self.runtime, prompt, target)
+            .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
+        if p.is_empty() || a.is_empty() {
+            return Err(CompileError::Tokenizer("prompt or target has no tokens".into()));
+        }
+        let cv = |v: Vec<Token>| v.into_iter().map(|t| t as u32).collect();
+        Ok((cv(p), cv(a)))
+    }
+
+    /// The row at `point` for the last prompt token, captured through the runtime's hooks
+    /// (what the device computes, so keys match at inference).
+    pub fn runtime_row(&mut self, prompt: &[u32], point: HookPoint) -> Result<Vec<f32>> {
+        let slot: Arc<Mutex<Option<Vec<f32>>>> = Arc::default();
+        let s2 = slot.clone();
+        let hook = FnHook::new(vec![point], move |_p, rows| {
+            if let Some(r) = rows.last_prompt_row() {
+                *s2.lock().unwrap_or_else(|e| e.into_inner()) = Some(rows.row(r).to_vec());
+            }
+        });
+        let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(e.to_string());
+        let id = self.session.add_hook(Box::new(hook)).map_err(rt)?;
+        let toks: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+        self.session.kv_clear();
+        let res = self.session.prefill(&toks, Logits::Last);
+        self.session.remove_hook(id);
+        res.map_err(rt)?;
+        let row = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        row.ok_or_else(|| CompileError::Runtime(format!("hook {point} did not see the last prompt token")))
+    }
+
+    /// The layer to edit: `--layer` or the method's default, checked against the model.
+    pub fn resolve_layer(&self, layer: Option<usize>, default: usize) -> Result<usize> {
+        let l = layer.unwrap_or(default.min(self.fwd.cfg.n_layer.saturating_sub(1)));
+        self.fwd.check_layer(l)?;
+        Ok(l)
+    }
+
+    /// Compiles `records` with `method` (onto `base` when given: the next version of it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn compile(
+        &mut self,
+        method: Method,
+        records: &[EditRecord],
+        hp: &Hparams,
+        layer: Option<usize>,
+        base: Option<&Bundle>,
+        identity: &BundleIdentity,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<CompileOutput> {
+        self.validate(records)?;
+        if let Some(b) = base {
+            if b.manifest().model.fingerprint != self.binding.fingerprint {
+                return Err(CompileError::Bundle(
+                    "--base-bundle was compiled for a different model".into(),
+                ));
+            }
+        }
+        let version = match (identity.version, base) {
+            (Some(v), _) => v,
+            (None, Some(b)) => b.manifest().version + 1,
+            (None, None) => 1,
+        };
+        let channel = base.map(|b| b.manifest().channel.clone()).unwrap_or_else(|| identity.channel.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let meta = BundleMeta {
+            bundle_id: identity.bundle_id.clone(),
+            channel,
+            version,
+            created: now,
+            not_before: 0,
+            expires: identity.expires,
+            model: self.binding.clone(),
+        };
+        let mut builder = BundleBuilder::new(meta);
+        let reports = match method {
+            Method::Grace => grace::compile(self, records, &hp.grace, layer, base, &mut builder, progress)?,
+            other => {
+                return Err(CompileError::Hparams(format!(
+                    "--method {}: not implemented yet in this build (available: grace)",
+                    other.name()
+                )))
+            }
+        };
+        Ok(CompileOutput {
+            builder,
+            reports,
+            gguf_lora: None,
+        })
+    }
+}
+
+/// Median of `xs` (0 when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

@@ -1,0 +1,355 @@
+//! The on-disk layout of a patch bundle (v1): fixed header, postcard manifest, signature block,
+//! 64-byte-aligned little-endian payload sections. See `docs/bundle-format.md`.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// First 8 bytes of every bundle.
+pub const MAGIC: [u8; 8] = *b"AMENDBDL";
+/// Format version written by this crate. A reader refuses a higher major; minor bumps only add
+/// things a v1.0 reader refuses explicitly (new payload or section kinds).
+pub const FORMAT_MAJOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 0;
+/// Size of [`Header`].
+pub const HEADER_LEN: usize = 64;
+/// Alignment of every payload section (relative to the start of the bundle).
+pub const SECTION_ALIGN: u64 = 64;
+/// Key id (8) + ed25519 signature (64).
+pub const SIG_BLOCK_LEN: usize = 72;
+pub const KEY_ID_LEN: usize = 8;
+
+// ---- caps: every count and length a reader accepts is bounded (documented in the spec) ----
+/// Largest bundle (bytes).
+pub const MAX_BUNDLE_LEN: u64 = 4 << 30;
+/// Largest postcard manifest (bytes).
+pub const MAX_MANIFEST_LEN: u32 = 64 << 20;
+pub const MAX_SECTIONS: usize = 4096;
+pub const MAX_PAYLOADS: usize = 1024;
+pub const MAX_EDITS: usize = 1 << 18;
+/// Rows of a codebook, neurons of a patch, records of a memory.
+pub const MAX_ROWS: u64 = 1 << 22;
+/// Width of a hidden state / embedding.
+pub const MAX_DIM: u64 = 1 << 16;
+pub const MAX_RANK: u64 = 4096;
+pub const MAX_LOWRANK_TENSORS: usize = 4096;
+pub const MAX_SHAPE_RANK: usize = 4;
+/// Longest string in a manifest (ids, prompts, targets, memory texts, templates).
+pub const MAX_STRING_LEN: usize = 16 << 10;
+pub const MAX_LAYER: u32 = 4096;
+
+/// The fixed 64-byte header. All integers little-endian; alignment 1 so it can be read in place.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Header {
+    pub magic: [u8; 8],
+    pub major: U16,
+    pub minor: U16,
+    /// Reserved, must be 0 in v1.
+    pub flags: U32,
+    /// Always [`HEADER_LEN`].
+    pub header_len: U32,
+    pub manifest_len: U32,
+    /// Absolute offset of the signature block (= manifest end rounded up to 8).
+    pub sig_offset: U64,
+    /// Always [`SIG_BLOCK_LEN`].
+    pub sig_len: U32,
+    pub reserved0: U32,
+    /// Absolute offset where payload sections may start (= signature end rounded up to 64).
+    pub payload_offset: U64,
+    /// Length of the whole bundle.
+    pub total_len: U64,
+    pub reserved1: U64,
+}
+
+const _: () = assert!(core::mem::size_of::<Header>() == HEADER_LEN);
+
+/// What a section holds; the payload descriptor that references it checks the kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum SectionKind {
+    CodebookKeys = 1,
+    CodebookValues = 2,
+    CodebookRadii = 3,
+    NeuronKeys = 4,
+    NeuronBiases = 5,
+    NeuronValues = 6,
+    LowRankA = 7,
+    LowRankB = 8,
+    GgufLora = 9,
+    MemoryEmbeddings = 10,
+}
+
+impl SectionKind {
+    pub fn from_code(c: u16) -> Option<Self> {
+        use SectionKind::*;
+        Some(match c {
+            1 => CodebookKeys,
+            2 => CodebookValues,
+            3 => CodebookRadii,
+            4 => NeuronKeys,
+            5 => NeuronBiases,
+            6 => NeuronValues,
+            7 => LowRankA,
+            8 => LowRankB,
+            9 => GgufLora,
+            10 => MemoryEmbeddings,
+            _ => return None,
+        })
+    }
+}
+
+/// Element type of a section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Dtype {
+    U8 = 0,
+    F32 = 1,
+}
+
+impl Dtype {
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(Dtype::U8),
+            1 => Some(Dtype::F32),
+            _ => None,
+        }
+    }
+    pub fn size(self) -> u64 {
+        match self {
+            Dtype::U8 => 1,
+            Dtype::F32 => 4,
+        }
+    }
+}
+
+/// Payload (family) kinds. A v1.x reader refuses kinds it does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum PayloadKind {
+    Codebook = 1,
+    PatchNeurons = 2,
+    LowRank = 3,
+    LowRankGguf = 4,
+    Memory = 5,
+}
+
+impl PayloadKind {
+    pub fn from_code(c: u16) -> Option<Self> {
+        Some(match c {
+            1 => PayloadKind::Codebook,
+            2 => PayloadKind::PatchNeurons,
+            3 => PayloadKind::LowRank,
+            4 => PayloadKind::LowRankGguf,
+            5 => PayloadKind::Memory,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadKind::Codebook => "codebook",
+            PayloadKind::PatchNeurons => "patch_neurons",
+            PayloadKind::LowRank => "low_rank",
+            PayloadKind::LowRankGguf => "low_rank_gguf",
+            PayloadKind::Memory => "memory",
+        }
+    }
+}
+
+/// The signed manifest (postcard).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub bundle_id: String,
+    /// Versions are monotonic per channel.
+    pub channel: String,
+    pub version: u64,
+    /// Unix seconds.
+    pub created: u64,
+    pub not_before: u64,
+    /// Unix seconds; `u64::MAX` = never.
+    pub expires: u64,
+    pub model: ModelBinding,
+    pub sections: Vec<SectionEntry>,
+    pub payloads: Vec<PayloadEntry>,
+    pub edits: Vec<EditEntry>,
+}
+
+/// The base model a bundle was compiled for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelBinding {
+    /// [`crate::fingerprint`] of the GGUF.
+    pub fingerprint: [u8; 32],
+    pub arch: String,
+    pub n_layer: u32,
+    pub n_embd: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SectionEntry {
+    /// [`SectionKind`] code.
+    pub kind: u16,
+    /// [`Dtype`] code.
+    pub dtype: u8,
+    /// Row-major shape; the product times the dtype size is `len`.
+    pub shape: Vec<u64>,
+    /// Absolute offset in the bundle (multiple of [`SECTION_ALIGN`]).
+    pub offset: u64,
+    pub len: u64,
+    pub sha256: [u8; 32],
+}
+
+/// A payload: its kind and a postcard-encoded, kind-specific descriptor (so a reader can name an
+/// unknown kind precisely instead of failing somewhere inside the manifest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadEntry {
+    pub kind: u16,
+    pub body: Vec<u8>,
+}
+
+/// One knowledge edit and the units (codebook rows, neurons, low-rank tensors, memory records)
+/// of one payload that implement it, so it can be rolled back alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditEntry {
+    pub id: String,
+    pub layer: u32,
+    /// [`crate::Site`] code.
+    pub site: u8,
+    pub prompt: String,
+    pub target: String,
+    pub payload: u32,
+    pub first: u32,
+    pub count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodebookDesc {
+    pub layer: u32,
+    pub key_site: u8,
+    pub replace_site: u8,
+    /// `families::Distance` code.
+    pub distance: u8,
+    pub all_positions: bool,
+    pub keys: u32,
+    pub values: u32,
+    pub radii: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PatchNeuronsDesc {
+    pub layer: u32,
+    pub read_site: u8,
+    pub write_site: u8,
+    /// `families::Activation` code.
+    pub activation: u8,
+    pub keys: u32,
+    pub biases: u32,
+    pub values: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LowRankTensorDesc {
+    /// Base tensor name, e.g. `blk.5.ffn_down.weight`.
+    pub name: String,
+    pub n_in: u32,
+    pub n_out: u32,
+    pub rank: u32,
+    pub alpha: f32,
+    /// Section of A `[rank, n_in]`.
+    pub a: u32,
+    /// Section of B `[n_out, rank]`.
+    pub b: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LowRankDesc {
+    pub tensors: Vec<LowRankTensorDesc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LowRankGgufDesc {
+    /// Section holding a llama.cpp GGUF-LoRA file.
+    pub blob: u32,
+}
+
+/// How memory embeddings were computed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EmbedderDesc {
+    /// Pooled hidden state of the base model at `layer` (`pooling`: 0 mean, 1 last token).
+    BaseModel { layer: u32, pooling: u8 },
+    /// An external embedding model, named.
+    External { model_id: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRecordDesc {
+    pub edit_id: String,
+    pub prompt: String,
+    pub target: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryDesc {
+    pub embed_dim: u32,
+    pub threshold: f32,
+    pub template: String,
+    pub embedder: EmbedderDesc,
+    /// Section of L2-normalized embeddings `[n, embed_dim]`.
+    pub embeddings: u32,
+    pub records: Vec<MemoryRecordDesc>,
+}
+
+/// A decoded, validated payload descriptor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    Codebook(CodebookDesc),
+    PatchNeurons(PatchNeuronsDesc),
+    LowRank(LowRankDesc),
+    LowRankGguf(LowRankGgufDesc),
+    Memory(MemoryDesc),
+}
+
+impl Payload {
+    pub fn kind(&self) -> PayloadKind {
+        match self {
+            Payload::Codebook(_) => PayloadKind::Codebook,
+            Payload::PatchNeurons(_) => PayloadKind::PatchNeurons,
+            Payload::LowRank(_) => PayloadKind::LowRank,
+            Payload::LowRankGguf(_) => PayloadKind::LowRankGguf,
+            Payload::Memory(_) => PayloadKind::Memory,
+        }
+    }
+
+    /// The layer the payload acts on (low-rank payloads: none).
+    pub fn layer(&self) -> Option<u32> {
+        match self {
+            Payload::Codebook(d) => Some(d.layer),
+            Payload::PatchNeurons(d) => Some(d.layer),
+            _ => None,
+        }
+    }
+
+    /// Encode for a [`PayloadEntry`].
+    pub fn to_entry(&self) -> PayloadEntry {
+        let body = match self {
+            Payload::Codebook(d) => postcard::to_allocvec(d),
+            Payload::PatchNeurons(d) => postcard::to_allocvec(d),
+            Payload::LowRank(d) => postcard::to_allocvec(d),
+            Payload::LowRankGguf(d) => postcard::to_allocvec(d),
+            Payload::Memory(d) => postcard::to_allocvec(d),
+        }
+        // Serializing plain structs into a Vec cannot fail.
+        .unwrap_or_default();
+        PayloadEntry {
+            kind: self.kind() as u16,
+            body,
+        }
+    }
+}
+
+/// Round `x` up to a multiple of `a` (a power of two), `None` on overflow.
+pub(crate) fn align_up(x: u64, a: u64) -> Option<u64> {
+    Some(x.checked_add(a - 1)? & !(a - 1))
+}

@@ -1,0 +1,345 @@
+//! Patch bundles: signed, model-bound, zero-copy containers of edits.
+//!
+//! [`verify`] checks a byte buffer completely (signature, sizes, hashes, descriptors, finiteness)
+//! before anything is interpreted; a [`Bundle`] then hands out typed views whose slices borrow
+//! the buffer (an mmap or an [`AlignedBuf`]).
+
+pub mod format;
+pub mod reader;
+pub mod writer;
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+pub use format::*;
+pub use reader::{all_finite, check_manifest, decode_manifest, read_header, units, verify, verify_signature, BundleError, Verified};
+pub use writer::{assemble, layout, sign_in_place, BundleBuilder, BundleMeta};
+
+use crate::keys::{KeyId, TrustStore};
+use crate::site::Site;
+
+/// A 64-byte-aligned owned byte buffer: a received bundle copied here can be viewed as f32
+/// in place (a `Vec<u8>` only guarantees alignment 1).
+#[derive(Clone)]
+pub struct AlignedBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Block([u8; 64]);
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> Self {
+        AlignedBuf {
+            blocks: alloc::vec![Block([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut b = Self::zeroed(bytes.len());
+        b.as_mut_slice().copy_from_slice(bytes);
+        b
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `blocks` is `len.div_ceil(64)` contiguous 64-byte arrays with no padding
+        // (repr(C), size 64), so the first `len` bytes are initialized and in bounds.
+        unsafe { core::slice::from_raw_parts(self.blocks.as_ptr() as *const u8, self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, with unique access through `&mut self`.
+        unsafe { core::slice::from_raw_parts_mut(self.blocks.as_mut_ptr() as *mut u8, self.len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl core::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+/// Where a bundle's bytes live.
+pub enum BundleBytes {
+    Owned(AlignedBuf),
+    Static(&'static [u8]),
+    #[cfg(feature = "std")]
+    Mmap(memmap2::Mmap),
+}
+
+impl AsRef<[u8]> for BundleBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            BundleBytes::Owned(b) => b.as_slice(),
+            BundleBytes::Static(s) => s,
+            #[cfg(feature = "std")]
+            BundleBytes::Mmap(m) => m,
+        }
+    }
+}
+
+impl core::fmt::Debug for BundleBytes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "BundleBytes({} bytes)", self.as_ref().len())
+    }
+}
+
+/// A verified bundle over its bytes `B` (a borrowed slice, an [`AlignedBuf`], an mmap).
+#[derive(Debug)]
+pub struct Bundle<B: AsRef<[u8]> = BundleBytes> {
+    bytes: B,
+    verified: Verified,
+}
+
+impl<B: AsRef<[u8]>> Bundle<B> {
+    /// Verify `bytes` completely against `trust`; nothing is interpreted before the signature
+    /// and hashes check out.
+    pub fn open(bytes: B, trust: &TrustStore) -> Result<Self, BundleError> {
+        let verified = verify(bytes.as_ref(), trust)?;
+        Ok(Bundle { bytes, verified })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.verified.manifest
+    }
+
+    pub fn id(&self) -> &str {
+        &self.verified.manifest.bundle_id
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.verified.key_id
+    }
+
+    pub fn payloads(&self) -> &[Payload] {
+        &self.verified.payloads
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.as_ref()
+    }
+
+    /// Payload bytes (sum of section lengths).
+    pub fn payload_len(&self) -> u64 {
+        self.manifest().sections.iter().map(|s| s.len).sum()
+    }
+
+    /// Units (rows, neurons, tensors, records) of payload `p`.
+    pub fn units(&self, p: usize) -> usize {
+        self.payloads()
+            .get(p)
+            .map_or(0, |pl| units(self.manifest(), pl))
+    }
+
+    fn section(&self, i: u32) -> &[u8] {
+        let s = &self.verified.manifest.sections[i as usize];
+        &self.bytes.as_ref()[s.offset as usize..(s.offset + s.len) as usize]
+    }
+
+    /// Section `i` as f32 (verified: in bounds, aligned, finite, f32 dtype).
+    fn f32s(&self, i: u32) -> &[f32] {
+        // Verification checked dtype, length and 64-byte alignment inside a 4-aligned buffer.
+        crate::gguf::cast_f32(self.section(i)).unwrap_or(&[])
+    }
+
+    /// Rows `rows` of codebook payload `p`.
+    pub fn codebook(&self, p: usize, rows: Range<usize>) -> Option<CodebookView<'_>> {
+        let Some(Payload::Codebook(d)) = self.payloads().get(p) else {
+            return None;
+        };
+        let dim = self.manifest().model.n_embd as usize;
+        let n = self.units(p);
+        if rows.start > rows.end || rows.end > n {
+            return None;
+        }
+        Some(CodebookView {
+            layer: d.layer,
+            key_site: Site::from_code(d.key_site)?,
+            replace_site: Site::from_code(d.replace_site)?,
+            dim,
+            keys: &self.f32s(d.keys)[rows.start * dim..rows.end * dim],
+            values: &self.f32s(d.values)[rows.start * dim..rows.end * dim],
+            radii: &self.f32s(d.radii)[rows.clone()],
+            distance: d.distance,
+            all_positions: d.all_positions,
+            rows,
+        })
+    }
+
+    /// Neurons `rows` of patch payload `p`.
+    pub fn patch_neurons(&self, p: usize, rows: Range<usize>) -> Option<PatchNeuronsView<'_>> {
+        let Some(Payload::PatchNeurons(d)) = self.payloads().get(p) else {
+            return None;
+        };
+        let dim = self.manifest().model.n_embd as usize;
+        if rows.start > rows.end || rows.end > self.units(p) {
+            return None;
+        }
+        Some(PatchNeuronsView {
+            layer: d.layer,
+            read_site: Site::from_code(d.read_site)?,
+            write_site: Site::from_code(d.write_site)?,
+            dim,
+            keys: &self.f32s(d.keys)[rows.start * dim..rows.end * dim],
+            biases: &self.f32s(d.biases)[rows.clone()],
+            values: &self.f32s(d.values)[rows.start * dim..rows.end * dim],
+            activation: d.activation,
+            rows,
+        })
+    }
+
+    /// The tensors of low-rank payload `p` whose indices `keep` accepts.
+    pub fn low_rank(&self, p: usize, keep: impl Fn(usize) -> bool) -> Option<Vec<LowRankTensorView<'_>>> {
+        let Some(Payload::LowRank(d)) = self.payloads().get(p) else {
+            return None;
+        };
+        Some(
+            d.tensors
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, t)| LowRankTensorView {
+                    name: &t.name,
+                    n_in: t.n_in as usize,
+                    n_out: t.n_out as usize,
+                    rank: t.rank as usize,
+                    a: self.f32s(t.a),
+                    b: self.f32s(t.b),
+                    alpha: t.alpha,
+                })
+                .collect(),
+        )
+    }
+
+    /// The GGUF-LoRA file of payload `p`.
+    pub fn gguf_lora(&self, p: usize) -> Option<&[u8]> {
+        let Some(Payload::LowRankGguf(d)) = self.payloads().get(p) else {
+            return None;
+        };
+        Some(self.section(d.blob))
+    }
+
+    /// Records `rows` of memory payload `p`.
+    pub fn memory(&self, p: usize, rows: Range<usize>) -> Option<MemoryView<'_>> {
+        let Some(Payload::Memory(d)) = self.payloads().get(p) else {
+            return None;
+        };
+        let e = d.embed_dim as usize;
+        if rows.start > rows.end || rows.end > d.records.len() {
+            return None;
+        }
+        Some(MemoryView {
+            embed_dim: e,
+            embeddings: &self.f32s(d.embeddings)[rows.start * e..rows.end * e],
+            threshold: d.threshold,
+            records: &d.records[rows.clone()],
+            template: &d.template,
+            embedder: &d.embedder,
+            rows,
+        })
+    }
+}
+
+impl Bundle<BundleBytes> {
+    /// Copy received bytes into an aligned buffer and verify them.
+    pub fn from_bytes(bytes: &[u8], trust: &TrustStore) -> Result<Self, BundleError> {
+        Self::open(BundleBytes::Owned(AlignedBuf::from_slice(bytes)), trust)
+    }
+
+    /// Map a bundle file and verify it (zero-copy: views point into the mapping).
+    #[cfg(feature = "std")]
+    pub fn open_file(path: impl AsRef<std::path::Path>, trust: &TrustStore) -> Result<Self, OpenError> {
+        let f = std::fs::File::open(path.as_ref())?;
+        // SAFETY: the mapping is read-only; amend never writes bundle files it has open, and a
+        // file changed underneath would at worst yield wrong (not unsafe) f32 values after the
+        // hash check. This is the usual mmap contract.
+        let map = unsafe { memmap2::Mmap::map(&f)? };
+        Ok(Self::open(BundleBytes::Mmap(map), trust)?)
+    }
+}
+
+/// Errors of [`Bundle::open_file`].
+#[cfg(feature = "std")]
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot read bundle: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}
+
+/// Zero-copy rows of a GRACE codebook.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodebookView<'a> {
+    pub layer: u32,
+    pub key_site: Site,
+    pub replace_site: Site,
+    pub dim: usize,
+    /// `[n, dim]`
+    pub keys: &'a [f32],
+    /// `[n, dim]`
+    pub values: &'a [f32],
+    /// `[n]`
+    pub radii: &'a [f32],
+    /// `families::Distance` code.
+    pub distance: u8,
+    pub all_positions: bool,
+    /// Which rows of the payload these are.
+    pub rows: Range<usize>,
+}
+
+/// Zero-copy neurons of a T-Patcher patch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PatchNeuronsView<'a> {
+    pub layer: u32,
+    pub read_site: Site,
+    pub write_site: Site,
+    pub dim: usize,
+    pub keys: &'a [f32],
+    pub biases: &'a [f32],
+    pub values: &'a [f32],
+    /// `families::Activation` code.
+    pub activation: u8,
+    pub rows: Range<usize>,
+}
+
+/// One zero-copy low-rank delta `W += alpha/rank * B A`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRankTensorView<'a> {
+    pub name: &'a str,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub rank: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub alpha: f32,
+}
+
+/// Zero-copy records of a memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryView<'a> {
+    pub embed_dim: usize,
+    pub embeddings: &'a [f32],
+    pub threshold: f32,
+    pub records: &'a [MemoryRecordDesc],
+    pub template: &'a str,
+    pub embedder: &'a EmbedderDesc,
+    pub rows: Range<usize>,
+}

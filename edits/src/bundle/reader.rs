@@ -1,0 +1,679 @@
+//! Verification and zero-copy reading of a bundle held in a byte buffer.
+//!
+//! Order (nothing in the manifest or payload is interpreted before the step that covers it):
+//! header structure → signature over header+manifest → manifest decode → section table
+//! (bounds, alignment, overlap, zero padding) → section hashes → descriptors, shapes, finiteness.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use ed25519_dalek::Signature;
+use sha2::{Digest, Sha256};
+use zerocopy::FromBytes;
+
+use super::format::*;
+use crate::keys::{KeyId, TrustStore};
+use crate::site::Site;
+
+/// Why a bundle was refused. Each variant is one distinct failure.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle truncated: need {needed} bytes, have {have}")]
+    Truncated { needed: u64, have: u64 },
+    #[error("not an amend bundle (bad magic)")]
+    BadMagic,
+    #[error("bundle format {major}.{minor} is newer than this reader ({FORMAT_MAJOR}.x)")]
+    UnsupportedVersion { major: u16, minor: u16 },
+    #[error("invalid header field: {0}")]
+    BadHeader(&'static str),
+    #[error("header says {declared} bytes but the buffer has {actual}")]
+    LengthMismatch { declared: u64, actual: u64 },
+    #[error("{what} is {value}, over the cap of {cap}")]
+    CapExceeded {
+        what: &'static str,
+        value: u64,
+        cap: u64,
+    },
+    #[error("bundle buffer is not 4-byte aligned (copy it into an AlignedBuf)")]
+    MisalignedBuffer,
+    #[error("bundle is not signed")]
+    Unsigned,
+    #[error("signed by unknown key {}", crate::keys::to_hex(.0))]
+    UnknownKeyId(KeyId),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("manifest does not decode: {0}")]
+    ManifestDecode(&'static str),
+    #[error("manifest has {0} trailing bytes")]
+    ManifestTrailingBytes(usize),
+    #[error("invalid manifest field: {0}")]
+    BadManifest(&'static str),
+    #[error("section {index} lies outside the payload area")]
+    SectionOutOfBounds { index: usize },
+    #[error("section {index} is not {SECTION_ALIGN}-byte aligned")]
+    SectionMisaligned { index: usize },
+    #[error("sections {a} and {b} overlap")]
+    SectionOverlap { a: usize, b: usize },
+    #[error("non-zero padding byte at offset {offset}")]
+    NonZeroPadding { offset: u64 },
+    #[error("section {index} has unknown kind {kind}")]
+    UnknownSectionKind { index: usize, kind: u16 },
+    #[error("section {index} has unknown dtype {dtype}")]
+    UnknownDtype { index: usize, dtype: u8 },
+    #[error("section {index}: shape does not match its length")]
+    SectionShape { index: usize },
+    #[error("section {index}: sha256 mismatch")]
+    SectionHash { index: usize },
+    #[error("section {index}: NaN or infinity")]
+    NonFinite { index: usize },
+    #[error("section {index} is not referenced by any payload")]
+    UnreferencedSection { index: usize },
+    #[error("payload {index} has unknown kind {kind}")]
+    UnknownPayloadKind { index: usize, kind: u16 },
+    #[error("payload {index}: descriptor does not decode")]
+    DescriptorDecode { index: usize },
+    #[error("payload {payload}: bad reference to section {section}: {reason}")]
+    BadSectionRef {
+        payload: usize,
+        section: u32,
+        reason: &'static str,
+    },
+    #[error("payload {payload}: unknown site code {code}")]
+    UnknownSite { payload: usize, code: u8 },
+    #[error("payload {payload}: unknown {what} code {code}")]
+    UnknownCode {
+        payload: usize,
+        what: &'static str,
+        code: u8,
+    },
+    #[error("payload {payload}: {what} is {value}, the model has {model}")]
+    PayloadDimension {
+        payload: usize,
+        what: &'static str,
+        value: u64,
+        model: u64,
+    },
+    #[error("payload {payload}: {reason}")]
+    InvalidPayload {
+        payload: usize,
+        reason: &'static str,
+    },
+    #[error("edit {index}: {reason}")]
+    BadEdit { index: usize, reason: &'static str },
+    #[error("duplicate edit id {0:?}")]
+    DuplicateEditId(String),
+}
+
+/// The verified metadata of a bundle (owned; the tensors stay in the buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified {
+    pub manifest: Manifest,
+    pub payloads: Vec<Payload>,
+    pub key_id: KeyId,
+}
+
+/// Read the header without verifying anything else (used by `sign` and `inspect`).
+pub fn read_header(buf: &[u8]) -> Result<Header, BundleError> {
+    let (h, _) = Header::read_from_prefix(buf).map_err(|_| BundleError::Truncated {
+        needed: HEADER_LEN as u64,
+        have: buf.len() as u64,
+    })?;
+    if h.magic != MAGIC {
+        return Err(BundleError::BadMagic);
+    }
+    if h.major.get() != FORMAT_MAJOR {
+        return Err(BundleError::UnsupportedVersion {
+            major: h.major.get(),
+            minor: h.minor.get(),
+        });
+    }
+    if h.header_len.get() as usize != HEADER_LEN {
+        return Err(BundleError::BadHeader("header_len"));
+    }
+    if h.flags.get() != 0 {
+        return Err(BundleError::BadHeader("flags"));
+    }
+    if h.reserved0.get() != 0 || h.reserved1.get() != 0 {
+        return Err(BundleError::BadHeader("reserved"));
+    }
+    if h.sig_len.get() as usize != SIG_BLOCK_LEN {
+        return Err(BundleError::BadHeader("sig_len"));
+    }
+    let total = h.total_len.get();
+    if total > MAX_BUNDLE_LEN {
+        return Err(BundleError::CapExceeded {
+            what: "bundle length",
+            value: total,
+            cap: MAX_BUNDLE_LEN,
+        });
+    }
+    if h.manifest_len.get() > MAX_MANIFEST_LEN {
+        return Err(BundleError::CapExceeded {
+            what: "manifest length",
+            value: h.manifest_len.get() as u64,
+            cap: MAX_MANIFEST_LEN as u64,
+        });
+    }
+    // The layout is fully determined by the manifest length: check it is exactly that.
+    let manifest_end = HEADER_LEN as u64 + h.manifest_len.get() as u64;
+    let sig_offset = align_up(manifest_end, 8).ok_or(BundleError::BadHeader("sig_offset"))?;
+    if h.sig_offset.get() != sig_offset {
+        return Err(BundleError::BadHeader("sig_offset"));
+    }
+    let payload_offset = align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
+        .ok_or(BundleError::BadHeader("payload_offset"))?;
+    if h.payload_offset.get() != payload_offset {
+        return Err(BundleError::BadHeader("payload_offset"));
+    }
+    if total < payload_offset || total % SECTION_ALIGN != 0 {
+        return Err(BundleError::BadHeader("total_len"));
+    }
+    if (buf.len() as u64) < total {
+        return Err(BundleError::Truncated {
+            needed: total,
+            have: buf.len() as u64,
+        });
+    }
+    if buf.len() as u64 != total {
+        return Err(BundleError::LengthMismatch {
+            declared: total,
+            actual: buf.len() as u64,
+        });
+    }
+    Ok(h)
+}
+
+/// The bytes the signature covers (header + manifest) and the signature block.
+pub(crate) fn signed_parts<'a>(buf: &'a [u8], h: &Header) -> (&'a [u8], &'a [u8]) {
+    let end = HEADER_LEN + h.manifest_len.get() as usize;
+    let sig = h.sig_offset.get() as usize;
+    (&buf[..end], &buf[sig..sig + SIG_BLOCK_LEN])
+}
+
+/// Check the signature only (after [`read_header`]).
+pub fn verify_signature(buf: &[u8], trust: &TrustStore) -> Result<KeyId, BundleError> {
+    let h = read_header(buf)?;
+    let (msg, block) = signed_parts(buf, &h);
+    let mut key_id = [0u8; KEY_ID_LEN];
+    key_id.copy_from_slice(&block[..KEY_ID_LEN]);
+    if block.iter().all(|&b| b == 0) {
+        return Err(BundleError::Unsigned);
+    }
+    let key = trust.get(&key_id).ok_or(BundleError::UnknownKeyId(key_id))?;
+    let mut sig = [0u8; 64];
+    sig.copy_from_slice(&block[KEY_ID_LEN..]);
+    key.verify_strict(msg, &Signature::from_bytes(&sig))
+        .map_err(|_| BundleError::BadSignature)?;
+    Ok(key_id)
+}
+
+/// Decode the manifest bytes (no signature check: callers verify first; the fuzzer calls it on
+/// arbitrary input).
+pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
+    let (m, rest): (Manifest, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| BundleError::ManifestDecode(postcard_msg(e)))?;
+    if !rest.is_empty() {
+        return Err(BundleError::ManifestTrailingBytes(rest.len()));
+    }
+    Ok(m)
+}
+
+fn postcard_msg(e: postcard::Error) -> &'static str {
+    use postcard::Error::*;
+    match e {
+        DeserializeUnexpectedEnd => "unexpected end",
+        DeserializeBadVarint => "bad varint",
+        DeserializeBadBool => "bad bool",
+        DeserializeBadUtf8 => "bad utf-8",
+        DeserializeBadEnum => "bad enum",
+        _ => "malformed",
+    }
+}
+
+/// Full verification of a bundle buffer against a trust store. `buf` must be 4-byte aligned.
+pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
+    let h = read_header(buf)?;
+    if buf.as_ptr() as usize % 4 != 0 {
+        return Err(BundleError::MisalignedBuffer);
+    }
+    let key_id = verify_signature(buf, trust)?;
+    let manifest = decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
+    let payloads = check_manifest(&manifest, Some((buf, h.payload_offset.get())))?;
+    Ok(Verified {
+        manifest,
+        payloads,
+        key_id,
+    })
+}
+
+fn cap(what: &'static str, value: usize, cap: usize) -> Result<(), BundleError> {
+    if value > cap {
+        return Err(BundleError::CapExceeded {
+            what,
+            value: value as u64,
+            cap: cap as u64,
+        });
+    }
+    Ok(())
+}
+
+fn check_str(s: &str, what: &'static str) -> Result<(), BundleError> {
+    cap(what, s.len(), MAX_STRING_LEN)
+}
+
+/// Semantic checks of a decoded manifest. With `data` = (bundle, payload offset) also the section
+/// bytes: bounds, padding, hashes, finiteness. Returns the decoded payload descriptors.
+pub fn check_manifest(
+    m: &Manifest,
+    data: Option<(&[u8], u64)>,
+) -> Result<Vec<Payload>, BundleError> {
+    check_str(&m.bundle_id, "bundle id length")?;
+    check_str(&m.channel, "channel length")?;
+    check_str(&m.model.arch, "architecture length")?;
+    if m.bundle_id.is_empty() {
+        return Err(BundleError::BadManifest("empty bundle id"));
+    }
+    if m.not_before > m.expires {
+        return Err(BundleError::BadManifest("not_before after expiry"));
+    }
+    cap("section count", m.sections.len(), MAX_SECTIONS)?;
+    cap("payload count", m.payloads.len(), MAX_PAYLOADS)?;
+    cap("edit count", m.edits.len(), MAX_EDITS)?;
+    if m.model.n_embd as u64 > MAX_DIM || m.model.n_embd == 0 {
+        return Err(BundleError::BadManifest("model n_embd"));
+    }
+    if m.model.n_layer > MAX_LAYER {
+        return Err(BundleError::BadManifest("model n_layer"));
+    }
+
+    // Section table.
+    for (i, s) in m.sections.iter().enumerate() {
+        let kind = SectionKind::from_code(s.kind).ok_or(BundleError::UnknownSectionKind {
+            index: i,
+            kind: s.kind,
+        })?;
+        let dtype = Dtype::from_code(s.dtype).ok_or(BundleError::UnknownDtype {
+            index: i,
+            dtype: s.dtype,
+        })?;
+        let want = if kind == SectionKind::GgufLora {
+            Dtype::U8
+        } else {
+            Dtype::F32
+        };
+        if dtype != want || s.shape.is_empty() || s.shape.len() > MAX_SHAPE_RANK {
+            return Err(BundleError::SectionShape { index: i });
+        }
+        let elems = s
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(dtype.size()));
+        if elems != Some(s.len) {
+            return Err(BundleError::SectionShape { index: i });
+        }
+        if s.offset % SECTION_ALIGN != 0 {
+            return Err(BundleError::SectionMisaligned { index: i });
+        }
+    }
+    if let Some((buf, payload_offset)) = data {
+        check_section_bytes(m, buf, payload_offset)?;
+    }
+
+    // Payload descriptors.
+    let n_embd = m.model.n_embd as u64;
+    let mut used = alloc::vec![false; m.sections.len()];
+    let mut payloads = Vec::with_capacity(m.payloads.len());
+    for (pi, entry) in m.payloads.iter().enumerate() {
+        let kind = PayloadKind::from_code(entry.kind).ok_or(BundleError::UnknownPayloadKind {
+            index: pi,
+            kind: entry.kind,
+        })?;
+        let payload = decode_body(kind, &entry.body).ok_or(BundleError::DescriptorDecode { index: pi })?;
+        let mut r = SectionRefs {
+            m,
+            used: &mut used,
+            payload: pi,
+        };
+        check_payload(&payload, pi, n_embd, m.model.n_layer, &mut r)?;
+        payloads.push(payload);
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(BundleError::UnreferencedSection { index: i });
+    }
+
+    // Edits.
+    let mut ids: Vec<&str> = Vec::with_capacity(m.edits.len());
+    let mut ranges: Vec<(u32, u32, u32)> = Vec::with_capacity(m.edits.len());
+    for (i, e) in m.edits.iter().enumerate() {
+        check_str(&e.id, "edit id length")?;
+        check_str(&e.prompt, "prompt length")?;
+        check_str(&e.target, "target length")?;
+        if e.id.is_empty() {
+            return Err(BundleError::BadEdit {
+                index: i,
+                reason: "empty id",
+            });
+        }
+        if Site::from_code(e.site).is_none() {
+            return Err(BundleError::BadEdit {
+                index: i,
+                reason: "unknown site",
+            });
+        }
+        if e.layer >= m.model.n_layer.max(1) {
+            return Err(BundleError::BadEdit {
+                index: i,
+                reason: "layer out of range",
+            });
+        }
+        let p = payloads.get(e.payload as usize).ok_or(BundleError::BadEdit {
+            index: i,
+            reason: "no such payload",
+        })?;
+        let end = e.first as u64 + e.count as u64;
+        if e.count == 0 || end > units(m, p) as u64 {
+            return Err(BundleError::BadEdit {
+                index: i,
+                reason: "units out of range",
+            });
+        }
+        ids.push(&e.id);
+        ranges.push((e.payload, e.first, e.count));
+    }
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(BundleError::DuplicateEditId(String::from(w[0])));
+    }
+    ranges.sort_unstable();
+    for (k, w) in ranges.windows(2).enumerate() {
+        if w[0].0 == w[1].0 && w[0].1 + w[0].2 > w[1].1 {
+            return Err(BundleError::BadEdit {
+                index: k,
+                reason: "two edits claim the same units",
+            });
+        }
+    }
+    Ok(payloads)
+}
+
+fn decode_body(kind: PayloadKind, body: &[u8]) -> Option<Payload> {
+    fn d<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Option<T> {
+        match postcard::take_from_bytes::<T>(b) {
+            Ok((v, rest)) if rest.is_empty() => Some(v),
+            _ => None,
+        }
+    }
+    Some(match kind {
+        PayloadKind::Codebook => Payload::Codebook(d(body)?),
+        PayloadKind::PatchNeurons => Payload::PatchNeurons(d(body)?),
+        PayloadKind::LowRank => Payload::LowRank(d(body)?),
+        PayloadKind::LowRankGguf => Payload::LowRankGguf(d(body)?),
+        PayloadKind::Memory => Payload::Memory(d(body)?),
+    })
+}
+
+/// How many independently removable units a payload has (rows, neurons, tensors, records).
+pub fn units(m: &Manifest, p: &Payload) -> usize {
+    let rows = |i: u32| {
+        m.sections
+            .get(i as usize)
+            .and_then(|s| s.shape.first().copied())
+            .unwrap_or(0) as usize
+    };
+    match p {
+        Payload::Codebook(d) => rows(d.keys),
+        Payload::PatchNeurons(d) => rows(d.keys),
+        Payload::LowRank(d) => d.tensors.len(),
+        Payload::LowRankGguf(_) => 1,
+        Payload::Memory(d) => d.records.len(),
+    }
+}
+
+fn check_section_bytes(m: &Manifest, buf: &[u8], payload_offset: u64) -> Result<(), BundleError> {
+    let total = buf.len() as u64;
+    let mut order: Vec<usize> = (0..m.sections.len()).collect();
+    order.sort_unstable_by_key(|&i| m.sections[i].offset);
+    for &i in &order {
+        let s = &m.sections[i];
+        let end = s.offset.checked_add(s.len);
+        if s.offset < payload_offset || end.is_none_or(|e| e > total) {
+            return Err(BundleError::SectionOutOfBounds { index: i });
+        }
+    }
+    for w in order.windows(2) {
+        let (a, b) = (&m.sections[w[0]], &m.sections[w[1]]);
+        if a.offset + a.len > b.offset {
+            return Err(BundleError::SectionOverlap { a: w[0], b: w[1] });
+        }
+    }
+    // Every byte outside header/manifest/signature/sections must be zero, so that no bit of the
+    // bundle is unauthenticated.
+    let manifest_end = HEADER_LEN as u64 + read_u32(buf, 20) as u64;
+    let sig_end = read_u64(buf, 24) + SIG_BLOCK_LEN as u64;
+    let mut gaps: Vec<Range<u64>> = Vec::with_capacity(order.len() + 2);
+    gaps.push(manifest_end..read_u64(buf, 24));
+    let mut pos = sig_end;
+    for &i in &order {
+        let s = &m.sections[i];
+        gaps.push(pos..s.offset);
+        pos = s.offset + s.len;
+    }
+    gaps.push(pos..total);
+    for g in gaps {
+        if let Some(k) = buf[g.start as usize..g.end as usize]
+            .iter()
+            .position(|&b| b != 0)
+        {
+            return Err(BundleError::NonZeroPadding {
+                offset: g.start + k as u64,
+            });
+        }
+    }
+    for (i, s) in m.sections.iter().enumerate() {
+        let bytes = &buf[s.offset as usize..(s.offset + s.len) as usize];
+        if Sha256::digest(bytes).as_slice() != s.sha256 {
+            return Err(BundleError::SectionHash { index: i });
+        }
+        if s.dtype == Dtype::F32 as u8 && !all_finite(bytes) {
+            return Err(BundleError::NonFinite { index: i });
+        }
+    }
+    Ok(())
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// True when no little-endian f32 in `bytes` is NaN or infinite (exponent bits all ones).
+/// Written branch-free over u32 lanes so it vectorizes.
+pub fn all_finite(bytes: &[u8]) -> bool {
+    let mut bad = 0u32;
+    for c in bytes.chunks_exact(4) {
+        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
+    }
+    bad == 0
+}
+
+struct SectionRefs<'m, 'u> {
+    m: &'m Manifest,
+    used: &'u mut [bool],
+    payload: usize,
+}
+
+impl SectionRefs<'_, '_> {
+    /// Check that section `idx` exists, has `kind`, the given shape, and is used once.
+    fn take(&mut self, idx: u32, kind: SectionKind, shape: &[u64]) -> Result<(), BundleError> {
+        let err = |reason| BundleError::BadSectionRef {
+            payload: self.payload,
+            section: idx,
+            reason,
+        };
+        let s = self.m.sections.get(idx as usize).ok_or(err("no such section"))?;
+        if s.kind != kind as u16 {
+            return Err(err("wrong section kind"));
+        }
+        if !shape.is_empty() && s.shape != shape {
+            return Err(err("wrong shape"));
+        }
+        if core::mem::replace(&mut self.used[idx as usize], true) {
+            return Err(err("section used twice"));
+        }
+        Ok(())
+    }
+
+    fn rows(&self, idx: u32) -> u64 {
+        self.m
+            .sections
+            .get(idx as usize)
+            .and_then(|s| s.shape.first().copied())
+            .unwrap_or(0)
+    }
+}
+
+fn site(payload: usize, code: u8) -> Result<Site, BundleError> {
+    Site::from_code(code).ok_or(BundleError::UnknownSite { payload, code })
+}
+
+fn check_payload(
+    p: &Payload,
+    pi: usize,
+    n_embd: u64,
+    n_layer: u32,
+    r: &mut SectionRefs,
+) -> Result<(), BundleError> {
+    let invalid = |reason| BundleError::InvalidPayload {
+        payload: pi,
+        reason,
+    };
+    let layer_ok = |layer: u32| {
+        if layer >= n_layer {
+            Err(BundleError::PayloadDimension {
+                payload: pi,
+                what: "layer",
+                value: layer as u64,
+                model: n_layer as u64,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let rows_cap = |n: u64| {
+        if n > MAX_ROWS {
+            Err(BundleError::CapExceeded {
+                what: "rows",
+                value: n,
+                cap: MAX_ROWS,
+            })
+        } else if n == 0 {
+            Err(invalid("no rows"))
+        } else {
+            Ok(())
+        }
+    };
+    match p {
+        Payload::Codebook(d) => {
+            layer_ok(d.layer)?;
+            site(pi, d.key_site)?;
+            site(pi, d.replace_site)?;
+            if d.distance > 2 {
+                return Err(BundleError::UnknownCode {
+                    payload: pi,
+                    what: "distance",
+                    code: d.distance,
+                });
+            }
+            let n = r.rows(d.keys);
+            rows_cap(n)?;
+            r.take(d.keys, SectionKind::CodebookKeys, &[n, n_embd])?;
+            r.take(d.values, SectionKind::CodebookValues, &[n, n_embd])?;
+            r.take(d.radii, SectionKind::CodebookRadii, &[n])?;
+        }
+        Payload::PatchNeurons(d) => {
+            layer_ok(d.layer)?;
+            site(pi, d.read_site)?;
+            site(pi, d.write_site)?;
+            if d.activation > 1 {
+                return Err(BundleError::UnknownCode {
+                    payload: pi,
+                    what: "activation",
+                    code: d.activation,
+                });
+            }
+            let n = r.rows(d.keys);
+            rows_cap(n)?;
+            r.take(d.keys, SectionKind::NeuronKeys, &[n, n_embd])?;
+            r.take(d.biases, SectionKind::NeuronBiases, &[n])?;
+            r.take(d.values, SectionKind::NeuronValues, &[n, n_embd])?;
+        }
+        Payload::LowRank(d) => {
+            cap("low-rank tensors", d.tensors.len(), MAX_LOWRANK_TENSORS)?;
+            if d.tensors.is_empty() {
+                return Err(invalid("no tensors"));
+            }
+            for t in &d.tensors {
+                check_str(&t.name, "tensor name length")?;
+                let (n_in, n_out, rank) = (t.n_in as u64, t.n_out as u64, t.rank as u64);
+                if rank == 0 || rank > MAX_RANK || n_in == 0 || n_out == 0 {
+                    return Err(invalid("low-rank dims"));
+                }
+                if n_in > MAX_DIM * 4 || n_out > MAX_DIM * 4 {
+                    return Err(BundleError::CapExceeded {
+                        what: "low-rank width",
+                        value: n_in.max(n_out),
+                        cap: MAX_DIM * 4,
+                    });
+                }
+                if !t.alpha.is_finite() {
+                    return Err(invalid("alpha not finite"));
+                }
+                r.take(t.a, SectionKind::LowRankA, &[rank, n_in])?;
+                r.take(t.b, SectionKind::LowRankB, &[n_out, rank])?;
+            }
+        }
+        Payload::LowRankGguf(d) => {
+            r.take(d.blob, SectionKind::GgufLora, &[])?;
+        }
+        Payload::Memory(d) => {
+            let e = d.embed_dim as u64;
+            if e == 0 || e > MAX_DIM {
+                return Err(invalid("embed_dim"));
+            }
+            if !d.threshold.is_finite() {
+                return Err(invalid("threshold not finite"));
+            }
+            check_str(&d.template, "template length")?;
+            if let EmbedderDesc::External { model_id } = &d.embedder {
+                check_str(model_id, "embedder id length")?;
+            }
+            if let EmbedderDesc::BaseModel { layer, pooling } = &d.embedder {
+                layer_ok(*layer)?;
+                if *pooling > 1 {
+                    return Err(BundleError::UnknownCode {
+                        payload: pi,
+                        what: "pooling",
+                        code: *pooling,
+                    });
+                }
+            }
+            let n = d.records.len() as u64;
+            rows_cap(n)?;
+            for rec in &d.records {
+                check_str(&rec.edit_id, "record id length")?;
+                check_str(&rec.prompt, "record prompt length")?;
+                check_str(&rec.target, "record target length")?;
+                check_str(&rec.text, "record text length")?;
+            }
+            r.take(d.embeddings, SectionKind::MemoryEmbeddings, &[n, e])?;
+        }
+    }
+    Ok(())
+}

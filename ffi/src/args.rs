@@ -1,0 +1,161 @@
+//! Checked conversions of C arguments: every pointer and length is validated here before use.
+
+use std::ffi::{c_char, CStr};
+
+use crate::error::{amend_result, FfiError, FfiResult};
+
+/// A NUL-terminated UTF-8 string argument (paths, ids).
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that stays valid for `'a`.
+pub unsafe fn cstr<'a>(p: *const c_char, arg: &str) -> FfiResult<&'a str> {
+    if p.is_null() {
+        return Err(FfiError::null(arg));
+    }
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map_err(|e| utf8_error(arg, e.valid_up_to()))
+}
+
+/// A byte-buffer argument. NULL is accepted only with length 0.
+///
+/// # Safety
+/// `p` is NULL or points to `len` readable bytes that stay valid for `'a`.
+pub unsafe fn bytes<'a>(p: *const u8, len: usize, arg: &str) -> FfiResult<&'a [u8]> {
+    if len > isize::MAX as usize {
+        return Err(FfiError::new(
+            amend_result::AMEND_ERR_INVALID_ARGUMENT,
+            format!("length of `{arg}` ({len}) is larger than any buffer can be"),
+        ));
+    }
+    if p.is_null() {
+        if len == 0 {
+            return Ok(&[]);
+        }
+        return Err(FfiError::null(arg));
+    }
+    // SAFETY: non-NULL, `len` bytes readable per the caller's contract, len <= isize::MAX.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// A (pointer, length) UTF-8 text argument (prompts, targets); not NUL-terminated. Unlike a
+/// byte buffer, a NULL pointer is always an error: a missing prompt is a bug, not empty text.
+///
+/// # Safety
+/// As for [`bytes`].
+pub unsafe fn text<'a>(p: *const c_char, len: usize, arg: &str) -> FfiResult<&'a str> {
+    if p.is_null() {
+        return Err(FfiError::null(arg));
+    }
+    // SAFETY: forwarded contract.
+    let b = unsafe { bytes(p as *const u8, len, arg)? };
+    std::str::from_utf8(b).map_err(|e| utf8_error(arg, e.valid_up_to()))
+}
+
+fn utf8_error(arg: &str, at: usize) -> FfiError {
+    FfiError::new(
+        amend_result::AMEND_ERR_INVALID_UTF8,
+        format!("`{arg}` is not valid UTF-8 (invalid byte sequence at byte {at})"),
+    )
+}
+
+/// Writes `value` through an out-pointer, refusing NULL.
+///
+/// # Safety
+/// `p` is NULL or valid for writing one `T`.
+pub unsafe fn write_out<T>(p: *mut T, value: T, arg: &str) -> FfiResult<()> {
+    if p.is_null() {
+        return Err(FfiError::null(arg));
+    }
+    // SAFETY: non-NULL and writable per the caller's contract; `write` does not read or drop
+    // what was there (it may be uninitialised).
+    unsafe { p.write(value) };
+    Ok(())
+}
+
+/// Checks an out-pointer before the work that fills it, so a NULL out-pointer fails before
+/// anything expensive (or anything needing cleanup) happens.
+pub fn need_out<T>(p: *mut T, arg: &str) -> FfiResult<()> {
+    if p.is_null() {
+        Err(FfiError::null(arg))
+    } else {
+        Ok(())
+    }
+}
+
+/// Copies `s` with a terminating NUL into `buf` (capacity `buf_len`), storing `s.len()` (without
+/// the NUL) in `*out_len` when `out_len` is not NULL. A buffer that is too small (NULL with
+/// length 0 is a valid size query) gets nothing written and `AMEND_ERR_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.
+pub unsafe fn write_str(
+    s: &str,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> FfiResult<()> {
+    if !out_len.is_null() {
+        // SAFETY: non-NULL, writable per the contract.
+        unsafe { out_len.write(s.len()) };
+    }
+    if buf.is_null() && buf_len > 0 {
+        return Err(FfiError::null("buf"));
+    }
+    if buf_len < s.len() + 1 {
+        return Err(FfiError::new(
+            amend_result::AMEND_ERR_BUFFER_TOO_SMALL,
+            format!(
+                "buffer of {buf_len} bytes is too small: {} needed (including the NUL)",
+                s.len() + 1
+            ),
+        ));
+    }
+    // SAFETY: buf is non-NULL (buf_len > s.len() >= 0 means buf_len >= 1) and has room.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), buf as *mut u8, s.len());
+        buf.add(s.len()).write(0);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_checks_null_length_and_utf8() {
+        unsafe {
+            assert_eq!(
+                text(std::ptr::null(), 0, "prompt").unwrap_err().code,
+                amend_result::AMEND_ERR_NULL_ARGUMENT
+            );
+            let bad = b"ab\xffcd";
+            let e = text(bad.as_ptr() as *const c_char, 5, "prompt").unwrap_err();
+            assert_eq!(e.code, amend_result::AMEND_ERR_INVALID_UTF8);
+            assert!(e.message.contains("byte 2"), "{}", e.message);
+            assert_eq!(
+                bytes(bad.as_ptr(), usize::MAX, "data").unwrap_err().code,
+                amend_result::AMEND_ERR_INVALID_ARGUMENT
+            );
+            assert_eq!(bytes(std::ptr::null(), 0, "data").unwrap(), &[] as &[u8]);
+            assert_eq!(text(b"hi".as_ptr() as *const c_char, 2, "p").unwrap(), "hi");
+        }
+    }
+
+    #[test]
+    fn write_str_reports_needed_size() {
+        let mut n = 0usize;
+        unsafe {
+            let e = write_str("hello", std::ptr::null_mut(), 0, &mut n).unwrap_err();
+            assert_eq!(e.code, amend_result::AMEND_ERR_BUFFER_TOO_SMALL);
+            assert_eq!(n, 5);
+            let mut buf = [1 as c_char; 5];
+            assert!(write_str("hello", buf.as_mut_ptr(), 5, &mut n).is_err());
+            assert_eq!(buf[0], 1, "nothing written on failure");
+            let mut buf = [1 as c_char; 6];
+            write_str("hello", buf.as_mut_ptr(), 6, std::ptr::null_mut()).unwrap();
+            assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), "hello");
+        }
+    }
+}

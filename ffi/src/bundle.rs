@@ -1,0 +1,169 @@
+//! Trust store and bundle entry points.
+
+use std::ffi::c_char;
+
+use crate::amend_result;
+use crate::args;
+use crate::error::{guard, FfiError};
+use crate::handle;
+use crate::model::{ModelObj, MODEL};
+use crate::types::*;
+
+/// Length of an ed25519 public key in bytes.
+pub const AMEND_PUBLIC_KEY_LEN: usize = 32;
+
+pub(crate) struct TrustObj {
+    pub keys: Vec<[u8; AMEND_PUBLIC_KEY_LEN]>,
+}
+
+pub(crate) struct BundleObj {}
+
+pub(crate) const TRUST: &str = "amend_trust_store";
+pub(crate) const BUNDLE: &str = "amend_bundle";
+
+/// Creates a trust store from `n_keys` ed25519 public keys stored back to back at `keys`
+/// (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (no keys, size overflow),
+/// `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point).
+#[no_mangle]
+pub extern "C" fn amend_trust_store_new(
+    keys: *const u8,
+    n_keys: usize,
+    out: *mut *mut amend_trust_store,
+) -> amend_result {
+    guard("amend_trust_store_new", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        if n_keys == 0 {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                "a trust store needs at least one key (n_keys is 0)",
+            ));
+        }
+        let len = n_keys.checked_mul(AMEND_PUBLIC_KEY_LEN).ok_or_else(|| {
+            FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                format!("n_keys {n_keys} overflows the key buffer size"),
+            )
+        })?;
+        let bytes = unsafe { args::bytes(keys, len, "keys")? };
+        let keys = bytes
+            .chunks_exact(AMEND_PUBLIC_KEY_LEN)
+            .map(|c| c.try_into().expect("exact chunks"))
+            .collect();
+        unsafe { out.write(handle::insert(TrustObj { keys })) };
+        Ok(())
+    })
+}
+
+/// Frees a trust store. NULL is a no-op. Bundles loaded with it stay valid.
+#[no_mangle]
+pub extern "C" fn amend_trust_store_free(store: *mut amend_trust_store) {
+    guard("amend_trust_store_free", || {
+        drop(handle::remove::<TrustObj, _>(store, TRUST)?);
+        Ok(())
+    });
+}
+
+/// Loads a bundle from a file, verifies its signature against `trust` and checks that it was
+/// built for `model`. On failure `*out` is set to NULL.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,
+/// `AMEND_ERR_IO`, `AMEND_ERR_BUNDLE_FORMAT`, `AMEND_ERR_BUNDLE_VERSION`,
+/// `AMEND_ERR_BUNDLE_INTEGRITY`, `AMEND_ERR_SIGNATURE`, `AMEND_ERR_UNTRUSTED_KEY`,
+/// `AMEND_ERR_MODEL_MISMATCH`, `AMEND_ERR_EDIT_INVALID`.
+#[no_mangle]
+pub extern "C" fn amend_bundle_load_file(
+    trust: *const amend_trust_store,
+    model: *const amend_model,
+    path: *const c_char,
+    out: *mut *mut amend_bundle,
+) -> amend_result {
+    guard("amend_bundle_load_file", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        let _trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
+        let _model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let _path = unsafe { args::cstr(path, "path")? };
+        Err(FfiError::not_supported("loading a bundle"))
+    })
+}
+
+/// Like `amend_bundle_load_file`, from `len` bytes at `data`. The bytes are copied: the
+/// buffer may be freed as soon as the call returns.
+#[no_mangle]
+pub extern "C" fn amend_bundle_load_memory(
+    trust: *const amend_trust_store,
+    model: *const amend_model,
+    data: *const u8,
+    len: usize,
+    out: *mut *mut amend_bundle,
+) -> amend_result {
+    guard("amend_bundle_load_memory", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        let _trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
+        let _model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let _data = unsafe { args::bytes(data, len, "data")? };
+        Err(FfiError::not_supported("loading a bundle"))
+    })
+}
+
+/// Frees a bundle handle. NULL is a no-op. Sessions in which it is active keep its edits
+/// until they are rolled back or the session is freed.
+#[no_mangle]
+pub extern "C" fn amend_bundle_free(bundle: *mut amend_bundle) {
+    guard("amend_bundle_free", || {
+        drop(handle::remove::<BundleObj, _>(bundle, BUNDLE)?);
+        Ok(())
+    });
+}
+
+/// Fills `*out` with facts about a bundle.
+#[no_mangle]
+pub extern "C" fn amend_bundle_get_info(
+    bundle: *const amend_bundle,
+    out: *mut amend_bundle_info,
+) -> amend_result {
+    guard("amend_bundle_get_info", || {
+        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        unsafe { args::write_out(out, amend_bundle_info::default(), "out") }
+    })
+}
+
+/// Copies the bundle's id (NUL-terminated) into `buf`; buffer rules as for
+/// `amend_model_description`.
+#[no_mangle]
+pub extern "C" fn amend_bundle_id(
+    bundle: *const amend_bundle,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> amend_result {
+    guard("amend_bundle_id", || {
+        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        unsafe { args::write_str("", buf, buf_len, out_len) }
+    })
+}
+
+/// Copies the id of edit number `index` (0-based, below `n_edits`) into `buf`; buffer rules as
+/// for `amend_model_description`. Errors: `AMEND_ERR_INVALID_ARGUMENT` for an index out of
+/// range.
+#[no_mangle]
+pub extern "C" fn amend_bundle_edit_id(
+    bundle: *const amend_bundle,
+    index: usize,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> amend_result {
+    guard("amend_bundle_edit_id", || {
+        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        let _ = (buf, buf_len, out_len);
+        Err(FfiError::new(
+            amend_result::AMEND_ERR_INVALID_ARGUMENT,
+            format!("edit index {index} is out of range (the bundle has 0 edits)"),
+        ))
+    })
+}

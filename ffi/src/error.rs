@@ -1,0 +1,318 @@
+//! Result codes, the thread-local last error and the panic boundary every entry point runs in.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// The outcome of a call: `AMEND_OK` (0) or one code per failure class.
+///
+/// Codes are stable: new ones are only ever added. Groups: 1xx argument and usage errors,
+/// 2xx model and generation errors, 3xx bundle and edit errors.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum amend_result {
+    /// Success.
+    AMEND_OK = 0,
+    /// A required pointer argument was NULL.
+    AMEND_ERR_NULL_ARGUMENT = 100,
+    /// A handle is not (or no longer) a live handle of the expected kind: freed, never
+    /// returned by amend, or a handle of another kind.
+    AMEND_ERR_INVALID_HANDLE = 101,
+    /// An argument is out of range (a length too large, a bad parameter value).
+    AMEND_ERR_INVALID_ARGUMENT = 102,
+    /// Text that must be UTF-8 (a prompt, a target, a path, an id) is not.
+    AMEND_ERR_INVALID_UTF8 = 103,
+    /// A caller-provided buffer is too small; the needed size is reported through the call's
+    /// length out-parameter.
+    AMEND_ERR_BUFFER_TOO_SMALL = 104,
+    /// The handle is in use by another call right now (a session is used by one thread at a
+    /// time, and may not be re-entered from its own token callback).
+    AMEND_ERR_BUSY = 105,
+    /// The operation is not supported by this build or this runtime version.
+    AMEND_ERR_NOT_SUPPORTED = 106,
+    /// A bug inside amend: a Rust panic was caught at the ABI boundary. The handle involved
+    /// should be freed.
+    AMEND_ERR_PANIC = 107,
+    /// A file could not be read.
+    AMEND_ERR_IO = 108,
+    /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
+    AMEND_ERR_MODEL_LOAD = 200,
+    /// An inference context could not be created (out of memory, bad context size).
+    AMEND_ERR_CONTEXT = 201,
+    /// The text could not be tokenized.
+    AMEND_ERR_TOKENIZE = 202,
+    /// The prompt plus generated tokens do not fit in the session's context window.
+    AMEND_ERR_CONTEXT_FULL = 203,
+    /// llama.cpp failed to evaluate a batch.
+    AMEND_ERR_DECODE = 204,
+    /// The generation was cancelled through `amend_session_cancel`.
+    AMEND_ERR_CANCELLED = 205,
+    /// The bundle bytes are malformed: bad magic, truncated, corrupt section.
+    AMEND_ERR_BUNDLE_FORMAT = 300,
+    /// The bundle uses a format version this build does not read.
+    AMEND_ERR_BUNDLE_VERSION = 301,
+    /// A bundle's content does not match its recorded digest.
+    AMEND_ERR_BUNDLE_INTEGRITY = 302,
+    /// The bundle's signature is invalid.
+    AMEND_ERR_SIGNATURE = 303,
+    /// The bundle is signed by a key that is not in the trust store.
+    AMEND_ERR_UNTRUSTED_KEY = 304,
+    /// The bundle was compiled for another model.
+    AMEND_ERR_MODEL_MISMATCH = 305,
+    /// An edit does not fit the model (layer or width out of range, unknown site).
+    AMEND_ERR_EDIT_INVALID = 306,
+    /// The bundle or edit conflicts with what is already active.
+    AMEND_ERR_EDIT_CONFLICT = 307,
+    /// No active bundle or edit has the given id.
+    AMEND_ERR_NOT_FOUND = 308,
+    /// A public key is not a valid ed25519 key.
+    AMEND_ERR_INVALID_KEY = 309,
+}
+
+impl amend_result {
+    /// Every code, for tests and for bindings that mirror the list.
+    /// cbindgen:ignore
+    pub const ALL: [amend_result; 26] = [
+        amend_result::AMEND_OK,
+        amend_result::AMEND_ERR_NULL_ARGUMENT,
+        amend_result::AMEND_ERR_INVALID_HANDLE,
+        amend_result::AMEND_ERR_INVALID_ARGUMENT,
+        amend_result::AMEND_ERR_INVALID_UTF8,
+        amend_result::AMEND_ERR_BUFFER_TOO_SMALL,
+        amend_result::AMEND_ERR_BUSY,
+        amend_result::AMEND_ERR_NOT_SUPPORTED,
+        amend_result::AMEND_ERR_PANIC,
+        amend_result::AMEND_ERR_IO,
+        amend_result::AMEND_ERR_MODEL_LOAD,
+        amend_result::AMEND_ERR_CONTEXT,
+        amend_result::AMEND_ERR_TOKENIZE,
+        amend_result::AMEND_ERR_CONTEXT_FULL,
+        amend_result::AMEND_ERR_DECODE,
+        amend_result::AMEND_ERR_CANCELLED,
+        amend_result::AMEND_ERR_BUNDLE_FORMAT,
+        amend_result::AMEND_ERR_BUNDLE_VERSION,
+        amend_result::AMEND_ERR_BUNDLE_INTEGRITY,
+        amend_result::AMEND_ERR_SIGNATURE,
+        amend_result::AMEND_ERR_UNTRUSTED_KEY,
+        amend_result::AMEND_ERR_MODEL_MISMATCH,
+        amend_result::AMEND_ERR_EDIT_INVALID,
+        amend_result::AMEND_ERR_EDIT_CONFLICT,
+        amend_result::AMEND_ERR_NOT_FOUND,
+        amend_result::AMEND_ERR_INVALID_KEY,
+    ];
+
+    /// The code's name as a NUL-terminated static string.
+    pub const fn name_cstr(self) -> &'static CStr {
+        use amend_result::*;
+        match self {
+            AMEND_OK => c"AMEND_OK",
+            AMEND_ERR_NULL_ARGUMENT => c"AMEND_ERR_NULL_ARGUMENT",
+            AMEND_ERR_INVALID_HANDLE => c"AMEND_ERR_INVALID_HANDLE",
+            AMEND_ERR_INVALID_ARGUMENT => c"AMEND_ERR_INVALID_ARGUMENT",
+            AMEND_ERR_INVALID_UTF8 => c"AMEND_ERR_INVALID_UTF8",
+            AMEND_ERR_BUFFER_TOO_SMALL => c"AMEND_ERR_BUFFER_TOO_SMALL",
+            AMEND_ERR_BUSY => c"AMEND_ERR_BUSY",
+            AMEND_ERR_NOT_SUPPORTED => c"AMEND_ERR_NOT_SUPPORTED",
+            AMEND_ERR_PANIC => c"AMEND_ERR_PANIC",
+            AMEND_ERR_IO => c"AMEND_ERR_IO",
+            AMEND_ERR_MODEL_LOAD => c"AMEND_ERR_MODEL_LOAD",
+            AMEND_ERR_CONTEXT => c"AMEND_ERR_CONTEXT",
+            AMEND_ERR_TOKENIZE => c"AMEND_ERR_TOKENIZE",
+            AMEND_ERR_CONTEXT_FULL => c"AMEND_ERR_CONTEXT_FULL",
+            AMEND_ERR_DECODE => c"AMEND_ERR_DECODE",
+            AMEND_ERR_CANCELLED => c"AMEND_ERR_CANCELLED",
+            AMEND_ERR_BUNDLE_FORMAT => c"AMEND_ERR_BUNDLE_FORMAT",
+            AMEND_ERR_BUNDLE_VERSION => c"AMEND_ERR_BUNDLE_VERSION",
+            AMEND_ERR_BUNDLE_INTEGRITY => c"AMEND_ERR_BUNDLE_INTEGRITY",
+            AMEND_ERR_SIGNATURE => c"AMEND_ERR_SIGNATURE",
+            AMEND_ERR_UNTRUSTED_KEY => c"AMEND_ERR_UNTRUSTED_KEY",
+            AMEND_ERR_MODEL_MISMATCH => c"AMEND_ERR_MODEL_MISMATCH",
+            AMEND_ERR_EDIT_INVALID => c"AMEND_ERR_EDIT_INVALID",
+            AMEND_ERR_EDIT_CONFLICT => c"AMEND_ERR_EDIT_CONFLICT",
+            AMEND_ERR_NOT_FOUND => c"AMEND_ERR_NOT_FOUND",
+            AMEND_ERR_INVALID_KEY => c"AMEND_ERR_INVALID_KEY",
+        }
+    }
+
+    /// The code for a raw value, if it is one (for `amend_result_name` on caller input).
+    pub fn from_raw(raw: i64) -> Option<amend_result> {
+        Self::ALL.into_iter().find(|c| *c as i64 == raw)
+    }
+}
+
+/// A failure on its way to C: the code returned and the message kept for `amend_last_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FfiError {
+    pub code: amend_result,
+    pub message: String,
+}
+
+impl FfiError {
+    pub fn new(code: amend_result, message: impl Into<String>) -> Self {
+        FfiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn null(arg: &str) -> Self {
+        Self::new(
+            amend_result::AMEND_ERR_NULL_ARGUMENT,
+            format!("argument `{arg}` is NULL"),
+        )
+    }
+
+    pub fn not_supported(what: &str) -> Self {
+        Self::new(
+            amend_result::AMEND_ERR_NOT_SUPPORTED,
+            format!("{what} is not supported by this runtime yet"),
+        )
+    }
+}
+
+pub type FfiResult<T> = Result<T, FfiError>;
+
+struct LastError {
+    code: amend_result,
+    message: CString,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError {
+        code: amend_result::AMEND_OK,
+        message: CString::default(),
+    });
+}
+
+/// Records `err` as this thread's last error (interior NULs in the message become spaces so
+/// the message is never silently cut).
+pub fn set_last_error(err: &FfiError) {
+    let bytes: Vec<u8> = err
+        .message
+        .bytes()
+        .map(|b| if b == 0 { b' ' } else { b })
+        .collect();
+    let message = CString::new(bytes).unwrap_or_default();
+    LAST_ERROR.with(|e| {
+        *e.borrow_mut() = LastError {
+            code: err.code,
+            message,
+        }
+    });
+}
+
+/// Forgets this thread's last error: each entry point starts with it, so the message always
+/// describes the latest call.
+pub fn clear_last_error() {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        if e.code != amend_result::AMEND_OK {
+            e.code = amend_result::AMEND_OK;
+            e.message = CString::default();
+        }
+    });
+}
+
+pub fn last_error_code() -> amend_result {
+    LAST_ERROR.with(|e| e.borrow().code)
+}
+
+/// Pointer to the thread-local message; valid until the next amend call on this thread.
+pub fn last_error_ptr() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().message.as_ptr())
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+/// Runs an entry point's body: no panic unwinds past this, and a failure becomes a code plus
+/// the thread's last error. `name` is the C function name, prefixed to messages.
+pub fn guard(name: &str, body: impl FnOnce() -> FfiResult<()>) -> amend_result {
+    clear_last_error();
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => {
+            // A nested call (e.g. from a token callback) may have failed meanwhile.
+            clear_last_error();
+            amend_result::AMEND_OK
+        }
+        Ok(Err(mut err)) => {
+            err.message = format!("{name}: {}", err.message);
+            set_last_error(&err);
+            err.code
+        }
+        Err(payload) => {
+            let err = FfiError::new(
+                amend_result::AMEND_ERR_PANIC,
+                format!("{name}: internal error (panic): {}", panic_message(&*payload)),
+            );
+            set_last_error(&err);
+            err.code
+        }
+    }
+}
+
+/// `guard` for entry points that return a value instead of a code (accessors, free
+/// functions): failures record the last error and yield `fallback`.
+pub fn guard_value<T>(name: &str, fallback: T, body: impl FnOnce() -> FfiResult<T>) -> T {
+    let mut out = None;
+    let code = guard(name, || {
+        out = Some(body()?);
+        Ok(())
+    });
+    match (code, out) {
+        (amend_result::AMEND_OK, Some(v)) => v,
+        _ => fallback,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_match_codes() {
+        let mut seen = std::collections::HashSet::new();
+        for c in amend_result::ALL {
+            let name = c.name_cstr().to_str().unwrap();
+            assert!(name.starts_with("AMEND_"));
+            assert_eq!(amend_result::from_raw(c as i64), Some(c));
+            seen.insert(name);
+        }
+        assert_eq!(seen.len(), amend_result::ALL.len());
+        assert_eq!(amend_result::from_raw(99), None);
+    }
+
+    #[test]
+    fn guard_catches_panics_and_records_errors() {
+        let code = guard("amend_test", || panic!("boom"));
+        assert_eq!(code, amend_result::AMEND_ERR_PANIC);
+        assert_eq!(last_error_code(), amend_result::AMEND_ERR_PANIC);
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        assert!(msg.contains("amend_test") && msg.contains("boom"), "{msg}");
+
+        let code = guard("amend_test", || Err(FfiError::null("prompt")));
+        assert_eq!(code, amend_result::AMEND_ERR_NULL_ARGUMENT);
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        assert_eq!(msg, "amend_test: argument `prompt` is NULL");
+
+        assert_eq!(guard("amend_test", || Ok(())), amend_result::AMEND_OK);
+        assert_eq!(last_error_code(), amend_result::AMEND_OK);
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        assert_eq!(msg, "");
+    }
+
+    #[test]
+    fn interior_nul_does_not_truncate() {
+        set_last_error(&FfiError::new(amend_result::AMEND_ERR_IO, "a\0b"));
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        assert_eq!(msg, "a b");
+    }
+}

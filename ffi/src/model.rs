@@ -1,0 +1,111 @@
+//! Model entry points.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+
+use amend_runtime::{Model, ModelOptions};
+
+use crate::amend_result;
+use crate::args;
+use crate::error::guard;
+use crate::handle;
+use crate::types::*;
+
+pub(crate) struct ModelObj {
+    pub model: Arc<Model>,
+}
+
+pub(crate) const MODEL: &str = "amend_model";
+
+/// Defaults for `amend_model_open`.
+#[no_mangle]
+pub extern "C" fn amend_model_default_params() -> amend_model_params {
+    amend_model_params {
+        use_mmap: true,
+        n_threads: 0,
+    }
+}
+
+/// Loads a GGUF model from `path` (NUL-terminated UTF-8). `params` may be NULL for the
+/// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
+/// `*out` is set to NULL.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_IO` (missing or
+/// unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF, truncated, unsupported architecture).
+#[no_mangle]
+pub extern "C" fn amend_model_open(
+    path: *const c_char,
+    params: *const amend_model_params,
+    out: *mut *mut amend_model,
+) -> amend_result {
+    guard("amend_model_open", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        let path = unsafe { args::cstr(path, "path")? };
+        let params = if params.is_null() {
+            amend_model_default_params()
+        } else {
+            unsafe { *params }
+        };
+        let options = ModelOptions {
+            use_mmap: params.use_mmap,
+            n_threads: (params.n_threads > 0).then_some(params.n_threads as usize),
+        };
+        let model = Model::open(path, options)?;
+        unsafe { out.write(handle::insert(ModelObj { model })) };
+        Ok(())
+    })
+}
+
+/// Frees a model handle. NULL is a no-op. Open sessions keep the weights alive until they are
+/// freed too.
+#[no_mangle]
+pub extern "C" fn amend_model_free(model: *mut amend_model) {
+    guard("amend_model_free", || {
+        drop(handle::remove::<ModelObj, _>(model, MODEL)?);
+        Ok(())
+    });
+}
+
+/// Fills `*out` with the model's dimensions.
+#[no_mangle]
+pub extern "C" fn amend_model_get_info(
+    model: *const amend_model,
+    out: *mut amend_model_info,
+) -> amend_result {
+    guard("amend_model_get_info", || {
+        let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let i = m.model.info();
+        let info = amend_model_info {
+            n_layer: i.n_layer,
+            n_embd: i.n_embd,
+            n_ff: i.n_ff,
+            n_head: i.n_head,
+            n_head_kv: i.n_head_kv,
+            n_vocab: i.n_vocab,
+            n_ctx_train: i.n_ctx_train,
+            bos: i.bos.unwrap_or(-1),
+            eos: i.eos.unwrap_or(-1),
+            n_params: i.n_params,
+            size_bytes: i.size_bytes,
+        };
+        unsafe { args::write_out(out, info, "out") }
+    })
+}
+
+/// Copies llama.cpp's description of the model (e.g. "gemma3 270M Q4_K - Medium") into `buf`
+/// as a NUL-terminated string. `*out_len` (if not NULL) receives its length without the NUL;
+/// a `buf_len` too small gives `AMEND_ERR_BUFFER_TOO_SMALL` (query with `buf` NULL, `buf_len`
+/// 0).
+#[no_mangle]
+pub extern "C" fn amend_model_description(
+    model: *const amend_model,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> amend_result {
+    guard("amend_model_description", || {
+        let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        unsafe { args::write_str(&m.model.info().description, buf, buf_len, out_len) }
+    })
+}

@@ -1,0 +1,459 @@
+//! Session entry points: activation of bundles, generation, cancellation, scoring, explanation.
+
+use std::ffi::{c_char, c_void};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use amend_runtime::{CancelHandle, EvalOptions, GenerateParams, Logits, Session, SessionOptions, StopReason};
+
+use crate::amend_result;
+use crate::args;
+use crate::bundle::{BundleObj, BUNDLE};
+use crate::error::{guard, FfiError, FfiResult};
+use crate::handle;
+use crate::model::{ModelObj, MODEL};
+use crate::types::*;
+
+pub(crate) struct SessionState {
+    pub session: Session,
+}
+
+pub(crate) struct SessionObj {
+    /// Reaches the running evaluation from any thread without the state lock.
+    cancel: CancelHandle,
+    /// The session proper: one call at a time (`try_lock`, so misuse is reported, not a
+    /// deadlock when a token callback re-enters).
+    state: Mutex<SessionState>,
+}
+
+pub(crate) const SESSION: &str = "amend_session";
+
+impl SessionObj {
+    fn lock(&self) -> FfiResult<MutexGuard<'_, SessionState>> {
+        match self.state.try_lock() {
+            Ok(g) => Ok(g),
+            // A panic inside a previous call was already reported as AMEND_ERR_PANIC; the
+            // runtime keeps the session consistent (each call starts from a cleared cache).
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(FfiError::new(
+                amend_result::AMEND_ERR_BUSY,
+                "the session is in use by another call (another thread, or its own token \
+                 callback); a session is used by one thread at a time",
+            )),
+        }
+    }
+}
+
+fn session(ptr: *const amend_session) -> FfiResult<Arc<SessionObj>> {
+    handle::get::<SessionObj, _>(ptr, SESSION, "session")
+}
+
+/// Defaults for `amend_session_open` (the Rust API's `SessionOptions::default()`).
+#[no_mangle]
+pub extern "C" fn amend_session_default_params() -> amend_session_params {
+    let d = SessionOptions::default();
+    amend_session_params {
+        n_ctx: d.n_ctx,
+        n_ubatch: d.n_ubatch,
+        n_threads: d.n_threads.unwrap_or(0) as u32,
+        n_threads_batch: d.n_threads_batch.unwrap_or(0) as u32,
+    }
+}
+
+/// Defaults for `amend_session_generate` (the Rust API's `GenerateParams::default()`):
+/// greedy, 128 tokens, stop at end of generation.
+#[no_mangle]
+pub extern "C" fn amend_generate_default_params() -> amend_generate_params {
+    let d = GenerateParams::default();
+    amend_generate_params {
+        max_tokens: d.max_tokens.min(u32::MAX as usize) as u32,
+        temperature: d.temperature,
+        top_k: d.top_k.max(0) as u32,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        repeat_penalty: d.repeat_penalty,
+        repeat_last_n: d.repeat_last_n.max(0) as u32,
+        seed: d.seed,
+        add_bos: d.add_bos,
+        stop_at_eos: !d.ignore_eos,
+    }
+}
+
+fn generate_params(p: &amend_generate_params) -> FfiResult<GenerateParams> {
+    let int = |v: u32, name: &str| {
+        i32::try_from(v).map_err(|_| {
+            FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                format!("{name} {v} is too large (at most {})", i32::MAX),
+            )
+        })
+    };
+    Ok(GenerateParams {
+        max_tokens: p.max_tokens as usize,
+        temperature: p.temperature,
+        top_k: int(p.top_k, "top_k")?,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_last_n: int(p.repeat_last_n, "repeat_last_n")?,
+        seed: p.seed,
+        stop: Vec::new(),
+        add_bos: p.add_bos,
+        ignore_eos: !p.stop_at_eos,
+    })
+}
+
+/// Opens a session on `model` with no edits active. `params` may be NULL for the defaults.
+/// On failure `*out` is set to NULL.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_ARGUMENT`,
+/// `AMEND_ERR_CONTEXT`.
+#[no_mangle]
+pub extern "C" fn amend_session_open(
+    model: *const amend_model,
+    params: *const amend_session_params,
+    out: *mut *mut amend_session,
+) -> amend_result {
+    guard("amend_session_open", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let p = if params.is_null() {
+            amend_session_default_params()
+        } else {
+            unsafe { *params }
+        };
+        let nonzero = |v: u32| (v > 0).then_some(v as usize);
+        let options = SessionOptions {
+            n_ctx: p.n_ctx,
+            n_ubatch: p.n_ubatch,
+            n_threads: nonzero(p.n_threads),
+            n_threads_batch: nonzero(p.n_threads_batch),
+        };
+        let session = Session::new(&m.model, options)?;
+        let obj = SessionObj {
+            cancel: session.cancel_handle(),
+            state: Mutex::new(SessionState { session }),
+        };
+        unsafe { out.write(handle::insert(obj)) };
+        Ok(())
+    })
+}
+
+/// Frees a session. NULL is a no-op. A call running on the session in another thread finishes
+/// safely, but the handle is invalid as soon as this returns.
+#[no_mangle]
+pub extern "C" fn amend_session_free(session: *mut amend_session) {
+    guard("amend_session_free", || {
+        drop(handle::remove::<SessionObj, _>(session, SESSION)?);
+        Ok(())
+    });
+}
+
+/// Activates a verified bundle's edits in the session; later generations use them. Activating
+/// a bundle that is already active is an `AMEND_ERR_EDIT_CONFLICT`.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
+/// `AMEND_ERR_MODEL_MISMATCH` (bundle loaded for another model), `AMEND_ERR_EDIT_CONFLICT`.
+#[no_mangle]
+pub extern "C" fn amend_session_activate(
+    session: *mut amend_session,
+    bundle: *const amend_bundle,
+) -> amend_result {
+    guard("amend_session_activate", || {
+        let s = self::session(session)?;
+        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        let _state = s.lock()?;
+        Err(FfiError::not_supported("activating a bundle"))
+    })
+}
+
+/// Deactivates every edit of the active bundle with id `bundle_id` (NUL-terminated).
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,
+/// `AMEND_ERR_BUSY`, `AMEND_ERR_NOT_FOUND`.
+#[no_mangle]
+pub extern "C" fn amend_session_rollback_bundle(
+    session: *mut amend_session,
+    bundle_id: *const c_char,
+) -> amend_result {
+    guard("amend_session_rollback_bundle", || {
+        let s = self::session(session)?;
+        let id = unsafe { args::cstr(bundle_id, "bundle_id")? };
+        let _state = s.lock()?;
+        Err(FfiError::new(
+            amend_result::AMEND_ERR_NOT_FOUND,
+            format!("no active bundle has id `{id}`"),
+        ))
+    })
+}
+
+/// Deactivates the single active edit with id `edit_id` (NUL-terminated); the rest of its
+/// bundle stays active.
+///
+/// Errors: as for `amend_session_rollback_bundle`.
+#[no_mangle]
+pub extern "C" fn amend_session_rollback_edit(
+    session: *mut amend_session,
+    edit_id: *const c_char,
+) -> amend_result {
+    guard("amend_session_rollback_edit", || {
+        let s = self::session(session)?;
+        let id = unsafe { args::cstr(edit_id, "edit_id")? };
+        let _state = s.lock()?;
+        Err(FfiError::new(
+            amend_result::AMEND_ERR_NOT_FOUND,
+            format!("no active edit has id `{id}`"),
+        ))
+    })
+}
+
+/// Stores the number of active bundles in `*out`.
+#[no_mangle]
+pub extern "C" fn amend_session_active_bundle_count(
+    session: *const amend_session,
+    out: *mut usize,
+) -> amend_result {
+    guard("amend_session_active_bundle_count", || {
+        let s = self::session(session)?;
+        let _state = s.lock()?;
+        unsafe { args::write_out(out, 0, "out") }
+    })
+}
+
+/// Copies the id of active bundle number `index` (in activation order) into `buf`; buffer
+/// rules as for `amend_model_description`.
+#[no_mangle]
+pub extern "C" fn amend_session_active_bundle_id(
+    session: *const amend_session,
+    index: usize,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> amend_result {
+    guard("amend_session_active_bundle_id", || {
+        let s = self::session(session)?;
+        let _state = s.lock()?;
+        let _ = (buf, buf_len, out_len);
+        Err(FfiError::new(
+            amend_result::AMEND_ERR_INVALID_ARGUMENT,
+            format!("index {index} is out of range (0 bundles active)"),
+        ))
+    })
+}
+
+/// Generates a continuation of `prompt` (`prompt_len` bytes of UTF-8, no NUL needed), calling
+/// `callback` (may be NULL) with each token. The session's context is cleared first: each call
+/// is independent. `params` may be NULL for the defaults; `out` may be NULL.
+///
+/// Returns `AMEND_OK` when generation ended normally (see `out->stop_reason`), or
+/// `AMEND_ERR_CANCELLED` when `amend_session_cancel` stopped it (tokens already passed to the
+/// callback stay valid; `out` is filled in both cases).
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,
+/// `AMEND_ERR_INVALID_ARGUMENT` (empty prompt, bad parameter), `AMEND_ERR_BUSY`,
+/// `AMEND_ERR_TOKENIZE`, `AMEND_ERR_CONTEXT_FULL` (the prompt alone does not fit),
+/// `AMEND_ERR_DECODE`, `AMEND_ERR_CANCELLED`.
+#[no_mangle]
+pub extern "C" fn amend_session_generate(
+    session: *mut amend_session,
+    prompt: *const c_char,
+    prompt_len: usize,
+    params: *const amend_generate_params,
+    callback: amend_token_callback,
+    user_data: *mut c_void,
+    out: *mut amend_generation,
+) -> amend_result {
+    guard("amend_session_generate", || {
+        let s = self::session(session)?;
+        let prompt = unsafe { args::text(prompt, prompt_len, "prompt")? };
+        let params = if params.is_null() {
+            amend_generate_default_params()
+        } else {
+            unsafe { *params }
+        };
+        let params = generate_params(&params)?;
+        let mut state = s.lock()?;
+        let mut text_buf: Vec<u8> = Vec::new();
+        let result = state.session.generate(prompt, &params, |ev| {
+            let Some(cb) = callback else {
+                return ControlFlow::Continue(());
+            };
+            // The callback gets a NUL-terminated copy: C code may treat it as a C string.
+            text_buf.clear();
+            text_buf.extend_from_slice(ev.text.as_bytes());
+            text_buf.push(0);
+            // SAFETY: a C function pointer supplied by the caller with this signature; the text
+            // pointer is valid for the duration of the call.
+            let go_on = unsafe {
+                cb(
+                    user_data,
+                    ev.token,
+                    text_buf.as_ptr() as *const c_char,
+                    ev.text.len(),
+                )
+            };
+            if go_on {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        })?;
+        let stop_reason = match result.stop_reason {
+            StopReason::MaxTokens => amend_stop_reason::AMEND_STOP_MAX_TOKENS,
+            StopReason::Eos => amend_stop_reason::AMEND_STOP_EOS,
+            StopReason::Callback => amend_stop_reason::AMEND_STOP_CALLBACK,
+            StopReason::ContextFull => amend_stop_reason::AMEND_STOP_CONTEXT_FULL,
+            StopReason::Cancelled => amend_stop_reason::AMEND_STOP_CANCELLED,
+            // No stop strings are passed through the C API.
+            StopReason::StopString(_) => amend_stop_reason::AMEND_STOP_CALLBACK,
+        };
+        if !out.is_null() {
+            let g = amend_generation {
+                n_prompt_tokens: result.n_prompt as u32,
+                n_generated: result.n_generated as u32,
+                stop_reason,
+                prefill_tok_s: result.timings.prefill_tok_s(),
+                decode_tok_s: result.timings.decode_tok_s(),
+            };
+            unsafe { out.write(g) };
+        }
+        if stop_reason == amend_stop_reason::AMEND_STOP_CANCELLED {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_CANCELLED,
+                format!(
+                    "cancelled by amend_session_cancel after {} generated tokens",
+                    result.n_generated
+                ),
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// Asks the session's running generation or scoring to stop within one token. Safe to call
+/// from any thread at any time, including from the token callback. A cancel made while nothing
+/// runs stops the session's next generation or scoring instead (it is consumed by the call it
+/// stops). The stopped call returns `AMEND_ERR_CANCELLED`.
+#[no_mangle]
+pub extern "C" fn amend_session_cancel(session: *const amend_session) -> amend_result {
+    guard("amend_session_cancel", || {
+        let s = self::session(session)?;
+        s.cancel.cancel();
+        Ok(())
+    })
+}
+
+/// log-softmax of `logits` at `target`, computed in f64 with the max subtracted for stability.
+fn log_prob(logits: &[f32], target: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[target] as f64 - max - sum.ln()
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Teacher-forced scoring: evaluates `prompt` (with BOS when the model wants it) followed by
+/// `target` (each tokenized on its own; both UTF-8 with explicit lengths) with the active
+/// edits, and fills `*out` with the log-probability of the target's tokens. This is how an
+/// app checks that an edit took effect without sampling. The context is cleared first.
+///
+/// Errors: as for `amend_session_generate`, and `AMEND_ERR_INVALID_ARGUMENT` for an empty
+/// prompt or target.
+#[no_mangle]
+pub extern "C" fn amend_session_score(
+    session: *mut amend_session,
+    prompt: *const c_char,
+    prompt_len: usize,
+    target: *const c_char,
+    target_len: usize,
+    out: *mut amend_score,
+) -> amend_result {
+    guard("amend_session_score", || {
+        let s = self::session(session)?;
+        let prompt = unsafe { args::text(prompt, prompt_len, "prompt")? };
+        let target = unsafe { args::text(target, target_len, "target")? };
+        args::need_out(out, "out")?;
+        let mut state = s.lock()?;
+        let sess = &mut state.session;
+        let p = sess.tokenize(prompt, true)?;
+        let t = sess.tokenize(target, false)?;
+        if p.is_empty() || t.is_empty() {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                format!(
+                    "{} is empty after tokenization",
+                    if p.is_empty() { "prompt" } else { "target" }
+                ),
+            ));
+        }
+        let mut all = p.clone();
+        all.extend_from_slice(&t);
+        sess.kv_clear();
+        // Logits at index i predict token i+1: from the prompt's last token on.
+        let first = p.len() - 1;
+        let opts = EvalOptions {
+            last_prompt_token: Some(first),
+            ..EvalOptions::prefill(Logits::From(first))
+        };
+        sess.eval(&all, opts)?;
+        let mut score = amend_score {
+            n_target_tokens: t.len() as u32,
+            ..Default::default()
+        };
+        for (j, &tok) in t.iter().enumerate() {
+            let logits = sess.logits(first + j)?;
+            score.logprob_sum += log_prob(logits, tok as usize);
+            if argmax(logits) == tok as usize {
+                score.n_argmax_match += 1;
+            }
+        }
+        score.logprob_mean = score.logprob_sum / t.len() as f64;
+        unsafe { out.write(score) };
+        Ok(())
+    })
+}
+
+/// Reports which active edits fired during the session's last generation or scoring: calls
+/// `callback` once per active edit (edits that did not fire are reported with `n_fired` 0).
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT` (including a NULL callback), `AMEND_ERR_INVALID_HANDLE`,
+/// `AMEND_ERR_BUSY`.
+#[no_mangle]
+pub extern "C" fn amend_session_explain(
+    session: *const amend_session,
+    callback: amend_explain_callback,
+    user_data: *mut c_void,
+) -> amend_result {
+    guard("amend_session_explain", || {
+        let s = self::session(session)?;
+        let _cb = callback.ok_or_else(|| FfiError::null("callback"))?;
+        let _ = user_data;
+        let _state = s.lock()?;
+        Err(FfiError::not_supported("explaining which edits fired"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_prob_is_a_normalised_log_softmax() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let total: f64 = (0..3).map(|i| log_prob(&logits, i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert!(log_prob(&logits, 2) > log_prob(&logits, 0));
+        assert_eq!(argmax(&logits), 2);
+        // Large logits must not overflow.
+        assert!(log_prob(&[1000.0, 0.0], 0).abs() < 1e-9);
+    }
+}

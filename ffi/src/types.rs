@@ -1,0 +1,222 @@
+//! The C-visible types: opaque handles, parameter structs and callbacks.
+
+#![allow(non_camel_case_types)]
+
+use std::ffi::{c_char, c_void};
+
+/// A token id in the model's vocabulary.
+pub type amend_token = i32;
+
+/// A loaded model (immutable weights).
+///
+/// Thread rules: may be shared by any number of threads; every function taking a
+/// `const amend_model *` may be called concurrently. Sessions keep the model alive, so
+/// `amend_model_free` may be called while sessions of it are still open.
+pub struct amend_model {
+    _private: [u8; 0],
+}
+
+/// A set of trusted ed25519 public keys that bundles must be signed by.
+///
+/// Thread rules: immutable after creation; may be shared by any number of threads.
+pub struct amend_trust_store {
+    _private: [u8; 0],
+}
+
+/// A verified patch bundle: its signature was checked against a trust store and it was
+/// checked to fit a model. Loading does not activate it; see `amend_session_activate`.
+///
+/// Thread rules: immutable after loading; may be shared by any number of threads and
+/// activated in several sessions at once.
+pub struct amend_bundle {
+    _private: [u8; 0],
+}
+
+/// An inference session: a context window, the active edits, and generation state.
+///
+/// Thread rules: one thread at a time. A call made while another thread (or the session's
+/// own token callback) is inside a call on the same session fails with `AMEND_ERR_BUSY`
+/// instead of racing. The one exception is `amend_session_cancel`, which may be called from
+/// any thread at any time.
+pub struct amend_session {
+    _private: [u8; 0],
+}
+
+/// How to load a model. Get defaults from `amend_model_default_params()` and change fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct amend_model_params {
+    /// Memory-map the weights (default true): near-instant loading, pages shared between
+    /// processes.
+    pub use_mmap: bool,
+    /// Default thread count for this model's sessions; 0 = the machine's available
+    /// parallelism (default 0).
+    pub n_threads: u32,
+}
+
+/// What a loaded model is. Strings are not included: see `amend_model_description`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct amend_model_info {
+    pub n_layer: u32,
+    pub n_embd: u32,
+    /// FFN hidden size (of layer 0 when it varies per layer).
+    pub n_ff: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub n_vocab: u32,
+    pub n_ctx_train: u32,
+    /// Beginning-of-sequence token, or -1 if the model has none.
+    pub bos: amend_token,
+    /// End-of-sequence token, or -1 if the model has none.
+    pub eos: amend_token,
+    pub n_params: u64,
+    /// Bytes of tensor data.
+    pub size_bytes: u64,
+}
+
+/// How to open a session. Get defaults from `amend_session_default_params()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct amend_session_params {
+    /// Context window in tokens (prompt + generated), capped at the model's training context
+    /// (default 2048).
+    pub n_ctx: u32,
+    /// Largest batch evaluated at once; longer prompts are evaluated in chunks (default 512).
+    pub n_ubatch: u32,
+    /// Threads for generation; 0 = the model's default.
+    pub n_threads: u32,
+    /// Threads for prompt evaluation; 0 = same as `n_threads`.
+    pub n_threads_batch: u32,
+}
+
+/// How to generate. Get defaults from `amend_generate_default_params()`; the defaults are the
+/// Rust API's (`amend_runtime::GenerateParams::default()`), so both give the same tokens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct amend_generate_params {
+    /// Upper bound on generated tokens (default 128).
+    pub max_tokens: u32,
+    /// Sampling temperature; <= 0 = greedy (default 0).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens before sampling; 0 = off (default 40).
+    pub top_k: u32,
+    /// Nucleus sampling threshold in (0, 1]; 1 = off (default 0.95).
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the best one, in [0, 1]; 0 = off (default 0.05).
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens, > 0; 1 = off (default 1).
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at (default 64).
+    pub repeat_last_n: u32,
+    /// Sampling seed: the same seed, prompt, active edits and parameters give the same tokens.
+    pub seed: u32,
+    /// Prepend BOS to the prompt when the model's tokenizer wants it (default true).
+    pub add_bos: bool,
+    /// Stop at an end-of-generation token (default true; false for benchmarks).
+    pub stop_at_eos: bool,
+}
+
+/// Why a generation that returned `AMEND_OK` stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum amend_stop_reason {
+    /// `max_tokens` were generated.
+    AMEND_STOP_MAX_TOKENS = 0,
+    /// The model produced an end-of-generation token (not passed to the callback).
+    AMEND_STOP_EOS = 1,
+    /// The token callback returned false.
+    AMEND_STOP_CALLBACK = 2,
+    /// The session's context window is full (open the session with a larger `n_ctx`).
+    AMEND_STOP_CONTEXT_FULL = 3,
+    /// Cancelled through `amend_session_cancel` (the call returns `AMEND_ERR_CANCELLED`).
+    AMEND_STOP_CANCELLED = 4,
+}
+
+/// What a generation did. Filled by `amend_session_generate` when its `out` is not NULL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct amend_generation {
+    /// Tokens in the prompt after tokenization (including BOS when one was added).
+    pub n_prompt_tokens: u32,
+    /// Tokens generated (each passed to the callback).
+    pub n_generated: u32,
+    pub stop_reason: amend_stop_reason,
+    /// Prompt evaluation speed, tokens per second.
+    pub prefill_tok_s: f64,
+    /// Generation speed, tokens per second.
+    pub decode_tok_s: f64,
+}
+
+/// The `token` value of the last callback call of a generation when it only carries text
+/// that was held back (see `amend_token_callback`).
+pub const AMEND_FLUSH_TOKEN: amend_token = -1;
+
+/// Called once per generated token, on the thread that called `amend_session_generate`.
+///
+/// `text` is the UTF-8 text that became final with this token (`text_len` bytes, followed by
+/// a NUL that is not counted), valid only during the call. It can be empty: bytes of an
+/// incomplete multi-byte character are held back until the character is complete. Held-back
+/// text left at the end arrives in one last call with `token == AMEND_FLUSH_TOKEN`, whose
+/// return value is ignored. Concatenating every `text` gives exactly the generated text.
+///
+/// Return true to continue, false to stop (the generation then returns `AMEND_OK` with
+/// `AMEND_STOP_CALLBACK`). The callback must not call amend functions on the same session
+/// (they fail with `AMEND_ERR_BUSY`), except `amend_session_cancel`.
+pub type amend_token_callback = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        token: amend_token,
+        text: *const c_char,
+        text_len: usize,
+    ) -> bool,
+>;
+
+/// Teacher-forced score of a target continuation after a prompt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct amend_score {
+    /// Tokens in the target.
+    pub n_target_tokens: u32,
+    /// Sum over target tokens of ln p(token | everything before it).
+    pub logprob_sum: f64,
+    /// `logprob_sum / n_target_tokens`.
+    pub logprob_mean: f64,
+    /// Target tokens that were also the model's most likely token at their position.
+    pub n_argmax_match: u32,
+}
+
+/// One edit's activity during the session's last generation or scoring, passed to the
+/// callback of `amend_session_explain`. Strings are valid only during the callback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct amend_edit_activity {
+    /// The id of the bundle the edit came from (NUL-terminated).
+    pub bundle_id: *const c_char,
+    /// The edit's id within its bundle (NUL-terminated).
+    pub edit_id: *const c_char,
+    /// The edit family: "codebook", "patch_neurons", "low_rank" or "memory".
+    pub family: *const c_char,
+    /// The layer the edit acts at.
+    pub layer: u32,
+    /// Positions (prompt and generated tokens) at which the edit changed the computation.
+    pub n_fired: u32,
+    /// Positions evaluated in that call, for a rate.
+    pub n_positions: u32,
+}
+
+/// Called once per active edit by `amend_session_explain`; return false to stop early.
+pub type amend_explain_callback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, activity: *const amend_edit_activity) -> bool>;
+
+/// Information about a loaded bundle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct amend_bundle_info {
+    /// Number of edits in the bundle.
+    pub n_edits: u32,
+    /// Bundle format version.
+    pub format_version: u32,
+    /// Size of the bundle in bytes.
+    pub size_bytes: u64,
+}

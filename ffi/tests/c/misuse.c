@@ -1,0 +1,363 @@
+/*
+ * Misuse tests of the amend C ABI: NULL everywhere, freed and wrong-kind handles, bad UTF-8,
+ * corrupt bundle bytes, wrong-order calls, a callback that stops generation, re-entry from a
+ * callback, and cancellation from a second thread. Run under valgrind and AddressSanitizer by
+ * scripts/test.d/ffi.sh: every failure must be a specific result code plus a message, never a
+ * crash, and nothing may leak.
+ *
+ * Usage: misuse [MODEL.gguf]   (without a model, only the model-free tests run)
+ */
+#define _DEFAULT_SOURCE
+#include "amend.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int n_pass, n_fail;
+
+#define CHECK(cond, ...)                                                                     \
+    do {                                                                                     \
+        if (cond) {                                                                          \
+            n_pass++;                                                                        \
+        } else {                                                                             \
+            n_fail++;                                                                        \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                  \
+            fprintf(stderr, __VA_ARGS__);                                                    \
+            fprintf(stderr, "\n");                                                           \
+        }                                                                                    \
+    } while (0)
+
+/* The call returned `want` and left a non-empty message mentioning `needle`. */
+#define EXPECT(call, want, needle)                                                           \
+    do {                                                                                     \
+        amend_result r_ = (call);                                                            \
+        const char *m_ = amend_last_error();                                                 \
+        CHECK(r_ == (want) && amend_last_error_code() == (want) && m_ && m_[0] &&            \
+                  strstr(m_, (needle)) != NULL,                                              \
+              "%s: got %s (%d) \"%s\", want %s with \"%s\"", #call, amend_result_name(r_),   \
+              (int)r_, m_ ? m_ : "(null)", #want, needle);                                   \
+    } while (0)
+
+#define EXPECT_OK(call)                                                                      \
+    do {                                                                                     \
+        amend_result r_ = (call);                                                            \
+        CHECK(r_ == AMEND_OK && amend_last_error()[0] == 0, "%s: %s: %s", #call,             \
+              amend_result_name(r_), amend_last_error());                                    \
+    } while (0)
+
+static void test_basics(void) {
+    CHECK(strcmp(amend_version(), "") != 0, "empty version");
+    CHECK(amend_abi_version() == AMEND_ABI_VERSION, "ABI %u vs header %u", amend_abi_version(),
+          AMEND_ABI_VERSION);
+    CHECK(strcmp(amend_result_name(AMEND_ERR_MODEL_MISMATCH), "AMEND_ERR_MODEL_MISMATCH") == 0,
+          "name");
+    CHECK(strcmp(amend_result_name(12345), "AMEND_UNKNOWN_RESULT") == 0, "unknown name");
+    amend_model_params mp = amend_model_default_params();
+    CHECK(mp.use_mmap, "mmap default");
+    amend_generate_params gp = amend_generate_default_params();
+    CHECK(gp.max_tokens > 0 && gp.temperature <= 0.0f && gp.stop_at_eos, "generate defaults");
+}
+
+static void test_null_everywhere(void) {
+    amend_model *model = (amend_model *)0x1;
+    EXPECT(amend_model_open(NULL, NULL, &model), AMEND_ERR_NULL_ARGUMENT, "path");
+    CHECK(model == NULL, "out not cleared on failure");
+    EXPECT(amend_model_open("x.gguf", NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "out");
+    amend_model_info info;
+    EXPECT(amend_model_get_info(NULL, &info), AMEND_ERR_NULL_ARGUMENT, "model");
+    EXPECT(amend_model_description(NULL, NULL, 0, NULL), AMEND_ERR_NULL_ARGUMENT, "model");
+    amend_trust_store *trust = NULL;
+    EXPECT(amend_trust_store_new(NULL, 1, &trust), AMEND_ERR_NULL_ARGUMENT, "keys");
+    EXPECT(amend_trust_store_new(NULL, 0, &trust), AMEND_ERR_INVALID_ARGUMENT, "at least one");
+    uint8_t key[AMEND_PUBLIC_KEY_LEN] = {0};
+    EXPECT(amend_trust_store_new(key, SIZE_MAX, &trust), AMEND_ERR_INVALID_ARGUMENT, "overflow");
+    amend_bundle *bundle = NULL;
+    EXPECT(amend_bundle_load_file(NULL, NULL, "b.amend", &bundle), AMEND_ERR_NULL_ARGUMENT,
+           "trust");
+    EXPECT(amend_bundle_load_memory(NULL, NULL, NULL, 0, &bundle), AMEND_ERR_NULL_ARGUMENT,
+           "trust");
+    amend_session *session = NULL;
+    EXPECT(amend_session_open(NULL, NULL, &session), AMEND_ERR_NULL_ARGUMENT, "model");
+    EXPECT(amend_session_generate(NULL, "hi", 2, NULL, NULL, NULL, NULL),
+           AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_cancel(NULL), AMEND_ERR_NULL_ARGUMENT, "session");
+    amend_score score;
+    EXPECT(amend_session_score(NULL, "a", 1, "b", 1, &score), AMEND_ERR_NULL_ARGUMENT,
+           "session");
+    EXPECT(amend_session_activate(NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_rollback_bundle(NULL, "id"), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_rollback_edit(NULL, "id"), AMEND_ERR_NULL_ARGUMENT, "session");
+    size_t n;
+    EXPECT(amend_session_active_bundle_count(NULL, &n), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_explain(NULL, NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_bundle_get_info(NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "bundle");
+    EXPECT(amend_bundle_id(NULL, NULL, 0, NULL), AMEND_ERR_NULL_ARGUMENT, "bundle");
+    /* Free functions accept NULL. */
+    amend_model_free(NULL);
+    amend_session_free(NULL);
+    amend_bundle_free(NULL);
+    amend_trust_store_free(NULL);
+    CHECK(amend_last_error_code() == AMEND_OK, "free(NULL) set an error");
+}
+
+static void test_forged_handles(void) {
+    /* Pointers amend never returned are reported, not dereferenced. */
+    amend_model *fake_model = (amend_model *)(uintptr_t)0xdeadbeef0;
+    amend_session *fake_session = (amend_session *)(uintptr_t)0x10;
+    amend_model_info info;
+    EXPECT(amend_model_get_info(fake_model, &info), AMEND_ERR_INVALID_HANDLE, "amend_model");
+    EXPECT(amend_session_generate(fake_session, "hi", 2, NULL, NULL, NULL, NULL),
+           AMEND_ERR_INVALID_HANDLE, "amend_session");
+    EXPECT(amend_session_cancel(fake_session), AMEND_ERR_INVALID_HANDLE, "amend_session");
+    amend_model_free(fake_model);
+    CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "free of a forged handle");
+}
+
+static void test_trust_store_lifecycle(void) {
+    uint8_t keys[2 * AMEND_PUBLIC_KEY_LEN];
+    memset(keys, 7, sizeof keys);
+    amend_trust_store *trust = NULL;
+    amend_result r = amend_trust_store_new(keys, 2, &trust);
+    /* Random bytes are usually not an ed25519 point: either outcome needs a clear code. */
+    CHECK(r == AMEND_OK || r == AMEND_ERR_INVALID_KEY, "trust store: %s: %s",
+          amend_result_name(r), amend_last_error());
+    if (r != AMEND_OK) return;
+    /* A trust store is not a model: wrong-kind handles are caught. */
+    amend_model_info info;
+    EXPECT(amend_model_get_info((const amend_model *)trust, &info), AMEND_ERR_INVALID_HANDLE,
+           "amend_model");
+    amend_trust_store_free(trust);
+    CHECK(amend_last_error_code() == AMEND_OK, "free: %s", amend_last_error());
+    /* Double free and use after free are detected (handles are never reused). */
+    amend_trust_store_free(trust);
+    CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "double free not detected");
+    amend_bundle *bundle = NULL;
+    EXPECT(amend_bundle_load_memory(trust, NULL, (const uint8_t *)"x", 1, &bundle),
+           AMEND_ERR_INVALID_HANDLE, "amend_trust_store");
+}
+
+static void test_missing_model(void) {
+    amend_model *model = NULL;
+    EXPECT(amend_model_open("/nonexistent/model.gguf", NULL, &model), AMEND_ERR_IO,
+           "not found");
+    CHECK(model == NULL, "out set on failure");
+    /* A file that is not GGUF. */
+    char path[] = "/tmp/amend-misuse-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp");
+    if (fd < 0) return;
+    CHECK(write(fd, "not a model at all, definitely not", 34) == 34, "write");
+    close(fd);
+    EXPECT(amend_model_open(path, NULL, &model), AMEND_ERR_MODEL_LOAD, "GGUF");
+    unlink(path);
+    /* Invalid UTF-8 in a path. */
+    EXPECT(amend_model_open("/tmp/\xff\xfe.gguf", NULL, &model), AMEND_ERR_INVALID_UTF8,
+           "UTF-8");
+}
+
+/* ---- tests with a real model ---------------------------------------------------------- */
+
+typedef struct {
+    int n_calls;
+    int stop_after;
+    char text[4096];
+    size_t len;
+    amend_session *session;
+    amend_result reentry;
+} collect_t;
+
+static bool collect(void *user_data, amend_token token, const char *text, size_t text_len) {
+    collect_t *c = (collect_t *)user_data;
+    (void)token;
+    if (text_len > 0 && c->len + text_len < sizeof c->text) {
+        memcpy(c->text + c->len, text, text_len);
+        c->len += text_len;
+        c->text[c->len] = 0;
+    }
+    if (token == AMEND_FLUSH_TOKEN) return true;
+    c->n_calls++;
+    if (c->session) {
+        /* Re-entering the session from its own callback is refused, not a deadlock. */
+        c->reentry = amend_session_generate(c->session, "x", 1, NULL, NULL, NULL, NULL);
+        c->session = NULL;
+    }
+    return c->stop_after == 0 || c->n_calls < c->stop_after;
+}
+
+typedef struct {
+    amend_session *session;
+    int n_tokens;
+} cancel_t;
+
+static bool count_tokens(void *user_data, amend_token token, const char *text, size_t len) {
+    (void)token, (void)text, (void)len;
+    cancel_t *c = (cancel_t *)user_data;
+    __atomic_add_fetch(&c->n_tokens, 1, __ATOMIC_SEQ_CST);
+    return true;
+}
+
+static void *cancel_thread(void *arg) {
+    cancel_t *c = (cancel_t *)arg;
+    /* Wait until generation is running, then cancel from this thread. */
+    for (int i = 0; i < 10000 && __atomic_load_n(&c->n_tokens, __ATOMIC_SEQ_CST) < 2; i++)
+        usleep(1000);
+    amend_result r = amend_session_cancel(c->session);
+    return (void *)(intptr_t)r;
+}
+
+static void test_with_model(const char *path) {
+    amend_model *model = NULL;
+    amend_model_params mp = amend_model_default_params();
+    EXPECT_OK(amend_model_open(path, &mp, &model));
+    if (!model) return;
+    amend_model_info info;
+    EXPECT_OK(amend_model_get_info(model, &info));
+    CHECK(info.n_layer > 0 && info.n_vocab > 0, "info %u %u", info.n_layer, info.n_vocab);
+    size_t need = 0;
+    EXPECT(amend_model_description(model, NULL, 0, &need), AMEND_ERR_BUFFER_TOO_SMALL,
+           "too small");
+    CHECK(need > 0, "description length");
+    char desc[256];
+    EXPECT_OK(amend_model_description(model, desc, sizeof desc, NULL));
+    CHECK(strlen(desc) == need, "description %s", desc);
+
+    amend_session_params sp = amend_session_default_params();
+    sp.n_ctx = 256;
+    amend_session *session = NULL;
+    EXPECT_OK(amend_session_open(model, &sp, &session));
+    if (!session) {
+        amend_model_free(model);
+        return;
+    }
+    /* Wrong-kind handle in a session slot. */
+    EXPECT(amend_session_generate((amend_session *)model, "a", 1, NULL, NULL, NULL, NULL),
+           AMEND_ERR_INVALID_HANDLE, "amend_session");
+
+    /* Bad input. */
+    const char bad[] = "The capital of \xc3\x28 is";
+    EXPECT(amend_session_generate(session, bad, sizeof bad - 1, NULL, NULL, NULL, NULL),
+           AMEND_ERR_INVALID_UTF8, "byte 15");
+    EXPECT(amend_session_generate(session, NULL, 3, NULL, NULL, NULL, NULL),
+           AMEND_ERR_NULL_ARGUMENT, "prompt");
+    EXPECT(amend_session_generate(session, "abc", SIZE_MAX, NULL, NULL, NULL, NULL),
+           AMEND_ERR_INVALID_ARGUMENT, "length");
+    amend_generate_params gp = amend_generate_default_params();
+    gp.top_p = 2.0f;
+    EXPECT(amend_session_generate(session, "abc", 3, &gp, NULL, NULL, NULL),
+           AMEND_ERR_INVALID_ARGUMENT, "top_p");
+
+    /* A callback that stops generation after 3 tokens; it also tries to re-enter. */
+    const char prompt[] = "The capital of France is";
+    gp = amend_generate_default_params();
+    gp.max_tokens = 16;
+    gp.stop_at_eos = false;
+    collect_t c = {0};
+    c.stop_after = 3;
+    c.session = session;
+    amend_generation g;
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &c, &g));
+    CHECK(c.n_calls == 3 && g.n_generated == 3 && g.stop_reason == AMEND_STOP_CALLBACK,
+          "callback stop: calls %d generated %u reason %d", c.n_calls, g.n_generated,
+          (int)g.stop_reason);
+    CHECK(c.reentry == AMEND_ERR_BUSY, "re-entry gave %s", amend_result_name(c.reentry));
+
+    /* Greedy generation is deterministic. */
+    collect_t a = {0}, b = {0};
+    gp.max_tokens = 8;
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &a, &g));
+    CHECK(g.n_generated == 8 && g.stop_reason == AMEND_STOP_MAX_TOKENS, "8 tokens: %u",
+          g.n_generated);
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &b, NULL));
+    CHECK(a.len > 0 && strcmp(a.text, b.text) == 0, "not deterministic: \"%s\" vs \"%s\"",
+          a.text, b.text);
+    printf("greedy: %s|%s\n", prompt, a.text);
+
+    /* Cancellation from a second thread. */
+    cancel_t cc = {session, 0};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, cancel_thread, &cc) == 0, "pthread_create");
+    gp.max_tokens = 200;
+    EXPECT(amend_session_generate(session, prompt, strlen(prompt), &gp, count_tokens, &cc, &g),
+           AMEND_ERR_CANCELLED, "cancelled");
+    void *thread_result = NULL;
+    pthread_join(th, &thread_result);
+    CHECK((amend_result)(intptr_t)thread_result == AMEND_OK, "cancel from thread failed");
+    CHECK(g.stop_reason == AMEND_STOP_CANCELLED && g.n_generated < 200, "cancel: %u tokens",
+          g.n_generated);
+    /* The cancel was consumed: the next generation runs normally. */
+    gp.max_tokens = 2;
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, NULL, NULL, &g));
+
+    /* Teacher-forced scoring. */
+    amend_score s1, s2;
+    EXPECT_OK(amend_session_score(session, prompt, strlen(prompt), " Paris", 6, &s1));
+    EXPECT_OK(amend_session_score(session, prompt, strlen(prompt), " Banana", 7, &s2));
+    CHECK(s1.n_target_tokens >= 1 && s1.logprob_sum < 0 && s1.logprob_sum > s2.logprob_sum,
+          "score Paris %f Banana %f", s1.logprob_sum, s2.logprob_sum);
+    EXPECT(amend_session_score(session, prompt, strlen(prompt), "", 0, &s1),
+           AMEND_ERR_INVALID_ARGUMENT, "target");
+    EXPECT(amend_session_score(session, prompt, strlen(prompt), " x", 2, NULL),
+           AMEND_ERR_NULL_ARGUMENT, "out");
+
+    /* Bundle bytes that are not a bundle. */
+    uint8_t key[AMEND_PUBLIC_KEY_LEN] = {0};
+    amend_trust_store *trust = NULL;
+    amend_result r = amend_trust_store_new(key, 1, &trust);
+    CHECK(r == AMEND_OK || r == AMEND_ERR_INVALID_KEY, "zero key: %s", amend_result_name(r));
+    if (trust) {
+        amend_bundle *bundle = (amend_bundle *)0x1;
+        static const uint8_t junk[64] = {'n', 'o', 't', ' ', 'a', ' ', 'b', 'u', 'n', 'd'};
+        r = amend_bundle_load_memory(trust, model, junk, sizeof junk, &bundle);
+        CHECK(r == AMEND_ERR_BUNDLE_FORMAT || r == AMEND_ERR_NOT_SUPPORTED,
+              "junk bundle: %s: %s", amend_result_name(r), amend_last_error());
+        CHECK(bundle == NULL, "out set on failure");
+        amend_trust_store_free(trust);
+    }
+
+    /* Wrong order: free the model first; the session keeps it alive and still works. */
+    amend_model_free(model);
+    CHECK(amend_last_error_code() == AMEND_OK, "model free: %s", amend_last_error());
+    EXPECT(amend_model_get_info(model, &info), AMEND_ERR_INVALID_HANDLE, "amend_model");
+    EXPECT(amend_session_open(model, NULL, &session), AMEND_ERR_INVALID_HANDLE, "amend_model");
+    CHECK(session == NULL, "out set on failure");
+    /* (session was overwritten with NULL above: reopen-free sequence uses a copy) */
+}
+
+static void test_session_outlives_model(const char *path) {
+    amend_model *model = NULL;
+    amend_session *session = NULL;
+    EXPECT_OK(amend_model_open(path, NULL, &model));
+    amend_session_params sp = amend_session_default_params();
+    sp.n_ctx = 128;
+    EXPECT_OK(amend_session_open(model, &sp, &session));
+    amend_model_free(model);
+    amend_generate_params gp = amend_generate_default_params();
+    gp.max_tokens = 2;
+    amend_generation g;
+    EXPECT_OK(amend_session_generate(session, "Hello", 5, &gp, NULL, NULL, &g));
+    CHECK(g.n_generated >= 1, "generated %u", g.n_generated);
+    amend_session_free(session);
+    CHECK(amend_last_error_code() == AMEND_OK, "session free: %s", amend_last_error());
+    EXPECT(amend_session_cancel(session), AMEND_ERR_INVALID_HANDLE, "amend_session");
+    amend_session_free(session);
+    CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "double free not detected");
+}
+
+int main(int argc, char **argv) {
+    test_basics();
+    test_null_everywhere();
+    test_forged_handles();
+    test_trust_store_lifecycle();
+    test_missing_model();
+    if (argc > 1) {
+        test_with_model(argv[1]);
+        test_session_outlives_model(argv[1]);
+    } else {
+        printf("misuse: no model given, model tests skipped\n");
+    }
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}

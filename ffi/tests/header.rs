@@ -1,0 +1,62 @@
+//! include/amend.h must be what cbindgen generates from this crate: fails when it is stale.
+//! Regenerate with `AMEND_BLESS=1 cargo test --release -p amend-ffi --test header`.
+
+use std::path::PathBuf;
+
+fn generate() -> String {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    let mut out = Vec::new();
+    cbindgen::Builder::new()
+        .with_crate(&crate_dir)
+        .with_config(config)
+        .generate()
+        .expect("cbindgen failed to parse ffi/src")
+        .write(&mut out);
+    String::from_utf8(out).expect("header is UTF-8")
+}
+
+#[test]
+fn header_is_up_to_date() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../include/amend.h");
+    let fresh = generate();
+    if std::env::var_os("AMEND_BLESS").is_some() {
+        std::fs::write(&path, &fresh).expect("write include/amend.h");
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    if committed != fresh {
+        let line = committed
+            .lines()
+            .zip(fresh.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(|| "at the end".to_string(), |i| format!("from line {}", i + 1));
+        panic!(
+            "include/amend.h is stale (differs {line}); regenerate with \
+             `AMEND_BLESS=1 cargo test --release -p amend-ffi --test header` and commit it"
+        );
+    }
+}
+
+#[test]
+fn header_declares_every_entry_point() {
+    // Every `#[no_mangle] pub extern "C" fn` in ffi/src must appear in the header (cbindgen
+    // silently skips items it cannot express).
+    let header = generate();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut n = 0;
+    for entry in std::fs::read_dir(src).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for (i, _) in text.match_indices("pub extern \"C\" fn ") {
+            let rest = &text[i + "pub extern \"C\" fn ".len()..];
+            let name = &rest[..rest.find('(').unwrap()];
+            assert!(
+                header.contains(&format!(" {name}(")) || header.contains(&format!("*{name}(")),
+                "{name} missing from amend.h"
+            );
+
+            n += 1;
+        }
+    }
+    assert!(n >= 20, "found only {n} entry points");
+}

@@ -1,0 +1,65 @@
+//! The runtime's error type.
+
+use std::path::PathBuf;
+
+use amend_edits::HookPoint;
+
+/// Everything the runtime can report. Messages are specific enough to act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error("model file not found: {}", path.display())]
+    NotFound { path: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a GGUF file (bad magic {magic:02x?})", path.display())]
+    NotGguf { path: PathBuf, magic: Vec<u8> },
+    #[error("{} is truncated: {detail}", path.display())]
+    Truncated { path: PathBuf, detail: String },
+    #[error("{} is not a valid GGUF file: {detail}", path.display())]
+    InvalidGguf { path: PathBuf, detail: String },
+    #[error("unsupported model architecture `{arch}` (supported: {supported})")]
+    UnsupportedArchitecture { arch: String, supported: String },
+    #[error("llama.cpp failed to load {} (run with RUST_LOG=amend_runtime=debug for its log)", path.display())]
+    LoadFailed { path: PathBuf },
+    #[error("llama.cpp failed to create a context (n_ctx {n_ctx})")]
+    ContextCreate { n_ctx: u32 },
+    #[error("invalid session options: {0}")]
+    InvalidOptions(String),
+    #[error("invalid generation parameters: {0}")]
+    InvalidParams(String),
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
+    #[error("token id {token} is outside the vocabulary (n_vocab {n_vocab})")]
+    InvalidToken { token: i32, n_vocab: u32 },
+    #[error("hook point {point}: layer {} is past the last layer (the model has {n_layer} layers, 0..={})", point.layer, n_layer.saturating_sub(1))]
+    LayerOutOfRange { point: HookPoint, n_layer: u32 },
+    #[error("hook point {point} is not available on {arch}: {reason}")]
+    SiteUnavailable {
+        point: HookPoint,
+        arch: &'static str,
+        reason: &'static str,
+    },
+    #[error("context full: {needed} positions needed, the session has n_ctx {n_ctx}")]
+    ContextFull { needed: usize, n_ctx: u32 },
+    #[error("nothing to evaluate (empty token list)")]
+    EmptyInput,
+    #[error("llama_decode failed with status {code}")]
+    Decode { code: i32 },
+    #[error("evaluation was aborted by cancellation")]
+    Aborted,
+    #[error("hook at {point} failed: {message}")]
+    Hook { point: HookPoint, message: String },
+    #[error("hook callback failed on tensor `{node}`: {message}")]
+    HookTensor { node: String, message: String },
+    #[error("cannot truncate the KV cache to {keep} positions: {reason}")]
+    KvTruncate { keep: usize, reason: String },
+    #[error("no logits for index {index} of the last evaluation")]
+    NoLogits { index: usize },
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

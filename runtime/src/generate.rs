@@ -1,0 +1,354 @@
+//! Text generation: sampling, stop strings, streaming, cancellation.
+
+use std::ops::ControlFlow;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use llama_cpp_sys_2 as sys;
+
+use crate::detok::Detokenizer;
+use crate::error::RuntimeError;
+use crate::session::{EvalOptions, Logits, Session};
+use crate::Token;
+
+/// Sampling and stopping parameters. `temperature <= 0` means greedy (argmax).
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: i32,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 0.0 = off.
+    pub min_p: f32,
+    /// 1.0 = off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    pub repeat_last_n: i32,
+    pub seed: u32,
+    /// Generation stops before any of these strings; the text never contains them (not even
+    /// partially: text that might start a stop string is held back until it cannot).
+    pub stop: Vec<String>,
+    /// Prepend BOS to the prompt when the model's tokenizer wants it.
+    pub add_bos: bool,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 128,
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+            stop: Vec::new(),
+            add_bos: true,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenerateParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        GenerateParams {
+            max_tokens,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |m: &str| Err(RuntimeError::InvalidParams(m.to_string()));
+        if !self.temperature.is_finite() {
+            return bad("temperature must be finite");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return bad("repeat_penalty must be > 0");
+        }
+        if self.top_k < 0 {
+            return bad("top_k must be >= 0");
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return bad("stop strings must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    MaxTokens,
+    /// The model produced an end-of-generation token (not included in the output).
+    Eos,
+    /// This stop string was found (not included in the text).
+    StopString(String),
+    /// The per-token callback returned `ControlFlow::Break`.
+    Callback,
+    Cancelled,
+    /// The session's context is full.
+    ContextFull,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub n_prompt: usize,
+    /// Tokens whose logits were computed by single-token decodes.
+    pub n_decoded: usize,
+}
+
+impl Timings {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.n_prompt as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        self.n_decoded as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOutput {
+    /// Generated text (without the prompt and without a matched stop string).
+    pub text: String,
+    /// Every sampled token (including those of a matched stop string, excluding EOS).
+    pub tokens: Vec<Token>,
+    pub n_prompt: usize,
+    pub n_generated: usize,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+/// [`TokenEvent::token`] of the final event that flushes held-back text at the end.
+pub const FLUSH_TOKEN: Token = -1;
+
+/// Passed to the streaming callback once per sampled token, plus possibly one final event with
+/// `token == FLUSH_TOKEN` carrying text held back until the end.
+#[derive(Debug)]
+pub struct TokenEvent<'a> {
+    pub token: Token,
+    /// Index of this token among the generated ones.
+    pub index: usize,
+    /// Text that became final with this token (may be empty: an incomplete UTF-8 character or
+    /// a possible stop-string prefix is held back).
+    pub text: &'a str,
+}
+
+struct Sampler(NonNull<sys::llama_sampler>);
+
+impl Sampler {
+    fn new(p: &GenerateParams, n_vocab: i32) -> Sampler {
+        // SAFETY: FFI constructors; the chain takes ownership of the samplers added to it.
+        unsafe {
+            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
+            let add = |s| sys::llama_sampler_chain_add(chain, s);
+            if p.repeat_penalty != 1.0 {
+                add(sys::llama_sampler_init_penalties(
+                    n_vocab,
+                    p.repeat_last_n,
+                    p.repeat_penalty,
+                    0.0,
+                    0.0,
+                ));
+            }
+            if p.temperature <= 0.0 {
+                add(sys::llama_sampler_init_greedy());
+            } else {
+                if p.top_k > 0 {
+                    add(sys::llama_sampler_init_top_k(p.top_k));
+                }
+                if p.top_p < 1.0 {
+                    add(sys::llama_sampler_init_top_p(p.top_p, 1));
+                }
+                if p.min_p > 0.0 {
+                    add(sys::llama_sampler_init_min_p(p.min_p, 1));
+                }
+                add(sys::llama_sampler_init_temp(p.temperature));
+                add(sys::llama_sampler_init_dist(p.seed));
+            }
+            Sampler(NonNull::new(chain).expect("llama_sampler_chain_init returned null"))
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        unsafe { sys::llama_sampler_free(self.0.as_ptr()) }
+    }
+}
+
+/// Longest suffix of `s` (at a char boundary) that is a proper prefix of some stop string.
+fn held_suffix_len(s: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for stop in stops {
+        let max = stop.len().saturating_sub(1).min(s.len());
+        for k in (1..=max).rev() {
+            let start = s.len() - k;
+            if s.is_char_boundary(start) && stop.as_bytes().starts_with(&s.as_bytes()[start..]) {
+                best = best.max(k);
+                break;
+            }
+        }
+    }
+    best
+}
+
+impl Session {
+    /// Generates from a text prompt (KV cache cleared first). See [`Session::generate_tokens`].
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        params: &GenerateParams,
+        on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, RuntimeError> {
+        let tokens = self.tokenize(prompt, params.add_bos)?;
+        self.generate_tokens(&tokens, params, on_token)
+    }
+
+    /// Clears the KV cache, prefills `prompt` and samples up to `max_tokens` tokens, calling
+    /// `on_token` after each. Hooks run during prefill (`Phase::Prefill`, the last prompt
+    /// token marked) and each decode step (`Phase::Decode`). A [`crate::CancelHandle`] stops it
+    /// within one token (`StopReason::Cancelled`).
+    pub fn generate_tokens(
+        &mut self,
+        prompt: &[Token],
+        params: &GenerateParams,
+        mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, RuntimeError> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        self.kv_clear();
+        let mut out = GenerateOutput {
+            text: String::new(),
+            tokens: Vec::new(),
+            n_prompt: prompt.len(),
+            n_generated: 0,
+            stop_reason: StopReason::MaxTokens,
+            timings: Timings {
+                n_prompt: prompt.len(),
+                ..Default::default()
+            },
+        };
+        let t0 = Instant::now();
+        match self.eval(prompt, EvalOptions::prefill(Logits::Last)) {
+            Ok(()) => {}
+            Err(RuntimeError::Aborted) => {
+                out.stop_reason = StopReason::Cancelled;
+                return Ok(out);
+            }
+            Err(e) => return Err(e),
+        }
+        out.timings.prefill = t0.elapsed();
+
+        let model = self.model().clone();
+        let greedy = params.temperature <= 0.0 && params.repeat_penalty == 1.0;
+        let sampler = (!greedy).then(|| Sampler::new(params, model.info().n_vocab as i32));
+        let mut detok = Detokenizer::new();
+        let mut held = String::new();
+        let t1 = Instant::now();
+        let reason = loop {
+            if self.take_cancel() {
+                break StopReason::Cancelled;
+            }
+            if out.n_generated >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let tok = match &sampler {
+                // Plain greedy: argmax in place (first maximum, as llama.cpp's greedy sampler)
+                // instead of building llama.cpp's n_vocab candidate array every token.
+                None => crate::reference::argmax(self.last_logits()?) as Token,
+                // SAFETY: the last eval produced logits for its last token (batch index -1).
+                Some(s) => unsafe { sys::llama_sampler_sample(s.0.as_ptr(), self.as_ptr(), -1) },
+            };
+            if !params.ignore_eos && model.is_eog(tok) {
+                break StopReason::Eos;
+            }
+            out.tokens.push(tok);
+            out.n_generated += 1;
+            held.push_str(&detok.push(&model.token_bytes(tok)?));
+            let mut stop_hit = None;
+            let emit_len = if params.stop.is_empty() {
+                held.len()
+            } else if let Some((pos, s)) = params
+                .stop
+                .iter()
+                .filter_map(|s| held.find(s.as_str()).map(|p| (p, s)))
+                .min_by_key(|(p, _)| *p)
+            {
+                stop_hit = Some(s.clone());
+                pos
+            } else {
+                held.len() - held_suffix_len(&held, &params.stop)
+            };
+            let emitted: String = held.drain(..emit_len).collect();
+            out.text.push_str(&emitted);
+            let flow = on_token(&TokenEvent {
+                token: tok,
+                index: out.n_generated - 1,
+                text: &emitted,
+            });
+            if let Some(s) = stop_hit {
+                held.clear();
+                break StopReason::StopString(s);
+            }
+            if flow.is_break() {
+                break StopReason::Callback;
+            }
+            if out.n_generated >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.n_past() + 1 > self.n_ctx() as usize {
+                break StopReason::ContextFull;
+            }
+            match self.eval(&[tok], EvalOptions::decode()) {
+                Ok(()) => out.timings.n_decoded += 1,
+                Err(RuntimeError::Aborted) => break StopReason::Cancelled,
+                Err(e) => return Err(e),
+            }
+        };
+        out.timings.decode = t1.elapsed();
+        if !matches!(reason, StopReason::StopString(_)) {
+            // Held-back text did not complete a stop string: it is part of the output.
+            held.push_str(&detok.finish());
+            if !held.is_empty() {
+                out.text.push_str(&held);
+                let _ = on_token(&TokenEvent {
+                    token: FLUSH_TOKEN,
+                    index: out.n_generated,
+                    text: &held,
+                });
+            }
+        }
+        out.stop_reason = reason;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_suffix_len;
+
+    #[test]
+    fn holds_possible_stop_prefixes() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(held_suffix_len("abc\n", &stops), 1);
+        assert_eq!(held_suffix_len("abcEN", &stops), 2);
+        assert_eq!(held_suffix_len("abcE", &stops), 1);
+        assert_eq!(held_suffix_len("abc", &stops), 0);
+        assert_eq!(held_suffix_len("é", &["éx".to_string()]), 2);
+    }
+}

@@ -1,0 +1,372 @@
+//! Loading a GGUF model.
+
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_char, c_void};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, Once};
+
+use llama_cpp_sys_2 as sys;
+
+use crate::arch::Architecture;
+use crate::error::RuntimeError;
+use crate::gguf_check;
+use crate::Token;
+
+static BACKEND_INIT: Once = Once::new();
+
+/// Routes llama.cpp/ggml log lines to the `log` crate: llama.cpp is chatty on stderr by default,
+/// and the CLI's stdout/stderr must carry only what amend means to print.
+unsafe extern "C" fn log_to_log_crate(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    _: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: ggml passes a NUL-terminated string valid for the duration of the call.
+    let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let msg = msg.trim_end();
+    if msg.is_empty() {
+        return;
+    }
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR | sys::GGML_LOG_LEVEL_WARN => {
+            log::debug!(target: "llama.cpp", "{msg}")
+        }
+        _ => log::trace!(target: "llama.cpp", "{msg}"),
+    }
+}
+
+/// Initialises llama.cpp once per process (backend, logging). Called by [`Model::open`].
+pub fn init_backend() {
+    BACKEND_INIT.call_once(|| unsafe {
+        sys::llama_log_set(Some(log_to_log_crate), std::ptr::null_mut());
+        sys::llama_backend_init();
+    });
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    /// Memory-map the weights (default true): loading is near-instant and pages are shared
+    /// between processes.
+    pub use_mmap: bool,
+    /// Default thread count for sessions of this model; `None` = available parallelism.
+    pub n_threads: Option<usize>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            use_mmap: true,
+            n_threads: None,
+        }
+    }
+}
+
+/// A model's dimensions and identity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    pub architecture: Architecture,
+    /// llama.cpp's description, e.g. "gemma3 270M Q4_K - Medium".
+    pub description: String,
+    pub n_layer: u32,
+    pub n_embd: u32,
+    /// FFN hidden size (of layer 0 when it varies per layer).
+    pub n_ff: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub n_vocab: u32,
+    pub n_ctx_train: u32,
+    /// The file type, e.g. "Q4_K - Medium".
+    pub quantization: String,
+    pub n_params: u64,
+    /// Bytes of tensor data.
+    pub size_bytes: u64,
+    pub bos: Option<Token>,
+    pub eos: Option<Token>,
+    /// Whether the tokenizer prepends BOS to a prompt.
+    pub add_bos: bool,
+}
+
+/// A loaded model: immutable weights shared by any number of [`crate::Session`]s.
+/// `Send + Sync`; share it as `Arc<Model>`.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+    info: ModelInfo,
+    path: PathBuf,
+    options: ModelOptions,
+}
+
+// SAFETY: llama.cpp's model (weights, vocab) is read-only after loading and is documented to be
+// shared by several contexts on several threads; all mutation happens in per-session contexts.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Validates and loads a GGUF model. Errors: [`RuntimeError::NotFound`], `NotGguf`,
+    /// `Truncated`, `InvalidGguf`, `UnsupportedArchitecture`, `LoadFailed`.
+    pub fn open(path: impl AsRef<Path>, options: ModelOptions) -> Result<Arc<Model>, RuntimeError> {
+        let path = path.as_ref();
+        let summary = gguf_check::check_file(path)?;
+        let arch_name = summary
+            .architecture
+            .clone()
+            .ok_or_else(|| RuntimeError::InvalidGguf {
+                path: path.to_path_buf(),
+                detail: "no general.architecture key".into(),
+            })?;
+        let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
+            RuntimeError::UnsupportedArchitecture {
+                arch: arch_name.clone(),
+                supported: Architecture::supported_list(),
+            }
+        })?;
+        init_backend();
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            RuntimeError::InvalidGguf {
+                path: path.to_path_buf(),
+                detail: "path contains a NUL byte".into(),
+            }
+        })?;
+        // SAFETY: plain FFI; the params struct is a value, the path a valid C string.
+        let ptr = unsafe {
+            let mut p = sys::llama_model_default_params();
+            p.n_gpu_layers = 0;
+            p.load_mode = if options.use_mmap {
+                sys::LLAMA_LOAD_MODE_MMAP
+            } else {
+                sys::LLAMA_LOAD_MODE_NONE
+            };
+            sys::llama_model_load_from_file(cpath.as_ptr(), p)
+        };
+        let ptr = NonNull::new(ptr).ok_or_else(|| RuntimeError::LoadFailed {
+            path: path.to_path_buf(),
+        })?;
+        // SAFETY: `ptr` is a live model; the vocab lives as long as it.
+        let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
+        let Some(vocab) = NonNull::new(vocab as *mut sys::llama_vocab) else {
+            unsafe { sys::llama_model_free(ptr.as_ptr()) };
+            return Err(RuntimeError::LoadFailed {
+                path: path.to_path_buf(),
+            });
+        };
+        let info = unsafe { read_info(ptr.as_ptr(), vocab.as_ptr(), architecture, &arch_name) };
+        log::debug!(
+            "loaded {} ({}, {} layers, n_embd {})",
+            path.display(),
+            info.description,
+            info.n_layer,
+            info.n_embd
+        );
+        Ok(Arc::new(Model {
+            ptr,
+            vocab,
+            info,
+            path: path.to_path_buf(),
+            options,
+        }))
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.info.architecture
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
+    /// The graph node name a hook point maps to on this model (validated against the layer count).
+    pub fn node_name(&self, point: amend_edits::HookPoint) -> Result<String, RuntimeError> {
+        self.info.architecture.node_name(point, self.info.n_layer)
+    }
+
+    /// The raw llama.cpp model, for code that drives llama.cpp directly (benchmarks, references).
+    /// Valid while `self` lives; do not free it.
+    pub fn as_ptr(&self) -> *mut sys::llama_model {
+        self.ptr.as_ptr()
+    }
+
+    /// A metadata value as a string (llama.cpp's rendering), e.g. `general.name`.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        unsafe { meta_str(self.ptr.as_ptr(), key) }
+    }
+
+    /// Tokenizes `text`. With `add_bos`, BOS is prepended when the model's tokenizer asks for it.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, RuntimeError> {
+        let len = i32::try_from(text.len())
+            .map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
+        let mut out: Vec<Token> = vec![0; text.len() + 2];
+        for _ in 0..2 {
+            // SAFETY: `out` has room for `out.len()` tokens; text pointer/len are valid.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab.as_ptr(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_bos,
+                    false,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out);
+            }
+            if n == i32::MIN {
+                return Err(RuntimeError::Tokenize("token count overflows".into()));
+            }
+            out.resize((-n) as usize, 0);
+        }
+        Err(RuntimeError::Tokenize("tokenizer size mismatch".into()))
+    }
+
+    /// The bytes of one token's text (special tokens render as empty). A piece can be part of a
+    /// UTF-8 sequence; use [`crate::Detokenizer`] to build text.
+    pub fn token_bytes(&self, token: Token) -> Result<Vec<u8>, RuntimeError> {
+        self.check_token(token)?;
+        let mut buf = vec![0u8; 32];
+        for _ in 0..2 {
+            // SAFETY: buf has buf.len() bytes of room.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab.as_ptr(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    false,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return Ok(buf);
+            }
+            buf.resize((-n) as usize, 0);
+        }
+        Err(RuntimeError::Tokenize(format!(
+            "cannot render token {token}"
+        )))
+    }
+
+    /// Text of a token sequence (invalid UTF-8 replaced by U+FFFD).
+    pub fn detokenize(&self, tokens: &[Token]) -> Result<String, RuntimeError> {
+        let mut d = crate::Detokenizer::new();
+        let mut s = String::new();
+        for &t in tokens {
+            s.push_str(&d.push(&self.token_bytes(t)?));
+        }
+        s.push_str(&d.finish());
+        Ok(s)
+    }
+
+    pub fn is_eog(&self, token: Token) -> bool {
+        unsafe { sys::llama_vocab_is_eog(self.vocab.as_ptr(), token) }
+    }
+
+    pub(crate) fn check_token(&self, token: Token) -> Result<(), RuntimeError> {
+        if token < 0 || token as u32 >= self.info.n_vocab {
+            return Err(RuntimeError::InvalidToken {
+                token,
+                n_vocab: self.info.n_vocab,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: sessions hold an Arc<Model>, so none is alive here.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+unsafe fn meta_str(model: *const sys::llama_model, key: &str) -> Option<String> {
+    let key = CString::new(key).ok()?;
+    let mut buf = vec![0u8; 256];
+    for _ in 0..2 {
+        let n = unsafe {
+            sys::llama_model_meta_val_str(
+                model,
+                key.as_ptr(),
+                buf.as_mut_ptr() as *mut c_char,
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return None;
+        }
+        if (n as usize) < buf.len() {
+            buf.truncate(n as usize);
+            return Some(String::from_utf8_lossy(&buf).into_owned());
+        }
+        buf.resize(n as usize + 1, 0);
+    }
+    None
+}
+
+unsafe fn read_info(
+    model: *const sys::llama_model,
+    vocab: *const sys::llama_vocab,
+    architecture: Architecture,
+    arch_name: &str,
+) -> ModelInfo {
+    unsafe {
+        let mut desc = vec![0u8; 256];
+        let n = sys::llama_model_desc(model, desc.as_mut_ptr() as *mut c_char, desc.len());
+        desc.truncate(n.clamp(0, 255) as usize);
+        let ftype = sys::llama_model_ftype(model);
+        let quantization = CStr::from_ptr(sys::llama_ftype_name(ftype))
+            .to_string_lossy()
+            .into_owned();
+        // n_ff may be an array (per layer); llama.cpp renders arrays as "[a, b, ...]".
+        let n_ff = meta_str(model, &format!("{arch_name}.feed_forward_length"))
+            .and_then(|s| {
+                s.trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .next()
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        let tok = |t: sys::llama_token| (t >= 0).then_some(t);
+        ModelInfo {
+            architecture,
+            description: String::from_utf8_lossy(&desc).into_owned(),
+            n_layer: sys::llama_model_n_layer(model).max(0) as u32,
+            n_embd: sys::llama_model_n_embd(model).max(0) as u32,
+            n_ff,
+            n_head: sys::llama_model_n_head(model).max(0) as u32,
+            n_head_kv: sys::llama_model_n_head_kv(model).max(0) as u32,
+            n_vocab: sys::llama_vocab_n_tokens(vocab).max(0) as u32,
+            n_ctx_train: sys::llama_model_n_ctx_train(model).max(0) as u32,
+            quantization,
+            n_params: sys::llama_model_n_params(model),
+            size_bytes: sys::llama_model_size(model),
+            bos: tok(sys::llama_vocab_bos(vocab)),
+            eos: tok(sys::llama_vocab_eos(vocab)),
+            add_bos: sys::llama_vocab_get_add_bos(vocab),
+        }
+    }
+}

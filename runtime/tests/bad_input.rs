@@ -1,0 +1,112 @@
+//! Bad files: each is a specific error, never a crash.
+mod common;
+
+use amend_edits::gguf::GgufWriter;
+use amend_runtime::{Architecture, Model, ModelOptions, RuntimeError};
+
+fn open(p: &std::path::Path) -> Result<std::sync::Arc<Model>, RuntimeError> {
+    Model::open(p, ModelOptions::default())
+}
+
+#[test]
+fn missing_file() {
+    let err = open(&common::tmp_dir().join("does-not-exist.gguf")).unwrap_err();
+    assert!(matches!(err, RuntimeError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("does-not-exist.gguf"));
+}
+
+#[test]
+fn text_file_renamed_gguf() {
+    let p = common::tmp_dir().join("notes.gguf");
+    std::fs::write(&p, "these are my notes, not a model\n").unwrap();
+    let err = open(&p).unwrap_err();
+    assert!(matches!(err, RuntimeError::NotGguf { .. }), "{err}");
+    let empty = common::tmp_dir().join("empty.gguf");
+    std::fs::write(&empty, "").unwrap();
+    assert!(matches!(open(&empty), Err(RuntimeError::NotGguf { .. })));
+    assert!(matches!(
+        open(&common::tmp_dir()),
+        Err(RuntimeError::InvalidGguf { .. } | RuntimeError::Io { .. })
+    ));
+}
+
+#[test]
+fn truncated_at_many_offsets() {
+    let full = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
+    let n = full.len();
+    let offsets = [
+        2,
+        4,
+        7,
+        12,
+        20,
+        24,
+        40,
+        100,
+        1000,
+        3000,
+        5000,
+        10_000,
+        n / 3,
+        n / 2,
+        n - 4096,
+        n - 1,
+    ];
+    for (i, &cut) in offsets.iter().enumerate() {
+        let p = common::tmp_dir().join(format!("trunc-{i}.gguf"));
+        std::fs::write(&p, &full[..cut]).unwrap();
+        let err = open(&p).unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::Truncated { .. }),
+            "cut at {cut}: {err}"
+        );
+    }
+    // The untouched file still loads.
+    let ok = common::tmp_dir().join("full-copy.gguf");
+    std::fs::write(&ok, &full).unwrap();
+    open(&ok).unwrap();
+}
+
+#[test]
+fn corrupted_header_fields() {
+    let full = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
+    let mut v = full.clone();
+    v[4] = 99; // version
+    let p = common::tmp_dir().join("badversion.gguf");
+    std::fs::write(&p, &v).unwrap();
+    assert!(matches!(open(&p), Err(RuntimeError::InvalidGguf { .. })));
+    let mut v = full;
+    v[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // n_kv
+    std::fs::write(&p, &v).unwrap();
+    assert!(matches!(open(&p), Err(RuntimeError::InvalidGguf { .. })));
+}
+
+#[test]
+fn unsupported_architecture_lists_supported_ones() {
+    let p = common::tmp_dir().join("mamba.gguf");
+    let mut w = GgufWriter::new();
+    w.add("general.architecture", "mamba");
+    w.add_tensor_f32("x.weight", &[4], &[0.0; 4]).unwrap();
+    w.write_to(&p).unwrap();
+    let err = open(&p).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::UnsupportedArchitecture { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mamba") && msg.contains("gemma3, llama, qwen2, qwen3"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn structurally_valid_but_incomplete_model_is_a_load_error() {
+    let p = common::tmp_dir().join("llama-no-tensors.gguf");
+    let mut w = GgufWriter::new();
+    w.add("general.architecture", "llama")
+        .add("llama.block_count", 2u32);
+    w.write_to(&p).unwrap();
+    let err = open(&p).unwrap_err();
+    assert!(matches!(err, RuntimeError::LoadFailed { .. }), "{err}");
+}

@@ -1,0 +1,641 @@
+//! Runtime tests on the tiny random-weight models (milliseconds each).
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+
+use amend_runtime::reference::RawContext;
+use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_LAYER};
+use amend_runtime::*;
+
+fn cont(_: &TokenEvent<'_>) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+fn session(m: &Arc<Model>) -> Session {
+    Session::new(
+        m,
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Every hookable point of the tiny model of `arch`.
+fn all_points(m: &Model) -> Vec<HookPoint> {
+    (0..m.info().n_layer)
+        .flat_map(|l| Site::ALL.map(|s| HookPoint::new(l, s)))
+        .filter(|p| m.node_name(*p).is_ok())
+        .collect()
+}
+
+const PROMPT: &str = "The capital of France is";
+
+#[test]
+fn info_and_tokenizer() {
+    let m = common::tiny(Architecture::Llama);
+    let i = m.info();
+    assert_eq!(i.architecture, Architecture::Llama);
+    assert_eq!(
+        (i.n_layer, i.n_embd, i.n_ff),
+        (TINY_N_LAYER, TINY_N_EMBD, 128)
+    );
+    assert_eq!(
+        i.n_vocab,
+        3 + 256 + amend_runtime::testutil::TINY_WORDS.len() as u32
+    );
+    assert_eq!(i.quantization, "all F32");
+    assert!(i.add_bos);
+    let with = m.tokenize(PROMPT, true).unwrap();
+    let without = m.tokenize(PROMPT, false).unwrap();
+    assert_eq!(with[0], 1, "BOS first");
+    assert_eq!(&with[1..], &without[..]);
+    // Round trip, including characters only reachable through byte-fallback tokens.
+    let text = "hello é 😀 world";
+    let toks = m.tokenize(text, false).unwrap();
+    assert_eq!(m.detokenize(&toks).unwrap().trim_start(), text);
+    // Streaming: the emoji is 4 byte tokens; no partial character may be emitted.
+    let mut d = Detokenizer::new();
+    let mut streamed = String::new();
+    for &t in &toks {
+        let piece = d.push(&m.token_bytes(t).unwrap());
+        assert!(!piece.contains('\u{FFFD}'), "partial UTF-8 emitted");
+        streamed.push_str(&piece);
+    }
+    streamed.push_str(&d.finish());
+    assert_eq!(streamed.trim_start(), text);
+    assert!(matches!(
+        m.token_bytes(100_000),
+        Err(RuntimeError::InvalidToken { .. })
+    ));
+}
+
+#[test]
+fn chunked_eval_matches_single_batch_and_reference() {
+    let m = common::tiny(Architecture::Llama);
+    let toks = m
+        .tokenize("hello world and the water is made of hydrogen", true)
+        .unwrap();
+    assert!(toks.len() > 20);
+    let mut raw = RawContext::new(&m, 512, 512, 1).unwrap();
+    let reference = raw.all_logits(&toks).unwrap();
+    let mut s = session(&m);
+    s.prefill(&toks, Logits::All).unwrap();
+    for (i, r) in reference.iter().enumerate() {
+        assert_eq!(
+            s.logits(i).unwrap(),
+            &r[..],
+            "position {i} differs from plain llama.cpp"
+        );
+    }
+    // Chunks of 4 (logits of earlier chunks are copied out before the next overwrites them).
+    let mut small = Session::new(
+        &m,
+        SessionOptions {
+            n_ctx: 512,
+            n_ubatch: 4,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    small.prefill(&toks, Logits::All).unwrap();
+    for (i, r) in reference.iter().enumerate() {
+        let got = small.logits(i).unwrap();
+        let max = got
+            .iter()
+            .zip(r)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-3, "chunked position {i}: max diff {max}");
+    }
+    // Logits::From / Last only expose what was asked for.
+    s.kv_clear();
+    s.prefill(&toks, Logits::From(toks.len() - 3)).unwrap();
+    assert!(s.logits(0).is_err());
+    assert_eq!(
+        s.logits(toks.len() - 3).unwrap(),
+        &reference[toks.len() - 3][..]
+    );
+    assert_eq!(s.last_logits().unwrap(), &reference[toks.len() - 1][..]);
+    assert!(s.logits(toks.len()).is_err());
+}
+
+#[test]
+fn kv_truncate_and_clear() {
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let a = m.tokenize("hello world", true).unwrap();
+    let b = m.tokenize(" and the water", false).unwrap();
+    s.prefill(&a, Logits::None).unwrap();
+    s.prefill(&b, Logits::All).unwrap();
+    let first: Vec<Vec<f32>> = (0..b.len())
+        .map(|i| s.logits(i).unwrap().to_vec())
+        .collect();
+    assert_eq!(s.n_past(), a.len() + b.len());
+    s.kv_truncate(a.len()).unwrap();
+    assert_eq!(s.n_past(), a.len());
+    s.prefill(&b, Logits::All).unwrap();
+    for (i, f) in first.iter().enumerate() {
+        assert_eq!(
+            s.logits(i).unwrap(),
+            &f[..],
+            "re-evaluated suffix differs at {i}"
+        );
+    }
+    s.kv_clear();
+    assert_eq!(s.n_past(), 0);
+    assert!(matches!(
+        s.prefill(&[], Logits::All),
+        Err(RuntimeError::EmptyInput)
+    ));
+    assert!(matches!(
+        s.prefill(&[9999], Logits::All),
+        Err(RuntimeError::InvalidToken { .. })
+    ));
+    let long = vec![5; 600];
+    assert!(matches!(
+        s.prefill(&long, Logits::Last),
+        Err(RuntimeError::ContextFull { .. })
+    ));
+}
+
+#[test]
+fn greedy_equals_plain_llama_cpp() {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        let m = common::tiny(arch);
+        let prompt = m.tokenize(PROMPT, true).unwrap();
+        let mut raw = RawContext::new(&m, 512, 512, 1).unwrap();
+        let (expected, _) = raw.greedy(&prompt, 40).unwrap();
+        let mut s = session(&m);
+        let p = GenerateParams {
+            ignore_eos: true,
+            ..GenerateParams::greedy(40)
+        };
+        let a = s.generate_tokens(&prompt, &p, cont).unwrap();
+        assert_eq!(
+            a.tokens, expected,
+            "{arch}: amend greedy != llama.cpp greedy"
+        );
+        let b = s.generate_tokens(&prompt, &p, cont).unwrap();
+        assert_eq!(
+            a,
+            GenerateOutput {
+                timings: a.timings,
+                ..b.clone()
+            },
+            "{arch}: not deterministic"
+        );
+        assert_eq!(a.n_prompt, prompt.len());
+        assert_eq!(a.n_generated, 40);
+        assert_eq!(a.stop_reason, StopReason::MaxTokens);
+    }
+}
+
+#[test]
+fn observe_only_hooks_leave_logits_bitwise_identical() {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        let m = common::tiny(arch);
+        let toks = m.tokenize(PROMPT, true).unwrap();
+        let mut s = session(&m);
+        s.prefill(&toks, Logits::All).unwrap();
+        let base: Vec<Vec<f32>> = (0..toks.len())
+            .map(|i| s.logits(i).unwrap().to_vec())
+            .collect();
+        let seen = Arc::new(Mutex::new(0usize));
+        let seen2 = seen.clone();
+        s.add_hook(Box::new(FnHook::new(all_points(&m), move |_, rows| {
+            let mut sum = 0.0f32;
+            for i in 0..rows.n_rows() {
+                sum += rows.row(i).iter().sum::<f32>();
+            }
+            std::hint::black_box(sum);
+            *seen2.lock().unwrap() += 1;
+        })))
+        .unwrap();
+        s.kv_clear();
+        s.prefill(&toks, Logits::All).unwrap();
+        assert!(*seen.lock().unwrap() >= all_points(&m).len());
+        for (i, b) in base.iter().enumerate() {
+            assert_eq!(
+                s.logits(i).unwrap(),
+                &b[..],
+                "{arch}: logits changed at {i}"
+            );
+        }
+    }
+}
+
+/// Each site of each llama-family architecture maps to a node that exists, is called once per
+/// decode with the right rows (all rows, or only output rows on the last layer) and the right
+/// metadata.
+#[test]
+fn site_names_resolve_on_every_llama_family_arch() {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        let m = common::tiny(arch);
+        let points = all_points(&m);
+        let expected_sites = match arch {
+            Architecture::Llama => 4, // all but Embeddings
+            _ => 3,                   // no Embeddings, no AttnOutput
+        };
+        assert_eq!(
+            points.len(),
+            expected_sites * TINY_N_LAYER as usize,
+            "{arch}"
+        );
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        let mut s = session(&m);
+        s.add_hook(Box::new(FnHook::new(points.clone(), move |p, rows| {
+            let infos: Vec<RowInfo> = (0..rows.n_rows()).map(|i| rows.info(i)).collect();
+            log2.lock().unwrap().push((
+                p,
+                rows.node_name().to_string(),
+                rows.phase(),
+                rows.only_output_rows(),
+                infos,
+            ));
+        })))
+        .unwrap();
+        let toks = m.tokenize(PROMPT, true).unwrap();
+        let n = toks.len();
+        s.prefill(&toks, Logits::Last).unwrap();
+        let calls = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(
+            calls.len(),
+            points.len(),
+            "{arch}: one call per point: {calls:?}"
+        );
+        for (p, node, phase, only_out, infos) in &calls {
+            assert_eq!(node, &m.node_name(*p).unwrap());
+            assert_eq!(*phase, Phase::Prefill);
+            let last_layer = p.layer == TINY_N_LAYER - 1;
+            // On the last layer, llama.cpp keeps only output rows after attention.
+            let pruned = last_layer && p.site != Site::AttnOutput;
+            assert_eq!(*only_out, pruned, "{arch} {p}");
+            assert_eq!(infos.len(), if pruned { 1 } else { n }, "{arch} {p}");
+            let last = infos.last().unwrap();
+            assert!(last.is_last_prompt_token && last.is_output);
+            assert_eq!(last.pos as usize, n - 1);
+            assert_eq!(last.token, toks[n - 1]);
+            assert_eq!(infos.iter().filter(|r| r.is_last_prompt_token).count(), 1);
+        }
+        s.decode(5).unwrap();
+        let calls = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(calls.len(), points.len());
+        for (_, _, phase, _, infos) in &calls {
+            assert_eq!(*phase, Phase::Decode);
+            assert_eq!(infos.len(), 1);
+            assert_eq!(infos[0].pos as usize, n);
+            assert!(!infos[0].is_last_prompt_token);
+        }
+        // No outputs requested: the pruned last-layer tensors have 0 rows and are not shown.
+        s.prefill(&[6, 7, 8], Logits::None).unwrap();
+        let calls = std::mem::take(&mut *log.lock().unwrap());
+        assert!(calls
+            .iter()
+            .all(|(p, ..)| p.layer < TINY_N_LAYER - 1 || p.site == Site::AttnOutput));
+    }
+}
+
+/// On llama, `ffn_out-N` is the FFN's output before the residual add:
+/// l_out-N = l_out-(N-1) + attn_out-N + ffn_out-N.
+#[test]
+fn llama_ffn_output_is_before_the_residual_add() {
+    let m = common::tiny(Architecture::Llama);
+    let pts = vec![
+        HookPoint::new(0, Site::ResidualOut),
+        HookPoint::new(1, Site::AttnOutput),
+        HookPoint::new(1, Site::FfnOutput),
+        HookPoint::new(1, Site::ResidualOut),
+    ];
+    let got = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let g2 = got.clone();
+    let mut s = session(&m);
+    s.add_hook(Box::new(FnHook::new(pts.clone(), move |p, rows| {
+        let r = rows.n_rows() - 1;
+        g2.lock().unwrap().insert(p, rows.row(r).to_vec());
+    })))
+    .unwrap();
+    s.prefill(&m.tokenize(PROMPT, true).unwrap(), Logits::Last)
+        .unwrap();
+    let g = got.lock().unwrap();
+    let (prev, attn, ffn, out) = (&g[&pts[0]], &g[&pts[1]], &g[&pts[2]], &g[&pts[3]]);
+    for i in 0..prev.len() {
+        let sum = prev[i] + attn[i] + ffn[i];
+        assert!(
+            (sum - out[i]).abs() <= 1e-4 * (1.0 + out[i].abs()),
+            "dim {i}: {sum} vs {}",
+            out[i]
+        );
+    }
+    assert!(
+        ffn.iter().any(|x| x.abs() > 1e-3),
+        "ffn output is not trivially zero"
+    );
+}
+
+#[test]
+fn writing_hook_changes_output_and_removal_restores_it() {
+    let m = common::tiny(Architecture::Llama);
+    let toks = m.tokenize(PROMPT, true).unwrap();
+    let mut s = session(&m);
+    s.prefill(&toks, Logits::Last).unwrap();
+    let base = s.last_logits().unwrap().to_vec();
+    let p = HookPoint::new(1, Site::ResidualOut);
+    let id = s
+        .add_hook(Box::new(FnHook::new(vec![p], |_, rows| {
+            if let Some(r) = rows.last_prompt_row() {
+                rows.row_mut(r).iter_mut().for_each(|x| *x = -*x);
+            }
+        })))
+        .unwrap();
+    s.kv_clear();
+    s.prefill(&toks, Logits::Last).unwrap();
+    assert_ne!(s.last_logits().unwrap(), &base[..]);
+    assert!(s.remove_hook(id).is_some());
+    assert!(s.remove_hook(id).is_none());
+    s.kv_clear();
+    s.prefill(&toks, Logits::Last).unwrap();
+    assert_eq!(s.last_logits().unwrap(), &base[..]);
+}
+
+#[test]
+fn hook_panics_and_bad_points_are_errors_not_crashes() {
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let err = s
+        .add_hook(Box::new(FnHook::new(
+            vec![HookPoint::new(2, Site::ResidualOut)],
+            |_, _| {},
+        )))
+        .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::LayerOutOfRange { n_layer: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0..=1"), "{err}");
+    let err = s
+        .add_hook(Box::new(FnHook::new(
+            vec![HookPoint::new(0, Site::Embeddings)],
+            |_, _| {},
+        )))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::SiteUnavailable { .. }), "{err}");
+    assert_eq!(s.n_hooks(), 0);
+    let q = common::tiny(Architecture::Qwen2);
+    let mut sq = session(&q);
+    assert!(matches!(
+        sq.add_hook(Box::new(FnHook::new(
+            vec![HookPoint::new(0, Site::AttnOutput)],
+            |_, _| {}
+        ))),
+        Err(RuntimeError::SiteUnavailable { .. })
+    ));
+
+    let toks = m.tokenize(PROMPT, true).unwrap();
+    s.prefill(&toks, Logits::Last).unwrap();
+    let base = s.last_logits().unwrap().to_vec();
+    s.add_hook(Box::new(FnHook::new(
+        vec![HookPoint::new(0, Site::ResidualOut)],
+        |_, _| panic!("boom"),
+    )))
+    .unwrap();
+    s.kv_clear();
+    let err = s.prefill(&toks, Logits::Last).unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::Hook { message, .. } if message.contains("boom")),
+        "{err}"
+    );
+    // The session stays usable.
+    s.clear_hooks();
+    s.kv_clear();
+    s.prefill(&toks, Logits::Last).unwrap();
+    assert_eq!(s.last_logits().unwrap(), &base[..]);
+}
+
+#[test]
+fn stop_strings_callback_and_max_tokens() {
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let p = GenerateParams {
+        ignore_eos: true,
+        ..GenerateParams::greedy(30)
+    };
+    let full = s.generate(PROMPT, &p, cont).unwrap();
+    assert_eq!(full.tokens.len(), 30);
+    // Pick a stop string from the middle of the greedy text.
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 12, "{:?}", full.text);
+    let stop: String = chars[8..10].iter().collect();
+    let cut = full.text.find(&stop).unwrap();
+    let mut streamed = String::new();
+    let out = s
+        .generate(
+            PROMPT,
+            &GenerateParams {
+                stop: vec![stop.clone(), "\u{1}never".into()],
+                ..p.clone()
+            },
+            |e| {
+                streamed.push_str(e.text);
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert_eq!(out.stop_reason, StopReason::StopString(stop.clone()));
+    assert_eq!(out.text, full.text[..cut]);
+    assert_eq!(
+        streamed, out.text,
+        "streamed text must never include (part of) the stop string"
+    );
+    assert!(out.tokens.len() < 30);
+
+    let mut n = 0;
+    let out = s
+        .generate(PROMPT, &p, |_| {
+            n += 1;
+            if n == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(out.stop_reason, StopReason::Callback);
+    assert_eq!(out.n_generated, 3);
+    assert_eq!(out.tokens, full.tokens[..3]);
+
+    let out = s
+        .generate(
+            PROMPT,
+            &GenerateParams {
+                max_tokens: 5,
+                ..p.clone()
+            },
+            cont,
+        )
+        .unwrap();
+    assert_eq!(
+        (out.n_generated, out.stop_reason),
+        (5, StopReason::MaxTokens)
+    );
+    assert!(matches!(
+        s.generate(
+            PROMPT,
+            &GenerateParams {
+                top_p: 0.0,
+                ..p.clone()
+            },
+            cont
+        ),
+        Err(RuntimeError::InvalidParams(_))
+    ));
+    assert!(matches!(
+        s.generate(
+            "",
+            &GenerateParams {
+                add_bos: false,
+                ..p
+            },
+            cont
+        ),
+        Err(RuntimeError::EmptyInput)
+    ));
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let p = |seed| GenerateParams {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.95,
+        min_p: 0.01,
+        repeat_penalty: 1.1,
+        seed,
+        ignore_eos: true,
+        ..GenerateParams::greedy(40)
+    };
+    let a = s.generate(PROMPT, &p(1), cont).unwrap();
+    let b = s.generate(PROMPT, &p(1), cont).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    let differs = (2..6).any(|seed| s.generate(PROMPT, &p(seed), cont).unwrap().tokens != a.tokens);
+    assert!(differs, "different seeds never changed the sample");
+}
+
+#[test]
+fn cancellation_from_another_thread_within_one_token() {
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let handle = s.cancel_handle();
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
+    let canceller = std::thread::spawn(move || {
+        // Cancel as soon as the 5th token is reported, then let the generator go on.
+        while let Ok(i) = rx.recv() {
+            if i == 4 {
+                handle.cancel();
+            }
+            let _ = ack_tx.send(());
+        }
+    });
+    let mut seen_after_cancel = 0;
+    let mut cancelled_at = None;
+    let out = s
+        .generate(
+            PROMPT,
+            &GenerateParams {
+                ignore_eos: true,
+                ..GenerateParams::greedy(200)
+            },
+            |e| {
+                if cancelled_at.is_some() {
+                    seen_after_cancel += 1;
+                }
+                let _ = tx.send(e.index);
+                ack_rx.recv().unwrap();
+                if e.index == 4 {
+                    cancelled_at = Some(e.index);
+                }
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    drop(tx);
+    canceller.join().unwrap();
+    assert_eq!(out.stop_reason, StopReason::Cancelled);
+    assert_eq!(out.n_generated, 5, "stopped within one token");
+    assert_eq!(seen_after_cancel, 0);
+    // The request was consumed: the next generation runs normally.
+    let again = s
+        .generate(
+            PROMPT,
+            &GenerateParams {
+                ignore_eos: true,
+                ..GenerateParams::greedy(8)
+            },
+            cont,
+        )
+        .unwrap();
+    assert_eq!(again.stop_reason, StopReason::MaxTokens);
+    // A cancel issued while idle stops the next generation immediately.
+    s.cancel_handle().cancel();
+    let out = s
+        .generate(PROMPT, &GenerateParams::greedy(8), cont)
+        .unwrap();
+    assert_eq!(
+        (out.stop_reason, out.n_generated),
+        (StopReason::Cancelled, 0)
+    );
+}
+
+#[test]
+fn two_sessions_on_two_threads_match_serial() {
+    let m = common::tiny(Architecture::Llama);
+    let prompts = ["The capital of France is", "hello world and the water"];
+    let p = GenerateParams {
+        ignore_eos: true,
+        ..GenerateParams::greedy(48)
+    };
+    let serial: Vec<_> = prompts
+        .iter()
+        .map(|pr| session(&m).generate(pr, &p, cont).unwrap().tokens)
+        .collect();
+    let threads: Vec<_> = prompts
+        .iter()
+        .map(|pr| {
+            let mut s = session(&m); // created here, moved to its thread
+            let p = p.clone();
+            let pr = pr.to_string();
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                for _ in 0..3 {
+                    all.push(s.generate(&pr, &p, cont).unwrap().tokens);
+                }
+                all
+            })
+        })
+        .collect();
+    for (t, expected) in threads.into_iter().zip(&serial) {
+        for got in t.join().unwrap() {
+            assert_eq!(&got, expected);
+        }
+    }
+}
