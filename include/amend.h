@@ -502,6 +502,12 @@ enum amend_result amend_last_error_code(void);
 const char *amend_last_error(void);
 
 /**
+ * How many handles (of every kind) are live: opened and not yet freed. For leak checks in
+ * tests and bindings; 0 once everything has been freed.
+ */
+size_t amend_live_handles(void);
+
+/**
  * Creates a trust store from `n_keys` ed25519 public keys stored back to back at `keys`
  * (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
  *

@@ -1,8 +1,157 @@
-//! `amend compile`.
+//! `amend compile`: edit requests -> a signed bundle, trained on the model the device runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use amend_compiler::dataset::{self, DataFormat};
+use amend_compiler::methods::median;
+use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
+use amend_edits::bundle::Bundle;
+use amend_edits::keys::{signing_key_from_file_bytes, TrustStore};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// GGUF model file (the one the device runs).
+    #[arg(long, env = "AMEND_MODEL")]
+    model: PathBuf,
+    /// grace | tpatcher | rome | memit | lora | serac
+    #[arg(long)]
+    method: String,
+    /// Edit requests: KnowEdit/EasyEdit JSON or JSONL of {prompt, target}.
+    #[arg(long)]
+    edits: PathBuf,
+    /// Input format: auto, knowedit or jsonl.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// The bundle to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// PREFIX.key written by `amend keygen`: signs the bundle.
+    #[arg(long)]
+    key: PathBuf,
+    /// The layer to edit (default: the method's, from the hyperparameters).
+    #[arg(long)]
+    layer: Option<usize>,
+    /// Compile on top of this bundle (signed by --key): the output is its next version.
+    #[arg(long)]
+    base_bundle: Option<PathBuf>,
+    /// A TOML file overriding the model's default hyperparameters.
+    #[arg(long)]
+    hparams: Option<PathBuf>,
+    /// Override one hyperparameter: --set grace.lr=4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Bundle id and channel written into the manifest.
+    #[arg(long, default_value = "amend-edits")]
+    bundle_id: String,
+    #[arg(long, default_value = "default")]
+    channel: String,
+    /// Print the hyperparameters in effect and exit.
+    #[arg(long)]
+    print_hparams: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`amend compile` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything that can be checked cheaply is checked before the model is loaded.
+    let method: Method = args.method.parse()?;
+    let format: DataFormat = args.format.parse().context("--format")?;
+    let key_bytes = std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
+    let key = signing_key_from_file_bytes(&key_bytes)
+        .map_err(|e| anyhow::anyhow!("--key {}: {e}", args.key.display()))?;
+    let records = dataset::load(&args.edits, format).with_context(|| format!("--edits {}", args.edits.display()))?;
+    let base_bytes = match &args.base_bundle {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("--base-bundle {}", p.display()))?),
+        None => None,
+    };
+
+    let t0 = Instant::now();
+    let mut compiler = Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+    let hp = Hparams::resolve(compiler.fwd.cfg.arch, args.hparams.as_deref(), &args.set)?;
+    if args.print_hparams {
+        println!("{}", toml::to_string_pretty(&hp)?);
+        return Ok(());
+    }
+    let trust = TrustStore::with_key(key.verifying_key());
+    let base = match base_bytes {
+        Some(b) => Some(Bundle::from_bytes(&b, &trust).map_err(|e| {
+            anyhow::anyhow!("--base-bundle: {e} (it must be signed by --key)")
+        })?),
+        None => None,
+    };
+    eprintln!(
+        "loaded {} ({}) in {:.1} s; {} edit(s), method {}",
+        args.model.display(),
+        compiler.fwd.cfg.arch.name(),
+        t0.elapsed().as_secs_f64(),
+        records.len(),
+        method.name()
+    );
+
+    let bar = ProgressBar::new(records.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let identity = BundleIdentity {
+        bundle_id: args.bundle_id.clone(),
+        channel: args.channel.clone(),
+        version: None,
+        expires: u64::MAX,
+    };
+    let out = compiler.compile(method, &records, &hp, args.layer, base.as_ref(), &identity, &mut |p| {
+        bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
+        if p.done {
+            bar.inc(1);
+        }
+    });
+    bar.finish_and_clear();
+    let out = out?;
+
+    let bytes = out.builder.build_signed(&key).map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+    write_atomic(&args.out, bytes.as_slice())?;
+    if let Some(lora) = &out.gguf_lora {
+        let p = args.out.with_extension("lora.gguf");
+        write_atomic(&p, lora)?;
+        println!("wrote {} (GGUF-LoRA for llama.cpp)", p.display());
+    }
+
+    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
+    let losses: Vec<f64> = out.reports.iter().map(|r| r.loss as f64).collect();
+    let ok = out.reports.iter().filter(|r| r.success).count();
+    println!(
+        "wrote {} ({} bytes): {} edit(s) with {}, {}/{} reach their target (teacher-forced, compiler forward)",
+        args.out.display(),
+        bytes.len(),
+        out.reports.len(),
+        method.name(),
+        ok,
+        out.reports.len()
+    );
+    println!(
+        "time per edit: median {:.2} s (total {:.1} s); final loss: median {:.3}, max {:.3}",
+        median(&times),
+        times.iter().sum::<f64>(),
+        median(&losses),
+        losses.iter().cloned().fold(0.0, f64::max)
+    );
+    for r in out.reports.iter().filter(|r| !r.success) {
+        println!("  not reached: {} (loss {:.3} after {} steps)", r.id, r.loss, r.steps);
+    }
+    Ok(())
+}
+
+/// Write to a temporary file next to `path`, then rename: a failure leaves nothing half-written.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("writing {}: {e}", path.display());
+    }
+    Ok(())
 }

@@ -49,3 +49,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prints_a_tiny_model() {
+        let p = std::env::temp_dir().join(format!("amend-cli-info-{}.gguf", std::process::id()));
+        amend_runtime::testutil::write_tiny_model(&p, amend_runtime::Architecture::Qwen3, 1)
+            .unwrap();
+        super::run(super::Args { model: p }).unwrap();
+    }
+}

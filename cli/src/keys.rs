@@ -1,23 +1,279 @@
-//! `amend keygen|sign|verify|inspect`.
+//! `amend keygen|sign|verify|inspect`: bundle keys and checks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use amend_edits::bundle::{self, Bundle, BundleBytes, Manifest, Payload, HEADER_LEN};
+use amend_edits::editset::{check_binding, Clock, SystemClock};
+use amend_edits::keys::{self, key_id, to_hex, TrustStore};
 
 #[derive(clap::Args)]
-pub struct KeygenArgs {}
-#[derive(clap::Args)]
-pub struct SignArgs {}
-#[derive(clap::Args)]
-pub struct VerifyArgs {}
-#[derive(clap::Args)]
-pub struct InspectArgs {}
+pub struct KeygenArgs {
+    /// Writes PREFIX.key (secret seed, hex) and PREFIX.pub (public key, hex).
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
 
-pub fn keygen(_a: KeygenArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+#[derive(clap::Args)]
+pub struct SignArgs {
+    /// The bundle to sign (rewritten in place unless --out is given).
+    bundle: PathBuf,
+    /// PREFIX.key written by `amend keygen`.
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
-pub fn sign(_a: SignArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    bundle: PathBuf,
+    /// Trusted public key file(s) (PREFIX.pub); repeat for several.
+    #[arg(long, required = true)]
+    pubkey: Vec<PathBuf>,
+    /// Also check that the bundle was built for this GGUF model (fingerprint and dims).
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
-pub fn verify(_a: VerifyArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    bundle: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Verify against these public keys and say so (otherwise the signature is not checked).
+    #[arg(long)]
+    pubkey: Vec<PathBuf>,
 }
-pub fn inspect(_a: InspectArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+
+fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Write `data` to `path` via a temporary file and rename (no half-written files).
+fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
+    let tmp = with_ext(path, &format!(".tmp{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let _ = secret;
+        let mut f = opts.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    let (kp, pp) = (with_ext(&a.out, ".key"), with_ext(&a.out, ".pub"));
+    for p in [&kp, &pp] {
+        if p.exists() && !a.force {
+            bail!("{} exists (use --force to overwrite)", p.display());
+        }
+    }
+    let sk = keys::generate_signing_key().context("reading OS randomness")?;
+    let vk = sk.verifying_key();
+    write_atomic(&kp, format!("{}\n", to_hex(&sk.to_bytes())).as_bytes(), true)?;
+    write_atomic(&pp, format!("{}\n", to_hex(vk.as_bytes())).as_bytes(), false)?;
+    println!("wrote {} and {} (key id {})", kp.display(), pp.display(), to_hex(&key_id(&vk)));
+    Ok(())
+}
+
+pub fn sign(a: SignArgs) -> anyhow::Result<()> {
+    let key_bytes = std::fs::read(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+    let sk = keys::signing_key_from_file_bytes(&key_bytes).with_context(|| format!("{}", a.key.display()))?;
+    let mut buf = std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
+    // Refuse to sign something whose manifest does not even decode: signing vouches for it.
+    let h = bundle::read_header(&buf)?;
+    let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
+    bundle::sign_in_place(&mut buf, &sk)?;
+    // Check the result completely before writing it.
+    let trust = TrustStore::with_key(sk.verifying_key());
+    Bundle::from_bytes(&buf, &trust).context("bundle does not verify after signing")?;
+    let out = a.out.unwrap_or(a.bundle);
+    write_atomic(&out, &buf, false)?;
+    println!(
+        "signed {} ({} v{}) with key {}",
+        out.display(),
+        m.bundle_id,
+        m.version,
+        to_hex(&key_id(&sk.verifying_key()))
+    );
+    Ok(())
+}
+
+fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
+    let mut t = TrustStore::new();
+    for f in files {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let vk = keys::verifying_key_from_file_bytes(&bytes).with_context(|| format!("{}", f.display()))?;
+        t.add(vk)?;
+    }
+    Ok(t)
+}
+
+fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
+    Ok(Bundle::open_file(path, trust).with_context(|| format!("{} is not a valid bundle", path.display()))?)
+}
+
+pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
+    let trust = trust_from(&a.pubkey)?;
+    let b = open(&a.bundle, &trust)?;
+    let m = b.manifest();
+    let now = SystemClock.now();
+    if now >= m.expires {
+        bail!("bundle expired at {} (now {now})", m.expires);
+    }
+    if now < m.not_before {
+        bail!("bundle is not valid before {} (now {now})", m.not_before);
+    }
+    if let Some(model) = &a.model {
+        let t = std::time::Instant::now();
+        let binding = amend_edits::fingerprint::model_binding(model)
+            .with_context(|| format!("fingerprinting {}", model.display()))?;
+        log::info!("model fingerprint in {:?}", t.elapsed());
+        check_binding(&binding, &b).with_context(|| format!("bundle does not fit {}", model.display()))?;
+    }
+    println!(
+        "OK {} channel {} v{}: {} payloads, {} edits, {} payload bytes, signed by {}{}",
+        m.bundle_id,
+        m.channel,
+        m.version,
+        m.payloads.len(),
+        m.edits.len(),
+        b.payload_len(),
+        to_hex(&b.key_id()),
+        if a.model.is_some() { ", model matches" } else { "" }
+    );
+    Ok(())
+}
+
+fn payload_json(m: &Manifest, i: usize, p: &Payload) -> serde_json::Value {
+    use serde_json::json;
+    let rows = bundle::units(m, p);
+    match p {
+        Payload::Codebook(d) => json!({"index": i, "kind": "codebook", "layer": d.layer,
+            "key_site": d.key_site, "replace_site": d.replace_site, "distance": d.distance,
+            "all_positions": d.all_positions, "rows": rows}),
+        Payload::PatchNeurons(d) => json!({"index": i, "kind": "patch_neurons", "layer": d.layer,
+            "read_site": d.read_site, "write_site": d.write_site, "activation": d.activation, "neurons": rows}),
+        Payload::LowRank(d) => json!({"index": i, "kind": "low_rank", "tensors": d.tensors.iter().map(|t| json!({
+            "name": t.name, "n_in": t.n_in, "n_out": t.n_out, "rank": t.rank, "alpha": t.alpha})).collect::<Vec<_>>()}),
+        Payload::LowRankGguf(d) => json!({"index": i, "kind": "low_rank_gguf", "section": d.blob}),
+        Payload::Memory(d) => json!({"index": i, "kind": "memory", "embed_dim": d.embed_dim,
+            "threshold": d.threshold, "template": d.template, "records": d.records.len(),
+            "embedder": format!("{:?}", d.embedder)}),
+    }
+}
+
+pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    use serde_json::json;
+    let buf = std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
+    let h = bundle::read_header(&buf)?;
+    let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
+    let sig_at = h.sig_offset.get() as usize;
+    let signer = &buf[sig_at..sig_at + bundle::KEY_ID_LEN];
+    let verified = if a.pubkey.is_empty() {
+        None
+    } else {
+        let trust = trust_from(&a.pubkey)?;
+        Some(Bundle::from_bytes(&buf, &trust).map(|_| ()).map_err(|e| e.to_string()))
+    };
+    // Payload descriptors are only shown when the manifest passes its checks.
+    let payloads = bundle::check_manifest(&m, None);
+    if a.json {
+        let v = json!({
+            "format": format!("{}.{}", h.major.get(), h.minor.get()),
+            "total_len": h.total_len.get(),
+            "manifest_len": h.manifest_len.get(),
+            "key_id": to_hex(signer),
+            "verified": verified.as_ref().map(|r| r.is_ok()),
+            "verify_error": verified.as_ref().and_then(|r| r.clone().err()),
+            "bundle_id": m.bundle_id, "channel": m.channel, "version": m.version,
+            "created": m.created, "not_before": m.not_before, "expires": m.expires,
+            "model": {"fingerprint": to_hex(&m.model.fingerprint), "arch": m.model.arch,
+                      "n_layer": m.model.n_layer, "n_embd": m.model.n_embd},
+            "sections": m.sections.iter().map(|s| json!({"kind": s.kind, "dtype": s.dtype, "shape": s.shape,
+                "offset": s.offset, "len": s.len, "sha256": to_hex(&s.sha256)})).collect::<Vec<_>>(),
+            "payloads": match &payloads {
+                Ok(ps) => ps.iter().enumerate().map(|(i, p)| payload_json(&m, i, p)).collect::<Vec<_>>(),
+                Err(_) => vec![],
+            },
+            "manifest_error": payloads.as_ref().err().map(|e| e.to_string()),
+            "edits": m.edits.iter().map(|e| json!({"id": e.id, "layer": e.layer, "site": e.site,
+                "prompt": e.prompt, "target": e.target, "payload": e.payload, "first": e.first,
+                "count": e.count})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("bundle   {} (channel {}, version {})", m.bundle_id, m.channel, m.version);
+    println!(
+        "format   {}.{}, {} bytes, manifest {} bytes",
+        h.major.get(),
+        h.minor.get(),
+        h.total_len.get(),
+        h.manifest_len.get()
+    );
+    match &verified {
+        None => println!("signer   {} (signature NOT checked: pass --pubkey)", to_hex(signer)),
+        Some(Ok(())) => println!("signer   {} (verified)", to_hex(signer)),
+        Some(Err(e)) => println!("signer   {} (INVALID: {e})", to_hex(signer)),
+    }
+    println!("valid    {} .. {} (created {})", m.not_before, m.expires, m.created);
+    println!(
+        "model    {} n_layer={} n_embd={} fingerprint {}",
+        m.model.arch,
+        m.model.n_layer,
+        m.model.n_embd,
+        to_hex(&m.model.fingerprint)
+    );
+    println!("sections {}", m.sections.len());
+    for (i, s) in m.sections.iter().enumerate() {
+        println!(
+            "  [{i}] kind {} dtype {} shape {:?} @{} len {}",
+            s.kind, s.dtype, s.shape, s.offset, s.len
+        );
+    }
+    match &payloads {
+        Ok(ps) => {
+            println!("payloads {}", ps.len());
+            for (i, p) in ps.iter().enumerate() {
+                println!("  [{i}] {}", payload_json(&m, i, p));
+            }
+        }
+        Err(e) => println!("payloads: manifest invalid: {e}"),
+    }
+    println!("edits    {}", m.edits.len());
+    for e in &m.edits {
+        println!(
+            "  {} layer {} site {}: {:?} -> {:?} (payload {} units {}..{})",
+            e.id,
+            e.layer,
+            e.site,
+            e.prompt,
+            e.target,
+            e.payload,
+            e.first,
+            e.first + e.count
+        );
+    }
+    if let Some(Err(e)) = verified {
+        bail!("bundle does not verify: {e}");
+    }
+    Ok(())
 }

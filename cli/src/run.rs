@@ -120,3 +120,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amend_runtime::{testutil::write_tiny_model, Architecture};
+
+    fn tiny_model_path(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("amend-cli-{}-{name}.gguf", std::process::id()));
+        write_tiny_model(&p, Architecture::Llama, 3).unwrap();
+        p
+    }
+
+    fn args(model: PathBuf) -> Args {
+        Args {
+            model,
+            prompt: "hello world".into(),
+            max_tokens: 4,
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            seed: Some(1),
+            threads: Some(1),
+            ctx: 128,
+            stop: vec!["zz".into()],
+        }
+    }
+
+    #[test]
+    fn runs_on_a_tiny_model() {
+        run(args(tiny_model_path("run"))).unwrap();
+    }
+
+    #[test]
+    fn missing_model_is_a_clear_error() {
+        let e = run(args(PathBuf::from("/nonexistent/model.gguf"))).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("model file not found"), "{msg}");
+    }
+}

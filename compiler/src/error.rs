@@ -34,7 +34,21 @@ pub enum CompileError {
     #[error("bundle: {0}")]
     Bundle(String),
     #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(String),
+}
+
+impl From<candle_core::Error> for CompileError {
+    fn from(e: candle_core::Error) -> Self {
+        CompileError::Candle(candle_message(&e))
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches (under RUST_BACKTRACE).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }
 
 pub type Result<T, E = CompileError> = std::result::Result<T, E>;

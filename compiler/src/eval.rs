@@ -437,7 +437,7 @@ pub fn markdown_table(reports: &[(String, Summary)]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn result(edit: f64, gen: Option<f64>, loc: Option<f64>, exact: bool) -> RecordResult {
@@ -603,3 +603,4 @@ mod tests {
         }
     }
 }
+

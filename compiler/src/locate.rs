@@ -1,1 +1,588 @@
-//! locate
+//! Knowledge location by causal tracing (ROME, Meng et al. 2022), on the runtime's hooks.
+//!
+//! 1. Clean run: record every layer's residual stream ([`Site::ResidualOut`]), FFN output and
+//!    attention output at every token, and p(target) at the last token.
+//! 2. Corrupted runs: Gaussian noise (σ = [`TraceConfig::noise_scale`] x the standard deviation
+//!    of the clean input embeddings) is added to the subject's token embeddings
+//!    ([`Site::Embeddings`] at layer 0); p(target) drops.
+//! 3. For each (site, layer, token): a corrupted run that restores that one hidden state (for the
+//!    FFN and attention outputs a window of layers, as ROME does) from the clean run. The
+//!    probability that comes back is the state's contribution (its indirect effect).
+//!
+//! Tokens before the subject are identical in clean and corrupted runs, so their KV cache is
+//! computed once and every corrupted run re-evaluates only the rest; restoring them is skipped
+//! (their value is the corrupted probability by construction).
+//!
+//! The recommended edit layer is ROME's: the layer whose FFN output at the subject's last token
+//! restores the most probability.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use amend_runtime::{
+    EvalOptions, FnHook, HookPoint, Logits, Model, Phase, RuntimeError, Session, SessionOptions,
+    Site, Token,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::EditRecord;
+use crate::eval::prompt_answer_tokens;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("the subject `{subject}` does not occur in the prompt `{prompt}`")]
+    SubjectNotInPrompt { subject: String, prompt: String },
+    #[error("the target `{0}` tokenizes to nothing")]
+    EmptyTarget(String),
+    #[error("invalid trace option: {0}")]
+    InvalidConfig(String),
+    #[error("no records with a subject to trace")]
+    NoRecords,
+}
+
+/// Causal-tracing settings.
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    /// Noise σ as a multiple of the clean embeddings' standard deviation (ROME: 3).
+    pub noise_scale: f32,
+    /// Independent noise samples averaged per measurement (ROME: 10).
+    pub samples: usize,
+    /// Layers restored together for the FFN/attention traces (`None`: n_layer / 4, at least 1;
+    /// ROME uses 10 of 48 layers).
+    pub window: Option<usize>,
+    pub seed: u64,
+    /// Also trace the FFN and attention outputs (three times the work of residual-only).
+    pub components: bool,
+    pub n_threads: Option<usize>,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            noise_scale: 3.0,
+            samples: 3,
+            window: None,
+            seed: 1,
+            components: true,
+            n_threads: None,
+        }
+    }
+}
+
+/// One site's trace: `p[token][layer]` = p(target) with that state restored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SiteTrace {
+    pub site: String,
+    /// Layers restored together (1 for the residual stream).
+    pub window: usize,
+    pub p: Vec<Vec<f32>>,
+}
+
+/// The result of tracing one prompt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceResult {
+    pub prompt: String,
+    pub subject: String,
+    pub target: String,
+    /// The target's first token, whose probability is traced.
+    pub target_token: Token,
+    /// Token pieces of the prompt (BOS included when the model adds one).
+    pub tokens: Vec<String>,
+    pub subject_tokens: Range<usize>,
+    pub n_layer: u32,
+    pub p_clean: f32,
+    /// Mean p(target) with the subject corrupted and nothing restored.
+    pub p_corrupt: f32,
+    pub noise_std: f32,
+    pub samples: usize,
+    pub residual: SiteTrace,
+    pub ffn: Option<SiteTrace>,
+    pub attn: Option<SiteTrace>,
+    /// Layer whose FFN output at the last subject token restores the most (residual when
+    /// components were not traced).
+    pub recommended_layer: u32,
+}
+
+/// Clean hidden rows: point -> position -> row.
+type Rows = HashMap<HookPoint, HashMap<i32, Vec<f32>>>;
+
+/// Traces where `model` stores the fact "`prompt` -> `target`" about `subject`.
+pub fn trace(
+    model: &Arc<Model>,
+    prompt: &str,
+    subject: &str,
+    target: &str,
+    config: &TraceConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TraceResult, LocateError> {
+    if config.samples == 0 {
+        return Err(LocateError::InvalidConfig(
+            "samples must be at least 1".into(),
+        ));
+    }
+    if !(config.noise_scale.is_finite() && config.noise_scale >= 0.0) {
+        return Err(LocateError::InvalidConfig(
+            "noise scale must be >= 0".into(),
+        ));
+    }
+    let n_layer = model.info().n_layer;
+    let window = config.window.unwrap_or((n_layer as usize / 4).max(1));
+    if window == 0 || window > n_layer as usize {
+        return Err(LocateError::InvalidConfig(format!(
+            "window must be in 1..={n_layer}"
+        )));
+    }
+    let (tokens, answer) = prompt_answer_tokens(model, prompt, target)?;
+    let target_token = *answer
+        .first()
+        .ok_or_else(|| LocateError::EmptyTarget(target.to_string()))?;
+    let subject_tokens = subject_token_range(model, prompt, subject, &tokens)?;
+    let n = tokens.len();
+
+    let mut session = Session::new(
+        model,
+        SessionOptions {
+            n_ctx: (n as u32 + 8).max(64),
+            n_threads: config.n_threads,
+            n_threads_batch: config.n_threads,
+            ..Default::default()
+        },
+    )?;
+
+    // 1. Clean run, recording everything.
+    let mut points = vec![HookPoint::new(0, Site::Embeddings)];
+    for l in 0..n_layer {
+        points.push(HookPoint::new(l, Site::ResidualOut));
+        if config.components {
+            points.push(HookPoint::new(l, Site::FfnOutput));
+            points.push(HookPoint::new(l, Site::AttnOutput));
+        }
+    }
+    let clean: Arc<Mutex<Rows>> = Arc::default();
+    let sink = clean.clone();
+    let id = session.add_hook(Box::new(FnHook::new(points, move |point, rows| {
+        let mut map = sink.lock().expect("not poisoned");
+        let entry = map.entry(point).or_default();
+        for i in 0..rows.n_rows() {
+            entry.insert(rows.info(i).pos, rows.row(i).to_vec());
+        }
+    })))?;
+    let p_clean = run_prob(&mut session, &tokens, 0, target_token)?;
+    session.remove_hook(id);
+    let clean = Arc::new(std::mem::take(&mut *clean.lock().expect("not poisoned")));
+
+    // Noise σ from the clean embeddings of the prompt's real tokens (BOS excluded: its
+    // embedding is atypical).
+    let emb = &clean[&HookPoint::new(0, Site::Embeddings)];
+    let first_real = usize::from(model.info().add_bos && n > 1);
+    let values: Vec<f32> = (first_real..n)
+        .filter_map(|t| emb.get(&(t as i32)))
+        .flatten()
+        .copied()
+        .collect();
+    let noise_std = config.noise_scale * std_dev(&values);
+    let n_embd = model.info().n_embd as usize;
+    let mut rng = Rng::new(config.seed);
+    let noises: Arc<Vec<Vec<Vec<f32>>>> = Arc::new(
+        (0..config.samples)
+            .map(|_| {
+                subject_tokens
+                    .clone()
+                    .map(|_| (0..n_embd).map(|_| rng.normal() * noise_std).collect())
+                    .collect()
+            })
+            .collect(),
+    );
+
+    // The prefix before the subject is never corrupted: cache it once.
+    let keep = subject_tokens.start;
+    session.kv_clear();
+    if keep > 0 {
+        session.eval(&tokens[..keep], EvalOptions::prefill(Logits::None))?;
+    }
+    let mut tracer = Tracer {
+        session: &mut session,
+        tokens: &tokens,
+        keep,
+        target_token,
+        subject: subject_tokens.clone(),
+        noises,
+        clean,
+    };
+
+    let sites: Vec<(Site, usize)> = if config.components {
+        vec![
+            (Site::ResidualOut, 1),
+            (Site::FfnOutput, window),
+            (Site::AttnOutput, window),
+        ]
+    } else {
+        vec![(Site::ResidualOut, 1)]
+    };
+    let total = 1 + sites.len() * (n - keep) * n_layer as usize;
+    let mut done = 0;
+    let p_corrupt = tracer.measure(None, &[])?;
+    done += 1;
+    progress(done, total);
+
+    let mut traces = Vec::new();
+    for &(site, w) in &sites {
+        let mut p = vec![vec![p_corrupt; n_layer as usize]; n];
+        for (t, row) in p.iter_mut().enumerate().skip(keep) {
+            for (l, cell) in row.iter_mut().enumerate() {
+                let layers = window_layers(l, w, n_layer as usize);
+                let restore: Vec<HookPoint> =
+                    layers.map(|l| HookPoint::new(l as u32, site)).collect();
+                *cell = tracer.measure(Some(t), &restore)?;
+                done += 1;
+                progress(done, total);
+            }
+        }
+        traces.push(SiteTrace {
+            site: site.name().to_string(),
+            window: w,
+            p,
+        });
+    }
+    let mut traces = traces.into_iter();
+    let residual = traces.next().expect("residual traced");
+    let ffn = traces.next();
+    let attn = traces.next();
+    let subject_last = subject_tokens.end - 1;
+    let recommended_layer = argmax_f32(&ffn.as_ref().unwrap_or(&residual).p[subject_last]) as u32;
+
+    let pieces = tokens
+        .iter()
+        .map(|&t| {
+            model
+                .token_bytes(t)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TraceResult {
+        prompt: prompt.to_string(),
+        subject: subject.to_string(),
+        target: target.to_string(),
+        target_token,
+        tokens: pieces,
+        subject_tokens,
+        n_layer,
+        p_clean,
+        p_corrupt,
+        noise_std,
+        samples: config.samples,
+        residual,
+        ffn,
+        attn,
+        recommended_layer,
+    })
+}
+
+/// The edit layer recommended for a set of edit requests: causal tracing on up to `max_records`
+/// records that have a subject, FFN effects at the last subject token averaged (normalized per
+/// record by its clean-corrupt gap), then the best layer. What `amend compile --layer auto` uses.
+pub fn recommend_layer(
+    model: &Arc<Model>,
+    records: &[EditRecord],
+    max_records: usize,
+    config: &TraceConfig,
+) -> Result<u32, LocateError> {
+    let n_layer = model.info().n_layer as usize;
+    let mut sum = vec![0.0f64; n_layer];
+    let mut used = 0;
+    for r in records.iter().filter(|r| r.subject_span().is_some()) {
+        if used == max_records {
+            break;
+        }
+        let Some(subject) = r.subject.as_deref() else {
+            continue;
+        };
+        // Trace the model's own answer when known (a fact it stores), else the new target.
+        let target = r.ground_truth.as_deref().unwrap_or(&r.target_new);
+        let t = trace(model, &r.prompt, subject, target, config, |_, _| {})?;
+        let site = t.ffn.as_ref().unwrap_or(&t.residual);
+        let row = &site.p[t.subject_tokens.end - 1];
+        let gap = (t.p_clean - t.p_corrupt).abs().max(1e-6) as f64;
+        for (l, &p) in row.iter().enumerate() {
+            sum[l] += (p - t.p_corrupt) as f64 / gap;
+        }
+        used += 1;
+    }
+    if used == 0 {
+        return Err(LocateError::NoRecords);
+    }
+    Ok(argmax_f64(&sum) as u32)
+}
+
+/// ROME's window around layer `l`: `[l - w/2, l + ceil(w/2))`, clipped to the model.
+fn window_layers(l: usize, w: usize, n_layer: usize) -> Range<usize> {
+    let lo = l.saturating_sub(w / 2);
+    let hi = (l + w.div_ceil(2)).min(n_layer);
+    lo..hi.max(lo + 1)
+}
+
+struct Tracer<'a> {
+    session: &'a mut Session,
+    tokens: &'a [Token],
+    keep: usize,
+    target_token: Token,
+    subject: Range<usize>,
+    noises: Arc<Vec<Vec<Vec<f32>>>>,
+    clean: Arc<Rows>,
+}
+
+impl Tracer<'_> {
+    /// Mean p(target) over the noise samples with the subject corrupted and, when `token` is
+    /// given, the clean rows of `restore` at that token put back.
+    fn measure(&mut self, token: Option<usize>, restore: &[HookPoint]) -> Result<f32, LocateError> {
+        let mut total = 0.0;
+        for sample in 0..self.noises.len() {
+            let noises = self.noises.clone();
+            let clean = self.clean.clone();
+            let subject = self.subject.clone();
+            let restore_pos = token.map(|t| t as i32);
+            let mut points = vec![HookPoint::new(0, Site::Embeddings)];
+            points.extend_from_slice(restore);
+            let id = self
+                .session
+                .add_hook(Box::new(FnHook::new(points, move |point, rows| {
+                    for i in 0..rows.n_rows() {
+                        let pos = rows.info(i).pos;
+                        if point.site == Site::Embeddings {
+                            let p = pos as usize;
+                            if subject.contains(&p) {
+                                let noise = &noises[sample][p - subject.start];
+                                for (x, e) in rows.row_mut(i).iter_mut().zip(noise) {
+                                    *x += e;
+                                }
+                            }
+                        } else if Some(pos) == restore_pos {
+                            if let Some(row) = clean.get(&point).and_then(|m| m.get(&pos)) {
+                                rows.row_mut(i).copy_from_slice(row);
+                            }
+                        }
+                    }
+                })))?;
+            let p = run_prob(self.session, self.tokens, self.keep, self.target_token);
+            self.session.remove_hook(id);
+            total += p?;
+        }
+        Ok(total / self.noises.len() as f32)
+    }
+}
+
+/// Evaluates `tokens[keep..]` after the cached prefix `tokens[..keep]` and returns p(target) at
+/// the last token.
+fn run_prob(
+    session: &mut Session,
+    tokens: &[Token],
+    keep: usize,
+    target: Token,
+) -> Result<f32, RuntimeError> {
+    if keep == 0 {
+        session.kv_clear();
+    } else {
+        session.kv_truncate(keep)?;
+    }
+    session.eval(
+        &tokens[keep..],
+        EvalOptions {
+            logits: Logits::Last,
+            phase: Phase::Prefill,
+            last_prompt_token: None,
+        },
+    )?;
+    Ok(softmax_prob(session.last_logits()?, target as usize))
+}
+
+/// Softmax probability of `index` (numerically stable).
+pub fn softmax_prob(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    (((logits[index] - max) as f64).exp() / sum) as f32
+}
+
+/// The prompt tokens covering the subject's last occurrence, from the tokens' byte pieces.
+fn subject_token_range(
+    model: &Model,
+    prompt: &str,
+    subject: &str,
+    tokens: &[Token],
+) -> Result<Range<usize>, LocateError> {
+    let not_found = || LocateError::SubjectNotInPrompt {
+        subject: subject.to_string(),
+        prompt: prompt.to_string(),
+    };
+    if subject.is_empty() {
+        return Err(not_found());
+    }
+    let start = prompt.rfind(subject).ok_or_else(not_found)?;
+    let end = start + subject.len();
+    // Byte offsets of each token in the prompt; control tokens (BOS) have no text.
+    let mut offset = 0usize;
+    let mut first = None;
+    let mut last = None;
+    let skip_bos = usize::from(model.info().add_bos);
+    for (i, &t) in tokens.iter().enumerate() {
+        let len = if i < skip_bos {
+            0
+        } else {
+            model.token_bytes(t)?.len()
+        };
+        let (a, b) = (offset, offset + len);
+        if len > 0 && a < end && b > start {
+            first.get_or_insert(i);
+            last = Some(i);
+        }
+        offset = b;
+    }
+    match (first, last) {
+        (Some(f), Some(l)) if offset == prompt.len() => Ok(f..l + 1),
+        _ => {
+            // Pieces did not reproduce the prompt (normalization): fall back to prefix lengths.
+            let add_bos = model.info().add_bos;
+            let before = model.tokenize(&prompt[..start], add_bos)?.len();
+            let through = model.tokenize(&prompt[..end], add_bos)?.len();
+            if through > before && through <= tokens.len() {
+                Ok(before..through)
+            } else {
+                Err(not_found())
+            }
+        }
+    }
+}
+
+fn std_dev(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() as f32
+}
+
+fn argmax_f32(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+fn argmax_f64(v: &[f64]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+/// SplitMix64 with Box-Muller: deterministic Gaussian noise without extra dependencies.
+struct Rng {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng {
+            state: seed,
+            spare: None,
+        }
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some((r * theta.sin()) as f32);
+        (r * theta.cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_rome_like() {
+        assert_eq!(window_layers(0, 4, 18), 0..2);
+        assert_eq!(window_layers(9, 4, 18), 7..11);
+        assert_eq!(window_layers(17, 4, 18), 15..18);
+        assert_eq!(window_layers(5, 1, 18), 5..6);
+        assert_eq!(window_layers(3, 5, 18), 1..6);
+    }
+
+    #[test]
+    fn gaussian_noise_has_unit_variance() {
+        let mut rng = Rng::new(7);
+        let v: Vec<f32> = (0..200_000).map(|_| rng.normal()).collect();
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.01, "{mean}");
+        assert!((std_dev(&v) - 1.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn softmax_probability() {
+        let p = softmax_prob(&[0.0, 0.0, (2.0f32).ln()], 2);
+        assert!((p - 0.5).abs() < 1e-6);
+        assert!((softmax_prob(&[1000.0, 0.0], 0) - 1.0).abs() < 1e-6);
+    }
+
+    /// Tracing a fact the model knows: corruption lowers p(target), restoring the clean last
+    /// subject token's residual stream at an early layer brings it (almost) back, and the
+    /// recommended layer is a valid layer.
+    #[test]
+    fn real_trace_recovers_probability() {
+        let Some(model) = crate::eval::tests::real_model() else {
+            return;
+        };
+        let config = TraceConfig {
+            samples: 1,
+            components: false,
+            ..Default::default()
+        };
+        let mut calls = 0;
+        let t = trace(
+            &model,
+            "Water is made of hydrogen and",
+            "Water",
+            "oxygen",
+            &config,
+            |_, _| calls += 1,
+        )
+        .unwrap();
+        assert!(calls > 0);
+        let n = t.tokens.len();
+        assert_eq!(t.residual.p.len(), n);
+        assert_eq!(&t.tokens[t.subject_tokens.clone()].concat(), "Water");
+        assert!(t.p_clean > 0.3, "p_clean {}", t.p_clean);
+        assert!(t.p_corrupt < t.p_clean, "{} vs {}", t.p_corrupt, t.p_clean);
+        // Restoring the whole residual stream at the subject's last token right after layer 0
+        // undoes all corruption of a one-token subject: exactly the clean probability.
+        let s = t.subject_tokens.end - 1;
+        assert_eq!(t.subject_tokens.len(), 1);
+        assert!(
+            (t.residual.p[s][0] - t.p_clean).abs() < 1e-3,
+            "{} vs {}",
+            t.residual.p[s][0],
+            t.p_clean
+        );
+        // The last token at the last layer is the output itself.
+        assert!((t.residual.p[n - 1][t.n_layer as usize - 1] - t.p_clean).abs() < 1e-3);
+        assert!(t.recommended_layer < t.n_layer);
+        assert!(matches!(
+            trace(&model, "Water is wet", "Fire", "x", &config, |_, _| {}),
+            Err(LocateError::SubjectNotInPrompt { .. })
+        ));
+    }
+}

@@ -106,8 +106,17 @@ fn main() {
     let values = rng.vec(m * D);
     let x = rng.unit_rows(1, D);
     for act in [Activation::Relu, Activation::Gelu] {
-        let p = PatchNeurons::new(12, Site::FfnInput, Site::FfnOutput, D, &keys, &biases, &values, act)
-            .unwrap();
+        let p = PatchNeurons::new(
+            12,
+            Site::FfnInput,
+            Site::FfnOutput,
+            D,
+            &keys,
+            &biases,
+            &values,
+            act,
+        )
+        .unwrap();
         let mut out = vec![0.0f32; D];
         let mut fired = 0;
         let us = time_us(1001, || {
@@ -121,19 +130,48 @@ fn main() {
     let texts: Vec<String> = (0..n).map(|i| format!("edit {i}")).collect();
     let records: Vec<MemoryRecord> = texts
         .iter()
-        .map(|t| MemoryRecord { edit_id: t, prompt: t, target: t, text: t })
+        .map(|t| MemoryRecord {
+            edit_id: t,
+            prompt: t,
+            target: t,
+            text: t,
+        })
         .collect();
+    let t = Instant::now();
     let mem = Memory::new(
         D,
         &emb,
         0.9,
         records,
         Memory::DEFAULT_TEMPLATE,
-        Embedder::BaseModel { layer: 6, site: Site::ResidualOut, pooling: Pooling::Mean },
+        Embedder::BaseModel {
+            layer: 6,
+            site: Site::ResidualOut,
+            pooling: Pooling::Mean,
+        },
     )
     .unwrap();
+    println!(
+        "memory new() n={n}: {:.1} ms (validation)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let us = time_us(201, || {
         black_box(mem.nearest(black_box(&query), None));
     });
-    println!("memory nearest n={n} e={D}: {us:.1} us/request");
+    let t = Instant::now();
+    let mem16 = mem.clone().with_f16_index();
+    let index_ms = t.elapsed().as_secs_f64() * 1e3;
+    let us16 = time_us(201, || {
+        black_box(mem16.nearest(black_box(&query), None));
+    });
+    // An in-scope query (a stored embedding, scaled) exercises the rescoring step too.
+    let hit_q: Vec<f32> = emb[1234 * D..1235 * D].iter().map(|x| x * 9000.0).collect();
+    let us16_hit = time_us(201, || {
+        black_box(mem16.nearest(black_box(&hit_q), None));
+    });
+    println!(
+        "memory nearest n={n} e={D}: {us:.1} us/request f32; {us16:.1} us with f16 index \
+         ({us16_hit:.1} us in scope; index built: {}, {index_ms:.1} ms)",
+        mem16.has_f16_index()
+    );
 }

@@ -14,6 +14,7 @@ use crate::bundle::{
     Bundle, BundleBytes, BundleError, CodebookView, LowRankTensorView, MemoryView, ModelBinding,
     PatchNeuronsView, Payload,
 };
+use crate::families;
 use crate::keys::TrustStore;
 
 /// How many previous states [`EditSet::restore_previous`] can go back.
@@ -163,7 +164,7 @@ pub struct BundleInfo {
 
 impl ActiveSet {
     /// Active codebook rows: one view per contiguous run of non-rolled-back rows.
-    pub fn codebooks(&self) -> impl Iterator<Item = (&str, CodebookView<'_>)> {
+    pub fn codebook_views(&self) -> impl Iterator<Item = (&str, CodebookView<'_>)> {
         self.views(|ab, p| match ab.bundle.payloads()[p] {
             Payload::Codebook(_) => ab
                 .active_runs(p)
@@ -174,7 +175,7 @@ impl ActiveSet {
         })
     }
 
-    pub fn patch_neurons(&self) -> impl Iterator<Item = (&str, PatchNeuronsView<'_>)> {
+    pub fn patch_neurons_views(&self) -> impl Iterator<Item = (&str, PatchNeuronsView<'_>)> {
         self.views(|ab, p| match ab.bundle.payloads()[p] {
             Payload::PatchNeurons(_) => ab
                 .active_runs(p)
@@ -186,7 +187,7 @@ impl ActiveSet {
     }
 
     /// Active low-rank deltas (tensors of rolled-back edits left out).
-    pub fn low_ranks(&self) -> impl Iterator<Item = (&str, Vec<LowRankTensorView<'_>>)> {
+    pub fn low_rank_views(&self) -> impl Iterator<Item = (&str, Vec<LowRankTensorView<'_>>)> {
         self.views(|ab, p| match ab.bundle.payloads()[p] {
             Payload::LowRank(_) => {
                 let runs = ab.active_runs(p);
@@ -210,7 +211,7 @@ impl ActiveSet {
         })
     }
 
-    pub fn memories(&self) -> impl Iterator<Item = (&str, MemoryView<'_>)> {
+    pub fn memory_views(&self) -> impl Iterator<Item = (&str, MemoryView<'_>)> {
         self.views(|ab, p| match ab.bundle.payloads()[p] {
             Payload::Memory(_) => ab
                 .active_runs(p)
@@ -219,6 +220,33 @@ impl ActiveSet {
                 .collect(),
             _ => Vec::new(),
         })
+    }
+
+    /// Active codebooks as the families' type (one per contiguous run of active rows).
+    pub fn codebooks(&self) -> impl Iterator<Item = (&str, families::Codebook<'_>)> {
+        // Validated when the bundle was opened, so construction cannot fail here.
+        self.codebook_views()
+            .filter_map(|(id, v)| v.to_family().ok().map(|f| (id, f)))
+    }
+
+    pub fn patch_neurons(&self) -> impl Iterator<Item = (&str, families::PatchNeurons<'_>)> {
+        self.patch_neurons_views()
+            .filter_map(|(id, v)| v.to_family().ok().map(|f| (id, f)))
+    }
+
+    /// Active low-rank adapters: explicit tensors and GGUF-LoRA blobs.
+    pub fn low_ranks(&self) -> impl Iterator<Item = (&str, families::LowRank<'_>)> {
+        self.low_rank_views()
+            .filter_map(|(id, v)| LowRankTensorView::to_family(&v).ok().map(|f| (id, f)))
+            .chain(
+                self.gguf_loras()
+                    .filter_map(|(id, b)| families::LowRank::from_gguf_blob(b).ok().map(|f| (id, f))),
+            )
+    }
+
+    pub fn memories(&self) -> impl Iterator<Item = (&str, families::Memory<'_>)> {
+        self.memory_views()
+            .filter_map(|(id, v)| v.to_family().ok().map(|f| (id, f)))
     }
 
     fn views<'s, T: 's>(
@@ -341,12 +369,16 @@ impl Transaction<'_> {
         Ok(self.work.bundles.remove(i).bundle)
     }
 
-    /// Roll back one edit by id (masks its units; the bundle stays mapped, zero-copy).
+    /// Roll back one edit by id (masks its units; the bundle stays mapped, zero-copy). Edit ids
+    /// are unique per bundle; if several bundles carry the id, the topmost one where it is still
+    /// active is rolled back.
     pub fn rollback_edit(&mut self, edit_id: &str) -> Result<(), EditSetError> {
+        let mut seen = false;
         for ab in self.work.bundles.iter_mut().rev() {
             if let Some(i) = ab.bundle.manifest().edits.iter().position(|e| e.id == edit_id) {
                 if ab.rolled_back.contains(&(i as u32)) {
-                    return Err(EditSetError::AlreadyRolledBack(edit_id.into()));
+                    seen = true;
+                    continue;
                 }
                 let mut v = ab.rolled_back.to_vec();
                 v.push(i as u32);
@@ -355,7 +387,11 @@ impl Transaction<'_> {
                 return Ok(());
             }
         }
-        Err(EditSetError::UnknownEdit(edit_id.into()))
+        Err(if seen {
+            EditSetError::AlreadyRolledBack(edit_id.into())
+        } else {
+            EditSetError::UnknownEdit(edit_id.into())
+        })
     }
 
     /// Re-enable a rolled-back edit.
@@ -432,29 +468,7 @@ impl EditSet {
     }
 
     fn check_compatible(&self, b: &Bundle) -> Result<(), EditSetError> {
-        let m = &b.manifest().model;
-        if m.arch != self.model.arch {
-            return Err(EditSetError::ArchMismatch {
-                bundle: m.arch.clone(),
-                model: self.model.arch.clone(),
-            });
-        }
-        for (what, bv, mv) in [
-            ("n_embd", m.n_embd, self.model.n_embd),
-            ("n_layer", m.n_layer, self.model.n_layer),
-        ] {
-            if bv != mv {
-                return Err(EditSetError::DimensionMismatch {
-                    what,
-                    bundle: bv as u64,
-                    model: mv as u64,
-                });
-            }
-        }
-        if m.fingerprint != self.model.fingerprint {
-            return Err(EditSetError::WrongModel);
-        }
-        Ok(())
+        check_binding(&self.model, b)
     }
 
     /// Apply `f` to a copy of the current state and publish it in one swap if `f` succeeds;
@@ -515,4 +529,31 @@ impl EditSet {
     pub fn list(&self) -> Vec<BundleInfo> {
         self.snapshot().list()
     }
+}
+
+/// Check that `b` was built for `model` (architecture, dims, then fingerprint).
+pub fn check_binding<B: AsRef<[u8]>>(model: &ModelBinding, b: &Bundle<B>) -> Result<(), EditSetError> {
+    let m = &b.manifest().model;
+    if m.arch != model.arch {
+        return Err(EditSetError::ArchMismatch {
+            bundle: m.arch.clone(),
+            model: model.arch.clone(),
+        });
+    }
+    for (what, bv, mv) in [
+        ("n_embd", m.n_embd, model.n_embd),
+        ("n_layer", m.n_layer, model.n_layer),
+    ] {
+        if bv != mv {
+            return Err(EditSetError::DimensionMismatch {
+                what,
+                bundle: bv as u64,
+                model: mv as u64,
+            });
+        }
+    }
+    if m.fingerprint != model.fingerprint {
+        return Err(EditSetError::WrongModel);
+    }
+    Ok(())
 }

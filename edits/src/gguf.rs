@@ -31,7 +31,9 @@ pub enum GgufError {
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
-    #[error("GGUF truncated: {what} needs {needed} bytes at offset {offset}, but the file has {len}")]
+    #[error(
+        "GGUF truncated: {what} needs {needed} bytes at offset {offset}, but the file has {len}"
+    )]
     Truncated {
         what: &'static str,
         offset: u64,
@@ -63,14 +65,18 @@ pub enum GgufError {
     BadShape { tensor: String, ne: Vec<u64> },
     #[error("tensor {tensor:?} has unknown ggml type {type_id}")]
     UnknownGgmlType { tensor: String, type_id: u32 },
-    #[error("tensor {tensor:?}: ne[0] = {ne0} is not a multiple of the {ggml_type} block size {block}")]
+    #[error(
+        "tensor {tensor:?}: ne[0] = {ne0} is not a multiple of the {ggml_type} block size {block}"
+    )]
     NotBlockAligned {
         tensor: String,
         ggml_type: GgmlType,
         ne0: u64,
         block: u64,
     },
-    #[error("tensor {tensor:?} data offset {offset} is not a multiple of the alignment {alignment}")]
+    #[error(
+        "tensor {tensor:?} data offset {offset} is not a multiple of the alignment {alignment}"
+    )]
     MisalignedTensor {
         tensor: String,
         offset: u64,
@@ -190,7 +196,9 @@ impl GgmlType {
             tensor: tensor.to_string(),
             ne: ne.to_vec(),
         };
-        let mut size = (ne0 / block).checked_mul(block_bytes).ok_or_else(overflow)?;
+        let mut size = (ne0 / block)
+            .checked_mul(block_bytes)
+            .ok_or_else(overflow)?;
         for &n in ne.iter().skip(1) {
             size = size.checked_mul(n).ok_or_else(overflow)?;
         }
@@ -766,11 +774,7 @@ fn rd_string(src: &mut impl Source, what: &'static str) -> Result<(String, (u64,
     Ok((s, (start, start + len as u64)))
 }
 
-fn rd_value(
-    src: &mut impl Source,
-    ty: GgufValueType,
-    depth: u32,
-) -> Result<GgufValue, GgufError> {
+fn rd_value(src: &mut impl Source, ty: GgufValueType, depth: u32) -> Result<GgufValue, GgufError> {
     const W: &str = "metadata value";
     Ok(match ty {
         GgufValueType::U8 => GgufValue::U8(rd::<1>(src, W)?[0]),
@@ -1045,7 +1049,9 @@ impl GgufWriter {
             return Err(GgufError::BadAlignment(alignment.into()));
         }
         self.alignment = alignment.into();
-        if alignment as u64 != DEFAULT_ALIGNMENT || self.metadata.iter().any(|(k, _)| k == "general.alignment") {
+        if alignment as u64 != DEFAULT_ALIGNMENT
+            || self.metadata.iter().any(|(k, _)| k == "general.alignment")
+        {
             self.add("general.alignment", alignment);
         }
         Ok(self)
@@ -1244,7 +1250,13 @@ pub fn f32_to_f16(x: f32) -> u16 {
     let exp = ((b >> 23) & 0xff) as i32;
     let man = b & 0x7f_ffff;
     if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 | (man >> 13) as u16 } else { 0 };
+        return sign
+            | 0x7c00
+            | if man != 0 {
+                0x200 | (man >> 13) as u16
+            } else {
+                0
+            };
     }
     let e = exp - 127 + 15;
     if e >= 0x1f {
@@ -1312,10 +1324,19 @@ mod tests {
             .add("bool", true)
             .add("strs", vec!["a", "", "ünï"])
             .add("f32s", vec![1.0f32, 2.0])
-            .add("nested", GgufArray::Array(vec![GgufArray::I32(vec![1, 2]), GgufArray::Bool(vec![false])]));
-        w.add_tensor_f32("a", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
-        w.add_tensor_f16("b", &[5], &[0.5, -1.0, 65504.0, 1e-7, 0.0]).unwrap();
-        w.add_tensor_raw("q", GgmlType::Q8_0, &[32, 1], vec![9u8; 34]).unwrap();
+            .add(
+                "nested",
+                GgufArray::Array(vec![
+                    GgufArray::I32(vec![1, 2]),
+                    GgufArray::Bool(vec![false]),
+                ]),
+            );
+        w.add_tensor_f32("a", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+            .unwrap();
+        w.add_tensor_f16("b", &[5], &[0.5, -1.0, 65504.0, 1e-7, 0.0])
+            .unwrap();
+        w.add_tensor_raw("q", GgmlType::Q8_0, &[32, 1], vec![9u8; 34])
+            .unwrap();
         w.to_bytes()
     }
 
@@ -1343,14 +1364,23 @@ mod tests {
         assert_eq!(f.data_offset % 32, 0);
         let a = f.tensor("a").unwrap();
         assert_eq!(a.ne, vec![3, 2]);
-        assert_eq!(f.tensor_f32_owned("a").unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(
+            f.tensor_f32_owned("a").unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
         let b = f.tensor_f32_owned("b").unwrap();
         assert_eq!(&b[..3], &[0.5, -1.0, 65504.0]);
         assert!((b[3] - 1e-7).abs() <= 3e-8); // f16 subnormal step is 2^-24
         assert_eq!(f.tensor_data("q").unwrap(), &[9u8; 34][..]);
         assert_eq!(f.tensor("q").unwrap().offset % 32, 0);
-        assert!(matches!(f.tensor_data("zz"), Err(GgufError::TensorNotFound(_))));
-        assert!(matches!(f.tensor_f32("b"), Err(GgufError::WrongTensorType { .. })));
+        assert!(matches!(
+            f.tensor_data("zz"),
+            Err(GgufError::TensorNotFound(_))
+        ));
+        assert!(matches!(
+            f.tensor_f32("b"),
+            Err(GgufError::WrongTensorType { .. })
+        ));
         // Name ranges point at the name bytes.
         let (s, e) = a.name_range;
         assert_eq!(&bytes[s as usize..e as usize], b"a");
@@ -1360,7 +1390,8 @@ mod tests {
             w.add(k, v.clone());
         }
         for t in &f.tensors {
-            w.add_tensor_raw(&t.name, t.ggml_type, &t.ne, f.data_of(t).unwrap().to_vec()).unwrap();
+            w.add_tensor_raw(&t.name, t.ggml_type, &t.ne, f.data_of(t).unwrap().to_vec())
+                .unwrap();
         }
         assert_eq!(w.to_bytes(), bytes);
     }
@@ -1385,7 +1416,12 @@ mod tests {
         let bytes = sample();
         let full = GgufFile::parse(&bytes).unwrap();
         // Only the trailing padding after the last tensor may be cut without an error.
-        let data_end = full.tensors.iter().map(|t| full.data_offset + t.offset + t.byte_size().unwrap()).max().unwrap();
+        let data_end = full
+            .tensors
+            .iter()
+            .map(|t| full.data_offset + t.offset + t.byte_size().unwrap())
+            .max()
+            .unwrap();
         for cut in 0..bytes.len() {
             match GgufFile::parse(&bytes[..cut]) {
                 Err(GgufError::Truncated { .. } | GgufError::CountTooLarge { .. }) => {}
@@ -1411,19 +1447,32 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!(GgufFile::parse(b"GGUX\x03\0\0\0"), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            GgufFile::parse(b"GGUX\x03\0\0\0"),
+            Err(GgufError::BadMagic(_))
+        ));
         let mut b = sample();
         b[4] = 1;
-        assert_eq!(GgufFile::parse(&b).unwrap_err(), GgufError::UnsupportedVersion(1));
+        assert_eq!(
+            GgufFile::parse(&b).unwrap_err(),
+            GgufError::UnsupportedVersion(1)
+        );
         // A huge metadata count is refused before allocation.
         let mut b = sample();
         b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(GgufFile::parse(&b), Err(GgufError::CountTooLarge { .. })));
+        assert!(matches!(
+            GgufFile::parse(&b),
+            Err(GgufError::CountTooLarge { .. })
+        ));
         let mut w = GgufWriter::new();
         w.add_tensor_f32("x", &[2], &[1.0]).unwrap_err();
-        w.add_tensor_raw("q", GgmlType::Q4_K, &[32], vec![0; 18]).unwrap_err();
+        w.add_tensor_raw("q", GgmlType::Q4_K, &[32], vec![0; 18])
+            .unwrap_err();
         w.add_tensor_f32("x", &[1], &[1.0]).unwrap();
-        assert!(matches!(w.add_tensor_f32("x", &[1], &[1.0]), Err(GgufError::DuplicateTensor(_))));
+        assert!(matches!(
+            w.add_tensor_f32("x", &[1], &[1.0]),
+            Err(GgufError::DuplicateTensor(_))
+        ));
     }
 
     #[test]
@@ -1435,12 +1484,21 @@ mod tests {
         let type_pos = 24 + 8 + 1 + 4 + 8;
         bytes[type_pos..type_pos + 4].copy_from_slice(&200u32.to_le_bytes());
         let f = GgufFile::parse(&bytes).unwrap();
-        assert!(matches!(f.tensor_data("x"), Err(GgufError::UnknownGgmlType { type_id: 200, .. })));
+        assert!(matches!(
+            f.tensor_data("x"),
+            Err(GgufError::UnknownGgmlType { type_id: 200, .. })
+        ));
     }
 
     #[test]
     fn half_conversions() {
-        for (x, h) in [(1.0f32, 0x3c00u16), (-2.0, 0xc000), (65504.0, 0x7bff), (1e6, 0x7c00), (0.0, 0)] {
+        for (x, h) in [
+            (1.0f32, 0x3c00u16),
+            (-2.0, 0xc000),
+            (65504.0, 0x7bff),
+            (1e6, 0x7c00),
+            (0.0, 0),
+        ] {
             assert_eq!(f32_to_f16(x), h, "{x}");
         }
         for h in 0..=u16::MAX {
@@ -1456,11 +1514,49 @@ mod tests {
 
     #[cfg(feature = "std")]
     #[test]
+    fn read_header_streams_and_checks_extents() {
+        let bytes = sample();
+        let dir = std::env::temp_dir().join(format!("amend-gguf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let h = GgufFile::read_header(&path).unwrap();
+        assert_eq!(h, GgufFile::parse(&bytes).unwrap().header);
+        // Header intact but tensor data cut: the streamed reader still notices.
+        let f = GgufFile::parse(&bytes).unwrap();
+        std::fs::write(&path, &bytes[..f.data_offset as usize + 8]).unwrap();
+        assert!(matches!(
+            GgufFile::read_header(&path),
+            Err(GgufError::Truncated {
+                what: "tensor data",
+                ..
+            })
+        ));
+        // 30 bytes: the metadata count no longer fits in what remains.
+        std::fs::write(&path, &bytes[..30]).unwrap();
+        assert!(matches!(
+            GgufFile::read_header(&path),
+            Err(GgufError::CountTooLarge {
+                what: "metadata",
+                ..
+            })
+        ));
+        assert!(matches!(
+            GgufFile::read_header(dir.join("missing.gguf")),
+            Err(GgufError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
     fn real_model_header() {
-        let path = std::env::var("AMEND_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            std::path::Path::new(&home).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
-        });
+        let path = std::env::var("AMEND_MODEL")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                let home = std::env::var("HOME").unwrap_or_default();
+                std::path::Path::new(&home).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            });
         if !path.exists() {
             if std::env::var("AMEND_REQUIRE_MODEL").as_deref() == Ok("1") {
                 panic!("model {} missing and AMEND_REQUIRE_MODEL=1", path.display());
@@ -1478,7 +1574,9 @@ mod tests {
         let down = h.tensor("blk.12.ffn_down.weight").unwrap();
         assert_eq!(down.ne, vec![2048, 640]);
         assert_eq!(
-            h.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(GgufArray::len),
+            h.get("tokenizer.ggml.tokens")
+                .and_then(GgufValue::as_array)
+                .map(GgufArray::len),
             Some(262_144)
         );
         // Tensors are laid out back to back: each known size ends at or before the next offset.

@@ -78,6 +78,13 @@ pub extern "C" fn amend_last_error() -> *const c_char {
     error::last_error_ptr()
 }
 
+/// How many handles (of every kind) are live: opened and not yet freed. For leak checks in
+/// tests and bindings; 0 once everything has been freed.
+#[no_mangle]
+pub extern "C" fn amend_live_handles() -> usize {
+    handle::live_count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

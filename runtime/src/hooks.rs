@@ -165,6 +165,9 @@ impl Hasher for Fnv {
     }
 }
 
+/// Node name -> the (entry index, point) pairs listening on it.
+type NameMap = HashMap<Box<[u8]>, Vec<(usize, HookPoint)>, BuildHasherDefault<Fnv>>;
+
 struct Entry {
     id: HookId,
     hook: Box<dyn Hook>,
@@ -175,7 +178,7 @@ struct Entry {
 pub(crate) struct HookState {
     entries: Vec<Entry>,
     /// node name -> (entry index, point), in registration order.
-    by_name: HashMap<Box<[u8]>, Vec<(usize, HookPoint)>, BuildHasherDefault<Fnv>>,
+    by_name: NameMap,
     next_id: u64,
     n_embd: usize,
     /// Rows of the batch being decoded, in batch order.

@@ -36,3 +36,14 @@ pub use llama_cpp_sys_2 as sys;
 
 /// A token id.
 pub type Token = i32;
+
+// Compile-time checks of the threading contract documented in docs/runtime.md.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Model>();
+    send_sync::<std::sync::Arc<Model>>();
+    send::<Session>();
+    send_sync::<CancelHandle>();
+    send::<Box<dyn Hook>>();
+};

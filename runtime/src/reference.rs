@@ -101,7 +101,6 @@ impl RawContext {
                 }
                 t.prefill = t0.elapsed();
                 let t1 = Instant::now();
-                let mut pos = prompt.len();
                 for i in 0..n {
                     let tok = if llama_sampler {
                         sys::llama_sampler_sample(smpl, self.ctx.as_ptr(), -1)
@@ -116,12 +115,11 @@ impl RawContext {
                     if i + 1 == n {
                         break;
                     }
-                    fill(&mut batch, &[tok], pos);
+                    fill(&mut batch, &[tok], prompt.len() + i);
                     let rc = sys::llama_decode(self.ctx.as_ptr(), batch);
                     if rc != 0 {
                         return Err(RuntimeError::Decode { code: rc });
                     }
-                    pos += 1;
                     t.n_decoded += 1;
                 }
                 t.decode = t1.elapsed();

@@ -639,3 +639,36 @@ fn two_sessions_on_two_threads_match_serial() {
         }
     }
 }
+
+#[test]
+fn bench_runs_every_variant() {
+    let m = common::tiny(Architecture::Llama);
+    let cfg = amend_runtime::bench::BenchConfig {
+        prompt_tokens: 16,
+        gen_tokens: 8,
+        rounds: 2,
+        n_threads: Some(1),
+        layer: None,
+    };
+    let mut lines = 0;
+    let r = amend_runtime::bench::run_bench(&m, &cfg, |_| lines += 1).unwrap();
+    assert_eq!(lines, 8);
+    assert_eq!(r.point, HookPoint::new(1, Site::ResidualOut));
+    assert_eq!(r.results.len(), 4);
+    for v in amend_runtime::bench::Variant::ALL {
+        let (p, d) = r.ratio(v);
+        assert!(
+            p.is_finite() && p > 0.0 && d.is_finite() && d > 0.0,
+            "{v:?}: {p} {d}"
+        );
+    }
+    assert!(r.table().contains("amend, writing hook"));
+    let bad = amend_runtime::bench::BenchConfig {
+        prompt_tokens: 0,
+        ..cfg
+    };
+    assert!(matches!(
+        amend_runtime::bench::run_bench(&m, &bad, |_| {}),
+        Err(RuntimeError::InvalidParams(_))
+    ));
+}

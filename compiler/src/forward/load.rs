@@ -25,7 +25,7 @@ impl Weights {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| CompileError::BadGguf {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: crate::error::candle_message(&e),
         })?;
         Ok(Weights {
             content,
@@ -270,7 +270,7 @@ impl Model {
         };
         Ok(Model {
             output_act_quant,
-            emulate_device: true,
+            emulate_device: false,
             cfg,
             tok_embd,
             output,

@@ -7,7 +7,9 @@
 //! Codebook update per edit, as in GRACE with a nearest entry at distance `d` (radius `r_n`):
 //! - none, or `d > radius + r_n`: add an entry (radius = `grace.radius`);
 //! - within reach and a different target: add an entry and split, both radii = `d / 2`;
-//! - within reach and the same target: expand the entry's radius to cover the key.
+//! - within reach and the same target: GRACE widens the entry; here every edit owns its rows
+//!   (bundles roll edits back one by one), so the edit gets its own row (an exact duplicate
+//!   shares the trained value).
 
 use super::{Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
@@ -75,10 +77,24 @@ pub(crate) fn compile(
             .map(|(j, e)| (j, dist(&e.key, &key)))
             .min_by(|a, b| a.1.total_cmp(&b.1));
         let (action, row, trained) = match nearest {
+            Some((j, d)) if d <= 1e-4 && entries[j].label == label => {
+                // The same key and answer again: a row of its own (bundles give every edit its
+                // own units, for rollback) sharing the trained value.
+                let e = Entry { key: key.clone(), ..entries[j].clone() };
+                entries.push(e);
+                (format!("duplicate of row {j}"), entries.len() - 1, None)
+            }
             Some((j, d)) if d <= hp.radius + entries[j].radius && entries[j].label == label => {
-                // Same answer nearby: cover this key with the existing entry.
-                entries[j].radius = entries[j].radius.max(d);
-                ("expanded".to_string(), j, None)
+                // Same answer nearby: no conflict, so no split; GRACE would widen row j, but
+                // each edit needs its own row, so this one gets a trained row of its own.
+                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                entries.push(Entry {
+                    key: key.clone(),
+                    value: t.value.clone(),
+                    radius: hp.radius.max(d - entries[j].radius),
+                    label,
+                });
+                (format!("added near row {j} (same target)"), entries.len() - 1, Some(t))
             }
             Some((j, d)) if d <= hp.radius + entries[j].radius => {
                 let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;

@@ -276,8 +276,8 @@ pub struct LowRankGgufDesc {
 /// How memory embeddings were computed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EmbedderDesc {
-    /// Pooled hidden state of the base model at `layer` (`pooling`: 0 mean, 1 last token).
-    BaseModel { layer: u32, pooling: u8 },
+    /// Pooled hidden state of the base model at `layer`/`site` (`pooling`: 0 mean, 1 last token).
+    BaseModel { layer: u32, site: u8, pooling: u8 },
     /// An external embedding model, named.
     External { model_id: String },
 }

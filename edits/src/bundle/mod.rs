@@ -13,8 +13,9 @@ use core::ops::Range;
 
 pub use format::*;
 pub use reader::{all_finite, check_manifest, decode_manifest, read_header, units, verify, verify_signature, BundleError, Verified};
-pub use writer::{assemble, layout, sign_in_place, BundleBuilder, BundleMeta};
+pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};
 
+use crate::families::{self, InvalidPayload};
 use crate::keys::{KeyId, TrustStore};
 use crate::site::Site;
 
@@ -113,7 +114,31 @@ impl<B: AsRef<[u8]>> Bundle<B> {
     /// and hashes check out.
     pub fn open(bytes: B, trust: &TrustStore) -> Result<Self, BundleError> {
         let verified = verify(bytes.as_ref(), trust)?;
-        Ok(Bundle { bytes, verified })
+        let b = Bundle { bytes, verified };
+        b.check_families()?;
+        Ok(b)
+    }
+
+    /// Build every payload's family object once over all its units, so the families' own
+    /// checks (radii, unit-norm embeddings, GGUF-LoRA structure) run at open and views handed
+    /// out later cannot fail.
+    fn check_families(&self) -> Result<(), BundleError> {
+        for p in 0..self.payloads().len() {
+            let n = self.units(p);
+            let r = match &self.payloads()[p] {
+                Payload::Codebook(_) => self.codebook(p, 0..n).map(|v| v.to_family().map(drop)),
+                Payload::PatchNeurons(_) => self.patch_neurons(p, 0..n).map(|v| v.to_family().map(drop)),
+                Payload::LowRank(_) => self.low_rank(p, |_| true).map(|v| LowRankTensorView::to_family(&v).map(drop)),
+                Payload::LowRankGguf(_) => self.gguf_lora(p).map(|b| families::LowRank::from_gguf_blob(b).map(drop)),
+                Payload::Memory(_) => self.memory(p, 0..n).map(|v| v.to_family().map(drop)),
+            };
+            match r {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(BundleError::InvalidPayload { payload: p, reason: e.0 }),
+                None => return Err(BundleError::InvalidPayload { payload: p, reason: "no view" }),
+            }
+        }
+        Ok(())
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -342,4 +367,87 @@ pub struct MemoryView<'a> {
     pub template: &'a str,
     pub embedder: &'a EmbedderDesc,
     pub rows: Range<usize>,
+}
+
+impl<'a> CodebookView<'a> {
+    /// The families' zero-copy codebook over these rows.
+    pub fn to_family(&self) -> Result<families::Codebook<'a>, InvalidPayload> {
+        let distance = families::Distance::from_code(self.distance).ok_or(InvalidPayload("distance code"))?;
+        families::Codebook::new(
+            self.layer,
+            self.key_site,
+            self.replace_site,
+            self.dim,
+            self.keys,
+            self.values,
+            self.radii,
+            distance,
+            self.all_positions,
+        )
+    }
+}
+
+impl<'a> PatchNeuronsView<'a> {
+    pub fn to_family(&self) -> Result<families::PatchNeurons<'a>, InvalidPayload> {
+        let act = families::Activation::from_code(self.activation).ok_or(InvalidPayload("activation code"))?;
+        families::PatchNeurons::new(
+            self.layer,
+            self.read_site,
+            self.write_site,
+            self.dim,
+            self.keys,
+            self.biases,
+            self.values,
+            act,
+        )
+    }
+}
+
+impl<'a> LowRankTensorView<'a> {
+    /// One families' `LowRank` applying all `tensors` together.
+    pub fn to_family(tensors: &[LowRankTensorView<'a>]) -> Result<families::LowRank<'a>, InvalidPayload> {
+        families::LowRank::new(
+            tensors
+                .iter()
+                .map(|t| families::LowRankTensor {
+                    name: t.name,
+                    n_in: t.n_in,
+                    n_out: t.n_out,
+                    rank: t.rank,
+                    a: t.a,
+                    b: t.b,
+                    alpha: t.alpha,
+                })
+                .collect(),
+        )
+    }
+}
+
+impl<'a> MemoryView<'a> {
+    pub fn to_family(&self) -> Result<families::Memory<'a>, InvalidPayload> {
+        let embedder = match self.embedder {
+            EmbedderDesc::BaseModel { layer, site, pooling } => families::Embedder::BaseModel {
+                layer: *layer,
+                site: Site::from_code(*site).ok_or(InvalidPayload("site code"))?,
+                pooling: families::Pooling::from_code(*pooling).ok_or(InvalidPayload("pooling code"))?,
+            },
+            EmbedderDesc::External { model_id } => families::Embedder::External { model_id },
+        };
+        families::Memory::new(
+            self.embed_dim,
+            self.embeddings,
+            self.threshold,
+            self.records
+                .iter()
+                .map(|r| families::MemoryRecord {
+                    edit_id: &r.edit_id,
+                    prompt: &r.prompt,
+                    target: &r.target,
+                    text: &r.text,
+                })
+                .collect(),
+            self.template,
+            embedder,
+        )
+    }
 }

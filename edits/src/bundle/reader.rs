@@ -473,10 +473,21 @@ fn check_section_bytes(m: &Manifest, buf: &[u8], payload_offset: u64) -> Result<
     }
     for (i, s) in m.sections.iter().enumerate() {
         let bytes = &buf[s.offset as usize..(s.offset + s.len) as usize];
-        if Sha256::digest(bytes).as_slice() != s.sha256 {
+        // Hash and scan chunk by chunk so each chunk is read from memory once (still in cache
+        // for the finiteness scan). A NaN found early is only reported after the hash matched,
+        // so corruption is always reported as corruption.
+        let mut h = Sha256::new();
+        let mut finite = true;
+        for chunk in bytes.chunks(64 << 10) {
+            h.update(chunk);
+            if s.dtype == Dtype::F32 as u8 {
+                finite &= all_finite(chunk);
+            }
+        }
+        if h.finalize().as_slice() != s.sha256 {
             return Err(BundleError::SectionHash { index: i });
         }
-        if s.dtype == Dtype::F32 as u8 && !all_finite(bytes) {
+        if !finite {
             return Err(BundleError::NonFinite { index: i });
         }
     }
@@ -654,8 +665,14 @@ fn check_payload(
             if let EmbedderDesc::External { model_id } = &d.embedder {
                 check_str(model_id, "embedder id length")?;
             }
-            if let EmbedderDesc::BaseModel { layer, pooling } = &d.embedder {
+            if let EmbedderDesc::BaseModel {
+                layer,
+                site: s,
+                pooling,
+            } = &d.embedder
+            {
                 layer_ok(*layer)?;
+                site(pi, *s)?;
                 if *pooling > 1 {
                     return Err(BundleError::UnknownCode {
                         payload: pi,

@@ -315,3 +315,8 @@ pub fn sign_in_place(buf: &mut [u8], key: &SigningKey) -> Result<(), BundleError
     buf[at + KEY_ID_LEN..at + SIG_BLOCK_LEN].copy_from_slice(&sig);
     Ok(())
 }
+
+/// The postcard encoding of a manifest (what the header's manifest_len counts).
+pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, BundleError> {
+    postcard::to_allocvec(m).map_err(|_| BundleError::BadManifest("encode"))
+}

@@ -241,14 +241,39 @@ mod tests {
         let keys = [0.0, 0.0, 10.0, 0.0];
         let values = [1.0, 1.0, 2.0, 2.0];
         let radii = [1.0, 2.0];
-        let cb = Codebook::new(4, S, R, 2, &keys, &values, &radii, Distance::Euclidean, false).unwrap();
+        let cb = Codebook::new(
+            4,
+            S,
+            R,
+            2,
+            &keys,
+            &values,
+            &radii,
+            Distance::Euclidean,
+            false,
+        )
+        .unwrap();
         // Exactly on the boundary counts as within.
         let h = cb.nearest(&[0.0, 1.0], None).unwrap();
-        assert_eq!(h, CodebookHit { index: 0, distance: 1.0, within_radius: true });
+        assert_eq!(
+            h,
+            CodebookHit {
+                index: 0,
+                distance: 1.0,
+                within_radius: true
+            }
+        );
         let h = cb.nearest(&[0.0, 1.0001], None).unwrap();
         assert!(!h.within_radius && h.index == 0);
         let h = cb.nearest(&[8.0, 0.0], None).unwrap();
-        assert_eq!(h, CodebookHit { index: 1, distance: 2.0, within_radius: true });
+        assert_eq!(
+            h,
+            CodebookHit {
+                index: 1,
+                distance: 2.0,
+                within_radius: true
+            }
+        );
         // Inactive entry 1 is skipped: entry 0 is nearest (and out of radius).
         let h = cb.nearest(&[8.0, 0.0], Some(&[true, false])).unwrap();
         assert_eq!((h.index, h.distance, h.within_radius), (0, 8.0, false));
@@ -275,8 +300,18 @@ mod tests {
         let values = [7.0, 7.0, 8.0, 8.0];
         // sqrt(2 - 2 cos 0.1) = 0.09996; radius 0.1 admits it.
         let radii = [0.1, 0.1];
-        let cb = Codebook::new(0, S, R, 2, &keys, &values, &radii, Distance::NormalizedEuclidean, false)
-            .unwrap();
+        let cb = Codebook::new(
+            0,
+            S,
+            R,
+            2,
+            &keys,
+            &values,
+            &radii,
+            Distance::NormalizedEuclidean,
+            false,
+        )
+        .unwrap();
         let t = 0.1f32;
         let q = [30_000.0 * libm::cosf(t), 30_000.0 * libm::sinf(t)];
         let h = cb.nearest(&q, None).unwrap();
@@ -291,7 +326,18 @@ mod tests {
         // Zero query has no direction.
         assert!(cb.nearest(&[0.0, 0.0], None).is_none());
 
-        let cos_cb = Codebook::new(0, S, R, 2, &keys, &values, &[0.5, 0.5], Distance::Cosine, true).unwrap();
+        let cos_cb = Codebook::new(
+            0,
+            S,
+            R,
+            2,
+            &keys,
+            &values,
+            &[0.5, 0.5],
+            Distance::Cosine,
+            true,
+        )
+        .unwrap();
         let h = cos_cb.nearest(&[1.0, 1.0], None).unwrap();
         // cos = 1/sqrt(2) to both: the first wins ties; 1 - 0.7071 = 0.2929.
         assert_eq!(h.index, 0);
@@ -317,11 +363,24 @@ mod tests {
         }
         let values = vec![0.0; n * d];
         let radii = vec![0.5; n];
-        let cb = Codebook::new(0, S, R, d, &keys, &values, &radii, Distance::NormalizedEuclidean, false)
-            .unwrap();
+        let cb = Codebook::new(
+            0,
+            S,
+            R,
+            d,
+            &keys,
+            &values,
+            &radii,
+            Distance::NormalizedEuclidean,
+            false,
+        )
+        .unwrap();
         let mut active = vec![true; n];
         for q_i in [3usize, 150, 299] {
-            let q: Vec<f32> = keys[q_i * d..(q_i + 1) * d].iter().map(|x| x * 123.0 + 0.001).collect();
+            let q: Vec<f32> = keys[q_i * d..(q_i + 1) * d]
+                .iter()
+                .map(|x| x * 123.0 + 0.001)
+                .collect();
             let h = cb.nearest(&q, Some(&active)).unwrap();
             assert_eq!(h.index, q_i);
             assert!(h.distance < 1e-3);
@@ -348,7 +407,9 @@ mod tests {
         assert!(Codebook::new(0, S, R, 2, &[], &[], &[], e, false).is_err());
         assert!(Codebook::new(0, S, R, 2, &[0.0, f32::NAN], &[0.0; 2], &[1.0], e, false).is_err());
         assert!(Codebook::new(0, S, R, 2, &[0.0; 2], &[0.0; 2], &[-1.0], e, false).is_err());
-        assert!(Codebook::new(0, S, R, 2, &[0.0; 2], &[0.0; 2], &[f32::INFINITY], e, false).is_err());
+        assert!(
+            Codebook::new(0, S, R, 2, &[0.0; 2], &[0.0; 2], &[f32::INFINITY], e, false).is_err()
+        );
         // Normalized distances need unit keys.
         let n = Distance::NormalizedEuclidean;
         assert_eq!(
@@ -356,7 +417,11 @@ mod tests {
             InvalidPayload("codebook: keys must be L2-normalized for the normalized distances")
         );
         assert!(Codebook::new(0, S, R, 2, &[0.6, 0.8], &[0.0; 2], &[1.0], n, false).is_ok());
-        for d in [Distance::Euclidean, Distance::NormalizedEuclidean, Distance::Cosine] {
+        for d in [
+            Distance::Euclidean,
+            Distance::NormalizedEuclidean,
+            Distance::Cosine,
+        ] {
             assert_eq!(Distance::from_code(d.code()), Some(d));
         }
         assert_eq!(Distance::from_code(3), None);

@@ -12,7 +12,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::InvalidPayload;
-use crate::gguf::{cast_f32, GgmlType, GgufError, GgufFile, GgufWriter};
+use crate::gguf::{cast_f32, GgmlType, GgufError, GgufFile, GgufWriter, TensorInfo};
 
 /// ggml's `GGML_MAX_NAME` (64, including the terminating NUL).
 const MAX_TENSOR_NAME: usize = 63;
@@ -62,7 +62,9 @@ impl<'a> LowRankTensor<'a> {
             ));
         }
         if self.n_in == 0 || self.n_out == 0 || self.rank == 0 {
-            return Err(InvalidPayload("low-rank: n_in, n_out and rank must be positive"));
+            return Err(InvalidPayload(
+                "low-rank: n_in, n_out and rank must be positive",
+            ));
         }
         if self.rank.checked_mul(self.n_in) != Some(self.a.len()) {
             return Err(InvalidPayload("low-rank: A must be [rank, n_in]"));
@@ -71,7 +73,9 @@ impl<'a> LowRankTensor<'a> {
             return Err(InvalidPayload("low-rank: B must be [n_out, rank]"));
         }
         if !(self.alpha.is_finite() && self.alpha != 0.0) {
-            return Err(InvalidPayload("low-rank: alpha must be finite and non-zero"));
+            return Err(InvalidPayload(
+                "low-rank: alpha must be finite and non-zero",
+            ));
         }
         if !self.a.iter().chain(self.b).all(|x| x.is_finite()) {
             return Err(InvalidPayload("low-rank: non-finite value in A or B"));
@@ -83,9 +87,15 @@ impl<'a> LowRankTensor<'a> {
     /// output row `out` (`n_out`).
     pub fn delta_apply(&self, x: &[f32], out: &mut [f32]) -> Result<(), InvalidPayload> {
         if x.len() != self.n_in || out.len() != self.n_out {
-            return Err(InvalidPayload("low-rank: x must be n_in long and out n_out long"));
+            return Err(InvalidPayload(
+                "low-rank: x must be n_in long and out n_out long",
+            ));
         }
-        let ax: Vec<f32> = self.a.chunks_exact(self.n_in).map(|row| super::dot(row, x)).collect();
+        let ax: Vec<f32> = self
+            .a
+            .chunks_exact(self.n_in)
+            .map(|row| super::dot(row, x))
+            .collect();
         let s = self.scale();
         for (o, brow) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
             *o += s * super::dot(brow, &ax);
@@ -156,7 +166,12 @@ impl<'a> LowRank<'a> {
     }
 
     /// Reference math for the tensor named `name`: `out += alpha/rank · B (A x)`.
-    pub fn delta_apply(&self, name: &str, x: &[f32], out: &mut [f32]) -> Result<(), InvalidPayload> {
+    pub fn delta_apply(
+        &self,
+        name: &str,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), InvalidPayload> {
         self.tensor(name)
             .ok_or(InvalidPayload("low-rank: no such tensor"))?
             .delta_apply(x, out)
@@ -195,83 +210,185 @@ impl<'a> LowRank<'a> {
     /// Accept a llama.cpp GGUF-LoRA file (`general.type = adapter`, `adapter.type = lora`), zero
     /// copy: tensors must be F32 and the blob 4-byte aligned (GGUF aligns tensor data to 32 bytes
     /// from the start of the file). `adapter.lora.alpha` missing or 0 means scale 1, as in
-    /// llama.cpp, so each tensor's alpha becomes its rank.
+    /// llama.cpp, so each tensor's alpha becomes its rank. Adapters with F16/BF16/quantized
+    /// tensors are checked with [`inspect_gguf_lora`] instead and handed to llama.cpp as they are.
     pub fn from_gguf_blob(blob: &'a [u8]) -> Result<LowRank<'a>, InvalidPayload> {
-        let f = GgufFile::parse(blob).map_err(|e| match e {
-            GgufError::Truncated { .. } => InvalidPayload("GGUF-LoRA: truncated file"),
-            GgufError::BadMagic(_) => InvalidPayload("GGUF-LoRA: not a GGUF file"),
-            _ => InvalidPayload("GGUF-LoRA: malformed GGUF"),
-        })?;
-        if f.get_str("general.type") != Some("adapter") {
-            return Err(InvalidPayload("GGUF-LoRA: general.type is not \"adapter\""));
-        }
-        if f.get_str("adapter.type") != Some("lora") {
-            return Err(InvalidPayload("GGUF-LoRA: adapter.type is not \"lora\""));
-        }
-        let arch = f
-            .architecture()
-            .ok_or(InvalidPayload("GGUF-LoRA: general.architecture missing"))?
-            .to_string();
-        let alpha = match f.get("adapter.lora.alpha") {
-            None => 0.0,
-            Some(v) => v
-                .as_f32()
-                .ok_or(InvalidPayload("GGUF-LoRA: adapter.lora.alpha is not a float"))?,
-        };
-        let mut tensors = Vec::new();
-        for ta in &f.tensors {
-            let base_len = match ta.name.strip_suffix(SUFFIX_A) {
-                Some(base) => base.len(),
-                None if ta.name.ends_with(SUFFIX_B) => continue,
-                None => return Err(InvalidPayload("GGUF-LoRA: tensor name without .lora_a/.lora_b")),
+        let f = parse_blob(blob)?;
+        let (arch, alpha, pairs) = lora_pairs(&f)?;
+        let mut tensors = Vec::with_capacity(pairs.len());
+        for p in pairs {
+            if p.a.ggml_type != GgmlType::F32 || p.b.ggml_type != GgmlType::F32 {
+                return Err(InvalidPayload(
+                    "GGUF-LoRA: only F32 tensors can be borrowed (convert F16/BF16 first)",
+                ));
+            }
+            let data = |t: &TensorInfo| {
+                f.data_of(t).ok().and_then(cast_f32).ok_or(InvalidPayload(
+                    "GGUF-LoRA: tensor data not 4-byte aligned in memory",
+                ))
             };
             // Borrow the base name from the blob itself (the parser recorded where it lies).
-            let (s, _) = ta.name_range;
+            let (s, _) = p.a.name_range;
+            let base_len = p.a.name.len() - SUFFIX_A.len();
             let name = core::str::from_utf8(&blob[s as usize..s as usize + base_len])
                 .map_err(|_| InvalidPayload("GGUF-LoRA: tensor name is not UTF-8"))?;
-            let tb = f
-                .tensor(&[name, SUFFIX_B].concat())
-                .ok_or(InvalidPayload("GGUF-LoRA: lora_a without matching lora_b"))?;
-            let (n_in, rank) = match ta.ne[..] {
-                [n_in, r] => (n_in, r),
-                _ => return Err(InvalidPayload("GGUF-LoRA: lora_a must be 2-d [n_in, r]")),
+            let as_usize = |x: u64| {
+                usize::try_from(x).map_err(|_| InvalidPayload("GGUF-LoRA: dimension too large"))
             };
-            let n_out = match tb.ne[..] {
-                [r, n_out] if r == rank => n_out,
-                _ => return Err(InvalidPayload("GGUF-LoRA: lora_b must be 2-d [r, n_out] with lora_a's r")),
-            };
-            if ta.ggml_type != GgmlType::F32 || tb.ggml_type != GgmlType::F32 {
-                return Err(InvalidPayload("GGUF-LoRA: only F32 tensors can be borrowed (convert F16/BF16 first)"));
-            }
-            let data = |t: &crate::gguf::TensorInfo| {
-                f.data_of(t)
-                    .ok()
-                    .and_then(cast_f32)
-                    .ok_or(InvalidPayload("GGUF-LoRA: tensor data not 4-byte aligned in memory"))
-            };
-            let (a, b) = (data(ta)?, data(tb)?);
-            let as_usize = |x: u64| usize::try_from(x).map_err(|_| InvalidPayload("GGUF-LoRA: dimension too large"));
-            let rank = as_usize(rank)?;
+            let rank = as_usize(p.rank)?;
             tensors.push(LowRankTensor {
                 name,
-                n_in: as_usize(n_in)?,
-                n_out: as_usize(n_out)?,
+                n_in: as_usize(p.n_in)?,
+                n_out: as_usize(p.n_out)?,
                 rank,
-                a,
-                b,
+                a: data(p.a)?,
+                b: data(p.b)?,
                 alpha: if alpha == 0.0 { rank as f32 } else { alpha },
             });
-        }
-        // Every lora_b must have been paired.
-        let n_b = f.tensors.iter().filter(|t| t.name.ends_with(SUFFIX_B)).count();
-        if n_b != tensors.len() {
-            return Err(InvalidPayload("GGUF-LoRA: lora_b without matching lora_a"));
         }
         let mut lr = LowRank::new(tensors)?;
         lr.blob = Some(blob);
         lr.arch = Some(arch);
         Ok(lr)
     }
+}
+
+/// What a GGUF-LoRA adapter holds, for adapters of any tensor type (see [`inspect_gguf_lora`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufLoraInfo {
+    pub architecture: String,
+    /// `adapter.lora.alpha` (0 when absent: llama.cpp then uses scale 1).
+    pub alpha: f32,
+    pub tensors: Vec<GgufLoraTensor>,
+}
+
+/// One adapted base tensor of a GGUF-LoRA.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufLoraTensor {
+    /// The base tensor, e.g. `blk.5.ffn_down.weight`.
+    pub name: String,
+    pub n_in: u64,
+    pub n_out: u64,
+    pub rank: u64,
+    pub a_type: GgmlType,
+    pub b_type: GgmlType,
+    /// What llama.cpp multiplies `B A` by at user scale 1: `alpha / rank` (1 when alpha is 0).
+    pub scale: f32,
+}
+
+/// Validate a llama.cpp GGUF-LoRA of any tensor types (F32, F16, BF16, quantized): header keys,
+/// `lora_a`/`lora_b` pairing and shapes, data bounds. The runtime checks `n_in`/`n_out` against
+/// the model's tensors before handing the blob to llama.cpp.
+pub fn inspect_gguf_lora(blob: &[u8]) -> Result<GgufLoraInfo, InvalidPayload> {
+    let f = parse_blob(blob)?;
+    let (architecture, alpha, pairs) = lora_pairs(&f)?;
+    let tensors = pairs
+        .into_iter()
+        .map(|p| GgufLoraTensor {
+            name: p.a.name[..p.a.name.len() - SUFFIX_A.len()].to_string(),
+            n_in: p.n_in,
+            n_out: p.n_out,
+            rank: p.rank,
+            a_type: p.a.ggml_type,
+            b_type: p.b.ggml_type,
+            scale: if alpha == 0.0 {
+                1.0
+            } else {
+                alpha / p.rank as f32
+            },
+        })
+        .collect();
+    Ok(GgufLoraInfo {
+        architecture,
+        alpha,
+        tensors,
+    })
+}
+
+fn parse_blob(blob: &[u8]) -> Result<GgufFile<'_>, InvalidPayload> {
+    GgufFile::parse(blob).map_err(|e| match e {
+        GgufError::Truncated { .. } => InvalidPayload("GGUF-LoRA: truncated file"),
+        GgufError::BadMagic(_) => InvalidPayload("GGUF-LoRA: not a GGUF file"),
+        _ => InvalidPayload("GGUF-LoRA: malformed GGUF"),
+    })
+}
+
+struct Pair<'f> {
+    a: &'f TensorInfo,
+    b: &'f TensorInfo,
+    n_in: u64,
+    n_out: u64,
+    rank: u64,
+}
+
+/// Check the adapter keys and pair every `X.lora_a` with its `X.lora_b`.
+fn lora_pairs<'f>(f: &'f GgufFile<'_>) -> Result<(String, f32, Vec<Pair<'f>>), InvalidPayload> {
+    if f.get_str("general.type") != Some("adapter") {
+        return Err(InvalidPayload("GGUF-LoRA: general.type is not \"adapter\""));
+    }
+    if f.get_str("adapter.type") != Some("lora") {
+        return Err(InvalidPayload("GGUF-LoRA: adapter.type is not \"lora\""));
+    }
+    let arch = f
+        .architecture()
+        .ok_or(InvalidPayload("GGUF-LoRA: general.architecture missing"))?
+        .to_string();
+    let alpha = match f.get("adapter.lora.alpha") {
+        None => 0.0,
+        Some(v) => v.as_f32().filter(|a| a.is_finite()).ok_or(InvalidPayload(
+            "GGUF-LoRA: adapter.lora.alpha is not a finite float",
+        ))?,
+    };
+    let mut pairs = Vec::new();
+    for a in &f.tensors {
+        let base = match a.name.strip_suffix(SUFFIX_A) {
+            Some(base) if !base.is_empty() => base,
+            _ if a.name.ends_with(SUFFIX_B) => continue,
+            _ => {
+                return Err(InvalidPayload(
+                    "GGUF-LoRA: tensor name without <base>.lora_a/.lora_b",
+                ))
+            }
+        };
+        let b = f
+            .tensor(&[base, SUFFIX_B].concat())
+            .ok_or(InvalidPayload("GGUF-LoRA: lora_a without matching lora_b"))?;
+        let (n_in, rank) = match a.ne[..] {
+            [n_in, r] => (n_in, r),
+            _ => return Err(InvalidPayload("GGUF-LoRA: lora_a must be 2-d [n_in, r]")),
+        };
+        let n_out = match b.ne[..] {
+            [r, n_out] if r == rank => n_out,
+            _ => {
+                return Err(InvalidPayload(
+                    "GGUF-LoRA: lora_b must be 2-d [r, n_out] with lora_a's r",
+                ))
+            }
+        };
+        // Data must be present and sized (also rejects types this reader cannot size).
+        f.data_of(a)
+            .and(f.data_of(b))
+            .map_err(|_| InvalidPayload("GGUF-LoRA: tensor data missing or of an unknown type"))?;
+        pairs.push(Pair {
+            a,
+            b,
+            n_in,
+            n_out,
+            rank,
+        });
+    }
+    let n_b = f
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(SUFFIX_B))
+        .count();
+    if n_b != pairs.len() {
+        return Err(InvalidPayload("GGUF-LoRA: lora_b without matching lora_a"));
+    }
+    if pairs.is_empty() {
+        return Err(InvalidPayload("GGUF-LoRA: no lora tensors"));
+    }
+    Ok((arch, alpha, pairs))
 }
 
 #[cfg(test)]
@@ -283,7 +400,8 @@ mod tests {
     fn aligned(bytes: &[u8]) -> Vec<u32> {
         let mut v = vec![0u32; bytes.len().div_ceil(4)];
         // SAFETY: u32 has no invalid bit patterns; we write within the allocation.
-        let dst = unsafe { core::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) };
+        let dst =
+            unsafe { core::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) };
         dst[..bytes.len()].copy_from_slice(bytes);
         v
     }
@@ -293,17 +411,55 @@ mod tests {
         unsafe { core::slice::from_raw_parts(v.as_ptr() as *const u8, len) }
     }
 
+    /// A LoRA written by the `gguf` Python package 0.19.0 (GGUFWriter(path, "gemma3"), alpha 16,
+    /// lora_a = arange(6).reshape(2, 3) * 0.5, lora_b = arange(8).reshape(4, 2) - 3, float32).
+    const PY_LORA_HEX: &str = concat!(
+        "474755460300000002000000000000000400000000000000140000000000000067656e6572616c2e6172636869746563",
+        "7475726508000000060000000000000067656d6d61330c0000000000000067656e6572616c2e74797065080000000700",
+        "000000000000616461707465720c00000000000000616461707465722e747970650800000004000000000000006c6f72",
+        "611200000000000000616461707465722e6c6f72612e616c70686106000000000080411c00000000000000626c6b2e30",
+        "2e66666e5f646f776e2e7765696768742e6c6f72615f6102000000030000000000000002000000000000000000000000",
+        "000000000000001c00000000000000626c6b2e302e66666e5f646f776e2e7765696768742e6c6f72615f620200000002",
+        "0000000000000004000000000000000000000020000000000000000000000000000000000000003f0000803f0000c03f",
+        "00000040000020400000000000000000000040c0000000c0000080bf000000000000803f000000400000404000008040",
+    );
+
+    #[test]
+    fn reads_gguf_python_lora() {
+        let bytes: Vec<u8> = (0..PY_LORA_HEX.len() / 2)
+            .map(|i| u8::from_str_radix(&PY_LORA_HEX[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let store = aligned(&bytes);
+        let lr = LowRank::from_gguf_blob(as_bytes(&store, bytes.len())).unwrap();
+        assert_eq!(lr.architecture(), Some("gemma3"));
+        let t = lr.tensor("blk.0.ffn_down.weight").unwrap();
+        assert_eq!((t.n_in, t.n_out, t.rank, t.alpha), (3, 4, 2, 16.0));
+        assert_eq!(t.a, &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+        assert_eq!(t.b, &[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]);
+        let info = inspect_gguf_lora(&bytes).unwrap();
+        assert_eq!(info.tensors[0].scale, 8.0);
+    }
+
     #[test]
     fn delta_matches_dense() {
         // n_in 3, n_out 2, rank 2, alpha 4 => scale 2.
         let a = [1.0, 0.0, 2.0, 0.0, 1.0, -1.0];
         let b = [1.0, 2.0, -1.0, 0.5];
-        let t = LowRankTensor { name: "blk.0.ffn_down.weight", n_in: 3, n_out: 2, rank: 2, a: &a, b: &b, alpha: 4.0 };
+        let t = LowRankTensor {
+            name: "blk.0.ffn_down.weight",
+            n_in: 3,
+            n_out: 2,
+            rank: 2,
+            a: &a,
+            b: &b,
+            alpha: 4.0,
+        };
         let lr = LowRank::new(vec![t]).unwrap();
         let x = [1.0, 2.0, 3.0];
         // A x = [7, -1]; B (A x) = [7 - 2, -7 - 0.5] = [5, -7.5]; * 2 = [10, -15].
         let mut out = [1.0, 1.0];
-        lr.delta_apply("blk.0.ffn_down.weight", &x, &mut out).unwrap();
+        lr.delta_apply("blk.0.ffn_down.weight", &x, &mut out)
+            .unwrap();
         assert_eq!(out, [11.0, -14.0]);
         let dw = t.dense_delta();
         for o in 0..2 {
@@ -325,7 +481,15 @@ mod tests {
         let a1 = [0.5, -1.0, 2.0, 0.25, 0.0, 1.0]; // rank 2, n_in 3
         let b1 = [1.0, 2.0, 3.0, 4.0]; // n_out 2
         let (u, v) = ([1.0, 2.0, 3.0], [4.0, 5.0]);
-        let t1 = LowRankTensor { name: "blk.3.ffn_down.weight", n_in: 3, n_out: 2, rank: 2, a: &a1, b: &b1, alpha: 8.0 };
+        let t1 = LowRankTensor {
+            name: "blk.3.ffn_down.weight",
+            n_in: 3,
+            n_out: 2,
+            rank: 2,
+            a: &a1,
+            b: &b1,
+            alpha: 8.0,
+        };
         let t2 = LowRankTensor::rank_one("blk.4.ffn_down.weight", &u, &v);
         let lr = LowRank::new(vec![t1, t2]).unwrap();
         let bytes = lr.to_gguf_lora("gemma3");
@@ -335,10 +499,22 @@ mod tests {
         assert_eq!(f.get_str("general.type"), Some("adapter"));
         assert_eq!(f.get_str("adapter.type"), Some("lora"));
         assert_eq!(f.get_f32("adapter.lora.alpha"), Some(8.0));
-        assert_eq!(f.tensor("blk.3.ffn_down.weight.lora_a").unwrap().ne, vec![3, 2]);
-        assert_eq!(f.tensor("blk.3.ffn_down.weight.lora_b").unwrap().ne, vec![2, 2]);
-        assert_eq!(f.tensor("blk.4.ffn_down.weight.lora_a").unwrap().ne, vec![3, 1]);
-        assert_eq!(f.tensor("blk.4.ffn_down.weight.lora_b").unwrap().ne, vec![1, 2]);
+        assert_eq!(
+            f.tensor("blk.3.ffn_down.weight.lora_a").unwrap().ne,
+            vec![3, 2]
+        );
+        assert_eq!(
+            f.tensor("blk.3.ffn_down.weight.lora_b").unwrap().ne,
+            vec![2, 2]
+        );
+        assert_eq!(
+            f.tensor("blk.4.ffn_down.weight.lora_a").unwrap().ne,
+            vec![3, 1]
+        );
+        assert_eq!(
+            f.tensor("blk.4.ffn_down.weight.lora_b").unwrap().ne,
+            vec![1, 2]
+        );
 
         let store = aligned(&bytes);
         let back = LowRank::from_gguf_blob(as_bytes(&store, bytes.len())).unwrap();
@@ -365,13 +541,16 @@ mod tests {
         let bytes = lr.to_gguf_lora("llama");
         // Not an adapter.
         let mut w = GgufWriter::new();
-        w.add("general.architecture", "llama").add("general.type", "model");
+        w.add("general.architecture", "llama")
+            .add("general.type", "model");
         let store = aligned(&w.to_bytes());
         let err = LowRank::from_gguf_blob(as_bytes(&store, w.to_bytes().len())).unwrap_err();
         assert_eq!(err.0, "GGUF-LoRA: general.type is not \"adapter\"");
         // Missing lora_b.
         let mut w = GgufWriter::new();
-        w.add("general.architecture", "llama").add("general.type", "adapter").add("adapter.type", "lora");
+        w.add("general.architecture", "llama")
+            .add("general.type", "adapter")
+            .add("adapter.type", "lora");
         w.add_tensor_f32("w.lora_a", &[2, 1], &[1.0, 2.0]).unwrap();
         let b = w.to_bytes();
         let store = aligned(&b);
@@ -385,12 +564,33 @@ mod tests {
         assert_eq!(got.tensors()[0].name, "w");
         // F16 tensors are refused with a clear message.
         let mut w16 = GgufWriter::new();
-        w16.add("general.architecture", "llama").add("general.type", "adapter").add("adapter.type", "lora");
-        w16.add_tensor_f16("w.lora_a", &[2, 1], &[1.0, 2.0]).unwrap();
+        w16.add("general.architecture", "llama")
+            .add("general.type", "adapter")
+            .add("adapter.type", "lora");
+        w16.add_tensor_f16("w.lora_a", &[2, 1], &[1.0, 2.0])
+            .unwrap();
         w16.add_tensor_f16("w.lora_b", &[1, 1], &[3.0]).unwrap();
         let b = w16.to_bytes();
         let store = aligned(&b);
-        assert!(LowRank::from_gguf_blob(as_bytes(&store, b.len())).unwrap_err().0.contains("F32"));
+        assert!(LowRank::from_gguf_blob(as_bytes(&store, b.len()))
+            .unwrap_err()
+            .0
+            .contains("F32"));
+        // ... but inspect accepts them, with llama.cpp's scale (alpha absent -> 1).
+        let info = inspect_gguf_lora(&b).unwrap();
+        assert_eq!(info.architecture, "llama");
+        assert_eq!(
+            info.tensors,
+            vec![GgufLoraTensor {
+                name: "w".into(),
+                n_in: 2,
+                n_out: 1,
+                rank: 1,
+                a_type: GgmlType::F16,
+                b_type: GgmlType::F16,
+                scale: 1.0
+            }]
+        );
         // Misaligned memory is refused, not read unaligned.
         let mut shifted = vec![0u8; 1];
         shifted.extend_from_slice(&bytes);
@@ -412,10 +612,18 @@ mod tests {
         assert!(LowRank::new(vec![ok, ok]).is_err());
         assert!(LowRank::new(vec![LowRankTensor { rank: 2, ..ok }]).is_err());
         assert!(LowRank::new(vec![LowRankTensor { alpha: 0.0, ..ok }]).is_err());
-        assert!(LowRank::new(vec![LowRankTensor { a: &[f32::NAN, 1.0], ..ok }]).is_err());
+        assert!(LowRank::new(vec![LowRankTensor {
+            a: &[f32::NAN, 1.0],
+            ..ok
+        }])
+        .is_err());
         assert!(LowRank::new(vec![LowRankTensor { name: "", ..ok }]).is_err());
         let long = "x".repeat(57);
         assert!(LowRank::new(vec![LowRankTensor { name: &long, ..ok }]).is_err());
-        assert!(LowRank::new(vec![LowRankTensor { name: &long[..56], ..ok }]).is_ok());
+        assert!(LowRank::new(vec![LowRankTensor {
+            name: &long[..56],
+            ..ok
+        }])
+        .is_ok());
     }
 }

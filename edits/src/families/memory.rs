@@ -12,7 +12,9 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::{check_matrix, check_unit_rows, dot, max_dot, InvalidPayload, Pooling};
+use super::{
+    check_matrix, check_unit_rows, dot, max_dot_indexed, F16Rows, InvalidPayload, Pooling,
+};
 use crate::site::Site;
 
 /// The text of one memorized edit (borrowed from the bundle).
@@ -59,6 +61,9 @@ pub struct Memory<'a> {
     records: Vec<MemoryRecord<'a>>,
     template: &'a str,
     embedder: Embedder<'a>,
+    /// f16 copy of the embeddings for a half-bandwidth first pass (x86_64 with F16C only);
+    /// results are identical with or without it.
+    index: Option<F16Rows>,
 }
 
 /// A piece of a parsed template.
@@ -83,7 +88,9 @@ fn walk_template<'t>(t: &'t str, mut f: impl FnMut(Piece<'t>)) -> Result<(), Inv
             f(Piece::Lit("}"));
             rest = r;
         } else if tail.starts_with('}') {
-            return Err(InvalidPayload("memory: template has an unmatched '}' (use '}}')"));
+            return Err(InvalidPayload(
+                "memory: template has an unmatched '}' (use '}}')",
+            ));
         } else {
             let end = tail
                 .find('}')
@@ -133,9 +140,15 @@ impl<'a> Memory<'a> {
             "memory: embeddings must be [records.len(), embed_dim]",
             "memory: non-finite embedding",
         )?;
-        check_unit_rows(embeddings, embed_dim, "memory: embeddings must be L2-normalized")?;
+        check_unit_rows(
+            embeddings,
+            embed_dim,
+            "memory: embeddings must be L2-normalized",
+        )?;
         if !(threshold.is_finite() && (-1.0..=1.0).contains(&threshold)) {
-            return Err(InvalidPayload("memory: threshold must be a cosine in [-1, 1]"));
+            return Err(InvalidPayload(
+                "memory: threshold must be a cosine in [-1, 1]",
+            ));
         }
         let mut has_prompt = false;
         walk_template(template, |p| has_prompt |= matches!(p, Piece::Prompt))?;
@@ -152,7 +165,23 @@ impl<'a> Memory<'a> {
             records,
             template,
             embedder,
+            index: None,
         })
+    }
+
+    /// Add an f16 copy of the embeddings (built here, half the f32 size) so each
+    /// [`Memory::nearest`] first scans half the bytes, then rescores the few rows the f16 error
+    /// bound cannot rule out in f32: results are identical, scans ~2x faster at 10,000 memories.
+    /// Only built where the CPU can use it (x86_64 with AVX2, F16C and FMA, `std`). Worth it when
+    /// the `Memory` is kept across requests; `new` alone stays a validation pass.
+    pub fn with_f16_index(mut self) -> Self {
+        self.index = F16Rows::if_useful(self.embeddings, self.embed_dim);
+        self
+    }
+
+    /// Whether [`Memory::with_f16_index`] built an index on this CPU.
+    pub fn has_f16_index(&self) -> bool {
+        self.index.is_some()
     }
 
     pub fn embed_dim(&self) -> usize {
@@ -193,7 +222,13 @@ impl<'a> Memory<'a> {
         if !(norm.is_finite() && norm > 0.0) {
             return None;
         }
-        let (index, d) = max_dot(self.embeddings, self.embed_dim, query_embedding, active)?;
+        let (index, d) = max_dot_indexed(
+            self.embeddings,
+            self.embed_dim,
+            self.index.as_ref(),
+            query_embedding,
+            active,
+        )?;
         let score = (d / norm).clamp(-1.0, 1.0);
         Some(MemoryHit {
             index,
@@ -244,7 +279,15 @@ mod tests {
     #[test]
     fn nearest_threshold_and_mask() {
         let emb = [1.0, 0.0, 0.0, 1.0];
-        let m = Memory::new(2, &emb, 0.8, vec![rec("a"), rec("b")], Memory::DEFAULT_TEMPLATE, EMB).unwrap();
+        let m = Memory::new(
+            2,
+            &emb,
+            0.8,
+            vec![rec("a"), rec("b")],
+            Memory::DEFAULT_TEMPLATE,
+            EMB,
+        )
+        .unwrap();
         // cos((3, 4), e1) = 0.8: exactly at the threshold is in scope.
         let h = m.nearest(&[3.0, 4.0], None).unwrap();
         assert_eq!(h.index, 1);
@@ -261,6 +304,29 @@ mod tests {
     }
 
     #[test]
+    fn f16_index_changes_nothing() {
+        let (n, d) = (300, 64);
+        let mut emb: Vec<f32> = (0..n * d)
+            .map(|i| libm::sinf(i as f32 * 0.618) + 0.01)
+            .collect();
+        emb.chunks_exact_mut(d).for_each(|r| {
+            crate::families::l2_normalize(r);
+        });
+        let recs: Vec<_> = (0..n).map(|_| rec("x")).collect();
+        let plain = Memory::new(d, &emb, 0.9, recs.clone(), Memory::DEFAULT_TEMPLATE, EMB).unwrap();
+        let fast = plain.clone().with_f16_index();
+        for t in 0..30 {
+            let q: Vec<f32> = (0..d)
+                .map(|j| libm::cosf((t * d + j) as f32 * 0.37) * 50.0)
+                .collect();
+            assert_eq!(plain.nearest(&q, None), fast.nearest(&q, None));
+            let hit = fast.nearest(&emb[t * d..(t + 1) * d], None).unwrap();
+            assert_eq!(hit.index, t);
+            assert!(hit.in_scope);
+        }
+    }
+
+    #[test]
     fn render_templates() {
         let emb = [1.0, 0.0];
         let m = Memory::new(2, &emb, 0.5, vec![rec("a")], Memory::DEFAULT_TEMPLATE, EMB).unwrap();
@@ -271,9 +337,15 @@ mod tests {
         assert_eq!(m.render(1, "x"), None);
         let t = "{{new}} {edit_prompt} -> {target}; {prompt}}}";
         let m = Memory::new(2, &emb, 0.5, vec![rec("a")], t, EMB).unwrap();
-        assert_eq!(m.render(0, "P").unwrap(), "{new} The capital of France is -> Berlin; P}");
+        assert_eq!(
+            m.render(0, "P").unwrap(),
+            "{new} The capital of France is -> Berlin; P}"
+        );
         for bad in ["{edit}", "{prompt} {nope}", "{prompt", "{prompt} }", ""] {
-            assert!(Memory::new(2, &emb, 0.5, vec![rec("a")], bad, EMB).is_err(), "{bad:?}");
+            assert!(
+                Memory::new(2, &emb, 0.5, vec![rec("a")], bad, EMB).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
@@ -286,8 +358,23 @@ mod tests {
         assert!(Memory::new(2, &[f32::NAN, 0.0], 0.5, vec![rec("a")], t, EMB).is_err());
         assert!(Memory::new(2, &[1.0, 0.0], 1.5, vec![rec("a")], t, EMB).is_err());
         assert!(Memory::new(2, &[1.0, 0.0], f32::NAN, vec![rec("a")], t, EMB).is_err());
-        assert!(Memory::new(2, &[1.0, 0.0], 0.5, vec![rec("a")], t, Embedder::External { model_id: "" }).is_err());
-        let ext = Embedder::External { model_id: "minilm-q8" };
-        assert_eq!(Memory::new(2, &[1.0, 0.0], 0.5, vec![rec("a")], t, ext).unwrap().embedder(), ext);
+        assert!(Memory::new(
+            2,
+            &[1.0, 0.0],
+            0.5,
+            vec![rec("a")],
+            t,
+            Embedder::External { model_id: "" }
+        )
+        .is_err());
+        let ext = Embedder::External {
+            model_id: "minilm-q8",
+        };
+        assert_eq!(
+            Memory::new(2, &[1.0, 0.0], 0.5, vec![rec("a")], t, ext)
+                .unwrap()
+                .embedder(),
+            ext
+        );
     }
 }

@@ -10,9 +10,14 @@
 //! - [`Memory`] (SERAC): cosine retrieval over edit embeddings plus a counterfactual prompt.
 //!
 //! The dense kernels ([`dot`], [`sq_dist`], [`axpy`]) use 16 independent f32 accumulators so the
-//! compiler vectorizes them on stable Rust; with `std` on x86_64 the scans are additionally
-//! compiled for AVX2 and picked at run time. The summation order is the same on every path, so
-//! results are bitwise identical whichever path runs.
+//! compiler vectorizes them on stable Rust (SSE2 on baseline x86_64). With `std` on x86_64 the
+//! table scans run an AVX2 version picked at run time, written with `core::arch` 256-bit loads
+//! because LLVM's own AVX2 build of the same loop was slower here (measured); it keeps the same
+//! lanes, the same multiply-then-add (no FMA) and the same reduction, so results are bitwise
+//! identical whichever path runs: a radius decision never depends on the CPU.
+//!
+//! The scans are memory-bound (a 10,000 x 640 f32 table is 25.6 MB); [`Memory::with_f16_index`]
+//! adds a half-size first pass with exact f32 rescoring.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -23,7 +28,7 @@ mod memory;
 mod neurons;
 
 pub use codebook::{Codebook, CodebookHit, Distance};
-pub use low_rank::{LowRank, LowRankTensor};
+pub use low_rank::{inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankTensor};
 pub use memory::{Embedder, Memory, MemoryHit, MemoryRecord};
 pub use neurons::{Activation, PatchNeurons};
 
@@ -79,7 +84,9 @@ pub fn l2_normalize(v: &mut [f32]) -> bool {
 /// Pool `rows` (`[t, dim]` row-major, `t >= 1`) into one `dim`-vector (not normalized).
 pub fn pooled(rows: &[f32], dim: usize, pooling: Pooling) -> Result<Vec<f32>, InvalidPayload> {
     if dim == 0 || rows.is_empty() || rows.len() % dim != 0 {
-        return Err(InvalidPayload("pooled: rows must be a non-empty [t, dim] matrix"));
+        return Err(InvalidPayload(
+            "pooled: rows must be a non-empty [t, dim] matrix",
+        ));
     }
     let t = rows.len() / dim;
     Ok(match pooling {
@@ -112,6 +119,15 @@ fn reduce(acc: [f32; LANES]) -> f32 {
     (b[0] + b[2]) + (b[1] + b[3])
 }
 
+/// A `chunks_exact(LANES)` chunk as an array reference (the length always matches).
+#[inline(always)]
+fn lanes(c: &[f32]) -> &[f32; LANES] {
+    match c.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("chunks_exact yields LANES-long chunks"),
+    }
+}
+
 /// `Σ a_i b_i` over the common length.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -121,6 +137,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
+        // Fixed-size views let LLVM drop bounds checks and vectorize the lanes as a block.
+        let (x, y) = (lanes(x), lanes(y));
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
         }
@@ -141,6 +159,7 @@ pub fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
+        let (x, y) = (lanes(x), lanes(y));
         for i in 0..LANES {
             let d = x[i] - y[i];
             acc[i] += d * d;
@@ -171,102 +190,94 @@ fn is_active(active: Option<&[bool]>, i: usize) -> bool {
     }
 }
 
-/// Rows of `keys` (`[n, dim]`) that are active, scored by `score`; returns the index and score
-/// of the best (largest) one; the first wins ties. Skips non-finite scores.
+/// Rows of `keys` (`[n, dim]`) that are active, scored by `k·q` (or, with `NEG_SQ`, by
+/// `−‖k − q‖²`); returns the index and score of the best (largest) one; the first wins ties.
+/// Skips NaN scores. No closures: everything must inline into the AVX2 wrappers.
 #[inline(always)]
-fn scan_best(
+fn scan_best<const NEG_SQ: bool>(
     keys: &[f32],
     dim: usize,
+    q: &[f32],
     active: Option<&[bool]>,
-    score: impl Fn(&[f32]) -> f32,
 ) -> Option<(usize, f32)> {
     let mut best: Option<(usize, f32)> = None;
     for (i, k) in keys.chunks_exact(dim).enumerate() {
         if !is_active(active, i) {
             continue;
         }
-        let s = score(k);
+        let s = if NEG_SQ { -sq_dist(k, q) } else { dot(k, q) };
         if s.is_nan() {
             continue;
         }
-        if best.is_none_or(|(_, b)| s > b) {
-            best = Some((i, s));
+        match best {
+            Some((_, b)) if s <= b => {}
+            _ => best = Some((i, s)),
         }
     }
     best
 }
 
-/// Four dot products against the same `q` in one pass (`q` is loaded once per chunk, which is
-/// what bounds a single-row dot). Each result is bitwise equal to [`dot`] of that row: same
-/// chunking, same accumulator lanes, same reduction.
+// Inlined into the AVX2 wrappers so the scan is compiled for AVX2 there.
 #[inline(always)]
-fn dot4(k: [&[f32]; 4], q: &[f32]) -> [f32; 4] {
-    let n = q.len();
-    let k = [&k[0][..n], &k[1][..n], &k[2][..n], &k[3][..n]];
-    let mut acc = [[0.0f32; LANES]; 4];
-    let full = n / LANES * LANES;
-    let mut j = 0;
-    while j < full {
-        let qc = &q[j..j + LANES];
-        for r in 0..4 {
-            let kc = &k[r][j..j + LANES];
-            for i in 0..LANES {
-                acc[r][i] += kc[i] * qc[i];
-            }
-        }
-        j += LANES;
-    }
-    let mut out = [0.0f32; 4];
-    for r in 0..4 {
-        let mut tail = 0.0f32;
-        for (x, y) in k[r][full..].iter().zip(&q[full..]) {
-            tail += x * y;
-        }
-        out[r] = reduce(acc[r]) + tail;
-    }
-    out
+fn max_dot_portable(
+    keys: &[f32],
+    dim: usize,
+    q: &[f32],
+    active: Option<&[bool]>,
+) -> Option<(usize, f32)> {
+    scan_best::<false>(keys, dim, q, active)
 }
 
-fn max_dot_portable(keys: &[f32], dim: usize, q: &[f32], active: Option<&[bool]>) -> Option<(usize, f32)> {
-    if q.len() != dim || active.is_some() {
-        return scan_best(keys, dim, active, |k| dot(k, q));
-    }
-    let mut best: Option<(usize, f32)> = None;
-    let mut consider = |i: usize, s: f32| {
-        if !s.is_nan() && best.is_none_or(|(_, b)| s > b) {
-            best = Some((i, s));
-        }
-    };
-    let quads = keys.chunks_exact(4 * dim);
-    let rest = quads.remainder();
-    for (g, quad) in quads.enumerate() {
-        let (a, b) = quad.split_at(2 * dim);
-        let (k0, k1) = a.split_at(dim);
-        let (k2, k3) = b.split_at(dim);
-        let s = dot4([k0, k1, k2, k3], q);
-        for (r, s) in s.into_iter().enumerate() {
-            consider(4 * g + r, s);
-        }
-    }
-    let base = (keys.len() - rest.len()) / dim;
-    for (i, k) in rest.chunks_exact(dim).enumerate() {
-        consider(base + i, dot(k, q));
-    }
-    best
-}
-
+#[inline(always)]
 fn min_sq_dist_portable(
     keys: &[f32],
     dim: usize,
     q: &[f32],
     active: Option<&[bool]>,
 ) -> Option<(usize, f32)> {
-    scan_best(keys, dim, active, |k| -sq_dist(k, q)).map(|(i, s)| (i, -s))
+    scan_best::<true>(keys, dim, q, active).map(|(i, s)| (i, -s))
 }
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod avx2 {
     use super::*;
+
+    /// [`super::dot`] with explicit 256-bit registers: lanes 0..8 and 8..16 of the portable
+    /// accumulator, the same multiply-then-add per lane (no FMA) and the same reduction, so the
+    /// result is bitwise identical.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot_ymm(a: &[f32], b: &[f32]) -> f32 {
+        use core::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let full = n / LANES * LANES;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 16 <= full <= n.
+            lo = _mm256_add_ps(
+                lo,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j))),
+            );
+            hi = _mm256_add_ps(
+                hi,
+                _mm256_mul_ps(
+                    _mm256_loadu_ps(pa.add(j + 8)),
+                    _mm256_loadu_ps(pb.add(j + 8)),
+                ),
+            );
+            j += LANES;
+        }
+        let mut acc = [0.0f32; LANES];
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi);
+        let mut tail = 0.0f32;
+        for i in full..n {
+            tail += a[i] * b[i];
+        }
+        reduce(acc) + tail
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn max_dot(
@@ -275,7 +286,53 @@ mod avx2 {
         q: &[f32],
         active: Option<&[bool]>,
     ) -> Option<(usize, f32)> {
-        max_dot_portable(keys, dim, q, active)
+        let mut best: Option<(usize, f32)> = None;
+        for (i, k) in keys.chunks_exact(dim).enumerate() {
+            if !is_active(active, i) {
+                continue;
+            }
+            let s = dot_ymm(k, q);
+            if s.is_nan() {
+                continue;
+            }
+            match best {
+                Some((_, b)) if s <= b => {}
+                _ => best = Some((i, s)),
+            }
+        }
+        best
+    }
+
+    /// [`super::sq_dist`] with explicit 256-bit registers, bitwise identical (see `dot_ymm`).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn sq_dist_ymm(a: &[f32], b: &[f32]) -> f32 {
+        use core::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let full = n / LANES * LANES;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 16 <= full <= n.
+            let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j)));
+            let d1 = _mm256_sub_ps(
+                _mm256_loadu_ps(pa.add(j + 8)),
+                _mm256_loadu_ps(pb.add(j + 8)),
+            );
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(d0, d0));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(d1, d1));
+            j += LANES;
+        }
+        let mut acc = [0.0f32; LANES];
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi);
+        let mut tail = 0.0f32;
+        for i in full..n {
+            let d = a[i] - b[i];
+            tail += d * d;
+        }
+        reduce(acc) + tail
     }
 
     #[target_feature(enable = "avx2")]
@@ -285,21 +342,188 @@ mod avx2 {
         q: &[f32],
         active: Option<&[bool]>,
     ) -> Option<(usize, f32)> {
-        min_sq_dist_portable(keys, dim, q, active)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn neurons(p: &crate::families::PatchNeurons<'_>, x: &[f32], out: &mut [f32], acts: Option<&mut [f32]>) -> usize {
-        p.apply_portable(x, out, acts)
+        let mut best: Option<(usize, f32)> = None;
+        for (i, k) in keys.chunks_exact(dim).enumerate() {
+            if !is_active(active, i) {
+                continue;
+            }
+            let s = sq_dist_ymm(k, q);
+            if s.is_nan() {
+                continue;
+            }
+            match best {
+                Some((_, b)) if s >= b => {}
+                _ => best = Some((i, s)),
+            }
+        }
+        best
     }
 
     pub(super) fn available() -> bool {
         std::is_x86_feature_detected!("avx2")
     }
+
+    pub(super) fn f16_available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("fma")
+    }
+
+    /// f32 -> f16 bits with F16C (round to nearest even, like `gguf::f32_to_f16`).
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub(super) unsafe fn to_f16(src: &[f32], dst: &mut [u16]) {
+        use core::arch::x86_64::*;
+        let n = src.len().min(dst.len());
+        let full = n / 8 * 8;
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 8 <= full <= n for both slices.
+            let h =
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(j)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(j) as *mut __m128i, h);
+            j += 8;
+        }
+        for i in full..n {
+            dst[i] = crate::gguf::f32_to_f16(src[i]);
+        }
+    }
+
+    /// Approximate `k·q` of one f16 row (F16C conversion, FMA, 32 lanes).
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn dot_f16(k: &[u16], q: &[f32]) -> f32 {
+        use core::arch::x86_64::*;
+        let n = k.len().min(q.len());
+        let full = n / 32 * 32;
+        let (pk, pq) = (k.as_ptr(), q.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut j = 0;
+        while j < full {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let o = j + 8 * r;
+                // SAFETY: o + 8 <= full <= n, within both slices.
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(pk.add(o) as *const __m128i));
+                *a = _mm256_fmadd_ps(kv, _mm256_loadu_ps(pq.add(o)), *a);
+            }
+            j += 32;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total: f32 = lanes.iter().sum();
+        for i in full..n {
+            total += crate::gguf::f16_to_f32(k[i]) * q[i];
+        }
+        total
+    }
+
+    /// [`super::max_dot`] over unit-norm `keys` via their f16 copy: a first pass over half the
+    /// bytes, then exact f32 rescoring of every row the f16 error bound cannot rule out. The
+    /// result is the same as the full f32 scan (same index, bitwise the same score).
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub(super) unsafe fn max_dot_f16(
+        keys: &[f32],
+        idx: &F16Rows,
+        q: &[f32],
+        active: Option<&[bool]>,
+    ) -> Option<(usize, f32)> {
+        let dim = idx.dim;
+        let mut approx: Vec<f32> = Vec::with_capacity(idx.bits.len() / dim);
+        let mut best_approx = f32::NEG_INFINITY;
+        for (i, k) in idx.bits.chunks_exact(dim).enumerate() {
+            let a = if is_active(active, i) {
+                dot_f16(k, q)
+            } else {
+                f32::NEG_INFINITY
+            };
+            best_approx = best_approx.max(a);
+            approx.push(a);
+        }
+        if best_approx == f32::NEG_INFINITY {
+            return None;
+        }
+        // |approx - exact| <= (f16 rounding 2^-11 + f32 summation d*2^-24, twice) * |k||q|, with
+        // |k| <= 1.002 for validated unit rows, plus f16 subnormal flushing 2^-25 * sqrt(d) |q|.
+        let qn = libm::sqrtf(dot(q, q));
+        let d = dim as f32;
+        let margin =
+            ((1.0 / 2048.0 + 2.2 * d / 16_777_216.0) * 1.01 + libm::sqrtf(d) / 33_554_432.0) * qn;
+        let floor = best_approx - 2.0 * margin;
+        let mut best: Option<(usize, f32)> = None;
+        for (i, &a) in approx.iter().enumerate() {
+            if a < floor {
+                continue;
+            }
+            let s = dot(&keys[i * dim..(i + 1) * dim], q);
+            if s.is_nan() {
+                continue;
+            }
+            match best {
+                Some((_, b)) if s <= b => {}
+                _ => best = Some((i, s)),
+            }
+        }
+        best
+    }
+}
+
+/// A half-precision copy of unit-norm rows: the first pass of [`max_dot_indexed`] reads half the
+/// bytes (large tables are memory-bound). Owned (built at load); exactness comes from f32 rescoring.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct F16Rows {
+    bits: Vec<u16>,
+    dim: usize,
+}
+
+impl F16Rows {
+    /// The copy, only where this CPU can use it (saves the memory elsewhere).
+    pub(crate) fn if_useful(rows: &[f32], dim: usize) -> Option<F16Rows> {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        if avx2::f16_available() {
+            let mut bits = alloc::vec![0u16; rows.len()];
+            // SAFETY: the CPU features were just checked at run time.
+            unsafe { avx2::to_f16(rows, &mut bits) };
+            return Some(F16Rows { bits, dim });
+        }
+        let _ = (rows, dim);
+        None
+    }
+
+    pub(crate) fn new(rows: &[f32], dim: usize) -> F16Rows {
+        F16Rows {
+            bits: rows.iter().map(|&x| crate::gguf::f32_to_f16(x)).collect(),
+            dim,
+        }
+    }
+}
+
+/// [`max_dot`] over unit-norm rows, using `idx` (their f16 copy) when the CPU has AVX2, F16C
+/// and FMA; the same result either way. `q` must be finite.
+#[allow(unused_variables)]
+pub(crate) fn max_dot_indexed(
+    keys: &[f32],
+    dim: usize,
+    idx: Option<&F16Rows>,
+    q: &[f32],
+    active: Option<&[bool]>,
+) -> Option<(usize, f32)> {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if let Some(idx) = idx {
+        if idx.dim == dim && q.len() == dim && idx.bits.len() == keys.len() && avx2::f16_available()
+        {
+            // SAFETY: the CPU features were just checked at run time.
+            return unsafe { avx2::max_dot_f16(keys, idx, q, active) };
+        }
+    }
+    max_dot(keys, dim, q, active)
 }
 
 /// Index and dot product of the active row of `keys` with the largest `k·q`.
-pub(crate) fn max_dot(keys: &[f32], dim: usize, q: &[f32], active: Option<&[bool]>) -> Option<(usize, f32)> {
+pub(crate) fn max_dot(
+    keys: &[f32],
+    dim: usize,
+    q: &[f32],
+    active: Option<&[bool]>,
+) -> Option<(usize, f32)> {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     if avx2::available() {
         // SAFETY: AVX2 support was just checked at run time.
@@ -341,7 +565,11 @@ pub(crate) fn check_matrix(
 }
 
 /// Check that every `dim`-row of `m` has unit L2 norm (within 1e-3, what f16 storage keeps).
-pub(crate) fn check_unit_rows(m: &[f32], dim: usize, err: &'static str) -> Result<(), InvalidPayload> {
+pub(crate) fn check_unit_rows(
+    m: &[f32],
+    dim: usize,
+    err: &'static str,
+) -> Result<(), InvalidPayload> {
     for row in m.chunks_exact(dim) {
         if (dot(row, row) - 1.0).abs() > 2e-3 {
             return Err(InvalidPayload(err));
@@ -361,7 +589,11 @@ mod tests {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let d: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let s: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+            let s: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum();
             assert!((dot(&a, &b) as f64 - d).abs() < 1e-3, "{n}");
             assert!((sq_dist(&a, &b) as f64 - s).abs() < 1e-3, "{n}");
         }
@@ -372,15 +604,70 @@ mod tests {
 
     #[test]
     fn dispatch_is_bitwise_portable() {
-        let dim = 37;
-        let keys: Vec<f32> = (0..dim * 50).map(|i| (i as f32 * 0.013).sin()).collect();
-        let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).cos()).collect();
-        let a = max_dot(&keys, dim, &q, None).unwrap();
-        let b = max_dot_portable(&keys, dim, &q, None).unwrap();
-        assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
-        let a = min_sq_dist(&keys, dim, &q, None).unwrap();
-        let b = min_sq_dist_portable(&keys, dim, &q, None).unwrap();
-        assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
+        for dim in [37usize, 640] {
+            let keys: Vec<f32> = (0..dim * 50).map(|i| (i as f32 * 0.013).sin()).collect();
+            let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).cos() * 1e3).collect();
+            let mut mask = vec![true; 50];
+            mask[3] = false;
+            for m in [None, Some(&mask[..])] {
+                let a = max_dot(&keys, dim, &q, m).unwrap();
+                let b = max_dot_portable(&keys, dim, &q, m).unwrap();
+                assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
+                let a = min_sq_dist(&keys, dim, &q, m).unwrap();
+                let b = min_sq_dist_portable(&keys, dim, &q, m).unwrap();
+                assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
+            }
+            // Every row's score, not just the winner's, matches bitwise.
+            for k in keys.chunks_exact(dim) {
+                let one = max_dot(k, dim, &q, None).unwrap().1;
+                assert_eq!(one.to_bits(), dot(k, &q).to_bits());
+                let one = min_sq_dist(k, dim, &q, None).unwrap().1;
+                assert_eq!(one.to_bits(), sq_dist(k, &q).to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn f16_index_gives_the_exact_scan_result() {
+        let (n, d) = (500, 70);
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut keys: Vec<f32> = (0..n * d).map(|_| next()).collect();
+        // Near-duplicates that f16 cannot tell apart: rows 10 and 11 differ by 1e-6.
+        for j in 0..d {
+            keys[11 * d + j] = keys[10 * d + j] + if j == 0 { 1e-6 } else { 0.0 };
+        }
+        keys.chunks_exact_mut(d).for_each(|r| {
+            l2_normalize(r);
+        });
+        let idx = F16Rows::new(&keys, d);
+        if let Some(hw) = F16Rows::if_useful(&keys, d) {
+            assert_eq!(hw, idx, "F16C and software conversions agree");
+        }
+        let mut mask = vec![true; n];
+        mask[7] = false;
+        for t in 0..20 {
+            let q: Vec<f32> = if t == 0 {
+                keys[10 * d..11 * d].iter().map(|x| x * 3e4).collect()
+            } else {
+                (0..d).map(|_| next() * 100.0).collect()
+            };
+            for m in [None, Some(&mask[..])] {
+                let want = max_dot(&keys, d, &q, m).unwrap();
+                let got = max_dot_indexed(&keys, d, Some(&idx), &q, m).unwrap();
+                assert_eq!(
+                    (got.0, got.1.to_bits()),
+                    (want.0, want.1.to_bits()),
+                    "query {t}"
+                );
+            }
+        }
+        assert!(max_dot_indexed(&keys, d, Some(&idx), &[1.0; 70], Some(&[])).is_none());
     }
 
     #[test]

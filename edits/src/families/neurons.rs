@@ -154,11 +154,8 @@ impl<'a> PatchNeurons<'a> {
         if x.len() != self.dim || out.len() != self.dim {
             return 0;
         }
-        #[cfg(all(feature = "std", target_arch = "x86_64"))]
-        if super::avx2::available() {
-            // SAFETY: AVX2 support was just checked at run time.
-            return unsafe { super::avx2::neurons(self, x, out, activations) };
-        }
+        // The keys (m x dim f32) stream from cache once per row: memory-bound, so the portable
+        // SSE2 build is as fast as an AVX2 one here (measured: 127 us both at 1,000 x 640).
         self.apply_portable(x, out, activations)
     }
 
@@ -174,7 +171,7 @@ impl<'a> PatchNeurons<'a> {
     }
 
     #[inline(always)]
-    pub(super) fn apply_portable(
+    fn apply_portable(
         &self,
         x: &[f32],
         out: &mut [f32],
@@ -214,8 +211,17 @@ mod tests {
         let keys = [1.0, 0.0, 0.0, 1.0];
         let biases = [-0.5, -0.5];
         let values = [10.0, 0.0, 0.0, 20.0];
-        let p = PatchNeurons::new(3, Site::FfnInput, Site::FfnOutput, 2, &keys, &biases, &values, Activation::Relu)
-            .unwrap();
+        let p = PatchNeurons::new(
+            3,
+            Site::FfnInput,
+            Site::FfnOutput,
+            2,
+            &keys,
+            &biases,
+            &values,
+            Activation::Relu,
+        )
+        .unwrap();
         let mut out = [1.0, -0.0];
         let mut acts = [9.0; 2];
         // x = (2, 0): a0 = 1.5, a1 = relu(-0.5) = 0.
@@ -240,11 +246,26 @@ mod tests {
         let g = Activation::Gelu;
         assert_eq!(g.eval(0.0), 0.0);
         // Reference values of 0.5 z (1 + tanh(sqrt(2/pi)(z + 0.044715 z^3))).
-        for (z, want) in [(1.0f32, 0.841_192), (-1.0, -0.158_808), (2.0, 1.954_598), (-3.0, -0.003_637_4)] {
+        for (z, want) in [
+            (1.0f32, 0.841_192),
+            (-1.0, -0.158_808),
+            (2.0, 1.954_598),
+            (-3.0, -0.003_637_4),
+        ] {
             assert!((g.eval(z) - want).abs() < 1e-5, "gelu({z}) = {}", g.eval(z));
         }
         let keys = [1.0, 0.0];
-        let p = PatchNeurons::new(0, Site::FfnInput, Site::FfnOutput, 2, &keys, &[0.0], &[1.0, 1.0], g).unwrap();
+        let p = PatchNeurons::new(
+            0,
+            Site::FfnInput,
+            Site::FfnOutput,
+            2,
+            &keys,
+            &[0.0],
+            &[1.0, 1.0],
+            g,
+        )
+        .unwrap();
         let mut out = [0.0, 0.0];
         assert_eq!(p.apply(&[1.0, 5.0], &mut out, None), 1);
         assert!((out[0] - 0.841_192).abs() < 1e-5 && out[0] == out[1]);
@@ -253,16 +274,32 @@ mod tests {
     #[test]
     fn matches_dense_reference() {
         let (m, d) = (7, 33);
-        let keys: Vec<f32> = (0..m * d).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
-        let values: Vec<f32> = (0..m * d).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
+        let keys: Vec<f32> = (0..m * d)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let values: Vec<f32> = (0..m * d)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2)
+            .collect();
         let biases: Vec<f32> = (0..m).map(|i| i as f32 * 0.3 - 1.0).collect();
         let x: Vec<f32> = (0..d).map(|i| ((i * 3 % 7) as f32 - 3.0) * 0.25).collect();
-        let p = PatchNeurons::new(0, Site::FfnInput, Site::FfnOutput, d, &keys, &biases, &values, Activation::Relu)
-            .unwrap();
+        let p = PatchNeurons::new(
+            0,
+            Site::FfnInput,
+            Site::FfnOutput,
+            d,
+            &keys,
+            &biases,
+            &values,
+            Activation::Relu,
+        )
+        .unwrap();
         let mut want = vec![0.0f64; d];
         let mut fired = 0;
         for i in 0..m {
-            let z: f64 = (0..d).map(|j| keys[i * d + j] as f64 * x[j] as f64).sum::<f64>() + biases[i] as f64;
+            let z: f64 = (0..d)
+                .map(|j| keys[i * d + j] as f64 * x[j] as f64)
+                .sum::<f64>()
+                + biases[i] as f64;
             if z > 0.0 {
                 fired += 1;
                 (0..d).for_each(|j| want[j] += z * values[i * d + j] as f64);
@@ -290,7 +327,9 @@ mod tests {
         assert!(PatchNeurons::new(0, s, t, 2, &[], &[], &[], r).is_err());
         assert!(PatchNeurons::new(0, s, t, 0, &[], &[0.0], &[], r).is_err());
         assert!(PatchNeurons::new(0, s, t, 2, &[f32::NAN, 0.0], &[0.0], &[1.0, 0.0], r).is_err());
-        assert!(PatchNeurons::new(0, s, t, 2, &[1.0, 0.0], &[f32::INFINITY], &[1.0, 0.0], r).is_err());
+        assert!(
+            PatchNeurons::new(0, s, t, 2, &[1.0, 0.0], &[f32::INFINITY], &[1.0, 0.0], r).is_err()
+        );
         for a in [Activation::Relu, Activation::Gelu] {
             assert_eq!(Activation::from_code(a.code()), Some(a));
         }

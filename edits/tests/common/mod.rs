@@ -86,8 +86,8 @@ pub fn builder(id: &str, channel: &str, version: u64, fill: f32) -> BundleBuilde
         4,
         &emb,
         0.8,
-        "{text}\n{prompt}",
-        EmbedderDesc::BaseModel { layer: 6, pooling: 0 },
+        "{edit}\n{prompt}",
+        EmbedderDesc::BaseModel { layer: 6, site: 4, pooling: 0 },
         vec![
             MemoryRecordDesc {
                 edit_id: "e-mem-0".into(),
@@ -105,7 +105,7 @@ pub fn builder(id: &str, channel: &str, version: u64, fill: f32) -> BundleBuilde
     );
     b.add_edit("e-mem-0", 6, Site::ResidualOut, "a", "b", mem, 0, 1);
     b.add_edit("e-mem-1", 6, Site::ResidualOut, "c", "d", mem, 1, 1);
-    let g = b.add_gguf_lora(b"GGUF-lora-bytes".to_vec());
+    let g = b.add_gguf_lora(gguf_lora_blob());
     b.add_edit("e-gguf", 0, Site::FfnOutput, "r", " v", g, 0, 1);
     b
 }
@@ -145,4 +145,21 @@ pub fn craft(
     let mut out = assemble(&m, &refs).unwrap();
     sign_in_place(out.as_mut_slice(), &key(1)).unwrap();
     out
+}
+
+/// A tiny valid llama.cpp GGUF-LoRA file (one rank-1 tensor pair).
+pub fn gguf_lora_blob() -> Vec<u8> {
+    use amend_edits::families::{LowRank, LowRankTensor};
+    let a = [0.5f32, -0.25, 1.0, 0.0];
+    let b = [1.0f32, 2.0];
+    let t = LowRankTensor {
+        name: "blk.2.ffn_down.weight",
+        n_in: 4,
+        n_out: 2,
+        rank: 1,
+        a: &a,
+        b: &b,
+        alpha: 1.0,
+    };
+    LowRank::new(vec![t]).unwrap().to_gguf_lora("gemma3")
 }

@@ -321,9 +321,13 @@ static void test_with_model(const char *path) {
     amend_model_free(model);
     CHECK(amend_last_error_code() == AMEND_OK, "model free: %s", amend_last_error());
     EXPECT(amend_model_get_info(model, &info), AMEND_ERR_INVALID_HANDLE, "amend_model");
-    EXPECT(amend_session_open(model, NULL, &session), AMEND_ERR_INVALID_HANDLE, "amend_model");
-    CHECK(session == NULL, "out set on failure");
-    /* (session was overwritten with NULL above: reopen-free sequence uses a copy) */
+    amend_session *second = (amend_session *)0x1;
+    EXPECT(amend_session_open(model, NULL, &second), AMEND_ERR_INVALID_HANDLE, "amend_model");
+    CHECK(second == NULL, "out set on failure");
+    gp.max_tokens = 1;
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, NULL, NULL, &g));
+    amend_session_free(session);
+    CHECK(amend_last_error_code() == AMEND_OK, "session free: %s", amend_last_error());
 }
 
 static void test_session_outlives_model(const char *path) {
@@ -358,6 +362,7 @@ int main(int argc, char **argv) {
     } else {
         printf("misuse: no model given, model tests skipped\n");
     }
+    CHECK(amend_live_handles() == 0, "%zu handles still live at exit", amend_live_handles());
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail == 0 ? 0 : 1;
 }

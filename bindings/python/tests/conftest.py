@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+
+MODEL = os.environ.get("AMEND_MODEL") or str(Path.home() / ".cache/amend/gemma3-270m-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    if not Path(MODEL).is_file():
+        if os.environ.get("AMEND_REQUIRE_MODEL") == "1":
+            pytest.fail(f"model {MODEL} missing (AMEND_REQUIRE_MODEL=1)")
+        pytest.skip(f"model {MODEL} missing")
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def model(model_path):
+    import amend
+
+    m = amend.Model(model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def session(model):
+    import amend
+
+    s = amend.Session(model, n_ctx=512)
+    yield s
+    s.close()

@@ -1,0 +1,173 @@
+import ctypes
+import os
+import subprocess
+import threading
+
+import pytest
+
+import amend
+from amend import AmendError, Result, StopReason
+
+PROMPT = "The capital of France is"
+
+
+def test_version_and_abi():
+    assert amend.version().count(".") == 2
+    assert amend.abi_version() == amend.ABI_VERSION
+
+
+def test_null_and_forged_handles_through_the_abi():
+    lib = amend.library()
+    info = ctypes.c_void_p()
+    # NULL handle
+    assert lib.amend_session_cancel(None) == Result.ERR_NULL_ARGUMENT
+    assert b"session" in lib.amend_last_error()
+    # a pointer amend never returned
+    assert lib.amend_session_cancel(ctypes.c_void_p(0xDEAD0)) == Result.ERR_INVALID_HANDLE
+    assert b"not a live amend_session handle" in lib.amend_last_error()
+    assert lib.amend_last_error_code() == Result.ERR_INVALID_HANDLE
+    # free(NULL) is fine
+    lib.amend_model_free(None)
+    assert lib.amend_last_error_code() == Result.OK
+    del info
+
+
+def test_missing_model_raises_specific_error(tmp_path):
+    with pytest.raises(AmendError) as e:
+        amend.Model(tmp_path / "missing.gguf")
+    assert e.value.code == Result.ERR_IO and "not found" in e.value.message
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not a gguf file" * 4)
+    with pytest.raises(AmendError) as e:
+        amend.Model(junk)
+    assert e.value.code == Result.ERR_MODEL_LOAD
+
+
+def test_trust_store_rejects_bad_input():
+    with pytest.raises(ValueError):
+        amend.TrustStore([b"short"])
+    with pytest.raises(AmendError) as e:
+        amend.TrustStore([])
+    assert e.value.code == Result.ERR_INVALID_ARGUMENT
+
+
+def test_model_info(model):
+    info = model.info
+    assert info.n_layer == 18 and info.n_embd == 640 and info.n_vocab == 262144
+    assert "gemma3" in model.description
+
+
+def test_bad_utf8_prompt(session):
+    with pytest.raises(AmendError) as e:
+        session.generate(b"The capital of \xc3\x28 is", max_tokens=2)
+    assert e.value.code == Result.ERR_INVALID_UTF8 and "byte 15" in e.value.message
+
+
+# RFC 8032 test vector 1: a valid ed25519 public key.
+RFC8032_KEY = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+
+
+def test_corrupt_bundle_buffer(model):
+    with amend.TrustStore([RFC8032_KEY]) as trust:
+        with pytest.raises(AmendError) as e:
+            amend.Bundle.load_bytes(trust, model, b"not a bundle" * 10)
+    assert e.value.code in (Result.ERR_BUNDLE_FORMAT, Result.ERR_NOT_SUPPORTED)
+
+
+def test_greedy_generation_is_deterministic(session):
+    a = session.generate(PROMPT, max_tokens=8, stop_at_eos=False)
+    b = session.generate(PROMPT, max_tokens=8, stop_at_eos=False)
+    assert a.tokens == b.tokens and len(a.tokens) == 8
+    assert a.text == b.text and a.text.strip()
+    assert a.stop_reason == StopReason.MAX_TOKENS
+
+
+def test_callback_stops_generation(session):
+    seen = []
+    g = session.generate(PROMPT, max_tokens=16, stop_at_eos=False,
+                         on_token=lambda t, s: seen.append(t) or len(seen) < 3)
+    assert len(seen) == 3 and g.tokens == seen and g.stop_reason == StopReason.CALLBACK
+
+
+def test_callback_exception_propagates(session):
+    def boom(_t, _s):
+        raise KeyError("from callback")
+
+    with pytest.raises(KeyError):
+        session.generate(PROMPT, max_tokens=4, on_token=boom)
+    # the session is still usable
+    assert len(session.generate(PROMPT, max_tokens=2, stop_at_eos=False).tokens) == 2
+
+
+def test_reentry_from_callback_is_busy(session):
+    codes = []
+
+    def reenter(_t, _s):
+        try:
+            session.generate("x", max_tokens=1)
+        except AmendError as e:
+            codes.append(e.code)
+        return False
+
+    session.generate(PROMPT, max_tokens=4, on_token=reenter)
+    assert codes == [Result.ERR_BUSY]
+
+
+def test_cancel_from_another_thread(session):
+    started = threading.Event()
+
+    def on_token(_t, _s):
+        started.set()
+        return True
+
+    def canceller():
+        started.wait(60)
+        session.cancel()
+
+    th = threading.Thread(target=canceller)
+    th.start()
+    with pytest.raises(AmendError) as e:
+        session.generate(PROMPT, max_tokens=400, stop_at_eos=False, on_token=on_token)
+    th.join()
+    assert e.value.code == Result.ERR_CANCELLED
+
+
+def test_stream_yields_the_same_text(session):
+    full = session.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
+    assert "".join(session.stream(PROMPT, max_tokens=8, stop_at_eos=False)) == full
+
+
+def test_score(session):
+    paris = session.score(PROMPT, " Paris")
+    banana = session.score(PROMPT, " banana")
+    assert paris.n_target_tokens >= 1 and paris.logprob_sum < 0
+    assert paris.logprob_sum > banana.logprob_sum
+
+
+def test_same_tokens_as_rust_api(session, model_path):
+    ref = os.environ.get("AMEND_REFERENCE_BIN")
+    if not ref:
+        pytest.skip("AMEND_REFERENCE_BIN not set (scripts/test.d/ffi.sh sets it)")
+    want = subprocess.run(
+        [ref, "--model", model_path, "--tokens", "12", "--seed", "42", "--temperature", "0.8"],
+        check=True, capture_output=True, text=True).stdout.split()
+    got = session.generate(PROMPT, max_tokens=12, seed=42, temperature=0.8)
+    assert [str(t) for t in got.tokens] == want
+
+
+def test_closed_objects_raise(model_path):
+    m = amend.Model(model_path)
+    s = amend.Session(m, n_ctx=128)
+    m.close()  # the session keeps the weights alive
+    assert len(s.generate(PROMPT, max_tokens=1, stop_at_eos=False).tokens) == 1
+    s.close()
+    with pytest.raises(AmendError) as e:
+        s.generate(PROMPT, max_tokens=1)
+    assert e.value.code == Result.ERR_INVALID_HANDLE
+
+
+def test_explain_and_rollback_report_clearly(session):
+    with pytest.raises(AmendError) as e:
+        session.rollback_bundle("no-such-bundle")
+    assert e.value.code == Result.ERR_NOT_FOUND
+    assert session.active_bundles == []

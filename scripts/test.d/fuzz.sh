@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Bounded fuzzing of the bundle reader and the manifest decoder (issue 3), a few seconds each.
+# cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them
+# (no sanitizer: Rust's own bounds checks and debug assertions (-a) are what trip).
+# Longer run: see docs/bundle-format.md ("Fuzzing"). AMEND_FUZZ_SECONDS sets the time per target.
+# Without cargo-fuzz (and no way to install it) the same logic still runs as the plain test
+# edits/tests/fuzz_corpus.rs (seed corpus + 70k random mutations) under `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECS="${AMEND_FUZZ_SECONDS:-20}"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz (once)"
+  if ! cargo install cargo-fuzz --locked --quiet; then
+    echo "fuzz: cargo-fuzz unavailable; running the seed-corpus mutation test instead"
+    exec cargo test --release -p amend-edits --test fuzz_corpus
+  fi
+fi
+
+cd fuzz
+export RUSTC_BOOTSTRAP=1
+status=0
+for target in bundle_reader manifest_decoder; do
+  work="$(mktemp -d)"
+  log="$(mktemp)"
+  echo "fuzz: $target for ${SECS}s"
+  if cargo fuzz run -O -a --sanitizer none "$target" "$work" "seeds/$target" -- \
+      -max_total_time="$SECS" -print_final_stats=1 -max_len=65536 >"$log" 2>&1; then
+    grep -E 'stat::number_of_executed_units|stat::new_units_added' "$log" | sed "s/^/fuzz: $target /" || true
+  else
+    status=1
+    echo "fuzz: $target FAILED (crash input under fuzz/artifacts/$target):"
+    tail -40 "$log"
+  fi
+  rm -rf "$work" "$log"
+done
+exit "$status"
