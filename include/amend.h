@@ -46,6 +46,11 @@
 #define AMEND_PUBLIC_KEY_LEN 32
 
 /**
+ * Most keys one trust store holds.
+ */
+#define AMEND_MAX_TRUSTED_KEYS MAX_TRUSTED_KEYS
+
+/**
  * The outcome of a call: `AMEND_OK` (0) or one code per failure class.
  *
  * Codes are stable: new ones are only ever added. Groups: 1xx argument and usage errors,
@@ -160,6 +165,15 @@ typedef enum amend_result {
    * A public key is not a valid ed25519 key.
    */
   AMEND_ERR_INVALID_KEY = 309,
+  /**
+   * The bundle is outside its validity window (expired, or not valid yet).
+   */
+  AMEND_ERR_BUNDLE_EXPIRED = 310,
+  /**
+   * The bundle's version is not newer than one already accepted on its channel (replay or
+   * downgrade).
+   */
+  AMEND_ERR_BUNDLE_DOWNGRADE = 311,
 } amend_result;
 
 /**
@@ -232,13 +246,21 @@ typedef struct amend_bundle_info {
    */
   uint32_t n_edits;
   /**
-   * Bundle format version.
+   * The bundle's version on its channel (see `amend_bundle_channel`).
    */
-  uint32_t format_version;
+  uint64_t version;
   /**
    * Size of the bundle in bytes.
    */
   uint64_t size_bytes;
+  /**
+   * Unix seconds before which the bundle is not valid.
+   */
+  uint64_t not_before;
+  /**
+   * Unix seconds after which the bundle is not valid (UINT64_MAX = never).
+   */
+  uint64_t expires;
 } amend_bundle_info;
 
 /**
@@ -512,7 +534,8 @@ size_t amend_live_handles(void);
  * (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (no keys, size overflow),
- * `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point).
+ * `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point). At most
+ * `AMEND_MAX_TRUSTED_KEYS` keys; duplicates count once.
  */
 enum amend_result amend_trust_store_new(const uint8_t *keys,
                                         size_t n_keys,
@@ -558,6 +581,15 @@ void amend_bundle_free(struct amend_bundle *bundle);
  */
 enum amend_result amend_bundle_get_info(const struct amend_bundle *bundle,
                                         struct amend_bundle_info *out);
+
+/**
+ * Copies the bundle's channel (NUL-terminated) into `buf`; buffer rules as for
+ * `amend_model_description`. Versions increase per channel.
+ */
+enum amend_result amend_bundle_channel(const struct amend_bundle *bundle,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_len);
 
 /**
  * Copies the bundle's id (NUL-terminated) into `buf`; buffer rules as for

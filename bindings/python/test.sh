@@ -5,6 +5,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 AMEND_LIBRARY=$(realpath "${AMEND_LIBRARY:-$ROOT/target/release/libamend.so}")
 export AMEND_LIBRARY
+export AMEND_HEADER="$ROOT/include/amend.h"
 if [ -n "${AMEND_REFERENCE_BIN:-}" ]; then
   AMEND_REFERENCE_BIN=$(realpath "$AMEND_REFERENCE_BIN")
   export AMEND_REFERENCE_BIN

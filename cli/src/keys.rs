@@ -70,7 +70,9 @@ fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
             opts.mode(0o600);
         }
         let _ = secret;
-        let mut f = opts.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -87,16 +89,32 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     }
     let sk = keys::generate_signing_key().context("reading OS randomness")?;
     let vk = sk.verifying_key();
-    write_atomic(&kp, format!("{}\n", to_hex(&sk.to_bytes())).as_bytes(), true)?;
-    write_atomic(&pp, format!("{}\n", to_hex(vk.as_bytes())).as_bytes(), false)?;
-    println!("wrote {} and {} (key id {})", kp.display(), pp.display(), to_hex(&key_id(&vk)));
+    write_atomic(
+        &kp,
+        format!("{}\n", to_hex(&sk.to_bytes())).as_bytes(),
+        true,
+    )?;
+    write_atomic(
+        &pp,
+        format!("{}\n", to_hex(vk.as_bytes())).as_bytes(),
+        false,
+    )?;
+    println!(
+        "wrote {} and {} (key id {})",
+        kp.display(),
+        pp.display(),
+        to_hex(&key_id(&vk))
+    );
     Ok(())
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {
-    let key_bytes = std::fs::read(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
-    let sk = keys::signing_key_from_file_bytes(&key_bytes).with_context(|| format!("{}", a.key.display()))?;
-    let mut buf = std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
+    let key_bytes =
+        std::fs::read(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+    let sk = keys::signing_key_from_file_bytes(&key_bytes)
+        .with_context(|| format!("{}", a.key.display()))?;
+    let mut buf =
+        std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
     // Refuse to sign something whose manifest does not even decode: signing vouches for it.
     let h = bundle::read_header(&buf)?;
     let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
@@ -120,14 +138,16 @@ fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
     let mut t = TrustStore::new();
     for f in files {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let vk = keys::verifying_key_from_file_bytes(&bytes).with_context(|| format!("{}", f.display()))?;
+        let vk = keys::verifying_key_from_file_bytes(&bytes)
+            .with_context(|| format!("{}", f.display()))?;
         t.add(vk)?;
     }
     Ok(t)
 }
 
 fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
-    Ok(Bundle::open_file(path, trust).with_context(|| format!("{} is not a valid bundle", path.display()))?)
+    Ok(Bundle::open_file(path, trust)
+        .with_context(|| format!("{} is not a valid bundle", path.display()))?)
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
@@ -146,7 +166,8 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         let binding = amend_edits::fingerprint::model_binding(model)
             .with_context(|| format!("fingerprinting {}", model.display()))?;
         log::info!("model fingerprint in {:?}", t.elapsed());
-        check_binding(&binding, &b).with_context(|| format!("bundle does not fit {}", model.display()))?;
+        check_binding(&binding, &b)
+            .with_context(|| format!("bundle does not fit {}", model.display()))?;
     }
     println!(
         "OK {} channel {} v{}: {} payloads, {} edits, {} payload bytes, signed by {}{}",
@@ -157,7 +178,11 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         m.edits.len(),
         b.payload_len(),
         to_hex(&b.key_id()),
-        if a.model.is_some() { ", model matches" } else { "" }
+        if a.model.is_some() {
+            ", model matches"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -171,8 +196,10 @@ fn payload_json(m: &Manifest, i: usize, p: &Payload) -> serde_json::Value {
             "all_positions": d.all_positions, "rows": rows}),
         Payload::PatchNeurons(d) => json!({"index": i, "kind": "patch_neurons", "layer": d.layer,
             "read_site": d.read_site, "write_site": d.write_site, "activation": d.activation, "neurons": rows}),
-        Payload::LowRank(d) => json!({"index": i, "kind": "low_rank", "tensors": d.tensors.iter().map(|t| json!({
-            "name": t.name, "n_in": t.n_in, "n_out": t.n_out, "rank": t.rank, "alpha": t.alpha})).collect::<Vec<_>>()}),
+        Payload::LowRank(d) => {
+            json!({"index": i, "kind": "low_rank", "tensors": d.tensors.iter().map(|t| json!({
+            "name": t.name, "n_in": t.n_in, "n_out": t.n_out, "rank": t.rank, "alpha": t.alpha})).collect::<Vec<_>>()})
+        }
         Payload::LowRankGguf(d) => json!({"index": i, "kind": "low_rank_gguf", "section": d.blob}),
         Payload::Memory(d) => json!({"index": i, "kind": "memory", "embed_dim": d.embed_dim,
             "threshold": d.threshold, "template": d.template, "records": d.records.len(),
@@ -182,7 +209,8 @@ fn payload_json(m: &Manifest, i: usize, p: &Payload) -> serde_json::Value {
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     use serde_json::json;
-    let buf = std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
+    let buf =
+        std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
     let h = bundle::read_header(&buf)?;
     let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
     let sig_at = h.sig_offset.get() as usize;
@@ -191,7 +219,11 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         None
     } else {
         let trust = trust_from(&a.pubkey)?;
-        Some(Bundle::from_bytes(&buf, &trust).map(|_| ()).map_err(|e| e.to_string()))
+        Some(
+            Bundle::from_bytes(&buf, &trust)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )
     };
     // Payload descriptors are only shown when the manifest passes its checks.
     let payloads = bundle::check_manifest(&m, None);
@@ -221,7 +253,10 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("bundle   {} (channel {}, version {})", m.bundle_id, m.channel, m.version);
+    println!(
+        "bundle   {} (channel {}, version {})",
+        m.bundle_id, m.channel, m.version
+    );
     println!(
         "format   {}.{}, {} bytes, manifest {} bytes",
         h.major.get(),
@@ -230,11 +265,17 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         h.manifest_len.get()
     );
     match &verified {
-        None => println!("signer   {} (signature NOT checked: pass --pubkey)", to_hex(signer)),
+        None => println!(
+            "signer   {} (signature NOT checked: pass --pubkey)",
+            to_hex(signer)
+        ),
         Some(Ok(())) => println!("signer   {} (verified)", to_hex(signer)),
         Some(Err(e)) => println!("signer   {} (INVALID: {e})", to_hex(signer)),
     }
-    println!("valid    {} .. {} (created {})", m.not_before, m.expires, m.created);
+    println!(
+        "valid    {} .. {} (created {})",
+        m.not_before, m.expires, m.created
+    );
     println!(
         "model    {} n_layer={} n_embd={} fingerprint {}",
         m.model.arch,

@@ -186,19 +186,26 @@ pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
             .margin(8)
             .x_label_area_size(34)
             .y_label_area_size(110)
-            .build_cartesian_2d(0..n_layer, 0..n_tok)?;
+            // A segmented range a..b has b - a + 1 segments.
+            .build_cartesian_2d(
+                (0..n_layer.saturating_sub(1)).into_segmented(),
+                (0..n_tok.saturating_sub(1)).into_segmented(),
+            )?;
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc("layer")
-            .x_labels(n_layer.min(10))
+            .x_labels(n_layer)
+            .x_label_formatter(&|x| match x {
+                // Every other layer keeps the labels readable.
+                SegmentValue::CenterOf(l) if l % 2 == 0 => l.to_string(),
+                _ => String::new(),
+            })
             .y_labels(n_tok)
-            .y_label_formatter(&|y| {
-                // Row 0 at the top.
-                labels
-                    .get(n_tok.saturating_sub(1 + *y))
-                    .cloned()
-                    .unwrap_or_default()
+            .y_label_formatter(&|y| match y {
+                // Row 0 (the first token) at the top.
+                SegmentValue::CenterOf(y) if *y < n_tok => labels[n_tok - 1 - *y].clone(),
+                _ => String::new(),
             })
             .label_style((FONT_NAME, 12))
             .axis_desc_style((FONT_NAME, 12))
@@ -210,7 +217,10 @@ pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
                 let a = (p / vmax).clamp(0.0, 1.0) as f64;
                 let mix = |c: u8| (255.0 - (255.0 - c as f64) * a).round() as u8;
                 Rectangle::new(
-                    [(l, y), (l + 1, y + 1)],
+                    [
+                        (SegmentValue::Exact(l), SegmentValue::Exact(y)),
+                        (SegmentValue::Exact(l + 1), SegmentValue::Exact(y + 1)),
+                    ],
                     RGBColor(mix(r), mix(g), mix(b)).filled(),
                 )
             })

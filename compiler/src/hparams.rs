@@ -34,6 +34,8 @@ pub struct TPatcherParams {
     pub lr: f64,
     pub steps: usize,
     pub stop_loss: f32,
+    pub threshold: f32,
+    pub edit_margin: f32,
     pub margin: f32,
     pub memory_weight: f32,
     pub init_value_scale: f32,

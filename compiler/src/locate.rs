@@ -567,15 +567,19 @@ mod tests {
         assert_eq!(&t.tokens[t.subject_tokens.clone()].concat(), "Water");
         assert!(t.p_clean > 0.3, "p_clean {}", t.p_clean);
         assert!(t.p_corrupt < t.p_clean, "{} vs {}", t.p_corrupt, t.p_clean);
-        // Restoring the whole residual stream at the subject's last token right after layer 0
-        // undoes all corruption of a one-token subject: exactly the clean probability.
+        eprintln!("p_clean {} p_corrupt {}", t.p_clean, t.p_corrupt);
+        for (tok, row) in t.tokens.iter().zip(&t.residual.p) {
+            eprintln!("{tok:>12} {row:.3?}");
+        }
+        // Restoring the subject's residual stream early brings most of the probability back
+        // (layer 0 attention of later tokens still saw the corrupted embedding, so not all).
         let s = t.subject_tokens.end - 1;
         assert_eq!(t.subject_tokens.len(), 1);
+        let gap = t.p_clean - t.p_corrupt;
         assert!(
-            (t.residual.p[s][0] - t.p_clean).abs() < 1e-3,
-            "{} vs {}",
-            t.residual.p[s][0],
-            t.p_clean
+            t.residual.p[s][0] > t.p_corrupt + 0.5 * gap,
+            "{:?}",
+            t.residual.p[s]
         );
         // The last token at the last layer is the output itself.
         assert!((t.residual.p[n - 1][t.n_layer as usize - 1] - t.p_clean).abs() < 1e-3);

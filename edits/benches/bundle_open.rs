@@ -42,10 +42,22 @@ fn write_bundle(rows: usize, key: &SigningKey, path: &std::path::Path) -> u64 {
         model: model(),
     });
     // Deterministic, finite, non-trivial values.
-    let keys: Vec<f32> = (0..rows * D).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+    let keys: Vec<f32> = (0..rows * D)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
+        .collect();
     let values: Vec<f32> = keys.iter().map(|x| 1.0 - x).collect();
     let radii = vec![0.5f32; rows];
-    let p = b.add_codebook(6, Site::FfnOutput, Site::FfnOutput, 0, false, D, &keys, &values, &radii);
+    let p = b.add_codebook(
+        6,
+        Site::FfnOutput,
+        Site::FfnOutput,
+        0,
+        false,
+        D,
+        &keys,
+        &values,
+        &radii,
+    );
     drop((keys, values));
     // One edit per 10 rows: realistic manifests carry prompts and targets.
     for e in 0..rows / 10 {
@@ -88,7 +100,8 @@ fn main() {
             let t = Instant::now();
             // verify (signature, hashes, finiteness) + open (mmap, views) + activate (one swap)
             let b = Bundle::open_file(&path, &trust).expect("open");
-            set.add(Arc::new(b), AddOptions::default()).expect("activate");
+            set.add(Arc::new(b), AddOptions::default())
+                .expect("activate");
             let snap = set.snapshot();
             let n: usize = snap.codebook_views().map(|(_, v)| v.radii.len()).sum();
             let dt = t.elapsed();
@@ -115,13 +128,16 @@ fn main() {
     let _ = std::fs::remove_dir(&dir);
 
     // Model fingerprint on the default model, when present.
-    let model_path = std::env::var("AMEND_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
-    });
+    let model_path = std::env::var("AMEND_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+        });
     if model_path.exists() {
         let t = Instant::now();
-        let full = amend_edits::fingerprint::model_binding_uncached(&model_path).expect("fingerprint");
+        let full =
+            amend_edits::fingerprint::model_binding_uncached(&model_path).expect("fingerprint");
         let full_ms = t.elapsed().as_secs_f64() * 1e3;
         let _ = amend_edits::fingerprint::model_binding(&model_path).expect("fingerprint");
         let t = Instant::now();
@@ -134,6 +150,9 @@ fn main() {
             std::fs::metadata(&model_path).map_or(0, |m| m.len()) as f64 / 1e6
         );
     } else {
-        println!("model fingerprint: skipped, {} not found", model_path.display());
+        println!(
+            "model fingerprint: skipped, {} not found",
+            model_path.display()
+        );
     }
 }

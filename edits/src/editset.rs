@@ -239,8 +239,9 @@ impl ActiveSet {
         self.low_rank_views()
             .filter_map(|(id, v)| LowRankTensorView::to_family(&v).ok().map(|f| (id, f)))
             .chain(
-                self.gguf_loras()
-                    .filter_map(|(id, b)| families::LowRank::from_gguf_blob(b).ok().map(|f| (id, f))),
+                self.gguf_loras().filter_map(|(id, b)| {
+                    families::LowRank::from_gguf_blob(b).ok().map(|f| (id, f))
+                }),
             )
     }
 
@@ -375,7 +376,13 @@ impl Transaction<'_> {
     pub fn rollback_edit(&mut self, edit_id: &str) -> Result<(), EditSetError> {
         let mut seen = false;
         for ab in self.work.bundles.iter_mut().rev() {
-            if let Some(i) = ab.bundle.manifest().edits.iter().position(|e| e.id == edit_id) {
+            if let Some(i) = ab
+                .bundle
+                .manifest()
+                .edits
+                .iter()
+                .position(|e| e.id == edit_id)
+            {
                 if ab.rolled_back.contains(&(i as u32)) {
                     seen = true;
                     continue;
@@ -532,7 +539,10 @@ impl EditSet {
 }
 
 /// Check that `b` was built for `model` (architecture, dims, then fingerprint).
-pub fn check_binding<B: AsRef<[u8]>>(model: &ModelBinding, b: &Bundle<B>) -> Result<(), EditSetError> {
+pub fn check_binding<B: AsRef<[u8]>>(
+    model: &ModelBinding,
+    b: &Bundle<B>,
+) -> Result<(), EditSetError> {
     let m = &b.manifest().model;
     if m.arch != model.arch {
         return Err(EditSetError::ArchMismatch {

@@ -39,7 +39,9 @@ pub fn decode_key_bytes(data: &[u8]) -> Result<[u8; 32], KeyError> {
         k.copy_from_slice(data);
         return Ok(k);
     }
-    let text = core::str::from_utf8(data).map_err(|_| KeyError::BadEncoding)?.trim();
+    let text = core::str::from_utf8(data)
+        .map_err(|_| KeyError::BadEncoding)?
+        .trim();
     if text.len() != 64 {
         return Err(KeyError::BadEncoding);
     }

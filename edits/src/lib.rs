@@ -17,10 +17,10 @@ pub mod editset;
 pub mod fingerprint;
 pub mod keys;
 
-pub use site::{HookPoint, Site};
 pub use bundle::{Bundle, BundleBuilder, BundleError, BundleMeta, Manifest, ModelBinding};
+/// Re-exported so callers name the same key types as the bundle code.
+pub use ed25519_dalek;
 #[cfg(feature = "std")]
 pub use editset::{ActiveSet, AddOptions, EditSet, EditSetError};
 pub use keys::TrustStore;
-/// Re-exported so callers name the same key types as the bundle code.
-pub use ed25519_dalek;
+pub use site::{HookPoint, Site};

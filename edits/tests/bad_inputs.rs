@@ -19,7 +19,10 @@ fn refuse(set: &EditSet, bytes: &[u8]) -> EditSetError {
         .and_then(|b| set.add(b, AddOptions::default()))
         .expect_err("bad input was accepted");
     let after = set.snapshot();
-    assert!(Arc::ptr_eq(&before, &after), "snapshot changed after {err:?}");
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "snapshot changed after {err:?}"
+    );
     assert_eq!(before.generation, after.generation);
     assert_eq!(list, set.list());
     err
@@ -28,7 +31,9 @@ fn refuse(set: &EditSet, bytes: &[u8]) -> EditSetError {
 /// An EditSet with one bundle already active, so "unchanged" is not trivially empty.
 fn active_set() -> EditSet {
     let (set, _clock) = editset();
-    let b = set.open_bytes(signed("base", "other", 1).as_slice()).unwrap();
+    let b = set
+        .open_bytes(signed("base", "other", 1).as_slice())
+        .unwrap();
     set.add(b, AddOptions::default()).unwrap();
     set
 }
@@ -72,13 +77,19 @@ fn k02_trailing_bytes() {
     let set = active_set();
     let mut v = good().as_slice().to_vec();
     v.extend_from_slice(&[0; 64]);
-    assert!(matches!(bundle_err(refuse(&set, &v)), BundleError::LengthMismatch { .. }));
+    assert!(matches!(
+        bundle_err(refuse(&set, &v)),
+        BundleError::LengthMismatch { .. }
+    ));
 }
 
 #[test]
 fn k03_bad_magic() {
     let set = active_set();
-    assert_eq!(bundle_err(refuse(&set, &flip(good().as_slice(), 0, 0))), BundleError::BadMagic);
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(good().as_slice(), 0, 0))),
+        BundleError::BadMagic
+    );
 }
 
 #[test]
@@ -96,17 +107,32 @@ fn k04_future_format_version() {
 fn k05_header_flags_and_layout_fields() {
     let set = active_set();
     let g = good();
-    assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), 12, 0))), BundleError::BadHeader("flags"));
-    assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), 24, 3))), BundleError::BadHeader("sig_offset"));
-    assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), 40, 6))), BundleError::BadHeader("payload_offset"));
-    assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), 56, 0))), BundleError::BadHeader("reserved"));
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(g.as_slice(), 12, 0))),
+        BundleError::BadHeader("flags")
+    );
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(g.as_slice(), 24, 3))),
+        BundleError::BadHeader("sig_offset")
+    );
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(g.as_slice(), 40, 6))),
+        BundleError::BadHeader("payload_offset")
+    );
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(g.as_slice(), 56, 0))),
+        BundleError::BadHeader("reserved")
+    );
 }
 
 #[test]
 fn k06_flipped_bit_in_signed_header_field() {
     // minor version is not structural: only the signature catches it.
     let set = active_set();
-    assert_eq!(bundle_err(refuse(&set, &flip(good().as_slice(), 10, 0))), BundleError::BadSignature);
+    assert_eq!(
+        bundle_err(refuse(&set, &flip(good().as_slice(), 10, 0))),
+        BundleError::BadSignature
+    );
 }
 
 #[test]
@@ -116,7 +142,10 @@ fn k07_manifest_length_over_cap() {
     v[20..24].copy_from_slice(&(MAX_MANIFEST_LEN + 1).to_le_bytes());
     assert!(matches!(
         bundle_err(refuse(&set, &v)),
-        BundleError::CapExceeded { what: "manifest length", .. }
+        BundleError::CapExceeded {
+            what: "manifest length",
+            ..
+        }
     ));
 }
 
@@ -126,7 +155,10 @@ fn k08_flipped_bit_in_every_manifest_byte() {
     let g = good();
     let h = read_header(g.as_slice()).unwrap();
     for at in HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize {
-        assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), at, (at % 8) as u8))), BundleError::BadSignature);
+        assert_eq!(
+            bundle_err(refuse(&set, &flip(g.as_slice(), at, (at % 8) as u8))),
+            BundleError::BadSignature
+        );
     }
 }
 
@@ -151,7 +183,10 @@ fn k10_flipped_bit_in_signature() {
     let g = good();
     let at = read_header(g.as_slice()).unwrap().sig_offset.get() as usize;
     for k in KEY_ID_LEN..SIG_BLOCK_LEN {
-        assert_eq!(bundle_err(refuse(&set, &flip(g.as_slice(), at + k, 2))), BundleError::BadSignature);
+        assert_eq!(
+            bundle_err(refuse(&set, &flip(g.as_slice(), at + k, 2))),
+            BundleError::BadSignature
+        );
     }
 }
 
@@ -160,7 +195,10 @@ fn k11_flipped_bit_in_key_id_is_unknown_key() {
     let set = active_set();
     let g = good();
     let at = read_header(g.as_slice()).unwrap().sig_offset.get() as usize;
-    assert!(matches!(bundle_err(refuse(&set, &flip(g.as_slice(), at, 0))), BundleError::UnknownKeyId(_)));
+    assert!(matches!(
+        bundle_err(refuse(&set, &flip(g.as_slice(), at, 0))),
+        BundleError::UnknownKeyId(_)
+    ));
 }
 
 #[test]
@@ -181,7 +219,10 @@ fn k12_flipped_bit_in_padding() {
 fn k13_unsigned() {
     let set = active_set();
     let u = builder("b1", "main", 5, 5.0).build_unsigned().unwrap();
-    assert_eq!(bundle_err(refuse(&set, u.as_slice())), BundleError::Unsigned);
+    assert_eq!(
+        bundle_err(refuse(&set, u.as_slice())),
+        BundleError::Unsigned
+    );
 }
 
 #[test]
@@ -200,19 +241,24 @@ fn k15_wrong_key_claiming_trusted_id() {
     let mut v = builder("b1", "main", 5, 5.0).build_signed(&key(2)).unwrap();
     let at = read_header(v.as_slice()).unwrap().sig_offset.get() as usize;
     v.as_mut_slice()[at..at + KEY_ID_LEN].copy_from_slice(&key_id(&key(1).verifying_key()));
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::BadSignature);
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::BadSignature
+    );
 }
 
 #[test]
 fn k16_misaligned_buffer() {
     let g = good();
-    let mut store = vec![0u8; g.len() + 1];
-    store[1..].copy_from_slice(g.as_slice());
-    let s = &store[1..];
-    let s = if s.as_ptr() as usize % 4 == 0 { &store[..g.len()] } else { s };
-    if s.as_ptr() as usize % 4 != 0 {
-        assert_eq!(verify(s, &trust()).unwrap_err(), BundleError::MisalignedBuffer);
-    }
+    // An AlignedBuf starts 64-aligned, so one byte in is misaligned for f32.
+    let mut store = AlignedBuf::zeroed(g.len() + 1);
+    store.as_mut_slice()[1..].copy_from_slice(g.as_slice());
+    let s = &store.as_slice()[1..];
+    assert_eq!(
+        verify(s, &trust()).unwrap_err(),
+        BundleError::MisalignedBuffer
+    );
+    assert!(verify(g.as_slice(), &trust()).is_ok());
 }
 
 #[test]
@@ -225,7 +271,10 @@ fn k17_garbage_manifest_signed() {
         *b = 0xff;
     }
     sign_in_place(&mut v, &key(1)).unwrap();
-    assert!(matches!(bundle_err(refuse(&set, &v)), BundleError::ManifestDecode(_)));
+    assert!(matches!(
+        bundle_err(refuse(&set, &v)),
+        BundleError::ManifestDecode(_)
+    ));
 }
 
 #[test]
@@ -235,7 +284,10 @@ fn k18_section_out_of_bounds() {
         layout(m).unwrap();
         m.sections[0].offset = 64;
     });
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::SectionOutOfBounds { index: 0 });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::SectionOutOfBounds { index: 0 }
+    );
 }
 
 #[test]
@@ -245,7 +297,10 @@ fn k19_overlapping_sections() {
         layout(m).unwrap();
         m.sections[1].offset = m.sections[0].offset;
     });
-    assert!(matches!(bundle_err(refuse(&set, v.as_slice())), BundleError::SectionOverlap { .. }));
+    assert!(matches!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::SectionOverlap { .. }
+    ));
 }
 
 #[test]
@@ -255,7 +310,10 @@ fn k20_misaligned_section() {
         layout(m).unwrap();
         m.sections[2].offset += 4;
     });
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::SectionMisaligned { index: 2 });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::SectionMisaligned { index: 2 }
+    );
 }
 
 #[test]
@@ -264,7 +322,10 @@ fn k21_unknown_section_kind() {
     let v = craft(good().as_slice(), true, |m, _| m.sections[1].kind = 999);
     assert_eq!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::UnknownSectionKind { index: 1, kind: 999 }
+        BundleError::UnknownSectionKind {
+            index: 1,
+            kind: 999
+        }
     );
 }
 
@@ -282,14 +343,20 @@ fn k22_unknown_payload_kind() {
 fn k23_unknown_dtype() {
     let set = active_set();
     let v = craft(good().as_slice(), true, |m, _| m.sections[0].dtype = 9);
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::UnknownDtype { index: 0, dtype: 9 });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::UnknownDtype { index: 0, dtype: 9 }
+    );
 }
 
 #[test]
 fn k24_shape_does_not_match_length() {
     let set = active_set();
     let v = craft(good().as_slice(), true, |m, _| m.sections[0].shape[0] += 1);
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::SectionShape { index: 0 });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::SectionShape { index: 0 }
+    );
 }
 
 fn poison(x: f32) -> AlignedBuf {
@@ -307,7 +374,10 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 #[test]
 fn k25_nan_in_payload() {
     let set = active_set();
-    assert_eq!(bundle_err(refuse(&set, poison(f32::NAN).as_slice())), BundleError::NonFinite { index: 1 });
+    assert_eq!(
+        bundle_err(refuse(&set, poison(f32::NAN).as_slice())),
+        BundleError::NonFinite { index: 1 }
+    );
 }
 
 #[test]
@@ -332,13 +402,21 @@ fn k27_counts_beyond_caps() {
     });
     assert!(matches!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::CapExceeded { what: "section count", .. }
+        BundleError::CapExceeded {
+            what: "section count",
+            ..
+        }
     ));
     // A string over the length cap.
-    let v = craft(good().as_slice(), true, |m, _| m.edits[0].prompt = "x".repeat(MAX_STRING_LEN + 1));
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.edits[0].prompt = "x".repeat(MAX_STRING_LEN + 1)
+    });
     assert!(matches!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::CapExceeded { what: "prompt length", .. }
+        BundleError::CapExceeded {
+            what: "prompt length",
+            ..
+        }
     ));
     // Rows over the cap (checked on the manifest alone: such a bundle would be 100+ MB).
     let mut m = manifest_of(good().as_slice());
@@ -346,7 +424,10 @@ fn k27_counts_beyond_caps() {
         s.shape[0] = MAX_ROWS + 1;
         s.len = s.shape.iter().product::<u64>() * 4;
     }
-    assert!(matches!(check_manifest(&m, None), Err(BundleError::CapExceeded { what: "rows", .. })));
+    assert!(matches!(
+        check_manifest(&m, None),
+        Err(BundleError::CapExceeded { what: "rows", .. })
+    ));
 }
 
 #[test]
@@ -359,7 +440,11 @@ fn k28_section_of_wrong_kind_referenced() {
     });
     assert!(matches!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::BadSectionRef { payload: 0, reason: "wrong section kind", .. }
+        BundleError::BadSectionRef {
+            payload: 0,
+            reason: "wrong section kind",
+            ..
+        }
     ));
 }
 
@@ -375,14 +460,22 @@ fn k29_unreferenced_section() {
         blobs.push(blobs[2].clone());
     });
     let n = manifest_of(v.as_slice()).sections.len() - 1;
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::UnreferencedSection { index: n });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::UnreferencedSection { index: n }
+    );
 }
 
 #[test]
 fn k30_descriptor_garbage() {
     let set = active_set();
-    let v = craft(good().as_slice(), true, |m, _| m.payloads[0].body = vec![0xff; 3]);
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::DescriptorDecode { index: 0 });
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.payloads[0].body = vec![0xff; 3]
+    });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::DescriptorDecode { index: 0 }
+    );
 }
 
 #[test]
@@ -393,7 +486,13 @@ fn k31_unknown_site_code() {
         p.key_site = 42;
         m.payloads[0] = Payload::Codebook(p).to_entry();
     });
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::UnknownSite { payload: 0, code: 42 });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::UnknownSite {
+            payload: 0,
+            code: 42
+        }
+    );
 }
 
 #[test]
@@ -406,7 +505,11 @@ fn k32_unknown_distance_code() {
     });
     assert_eq!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::UnknownCode { payload: 0, what: "distance", code: 9 }
+        BundleError::UnknownCode {
+            payload: 0,
+            what: "distance",
+            code: 9
+        }
     );
 }
 
@@ -420,15 +523,24 @@ fn k33_payload_layer_beyond_model() {
     });
     assert!(matches!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::PayloadDimension { payload: 0, what: "layer", .. }
+        BundleError::PayloadDimension {
+            payload: 0,
+            what: "layer",
+            ..
+        }
     ));
 }
 
 #[test]
 fn k34_duplicate_edit_id() {
     let set = active_set();
-    let v = craft(good().as_slice(), true, |m, _| m.edits[1].id = m.edits[0].id.clone());
-    assert_eq!(bundle_err(refuse(&set, v.as_slice())), BundleError::DuplicateEditId("e-cb-0".into()));
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.edits[1].id = m.edits[0].id.clone()
+    });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::DuplicateEditId("e-cb-0".into())
+    );
 }
 
 #[test]
@@ -437,7 +549,10 @@ fn k35_edit_units_out_of_range() {
     let v = craft(good().as_slice(), true, |m, _| m.edits[1].count = 5);
     assert_eq!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::BadEdit { index: 1, reason: "units out of range" }
+        BundleError::BadEdit {
+            index: 1,
+            reason: "units out of range"
+        }
     );
 }
 
@@ -447,7 +562,13 @@ fn k36_replay_same_version() {
     let b = set.open_bytes(good().as_slice()).unwrap();
     set.add(b, AddOptions::default()).unwrap();
     let e = refuse(&set, signed("b1-again", "main", 5).as_slice());
-    assert_eq!(e, EditSetError::Replay { channel: "main".into(), version: 5 });
+    assert_eq!(
+        e,
+        EditSetError::Replay {
+            channel: "main".into(),
+            version: 5
+        }
+    );
 }
 
 #[test]
@@ -456,27 +577,49 @@ fn k37_downgrade() {
     let b = set.open_bytes(good().as_slice()).unwrap();
     set.add(b, AddOptions::default()).unwrap();
     let e = refuse(&set, signed("b0", "main", 4).as_slice());
-    assert_eq!(e, EditSetError::Downgrade { channel: "main".into(), current: 5, offered: 4 });
+    assert_eq!(
+        e,
+        EditSetError::Downgrade {
+            channel: "main".into(),
+            current: 5,
+            offered: 4
+        }
+    );
     // Removing the bundle does not reopen the door to older versions.
     set.remove("b1").unwrap();
-    assert!(matches!(refuse(&set, signed("b0", "main", 4).as_slice()), EditSetError::Downgrade { .. }));
+    assert!(matches!(
+        refuse(&set, signed("b0", "main", 4).as_slice()),
+        EditSetError::Downgrade { .. }
+    ));
     // An explicit downgrade is possible.
     let b = set.open_bytes(signed("b0", "main", 4).as_slice()).unwrap();
-    set.add(b, AddOptions { allow_downgrade: true }).unwrap();
+    set.add(
+        b,
+        AddOptions {
+            allow_downgrade: true,
+        },
+    )
+    .unwrap();
 }
 
 #[test]
 fn k38_expired() {
     let (set, clock) = editset();
     clock.set(T0 + 1000);
-    assert!(matches!(refuse(&set, good().as_slice()), EditSetError::Expired { .. }));
+    assert!(matches!(
+        refuse(&set, good().as_slice()),
+        EditSetError::Expired { .. }
+    ));
 }
 
 #[test]
 fn k39_not_yet_valid() {
     let (set, clock) = editset();
     clock.set(T0 - 11);
-    assert!(matches!(refuse(&set, good().as_slice()), EditSetError::NotYetValid { .. }));
+    assert!(matches!(
+        refuse(&set, good().as_slice()),
+        EditSetError::NotYetValid { .. }
+    ));
 }
 
 fn with_model(f: impl FnOnce(&mut ModelBinding)) -> AlignedBuf {
@@ -504,7 +647,11 @@ fn k41_dimension_mismatch_with_model() {
     let v = with_model(|m| m.n_layer = 26);
     assert_eq!(
         refuse(&set, v.as_slice()),
-        EditSetError::DimensionMismatch { what: "n_layer", bundle: 26, model: 18 }
+        EditSetError::DimensionMismatch {
+            what: "n_layer",
+            bundle: 26,
+            model: 18
+        }
     );
     // n_embd differs: the bundle's payloads are [n, 8] so a bundle for 640 cannot even be
     // consistent; check the EditSet-level error by binding the set to another width instead.
@@ -516,7 +663,11 @@ fn k41_dimension_mismatch_with_model() {
     };
     assert_eq!(
         refuse(&set2, good().as_slice()),
-        EditSetError::DimensionMismatch { what: "n_embd", bundle: 8, model: 640 }
+        EditSetError::DimensionMismatch {
+            what: "n_embd",
+            bundle: 8,
+            model: 640
+        }
     );
 }
 
@@ -524,7 +675,10 @@ fn k41_dimension_mismatch_with_model() {
 fn k42_architecture_mismatch() {
     let set = active_set();
     let v = with_model(|m| m.arch = "llama".into());
-    assert!(matches!(refuse(&set, v.as_slice()), EditSetError::ArchMismatch { .. }));
+    assert!(matches!(
+        refuse(&set, v.as_slice()),
+        EditSetError::ArchMismatch { .. }
+    ));
 }
 
 #[test]
@@ -538,11 +692,20 @@ fn k43_duplicate_bundle_id_in_other_channel() {
 fn k44_unknown_edit_and_bundle_ids_leave_set_unchanged() {
     let set = active_set();
     let before = set.snapshot();
-    assert_eq!(set.rollback_edit("nope"), Err(EditSetError::UnknownEdit("nope".into())));
-    assert!(matches!(set.remove("nope"), Err(EditSetError::UnknownBundle(_))));
+    assert_eq!(
+        set.rollback_edit("nope"),
+        Err(EditSetError::UnknownEdit("nope".into()))
+    );
+    assert!(matches!(
+        set.remove("nope"),
+        Err(EditSetError::UnknownBundle(_))
+    ));
     set.rollback_edit("e-cb-0").unwrap();
     let mid = set.snapshot();
-    assert_eq!(set.rollback_edit("e-cb-0"), Err(EditSetError::AlreadyRolledBack("e-cb-0".into())));
+    assert_eq!(
+        set.rollback_edit("e-cb-0"),
+        Err(EditSetError::AlreadyRolledBack("e-cb-0".into()))
+    );
     assert!(Arc::ptr_eq(&mid, &set.snapshot()));
     assert_ne!(before.generation, mid.generation);
 }

@@ -24,12 +24,19 @@ fn check(s: &ActiveSet) -> Option<u64> {
     let va = s.bundles[0].bundle.manifest().version;
     let vb = s.bundles[1].bundle.manifest().version;
     assert_eq!(va, vb, "mixed versions in generation {}", s.generation);
-    assert_eq!(s.bundles[0].rolled_back[..], s.bundles[1].rolled_back[..], "mixed masks");
+    assert_eq!(
+        s.bundles[0].rolled_back[..],
+        s.bundles[1].rolled_back[..],
+        "mixed masks"
+    );
     let mut rows = [0usize; 2];
     for (id, cb) in s.codebook_views() {
         let k = usize::from(id.starts_with('b'));
         rows[k] += cb.rows.len();
-        assert!(cb.values.iter().all(|&x| x == va as f32), "stale payload under version {va}");
+        assert!(
+            cb.values.iter().all(|&x| x == va as f32),
+            "stale payload under version {va}"
+        );
     }
     assert_eq!(rows[0], rows[1]);
     Some(va)
@@ -43,8 +50,20 @@ fn readers_always_see_one_consistent_version() {
     let bundles: Vec<_> = (1..=ROUNDS)
         .map(|k| {
             (
-                set.open_bytes(builder(&format!("a{k}"), "a", k, k as f32).build_signed(&key(1)).unwrap().as_slice()).unwrap(),
-                set.open_bytes(builder(&format!("b{k}"), "b", k, k as f32).build_signed(&key(1)).unwrap().as_slice()).unwrap(),
+                set.open_bytes(
+                    builder(&format!("a{k}"), "a", k, k as f32)
+                        .build_signed(&key(1))
+                        .unwrap()
+                        .as_slice(),
+                )
+                .unwrap(),
+                set.open_bytes(
+                    builder(&format!("b{k}"), "b", k, k as f32)
+                        .build_signed(&key(1))
+                        .unwrap()
+                        .as_slice(),
+                )
+                .unwrap(),
             )
         })
         .collect();
@@ -114,5 +133,8 @@ fn readers_always_see_one_consistent_version() {
     let total = checks.load(Ordering::Relaxed);
     eprintln!("{swaps} swaps, {total} reader snapshots checked, distinct versions seen per reader: {distinct:?}");
     assert!(total > READERS as u64 * 100, "readers did not run");
-    assert!(distinct.iter().sum::<usize>() > 100, "readers did not overlap the swaps");
+    assert!(
+        distinct.iter().sum::<usize>() > 100,
+        "readers did not overlap the swaps"
+    );
 }

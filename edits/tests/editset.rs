@@ -10,8 +10,18 @@ use common::*;
 #[test]
 fn add_replace_rollback_and_views() {
     let (set, _clock) = editset();
-    let g1 = set.add(set.open_bytes(signed("a1", "a", 1).as_slice()).unwrap(), AddOptions::default()).unwrap();
-    let g2 = set.add(set.open_bytes(signed("b1", "b", 1).as_slice()).unwrap(), AddOptions::default()).unwrap();
+    let g1 = set
+        .add(
+            set.open_bytes(signed("a1", "a", 1).as_slice()).unwrap(),
+            AddOptions::default(),
+        )
+        .unwrap();
+    let g2 = set
+        .add(
+            set.open_bytes(signed("b1", "b", 1).as_slice()).unwrap(),
+            AddOptions::default(),
+        )
+        .unwrap();
     assert!(g2 > g1);
     let snap = set.snapshot();
     assert_eq!(snap.bundles.len(), 2);
@@ -27,14 +37,28 @@ fn add_replace_rollback_and_views() {
     // Edit ids are per bundle; the topmost bundle that has the id is the one rolled back.
     set.rollback_edit("e-cb-0").unwrap();
     let snap2 = set.snapshot();
-    let b1_cb: Vec<_> = snap2.codebook_views().filter(|(id, _)| *id == "b1").collect();
+    let b1_cb: Vec<_> = snap2
+        .codebook_views()
+        .filter(|(id, _)| *id == "b1")
+        .collect();
     assert_eq!(b1_cb.len(), 1);
     assert_eq!(b1_cb[0].1.rows, 2..3);
     let full = snap.codebook_views().find(|(id, _)| *id == "b1").unwrap().1;
     assert_eq!(b1_cb[0].1.keys, &full.keys[2 * DIM..]);
-    assert_eq!(b1_cb[0].1.keys.as_ptr(), full.keys[2 * DIM..].as_ptr(), "must be zero-copy");
+    assert_eq!(
+        b1_cb[0].1.keys.as_ptr(),
+        full.keys[2 * DIM..].as_ptr(),
+        "must be zero-copy"
+    );
     // The old snapshot is untouched.
-    assert_eq!(snap.codebook_views().find(|(id, _)| *id == "b1").unwrap().1.rows, 0..3);
+    assert_eq!(
+        snap.codebook_views()
+            .find(|(id, _)| *id == "b1")
+            .unwrap()
+            .1
+            .rows,
+        0..3
+    );
 
     // Roll back a memory record and the low-rank edit.
     set.rollback_edit("e-mem-1").unwrap();
@@ -48,7 +72,11 @@ fn add_replace_rollback_and_views() {
     assert_eq!(set.list()[1].rolled_back, vec!["e-cb-0", "e-lr", "e-mem-1"]);
 
     // A newer version in channel a replaces a1 in place.
-    set.add(set.open_bytes(signed("a2", "a", 2).as_slice()).unwrap(), AddOptions::default()).unwrap();
+    set.add(
+        set.open_bytes(signed("a2", "a", 2).as_slice()).unwrap(),
+        AddOptions::default(),
+    )
+    .unwrap();
     let ids: Vec<_> = set.list().into_iter().map(|i| i.id).collect();
     assert_eq!(ids, vec!["a2", "b1"]);
 
@@ -67,15 +95,26 @@ fn add_replace_rollback_and_views() {
 #[test]
 fn rollback_edit_targets_topmost_bundle() {
     let (set, _c) = editset();
-    set.add(set.open_bytes(signed("a1", "a", 1).as_slice()).unwrap(), AddOptions::default()).unwrap();
-    set.add(set.open_bytes(signed("b1", "b", 1).as_slice()).unwrap(), AddOptions::default()).unwrap();
+    set.add(
+        set.open_bytes(signed("a1", "a", 1).as_slice()).unwrap(),
+        AddOptions::default(),
+    )
+    .unwrap();
+    set.add(
+        set.open_bytes(signed("b1", "b", 1).as_slice()).unwrap(),
+        AddOptions::default(),
+    )
+    .unwrap();
     set.rollback_edit("e-cb-0").unwrap();
     let s = set.snapshot();
     assert!(s.get("b1").unwrap().is_rolled_back("e-cb-0"));
     assert!(!s.get("a1").unwrap().is_rolled_back("e-cb-0"));
     set.rollback_edit("e-cb-0").unwrap();
     assert!(set.snapshot().get("a1").unwrap().is_rolled_back("e-cb-0"));
-    assert_eq!(set.rollback_edit("e-cb-0"), Err(EditSetError::AlreadyRolledBack("e-cb-0".into())));
+    assert_eq!(
+        set.rollback_edit("e-cb-0"),
+        Err(EditSetError::AlreadyRolledBack("e-cb-0".into()))
+    );
 }
 
 /// Writes an unsigned sample bundle for CLI smoke tests (`amend sign/verify/inspect`).
@@ -95,7 +134,17 @@ fn fuzz_seeds() {
     use amend_edits::bundle::{read_header, HEADER_LEN};
     let mut seeds = vec![signed("seed-a", "main", 1), signed("seed-b", "other", 7)];
     let mut small = amend_edits::bundle::BundleBuilder::new(meta("seed-c", "c", 2));
-    let p = small.add_codebook(1, amend_edits::Site::ResidualOut, amend_edits::Site::ResidualOut, 0, true, DIM, &ramp(DIM, 0.0), &ramp(DIM, 1.0), &[0.5]);
+    let p = small.add_codebook(
+        1,
+        amend_edits::Site::ResidualOut,
+        amend_edits::Site::ResidualOut,
+        0,
+        true,
+        DIM,
+        &ramp(DIM, 0.0),
+        &ramp(DIM, 1.0),
+        &[0.5],
+    );
     small.add_edit("only", 1, amend_edits::Site::ResidualOut, "x", "y", p, 0, 1);
     seeds.push(small.build_signed(&key(1)).unwrap());
     for s in &seeds {

@@ -7,7 +7,9 @@ mod common;
 use amend_edits::bundle::{check_manifest, decode_manifest, encode_manifest, AlignedBuf, Bundle};
 
 fn seeds(kind: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(kind);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/seeds")
+        .join(kind);
     let mut v: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
@@ -98,7 +100,11 @@ fn manifest_decoder_seeds_and_mutations() {
     let mut rng = Rng(42);
     for i in 0..50_000 {
         let s = &seeds[i % seeds.len()];
-        let data = if i < seeds.len() { s.clone() } else { mutate(&mut rng, s) };
+        let data = if i < seeds.len() {
+            s.clone()
+        } else {
+            mutate(&mut rng, s)
+        };
         if let Ok(m) = decode_manifest(&data) {
             let _ = check_manifest(&m, None);
             let again = decode_manifest(&encode_manifest(&m).unwrap()).unwrap();

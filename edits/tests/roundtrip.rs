@@ -27,26 +27,48 @@ fn spec() -> impl Strategy<Value = Spec> {
             Just(dim),
             Just(version),
             prop::collection::vec(
-                (0u32..18, 1usize..6, 0u8..3, any::<bool>(), prop::collection::vec(finite(), 64)),
+                (
+                    0u32..18,
+                    1usize..6,
+                    0u8..3,
+                    any::<bool>(),
+                    prop::collection::vec(finite(), 64),
+                ),
                 0..3,
             ),
-            prop::collection::vec((0u32..18, 1usize..5, 0u8..2, prop::collection::vec(finite(), 64)), 0..3),
             prop::collection::vec(
-                (1usize..6, 1usize..6, 1usize..4, finite(), prop::collection::vec(finite(), 64)),
+                (
+                    0u32..18,
+                    1usize..5,
+                    0u8..2,
+                    prop::collection::vec(finite(), 64),
+                ),
+                0..3,
+            ),
+            prop::collection::vec(
+                (
+                    1usize..6,
+                    1usize..6,
+                    1usize..4,
+                    finite(),
+                    prop::collection::vec(finite(), 64),
+                ),
                 0..3,
             ),
             prop::collection::vec((1usize..5, 1usize..6, -1.0f32..=1.0, "[a-z ]{0,20}"), 0..2),
             prop::option::of(Just(common::gguf_lora_blob())),
         )
-            .prop_map(|(dim, version, codebooks, neurons, low_rank, memories, blob)| Spec {
-                dim,
-                version,
-                codebooks,
-                neurons,
-                low_rank,
-                memories,
-                blob,
-            })
+            .prop_map(
+                |(dim, version, codebooks, neurons, low_rank, memories, blob)| Spec {
+                    dim,
+                    version,
+                    codebooks,
+                    neurons,
+                    low_rank,
+                    memories,
+                    blob,
+                },
+            )
     })
 }
 
@@ -97,7 +119,9 @@ proptest! {
             let a = take(pool, rank * n_in, 6);
             let bm = take(pool, n_out * rank, 7);
             let name = format!("blk.{i}.ffn_down.weight");
-            let p = b.add_low_rank(&[(&name, *n_in, *n_out, *rank, *alpha, &a, &bm)]);
+            let p = b.add_low_rank(&[amend_edits::families::LowRankTensor {
+                name: &name, n_in: *n_in, n_out: *n_out, rank: *rank, a: &a, b: &bm, alpha: *alpha,
+            }]);
             b.add_edit(&format!("lr{i}"), 0, Site::FfnOutput, "p", "t", p, 0, 1);
             expect_lr.push((p, a, bm));
         }

@@ -1,10 +1,16 @@
 //! Trust store and bundle entry points.
 
 use std::ffi::c_char;
+use std::sync::Arc;
+
+use amend_edits::ed25519_dalek::VerifyingKey;
+use amend_edits::editset::check_binding;
+use amend_edits::keys::{KeyError, TrustStore, MAX_TRUSTED_KEYS};
+use amend_edits::Bundle;
 
 use crate::amend_result;
 use crate::args;
-use crate::error::{guard, FfiError};
+use crate::error::{guard, FfiError, FfiResult};
 use crate::handle;
 use crate::model::{ModelObj, MODEL};
 use crate::types::*;
@@ -12,11 +18,28 @@ use crate::types::*;
 /// Length of an ed25519 public key in bytes.
 pub const AMEND_PUBLIC_KEY_LEN: usize = 32;
 
+/// Most keys one trust store holds.
+pub const AMEND_MAX_TRUSTED_KEYS: usize = MAX_TRUSTED_KEYS;
+
 pub(crate) struct TrustObj {
-    pub keys: Vec<[u8; AMEND_PUBLIC_KEY_LEN]>,
+    pub trust: TrustStore,
 }
 
-pub(crate) struct BundleObj {}
+pub(crate) struct BundleObj {
+    pub bundle: Arc<Bundle>,
+    /// The model it was checked against (activation checks the session's model is the same).
+    pub model: Arc<amend_runtime::Model>,
+}
+
+fn finish_load(model: &ModelObj, bundle: Bundle, out: *mut *mut amend_bundle) -> FfiResult<()> {
+    check_binding(model.binding()?, &bundle)?;
+    let obj = BundleObj {
+        bundle: Arc::new(bundle),
+        model: model.model.clone(),
+    };
+    unsafe { out.write(handle::insert(obj)) };
+    Ok(())
+}
 
 pub(crate) const TRUST: &str = "amend_trust_store";
 pub(crate) const BUNDLE: &str = "amend_bundle";
@@ -25,7 +48,8 @@ pub(crate) const BUNDLE: &str = "amend_bundle";
 /// (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (no keys, size overflow),
-/// `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point).
+/// `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point). At most
+/// `AMEND_MAX_TRUSTED_KEYS` keys; duplicates count once.
 #[no_mangle]
 pub extern "C" fn amend_trust_store_new(
     keys: *const u8,
@@ -48,11 +72,22 @@ pub extern "C" fn amend_trust_store_new(
             )
         })?;
         let bytes = unsafe { args::bytes(keys, len, "keys")? };
-        let keys = bytes
-            .chunks_exact(AMEND_PUBLIC_KEY_LEN)
-            .map(|c| c.try_into().expect("exact chunks"))
-            .collect();
-        unsafe { out.write(handle::insert(TrustObj { keys })) };
+        let mut trust = TrustStore::new();
+        for (i, chunk) in bytes.chunks_exact(AMEND_PUBLIC_KEY_LEN).enumerate() {
+            let raw: &[u8; AMEND_PUBLIC_KEY_LEN] = chunk.try_into().expect("exact chunks");
+            let key = VerifyingKey::from_bytes(raw).map_err(|_| {
+                FfiError::new(
+                    amend_result::AMEND_ERR_INVALID_KEY,
+                    format!("key {i} is not a valid ed25519 public key"),
+                )
+            })?;
+            trust.add(key).map_err(|e: KeyError| {
+                let mut err = FfiError::from(e);
+                err.message = format!("key {i}: {}", err.message);
+                err
+            })?;
+        }
+        unsafe { out.write(handle::insert(TrustObj { trust })) };
         Ok(())
     })
 }
@@ -83,10 +118,15 @@ pub extern "C" fn amend_bundle_load_file(
     guard("amend_bundle_load_file", || {
         args::need_out(out, "out")?;
         unsafe { out.write(std::ptr::null_mut()) };
-        let _trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
-        let _model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
-        let _path = unsafe { args::cstr(path, "path")? };
-        Err(FfiError::not_supported("loading a bundle"))
+        let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
+        let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let path = unsafe { args::cstr(path, "path")? };
+        let bundle = Bundle::open_file(path, &trust.trust).map_err(|e| {
+            let mut err = FfiError::from(e);
+            err.message = format!("{path}: {}", err.message);
+            err
+        })?;
+        finish_load(&model, bundle, out)
     })
 }
 
@@ -103,10 +143,14 @@ pub extern "C" fn amend_bundle_load_memory(
     guard("amend_bundle_load_memory", || {
         args::need_out(out, "out")?;
         unsafe { out.write(std::ptr::null_mut()) };
-        let _trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
-        let _model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
-        let _data = unsafe { args::bytes(data, len, "data")? };
-        Err(FfiError::not_supported("loading a bundle"))
+        let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
+        let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        if data.is_null() {
+            return Err(FfiError::null("data"));
+        }
+        let data = unsafe { args::bytes(data, len, "data")? };
+        let bundle = Bundle::from_bytes(data, &trust.trust)?;
+        finish_load(&model, bundle, out)
     })
 }
 
@@ -127,8 +171,31 @@ pub extern "C" fn amend_bundle_get_info(
     out: *mut amend_bundle_info,
 ) -> amend_result {
     guard("amend_bundle_get_info", || {
-        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
-        unsafe { args::write_out(out, amend_bundle_info::default(), "out") }
+        let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        let m = b.bundle.manifest();
+        let info = amend_bundle_info {
+            n_edits: m.edits.len() as u32,
+            version: m.version,
+            size_bytes: b.bundle.bytes().len() as u64,
+            not_before: m.not_before,
+            expires: m.expires,
+        };
+        unsafe { args::write_out(out, info, "out") }
+    })
+}
+
+/// Copies the bundle's channel (NUL-terminated) into `buf`; buffer rules as for
+/// `amend_model_description`. Versions increase per channel.
+#[no_mangle]
+pub extern "C" fn amend_bundle_channel(
+    bundle: *const amend_bundle,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> amend_result {
+    guard("amend_bundle_channel", || {
+        let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        unsafe { args::write_str(&b.bundle.manifest().channel, buf, buf_len, out_len) }
     })
 }
 
@@ -142,8 +209,8 @@ pub extern "C" fn amend_bundle_id(
     out_len: *mut usize,
 ) -> amend_result {
     guard("amend_bundle_id", || {
-        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
-        unsafe { args::write_str("", buf, buf_len, out_len) }
+        let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        unsafe { args::write_str(b.bundle.id(), buf, buf_len, out_len) }
     })
 }
 
@@ -159,11 +226,17 @@ pub extern "C" fn amend_bundle_edit_id(
     out_len: *mut usize,
 ) -> amend_result {
     guard("amend_bundle_edit_id", || {
-        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
-        let _ = (buf, buf_len, out_len);
-        Err(FfiError::new(
-            amend_result::AMEND_ERR_INVALID_ARGUMENT,
-            format!("edit index {index} is out of range (the bundle has 0 edits)"),
-        ))
+        let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        let edits = &b.bundle.manifest().edits;
+        let edit = edits.get(index).ok_or_else(|| {
+            FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                format!(
+                    "edit index {index} is out of range (the bundle has {} edits)",
+                    edits.len()
+                ),
+            )
+        })?;
+        unsafe { args::write_str(&edit.id, buf, buf_len, out_len) }
     })
 }

@@ -31,3 +31,75 @@ impl From<RuntimeError> for FfiError {
         FfiError::new(code, e.to_string())
     }
 }
+
+use amend_edits::bundle::OpenError;
+use amend_edits::fingerprint::FingerprintError;
+use amend_edits::keys::KeyError;
+use amend_edits::{BundleError, EditSetError};
+
+impl From<BundleError> for FfiError {
+    fn from(e: BundleError) -> Self {
+        use BundleError as B;
+        let code = match &e {
+            B::UnsupportedVersion { .. } => R::AMEND_ERR_BUNDLE_VERSION,
+            B::SectionHash { .. } | B::NonFinite { .. } => R::AMEND_ERR_BUNDLE_INTEGRITY,
+            B::Unsigned | B::BadSignature => R::AMEND_ERR_SIGNATURE,
+            B::UnknownKeyId(_) => R::AMEND_ERR_UNTRUSTED_KEY,
+            B::PayloadDimension { .. }
+            | B::InvalidPayload { .. }
+            | B::BadEdit { .. }
+            | B::DuplicateEditId(_) => R::AMEND_ERR_EDIT_INVALID,
+            // Everything else is a malformed byte stream: magic, header, manifest, sections.
+            _ => R::AMEND_ERR_BUNDLE_FORMAT,
+        };
+        FfiError::new(code, format!("invalid bundle: {e}"))
+    }
+}
+
+impl From<OpenError> for FfiError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Io(io) => {
+                FfiError::new(R::AMEND_ERR_IO, format!("cannot read bundle: {io}"))
+            }
+            OpenError::Bundle(b) => b.into(),
+        }
+    }
+}
+
+impl From<EditSetError> for FfiError {
+    fn from(e: EditSetError) -> Self {
+        use EditSetError as E;
+        let code = match &e {
+            E::Bundle(b) => return b.clone().into(),
+            E::Expired { .. } | E::NotYetValid { .. } => R::AMEND_ERR_BUNDLE_EXPIRED,
+            E::Replay { .. } | E::Downgrade { .. } => R::AMEND_ERR_BUNDLE_DOWNGRADE,
+            E::WrongModel | E::ArchMismatch { .. } | E::DimensionMismatch { .. } => {
+                R::AMEND_ERR_MODEL_MISMATCH
+            }
+            E::DuplicateBundle(_) | E::AlreadyRolledBack(_) => R::AMEND_ERR_EDIT_CONFLICT,
+            E::UnknownBundle(_) | E::UnknownEdit(_) | E::NoHistory => R::AMEND_ERR_NOT_FOUND,
+        };
+        FfiError::new(code, e.to_string())
+    }
+}
+
+impl From<KeyError> for FfiError {
+    fn from(e: KeyError) -> Self {
+        let code = match e {
+            KeyError::BadEncoding | KeyError::BadPublicKey => R::AMEND_ERR_INVALID_KEY,
+            KeyError::TrustStoreFull => R::AMEND_ERR_INVALID_ARGUMENT,
+        };
+        FfiError::new(code, e.to_string())
+    }
+}
+
+impl From<FingerprintError> for FfiError {
+    fn from(e: FingerprintError) -> Self {
+        let code = match e {
+            FingerprintError::Io(_) => R::AMEND_ERR_IO,
+            _ => R::AMEND_ERR_MODEL_LOAD,
+        };
+        FfiError::new(code, format!("cannot fingerprint the model: {e}"))
+    }
+}

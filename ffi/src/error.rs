@@ -68,12 +68,17 @@ pub enum amend_result {
     AMEND_ERR_NOT_FOUND = 308,
     /// A public key is not a valid ed25519 key.
     AMEND_ERR_INVALID_KEY = 309,
+    /// The bundle is outside its validity window (expired, or not valid yet).
+    AMEND_ERR_BUNDLE_EXPIRED = 310,
+    /// The bundle's version is not newer than one already accepted on its channel (replay or
+    /// downgrade).
+    AMEND_ERR_BUNDLE_DOWNGRADE = 311,
 }
 
 impl amend_result {
     /// Every code, for tests and for bindings that mirror the list.
     /// cbindgen:ignore
-    pub const ALL: [amend_result; 26] = [
+    pub const ALL: [amend_result; 28] = [
         amend_result::AMEND_OK,
         amend_result::AMEND_ERR_NULL_ARGUMENT,
         amend_result::AMEND_ERR_INVALID_HANDLE,
@@ -100,6 +105,8 @@ impl amend_result {
         amend_result::AMEND_ERR_EDIT_CONFLICT,
         amend_result::AMEND_ERR_NOT_FOUND,
         amend_result::AMEND_ERR_INVALID_KEY,
+        amend_result::AMEND_ERR_BUNDLE_EXPIRED,
+        amend_result::AMEND_ERR_BUNDLE_DOWNGRADE,
     ];
 
     /// The code's name as a NUL-terminated static string.
@@ -132,6 +139,8 @@ impl amend_result {
             AMEND_ERR_EDIT_CONFLICT => c"AMEND_ERR_EDIT_CONFLICT",
             AMEND_ERR_NOT_FOUND => c"AMEND_ERR_NOT_FOUND",
             AMEND_ERR_INVALID_KEY => c"AMEND_ERR_INVALID_KEY",
+            AMEND_ERR_BUNDLE_EXPIRED => c"AMEND_ERR_BUNDLE_EXPIRED",
+            AMEND_ERR_BUNDLE_DOWNGRADE => c"AMEND_ERR_BUNDLE_DOWNGRADE",
         }
     }
 
@@ -251,7 +260,10 @@ pub fn guard(name: &str, body: impl FnOnce() -> FfiResult<()>) -> amend_result {
         Err(payload) => {
             let err = FfiError::new(
                 amend_result::AMEND_ERR_PANIC,
-                format!("{name}: internal error (panic): {}", panic_message(&*payload)),
+                format!(
+                    "{name}: internal error (panic): {}",
+                    panic_message(&*payload)
+                ),
             );
             set_last_error(&err);
             err.code
@@ -295,24 +307,32 @@ mod tests {
         let code = guard("amend_test", || panic!("boom"));
         assert_eq!(code, amend_result::AMEND_ERR_PANIC);
         assert_eq!(last_error_code(), amend_result::AMEND_ERR_PANIC);
-        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_str()
+            .unwrap();
         assert!(msg.contains("amend_test") && msg.contains("boom"), "{msg}");
 
         let code = guard("amend_test", || Err(FfiError::null("prompt")));
         assert_eq!(code, amend_result::AMEND_ERR_NULL_ARGUMENT);
-        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_str()
+            .unwrap();
         assert_eq!(msg, "amend_test: argument `prompt` is NULL");
 
         assert_eq!(guard("amend_test", || Ok(())), amend_result::AMEND_OK);
         assert_eq!(last_error_code(), amend_result::AMEND_OK);
-        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_str()
+            .unwrap();
         assert_eq!(msg, "");
     }
 
     #[test]
     fn interior_nul_does_not_truncate() {
         set_last_error(&FfiError::new(amend_result::AMEND_ERR_IO, "a\0b"));
-        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }.to_str().unwrap();
+        let msg = unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_str()
+            .unwrap();
         assert_eq!(msg, "a b");
     }
 }

@@ -98,7 +98,9 @@ mod tests {
             get::<A, HA>(std::ptr::null(), "a", "x").err().unwrap().code,
             amend_result::AMEND_ERR_NULL_ARGUMENT
         );
-        assert!(remove::<A, HA>(std::ptr::null_mut(), "a").unwrap().is_none());
+        assert!(remove::<A, HA>(std::ptr::null_mut(), "a")
+            .unwrap()
+            .is_none());
         assert!(remove::<B, HA>(b, "b").unwrap().is_some());
     }
 }

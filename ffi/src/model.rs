@@ -1,18 +1,32 @@
 //! Model entry points.
 
 use std::ffi::c_char;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use amend_edits::ModelBinding;
 use amend_runtime::{Model, ModelOptions};
 
 use crate::amend_result;
 use crate::args;
-use crate::error::guard;
+use crate::error::{guard, FfiResult};
 use crate::handle;
 use crate::types::*;
 
 pub(crate) struct ModelObj {
     pub model: Arc<Model>,
+    /// The fingerprint bundles are bound to, computed on first use (hashes the weights once;
+    /// cached next to the model file by amend_edits).
+    binding: OnceLock<ModelBinding>,
+}
+
+impl ModelObj {
+    pub fn binding(&self) -> FfiResult<&ModelBinding> {
+        if let Some(b) = self.binding.get() {
+            return Ok(b);
+        }
+        let b = amend_edits::fingerprint::model_binding(self.model.path())?;
+        Ok(self.binding.get_or_init(|| b))
+    }
 }
 
 pub(crate) const MODEL: &str = "amend_model";
@@ -52,7 +66,12 @@ pub extern "C" fn amend_model_open(
             n_threads: (params.n_threads > 0).then_some(params.n_threads as usize),
         };
         let model = Model::open(path, options)?;
-        unsafe { out.write(handle::insert(ModelObj { model })) };
+        unsafe {
+            out.write(handle::insert(ModelObj {
+                model,
+                binding: OnceLock::new(),
+            }))
+        };
         Ok(())
     })
 }

@@ -4,7 +4,9 @@ use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use amend_runtime::{CancelHandle, EvalOptions, GenerateParams, Logits, Session, SessionOptions, StopReason};
+use amend_runtime::{
+    CancelHandle, EvalOptions, GenerateParams, Logits, Session, SessionOptions, StopReason,
+};
 
 use crate::amend_result;
 use crate::args;
@@ -162,9 +164,24 @@ pub extern "C" fn amend_session_activate(
 ) -> amend_result {
     guard("amend_session_activate", || {
         let s = self::session(session)?;
-        let _b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
-        let _state = s.lock()?;
-        Err(FfiError::not_supported("activating a bundle"))
+        let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        let state = s.lock()?;
+        let same_model = Arc::ptr_eq(&b.model, state.session.model())
+            || b.model.path() == state.session.model().path();
+        if !same_model {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_MODEL_MISMATCH,
+                format!(
+                    "bundle `{}` was loaded for another model handle than this session's",
+                    b.bundle.id()
+                ),
+            ));
+        }
+        // NOT_SUPPORTED until amend_runtime applies an EditSet during evaluation: accepting
+        // the bundle here would silently generate without its edits.
+        Err(FfiError::not_supported(
+            "applying bundle edits during generation (amend_runtime has no EditSet wiring yet)",
+        ))
     })
 }
 

@@ -206,8 +206,9 @@ pub struct amend_edit_activity {
 }
 
 /// Called once per active edit by `amend_session_explain`; return false to stop early.
-pub type amend_explain_callback =
-    Option<unsafe extern "C" fn(user_data: *mut c_void, activity: *const amend_edit_activity) -> bool>;
+pub type amend_explain_callback = Option<
+    unsafe extern "C" fn(user_data: *mut c_void, activity: *const amend_edit_activity) -> bool,
+>;
 
 /// Information about a loaded bundle.
 #[repr(C)]
@@ -215,8 +216,12 @@ pub type amend_explain_callback =
 pub struct amend_bundle_info {
     /// Number of edits in the bundle.
     pub n_edits: u32,
-    /// Bundle format version.
-    pub format_version: u32,
+    /// The bundle's version on its channel (see `amend_bundle_channel`).
+    pub version: u64,
     /// Size of the bundle in bytes.
     pub size_bytes: u64,
+    /// Unix seconds before which the bundle is not valid.
+    pub not_before: u64,
+    /// Unix seconds after which the bundle is not valid (UINT64_MAX = never).
+    pub expires: u64,
 }

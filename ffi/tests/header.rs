@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 fn generate() -> String {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    let config =
+        cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
     let mut out = Vec::new();
     cbindgen::Builder::new()
         .with_crate(&crate_dir)
@@ -30,7 +31,10 @@ fn header_is_up_to_date() {
             .lines()
             .zip(fresh.lines())
             .position(|(a, b)| a != b)
-            .map_or_else(|| "at the end".to_string(), |i| format!("from line {}", i + 1));
+            .map_or_else(
+                || "at the end".to_string(),
+                |i| format!("from line {}", i + 1),
+            );
         panic!(
             "include/amend.h is stale (differs {line}); regenerate with \
              `AMEND_BLESS=1 cargo test --release -p amend-ffi --test header` and commit it"

@@ -9,7 +9,7 @@ use crate::error::RuntimeError;
 use crate::generate::GenerateParams;
 use crate::hooks::{FnHook, HookRows};
 use crate::model::Model;
-use crate::reference::RawContext;
+use crate::reference::{thread_cpu_time, RawContext};
 use crate::session::{Session, SessionOptions};
 use crate::Token;
 
@@ -71,6 +71,11 @@ pub struct VariantResult {
     pub decode_tok_s: f64,
     pub prefill_samples: Vec<f64>,
     pub decode_samples: Vec<f64>,
+    /// Median tokens per second of the calling thread's CPU time; `Some` only with one
+    /// llama.cpp thread (then all compute runs on the calling thread, so this is insensitive to
+    /// other load on the machine).
+    pub prefill_cpu_tok_s: Option<f64>,
+    pub decode_cpu_tok_s: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -81,20 +86,49 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
-    /// (prefill, decode) ratio of `v` to raw llama.cpp.
+    fn get(&self, v: Variant) -> &VariantResult {
+        self.results
+            .iter()
+            .find(|r| r.variant == v)
+            .expect("every variant is measured")
+    }
+
+    /// (prefill, decode) ratio of `v`'s median tokens/s to raw llama.cpp's.
     pub fn ratio(&self, v: Variant) -> (f64, f64) {
-        let get = |v| self.results.iter().find(|r| r.variant == v).unwrap();
-        let (raw, x) = (get(Variant::Raw), get(v));
+        let (raw, x) = (self.get(Variant::Raw), self.get(v));
         (
             x.prefill_tok_s / raw.prefill_tok_s,
             x.decode_tok_s / raw.decode_tok_s,
         )
     }
 
-    /// A human-readable table.
+    /// (prefill, decode) ratio of `v`'s median CPU-time tokens/s to raw llama.cpp's; `None`
+    /// unless the benchmark ran with one thread.
+    pub fn cpu_ratio(&self, v: Variant) -> Option<(f64, f64)> {
+        let (raw, x) = (self.get(Variant::Raw), self.get(v));
+        Some((
+            x.prefill_cpu_tok_s? / raw.prefill_cpu_tok_s?,
+            x.decode_cpu_tok_s? / raw.decode_cpu_tok_s?,
+        ))
+    }
+
+    /// (prefill, decode) ratio of `v`'s best round to raw llama.cpp's best round: on a shared
+    /// machine the fastest round is the one least disturbed by other load.
+    pub fn best_ratio(&self, v: Variant) -> (f64, f64) {
+        let best = |xs: &[f64]| xs.iter().copied().fold(0.0, f64::max);
+        let (raw, x) = (self.get(Variant::Raw), self.get(v));
+        (
+            best(&x.prefill_samples) / best(&raw.prefill_samples),
+            best(&x.decode_samples) / best(&raw.decode_samples),
+        )
+    }
+
+    /// A human-readable table: wall-clock medians with their ratios to raw llama.cpp and the
+    /// best-round ratios, then (single-threaded runs) CPU-time medians and ratios.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "prompt {} tokens, {} generated, {} rounds, hooks at {} \n{:<24} {:>14} {:>13} {:>14} {:>13}\n",
+            "prompt {} tokens, {} generated, {} rounds, hooks at {}\n\
+             wall clock:\n{:<24} {:>13} {:>7} {:>7} {:>13} {:>7} {:>7}\n",
             self.config.prompt_tokens,
             self.config.gen_tokens,
             self.config.rounds,
@@ -102,19 +136,41 @@ impl BenchReport {
             "variant",
             "prefill tok/s",
             "ratio",
+            "best",
             "decode tok/s",
-            "ratio"
+            "ratio",
+            "best",
         );
         for r in &self.results {
             let (rp, rd) = self.ratio(r.variant);
+            let (bp, bd) = self.best_ratio(r.variant);
             s.push_str(&format!(
-                "{:<24} {:>14.1} {:>13.3} {:>14.1} {:>13.3}\n",
+                "{:<24} {:>13.1} {:>7.3} {:>7.3} {:>13.1} {:>7.3} {:>7.3}\n",
                 r.variant.name(),
                 r.prefill_tok_s,
                 rp,
+                bp,
                 r.decode_tok_s,
-                rd
+                rd,
+                bd
             ));
+        }
+        if self.cpu_ratio(Variant::Raw).is_some() {
+            s.push_str(&format!(
+                "thread CPU time (insensitive to other load):\n{:<24} {:>13} {:>7} {:>13} {:>7}\n",
+                "variant", "prefill tok/s", "ratio", "decode tok/s", "ratio"
+            ));
+            for r in &self.results {
+                let (cp, cd) = self.cpu_ratio(r.variant).unwrap_or_default();
+                s.push_str(&format!(
+                    "{:<24} {:>13.1} {:>7.3} {:>13.1} {:>7.3}\n",
+                    r.variant.name(),
+                    r.prefill_cpu_tok_s.unwrap_or_default(),
+                    cp,
+                    r.decode_cpu_tok_s.unwrap_or_default(),
+                    cd
+                ));
+            }
         }
         s
     }
@@ -207,7 +263,6 @@ pub fn run_bench(
         ..GenerateParams::greedy(config.gen_tokens)
     };
 
-    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); 4];
     // Warm-up (page in the weights, allocate graphs) once per variant, not measured.
     raw.greedy(&prompt, 2)?;
     for s in [&mut plain, &mut observe, &mut write] {
@@ -220,17 +275,23 @@ pub fn run_bench(
             |_| std::ops::ControlFlow::Continue(()),
         )?;
     }
+    let cpu_valid = threads == 1;
+    // Per variant: wall prefill, wall decode, cpu prefill, cpu decode (tokens/s).
+    let mut samples: Vec<[Vec<f64>; 4]> = vec![Default::default(); 4];
+    let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
     for round in 0..config.rounds {
         for k in 0..4 {
             let vi = (round + k) % 4;
             let variant = Variant::ALL[vi];
-            let (p, d) = match variant {
+            let m = match variant {
                 Variant::Raw => {
                     let (_, t) = raw.greedy_with(&prompt, config.gen_tokens, false)?;
-                    (
-                        t.n_prompt as f64 / t.prefill.as_secs_f64(),
-                        t.n_decoded as f64 / t.decode.as_secs_f64(),
-                    )
+                    [
+                        rate(t.n_prompt, t.prefill),
+                        rate(t.n_decoded, t.decode),
+                        rate(t.n_prompt, t.prefill_cpu),
+                        rate(t.n_decoded, t.decode_cpu),
+                    ]
                 }
                 _ => {
                     let s = match variant {
@@ -238,29 +299,47 @@ pub fn run_bench(
                         Variant::Observe => &mut observe,
                         _ => &mut write,
                     };
+                    // The first token event comes right after the prefill and one argmax.
+                    let c0 = thread_cpu_time();
+                    let mut c1 = None;
                     let o = s.generate_tokens(&prompt, &params, |_| {
+                        c1.get_or_insert_with(thread_cpu_time);
                         std::ops::ControlFlow::Continue(())
                     })?;
-                    (o.timings.prefill_tok_s(), o.timings.decode_tok_s())
+                    let c2 = thread_cpu_time();
+                    let c1 = c1.unwrap_or(c2);
+                    [
+                        o.timings.prefill_tok_s(),
+                        o.timings.decode_tok_s(),
+                        rate(o.n_prompt, c1.saturating_sub(c0)),
+                        rate(o.timings.n_decoded, c2.saturating_sub(c1)),
+                    ]
                 }
             };
             progress(&format!(
-                "round {round} {:<24} prefill {p:8.1} tok/s  decode {d:7.1} tok/s",
-                variant.name()
+                "round {round} {:<24} prefill {:8.1} tok/s  decode {:7.1} tok/s  (cpu time: prefill {:8.1}, decode {:7.1})",
+                variant.name(),
+                m[0],
+                m[1],
+                m[2],
+                m[3],
             ));
-            samples[vi].0.push(p);
-            samples[vi].1.push(d);
+            for (dst, v) in samples[vi].iter_mut().zip(m) {
+                dst.push(v);
+            }
         }
     }
     let results = Variant::ALL
         .iter()
         .zip(samples)
-        .map(|(&variant, (p, d))| VariantResult {
+        .map(|(&variant, [p, d, cp, cd])| VariantResult {
             variant,
             prefill_tok_s: median(&p),
             decode_tok_s: median(&d),
             prefill_samples: p,
             decode_samples: d,
+            prefill_cpu_tok_s: cpu_valid.then(|| median(&cp)),
+            decode_cpu_tok_s: cpu_valid.then(|| median(&cd)),
         })
         .collect();
     Ok(BenchReport {

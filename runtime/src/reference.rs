@@ -24,6 +24,9 @@ unsafe impl Send for RawContext {}
 pub struct RawTimings {
     pub prefill: Duration,
     pub decode: Duration,
+    /// CPU time of the calling thread (see [`thread_cpu_time`]).
+    pub prefill_cpu: Duration,
+    pub decode_cpu: Duration,
     pub n_prompt: usize,
     pub n_decoded: usize,
 }
@@ -94,12 +97,15 @@ impl RawContext {
             let result = (|| {
                 let mut out = Vec::with_capacity(n);
                 let t0 = Instant::now();
+                let c0 = thread_cpu_time();
                 fill(&mut batch, prompt, 0);
                 let rc = sys::llama_decode(self.ctx.as_ptr(), batch);
                 if rc != 0 {
                     return Err(RuntimeError::Decode { code: rc });
                 }
                 t.prefill = t0.elapsed();
+                let c1 = thread_cpu_time();
+                t.prefill_cpu = c1.saturating_sub(c0);
                 let t1 = Instant::now();
                 for i in 0..n {
                     let tok = if llama_sampler {
@@ -123,6 +129,7 @@ impl RawContext {
                     t.n_decoded += 1;
                 }
                 t.decode = t1.elapsed();
+                t.decode_cpu = thread_cpu_time().saturating_sub(c1);
                 Ok(out)
             })();
             sys::llama_batch_free(batch);
@@ -177,4 +184,22 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// CPU time consumed by the calling thread so far. With one llama.cpp thread all compute runs
+/// on the calling thread, so this measures the work itself, undisturbed by other load on a shared
+/// machine. Zero where unsupported.
+pub fn thread_cpu_time() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: plain syscall writing into `ts`.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    Duration::ZERO
 }

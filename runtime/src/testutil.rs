@@ -15,8 +15,9 @@ pub const TINY_N_HEAD: u32 = 4;
 pub const TINY_N_HEAD_KV: u32 = 2;
 pub const TINY_N_CTX: u32 = 512;
 
-/// Whole-word tokens of the tiny vocabulary (SentencePiece style, `▁` = space). Everything
-/// else tokenizes to single bytes (byte-fallback tokens), which exercises UTF-8 reassembly.
+/// Normal tokens of the tiny vocabulary (SentencePiece style, `▁` = space). SentencePiece only
+/// merges through pieces that exist, so in practice text tokenizes to `▁`, single letters and
+/// byte-fallback tokens (which exercises UTF-8 reassembly).
 pub const TINY_WORDS: &[&str] = &[
     "▁The",
     "▁capital",

@@ -48,6 +48,14 @@ echo "static link needs: $libs"
 LIBA="$TARGET_DIR/release/libamend.a"
 LIBSO="$TARGET_DIR/release/libamend.so"
 
+# Rust-side helpers: the Rust API reference generator and the signed test bundles.
+cargo build --release -p amend-ffi --examples >/dev/null 2>&1 || fail "building ffi examples"
+export AMEND_REFERENCE_BIN="$TARGET_DIR/release/examples/reference"
+if [ $have_model = 1 ]; then
+  "$TARGET_DIR/release/examples/make_test_bundles" "$MODEL" "$WORK/bundles" >/dev/null
+  export AMEND_TEST_BUNDLES="$WORK/bundles"
+fi
+
 # 2. C misuse tests.
 step "C misuse tests: valgrind (no model)"
 gcc -std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude ffi/tests/c/misuse.c "$LIBA" $libs -o "$WORK/misuse"
@@ -56,7 +64,7 @@ valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definit
 step "C misuse tests: AddressSanitizer + UBSan (with model)"
 gcc -std=c11 -Wall -Wextra -Werror -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
   -fno-sanitize-recover=all -Iinclude ffi/tests/c/misuse.c "$LIBA" $libs -o "$WORK/misuse-asan"
-margs=(); [ $have_model = 1 ] && margs=("$MODEL")
+margs=(); [ $have_model = 1 ] && margs=("$MODEL" "$WORK/bundles")
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 "$WORK/misuse-asan" "${margs[@]}"
 
 # 3. Install into a prefix and build the example through pkg-config and CMake.
@@ -83,8 +91,6 @@ cmake --build "$WORK/cmake-build" >/dev/null
 if [ $have_model = 1 ]; then
   # Same tokens as the Rust API for the same seed (sampled, so the seed matters).
   step "C example vs the Rust API (seed 42, temperature 0.8)"
-  cargo build --release -p amend-ffi --example reference >/dev/null 2>&1 || fail "building the reference"
-  export AMEND_REFERENCE_BIN="$TARGET_DIR/release/examples/reference"
   want=$("$AMEND_REFERENCE_BIN" --model "$MODEL" --tokens 12 --seed 42 --temperature 0.8)
   demo_out=$("$WORK/amend_demo" --model "$MODEL" --tokens 12 --seed 42 --temperature 0.8 --ids)
   echo "$demo_out"

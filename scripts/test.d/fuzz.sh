@@ -7,7 +7,7 @@
 # edits/tests/fuzz_corpus.rs (seed corpus + 70k random mutations) under `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SECS="${AMEND_FUZZ_SECONDS:-20}"
+SECS="${AMEND_FUZZ_SECONDS:-15}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz (once)"

@@ -172,8 +172,10 @@ class _EditActivity(ctypes.Structure):
 class _BundleInfo(ctypes.Structure):
     _fields_ = [
         ("n_edits", ctypes.c_uint32),
-        ("format_version", ctypes.c_uint32),
+        ("version", ctypes.c_uint64),
         ("size_bytes", ctypes.c_uint64),
+        ("not_before", ctypes.c_uint64),
+        ("expires", ctypes.c_uint64),
     ]
 
 
@@ -201,6 +203,7 @@ _SIGNATURES = {
     "amend_bundle_load_memory": (_RES, [_P, _P, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_P)]),
     "amend_bundle_free": (None, [_P]),
     "amend_bundle_get_info": (_RES, [_P, ctypes.POINTER(_BundleInfo)]),
+    "amend_bundle_channel": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
     "amend_bundle_id": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
     "amend_bundle_edit_id": (_RES, [_P, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
     "amend_session_default_params": (_SessionParams, []),
@@ -410,6 +413,16 @@ class Bundle(_Handle):
     @property
     def id(self) -> str:
         return _string_out(library().amend_bundle_id, self)
+
+    @property
+    def channel(self) -> str:
+        return _string_out(library().amend_bundle_channel, self)
+
+    @property
+    def version(self) -> int:
+        i = _BundleInfo()
+        _check(library().amend_bundle_get_info(self, ctypes.byref(i)))
+        return i.version
 
     @property
     def n_edits(self) -> int:

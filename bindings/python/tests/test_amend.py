@@ -171,3 +171,53 @@ def test_explain_and_rollback_report_clearly(session):
         session.rollback_bundle("no-such-bundle")
     assert e.value.code == Result.ERR_NOT_FOUND
     assert session.active_bundles == []
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    d = os.environ.get("AMEND_TEST_BUNDLES")
+    if not d:
+        pytest.skip("AMEND_TEST_BUNDLES not set (scripts/test.d/ffi.sh writes them)")
+    return d
+
+
+def _trust(bundles):
+    with open(os.path.join(bundles, "key.raw"), "rb") as f:
+        return amend.TrustStore([f.read()])
+
+
+def test_bundle_load_and_inspect(model, bundles):
+    with _trust(bundles) as trust:
+        b = amend.Bundle.load_file(trust, model, os.path.join(bundles, "good.amend"))
+        assert b.id == "test-good" and b.n_edits == 1 and b.edit_ids == ["e-paris"]
+        assert b.channel == "test" and b.version == 1
+        with open(os.path.join(bundles, "good.amend"), "rb") as f:
+            data = f.read()
+        assert amend.Bundle.load_bytes(trust, model, data).id == "test-good"
+        corrupt = bytearray(data)
+        corrupt[-7] ^= 0x5A
+        with pytest.raises(AmendError) as e:
+            amend.Bundle.load_bytes(trust, model, bytes(corrupt))
+        assert e.value.code in (Result.ERR_BUNDLE_INTEGRITY, Result.ERR_SIGNATURE,
+                                Result.ERR_BUNDLE_FORMAT)
+        with pytest.raises(AmendError) as e:
+            amend.Bundle.load_bytes(trust, model, data[:40])
+        assert e.value.code == Result.ERR_BUNDLE_FORMAT and "truncated" in e.value.message
+
+
+def test_bundle_for_another_model(model, bundles):
+    with _trust(bundles) as trust:
+        with pytest.raises(AmendError) as e:
+            amend.Bundle.load_file(trust, model, os.path.join(bundles, "other-model.amend"))
+        assert e.value.code == Result.ERR_MODEL_MISMATCH and "another model" in e.value.message
+        with pytest.raises(AmendError) as e:
+            amend.Bundle.load_file(trust, model, os.path.join(bundles, "untrusted.amend"))
+        assert e.value.code == Result.ERR_UNTRUSTED_KEY
+
+
+def test_no_handles_leak(model):
+    # The session-scoped model is the only handle that may still be open here.
+    import gc
+
+    gc.collect()
+    assert amend.live_handles() == 1, amend.live_handles()

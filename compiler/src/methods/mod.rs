@@ -5,6 +5,7 @@
 //! and dispatches to a method module; the result is a [`BundleBuilder`] ready to be signed.
 
 pub mod grace;
+pub mod tpatcher;
 mod optim;
 
 pub use optim::Adam;
@@ -219,6 +220,27 @@ impl Compiler {
         row.ok_or_else(|| CompileError::Runtime(format!("hook {point} did not see the last prompt token")))
     }
 
+    /// Every row at `point` for `tokens` (one prefill), captured through the runtime.
+    pub fn runtime_rows(&mut self, tokens: &[u32], point: HookPoint) -> Result<Vec<Vec<f32>>> {
+        let slot: Arc<Mutex<Vec<Vec<f32>>>> = Arc::default();
+        let s2 = slot.clone();
+        let hook = FnHook::new(vec![point], move |_p, rows| {
+            let mut out = s2.lock().unwrap_or_else(|e| e.into_inner());
+            for r in 0..rows.n_rows() {
+                out.push(rows.row(r).to_vec());
+            }
+        });
+        let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(e.to_string());
+        let id = self.session.add_hook(Box::new(hook)).map_err(rt)?;
+        let toks: Vec<Token> = tokens.iter().map(|&t| t as Token).collect();
+        self.session.kv_clear();
+        let res = self.session.prefill(&toks, Logits::Last);
+        self.session.remove_hook(id);
+        res.map_err(rt)?;
+        let rows = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(rows)
+    }
+
     /// The layer to edit: `--layer` or the method's default, checked against the model.
     pub fn resolve_layer(&self, layer: Option<usize>, default: usize) -> Result<usize> {
         let l = layer.unwrap_or(default.min(self.fwd.cfg.n_layer.saturating_sub(1)));
@@ -268,9 +290,10 @@ impl Compiler {
         let mut builder = BundleBuilder::new(meta);
         let reports = match method {
             Method::Grace => grace::compile(self, records, &hp.grace, layer, base, &mut builder, progress)?,
+            Method::TPatcher => tpatcher::compile(self, records, &hp.tpatcher, layer, base, &mut builder, progress)?,
             other => {
                 return Err(CompileError::Hparams(format!(
-                    "--method {}: not implemented yet in this build (available: grace)",
+                    "--method {}: not implemented yet in this build (available: grace, tpatcher)",
                     other.name()
                 )))
             }

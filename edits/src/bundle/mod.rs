@@ -12,7 +12,10 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 pub use format::*;
-pub use reader::{all_finite, check_manifest, decode_manifest, read_header, units, verify, verify_signature, BundleError, Verified};
+pub use reader::{
+    all_finite, check_manifest, decode_manifest, read_header, units, verify, verify_signature,
+    BundleError, Verified,
+};
 pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};
 
 use crate::families::{self, InvalidPayload};
@@ -127,15 +130,31 @@ impl<B: AsRef<[u8]>> Bundle<B> {
             let n = self.units(p);
             let r = match &self.payloads()[p] {
                 Payload::Codebook(_) => self.codebook(p, 0..n).map(|v| v.to_family().map(drop)),
-                Payload::PatchNeurons(_) => self.patch_neurons(p, 0..n).map(|v| v.to_family().map(drop)),
-                Payload::LowRank(_) => self.low_rank(p, |_| true).map(|v| LowRankTensorView::to_family(&v).map(drop)),
-                Payload::LowRankGguf(_) => self.gguf_lora(p).map(|b| families::LowRank::from_gguf_blob(b).map(drop)),
+                Payload::PatchNeurons(_) => {
+                    self.patch_neurons(p, 0..n).map(|v| v.to_family().map(drop))
+                }
+                Payload::LowRank(_) => self
+                    .low_rank(p, |_| true)
+                    .map(|v| LowRankTensorView::to_family(&v).map(drop)),
+                Payload::LowRankGguf(_) => self
+                    .gguf_lora(p)
+                    .map(|b| families::LowRank::from_gguf_blob(b).map(drop)),
                 Payload::Memory(_) => self.memory(p, 0..n).map(|v| v.to_family().map(drop)),
             };
             match r {
                 Some(Ok(())) => {}
-                Some(Err(e)) => return Err(BundleError::InvalidPayload { payload: p, reason: e.0 }),
-                None => return Err(BundleError::InvalidPayload { payload: p, reason: "no view" }),
+                Some(Err(e)) => {
+                    return Err(BundleError::InvalidPayload {
+                        payload: p,
+                        reason: e.0,
+                    })
+                }
+                None => {
+                    return Err(BundleError::InvalidPayload {
+                        payload: p,
+                        reason: "no view",
+                    })
+                }
             }
         }
         Ok(())
@@ -231,7 +250,11 @@ impl<B: AsRef<[u8]>> Bundle<B> {
     }
 
     /// The tensors of low-rank payload `p` whose indices `keep` accepts.
-    pub fn low_rank(&self, p: usize, keep: impl Fn(usize) -> bool) -> Option<Vec<LowRankTensorView<'_>>> {
+    pub fn low_rank(
+        &self,
+        p: usize,
+        keep: impl Fn(usize) -> bool,
+    ) -> Option<Vec<LowRankTensorView<'_>>> {
         let Some(Payload::LowRank(d)) = self.payloads().get(p) else {
             return None;
         };
@@ -290,12 +313,16 @@ impl Bundle<BundleBytes> {
 
     /// Map a bundle file and verify it (zero-copy: views point into the mapping).
     #[cfg(feature = "std")]
-    pub fn open_file(path: impl AsRef<std::path::Path>, trust: &TrustStore) -> Result<Self, OpenError> {
+    pub fn open_file(
+        path: impl AsRef<std::path::Path>,
+        trust: &TrustStore,
+    ) -> Result<Self, OpenError> {
         let f = std::fs::File::open(path.as_ref())?;
         // SAFETY: the mapping is read-only; amend never writes bundle files it has open, and a
         // file changed underneath would at worst yield wrong (not unsafe) f32 values after the
         // hash check. This is the usual mmap contract.
-        let map = unsafe { memmap2::Mmap::map(&f)? };
+        // populate: fault the pages in with one call; they are all read by verification anyway.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&f)? };
         Ok(Self::open(BundleBytes::Mmap(map), trust)?)
     }
 }
@@ -372,7 +399,8 @@ pub struct MemoryView<'a> {
 impl<'a> CodebookView<'a> {
     /// The families' zero-copy codebook over these rows.
     pub fn to_family(&self) -> Result<families::Codebook<'a>, InvalidPayload> {
-        let distance = families::Distance::from_code(self.distance).ok_or(InvalidPayload("distance code"))?;
+        let distance =
+            families::Distance::from_code(self.distance).ok_or(InvalidPayload("distance code"))?;
         families::Codebook::new(
             self.layer,
             self.key_site,
@@ -389,7 +417,8 @@ impl<'a> CodebookView<'a> {
 
 impl<'a> PatchNeuronsView<'a> {
     pub fn to_family(&self) -> Result<families::PatchNeurons<'a>, InvalidPayload> {
-        let act = families::Activation::from_code(self.activation).ok_or(InvalidPayload("activation code"))?;
+        let act = families::Activation::from_code(self.activation)
+            .ok_or(InvalidPayload("activation code"))?;
         families::PatchNeurons::new(
             self.layer,
             self.read_site,
@@ -405,7 +434,9 @@ impl<'a> PatchNeuronsView<'a> {
 
 impl<'a> LowRankTensorView<'a> {
     /// One families' `LowRank` applying all `tensors` together.
-    pub fn to_family(tensors: &[LowRankTensorView<'a>]) -> Result<families::LowRank<'a>, InvalidPayload> {
+    pub fn to_family(
+        tensors: &[LowRankTensorView<'a>],
+    ) -> Result<families::LowRank<'a>, InvalidPayload> {
         families::LowRank::new(
             tensors
                 .iter()
@@ -426,10 +457,15 @@ impl<'a> LowRankTensorView<'a> {
 impl<'a> MemoryView<'a> {
     pub fn to_family(&self) -> Result<families::Memory<'a>, InvalidPayload> {
         let embedder = match self.embedder {
-            EmbedderDesc::BaseModel { layer, site, pooling } => families::Embedder::BaseModel {
+            EmbedderDesc::BaseModel {
+                layer,
+                site,
+                pooling,
+            } => families::Embedder::BaseModel {
                 layer: *layer,
                 site: Site::from_code(*site).ok_or(InvalidPayload("site code"))?,
-                pooling: families::Pooling::from_code(*pooling).ok_or(InvalidPayload("pooling code"))?,
+                pooling: families::Pooling::from_code(*pooling)
+                    .ok_or(InvalidPayload("pooling code"))?,
             },
             EmbedderDesc::External { model_id } => families::Embedder::External { model_id },
         };

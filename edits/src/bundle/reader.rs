@@ -200,7 +200,9 @@ pub fn verify_signature(buf: &[u8], trust: &TrustStore) -> Result<KeyId, BundleE
     if block.iter().all(|&b| b == 0) {
         return Err(BundleError::Unsigned);
     }
-    let key = trust.get(&key_id).ok_or(BundleError::UnknownKeyId(key_id))?;
+    let key = trust
+        .get(&key_id)
+        .ok_or(BundleError::UnknownKeyId(key_id))?;
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&block[KEY_ID_LEN..]);
     key.verify_strict(msg, &Signature::from_bytes(&sig))
@@ -211,8 +213,8 @@ pub fn verify_signature(buf: &[u8], trust: &TrustStore) -> Result<KeyId, BundleE
 /// Decode the manifest bytes (no signature check: callers verify first; the fuzzer calls it on
 /// arbitrary input).
 pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
-    let (m, rest): (Manifest, &[u8]) =
-        postcard::take_from_bytes(bytes).map_err(|e| BundleError::ManifestDecode(postcard_msg(e)))?;
+    let (m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(bytes)
+        .map_err(|e| BundleError::ManifestDecode(postcard_msg(e)))?;
     if !rest.is_empty() {
         return Err(BundleError::ManifestTrailingBytes(rest.len()));
     }
@@ -330,7 +332,8 @@ pub fn check_manifest(
             index: pi,
             kind: entry.kind,
         })?;
-        let payload = decode_body(kind, &entry.body).ok_or(BundleError::DescriptorDecode { index: pi })?;
+        let payload =
+            decode_body(kind, &entry.body).ok_or(BundleError::DescriptorDecode { index: pi })?;
         let mut r = SectionRefs {
             m,
             used: &mut used,
@@ -368,10 +371,12 @@ pub fn check_manifest(
                 reason: "layer out of range",
             });
         }
-        let p = payloads.get(e.payload as usize).ok_or(BundleError::BadEdit {
-            index: i,
-            reason: "no such payload",
-        })?;
+        let p = payloads
+            .get(e.payload as usize)
+            .ok_or(BundleError::BadEdit {
+                index: i,
+                reason: "no such payload",
+            })?;
         let end = e.first as u64 + e.count as u64;
         if e.count == 0 || end > units(m, p) as u64 {
             return Err(BundleError::BadEdit {
@@ -401,7 +406,7 @@ pub fn check_manifest(
 fn decode_body(kind: PayloadKind, body: &[u8]) -> Option<Payload> {
     fn d<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Option<T> {
         match postcard::take_from_bytes::<T>(b) {
-            Ok((v, rest)) if rest.is_empty() => Some(v),
+            Ok((v, [])) => Some(v),
             _ => None,
         }
     }
@@ -528,7 +533,11 @@ impl SectionRefs<'_, '_> {
             section: idx,
             reason,
         };
-        let s = self.m.sections.get(idx as usize).ok_or(err("no such section"))?;
+        let s = self
+            .m
+            .sections
+            .get(idx as usize)
+            .ok_or(err("no such section"))?;
         if s.kind != kind as u16 {
             return Err(err("wrong section kind"));
         }

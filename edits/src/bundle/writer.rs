@@ -53,7 +53,13 @@ impl BundleBuilder {
     }
 
     /// Add a raw section; returns its index.
-    pub fn add_section(&mut self, kind: SectionKind, dtype: Dtype, shape: Vec<u64>, data: Vec<u8>) -> u32 {
+    pub fn add_section(
+        &mut self,
+        kind: SectionKind,
+        dtype: Dtype,
+        shape: Vec<u64>,
+        data: Vec<u8>,
+    ) -> u32 {
         let entry = SectionEntry {
             kind: kind as u16,
             dtype: dtype as u8,
@@ -92,7 +98,11 @@ impl BundleBuilder {
     ) -> u32 {
         let n = radii.len() as u64;
         let k = self.add_f32(SectionKind::CodebookKeys, alloc::vec![n, dim as u64], keys);
-        let v = self.add_f32(SectionKind::CodebookValues, alloc::vec![n, dim as u64], values);
+        let v = self.add_f32(
+            SectionKind::CodebookValues,
+            alloc::vec![n, dim as u64],
+            values,
+        );
         let r = self.add_f32(SectionKind::CodebookRadii, alloc::vec![n], radii);
         self.add_payload(Payload::Codebook(CodebookDesc {
             layer,
@@ -122,7 +132,11 @@ impl BundleBuilder {
         let m = biases.len() as u64;
         let k = self.add_f32(SectionKind::NeuronKeys, alloc::vec![m, dim as u64], keys);
         let b = self.add_f32(SectionKind::NeuronBiases, alloc::vec![m], biases);
-        let v = self.add_f32(SectionKind::NeuronValues, alloc::vec![m, dim as u64], values);
+        let v = self.add_f32(
+            SectionKind::NeuronValues,
+            alloc::vec![m, dim as u64],
+            values,
+        );
         self.add_payload(Payload::PatchNeurons(PatchNeuronsDesc {
             layer,
             read_site: read_site.code(),
@@ -134,18 +148,27 @@ impl BundleBuilder {
         }))
     }
 
-    /// Low-rank deltas: per tensor (name, n_in, n_out, rank, alpha, A `[rank,n_in]`, B `[n_out,rank]`).
-    pub fn add_low_rank(&mut self, tensors: &[(&str, usize, usize, usize, f32, &[f32], &[f32])]) -> u32 {
+    /// Low-rank deltas `W += alpha/rank * B A`, one per base tensor (A `[rank, n_in]`,
+    /// B `[n_out, rank]`); the families' type doubles as the input description.
+    pub fn add_low_rank(&mut self, tensors: &[crate::families::LowRankTensor<'_>]) -> u32 {
         let mut descs = Vec::with_capacity(tensors.len());
-        for &(name, n_in, n_out, rank, alpha, a, b) in tensors {
-            let ai = self.add_f32(SectionKind::LowRankA, alloc::vec![rank as u64, n_in as u64], a);
-            let bi = self.add_f32(SectionKind::LowRankB, alloc::vec![n_out as u64, rank as u64], b);
+        for t in tensors {
+            let ai = self.add_f32(
+                SectionKind::LowRankA,
+                alloc::vec![t.rank as u64, t.n_in as u64],
+                t.a,
+            );
+            let bi = self.add_f32(
+                SectionKind::LowRankB,
+                alloc::vec![t.n_out as u64, t.rank as u64],
+                t.b,
+            );
             descs.push(LowRankTensorDesc {
-                name: name.into(),
-                n_in: n_in as u32,
-                n_out: n_out as u32,
-                rank: rank as u32,
-                alpha,
+                name: t.name.into(),
+                n_in: t.n_in as u32,
+                n_out: t.n_out as u32,
+                rank: t.rank as u32,
+                alpha: t.alpha,
                 a: ai,
                 b: bi,
             });
@@ -171,7 +194,11 @@ impl BundleBuilder {
         records: Vec<MemoryRecordDesc>,
     ) -> u32 {
         let n = records.len() as u64;
-        let e = self.add_f32(SectionKind::MemoryEmbeddings, alloc::vec![n, embed_dim as u64], embeddings);
+        let e = self.add_f32(
+            SectionKind::MemoryEmbeddings,
+            alloc::vec![n, embed_dim as u64],
+            embeddings,
+        );
         self.add_payload(Payload::Memory(MemoryDesc {
             embed_dim: embed_dim as u32,
             threshold,
@@ -263,7 +290,8 @@ pub fn layout(manifest: &mut Manifest) -> Result<(), BundleError> {
 pub fn assemble(manifest: &Manifest, blobs: &[&[u8]]) -> Result<AlignedBuf, BundleError> {
     let m = postcard::to_allocvec(manifest).map_err(|_| BundleError::BadManifest("encode"))?;
     let sig_offset = align_up((HEADER_LEN + m.len()) as u64, 8).unwrap_or(u64::MAX);
-    let payload_offset = align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN).unwrap_or(u64::MAX);
+    let payload_offset =
+        align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN).unwrap_or(u64::MAX);
     let mut end = payload_offset;
     for s in &manifest.sections {
         end = end.max(s.offset.saturating_add(s.len));

@@ -488,6 +488,8 @@ impl F16Rows {
         None
     }
 
+    /// Portable (software) conversion; the reference the F16C path is tested against.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn new(rows: &[f32], dim: usize) -> F16Rows {
         F16Rows {
             bits: rows.iter().map(|&x| crate::gguf::f32_to_f16(x)).collect(),
@@ -607,7 +609,7 @@ mod tests {
         for dim in [37usize, 640] {
             let keys: Vec<f32> = (0..dim * 50).map(|i| (i as f32 * 0.013).sin()).collect();
             let q: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).cos() * 1e3).collect();
-            let mut mask = vec![true; 50];
+            let mut mask = [true; 50];
             mask[3] = false;
             for m in [None, Some(&mask[..])] {
                 let a = max_dot(&keys, dim, &q, m).unwrap();

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use amend_edits::bundle::*;
+use amend_edits::ed25519_dalek::SigningKey;
 use amend_edits::editset::{EditSet, ManualClock};
 use amend_edits::keys::TrustStore;
 use amend_edits::Site;
-use amend_edits::ed25519_dalek::SigningKey;
 
 pub const T0: u64 = 1_700_000_000;
 pub const DIM: usize = 8;
@@ -58,10 +58,19 @@ pub fn builder(id: &str, channel: &str, version: u64, fill: f32) -> BundleBuilde
         false,
         DIM,
         &ramp(3 * DIM, 0.0),
-        &vec![fill; 3 * DIM],
+        &[fill; 3 * DIM],
         &[1.0, 2.0, 3.0],
     );
-    b.add_edit("e-cb-0", 3, Site::FfnOutput, "The capital of X is", " Y", cb, 0, 2);
+    b.add_edit(
+        "e-cb-0",
+        3,
+        Site::FfnOutput,
+        "The capital of X is",
+        " Y",
+        cb,
+        0,
+        2,
+    );
     b.add_edit("e-cb-1", 3, Site::FfnOutput, "Z plays", " chess", cb, 2, 1);
     let pn = b.add_patch_neurons(
         5,
@@ -76,7 +85,15 @@ pub fn builder(id: &str, channel: &str, version: u64, fill: f32) -> BundleBuilde
     b.add_edit("e-pn", 5, Site::FfnOutput, "p", " t", pn, 0, 2);
     let a = ramp(2 * 4, 0.1);
     let bb = ramp(6 * 2, 0.2);
-    let lr = b.add_low_rank(&[("blk.5.ffn_down.weight", 4, 6, 2, 8.0, &a, &bb)]);
+    let lr = b.add_low_rank(&[amend_edits::families::LowRankTensor {
+        name: "blk.5.ffn_down.weight",
+        n_in: 4,
+        n_out: 6,
+        rank: 2,
+        a: &a,
+        b: &bb,
+        alpha: 8.0,
+    }]);
     b.add_edit("e-lr", 5, Site::FfnOutput, "q", " u", lr, 0, 1);
     let emb = {
         let s = 0.5f32; // two unit vectors of width 4
@@ -87,7 +104,11 @@ pub fn builder(id: &str, channel: &str, version: u64, fill: f32) -> BundleBuilde
         &emb,
         0.8,
         "{edit}\n{prompt}",
-        EmbedderDesc::BaseModel { layer: 6, site: 4, pooling: 0 },
+        EmbedderDesc::BaseModel {
+            layer: 6,
+            site: 4,
+            pooling: 0,
+        },
         vec![
             MemoryRecordDesc {
                 edit_id: "e-mem-0".into(),

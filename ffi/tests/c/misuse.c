@@ -5,7 +5,8 @@
  * scripts/test.d/ffi.sh: every failure must be a specific result code plus a message, never a
  * crash, and nothing may leak.
  *
- * Usage: misuse [MODEL.gguf]   (without a model, only the model-free tests run)
+ * Usage: misuse [MODEL.gguf [BUNDLE_DIR]]   (without a model, only the model-free tests run;
+ * BUNDLE_DIR is written by `cargo run --release -p amend-ffi --example make_test_bundles`)
  */
 #define _DEFAULT_SOURCE
 #include "amend.h"
@@ -116,14 +117,21 @@ static void test_forged_handles(void) {
     CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "free of a forged handle");
 }
 
+/* RFC 8032 test vector 1: a valid ed25519 public key. */
+static const uint8_t RFC8032_KEY[AMEND_PUBLIC_KEY_LEN] = {
+    0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64, 0x07, 0x3a,
+    0x0e, 0xe1, 0x72, 0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68, 0xf7, 0x07, 0x51, 0x1a};
+
 static void test_trust_store_lifecycle(void) {
-    uint8_t keys[2 * AMEND_PUBLIC_KEY_LEN];
-    memset(keys, 7, sizeof keys);
-    amend_trust_store *trust = NULL;
-    amend_result r = amend_trust_store_new(keys, 2, &trust);
-    /* Random bytes are usually not an ed25519 point: either outcome needs a clear code. */
-    CHECK(r == AMEND_OK || r == AMEND_ERR_INVALID_KEY, "trust store: %s: %s",
-          amend_result_name(r), amend_last_error());
+    /* Not a curve point: y = 2 has no x on edwards25519. */
+    uint8_t bad[2 * AMEND_PUBLIC_KEY_LEN] = {0};
+    memcpy(bad, RFC8032_KEY, AMEND_PUBLIC_KEY_LEN);
+    bad[AMEND_PUBLIC_KEY_LEN] = 2;
+    amend_trust_store *trust = (amend_trust_store *)0x1;
+    EXPECT(amend_trust_store_new(bad, 2, &trust), AMEND_ERR_INVALID_KEY, "key 1");
+    CHECK(trust == NULL, "out set on failure");
+    amend_result r = amend_trust_store_new(RFC8032_KEY, 1, &trust);
+    CHECK(r == AMEND_OK, "trust store: %s: %s", amend_result_name(r), amend_last_error());
     if (r != AMEND_OK) return;
     /* A trust store is not a model: wrong-kind handles are caught. */
     amend_model_info info;
@@ -303,15 +311,14 @@ static void test_with_model(const char *path) {
            AMEND_ERR_NULL_ARGUMENT, "out");
 
     /* Bundle bytes that are not a bundle. */
-    uint8_t key[AMEND_PUBLIC_KEY_LEN] = {0};
     amend_trust_store *trust = NULL;
-    amend_result r = amend_trust_store_new(key, 1, &trust);
-    CHECK(r == AMEND_OK || r == AMEND_ERR_INVALID_KEY, "zero key: %s", amend_result_name(r));
+    EXPECT_OK(amend_trust_store_new(RFC8032_KEY, 1, &trust));
     if (trust) {
         amend_bundle *bundle = (amend_bundle *)0x1;
+        amend_result r;
         static const uint8_t junk[64] = {'n', 'o', 't', ' ', 'a', ' ', 'b', 'u', 'n', 'd'};
         r = amend_bundle_load_memory(trust, model, junk, sizeof junk, &bundle);
-        CHECK(r == AMEND_ERR_BUNDLE_FORMAT || r == AMEND_ERR_NOT_SUPPORTED,
+        CHECK(r == AMEND_ERR_BUNDLE_FORMAT && strstr(amend_last_error(), "bad magic"),
               "junk bundle: %s: %s", amend_result_name(r), amend_last_error());
         CHECK(bundle == NULL, "out set on failure");
         amend_trust_store_free(trust);
@@ -350,6 +357,107 @@ static void test_session_outlives_model(const char *path) {
     CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "double free not detected");
 }
 
+static uint8_t *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *buf = malloc((size_t)n);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+/* Bundles written by `make_test_bundles MODEL DIR`. */
+static void test_bundles(const char *model_path, const char *dir) {
+    char path[4096];
+    size_t key_len = 0;
+    snprintf(path, sizeof path, "%s/key.raw", dir);
+    uint8_t *key = read_file(path, &key_len);
+    CHECK(key && key_len == AMEND_PUBLIC_KEY_LEN, "read %s", path);
+    if (!key) return;
+    amend_model *model = NULL;
+    amend_trust_store *trust = NULL;
+    EXPECT_OK(amend_model_open(model_path, NULL, &model));
+    EXPECT_OK(amend_trust_store_new(key, 1, &trust));
+    free(key);
+
+    amend_bundle *bundle = NULL;
+    snprintf(path, sizeof path, "%s/good.amend", dir);
+    EXPECT_OK(amend_bundle_load_file(trust, model, path, &bundle));
+    char id[64];
+    size_t n = 0;
+    EXPECT_OK(amend_bundle_id(bundle, id, sizeof id, &n));
+    CHECK(strcmp(id, "test-good") == 0 && n == 9, "bundle id %s", id);
+    amend_bundle_info bi;
+    EXPECT_OK(amend_bundle_get_info(bundle, &bi));
+    CHECK(bi.n_edits == 1 && bi.version == 1 && bi.size_bytes > 0, "info %u", bi.n_edits);
+    EXPECT_OK(amend_bundle_edit_id(bundle, 0, id, sizeof id, NULL));
+    CHECK(strcmp(id, "e-paris") == 0, "edit id %s", id);
+    EXPECT(amend_bundle_edit_id(bundle, 1, id, sizeof id, NULL), AMEND_ERR_INVALID_ARGUMENT,
+           "out of range");
+    EXPECT(amend_bundle_id(bundle, id, 4, NULL), AMEND_ERR_BUFFER_TOO_SMALL, "10 needed");
+
+    /* The same bytes from memory; then corrupted and truncated copies. */
+    size_t len = 0;
+    uint8_t *bytes = read_file(path, &len);
+    CHECK(bytes != NULL, "read good.amend");
+    amend_bundle *from_mem = NULL;
+    EXPECT_OK(amend_bundle_load_memory(trust, model, bytes, len, &from_mem));
+    amend_bundle_free(from_mem);
+    bytes[len - 7] ^= 0x5a; /* inside the last section's data */
+    amend_bundle *bad = (amend_bundle *)0x1;
+    amend_result r = amend_bundle_load_memory(trust, model, bytes, len, &bad);
+    CHECK((r == AMEND_ERR_BUNDLE_INTEGRITY || r == AMEND_ERR_SIGNATURE ||
+           r == AMEND_ERR_BUNDLE_FORMAT) && bad == NULL,
+          "corrupt bundle: %s: %s", amend_result_name(r), amend_last_error());
+    CHECK(strstr(amend_last_error(), "invalid bundle") != NULL, "message: %s",
+          amend_last_error());
+    EXPECT(amend_bundle_load_memory(trust, model, bytes, 40, &bad), AMEND_ERR_BUNDLE_FORMAT,
+           "truncated");
+    memcpy(bytes, "XXXX", 4);
+    EXPECT(amend_bundle_load_memory(trust, model, bytes, len, &bad), AMEND_ERR_BUNDLE_FORMAT,
+           "magic");
+    EXPECT(amend_bundle_load_memory(trust, model, NULL, 10, &bad), AMEND_ERR_NULL_ARGUMENT,
+           "data");
+    free(bytes);
+
+    snprintf(path, sizeof path, "%s/other-model.amend", dir);
+    EXPECT(amend_bundle_load_file(trust, model, path, &bad), AMEND_ERR_MODEL_MISMATCH,
+           "another model");
+    snprintf(path, sizeof path, "%s/untrusted.amend", dir);
+    EXPECT(amend_bundle_load_file(trust, model, path, &bad), AMEND_ERR_UNTRUSTED_KEY,
+           "unknown key");
+    snprintf(path, sizeof path, "%s/missing.amend", dir);
+    EXPECT(amend_bundle_load_file(trust, model, path, &bad), AMEND_ERR_IO, "missing.amend");
+
+    /* Activation: argument checks, and a clear NOT_SUPPORTED until the runtime applies
+     * edits during generation. */
+    amend_session *session = NULL;
+    amend_session_params sp = amend_session_default_params();
+    sp.n_ctx = 64;
+    EXPECT_OK(amend_session_open(model, &sp, &session));
+    EXPECT(amend_session_activate(session, NULL), AMEND_ERR_NULL_ARGUMENT, "bundle");
+    EXPECT(amend_session_activate(session, (const amend_bundle *)trust),
+           AMEND_ERR_INVALID_HANDLE, "amend_bundle");
+    r = amend_session_activate(session, bundle);
+    CHECK(r == AMEND_OK || r == AMEND_ERR_NOT_SUPPORTED, "activate: %s: %s",
+          amend_result_name(r), amend_last_error());
+    EXPECT(amend_session_rollback_bundle(session, "no-such-bundle"), AMEND_ERR_NOT_FOUND,
+           "no-such-bundle");
+    EXPECT(amend_session_rollback_edit(session, "\xff"), AMEND_ERR_INVALID_UTF8, "edit_id");
+
+    amend_bundle_free(bundle);
+    amend_session_free(session);
+    amend_trust_store_free(trust);
+    amend_model_free(model);
+}
+
 int main(int argc, char **argv) {
     test_basics();
     test_null_everywhere();
@@ -359,6 +467,8 @@ int main(int argc, char **argv) {
     if (argc > 1) {
         test_with_model(argv[1]);
         test_session_outlives_model(argv[1]);
+        if (argc > 2) test_bundles(argv[1], argv[2]);
+        else printf("misuse: no bundle directory given, bundle tests skipped\n");
     } else {
         printf("misuse: no model given, model tests skipped\n");
     }

@@ -1,0 +1,372 @@
+/*
+ * JNI shim: dev.amend.Native over the amend C ABI. Handles travel as jlong. Every failing
+ * amend call becomes a dev.amend.AmendException(code, name, message). Strings arrive as UTF-8
+ * byte arrays (not JNI "modified UTF-8"), so amend's own UTF-8 check sees the real bytes.
+ */
+#include <jni.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amend.h"
+
+#define H(p) ((void *)(uintptr_t)(p))
+#define J(p) ((jlong)(uintptr_t)(p))
+
+static void throw_amend(JNIEnv *env, amend_result r) {
+    jclass cls = (*env)->FindClass(env, "dev/amend/AmendException");
+    if (!cls) return;
+    jmethodID ctor = (*env)->GetMethodID(env, cls, "<init>", "(ILjava/lang/String;Ljava/lang/String;)V");
+    if (!ctor) return;
+    jstring name = (*env)->NewStringUTF(env, amend_result_name(r));
+    /* The message is UTF-8 from amend; NewStringUTF wants modified UTF-8, which is identical
+     * except for NUL and 4-byte sequences: amend messages contain neither NUL, and a 4-byte
+     * character would at worst be shown wrongly. */
+    jstring msg = (*env)->NewStringUTF(env, amend_last_error());
+    jobject ex = (*env)->NewObject(env, cls, ctor, (jint)r, name, msg);
+    if (ex) (*env)->Throw(env, (jthrowable)ex);
+}
+
+/* Returns nonzero (and throws) on failure. */
+static int check(JNIEnv *env, amend_result r) {
+    if (r == AMEND_OK) return 0;
+    throw_amend(env, r);
+    return 1;
+}
+
+static void throw_npe(JNIEnv *env, const char *what) {
+    jclass cls = (*env)->FindClass(env, "java/lang/NullPointerException");
+    if (cls) (*env)->ThrowNew(env, cls, what);
+}
+
+/* A NUL-terminated malloc'd copy of a byte[] (NULL + exception on failure). */
+static char *cstr_of(JNIEnv *env, jbyteArray a, const char *what) {
+    if (!a) {
+        throw_npe(env, what);
+        return NULL;
+    }
+    jsize n = (*env)->GetArrayLength(env, a);
+    char *s = malloc((size_t)n + 1);
+    if (!s) {
+        jclass cls = (*env)->FindClass(env, "java/lang/OutOfMemoryError");
+        if (cls) (*env)->ThrowNew(env, cls, what);
+        return NULL;
+    }
+    (*env)->GetByteArrayRegion(env, a, 0, n, (jbyte *)s);
+    s[n] = 0;
+    return s;
+}
+
+
+/* A string accessor of the amend (buf, buf_len, out_len) kind; `index` is ignored by
+ * accessors that take none. Wrappers keep every call through its exact C prototype. */
+typedef amend_result (*getter_t)(const void *h, size_t index, char *buf, size_t len, size_t *out_len);
+
+static amend_result g_model_description(const void *h, size_t i, char *b, size_t n, size_t *o) {
+    (void)i;
+    return amend_model_description((const amend_model *)h, b, n, o);
+}
+static amend_result g_bundle_id(const void *h, size_t i, char *b, size_t n, size_t *o) {
+    (void)i;
+    return amend_bundle_id((const amend_bundle *)h, b, n, o);
+}
+static amend_result g_bundle_edit_id(const void *h, size_t i, char *b, size_t n, size_t *o) {
+    return amend_bundle_edit_id((const amend_bundle *)h, i, b, n, o);
+}
+static amend_result g_active_bundle_id(const void *h, size_t i, char *b, size_t n, size_t *o) {
+    return amend_session_active_bundle_id((const amend_session *)h, i, b, n, o);
+}
+
+/* Size query, copy, then a Java String decoded as UTF-8 (not modified UTF-8). */
+static jstring string_out(JNIEnv *env, getter_t fn, const void *h, size_t index) {
+    size_t n = 0;
+    amend_result r = fn(h, index, NULL, 0, &n);
+    if (r != AMEND_OK && r != AMEND_ERR_BUFFER_TOO_SMALL) {
+        throw_amend(env, r);
+        return NULL;
+    }
+    char *buf = malloc(n + 1);
+    if (!buf) return NULL;
+    jstring s = NULL;
+    if (!check(env, fn(h, index, buf, n + 1, NULL))) {
+        jbyteArray bytes = (*env)->NewByteArray(env, (jsize)n);
+        if (bytes) {
+            (*env)->SetByteArrayRegion(env, bytes, 0, (jsize)n, (const jbyte *)buf);
+            jclass str = (*env)->FindClass(env, "java/lang/String");
+            jmethodID ctor = str ? (*env)->GetMethodID(env, str, "<init>", "([BLjava/lang/String;)V") : NULL;
+            jstring cs = (*env)->NewStringUTF(env, "UTF-8");
+            if (ctor && cs) s = (jstring)(*env)->NewObject(env, str, ctor, bytes, cs);
+        }
+    }
+    free(buf);
+    return s;
+}
+
+JNIEXPORT jstring JNICALL Java_dev_amend_Native_version(JNIEnv *env, jclass c) {
+    (void)c;
+    return (*env)->NewStringUTF(env, amend_version());
+}
+
+JNIEXPORT jint JNICALL Java_dev_amend_Native_abiVersion(JNIEnv *env, jclass c) {
+    (void)env, (void)c;
+    return (jint)amend_abi_version();
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_liveHandles(JNIEnv *env, jclass c) {
+    (void)env, (void)c;
+    return (jlong)amend_live_handles();
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, jbyteArray path,
+                                                        jboolean use_mmap, jint n_threads) {
+    (void)c;
+    char *p = cstr_of(env, path, "path");
+    if (!p) return 0;
+    amend_model_params mp = amend_model_default_params();
+    mp.use_mmap = use_mmap;
+    mp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+    amend_model *m = NULL;
+    amend_result r = amend_model_open(p, &mp, &m);
+    free(p);
+    check(env, r);
+    return J(m);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_modelFree(JNIEnv *env, jclass c, jlong m) {
+    (void)env, (void)c;
+    amend_model_free(H(m));
+}
+
+JNIEXPORT jstring JNICALL Java_dev_amend_Native_modelDescription(JNIEnv *env, jclass c, jlong m) {
+    (void)c;
+    return string_out(env, g_model_description, H(m), 0);
+}
+
+JNIEXPORT jintArray JNICALL Java_dev_amend_Native_modelInfo(JNIEnv *env, jclass c, jlong m) {
+    (void)c;
+    amend_model_info i;
+    if (check(env, amend_model_get_info(H(m), &i))) return NULL;
+    jint v[9] = {(jint)i.n_layer, (jint)i.n_embd,    (jint)i.n_ff,        (jint)i.n_head, (jint)i.n_head_kv,
+                 (jint)i.n_vocab, (jint)i.n_ctx_train, (jint)i.bos, (jint)i.eos};
+    jintArray a = (*env)->NewIntArray(env, 9);
+    if (a) (*env)->SetIntArrayRegion(env, a, 0, 9, v);
+    return a;
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_trustStoreNew(JNIEnv *env, jclass c, jbyteArray keys,
+                                                            jint n_keys) {
+    (void)c;
+    if (!keys) {
+        throw_npe(env, "keys");
+        return 0;
+    }
+    jsize len = (*env)->GetArrayLength(env, keys);
+    if (n_keys < 0 || (size_t)len < (size_t)n_keys * AMEND_PUBLIC_KEY_LEN) {
+        jclass cls = (*env)->FindClass(env, "java/lang/IllegalArgumentException");
+        if (cls) (*env)->ThrowNew(env, cls, "keys is shorter than n_keys * 32 bytes");
+        return 0;
+    }
+    jbyte *k = (*env)->GetByteArrayElements(env, keys, NULL);
+    amend_trust_store *t = NULL;
+    amend_result r = amend_trust_store_new((const uint8_t *)k, (size_t)n_keys, &t);
+    (*env)->ReleaseByteArrayElements(env, keys, k, JNI_ABORT);
+    check(env, r);
+    return J(t);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_trustStoreFree(JNIEnv *env, jclass c, jlong t) {
+    (void)env, (void)c;
+    amend_trust_store_free(H(t));
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_bundleLoadFile(JNIEnv *env, jclass c, jlong t, jlong m,
+                                                             jbyteArray path) {
+    (void)c;
+    char *p = cstr_of(env, path, "path");
+    if (!p) return 0;
+    amend_bundle *b = NULL;
+    amend_result r = amend_bundle_load_file(H(t), H(m), p, &b);
+    free(p);
+    check(env, r);
+    return J(b);
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_bundleLoadMemory(JNIEnv *env, jclass c, jlong t, jlong m,
+                                                               jbyteArray data) {
+    (void)c;
+    if (!data) {
+        throw_npe(env, "data");
+        return 0;
+    }
+    jsize n = (*env)->GetArrayLength(env, data);
+    jbyte *d = (*env)->GetByteArrayElements(env, data, NULL);
+    amend_bundle *b = NULL;
+    amend_result r = amend_bundle_load_memory(H(t), H(m), (const uint8_t *)d, (size_t)n, &b);
+    (*env)->ReleaseByteArrayElements(env, data, d, JNI_ABORT);
+    check(env, r);
+    return J(b);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_bundleFree(JNIEnv *env, jclass c, jlong b) {
+    (void)env, (void)c;
+    amend_bundle_free(H(b));
+}
+
+JNIEXPORT jstring JNICALL Java_dev_amend_Native_bundleId(JNIEnv *env, jclass c, jlong b) {
+    (void)c;
+    return string_out(env, g_bundle_id, H(b), 0);
+}
+
+JNIEXPORT jint JNICALL Java_dev_amend_Native_bundleEditCount(JNIEnv *env, jclass c, jlong b) {
+    (void)c;
+    amend_bundle_info i;
+    if (check(env, amend_bundle_get_info(H(b), &i))) return 0;
+    return (jint)i.n_edits;
+}
+
+JNIEXPORT jstring JNICALL Java_dev_amend_Native_bundleEditId(JNIEnv *env, jclass c, jlong b, jint index) {
+    (void)c;
+    return string_out(env, g_bundle_edit_id, H(b), index < 0 ? SIZE_MAX : (size_t)index);
+}
+
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_sessionOpen(JNIEnv *env, jclass c, jlong m, jint n_ctx,
+                                                          jint n_threads) {
+    (void)c;
+    amend_session_params sp = amend_session_default_params();
+    if (n_ctx > 0) sp.n_ctx = (uint32_t)n_ctx;
+    sp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+    amend_session *s = NULL;
+    check(env, amend_session_open(H(m), &sp, &s));
+    return J(s);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionFree(JNIEnv *env, jclass c, jlong s) {
+    (void)env, (void)c;
+    amend_session_free(H(s));
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionActivate(JNIEnv *env, jclass c, jlong s, jlong b) {
+    (void)c;
+    check(env, amend_session_activate(H(s), H(b)));
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionRollbackBundle(JNIEnv *env, jclass c, jlong s,
+                                                                   jbyteArray id) {
+    (void)c;
+    char *p = cstr_of(env, id, "bundleId");
+    if (!p) return;
+    amend_result r = amend_session_rollback_bundle(H(s), p);
+    free(p);
+    check(env, r);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionRollbackEdit(JNIEnv *env, jclass c, jlong s,
+                                                                 jbyteArray id) {
+    (void)c;
+    char *p = cstr_of(env, id, "editId");
+    if (!p) return;
+    amend_result r = amend_session_rollback_edit(H(s), p);
+    free(p);
+    check(env, r);
+}
+
+JNIEXPORT jobjectArray JNICALL Java_dev_amend_Native_sessionActiveBundles(JNIEnv *env, jclass c, jlong s) {
+    (void)c;
+    size_t n = 0;
+    if (check(env, amend_session_active_bundle_count(H(s), &n))) return NULL;
+    jclass str = (*env)->FindClass(env, "java/lang/String");
+    jobjectArray out = (*env)->NewObjectArray(env, (jsize)n, str, NULL);
+    for (size_t i = 0; out && i < n; i++) {
+        jstring id = string_out(env, g_active_bundle_id, H(s), i);
+        if (!id) return NULL;
+        (*env)->SetObjectArrayElement(env, out, (jsize)i, id);
+    }
+    return out;
+}
+
+typedef struct {
+    JNIEnv *env;
+    jobject sink;
+    jmethodID on_token;
+} sink_t;
+
+static bool token_cb(void *user_data, amend_token token, const char *text, size_t len) {
+    sink_t *s = (sink_t *)user_data;
+    JNIEnv *env = s->env;
+    if ((*env)->ExceptionCheck(env)) return false;
+    jbyteArray bytes = (*env)->NewByteArray(env, (jsize)len);
+    if (!bytes) return false;
+    (*env)->SetByteArrayRegion(env, bytes, 0, (jsize)len, (const jbyte *)text);
+    jboolean go_on = (*env)->CallBooleanMethod(env, s->sink, s->on_token, (jint)token, bytes);
+    (*env)->DeleteLocalRef(env, bytes);
+    /* A Java exception stops generation; it propagates when the native method returns. */
+    if ((*env)->ExceptionCheck(env)) return false;
+    return go_on == JNI_TRUE;
+}
+
+JNIEXPORT jintArray JNICALL Java_dev_amend_Native_sessionGenerate(JNIEnv *env, jclass c, jlong s,
+                                                                  jbyteArray prompt, jint max_tokens,
+                                                                  jfloat temperature, jint top_k,
+                                                                  jfloat top_p, jfloat min_p, jint seed,
+                                                                  jboolean stop_at_eos, jobject sink) {
+    (void)c;
+    if (!prompt) {
+        throw_npe(env, "prompt");
+        return NULL;
+    }
+    amend_generate_params gp = amend_generate_default_params();
+    gp.max_tokens = (uint32_t)(max_tokens < 0 ? 0 : max_tokens);
+    gp.temperature = temperature;
+    gp.top_k = (uint32_t)(top_k < 0 ? 0 : top_k);
+    gp.top_p = top_p;
+    gp.min_p = min_p;
+    gp.seed = (uint32_t)seed;
+    gp.stop_at_eos = stop_at_eos == JNI_TRUE;
+    sink_t st = {env, sink, NULL};
+    if (sink) {
+        jclass cls = (*env)->GetObjectClass(env, sink);
+        st.on_token = (*env)->GetMethodID(env, cls, "onToken", "(I[B)Z");
+        if (!st.on_token) return NULL;
+    }
+    jsize n = (*env)->GetArrayLength(env, prompt);
+    char *p = malloc((size_t)n + 1);
+    if (!p) return NULL;
+    (*env)->GetByteArrayRegion(env, prompt, 0, n, (jbyte *)p);
+    amend_generation g;
+    memset(&g, 0, sizeof g);
+    amend_result r = amend_session_generate(H(s), p, (size_t)n, &gp, sink ? token_cb : NULL, &st, &g);
+    free(p);
+    if ((*env)->ExceptionCheck(env)) return NULL;
+    if (check(env, r)) return NULL;
+    jint v[3] = {(jint)g.n_prompt_tokens, (jint)g.n_generated, (jint)g.stop_reason};
+    jintArray a = (*env)->NewIntArray(env, 3);
+    if (a) (*env)->SetIntArrayRegion(env, a, 0, 3, v);
+    return a;
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionCancel(JNIEnv *env, jclass c, jlong s) {
+    (void)c;
+    check(env, amend_session_cancel(H(s)));
+}
+
+JNIEXPORT jdoubleArray JNICALL Java_dev_amend_Native_sessionScore(JNIEnv *env, jclass c, jlong s,
+                                                                  jbyteArray prompt, jbyteArray target) {
+    (void)c;
+    char *p = cstr_of(env, prompt, "prompt");
+    if (!p) return NULL;
+    char *t = cstr_of(env, target, "target");
+    if (!t) {
+        free(p);
+        return NULL;
+    }
+    amend_score sc;
+    amend_result r = amend_session_score(H(s), p, (size_t)(*env)->GetArrayLength(env, prompt), t,
+                                         (size_t)(*env)->GetArrayLength(env, target), &sc);
+    free(p);
+    free(t);
+    if (check(env, r)) return NULL;
+    jdouble v[4] = {sc.n_target_tokens, sc.logprob_sum, sc.logprob_mean, sc.n_argmax_match};
+    jdoubleArray a = (*env)->NewDoubleArray(env, 4);
+    if (a) (*env)->SetDoubleArrayRegion(env, a, 0, 4, v);
+    return a;
+}

@@ -1,0 +1,33 @@
+package dev.amend;
+
+import java.nio.charset.StandardCharsets;
+
+/** A loaded GGUF model. Thread-safe: share one between threads and sessions. */
+public final class Model implements AutoCloseable {
+    final long handle;
+
+    public Model(String path) { this(path, true, 0); }
+
+    /** @param nThreads default threads for sessions; 0 = available parallelism */
+    public Model(String path, boolean useMmap, int nThreads) {
+        handle = Native.modelOpen(path.getBytes(StandardCharsets.UTF_8), useMmap, nThreads);
+    }
+
+    /** llama.cpp's description, e.g. "gemma3 270M Q4_K - Medium". */
+    public String description() { return Native.modelDescription(handle); }
+
+    public int nLayer() { return Native.modelInfo(handle)[0]; }
+    public int nEmbd() { return Native.modelInfo(handle)[1]; }
+    public int nVocab() { return Native.modelInfo(handle)[5]; }
+
+    /**
+     * Frees the model; open sessions keep the weights alive. Idempotent. The stale handle is
+     * kept: amend never reuses handles, so use after close is reported as ERR_INVALID_HANDLE
+     * by the library itself.
+     */
+    @Override public synchronized void close() {
+        if (!closed) { closed = true; Native.modelFree(handle); }
+    }
+
+    private boolean closed;
+}

@@ -1,0 +1,63 @@
+package dev.amend;
+
+import java.io.ByteArrayOutputStream;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+
+/**
+ * A context window plus active edits. Use from one thread at a time (a concurrent call fails
+ * with ERR_BUSY); {@link #cancel()} may be called from any thread.
+ */
+public final class Session implements AutoCloseable {
+    final long handle;
+    private boolean closed;
+
+    public Session(Model model) { this(model, 0, 0); }
+
+    /** @param nCtx context window in tokens, 0 = default (2048) */
+    public Session(Model model, int nCtx, int nThreads) {
+        handle = Native.sessionOpen(model.handle, nCtx, nThreads);
+    }
+
+    public Generation generate(String prompt, GenerateOptions options) {
+        return generate(prompt.getBytes(StandardCharsets.UTF_8), options, null);
+    }
+
+    public Generation generate(String prompt, GenerateOptions options, TokenListener listener) {
+        return generate(prompt.getBytes(StandardCharsets.UTF_8), options, listener);
+    }
+
+    /** With the prompt as UTF-8 bytes (invalid UTF-8 gives ERR_INVALID_UTF8). */
+    public Generation generate(byte[] promptUtf8, GenerateOptions options, TokenListener listener) {
+        ByteArrayOutputStream text = new ByteArrayOutputStream();
+        List<Integer> tokens = new ArrayList<>();
+        Native.TokenSink sink = (token, utf8) -> {
+            text.write(utf8, 0, utf8.length);
+            if (token == -1) return true; // flush of held-back text
+            tokens.add(token);
+            return listener == null || listener.onToken(token, new String(utf8, StandardCharsets.UTF_8));
+        };
+        GenerateOptions o = options == null ? new GenerateOptions() : options;
+        int[] r = Native.sessionGenerate(handle, promptUtf8, o.maxTokens, o.temperature, o.topK, o.topP, o.minP,
+                o.seed, o.stopAtEos, sink);
+        return new Generation(new String(text.toByteArray(), StandardCharsets.UTF_8), tokens, r[0], r[2]);
+    }
+
+    /** Stops the running generation within one token; callable from any thread. */
+    public void cancel() { Native.sessionCancel(handle); }
+
+    public Score score(String prompt, String target) {
+        return new Score(Native.sessionScore(handle, prompt.getBytes(StandardCharsets.UTF_8), target.getBytes(StandardCharsets.UTF_8)));
+    }
+
+    public void activate(Bundle bundle) { Native.sessionActivate(handle, bundle.handle); }
+    public void rollbackBundle(String bundleId) { Native.sessionRollbackBundle(handle, bundleId.getBytes(StandardCharsets.UTF_8)); }
+    public void rollbackEdit(String editId) { Native.sessionRollbackEdit(handle, editId.getBytes(StandardCharsets.UTF_8)); }
+    public List<String> activeBundles() { return Arrays.asList(Native.sessionActiveBundles(handle)); }
+
+    @Override public synchronized void close() {
+        if (!closed) { closed = true; Native.sessionFree(handle); }
+    }
+}

@@ -1,0 +1,167 @@
+package dev.amend;
+
+import java.io.BufferedReader;
+import java.io.InputStreamReader;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.Paths;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * Tests of the Java binding against libamend (no JUnit on these machines: a small runner that
+ * ends with "N passed, N failed"). Needs AMEND_MODEL; AMEND_TEST_BUNDLES and
+ * AMEND_REFERENCE_BIN enable the bundle and Rust-parity tests.
+ */
+public final class AmendTest {
+    private static int passed, failed;
+    private static final String PROMPT = "The capital of France is";
+
+    interface Body { void run() throws Exception; }
+
+    private static void test(String name, Body body) {
+        try {
+            body.run();
+            passed++;
+            System.out.println("ok   " + name);
+        } catch (Throwable t) {
+            failed++;
+            System.out.println("FAIL " + name + ": " + t);
+            t.printStackTrace(System.out);
+        }
+    }
+
+    private static void check(boolean cond, String what) {
+        if (!cond) throw new AssertionError(what);
+    }
+
+    private static AmendException expect(int code, Body body) throws Exception {
+        try {
+            body.run();
+        } catch (AmendException e) {
+            check(e.code() == code, "expected code " + code + ", got " + e.code() + " " + e.getMessage());
+            return e;
+        }
+        throw new AssertionError("expected AmendException " + code);
+    }
+
+    public static void main(String[] args) throws Exception {
+        String model = System.getenv("AMEND_MODEL");
+        check(model != null && Files.isRegularFile(Paths.get(model)), "AMEND_MODEL must name the model file");
+        String bundles = System.getenv("AMEND_TEST_BUNDLES");
+        String reference = System.getenv("AMEND_REFERENCE_BIN");
+
+        test("version", () -> check(Amend.version().split("\\.").length == 3 && Amend.abiVersion() == 1, Amend.version()));
+        test("missing model", () -> {
+            AmendException e = expect(Result.ERR_IO, () -> new Model("/nonexistent/model.gguf"));
+            check(e.getMessage().contains("not found"), e.getMessage());
+            check(e.codeName().equals("AMEND_ERR_IO"), e.codeName());
+        });
+
+        try (Model m = new Model(model); Session s = new Session(m, 512, 0)) {
+            test("model info", () -> check(m.nLayer() == 18 && m.nEmbd() == 640 && m.description().contains("gemma3"), m.description()));
+            test("greedy deterministic", () -> {
+                GenerateOptions o = new GenerateOptions().maxTokens(8).stopAtEos(false);
+                Generation a = s.generate(PROMPT, o), b = s.generate(PROMPT, o);
+                check(a.tokens.size() == 8 && a.tokens.equals(b.tokens) && a.text.equals(b.text), a.text + " vs " + b.text);
+                check(a.stopReason == Generation.STOP_MAX_TOKENS, "stop " + a.stopReason);
+            });
+            test("listener stops generation", () -> {
+                List<Integer> seen = new ArrayList<>();
+                Generation g = s.generate(PROMPT, new GenerateOptions().maxTokens(16).stopAtEos(false),
+                        (t, text) -> { seen.add(t); return seen.size() < 3; });
+                check(seen.size() == 3 && g.stopReason == Generation.STOP_CALLBACK, "seen " + seen);
+            });
+            test("listener exception propagates", () -> {
+                try {
+                    s.generate(PROMPT, new GenerateOptions().maxTokens(4), (t, text) -> { throw new IllegalStateException("boom"); });
+                    throw new AssertionError("no exception");
+                } catch (IllegalStateException e) {
+                    check(e.getMessage().equals("boom"), e.getMessage());
+                }
+                check(s.generate(PROMPT, new GenerateOptions().maxTokens(1).stopAtEos(false)).tokens.size() == 1, "usable after");
+            });
+            test("re-entry is busy", () -> {
+                List<Integer> codes = new ArrayList<>();
+                s.generate(PROMPT, new GenerateOptions().maxTokens(4), (t, text) -> {
+                    try { s.generate("x", new GenerateOptions().maxTokens(1)); } catch (AmendException e) { codes.add(e.code()); }
+                    return false;
+                });
+                check(codes.equals(Arrays.asList(Result.ERR_BUSY)), "codes " + codes);
+            });
+            test("cancel from another thread", () -> {
+                CountDownLatch started = new CountDownLatch(1);
+                Thread t = new Thread(() -> {
+                    try { started.await(60, TimeUnit.SECONDS); } catch (InterruptedException e) { return; }
+                    s.cancel();
+                });
+                t.start();
+                expect(Result.ERR_CANCELLED, () -> s.generate(PROMPT, new GenerateOptions().maxTokens(400).stopAtEos(false),
+                        (tok, text) -> { started.countDown(); return true; }));
+                t.join();
+            });
+            test("bad UTF-8 prompt", () -> {
+                byte[] bad = "The capital of \u00c3( is".getBytes(StandardCharsets.ISO_8859_1);
+                AmendException e = expect(Result.ERR_INVALID_UTF8, () -> s.generate(bad, new GenerateOptions().maxTokens(2), null));
+                check(e.getMessage().contains("byte 15"), e.getMessage());
+            });
+            test("score", () -> {
+                Score paris = s.score(PROMPT, " Paris"), banana = s.score(PROMPT, " banana");
+                check(paris.nTargetTokens >= 1 && paris.logprobSum < 0 && paris.logprobSum > banana.logprobSum,
+                        paris.logprobSum + " vs " + banana.logprobSum);
+            });
+            test("forged handle", () -> expect(Result.ERR_INVALID_HANDLE, () -> Native.sessionCancel(0xdead0L)));
+            test("null handle", () -> expect(Result.ERR_NULL_ARGUMENT, () -> Native.sessionCancel(0L)));
+            test("rollback unknown bundle", () -> expect(Result.ERR_NOT_FOUND, () -> s.rollbackBundle("nope")));
+            if (reference != null) {
+                test("same tokens as the Rust API (seed 42, temperature 0.8)", () -> {
+                    Process p = new ProcessBuilder(reference, "--model", model, "--tokens", "12", "--seed", "42",
+                            "--temperature", "0.8").redirectErrorStream(false).start();
+                    String want;
+                    try (BufferedReader r = new BufferedReader(new InputStreamReader(p.getInputStream(), StandardCharsets.UTF_8))) {
+                        want = r.readLine();
+                    }
+                    check(p.waitFor() == 0 && want != null, "reference failed");
+                    Generation g = s.generate(PROMPT, new GenerateOptions().maxTokens(12).seed(42).temperature(0.8f));
+                    StringBuilder got = new StringBuilder();
+                    for (int t : g.tokens) got.append(got.length() == 0 ? "" : " ").append(t);
+                    check(got.toString().equals(want.trim()), "java " + got + " vs rust " + want);
+                });
+            }
+            if (bundles != null) {
+                test("bundles: load, inspect, reject", () -> {
+                    byte[] key = Files.readAllBytes(Paths.get(bundles, "key.raw"));
+                    try (TrustStore trust = new TrustStore(key)) {
+                        try (Bundle b = Bundle.loadFile(trust, m, Paths.get(bundles, "good.amend").toString())) {
+                            check(b.id().equals("test-good") && b.editCount() == 1 && b.editId(0).equals("e-paris"), b.id());
+                            expect(Result.ERR_INVALID_ARGUMENT, () -> b.editId(5));
+                        }
+                        byte[] data = Files.readAllBytes(Paths.get(bundles, "good.amend"));
+                        Bundle.loadBytes(trust, m, data).close();
+                        expect(Result.ERR_BUNDLE_FORMAT, () -> Bundle.loadBytes(trust, m, Arrays.copyOf(data, 40)));
+                        AmendException e = expect(Result.ERR_MODEL_MISMATCH,
+                                () -> Bundle.loadFile(trust, m, Paths.get(bundles, "other-model.amend").toString()));
+                        check(e.getMessage().contains("another model"), e.getMessage());
+                        expect(Result.ERR_UNTRUSTED_KEY, () -> Bundle.loadFile(trust, m, Paths.get(bundles, "untrusted.amend").toString()));
+                    }
+                });
+            }
+        }
+        test("use after close", () -> {
+            Model m = new Model(model);
+            Session s = new Session(m, 128, 0);
+            m.close();
+            check(s.generate(PROMPT, new GenerateOptions().maxTokens(1).stopAtEos(false)).tokens.size() == 1, "session outlives model");
+            s.close();
+            expect(Result.ERR_INVALID_HANDLE, () -> s.generate(PROMPT, new GenerateOptions().maxTokens(1)));
+            s.close();
+        });
+        test("no leaked handles", () -> check(Amend.liveHandles() == 0, "live " + Amend.liveHandles()));
+        System.out.println(passed + " passed, " + failed + " failed");
+        System.exit(failed == 0 ? 0 : 1);
+    }
+}

@@ -1,0 +1,229 @@
+// Thin Swift API over the amend C ABI (include/amend.h). Every failing call throws
+// AmendError with the result code and amend's message. Handles are freed in deinit.
+// Thread rules are the C API's: Model, TrustStore and Bundle are immutable and Sendable;
+// a Session is used by one task at a time (a concurrent call throws .busy), and cancel()
+// works from anywhere.
+import CAmend
+import Foundation
+
+public struct AmendError: Error, CustomStringConvertible {
+    /// The amend_result value.
+    public let code: Int32
+    /// e.g. "AMEND_ERR_MODEL_MISMATCH".
+    public let name: String
+    public let message: String
+    public var description: String { "\(name): \(message)" }
+
+    static let cancelled: Int32 = 205
+    static let busy: Int32 = 105
+}
+
+@inline(__always)
+func check(_ r: amend_result) throws {
+    if r != AMEND_OK {
+        throw AmendError(
+            code: Int32(r.rawValue),
+            name: String(cString: amend_result_name(Int32(r.rawValue))),
+            message: String(cString: amend_last_error()))
+    }
+}
+
+public enum Amend {
+    public static var version: String { String(cString: amend_version()) }
+    public static var abiVersion: UInt32 { amend_abi_version() }
+}
+
+public final class Model: @unchecked Sendable {
+    let handle: OpaquePointer
+
+    public init(path: String) throws {
+        var out: OpaquePointer? = nil
+        var params = amend_model_default_params()
+        try check(amend_model_open(path, &params, &out))
+        handle = out!
+    }
+
+    deinit { amend_model_free(handle) }
+
+    public var description: String {
+        var len = 0
+        _ = amend_model_description(handle, nil, 0, &len)
+        var buf = [CChar](repeating: 0, count: len + 1)
+        guard amend_model_description(handle, &buf, buf.count, nil) == AMEND_OK else { return "" }
+        return String(cString: buf)
+    }
+
+    public var layerCount: UInt32 {
+        var info = amend_model_info()
+        return amend_model_get_info(handle, &info) == AMEND_OK ? info.n_layer : 0
+    }
+}
+
+public final class TrustStore: @unchecked Sendable {
+    let handle: OpaquePointer
+
+    /// Each key is a 32-byte ed25519 public key.
+    public init(keys: [[UInt8]]) throws {
+        let blob = keys.flatMap { $0 }
+        var out: OpaquePointer? = nil
+        try blob.withUnsafeBufferPointer { b in
+            try check(amend_trust_store_new(b.baseAddress, keys.count, &out))
+        }
+        handle = out!
+    }
+
+    deinit { amend_trust_store_free(handle) }
+}
+
+public final class Bundle: @unchecked Sendable {
+    let handle: OpaquePointer
+
+    init(handle: OpaquePointer) { self.handle = handle }
+
+    public static func load(file path: String, trust: TrustStore, model: Model) throws -> Bundle {
+        var out: OpaquePointer? = nil
+        try check(amend_bundle_load_file(trust.handle, model.handle, path, &out))
+        return Bundle(handle: out!)
+    }
+
+    public static func load(data: [UInt8], trust: TrustStore, model: Model) throws -> Bundle {
+        var out: OpaquePointer? = nil
+        try data.withUnsafeBufferPointer { b in
+            try check(amend_bundle_load_memory(trust.handle, model.handle, b.baseAddress, b.count, &out))
+        }
+        return Bundle(handle: out!)
+    }
+
+    deinit { amend_bundle_free(handle) }
+
+    public var id: String {
+        var len = 0
+        _ = amend_bundle_id(handle, nil, 0, &len)
+        var buf = [CChar](repeating: 0, count: len + 1)
+        guard amend_bundle_id(handle, &buf, buf.count, nil) == AMEND_OK else { return "" }
+        return String(cString: buf)
+    }
+}
+
+public struct GenerateOptions: Sendable {
+    public var maxTokens: UInt32 = 128
+    public var temperature: Float = 0
+    public var seed: UInt32 = 0
+    public var stopAtEos = true
+    public init() {}
+}
+
+public struct Score: Sendable {
+    public let targetTokens: UInt32
+    public let logprobSum: Double
+    public let logprobMean: Double
+}
+
+/// Boxes the per-call Swift callback for the C `void *user_data`.
+private final class TokenSink {
+    let onToken: (Int32, String) -> Bool
+    init(_ onToken: @escaping (Int32, String) -> Bool) { self.onToken = onToken }
+}
+
+private func tokenTrampoline(
+    _ userData: UnsafeMutableRawPointer?, _ token: amend_token,
+    _ text: UnsafePointer<CChar>?, _ len: Int
+) -> Bool {
+    let sink = Unmanaged<TokenSink>.fromOpaque(userData!).takeUnretainedValue()
+    // Text pieces are whole UTF-8 characters (amend holds back partial ones).
+    let piece = text.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: len), as: UTF8.self) } ?? ""
+    return sink.onToken(token, piece)
+}
+
+public final class Session: @unchecked Sendable {
+    let handle: OpaquePointer
+    let model: Model
+
+    public init(model: Model, contextLength: UInt32 = 0) throws {
+        var params = amend_session_default_params()
+        if contextLength > 0 { params.n_ctx = contextLength }
+        var out: OpaquePointer? = nil
+        try check(amend_session_open(model.handle, &params, &out))
+        handle = out!
+        self.model = model
+    }
+
+    deinit { amend_session_free(handle) }
+
+    public func activate(_ bundle: Bundle) throws { try check(amend_session_activate(handle, bundle.handle)) }
+    public func rollback(bundleId: String) throws { try check(amend_session_rollback_bundle(handle, bundleId)) }
+    public func rollback(editId: String) throws { try check(amend_session_rollback_edit(handle, editId)) }
+
+    /// Stops the running generation within one token; callable from any thread or task.
+    public func cancel() { _ = amend_session_cancel(handle) }
+
+    /// Generates synchronously, calling `onToken` for each piece; return false to stop.
+    @discardableResult
+    public func generate(
+        _ prompt: String, options: GenerateOptions = GenerateOptions(),
+        onToken: @escaping (Int32, String) -> Bool = { _, _ in true }
+    ) throws -> String {
+        var params = amend_generate_default_params()
+        params.max_tokens = options.maxTokens
+        params.temperature = options.temperature
+        params.seed = options.seed
+        params.stop_at_eos = options.stopAtEos
+        var text = ""
+        let sink = TokenSink { token, piece in
+            text += piece
+            return token == -1 ? true : onToken(token, piece)
+        }
+        let userData = Unmanaged.passUnretained(sink).toOpaque()
+        var utf8 = Array(prompt.utf8)
+        var result = amend_generation()
+        let r = utf8.withUnsafeMutableBufferPointer { p in
+            p.baseAddress!.withMemoryRebound(to: CChar.self, capacity: p.count) { cp in
+                amend_session_generate(handle, cp, p.count, &params, tokenTrampoline, userData, &result)
+            }
+        }
+        withExtendedLifetime(sink) {}
+        try check(r)
+        return text
+    }
+
+    /// Streams generated text as an AsyncSequence. Generation runs on a detached task;
+    /// cancelling the consuming task (or ending iteration early) cancels generation.
+    public func tokens(
+        _ prompt: String, options: GenerateOptions = GenerateOptions()
+    ) -> AsyncThrowingStream<String, Error> {
+        AsyncThrowingStream { continuation in
+            let worker = Thread {
+                do {
+                    try self.generate(prompt, options: options) { _, piece in
+                        if !piece.isEmpty { continuation.yield(piece) }
+                        return true
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { @Sendable termination in
+                if case .cancelled = termination { self.cancel() }
+            }
+            worker.start()
+        }
+    }
+
+    /// Teacher-forced log-probability of `target` after `prompt` with the active edits.
+    public func score(prompt: String, target: String) throws -> Score {
+        var s = amend_score()
+        let p = Array(prompt.utf8), t = Array(target.utf8)
+        let r = p.withUnsafeBufferPointer { pb in
+            t.withUnsafeBufferPointer { tb in
+                pb.baseAddress!.withMemoryRebound(to: CChar.self, capacity: pb.count) { pc in
+                    tb.baseAddress!.withMemoryRebound(to: CChar.self, capacity: tb.count) { tc in
+                        amend_session_score(handle, pc, pb.count, tc, tb.count, &s)
+                    }
+                }
+            }
+        }
+        try check(r)
+        return Score(targetTokens: s.n_target_tokens, logprobSum: s.logprob_sum, logprobMean: s.logprob_mean)
+    }
+}

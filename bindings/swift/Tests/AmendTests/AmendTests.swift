@@ -1,0 +1,24 @@
+import XCTest
+@testable import Amend
+
+// Runs where a Swift toolchain exists (swift test, with AMEND_MODEL set and amend installed).
+final class AmendTests: XCTestCase {
+    func testStreamMatchesGenerate() async throws {
+        guard let path = ProcessInfo.processInfo.environment["AMEND_MODEL"] else { throw XCTSkip("AMEND_MODEL not set") }
+        let model = try Model(path: path)
+        let session = try Session(model: model, contextLength: 256)
+        var options = GenerateOptions()
+        options.maxTokens = 8
+        options.stopAtEos = false
+        let full = try session.generate("The capital of France is", options: options)
+        var streamed = ""
+        for try await piece in session.tokens("The capital of France is", options: options) { streamed += piece }
+        XCTAssertEqual(full, streamed)
+    }
+
+    func testMissingModelThrows() {
+        XCTAssertThrowsError(try Model(path: "/nonexistent.gguf")) { error in
+            XCTAssertEqual((error as? AmendError)?.code, 108)
+        }
+    }
+}

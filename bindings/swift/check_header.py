@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Checks the Swift binding against include/amend.h without a Swift toolchain.
+
+1. Every `amend_*` function the Swift sources call is declared in the header.
+2. Each is called with as many arguments as the header declares.
+3. Each one's prototype equals the one pinned in c-api-used.txt (so a header change that
+   touches a function Swift uses fails here until the Swift code is reviewed and the pin
+   updated with --bless), and the pin lists exactly the functions Swift uses.
+4. Every `amend_*` type and constant Swift names exists in the header.
+Prints "N passed, N failed".
+"""
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE.parent.parent / "include" / "amend.h"
+PIN = HERE / "c-api-used.txt"
+
+
+def strip_comments(text):
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    return re.sub(r"(?m)^\s*#.*$", " ", text)  # preprocessor lines
+
+
+def norm(s):
+    s = re.sub(r"\s+", " ", s).strip()
+    s = re.sub(r"\s*\*\s*", " *", s).replace("* *", "**")
+    return re.sub(r"\s*([(),;])\s*", r"\1", s).replace(",", ", ")
+
+
+def header_api():
+    text = strip_comments(HEADER.read_text())
+    protos = {}
+    for m in re.finditer(r"([A-Za-z_][\w\s\*]*?)\b(amend_\w+)\s*\(([^;{]*?)\)\s*;", text):
+        ret, name, params = m.group(1), m.group(2), m.group(3)
+        ret = ret.split(";")[-1].split("}")[-1].strip()
+        if ret.startswith("typedef"):
+            continue
+        n = 0 if params.strip() in ("", "void") else params.count(",") + 1
+        protos[name] = (norm(f"{ret} {name}({params});"), n)
+    types = set(re.findall(r"typedef\s+(?:struct|enum)\s+\w+\s*(?:\{[^}]*\})?\s*(amend_\w+)\s*;", text, flags=re.S))
+    types |= set(re.findall(r"typedef\s+[^;]*?\(\s*\*\s*(amend_\w+)\s*\)", text))
+    types |= set(re.findall(r"typedef\s+\w+\s+(amend_\w+)\s*;", text))
+    consts = set(re.findall(r"\b(AMEND_\w+)\b", text))
+    return protos, types, consts
+
+
+def call_arg_counts(src, name):
+    """Argument counts of each call `name(...)` in src (top-level commas, balanced brackets)."""
+    counts = []
+    for m in re.finditer(r"\b" + name + r"\s*\(", src):
+        i, depth, commas, empty = m.end(), 1, 0, True
+        while depth and i < len(src):
+            c = src[i]
+            if c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            elif c == "," and depth == 1:
+                commas += 1
+            if depth and not c.isspace():
+                empty = False
+            i += 1
+        counts.append(0 if empty else commas + 1)
+    return counts
+
+
+def main():
+    bless = "--bless" in sys.argv
+    protos, types, consts = header_api()
+    src = "\n".join(p.read_text() for p in sorted((HERE / "Sources").rglob("*.swift")))
+    src = re.sub(r"//[^\n]*", "", src)
+    used = sorted(set(re.findall(r"\b(amend_\w+)\b", src)))
+    funcs = [u for u in used if u in protos]
+    passed = failed = 0
+
+    def ok(cond, what):
+        nonlocal passed, failed
+        if cond:
+            passed += 1
+        else:
+            failed += 1
+            print("FAIL:", what)
+
+    for u in used:
+        ok(u in protos or u in types, f"{u} is used by Swift but not declared in amend.h")
+    for c in sorted(set(re.findall(r"\b(AMEND_\w+)\b", src))):
+        ok(c in consts, f"{c} is used by Swift but not in amend.h")
+    for f in funcs:
+        for n in call_arg_counts(src, f):
+            ok(n == protos[f][1], f"{f} called with {n} arguments, amend.h declares {protos[f][1]}")
+    if bless:
+        PIN.write_text("".join(protos[f][0] + "\n" for f in funcs))
+        print(f"wrote {PIN.name} ({len(funcs)} functions)")
+    pinned = {}
+    for line in PIN.read_text().splitlines():
+        m = re.search(r"\b(amend_\w+)\(", line)
+        if m:
+            pinned[m.group(1)] = norm(line)
+    ok(set(pinned) == set(funcs), f"c-api-used.txt lists {sorted(set(pinned) ^ set(funcs))} differently from the Swift sources")
+    for f in funcs:
+        if f in pinned:
+            ok(pinned[f] == protos[f][0], f"signature changed: pinned {pinned[f]!r}, header {protos[f][0]!r}")
+    ok(len(funcs) >= 15, f"only {len(funcs)} C functions found in the Swift sources")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+//! T-Patcher (Huang et al. 2023): a few neurons added to one FFN (default the last layer).
+//! A neuron reads the FFN input `x` (after its norm) at every position and adds
+//! `relu(k·x + b) v` to the FFN output (after gemma's post-FFN norm, for a predictable scale).
+//!
+//! One neuron per answer position (up to 3): keyed at the position that predicts that answer
+//! token. Trained jointly with Adam on
+//! - the edit loss: target NLL under teacher forcing with the neurons in place;
+//! - an activation margin: `k·x + b >= edit_margin` on each neuron's own edit input;
+//! - a memory loss: `k·x + b <= -margin` on every FFN-input row of the neutral corpus
+//!   (`data/neutral-corpus.txt`, captured through the runtime), mean plus worst row, so the
+//!   neurons stay exactly silent (ReLU) elsewhere.
+//!
+//! Parametrisation (so one learning rate fits every model): `k = raw_k / (‖x‖·sqrt(dim))` with
+//! `raw_k` initialised to `sqrt(dim)·x/‖x‖` (so `k·x = 1` at the start, as in T-Patcher), the
+//! bias at `-threshold` (the neuron fires only on inputs nearly parallel to the edit input), and
+//! `v = raw_v · rms(FFN output row) / (1 - threshold)`, `raw_v` starting at zero.
+
+use super::{Adam, Compiler, EditReport, Progress};
+use crate::dataset::EditRecord;
+use crate::error::{CompileError, Result};
+use crate::forward::{nll, AddAt, Capture, Hooks};
+use crate::hparams::TPatcherParams;
+use amend_edits::bundle::{BundleBuilder, Payload};
+use amend_edits::families::Activation;
+use amend_edits::{Bundle, HookPoint, Site};
+use candle_core::{Tensor, Var, D};
+use std::time::Instant;
+
+/// The neutral text whose FFN inputs the neurons must stay silent on.
+pub const NEUTRAL_CORPUS: &str = include_str!("../../../data/neutral-corpus.txt");
+
+/// Neurons per edit at most (T-Patcher: one per wrong token, at most 5).
+const MAX_NEURONS: usize = 3;
+
+#[derive(Default)]
+struct Neurons {
+    keys: Vec<f32>,
+    biases: Vec<f32>,
+    values: Vec<f32>,
+}
+
+struct EditUnits {
+    id: String,
+    prompt: String,
+    target: String,
+    first: usize,
+    count: usize,
+}
+
+pub(crate) fn compile(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &TPatcherParams,
+    layer: Option<usize>,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<EditReport>> {
+    let layer = c.resolve_layer(layer, hp.layer)?;
+    let dim = c.fwd.cfg.n_embd;
+    let (mut neurons, mut edits) = match base {
+        Some(b) => from_base(b, layer)?,
+        None => (Neurons::default(), Vec::new()),
+    };
+    let memory = neutral_rows(c, layer)?;
+    let mut reports = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let t0 = Instant::now();
+        let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
+        let mut report = |step: usize, loss: f32, done: bool| {
+            progress(&Progress { index: i, total: records.len(), id: &r.id, step, loss, done })
+        };
+        let t = train(c, &p, &a, layer, hp, &neurons, &memory, &mut report)?;
+        let first = neurons.biases.len();
+        let count = t.biases.len();
+        neurons.keys.extend_from_slice(&t.keys);
+        neurons.biases.extend_from_slice(&t.biases);
+        neurons.values.extend_from_slice(&t.values);
+        edits.push(EditUnits {
+            id: r.id.clone(),
+            prompt: r.prompt.clone(),
+            target: r.target_new.clone(),
+            first,
+            count,
+        });
+        report(t.steps, t.loss, true);
+        reports.push(EditReport {
+            id: r.id.clone(),
+            loss: t.loss,
+            steps: t.steps,
+            seconds: t0.elapsed().as_secs_f64(),
+            success: t.success,
+            action: format!("{count} neuron(s), edit pre-activation >= {:.2}, neutral max {:.2}", t.min_edit_act, t.max_mem_act),
+        });
+    }
+    let p = builder.add_patch_neurons(
+        layer as u32,
+        Site::FfnInput,
+        Site::FfnOutput,
+        Activation::Relu.code(),
+        dim,
+        &neurons.keys,
+        &neurons.biases,
+        &neurons.values,
+    );
+    for e in &edits {
+        builder.add_edit(&e.id, layer as u32, Site::FfnOutput, &e.prompt, &e.target, p, e.first as u32, e.count as u32);
+    }
+    Ok(reports)
+}
+
+/// FFN-input rows of the neutral corpus at `layer`, from the runtime: `[rows, dim]`.
+fn neutral_rows(c: &mut Compiler, layer: usize) -> Result<Tensor> {
+    let add_bos = c.runtime.info().add_bos;
+    let mut rows: Vec<f32> = Vec::new();
+    let mut n = 0;
+    for line in NEUTRAL_CORPUS.lines().filter(|l| !l.trim().is_empty()) {
+        let toks = c
+            .runtime
+            .tokenize(line, add_bos)
+            .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
+        let toks: Vec<u32> = toks.into_iter().map(|t| t as u32).collect();
+        for r in c.runtime_rows(&toks, HookPoint::new(layer as u32, Site::FfnInput))? {
+            rows.extend_from_slice(&r);
+            n += 1;
+        }
+    }
+    Ok(Tensor::from_vec(rows, (n, c.fwd.cfg.n_embd), &c.fwd.device)?)
+}
+
+struct Trained {
+    keys: Vec<f32>,
+    biases: Vec<f32>,
+    values: Vec<f32>,
+    loss: f32,
+    steps: usize,
+    success: bool,
+    min_edit_act: f32,
+    max_mem_act: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    c: &Compiler,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    hp: &TPatcherParams,
+    existing: &Neurons,
+    memory: &Tensor,
+    report: &mut dyn FnMut(usize, f32, bool),
+) -> Result<Trained> {
+    let fwd = &c.fwd;
+    let dev = &fwd.device;
+    let dim = fwd.cfg.n_embd;
+    let last = prompt.len() - 1;
+    let mut input = prompt.to_vec();
+    input.extend_from_slice(&answer[..answer.len() - 1]);
+    let at: Vec<usize> = (last..last + answer.len()).collect();
+    let in_point = HookPoint::new(layer as u32, Site::FfnInput);
+    let out_point = HookPoint::new(layer as u32, Site::FfnOutput);
+    let entry_point = if layer == 0 {
+        HookPoint::new(0, Site::Embeddings)
+    } else {
+        HookPoint::new(layer as u32 - 1, Site::ResidualOut)
+    };
+
+    // Constant: the residual entering `layer`, the FFN inputs and outputs there.
+    let mut cap = Capture::sites(&[entry_point, in_point, out_point]);
+    let mut h = fwd.embed(&input, &mut cap)?;
+    for il in 0..layer {
+        h = fwd.run_one(il, h, &mut cap)?;
+    }
+    let x_in = h.detach();
+    fwd.run_one(layer, x_in.clone(), &mut cap)?;
+    let xs = cap.at[&in_point].clone(); // [T, dim]
+    let outs = &cap.at[&out_point];
+
+    // Earlier neurons (sequential editing) act during training too, as constants.
+    let base_delta = if existing.biases.is_empty() {
+        None
+    } else {
+        let m = existing.biases.len();
+        let k = Tensor::from_slice(&existing.keys, (m, dim), dev)?;
+        let b = Tensor::from_slice(&existing.biases, m, dev)?;
+        let v = Tensor::from_slice(&existing.values, (m, dim), dev)?;
+        Some(xs.matmul(&k.t()?)?.broadcast_add(&b)?.relu()?.matmul(&v)?)
+    };
+
+    // One neuron per answer position, keyed at the input that predicts it.
+    let positions: Vec<usize> = at.iter().copied().take(MAX_NEURONS).collect();
+    let m = positions.len();
+    let idx = Tensor::new(positions.iter().map(|&p| p as u32).collect::<Vec<_>>().as_slice(), dev)?;
+    let x_edit = xs.index_select(&idx, 0)?; // [m, dim]
+    let x_norm = x_edit.sqr()?.sum_keepdim(1)?.sqrt()?; // [m, 1]
+    let sq = (dim as f64).sqrt();
+    let key_scale = (x_norm.clone() * sq)?.recip()?; // k = raw_k * key_scale
+    let raw_k = Var::from_tensor(&(x_edit.broadcast_div(&x_norm)? * sq)?)?;
+    let bias = Var::from_tensor(&Tensor::full(-hp.threshold, m, dev)?)?;
+    let out_rows = outs.index_select(&idx, 0)?;
+    // The activation on the edit input is about 1 - threshold: scale values up to match.
+    let act0 = (1.0 - hp.threshold as f64).max(1e-3);
+    let v_scale = ((out_rows.sqr()?.mean_keepdim(1)?.sqrt()? * (hp.init_value_scale as f64 / act0))?).detach(); // [m, 1]
+    let raw_v = Var::from_tensor(&Tensor::zeros((m, dim), candle_core::DType::F32, dev)?)?;
+    let mut opt = Adam::new(vec![raw_k.clone(), bias.clone(), raw_v.clone()], hp.lr)?;
+    let targets = Tensor::new(answer, dev)?;
+    let margin = hp.margin as f64;
+
+    let mut best: Option<(f32, Vec<f32>, Vec<f32>, Vec<f32>, bool, f32, f32)> = None;
+    let mut steps = 0;
+    for step in 0..hp.steps {
+        let k = raw_k.as_tensor().broadcast_mul(&key_scale)?; // [m, dim]
+        let v = raw_v.as_tensor().broadcast_mul(&v_scale)?;
+        let b = bias.as_tensor();
+        let pre = xs.matmul(&k.t()?)?.broadcast_add(b)?; // [T, m]
+        let mut delta = pre.relu()?.matmul(&v)?;
+        if let Some(d) = &base_delta {
+            delta = (delta + d)?;
+        }
+        let mut hook = AddAt { point: out_point, delta };
+        let hh = fwd.run_layers(layer, x_in.clone(), &mut hook as &mut dyn Hooks)?;
+        let logits = fwd.logits(&hh, &at)?;
+        let edit = nll(&logits, answer)?;
+        // Each neuron's pre-activation on its own input (the diagonal).
+        let a_edit = (x_edit.mul(&k)?.sum(1)? + b)?;
+        let a_mem = memory.matmul(&k.t()?)?.broadcast_add(b)?; // [R, m]
+        let act_loss = (a_edit.affine(-1.0, hp.edit_margin as f64)?.relu()?).mean_all()?;
+        let mem_hinge = (a_mem.clone() + margin)?.relu()?;
+        let mem_loss = (mem_hinge.mean_all()? + mem_hinge.max(0)?.mean_all()?)?;
+        let loss = ((&edit + act_loss)? + (mem_loss * hp.memory_weight as f64)?)?;
+
+        let l_edit = edit.to_scalar::<f32>()?;
+        let success = logits.argmax(D::Minus1)?.eq(&targets)?.min(0)?.to_scalar::<u8>()? == 1;
+        let min_edit = a_edit.min(0)?.to_scalar::<f32>()?;
+        let max_mem = a_mem.max_keepdim(0)?.max_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?[0];
+        let silent = max_mem < 0.0;
+        let better = match &best {
+            None => true,
+            Some(bst) => (success && silent, -l_edit) > (bst.4 && bst.6 < 0.0, -bst.0),
+        };
+        if better {
+            best = Some((
+                l_edit,
+                k.flatten_all()?.to_vec1()?,
+                b.to_vec1()?,
+                v.flatten_all()?.to_vec1()?,
+                success,
+                min_edit,
+                max_mem,
+            ));
+        }
+        report(step, l_edit, false);
+        steps = step + 1;
+        if success && silent && l_edit < hp.stop_loss && min_edit >= hp.edit_margin {
+            break;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+    }
+    let (loss, keys, biases, values, success, min_edit_act, max_mem_act) =
+        best.ok_or_else(|| CompileError::Hparams("tpatcher.steps must be >= 1".into()))?;
+    if !keys.iter().chain(&values).chain(&biases).all(|x| x.is_finite()) {
+        return Err(CompileError::Hparams("tpatcher: training diverged; lower tpatcher.lr".into()));
+    }
+    Ok(Trained { keys, biases, values, loss, steps, success: success && max_mem_act < 0.0, min_edit_act, max_mem_act })
+}
+
+/// Neurons and edits of a base bundle's patch at `layer` (sequential editing).
+fn from_base(b: &Bundle, layer: usize) -> Result<(Neurons, Vec<EditUnits>)> {
+    let mut n = Neurons::default();
+    let mut edits = Vec::new();
+    for (p, payload) in b.payloads().iter().enumerate() {
+        let Payload::PatchNeurons(desc) = payload else {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle has a {} payload; T-Patcher can only extend a patch-neuron bundle",
+                payload.kind().name()
+            )));
+        };
+        if desc.layer as usize != layer {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle's neurons are at layer {}; use --layer {}",
+                desc.layer, desc.layer
+            )));
+        }
+        let units = b.units(p);
+        let view = b
+            .patch_neurons(p, 0..units)
+            .ok_or_else(|| CompileError::Bundle("--base-bundle: unreadable neurons".into()))?;
+        let first = n.biases.len();
+        n.keys.extend_from_slice(view.keys);
+        n.biases.extend_from_slice(view.biases);
+        n.values.extend_from_slice(view.values);
+        for e in b.manifest().edits.iter().filter(|e| e.payload as usize == p) {
+            edits.push(EditUnits {
+                id: e.id.clone(),
+                prompt: e.prompt.clone(),
+                target: e.target.clone(),
+                first: first + e.first as usize,
+                count: e.count as usize,
+            });
+        }
+    }
+    Ok((n, edits))
+}

@@ -1,0 +1,84 @@
+//! Writes the signed test bundles the C, Python and Java tests load:
+//!
+//! make_test_bundles MODEL.gguf OUT_DIR
+//!
+//! - `key.pub`: the trusting public key (64 hex digits) and `key.raw` (32 bytes)
+//! - `good.amend`: one GRACE codebook edit (`e-paris`), bound to MODEL
+//! - `other-model.amend`: the same edit bound to another model's fingerprint
+//! - `untrusted.amend`: bound to MODEL but signed by a key that is not trusted
+
+use std::path::PathBuf;
+
+use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
+use amend_edits::ed25519_dalek::SigningKey;
+use amend_edits::keys::to_hex;
+use amend_edits::Site;
+
+fn builder(id: &str, model: ModelBinding) -> BundleBuilder {
+    let dim = model.n_embd as usize;
+    let layer = model.n_layer / 2;
+    let mut b = BundleBuilder::new(BundleMeta {
+        bundle_id: id.into(),
+        channel: "test".into(),
+        version: 1,
+        created: 1_700_000_000,
+        not_before: 0,
+        expires: u64::MAX,
+        model,
+    });
+    // A key far from any real hidden state: the edit never fires on ordinary prompts, so
+    // generation is unchanged and comparable with the Rust API.
+    let keys: Vec<f32> = (0..dim).map(|i| if i == 0 { 1.0e6 } else { 0.0 }).collect();
+    let values = vec![0.0f32; dim];
+    let cb = b.add_codebook(
+        layer,
+        Site::ResidualOut,
+        Site::ResidualOut,
+        0,
+        false,
+        dim,
+        &keys,
+        &values,
+        &[1.0],
+    );
+    b.add_edit(
+        "e-paris",
+        layer,
+        Site::ResidualOut,
+        "The capital of France is",
+        " Paris",
+        cb,
+        0,
+        1,
+    );
+    b
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, out] = args.as_slice() else {
+        return Err("usage: make_test_bundles MODEL.gguf OUT_DIR".into());
+    };
+    let out = PathBuf::from(out);
+    std::fs::create_dir_all(&out)?;
+    let binding = amend_edits::fingerprint::model_binding(model)?;
+    let key = SigningKey::from_bytes(&[42; 32]);
+    let stranger = SigningKey::from_bytes(&[43; 32]);
+    std::fs::write(
+        out.join("key.pub"),
+        format!("{}\n", to_hex(key.verifying_key().as_bytes())),
+    )?;
+    std::fs::write(out.join("key.raw"), key.verifying_key().as_bytes())?;
+    let good = builder("test-good", binding.clone()).build_signed(&key)?;
+    std::fs::write(out.join("good.amend"), good.as_slice())?;
+    let other = ModelBinding {
+        fingerprint: [9; 32],
+        ..binding.clone()
+    };
+    let other = builder("test-other-model", other).build_signed(&key)?;
+    std::fs::write(out.join("other-model.amend"), other.as_slice())?;
+    let untrusted = builder("test-untrusted", binding).build_signed(&stranger)?;
+    std::fs::write(out.join("untrusted.amend"), untrusted.as_slice())?;
+    println!("{}", out.display());
+    Ok(())
+}
