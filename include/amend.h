@@ -456,7 +456,7 @@ typedef struct amend_edit_activity {
    */
   const char *bundle_id;
   /**
-   * The edit's id within its bundle (NUL-terminated).
+   * The edit's id within its bundle (NUL-terminated; "" for a bundle-wide low-rank adapter).
    */
   const char *edit_id;
   /**
@@ -468,13 +468,16 @@ typedef struct amend_edit_activity {
    */
   uint32_t layer;
   /**
-   * Positions (prompt and generated tokens) at which the edit changed the computation.
+   * How often the edit changed the computation: codebook lookups that replaced a row,
+   * positions a patch neuron fired at, 1 for an in-scope memory or an applied low-rank
+   * adapter.
    */
   uint32_t n_fired;
   /**
-   * Positions evaluated in that call, for a rate.
+   * How often it was checked (codebook lookups, memory scope checks, adapters); 0 when the
+   * family reports only firings (patch neurons).
    */
-  uint32_t n_positions;
+  uint32_t n_checked;
 } amend_edit_activity;
 
 /**
@@ -680,11 +683,16 @@ enum amend_result amend_session_open(const struct amend_model *model,
 void amend_session_free(struct amend_session *session);
 
 /**
- * Activates a verified bundle's edits in the session; later generations use them. Activating
- * a bundle that is already active is an `AMEND_ERR_EDIT_CONFLICT`.
+ * Activates a verified bundle's edits in the session: the next generation or scoring uses
+ * them (bundles stack in activation order). A bundle with a newer version on the channel of
+ * an active one replaces it. Versions only move forward per channel, even across a rollback:
+ * activating the same or an older version again is `AMEND_ERR_BUNDLE_DOWNGRADE` (replay
+ * protection).
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
- * `AMEND_ERR_MODEL_MISMATCH` (bundle loaded for another model), `AMEND_ERR_EDIT_CONFLICT`.
+ * `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
+ * active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
+ * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model).
  */
 enum amend_result amend_session_activate(struct amend_session *session,
                                          const struct amend_bundle *bundle);
@@ -769,8 +777,10 @@ enum amend_result amend_session_score(struct amend_session *session,
                                       struct amend_score *out);
 
 /**
- * Reports which active edits fired during the session's last generation or scoring: calls
- * `callback` once per active edit (edits that did not fire are reported with `n_fired` 0).
+ * Reports what the active edits did during the session's last generation or scoring: calls
+ * `callback` once per (bundle, edit, family, layer) that was checked or fired, in order; a
+ * callback returning false stops the listing. Nothing is reported when no bundle is active.
+ * The callback runs after the session is released, so it may call functions on the session.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT` (including a NULL callback), `AMEND_ERR_INVALID_HANDLE`,
  * `AMEND_ERR_BUSY`.

@@ -18,4 +18,12 @@ gcc -std=c11 -O2 -Wall -Wextra -Werror -shared -fPIC -I"$JAVA_HOME/include" -I"$
   -I"$ROOT/include" native/amend_jni.c -L"$(dirname "$LIB")" -lamend -Wl,-rpath,"$(dirname "$LIB")" \
   -o "$OUT/libamend_jni.so"
 javac -Xlint:all -Werror -d "$OUT/classes" $(find src -name '*.java')
-java -Xcheck:jni -Damend.jni.library="$OUT/libamend_jni.so" -cp "$OUT/classes" dev.amend.AmendTest
+# -Xcheck:jni validates every JNI call of the shim; its warnings fail the test.
+java -Xcheck:jni -Damend.jni.library="$OUT/libamend_jni.so" -cp "$OUT/classes" dev.amend.AmendTest 2>&1 \
+  | tee "$OUT/java.log"
+status=${PIPESTATUS[0]}
+if grep -q "WARNING in native method" "$OUT/java.log"; then
+  echo "java: FAILED: -Xcheck:jni reported misuse of JNI in amend_jni.c" >&2
+  exit 1
+fi
+exit "$status"

@@ -58,17 +58,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked cheaply is checked before the model is loaded.
     let method: Method = args.method.parse()?;
     let format: DataFormat = args.format.parse().context("--format")?;
-    let key_bytes = std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
+    let key_bytes =
+        std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
     let key = signing_key_from_file_bytes(&key_bytes)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", args.key.display()))?;
-    let records = dataset::load(&args.edits, format).with_context(|| format!("--edits {}", args.edits.display()))?;
+    let records = dataset::load(&args.edits, format)
+        .with_context(|| format!("--edits {}", args.edits.display()))?;
     let base_bytes = match &args.base_bundle {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("--base-bundle {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::read(p).with_context(|| format!("--base-bundle {}", p.display()))?)
+        }
         None => None,
     };
 
     let t0 = Instant::now();
-    let mut compiler = Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+    let mut compiler =
+        Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
     let hp = Hparams::resolve(compiler.fwd.cfg.arch, args.hparams.as_deref(), &args.set)?;
     if args.print_hparams {
         println!("{}", toml::to_string_pretty(&hp)?);
@@ -76,9 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let trust = TrustStore::with_key(key.verifying_key());
     let base = match base_bytes {
-        Some(b) => Some(Bundle::from_bytes(&b, &trust).map_err(|e| {
-            anyhow::anyhow!("--base-bundle: {e} (it must be signed by --key)")
-        })?),
+        Some(b) => Some(
+            Bundle::from_bytes(&b, &trust)
+                .map_err(|e| anyhow::anyhow!("--base-bundle: {e} (it must be signed by --key)"))?,
+        ),
         None => None,
     };
     eprintln!(
@@ -101,16 +107,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         version: None,
         expires: u64::MAX,
     };
-    let out = compiler.compile(method, &records, &hp, args.layer, base.as_ref(), &identity, &mut |p| {
-        bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
-        if p.done {
-            bar.inc(1);
-        }
-    });
+    let out = compiler.compile(
+        method,
+        &records,
+        &hp,
+        args.layer,
+        base.as_ref(),
+        &identity,
+        &mut |p| {
+            bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
+            if p.done {
+                bar.inc(1);
+            }
+        },
+    );
     bar.finish_and_clear();
     let out = out?;
 
-    let bytes = out.builder.build_signed(&key).map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+    let bytes = out
+        .builder
+        .build_signed(&key)
+        .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
     write_atomic(&args.out, bytes.as_slice())?;
     if let Some(lora) = &out.gguf_lora {
         let p = args.out.with_extension("lora.gguf");
@@ -138,7 +155,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         losses.iter().cloned().fold(0.0, f64::max)
     );
     for r in out.reports.iter().filter(|r| !r.success) {
-        println!("  not reached: {} (loss {:.3} after {} steps)", r.id, r.loss, r.steps);
+        println!(
+            "  not reached: {} (loss {:.3} after {} steps)",
+            r.id, r.loss, r.steps
+        );
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ pub struct TPatcherParams {
     pub stop_loss: f32,
     pub threshold: f32,
     pub edit_margin: f32,
+    pub train_keys: bool,
     pub margin: f32,
     pub memory_weight: f32,
     pub init_value_scale: f32,
@@ -71,15 +72,21 @@ impl Hparams {
                 CompileError::Hparams(format!("--set {s:?}: expected section.key=value"))
             })?;
             let (section, field) = key.trim().split_once('.').ok_or_else(|| {
-                CompileError::Hparams(format!("--set {s:?}: key must be section.key, e.g. grace.lr"))
+                CompileError::Hparams(format!(
+                    "--set {s:?}: key must be section.key, e.g. grace.lr"
+                ))
             })?;
             let value = parse_value(value.trim());
             let sec = table
                 .get_mut(section)
                 .and_then(|v| v.as_table_mut())
-                .ok_or_else(|| CompileError::Hparams(format!("--set {s:?}: unknown section `{section}`")))?;
+                .ok_or_else(|| {
+                    CompileError::Hparams(format!("--set {s:?}: unknown section `{section}`"))
+                })?;
             if !sec.contains_key(field) {
-                return Err(CompileError::Hparams(format!("--set {s:?}: unknown key `{section}.{field}`")));
+                return Err(CompileError::Hparams(format!(
+                    "--set {s:?}: unknown key `{section}.{field}`"
+                )));
             }
             sec.insert(field.to_string(), value);
         }
@@ -99,7 +106,10 @@ impl Hparams {
             return bad("grace.steps", "must be >= 1");
         }
         if !(self.grace.radius >= 0.0 && self.grace.radius <= 2.0) {
-            return bad("grace.radius", "must be in [0, 2] (normalized Euclidean distance)");
+            return bad(
+                "grace.radius",
+                "must be in [0, 2] (normalized Euclidean distance)",
+            );
         }
         if !(self.tpatcher.lr > 0.0) {
             return bad("tpatcher.lr", "must be > 0");
@@ -120,7 +130,11 @@ fn parse_value(s: &str) -> toml::Value {
 /// Overlay `over` onto `base`, rejecting keys the defaults do not have (typos).
 fn merge(base: &mut toml::Table, over: toml::Table, prefix: &str) -> Result<()> {
     for (k, v) in over {
-        let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &name)?,
             (Some(slot), v) => *slot = v,
@@ -143,7 +157,12 @@ mod tests {
 
     #[test]
     fn set_overrides_and_rejects_unknown_keys() {
-        let hp = Hparams::resolve(Arch::Gemma3, None, &["grace.lr=2.5".into(), "grace.steps = 7".into()]).unwrap();
+        let hp = Hparams::resolve(
+            Arch::Gemma3,
+            None,
+            &["grace.lr=2.5".into(), "grace.steps = 7".into()],
+        )
+        .unwrap();
         assert_eq!(hp.grace.lr, 2.5);
         assert_eq!(hp.grace.steps, 7);
         let e = Hparams::resolve(Arch::Gemma3, None, &["grace.lrr=1".into()]).unwrap_err();

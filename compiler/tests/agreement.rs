@@ -15,15 +15,30 @@ struct Agreement {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
 }
 
 fn compare(path: &std::path::Path, prompts: &[String]) -> Agreement {
     let rt = common::open_runtime(path);
     let fwd = Forward::load(path).unwrap();
-    let mut session = Session::new(&rt, SessionOptions { n_ctx: 512, ..Default::default() }).unwrap();
+    let mut session = Session::new(
+        &rt,
+        SessionOptions {
+            n_ctx: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let add_bos = rt.info().add_bos;
-    let mut a = Agreement { n: 0, top1_same: 0, max_err: 0.0, mean_err: 0.0, logit_range: 0.0 };
+    let mut a = Agreement {
+        n: 0,
+        top1_same: 0,
+        max_err: 0.0,
+        mean_err: 0.0,
+        logit_range: 0.0,
+    };
     let mut err_sum = 0f64;
     let mut err_n = 0usize;
     for p in prompts {
@@ -39,7 +54,11 @@ fn compare(path: &std::path::Path, prompts: &[String]) -> Agreement {
         if argmax(&got) == argmax(&want) {
             a.top1_same += 1;
         } else {
-            eprintln!("disagree on {p:?}: compiler {} vs runtime {}", argmax(&got), argmax(&want));
+            eprintln!(
+                "disagree on {p:?}: compiler {} vs runtime {}",
+                argmax(&got),
+                argmax(&want)
+            );
         }
         for (g, w) in got.iter().zip(&want) {
             let e = (g - w).abs();
@@ -47,7 +66,9 @@ fn compare(path: &std::path::Path, prompts: &[String]) -> Agreement {
             err_sum += e as f64;
             err_n += 1;
         }
-        let (lo, hi) = want.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
         a.logit_range = a.logit_range.max(hi - lo);
     }
     a.mean_err = err_sum / err_n.max(1) as f64;
@@ -56,27 +77,52 @@ fn compare(path: &std::path::Path, prompts: &[String]) -> Agreement {
 
 #[test]
 fn tiny_llama_family_agrees_with_runtime() {
-    let prompts: Vec<String> = ["The capital of France is", "hello world", "water made of hydrogen and", "Rome is the capital of Italy ."]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    for arch in [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3] {
+    let prompts: Vec<String> = [
+        "The capital of France is",
+        "hello world",
+        "water made of hydrogen and",
+        "Rome is the capital of Italy .",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let a = compare(&common::tiny_path(arch), &prompts);
         eprintln!(
             "{}: top-1 {}/{}; logit error max {:.2e}, mean {:.2e} (range {:.1})",
-            arch.name(), a.top1_same, a.n, a.max_err, a.mean_err, a.logit_range
+            arch.name(),
+            a.top1_same,
+            a.n,
+            a.max_err,
+            a.mean_err,
+            a.logit_range
         );
         assert_eq!(a.top1_same, a.n, "{}", arch.name());
         // f32 weights: only summation order and llama.cpp's f16 KV cache differ.
-        assert!(a.max_err < 0.05 * a.logit_range.max(1.0), "{}: max error {}", arch.name(), a.max_err);
+        assert!(
+            a.max_err < 0.05 * a.logit_range.max(1.0),
+            "{}: max error {}",
+            arch.name(),
+            a.max_err
+        );
     }
 }
 
 #[test]
 fn gemma3_agrees_with_runtime_on_100_prompts() {
-    let Some(path) = common::real_model_path() else { return };
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
     let text = std::fs::read_to_string(common::repo_file("data/prompts-100.txt")).unwrap();
-    let prompts: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| l.to_string()).collect();
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.to_string())
+        .collect();
     assert_eq!(prompts.len(), 100);
     let a = compare(&path, &prompts);
     let rate = a.top1_same as f64 / a.n as f64;

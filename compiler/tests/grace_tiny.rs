@@ -44,9 +44,19 @@ fn thousand_sequential_edits_make_versions() {
                 record(i, &prompt, targets[(i / 7) % targets.len()])
             })
             .collect();
-        let b = base.as_ref().map(|bytes| Bundle::from_bytes(bytes, &trust).unwrap());
+        let b = base
+            .as_ref()
+            .map(|bytes| Bundle::from_bytes(bytes, &trust).unwrap());
         let out = c
-            .compile(Method::Grace, &records, &hp, None, b.as_ref(), &BundleIdentity::default(), &mut |_| {})
+            .compile(
+                Method::Grace,
+                &records,
+                &hp,
+                None,
+                b.as_ref(),
+                &BundleIdentity::default(),
+                &mut |_| {},
+            )
             .unwrap();
         n += records.len();
         assert_eq!(out.reports.len(), 100);
@@ -56,10 +66,19 @@ fn thousand_sequential_edits_make_versions() {
         assert_eq!(bundle.manifest().edits.len(), n);
         let rows = bundle.units(0);
         assert!(rows >= 1 && rows <= n, "{rows} rows for {n} edits");
-        let Payload::Codebook(d) = &bundle.payloads()[0] else { panic!("not a codebook") };
-        assert_eq!(d.layer, 1, "default layer clamps to the last of the tiny model's 2");
+        let Payload::Codebook(d) = &bundle.payloads()[0] else {
+            panic!("not a codebook")
+        };
+        assert_eq!(
+            d.layer, 1,
+            "default layer clamps to the last of the tiny model's 2"
+        );
         // Every edit points at a real row.
-        assert!(bundle.manifest().edits.iter().all(|e| (e.first as usize) < rows));
+        assert!(bundle
+            .manifest()
+            .edits
+            .iter()
+            .all(|e| (e.first as usize) < rows));
         base = Some(bytes);
     }
 }
@@ -69,16 +88,39 @@ fn conflicting_edits_split_radii() {
     let path = common::tiny_path(Architecture::Llama);
     let mut c = Compiler::open(&path).unwrap();
     // A large radius puts every key within reach of the first, forcing splits.
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &["grace.steps=1".into(), "grace.radius=2.0".into()]).unwrap();
+    let hp = Hparams::resolve(
+        c.fwd.cfg.arch,
+        None,
+        &["grace.steps=1".into(), "grace.radius=2.0".into()],
+    )
+    .unwrap();
     let records = vec![
         record(0, "The capital of France is", "Paris"),
         record(1, "The capital of Germany is", "Berlin"),
         record(2, "The capital of France is", "Paris"),
     ];
-    let out = c.compile(Method::Grace, &records, &hp, None, None, &BundleIdentity::default(), &mut |_| {}).unwrap();
+    let out = c
+        .compile(
+            Method::Grace,
+            &records,
+            &hp,
+            None,
+            None,
+            &BundleIdentity::default(),
+            &mut |_| {},
+        )
+        .unwrap();
     assert_eq!(out.reports[0].action, "added");
-    assert!(out.reports[1].action.starts_with("split"), "{}", out.reports[1].action);
-    assert!(out.reports[2].action.starts_with("duplicate of row 0"), "{}", out.reports[2].action);
+    assert!(
+        out.reports[1].action.starts_with("split"),
+        "{}",
+        out.reports[1].action
+    );
+    assert!(
+        out.reports[2].action.starts_with("duplicate of row 0"),
+        "{}",
+        out.reports[2].action
+    );
 }
 
 #[test]
@@ -88,10 +130,41 @@ fn bad_input_is_named_and_nothing_is_built() {
     let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
     let id = BundleIdentity::default();
     let ok = record(0, "The capital of France is", "Paris");
-    let e = c.compile(Method::Grace, &[ok.clone()], &hp, Some(2), None, &id, &mut |_| {}).err().unwrap();
-    assert!(matches!(e, CompileError::LayerOutOfRange { layer: 2, n_layer: 2 }), "{e}");
+    let e = c
+        .compile(
+            Method::Grace,
+            &[ok.clone()],
+            &hp,
+            Some(2),
+            None,
+            &id,
+            &mut |_| {},
+        )
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            CompileError::LayerOutOfRange {
+                layer: 2,
+                n_layer: 2
+            }
+        ),
+        "{e}"
+    );
     let empty = record(1, "The capital of Italy is", "  ");
-    let e = c.compile(Method::Grace, &[ok, empty], &hp, None, None, &id, &mut |_| {}).err().unwrap();
+    let e = c
+        .compile(
+            Method::Grace,
+            &[ok, empty],
+            &hp,
+            None,
+            None,
+            &id,
+            &mut |_| {},
+        )
+        .err()
+        .unwrap();
     assert!(matches!(e, CompileError::BadRecord { index: 1, .. }), "{e}");
     assert!(e.to_string().contains("empty target"), "{e}");
 }
@@ -101,8 +174,12 @@ fn unsupported_architecture_is_named() {
     let p = common::tmp_dir().join("phi.gguf");
     let mut w = amend_edits::gguf::GgufWriter::new();
     w.add("general.architecture", "phi3");
-    w.add_tensor_f32("token_embd.weight", &[4, 4], &[0.0; 16]).unwrap();
+    w.add_tensor_f32("token_embd.weight", &[4, 4], &[0.0; 16])
+        .unwrap();
     w.write_to(&p).unwrap();
     let e = Compiler::open(&p).err().unwrap();
-    assert!(matches!(e, CompileError::UnsupportedArchitecture(ref a) if a == "phi3"), "{e}");
+    assert!(
+        matches!(e, CompileError::UnsupportedArchitecture(ref a) if a == "phi3"),
+        "{e}"
+    );
 }

@@ -17,35 +17,82 @@ use std::sync::{Arc, Mutex};
 
 #[test]
 fn tpatcher_edits_gemma3() {
-    let Some(path) = common::real_model_path() else { return };
-    let n: usize = std::env::var("AMEND_TPATCHER_N").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let records = dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let n: usize = std::env::var("AMEND_TPATCHER_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let records =
+        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
     let records: Vec<_> = records.into_iter().take(n).collect();
     let mut c = Compiler::open(&path).unwrap();
     let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
     let out = c
-        .compile(Method::TPatcher, &records, &hp, None, None, &BundleIdentity::default(), &mut |_| {})
+        .compile(
+            Method::TPatcher,
+            &records,
+            &hp,
+            None,
+            None,
+            &BundleIdentity::default(),
+            &mut |_| {},
+        )
         .unwrap();
     let key = generate_signing_key().unwrap();
     let bytes = out.builder.build_signed(&key).unwrap();
-    let bundle = Bundle::from_bytes(bytes.as_slice(), &TrustStore::with_key(key.verifying_key())).unwrap();
+    let bundle =
+        Bundle::from_bytes(bytes.as_slice(), &TrustStore::with_key(key.verifying_key())).unwrap();
     let view = bundle.patch_neurons(0, 0..bundle.units(0)).unwrap();
     let layer = view.layer;
-    let (keys, biases, values, dim) = (view.keys.to_vec(), view.biases.to_vec(), view.values.to_vec(), view.dim);
+    let (keys, biases, values, dim) = (
+        view.keys.to_vec(),
+        view.biases.to_vec(),
+        view.values.to_vec(),
+        view.dim,
+    );
 
     let rt = c.runtime.clone();
-    let mut s = Session::new(&rt, SessionOptions { n_ctx: 512, ..Default::default() }).unwrap();
-    let mut base = Session::new(&rt, SessionOptions { n_ctx: 512, ..Default::default() }).unwrap();
+    let mut s = Session::new(
+        &rt,
+        SessionOptions {
+            n_ctx: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut base = Session::new(
+        &rt,
+        SessionOptions {
+            n_ctx: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let inputs: Arc<Mutex<Vec<f32>>> = Arc::default();
     let i2 = inputs.clone();
     s.add_hook(Box::new(FnHook::new(
-        vec![HookPoint::new(layer, Site::FfnInput), HookPoint::new(layer, Site::FfnOutput)],
+        vec![
+            HookPoint::new(layer, Site::FfnInput),
+            HookPoint::new(layer, Site::FfnOutput),
+        ],
         move |p, rows| {
             if p.site == Site::FfnInput {
                 *i2.lock().unwrap() = rows.data_mut().to_vec();
             } else {
                 let xs = i2.lock().unwrap().clone();
-                let pn = PatchNeurons::new(layer, Site::FfnInput, Site::FfnOutput, dim, &keys, &biases, &values, Activation::Relu).unwrap();
+                let pn = PatchNeurons::new(
+                    layer,
+                    Site::FfnInput,
+                    Site::FfnOutput,
+                    dim,
+                    &keys,
+                    &biases,
+                    &values,
+                    Activation::Relu,
+                )
+                .unwrap();
                 if xs.len() == rows.data_mut().len() {
                     pn.apply_rows(&xs, rows.data_mut());
                 }
@@ -73,8 +120,14 @@ fn tpatcher_edits_gemma3() {
         median(&times),
     );
     for r in &out.reports {
-        eprintln!("  {} steps {} loss {:.3} {:.2}s: {}", r.id, r.steps, r.loss, r.seconds, r.action);
+        eprintln!(
+            "  {} steps {} loss {:.3} {:.2}s: {}",
+            r.id, r.steps, r.loss, r.seconds, r.action
+        );
     }
     assert!(succ as f64 >= 0.75 * n as f64, "edit success {succ}/{n}");
-    assert!(loc_same as f64 >= 0.9 * loc_n as f64, "locality {loc_same}/{loc_n}");
+    assert!(
+        loc_same as f64 >= 0.9 * loc_n as f64,
+        "locality {loc_same}/{loc_n}"
+    );
 }

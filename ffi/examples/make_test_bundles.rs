@@ -6,13 +6,61 @@
 //! - `good.amend`: one GRACE codebook edit (`e-paris`), bound to MODEL
 //! - `other-model.amend`: the same edit bound to another model's fingerprint
 //! - `untrusted.amend`: bound to MODEL but signed by a key that is not trusted
+//! - `lora.amend`: a low-rank delta on the last layer's FFN down-projection (`e-lora`), large
+//!   enough to change what greedy generation produces: tests compare the tokens generated with
+//!   it active through C, Python and Java against the Rust API's.
 
 use std::path::PathBuf;
 
 use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
 use amend_edits::ed25519_dalek::SigningKey;
+use amend_edits::families::LowRankTensor;
 use amend_edits::keys::to_hex;
 use amend_edits::Site;
+
+/// A deterministic pseudo-random value in [-scale, scale] (no RNG dependency, same on every
+/// machine).
+fn wave(i: usize, scale: f32) -> f32 {
+    ((i as f32 * 12.9898).sin() * 43758.547).fract() * scale
+}
+
+fn lora_builder(model: ModelBinding, n_ff: usize) -> BundleBuilder {
+    let dim = model.n_embd as usize;
+    let layer = model.n_layer - 1;
+    let mut b = BundleBuilder::new(BundleMeta {
+        bundle_id: "test-lora".into(),
+        channel: "test-lora".into(),
+        version: 1,
+        created: 1_700_000_000,
+        not_before: 0,
+        expires: u64::MAX,
+        model,
+    });
+    let rank = 4;
+    let a: Vec<f32> = (0..rank * n_ff).map(|i| wave(i, 0.05)).collect();
+    let bm: Vec<f32> = (0..dim * rank).map(|i| wave(i + 7, 0.05)).collect();
+    let name = format!("blk.{layer}.ffn_down.weight");
+    let lr = b.add_low_rank(&[LowRankTensor {
+        name: &name,
+        n_in: n_ff,
+        n_out: dim,
+        rank,
+        a: &a,
+        b: &bm,
+        alpha: 64.0,
+    }]);
+    b.add_edit(
+        "e-lora",
+        layer,
+        Site::FfnOutput,
+        "The capital of France is",
+        " Paris",
+        lr,
+        0,
+        1,
+    );
+    b
+}
 
 fn builder(id: &str, model: ModelBinding) -> BundleBuilder {
     let dim = model.n_embd as usize;
@@ -59,6 +107,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [model, out] = args.as_slice() else {
         return Err("usage: make_test_bundles MODEL.gguf OUT_DIR".into());
     };
+    let n_ff = amend_runtime::Model::open(model, amend_runtime::ModelOptions::default())?
+        .info()
+        .n_ff as usize;
     let out = PathBuf::from(out);
     std::fs::create_dir_all(&out)?;
     let binding = amend_edits::fingerprint::model_binding(model)?;
@@ -77,6 +128,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let other = builder("test-other-model", other).build_signed(&key)?;
     std::fs::write(out.join("other-model.amend"), other.as_slice())?;
+    let lora = lora_builder(binding.clone(), n_ff).build_signed(&key)?;
+    std::fs::write(out.join("lora.amend"), lora.as_slice())?;
     let untrusted = builder("test-untrusted", binding).build_signed(&stranger)?;
     std::fs::write(out.join("untrusted.amend"), untrusted.as_slice())?;
     println!("{}", out.display());

@@ -27,15 +27,12 @@ pub(crate) struct TrustObj {
 
 pub(crate) struct BundleObj {
     pub bundle: Arc<Bundle>,
-    /// The model it was checked against (activation checks the session's model is the same).
-    pub model: Arc<amend_runtime::Model>,
 }
 
 fn finish_load(model: &ModelObj, bundle: Bundle, out: *mut *mut amend_bundle) -> FfiResult<()> {
     check_binding(model.binding()?, &bundle)?;
     let obj = BundleObj {
         bundle: Arc::new(bundle),
-        model: model.model.clone(),
     };
     unsafe { out.write(handle::insert(obj)) };
     Ok(())

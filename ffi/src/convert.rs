@@ -22,9 +22,9 @@ impl From<RuntimeError> for FfiError {
             RuntimeError::Tokenize(_) => R::AMEND_ERR_TOKENIZE,
             RuntimeError::ContextFull { .. } => R::AMEND_ERR_CONTEXT_FULL,
             RuntimeError::Aborted => R::AMEND_ERR_CANCELLED,
-            RuntimeError::LayerOutOfRange { .. } | RuntimeError::SiteUnavailable { .. } => {
-                R::AMEND_ERR_EDIT_INVALID
-            }
+            RuntimeError::LayerOutOfRange { .. }
+            | RuntimeError::SiteUnavailable { .. }
+            | RuntimeError::InvalidEdit(_) => R::AMEND_ERR_EDIT_INVALID,
             // Decode failures, hook failures, KV and logits bookkeeping: evaluation failed.
             _ => R::AMEND_ERR_DECODE,
         };

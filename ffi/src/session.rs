@@ -4,8 +4,10 @@ use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use amend_edits::keys::TrustStore;
+use amend_edits::{AddOptions, EditSet};
 use amend_runtime::{
-    CancelHandle, EvalOptions, GenerateParams, Logits, Session, SessionOptions, StopReason,
+    CancelHandle, EvalOptions, Explain, GenerateParams, Logits, Session, SessionOptions, StopReason,
 };
 
 use crate::amend_result;
@@ -18,9 +20,14 @@ use crate::types::*;
 
 pub(crate) struct SessionState {
     pub session: Session,
+    /// The session's own edit set, created at the first activation (bundles arrive verified,
+    /// so its trust store is empty).
+    pub edits: Option<Arc<EditSet>>,
 }
 
 pub(crate) struct SessionObj {
+    /// The model handle's object: its fingerprint binds the session's edit set.
+    model: Arc<ModelObj>,
     /// Reaches the running evaluation from any thread without the state lock.
     cancel: CancelHandle,
     /// The session proper: one call at a time (`try_lock`, so misuse is reported, not a
@@ -134,8 +141,12 @@ pub extern "C" fn amend_session_open(
         };
         let session = Session::new(&m.model, options)?;
         let obj = SessionObj {
+            model: m.clone(),
             cancel: session.cancel_handle(),
-            state: Mutex::new(SessionState { session }),
+            state: Mutex::new(SessionState {
+                session,
+                edits: None,
+            }),
         };
         unsafe { out.write(handle::insert(obj)) };
         Ok(())
@@ -152,11 +163,16 @@ pub extern "C" fn amend_session_free(session: *mut amend_session) {
     });
 }
 
-/// Activates a verified bundle's edits in the session; later generations use them. Activating
-/// a bundle that is already active is an `AMEND_ERR_EDIT_CONFLICT`.
+/// Activates a verified bundle's edits in the session: the next generation or scoring uses
+/// them (bundles stack in activation order). A bundle with a newer version on the channel of
+/// an active one replaces it. Versions only move forward per channel, even across a rollback:
+/// activating the same or an older version again is `AMEND_ERR_BUNDLE_DOWNGRADE` (replay
+/// protection).
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
-/// `AMEND_ERR_MODEL_MISMATCH` (bundle loaded for another model), `AMEND_ERR_EDIT_CONFLICT`.
+/// `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
+/// active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
+/// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model).
 #[no_mangle]
 pub extern "C" fn amend_session_activate(
     session: *mut amend_session,
@@ -165,23 +181,19 @@ pub extern "C" fn amend_session_activate(
     guard("amend_session_activate", || {
         let s = self::session(session)?;
         let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
-        let state = s.lock()?;
-        let same_model = Arc::ptr_eq(&b.model, state.session.model())
-            || b.model.path() == state.session.model().path();
-        if !same_model {
-            return Err(FfiError::new(
-                amend_result::AMEND_ERR_MODEL_MISMATCH,
-                format!(
-                    "bundle `{}` was loaded for another model handle than this session's",
-                    b.bundle.id()
-                ),
-            ));
-        }
-        // NOT_SUPPORTED until amend_runtime applies an EditSet during evaluation: accepting
-        // the bundle here would silently generate without its edits.
-        Err(FfiError::not_supported(
-            "applying bundle edits during generation (amend_runtime has no EditSet wiring yet)",
-        ))
+        let mut state = s.lock()?;
+        let set = match &state.edits {
+            Some(set) => set.clone(),
+            None => {
+                let binding = s.model.binding()?.clone();
+                let set = Arc::new(EditSet::new(binding, TrustStore::new()));
+                state.session.set_edit_set(Some(set.clone()))?;
+                state.edits = Some(set.clone());
+                set
+            }
+        };
+        set.add(b.bundle.clone(), AddOptions::default())?;
+        Ok(())
     })
 }
 
@@ -197,11 +209,14 @@ pub extern "C" fn amend_session_rollback_bundle(
     guard("amend_session_rollback_bundle", || {
         let s = self::session(session)?;
         let id = unsafe { args::cstr(bundle_id, "bundle_id")? };
-        let _state = s.lock()?;
-        Err(FfiError::new(
-            amend_result::AMEND_ERR_NOT_FOUND,
-            format!("no active bundle has id `{id}`"),
-        ))
+        let state = s.lock()?;
+        match &state.edits {
+            Some(set) => set.remove(id).map(drop).map_err(Into::into),
+            None => Err(FfiError::new(
+                amend_result::AMEND_ERR_NOT_FOUND,
+                format!("no active bundle has id `{id}` (none is active)"),
+            )),
+        }
     })
 }
 
@@ -217,11 +232,14 @@ pub extern "C" fn amend_session_rollback_edit(
     guard("amend_session_rollback_edit", || {
         let s = self::session(session)?;
         let id = unsafe { args::cstr(edit_id, "edit_id")? };
-        let _state = s.lock()?;
-        Err(FfiError::new(
-            amend_result::AMEND_ERR_NOT_FOUND,
-            format!("no active edit has id `{id}`"),
-        ))
+        let state = s.lock()?;
+        match &state.edits {
+            Some(set) => set.rollback_edit(id).map(drop).map_err(Into::into),
+            None => Err(FfiError::new(
+                amend_result::AMEND_ERR_NOT_FOUND,
+                format!("no active edit has id `{id}` (no bundle is active)"),
+            )),
+        }
     })
 }
 
@@ -233,8 +251,12 @@ pub extern "C" fn amend_session_active_bundle_count(
 ) -> amend_result {
     guard("amend_session_active_bundle_count", || {
         let s = self::session(session)?;
-        let _state = s.lock()?;
-        unsafe { args::write_out(out, 0, "out") }
+        let state = s.lock()?;
+        let n = state
+            .edits
+            .as_ref()
+            .map_or(0, |set| set.snapshot().bundles.len());
+        unsafe { args::write_out(out, n, "out") }
     })
 }
 
@@ -250,12 +272,19 @@ pub extern "C" fn amend_session_active_bundle_id(
 ) -> amend_result {
     guard("amend_session_active_bundle_id", || {
         let s = self::session(session)?;
-        let _state = s.lock()?;
-        let _ = (buf, buf_len, out_len);
-        Err(FfiError::new(
-            amend_result::AMEND_ERR_INVALID_ARGUMENT,
-            format!("index {index} is out of range (0 bundles active)"),
-        ))
+        let state = s.lock()?;
+        let snap = state.edits.as_ref().map(|set| set.snapshot());
+        let bundles = snap.as_ref().map_or(&[][..], |sn| &sn.bundles[..]);
+        let b = bundles.get(index).ok_or_else(|| {
+            FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                format!(
+                    "index {index} is out of range ({} bundles active)",
+                    bundles.len()
+                ),
+            )
+        })?;
+        unsafe { args::write_str(b.id(), buf, buf_len, out_len) }
     })
 }
 
@@ -401,7 +430,10 @@ pub extern "C" fn amend_session_score(
         args::need_out(out, "out")?;
         let mut state = s.lock()?;
         let sess = &mut state.session;
-        let p = sess.tokenize(prompt, true)?;
+        // Pins the active edits (and routes the prompt through an in-scope memory) exactly as
+        // generation does.
+        let request = sess.begin_request(prompt)?;
+        let p = sess.tokenize(&request.prompt, true)?;
         let t = sess.tokenize(target, false)?;
         if p.is_empty() || t.is_empty() {
             return Err(FfiError::new(
@@ -439,8 +471,10 @@ pub extern "C" fn amend_session_score(
     })
 }
 
-/// Reports which active edits fired during the session's last generation or scoring: calls
-/// `callback` once per active edit (edits that did not fire are reported with `n_fired` 0).
+/// Reports what the active edits did during the session's last generation or scoring: calls
+/// `callback` once per (bundle, edit, family, layer) that was checked or fired, in order; a
+/// callback returning false stops the listing. Nothing is reported when no bundle is active.
+/// The callback runs after the session is released, so it may call functions on the session.
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT` (including a NULL callback), `AMEND_ERR_INVALID_HANDLE`,
 /// `AMEND_ERR_BUSY`.
@@ -452,11 +486,105 @@ pub extern "C" fn amend_session_explain(
 ) -> amend_result {
     guard("amend_session_explain", || {
         let s = self::session(session)?;
-        let _cb = callback.ok_or_else(|| FfiError::null("callback"))?;
-        let _ = user_data;
-        let _state = s.lock()?;
-        Err(FfiError::not_supported("explaining which edits fired"))
+        let cb = callback.ok_or_else(|| FfiError::null("callback"))?;
+        let explain = s.lock()?.session.explain();
+        // The state lock is released: the callback may call other functions on the session.
+        for a in activities(&explain) {
+            let bundle_id = cstring(&a.bundle_id);
+            let edit_id = cstring(&a.edit_id);
+            let family = cstring(a.family);
+            let act = amend_edit_activity {
+                bundle_id: bundle_id.as_ptr(),
+                edit_id: edit_id.as_ptr(),
+                family: family.as_ptr(),
+                layer: a.layer,
+                n_fired: a.n_fired,
+                n_checked: a.n_checked,
+            };
+            // SAFETY: a caller-supplied function with this signature; the struct and its
+            // strings live until after the call.
+            if !unsafe { cb(user_data, &act) } {
+                break;
+            }
+        }
+        Ok(())
     })
+}
+
+struct Activity {
+    bundle_id: String,
+    edit_id: String,
+    family: &'static str,
+    layer: u32,
+    n_fired: u32,
+    n_checked: u32,
+}
+
+fn cstring(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s.replace('\0', " ")).unwrap_or_default()
+}
+
+/// The runtime's per-event explanation folded into one record per (bundle, edit, family, layer).
+fn activities(e: &Explain) -> Vec<Activity> {
+    let mut out: Vec<Activity> = Vec::new();
+    let mut add = |bundle: &str,
+                   edit: Option<&str>,
+                   family: &'static str,
+                   layer: u32,
+                   fired: u32,
+                   checked: u32| {
+        let edit = edit.unwrap_or("");
+        if let Some(a) = out.iter_mut().find(|a| {
+            a.bundle_id == bundle && a.edit_id == edit && a.family == family && a.layer == layer
+        }) {
+            a.n_fired += fired;
+            a.n_checked += checked;
+        } else {
+            out.push(Activity {
+                bundle_id: bundle.to_string(),
+                edit_id: edit.to_string(),
+                family,
+                layer,
+                n_fired: fired,
+                n_checked: checked,
+            });
+        }
+    };
+    for c in &e.codebook {
+        add(
+            &c.bundle,
+            c.edit_id.as_deref(),
+            "codebook",
+            c.layer,
+            c.replaced as u32,
+            1,
+        );
+    }
+    for n in &e.neurons {
+        let p = n.positions.min(u32::MAX as usize) as u32;
+        add(
+            &n.bundle,
+            n.edit_id.as_deref(),
+            "patch_neurons",
+            n.layer,
+            p,
+            0,
+        );
+    }
+    if let Some(m) = &e.memory {
+        add(
+            &m.bundle,
+            m.edit_id.as_deref(),
+            "memory",
+            0,
+            m.in_scope as u32,
+            1,
+        );
+    }
+    for l in &e.low_rank {
+        add(&l.bundle, None, "low_rank", 0, 1, 1);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -193,16 +193,19 @@ pub struct amend_score {
 pub struct amend_edit_activity {
     /// The id of the bundle the edit came from (NUL-terminated).
     pub bundle_id: *const c_char,
-    /// The edit's id within its bundle (NUL-terminated).
+    /// The edit's id within its bundle (NUL-terminated; "" for a bundle-wide low-rank adapter).
     pub edit_id: *const c_char,
     /// The edit family: "codebook", "patch_neurons", "low_rank" or "memory".
     pub family: *const c_char,
     /// The layer the edit acts at.
     pub layer: u32,
-    /// Positions (prompt and generated tokens) at which the edit changed the computation.
+    /// How often the edit changed the computation: codebook lookups that replaced a row,
+    /// positions a patch neuron fired at, 1 for an in-scope memory or an applied low-rank
+    /// adapter.
     pub n_fired: u32,
-    /// Positions evaluated in that call, for a rate.
-    pub n_positions: u32,
+    /// How often it was checked (codebook lookups, memory scope checks, adapters); 0 when the
+    /// family reports only firings (patch neurons).
+    pub n_checked: u32,
 }
 
 /// Called once per active edit by `amend_session_explain`; return false to stop early.

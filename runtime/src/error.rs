@@ -60,6 +60,8 @@ pub enum RuntimeError {
     KvTruncate { keep: usize, reason: String },
     #[error("no logits for index {index} of the last evaluation")]
     NoLogits { index: usize },
+    #[error("edit cannot be applied: {0}")]
+    InvalidEdit(String),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

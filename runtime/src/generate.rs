@@ -213,15 +213,29 @@ impl Session {
         params: &GenerateParams,
         on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, RuntimeError> {
-        let tokens = self.tokenize(prompt, params.add_bos)?;
-        self.generate_tokens(&tokens, params, on_token)
+        // Pins the attached edit set for this request; a memory edit may route the prompt.
+        let request = self.begin_request(prompt)?;
+        let tokens = self.tokenize(&request.prompt, params.add_bos)?;
+        self.generate_pinned(&tokens, params, on_token)
     }
 
     /// Clears the KV cache, prefills `prompt` and samples up to `max_tokens` tokens, calling
     /// `on_token` after each. Hooks run during prefill (`Phase::Prefill`, the last prompt
     /// token marked) and each decode step (`Phase::Decode`). A [`crate::CancelHandle`] stops it
     /// within one token (`StopReason::Cancelled`).
+    /// Memory edits (which route a text prompt) do not apply here; codebooks, neurons and
+    /// low-rank edits of the attached set do.
     pub fn generate_tokens(
+        &mut self,
+        prompt: &[Token],
+        params: &GenerateParams,
+        on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, RuntimeError> {
+        self.pin_edits()?;
+        self.generate_pinned(prompt, params, on_token)
+    }
+
+    fn generate_pinned(
         &mut self,
         prompt: &[Token],
         params: &GenerateParams,

@@ -136,6 +136,8 @@ pub struct Session {
     n_past: usize,
     logit_locs: Vec<LogitLoc>,
     stored: Vec<f32>,
+    /// The attached edit set and the plan of the pinned snapshot (see `editing`).
+    edits: crate::editing::SessionEdits,
 }
 
 // SAFETY: the context and hook state are owned by the session and used only through &mut self
@@ -199,6 +201,7 @@ impl Session {
             n_past: 0,
             logit_locs: Vec::new(),
             stored: Vec::new(),
+            edits: Default::default(),
         })
     }
 
@@ -236,6 +239,14 @@ impl Session {
     /// See [`Model::detokenize`].
     pub fn detokenize(&self, tokens: &[Token]) -> Result<String, RuntimeError> {
         self.model.detokenize(tokens)
+    }
+
+    pub(crate) fn edits_ref(&self) -> &crate::editing::SessionEdits {
+        &self.edits
+    }
+
+    pub(crate) fn edits_mut(&mut self) -> &mut crate::editing::SessionEdits {
+        &mut self.edits
     }
 
     fn hooks_mut(&mut self) -> &mut HookState {
@@ -466,6 +477,9 @@ impl Drop for Session {
         unsafe {
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.ctx.as_ptr());
+            // The plan's LoRA adapters belong to the model: free them while it is alive (the
+            // `model` field may hold its last reference and drops before `edits`).
+            self.edits.release();
             drop(Box::from_raw(self.hooks.as_ptr()));
         }
     }

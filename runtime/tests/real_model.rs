@@ -411,3 +411,45 @@ fn cancellation_stops_within_one_token() {
     );
     assert!(t0.elapsed().as_secs_f64() < 10.0);
 }
+
+#[test]
+fn cancellation_interrupts_a_long_prefill() {
+    let Some(m) = common::real_model() else {
+        return;
+    };
+    let mut s = session(&m);
+    let body = m
+        .tokenize(" The quick brown fox jumps over the lazy dog.", false)
+        .unwrap();
+    let mut prompt = m.tokenize("Story:", true).unwrap();
+    while prompt.len() < 480 {
+        prompt.extend_from_slice(&body);
+    }
+    let handle = s.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        handle.cancel();
+        std::time::Instant::now()
+    });
+    let out = s
+        .generate_tokens(&prompt, &GenerateParams::greedy(8), cont)
+        .unwrap();
+    let stopped = std::time::Instant::now();
+    let cancelled_at = canceller.join().unwrap();
+    assert_eq!(out.stop_reason, StopReason::Cancelled);
+    assert_eq!(out.n_generated, 0, "cancelled during the prefill");
+    // llama.cpp's abort callback is checked between graph nodes: far sooner than the prefill.
+    assert!(
+        stopped
+            .saturating_duration_since(cancelled_at)
+            .as_secs_f64()
+            < 2.0,
+        "took {:?} to stop",
+        stopped.saturating_duration_since(cancelled_at)
+    );
+    // The session is usable afterwards.
+    let again = s
+        .generate("The capital of France is", &GenerateParams::greedy(3), cont)
+        .unwrap();
+    assert_eq!(again.stop_reason, StopReason::MaxTokens);
+}

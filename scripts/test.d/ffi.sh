@@ -89,14 +89,28 @@ cmake -S examples/c -B "$WORK/cmake-build" -DCMAKE_PREFIX_PATH="$WORK/prefix" >/
 cmake --build "$WORK/cmake-build" >/dev/null
 [ -x "$WORK/cmake-build/amend_demo" ] || fail "CMake build of the example"
 if [ $have_model = 1 ]; then
-  # Same tokens as the Rust API for the same seed (sampled, so the seed matters).
-  step "C example vs the Rust API (seed 42, temperature 0.8)"
+  # Same tokens as the Rust API for the same seed (sampled, so the seed matters), without and
+  # with a bundle applied (a low-rank delta that changes the output).
+  step "C example vs the Rust API (seed 42, temperature 0.8; then greedy with lora.amend)"
   want=$("$AMEND_REFERENCE_BIN" --model "$MODEL" --tokens 12 --seed 42 --temperature 0.8)
   demo_out=$("$WORK/amend_demo" --model "$MODEL" --tokens 12 --seed 42 --temperature 0.8 --ids)
   echo "$demo_out"
   got=$(echo "$demo_out" | sed -n 's/^before ids: //p')
   [ -n "$want" ] && [ "$got" = "$want" ] || fail "C example tokens '$got' != Rust API tokens '$want'"
-  echo "C example == Rust API: $got"
+  want_base=$("$AMEND_REFERENCE_BIN" --model "$MODEL" --tokens 12)
+  want_edit=$("$AMEND_REFERENCE_BIN" --model "$MODEL" --tokens 12 --bundle "$WORK/bundles/lora.amend" \
+    --key "$WORK/bundles/key.raw")
+  demo_out=$("$WORK/amend_demo" --model "$MODEL" --tokens 12 --ids --bundle "$WORK/bundles/lora.amend" \
+    --key "$(cat "$WORK/bundles/key.pub")")
+  echo "$demo_out"
+  got_base=$(echo "$demo_out" | sed -n 's/^before ids: //p')
+  got_edit=$(echo "$demo_out" | sed -n 's/^after  ids: //p')
+  got_back=$(echo "$demo_out" | sed -n 's/^rolled back ids: //p')
+  [ "$got_base" = "$want_base" ] || fail "C example base tokens '$got_base' != Rust '$want_base'"
+  [ -n "$want_edit" ] && [ "$got_edit" = "$want_edit" ] || fail "C example tokens with the bundle '$got_edit' != Rust '$want_edit'"
+  [ "$want_edit" != "$want_base" ] || fail "lora.amend did not change the Rust API's tokens"
+  [ "$got_back" = "$want_base" ] || fail "C example after rollback '$got_back' != base '$want_base'"
+  echo "C example == Rust API, without and with the bundle"
 fi
 
 # 4. Bindings.

@@ -286,6 +286,63 @@ JNIEXPORT jobjectArray JNICALL Java_dev_amend_Native_sessionActiveBundles(JNIEnv
 
 typedef struct {
     JNIEnv *env;
+    jclass cls;
+    jmethodID ctor;
+    jobject list; /* java.util.ArrayList */
+    jmethodID add;
+} explain_t;
+
+static bool explain_cb(void *user_data, const amend_edit_activity *a) {
+    explain_t *e = (explain_t *)user_data;
+    JNIEnv *env = e->env;
+    jstring b = (*env)->NewStringUTF(env, a->bundle_id);
+    jstring id = (*env)->NewStringUTF(env, a->edit_id);
+    jstring f = (*env)->NewStringUTF(env, a->family);
+    if (!b || !id || !f) return false;
+    jobject o = (*env)->NewObject(env, e->cls, e->ctor, b, id, f, (jint)a->layer, (jint)a->n_fired,
+                                  (jint)a->n_checked);
+    if (!o) return false;
+    (*env)->CallBooleanMethod(env, e->list, e->add, o);
+    if ((*env)->ExceptionCheck(env)) return false;
+    (*env)->DeleteLocalRef(env, o);
+    (*env)->DeleteLocalRef(env, b);
+    (*env)->DeleteLocalRef(env, id);
+    (*env)->DeleteLocalRef(env, f);
+    return !(*env)->ExceptionCheck(env);
+}
+
+JNIEXPORT jobjectArray JNICALL Java_dev_amend_Native_sessionExplain(JNIEnv *env, jclass c, jlong s) {
+    (void)c;
+    explain_t e = {env, NULL, NULL, NULL, NULL};
+    e.cls = (*env)->FindClass(env, "dev/amend/EditActivity");
+    if (!e.cls) return NULL;
+    e.ctor = (*env)->GetMethodID(env, e.cls, "<init>",
+                                 "(Ljava/lang/String;Ljava/lang/String;Ljava/lang/String;III)V");
+    jclass list_cls = (*env)->FindClass(env, "java/util/ArrayList");
+    if (!e.ctor || !list_cls) return NULL;
+    jmethodID list_ctor = (*env)->GetMethodID(env, list_cls, "<init>", "()V");
+    e.add = (*env)->GetMethodID(env, list_cls, "add", "(Ljava/lang/Object;)Z");
+    e.list = list_ctor ? (*env)->NewObject(env, list_cls, list_ctor) : NULL;
+    if (!e.list || !e.add) return NULL;
+    amend_result r = amend_session_explain(H(s), explain_cb, &e);
+    if ((*env)->ExceptionCheck(env) || check(env, r)) return NULL;
+    jmethodID size = (*env)->GetMethodID(env, list_cls, "size", "()I");
+    jmethodID get = (*env)->GetMethodID(env, list_cls, "get", "(I)Ljava/lang/Object;");
+    if (!size || !get) return NULL;
+    jint n = (*env)->CallIntMethod(env, e.list, size);
+    if ((*env)->ExceptionCheck(env)) return NULL;
+    jobjectArray out = (*env)->NewObjectArray(env, n, e.cls, NULL);
+    for (jint i = 0; out && i < n; i++) {
+        jobject o = (*env)->CallObjectMethod(env, e.list, get, i);
+        if ((*env)->ExceptionCheck(env)) return NULL;
+        (*env)->SetObjectArrayElement(env, out, i, o);
+        (*env)->DeleteLocalRef(env, o);
+    }
+    return out;
+}
+
+typedef struct {
+    JNIEnv *env;
     jobject sink;
     jmethodID on_token;
 } sink_t;

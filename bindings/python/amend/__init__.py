@@ -70,6 +70,8 @@ class Result(enum.IntEnum):
     ERR_EDIT_CONFLICT = 307
     ERR_NOT_FOUND = 308
     ERR_INVALID_KEY = 309
+    ERR_BUNDLE_EXPIRED = 310
+    ERR_BUNDLE_DOWNGRADE = 311
 
 
 class StopReason(enum.IntEnum):
@@ -165,7 +167,7 @@ class _EditActivity(ctypes.Structure):
         ("family", ctypes.c_char_p),
         ("layer", ctypes.c_uint32),
         ("n_fired", ctypes.c_uint32),
-        ("n_positions", ctypes.c_uint32),
+        ("n_checked", ctypes.c_uint32),
     ]
 
 
@@ -461,7 +463,7 @@ class EditActivity:
     family: str
     layer: int
     n_fired: int
-    n_positions: int
+    n_checked: int
 
 
 class Session(_Handle):
@@ -616,7 +618,7 @@ class Session(_Handle):
         def cb(_ud, a):
             a = a.contents
             out.append(EditActivity(a.bundle_id.decode(), a.edit_id.decode(), a.family.decode(),
-                                    a.layer, a.n_fired, a.n_positions))
+                                    a.layer, a.n_fired, a.n_checked))
             return True
 
         _check(library().amend_session_explain(self, _EXPLAIN_CB(cb), None))

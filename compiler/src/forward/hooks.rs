@@ -32,9 +32,17 @@ impl Proj {
     }
 
     pub fn from_stem(stem: &str) -> Option<Proj> {
-        [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down]
-            .into_iter()
-            .find(|p| p.stem() == stem)
+        [
+            Proj::Q,
+            Proj::K,
+            Proj::V,
+            Proj::O,
+            Proj::Gate,
+            Proj::Up,
+            Proj::Down,
+        ]
+        .into_iter()
+        .find(|p| p.stem() == stem)
     }
 
     /// The full GGUF weight name at `layer`.

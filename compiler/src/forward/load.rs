@@ -51,17 +51,18 @@ impl Weights {
                 .map(|x| Some(x as usize))
                 .or_else(|_| v.to_u64().map(|x| Some(x as usize)))
                 .or_else(|_| v.to_i32().map(|x| Some(x.max(0) as usize)))
-                .map_err(|_| CompileError::UnsupportedModel(format!("metadata `{key}` is not an integer"))),
+                .map_err(|_| {
+                    CompileError::UnsupportedModel(format!("metadata `{key}` is not an integer"))
+                }),
         }
     }
 
     fn f32_opt(&self, key: &str) -> Result<Option<f32>> {
         match self.metadata(key) {
             None => Ok(None),
-            Some(v) => v
-                .to_f32()
-                .map(Some)
-                .map_err(|_| CompileError::UnsupportedModel(format!("metadata `{key}` is not a float"))),
+            Some(v) => v.to_f32().map(Some).map_err(|_| {
+                CompileError::UnsupportedModel(format!("metadata `{key}` is not a float"))
+            }),
         }
     }
 
@@ -100,9 +101,9 @@ impl Weights {
         let v = self
             .metadata("general.architecture")
             .ok_or_else(|| CompileError::MissingMetadata("general.architecture".into()))?;
-        v.to_string()
-            .map(|s| s.to_string())
-            .map_err(|_| CompileError::UnsupportedModel("general.architecture is not a string".into()))
+        v.to_string().map(|s| s.to_string()).map_err(|_| {
+            CompileError::UnsupportedModel("general.architecture is not a string".into())
+        })
     }
 
     /// The model's [`Config`] from its metadata.
@@ -114,8 +115,12 @@ impl Weights {
         let n_embd = self.u32(&k("embedding_length"))?;
         let n_ff = self.u32(&k("feed_forward_length"))?;
         let n_head = self.u32(&k("attention.head_count"))?;
-        let n_head_kv = self.u32_opt(&k("attention.head_count_kv"))?.unwrap_or(n_head);
-        let head_dim = self.u32_opt(&k("attention.key_length"))?.unwrap_or(n_embd / n_head.max(1));
+        let n_head_kv = self
+            .u32_opt(&k("attention.head_count_kv"))?
+            .unwrap_or(n_head);
+        let head_dim = self
+            .u32_opt(&k("attention.key_length"))?
+            .unwrap_or(n_embd / n_head.max(1));
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || head_dim % 2 != 0 {
             return Err(CompileError::UnsupportedModel(format!(
                 "head counts {n_head}/{n_head_kv} with head size {head_dim}"
@@ -130,17 +135,23 @@ impl Weights {
         }
         let rms_eps = self
             .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| CompileError::MissingMetadata(k("attention.layer_norm_rms_epsilon")))? as f64;
+            .ok_or_else(|| CompileError::MissingMetadata(k("attention.layer_norm_rms_epsilon")))?
+            as f64;
         let rope_base = self.f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0);
         let rope_base_swa = self.f32_opt(&k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-        let rope_freq_scale = match self.metadata(&k("rope.scaling.type")).map(|v| v.to_string()) {
+        let rope_freq_scale = match self
+            .metadata(&k("rope.scaling.type"))
+            .map(|v| v.to_string())
+        {
             None => 1.0,
             Some(Ok(t)) if t == "none" => 1.0,
             Some(Ok(t)) if t == "linear" => {
                 1.0 / self.f32_opt(&k("rope.scaling.factor"))?.unwrap_or(1.0)
             }
             Some(Ok(t)) => {
-                return Err(CompileError::UnsupportedModel(format!("RoPE scaling `{t}`")));
+                return Err(CompileError::UnsupportedModel(format!(
+                    "RoPE scaling `{t}`"
+                )));
             }
             Some(Err(_)) => 1.0,
         };
@@ -148,7 +159,10 @@ impl Weights {
         let mut sliding_window = None;
         let mut swa_layers = vec![false; n_layer];
         if arch == Arch::Gemma3 {
-            if let Some(w) = self.u32_opt(&k("attention.sliding_window"))?.filter(|&w| w > 0) {
+            if let Some(w) = self
+                .u32_opt(&k("attention.sliding_window"))?
+                .filter(|&w| w > 0)
+            {
                 sliding_window = Some(w);
                 // llama.cpp: an explicit per-layer array, else a period (default 6: five
                 // sliding-window layers, then one full-attention layer).
@@ -234,8 +248,16 @@ impl Model {
             let w_gate = t("ffn_gate.weight")?;
             let w_up = t("ffn_up.weight")?;
             let w_down = t("ffn_down.weight")?;
-            let act_quant = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down]
-                .map(|p| w.act_quant(&p.weight_name(il)));
+            let act_quant = [
+                Proj::Q,
+                Proj::K,
+                Proj::V,
+                Proj::O,
+                Proj::Gate,
+                Proj::Up,
+                Proj::Down,
+            ]
+            .map(|p| w.act_quant(&p.weight_name(il)));
             let mut o = |s: &str| w.tensor_opt(&format!("blk.{il}.{s}"));
             let layer = Layer {
                 attn_norm,
@@ -259,9 +281,13 @@ impl Model {
             layers.push(layer);
         }
         if cfg.arch == Arch::Gemma3
-            && layers.iter().any(|l| l.attn_post_norm.is_none() || l.ffn_post_norm.is_none())
+            && layers
+                .iter()
+                .any(|l| l.attn_post_norm.is_none() || l.ffn_post_norm.is_none())
         {
-            return Err(CompileError::MissingTensor("blk.N.post_attention_norm/post_ffw_norm".into()));
+            return Err(CompileError::MissingTensor(
+                "blk.N.post_attention_norm/post_ffw_norm".into(),
+            ));
         }
         let output_act_quant = if output.is_some() {
             w.act_quant("output.weight")

@@ -167,7 +167,11 @@ impl Model {
         let t = x.dim(0)?;
         let masks = self.masks(t)?;
         for il in start..self.cfg.n_layer {
-            let mask = if self.cfg.swa_layers[il] { &masks.1 } else { &masks.0 };
+            let mask = if self.cfg.swa_layers[il] {
+                &masks.1
+            } else {
+                &masks.0
+            };
             x = self.block(il, &x, mask, hooks)?;
         }
         Ok(x)
@@ -176,7 +180,11 @@ impl Model {
     /// Runs the single block `il` on `x`, the residual stream entering it.
     pub fn run_one(&self, il: usize, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let masks = self.masks(x.dim(0)?)?;
-        let mask = if self.cfg.swa_layers[il] { &masks.1 } else { &masks.0 };
+        let mask = if self.cfg.swa_layers[il] {
+            &masks.1
+        } else {
+            &masks.0
+        };
         self.block(il, &x, mask, hooks)
     }
 
@@ -213,10 +221,34 @@ impl Model {
         // Feed-forward: gated, GELU (tanh) on gemma, SiLU on the llama family.
         let h = rms_norm(&x, &l.ffn_norm, self.cfg.rms_eps)?;
         let h = apply(hooks, HookPoint::new(il as u32, Site::FfnInput), h)?;
-        let gate = linear(hooks, il, Proj::Gate, &h, &l.w_gate, None, self.round(il, Proj::Gate))?;
-        let up = linear(hooks, il, Proj::Up, &h, &l.w_up, None, self.round(il, Proj::Up))?;
+        let gate = linear(
+            hooks,
+            il,
+            Proj::Gate,
+            &h,
+            &l.w_gate,
+            None,
+            self.round(il, Proj::Gate),
+        )?;
+        let up = linear(
+            hooks,
+            il,
+            Proj::Up,
+            &h,
+            &l.w_up,
+            None,
+            self.round(il, Proj::Up),
+        )?;
         let act = if gemma { gate.gelu()? } else { gate.silu()? };
-        let mut ffn = linear(hooks, il, Proj::Down, &(act * up)?, &l.w_down, None, self.round(il, Proj::Down))?;
+        let mut ffn = linear(
+            hooks,
+            il,
+            Proj::Down,
+            &(act * up)?,
+            &l.w_down,
+            None,
+            self.round(il, Proj::Down),
+        )?;
         if let Some(w) = &l.ffn_post_norm {
             ffn = rms_norm(&ffn, w, self.cfg.rms_eps)?;
         }
@@ -227,15 +259,48 @@ impl Model {
 
     /// Self-attention of layer `il` on the normed input `h` (`[T, n_embd]`), output projected
     /// back to `[T, n_embd]`.
-    fn attention(&self, il: usize, h: &Tensor, mask: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+    fn attention(
+        &self,
+        il: usize,
+        h: &Tensor,
+        mask: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let l = &self.layers[il];
         let t = h.dim(0)?;
         let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
 
-        let q = linear(hooks, il, Proj::Q, h, &l.wq, l.bq.as_ref(), self.round(il, Proj::Q))?.reshape((t, nh, hd))?;
-        let k = linear(hooks, il, Proj::K, h, &l.wk, l.bk.as_ref(), self.round(il, Proj::K))?.reshape((t, nkv, hd))?;
-        let v = linear(hooks, il, Proj::V, h, &l.wv, l.bv.as_ref(), self.round(il, Proj::V))?.reshape((t, nkv, hd))?;
+        let q = linear(
+            hooks,
+            il,
+            Proj::Q,
+            h,
+            &l.wq,
+            l.bq.as_ref(),
+            self.round(il, Proj::Q),
+        )?
+        .reshape((t, nh, hd))?;
+        let k = linear(
+            hooks,
+            il,
+            Proj::K,
+            h,
+            &l.wk,
+            l.bk.as_ref(),
+            self.round(il, Proj::K),
+        )?
+        .reshape((t, nkv, hd))?;
+        let v = linear(
+            hooks,
+            il,
+            Proj::V,
+            h,
+            &l.wv,
+            l.bv.as_ref(),
+            self.round(il, Proj::V),
+        )?
+        .reshape((t, nkv, hd))?;
         // q/k norms (gemma3, qwen3) come before RoPE.
         let q = match &l.q_norm {
             Some(w) => rms_norm(&q, w, c.rms_eps)?,
@@ -246,7 +311,11 @@ impl Model {
             None => k,
         };
         let swa = c.swa_layers[il];
-        let (base, scale) = if swa { (c.rope_base_swa, 1.0) } else { (c.rope_base, c.rope_freq_scale) };
+        let (base, scale) = if swa {
+            (c.rope_base_swa, 1.0)
+        } else {
+            (c.rope_base, c.rope_freq_scale)
+        };
         let (cos, sin) = self.rope_tables(t, base, scale)?;
         let mut q = rope(&q, &cos, &sin, c.rope_neox)?;
         let mut k = rope(&k, &cos, &sin, c.rope_neox)?;
@@ -266,9 +335,21 @@ impl Model {
         let scores = (q.matmul(&k.t()?)? * c.attn_scale)?.reshape((nh, t, t))?;
         let scores = scores.broadcast_add(mask)?;
         let probs = softmax_last(&scores)?.reshape((nkv, g * t, t))?;
-        let out = probs.matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .contiguous()?;
         let out = out.reshape((t, nh * hd))?;
-        linear(hooks, il, Proj::O, &out, &l.wo, None, self.round(il, Proj::O))
+        linear(
+            hooks,
+            il,
+            Proj::O,
+            &out,
+            &l.wo,
+            None,
+            self.round(il, Proj::O),
+        )
     }
 
     /// The rounding of projection `proj`'s input at layer `il` when emulating the device.
@@ -389,10 +470,18 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.w)?))
     }
 }
@@ -412,7 +501,9 @@ pub fn device_rounding(x: &Tensor, dt: GgmlDType) -> Result<Tensor> {
                 return Ok(x.clone());
             }
             let flat = plain.reshape(((), last))?;
-            QTensor::quantize(&flat, dt)?.dequantize(x.device())?.reshape(shape)?
+            QTensor::quantize(&flat, dt)?
+                .dequantize(x.device())?
+                .reshape(shape)?
         }
     };
     // Forward value = rounded; gradient = identity.

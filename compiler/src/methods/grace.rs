@@ -80,7 +80,10 @@ pub(crate) fn compile(
             Some((j, d)) if d <= 1e-4 && entries[j].label == label => {
                 // The same key and answer again: a row of its own (bundles give every edit its
                 // own units, for rollback) sharing the trained value.
-                let e = Entry { key: key.clone(), ..entries[j].clone() };
+                let e = Entry {
+                    key: key.clone(),
+                    ..entries[j].clone()
+                };
                 entries.push(e);
                 (format!("duplicate of row {j}"), entries.len() - 1, None)
             }
@@ -94,7 +97,11 @@ pub(crate) fn compile(
                     radius: hp.radius.max(d - entries[j].radius),
                     label,
                 });
-                (format!("added near row {j} (same target)"), entries.len() - 1, Some(t))
+                (
+                    format!("added near row {j} (same target)"),
+                    entries.len() - 1,
+                    Some(t),
+                )
             }
             Some((j, d)) if d <= hp.radius + entries[j].radius => {
                 let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
@@ -125,7 +132,8 @@ pub(crate) fn compile(
             target: r.target_new.clone(),
             row,
         });
-        let (loss, steps, success) = trained.map_or((0.0, 0, true), |t| (t.loss, t.steps, t.success));
+        let (loss, steps, success) =
+            trained.map_or((0.0, 0, true), |t| (t.loss, t.steps, t.success));
         report_step(steps, loss, true);
         reports.push(EditReport {
             id: r.id.clone(),
@@ -202,7 +210,12 @@ fn train_value(
         let logits = fwd.logits(&h, &at)?;
         let loss = nll(&logits, answer)?;
         let l = loss.to_scalar::<f32>()?;
-        let success = logits.argmax(D::Minus1)?.eq(&targets)?.min(0)?.to_scalar::<u8>()? == 1;
+        let success = logits
+            .argmax(D::Minus1)?
+            .eq(&targets)?
+            .min(0)?
+            .to_scalar::<u8>()?
+            == 1;
         if l < best.0 || (success && !best.2) {
             best = (l, value.as_tensor().to_vec1::<f32>()?, success);
         }
@@ -215,7 +228,9 @@ fn train_value(
         opt.step(&grads)?;
     }
     if !best.1.iter().all(|v| v.is_finite()) {
-        return Err(CompileError::Hparams("grace: training diverged (non-finite value); lower grace.lr".into()));
+        return Err(CompileError::Hparams(
+            "grace: training diverged (non-finite value); lower grace.lr".into(),
+        ));
     }
     Ok(Trained {
         value: best.1,
@@ -243,7 +258,9 @@ fn from_base(b: &Bundle, layer: usize) -> Result<(Vec<Entry>, Vec<EditRow>)> {
             )));
         }
         if desc.distance != Distance::NormalizedEuclidean.code() {
-            return Err(CompileError::Bundle("--base-bundle's codebook uses another distance".into()));
+            return Err(CompileError::Bundle(
+                "--base-bundle's codebook uses another distance".into(),
+            ));
         }
         let n = b.units(p);
         let view = b
@@ -258,7 +275,12 @@ fn from_base(b: &Bundle, layer: usize) -> Result<(Vec<Entry>, Vec<EditRow>)> {
                 label: String::new(),
             });
         }
-        for e in b.manifest().edits.iter().filter(|e| e.payload as usize == p) {
+        for e in b
+            .manifest()
+            .edits
+            .iter()
+            .filter(|e| e.payload as usize == p)
+        {
             for row in e.first..e.first + e.count {
                 if let Some(en) = entries.get_mut(first + row as usize) {
                     en.label = e.target.trim().to_string();
@@ -275,9 +297,18 @@ fn from_base(b: &Bundle, layer: usize) -> Result<(Vec<Entry>, Vec<EditRow>)> {
     Ok((entries, edits))
 }
 
-fn write(builder: &mut BundleBuilder, layer: usize, dim: usize, entries: &[Entry], edits: &[EditRow]) {
+fn write(
+    builder: &mut BundleBuilder,
+    layer: usize,
+    dim: usize,
+    entries: &[Entry],
+    edits: &[EditRow],
+) {
     let keys: Vec<f32> = entries.iter().flat_map(|e| e.key.iter().copied()).collect();
-    let values: Vec<f32> = entries.iter().flat_map(|e| e.value.iter().copied()).collect();
+    let values: Vec<f32> = entries
+        .iter()
+        .flat_map(|e| e.value.iter().copied())
+        .collect();
     let radii: Vec<f32> = entries.iter().map(|e| e.radius).collect();
     let p = builder.add_codebook(
         layer as u32,
@@ -291,7 +322,16 @@ fn write(builder: &mut BundleBuilder, layer: usize, dim: usize, entries: &[Entry
         &radii,
     );
     for e in edits {
-        builder.add_edit(&e.id, layer as u32, Site::FfnOutput, &e.prompt, &e.target, p, e.row as u32, 1);
+        builder.add_edit(
+            &e.id,
+            layer as u32,
+            Site::FfnOutput,
+            &e.prompt,
+            &e.target,
+            p,
+            e.row as u32,
+            1,
+        );
     }
 }
 
@@ -304,5 +344,9 @@ fn normalized(mut v: Vec<f32>) -> Vec<f32> {
 }
 
 fn dist(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt()
 }

@@ -5,8 +5,8 @@
 //! and dispatches to a method module; the result is a [`BundleBuilder`] ready to be signed.
 
 pub mod grace;
-pub mod tpatcher;
 mod optim;
+pub mod tpatcher;
 
 pub use optim::Adam;
 
@@ -179,7 +179,9 @@ impl Compiler {
             if r.target_new.trim().is_empty() {
                 return Err(bad("empty target"));
             }
-            let (p, a) = self.tokens(&r.prompt, &r.target_new).map_err(|e| bad(&e.to_string()))?;
+            let (p, a) = self
+                .tokens(&r.prompt, &r.target_new)
+                .map_err(|e| bad(&e.to_string()))?;
             if p.len() + a.len() > 512 {
                 return Err(bad("prompt + target longer than 512 tokens"));
             }
@@ -193,7 +195,9 @@ impl Compiler {
         let (p, a) = crate::eval::prompt_answer_tokens(&self.runtime, prompt, target)
             .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
         if p.is_empty() || a.is_empty() {
-            return Err(CompileError::Tokenizer("prompt or target has no tokens".into()));
+            return Err(CompileError::Tokenizer(
+                "prompt or target has no tokens".into(),
+            ));
         }
         let cv = |v: Vec<Token>| v.into_iter().map(|t| t as u32).collect();
         Ok((cv(p), cv(a)))
@@ -217,7 +221,9 @@ impl Compiler {
         self.session.remove_hook(id);
         res.map_err(rt)?;
         let row = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        row.ok_or_else(|| CompileError::Runtime(format!("hook {point} did not see the last prompt token")))
+        row.ok_or_else(|| {
+            CompileError::Runtime(format!("hook {point} did not see the last prompt token"))
+        })
     }
 
     /// Every row at `point` for `tokens` (one prefill), captured through the runtime.
@@ -273,7 +279,9 @@ impl Compiler {
             (None, Some(b)) => b.manifest().version + 1,
             (None, None) => 1,
         };
-        let channel = base.map(|b| b.manifest().channel.clone()).unwrap_or_else(|| identity.channel.clone());
+        let channel = base
+            .map(|b| b.manifest().channel.clone())
+            .unwrap_or_else(|| identity.channel.clone());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -289,8 +297,24 @@ impl Compiler {
         };
         let mut builder = BundleBuilder::new(meta);
         let reports = match method {
-            Method::Grace => grace::compile(self, records, &hp.grace, layer, base, &mut builder, progress)?,
-            Method::TPatcher => tpatcher::compile(self, records, &hp.tpatcher, layer, base, &mut builder, progress)?,
+            Method::Grace => grace::compile(
+                self,
+                records,
+                &hp.grace,
+                layer,
+                base,
+                &mut builder,
+                progress,
+            )?,
+            Method::TPatcher => tpatcher::compile(
+                self,
+                records,
+                &hp.tpatcher,
+                layer,
+                base,
+                &mut builder,
+                progress,
+            )?,
             other => {
                 return Err(CompileError::Hparams(format!(
                     "--method {}: not implemented yet in this build (available: grace, tpatcher)",

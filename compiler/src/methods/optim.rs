@@ -18,9 +18,24 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(vars: Vec<Var>, lr: f64) -> Result<Adam> {
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<Result<_, _>>()?;
-        let s = vars.iter().map(|v| v.zeros_like()).collect::<Result<_, _>>()?;
-        Ok(Adam { vars, m, v: s, t: 0, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+        let m = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<Result<_, _>>()?;
+        let s = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<Result<_, _>>()?;
+        Ok(Adam {
+            vars,
+            m,
+            v: s,
+            t: 0,
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        })
     }
 
     /// One step from the gradients of a loss (`loss.backward()`); variables without a
@@ -30,7 +45,9 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powi(self.t);
         let bc2 = 1.0 - self.beta2.powi(self.t);
         for i in 0..self.vars.len() {
-            let Some(g) = grads.get(self.vars[i].as_tensor()) else { continue };
+            let Some(g) = grads.get(self.vars[i].as_tensor()) else {
+                continue;
+            };
             self.m[i] = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mhat = (&self.m[i] / bc1)?;

@@ -68,7 +68,14 @@ pub(crate) fn compile(
         let t0 = Instant::now();
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let mut report = |step: usize, loss: f32, done: bool| {
-            progress(&Progress { index: i, total: records.len(), id: &r.id, step, loss, done })
+            progress(&Progress {
+                index: i,
+                total: records.len(),
+                id: &r.id,
+                step,
+                loss,
+                done,
+            })
         };
         let t = train(c, &p, &a, layer, hp, &neurons, &memory, &mut report)?;
         let first = neurons.biases.len();
@@ -90,7 +97,10 @@ pub(crate) fn compile(
             steps: t.steps,
             seconds: t0.elapsed().as_secs_f64(),
             success: t.success,
-            action: format!("{count} neuron(s), edit pre-activation >= {:.2}, neutral max {:.2}", t.min_edit_act, t.max_mem_act),
+            action: format!(
+                "{count} neuron(s), edit pre-activation >= {:.2}, neutral max {:.2}",
+                t.min_edit_act, t.max_mem_act
+            ),
         });
     }
     let p = builder.add_patch_neurons(
@@ -104,7 +114,16 @@ pub(crate) fn compile(
         &neurons.values,
     );
     for e in &edits {
-        builder.add_edit(&e.id, layer as u32, Site::FfnOutput, &e.prompt, &e.target, p, e.first as u32, e.count as u32);
+        builder.add_edit(
+            &e.id,
+            layer as u32,
+            Site::FfnOutput,
+            &e.prompt,
+            &e.target,
+            p,
+            e.first as u32,
+            e.count as u32,
+        );
     }
     Ok(reports)
 }
@@ -125,7 +144,11 @@ fn neutral_rows(c: &mut Compiler, layer: usize) -> Result<Tensor> {
             n += 1;
         }
     }
-    Ok(Tensor::from_vec(rows, (n, c.fwd.cfg.n_embd), &c.fwd.device)?)
+    Ok(Tensor::from_vec(
+        rows,
+        (n, c.fwd.cfg.n_embd),
+        &c.fwd.device,
+    )?)
 }
 
 struct Trained {
@@ -190,7 +213,14 @@ fn train(
     // One neuron per answer position, keyed at the input that predicts it.
     let positions: Vec<usize> = at.iter().copied().take(MAX_NEURONS).collect();
     let m = positions.len();
-    let idx = Tensor::new(positions.iter().map(|&p| p as u32).collect::<Vec<_>>().as_slice(), dev)?;
+    let idx = Tensor::new(
+        positions
+            .iter()
+            .map(|&p| p as u32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        dev,
+    )?;
     let x_edit = xs.index_select(&idx, 0)?; // [m, dim]
     let x_norm = x_edit.sqr()?.sum_keepdim(1)?.sqrt()?; // [m, 1]
     let sq = (dim as f64).sqrt();
@@ -200,9 +230,16 @@ fn train(
     let out_rows = outs.index_select(&idx, 0)?;
     // The activation on the edit input is about 1 - threshold: scale values up to match.
     let act0 = (1.0 - hp.threshold as f64).max(1e-3);
-    let v_scale = ((out_rows.sqr()?.mean_keepdim(1)?.sqrt()? * (hp.init_value_scale as f64 / act0))?).detach(); // [m, 1]
+    let v_scale = ((out_rows.sqr()?.mean_keepdim(1)?.sqrt()?
+        * (hp.init_value_scale as f64 / act0))?)
+        .detach(); // [m, 1]
     let raw_v = Var::from_tensor(&Tensor::zeros((m, dim), candle_core::DType::F32, dev)?)?;
-    let mut opt = Adam::new(vec![raw_k.clone(), bias.clone(), raw_v.clone()], hp.lr)?;
+    let trainable = if hp.train_keys {
+        vec![raw_k.clone(), bias.clone(), raw_v.clone()]
+    } else {
+        vec![raw_v.clone()]
+    };
+    let mut opt = Adam::new(trainable, hp.lr)?;
     let targets = Tensor::new(answer, dev)?;
     let margin = hp.margin as f64;
 
@@ -217,7 +254,10 @@ fn train(
         if let Some(d) = &base_delta {
             delta = (delta + d)?;
         }
-        let mut hook = AddAt { point: out_point, delta };
+        let mut hook = AddAt {
+            point: out_point,
+            delta,
+        };
         let hh = fwd.run_layers(layer, x_in.clone(), &mut hook as &mut dyn Hooks)?;
         let logits = fwd.logits(&hh, &at)?;
         let edit = nll(&logits, answer)?;
@@ -230,9 +270,18 @@ fn train(
         let loss = ((&edit + act_loss)? + (mem_loss * hp.memory_weight as f64)?)?;
 
         let l_edit = edit.to_scalar::<f32>()?;
-        let success = logits.argmax(D::Minus1)?.eq(&targets)?.min(0)?.to_scalar::<u8>()? == 1;
+        let success = logits
+            .argmax(D::Minus1)?
+            .eq(&targets)?
+            .min(0)?
+            .to_scalar::<u8>()?
+            == 1;
         let min_edit = a_edit.min(0)?.to_scalar::<f32>()?;
-        let max_mem = a_mem.max_keepdim(0)?.max_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?[0];
+        let max_mem = a_mem
+            .max_keepdim(0)?
+            .max_keepdim(1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?[0];
         let silent = max_mem < 0.0;
         let better = match &best {
             None => true,
@@ -259,10 +308,26 @@ fn train(
     }
     let (loss, keys, biases, values, success, min_edit_act, max_mem_act) =
         best.ok_or_else(|| CompileError::Hparams("tpatcher.steps must be >= 1".into()))?;
-    if !keys.iter().chain(&values).chain(&biases).all(|x| x.is_finite()) {
-        return Err(CompileError::Hparams("tpatcher: training diverged; lower tpatcher.lr".into()));
+    if !keys
+        .iter()
+        .chain(&values)
+        .chain(&biases)
+        .all(|x| x.is_finite())
+    {
+        return Err(CompileError::Hparams(
+            "tpatcher: training diverged; lower tpatcher.lr".into(),
+        ));
     }
-    Ok(Trained { keys, biases, values, loss, steps, success: success && max_mem_act < 0.0, min_edit_act, max_mem_act })
+    Ok(Trained {
+        keys,
+        biases,
+        values,
+        loss,
+        steps,
+        success: success && max_mem_act < 0.0,
+        min_edit_act,
+        max_mem_act,
+    })
 }
 
 /// Neurons and edits of a base bundle's patch at `layer` (sequential editing).
@@ -290,7 +355,12 @@ fn from_base(b: &Bundle, layer: usize) -> Result<(Neurons, Vec<EditUnits>)> {
         n.keys.extend_from_slice(view.keys);
         n.biases.extend_from_slice(view.biases);
         n.values.extend_from_slice(view.values);
-        for e in b.manifest().edits.iter().filter(|e| e.payload as usize == p) {
+        for e in b
+            .manifest()
+            .edits
+            .iter()
+            .filter(|e| e.payload as usize == p)
+        {
             edits.push(EditUnits {
                 id: e.id.clone(),
                 prompt: e.prompt.clone(),

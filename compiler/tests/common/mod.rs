@@ -19,7 +19,9 @@ pub fn tmp_dir() -> PathBuf {
 pub fn tiny_path(arch: Architecture) -> PathBuf {
     let p = tmp_dir().join(format!("tiny-{}.gguf", arch.name()));
     if !p.exists() {
-        let tmp = p.with_extension(format!("tmp{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        let tmp = p.with_extension(
+            format!("tmp{:?}", std::thread::current().id()).replace(['(', ')'], ""),
+        );
         write_tiny_model(&tmp, arch, 7).unwrap();
         std::fs::rename(&tmp, &p).unwrap();
     }
@@ -28,23 +30,41 @@ pub fn tiny_path(arch: Architecture) -> PathBuf {
 
 /// The real model's path, or None (test skipped) when it is missing and not required.
 pub fn real_model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("AMEND_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
-    });
+    let path = std::env::var_os("AMEND_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+        });
     if !path.exists() {
         if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!("AMEND_REQUIRE_MODEL=1 but the model {} is missing (run `make model`)", path.display());
+            panic!(
+                "AMEND_REQUIRE_MODEL=1 but the model {} is missing (run `make model`)",
+                path.display()
+            );
         }
-        eprintln!("skipped: real model {} not found (set AMEND_MODEL or run `make model`)", path.display());
+        eprintln!(
+            "skipped: real model {} not found (set AMEND_MODEL or run `make model`)",
+            path.display()
+        );
         return None;
     }
     Some(path)
 }
 
 pub fn open_runtime(path: &std::path::Path) -> Arc<Model> {
-    Model::open(path, ModelOptions { n_threads: Some(2), ..Default::default() }).unwrap()
+    Model::open(
+        path,
+        ModelOptions {
+            n_threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 pub fn repo_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }

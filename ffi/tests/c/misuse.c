@@ -357,6 +357,24 @@ static void test_session_outlives_model(const char *path) {
     CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "double free not detected");
 }
 
+typedef struct {
+    int n;
+    char edit_id[64];
+    char family[32];
+    uint32_t n_fired, n_checked;
+} explain_t;
+
+static bool record_activity(void *user_data, const amend_edit_activity *a) {
+    explain_t *e = (explain_t *)user_data;
+    if (e->n++ == 0) {
+        snprintf(e->edit_id, sizeof e->edit_id, "%s", a->edit_id);
+        snprintf(e->family, sizeof e->family, "%s", a->family);
+        e->n_fired = a->n_fired;
+        e->n_checked = a->n_checked;
+    }
+    return true;
+}
+
 static uint8_t *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -436,8 +454,7 @@ static void test_bundles(const char *model_path, const char *dir) {
     snprintf(path, sizeof path, "%s/missing.amend", dir);
     EXPECT(amend_bundle_load_file(trust, model, path, &bad), AMEND_ERR_IO, "missing.amend");
 
-    /* Activation: argument checks, and a clear NOT_SUPPORTED until the runtime applies
-     * edits during generation. */
+    /* Activation, listing, explanation and rollback. */
     amend_session *session = NULL;
     amend_session_params sp = amend_session_default_params();
     sp.n_ctx = 64;
@@ -445,12 +462,53 @@ static void test_bundles(const char *model_path, const char *dir) {
     EXPECT(amend_session_activate(session, NULL), AMEND_ERR_NULL_ARGUMENT, "bundle");
     EXPECT(amend_session_activate(session, (const amend_bundle *)trust),
            AMEND_ERR_INVALID_HANDLE, "amend_bundle");
-    r = amend_session_activate(session, bundle);
-    CHECK(r == AMEND_OK || r == AMEND_ERR_NOT_SUPPORTED, "activate: %s: %s",
-          amend_result_name(r), amend_last_error());
-    EXPECT(amend_session_rollback_bundle(session, "no-such-bundle"), AMEND_ERR_NOT_FOUND,
-           "no-such-bundle");
+    EXPECT(amend_session_rollback_bundle(session, "test-good"), AMEND_ERR_NOT_FOUND, "none");
+    EXPECT_OK(amend_session_activate(session, bundle));
+    EXPECT(amend_session_activate(session, bundle), AMEND_ERR_BUNDLE_DOWNGRADE, "replay");
+    n = 0;
+    EXPECT_OK(amend_session_active_bundle_count(session, &n));
+    CHECK(n == 1, "active count %zu", n);
+    EXPECT_OK(amend_session_active_bundle_id(session, 0, id, sizeof id, NULL));
+    CHECK(strcmp(id, "test-good") == 0, "active id %s", id);
+    EXPECT(amend_session_active_bundle_id(session, 1, id, sizeof id, NULL),
+           AMEND_ERR_INVALID_ARGUMENT, "out of range");
+    amend_generate_params gp = amend_generate_default_params();
+    gp.max_tokens = 3;
+    const char prompt[] = "The capital of France is";
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, NULL, NULL, NULL));
+    explain_t ex = {0};
+    EXPECT_OK(amend_session_explain(session, record_activity, &ex));
+    CHECK(ex.n >= 1 && strcmp(ex.edit_id, "e-paris") == 0 && strcmp(ex.family, "codebook") == 0 &&
+              ex.n_checked > 0 && ex.n_fired == 0,
+          "explain: n %d edit %s family %s checked %u fired %u", ex.n, ex.edit_id, ex.family,
+          ex.n_checked, ex.n_fired);
+    EXPECT(amend_session_explain(session, NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "callback");
+    EXPECT_OK(amend_session_rollback_edit(session, "e-paris"));
+    EXPECT(amend_session_rollback_edit(session, "e-paris"), AMEND_ERR_EDIT_CONFLICT,
+           "already rolled back");
     EXPECT(amend_session_rollback_edit(session, "\xff"), AMEND_ERR_INVALID_UTF8, "edit_id");
+    EXPECT_OK(amend_session_rollback_bundle(session, "test-good"));
+    EXPECT_OK(amend_session_active_bundle_count(session, &n));
+    CHECK(n == 0, "active after rollback %zu", n);
+    EXPECT(amend_session_rollback_bundle(session, "test-good"), AMEND_ERR_NOT_FOUND,
+           "test-good");
+
+    /* A bundle that changes generation: a low-rank delta. */
+    collect_t base = {0}, edited = {0}, rolled = {0};
+    gp.max_tokens = 6;
+    gp.stop_at_eos = false;
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &base, NULL));
+    amend_bundle *lora = NULL;
+    snprintf(path, sizeof path, "%s/lora.amend", dir);
+    EXPECT_OK(amend_bundle_load_file(trust, model, path, &lora));
+    EXPECT_OK(amend_session_activate(session, lora));
+    amend_bundle_free(lora); /* the session keeps the active edits */
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &edited, NULL));
+    CHECK(strcmp(base.text, edited.text) != 0, "the LoRA bundle changed nothing: %s", base.text);
+    EXPECT_OK(amend_session_rollback_bundle(session, "test-lora"));
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &rolled, NULL));
+    CHECK(strcmp(base.text, rolled.text) == 0, "rollback did not restore: %s vs %s", base.text,
+          rolled.text);
 
     amend_bundle_free(bundle);
     amend_session_free(session);

@@ -47,6 +47,7 @@ final class Native {
     static native void sessionRollbackBundle(long session, byte[] idUtf8);
     static native void sessionRollbackEdit(long session, byte[] idUtf8);
     static native String[] sessionActiveBundles(long session);
+    static native EditActivity[] sessionExplain(long session);
     /** Returns n_prompt_tokens, n_generated, stop_reason. */
     static native int[] sessionGenerate(long session, byte[] promptUtf8, int maxTokens, float temperature,
             int topK, float topP, float minP, int seed, boolean stopAtEos, TokenSink sink);

@@ -57,6 +57,9 @@ public final class Session implements AutoCloseable {
     public void rollbackEdit(String editId) { Native.sessionRollbackEdit(handle, editId.getBytes(StandardCharsets.UTF_8)); }
     public List<String> activeBundles() { return Arrays.asList(Native.sessionActiveBundles(handle)); }
 
+    /** What the active edits did during the last generation or scoring. */
+    public List<EditActivity> explain() { return Arrays.asList(Native.sessionExplain(handle)); }
+
     @Override public synchronized void close() {
         if (!closed) { closed = true; Native.sessionFree(handle); }
     }

@@ -149,6 +149,46 @@ public final class AmendTest {
                         expect(Result.ERR_UNTRUSTED_KEY, () -> Bundle.loadFile(trust, m, Paths.get(bundles, "untrusted.amend").toString()));
                     }
                 });
+                test("bundles: activate, explain, roll back", () -> {
+                    byte[] key = Files.readAllBytes(Paths.get(bundles, "key.raw"));
+                    try (TrustStore trust = new TrustStore(key);
+                         Bundle good = Bundle.loadFile(trust, m, Paths.get(bundles, "good.amend").toString())) {
+                        s.activate(good);
+                        expect(Result.ERR_BUNDLE_DOWNGRADE, () -> s.activate(good));
+                        check(s.activeBundles().equals(Arrays.asList("test-good")), "active " + s.activeBundles());
+                        s.generate(PROMPT, new GenerateOptions().maxTokens(2));
+                        List<EditActivity> acts = s.explain();
+                        check(acts.size() == 1 && acts.get(0).editId.equals("e-paris") && acts.get(0).nChecked > 0, "explain " + acts);
+                        s.rollbackEdit("e-paris");
+                        expect(Result.ERR_EDIT_CONFLICT, () -> s.rollbackEdit("e-paris"));
+                        s.rollbackBundle("test-good");
+                        check(s.activeBundles().isEmpty(), "active after rollback");
+                    }
+                });
+                if (reference != null) {
+                    test("same tokens as the Rust API with a bundle applied", () -> {
+                        String lora = Paths.get(bundles, "lora.amend").toString();
+                        Process p = new ProcessBuilder(reference, "--model", model, "--tokens", "12", "--seed", "3",
+                                "--temperature", "0.9", "--bundle", lora, "--key", Paths.get(bundles, "key.raw").toString()).start();
+                        String want;
+                        try (BufferedReader r = new BufferedReader(new InputStreamReader(p.getInputStream(), StandardCharsets.UTF_8))) {
+                            want = r.readLine();
+                        }
+                        check(p.waitFor() == 0 && want != null, "reference failed");
+                        GenerateOptions o = new GenerateOptions().maxTokens(12).seed(3).temperature(0.9f);
+                        Generation base = s.generate(PROMPT, o);
+                        try (TrustStore trust = new TrustStore(Files.readAllBytes(Paths.get(bundles, "key.raw")));
+                             Bundle b = Bundle.loadFile(trust, m, lora)) {
+                            s.activate(b);
+                        }
+                        Generation g = s.generate(PROMPT, o);
+                        s.rollbackBundle("test-lora");
+                        StringBuilder got = new StringBuilder();
+                        for (int t : g.tokens) got.append(got.length() == 0 ? "" : " ").append(t);
+                        check(got.toString().equals(want.trim()), "java " + got + " vs rust " + want);
+                        check(!g.tokens.equals(base.tokens), "the bundle changed nothing");
+                    });
+                }
             }
         }
         test("use after close", () -> {

@@ -1,0 +1,706 @@
+//! Applying the active [`EditSet`] in a session: codebooks and patch neurons as hooks, low-rank
+//! deltas as llama.cpp LoRA adapters, memories as a scope check that routes the prompt.
+//!
+//! A session pins one [`ActiveSet`] snapshot per request ([`Session::begin_request`]): a hot swap
+//! published while a request runs takes effect at the next request, never in the middle of one.
+//! The plan built from a snapshot is cached by the snapshot's identity, so an unchanged set costs
+//! one atomic load per request.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::ops::Range;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use amend_edits::bundle::Payload;
+use amend_edits::families::{self, Codebook, Embedder, Memory, PatchNeurons, Pooling};
+use amend_edits::{ActiveSet, EditSet, HookPoint, Site};
+use llama_cpp_sys_2 as sys;
+
+use crate::error::RuntimeError;
+use crate::hooks::{FnHook, Hook, HookId, HookRows, Phase};
+use crate::model::Model;
+use crate::session::{EvalOptions, Logits, Session};
+
+/// What fired during the last request (`amend run --explain`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Explain {
+    /// Snapshot generation the request pinned (`None`: no edit set attached).
+    pub generation: Option<u64>,
+    pub codebook: Vec<CodebookEvent>,
+    pub neurons: Vec<NeuronEvent>,
+    pub memory: Option<MemoryEvent>,
+    pub low_rank: Vec<LowRankEvent>,
+}
+
+/// A codebook lookup: the nearest entry, its distance and whether it replaced the row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodebookEvent {
+    pub bundle: String,
+    pub edit_id: Option<String>,
+    pub layer: u32,
+    pub entry: usize,
+    pub pos: i32,
+    pub distance: f32,
+    pub radius: f32,
+    pub replaced: bool,
+}
+
+/// A patch neuron that fired (positive activation), with its largest activation and how many
+/// positions it fired at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeuronEvent {
+    pub bundle: String,
+    pub edit_id: Option<String>,
+    pub layer: u32,
+    pub neuron: usize,
+    pub max_activation: f32,
+    pub positions: usize,
+}
+
+/// The scope check of the request's prompt against the active memories.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryEvent {
+    pub bundle: String,
+    pub edit_id: Option<String>,
+    pub record: usize,
+    pub score: f32,
+    pub threshold: f32,
+    pub in_scope: bool,
+    /// The prompt the model was given (the counterfactual prompt when in scope).
+    pub routed_prompt: String,
+}
+
+/// A low-rank adapter applied to the request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRankEvent {
+    pub bundle: String,
+    pub scale: f32,
+    pub tensors: usize,
+}
+
+/// The edit of `unit` (a row, neuron, record or tensor) of payload `p` of a bundle.
+fn edit_of(set: &ActiveSet, bundle: usize, p: usize, unit: usize) -> Option<String> {
+    let b = &set.bundles.get(bundle)?.bundle;
+    b.manifest()
+        .edits
+        .iter()
+        .find(|e| e.payload as usize == p && (e.first as usize..(e.first + e.count) as usize).contains(&unit))
+        .map(|e| e.id.clone())
+}
+
+struct PlannedCodebook {
+    bundle: usize,
+    payload: usize,
+    rows: Range<usize>,
+    cb: Codebook<'static>,
+}
+
+struct PlannedNeurons {
+    bundle: usize,
+    payload: usize,
+    rows: Range<usize>,
+    pn: PatchNeurons<'static>,
+}
+
+struct PlannedMemory {
+    bundle: usize,
+    payload: usize,
+    rows: Range<usize>,
+    mem: Memory<'static>,
+}
+
+/// A llama.cpp LoRA adapter owned by one plan (freed with it).
+struct Adapter {
+    ptr: NonNull<sys::llama_adapter_lora>,
+    bundle: usize,
+    scale: f32,
+    tensors: usize,
+}
+
+/// Everything one snapshot needs at inference, with the views borrowed from the snapshot.
+pub(crate) struct EditPlan {
+    codebooks: Vec<PlannedCodebook>,
+    neurons: Vec<PlannedNeurons>,
+    memories: Vec<PlannedMemory>,
+    adapters: Vec<Adapter>,
+    /// Owns the bundle bytes every `'static` view above borrows; declared last so it drops last.
+    set: Arc<ActiveSet>,
+}
+
+// SAFETY: the adapters are only read by llama.cpp through a context the owning session drives
+// with &mut self; the views are immutable data.
+unsafe impl Send for EditPlan {}
+unsafe impl Sync for EditPlan {}
+
+impl Drop for EditPlan {
+    fn drop(&mut self) {
+        for a in &self.adapters {
+            // SAFETY: created by llama_adapter_lora_init_from_file_ptr for this plan; the owning
+            // session detaches it from its context before dropping the plan.
+            unsafe { sys::llama_adapter_lora_free(a.ptr.as_ptr()) };
+        }
+    }
+}
+
+/// Extends a view's lifetime to the plan's. SAFETY (callers): the data lives in a bundle owned by
+/// `EditPlan::set` (heap or mmap, never moved or mutated while shared), which outlives the view.
+unsafe fn extend<T>(v: T) -> T::Static
+where
+    T: Reborrow,
+{
+    unsafe { v.into_static() }
+}
+
+trait Reborrow {
+    type Static;
+    unsafe fn into_static(self) -> Self::Static;
+}
+
+macro_rules! reborrow {
+    ($t:ident) => {
+        impl<'a> Reborrow for $t<'a> {
+            type Static = $t<'static>;
+            unsafe fn into_static(self) -> $t<'static> {
+                unsafe { std::mem::transmute::<$t<'a>, $t<'static>>(self) }
+            }
+        }
+    };
+}
+reborrow!(Codebook);
+reborrow!(PatchNeurons);
+reborrow!(Memory);
+
+impl EditPlan {
+    fn build(
+        model: &Model,
+        set: Arc<ActiveSet>,
+        lora_scales: &BTreeMap<String, f32>,
+    ) -> Result<EditPlan, RuntimeError> {
+        let mut plan = EditPlan {
+            codebooks: Vec::new(),
+            neurons: Vec::new(),
+            memories: Vec::new(),
+            adapters: Vec::new(),
+            set: set.clone(),
+        };
+        let arch = model.info().architecture.name();
+        let n_layer = model.info().n_layer;
+        let bad = |what: String| RuntimeError::InvalidEdit(what);
+        for (bi, ab) in set.bundles.iter().enumerate() {
+            let b = &ab.bundle;
+            for (p, payload) in b.payloads().iter().enumerate() {
+                let runs = ab.active_runs(p);
+                match payload {
+                    Payload::Codebook(_) => {
+                        for r in runs {
+                            let Some(v) = b.codebook(p, r.clone()) else { continue };
+                            let cb = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                            check_point(model, cb.layer(), cb.key_site())?;
+                            check_point(model, cb.layer(), cb.replace_site())?;
+                            // SAFETY: see `extend`; `plan.set` keeps the bundle alive.
+                            let cb = unsafe { extend(cb) };
+                            plan.codebooks.push(PlannedCodebook { bundle: bi, payload: p, rows: r, cb });
+                        }
+                    }
+                    Payload::PatchNeurons(_) => {
+                        for r in runs {
+                            let Some(v) = b.patch_neurons(p, r.clone()) else { continue };
+                            let pn = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                            check_point(model, pn.layer(), pn.read_site())?;
+                            check_point(model, pn.layer(), pn.write_site())?;
+                            let pn = unsafe { extend(pn) };
+                            plan.neurons.push(PlannedNeurons { bundle: bi, payload: p, rows: r, pn });
+                        }
+                    }
+                    Payload::Memory(_) => {
+                        for r in runs {
+                            let Some(v) = b.memory(p, r.clone()) else { continue };
+                            let mem = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                            if let Embedder::BaseModel { layer, site, .. } = mem.embedder() {
+                                check_point(model, layer, site)?;
+                            }
+                            // The half-size first pass keeps the scope check under 1 ms at 10k memories.
+                            let mem = unsafe { extend(mem.with_f16_index()) };
+                            plan.memories.push(PlannedMemory { bundle: bi, payload: p, rows: r, mem });
+                        }
+                    }
+                    Payload::LowRank(_) | Payload::LowRankGguf(_) => {
+                        if runs.is_empty() {
+                            continue;
+                        }
+                        let blob: Vec<u8> = match payload {
+                            Payload::LowRankGguf(_) => match b.gguf_lora(p) {
+                                Some(bytes) => bytes.to_vec(),
+                                None => continue,
+                            },
+                            _ => {
+                                let Some(views) = b.low_rank(p, |i| runs.iter().any(|r| r.contains(&i)))
+                                else {
+                                    continue;
+                                };
+                                if views.is_empty() {
+                                    continue;
+                                }
+                                let lr = amend_edits::bundle::LowRankTensorView::to_family(&views)
+                                    .map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                                for t in lr.tensors() {
+                                    check_tensor_name(t.name, n_layer)?;
+                                }
+                                lr.to_gguf_lora(arch)
+                            }
+                        };
+                        let tensors = families::inspect_gguf_lora(&blob)
+                            .map(|i| i.tensors.len())
+                            .unwrap_or(0);
+                        let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
+                        let ptr = load_adapter(model, &blob)?;
+                        plan.adapters.push(Adapter { ptr, bundle: bi, scale, tensors });
+                    }
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    fn is_empty_of_hooks(&self) -> bool {
+        self.codebooks.is_empty() && self.neurons.is_empty()
+    }
+
+    fn bundle_id(&self, bi: usize) -> String {
+        self.set.bundles.get(bi).map(|b| b.id().to_string()).unwrap_or_default()
+    }
+}
+
+fn check_point(model: &Model, layer: u32, site: Site) -> Result<(), RuntimeError> {
+    model.node_name(HookPoint::new(layer, site)).map(|_| ())
+}
+
+/// Refuses a low-rank tensor for a layer the model does not have (llama.cpp would ignore it).
+fn check_tensor_name(name: &str, n_layer: u32) -> Result<(), RuntimeError> {
+    if let Some(rest) = name.strip_prefix("blk.") {
+        let layer: Option<u32> = rest.split('.').next().and_then(|s| s.parse().ok());
+        match layer {
+            Some(l) if l < n_layer => {}
+            _ => {
+                return Err(RuntimeError::InvalidEdit(format!(
+                    "low-rank tensor {name:?} names a layer the model does not have ({n_layer} layers)"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a GGUF-LoRA from memory: llama.cpp reads adapters from a `FILE*`, which `fmemopen`
+/// gives us over the bytes without touching the file system.
+fn load_adapter(model: &Model, blob: &[u8]) -> Result<NonNull<sys::llama_adapter_lora>, RuntimeError> {
+    let mode = CString::new("rb").expect("static");
+    // SAFETY: fmemopen reads `blob` (alive until fclose below); llama.cpp copies what it keeps.
+    unsafe {
+        let f = libc::fmemopen(blob.as_ptr() as *mut libc::c_void, blob.len(), mode.as_ptr());
+        if f.is_null() {
+            return Err(RuntimeError::InvalidEdit("cannot open the adapter bytes (fmemopen)".into()));
+        }
+        let p = sys::llama_adapter_lora_init_from_file_ptr(model.as_ptr(), f as *mut _);
+        libc::fclose(f);
+        NonNull::new(p).ok_or_else(|| {
+            RuntimeError::InvalidEdit(
+                "llama.cpp refused the low-rank adapter (architecture or tensor shapes do not match the model)"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// Codebook hits found at a key site, waiting for the replace site of the same ubatch.
+struct PendingReplace {
+    codebook: usize,
+    pos: i32,
+    entry: usize,
+}
+
+/// Neuron contributions computed at the read site, waiting for the write site.
+struct PendingAdd {
+    neurons: usize,
+    pos: i32,
+    delta: Vec<f32>,
+}
+
+/// The hook that applies one plan's codebooks and neurons.
+struct EditHook {
+    plan: Arc<EditPlan>,
+    explain: Arc<Mutex<Explain>>,
+    replaces: Vec<PendingReplace>,
+    adds: Vec<PendingAdd>,
+    acts: Vec<f32>,
+}
+
+impl EditHook {
+    fn record_neurons(&self, ni: usize, acts: &[f32]) {
+        let pl = &self.plan.neurons[ni];
+        let mut ex = self.explain.lock().unwrap_or_else(|e| e.into_inner());
+        for (j, &a) in acts.iter().enumerate() {
+            if a <= 0.0 {
+                continue;
+            }
+            let unit = pl.rows.start + j;
+            if let Some(e) = ex.neurons.iter_mut().find(|e| {
+                e.layer == pl.pn.layer() && e.neuron == unit && e.bundle == self.plan.bundle_id(pl.bundle)
+            }) {
+                e.max_activation = e.max_activation.max(a);
+                e.positions += 1;
+            } else {
+                ex.neurons.push(NeuronEvent {
+                    bundle: self.plan.bundle_id(pl.bundle),
+                    edit_id: edit_of(&self.plan.set, pl.bundle, pl.payload, unit),
+                    layer: pl.pn.layer(),
+                    neuron: unit,
+                    max_activation: a,
+                    positions: 1,
+                });
+            }
+        }
+    }
+}
+
+impl Hook for EditHook {
+    fn points(&self) -> Vec<HookPoint> {
+        let mut pts: Vec<HookPoint> = Vec::new();
+        for c in &self.plan.codebooks {
+            pts.push(HookPoint::new(c.cb.layer(), c.cb.key_site()));
+            pts.push(HookPoint::new(c.cb.layer(), c.cb.replace_site()));
+        }
+        for n in &self.plan.neurons {
+            pts.push(HookPoint::new(n.pn.layer(), n.pn.read_site()));
+            pts.push(HookPoint::new(n.pn.layer(), n.pn.write_site()));
+        }
+        pts.sort();
+        pts.dedup();
+        pts
+    }
+
+    fn on_tensor(&mut self, point: HookPoint, rows: &mut HookRows<'_>) {
+        let plan = self.plan.clone();
+        let n = rows.n_rows();
+        // Reads first (a read and a write at the same point see the unmodified row).
+        for (ci, c) in plan.codebooks.iter().enumerate() {
+            if HookPoint::new(c.cb.layer(), c.cb.key_site()) != point {
+                continue;
+            }
+            self.replaces.retain(|r| r.codebook != ci);
+            for i in 0..n {
+                let info = rows.info(i);
+                let wanted = if c.cb.all_positions() {
+                    true
+                } else {
+                    rows.phase() == Phase::Prefill && info.is_last_prompt_token
+                };
+                if !wanted {
+                    continue;
+                }
+                let Some(hit) = c.cb.nearest(rows.row(i), None) else { continue };
+                if hit.within_radius {
+                    self.replaces.push(PendingReplace { codebook: ci, pos: info.pos, entry: hit.index });
+                }
+                let mut ex = self.explain.lock().unwrap_or_else(|e| e.into_inner());
+                ex.codebook.push(CodebookEvent {
+                    bundle: plan.bundle_id(c.bundle),
+                    edit_id: edit_of(&plan.set, c.bundle, c.payload, c.rows.start + hit.index),
+                    layer: c.cb.layer(),
+                    entry: c.rows.start + hit.index,
+                    pos: info.pos,
+                    distance: hit.distance,
+                    radius: c.cb.radius(hit.index),
+                    replaced: hit.within_radius,
+                });
+            }
+        }
+        for (ni, pl) in plan.neurons.iter().enumerate() {
+            if HookPoint::new(pl.pn.layer(), pl.pn.read_site()) != point {
+                continue;
+            }
+            self.adds.retain(|a| a.neurons != ni);
+            self.acts.resize(pl.pn.len(), 0.0);
+            for i in 0..n {
+                let mut delta = vec![0.0f32; rows.n_embd()];
+                let mut acts = std::mem::take(&mut self.acts);
+                let fired = pl.pn.apply(rows.row(i), &mut delta, Some(&mut acts));
+                if fired > 0 {
+                    self.record_neurons(ni, &acts);
+                    self.adds.push(PendingAdd { neurons: ni, pos: rows.info(i).pos, delta });
+                }
+                self.acts = acts;
+            }
+        }
+        // Then writes, matched to the reads by token position (row order can differ on the
+        // last layer, which keeps only output rows).
+        for (ci, c) in plan.codebooks.iter().enumerate() {
+            if HookPoint::new(c.cb.layer(), c.cb.replace_site()) != point {
+                continue;
+            }
+            let mut k = 0;
+            while k < self.replaces.len() {
+                if self.replaces[k].codebook != ci {
+                    k += 1;
+                    continue;
+                }
+                let r = self.replaces.swap_remove(k);
+                if let Some(i) = (0..n).find(|&i| rows.info(i).pos == r.pos) {
+                    rows.row_mut(i).copy_from_slice(c.cb.value(r.entry));
+                }
+            }
+        }
+        for (ni, pl) in plan.neurons.iter().enumerate() {
+            if HookPoint::new(pl.pn.layer(), pl.pn.write_site()) != point {
+                continue;
+            }
+            let mut k = 0;
+            while k < self.adds.len() {
+                if self.adds[k].neurons != ni {
+                    k += 1;
+                    continue;
+                }
+                let a = self.adds.swap_remove(k);
+                if let Some(i) = (0..n).find(|&i| rows.info(i).pos == a.pos) {
+                    for (o, d) in rows.row_mut(i).iter_mut().zip(&a.delta) {
+                        *o += d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-session edit state: the live set, the plan of the last pinned snapshot and what fired.
+#[derive(Default)]
+pub(crate) struct SessionEdits {
+    set: Option<Arc<EditSet>>,
+    plan: Option<Arc<EditPlan>>,
+    hook: Option<HookId>,
+    lora_scales: BTreeMap<String, f32>,
+    explain: Arc<Mutex<Explain>>,
+}
+
+impl SessionEdits {
+    /// Drops the plan (frees its adapters). The caller detached them from its context first.
+    pub(crate) fn release(&mut self) {
+        self.plan = None;
+    }
+}
+
+/// The result of [`Session::begin_request`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The prompt to evaluate: the user's, or the counterfactual prompt of an in-scope memory.
+    pub prompt: String,
+    /// Generation of the pinned snapshot (`None`: no edit set attached).
+    pub generation: Option<u64>,
+}
+
+impl Session {
+    /// Attaches a live edit set: each later request pins its current snapshot. `None` detaches
+    /// (the base model, bitwise).
+    pub fn set_edit_set(&mut self, set: Option<Arc<EditSet>>) -> Result<(), RuntimeError> {
+        self.edits_mut().set = set;
+        self.unpin()?;
+        Ok(())
+    }
+
+    /// The attached edit set.
+    pub fn edit_set(&self) -> Option<&Arc<EditSet>> {
+        self.edits_ref().set.as_ref()
+    }
+
+    /// Scales the low-rank adapters of bundle `bundle_id` (default 1.0; 0.0 disables them, which
+    /// gives back bitwise the logits without the adapter). Takes effect at the next request.
+    pub fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
+        if !scale.is_finite() {
+            return Err(RuntimeError::InvalidOptions(format!("LoRA scale must be finite, got {scale}")));
+        }
+        self.edits_mut().lora_scales.insert(bundle_id.to_string(), scale);
+        // Force a rebuild so the new scale is used.
+        self.unpin()
+    }
+
+    /// What fired during the last request.
+    pub fn explain(&self) -> Explain {
+        self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts a request: pins the attached set's current snapshot (rebuilding hooks and adapters
+    /// only when it changed), runs the memory scope check on `prompt` with the base model, and
+    /// installs the codebook/neuron hooks and LoRA adapters for the evaluations that follow.
+    /// Generation calls this itself; call it before [`Session::eval`] when scoring with edits
+    /// (then evaluate `Request::prompt`).
+    pub fn begin_request(&mut self, prompt: &str) -> Result<Request, RuntimeError> {
+        self.begin(Some(prompt))
+    }
+
+    /// Pins the attached set without a text prompt (memories are not consulted).
+    pub fn pin_edits(&mut self) -> Result<Option<u64>, RuntimeError> {
+        Ok(self.begin(None)?.generation)
+    }
+
+    fn begin(&mut self, prompt: Option<&str>) -> Result<Request, RuntimeError> {
+        *self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner()) = Explain::default();
+        let Some(set) = self.edits_ref().set.clone() else {
+            return Ok(Request { prompt: prompt.unwrap_or_default().to_string(), generation: None });
+        };
+        let snap = set.snapshot();
+        let generation = snap.generation;
+        let same = self.edits_ref().plan.as_ref().is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
+        if !same {
+            self.unpin()?;
+            let scales = self.edits_ref().lora_scales.clone();
+            let plan = Arc::new(EditPlan::build(self.model(), snap, &scales)?);
+            self.edits_mut().plan = Some(plan);
+        }
+        let plan = self.edits_ref().plan.clone().expect("set above");
+        // The scope check sees the base model: edit hooks and adapters off.
+        let routed = match prompt {
+            Some(p) if !plan.memories.is_empty() => {
+                self.uninstall()?;
+                self.route(&plan, p)?
+            }
+            p => p.unwrap_or_default().to_string(),
+        };
+        self.install(&plan)?;
+        {
+            let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+            ex.generation = Some(generation);
+        }
+        Ok(Request { prompt: routed, generation: Some(generation) })
+    }
+
+    /// Embeds `text` as a memory's base-model embedder does: hidden rows at `layer`/`site` over
+    /// the text's tokens (BOS added), pooled and L2-normalized. Runs the base model (no edits);
+    /// clears the KV cache. The compiler uses this so stored embeddings match the device's.
+    pub fn embed(&mut self, text: &str, layer: u32, site: Site, pooling: Pooling) -> Result<Vec<f32>, RuntimeError> {
+        // The base model: no edit hook, no adapters (the next request re-installs them).
+        self.uninstall()?;
+        let tokens = self.tokenize(text, true)?;
+        let point = HookPoint::new(layer, site);
+        let rows: Arc<Mutex<Vec<f32>>> = Arc::default();
+        let sink = rows.clone();
+        // BOS is not part of the text, and its residual row is huge on gemma3 (it would
+        // dominate a mean and make every prompt look alike): pool the text's tokens only.
+        let skip_bos = tokens.len() > 1 && self.model().info().bos == Some(tokens[0]);
+        let id = self.add_hook(Box::new(FnHook::new(vec![point], move |_, r: &mut HookRows<'_>| {
+            let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..r.n_rows() {
+                if skip_bos && r.info(i).pos == 0 {
+                    continue;
+                }
+                s.extend_from_slice(r.row(i));
+            }
+        })))?;
+        self.kv_clear();
+        let res = self.eval(&tokens, EvalOptions::prefill(Logits::Last));
+        self.remove_hook(id);
+        self.kv_clear();
+        res?;
+        let rows = std::mem::take(&mut *rows.lock().unwrap_or_else(|e| e.into_inner()));
+        let n_embd = self.model().info().n_embd as usize;
+        let mut v = families::pooled(&rows, n_embd, pooling)
+            .map_err(|e| RuntimeError::InvalidEdit(format!("embedding: {e}")))?;
+        if !families::l2_normalize(&mut v) {
+            return Err(RuntimeError::InvalidEdit("embedding has no direction (zero or non-finite)".into()));
+        }
+        Ok(v)
+    }
+
+    fn route(&mut self, plan: &EditPlan, prompt: &str) -> Result<String, RuntimeError> {
+        let mut best: Option<(usize, families::MemoryHit)> = None;
+        let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
+        for (mi, m) in plan.memories.iter().enumerate() {
+            let Embedder::BaseModel { layer, site, pooling } = m.mem.embedder() else {
+                return Err(RuntimeError::InvalidEdit(
+                    "memories with an external embedding model are not supported by this runtime yet".into(),
+                ));
+            };
+            let key = (layer, site, pooling);
+            let q = match cache.iter().find(|(k, _)| *k == key) {
+                Some((_, q)) => q.clone(),
+                None => {
+                    let q = self.embed(prompt, layer, site, pooling)?;
+                    cache.push((key, q.clone()));
+                    q
+                }
+            };
+            if let Some(hit) = m.mem.nearest(&q, None) {
+                if best.as_ref().is_none_or(|(_, b)| hit.score > b.score) {
+                    best = Some((mi, hit));
+                }
+            }
+        }
+        let Some((mi, hit)) = best else { return Ok(prompt.to_string()) };
+        let m = &plan.memories[mi];
+        let routed = if hit.in_scope {
+            m.mem.render(hit.index, prompt).unwrap_or_else(|| prompt.to_string())
+        } else {
+            prompt.to_string()
+        };
+        let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+        ex.memory = Some(MemoryEvent {
+            bundle: plan.bundle_id(m.bundle),
+            edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
+            record: m.rows.start + hit.index,
+            score: hit.score,
+            threshold: m.mem.threshold(),
+            in_scope: hit.in_scope,
+            routed_prompt: routed.clone(),
+        });
+        Ok(routed)
+    }
+
+    fn install(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
+        if self.edits_ref().hook.is_none() && !plan.is_empty_of_hooks() {
+            let hook = EditHook {
+                plan: plan.clone(),
+                explain: self.edits_ref().explain.clone(),
+                replaces: Vec::new(),
+                adds: Vec::new(),
+                acts: Vec::new(),
+            };
+            let id = self.add_hook(Box::new(hook))?;
+            self.edits_mut().hook = Some(id);
+        }
+        let mut ptrs: Vec<*mut sys::llama_adapter_lora> = plan.adapters.iter().map(|a| a.ptr.as_ptr()).collect();
+        let mut scales: Vec<f32> = plan.adapters.iter().map(|a| a.scale).collect();
+        self.set_adapters(&mut ptrs, &mut scales)?;
+        let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+        ex.low_rank = plan
+            .adapters
+            .iter()
+            .map(|a| LowRankEvent { bundle: plan.bundle_id(a.bundle), scale: a.scale, tensors: a.tensors })
+            .collect();
+        Ok(())
+    }
+
+    /// Removes the edit hook and adapters from the context (the plan stays cached).
+    fn uninstall(&mut self) -> Result<(), RuntimeError> {
+        if let Some(id) = self.edits_mut().hook.take() {
+            self.remove_hook(id);
+        }
+        self.set_adapters(&mut [], &mut [])
+    }
+
+    /// Uninstalls and forgets the plan (next request rebuilds it).
+    fn unpin(&mut self) -> Result<(), RuntimeError> {
+        self.uninstall()?;
+        self.edits_mut().release();
+        Ok(())
+    }
+
+    fn set_adapters(&mut self, ptrs: &mut [*mut sys::llama_adapter_lora], scales: &mut [f32]) -> Result<(), RuntimeError> {
+        // SAFETY: live context; the adapters belong to this session's plan and this model.
+        let rc = unsafe {
+            sys::llama_set_adapters_lora(self.as_ptr(), ptrs.as_mut_ptr(), ptrs.len(), scales.as_mut_ptr())
+        };
+        if rc != 0 {
+            return Err(RuntimeError::InvalidEdit(format!("llama.cpp refused the LoRA adapters (code {rc})")));
+        }
+        Ok(())
+    }
+}
