@@ -48,7 +48,7 @@
 /**
  * Most keys one trust store holds.
  */
-#define AMEND_MAX_TRUSTED_KEYS MAX_TRUSTED_KEYS
+#define AMEND_MAX_TRUSTED_KEYS 16
 
 /**
  * The outcome of a call: `AMEND_OK` (0) or one code per failure class.

@@ -134,7 +134,7 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
+pub(crate) fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
     let mut t = TrustStore::new();
     for f in files {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
@@ -145,7 +145,7 @@ fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
     Ok(t)
 }
 
-fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
+pub(crate) fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
     Ok(Bundle::open_file(path, trust)
         .with_context(|| format!("{} is not a valid bundle", path.display()))?)
 }
@@ -317,4 +317,26 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         bail!("bundle does not verify: {e}");
     }
     Ok(())
+}
+
+/// The edit set of `amend run` and `amend eval`: the bundles, verified against the public keys
+/// and bound to the model file, activated in order.
+pub(crate) fn load_edit_set(
+    model: &Path,
+    bundles: &[PathBuf],
+    pubkeys: &[PathBuf],
+) -> anyhow::Result<std::sync::Arc<amend_edits::EditSet>> {
+    if pubkeys.is_empty() {
+        anyhow::bail!("--bundle needs --pubkey: bundles are only applied after their signature is verified");
+    }
+    let trust = trust_from(pubkeys)?;
+    let binding = amend_edits::fingerprint::model_binding(model)
+        .with_context(|| format!("fingerprinting {}", model.display()))?;
+    let set = amend_edits::EditSet::new(binding, trust);
+    for path in bundles {
+        let b = open(path, set.trust())?;
+        set.add(std::sync::Arc::new(b), amend_edits::AddOptions::default())
+            .with_context(|| format!("activating {}", path.display()))?;
+    }
+    Ok(std::sync::Arc::new(set))
 }

@@ -45,8 +45,16 @@ pub struct Args {
     /// Stop before this string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
-    // Extension point: `--bundle PATH` (repeatable), `--pubkey PATH` and `--explain` are added
-    // here when edits are wired in; `apply_edits` below is where they take effect.
+    /// Patch bundle to apply (repeatable; applied in order).
+    #[arg(long = "bundle")]
+    pub bundles: Vec<PathBuf>,
+    /// Trusted public key (PREFIX.pub) that bundles must be signed with (repeatable).
+    #[arg(long = "pubkey")]
+    pub pubkeys: Vec<PathBuf>,
+    /// Report on stderr which edits fired (codebook entries and distances, neuron activations,
+    /// memory hit and score, low-rank adapters).
+    #[arg(long)]
+    pub explain: bool,
 }
 
 /// Opens a model for the CLI with the given thread count.
@@ -61,10 +69,65 @@ pub fn open_model(path: &std::path::Path, threads: Option<usize>) -> anyhow::Res
     .with_context(|| format!("opening model {}", path.display()))
 }
 
-/// Where patch bundles will be attached to the session (hooks registered) before generation.
-/// Nothing to do until the edit families are wired in.
-fn apply_edits(_session: &mut Session, _args: &Args) -> anyhow::Result<()> {
+/// Verifies the bundles and attaches them to the session (pinned per request).
+fn apply_edits(session: &mut Session, args: &Args) -> anyhow::Result<()> {
+    if args.bundles.is_empty() {
+        return Ok(());
+    }
+    let set = crate::keys::load_edit_set(&args.model, &args.bundles, &args.pubkeys)?;
+    session.set_edit_set(Some(set))?;
     Ok(())
+}
+
+/// `--explain`: one line per thing that fired (or was looked up), on stderr.
+pub fn print_explain(ex: &amend_runtime::Explain) {
+    let id = |e: &Option<String>| e.clone().unwrap_or_else(|| "-".into());
+    if let Some(m) = &ex.memory {
+        eprintln!(
+            "explain: memory {} edit {} record {} score {:.4} threshold {:.4} {}",
+            m.bundle,
+            id(&m.edit_id),
+            m.record,
+            m.score,
+            m.threshold,
+            if m.in_scope { "IN SCOPE (counterfactual prompt)" } else { "out of scope" }
+        );
+    }
+    for c in &ex.codebook {
+        eprintln!(
+            "explain: codebook {} layer {} entry {} (edit {}) at pos {}: distance {:.4} radius {:.4} {}",
+            c.bundle,
+            c.layer,
+            c.entry,
+            id(&c.edit_id),
+            c.pos,
+            c.distance,
+            c.radius,
+            if c.replaced { "REPLACED" } else { "no hit" }
+        );
+    }
+    for n in &ex.neurons {
+        eprintln!(
+            "explain: neuron {} layer {} #{} (edit {}) fired at {} position(s), max activation {:.4}",
+            n.bundle,
+            n.layer,
+            n.neuron,
+            id(&n.edit_id),
+            n.positions,
+            n.max_activation
+        );
+    }
+    for l in &ex.low_rank {
+        eprintln!("explain: low-rank {} ({} tensors) scale {}", l.bundle, l.tensors, l.scale);
+    }
+    if ex.generation.is_some()
+        && ex.memory.is_none()
+        && ex.codebook.is_empty()
+        && ex.neurons.is_empty()
+        && ex.low_rank.is_empty()
+    {
+        eprintln!("explain: no edit fired");
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -109,6 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if write_err.is_none() {
         let _ = writeln!(out);
     }
+    if args.explain {
+        print_explain(&session.explain());
+    }
     let t = &result.timings;
     log::info!(
         "{} prompt tokens ({:.1} tok/s), {} generated ({:.1} tok/s), stop: {:?}",
@@ -146,6 +212,9 @@ mod tests {
             threads: Some(1),
             ctx: 128,
             stop: vec!["zz".into()],
+            bundles: vec![],
+            pubkeys: vec![],
+            explain: false,
         }
     }
 

@@ -112,17 +112,18 @@ impl std::str::FromStr for DataFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("cannot read {}: {source}", path.display())]
+    // The underlying errors are part of the message (not `source`s) so chains don't repeat them.
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid JSON: {0}")]
-    Json(#[source] serde_json::Error),
-    #[error("line {line}: invalid JSON: {source}")]
+    Json(serde_json::Error),
+    #[error("line {line}: invalid JSON: {error}")]
     JsonLine {
         line: usize,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("expected a JSON array of edit records (KnowEdit format), found {found}")]
     NotAnArray { found: &'static str },
@@ -140,9 +141,9 @@ pub enum DatasetError {
 
 /// Read and parse an edit file.
 pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
+    let text = std::fs::read_to_string(path).map_err(|error| DatasetError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let format = match format {
         DataFormat::Auto => {
@@ -202,9 +203,9 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
         if line.is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(line).map_err(|source| DatasetError::JsonLine {
+        let value: Value = serde_json::from_str(line).map_err(|error| DatasetError::JsonLine {
             line: line_no + 1,
-            source,
+            error,
         })?;
         records.push(parse_record(records.len(), &value)?);
     }

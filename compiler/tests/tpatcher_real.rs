@@ -27,6 +27,7 @@ fn tpatcher_edits_gemma3() {
     let records =
         dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
     let records: Vec<_> = records.into_iter().take(n).collect();
+    let n = records.len();
     let mut c = Compiler::open(&path).unwrap();
     let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
     let out = c

@@ -19,7 +19,9 @@ use crate::types::*;
 pub const AMEND_PUBLIC_KEY_LEN: usize = 32;
 
 /// Most keys one trust store holds.
-pub const AMEND_MAX_TRUSTED_KEYS: usize = MAX_TRUSTED_KEYS;
+pub const AMEND_MAX_TRUSTED_KEYS: usize = 16;
+// A literal above so cbindgen can write it; it must follow amend_edits.
+const _: () = assert!(AMEND_MAX_TRUSTED_KEYS == MAX_TRUSTED_KEYS);
 
 pub(crate) struct TrustObj {
     pub trust: TrustStore,

@@ -11,10 +11,12 @@ use amend::*;
 use amend_runtime::{GenerateParams, Model, ModelOptions, Session, SessionOptions};
 
 fn model_path() -> Option<PathBuf> {
-    let p = std::env::var_os("AMEND_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
-    });
+    let p = std::env::var_os("AMEND_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+        });
     if p.is_file() {
         return Some(p);
     }
@@ -28,7 +30,9 @@ fn model_path() -> Option<PathBuf> {
 }
 
 fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(amend_last_error()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -43,7 +47,11 @@ fn misuse_gives_specific_codes() {
         amend_session_cancel(0x4242 as *const _),
         amend_result::AMEND_ERR_INVALID_HANDLE
     );
-    assert!(last_error().contains("not a live amend_session handle"), "{}", last_error());
+    assert!(
+        last_error().contains("not a live amend_session handle"),
+        "{}",
+        last_error()
+    );
     let mut t = ptr::null_mut();
     assert_eq!(
         amend_trust_store_new(ptr::null(), 0, &mut t),
@@ -76,13 +84,21 @@ fn abi_generation_matches_the_rust_api() {
             seed: 1234,
             ..Default::default()
         };
-        s.generate(prompt, &p, |_| ControlFlow::Continue(())).unwrap().tokens
+        s.generate(prompt, &p, |_| ControlFlow::Continue(()))
+            .unwrap()
+            .tokens
     };
     let cpath = CString::new(path.to_str().unwrap()).unwrap();
     let mut model = ptr::null_mut();
-    assert_eq!(amend_model_open(cpath.as_ptr(), ptr::null(), &mut model), amend_result::AMEND_OK);
+    assert_eq!(
+        amend_model_open(cpath.as_ptr(), ptr::null(), &mut model),
+        amend_result::AMEND_OK
+    );
     let mut session = ptr::null_mut();
-    assert_eq!(amend_session_open(model, ptr::null(), &mut session), amend_result::AMEND_OK);
+    assert_eq!(
+        amend_session_open(model, ptr::null(), &mut session),
+        amend_result::AMEND_OK
+    );
     let mut params = amend_generate_default_params();
     params.max_tokens = 10;
     params.temperature = 0.9;

@@ -64,3 +64,23 @@ fn header_declares_every_entry_point() {
     }
     assert!(n >= 20, "found only {n} entry points");
 }
+
+#[test]
+fn header_constants_are_literals() {
+    // cbindgen copies a constant's initializer verbatim: one naming a Rust item would be an
+    // undefined identifier in C.
+    let header = generate();
+    let mut n = 0;
+    for line in header
+        .lines()
+        .filter(|l| l.starts_with("#define AMEND_") && !l.contains("AMEND_H"))
+    {
+        let value = line.split_whitespace().nth(2).expect("a value");
+        assert!(
+            value.parse::<i64>().is_ok(),
+            "non-literal constant in amend.h: {line}"
+        );
+        n += 1;
+    }
+    assert!(n >= 4, "found {n} constants");
+}

@@ -19,7 +19,9 @@ command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
-command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]}"
   $SUDO apt-get update -qq
@@ -55,6 +57,11 @@ if [ $have_model = 1 ]; then
   "$TARGET_DIR/release/examples/make_test_bundles" "$MODEL" "$WORK/bundles" >/dev/null
   export AMEND_TEST_BUNDLES="$WORK/bundles"
 fi
+
+# The header alone compiles as strict C99 and as C++ (cbindgen's cpp_compat).
+printf '#include "amend.h"\nint main(void) { return 0; }\n' >"$WORK/h.c"
+gcc -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only "$WORK/h.c" || fail "amend.h as C99"
+g++ -std=c++11 -pedantic -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only "$WORK/h.c" || fail "amend.h as C++"
 
 # 2. C misuse tests.
 step "C misuse tests: valgrind (no model)"

@@ -58,6 +58,9 @@ static void test_basics(void) {
     CHECK(strcmp(amend_result_name(12345), "AMEND_UNKNOWN_RESULT") == 0, "unknown name");
     amend_model_params mp = amend_model_default_params();
     CHECK(mp.use_mmap, "mmap default");
+    /* Every constant of the header compiles and has its documented value. */
+    CHECK(AMEND_PUBLIC_KEY_LEN == 32 && AMEND_MAX_TRUSTED_KEYS == 16 && AMEND_FLUSH_TOKEN == -1,
+          "constants");
     amend_generate_params gp = amend_generate_default_params();
     CHECK(gp.max_tokens > 0 && gp.temperature <= 0.0f && gp.stop_at_eos, "generate defaults");
 }

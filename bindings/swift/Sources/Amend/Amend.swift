@@ -154,6 +154,36 @@ public final class Session: @unchecked Sendable {
     public func rollback(bundleId: String) throws { try check(amend_session_rollback_bundle(handle, bundleId)) }
     public func rollback(editId: String) throws { try check(amend_session_rollback_edit(handle, editId)) }
 
+    /// Ids of the active bundles, bottom to top.
+    public func activeBundles() throws -> [String] {
+        var n = 0
+        try check(amend_session_active_bundle_count(handle, &n))
+        return try (0..<n).map { i in
+            var len = 0
+            _ = amend_session_active_bundle_id(handle, i, nil, 0, &len)
+            var buf = [CChar](repeating: 0, count: len + 1)
+            try check(amend_session_active_bundle_id(handle, i, &buf, buf.count, nil))
+            return String(cString: buf)
+        }
+    }
+
+    /// What the active edits did during the last generation or scoring:
+    /// (bundle id, edit id, family, fired, checked) per edit.
+    public func explain() throws -> [(bundle: String, edit: String, family: String, fired: UInt32, checked: UInt32)] {
+        final class Box { var items: [(bundle: String, edit: String, family: String, fired: UInt32, checked: UInt32)] = [] }
+        let box = Box()
+        let ud = Unmanaged.passUnretained(box).toOpaque()
+        try check(amend_session_explain(handle, { ud, a in
+            let box = Unmanaged<Box>.fromOpaque(ud!).takeUnretainedValue()
+            let a = a!.pointee
+            box.items.append((String(cString: a.bundle_id), String(cString: a.edit_id),
+                              String(cString: a.family), a.n_fired, a.n_checked))
+            return true
+        }, ud))
+        withExtendedLifetime(box) {}
+        return box.items
+    }
+
     /// Stops the running generation within one token; callable from any thread or task.
     public func cancel() { _ = amend_session_cancel(handle) }
 
