@@ -1,8 +1,32 @@
 #!/usr/bin/env bash
-# make demo: runs the default model on a prompt (later: before and after an edit).
+# make demo: compiles one knowledge edit (GRACE) on the quantized model, signs it, and shows the
+# model's answer before and after, plus an unrelated prompt that stays the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AMEND=target/release/amend
 MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
-echo "== base model: The capital of France is"
-$AMEND run --model "$MODEL" --prompt "The capital of France is" --max-tokens 24 --seed 1
+WORK="${AMEND_DEMO_DIR:-$(mktemp -d)}"
+PROMPT="The capital of France is"
+UNRELATED="The capital of Italy is"
+run() { $AMEND run --model "$MODEL" --max-tokens 8 --threads "${AMEND_THREADS:-2}" "$@"; }
+
+cat > "$WORK/edit.jsonl" <<'JSON'
+{"prompt": "The capital of France is", "target": "Berlin"}
+JSON
+$AMEND keygen --out "$WORK/demo" >/dev/null
+
+echo "== before: $PROMPT"
+run --prompt "$PROMPT"
+echo
+echo "== compiling one edit (GRACE): \"$PROMPT\" -> \"Berlin\""
+$AMEND compile --model "$MODEL" --method grace --edits "$WORK/edit.jsonl" \
+  --out "$WORK/france.amend" --key "$WORK/demo.key" --bundle-id demo-france
+$AMEND verify "$WORK/france.amend" --pubkey "$WORK/demo.pub"
+echo
+echo "== after (bundle applied): $PROMPT"
+run --prompt "$PROMPT" --bundle "$WORK/france.amend" --pubkey "$WORK/demo.pub" --explain
+echo
+echo "== unrelated prompt, base model: $UNRELATED"
+run --prompt "$UNRELATED"
+echo "== unrelated prompt, bundle applied: $UNRELATED"
+run --prompt "$UNRELATED" --bundle "$WORK/france.amend" --pubkey "$WORK/demo.pub" --explain
