@@ -15,6 +15,25 @@ const LLAMA: &str = include_str!("../hparams/llama.toml");
 pub struct Hparams {
     pub grace: GraceParams,
     pub tpatcher: TPatcherParams,
+    pub rome: RomeParams,
+}
+
+/// ROME (see `methods::rome`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RomeParams {
+    pub layer: usize,
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+    /// Weight of the KL term on the essence prompt "{subject} is a".
+    pub kl_factor: f32,
+    /// Weight of `‖delta‖² / ‖v0‖²`.
+    pub weight_decay: f32,
+    /// `‖delta‖ <= clamp_norm_factor · ‖v0‖`.
+    pub clamp_norm_factor: f32,
+    /// Context prefixes the key is averaged over (1 = the prompt only; at most 6).
+    pub context_prefixes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,6 +132,18 @@ impl Hparams {
         }
         if !(self.tpatcher.lr > 0.0) {
             return bad("tpatcher.lr", "must be > 0");
+        }
+        if !(self.rome.lr > 0.0) {
+            return bad("rome.lr", "must be > 0");
+        }
+        if self.rome.steps == 0 {
+            return bad("rome.steps", "must be >= 1");
+        }
+        if !(self.rome.clamp_norm_factor > 0.0) {
+            return bad("rome.clamp_norm_factor", "must be > 0");
+        }
+        if !(1..=6).contains(&self.rome.context_prefixes) {
+            return bad("rome.context_prefixes", "must be in 1..=6");
         }
         Ok(())
     }

@@ -334,6 +334,7 @@ struct EditHook {
     replaces: Vec<PendingReplace>,
     adds: Vec<PendingAdd>,
     acts: Vec<f32>,
+    delta: Vec<f32>,
 }
 
 impl EditHook {
@@ -422,16 +423,20 @@ impl Hook for EditHook {
             }
             self.adds.retain(|a| a.neurons != ni);
             self.acts.resize(pl.pn.len(), 0.0);
+            // Scratch buffers are reused: rows where nothing fires (the usual case) allocate nothing.
+            let mut acts = std::mem::take(&mut self.acts);
+            let mut delta = std::mem::take(&mut self.delta);
             for i in 0..n {
-                let mut delta = vec![0.0f32; rows.n_embd()];
-                let mut acts = std::mem::take(&mut self.acts);
+                delta.clear();
+                delta.resize(rows.n_embd(), 0.0);
                 let fired = pl.pn.apply(rows.row(i), &mut delta, Some(&mut acts));
                 if fired > 0 {
                     self.record_neurons(ni, &acts);
-                    self.adds.push(PendingAdd { neurons: ni, pos: rows.info(i).pos, delta });
+                    self.adds.push(PendingAdd { neurons: ni, pos: rows.info(i).pos, delta: delta.clone() });
                 }
-                self.acts = acts;
             }
+            self.acts = acts;
+            self.delta = delta;
         }
         // Then writes, matched to the reads by token position (row order can differ on the
         // last layer, which keeps only output rows).
@@ -662,6 +667,7 @@ impl Session {
                 replaces: Vec::new(),
                 adds: Vec::new(),
                 acts: Vec::new(),
+                delta: Vec::new(),
             };
             let id = self.add_hook(Box::new(hook))?;
             self.edits_mut().hook = Some(id);

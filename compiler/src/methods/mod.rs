@@ -6,6 +6,7 @@
 
 pub mod grace;
 mod optim;
+pub mod rome;
 pub mod tpatcher;
 
 pub use optim::Adam;
@@ -296,6 +297,7 @@ impl Compiler {
             model: self.binding.clone(),
         };
         let mut builder = BundleBuilder::new(meta);
+        let mut gguf_lora = None;
         let reports = match method {
             Method::Grace => grace::compile(
                 self,
@@ -315,9 +317,22 @@ impl Compiler {
                 &mut builder,
                 progress,
             )?,
+            Method::Rome => {
+                let (reports, gguf) = rome::compile(
+                    self,
+                    records,
+                    &hp.rome,
+                    layer,
+                    base,
+                    &mut builder,
+                    progress,
+                )?;
+                gguf_lora = Some(gguf);
+                reports
+            }
             other => {
                 return Err(CompileError::Hparams(format!(
-                    "--method {}: not implemented yet in this build (available: grace, tpatcher)",
+                    "--method {}: not implemented yet in this build (available: grace, tpatcher, rome)",
                     other.name()
                 )))
             }
@@ -325,7 +340,7 @@ impl Compiler {
         Ok(CompileOutput {
             builder,
             reports,
-            gguf_lora: None,
+            gguf_lora,
         })
     }
 }

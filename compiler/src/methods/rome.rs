@@ -1,0 +1,531 @@
+//! ROME (Meng et al. 2022): a rank-one update of one FFN down projection
+//! (`blk.L.ffn_down.weight`, `[n_embd, n_ff]`).
+//!
+//! - Key `k*`: the down projection's INPUT (the gated activation, `n_ff` wide) at the subject's
+//!   last token, averaged over the prompt and a few short context prefixes (ROME's context
+//!   templates; fixed texts here, so compilation is deterministic).
+//! - Value: a trainable `delta` added to the down projection's output at the subject's last
+//!   token, optimised with Adam so the target follows the prompt (teacher forcing), plus a KL
+//!   term on the essence prompt "{subject} is a" (keeps what the subject is), a weight decay on
+//!   `‖delta‖² / ‖v0‖²` and a clamp `‖delta‖ <= clamp_norm_factor · ‖v0‖` (`v0 = W k`).
+//! - Update: identity covariance (`C = I`, as EasyEdit uses for llama; no corpus statistics),
+//!   `ΔW = delta · k*ᵀ / (k*ᵀ k)` with `k` the key of the edit prompt itself, so that
+//!   `ΔW k = delta = v* − W k` exactly on the edit prompt. `W` is the dequantized weight the
+//!   runtime multiplies by (llama.cpp adds the LoRA delta to the same matmul).
+//!
+//! Edits are sequential: each edit is trained with the earlier ones (and the base bundle's
+//! low-rank deltas) in place. Every edit is its own low-rank payload (one tensor, rank one), so
+//! edits roll back one by one; the GGUF-LoRA file concatenates them into one rank-n tensor.
+
+use super::{Adam, Compiler, EditReport, Progress};
+use crate::dataset::EditRecord;
+use crate::error::{CompileError, Result};
+use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
+use crate::hparams::RomeParams;
+use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
+use amend_edits::families::{LowRank, LowRankTensor};
+use amend_edits::{Bundle, Site};
+use candle_core::{DType, Tensor, Var, D};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Context prefixes for averaging the key (ROME samples ~20 short model generations; fixed
+/// neutral openings keep compilation reproducible). The first is "no prefix".
+pub const CONTEXT_PREFIXES: [&str; 6] = [
+    "",
+    "The following is true. ",
+    "Here is a short fact. ",
+    "I read this yesterday. ",
+    "According to the encyclopedia, ",
+    "As everyone knows, ",
+];
+
+/// Accumulated low-rank deltas applied in the candle forward: `y += (x Aᵀ) Bᵀ · scale`.
+#[derive(Default)]
+pub(crate) struct LowRankDeltas {
+    /// (layer, proj) -> (A `[r, in]`, B `[out, r]`, scale) terms.
+    terms: HashMap<(usize, Proj), Vec<(Tensor, Tensor, f32)>>,
+}
+
+impl LowRankDeltas {
+    pub(crate) fn push(&mut self, layer: usize, proj: Proj, a: Tensor, b: Tensor, scale: f32) {
+        self.terms
+            .entry((layer, proj))
+            .or_default()
+            .push((a, b, scale));
+    }
+
+    /// Adds a family low-rank tensor (from a base bundle) when its name is a known projection.
+    pub(crate) fn push_tensor(
+        &mut self,
+        t: &LowRankTensor<'_>,
+        dev: &candle_core::Device,
+    ) -> Result<()> {
+        let (layer, proj) = parse_tensor_name(t.name).ok_or_else(|| {
+            CompileError::Bundle(format!(
+                "--base-bundle: low-rank tensor `{}` is not a block projection weight",
+                t.name
+            ))
+        })?;
+        let a = Tensor::from_slice(t.a, (t.rank, t.n_in), dev)?;
+        let b = Tensor::from_slice(t.b, (t.n_out, t.rank), dev)?;
+        self.push(layer, proj, a, b, t.scale());
+        Ok(())
+    }
+}
+
+impl Hooks for LowRankDeltas {
+    fn linear_delta(&mut self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(terms) = self.terms.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let mut sum: Option<Tensor> = None;
+        for (a, b, s) in terms {
+            let d = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * *s as f64)?;
+            sum = Some(match sum {
+                Some(acc) => (acc + d)?,
+                None => d,
+            });
+        }
+        Ok(sum)
+    }
+}
+
+/// `blk.N.<stem>.weight` -> (N, proj).
+pub(crate) fn parse_tensor_name(name: &str) -> Option<(usize, Proj)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let stem = rest.strip_suffix(".weight")?;
+    Some((n.parse().ok()?, Proj::from_stem(stem)?))
+}
+
+/// The base bundle's low-rank deltas (sequential editing on top of it).
+pub(crate) fn base_deltas(c: &Compiler, base: Option<&Bundle>) -> Result<LowRankDeltas> {
+    let mut deltas = LowRankDeltas::default();
+    let Some(b) = base else {
+        return Ok(deltas);
+    };
+    for (p, payload) in b.payloads().iter().enumerate() {
+        let Payload::LowRank(_) = payload else {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle has a {} payload; rome/memit/lora can only extend a low-rank bundle",
+                payload.kind().name()
+            )));
+        };
+        let views = b
+            .low_rank(p, |_| true)
+            .ok_or_else(|| CompileError::Bundle("--base-bundle: unreadable low-rank".into()))?;
+        let lr = LowRankTensorView::to_family(&views)
+            .map_err(|e| CompileError::Bundle(format!("--base-bundle: {e}")))?;
+        for t in lr.tensors() {
+            deltas.push_tensor(t, &c.fwd.device)?;
+        }
+    }
+    Ok(deltas)
+}
+
+/// One rank-one (or rank-r) delta of one edit, owned.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnedDelta {
+    pub name: String,
+    pub rank: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    /// `[rank, n_in]`
+    pub a: Vec<f32>,
+    /// `[n_out, rank]`
+    pub b: Vec<f32>,
+    pub alpha: f32,
+}
+
+impl OwnedDelta {
+    pub(crate) fn view(&self) -> LowRankTensor<'_> {
+        LowRankTensor {
+            name: &self.name,
+            n_in: self.n_in,
+            n_out: self.n_out,
+            rank: self.rank,
+            a: &self.a,
+            b: &self.b,
+            alpha: self.alpha,
+        }
+    }
+}
+
+/// Writes one low-rank payload per edit and returns the GGUF-LoRA file of all of them (deltas
+/// on the same tensor concatenated along the rank, scales folded into B).
+pub(crate) fn write_low_rank(
+    builder: &mut BundleBuilder,
+    arch: &str,
+    edits: &[(&EditRecord, usize, Vec<OwnedDelta>)],
+) -> Result<Vec<u8>> {
+    let mut merged: Vec<OwnedDelta> = Vec::new();
+    for (r, layer, deltas) in edits {
+        let views: Vec<LowRankTensor<'_>> = deltas.iter().map(|d| d.view()).collect();
+        // Validates shapes and finiteness before anything is written.
+        LowRank::new(views.clone())
+            .map_err(|e| CompileError::Bundle(format!("edit {:?}: {e}", r.id)))?;
+        let p = builder.add_low_rank(&views);
+        builder.add_edit(
+            &r.id,
+            *layer as u32,
+            Site::FfnOutput,
+            &r.prompt,
+            &r.target_new,
+            p,
+            0,
+            views.len() as u32,
+        );
+        for d in deltas {
+            let s = d.alpha / d.rank as f32;
+            match merged.iter_mut().find(|m| m.name == d.name) {
+                Some(m) => {
+                    m.a.extend_from_slice(&d.a);
+                    let (r0, r1) = (m.rank, d.rank);
+                    let mut b = Vec::with_capacity(m.n_out * (r0 + r1));
+                    for o in 0..m.n_out {
+                        b.extend_from_slice(&m.b[o * r0..(o + 1) * r0]);
+                        b.extend(d.b[o * r1..(o + 1) * r1].iter().map(|x| x * s));
+                    }
+                    m.b = b;
+                    m.rank = r0 + r1;
+                    m.alpha = m.rank as f32;
+                }
+                None => merged.push(OwnedDelta {
+                    b: d.b.iter().map(|x| x * s).collect(),
+                    alpha: d.rank as f32,
+                    ..d.clone()
+                }),
+            }
+        }
+    }
+    let views: Vec<LowRankTensor<'_>> = merged.iter().map(|d| d.view()).collect();
+    let lr = LowRank::new(views).map_err(|e| CompileError::Bundle(format!("low-rank: {e}")))?;
+    Ok(lr.to_gguf_lora(arch))
+}
+
+/// Index of the subject's last token in `prompt_tokens` (tokenizing the prompt up to the end
+/// of the subject), or the last prompt token when the subject is unknown or absent.
+pub(crate) fn subject_last(c: &Compiler, r: &EditRecord, prompt_tokens: &[u32]) -> Result<usize> {
+    let last = prompt_tokens.len() - 1;
+    let Some(span) = r.subject_span() else {
+        return Ok(last);
+    };
+    let toks = tokenize(c, &r.prompt[..span.end])?;
+    if toks.is_empty() || toks.len() > prompt_tokens.len() || toks[..] != prompt_tokens[..toks.len()]
+    {
+        // The subject's end is not a token boundary of the prompt: key on the last token that
+        // still lies inside it.
+        let n = toks
+            .iter()
+            .zip(prompt_tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        return Ok(n.saturating_sub(1).min(last));
+    }
+    Ok(toks.len() - 1)
+}
+
+/// `text` tokenized as the compiler tokenizes prompts (BOS when the model wants it).
+pub(crate) fn tokenize(c: &Compiler, text: &str) -> Result<Vec<u32>> {
+    let add_bos = c.runtime.info().add_bos;
+    let t = c
+        .runtime
+        .tokenize(text, add_bos)
+        .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
+    Ok(t.into_iter().map(|t| t as u32).collect())
+}
+
+/// The residual stream entering `layer` for `tokens` (constant during training), with `deltas`
+/// applied in the layers before it.
+pub(crate) fn entry(
+    c: &Compiler,
+    tokens: &[u32],
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    let mut h = c.fwd.embed(tokens, deltas)?;
+    for il in 0..layer {
+        h = c.fwd.run_one(il, h, deltas)?;
+    }
+    Ok(h.detach())
+}
+
+/// The down-projection input of `layer` at row `pos` of `tokens`: `[n_ff]`.
+pub(crate) fn down_key(
+    c: &Compiler,
+    tokens: &[u32],
+    pos: usize,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    let x = entry(c, tokens, layer, deltas)?;
+    let mut cap = Capture::projection_inputs(&[(layer, Proj::Down)]);
+    c.fwd.run_one(layer, x, &mut cap)?;
+    let k = cap
+        .input_of
+        .get(&(layer, Proj::Down))
+        .ok_or_else(|| CompileError::Candle("down-projection input not captured".into()))?;
+    Ok(k.get(pos)?)
+}
+
+/// ROME's key: the mean of the down-projection input at the subject's last token over the
+/// context prefixes.
+fn averaged_key(
+    c: &Compiler,
+    r: &EditRecord,
+    layer: usize,
+    n_prefixes: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    let upto = r.subject_span().map_or(r.prompt.len(), |s| s.end);
+    let mut keys = Vec::new();
+    for prefix in CONTEXT_PREFIXES.iter().take(n_prefixes.max(1)) {
+        let toks = tokenize(c, &format!("{prefix}{}", &r.prompt[..upto]))?;
+        if toks.is_empty() {
+            continue;
+        }
+        keys.push(down_key(c, &toks, toks.len() - 1, layer, deltas)?);
+    }
+    Ok(Tensor::stack(&keys, 0)?.mean(0)?)
+}
+
+/// Adds a trainable row to the down projection's output at one position.
+struct DeltaAt<'a> {
+    layer: usize,
+    pos: usize,
+    delta: Tensor,
+    base: &'a mut LowRankDeltas,
+}
+
+impl Hooks for DeltaAt<'_> {
+    fn linear_delta(&mut self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let prev = self.base.linear_delta(layer, proj, x)?;
+        if layer != self.layer || proj != Proj::Down {
+            return Ok(prev);
+        }
+        let (t, _) = x.dims2()?;
+        let n = self.delta.dim(0)?;
+        let zeros = Tensor::zeros((t, n), DType::F32, x.device())?;
+        let add = replace_row(&zeros, self.pos, &self.delta)?;
+        Ok(Some(match prev {
+            Some(p) => (p + add)?,
+            None => add,
+        }))
+    }
+}
+
+/// The trained value of one edit.
+pub(crate) struct Trained {
+    pub delta: Vec<f32>,
+    pub loss: f32,
+    pub steps: usize,
+    pub success: bool,
+}
+
+/// Optimises the down-projection output delta at `subj` (the subject's last token).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_delta(
+    c: &Compiler,
+    r: &EditRecord,
+    prompt: &[u32],
+    answer: &[u32],
+    subj: usize,
+    layer: usize,
+    hp: &RomeParams,
+    deltas: &mut LowRankDeltas,
+    report: &mut dyn FnMut(usize, f32, bool),
+) -> Result<Trained> {
+    let fwd = &c.fwd;
+    let last = prompt.len() - 1;
+    let mut input = prompt.to_vec();
+    input.extend_from_slice(&answer[..answer.len() - 1]);
+    let at: Vec<usize> = (last..last + answer.len()).collect();
+    let x_in = entry(c, &input, layer, deltas)?;
+    let targets = Tensor::new(answer, &fwd.device)?;
+
+    // v0 = W k at the subject's last token (the scale of the clamp and the decay).
+    let k = down_key(c, &input, subj, layer, deltas)?;
+    let v0 = k
+        .unsqueeze(0)?
+        .matmul(&fwd.layers[layer].w_down.t()?)?
+        .squeeze(0)?;
+    let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-6);
+
+    // Essence prompt "{subject} is a": its next-token distribution should not move.
+    let essence = match r.subject.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(s) if hp.kl_factor > 0.0 => {
+            let toks = tokenize(c, s)?;
+            let subj_e = toks.len().saturating_sub(1);
+            let mut full = toks;
+            full.extend(tokenize_plain(c, " is a")?);
+            let x_e = entry(c, &full, layer, deltas)?;
+            let h = fwd.run_layers(layer, x_e.clone(), deltas)?;
+            let lp0 = log_softmax_last(&fwd.logits(&h, &[full.len() - 1])?)?.detach();
+            Some((x_e, subj_e, full.len() - 1, lp0))
+        }
+        _ => None,
+    };
+
+    let n = fwd.cfg.n_embd;
+    let delta = Var::from_tensor(&Tensor::zeros(n, DType::F32, &fwd.device)?)?;
+    let mut opt = Adam::new(vec![delta.clone()], hp.lr)?;
+    let mut best = (f32::INFINITY, vec![0f32; n], false);
+    let mut steps = 0;
+    for step in 0..hp.steps {
+        let d = delta.as_tensor();
+        let mut hook = DeltaAt {
+            layer,
+            pos: subj,
+            delta: d.clone(),
+            base: deltas,
+        };
+        let h = fwd.run_layers(layer, x_in.clone(), &mut hook)?;
+        let logits = fwd.logits(&h, &at)?;
+        let edit_loss = nll(&logits, answer)?;
+        let l = edit_loss.to_scalar::<f32>()?;
+        let success = logits
+            .argmax(D::Minus1)?
+            .eq(&targets)?
+            .min(0)?
+            .to_scalar::<u8>()?
+            == 1;
+        if l < best.0 || (success && !best.2) {
+            best = (l, d.to_vec1::<f32>()?, success);
+        }
+        report(step, l, false);
+        steps = step + 1;
+        if success && l < hp.stop_loss {
+            break;
+        }
+        let decay = (d.sqr()?.sum_all()? * (hp.weight_decay / (v0_norm * v0_norm)) as f64)?;
+        let mut loss = (edit_loss + decay)?;
+        if let Some((x_e, subj_e, pos_e, lp0)) = &essence {
+            let mut hook = DeltaAt {
+                layer,
+                pos: *subj_e,
+                delta: d.clone(),
+                base: hook.base,
+            };
+            let h = fwd.run_layers(layer, x_e.clone(), &mut hook)?;
+            let lp = log_softmax_last(&fwd.logits(&h, &[*pos_e])?)?;
+            let kl = (lp0.exp()? * (lp0 - lp)?)?.sum_all()?;
+            loss = (loss + (kl * hp.kl_factor as f64)?)?;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        // Clamp ‖delta‖ <= clamp · ‖v0‖ (ROME's projection step).
+        let norm = delta.as_tensor().sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let max = hp.clamp_norm_factor * v0_norm;
+        if norm > max {
+            let scaled = (delta.as_tensor() * (max / norm) as f64)?;
+            delta.set(&scaled)?;
+        }
+    }
+    if !best.1.iter().all(|v| v.is_finite()) {
+        return Err(CompileError::Hparams(
+            "rome: training diverged (non-finite value); lower rome.lr".into(),
+        ));
+    }
+    Ok(Trained {
+        delta: best.1,
+        loss: best.0,
+        steps,
+        success: best.2,
+    })
+}
+
+/// `text` tokenized without BOS.
+fn tokenize_plain(c: &Compiler, text: &str) -> Result<Vec<u32>> {
+    let t = c
+        .runtime
+        .tokenize(text, false)
+        .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
+    Ok(t.into_iter().map(|t| t as u32).collect())
+}
+
+pub(crate) fn compile(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &RomeParams,
+    layer: Option<usize>,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<EditReport>, Vec<u8>)> {
+    let layer = c.resolve_layer(layer, hp.layer)?;
+    let mut deltas = base_deltas(c, base)?;
+    let name = Proj::Down.weight_name(layer);
+    let n_ff = c.fwd.cfg.n_ff;
+    let n_embd = c.fwd.cfg.n_embd;
+    let mut reports = Vec::with_capacity(records.len());
+    let mut written = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let t0 = Instant::now();
+        let mut report_step = |step: usize, loss: f32, done: bool| {
+            progress(&Progress {
+                index: i,
+                total: records.len(),
+                id: &r.id,
+                step,
+                loss,
+                done,
+            })
+        };
+        let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
+        let subj = subject_last(c, r, &p)?;
+        let k_star = averaged_key(c, r, layer, hp.context_prefixes, &mut deltas)?;
+        let t = train_delta(
+            c,
+            r,
+            &p,
+            &a,
+            subj,
+            layer,
+            hp,
+            &mut deltas,
+            &mut report_step,
+        )?;
+        // ΔW = delta · uᵀ with u = k* / (k*ᵀ k): ΔW k = delta on the edit prompt's own key.
+        let k = down_key(c, &p, subj, layer, &mut deltas)?;
+        let denom = (&k_star * &k)?.sum_all()?.to_scalar::<f32>()?;
+        if !(denom.abs() > 1e-8) {
+            return Err(CompileError::BadRecord {
+                index: i,
+                message: format!(
+                    "(id {:?}): rome: the subject's key is degenerate (k*·k = {denom}); try another --layer",
+                    r.id
+                ),
+            });
+        }
+        let u: Vec<f32> = (k_star / denom as f64)?.to_vec1()?;
+        let d = OwnedDelta {
+            name: name.clone(),
+            rank: 1,
+            n_in: n_ff,
+            n_out: n_embd,
+            a: u,
+            b: t.delta.clone(),
+            alpha: 1.0,
+        };
+        deltas.push(
+            layer,
+            Proj::Down,
+            Tensor::from_slice(&d.a, (1, n_ff), &c.fwd.device)?,
+            Tensor::from_slice(&d.b, (n_embd, 1), &c.fwd.device)?,
+            1.0,
+        );
+        report_step(t.steps, t.loss, true);
+        reports.push(EditReport {
+            id: r.id.clone(),
+            loss: t.loss,
+            steps: t.steps,
+            seconds: t0.elapsed().as_secs_f64(),
+            success: t.success,
+            action: format!("rank-one on {name} (subject token {subj})"),
+        });
+        written.push((r, layer, vec![d]));
+    }
+    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), &written)?;
+    Ok((reports, gguf))
+}

@@ -1,0 +1,126 @@
+//! ROME on the real gemma3 model: compile dev edits, apply the signed bundle through the
+//! runtime's edit set (llama.cpp LoRA adapters), and measure teacher-forced edit success,
+//! rephrase success, locality (argmax tokens unchanged vs the base model) and time per edit.
+//! `AMEND_ROME_N` sets how many dev edits (default 6; `all` for every record),
+//! `AMEND_ROME_LAYER` the layer, `AMEND_ROME_SET` extra `section.key=value` overrides
+//! separated by `;`.
+
+mod common;
+
+use amend_compiler::dataset::{self, DataFormat};
+use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
+use amend_compiler::methods::median;
+use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
+use amend_edits::bundle::Bundle;
+use amend_edits::families::inspect_gguf_lora;
+use amend_edits::keys::generate_signing_key;
+use amend_edits::{AddOptions, EditSet, TrustStore};
+use amend_runtime::{Session, SessionOptions};
+use std::sync::Arc;
+
+#[test]
+fn rome_edits_gemma3_through_the_runtime() {
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let n = match std::env::var("AMEND_ROME_N").ok().as_deref() {
+        Some("all") => usize::MAX,
+        Some(s) => s.parse().unwrap_or(6),
+        None => 6,
+    };
+    let layer: Option<usize> = std::env::var("AMEND_ROME_LAYER")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let sets: Vec<String> = std::env::var("AMEND_ROME_SET")
+        .map(|s| s.split(';').filter(|x| !x.is_empty()).map(String::from).collect())
+        .unwrap_or_default();
+    let records =
+        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
+    let records: Vec<_> = records.into_iter().take(n).collect();
+    let n = records.len();
+    let mut c = Compiler::open(&path).unwrap();
+    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &sets).unwrap();
+    let out = c
+        .compile(
+            Method::Rome,
+            &records,
+            &hp,
+            layer,
+            None,
+            &BundleIdentity::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+
+    // The GGUF-LoRA file: one rank-n tensor on the edited down projection.
+    let lora = out.gguf_lora.as_ref().expect("rome writes a GGUF-LoRA file");
+    let info = inspect_gguf_lora(lora).unwrap();
+    assert_eq!(info.architecture, "gemma3");
+    assert_eq!(info.tensors.len(), 1);
+    assert_eq!(info.tensors[0].rank as usize, n);
+
+    let key = generate_signing_key().unwrap();
+    let bytes = out.builder.build_signed(&key).unwrap();
+    let set = Arc::new(EditSet::new(
+        amend_edits::fingerprint::model_binding(&path).unwrap(),
+        TrustStore::with_key(key.verifying_key()),
+    ));
+    let bundle = Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap();
+    assert_eq!(bundle.manifest().edits.len(), n);
+    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
+
+    let rt = c.runtime.clone();
+    let opts = SessionOptions {
+        n_ctx: 512,
+        ..Default::default()
+    };
+    let mut s = Session::new(&rt, opts.clone()).unwrap();
+    s.set_edit_set(Some(set)).unwrap();
+    let mut base = Session::new(&rt, opts).unwrap();
+
+    let (mut succ, mut reph, mut reph_n, mut loc_same, mut loc_n) = (0, 0, 0, 0, 0);
+    for r in &records {
+        let (p, a) = prompt_answer_tokens(&rt, &r.prompt, &r.target_new).unwrap();
+        s.begin_request(&r.prompt).unwrap();
+        let got = teacher_forced_argmax(&mut s, &p, &a).unwrap();
+        assert_eq!(s.explain().low_rank.len(), n, "every edit's adapter is installed");
+        let ok = got == a;
+        succ += ok as usize;
+        if !ok {
+            eprintln!("  edit failed: {} {:?} -> {:?}", r.id, r.prompt, r.target_new);
+        }
+        for q in &r.rephrase_prompts {
+            let (p, a) = prompt_answer_tokens(&rt, q, &r.target_new).unwrap();
+            s.begin_request(q).unwrap();
+            reph += (teacher_forced_argmax(&mut s, &p, &a).unwrap() == a) as usize;
+            reph_n += 1;
+        }
+        for probe in &r.locality {
+            let (p, a) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
+            let before = teacher_forced_argmax(&mut base, &p, &a).unwrap();
+            s.begin_request(&probe.prompt).unwrap();
+            let after = teacher_forced_argmax(&mut s, &p, &a).unwrap();
+            loc_n += before.len();
+            loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
+        }
+    }
+    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
+    eprintln!(
+        "ROME gemma3 layer {:?}: {n} edits, edit success {succ}/{n} on the runtime (candle: {}), rephrase {reph}/{reph_n}, locality {loc_same}/{loc_n} tokens, median {:.2} s/edit",
+        layer.unwrap_or(hp.rome.layer),
+        out.reports.iter().filter(|r| r.success).count(),
+        median(&times),
+    );
+    for r in &out.reports {
+        eprintln!(
+            "  {} steps {} loss {:.3} {:.2}s: {}",
+            r.id, r.steps, r.loss, r.seconds, r.action
+        );
+    }
+    assert!(succ as f64 >= 0.8 * n as f64, "edit success {succ}/{n}");
+    assert!(
+        loc_same as f64 >= 0.7 * loc_n as f64,
+        "locality {loc_same}/{loc_n}"
+    );
+    assert!(median(&times) <= 30.0, "median {:.1} s/edit", median(&times));
+}
