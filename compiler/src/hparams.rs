@@ -34,6 +34,12 @@ pub struct RomeParams {
     pub clamp_norm_factor: f32,
     /// Context prefixes the key is averaged over (1 = the prompt only; at most 6).
     pub context_prefixes: usize,
+    /// Use the key second moment of the neutral corpus (`C⁻¹k`) instead of `C = I`.
+    pub covariance: bool,
+    /// Ridge added to `C`, relative to its mean diagonal.
+    pub cov_lambda: f64,
+    /// Weight of earlier edits' keys added to `C` (sequential edits keep each other).
+    pub preserve_weight: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -141,6 +147,12 @@ impl Hparams {
         }
         if !(self.rome.clamp_norm_factor > 0.0) {
             return bad("rome.clamp_norm_factor", "must be > 0");
+        }
+        if !(self.rome.cov_lambda > 0.0) {
+            return bad("rome.cov_lambda", "must be > 0");
+        }
+        if !(self.rome.preserve_weight >= 0.0) {
+            return bad("rome.preserve_weight", "must be >= 0");
         }
         if !(1..=6).contains(&self.rome.context_prefixes) {
             return bad("rome.context_prefixes", "must be in 1..=6");

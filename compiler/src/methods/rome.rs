@@ -40,6 +40,118 @@ pub const CONTEXT_PREFIXES: [&str; 6] = [
     "As everyone knows, ",
 ];
 
+/// The key second moment `C = KᵀK/N + λI` of the down projection's inputs over the neutral
+/// corpus, held as its Cholesky factor; earlier edits' keys are added as rank-one updates so a
+/// later edit barely moves them (ROME's `C⁻¹k` direction, made sequential).
+pub(crate) struct Covariance {
+    n: usize,
+    /// Lower-triangular factor, row-major `[n, n]`.
+    l: Vec<f64>,
+}
+
+impl Covariance {
+    /// From the rows `keys` (`[N, n]`) and `lambda` relative to the mean diagonal of `KᵀK/N`.
+    pub(crate) fn from_keys(keys: &Tensor, lambda: f64) -> Result<Covariance> {
+        let (rows, n) = keys.dims2()?;
+        let c = keys.t()?.matmul(keys)?;
+        let c = (c / rows.max(1) as f64)?;
+        let mut a: Vec<f64> = c
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let mean_diag = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
+        let reg = lambda * mean_diag.max(1e-12);
+        for i in 0..n {
+            a[i * n + i] += reg;
+        }
+        // In-place Cholesky (row-oriented; the inner dot products are contiguous).
+        for j in 0..n {
+            let (done, rest) = a.split_at_mut(j * n);
+            let row_j = &mut rest[..n];
+            for k in 0..j {
+                let row_k = &done[k * n..k * n + n];
+                let dot: f64 = row_j[..k].iter().zip(&row_k[..k]).map(|(x, y)| x * y).sum();
+                row_j[k] = (row_j[k] - dot) / row_k[k];
+            }
+            let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
+            if !(d > 0.0) {
+                return Err(CompileError::Hparams(
+                    "rome: key covariance is not positive definite; raise rome.cov_lambda".into(),
+                ));
+            }
+            row_j[j] = d.sqrt();
+            row_j[j + 1..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        Ok(Covariance { n, l: a })
+    }
+
+    /// `C⁻¹ k`.
+    pub(crate) fn solve(&self, k: &[f32]) -> Vec<f32> {
+        let n = self.n;
+        let mut y: Vec<f64> = k.iter().map(|&x| x as f64).collect();
+        for i in 0..n {
+            let dot: f64 = self.l[i * n..i * n + i]
+                .iter()
+                .zip(&y[..i])
+                .map(|(a, b)| a * b)
+                .sum();
+            y[i] = (y[i] - dot) / self.l[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let mut s = y[i];
+            for j in i + 1..n {
+                s -= self.l[j * n + i] * y[j];
+            }
+            y[i] = s / self.l[i * n + i];
+        }
+        y.into_iter().map(|x| x as f32).collect()
+    }
+
+    /// `C += w k kᵀ` (Cholesky rank-one update).
+    pub(crate) fn add(&mut self, k: &[f32], w: f64) {
+        let n = self.n;
+        let mut x: Vec<f64> = k.iter().map(|&v| v as f64 * w.sqrt()).collect();
+        for i in 0..n {
+            let lii = self.l[i * n + i];
+            let r = (lii * lii + x[i] * x[i]).sqrt();
+            let (c, s) = (r / lii, x[i] / lii);
+            self.l[i * n + i] = r;
+            for j in i + 1..n {
+                let lji = (self.l[j * n + i] + s * x[j]) / c;
+                x[j] = c * x[j] - s * lji;
+                self.l[j * n + i] = lji;
+            }
+        }
+    }
+}
+
+/// Down-projection inputs of `layer` on every token of the neutral corpus: `[rows, n_ff]`.
+pub(crate) fn corpus_keys(c: &Compiler, layer: usize, deltas: &mut LowRankDeltas) -> Result<Tensor> {
+    let mut rows = Vec::new();
+    for line in super::tpatcher::NEUTRAL_CORPUS
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        let toks = tokenize(c, line)?;
+        if toks.len() < 2 {
+            continue;
+        }
+        let x = entry(c, &toks, layer, deltas)?;
+        let mut cap = Capture::projection_inputs(&[(layer, Proj::Down)]);
+        c.fwd.run_one(layer, x, &mut cap)?;
+        if let Some(k) = cap.input_of.remove(&(layer, Proj::Down)) {
+            // Skip BOS: its activations are outliers no prompt shares.
+            rows.push(k.narrow(0, 1, toks.len() - 1)?);
+        }
+    }
+    if rows.is_empty() {
+        return Err(CompileError::Hparams("rome: the neutral corpus is empty".into()));
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 /// Accumulated low-rank deltas applied in the candle forward: `y += (x Aᵀ) Bᵀ · scale`.
 #[derive(Default)]
 pub(crate) struct LowRankDeltas {
@@ -458,6 +570,14 @@ pub(crate) fn compile(
     let name = Proj::Down.weight_name(layer);
     let n_ff = c.fwd.cfg.n_ff;
     let n_embd = c.fwd.cfg.n_embd;
+    let mut cov = if hp.covariance {
+        Some(Covariance::from_keys(
+            &corpus_keys(c, layer, &mut deltas)?,
+            hp.cov_lambda,
+        )?)
+    } else {
+        None
+    };
     let mut reports = Vec::with_capacity(records.len());
     let mut written = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
@@ -486,8 +606,16 @@ pub(crate) fn compile(
             &mut deltas,
             &mut report_step,
         )?;
-        // ΔW = delta · uᵀ with u = k* / (k*ᵀ k): ΔW k = delta on the edit prompt's own key.
+        // ΔW = delta · uᵀ with u = C⁻¹k* / ((C⁻¹k*)ᵀ k): ΔW k = delta on the edit prompt's own
+        // key (C = I without the covariance).
         let k = down_key(c, &p, subj, layer, &mut deltas)?;
+        let k_star = match &cov {
+            Some(cv) => {
+                let ks: Vec<f32> = k_star.to_vec1()?;
+                Tensor::from_vec(cv.solve(&ks), n_ff, &c.fwd.device)?
+            }
+            None => k_star,
+        };
         let denom = (&k_star * &k)?.sum_all()?.to_scalar::<f32>()?;
         if !(denom.abs() > 1e-8) {
             return Err(CompileError::BadRecord {
@@ -515,6 +643,10 @@ pub(crate) fn compile(
             Tensor::from_slice(&d.b, (n_embd, 1), &c.fwd.device)?,
             1.0,
         );
+        if let Some(cv) = cov.as_mut() {
+            // Later edits should leave this one's key alone.
+            cv.add(&k.to_vec1::<f32>()?, hp.preserve_weight);
+        }
         report_step(t.steps, t.loss, true);
         reports.push(EditReport {
             id: r.id.clone(),
