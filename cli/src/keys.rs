@@ -327,7 +327,9 @@ pub(crate) fn load_edit_set(
     pubkeys: &[PathBuf],
 ) -> anyhow::Result<std::sync::Arc<amend_edits::EditSet>> {
     if pubkeys.is_empty() {
-        anyhow::bail!("--bundle needs --pubkey: bundles are only applied after their signature is verified");
+        anyhow::bail!(
+            "--bundle needs --pubkey: bundles are only applied after their signature is verified"
+        );
     }
     let trust = trust_from(pubkeys)?;
     let binding = amend_edits::fingerprint::model_binding(model)

@@ -90,7 +90,11 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             m.record,
             m.score,
             m.threshold,
-            if m.in_scope { "IN SCOPE (counterfactual prompt)" } else { "out of scope" }
+            if m.in_scope {
+                "IN SCOPE (counterfactual prompt)"
+            } else {
+                "out of scope"
+            }
         );
     }
     for c in &ex.codebook {
@@ -118,7 +122,10 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
         );
     }
     for l in &ex.low_rank {
-        eprintln!("explain: low-rank {} ({} tensors) scale {}", l.bundle, l.tensors, l.scale);
+        eprintln!(
+            "explain: low-rank {} ({} tensors) scale {}",
+            l.bundle, l.tensors, l.scale
+        );
     }
     if ex.generation.is_some()
         && ex.memory.is_none()

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use amend_edits::bundle::{BundleBuilder, BundleMeta, EmbedderDesc, MemoryRecordDesc};
 use amend_edits::ed25519_dalek::SigningKey;
-use amend_edits::families::{LowRankTensor, Memory, Embedder, MemoryRecord, Pooling};
+use amend_edits::families::{Embedder, LowRankTensor, Memory, MemoryRecord, Pooling};
 use amend_edits::{AddOptions, Bundle, EditSet, ModelBinding, Site, TrustStore};
 use amend_runtime::{GenerateParams, Model, ModelOptions, Session, SessionOptions};
 
@@ -19,13 +19,19 @@ const D: usize = 640;
 const LAYER: u32 = 12;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
@@ -41,7 +47,10 @@ impl Rng {
 }
 
 fn meta(binding: &ModelBinding, id: &str) -> BundleMeta {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     BundleMeta {
         bundle_id: id.into(),
         channel: id.into(),
@@ -68,15 +77,43 @@ fn codebook(binding: &ModelBinding, rng: &mut Rng, n: usize, with_neurons: usize
     // Radius 0: random keys never match a real prompt, which is the common case (a lookup that
     // finds nothing) and keeps the generated text identical across variants.
     let radii = vec![0.0f32; n];
-    let p = b.add_codebook(LAYER, Site::FfnInput, Site::FfnOutput, 1, false, D, &keys, &values, &radii);
+    let p = b.add_codebook(
+        LAYER,
+        Site::FfnInput,
+        Site::FfnOutput,
+        1,
+        false,
+        D,
+        &keys,
+        &values,
+        &radii,
+    );
     b.add_edit("cb", LAYER, Site::FfnOutput, "p", " t", p, 0, n as u32);
     if with_neurons > 0 {
         let k = rng.vec(with_neurons * D, 1e-3);
         // Very negative biases: the neurons are evaluated at every position but never fire.
         let biases = vec![-1e6f32; with_neurons];
         let v = rng.vec(with_neurons * D, 1.0);
-        let q = b.add_patch_neurons(LAYER, Site::FfnInput, Site::FfnOutput, 0, D, &k, &biases, &v);
-        b.add_edit("pn", LAYER, Site::FfnOutput, "p", " t", q, 0, with_neurons as u32);
+        let q = b.add_patch_neurons(
+            LAYER,
+            Site::FfnInput,
+            Site::FfnOutput,
+            0,
+            D,
+            &k,
+            &biases,
+            &v,
+        );
+        b.add_edit(
+            "pn",
+            LAYER,
+            Site::FfnOutput,
+            "p",
+            " t",
+            q,
+            0,
+            with_neurons as u32,
+        );
     }
     b
 }
@@ -86,15 +123,28 @@ fn low_rank(binding: &ModelBinding, rng: &mut Rng, rank: usize) -> BundleBuilder
     let a = rng.vec(rank * 2048, 1e-3);
     let bm = rng.vec(D * rank, 1e-3);
     let name = format!("blk.{LAYER}.ffn_down.weight");
-    let t = LowRankTensor { name: &name, n_in: 2048, n_out: D, rank, a: &a, b: &bm, alpha: rank as f32 };
+    let t = LowRankTensor {
+        name: &name,
+        n_in: 2048,
+        n_out: D,
+        rank,
+        a: &a,
+        b: &bm,
+        alpha: rank as f32,
+    };
     let p = b.add_low_rank(&[t]);
     b.add_edit("lr", LAYER, Site::FfnOutput, "p", " t", p, 0, 1);
     b
 }
 
 fn decode_tok_s(s: &mut Session, prompt: &str, n: usize) -> f64 {
-    let params = GenerateParams { ignore_eos: true, ..GenerateParams::greedy(n) };
-    let out = s.generate(prompt, &params, |_| ControlFlow::Continue(())).unwrap();
+    let params = GenerateParams {
+        ignore_eos: true,
+        ..GenerateParams::greedy(n)
+    };
+    let out = s
+        .generate(prompt, &params, |_| ControlFlow::Continue(()))
+        .unwrap();
     out.timings.decode_tok_s()
 }
 
@@ -105,16 +155,29 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let path = std::env::var("AMEND_MODEL").unwrap_or_else(|_| {
-        format!("{}/.cache/amend/gemma3-270m-q4_k_m.gguf", std::env::var("HOME").unwrap_or_default())
+        format!(
+            "{}/.cache/amend/gemma3-270m-q4_k_m.gguf",
+            std::env::var("HOME").unwrap_or_default()
+        )
     });
     if !std::path::Path::new(&path).exists() {
         eprintln!("bench edits: model {path} missing (run `make model`); skipped");
         return;
     }
-    let threads = env("AMEND_BENCH_THREADS", std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let threads = env(
+        "AMEND_BENCH_THREADS",
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    );
     let rounds = env("AMEND_BENCH_ROUNDS", 5);
     let n_tok = env("AMEND_BENCH_TOKENS", 64);
-    let model = Model::open(&path, ModelOptions { n_threads: Some(threads), ..Default::default() }).unwrap();
+    let model = Model::open(
+        &path,
+        ModelOptions {
+            n_threads: Some(threads),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let binding = amend_edits::fingerprint::model_binding(&path).unwrap();
     let key = SigningKey::from_bytes(&[9; 32]);
     let mut rng = Rng(1);
@@ -122,17 +185,48 @@ fn main() {
     let t = Instant::now();
     let variants: Vec<(&str, Option<Arc<EditSet>>)> = vec![
         ("base model (no edit set)", None),
-        ("1,000 codebook + 1,000 neurons", Some(set_of(&binding, &key, &codebook(&binding, &mut rng, 1000, 1000)))),
-        ("100,000 codebook entries", Some(set_of(&binding, &key, &codebook(&binding, &mut rng, 100_000, 0)))),
-        ("low-rank rank 1", Some(set_of(&binding, &key, &low_rank(&binding, &mut rng, 1)))),
-        ("low-rank rank 8", Some(set_of(&binding, &key, &low_rank(&binding, &mut rng, 8)))),
+        (
+            "1,000 codebook + 1,000 neurons",
+            Some(set_of(
+                &binding,
+                &key,
+                &codebook(&binding, &mut rng, 1000, 1000),
+            )),
+        ),
+        (
+            "100,000 codebook entries",
+            Some(set_of(
+                &binding,
+                &key,
+                &codebook(&binding, &mut rng, 100_000, 0),
+            )),
+        ),
+        (
+            "low-rank rank 1",
+            Some(set_of(&binding, &key, &low_rank(&binding, &mut rng, 1))),
+        ),
+        (
+            "low-rank rank 8",
+            Some(set_of(&binding, &key, &low_rank(&binding, &mut rng, 8))),
+        ),
     ];
-    eprintln!("built bundles in {:.1} s; {rounds} rounds x {n_tok} tokens, {threads} threads", t.elapsed().as_secs_f64());
+    eprintln!(
+        "built bundles in {:.1} s; {rounds} rounds x {n_tok} tokens, {threads} threads",
+        t.elapsed().as_secs_f64()
+    );
 
     let mut sessions: Vec<Session> = variants
         .iter()
         .map(|(_, set)| {
-            let mut s = Session::new(&model, SessionOptions { n_ctx: 512, n_threads: Some(threads), ..Default::default() }).unwrap();
+            let mut s = Session::new(
+                &model,
+                SessionOptions {
+                    n_ctx: 512,
+                    n_threads: Some(threads),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             s.set_edit_set(set.clone()).unwrap();
             s
         })
@@ -166,7 +260,12 @@ fn main() {
     let names: Vec<String> = (0..n_mem).map(|i| format!("m{i}")).collect();
     let records: Vec<MemoryRecord<'_>> = names
         .iter()
-        .map(|n| MemoryRecord { edit_id: n, prompt: "p", target: "t", text: "x" })
+        .map(|n| MemoryRecord {
+            edit_id: n,
+            prompt: "p",
+            target: "t",
+            text: "x",
+        })
         .collect();
     let mem = Memory::new(
         D,
@@ -174,7 +273,11 @@ fn main() {
         0.9,
         records,
         "{edit}\n{prompt}",
-        Embedder::BaseModel { layer: 14, site: Site::FfnInput, pooling: Pooling::Last },
+        Embedder::BaseModel {
+            layer: 14,
+            site: Site::FfnInput,
+            pooling: Pooling::Last,
+        },
     )
     .unwrap()
     .with_f16_index();
@@ -188,19 +291,36 @@ fn main() {
 
     let mut b = BundleBuilder::new(meta(&binding, "mem"));
     let recs: Vec<MemoryRecordDesc> = (0..n_mem)
-        .map(|i| MemoryRecordDesc { edit_id: format!("m{i}"), prompt: "p".into(), target: " t".into(), text: "x".into() })
+        .map(|i| MemoryRecordDesc {
+            edit_id: format!("m{i}"),
+            prompt: "p".into(),
+            target: " t".into(),
+            text: "x".into(),
+        })
         .collect();
     let p = b.add_memory(
         D,
         &emb,
         0.9,
         "{edit}\n{prompt}",
-        EmbedderDesc::BaseModel { layer: 14, site: Site::FfnInput.code(), pooling: Pooling::Last.code() },
+        EmbedderDesc::BaseModel {
+            layer: 14,
+            site: Site::FfnInput.code(),
+            pooling: Pooling::Last.code(),
+        },
         recs,
     );
     b.add_edit("mem", 14, Site::FfnInput, "p", " t", p, 0, n_mem as u32);
     let set = set_of(&binding, &key, &b);
-    let mut s = Session::new(&model, SessionOptions { n_ctx: 512, n_threads: Some(threads), ..Default::default() }).unwrap();
+    let mut s = Session::new(
+        &model,
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(threads),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     s.set_edit_set(Some(set)).unwrap();
     s.begin_request(prompt).unwrap(); // builds the plan once
     let t = Instant::now();

@@ -85,7 +85,10 @@ fn edit_of(set: &ActiveSet, bundle: usize, p: usize, unit: usize) -> Option<Stri
     b.manifest()
         .edits
         .iter()
-        .find(|e| e.payload as usize == p && (e.first as usize..(e.first + e.count) as usize).contains(&unit))
+        .find(|e| {
+            e.payload as usize == p
+                && (e.first as usize..(e.first + e.count) as usize).contains(&unit)
+        })
         .map(|e| e.id.clone())
 }
 
@@ -194,35 +197,56 @@ impl EditPlan {
                 match payload {
                     Payload::Codebook(_) => {
                         for r in runs {
-                            let Some(v) = b.codebook(p, r.clone()) else { continue };
+                            let Some(v) = b.codebook(p, r.clone()) else {
+                                continue;
+                            };
                             let cb = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
                             check_point(model, cb.layer(), cb.key_site())?;
                             check_point(model, cb.layer(), cb.replace_site())?;
                             // SAFETY: see `extend`; `plan.set` keeps the bundle alive.
                             let cb = unsafe { extend(cb) };
-                            plan.codebooks.push(PlannedCodebook { bundle: bi, payload: p, rows: r, cb });
+                            plan.codebooks.push(PlannedCodebook {
+                                bundle: bi,
+                                payload: p,
+                                rows: r,
+                                cb,
+                            });
                         }
                     }
                     Payload::PatchNeurons(_) => {
                         for r in runs {
-                            let Some(v) = b.patch_neurons(p, r.clone()) else { continue };
+                            let Some(v) = b.patch_neurons(p, r.clone()) else {
+                                continue;
+                            };
                             let pn = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
                             check_point(model, pn.layer(), pn.read_site())?;
                             check_point(model, pn.layer(), pn.write_site())?;
                             let pn = unsafe { extend(pn) };
-                            plan.neurons.push(PlannedNeurons { bundle: bi, payload: p, rows: r, pn });
+                            plan.neurons.push(PlannedNeurons {
+                                bundle: bi,
+                                payload: p,
+                                rows: r,
+                                pn,
+                            });
                         }
                     }
                     Payload::Memory(_) => {
                         for r in runs {
-                            let Some(v) = b.memory(p, r.clone()) else { continue };
+                            let Some(v) = b.memory(p, r.clone()) else {
+                                continue;
+                            };
                             let mem = v.to_family().map_err(|e| bad(format!("{}: {e}", b.id())))?;
                             if let Embedder::BaseModel { layer, site, .. } = mem.embedder() {
                                 check_point(model, layer, site)?;
                             }
                             // The half-size first pass keeps the scope check under 1 ms at 10k memories.
                             let mem = unsafe { extend(mem.with_f16_index()) };
-                            plan.memories.push(PlannedMemory { bundle: bi, payload: p, rows: r, mem });
+                            plan.memories.push(PlannedMemory {
+                                bundle: bi,
+                                payload: p,
+                                rows: r,
+                                mem,
+                            });
                         }
                     }
                     Payload::LowRank(_) | Payload::LowRankGguf(_) => {
@@ -235,7 +259,8 @@ impl EditPlan {
                                 None => continue,
                             },
                             _ => {
-                                let Some(views) = b.low_rank(p, |i| runs.iter().any(|r| r.contains(&i)))
+                                let Some(views) =
+                                    b.low_rank(p, |i| runs.iter().any(|r| r.contains(&i)))
                                 else {
                                     continue;
                                 };
@@ -255,7 +280,12 @@ impl EditPlan {
                             .unwrap_or(0);
                         let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
                         let ptr = load_adapter(model, &blob)?;
-                        plan.adapters.push(Adapter { ptr, bundle: bi, scale, tensors });
+                        plan.adapters.push(Adapter {
+                            ptr,
+                            bundle: bi,
+                            scale,
+                            tensors,
+                        });
                     }
                 }
             }
@@ -268,7 +298,11 @@ impl EditPlan {
     }
 
     fn bundle_id(&self, bi: usize) -> String {
-        self.set.bundles.get(bi).map(|b| b.id().to_string()).unwrap_or_default()
+        self.set
+            .bundles
+            .get(bi)
+            .map(|b| b.id().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -284,8 +318,8 @@ fn check_tensor_name(name: &str, n_layer: u32) -> Result<(), RuntimeError> {
             Some(l) if l < n_layer => {}
             _ => {
                 return Err(RuntimeError::InvalidEdit(format!(
-                    "low-rank tensor {name:?} names a layer the model does not have ({n_layer} layers)"
-                )))
+                "low-rank tensor {name:?} names a layer the model does not have ({n_layer} layers)"
+            )))
             }
         }
     }
@@ -294,13 +328,22 @@ fn check_tensor_name(name: &str, n_layer: u32) -> Result<(), RuntimeError> {
 
 /// Loads a GGUF-LoRA from memory: llama.cpp reads adapters from a `FILE*`, which `fmemopen`
 /// gives us over the bytes without touching the file system.
-fn load_adapter(model: &Model, blob: &[u8]) -> Result<NonNull<sys::llama_adapter_lora>, RuntimeError> {
+fn load_adapter(
+    model: &Model,
+    blob: &[u8],
+) -> Result<NonNull<sys::llama_adapter_lora>, RuntimeError> {
     let mode = CString::new("rb").expect("static");
     // SAFETY: fmemopen reads `blob` (alive until fclose below); llama.cpp copies what it keeps.
     unsafe {
-        let f = libc::fmemopen(blob.as_ptr() as *mut libc::c_void, blob.len(), mode.as_ptr());
+        let f = libc::fmemopen(
+            blob.as_ptr() as *mut libc::c_void,
+            blob.len(),
+            mode.as_ptr(),
+        );
         if f.is_null() {
-            return Err(RuntimeError::InvalidEdit("cannot open the adapter bytes (fmemopen)".into()));
+            return Err(RuntimeError::InvalidEdit(
+                "cannot open the adapter bytes (fmemopen)".into(),
+            ));
         }
         let p = sys::llama_adapter_lora_init_from_file_ptr(model.as_ptr(), f as *mut _);
         libc::fclose(f);
@@ -347,7 +390,9 @@ impl EditHook {
             }
             let unit = pl.rows.start + j;
             if let Some(e) = ex.neurons.iter_mut().find(|e| {
-                e.layer == pl.pn.layer() && e.neuron == unit && e.bundle == self.plan.bundle_id(pl.bundle)
+                e.layer == pl.pn.layer()
+                    && e.neuron == unit
+                    && e.bundle == self.plan.bundle_id(pl.bundle)
             }) {
                 e.max_activation = e.max_activation.max(a);
                 e.positions += 1;
@@ -400,9 +445,15 @@ impl Hook for EditHook {
                 if !wanted {
                     continue;
                 }
-                let Some(hit) = c.cb.nearest(rows.row(i), None) else { continue };
+                let Some(hit) = c.cb.nearest(rows.row(i), None) else {
+                    continue;
+                };
                 if hit.within_radius {
-                    self.replaces.push(PendingReplace { codebook: ci, pos: info.pos, entry: hit.index });
+                    self.replaces.push(PendingReplace {
+                        codebook: ci,
+                        pos: info.pos,
+                        entry: hit.index,
+                    });
                 }
                 let mut ex = self.explain.lock().unwrap_or_else(|e| e.into_inner());
                 ex.codebook.push(CodebookEvent {
@@ -432,7 +483,11 @@ impl Hook for EditHook {
                 let fired = pl.pn.apply(rows.row(i), &mut delta, Some(&mut acts));
                 if fired > 0 {
                     self.record_neurons(ni, &acts);
-                    self.adds.push(PendingAdd { neurons: ni, pos: rows.info(i).pos, delta: delta.clone() });
+                    self.adds.push(PendingAdd {
+                        neurons: ni,
+                        pos: rows.info(i).pos,
+                        delta: delta.clone(),
+                    });
                 }
             }
             self.acts = acts;
@@ -521,16 +576,24 @@ impl Session {
     /// gives back bitwise the logits without the adapter). Takes effect at the next request.
     pub fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
         if !scale.is_finite() {
-            return Err(RuntimeError::InvalidOptions(format!("LoRA scale must be finite, got {scale}")));
+            return Err(RuntimeError::InvalidOptions(format!(
+                "LoRA scale must be finite, got {scale}"
+            )));
         }
-        self.edits_mut().lora_scales.insert(bundle_id.to_string(), scale);
+        self.edits_mut()
+            .lora_scales
+            .insert(bundle_id.to_string(), scale);
         // Force a rebuild so the new scale is used.
         self.unpin()
     }
 
     /// What fired during the last request.
     pub fn explain(&self) -> Explain {
-        self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.edits_ref()
+            .explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Starts a request: pins the attached set's current snapshot (rebuilding hooks and adapters
@@ -548,13 +611,24 @@ impl Session {
     }
 
     fn begin(&mut self, prompt: Option<&str>) -> Result<Request, RuntimeError> {
-        *self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner()) = Explain::default();
+        *self
+            .edits_ref()
+            .explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Explain::default();
         let Some(set) = self.edits_ref().set.clone() else {
-            return Ok(Request { prompt: prompt.unwrap_or_default().to_string(), generation: None });
+            return Ok(Request {
+                prompt: prompt.unwrap_or_default().to_string(),
+                generation: None,
+            });
         };
         let snap = set.snapshot();
         let generation = snap.generation;
-        let same = self.edits_ref().plan.as_ref().is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
+        let same = self
+            .edits_ref()
+            .plan
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
         if !same {
             self.unpin()?;
             let scales = self.edits_ref().lora_scales.clone();
@@ -572,16 +646,29 @@ impl Session {
         };
         self.install(&plan)?;
         {
-            let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ex = self
+                .edits_ref()
+                .explain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             ex.generation = Some(generation);
         }
-        Ok(Request { prompt: routed, generation: Some(generation) })
+        Ok(Request {
+            prompt: routed,
+            generation: Some(generation),
+        })
     }
 
     /// Embeds `text` as a memory's base-model embedder does: hidden rows at `layer`/`site` over
     /// the text's tokens (BOS added), pooled and L2-normalized. Runs the base model (no edits);
     /// clears the KV cache. The compiler uses this so stored embeddings match the device's.
-    pub fn embed(&mut self, text: &str, layer: u32, site: Site, pooling: Pooling) -> Result<Vec<f32>, RuntimeError> {
+    pub fn embed(
+        &mut self,
+        text: &str,
+        layer: u32,
+        site: Site,
+        pooling: Pooling,
+    ) -> Result<Vec<f32>, RuntimeError> {
         // The base model: no edit hook, no adapters (the next request re-installs them).
         self.uninstall()?;
         let tokens = self.tokenize(text, true)?;
@@ -591,15 +678,18 @@ impl Session {
         // BOS is not part of the text, and its residual row is huge on gemma3 (it would
         // dominate a mean and make every prompt look alike): pool the text's tokens only.
         let skip_bos = tokens.len() > 1 && self.model().info().bos == Some(tokens[0]);
-        let id = self.add_hook(Box::new(FnHook::new(vec![point], move |_, r: &mut HookRows<'_>| {
-            let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..r.n_rows() {
-                if skip_bos && r.info(i).pos == 0 {
-                    continue;
+        let id = self.add_hook(Box::new(FnHook::new(
+            vec![point],
+            move |_, r: &mut HookRows<'_>| {
+                let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                for i in 0..r.n_rows() {
+                    if skip_bos && r.info(i).pos == 0 {
+                        continue;
+                    }
+                    s.extend_from_slice(r.row(i));
                 }
-                s.extend_from_slice(r.row(i));
-            }
-        })))?;
+            },
+        )))?;
         self.kv_clear();
         let res = self.eval(&tokens, EvalOptions::prefill(Logits::Last));
         self.remove_hook(id);
@@ -610,7 +700,9 @@ impl Session {
         let mut v = families::pooled(&rows, n_embd, pooling)
             .map_err(|e| RuntimeError::InvalidEdit(format!("embedding: {e}")))?;
         if !families::l2_normalize(&mut v) {
-            return Err(RuntimeError::InvalidEdit("embedding has no direction (zero or non-finite)".into()));
+            return Err(RuntimeError::InvalidEdit(
+                "embedding has no direction (zero or non-finite)".into(),
+            ));
         }
         Ok(v)
     }
@@ -619,7 +711,12 @@ impl Session {
         let mut best: Option<(usize, families::MemoryHit)> = None;
         let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
         for (mi, m) in plan.memories.iter().enumerate() {
-            let Embedder::BaseModel { layer, site, pooling } = m.mem.embedder() else {
+            let Embedder::BaseModel {
+                layer,
+                site,
+                pooling,
+            } = m.mem.embedder()
+            else {
                 return Err(RuntimeError::InvalidEdit(
                     "memories with an external embedding model are not supported by this runtime yet".into(),
                 ));
@@ -639,14 +736,22 @@ impl Session {
                 }
             }
         }
-        let Some((mi, hit)) = best else { return Ok(prompt.to_string()) };
+        let Some((mi, hit)) = best else {
+            return Ok(prompt.to_string());
+        };
         let m = &plan.memories[mi];
         let routed = if hit.in_scope {
-            m.mem.render(hit.index, prompt).unwrap_or_else(|| prompt.to_string())
+            m.mem
+                .render(hit.index, prompt)
+                .unwrap_or_else(|| prompt.to_string())
         } else {
             prompt.to_string()
         };
-        let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ex = self
+            .edits_ref()
+            .explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         ex.memory = Some(MemoryEvent {
             bundle: plan.bundle_id(m.bundle),
             edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
@@ -672,14 +777,23 @@ impl Session {
             let id = self.add_hook(Box::new(hook))?;
             self.edits_mut().hook = Some(id);
         }
-        let mut ptrs: Vec<*mut sys::llama_adapter_lora> = plan.adapters.iter().map(|a| a.ptr.as_ptr()).collect();
+        let mut ptrs: Vec<*mut sys::llama_adapter_lora> =
+            plan.adapters.iter().map(|a| a.ptr.as_ptr()).collect();
         let mut scales: Vec<f32> = plan.adapters.iter().map(|a| a.scale).collect();
         self.set_adapters(&mut ptrs, &mut scales)?;
-        let mut ex = self.edits_ref().explain.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ex = self
+            .edits_ref()
+            .explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         ex.low_rank = plan
             .adapters
             .iter()
-            .map(|a| LowRankEvent { bundle: plan.bundle_id(a.bundle), scale: a.scale, tensors: a.tensors })
+            .map(|a| LowRankEvent {
+                bundle: plan.bundle_id(a.bundle),
+                scale: a.scale,
+                tensors: a.tensors,
+            })
             .collect();
         Ok(())
     }
@@ -699,13 +813,24 @@ impl Session {
         Ok(())
     }
 
-    fn set_adapters(&mut self, ptrs: &mut [*mut sys::llama_adapter_lora], scales: &mut [f32]) -> Result<(), RuntimeError> {
+    fn set_adapters(
+        &mut self,
+        ptrs: &mut [*mut sys::llama_adapter_lora],
+        scales: &mut [f32],
+    ) -> Result<(), RuntimeError> {
         // SAFETY: live context; the adapters belong to this session's plan and this model.
         let rc = unsafe {
-            sys::llama_set_adapters_lora(self.as_ptr(), ptrs.as_mut_ptr(), ptrs.len(), scales.as_mut_ptr())
+            sys::llama_set_adapters_lora(
+                self.as_ptr(),
+                ptrs.as_mut_ptr(),
+                ptrs.len(),
+                scales.as_mut_ptr(),
+            )
         };
         if rc != 0 {
-            return Err(RuntimeError::InvalidEdit(format!("llama.cpp refused the LoRA adapters (code {rc})")));
+            return Err(RuntimeError::InvalidEdit(format!(
+                "llama.cpp refused the LoRA adapters (code {rc})"
+            )));
         }
         Ok(())
     }

@@ -62,7 +62,10 @@ fn binding(m: &Model) -> ModelBinding {
 }
 
 fn edit_set(m: &Model) -> Arc<EditSet> {
-    Arc::new(EditSet::new(binding(m), TrustStore::with_key(key().verifying_key())))
+    Arc::new(EditSet::new(
+        binding(m),
+        TrustStore::with_key(key().verifying_key()),
+    ))
 }
 
 fn meta(m: &Model, id: &str, version: u64) -> BundleMeta {
@@ -92,11 +95,14 @@ fn capture(s: &mut Session, prompt: &str, point: HookPoint) -> Vec<f32> {
     let out: Arc<Mutex<Vec<f32>>> = Arc::default();
     let sink = out.clone();
     let id = s
-        .add_hook(Box::new(FnHook::new(vec![point], move |_, r: &mut HookRows<'_>| {
-            if let Some(i) = r.last_prompt_row() {
-                *sink.lock().unwrap() = r.row(i).to_vec();
-            }
-        })))
+        .add_hook(Box::new(FnHook::new(
+            vec![point],
+            move |_, r: &mut HookRows<'_>| {
+                if let Some(i) = r.last_prompt_row() {
+                    *sink.lock().unwrap() = r.row(i).to_vec();
+                }
+            },
+        )))
         .unwrap();
     let toks = s.tokenize(prompt, true).unwrap();
     s.kv_clear();
@@ -124,9 +130,11 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 fn greedy(s: &mut Session, prompt: &str, n: usize) -> String {
-    s.generate(prompt, &GenerateParams::greedy(n), |_| ControlFlow::Continue(()))
-        .unwrap()
-        .text
+    s.generate(prompt, &GenerateParams::greedy(n), |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap()
+    .text
 }
 
 fn normalized(mut v: Vec<f32>) -> Vec<f32> {
@@ -169,12 +177,26 @@ fn codebook_transplant_moves_a_and_leaves_unrelated_prompts_bitwise() {
     let base_a = next_logits(&mut s, a);
     let base_b = next_logits(&mut s, b);
     let base = base_logits(&m, &UNRELATED);
-    assert_ne!(argmax(&base_a), argmax(&base_b), "the test needs prompts with different answers");
+    assert_ne!(
+        argmax(&base_a),
+        argmax(&base_b),
+        "the test needs prompts with different answers"
+    );
 
     let set = edit_set(&m);
     let mut bb = BundleBuilder::new(meta(&m, "cb", 1));
     // Radius in normalized-euclidean units (sqrt(2 - 2cos)).
-    let p = bb.add_codebook(LAYER, Site::FfnInput, Site::ResidualOut, 1, false, 640, &key_a, &value_b, &[0.1]);
+    let p = bb.add_codebook(
+        LAYER,
+        Site::FfnInput,
+        Site::ResidualOut,
+        1,
+        false,
+        640,
+        &key_a,
+        &value_b,
+        &[0.1],
+    );
     bb.add_edit("france", LAYER, Site::ResidualOut, a, " Germany", p, 0, 1);
     activate(&set, &bb);
     s.set_edit_set(Some(set.clone())).unwrap();
@@ -183,7 +205,10 @@ fn codebook_transplant_moves_a_and_leaves_unrelated_prompts_bitwise() {
     assert_eq!(argmax(&edited_a), argmax(&base_b), "A continues like B");
     let ex = s.explain();
     assert_eq!(ex.codebook.len(), 1);
-    assert!(ex.codebook[0].replaced && ex.codebook[0].distance < 1e-3, "{ex:?}");
+    assert!(
+        ex.codebook[0].replaced && ex.codebook[0].distance < 1e-3,
+        "{ex:?}"
+    );
     assert_eq!(ex.codebook[0].edit_id.as_deref(), Some("france"));
     assert_unrelated_bitwise(&mut s, &base);
     // Generation applies it too.
@@ -192,7 +217,10 @@ fn codebook_transplant_moves_a_and_leaves_unrelated_prompts_bitwise() {
         let mut s2 = session(&m);
         greedy(&mut s2, b, 1)
     };
-    assert!(text.starts_with(plain_b.trim_end()), "{text:?} vs B's {plain_b:?}");
+    assert!(
+        text.starts_with(plain_b.trim_end()),
+        "{text:?} vs B's {plain_b:?}"
+    );
 }
 
 /// A patch neuron keyed on A's FFN input (k = x/|x|^2, so k.x = 1; bias -0.9: it fires only on
@@ -221,15 +249,36 @@ fn patch_neuron_moves_a_toward_a_chosen_token_and_leaves_unrelated_prompts_bitwi
             key.iter().zip(&x).map(|(k, x)| k * x).sum::<f32>()
         })
         .fold(0.9f32, f32::max);
-    assert!(closest < 0.9999, "an unrelated prompt has A's FFN input ({closest})");
+    assert!(
+        closest < 0.9999,
+        "an unrelated prompt has A's FFN input ({closest})"
+    );
     let bias = -(1.0 + closest) / 2.0;
     let act = 1.0 + bias;
     // Scale the value so the neuron adds (r_b - r_a) on A.
     let value: Vec<f32> = r_b.iter().zip(&r_a).map(|(b, a)| (b - a) / act).collect();
     let set = edit_set(&m);
     let mut bb = BundleBuilder::new(meta(&m, "pn", 1));
-    let p = bb.add_patch_neurons(LAYER, Site::FfnInput, Site::ResidualOut, 0, 640, &key, &[bias], &value);
-    bb.add_edit("france-neuron", LAYER, Site::ResidualOut, a, " Germany", p, 0, 1);
+    let p = bb.add_patch_neurons(
+        LAYER,
+        Site::FfnInput,
+        Site::ResidualOut,
+        0,
+        640,
+        &key,
+        &[bias],
+        &value,
+    );
+    bb.add_edit(
+        "france-neuron",
+        LAYER,
+        Site::ResidualOut,
+        a,
+        " Germany",
+        p,
+        0,
+        1,
+    );
     activate(&set, &bb);
     s.set_edit_set(Some(set)).unwrap();
 
@@ -242,12 +291,19 @@ fn patch_neuron_moves_a_toward_a_chosen_token_and_leaves_unrelated_prompts_bitwi
     );
     assert_eq!(argmax(&edited), target);
     let ex = s.explain();
-    assert!(ex.neurons.iter().any(|n| n.edit_id.as_deref() == Some("france-neuron")), "{ex:?}");
+    assert!(
+        ex.neurons
+            .iter()
+            .any(|n| n.edit_id.as_deref() == Some("france-neuron")),
+        "{ex:?}"
+    );
     assert_unrelated_bitwise(&mut s, &base);
 }
 
 fn lcg(seed: &mut u64) -> f32 {
-    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
 }
 
@@ -270,7 +326,9 @@ fn low_rank_delta_changes_logits_and_scale_zero_or_removal_restore_bitwise() {
         let mut bb = BundleBuilder::new(meta(&m, "lr", 1));
         let p = if as_gguf {
             // A llama.cpp GGUF-LoRA file carried whole (what `gguf`-written adapters look like).
-            let blob = amend_edits::families::LowRank::new(vec![t]).unwrap().to_gguf_lora("gemma3");
+            let blob = amend_edits::families::LowRank::new(vec![t])
+                .unwrap()
+                .to_gguf_lora("gemma3");
             bb.add_gguf_lora(blob)
         } else {
             bb.add_low_rank(&[t])
@@ -279,20 +337,44 @@ fn low_rank_delta_changes_logits_and_scale_zero_or_removal_restore_bitwise() {
         activate(&set, &bb);
         s.set_edit_set(Some(set.clone())).unwrap();
         let edited = next_logits(&mut s, prompt);
-        let max_diff = edited.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        assert!(max_diff > 1e-2, "rank-1 delta did not change the logits (gguf={as_gguf})");
+        let max_diff = edited
+            .iter()
+            .zip(&base)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            max_diff > 1e-2,
+            "rank-1 delta did not change the logits (gguf={as_gguf})"
+        );
         assert_eq!(s.explain().low_rank.len(), 1);
 
         s.set_lora_scale("lr", 0.0).unwrap();
         let zero = next_logits(&mut s, prompt);
-        assert!(zero.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "scale 0 is the base model");
+        assert!(
+            zero.iter()
+                .zip(&base)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "scale 0 is the base model"
+        );
         s.set_lora_scale("lr", 1.0).unwrap();
         let again = next_logits(&mut s, prompt);
-        assert!(again.iter().zip(&edited).all(|(a, b)| a.to_bits() == b.to_bits()), "scale 1 again");
+        assert!(
+            again
+                .iter()
+                .zip(&edited)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "scale 1 again"
+        );
 
         set.remove("lr").unwrap();
         let removed = next_logits(&mut s, prompt);
-        assert!(removed.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "removal is the base model");
+        assert!(
+            removed
+                .iter()
+                .zip(&base)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "removal is the base model"
+        );
     }
 }
 
@@ -312,12 +394,19 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
     let e_reph = s.embed(rephrase, layer, site, pooling).unwrap();
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let in_score = cos(&e_edit, &e_reph);
-    let out_of_scope: Vec<&str> = UNRELATED.iter().copied().filter(|p| !p.starts_with("The capital of")).collect();
+    let out_of_scope: Vec<&str> = UNRELATED
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with("The capital of"))
+        .collect();
     let out_max = out_of_scope
         .iter()
         .map(|p| cos(&e_edit, &s.embed(p, layer, site, pooling).unwrap()))
         .fold(f32::NEG_INFINITY, f32::max);
-    assert!(in_score > out_max, "embedding cannot separate: in {in_score} vs out {out_max}");
+    assert!(
+        in_score > out_max,
+        "embedding cannot separate: in {in_score} vs out {out_max}"
+    );
     let threshold = (in_score + out_max) / 2.0;
     let base = base_logits(&m, &UNRELATED);
 
@@ -328,7 +417,11 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
         &e_edit,
         threshold,
         "{edit}\n{prompt}",
-        EmbedderDesc::BaseModel { layer, site: site.code(), pooling: pooling.code() },
+        EmbedderDesc::BaseModel {
+            layer,
+            site: site.code(),
+            pooling: pooling.code(),
+        },
         vec![MemoryRecordDesc {
             edit_id: "france-mem".into(),
             prompt: edit_prompt.into(),
@@ -341,18 +434,27 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
     s.set_edit_set(Some(set)).unwrap();
 
     let req = s.begin_request(rephrase).unwrap();
-    assert_eq!(req.prompt, "The capital of France is Berlin.\nThe capital city of France is");
+    assert_eq!(
+        req.prompt,
+        "The capital of France is Berlin.\nThe capital city of France is"
+    );
     let ex = s.explain();
     let mem = ex.memory.expect("scope check recorded");
     assert!(mem.in_scope && mem.edit_id.as_deref() == Some("france-mem"));
     let text = greedy(&mut s, rephrase, 4);
-    assert!(text.contains("Berlin"), "counterfactual answer, got {text:?}");
+    assert!(
+        text.contains("Berlin"),
+        "counterfactual answer, got {text:?}"
+    );
     for (p, b) in UNRELATED.iter().zip(&base) {
         if !out_of_scope.contains(p) {
             continue;
         }
         let l = next_logits(&mut s, p);
-        assert!(l.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "out-of-scope {p:?} changed");
+        assert!(
+            l.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "out-of-scope {p:?} changed"
+        );
     }
     assert!(!s.explain().memory.unwrap().in_scope);
 }
@@ -377,7 +479,17 @@ fn rolling_back_one_edit_by_id_removes_exactly_its_effect() {
 
     let set = edit_set(&m);
     let mut bb = BundleBuilder::new(meta(&m, "two", 1));
-    let p = bb.add_codebook(LAYER, Site::FfnInput, Site::ResidualOut, 1, false, 640, &keys, &values, &[0.1, 0.1]);
+    let p = bb.add_codebook(
+        LAYER,
+        Site::FfnInput,
+        Site::ResidualOut,
+        1,
+        false,
+        640,
+        &keys,
+        &values,
+        &[0.1, 0.1],
+    );
     bb.add_edit("edit-a", LAYER, Site::ResidualOut, a, " x", p, 0, 1);
     bb.add_edit("edit-c", LAYER, Site::ResidualOut, c, " y", p, 1, 1);
     activate(&set, &bb);
@@ -390,6 +502,18 @@ fn rolling_back_one_edit_by_id_removes_exactly_its_effect() {
     set.rollback_edit("edit-a").unwrap();
     let rolled_a = next_logits(&mut s, a);
     let still_c = next_logits(&mut s, c);
-    assert!(rolled_a.iter().zip(&base_a).all(|(x, y)| x.to_bits() == y.to_bits()), "edit-a gone");
-    assert!(still_c.iter().zip(&edited_c).all(|(x, y)| x.to_bits() == y.to_bits()), "edit-c stays");
+    assert!(
+        rolled_a
+            .iter()
+            .zip(&base_a)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "edit-a gone"
+    );
+    assert!(
+        still_c
+            .iter()
+            .zip(&edited_c)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "edit-c stays"
+    );
 }
