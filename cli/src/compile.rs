@@ -129,6 +129,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build_signed(&key)
         .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
     write_atomic(&args.out, bytes.as_slice())?;
+    if let Some(cal) = &out.calibration {
+        println!(
+            "serac scope threshold {:.4} (cosine): rephrases in scope {}/{}, locality prompts out of scope {}/{}{}",
+            cal.threshold,
+            cal.rephrases_in.0,
+            cal.rephrases_in.1,
+            cal.locality_out.0,
+            cal.locality_out.1,
+            if cal.separable { "" } else { " (not separable: accuracy-maximizing threshold)" }
+        );
+    }
     if let Some(lora) = &out.gguf_lora {
         let p = args.out.with_extension("lora.gguf");
         write_atomic(&p, lora)?;

@@ -10,7 +10,11 @@ mod locate;
 mod run;
 
 #[derive(Parser)]
-#[command(name = "amend", version, about = "An edge runtime for edited language models")]
+#[command(
+    name = "amend",
+    version,
+    about = "An edge runtime for edited language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -16,6 +16,36 @@ pub struct Hparams {
     pub grace: GraceParams,
     pub tpatcher: TPatcherParams,
     pub rome: RomeParams,
+    pub serac: SeracParams,
+    pub lora: LoraParams,
+}
+
+/// FT-L style LoRA baseline (see `methods::lora`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    pub layer: usize,
+    pub rank: usize,
+    /// The delta is scaled by `alpha / rank`.
+    pub alpha: f32,
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+}
+
+/// SERAC memory (see `methods::serac`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeracParams {
+    /// Embedder: the base model's state at `layer`/`site` ("ffn_input", ...), pooled
+    /// ("last" or "mean").
+    pub layer: usize,
+    pub site: String,
+    pub pooling: String,
+    /// The counterfactual prompt: `{edit}` = the edit as a statement, `{prompt}` = the query.
+    pub template: String,
+    /// Threshold when there are no rephrases or locality prompts to calibrate on.
+    pub threshold: f32,
 }
 
 /// ROME (see `methods::rome`).
@@ -153,6 +183,12 @@ impl Hparams {
         }
         if !(self.rome.preserve_weight >= 0.0) {
             return bad("rome.preserve_weight", "must be >= 0");
+        }
+        if !(-1.0..=1.0).contains(&self.serac.threshold) {
+            return bad("serac.threshold", "must be a cosine in [-1, 1]");
+        }
+        if self.lora.rank == 0 || !(self.lora.lr > 0.0) || self.lora.steps == 0 {
+            return bad("lora.rank/lr/steps", "must be > 0");
         }
         if !(1..=6).contains(&self.rome.context_prefixes) {
             return bad("rome.context_prefixes", "must be in 1..=6");

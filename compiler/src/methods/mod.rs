@@ -5,8 +5,10 @@
 //! and dispatches to a method module; the result is a [`BundleBuilder`] ready to be signed.
 
 pub mod grace;
+pub mod lora;
 mod optim;
 pub mod rome;
+pub mod serac;
 pub mod tpatcher;
 
 pub use optim::Adam;
@@ -121,6 +123,8 @@ pub struct CompileOutput {
     pub reports: Vec<EditReport>,
     /// For low-rank methods: a llama.cpp GGUF-LoRA file with the same delta.
     pub gguf_lora: Option<Vec<u8>>,
+    /// For SERAC: the calibrated scope threshold and how it separates the calibration prompts.
+    pub calibration: Option<serac::Calibration>,
 }
 
 /// One model seen twice: the differentiable candle forward and the runtime.
@@ -298,6 +302,7 @@ impl Compiler {
         };
         let mut builder = BundleBuilder::new(meta);
         let mut gguf_lora = None;
+        let mut calibration = None;
         let reports = match method {
             Method::Grace => grace::compile(
                 self,
@@ -330,9 +335,35 @@ impl Compiler {
                 gguf_lora = Some(gguf);
                 reports
             }
+            Method::Serac => {
+                let (reports, cal) = serac::compile(
+                    self,
+                    records,
+                    &hp.serac,
+                    layer,
+                    base,
+                    &mut builder,
+                    progress,
+                )?;
+                calibration = Some(cal);
+                reports
+            }
+            Method::Lora => {
+                let (reports, gguf) = lora::compile(
+                    self,
+                    records,
+                    &hp.lora,
+                    layer,
+                    base,
+                    &mut builder,
+                    progress,
+                )?;
+                gguf_lora = Some(gguf);
+                reports
+            }
             other => {
                 return Err(CompileError::Hparams(format!(
-                    "--method {}: not implemented yet in this build (available: grace, tpatcher, rome)",
+                    "--method {}: not implemented yet in this build (available: grace, tpatcher, rome, lora, serac)",
                     other.name()
                 )))
             }
@@ -341,6 +372,7 @@ impl Compiler {
             builder,
             reports,
             gguf_lora,
+            calibration,
         })
     }
 }

@@ -128,7 +128,11 @@ impl Covariance {
 }
 
 /// Down-projection inputs of `layer` on every token of the neutral corpus: `[rows, n_ff]`.
-pub(crate) fn corpus_keys(c: &Compiler, layer: usize, deltas: &mut LowRankDeltas) -> Result<Tensor> {
+pub(crate) fn corpus_keys(
+    c: &Compiler,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
     let mut rows = Vec::new();
     for line in super::tpatcher::NEUTRAL_CORPUS
         .lines()
@@ -147,7 +151,9 @@ pub(crate) fn corpus_keys(c: &Compiler, layer: usize, deltas: &mut LowRankDeltas
         }
     }
     if rows.is_empty() {
-        return Err(CompileError::Hparams("rome: the neutral corpus is empty".into()));
+        return Err(CompileError::Hparams(
+            "rome: the neutral corpus is empty".into(),
+        ));
     }
     Ok(Tensor::cat(&rows, 0)?)
 }
@@ -324,7 +330,9 @@ pub(crate) fn subject_last(c: &Compiler, r: &EditRecord, prompt_tokens: &[u32]) 
         return Ok(last);
     };
     let toks = tokenize(c, &r.prompt[..span.end])?;
-    if toks.is_empty() || toks.len() > prompt_tokens.len() || toks[..] != prompt_tokens[..toks.len()]
+    if toks.is_empty()
+        || toks.len() > prompt_tokens.len()
+        || toks[..] != prompt_tokens[..toks.len()]
     {
         // The subject's end is not a token boundary of the prompt: key on the last token that
         // still lies inside it.
@@ -527,7 +535,12 @@ pub(crate) fn train_delta(
         let grads = loss.backward()?;
         opt.step(&grads)?;
         // Clamp ‖delta‖ <= clamp · ‖v0‖ (ROME's projection step).
-        let norm = delta.as_tensor().sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let norm = delta
+            .as_tensor()
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f32>()?;
         let max = hp.clamp_norm_factor * v0_norm;
         if norm > max {
             let scaled = (delta.as_tensor() * (max / norm) as f64)?;
@@ -595,17 +608,7 @@ pub(crate) fn compile(
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let subj = subject_last(c, r, &p)?;
         let k_star = averaged_key(c, r, layer, hp.context_prefixes, &mut deltas)?;
-        let t = train_delta(
-            c,
-            r,
-            &p,
-            &a,
-            subj,
-            layer,
-            hp,
-            &mut deltas,
-            &mut report_step,
-        )?;
+        let t = train_delta(c, r, &p, &a, subj, layer, hp, &mut deltas, &mut report_step)?;
         // ΔW = delta · uᵀ with u = C⁻¹k* / ((C⁻¹k*)ᵀ k): ΔW k = delta on the edit prompt's own
         // key (C = I without the covariance).
         let k = down_key(c, &p, subj, layer, &mut deltas)?;

@@ -1,0 +1,235 @@
+//! SERAC (Mitchell et al. 2022) as an edit memory: one record per edit (the prompt, the target
+//! and the edit as a statement), an embedding per record from the base model
+//! ([`Session::embed`](amend_runtime::Session::embed): pooled hidden state at one layer/site,
+//! BOS excluded, L2-normalized; the runtime embeds queries the same way), and a cosine
+//! threshold calibrated on the edits' rephrases (must be in scope) versus their locality
+//! prompts (must not be). In scope, the runtime feeds the template ("{edit}\n{prompt}") to the
+//! base model: the counterfactual model is the base model with the edit in context.
+//!
+//! Calibration: scores are the best cosine over all memories. When every rephrase scores above
+//! every locality prompt the threshold is the midpoint; otherwise it is the threshold with the
+//! fewest misrouted prompts (ties: the midpoint of the best interval). With neither rephrases
+//! nor locality prompts, `serac.threshold` is used.
+
+use super::{Compiler, EditReport, Progress};
+use crate::dataset::{continuation, EditRecord};
+use crate::error::{CompileError, Result};
+use crate::hparams::SeracParams;
+use amend_edits::bundle::{BundleBuilder, EmbedderDesc, MemoryRecordDesc, Payload};
+use amend_edits::families::Pooling;
+use amend_edits::{Bundle, Site};
+use std::time::Instant;
+
+/// The threshold chosen and how well it separates the calibration prompts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    pub threshold: f32,
+    /// Rephrases scoring >= threshold, of all rephrases.
+    pub rephrases_in: (usize, usize),
+    /// Locality prompts scoring < threshold, of all locality prompts.
+    pub locality_out: (usize, usize),
+    /// Every rephrase scored above every locality prompt.
+    pub separable: bool,
+}
+
+/// Chooses the threshold from in-scope and out-of-scope scores (see the module docs).
+pub fn calibrate(in_scores: &[f32], out_scores: &[f32], fallback: f32) -> Calibration {
+    let count = |t: f32| {
+        (
+            in_scores.iter().filter(|&&s| s >= t).count(),
+            out_scores.iter().filter(|&&s| s < t).count(),
+        )
+    };
+    let threshold = if in_scores.is_empty() && out_scores.is_empty() {
+        fallback
+    } else if in_scores.is_empty() {
+        out_scores.iter().copied().fold(f32::MIN, f32::max) + 1e-4
+    } else if out_scores.is_empty() {
+        in_scores.iter().copied().fold(f32::MAX, f32::min) - 1e-4
+    } else {
+        // Candidate cut points: between consecutive sorted scores; the best by accuracy.
+        let mut all: Vec<f32> = in_scores.iter().chain(out_scores).copied().collect();
+        all.sort_by(|a, b| a.total_cmp(b));
+        let mut best = (0usize, 0f32);
+        let mut cands = vec![all[0] - 1e-4];
+        cands.extend(all.windows(2).map(|w| (w[0] + w[1]) / 2.0));
+        cands.push(all[all.len() - 1] + 1e-4);
+        for t in cands {
+            let (a, b) = count(t);
+            if a + b > best.0 {
+                best = (a + b, t);
+            }
+        }
+        best.1
+    };
+    let (a, b) = count(threshold);
+    let min_in = in_scores.iter().copied().fold(f32::MAX, f32::min);
+    let max_out = out_scores.iter().copied().fold(f32::MIN, f32::max);
+    Calibration {
+        threshold: threshold.clamp(-1.0, 1.0),
+        rephrases_in: (a, in_scores.len()),
+        locality_out: (b, out_scores.len()),
+        separable: min_in > max_out,
+    }
+}
+
+fn pooling(name: &str) -> Result<Pooling> {
+    match name {
+        "last" => Ok(Pooling::Last),
+        "mean" => Ok(Pooling::Mean),
+        other => Err(CompileError::Hparams(format!(
+            "serac.pooling {other:?}: expected \"last\" or \"mean\""
+        ))),
+    }
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub(crate) fn compile(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &SeracParams,
+    layer: Option<usize>,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<EditReport>, Calibration)> {
+    let layer = c.resolve_layer(layer, hp.layer)?;
+    let site = Site::from_name(&hp.site).ok_or_else(|| {
+        CompileError::Hparams(format!("serac.site {:?}: unknown hook site", hp.site))
+    })?;
+    let pool = pooling(&hp.pooling)?;
+    if !hp.template.contains("{prompt}") {
+        return Err(CompileError::Hparams(
+            "serac.template must contain {prompt}".into(),
+        ));
+    }
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(e.to_string());
+    let embed = |c: &mut Compiler, text: &str| -> Result<Vec<f32>> {
+        c.session.embed(text, layer as u32, site, pool).map_err(rt)
+    };
+
+    // Records of the base bundle first (sequential editing keeps them).
+    let mut recs: Vec<MemoryRecordDesc> = Vec::new();
+    if let Some(b) = base {
+        if let Some(other) = b
+            .payloads()
+            .iter()
+            .find(|pl| !matches!(pl, Payload::Memory(_)))
+        {
+            return Err(CompileError::Bundle(format!(
+                "--base-bundle has a {} payload; serac can only extend a memory bundle",
+                other.kind().name()
+            )));
+        }
+        for e in &b.manifest().edits {
+            recs.push(MemoryRecordDesc {
+                edit_id: e.id.clone(),
+                prompt: e.prompt.clone(),
+                target: e.target.clone(),
+                text: format!("{}{}", e.prompt, continuation(&e.prompt, &e.target)),
+            });
+        }
+    }
+    let mut embeddings: Vec<Vec<f32>> = Vec::new();
+    for r in &recs {
+        embeddings.push(embed(c, &r.prompt)?);
+    }
+    let mut reports = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let t0 = Instant::now();
+        embeddings.push(embed(c, &r.prompt)?);
+        recs.push(MemoryRecordDesc {
+            edit_id: r.id.clone(),
+            prompt: r.prompt.clone(),
+            target: r.target_new.clone(),
+            text: format!("{}{}", r.prompt, r.continuation()),
+        });
+        progress(&Progress {
+            index: i,
+            total: records.len(),
+            id: &r.id,
+            step: 0,
+            loss: 0.0,
+            done: true,
+        });
+        reports.push(EditReport {
+            id: r.id.clone(),
+            loss: 0.0,
+            steps: 0,
+            seconds: t0.elapsed().as_secs_f64(),
+            success: true,
+            action: "memory record".into(),
+        });
+    }
+
+    // Calibration on this compilation's records.
+    let best = |q: &[f32]| {
+        embeddings
+            .iter()
+            .map(|e| cos(e, q))
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    let (mut ins, mut outs) = (Vec::new(), Vec::new());
+    for r in records {
+        for q in &r.rephrase_prompts {
+            let e = embed(c, q)?;
+            ins.push(best(&e));
+        }
+        for p in &r.locality {
+            let e = embed(c, &p.prompt)?;
+            outs.push(best(&e));
+        }
+    }
+    let cal = calibrate(&ins, &outs, hp.threshold);
+    let dim = embeddings.first().map_or(0, |e| e.len());
+    let flat: Vec<f32> = embeddings.into_iter().flatten().collect();
+    let ids: Vec<(String, String, String)> = recs
+        .iter()
+        .map(|r| (r.edit_id.clone(), r.prompt.clone(), r.target.clone()))
+        .collect();
+    let p = builder.add_memory(
+        dim,
+        &flat,
+        cal.threshold,
+        &hp.template,
+        EmbedderDesc::BaseModel {
+            layer: layer as u32,
+            site: site.code(),
+            pooling: pool.code(),
+        },
+        recs,
+    );
+    for (row, (id, prompt, target)) in ids.iter().enumerate() {
+        builder.add_edit(id, layer as u32, site, prompt, target, p, row as u32, 1);
+    }
+    Ok((reports, cal))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::calibrate;
+
+    #[test]
+    fn separable_scores_give_the_midpoint() {
+        let c = calibrate(&[0.9, 0.95], &[0.5, 0.7], 0.8);
+        assert!((c.threshold - 0.8).abs() < 1e-6, "{c:?}");
+        assert!(c.separable);
+        assert_eq!(c.rephrases_in, (2, 2));
+        assert_eq!(c.locality_out, (2, 2));
+    }
+
+    #[test]
+    fn overlapping_scores_maximize_accuracy() {
+        let c = calibrate(&[0.9, 0.6, 0.95], &[0.5, 0.7, 0.4], 0.8);
+        assert!(!c.separable);
+        assert_eq!(c.rephrases_in.0 + c.locality_out.0, 5, "{c:?}");
+    }
+
+    #[test]
+    fn no_calibration_data_uses_the_fallback() {
+        assert_eq!(calibrate(&[], &[], 0.85).threshold, 0.85);
+    }
+}
