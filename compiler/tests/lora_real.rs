@@ -38,22 +38,7 @@ fn lora_edits_gemma3_through_the_runtime() {
     let Some(path) = common::real_model_path() else {
         return;
     };
-    let n = match std::env::var("AMEND_LORA_N").ok().as_deref() {
-        Some("all") => usize::MAX,
-        Some(s) => s.parse().unwrap_or(4),
-        None => 4,
-    };
-    let layer: Option<usize> = std::env::var("AMEND_LORA_LAYER")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let sets: Vec<String> = std::env::var("AMEND_LORA_SET")
-        .map(|s| {
-            s.split(';')
-                .filter(|x| !x.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let common::EnvOptions { n, layer, sets } = common::env_options("LORA", 4);
     let records =
         dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
     let records: Vec<_> = records.into_iter().take(n).collect();

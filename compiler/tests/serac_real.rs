@@ -19,24 +19,12 @@ fn serac_routes_rephrases_not_locality_gemma3() {
     let Some(path) = common::real_model_path() else {
         return;
     };
-    let n = match std::env::var("AMEND_SERAC_N").ok().as_deref() {
-        Some("all") => usize::MAX,
-        Some(s) => s.parse().unwrap_or(8),
-        None => 8,
-    };
+    let common::EnvOptions { n, sets, .. } = common::env_options("SERAC", 8);
     let records =
         dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
     let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
     let mut c = Compiler::open(&path).unwrap();
-    let sets: Vec<String> = std::env::var("AMEND_SERAC_SET")
-        .map(|s| {
-            s.split(';')
-                .filter(|x| !x.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
     let hp = Hparams::resolve(c.fwd.cfg.arch, None, &sets).unwrap();
     let t0 = std::time::Instant::now();
     let out = c

@@ -68,3 +68,30 @@ pub fn repo_file(rel: &str) -> PathBuf {
         .join("..")
         .join(rel)
 }
+
+/// Options of a real-model method test from `AMEND_<PREFIX>_N` (a count or `all`),
+/// `AMEND_<PREFIX>_LAYER` and `AMEND_<PREFIX>_SET` (`;`-separated `section.key=value`).
+pub struct EnvOptions {
+    pub n: usize,
+    pub layer: Option<usize>,
+    pub sets: Vec<String>,
+}
+
+pub fn env_options(prefix: &str, default_n: usize) -> EnvOptions {
+    let var = |k: &str| std::env::var(format!("AMEND_{prefix}_{k}")).ok();
+    let n = match var("N").as_deref() {
+        Some("all") => usize::MAX,
+        Some(s) => s.parse().unwrap_or(default_n),
+        None => default_n,
+    };
+    let layer = var("LAYER").and_then(|s| s.parse().ok());
+    let sets = var("SET")
+        .map(|s| {
+            s.split(';')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    EnvOptions { n, layer, sets }
+}
