@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use amend_compiler::dataset::{self, DataFormat};
+use amend_compiler::locate::{self, TraceConfig};
 use amend_compiler::methods::median;
 use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
 use amend_edits::bundle::Bundle;
@@ -32,9 +33,17 @@ pub struct Args {
     /// PREFIX.key written by `amend keygen`: signs the bundle.
     #[arg(long)]
     key: PathBuf,
-    /// The layer to edit (default: the method's, from the hyperparameters).
+    /// The layer to edit: an index, or `auto` for the layer causal tracing recommends on the
+    /// records (see `amend locate`). Default: the method's, from the hyperparameters.
     #[arg(long)]
-    layer: Option<usize>,
+    layer: Option<LayerArg>,
+    /// With `--layer auto`: how many records (those with a subject) are traced.
+    #[arg(long, default_value_t = 4)]
+    auto_records: usize,
+    /// llama.cpp threads for `--layer auto`'s tracing (default: all cores; 1 is much faster on
+    /// a machine other work keeps busy, where llama.cpp's thread pool spin-waits).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Compile on top of this bundle (signed by --key): the output is its next version.
     #[arg(long)]
     base_bundle: Option<PathBuf>,
@@ -54,10 +63,37 @@ pub struct Args {
     print_hparams: bool,
 }
 
+/// `--layer`: an index or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LayerArg {
+    Index(usize),
+    Auto,
+}
+
+impl std::str::FromStr for LayerArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LayerArg, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(LayerArg::Auto);
+        }
+        s.parse()
+            .map(LayerArg::Index)
+            .map_err(|_| format!("{s:?} is neither a layer index nor `auto`"))
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked cheaply is checked before the model is loaded.
     let method: Method = args.method.parse()?;
     let format: DataFormat = args.format.parse().context("--format")?;
+    if args.layer == Some(LayerArg::Auto) {
+        if method == Method::Serac {
+            bail!("--layer auto: serac's layer is its embedder's, which causal tracing does not choose; give an index");
+        }
+        if args.auto_records == 0 {
+            bail!("--auto-records must be at least 1");
+        }
+    }
     let key_bytes =
         std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
     let key = signing_key_from_file_bytes(&key_bytes)
@@ -79,6 +115,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", toml::to_string_pretty(&hp)?);
         return Ok(());
     }
+    let layer = match args.layer {
+        None => None,
+        Some(LayerArg::Index(l)) => Some(l),
+        Some(LayerArg::Auto) => Some(auto_layer(
+            &compiler,
+            &records,
+            args.auto_records,
+            args.threads,
+        )?),
+    };
     let trust = TrustStore::with_key(key.verifying_key());
     let base = match base_bytes {
         Some(b) => Some(
@@ -111,7 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         method,
         &records,
         &hp,
-        args.layer,
+        layer,
         base.as_ref(),
         &identity,
         &mut |p| {
@@ -172,6 +218,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--layer auto`: the layer whose FFN output at the subject's last token restores the most of
+/// p(answer) under causal tracing, averaged over the first `max_records` records with a subject.
+/// That is where ROME-style methods write; GRACE and T-Patcher key on the last prompt token, for
+/// which a later layer usually separates facts better (docs/eval.md compares the two).
+fn auto_layer(
+    compiler: &Compiler,
+    records: &[dataset::EditRecord],
+    max_records: usize,
+    n_threads: Option<usize>,
+) -> anyhow::Result<usize> {
+    let t0 = Instant::now();
+    let config = TraceConfig {
+        samples: 2,
+        n_threads,
+        ..Default::default()
+    };
+    let l = locate::recommend_layer(&compiler.runtime, records, max_records, &config).map_err(
+        |e| match e {
+            locate::LocateError::NoRecords => anyhow::anyhow!(
+                "--layer auto: no edit record has a `subject` inside its prompt to trace; give --layer N"
+            ),
+            e => anyhow::anyhow!("--layer auto: {e}"),
+        },
+    )? as usize;
+    eprintln!(
+        "--layer auto: causal tracing on {} record(s) recommends layer {l} ({:.1} s)",
+        records
+            .iter()
+            .filter(|r| r.subject_span().is_some())
+            .count()
+            .min(max_records),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(l)
 }
 
 /// Write to a temporary file next to `path`, then rename: a failure leaves nothing half-written.

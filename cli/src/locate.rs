@@ -61,6 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         window: args.window,
         seed: args.seed,
         components: !args.residual_only,
+        subject_last_only: false,
         n_threads: args.threads,
     };
     let bar = indicatif::ProgressBar::new(0);
