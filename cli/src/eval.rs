@@ -47,6 +47,18 @@ pub struct Args {
     /// Threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// `batch`: every edit of a bundle active for every record (what a device runs).
+    /// `single`: each record sees only its own edit(s), the others rolled back (KnowEdit's
+    /// single-edit protocol, comparable with the paper's tables; the bundle is still compiled
+    /// once, sequentially).
+    #[arg(long, default_value = "batch")]
+    protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    Batch,
+    Single,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut variants = vec![Variant::base()];
     for path in &args.bundles {
         let pubkey = args.pubkey.as_deref().expect("checked above");
-        variants.push(bundle_variant(&args.model, path, pubkey)?);
+        variants.push(bundle_variant(&args.model, path, pubkey, args.protocol)?);
     }
     let config = EvalConfig {
         gen_tokens: args.gen_tokens,
@@ -156,7 +168,12 @@ fn write_records(path: &Path, reports: &[VariantReport]) -> anyhow::Result<()> {
 /// A variant running the model with the bundle at `path` applied: verified against `pubkey`,
 /// bound to `model_path`'s fingerprint, attached to each session as a live edit set. Its name is
 /// the bundle's file stem.
-fn bundle_variant(model_path: &Path, path: &Path, pubkey: &Path) -> anyhow::Result<Variant> {
+fn bundle_variant(
+    model_path: &Path,
+    path: &Path,
+    pubkey: &Path,
+    protocol: Protocol,
+) -> anyhow::Result<Variant> {
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -173,12 +190,48 @@ fn bundle_variant(model_path: &Path, path: &Path, pubkey: &Path) -> anyhow::Resu
     let bundle = set
         .open_bytes(&bytes)
         .with_context(|| format!("bundle {}", path.display()))?;
+    let ids: Vec<String> = bundle
+        .manifest()
+        .edits
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
     set.add(bundle, AddOptions::default())
         .with_context(|| format!("bundle {}", path.display()))?;
-    Ok(Variant::new(name, move |model, opts| {
+    let for_sessions = set.clone();
+    let variant = Variant::new(name.clone(), move |model, opts| {
         let mut session = Session::new(model, opts.clone())?;
-        session.set_edit_set(Some(set.clone()))?;
+        session.set_edit_set(Some(for_sessions.clone()))?;
         Ok(session)
+    });
+    if protocol == Protocol::Batch {
+        return Ok(variant);
+    }
+    // Single: everything starts rolled back; each record restores its own edits (one
+    // snapshot per record, so a request never sees a half-switched set).
+    set.update(|tx| ids.iter().try_for_each(|id| tx.rollback_edit(id)))
+        .with_context(|| format!("bundle {}", path.display()))?;
+    let mut active: Option<String> = None;
+    Ok(variant.before_each_record(move |record| {
+        let fail = |reason: String| eval::EvalError::Variant {
+            name: name.clone(),
+            reason,
+        };
+        if !ids.iter().any(|id| *id == record.id) {
+            return Err(fail(format!(
+                "--protocol single: record `{}` has no edit in the bundle (edit ids are the records' ids)",
+                record.id
+            )));
+        }
+        let prev = active.replace(record.id.clone());
+        set.update(|tx| {
+            if let Some(prev) = &prev {
+                tx.rollback_edit(prev)?;
+            }
+            tx.restore_edit(&record.id)
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        Ok(())
     }))
 }
 
@@ -219,6 +272,7 @@ mod tests {
             limit: Some(2),
             gen_tokens: 8,
             threads: None,
+            protocol: Protocol::Batch,
         }
     }
 

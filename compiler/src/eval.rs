@@ -78,11 +78,13 @@ impl EvalConfig {
 
 type SessionFactory =
     Box<dyn FnMut(&Arc<Model>, &SessionOptions) -> Result<Session, EvalError> + Send>;
+type RecordHook = Box<dyn FnMut(&EditRecord) -> Result<(), EvalError> + Send>;
 
 /// A model configuration to evaluate: the base model or the base model with edits applied.
 pub struct Variant {
     pub name: String,
     make_session: SessionFactory,
+    before_record: Option<RecordHook>,
 }
 
 impl Variant {
@@ -99,7 +101,18 @@ impl Variant {
         Variant {
             name: name.into(),
             make_session: Box::new(make),
+            before_record: None,
         }
+    }
+
+    /// Runs `f` before each record is scored, e.g. to leave only that record's own edits
+    /// active (KnowEdit's single-edit protocol) in an edit set the sessions follow.
+    pub fn before_each_record(
+        mut self,
+        f: impl FnMut(&EditRecord) -> Result<(), EvalError> + Send + 'static,
+    ) -> Variant {
+        self.before_record = Some(Box::new(f));
+        self
     }
 
     /// A fresh session for this variant.
@@ -270,6 +283,9 @@ pub fn evaluate(
         let mut session = variant.session(model, &opts)?;
         let mut results = Vec::with_capacity(records.len());
         for (ri, (record, prep)) in records.iter().zip(&prepared).enumerate() {
+            if let Some(f) = variant.before_record.as_mut() {
+                f(record)?;
+            }
             let (result, loc_tokens) = eval_record(
                 &mut session,
                 record,

@@ -22,7 +22,8 @@ fn argmax(v: &[f32]) -> usize {
 
 fn compare(path: &std::path::Path, prompts: &[String]) -> Agreement {
     let rt = common::open_runtime(path);
-    let fwd = Forward::load(path).unwrap();
+    let mut fwd = Forward::load(path).unwrap();
+    fwd.emulate_device = std::env::var("AMEND_EMULATE_DEVICE").is_ok_and(|v| v == "1");
     let mut session = Session::new(
         &rt,
         SessionOptions {
@@ -133,6 +134,9 @@ fn gemma3_agrees_with_runtime_on_100_prompts() {
     // The target is 99%. Measured: 95/100 (mean |logit error| 0.19 of a 56 range): the
     // per-layer hidden states differ by 1-4% relative, the size of llama.cpp's activation
     // quantization (Q8_0/Q8_K matmul inputs, f16 KV cache) rather than a structural mismatch
-    // (the f32 tiny models agree to 4e-3). Guard against regressions at the measured level.
+    // (the f32 tiny models agree to 4e-3). With AMEND_EMULATE_DEVICE=1 (matmul-input rounding,
+    // f16 GELU table, f16-accumulating flash attention) one FFN fed the runtime's input matches
+    // it to 1e-7, yet top-1 is 96/100 (mean error 0.22): the first layer's attention output is
+    // still 5e-4 off and the gap grows through the 18 layers. Guard at the measured level.
     assert!(rate >= 0.94, "top-1 agreement {rate}");
 }
