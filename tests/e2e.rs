@@ -178,6 +178,60 @@ fn compile_verify_run_eval_one_edit() {
     assert_eq!(summary["edit_succ"].as_f64(), Some(100.0), "{summary}");
     assert_eq!(summary["gen_contains"].as_f64(), Some(100.0), "{summary}");
 
+    // KnowEdit's single-edit protocol: the record sees its own edit; a record the bundle has
+    // no edit for is named.
+    let single = dir.join("single.json");
+    ok(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--bundle",
+        s(&bundle),
+        "--pubkey",
+        s(&public),
+        "--data",
+        s(&edits),
+        "--summary",
+        s(&single),
+        "--gen-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--protocol",
+        "single",
+    ]);
+    let single: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("single.json")).unwrap()).unwrap();
+    assert_eq!(single["edit_succ"].as_f64(), Some(100.0), "{single}");
+    let two = dir.join("two.jsonl");
+    std::fs::write(
+        &two,
+        format!(
+            "{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n{{\"prompt\": \"{UNRELATED}\", \"target\": \"Oslo\"}}\n"
+        ),
+    )
+    .unwrap();
+    refused(
+        &[
+            "eval",
+            "--model",
+            s(&model),
+            "--bundle",
+            s(&bundle),
+            "--pubkey",
+            s(&public),
+            "--data",
+            s(&two),
+            "--gen-tokens",
+            "4",
+            "--threads",
+            "1",
+            "--protocol",
+            "single",
+        ],
+        &["has no edit in the bundle"],
+    );
+
     // A flipped payload byte, another signer, and no key at all are refused, naming why.
     let mut bytes = std::fs::read(&bundle).unwrap();
     let n = bytes.len();
