@@ -105,6 +105,33 @@ fn generate(model: &Path, prompt: &str, bundle: Option<(&Path, &Path)>) -> Strin
     ok(&args)
 }
 
+/// `amend eval` of `bundle` on `data`, short generations, one thread, plus `extra`.
+fn eval_args<'a>(
+    model: &'a Path,
+    bundle: &'a Path,
+    public: &'a Path,
+    data: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "eval",
+        "--model",
+        s(model),
+        "--bundle",
+        s(bundle),
+        "--pubkey",
+        s(public),
+        "--data",
+        s(data),
+        "--gen-tokens",
+        "8",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn compile_verify_run_eval_one_edit() {
     let Some(model) = real_model() else {
@@ -154,54 +181,26 @@ fn compile_verify_run_eval_one_edit() {
     let unrelated_after = generate(&model, UNRELATED, Some((&bundle, &public)));
     assert_eq!(unrelated_after, unrelated_before);
 
-    let summary = dir.join("summary.json");
-    ok(&[
-        "eval",
-        "--model",
-        s(&model),
-        "--bundle",
-        s(&bundle),
-        "--pubkey",
-        s(&public),
-        "--data",
-        s(&edits),
-        "--summary",
-        s(&summary),
-        "--gen-tokens",
-        "8",
-        "--threads",
-        "1",
-    ]);
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let eval_summary = |extra: &[&str]| -> serde_json::Value {
+        let path = dir.join("summary.json");
+        let _ = std::fs::remove_file(&path);
+        ok(&eval_args(
+            &model,
+            &bundle,
+            &public,
+            &edits,
+            &[&["--summary", s(&path)], extra].concat(),
+        ));
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    };
+    let summary = eval_summary(&[]);
     assert_eq!(summary["n"], 1, "{summary}");
     assert_eq!(summary["edit_succ"].as_f64(), Some(100.0), "{summary}");
     assert_eq!(summary["gen_contains"].as_f64(), Some(100.0), "{summary}");
 
     // KnowEdit's single-edit protocol: the record sees its own edit; a record the bundle has
     // no edit for is named.
-    let single = dir.join("single.json");
-    ok(&[
-        "eval",
-        "--model",
-        s(&model),
-        "--bundle",
-        s(&bundle),
-        "--pubkey",
-        s(&public),
-        "--data",
-        s(&edits),
-        "--summary",
-        s(&single),
-        "--gen-tokens",
-        "8",
-        "--threads",
-        "1",
-        "--protocol",
-        "single",
-    ]);
-    let single: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("single.json")).unwrap()).unwrap();
+    let single = eval_summary(&["--protocol", "single"]);
     assert_eq!(single["edit_succ"].as_f64(), Some(100.0), "{single}");
     let two = dir.join("two.jsonl");
     std::fs::write(
@@ -212,23 +211,7 @@ fn compile_verify_run_eval_one_edit() {
     )
     .unwrap();
     refused(
-        &[
-            "eval",
-            "--model",
-            s(&model),
-            "--bundle",
-            s(&bundle),
-            "--pubkey",
-            s(&public),
-            "--data",
-            s(&two),
-            "--gen-tokens",
-            "4",
-            "--threads",
-            "1",
-            "--protocol",
-            "single",
-        ],
+        &eval_args(&model, &bundle, &public, &two, &["--protocol", "single"]),
         &["has no edit in the bundle"],
     );
 
