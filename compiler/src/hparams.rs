@@ -16,6 +16,7 @@ pub struct Hparams {
     pub grace: GraceParams,
     pub tpatcher: TPatcherParams,
     pub rome: RomeParams,
+    pub memit: MemitParams,
     pub serac: SeracParams,
     pub lora: LoraParams,
 }
@@ -72,6 +73,71 @@ pub struct RomeParams {
     pub preserve_weight: f64,
 }
 
+impl RomeParams {
+    pub fn v_star(&self) -> VStarParams {
+        VStarParams {
+            lr: self.lr,
+            steps: self.steps,
+            stop_loss: self.stop_loss,
+            kl_factor: self.kl_factor,
+            weight_decay: self.weight_decay,
+            clamp_norm_factor: self.clamp_norm_factor,
+        }
+    }
+}
+
+/// The value optimisation ROME and MEMIT share (`methods::rome::train_delta`): Adam on a delta
+/// added to the down projection's output at the subject's last token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VStarParams {
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+    pub kl_factor: f32,
+    pub weight_decay: f32,
+    pub clamp_norm_factor: f32,
+}
+
+/// MEMIT (see `methods::memit`): ROME's value optimisation at the top layer of a window, the
+/// change spread over the window's down projections with one least-squares update per layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemitParams {
+    /// The edited down projections, ascending; the last is where the target is optimised.
+    /// `--layer L` shifts the window so that its top is `L`.
+    pub layers: Vec<usize>,
+    /// v* optimisation at the top layer (as `rome`).
+    pub lr: f64,
+    pub steps: usize,
+    pub stop_loss: f32,
+    pub kl_factor: f32,
+    pub weight_decay: f32,
+    pub clamp_norm_factor: f32,
+    /// Context prefixes the keys are averaged over (1..=6).
+    pub context_prefixes: usize,
+    /// Weight of the corpus key covariance against the edits' own keys in
+    /// `ΔW = R Kᵀ (w·C + K Kᵀ)⁻¹`: larger protects other inputs more and meets the targets less.
+    pub mom2_weight: f64,
+    /// Ridge added to `C`, relative to its mean diagonal.
+    pub cov_lambda: f64,
+    /// Edits solved together; larger sets are compiled chunk by chunk (each chunk on top of the
+    /// previous ones, whose keys stay in the covariance).
+    pub batch: usize,
+}
+
+impl MemitParams {
+    pub fn v_star(&self) -> VStarParams {
+        VStarParams {
+            lr: self.lr,
+            steps: self.steps,
+            stop_loss: self.stop_loss,
+            kl_factor: self.kl_factor,
+            weight_decay: self.weight_decay,
+            clamp_norm_factor: self.clamp_norm_factor,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GraceParams {
@@ -95,6 +161,10 @@ pub struct TPatcherParams {
     pub margin: f32,
     pub memory_weight: f32,
     pub init_value_scale: f32,
+    /// Retrainings after a failed runtime check (teacher forced or greedy through the runtime).
+    pub retries: usize,
+    /// Each retry trains to `stop_loss * retry_loss_factor^attempt`.
+    pub retry_loss_factor: f32,
 }
 
 impl Hparams {
@@ -169,6 +239,9 @@ impl Hparams {
         if !(self.tpatcher.lr > 0.0) {
             return bad("tpatcher.lr", "must be > 0");
         }
+        if !(self.tpatcher.retry_loss_factor > 0.0 && self.tpatcher.retry_loss_factor <= 1.0) {
+            return bad("tpatcher.retry_loss_factor", "must be in (0, 1]");
+        }
         if !(self.rome.lr > 0.0) {
             return bad("rome.lr", "must be > 0");
         }
@@ -183,6 +256,25 @@ impl Hparams {
         }
         if !(self.rome.preserve_weight >= 0.0) {
             return bad("rome.preserve_weight", "must be >= 0");
+        }
+        let m = &self.memit;
+        if m.layers.is_empty() || m.layers.windows(2).any(|w| w[0] >= w[1]) {
+            return bad(
+                "memit.layers",
+                "must be a non-empty, strictly ascending list",
+            );
+        }
+        if !(m.lr > 0.0) || m.steps == 0 || !(m.clamp_norm_factor > 0.0) {
+            return bad("memit.lr/steps/clamp_norm_factor", "must be > 0");
+        }
+        if !(m.mom2_weight > 0.0) || !(m.cov_lambda > 0.0) {
+            return bad("memit.mom2_weight/cov_lambda", "must be > 0");
+        }
+        if m.batch == 0 {
+            return bad("memit.batch", "must be >= 1");
+        }
+        if !(1..=6).contains(&m.context_prefixes) {
+            return bad("memit.context_prefixes", "must be in 1..=6");
         }
         if !(-1.0..=1.0).contains(&self.serac.threshold) {
             return bad("serac.threshold", "must be a cosine in [-1, 1]");

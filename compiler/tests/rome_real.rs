@@ -8,30 +8,9 @@
 mod common;
 
 use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
 use amend_compiler::methods::median;
 use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
-use amend_edits::bundle::Bundle;
 use amend_edits::families::inspect_gguf_lora;
-use amend_edits::keys::generate_signing_key;
-use amend_edits::{AddOptions, EditSet, TrustStore};
-use amend_runtime::{Session, SessionOptions};
-use std::sync::Arc;
-
-/// Prompts whose last token the edits (capitals, languages, ...) must not change (the prompt
-/// is all but the last token; the last token is the one scored).
-const UNRELATED: [&str; 10] = [
-    "Water is made of hydrogen and oxygen",
-    "The opposite of hot is cold",
-    "A triangle has three sides",
-    "The first month of the year is January",
-    "Cats like to chase mice",
-    "Bread is made from flour",
-    "The sun rises in the east",
-    "Music is a form of art",
-    "Two plus two equals four",
-    "Ice is frozen water",
-];
 
 #[test]
 fn rome_edits_gemma3_through_the_runtime() {
@@ -67,83 +46,26 @@ fn rome_edits_gemma3_through_the_runtime() {
     assert_eq!(info.tensors.len(), 1);
     assert_eq!(info.tensors[0].rank as usize, n);
 
-    let key = generate_signing_key().unwrap();
-    let bytes = out.builder.build_signed(&key).unwrap();
-    let set = Arc::new(EditSet::new(
-        amend_edits::fingerprint::model_binding(&path).unwrap(),
-        TrustStore::with_key(key.verifying_key()),
-    ));
-    let bundle = Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap();
-    assert_eq!(bundle.manifest().edits.len(), n);
-    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
-
-    let rt = c.runtime.clone();
-    let opts = SessionOptions {
-        n_ctx: 512,
-        ..Default::default()
-    };
-    let mut s = Session::new(&rt, opts.clone()).unwrap();
-    s.set_edit_set(Some(set)).unwrap();
-    let mut base = Session::new(&rt, opts).unwrap();
-
-    let (mut succ, mut reph, mut reph_n, mut loc_same, mut loc_n) = (0, 0, 0, 0, 0);
-    for r in &records {
-        let (p, a) = prompt_answer_tokens(&rt, &r.prompt, &r.target_new).unwrap();
-        s.begin_request(&r.prompt).unwrap();
-        let got = teacher_forced_argmax(&mut s, &p, &a).unwrap();
-        assert_eq!(
-            s.explain().low_rank.len(),
-            n,
-            "every edit's adapter is installed"
-        );
-        let ok = got == a;
-        succ += ok as usize;
-        if !ok {
-            eprintln!(
-                "  edit failed: {} {:?} -> {:?}",
-                r.id, r.prompt, r.target_new
-            );
-        }
-        for q in &r.rephrase_prompts {
-            let (p, a) = prompt_answer_tokens(&rt, q, &r.target_new).unwrap();
-            s.begin_request(q).unwrap();
-            reph += (teacher_forced_argmax(&mut s, &p, &a).unwrap() == a) as usize;
-            reph_n += 1;
-        }
-        for probe in &r.locality {
-            let (p, a) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
-            let before = teacher_forced_argmax(&mut base, &p, &a).unwrap();
-            s.begin_request(&probe.prompt).unwrap();
-            let after = teacher_forced_argmax(&mut s, &p, &a).unwrap();
-            if before != after {
-                eprintln!(
-                    "  locality changed: {:?}: {:?} -> {:?}",
-                    probe.prompt,
-                    rt.detokenize(&before).unwrap_or_default(),
-                    rt.detokenize(&after).unwrap_or_default()
-                );
-            }
-            loc_n += before.len();
-            loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
-        }
-    }
-    // Unrelated prompts (other relations than the edits'): next token unchanged.
-    let mut unrelated_same = 0;
-    for q in UNRELATED {
-        let toks = rt.tokenize(q, rt.info().add_bos).unwrap();
-        let last = *toks.last().unwrap();
-        let (p, a) = (&toks[..toks.len() - 1], [last]);
-        s.begin_request(q).unwrap();
-        let after = teacher_forced_argmax(&mut s, p, &a).unwrap();
-        let before = teacher_forced_argmax(&mut base, p, &a).unwrap();
-        unrelated_same += (after == before) as usize;
-    }
+    let mut applied = common::apply_bundle(&out.builder, &path, c.runtime.clone());
+    assert_eq!(applied.edits, n);
+    let common::Measured {
+        succ,
+        reph,
+        reph_n,
+        loc_same,
+        loc_n,
+        unrelated_same,
+        low_rank_installed,
+        ..
+    } = common::measure(&mut applied, &records);
+    assert_eq!(low_rank_installed, n, "every edit's adapter is installed");
+    let unrelated_n = common::UNRELATED.len();
     let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
     eprintln!(
         "ROME gemma3 layer {:?}: {n} edits, edit success {succ}/{n} on the runtime (candle: {}), rephrase {reph}/{reph_n}, locality {loc_same}/{loc_n} tokens, unrelated next token unchanged {unrelated_same}/{}, median {:.2} s/edit",
         layer.unwrap_or(hp.rome.layer),
         out.reports.iter().filter(|r| r.success).count(),
-        UNRELATED.len(),
+        unrelated_n,
         median(&times),
     );
     for r in &out.reports {
@@ -156,9 +78,9 @@ fn rome_edits_gemma3_through_the_runtime() {
     // Locality on the same relation ("The capital of Italy is" after editing France's capital)
     // is ROME's known weakness and is reported, not asserted; unrelated prompts must hold.
     assert!(
-        unrelated_same as f64 >= 0.8 * UNRELATED.len() as f64,
+        unrelated_same as f64 >= 0.8 * unrelated_n as f64,
         "unrelated prompts changed: {unrelated_same}/{} unchanged",
-        UNRELATED.len()
+        unrelated_n
     );
     assert!(
         median(&times) <= 30.0,

@@ -6,6 +6,7 @@
 
 pub mod grace;
 pub mod lora;
+pub mod memit;
 mod optim;
 pub mod rome;
 pub mod serac;
@@ -323,10 +324,16 @@ impl Compiler {
                 progress,
             )?,
             Method::Rome => {
-                let (reports, gguf) = rome::compile(
+                let (reports, gguf) =
+                    rome::compile(self, records, &hp.rome, layer, base, &mut builder, progress)?;
+                gguf_lora = Some(gguf);
+                reports
+            }
+            Method::Memit => {
+                let (reports, gguf) = memit::compile(
                     self,
                     records,
-                    &hp.rome,
+                    &hp.memit,
                     layer,
                     base,
                     &mut builder,
@@ -349,23 +356,10 @@ impl Compiler {
                 reports
             }
             Method::Lora => {
-                let (reports, gguf) = lora::compile(
-                    self,
-                    records,
-                    &hp.lora,
-                    layer,
-                    base,
-                    &mut builder,
-                    progress,
-                )?;
+                let (reports, gguf) =
+                    lora::compile(self, records, &hp.lora, layer, base, &mut builder, progress)?;
                 gguf_lora = Some(gguf);
                 reports
-            }
-            other => {
-                return Err(CompileError::Hparams(format!(
-                    "--method {}: not implemented yet in this build (available: grace, tpatcher, rome, lora, serac)",
-                    other.name()
-                )))
             }
         };
         Ok(CompileOutput {

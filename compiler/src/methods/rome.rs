@@ -21,7 +21,7 @@ use super::{Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
-use crate::hparams::RomeParams;
+use crate::hparams::{RomeParams, VStarParams};
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
 use amend_edits::families::{LowRank, LowRankTensor};
 use amend_edits::{Bundle, Site};
@@ -78,7 +78,7 @@ impl Covariance {
             let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
             if !(d > 0.0) {
                 return Err(CompileError::Hparams(
-                    "rome: key covariance is not positive definite; raise rome.cov_lambda".into(),
+                    "key covariance is not positive definite; raise cov_lambda (rome/memit)".into(),
                 ));
             }
             row_j[j] = d.sqrt();
@@ -152,7 +152,7 @@ pub(crate) fn corpus_keys(
     }
     if rows.is_empty() {
         return Err(CompileError::Hparams(
-            "rome: the neutral corpus is empty".into(),
+            "rome/memit: the neutral corpus is empty".into(),
         ));
     }
     Ok(Tensor::cat(&rows, 0)?)
@@ -322,6 +322,34 @@ pub(crate) fn write_low_rank(
     Ok(lr.to_gguf_lora(arch))
 }
 
+/// The rank-one down-projection delta `b aᵀ` of `layer` (`a`: `[n_ff]`, `b`: `[n_embd]`),
+/// applied to `deltas` (later computations see it) and returned as a payload tensor.
+pub(crate) fn push_rank_one(
+    c: &Compiler,
+    deltas: &mut LowRankDeltas,
+    layer: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+) -> Result<OwnedDelta> {
+    let (n_ff, n_embd) = (c.fwd.cfg.n_ff, c.fwd.cfg.n_embd);
+    deltas.push(
+        layer,
+        Proj::Down,
+        Tensor::from_slice(&a, (1, n_ff), &c.fwd.device)?,
+        Tensor::from_slice(&b, (n_embd, 1), &c.fwd.device)?,
+        1.0,
+    );
+    Ok(OwnedDelta {
+        name: Proj::Down.weight_name(layer),
+        rank: 1,
+        n_in: n_ff,
+        n_out: n_embd,
+        a,
+        b,
+        alpha: 1.0,
+    })
+}
+
 /// Index of the subject's last token in `prompt_tokens` (tokenizing the prompt up to the end
 /// of the subject), or the last prompt token when the subject is unknown or absent.
 pub(crate) fn subject_last(c: &Compiler, r: &EditRecord, prompt_tokens: &[u32]) -> Result<usize> {
@@ -391,7 +419,7 @@ pub(crate) fn down_key(
 
 /// ROME's key: the mean of the down-projection input at the subject's last token over the
 /// context prefixes.
-fn averaged_key(
+pub(crate) fn averaged_key(
     c: &Compiler,
     r: &EditRecord,
     layer: usize,
@@ -452,7 +480,7 @@ pub(crate) fn train_delta(
     answer: &[u32],
     subj: usize,
     layer: usize,
-    hp: &RomeParams,
+    hp: &VStarParams,
     deltas: &mut LowRankDeltas,
     report: &mut dyn FnMut(usize, f32, bool),
 ) -> Result<Trained> {
@@ -582,7 +610,6 @@ pub(crate) fn compile(
     let mut deltas = base_deltas(c, base)?;
     let name = Proj::Down.weight_name(layer);
     let n_ff = c.fwd.cfg.n_ff;
-    let n_embd = c.fwd.cfg.n_embd;
     let mut cov = if hp.covariance {
         Some(Covariance::from_keys(
             &corpus_keys(c, layer, &mut deltas)?,
@@ -608,7 +635,17 @@ pub(crate) fn compile(
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let subj = subject_last(c, r, &p)?;
         let k_star = averaged_key(c, r, layer, hp.context_prefixes, &mut deltas)?;
-        let t = train_delta(c, r, &p, &a, subj, layer, hp, &mut deltas, &mut report_step)?;
+        let t = train_delta(
+            c,
+            r,
+            &p,
+            &a,
+            subj,
+            layer,
+            &hp.v_star(),
+            &mut deltas,
+            &mut report_step,
+        )?;
         // ΔW = delta · uᵀ with u = C⁻¹k* / ((C⁻¹k*)ᵀ k): ΔW k = delta on the edit prompt's own
         // key (C = I without the covariance).
         let k = down_key(c, &p, subj, layer, &mut deltas)?;
@@ -630,22 +667,7 @@ pub(crate) fn compile(
             });
         }
         let u: Vec<f32> = (k_star / denom as f64)?.to_vec1()?;
-        let d = OwnedDelta {
-            name: name.clone(),
-            rank: 1,
-            n_in: n_ff,
-            n_out: n_embd,
-            a: u,
-            b: t.delta.clone(),
-            alpha: 1.0,
-        };
-        deltas.push(
-            layer,
-            Proj::Down,
-            Tensor::from_slice(&d.a, (1, n_ff), &c.fwd.device)?,
-            Tensor::from_slice(&d.b, (n_embd, 1), &c.fwd.device)?,
-            1.0,
-        );
+        let d = push_rank_one(c, &mut deltas, layer, u, t.delta)?;
         if let Some(cv) = cov.as_mut() {
             // Later edits should leave this one's key alone.
             cv.add(&k.to_vec1::<f32>()?, hp.preserve_weight);

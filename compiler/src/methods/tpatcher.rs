@@ -10,6 +10,18 @@
 //!   (`data/neutral-corpus.txt`, captured through the runtime), mean plus worst row, so the
 //!   neurons stay exactly silent (ReLU) elsewhere.
 //!
+//! The neurons read the FFN input as the *runtime* computes it: the keys, the activations the
+//! values are trained against and the margins all come from rows captured through the runtime's
+//! hooks (`llama.cpp` on the quantized GGUF), both for the teacher-forced input (one prefill) and
+//! for greedy generation (prompt prefill, then one decode per answer token). The candle forward
+//! differs from it by a few percent, which with a threshold of 0.993 switched neurons fired in
+//! candle off at inference (30/34 dev edits); with runtime rows the pre-activation on the edit
+//! input is exactly `1 - threshold` on the device. The training gets the smaller of the two
+//! paths' activations at each answer position. After training, a closed-loop check applies all
+//! neurons so far through the runtime and requires the target to be the argmax at every answer
+//! token, teacher forced and in greedy generation; a failing edit is retrained (up to `retries`
+//! times) to a lower loss, `stop_loss * retry_loss_factor^attempt`.
+//!
 //! Parametrisation (so one learning rate fits every model): `k = raw_k / (‖x‖·sqrt(dim))` with
 //! `raw_k` initialised to `sqrt(dim)·x/‖x‖` (so `k·x = 1` at the start, as in T-Patcher), the
 //! bias at `-threshold` (the neuron fires only on inputs nearly parallel to the edit input), and
@@ -21,9 +33,11 @@ use crate::error::{CompileError, Result};
 use crate::forward::{nll, AddAt, Capture, Hooks};
 use crate::hparams::TPatcherParams;
 use amend_edits::bundle::{BundleBuilder, Payload};
-use amend_edits::families::Activation;
+use amend_edits::families::{Activation, PatchNeurons};
 use amend_edits::{Bundle, HookPoint, Site};
+use amend_runtime::{FnHook, Logits, Session, SessionOptions, Token};
 use candle_core::{Tensor, Var, D};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The neutral text whose FFN inputs the neurons must stay silent on.
@@ -62,7 +76,20 @@ pub(crate) fn compile(
         Some(b) => from_base(b, layer)?,
         None => (Neurons::default(), Vec::new()),
     };
-    let memory = neutral_rows(c, layer)?;
+    // The runtime captures and checks run on a one-thread session of their own: llama.cpp's thread
+    // pool spins, and on a loaded machine a small batch on every core took seconds (measured:
+    // 1-4 s per capture on 2 busy cores). The rows do not depend on the thread count.
+    let mut rs = Session::new(
+        &c.runtime,
+        SessionOptions {
+            n_ctx: 1024,
+            n_threads: Some(1),
+            n_threads_batch: Some(1),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CompileError::Runtime(e.to_string()))?;
+    let memory = neutral_rows(c, &mut rs, layer)?;
     let mut reports = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
@@ -77,7 +104,27 @@ pub(crate) fn compile(
                 done,
             })
         };
-        let t = train(c, &p, &a, layer, hp, &neurons, &memory, &mut report)?;
+        let rows = runtime_edit_rows(&mut rs, &p, &a, layer, dim)?;
+        let mut attempt = 0;
+        let (t, check) = loop {
+            let t = train(
+                c,
+                &p,
+                &a,
+                layer,
+                hp,
+                &neurons,
+                &memory,
+                &rows,
+                attempt,
+                &mut report,
+            )?;
+            let check = runtime_check(&mut rs, dim, &p, &a, layer, &neurons, &t)?;
+            if (check.0 && check.1) || attempt >= hp.retries {
+                break (t, check);
+            }
+            attempt += 1;
+        };
         let first = neurons.biases.len();
         let count = t.biases.len();
         neurons.keys.extend_from_slice(&t.keys);
@@ -96,10 +143,12 @@ pub(crate) fn compile(
             loss: t.loss,
             steps: t.steps,
             seconds: t0.elapsed().as_secs_f64(),
-            success: t.success,
+            success: t.success && check.0 && check.1,
             action: format!(
-                "{count} neuron(s), edit pre-activation >= {:.2}, neutral max {:.2}",
-                t.min_edit_act, t.max_mem_act
+                "{count} neuron(s), edit pre-activation >= {:.4} (teacher forced) {:.4} \
+                 (generation), neutral max {:.3}; runtime check: teacher forced {}, greedy {}, \
+                 {} retrie(s)",
+                t.min_edit_act, t.min_gen_act, t.max_mem_act, check.0, check.1, attempt
             ),
         });
     }
@@ -129,26 +178,170 @@ pub(crate) fn compile(
 }
 
 /// FFN-input rows of the neutral corpus at `layer`, from the runtime: `[rows, dim]`.
-fn neutral_rows(c: &mut Compiler, layer: usize) -> Result<Tensor> {
+fn neutral_rows(c: &Compiler, s: &mut Session, layer: usize) -> Result<Tensor> {
     let add_bos = c.runtime.info().add_bos;
+    let dim = c.fwd.cfg.n_embd;
+    let point = HookPoint::new(layer as u32, Site::FfnInput);
     let mut rows: Vec<f32> = Vec::new();
-    let mut n = 0;
     for line in NEUTRAL_CORPUS.lines().filter(|l| !l.trim().is_empty()) {
         let toks = c
             .runtime
             .tokenize(line, add_bos)
             .map_err(|e| CompileError::Tokenizer(e.to_string()))?;
-        let toks: Vec<u32> = toks.into_iter().map(|t| t as u32).collect();
-        for r in c.runtime_rows(&toks, HookPoint::new(layer as u32, Site::FfnInput))? {
+        for (_, r) in capture(s, point, |s| s.prefill(&toks, Logits::Last))? {
             rows.extend_from_slice(&r);
-            n += 1;
         }
     }
-    Ok(Tensor::from_vec(
-        rows,
-        (n, c.fwd.cfg.n_embd),
-        &c.fwd.device,
-    )?)
+    let n = rows.len() / dim;
+    Ok(Tensor::from_vec(rows, (n, dim), &c.fwd.device)?)
+}
+
+/// Rows captured through a hook, each with its token position.
+type Rows = Vec<(i32, Vec<f32>)>;
+
+/// Every row (with its position) at `point` while `run` evaluates on `s` from an empty cache.
+fn capture(
+    s: &mut Session,
+    point: HookPoint,
+    run: impl FnOnce(&mut Session) -> std::result::Result<(), amend_runtime::RuntimeError>,
+) -> Result<Rows> {
+    let slot: Arc<Mutex<Rows>> = Arc::default();
+    let s2 = slot.clone();
+    let hook = FnHook::new(vec![point], move |_p, rows| {
+        let mut out = s2.lock().unwrap_or_else(|e| e.into_inner());
+        for r in 0..rows.n_rows() {
+            out.push((rows.info(r).pos, rows.row(r).to_vec()));
+        }
+    });
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(e.to_string());
+    let id = s.add_hook(Box::new(hook)).map_err(rt)?;
+    s.kv_clear();
+    let res = run(s);
+    s.remove_hook(id);
+    res.map_err(rt)?;
+    let rows = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(rows)
+}
+
+/// FFN-input rows at the edit, captured through the runtime's hooks (what the device computes):
+/// `tf` for the teacher-forced input (one prefill of prompt + answer[..-1], `[T, dim]`), `gen` for
+/// greedy generation of the answer (the prompt's prefill, then one decode per answer token;
+/// `[A, dim]`, the rows that predict the answer tokens).
+struct EditRows {
+    tf: Vec<f32>,
+    gen: Vec<f32>,
+}
+
+fn runtime_edit_rows(
+    s: &mut Session,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    dim: usize,
+) -> Result<EditRows> {
+    let point = HookPoint::new(layer as u32, Site::FfnInput);
+    let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+    let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
+    let mut input = p.clone();
+    input.extend_from_slice(&a[..a.len() - 1]);
+    let tf_rows = capture(s, point, |s| s.prefill(&input, Logits::Last))?;
+    let gen_rows = capture(s, point, |s| {
+        s.prefill(&p, Logits::Last)?;
+        a[..a.len() - 1].iter().try_for_each(|&t| s.decode(t))
+    })?;
+    let pick = |got: &Rows, from: usize, n: usize| -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(n * dim);
+        for pos in from..from + n {
+            let row = got
+                .iter()
+                .rev()
+                .find(|(p, r)| *p as usize == pos && r.len() == dim)
+                .ok_or_else(|| {
+                    CompileError::Runtime(format!("no FFN-input row at position {pos}"))
+                })?;
+            out.extend_from_slice(&row.1);
+        }
+        Ok(out)
+    };
+    Ok(EditRows {
+        tf: pick(&tf_rows, 0, input.len())?,
+        gen: pick(&gen_rows, prompt.len() - 1, answer.len())?,
+    })
+}
+
+/// Closed-loop check: `existing` plus `new` neurons applied through the runtime's hooks as the
+/// runtime applies them (every position); returns (teacher-forced argmax == answer, greedy
+/// generation == answer).
+fn runtime_check(
+    s: &mut Session,
+    dim: usize,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    existing: &Neurons,
+    new: &Trained,
+) -> Result<(bool, bool)> {
+    let cat = |a: &[f32], b: &[f32]| [a, b].concat();
+    let keys = cat(&existing.keys, &new.keys);
+    let biases = cat(&existing.biases, &new.biases);
+    let values = cat(&existing.values, &new.values);
+    let in_point = HookPoint::new(layer as u32, Site::FfnInput);
+    let out_point = HookPoint::new(layer as u32, Site::FfnOutput);
+    let mut pending: Vec<(i32, Vec<f32>)> = Vec::new();
+    let hook = FnHook::new(vec![in_point, out_point], move |p, rows| {
+        let Ok(pn) = PatchNeurons::new(
+            layer as u32,
+            Site::FfnInput,
+            Site::FfnOutput,
+            dim,
+            &keys,
+            &biases,
+            &values,
+            Activation::Relu,
+        ) else {
+            return;
+        };
+        if p.site == Site::FfnInput {
+            pending.clear();
+            for i in 0..rows.n_rows() {
+                let mut d = vec![0.0; dim];
+                if pn.apply(rows.row(i), &mut d, None) > 0 {
+                    pending.push((rows.info(i).pos, d));
+                }
+            }
+        } else {
+            for (pos, d) in pending.drain(..) {
+                if let Some(i) = (0..rows.n_rows()).find(|&i| rows.info(i).pos == pos) {
+                    for (o, x) in rows.row_mut(i).iter_mut().zip(&d) {
+                        *o += x;
+                    }
+                }
+            }
+        }
+    });
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(e.to_string());
+    let id = s.add_hook(Box::new(hook)).map_err(rt)?;
+    let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+    let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
+    let res = (|| {
+        let tf = crate::eval::teacher_forced_argmax(s, &p, &a)? == a;
+        s.kv_clear();
+        s.prefill(&p, Logits::Last)?;
+        let mut greedy = true;
+        for (i, &want) in a.iter().enumerate() {
+            let got = crate::eval::argmax(s.last_logits()?);
+            if got != want {
+                greedy = false;
+                break;
+            }
+            if i + 1 < a.len() {
+                s.decode(got)?;
+            }
+        }
+        Ok((tf, greedy))
+    })();
+    s.remove_hook(id);
+    res.map_err(rt)
 }
 
 struct Trained {
@@ -159,6 +352,7 @@ struct Trained {
     steps: usize,
     success: bool,
     min_edit_act: f32,
+    min_gen_act: f32,
     max_mem_act: f32,
 }
 
@@ -171,16 +365,18 @@ fn train(
     hp: &TPatcherParams,
     existing: &Neurons,
     memory: &Tensor,
+    rows: &EditRows,
+    attempt: usize,
     report: &mut dyn FnMut(usize, f32, bool),
 ) -> Result<Trained> {
     let fwd = &c.fwd;
     let dev = &fwd.device;
     let dim = fwd.cfg.n_embd;
     let last = prompt.len() - 1;
+    let n_ans = answer.len();
     let mut input = prompt.to_vec();
-    input.extend_from_slice(&answer[..answer.len() - 1]);
-    let at: Vec<usize> = (last..last + answer.len()).collect();
-    let in_point = HookPoint::new(layer as u32, Site::FfnInput);
+    input.extend_from_slice(&answer[..n_ans - 1]);
+    let at: Vec<usize> = (last..last + n_ans).collect();
     let out_point = HookPoint::new(layer as u32, Site::FfnOutput);
     let entry_point = if layer == 0 {
         HookPoint::new(0, Site::Embeddings)
@@ -188,16 +384,18 @@ fn train(
         HookPoint::new(layer as u32 - 1, Site::ResidualOut)
     };
 
-    // Constant: the residual entering `layer`, the FFN inputs and outputs there.
-    let mut cap = Capture::sites(&[entry_point, in_point, out_point]);
+    // Constant: the residual entering `layer` and the FFN outputs there (candle), the FFN inputs
+    // as the runtime computes them (teacher forced and in generation).
+    let mut cap = Capture::sites(&[entry_point, out_point]);
     let mut h = fwd.embed(&input, &mut cap)?;
     for il in 0..layer {
         h = fwd.run_one(il, h, &mut cap)?;
     }
     let x_in = h.detach();
     fwd.run_one(layer, x_in.clone(), &mut cap)?;
-    let xs = cap.at[&in_point].clone(); // [T, dim]
     let outs = &cap.at[&out_point];
+    let xs = Tensor::from_slice(&rows.tf, (input.len(), dim), dev)?; // [T, dim]
+    let xs_gen = Tensor::from_slice(&rows.gen, (n_ans, dim), dev)?; // [A, dim]
 
     // Earlier neurons (sequential editing) act during training too, as constants.
     let base_delta = if existing.biases.is_empty() {
@@ -210,7 +408,7 @@ fn train(
         Some(xs.matmul(&k.t()?)?.broadcast_add(&b)?.relu()?.matmul(&v)?)
     };
 
-    // One neuron per answer position, keyed at the input that predicts it.
+    // One neuron per answer position, keyed at the (runtime) input that predicts it.
     let positions: Vec<usize> = at.iter().copied().take(MAX_NEURONS).collect();
     let m = positions.len();
     let idx = Tensor::new(
@@ -222,6 +420,15 @@ fn train(
         dev,
     )?;
     let x_edit = xs.index_select(&idx, 0)?; // [m, dim]
+    let gen_idx = Tensor::new(
+        positions
+            .iter()
+            .map(|&p| (p - last) as u32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        dev,
+    )?;
+    let x_gen = xs_gen.index_select(&gen_idx, 0)?; // [m, dim]
     let x_norm = x_edit.sqr()?.sum_keepdim(1)?.sqrt()?; // [m, 1]
     let sq = (dim as f64).sqrt();
     let key_scale = (x_norm.clone() * sq)?.recip()?; // k = raw_k * key_scale
@@ -242,15 +449,28 @@ fn train(
     let mut opt = Adam::new(trainable, hp.lr)?;
     let targets = Tensor::new(answer, dev)?;
     let margin = hp.margin as f64;
+    // A retry after a failed runtime check trains on to a lower loss (a wider logit margin).
+    let stop_loss = hp.stop_loss * hp.retry_loss_factor.powi(attempt as i32);
 
-    let mut best: Option<(f32, Vec<f32>, Vec<f32>, Vec<f32>, bool, f32, f32)> = None;
+    type Best = (f32, Vec<f32>, Vec<f32>, Vec<f32>, bool, f32, f32, f32);
+    let mut best: Option<Best> = None;
     let mut steps = 0;
     for step in 0..hp.steps {
         let k = raw_k.as_tensor().broadcast_mul(&key_scale)?; // [m, dim]
         let v = raw_v.as_tensor().broadcast_mul(&v_scale)?;
         let b = bias.as_tensor();
-        let pre = xs.matmul(&k.t()?)?.broadcast_add(b)?; // [T, m]
-        let mut delta = pre.relu()?.matmul(&v)?;
+        // The runtime's activations; at the answer positions the smaller of the teacher-forced
+        // and the generation one, so the value is trained for the weaker of the two.
+        let act_tf = xs.matmul(&k.t()?)?.broadcast_add(b)?.relu()?; // [T, m]
+        let act_gen = xs_gen.matmul(&k.t()?)?.broadcast_add(b)?.relu()?; // [A, m]
+        let act = Tensor::cat(
+            &[
+                act_tf.narrow(0, 0, last)?,
+                act_tf.narrow(0, last, n_ans)?.minimum(&act_gen)?,
+            ],
+            0,
+        )?;
+        let mut delta = act.matmul(&v)?;
         if let Some(d) = &base_delta {
             delta = (delta + d)?;
         }
@@ -261,10 +481,18 @@ fn train(
         let hh = fwd.run_layers(layer, x_in.clone(), &mut hook as &mut dyn Hooks)?;
         let logits = fwd.logits(&hh, &at)?;
         let edit = nll(&logits, answer)?;
-        // Each neuron's pre-activation on its own input (the diagonal).
+        // Each neuron's pre-activation on its own input (the diagonal), both paths.
         let a_edit = (x_edit.mul(&k)?.sum(1)? + b)?;
+        let a_gen = (x_gen.mul(&k)?.sum(1)? + b)?;
         let a_mem = memory.matmul(&k.t()?)?.broadcast_add(b)?; // [R, m]
-        let act_loss = (a_edit.affine(-1.0, hp.edit_margin as f64)?.relu()?).mean_all()?;
+        let act_loss = (a_edit
+            .affine(-1.0, hp.edit_margin as f64)?
+            .relu()?
+            .mean_all()?
+            + a_gen
+                .affine(-1.0, hp.edit_margin as f64)?
+                .relu()?
+                .mean_all()?)?;
         let mem_hinge = (a_mem.clone() + margin)?.relu()?;
         let mem_loss = (mem_hinge.mean_all()? + mem_hinge.max(0)?.mean_all()?)?;
         let loss = ((&edit + act_loss)? + (mem_loss * hp.memory_weight as f64)?)?;
@@ -277,6 +505,7 @@ fn train(
             .to_scalar::<u8>()?
             == 1;
         let min_edit = a_edit.min(0)?.to_scalar::<f32>()?;
+        let min_gen = a_gen.min(0)?.to_scalar::<f32>()?;
         let max_mem = a_mem
             .max_keepdim(0)?
             .max_keepdim(1)?
@@ -285,7 +514,7 @@ fn train(
         let silent = max_mem < 0.0;
         let better = match &best {
             None => true,
-            Some(bst) => (success && silent, -l_edit) > (bst.4 && bst.6 < 0.0, -bst.0),
+            Some(bst) => (success && silent, -l_edit) > (bst.4 && bst.7 < 0.0, -bst.0),
         };
         if better {
             best = Some((
@@ -295,18 +524,19 @@ fn train(
                 v.flatten_all()?.to_vec1()?,
                 success,
                 min_edit,
+                min_gen,
                 max_mem,
             ));
         }
         report(step, l_edit, false);
         steps = step + 1;
-        if success && silent && l_edit < hp.stop_loss && min_edit >= hp.edit_margin {
+        if success && silent && l_edit < stop_loss && min_edit.min(min_gen) >= hp.edit_margin {
             break;
         }
         let grads = loss.backward()?;
         opt.step(&grads)?;
     }
-    let (loss, keys, biases, values, success, min_edit_act, max_mem_act) =
+    let (loss, keys, biases, values, success, min_edit_act, min_gen_act, max_mem_act) =
         best.ok_or_else(|| CompileError::Hparams("tpatcher.steps must be >= 1".into()))?;
     if !keys
         .iter()
@@ -326,6 +556,7 @@ fn train(
         steps,
         success: success && max_mem_act < 0.0,
         min_edit_act,
+        min_gen_act,
         max_mem_act,
     })
 }

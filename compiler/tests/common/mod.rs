@@ -95,3 +95,145 @@ pub fn env_options(prefix: &str, default_n: usize) -> EnvOptions {
         .unwrap_or_default();
     EnvOptions { n, layer, sets }
 }
+
+/// Prompts whose last token the edits (capitals, languages, ...) must not change (the prompt
+/// is all but the last token; the last token is the one scored).
+pub const UNRELATED: [&str; 10] = [
+    "Water is made of hydrogen and oxygen",
+    "The opposite of hot is cold",
+    "A triangle has three sides",
+    "The first month of the year is January",
+    "Cats like to chase mice",
+    "Bread is made from flour",
+    "The sun rises in the east",
+    "Music is a form of art",
+    "Two plus two equals four",
+    "Ice is frozen water",
+];
+
+/// A compiled bundle applied through the runtime: the edit set it is in, a session with the
+/// set attached and one on the base model.
+pub struct Applied {
+    pub rt: Arc<Model>,
+    pub set: Arc<amend_edits::EditSet>,
+    pub edited: amend_runtime::Session,
+    pub base: amend_runtime::Session,
+    pub edits: usize,
+}
+
+/// Signs `builder` with a fresh key, adds the bundle to a new edit set trusting that key and
+/// opens the two sessions on the compiler's runtime.
+pub fn apply_bundle(
+    builder: &amend_edits::bundle::BundleBuilder,
+    model: &std::path::Path,
+    rt: Arc<Model>,
+) -> Applied {
+    use amend_edits::{AddOptions, EditSet, TrustStore};
+    use amend_runtime::{Session, SessionOptions};
+    let key = amend_edits::keys::generate_signing_key().unwrap();
+    let bytes = builder.build_signed(&key).unwrap();
+    let set = Arc::new(EditSet::new(
+        amend_edits::fingerprint::model_binding(model).unwrap(),
+        TrustStore::with_key(key.verifying_key()),
+    ));
+    let bundle = amend_edits::bundle::Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap();
+    let edits = bundle.manifest().edits.len();
+    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
+    let opts = SessionOptions {
+        n_ctx: 512,
+        ..Default::default()
+    };
+    let mut edited = Session::new(&rt, opts.clone()).unwrap();
+    edited.set_edit_set(Some(set.clone())).unwrap();
+    let base = Session::new(&rt, opts).unwrap();
+    Applied {
+        rt,
+        set,
+        edited,
+        base,
+        edits,
+    }
+}
+
+/// What the runtime does with the edits applied (teacher-forced argmax).
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// Edits whose target is the argmax at every token.
+    pub succ: usize,
+    pub failed: Vec<String>,
+    /// Rephrases that reach the target.
+    pub reph: usize,
+    pub reph_n: usize,
+    /// Locality-probe tokens whose argmax is unchanged.
+    pub loc_same: usize,
+    pub loc_n: usize,
+    /// [`UNRELATED`] prompts whose next token is unchanged.
+    pub unrelated_same: usize,
+    /// Adapters installed for the last request.
+    pub low_rank_installed: usize,
+}
+
+/// Whether `r`'s target is the argmax at every target token on `s` (teacher forced).
+pub fn edit_succeeds(
+    rt: &Model,
+    s: &mut amend_runtime::Session,
+    r: &amend_compiler::dataset::EditRecord,
+) -> bool {
+    use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
+    let (p, ans) = prompt_answer_tokens(rt, &r.prompt, &r.target_new).unwrap();
+    s.begin_request(&r.prompt).unwrap();
+    teacher_forced_argmax(s, &p, &ans).unwrap() == ans
+}
+
+/// Measures `records` on `a`'s sessions.
+pub fn measure(a: &mut Applied, records: &[amend_compiler::dataset::EditRecord]) -> Measured {
+    use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
+    let rt = a.rt.clone();
+    let (s, base) = (&mut a.edited, &mut a.base);
+    let mut m = Measured::default();
+    for r in records {
+        let ok = edit_succeeds(&rt, s, r);
+        m.low_rank_installed = s.explain().low_rank.len();
+        if ok {
+            m.succ += 1;
+        } else {
+            eprintln!(
+                "  edit failed: {} {:?} -> {:?}",
+                r.id, r.prompt, r.target_new
+            );
+            m.failed.push(r.id.clone());
+        }
+        for q in &r.rephrase_prompts {
+            let (p, ans) = prompt_answer_tokens(&rt, q, &r.target_new).unwrap();
+            s.begin_request(q).unwrap();
+            m.reph += (teacher_forced_argmax(s, &p, &ans).unwrap() == ans) as usize;
+            m.reph_n += 1;
+        }
+        for probe in &r.locality {
+            let (p, ans) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
+            let before = teacher_forced_argmax(base, &p, &ans).unwrap();
+            s.begin_request(&probe.prompt).unwrap();
+            let after = teacher_forced_argmax(s, &p, &ans).unwrap();
+            if before != after {
+                eprintln!(
+                    "  locality changed: {:?}: {:?} -> {:?}",
+                    probe.prompt,
+                    rt.detokenize(&before).unwrap_or_default(),
+                    rt.detokenize(&after).unwrap_or_default()
+                );
+            }
+            m.loc_n += before.len();
+            m.loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
+        }
+    }
+    for q in UNRELATED {
+        let toks = rt.tokenize(q, rt.info().add_bos).unwrap();
+        let last = *toks.last().unwrap();
+        let (p, ans) = (&toks[..toks.len() - 1], [last]);
+        s.begin_request(q).unwrap();
+        let after = teacher_forced_argmax(s, p, &ans).unwrap();
+        let before = teacher_forced_argmax(base, p, &ans).unwrap();
+        m.unrelated_same += (after == before) as usize;
+    }
+    m
+}

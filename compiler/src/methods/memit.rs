@@ -1,0 +1,274 @@
+//! MEMIT (Meng et al. 2023): many edits written into the down projections of a window of
+//! layers (`blk.L.ffn_down.weight` for each `L` in `memit.layers`).
+//!
+//! For a batch of edits:
+//! - Target: ROME's value optimisation ([`rome::train_delta`]) at the top layer `T` of the
+//!   window gives each edit a down-projection output delta at the subject's last token; the
+//!   residual stream after block `T` with that delta in place is the edit's target `z`.
+//! - Spreading, lowest layer first: the keys `K_l` (`[n_ff, N]`, the down projection's input at
+//!   the subject's last token averaged over ROME's context prefixes) are computed with the lower
+//!   layers' updates already applied; the residual each layer must add is
+//!   `R_l = (z − h_T) / (layers left)`, `h_T` the current residual after block `T` on the edit
+//!   prompt; the update is `ΔW_l = R'_l K_lᵀ (w·C_l + K_l K_lᵀ)⁻¹` with `C_l` the key second
+//!   moment of the neutral corpus (the ridge as in ROME) and `w` = `memit.mom2_weight`.
+//! - Gemma's post-FFN RMSNorm sits between the down projection and the residual stream:
+//!   `R'_l` is `R_l` mapped back through the norm's diagonal Jacobian at the current output
+//!   (`rms(y) · R / g`, the division regularised where the gain `g` is small); on the llama
+//!   family `R'_l = R_l`.
+//!
+//! Each edit is its own payload: `ΔW_l = Σ_i r_i m_iᵀ` with `m_i = (w·C + KKᵀ)⁻¹ k_i`, one
+//! rank-one tensor per layer per edit, so edits roll back one by one; the GGUF-LoRA file merges
+//! them into one rank-N tensor per layer. Batches larger than `memit.batch` are compiled chunk
+//! by chunk, each chunk on top of the previous ones (whose keys stay in the covariance, so later
+//! chunks keep them), and on top of `--base-bundle`'s low-rank deltas.
+
+use super::rome::{
+    averaged_key, base_deltas, corpus_keys, down_key, entry, push_rank_one, subject_last,
+    train_delta, write_low_rank, Covariance, LowRankDeltas, OwnedDelta,
+};
+use super::{Compiler, EditReport, Progress};
+use crate::dataset::EditRecord;
+use crate::error::{CompileError, Result};
+use crate::forward::{nll, rms_norm, Hooks, Proj};
+use crate::hparams::MemitParams;
+use amend_edits::bundle::BundleBuilder;
+use amend_edits::Bundle;
+use candle_core::{Tensor, D};
+use std::time::Instant;
+
+/// The edited layers: `memit.layers`, shifted so that the top one is `top` when given.
+pub(crate) fn window(c: &Compiler, hp: &MemitParams, top: Option<usize>) -> Result<Vec<usize>> {
+    let hi = *hp
+        .layers
+        .last()
+        .ok_or_else(|| CompileError::Hparams("memit.layers is empty".into()))?;
+    let layers: Vec<usize> = match top {
+        Some(t) => {
+            let lo = hp.layers[0];
+            if t < hi - lo {
+                return Err(CompileError::Hparams(format!(
+                    "--layer {t}: memit's window {:?} does not fit below it",
+                    hp.layers
+                )));
+            }
+            hp.layers.iter().map(|&l| l + t - hi).collect()
+        }
+        None => hp.layers.clone(),
+    };
+    for &l in &layers {
+        c.fwd.check_layer(l)?;
+    }
+    Ok(layers)
+}
+
+/// The FFN's contribution to the residual stream for the down-projection output `y` (`[n_embd]`):
+/// `y` itself, or gemma's post-FFN norm of it.
+fn ffn_out(c: &Compiler, layer: usize, y: &Tensor) -> Result<Tensor> {
+    match &c.fwd.layers[layer].ffn_post_norm {
+        Some(g) => Ok(rms_norm(&y.unsqueeze(0)?, g, c.fwd.cfg.rms_eps)?.squeeze(0)?),
+        None => Ok(y.clone()),
+    }
+}
+
+/// The down-projection output change that adds about `r` to the residual stream, where the
+/// current down-projection output is `y`: through the post-FFN norm's diagonal Jacobian
+/// `g / rms(y)`, the division by `g` regularised below 5% of its RMS.
+fn down_change(c: &Compiler, layer: usize, y: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let Some(g) = &c.fwd.layers[layer].ffn_post_norm else {
+        return Ok(r.clone());
+    };
+    let rms = (y.sqr()?.mean_all()? + c.fwd.cfg.rms_eps)?.sqrt()?;
+    let g2 = g.sqr()?;
+    let eps2 = (g2.mean_all()?.to_scalar::<f32>()? * 0.05f32.powi(2)) as f64;
+    let ginv = (g / (g2 + eps2)?)?;
+    Ok((r * ginv)?.broadcast_mul(&rms)?)
+}
+
+/// The down-projection output of `layer` at `pos` of `tokens` (`[n_embd]`), deltas included.
+fn down_output(
+    c: &Compiler,
+    tokens: &[u32],
+    pos: usize,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    let k = down_key(c, tokens, pos, layer, deltas)?.unsqueeze(0)?;
+    let mut y = k.matmul(&c.fwd.layers[layer].w_down.t()?)?;
+    if let Some(d) = deltas.linear_delta(layer, Proj::Down, &k)? {
+        y = (y + d)?;
+    }
+    Ok(y.squeeze(0)?)
+}
+
+/// The residual stream after block `layer` at `pos` of `tokens` (`[n_embd]`).
+fn residual_after(
+    c: &Compiler,
+    tokens: &[u32],
+    pos: usize,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    Ok(entry(c, tokens, layer + 1, deltas)?.get(pos)?)
+}
+
+/// One edit of the batch being solved.
+struct Pending<'r> {
+    record: &'r EditRecord,
+    prompt: Vec<u32>,
+    answer: Vec<u32>,
+    subj: usize,
+    /// Target residual after the top layer at the subject's last token.
+    z: Tensor,
+    steps: usize,
+    seconds: f64,
+    deltas: Vec<OwnedDelta>,
+}
+
+/// Teacher-forced target NLL and success (every target token the argmax) with `deltas`.
+fn check(
+    c: &Compiler,
+    prompt: &[u32],
+    answer: &[u32],
+    deltas: &mut LowRankDeltas,
+) -> Result<(f32, bool)> {
+    let mut input = prompt.to_vec();
+    input.extend_from_slice(&answer[..answer.len() - 1]);
+    let at: Vec<usize> = (prompt.len() - 1..input.len()).collect();
+    let logits = c.fwd.forward(&input, deltas, &at)?;
+    let loss = nll(&logits, answer)?.to_scalar::<f32>()?;
+    let targets = Tensor::new(answer, &c.fwd.device)?;
+    let ok = logits
+        .argmax(D::Minus1)?
+        .eq(&targets)?
+        .min(0)?
+        .to_scalar::<u8>()?
+        == 1;
+    Ok((loss, ok))
+}
+
+pub(crate) fn compile(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &MemitParams,
+    layer: Option<usize>,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<EditReport>, Vec<u8>)> {
+    let layers = window(c, hp, layer)?;
+    let top = *layers.last().expect("window is non-empty");
+    let mut deltas = base_deltas(c, base)?;
+    let vstar = hp.v_star();
+    // w·C_l per layer, on the model with the base bundle applied; the edits' keys are added as
+    // they are solved and stay (later chunks keep earlier edits).
+    let mut covs = Vec::with_capacity(layers.len());
+    for &l in &layers {
+        let keys = (corpus_keys(c, l, &mut deltas)? * hp.mom2_weight.sqrt())?;
+        covs.push(Covariance::from_keys(&keys, hp.cov_lambda)?);
+    }
+    let names: Vec<String> = layers.iter().map(|&l| Proj::Down.weight_name(l)).collect();
+    let mut reports = Vec::with_capacity(records.len());
+    let mut written: Vec<(&EditRecord, usize, Vec<OwnedDelta>)> = Vec::new();
+    let total = records.len();
+    for (chunk_no, chunk) in records.chunks(hp.batch).enumerate() {
+        let first = chunk_no * hp.batch;
+        // 1. Each edit's target residual at the top layer (v*, with the earlier chunks applied).
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (j, r) in chunk.iter().enumerate() {
+            let t0 = Instant::now();
+            let mut report_step = |step: usize, loss: f32, done: bool| {
+                progress(&Progress {
+                    index: first + j,
+                    total,
+                    id: &r.id,
+                    step,
+                    loss,
+                    done,
+                })
+            };
+            let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
+            let subj = subject_last(c, r, &p)?;
+            let t = train_delta(
+                c,
+                r,
+                &p,
+                &a,
+                subj,
+                top,
+                &vstar,
+                &mut deltas,
+                &mut report_step,
+            )?;
+            let y = down_output(c, &p, subj, top, &mut deltas)?;
+            let v = Tensor::from_slice(&t.delta, y.dims1()?, &c.fwd.device)?;
+            let gain = (ffn_out(c, top, &(&y + v)?)? - ffn_out(c, top, &y)?)?;
+            let z = (residual_after(c, &p, subj, top, &mut deltas)? + gain)?;
+            pending.push(Pending {
+                record: r,
+                prompt: p,
+                answer: a,
+                subj,
+                z,
+                steps: t.steps,
+                seconds: t0.elapsed().as_secs_f64(),
+                deltas: Vec::with_capacity(layers.len()),
+            });
+        }
+        // 2. Spread the residuals over the window, lowest layer first.
+        let t_spread = Instant::now();
+        for (li, &l) in layers.iter().enumerate() {
+            let left = (layers.len() - li) as f64;
+            let mut keys = Vec::with_capacity(pending.len());
+            let mut values = Vec::with_capacity(pending.len());
+            for e in &pending {
+                let k: Vec<f32> =
+                    averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?.to_vec1()?;
+                let h = residual_after(c, &e.prompt, e.subj, top, &mut deltas)?;
+                let r = ((&e.z - h)? / left)?;
+                let y = down_output(c, &e.prompt, e.subj, l, &mut deltas)?;
+                values.push(down_change(c, l, &y, &r)?.to_vec1::<f32>()?);
+                covs[li].add(&k, 1.0);
+                keys.push(k);
+            }
+            // Solve against the whole batch's keys before applying any of the updates.
+            let dirs: Vec<Vec<f32>> = keys.iter().map(|k| covs[li].solve(k)).collect();
+            for ((e, m), r) in pending.iter_mut().zip(dirs).zip(values) {
+                if !m.iter().chain(&r).all(|x| x.is_finite()) {
+                    return Err(CompileError::Hparams(format!(
+                        "memit: non-finite update for {:?} at layer {l}; raise memit.cov_lambda",
+                        e.record.id
+                    )));
+                }
+                e.deltas.push(push_rank_one(c, &mut deltas, l, m, r)?);
+            }
+        }
+        let spread = t_spread.elapsed().as_secs_f64() / pending.len() as f64;
+        for (j, e) in pending.into_iter().enumerate() {
+            let (loss, success) = check(c, &e.prompt, &e.answer, &mut deltas)?;
+            progress(&Progress {
+                index: first + j,
+                total,
+                id: &e.record.id,
+                step: e.steps,
+                loss,
+                done: true,
+            });
+            reports.push(EditReport {
+                id: e.record.id.clone(),
+                loss,
+                steps: e.steps,
+                seconds: e.seconds + spread,
+                success,
+                action: format!(
+                    "rank-one on each of {} (subject token {}, batch of {})",
+                    names.join(", "),
+                    e.subj,
+                    chunk.len()
+                ),
+            });
+            written.push((e.record, top, e.deltas));
+        }
+    }
+    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), &written)?;
+    Ok((reports, gguf))
+}
