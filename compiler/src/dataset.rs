@@ -40,7 +40,7 @@ impl Probe {
 }
 
 /// One edit request, normalised from any supported input shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EditRecord {
     /// `id` / `case_id` from the file when present, else the record index.
     pub id: String,

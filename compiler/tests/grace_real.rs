@@ -1,50 +1,30 @@
 //! GRACE on the real gemma3 model: compile dev edits, apply the codebook on the runtime through
 //! its hooks, and measure edit success (teacher-forced), locality and time per edit.
-//! `AMEND_GRACE_N` sets how many dev edits (default 6; the full set is slow for `make test`).
+//! `AMEND_GRACE_N` sets how many dev edits (default 6; the full set is slow for `make test`;
+//! `all` for every record), `AMEND_GRACE_LAYER` the layer, `AMEND_GRACE_SET` extra
+//! `section.key=value` overrides separated by `;`.
 
 mod common;
 
-use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
-use amend_compiler::methods::median;
-use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
-use amend_edits::bundle::Bundle;
+use amend_compiler::Method;
 use amend_edits::families::{Codebook, Distance};
-use amend_edits::keys::generate_signing_key;
-use amend_edits::{HookPoint, Site, TrustStore};
-use amend_runtime::{FnHook, Session, SessionOptions};
+use amend_edits::{HookPoint, Site};
+use amend_runtime::FnHook;
 use std::sync::{Arc, Mutex};
 
 #[test]
 fn grace_edits_gemma3() {
-    let Some(path) = common::real_model_path() else {
+    let Some(common::Compiled {
+        records,
+        compiler: c,
+        out,
+        ..
+    }) = common::compile_dev("GRACE", 6, Method::Grace)
+    else {
         return;
     };
-    let n: usize = std::env::var("AMEND_GRACE_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
-    let records =
-        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
-    let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
-    let mut c = Compiler::open(&path).unwrap();
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
-    let out = c
-        .compile(
-            Method::Grace,
-            &records,
-            &hp,
-            None,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
-    let key = generate_signing_key().unwrap();
-    let bytes = out.builder.build_signed(&key).unwrap();
-    let bundle =
-        Bundle::from_bytes(bytes.as_slice(), &TrustStore::with_key(key.verifying_key())).unwrap();
+    let (bundle, _) = common::signed(&out.builder);
     let view = bundle.codebook(0, 0..bundle.units(0)).unwrap();
     let layer = view.layer;
     let (keys, values, radii) = (
@@ -56,22 +36,8 @@ fn grace_edits_gemma3() {
 
     // Apply the codebook on the runtime: remember the key row, replace the FFN output row.
     let rt = c.runtime.clone();
-    let mut s = Session::new(
-        &rt,
-        SessionOptions {
-            n_ctx: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut base = Session::new(
-        &rt,
-        SessionOptions {
-            n_ctx: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut s = common::session(&rt);
+    let mut base = common::session(&rt);
     let key_row: Arc<Mutex<Option<Vec<f32>>>> = Arc::default();
     let k2 = key_row.clone();
     let hits = Arc::new(Mutex::new(0usize));
@@ -113,31 +79,20 @@ fn grace_edits_gemma3() {
 
     let (mut succ, mut loc_same, mut loc_n) = (0usize, 0usize, 0usize);
     for r in &records {
-        let (p, a) = prompt_answer_tokens(&rt, &r.prompt, &r.target_new).unwrap();
-        let got = teacher_forced_argmax(&mut s, &p, &a).unwrap();
-        let ok = got == a;
-        succ += ok as usize;
+        succ += common::edit_succeeds(&rt, &mut s, r) as usize;
         for probe in &r.locality {
-            let (p, a) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
-            let before = teacher_forced_argmax(&mut base, &p, &a).unwrap();
-            let after = teacher_forced_argmax(&mut s, &p, &a).unwrap();
-            loc_n += before.len();
-            loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
+            let (same, n) = common::locality_tokens(&rt, &mut s, &mut base, probe);
+            loc_same += same;
+            loc_n += n;
         }
     }
-    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
     eprintln!(
         "GRACE gemma3 layer {layer}: {n} edits, edit success {succ}/{n} on the runtime (candle: {}), locality {loc_same}/{loc_n} tokens, median {:.2} s/edit, losses {:?}",
-        out.reports.iter().filter(|r| r.success).count(),
-        median(&times),
+        common::trained_successes(&out.reports),
+        common::median_seconds(&out.reports),
         out.reports.iter().map(|r| (r.loss * 1000.0).round() / 1000.0).collect::<Vec<_>>()
     );
-    for r in &out.reports {
-        eprintln!(
-            "  {} {} steps {} loss {:.3} {:.2}s",
-            r.id, r.action, r.steps, r.loss, r.seconds
-        );
-    }
+    common::print_reports(&out.reports);
     assert!(succ as f64 >= 0.9 * n as f64, "edit success {succ}/{n}");
     assert!(
         loc_same as f64 >= 0.9 * loc_n as f64,

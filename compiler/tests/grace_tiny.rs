@@ -47,17 +47,7 @@ fn thousand_sequential_edits_make_versions() {
         let b = base
             .as_ref()
             .map(|bytes| Bundle::from_bytes(bytes, &trust).unwrap());
-        let out = c
-            .compile(
-                Method::Grace,
-                &records,
-                &hp,
-                None,
-                b.as_ref(),
-                &BundleIdentity::default(),
-                &mut |_| {},
-            )
-            .unwrap();
+        let out = common::compile(&mut c, Method::Grace, &records, &hp, None, b.as_ref());
         n += records.len();
         assert_eq!(out.reports.len(), 100);
         let bytes = out.builder.build_signed(&key).unwrap().as_slice().to_vec();
@@ -99,17 +89,7 @@ fn conflicting_edits_split_radii() {
         record(1, "The capital of Germany is", "Berlin"),
         record(2, "The capital of France is", "Paris"),
     ];
-    let out = c
-        .compile(
-            Method::Grace,
-            &records,
-            &hp,
-            None,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
+    let out = common::compile(&mut c, Method::Grace, &records, &hp, None, None);
     assert_eq!(out.reports[0].action, "added");
     assert!(
         out.reports[1].action.starts_with("split"),

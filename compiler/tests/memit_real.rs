@@ -7,34 +7,24 @@
 
 mod common;
 
-use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::methods::median;
-use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
+use amend_compiler::Method;
 use amend_edits::families::inspect_gguf_lora;
 
 #[test]
 fn memit_edits_gemma3_through_the_runtime() {
-    let Some(path) = common::real_model_path() else {
+    let Some(common::Compiled {
+        path,
+        records,
+        compiler: c,
+        hp,
+        layer,
+        out,
+        ..
+    }) = common::compile_dev("MEMIT", 8, Method::Memit)
+    else {
         return;
     };
-    let common::EnvOptions { n, layer, sets } = common::env_options("MEMIT", 8);
-    let records =
-        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
-    let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
-    let mut c = Compiler::open(&path).unwrap();
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &sets).unwrap();
-    let out = c
-        .compile(
-            Method::Memit,
-            &records,
-            &hp,
-            layer,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
 
     // The GGUF-LoRA file: one rank-n tensor per edited down projection.
     let layers = hp.memit.layers.len();
@@ -48,27 +38,22 @@ fn memit_edits_gemma3_through_the_runtime() {
     assert_eq!(applied.edits, n);
     let m = common::measure(&mut applied, &records);
     assert_eq!(m.low_rank_installed, n, "every edit's adapter is installed");
-    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
+    let median = common::median_seconds(&out.reports);
     let unrelated_n = common::UNRELATED.len();
     eprintln!(
         "MEMIT gemma3 layers {:?} (top {:?}): {n} edits, edit success {}/{n} on the runtime (candle: {}), rephrase {}/{}, locality {}/{} tokens, unrelated next token unchanged {}/{unrelated_n}, median {:.2} s/edit",
         hp.memit.layers,
         layer,
         m.succ,
-        out.reports.iter().filter(|r| r.success).count(),
+        common::trained_successes(&out.reports),
         m.reph,
         m.reph_n,
         m.loc_same,
         m.loc_n,
         m.unrelated_same,
-        median(&times),
+        median,
     );
-    for r in &out.reports {
-        eprintln!(
-            "  {} steps {} loss {:.3} {:.2}s: {}",
-            r.id, r.steps, r.loss, r.seconds, r.action
-        );
-    }
+    common::print_reports(&out.reports);
     assert!(
         m.succ as f64 >= 0.9 * n as f64,
         "edit success {}/{n}",
@@ -118,9 +103,5 @@ fn memit_edits_gemma3_through_the_runtime() {
         "the rolled-back edit {} still reaches its target",
         gone.id
     );
-    assert!(
-        median(&times) <= 60.0,
-        "median {:.1} s/edit",
-        median(&times)
-    );
+    assert!(median <= 60.0, "median {median:.1} s/edit");
 }

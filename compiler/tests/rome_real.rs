@@ -7,34 +7,24 @@
 
 mod common;
 
-use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::methods::median;
-use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
+use amend_compiler::Method;
 use amend_edits::families::inspect_gguf_lora;
 
 #[test]
 fn rome_edits_gemma3_through_the_runtime() {
-    let Some(path) = common::real_model_path() else {
+    let Some(common::Compiled {
+        path,
+        records,
+        compiler: c,
+        hp,
+        layer,
+        out,
+        ..
+    }) = common::compile_dev("ROME", 6, Method::Rome)
+    else {
         return;
     };
-    let common::EnvOptions { n, layer, sets } = common::env_options("ROME", 6);
-    let records =
-        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
-    let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
-    let mut c = Compiler::open(&path).unwrap();
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &sets).unwrap();
-    let out = c
-        .compile(
-            Method::Rome,
-            &records,
-            &hp,
-            layer,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
 
     // The GGUF-LoRA file: one rank-n tensor on the edited down projection.
     let lora = out
@@ -60,20 +50,15 @@ fn rome_edits_gemma3_through_the_runtime() {
     } = common::measure(&mut applied, &records);
     assert_eq!(low_rank_installed, n, "every edit's adapter is installed");
     let unrelated_n = common::UNRELATED.len();
-    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
+    let median = common::median_seconds(&out.reports);
     eprintln!(
         "ROME gemma3 layer {:?}: {n} edits, edit success {succ}/{n} on the runtime (candle: {}), rephrase {reph}/{reph_n}, locality {loc_same}/{loc_n} tokens, unrelated next token unchanged {unrelated_same}/{}, median {:.2} s/edit",
         layer.unwrap_or(hp.rome.layer),
-        out.reports.iter().filter(|r| r.success).count(),
+        common::trained_successes(&out.reports),
         unrelated_n,
-        median(&times),
+        median,
     );
-    for r in &out.reports {
-        eprintln!(
-            "  {} steps {} loss {:.3} {:.2}s: {}",
-            r.id, r.steps, r.loss, r.seconds, r.action
-        );
-    }
+    common::print_reports(&out.reports);
     assert!(succ as f64 >= 0.8 * n as f64, "edit success {succ}/{n}");
     // Locality on the same relation ("The capital of Italy is" after editing France's capital)
     // is ROME's known weakness and is reported, not asserted; unrelated prompts must hold.
@@ -82,9 +67,5 @@ fn rome_edits_gemma3_through_the_runtime() {
         "unrelated prompts changed: {unrelated_same}/{} unchanged",
         unrelated_n
     );
-    assert!(
-        median(&times) <= 30.0,
-        "median {:.1} s/edit",
-        median(&times)
-    );
+    assert!(median <= 30.0, "median {median:.1} s/edit");
 }

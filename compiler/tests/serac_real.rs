@@ -6,64 +6,32 @@
 
 mod common;
 
-use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
-use amend_edits::bundle::Bundle;
-use amend_edits::keys::generate_signing_key;
-use amend_edits::{AddOptions, EditSet, TrustStore};
-use amend_runtime::{Session, SessionOptions};
-use std::sync::Arc;
+use amend_compiler::Method;
 
 #[test]
 fn serac_routes_rephrases_not_locality_gemma3() {
-    let Some(path) = common::real_model_path() else {
+    let Some(common::Compiled {
+        path,
+        records,
+        compiler: c,
+        hp,
+        out,
+        seconds: secs,
+        ..
+    }) = common::compile_dev("SERAC", 8, Method::Serac)
+    else {
         return;
     };
-    let common::EnvOptions { n, sets, .. } = common::env_options("SERAC", 8);
-    let records =
-        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
-    let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
-    let mut c = Compiler::open(&path).unwrap();
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &sets).unwrap();
-    let t0 = std::time::Instant::now();
-    let out = c
-        .compile(
-            Method::Serac,
-            &records,
-            &hp,
-            None,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
-    let secs = t0.elapsed().as_secs_f64();
     let cal = out
         .calibration
         .clone()
         .expect("serac reports its calibration");
     assert!(out.gguf_lora.is_none());
 
-    let key = generate_signing_key().unwrap();
-    let bytes = out.builder.build_signed(&key).unwrap();
-    let set = Arc::new(EditSet::new(
-        amend_edits::fingerprint::model_binding(&path).unwrap(),
-        TrustStore::with_key(key.verifying_key()),
-    ));
-    let bundle = Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap();
-    assert_eq!(bundle.manifest().edits.len(), n);
-    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
-    let mut s = Session::new(
-        &c.runtime,
-        SessionOptions {
-            n_ctx: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    s.set_edit_set(Some(set)).unwrap();
-
+    let mut applied = common::apply_bundle(&out.builder, &path, c.runtime.clone());
+    assert_eq!(applied.edits, n);
+    let s = &mut applied.edited;
     let mut routed = |q: &str| -> (bool, Option<String>, String) {
         s.begin_request(q).unwrap();
         let m = s

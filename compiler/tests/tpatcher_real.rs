@@ -1,52 +1,31 @@
 //! T-Patcher on the real gemma3 model: compile dev edits, apply the neurons on the runtime
 //! through its hooks (every position), measure edit success, locality and time per edit.
 //! `AMEND_TPATCHER_N` sets how many dev edits (default 16, about 2 min on 2 busy cores; `all`
-//! for every one, about 3 min).
+//! for every one, about 3 min), `AMEND_TPATCHER_LAYER` the layer, `AMEND_TPATCHER_SET` extra
+//! `section.key=value` overrides separated by `;`.
 
 mod common;
 
-use amend_compiler::dataset::{self, DataFormat};
-use amend_compiler::eval::{argmax, prompt_answer_tokens, teacher_forced_argmax};
-use amend_compiler::methods::median;
-use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
-use amend_edits::bundle::Bundle;
+use amend_compiler::eval::{argmax, prompt_answer_tokens};
+use amend_compiler::Method;
 use amend_edits::families::{Activation, PatchNeurons};
-use amend_edits::keys::generate_signing_key;
-use amend_edits::{HookPoint, Site, TrustStore};
-use amend_runtime::{FnHook, Logits, Session, SessionOptions};
+use amend_edits::{HookPoint, Site};
+use amend_runtime::{FnHook, Logits};
 use std::sync::{Arc, Mutex};
 
 #[test]
 fn tpatcher_edits_gemma3() {
-    let Some(path) = common::real_model_path() else {
+    let Some(common::Compiled {
+        records,
+        compiler: c,
+        out,
+        ..
+    }) = common::compile_dev("TPATCHER", 16, Method::TPatcher)
+    else {
         return;
     };
-    let n: usize = match std::env::var("AMEND_TPATCHER_N").ok().as_deref() {
-        Some("all") => usize::MAX,
-        Some(s) => s.parse().expect("AMEND_TPATCHER_N: a number or `all`"),
-        None => 16,
-    };
-    let records =
-        dataset::load(&common::repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
-    let records: Vec<_> = records.into_iter().take(n).collect();
     let n = records.len();
-    let mut c = Compiler::open(&path).unwrap();
-    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
-    let out = c
-        .compile(
-            Method::TPatcher,
-            &records,
-            &hp,
-            None,
-            None,
-            &BundleIdentity::default(),
-            &mut |_| {},
-        )
-        .unwrap();
-    let key = generate_signing_key().unwrap();
-    let bytes = out.builder.build_signed(&key).unwrap();
-    let bundle =
-        Bundle::from_bytes(bytes.as_slice(), &TrustStore::with_key(key.verifying_key())).unwrap();
+    let (bundle, _) = common::signed(&out.builder);
     let view = bundle.patch_neurons(0, 0..bundle.units(0)).unwrap();
     let layer = view.layer;
     let (keys, biases, values, dim) = (
@@ -57,22 +36,8 @@ fn tpatcher_edits_gemma3() {
     );
 
     let rt = c.runtime.clone();
-    let mut s = Session::new(
-        &rt,
-        SessionOptions {
-            n_ctx: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut base = Session::new(
-        &rt,
-        SessionOptions {
-            n_ctx: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut s = common::session(&rt);
+    let mut base = common::session(&rt);
     let inputs: Arc<Mutex<Vec<f32>>> = Arc::default();
     let i2 = inputs.clone();
     s.add_hook(Box::new(FnHook::new(
@@ -106,10 +71,10 @@ fn tpatcher_edits_gemma3() {
 
     let (mut succ, mut greedy, mut loc_same, mut loc_n) = (0usize, 0usize, 0usize, 0usize);
     for r in &records {
-        let (p, a) = prompt_answer_tokens(&rt, &r.prompt, &r.target_new).unwrap();
-        succ += (teacher_forced_argmax(&mut s, &p, &a).unwrap() == a) as usize;
+        succ += common::edit_succeeds(&rt, &mut s, r) as usize;
         // Greedy generation as the runtime runs it: the prompt's prefill, then one decode per
         // token (its FFN inputs differ slightly from the teacher-forced prefill's).
+        let (p, a) = prompt_answer_tokens(&rt, &r.prompt, &r.target_new).unwrap();
         s.kv_clear();
         s.prefill(&p, Logits::Last).unwrap();
         let mut got = Vec::new();
@@ -120,25 +85,17 @@ fn tpatcher_edits_gemma3() {
         }
         greedy += (got == a) as usize;
         for probe in &r.locality {
-            let (p, a) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
-            let before = teacher_forced_argmax(&mut base, &p, &a).unwrap();
-            let after = teacher_forced_argmax(&mut s, &p, &a).unwrap();
-            loc_n += before.len();
-            loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
+            let (same, n) = common::locality_tokens(&rt, &mut s, &mut base, probe);
+            loc_same += same;
+            loc_n += n;
         }
     }
-    let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
     eprintln!(
         "T-Patcher gemma3 layer {layer}: {n} edits, edit success {succ}/{n} teacher forced, {greedy}/{n} greedy on the runtime (compiler: {}), locality {loc_same}/{loc_n} tokens, median {:.2} s/edit",
-        out.reports.iter().filter(|r| r.success).count(),
-        median(&times),
+        common::trained_successes(&out.reports),
+        common::median_seconds(&out.reports),
     );
-    for r in &out.reports {
-        eprintln!(
-            "  {} steps {} loss {:.3} {:.2}s: {}",
-            r.id, r.steps, r.loss, r.seconds, r.action
-        );
-    }
+    common::print_reports(&out.reports);
     // Measured on gemma3-270m Q4_K_M, all 34 dev edits: 34/34 teacher forced, 34/34 greedy,
     // locality 95/96 tokens (keys from the candle forward instead of the runtime: 30/34).
     assert!(succ as f64 >= 0.95 * n as f64, "edit success {succ}/{n}");

@@ -11,7 +11,7 @@
 //!   (bundles roll edits back one by one), so the edit gets its own row (an exact duplicate
 //!   shares the trained value).
 
-use super::{Adam, Compiler, EditReport, Progress};
+use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, Capture, Hooks, ReplaceRow};
@@ -19,7 +19,7 @@ use crate::hparams::GraceParams;
 use amend_edits::bundle::{BundleBuilder, Payload};
 use amend_edits::families::Distance;
 use amend_edits::{Bundle, HookPoint, Site};
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use std::time::Instant;
 
 /// One codebook row being built.
@@ -60,16 +60,7 @@ pub(crate) fn compile(
         let t0 = Instant::now();
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let key = normalized(c.runtime_row(&p, HookPoint::new(layer as u32, Site::FfnInput))?);
-        let mut report_step = |step: usize, loss: f32, done: bool| {
-            progress(&Progress {
-                index: i,
-                total: records.len(),
-                id: &r.id,
-                step,
-                loss,
-                done,
-            })
-        };
+        let mut report_step = edit_progress(progress, i, records.len(), &r.id);
         let label = r.target_new.trim().to_string();
         let nearest = entries
             .iter()
@@ -210,12 +201,7 @@ fn train_value(
         let logits = fwd.logits(&h, &at)?;
         let loss = nll(&logits, answer)?;
         let l = loss.to_scalar::<f32>()?;
-        let success = logits
-            .argmax(D::Minus1)?
-            .eq(&targets)?
-            .min(0)?
-            .to_scalar::<u8>()?
-            == 1;
+        let success = argmax_hits_all(&logits, &targets)?;
         if l < best.0 || (success && !best.2) {
             best = (l, value.as_tensor().to_vec1::<f32>()?, success);
         }

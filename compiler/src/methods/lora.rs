@@ -5,14 +5,14 @@
 //! Edits are sequential (earlier ones in place) and each is its own low-rank payload.
 
 use super::rome::{base_deltas, entry, write_low_rank, LowRankDeltas, OwnedDelta};
-use super::{Adam, Compiler, EditReport, Progress};
+use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, Hooks, Proj};
 use crate::hparams::LoraParams;
 use amend_edits::bundle::BundleBuilder;
 use amend_edits::Bundle;
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use std::time::Instant;
 
 /// The trainable adapter of one edit plus the earlier deltas.
@@ -69,6 +69,7 @@ pub(crate) fn compile(
     let mut written = Vec::with_capacity(records.len());
     for (i, rec) in records.iter().enumerate() {
         let t0 = Instant::now();
+        let mut report = edit_progress(progress, i, records.len(), &rec.id);
         let (p, ans) = c.tokens(&rec.prompt, &rec.target_new)?;
         let last = p.len() - 1;
         let mut input = p.clone();
@@ -97,12 +98,7 @@ pub(crate) fn compile(
             let logits = c.fwd.logits(&h, &at)?;
             let loss = nll(&logits, &ans)?;
             let l = loss.to_scalar::<f32>()?;
-            let success = logits
-                .argmax(D::Minus1)?
-                .eq(&targets)?
-                .min(0)?
-                .to_scalar::<u8>()?
-                == 1;
+            let success = argmax_hits_all(&logits, &targets)?;
             if l < best.0 || (success && !best.3) {
                 best = (
                     l,
@@ -111,14 +107,7 @@ pub(crate) fn compile(
                     success,
                 );
             }
-            progress(&Progress {
-                index: i,
-                total: records.len(),
-                id: &rec.id,
-                step,
-                loss: l,
-                done: false,
-            });
+            report(step, l, false);
             steps = step + 1;
             if success && l < hp.stop_loss {
                 break;
@@ -147,14 +136,7 @@ pub(crate) fn compile(
             Tensor::from_slice(&d.b, (n_embd, r), &dev)?,
             hp.alpha / r as f32,
         );
-        progress(&Progress {
-            index: i,
-            total: records.len(),
-            id: &rec.id,
-            step: steps,
-            loss: best.0,
-            done: true,
-        });
+        report(steps, best.0, true);
         reports.push(EditReport {
             id: rec.id.clone(),
             loss: best.0,
@@ -165,6 +147,6 @@ pub(crate) fn compile(
         });
         written.push((rec, layer, vec![d]));
     }
-    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), &written)?;
+    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;
     Ok((reports, gguf))
 }

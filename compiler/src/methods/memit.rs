@@ -23,17 +23,17 @@
 //! chunks keep them), and on top of `--base-bundle`'s low-rank deltas.
 
 use super::rome::{
-    averaged_key, base_deltas, corpus_keys, down_key, entry, push_rank_one, subject_last,
-    train_delta, write_low_rank, Covariance, LowRankDeltas, OwnedDelta,
+    averaged_key, base_deltas, corpus_keys, down_key, entry, preserve_base_prompts, push_rank_one,
+    subject_last, train_delta, write_low_rank, Covariance, LowRankDeltas, OwnedDelta,
 };
-use super::{Compiler, EditReport, Progress};
+use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, rms_norm, Hooks, Proj};
 use crate::hparams::MemitParams;
 use amend_edits::bundle::BundleBuilder;
 use amend_edits::Bundle;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use std::time::Instant;
 
 /// The edited layers: `memit.layers`, shifted so that the top one is `top` when given.
@@ -137,12 +137,7 @@ fn check(
     let logits = c.fwd.forward(&input, deltas, &at)?;
     let loss = nll(&logits, answer)?.to_scalar::<f32>()?;
     let targets = Tensor::new(answer, &c.fwd.device)?;
-    let ok = logits
-        .argmax(D::Minus1)?
-        .eq(&targets)?
-        .min(0)?
-        .to_scalar::<u8>()?
-        == 1;
+    let ok = argmax_hits_all(&logits, &targets)?;
     Ok((loss, ok))
 }
 
@@ -164,7 +159,9 @@ pub(crate) fn compile(
     let mut covs = Vec::with_capacity(layers.len());
     for &l in &layers {
         let keys = (corpus_keys(c, l, &mut deltas)? * hp.mom2_weight.sqrt())?;
-        covs.push(Covariance::from_keys(&keys, hp.cov_lambda)?);
+        let mut cov = Covariance::from_keys(&keys, hp.cov_lambda)?;
+        preserve_base_prompts(c, base, l, &mut deltas, &mut cov, 1.0)?;
+        covs.push(cov);
     }
     let names: Vec<String> = layers.iter().map(|&l| Proj::Down.weight_name(l)).collect();
     let mut reports = Vec::with_capacity(records.len());
@@ -176,16 +173,7 @@ pub(crate) fn compile(
         let mut pending = Vec::with_capacity(chunk.len());
         for (j, r) in chunk.iter().enumerate() {
             let t0 = Instant::now();
-            let mut report_step = |step: usize, loss: f32, done: bool| {
-                progress(&Progress {
-                    index: first + j,
-                    total,
-                    id: &r.id,
-                    step,
-                    loss,
-                    done,
-                })
-            };
+            let mut report_step = edit_progress(progress, first + j, total, &r.id);
             let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
             let subj = subject_last(c, r, &p)?;
             let t = train_delta(
@@ -245,14 +233,7 @@ pub(crate) fn compile(
         let spread = t_spread.elapsed().as_secs_f64() / pending.len() as f64;
         for (j, e) in pending.into_iter().enumerate() {
             let (loss, success) = check(c, &e.prompt, &e.answer, &mut deltas)?;
-            progress(&Progress {
-                index: first + j,
-                total,
-                id: &e.record.id,
-                step: e.steps,
-                loss,
-                done: true,
-            });
+            edit_progress(progress, first + j, total, &e.record.id)(e.steps, loss, true);
             reports.push(EditReport {
                 id: e.record.id.clone(),
                 loss,
@@ -269,6 +250,6 @@ pub(crate) fn compile(
             written.push((e.record, top, e.deltas));
         }
     }
-    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), &written)?;
+    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;
     Ok((reports, gguf))
 }

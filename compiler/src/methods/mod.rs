@@ -97,6 +97,39 @@ pub struct Progress<'a> {
     pub done: bool,
 }
 
+/// The per-step reporter of edit `index` of `total` (`id`): each `(step, loss, done)` goes to
+/// `progress`.
+pub(crate) fn edit_progress<'a>(
+    progress: &'a mut dyn FnMut(&Progress),
+    index: usize,
+    total: usize,
+    id: &'a str,
+) -> impl FnMut(usize, f32, bool) + 'a {
+    move |step, loss, done| {
+        progress(&Progress {
+            index,
+            total,
+            id,
+            step,
+            loss,
+            done,
+        })
+    }
+}
+
+/// Whether every row's argmax of `logits` `[n, vocab]` is its token in `targets` `[n]`.
+pub(crate) fn argmax_hits_all(
+    logits: &candle_core::Tensor,
+    targets: &candle_core::Tensor,
+) -> Result<bool> {
+    Ok(logits
+        .argmax(candle_core::D::Minus1)?
+        .eq(targets)?
+        .min(0)?
+        .to_scalar::<u8>()?
+        == 1)
+}
+
 /// Identity of the bundle to write. `version`: `None` = 1, or the base bundle's version + 1.
 #[derive(Clone, Debug)]
 pub struct BundleIdentity {

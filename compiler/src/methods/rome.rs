@@ -17,7 +17,7 @@
 //! low-rank deltas) in place. Every edit is its own low-rank payload (one tensor, rank one), so
 //! edits roll back one by one; the GGUF-LoRA file concatenates them into one rank-n tensor.
 
-use super::{Adam, Compiler, EditReport, Progress};
+use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
@@ -25,7 +25,7 @@ use crate::hparams::{RomeParams, VStarParams};
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
 use amend_edits::families::{LowRank, LowRankTensor};
 use amend_edits::{Bundle, Site};
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -133,12 +133,24 @@ pub(crate) fn corpus_keys(
     layer: usize,
     deltas: &mut LowRankDeltas,
 ) -> Result<Tensor> {
-    let mut rows = Vec::new();
-    for line in super::tpatcher::NEUTRAL_CORPUS
+    let lines = super::tpatcher::NEUTRAL_CORPUS
         .lines()
-        .filter(|l| !l.trim().is_empty())
-    {
-        let toks = tokenize(c, line)?;
+        .filter(|l| !l.trim().is_empty());
+    text_keys(c, lines, layer, deltas)?
+        .ok_or_else(|| CompileError::Hparams("rome/memit: the neutral corpus is empty".into()))
+}
+
+/// Down-projection inputs of `layer` on every token (BOS skipped) of each text: `[rows, n_ff]`,
+/// `None` when no text has a token besides BOS.
+fn text_keys<'t>(
+    c: &Compiler,
+    texts: impl Iterator<Item = &'t str>,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Option<Tensor>> {
+    let mut rows = Vec::new();
+    for text in texts {
+        let toks = tokenize(c, text)?;
         if toks.len() < 2 {
             continue;
         }
@@ -151,11 +163,32 @@ pub(crate) fn corpus_keys(
         }
     }
     if rows.is_empty() {
-        return Err(CompileError::Hparams(
-            "rome/memit: the neutral corpus is empty".into(),
-        ));
+        return Ok(None);
     }
-    Ok(Tensor::cat(&rows, 0)?)
+    Ok(Some(Tensor::cat(&rows, 0)?))
+}
+
+/// Adds the keys of the base bundle's edit prompts (every token: the subject's key is among
+/// them, and the manifest does not keep the subject) to `cov` with weight `w`, so the new edits'
+/// updates leave the earlier edits alone, as the earlier edits of the same compilation are.
+pub(crate) fn preserve_base_prompts(
+    c: &Compiler,
+    base: Option<&Bundle>,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+    cov: &mut Covariance,
+    w: f64,
+) -> Result<()> {
+    let Some(b) = base else {
+        return Ok(());
+    };
+    let prompts = b.manifest().edits.iter().map(|e| e.prompt.as_str());
+    if let Some(keys) = text_keys(c, prompts, layer, deltas)? {
+        for k in keys.to_vec2::<f32>()? {
+            cov.add(&k, w);
+        }
+    }
+    Ok(())
 }
 
 /// Accumulated low-rank deltas applied in the candle forward: `y += (x Aᵀ) Bᵀ · scale`.
@@ -270,13 +303,69 @@ impl OwnedDelta {
     }
 }
 
-/// Writes one low-rank payload per edit and returns the GGUF-LoRA file of all of them (deltas
-/// on the same tensor concatenated along the rank, scales folded into B).
+/// The base bundle's edits with their low-rank deltas, so that the next version carries every
+/// earlier edit (an edit set replaces a bundle by its next version).
+fn carried_edits(base: Option<&Bundle>) -> Result<Vec<(EditRecord, usize, Vec<OwnedDelta>)>> {
+    let Some(b) = base else {
+        return Ok(Vec::new());
+    };
+    let unreadable = || CompileError::Bundle("--base-bundle: unreadable low-rank payload".into());
+    let mut out = Vec::with_capacity(b.manifest().edits.len());
+    for e in &b.manifest().edits {
+        let views = b
+            .low_rank(e.payload as usize, |_| true)
+            .ok_or_else(unreadable)?;
+        let lr = LowRankTensorView::to_family(&views)
+            .map_err(|err| CompileError::Bundle(format!("--base-bundle: {err}")))?;
+        let deltas = lr
+            .tensors()
+            .iter()
+            .skip(e.first as usize)
+            .take(e.count as usize)
+            .map(|t| OwnedDelta {
+                name: t.name.to_string(),
+                rank: t.rank,
+                n_in: t.n_in,
+                n_out: t.n_out,
+                a: t.a.to_vec(),
+                b: t.b.to_vec(),
+                alpha: t.alpha,
+            })
+            .collect();
+        let record = EditRecord {
+            id: e.id.clone(),
+            prompt: e.prompt.clone(),
+            target_new: e.target.clone(),
+            ..EditRecord::default()
+        };
+        out.push((record, e.layer as usize, deltas));
+    }
+    Ok(out)
+}
+
+/// Writes the base bundle's edits again, then one low-rank payload per new edit, and returns
+/// the GGUF-LoRA file of all of them (deltas on the same tensor concatenated along the rank,
+/// scales folded into B).
 pub(crate) fn write_low_rank(
     builder: &mut BundleBuilder,
     arch: &str,
-    edits: &[(&EditRecord, usize, Vec<OwnedDelta>)],
+    base: Option<&Bundle>,
+    new_edits: &[(&EditRecord, usize, Vec<OwnedDelta>)],
 ) -> Result<Vec<u8>> {
+    let carried = carried_edits(base)?;
+    if let Some((r, _, _)) = new_edits
+        .iter()
+        .find(|(r, _, _)| carried.iter().any(|(c, _, _)| c.id == r.id))
+    {
+        return Err(CompileError::Bundle(format!(
+            "edit id {:?} is already in --base-bundle; give the new record another id",
+            r.id
+        )));
+    }
+    let edits = carried
+        .iter()
+        .map(|(r, l, d)| (r, *l, d.clone()))
+        .chain(new_edits.iter().map(|(r, l, d)| (*r, *l, d.clone())));
     let mut merged: Vec<OwnedDelta> = Vec::new();
     for (r, layer, deltas) in edits {
         let views: Vec<LowRankTensor<'_>> = deltas.iter().map(|d| d.view()).collect();
@@ -286,7 +375,7 @@ pub(crate) fn write_low_rank(
         let p = builder.add_low_rank(&views);
         builder.add_edit(
             &r.id,
-            *layer as u32,
+            layer as u32,
             Site::FfnOutput,
             &r.prompt,
             &r.target_new,
@@ -294,7 +383,7 @@ pub(crate) fn write_low_rank(
             0,
             views.len() as u32,
         );
-        for d in deltas {
+        for d in &deltas {
             let s = d.alpha / d.rank as f32;
             match merged.iter_mut().find(|m| m.name == d.name) {
                 Some(m) => {
@@ -532,12 +621,7 @@ pub(crate) fn train_delta(
         let logits = fwd.logits(&h, &at)?;
         let edit_loss = nll(&logits, answer)?;
         let l = edit_loss.to_scalar::<f32>()?;
-        let success = logits
-            .argmax(D::Minus1)?
-            .eq(&targets)?
-            .min(0)?
-            .to_scalar::<u8>()?
-            == 1;
+        let success = argmax_hits_all(&logits, &targets)?;
         if l < best.0 || (success && !best.2) {
             best = (l, d.to_vec1::<f32>()?, success);
         }
@@ -611,10 +695,9 @@ pub(crate) fn compile(
     let name = Proj::Down.weight_name(layer);
     let n_ff = c.fwd.cfg.n_ff;
     let mut cov = if hp.covariance {
-        Some(Covariance::from_keys(
-            &corpus_keys(c, layer, &mut deltas)?,
-            hp.cov_lambda,
-        )?)
+        let mut cv = Covariance::from_keys(&corpus_keys(c, layer, &mut deltas)?, hp.cov_lambda)?;
+        preserve_base_prompts(c, base, layer, &mut deltas, &mut cv, hp.preserve_weight)?;
+        Some(cv)
     } else {
         None
     };
@@ -622,16 +705,7 @@ pub(crate) fn compile(
     let mut written = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
-        let mut report_step = |step: usize, loss: f32, done: bool| {
-            progress(&Progress {
-                index: i,
-                total: records.len(),
-                id: &r.id,
-                step,
-                loss,
-                done,
-            })
-        };
+        let mut report_step = edit_progress(progress, i, records.len(), &r.id);
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let subj = subject_last(c, r, &p)?;
         let k_star = averaged_key(c, r, layer, hp.context_prefixes, &mut deltas)?;
@@ -683,6 +757,6 @@ pub(crate) fn compile(
         });
         written.push((r, layer, vec![d]));
     }
-    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), &written)?;
+    let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;
     Ok((reports, gguf))
 }

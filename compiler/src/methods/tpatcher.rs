@@ -27,7 +27,7 @@
 //! bias at `-threshold` (the neuron fires only on inputs nearly parallel to the edit input), and
 //! `v = raw_v · rms(FFN output row) / (1 - threshold)`, `raw_v` starting at zero.
 
-use super::{Adam, Compiler, EditReport, Progress};
+use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, AddAt, Capture, Hooks};
@@ -36,7 +36,7 @@ use amend_edits::bundle::{BundleBuilder, Payload};
 use amend_edits::families::{Activation, PatchNeurons};
 use amend_edits::{Bundle, HookPoint, Site};
 use amend_runtime::{FnHook, Logits, Session, SessionOptions, Token};
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -94,16 +94,7 @@ pub(crate) fn compile(
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
-        let mut report = |step: usize, loss: f32, done: bool| {
-            progress(&Progress {
-                index: i,
-                total: records.len(),
-                id: &r.id,
-                step,
-                loss,
-                done,
-            })
-        };
+        let mut report = edit_progress(progress, i, records.len(), &r.id);
         let rows = runtime_edit_rows(&mut rs, &p, &a, layer, dim)?;
         let mut attempt = 0;
         let (t, check) = loop {
@@ -498,12 +489,7 @@ fn train(
         let loss = ((&edit + act_loss)? + (mem_loss * hp.memory_weight as f64)?)?;
 
         let l_edit = edit.to_scalar::<f32>()?;
-        let success = logits
-            .argmax(D::Minus1)?
-            .eq(&targets)?
-            .min(0)?
-            .to_scalar::<u8>()?
-            == 1;
+        let success = argmax_hits_all(&logits, &targets)?;
         let min_edit = a_edit.min(0)?.to_scalar::<f32>()?;
         let min_gen = a_gen.min(0)?.to_scalar::<f32>()?;
         let max_mem = a_mem

@@ -2,8 +2,10 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use amend_compiler::dataset::{self, DataFormat, EditRecord, Probe};
+use amend_compiler::{BundleIdentity, CompileOutput, Compiler, EditReport, Hparams, Method};
 use amend_runtime::testutil::write_tiny_model;
-use amend_runtime::{Architecture, Model, ModelOptions};
+use amend_runtime::{Architecture, Model, ModelOptions, Session, SessionOptions};
 
 pub fn tmp_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -111,13 +113,94 @@ pub const UNRELATED: [&str; 10] = [
     "Ice is frozen water",
 ];
 
+/// The first N dev edits (`data/dev-edits.json`) compiled with a method on the real model.
+pub struct Compiled {
+    pub path: PathBuf,
+    pub records: Vec<EditRecord>,
+    pub compiler: Compiler,
+    pub hp: Hparams,
+    /// `AMEND_<PREFIX>_LAYER`, if set.
+    pub layer: Option<usize>,
+    pub out: CompileOutput,
+    /// Wall time of the compilation.
+    pub seconds: f64,
+}
+
+/// Compiles the first `AMEND_<PREFIX>_N` (default `default_n`) dev edits with `method` on the
+/// real model, with [`env_options`]' layer and overrides; None (test skipped) when the model is
+/// missing and not required.
+pub fn compile_dev(prefix: &str, default_n: usize, method: Method) -> Option<Compiled> {
+    let path = real_model_path()?;
+    let EnvOptions { n, layer, sets } = env_options(prefix, default_n);
+    let records = dataset::load(&repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
+    let records: Vec<_> = records.into_iter().take(n).collect();
+    let mut compiler = Compiler::open(&path).unwrap();
+    let hp = Hparams::resolve(compiler.fwd.cfg.arch, None, &sets).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = compile(&mut compiler, method, &records, &hp, layer, None);
+    Some(Compiled {
+        path,
+        records,
+        compiler,
+        hp,
+        layer,
+        out,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// `c.compile` with the default bundle identity and no progress reporting.
+pub fn compile(
+    c: &mut Compiler,
+    method: Method,
+    records: &[EditRecord],
+    hp: &Hparams,
+    layer: Option<usize>,
+    base: Option<&amend_edits::Bundle>,
+) -> CompileOutput {
+    c.compile(
+        method,
+        records,
+        hp,
+        layer,
+        base,
+        &BundleIdentity::default(),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+/// `builder` signed with a fresh key, opened against a trust store holding that key (returned
+/// too).
+pub fn signed(
+    builder: &amend_edits::bundle::BundleBuilder,
+) -> (amend_edits::Bundle, amend_edits::TrustStore) {
+    let key = amend_edits::keys::generate_signing_key().unwrap();
+    let bytes = builder.build_signed(&key).unwrap();
+    let trust = amend_edits::TrustStore::with_key(key.verifying_key());
+    let bundle = amend_edits::Bundle::from_bytes(bytes.as_slice(), &trust).unwrap();
+    (bundle, trust)
+}
+
+/// A runtime session with a 512-token context.
+pub fn session(rt: &Arc<Model>) -> Session {
+    Session::new(
+        rt,
+        SessionOptions {
+            n_ctx: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A compiled bundle applied through the runtime: the edit set it is in, a session with the
 /// set attached and one on the base model.
 pub struct Applied {
     pub rt: Arc<Model>,
     pub set: Arc<amend_edits::EditSet>,
-    pub edited: amend_runtime::Session,
-    pub base: amend_runtime::Session,
+    pub edited: Session,
+    pub base: Session,
     pub edits: usize,
 }
 
@@ -128,24 +211,17 @@ pub fn apply_bundle(
     model: &std::path::Path,
     rt: Arc<Model>,
 ) -> Applied {
-    use amend_edits::{AddOptions, EditSet, TrustStore};
-    use amend_runtime::{Session, SessionOptions};
-    let key = amend_edits::keys::generate_signing_key().unwrap();
-    let bytes = builder.build_signed(&key).unwrap();
+    use amend_edits::{AddOptions, EditSet};
+    let (bundle, trust) = signed(builder);
     let set = Arc::new(EditSet::new(
         amend_edits::fingerprint::model_binding(model).unwrap(),
-        TrustStore::with_key(key.verifying_key()),
+        trust,
     ));
-    let bundle = amend_edits::bundle::Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap();
     let edits = bundle.manifest().edits.len();
     set.add(Arc::new(bundle), AddOptions::default()).unwrap();
-    let opts = SessionOptions {
-        n_ctx: 512,
-        ..Default::default()
-    };
-    let mut edited = Session::new(&rt, opts.clone()).unwrap();
+    let mut edited = session(&rt);
     edited.set_edit_set(Some(set.clone())).unwrap();
-    let base = Session::new(&rt, opts).unwrap();
+    let base = session(&rt);
     Applied {
         rt,
         set,
@@ -153,6 +229,27 @@ pub fn apply_bundle(
         base,
         edits,
     }
+}
+
+/// Prints each edit's compile report.
+pub fn print_reports(reports: &[EditReport]) {
+    for r in reports {
+        eprintln!(
+            "  {} steps {} loss {:.3} {:.2}s: {}",
+            r.id, r.steps, r.loss, r.seconds, r.action
+        );
+    }
+}
+
+/// Median compile time per edit, in seconds.
+pub fn median_seconds(reports: &[EditReport]) -> f64 {
+    let times: Vec<f64> = reports.iter().map(|r| r.seconds).collect();
+    amend_compiler::methods::median(&times)
+}
+
+/// Edits that reached their target in training.
+pub fn trained_successes(reports: &[EditReport]) -> usize {
+    reports.iter().filter(|r| r.success).count()
 }
 
 /// What the runtime does with the edits applied (teacher-forced argmax).
@@ -171,14 +268,13 @@ pub struct Measured {
     pub unrelated_same: usize,
     /// Adapters installed for the last request.
     pub low_rank_installed: usize,
+    /// Per edit, in order: whether it succeeded, and the adapters installed for its request.
+    pub edit_ok: Vec<bool>,
+    pub low_rank: Vec<usize>,
 }
 
 /// Whether `r`'s target is the argmax at every target token on `s` (teacher forced).
-pub fn edit_succeeds(
-    rt: &Model,
-    s: &mut amend_runtime::Session,
-    r: &amend_compiler::dataset::EditRecord,
-) -> bool {
+pub fn edit_succeeds(rt: &Model, s: &mut Session, r: &EditRecord) -> bool {
     use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
     let (p, ans) = prompt_answer_tokens(rt, &r.prompt, &r.target_new).unwrap();
     s.begin_request(&r.prompt).unwrap();
@@ -186,7 +282,7 @@ pub fn edit_succeeds(
 }
 
 /// Measures `records` on `a`'s sessions.
-pub fn measure(a: &mut Applied, records: &[amend_compiler::dataset::EditRecord]) -> Measured {
+pub fn measure(a: &mut Applied, records: &[EditRecord]) -> Measured {
     use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
     let rt = a.rt.clone();
     let (s, base) = (&mut a.edited, &mut a.base);
@@ -194,6 +290,8 @@ pub fn measure(a: &mut Applied, records: &[amend_compiler::dataset::EditRecord])
     for r in records {
         let ok = edit_succeeds(&rt, s, r);
         m.low_rank_installed = s.explain().low_rank.len();
+        m.low_rank.push(m.low_rank_installed);
+        m.edit_ok.push(ok);
         if ok {
             m.succ += 1;
         } else {
@@ -210,20 +308,9 @@ pub fn measure(a: &mut Applied, records: &[amend_compiler::dataset::EditRecord])
             m.reph_n += 1;
         }
         for probe in &r.locality {
-            let (p, ans) = prompt_answer_tokens(&rt, &probe.prompt, &probe.ground_truth).unwrap();
-            let before = teacher_forced_argmax(base, &p, &ans).unwrap();
-            s.begin_request(&probe.prompt).unwrap();
-            let after = teacher_forced_argmax(s, &p, &ans).unwrap();
-            if before != after {
-                eprintln!(
-                    "  locality changed: {:?}: {:?} -> {:?}",
-                    probe.prompt,
-                    rt.detokenize(&before).unwrap_or_default(),
-                    rt.detokenize(&after).unwrap_or_default()
-                );
-            }
-            m.loc_n += before.len();
-            m.loc_same += before.iter().zip(&after).filter(|(x, y)| x == y).count();
+            let (same, n) = locality_tokens(&rt, s, base, probe);
+            m.loc_same += same;
+            m.loc_n += n;
         }
     }
     for q in UNRELATED {
@@ -236,4 +323,29 @@ pub fn measure(a: &mut Applied, records: &[amend_compiler::dataset::EditRecord])
         m.unrelated_same += (after == before) as usize;
     }
     m
+}
+
+/// Tokens of `probe`'s ground truth whose teacher-forced argmax is the same on `edited` as on
+/// `base`, and how many there are (a change is printed).
+pub fn locality_tokens(
+    rt: &Model,
+    edited: &mut Session,
+    base: &mut Session,
+    probe: &Probe,
+) -> (usize, usize) {
+    use amend_compiler::eval::{prompt_answer_tokens, teacher_forced_argmax};
+    let (p, ans) = prompt_answer_tokens(rt, &probe.prompt, &probe.ground_truth).unwrap();
+    let before = teacher_forced_argmax(base, &p, &ans).unwrap();
+    edited.begin_request(&probe.prompt).unwrap();
+    let after = teacher_forced_argmax(edited, &p, &ans).unwrap();
+    if before != after {
+        eprintln!(
+            "  locality changed: {:?}: {:?} -> {:?}",
+            probe.prompt,
+            rt.detokenize(&before).unwrap_or_default(),
+            rt.detokenize(&after).unwrap_or_default()
+        );
+    }
+    let same = before.iter().zip(&after).filter(|(x, y)| x == y).count();
+    (same, before.len())
 }
