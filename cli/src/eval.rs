@@ -217,7 +217,7 @@ fn bundle_variant(
             name: name.clone(),
             reason,
         };
-        if !ids.iter().any(|id| *id == record.id) {
+        if !ids.contains(&record.id) {
             return Err(fail(format!(
                 "--protocol single: record `{}` has no edit in the bundle (edit ids are the records' ids)",
                 record.id

@@ -146,8 +146,8 @@ pub(crate) fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
 }
 
 pub(crate) fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
-    Ok(Bundle::open_file(path, trust)
-        .with_context(|| format!("{} is not a valid bundle", path.display()))?)
+    Bundle::open_file(path, trust)
+        .with_context(|| format!("{} is not a valid bundle", path.display()))
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {

@@ -113,7 +113,7 @@ fn bad_input_is_named_and_nothing_is_built() {
     let e = c
         .compile(
             Method::Grace,
-            &[ok.clone()],
+            std::slice::from_ref(&ok),
             &hp,
             Some(2),
             None,

@@ -191,11 +191,13 @@ pub(crate) fn preserve_base_prompts(
     Ok(())
 }
 
+/// One low-rank term: A `[r, in]`, B `[out, r]`, scale.
+type LowRankTerm = (Tensor, Tensor, f32);
+
 /// Accumulated low-rank deltas applied in the candle forward: `y += (x Aᵀ) Bᵀ · scale`.
 #[derive(Default)]
 pub(crate) struct LowRankDeltas {
-    /// (layer, proj) -> (A `[r, in]`, B `[out, r]`, scale) terms.
-    terms: HashMap<(usize, Proj), Vec<(Tensor, Tensor, f32)>>,
+    terms: HashMap<(usize, Proj), Vec<LowRankTerm>>,
 }
 
 impl LowRankDeltas {
