@@ -123,8 +123,8 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
     }
     for l in &ex.low_rank {
         eprintln!(
-            "explain: low-rank {} ({} tensors) scale {}",
-            l.bundle, l.tensors, l.scale
+            "explain: low-rank {} ({} tensors, rank up to {}) scale {}",
+            l.bundle, l.tensors, l.rank, l.scale
         );
     }
     if ex.generation.is_some()

@@ -50,8 +50,8 @@ fn lora_edits_gemma3_through_the_runtime() {
         ..
     } = common::measure(&mut applied, &records);
     assert!(
-        low_rank.iter().all(|&l| l == n),
-        "every edit's adapter is installed: {low_rank:?}"
+        low_rank.iter().all(|&l| l == n * hp.lora.rank),
+        "every edit's delta is installed (merged rank): {low_rank:?}"
     );
     let last_ok = edit_ok.last() == Some(&true);
     let unrelated_n = common::UNRELATED.len();

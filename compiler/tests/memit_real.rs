@@ -82,7 +82,18 @@ fn memit_edits_gemma3_through_the_runtime() {
         .iter()
         .filter(|r| common::edit_succeeds(&rt, &mut applied.edited, r))
         .count();
-    assert_eq!(applied.edited.explain().low_rank.len(), n - 1);
+    let rank: usize = applied
+        .edited
+        .explain()
+        .low_rank
+        .iter()
+        .map(|e| e.rank)
+        .sum();
+    assert_eq!(
+        rank,
+        n - 1,
+        "the rolled-back edit's rank-one terms are gone"
+    );
     let before: usize = records[1..]
         .iter()
         .filter(|r| !m.failed.contains(&r.id))

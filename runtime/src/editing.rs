@@ -76,7 +76,11 @@ pub struct MemoryEvent {
 pub struct LowRankEvent {
     pub bundle: String,
     pub scale: f32,
+    /// Base tensors the adapter changes.
     pub tensors: usize,
+    /// The largest rank over those tensors: a bundle's active deltas on one weight are merged,
+    /// so N rank-one edits on one weight show as rank N.
+    pub rank: usize,
 }
 
 /// The edit of `unit` (a row, neuron, record or tensor) of payload `p` of a bundle.
@@ -119,6 +123,30 @@ struct Adapter {
     bundle: usize,
     scale: f32,
     tensors: usize,
+    rank: usize,
+}
+
+impl Adapter {
+    /// Loads the GGUF-LoRA `blob` as bundle `bundle`'s adapter.
+    fn load(
+        model: &Model,
+        blob: &[u8],
+        bundle: usize,
+        scale: f32,
+    ) -> Result<Adapter, RuntimeError> {
+        let info = families::inspect_gguf_lora(blob).ok();
+        let (tensors, rank) = info.map_or((0, 0), |i| {
+            let rank = i.tensors.iter().map(|t| t.rank as usize).max().unwrap_or(0);
+            (i.tensors.len(), rank)
+        });
+        Ok(Adapter {
+            ptr: load_adapter(model, blob)?,
+            bundle,
+            scale,
+            tensors,
+            rank,
+        })
+    }
 }
 
 /// Everything one snapshot needs at inference, with the views borrowed from the snapshot.
@@ -192,6 +220,10 @@ impl EditPlan {
         let bad = |what: String| RuntimeError::InvalidEdit(what);
         for (bi, ab) in set.bundles.iter().enumerate() {
             let b = &ab.bundle;
+            let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
+            // A bundle's explicit low-rank deltas become one adapter (see `LowRankMerger`: with
+            // one adapter per edit llama.cpp's sum order, and so the output, varied per run).
+            let mut merger = families::LowRankMerger::default();
             for (p, payload) in b.payloads().iter().enumerate() {
                 let runs = ab.active_runs(p);
                 match payload {
@@ -249,45 +281,40 @@ impl EditPlan {
                             });
                         }
                     }
-                    Payload::LowRank(_) | Payload::LowRankGguf(_) => {
+                    Payload::LowRank(_) => {
                         if runs.is_empty() {
                             continue;
                         }
-                        let blob: Vec<u8> = match payload {
-                            Payload::LowRankGguf(_) => match b.gguf_lora(p) {
-                                Some(bytes) => bytes.to_vec(),
-                                None => continue,
-                            },
-                            _ => {
-                                let Some(views) =
-                                    b.low_rank(p, |i| runs.iter().any(|r| r.contains(&i)))
-                                else {
-                                    continue;
-                                };
-                                if views.is_empty() {
-                                    continue;
-                                }
-                                let lr = amend_edits::bundle::LowRankTensorView::to_family(&views)
-                                    .map_err(|e| bad(format!("{}: {e}", b.id())))?;
-                                for t in lr.tensors() {
-                                    check_tensor_name(t.name, n_layer)?;
-                                }
-                                lr.to_gguf_lora(arch)
-                            }
+                        let Some(views) = b.low_rank(p, |i| runs.iter().any(|r| r.contains(&i)))
+                        else {
+                            continue;
                         };
-                        let tensors = families::inspect_gguf_lora(&blob)
-                            .map(|i| i.tensors.len())
-                            .unwrap_or(0);
-                        let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
-                        let ptr = load_adapter(model, &blob)?;
-                        plan.adapters.push(Adapter {
-                            ptr,
-                            bundle: bi,
-                            scale,
-                            tensors,
-                        });
+                        if views.is_empty() {
+                            continue;
+                        }
+                        let lr = amend_edits::bundle::LowRankTensorView::to_family(&views)
+                            .map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                        for t in lr.tensors() {
+                            check_tensor_name(t.name, n_layer)?;
+                            merger.add(t).map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                        }
+                    }
+                    Payload::LowRankGguf(_) => {
+                        if runs.is_empty() {
+                            continue;
+                        }
+                        if let Some(blob) = b.gguf_lora(p) {
+                            plan.adapters.push(Adapter::load(model, blob, bi, scale)?);
+                        }
                     }
                 }
+            }
+            if !merger.is_empty() {
+                let lr = merger
+                    .to_low_rank()
+                    .map_err(|e| bad(format!("{}: {e}", b.id())))?;
+                let blob = lr.to_gguf_lora(arch);
+                plan.adapters.push(Adapter::load(model, &blob, bi, scale)?);
             }
         }
         Ok(plan)
@@ -793,6 +820,7 @@ impl Session {
                 bundle: plan.bundle_id(a.bundle),
                 scale: a.scale,
                 tensors: a.tensors,
+                rank: a.rank,
             })
             .collect();
         Ok(())

@@ -266,9 +266,9 @@ pub struct Measured {
     pub loc_n: usize,
     /// [`UNRELATED`] prompts whose next token is unchanged.
     pub unrelated_same: usize,
-    /// Adapters installed for the last request.
+    /// Rank of the low-rank deltas installed for the last request (summed over bundles).
     pub low_rank_installed: usize,
-    /// Per edit, in order: whether it succeeded, and the adapters installed for its request.
+    /// Per edit, in order: whether it succeeded, and the installed rank for its request.
     pub edit_ok: Vec<bool>,
     pub low_rank: Vec<usize>,
 }
@@ -289,7 +289,8 @@ pub fn measure(a: &mut Applied, records: &[EditRecord]) -> Measured {
     let mut m = Measured::default();
     for r in records {
         let ok = edit_succeeds(&rt, s, r);
-        m.low_rank_installed = s.explain().low_rank.len();
+        // Each bundle's deltas are one merged adapter; N rank-one edits on a weight are rank N.
+        m.low_rank_installed = s.explain().low_rank.iter().map(|e| e.rank).sum();
         m.low_rank.push(m.low_rank_installed);
         m.edit_ok.push(ok);
         if ok {

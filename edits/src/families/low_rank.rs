@@ -117,6 +117,82 @@ impl<'a> LowRankTensor<'a> {
     }
 }
 
+/// Low-rank deltas merged per base tensor: deltas on the same weight are concatenated along the
+/// rank with their scales folded into `B` (`alpha = rank`, scale 1), so `Σ_t s_t B_t A_t` is one
+/// tensor. One adapter instead of many matters beyond speed: llama.cpp keeps a context's active
+/// adapters in a hash map keyed by address, so with several adapters the order of the float sums
+/// (and, on near-ties, the argmax) changes from run to run.
+#[derive(Clone, Debug, Default)]
+pub struct LowRankMerger {
+    merged: Vec<MergedTensor>,
+}
+
+#[derive(Clone, Debug)]
+struct MergedTensor {
+    name: String,
+    n_in: usize,
+    n_out: usize,
+    rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl LowRankMerger {
+    /// Adds `t` (its shape against an earlier delta on the same name is checked).
+    pub fn add(&mut self, t: &LowRankTensor<'_>) -> Result<(), InvalidPayload> {
+        t.validate()?;
+        let s = t.scale();
+        let Some(m) = self.merged.iter_mut().find(|m| m.name == t.name) else {
+            self.merged.push(MergedTensor {
+                name: t.name.to_string(),
+                n_in: t.n_in,
+                n_out: t.n_out,
+                rank: t.rank,
+                a: t.a.to_vec(),
+                b: t.b.iter().map(|x| x * s).collect(),
+            });
+            return Ok(());
+        };
+        if m.n_in != t.n_in || m.n_out != t.n_out {
+            return Err(InvalidPayload(
+                "low-rank: deltas on one tensor disagree on its shape",
+            ));
+        }
+        m.a.extend_from_slice(t.a);
+        let (r0, r1) = (m.rank, t.rank);
+        let mut b = Vec::with_capacity(m.n_out * (r0 + r1));
+        for o in 0..m.n_out {
+            b.extend_from_slice(&m.b[o * r0..(o + 1) * r0]);
+            b.extend(t.b[o * r1..(o + 1) * r1].iter().map(|x| x * s));
+        }
+        m.b = b;
+        m.rank = r0 + r1;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.merged.is_empty()
+    }
+
+    /// The merged deltas, one per base tensor, in first-seen order.
+    pub fn to_low_rank(&self) -> Result<LowRank<'_>, InvalidPayload> {
+        LowRank::new(
+            self.merged
+                .iter()
+                .map(|m| LowRankTensor {
+                    name: &m.name,
+                    n_in: m.n_in,
+                    n_out: m.n_out,
+                    rank: m.rank,
+                    a: &m.a,
+                    b: &m.b,
+                    alpha: m.rank as f32,
+                })
+                .collect(),
+        )
+    }
+}
+
 /// A set of low-rank deltas applied together (one llama.cpp adapter).
 #[derive(Clone, Debug)]
 pub struct LowRank<'a> {
@@ -438,6 +514,44 @@ mod tests {
         assert_eq!(t.b, &[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]);
         let info = inspect_gguf_lora(&bytes).unwrap();
         assert_eq!(info.tensors[0].scale, 8.0);
+    }
+
+    /// Merging keeps each delta's own scale: the merged tensor applies the sum of the parts, a
+    /// second base tensor stays separate, and a shape clash on one name is refused.
+    #[test]
+    fn merger_sums_deltas_per_tensor() {
+        let (a1, b1) = ([1.0, 0.0, 2.0], [1.0, -1.0]);
+        let (a2, b2) = ([0.0, 1.0, 1.0, 2.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]);
+        let t1 = LowRankTensor::rank_one("blk.0.ffn_down.weight", &a1, &b1);
+        let t2 = LowRankTensor {
+            name: "blk.0.ffn_down.weight",
+            n_in: 3,
+            n_out: 2,
+            rank: 2,
+            a: &a2,
+            b: &b2,
+            alpha: 6.0,
+        };
+        let other = LowRankTensor::rank_one("blk.1.ffn_down.weight", &a1, &b1);
+        let mut m = LowRankMerger::default();
+        assert!(m.is_empty());
+        for t in [&t1, &other, &t2] {
+            m.add(t).unwrap();
+        }
+        let lr = m.to_low_rank().unwrap();
+        assert_eq!(lr.tensors().len(), 2);
+        let merged = lr.tensor("blk.0.ffn_down.weight").unwrap();
+        assert_eq!((merged.rank, merged.scale()), (3, 1.0));
+        let x = [0.5, -1.0, 2.0];
+        let (mut want, mut got) = ([0.0f32; 2], [0.0f32; 2]);
+        t1.delta_apply(&x, &mut want).unwrap();
+        t2.delta_apply(&x, &mut want).unwrap();
+        merged.delta_apply(&x, &mut got).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        let bad = LowRankTensor::rank_one("blk.0.ffn_down.weight", &a2[..2], &b1);
+        assert!(m.add(&bad).is_err());
     }
 
     #[test]

@@ -28,7 +28,9 @@ mod memory;
 mod neurons;
 
 pub use codebook::{Codebook, CodebookHit, Distance};
-pub use low_rank::{inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankTensor};
+pub use low_rank::{
+    inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankMerger, LowRankTensor,
+};
 pub use memory::{Embedder, Memory, MemoryHit, MemoryRecord};
 pub use neurons::{Activation, PatchNeurons};
 
