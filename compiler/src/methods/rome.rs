@@ -23,7 +23,7 @@ use crate::error::{CompileError, Result};
 use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
 use crate::hparams::{RomeParams, VStarParams};
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
-use amend_edits::families::{LowRank, LowRankTensor};
+use amend_edits::families::{LowRank, LowRankMerger, LowRankTensor};
 use amend_edits::{Bundle, Site};
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
@@ -368,7 +368,8 @@ pub(crate) fn write_low_rank(
         .iter()
         .map(|(r, l, d)| (r, *l, d.clone()))
         .chain(new_edits.iter().map(|(r, l, d)| (*r, *l, d.clone())));
-    let mut merged: Vec<OwnedDelta> = Vec::new();
+    // The GGUF-LoRA file: one tensor per base weight, as the runtime merges a bundle.
+    let mut merged = LowRankMerger::default();
     for (r, layer, deltas) in edits {
         let views: Vec<LowRankTensor<'_>> = deltas.iter().map(|d| d.view()).collect();
         // Validates shapes and finiteness before anything is written.
@@ -385,31 +386,15 @@ pub(crate) fn write_low_rank(
             0,
             views.len() as u32,
         );
-        for d in &deltas {
-            let s = d.alpha / d.rank as f32;
-            match merged.iter_mut().find(|m| m.name == d.name) {
-                Some(m) => {
-                    m.a.extend_from_slice(&d.a);
-                    let (r0, r1) = (m.rank, d.rank);
-                    let mut b = Vec::with_capacity(m.n_out * (r0 + r1));
-                    for o in 0..m.n_out {
-                        b.extend_from_slice(&m.b[o * r0..(o + 1) * r0]);
-                        b.extend(d.b[o * r1..(o + 1) * r1].iter().map(|x| x * s));
-                    }
-                    m.b = b;
-                    m.rank = r0 + r1;
-                    m.alpha = m.rank as f32;
-                }
-                None => merged.push(OwnedDelta {
-                    b: d.b.iter().map(|x| x * s).collect(),
-                    alpha: d.rank as f32,
-                    ..d.clone()
-                }),
-            }
+        for v in &views {
+            merged
+                .add(v)
+                .map_err(|e| CompileError::Bundle(format!("edit {:?}: {e}", r.id)))?;
         }
     }
-    let views: Vec<LowRankTensor<'_>> = merged.iter().map(|d| d.view()).collect();
-    let lr = LowRank::new(views).map_err(|e| CompileError::Bundle(format!("low-rank: {e}")))?;
+    let lr = merged
+        .to_low_rank()
+        .map_err(|e| CompileError::Bundle(format!("low-rank: {e}")))?;
     Ok(lr.to_gguf_lora(arch))
 }
 
