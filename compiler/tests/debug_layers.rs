@@ -24,7 +24,7 @@ fn per_layer_error() {
     .unwrap();
     let toks = s.tokenize("The Eiffel Tower is located in", true).unwrap();
     let n = fwd.cfg.n_layer as u32;
-    let mut points = vec![];
+    let mut points = vec![HookPoint::new(0, Site::Embeddings)];
     for l in 0..n {
         for site in [
             Site::AttnOutput,
