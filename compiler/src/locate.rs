@@ -567,33 +567,27 @@ mod tests {
             n_threads: Some(1),
             ..Default::default()
         };
-        let r0 = &records[0];
-        let t = trace(
-            &model,
-            &r0.prompt,
-            r0.subject.as_deref().unwrap(),
-            r0.ground_truth.as_deref().unwrap(),
-            &config,
-            |_, _| {},
-        )
-        .unwrap();
+        let trace_record = |r: &EditRecord| {
+            let (subject, answer) = (r.subject.as_deref(), r.ground_truth.as_deref());
+            trace(
+                &model,
+                &r.prompt,
+                subject.unwrap(),
+                answer.unwrap(),
+                &config,
+                |_, _| {},
+            )
+            .unwrap()
+        };
         let one = recommend_layer(&model, &records[..1], 1, &config).unwrap();
-        assert_eq!(one, t.recommended_layer);
+        assert_eq!(one, trace_record(&records[0]).recommended_layer);
 
         let three = &records[..3];
         let l = recommend_layer(&model, three, 3, &config).unwrap() as usize;
         let n_layer = model.info().n_layer as usize;
         let mut share = 0.0;
         for r in three {
-            let t = trace(
-                &model,
-                &r.prompt,
-                r.subject.as_deref().unwrap(),
-                r.ground_truth.as_deref().unwrap(),
-                &config,
-                |_, _| {},
-            )
-            .unwrap();
+            let t = trace_record(r);
             let ffn = &t.ffn.as_ref().unwrap().p[t.subject_tokens.end - 1];
             share += (ffn[l] - t.p_corrupt) / (t.p_clean - t.p_corrupt) / 3.0;
         }
