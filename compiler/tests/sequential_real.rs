@@ -45,15 +45,33 @@ fn versions(
 }
 
 fn run(method: Method, default_n: usize, per_version: usize, min_success: f64, min_loc: f64) {
-    let Some(path) = common::real_model_path() else {
-        return;
-    };
-    let opts = common::env_options("SEQ", default_n);
     let records = amend_compiler::dataset::load(
         &common::repo_file("data/dev-edits.json"),
         amend_compiler::dataset::DataFormat::Auto,
     )
     .unwrap();
+    run_on(
+        method,
+        records,
+        default_n,
+        per_version,
+        min_success,
+        min_loc,
+    );
+}
+
+fn run_on(
+    method: Method,
+    records: Vec<EditRecord>,
+    default_n: usize,
+    per_version: usize,
+    min_success: f64,
+    min_loc: f64,
+) {
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let opts = common::env_options("SEQ", default_n);
     let records: Vec<_> = records.into_iter().take(opts.n).collect();
     let n = records.len();
     let mut c = Compiler::open(&path).unwrap();
@@ -109,4 +127,56 @@ fn grace_versions_keep_every_edit() {
 #[test]
 fn memit_versions_keep_earlier_edits() {
     run(Method::Memit, 6, 2, 0.9, 0.0);
+}
+
+/// 1,000 synthetic counterfactual facts about made-up people ("The favorite color of Anna Berg
+/// is" -> "green"): four templates, so many keys share their last token and the codebook must
+/// split radii. 10 versions of 100 edits. Takes ~20 minutes on an idle 2-core machine, hence
+/// ignored; run with `cargo test --release -p amend-compiler --test sequential_real -- --ignored`.
+#[test]
+#[ignore]
+fn grace_thousand_edits_in_ten_versions() {
+    const FIRST: [&str; 25] = [
+        "Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas",
+        "Karin", "Lukas", "Marta", "Nils", "Olga", "Pavel", "Rosa", "Simon", "Tara", "Ugo", "Vera",
+        "Walter", "Xenia", "Yusuf", "Zora",
+    ];
+    const LAST: [&str; 10] = [
+        "Berg", "Costa", "Dahl", "Eriksen", "Fischer", "Gallo", "Holm", "Ivanova", "Jansen",
+        "Kowalski",
+    ];
+    const FACTS: [(&str, [&str; 5]); 4] = [
+        (
+            "The favorite color of {} is",
+            ["green", "purple", "orange", "blue", "yellow"],
+        ),
+        (
+            "The hometown of {} is",
+            ["Oslo", "Lisbon", "Krakow", "Lyon", "Turin"],
+        ),
+        (
+            "The favorite food of {} is",
+            ["pizza", "sushi", "pasta", "soup", "cheese"],
+        ),
+        (
+            "The pet of {} is a",
+            ["cat", "dog", "parrot", "horse", "rabbit"],
+        ),
+    ];
+    let mut records = Vec::with_capacity(1000);
+    for (f, (template, answers)) in FACTS.iter().enumerate() {
+        for (i, first) in FIRST.iter().enumerate() {
+            for (j, last) in LAST.iter().enumerate() {
+                let k = records.len();
+                records.push(EditRecord {
+                    id: format!("syn-{k:04}"),
+                    prompt: template.replace("{}", &format!("{first} {last}")),
+                    target_new: answers[(i + j + f) % answers.len()].to_string(),
+                    ..EditRecord::default()
+                });
+            }
+        }
+    }
+    assert_eq!(records.len(), 1000);
+    run_on(Method::Grace, records, 1000, 100, 0.95, 0.0);
 }
