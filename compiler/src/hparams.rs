@@ -76,6 +76,7 @@ pub struct RomeParams {
 impl RomeParams {
     pub fn v_star(&self) -> VStarParams {
         VStarParams {
+            section: "rome",
             lr: self.lr,
             steps: self.steps,
             stop_loss: self.stop_loss,
@@ -90,6 +91,8 @@ impl RomeParams {
 /// added to the down projection's output at the subject's last token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VStarParams {
+    /// The hyperparameter section these come from (`rome` or `memit`), for error messages.
+    pub section: &'static str,
     pub lr: f64,
     pub steps: usize,
     pub stop_loss: f32,
@@ -128,6 +131,7 @@ pub struct MemitParams {
 impl MemitParams {
     pub fn v_star(&self) -> VStarParams {
         VStarParams {
+            section: "memit",
             lr: self.lr,
             steps: self.steps,
             stop_loss: self.stop_loss,

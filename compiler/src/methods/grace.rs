@@ -213,11 +213,7 @@ fn train_value(
         let grads = loss.backward()?;
         opt.step(&grads)?;
     }
-    if !best.1.iter().all(|v| v.is_finite()) {
-        return Err(CompileError::Hparams(
-            "grace: training diverged (non-finite value); lower grace.lr".into(),
-        ));
-    }
+    super::ensure_finite(&best.1, "grace")?;
     Ok(Trained {
         value: best.1,
         loss: best.0,

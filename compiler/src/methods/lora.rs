@@ -7,7 +7,7 @@
 use super::rome::{base_deltas, entry, write_low_rank, LowRankDeltas, OwnedDelta};
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::dataset::EditRecord;
-use crate::error::{CompileError, Result};
+use crate::error::Result;
 use crate::forward::{nll, Hooks, Proj};
 use crate::hparams::LoraParams;
 use amend_edits::bundle::BundleBuilder;
@@ -31,10 +31,7 @@ impl Hooks for Trainable<'_> {
             return Ok(prev);
         }
         let d = (x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
-        Ok(Some(match prev {
-            Some(p) => (p + d)?,
-            None => d,
-        }))
+        Ok(Some(super::add_to(prev, d)?))
     }
 }
 
@@ -115,11 +112,7 @@ pub(crate) fn compile(
             let grads = loss.backward()?;
             opt.step(&grads)?;
         }
-        if !best.1.iter().chain(&best.2).all(|v| v.is_finite()) {
-            return Err(CompileError::Hparams(
-                "lora: training diverged (non-finite weights); lower lora.lr".into(),
-            ));
-        }
+        super::ensure_finite(best.1.iter().chain(&best.2), "lora")?;
         let d = OwnedDelta {
             name: name.clone(),
             rank: r,

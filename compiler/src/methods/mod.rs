@@ -117,6 +117,31 @@ pub(crate) fn edit_progress<'a>(
     }
 }
 
+/// Refuses trained values that are not all finite, naming the hyperparameter section whose
+/// learning rate to lower.
+pub(crate) fn ensure_finite<'a>(
+    values: impl IntoIterator<Item = &'a f32>,
+    section: &str,
+) -> Result<()> {
+    if values.into_iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    Err(CompileError::Hparams(format!(
+        "{section}: training diverged (non-finite values); lower {section}.lr"
+    )))
+}
+
+/// `prev + d`, or `d` when there is nothing before it (summing hook deltas).
+pub(crate) fn add_to(
+    prev: Option<candle_core::Tensor>,
+    d: candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    Ok(match prev {
+        Some(p) => (p + d)?,
+        None => d,
+    })
+}
+
 /// Whether every row's argmax of `logits` `[n, vocab]` is its token in `targets` `[n]`.
 pub(crate) fn argmax_hits_all(
     logits: &candle_core::Tensor,

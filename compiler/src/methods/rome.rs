@@ -235,10 +235,7 @@ impl Hooks for LowRankDeltas {
         let mut sum: Option<Tensor> = None;
         for (a, b, s) in terms {
             let d = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * *s as f64)?;
-            sum = Some(match sum {
-                Some(acc) => (acc + d)?,
-                None => d,
-            });
+            sum = Some(super::add_to(sum, d)?);
         }
         Ok(sum)
     }
@@ -532,10 +529,7 @@ impl Hooks for DeltaAt<'_> {
         let n = self.delta.dim(0)?;
         let zeros = Tensor::zeros((t, n), DType::F32, x.device())?;
         let add = replace_row(&zeros, self.pos, &self.delta)?;
-        Ok(Some(match prev {
-            Some(p) => (p + add)?,
-            None => add,
-        }))
+        Ok(Some(super::add_to(prev, add)?))
     }
 }
 
@@ -646,11 +640,7 @@ pub(crate) fn train_delta(
             delta.set(&scaled)?;
         }
     }
-    if !best.1.iter().all(|v| v.is_finite()) {
-        return Err(CompileError::Hparams(
-            "rome: training diverged (non-finite value); lower rome.lr".into(),
-        ));
-    }
+    super::ensure_finite(&best.1, hp.section)?;
     Ok(Trained {
         delta: best.1,
         loss: best.0,

@@ -524,16 +524,7 @@ fn train(
     }
     let (loss, keys, biases, values, success, min_edit_act, min_gen_act, max_mem_act) =
         best.ok_or_else(|| CompileError::Hparams("tpatcher.steps must be >= 1".into()))?;
-    if !keys
-        .iter()
-        .chain(&values)
-        .chain(&biases)
-        .all(|x| x.is_finite())
-    {
-        return Err(CompileError::Hparams(
-            "tpatcher: training diverged; lower tpatcher.lr".into(),
-        ));
-    }
+    super::ensure_finite(keys.iter().chain(&values).chain(&biases), "tpatcher")?;
     Ok(Trained {
         keys,
         biases,
