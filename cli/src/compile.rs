@@ -95,17 +95,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let key_bytes =
-        std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
+        amend_edits::fsutil::read_regular(&args.key, amend_edits::fsutil::MAX_KEY_FILE_LEN)
+            .with_context(|| "--key")?;
     let key = signing_key_from_file_bytes(&key_bytes)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", args.key.display()))?;
     let records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
     let base_bytes = match &args.base_bundle {
-        Some(p) => {
-            Some(std::fs::read(p).with_context(|| format!("--base-bundle {}", p.display()))?)
-        }
+        Some(p) => Some(amend_edits::bundle::read_file(p).with_context(|| "--base-bundle")?),
         None => None,
     };
+    let trust = TrustStore::with_key(key.verifying_key());
+    // Cheap checks before the model loads: the base verifies and no id is used twice.
+    let base = match base_bytes {
+        Some(b) => Some(
+            Bundle::open(b, &trust)
+                .map_err(|e| anyhow::anyhow!("--base-bundle: {e} (it must be signed by --key)"))?,
+        ),
+        None => None,
+    };
+    amend_compiler::methods::check_unique_ids(&records, base.as_ref())?;
 
     let t0 = Instant::now();
     let mut compiler =
@@ -125,14 +134,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.threads,
         )?),
     };
-    let trust = TrustStore::with_key(key.verifying_key());
-    let base = match base_bytes {
-        Some(b) => Some(
-            Bundle::from_bytes(&b, &trust)
-                .map_err(|e| anyhow::anyhow!("--base-bundle: {e} (it must be signed by --key)"))?,
-        ),
-        None => None,
-    };
     eprintln!(
         "loaded {} ({}) in {:.1} s; {} edit(s), method {}",
         args.model.display(),
@@ -142,6 +143,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         method.name()
     );
 
+    // Without a terminal (CI, a log file, nohup) the bar draws nothing: print one log line per
+    // finished edit instead.
+    let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (n_records, mut n_done) = (records.len(), 0usize);
     let bar = ProgressBar::new(records.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
@@ -164,6 +169,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
             if p.done {
                 bar.inc(1);
+                n_done += 1;
+                if log_lines {
+                    eprintln!(
+                        "compile: {n_done}/{n_records} edit {} done: {} steps, loss {:.3} [{:.1} s]",
+                        p.id,
+                        p.step,
+                        p.loss,
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
             }
         },
     );
@@ -174,6 +189,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .builder
         .build_signed(&key)
         .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+    // The compiler checks its own output with the reader every device uses, before writing:
+    // a bundle that no verifier accepts is never signed onto disk.
+    Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
+        anyhow::anyhow!(
+            "the compiled bundle does not verify ({e}); nothing was written to {}",
+            args.out.display()
+        )
+    })?;
     write_atomic(&args.out, bytes.as_slice())?;
     if let Some(cal) = &out.calibration {
         println!(
@@ -258,13 +281,6 @@ fn auto_layer(
 
 /// Write to a temporary file next to `path`, then rename: a failure leaves nothing half-written.
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("writing {}: {e}", path.display());
-    }
-    Ok(())
+    amend_edits::fsutil::write_atomic(path, bytes, None)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 
 use amend_edits::bundle::{self, Bundle, BundleBytes, Manifest, Payload, HEADER_LEN};
 use amend_edits::editset::{check_binding, Clock, SystemClock};
+use amend_edits::fsutil::{read_regular, MAX_KEY_FILE_LEN};
 use amend_edits::keys::{self, key_id, to_hex, TrustStore};
 
 #[derive(clap::Args)]
@@ -38,6 +39,10 @@ pub struct VerifyArgs {
     /// Also check that the bundle was built for this GGUF model (fingerprint and dims).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Version store (anti-rollback state file shared with `amend run --state`): refuse a
+    /// version below the channel's mark. Read only: verify does not raise the mark.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -109,12 +114,11 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {
-    let key_bytes =
-        std::fs::read(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+    let key_bytes = read_regular(&a.key, MAX_KEY_FILE_LEN)?;
     let sk = keys::signing_key_from_file_bytes(&key_bytes)
         .with_context(|| format!("{}", a.key.display()))?;
-    let mut buf =
-        std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
+    // Header checked before the rest is read (a 5 GB sparse file or a FIFO costs nothing).
+    let mut buf = bundle::read_file(&a.bundle)?.as_ref().to_vec();
     // Refuse to sign something whose manifest does not even decode: signing vouches for it.
     let h = bundle::read_header(&buf)?;
     let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
@@ -137,7 +141,7 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
 pub(crate) fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
     let mut t = TrustStore::new();
     for f in files {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let bytes = read_regular(f, MAX_KEY_FILE_LEN)?;
         let vk = keys::verifying_key_from_file_bytes(&bytes)
             .with_context(|| format!("{}", f.display()))?;
         t.add(vk)?;
@@ -160,6 +164,28 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     }
     if now < m.not_before {
         bail!("bundle is not valid before {} (now {now})", m.not_before);
+    }
+    if let Some(state) = &a.state {
+        let store = amend_edits::version_store::VersionStore::open(state)?;
+        if let Some(mark) = store.get(&m.channel)? {
+            if m.version < mark.version {
+                bail!(
+                    "channel {:?} is at version {} in {}; {} would be a downgrade",
+                    m.channel,
+                    mark.version,
+                    state.display(),
+                    m.version
+                );
+            }
+            if m.version == mark.version && mark.digest != b.signed_digest() {
+                bail!(
+                    "channel {:?} already had version {} in {} (replay)",
+                    m.channel,
+                    m.version,
+                    state.display()
+                );
+            }
+        }
     }
     if let Some(model) = &a.model {
         let t = std::time::Instant::now();
@@ -207,23 +233,37 @@ fn payload_json(m: &Manifest, i: usize, p: &Payload) -> serde_json::Value {
     }
 }
 
+/// The header, manifest and signer key id of a bundle file, reading only those bytes (the
+/// header is checked against the file length first; the manifest is at most 64 MiB).
+fn read_head(path: &Path) -> anyhow::Result<(bundle::Header, Manifest, [u8; bundle::KEY_ID_LEN])> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (mut f, len) = amend_edits::fsutil::open_regular(path, bundle::MAX_BUNDLE_LEN)?;
+    let mut head = vec![0u8; HEADER_LEN];
+    let n = f.by_ref().take(HEADER_LEN as u64).read(&mut head)?;
+    let h = bundle::read_header_of(&head[..n], len)?;
+    let mut manifest = vec![0u8; h.manifest_len.get() as usize];
+    f.read_exact(&mut manifest)
+        .with_context(|| format!("reading the manifest of {}", path.display()))?;
+    let m = bundle::decode_manifest(&manifest)?;
+    let mut signer = [0u8; bundle::KEY_ID_LEN];
+    f.seek(SeekFrom::Start(h.sig_offset.get()))?;
+    f.read_exact(&mut signer)?;
+    Ok((h, m, signer))
+}
+
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     use serde_json::json;
-    let buf =
-        std::fs::read(&a.bundle).with_context(|| format!("reading {}", a.bundle.display()))?;
-    let h = bundle::read_header(&buf)?;
-    let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
-    let sig_at = h.sig_offset.get() as usize;
-    let signer = &buf[sig_at..sig_at + bundle::KEY_ID_LEN];
+    let (h, m, signer) = read_head(&a.bundle)?;
+    let signer = &signer[..];
     let verified = if a.pubkey.is_empty() {
         None
     } else {
         let trust = trust_from(&a.pubkey)?;
-        Some(
-            Bundle::from_bytes(&buf, &trust)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        )
+        Some(match Bundle::open_file(&a.bundle, &trust) {
+            Ok(_) => Ok(()),
+            Err(bundle::OpenError::Bundle(e)) => Err(e.to_string()),
+            Err(e) => return Err(e.into()),
+        })
     };
     // Payload descriptors are only shown when the manifest passes its checks.
     let payloads = bundle::check_manifest(&m, None);
@@ -325,6 +365,7 @@ pub(crate) fn load_edit_set(
     model: &Path,
     bundles: &[PathBuf],
     pubkeys: &[PathBuf],
+    state: Option<&Path>,
 ) -> anyhow::Result<std::sync::Arc<amend_edits::EditSet>> {
     if pubkeys.is_empty() {
         anyhow::bail!(
@@ -334,7 +375,11 @@ pub(crate) fn load_edit_set(
     let trust = trust_from(pubkeys)?;
     let binding = amend_edits::fingerprint::model_binding(model)
         .with_context(|| format!("fingerprinting {}", model.display()))?;
-    let set = amend_edits::EditSet::new(binding, trust);
+    let mut set = amend_edits::EditSet::new(binding, trust);
+    if let Some(state) = state {
+        let store = amend_edits::version_store::VersionStore::open(state)?;
+        set = set.with_version_store(std::sync::Arc::new(store));
+    }
     for path in bundles {
         let b = open(path, set.trust())?;
         set.add(std::sync::Arc::new(b), amend_edits::AddOptions::default())

@@ -51,6 +51,11 @@ pub struct Args {
     /// Trusted public key (PREFIX.pub) that bundles must be signed with (repeatable).
     #[arg(long = "pubkey")]
     pub pubkeys: Vec<PathBuf>,
+    /// Version store: an anti-rollback state file shared by every process of this trust
+    /// domain. A bundle whose version is below its channel's mark is refused; activating one
+    /// raises the mark.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
     /// Report on stderr which edits fired (codebook entries and distances, neuron activations,
     /// memory hit and score, low-rank adapters).
     #[arg(long)]
@@ -74,7 +79,12 @@ fn apply_edits(session: &mut Session, args: &Args) -> anyhow::Result<()> {
     if args.bundles.is_empty() {
         return Ok(());
     }
-    let set = crate::keys::load_edit_set(&args.model, &args.bundles, &args.pubkeys)?;
+    let set = crate::keys::load_edit_set(
+        &args.model,
+        &args.bundles,
+        &args.pubkeys,
+        args.state.as_deref(),
+    )?;
     session.set_edit_set(Some(set))?;
     Ok(())
 }
@@ -82,6 +92,12 @@ fn apply_edits(session: &mut Session, args: &Args) -> anyhow::Result<()> {
 /// `--explain`: one line per thing that fired (or was looked up), on stderr.
 pub fn print_explain(ex: &amend_runtime::Explain) {
     let id = |e: &Option<String>| e.clone().unwrap_or_else(|| "-".into());
+    for e in &ex.expired {
+        eprintln!(
+            "explain: bundle {} EXPIRED at {} (now {}): removed, no longer applied",
+            e.bundle, e.expires, e.now
+        );
+    }
     if let Some(m) = &ex.memory {
         eprintln!(
             "explain: memory {} edit {} record {} score {:.4} threshold {:.4} {}",
@@ -222,6 +238,7 @@ mod tests {
             bundles: vec![],
             pubkeys: vec![],
             explain: false,
+            state: None,
         }
     }
 

@@ -141,10 +141,13 @@ pub enum DatasetError {
 
 /// Read and parse an edit file.
 pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|error| DatasetError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    // A FIFO, directory or device is refused without blocking; the cap is checked first.
+    let text =
+        amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)
+            .map_err(|e| DatasetError::Io {
+                path: path.to_path_buf(),
+                error: std::io::Error::other(e.to_string()),
+            })?;
     let format = match format {
         DataFormat::Auto => {
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");

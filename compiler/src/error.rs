@@ -25,6 +25,10 @@ pub enum CompileError {
     LayerOutOfRange { layer: usize, n_layer: usize },
     #[error("edit record {index}: {message}")]
     BadRecord { index: usize, message: String },
+    #[error("edit ids must be unique: {ids:?} appear more than once among the edit records")]
+    DuplicateEditIds { ids: Vec<String> },
+    #[error("edit ids {ids:?} of the new records are already used by --base-bundle (give the records explicit, new ids)")]
+    EditIdsInBase { ids: Vec<String> },
     #[error("hyperparameters: {0}")]
     Hparams(String),
     #[error("tokenizer: {0}")]

@@ -187,9 +187,13 @@ impl Hparams {
             .parse()
             .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| CompileError::Io {
+            let text = amend_edits::fsutil::read_regular_string(
+                path,
+                amend_edits::fsutil::MAX_TEXT_FILE_LEN,
+            )
+            .map_err(|e| CompileError::Io {
                 path: path.to_path_buf(),
-                source,
+                source: std::io::Error::other(e.to_string()),
             })?;
             let over: toml::Table = text
                 .parse()

@@ -16,6 +16,7 @@ use crate::bundle::{
 };
 use crate::families;
 use crate::keys::TrustStore;
+use crate::version_store::{Refusal, VersionStore};
 
 /// How many previous states [`EditSet::restore_previous`] can go back.
 pub const HISTORY_DEPTH: usize = 8;
@@ -92,6 +93,8 @@ pub enum EditSetError {
     AlreadyRolledBack(String),
     #[error("no previous state to restore")]
     NoHistory,
+    #[error("{0}")]
+    VersionStore(String),
 }
 
 /// One active bundle and the ids of its edits that were rolled back.
@@ -298,6 +301,8 @@ pub struct AddOptions {
 pub struct Transaction<'e> {
     set: &'e EditSet,
     work: ActiveSet,
+    /// Bundles added: (channel, version, signed digest, allow_downgrade), for the version store.
+    offers: Vec<(String, u64, [u8; 32], bool)>,
 }
 
 impl Transaction<'_> {
@@ -348,6 +353,12 @@ impl Transaction<'_> {
         }
         let hw = self.work.high_water.entry(m.channel.clone()).or_insert(0);
         *hw = (*hw).max(m.version);
+        self.offers.push((
+            m.channel.clone(),
+            m.version,
+            bundle.signed_digest(),
+            opts.allow_downgrade,
+        ));
         let entry = ActiveBundle {
             bundle,
             rolled_back: Arc::from(Vec::new()),
@@ -433,6 +444,8 @@ pub struct EditSet {
     current: ArcSwap<ActiveSet>,
     /// Serializes writers and keeps the previous states.
     history: Mutex<VecDeque<Arc<ActiveSet>>>,
+    /// Persistent high-water marks shared with other sessions and processes.
+    store: Option<Arc<VersionStore>>,
 }
 
 impl EditSet {
@@ -448,7 +461,53 @@ impl EditSet {
             clock,
             current: ArcSwap::from_pointee(ActiveSet::default()),
             history: Mutex::new(VecDeque::new()),
+            store: None,
         }
+    }
+
+    /// Also check and raise the persistent marks of `store` whenever a bundle is activated: a
+    /// version below a mark set by any process sharing the file is refused.
+    pub fn with_version_store(mut self, store: Arc<VersionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    pub fn version_store(&self) -> Option<&Arc<VersionStore>> {
+        self.store.as_ref()
+    }
+
+    /// The clock activation and expiry use.
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Remove every active bundle whose `expires` has passed (one swap; nothing when none has).
+    /// Called per request by the runtime, so a bundle that expires while active stops applying
+    /// at the next request. Returns the ids removed.
+    pub fn drop_expired(&self) -> Result<Vec<String>, EditSetError> {
+        let now = self.clock.now();
+        if !self
+            .snapshot()
+            .bundles
+            .iter()
+            .any(|b| now >= b.bundle.manifest().expires)
+        {
+            return Ok(Vec::new());
+        }
+        let (ids, _) = self.update(|tx| {
+            let ids: Vec<String> = tx
+                .work
+                .bundles
+                .iter()
+                .filter(|b| now >= b.bundle.manifest().expires)
+                .map(|b| b.id().to_string())
+                .collect();
+            tx.work
+                .bundles
+                .retain(|b| now < b.bundle.manifest().expires);
+            Ok(ids)
+        })?;
+        Ok(ids)
     }
 
     pub fn model(&self) -> &ModelBinding {
@@ -489,8 +548,31 @@ impl EditSet {
         let mut tx = Transaction {
             set: self,
             work: (*cur).clone(),
+            offers: Vec::new(),
         };
         let r = f(&mut tx)?;
+        // Last check before publishing, under the store's lock: marks another process raised
+        // since this transaction began count too.
+        if let Some(store) = &self.store {
+            match store.check_and_raise(&tx.offers) {
+                Err(e) => return Err(EditSetError::VersionStore(e.to_string())),
+                Ok(Err(Refusal::Replay { channel, version })) => {
+                    return Err(EditSetError::Replay { channel, version })
+                }
+                Ok(Err(Refusal::Downgrade {
+                    channel,
+                    current,
+                    offered,
+                })) => {
+                    return Err(EditSetError::Downgrade {
+                        channel,
+                        current,
+                        offered,
+                    })
+                }
+                Ok(Ok(())) => {}
+            }
+        }
         tx.work.generation = cur.generation + 1;
         let generation = tx.work.generation;
         self.current.store(Arc::new(tx.work));

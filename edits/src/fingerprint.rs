@@ -3,10 +3,14 @@
 //! `sha256("amend-model-fp-v1" || arch || n_layer || n_embd || tensor table bytes || tensor data)`:
 //! the tensor table carries every tensor's name, type, shape and offset, so another quantization
 //! of the same model differs there; the data makes a fine-tune of the same shape differ too.
-//! Hashing all data costs about a tenth of a second per 250 MB with SHA-NI, so the result is cached
-//! next to the model in `<model>.amendfp`, keyed by file length, mtime and a hash of the header.
+//! Hashing all data costs about half a second per 250 MB, so the result is cached next to the
+//! model in `<model>.amendfp`, keyed by what a content change cannot keep equal: device, inode,
+//! length, mtime and the inode change time (ctime), which the kernel sets on every write and
+//! which no unprivileged call can set back (`touch -d` restores mtime, not ctime). As in git's
+//! "racy" index rule, a cache entry whose ctime was less than [`RACY_NS`] before the hash began
+//! is not trusted (a second write within the file system's timestamp granularity could keep the
+//! ctime equal), so a just-written model is hashed again on its next use.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -25,7 +29,10 @@ pub enum FingerprintError {
 }
 
 const DOMAIN: &[u8] = b"amend-model-fp-v1";
-const CACHE_MAGIC: &str = "amendfp1";
+const CACHE_MAGIC: &str = "amendfp2";
+/// A cache entry is trusted only when the model's ctime is at least this much older than the
+/// moment its hash began.
+pub const RACY_NS: u128 = 2_000_000_000;
 
 /// The binding (fingerprint, architecture, dims) of a GGUF in memory.
 pub fn binding_of_bytes(bytes: &[u8]) -> Result<ModelBinding, FingerprintError> {
@@ -69,44 +76,79 @@ pub fn cache_path(model: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn cache_key(model: &Path, head: &[u8]) -> Result<String, std::io::Error> {
-    let md = std::fs::metadata(model)?;
-    let mtime = md
-        .modified()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let hh = Sha256::digest(head);
-    Ok(format!(
-        "{CACHE_MAGIC} {} {} {}",
-        md.len(),
-        mtime,
-        crate::keys::to_hex(&hh)
+/// The cache key of an opened model file: `amendfp2 dev ino len mtime_ns ctime_ns`, and the
+/// ctime in ns.
+fn cache_key(file: &std::fs::File) -> Result<(String, u128), std::io::Error> {
+    let md = file.metadata()?;
+    let ns = |t: std::io::Result<std::time::SystemTime>| {
+        t.ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos())
+    };
+    let mtime = ns(md.modified());
+    #[cfg(unix)]
+    let (dev, ino, ctime) = {
+        use std::os::unix::fs::MetadataExt;
+        (
+            md.dev(),
+            md.ino(),
+            (md.ctime().max(0) as u128) * 1_000_000_000 + md.ctime_nsec().max(0) as u128,
+        )
+    };
+    #[cfg(not(unix))]
+    let (dev, ino, ctime) = (0u64, 0u64, mtime);
+    Ok((
+        format!("{CACHE_MAGIC} {dev} {ino} {} {mtime} {ctime}", md.len()),
+        ctime,
     ))
 }
 
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn open_model(path: &Path) -> Result<std::fs::File, FingerprintError> {
+    let (file, _) = crate::fsutil::open_regular(path, crate::fsutil::MAX_MODEL_LEN)
+        .map_err(|e| FingerprintError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(file)
+}
+
 /// Fingerprint, architecture and dims of the GGUF at `path`, using (and refreshing) the cache
-/// `<path>.amendfp` when the model's length, mtime and first 1 MiB are unchanged.
+/// `<path>.amendfp` when the model's device, inode, length, mtime and ctime are unchanged and
+/// the entry is not racy (see the module docs).
 pub fn model_binding(path: impl AsRef<Path>) -> Result<ModelBinding, FingerprintError> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path)?;
-    // SAFETY: read-only mapping of a model file nobody writes while it is open.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    let head = &map[..map.len().min(1 << 20)];
-    let key = cache_key(path, head)?;
-    if let Ok(text) = std::fs::read_to_string(cache_path(path)) {
-        if let Some(b) = parse_cache(&text, &key) {
-            return Ok(b);
+    let file = open_model(path)?;
+    let (key, ctime) = cache_key(&file)?;
+    if let Ok(text) =
+        crate::fsutil::read_regular_string(&cache_path(path), crate::fsutil::MAX_KEY_FILE_LEN)
+    {
+        if let Some((b, hashed_at)) = parse_cache(&text, &key) {
+            if hashed_at >= ctime + RACY_NS {
+                return Ok(b);
+            }
         }
     }
+    let started = now_ns();
+    // SAFETY: read-only mapping; a model truncated while it is hashed is outside the threat
+    // model (llama.cpp maps the same file to run it), see docs/security.md.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
     let b = binding_of_bytes(&map)?;
-    // Best effort: a read-only model directory just means no cache.
-    let _ = write_cache(path, &key, &b);
+    // Best effort: a read-only model directory just means no cache. Only write an entry whose
+    // key still holds after hashing; a racy one is written but not trusted (see above).
+    if cache_key(&file).ok().is_some_and(|(k, _)| k == key) {
+        let _ = write_cache(path, &key, started, &b);
+    } else {
+        let _ = std::fs::remove_file(cache_path(path));
+    }
     Ok(b)
 }
 
 /// Fingerprint without the cache (always hashes everything).
 pub fn model_binding_uncached(path: impl AsRef<Path>) -> Result<ModelBinding, FingerprintError> {
-    let file = std::fs::File::open(path.as_ref())?;
+    let file = open_model(path.as_ref())?;
     // SAFETY: as in `model_binding`.
     let map = unsafe { memmap2::Mmap::map(&file)? };
     binding_of_bytes(&map)
@@ -117,35 +159,35 @@ pub fn fingerprint(path: impl AsRef<Path>) -> Result<[u8; 32], FingerprintError>
     Ok(model_binding(path)?.fingerprint)
 }
 
-fn parse_cache(text: &str, key: &str) -> Option<ModelBinding> {
+fn parse_cache(text: &str, key: &str) -> Option<(ModelBinding, u128)> {
     let mut lines = text.lines();
     if lines.next()? != key {
         return None;
     }
+    let hashed_at: u128 = lines.next()?.strip_prefix("hashed_at ")?.parse().ok()?;
     let fp = crate::keys::decode_key_bytes(lines.next()?.as_bytes()).ok()?;
     let arch = lines.next()?.to_string();
     let n_layer = lines.next()?.parse().ok()?;
     let n_embd = lines.next()?.parse().ok()?;
-    Some(ModelBinding {
-        fingerprint: fp,
-        arch,
-        n_layer,
-        n_embd,
-    })
+    Some((
+        ModelBinding {
+            fingerprint: fp,
+            arch,
+            n_layer,
+            n_embd,
+        },
+        hashed_at,
+    ))
 }
 
-fn write_cache(model: &Path, key: &str, b: &ModelBinding) -> std::io::Result<()> {
+fn write_cache(model: &Path, key: &str, hashed_at: u128, b: &ModelBinding) -> std::io::Result<()> {
     let target = cache_path(model);
-    let tmp = target.with_extension(format!("amendfp.tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    writeln!(
-        f,
-        "{key}\n{}\n{}\n{}\n{}",
+    let text = format!(
+        "{key}\nhashed_at {hashed_at}\n{}\n{}\n{}\n{}\n",
         crate::keys::to_hex(&b.fingerprint),
         b.arch,
         b.n_layer,
         b.n_embd
-    )?;
-    drop(f);
-    std::fs::rename(tmp, target)
+    );
+    crate::fsutil::write_atomic(&target, text.as_bytes(), None)
 }

@@ -28,6 +28,8 @@ pub enum KeyError {
     BadEncoding,
     #[error("not a valid ed25519 public key")]
     BadPublicKey,
+    #[error("weak ed25519 public key (small-order point): any signature could verify under it")]
+    WeakPublicKey,
     #[error("trust store is full ({MAX_TRUSTED_KEYS} keys)")]
     TrustStoreFull,
 }
@@ -79,7 +81,12 @@ pub fn signing_key_from_file_bytes(data: &[u8]) -> Result<SigningKey, KeyError> 
 }
 
 pub fn verifying_key_from_file_bytes(data: &[u8]) -> Result<VerifyingKey, KeyError> {
-    VerifyingKey::from_bytes(&decode_key_bytes(data)?).map_err(|_| KeyError::BadPublicKey)
+    let key =
+        VerifyingKey::from_bytes(&decode_key_bytes(data)?).map_err(|_| KeyError::BadPublicKey)?;
+    if key.is_weak() {
+        return Err(KeyError::WeakPublicKey);
+    }
+    Ok(key)
 }
 
 /// A fresh signing key from the OS random source.
@@ -108,8 +115,13 @@ impl TrustStore {
         t
     }
 
-    /// Trust `key`; adding a key twice is a no-op.
+    /// Trust `key`; adding a key twice is a no-op. Small-order ("weak") keys are refused:
+    /// `verify_strict` already rejects them, but a store that holds one would name a key
+    /// nobody can be held to.
     pub fn add(&mut self, key: VerifyingKey) -> Result<KeyId, KeyError> {
+        if key.is_weak() {
+            return Err(KeyError::WeakPublicKey);
+        }
         let id = key_id(&key);
         if self.get(&id).is_none() {
             self.keys
@@ -139,5 +151,29 @@ impl TrustStore {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_order_public_keys_are_refused() {
+        // The identity point (y = 1) has order 1.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let hex = to_hex(&identity);
+        assert_eq!(
+            verifying_key_from_file_bytes(hex.as_bytes()),
+            Err(KeyError::WeakPublicKey)
+        );
+        let vk = VerifyingKey::from_bytes(&identity).unwrap();
+        let mut t = TrustStore::new();
+        assert_eq!(t.add(vk), Err(KeyError::WeakPublicKey));
+        assert!(t.is_empty());
+        // A real key still goes in.
+        let good = SigningKey::from_bytes(&[1; 32]).verifying_key();
+        assert!(t.add(good).is_ok());
     }
 }

@@ -15,7 +15,11 @@ pub mod bundle;
 pub mod editset;
 #[cfg(feature = "std")]
 pub mod fingerprint;
+#[cfg(feature = "std")]
+pub mod fsutil;
 pub mod keys;
+#[cfg(feature = "std")]
+pub mod version_store;
 
 pub use bundle::{Bundle, BundleBuilder, BundleError, BundleMeta, Manifest, ModelBinding};
 /// Re-exported so callers name the same key types as the bundle code.

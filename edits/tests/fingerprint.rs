@@ -120,3 +120,41 @@ fn real_model_fingerprint() {
     assert_eq!(full.arch, "gemma3");
     assert_eq!(full.n_embd, 640);
 }
+
+/// Issue 11: a byte changed in the tensor data with the mtime restored must not be served from
+/// the cache (the ctime moves and cannot be set back).
+#[test]
+fn cache_sees_a_data_change_with_mtime_restored() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fp-mtime-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.gguf");
+    let bytes = tiny_gguf(1.0, "a");
+    std::fs::write(&model, &bytes).unwrap();
+    // Let the model's ctime age past the racy window, then cache it.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let first = model_binding(&model).unwrap();
+    let mtime = std::fs::metadata(&model).unwrap().modified().unwrap();
+    assert_eq!(first, model_binding(&model).unwrap());
+    // Flip the last byte (tensor data), keep the length, restore the mtime.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap();
+    f.seek(SeekFrom::Start(bytes.len() as u64 - 1)).unwrap();
+    f.write_all(&[bytes[bytes.len() - 1] ^ 0x40]).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(
+        std::fs::metadata(&model).unwrap().modified().unwrap(),
+        mtime
+    );
+    let second = model_binding(&model).unwrap();
+    assert_ne!(
+        first.fingerprint, second.fingerprint,
+        "stale cache entry was used"
+    );
+    assert_eq!(second, model_binding_uncached(&model).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

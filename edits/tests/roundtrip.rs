@@ -100,7 +100,9 @@ proptest! {
                 }
             }
             let values = take(pool, n * d, 1);
-            let radii: Vec<f32> = take(pool, *n, 2).iter().map(|x| x.abs()).collect();
+            // Radii of the normalized distances lie in their range [0, 2] (checked at open).
+            let r_max = if *dist != 0 { 2.0 } else { f32::MAX };
+            let radii: Vec<f32> = take(pool, *n, 2).iter().map(|x| x.abs().min(r_max)).collect();
             let p = b.add_codebook(*layer, Site::FfnOutput, Site::ResidualOut, *dist, *allpos, d, &keys, &values, &radii);
             b.add_edit(&format!("cb{i}"), *layer, Site::FfnOutput, "p", "t", p, 0, *n as u32);
             expect_cb.push((p, keys, values, radii));

@@ -129,6 +129,28 @@ pub extern "C" fn amend_bundle_load_file(
     })
 }
 
+/// Like `amend_bundle_load_file`, with the path given as `path_len` bytes (no NUL needed): on
+/// unix a path that is not UTF-8 can be opened. Errors as for `amend_bundle_load_file`, and
+/// `AMEND_ERR_INVALID_ARGUMENT` for an empty path or one with a NUL byte.
+#[no_mangle]
+pub extern "C" fn amend_bundle_load_file_bytes(
+    trust: *const amend_trust_store,
+    model: *const amend_model,
+    path: *const u8,
+    path_len: usize,
+    out: *mut *mut amend_bundle,
+) -> amend_result {
+    guard("amend_bundle_load_file_bytes", || {
+        args::need_out(out, "out")?;
+        unsafe { out.write(std::ptr::null_mut()) };
+        let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
+        let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        let path = unsafe { args::path_bytes(path, path_len, "path")? };
+        let bundle = Bundle::open_file(&path, &trust.trust)?;
+        finish_load(&model, bundle, out)
+    })
+}
+
 /// Like `amend_bundle_load_file`, from `len` bytes at `data`. The bytes are copied: the
 /// buffer may be freed as soon as the call returns.
 #[no_mangle]

@@ -8,7 +8,9 @@ use crate::error::{amend_result as R, FfiError};
 impl From<RuntimeError> for FfiError {
     fn from(e: RuntimeError) -> Self {
         let code = match &e {
-            RuntimeError::NotFound { .. } | RuntimeError::Io { .. } => R::AMEND_ERR_IO,
+            RuntimeError::NotFound { .. } | RuntimeError::Io { .. } | RuntimeError::File(_) => {
+                R::AMEND_ERR_IO
+            }
             RuntimeError::NotGguf { .. }
             | RuntimeError::Truncated { .. }
             | RuntimeError::InvalidGguf { .. }
@@ -42,7 +44,9 @@ impl From<BundleError> for FfiError {
         use BundleError as B;
         let code = match &e {
             B::UnsupportedVersion { .. } => R::AMEND_ERR_BUNDLE_VERSION,
-            B::SectionHash { .. } | B::NonFinite { .. } => R::AMEND_ERR_BUNDLE_INTEGRITY,
+            B::SectionHash { .. } | B::NonFinite { .. } | B::ValueOutOfRange { .. } => {
+                R::AMEND_ERR_BUNDLE_INTEGRITY
+            }
             B::Unsigned | B::BadSignature => R::AMEND_ERR_SIGNATURE,
             B::UnknownKeyId(_) => R::AMEND_ERR_UNTRUSTED_KEY,
             B::PayloadDimension { .. }
@@ -59,8 +63,8 @@ impl From<BundleError> for FfiError {
 impl From<OpenError> for FfiError {
     fn from(e: OpenError) -> Self {
         match e {
-            OpenError::Io(io) => {
-                FfiError::new(R::AMEND_ERR_IO, format!("cannot read bundle: {io}"))
+            OpenError::File(f) => {
+                FfiError::new(R::AMEND_ERR_IO, format!("cannot read bundle: {f}"))
             }
             OpenError::Bundle(b) => b.into(),
         }
@@ -74,6 +78,7 @@ impl From<EditSetError> for FfiError {
             E::Bundle(b) => return b.clone().into(),
             E::Expired { .. } | E::NotYetValid { .. } => R::AMEND_ERR_BUNDLE_EXPIRED,
             E::Replay { .. } | E::Downgrade { .. } => R::AMEND_ERR_BUNDLE_DOWNGRADE,
+            E::VersionStore(_) => R::AMEND_ERR_IO,
             E::WrongModel | E::ArchMismatch { .. } | E::DimensionMismatch { .. } => {
                 R::AMEND_ERR_MODEL_MISMATCH
             }
@@ -87,7 +92,9 @@ impl From<EditSetError> for FfiError {
 impl From<KeyError> for FfiError {
     fn from(e: KeyError) -> Self {
         let code = match e {
-            KeyError::BadEncoding | KeyError::BadPublicKey => R::AMEND_ERR_INVALID_KEY,
+            KeyError::BadEncoding | KeyError::BadPublicKey | KeyError::WeakPublicKey => {
+                R::AMEND_ERR_INVALID_KEY
+            }
             KeyError::TrustStoreFull => R::AMEND_ERR_INVALID_ARGUMENT,
         };
         FfiError::new(code, e.to_string())

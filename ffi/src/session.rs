@@ -197,6 +197,42 @@ pub extern "C" fn amend_session_activate(
     })
 }
 
+/// Shares anti-rollback state with every process using the same file: the version store at
+/// `path` (`path_len` bytes, no NUL needed; on unix any bytes). From then on activating a
+/// bundle whose version is below its channel's mark in the file, set by this or any other
+/// process, is `AMEND_ERR_BUNDLE_DOWNGRADE`, and each activation raises the mark. Call it
+/// before the session's first `amend_session_activate`.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
+/// `AMEND_ERR_INVALID_ARGUMENT` (empty path, or bundles were already activated), `AMEND_ERR_IO`
+/// (the file cannot be read, locked or is malformed).
+#[no_mangle]
+pub extern "C" fn amend_session_set_state_file(
+    session: *mut amend_session,
+    path: *const u8,
+    path_len: usize,
+) -> amend_result {
+    guard("amend_session_set_state_file", || {
+        let s = self::session(session)?;
+        let path = unsafe { args::path_bytes(path, path_len, "path")? };
+        let mut state = s.lock()?;
+        if state.edits.is_some() {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                "set the state file before the first amend_session_activate",
+            ));
+        }
+        let store = amend_edits::version_store::VersionStore::open(&path)
+            .map_err(|e| FfiError::new(amend_result::AMEND_ERR_IO, e.to_string()))?;
+        let binding = s.model.binding()?.clone();
+        let set =
+            Arc::new(EditSet::new(binding, TrustStore::new()).with_version_store(Arc::new(store)));
+        state.session.set_edit_set(Some(set.clone()))?;
+        state.edits = Some(set);
+        Ok(())
+    })
+}
+
 /// Deactivates every edit of the active bundle with id `bundle_id` (NUL-terminated).
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,

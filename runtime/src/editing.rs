@@ -31,6 +31,17 @@ pub struct Explain {
     pub neurons: Vec<NeuronEvent>,
     pub memory: Option<MemoryEvent>,
     pub low_rank: Vec<LowRankEvent>,
+    /// Bundles that had expired by this request and were removed from the set before it
+    /// (expiry is enforced per request, not only at activation).
+    pub expired: Vec<ExpiredEvent>,
+}
+
+/// A bundle removed at the start of a request because its `expires` time had passed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpiredEvent {
+    pub bundle: String,
+    pub expires: u64,
+    pub now: u64,
 }
 
 /// A codebook lookup: the nearest entry, its distance and whether it replaced the row.
@@ -649,6 +660,37 @@ impl Session {
                 generation: None,
             });
         };
+        // Expiry per request: a bundle whose time has passed is removed (one swap, seen by every
+        // session of the set) before this request pins its snapshot.
+        let now = set.now();
+        let expiring: Vec<ExpiredEvent> = set
+            .snapshot()
+            .bundles
+            .iter()
+            .filter(|b| now >= b.bundle.manifest().expires)
+            .map(|b| ExpiredEvent {
+                bundle: b.id().to_string(),
+                expires: b.bundle.manifest().expires,
+                now,
+            })
+            .collect();
+        if !expiring.is_empty() {
+            set.drop_expired()
+                .map_err(|e| RuntimeError::InvalidEdit(format!("removing expired bundles: {e}")))?;
+            for e in &expiring {
+                log::warn!(
+                    "bundle {} expired at {} (now {}): no longer applied",
+                    e.bundle,
+                    e.expires,
+                    e.now
+                );
+            }
+            self.edits_ref()
+                .explain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expired = expiring;
+        }
         let snap = set.snapshot();
         let generation = snap.generation;
         let same = self

@@ -10,6 +10,9 @@ use amend_edits::HookPoint;
 pub enum RuntimeError {
     #[error("model file not found: {}", path.display())]
     NotFound { path: PathBuf },
+    /// A FIFO, directory or device given as the model, or a file over the size cap.
+    #[error(transparent)]
+    File(amend_edits::fsutil::FileError),
     #[error("cannot read {}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -213,6 +213,10 @@ impl Session {
         params: &GenerateParams,
         on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, RuntimeError> {
+        // amend.h promises an empty prompt is refused (a BOS alone would otherwise be "a prompt").
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
         // Pins the attached edit set for this request; a memory edit may route the prompt.
         let request = self.begin_request(prompt)?;
         let tokens = self.tokenize(&request.prompt, params.add_bos)?;

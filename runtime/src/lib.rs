@@ -26,7 +26,9 @@ pub mod testutil;
 pub use amend_edits::{HookPoint, Site};
 pub use arch::Architecture;
 pub use detok::Detokenizer;
-pub use editing::{CodebookEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request};
+pub use editing::{
+    CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request,
+};
 pub use error::{Result, RuntimeError};
 pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};

@@ -111,6 +111,17 @@ impl Model {
     /// `Truncated`, `InvalidGguf`, `UnsupportedArchitecture`, `LoadFailed`.
     pub fn open(path: impl AsRef<Path>, options: ModelOptions) -> Result<Arc<Model>, RuntimeError> {
         let path = path.as_ref();
+        // Refuse a FIFO (which would block the open below), a directory or a device before
+        // anything reads the path.
+        if let Err(e) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+        {
+            return Err(match e.io_kind() {
+                Some(std::io::ErrorKind::NotFound) => RuntimeError::NotFound {
+                    path: path.to_path_buf(),
+                },
+                _ => RuntimeError::File(e),
+            });
+        }
         let summary = gguf_check::check_file(path)?;
         let arch_name = summary
             .architecture

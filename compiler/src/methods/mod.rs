@@ -331,6 +331,7 @@ impl Compiler {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<CompileOutput> {
         self.validate(records)?;
+        check_unique_ids(records, base)?;
         if let Some(b) = base {
             if b.manifest().model.fingerprint != self.binding.fingerprint {
                 return Err(CompileError::Bundle(
@@ -427,6 +428,37 @@ impl Compiler {
             calibration,
         })
     }
+}
+
+/// Edit ids are unique within a bundle (the reader refuses duplicates): refuse duplicate record
+/// ids, and record ids (explicit or the default index) that `base`'s edits already use, before
+/// any training, so the compiler never signs what no verifier accepts.
+pub fn check_unique_ids(records: &[EditRecord], base: Option<&Bundle>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut dups = std::collections::BTreeSet::new();
+    for r in records {
+        if !seen.insert(r.id.as_str()) {
+            dups.insert(r.id.clone());
+        }
+    }
+    if !dups.is_empty() {
+        return Err(CompileError::DuplicateEditIds {
+            ids: dups.into_iter().collect(),
+        });
+    }
+    if let Some(b) = base {
+        let clash: Vec<String> = b
+            .manifest()
+            .edits
+            .iter()
+            .filter(|e| seen.contains(e.id.as_str()))
+            .map(|e| e.id.clone())
+            .collect();
+        if !clash.is_empty() {
+            return Err(CompileError::EditIdsInBase { ids: clash });
+        }
+    }
+    Ok(())
 }
 
 /// Median of `xs` (0 when empty).

@@ -23,6 +23,13 @@ pub const KEY_ID_LEN: usize = 8;
 
 // ---- caps: every count and length a reader accepts is bounded (documented in the spec) ----
 /// Largest bundle (bytes).
+/// Largest magnitude of any f32 in a tensor section. Finite is not enough: 3e38 squares to
+/// infinity in a distance and poisons the residual stream. gemma3's residual rows exceed the
+/// f16 range (65504), so the bound is 1e6: far above any real activation, far below overflow
+/// (640 squared rows of 1e6 sum to 6.4e14).
+pub const MAX_ABS_VALUE: f32 = 1.0e6;
+/// Largest codebook radius for the normalized distances, whose range is [0, 2].
+pub const MAX_NORMALIZED_RADIUS: f32 = 2.0;
 pub const MAX_BUNDLE_LEN: u64 = 4 << 30;
 /// Largest postcard manifest (bytes).
 pub const MAX_MANIFEST_LEN: u32 = 64 << 20;

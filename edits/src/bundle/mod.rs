@@ -13,8 +13,8 @@ use core::ops::Range;
 
 pub use format::*;
 pub use reader::{
-    all_finite, check_manifest, decode_manifest, read_header, units, verify, verify_signature,
-    BundleError, Verified,
+    all_finite, check_manifest, decode_manifest, read_header, read_header_of, units, verify,
+    verify_signature, within_bound, BundleError, Verified,
 };
 pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};
 
@@ -80,12 +80,12 @@ impl core::fmt::Debug for AlignedBuf {
     }
 }
 
-/// Where a bundle's bytes live.
+/// Where a bundle's bytes live: always memory this process owns (or a `'static` it compiled
+/// in), never a shared mapping of a file another process could rewrite or truncate after the
+/// bytes were verified.
 pub enum BundleBytes {
     Owned(AlignedBuf),
     Static(&'static [u8]),
-    #[cfg(feature = "std")]
-    Mmap(memmap2::Mmap),
 }
 
 impl AsRef<[u8]> for BundleBytes {
@@ -93,8 +93,6 @@ impl AsRef<[u8]> for BundleBytes {
         match self {
             BundleBytes::Owned(b) => b.as_slice(),
             BundleBytes::Static(s) => s,
-            #[cfg(feature = "std")]
-            BundleBytes::Mmap(m) => m,
         }
     }
 }
@@ -311,28 +309,95 @@ impl Bundle<BundleBytes> {
         Self::open(BundleBytes::Owned(AlignedBuf::from_slice(bytes)), trust)
     }
 
-    /// Map a bundle file and verify it (zero-copy: views point into the mapping).
+    /// Read a bundle file into owned, aligned memory and verify it. The file is opened without
+    /// blocking and must be a regular file within the bundle cap; its 64-byte header is read and
+    /// checked (magic, version, layout, `total_len` = file length) before anything else is read
+    /// or allocated. The bytes verified are then the only bytes used: a later rewrite,
+    /// truncation or replacement of the file changes nothing in this process.
     #[cfg(feature = "std")]
     pub fn open_file(
         path: impl AsRef<std::path::Path>,
         trust: &TrustStore,
     ) -> Result<Self, OpenError> {
-        let f = std::fs::File::open(path.as_ref())?;
-        // SAFETY: the mapping is read-only; amend never writes bundle files it has open, and a
-        // file changed underneath would at worst yield wrong (not unsafe) f32 values after the
-        // hash check. This is the usual mmap contract.
-        // populate: fault the pages in with one call; they are all read by verification anyway.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&f)? };
-        Ok(Self::open(BundleBytes::Mmap(map), trust)?)
+        Ok(Self::open(read_file(path.as_ref())?, trust)?)
     }
+
+    /// Sha256 of the signed bytes (header + manifest): names this exact bundle in the version
+    /// store.
+    pub fn signed_digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let len = HEADER_LEN
+            + self
+                .bytes()
+                .get(20..24)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        Sha256::digest(&self.bytes()[..len.min(self.bytes().len())]).into()
+    }
+}
+
+/// A bundle file's bytes, header checked first (see [`Bundle::open_file`]); nothing verified yet
+/// beyond the header.
+#[cfg(feature = "std")]
+pub fn read_file(path: &std::path::Path) -> Result<BundleBytes, OpenError> {
+    use std::io::Read;
+    let (mut f, len) = crate::fsutil::open_regular(path, MAX_BUNDLE_LEN)?;
+    let mut head = [0u8; HEADER_LEN];
+    let n = read_full(&mut f, &mut head).map_err(|e| io_error(path, e))?;
+    read_header_of(&head[..n], len)?;
+    let mut buf = AlignedBuf::zeroed(len as usize);
+    buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&head);
+    let got = HEADER_LEN
+        + read_full(&mut f, &mut buf.as_mut_slice()[HEADER_LEN..])
+            .map_err(|e| io_error(path, e))?;
+    // Shrunk since fstat: report as truncated; grown: what was read is what gets verified (and
+    // the header's total_len must equal it), the rest is ignored.
+    if got < len as usize {
+        return Err(BundleError::Truncated {
+            needed: len,
+            have: got as u64,
+        }
+        .into());
+    }
+    let mut extra = [0u8; 1];
+    if f.read(&mut extra).map_err(|e| io_error(path, e))? != 0 {
+        return Err(BundleError::LengthMismatch {
+            declared: len,
+            actual: len + 1,
+        }
+        .into());
+    }
+    Ok(BundleBytes::Owned(buf))
+}
+
+#[cfg(feature = "std")]
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(feature = "std")]
+fn io_error(path: &std::path::Path, error: std::io::Error) -> OpenError {
+    OpenError::File(crate::fsutil::FileError::Io {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
 /// Errors of [`Bundle::open_file`].
 #[cfg(feature = "std")]
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot read bundle: {0}")]
-    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    File(#[from] crate::fsutil::FileError),
     #[error(transparent)]
     Bundle(#[from] BundleError),
 }

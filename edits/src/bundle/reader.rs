@@ -67,6 +67,8 @@ pub enum BundleError {
     SectionHash { index: usize },
     #[error("section {index}: NaN or infinity")]
     NonFinite { index: usize },
+    #[error("section {index}: a value exceeds the magnitude bound {MAX_ABS_VALUE:e}")]
+    ValueOutOfRange { index: usize },
     #[error("section {index} is not referenced by any payload")]
     UnreferencedSection { index: usize },
     #[error("payload {index} has unknown kind {kind}")]
@@ -115,9 +117,15 @@ pub struct Verified {
 
 /// Read the header without verifying anything else (used by `sign` and `inspect`).
 pub fn read_header(buf: &[u8]) -> Result<Header, BundleError> {
+    read_header_of(buf, buf.len() as u64)
+}
+
+/// Check the header at the start of `buf` (at least its 64 bytes) for a bundle of `len` bytes in
+/// all: a file reader checks it before reading (or allocating) anything else.
+pub fn read_header_of(buf: &[u8], len: u64) -> Result<Header, BundleError> {
     let (h, _) = Header::read_from_prefix(buf).map_err(|_| BundleError::Truncated {
         needed: HEADER_LEN as u64,
-        have: buf.len() as u64,
+        have: len.min(buf.len() as u64),
     })?;
     if h.magic != MAGIC {
         return Err(BundleError::BadMagic);
@@ -169,16 +177,16 @@ pub fn read_header(buf: &[u8]) -> Result<Header, BundleError> {
     if total < payload_offset || total % SECTION_ALIGN != 0 {
         return Err(BundleError::BadHeader("total_len"));
     }
-    if (buf.len() as u64) < total {
+    if len < total {
         return Err(BundleError::Truncated {
             needed: total,
-            have: buf.len() as u64,
+            have: len,
         });
     }
-    if buf.len() as u64 != total {
+    if len != total {
         return Err(BundleError::LengthMismatch {
             declared: total,
-            actual: buf.len() as u64,
+            actual: len,
         });
     }
     Ok(h)
@@ -482,18 +490,23 @@ fn check_section_bytes(m: &Manifest, buf: &[u8], payload_offset: u64) -> Result<
         // for the finiteness scan). A NaN found early is only reported after the hash matched,
         // so corruption is always reported as corruption.
         let mut h = Sha256::new();
-        let mut finite = true;
+        let mut bounded = true;
         for chunk in bytes.chunks(64 << 10) {
             h.update(chunk);
             if s.dtype == Dtype::F32 as u8 {
-                finite &= all_finite(chunk);
+                bounded &= within_bound(chunk);
             }
         }
         if h.finalize().as_slice() != s.sha256 {
             return Err(BundleError::SectionHash { index: i });
         }
-        if !finite {
-            return Err(BundleError::NonFinite { index: i });
+        if !bounded {
+            // Rare path: say which of the two it is.
+            return Err(if all_finite(bytes) {
+                BundleError::ValueOutOfRange { index: i }
+            } else {
+                BundleError::NonFinite { index: i }
+            });
         }
     }
     Ok(())
@@ -515,6 +528,18 @@ pub fn all_finite(bytes: &[u8]) -> bool {
     for c in bytes.chunks_exact(4) {
         let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
+    }
+    bad == 0
+}
+
+/// True when every little-endian f32 in `bytes` is finite with `|x| <= MAX_ABS_VALUE` (NaN and
+/// infinity have larger magnitude bits, so one unsigned compare covers all three).
+pub fn within_bound(bytes: &[u8]) -> bool {
+    let max = MAX_ABS_VALUE.to_bits();
+    let mut bad = 0u32;
+    for c in bytes.chunks_exact(4) {
+        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bad |= ((x & 0x7fff_ffff) > max) as u32;
     }
     bad == 0
 }

@@ -111,6 +111,16 @@ impl<'a> Codebook<'a> {
         if !radii.iter().all(|r| r.is_finite() && *r >= 0.0) {
             return Err(InvalidPayload("codebook: radii must be finite and >= 0"));
         }
+        // A radius beyond the distance's range matches every query: refuse it as corrupt.
+        if distance.normalized()
+            && !radii
+                .iter()
+                .all(|r| *r <= crate::bundle::MAX_NORMALIZED_RADIUS)
+        {
+            return Err(InvalidPayload(
+                "codebook: radius above 2, the range of the normalized distances",
+            ));
+        }
         if distance.normalized() {
             check_unit_rows(
                 keys,

@@ -1,0 +1,304 @@
+//! Persistent anti-rollback state shared by every session and process of one trust domain.
+//!
+//! An [`EditSet`](crate::EditSet) remembers per channel the highest version it accepted, but only
+//! in memory: a new process would accept v1 after v9. A `VersionStore` keeps those high-water
+//! marks in a small file (what TUF and Uptane require of a client): one file per trust domain
+//! (the set of keys bundles are accepted from), read and raised under an exclusive `flock` on a
+//! companion `FILE.lock`, and replaced atomically (temp file, fsync, rename, fsync of the
+//! directory), so a crash leaves the old or the new marks, never a torn file.
+//!
+//! Per channel the store holds the version and the sha256 of the accepted bundle's signed bytes
+//! (header + manifest). A version below the mark is a downgrade; the same version is accepted
+//! only for the very same bundle (a restart re-activating what was active), any other bundle
+//! with that version is a replay.
+//!
+//! File format (text): a line `amend-versions-v1`, then one line per channel:
+//! `<version> <digest hex> <channel as hex>`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::keys::{decode_key_bytes, to_hex};
+
+const MAGIC: &str = "amend-versions-v1";
+/// A state file holds at most this many bytes (a few thousand channels).
+pub const MAX_STATE_LEN: u64 = 16 << 20;
+
+/// One channel's high-water mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub version: u64,
+    /// sha256 of the accepted bundle's header + manifest.
+    pub digest: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("version store {}: {error}", .path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    File(#[from] crate::fsutil::FileError),
+    #[error("version store {}: malformed line {line}", .path.display())]
+    Malformed { path: PathBuf, line: usize },
+}
+
+/// A channel's mark refused an offered bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The same version as the mark but another bundle.
+    Replay { channel: String, version: u64 },
+    Downgrade {
+        channel: String,
+        current: u64,
+        offered: u64,
+    },
+}
+
+/// The high-water marks of one trust domain, in a file.
+#[derive(Debug)]
+pub struct VersionStore {
+    path: PathBuf,
+}
+
+impl VersionStore {
+    /// Use (and create when missing) the state file at `path`. The file itself is only read and
+    /// replaced under the lock; a missing file means no marks yet.
+    pub fn open(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
+        let store = VersionStore {
+            path: path.as_ref().to_path_buf(),
+        };
+        // Fail early on a path that is not a readable state file (a FIFO, a directory, junk).
+        let _lock = store.lock()?;
+        store.read()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, error: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            error,
+        }
+    }
+
+    fn lock(&self) -> Result<Lock, StoreError> {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".lock");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(PathBuf::from(p))
+            .map_err(|e| self.io(e))?;
+        if !f.metadata().map_err(|e| self.io(e))?.is_file() {
+            return Err(self.io(std::io::Error::other("lock file is not a regular file")));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor we own; released when the file is closed.
+            loop {
+                let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+                if rc == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(self.io(e));
+                }
+            }
+        }
+        Ok(Lock(f))
+    }
+
+    fn read(&self) -> Result<BTreeMap<String, Mark>, StoreError> {
+        let text = match crate::fsutil::read_regular_string(&self.path, MAX_STATE_LEN) {
+            Ok(t) => t,
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                return Ok(BTreeMap::new())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let bad = |line| StoreError::Malformed {
+            path: self.path.clone(),
+            line,
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(MAGIC) {
+            return Err(bad(1));
+        }
+        let mut marks = BTreeMap::new();
+        for (i, l) in lines.enumerate() {
+            let mut f = l.split(' ');
+            let (Some(v), Some(d), Some(c), None) = (f.next(), f.next(), f.next(), f.next()) else {
+                return Err(bad(i + 2));
+            };
+            let version: u64 = v.parse().map_err(|_| bad(i + 2))?;
+            let digest = decode_key_bytes(d.as_bytes()).map_err(|_| bad(i + 2))?;
+            let channel = from_hex(c)
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| bad(i + 2))?;
+            marks.insert(channel, Mark { version, digest });
+        }
+        Ok(marks)
+    }
+
+    fn write(&self, marks: &BTreeMap<String, Mark>) -> Result<(), StoreError> {
+        let mut text = String::from(MAGIC);
+        text.push('\n');
+        for (c, m) in marks {
+            text.push_str(&format!(
+                "{} {} {}\n",
+                m.version,
+                to_hex(&m.digest),
+                to_hex(c.as_bytes())
+            ));
+        }
+        crate::fsutil::write_atomic(&self.path, text.as_bytes(), None).map_err(|e| self.io(e))
+    }
+
+    /// All marks (read under the lock).
+    pub fn marks(&self) -> Result<BTreeMap<String, Mark>, StoreError> {
+        let _lock = self.lock()?;
+        self.read()
+    }
+
+    /// The mark of one channel.
+    pub fn get(&self, channel: &str) -> Result<Option<Mark>, StoreError> {
+        Ok(self.marks()?.remove(channel))
+    }
+
+    /// Check `offers` (channel, version, digest, allow_downgrade) against the marks and, when
+    /// none is refused, raise the marks to them, all under one lock: two processes racing to
+    /// activate bundles of one channel cannot both pass with stale marks. A refused offer
+    /// writes nothing. An allowed downgrade sets the mark to the offered version (the operator's
+    /// explicit rollback).
+    pub fn check_and_raise(
+        &self,
+        offers: &[(String, u64, [u8; 32], bool)],
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let _lock = self.lock()?;
+        let mut marks = self.read()?;
+        for (channel, version, digest, allow_downgrade) in offers {
+            if let Some(m) = marks.get(channel) {
+                if !allow_downgrade {
+                    if *version < m.version {
+                        return Ok(Err(Refusal::Downgrade {
+                            channel: channel.clone(),
+                            current: m.version,
+                            offered: *version,
+                        }));
+                    }
+                    if *version == m.version && *digest != m.digest {
+                        return Ok(Err(Refusal::Replay {
+                            channel: channel.clone(),
+                            version: *version,
+                        }));
+                    }
+                }
+            }
+            marks.insert(
+                channel.clone(),
+                Mark {
+                    version: *version,
+                    digest: *digest,
+                },
+            );
+        }
+        if !offers.is_empty() {
+            self.write(&marks)?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Set a channel's mark (an operator resetting or seeding the store).
+    pub fn set(&self, channel: &str, mark: Mark) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        let mut marks = self.read()?;
+        marks.insert(channel.to_string(), mark);
+        self.write(&marks)
+    }
+}
+
+/// Held while the store is read or replaced; dropping closes the file, which releases the flock.
+struct Lock(#[allow(dead_code)] File);
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|c| {
+            let t = core::str::from_utf8(c).ok()?;
+            u8::from_str_radix(t, 16).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("amend-vstore-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn marks_persist_and_refuse_lower_versions() {
+        let p = tmp("a.state");
+        let s = VersionStore::open(&p).unwrap();
+        let ch = "ch with spaces\nand newline".to_string();
+        assert_eq!(
+            s.check_and_raise(&[(ch.clone(), 9, [9; 32], false)])
+                .unwrap(),
+            Ok(())
+        );
+        // A second handle (as another process would) sees the mark.
+        let s2 = VersionStore::open(&p).unwrap();
+        assert_eq!(s2.get(&ch).unwrap().unwrap().version, 9);
+        assert!(matches!(
+            s2.check_and_raise(&[(ch.clone(), 1, [1; 32], false)])
+                .unwrap(),
+            Err(Refusal::Downgrade {
+                current: 9,
+                offered: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s2.check_and_raise(&[(ch.clone(), 9, [1; 32], false)])
+                .unwrap(),
+            Err(Refusal::Replay { version: 9, .. })
+        ));
+        // The same bundle again (a restart) is fine; nothing was lowered.
+        assert_eq!(
+            s2.check_and_raise(&[(ch.clone(), 9, [9; 32], false)])
+                .unwrap(),
+            Ok(())
+        );
+        assert_eq!(s.get(&ch).unwrap().unwrap().version, 9);
+    }
+
+    #[test]
+    fn malformed_state_is_an_error_not_an_empty_store() {
+        let p = tmp("bad.state");
+        std::fs::write(&p, "amend-versions-v1\n12 zz 6162\n").unwrap();
+        assert!(matches!(
+            VersionStore::open(&p),
+            Err(StoreError::Malformed { line: 2, .. })
+        ));
+    }
+}
