@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::locate::{self, TraceConfig};
@@ -142,11 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         method.name()
     );
 
-    let bar = ProgressBar::new(records.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress_bar(records.len() as u64, "edits");
     let identity = BundleIdentity {
         bundle_id: args.bundle_id.clone(),
         channel: args.channel.clone(),
