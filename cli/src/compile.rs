@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::locate::{self, TraceConfig};
@@ -147,11 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // finished edit instead.
     let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (n_records, mut n_done) = (records.len(), 0usize);
-    let bar = ProgressBar::new(records.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress_bar(records.len() as u64, "edits");
     let identity = BundleIdentity {
         bundle_id: args.bundle_id.clone(),
         channel: args.channel.clone(),

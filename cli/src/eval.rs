@@ -88,14 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let total = (records.len() * variants.len()) as u64;
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg:>12} [{bar:30}] {pos}/{len} records  {elapsed} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = crate::progress_bar(total, "records");
     let started = Instant::now();
     let reports = eval::evaluate(&model, &records, &mut variants, &config, |p| {
         bar.set_message(p.variant.to_string());

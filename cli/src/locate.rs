@@ -64,14 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         subject_last_only: false,
         n_threads: args.threads,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} tracing [{bar:30}] {pos}/{len} runs  {elapsed} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = crate::progress_bar(0, "runs");
+    bar.set_message("tracing");
     let result = locate::trace(
         &model,
         &args.prompt,

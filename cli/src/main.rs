@@ -1,5 +1,20 @@
-//! `amend`: the command-line tool. Each subcommand lives in its own module.
+//! `amend`: the command-line tool. Each subcommand lives in its own module, except that the
+//! key and bundle-file commands (keygen, sign, verify, inspect) share `keys.rs`.
 use clap::{Parser, Subcommand};
+
+/// The one progress-bar style of the CLI: `{unit}` names what is counted ("records", "runs").
+pub fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!(
+        "{{spinner}} {{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{elapsed}} (eta {{eta}})"
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
 
 mod bench;
 mod compile;

@@ -168,6 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+            % u32::MAX // u32::MAX is llama.cpp's "random seed", refused as a seed
     });
     let params = GenerateParams {
         max_tokens: args.max_tokens,

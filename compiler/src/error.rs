@@ -13,8 +13,10 @@ pub enum CompileError {
     },
     #[error("model {path}: not a readable GGUF file: {message}")]
     BadGguf { path: PathBuf, message: String },
-    #[error("model: architecture `{0}` has no differentiable forward yet (supported: gemma3, llama, qwen2, qwen3)")]
-    UnsupportedArchitecture(String),
+    #[error(
+        "model: architecture `{arch}` has no differentiable forward yet (supported: {supported})"
+    )]
+    UnsupportedArchitecture { arch: String, supported: String },
     #[error("model: {0}")]
     UnsupportedModel(String),
     #[error("model: missing metadata key `{0}`")]

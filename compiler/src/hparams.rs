@@ -1,4 +1,5 @@
-//! Per-model hyperparameters: built-in TOML defaults per architecture (`compiler/hparams/`),
+//! Per-model hyperparameters: built-in TOML defaults per architecture (the architecture table's
+//! `compiler_defaults`, files in `runtime/hparams/`),
 //! optionally overlaid by a user TOML file and `--set section.key=value` overrides. Unknown
 //! sections or keys are errors that name them.
 
@@ -6,9 +7,6 @@ use crate::error::{CompileError, Result};
 use crate::forward::Arch;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-const GEMMA3: &str = include_str!("../hparams/gemma3.toml");
-const LLAMA: &str = include_str!("../hparams/llama.toml");
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,10 +172,7 @@ pub struct TPatcherParams {
 impl Hparams {
     /// The built-in defaults of an architecture.
     pub fn defaults_text(arch: Arch) -> &'static str {
-        match arch {
-            Arch::Gemma3 => GEMMA3,
-            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => LLAMA,
-        }
+        arch.spec().compiler_defaults
     }
 
     /// Defaults for `arch`, overlaid by the TOML file `file` and then by `sets`
@@ -329,7 +324,7 @@ mod tests {
 
     #[test]
     fn defaults_parse_for_every_arch() {
-        for a in [Arch::Gemma3, Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        for a in Arch::all() {
             Hparams::resolve(a, None, &[]).unwrap();
         }
     }

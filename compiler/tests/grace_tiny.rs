@@ -159,7 +159,8 @@ fn unsupported_architecture_is_named() {
     w.write_to(&p).unwrap();
     let e = Compiler::open(&p).err().unwrap();
     assert!(
-        matches!(e, CompileError::UnsupportedArchitecture(ref a) if a == "phi3"),
+        matches!(e, CompileError::UnsupportedArchitecture { ref arch, .. } if arch == "phi3"),
         "{e}"
     );
+    assert!(e.to_string().contains("gemma3, llama, qwen2, qwen3"), "{e}");
 }

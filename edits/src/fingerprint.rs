@@ -1,8 +1,11 @@
 //! The base-model fingerprint bundles are bound to.
 //!
-//! `sha256("amend-model-fp-v1" || arch || n_layer || n_embd || tensor table bytes || tensor data)`:
-//! the tensor table carries every tensor's name, type, shape and offset, so another quantization
-//! of the same model differs there; the data makes a fine-tune of the same shape differ too.
+//! `sha256("amend-model-fp-v2" || arch || n_layer || n_embd || hyperparameters || tensor table
+//! bytes || tensor data)`: the hyperparameters are the validated [`ModelHparams`] llama.cpp builds
+//! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens), so two files
+//! that differ only in metadata differ; the tensor table carries every tensor's name, type, shape
+//! and offset, so another quantization of the same model differs there; the data makes a
+//! fine-tune of the same shape differ too.
 //! Hashing all data costs about half a second per 250 MB, so the result is cached next to the
 //! model in `<model>.amendfp`, keyed by what a content change cannot keep equal: device, inode,
 //! length, mtime and the inode change time (ctime), which the kernel sets on every write and
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::ModelBinding;
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{GgufError, GgufFile, GgufHeader, HparamError, ModelHparams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FingerprintError {
@@ -24,49 +27,76 @@ pub enum FingerprintError {
     Io(#[from] std::io::Error),
     #[error("not a valid GGUF: {0}")]
     Gguf(#[from] GgufError),
-    #[error("model metadata lacks {0}")]
-    Missing(&'static str),
+    #[error("invalid model hyperparameters: {0}")]
+    Hparams(#[from] HparamError),
 }
 
-const DOMAIN: &[u8] = b"amend-model-fp-v1";
-const CACHE_MAGIC: &str = "amendfp2";
+const DOMAIN: &[u8] = b"amend-model-fp-v2";
+// amendfp3: the v2 fingerprint (hyperparameters hashed); a v1-era entry is never reused.
+const CACHE_MAGIC: &str = "amendfp3";
 /// A cache entry is trusted only when the model's ctime is at least this much older than the
 /// moment its hash began.
 pub const RACY_NS: u128 = 2_000_000_000;
 
+/// Where the hashed parts of a GGUF lie (from its parsed header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelLayout {
+    /// Byte range of the tensor table.
+    pub tensor_table: (u64, u64),
+    /// Start of the tensor data.
+    pub data_offset: u64,
+}
+
+impl From<&GgufHeader> for ModelLayout {
+    fn from(h: &GgufHeader) -> Self {
+        ModelLayout {
+            tensor_table: h.tensor_table,
+            data_offset: h.data_offset,
+        }
+    }
+}
+
 /// The binding (fingerprint, architecture, dims) of a GGUF in memory.
 pub fn binding_of_bytes(bytes: &[u8]) -> Result<ModelBinding, FingerprintError> {
     let f = GgufFile::parse(bytes)?;
-    let (arch, n_layer, n_embd) = dims(&f)?;
-    let mut h = Sha256::new();
-    h.update(DOMAIN);
-    h.update((arch.len() as u32).to_le_bytes());
-    h.update(arch.as_bytes());
-    h.update(n_layer.to_le_bytes());
-    h.update(n_embd.to_le_bytes());
-    let (t0, t1) = f.tensor_table;
-    h.update(&bytes[t0 as usize..t1 as usize]);
-    h.update(&bytes[f.data_offset as usize..]);
-    Ok(ModelBinding {
-        fingerprint: h.finalize().into(),
-        arch,
-        n_layer,
-        n_embd,
-    })
+    let hp = ModelHparams::from_header(&f)?;
+    hash_model(bytes, &ModelLayout::from(&f.header), &hp)
 }
 
-fn dims(f: &GgufFile<'_>) -> Result<(String, u32, u32), FingerprintError> {
-    let arch = f
-        .architecture()
-        .ok_or(FingerprintError::Missing("general.architecture"))?
-        .to_string();
-    let n_layer = f
-        .get_u64(&format!("{arch}.block_count"))
-        .ok_or(FingerprintError::Missing("block_count"))? as u32;
-    let n_embd = f
-        .get_u64(&format!("{arch}.embedding_length"))
-        .ok_or(FingerprintError::Missing("embedding_length"))? as u32;
-    Ok((arch, n_layer, n_embd))
+/// The fingerprint of the file `bytes` whose header was already parsed and validated into
+/// `layout` and `hp` (no second parse).
+fn hash_model(
+    bytes: &[u8],
+    layout: &ModelLayout,
+    hp: &ModelHparams,
+) -> Result<ModelBinding, FingerprintError> {
+    let (t0, t1) = layout.tensor_table;
+    let len = bytes.len() as u64;
+    if t0 > t1 || t1 > len || layout.data_offset > len {
+        // The file changed since its header was parsed.
+        return Err(GgufError::Truncated {
+            what: "tensor table",
+            offset: t0,
+            needed: t1.saturating_sub(t0),
+            len,
+        }
+        .into());
+    }
+    let mut h = Sha256::new();
+    h.update(DOMAIN);
+    h.update((hp.arch.len() as u32).to_le_bytes());
+    h.update(hp.arch.as_bytes());
+    h.update(hp.n_layer.to_le_bytes());
+    h.update(hp.n_embd.to_le_bytes());
+    h.update(hp.hash_bytes());
+    h.update(&bytes[t0 as usize..t1 as usize]);
+    h.update(&bytes[layout.data_offset as usize..]);
+    Ok(ModelBinding {
+        fingerprint: h.finalize().into(),
+        arch: hp.arch.clone(),
+        n_layer: hp.n_layer,
+        n_embd: hp.n_embd,
+    })
 }
 
 /// The cache file next to a model.
@@ -119,7 +149,23 @@ fn open_model(path: &Path) -> Result<std::fs::File, FingerprintError> {
 /// `<path>.amendfp` when the model's device, inode, length, mtime and ctime are unchanged and
 /// the entry is not racy (see the module docs).
 pub fn model_binding(path: impl AsRef<Path>) -> Result<ModelBinding, FingerprintError> {
-    let path = path.as_ref();
+    model_binding_with(path.as_ref(), None)
+}
+
+/// [`model_binding`] of a model whose header the caller already parsed and validated (the
+/// runtime's [`Model::open`](../../amend_runtime/struct.Model.html)): the file is not parsed again.
+pub fn model_binding_parsed(
+    path: impl AsRef<Path>,
+    layout: &ModelLayout,
+    hp: &ModelHparams,
+) -> Result<ModelBinding, FingerprintError> {
+    model_binding_with(path.as_ref(), Some((layout, hp)))
+}
+
+fn model_binding_with(
+    path: &Path,
+    parsed: Option<(&ModelLayout, &ModelHparams)>,
+) -> Result<ModelBinding, FingerprintError> {
     let file = open_model(path)?;
     let (key, ctime) = cache_key(&file)?;
     if let Ok(text) =
@@ -135,7 +181,10 @@ pub fn model_binding(path: impl AsRef<Path>) -> Result<ModelBinding, Fingerprint
     // SAFETY: read-only mapping; a model truncated while it is hashed is outside the threat
     // model (llama.cpp maps the same file to run it), see docs/security.md.
     let map = unsafe { memmap2::Mmap::map(&file)? };
-    let b = binding_of_bytes(&map)?;
+    let b = match parsed {
+        Some((layout, hp)) => hash_model(&map, layout, hp)?,
+        None => binding_of_bytes(&map)?,
+    };
     // Best effort: a read-only model directory just means no cache. Only write an entry whose
     // key still holds after hashing; a racy one is written but not trusted (see above).
     if cache_key(&file).ok().is_some_and(|(k, _)| k == key) {

@@ -1,9 +1,11 @@
-//! Minimal GGUF reader/writer.
+//! The one GGUF reader/writer of amend.
 //!
 //! Enough of GGUF (v2/v3, little-endian) to write llama.cpp LoRA adapters and tiny test models, and
-//! to validate a model's header and tensor table before llama.cpp ever sees the file. Parsing works
-//! over a byte slice (no_std) or, with `std`, streams only the header from a file
-//! ([`GgufFile::read_header`]), so a 250 MB model is checked without reading its tensor data.
+//! to validate a model's header, tensor table and hyperparameters ([`ModelHparams`]) before
+//! llama.cpp ever sees the file: the runtime's pre-load check, the model fingerprint and the
+//! compiler's model metadata all read through here. Parsing works over a byte slice (no_std) or,
+//! with `std`, streams only the header from a file ([`GgufFile::read_header`]), so a 250 MB model
+//! is checked without reading its tensor data.
 //!
 //! Every count read from the file is checked against the bytes that remain before anything is
 //! allocated from it, and every offset is bounds-checked: a hostile or truncated file yields a
@@ -12,6 +14,10 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
+
+#[path = "gguf_hparams.rs"]
+mod hparams;
+pub use hparams::{HparamError, ModelHparams};
 
 /// `GGUF` in file order.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -23,6 +29,9 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
 /// Arrays of arrays deeper than this are rejected (llama.cpp never writes nested arrays at all).
 const MAX_ARRAY_DEPTH: u32 = 4;
+/// Most metadata keys and most tensors a file may declare: far above any real model, a larger
+/// count is corruption (not a file cut short).
+pub const MAX_COUNT: u64 = 1 << 20;
 
 /// Why a GGUF file could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +40,8 @@ pub enum GgufError {
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
+    #[error("implausible GGUF {what} count {count} (at most {MAX_COUNT})")]
+    ImplausibleCount { what: &'static str, count: u64 },
     #[error(
         "GGUF truncated: {what} needs {needed} bytes at offset {offset}, but the file has {len}"
     )]
@@ -869,6 +880,22 @@ fn tensor_extent(h: &GgufHeader, t: &TensorInfo) -> Result<(u64, u64), GgufError
 }
 
 fn parse_header(src: &mut impl Source) -> Result<GgufHeader, GgufError> {
+    // A short file that does not start like GGUF (an empty one included) is "not GGUF", not
+    // "truncated".
+    let short = src.remaining().min(4) as usize;
+    if short < 4 {
+        let mut magic = [0u8; 4];
+        src.fill(&mut magic[..short], "magic")?;
+        if short == 0 || magic[..short] != GGUF_MAGIC[..short] {
+            return Err(GgufError::BadMagic(magic));
+        }
+        return Err(GgufError::Truncated {
+            what: "magic",
+            offset: 0,
+            needed: 4,
+            len: short as u64,
+        });
+    }
     let magic = rd::<4>(src, "magic")?;
     if magic != GGUF_MAGIC {
         return Err(GgufError::BadMagic(magic));
@@ -879,6 +906,11 @@ fn parse_header(src: &mut impl Source) -> Result<GgufHeader, GgufError> {
     }
     let n_tensors = rd_u64(src, "tensor count")?;
     let n_kv = rd_u64(src, "metadata count")?;
+    for (what, count) in [("tensor", n_tensors), ("metadata", n_kv)] {
+        if count > MAX_COUNT {
+            return Err(GgufError::ImplausibleCount { what, count });
+        }
+    }
     // Minimal sizes: a KV is key len (8) + type (4) + 1 byte; a tensor info 8 + 4 + 4 + 8.
     let n_kv = check_count(src, "metadata", n_kv, 13)?;
     let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(n_kv);
@@ -1241,66 +1273,16 @@ fn put_array(out: &mut Vec<u8>, a: &GgufArray) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// IEEE half precision (no dependency; used for F16 tensors).
+// IEEE half precision (F16 tensors), by the `half` crate.
 
 /// f32 -> IEEE f16 bits, round to nearest even; overflow to inf, NaN stays NaN.
 pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign
-            | 0x7c00
-            | if man != 0 {
-                0x200 | (man >> 13) as u16
-            } else {
-                0
-            };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        // Subnormal (or zero) in f16.
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rest = m & ((1 << shift) - 1);
-        let mut h = (m >> shift) as u16;
-        if rest > half || (rest == half && h & 1 == 1) {
-            h += 1;
-        }
-        return sign | h;
-    }
-    let mut h = ((e as u32) << 10 | (man >> 13)) as u16;
-    let rest = man & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
-        h += 1; // may carry into the exponent, which is the correct rounding (up to inf)
-    }
-    sign | h
+    half::f16::from_f32(x).to_bits()
 }
 
 /// IEEE f16 bits -> f32 (exact).
 pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match exp {
-        0 if man == 0 => sign,
-        0 => {
-            // Subnormal: value = man * 2^-24.
-            let v = man as f32 * (1.0 / 16_777_216.0);
-            return if sign != 0 { -v } else { v };
-        }
-        0x1f => sign | 0x7f80_0000 | (man << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 #[cfg(test)]
@@ -1425,6 +1407,7 @@ mod tests {
         for cut in 0..bytes.len() {
             match GgufFile::parse(&bytes[..cut]) {
                 Err(GgufError::Truncated { .. } | GgufError::CountTooLarge { .. }) => {}
+                Err(GgufError::BadMagic(_)) if cut == 0 => {}
                 Ok(_) if cut as u64 >= data_end => {}
                 other => panic!("cut at {cut}: {other:?}"),
             }
@@ -1462,7 +1445,27 @@ mod tests {
         b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             GgufFile::parse(&b),
+            Err(GgufError::ImplausibleCount {
+                what: "metadata",
+                ..
+            })
+        ));
+        // A plausible count that the bytes cannot hold is a cut file.
+        let mut b = sample();
+        b[16..24].copy_from_slice(&(MAX_COUNT).to_le_bytes());
+        assert!(matches!(
+            GgufFile::parse(&b),
             Err(GgufError::CountTooLarge { .. })
+        ));
+        // Short files: empty or not GGUF-like is "not GGUF", a GGUF prefix is "truncated".
+        assert!(matches!(GgufFile::parse(b""), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            GgufFile::parse(b"ab"),
+            Err(GgufError::BadMagic(_))
+        ));
+        assert!(matches!(
+            GgufFile::parse(b"GG"),
+            Err(GgufError::Truncated { what: "magic", .. })
         ));
         let mut w = GgufWriter::new();
         w.add_tensor_f32("x", &[2], &[1.0]).unwrap_err();

@@ -13,6 +13,11 @@ use amend_edits::fingerprint::{
 use amend_edits::gguf::GgufWriter;
 
 fn tiny_gguf(weight: f32, quant_tag: &str) -> Vec<u8> {
+    tiny_gguf_with(weight, quant_tag, |_| {})
+}
+
+/// A minimal model whose hyperparameters pass validation; `edit` may change metadata.
+fn tiny_gguf_with(weight: f32, quant_tag: &str, edit: impl FnOnce(&mut GgufWriter)) -> Vec<u8> {
     let mut w = GgufWriter::new();
     w.add("general.architecture", "gemma3");
     w.add("general.name", quant_tag);
@@ -21,6 +26,12 @@ fn tiny_gguf(weight: f32, quant_tag: &str) -> Vec<u8> {
         "gemma3.embedding_length",
         amend_edits::gguf::GgufValue::U32(common::DIM as u32),
     );
+    w.add("gemma3.context_length", 512u32);
+    w.add("gemma3.attention.head_count", 2u32);
+    w.add("gemma3.attention.layer_norm_rms_epsilon", 1e-6f32);
+    w.add("tokenizer.ggml.model", "llama");
+    w.add("tokenizer.ggml.tokens", vec!["a", "b"]);
+    edit(&mut w);
     w.add_tensor_f32(
         "token_embd.weight",
         &[common::DIM as u64, 2],
@@ -72,6 +83,32 @@ fn fingerprint_binds_data_and_dims() {
         ),
         Err(EditSetError::WrongModel)
     );
+}
+
+#[test]
+fn hyperparameters_are_in_the_fingerprint() {
+    let base = binding_of_bytes(&tiny_gguf(1.0, "a")).unwrap();
+    // Same tensors and data, one hyperparameter llama.cpp reads changed.
+    for (key, value) in [
+        ("gemma3.attention.head_count_kv", 1u32),
+        ("gemma3.attention.key_length", 8u32),
+        ("gemma3.context_length", 1024u32),
+    ] {
+        let other = tiny_gguf_with(1.0, "a", |w| {
+            w.add(key, value);
+            if key.ends_with("key_length") {
+                w.add("gemma3.attention.value_length", value);
+            }
+        });
+        let b = binding_of_bytes(&other).unwrap();
+        assert_ne!(base.fingerprint, b.fingerprint, "{key}");
+    }
+    // A value llama.cpp would abort on is refused, naming the key.
+    let bad = tiny_gguf_with(1.0, "a", |w| {
+        w.add("gemma3.attention.layer_norm_rms_epsilon", f32::NAN);
+    });
+    let e = binding_of_bytes(&bad).unwrap_err().to_string();
+    assert!(e.contains("gemma3.attention.layer_norm_rms_epsilon"), "{e}");
 }
 
 #[test]

@@ -73,6 +73,18 @@ pub unsafe fn write_out<T>(p: *mut T, value: T, arg: &str) -> FfiResult<()> {
     Ok(())
 }
 
+/// Writes `value` through an optional out-pointer: NULL means the caller does not want it.
+///
+/// # Safety
+/// `p` is NULL or valid for writing one `T`.
+pub unsafe fn write_opt<T>(p: *mut T, value: T) {
+    if !p.is_null() {
+        // SAFETY: non-NULL and writable per the caller's contract; `write` does not drop the
+        // previous (possibly uninitialised) contents.
+        unsafe { p.write(value) };
+    }
+}
+
 /// Checks an out-pointer before the work that fills it, so a NULL out-pointer fails before
 /// anything expensive (or anything needing cleanup) happens.
 pub fn need_out<T>(p: *mut T, arg: &str) -> FfiResult<()> {
@@ -80,6 +92,31 @@ pub fn need_out<T>(p: *mut T, arg: &str) -> FfiResult<()> {
         Err(FfiError::null(arg))
     } else {
         Ok(())
+    }
+}
+
+/// Checks a handle out-pointer and sets `*p` to NULL, so that every failure after this leaves
+/// the caller a NULL handle (as the header promises), never garbage.
+///
+/// # Safety
+/// `p` is NULL or valid for writing one pointer.
+pub unsafe fn clear_out<H>(p: *mut *mut H, arg: &str) -> FfiResult<()> {
+    // SAFETY: forwarded contract.
+    unsafe { write_out(p, std::ptr::null_mut(), arg) }
+}
+
+/// A parameter-struct argument by value: NULL means `default()`.
+///
+/// # Safety
+/// `p` is NULL or points to a readable, initialised `T` (a struct the caller filled, e.g. from
+/// the matching `amend_*_default_params()`).
+pub unsafe fn read_params<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> T {
+    if p.is_null() {
+        default()
+    } else {
+        // SAFETY: non-NULL, aligned, readable and initialised per the caller's contract; `T` is
+        // `Copy`, so reading it moves nothing out of the caller's memory.
+        unsafe { p.read() }
     }
 }
 

@@ -36,8 +36,8 @@ fn finish_load(model: &ModelObj, bundle: Bundle, out: *mut *mut amend_bundle) ->
     let obj = BundleObj {
         bundle: Arc::new(bundle),
     };
-    unsafe { out.write(handle::insert(obj)) };
-    Ok(())
+    // SAFETY: `out` was checked and cleared by the entry point (`args::clear_out`).
+    unsafe { args::write_out(out, handle::insert(obj), "out") }
 }
 
 pub(crate) const TRUST: &str = "amend_trust_store";
@@ -56,8 +56,8 @@ pub extern "C" fn amend_trust_store_new(
     out: *mut *mut amend_trust_store,
 ) -> amend_result {
     guard("amend_trust_store_new", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: `out` is NULL or writable (the documented contract), checked here.
+        unsafe { args::clear_out(out, "out")? };
         if n_keys == 0 {
             return Err(FfiError::new(
                 amend_result::AMEND_ERR_INVALID_ARGUMENT,
@@ -70,6 +70,7 @@ pub extern "C" fn amend_trust_store_new(
                 format!("n_keys {n_keys} overflows the key buffer size"),
             )
         })?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let bytes = unsafe { args::bytes(keys, len, "keys")? };
         let mut trust = TrustStore::new();
         for (i, chunk) in bytes.chunks_exact(AMEND_PUBLIC_KEY_LEN).enumerate() {
@@ -86,8 +87,8 @@ pub extern "C" fn amend_trust_store_new(
                 err
             })?;
         }
-        unsafe { out.write(handle::insert(TrustObj { trust })) };
-        Ok(())
+        // SAFETY: checked and cleared above.
+        unsafe { args::write_out(out, handle::insert(TrustObj { trust }), "out") }
     })
 }
 
@@ -115,10 +116,11 @@ pub extern "C" fn amend_bundle_load_file(
     out: *mut *mut amend_bundle,
 ) -> amend_result {
     guard("amend_bundle_load_file", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: `out` is NULL or writable (the documented contract), checked here.
+        unsafe { args::clear_out(out, "out")? };
         let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
         let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let path = unsafe { args::cstr(path, "path")? };
         let bundle = Bundle::open_file(path, &trust.trust).map_err(|e| {
             let mut err = FfiError::from(e);
@@ -162,13 +164,14 @@ pub extern "C" fn amend_bundle_load_memory(
     out: *mut *mut amend_bundle,
 ) -> amend_result {
     guard("amend_bundle_load_memory", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: `out` is NULL or writable (the documented contract), checked here.
+        unsafe { args::clear_out(out, "out")? };
         let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
         let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
         if data.is_null() {
             return Err(FfiError::null("data"));
         }
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let data = unsafe { args::bytes(data, len, "data")? };
         let bundle = Bundle::from_bytes(data, &trust.trust)?;
         finish_load(&model, bundle, out)
@@ -201,6 +204,7 @@ pub extern "C" fn amend_bundle_get_info(
             not_before: m.not_before,
             expires: m.expires,
         };
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_out(out, info, "out") }
     })
 }
@@ -216,6 +220,7 @@ pub extern "C" fn amend_bundle_channel(
 ) -> amend_result {
     guard("amend_bundle_channel", || {
         let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_str(&b.bundle.manifest().channel, buf, buf_len, out_len) }
     })
 }
@@ -231,6 +236,7 @@ pub extern "C" fn amend_bundle_id(
 ) -> amend_result {
     guard("amend_bundle_id", || {
         let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_str(b.bundle.id(), buf, buf_len, out_len) }
     })
 }
@@ -258,6 +264,7 @@ pub extern "C" fn amend_bundle_edit_id(
                 ),
             )
         })?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_str(&edit.id, buf, buf_len, out_len) }
     })
 }

@@ -14,6 +14,7 @@ impl From<RuntimeError> for FfiError {
             RuntimeError::NotGguf { .. }
             | RuntimeError::Truncated { .. }
             | RuntimeError::InvalidGguf { .. }
+            | RuntimeError::InvalidHparams { .. }
             | RuntimeError::UnsupportedArchitecture { .. }
             | RuntimeError::LoadFailed { .. } => R::AMEND_ERR_MODEL_LOAD,
             RuntimeError::ContextCreate { .. } => R::AMEND_ERR_CONTEXT,

@@ -4,149 +4,132 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// The outcome of a call: `AMEND_OK` (0) or one code per failure class.
-///
-/// Codes are stable: new ones are only ever added. Groups: 1xx argument and usage errors,
-/// 2xx model and generation errors, 3xx bundle and edit errors.
-#[allow(non_camel_case_types)]
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum amend_result {
-    /// Success.
-    AMEND_OK = 0,
-    /// A required pointer argument was NULL.
-    AMEND_ERR_NULL_ARGUMENT = 100,
-    /// A handle is not (or no longer) a live handle of the expected kind: freed, never
-    /// returned by amend, or a handle of another kind.
-    AMEND_ERR_INVALID_HANDLE = 101,
-    /// An argument is out of range (a length too large, a bad parameter value).
-    AMEND_ERR_INVALID_ARGUMENT = 102,
-    /// Text that must be UTF-8 (a prompt, a target, a path, an id) is not.
-    AMEND_ERR_INVALID_UTF8 = 103,
-    /// A caller-provided buffer is too small; the needed size is reported through the call's
-    /// length out-parameter.
-    AMEND_ERR_BUFFER_TOO_SMALL = 104,
-    /// The handle is in use by another call right now (a session is used by one thread at a
-    /// time, and may not be re-entered from its own token callback).
-    AMEND_ERR_BUSY = 105,
-    /// The operation is not supported by this build or this runtime version.
-    AMEND_ERR_NOT_SUPPORTED = 106,
-    /// A bug inside amend: a Rust panic was caught at the ABI boundary. The handle involved
-    /// should be freed.
-    AMEND_ERR_PANIC = 107,
-    /// A file could not be read.
-    AMEND_ERR_IO = 108,
-    /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
-    AMEND_ERR_MODEL_LOAD = 200,
-    /// An inference context could not be created (out of memory, bad context size).
-    AMEND_ERR_CONTEXT = 201,
-    /// The text could not be tokenized.
-    AMEND_ERR_TOKENIZE = 202,
-    /// The prompt plus generated tokens do not fit in the session's context window.
-    AMEND_ERR_CONTEXT_FULL = 203,
-    /// llama.cpp failed to evaluate a batch.
-    AMEND_ERR_DECODE = 204,
-    /// The generation was cancelled through `amend_session_cancel`.
-    AMEND_ERR_CANCELLED = 205,
-    /// The bundle bytes are malformed: bad magic, truncated, corrupt section.
-    AMEND_ERR_BUNDLE_FORMAT = 300,
-    /// The bundle uses a format version this build does not read.
-    AMEND_ERR_BUNDLE_VERSION = 301,
-    /// A bundle's content does not match its recorded digest.
-    AMEND_ERR_BUNDLE_INTEGRITY = 302,
-    /// The bundle's signature is invalid.
-    AMEND_ERR_SIGNATURE = 303,
-    /// The bundle is signed by a key that is not in the trust store.
-    AMEND_ERR_UNTRUSTED_KEY = 304,
-    /// The bundle was compiled for another model.
-    AMEND_ERR_MODEL_MISMATCH = 305,
-    /// An edit does not fit the model (layer or width out of range, unknown site).
-    AMEND_ERR_EDIT_INVALID = 306,
-    /// The bundle or edit conflicts with what is already active.
-    AMEND_ERR_EDIT_CONFLICT = 307,
-    /// No active bundle or edit has the given id.
-    AMEND_ERR_NOT_FOUND = 308,
-    /// A public key is not a valid ed25519 key.
-    AMEND_ERR_INVALID_KEY = 309,
-    /// The bundle is outside its validity window (expired, or not valid yet).
-    AMEND_ERR_BUNDLE_EXPIRED = 310,
-    /// The bundle's version is not newer than one already accepted on its channel (replay or
-    /// downgrade).
-    AMEND_ERR_BUNDLE_DOWNGRADE = 311,
+/// Declares `amend_result` once: the enum, its `ALL` list, its names and its docs are generated
+/// from this one table. cbindgen does not expand macros, so `tests/header.rs` feeds it the enum
+/// rendered from `ALL`/`name`/`doc` (what C sees is generated from here too).
+macro_rules! result_codes {
+    (
+        $(#[doc = $enum_doc:literal])+
+        pub enum amend_result {
+            $( $(#[doc = $doc:literal])+ $name:ident = $value:literal, )+
+        }
+    ) => {
+        $(#[doc = $enum_doc])+
+        #[allow(non_camel_case_types)]
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum amend_result {
+            $( $(#[doc = $doc])+ $name = $value, )+
+        }
+
+        impl amend_result {
+            /// The enum's documentation (one string per doc line).
+            pub const DOC: &'static [&'static str] = &[$($enum_doc),+];
+
+            /// Every code, in declaration order.
+            pub const ALL: &'static [amend_result] = &[$(amend_result::$name,)+];
+
+            /// The code's name as a NUL-terminated static string.
+            pub const fn name_cstr(self) -> &'static CStr {
+                match self {
+                    $(amend_result::$name => {
+                        match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
+                            Ok(s) => s,
+                            Err(_) => panic!("a result name has an interior NUL"),
+                        }
+                    })+
+                }
+            }
+
+            /// The code's documentation (one string per doc line), as written above.
+            pub const fn doc(self) -> &'static [&'static str] {
+                match self {
+                    $(amend_result::$name => &[$($doc),+],)+
+                }
+            }
+        }
+    };
+}
+
+result_codes! {
+    /// The outcome of a call: `AMEND_OK` (0) or one code per failure class.
+    ///
+    /// Codes are stable: new ones are only ever added. Groups: 1xx argument and usage errors,
+    /// 2xx model and generation errors, 3xx bundle and edit errors.
+    pub enum amend_result {
+        /// Success.
+        AMEND_OK = 0,
+        /// A required pointer argument was NULL.
+        AMEND_ERR_NULL_ARGUMENT = 100,
+        /// A handle is not (or no longer) a live handle of the expected kind: freed, never
+        /// returned by amend, or a handle of another kind.
+        AMEND_ERR_INVALID_HANDLE = 101,
+        /// An argument is out of range (a length too large, a bad parameter value).
+        AMEND_ERR_INVALID_ARGUMENT = 102,
+        /// Text that must be UTF-8 (a prompt, a target, a path, an id) is not.
+        AMEND_ERR_INVALID_UTF8 = 103,
+        /// A caller-provided buffer is too small; the needed size is reported through the call's
+        /// length out-parameter.
+        AMEND_ERR_BUFFER_TOO_SMALL = 104,
+        /// The handle is in use by another call right now (a session is used by one thread at a
+        /// time, and may not be re-entered from its own token callback).
+        AMEND_ERR_BUSY = 105,
+        /// The operation is not supported by this build or this runtime version.
+        AMEND_ERR_NOT_SUPPORTED = 106,
+        /// A bug inside amend: a Rust panic was caught at the ABI boundary. The handle involved
+        /// should be freed.
+        AMEND_ERR_PANIC = 107,
+        /// A file could not be read.
+        AMEND_ERR_IO = 108,
+        /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
+        AMEND_ERR_MODEL_LOAD = 200,
+        /// An inference context could not be created (out of memory, bad context size).
+        AMEND_ERR_CONTEXT = 201,
+        /// The text could not be tokenized.
+        AMEND_ERR_TOKENIZE = 202,
+        /// The prompt plus generated tokens do not fit in the session's context window.
+        AMEND_ERR_CONTEXT_FULL = 203,
+        /// llama.cpp failed to evaluate a batch.
+        AMEND_ERR_DECODE = 204,
+        /// The generation was cancelled through `amend_session_cancel`.
+        AMEND_ERR_CANCELLED = 205,
+        /// The bundle bytes are malformed: bad magic, truncated, corrupt section.
+        AMEND_ERR_BUNDLE_FORMAT = 300,
+        /// The bundle uses a format version this build does not read.
+        AMEND_ERR_BUNDLE_VERSION = 301,
+        /// A bundle's content does not match its recorded digest.
+        AMEND_ERR_BUNDLE_INTEGRITY = 302,
+        /// The bundle's signature is invalid.
+        AMEND_ERR_SIGNATURE = 303,
+        /// The bundle is signed by a key that is not in the trust store.
+        AMEND_ERR_UNTRUSTED_KEY = 304,
+        /// The bundle was compiled for another model.
+        AMEND_ERR_MODEL_MISMATCH = 305,
+        /// An edit does not fit the model (layer or width out of range, unknown site).
+        AMEND_ERR_EDIT_INVALID = 306,
+        /// The bundle or edit conflicts with what is already active.
+        AMEND_ERR_EDIT_CONFLICT = 307,
+        /// No active bundle or edit has the given id.
+        AMEND_ERR_NOT_FOUND = 308,
+        /// A public key is not a valid ed25519 key.
+        AMEND_ERR_INVALID_KEY = 309,
+        /// The bundle is outside its validity window (expired, or not valid yet).
+        AMEND_ERR_BUNDLE_EXPIRED = 310,
+        /// The bundle's version is not newer than one already accepted on its channel (replay or
+        /// downgrade).
+        AMEND_ERR_BUNDLE_DOWNGRADE = 311,
+    }
 }
 
 impl amend_result {
-    /// Every code, for tests and for bindings that mirror the list.
-    /// cbindgen:ignore
-    pub const ALL: [amend_result; 28] = [
-        amend_result::AMEND_OK,
-        amend_result::AMEND_ERR_NULL_ARGUMENT,
-        amend_result::AMEND_ERR_INVALID_HANDLE,
-        amend_result::AMEND_ERR_INVALID_ARGUMENT,
-        amend_result::AMEND_ERR_INVALID_UTF8,
-        amend_result::AMEND_ERR_BUFFER_TOO_SMALL,
-        amend_result::AMEND_ERR_BUSY,
-        amend_result::AMEND_ERR_NOT_SUPPORTED,
-        amend_result::AMEND_ERR_PANIC,
-        amend_result::AMEND_ERR_IO,
-        amend_result::AMEND_ERR_MODEL_LOAD,
-        amend_result::AMEND_ERR_CONTEXT,
-        amend_result::AMEND_ERR_TOKENIZE,
-        amend_result::AMEND_ERR_CONTEXT_FULL,
-        amend_result::AMEND_ERR_DECODE,
-        amend_result::AMEND_ERR_CANCELLED,
-        amend_result::AMEND_ERR_BUNDLE_FORMAT,
-        amend_result::AMEND_ERR_BUNDLE_VERSION,
-        amend_result::AMEND_ERR_BUNDLE_INTEGRITY,
-        amend_result::AMEND_ERR_SIGNATURE,
-        amend_result::AMEND_ERR_UNTRUSTED_KEY,
-        amend_result::AMEND_ERR_MODEL_MISMATCH,
-        amend_result::AMEND_ERR_EDIT_INVALID,
-        amend_result::AMEND_ERR_EDIT_CONFLICT,
-        amend_result::AMEND_ERR_NOT_FOUND,
-        amend_result::AMEND_ERR_INVALID_KEY,
-        amend_result::AMEND_ERR_BUNDLE_EXPIRED,
-        amend_result::AMEND_ERR_BUNDLE_DOWNGRADE,
-    ];
-
-    /// The code's name as a NUL-terminated static string.
-    pub const fn name_cstr(self) -> &'static CStr {
-        use amend_result::*;
-        match self {
-            AMEND_OK => c"AMEND_OK",
-            AMEND_ERR_NULL_ARGUMENT => c"AMEND_ERR_NULL_ARGUMENT",
-            AMEND_ERR_INVALID_HANDLE => c"AMEND_ERR_INVALID_HANDLE",
-            AMEND_ERR_INVALID_ARGUMENT => c"AMEND_ERR_INVALID_ARGUMENT",
-            AMEND_ERR_INVALID_UTF8 => c"AMEND_ERR_INVALID_UTF8",
-            AMEND_ERR_BUFFER_TOO_SMALL => c"AMEND_ERR_BUFFER_TOO_SMALL",
-            AMEND_ERR_BUSY => c"AMEND_ERR_BUSY",
-            AMEND_ERR_NOT_SUPPORTED => c"AMEND_ERR_NOT_SUPPORTED",
-            AMEND_ERR_PANIC => c"AMEND_ERR_PANIC",
-            AMEND_ERR_IO => c"AMEND_ERR_IO",
-            AMEND_ERR_MODEL_LOAD => c"AMEND_ERR_MODEL_LOAD",
-            AMEND_ERR_CONTEXT => c"AMEND_ERR_CONTEXT",
-            AMEND_ERR_TOKENIZE => c"AMEND_ERR_TOKENIZE",
-            AMEND_ERR_CONTEXT_FULL => c"AMEND_ERR_CONTEXT_FULL",
-            AMEND_ERR_DECODE => c"AMEND_ERR_DECODE",
-            AMEND_ERR_CANCELLED => c"AMEND_ERR_CANCELLED",
-            AMEND_ERR_BUNDLE_FORMAT => c"AMEND_ERR_BUNDLE_FORMAT",
-            AMEND_ERR_BUNDLE_VERSION => c"AMEND_ERR_BUNDLE_VERSION",
-            AMEND_ERR_BUNDLE_INTEGRITY => c"AMEND_ERR_BUNDLE_INTEGRITY",
-            AMEND_ERR_SIGNATURE => c"AMEND_ERR_SIGNATURE",
-            AMEND_ERR_UNTRUSTED_KEY => c"AMEND_ERR_UNTRUSTED_KEY",
-            AMEND_ERR_MODEL_MISMATCH => c"AMEND_ERR_MODEL_MISMATCH",
-            AMEND_ERR_EDIT_INVALID => c"AMEND_ERR_EDIT_INVALID",
-            AMEND_ERR_EDIT_CONFLICT => c"AMEND_ERR_EDIT_CONFLICT",
-            AMEND_ERR_NOT_FOUND => c"AMEND_ERR_NOT_FOUND",
-            AMEND_ERR_INVALID_KEY => c"AMEND_ERR_INVALID_KEY",
-            AMEND_ERR_BUNDLE_EXPIRED => c"AMEND_ERR_BUNDLE_EXPIRED",
-            AMEND_ERR_BUNDLE_DOWNGRADE => c"AMEND_ERR_BUNDLE_DOWNGRADE",
-        }
+    /// The code's name, e.g. "AMEND_ERR_IO".
+    pub fn name(self) -> &'static str {
+        self.name_cstr().to_str().unwrap_or("AMEND_UNKNOWN_RESULT")
     }
 
     /// The code for a raw value, if it is one (for `amend_result_name` on caller input).
     pub fn from_raw(raw: i64) -> Option<amend_result> {
-        Self::ALL.into_iter().find(|c| *c as i64 == raw)
+        Self::ALL.iter().copied().find(|c| *c as i64 == raw)
     }
 }
 
@@ -292,7 +275,7 @@ mod tests {
     #[test]
     fn names_are_unique_and_match_codes() {
         let mut seen = std::collections::HashSet::new();
-        for c in amend_result::ALL {
+        for &c in amend_result::ALL {
             let name = c.name_cstr().to_str().unwrap();
             assert!(name.starts_with("AMEND_"));
             assert_eq!(amend_result::from_raw(c as i64), Some(c));

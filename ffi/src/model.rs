@@ -24,7 +24,7 @@ impl ModelObj {
         if let Some(b) = self.binding.get() {
             return Ok(b);
         }
-        let b = amend_edits::fingerprint::model_binding(self.model.path())?;
+        let b = self.model.binding()?;
         Ok(self.binding.get_or_init(|| b))
     }
 }
@@ -44,8 +44,10 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
 /// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
 /// `*out` is set to NULL.
 ///
-/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_IO` (missing or
-/// unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF, truncated, unsupported architecture).
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
+/// (`n_threads` above 512), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD`
+/// (not GGUF, truncated, unsupported architecture, a hyperparameter llama.cpp would abort on:
+/// the message names the GGUF key).
 #[no_mangle]
 pub extern "C" fn amend_model_open(
     path: *const c_char,
@@ -53,26 +55,21 @@ pub extern "C" fn amend_model_open(
     out: *mut *mut amend_model,
 ) -> amend_result {
     guard("amend_model_open", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
+        unsafe { args::clear_out(out, "out")? };
         let path = unsafe { args::cstr(path, "path")? };
-        let params = if params.is_null() {
-            amend_model_default_params()
-        } else {
-            unsafe { *params }
-        };
+        let params = unsafe { args::read_params(params, || amend_model_default_params()) };
         let options = ModelOptions {
             use_mmap: params.use_mmap,
             n_threads: (params.n_threads > 0).then_some(params.n_threads as usize),
         };
         let model = Model::open(path, options)?;
-        unsafe {
-            out.write(handle::insert(ModelObj {
-                model,
-                binding: OnceLock::new(),
-            }))
+        let obj = ModelObj {
+            model,
+            binding: OnceLock::new(),
         };
-        Ok(())
+        // SAFETY: checked and cleared above.
+        unsafe { args::write_out(out, handle::insert(obj), "out") }
     })
 }
 
@@ -108,6 +105,7 @@ pub extern "C" fn amend_model_get_info(
             n_params: i.n_params,
             size_bytes: i.size_bytes,
         };
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_out(out, info, "out") }
     })
 }
@@ -125,6 +123,7 @@ pub extern "C" fn amend_model_description(
 ) -> amend_result {
     guard("amend_model_description", || {
         let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_str(&m.model.info().description, buf, buf_len, out_len) }
     })
 }

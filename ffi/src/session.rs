@@ -124,14 +124,10 @@ pub extern "C" fn amend_session_open(
     out: *mut *mut amend_session,
 ) -> amend_result {
     guard("amend_session_open", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
+        unsafe { args::clear_out(out, "out")? };
         let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
-        let p = if params.is_null() {
-            amend_session_default_params()
-        } else {
-            unsafe { *params }
-        };
+        let p = unsafe { args::read_params(params, || amend_session_default_params()) };
         let nonzero = |v: u32| (v > 0).then_some(v as usize);
         let options = SessionOptions {
             n_ctx: p.n_ctx,
@@ -148,8 +144,8 @@ pub extern "C" fn amend_session_open(
                 edits: None,
             }),
         };
-        unsafe { out.write(handle::insert(obj)) };
-        Ok(())
+        // SAFETY: checked and cleared above.
+        unsafe { args::write_out(out, handle::insert(obj), "out") }
     })
 }
 
@@ -244,6 +240,7 @@ pub extern "C" fn amend_session_rollback_bundle(
 ) -> amend_result {
     guard("amend_session_rollback_bundle", || {
         let s = self::session(session)?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let id = unsafe { args::cstr(bundle_id, "bundle_id")? };
         let state = s.lock()?;
         match &state.edits {
@@ -267,6 +264,7 @@ pub extern "C" fn amend_session_rollback_edit(
 ) -> amend_result {
     guard("amend_session_rollback_edit", || {
         let s = self::session(session)?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let id = unsafe { args::cstr(edit_id, "edit_id")? };
         let state = s.lock()?;
         match &state.edits {
@@ -292,6 +290,7 @@ pub extern "C" fn amend_session_active_bundle_count(
             .edits
             .as_ref()
             .map_or(0, |set| set.snapshot().bundles.len());
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_out(out, n, "out") }
     })
 }
@@ -320,6 +319,7 @@ pub extern "C" fn amend_session_active_bundle_id(
                 ),
             )
         })?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         unsafe { args::write_str(b.id(), buf, buf_len, out_len) }
     })
 }
@@ -348,12 +348,9 @@ pub extern "C" fn amend_session_generate(
 ) -> amend_result {
     guard("amend_session_generate", || {
         let s = self::session(session)?;
+        // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
         let prompt = unsafe { args::text(prompt, prompt_len, "prompt")? };
-        let params = if params.is_null() {
-            amend_generate_default_params()
-        } else {
-            unsafe { *params }
-        };
+        let params = unsafe { args::read_params(params, || amend_generate_default_params()) };
         let params = generate_params(&params)?;
         let mut state = s.lock()?;
         let mut text_buf: Vec<u8> = Vec::new();
@@ -390,16 +387,15 @@ pub extern "C" fn amend_session_generate(
             // No stop strings are passed through the C API.
             StopReason::StopString(_) => amend_stop_reason::AMEND_STOP_CALLBACK,
         };
-        if !out.is_null() {
-            let g = amend_generation {
-                n_prompt_tokens: result.n_prompt as u32,
-                n_generated: result.n_generated as u32,
-                stop_reason,
-                prefill_tok_s: result.timings.prefill_tok_s(),
-                decode_tok_s: result.timings.decode_tok_s(),
-            };
-            unsafe { out.write(g) };
-        }
+        let g = amend_generation {
+            n_prompt_tokens: result.n_prompt as u32,
+            n_generated: result.n_generated as u32,
+            stop_reason,
+            prefill_tok_s: result.timings.prefill_tok_s(),
+            decode_tok_s: result.timings.decode_tok_s(),
+        };
+        // SAFETY: `out` is NULL (not wanted) or writable, as documented.
+        unsafe { args::write_opt(out, g) };
         if stop_reason == amend_stop_reason::AMEND_STOP_CANCELLED {
             return Err(FfiError::new(
                 amend_result::AMEND_ERR_CANCELLED,
@@ -461,6 +457,7 @@ pub extern "C" fn amend_session_score(
 ) -> amend_result {
     guard("amend_session_score", || {
         let s = self::session(session)?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let prompt = unsafe { args::text(prompt, prompt_len, "prompt")? };
         let target = unsafe { args::text(target, target_len, "target")? };
         args::need_out(out, "out")?;
@@ -502,8 +499,8 @@ pub extern "C" fn amend_session_score(
             }
         }
         score.logprob_mean = score.logprob_sum / t.len() as f64;
-        unsafe { out.write(score) };
-        Ok(())
+        // SAFETY: `out` was checked by `need_out` above and is writable, as documented.
+        unsafe { args::write_out(out, score, "out") }
     })
 }
 

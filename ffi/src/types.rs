@@ -49,8 +49,8 @@ pub struct amend_model_params {
     /// Memory-map the weights (default true): near-instant loading, pages shared between
     /// processes.
     pub use_mmap: bool,
-    /// Default thread count for this model's sessions; 0 = the machine's available
-    /// parallelism (default 0).
+    /// Default thread count for this model's sessions, at most 512 (ggml's limit); 0 = the
+    /// machine's available parallelism (default 0). Larger values: `AMEND_ERR_INVALID_ARGUMENT`.
     pub n_threads: u32,
 }
 
@@ -79,14 +79,15 @@ pub struct amend_model_info {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct amend_session_params {
-    /// Context window in tokens (prompt + generated), capped at the model's training context
-    /// (default 2048).
+    /// Context window in tokens (prompt + generated), 1..=1048576, capped at the model's
+    /// training context (default 2048).
     pub n_ctx: u32,
-    /// Largest batch evaluated at once; longer prompts are evaluated in chunks (default 512).
+    /// Largest batch evaluated at once, >= 1, capped at `n_ctx`; longer prompts are evaluated
+    /// in chunks (default 512).
     pub n_ubatch: u32,
-    /// Threads for generation; 0 = the model's default.
+    /// Threads for generation, at most 512; 0 = the model's default.
     pub n_threads: u32,
-    /// Threads for prompt evaluation; 0 = same as `n_threads`.
+    /// Threads for prompt evaluation, at most 512; 0 = same as `n_threads`.
     pub n_threads_batch: u32,
 }
 
@@ -97,19 +98,22 @@ pub struct amend_session_params {
 pub struct amend_generate_params {
     /// Upper bound on generated tokens (default 128).
     pub max_tokens: u32,
-    /// Sampling temperature; <= 0 = greedy (default 0).
+    /// Sampling temperature, finite; <= 0 = greedy (default 0).
     pub temperature: f32,
-    /// Keep only the k most likely tokens before sampling; 0 = off (default 40).
+    /// Keep only the k most likely tokens before sampling, at most INT32_MAX; 0 = off
+    /// (default 40).
     pub top_k: u32,
     /// Nucleus sampling threshold in (0, 1]; 1 = off (default 0.95).
     pub top_p: f32,
     /// Drop tokens less likely than min_p times the best one, in [0, 1]; 0 = off (default 0.05).
     pub min_p: f32,
-    /// Penalty for repeating recent tokens, > 0; 1 = off (default 1).
+    /// Penalty for repeating recent tokens, finite and > 0; 1 = off (default 1).
     pub repeat_penalty: f32,
-    /// How many recent tokens the repetition penalty looks at (default 64).
+    /// How many recent tokens the repetition penalty looks at, at most the session's `n_ctx`
+    /// (default 64).
     pub repeat_last_n: u32,
     /// Sampling seed: the same seed, prompt, active edits and parameters give the same tokens.
+    /// Any value but UINT32_MAX (llama.cpp's "random seed").
     pub seed: u32,
     /// Prepend BOS to the prompt when the model's tokenizer wants it (default true).
     pub add_bos: bool,

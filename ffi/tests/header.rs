@@ -3,12 +3,37 @@
 
 use std::path::PathBuf;
 
+/// `amend_result` as Rust source, rendered from the one definition in `ffi/src/error.rs` (a
+/// `macro_rules!` table, which cbindgen cannot expand).
+fn result_enum_src() -> String {
+    use amend::amend_result;
+    let mut s = String::new();
+    for d in amend_result::DOC {
+        s += &format!("///{d}\n");
+    }
+    s += "#[repr(C)]\npub enum amend_result {\n";
+    for &c in amend_result::ALL {
+        for d in c.doc() {
+            s += &format!("    ///{d}\n");
+        }
+        s += &format!("    {} = {},\n", c.name(), c as i32);
+    }
+    s + "}\n"
+}
+
 fn generate() -> String {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let config =
         cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    // One file per thread: the tests generate concurrently.
+    let tid =
+        format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_alphanumeric(), "");
+    let enum_src =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("amend_result-{tid}.rs"));
+    std::fs::write(&enum_src, result_enum_src()).expect("write amend_result.rs");
     let mut out = Vec::new();
     cbindgen::Builder::new()
+        .with_src(&enum_src)
         .with_crate(&crate_dir)
         .with_config(config)
         .generate()

@@ -210,7 +210,11 @@ pub fn run_bench(
     let threads = config
         .n_threads
         .or(model.options().n_threads)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(crate::MAX_THREADS)
+        });
     let n_ctx = (config.prompt_tokens + config.gen_tokens + 8)
         .next_power_of_two()
         .max(256) as u32;

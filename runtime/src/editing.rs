@@ -145,11 +145,18 @@ impl Adapter {
         bundle: usize,
         scale: f32,
     ) -> Result<Adapter, RuntimeError> {
-        let info = families::inspect_gguf_lora(blob).ok();
-        let (tensors, rank) = info.map_or((0, 0), |i| {
-            let rank = i.tensors.iter().map(|t| t.rank as usize).max().unwrap_or(0);
-            (i.tensors.len(), rank)
-        });
+        // Any tensor type (F32, F16, BF16, quantized) is handed to llama.cpp as it is, after the
+        // same structural check the bundle reader's families apply; llama.cpp then checks each
+        // tensor against the model's.
+        let info = families::inspect_gguf_lora(blob)
+            .map_err(|e| RuntimeError::InvalidEdit(format!("GGUF-LoRA of bundle {bundle}: {e}")))?;
+        let tensors = info.tensors.len();
+        let rank = info
+            .tensors
+            .iter()
+            .map(|t| t.rank as usize)
+            .max()
+            .unwrap_or(0);
         Ok(Adapter {
             ptr: load_adapter(model, blob)?,
             bundle,

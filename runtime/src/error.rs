@@ -25,6 +25,12 @@ pub enum RuntimeError {
     Truncated { path: PathBuf, detail: String },
     #[error("{} is not a valid GGUF file: {detail}", path.display())]
     InvalidGguf { path: PathBuf, detail: String },
+    #[error("{} has a hyperparameter llama.cpp must not load: {source}", path.display())]
+    InvalidHparams {
+        path: PathBuf,
+        #[source]
+        source: amend_edits::gguf::HparamError,
+    },
     #[error("unsupported model architecture `{arch}` (supported: {supported})")]
     UnsupportedArchitecture { arch: String, supported: String },
     #[error("llama.cpp failed to load {} (run with RUST_LOG=amend_runtime=debug for its log)", path.display())]
@@ -65,6 +71,11 @@ pub enum RuntimeError {
     NoLogits { index: usize },
     #[error("edit cannot be applied: {0}")]
     InvalidEdit(String),
+    #[error("llama.cpp threw {what} in {call}")]
+    CppException {
+        call: &'static str,
+        what: &'static str,
+    },
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -24,8 +24,11 @@ pub struct GenerateParams {
     pub min_p: f32,
     /// 1.0 = off.
     pub repeat_penalty: f32,
-    /// How many recent tokens the repetition penalty looks at.
+    /// How many recent tokens the repetition penalty looks at: 0..=the session's `n_ctx` (it
+    /// cannot look further back than the context holds).
     pub repeat_last_n: i32,
+    /// Any value but `u32::MAX` (llama.cpp's "pick a random seed", which would break the
+    /// same-seed-same-tokens promise).
     pub seed: u32,
     /// Generation stops before any of these strings; the text never contains them (not even
     /// partially: text that might start a stop string is held back until it cannot).
@@ -62,8 +65,18 @@ impl GenerateParams {
         }
     }
 
-    fn validate(&self) -> Result<(), RuntimeError> {
+    /// Checks every parameter for a session with context `n_ctx`.
+    fn validate(&self, n_ctx: u32) -> Result<(), RuntimeError> {
         let bad = |m: &str| Err(RuntimeError::InvalidParams(m.to_string()));
+        if !(0..=n_ctx as i64).contains(&(self.repeat_last_n as i64)) {
+            return Err(RuntimeError::InvalidParams(format!(
+                "repeat_last_n {} is outside 0..={n_ctx} (the session's n_ctx)",
+                self.repeat_last_n
+            )));
+        }
+        if self.seed == u32::MAX {
+            return bad("seed 4294967295 is llama.cpp's random-seed value; use another seed");
+        }
         if !self.temperature.is_finite() {
             return bad("temperature must be finite");
         }
@@ -74,7 +87,7 @@ impl GenerateParams {
             return bad("min_p must be in [0, 1]");
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return bad("repeat_penalty must be > 0");
+            return bad("repeat_penalty must be finite and > 0");
         }
         if self.top_k < 0 {
             return bad("top_k must be >= 0");
@@ -146,22 +159,63 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
 }
 
+// The C++ shim (src/shim.cpp): llama.cpp calls that can throw, with the exception caught on
+// the C++ side and returned as a code (0 done, 1 out of memory, 2 another exception).
+extern "C" {
+    fn amend_sampler_init_penalties(
+        n_vocab: i32,
+        penalty_last_n: i32,
+        penalty_repeat: f32,
+        penalty_freq: f32,
+        penalty_present: f32,
+        out: *mut *mut sys::llama_sampler,
+    ) -> i32;
+    fn amend_sampler_sample(
+        smpl: *mut sys::llama_sampler,
+        ctx: *mut sys::llama_context,
+        idx: i32,
+        out: *mut Token,
+    ) -> i32;
+}
+
+/// The error for a shim code other than 0.
+fn cpp_exception(call: &'static str, code: i32) -> RuntimeError {
+    RuntimeError::CppException {
+        call,
+        what: if code == 1 {
+            "out of memory (std::bad_alloc)"
+        } else {
+            "a C++ exception"
+        },
+    }
+}
+
 struct Sampler(NonNull<sys::llama_sampler>);
 
 impl Sampler {
-    fn new(p: &GenerateParams, n_vocab: i32) -> Sampler {
-        // SAFETY: FFI constructors; the chain takes ownership of the samplers added to it.
+    fn new(p: &GenerateParams, n_vocab: i32) -> Result<Sampler, RuntimeError> {
+        // SAFETY: FFI constructors; the chain takes ownership of the samplers added to it, and
+        // `Sampler` frees the chain (also on the error path below).
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
+            let sampler =
+                Sampler(NonNull::new(chain).expect("llama_sampler_chain_init returned null"));
             let add = |s| sys::llama_sampler_chain_add(chain, s);
             if p.repeat_penalty != 1.0 {
-                add(sys::llama_sampler_init_penalties(
+                // Allocates a window of `repeat_last_n` tokens: the one sampler that can throw.
+                let mut penalties = std::ptr::null_mut();
+                let code = amend_sampler_init_penalties(
                     n_vocab,
                     p.repeat_last_n,
                     p.repeat_penalty,
                     0.0,
                     0.0,
-                ));
+                    &mut penalties,
+                );
+                if code != 0 {
+                    return Err(cpp_exception("llama_sampler_init_penalties", code));
+                }
+                add(penalties);
             }
             if p.temperature <= 0.0 {
                 add(sys::llama_sampler_init_greedy());
@@ -178,8 +232,46 @@ impl Sampler {
                 add(sys::llama_sampler_init_temp(p.temperature));
                 add(sys::llama_sampler_init_dist(p.seed));
             }
-            Sampler(NonNull::new(chain).expect("llama_sampler_chain_init returned null"))
+            Ok(sampler)
         }
+    }
+
+    /// Samples from the logits of batch index `idx` of `ctx`'s last evaluation.
+    ///
+    /// # Safety
+    /// `ctx` is a live context whose last evaluation produced logits at `idx`.
+    unsafe fn sample(&self, ctx: *mut sys::llama_context, idx: i32) -> Result<Token, RuntimeError> {
+        let mut tok = 0;
+        // SAFETY: per this function's contract; the sampler chain is live.
+        let code = unsafe { amend_sampler_sample(self.0.as_ptr(), ctx, idx, &mut tok) };
+        if code != 0 {
+            return Err(cpp_exception("llama_sampler_sample", code));
+        }
+        Ok(tok)
+    }
+}
+
+#[cfg(test)]
+mod shim_tests {
+    extern "C" {
+        fn amend_shim_selftest(kind: i32) -> i32;
+    }
+
+    /// The shim's try/catch is linked and works: a thrown `bad_alloc` or `runtime_error` comes
+    /// back as a code instead of aborting the process.
+    #[test]
+    fn exceptions_become_codes() {
+        // SAFETY: a plain C function without pointers.
+        unsafe {
+            assert_eq!(amend_shim_selftest(0), 0);
+            assert_eq!(amend_shim_selftest(1), 1);
+            assert_eq!(amend_shim_selftest(2), 2);
+        }
+        let e = super::cpp_exception("llama_sampler_sample", 1).to_string();
+        assert!(
+            e.contains("llama_sampler_sample") && e.contains("bad_alloc"),
+            "{e}"
+        );
     }
 }
 
@@ -245,7 +337,7 @@ impl Session {
         params: &GenerateParams,
         mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, RuntimeError> {
-        params.validate()?;
+        params.validate(self.n_ctx())?;
         if prompt.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
@@ -274,7 +366,11 @@ impl Session {
 
         let model = self.model().clone();
         let greedy = params.temperature <= 0.0 && params.repeat_penalty == 1.0;
-        let sampler = (!greedy).then(|| Sampler::new(params, model.info().n_vocab as i32));
+        let sampler = if greedy {
+            None
+        } else {
+            Some(Sampler::new(params, model.info().n_vocab as i32)?)
+        };
         let mut detok = Detokenizer::new();
         let mut held = String::new();
         let t1 = Instant::now();
@@ -290,7 +386,7 @@ impl Session {
                 // instead of building llama.cpp's n_vocab candidate array every token.
                 None => crate::reference::argmax(self.last_logits()?) as Token,
                 // SAFETY: the last eval produced logits for its last token (batch index -1).
-                Some(s) => unsafe { sys::llama_sampler_sample(s.0.as_ptr(), self.as_ptr(), -1) },
+                Some(s) => unsafe { s.sample(self.as_ptr(), -1)? },
             };
             if !params.ignore_eos && model.is_eog(tok) {
                 break StopReason::Eos;

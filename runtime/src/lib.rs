@@ -15,7 +15,6 @@ mod detok;
 mod editing;
 mod error;
 mod generate;
-pub mod gguf_check;
 mod hooks;
 mod model;
 pub mod reference;
@@ -24,7 +23,7 @@ mod session;
 pub mod testutil;
 
 pub use amend_edits::{HookPoint, Site};
-pub use arch::Architecture;
+pub use arch::{ArchSpec, Architecture, Forward, SiteNode};
 pub use detok::Detokenizer;
 pub use editing::{
     CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request,
@@ -33,7 +32,9 @@ pub use error::{Result, RuntimeError};
 pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};
-pub use session::{CancelHandle, EvalOptions, Logits, Session, SessionOptions};
+pub use session::{
+    CancelHandle, EvalOptions, Logits, Session, SessionOptions, MAX_N_CTX, MAX_THREADS,
+};
 
 /// The pinned llama.cpp bindings, for code that must call llama.cpp directly.
 pub use llama_cpp_sys_2 as sys;

@@ -8,9 +8,12 @@ use std::sync::{Arc, Once};
 
 use llama_cpp_sys_2 as sys;
 
+use amend_edits::fingerprint::{FingerprintError, ModelLayout};
+use amend_edits::gguf::{GgufError, GgufFile, ModelHparams};
+use amend_edits::ModelBinding;
+
 use crate::arch::Architecture;
 use crate::error::RuntimeError;
-use crate::gguf_check;
 use crate::Token;
 
 static BACKEND_INIT: Once = Once::new();
@@ -53,7 +56,8 @@ pub struct ModelOptions {
     /// Memory-map the weights (default true): loading is near-instant and pages are shared
     /// between processes.
     pub use_mmap: bool,
-    /// Default thread count for sessions of this model; `None` = available parallelism.
+    /// Default thread count for sessions of this model, 1..=[`crate::MAX_THREADS`]; `None` =
+    /// available parallelism.
     pub n_threads: Option<usize>,
 }
 
@@ -99,6 +103,9 @@ pub struct Model {
     info: ModelInfo,
     path: PathBuf,
     options: ModelOptions,
+    /// What the pre-load check read: the fingerprint hashes it without parsing the file again.
+    layout: ModelLayout,
+    hparams: ModelHparams,
 }
 
 // SAFETY: llama.cpp's model (weights, vocab) is read-only after loading and is documented to be
@@ -111,6 +118,7 @@ impl Model {
     /// `Truncated`, `InvalidGguf`, `UnsupportedArchitecture`, `LoadFailed`.
     pub fn open(path: impl AsRef<Path>, options: ModelOptions) -> Result<Arc<Model>, RuntimeError> {
         let path = path.as_ref();
+        crate::session::check_threads(options.n_threads, "n_threads")?;
         // Refuse a FIFO (which would block the open below), a directory or a device before
         // anything reads the path.
         if let Err(e) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
@@ -122,20 +130,8 @@ impl Model {
                 _ => RuntimeError::File(e),
             });
         }
-        let summary = gguf_check::check_file(path)?;
-        let arch_name = summary
-            .architecture
-            .clone()
-            .ok_or_else(|| RuntimeError::InvalidGguf {
-                path: path.to_path_buf(),
-                detail: "no general.architecture key".into(),
-            })?;
-        let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
-            RuntimeError::UnsupportedArchitecture {
-                arch: arch_name.clone(),
-                supported: Architecture::supported_list(),
-            }
-        })?;
+        let (architecture, layout, hparams) = check_gguf(path)?;
+        let arch_name = hparams.arch.clone();
         init_backend();
         let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
             RuntimeError::InvalidGguf {
@@ -179,6 +175,8 @@ impl Model {
             info,
             path: path.to_path_buf(),
             options,
+            layout,
+            hparams,
         }))
     }
 
@@ -196,6 +194,17 @@ impl Model {
 
     pub fn options(&self) -> &ModelOptions {
         &self.options
+    }
+
+    /// The hyperparameters validated before loading.
+    pub fn hparams(&self) -> &ModelHparams {
+        &self.hparams
+    }
+
+    /// The fingerprint bundles are bound to (cached next to the model; see
+    /// [`amend_edits::fingerprint`]), from the header already read by [`Model::open`].
+    pub fn binding(&self) -> Result<ModelBinding, FingerprintError> {
+        amend_edits::fingerprint::model_binding_parsed(&self.path, &self.layout, &self.hparams)
     }
 
     /// The graph node name a hook point maps to on this model (validated against the layer count).
@@ -311,6 +320,58 @@ impl std::fmt::Debug for Model {
             .field("path", &self.path)
             .field("info", &self.info)
             .finish()
+    }
+}
+
+/// The pre-load check: the GGUF structure (header, tensor table, extents against the file
+/// length), a supported architecture, hyperparameters llama.cpp cannot abort on, and the tensors
+/// the architecture needs. llama.cpp aborts the process (not returns an error) on some malformed
+/// files, so everything it would trip on must be refused here.
+fn check_gguf(path: &Path) -> Result<(Architecture, ModelLayout, ModelHparams), RuntimeError> {
+    let header = GgufFile::read_header(path).map_err(|e| gguf_error(path, e))?;
+    let Some(arch_name) = header.architecture() else {
+        return Err(RuntimeError::InvalidGguf {
+            path: path.to_path_buf(),
+            detail: "no general.architecture key".into(),
+        });
+    };
+    let architecture = Architecture::from_name(arch_name).ok_or_else(|| {
+        RuntimeError::UnsupportedArchitecture {
+            arch: arch_name.to_string(),
+            supported: Architecture::supported_list(),
+        }
+    })?;
+    let invalid = |source| RuntimeError::InvalidHparams {
+        path: path.to_path_buf(),
+        source,
+    };
+    let hparams = ModelHparams::from_header(&header).map_err(invalid)?;
+    architecture
+        .check_tensors(&header, &hparams)
+        .map_err(invalid)?;
+    Ok((architecture, ModelLayout::from(&header), hparams))
+}
+
+fn gguf_error(path: &Path, e: GgufError) -> RuntimeError {
+    let path = path.to_path_buf();
+    match e {
+        GgufError::BadMagic(magic) => RuntimeError::NotGguf {
+            path,
+            magic: magic.to_vec(),
+        },
+        GgufError::Truncated { .. } | GgufError::CountTooLarge { .. } => RuntimeError::Truncated {
+            path,
+            detail: e.to_string(),
+        },
+        GgufError::Io { .. } if !path.exists() => RuntimeError::NotFound { path },
+        GgufError::Io { message, .. } => RuntimeError::Io {
+            source: std::io::Error::other(message),
+            path,
+        },
+        other => RuntimeError::InvalidGguf {
+            path,
+            detail: other.to_string(),
+        },
     }
 }
 

@@ -39,6 +39,7 @@ impl RawContext {
         n_ubatch: u32,
         n_threads: usize,
     ) -> Result<Self, RuntimeError> {
+        crate::session::check_threads(Some(n_threads), "n_threads")?;
         let ctx = unsafe {
             let mut p = sys::llama_context_default_params();
             p.n_ctx = n_ctx;

@@ -12,18 +12,35 @@ use crate::hooks::{eval_callback, Hook, HookId, HookState, Phase, RowInfo};
 use crate::model::Model;
 use crate::Token;
 
+/// Most threads a session may use: ggml's `GGML_MAX_N_THREADS` (more aborts inside ggml).
+pub const MAX_THREADS: usize = 512;
+/// Largest context a session may ask for (it is also capped at the model's training context).
+pub const MAX_N_CTX: u32 = 1 << 20;
+
 /// How to create a session.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
-    /// Context length in tokens (prompt + generated). Default 2048, capped at the model's
-    /// training context.
+    /// Context length in tokens (prompt + generated), 1..=[`MAX_N_CTX`]. Default 2048, capped
+    /// at the model's training context.
     pub n_ctx: u32,
-    /// Largest batch llama.cpp computes at once; longer inputs are evaluated in chunks.
+    /// Largest batch llama.cpp computes at once, >= 1 (capped at `n_ctx`); longer inputs are
+    /// evaluated in chunks.
     pub n_ubatch: u32,
-    /// Threads for single-token decode; `None` = the model's default (available parallelism).
+    /// Threads for single-token decode, 1..=[`MAX_THREADS`]; `None` = the model's default
+    /// (available parallelism, at most [`MAX_THREADS`]).
     pub n_threads: Option<usize>,
-    /// Threads for prompt batches; `None` = same as `n_threads`.
+    /// Threads for prompt batches, 1..=[`MAX_THREADS`]; `None` = same as `n_threads`.
     pub n_threads_batch: Option<usize>,
+}
+
+/// Checks a thread count given by a caller (`what` names it in the error).
+pub(crate) fn check_threads(n: Option<usize>, what: &str) -> Result<(), RuntimeError> {
+    match n {
+        Some(t) if !(1..=MAX_THREADS).contains(&t) => Err(RuntimeError::InvalidOptions(format!(
+            "{what} {t} is outside 1..={MAX_THREADS}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Default for SessionOptions {
@@ -152,6 +169,14 @@ impl Session {
                 "n_ctx and n_ubatch must be > 0".into(),
             ));
         }
+        if options.n_ctx > MAX_N_CTX {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "n_ctx {} is above the limit {MAX_N_CTX}",
+                options.n_ctx
+            )));
+        }
+        check_threads(options.n_threads, "n_threads")?;
+        check_threads(options.n_threads_batch, "n_threads_batch")?;
         let n_ctx = if info.n_ctx_train > 0 {
             options.n_ctx.min(info.n_ctx_train)
         } else {
@@ -162,8 +187,9 @@ impl Session {
             .n_threads
             .or(model.options().n_threads)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1) as i32;
-        let threads_batch = options.n_threads_batch.map_or(threads, |n| n.max(1) as i32);
+            .clamp(1, MAX_THREADS) as i32;
+        // Checked above: within 1..=MAX_THREADS, so the cast cannot wrap.
+        let threads_batch = options.n_threads_batch.map_or(threads, |n| n as i32);
         let hooks = NonNull::from(Box::leak(Box::new(HookState::new(info.n_embd as usize))));
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: FFI; the user-data pointers outlive the context (freed after it in Drop).

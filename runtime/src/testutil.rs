@@ -95,7 +95,8 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     (tokens, scores, types)
 }
 
-/// Writes a tiny random-weight model of `arch` (llama, qwen2 or qwen3) to `path`.
+/// Writes a tiny random-weight model of `arch` (a llama-graph architecture: llama, qwen2, qwen3)
+/// to `path`, with the layer tensors the architecture table lists.
 pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::Result<()> {
     let a = arch.name();
     assert!(
@@ -144,28 +145,32 @@ pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::
     t(&mut w, "output.weight", &[n_embd, n_vocab], out)?;
     let s_in = 1.7 / (n_embd as f32).sqrt();
     let s_ff = 1.7 / (n_ff as f32).sqrt();
+    // The per-layer tensors the architecture table lists for `arch`.
     for l in 0..TINY_N_LAYER {
-        let p = |n: &str| format!("blk.{l}.{n}.weight");
-        t(&mut w, &p("attn_norm"), &[n_embd], ones(n_embd))?;
-        let q = rng.vec((n_embd * n_head * head_dim) as usize, s_in);
-        t(&mut w, &p("attn_q"), &[n_embd, n_head * head_dim], q)?;
-        let k = rng.vec((n_embd * n_head_kv * head_dim) as usize, s_in);
-        t(&mut w, &p("attn_k"), &[n_embd, n_head_kv * head_dim], k)?;
-        let v = rng.vec((n_embd * n_head_kv * head_dim) as usize, s_in);
-        t(&mut w, &p("attn_v"), &[n_embd, n_head_kv * head_dim], v)?;
-        let o = rng.vec((n_head * head_dim * n_embd) as usize, s_in);
-        t(&mut w, &p("attn_output"), &[n_head * head_dim, n_embd], o)?;
-        if arch == Architecture::Qwen3 {
-            t(&mut w, &p("attn_q_norm"), &[head_dim], ones(head_dim))?;
-            t(&mut w, &p("attn_k_norm"), &[head_dim], ones(head_dim))?;
+        for &name in arch.spec().layer_tensors {
+            let (ne, data): (Vec<u64>, Vec<f32>) = match name {
+                "attn_norm" | "ffn_norm" => (vec![n_embd], ones(n_embd)),
+                "attn_q_norm" | "attn_k_norm" => (vec![head_dim], ones(head_dim)),
+                "attn_q" => (
+                    vec![n_embd, n_head * head_dim],
+                    rng.vec((n_embd * n_head * head_dim) as usize, s_in),
+                ),
+                "attn_k" | "attn_v" => (
+                    vec![n_embd, n_head_kv * head_dim],
+                    rng.vec((n_embd * n_head_kv * head_dim) as usize, s_in),
+                ),
+                "attn_output" => (
+                    vec![n_head * head_dim, n_embd],
+                    rng.vec((n_head * head_dim * n_embd) as usize, s_in),
+                ),
+                "ffn_gate" | "ffn_up" => {
+                    (vec![n_embd, n_ff], rng.vec((n_embd * n_ff) as usize, s_in))
+                }
+                "ffn_down" => (vec![n_ff, n_embd], rng.vec((n_ff * n_embd) as usize, s_ff)),
+                other => panic!("the tiny model has no recipe for layer tensor {other}"),
+            };
+            t(&mut w, &format!("blk.{l}.{name}.weight"), &ne, data)?;
         }
-        t(&mut w, &p("ffn_norm"), &[n_embd], ones(n_embd))?;
-        let g = rng.vec((n_embd * n_ff) as usize, s_in);
-        t(&mut w, &p("ffn_gate"), &[n_embd, n_ff], g)?;
-        let u = rng.vec((n_embd * n_ff) as usize, s_in);
-        t(&mut w, &p("ffn_up"), &[n_embd, n_ff], u)?;
-        let d = rng.vec((n_ff * n_embd) as usize, s_ff);
-        t(&mut w, &p("ffn_down"), &[n_ff, n_embd], d)?;
     }
     w.write_to(path)
 }

@@ -101,12 +101,13 @@ fn unsupported_architecture_lists_supported_ones() {
 }
 
 #[test]
-fn structurally_valid_but_incomplete_model_is_a_load_error() {
+fn structurally_valid_but_incomplete_model_names_what_is_missing() {
     let p = common::tmp_dir().join("llama-no-tensors.gguf");
     let mut w = GgufWriter::new();
     w.add("general.architecture", "llama")
         .add("llama.block_count", 2u32);
     w.write_to(&p).unwrap();
     let err = open(&p).unwrap_err();
-    assert!(matches!(err, RuntimeError::LoadFailed { .. }), "{err}");
+    assert!(matches!(err, RuntimeError::InvalidHparams { .. }), "{err}");
+    assert!(err.to_string().contains("llama.embedding_length"), "{err}");
 }

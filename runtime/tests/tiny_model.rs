@@ -249,10 +249,8 @@ fn site_names_resolve_on_every_llama_family_arch() {
     ] {
         let m = common::tiny(arch);
         let points = all_points(&m);
-        let expected_sites = match arch {
-            Architecture::Llama => 4, // all but Embeddings
-            _ => 3,                   // no Embeddings, no AttnOutput
-        };
+        // llama: all but Embeddings; qwen: no Embeddings, no AttnOutput.
+        let expected_sites = if arch == Architecture::Llama { 4 } else { 3 };
         assert_eq!(
             points.len(),
             expected_sites * TINY_N_LAYER as usize,

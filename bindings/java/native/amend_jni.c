@@ -107,6 +107,11 @@ JNIEXPORT jstring JNICALL Java_dev_amend_Native_version(JNIEnv *env, jclass c) {
     return (*env)->NewStringUTF(env, amend_version());
 }
 
+JNIEXPORT jstring JNICALL Java_dev_amend_Native_resultName(JNIEnv *env, jclass c, jint code) {
+    (void)c;
+    return (*env)->NewStringUTF(env, amend_result_name((int32_t)code));
+}
+
 JNIEXPORT jint JNICALL Java_dev_amend_Native_abiVersion(JNIEnv *env, jclass c) {
     (void)env, (void)c;
     return (jint)amend_abi_version();

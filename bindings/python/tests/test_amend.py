@@ -16,6 +16,17 @@ def test_version_and_abi():
     assert amend.abi_version() == amend.ABI_VERSION
 
 
+def test_result_constants_match_the_library():
+    # Every code the library names is a Result member of that name, and back.
+    lib = amend.library()
+    named = {}
+    for code in range(-1, 1000):
+        name = lib.amend_result_name(code).decode()
+        if name != "AMEND_UNKNOWN_RESULT":
+            named[code] = name
+    assert named == {r.value: "AMEND_" + r.name for r in Result}
+
+
 def test_null_and_forged_handles_through_the_abi():
     lib = amend.library()
     info = ctypes.c_void_p()

@@ -1,66 +1,97 @@
 //! Reading a GGUF into a [`Model`]: metadata -> [`Config`], tensors dequantized to f32.
+//!
+//! The header is read and its hyperparameters validated by the one GGUF reader
+//! ([`amend_edits::gguf`], the same check the runtime runs before llama.cpp loads the file);
+//! candle only dequantizes the tensor bytes.
 
-use super::{Arch, Config, Layer, Model, Proj};
+use super::{Arch, Config, Forward, Layer, Model, Proj};
 use crate::error::{CompileError, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use amend_edits::gguf::{GgmlType, GgufArray, GgufFile, GgufHeader, GgufValue, ModelHparams};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::fs::File;
-use std::io::BufReader;
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
-/// The metadata and an open reader of a GGUF file.
+/// The validated header and an open file of a GGUF model.
 pub struct Weights {
-    content: Content,
-    reader: BufReader<File>,
+    header: GgufHeader,
+    hparams: ModelHparams,
+    arch: Arch,
+    file: File,
+    path: PathBuf,
     device: Device,
 }
 
+/// candle's name for a ggml type id (the types candle can dequantize).
+fn candle_dtype(t: GgmlType) -> Option<GgmlDType> {
+    use GgmlDType::*;
+    Some(match t.0 {
+        0 => F32,
+        1 => F16,
+        2 => Q4_0,
+        3 => Q4_1,
+        6 => Q5_0,
+        7 => Q5_1,
+        8 => Q8_0,
+        9 => Q8_1,
+        10 => Q2K,
+        11 => Q3K,
+        12 => Q4K,
+        13 => Q5K,
+        14 => Q6K,
+        15 => Q8K,
+        30 => BF16,
+        _ => return None,
+    })
+}
+
 impl Weights {
+    /// Reads and validates the header; fails with [`CompileError::UnsupportedArchitecture`] when
+    /// the compiler has no forward for the model's architecture.
     pub fn open(path: &Path) -> Result<Weights> {
+        let bad = |message: String| CompileError::BadGguf {
+            path: path.to_path_buf(),
+            message,
+        };
+        let header = GgufFile::read_header(path).map_err(|e| bad(e.to_string()))?;
+        let name = header
+            .architecture()
+            .ok_or_else(|| CompileError::MissingMetadata("general.architecture".into()))?;
+        let arch = super::arch_from_gguf_name(name)?;
+        let hparams = ModelHparams::from_header(&header).map_err(|e| bad(e.to_string()))?;
         let file = File::open(path).map_err(|source| CompileError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| CompileError::BadGguf {
-            path: path.to_path_buf(),
-            message: crate::error::candle_message(&e),
-        })?;
         Ok(Weights {
-            content,
-            reader,
+            header,
+            hparams,
+            arch,
+            file,
+            path: path.to_path_buf(),
             device: Device::Cpu,
         })
     }
 
-    pub fn metadata(&self, key: &str) -> Option<&Value> {
-        self.content.metadata.get(key)
-    }
-
-    fn u32(&self, key: &str) -> Result<usize> {
-        self.u32_opt(key)?
-            .ok_or_else(|| CompileError::MissingMetadata(key.to_string()))
+    pub fn metadata(&self, key: &str) -> Option<&GgufValue> {
+        self.header.get(key)
     }
 
     fn u32_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.metadata(key) {
             None => Ok(None),
-            Some(v) => v
-                .to_u32()
-                .map(|x| Some(x as usize))
-                .or_else(|_| v.to_u64().map(|x| Some(x as usize)))
-                .or_else(|_| v.to_i32().map(|x| Some(x.max(0) as usize)))
-                .map_err(|_| {
-                    CompileError::UnsupportedModel(format!("metadata `{key}` is not an integer"))
-                }),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                CompileError::UnsupportedModel(format!("metadata `{key}` is not an integer"))
+            }),
         }
     }
 
     fn f32_opt(&self, key: &str) -> Result<Option<f32>> {
         match self.metadata(key) {
             None => Ok(None),
-            Some(v) => v.to_f32().map(Some).map_err(|_| {
+            Some(v) => v.as_f32().map(Some).ok_or_else(|| {
                 CompileError::UnsupportedModel(format!("metadata `{key}` is not a float"))
             }),
         }
@@ -69,22 +100,44 @@ impl Weights {
     /// The device rounding of the input of a matmul with weight `name` (see
     /// [`super::vec_dot_type`]).
     pub fn act_quant(&self, name: &str) -> Option<GgmlDType> {
-        self.content
-            .tensor_infos
-            .get(name)
-            .and_then(|i| super::vec_dot_type(i.ggml_dtype))
+        self.header
+            .tensor(name)
+            .and_then(|t| candle_dtype(t.ggml_type))
+            .and_then(super::vec_dot_type)
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.header.tensor(name).is_some()
     }
 
     /// A tensor dequantized to f32, in candle's (row-major, reversed ggml) shape.
     pub fn tensor(&mut self, name: &str) -> Result<Tensor> {
-        if !self.has_tensor(name) {
-            return Err(CompileError::MissingTensor(name.to_string()));
-        }
-        let q = self.content.tensor(&mut self.reader, name, &self.device)?;
+        let t = self
+            .header
+            .tensor(name)
+            .ok_or_else(|| CompileError::MissingTensor(name.to_string()))?;
+        let dtype = candle_dtype(t.ggml_type).ok_or_else(|| {
+            CompileError::UnsupportedModel(format!(
+                "tensor `{name}` has type {}, which candle cannot dequantize",
+                t.ggml_type
+            ))
+        })?;
+        let bad = |message: String| CompileError::BadGguf {
+            path: self.path.clone(),
+            message,
+        };
+        let size = t.byte_size().map_err(|e| bad(e.to_string()))?;
+        let mut raw = vec![0u8; size as usize];
+        let io = |source| CompileError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file
+            .seek(SeekFrom::Start(self.header.data_offset + t.offset))
+            .map_err(io)?;
+        self.file.read_exact(&mut raw).map_err(io)?;
+        let dims: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
+        let q = qtensor_from_ggml(dtype, &raw, dims, &self.device)?;
         Ok(q.dequantize(&self.device)?)
     }
 
@@ -98,67 +151,57 @@ impl Weights {
 
     /// The architecture name (`general.architecture`).
     pub fn arch_name(&self) -> Result<String> {
-        let v = self
-            .metadata("general.architecture")
-            .ok_or_else(|| CompileError::MissingMetadata("general.architecture".into()))?;
-        v.to_string().map(|s| s.to_string()).map_err(|_| {
-            CompileError::UnsupportedModel("general.architecture is not a string".into())
-        })
+        Ok(self.arch.name().to_string())
     }
 
     /// The model's [`Config`] from its metadata.
     pub fn config(&self) -> Result<Config> {
-        let arch = Arch::from_gguf_name(&self.arch_name()?)?;
+        let arch = self.arch;
+        let gemma = arch.spec().forward == Some(Forward::Gemma3);
         let a = arch.name();
         let k = |s: &str| format!("{a}.{s}");
-        let n_layer = self.u32(&k("block_count"))?;
-        let n_embd = self.u32(&k("embedding_length"))?;
-        let n_ff = self.u32(&k("feed_forward_length"))?;
-        let n_head = self.u32(&k("attention.head_count"))?;
-        let n_head_kv = self
-            .u32_opt(&k("attention.head_count_kv"))?
-            .unwrap_or(n_head);
-        let head_dim = self
-            .u32_opt(&k("attention.key_length"))?
-            .unwrap_or(n_embd / n_head.max(1));
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || head_dim % 2 != 0 {
+        // Head counts, head sizes, RoPE width and epsilons were validated with the header.
+        let hp = &self.hparams;
+        let n_layer = hp.n_layer as usize;
+        let n_embd = hp.n_embd as usize;
+        let n_ff = hp.n_ff[0] as usize;
+        let n_head = hp.n_head[0] as usize;
+        let n_head_kv = hp.n_head_kv[0] as usize;
+        let head_dim = hp.head_dim_k as usize;
+        let uniform = |v: &[u32]| v.iter().all(|&x| x == v[0]);
+        if n_ff == 0 || !uniform(&hp.n_ff) || !uniform(&hp.n_head) || !uniform(&hp.n_head_kv) {
+            return Err(CompileError::UnsupportedModel(
+                "per-layer FFN widths or head counts".into(),
+            ));
+        }
+        if head_dim % 2 != 0 {
             return Err(CompileError::UnsupportedModel(format!(
                 "head counts {n_head}/{n_head_kv} with head size {head_dim}"
             )));
         }
-        if let Some(n_rot) = self.u32_opt(&k("rope.dimension_count"))? {
-            if n_rot != head_dim {
-                return Err(CompileError::UnsupportedModel(format!(
-                    "partial RoPE ({n_rot} of {head_dim} dims)"
-                )));
-            }
-        }
-        let rms_eps = self
-            .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
+        let rms_eps = hp
+            .rms_eps
             .ok_or_else(|| CompileError::MissingMetadata(k("attention.layer_norm_rms_epsilon")))?
             as f64;
         let rope_base = self.f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0);
         let rope_base_swa = self.f32_opt(&k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-        let rope_freq_scale = match self
-            .metadata(&k("rope.scaling.type"))
-            .map(|v| v.to_string())
-        {
+        let rope_freq_scale = match self.metadata(&k("rope.scaling.type")) {
             None => 1.0,
-            Some(Ok(t)) if t == "none" => 1.0,
-            Some(Ok(t)) if t == "linear" => {
+            Some(GgufValue::String(t)) if t == "none" => 1.0,
+            Some(GgufValue::String(t)) if t == "linear" => {
                 1.0 / self.f32_opt(&k("rope.scaling.factor"))?.unwrap_or(1.0)
             }
-            Some(Ok(t)) => {
+            Some(GgufValue::String(t)) => {
                 return Err(CompileError::UnsupportedModel(format!(
                     "RoPE scaling `{t}`"
                 )));
             }
-            Some(Err(_)) => 1.0,
+            Some(_) => 1.0,
         };
 
         let mut sliding_window = None;
         let mut swa_layers = vec![false; n_layer];
-        if arch == Arch::Gemma3 {
+        if gemma {
             if let Some(w) = self
                 .u32_opt(&k("attention.sliding_window"))?
                 .filter(|&w| w > 0)
@@ -168,9 +211,9 @@ impl Weights {
                 // sliding-window layers, then one full-attention layer).
                 let key = k("attention.sliding_window_pattern");
                 match self.metadata(&key) {
-                    Some(Value::Array(vals)) => {
-                        for (i, v) in vals.iter().enumerate().take(n_layer) {
-                            swa_layers[i] = v.to_bool().unwrap_or(false);
+                    Some(GgufValue::Array(GgufArray::Bool(vals))) => {
+                        for (i, &v) in vals.iter().enumerate().take(n_layer) {
+                            swa_layers[i] = v;
                         }
                     }
                     _ => {
@@ -183,25 +226,29 @@ impl Weights {
             }
         }
 
-        let attn_scale = match arch {
+        let attn_scale = if gemma {
             // gemma_pytorch: 27B scales by n_embd/n_head, the others by the head size.
-            Arch::Gemma3 if n_layer == 62 => 1.0 / ((n_embd / n_head) as f64).sqrt(),
-            Arch::Gemma3 => 1.0 / (head_dim as f64).sqrt(),
-            _ => match self.f32_opt(&k("attention.scale"))? {
+            if n_layer == 62 {
+                1.0 / ((n_embd / n_head) as f64).sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            }
+        } else {
+            match self.f32_opt(&k("attention.scale"))? {
                 Some(s) if s != 0.0 => s as f64,
                 _ => 1.0 / (head_dim as f64).sqrt(),
-            },
+            }
         };
-        let final_softcap = match arch {
-            Arch::Gemma3 => self
-                .f32_opt(&k("final_logit_softcapping"))?
+        let final_softcap = if gemma {
+            self.f32_opt(&k("final_logit_softcapping"))?
                 .filter(|&c| c != 0.0)
-                .map(|c| c as f64),
-            _ => None,
+                .map(|c| c as f64)
+        } else {
+            None
         };
-        // candle reports shapes reversed from ggml's ne: [n_vocab, n_embd].
-        let n_vocab = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims()[0],
+        // ggml's ne of the embeddings is [n_embd, n_vocab].
+        let n_vocab = match self.header.tensor("token_embd.weight") {
+            Some(t) => t.ne[1] as usize,
             None => return Err(CompileError::MissingTensor("token_embd.weight".into())),
         };
         Ok(Config {
@@ -217,11 +264,11 @@ impl Weights {
             rope_base,
             rope_base_swa,
             rope_freq_scale,
-            rope_neox: arch != Arch::Llama,
+            rope_neox: arch.spec().rope_neox,
             sliding_window,
             swa_layers,
             attn_scale,
-            embed_scale: (arch == Arch::Gemma3).then(|| (n_embd as f64).sqrt()),
+            embed_scale: gemma.then(|| (n_embd as f64).sqrt()),
             final_softcap,
         })
     }
@@ -230,7 +277,11 @@ impl Weights {
 impl Model {
     /// Reads the GGUF at `path` and dequantizes every tensor of the forward to f32.
     pub fn load(path: &Path) -> Result<Model> {
-        let mut w = Weights::open(path)?;
+        Model::from_weights(Weights::open(path)?)
+    }
+
+    /// Dequantizes every tensor of the forward from an opened [`Weights`].
+    pub fn from_weights(mut w: Weights) -> Result<Model> {
         let cfg = w.config()?;
         let tok_embd = w.tensor("token_embd.weight")?;
         let output = w.tensor_opt("output.weight")?;
@@ -280,7 +331,7 @@ impl Model {
             };
             layers.push(layer);
         }
-        if cfg.arch == Arch::Gemma3
+        if cfg.arch.spec().forward == Some(Forward::Gemma3)
             && layers
                 .iter()
                 .any(|l| l.attn_post_norm.is_none() || l.ffn_post_norm.is_none())

@@ -19,34 +19,23 @@ use amend_edits::{HookPoint, Site};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 
-/// The architectures with a forward here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Gemma3,
-    Llama,
-    Qwen2,
-    Qwen3,
-}
+/// Architectures come from the runtime's architecture table; [`Forward`] says which forward
+/// below runs one.
+pub use amend_runtime::{Architecture as Arch, Forward};
 
-impl Arch {
-    pub fn from_gguf_name(name: &str) -> Result<Arch> {
-        match name {
-            "gemma3" => Ok(Arch::Gemma3),
-            "llama" => Ok(Arch::Llama),
-            "qwen2" => Ok(Arch::Qwen2),
-            "qwen3" => Ok(Arch::Qwen3),
-            other => Err(CompileError::UnsupportedArchitecture(other.to_string())),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Gemma3 => "gemma3",
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-        }
-    }
+/// The architecture named `name` (GGUF `general.architecture`) when the compiler has a forward
+/// for it.
+pub fn arch_from_gguf_name(name: &str) -> Result<Arch> {
+    Arch::from_name(name)
+        .filter(|a| a.spec().forward.is_some())
+        .ok_or_else(|| CompileError::UnsupportedArchitecture {
+            arch: name.to_string(),
+            supported: Arch::all()
+                .filter(|a| a.spec().forward.is_some())
+                .map(|a| a.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Dimensions and constants of a model, from its GGUF metadata.
@@ -208,7 +197,7 @@ impl Model {
     /// One transformer block, as llama.cpp builds it for the architecture.
     fn block(&self, il: usize, x: &Tensor, mask: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let l = &self.layers[il];
-        let gemma = self.cfg.arch == Arch::Gemma3;
+        let gemma = self.cfg.arch.spec().forward == Some(Forward::Gemma3);
 
         // Attention.
         let h = rms_norm(x, &l.attn_norm, self.cfg.rms_eps)?;

@@ -199,9 +199,8 @@ impl Compiler {
     /// Loads `model_path` in both views. Fails with [`CompileError::UnsupportedArchitecture`]
     /// before loading anything large when there is no forward for the architecture.
     pub fn open(model_path: &Path) -> Result<Compiler> {
-        let arch = forward::Weights::open(model_path)?.arch_name()?;
-        forward::Arch::from_gguf_name(&arch)?;
-        let fwd = forward::Model::load(model_path)?;
+        // Validates the header and the architecture before loading anything large.
+        let fwd = forward::Model::from_weights(forward::Weights::open(model_path)?)?;
         let runtime = amend_runtime::Model::open(model_path, Default::default())
             .map_err(|e| CompileError::Runtime(e.to_string()))?;
         let session = Session::new(
@@ -212,7 +211,8 @@ impl Compiler {
             },
         )
         .map_err(|e| CompileError::Runtime(e.to_string()))?;
-        let binding = amend_edits::fingerprint::model_binding(model_path)
+        let binding = runtime
+            .binding()
             .map_err(|e| CompileError::Runtime(format!("fingerprint: {e}")))?;
         Ok(Compiler {
             fwd,

@@ -73,57 +73,59 @@ pub struct Header {
 
 const _: () = assert!(core::mem::size_of::<Header>() == HEADER_LEN);
 
-/// What a section holds; the payload descriptor that references it checks the kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum SectionKind {
-    CodebookKeys = 1,
-    CodebookValues = 2,
-    CodebookRadii = 3,
-    NeuronKeys = 4,
-    NeuronBiases = 5,
-    NeuronValues = 6,
-    LowRankA = 7,
-    LowRankB = 8,
-    GgufLora = 9,
-    MemoryEmbeddings = 10,
+/// A wire-code enum declared once: the enum (with its `#[repr]` code per variant) and its
+/// `from_code` are generated from the same list, so a code cannot be added to one and not the
+/// other.
+macro_rules! wire_codes {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident : $repr:ty { $( $variant:ident = $code:literal ),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr($repr)]
+        pub enum $name { $( $variant = $code ),+ }
+
+        impl $name {
+            /// Every variant, in code order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The variant of a wire code, `None` for a code this reader does not know.
+            pub fn from_code(c: $repr) -> Option<Self> {
+                match c {
+                    $( $code => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl SectionKind {
-    pub fn from_code(c: u16) -> Option<Self> {
-        use SectionKind::*;
-        Some(match c {
-            1 => CodebookKeys,
-            2 => CodebookValues,
-            3 => CodebookRadii,
-            4 => NeuronKeys,
-            5 => NeuronBiases,
-            6 => NeuronValues,
-            7 => LowRankA,
-            8 => LowRankB,
-            9 => GgufLora,
-            10 => MemoryEmbeddings,
-            _ => return None,
-        })
+wire_codes! {
+    /// What a section holds; the payload descriptor that references it checks the kind.
+    pub enum SectionKind: u16 {
+        CodebookKeys = 1,
+        CodebookValues = 2,
+        CodebookRadii = 3,
+        NeuronKeys = 4,
+        NeuronBiases = 5,
+        NeuronValues = 6,
+        LowRankA = 7,
+        LowRankB = 8,
+        GgufLora = 9,
+        MemoryEmbeddings = 10,
     }
 }
 
-/// Element type of a section.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Dtype {
-    U8 = 0,
-    F32 = 1,
+wire_codes! {
+    /// Element type of a section.
+    pub enum Dtype: u8 {
+        U8 = 0,
+        F32 = 1,
+    }
 }
 
 impl Dtype {
-    pub fn from_code(c: u8) -> Option<Self> {
-        match c {
-            0 => Some(Dtype::U8),
-            1 => Some(Dtype::F32),
-            _ => None,
-        }
-    }
     pub fn size(self) -> u64 {
         match self {
             Dtype::U8 => 1,
@@ -132,28 +134,18 @@ impl Dtype {
     }
 }
 
-/// Payload (family) kinds. A v1.x reader refuses kinds it does not know.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum PayloadKind {
-    Codebook = 1,
-    PatchNeurons = 2,
-    LowRank = 3,
-    LowRankGguf = 4,
-    Memory = 5,
+wire_codes! {
+    /// Payload (family) kinds. A v1.x reader refuses kinds it does not know.
+    pub enum PayloadKind: u16 {
+        Codebook = 1,
+        PatchNeurons = 2,
+        LowRank = 3,
+        LowRankGguf = 4,
+        Memory = 5,
+    }
 }
 
 impl PayloadKind {
-    pub fn from_code(c: u16) -> Option<Self> {
-        Some(match c {
-            1 => PayloadKind::Codebook,
-            2 => PayloadKind::PatchNeurons,
-            3 => PayloadKind::LowRank,
-            4 => PayloadKind::LowRankGguf,
-            5 => PayloadKind::Memory,
-            _ => return None,
-        })
-    }
     pub fn name(self) -> &'static str {
         match self {
             PayloadKind::Codebook => "codebook",
@@ -359,4 +351,26 @@ impl Payload {
 /// Round `x` up to a multiple of `a` (a power of two), `None` on overflow.
 pub(crate) fn align_up(x: u64, a: u64) -> Option<u64> {
     Some(x.checked_add(a - 1)? & !(a - 1))
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_round_trip() {
+        for &k in SectionKind::ALL {
+            assert_eq!(SectionKind::from_code(k as u16), Some(k));
+        }
+        for &k in PayloadKind::ALL {
+            assert_eq!(PayloadKind::from_code(k as u16), Some(k));
+        }
+        for &d in Dtype::ALL {
+            assert_eq!(Dtype::from_code(d as u8), Some(d));
+        }
+        assert_eq!(SectionKind::from_code(0), None);
+        assert_eq!(SectionKind::from_code(11), None);
+        assert_eq!(PayloadKind::from_code(6), None);
+        assert_eq!(Dtype::from_code(2), None);
+    }
 }

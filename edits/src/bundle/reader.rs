@@ -411,7 +411,9 @@ pub fn check_manifest(
     Ok(payloads)
 }
 
-fn decode_body(kind: PayloadKind, body: &[u8]) -> Option<Payload> {
+/// Decodes a payload descriptor of `kind` (postcard, no trailing bytes); `None` when it does not
+/// decode. Shape and reference checks come after (see [`verify`]).
+pub fn decode_body(kind: PayloadKind, body: &[u8]) -> Option<Payload> {
     fn d<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Option<T> {
         match postcard::take_from_bytes::<T>(b) {
             Ok((v, [])) => Some(v),

@@ -287,7 +287,9 @@ impl<'a> LowRank<'a> {
     /// copy: tensors must be F32 and the blob 4-byte aligned (GGUF aligns tensor data to 32 bytes
     /// from the start of the file). `adapter.lora.alpha` missing or 0 means scale 1, as in
     /// llama.cpp, so each tensor's alpha becomes its rank. Adapters with F16/BF16/quantized
-    /// tensors are checked with [`inspect_gguf_lora`] instead and handed to llama.cpp as they are.
+    /// tensors are refused here (this math cannot borrow them): the runtime validates those with
+    /// [`inspect_gguf_lora`] and hands them to llama.cpp as they are (`amend_runtime`'s
+    /// `editing::Adapter::load`), so they apply there but not in the no_std math of this crate.
     pub fn from_gguf_blob(blob: &'a [u8]) -> Result<LowRank<'a>, InvalidPayload> {
         let f = parse_blob(blob)?;
         let (arch, alpha, pairs) = lora_pairs(&f)?;
@@ -353,8 +355,8 @@ pub struct GgufLoraTensor {
 }
 
 /// Validate a llama.cpp GGUF-LoRA of any tensor types (F32, F16, BF16, quantized): header keys,
-/// `lora_a`/`lora_b` pairing and shapes, data bounds. The runtime checks `n_in`/`n_out` against
-/// the model's tensors before handing the blob to llama.cpp.
+/// `lora_a`/`lora_b` pairing and shapes, data bounds. The runtime refuses a blob this rejects;
+/// llama.cpp then checks each tensor's `n_in`/`n_out` against the model's tensors.
 pub fn inspect_gguf_lora(blob: &[u8]) -> Result<GgufLoraInfo, InvalidPayload> {
     let f = parse_blob(blob)?;
     let (architecture, alpha, pairs) = lora_pairs(&f)?;

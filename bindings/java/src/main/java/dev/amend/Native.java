@@ -23,6 +23,7 @@ final class Native {
 
     static native String version();
     static native int abiVersion();
+    static native String resultName(int code);
     static native long liveHandles();
 
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads);

@@ -56,6 +56,19 @@ public final class AmendTest {
         String reference = System.getenv("AMEND_REFERENCE_BIN");
 
         test("version", () -> check(Amend.version().split("\\.").length == 3 && Amend.abiVersion() == 1, Amend.version()));
+        test("Result constants match amend_result_name", () -> {
+            // Every code the library names is a Result constant of that name, and back.
+            java.util.Map<Integer, String> lib = new java.util.TreeMap<>();
+            for (int code = -1; code < 1000; code++) {
+                String name = Native.resultName(code);
+                if (!name.equals("AMEND_UNKNOWN_RESULT")) lib.put(code, name);
+            }
+            java.util.Map<Integer, String> ours = new java.util.TreeMap<>();
+            for (java.lang.reflect.Field f : Result.class.getFields()) {
+                ours.put(f.getInt(null), "AMEND_" + f.getName());
+            }
+            check(lib.equals(ours), "library " + lib + " vs Result.java " + ours);
+        });
         test("missing model", () -> {
             AmendException e = expect(Result.ERR_IO, () -> new Model("/nonexistent/model.gguf"));
             check(e.getMessage().contains("not found"), e.getMessage());

@@ -1,0 +1,461 @@
+//! A model's hyperparameters read from its GGUF metadata and checked before llama.cpp sees them.
+//!
+//! llama.cpp asserts (aborts the process) on some values rather than returning an error: a
+//! `block_count` of 0 or above 512 at load, a NaN `layer_norm_rms_epsilon` at the first decode, a
+//! key length that differs from the value length or the RoPE width in the graph builders.
+//! [`ModelHparams::from_header`] refuses every such value with an error naming the key, so a
+//! hostile or broken model file is an error, never an abort. The validated values are also what
+//! the model fingerprint hashes ([`ModelHparams::hash_bytes`]).
+//!
+//! Limits are far above any real model; they exist so that absurd values cannot drive huge
+//! allocations inside llama.cpp.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use super::{GgufArray, GgufHeader, GgufValue};
+
+/// llama.cpp's `LLAMA_MAX_LAYERS`: more layers is a GGML_ASSERT at load.
+pub const MAX_LAYERS: u64 = 512;
+/// Widest residual stream accepted (the largest released models use 16,384).
+pub const MAX_EMBD: u64 = 1 << 16;
+/// Widest FFN accepted.
+pub const MAX_FF: u64 = 1 << 20;
+/// Most attention heads per layer.
+pub const MAX_HEADS: u64 = 4096;
+/// Largest key/value head size.
+pub const MAX_HEAD_DIM: u64 = 4096;
+/// Longest training context accepted (16M positions).
+pub const MAX_CTX: u64 = 1 << 24;
+/// Largest vocabulary accepted (token ids are i32 in llama.cpp).
+pub const MAX_VOCAB: u64 = 1 << 24;
+
+/// A hyperparameter that llama.cpp must not see: the GGUF key and why its value is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("GGUF key `{key}`: {reason}")]
+pub struct HparamError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn err<T>(key: &str, reason: String) -> Result<T, HparamError> {
+    Err(HparamError {
+        key: key.to_string(),
+        reason,
+    })
+}
+
+/// The validated hyperparameters of a transformer model (per-layer values repeated when the
+/// file gives a scalar).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelHparams {
+    /// `general.architecture`.
+    pub arch: String,
+    pub n_layer: u32,
+    pub n_embd: u32,
+    pub n_ctx_train: u32,
+    /// Per layer.
+    pub n_ff: Vec<u32>,
+    /// Per layer.
+    pub n_head: Vec<u32>,
+    /// Per layer; divides `n_head` of the same layer.
+    pub n_head_kv: Vec<u32>,
+    pub head_dim_k: u32,
+    pub head_dim_v: u32,
+    /// RoPE width (= `head_dim_k`; the supported graphs assert it).
+    pub n_rot: u32,
+    pub rms_eps: Option<f32>,
+    pub norm_eps: Option<f32>,
+    pub rope_freq_base: Option<f32>,
+    pub n_vocab: u32,
+    /// Every `tokenizer.ggml.*_token_id` key, in file order, each below `n_vocab`.
+    pub special_tokens: Vec<(String, u32)>,
+}
+
+/// An integer key, `None` when absent.
+fn int(h: &GgufHeader, key: &str) -> Result<Option<u64>, HparamError> {
+    match h.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(x) => Ok(Some(x)),
+            None => err(
+                key,
+                format!("must be a non-negative integer, got {}", show(v)),
+            ),
+        },
+    }
+}
+
+fn int_in(h: &GgufHeader, key: &str, lo: u64, hi: u64) -> Result<Option<u32>, HparamError> {
+    match int(h, key)? {
+        None => Ok(None),
+        Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as u32)),
+        Some(x) => err(key, format!("{x} is outside {lo}..={hi}")),
+    }
+}
+
+fn required<T>(key: &str, v: Option<T>) -> Result<T, HparamError> {
+    v.ok_or_else(|| HparamError {
+        key: key.to_string(),
+        reason: "is missing".to_string(),
+    })
+}
+
+/// A key that is either one integer for every layer or an array with one per layer.
+fn per_layer(
+    h: &GgufHeader,
+    key: &str,
+    n_layer: u32,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<Vec<u32>>, HparamError> {
+    let Some(v) = h.get(key) else {
+        return Ok(None);
+    };
+    let vals: Vec<u64> = match v {
+        GgufValue::Array(a) => {
+            let vals = array_ints(a).ok_or_else(|| HparamError {
+                key: key.to_string(),
+                reason: "must be an integer or an array of integers".to_string(),
+            })?;
+            if vals.len() != n_layer as usize {
+                return err(
+                    key,
+                    format!("has {} entries, the model has {n_layer} layers", vals.len()),
+                );
+            }
+            vals
+        }
+        other => match other.as_u64() {
+            Some(x) => alloc::vec![x; n_layer as usize],
+            None => return err(key, format!("must be an integer, got {}", show(other))),
+        },
+    };
+    for (il, &x) in vals.iter().enumerate() {
+        if !(lo..=hi).contains(&x) {
+            return err(key, format!("{x} (layer {il}) is outside {lo}..={hi}"));
+        }
+    }
+    Ok(Some(vals.into_iter().map(|x| x as u32).collect()))
+}
+
+fn array_ints(a: &GgufArray) -> Option<Vec<u64>> {
+    fn conv<T: Copy>(v: &[T], f: impl Fn(T) -> Option<u64>) -> Option<Vec<u64>> {
+        v.iter().map(|&x| f(x)).collect()
+    }
+    match a {
+        GgufArray::U8(v) => conv(v, |x| Some(x.into())),
+        GgufArray::U16(v) => conv(v, |x| Some(x.into())),
+        GgufArray::U32(v) => conv(v, |x| Some(x.into())),
+        GgufArray::U64(v) => conv(v, Some),
+        GgufArray::I8(v) => conv(v, |x| u64::try_from(x).ok()),
+        GgufArray::I16(v) => conv(v, |x| u64::try_from(x).ok()),
+        GgufArray::I32(v) => conv(v, |x| u64::try_from(x).ok()),
+        GgufArray::I64(v) => conv(v, |x| u64::try_from(x).ok()),
+        _ => None,
+    }
+}
+
+fn show(v: &GgufValue) -> String {
+    match v {
+        GgufValue::String(s) => format!("the string {s:?}"),
+        GgufValue::Array(a) => format!("an array of {}", a.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An epsilon: finite and in [0, 1].
+fn epsilon(h: &GgufHeader, key: &str) -> Result<Option<f32>, HparamError> {
+    match h.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_f32() {
+            Some(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(Some(x)),
+            Some(x) => err(key, format!("{x} is not a finite epsilon in [0, 1]")),
+            None => err(key, format!("must be a float, got {}", show(v))),
+        },
+    }
+}
+
+impl ModelHparams {
+    /// Reads and checks the hyperparameters llama.cpp builds the graph from. Errors name the key.
+    pub fn from_header(h: &GgufHeader) -> Result<ModelHparams, HparamError> {
+        const ARCH: &str = "general.architecture";
+        let arch = match h.get(ARCH) {
+            Some(GgufValue::String(s)) if !s.is_empty() => s.clone(),
+            Some(v) => return err(ARCH, format!("must be a non-empty string, got {}", show(v))),
+            None => return err(ARCH, "is missing".to_string()),
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+
+        let n_layer = required(
+            &k("block_count"),
+            int_in(h, &k("block_count"), 1, MAX_LAYERS)?,
+        )?;
+        let n_embd = required(
+            &k("embedding_length"),
+            int_in(h, &k("embedding_length"), 1, MAX_EMBD)?,
+        )?;
+        let n_ctx_train = required(
+            &k("context_length"),
+            int_in(h, &k("context_length"), 1, MAX_CTX)?,
+        )?;
+        let n_ff = per_layer(h, &k("feed_forward_length"), n_layer, 1, MAX_FF)?
+            .unwrap_or_else(|| alloc::vec![0; n_layer as usize]);
+        let key_head = k("attention.head_count");
+        let n_head = required(&key_head, per_layer(h, &key_head, n_layer, 1, MAX_HEADS)?)?;
+        let key_kv = k("attention.head_count_kv");
+        let n_head_kv = per_layer(h, &key_kv, n_layer, 1, MAX_HEADS)?.unwrap_or(n_head.clone());
+        for (il, (&q, &kv)) in n_head.iter().zip(&n_head_kv).enumerate() {
+            if q % kv != 0 {
+                return err(
+                    &key_kv,
+                    format!("{kv} (layer {il}) does not divide the {q} query heads"),
+                );
+            }
+        }
+        // Without explicit head sizes llama.cpp divides the width by the head count.
+        let derived = || -> Result<u32, HparamError> {
+            let h0 = n_head[0];
+            if n_embd % h0 != 0 {
+                return err(
+                    &key_head,
+                    format!("{h0} does not divide embedding_length {n_embd}"),
+                );
+            }
+            Ok(n_embd / h0)
+        };
+        let key_k = k("attention.key_length");
+        let head_dim_k = match int_in(h, &key_k, 1, MAX_HEAD_DIM)? {
+            Some(d) => d,
+            None => derived()?,
+        };
+        let key_v = k("attention.value_length");
+        let head_dim_v = match int_in(h, &key_v, 1, MAX_HEAD_DIM)? {
+            Some(d) => d,
+            None => derived()?,
+        };
+        if head_dim_v != head_dim_k {
+            return err(
+                &key_v,
+                format!("{head_dim_v} differs from the key length {head_dim_k} (the supported graphs need equal head sizes)"),
+            );
+        }
+        let key_rot = k("rope.dimension_count");
+        let n_rot = int_in(h, &key_rot, 0, MAX_HEAD_DIM)?.unwrap_or(head_dim_k);
+        if n_rot != head_dim_k {
+            return err(
+                &key_rot,
+                format!("{n_rot} differs from the head size {head_dim_k} (partial RoPE is not supported)"),
+            );
+        }
+        let rms_eps = epsilon(h, &k("attention.layer_norm_rms_epsilon"))?;
+        let norm_eps = epsilon(h, &k("attention.layer_norm_epsilon"))?;
+        // Every float of the architecture's section must be finite (RoPE bases and factors,
+        // soft-capping, attention scales feed the graph unchecked).
+        let prefix = format!("{arch}.");
+        for (key, v) in &h.metadata {
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let finite = match v {
+                GgufValue::F32(x) => x.is_finite(),
+                GgufValue::F64(x) => x.is_finite(),
+                GgufValue::Array(GgufArray::F32(a)) => a.iter().all(|x| x.is_finite()),
+                GgufValue::Array(GgufArray::F64(a)) => a.iter().all(|x| x.is_finite()),
+                _ => true,
+            };
+            if !finite {
+                return err(key, "must be finite (NaN or infinity)".to_string());
+            }
+        }
+        let key_base = k("rope.freq_base");
+        let rope_freq_base = match h.get(&key_base) {
+            None => None,
+            Some(v) => match v.as_f32() {
+                Some(x) if x > 0.0 => Some(x),
+                _ => return err(&key_base, format!("must be a float > 0, got {}", show(v))),
+            },
+        };
+        for key in [k("rope.scaling.factor"), k("rope.scale_linear")] {
+            if let Some(v) = h.get(&key) {
+                if !v.as_f32().is_some_and(|x| x >= 0.0) {
+                    return err(&key, format!("must be a float >= 0, got {}", show(v)));
+                }
+            }
+        }
+
+        // Vocabulary.
+        const MODEL: &str = "tokenizer.ggml.model";
+        match h.get(MODEL) {
+            Some(GgufValue::String(s)) if s != "none" && s != "no_vocab" && !s.is_empty() => {}
+            Some(v) => {
+                return err(
+                    MODEL,
+                    format!(
+                        "{} is not a tokenizer (llama.cpp cannot tokenize without one)",
+                        show(v)
+                    ),
+                )
+            }
+            None => return err(MODEL, "is missing".to_string()),
+        }
+        const TOKENS: &str = "tokenizer.ggml.tokens";
+        let n_vocab = match h.get(TOKENS) {
+            Some(GgufValue::Array(GgufArray::String(t))) => t.len() as u64,
+            Some(v) => {
+                return err(
+                    TOKENS,
+                    format!("must be an array of strings, got {}", show(v)),
+                )
+            }
+            None => return err(TOKENS, "is missing".to_string()),
+        };
+        if !(1..=MAX_VOCAB).contains(&n_vocab) {
+            return err(
+                TOKENS,
+                format!("{n_vocab} tokens is outside 1..={MAX_VOCAB}"),
+            );
+        }
+        let n_vocab = n_vocab as u32;
+        for key in ["tokenizer.ggml.scores", "tokenizer.ggml.token_type"] {
+            if let Some(v) = h.get(key) {
+                let n = v.as_array().map_or(0, GgufArray::len);
+                if n != n_vocab as usize {
+                    return err(
+                        key,
+                        format!("has {n} entries, the vocabulary has {n_vocab} tokens"),
+                    );
+                }
+            }
+        }
+        let mut special_tokens = Vec::new();
+        for (key, v) in &h.metadata {
+            if !(key.starts_with("tokenizer.ggml.") && key.ends_with("_token_id")) {
+                continue;
+            }
+            match v.as_u64() {
+                Some(id) if id < n_vocab as u64 => special_tokens.push((key.clone(), id as u32)),
+                _ => {
+                    return err(
+                        key,
+                        format!(
+                            "{} is not a token id below the vocabulary size {n_vocab}",
+                            show(v)
+                        ),
+                    )
+                }
+            }
+        }
+
+        let hp = ModelHparams {
+            arch,
+            n_layer,
+            n_embd,
+            n_ctx_train,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim_k,
+            head_dim_v,
+            n_rot,
+            rms_eps,
+            norm_eps,
+            rope_freq_base,
+            n_vocab,
+            special_tokens,
+        };
+        hp.check_shapes(h)?;
+        Ok(hp)
+    }
+
+    /// The shapes llama.cpp expects of the tensors these hyperparameters size (those present:
+    /// which tensors an architecture requires is the runtime's architecture table's business),
+    /// and no layer tensor past `n_layer`.
+    fn check_shapes(&self, h: &GgufHeader) -> Result<(), HparamError> {
+        let e = self.n_embd as u64;
+        let v = self.n_vocab as u64;
+        let expect = |name: &str, ne: &[u64]| -> Result<(), HparamError> {
+            match h.tensor(name) {
+                Some(t) if t.ne != ne => err(
+                    name,
+                    format!(
+                        "tensor shape {:?} does not match the hyperparameters (expected {ne:?})",
+                        t.ne
+                    ),
+                ),
+                _ => Ok(()),
+            }
+        };
+        expect("token_embd.weight", &[e, v])?;
+        expect("output.weight", &[e, v])?;
+        expect("output_norm.weight", &[e])?;
+        for il in 0..self.n_layer as usize {
+            let (q, kv) = (self.n_head[il] as u64, self.n_head_kv[il] as u64);
+            let (dk, dv) = (self.head_dim_k as u64, self.head_dim_v as u64);
+            let ff = self.n_ff[il] as u64;
+            let t = |s: &str, ne: &[u64]| expect(&format!("blk.{il}.{s}.weight"), ne);
+            t("attn_norm", &[e])?;
+            t("attn_q", &[e, q * dk])?;
+            t("attn_k", &[e, kv * dk])?;
+            t("attn_v", &[e, kv * dv])?;
+            t("attn_output", &[q * dv, e])?;
+            t("attn_q_norm", &[dk])?;
+            t("attn_k_norm", &[dk])?;
+            t("ffn_norm", &[e])?;
+            if ff > 0 {
+                t("ffn_gate", &[e, ff])?;
+                t("ffn_up", &[e, ff])?;
+                t("ffn_down", &[ff, e])?;
+            }
+        }
+        for t in &h.tensors {
+            let Some(rest) = t.name.strip_prefix("blk.") else {
+                continue;
+            };
+            let layer = rest.split('.').next().and_then(|n| n.parse::<u64>().ok());
+            if let Some(il) = layer.filter(|&il| il >= self.n_layer as u64) {
+                return err(
+                    &t.name,
+                    format!("tensor of layer {il}, but block_count is {}", self.n_layer),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A canonical encoding of every validated value, for the model fingerprint.
+    pub fn hash_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut put = |x: u32| out.extend_from_slice(&x.to_le_bytes());
+        put(self.arch.len() as u32);
+        for scalar in [
+            self.n_layer,
+            self.n_embd,
+            self.n_ctx_train,
+            self.head_dim_k,
+            self.head_dim_v,
+            self.n_rot,
+            self.n_vocab,
+        ] {
+            put(scalar);
+        }
+        for per_layer in [&self.n_ff, &self.n_head, &self.n_head_kv] {
+            per_layer.iter().for_each(|&x| put(x));
+        }
+        for f in [self.rms_eps, self.norm_eps, self.rope_freq_base] {
+            put(f.map_or(u32::MAX, f32::to_bits));
+        }
+        put(self.special_tokens.len() as u32);
+        for (key, id) in &self.special_tokens {
+            put(key.len() as u32);
+            put(*id);
+        }
+        let mut bytes = out;
+        bytes.extend_from_slice(self.arch.as_bytes());
+        for (key, _) in &self.special_tokens {
+            bytes.extend_from_slice(key.as_bytes());
+        }
+        bytes
+    }
+}

@@ -1,0 +1,342 @@
+//! Every numeric parameter of the C ABI at its extremes, on the tiny model: out-of-range values
+//! give `AMEND_ERR_INVALID_ARGUMENT` with a message naming the parameter, never a wrapped value,
+//! an abort inside llama.cpp or a C++ exception (`repeat_last_n` = INT32_MAX used to throw
+//! `bad_alloc`, `n_threads` = 100000 aborted in ggml, values above INT32_MAX wrapped negative).
+
+use std::ffi::CStr;
+use std::path::PathBuf;
+use std::ptr;
+
+use amend::*;
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(amend_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn tiny_model_path() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let p = dir.join(format!("ffi-numeric-tiny-{}.gguf", std::process::id()));
+    if !p.exists() {
+        amend_runtime::testutil::write_tiny_model(&p, amend_runtime::Architecture::Llama, 3)
+            .unwrap();
+    }
+    p
+}
+
+fn open_model(params: &amend_model_params) -> (amend_result, *mut amend_model) {
+    let path = std::ffi::CString::new(tiny_model_path().to_str().unwrap()).unwrap();
+    let mut m = ptr::null_mut();
+    let r = amend_model_open(path.as_ptr(), params, &mut m);
+    (r, m)
+}
+
+/// `r` is an invalid-argument error whose message names `param`.
+fn refused(r: amend_result, param: &str) {
+    assert_eq!(
+        r,
+        amend_result::AMEND_ERR_INVALID_ARGUMENT,
+        "{param}: {}",
+        last_error()
+    );
+    let msg = last_error();
+    assert!(msg.contains(param), "{param}: {msg}");
+}
+
+#[test]
+fn model_thread_count() {
+    for n in [513u32, 100_000, i32::MAX as u32 + 1, u32::MAX] {
+        let (r, m) = open_model(&amend_model_params {
+            n_threads: n,
+            ..amend_model_default_params()
+        });
+        refused(r, "n_threads");
+        assert!(m.is_null());
+    }
+    for n in [0u32, 1, 512] {
+        let (r, m) = open_model(&amend_model_params {
+            n_threads: n,
+            ..amend_model_default_params()
+        });
+        assert_eq!(r, amend_result::AMEND_OK, "n_threads {n}: {}", last_error());
+        amend_model_free(m);
+    }
+}
+
+fn with_session(
+    params: amend_session_params,
+) -> (amend_result, *mut amend_model, *mut amend_session) {
+    let (r, m) = open_model(&amend_model_default_params());
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let mut s = ptr::null_mut();
+    let r = amend_session_open(m, &params, &mut s);
+    (r, m, s)
+}
+
+#[test]
+fn session_sizes_and_threads() {
+    let d = amend_session_default_params;
+    let cases: [(amend_session_params, &str); 9] = [
+        (amend_session_params { n_ctx: 0, ..d() }, "n_ctx"),
+        (
+            amend_session_params {
+                n_ctx: u32::MAX,
+                ..d()
+            },
+            "n_ctx",
+        ),
+        (
+            amend_session_params {
+                n_ctx: (1 << 20) + 1,
+                ..d()
+            },
+            "n_ctx",
+        ),
+        (amend_session_params { n_ubatch: 0, ..d() }, "n_ubatch"),
+        (
+            amend_session_params {
+                n_threads: 513,
+                ..d()
+            },
+            "n_threads",
+        ),
+        (
+            amend_session_params {
+                n_threads: 100_000,
+                ..d()
+            },
+            "n_threads",
+        ),
+        (
+            amend_session_params {
+                n_threads: u32::MAX,
+                ..d()
+            },
+            "n_threads",
+        ),
+        (
+            amend_session_params {
+                n_threads_batch: i32::MAX as u32 + 1,
+                ..d()
+            },
+            "n_threads_batch",
+        ),
+        (
+            amend_session_params {
+                n_threads_batch: u32::MAX,
+                ..d()
+            },
+            "n_threads_batch",
+        ),
+    ];
+    for (p, name) in cases {
+        let (r, m, s) = with_session(p);
+        refused(r, name);
+        assert!(s.is_null());
+        amend_model_free(m);
+    }
+    // Large but meaningful values are capped, not refused: n_ctx at the training context,
+    // n_ubatch at n_ctx.
+    let (r, m, s) = with_session(amend_session_params {
+        n_ctx: 1 << 20,
+        n_ubatch: u32::MAX,
+        n_threads: 1,
+        n_threads_batch: 1,
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    amend_session_free(s);
+    amend_model_free(m);
+}
+
+#[test]
+fn generation_parameters() {
+    let (r, m, s) = with_session(amend_session_params {
+        n_ctx: 64,
+        n_threads: 1,
+        n_threads_batch: 1,
+        ..amend_session_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let prompt = "hello";
+    let generate = |p: amend_generate_params| {
+        amend_session_generate(
+            s,
+            prompt.as_ptr() as *const _,
+            prompt.len(),
+            &p,
+            None,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    let d = || amend_generate_params {
+        max_tokens: 4,
+        temperature: 0.7,
+        repeat_penalty: 1.1,
+        ..amend_generate_default_params()
+    };
+    let nan = f32::NAN;
+    let inf = f32::INFINITY;
+    let cases: Vec<(amend_generate_params, &str)> = vec![
+        (
+            amend_generate_params {
+                temperature: nan,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            amend_generate_params {
+                temperature: inf,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            amend_generate_params {
+                temperature: -inf,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            amend_generate_params {
+                top_k: u32::MAX,
+                ..d()
+            },
+            "top_k",
+        ),
+        (
+            amend_generate_params {
+                top_k: i32::MAX as u32 + 1,
+                ..d()
+            },
+            "top_k",
+        ),
+        (amend_generate_params { top_p: nan, ..d() }, "top_p"),
+        (amend_generate_params { top_p: 0.0, ..d() }, "top_p"),
+        (amend_generate_params { top_p: 1.5, ..d() }, "top_p"),
+        (amend_generate_params { top_p: -1.0, ..d() }, "top_p"),
+        (amend_generate_params { min_p: nan, ..d() }, "min_p"),
+        (amend_generate_params { min_p: -0.1, ..d() }, "min_p"),
+        (amend_generate_params { min_p: 1.1, ..d() }, "min_p"),
+        (
+            amend_generate_params {
+                repeat_penalty: nan,
+                ..d()
+            },
+            "repeat_penalty",
+        ),
+        (
+            amend_generate_params {
+                repeat_penalty: 0.0,
+                ..d()
+            },
+            "repeat_penalty",
+        ),
+        (
+            amend_generate_params {
+                repeat_penalty: -1.0,
+                ..d()
+            },
+            "repeat_penalty",
+        ),
+        (
+            amend_generate_params {
+                repeat_penalty: inf,
+                ..d()
+            },
+            "repeat_penalty",
+        ),
+        // INT32_MAX threw std::bad_alloc inside llama.cpp; 2^28 cost 1 GiB.
+        (
+            amend_generate_params {
+                repeat_last_n: i32::MAX as u32,
+                ..d()
+            },
+            "repeat_last_n",
+        ),
+        (
+            amend_generate_params {
+                repeat_last_n: u32::MAX,
+                ..d()
+            },
+            "repeat_last_n",
+        ),
+        (
+            amend_generate_params {
+                repeat_last_n: 1 << 28,
+                ..d()
+            },
+            "repeat_last_n",
+        ),
+        (
+            amend_generate_params {
+                repeat_last_n: 65,
+                ..d()
+            },
+            "repeat_last_n",
+        ),
+        (
+            amend_generate_params {
+                seed: u32::MAX,
+                ..d()
+            },
+            "seed",
+        ),
+    ];
+    for (p, name) in cases {
+        refused(generate(p), name);
+    }
+    // The extremes that are meaningful work: greedy below zero, the whole context for the
+    // penalty window, any other seed, top_k above the vocabulary, max_tokens until the context
+    // is full.
+    for p in [
+        amend_generate_params {
+            temperature: -1.0,
+            ..d()
+        },
+        amend_generate_params {
+            repeat_last_n: 64,
+            ..d()
+        },
+        amend_generate_params {
+            repeat_last_n: 0,
+            ..d()
+        },
+        amend_generate_params {
+            seed: u32::MAX - 1,
+            ..d()
+        },
+        amend_generate_params { seed: 0, ..d() },
+        amend_generate_params {
+            top_k: i32::MAX as u32,
+            ..d()
+        },
+        amend_generate_params {
+            top_p: 1.0,
+            min_p: 0.0,
+            top_k: 0,
+            ..d()
+        },
+        amend_generate_params {
+            max_tokens: u32::MAX,
+            stop_at_eos: false,
+            ..d()
+        },
+        amend_generate_params {
+            max_tokens: 0,
+            ..d()
+        },
+    ] {
+        assert_eq!(
+            generate(p),
+            amend_result::AMEND_OK,
+            "{p:?}: {}",
+            last_error()
+        );
+    }
+    amend_session_free(s);
+    amend_model_free(m);
+}

@@ -1,0 +1,179 @@
+//! Hyperparameters llama.cpp would abort on (GGML_ASSERT, not an error) or misread: each is a
+//! specific error from `Model::open` naming the GGUF key, never a crash of the test process.
+mod common;
+
+use std::path::PathBuf;
+
+use amend_edits::gguf::{GgufFile, GgufValue, GgufWriter};
+use amend_runtime::{Architecture, Model, ModelOptions, RuntimeError};
+
+/// The tiny llama model rewritten by `edit` (metadata and tensors copied, then edited).
+fn variant(
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, GgufValue)>, &mut Vec<Tensor>),
+) -> PathBuf {
+    let full = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
+    let f = GgufFile::parse(&full).unwrap();
+    let mut meta = f.metadata.clone();
+    let mut tensors: Vec<Tensor> = f
+        .tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.clone(),
+            ne: t.ne.clone(),
+            data: f.data_of(t).unwrap().to_vec(),
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add(&k, v);
+    }
+    for t in tensors {
+        w.add_tensor_raw(&t.name, amend_edits::gguf::GgmlType::F32, &t.ne, t.data)
+            .unwrap();
+    }
+    let p = common::tmp_dir().join(format!("hp-{tag}.gguf"));
+    w.write_to(&p).unwrap();
+    p
+}
+
+struct Tensor {
+    name: String,
+    ne: Vec<u64>,
+    data: Vec<u8>,
+}
+
+fn set(key: &str, value: impl Into<GgufValue>) -> PathBuf {
+    let value = value.into();
+    variant(&key.replace('.', "_"), |meta, _| {
+        match meta.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => meta.push((key.to_string(), value)),
+        }
+    })
+}
+
+/// The tiny model with `key` set to `value` is refused, naming `key`; returns the message.
+fn bad(key: &str, value: impl Into<GgufValue>) -> String {
+    refused(&set(key, value), key)
+}
+
+/// Opening `p` fails with `InvalidHparams` for `key`; returns the message.
+fn refused(p: &std::path::Path, key: &str) -> String {
+    let err = Model::open(p, ModelOptions::default()).unwrap_err();
+    match &err {
+        RuntimeError::InvalidHparams { source, .. } => {
+            assert_eq!(source.key, key, "{err}")
+        }
+        other => panic!("expected InvalidHparams for {key}, got {other}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(key), "{msg}");
+    msg
+}
+
+#[test]
+fn layer_counts() {
+    // llama.cpp: GGML_ASSERT(n_layer > 0 && n_layer <= LLAMA_MAX_LAYERS).
+    bad("llama.block_count", 0u32);
+    bad("llama.block_count", 100_000u32);
+    bad("llama.block_count", -1i32);
+    // More layers than tensors: the first missing tensor is named.
+    refused(&set("llama.block_count", 3u32), "blk.2.attn_norm.weight");
+    // Fewer: a tensor past the last layer.
+    let msg = refused(&set("llama.block_count", 1u32), "blk.1.attn_norm.weight");
+    assert!(msg.contains("block_count is 1"), "{msg}");
+}
+
+#[test]
+fn widths_and_heads() {
+    bad("llama.embedding_length", 0u32);
+    bad("llama.embedding_length", 1u32 << 20);
+    // Consistent-looking but not the tensors' width.
+    let msg = refused(&set("llama.embedding_length", 32u32), "token_embd.weight");
+    assert!(msg.contains("expected [32,"), "{msg}");
+    bad("llama.feed_forward_length", 0u32);
+    bad("llama.attention.head_count", 0u32);
+    // 64 % 3 != 0 and no explicit head size.
+    let msg = bad("llama.attention.head_count", 3u32);
+    assert!(msg.contains("does not divide"), "{msg}");
+    bad("llama.attention.head_count", vec![4u32]);
+    bad("llama.attention.head_count_kv", 0u32);
+    let msg = bad("llama.attention.head_count_kv", 3u32);
+    assert!(msg.contains("does not divide the 4 query heads"), "{msg}");
+    refused(
+        &set("llama.attention.head_count_kv", 4u32),
+        "blk.0.attn_k.weight",
+    );
+    bad("llama.attention.key_length", 0u32);
+    bad("llama.attention.key_length", 1u32 << 20);
+    // Key length 32 against the derived value length 16: the graph asserts they are equal.
+    refused(
+        &set("llama.attention.key_length", 32u32),
+        "llama.attention.value_length",
+    );
+    bad("llama.rope.dimension_count", 8u32);
+}
+
+#[test]
+fn floats() {
+    let eps = "llama.attention.layer_norm_rms_epsilon";
+    // NaN reached a GGML_ASSERT at the first decode.
+    bad(eps, f32::NAN);
+    bad(eps, f32::INFINITY);
+    bad(eps, -1e-5f32);
+    bad(eps, "tiny");
+    bad("llama.rope.freq_base", f32::NAN);
+    bad("llama.rope.freq_base", 0.0f32);
+    bad("llama.rope.scaling.factor", -2.0f32);
+    bad("llama.attention.scale", f64::NAN);
+}
+
+#[test]
+fn context_and_vocabulary() {
+    bad("llama.context_length", 0u32);
+    bad("llama.context_length", u32::MAX);
+    let n_vocab = amend_runtime::testutil::tiny_vocab().0.len() as u32;
+    for key in [
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.eot_token_id",
+    ] {
+        let msg = bad(key, n_vocab);
+        assert!(msg.contains("below the vocabulary size"), "{msg}");
+    }
+    bad("tokenizer.ggml.bos_token_id", -1i32);
+    bad("tokenizer.ggml.model", "none");
+    refused(
+        &set("tokenizer.ggml.scores", vec![0.0f32; 3]),
+        "tokenizer.ggml.scores",
+    );
+    bad("tokenizer.ggml.tokens", vec![1u32, 2]);
+    let p = variant("no-tokens", |meta, _| {
+        meta.retain(|(k, _)| k != "tokenizer.ggml.tokens")
+    });
+    refused(&p, "tokenizer.ggml.tokens");
+}
+
+#[test]
+fn missing_and_misshapen_tensors() {
+    let p = variant("no-ffn-down", |_, t| {
+        t.retain(|t| t.name != "blk.1.ffn_down.weight")
+    });
+    refused(&p, "blk.1.ffn_down.weight");
+    let p = variant("short-q", |_, t| {
+        let q = t
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_q.weight")
+            .unwrap();
+        q.ne = vec![64, 32];
+        q.data.truncate(64 * 32 * 4);
+    });
+    let msg = refused(&p, "blk.0.attn_q.weight");
+    assert!(msg.contains("[64, 32]"), "{msg}");
+    // The unmodified copy still loads: the check refuses only what is wrong.
+    let ok = variant("unchanged", |_, _| {});
+    Model::open(&ok, ModelOptions::default()).unwrap();
+}
