@@ -133,6 +133,11 @@ impl TrustStore {
         self.keys.iter().find(|(k, _)| k == id).map(|(_, v)| v)
     }
 
+    /// The trusted public keys.
+    pub fn keys(&self) -> impl Iterator<Item = &VerifyingKey> {
+        self.keys.iter().map(|(_, k)| k)
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }
