@@ -64,6 +64,7 @@ fn hex_val(c: u8) -> Option<u8> {
 }
 
 /// Lowercase hex (key files, ids in `inspect`).
+#[cfg(feature = "alloc")]
 pub fn to_hex(bytes: &[u8]) -> alloc::string::String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = alloc::string::String::with_capacity(bytes.len() * 2);
