@@ -36,6 +36,9 @@ pub enum amend_result {
     AMEND_ERR_PANIC = 107,
     /// A file could not be read.
     AMEND_ERR_IO = 108,
+    /// A caller-provided state struct has the wrong size (`state_size` differs from the size
+    /// this library was built with: the header and the library do not match).
+    AMEND_ERR_STATE_SIZE = 109,
     /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
     AMEND_ERR_MODEL_LOAD = 200,
     /// An inference context could not be created (out of memory, bad context size).
@@ -73,12 +76,16 @@ pub enum amend_result {
     /// The bundle's version is not newer than one already accepted on its channel (replay or
     /// downgrade).
     AMEND_ERR_BUNDLE_DOWNGRADE = 311,
+    /// A bundle stream ended before the length its header declares.
+    AMEND_ERR_BUNDLE_TRUNCATED = 312,
+    /// A bundle stream continued past the length its header declares.
+    AMEND_ERR_BUNDLE_TOO_LONG = 313,
 }
 
 impl amend_result {
     /// Every code, for tests and for bindings that mirror the list.
     /// cbindgen:ignore
-    pub const ALL: [amend_result; 28] = [
+    pub const ALL: [amend_result; 31] = [
         amend_result::AMEND_OK,
         amend_result::AMEND_ERR_NULL_ARGUMENT,
         amend_result::AMEND_ERR_INVALID_HANDLE,
@@ -89,6 +96,7 @@ impl amend_result {
         amend_result::AMEND_ERR_NOT_SUPPORTED,
         amend_result::AMEND_ERR_PANIC,
         amend_result::AMEND_ERR_IO,
+        amend_result::AMEND_ERR_STATE_SIZE,
         amend_result::AMEND_ERR_MODEL_LOAD,
         amend_result::AMEND_ERR_CONTEXT,
         amend_result::AMEND_ERR_TOKENIZE,
@@ -107,6 +115,8 @@ impl amend_result {
         amend_result::AMEND_ERR_INVALID_KEY,
         amend_result::AMEND_ERR_BUNDLE_EXPIRED,
         amend_result::AMEND_ERR_BUNDLE_DOWNGRADE,
+        amend_result::AMEND_ERR_BUNDLE_TRUNCATED,
+        amend_result::AMEND_ERR_BUNDLE_TOO_LONG,
     ];
 
     /// The code's name as a NUL-terminated static string.
@@ -123,6 +133,7 @@ impl amend_result {
             AMEND_ERR_NOT_SUPPORTED => c"AMEND_ERR_NOT_SUPPORTED",
             AMEND_ERR_PANIC => c"AMEND_ERR_PANIC",
             AMEND_ERR_IO => c"AMEND_ERR_IO",
+            AMEND_ERR_STATE_SIZE => c"AMEND_ERR_STATE_SIZE",
             AMEND_ERR_MODEL_LOAD => c"AMEND_ERR_MODEL_LOAD",
             AMEND_ERR_CONTEXT => c"AMEND_ERR_CONTEXT",
             AMEND_ERR_TOKENIZE => c"AMEND_ERR_TOKENIZE",
@@ -141,6 +152,8 @@ impl amend_result {
             AMEND_ERR_INVALID_KEY => c"AMEND_ERR_INVALID_KEY",
             AMEND_ERR_BUNDLE_EXPIRED => c"AMEND_ERR_BUNDLE_EXPIRED",
             AMEND_ERR_BUNDLE_DOWNGRADE => c"AMEND_ERR_BUNDLE_DOWNGRADE",
+            AMEND_ERR_BUNDLE_TRUNCATED => c"AMEND_ERR_BUNDLE_TRUNCATED",
+            AMEND_ERR_BUNDLE_TOO_LONG => c"AMEND_ERR_BUNDLE_TOO_LONG",
         }
     }
 
