@@ -51,6 +51,12 @@
 #define AMEND_MAX_TRUSTED_KEYS 16
 
 /**
+ * `sizeof(amend_verify_stream_state)`: pass it as `state_size` to
+ * `amend_verify_stream_init` so a header and a library that disagree are caught.
+ */
+#define AMEND_VERIFY_STREAM_STATE_SIZE 6400
+
+/**
  * The outcome of a call: `AMEND_OK` (0) or one code per failure class.
  *
  * Codes are stable: new ones are only ever added. Groups: 1xx argument and usage errors,
@@ -101,6 +107,11 @@ typedef enum amend_result {
    * A file could not be read.
    */
   AMEND_ERR_IO = 108,
+  /**
+   * A caller-provided state struct has the wrong size (`state_size` differs from the size
+   * this library was built with: the header and the library do not match).
+   */
+  AMEND_ERR_STATE_SIZE = 109,
   /**
    * The model file could not be loaded (missing, not GGUF, unsupported architecture).
    */
@@ -174,6 +185,14 @@ typedef enum amend_result {
    * downgrade).
    */
   AMEND_ERR_BUNDLE_DOWNGRADE = 311,
+  /**
+   * A bundle stream ended before the length its header declares.
+   */
+  AMEND_ERR_BUNDLE_TRUNCATED = 312,
+  /**
+   * A bundle stream continued past the length its header declares.
+   */
+  AMEND_ERR_BUNDLE_TOO_LONG = 313,
 } amend_result;
 
 /**
@@ -486,6 +505,15 @@ typedef struct amend_edit_activity {
 typedef bool (*amend_explain_callback)(void *user_data, const struct amend_edit_activity *activity);
 
 /**
+ * Caller-owned memory for one streaming verification. Opaque: only
+ * `amend_verify_stream_init` may fill it. It holds no pointers, so it may be copied, kept in
+ * a static, or dropped at any time without a call to amend.
+ */
+typedef struct amend_verify_stream_state {
+  uint64_t opaque[800];
+} amend_verify_stream_state;
+
+/**
  * The `token` value of the last callback call of a generation when it only carries text
  * that was held back (see `amend_token_callback`).
  */
@@ -788,6 +816,47 @@ enum amend_result amend_session_score(struct amend_session *session,
 enum amend_result amend_session_explain(const struct amend_session *session,
                                         amend_explain_callback callback,
                                         void *user_data);
+
+/**
+ * Starts a streaming verification in `state` (`state_size` = `sizeof *state`), trusting
+ * `n_keys` ed25519 public keys stored back to back at `keys` (`n_keys *
+ * AMEND_PUBLIC_KEY_LEN` bytes, at most `AMEND_MAX_TRUSTED_KEYS`). Any earlier verification in
+ * the same state is forgotten.
+ *
+ * Memory: the state only (`AMEND_VERIFY_STREAM_STATE_SIZE` bytes); the bundle's header and
+ * manifest are buffered in it, so manifests over 5,056 bytes are refused
+ * (`AMEND_ERR_BUNDLE_FORMAT`); sections of any size stream through.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_STATE_SIZE` (`state_size` is not
+ * `AMEND_VERIFY_STREAM_STATE_SIZE`: header and library disagree), `AMEND_ERR_INVALID_ARGUMENT`
+ * (misaligned state, no keys, too many keys), `AMEND_ERR_INVALID_KEY`.
+ */
+enum amend_result amend_verify_stream_init(struct amend_verify_stream_state *state,
+                                           size_t state_size,
+                                           const uint8_t *keys,
+                                           size_t n_keys);
+
+/**
+ * Feeds the next `len` bytes of the bundle (any chunk size; `chunk` may be NULL when `len` is
+ * 0). Refusals are reported as soon as the bytes that prove them arrive: a bad header after 64
+ * bytes, a bad signature or manifest when the signature block is complete, a section's hash at
+ * its last byte, `AMEND_ERR_BUNDLE_TOO_LONG` for a byte past the declared length. After an
+ * error every later call on the state returns the same error.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (state not initialised),
+ * and the bundle codes of `amend_bundle_load_memory`.
+ */
+enum amend_result amend_verify_stream_update(struct amend_verify_stream_state *state,
+                                             const uint8_t *chunk,
+                                             size_t len);
+
+/**
+ * Ends the stream: `AMEND_OK` only when the whole declared bundle arrived and every check
+ * passed; `AMEND_ERR_BUNDLE_TRUNCATED` when the stream ended early.
+ *
+ * Errors: as for `amend_verify_stream_update`, plus `AMEND_ERR_BUNDLE_TRUNCATED`.
+ */
+enum amend_result amend_verify_stream_finish(struct amend_verify_stream_state *state);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -66,6 +66,7 @@ fn hex_val(c: u8) -> Option<u8> {
 }
 
 /// Lowercase hex (key files, ids in `inspect`).
+#[cfg(feature = "alloc")]
 pub fn to_hex(bytes: &[u8]) -> alloc::string::String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = alloc::string::String::with_capacity(bytes.len() * 2);
@@ -143,6 +144,11 @@ impl TrustStore {
 
     pub fn get(&self, id: &KeyId) -> Option<&VerifyingKey> {
         self.keys.iter().find(|(k, _)| k == id).map(|(_, v)| v)
+    }
+
+    /// The trusted public keys.
+    pub fn keys(&self) -> impl Iterator<Item = &VerifyingKey> {
+        self.keys.iter().map(|(_, k)| k)
     }
 
     pub fn len(&self) -> usize {

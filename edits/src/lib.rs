@@ -1,16 +1,32 @@
 //! amend patch bundles and the inference-time math of the edit families.
 //!
 //! The core (format, verification, views, math) is `no_std` + `alloc`; the `std` feature adds
-//! files and mmap.
+//! files and mmap. Without `alloc` (`--no-default-features`) what remains needs no allocator
+//! at all: the format constants, the trust store and the streaming verifier
+//! ([`bundle::StreamVerifier`]) for firmware.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
 pub mod families;
+#[cfg(feature = "alloc")]
 pub mod gguf;
 pub mod site;
 
+#[cfg(feature = "alloc")]
 pub mod bundle;
+/// Without `alloc`: the bundle layout and the streaming verifier only.
+#[cfg(not(feature = "alloc"))]
+pub mod bundle {
+    pub mod format;
+    pub mod stream;
+    pub use format::*;
+    pub use stream::{
+        StreamError, StreamVerified, StreamVerifier, STREAM_MAX_MANIFEST_LEN, STREAM_SIGNED_CAP,
+    };
+}
 #[cfg(feature = "std")]
 pub mod editset;
 #[cfg(feature = "std")]
@@ -21,6 +37,7 @@ pub mod keys;
 #[cfg(feature = "std")]
 pub mod version_store;
 
+#[cfg(feature = "alloc")]
 pub use bundle::{Bundle, BundleBuilder, BundleError, BundleMeta, Manifest, ModelBinding};
 /// Re-exported so callers name the same key types as the bundle code.
 pub use ed25519_dalek;

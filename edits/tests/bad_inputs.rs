@@ -18,6 +18,7 @@ fn refuse(set: &EditSet, bytes: &[u8]) -> EditSetError {
         .open_bytes(bytes)
         .and_then(|b| set.add(b, AddOptions::default()))
         .expect_err("bad input was accepted");
+    common::stream::assert_stream_agrees(bytes, set.trust(), &err);
     let after = set.snapshot();
     assert!(
         Arc::ptr_eq(&before, &after),
@@ -259,6 +260,9 @@ fn k16_misaligned_buffer() {
         BundleError::MisalignedBuffer
     );
     assert!(verify(g.as_slice(), &trust()).is_ok());
+    // Alignment is where the caller keeps the bytes, not a property of the bundle: a stream
+    // has no buffer, so it accepts the same bytes.
+    assert!(common::stream::stream(s, &trust(), 7).is_ok());
 }
 
 #[test]
@@ -714,4 +718,6 @@ fn k44_unknown_edit_and_bundle_ids_leave_set_unchanged() {
 fn k45_trust_store_without_keys_refuses_everything() {
     let b = verify(good().as_slice(), &TrustStore::new());
     assert!(matches!(b, Err(BundleError::UnknownKeyId(_))));
+    let s = common::stream::stream(good().as_slice(), &TrustStore::new(), 64);
+    assert!(matches!(s, Err(StreamError::UnknownKeyId(_))));
 }

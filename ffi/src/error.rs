@@ -81,6 +81,9 @@ result_codes! {
         AMEND_ERR_PANIC = 107,
         /// A file could not be read.
         AMEND_ERR_IO = 108,
+        /// A caller-provided state struct has the wrong size (`state_size` differs from the size
+        /// this library was built with: the header and the library do not match).
+        AMEND_ERR_STATE_SIZE = 109,
         /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
         AMEND_ERR_MODEL_LOAD = 200,
         /// An inference context could not be created (out of memory, bad context size).
@@ -118,6 +121,10 @@ result_codes! {
         /// The bundle's version is not newer than one already accepted on its channel (replay or
         /// downgrade).
         AMEND_ERR_BUNDLE_DOWNGRADE = 311,
+        /// A bundle stream ended before the length its header declares.
+        AMEND_ERR_BUNDLE_TRUNCATED = 312,
+        /// A bundle stream continued past the length its header declares.
+        AMEND_ERR_BUNDLE_TOO_LONG = 313,
     }
 }
 

@@ -19,6 +19,7 @@ mod bundle;
 mod convert;
 mod model;
 mod session;
+mod verify_stream;
 
 use std::ffi::c_char;
 
@@ -27,6 +28,7 @@ pub use error::amend_result;
 pub use model::*;
 pub use session::*;
 pub use types::*;
+pub use verify_stream::*;
 
 /// The crate version as a NUL-terminated string (same as the Rust crate's).
 const VERSION: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(

@@ -74,6 +74,13 @@ gcc -std=c11 -Wall -Wextra -Werror -O1 -g -fsanitize=address,undefined -fno-omit
 margs=(); [ $have_model = 1 ] && margs=("$MODEL" "$WORK/bundles")
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 "$WORK/misuse-asan" "${margs[@]}"
 
+if [ $have_model = 1 ]; then
+  step "C streaming verifier (amend_verify_stream_*): AddressSanitizer + UBSan"
+  gcc -std=c11 -Wall -Wextra -Werror -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+    -fno-sanitize-recover=all -Iinclude ffi/tests/c/verify_stream.c "$LIBA" $libs -o "$WORK/verify-stream"
+  "$WORK/verify-stream" "$WORK/bundles"
+fi
+
 # 3. Install into a prefix and build the example through pkg-config and CMake.
 step "install + C example (pkg-config, CMake)"
 AMEND_NO_BUILD=1 ffi/install.sh "$WORK/prefix"

@@ -54,6 +54,7 @@ class Result(enum.IntEnum):
     ERR_NOT_SUPPORTED = 106
     ERR_PANIC = 107
     ERR_IO = 108
+    ERR_STATE_SIZE = 109
     ERR_MODEL_LOAD = 200
     ERR_CONTEXT = 201
     ERR_TOKENIZE = 202
@@ -72,6 +73,8 @@ class Result(enum.IntEnum):
     ERR_INVALID_KEY = 309
     ERR_BUNDLE_EXPIRED = 310
     ERR_BUNDLE_DOWNGRADE = 311
+    ERR_BUNDLE_TRUNCATED = 312
+    ERR_BUNDLE_TOO_LONG = 313
 
 
 class StopReason(enum.IntEnum):
@@ -194,6 +197,10 @@ _SIGNATURES = {
     "amend_last_error_code": (_RES, []),
     "amend_last_error": (ctypes.c_char_p, []),
     "amend_live_handles": (ctypes.c_size_t, []),
+    # Streaming verification (caller-owned state of AMEND_VERIFY_STREAM_STATE_SIZE bytes).
+    "amend_verify_stream_init": (_RES, [_P, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]),
+    "amend_verify_stream_update": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t]),
+    "amend_verify_stream_finish": (_RES, [_P]),
     "amend_model_default_params": (_ModelParams, []),
     "amend_model_open": (_RES, [ctypes.c_char_p, ctypes.POINTER(_ModelParams), ctypes.POINTER(_P)]),
     "amend_model_free": (None, [_P]),

@@ -1,8 +1,12 @@
 //! The on-disk layout of a patch bundle (v1): fixed header, postcard manifest, signature block,
 //! 64-byte-aligned little-endian payload sections. See `docs/bundle-format.md`.
 
+// The manifest types need `alloc`; the header and the codes do not (the streaming verifier).
+#[cfg(feature = "alloc")]
 use alloc::string::String;
+#[cfg(feature = "alloc")]
 use alloc::vec::Vec;
+#[cfg(feature = "alloc")]
 use serde::{Deserialize, Serialize};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -158,6 +162,7 @@ impl PayloadKind {
 }
 
 /// The signed manifest (postcard).
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub bundle_id: String,
@@ -176,6 +181,7 @@ pub struct Manifest {
 }
 
 /// The base model a bundle was compiled for.
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelBinding {
     /// [`crate::fingerprint`] of the GGUF.
@@ -185,6 +191,7 @@ pub struct ModelBinding {
     pub n_embd: u32,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SectionEntry {
     /// [`SectionKind`] code.
@@ -201,6 +208,7 @@ pub struct SectionEntry {
 
 /// A payload: its kind and a postcard-encoded, kind-specific descriptor (so a reader can name an
 /// unknown kind precisely instead of failing somewhere inside the manifest).
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadEntry {
     pub kind: u16,
@@ -209,6 +217,7 @@ pub struct PayloadEntry {
 
 /// One knowledge edit and the units (codebook rows, neurons, low-rank tensors, memory records)
 /// of one payload that implement it, so it can be rolled back alone.
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EditEntry {
     pub id: String,
@@ -222,6 +231,7 @@ pub struct EditEntry {
     pub count: u32,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CodebookDesc {
     pub layer: u32,
@@ -235,6 +245,7 @@ pub struct CodebookDesc {
     pub radii: u32,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PatchNeuronsDesc {
     pub layer: u32,
@@ -247,6 +258,7 @@ pub struct PatchNeuronsDesc {
     pub values: u32,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LowRankTensorDesc {
     /// Base tensor name, e.g. `blk.5.ffn_down.weight`.
@@ -261,11 +273,13 @@ pub struct LowRankTensorDesc {
     pub b: u32,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LowRankDesc {
     pub tensors: Vec<LowRankTensorDesc>,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LowRankGgufDesc {
     /// Section holding a llama.cpp GGUF-LoRA file.
@@ -273,6 +287,7 @@ pub struct LowRankGgufDesc {
 }
 
 /// How memory embeddings were computed.
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EmbedderDesc {
     /// Pooled hidden state of the base model at `layer`/`site` (`pooling`: 0 mean, 1 last token).
@@ -281,6 +296,7 @@ pub enum EmbedderDesc {
     External { model_id: String },
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryRecordDesc {
     pub edit_id: String,
@@ -289,6 +305,7 @@ pub struct MemoryRecordDesc {
     pub text: String,
 }
 
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemoryDesc {
     pub embed_dim: u32,
@@ -301,6 +318,7 @@ pub struct MemoryDesc {
 }
 
 /// A decoded, validated payload descriptor.
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Payload {
     Codebook(CodebookDesc),
@@ -310,6 +328,7 @@ pub enum Payload {
     Memory(MemoryDesc),
 }
 
+#[cfg(feature = "alloc")]
 impl Payload {
     pub fn kind(&self) -> PayloadKind {
         match self {

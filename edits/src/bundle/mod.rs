@@ -6,6 +6,7 @@
 
 pub mod format;
 pub mod reader;
+pub mod stream;
 pub mod writer;
 
 use alloc::vec::Vec;
@@ -15,6 +16,9 @@ pub use format::*;
 pub use reader::{
     all_finite, check_manifest, decode_manifest, read_header, read_header_of, units, verify,
     verify_signature, within_bound, BundleError, Verified,
+};
+pub use stream::{
+    StreamError, StreamVerified, StreamVerifier, STREAM_MAX_MANIFEST_LEN, STREAM_SIGNED_CAP,
 };
 pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};
 

@@ -14,7 +14,10 @@
 //! table scans run an AVX2 version picked at run time, written with `core::arch` 256-bit loads
 //! because LLVM's own AVX2 build of the same loop was slower here (measured); it keeps the same
 //! lanes, the same multiply-then-add (no FMA) and the same reduction, so results are bitwise
-//! identical whichever path runs: a radius decision never depends on the CPU.
+//! identical whichever path runs: a radius decision never depends on the CPU. With `std` on
+//! aarch64 the table scans and the neuron pass run NEON versions picked the same way (NEON is
+//! baseline there, the run-time check keeps one dispatch shape): four 128-bit registers hold
+//! the same 16 lanes, again multiply-then-add and the same reduction, so again bitwise equal.
 //!
 //! The scans are memory-bound (a 10,000 x 640 f32 table is 25.6 MB); [`Memory::with_f16_index`]
 //! adds a half-size first pass with exact f32 rescoring.
@@ -468,6 +471,193 @@ mod avx2 {
     }
 }
 
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+mod neon {
+    use super::*;
+    use core::arch::aarch64::*;
+
+    /// [`super::dot`] in four 128-bit registers: lanes 0..4, 4..8, 8..12 and 12..16 of the
+    /// portable accumulator, the same multiply-then-add per lane (`fmul` + `fadd`, never the
+    /// fused `fmla`) and the same reduction, so the result is bitwise identical.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    pub(super) unsafe fn dot_q(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n / LANES * LANES;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut j = 0;
+        while j < full {
+            for (r, v) in acc.iter_mut().enumerate() {
+                let o = j + 4 * r;
+                // SAFETY: o + 4 <= j + 16 <= full <= n, within both slices.
+                *v = vaddq_f32(*v, vmulq_f32(vld1q_f32(pa.add(o)), vld1q_f32(pb.add(o))));
+            }
+            j += LANES;
+        }
+        let mut lanes = [0.0f32; LANES];
+        for (r, v) in acc.iter().enumerate() {
+            vst1q_f32(lanes.as_mut_ptr().add(4 * r), *v);
+        }
+        let mut tail = 0.0f32;
+        for i in full..n {
+            tail += a[i] * b[i];
+        }
+        reduce(lanes) + tail
+    }
+
+    /// [`super::sq_dist`] in four 128-bit registers, bitwise identical (see `dot_q`).
+    #[target_feature(enable = "neon")]
+    #[inline]
+    pub(super) unsafe fn sq_dist_q(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n / LANES * LANES;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut j = 0;
+        while j < full {
+            for (r, v) in acc.iter_mut().enumerate() {
+                let o = j + 4 * r;
+                // SAFETY: o + 4 <= full <= n.
+                let d = vsubq_f32(vld1q_f32(pa.add(o)), vld1q_f32(pb.add(o)));
+                *v = vaddq_f32(*v, vmulq_f32(d, d));
+            }
+            j += LANES;
+        }
+        let mut lanes = [0.0f32; LANES];
+        for (r, v) in acc.iter().enumerate() {
+            vst1q_f32(lanes.as_mut_ptr().add(4 * r), *v);
+        }
+        let mut tail = 0.0f32;
+        for i in full..n {
+            let d = a[i] - b[i];
+            tail += d * d;
+        }
+        reduce(lanes) + tail
+    }
+
+    /// [`super::axpy`]: `y + a·x` per element, multiply then add, bitwise identical.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    pub(super) unsafe fn axpy_q(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let full = n / 4 * 4;
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let av = vdupq_n_f32(a);
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 4 <= full <= n, within both slices.
+            let v = vaddq_f32(vld1q_f32(py.add(j)), vmulq_f32(av, vld1q_f32(px.add(j))));
+            vst1q_f32(py.add(j), v);
+            j += 4;
+        }
+        for i in full..n {
+            y[i] += a * x[i];
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn max_dot(
+        keys: &[f32],
+        dim: usize,
+        q: &[f32],
+        active: Option<&[bool]>,
+    ) -> Option<(usize, f32)> {
+        let mut best: Option<(usize, f32)> = None;
+        for (i, k) in keys.chunks_exact(dim).enumerate() {
+            if !is_active(active, i) {
+                continue;
+            }
+            let s = dot_q(k, q);
+            if s.is_nan() {
+                continue;
+            }
+            match best {
+                Some((_, b)) if s <= b => {}
+                _ => best = Some((i, s)),
+            }
+        }
+        best
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn min_sq_dist(
+        keys: &[f32],
+        dim: usize,
+        q: &[f32],
+        active: Option<&[bool]>,
+    ) -> Option<(usize, f32)> {
+        let mut best: Option<(usize, f32)> = None;
+        for (i, k) in keys.chunks_exact(dim).enumerate() {
+            if !is_active(active, i) {
+                continue;
+            }
+            let s = sq_dist_q(k, q);
+            if s.is_nan() {
+                continue;
+            }
+            match best {
+                Some((_, b)) if s >= b => {}
+                _ => best = Some((i, s)),
+            }
+        }
+        best
+    }
+
+    pub(super) fn available() -> bool {
+        std::arch::is_aarch64_feature_detected!("neon")
+    }
+
+    /// The NEON [`Kernels`].
+    pub(crate) struct Neon;
+
+    impl Kernels for Neon {
+        #[inline(always)]
+        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            dot_q(a, b)
+        }
+        #[inline(always)]
+        unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+            axpy_q(a, x, y)
+        }
+    }
+}
+
+/// The dense kernels of one instruction set, so a pass (the neuron pass) is written once and
+/// compiled per set. Implementations are bitwise equal; `unsafe` because a SIMD set may only
+/// be used after its run-time check.
+pub(crate) trait Kernels {
+    /// # Safety
+    /// The CPU supports the implementation's instruction set.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]);
+}
+
+/// The portable [`Kernels`] ([`dot`], [`axpy`]).
+pub(crate) struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+    #[inline(always)]
+    unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        axpy(a, x, y)
+    }
+}
+
+/// Whether this CPU runs the NEON kernels (aarch64 with `std` only).
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+pub(crate) fn neon_available() -> bool {
+    neon::available()
+}
+
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+pub(crate) use neon::Neon;
+
 /// A half-precision copy of unit-norm rows: the first pass of [`max_dot_indexed`] reads half the
 /// bytes (large tables are memory-bound). Owned (built at load); exactness comes from f32 rescoring.
 #[derive(Clone, Debug, PartialEq)]
@@ -533,6 +723,11 @@ pub(crate) fn max_dot(
         // SAFETY: AVX2 support was just checked at run time.
         return unsafe { avx2::max_dot(keys, dim, q, active) };
     }
+    #[cfg(all(feature = "std", target_arch = "aarch64"))]
+    if neon::available() {
+        // SAFETY: NEON support was just checked at run time.
+        return unsafe { neon::max_dot(keys, dim, q, active) };
+    }
     max_dot_portable(keys, dim, q, active)
 }
 
@@ -547,6 +742,11 @@ pub(crate) fn min_sq_dist(
     if avx2::available() {
         // SAFETY: AVX2 support was just checked at run time.
         return unsafe { avx2::min_sq_dist(keys, dim, q, active) };
+    }
+    #[cfg(all(feature = "std", target_arch = "aarch64"))]
+    if neon::available() {
+        // SAFETY: NEON support was just checked at run time.
+        return unsafe { neon::min_sq_dist(keys, dim, q, active) };
     }
     min_sq_dist_portable(keys, dim, q, active)
 }
@@ -627,6 +827,76 @@ mod tests {
                 assert_eq!(one.to_bits(), dot(k, &q).to_bits());
                 let one = min_sq_dist(k, dim, &q, None).unwrap().1;
                 assert_eq!(one.to_bits(), sq_dist(k, &q).to_bits());
+            }
+        }
+    }
+
+    /// Inputs that stress rounding: mixed magnitudes, signed zeros, subnormals, a NaN and an
+    /// infinity in some rows, lengths with and without a 16-lane tail.
+    #[cfg(all(feature = "std", target_arch = "aarch64"))]
+    fn awkward(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                    / (1u32 << 24) as f32
+                    - 0.5;
+                match i % 13 {
+                    0 => x * 1e30,
+                    1 => x * 1e-40, // subnormal
+                    2 => -0.0,
+                    3 => x * 3e4,
+                    _ => x,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    #[cfg(all(feature = "std", target_arch = "aarch64"))]
+    fn neon_kernels_are_bitwise_portable() {
+        assert!(neon::available(), "NEON is baseline on aarch64");
+        for n in [0usize, 1, 3, 4, 15, 16, 17, 31, 33, 640, 643] {
+            for seed in 0..4u32 {
+                let a = awkward(n, seed);
+                let mut b = awkward(n, seed ^ 0x55);
+                if seed == 3 && n > 5 {
+                    b[5] = f32::NAN;
+                    b[n - 1] = f32::INFINITY;
+                }
+                let (d0, d1) = (dot(&a, &b), unsafe { neon::dot_q(&a, &b) });
+                assert!(
+                    d0.to_bits() == d1.to_bits() || (d0.is_nan() && d1.is_nan()),
+                    "dot n={n}"
+                );
+                let (s0, s1) = (sq_dist(&a, &b), unsafe { neon::sq_dist_q(&a, &b) });
+                assert!(
+                    s0.to_bits() == s1.to_bits() || (s0.is_nan() && s1.is_nan()),
+                    "sq n={n}"
+                );
+                let (mut y0, mut y1) = (b.clone(), b.clone());
+                axpy(0.37, &a, &mut y0);
+                unsafe { neon::axpy_q(0.37, &a, &mut y1) };
+                for (u, v) in y0.iter().zip(&y1) {
+                    assert!(
+                        u.to_bits() == v.to_bits() || (u.is_nan() && v.is_nan()),
+                        "axpy n={n}"
+                    );
+                }
+            }
+        }
+        // Whole scans, through the dispatch (which picks NEON here), against the portable scan.
+        for dim in [37usize, 640] {
+            let keys = awkward(dim * 60, 9);
+            let q = awkward(dim, 10);
+            let mut mask = [true; 60];
+            mask[4] = false;
+            for m in [None, Some(&mask[..])] {
+                let a = unsafe { neon::max_dot(&keys, dim, &q, m) }.unwrap();
+                let b = max_dot_portable(&keys, dim, &q, m).unwrap();
+                assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
+                let a = unsafe { neon::min_sq_dist(&keys, dim, &q, m) }.unwrap();
+                let b = min_sq_dist_portable(&keys, dim, &q, m).unwrap();
+                assert_eq!((a.0, a.1.to_bits()), (b.0, b.1.to_bits()));
             }
         }
     }

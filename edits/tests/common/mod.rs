@@ -1,6 +1,8 @@
 //! Shared helpers: a small valid bundle with all four families, keys, a model binding.
 #![allow(dead_code)]
 
+pub mod stream;
+
 use std::sync::Arc;
 
 use amend_edits::bundle::*;

@@ -13,6 +13,7 @@ public final class Result {
     public static final int ERR_NOT_SUPPORTED = 106;
     public static final int ERR_PANIC = 107;
     public static final int ERR_IO = 108;
+    public static final int ERR_STATE_SIZE = 109;
     public static final int ERR_MODEL_LOAD = 200;
     public static final int ERR_CONTEXT = 201;
     public static final int ERR_TOKENIZE = 202;
@@ -31,4 +32,6 @@ public final class Result {
     public static final int ERR_INVALID_KEY = 309;
     public static final int ERR_BUNDLE_EXPIRED = 310;
     public static final int ERR_BUNDLE_DOWNGRADE = 311;
+    public static final int ERR_BUNDLE_TRUNCATED = 312;
+    public static final int ERR_BUNDLE_TOO_LONG = 313;
 }

@@ -1,0 +1,1334 @@
+//! Streaming verification in fixed memory, without an allocator: a bootloader or update agent
+//! feeds the bundle in chunks of any size as it arrives and learns, before it keeps a byte of
+//! it, whether the bundle is authentic and intact (Uptane's "partial verification" for an ECU).
+//!
+//! What it checks is what [`super::verify`] checks (header, signature over header + manifest,
+//! manifest decode and every manifest rule, section table, zero padding, each section's length
+//! and sha256, no NaN/Inf in f32 sections), in the same order except that the manifest rules
+//! all run when the signature block has arrived (before any payload byte), and each section's
+//! hash when its last byte has. Two things are outside its reach: the buffer alignment
+//! (`MisalignedBuffer`: a property of where the caller keeps the bytes, not of the bundle) and
+//! the families' content checks that [`super::Bundle::open`] adds (radii ≥ 0, unit-norm keys,
+//! GGUF-LoRA structure), which need the payload as a whole.
+//!
+//! ## Memory
+//!
+//! Ed25519 signs the raw message `header ‖ manifest` and hashes `R ‖ A ‖ message`, where `R`
+//! is the first half of the signature, which the format stores *after* the manifest. So the
+//! message cannot be hashed as it streams past: the header and manifest are buffered, and the
+//! verifier accepts manifests up to [`STREAM_MAX_MANIFEST_LEN`] bytes ([`STREAM_SIGNED_CAP`]
+//! with the header). Everything else is a fixed set of counters, the trusted keys and one
+//! sha256 state; the section table is re-read from the buffered manifest when needed instead
+//! of being copied. `size_of::<StreamVerifier>()` is the whole state (no heap);
+//! `tests/stream_verify.rs` prints it and the peak stack of a run over a 256 MB bundle.
+
+use core::mem::MaybeUninit;
+use core::ptr::addr_of_mut;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
+use zerocopy::FromBytes;
+
+use super::format::*;
+use crate::keys::{KeyId, MAX_TRUSTED_KEYS};
+use crate::site::Site;
+
+/// Bytes of header + manifest the streaming verifier buffers (the signed message).
+pub const STREAM_SIGNED_CAP: usize = 5120;
+/// Largest manifest the streaming verifier accepts (a larger one is
+/// [`StreamError::ManifestTooLarge`]); `amend inspect` prints a bundle's manifest length.
+pub const STREAM_MAX_MANIFEST_LEN: u32 = (STREAM_SIGNED_CAP - HEADER_LEN) as u32;
+
+/// Why a stream was refused. The variants mirror [`super::BundleError`] (same names for the
+/// same faults) plus the three a stream adds: [`StreamError::ManifestTooLarge`],
+/// [`StreamError::PastDeclaredLength`] and [`StreamError::Truncated`] at `finish`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream ended early: need {needed} bytes, got {have}")]
+    Truncated { needed: u64, have: u64 },
+    #[error("stream continues past the declared length of {declared} bytes")]
+    PastDeclaredLength { declared: u64 },
+    #[error("not an amend bundle (bad magic)")]
+    BadMagic,
+    #[error("bundle format {major}.{minor} is newer than this reader ({FORMAT_MAJOR}.x)")]
+    UnsupportedVersion { major: u16, minor: u16 },
+    #[error("invalid header field: {0}")]
+    BadHeader(&'static str),
+    #[error("{what} is {value}, over the cap of {cap}")]
+    CapExceeded {
+        what: &'static str,
+        value: u64,
+        cap: u64,
+    },
+    #[error("manifest is {len} bytes; the streaming verifier holds at most {cap}")]
+    ManifestTooLarge { len: u32, cap: u32 },
+    #[error("bundle is not signed")]
+    Unsigned,
+    #[error("signed by a key that is not trusted (key id {0:02x?})")]
+    UnknownKeyId(KeyId),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("trusted key {0} is not a valid ed25519 public key")]
+    BadTrustedKey(usize),
+    #[error("more than {MAX_TRUSTED_KEYS} trusted keys")]
+    TooManyKeys,
+    #[error("manifest does not decode: {0}")]
+    ManifestDecode(&'static str),
+    #[error("manifest has {0} trailing bytes")]
+    ManifestTrailingBytes(usize),
+    #[error("invalid manifest field: {0}")]
+    BadManifest(&'static str),
+    #[error("section {index} lies outside the payload area")]
+    SectionOutOfBounds { index: usize },
+    #[error("section {index} is not {SECTION_ALIGN}-byte aligned")]
+    SectionMisaligned { index: usize },
+    #[error("sections {a} and {b} overlap")]
+    SectionOverlap { a: usize, b: usize },
+    #[error("non-zero padding byte at offset {offset}")]
+    NonZeroPadding { offset: u64 },
+    #[error("section {index} has unknown kind {kind}")]
+    UnknownSectionKind { index: usize, kind: u16 },
+    #[error("section {index} has unknown dtype {dtype}")]
+    UnknownDtype { index: usize, dtype: u8 },
+    #[error("section {index}: shape does not match its length")]
+    SectionShape { index: usize },
+    #[error("section {index}: sha256 mismatch")]
+    SectionHash { index: usize },
+    #[error("section {index}: NaN or infinity")]
+    NonFinite { index: usize },
+    #[error("section {index} is not referenced by any payload")]
+    UnreferencedSection { index: usize },
+    #[error("payload {index} has unknown kind {kind}")]
+    UnknownPayloadKind { index: usize, kind: u16 },
+    #[error("payload {index}: descriptor does not decode")]
+    DescriptorDecode { index: usize },
+    #[error("payload {payload}: bad reference to section {section}: {reason}")]
+    BadSectionRef {
+        payload: usize,
+        section: u32,
+        reason: &'static str,
+    },
+    #[error("payload {payload}: unknown site code {code}")]
+    UnknownSite { payload: usize, code: u8 },
+    #[error("payload {payload}: unknown {what} code {code}")]
+    UnknownCode {
+        payload: usize,
+        what: &'static str,
+        code: u8,
+    },
+    #[error("payload {payload}: {what} is {value}, the model has {model}")]
+    PayloadDimension {
+        payload: usize,
+        what: &'static str,
+        value: u64,
+        model: u64,
+    },
+    #[error("payload {payload}: {reason}")]
+    InvalidPayload {
+        payload: usize,
+        reason: &'static str,
+    },
+    #[error("edit {index}: {reason}")]
+    BadEdit { index: usize, reason: &'static str },
+    #[error("edit {index} repeats an earlier edit's id")]
+    DuplicateEditId { index: usize },
+}
+
+type R<T> = Result<T, StreamError>;
+
+/// What a completed stream proved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamVerified {
+    pub key_id: KeyId,
+    pub total_len: u64,
+    pub manifest_len: u32,
+    pub sections: u32,
+}
+
+/// The section being hashed.
+#[derive(Clone)]
+struct Current {
+    index: u32,
+    end: u64,
+    want: [u8; 32],
+    sha: Sha256,
+    is_f32: bool,
+    finite: bool,
+    /// Bytes of an f32 split across chunks.
+    part: [u8; 4],
+    part_len: u8,
+}
+
+/// Streaming verifier state: fixed size, no heap (see the module docs for the budget).
+#[derive(Clone)]
+pub struct StreamVerifier {
+    keys: heapless::Vec<(KeyId, [u8; 32]), MAX_TRUSTED_KEYS>,
+    /// Header + manifest (the signed message), filled as it arrives.
+    signed: [u8; STREAM_SIGNED_CAP],
+    sig: [u8; SIG_BLOCK_LEN],
+    /// Bytes consumed so far.
+    pos: u64,
+    // Layout from the header (valid once `pos >= HEADER_LEN`).
+    manifest_end: u64,
+    sig_offset: u64,
+    total: u64,
+    key_id: KeyId,
+    /// Set once the signature and manifest have been checked.
+    sections_at: Option<u32>,
+    n_sections: u32,
+    /// (offset, index) of the last section started; sections are visited in this order.
+    last: Option<(u64, u32)>,
+    /// (offset, index) of the next section to start.
+    next: Option<(u64, u32)>,
+    cur: Option<Current>,
+    failed: Option<StreamError>,
+}
+
+impl StreamVerifier {
+    /// A verifier that accepts bundles signed by any of `public_keys` (raw 32-byte ed25519
+    /// keys, at most [`MAX_TRUSTED_KEYS`]). The value is large ([`STREAM_SIGNED_CAP`] + ~1 KiB):
+    /// on a small stack use [`StreamVerifier::init`] on memory of your choice instead.
+    pub fn new(public_keys: &[[u8; 32]]) -> R<Self> {
+        let mut slot = MaybeUninit::uninit();
+        Self::init(&mut slot, public_keys)?;
+        // SAFETY: `init` returned Ok, so every field is written.
+        Ok(unsafe { slot.assume_init() })
+    }
+
+    /// A verifier trusting the keys of `trust`.
+    pub fn from_trust(trust: &crate::keys::TrustStore) -> Self {
+        let mut slot = MaybeUninit::uninit();
+        Self::init_from_trust(&mut slot, trust);
+        // SAFETY: `init_from_trust` writes every field.
+        unsafe { slot.assume_init() }
+    }
+
+    /// Initialise a verifier in place (no state-sized temporary on the stack), e.g. in a
+    /// static, a `Box::new_uninit()` or memory a C caller provides. On error `slot` is left
+    /// uninitialised.
+    pub fn init<'s>(slot: &'s mut MaybeUninit<Self>, public_keys: &[[u8; 32]]) -> R<&'s mut Self> {
+        let mut keys: heapless::Vec<(KeyId, [u8; 32]), MAX_TRUSTED_KEYS> = heapless::Vec::new();
+        for (i, k) in public_keys.iter().enumerate() {
+            let vk = VerifyingKey::from_bytes(k).map_err(|_| StreamError::BadTrustedKey(i))?;
+            keys.push((crate::keys::key_id(&vk), *k))
+                .map_err(|_| StreamError::TooManyKeys)?;
+        }
+        let p = slot.as_mut_ptr();
+        // SAFETY: each field of `*p` is written exactly once through a raw pointer (no reference
+        // to uninitialised memory is formed); after this every field holds a valid value.
+        unsafe {
+            addr_of_mut!((*p).keys).write(keys);
+            // All-zero bytes are a valid `[u8; N]`: zero the buffers without a temporary.
+            addr_of_mut!((*p).signed).write_bytes(0, 1);
+            addr_of_mut!((*p).sig).write_bytes(0, 1);
+            addr_of_mut!((*p).pos).write(0);
+            addr_of_mut!((*p).manifest_end).write(0);
+            addr_of_mut!((*p).sig_offset).write(0);
+            addr_of_mut!((*p).total).write(0);
+            addr_of_mut!((*p).key_id).write([0; KEY_ID_LEN]);
+            addr_of_mut!((*p).sections_at).write(None);
+            addr_of_mut!((*p).n_sections).write(0);
+            addr_of_mut!((*p).last).write(None);
+            addr_of_mut!((*p).next).write(None);
+            addr_of_mut!((*p).cur).write(None);
+            addr_of_mut!((*p).failed).write(None);
+            Ok(&mut *p)
+        }
+    }
+
+    /// [`StreamVerifier::init`] with the keys of `trust`.
+    pub fn init_from_trust<'s>(
+        slot: &'s mut MaybeUninit<Self>,
+        trust: &crate::keys::TrustStore,
+    ) -> &'s mut Self {
+        let mut raw: heapless::Vec<[u8; 32], MAX_TRUSTED_KEYS> = heapless::Vec::new();
+        for k in trust.keys() {
+            // A trust store never holds more than MAX_TRUSTED_KEYS keys.
+            let _ = raw.push(*k.as_bytes());
+        }
+        match Self::init(slot, &raw) {
+            Ok(v) => v,
+            // Keys from a trust store are valid points and at most MAX_TRUSTED_KEYS.
+            Err(_) => unreachable!("trust store keys are valid"),
+        }
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Feed the next chunk (any size, including 0). After the first error every later call
+    /// returns the same error.
+    pub fn update(&mut self, chunk: &[u8]) -> R<()> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let r = self.feed(chunk);
+        if let Err(e) = r {
+            self.failed = Some(e);
+        }
+        r
+    }
+
+    /// The stream has ended: did the whole declared bundle arrive and check out?
+    pub fn finish(&mut self) -> R<StreamVerified> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let needed = if self.pos < HEADER_LEN as u64 {
+            HEADER_LEN as u64
+        } else {
+            self.total
+        };
+        if self.pos < needed {
+            let e = StreamError::Truncated {
+                needed,
+                have: self.pos,
+            };
+            self.failed = Some(e);
+            return Err(e);
+        }
+        Ok(StreamVerified {
+            key_id: self.key_id,
+            total_len: self.total,
+            manifest_len: (self.manifest_end - HEADER_LEN as u64) as u32,
+            sections: self.n_sections,
+        })
+    }
+
+    fn feed(&mut self, mut data: &[u8]) -> R<()> {
+        while !data.is_empty() {
+            let pos = self.pos;
+            if pos < HEADER_LEN as u64 {
+                let n = data.len().min(HEADER_LEN - pos as usize);
+                self.signed[pos as usize..pos as usize + n].copy_from_slice(&data[..n]);
+                self.pos += n as u64;
+                data = &data[n..];
+                if self.pos == HEADER_LEN as u64 {
+                    self.on_header()?;
+                }
+                continue;
+            }
+            if data.len() as u64 > self.total - pos {
+                return Err(StreamError::PastDeclaredLength {
+                    declared: self.total,
+                });
+            }
+            let sig_end = self.sig_offset + SIG_BLOCK_LEN as u64;
+            if pos < self.manifest_end {
+                let n = data.len().min((self.manifest_end - pos) as usize);
+                self.signed[pos as usize..pos as usize + n].copy_from_slice(&data[..n]);
+                self.pos += n as u64;
+                data = &data[n..];
+            } else if pos < self.sig_offset {
+                let n = data.len().min((self.sig_offset - pos) as usize);
+                zero(&data[..n], pos)?;
+                self.pos += n as u64;
+                data = &data[n..];
+            } else if pos < sig_end {
+                let at = (pos - self.sig_offset) as usize;
+                let n = data.len().min(SIG_BLOCK_LEN - at);
+                self.sig[at..at + n].copy_from_slice(&data[..n]);
+                self.pos += n as u64;
+                data = &data[n..];
+                if self.pos == sig_end {
+                    self.on_signature()?;
+                }
+            } else {
+                let n = self.payload(data)?;
+                data = &data[n..];
+            }
+        }
+        Ok(())
+    }
+
+    /// The header's rules, as [`super::read_header`] checks them (less the buffer length,
+    /// which a stream only knows at the end).
+    fn on_header(&mut self) -> R<()> {
+        let h = match Header::read_from_bytes(&self.signed[..HEADER_LEN]) {
+            Ok(h) => h,
+            Err(_) => return Err(StreamError::BadHeader("header")),
+        };
+        if h.magic != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        if h.major.get() != FORMAT_MAJOR {
+            return Err(StreamError::UnsupportedVersion {
+                major: h.major.get(),
+                minor: h.minor.get(),
+            });
+        }
+        if h.header_len.get() as usize != HEADER_LEN {
+            return Err(StreamError::BadHeader("header_len"));
+        }
+        if h.flags.get() != 0 {
+            return Err(StreamError::BadHeader("flags"));
+        }
+        if h.reserved0.get() != 0 || h.reserved1.get() != 0 {
+            return Err(StreamError::BadHeader("reserved"));
+        }
+        if h.sig_len.get() as usize != SIG_BLOCK_LEN {
+            return Err(StreamError::BadHeader("sig_len"));
+        }
+        let total = h.total_len.get();
+        if total > MAX_BUNDLE_LEN {
+            return Err(StreamError::CapExceeded {
+                what: "bundle length",
+                value: total,
+                cap: MAX_BUNDLE_LEN,
+            });
+        }
+        let m_len = h.manifest_len.get();
+        if m_len > MAX_MANIFEST_LEN {
+            return Err(StreamError::CapExceeded {
+                what: "manifest length",
+                value: m_len as u64,
+                cap: MAX_MANIFEST_LEN as u64,
+            });
+        }
+        let manifest_end = HEADER_LEN as u64 + m_len as u64;
+        let sig_offset = align_up(manifest_end, 8).ok_or(StreamError::BadHeader("sig_offset"))?;
+        if h.sig_offset.get() != sig_offset {
+            return Err(StreamError::BadHeader("sig_offset"));
+        }
+        let payload_offset = align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
+            .ok_or(StreamError::BadHeader("payload_offset"))?;
+        if h.payload_offset.get() != payload_offset {
+            return Err(StreamError::BadHeader("payload_offset"));
+        }
+        if total < payload_offset || total % SECTION_ALIGN != 0 {
+            return Err(StreamError::BadHeader("total_len"));
+        }
+        if m_len > STREAM_MAX_MANIFEST_LEN {
+            return Err(StreamError::ManifestTooLarge {
+                len: m_len,
+                cap: STREAM_MAX_MANIFEST_LEN,
+            });
+        }
+        self.manifest_end = manifest_end;
+        self.sig_offset = sig_offset;
+        self.total = total;
+        Ok(())
+    }
+
+    /// Signature, then every manifest rule; then the payload area may stream.
+    fn on_signature(&mut self) -> R<()> {
+        let block = &self.sig;
+        if block.iter().all(|&b| b == 0) {
+            return Err(StreamError::Unsigned);
+        }
+        let mut key_id = [0u8; KEY_ID_LEN];
+        key_id.copy_from_slice(&block[..KEY_ID_LEN]);
+        let raw = self
+            .keys
+            .iter()
+            .find(|(id, _)| *id == key_id)
+            .map(|(_, k)| *k)
+            .ok_or(StreamError::UnknownKeyId(key_id))?;
+        let key = VerifyingKey::from_bytes(&raw).map_err(|_| StreamError::BadSignature)?;
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(&block[KEY_ID_LEN..]);
+        let msg = &self.signed[..self.manifest_end as usize];
+        key.verify_strict(msg, &Signature::from_bytes(&sig))
+            .map_err(|_| StreamError::BadSignature)?;
+        self.key_id = key_id;
+
+        let m = Manifest::index(&self.signed[HEADER_LEN..self.manifest_end as usize])?;
+        let payload_offset = align_up(self.sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
+            .ok_or(StreamError::BadHeader("payload_offset"))?;
+        m.check(payload_offset, self.total)?;
+        self.sections_at = Some(m.sections.0 as u32);
+        self.n_sections = m.sections.1 as u32;
+        self.next = self.find_next();
+        self.start_sections()
+    }
+
+    fn manifest(&self) -> &[u8] {
+        &self.signed[HEADER_LEN..self.manifest_end as usize]
+    }
+
+    /// The section after `last` in (offset, index) order.
+    fn find_next(&self) -> Option<(u64, u32)> {
+        let at = self.sections_at? as usize;
+        let mut c = Cur::at(self.manifest(), at);
+        let mut best: Option<(u64, u32)> = None;
+        for i in 0..self.n_sections {
+            let s = c.section().ok()?;
+            let key = (s.offset, i);
+            if self.last.is_none_or(|l| key > l) && best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best
+    }
+
+    /// Start every section that begins at the current position (finishing empty ones).
+    fn start_sections(&mut self) -> R<()> {
+        while self.cur.is_none() {
+            let Some((offset, index)) = self.next else {
+                return Ok(());
+            };
+            if offset != self.pos {
+                return Ok(());
+            }
+            let at = self.sections_at.unwrap_or(0) as usize;
+            let s = Cur::at(self.manifest(), at)
+                .nth_section(index)
+                .map_err(StreamError::ManifestDecode)?;
+            self.cur = Some(Current {
+                index,
+                end: s.offset + s.len,
+                want: s.sha256,
+                sha: Sha256::new(),
+                is_f32: s.dtype == Dtype::F32 as u8,
+                finite: true,
+                part: [0; 4],
+                part_len: 0,
+            });
+            self.last = Some((offset, index));
+            self.next = self.find_next();
+            if s.len == 0 {
+                self.end_section()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_section(&mut self) -> R<()> {
+        if let Some(c) = self.cur.take() {
+            let index = c.index as usize;
+            if c.sha.finalize().as_slice() != c.want {
+                return Err(StreamError::SectionHash { index });
+            }
+            if !c.finite {
+                return Err(StreamError::NonFinite { index });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes after the signature block: padding (must be zero) and sections. Returns how many
+    /// bytes of `data` it consumed.
+    fn payload(&mut self, data: &[u8]) -> R<usize> {
+        let pos = self.pos;
+        let n = if let Some(c) = &mut self.cur {
+            let n = data.len().min((c.end - pos) as usize);
+            c.feed(&data[..n]);
+            self.pos += n as u64;
+            if self.pos == c.end {
+                self.end_section()?;
+            }
+            n
+        } else {
+            let gap_end = self.next.map_or(self.total, |(o, _)| o);
+            let n = data.len().min((gap_end - pos) as usize);
+            zero(&data[..n], pos)?;
+            self.pos += n as u64;
+            n
+        };
+        self.start_sections()?;
+        Ok(n)
+    }
+}
+
+impl Current {
+    fn feed(&mut self, mut d: &[u8]) {
+        self.sha.update(d);
+        if !self.is_f32 {
+            return;
+        }
+        // Sections start 64-aligned, so f32 boundaries are where 4 bytes of the section end.
+        while self.part_len != 0 && !d.is_empty() {
+            self.part[self.part_len as usize] = d[0];
+            self.part_len += 1;
+            d = &d[1..];
+            if self.part_len == 4 {
+                self.finite &= finite(&self.part);
+                self.part_len = 0;
+            }
+        }
+        if d.is_empty() {
+            return; // still inside a split f32 (or exactly done with it)
+        }
+        let whole = d.len() / 4 * 4;
+        self.finite &= finite(&d[..whole]);
+        let tail = &d[whole..];
+        self.part[..tail.len()].copy_from_slice(tail);
+        self.part_len = tail.len() as u8;
+    }
+}
+
+/// No NaN/Inf among the little-endian f32s of `bytes` (branch-free so it vectorizes).
+fn finite(bytes: &[u8]) -> bool {
+    let mut bad = 0u32;
+    for c in bytes.chunks_exact(4) {
+        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
+    }
+    bad == 0
+}
+
+fn zero(d: &[u8], pos: u64) -> R<()> {
+    match d.iter().position(|&b| b != 0) {
+        Some(k) => Err(StreamError::NonZeroPadding {
+            offset: pos + k as u64,
+        }),
+        None => Ok(()),
+    }
+}
+
+// ---- the manifest, read in place from its postcard bytes (no allocation) ----
+
+type D<T> = Result<T, &'static str>;
+
+/// A postcard reader over a byte slice, accepting exactly what `postcard::take_from_bytes`
+/// accepts for the manifest's types (varints with postcard's limits, bools 0/1, UTF-8 strings).
+#[derive(Clone)]
+struct Cur<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+/// One section table entry (shape: its first 4 dimensions; `rank` and `elems` cover all).
+#[derive(Clone, Copy)]
+struct Sec {
+    kind: u16,
+    dtype: u8,
+    rank: u64,
+    shape: [u64; MAX_SHAPE_RANK],
+    /// Product of all dimensions (`None` on overflow).
+    elems: Option<u64>,
+    offset: u64,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl Sec {
+    fn shape(&self) -> &[u64] {
+        &self.shape[..(self.rank as usize).min(MAX_SHAPE_RANK)]
+    }
+    fn rows(&self) -> u64 {
+        if self.rank == 0 {
+            0
+        } else {
+            self.shape[0]
+        }
+    }
+}
+
+struct Edit<'a> {
+    id: &'a str,
+    layer: u32,
+    site: u8,
+    prompt: &'a str,
+    target: &'a str,
+    payload: u32,
+    first: u32,
+    count: u32,
+}
+
+impl<'a> Cur<'a> {
+    fn at(b: &'a [u8], at: usize) -> Self {
+        Cur { b, at }
+    }
+    fn done(&self) -> bool {
+        self.at >= self.b.len()
+    }
+    fn byte(&mut self) -> D<u8> {
+        let v = *self.b.get(self.at).ok_or("unexpected end")?;
+        self.at += 1;
+        Ok(v)
+    }
+    fn take(&mut self, n: u64) -> D<&'a [u8]> {
+        let rest = (self.b.len() - self.at) as u64;
+        if n > rest {
+            return Err("unexpected end");
+        }
+        let s = &self.b[self.at..self.at + n as usize];
+        self.at += n as usize;
+        Ok(s)
+    }
+    /// postcard's unsigned varint for a `bits`-wide integer.
+    fn varint(&mut self, bits: u32) -> D<u64> {
+        let max = bits.div_ceil(7);
+        let last_max = (1u8 << (bits % 7)) - 1;
+        let mut out = 0u64;
+        for i in 0..max {
+            let v = self.byte()?;
+            out |= ((v & 0x7f) as u64).wrapping_shl(7 * i);
+            if v & 0x80 == 0 {
+                if i == max - 1 && v > last_max {
+                    return Err("bad varint");
+                }
+                return Ok(out);
+            }
+        }
+        Err("bad varint")
+    }
+    fn u16(&mut self) -> D<u16> {
+        Ok(self.varint(16)? as u16)
+    }
+    fn u32(&mut self) -> D<u32> {
+        Ok(self.varint(32)? as u32)
+    }
+    fn u64(&mut self) -> D<u64> {
+        self.varint(64)
+    }
+    /// A sequence or string length (postcard: a `usize` varint).
+    fn len(&mut self) -> D<u64> {
+        self.varint(usize::BITS)
+    }
+    fn bool(&mut self) -> D<bool> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err("bad bool"),
+        }
+    }
+    fn f32(&mut self) -> D<f32> {
+        let b = self.take(4)?;
+        Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn str(&mut self) -> D<&'a str> {
+        let n = self.len()?;
+        core::str::from_utf8(self.take(n)?).map_err(|_| "bad utf-8")
+    }
+    fn bytes(&mut self) -> D<&'a [u8]> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    fn section(&mut self) -> D<Sec> {
+        let kind = self.u16()?;
+        let dtype = self.byte()?;
+        let rank = self.len()?;
+        let mut shape = [0u64; MAX_SHAPE_RANK];
+        let mut elems = Some(1u64);
+        for i in 0..rank {
+            let d = self.u64()?;
+            if (i as usize) < MAX_SHAPE_RANK {
+                shape[i as usize] = d;
+            }
+            elems = elems.and_then(|e| e.checked_mul(d));
+        }
+        let offset = self.u64()?;
+        let len = self.u64()?;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(self.take(32)?);
+        Ok(Sec {
+            kind,
+            dtype,
+            rank,
+            shape,
+            elems,
+            offset,
+            len,
+            sha256,
+        })
+    }
+    fn nth_section(&mut self, n: u32) -> D<Sec> {
+        for _ in 0..n {
+            self.section()?;
+        }
+        self.section()
+    }
+    fn payload(&mut self) -> D<(u16, &'a [u8])> {
+        Ok((self.u16()?, self.bytes()?))
+    }
+    fn edit(&mut self) -> D<Edit<'a>> {
+        Ok(Edit {
+            id: self.str()?,
+            layer: self.u32()?,
+            site: self.byte()?,
+            prompt: self.str()?,
+            target: self.str()?,
+            payload: self.u32()?,
+            first: self.u32()?,
+            count: self.u32()?,
+        })
+    }
+}
+
+/// Where the parts of a decoded manifest are (sequences: position of the first element and
+/// the count).
+struct Manifest<'a> {
+    b: &'a [u8],
+    bundle_id: &'a str,
+    channel: &'a str,
+    not_before: u64,
+    expires: u64,
+    arch: &'a str,
+    n_layer: u32,
+    n_embd: u32,
+    sections: (usize, u64),
+    payloads: (usize, u64),
+    edits: (usize, u64),
+}
+
+/// A payload descriptor, decoded in place.
+enum Desc<'a> {
+    Codebook {
+        layer: u32,
+        key_site: u8,
+        replace_site: u8,
+        distance: u8,
+        keys: u32,
+        values: u32,
+        radii: u32,
+    },
+    Neurons {
+        layer: u32,
+        read_site: u8,
+        write_site: u8,
+        activation: u8,
+        keys: u32,
+        biases: u32,
+        values: u32,
+    },
+    LowRank {
+        tensors: Cur<'a>,
+        n: u64,
+    },
+    Gguf {
+        blob: u32,
+    },
+    Memory {
+        embed_dim: u32,
+        threshold: f32,
+        template: &'a str,
+        /// `Ok((layer, site, pooling))` for `BaseModel`, `Err(model_id)` for `External`.
+        embedder: Result<(u32, u8, u8), &'a str>,
+        embeddings: u32,
+        records: Cur<'a>,
+        n: u64,
+    },
+}
+
+fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
+    let mut c = Cur::at(body, 0);
+    let d = match kind {
+        PayloadKind::Codebook => Desc::Codebook {
+            layer: c.u32()?,
+            key_site: c.byte()?,
+            replace_site: c.byte()?,
+            distance: c.byte()?,
+            keys: {
+                c.bool()?; // all_positions: only its encoding matters here
+                c.u32()?
+            },
+            values: c.u32()?,
+            radii: c.u32()?,
+        },
+        PayloadKind::PatchNeurons => Desc::Neurons {
+            layer: c.u32()?,
+            read_site: c.byte()?,
+            write_site: c.byte()?,
+            activation: c.byte()?,
+            keys: c.u32()?,
+            biases: c.u32()?,
+            values: c.u32()?,
+        },
+        PayloadKind::LowRank => {
+            let n = c.len()?;
+            let tensors = c.clone();
+            for _ in 0..n {
+                lowrank_tensor(&mut c)?;
+            }
+            Desc::LowRank { tensors, n }
+        }
+        PayloadKind::LowRankGguf => Desc::Gguf { blob: c.u32()? },
+        PayloadKind::Memory => {
+            let embed_dim = c.u32()?;
+            let threshold = c.f32()?;
+            let template = c.str()?;
+            let embedder = match c.varint(32)? {
+                0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
+                1 => Err(c.str()?),
+                _ => return Err("bad enum"),
+            };
+            let embeddings = c.u32()?;
+            let n = c.len()?;
+            let records = c.clone();
+            for _ in 0..n {
+                for _ in 0..4 {
+                    c.str()?;
+                }
+            }
+            Desc::Memory {
+                embed_dim,
+                threshold,
+                template,
+                embedder,
+                embeddings,
+                records,
+                n,
+            }
+        }
+    };
+    if !c.done() {
+        return Err("trailing bytes");
+    }
+    Ok(d)
+}
+
+struct TensorDesc<'a> {
+    name: &'a str,
+    n_in: u32,
+    n_out: u32,
+    rank: u32,
+    alpha: f32,
+    a: u32,
+    b: u32,
+}
+
+fn lowrank_tensor<'a>(c: &mut Cur<'a>) -> D<TensorDesc<'a>> {
+    Ok(TensorDesc {
+        name: c.str()?,
+        n_in: c.u32()?,
+        n_out: c.u32()?,
+        rank: c.u32()?,
+        alpha: c.f32()?,
+        a: c.u32()?,
+        b: c.u32()?,
+    })
+}
+
+fn cap(what: &'static str, value: u64, cap: u64) -> R<()> {
+    if value > cap {
+        return Err(StreamError::CapExceeded { what, value, cap });
+    }
+    Ok(())
+}
+
+fn check_str(s: &str, what: &'static str) -> R<()> {
+    cap(what, s.len() as u64, MAX_STRING_LEN as u64)
+}
+
+fn site(payload: usize, code: u8) -> R<()> {
+    match Site::from_code(code) {
+        Some(_) => Ok(()),
+        None => Err(StreamError::UnknownSite { payload, code }),
+    }
+}
+
+/// Each section referenced exactly once (bit per section; `MAX_SECTIONS` bits).
+struct Refs<'m, 'a> {
+    m: &'m Manifest<'a>,
+    used: [u64; MAX_SECTIONS / 64],
+    payload: usize,
+}
+
+impl Refs<'_, '_> {
+    fn take(&mut self, idx: u32, kind: SectionKind, shape: &[u64]) -> R<()> {
+        let err = |reason| StreamError::BadSectionRef {
+            payload: self.payload,
+            section: idx,
+            reason,
+        };
+        let s = self.m.section(idx).ok_or(err("no such section"))?;
+        if s.kind != kind as u16 {
+            return Err(err("wrong section kind"));
+        }
+        if !shape.is_empty() && s.shape() != shape {
+            return Err(err("wrong shape"));
+        }
+        let (w, bit) = (idx as usize / 64, 1u64 << (idx % 64));
+        if self.used[w] & bit != 0 {
+            return Err(err("section used twice"));
+        }
+        self.used[w] |= bit;
+        Ok(())
+    }
+    fn rows(&self, idx: u32) -> u64 {
+        self.m.section(idx).map_or(0, |s| s.rows())
+    }
+}
+
+impl<'a> Manifest<'a> {
+    /// Decode (as postcard would, refusing trailing bytes) and note where each part is.
+    fn index(b: &'a [u8]) -> R<Self> {
+        Self::index_inner(b).map_err(|e| match e {
+            Ok(n) => StreamError::ManifestTrailingBytes(n),
+            Err(m) => StreamError::ManifestDecode(m),
+        })
+    }
+
+    fn index_inner(b: &'a [u8]) -> Result<Self, Result<usize, &'static str>> {
+        let mut c = Cur::at(b, 0);
+        let bundle_id = c.str().map_err(Err)?;
+        let channel = c.str().map_err(Err)?;
+        let mut scalars = [0u64; 4];
+        for s in &mut scalars {
+            *s = c.u64().map_err(Err)?;
+        }
+        c.take(32).map_err(Err)?; // model fingerprint: bound by activation, not here
+        let arch = c.str().map_err(Err)?;
+        let n_layer = c.u32().map_err(Err)?;
+        let n_embd = c.u32().map_err(Err)?;
+        let seq = |c: &mut Cur<'a>, f: fn(&mut Cur<'a>) -> D<()>| -> D<(usize, u64)> {
+            let n = c.len()?;
+            let at = c.at;
+            for _ in 0..n {
+                f(c)?;
+            }
+            Ok((at, n))
+        };
+        let sections = seq(&mut c, |c| c.section().map(drop)).map_err(Err)?;
+        let payloads = seq(&mut c, |c| c.payload().map(drop)).map_err(Err)?;
+        let edits = seq(&mut c, |c| c.edit().map(drop)).map_err(Err)?;
+        if !c.done() {
+            return Err(Ok(b.len() - c.at));
+        }
+        Ok(Manifest {
+            b,
+            bundle_id,
+            channel,
+            not_before: scalars[2],
+            expires: scalars[3],
+            arch,
+            n_layer,
+            n_embd,
+            sections,
+            payloads,
+            edits,
+        })
+    }
+
+    fn section(&self, i: u32) -> Option<Sec> {
+        if i as u64 >= self.sections.1 {
+            return None;
+        }
+        Cur::at(self.b, self.sections.0).nth_section(i).ok()
+    }
+
+    fn each_section(&self, mut f: impl FnMut(usize, Sec) -> R<()>) -> R<()> {
+        let mut c = Cur::at(self.b, self.sections.0);
+        for i in 0..self.sections.1 as usize {
+            f(i, c.section().map_err(StreamError::ManifestDecode)?)?;
+        }
+        Ok(())
+    }
+
+    fn payload(&self, i: u64) -> Option<(u16, &'a [u8])> {
+        let mut c = Cur::at(self.b, self.payloads.0);
+        for _ in 0..i {
+            c.payload().ok()?;
+        }
+        c.payload().ok()
+    }
+
+    fn edits(&self) -> impl Iterator<Item = Edit<'a>> + 'a {
+        let mut c = Cur::at(self.b, self.edits.0);
+        (0..self.edits.1).map_while(move |_| c.edit().ok())
+    }
+
+    /// Units of payload `i` (its descriptor already checked).
+    fn units(&self, i: u64) -> u64 {
+        let Some((kind, body)) = self.payload(i) else {
+            return 0;
+        };
+        let Some(kind) = PayloadKind::from_code(kind) else {
+            return 0;
+        };
+        match decode_desc(kind, body) {
+            Ok(Desc::Codebook { keys, .. }) | Ok(Desc::Neurons { keys, .. }) => {
+                self.section(keys).map_or(0, |s| s.rows())
+            }
+            Ok(Desc::LowRank { n, .. }) | Ok(Desc::Memory { n, .. }) => n,
+            Ok(Desc::Gguf { .. }) => 1,
+            Err(_) => 0,
+        }
+    }
+
+    /// Every rule of `reader::check_manifest`, in its order, with the section bounds and
+    /// overlap checks (`payload_offset`, `total`) where it checks them.
+    fn check(&self, payload_offset: u64, total: u64) -> R<()> {
+        check_str(self.bundle_id, "bundle id length")?;
+        check_str(self.channel, "channel length")?;
+        check_str(self.arch, "architecture length")?;
+        if self.bundle_id.is_empty() {
+            return Err(StreamError::BadManifest("empty bundle id"));
+        }
+        if self.not_before > self.expires {
+            return Err(StreamError::BadManifest("not_before after expiry"));
+        }
+        cap("section count", self.sections.1, MAX_SECTIONS as u64)?;
+        cap("payload count", self.payloads.1, MAX_PAYLOADS as u64)?;
+        cap("edit count", self.edits.1, MAX_EDITS as u64)?;
+        if self.n_embd as u64 > MAX_DIM || self.n_embd == 0 {
+            return Err(StreamError::BadManifest("model n_embd"));
+        }
+        if self.n_layer > MAX_LAYER {
+            return Err(StreamError::BadManifest("model n_layer"));
+        }
+
+        // Section table.
+        self.each_section(|i, s| {
+            let kind = SectionKind::from_code(s.kind).ok_or(StreamError::UnknownSectionKind {
+                index: i,
+                kind: s.kind,
+            })?;
+            let dtype = Dtype::from_code(s.dtype).ok_or(StreamError::UnknownDtype {
+                index: i,
+                dtype: s.dtype,
+            })?;
+            let want = if kind == SectionKind::GgufLora {
+                Dtype::U8
+            } else {
+                Dtype::F32
+            };
+            if dtype != want || s.rank == 0 || s.rank > MAX_SHAPE_RANK as u64 {
+                return Err(StreamError::SectionShape { index: i });
+            }
+            if s.elems.and_then(|e| e.checked_mul(dtype.size())) != Some(s.len) {
+                return Err(StreamError::SectionShape { index: i });
+            }
+            if s.offset % SECTION_ALIGN != 0 {
+                return Err(StreamError::SectionMisaligned { index: i });
+            }
+            Ok(())
+        })?;
+        // Bounds and overlap (the bytes themselves are checked as they stream).
+        self.each_section(|i, s| {
+            let end = s.offset.checked_add(s.len);
+            if s.offset < payload_offset || end.is_none_or(|e| e > total) {
+                return Err(StreamError::SectionOutOfBounds { index: i });
+            }
+            Ok(())
+        })?;
+        self.each_section(|i, a| {
+            self.each_section(|j, b| {
+                // a before b in (offset, index) order and a runs into b.
+                if (a.offset, i) < (b.offset, j) && a.offset + a.len > b.offset {
+                    return Err(StreamError::SectionOverlap { a: i, b: j });
+                }
+                Ok(())
+            })
+        })?;
+
+        // Payload descriptors.
+        let n_embd = self.n_embd as u64;
+        let mut refs = Refs {
+            m: self,
+            used: [0; MAX_SECTIONS / 64],
+            payload: 0,
+        };
+        let mut c = Cur::at(self.b, self.payloads.0);
+        for pi in 0..self.payloads.1 as usize {
+            let (kind, body) = c.payload().map_err(StreamError::ManifestDecode)?;
+            let kind = PayloadKind::from_code(kind)
+                .ok_or(StreamError::UnknownPayloadKind { index: pi, kind })?;
+            let desc =
+                decode_desc(kind, body).map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+            refs.payload = pi;
+            check_payload(&desc, pi, n_embd, self.n_layer, &mut refs)?;
+        }
+        for i in 0..self.sections.1 as usize {
+            if refs.used[i / 64] & (1 << (i % 64)) == 0 {
+                return Err(StreamError::UnreferencedSection { index: i });
+            }
+        }
+
+        // Edits.
+        for (i, e) in self.edits().enumerate() {
+            check_str(e.id, "edit id length")?;
+            check_str(e.prompt, "prompt length")?;
+            check_str(e.target, "target length")?;
+            let bad = |reason| StreamError::BadEdit { index: i, reason };
+            if e.id.is_empty() {
+                return Err(bad("empty id"));
+            }
+            if Site::from_code(e.site).is_none() {
+                return Err(bad("unknown site"));
+            }
+            if e.layer >= self.n_layer.max(1) {
+                return Err(bad("layer out of range"));
+            }
+            if e.payload as u64 >= self.payloads.1 {
+                return Err(bad("no such payload"));
+            }
+            let end = e.first as u64 + e.count as u64;
+            if e.count == 0 || end > self.units(e.payload as u64) {
+                return Err(bad("units out of range"));
+            }
+        }
+        for (j, b) in self.edits().enumerate() {
+            if self.edits().take(j).any(|a| a.id == b.id) {
+                return Err(StreamError::DuplicateEditId { index: j });
+            }
+        }
+        for (j, b) in self.edits().enumerate() {
+            let (b0, b1) = (b.first as u64, b.first as u64 + b.count as u64);
+            let clash = self.edits().take(j).any(|a| {
+                let (a0, a1) = (a.first as u64, a.first as u64 + a.count as u64);
+                a.payload == b.payload && a0 < b1 && b0 < a1
+            });
+            if clash {
+                return Err(StreamError::BadEdit {
+                    index: j,
+                    reason: "two edits claim the same units",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -> R<()> {
+    let invalid = |reason| StreamError::InvalidPayload {
+        payload: pi,
+        reason,
+    };
+    let layer_ok = |layer: u32| {
+        if layer >= n_layer {
+            Err(StreamError::PayloadDimension {
+                payload: pi,
+                what: "layer",
+                value: layer as u64,
+                model: n_layer as u64,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let rows_cap = |n: u64| {
+        if n > MAX_ROWS {
+            Err(StreamError::CapExceeded {
+                what: "rows",
+                value: n,
+                cap: MAX_ROWS,
+            })
+        } else if n == 0 {
+            Err(invalid("no rows"))
+        } else {
+            Ok(())
+        }
+    };
+    let code = |what, code, max| {
+        if code > max {
+            Err(StreamError::UnknownCode {
+                payload: pi,
+                what,
+                code,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    match p {
+        Desc::Codebook {
+            layer,
+            key_site,
+            replace_site,
+            distance,
+            keys,
+            values,
+            radii,
+        } => {
+            layer_ok(*layer)?;
+            site(pi, *key_site)?;
+            site(pi, *replace_site)?;
+            code("distance", *distance, 2)?;
+            let n = r.rows(*keys);
+            rows_cap(n)?;
+            r.take(*keys, SectionKind::CodebookKeys, &[n, n_embd])?;
+            r.take(*values, SectionKind::CodebookValues, &[n, n_embd])?;
+            r.take(*radii, SectionKind::CodebookRadii, &[n])?;
+        }
+        Desc::Neurons {
+            layer,
+            read_site,
+            write_site,
+            activation,
+            keys,
+            biases,
+            values,
+        } => {
+            layer_ok(*layer)?;
+            site(pi, *read_site)?;
+            site(pi, *write_site)?;
+            code("activation", *activation, 1)?;
+            let n = r.rows(*keys);
+            rows_cap(n)?;
+            r.take(*keys, SectionKind::NeuronKeys, &[n, n_embd])?;
+            r.take(*biases, SectionKind::NeuronBiases, &[n])?;
+            r.take(*values, SectionKind::NeuronValues, &[n, n_embd])?;
+        }
+        Desc::LowRank { tensors, n } => {
+            cap("low-rank tensors", *n, MAX_LOWRANK_TENSORS as u64)?;
+            if *n == 0 {
+                return Err(invalid("no tensors"));
+            }
+            let mut c = tensors.clone();
+            for _ in 0..*n {
+                let t = lowrank_tensor(&mut c)
+                    .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                check_str(t.name, "tensor name length")?;
+                let (n_in, n_out, rank) = (t.n_in as u64, t.n_out as u64, t.rank as u64);
+                if rank == 0 || rank > MAX_RANK || n_in == 0 || n_out == 0 {
+                    return Err(invalid("low-rank dims"));
+                }
+                if n_in > MAX_DIM * 4 || n_out > MAX_DIM * 4 {
+                    return Err(StreamError::CapExceeded {
+                        what: "low-rank width",
+                        value: n_in.max(n_out),
+                        cap: MAX_DIM * 4,
+                    });
+                }
+                if !t.alpha.is_finite() {
+                    return Err(invalid("alpha not finite"));
+                }
+                r.take(t.a, SectionKind::LowRankA, &[rank, n_in])?;
+                r.take(t.b, SectionKind::LowRankB, &[n_out, rank])?;
+            }
+        }
+        Desc::Gguf { blob } => {
+            r.take(*blob, SectionKind::GgufLora, &[])?;
+        }
+        Desc::Memory {
+            embed_dim,
+            threshold,
+            template,
+            embedder,
+            embeddings,
+            records,
+            n,
+        } => {
+            let e = *embed_dim as u64;
+            if e == 0 || e > MAX_DIM {
+                return Err(invalid("embed_dim"));
+            }
+            if !threshold.is_finite() {
+                return Err(invalid("threshold not finite"));
+            }
+            check_str(template, "template length")?;
+            match embedder {
+                Err(model_id) => check_str(model_id, "embedder id length")?,
+                Ok((layer, s, pooling)) => {
+                    layer_ok(*layer)?;
+                    site(pi, *s)?;
+                    code("pooling", *pooling, 1)?;
+                }
+            }
+            rows_cap(*n)?;
+            let mut c = records.clone();
+            for _ in 0..*n {
+                let what = [
+                    "record id length",
+                    "record prompt length",
+                    "record target length",
+                    "record text length",
+                ];
+                for w in what {
+                    let s = c
+                        .str()
+                        .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                    check_str(s, w)?;
+                }
+            }
+            r.take(*embeddings, SectionKind::MemoryEmbeddings, &[*n, e])?;
+        }
+    }
+    Ok(())
+}
