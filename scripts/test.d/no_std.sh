@@ -11,4 +11,7 @@ rustup target list --installed | grep -qx "$T" || rustup target add "$T"
 cargo build -p amend-edits --no-default-features --target "$T" --release
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/firmware" \
   cargo build --manifest-path examples/firmware/Cargo.toml --target "$T" --release --locked
+lib="${CARGO_TARGET_DIR:-$PWD/target}/firmware/$T/release/libamend_firmware_check.a"
+bss=$(nm -S "$lib" 2>/dev/null | sed -n 's/^[0-9a-f]* \([0-9a-f]*\) b .*firmware_check5STATE.*/\1/p' | head -1)
+[ -n "$bss" ] && echo "no_std: verifier state in .bss on $T: $((16#$bss)) bytes"
 echo "no_std: amend-edits and the allocator-free streaming verifier build for $T"
