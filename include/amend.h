@@ -292,8 +292,8 @@ typedef struct amend_model_params {
    */
   bool use_mmap;
   /**
-   * Default thread count for this model's sessions; 0 = the machine's available
-   * parallelism (default 0).
+   * Default thread count for this model's sessions, at most 512 (ggml's limit); 0 = the
+   * machine's available parallelism (default 0). Larger values: `AMEND_ERR_INVALID_ARGUMENT`.
    */
   uint32_t n_threads;
 } amend_model_params;
@@ -337,20 +337,21 @@ typedef struct amend_model_info {
  */
 typedef struct amend_session_params {
   /**
-   * Context window in tokens (prompt + generated), capped at the model's training context
-   * (default 2048).
+   * Context window in tokens (prompt + generated), 1..=1048576, capped at the model's
+   * training context (default 2048).
    */
   uint32_t n_ctx;
   /**
-   * Largest batch evaluated at once; longer prompts are evaluated in chunks (default 512).
+   * Largest batch evaluated at once, >= 1, capped at `n_ctx`; longer prompts are evaluated
+   * in chunks (default 512).
    */
   uint32_t n_ubatch;
   /**
-   * Threads for generation; 0 = the model's default.
+   * Threads for generation, at most 512; 0 = the model's default.
    */
   uint32_t n_threads;
   /**
-   * Threads for prompt evaluation; 0 = same as `n_threads`.
+   * Threads for prompt evaluation, at most 512; 0 = same as `n_threads`.
    */
   uint32_t n_threads_batch;
 } amend_session_params;
@@ -365,11 +366,12 @@ typedef struct amend_generate_params {
    */
   uint32_t max_tokens;
   /**
-   * Sampling temperature; <= 0 = greedy (default 0).
+   * Sampling temperature, finite; <= 0 = greedy (default 0).
    */
   float temperature;
   /**
-   * Keep only the k most likely tokens before sampling; 0 = off (default 40).
+   * Keep only the k most likely tokens before sampling, at most INT32_MAX; 0 = off
+   * (default 40).
    */
   uint32_t top_k;
   /**
@@ -381,15 +383,17 @@ typedef struct amend_generate_params {
    */
   float min_p;
   /**
-   * Penalty for repeating recent tokens, > 0; 1 = off (default 1).
+   * Penalty for repeating recent tokens, finite and > 0; 1 = off (default 1).
    */
   float repeat_penalty;
   /**
-   * How many recent tokens the repetition penalty looks at (default 64).
+   * How many recent tokens the repetition penalty looks at, at most the session's `n_ctx`
+   * (default 64).
    */
   uint32_t repeat_last_n;
   /**
    * Sampling seed: the same seed, prompt, active edits and parameters give the same tokens.
+   * Any value but UINT32_MAX (llama.cpp's "random seed").
    */
   uint32_t seed;
   /**
@@ -652,8 +656,10 @@ struct amend_model_params amend_model_default_params(void);
  * defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
  * `*out` is set to NULL.
  *
- * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_IO` (missing or
- * unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF, truncated, unsupported architecture).
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
+ * (`n_threads` above 512), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD`
+ * (not GGUF, truncated, unsupported architecture, a hyperparameter llama.cpp would abort on:
+ * the message names the GGUF key).
  */
 enum amend_result amend_model_open(const char *path,
                                    const struct amend_model_params *params,
