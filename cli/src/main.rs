@@ -18,6 +18,7 @@ pub fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
 
 mod bench;
 mod compile;
+mod data;
 mod eval;
 mod info;
 mod keys;
@@ -57,6 +58,8 @@ enum Command {
     Eval(eval::Args),
     /// Causal tracing: where does the model store a fact?
     Locate(locate::Args),
+    /// Edit data tools (synthetic edits for scale tests).
+    Data(data::Args),
 }
 
 fn main() {
@@ -73,6 +76,7 @@ fn main() {
         Command::Compile(a) => compile::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Locate(a) => locate::run(a),
+        Command::Data(a) => data::run(a),
     };
     if let Err(e) = result {
         eprintln!("amend: error: {e:#}");

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod synthetic;
+pub use synthetic::synthetic;
+
 /// One probe prompt with the answer it is checked against (locality or portability).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
@@ -163,6 +166,49 @@ pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetE
         DataFormat::Jsonl => parse_jsonl(&text),
         _ => parse_knowedit(&text),
     }
+}
+
+/// Records as a KnowEdit JSON array (`id`, `subject`, `prompt`, `target_new`, `ground_truth`,
+/// `rephrase_prompt`, `locality`/`portability` as `{kind: [{prompt, ground_truth}]}`), the shape
+/// [`parse_knowedit`] reads back. Probes come back grouped by kind, kinds in name order.
+pub fn to_knowedit(records: &[EditRecord]) -> Value {
+    fn groups(probes: &[Probe]) -> Value {
+        let mut map = Map::new();
+        for p in probes {
+            let entry = map
+                .entry(p.kind.clone())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(list) = entry {
+                list.push(serde_json::json!({"prompt": p.prompt, "ground_truth": p.ground_truth}));
+            }
+        }
+        Value::Object(map)
+    }
+    Value::Array(
+        records
+            .iter()
+            .map(|r| {
+                let mut o = Map::new();
+                o.insert("id".into(), r.id.clone().into());
+                if let Some(s) = &r.subject {
+                    o.insert("subject".into(), s.clone().into());
+                }
+                o.insert("prompt".into(), r.prompt.clone().into());
+                o.insert("target_new".into(), r.target_new.clone().into());
+                if let Some(g) = &r.ground_truth {
+                    o.insert("ground_truth".into(), g.clone().into());
+                }
+                o.insert("rephrase_prompt".into(), r.rephrase_prompts.clone().into());
+                if !r.locality.is_empty() {
+                    o.insert("locality".into(), groups(&r.locality));
+                }
+                if !r.portability.is_empty() {
+                    o.insert("portability".into(), groups(&r.portability));
+                }
+                Value::Object(o)
+            })
+            .collect(),
+    )
 }
 
 /// Guess the format from the content: a document that parses as one JSON value is KnowEdit.

@@ -1,0 +1,159 @@
+//! The repository's evaluation sets (data/*.json) are well formed for the retrieval-memory and
+//! low-rank evaluations: sizes, probe kinds, styles, and no leakage between the development set,
+//! the held-out set and the original dev edits. No model needed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use amend_compiler::dataset::{load, DataFormat, EditRecord};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(name)
+}
+
+fn records(name: &str) -> Vec<EditRecord> {
+    load(&data(name), DataFormat::Auto).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// `style` per id, read from the raw JSON (the loader keeps only what the methods use).
+fn styles(name: &str) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(data(name)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["style"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+const KINDS: [&str; 3] = ["Relation_Specificity", "Subject_Specificity", "Unrelated"];
+
+fn check_memory_set(name: &str, min: usize, id_prefix: &str) -> Vec<EditRecord> {
+    let recs = records(name);
+    assert!(
+        recs.len() >= min,
+        "{name}: {} records, want >= {min}",
+        recs.len()
+    );
+    let styles = styles(name);
+    let mut questions = 0;
+    for r in &recs {
+        let id = &r.id;
+        assert!(id.starts_with(id_prefix), "{name}: id {id}");
+        assert!(
+            r.subject_span().is_some(),
+            "{id}: subject {:?} not in prompt",
+            r.subject
+        );
+        let gt = r
+            .ground_truth
+            .as_deref()
+            .unwrap_or_else(|| panic!("{id}: no ground truth"));
+        assert!(
+            !gt.eq_ignore_ascii_case(&r.target_new),
+            "{id}: target equals ground truth"
+        );
+        assert!(!r.rephrase_prompts.is_empty(), "{id}: no rephrase");
+        assert!(
+            !r.rephrase_prompts.contains(&r.prompt),
+            "{id}: rephrase equals prompt"
+        );
+        let count = |kind: &str| r.locality.iter().filter(|p| p.kind == kind).count();
+        assert!(
+            count("Relation_Specificity") >= 2,
+            "{id}: < 2 Relation_Specificity"
+        );
+        assert!(
+            count("Subject_Specificity") >= 1,
+            "{id}: no Subject_Specificity"
+        );
+        assert!(count("Unrelated") >= 1, "{id}: no Unrelated");
+        for p in &r.locality {
+            assert!(
+                KINDS.contains(&p.kind.as_str()),
+                "{id}: probe kind {}",
+                p.kind
+            );
+        }
+        // Same-subject probes name the subject; same-relation probes do not.
+        let subject = r.subject.as_deref().unwrap();
+        for p in &r.locality {
+            match p.kind.as_str() {
+                "Subject_Specificity" => assert!(p.prompt.contains(subject), "{id}: {}", p.prompt),
+                _ => assert!(!p.prompt.contains(subject), "{id}: {}", p.prompt),
+            }
+        }
+        match styles.get(id).map(String::as_str) {
+            Some("question") => {
+                questions += 1;
+                assert!(
+                    r.prompt.ends_with('?'),
+                    "{id}: question style, prompt {:?}",
+                    r.prompt
+                );
+            }
+            Some("statement") => assert!(!r.prompt.ends_with('?'), "{id}: {:?}", r.prompt),
+            other => panic!("{id}: style {other:?}"),
+        }
+    }
+    // About half of each style.
+    let share = questions as f64 / recs.len() as f64;
+    assert!(
+        (0.4..=0.6).contains(&share),
+        "{name}: {questions} questions of {}",
+        recs.len()
+    );
+    recs
+}
+
+#[test]
+fn memory_sets_are_well_formed_and_disjoint() {
+    let dev = check_memory_set("memory-dev.json", 240, "mem-dev-");
+    let heldout = check_memory_set("memory-heldout.json", 80, "mem-ho-");
+    let original = records("dev-edits.json");
+
+    let all: Vec<&EditRecord> = dev.iter().chain(&heldout).chain(&original).collect();
+    let mut ids = HashSet::new();
+    for r in &all {
+        assert!(
+            ids.insert(r.id.as_str()),
+            "duplicate id {} across data files",
+            r.id
+        );
+    }
+
+    // The held-out part is about other subjects than the development part.
+    let dev_subjects: HashSet<_> = dev.iter().filter_map(|r| r.subject.as_deref()).collect();
+    for r in &heldout {
+        let s = r.subject.as_deref().unwrap();
+        assert!(
+            !dev_subjects.contains(s),
+            "{}: subject {s} also in memory-dev",
+            r.id
+        );
+    }
+
+    // A probe that is some edit's prompt or rephrase would measure that edit, not locality.
+    let edit_prompts: HashSet<&str> = all
+        .iter()
+        .flat_map(|r| std::iter::once(&r.prompt).chain(&r.rephrase_prompts))
+        .map(String::as_str)
+        .collect();
+    for r in &all {
+        for p in &r.locality {
+            assert!(
+                !edit_prompts.contains(p.prompt.as_str()),
+                "{}: probe {:?} is an edit prompt",
+                r.id,
+                p.prompt
+            );
+        }
+    }
+}
