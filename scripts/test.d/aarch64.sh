@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# aarch64-unknown-linux-gnu (issue 15): cross-build libamend.a, libamend.so, the amend CLI and
+# aarch64-unknown-linux-gnu (issue 15): cross-build libamend.a, libamend.so and
 # the C example with Debian's gcc-aarch64-linux-gnu, then run under qemu-aarch64 (qemu-user):
 #   - the amend-edits tests (NEON kernels bitwise equal to the portable path, the streaming
 #     verifier swept over the bad-input suite, and its memory figure on an ARM target);
@@ -43,16 +43,16 @@ OUT="$TARGET_DIR/$T/release"
 # Every cross cargo call selects the same packages: cargo resolves the host (build-script,
 # proc-macro) features per selection, and a different set (e.g. -p amend-cli alone adds syn's
 # "visit") rebuilds bindgen, hence llama-cpp-sys-2's build script, hence all of llama.cpp.
-SEL=(-p amend-edits -p amend-runtime -p amend-ffi -p amend-cli)
+# The amend CLI is not cross-built here: it pulls in the compiler (candle), which would add a
+# cold cross build of candle to CI's 90 minutes for no ARM-specific check (docs/targets.md).
+SEL=(-p amend-edits -p amend-runtime -p amend-ffi)
 
-step "cross-building libamend.a, libamend.so and amend"
+step "cross-building libamend.a and libamend.so"
 nice cargo build --release --target "$T" "${SEL[@]}"
-for f in libamend.a libamend.so amend; do
+for f in libamend.a libamend.so; do
   [ -f "$OUT/$f" ] || fail "$OUT/$f missing"
 done
 readelf -h "$OUT/libamend.so" | grep -q AArch64 || fail "libamend.so is not aarch64"
-readelf -h "$OUT/amend" | grep -q AArch64 || fail "amend is not aarch64"
-qemu-aarch64 "$OUT/amend" --version || fail "amend --version under qemu"
 
 step "amend-edits tests under qemu"
 # fuzz_corpus (70k mutations) runs natively; under emulation it adds minutes for no ARM-specific gain.
