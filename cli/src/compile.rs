@@ -61,6 +61,15 @@ pub struct Args {
     /// Print the hyperparameters in effect and exit.
     #[arg(long)]
     print_hparams: bool,
+    /// The scope model serac's memories route with (a `bert` GGUF; default
+    /// $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf, made by
+    /// scripts/fetch-scope-model.sh).
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+    /// Hand the records' rephrase, locality and portability prompts to the compiler (serac
+    /// calibrates on them). Off by default: they are the test set (docs/eval.md).
+    #[arg(long)]
+    use_probes: bool,
 }
 
 /// `--layer`: an index or `auto`.
@@ -98,8 +107,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::read(&args.key).with_context(|| format!("--key {}", args.key.display()))?;
     let key = signing_key_from_file_bytes(&key_bytes)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", args.key.display()))?;
-    let records = dataset::load(&args.edits, format)
+    let mut records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
+    if !args.use_probes {
+        // The honest protocol: the compiler sees only the edit requests.
+        for r in &mut records {
+            r.rephrase_prompts.clear();
+            r.locality.clear();
+            r.portability.clear();
+        }
+    }
     let base_bytes = match &args.base_bundle {
         Some(p) => {
             Some(std::fs::read(p).with_context(|| format!("--base-bundle {}", p.display()))?)
@@ -125,6 +142,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.threads,
         )?),
     };
+    if method == Method::Serac && hp.serac.embedder == "scope" {
+        let path = args
+            .scope_model
+            .clone()
+            .or_else(amend_runtime::default_scope_model_path)
+            .context("--scope-model: no default path (HOME unset)")?;
+        let scope = amend_runtime::ScopeModel::open(&path, args.threads).with_context(|| {
+            format!(
+                "--scope-model {} (make it with scripts/fetch-scope-model.sh)",
+                path.display()
+            )
+        })?;
+        compiler.scope_model = Some(scope);
+    }
     let trust = TrustStore::with_key(key.verifying_key());
     let base = match base_bytes {
         Some(b) => Some(
@@ -175,7 +206,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build_signed(&key)
         .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
     write_atomic(&args.out, bytes.as_slice())?;
-    if let Some(cal) = &out.calibration {
+    if let Some(sc) = out.calibration.as_ref().and_then(|c| c.scope.as_ref()) {
+        println!(
+            "serac scope model: subject threshold {:.4}, relation threshold {:.4}, pooled floor {:.2}: {}/{} synthesized hard negatives rejected{}",
+            sc.subject_threshold,
+            sc.relation_threshold,
+            out.calibration.as_ref().map_or(0.0, |c| c.threshold),
+            sc.rejected.0,
+            sc.rejected.1,
+            if sc.capped { " (a threshold hit its cap)" } else { "" }
+        );
+    } else if let Some(cal) = &out.calibration {
         println!(
             "serac scope threshold {:.4} (cosine): rephrases in scope {}/{}, locality prompts out of scope {}/{}{}",
             cal.threshold,
@@ -257,7 +298,7 @@ fn auto_layer(
 }
 
 /// Write to a temporary file next to `path`, then rename: a failure leaves nothing half-written.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

@@ -8,6 +8,7 @@ mod info;
 mod keys;
 mod locate;
 mod run;
+mod scope_model;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,8 @@ enum Command {
     Eval(eval::Args),
     /// Causal tracing: where does the model store a fact?
     Locate(locate::Args),
+    /// The scope model memories route with: convert a checkpoint to GGUF.
+    ScopeModel(scope_model::Args),
 }
 
 fn main() {
@@ -58,6 +61,7 @@ fn main() {
         Command::Compile(a) => compile::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Locate(a) => locate::run(a),
+        Command::ScopeModel(a) => scope_model::run(a),
     };
     if let Err(e) = result {
         eprintln!("amend: error: {e:#}");

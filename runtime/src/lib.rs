@@ -19,6 +19,7 @@ pub mod gguf_check;
 mod hooks;
 mod model;
 pub mod reference;
+mod scope;
 mod session;
 #[doc(hidden)]
 pub mod testutil;
@@ -26,11 +27,18 @@ pub mod testutil;
 pub use amend_edits::{HookPoint, Site};
 pub use arch::Architecture;
 pub use detok::Detokenizer;
-pub use editing::{CodebookEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request};
+pub use editing::{
+    check_scope_model, CodebookEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request,
+    ScopeTerms,
+};
 pub use error::{Result, RuntimeError};
 pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};
+pub use scope::{
+    default_path as default_scope_model_path, ScopeEncoding, ScopeModel,
+    MAX_TOKENS as SCOPE_MAX_TOKENS,
+};
 pub use session::{CancelHandle, EvalOptions, Logits, Session, SessionOptions};
 
 /// The pinned llama.cpp bindings, for code that must call llama.cpp directly.
