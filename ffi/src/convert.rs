@@ -25,10 +25,6 @@ impl From<RuntimeError> for FfiError {
             RuntimeError::LayerOutOfRange { .. }
             | RuntimeError::SiteUnavailable { .. }
             | RuntimeError::InvalidEdit(_) => R::AMEND_ERR_EDIT_INVALID,
-            RuntimeError::ScopeModelInvalid { .. } | RuntimeError::ScopeModelMissing { .. } => {
-                R::AMEND_ERR_SCOPE_MODEL
-            }
-            RuntimeError::ScopeModelMismatch { .. } => R::AMEND_ERR_SCOPE_MODEL_MISMATCH,
             // Decode failures, hook failures, KV and logits bookkeeping: evaluation failed.
             _ => R::AMEND_ERR_DECODE,
         };

@@ -73,19 +73,12 @@ pub enum amend_result {
     /// The bundle's version is not newer than one already accepted on its channel (replay or
     /// downgrade).
     AMEND_ERR_BUNDLE_DOWNGRADE = 311,
-    /// The bundle's memories route with a scope model and the session has none
-    /// (`amend_session_set_scope_model`), or the scope-model file is missing, corrupt or not a
-    /// `bert` encoder. Nothing of the bundle was applied.
-    AMEND_ERR_SCOPE_MODEL = 312,
-    /// The bundle was compiled for another scope model (its fingerprint differs). Nothing of
-    /// the bundle was applied.
-    AMEND_ERR_SCOPE_MODEL_MISMATCH = 313,
 }
 
 impl amend_result {
     /// Every code, for tests and for bindings that mirror the list.
     /// cbindgen:ignore
-    pub const ALL: [amend_result; 30] = [
+    pub const ALL: [amend_result; 28] = [
         amend_result::AMEND_OK,
         amend_result::AMEND_ERR_NULL_ARGUMENT,
         amend_result::AMEND_ERR_INVALID_HANDLE,
@@ -114,8 +107,6 @@ impl amend_result {
         amend_result::AMEND_ERR_INVALID_KEY,
         amend_result::AMEND_ERR_BUNDLE_EXPIRED,
         amend_result::AMEND_ERR_BUNDLE_DOWNGRADE,
-        amend_result::AMEND_ERR_SCOPE_MODEL,
-        amend_result::AMEND_ERR_SCOPE_MODEL_MISMATCH,
     ];
 
     /// The code's name as a NUL-terminated static string.
@@ -150,8 +141,6 @@ impl amend_result {
             AMEND_ERR_INVALID_KEY => c"AMEND_ERR_INVALID_KEY",
             AMEND_ERR_BUNDLE_EXPIRED => c"AMEND_ERR_BUNDLE_EXPIRED",
             AMEND_ERR_BUNDLE_DOWNGRADE => c"AMEND_ERR_BUNDLE_DOWNGRADE",
-            AMEND_ERR_SCOPE_MODEL => c"AMEND_ERR_SCOPE_MODEL",
-            AMEND_ERR_SCOPE_MODEL_MISMATCH => c"AMEND_ERR_SCOPE_MODEL_MISMATCH",
         }
     }
 

@@ -172,9 +172,7 @@ pub extern "C" fn amend_session_free(session: *mut amend_session) {
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
 /// `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
 /// active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
-/// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
-/// (its memories need a scope model and the session has none),
-/// `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled for another scope model).
+/// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model).
 #[no_mangle]
 pub extern "C" fn amend_session_activate(
     session: *mut amend_session,
@@ -194,8 +192,6 @@ pub extern "C" fn amend_session_activate(
                 set
             }
         };
-        // A bundle whose memories need a scope model the session lacks is refused whole.
-        amend_runtime::check_scope_model(&b.bundle, state.session.scope_model().map(|m| &**m))?;
         set.add(b.bundle.clone(), AddOptions::default())?;
         Ok(())
     })
@@ -605,69 +601,4 @@ mod tests {
         // Large logits must not overflow.
         assert!(log_prob(&[1000.0, 0.0], 0).abs() < 1e-9);
     }
-}
-
-pub(crate) struct ScopeModelObj {
-    pub scope: Arc<amend_runtime::ScopeModel>,
-}
-
-pub(crate) const SCOPE_MODEL: &str = "amend_scope_model";
-
-/// Opens the scope model at `path` (NUL-terminated UTF-8; a `bert` GGUF such as
-/// `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf`) with `n_threads` threads (0 = all cores). On
-/// success `*out` receives a handle to free with `amend_scope_model_free`; on failure NULL.
-///
-/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_IO` (missing file),
-/// `AMEND_ERR_SCOPE_MODEL` (corrupt, or not a `bert` encoder), `AMEND_ERR_MODEL_LOAD`,
-/// `AMEND_ERR_CONTEXT`.
-#[no_mangle]
-pub extern "C" fn amend_scope_model_open(
-    path: *const std::ffi::c_char,
-    n_threads: u32,
-    out: *mut *mut amend_scope_model,
-) -> amend_result {
-    guard("amend_scope_model_open", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
-        let path = unsafe { args::cstr(path, "path")? };
-        let scope =
-            amend_runtime::ScopeModel::open(path, (n_threads > 0).then_some(n_threads as usize))?;
-        unsafe { out.write(handle::insert(ScopeModelObj { scope })) };
-        Ok(())
-    })
-}
-
-/// Frees a scope-model handle. NULL is a no-op. Sessions that were given it keep it alive.
-#[no_mangle]
-pub extern "C" fn amend_scope_model_free(scope: *mut amend_scope_model) {
-    guard("amend_scope_model_free", || {
-        drop(handle::remove::<ScopeModelObj, _>(scope, SCOPE_MODEL)?);
-        Ok(())
-    });
-}
-
-/// Gives `session` the scope model its bundles' memories route with (NULL: none). Set it before
-/// activating such bundles; changing it re-checks nothing already active, so set it once.
-///
-/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`.
-#[no_mangle]
-pub extern "C" fn amend_session_set_scope_model(
-    session: *mut amend_session,
-    scope: *const amend_scope_model,
-) -> amend_result {
-    guard("amend_session_set_scope_model", || {
-        let s = self::session(session)?;
-        let scope = if scope.is_null() {
-            None
-        } else {
-            Some(
-                handle::get::<ScopeModelObj, _>(scope, SCOPE_MODEL, "scope")?
-                    .scope
-                    .clone(),
-            )
-        };
-        let mut state = s.lock()?;
-        state.session.set_scope_model(scope)?;
-        Ok(())
-    })
 }

@@ -16,16 +16,6 @@ pub struct amend_model {
     _private: [u8; 0],
 }
 
-/// The scope model that routes retrieval memories (all-MiniLM-L6-v2 as a `bert` GGUF, see
-/// `amend scope-model convert`). Open it once per process and give it to every session with
-/// `amend_session_set_scope_model`; bundles whose memories route with it pin its fingerprint.
-///
-/// Thread rules: may be shared by any number of threads and sessions (encodes are serialized
-/// inside).
-pub struct amend_scope_model {
-    _private: [u8; 0],
-}
-
 /// A set of trusted ed25519 public keys that bundles must be signed by.
 ///
 /// Thread rules: immutable after creation; may be shared by any number of threads.

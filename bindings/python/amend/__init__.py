@@ -22,7 +22,6 @@ __all__ = [
     "Model",
     "ModelInfo",
     "Result",
-    "ScopeModel",
     "Score",
     "Session",
     "StopReason",
@@ -73,8 +72,6 @@ class Result(enum.IntEnum):
     ERR_INVALID_KEY = 309
     ERR_BUNDLE_EXPIRED = 310
     ERR_BUNDLE_DOWNGRADE = 311
-    ERR_SCOPE_MODEL = 312
-    ERR_SCOPE_MODEL_MISMATCH = 313
 
 
 class StopReason(enum.IntEnum):
@@ -224,9 +221,6 @@ _SIGNATURES = {
     "amend_session_cancel": (_RES, [_P]),
     "amend_session_score": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_Score)]),
     "amend_session_explain": (_RES, [_P, _EXPLAIN_CB, _P]),
-    "amend_scope_model_open": (_RES, [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(_P)]),
-    "amend_scope_model_free": (None, [_P]),
-    "amend_session_set_scope_model": (_RES, [_P, _P]),
 }
 
 
@@ -472,18 +466,6 @@ class EditActivity:
     n_checked: int
 
 
-class ScopeModel(_Handle):
-    """The scope model retrieval memories route with (a `bert` GGUF, e.g.
-    ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf). Open once, give it to every session."""
-
-    _free_name = "amend_scope_model_free"
-
-    def __init__(self, path, n_threads: int = 0):
-        out = ctypes.c_void_p()
-        _check(library().amend_scope_model_open(os.fsencode(path), n_threads, ctypes.byref(out)))
-        super().__init__(out.value)
-
-
 class Session(_Handle):
     """A context window plus active edits. One thread at a time; cancel() from any thread."""
 
@@ -499,13 +481,6 @@ class Session(_Handle):
         _check(lib.amend_session_open(model, ctypes.byref(params), ctypes.byref(out)))
         super().__init__(out.value)
         self._model = model  # keeps the Python object alive for users' convenience
-        self._scope = None
-
-    def set_scope_model(self, scope: Optional["ScopeModel"]) -> None:
-        """The scope model bundles' memories route with (None: none). Set it before activating
-        such a bundle; without it activation raises ERR_SCOPE_MODEL."""
-        _check(library().amend_session_set_scope_model(self, scope if scope is not None else None))
-        self._scope = scope
 
     @staticmethod
     def _params(max_tokens, temperature, seed, top_k, top_p, min_p, stop_at_eos) -> _GenerateParams:

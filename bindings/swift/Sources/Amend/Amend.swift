@@ -135,24 +135,9 @@ private func tokenTrampoline(
     return sink.onToken(token, piece)
 }
 
-/// The scope model retrieval memories route with (a `bert` GGUF such as
-/// ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf). Open once; give it to every session.
-public final class ScopeModel: @unchecked Sendable {
-    let handle: OpaquePointer
-
-    public init(path: String, threads: UInt32 = 0) throws {
-        var out: OpaquePointer? = nil
-        try check(amend_scope_model_open(path, threads, &out))
-        handle = out!
-    }
-
-    deinit { amend_scope_model_free(handle) }
-}
-
 public final class Session: @unchecked Sendable {
     let handle: OpaquePointer
     let model: Model
-    var scope: ScopeModel?
 
     public init(model: Model, contextLength: UInt32 = 0) throws {
         var params = amend_session_default_params()
@@ -166,11 +151,6 @@ public final class Session: @unchecked Sendable {
     deinit { amend_session_free(handle) }
 
     public func activate(_ bundle: Bundle) throws { try check(amend_session_activate(handle, bundle.handle)) }
-    /// The scope model bundles' memories route with (nil: none); set it before activating them.
-    public func setScopeModel(_ model: ScopeModel?) throws {
-        try check(amend_session_set_scope_model(handle, model?.handle))
-        scope = model
-    }
     public func rollback(bundleId: String) throws { try check(amend_session_rollback_bundle(handle, bundleId)) }
     public func rollback(editId: String) throws { try check(amend_session_rollback_edit(handle, editId)) }
 

@@ -27,9 +27,6 @@ final class Native {
 
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads);
     static native void modelFree(long model);
-    static native long scopeModelOpen(byte[] pathUtf8, int nThreads);
-    static native void scopeModelFree(long scope);
-    static native void sessionSetScopeModel(long session, long scope);
     static native String modelDescription(long model);
     /** n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_ctx_train, bos, eos. */
     static native int[] modelInfo(long model);

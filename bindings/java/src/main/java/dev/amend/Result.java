@@ -31,6 +31,4 @@ public final class Result {
     public static final int ERR_INVALID_KEY = 309;
     public static final int ERR_BUNDLE_EXPIRED = 310;
     public static final int ERR_BUNDLE_DOWNGRADE = 311;
-    public static final int ERR_SCOPE_MODEL = 312;
-    public static final int ERR_SCOPE_MODEL_MISMATCH = 313;
 }

@@ -53,8 +53,6 @@ public final class Session implements AutoCloseable {
     }
 
     public void activate(Bundle bundle) { Native.sessionActivate(handle, bundle.handle); }
-    /** The scope model bundles' memories route with (null: none); set it before activating them. */
-    public void setScopeModel(ScopeModel scope) { Native.sessionSetScopeModel(handle, scope == null ? 0 : scope.handle); }
     public void rollbackBundle(String bundleId) { Native.sessionRollbackBundle(handle, bundleId.getBytes(StandardCharsets.UTF_8)); }
     public void rollbackEdit(String editId) { Native.sessionRollbackEdit(handle, editId.getBytes(StandardCharsets.UTF_8)); }
     public List<String> activeBundles() { return Arrays.asList(Native.sessionActiveBundles(handle)); }
