@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export AMEND_MODEL ?= $(HOME)/.cache/amend/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup model build demo test test-rust test-fuzz bench fmt clean
+.PHONY: setup model scope-model build demo test test-rust test-fuzz bench fmt clean
 
 setup:
 	@scripts/setup-deps.sh
@@ -14,11 +14,15 @@ model: setup
 build: setup
 	$(CARGO) build --release --workspace
 
-demo: model build
+# The scope model serac's memories route with (needs the amend binary to convert it).
+scope-model: build
+	@scripts/fetch-scope-model.sh >/dev/null
+
+demo: model build scope-model
 	@scripts/demo.sh
 
 # Real-model tests are mandatory under `make test` (AMEND_REQUIRE_MODEL=1): a missing model fails, never skips.
-test: model
+test: model scope-model
 	AMEND_REQUIRE_MODEL=1 $(CARGO) test --release --workspace
 	@scripts/test-extra.sh
 

@@ -60,6 +60,15 @@ pub struct Args {
     /// Print the hyperparameters in effect and exit.
     #[arg(long)]
     print_hparams: bool,
+    /// The scope model serac's memories route with (a `bert` GGUF; default
+    /// $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf, made by
+    /// scripts/fetch-scope-model.sh).
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+    /// Hand the records' rephrase, locality and portability prompts to the compiler (serac
+    /// calibrates on them). Off by default: they are the test set (docs/eval.md).
+    #[arg(long)]
+    use_probes: bool,
 }
 
 /// `--layer`: an index or `auto`.
@@ -98,8 +107,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| "--key")?;
     let key = signing_key_from_file_bytes(&key_bytes)
         .map_err(|e| anyhow::anyhow!("--key {}: {e}", args.key.display()))?;
-    let records = dataset::load(&args.edits, format)
+    let mut records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
+    if !args.use_probes {
+        // The honest protocol: the compiler sees only the edit requests.
+        for r in &mut records {
+            r.rephrase_prompts.clear();
+            r.locality.clear();
+            r.portability.clear();
+        }
+    }
     let base_bytes = match &args.base_bundle {
         Some(p) => Some(amend_edits::bundle::read_file(p).with_context(|| "--base-bundle")?),
         None => None,
@@ -133,6 +150,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.threads,
         )?),
     };
+    if method == Method::Serac && hp.serac.embedder == "scope" {
+        let path = args
+            .scope_model
+            .clone()
+            .or_else(amend_runtime::default_scope_model_path)
+            .context("--scope-model: no default path (HOME unset)")?;
+        let scope = amend_runtime::ScopeModel::open(&path, args.threads).with_context(|| {
+            format!(
+                "--scope-model {} (make it with scripts/fetch-scope-model.sh)",
+                path.display()
+            )
+        })?;
+        compiler.scope_model = Some(scope);
+    }
     eprintln!(
         "loaded {} ({}) in {:.1} s; {} edit(s), method {}",
         args.model.display(),
@@ -193,7 +224,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     write_atomic(&args.out, bytes.as_slice())?;
-    if let Some(cal) = &out.calibration {
+    if let Some(sc) = out.calibration.as_ref().and_then(|c| c.scope.as_ref()) {
+        println!(
+            "serac scope model: subject threshold {:.4}, relation threshold {:.4}, pooled floor {:.2}: {}/{} synthesized hard negatives rejected{}",
+            sc.subject_threshold,
+            sc.relation_threshold,
+            out.calibration.as_ref().map_or(0.0, |c| c.threshold),
+            sc.rejected.0,
+            sc.rejected.1,
+            if sc.capped { " (a threshold hit its cap)" } else { "" }
+        );
+    } else if let Some(cal) = &out.calibration {
         println!(
             "serac scope threshold {:.4} (cosine): rephrases in scope {}/{}, locality prompts out of scope {}/{}{}",
             cal.threshold,
@@ -275,7 +316,7 @@ fn auto_layer(
 }
 
 /// Write to a temporary file next to `path`, then rename: a failure leaves nothing half-written.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     amend_edits::fsutil::write_atomic(path, bytes, None)
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -53,6 +53,39 @@ pub struct Args {
     /// once, sequentially).
     #[arg(long, default_value = "batch")]
     protocol: Protocol,
+    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL
+    /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+}
+
+/// Opens the scope model when `bundle` needs one (once per process: `slot` caches it).
+pub fn scope_for(
+    bundle: &amend_edits::Bundle,
+    path: Option<&Path>,
+    threads: Option<usize>,
+    slot: &mut Option<Arc<amend_runtime::ScopeModel>>,
+) -> anyhow::Result<Option<Arc<amend_runtime::ScopeModel>>> {
+    let needs = bundle.payloads().iter().any(|p| {
+        matches!(p, amend_edits::bundle::Payload::Memory(d)
+            if matches!(d.embedder, amend_edits::bundle::EmbedderDesc::ScopeModel(_)))
+    });
+    if needs && slot.is_none() {
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(amend_runtime::default_scope_model_path)
+            .context("--scope-model: no default path (HOME unset)")?;
+        let m = amend_runtime::ScopeModel::open(&path, threads).with_context(|| {
+            format!(
+                "bundle {} needs the scope model: --scope-model {}",
+                bundle.id(),
+                path.display()
+            )
+        })?;
+        *slot = Some(m);
+    }
+    amend_runtime::check_scope_model(bundle, slot.as_deref())?;
+    Ok(slot.clone())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -77,9 +110,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", args.model.display()))?;
 
     let mut variants = vec![Variant::base()];
+    let mut scope = None;
     for path in &args.bundles {
         let pubkey = args.pubkey.as_deref().expect("checked above");
-        variants.push(bundle_variant(&args.model, path, pubkey, args.protocol)?);
+        variants.push(bundle_variant(
+            &args.model,
+            path,
+            pubkey,
+            args.protocol,
+            (args.scope_model.as_deref(), args.threads, &mut scope),
+        )?);
     }
     let config = EvalConfig {
         gen_tokens: args.gen_tokens,
@@ -166,6 +206,11 @@ fn bundle_variant(
     path: &Path,
     pubkey: &Path,
     protocol: Protocol,
+    scope: (
+        Option<&Path>,
+        Option<usize>,
+        &mut Option<Arc<amend_runtime::ScopeModel>>,
+    ),
 ) -> anyhow::Result<Variant> {
     let name = path
         .file_stem()
@@ -183,6 +228,8 @@ fn bundle_variant(
     let bundle = set
         .open_buffer(bytes)
         .with_context(|| format!("bundle {}", path.display()))?;
+    let scope = scope_for(&bundle, scope.0, scope.1, scope.2)
+        .with_context(|| format!("bundle {}", path.display()))?;
     let ids: Vec<String> = bundle
         .manifest()
         .edits
@@ -194,6 +241,7 @@ fn bundle_variant(
     let for_sessions = set.clone();
     let variant = Variant::new(name.clone(), move |model, opts| {
         let mut session = Session::new(model, opts.clone())?;
+        session.set_scope_model(scope.clone())?;
         session.set_edit_set(Some(for_sessions.clone()))?;
         Ok(session)
     });

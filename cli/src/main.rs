@@ -24,6 +24,7 @@ mod info;
 mod keys;
 mod locate;
 mod run;
+mod scope_model;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +61,8 @@ enum Command {
     Locate(locate::Args),
     /// Edit data tools (synthetic edits for scale tests).
     Data(data::Args),
+    /// The scope model memories route with: convert a checkpoint to GGUF.
+    ScopeModel(scope_model::Args),
 }
 
 fn main() {
@@ -77,6 +80,7 @@ fn main() {
         Command::Eval(a) => eval::run(a),
         Command::Locate(a) => locate::run(a),
         Command::Data(a) => data::run(a),
+        Command::ScopeModel(a) => scope_model::run(a),
     };
     if let Err(e) = result {
         eprintln!("amend: error: {e:#}");

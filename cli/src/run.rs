@@ -60,6 +60,10 @@ pub struct Args {
     /// memory hit and score, low-rank adapters).
     #[arg(long)]
     pub explain: bool,
+    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL
+    /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
+    #[arg(long)]
+    pub scope_model: Option<PathBuf>,
 }
 
 /// Opens a model for the CLI with the given thread count.
@@ -85,6 +89,16 @@ fn apply_edits(session: &mut Session, args: &Args) -> anyhow::Result<()> {
         &args.pubkeys,
         args.state.as_deref(),
     )?;
+    let mut scope = None;
+    for ab in set.snapshot().bundles.iter() {
+        crate::eval::scope_for(
+            &ab.bundle,
+            args.scope_model.as_deref(),
+            args.threads,
+            &mut scope,
+        )?;
+    }
+    session.set_scope_model(scope)?;
     session.set_edit_set(Some(set))?;
     Ok(())
 }
@@ -112,6 +126,12 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
                 "out of scope"
             }
         );
+        if let Some(t) = &m.scope_terms {
+            eprintln!(
+                "explain: scope model: pooled {:.4} subject {:.4} (threshold {:.4}) relation {:.4} (threshold {:.4}); {} candidate(s) in scope",
+                t.pooled, t.subject, t.subject_threshold, t.relation, t.relation_threshold, t.n_in_scope
+            );
+        }
     }
     for c in &ex.codebook {
         eprintln!(

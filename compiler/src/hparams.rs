@@ -45,6 +45,18 @@ pub struct SeracParams {
     pub template: String,
     /// Threshold when there are no rephrases or locality prompts to calibrate on.
     pub threshold: f32,
+    /// "scope": route with the scope model (all-MiniLM-L6-v2, subject-aware, thresholds
+    /// calibrated on synthesized hard negatives); "base": the base model's hidden state.
+    pub embedder: String,
+    /// Scope model: the floor on the pooled cosine of the prompts.
+    pub pooled_threshold: f32,
+    /// Scope model: the calibrated subject/relation thresholds sit this far above the hardest
+    /// synthesized negative.
+    pub margin: f32,
+    /// Scope model: caps on the calibrated thresholds (above them, the negative is accepted
+    /// rather than losing every rephrase).
+    pub max_subject_threshold: f32,
+    pub max_relation_threshold: f32,
 }
 
 /// ROME (see `methods::rome`).
@@ -281,6 +293,27 @@ impl Hparams {
         }
         if !(-1.0..=1.0).contains(&self.serac.threshold) {
             return bad("serac.threshold", "must be a cosine in [-1, 1]");
+        }
+        if !matches!(self.serac.embedder.as_str(), "scope" | "base") {
+            return bad("serac.embedder", "must be \"scope\" or \"base\"");
+        }
+        for (name, v) in [
+            ("serac.pooled_threshold", self.serac.pooled_threshold),
+            (
+                "serac.max_subject_threshold",
+                self.serac.max_subject_threshold,
+            ),
+            (
+                "serac.max_relation_threshold",
+                self.serac.max_relation_threshold,
+            ),
+        ] {
+            if !(-1.0..=1.0).contains(&v) {
+                return bad(name, "must be a cosine in [-1, 1]");
+            }
+        }
+        if !(self.serac.margin >= 0.0 && self.serac.margin < 1.0) {
+            return bad("serac.margin", "must be in [0, 1)");
         }
         if self.lora.rank == 0 || !(self.lora.lr > 0.0) || self.lora.steps == 0 {
             return bad("lora.rank/lr/steps", "must be > 0");

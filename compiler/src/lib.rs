@@ -17,6 +17,8 @@ pub mod error;
 pub mod forward;
 pub mod hparams;
 pub mod methods;
+// The scope model (all-MiniLM-L6-v2) converted to a llama.cpp GGUF.
+pub mod scope_model;
 
 pub use error::CompileError;
 pub use hparams::Hparams;

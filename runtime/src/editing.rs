@@ -20,7 +20,58 @@ use llama_cpp_sys_2 as sys;
 use crate::error::RuntimeError;
 use crate::hooks::{FnHook, Hook, HookId, HookRows, Phase};
 use crate::model::Model;
+use crate::scope::ScopeModel;
 use crate::session::{EvalOptions, Logits, Session};
+
+/// Checks that every scope-model memory of `bundle` can be routed by `scope`: the bundle pins a
+/// fingerprint and the configured scope model has it. Errors: `ScopeModelMissing`,
+/// `ScopeModelMismatch`, `InvalidEdit` (a v1.0 payload naming an external model without a
+/// fingerprint).
+pub fn check_scope_model(
+    bundle: &amend_edits::Bundle,
+    scope: Option<&ScopeModel>,
+) -> Result<(), RuntimeError> {
+    for p in bundle.payloads() {
+        let Payload::Memory(d) = p else { continue };
+        match &d.embedder {
+            amend_edits::bundle::EmbedderDesc::BaseModel { .. } => {}
+            amend_edits::bundle::EmbedderDesc::External { model_id } => {
+                return Err(RuntimeError::InvalidEdit(format!(
+                    "bundle {}: its memory names the embedding model {model_id:?} without a fingerprint; recompile it",
+                    bundle.id()
+                )))
+            }
+            amend_edits::bundle::EmbedderDesc::ScopeModel(sr) => {
+                let hex = amend_edits::keys::to_hex(&sr.fingerprint);
+                let Some(m) = scope else {
+                    return Err(RuntimeError::ScopeModelMissing {
+                        bundle: bundle.id().to_string(),
+                        model_id: sr.model_id.clone(),
+                        fingerprint: hex,
+                    });
+                };
+                if m.fingerprint() != sr.fingerprint {
+                    return Err(RuntimeError::ScopeModelMismatch {
+                        bundle: bundle.id().to_string(),
+                        model_id: sr.model_id.clone(),
+                        expected: hex,
+                        got: amend_edits::keys::to_hex(&m.fingerprint()),
+                        path: m.path().to_path_buf(),
+                    });
+                }
+                if d.embed_dim as usize != m.n_embd() {
+                    return Err(RuntimeError::InvalidEdit(format!(
+                        "bundle {}: memory embed_dim {} but the scope model has {}",
+                        bundle.id(),
+                        d.embed_dim,
+                        m.n_embd()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// What fired during the last request (`amend run --explain`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -80,6 +131,20 @@ pub struct MemoryEvent {
     pub in_scope: bool,
     /// The prompt the model was given (the counterfactual prompt when in scope).
     pub routed_prompt: String,
+    /// Scope-model memories: the subject (MaxSim) and relation terms of the chosen record, and
+    /// how many examined records were in scope (several: the best one was used).
+    pub scope_terms: Option<ScopeTerms>,
+}
+
+/// The token-level terms of a scope-model routing decision (see `Memory::route`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopeTerms {
+    pub pooled: f32,
+    pub subject: f32,
+    pub relation: f32,
+    pub subject_threshold: f32,
+    pub relation_threshold: f32,
+    pub n_in_scope: usize,
 }
 
 /// A low-rank adapter applied to the request.
@@ -223,6 +288,7 @@ reborrow!(Memory);
 impl EditPlan {
     fn build(
         model: &Model,
+        scope: Option<&ScopeModel>,
         set: Arc<ActiveSet>,
         lora_scales: &BTreeMap<String, f32>,
     ) -> Result<EditPlan, RuntimeError> {
@@ -238,6 +304,8 @@ impl EditPlan {
         let bad = |what: String| RuntimeError::InvalidEdit(what);
         for (bi, ab) in set.bundles.iter().enumerate() {
             let b = &ab.bundle;
+            // Before anything of the bundle is planned: all of it or none.
+            check_scope_model(b, scope)?;
             let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
             // A bundle's explicit low-rank deltas become one adapter (see `LowRankMerger`: with
             // one adapter per edit llama.cpp's sum order, and so the output, varied per run).
@@ -585,6 +653,8 @@ pub(crate) struct SessionEdits {
     hook: Option<HookId>,
     lora_scales: BTreeMap<String, f32>,
     explain: Arc<Mutex<Explain>>,
+    /// Routes scope-model memories (shared by the process's sessions).
+    scope: Option<Arc<ScopeModel>>,
 }
 
 impl SessionEdits {
@@ -610,6 +680,17 @@ impl Session {
         self.edits_mut().set = set;
         self.unpin()?;
         Ok(())
+    }
+
+    /// The scope model that routes scope-model memories (`None`: bundles that need one fail
+    /// with `ScopeModelMissing`). Takes effect at the next request.
+    pub fn set_scope_model(&mut self, scope: Option<Arc<ScopeModel>>) -> Result<(), RuntimeError> {
+        self.edits_mut().scope = scope;
+        self.unpin()
+    }
+
+    pub fn scope_model(&self) -> Option<&Arc<ScopeModel>> {
+        self.edits_ref().scope.as_ref()
     }
 
     /// The attached edit set.
@@ -708,7 +789,13 @@ impl Session {
         if !same {
             self.unpin()?;
             let scales = self.edits_ref().lora_scales.clone();
-            let plan = Arc::new(EditPlan::build(self.model(), snap, &scales)?);
+            let scope = self.edits_ref().scope.clone();
+            let plan = Arc::new(EditPlan::build(
+                self.model(),
+                scope.as_deref(),
+                snap,
+                &scales,
+            )?);
             self.edits_mut().plan = Some(plan);
         }
         let plan = self.edits_ref().plan.clone().expect("set above");
@@ -784,35 +871,67 @@ impl Session {
     }
 
     fn route(&mut self, plan: &EditPlan, prompt: &str) -> Result<String, RuntimeError> {
-        let mut best: Option<(usize, families::MemoryHit)> = None;
+        // (memory, hit, token terms); compared by (in scope, score).
+        let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
         let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
+        let mut encoded: Option<crate::scope::ScopeEncoding> = None;
         for (mi, m) in plan.memories.iter().enumerate() {
-            let Embedder::BaseModel {
-                layer,
-                site,
-                pooling,
-            } = m.mem.embedder()
-            else {
-                return Err(RuntimeError::InvalidEdit(
-                    "memories with an external embedding model are not supported by this runtime yet".into(),
-                ));
-            };
-            let key = (layer, site, pooling);
-            let q = match cache.iter().find(|(k, _)| *k == key) {
-                Some((_, q)) => q.clone(),
-                None => {
-                    let q = self.embed(prompt, layer, site, pooling)?;
-                    cache.push((key, q.clone()));
-                    q
+            let (hit, terms) = match m.mem.embedder() {
+                Embedder::BaseModel {
+                    layer,
+                    site,
+                    pooling,
+                } => {
+                    let key = (layer, site, pooling);
+                    let q = match cache.iter().find(|(k, _)| *k == key) {
+                        Some((_, q)) => q.clone(),
+                        None => {
+                            let q = self.embed(prompt, layer, site, pooling)?;
+                            cache.push((key, q.clone()));
+                            q
+                        }
+                    };
+                    (m.mem.nearest(&q, None), None)
+                }
+                Embedder::External { .. } => {
+                    if encoded.is_none() {
+                        // The plan was built only after check_scope_model passed.
+                        let scope = self.edits_ref().scope.clone().ok_or_else(|| {
+                            RuntimeError::InvalidEdit("no scope model configured".into())
+                        })?;
+                        encoded = Some(scope.encode(prompt)?);
+                    }
+                    let q = encoded.as_ref().expect("set above");
+                    let Some(r) = m.mem.route(&q.pooled, &q.rows, None) else {
+                        continue;
+                    };
+                    let routing = m.mem.routing().expect("route returned a hit");
+                    let hit = families::MemoryHit {
+                        index: r.index,
+                        score: r.pooled,
+                        in_scope: r.in_scope,
+                    };
+                    let terms = ScopeTerms {
+                        pooled: r.pooled,
+                        subject: r.subject,
+                        relation: r.relation,
+                        subject_threshold: routing.subject_threshold(),
+                        relation_threshold: routing.relation_threshold(),
+                        n_in_scope: r.n_in_scope,
+                    };
+                    (Some(hit), Some(terms))
                 }
             };
-            if let Some(hit) = m.mem.nearest(&q, None) {
-                if best.as_ref().is_none_or(|(_, b)| hit.score > b.score) {
-                    best = Some((mi, hit));
+            if let Some(hit) = hit {
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(_, b, _)| (hit.in_scope, hit.score) > (b.in_scope, b.score));
+                if better {
+                    best = Some((mi, hit, terms));
                 }
             }
         }
-        let Some((mi, hit)) = best else {
+        let Some((mi, hit, terms)) = best else {
             return Ok(prompt.to_string());
         };
         let m = &plan.memories[mi];
@@ -836,6 +955,7 @@ impl Session {
             threshold: m.mem.threshold(),
             in_scope: hit.in_scope,
             routed_prompt: routed.clone(),
+            scope_terms: terms,
         });
         Ok(routed)
     }

@@ -76,6 +76,22 @@ pub enum RuntimeError {
         call: &'static str,
         what: &'static str,
     },
+    #[error("scope model {} is not usable: {detail}", path.display())]
+    ScopeModelInvalid { path: PathBuf, detail: String },
+    #[error("bundle {bundle} routes its memories with the scope model {fingerprint} ({model_id}), but no scope model is configured (pass its path: --scope-model, amend_session_params.scope_model_path); nothing of the bundle was applied")]
+    ScopeModelMissing {
+        bundle: String,
+        model_id: String,
+        fingerprint: String,
+    },
+    #[error("bundle {bundle} was compiled for the scope model {expected} ({model_id}), but the configured one ({}) is {got}; nothing of the bundle was applied", path.display())]
+    ScopeModelMismatch {
+        bundle: String,
+        model_id: String,
+        expected: String,
+        got: String,
+        path: PathBuf,
+    },
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -18,6 +18,7 @@ mod generate;
 mod hooks;
 mod model;
 pub mod reference;
+mod scope;
 mod session;
 #[doc(hidden)]
 pub mod testutil;
@@ -26,12 +27,17 @@ pub use amend_edits::{HookPoint, Site};
 pub use arch::{ArchSpec, Architecture, Forward, SiteNode};
 pub use detok::Detokenizer;
 pub use editing::{
-    CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent, NeuronEvent, Request,
+    check_scope_model, CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent,
+    NeuronEvent, Request, ScopeTerms,
 };
 pub use error::{Result, RuntimeError};
 pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};
+pub use scope::{
+    default_path as default_scope_model_path, ScopeEncoding, ScopeModel,
+    MAX_TOKENS as SCOPE_MAX_TOKENS,
+};
 pub use session::{
     CancelHandle, EvalOptions, Logits, Session, SessionOptions, MAX_N_CTX, MAX_THREADS,
 };

@@ -9,6 +9,7 @@ pub mod lora;
 pub mod memit;
 mod optim;
 pub mod rome;
+pub mod scope_routing;
 pub mod serac;
 pub mod tpatcher;
 
@@ -193,6 +194,8 @@ pub struct Compiler {
     session: Session,
     pub binding: ModelBinding,
     pub model_path: PathBuf,
+    /// The scope model serac's default memories route with (`amend compile --scope-model`).
+    pub scope_model: Option<Arc<amend_runtime::ScopeModel>>,
 }
 
 impl Compiler {
@@ -220,6 +223,7 @@ impl Compiler {
             session,
             binding,
             model_path: model_path.to_path_buf(),
+            scope_model: None,
         })
     }
 

@@ -30,6 +30,9 @@ pub struct Calibration {
     pub locality_out: (usize, usize),
     /// Every rephrase scored above every locality prompt.
     pub separable: bool,
+    /// Scope-model memories: the subject and relation thresholds (then `threshold` is the floor
+    /// on the pooled cosine, and `locality_out` counts the synthesized negatives rejected).
+    pub scope: Option<super::scope_routing::ScopeCalibration>,
 }
 
 /// Chooses the threshold from in-scope and out-of-scope scores (see the module docs).
@@ -70,6 +73,7 @@ pub fn calibrate(in_scores: &[f32], out_scores: &[f32], fallback: f32) -> Calibr
         rephrases_in: (a, in_scores.len()),
         locality_out: (b, out_scores.len()),
         separable: min_in > max_out,
+        scope: None,
     }
 }
 
@@ -96,6 +100,9 @@ pub(crate) fn compile(
     builder: &mut BundleBuilder,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Vec<EditReport>, Calibration)> {
+    if hp.embedder == "scope" {
+        return compile_scope(c, records, hp, base, builder, progress);
+    }
     let layer = c.resolve_layer(layer, hp.layer)?;
     let site = Site::from_name(&hp.site).ok_or_else(|| {
         CompileError::Hparams(format!("serac.site {:?}: unknown hook site", hp.site))
@@ -206,6 +213,204 @@ pub(crate) fn compile(
         builder.add_edit(id, layer as u32, site, prompt, target, p, row as u32, 1);
     }
     Ok((reports, cal))
+}
+
+/// The name bundles record for the scope model.
+pub const SCOPE_MODEL_ID: &str = "all-MiniLM-L6-v2";
+
+/// The memory routed by the scope model (see `scope_routing`).
+fn compile_scope(
+    c: &mut Compiler,
+    records: &[EditRecord],
+    hp: &SeracParams,
+    base: Option<&Bundle>,
+    builder: &mut BundleBuilder,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<EditReport>, Calibration)> {
+    use super::scope_routing::{self as sr, RecordRouting};
+    if !hp.template.contains("{prompt}") {
+        return Err(CompileError::Hparams(
+            "serac.template must contain {prompt}".into(),
+        ));
+    }
+    let scope = c.scope_model.clone().ok_or_else(|| {
+        CompileError::Hparams(
+            "serac routes with the scope model: give --scope-model PATH (scripts/fetch-scope-model.sh makes it), or --set serac.embedder=\"base\"".into(),
+        )
+    })?;
+    let fingerprint = scope.fingerprint();
+    // (edit id, prompt, subject, target) of the base bundle's records, then of the new ones.
+    let mut all: Vec<(String, String, String, String)> = Vec::new();
+    if let Some(b) = base {
+        for pl in b.payloads() {
+            match pl {
+                Payload::Memory(d) => {
+                    let amend_edits::bundle::EmbedderDesc::ScopeModel(r) = &d.embedder else {
+                        return Err(CompileError::Bundle(
+                            "--base-bundle's memory was not routed by the scope model; recompile it from its edits".into(),
+                        ));
+                    };
+                    if r.fingerprint != fingerprint {
+                        return Err(CompileError::Bundle(
+                            "--base-bundle was compiled with another scope model".into(),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(CompileError::Bundle(format!(
+                        "--base-bundle has a {} payload; serac can only extend a memory bundle",
+                        other.kind().name()
+                    )))
+                }
+            }
+        }
+        for e in &b.manifest().edits {
+            let subject = base_subject(b, &e.id).unwrap_or_default();
+            all.push((e.id.clone(), e.prompt.clone(), subject, e.target.clone()));
+        }
+    }
+    for (i, r) in records.iter().enumerate() {
+        let subject = r.subject.clone().unwrap_or_default();
+        if subject.trim().is_empty() {
+            return Err(CompileError::BadRecord {
+                index: i,
+                message: format!(
+                    "{}: the scope check needs the edit's subject (empty or missing `subject`)",
+                    r.id
+                ),
+            });
+        }
+        if sr::find_subject(&r.prompt, &subject).is_none() {
+            return Err(CompileError::BadRecord {
+                index: i,
+                message: format!("{}: subject {subject:?} does not occur in the prompt", r.id),
+            });
+        }
+        all.push((
+            r.id.clone(),
+            r.prompt.clone(),
+            subject,
+            r.target_new.clone(),
+        ));
+    }
+    let n_base = all.len() - records.len();
+    let subjects: Vec<&str> = all.iter().map(|a| a.2.as_str()).collect();
+    let mut routing: Vec<RecordRouting> = Vec::with_capacity(all.len());
+    let mut negs = Vec::new();
+    let mut reports = Vec::with_capacity(records.len());
+    for (k, (id, prompt, subject, _)) in all.iter().enumerate() {
+        let t0 = Instant::now();
+        let r = sr::encode_record(&scope, prompt, subject)?;
+        let given: Vec<String> = if k >= n_base {
+            records[k - n_base]
+                .locality
+                .iter()
+                .map(|p| p.prompt.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        negs.extend(sr::negatives(
+            &scope, k, &r, prompt, subject, &subjects, &given,
+        )?);
+        routing.push(r);
+        if k >= n_base {
+            let i = k - n_base;
+            progress(&Progress {
+                index: i,
+                total: records.len(),
+                id,
+                step: 0,
+                loss: 0.0,
+                done: true,
+            });
+            reports.push(EditReport {
+                id: id.clone(),
+                loss: 0.0,
+                steps: 0,
+                seconds: t0.elapsed().as_secs_f64(),
+                success: true,
+                action: "memory record (scope model)".into(),
+            });
+        }
+    }
+    let cal = sr::calibrate(
+        &negs,
+        hp.pooled_threshold,
+        hp.margin,
+        hp.max_subject_threshold,
+        hp.max_relation_threshold,
+    );
+    if std::env::var_os("AMEND_SCOPE_DEBUG").is_some() {
+        for n in &negs {
+            eprintln!(
+                "neg {:?} rec {} pooled {:.3} subj {:.3} rel {:.3} {:?}",
+                n.kind, n.record, n.pooled, n.subject, n.relation, n.prompt
+            );
+        }
+    }
+    let dim = scope.n_embd();
+    let mut pooled = Vec::with_capacity(all.len() * dim);
+    let mut relation = Vec::with_capacity(all.len() * dim);
+    let mut subject_rows = Vec::new();
+    let mut counts = Vec::with_capacity(all.len());
+    for r in &routing {
+        pooled.extend_from_slice(&r.pooled);
+        relation.extend_from_slice(&r.relation);
+        subject_rows.extend_from_slice(&r.subject_rows);
+        counts.push((r.subject_rows.len() / dim) as u32);
+    }
+    let recs: Vec<MemoryRecordDesc> = all
+        .iter()
+        .map(|(id, prompt, _, target)| MemoryRecordDesc {
+            edit_id: id.clone(),
+            prompt: prompt.clone(),
+            target: target.clone(),
+            text: format!("{prompt}{}", continuation(prompt, target)),
+        })
+        .collect();
+    let p = builder.add_scope_memory(
+        dim,
+        &pooled,
+        &relation,
+        &subject_rows,
+        hp.pooled_threshold,
+        &hp.template,
+        amend_edits::bundle::ScopeRoutingDesc {
+            model_id: SCOPE_MODEL_ID.into(),
+            fingerprint,
+            relation: 0,
+            subject_rows: 0,
+            subject_counts: counts,
+            subject_threshold: cal.subject_threshold,
+            relation_threshold: cal.relation_threshold,
+            subjects: all.iter().map(|a| a.2.clone()).collect(),
+        },
+        recs,
+    );
+    for (row, (id, prompt, _, target)) in all.iter().enumerate() {
+        builder.add_edit(id, 0, Site::ResidualOut, prompt, target, p, row as u32, 1);
+    }
+    let calibration = Calibration {
+        threshold: hp.pooled_threshold,
+        rephrases_in: (0, 0),
+        locality_out: cal.rejected,
+        separable: !cal.capped,
+        scope: Some(cal),
+    };
+    Ok((reports, calibration))
+}
+
+/// The subject of edit `id` in a scope-model memory of `b`.
+fn base_subject(b: &Bundle, id: &str) -> Option<String> {
+    b.payloads().iter().find_map(|pl| {
+        let Payload::Memory(d) = pl else { return None };
+        let amend_edits::bundle::EmbedderDesc::ScopeModel(r) = &d.embedder else {
+            return None;
+        };
+        let i = d.records.iter().position(|rec| rec.edit_id == id)?;
+        r.subjects.get(i).cloned()
+    })
 }
 
 #[cfg(test)]

@@ -131,7 +131,11 @@ pub struct Compiled {
 /// missing and not required.
 pub fn compile_dev(prefix: &str, default_n: usize, method: Method) -> Option<Compiled> {
     let path = real_model_path()?;
-    let EnvOptions { n, layer, sets } = env_options(prefix, default_n);
+    let EnvOptions { n, layer, mut sets } = env_options(prefix, default_n);
+    if method == Method::Serac {
+        // These tests cover the base-model embedder; the scope model has its own test.
+        sets.insert(0, "serac.embedder=\"base\"".to_string());
+    }
     let records = dataset::load(&repo_file("data/dev-edits.json"), DataFormat::Auto).unwrap();
     let records: Vec<_> = records.into_iter().take(n).collect();
     let mut compiler = Compiler::open(&path).unwrap();

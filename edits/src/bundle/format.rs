@@ -16,7 +16,7 @@ pub const MAGIC: [u8; 8] = *b"AMENDBDL";
 /// Format version written by this crate. A reader refuses a higher major; minor bumps only add
 /// things a v1.0 reader refuses explicitly (new payload or section kinds).
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -118,6 +118,10 @@ wire_codes! {
         LowRankB = 8,
         GgufLora = 9,
         MemoryEmbeddings = 10,
+        // v1.1: per memory record, the relation embedding of the scope model (unit rows).
+        MemoryRelation = 11,
+        // v1.1: the subjects' token rows of the scope model, record after record (unit rows).
+        MemorySubjectRows = 12,
     }
 }
 
@@ -288,12 +292,38 @@ pub struct LowRankGgufDesc {
 
 /// How memory embeddings were computed.
 #[cfg(feature = "alloc")]
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EmbedderDesc {
     /// Pooled hidden state of the base model at `layer`/`site` (`pooling`: 0 mean, 1 last token).
     BaseModel { layer: u32, site: u8, pooling: u8 },
-    /// An external embedding model, named.
+    /// An external embedding model, named only (v1.0; no runtime routes with it: it pins no
+    /// model).
     External { model_id: String },
+    /// v1.1: the scope model (a `bert` GGUF, see docs/methods.md) pinned by its fingerprint,
+    /// with what subject-aware routing needs. A v1.0 reader refuses the payload (unknown
+    /// variant) rather than misreading it.
+    ScopeModel(ScopeRoutingDesc),
+}
+
+/// Routing data of a memory whose embeddings come from the scope model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScopeRoutingDesc {
+    /// A human-readable name, e.g. "all-MiniLM-L6-v2 Q8_0".
+    pub model_id: String,
+    /// [`crate::fingerprint`] of the scope-model GGUF the embeddings were computed with.
+    pub fingerprint: [u8; 32],
+    /// Section `[n, embed_dim]`: per record, the mean of its prompt's non-subject token rows.
+    pub relation: u32,
+    /// Section `[sum(subject_counts), embed_dim]`: the subject's token rows in the prompt.
+    pub subject_rows: u32,
+    /// Per record, how many subject rows it has (at least one).
+    pub subject_counts: Vec<u32>,
+    /// Per record, the subject (a later version recomputes the rows from it).
+    pub subjects: Vec<String>,
+    /// MaxSim of the subject rows against the query's rows must reach this.
+    pub subject_threshold: f32,
+    /// Cosine of the relation embeddings must reach this.
+    pub relation_threshold: f32,
 }
 
 #[cfg(feature = "alloc")]

@@ -295,7 +295,27 @@ impl<B: AsRef<[u8]>> Bundle<B> {
         if rows.start > rows.end || rows.end > d.records.len() {
             return None;
         }
+        let scope = match &d.embedder {
+            EmbedderDesc::ScopeModel(sr) => {
+                // Subject rows of records before `rows.start`, and of `rows`.
+                let counts = &sr.subject_counts[rows.clone()];
+                let before: usize = sr.subject_counts[..rows.start]
+                    .iter()
+                    .map(|&c| c as usize)
+                    .sum();
+                let here: usize = counts.iter().map(|&c| c as usize).sum();
+                Some(ScopeView {
+                    relation: &self.f32s(sr.relation)[rows.start * e..rows.end * e],
+                    subject_rows: &self.f32s(sr.subject_rows)[before * e..(before + here) * e],
+                    subject_counts: counts,
+                    subject_threshold: sr.subject_threshold,
+                    relation_threshold: sr.relation_threshold,
+                })
+            }
+            _ => None,
+        };
         Some(MemoryView {
+            scope,
             embed_dim: e,
             embeddings: &self.f32s(d.embeddings)[rows.start * e..rows.end * e],
             threshold: d.threshold,
@@ -463,6 +483,18 @@ pub struct MemoryView<'a> {
     pub template: &'a str,
     pub embedder: &'a EmbedderDesc,
     pub rows: Range<usize>,
+    /// Routing data when the embedder is the scope model.
+    pub scope: Option<ScopeView<'a>>,
+}
+
+/// Zero-copy routing data of a scope-model memory over some records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopeView<'a> {
+    pub relation: &'a [f32],
+    pub subject_rows: &'a [f32],
+    pub subject_counts: &'a [u32],
+    pub subject_threshold: f32,
+    pub relation_threshold: f32,
 }
 
 impl<'a> CodebookView<'a> {
@@ -536,9 +568,16 @@ impl<'a> MemoryView<'a> {
                 pooling: families::Pooling::from_code(*pooling)
                     .ok_or(InvalidPayload("pooling code"))?,
             },
-            EmbedderDesc::External { model_id } => families::Embedder::External { model_id },
+            EmbedderDesc::External { model_id } => families::Embedder::External {
+                model_id,
+                fingerprint: None,
+            },
+            EmbedderDesc::ScopeModel(sr) => families::Embedder::External {
+                model_id: &sr.model_id,
+                fingerprint: Some(&sr.fingerprint),
+            },
         };
-        families::Memory::new(
+        let mem = families::Memory::new(
             self.embed_dim,
             self.embeddings,
             self.threshold,
@@ -553,6 +592,17 @@ impl<'a> MemoryView<'a> {
                 .collect(),
             self.template,
             embedder,
-        )
+        )?;
+        match &self.scope {
+            None => Ok(mem),
+            Some(sv) => mem.with_scope_routing(families::ScopeRouting::new(
+                self.embed_dim,
+                sv.relation,
+                sv.subject_rows,
+                sv.subject_counts,
+                sv.subject_threshold,
+                sv.relation_threshold,
+            )?),
+        }
     }
 }

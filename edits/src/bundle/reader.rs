@@ -726,6 +726,28 @@ fn check_payload(
                 check_str(&rec.text, "record text length")?;
             }
             r.take(d.embeddings, SectionKind::MemoryEmbeddings, &[n, e])?;
+            if let EmbedderDesc::ScopeModel(sr) = &d.embedder {
+                check_str(&sr.model_id, "embedder id length")?;
+                if !(sr.subject_threshold.is_finite() && sr.relation_threshold.is_finite()) {
+                    return Err(invalid("scope thresholds not finite"));
+                }
+                if sr.subject_counts.len() as u64 != n || sr.subjects.len() as u64 != n {
+                    return Err(invalid("scope routing: one subject per record"));
+                }
+                for s in &sr.subjects {
+                    check_str(s, "subject length")?;
+                }
+                let mut total = 0u64;
+                for &c in &sr.subject_counts {
+                    if c == 0 || c as u64 > MAX_DIM {
+                        return Err(invalid("scope routing: subject row count"));
+                    }
+                    total += c as u64;
+                }
+                rows_cap(total)?;
+                r.take(sr.relation, SectionKind::MemoryRelation, &[n, e])?;
+                r.take(sr.subject_rows, SectionKind::MemorySubjectRows, &[total, e])?;
+            }
         }
     }
     Ok(())

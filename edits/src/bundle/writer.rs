@@ -209,6 +209,41 @@ impl BundleBuilder {
         }))
     }
 
+    /// A scope-model memory (v1.1): `embeddings` and `relation` are `[n, embed_dim]`,
+    /// `subject_rows` `[sum(routing.subject_counts), embed_dim]`; the section indices in
+    /// `routing` are filled in here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_scope_memory(
+        &mut self,
+        embed_dim: usize,
+        embeddings: &[f32],
+        relation: &[f32],
+        subject_rows: &[f32],
+        threshold: f32,
+        template: &str,
+        mut routing: ScopeRoutingDesc,
+        records: Vec<MemoryRecordDesc>,
+    ) -> u32 {
+        let n = records.len() as u64;
+        let e = embed_dim as u64;
+        let emb = self.add_f32(SectionKind::MemoryEmbeddings, alloc::vec![n, e], embeddings);
+        routing.relation = self.add_f32(SectionKind::MemoryRelation, alloc::vec![n, e], relation);
+        let total = (subject_rows.len() / embed_dim.max(1)) as u64;
+        routing.subject_rows = self.add_f32(
+            SectionKind::MemorySubjectRows,
+            alloc::vec![total, e],
+            subject_rows,
+        );
+        self.add_payload(Payload::Memory(MemoryDesc {
+            embed_dim: embed_dim as u32,
+            threshold,
+            template: template.into(),
+            embedder: EmbedderDesc::ScopeModel(routing),
+            embeddings: emb,
+            records,
+        }))
+    }
+
     /// Declare an edit implemented by units `first..first+count` of `payload`.
     #[allow(clippy::too_many_arguments)]
     pub fn add_edit(

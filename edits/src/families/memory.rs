@@ -38,8 +38,12 @@ pub enum Embedder<'a> {
         site: Site,
         pooling: Pooling,
     },
-    /// A separate GGUF embedding model named by the bundle.
-    External { model_id: &'a str },
+    /// A separate GGUF embedding model (the scope model), pinned by its fingerprint (`None`:
+    /// a v1.0 payload that only named it; no runtime can check it).
+    External {
+        model_id: &'a str,
+        fingerprint: Option<&'a [u8; 32]>,
+    },
 }
 
 /// The most similar memory.
@@ -64,6 +68,152 @@ pub struct Memory<'a> {
     /// f16 copy of the embeddings for a half-bandwidth first pass (x86_64 with F16C only);
     /// results are identical with or without it.
     index: Option<F16Rows>,
+    /// Subject-aware routing data (scope-model memories).
+    routing: Option<ScopeRouting<'a>>,
+}
+
+/// What subject-aware routing needs per record (see [`Memory::route`]).
+#[derive(Clone, Debug)]
+pub struct ScopeRouting<'a> {
+    embed_dim: usize,
+    /// `[n, embed_dim]` unit rows: the mean of each prompt's non-subject token rows.
+    relation: &'a [f32],
+    /// The subject's token rows (unit), record after record.
+    subject_rows: &'a [f32],
+    /// Record i's subject rows are `subject_rows[offsets[i]..offsets[i + 1]]` (in rows).
+    offsets: Vec<usize>,
+    subject_threshold: f32,
+    relation_threshold: f32,
+}
+
+impl<'a> ScopeRouting<'a> {
+    /// Validate: `relation` is `[counts.len(), embed_dim]` of unit rows, `subject_rows` is
+    /// `[sum(counts), embed_dim]` of unit rows, every count positive, thresholds in `[-1, 1]`.
+    pub fn new(
+        embed_dim: usize,
+        relation: &'a [f32],
+        subject_rows: &'a [f32],
+        counts: &[u32],
+        subject_threshold: f32,
+        relation_threshold: f32,
+    ) -> Result<ScopeRouting<'a>, InvalidPayload> {
+        let n = counts.len();
+        check_matrix(
+            relation,
+            n,
+            embed_dim,
+            "memory: relation rows must be [records, embed_dim]",
+            "memory: non-finite relation row",
+        )?;
+        check_unit_rows(relation, embed_dim, "memory: relation rows must be unit")?;
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0usize);
+        for &c in counts {
+            if c == 0 {
+                return Err(InvalidPayload("memory: a record has no subject rows"));
+            }
+            offsets.push(offsets[offsets.len() - 1] + c as usize);
+        }
+        check_matrix(
+            subject_rows,
+            offsets[n],
+            embed_dim,
+            "memory: subject rows must be [sum(counts), embed_dim]",
+            "memory: non-finite subject row",
+        )?;
+        check_unit_rows(subject_rows, embed_dim, "memory: subject rows must be unit")?;
+        for t in [subject_threshold, relation_threshold] {
+            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
+                return Err(InvalidPayload(
+                    "memory: scope thresholds must be cosines in [-1, 1]",
+                ));
+            }
+        }
+        Ok(ScopeRouting {
+            embed_dim,
+            relation,
+            subject_rows,
+            offsets,
+            subject_threshold,
+            relation_threshold,
+        })
+    }
+
+    pub fn subject_threshold(&self) -> f32 {
+        self.subject_threshold
+    }
+    pub fn relation_threshold(&self) -> f32 {
+        self.relation_threshold
+    }
+    pub fn subject_rows(&self, i: usize) -> &'a [f32] {
+        let d = self.embed_dim;
+        &self.subject_rows[self.offsets[i] * d..self.offsets[i + 1] * d]
+    }
+    pub fn relation(&self, i: usize) -> &'a [f32] {
+        &self.relation[i * self.embed_dim..(i + 1) * self.embed_dim]
+    }
+}
+
+/// Subject and relation terms of one record against a query's token rows (unit rows,
+/// `[m, d]`): MaxSim = mean over the subject rows of their best cosine to any query row; the
+/// relation term = cosine of the mean of the query rows *not* picked by MaxSim against the
+/// record's relation embedding (the prompt with its subject removed). With no query row left,
+/// the relation term is 0.
+pub fn subject_relation(
+    subject: &[f32],
+    relation: &[f32],
+    query_rows: &[f32],
+    d: usize,
+) -> (f32, f32) {
+    let m = query_rows.len() / d;
+    if m == 0 || subject.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut picked = alloc::vec![false; m];
+    let mut sum = 0.0;
+    let n_sub = subject.len() / d;
+    for s in subject.chunks_exact(d) {
+        let mut best = (f32::NEG_INFINITY, 0usize);
+        for (j, q) in query_rows.chunks_exact(d).enumerate() {
+            let c = dot(s, q);
+            if c > best.0 {
+                best = (c, j);
+            }
+        }
+        sum += best.0;
+        picked[best.1] = true;
+    }
+    let maxsim = sum / n_sub as f32;
+    let mut rest = alloc::vec![0f32; d];
+    let mut any = false;
+    for (j, q) in query_rows.chunks_exact(d).enumerate() {
+        if !picked[j] {
+            any = true;
+            rest.iter_mut().zip(q).for_each(|(r, x)| *r += x);
+        }
+    }
+    if !any || !super::l2_normalize(&mut rest) {
+        return (maxsim, 0.0);
+    }
+    (maxsim, dot(&rest, relation))
+}
+
+/// The result of [`Memory::route`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteHit {
+    /// The chosen record: the best in-scope one, else the best by pooled cosine.
+    pub index: usize,
+    /// Cosine of the pooled embeddings.
+    pub pooled: f32,
+    /// MaxSim of the record's subject rows against the query's rows.
+    pub subject: f32,
+    /// Cosine of the relation embeddings (query with the subject-matched rows removed).
+    pub relation: f32,
+    /// `pooled * subject`: the ranking score among in-scope records.
+    pub score: f32,
+    pub in_scope: bool,
+    /// How many of the examined candidates were in scope (several: the best one is used).
+    pub n_in_scope: usize,
 }
 
 /// A piece of a parsed template.
@@ -155,7 +305,7 @@ impl<'a> Memory<'a> {
         if !has_prompt {
             return Err(InvalidPayload("memory: template must contain {prompt}"));
         }
-        if let Embedder::External { model_id: "" } = embedder {
+        if let Embedder::External { model_id: "", .. } = embedder {
             return Err(InvalidPayload("memory: external embedder needs a model id"));
         }
         Ok(Memory {
@@ -166,6 +316,88 @@ impl<'a> Memory<'a> {
             template,
             embedder,
             index: None,
+            routing: None,
+        })
+    }
+
+    /// Attach subject-aware routing (one entry per record).
+    pub fn with_scope_routing(mut self, r: ScopeRouting<'a>) -> Result<Self, InvalidPayload> {
+        if r.offsets.len() != self.records.len() + 1 || r.embed_dim != self.embed_dim {
+            return Err(InvalidPayload(
+                "memory: routing data must cover every record",
+            ));
+        }
+        self.routing = Some(r);
+        Ok(self)
+    }
+
+    pub fn routing(&self) -> Option<&ScopeRouting<'a>> {
+        self.routing.as_ref()
+    }
+
+    /// How many records by pooled cosine [`Memory::route`] examines with the token terms.
+    pub const ROUTE_CANDIDATES: usize = 8;
+
+    /// Subject-aware routing: the records with the best pooled cosine (up to
+    /// [`Memory::ROUTE_CANDIDATES`]) are checked with the subject and relation terms
+    /// ([`subject_relation`]); a record is in scope when pooled >= threshold, subject >= the
+    /// subject threshold and relation >= the relation threshold. Of several in scope, the one
+    /// with the highest `pooled * subject` wins. `query_pooled` and `query_rows` are unit vectors
+    /// from one encode of the request. `None`: nothing active, no routing data, bad sizes.
+    pub fn route(
+        &self,
+        query_pooled: &[f32],
+        query_rows: &[f32],
+        active: Option<&[bool]>,
+    ) -> Option<RouteHit> {
+        let r = self.routing.as_ref()?;
+        let d = self.embed_dim;
+        if query_pooled.len() != d || query_rows.len() % d != 0 {
+            return None;
+        }
+        // Top candidates by pooled cosine (a small insertion-sorted list).
+        let mut top: Vec<(f32, usize)> = Vec::with_capacity(Self::ROUTE_CANDIDATES + 1);
+        for i in 0..self.records.len() {
+            if active.is_some_and(|a| !a.get(i).copied().unwrap_or(false)) {
+                continue;
+            }
+            let c = dot(self.embedding(i), query_pooled);
+            if top.len() == Self::ROUTE_CANDIDATES && c <= top[top.len() - 1].0 {
+                continue;
+            }
+            let at = top.iter().position(|&(t, _)| c > t).unwrap_or(top.len());
+            top.insert(at, (c, i));
+            top.truncate(Self::ROUTE_CANDIDATES);
+        }
+        let mut best: Option<RouteHit> = None;
+        let mut n_in = 0;
+        for &(pooled, i) in &top {
+            let (subject, relation) =
+                subject_relation(r.subject_rows(i), r.relation(i), query_rows, d);
+            let in_scope = pooled >= self.threshold
+                && subject >= r.subject_threshold
+                && relation >= r.relation_threshold;
+            n_in += in_scope as usize;
+            let hit = RouteHit {
+                index: i,
+                pooled,
+                subject,
+                relation,
+                score: pooled * subject,
+                in_scope,
+                n_in_scope: 0,
+            };
+            let better = match &best {
+                None => true,
+                Some(b) => (in_scope, hit.score) > (b.in_scope, b.score),
+            };
+            if better {
+                best = Some(hit);
+            }
+        }
+        best.map(|b| RouteHit {
+            n_in_scope: n_in,
+            ..b
         })
     }
 
@@ -327,6 +559,50 @@ mod tests {
     }
 
     #[test]
+    fn subject_and_relation_terms() {
+        // d = 3. Query rows: "capital" (e1), "france" (e2), "is" (e3).
+        let q = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+        let subject = [0.0, 1.0, 0.0];
+        let s = 0.5f32.sqrt();
+        let relation = [s, 0.0, s];
+        let (maxsim, rel) = subject_relation(&subject, &relation, &q, 3);
+        assert!((maxsim - 1.0).abs() < 1e-6);
+        // The rest ("capital", "is") pools to (1, 0, 1)/sqrt2: the relation matches.
+        assert!((rel - 1.0).abs() < 1e-6, "{rel}");
+        // Another subject ("italy" = e1 here): MaxSim picks "capital" instead.
+        let (maxsim, _) = subject_relation(&[0.0, 0.0, 1.0], &relation, &q[..6], 3);
+        assert!(maxsim.abs() < 1e-6);
+        assert_eq!(subject_relation(&subject, &relation, &[], 3), (0.0, 0.0));
+    }
+
+    #[test]
+    fn route_picks_the_in_scope_record() {
+        let emb = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        let rel = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let subj = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0];
+        let ext = Embedder::External {
+            model_id: "m",
+            fingerprint: Some(&[1; 32]),
+        };
+        let m = Memory::new(3, &emb, 0.5, vec![rec("a"), rec("b")], "{prompt}", ext)
+            .unwrap()
+            .with_scope_routing(ScopeRouting::new(3, &rel, &subj, &[1, 1], 0.9, 0.5).unwrap())
+            .unwrap();
+        // Query rows: one matching record 0's subject (e2), one matching the relation (e3).
+        let rows = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+        let s = 0.5f32.sqrt();
+        let h = m.route(&[s, s, 0.0], &rows, None).unwrap();
+        assert_eq!(h.index, 0);
+        assert!(h.in_scope && h.n_in_scope == 1, "{h:?}");
+        // Record 1 masked off: record 1 is not examined, nothing else is in scope.
+        let h = m.route(&[s, s, 0.0], &rows, Some(&[false, true])).unwrap();
+        assert_eq!(h.index, 1);
+        assert!(!h.in_scope);
+        assert!(ScopeRouting::new(3, &rel, &subj, &[1, 0], 0.9, 0.5).is_err());
+        assert!(ScopeRouting::new(3, &rel, &subj, &[1, 1], 1.5, 0.5).is_err());
+    }
+
+    #[test]
     fn render_templates() {
         let emb = [1.0, 0.0];
         let m = Memory::new(2, &emb, 0.5, vec![rec("a")], Memory::DEFAULT_TEMPLATE, EMB).unwrap();
@@ -364,11 +640,15 @@ mod tests {
             0.5,
             vec![rec("a")],
             t,
-            Embedder::External { model_id: "" }
+            Embedder::External {
+                model_id: "",
+                fingerprint: None
+            }
         )
         .is_err());
         let ext = Embedder::External {
             model_id: "minilm-q8",
+            fingerprint: Some(&[7; 32]),
         };
         assert_eq!(
             Memory::new(2, &[1.0, 0.0], 0.5, vec![rec("a")], t, ext)

@@ -34,7 +34,9 @@ pub use codebook::{Codebook, CodebookHit, Distance};
 pub use low_rank::{
     inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankMerger, LowRankTensor,
 };
-pub use memory::{Embedder, Memory, MemoryHit, MemoryRecord};
+pub use memory::{
+    subject_relation, Embedder, Memory, MemoryHit, MemoryRecord, RouteHit, ScopeRouting,
+};
 pub use neurons::{Activation, PatchNeurons};
 
 /// A payload that cannot be used: wrong shape, non-finite value, bad parameter.

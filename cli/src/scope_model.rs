@@ -1,0 +1,194 @@
+//! `amend scope-model`: the scope model memories route with (all-MiniLM-L6-v2 as a bert GGUF).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use amend_compiler::scope_model::{self, WeightType};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Convert a sentence-transformers BERT checkpoint (config.json, tokenizer.json,
+    /// model.safetensors) to a llama.cpp `bert` GGUF.
+    Convert(ConvertArgs),
+    /// The router alone: where each prompt of a data set routes with a bundle's scope-model
+    /// memory (edit prompts and rephrases should reach their own edit, locality prompts
+    /// nothing). Needs no base model.
+    Route(RouteArgs),
+}
+
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// A bundle compiled with `--method serac` (scope model).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Public key the bundle is signed with.
+    #[arg(long)]
+    pubkey: PathBuf,
+    /// KnowEdit/EasyEdit JSON or JSONL: edit ids are the records' ids.
+    #[arg(long)]
+    data: PathBuf,
+    /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+    /// Threads for the scope model.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print every misrouted prompt.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The unzipped checkpoint directory.
+    #[arg(long)]
+    from: PathBuf,
+    /// The GGUF to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight type of the matrices: q8_0 or f16.
+    #[arg(long = "type", default_value = "q8_0")]
+    ty: String,
+}
+
+/// Counts for one kind of prompt.
+#[derive(Default)]
+struct Tally {
+    n: usize,
+    own: usize,
+    other: usize,
+    out: usize,
+    several: usize,
+}
+
+fn route(a: RouteArgs) -> anyhow::Result<()> {
+    use amend_edits::bundle::Payload;
+    let records = amend_compiler::dataset::load(&a.data, Default::default())
+        .with_context(|| format!("--data {}", a.data.display()))?;
+    let trust = crate::keys::trust_from(std::slice::from_ref(&a.pubkey))?;
+    let bundle = crate::keys::open(&a.bundle, &trust)?;
+    let mut slot = None;
+    let scope = crate::eval::scope_for(&bundle, a.scope_model.as_deref(), a.threads, &mut slot)?
+        .context("the bundle has no scope-model memory")?;
+    let (p, n) = bundle
+        .payloads()
+        .iter()
+        .enumerate()
+        .find_map(|(p, pl)| matches!(pl, Payload::Memory(_)).then(|| (p, bundle.units(p))))
+        .context("the bundle has no memory payload")?;
+    let view = bundle.memory(p, 0..n).context("memory view")?;
+    let mem = view
+        .to_family()
+        .map_err(|e| anyhow::anyhow!("memory payload: {e}"))?;
+    let routing = mem.routing().context("the memory has no routing data")?;
+    println!(
+        "{} memories; pooled floor {:.3}, subject threshold {:.3}, relation threshold {:.3}",
+        mem.len(),
+        mem.threshold(),
+        routing.subject_threshold(),
+        routing.relation_threshold()
+    );
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    let t0 = std::time::Instant::now();
+    let mut n_encodes = 0usize;
+    let mut check = |kind: &str, prompt: &str, own: &str| -> anyhow::Result<()> {
+        let q = scope.encode(prompt)?;
+        n_encodes += 1;
+        let hit = mem.route(&q.pooled, &q.rows, None);
+        let t = tallies.entry(kind.to_string()).or_default();
+        t.n += 1;
+        let (verdict, id) = match hit {
+            Some(h) if h.in_scope => {
+                t.several += (h.n_in_scope > 1) as usize;
+                let id = mem.record(h.index).map_or("", |r| r.edit_id);
+                if id == own {
+                    t.own += 1;
+                    ("own", id)
+                } else {
+                    t.other += 1;
+                    ("other", id)
+                }
+            }
+            _ => {
+                t.out += 1;
+                ("out", "")
+            }
+        };
+        let wanted = if kind.starts_with("locality") {
+            "out"
+        } else {
+            "own"
+        };
+        if a.verbose && verdict != wanted {
+            let h = hit.expect("a verdict other than out has a hit");
+            println!(
+                "  {kind}: {verdict} {id} pooled {:.3} subject {:.3} relation {:.3} ({}): {prompt:?}",
+                h.pooled,
+                h.subject,
+                h.relation,
+                mem.record(h.index).map_or("", |r| r.edit_id)
+            );
+        }
+        Ok(())
+    };
+    for r in &records {
+        check("edit prompt", &r.prompt, &r.id)?;
+        for q in &r.rephrase_prompts {
+            check("rephrase", q, &r.id)?;
+        }
+        for l in &r.locality {
+            check(&format!("locality: {}", l.kind), &l.prompt, &r.id)?;
+        }
+    }
+    let per = t0.elapsed().as_secs_f64() * 1e3 / n_encodes.max(1) as f64;
+    println!("| prompts | n | own edit | another edit | out of scope | several in scope |");
+    println!("|---|---|---|---|---|---|");
+    let pct = |x: usize, n: usize| 100.0 * x as f64 / n.max(1) as f64;
+    for (k, t) in &tallies {
+        println!(
+            "| {k} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            t.n,
+            pct(t.own, t.n),
+            pct(t.other, t.n),
+            pct(t.out, t.n),
+            pct(t.several, t.n)
+        );
+    }
+    println!(
+        "scope check: {per:.2} ms per prompt (encode + lookup, {} memories)",
+        mem.len()
+    );
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Route(a) => route(a),
+        Command::Convert(a) => {
+            let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
+            let c = scope_model::convert(&a.from, ty)
+                .with_context(|| format!("--from {}", a.from.display()))?;
+            crate::compile::write_atomic(&a.out, &c.bytes)?;
+            let fp = amend_edits::fingerprint::binding_of_bytes(&c.bytes)
+                .map_err(|e| anyhow::anyhow!("the converted file does not parse: {e}"))?;
+            println!(
+                "wrote {} ({} bytes, {} tensors, {} parameters, vocabulary {}); fingerprint {}",
+                a.out.display(),
+                c.bytes.len(),
+                c.n_tensors,
+                c.n_params,
+                c.n_vocab,
+                amend_edits::keys::to_hex(&fp.fingerprint)
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The scope model's conversion: a sentence-transformers BERT checkpoint (all-MiniLM-L6-v2:
+//! `config.json`, `tokenizer.json`, `model.safetensors`) -> a llama.cpp `bert` GGUF (f16 or
+//! Q8_0) written with the project's own GGUF writer, so no Python is needed.
+//!
+//! What llama.cpp's `bert` loader and WordPiece tokenizer expect:
+//! - vocabulary in id order with the phantom-space rule: `##x` -> `x`, special tokens as they
+//!   are, every other token `x` -> `\u{2581}x` (its tokenizer prefixes each word with U+2581);
+//! - `tokenizer.ggml.normalizer.lowercase` for an uncased model (it lowercases and strips
+//!   accents only when told);
+//! - tensors renamed (`token_embd`, `position_embd`, `token_types`, `token_embd_norm`,
+//!   `blk.N.attn_q/k/v`, `attn_output`, `attn_output_norm`, `ffn_up`, `ffn_down`,
+//!   `layer_output_norm`); `embeddings.position_ids` and the pooler are dropped;
+//! - `token_types` stays F32 (the graph adds a 1-D view of its first row), as do the 1-D
+//!   norms and biases; matrices become F16 or Q8_0.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use amend_edits::gguf::{f32_to_f16, GgmlType, GgufArray, GgufWriter};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{CompileError, Result};
+
+/// Weight type of the converted matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    F16,
+    Q8_0,
+}
+
+impl std::str::FromStr for WeightType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(WeightType::F16),
+            "q8_0" => Ok(WeightType::Q8_0),
+            _ => Err(format!("{s:?}: expected q8_0 or f16")),
+        }
+    }
+}
+
+impl WeightType {
+    /// llama.cpp's `general.file_type` (MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7).
+    fn file_type(self) -> u32 {
+        match self {
+            WeightType::F16 => 1,
+            WeightType::Q8_0 => 7,
+        }
+    }
+}
+
+/// What a conversion wrote.
+#[derive(Clone, Debug)]
+pub struct Converted {
+    pub bytes: Vec<u8>,
+    pub n_tensors: usize,
+    pub n_vocab: usize,
+    pub n_params: u64,
+}
+
+const PHANTOM: char = '\u{2581}';
+/// llama.cpp token types.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+
+fn bad(what: impl Into<String>) -> CompileError {
+    CompileError::Hparams(format!("scope model: {}", what.into()))
+}
+
+fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {
+    let p = dir.join(name);
+    let text = std::fs::read_to_string(&p)
+        .map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;
+    serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", p.display())))
+}
+
+fn cfg_u64(cfg: &serde_json::Value, key: &str) -> Result<u64> {
+    cfg.get(key)
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad(format!("config.json lacks {key}")))
+}
+
+/// The vocabulary in id order with llama.cpp's phantom-space rule, and each token's type.
+pub fn gguf_vocab(tokenizer: &serde_json::Value) -> Result<(Vec<String>, Vec<i32>)> {
+    let model = tokenizer
+        .get("model")
+        .ok_or_else(|| bad("tokenizer.json has no model"))?;
+    if model.get("type").and_then(|t| t.as_str()) != Some("WordPiece") {
+        return Err(bad(
+            "tokenizer.json: only WordPiece vocabularies are supported",
+        ));
+    }
+    let vocab = model
+        .get("vocab")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| bad("tokenizer.json has no vocab"))?;
+    let mut by_id: Vec<Option<&str>> = vec![None; vocab.len()];
+    for (tok, id) in vocab {
+        let id = id
+            .as_u64()
+            .filter(|&i| (i as usize) < by_id.len())
+            .ok_or_else(|| bad(format!("token {tok:?} has an id out of range")))?;
+        if by_id[id as usize].replace(tok).is_some() {
+            return Err(bad(format!("two tokens share id {id}")));
+        }
+    }
+    let special: Vec<&str> = tokenizer
+        .get("added_tokens")
+        .and_then(|a| a.as_array())
+        .map(|a| {
+            a.iter()
+                .filter(|t| t.get("special").and_then(|s| s.as_bool()) == Some(true))
+                .filter_map(|t| t.get("content").and_then(|c| c.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tokens = Vec::with_capacity(by_id.len());
+    let mut types = Vec::with_capacity(by_id.len());
+    for (id, tok) in by_id.into_iter().enumerate() {
+        let tok = tok.ok_or_else(|| bad(format!("no token has id {id}")))?;
+        if special.contains(&tok) {
+            tokens.push(tok.to_string());
+            types.push(TOKEN_CONTROL);
+        } else if let Some(rest) = tok.strip_prefix("##") {
+            tokens.push(rest.to_string());
+            types.push(TOKEN_NORMAL);
+        } else {
+            tokens.push(format!("{PHANTOM}{tok}"));
+            types.push(TOKEN_NORMAL);
+        }
+    }
+    Ok((tokens, types))
+}
+
+/// The GGUF name of a checkpoint tensor (`None`: dropped).
+pub fn gguf_tensor_name(name: &str) -> Option<String> {
+    let name = name.strip_prefix("bert.").unwrap_or(name);
+    let fixed = match name {
+        "embeddings.word_embeddings.weight" => Some("token_embd.weight"),
+        "embeddings.position_embeddings.weight" => Some("position_embd.weight"),
+        "embeddings.token_type_embeddings.weight" => Some("token_types.weight"),
+        "embeddings.LayerNorm.weight" => Some("token_embd_norm.weight"),
+        "embeddings.LayerNorm.bias" => Some("token_embd_norm.bias"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("encoder.layer.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let n: u32 = n.parse().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let gguf = match module {
+        "attention.self.query" => "attn_q",
+        "attention.self.key" => "attn_k",
+        "attention.self.value" => "attn_v",
+        "attention.output.dense" => "attn_output",
+        "attention.output.LayerNorm" => "attn_output_norm",
+        "intermediate.dense" => "ffn_up",
+        "output.dense" => "ffn_down",
+        "output.LayerNorm" => "layer_output_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{gguf}.{param}"))
+}
+
+/// ggml's Q8_0: blocks of 32 values as an f16 scale (max |x| / 127) and 32 rounded i8.
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+        for &v in block {
+            out.push((v * id).round() as i8 as u8);
+        }
+    }
+    out
+}
+
+/// Converts the checkpoint in `dir` (see the module docs).
+pub fn convert(dir: &Path, ty: WeightType) -> Result<Converted> {
+    let cfg = read_json(dir, "config.json")?;
+    if cfg.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
+        return Err(bad("config.json: model_type is not \"bert\""));
+    }
+    let n_embd = cfg_u64(&cfg, "hidden_size")?;
+    let n_layer = cfg_u64(&cfg, "num_hidden_layers")?;
+    let n_head = cfg_u64(&cfg, "num_attention_heads")?;
+    let n_ff = cfg_u64(&cfg, "intermediate_size")?;
+    let n_ctx = cfg_u64(&cfg, "max_position_embeddings")?;
+    let n_types = cfg_u64(&cfg, "type_vocab_size").unwrap_or(2);
+    let eps = cfg
+        .get("layer_norm_eps")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1e-12) as f32;
+    if cfg.get("hidden_act").and_then(|v| v.as_str()) != Some("gelu") {
+        return Err(bad("config.json: hidden_act must be gelu"));
+    }
+    let tok_cfg = read_json(dir, "tokenizer_config.json").ok();
+    let lowercase = tok_cfg
+        .as_ref()
+        .and_then(|c| c.get("do_lower_case"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let tokenizer = read_json(dir, "tokenizer.json")?;
+    let (tokens, types) = gguf_vocab(&tokenizer)?;
+    let id_of = |t: &str| -> Result<u32> {
+        tokens
+            .iter()
+            .position(|x| x == t)
+            .map(|i| i as u32)
+            .ok_or_else(|| bad(format!("vocabulary lacks {t}")))
+    };
+
+    let st_path = dir.join("model.safetensors");
+    let st_bytes = std::fs::read(&st_path)
+        .map_err(|e| bad(format!("cannot read {}: {e}", st_path.display())))?;
+    let st = SafeTensors::deserialize(&st_bytes)
+        .map_err(|e| bad(format!("{}: {e}", st_path.display())))?;
+
+    let mut w = GgufWriter::new();
+    w.add("general.architecture", "bert");
+    w.add("general.name", "all-MiniLM-L6-v2");
+    w.add("general.license", "apache-2.0");
+    w.add("general.file_type", ty.file_type());
+    w.add("bert.context_length", n_ctx as u32);
+    w.add("bert.embedding_length", n_embd as u32);
+    w.add("bert.feed_forward_length", n_ff as u32);
+    w.add("bert.block_count", n_layer as u32);
+    w.add("bert.attention.head_count", n_head as u32);
+    w.add("bert.attention.layer_norm_epsilon", eps);
+    w.add("bert.attention.causal", false);
+    // Mean pooling, as the checkpoint's 1_Pooling/config.json says.
+    w.add("bert.pooling_type", 1u32);
+    w.add("tokenizer.ggml.model", "bert");
+    w.add("tokenizer.ggml.token_type_count", n_types as u32);
+    w.add("tokenizer.ggml.normalizer.lowercase", lowercase);
+    w.add("tokenizer.ggml.normalizer.strip_accents", lowercase);
+    w.add("tokenizer.ggml.bos_token_id", id_of("[CLS]")?);
+    w.add("tokenizer.ggml.seperator_token_id", id_of("[SEP]")?);
+    w.add("tokenizer.ggml.unknown_token_id", id_of("[UNK]")?);
+    w.add("tokenizer.ggml.padding_token_id", id_of("[PAD]")?);
+    w.add("tokenizer.ggml.mask_token_id", id_of("[MASK]")?);
+    w.add("tokenizer.ggml.add_bos_token", true);
+    w.add("tokenizer.ggml.add_sep_token", true);
+    w.add("tokenizer.ggml.add_eos_token", false);
+    w.add("tokenizer.ggml.token_type", GgufArray::I32(types));
+    let n_vocab = tokens.len();
+    w.add("tokenizer.ggml.tokens", GgufArray::String(tokens));
+
+    // Sorted names: the output is byte-identical run to run (its sha256 is recorded).
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for name in st.names() {
+        if let Some(g) = gguf_tensor_name(name) {
+            names.insert(g, name.to_string());
+        }
+    }
+    let mut n_params = 0u64;
+    for (gname, sname) in &names {
+        let t = st.tensor(sname).map_err(|e| bad(format!("{sname}: {e}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!("{sname}: expected F32, got {:?}", t.dtype())));
+        }
+        let data: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(bad(format!("{sname}: non-finite weight")));
+        }
+        n_params += data.len() as u64;
+        // GGUF's ne is the row-major shape reversed (ne[0] is the row length).
+        let ne: Vec<u64> = t.shape().iter().rev().map(|&d| d as u64).collect();
+        let is_matrix = ne.len() == 2 && gname != "token_types.weight";
+        let res = if !is_matrix {
+            w.add_tensor_f32(gname, &ne, &data)
+        } else {
+            match ty {
+                WeightType::F16 => w.add_tensor_f16(gname, &ne, &data),
+                WeightType::Q8_0 if ne[0] % 32 == 0 => {
+                    w.add_tensor_raw(gname, GgmlType::Q8_0, &ne, quantize_q8_0(&data))
+                }
+                WeightType::Q8_0 => w.add_tensor_f16(gname, &ne, &data),
+            }
+        };
+        res.map_err(|e| bad(format!("{gname}: {e}")))?;
+    }
+    let expected = 5 + 16 * n_layer as usize;
+    if names.len() != expected {
+        return Err(bad(format!(
+            "the checkpoint has {} of the {expected} BERT tensors expected",
+            names.len()
+        )));
+    }
+    Ok(Converted {
+        bytes: w.to_bytes(),
+        n_tensors: names.len(),
+        n_vocab,
+        n_params,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_names() {
+        assert_eq!(
+            gguf_tensor_name("encoder.layer.3.attention.self.query.bias").as_deref(),
+            Some("blk.3.attn_q.bias")
+        );
+        assert_eq!(
+            gguf_tensor_name("encoder.layer.0.output.LayerNorm.weight").as_deref(),
+            Some("blk.0.layer_output_norm.weight")
+        );
+        assert_eq!(
+            gguf_tensor_name("embeddings.word_embeddings.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(gguf_tensor_name("embeddings.position_ids"), None);
+        assert_eq!(gguf_tensor_name("pooler.dense.weight"), None);
+    }
+
+    #[test]
+    fn phantom_space_vocab() {
+        let tok = serde_json::json!({
+            "added_tokens": [{"id": 0, "content": "[PAD]", "special": true}],
+            "model": {"type": "WordPiece", "vocab": {"[PAD]": 0, "paris": 1, "##is": 2}}
+        });
+        let (t, ty) = gguf_vocab(&tok).unwrap();
+        assert_eq!(t, vec!["[PAD]", "\u{2581}paris", "is"]);
+        assert_eq!(ty, vec![TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_NORMAL]);
+    }
+
+    #[test]
+    fn q8_0_roundtrip() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.01).collect();
+        let q = quantize_q8_0(&x);
+        assert_eq!(q.len(), 68);
+        let d = amend_edits::gguf::f16_to_f32(u16::from_le_bytes([q[0], q[1]]));
+        for (j, &v) in x[..32].iter().enumerate() {
+            let back = d * (q[2 + j] as i8) as f32;
+            assert!((back - v).abs() <= d * 0.5 + 1e-6, "{v} -> {back}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The scope model: conversion (all-MiniLM-L6-v2 checkpoint -> bert GGUF, f16 and Q8_0), its
+//! tokenizer against reference ids, Q8_0 against f16, and bad input. Needs the checkpoint that
+//! scripts/fetch-scope-model.sh unpacks (~/.cache/amend/all-minilm-l6-v2/checkpoint); skipped
+//! without it unless AMEND_REQUIRE_MODEL=1 (`make test` runs the script first). ~10 s.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use amend_compiler::scope_model::{convert, WeightType};
+use amend_runtime::{RuntimeError, ScopeModel};
+
+fn checkpoint() -> Option<PathBuf> {
+    let dir = std::env::var_os("AMEND_SCOPE_CHECKPOINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/amend/all-minilm-l6-v2/checkpoint")
+        });
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "AMEND_REQUIRE_MODEL=1 but the scope-model checkpoint {} is missing (run scripts/fetch-scope-model.sh)",
+            dir.display()
+        );
+    }
+    eprintln!("skipped: no scope-model checkpoint at {}", dir.display());
+    None
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("amend-scope-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn open(dir: &std::path::Path, ty: WeightType, name: &str) -> (PathBuf, Arc<ScopeModel>) {
+    let c = convert(dir, ty).unwrap();
+    let p = tmp(name);
+    std::fs::write(&p, &c.bytes).unwrap();
+    (p.clone(), ScopeModel::open(&p, Some(2)).unwrap())
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn converted_model_tokenizes_embeds_and_refuses_bad_input() {
+    let Some(dir) = checkpoint() else { return };
+    let (q8_path, q8) = open(&dir, WeightType::Q8_0, "q8.gguf");
+    let (_, f16) = open(&dir, WeightType::F16, "f16.gguf");
+    let size = std::fs::metadata(&q8_path).unwrap().len();
+    eprintln!("Q8_0 scope model: {size} bytes");
+    assert!(size < 30_000_000, "Q8_0 file is {size} bytes");
+
+    // Reference ids from tokenizer.json's rules (BertNormalizer lowercase + accent stripping,
+    // BertPreTokenizer, WordPiece with `##` continuations), computed once; [CLS]/[SEP] left out.
+    let reference: &[(&str, &[i32])] = &[
+        ("The capital of France is", &[1996, 3007, 1997, 2605, 2003]),
+        (
+            "When was Albert Einstein born?",
+            &[2043, 2001, 4789, 15313, 2141, 1029],
+        ),
+        (
+            "Apple's chief executive is Tim Cook.",
+            &[6207, 1005, 1055, 2708, 3237, 2003, 5199, 5660, 1012],
+        ),
+        (
+            "Café déjà vu, naïve résumé!",
+            &[7668, 2139, 3900, 24728, 1010, 15743, 13746, 999],
+        ),
+        (
+            "unaffable xylophonists",
+            &[14477, 20961, 3468, 1060, 8516, 7361, 8747, 5130],
+        ),
+    ];
+    for (text, ids) in reference {
+        assert_eq!(q8.tokenize(text).unwrap(), *ids, "{text:?}");
+    }
+
+    // Q8_0 against f16: pooled vectors and token rows.
+    let texts = [
+        "The capital of France is",
+        "What is the capital city of France?",
+        "The capital of Italy is",
+        "When was Albert Einstein born?",
+        "",
+    ];
+    for t in texts {
+        let (a, b) = (q8.encode(t).unwrap(), f16.encode(t).unwrap());
+        let c = cos(&a.pooled, &b.pooled);
+        assert!(c >= 0.999, "{t:?}: cos(q8, f16) = {c}");
+        assert_eq!(a.tokens, b.tokens);
+        for (ra, rb) in a.rows.chunks(384).zip(b.rows.chunks(384)) {
+            assert!(cos(ra, rb) >= 0.99, "{t:?}: a token row differs");
+        }
+    }
+    // It separates what the base model cannot: a rephrase is closer than a neighbour.
+    let e = q8.encode("The capital of France is").unwrap();
+    let reph = q8.encode("What is the capital city of France?").unwrap();
+    let neigh = q8.encode("The capital of Italy is").unwrap();
+    let (cr, cn) = (cos(&e.pooled, &reph.pooled), cos(&e.pooled, &neigh.pooled));
+    eprintln!("France edit: rephrase {cr:.3}, Italy neighbour {cn:.3}");
+    assert!(cr > cn + 0.1, "rephrase {cr} vs neighbour {cn}");
+
+    // A 100 KB prompt: the first MAX_TOKENS - 2 content tokens, deterministically, no abort.
+    let long = "The capital of France is Paris. ".repeat(3200);
+    assert!(long.len() > 100_000);
+    let a = q8.encode(&long).unwrap();
+    let b = q8.encode(&long).unwrap();
+    assert!(a.truncated);
+    assert_eq!(a.tokens.len(), amend_runtime::SCOPE_MAX_TOKENS - 2);
+    assert_eq!(a, b);
+
+    // Bad files: missing, truncated, not a bert model.
+    match ScopeModel::open(tmp("missing.gguf"), None) {
+        Err(RuntimeError::NotFound { .. }) => {}
+        other => panic!("missing file: {other:?}"),
+    }
+    let bytes = std::fs::read(&q8_path).unwrap();
+    let cut = tmp("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    match ScopeModel::open(&cut, None) {
+        Err(RuntimeError::ScopeModelInvalid { .. }) => {}
+        other => panic!("truncated file: {other:?}"),
+    }
+    let garbage = tmp("garbage.gguf");
+    std::fs::write(&garbage, b"not a gguf at all").unwrap();
+    match ScopeModel::open(&garbage, None) {
+        Err(RuntimeError::ScopeModelInvalid { .. }) => {}
+        other => panic!("garbage file: {other:?}"),
+    }
+    let tiny = tmp("tiny-llama.gguf");
+    amend_runtime::testutil::write_tiny_model(&tiny, amend_runtime::Architecture::Llama, 1)
+        .unwrap();
+    match ScopeModel::open(&tiny, None) {
+        Err(RuntimeError::ScopeModelInvalid { detail, .. }) => {
+            assert!(detail.contains("bert"), "{detail}")
+        }
+        other => panic!("llama model as scope model: {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(q8_path.parent().unwrap());
+}

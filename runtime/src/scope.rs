@@ -1,0 +1,326 @@
+//! The scope model: a small sentence encoder (all-MiniLM-L6-v2 as a llama.cpp `bert` GGUF, see
+//! `amend scope-model convert`) that decides which memory, if any, a request routes to. It is
+//! separate from the base model because the base model's own hidden states cannot tell "The
+//! capital of Italy is" from "The capital of France is" (docs/methods.md).
+//!
+//! Opened once per process and shared by sessions (`Arc<ScopeModel>`): the llama.cpp context
+//! sits behind a mutex, an encode takes a few milliseconds. One encode gives both the mean-pooled
+//! unit vector (sentence-transformers' pooling: every token, [CLS] and [SEP] included) and the
+//! per-token unit rows of the content tokens (for the subject and relation terms of routing).
+
+use std::ffi::{c_char, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use amend_edits::families::l2_normalize;
+use llama_cpp_sys_2 as sys;
+
+use crate::error::RuntimeError;
+use crate::Token;
+
+/// Tokens one encode sees, [CLS] and [SEP] included: sentence-transformers' `max_seq_length`
+/// for all-MiniLM-L6-v2. Longer prompts keep their first `MAX_TOKENS - 2` content tokens.
+pub const MAX_TOKENS: usize = 256;
+
+/// One encoded text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopeEncoding {
+    /// Mean of every token's output row ([CLS] and [SEP] included), L2-normalized.
+    pub pooled: Vec<f32>,
+    /// The content tokens' rows (no [CLS]/[SEP]), each L2-normalized, `[tokens.len(), n_embd]`.
+    pub rows: Vec<f32>,
+    /// The content token ids, after truncation.
+    pub tokens: Vec<Token>,
+    /// The text had more than `MAX_TOKENS - 2` content tokens; the rest was not read.
+    pub truncated: bool,
+}
+
+struct Ctx {
+    ctx: NonNull<sys::llama_context>,
+    batch: sys::llama_batch,
+}
+
+/// A loaded scope model (see the module docs). `Send + Sync`.
+pub struct ScopeModel {
+    model: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+    ctx: Mutex<Ctx>,
+    n_embd: usize,
+    max_tokens: usize,
+    cls: Token,
+    sep: Token,
+    fingerprint: [u8; 32],
+    path: PathBuf,
+}
+
+// SAFETY: the model is read-only after loading; the context and batch are only used under the
+// mutex.
+unsafe impl Send for ScopeModel {}
+unsafe impl Sync for ScopeModel {}
+
+fn invalid(path: &Path, detail: impl Into<String>) -> RuntimeError {
+    RuntimeError::ScopeModelInvalid {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
+}
+
+impl ScopeModel {
+    /// Validates and loads a scope-model GGUF. Errors: `NotFound`, `ScopeModelInvalid` (not a
+    /// GGUF, truncated, not a `bert` encoder with a WordPiece vocabulary), `LoadFailed`.
+    pub fn open(
+        path: impl AsRef<Path>,
+        n_threads: Option<usize>,
+    ) -> Result<Arc<ScopeModel>, RuntimeError> {
+        let path = path.as_ref();
+        // The structural check llama.cpp needs before it sees a file (it can abort otherwise).
+        match crate::gguf_check::check_file(path) {
+            Ok(_) => {}
+            Err(e @ RuntimeError::NotFound { .. }) => return Err(e),
+            Err(e) => return Err(invalid(path, e.to_string())),
+        }
+        let header = amend_edits::gguf::GgufFile::read_header(path)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        if header.architecture() != Some("bert") {
+            return Err(invalid(
+                path,
+                format!(
+                    "architecture {:?}, expected \"bert\" (convert one with `amend scope-model convert`)",
+                    header.architecture().unwrap_or("none")
+                ),
+            ));
+        }
+        if header.get_str("tokenizer.ggml.model") != Some("bert") {
+            return Err(invalid(path, "no WordPiece (\"bert\") vocabulary"));
+        }
+        for t in ["token_embd.weight", "position_embd.weight"] {
+            if header.tensor(t).is_none() {
+                return Err(invalid(path, format!("no tensor {t}")));
+            }
+        }
+        let fingerprint = amend_edits::fingerprint::model_binding(path)
+            .map_err(|e| invalid(path, e.to_string()))?
+            .fingerprint;
+        crate::init_backend();
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| invalid(path, "path contains a NUL byte"))?;
+        // SAFETY: plain FFI; the params struct is a value, the path a valid C string.
+        let model = unsafe {
+            let mut p = sys::llama_model_default_params();
+            p.n_gpu_layers = 0;
+            sys::llama_model_load_from_file(cpath.as_ptr(), p)
+        };
+        let model = NonNull::new(model).ok_or_else(|| RuntimeError::LoadFailed {
+            path: path.to_path_buf(),
+        })?;
+        // From here on `guard` frees the model on every early return.
+        struct Guard(Option<NonNull<sys::llama_model>>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                if let Some(m) = self.0 {
+                    unsafe { sys::llama_model_free(m.as_ptr()) }
+                }
+            }
+        }
+        let mut guard = Guard(Some(model));
+        // SAFETY: live model.
+        let (n_embd, n_ctx_train, vocab) = unsafe {
+            (
+                sys::llama_model_n_embd(model.as_ptr()),
+                sys::llama_model_n_ctx_train(model.as_ptr()),
+                sys::llama_model_get_vocab(model.as_ptr()),
+            )
+        };
+        let vocab = NonNull::new(vocab as *mut sys::llama_vocab)
+            .ok_or_else(|| invalid(path, "no vocabulary"))?;
+        let (cls, sep) = unsafe {
+            (
+                sys::llama_vocab_bos(vocab.as_ptr()),
+                sys::llama_vocab_sep(vocab.as_ptr()),
+            )
+        };
+        if n_embd <= 0 || n_ctx_train < 3 || cls < 0 || sep < 0 {
+            return Err(invalid(path, "missing dimensions or [CLS]/[SEP] ids"));
+        }
+        let max_tokens = MAX_TOKENS.min(n_ctx_train as usize);
+        let threads = n_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1) as i32;
+        // SAFETY: FFI with a live model.
+        let ctx = unsafe {
+            let mut p = sys::llama_context_default_params();
+            p.n_ctx = max_tokens as u32;
+            p.n_batch = max_tokens as u32;
+            // A non-causal encoder sees the whole prompt in one ubatch.
+            p.n_ubatch = max_tokens as u32;
+            p.n_seq_max = 1;
+            p.n_threads = threads;
+            p.n_threads_batch = threads;
+            p.embeddings = true;
+            p.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
+            p.no_perf = true;
+            sys::llama_init_from_model(model.as_ptr(), p)
+        };
+        let ctx = NonNull::new(ctx).ok_or(RuntimeError::ContextCreate {
+            n_ctx: max_tokens as u32,
+        })?;
+        // SAFETY: token/pos/seq arrays for max_tokens tokens, 1 sequence each.
+        let batch = unsafe { sys::llama_batch_init(max_tokens as i32, 0, 1) };
+        guard.0 = None;
+        Ok(Arc::new(ScopeModel {
+            model,
+            vocab,
+            ctx: Mutex::new(Ctx { ctx, batch }),
+            n_embd: n_embd as usize,
+            max_tokens,
+            cls,
+            sep,
+            fingerprint,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    /// The fingerprint bundles pin the scope model by ([`amend_edits::fingerprint`]).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The content tokens of `text` (WordPiece, no [CLS]/[SEP]), not truncated.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RuntimeError> {
+        let len = i32::try_from(text.len())
+            .map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
+        let mut out: Vec<Token> = vec![0; text.len() + 2];
+        for _ in 0..2 {
+            // SAFETY: `out` has room for `out.len()` tokens; text pointer/len are valid.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab.as_ptr(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    false,
+                    false,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out);
+            }
+            if n == i32::MIN {
+                return Err(RuntimeError::Tokenize("token count overflows".into()));
+            }
+            out.resize((-n) as usize, 0);
+        }
+        Err(RuntimeError::Tokenize("tokenizer size mismatch".into()))
+    }
+
+    /// Encodes `text` (see [`ScopeEncoding`]). Longer texts are cut to their first
+    /// `MAX_TOKENS - 2` content tokens, as sentence-transformers does.
+    pub fn encode(&self, text: &str) -> Result<ScopeEncoding, RuntimeError> {
+        let mut tokens = self.tokenize(text)?;
+        let keep = self.max_tokens - 2;
+        let truncated = tokens.len() > keep;
+        tokens.truncate(keep);
+        let mut all = Vec::with_capacity(tokens.len() + 2);
+        all.push(self.cls);
+        all.extend_from_slice(&tokens);
+        all.push(self.sep);
+        let d = self.n_embd;
+        let mut raw = vec![0f32; all.len() * d];
+        {
+            let mut c = self.ctx.lock().unwrap_or_else(|e| e.into_inner());
+            let c = &mut *c;
+            // SAFETY: the batch has room for max_tokens >= all.len() tokens with one sequence id
+            // each; the context is live and used only under this lock.
+            unsafe {
+                let b = &mut c.batch;
+                b.n_tokens = all.len() as i32;
+                for (i, &t) in all.iter().enumerate() {
+                    *b.token.add(i) = t;
+                    *b.pos.add(i) = i as i32;
+                    *b.n_seq_id.add(i) = 1;
+                    *(*b.seq_id.add(i)).add(0) = 0;
+                    *b.logits.add(i) = 1;
+                }
+                let rc = sys::llama_encode(c.ctx.as_ptr(), *b);
+                if rc != 0 {
+                    return Err(RuntimeError::Decode { code: rc });
+                }
+                for i in 0..all.len() {
+                    let p = sys::llama_get_embeddings_ith(c.ctx.as_ptr(), i as i32);
+                    if p.is_null() {
+                        return Err(RuntimeError::NoLogits { index: i });
+                    }
+                    raw[i * d..(i + 1) * d].copy_from_slice(std::slice::from_raw_parts(p, d));
+                }
+            }
+        }
+        let mut pooled = vec![0f32; d];
+        for row in raw.chunks_exact(d) {
+            for (p, x) in pooled.iter_mut().zip(row) {
+                *p += x;
+            }
+        }
+        let n = all.len() as f32;
+        pooled.iter_mut().for_each(|p| *p /= n);
+        if !l2_normalize(&mut pooled) {
+            return Err(RuntimeError::InvalidEdit(
+                "scope model: the pooled embedding has no direction".into(),
+            ));
+        }
+        let mut rows = raw[d..raw.len() - d].to_vec();
+        for r in rows.chunks_exact_mut(d) {
+            l2_normalize(r);
+        }
+        Ok(ScopeEncoding {
+            pooled,
+            rows,
+            tokens,
+            truncated,
+        })
+    }
+}
+
+impl Drop for ScopeModel {
+    fn drop(&mut self) {
+        let c = self.ctx.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: created in `open`, owned by self, no one else holds them.
+        unsafe {
+            sys::llama_batch_free(c.batch);
+            sys::llama_free(c.ctx.as_ptr());
+            sys::llama_model_free(self.model.as_ptr());
+        }
+    }
+}
+
+impl std::fmt::Debug for ScopeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopeModel")
+            .field("path", &self.path)
+            .field("n_embd", &self.n_embd)
+            .finish()
+    }
+}
+
+/// File name of the default scope model in `~/.cache/amend` (scripts/fetch-scope-model.sh).
+pub const DEFAULT_FILE: &str = "all-minilm-l6-v2-q8_0.gguf";
+
+/// The default scope-model path: `$AMEND_SCOPE_MODEL`, else `~/.cache/amend/` +
+/// [`DEFAULT_FILE`] (`None` without a home directory).
+pub fn default_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AMEND_SCOPE_MODEL") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache/amend").join(DEFAULT_FILE))
+}
