@@ -314,6 +314,7 @@ mod tests {
             gen_tokens: 8,
             threads: None,
             protocol: Protocol::Batch,
+            scope_model: None,
         }
     }
 

@@ -260,6 +260,7 @@ mod tests {
             pubkeys: vec![],
             explain: false,
             state: None,
+            scope_model: None,
         }
     }
 

@@ -74,13 +74,20 @@ impl ScopeModel {
         n_threads: Option<usize>,
     ) -> Result<Arc<ScopeModel>, RuntimeError> {
         let path = path.as_ref();
-        // The structural check llama.cpp needs before it sees a file (it can abort otherwise).
-        match crate::gguf_check::check_file(path) {
-            Ok(_) => {}
-            Err(e @ RuntimeError::NotFound { .. }) => return Err(e),
-            Err(e) => return Err(invalid(path, e.to_string())),
+        // Refuse a FIFO, directory or device before anything reads the path, then the same
+        // header and hyperparameter checks the base model gets (llama.cpp can abort otherwise).
+        if let Err(e) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+        {
+            return Err(match e.io_kind() {
+                Some(std::io::ErrorKind::NotFound) => RuntimeError::NotFound {
+                    path: path.to_path_buf(),
+                },
+                _ => invalid(path, e.to_string()),
+            });
         }
         let header = amend_edits::gguf::GgufFile::read_header(path)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        amend_edits::gguf::ModelHparams::from_header(&header)
             .map_err(|e| invalid(path, e.to_string()))?;
         if header.architecture() != Some("bert") {
             return Err(invalid(
