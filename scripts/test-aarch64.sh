@@ -10,7 +10,7 @@
 # goes to target/aarch64-unknown-linux-gnu (llama.cpp is cross-built there once by
 # llama-cpp-sys-2's build script). Cost: see docs/targets.md ("aarch64 in make test").
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 ROOT=$PWD
 T=aarch64-unknown-linux-gnu
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
