@@ -338,3 +338,81 @@ fn peak_memory_on_a_256_mb_bundle() {
         None => assert_eq!(got, Err(StreamError::NonZeroPadding { offset: at as u64 })),
     }
 }
+
+/// A v1.1 memory routed by the scope model (relation and subject-row sections): the stream
+/// accepts what the in-memory reader accepts, and both refuse a subject count of zero.
+#[test]
+fn scope_model_memory_streams_like_the_reader() {
+    let build = |counts: Vec<u32>| {
+        let mut b = BundleBuilder::new(meta("scope", "main", 1));
+        let s = 0.5f32;
+        let rows = vec![s, s, s, s, 1.0, 0.0, 0.0, 0.0];
+        let subject_rows = vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, s, s, s, s];
+        let routing = ScopeRoutingDesc {
+            model_id: "all-MiniLM-L6-v2 Q8_0".into(),
+            fingerprint: [7; 32],
+            relation: 0,
+            subject_rows: 0,
+            subject_counts: counts,
+            subjects: vec!["a".into(), "c".into()],
+            subject_threshold: 0.5,
+            relation_threshold: 0.4,
+        };
+        let records = ["a", "c"]
+            .iter()
+            .map(|p| MemoryRecordDesc {
+                edit_id: format!("e-{p}"),
+                prompt: (*p).into(),
+                target: "t".into(),
+                text: format!("{p} t"),
+            })
+            .collect();
+        let mem = b.add_scope_memory(
+            4,
+            &rows,
+            &rows,
+            &subject_rows,
+            0.3,
+            "{edit}\n{prompt}",
+            routing,
+            records,
+        );
+        b.add_edit(
+            "e-a",
+            0,
+            amend_edits::Site::ResidualOut,
+            "a",
+            "t",
+            mem,
+            0,
+            1,
+        );
+        b.add_edit(
+            "e-c",
+            0,
+            amend_edits::Site::ResidualOut,
+            "c",
+            "t",
+            mem,
+            1,
+            1,
+        );
+        b.build_signed(&key(1)).unwrap()
+    };
+    let good = build(vec![2, 1]);
+    assert!(Bundle::from_bytes(good.as_slice(), &trust()).is_ok());
+    for chunk in CHUNKS.iter().copied() {
+        assert!(
+            stream(good.as_slice(), &trust(), chunk).is_ok(),
+            "chunk {chunk}"
+        );
+    }
+    let bad = build(vec![3, 0]);
+    assert!(Bundle::from_bytes(bad.as_slice(), &trust()).is_err());
+    for chunk in CHUNKS.iter().copied() {
+        assert!(
+            stream(bad.as_slice(), &trust(), chunk).is_err(),
+            "chunk {chunk}"
+        );
+    }
+}

@@ -306,6 +306,7 @@ pub enum EmbedderDesc {
 }
 
 /// Routing data of a memory whose embeddings come from the scope model.
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScopeRoutingDesc {
     /// A human-readable name, e.g. "all-MiniLM-L6-v2 Q8_0".

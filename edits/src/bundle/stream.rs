@@ -766,6 +766,19 @@ struct Manifest<'a> {
     edits: (usize, u64),
 }
 
+/// A v1.1 memory's scope-model routing data (`EmbedderDesc::ScopeModel`), left in place.
+#[derive(Clone)]
+struct ScopeDesc<'a> {
+    relation: u32,
+    subject_rows: u32,
+    counts: Cur<'a>,
+    n_counts: u64,
+    subjects: Cur<'a>,
+    n_subjects: u64,
+    subject_threshold: f32,
+    relation_threshold: f32,
+}
+
 /// A payload descriptor, decoded in place.
 enum Desc<'a> {
     Codebook {
@@ -797,8 +810,10 @@ enum Desc<'a> {
         embed_dim: u32,
         threshold: f32,
         template: &'a str,
-        /// `Ok((layer, site, pooling))` for `BaseModel`, `Err(model_id)` for `External`.
+        /// `Ok((layer, site, pooling))` for `BaseModel`, `Err(model_id)` for `External` and
+        /// `ScopeModel` (whose routing data is then in `scope`).
         embedder: Result<(u32, u8, u8), &'a str>,
+        scope: Option<ScopeDesc<'a>>,
         embeddings: u32,
         records: Cur<'a>,
         n: u64,
@@ -842,9 +857,37 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
             let embed_dim = c.u32()?;
             let threshold = c.f32()?;
             let template = c.str()?;
+            let mut scope = None;
             let embedder = match c.varint(32)? {
                 0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
                 1 => Err(c.str()?),
+                2 => {
+                    let model_id = c.str()?;
+                    c.take(32)?; // the scope model's fingerprint
+                    let relation = c.u32()?;
+                    let subject_rows = c.u32()?;
+                    let n_counts = c.len()?;
+                    let counts = c.clone();
+                    for _ in 0..n_counts {
+                        c.u32()?;
+                    }
+                    let n_subjects = c.len()?;
+                    let subjects = c.clone();
+                    for _ in 0..n_subjects {
+                        c.str()?;
+                    }
+                    scope = Some(ScopeDesc {
+                        relation,
+                        subject_rows,
+                        counts,
+                        n_counts,
+                        subjects,
+                        n_subjects,
+                        subject_threshold: c.f32()?,
+                        relation_threshold: c.f32()?,
+                    });
+                    Err(model_id)
+                }
                 _ => return Err("bad enum"),
             };
             let embeddings = c.u32()?;
@@ -860,6 +903,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                 threshold,
                 template,
                 embedder,
+                scope,
                 embeddings,
                 records,
                 n,
@@ -1291,6 +1335,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
             threshold,
             template,
             embedder,
+            scope,
             embeddings,
             records,
             n,
@@ -1328,6 +1373,32 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                 }
             }
             r.take(*embeddings, SectionKind::MemoryEmbeddings, &[*n, e])?;
+            // The same checks as the in-memory reader's, in its order.
+            if let Some(sd) = scope {
+                if !(sd.subject_threshold.is_finite() && sd.relation_threshold.is_finite()) {
+                    return Err(invalid("scope thresholds not finite"));
+                }
+                if sd.n_counts != *n || sd.n_subjects != *n {
+                    return Err(invalid("scope routing: one subject per record"));
+                }
+                let decode = |_| StreamError::DescriptorDecode { index: pi };
+                let mut c = sd.subjects.clone();
+                for _ in 0..*n {
+                    check_str(c.str().map_err(decode)?, "subject length")?;
+                }
+                let mut c = sd.counts.clone();
+                let mut total = 0u64;
+                for _ in 0..*n {
+                    let k = c.u32().map_err(decode)? as u64;
+                    if k == 0 || k > MAX_DIM {
+                        return Err(invalid("scope routing: subject row count"));
+                    }
+                    total += k;
+                }
+                rows_cap(total)?;
+                r.take(sd.relation, SectionKind::MemoryRelation, &[*n, e])?;
+                r.take(sd.subject_rows, SectionKind::MemorySubjectRows, &[total, e])?;
+            }
         }
     }
     Ok(())
