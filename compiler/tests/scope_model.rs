@@ -91,7 +91,9 @@ fn converted_model_tokenizes_embeds_and_refuses_bad_input() {
     for t in texts {
         let (a, b) = (q8.encode(t).unwrap(), f16.encode(t).unwrap());
         let c = cos(&a.pooled, &b.pooled);
-        assert!(c >= 0.999, "{t:?}: cos(q8, f16) = {c}");
+        // The empty prompt pools only [CLS] and [SEP]: fewer rows average out less rounding.
+        let min = if t.is_empty() { 0.995 } else { 0.999 };
+        assert!(c >= min, "{t:?}: cos(q8, f16) = {c}");
         assert_eq!(a.tokens, b.tokens);
         for (ra, rb) in a.rows.chunks(384).zip(b.rows.chunks(384)) {
             assert!(cos(ra, rb) >= 0.99, "{t:?}: a token row differs");
