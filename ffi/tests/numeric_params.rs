@@ -16,13 +16,17 @@ fn last_error() -> String {
 }
 
 fn tiny_model_path() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let p = dir.join(format!("ffi-numeric-tiny-{}.gguf", std::process::id()));
-    if !p.exists() {
+    // Written once per process: the tests run on several threads, and one writing the file
+    // while another opens it read a half-written model.
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let p = dir.join(format!("ffi-numeric-tiny-{}.gguf", std::process::id()));
         amend_runtime::testutil::write_tiny_model(&p, amend_runtime::Architecture::Llama, 3)
             .unwrap();
-    }
-    p
+        p
+    })
+    .clone()
 }
 
 fn open_model(params: &amend_model_params) -> (amend_result, *mut amend_model) {

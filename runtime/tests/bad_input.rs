@@ -26,7 +26,7 @@ fn text_file_renamed_gguf() {
     assert!(matches!(open(&empty), Err(RuntimeError::NotGguf { .. })));
     assert!(matches!(
         open(&common::tmp_dir()),
-        Err(RuntimeError::InvalidGguf { .. } | RuntimeError::Io { .. })
+        Err(RuntimeError::File(_))
     ));
 }
 

@@ -419,7 +419,7 @@ mod code_tests {
             assert_eq!(Dtype::from_code(d as u8), Some(d));
         }
         assert_eq!(SectionKind::from_code(0), None);
-        assert_eq!(SectionKind::from_code(11), None);
+        assert_eq!(SectionKind::from_code(13), None);
         assert_eq!(PayloadKind::from_code(6), None);
         assert_eq!(Dtype::from_code(2), None);
     }
