@@ -18,10 +18,12 @@ pub struct Weights {
 
 impl Weights {
     pub fn open(path: &Path) -> Result<Weights> {
-        let file = File::open(path).map_err(|source| CompileError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // A FIFO, directory or device is refused without blocking (issue 11).
+        let (file, _) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+            .map_err(|e| CompileError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| CompileError::BadGguf {
             path: path.to_path_buf(),
