@@ -564,6 +564,17 @@ enum amend_result amend_bundle_load_file(const struct amend_trust_store *trust,
                                          struct amend_bundle **out);
 
 /**
+ * Like `amend_bundle_load_file`, with the path given as `path_len` bytes (no NUL needed): on
+ * unix a path that is not UTF-8 can be opened. Errors as for `amend_bundle_load_file`, and
+ * `AMEND_ERR_INVALID_ARGUMENT` for an empty path or one with a NUL byte.
+ */
+enum amend_result amend_bundle_load_file_bytes(const struct amend_trust_store *trust,
+                                               const struct amend_model *model,
+                                               const uint8_t *path,
+                                               size_t path_len,
+                                               struct amend_bundle **out);
+
+/**
  * Like `amend_bundle_load_file`, from `len` bytes at `data`. The bytes are copied: the
  * buffer may be freed as soon as the call returns.
  */
@@ -696,6 +707,21 @@ void amend_session_free(struct amend_session *session);
  */
 enum amend_result amend_session_activate(struct amend_session *session,
                                          const struct amend_bundle *bundle);
+
+/**
+ * Shares anti-rollback state with every process using the same file: the version store at
+ * `path` (`path_len` bytes, no NUL needed; on unix any bytes). From then on activating a
+ * bundle whose version is below its channel's mark in the file, set by this or any other
+ * process, is `AMEND_ERR_BUNDLE_DOWNGRADE`, and each activation raises the mark. Call it
+ * before the session's first `amend_session_activate`.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
+ * `AMEND_ERR_INVALID_ARGUMENT` (empty path, or bundles were already activated), `AMEND_ERR_IO`
+ * (the file cannot be read, locked or is malformed).
+ */
+enum amend_result amend_session_set_state_file(struct amend_session *session,
+                                               const uint8_t *path,
+                                               size_t path_len);
 
 /**
  * Deactivates every edit of the active bundle with id `bundle_id` (NUL-terminated).
