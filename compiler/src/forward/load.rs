@@ -51,6 +51,12 @@ impl Weights {
     /// Reads and validates the header; fails with [`CompileError::UnsupportedArchitecture`] when
     /// the compiler has no forward for the model's architecture.
     pub fn open(path: &Path) -> Result<Weights> {
+        // A FIFO, directory or device is refused without blocking (issue 11).
+        let (file, _) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+            .map_err(|e| CompileError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let bad = |message: String| CompileError::BadGguf {
             path: path.to_path_buf(),
             message,
@@ -60,10 +66,9 @@ impl Weights {
             .architecture()
             .ok_or_else(|| CompileError::MissingMetadata("general.architecture".into()))?;
         let arch = super::arch_from_gguf_name(name)?;
-        let hparams = ModelHparams::from_header(&header).map_err(|e| bad(e.to_string()))?;
-        let file = File::open(path).map_err(|source| CompileError::Io {
+        let hparams = ModelHparams::from_header(&header).map_err(|e| CompileError::BadGguf {
             path: path.to_path_buf(),
-            source,
+            message: e.to_string(),
         })?;
         Ok(Weights {
             header,
