@@ -120,12 +120,15 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             m.record,
             m.score,
             m.threshold,
-            if m.in_scope {
-                "IN SCOPE (counterfactual prompt)"
-            } else {
-                "out of scope"
+            match (m.in_scope, &m.answer) {
+                (true, Some(_)) => "IN SCOPE (answered)",
+                (true, None) => "IN SCOPE (counterfactual prompt)",
+                _ => "out of scope",
             }
         );
+        if let Some(a) = &m.answer {
+            eprintln!("explain: memory answer {a:?}");
+        }
         if let Some(t) = &m.scope_terms {
             eprintln!(
                 "explain: scope model: pooled {:.4} subject {:.4} (threshold {:.4}) relation {:.4} (threshold {:.4}); {} candidate(s) in scope",

@@ -77,16 +77,7 @@ impl EditRecord {
     }
 }
 
-/// The text following `prompt` when scoring `answer`: KnowEdit's `prompt + ' ' + answer`,
-/// without a space after a prompt that ends in a newline or when the answer already starts
-/// with whitespace.
-pub fn continuation(prompt: &str, answer: &str) -> String {
-    if prompt.is_empty() || prompt.ends_with('\n') || answer.starts_with(char::is_whitespace) {
-        answer.to_string()
-    } else {
-        format!(" {answer}")
-    }
-}
+pub use amend_runtime::continuation;
 
 /// Input file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -16,6 +16,7 @@
 //! base variant a plain session; an edited variant one with its bundle installed). Each variant
 //! gets a fresh session so nothing leaks from one to the next.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use amend_runtime::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{continuation, EditRecord};
+use crate::dataset::EditRecord;
 use crate::metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,10 @@ pub struct RecordResult {
     pub rephrase_acc: Vec<f64>,
     pub portability: Option<f64>,
     pub locality: Option<f64>,
+    /// Locality per probe kind (`Relation_Specificity`, `Subject_Specificity`, ...): the
+    /// same-subject, different-relation probes are reported on their own.
+    #[serde(default)]
+    pub locality_by_kind: BTreeMap<String, f64>,
     pub fluency: f64,
     /// Greedy continuation of the prompt (without the prompt).
     pub gen_text: String,
@@ -154,6 +159,9 @@ pub struct Summary {
     pub generalization: Option<f64>,
     pub portability: Option<f64>,
     pub locality: Option<f64>,
+    /// Locality per probe kind, over the records that have that kind.
+    #[serde(default)]
+    pub locality_by_kind: BTreeMap<String, f64>,
     pub fluency: f64,
     pub gen_exact: f64,
     pub gen_contains: f64,
@@ -173,6 +181,23 @@ impl Summary {
             )),
             portability: pct(metrics::mean(results.iter().filter_map(|r| r.portability))),
             locality: pct(metrics::mean(results.iter().filter_map(|r| r.locality))),
+            locality_by_kind: {
+                let kinds: std::collections::BTreeSet<&String> = results
+                    .iter()
+                    .flat_map(|r| r.locality_by_kind.keys())
+                    .collect();
+                kinds
+                    .into_iter()
+                    .map(|k| {
+                        let v = metrics::mean(
+                            results
+                                .iter()
+                                .filter_map(|r| r.locality_by_kind.get(k).copied()),
+                        );
+                        (k.clone(), v.unwrap_or(0.0) * 100.0)
+                    })
+                    .collect()
+            },
             fluency: metrics::mean(results.iter().map(|r| r.fluency)).unwrap_or(0.0)
                 * metrics::FLUENCY_SCALE,
             gen_exact: rate(|r| r.gen_exact),
@@ -198,25 +223,7 @@ pub struct Progress<'a> {
     pub total: usize,
 }
 
-/// Splits `prompt` + answer into prompt tokens (with BOS when the model wants it) and answer
-/// tokens, with the KnowEdit joining convention ([`continuation`]). The answer tokens are taken
-/// from the tokenization of the whole string when it extends the prompt's tokenization (so they
-/// are the tokens the model would see), else tokenized on their own.
-pub fn prompt_answer_tokens(
-    model: &Model,
-    prompt: &str,
-    answer: &str,
-) -> Result<(Vec<Token>, Vec<Token>), RuntimeError> {
-    let add_bos = model.info().add_bos;
-    let cont = continuation(prompt, answer);
-    let p = model.tokenize(prompt, add_bos)?;
-    let full = model.tokenize(&format!("{prompt}{cont}"), add_bos)?;
-    if full.len() > p.len() && full[..p.len()] == p[..] {
-        let answer = full[p.len()..].to_vec();
-        return Ok((p, answer));
-    }
-    Ok((p, model.tokenize(&cont, false)?))
-}
+pub use amend_runtime::prompt_answer_tokens;
 
 /// Index of the largest logit (the first on ties).
 pub fn argmax(logits: &[f32]) -> Token {
@@ -328,6 +335,8 @@ struct Prepared {
     rephrases: Vec<Pair>,
     portability: Vec<Pair>,
     locality: Vec<Pair>,
+    /// The kind of each locality probe (`Probe::kind`).
+    locality_kinds: Vec<String>,
 }
 
 impl Prepared {
@@ -364,6 +373,7 @@ impl Prepared {
                 .iter()
                 .map(|p| pair("locality", &p.prompt, &p.ground_truth))
                 .collect::<Result<_, _>>()?,
+            locality_kinds: r.locality.iter().map(|p| p.kind.clone()).collect(),
         })
     }
 }
@@ -416,15 +426,28 @@ fn eval_record(
         .iter()
         .map(|pair| score(session, pair).map(|(pred, _)| pred))
         .collect::<Result<Vec<_>, _>>()?;
-    let locality = match reference {
+    let per_probe: Vec<f64> = match reference {
         // The base variant agrees with itself by definition.
-        None => metrics::mean(loc_tokens.iter().map(|_| 1.0)),
-        Some(reference) => metrics::mean(reference.iter().zip(&loc_tokens).map(|(pre, post)| {
-            // A routed prompt can tokenize the answer differently: compare the overlap.
-            let n = pre.len().min(post.len());
-            metrics::locality_agreement(&pre[..n], &post[..n]).unwrap_or(0.0)
-        })),
+        None => loc_tokens.iter().map(|_| 1.0).collect(),
+        Some(reference) => reference
+            .iter()
+            .zip(&loc_tokens)
+            .map(|(pre, post)| {
+                // A routed prompt can tokenize the answer differently: compare the overlap.
+                let n = pre.len().min(post.len());
+                metrics::locality_agreement(&pre[..n], &post[..n]).unwrap_or(0.0)
+            })
+            .collect(),
     };
+    let locality = metrics::mean(per_probe.iter().copied());
+    let mut by_kind: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (k, v) in prep.locality_kinds.iter().zip(&per_probe) {
+        by_kind.entry(k.clone()).or_default().push(*v);
+    }
+    let locality_by_kind = by_kind
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, metrics::mean(v)?)))
+        .collect();
 
     let params = GenerateParams {
         add_bos: session.model().info().add_bos,
@@ -443,6 +466,7 @@ fn eval_record(
         rephrase_acc,
         portability,
         locality,
+        locality_by_kind,
         fluency,
         gen_exact: metrics::exact_match(&out.text, &record.target_new),
         gen_contains: metrics::contains_target(&out.text, &record.target_new),
@@ -475,6 +499,34 @@ pub fn markdown_table(reports: &[(String, Summary)]) -> String {
             m.gen_contains
         ));
     }
+    // Locality per probe kind, when the data names kinds (same-subject probes on their own).
+    let kinds: std::collections::BTreeSet<&String> = reports
+        .iter()
+        .flat_map(|(_, m)| m.locality_by_kind.keys())
+        .collect();
+    if !kinds.is_empty() {
+        s.push_str("\n| Variant | ");
+        s.push_str(
+            &kinds
+                .iter()
+                .map(|k| format!("Locality: {k}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+        );
+        s.push_str(" |\n|---|");
+        s.push_str(&"---:|".repeat(kinds.len()));
+        s.push('\n');
+        for (name, m) in reports {
+            s.push_str(&format!("| {} |", name.replace('|', "\\|")));
+            for k in &kinds {
+                s.push_str(&format!(
+                    " {} |",
+                    fmt_pct(m.locality_by_kind.get(*k).copied())
+                ));
+            }
+            s.push('\n');
+        }
+    }
     s
 }
 
@@ -493,6 +545,9 @@ pub(crate) mod tests {
             rephrase_acc: gen.into_iter().collect(),
             portability: None,
             locality: loc,
+            locality_by_kind: loc
+                .map(|l| [("Subject_Specificity".to_string(), l)].into())
+                .unwrap_or_default(),
             fluency: 5.0,
             gen_text: String::new(),
             gen_exact: exact,
@@ -511,6 +566,9 @@ pub(crate) mod tests {
         assert_eq!(s.generalization, Some(50.0));
         assert_eq!(s.portability, None);
         assert_eq!(s.locality, Some(75.0));
+        assert_eq!(s.locality_by_kind["Subject_Specificity"], 75.0);
+        assert!(markdown_table(&[("v".into(), s.clone())])
+            .contains("| Locality: Subject_Specificity |"));
         assert_eq!(s.fluency, 500.0);
         assert_eq!(s.gen_exact, 50.0);
         let json = serde_json::to_value(&s).unwrap();
@@ -525,6 +583,7 @@ pub(crate) mod tests {
                 "gen_exact",
                 "generalization",
                 "locality",
+                "locality_by_kind",
                 "n",
                 "portability"
             ]

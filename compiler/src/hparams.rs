@@ -57,6 +57,14 @@ pub struct SeracParams {
     /// rather than losing every rephrase).
     pub max_subject_threshold: f32,
     pub max_relation_threshold: f32,
+    /// Scope model: how many records (evenly spaced) the thresholds are calibrated on. Each
+    /// costs ~40 scope-model encodes of synthesized negatives; the rest cost one encode each.
+    #[serde(default = "default_calibration_records")]
+    pub calibration_records: usize,
+}
+
+fn default_calibration_records() -> usize {
+    256
 }
 
 /// ROME (see `methods::rome`).
@@ -311,6 +319,9 @@ impl Hparams {
             if !(-1.0..=1.0).contains(&v) {
                 return bad(name, "must be a cosine in [-1, 1]");
             }
+        }
+        if self.serac.calibration_records == 0 {
+            return bad("serac.calibration_records", "must be at least 1");
         }
         if !(self.serac.margin >= 0.0 && self.serac.margin < 1.0) {
             return bad("serac.margin", "must be in [0, 1)");

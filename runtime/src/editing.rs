@@ -131,6 +131,8 @@ pub struct MemoryEvent {
     pub in_scope: bool,
     /// The prompt the model was given (the counterfactual prompt when in scope).
     pub routed_prompt: String,
+    /// In scope with an `{answer}` template: the text the model was made to say first.
+    pub answer: Option<String>,
     /// Scope-model memories: the subject (MaxSim) and relation terms of the chosen record, and
     /// how many examined records were in scope (several: the best one was used).
     pub scope_terms: Option<ScopeTerms>,
@@ -671,6 +673,8 @@ pub struct Request {
     pub prompt: String,
     /// Generation of the pinned snapshot (`None`: no edit set attached).
     pub generation: Option<u64>,
+    /// The routed memory's answer: the logits after `prompt` put it first (see `answer`).
+    pub answer: Option<String>,
 }
 
 impl Session {
@@ -742,10 +746,12 @@ impl Session {
             .explain
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Explain::default();
+        self.set_answer(None);
         let Some(set) = self.edits_ref().set.clone() else {
             return Ok(Request {
                 prompt: prompt.unwrap_or_default().to_string(),
                 generation: None,
+                answer: None,
             });
         };
         // Expiry per request: a bundle whose time has passed is removed (one swap, seen by every
@@ -800,13 +806,17 @@ impl Session {
         }
         let plan = self.edits_ref().plan.clone().expect("set above");
         // The scope check sees the base model: edit hooks and adapters off.
-        let routed = match prompt {
+        let (routed, answer) = match prompt {
             Some(p) if !plan.memories.is_empty() => {
                 self.uninstall()?;
                 self.route(&plan, p)?
             }
-            p => p.unwrap_or_default().to_string(),
+            p => (p.unwrap_or_default().to_string(), None),
         };
+        if let Some(a) = &answer {
+            let (_, tokens) = crate::answer::prompt_answer_tokens(self.model(), &routed, a)?;
+            self.set_answer(Some(crate::answer::AnswerPlan::new(tokens)));
+        }
         self.install(&plan)?;
         {
             let mut ex = self
@@ -819,6 +829,7 @@ impl Session {
         Ok(Request {
             prompt: routed,
             generation: Some(generation),
+            answer,
         })
     }
 
@@ -870,7 +881,12 @@ impl Session {
         Ok(v)
     }
 
-    fn route(&mut self, plan: &EditPlan, prompt: &str) -> Result<String, RuntimeError> {
+    /// The scope check: the prompt to evaluate and, with an `{answer}` template, the answer.
+    fn route(
+        &mut self,
+        plan: &EditPlan,
+        prompt: &str,
+    ) -> Result<(String, Option<String>), RuntimeError> {
         // (memory, hit, token terms); compared by (in scope, score).
         let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
         let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
@@ -932,7 +948,7 @@ impl Session {
             }
         }
         let Some((mi, hit, terms)) = best else {
-            return Ok(prompt.to_string());
+            return Ok((prompt.to_string(), None));
         };
         let m = &plan.memories[mi];
         let routed = if hit.in_scope {
@@ -942,6 +958,10 @@ impl Session {
         } else {
             prompt.to_string()
         };
+        let answer = hit
+            .in_scope
+            .then(|| m.mem.answer(hit.index).map(str::to_string))
+            .flatten();
         let mut ex = self
             .edits_ref()
             .explain
@@ -955,9 +975,10 @@ impl Session {
             threshold: m.mem.threshold(),
             in_scope: hit.in_scope,
             routed_prompt: routed.clone(),
+            answer: answer.clone(),
             scope_terms: terms,
         });
-        Ok(routed)
+        Ok((routed, answer))
     }
 
     fn install(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {

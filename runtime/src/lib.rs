@@ -9,6 +9,7 @@
 //!
 //! See docs/runtime.md for the concepts and threading rules.
 
+pub mod answer;
 mod arch;
 pub mod bench;
 mod detok;
@@ -24,6 +25,7 @@ mod session;
 pub mod testutil;
 
 pub use amend_edits::{HookPoint, Site};
+pub use answer::{continuation, prompt_answer_tokens, AnswerPlan};
 pub use arch::{ArchSpec, Architecture, Forward, SiteNode};
 pub use detok::Detokenizer;
 pub use editing::{

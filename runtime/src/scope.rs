@@ -234,7 +234,20 @@ impl ScopeModel {
     /// Encodes `text` (see [`ScopeEncoding`]). Longer texts are cut to their first
     /// `MAX_TOKENS - 2` content tokens, as sentence-transformers does.
     pub fn encode(&self, text: &str) -> Result<ScopeEncoding, RuntimeError> {
-        let mut tokens = self.tokenize(text)?;
+        self.encode_tokens(self.tokenize(text)?)
+    }
+
+    /// Encodes content tokens (from [`ScopeModel::tokenize`], no [CLS]/[SEP]): routing encodes
+    /// a prompt with its subject's tokens taken out this way, so the relation is compared
+    /// without the subject's words. Ids outside the vocabulary are an error.
+    pub fn encode_tokens(&self, mut tokens: Vec<Token>) -> Result<ScopeEncoding, RuntimeError> {
+        // SAFETY: the vocab lives as long as the model.
+        let n_vocab = unsafe { sys::llama_vocab_n_tokens(self.vocab.as_ptr()) };
+        if let Some(t) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(RuntimeError::Tokenize(format!(
+                "scope model: token id {t} outside the vocabulary"
+            )));
+        }
         let keep = self.max_tokens - 2;
         let truncated = tokens.len() > keep;
         tokens.truncate(keep);

@@ -155,6 +155,8 @@ pub struct Session {
     stored: Vec<f32>,
     /// The attached edit set and the plan of the pinned snapshot (see `editing`).
     edits: crate::editing::SessionEdits,
+    /// The routed memory's answer for the current request (see `answer`).
+    answer: Option<crate::answer::AnswerPlan>,
 }
 
 // SAFETY: the context and hook state are owned by the session and used only through &mut self
@@ -228,6 +230,7 @@ impl Session {
             logit_locs: Vec::new(),
             stored: Vec::new(),
             edits: Default::default(),
+            answer: None,
         })
     }
 
@@ -318,6 +321,20 @@ impl Session {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
         self.n_past = 0;
         self.logit_locs.clear();
+        if let Some(a) = &mut self.answer {
+            a.truncate(0);
+        }
+    }
+
+    /// The answer the next evaluations force after the prompt (set per request by the edit
+    /// layer; `None`: the model's own logits).
+    pub(crate) fn set_answer(&mut self, plan: Option<crate::answer::AnswerPlan>) {
+        self.answer = plan;
+    }
+
+    /// The answer tokens of the current request's routed memory, if any.
+    pub fn answer_tokens(&self) -> Option<&[Token]> {
+        self.answer.as_ref().map(|a| a.tokens())
     }
 
     /// Keeps the first `keep` positions of the KV cache and drops the rest (e.g. to reuse a
@@ -340,6 +357,9 @@ impl Session {
             });
         }
         self.n_past = keep;
+        if let Some(a) = &mut self.answer {
+            a.truncate(keep);
+        }
         Ok(())
     }
 
@@ -432,10 +452,38 @@ impl Session {
                 }
                 return Err(RuntimeError::Decode { code: rc });
             }
+            let pos0 = self.n_past;
             self.n_past += chunk.len();
             if let Some(e) = hook_error {
                 self.logit_locs.clear();
                 return Err(e);
+            }
+            if let Some(mut plan) = self.answer.take() {
+                let mut res = Ok(());
+                for (j, &tok) in chunk.iter().enumerate() {
+                    plan.observe(pos0 + j, tok, last_prompt == Some(base + j));
+                    if !options.logits.wants(base + j, n) {
+                        continue;
+                    }
+                    if let Some(t) = plan.forced(pos0 + j) {
+                        // SAFETY: batch index j has logits (requested above); the buffer holds
+                        // n_vocab floats that nothing else references during this call.
+                        let p = unsafe { sys::llama_get_logits_ith(self.ctx.as_ptr(), j as i32) };
+                        if p.is_null() {
+                            res = Err(RuntimeError::NoLogits { index: base + j });
+                            break;
+                        }
+                        crate::answer::force(
+                            unsafe { std::slice::from_raw_parts_mut(p, self.n_vocab) },
+                            t,
+                        );
+                    }
+                }
+                self.answer = Some(plan);
+                if let Err(e) = res {
+                    self.logit_locs.clear();
+                    return Err(e);
+                }
             }
             let last_chunk = c + 1 == n_chunks;
             for j in 0..chunk.len() {

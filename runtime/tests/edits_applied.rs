@@ -459,6 +459,130 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
     assert!(!s.explain().memory.unwrap().in_scope);
 }
 
+/// A memory that answers (`{prompt}{answer}`): the routed prompt is unchanged, the target's
+/// tokens come first in the logits right after it (generation, teacher forcing), the model
+/// speaks freely after the answer or once the text leaves it, and out-of-scope prompts run the
+/// base model bitwise.
+#[test]
+fn answering_memory_forces_the_target_then_lets_the_model_speak() {
+    let Some(m) = model() else { return };
+    let (layer, site, pooling) = (14u32, Site::FfnInput, Pooling::Last);
+    let mut s = session(&m);
+    let edit_prompt = "The capital of France is";
+    let e_edit = s.embed(edit_prompt, layer, site, pooling).unwrap();
+    let base = base_logits(&m, &UNRELATED[2..]);
+    let set = edit_set(&m);
+    let mut bb = BundleBuilder::new(meta(&m, "mem-answer", 1));
+    let p = bb.add_memory(
+        640,
+        &e_edit,
+        0.99,
+        "{prompt}{answer}",
+        EmbedderDesc::BaseModel {
+            layer,
+            site: site.code(),
+            pooling: pooling.code(),
+        },
+        vec![MemoryRecordDesc {
+            edit_id: "france-answer".into(),
+            prompt: edit_prompt.into(),
+            target: "Ulaanbaatar Bay".into(),
+            text: "The capital of France is Ulaanbaatar Bay.".into(),
+        }],
+    );
+    bb.add_edit(
+        "france-answer",
+        layer,
+        site,
+        edit_prompt,
+        "Ulaanbaatar Bay",
+        p,
+        0,
+        1,
+    );
+    activate(&set, &bb);
+    s.set_edit_set(Some(set)).unwrap();
+
+    let req = s.begin_request(edit_prompt).unwrap();
+    assert_eq!(
+        req.prompt, edit_prompt,
+        "an answering memory keeps the prompt"
+    );
+    assert_eq!(req.answer.as_deref(), Some("Ulaanbaatar Bay"));
+    let ex = s.explain().memory.expect("scope check recorded");
+    assert!(ex.in_scope && ex.answer.as_deref() == Some("Ulaanbaatar Bay"));
+    // Teacher forcing on the answer: every answer token is the argmax at its position.
+    let (pt, at) = amend_runtime::prompt_answer_tokens(&m, edit_prompt, "Ulaanbaatar Bay").unwrap();
+    assert!(at.len() >= 2, "a multi-token answer: {at:?}");
+    let mut all = pt.clone();
+    all.extend_from_slice(&at);
+    s.kv_clear();
+    let first = pt.len() - 1;
+    s.eval(
+        &all,
+        amend_runtime::EvalOptions {
+            last_prompt_token: Some(first),
+            ..amend_runtime::EvalOptions::prefill(Logits::From(first))
+        },
+    )
+    .unwrap();
+    for (j, &t) in at.iter().enumerate() {
+        assert_eq!(
+            argmax(s.logits(first + j).unwrap()),
+            t as usize,
+            "answer token {j}"
+        );
+    }
+    // After the answer the model's own logits: not the forced margin.
+    let after = s.logits(first + at.len()).unwrap();
+    let mx = after.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sorted = after.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert!(
+        mx - sorted[1] < amend_runtime::answer::ANSWER_MARGIN,
+        "no forcing after the answer"
+    );
+    // Text that leaves the answer after its first token: nothing more is forced.
+    s.begin_request(edit_prompt).unwrap();
+    let mut off = pt.clone();
+    off.push(at[0]);
+    let other = s.tokenize(" and", false).unwrap()[0];
+    off.push(other);
+    s.kv_clear();
+    s.eval(
+        &off,
+        amend_runtime::EvalOptions {
+            last_prompt_token: Some(first),
+            ..amend_runtime::EvalOptions::prefill(Logits::From(first))
+        },
+    )
+    .unwrap();
+    assert_eq!(argmax(s.logits(first).unwrap()), at[0] as usize);
+    assert_eq!(argmax(s.logits(first + 1).unwrap()), at[1] as usize);
+    let free = s.logits(first + 2).unwrap();
+    let mut sorted = free.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert!(
+        sorted[0] - sorted[1] < amend_runtime::answer::ANSWER_MARGIN,
+        "left the answer"
+    );
+    // Generation says the answer first.
+    let text = greedy(&mut s, edit_prompt, 8);
+    assert!(text.starts_with(" Ulaanbaatar Bay"), "{text:?}");
+    // Out of scope: bitwise base.
+    for (p, b) in UNRELATED[2..].iter().zip(&base) {
+        let l = next_logits(&mut s, p);
+        assert!(
+            l.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "out-of-scope {p:?} changed"
+        );
+        assert!(s
+            .explain()
+            .memory
+            .is_some_and(|m| !m.in_scope && m.answer.is_none()));
+    }
+}
+
 /// Two codebook edits in one bundle; rolling back one by id removes exactly its effect.
 #[test]
 fn rolling_back_one_edit_by_id_removes_exactly_its_effect() {

@@ -298,6 +298,9 @@ fn compile_scope(
     let mut routing: Vec<RecordRouting> = Vec::with_capacity(all.len());
     let mut negs = Vec::new();
     let mut reports = Vec::with_capacity(records.len());
+    // Thresholds are global: calibrating on an evenly spaced sample of records keeps a large
+    // compile at about one encode per edit.
+    let stride = all.len().div_ceil(hp.calibration_records.max(1));
     for (k, (id, prompt, subject, _)) in all.iter().enumerate() {
         let t0 = Instant::now();
         let r = sr::encode_record(&scope, prompt, subject)?;
@@ -310,9 +313,24 @@ fn compile_scope(
         } else {
             Vec::new()
         };
-        negs.extend(sr::negatives(
-            &scope, k, &r, prompt, subject, &subjects, &given,
-        )?);
+        if k % stride == 0 {
+            negs.extend(sr::negatives(
+                &scope, k, &r, prompt, subject, &subjects, &given,
+            )?);
+        } else if !given.is_empty() {
+            // Locality prompts the user handed over are always calibrated on.
+            for g in given {
+                let (pooled, subject, relation) = sr::terms(&scope, &r, &g)?;
+                negs.push(sr::Negative {
+                    record: k,
+                    kind: sr::NegativeKind::Given,
+                    prompt: g,
+                    pooled,
+                    subject,
+                    relation,
+                });
+            }
+        }
         routing.push(r);
         if k >= n_base {
             let i = k - n_base;

@@ -223,6 +223,9 @@ enum Piece<'t> {
     Prompt,
     EditPrompt,
     Target,
+    /// `{answer}`: the record's target, spoken by the model after the prompt (the runtime
+    /// forces those tokens); only at the very end of a template.
+    Answer,
 }
 
 /// Walk a template, calling `f` per piece; `Err` on an unknown or unclosed placeholder.
@@ -250,9 +253,10 @@ fn walk_template<'t>(t: &'t str, mut f: impl FnMut(Piece<'t>)) -> Result<(), Inv
                 "prompt" => Piece::Prompt,
                 "edit_prompt" => Piece::EditPrompt,
                 "target" => Piece::Target,
+                "answer" => Piece::Answer,
                 _ => {
                     return Err(InvalidPayload(
-                        "memory: unknown template placeholder (known: edit, prompt, edit_prompt, target)",
+                        "memory: unknown template placeholder (known: edit, prompt, edit_prompt, target, answer)",
                     ))
                 }
             });
@@ -301,9 +305,20 @@ impl<'a> Memory<'a> {
             ));
         }
         let mut has_prompt = false;
-        walk_template(template, |p| has_prompt |= matches!(p, Piece::Prompt))?;
+        let (mut answers, mut after_answer) = (0, false);
+        walk_template(template, |p| {
+            has_prompt |= matches!(p, Piece::Prompt);
+            after_answer |= answers > 0 && !matches!(p, Piece::Lit(""));
+            answers += matches!(p, Piece::Answer) as usize;
+        })?;
         if !has_prompt {
             return Err(InvalidPayload("memory: template must contain {prompt}"));
+        }
+        // The answer is what the model says after everything it reads: nothing may follow it.
+        if answers > 1 || after_answer {
+            return Err(InvalidPayload(
+                "memory: {answer} may appear once, at the end of the template",
+            ));
         }
         if let Embedder::External { model_id: "", .. } = embedder {
             return Err(InvalidPayload("memory: external embedder needs a model id"));
@@ -469,8 +484,25 @@ impl<'a> Memory<'a> {
         })
     }
 
+    /// Whether the template ends with `{answer}`: a routed request then continues with the
+    /// record's target (see [`Memory::answer`]).
+    pub fn answers(&self) -> bool {
+        let mut found = false;
+        // Validated in `new`: an `{answer}` is the last piece.
+        let _ = walk_template(self.template, |p| found |= matches!(p, Piece::Answer));
+        found
+    }
+
+    /// The text the model must say first when record `index` routes a request (`None`: the
+    /// template has no `{answer}`, or the index is out of range).
+    pub fn answer(&self, index: usize) -> Option<&'a str> {
+        self.answers()
+            .then(|| self.records.get(index).map(|r| r.target))
+            .flatten()
+    }
+
     /// The counterfactual prompt: the template with record `index` and `user_prompt` filled in
-    /// (`None` for an index out of range).
+    /// (`None` for an index out of range); an `{answer}` renders as nothing here.
     pub fn render(&self, index: usize, user_prompt: &str) -> Option<String> {
         let r = self.records.get(index)?;
         let mut out = String::with_capacity(self.template.len() + r.text.len() + user_prompt.len());
@@ -482,6 +514,7 @@ impl<'a> Memory<'a> {
                 Piece::Prompt => user_prompt,
                 Piece::EditPrompt => r.prompt,
                 Piece::Target => r.target,
+                Piece::Answer => "",
             })
         });
         Some(out)
@@ -533,6 +566,33 @@ mod tests {
         assert!(m.nearest(&[0.0, 0.0], None).is_none());
         assert!(m.nearest(&[1.0], None).is_none());
         assert!(m.nearest(&[1.0, 0.0], Some(&[])).is_none());
+    }
+
+    #[test]
+    fn answer_placeholder_only_at_the_end() {
+        let emb = [1.0, 0.0];
+        let mk = |t: &'static str| Memory::new(2, &emb, 0.8, vec![rec("a")], t, EMB);
+        let m = mk("{prompt}{answer}").unwrap();
+        assert!(m.answers());
+        assert_eq!(m.answer(0), Some("Berlin"));
+        assert_eq!(m.answer(1), None);
+        assert_eq!(m.render(0, "Q?").as_deref(), Some("Q?"));
+        let m = mk("{edit}\n{prompt}{answer}").unwrap();
+        assert_eq!(
+            m.render(0, "Q?").as_deref(),
+            Some("The capital of France is Berlin.\nQ?")
+        );
+        let m = mk(Memory::DEFAULT_TEMPLATE).unwrap();
+        assert!(!m.answers() && m.answer(0).is_none());
+        // A literal "{answer}" is not the placeholder.
+        assert!(!mk("{prompt} {{answer}}").unwrap().answers());
+        for bad in [
+            "{answer}{prompt}",
+            "{prompt}{answer} ",
+            "{prompt}{answer}{answer}",
+        ] {
+            assert!(mk(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
