@@ -3,8 +3,10 @@
 //! ([`Session::embed`](amend_runtime::Session::embed): pooled hidden state at one layer/site,
 //! BOS excluded, L2-normalized; the runtime embeds queries the same way), and a cosine
 //! threshold calibrated on the edits' rephrases (must be in scope) versus their locality
-//! prompts (must not be). In scope, the runtime feeds the template ("{edit}\n{prompt}") to the
-//! base model: the counterfactual model is the base model with the edit in context.
+//! prompts (must not be). In scope, the runtime applies the template: an in-context one
+//! ("{edit}\n{prompt}": the base model with the edit in context) or, by default, an answering
+//! one ("{prompt}{answer}": the record's target is said first; docs/methods.md). The default
+//! embedder is the scope model (`compile_scope`, calibrated on synthesized negatives).
 //!
 //! Calibration: scores are the best cosine over all memories. When every rephrase scores above
 //! every locality prompt the threshold is the midpoint; otherwise it is the threshold with the

@@ -268,7 +268,8 @@ fn walk_template<'t>(t: &'t str, mut f: impl FnMut(Piece<'t>)) -> Result<(), Inv
 }
 
 impl<'a> Memory<'a> {
-    /// The template the compiler uses by default.
+    /// A plain in-context template (the compiler's default is per architecture, in
+    /// runtime/hparams: `"{prompt}{answer}"` for gemma3).
     pub const DEFAULT_TEMPLATE: &'static str = "{edit}\n{prompt}";
 
     /// Validate: `embeddings` is `[records.len(), embed_dim]`, finite, rows of unit L2 norm;
