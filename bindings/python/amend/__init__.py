@@ -75,6 +75,8 @@ class Result(enum.IntEnum):
     ERR_BUNDLE_DOWNGRADE = 311
     ERR_BUNDLE_TRUNCATED = 312
     ERR_BUNDLE_TOO_LONG = 313
+    ERR_SCOPE_MODEL = 314
+    ERR_SCOPE_MODEL_MISMATCH = 315
 
 
 class StopReason(enum.IntEnum):
@@ -230,6 +232,10 @@ _SIGNATURES = {
     "amend_session_cancel": (_RES, [_P]),
     "amend_session_score": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_Score)]),
     "amend_session_explain": (_RES, [_P, _EXPLAIN_CB, _P]),
+    "amend_scope_model_open": (_RES, [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(_P)]),
+    "amend_scope_model_open_bytes": (_RES, [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(_P)]),
+    "amend_scope_model_free": (None, [_P]),
+    "amend_session_set_scope_model": (_RES, [_P, _P]),
 }
 
 
