@@ -2,6 +2,8 @@
 //! API as `amend compile --method serac --scope-model PATH` does. Shared by
 //! `tests/scope_model_abi.rs` and `examples/make_test_bundles.rs` (through `#[path]`).
 
+#![allow(dead_code)] // each includer uses its part
+
 use std::path::{Path, PathBuf};
 
 use amend_compiler::{dataset, BundleIdentity, Compiler, Hparams, Method};
