@@ -253,6 +253,7 @@ pub extern "C" fn amend_session_set_state_file(
 ) -> amend_result {
     guard("amend_session_set_state_file", || {
         let s = self::session(session)?;
+        // SAFETY: `path` is NULL or valid for `path_len` bytes as the header documents.
         let path = unsafe { args::path_bytes(path, path_len, "path")? };
         let mut state = s.lock()?;
         if state.edits.is_some() {

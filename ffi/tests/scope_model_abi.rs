@@ -228,7 +228,11 @@ fn serac_bundle_needs_its_scope_model() {
     let key = SigningKey::from_bytes(&[42; 32]);
     let t0 = std::time::Instant::now();
     let bytes = serac::compile_serac(&model_file, &scope_file, &key, "abi-serac").unwrap();
-    println!("serac bundle: {} bytes in {:.1} s", bytes.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "serac bundle: {} bytes in {:.1} s",
+        bytes.len(),
+        t0.elapsed().as_secs_f64()
+    );
     // A copy of the scope model with one weight changed: it loads, its fingerprint differs.
     // The path is not UTF-8, so it goes through amend_scope_model_open_bytes.
     let mut other_name = dir.as_os_str().as_bytes().to_vec();
@@ -312,7 +316,10 @@ fn serac_bundle_needs_its_scope_model() {
     assert_eq!(active(s), 1);
     let edited = score(s);
     let (n_mem, fired) = memory_activity(s);
-    println!("log p(\"{}\"): base {base:.3}, routed {edited:.3}", serac::SERAC_TARGET);
+    println!(
+        "log p(\"{}\"): base {base:.3}, routed {edited:.3}",
+        serac::SERAC_TARGET
+    );
     assert!(n_mem >= 1 && fired >= 1, "memory {n_mem} fired {fired}");
     assert!(
         edited > base + 1.0,

@@ -48,7 +48,11 @@ pub fn compile_serac(
     compiler.scope_model = Some(amend_runtime::ScopeModel::open(scope, Some(2))?);
     let hp = Hparams::resolve(compiler.fwd.cfg.arch, None, &[])?;
     if hp.serac.embedder != "scope" {
-        return Err(format!("serac.embedder is {:?}, expected \"scope\"", hp.serac.embedder).into());
+        return Err(format!(
+            "serac.embedder is {:?}, expected \"scope\"",
+            hp.serac.embedder
+        )
+        .into());
     }
     let identity = BundleIdentity {
         bundle_id: bundle_id.into(),
