@@ -228,7 +228,14 @@ pub extern "C" fn amend_session_set_scope_model(
         let mut state = s.lock()?;
         if let Some(set) = &state.edits {
             for ab in &set.snapshot().bundles {
-                amend_runtime::check_scope_model(&ab.bundle, scope.as_deref())?;
+                amend_runtime::check_scope_model(&ab.bundle, scope.as_deref()).map_err(|e| {
+                    let mut err = FfiError::from(e);
+                    err.message = format!(
+                        "the session keeps its scope model: an active bundle needs it ({})",
+                        err.message
+                    );
+                    err
+                })?;
             }
         }
         state.session.set_scope_model(scope)?;

@@ -331,6 +331,11 @@ fn serac_bundle_needs_its_scope_model() {
         amend_session_set_scope_model(s, ptr::null()),
         amend_result::AMEND_ERR_SCOPE_MODEL
     );
+    assert!(
+        last_error().contains("keeps its scope model"),
+        "{}",
+        last_error()
+    );
     assert_eq!(
         amend_session_set_scope_model(s, other),
         amend_result::AMEND_ERR_SCOPE_MODEL_MISMATCH
