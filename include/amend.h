@@ -193,6 +193,18 @@ typedef enum amend_result {
    * A bundle stream continued past the length its header declares.
    */
   AMEND_ERR_BUNDLE_TOO_LONG = 313,
+  /**
+   * A scope model is needed and not usable: the bundle's memories route with one and the
+   * session has none (`amend_session_set_scope_model`), or the file given to
+   * `amend_scope_model_open` is missing, not a regular file, corrupt or not a `bert`
+   * encoder. Nothing of the bundle was applied.
+   */
+  AMEND_ERR_SCOPE_MODEL = 314,
+  /**
+   * The bundle was compiled against another scope model (its recorded fingerprint differs
+   * from the session's scope model). Nothing of the bundle was applied.
+   */
+  AMEND_ERR_SCOPE_MODEL_MISMATCH = 315,
 } amend_result;
 
 /**
@@ -238,6 +250,19 @@ typedef struct amend_bundle amend_bundle;
  * `amend_model_free` may be called while sessions of it are still open.
  */
 typedef struct amend_model amend_model;
+
+/**
+ * The scope model that routes retrieval memories (all-MiniLM-L6-v2 as a `bert` GGUF, see
+ * `amend scope-model convert`): serac bundles record its fingerprint and need it to activate.
+ *
+ * Lifetime: created by `amend_scope_model_open` / `amend_scope_model_open_bytes`, freed by
+ * `amend_scope_model_free`. Sessions that were given it (`amend_session_set_scope_model`) keep
+ * it alive, so it may be freed while they are still open.
+ *
+ * Thread rules: immutable after loading; may be shared by any number of threads and sessions
+ * (its encodes are serialized inside).
+ */
+typedef struct amend_scope_model amend_scope_model;
 
 /**
  * An inference session: a context window, the active edits, and generation state.
@@ -700,6 +725,45 @@ enum amend_result amend_model_description(const struct amend_model *model,
                                           size_t *out_len);
 
 /**
+ * Opens the scope model that routes retrieval memories: a `bert` GGUF such as
+ * `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf` (`scripts/fetch-scope-model.sh`, `amend
+ * scope-model convert`). `path` is NUL-terminated UTF-8 (see `amend_scope_model_open_bytes`
+ * for other paths). `n_threads` are the encoder's threads, at most 512; 0 = the machine's
+ * available parallelism.
+ *
+ * Lifetime: on success `*out` receives a new handle that the caller owns and frees with
+ * `amend_scope_model_free` (once; any time). Sessions that were given it
+ * (`amend_session_set_scope_model`) keep the model alive after it is freed. On failure `*out`
+ * is set to NULL. Thread rules: see `amend_scope_model`.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
+ * (`n_threads` above 512), `AMEND_ERR_SCOPE_MODEL` (the file is missing, not a regular file,
+ * unreadable, corrupt or not a `bert` encoder: the message says which), `AMEND_ERR_CONTEXT`.
+ */
+enum amend_result amend_scope_model_open(const char *path,
+                                         uint32_t n_threads,
+                                         struct amend_scope_model **out);
+
+/**
+ * Like `amend_scope_model_open`, with the path given as `path_len` bytes (no NUL needed): on
+ * unix a path that is not UTF-8 can be opened. Lifetime as for `amend_scope_model_open`.
+ * Errors as for `amend_scope_model_open`, and `AMEND_ERR_INVALID_ARGUMENT` for an empty path
+ * or one with a NUL byte.
+ */
+enum amend_result amend_scope_model_open_bytes(const uint8_t *path,
+                                               size_t path_len,
+                                               uint32_t n_threads,
+                                               struct amend_scope_model **out);
+
+/**
+ * Frees a scope-model handle. NULL is a no-op; a freed or wrong-kind handle is reported
+ * through `amend_last_error_code` (`AMEND_ERR_INVALID_HANDLE`) and otherwise ignored.
+ * Lifetime: the handle is invalid once this returns; sessions that were given it keep the
+ * model alive until they are freed or given another one.
+ */
+void amend_scope_model_free(struct amend_scope_model *scope);
+
+/**
  * Defaults for `amend_session_open` (the Rust API's `SessionOptions::default()`).
  */
 struct amend_session_params amend_session_default_params(void);
@@ -737,10 +801,32 @@ void amend_session_free(struct amend_session *session);
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
  * `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
  * active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
- * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model).
+ * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
+ * (its memories route with a scope model and the session has none: see
+ * `amend_session_set_scope_model`), `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled against
+ * another scope model). On every error nothing of the bundle is applied.
  */
 enum amend_result amend_session_activate(struct amend_session *session,
                                          const struct amend_bundle *bundle);
+
+/**
+ * Gives `session` the scope model its bundles' memories route with (`scope` NULL: none).
+ * Set it before activating a bundle that needs one (serac bundles compiled with a scope
+ * model); such a bundle is refused without it (`AMEND_ERR_SCOPE_MODEL`).
+ *
+ * Lifetime: the session keeps its own reference, so `scope` may be freed right after this
+ * call; the reference is dropped when the session is freed or given another scope model.
+ * The same handle may be given to any number of sessions.
+ *
+ * Replacing or removing it is refused while an active bundle needs it
+ * (`AMEND_ERR_SCOPE_MODEL` / `AMEND_ERR_SCOPE_MODEL_MISMATCH`); the session keeps its scope
+ * model then. Roll such bundles back first.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT` (`session`), `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
+ * `AMEND_ERR_SCOPE_MODEL`, `AMEND_ERR_SCOPE_MODEL_MISMATCH`.
+ */
+enum amend_result amend_session_set_scope_model(struct amend_session *session,
+                                                const struct amend_scope_model *scope);
 
 /**
  * Shares anti-rollback state with every process using the same file: the version store at

@@ -1,6 +1,6 @@
 //! Writes the signed test bundles the C, Python and Java tests load:
 //!
-//! make_test_bundles MODEL.gguf OUT_DIR
+//! make_test_bundles MODEL.gguf OUT_DIR [SCOPE_MODEL.gguf]
 //!
 //! - `key.pub`: the trusting public key (64 hex digits) and `key.raw` (32 bytes)
 //! - `good.amend`: one GRACE codebook edit (`e-paris`), bound to MODEL
@@ -9,8 +9,19 @@
 //! - `lora.amend`: a low-rank delta on the last layer's FFN down-projection (`e-lora`), large
 //!   enough to change what greedy generation produces: tests compare the tokens generated with
 //!   it active through C, Python and Java against the Rust API's.
+//!
+//! With SCOPE_MODEL (the scope model, e.g. ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf):
+//!
+//! - `serac.amend`: two serac edits (`s-france`: "The capital of France is" -> " Berlin",
+//!   `s-japan`) whose memory routes with SCOPE_MODEL, compiled as `amend compile --method serac`
+//!   does (~15 s): activating it needs that scope model
+//! - `scope-other.gguf`: a copy of SCOPE_MODEL with one weight changed: it loads, but its
+//!   fingerprint differs, so `serac.amend` is refused with it (AMEND_ERR_SCOPE_MODEL_MISMATCH)
 
 use std::path::PathBuf;
+
+#[path = "../tests/common/serac.rs"]
+mod serac;
 
 use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
 use amend_edits::ed25519_dalek::SigningKey;
@@ -104,8 +115,10 @@ fn builder(id: &str, model: ModelBinding) -> BundleBuilder {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [model, out] = args.as_slice() else {
-        return Err("usage: make_test_bundles MODEL.gguf OUT_DIR".into());
+    let (model, out, scope) = match args.as_slice() {
+        [model, out] => (model, out, None),
+        [model, out, scope] => (model, out, Some(PathBuf::from(scope))),
+        _ => return Err("usage: make_test_bundles MODEL.gguf OUT_DIR [SCOPE_MODEL.gguf]".into()),
     };
     let n_ff = amend_runtime::Model::open(model, amend_runtime::ModelOptions::default())?
         .info()
@@ -132,6 +145,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("lora.amend"), lora.as_slice())?;
     let untrusted = builder("test-untrusted", binding).build_signed(&stranger)?;
     std::fs::write(out.join("untrusted.amend"), untrusted.as_slice())?;
+    if let Some(scope) = scope {
+        let bundle = serac::compile_serac(model.as_ref(), &scope, &key, "test-serac")?;
+        std::fs::write(out.join("serac.amend"), bundle)?;
+        serac::modified_copy(&scope, &out.join("scope-other.gguf"))?;
+    }
     println!("{}", out.display());
     Ok(())
 }

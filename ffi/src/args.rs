@@ -156,6 +156,35 @@ pub unsafe fn write_str(
     Ok(())
 }
 
+/// A file path given as `len` bytes (no NUL needed). On unix any bytes but NUL are a valid
+/// path, so a path that is not UTF-8 can be opened; elsewhere it must be UTF-8.
+///
+/// # Safety
+/// As for [`bytes`].
+pub unsafe fn path_bytes(p: *const u8, len: usize, arg: &str) -> FfiResult<std::path::PathBuf> {
+    if p.is_null() {
+        return Err(FfiError::null(arg));
+    }
+    // SAFETY: forwarded contract.
+    let b = unsafe { bytes(p, len, arg)? };
+    if b.is_empty() || b.contains(&0) {
+        return Err(FfiError::new(
+            amend_result::AMEND_ERR_INVALID_ARGUMENT,
+            format!("{arg} is empty or contains a NUL byte"),
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b)))
+    }
+    #[cfg(not(unix))]
+    {
+        let s = std::str::from_utf8(b).map_err(|e| utf8_error(arg, e.valid_up_to()))?;
+        Ok(std::path::PathBuf::from(s))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,33 +223,5 @@ mod tests {
             write_str("hello", buf.as_mut_ptr(), 6, std::ptr::null_mut()).unwrap();
             assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), "hello");
         }
-    }
-}
-
-/// A file path given as `len` bytes (no NUL needed). On unix any bytes but NUL are a valid
-/// path, so a path that is not UTF-8 can be opened; elsewhere it must be UTF-8.
-///
-/// # Safety
-/// As for [`bytes`].
-pub unsafe fn path_bytes(p: *const u8, len: usize, arg: &str) -> FfiResult<std::path::PathBuf> {
-    if p.is_null() {
-        return Err(FfiError::null(arg));
-    }
-    let b = unsafe { bytes(p, len, arg)? };
-    if b.is_empty() || b.contains(&0) {
-        return Err(FfiError::new(
-            amend_result::AMEND_ERR_INVALID_ARGUMENT,
-            format!("{arg} is empty or contains a NUL byte"),
-        ));
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        Ok(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b)))
-    }
-    #[cfg(not(unix))]
-    {
-        let s = std::str::from_utf8(b).map_err(|e| utf8_error(arg, e.valid_up_to()))?;
-        Ok(std::path::PathBuf::from(s))
     }
 }

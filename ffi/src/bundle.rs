@@ -143,8 +143,8 @@ pub extern "C" fn amend_bundle_load_file_bytes(
     out: *mut *mut amend_bundle,
 ) -> amend_result {
     guard("amend_bundle_load_file_bytes", || {
-        args::need_out(out, "out")?;
-        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
+        unsafe { args::clear_out(out, "out")? };
         let trust = handle::get::<TrustObj, _>(trust, TRUST, "trust")?;
         let model = handle::get::<ModelObj, _>(model, MODEL, "model")?;
         let path = unsafe { args::path_bytes(path, path_len, "path")? };

@@ -28,6 +28,24 @@ impl From<RuntimeError> for FfiError {
             RuntimeError::LayerOutOfRange { .. }
             | RuntimeError::SiteUnavailable { .. }
             | RuntimeError::InvalidEdit(_) => R::AMEND_ERR_EDIT_INVALID,
+            RuntimeError::ScopeModelInvalid { .. } => R::AMEND_ERR_SCOPE_MODEL,
+            // The runtime's message names its Rust/CLI knobs; C callers get theirs.
+            RuntimeError::ScopeModelMissing {
+                bundle,
+                model_id,
+                fingerprint,
+            } => {
+                return FfiError::new(
+                    R::AMEND_ERR_SCOPE_MODEL,
+                    format!(
+                        "bundle {bundle} routes its memories with the scope model {fingerprint} \
+                         ({model_id}), but the session has none (open it with \
+                         amend_scope_model_open, give it with amend_session_set_scope_model); \
+                         nothing of the bundle was applied"
+                    ),
+                )
+            }
+            RuntimeError::ScopeModelMismatch { .. } => R::AMEND_ERR_SCOPE_MODEL_MISMATCH,
             // Decode failures, hook failures, KV and logits bookkeeping: evaluation failed.
             _ => R::AMEND_ERR_DECODE,
         };

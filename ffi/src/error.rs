@@ -125,6 +125,14 @@ result_codes! {
         AMEND_ERR_BUNDLE_TRUNCATED = 312,
         /// A bundle stream continued past the length its header declares.
         AMEND_ERR_BUNDLE_TOO_LONG = 313,
+        /// A scope model is needed and not usable: the bundle's memories route with one and the
+        /// session has none (`amend_session_set_scope_model`), or the file given to
+        /// `amend_scope_model_open` is missing, not a regular file, corrupt or not a `bert`
+        /// encoder. Nothing of the bundle was applied.
+        AMEND_ERR_SCOPE_MODEL = 314,
+        /// The bundle was compiled against another scope model (its recorded fingerprint differs
+        /// from the session's scope model). Nothing of the bundle was applied.
+        AMEND_ERR_SCOPE_MODEL_MISMATCH = 315,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod types;
 mod bundle;
 mod convert;
 mod model;
+mod scope;
 mod session;
 mod verify_stream;
 
@@ -26,6 +27,7 @@ use std::ffi::c_char;
 pub use bundle::*;
 pub use error::amend_result;
 pub use model::*;
+pub use scope::*;
 pub use session::*;
 pub use types::*;
 pub use verify_stream::*;

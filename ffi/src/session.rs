@@ -168,7 +168,10 @@ pub extern "C" fn amend_session_free(session: *mut amend_session) {
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
 /// `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
 /// active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
-/// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model).
+/// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
+/// (its memories route with a scope model and the session has none: see
+/// `amend_session_set_scope_model`), `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled against
+/// another scope model). On every error nothing of the bundle is applied.
 #[no_mangle]
 pub extern "C" fn amend_session_activate(
     session: *mut amend_session,
@@ -178,6 +181,9 @@ pub extern "C" fn amend_session_activate(
         let s = self::session(session)?;
         let b = handle::get::<BundleObj, _>(bundle, BUNDLE, "bundle")?;
         let mut state = s.lock()?;
+        // A bundle whose memories need a scope model the session lacks (or has another one of)
+        // is refused whole, before anything of it reaches the edit set.
+        amend_runtime::check_scope_model(&b.bundle, state.session.scope_model().map(|m| &**m))?;
         let set = match &state.edits {
             Some(set) => set.clone(),
             None => {
@@ -189,6 +195,50 @@ pub extern "C" fn amend_session_activate(
             }
         };
         set.add(b.bundle.clone(), AddOptions::default())?;
+        Ok(())
+    })
+}
+
+/// Gives `session` the scope model its bundles' memories route with (`scope` NULL: none).
+/// Set it before activating a bundle that needs one (serac bundles compiled with a scope
+/// model); such a bundle is refused without it (`AMEND_ERR_SCOPE_MODEL`).
+///
+/// Lifetime: the session keeps its own reference, so `scope` may be freed right after this
+/// call; the reference is dropped when the session is freed or given another scope model.
+/// The same handle may be given to any number of sessions.
+///
+/// Replacing or removing it is refused while an active bundle needs it
+/// (`AMEND_ERR_SCOPE_MODEL` / `AMEND_ERR_SCOPE_MODEL_MISMATCH`); the session keeps its scope
+/// model then. Roll such bundles back first.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT` (`session`), `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
+/// `AMEND_ERR_SCOPE_MODEL`, `AMEND_ERR_SCOPE_MODEL_MISMATCH`.
+#[no_mangle]
+pub extern "C" fn amend_session_set_scope_model(
+    session: *mut amend_session,
+    scope: *const amend_scope_model,
+) -> amend_result {
+    guard("amend_session_set_scope_model", || {
+        let s = self::session(session)?;
+        let scope = if scope.is_null() {
+            None
+        } else {
+            Some(crate::scope::scope_model(scope)?.scope.clone())
+        };
+        let mut state = s.lock()?;
+        if let Some(set) = &state.edits {
+            for ab in &set.snapshot().bundles {
+                amend_runtime::check_scope_model(&ab.bundle, scope.as_deref()).map_err(|e| {
+                    let mut err = FfiError::from(e);
+                    err.message = format!(
+                        "the session keeps its scope model: an active bundle needs it ({})",
+                        err.message
+                    );
+                    err
+                })?;
+            }
+        }
+        state.session.set_scope_model(scope)?;
         Ok(())
     })
 }
@@ -210,6 +260,7 @@ pub extern "C" fn amend_session_set_state_file(
 ) -> amend_result {
     guard("amend_session_set_state_file", || {
         let s = self::session(session)?;
+        // SAFETY: `path` is NULL or valid for `path_len` bytes as the header documents.
         let path = unsafe { args::path_bytes(path, path_len, "path")? };
         let mut state = s.lock()?;
         if state.edits.is_some() {

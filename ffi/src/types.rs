@@ -16,6 +16,19 @@ pub struct amend_model {
     _private: [u8; 0],
 }
 
+/// The scope model that routes retrieval memories (all-MiniLM-L6-v2 as a `bert` GGUF, see
+/// `amend scope-model convert`): serac bundles record its fingerprint and need it to activate.
+///
+/// Lifetime: created by `amend_scope_model_open` / `amend_scope_model_open_bytes`, freed by
+/// `amend_scope_model_free`. Sessions that were given it (`amend_session_set_scope_model`) keep
+/// it alive, so it may be freed while they are still open.
+///
+/// Thread rules: immutable after loading; may be shared by any number of threads and sessions
+/// (its encodes are serialized inside).
+pub struct amend_scope_model {
+    _private: [u8; 0],
+}
+
 /// A set of trusted ed25519 public keys that bundles must be signed by.
 ///
 /// Thread rules: immutable after creation; may be shared by any number of threads.

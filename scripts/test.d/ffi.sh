@@ -35,6 +35,16 @@ if [ ! -f "$MODEL" ]; then
   have_model=0
 fi
 export AMEND_MODEL="$MODEL"
+# The scope model serac bundles route with (scripts/fetch-scope-model.sh); its tests skip without it.
+SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$HOME/.cache/amend/all-minilm-l6-v2-q8_0.gguf}"
+scope_args=()
+if [ -f "$SCOPE_MODEL" ]; then
+  export AMEND_SCOPE_MODEL="$SCOPE_MODEL"
+  scope_args=("$SCOPE_MODEL")
+else
+  [ "${AMEND_REQUIRE_MODEL:-0}" = 1 ] && fail "scope model $SCOPE_MODEL missing (AMEND_REQUIRE_MODEL=1)"
+  echo "ffi: scope model $SCOPE_MODEL missing: scope-model tests skipped"
+fi
 
 # 1. Build both libraries and pin the native libraries a static link needs (as rustls-ffi's
 #    static_libs test): a new one must be added to amend.pc.in and amendConfig.cmake.
@@ -54,7 +64,7 @@ LIBSO="$TARGET_DIR/release/libamend.so"
 cargo build --release -p amend-ffi --examples >/dev/null 2>&1 || fail "building ffi examples"
 export AMEND_REFERENCE_BIN="$TARGET_DIR/release/examples/reference"
 if [ $have_model = 1 ]; then
-  "$TARGET_DIR/release/examples/make_test_bundles" "$MODEL" "$WORK/bundles" >/dev/null
+  "$TARGET_DIR/release/examples/make_test_bundles" "$MODEL" "$WORK/bundles" "${scope_args[@]}" >/dev/null
   export AMEND_TEST_BUNDLES="$WORK/bundles"
 fi
 

@@ -137,6 +137,33 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
     return J(m);
 }
 
+/* The path goes through amend_scope_model_open_bytes: its exact bytes, UTF-8 or not. */
+JNIEXPORT jlong JNICALL Java_dev_amend_Native_scopeModelOpen(JNIEnv *env, jclass c,
+                                                             jbyteArray path, jint n_threads) {
+    (void)c;
+    char *p = cstr_of(env, path, "path");
+    if (!p) return 0;
+    size_t n = (size_t)(*env)->GetArrayLength(env, path);
+    amend_scope_model *m = NULL;
+    amend_result r = amend_scope_model_open_bytes((const uint8_t *)p, n,
+                                                  (uint32_t)(n_threads < 0 ? 0 : n_threads), &m);
+    free(p);
+    check(env, r);
+    return J(m);
+}
+
+JNIEXPORT void JNICALL Java_dev_amend_Native_scopeModelFree(JNIEnv *env, jclass c, jlong m) {
+    (void)env, (void)c;
+    amend_scope_model_free(H(m));
+}
+
+/* m == 0: no scope model. */
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionSetScopeModel(JNIEnv *env, jclass c, jlong s,
+                                                                  jlong m) {
+    (void)c;
+    check(env, amend_session_set_scope_model(H(s), H(m)));
+}
+
 JNIEXPORT void JNICALL Java_dev_amend_Native_modelFree(JNIEnv *env, jclass c, jlong m) {
     (void)env, (void)c;
     amend_model_free(H(m));

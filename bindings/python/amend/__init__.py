@@ -22,6 +22,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "Result",
+    "ScopeModel",
     "Score",
     "Session",
     "StopReason",
@@ -75,6 +76,8 @@ class Result(enum.IntEnum):
     ERR_BUNDLE_DOWNGRADE = 311
     ERR_BUNDLE_TRUNCATED = 312
     ERR_BUNDLE_TOO_LONG = 313
+    ERR_SCOPE_MODEL = 314
+    ERR_SCOPE_MODEL_MISMATCH = 315
 
 
 class StopReason(enum.IntEnum):
@@ -230,6 +233,10 @@ _SIGNATURES = {
     "amend_session_cancel": (_RES, [_P]),
     "amend_session_score": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_Score)]),
     "amend_session_explain": (_RES, [_P, _EXPLAIN_CB, _P]),
+    "amend_scope_model_open": (_RES, [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(_P)]),
+    "amend_scope_model_open_bytes": (_RES, [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(_P)]),
+    "amend_scope_model_free": (None, [_P]),
+    "amend_session_set_scope_model": (_RES, [_P, _P]),
 }
 
 
@@ -475,6 +482,25 @@ class EditActivity:
     n_checked: int
 
 
+class ScopeModel(_Handle):
+    """The scope model that routes retrieval memories: a `bert` GGUF such as
+    ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf (scripts/fetch-scope-model.sh). Open it once and
+    give it to every session that activates serac bundles (Session.set_scope_model); sessions
+    keep it alive, so it may be closed while they are open. Thread-safe.
+
+    A file that is missing, not a regular file, corrupt or not a `bert` encoder raises
+    AmendError with ERR_SCOPE_MODEL. `n_threads`: encoder threads, at most 512; 0 = all cores.
+    """
+
+    _free_name = "amend_scope_model_free"
+
+    def __init__(self, path, n_threads: int = 0):
+        raw = os.fsencode(path)  # bytes: any path the OS accepts, UTF-8 or not
+        out = ctypes.c_void_p()
+        _check(library().amend_scope_model_open_bytes(raw, len(raw), n_threads, ctypes.byref(out)))
+        super().__init__(out.value)
+
+
 class Session(_Handle):
     """A context window plus active edits. One thread at a time; cancel() from any thread."""
 
@@ -605,7 +631,15 @@ class Session(_Handle):
         return Score(s.n_target_tokens, s.logprob_sum, s.logprob_mean, s.n_argmax_match)
 
     def activate(self, bundle: Bundle) -> None:
+        """Raises ERR_SCOPE_MODEL / ERR_SCOPE_MODEL_MISMATCH for a bundle whose memories need a
+        scope model the session lacks / has another one of; nothing of it is applied then."""
         _check(library().amend_session_activate(self, bundle))
+
+    def set_scope_model(self, scope: Optional[ScopeModel]) -> None:
+        """The scope model this session's bundles route their memories with (None: none). Set it
+        before activating such a bundle. Refused (ERR_SCOPE_MODEL / ERR_SCOPE_MODEL_MISMATCH)
+        while an active bundle needs the current one."""
+        _check(library().amend_session_set_scope_model(self, scope))
 
     def rollback_bundle(self, bundle_id: str) -> None:
         _check(library().amend_session_rollback_bundle(self, bundle_id.encode()))

@@ -6,7 +6,8 @@
  * crash, and nothing may leak.
  *
  * Usage: misuse [MODEL.gguf [BUNDLE_DIR]]   (without a model, only the model-free tests run;
- * BUNDLE_DIR is written by `cargo run --release -p amend-ffi --example make_test_bundles`)
+ * BUNDLE_DIR is written by `cargo run --release -p amend-ffi --example make_test_bundles`;
+ * the scope-model bundle tests also need AMEND_SCOPE_MODEL and BUNDLE_DIR/serac.amend)
  */
 #define _DEFAULT_SOURCE
 #include "amend.h"
@@ -167,6 +168,43 @@ static void test_missing_model(void) {
     /* Invalid UTF-8 in a path. */
     EXPECT(amend_model_open("/tmp/\xff\xfe.gguf", NULL, &model), AMEND_ERR_INVALID_UTF8,
            "UTF-8");
+}
+
+/* The scope model (issue 16): bad arguments and files, each with its specific code. */
+static void test_scope_model_misuse(void) {
+    amend_scope_model *scope = (amend_scope_model *)0x1;
+    EXPECT(amend_scope_model_open(NULL, 0, &scope), AMEND_ERR_NULL_ARGUMENT, "path");
+    CHECK(scope == NULL, "out not cleared on failure");
+    EXPECT(amend_scope_model_open("x.gguf", 0, NULL), AMEND_ERR_NULL_ARGUMENT, "out");
+    EXPECT(amend_scope_model_open_bytes(NULL, 5, 0, &scope), AMEND_ERR_NULL_ARGUMENT, "path");
+    EXPECT(amend_scope_model_open_bytes((const uint8_t *)"", 0, 0, &scope),
+           AMEND_ERR_INVALID_ARGUMENT, "empty");
+    EXPECT(amend_scope_model_open("/tmp/\xff\xfe.gguf", 0, &scope), AMEND_ERR_INVALID_UTF8,
+           "UTF-8");
+    EXPECT(amend_scope_model_open("/nonexistent/scope.gguf", 513, &scope),
+           AMEND_ERR_INVALID_ARGUMENT, "n_threads");
+    scope = (amend_scope_model *)0x1;
+    EXPECT(amend_scope_model_open("/nonexistent/scope.gguf", 0, &scope), AMEND_ERR_SCOPE_MODEL,
+           "not found");
+    CHECK(scope == NULL, "out not cleared on failure");
+    EXPECT(amend_scope_model_open("/tmp", 0, &scope), AMEND_ERR_SCOPE_MODEL, "/tmp");
+    char path[] = "/tmp/amend-misuse-scope-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp");
+    if (fd >= 0) {
+        CHECK(write(fd, "not a scope model, not even a GGUF", 34) == 34, "write");
+        close(fd);
+        EXPECT(amend_scope_model_open_bytes((const uint8_t *)path, strlen(path), 1, &scope),
+               AMEND_ERR_SCOPE_MODEL, "amend-misuse-scope");
+        unlink(path);
+    }
+    EXPECT(amend_session_set_scope_model(NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_set_scope_model((amend_session *)(uintptr_t)0x10, NULL),
+           AMEND_ERR_INVALID_HANDLE, "amend_session");
+    amend_scope_model_free(NULL);
+    CHECK(amend_last_error_code() == AMEND_OK, "free(NULL) set an error");
+    amend_scope_model_free((amend_scope_model *)(uintptr_t)0xdeadbeef0);
+    CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "free of a forged handle");
 }
 
 /* ---- tests with a real model ---------------------------------------------------------- */
@@ -519,17 +557,89 @@ static void test_bundles(const char *model_path, const char *dir) {
     amend_model_free(model);
 }
 
+static double score_of(amend_session *session, const char *prompt, const char *target) {
+    amend_score sc = {0};
+    EXPECT_OK(amend_session_score(session, prompt, strlen(prompt), target, strlen(target), &sc));
+    return sc.logprob_sum;
+}
+
+/* serac.amend and scope-other.gguf from `make_test_bundles MODEL DIR SCOPE_MODEL`; the right
+ * scope model from AMEND_SCOPE_MODEL. Skipped when any is absent. */
+static void test_scope_bundles(const char *model_path, const char *dir) {
+    char bundle_path[4096], other_path[4096];
+    const char *scope_path = getenv("AMEND_SCOPE_MODEL");
+    snprintf(bundle_path, sizeof bundle_path, "%s/serac.amend", dir);
+    snprintf(other_path, sizeof other_path, "%s/scope-other.gguf", dir);
+    if (!scope_path || access(scope_path, R_OK) != 0 || access(bundle_path, R_OK) != 0) {
+        printf("misuse: no scope model or serac.amend, scope-model bundle tests skipped\n");
+        return;
+    }
+    const char *prompt = "The capital of France is", *target = " Berlin";
+    char key_path[4096];
+    snprintf(key_path, sizeof key_path, "%s/key.raw", dir);
+    size_t key_len = 0;
+    uint8_t *key = read_file(key_path, &key_len);
+    CHECK(key && key_len == AMEND_PUBLIC_KEY_LEN, "key.raw");
+    amend_trust_store *trust = NULL;
+    amend_model *model = NULL;
+    amend_session *session = NULL;
+    amend_bundle *bundle = NULL;
+    if (key) EXPECT_OK(amend_trust_store_new(key, 1, &trust));
+    free(key);
+    EXPECT_OK(amend_model_open(model_path, NULL, &model));
+    amend_session_params sp = amend_session_default_params();
+    sp.n_ctx = 256;
+    EXPECT_OK(amend_session_open(model, &sp, &session));
+    EXPECT_OK(amend_bundle_load_file(trust, model, bundle_path, &bundle));
+    if (!session || !bundle) goto out;
+    double base = score_of(session, prompt, target);
+    size_t n = 99;
+    /* No scope model: refused whole. */
+    EXPECT(amend_session_activate(session, bundle), AMEND_ERR_SCOPE_MODEL, "test-serac");
+    EXPECT_OK(amend_session_active_bundle_count(session, &n));
+    CHECK(n == 0, "%zu bundles active after a refused activation", n);
+    CHECK(score_of(session, prompt, target) == base, "a refused bundle changed the score");
+    /* Another scope model: MISMATCH, refused whole. */
+    amend_scope_model *other = NULL, *right = NULL;
+    EXPECT_OK(amend_scope_model_open(other_path, 1, &other));
+    EXPECT_OK(amend_session_set_scope_model(session, other));
+    amend_scope_model_free(other); /* the session keeps it alive */
+    EXPECT(amend_session_activate(session, bundle), AMEND_ERR_SCOPE_MODEL_MISMATCH, "test-serac");
+    EXPECT_OK(amend_session_active_bundle_count(session, &n));
+    CHECK(n == 0, "%zu bundles active after a refused activation", n);
+    CHECK(score_of(session, prompt, target) == base, "a refused bundle changed the score");
+    /* A wrong-kind handle is not a scope model. */
+    EXPECT(amend_session_set_scope_model(session, (const amend_scope_model *)trust),
+           AMEND_ERR_INVALID_HANDLE, "amend_scope_model");
+    /* The right one: the prompt routes to the memory. */
+    EXPECT_OK(amend_scope_model_open(scope_path, 1, &right));
+    EXPECT_OK(amend_session_set_scope_model(session, right));
+    amend_scope_model_free(right);
+    EXPECT_OK(amend_session_activate(session, bundle));
+    double edited = score_of(session, prompt, target);
+    CHECK(edited > base + 1.0, "routed %f vs base %f", edited, base);
+    EXPECT(amend_session_set_scope_model(session, NULL), AMEND_ERR_SCOPE_MODEL, "test-serac");
+out:
+    amend_bundle_free(bundle);
+    amend_session_free(session);
+    amend_model_free(model);
+    amend_trust_store_free(trust);
+}
+
 int main(int argc, char **argv) {
     test_basics();
     test_null_everywhere();
     test_forged_handles();
     test_trust_store_lifecycle();
     test_missing_model();
+    test_scope_model_misuse();
     if (argc > 1) {
         test_with_model(argv[1]);
         test_session_outlives_model(argv[1]);
-        if (argc > 2) test_bundles(argv[1], argv[2]);
-        else printf("misuse: no bundle directory given, bundle tests skipped\n");
+        if (argc > 2) {
+            test_bundles(argv[1], argv[2]);
+            test_scope_bundles(argv[1], argv[2]);
+        } else printf("misuse: no bundle directory given, bundle tests skipped\n");
     } else {
         printf("misuse: no model given, model tests skipped\n");
     }

@@ -16,6 +16,11 @@ public struct AmendError: Error, CustomStringConvertible {
 
     static let cancelled: Int32 = 205
     static let busy: Int32 = 105
+    /// AMEND_ERR_SCOPE_MODEL: a bundle needs a scope model the session lacks, or the scope-model
+    /// file is missing, not a regular file, corrupt or not a `bert` encoder.
+    public static let scopeModel: Int32 = 314
+    /// AMEND_ERR_SCOPE_MODEL_MISMATCH: the bundle was compiled against another scope model.
+    public static let scopeModelMismatch: Int32 = 315
 }
 
 @inline(__always)
@@ -135,6 +140,28 @@ private func tokenTrampoline(
     return sink.onToken(token, piece)
 }
 
+/// The scope model that routes retrieval memories: a `bert` GGUF such as
+/// ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf (scripts/fetch-scope-model.sh). Open it once and
+/// give it to every session that activates serac bundles (`Session.setScopeModel`); sessions
+/// keep it alive, so it may be released while they are open. Immutable and Sendable.
+public final class ScopeModel: @unchecked Sendable {
+    let handle: OpaquePointer
+
+    /// Throws AmendError `scopeModel` (314) for a file that is missing, not a regular file,
+    /// corrupt or not a `bert` encoder. `threads`: at most 512; 0 = available parallelism.
+    public init(path: String, threads: UInt32 = 0) throws {
+        // The path's bytes through amend_scope_model_open_bytes (no NUL needed).
+        let bytes = Array(path.utf8)
+        var out: OpaquePointer? = nil
+        try bytes.withUnsafeBufferPointer { b in
+            try check(amend_scope_model_open_bytes(b.baseAddress, b.count, threads, &out))
+        }
+        handle = out!
+    }
+
+    deinit { amend_scope_model_free(handle) }
+}
+
 public final class Session: @unchecked Sendable {
     let handle: OpaquePointer
     let model: Model
@@ -150,7 +177,15 @@ public final class Session: @unchecked Sendable {
 
     deinit { amend_session_free(handle) }
 
+    /// Throws `scopeModel` / `scopeModelMismatch` for a bundle whose memories need a scope model
+    /// this session lacks / has another one of; nothing of it is applied then.
     public func activate(_ bundle: Bundle) throws { try check(amend_session_activate(handle, bundle.handle)) }
+    /// The scope model this session's bundles route their memories with (nil: none). Set it
+    /// before activating such a bundle; the session keeps it alive. Refused while an active
+    /// bundle needs the current one.
+    public func setScopeModel(_ scope: ScopeModel?) throws {
+        try check(amend_session_set_scope_model(handle, scope?.handle))
+    }
     public func rollback(bundleId: String) throws { try check(amend_session_rollback_bundle(handle, bundleId)) }
     public func rollback(editId: String) throws { try check(amend_session_rollback_edit(handle, editId)) }
 

@@ -16,6 +16,16 @@ final class AmendTests: XCTestCase {
         XCTAssertEqual(full, streamed)
     }
 
+    func testScopeModelMissingAndNotBertThrow() throws {
+        XCTAssertThrowsError(try ScopeModel(path: "/nonexistent-scope.gguf")) { error in
+            XCTAssertEqual((error as? AmendError)?.code, AmendError.scopeModel)
+        }
+        guard let path = ProcessInfo.processInfo.environment["AMEND_MODEL"] else { throw XCTSkip("AMEND_MODEL not set") }
+        XCTAssertThrowsError(try ScopeModel(path: path)) { error in
+            XCTAssertEqual((error as? AmendError)?.code, AmendError.scopeModel)
+        }
+    }
+
     func testMissingModelThrows() {
         XCTAssertThrowsError(try Model(path: "/nonexistent.gguf")) { error in
             XCTAssertEqual((error as? AmendError)?.code, 108)

@@ -29,6 +29,12 @@ final class Native {
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads);
     static native void modelFree(long model);
     static native String modelDescription(long model);
+
+    /** Through amend_scope_model_open_bytes: the path's exact bytes. */
+    static native long scopeModelOpen(byte[] path, int nThreads);
+    static native void scopeModelFree(long scope);
+    /** scope == 0: none. */
+    static native void sessionSetScopeModel(long session, long scope);
     /** n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_ctx_train, bos, eos. */
     static native int[] modelInfo(long model);
 

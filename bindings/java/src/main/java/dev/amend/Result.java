@@ -34,4 +34,6 @@ public final class Result {
     public static final int ERR_BUNDLE_DOWNGRADE = 311;
     public static final int ERR_BUNDLE_TRUNCATED = 312;
     public static final int ERR_BUNDLE_TOO_LONG = 313;
+    public static final int ERR_SCOPE_MODEL = 314;
+    public static final int ERR_SCOPE_MODEL_MISMATCH = 315;
 }

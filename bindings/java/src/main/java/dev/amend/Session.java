@@ -52,7 +52,21 @@ public final class Session implements AutoCloseable {
         return new Score(Native.sessionScore(handle, prompt.getBytes(StandardCharsets.UTF_8), target.getBytes(StandardCharsets.UTF_8)));
     }
 
+    /**
+     * Throws ERR_SCOPE_MODEL / ERR_SCOPE_MODEL_MISMATCH for a bundle whose memories need a scope
+     * model this session lacks / has another one of; nothing of it is applied then.
+     */
     public void activate(Bundle bundle) { Native.sessionActivate(handle, bundle.handle); }
+
+    /**
+     * The scope model this session's bundles route their memories with (null: none). Set it
+     * before activating such a bundle. The session keeps the model alive, so {@code scope} may be
+     * closed afterwards. Refused (ERR_SCOPE_MODEL / ERR_SCOPE_MODEL_MISMATCH) while an active
+     * bundle needs the current one.
+     */
+    public void setScopeModel(ScopeModel scope) {
+        Native.sessionSetScopeModel(handle, scope == null ? 0L : scope.handle);
+    }
     public void rollbackBundle(String bundleId) { Native.sessionRollbackBundle(handle, bundleId.getBytes(StandardCharsets.UTF_8)); }
     public void rollbackEdit(String editId) { Native.sessionRollbackEdit(handle, editId.getBytes(StandardCharsets.UTF_8)); }
     public List<String> activeBundles() { return Arrays.asList(Native.sessionActiveBundles(handle)); }

@@ -178,6 +178,36 @@ public final class AmendTest {
                         check(s.activeBundles().isEmpty(), "active after rollback");
                     }
                 });
+                String scope = System.getenv("AMEND_SCOPE_MODEL");
+                if (scope != null && Files.isRegularFile(Paths.get(bundles, "serac.amend"))) {
+                    test("scope model: a serac bundle needs its own", () -> {
+                        String france = "The capital of France is", berlin = " Berlin";
+                        double base = s.score(france, berlin).logprobSum;
+                        try (TrustStore trust = new TrustStore(Files.readAllBytes(Paths.get(bundles, "key.raw")));
+                             Bundle b = Bundle.loadFile(trust, m, Paths.get(bundles, "serac.amend").toString())) {
+                            AmendException e = expect(Result.ERR_SCOPE_MODEL, () -> s.activate(b));
+                            check(e.getMessage().contains("test-serac"), e.getMessage());
+                            check(s.activeBundles().isEmpty() && s.score(france, berlin).logprobSum == base, "applied without a scope model");
+                            try (ScopeModel other = new ScopeModel(Paths.get(bundles, "scope-other.gguf").toString(), 1)) {
+                                s.setScopeModel(other);
+                            }
+                            expect(Result.ERR_SCOPE_MODEL_MISMATCH, () -> s.activate(b));
+                            check(s.activeBundles().isEmpty() && s.score(france, berlin).logprobSum == base, "applied with another scope model");
+                            try (ScopeModel right = new ScopeModel(scope)) {
+                                s.setScopeModel(right);
+                            }
+                            s.activate(b);
+                            double edited = s.score(france, berlin).logprobSum;
+                            check(edited > base + 1.0, "routed " + edited + " vs base " + base);
+                            boolean fired = false;
+                            for (EditActivity a : s.explain()) fired |= a.family.equals("memory") && a.nFired >= 1;
+                            check(fired, "no memory fired: " + s.explain());
+                            expect(Result.ERR_SCOPE_MODEL, () -> s.setScopeModel(null));
+                            s.rollbackBundle("test-serac");
+                            s.setScopeModel(null);
+                        }
+                    });
+                }
                 if (reference != null) {
                     test("same tokens as the Rust API with a bundle applied", () -> {
                         String lora = Paths.get(bundles, "lora.amend").toString();
@@ -204,6 +234,24 @@ public final class AmendTest {
                 }
             }
         }
+        test("scope model: bad files and arguments", () -> {
+            Path dir = Files.createTempDirectory("amend-java-scope");
+            try {
+                AmendException e = expect(Result.ERR_SCOPE_MODEL, () -> new ScopeModel(dir.resolve("missing.gguf").toString()));
+                check(e.getMessage().contains("not found"), e.getMessage());
+                Path junk = dir.resolve("junk.gguf");
+                Files.write(junk, "not a gguf file at all".getBytes(StandardCharsets.UTF_8));
+                expect(Result.ERR_SCOPE_MODEL, () -> new ScopeModel(junk.toString()));
+                expect(Result.ERR_SCOPE_MODEL, () -> new ScopeModel(model));
+                expect(Result.ERR_INVALID_ARGUMENT, () -> new ScopeModel(junk.toString(), 513));
+                expect(Result.ERR_INVALID_ARGUMENT, () -> new ScopeModel(new byte[0], 0));
+                expect(Result.ERR_NULL_ARGUMENT, () -> Native.sessionSetScopeModel(0L, 0L));
+                expect(Result.ERR_INVALID_HANDLE, () -> Native.sessionSetScopeModel(0xdead0L, 0L));
+                Files.delete(junk);
+            } finally {
+                Files.delete(dir);
+            }
+        });
         test("use after close", () -> {
             Model m = new Model(model);
             Session s = new Session(m, 128, 0);
