@@ -78,7 +78,7 @@ pub enum RuntimeError {
     },
     #[error("scope model {} is not usable: {detail}", path.display())]
     ScopeModelInvalid { path: PathBuf, detail: String },
-    #[error("bundle {bundle} routes its memories with the scope model {fingerprint} ({model_id}), but no scope model is configured (pass its path: --scope-model, amend_session_params.scope_model_path); nothing of the bundle was applied")]
+    #[error("bundle {bundle} routes its memories with the scope model {fingerprint} ({model_id}), but no scope model is configured (CLI: --scope-model PATH; C: amend_scope_model_open + amend_session_set_scope_model; Rust: Session::set_scope_model); nothing of the bundle was applied")]
     ScopeModelMissing {
         bundle: String,
         model_id: String,
