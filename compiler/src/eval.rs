@@ -498,7 +498,8 @@ pub struct ProbeLocality {
 /// Drift of `variant` from the base model on `prompts`: each prompt's greedy continuation of
 /// `tokens` tokens on the base model is the answer; the base's and the variant's teacher-forced
 /// argmax tokens on it are compared as the Locality metric compares them (the variant's
-/// request routing included). Costs one short generation and two batches per prompt.
+/// request routing included). With `tokens == 1` (next-token agreement, what `amend compile`
+/// uses) that is two prompt batches per probe; more tokens add a decode each and a third batch.
 pub fn probe_locality(
     model: &Arc<Model>,
     prompts: &[&str],
@@ -525,7 +526,13 @@ pub fn probe_locality(
             answer: out.text,
             tokens: (model.tokenize(prompt, add_bos)?, out.tokens),
         };
-        let (pre, _) = score(&mut base, &pair)?;
+        // One greedy token is the argmax of the one batch teacher forcing would evaluate
+        // again: it is the reference as it is (one prefill saved per probe).
+        let pre = if pair.tokens.1.len() == 1 {
+            pair.tokens.1.clone()
+        } else {
+            score(&mut base, &pair)?.0
+        };
         let (post, _) = score(&mut edited, &pair)?;
         scores.push((prompt.to_string(), agreement(&pre, &post)));
     }
