@@ -138,6 +138,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("--auto-records must be at least 1");
         }
     }
+    if !(0.0..=100.0).contains(&args.min_probe_locality) {
+        bail!("--min-probe-locality must be a percentage in 0..=100");
+    }
+    if !(args.checkpoint_every.is_finite() && args.checkpoint_every >= 0.0) {
+        bail!("--checkpoint-every must be a number of seconds >= 0");
+    }
     let key_bytes =
         amend_edits::fsutil::read_regular(&args.key, amend_edits::fsutil::MAX_KEY_FILE_LEN)
             .with_context(|| "--key")?;
@@ -267,9 +273,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 key.clone(),
             ),
         };
-        if !(args.checkpoint_every >= 0.0) {
-            bail!("--checkpoint-every must be a number of seconds >= 0");
-        }
         ckpt.interval = std::time::Duration::from_secs_f64(args.checkpoint_every);
         ckpt.stop_after = args.test_stop_after;
         compiler.checkpoint = Some(ckpt);
@@ -437,9 +440,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.no_drift_check {
         println!("drift check: skipped (--no-drift-check)");
     } else {
-        if !(0.0..=100.0).contains(&args.min_probe_locality) {
-            bail!("--min-probe-locality must be a percentage in 0..=100");
-        }
         let drift = drift_check(&compiler, verified, &trust, &records, base.as_ref(), &args)?;
         let pct = 100.0 * drift.agreement;
         println!(
