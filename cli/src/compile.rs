@@ -80,8 +80,8 @@ pub struct Args {
     allow_partial: bool,
     /// Least probe locality, in percent: the next-token (argmax) agreement of the edited model
     /// with the base model on the fixed drift probes (data/drift-probes.txt, 50 ordinary
-    /// prompts no edit is about; two prompt batches each, ~2 s on an idle core for
-    /// gemma3-270m). Below it the bundle is not written.
+    /// prompts no edit is about; two prompt batches each: about 9 s of one core for
+    /// gemma3-270m, more for larger models). Below it the bundle is not written.
     #[arg(long, default_value_t = 95.0, value_name = "PERCENT")]
     min_probe_locality: f64,
     /// Write the bundle even when its probe locality is below --min-probe-locality.

@@ -61,7 +61,6 @@ enum Command {
     /// and resumes from it when run again with the same inputs (--restart ignores it):
     /// grace, tpatcher, rome and lora per edit, memit per batch of memit.batch edits; serac
     /// (no training) keeps none.
-    #[command(verbatim_doc_comment)]
     Compile(compile::Args),
     /// Evaluate bundles with the KnowEdit metrics on the deployed model.
     Eval(eval::Args),

@@ -190,7 +190,7 @@ impl Checkpoint {
         let mut r = Reader {
             b: &body[MAGIC.len()..],
         };
-        let parse = |r: &mut Reader| -> Option<(Vec<Part>, u64, u64, BTreeMap<usize, Done>)> {
+        let parse = |r: &mut Reader| -> Option<Parsed> {
             let n_parts = r.u32()? as usize;
             if n_parts > 64 {
                 return None;
@@ -406,6 +406,9 @@ impl Checkpoint {
         w
     }
 }
+
+/// A parsed body: the stored parts, `created`, the record count and the finished edits.
+type Parsed = (Vec<Part>, u64, u64, BTreeMap<usize, Done>);
 
 /// A cursor over untrusted bytes: every read is checked against what is left.
 struct Reader<'a> {
