@@ -41,9 +41,16 @@ fn real_model() -> Option<PathBuf> {
 }
 
 fn amend(args: &[&str]) -> Output {
+    amend_with(args, &[])
+}
+
+/// `amend` with extra environment variables.
+fn amend_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_amend"))
         .args(args)
         .env_remove("AMEND_MODEL")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .envs(env.iter().copied())
         .output()
         .expect("the amend binary runs");
     eprintln!(
@@ -334,4 +341,276 @@ fn compile_refuses_bad_input_and_writes_nothing() {
     };
     compile(&model, "grace", &empty_target, &[], &["record 1", "target"]);
     compile(&model, "rome", &good, &["--layer", "99"], &["99", "18"]);
+}
+
+/// `amend compile` of `edits` to `out` with `key`, plus `extra`.
+fn compile_args<'a>(
+    model: &'a Path,
+    method: &'a str,
+    edits: &'a Path,
+    out: &'a Path,
+    key: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "compile",
+        "--model",
+        s(model),
+        "--method",
+        method,
+        "--edits",
+        s(edits),
+        "--out",
+        s(out),
+        "--key",
+        s(key),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The first `n` records of data/dev-edits.json, written to `path`.
+fn dev_edits(path: &Path, n: usize) {
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../data/dev-edits.json")).unwrap();
+    let some: Vec<_> = all.as_array().unwrap()[..n].to_vec();
+    std::fs::write(path, serde_json::to_vec(&some).unwrap()).unwrap();
+}
+
+/// Files in `dir` whose names start with `stem` (the bundle, its checkpoint, temporary files).
+fn files_of(dir: &Path, stem: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(stem))
+        .collect();
+    v.sort();
+    v
+}
+
+const EPOCH: (&str, &str) = ("SOURCE_DATE_EPOCH", "1700000000");
+
+/// A compile stopped after k edits resumes from OUT.ckpt and writes the bytes an uninterrupted
+/// compile writes; a checkpoint for other hyperparameters or edits is refused (and --restart
+/// replaces it).
+#[test]
+fn compile_resumes_from_its_checkpoint_byte_identical() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let dir = tmp().join("resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, _) = keypair("e2e-resume");
+    let edits = dir.join("three.json");
+    dev_edits(&edits, 3);
+    for (method, stop) in [("grace", "1"), ("rome", "2")] {
+        let full = dir.join(format!("{method}-full.amend"));
+        let part = dir.join(format!("{method}-part.amend"));
+        let ckpt = dir.join(format!("{method}-part.amend.ckpt"));
+        let base = ["--no-drift-check", "--allow-partial"];
+        let t = std::time::Instant::now();
+        let out = amend_with(
+            &compile_args(&model, method, &edits, &full, &key, &base),
+            &[EPOCH],
+        );
+        assert!(out.status.success());
+        let uninterrupted = t.elapsed().as_secs_f64();
+        assert!(
+            !dir.join(format!("{method}-full.amend.ckpt")).exists(),
+            "removed on success"
+        );
+
+        let stopped = amend_with(
+            &compile_args(
+                &model,
+                method,
+                &edits,
+                &part,
+                &key,
+                &[&base[..], &["--test-stop-after", stop]].concat(),
+            ),
+            &[EPOCH],
+        );
+        assert!(!stopped.status.success());
+        let err = String::from_utf8_lossy(&stopped.stderr);
+        assert!(
+            err.contains(&format!("stopped after {stop} of 3 edits")),
+            "{err}"
+        );
+        assert!(ckpt.exists() && !part.exists());
+        assert_eq!(
+            files_of(&dir, &format!("{method}-part")),
+            [format!("{method}-part.amend.ckpt")]
+        );
+
+        // Other hyperparameters, other edits: refused, naming what differs; nothing written.
+        let lr = format!("{method}.lr=0.123");
+        refused(
+            &compile_args(
+                &model,
+                method,
+                &edits,
+                &part,
+                &key,
+                &[&base[..], &["--set", &lr]].concat(),
+            ),
+            &["other hyperparameters", "--restart"],
+        );
+        let two = dir.join("two.json");
+        dev_edits(&two, 2);
+        refused(
+            &compile_args(&model, method, &two, &part, &key, &base),
+            &["other edits", "--restart"],
+        );
+        assert!(!part.exists());
+
+        let t = std::time::Instant::now();
+        let resumed = amend_with(
+            &compile_args(&model, method, &edits, &part, &key, &base),
+            &[EPOCH],
+        );
+        assert!(resumed.status.success());
+        let resumed_secs = t.elapsed().as_secs_f64();
+        let err = String::from_utf8_lossy(&resumed.stderr);
+        assert!(
+            err.contains(&format!("{stop}/3 edit(s) already done")),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&full).unwrap(),
+            std::fs::read(&part).unwrap(),
+            "{method}: the resumed bundle differs from the uninterrupted one"
+        );
+        assert!(
+            !ckpt.exists(),
+            "the checkpoint is removed once the bundle is written"
+        );
+        eprintln!("{method}: uninterrupted {uninterrupted:.1} s, resumed after {stop} edit(s) {resumed_secs:.1} s");
+    }
+
+    // --restart ignores (and replaces) a checkpoint for other edits.
+    let part = dir.join("grace-part.amend");
+    let stopped = amend(&compile_args(
+        &model,
+        "grace",
+        &edits,
+        &part,
+        &key,
+        &["--no-drift-check", "--test-stop-after", "1"],
+    ));
+    assert!(!stopped.status.success());
+    let one = dir.join("one.json");
+    dev_edits(&one, 1);
+    ok(&compile_args(
+        &model,
+        "grace",
+        &one,
+        &part,
+        &key,
+        &["--no-drift-check", "--restart"],
+    ));
+    assert!(part.exists() && !dir.join("grace-part.amend.ckpt").exists());
+}
+
+/// The compiler checks its own output before writing it: a bundle that fails that check (a
+/// byte flipped by a test hook) is refused, and neither it nor a temporary file is left.
+#[test]
+fn compile_self_check_failure_writes_nothing() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let dir = tmp().join("selfcheck");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, _) = keypair("e2e-selfcheck");
+    let edits = dir.join("one.json");
+    dev_edits(&edits, 1);
+    let out = dir.join("corrupt.amend");
+    refused(
+        &compile_args(
+            &model,
+            "grace",
+            &edits,
+            &out,
+            &key,
+            &["--test-corrupt-output"],
+        ),
+        &[
+            "the compiled bundle does not verify",
+            "sha256 mismatch",
+            "nothing was written",
+        ],
+    );
+    // Only the checkpoint of the (sound) training is left, for a rerun to resume from.
+    assert_eq!(files_of(&dir, "corrupt"), ["corrupt.amend.ckpt"]);
+}
+
+/// Edits that miss their target are named and the bundle is not written unless
+/// --allow-partial; a bundle that moves the model on the drift probes is refused unless
+/// --allow-drift; a good bundle passes with its probe figure printed.
+#[test]
+fn compile_refuses_partial_and_drifting_bundles() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let dir = tmp().join("guard");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, _) = keypair("e2e-guard");
+    let edits = dir.join("two.json");
+    dev_edits(&edits, 2);
+
+    // One Adam step does not reach the targets.
+    let partial = dir.join("partial.amend");
+    let args = compile_args(
+        &model,
+        "grace",
+        &edits,
+        &partial,
+        &key,
+        &["--set", "grace.steps=1", "--no-drift-check"],
+    );
+    refused(
+        &args,
+        &["do not reach their target", "dev-001", "--allow-partial"],
+    );
+    assert_eq!(files_of(&dir, "partial"), ["partial.amend.ckpt"]);
+    // The rerun resumes the kept edits (no training) and writes them.
+    let report = ok(&[&args[..], &["--allow-partial"]].concat());
+    assert!(report.contains("not reached: dev-001"), "{report}");
+    assert!(report.contains("2 edit(s) resumed"), "{report}");
+    assert_eq!(files_of(&dir, "partial"), ["partial.amend"]);
+
+    // A radius covering every key: the edit's value replaces the FFN output everywhere.
+    let one = dir.join("one.json");
+    dev_edits(&one, 1);
+    let drift = dir.join("drift.amend");
+    let args = compile_args(
+        &model,
+        "grace",
+        &one,
+        &drift,
+        &key,
+        &["--set", "grace.radius=2"],
+    );
+    refused(
+        &args,
+        &[
+            "moves the model on unrelated prompts",
+            "--min-probe-locality",
+            "--allow-drift",
+        ],
+    );
+    assert_eq!(files_of(&dir, "drift"), ["drift.amend.ckpt"]);
+    let report = ok(&[&args[..], &["--allow-drift"]].concat());
+    assert!(
+        report.contains("written anyway (--allow-drift)"),
+        "{report}"
+    );
+    assert!(drift.exists());
+
+    // The same edit with the default radius: within the default minimum.
+    let good = dir.join("good.amend");
+    let report = ok(&compile_args(&model, "grace", &one, &good, &key, &[]));
+    assert!(report.contains("probe locality: "), "{report}");
+    assert!(!report.contains("below the minimum"), "{report}");
+    assert_eq!(files_of(&dir, "good"), ["good.amend"]);
 }

@@ -5,12 +5,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+use std::sync::Arc;
+
+use amend_compiler::checkpoint::{self, Checkpoint, Part};
 use amend_compiler::dataset::{self, DataFormat};
+use amend_compiler::eval;
 use amend_compiler::locate::{self, TraceConfig};
 use amend_compiler::methods::median;
 use amend_compiler::{BundleIdentity, Compiler, Hparams, Method};
 use amend_edits::bundle::Bundle;
 use amend_edits::keys::{signing_key_from_file_bytes, TrustStore};
+use amend_edits::{AddOptions, EditSet};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,7 +45,8 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     auto_records: usize,
     /// llama.cpp threads for `--layer auto`'s tracing (default: all cores; 1 is much faster on
-    /// a machine other work keeps busy, where llama.cpp's thread pool spin-waits).
+    /// a machine other work keeps busy, where llama.cpp's thread pool spin-waits) and for the
+    /// drift probes (default 1).
     #[arg(long)]
     threads: Option<usize>,
     /// Compile on top of this bundle (signed by --key): the output is its next version.
@@ -69,6 +75,36 @@ pub struct Args {
     /// calibrates on them). Off by default: they are the test set (docs/eval.md).
     #[arg(long)]
     use_probes: bool,
+    /// Write the bundle even when some edits do not reach their target (they are named).
+    #[arg(long)]
+    allow_partial: bool,
+    /// Least probe locality, in percent: the next-token (argmax) agreement of the edited model
+    /// with the base model on the fixed drift probes (data/drift-probes.txt, 50 ordinary
+    /// prompts no edit is about; two prompt batches each: about 9 s of one core for
+    /// gemma3-270m, more for larger models). Below it the bundle is not written.
+    #[arg(long, default_value_t = 95.0, value_name = "PERCENT")]
+    min_probe_locality: f64,
+    /// Write the bundle even when its probe locality is below --min-probe-locality.
+    #[arg(long)]
+    allow_drift: bool,
+    /// Skip the drift probes (huge runs where the few seconds matter, or a check done apart).
+    #[arg(long)]
+    no_drift_check: bool,
+    /// Ignore (and replace) a checkpoint OUT.ckpt left by an interrupted compile instead of
+    /// resuming from it. A checkpoint written for other inputs (model, method,
+    /// hyperparameters, layer, edits, base bundle, bundle id) is refused without this.
+    #[arg(long)]
+    restart: bool,
+    /// Least seconds between two checkpoint writes (the finished edits are also kept when
+    /// the compile fails).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    checkpoint_every: f64,
+    /// Test hook: stop with an error once K edits are done, as a killed compile would.
+    #[arg(long, hide = true, value_name = "K")]
+    test_stop_after: Option<usize>,
+    /// Test hook: flip a byte of the signed bundle before the compiler's own check of it.
+    #[arg(long, hide = true)]
+    test_corrupt_output: bool,
 }
 
 /// `--layer`: an index or `auto`.
@@ -101,6 +137,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.auto_records == 0 {
             bail!("--auto-records must be at least 1");
         }
+    }
+    if !(0.0..=100.0).contains(&args.min_probe_locality) {
+        bail!("--min-probe-locality must be a percentage in 0..=100");
+    }
+    if !(args.checkpoint_every.is_finite() && args.checkpoint_every >= 0.0) {
+        bail!("--checkpoint-every must be a number of seconds >= 0");
     }
     let key_bytes =
         amend_edits::fsutil::read_regular(&args.key, amend_edits::fsutil::MAX_KEY_FILE_LEN)
@@ -173,17 +215,79 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         method.name()
     );
 
+    // The checkpoint: bound to everything that determines the bundle, signed with --key.
+    let identity_base = BundleIdentity {
+        bundle_id: args.bundle_id.clone(),
+        channel: args.channel.clone(),
+        version: None,
+        expires: u64::MAX,
+        created: None,
+    };
+    let ckpt_path = checkpoint::path_for(&args.out);
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let parts = checkpoint_parts(
+        &compiler,
+        method,
+        &hp,
+        layer,
+        &records,
+        base.as_ref().map(|b| b.bytes()),
+        &identity_base,
+    )?;
+    let stored = if method.checkpoints().is_none() || args.restart {
+        None
+    } else {
+        Checkpoint::load(&ckpt_path, &parts, &ids, &key)?
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Reproducible output: SOURCE_DATE_EPOCH, else the interrupted run's time, else now.
+    let created = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => Some(
+            v.trim()
+                .parse::<u64>()
+                .context("SOURCE_DATE_EPOCH: not a number of seconds")?,
+        ),
+        Err(_) => None,
+    }
+    .or(stored.as_ref().map(|c| c.created))
+    .unwrap_or(now);
+    if method.checkpoints().is_some() {
+        let mut ckpt = match stored {
+            Some(c) => {
+                eprintln!(
+                    "resuming from {}: {}/{} edit(s) already done",
+                    ckpt_path.display(),
+                    c.len(),
+                    records.len()
+                );
+                c
+            }
+            None => Checkpoint::new(
+                ckpt_path.clone(),
+                parts,
+                created,
+                records.len(),
+                key.clone(),
+            ),
+        };
+        ckpt.interval = std::time::Duration::from_secs_f64(args.checkpoint_every);
+        ckpt.stop_after = args.test_stop_after;
+        compiler.checkpoint = Some(ckpt);
+    }
+
     // Without a terminal (CI, a log file, nohup) the bar draws nothing: print one log line per
     // finished edit instead.
     let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (n_records, mut n_done) = (records.len(), 0usize);
     let bar = crate::progress_bar(records.len() as u64, "edits");
     let identity = BundleIdentity {
-        bundle_id: args.bundle_id.clone(),
-        channel: args.channel.clone(),
-        version: None,
-        expires: u64::MAX,
+        created: Some(created),
+        ..identity_base
     };
+    let t_compile = Instant::now();
     let out = compiler.compile(
         method,
         &records,
@@ -209,21 +313,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     bar.finish_and_clear();
-    let out = out?;
+    let compile_secs = t_compile.elapsed().as_secs_f64();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            // Keep what finished: the same command resumes after it.
+            if let Some(c) = compiler.checkpoint.as_mut() {
+                if !c.is_empty() && !matches!(e, amend_compiler::CompileError::Interrupted { .. }) {
+                    match c.flush() {
+                        Ok(()) => eprintln!(
+                            "{}/{} edit(s) finished are kept in {}: run the same command again to resume",
+                            c.len(),
+                            n_records,
+                            c.path().display()
+                        ),
+                        Err(fe) => eprintln!("could not keep the finished edits: {fe}"),
+                    }
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    // Everything is trained: keep it all, so a refusal below (--allow-partial, --allow-drift)
+    // costs a rerun no training.
+    if let Some(c) = compiler.checkpoint.as_mut() {
+        c.flush()?;
+    }
 
-    let bytes = out
+    let mut bytes = out
         .builder
         .build_signed(&key)
         .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+    if args.test_corrupt_output {
+        let n = bytes.len();
+        bytes.as_mut_slice()[n / 2] ^= 0x40;
+    }
     // The compiler checks its own output with the reader every device uses, before writing:
     // a bundle that no verifier accepts is never signed onto disk.
-    Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
+    let verified = Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
         anyhow::anyhow!(
             "the compiled bundle does not verify ({e}); nothing was written to {}",
             args.out.display()
         )
     })?;
-    write_atomic(&args.out, bytes.as_slice())?;
     if let Some(sc) = out.calibration.as_ref().and_then(|c| c.scope.as_ref()) {
         println!(
             "serac scope model: subject threshold {:.4}, relation threshold {:.4}, pooled floor {:.2}: {}/{} synthesized hard negatives rejected{}",
@@ -245,38 +377,216 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if cal.separable { "" } else { " (not separable: accuracy-maximizing threshold)" }
         );
     }
-    if let Some(lora) = &out.gguf_lora {
-        let p = args.out.with_extension("lora.gguf");
-        write_atomic(&p, lora)?;
-        println!("wrote {} (GGUF-LoRA for llama.cpp)", p.display());
-    }
 
     let times: Vec<f64> = out.reports.iter().map(|r| r.seconds).collect();
     let losses: Vec<f64> = out.reports.iter().map(|r| r.loss as f64).collect();
-    let ok = out.reports.iter().filter(|r| r.success).count();
+    let missed: Vec<&str> = out
+        .reports
+        .iter()
+        .filter(|r| !r.success)
+        .map(|r| r.id.as_str())
+        .collect();
     println!(
-        "wrote {} ({} bytes): {} edit(s) with {}, {}/{} reach their target (teacher-forced, compiler forward)",
-        args.out.display(),
-        bytes.len(),
+        "compiled {} edit(s) with {}, {}/{} reach their target (teacher-forced, compiler forward)",
         out.reports.len(),
         method.name(),
-        ok,
+        out.reports.len() - missed.len(),
         out.reports.len()
     );
     println!(
         "time per edit: median {:.2} s (total {:.1} s); final loss: median {:.3}, max {:.3}",
         median(&times),
-        times.iter().sum::<f64>(),
+        compile_secs,
         median(&losses),
         losses.iter().cloned().fold(0.0, f64::max)
     );
+    if let Some(c) = &compiler.checkpoint {
+        println!(
+            "checkpoint {}: {} edit(s) resumed, {} write(s) in {:.2} s",
+            c.path().display(),
+            c.resumed,
+            c.writes,
+            c.write_secs
+        );
+    }
     for r in out.reports.iter().filter(|r| !r.success) {
         println!(
             "  not reached: {} (loss {:.3} after {} steps)",
             r.id, r.loss, r.steps
         );
     }
+    let keep_note = || {
+        compiler.checkpoint.as_ref().map_or(String::new(), |c| {
+            format!(
+                "; the trained edits are kept in {}, so rerunning costs no training",
+                c.path().display()
+            )
+        })
+    };
+    if !missed.is_empty() && !args.allow_partial {
+        bail!(
+            "{} of {} edit(s) do not reach their target: {}; nothing was written to {} \
+             (raise the method's steps or lr with --set, drop those edits, or pass \
+             --allow-partial to write the bundle anyway{})",
+            missed.len(),
+            out.reports.len(),
+            name_some(&missed, 20),
+            args.out.display(),
+            keep_note()
+        );
+    }
+
+    // Drift: the new bundle through the runtime, on prompts no edit is about.
+    if args.no_drift_check {
+        println!("drift check: skipped (--no-drift-check)");
+    } else {
+        let drift = drift_check(&compiler, verified, &trust, &records, base.as_ref(), &args)?;
+        let pct = 100.0 * drift.agreement;
+        println!(
+            "probe locality: {pct:.1}% next-token agreement with the base model on {} drift \
+             probe(s) (minimum {:.1}%; {:.1} s)",
+            drift.probes, args.min_probe_locality, drift.seconds
+        );
+        for (p, a) in &drift.worst {
+            println!("  drifts: {p:?} ({:.0}% agreement)", 100.0 * a);
+        }
+        if pct < args.min_probe_locality {
+            if !args.allow_drift {
+                bail!(
+                    "the bundle moves the model on unrelated prompts: probe locality {pct:.1}% \
+                     is below --min-probe-locality {:.1}%; nothing was written to {} (pass \
+                     --allow-drift to write it anyway{})",
+                    args.min_probe_locality,
+                    args.out.display(),
+                    keep_note()
+                );
+            }
+            println!("  below the minimum: written anyway (--allow-drift)");
+        }
+    }
+
+    write_atomic(&args.out, bytes.as_slice())?;
+    if let Some(lora) = &out.gguf_lora {
+        let p = args.out.with_extension("lora.gguf");
+        write_atomic(&p, lora)?;
+        println!("wrote {} (GGUF-LoRA for llama.cpp)", p.display());
+    }
+    println!(
+        "wrote {} ({} bytes){}",
+        args.out.display(),
+        bytes.len(),
+        if missed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " with {} edit(s) that do not reach their target (--allow-partial)",
+                missed.len()
+            )
+        }
+    );
+    if let Some(c) = &compiler.checkpoint {
+        c.remove()
+            .with_context(|| format!("removing {}", c.path().display()))?;
+    }
     Ok(())
+}
+
+/// At most `n` of `ids`, then "and K more".
+fn name_some(ids: &[&str], n: usize) -> String {
+    let mut s = ids.iter().take(n).copied().collect::<Vec<_>>().join(", ");
+    if ids.len() > n {
+        s.push_str(&format!(" and {} more", ids.len() - n));
+    }
+    s
+}
+
+/// The named digests a checkpoint is bound to (see `amend_compiler::checkpoint`).
+fn checkpoint_parts(
+    compiler: &Compiler,
+    method: Method,
+    hp: &Hparams,
+    layer: Option<usize>,
+    records: &[dataset::EditRecord],
+    base: Option<&[u8]>,
+    identity: &BundleIdentity,
+) -> anyhow::Result<Vec<Part>> {
+    // The method's own section of the hyperparameters in effect (another section's values do
+    // not change this method's result).
+    let hp_value = toml::Value::try_from(hp).context("hyperparameters")?;
+    let section = hp_value
+        .get(method.name())
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| hp_value.to_string());
+    Ok(vec![
+        Part::new("model", &compiler.binding.fingerprint),
+        Part::new("method", method.name().as_bytes()),
+        Part::new("hyperparameters", section.as_bytes()),
+        Part::new("layer", format!("{layer:?}").as_bytes()),
+        Part::new("edits", &serde_json::to_vec(records)?),
+        Part::new("base bundle", base.unwrap_or(b"none")),
+        Part::new(
+            "bundle identity",
+            format!(
+                "{:?} {:?} {}",
+                identity.bundle_id, identity.channel, identity.expires
+            )
+            .as_bytes(),
+        ),
+    ])
+}
+
+/// The drift figure of `bundle` (verified, not yet written).
+struct Drift {
+    agreement: f64,
+    probes: usize,
+    worst: Vec<(String, f64)>,
+    seconds: f64,
+}
+
+/// Probe locality of `bundle` on the model the compiler holds: the fixed drift probes minus
+/// those about an edit (the new records' or the base bundle's), scored by
+/// `amend_compiler::eval::probe_locality` with the bundle in a live edit set.
+fn drift_check(
+    compiler: &Compiler,
+    bundle: Bundle,
+    trust: &TrustStore,
+    records: &[dataset::EditRecord],
+    base: Option<&Bundle>,
+    args: &Args,
+) -> anyhow::Result<Drift> {
+    let t0 = Instant::now();
+    let mut about = records.to_vec();
+    if let Some(b) = base {
+        about.extend(b.manifest().edits.iter().map(|e| dataset::EditRecord {
+            prompt: e.prompt.clone(),
+            ..Default::default()
+        }));
+    }
+    let probes = eval::drift_probes(&about);
+    let set = Arc::new(EditSet::new(compiler.binding.clone(), trust.clone()));
+    set.add(Arc::new(bundle), AddOptions::default())
+        .map_err(|e| anyhow::anyhow!("the compiled bundle does not load into an edit set: {e}"))?;
+    let scope = compiler.scope_model.clone();
+    let mut variant = eval::Variant::new("compiled", move |model, opts| {
+        let mut session = amend_runtime::Session::new(model, opts.clone())?;
+        session.set_scope_model(scope.clone())?;
+        session.set_edit_set(Some(set.clone()))?;
+        Ok(session)
+    });
+    // One thread unless --threads: these batches are small, and llama.cpp's spinning thread
+    // pool made them take ~1.6 s each on 2 busy cores (50 probes: 9 minutes instead of seconds).
+    let config = eval::EvalConfig {
+        n_threads: Some(args.threads.unwrap_or(1)),
+        ..Default::default()
+    };
+    let r = eval::probe_locality(&compiler.runtime, &probes, &mut variant, &config, 1)
+        .map_err(|e| anyhow::anyhow!("drift check: {e}"))?;
+    Ok(Drift {
+        agreement: r.agreement,
+        probes: r.probes,
+        worst: r.worst,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// `--layer auto`: the layer whose FFN output at the subject's last token restores the most of
@@ -319,4 +629,21 @@ fn auto_layer(
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     amend_edits::fsutil::write_atomic(path, bytes, None)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_some;
+
+    #[test]
+    fn long_id_lists_are_cut() {
+        assert_eq!(name_some(&["a", "b"], 20), "a, b");
+        let ids: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let s = name_some(&refs, 20);
+        assert!(
+            s.starts_with("e0, e1,") && s.ends_with("e19 and 5 more"),
+            "{s}"
+        );
+    }
 }

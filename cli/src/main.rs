@@ -54,6 +54,13 @@ enum Command {
     /// Describe a bundle (text or --json).
     Inspect(keys::InspectArgs),
     /// Compile edit requests into a bundle.
+    ///
+    /// Refuses to write a bundle with edits that do not reach their target (--allow-partial)
+    /// or that moves the model on unrelated probe prompts (--min-probe-locality,
+    /// --allow-drift, --no-drift-check). A long compile keeps its finished edits in OUT.ckpt
+    /// and resumes from it when run again with the same inputs (--restart ignores it):
+    /// grace, tpatcher, rome and lora per edit, memit per batch of memit.batch edits; serac
+    /// (no training) keeps none.
     Compile(compile::Args),
     /// Evaluate bundles with the KnowEdit metrics on the deployed model.
     Eval(eval::Args),

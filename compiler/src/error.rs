@@ -39,6 +39,14 @@ pub enum CompileError {
     Runtime(String),
     #[error("bundle: {0}")]
     Bundle(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("stopped after {done} of {total} edits; the finished ones are kept in {} (run the same command again to resume)", .path.display())]
+    Interrupted {
+        done: usize,
+        total: usize,
+        path: PathBuf,
+    },
     #[error("tensor computation failed: {0}")]
     Candle(String),
 }

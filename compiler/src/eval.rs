@@ -432,11 +432,7 @@ fn eval_record(
         Some(reference) => reference
             .iter()
             .zip(&loc_tokens)
-            .map(|(pre, post)| {
-                // A routed prompt can tokenize the answer differently: compare the overlap.
-                let n = pre.len().min(post.len());
-                metrics::locality_agreement(&pre[..n], &post[..n]).unwrap_or(0.0)
-            })
+            .map(|(pre, post)| agreement(pre, post))
             .collect(),
     };
     let locality = metrics::mean(per_probe.iter().copied());
@@ -473,6 +469,102 @@ fn eval_record(
         gen_text: out.text,
     };
     Ok((result, loc_tokens))
+}
+
+/// Locality of one pair: argmax agreement with the base model's (a routed prompt can tokenize
+/// the answer differently: the overlap is compared).
+fn agreement(pre: &[Token], post: &[Token]) -> f64 {
+    let n = pre.len().min(post.len());
+    metrics::locality_agreement(&pre[..n], &post[..n]).unwrap_or(0.0)
+}
+
+/// The fixed drift probes (`data/drift-probes.txt`): ordinary prompts unrelated to edits, one a
+/// line. `amend compile` measures how far a new bundle moves the model on them.
+pub const DRIFT_PROBES: &str = include_str!("../../data/drift-probes.txt");
+
+/// The drift probes that are about none of `records` (a probe containing an edit's subject or
+/// equal to its prompt, ignoring case, is the edit's business, not drift).
+pub fn drift_probes(records: &[EditRecord]) -> Vec<&'static str> {
+    let about: Vec<String> = records
+        .iter()
+        .flat_map(|r| [r.subject.clone().unwrap_or_default(), r.prompt.clone()])
+        .map(|t| t.trim().to_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    DRIFT_PROBES
+        .lines()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let l = p.to_lowercase();
+            !about.iter().any(|a| l.contains(a.as_str()) || a == &l)
+        })
+        .collect()
+}
+
+/// How far a variant drifts from the base model on prompts no edit is about.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeLocality {
+    /// Mean over the probes of [`metrics::locality_agreement`] (0..=1), the same figure as
+    /// the Locality metric, on each probe's base greedy continuation.
+    pub agreement: f64,
+    /// Probes scored (those whose base continuation is not empty).
+    pub probes: usize,
+    /// The probes that disagree, worst first (at most 5): prompt and agreement.
+    pub worst: Vec<(String, f64)>,
+}
+
+/// Drift of `variant` from the base model on `prompts`: each prompt's greedy continuation of
+/// `tokens` tokens on the base model is the answer; the base's and the variant's teacher-forced
+/// argmax tokens on it are compared as the Locality metric compares them (the variant's
+/// request routing included). With `tokens == 1` (next-token agreement, what `amend compile`
+/// uses) that is two prompt batches per probe; more tokens add a decode each and a third batch.
+pub fn probe_locality(
+    model: &Arc<Model>,
+    prompts: &[&str],
+    variant: &mut Variant,
+    config: &EvalConfig,
+    tokens: usize,
+) -> Result<ProbeLocality, EvalError> {
+    let opts = config.session_options();
+    let mut base = Session::new(model, opts.clone())?;
+    let mut edited = variant.session(model, &opts)?;
+    let add_bos = model.info().add_bos;
+    let params = GenerateParams {
+        add_bos,
+        ..GenerateParams::greedy(tokens)
+    };
+    let mut scores = Vec::with_capacity(prompts.len());
+    for &prompt in prompts {
+        let out = base.generate(prompt, &params, |_| ControlFlow::Continue(()))?;
+        if out.tokens.is_empty() {
+            continue;
+        }
+        let pair = Pair {
+            prompt: prompt.to_string(),
+            answer: out.text,
+            tokens: (model.tokenize(prompt, add_bos)?, out.tokens),
+        };
+        // One greedy token is the argmax of the one batch teacher forcing would evaluate
+        // again: it is the reference as it is (one prefill saved per probe).
+        let pre = if pair.tokens.1.len() == 1 {
+            pair.tokens.1.clone()
+        } else {
+            score(&mut base, &pair)?.0
+        };
+        let (post, _) = score(&mut edited, &pair)?;
+        scores.push((prompt.to_string(), agreement(&pre, &post)));
+    }
+    let agreement = metrics::mean(scores.iter().map(|s| s.1)).unwrap_or(1.0);
+    let probes = scores.len();
+    scores.retain(|s| s.1 < 1.0);
+    scores.sort_by(|a, b| a.1.total_cmp(&b.1));
+    scores.truncate(5);
+    Ok(ProbeLocality {
+        agreement,
+        probes,
+        worst: scores,
+    })
 }
 
 fn fmt_pct(v: Option<f64>) -> String {

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod locate;
 
 // The compiler: a differentiable forward of the GGUF model and the editing methods.
+pub mod checkpoint;
 pub mod error;
 pub mod forward;
 pub mod hparams;

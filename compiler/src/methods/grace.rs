@@ -12,6 +12,7 @@
 //!   shares the trained value).
 
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
+use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, Capture, Hooks, ReplaceRow};
@@ -59,7 +60,32 @@ pub(crate) fn compile(
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
-        let key = normalized(c.runtime_row(&p, HookPoint::new(layer as u32, Site::FfnInput))?);
+        // Resuming: the key and the trained value come from the checkpoint; the codebook
+        // update below replays exactly as it ran.
+        let stored = match c.resumed(i, &r.id) {
+            Some(d) if d.vecs.len() == 2 => {
+                let v = d.vecs_of(&[dim, dim])?;
+                let t = Trained {
+                    value: v[1].clone(),
+                    loss: d.loss,
+                    steps: d.steps as usize,
+                    success: d.success,
+                };
+                Some((v[0].clone(), Some(t)))
+            }
+            Some(d) => Some((d.vecs_of(&[dim])?[0].clone(), None)),
+            None => None,
+        };
+        let key = match &stored {
+            Some((k, _)) => k.clone(),
+            None => normalized(c.runtime_row(&p, HookPoint::new(layer as u32, Site::FfnInput))?),
+        };
+        let mut stored_t = stored.and_then(|s| s.1);
+        let mut train =
+            |c: &Compiler, report: &mut dyn FnMut(usize, f32, bool)| match stored_t.take() {
+                Some(t) => Ok(t),
+                None => train_value(c, &p, &a, layer, hp, report),
+            };
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
         let label = r.target_new.trim().to_string();
         let nearest = entries
@@ -81,7 +107,7 @@ pub(crate) fn compile(
             Some((j, d)) if d <= hp.radius + entries[j].radius && entries[j].label == label => {
                 // Same answer nearby: no conflict, so no split; GRACE would widen row j, but
                 // each edit needs its own row, so this one gets a trained row of its own.
-                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                let t = train(c, &mut report_step)?;
                 entries.push(Entry {
                     key: key.clone(),
                     value: t.value.clone(),
@@ -95,7 +121,7 @@ pub(crate) fn compile(
                 )
             }
             Some((j, d)) if d <= hp.radius + entries[j].radius => {
-                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                let t = train(c, &mut report_step)?;
                 entries[j].radius = d / 2.0;
                 entries.push(Entry {
                     key: key.clone(),
@@ -106,7 +132,7 @@ pub(crate) fn compile(
                 (format!("split with row {j}"), entries.len() - 1, Some(t))
             }
             _ => {
-                let t = train_value(c, &p, &a, layer, hp, &mut report_step)?;
+                let t = train(c, &mut report_step)?;
                 entries.push(Entry {
                     key: key.clone(),
                     value: t.value.clone(),
@@ -123,9 +149,21 @@ pub(crate) fn compile(
             target: r.target_new.clone(),
             row,
         });
-        let (loss, steps, success) =
-            trained.map_or((0.0, 0, true), |t| (t.loss, t.steps, t.success));
+        let (loss, steps, success) = trained
+            .as_ref()
+            .map_or((0.0, 0, true), |t| (t.loss, t.steps, t.success));
         report_step(steps, loss, true);
+        c.finished(i, || Done {
+            id: r.id.clone(),
+            loss,
+            steps: steps as u64,
+            success,
+            action: action.clone(),
+            vecs: match trained {
+                Some(t) => vec![key.clone(), t.value],
+                None => vec![key.clone()],
+            },
+        })?;
         reports.push(EditReport {
             id: r.id.clone(),
             loss,

@@ -6,6 +6,7 @@
 
 use super::rome::{base_deltas, entry, write_low_rank, LowRankDeltas, OwnedDelta};
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
+use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::Result;
 use crate::forward::{nll, Hooks, Proj};
@@ -67,6 +68,37 @@ pub(crate) fn compile(
     for (i, rec) in records.iter().enumerate() {
         let t0 = Instant::now();
         let mut report = edit_progress(progress, i, records.len(), &rec.id);
+        if let Some(d) = c.resumed(i, &rec.id) {
+            // Resuming: the edit's trained factors from the checkpoint.
+            let v = d.vecs_of(&[r * n_ff, n_embd * r])?;
+            let od = OwnedDelta {
+                name: name.clone(),
+                rank: r,
+                n_in: n_ff,
+                n_out: n_embd,
+                a: v[0].clone(),
+                b: v[1].clone(),
+                alpha: hp.alpha,
+            };
+            deltas.push(
+                layer,
+                Proj::Down,
+                Tensor::from_slice(&od.a, (r, n_ff), &dev)?,
+                Tensor::from_slice(&od.b, (n_embd, r), &dev)?,
+                hp.alpha / r as f32,
+            );
+            report(d.steps as usize, d.loss, true);
+            reports.push(EditReport {
+                id: rec.id.clone(),
+                loss: d.loss,
+                steps: d.steps as usize,
+                seconds: t0.elapsed().as_secs_f64(),
+                success: d.success,
+                action: d.action,
+            });
+            written.push((rec, layer, vec![od]));
+            continue;
+        }
         let (p, ans) = c.tokens(&rec.prompt, &rec.target_new)?;
         let last = p.len() - 1;
         let mut input = p.clone();
@@ -130,14 +162,23 @@ pub(crate) fn compile(
             hp.alpha / r as f32,
         );
         report(steps, best.0, true);
-        reports.push(EditReport {
+        let rep = EditReport {
             id: rec.id.clone(),
             loss: best.0,
             steps,
             seconds: t0.elapsed().as_secs_f64(),
             success: best.3,
             action: format!("rank-{r} LoRA on {name}"),
-        });
+        };
+        c.finished(i, || Done {
+            id: rep.id.clone(),
+            loss: rep.loss,
+            steps: rep.steps as u64,
+            success: rep.success,
+            action: rep.action.clone(),
+            vecs: vec![d.a.clone(), d.b.clone()],
+        })?;
+        reports.push(rep);
         written.push((rec, layer, vec![d]));
     }
     let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;

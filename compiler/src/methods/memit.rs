@@ -27,6 +27,7 @@ use super::rome::{
     subject_last, train_delta, write_low_rank, Covariance, LowRankDeltas, OwnedDelta,
 };
 use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
+use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, rms_norm, Hooks, Proj};
@@ -122,6 +123,9 @@ struct Pending<'r> {
     steps: usize,
     seconds: f64,
     deltas: Vec<OwnedDelta>,
+    /// Per layer of the window: the key, the update's direction and value (what a resumed
+    /// compile replays, see `crate::checkpoint`).
+    kept: Vec<Vec<f32>>,
 }
 
 /// Teacher-forced target NLL and success (every target token the argmax) with `deltas`.
@@ -169,6 +173,45 @@ pub(crate) fn compile(
     let total = records.len();
     for (chunk_no, chunk) in records.chunks(hp.batch).enumerate() {
         let first = chunk_no * hp.batch;
+        // Resuming: a batch whose edits are all in the checkpoint is replayed (the keys the
+        // covariances learned, then the updates, layer by layer as below); batches are solved
+        // together, so a batch is kept only once all of it is done.
+        let stored: Option<Vec<_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, r)| c.resumed(first + j, &r.id))
+            .collect();
+        if let Some(stored) = stored {
+            let (n_ff, n_embd) = (c.fwd.cfg.n_ff, c.fwd.cfg.n_embd);
+            let lens: Vec<usize> = layers.iter().flat_map(|_| [n_ff, n_ff, n_embd]).collect();
+            let vecs = stored
+                .iter()
+                .map(|d| d.vecs_of(&lens))
+                .collect::<Result<Vec<_>>>()?;
+            let mut made: Vec<Vec<OwnedDelta>> = vec![Vec::new(); stored.len()];
+            for (li, &l) in layers.iter().enumerate() {
+                for v in &vecs {
+                    covs[li].add(&v[3 * li], 1.0);
+                }
+                for (v, m) in vecs.iter().zip(made.iter_mut()) {
+                    let (dir, val) = (v[3 * li + 1].clone(), v[3 * li + 2].clone());
+                    m.push(push_rank_one(c, &mut deltas, l, dir, val)?);
+                }
+            }
+            for ((j, (r, d)), m) in chunk.iter().zip(&stored).enumerate().zip(made) {
+                edit_progress(progress, first + j, total, &r.id)(d.steps as usize, d.loss, true);
+                reports.push(EditReport {
+                    id: r.id.clone(),
+                    loss: d.loss,
+                    steps: d.steps as usize,
+                    seconds: 0.0,
+                    success: d.success,
+                    action: d.action.clone(),
+                });
+                written.push((r, top, m));
+            }
+            continue;
+        }
         // 1. Each edit's target residual at the top layer (v*, with the earlier chunks applied).
         let mut pending = Vec::with_capacity(chunk.len());
         for (j, r) in chunk.iter().enumerate() {
@@ -200,6 +243,7 @@ pub(crate) fn compile(
                 steps: t.steps,
                 seconds: t0.elapsed().as_secs_f64(),
                 deltas: Vec::with_capacity(layers.len()),
+                kept: Vec::with_capacity(3 * layers.len()),
             });
         }
         // 2. Spread the residuals over the window, lowest layer first.
@@ -220,12 +264,15 @@ pub(crate) fn compile(
             }
             // Solve against the whole batch's keys before applying any of the updates.
             let dirs: Vec<Vec<f32>> = keys.iter().map(|k| covs[li].solve(k)).collect();
-            for ((e, m), r) in pending.iter_mut().zip(dirs).zip(values) {
+            for (((e, m), r), k) in pending.iter_mut().zip(dirs).zip(values).zip(keys) {
                 if !m.iter().chain(&r).all(|x| x.is_finite()) {
                     return Err(CompileError::Hparams(format!(
                         "memit: non-finite update for {:?} at layer {l}; raise memit.cov_lambda",
                         e.record.id
                     )));
+                }
+                if c.checkpoint.is_some() {
+                    e.kept.extend([k, m.clone(), r.clone()]);
                 }
                 e.deltas.push(push_rank_one(c, &mut deltas, l, m, r)?);
             }
@@ -234,7 +281,7 @@ pub(crate) fn compile(
         for (j, e) in pending.into_iter().enumerate() {
             let (loss, success) = check(c, &e.prompt, &e.answer, &mut deltas)?;
             edit_progress(progress, first + j, total, &e.record.id)(e.steps, loss, true);
-            reports.push(EditReport {
+            let rep = EditReport {
                 id: e.record.id.clone(),
                 loss,
                 steps: e.steps,
@@ -246,7 +293,17 @@ pub(crate) fn compile(
                     e.subj,
                     chunk.len()
                 ),
-            });
+            };
+            let kept = e.kept;
+            c.finished(first + j, || Done {
+                id: rep.id.clone(),
+                loss: rep.loss,
+                steps: rep.steps as u64,
+                success: rep.success,
+                action: rep.action.clone(),
+                vecs: kept,
+            })?;
+            reports.push(rep);
             written.push((e.record, top, e.deltas));
         }
     }

@@ -15,6 +15,7 @@ pub mod tpatcher;
 
 pub use optim::Adam;
 
+use crate::checkpoint::{Checkpoint, Done};
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward;
@@ -45,6 +46,17 @@ impl Method {
         Method::Lora,
         Method::Serac,
     ];
+
+    /// How a compile with this method resumes from its checkpoint (`amend compile --help`):
+    /// `None` when it keeps none.
+    pub fn checkpoints(self) -> Option<&'static str> {
+        match self {
+            Method::Grace | Method::TPatcher | Method::Rome | Method::Lora => Some("per edit"),
+            Method::Memit => Some("per batch of memit.batch edits"),
+            // One embedding per edit and no training: redoing them costs less than keeping them.
+            Method::Serac => None,
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -164,6 +176,9 @@ pub struct BundleIdentity {
     pub version: Option<u64>,
     /// Unix seconds; `u64::MAX` = never.
     pub expires: u64,
+    /// The manifest's `created` (Unix seconds); `None` = now. Pinned for reproducible output
+    /// (`SOURCE_DATE_EPOCH`) and by a resumed compile (the interrupted run's).
+    pub created: Option<u64>,
 }
 
 impl Default for BundleIdentity {
@@ -173,6 +188,7 @@ impl Default for BundleIdentity {
             channel: "default".into(),
             version: None,
             expires: u64::MAX,
+            created: None,
         }
     }
 }
@@ -196,6 +212,9 @@ pub struct Compiler {
     pub model_path: PathBuf,
     /// The scope model serac's default memories route with (`amend compile --scope-model`).
     pub scope_model: Option<Arc<amend_runtime::ScopeModel>>,
+    /// Finished edits to resume from and keep (`amend compile` writes `OUT.ckpt`); see
+    /// [`crate::checkpoint`] and, per method, [`Method::checkpoints`].
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Compiler {
@@ -224,7 +243,21 @@ impl Compiler {
             binding,
             model_path: model_path.to_path_buf(),
             scope_model: None,
+            checkpoint: None,
         })
+    }
+
+    /// Edit `index` (`id`)'s stored result when this compile resumes a checkpoint.
+    pub(crate) fn resumed(&self, index: usize, id: &str) -> Option<Done> {
+        self.checkpoint.as_ref()?.get(index, id).cloned()
+    }
+
+    /// Keeps finished edit `index` in the checkpoint (`done` is built only when there is one).
+    pub(crate) fn finished(&mut self, index: usize, done: impl FnOnce() -> Done) -> Result<()> {
+        match self.checkpoint.as_mut() {
+            Some(c) => c.put(index, done()),
+            None => Ok(()),
+        }
     }
 
     /// Checks every record before any work, so a bad record fails the whole compilation and
@@ -351,10 +384,12 @@ impl Compiler {
         let channel = base
             .map(|b| b.manifest().channel.clone())
             .unwrap_or_else(|| identity.channel.clone());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = identity.created.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
         let meta = BundleMeta {
             bundle_id: identity.bundle_id.clone(),
             channel,

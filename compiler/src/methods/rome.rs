@@ -18,6 +18,7 @@
 //! edits roll back one by one; the GGUF-LoRA file concatenates them into one rank-n tensor.
 
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
+use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
@@ -683,6 +684,26 @@ pub(crate) fn compile(
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
+        if let Some(d) = c.resumed(i, &r.id) {
+            // Resuming: the rank-one update and the key the covariance learned, replayed.
+            let n_embd = c.fwd.cfg.n_embd;
+            let v = d.vecs_of(&[n_ff, n_embd, n_ff])?;
+            let dl = push_rank_one(c, &mut deltas, layer, v[0].clone(), v[1].clone())?;
+            if let Some(cv) = cov.as_mut() {
+                cv.add(&v[2], hp.preserve_weight);
+            }
+            report_step(d.steps as usize, d.loss, true);
+            reports.push(EditReport {
+                id: r.id.clone(),
+                loss: d.loss,
+                steps: d.steps as usize,
+                seconds: t0.elapsed().as_secs_f64(),
+                success: d.success,
+                action: d.action,
+            });
+            written.push((r, layer, vec![dl]));
+            continue;
+        }
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let subj = subject_last(c, r, &p)?;
         let k_star = averaged_key(c, r, layer, hp.context_prefixes, &mut deltas)?;
@@ -719,19 +740,29 @@ pub(crate) fn compile(
         }
         let u: Vec<f32> = (k_star / denom as f64)?.to_vec1()?;
         let d = push_rank_one(c, &mut deltas, layer, u, t.delta)?;
+        let k: Vec<f32> = k.to_vec1()?;
         if let Some(cv) = cov.as_mut() {
             // Later edits should leave this one's key alone.
-            cv.add(&k.to_vec1::<f32>()?, hp.preserve_weight);
+            cv.add(&k, hp.preserve_weight);
         }
         report_step(t.steps, t.loss, true);
-        reports.push(EditReport {
+        let rep = EditReport {
             id: r.id.clone(),
             loss: t.loss,
             steps: t.steps,
             seconds: t0.elapsed().as_secs_f64(),
             success: t.success,
             action: format!("rank-one on {name} (subject token {subj})"),
-        });
+        };
+        c.finished(i, || Done {
+            id: rep.id.clone(),
+            loss: rep.loss,
+            steps: rep.steps as u64,
+            success: rep.success,
+            action: rep.action.clone(),
+            vecs: vec![d.a.clone(), d.b.clone(), k],
+        })?;
+        reports.push(rep);
         written.push((r, layer, vec![d]));
     }
     let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;

@@ -28,6 +28,7 @@
 //! `v = raw_v · rms(FFN output row) / (1 - threshold)`, `raw_v` starting at zero.
 
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
+use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{nll, AddAt, Capture, Hooks};
@@ -95,6 +96,32 @@ pub(crate) fn compile(
         let t0 = Instant::now();
         let (p, a) = c.tokens(&r.prompt, &r.target_new)?;
         let mut report = edit_progress(progress, i, records.len(), &r.id);
+        if let Some(d) = c.resumed(i, &r.id) {
+            // Resuming: the edit's neurons from the checkpoint, appended as training did.
+            let count = d.vecs.first().map_or(0, |b| b.len()).min(MAX_NEURONS);
+            let v = d.vecs_of(&[count, count * dim, count * dim])?;
+            let first = neurons.biases.len();
+            neurons.biases.extend_from_slice(&v[0]);
+            neurons.keys.extend_from_slice(&v[1]);
+            neurons.values.extend_from_slice(&v[2]);
+            edits.push(EditUnits {
+                id: r.id.clone(),
+                prompt: r.prompt.clone(),
+                target: r.target_new.clone(),
+                first,
+                count,
+            });
+            report(d.steps as usize, d.loss, true);
+            reports.push(EditReport {
+                id: r.id.clone(),
+                loss: d.loss,
+                steps: d.steps as usize,
+                seconds: t0.elapsed().as_secs_f64(),
+                success: d.success,
+                action: d.action,
+            });
+            continue;
+        }
         let rows = runtime_edit_rows(&mut rs, &p, &a, layer, dim)?;
         let mut attempt = 0;
         let (t, check) = loop {
@@ -129,7 +156,7 @@ pub(crate) fn compile(
             count,
         });
         report(t.steps, t.loss, true);
-        reports.push(EditReport {
+        let rep = EditReport {
             id: r.id.clone(),
             loss: t.loss,
             steps: t.steps,
@@ -141,7 +168,16 @@ pub(crate) fn compile(
                  {} retrie(s)",
                 t.min_edit_act, t.min_gen_act, t.max_mem_act, check.0, check.1, attempt
             ),
-        });
+        };
+        c.finished(i, || Done {
+            id: rep.id.clone(),
+            loss: rep.loss,
+            steps: rep.steps as u64,
+            success: rep.success,
+            action: rep.action.clone(),
+            vecs: vec![t.biases, t.keys, t.values],
+        })?;
+        reports.push(rep);
     }
     let p = builder.add_patch_neurons(
         layer as u32,
