@@ -59,6 +59,7 @@ pub fn compile_serac(
         channel: bundle_id.into(),
         version: Some(1),
         expires: u64::MAX,
+        ..Default::default()
     };
     let out = compiler.compile(
         Method::Serac,
