@@ -128,7 +128,7 @@ fn main() {
     let (mut tb, mut te) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         for p in &sample {
-            let mut run = |s: &mut Session| {
+            let run = |s: &mut Session| {
                 let o = s
                     .generate(p, &gp, |_| std::ops::ControlFlow::Continue(()))
                     .unwrap();

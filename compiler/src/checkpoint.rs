@@ -76,6 +76,18 @@ pub struct Done {
 }
 
 impl Done {
+    /// The compile report of a replayed edit (`seconds`: what replaying it took).
+    pub fn report(&self, seconds: f64) -> crate::EditReport {
+        crate::EditReport {
+            id: self.id.clone(),
+            loss: self.loss,
+            steps: self.steps as usize,
+            seconds,
+            success: self.success,
+            action: self.action.clone(),
+        }
+    }
+
     /// The vectors, checked to have exactly the lengths `lens` and finite values (a checkpoint
     /// is input: a wrong shape must be an error, not a panic or a malformed bundle).
     pub fn vecs_of(&self, lens: &[usize]) -> Result<&[Vec<f32>]> {

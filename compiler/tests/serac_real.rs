@@ -63,7 +63,10 @@ fn serac_routes_rephrases_not_locality_gemma3() {
             let (in_scope, _, prompt) = routed(&p.prompt);
             if !in_scope {
                 loc_out += 1;
-                assert_eq!(prompt, p.prompt, "out of scope runs the prompt as is, unanswered");
+                assert_eq!(
+                    prompt, p.prompt,
+                    "out of scope runs the prompt as is, unanswered"
+                );
             }
         }
     }

@@ -88,14 +88,7 @@ pub(crate) fn compile(
                 hp.alpha / r as f32,
             );
             report(d.steps as usize, d.loss, true);
-            reports.push(EditReport {
-                id: rec.id.clone(),
-                loss: d.loss,
-                steps: d.steps as usize,
-                seconds: t0.elapsed().as_secs_f64(),
-                success: d.success,
-                action: d.action,
-            });
+            reports.push(d.report(t0.elapsed().as_secs_f64()));
             written.push((rec, layer, vec![od]));
             continue;
         }

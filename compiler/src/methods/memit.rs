@@ -200,14 +200,7 @@ pub(crate) fn compile(
             }
             for ((j, (r, d)), m) in chunk.iter().zip(&stored).enumerate().zip(made) {
                 edit_progress(progress, first + j, total, &r.id)(d.steps as usize, d.loss, true);
-                reports.push(EditReport {
-                    id: r.id.clone(),
-                    loss: d.loss,
-                    steps: d.steps as usize,
-                    seconds: 0.0,
-                    success: d.success,
-                    action: d.action.clone(),
-                });
+                reports.push(d.report(0.0));
                 written.push((r, top, m));
             }
             continue;

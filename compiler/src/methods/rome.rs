@@ -693,14 +693,7 @@ pub(crate) fn compile(
                 cv.add(&v[2], hp.preserve_weight);
             }
             report_step(d.steps as usize, d.loss, true);
-            reports.push(EditReport {
-                id: r.id.clone(),
-                loss: d.loss,
-                steps: d.steps as usize,
-                seconds: t0.elapsed().as_secs_f64(),
-                success: d.success,
-                action: d.action,
-            });
+            reports.push(d.report(t0.elapsed().as_secs_f64()));
             written.push((r, layer, vec![dl]));
             continue;
         }

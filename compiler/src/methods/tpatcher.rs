@@ -112,14 +112,7 @@ pub(crate) fn compile(
                 count,
             });
             report(d.steps as usize, d.loss, true);
-            reports.push(EditReport {
-                id: r.id.clone(),
-                loss: d.loss,
-                steps: d.steps as usize,
-                seconds: t0.elapsed().as_secs_f64(),
-                success: d.success,
-                action: d.action,
-            });
+            reports.push(d.report(t0.elapsed().as_secs_f64()));
             continue;
         }
         let rows = runtime_edit_rows(&mut rs, &p, &a, layer, dim)?;
