@@ -5,7 +5,7 @@
 # with the edit; a same-template neighbour is left as the base model answers it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-AMEND=target/release/amend
+AMEND=${AMEND_BIN:-target/release/amend}
 MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
 WORK="${AMEND_DEMO_DIR:-$(mktemp -d)}"
 PROMPT="The capital of France is"
