@@ -107,13 +107,12 @@ impl AnswerPlan {
         match self.start {
             // The prompt's end is gone: wait for the next one.
             Some(s) if keep < s => *self = AnswerPlan::new(std::mem::take(&mut self.tokens)),
-            Some(s) => {
-                if keep - s < self.matched {
-                    self.matched = keep - s;
-                    self.left = false;
-                }
+            // Rewound into the answer: forcing resumes where the kept text ends.
+            Some(s) if keep - s < self.matched => {
+                self.matched = keep - s;
+                self.left = false;
             }
-            None => {}
+            _ => {}
         }
     }
 }
