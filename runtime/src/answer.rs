@@ -108,7 +108,7 @@ impl AnswerPlan {
             // The prompt's end is gone: wait for the next one.
             Some(s) if keep < s => *self = AnswerPlan::new(std::mem::take(&mut self.tokens)),
             // Rewound into the answer: forcing resumes where the kept text ends.
-            Some(s) if keep - s < self.matched => {
+            Some(s) if keep - s <= self.matched => {
                 self.matched = keep - s;
                 self.left = false;
             }
@@ -161,6 +161,9 @@ mod tests {
         p.observe(5, 42, false);
         assert_eq!(p.forced(5), None);
         assert_eq!(p.forced(6), None);
+        // Rewind to just before the token that left: forcing resumes.
+        p.truncate(5);
+        assert_eq!(p.forced(4), Some(8));
         // Rewind before the prompt's end: disarmed until the next prompt.
         p.truncate(2);
         assert_eq!(p.forced(3), None);
