@@ -681,7 +681,9 @@ pub(crate) mod tests {
             ]
         );
         let table = markdown_table(&[("base".into(), s.clone()), ("grace|x".into(), s)]);
-        assert_eq!(table.lines().count(), 4);
+        // The main table, then the per-kind locality table after a blank line.
+        assert_eq!(table.lines().take_while(|l| !l.is_empty()).count(), 4);
+        assert_eq!(table.lines().count(), 9);
         assert!(table.contains("| base | 2 | 75.0 | 50.0 | - | 75.0 | 500.0 | 50.0 | 50.0 |"));
         assert!(table.contains("grace\\|x"));
     }
