@@ -76,6 +76,18 @@ pub struct Done {
 }
 
 impl Done {
+    /// What a checkpoint keeps of a trained edit: its report and the values to replay it from.
+    pub fn of(rep: &crate::EditReport, vecs: Vec<Vec<f32>>) -> Done {
+        Done {
+            id: rep.id.clone(),
+            loss: rep.loss,
+            steps: rep.steps as u64,
+            success: rep.success,
+            action: rep.action.clone(),
+            vecs,
+        }
+    }
+
     /// The compile report of a replayed edit (`seconds`: what replaying it took).
     pub fn report(&self, seconds: f64) -> crate::EditReport {
         crate::EditReport {

@@ -163,14 +163,7 @@ pub(crate) fn compile(
             success: best.3,
             action: format!("rank-{r} LoRA on {name}"),
         };
-        c.finished(i, || Done {
-            id: rep.id.clone(),
-            loss: rep.loss,
-            steps: rep.steps as u64,
-            success: rep.success,
-            action: rep.action.clone(),
-            vecs: vec![d.a.clone(), d.b.clone()],
-        })?;
+        c.finished(i, || Done::of(&rep, vec![d.a.clone(), d.b.clone()]))?;
         reports.push(rep);
         written.push((rec, layer, vec![d]));
     }

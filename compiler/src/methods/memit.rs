@@ -288,14 +288,7 @@ pub(crate) fn compile(
                 ),
             };
             let kept = e.kept;
-            c.finished(first + j, || Done {
-                id: rep.id.clone(),
-                loss: rep.loss,
-                steps: rep.steps as u64,
-                success: rep.success,
-                action: rep.action.clone(),
-                vecs: kept,
-            })?;
+            c.finished(first + j, || Done::of(&rep, kept))?;
             reports.push(rep);
             written.push((e.record, top, e.deltas));
         }

@@ -747,14 +747,7 @@ pub(crate) fn compile(
             success: t.success,
             action: format!("rank-one on {name} (subject token {subj})"),
         };
-        c.finished(i, || Done {
-            id: rep.id.clone(),
-            loss: rep.loss,
-            steps: rep.steps as u64,
-            success: rep.success,
-            action: rep.action.clone(),
-            vecs: vec![d.a.clone(), d.b.clone(), k],
-        })?;
+        c.finished(i, || Done::of(&rep, vec![d.a.clone(), d.b.clone(), k]))?;
         reports.push(rep);
         written.push((r, layer, vec![d]));
     }

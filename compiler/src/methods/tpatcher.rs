@@ -162,14 +162,7 @@ pub(crate) fn compile(
                 t.min_edit_act, t.min_gen_act, t.max_mem_act, check.0, check.1, attempt
             ),
         };
-        c.finished(i, || Done {
-            id: rep.id.clone(),
-            loss: rep.loss,
-            steps: rep.steps as u64,
-            success: rep.success,
-            action: rep.action.clone(),
-            vecs: vec![t.biases, t.keys, t.values],
-        })?;
+        c.finished(i, || Done::of(&rep, vec![t.biases, t.keys, t.values]))?;
         reports.push(rep);
     }
     let p = builder.add_patch_neurons(
