@@ -3,13 +3,17 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export AMEND_MODEL ?= $(HOME)/.cache/amend/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup model scope-model build demo test test-aarch64 test-rust test-fuzz bench fmt clean
+.PHONY: setup model corpus scope-model build demo test test-aarch64 test-rust test-fuzz bench fmt clean
 
 setup:
 	@scripts/setup-deps.sh
 
 model: setup
 	@scripts/fetch-model.sh >/dev/null
+
+# The covariance corpus of rome/memit (WordNet 3.0 from Debian's wordnet-base, ~20 MB).
+corpus:
+	@scripts/fetch-corpus.sh >/dev/null
 
 build: setup
 	$(CARGO) build --release --workspace
@@ -22,7 +26,7 @@ demo: model build scope-model
 	@scripts/demo.sh
 
 # Real-model tests are mandatory under `make test` (AMEND_REQUIRE_MODEL=1): a missing model fails, never skips.
-test: model scope-model
+test: model scope-model corpus
 	AMEND_REQUIRE_MODEL=1 $(CARGO) test --release --workspace
 	@scripts/test-extra.sh
 

@@ -49,6 +49,10 @@ pub enum CompileError {
     },
     #[error("tensor computation failed: {0}")]
     Candle(String),
+    #[error("numerics: {0}")]
+    Numeric(String),
+    #[error("covariance corpus: {0}")]
+    Corpus(String),
 }
 
 impl From<candle_core::Error> for CompileError {

@@ -83,12 +83,25 @@ pub struct RomeParams {
     pub clamp_norm_factor: f32,
     /// Context prefixes the key is averaged over (1 = the prompt only; at most 6).
     pub context_prefixes: usize,
-    /// Use the key second moment of the neutral corpus (`C⁻¹k`) instead of `C = I`.
+    /// Use the key second moment of the covariance corpus (`C⁻¹k`) instead of `C = I`.
     pub covariance: bool,
+    /// The covariance corpus: "wordnet", "neutral" or a text file (`methods::corpus`).
+    pub corpus: String,
+    /// Tokens of the corpus the second moment is taken over.
+    pub corpus_tokens: usize,
     /// Ridge added to `C`, relative to its mean diagonal.
     pub cov_lambda: f64,
     /// Weight of earlier edits' keys added to `C` (sequential edits keep each other).
     pub preserve_weight: f64,
+    /// AlphaEdit's null-space projection of the update direction (as `memit.null_space`):
+    /// `u ∝ (P A P + λI)⁻¹ P k*`, `A` the earlier edits' and neighbours' keys; needs `covariance`.
+    pub null_space: bool,
+    pub null_space_threshold: f64,
+    pub null_space_ridge: f64,
+    /// Template neighbours per edit (`rome::neighbour_keys`): the edit's prompt with this many
+    /// corpus entities in the subject's place; their keys join `C` with `neighbour_weight`.
+    pub neighbours: usize,
+    pub neighbour_weight: f64,
 }
 
 impl RomeParams {
@@ -141,6 +154,22 @@ pub struct MemitParams {
     pub mom2_weight: f64,
     /// Ridge added to `C`, relative to its mean diagonal.
     pub cov_lambda: f64,
+    /// The covariance corpus: "wordnet", "neutral" or a text file (`methods::corpus`).
+    pub corpus: String,
+    /// Tokens of the corpus the second moment is taken over.
+    pub corpus_tokens: usize,
+    /// AlphaEdit (Fang et al., ICLR 2025): project each layer's update onto the null space of
+    /// the corpus keys' second moment, `ΔW = R Kᵀ P (P (Kₚ Kₚᵀ + K Kᵀ) P + λI)⁻¹`, instead of
+    /// MEMIT's `R Kᵀ (w·C + K Kᵀ)⁻¹`.
+    pub null_space: bool,
+    /// Null space: eigenvectors of `C` with eigenvalues below this times the mean eigenvalue.
+    pub null_space_threshold: f64,
+    /// `λ` of the null-space update, relative to the mean `kᵀPk` of the batch's keys: smaller
+    /// meets the targets more exactly.
+    pub null_space_ridge: f64,
+    /// Template neighbours per edit (as `rome.neighbours`): kept keys with `neighbour_weight`.
+    pub neighbours: usize,
+    pub neighbour_weight: f64,
     /// Edits solved together; larger sets are compiled chunk by chunk (each chunk on top of the
     /// previous ones, whose keys stay in the covariance).
     pub batch: usize,
@@ -292,6 +321,32 @@ impl Hparams {
         }
         if !(m.mom2_weight > 0.0) || !(m.cov_lambda > 0.0) {
             return bad("memit.mom2_weight/cov_lambda", "must be > 0");
+        }
+        if !(self.rome.null_space_threshold > 0.0) || !(self.rome.null_space_ridge > 0.0) {
+            return bad("rome.null_space_threshold/null_space_ridge", "must be > 0");
+        }
+        if self.rome.null_space && !self.rome.covariance {
+            return bad("rome.null_space", "needs rome.covariance = true");
+        }
+        if !(m.null_space_threshold > 0.0) || !(m.null_space_ridge > 0.0) {
+            return bad("memit.null_space_threshold/null_space_ridge", "must be > 0");
+        }
+        if !(self.rome.neighbour_weight >= 0.0) || !(m.neighbour_weight >= 0.0) {
+            return bad("rome/memit.neighbour_weight", "must be >= 0");
+        }
+        if self.rome.neighbours > 256 || m.neighbours > 256 {
+            return bad("rome/memit.neighbours", "must be at most 256");
+        }
+        for (name, spec, tokens) in [
+            ("rome", &self.rome.corpus, self.rome.corpus_tokens),
+            ("memit", &m.corpus, m.corpus_tokens),
+        ] {
+            if spec.is_empty() {
+                return bad(&format!("{name}.corpus"), "must name a corpus");
+            }
+            if !(1..=50_000_000).contains(&tokens) {
+                return bad(&format!("{name}.corpus_tokens"), "must be in 1..=50000000");
+            }
         }
         if m.batch == 0 {
             return bad("memit.batch", "must be >= 1");

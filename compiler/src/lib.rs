@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod forward;
 pub mod hparams;
+pub mod linalg;
 pub mod methods;
 // The scope model (all-MiniLM-L6-v2) converted to a llama.cpp GGUF.
 pub mod scope_model;

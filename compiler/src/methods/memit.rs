@@ -22,9 +22,11 @@
 //! by chunk, each chunk on top of the previous ones (whose keys stay in the covariance, so later
 //! chunks keep them), and on top of `--base-bundle`'s low-rank deltas.
 
+use super::corpus::NullSpace;
 use super::rome::{
-    averaged_key, base_deltas, corpus_keys, down_key, entry, preserve_base_prompts, push_rank_one,
-    subject_last, train_delta, write_low_rank, Covariance, LowRankDeltas, OwnedDelta,
+    averaged_key, base_deltas, base_prompt_keys, corpus_covariances, down_key, entry,
+    neighbour_keys, preserve_base_prompts, push_rank_one, subject_last, train_delta,
+    write_low_rank, LowRankDeltas, OwnedDelta,
 };
 use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
@@ -158,15 +160,75 @@ pub(crate) fn compile(
     let top = *layers.last().expect("window is non-empty");
     let mut deltas = base_deltas(c, base)?;
     let vstar = hp.v_star();
-    // w·C_l per layer, on the model with the base bundle applied; the edits' keys are added as
-    // they are solved and stay (later chunks keep earlier edits).
-    let mut covs = Vec::with_capacity(layers.len());
-    for &l in &layers {
-        let keys = (corpus_keys(c, l, &mut deltas)? * hp.mom2_weight.sqrt())?;
-        let mut cov = Covariance::from_keys(&keys, hp.cov_lambda)?;
-        preserve_base_prompts(c, base, l, &mut deltas, &mut cov, 1.0)?;
-        covs.push(cov);
+    // w·C_l per layer (the corpus on the unedited model), with the base bundle's prompts' keys;
+    // the edits' keys are added as they are solved and stay (later chunks keep earlier edits).
+    let (mut covs, moments) = corpus_covariances(
+        c,
+        &hp.corpus,
+        hp.corpus_tokens,
+        &layers,
+        hp.mom2_weight,
+        hp.cov_lambda,
+    )?;
+    for (cov, &l) in covs.iter_mut().zip(&layers) {
+        preserve_base_prompts(c, base, l, &mut deltas, cov, 1.0)?;
     }
+    // AlphaEdit: per layer, the null space of the corpus keys and the projected keys of the
+    // edits to keep (the base bundle's prompts, earlier chunks).
+    let mut null: Option<Vec<(NullSpace, Vec<Vec<f64>>)>> = None;
+    if hp.null_space {
+        let mut per_layer = Vec::with_capacity(layers.len());
+        for (m, &l) in moments.iter().zip(&layers) {
+            let ns = NullSpace::of(m, hp.null_space_threshold)?;
+            log::info!(
+                "memit layer {l}: null space of {} of {} dimensions (threshold {})",
+                ns.dim,
+                ns.n,
+                hp.null_space_threshold
+            );
+            if ns.dim == 0 {
+                return Err(CompileError::Hparams(format!(
+                    "memit.null_space_threshold {}: layer {l}'s null space is empty; raise it",
+                    hp.null_space_threshold
+                )));
+            }
+            let kept = base_prompt_keys(c, base, l, &mut deltas)?
+                .iter()
+                .map(|k| ns.project(k))
+                .collect();
+            per_layer.push((ns, kept));
+        }
+        null = Some(per_layer);
+    }
+    drop(moments);
+    let entities = if hp.neighbours > 0 {
+        super::corpus::Corpus::open(&hp.corpus)?.entities()
+    } else {
+        Vec::new()
+    };
+    // Template neighbours of edit `i` at layer `l` (with the updates so far applied) join what
+    // layer `l` keeps: `C` with `neighbour_weight`, and the null space's kept keys.
+    let keep_neighbours = |c: &Compiler,
+                           r: &EditRecord,
+                           i: usize,
+                           li: usize,
+                           l: usize,
+                           deltas: &mut LowRankDeltas,
+                           covs: &mut [super::rome::Covariance],
+                           null: &mut Option<Vec<(NullSpace, Vec<Vec<f64>>)>>|
+     -> Result<()> {
+        let keys = neighbour_keys(c, r, l, &entities, i * hp.neighbours, hp.neighbours, deltas)?;
+        for k in keys {
+            covs[li].add(&k, hp.neighbour_weight);
+            if let Some(n) = null.as_mut() {
+                let w = hp.neighbour_weight.sqrt();
+                let k: Vec<f64> = k.iter().map(|&x| x as f64 * w).collect();
+                let pk = n[li].0.project(&k);
+                n[li].1.push(pk);
+            }
+        }
+        Ok(())
+    };
     let names: Vec<String> = layers.iter().map(|&l| Proj::Down.weight_name(l)).collect();
     let mut reports = Vec::with_capacity(records.len());
     let mut written: Vec<(&EditRecord, usize, Vec<OwnedDelta>)> = Vec::new();
@@ -190,8 +252,16 @@ pub(crate) fn compile(
                 .collect::<Result<Vec<_>>>()?;
             let mut made: Vec<Vec<OwnedDelta>> = vec![Vec::new(); stored.len()];
             for (li, &l) in layers.iter().enumerate() {
+                for (j, r) in chunk.iter().enumerate() {
+                    keep_neighbours(c, r, first + j, li, l, &mut deltas, &mut covs, &mut null)?;
+                }
                 for v in &vecs {
                     covs[li].add(&v[3 * li], 1.0);
+                    if let Some(n) = null.as_mut() {
+                        let k: Vec<f64> = v[3 * li].iter().map(|&x| x as f64).collect();
+                        let pk = n[li].0.project(&k);
+                        n[li].1.push(pk);
+                    }
                 }
                 for (v, m) in vecs.iter().zip(made.iter_mut()) {
                     let (dir, val) = (v[3 * li + 1].clone(), v[3 * li + 2].clone());
@@ -245,7 +315,17 @@ pub(crate) fn compile(
             let left = (layers.len() - li) as f64;
             let mut keys = Vec::with_capacity(pending.len());
             let mut values = Vec::with_capacity(pending.len());
-            for e in &pending {
+            for (j, e) in pending.iter().enumerate() {
+                keep_neighbours(
+                    c,
+                    e.record,
+                    first + j,
+                    li,
+                    l,
+                    &mut deltas,
+                    &mut covs,
+                    &mut null,
+                )?;
                 let k: Vec<f32> =
                     averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?.to_vec1()?;
                 let h = residual_after(c, &e.prompt, e.subj, top, &mut deltas)?;
@@ -256,7 +336,13 @@ pub(crate) fn compile(
                 keys.push(k);
             }
             // Solve against the whole batch's keys before applying any of the updates.
-            let dirs: Vec<Vec<f32>> = keys.iter().map(|k| covs[li].solve(k)).collect();
+            let dirs: Vec<Vec<f32>> = match null.as_mut() {
+                Some(n) => {
+                    let (ns, kept) = &mut n[li];
+                    ns.directions(kept, &keys, hp.null_space_ridge)?
+                }
+                None => keys.iter().map(|k| covs[li].solve(k)).collect(),
+            };
             for (((e, m), r), k) in pending.iter_mut().zip(dirs).zip(values).zip(keys) {
                 if !m.iter().chain(&r).all(|x| x.is_finite()) {
                     return Err(CompileError::Hparams(format!(

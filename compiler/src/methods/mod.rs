@@ -4,6 +4,7 @@
 //! [`Compiler`] holds the two views of one GGUF (the candle forward and the llama.cpp runtime)
 //! and dispatches to a method module; the result is a [`BundleBuilder`] ready to be signed.
 
+pub mod corpus;
 pub mod grace;
 pub mod lora;
 pub mod memit;

@@ -17,12 +17,14 @@
 //! low-rank deltas) in place. Every edit is its own low-rank payload (one tensor, rank one), so
 //! edits roll back one by one; the GGUF-LoRA file concatenates them into one rank-n tensor.
 
+use super::corpus::{second_moments, NullSpace, SecondMoment};
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
 use crate::hparams::{RomeParams, VStarParams};
+use crate::linalg::Cholesky;
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
 use amend_edits::families::{LowRank, LowRankMerger, LowRankTensor};
 use amend_edits::{Bundle, Site};
@@ -41,104 +43,58 @@ pub const CONTEXT_PREFIXES: [&str; 6] = [
     "As everyone knows, ",
 ];
 
-/// The key second moment `C = KᵀK/N + λI` of the down projection's inputs over the neutral
-/// corpus, held as its Cholesky factor; earlier edits' keys are added as rank-one updates so a
-/// later edit barely moves them (ROME's `C⁻¹k` direction, made sequential).
-pub(crate) struct Covariance {
-    n: usize,
-    /// Lower-triangular factor, row-major `[n, n]`.
-    l: Vec<f64>,
-}
+/// The key second moment `C = w·(E[k kᵀ] + λ·mean_diag·I)` of the down projection's inputs over
+/// the covariance corpus ([`super::corpus`]), held as its Cholesky factor; earlier edits' keys
+/// are added as rank-one updates so a later edit barely moves them (ROME's `C⁻¹k` direction,
+/// made sequential).
+pub(crate) struct Covariance(Cholesky);
 
 impl Covariance {
-    /// From the rows `keys` (`[N, n]`) and `lambda` relative to the mean diagonal of `KᵀK/N`.
-    pub(crate) fn from_keys(keys: &Tensor, lambda: f64) -> Result<Covariance> {
-        let (rows, n) = keys.dims2()?;
-        let c = keys.t()?.matmul(keys)?;
-        let c = (c / rows.max(1) as f64)?;
-        let mut a: Vec<f64> = c
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let mean_diag = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
+    /// From the corpus moment `m`, scaled by `weight`, with the ridge `lambda` relative to its
+    /// mean diagonal.
+    pub(crate) fn from_moment(m: &SecondMoment, weight: f64, lambda: f64) -> Result<Covariance> {
+        let n = m.n;
+        let mean_diag = (0..n).map(|i| m.mean[i * n + i]).sum::<f64>() / n.max(1) as f64;
         let reg = lambda * mean_diag.max(1e-12);
+        let mut a: Vec<f64> = m.mean.iter().map(|x| x * weight).collect();
         for i in 0..n {
-            a[i * n + i] += reg;
+            a[i * n + i] += reg * weight;
         }
-        // In-place Cholesky (row-oriented; the inner dot products are contiguous).
-        for j in 0..n {
-            let (done, rest) = a.split_at_mut(j * n);
-            let row_j = &mut rest[..n];
-            for k in 0..j {
-                let row_k = &done[k * n..k * n + n];
-                let dot: f64 = row_j[..k].iter().zip(&row_k[..k]).map(|(x, y)| x * y).sum();
-                row_j[k] = (row_j[k] - dot) / row_k[k];
-            }
-            let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
-            if !(d > 0.0) {
-                return Err(CompileError::Hparams(
-                    "key covariance is not positive definite; raise cov_lambda (rome/memit)".into(),
-                ));
-            }
-            row_j[j] = d.sqrt();
-            row_j[j + 1..].iter_mut().for_each(|x| *x = 0.0);
-        }
-        Ok(Covariance { n, l: a })
+        Cholesky::new(a, n).map(Covariance).ok_or_else(|| {
+            CompileError::Hparams(
+                "key covariance is not positive definite; raise cov_lambda (rome/memit)".into(),
+            )
+        })
     }
 
     /// `C⁻¹ k`.
     pub(crate) fn solve(&self, k: &[f32]) -> Vec<f32> {
-        let n = self.n;
-        let mut y: Vec<f64> = k.iter().map(|&x| x as f64).collect();
-        for i in 0..n {
-            let dot: f64 = self.l[i * n..i * n + i]
-                .iter()
-                .zip(&y[..i])
-                .map(|(a, b)| a * b)
-                .sum();
-            y[i] = (y[i] - dot) / self.l[i * n + i];
-        }
-        for i in (0..n).rev() {
-            let mut s = y[i];
-            for j in i + 1..n {
-                s -= self.l[j * n + i] * y[j];
-            }
-            y[i] = s / self.l[i * n + i];
-        }
-        y.into_iter().map(|x| x as f32).collect()
+        let k: Vec<f64> = k.iter().map(|&x| x as f64).collect();
+        self.0.solve(&k).into_iter().map(|x| x as f32).collect()
     }
 
-    /// `C += w k kᵀ` (Cholesky rank-one update).
+    /// `C += w k kᵀ`.
     pub(crate) fn add(&mut self, k: &[f32], w: f64) {
-        let n = self.n;
-        let mut x: Vec<f64> = k.iter().map(|&v| v as f64 * w.sqrt()).collect();
-        for i in 0..n {
-            let lii = self.l[i * n + i];
-            let r = (lii * lii + x[i] * x[i]).sqrt();
-            let (c, s) = (r / lii, x[i] / lii);
-            self.l[i * n + i] = r;
-            for j in i + 1..n {
-                let lji = (self.l[j * n + i] + s * x[j]) / c;
-                x[j] = c * x[j] - s * lji;
-                self.l[j * n + i] = lji;
-            }
-        }
+        let x: Vec<f64> = k.iter().map(|&v| v as f64 * w.sqrt()).collect();
+        self.0.add(&x);
     }
 }
 
-/// Down-projection inputs of `layer` on every token of the neutral corpus: `[rows, n_ff]`.
-pub(crate) fn corpus_keys(
+/// The covariances of `layers` from the corpus `spec` (its first `tokens` tokens).
+pub(crate) fn corpus_covariances(
     c: &Compiler,
-    layer: usize,
-    deltas: &mut LowRankDeltas,
-) -> Result<Tensor> {
-    let lines = super::tpatcher::NEUTRAL_CORPUS
-        .lines()
-        .filter(|l| !l.trim().is_empty());
-    text_keys(c, lines, layer, deltas)?
-        .ok_or_else(|| CompileError::Hparams("rome/memit: the neutral corpus is empty".into()))
+    spec: &str,
+    tokens: usize,
+    layers: &[usize],
+    weight: f64,
+    lambda: f64,
+) -> Result<(Vec<Covariance>, Vec<SecondMoment>)> {
+    let moments = second_moments(c, spec, tokens, layers)?;
+    let covs = moments
+        .iter()
+        .map(|m| Covariance::from_moment(m, weight, lambda))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((covs, moments))
 }
 
 /// Down-projection inputs of `layer` on every token (BOS skipped) of each text: `[rows, n_ff]`,
@@ -169,9 +125,30 @@ fn text_keys<'t>(
     Ok(Some(Tensor::cat(&rows, 0)?))
 }
 
-/// Adds the keys of the base bundle's edit prompts (every token: the subject's key is among
-/// them, and the manifest does not keep the subject) to `cov` with weight `w`, so the new edits'
-/// updates leave the earlier edits alone, as the earlier edits of the same compilation are.
+/// The keys of the base bundle's edit prompts at `layer` (every token: the subject's key is among
+/// them, and the manifest does not keep the subject).
+pub(crate) fn base_prompt_keys(
+    c: &Compiler,
+    base: Option<&Bundle>,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f64>>> {
+    let Some(b) = base else {
+        return Ok(Vec::new());
+    };
+    let prompts = b.manifest().edits.iter().map(|e| e.prompt.as_str());
+    Ok(match text_keys(c, prompts, layer, deltas)? {
+        Some(keys) => keys
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|k| k.into_iter().map(f64::from).collect())
+            .collect(),
+        None => Vec::new(),
+    })
+}
+
+/// Adds [`base_prompt_keys`] to `cov` with weight `w`, so the new edits' updates leave the
+/// earlier edits alone, as the earlier edits of the same compilation are.
 pub(crate) fn preserve_base_prompts(
     c: &Compiler,
     base: Option<&Bundle>,
@@ -180,14 +157,9 @@ pub(crate) fn preserve_base_prompts(
     cov: &mut Covariance,
     w: f64,
 ) -> Result<()> {
-    let Some(b) = base else {
-        return Ok(());
-    };
-    let prompts = b.manifest().edits.iter().map(|e| e.prompt.as_str());
-    if let Some(keys) = text_keys(c, prompts, layer, deltas)? {
-        for k in keys.to_vec2::<f32>()? {
-            cov.add(&k, w);
-        }
+    for k in base_prompt_keys(c, base, layer, deltas)? {
+        cov.0
+            .add(&k.iter().map(|x| x * w.sqrt()).collect::<Vec<_>>());
     }
     Ok(())
 }
@@ -491,6 +463,45 @@ pub(crate) fn down_key(
     Ok(k.get(pos)?)
 }
 
+/// Keys an edit must leave alone: its prompt up to the subject with `count` other subjects in
+/// the subject's place (`entities[start..]`, cyclically, skipping the subject itself), each
+/// the down-projection input at the substitute's last token. Same template, other subject:
+/// the neighbours a rank-one update on the subject's key leaks into most. None without a
+/// subject span.
+pub(crate) fn neighbour_keys(
+    c: &Compiler,
+    r: &EditRecord,
+    layer: usize,
+    entities: &[String],
+    start: usize,
+    count: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(span) = r.subject_span() else {
+        return Ok(Vec::new());
+    };
+    if entities.is_empty() || count == 0 {
+        return Ok(Vec::new());
+    }
+    let subject = &r.prompt[span.clone()];
+    let mut out = Vec::with_capacity(count);
+    for j in 0..entities.len() {
+        if out.len() == count {
+            break;
+        }
+        let e = &entities[(start + j) % entities.len()];
+        if e.eq_ignore_ascii_case(subject) {
+            continue;
+        }
+        let toks = tokenize(c, &format!("{}{e}", &r.prompt[..span.start]))?;
+        if toks.is_empty() {
+            continue;
+        }
+        out.push(down_key(c, &toks, toks.len() - 1, layer, deltas)?.to_vec1()?);
+    }
+    Ok(out)
+}
+
 /// ROME's key: the mean of the down-projection input at the subject's last token over the
 /// context prefixes.
 pub(crate) fn averaged_key(
@@ -651,7 +662,7 @@ pub(crate) fn train_delta(
 }
 
 /// `text` tokenized without BOS.
-fn tokenize_plain(c: &Compiler, text: &str) -> Result<Vec<u32>> {
+pub(crate) fn tokenize_plain(c: &Compiler, text: &str) -> Result<Vec<u32>> {
     let t = c
         .runtime
         .tokenize(text, false)
@@ -672,18 +683,59 @@ pub(crate) fn compile(
     let mut deltas = base_deltas(c, base)?;
     let name = Proj::Down.weight_name(layer);
     let n_ff = c.fwd.cfg.n_ff;
+    // AlphaEdit: the null space of the corpus keys and the projected keys to keep.
+    let mut null: Option<(NullSpace, Vec<Vec<f64>>)> = None;
     let mut cov = if hp.covariance {
-        let mut cv = Covariance::from_keys(&corpus_keys(c, layer, &mut deltas)?, hp.cov_lambda)?;
+        let (mut covs, moments) = corpus_covariances(
+            c,
+            &hp.corpus,
+            hp.corpus_tokens,
+            &[layer],
+            1.0,
+            hp.cov_lambda,
+        )?;
+        if hp.null_space {
+            let ns = NullSpace::of(&moments[0], hp.null_space_threshold)?;
+            if ns.dim == 0 {
+                return Err(CompileError::Hparams(format!(
+                    "rome.null_space_threshold {}: the null space is empty; raise it",
+                    hp.null_space_threshold
+                )));
+            }
+            let kept = base_prompt_keys(c, base, layer, &mut deltas)?
+                .iter()
+                .map(|k| ns.project(k))
+                .collect();
+            null = Some((ns, kept));
+        }
+        let mut cv = covs.pop().expect("one layer");
         preserve_base_prompts(c, base, layer, &mut deltas, &mut cv, hp.preserve_weight)?;
         Some(cv)
     } else {
         None
+    };
+    let entities = if hp.neighbours > 0 && cov.is_some() {
+        super::corpus::Corpus::open(&hp.corpus)?.entities()
+    } else {
+        Vec::new()
     };
     let mut reports = Vec::with_capacity(records.len());
     let mut written = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
+        // The template neighbours join C before this edit's update (on resume too: they are
+        // recomputed with the same updates in place).
+        if let Some(cv) = cov.as_mut() {
+            let start = i * hp.neighbours;
+            for k in neighbour_keys(c, r, layer, &entities, start, hp.neighbours, &mut deltas)? {
+                cv.add(&k, hp.neighbour_weight);
+                if let Some((ns, kept)) = null.as_mut() {
+                    let w = hp.neighbour_weight.sqrt();
+                    kept.push(ns.project(&k.iter().map(|&x| x as f64 * w).collect::<Vec<_>>()));
+                }
+            }
+        }
         if let Some(d) = c.resumed(i, &r.id) {
             // Resuming: the rank-one update and the key the covariance learned, replayed.
             let n_embd = c.fwd.cfg.n_embd;
@@ -691,6 +743,9 @@ pub(crate) fn compile(
             let dl = push_rank_one(c, &mut deltas, layer, v[0].clone(), v[1].clone())?;
             if let Some(cv) = cov.as_mut() {
                 cv.add(&v[2], hp.preserve_weight);
+            }
+            if let Some((ns, kept)) = null.as_mut() {
+                kept.push(ns.project(&v[2].iter().map(|&x| x as f64).collect::<Vec<_>>()));
             }
             report_step(d.steps as usize, d.loss, true);
             reports.push(d.report(t0.elapsed().as_secs_f64()));
@@ -714,12 +769,22 @@ pub(crate) fn compile(
         // ΔW = delta · uᵀ with u = C⁻¹k* / ((C⁻¹k*)ᵀ k): ΔW k = delta on the edit prompt's own
         // key (C = I without the covariance).
         let k = down_key(c, &p, subj, layer, &mut deltas)?;
-        let k_star = match &cov {
-            Some(cv) => {
+        let k_star = match (&cov, null.as_mut()) {
+            (_, Some((ns, kept))) => {
+                // The direction in the null space; the edit's own key joins `kept` below.
+                let ks: Vec<f32> = k_star.to_vec1()?;
+                let mut scratch = kept.clone();
+                let m = ns
+                    .directions(&mut scratch, &[ks], hp.null_space_ridge)?
+                    .pop()
+                    .expect("one key");
+                Tensor::from_vec(m, n_ff, &c.fwd.device)?
+            }
+            (Some(cv), None) => {
                 let ks: Vec<f32> = k_star.to_vec1()?;
                 Tensor::from_vec(cv.solve(&ks), n_ff, &c.fwd.device)?
             }
-            None => k_star,
+            (None, None) => k_star,
         };
         let denom = (&k_star * &k)?.sum_all()?.to_scalar::<f32>()?;
         if !(denom.abs() > 1e-8) {
@@ -737,6 +802,9 @@ pub(crate) fn compile(
         if let Some(cv) = cov.as_mut() {
             // Later edits should leave this one's key alone.
             cv.add(&k, hp.preserve_weight);
+        }
+        if let Some((ns, kept)) = null.as_mut() {
+            kept.push(ns.project(&k.iter().map(|&x| x as f64).collect::<Vec<_>>()));
         }
         report_step(t.steps, t.loss, true);
         let rep = EditReport {

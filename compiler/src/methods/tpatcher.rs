@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The neutral text whose FFN inputs the neurons must stay silent on.
-pub const NEUTRAL_CORPUS: &str = include_str!("../../../data/neutral-corpus.txt");
+pub use super::corpus::NEUTRAL_CORPUS;
 
 /// Neurons per edit at most (T-Patcher: one per wrong token, at most 5).
 const MAX_NEURONS: usize = 3;
