@@ -24,8 +24,8 @@
 
 use super::corpus::NullSpace;
 use super::rome::{
-    averaged_key, base_deltas, base_prompt_keys, corpus_covariances, down_key, entry,
-    neighbour_keys, preserve_base_prompts, push_rank_one, subject_last, train_delta,
+    averaged_key, base_deltas, corpus_covariances, down_key, entry, neighbour_keys,
+    null_space_kept, preserve_base_prompts, push_rank_one, subject_last, train_delta,
     write_low_rank, LowRankDeltas, OwnedDelta,
 };
 use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
@@ -178,25 +178,9 @@ pub(crate) fn compile(
     let mut null: Option<Vec<(NullSpace, Vec<Vec<f64>>)>> = None;
     if hp.null_space {
         let mut per_layer = Vec::with_capacity(layers.len());
-        for (m, &l) in moments.iter().zip(&layers) {
-            let ns = NullSpace::of(m, hp.null_space_threshold)?;
-            log::info!(
-                "memit layer {l}: null space of {} of {} dimensions (threshold {})",
-                ns.dim,
-                ns.n,
-                hp.null_space_threshold
-            );
-            if ns.dim == 0 {
-                return Err(CompileError::Hparams(format!(
-                    "memit.null_space_threshold {}: layer {l}'s null space is empty; raise it",
-                    hp.null_space_threshold
-                )));
-            }
-            let kept = base_prompt_keys(c, base, l, &mut deltas)?
-                .iter()
-                .map(|k| ns.project(k))
-                .collect();
-            per_layer.push((ns, kept));
+        for m in &moments {
+            let t = hp.null_space_threshold;
+            per_layer.push(null_space_kept(c, base, m, t, "memit", &mut deltas)?);
         }
         null = Some(per_layer);
     }
@@ -252,12 +236,15 @@ pub(crate) fn compile(
                 .collect::<Result<Vec<_>>>()?;
             let mut made: Vec<Vec<OwnedDelta>> = vec![Vec::new(); stored.len()];
             for (li, &l) in layers.iter().enumerate() {
-                for (j, r) in chunk.iter().enumerate() {
+                // In the order a fresh compile adds them (the factor's rank-one updates and the
+                // kept keys' order both change the floating-point result): each edit's
+                // neighbours then its key into C; the edits' projected keys after all neighbours.
+                for ((j, r), v) in chunk.iter().enumerate().zip(&vecs) {
                     keep_neighbours(c, r, first + j, li, l, &mut deltas, &mut covs, &mut null)?;
-                }
-                for v in &vecs {
                     covs[li].add(&v[3 * li], 1.0);
-                    if let Some(n) = null.as_mut() {
+                }
+                if let Some(n) = null.as_mut() {
+                    for v in &vecs {
                         let k: Vec<f64> = v[3 * li].iter().map(|&x| x as f64).collect();
                         let pk = n[li].0.project(&k);
                         n[li].1.push(pk);

@@ -147,6 +147,36 @@ pub(crate) fn base_prompt_keys(
     })
 }
 
+/// AlphaEdit's null space of `m` (refused when empty) and the projected keys of the base
+/// bundle's prompts, which the updates must keep.
+pub(crate) fn null_space_kept(
+    c: &Compiler,
+    base: Option<&Bundle>,
+    m: &SecondMoment,
+    threshold: f64,
+    section: &str,
+    deltas: &mut LowRankDeltas,
+) -> Result<(NullSpace, Vec<Vec<f64>>)> {
+    let ns = NullSpace::of(m, threshold)?;
+    log::info!(
+        "{section} layer {}: null space of {} of {} dimensions (threshold {threshold})",
+        m.layer,
+        ns.dim,
+        ns.n
+    );
+    if ns.dim == 0 {
+        return Err(CompileError::Hparams(format!(
+            "{section}.null_space_threshold {threshold}: layer {}'s null space is empty; raise it",
+            m.layer
+        )));
+    }
+    let kept = base_prompt_keys(c, base, m.layer, deltas)?
+        .iter()
+        .map(|k| ns.project(k))
+        .collect();
+    Ok((ns, kept))
+}
+
 /// Adds [`base_prompt_keys`] to `cov` with weight `w`, so the new edits' updates leave the
 /// earlier edits alone, as the earlier edits of the same compilation are.
 pub(crate) fn preserve_base_prompts(
@@ -695,18 +725,15 @@ pub(crate) fn compile(
             hp.cov_lambda,
         )?;
         if hp.null_space {
-            let ns = NullSpace::of(&moments[0], hp.null_space_threshold)?;
-            if ns.dim == 0 {
-                return Err(CompileError::Hparams(format!(
-                    "rome.null_space_threshold {}: the null space is empty; raise it",
-                    hp.null_space_threshold
-                )));
-            }
-            let kept = base_prompt_keys(c, base, layer, &mut deltas)?
-                .iter()
-                .map(|k| ns.project(k))
-                .collect();
-            null = Some((ns, kept));
+            let t = hp.null_space_threshold;
+            null = Some(null_space_kept(
+                c,
+                base,
+                &moments[0],
+                t,
+                "rome",
+                &mut deltas,
+            )?);
         }
         let mut cv = covs.pop().expect("one layer");
         preserve_base_prompts(c, base, layer, &mut deltas, &mut cv, hp.preserve_weight)?;
