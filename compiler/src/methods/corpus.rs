@@ -248,7 +248,16 @@ pub fn second_moments(
     max_tokens: usize,
     layers: &[usize],
 ) -> Result<Vec<SecondMoment>> {
-    let corpus = Corpus::open(spec)?;
+    second_moments_of(c, &Corpus::open(spec)?, max_tokens, layers)
+}
+
+/// [`second_moments`] of an opened corpus (a compile that also takes its entities opens it once).
+pub fn second_moments_of(
+    c: &Compiler,
+    corpus: &Corpus,
+    max_tokens: usize,
+    layers: &[usize],
+) -> Result<Vec<SecondMoment>> {
     let n = c.fwd.cfg.n_ff;
     let hex = |b: &[u8]| {
         b.iter()
@@ -286,7 +295,7 @@ pub fn second_moments(
         .collect();
     if !missing.is_empty() {
         let t0 = Instant::now();
-        let computed = compute(c, &corpus, max_tokens, &missing)?;
+        let computed = compute(c, corpus, max_tokens, &missing)?;
         log::info!(
             "covariance corpus `{}`: {} token rows, layers {:?}, {:.1} s",
             corpus.name,
@@ -424,9 +433,12 @@ fn eigen_cached(m: &SecondMoment) -> Result<(Vec<f64>, Vec<f64>)> {
     let hex: String = m.id.iter().take(16).map(|x| format!("{x:02x}")).collect();
     let path = cache_dir().map(|d| d.join("stats").join(format!("{hex}.eig")));
     let body_len = 16 + n * 8 + n * n * 4;
+    // The size is checked before reading, so a planted huge file is never read.
     if let Some(bytes) = path
         .as_ref()
-        .filter(|p| std::fs::metadata(p).is_ok_and(|md| md.is_file()))
+        .filter(|p| {
+            std::fs::metadata(p).is_ok_and(|md| md.is_file() && md.len() == (body_len + 32) as u64)
+        })
         .and_then(|p| std::fs::read(p).ok())
         .filter(|b| b.len() == body_len + 32)
     {
@@ -491,6 +503,11 @@ impl NullSpace {
         })
     }
 
+    /// `P (scale · k)` for an f32 key.
+    pub fn project_key(&self, k: &[f32], scale: f64) -> Vec<f64> {
+        self.project(&k.iter().map(|&x| x as f64 * scale).collect::<Vec<_>>())
+    }
+
     /// `P x`, `P` the orthogonal projector onto the null space.
     pub fn project(&self, x: &[f64]) -> Vec<f64> {
         let mut out = vec![0.0; self.n];
@@ -514,10 +531,7 @@ impl NullSpace {
         keys: &[Vec<f32>],
         ridge: f64,
     ) -> Result<Vec<Vec<f32>>> {
-        let projected: Vec<Vec<f64>> = keys
-            .iter()
-            .map(|k| self.project(&k.iter().map(|&x| x as f64).collect::<Vec<_>>()))
-            .collect();
+        let projected: Vec<Vec<f64>> = keys.iter().map(|k| self.project_key(k, 1.0)).collect();
         let energy = projected
             .iter()
             .map(|p| p.iter().map(|x| x * x).sum::<f64>())

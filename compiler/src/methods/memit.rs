@@ -22,7 +22,7 @@
 //! by chunk, each chunk on top of the previous ones (whose keys stay in the covariance, so later
 //! chunks keep them), and on top of `--base-bundle`'s low-rank deltas.
 
-use super::corpus::NullSpace;
+use super::corpus::{Corpus, NullSpace};
 use super::rome::{
     averaged_key, base_deltas, corpus_covariances, down_key, entry, neighbour_keys,
     null_space_kept, preserve_base_prompts, push_rank_one, subject_last, train_delta,
@@ -162,9 +162,10 @@ pub(crate) fn compile(
     let vstar = hp.v_star();
     // w·C_l per layer (the corpus on the unedited model), with the base bundle's prompts' keys;
     // the edits' keys are added as they are solved and stay (later chunks keep earlier edits).
+    let corpus = Corpus::open(&hp.corpus)?;
     let (mut covs, moments) = corpus_covariances(
         c,
-        &hp.corpus,
+        &corpus,
         hp.corpus_tokens,
         &layers,
         hp.mom2_weight,
@@ -186,10 +187,11 @@ pub(crate) fn compile(
     }
     drop(moments);
     let entities = if hp.neighbours > 0 {
-        super::corpus::Corpus::open(&hp.corpus)?.entities()
+        corpus.entities()
     } else {
         Vec::new()
     };
+    drop(corpus);
     // Template neighbours of edit `i` at layer `l` (with the updates so far applied) join what
     // layer `l` keeps: `C` with `neighbour_weight`, and the null space's kept keys.
     let keep_neighbours = |c: &Compiler,
@@ -205,9 +207,7 @@ pub(crate) fn compile(
         for k in keys {
             covs[li].add(&k, hp.neighbour_weight);
             if let Some(n) = null.as_mut() {
-                let w = hp.neighbour_weight.sqrt();
-                let k: Vec<f64> = k.iter().map(|&x| x as f64 * w).collect();
-                let pk = n[li].0.project(&k);
+                let pk = n[li].0.project_key(&k, hp.neighbour_weight.sqrt());
                 n[li].1.push(pk);
             }
         }
@@ -245,8 +245,7 @@ pub(crate) fn compile(
                 }
                 if let Some(n) = null.as_mut() {
                     for v in &vecs {
-                        let k: Vec<f64> = v[3 * li].iter().map(|&x| x as f64).collect();
-                        let pk = n[li].0.project(&k);
+                        let pk = n[li].0.project_key(&v[3 * li], 1.0);
                         n[li].1.push(pk);
                     }
                 }

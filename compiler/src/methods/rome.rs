@@ -17,7 +17,7 @@
 //! low-rank deltas) in place. Every edit is its own low-rank payload (one tensor, rank one), so
 //! edits roll back one by one; the GGUF-LoRA file concatenates them into one rank-n tensor.
 
-use super::corpus::{second_moments, NullSpace, SecondMoment};
+use super::corpus::{second_moments_of, Corpus, NullSpace, SecondMoment};
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
@@ -80,16 +80,16 @@ impl Covariance {
     }
 }
 
-/// The covariances of `layers` from the corpus `spec` (its first `tokens` tokens).
+/// The covariances of `layers` from `corpus` (its first `tokens` tokens).
 pub(crate) fn corpus_covariances(
     c: &Compiler,
-    spec: &str,
+    corpus: &Corpus,
     tokens: usize,
     layers: &[usize],
     weight: f64,
     lambda: f64,
 ) -> Result<(Vec<Covariance>, Vec<SecondMoment>)> {
-    let moments = second_moments(c, spec, tokens, layers)?;
+    let moments = second_moments_of(c, corpus, tokens, layers)?;
     let covs = moments
         .iter()
         .map(|m| Covariance::from_moment(m, weight, lambda))
@@ -715,15 +715,15 @@ pub(crate) fn compile(
     let n_ff = c.fwd.cfg.n_ff;
     // AlphaEdit: the null space of the corpus keys and the projected keys to keep.
     let mut null: Option<(NullSpace, Vec<Vec<f64>>)> = None;
+    // The corpus gives C and, for the template neighbours, the entities.
+    let mut entities = Vec::new();
     let mut cov = if hp.covariance {
-        let (mut covs, moments) = corpus_covariances(
-            c,
-            &hp.corpus,
-            hp.corpus_tokens,
-            &[layer],
-            1.0,
-            hp.cov_lambda,
-        )?;
+        let corpus = Corpus::open(&hp.corpus)?;
+        if hp.neighbours > 0 {
+            entities = corpus.entities();
+        }
+        let (mut covs, moments) =
+            corpus_covariances(c, &corpus, hp.corpus_tokens, &[layer], 1.0, hp.cov_lambda)?;
         if hp.null_space {
             let t = hp.null_space_threshold;
             null = Some(null_space_kept(
@@ -741,11 +741,6 @@ pub(crate) fn compile(
     } else {
         None
     };
-    let entities = if hp.neighbours > 0 && cov.is_some() {
-        super::corpus::Corpus::open(&hp.corpus)?.entities()
-    } else {
-        Vec::new()
-    };
     let mut reports = Vec::with_capacity(records.len());
     let mut written = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
@@ -759,7 +754,7 @@ pub(crate) fn compile(
                 cv.add(&k, hp.neighbour_weight);
                 if let Some((ns, kept)) = null.as_mut() {
                     let w = hp.neighbour_weight.sqrt();
-                    kept.push(ns.project(&k.iter().map(|&x| x as f64 * w).collect::<Vec<_>>()));
+                    kept.push(ns.project_key(&k, w));
                 }
             }
         }
@@ -772,7 +767,7 @@ pub(crate) fn compile(
                 cv.add(&v[2], hp.preserve_weight);
             }
             if let Some((ns, kept)) = null.as_mut() {
-                kept.push(ns.project(&v[2].iter().map(|&x| x as f64).collect::<Vec<_>>()));
+                kept.push(ns.project_key(&v[2], 1.0));
             }
             report_step(d.steps as usize, d.loss, true);
             reports.push(d.report(t0.elapsed().as_secs_f64()));
@@ -831,7 +826,7 @@ pub(crate) fn compile(
             cv.add(&k, hp.preserve_weight);
         }
         if let Some((ns, kept)) = null.as_mut() {
-            kept.push(ns.project(&k.iter().map(|&x| x as f64).collect::<Vec<_>>()));
+            kept.push(ns.project_key(&k, 1.0));
         }
         report_step(t.steps, t.loss, true);
         let rep = EditReport {
