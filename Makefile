@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export AMEND_MODEL ?= $(HOME)/.cache/amend/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup model corpus scope-model build demo test test-aarch64 test-rust test-fuzz bench fmt clean
+.PHONY: setup model corpus ort scope-model build build-cli demo test test-aarch64 test-rust test-fuzz bench fmt clean
 
 setup:
 	@scripts/setup-deps.sh
@@ -15,18 +15,26 @@ model: setup
 corpus:
 	@scripts/fetch-corpus.sh >/dev/null
 
+# ONNX Runtime for `--backend ort` (CPU build, and the OpenVINO build), ~110 MB of wheels.
+ort:
+	@scripts/fetch-ort.sh >/dev/null
+
 build: setup
 	$(CARGO) build --release --workspace
 
+# What `make demo` needs: the amend binary alone (not the C library, tests or benches).
+build-cli: setup
+	$(CARGO) build --release -p amend-cli
+
 # The scope model serac's memories route with (needs the amend binary to convert it).
-scope-model: build
+scope-model: build-cli
 	@scripts/fetch-scope-model.sh >/dev/null
 
-demo: model build scope-model
+demo: model build-cli scope-model
 	@scripts/demo.sh
 
 # Real-model tests are mandatory under `make test` (AMEND_REQUIRE_MODEL=1): a missing model fails, never skips.
-test: model scope-model corpus
+test: model scope-model corpus ort
 	AMEND_REQUIRE_MODEL=1 $(CARGO) test --release --workspace
 	@scripts/test-extra.sh
 

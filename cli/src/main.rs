@@ -16,6 +16,7 @@ pub fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
     bar
 }
 
+mod backends;
 mod bench;
 mod compile;
 mod data;
@@ -41,6 +42,11 @@ struct Cli {
 enum Command {
     /// Generate text from a model, optionally with patch bundles applied.
     Run(run::Args),
+    /// Compare the ONNX Runtime backend with llama.cpp: top-1 agreement along llama.cpp's
+    /// greedy continuations, logit error, speed and memory, in one run.
+    Parity(backends::ParityArgs),
+    /// Build a model's ONNX graph (exact GGUF weights) and write it as a .onnx file.
+    ExportOnnx(backends::ExportArgs),
     /// Print a model's dimensions and the hook sites found in its graph.
     Info(info::Args),
     /// Benchmark prefill/decode against plain llama.cpp.
@@ -77,6 +83,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
+        Command::Parity(a) => backends::parity(a),
+        Command::ExportOnnx(a) => backends::export_onnx(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Keygen(a) => keys::keygen(a),

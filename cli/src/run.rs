@@ -64,6 +64,11 @@ pub struct Args {
     /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
     #[arg(long)]
     pub scope_model: Option<PathBuf>,
+    /// The engine: llama.cpp (CPU) or ONNX Runtime on an execution provider (--ep).
+    #[arg(long, value_enum, default_value_t = crate::backends::BackendName::Llama)]
+    pub backend: crate::backends::BackendName,
+    #[command(flatten)]
+    pub ort: crate::backends::OrtArgs,
 }
 
 /// Opens a model for the CLI with the given thread count.
@@ -177,6 +182,9 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.backend == crate::backends::BackendName::Ort {
+        return run_ort(args);
+    }
     let model = open_model(&args.model, args.threads)?;
     let mut session = Session::new(
         &model,
@@ -187,6 +195,67 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     apply_edits(&mut session, &args)?;
+    let params = generate_params(&args);
+    let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
+    if args.explain {
+        print_explain(&session.explain());
+    }
+    log_result(&result);
+    Ok(())
+}
+
+/// `--backend ort`: the same generation on ONNX Runtime. Edits on this backend are issue 14:
+/// a bundle is refused rather than silently ignored.
+fn run_ort(args: Args) -> anyhow::Result<()> {
+    if !args.bundles.is_empty() {
+        anyhow::bail!(
+            "--backend ort does not apply bundles yet (edit slots in the ONNX graph are issue 14); \
+             nothing was generated"
+        );
+    }
+    let model = crate::backends::open_ort(&args.model, &args.ort, args.threads)?;
+    let mut session = amend_runtime::onnxruntime::OrtSession::new(&model, args.ctx as usize)?;
+    let params = generate_params(&args);
+    let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
+    log_result(&result);
+    Ok(())
+}
+
+/// Runs a generation that streams its text to stdout (either backend), then ends the line.
+fn to_stdout(
+    generate: impl FnOnce(
+        &mut dyn FnMut(&amend_runtime::TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> amend_runtime::Result<amend_runtime::GenerateOutput>,
+) -> anyhow::Result<amend_runtime::GenerateOutput> {
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let result = generate(&mut |ev| {
+        if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()) {
+            // stdout closed (e.g. piped into `head`): stop generating.
+            write_err = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if write_err.is_none() {
+        let _ = writeln!(out);
+    }
+    Ok(result)
+}
+
+fn log_result(result: &amend_runtime::GenerateOutput) {
+    let t = &result.timings;
+    log::info!(
+        "{} prompt tokens ({:.1} tok/s), {} generated ({:.1} tok/s), stop: {:?}",
+        result.n_prompt,
+        t.prefill_tok_s(),
+        result.n_generated,
+        t.decode_tok_s(),
+        result.stop_reason
+    );
+}
+
+fn generate_params(args: &Args) -> GenerateParams {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -205,33 +274,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     log::info!("sampling: temp {} seed {seed}", params.temperature);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_err = None;
-    let result = session.generate(&args.prompt, &params, |ev| {
-        if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()) {
-            // stdout closed (e.g. piped into `head`): stop generating.
-            write_err = Some(e);
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    })?;
-    if write_err.is_none() {
-        let _ = writeln!(out);
-    }
-    if args.explain {
-        print_explain(&session.explain());
-    }
-    let t = &result.timings;
-    log::info!(
-        "{} prompt tokens ({:.1} tok/s), {} generated ({:.1} tok/s), stop: {:?}",
-        result.n_prompt,
-        t.prefill_tok_s(),
-        result.n_generated,
-        t.decode_tok_s(),
-        result.stop_reason
-    );
-    Ok(())
+    params
 }
 
 #[cfg(test)]
@@ -264,6 +307,16 @@ mod tests {
             explain: false,
             state: None,
             scope_model: None,
+            backend: crate::backends::BackendName::Llama,
+            ort: crate::backends::OrtArgs {
+                ep: "cpu".into(),
+                ort_lib: None,
+                profile: crate::backends::ProfileName::Cpu,
+                cpu_fallback: false,
+                onnx: None,
+                no_onnx_cache: false,
+                emulate: "none".into(),
+            },
         }
     }
 

@@ -62,6 +62,7 @@ pub extern "C" fn amend_model_open(
         let options = ModelOptions {
             use_mmap: params.use_mmap,
             n_threads: (params.n_threads > 0).then_some(params.n_threads as usize),
+            vocab_only: false,
         };
         let model = Model::open(path, options)?;
         let obj = ModelObj {

@@ -76,6 +76,18 @@ pub enum RuntimeError {
         call: &'static str,
         what: &'static str,
     },
+    #[error("ONNX Runtime library {} is not usable: {detail} (scripts/fetch-ort.sh installs it; --ort-lib or $AMEND_ORT_LIB names another)", path.display())]
+    OrtLibrary { path: PathBuf, detail: String },
+    #[error("execution provider {ep}: {detail}")]
+    OrtEp { ep: String, detail: String },
+    #[error("ONNX Runtime cannot run the graph on {ep} (nodes it does not take are an error unless CPU fallback is allowed): {detail}")]
+    OrtSession { ep: String, detail: String },
+    #[error("cached ONNX graph {} cannot be used: {detail}", path.display())]
+    OrtCache { path: PathBuf, detail: String },
+    #[error("cannot build the ONNX graph: {0}")]
+    OrtGraph(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
     #[error("scope model {} is not usable: {detail}", path.display())]
     ScopeModelInvalid { path: PathBuf, detail: String },
     #[error("bundle {bundle} routes its memories with the scope model {fingerprint} ({model_id}), but no scope model is configured (CLI: --scope-model PATH; C: amend_scope_model_open + amend_session_set_scope_model; Rust: Session::set_scope_model); nothing of the bundle was applied")]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use llama_cpp_sys_2 as sys;
 
+use crate::backend::Backend;
 use crate::detok::Detokenizer;
 use crate::error::RuntimeError;
 use crate::session::{EvalOptions, Logits, Session};
@@ -170,6 +171,12 @@ extern "C" {
         penalty_present: f32,
         out: *mut *mut sys::llama_sampler,
     ) -> i32;
+    fn amend_sampler_sample_logits(
+        smpl: *mut sys::llama_sampler,
+        logits: *const f32,
+        n_vocab: i32,
+        out: *mut Token,
+    ) -> i32;
     fn amend_sampler_sample(
         smpl: *mut sys::llama_sampler,
         ctx: *mut sys::llama_context,
@@ -190,10 +197,11 @@ fn cpp_exception(call: &'static str, code: i32) -> RuntimeError {
     }
 }
 
-struct Sampler(NonNull<sys::llama_sampler>);
+/// llama.cpp's sampler chain for [`GenerateParams`]: every backend samples with it.
+pub struct Sampler(NonNull<sys::llama_sampler>);
 
 impl Sampler {
-    fn new(p: &GenerateParams, n_vocab: i32) -> Result<Sampler, RuntimeError> {
+    pub(crate) fn new(p: &GenerateParams, n_vocab: i32) -> Result<Sampler, RuntimeError> {
         // SAFETY: FFI constructors; the chain takes ownership of the samplers added to it, and
         // `Sampler` frees the chain (also on the error path below).
         unsafe {
@@ -240,12 +248,30 @@ impl Sampler {
     ///
     /// # Safety
     /// `ctx` is a live context whose last evaluation produced logits at `idx`.
-    unsafe fn sample(&self, ctx: *mut sys::llama_context, idx: i32) -> Result<Token, RuntimeError> {
+    pub(crate) unsafe fn sample(
+        &self,
+        ctx: *mut sys::llama_context,
+        idx: i32,
+    ) -> Result<Token, RuntimeError> {
         let mut tok = 0;
         // SAFETY: per this function's contract; the sampler chain is live.
         let code = unsafe { amend_sampler_sample(self.0.as_ptr(), ctx, idx, &mut tok) };
         if code != 0 {
             return Err(cpp_exception("llama_sampler_sample", code));
+        }
+        Ok(tok)
+    }
+
+    /// Samples from a logits row of any backend (the chain then accepts the token).
+    pub(crate) fn sample_logits(&self, logits: &[f32]) -> Result<Token, RuntimeError> {
+        let n = i32::try_from(logits.len())
+            .map_err(|_| RuntimeError::InvalidParams("logits row too long".into()))?;
+        let mut tok = 0;
+        // SAFETY: the chain is live; `logits` holds `n` floats; the shim catches exceptions.
+        let code =
+            unsafe { amend_sampler_sample_logits(self.0.as_ptr(), logits.as_ptr(), n, &mut tok) };
+        if code != 0 {
+            return Err(cpp_exception("llama_sampler_apply", code));
         }
         Ok(tok)
     }
@@ -337,119 +363,138 @@ impl Session {
         params: &GenerateParams,
         mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, RuntimeError> {
-        params.validate(self.n_ctx())?;
-        if prompt.is_empty() {
-            return Err(RuntimeError::EmptyInput);
-        }
-        self.kv_clear();
-        let mut out = GenerateOutput {
-            text: String::new(),
-            tokens: Vec::new(),
+        generate_on(self, prompt, params, &mut on_token)
+    }
+}
+
+/// Generates from prompt tokens on any backend, without edits and without streaming.
+pub fn generate_with(
+    b: &mut dyn Backend,
+    prompt: &[Token],
+    params: &GenerateParams,
+) -> Result<GenerateOutput, RuntimeError> {
+    generate_on(b, prompt, params, &mut |_| ControlFlow::Continue(()))
+}
+
+/// The generation loop of every backend: clears the KV cache, prefills `prompt` and samples up
+/// to `max_tokens` tokens, streaming text through `on_token` (stop strings held back).
+pub(crate) fn generate_on<B: Backend + ?Sized>(
+    b: &mut B,
+    prompt: &[Token],
+    params: &GenerateParams,
+    on_token: &mut dyn FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<GenerateOutput, RuntimeError> {
+    params.validate(b.n_ctx().min(u32::MAX as usize) as u32)?;
+    if prompt.is_empty() {
+        return Err(RuntimeError::EmptyInput);
+    }
+    b.kv_clear()?;
+    let mut out = GenerateOutput {
+        text: String::new(),
+        tokens: Vec::new(),
+        n_prompt: prompt.len(),
+        n_generated: 0,
+        stop_reason: StopReason::MaxTokens,
+        timings: Timings {
             n_prompt: prompt.len(),
-            n_generated: 0,
-            stop_reason: StopReason::MaxTokens,
-            timings: Timings {
-                n_prompt: prompt.len(),
-                ..Default::default()
-            },
+            ..Default::default()
+        },
+    };
+    let t0 = Instant::now();
+    match b.eval(prompt, EvalOptions::prefill(Logits::Last)) {
+        Ok(()) => {}
+        Err(RuntimeError::Aborted) => {
+            out.stop_reason = StopReason::Cancelled;
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    }
+    out.timings.prefill = t0.elapsed();
+
+    let model = b.vocab().clone();
+    let greedy = params.temperature <= 0.0 && params.repeat_penalty == 1.0;
+    let sampler = if greedy {
+        None
+    } else {
+        Some(Sampler::new(params, model.info().n_vocab as i32)?)
+    };
+    let mut detok = Detokenizer::new();
+    let mut held = String::new();
+    let t1 = Instant::now();
+    let reason = loop {
+        if b.take_cancel() {
+            break StopReason::Cancelled;
+        }
+        if out.n_generated >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        let tok = match &sampler {
+            // Plain greedy: argmax in place (first maximum, as llama.cpp's greedy sampler)
+            // instead of building llama.cpp's n_vocab candidate array every token.
+            None => crate::reference::argmax(b.last_logits()?) as Token,
+            Some(s) => b.sample(s)?,
         };
-        let t0 = Instant::now();
-        match self.eval(prompt, EvalOptions::prefill(Logits::Last)) {
-            Ok(()) => {}
-            Err(RuntimeError::Aborted) => {
-                out.stop_reason = StopReason::Cancelled;
-                return Ok(out);
-            }
+        if !params.ignore_eos && model.is_eog(tok) {
+            break StopReason::Eos;
+        }
+        out.tokens.push(tok);
+        out.n_generated += 1;
+        held.push_str(&detok.push(&model.token_bytes(tok)?));
+        let mut stop_hit = None;
+        let emit_len = if params.stop.is_empty() {
+            held.len()
+        } else if let Some((pos, s)) = params
+            .stop
+            .iter()
+            .filter_map(|s| held.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|(p, _)| *p)
+        {
+            stop_hit = Some(s.clone());
+            pos
+        } else {
+            held.len() - held_suffix_len(&held, &params.stop)
+        };
+        let emitted: String = held.drain(..emit_len).collect();
+        out.text.push_str(&emitted);
+        let flow = on_token(&TokenEvent {
+            token: tok,
+            index: out.n_generated - 1,
+            text: &emitted,
+        });
+        if let Some(s) = stop_hit {
+            held.clear();
+            break StopReason::StopString(s);
+        }
+        if flow.is_break() {
+            break StopReason::Callback;
+        }
+        if out.n_generated >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        if b.n_past() + 1 > b.n_ctx() {
+            break StopReason::ContextFull;
+        }
+        match b.eval(&[tok], EvalOptions::decode()) {
+            Ok(()) => out.timings.n_decoded += 1,
+            Err(RuntimeError::Aborted) => break StopReason::Cancelled,
             Err(e) => return Err(e),
         }
-        out.timings.prefill = t0.elapsed();
-
-        let model = self.model().clone();
-        let greedy = params.temperature <= 0.0 && params.repeat_penalty == 1.0;
-        let sampler = if greedy {
-            None
-        } else {
-            Some(Sampler::new(params, model.info().n_vocab as i32)?)
-        };
-        let mut detok = Detokenizer::new();
-        let mut held = String::new();
-        let t1 = Instant::now();
-        let reason = loop {
-            if self.take_cancel() {
-                break StopReason::Cancelled;
-            }
-            if out.n_generated >= params.max_tokens {
-                break StopReason::MaxTokens;
-            }
-            let tok = match &sampler {
-                // Plain greedy: argmax in place (first maximum, as llama.cpp's greedy sampler)
-                // instead of building llama.cpp's n_vocab candidate array every token.
-                None => crate::reference::argmax(self.last_logits()?) as Token,
-                // SAFETY: the last eval produced logits for its last token (batch index -1).
-                Some(s) => unsafe { s.sample(self.as_ptr(), -1)? },
-            };
-            if !params.ignore_eos && model.is_eog(tok) {
-                break StopReason::Eos;
-            }
-            out.tokens.push(tok);
-            out.n_generated += 1;
-            held.push_str(&detok.push(&model.token_bytes(tok)?));
-            let mut stop_hit = None;
-            let emit_len = if params.stop.is_empty() {
-                held.len()
-            } else if let Some((pos, s)) = params
-                .stop
-                .iter()
-                .filter_map(|s| held.find(s.as_str()).map(|p| (p, s)))
-                .min_by_key(|(p, _)| *p)
-            {
-                stop_hit = Some(s.clone());
-                pos
-            } else {
-                held.len() - held_suffix_len(&held, &params.stop)
-            };
-            let emitted: String = held.drain(..emit_len).collect();
-            out.text.push_str(&emitted);
-            let flow = on_token(&TokenEvent {
-                token: tok,
-                index: out.n_generated - 1,
-                text: &emitted,
+    };
+    out.timings.decode = t1.elapsed();
+    if !matches!(reason, StopReason::StopString(_)) {
+        // Held-back text did not complete a stop string: it is part of the output.
+        held.push_str(&detok.finish());
+        if !held.is_empty() {
+            out.text.push_str(&held);
+            let _ = on_token(&TokenEvent {
+                token: FLUSH_TOKEN,
+                index: out.n_generated,
+                text: &held,
             });
-            if let Some(s) = stop_hit {
-                held.clear();
-                break StopReason::StopString(s);
-            }
-            if flow.is_break() {
-                break StopReason::Callback;
-            }
-            if out.n_generated >= params.max_tokens {
-                break StopReason::MaxTokens;
-            }
-            if self.n_past() + 1 > self.n_ctx() as usize {
-                break StopReason::ContextFull;
-            }
-            match self.eval(&[tok], EvalOptions::decode()) {
-                Ok(()) => out.timings.n_decoded += 1,
-                Err(RuntimeError::Aborted) => break StopReason::Cancelled,
-                Err(e) => return Err(e),
-            }
-        };
-        out.timings.decode = t1.elapsed();
-        if !matches!(reason, StopReason::StopString(_)) {
-            // Held-back text did not complete a stop string: it is part of the output.
-            held.push_str(&detok.finish());
-            if !held.is_empty() {
-                out.text.push_str(&held);
-                let _ = on_token(&TokenEvent {
-                    token: FLUSH_TOKEN,
-                    index: out.n_generated,
-                    text: &held,
-                });
-            }
         }
-        out.stop_reason = reason;
-        Ok(out)
     }
+    out.stop_reason = reason;
+    Ok(out)
 }
 
 #[cfg(test)]

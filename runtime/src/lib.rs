@@ -11,13 +11,17 @@
 
 pub mod answer;
 mod arch;
+pub mod backend;
 pub mod bench;
+mod config;
 mod detok;
 mod editing;
 mod error;
 mod generate;
 mod hooks;
 mod model;
+pub mod onnxruntime;
+pub mod parity;
 pub mod reference;
 mod scope;
 mod session;
@@ -27,13 +31,18 @@ pub mod testutil;
 pub use amend_edits::{HookPoint, Site};
 pub use answer::{continuation, prompt_answer_tokens, AnswerPlan};
 pub use arch::{ArchSpec, Architecture, Forward, SiteNode};
+pub use backend::{Backend, Capability};
+pub use config::{ConfigError, ModelConfig};
 pub use detok::Detokenizer;
 pub use editing::{
     check_scope_model, CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent,
     NeuronEvent, Request, ScopeTerms,
 };
 pub use error::{Result, RuntimeError};
-pub use generate::{GenerateOutput, GenerateParams, StopReason, Timings, TokenEvent, FLUSH_TOKEN};
+pub use generate::{
+    generate_with, GenerateOutput, GenerateParams, Sampler, StopReason, Timings, TokenEvent,
+    FLUSH_TOKEN,
+};
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};
 pub use scope::{

@@ -59,6 +59,9 @@ pub struct ModelOptions {
     /// Default thread count for sessions of this model, 1..=[`crate::MAX_THREADS`]; `None` =
     /// available parallelism.
     pub n_threads: Option<usize>,
+    /// Load only the vocabulary (no weights): tokenization for a backend that runs the
+    /// weights elsewhere (ONNX Runtime). Such a model cannot back a [`crate::Session`].
+    pub vocab_only: bool,
 }
 
 impl Default for ModelOptions {
@@ -66,6 +69,7 @@ impl Default for ModelOptions {
         ModelOptions {
             use_mmap: true,
             n_threads: None,
+            vocab_only: false,
         }
     }
 }
@@ -143,6 +147,7 @@ impl Model {
         let ptr = unsafe {
             let mut p = sys::llama_model_default_params();
             p.n_gpu_layers = 0;
+            p.vocab_only = options.vocab_only;
             p.load_mode = if options.use_mmap {
                 sys::LLAMA_LOAD_MODE_MMAP
             } else {
@@ -161,7 +166,13 @@ impl Model {
                 path: path.to_path_buf(),
             });
         };
-        let info = unsafe { read_info(ptr.as_ptr(), vocab.as_ptr(), architecture, &arch_name) };
+        let info = if options.vocab_only {
+            // llama.cpp loads no hyperparameters vocabulary-only (its per-layer getters would
+            // abort): the dimensions come from our own validated read of the header.
+            unsafe { read_vocab_info(vocab.as_ptr(), architecture, &hparams) }
+        } else {
+            unsafe { read_info(ptr.as_ptr(), vocab.as_ptr(), architecture, &arch_name) }
+        };
         log::debug!(
             "loaded {} ({}, {} layers, n_embd {})",
             path.display(),
@@ -397,6 +408,37 @@ unsafe fn meta_str(model: *const sys::llama_model, key: &str) -> Option<String> 
         buf.resize(n as usize + 1, 0);
     }
     None
+}
+
+/// [`ModelInfo`] of a vocabulary-only load.
+///
+/// # Safety
+/// `vocab` is a live vocabulary.
+unsafe fn read_vocab_info(
+    vocab: *const sys::llama_vocab,
+    architecture: Architecture,
+    hp: &ModelHparams,
+) -> ModelInfo {
+    let tok = |t: sys::llama_token| (t >= 0).then_some(t);
+    unsafe {
+        ModelInfo {
+            architecture,
+            description: format!("{} (vocabulary only)", hp.arch),
+            n_layer: hp.n_layer,
+            n_embd: hp.n_embd,
+            n_ff: hp.n_ff.first().copied().unwrap_or(0),
+            n_head: hp.n_head.first().copied().unwrap_or(0),
+            n_head_kv: hp.n_head_kv.first().copied().unwrap_or(0),
+            n_vocab: sys::llama_vocab_n_tokens(vocab).max(0) as u32,
+            n_ctx_train: hp.n_ctx_train,
+            quantization: String::new(),
+            n_params: 0,
+            size_bytes: 0,
+            bos: tok(sys::llama_vocab_bos(vocab)),
+            eos: tok(sys::llama_vocab_eos(vocab)),
+            add_bos: sys::llama_vocab_get_add_bos(vocab),
+        }
+    }
 }
 
 unsafe fn read_info(

@@ -67,7 +67,7 @@ pub enum Logits {
 }
 
 impl Logits {
-    fn wants(self, i: usize, n: usize) -> bool {
+    pub(crate) fn wants(self, i: usize, n: usize) -> bool {
         match self {
             Logits::None => false,
             Logits::Last => i + 1 == n,
@@ -166,6 +166,11 @@ unsafe impl Send for Session {}
 impl Session {
     pub fn new(model: &Arc<Model>, options: SessionOptions) -> Result<Session, RuntimeError> {
         let info = model.info();
+        if model.options().vocab_only {
+            return Err(RuntimeError::InvalidOptions(
+                "the model was opened vocabulary-only (ModelOptions::vocab_only); it has no weights for a llama.cpp session".into(),
+            ));
+        }
         if options.n_ubatch == 0 || options.n_ctx == 0 {
             return Err(RuntimeError::InvalidOptions(
                 "n_ctx and n_ubatch must be > 0".into(),
@@ -566,5 +571,47 @@ impl std::fmt::Debug for Session {
             .field("n_past", &self.n_past)
             .field("n_hooks", &self.n_hooks())
             .finish()
+    }
+}
+
+impl crate::backend::Backend for Session {
+    fn backend_name(&self) -> String {
+        "llama.cpp".into()
+    }
+    fn vocab(&self) -> &Arc<Model> {
+        self.model()
+    }
+    fn n_ctx(&self) -> usize {
+        Session::n_ctx(self) as usize
+    }
+    fn n_past(&self) -> usize {
+        Session::n_past(self)
+    }
+    fn kv_clear(&mut self) -> Result<(), RuntimeError> {
+        Session::kv_clear(self);
+        Ok(())
+    }
+    fn kv_truncate(&mut self, keep: usize) -> Result<(), RuntimeError> {
+        Session::kv_truncate(self, keep)
+    }
+    fn eval(&mut self, tokens: &[Token], options: EvalOptions) -> Result<(), RuntimeError> {
+        Session::eval(self, tokens, options)
+    }
+    fn logits(&self, i: usize) -> Result<&[f32], RuntimeError> {
+        Session::logits(self, i)
+    }
+    fn last_logits(&self) -> Result<&[f32], RuntimeError> {
+        Session::last_logits(self)
+    }
+    fn sample(&mut self, sampler: &crate::generate::Sampler) -> Result<Token, RuntimeError> {
+        // SAFETY: the last evaluation produced logits for its last token (batch index -1);
+        // generation asks only after an evaluation.
+        unsafe { sampler.sample(self.as_ptr(), -1) }
+    }
+    fn take_cancel(&mut self) -> bool {
+        Session::take_cancel(self)
+    }
+    fn supports(&self, _: crate::backend::Capability) -> bool {
+        true
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use amend_edits::gguf::GgufWriter;
+use amend_edits::gguf::{f32_to_f16, GgmlType, GgufWriter};
 
 use crate::arch::Architecture;
 
@@ -98,6 +98,17 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
 /// Writes a tiny random-weight model of `arch` (a llama-graph architecture: llama, qwen2, qwen3)
 /// to `path`, with the layer tensors the architecture table lists.
 pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::Result<()> {
+    write_tiny_model_typed(path, arch, seed, GgmlType::F32)
+}
+
+/// [`write_tiny_model`] with the layer matrices stored as `ty` (F32, or the 32-element block
+/// types Q8_0, Q5_0, Q4_0, Q4_1, quantized as ggml's reference quantizers do).
+pub fn write_tiny_model_typed(
+    path: &Path,
+    arch: Architecture,
+    seed: u64,
+    ty: GgmlType,
+) -> std::io::Result<()> {
     let a = arch.name();
     assert!(
         arch != Architecture::Gemma3,
@@ -136,7 +147,13 @@ pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::
     let err = |e| std::io::Error::other(format!("{e:?}"));
     let ones = |n: u64| vec![1.0f32; n as usize];
     let t = |w: &mut GgufWriter, name: &str, ne: &[u64], data: Vec<f32>| {
-        w.add_tensor_f32(name, ne, &data).map(|_| ()).map_err(err)
+        if ty == GgmlType::F32 || ne.len() != 2 || !name.starts_with("blk.") {
+            w.add_tensor_f32(name, ne, &data).map(|_| ()).map_err(err)
+        } else {
+            w.add_tensor_raw(name, ty, ne, quantize(ty, &data))
+                .map(|_| ())
+                .map_err(err)
+        }
     };
     let emb = rng.vec((n_embd * n_vocab) as usize, 1.0);
     t(&mut w, "token_embd.weight", &[n_embd, n_vocab], emb)?;
@@ -173,4 +190,64 @@ pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::
         }
     }
     w.write_to(path)
+}
+
+/// ggml's reference quantizers (`quantize_row_*_ref`) for the 32-element block types.
+fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The value of largest magnitude, with its sign.
+        let max = b
+            .iter()
+            .copied()
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        match ty {
+            GgmlType::Q8_0 => {
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                let (levels, half) = if ty == GgmlType::Q4_0 {
+                    (15u8, 8.0)
+                } else {
+                    (31, 16.0)
+                };
+                let d = max / -half;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|v| ((v * id + half + 0.5) as u8).min(levels))
+                    .collect();
+                out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+                if ty == GgmlType::Q5_0 {
+                    let mut qh = 0u32;
+                    for j in 0..16 {
+                        qh |= ((q[j] as u32 & 0x10) >> 4) << j;
+                        qh |= ((q[j + 16] as u32 & 0x10) >> 4) << (j + 16);
+                    }
+                    out.extend_from_slice(&qh.to_le_bytes());
+                }
+                out.extend((0..16).map(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)));
+            }
+            GgmlType::Q4_1 => {
+                let (lo, hi) = b
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let d = (hi - lo) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|v| (((v - lo) * id + 0.5) as u8).min(15))
+                    .collect();
+                out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+                out.extend_from_slice(&f32_to_f16(lo).to_le_bytes());
+                out.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
+            }
+            other => panic!("the tiny model has no quantizer for {other:?}"),
+        }
+    }
+    out
 }

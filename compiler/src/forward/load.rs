@@ -6,7 +6,7 @@
 
 use super::{Arch, Config, Forward, Layer, Model, Proj};
 use crate::error::{CompileError, Result};
-use amend_edits::gguf::{GgmlType, GgufArray, GgufFile, GgufHeader, GgufValue, ModelHparams};
+use amend_edits::gguf::{GgmlType, GgufFile, GgufHeader, GgufValue, ModelHparams};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -84,24 +84,6 @@ impl Weights {
         self.header.get(key)
     }
 
-    fn u32_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.metadata(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                CompileError::UnsupportedModel(format!("metadata `{key}` is not an integer"))
-            }),
-        }
-    }
-
-    fn f32_opt(&self, key: &str) -> Result<Option<f32>> {
-        match self.metadata(key) {
-            None => Ok(None),
-            Some(v) => v.as_f32().map(Some).ok_or_else(|| {
-                CompileError::UnsupportedModel(format!("metadata `{key}` is not a float"))
-            }),
-        }
-    }
-
     /// The device rounding of the input of a matmul with weight `name` (see
     /// [`super::vec_dot_type`]).
     pub fn act_quant(&self, name: &str) -> Option<GgmlDType> {
@@ -159,122 +141,13 @@ impl Weights {
         Ok(self.arch.name().to_string())
     }
 
-    /// The model's [`Config`] from its metadata.
+    /// The model's [`Config`] from its metadata (derived by the runtime, for every backend).
     pub fn config(&self) -> Result<Config> {
-        let arch = self.arch;
-        let gemma = arch.spec().forward == Some(Forward::Gemma3);
-        let a = arch.name();
-        let k = |s: &str| format!("{a}.{s}");
-        // Head counts, head sizes, RoPE width and epsilons were validated with the header.
-        let hp = &self.hparams;
-        let n_layer = hp.n_layer as usize;
-        let n_embd = hp.n_embd as usize;
-        let n_ff = hp.n_ff[0] as usize;
-        let n_head = hp.n_head[0] as usize;
-        let n_head_kv = hp.n_head_kv[0] as usize;
-        let head_dim = hp.head_dim_k as usize;
-        let uniform = |v: &[u32]| v.iter().all(|&x| x == v[0]);
-        if n_ff == 0 || !uniform(&hp.n_ff) || !uniform(&hp.n_head) || !uniform(&hp.n_head_kv) {
-            return Err(CompileError::UnsupportedModel(
-                "per-layer FFN widths or head counts".into(),
-            ));
-        }
-        if head_dim % 2 != 0 {
-            return Err(CompileError::UnsupportedModel(format!(
-                "head counts {n_head}/{n_head_kv} with head size {head_dim}"
-            )));
-        }
-        let rms_eps = hp
-            .rms_eps
-            .ok_or_else(|| CompileError::MissingMetadata(k("attention.layer_norm_rms_epsilon")))?
-            as f64;
-        let rope_base = self.f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0);
-        let rope_base_swa = self.f32_opt(&k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-        let rope_freq_scale = match self.metadata(&k("rope.scaling.type")) {
-            None => 1.0,
-            Some(GgufValue::String(t)) if t == "none" => 1.0,
-            Some(GgufValue::String(t)) if t == "linear" => {
-                1.0 / self.f32_opt(&k("rope.scaling.factor"))?.unwrap_or(1.0)
-            }
-            Some(GgufValue::String(t)) => {
-                return Err(CompileError::UnsupportedModel(format!(
-                    "RoPE scaling `{t}`"
-                )));
-            }
-            Some(_) => 1.0,
-        };
-
-        let mut sliding_window = None;
-        let mut swa_layers = vec![false; n_layer];
-        if gemma {
-            if let Some(w) = self
-                .u32_opt(&k("attention.sliding_window"))?
-                .filter(|&w| w > 0)
-            {
-                sliding_window = Some(w);
-                // llama.cpp: an explicit per-layer array, else a period (default 6: five
-                // sliding-window layers, then one full-attention layer).
-                let key = k("attention.sliding_window_pattern");
-                match self.metadata(&key) {
-                    Some(GgufValue::Array(GgufArray::Bool(vals))) => {
-                        for (i, &v) in vals.iter().enumerate().take(n_layer) {
-                            swa_layers[i] = v;
-                        }
-                    }
-                    _ => {
-                        let p = self.u32_opt(&key)?.unwrap_or(6);
-                        for (il, s) in swa_layers.iter_mut().enumerate() {
-                            *s = p == 0 || il % p < p - 1;
-                        }
-                    }
-                }
-            }
-        }
-
-        let attn_scale = if gemma {
-            // gemma_pytorch: 27B scales by n_embd/n_head, the others by the head size.
-            if n_layer == 62 {
-                1.0 / ((n_embd / n_head) as f64).sqrt()
-            } else {
-                1.0 / (head_dim as f64).sqrt()
-            }
-        } else {
-            match self.f32_opt(&k("attention.scale"))? {
-                Some(s) if s != 0.0 => s as f64,
-                _ => 1.0 / (head_dim as f64).sqrt(),
-            }
-        };
-        let final_softcap = if gemma {
-            self.f32_opt(&k("final_logit_softcapping"))?
-                .filter(|&c| c != 0.0)
-                .map(|c| c as f64)
-        } else {
-            None
-        };
-        // ggml's ne of the embeddings is [n_embd, n_vocab].
-        let n_vocab = match self.header.tensor("token_embd.weight") {
-            Some(t) => t.ne[1] as usize,
-            None => return Err(CompileError::MissingTensor("token_embd.weight".into())),
-        };
-        Ok(Config {
-            arch,
-            n_layer,
-            n_embd,
-            n_ff,
-            n_head,
-            n_head_kv,
-            head_dim,
-            n_vocab,
-            rms_eps,
-            rope_base,
-            rope_base_swa,
-            rope_freq_scale,
-            rope_neox: arch.spec().rope_neox,
-            sliding_window,
-            swa_layers,
-            attn_scale,
-            embed_scale: gemma.then(|| (n_embd as f64).sqrt()),
-            final_softcap,
+        use amend_runtime::ConfigError as E;
+        Config::from_gguf(&self.header, &self.hparams, self.arch).map_err(|e| match e {
+            E::Unsupported(m) => CompileError::UnsupportedModel(m),
+            E::MissingMetadata(k) => CompileError::MissingMetadata(k),
+            E::MissingTensor(t) => CompileError::MissingTensor(t),
         })
     }
 }

@@ -38,35 +38,8 @@ pub fn arch_from_gguf_name(name: &str) -> Result<Arch> {
         })
 }
 
-/// Dimensions and constants of a model, from its GGUF metadata.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub arch: Arch,
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_ff: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub head_dim: usize,
-    pub n_vocab: usize,
-    pub rms_eps: f64,
-    /// RoPE base of full-attention layers and of sliding-window layers.
-    pub rope_base: f32,
-    pub rope_base_swa: f32,
-    /// Position multiplier of full-attention layers (linear RoPE scaling; 1 when none).
-    pub rope_freq_scale: f32,
-    /// NEOX RoPE rotates the two halves of a head; the llama ("normal") style rotates pairs.
-    pub rope_neox: bool,
-    /// Sliding window size and which layers use it.
-    pub sliding_window: Option<usize>,
-    pub swa_layers: Vec<bool>,
-    /// Multiplier of the attention scores.
-    pub attn_scale: f64,
-    /// Multiplier of the token embeddings (gemma: sqrt(n_embd)).
-    pub embed_scale: Option<f64>,
-    /// Final logit soft-capping (tanh), when the model has it.
-    pub final_softcap: Option<f64>,
-}
+/// Dimensions and constants of a model, derived once by the runtime for every backend.
+pub use amend_runtime::ModelConfig as Config;
 
 /// One transformer block's weights, f32, `[out, in]` like the GGUF stores them.
 pub struct Layer {

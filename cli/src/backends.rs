@@ -1,0 +1,298 @@
+//! The ONNX Runtime backend on the command line (issue 13): the options `run` shares, `amend
+//! parity` (top-1 agreement, logit error, speed and memory against llama.cpp in one run) and
+//! `amend export-onnx`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use amend_runtime::onnxruntime::{
+    Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile,
+};
+use amend_runtime::{Backend, GenerateParams, Session, SessionOptions};
+use anyhow::Context;
+
+/// Which engine runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendName {
+    /// llama.cpp on the CPU.
+    Llama,
+    /// ONNX Runtime on an execution provider (--ep).
+    Ort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileName {
+    /// ORT contrib ops (MatMulNBits): CPU and OpenVINO EPs.
+    Cpu,
+    /// Standard ONNX ops only, for EPs without contrib ops.
+    Portable,
+}
+
+/// ONNX Runtime options (used with `--backend ort`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct OrtArgs {
+    /// Execution provider: cpu, openvino[:CPU|GPU|NPU], qnn, coreml, nnapi, xnnpack.
+    #[arg(long, default_value = "cpu")]
+    pub ep: String,
+    /// The ONNX Runtime library (default $AMEND_ORT_LIB, else what scripts/fetch-ort.sh
+    /// installed for the EP under ~/.cache/amend/ort).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Operator profile of the graph.
+    #[arg(long, value_enum, default_value_t = ProfileName::Cpu)]
+    pub profile: ProfileName,
+    /// Let nodes the EP does not take run on the CPU EP (off: such a graph is an error).
+    #[arg(long)]
+    pub cpu_fallback: bool,
+    /// Run this graph (from `amend export-onnx`) instead of building one; it must match the
+    /// model. Default: build, cached as MODEL.PROFILE.onnx beside the model.
+    #[arg(long)]
+    pub onnx: Option<PathBuf>,
+    /// Neither read nor write the graph cache beside the model.
+    #[arg(long)]
+    pub no_onnx_cache: bool,
+    /// llama.cpp roundings to reproduce in the graph: none, or a list of kv, gelu, q80, q8k,
+    /// q4kf32, q6kf32 (docs/backends.md).
+    #[arg(long, default_value = "none")]
+    pub emulate: String,
+}
+
+impl OrtArgs {
+    pub fn options(&self, threads: Option<usize>) -> anyhow::Result<OrtOptions> {
+        Ok(OrtOptions {
+            ep: Ep::parse(&self.ep)?,
+            profile: match self.profile {
+                ProfileName::Cpu => Profile::Cpu,
+                ProfileName::Portable => Profile::Portable,
+            },
+            library: self.ort_lib.clone(),
+            n_threads: threads,
+            cpu_fallback: self.cpu_fallback,
+            export: None,
+            cache: match (&self.onnx, self.no_onnx_cache) {
+                (Some(p), _) => OnnxCache::File(p.clone()),
+                (None, true) => OnnxCache::Off,
+                (None, false) => OnnxCache::BesideModel,
+            },
+            emulation: Emulation::parse(&self.emulate).map_err(anyhow::Error::msg)?,
+        })
+    }
+}
+
+pub fn open_ort(
+    path: &Path,
+    args: &OrtArgs,
+    threads: Option<usize>,
+) -> anyhow::Result<Arc<OrtModel>> {
+    OrtModel::open(path, args.options(threads)?)
+        .with_context(|| format!("opening {} on ONNX Runtime", path.display()))
+}
+
+#[derive(clap::Args)]
+pub struct ParityArgs {
+    /// GGUF model file.
+    #[arg(long, env = "AMEND_MODEL")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
+    /// Prompts, one per line.
+    #[arg(long, default_value = "data/prompts-100.txt")]
+    pub prompts: PathBuf,
+    /// Only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Greedy tokens per prompt (positions compared).
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// CPU threads for both backends.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Decode tokens timed per backend in the speed comparison (0 = skip it).
+    #[arg(long, default_value_t = 64)]
+    pub speed_tokens: usize,
+    /// Evaluate the continuation in one teacher-forced pass instead of token by token.
+    #[arg(long)]
+    pub batch: bool,
+    /// Compare llama.cpp with itself instead (teacher-forced batch vs token-by-token): the
+    /// floor any other backend is measured against.
+    #[arg(long)]
+    pub self_check: bool,
+}
+
+fn rss_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Prefill and decode speed of a backend: one prompt of `prompt_len` tokens, then `n` greedy
+/// single-token decodes (end of generation ignored).
+fn speed(b: &mut dyn Backend, prompt: &[i32], n: usize) -> anyhow::Result<(f64, f64)> {
+    let params = GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..GenerateParams::greedy(n)
+    };
+    let out = amend_runtime::generate_with(b, prompt, &params)?;
+    Ok((out.timings.prefill_tok_s(), out.timings.decode_tok_s()))
+}
+
+pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("reading {}", args.prompts.display()))?;
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if let Some(n) = args.limit {
+        lines.truncate(n);
+    }
+    let rss0 = rss_kb().unwrap_or(0);
+    let llama = crate::run::open_model(&args.model, Some(args.threads))?;
+    let session = || {
+        Session::new(
+            &llama,
+            SessionOptions {
+                n_ctx: 1024,
+                n_threads: Some(args.threads),
+                ..Default::default()
+            },
+        )
+    };
+    let mut reference = session()?;
+    let rss_llama = rss_kb().unwrap_or(0).saturating_sub(rss0);
+    let mode = if args.batch {
+        amend_runtime::parity::Mode::Batch
+    } else {
+        amend_runtime::parity::Mode::Incremental
+    };
+    if args.self_check {
+        let mut other = session()?;
+        let prompts: Vec<Vec<i32>> = lines
+            .iter()
+            .map(|l| llama.tokenize(l, true))
+            .collect::<Result<_, _>>()?;
+        let r = amend_runtime::parity::parity(
+            &mut reference,
+            &mut other,
+            &prompts,
+            args.tokens,
+            mode,
+            |_, _| {},
+        )?;
+        print!("{}", r.table("llama.cpp", &format!("llama.cpp ({mode:?})")));
+        return Ok(());
+    }
+    let t = Instant::now();
+    let ort = open_ort(&args.model, &args.ort, Some(args.threads))?;
+    let open_s = t.elapsed().as_secs_f64();
+    let rss_ort_open = rss_kb().unwrap_or(0).saturating_sub(rss0 + rss_llama);
+    let mut candidate = OrtSession::new(&ort, 1024)?;
+    let prompts: Vec<Vec<i32>> = lines
+        .iter()
+        .map(|l| llama.tokenize(l, true))
+        .collect::<Result<_, _>>()?;
+    let candidate_name = format!("onnxruntime {}", ort.options().ep.name());
+    let report = amend_runtime::parity::parity(
+        &mut reference,
+        &mut candidate,
+        &prompts,
+        args.tokens,
+        mode,
+        |i, r| {
+            log::info!(
+                "prompt {}/{}: agreement {:.2}% over {} positions",
+                i + 1,
+                prompts.len(),
+                r.agreement(),
+                r.positions
+            )
+        },
+    )?;
+    let rss_both = rss_kb().unwrap_or(0).saturating_sub(rss0);
+    println!(
+        "model {} ({} profile, {mode:?} evaluation)",
+        args.model.display(),
+        ort.options().profile.name()
+    );
+    print!("{}", report.table("llama.cpp", &candidate_name));
+    if !report.first_token_misses.is_empty() {
+        println!(
+            "first-token misses at prompts {:?}",
+            report.first_token_misses
+        );
+    }
+    let st = ort.stats();
+    println!(
+        "ort open {:.2} s (graph {} {:.2} s, {} nodes, {:.1} MB ONNX; session {:.2} s)",
+        open_s,
+        if st.from_cache {
+            "read from cache in"
+        } else {
+            "built in"
+        },
+        st.graph_build_s,
+        st.n_nodes,
+        st.onnx_bytes as f64 / 1e6,
+        st.session_create_s
+    );
+    if args.speed_tokens > 0 {
+        // A prompt of about 128 tokens: the first prompts joined.
+        let mut long = Vec::new();
+        for p in &prompts {
+            if long.len() >= 128 {
+                break;
+            }
+            long.extend_from_slice(if long.is_empty() { &p[..] } else { &p[1..] });
+        }
+        let prompt = &long;
+        let (lp, ld) = speed(&mut reference, prompt, args.speed_tokens)?;
+        let (op, od) = speed(&mut candidate, prompt, args.speed_tokens)?;
+        println!(
+            "| backend | prefill tok/s ({} tokens) | decode tok/s ({} tokens) |\n|---|---:|---:|\n| llama.cpp | {lp:.1} | {ld:.1} |\n| {candidate_name} | {op:.1} ({:.2}x) | {od:.1} ({:.2}x) |",
+            prompt.len(),
+            args.speed_tokens,
+            op / lp,
+            od / ld
+        );
+    }
+    let rss_ort = rss_both.saturating_sub(rss_llama);
+    println!(
+        "RSS: llama.cpp model+session {:.0} MB, ONNX Runtime model+session {:.0} MB ({:.2}x; {:.0} MB right after opening)",
+        rss_llama as f64 / 1024.0,
+        rss_ort as f64 / 1024.0,
+        rss_ort as f64 / rss_llama.max(1) as f64,
+        rss_ort_open as f64 / 1024.0
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// GGUF model file.
+    #[arg(long, env = "AMEND_MODEL")]
+    pub model: PathBuf,
+    /// Where to write the .onnx file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
+}
+
+/// Builds the graph (loading it on the EP as a check) and writes it.
+pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
+    let mut options = args.ort.options(None)?;
+    options.export = Some(args.out.clone());
+    options.cache = OnnxCache::Off;
+    let m = OrtModel::open(&args.model, options)
+        .with_context(|| format!("building the ONNX graph of {}", args.model.display()))?;
+    println!(
+        "{}: {} nodes, {:.1} MB, built in {:.2} s, loads on {}",
+        args.out.display(),
+        m.stats().n_nodes,
+        m.stats().onnx_bytes as f64 / 1e6,
+        m.stats().graph_build_s,
+        m.options().ep.name()
+    );
+    Ok(())
+}

@@ -1,0 +1,1094 @@
+//! The ONNX Runtime backend (issue 13): the same GGUF run by ONNX Runtime on an execution
+//! provider (CPU, OpenVINO, QNN, CoreML, NNAPI, XNNPACK), from a graph built from the GGUF with
+//! its exact weights ([`graph`], [`quant`]), written as an ONNX file by [`onnx`].
+//!
+//! - The library is loaded at run time from a path ([`load_library`]); `ort` never downloads
+//!   anything. One library per process (ONNX Runtime has one environment per process).
+//! - Tokenization is llama.cpp's, from a vocabulary-only load of the same file, so both backends
+//!   tokenize identically.
+//! - [`OrtModel`] holds the built ONNX Runtime session; [`OrtSession`] a conversation's KV cache
+//!   (graph inputs and outputs) and its last logits.
+
+pub mod graph;
+pub mod onnx;
+pub mod quant;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use amend_edits::gguf::{GgufFile, ModelHparams};
+use ort::session::Session as OrtRunner;
+use ort::value::{DynValue, Tensor};
+
+pub use graph::{Emulation, Profile};
+
+use crate::arch::Architecture;
+use crate::config::ModelConfig;
+use crate::error::RuntimeError;
+use crate::model::{Model, ModelOptions};
+use crate::session::Logits;
+use crate::Token;
+
+/// An execution provider, as named on the command line (`--ep`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ep {
+    Cpu,
+    /// OpenVINO with a device (`CPU`, `GPU`, `NPU`; default `CPU`).
+    OpenVino(String),
+    Qnn,
+    CoreMl,
+    Nnapi,
+    Xnnpack,
+}
+
+impl Ep {
+    pub fn parse(s: &str) -> Result<Ep, RuntimeError> {
+        let (name, dev) = match s.split_once(':') {
+            Some((n, d)) => (n, Some(d)),
+            None => (s, None),
+        };
+        let ep = match name.to_ascii_lowercase().as_str() {
+            "cpu" => Ep::Cpu,
+            "openvino" => Ep::OpenVino(dev.unwrap_or("CPU").to_string()),
+            "qnn" => Ep::Qnn,
+            "coreml" => Ep::CoreMl,
+            "nnapi" => Ep::Nnapi,
+            "xnnpack" => Ep::Xnnpack,
+            _ => {
+                return Err(RuntimeError::InvalidOptions(format!(
+                    "unknown execution provider `{s}` (cpu, openvino[:DEVICE], qnn, coreml, nnapi, xnnpack)"
+                )))
+            }
+        };
+        if dev.is_some() && !matches!(ep, Ep::OpenVino(_)) {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "execution provider `{name}` takes no device (`{s}`)"
+            )));
+        }
+        Ok(ep)
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Ep::Cpu => "cpu".into(),
+            Ep::OpenVino(d) => format!("openvino:{d}"),
+            Ep::Qnn => "qnn".into(),
+            Ep::CoreMl => "coreml".into(),
+            Ep::Nnapi => "nnapi".into(),
+            Ep::Xnnpack => "xnnpack".into(),
+        }
+    }
+
+    fn dispatch(&self) -> Option<ort::ep::ExecutionProviderDispatch> {
+        use ort::ep;
+        Some(match self {
+            Ep::Cpu => return None,
+            Ep::OpenVino(d) => ep::OpenVINO::default().with_device_type(d).build(),
+            Ep::Qnn => ep::QNN::default().build(),
+            Ep::CoreMl => ep::CoreML::default().build(),
+            Ep::Nnapi => ep::NNAPI::default().build(),
+            Ep::Xnnpack => ep::XNNPACK::default().build(),
+        })
+    }
+}
+
+/// Where scripts/fetch-ort.sh puts the library an EP needs (`$AMEND_ORT_LIB` overrides).
+pub fn default_library(ep: &Ep) -> PathBuf {
+    if let Some(p) = std::env::var_os("AMEND_ORT_LIB") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("AMEND_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/amend")
+        });
+    match ep {
+        Ep::OpenVino(_) => cache.join("ort/openvino/libonnxruntime.so.1.24.1"),
+        _ => cache.join("ort/cpu/libonnxruntime.so.1.32.0"),
+    }
+}
+
+struct Loaded {
+    path: PathBuf,
+    env: ort::environment::Environment,
+}
+
+static LOADED: OnceLock<Loaded> = OnceLock::new();
+static LOAD_LOCK: Mutex<()> = Mutex::new(());
+
+/// Loads the ONNX Runtime library at `path` for this process. A second call with the same file
+/// is free; with another file it is an error (ONNX Runtime cannot be unloaded). A missing file,
+/// a FIFO, a library without the ONNX Runtime API or one older than 1.24 is a specific error,
+/// never an abort.
+pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environment, RuntimeError> {
+    let _guard = LOAD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let bad = |detail: String| RuntimeError::OrtLibrary {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let canonical = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+    if let Some(l) = LOADED.get() {
+        if l.path == canonical {
+            return Ok(&l.env);
+        }
+        return Err(bad(format!(
+            "this process already runs ONNX Runtime from {}; one library per process",
+            l.path.display()
+        )));
+    }
+    // A FIFO would block dlopen; a directory or device is refused by name.
+    amend_edits::fsutil::open_regular(&canonical, 1 << 31).map_err(|e| bad(e.to_string()))?;
+    let builder = ort::init_from(&canonical).map_err(|e| bad(e.to_string()))?;
+    let env = builder
+        .with_name("amend")
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let _ = LOADED.set(Loaded {
+        path: canonical,
+        env,
+    });
+    Ok(&LOADED.get().expect("just set").env)
+}
+
+/// The weights ONNX Runtime computes with for a GGUF tensor (`ne = [k, n]`, type `t`):
+/// `X = I_k` through the graph form of the weight ([`graph::linear_probe`]), read back as
+/// `W^T` (`[k, n]`, row-major). Tests compare it bitwise with ggml's dequantization.
+#[doc(hidden)]
+pub fn probe_linear(
+    data: &[u8],
+    t: amend_edits::gguf::GgmlType,
+    k: usize,
+    n: usize,
+    profile: Profile,
+    library: &Path,
+) -> Result<Vec<f32>, RuntimeError> {
+    let env = load_library(library)?;
+    let lw = quant::linear_weight("w", t, k, n, data)
+        .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
+    let g = graph::linear_probe(lw, profile);
+    let bytes = onnx::ModelProto {
+        graph: &g,
+        opsets: OPSETS,
+        producer: "amend probe",
+        metadata: &[],
+    }
+    .to_bytes();
+    let e = |e: String| RuntimeError::Ort(format!("probe session: {e}"));
+    let mut runner = OrtRunner::builder(env)
+        .map_err(|x| e(x.to_string()))?
+        .with_intra_threads(1)
+        .map_err(|x| e(x.to_string()))?
+        // The graph as written: ORT's CPU optimizer would fuse DequantizeLinear + MatMul into
+        // MatMulNBits with int8 activations, which is not what a probe of the weights wants.
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+        .map_err(|x| e(x.to_string()))?
+        .commit_from_memory(&bytes)
+        .map_err(|x| e(x.to_string()))?;
+    let mut eye = vec![0f32; k * k];
+    for i in 0..k {
+        eye[i * k + i] = 1.0;
+    }
+    let x = Tensor::from_array((vec![k as i64, k as i64], eye)).map_err(ort_err("probe input"))?;
+    let out = runner
+        .run(vec![("x".to_string(), x.into_dyn())])
+        .map_err(ort_err("probe run"))?;
+    let (_, y) = out["y"]
+        .try_extract_tensor::<f32>()
+        .map_err(ort_err("probe output"))?;
+    Ok(y.to_vec())
+}
+
+/// Creates (and drops) a session for an arbitrary graph with `options`' library, EP and
+/// fallback rule: tests use it to show what an EP refuses.
+#[doc(hidden)]
+pub fn check_graph(g: &onnx::Graph, options: &OrtOptions) -> Result<(), RuntimeError> {
+    let library = options
+        .library
+        .clone()
+        .unwrap_or_else(|| default_library(&options.ep));
+    let env = load_library(&library)?;
+    let bytes = onnx::ModelProto {
+        graph: g,
+        opsets: OPSETS,
+        producer: "amend check",
+        metadata: &[],
+    }
+    .to_bytes();
+    OrtModel::session(env, options, &bytes).map(drop)
+}
+
+/// How to open a model on ONNX Runtime.
+#[derive(Clone, Debug)]
+pub struct OrtOptions {
+    pub ep: Ep,
+    pub profile: Profile,
+    /// The library; `None` = [`default_library`] for the EP.
+    pub library: Option<PathBuf>,
+    /// Intra-op threads, 1..=[`crate::MAX_THREADS`]; `None` = ONNX Runtime's default.
+    pub n_threads: Option<usize>,
+    /// Let nodes the EP does not take run on the CPU EP. Off by default: nothing falls back
+    /// silently.
+    pub cpu_fallback: bool,
+    /// Also write the built graph here, with its sidecar (`amend export-onnx`).
+    pub export: Option<PathBuf>,
+    /// Where the built graph is kept between runs.
+    pub cache: OnnxCache,
+    /// llama.cpp roundings the graph reproduces (none by default; docs/backends.md).
+    pub emulation: Emulation,
+}
+
+/// Where the built ONNX graph is kept between runs. A cached graph is used only when its
+/// sidecar (`FILE.amend`) names this model's fingerprint and this builder, and the file's
+/// sha256 matches the sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnnxCache {
+    /// Always build from the GGUF.
+    Off,
+    /// `MODEL.PROFILE.onnx` beside the model: used when it matches; built and (when the
+    /// directory is writable) written when it is missing, stale or damaged.
+    BesideModel,
+    /// This file (e.g. from `amend export-onnx`): it must exist and match; anything else is
+    /// an [`RuntimeError::OrtCache`] error.
+    File(PathBuf),
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            ep: Ep::Cpu,
+            profile: Profile::Cpu,
+            library: None,
+            n_threads: None,
+            cpu_fallback: false,
+            export: None,
+            cache: OnnxCache::BesideModel,
+            emulation: Emulation::default(),
+        }
+    }
+}
+
+/// Build and load figures of an [`OrtModel`].
+#[derive(Clone, Debug, Default)]
+pub struct OrtLoadStats {
+    /// The graph came from the cache ([`OnnxCache`]); `graph_build_s` is then its read time.
+    pub from_cache: bool,
+    pub graph_build_s: f64,
+    pub onnx_bytes: usize,
+    pub session_create_s: f64,
+    pub n_nodes: usize,
+}
+
+/// A GGUF model running on ONNX Runtime. One ONNX Runtime session serves all of its
+/// [`OrtSession`]s: their evaluations take turns (each session keeps its own KV cache).
+pub struct OrtModel {
+    vocab: Arc<Model>,
+    cfg: ModelConfig,
+    runner: Mutex<OrtRunner>,
+    options: OrtOptions,
+    stats: OrtLoadStats,
+    rope_freqs: Option<Vec<f32>>,
+    binding: amend_edits::bundle::ModelBinding,
+}
+
+impl std::fmt::Debug for OrtModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtModel")
+            .field("arch", &self.cfg.arch)
+            .field("ep", &self.options.ep)
+            .finish()
+    }
+}
+
+fn ort_err(context: &str) -> impl Fn(ort::Error) -> RuntimeError + '_ {
+    move |e| RuntimeError::Ort(format!("{context}: {e}"))
+}
+
+impl OrtModel {
+    /// Validates the GGUF at `path` (the same checks as [`Model::open`]), builds its ONNX graph
+    /// from bytes this process owns and creates the ONNX Runtime session on the EP.
+    pub fn open(
+        path: impl AsRef<Path>,
+        options: OrtOptions,
+    ) -> Result<Arc<OrtModel>, RuntimeError> {
+        let path = path.as_ref();
+        crate::session::check_threads(options.n_threads, "n_threads")?;
+        let library = options
+            .library
+            .clone()
+            .unwrap_or_else(|| default_library(&options.ep));
+        let env = load_library(&library)?;
+        // The vocabulary (and every pre-load check of the file) through llama.cpp.
+        let vocab = Model::open(
+            path,
+            ModelOptions {
+                vocab_only: true,
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )?;
+        let arch = vocab.architecture();
+        let builder_id = graph::builder_id(options.profile, &options.emulation);
+        let cache_path = match &options.cache {
+            OnnxCache::Off => None,
+            OnnxCache::File(p) => Some(p.clone()),
+            OnnxCache::BesideModel => {
+                let mut name = path.file_name().unwrap_or_default().to_os_string();
+                name.push(format!(".{}.onnx", options.profile.name()));
+                Some(path.with_file_name(name))
+            }
+        };
+        let t0 = Instant::now();
+        // A cached graph: bound to the file's fingerprint (the runtime's fingerprint cache).
+        let mut cached = None;
+        if let Some(cp) = &cache_path {
+            let fp = vocab.binding().map_err(|e| RuntimeError::InvalidGguf {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+            match cache::read(cp, &fp.fingerprint, &builder_id) {
+                Ok(bytes) => cached = Some((bytes, fp)),
+                Err(detail) => {
+                    if matches!(options.cache, OnnxCache::File(_)) {
+                        return Err(RuntimeError::OrtCache {
+                            path: cp.clone(),
+                            detail,
+                        });
+                    }
+                    log::info!("ort: not using the cached graph {}: {detail}", cp.display());
+                }
+            }
+        }
+        let (header, hp) = {
+            let header = amend_edits::gguf::GgufFile::read_header(path).map_err(|e| {
+                RuntimeError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                }
+            })?;
+            let hp = ModelHparams::from_header(&header).map_err(|source| {
+                RuntimeError::InvalidHparams {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            (header, hp)
+        };
+        let cfg = ModelConfig::from_gguf(&header, &hp, arch)
+            .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
+        let (onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
+            Some((bytes, fp)) => {
+                let rope_freqs = read_rope_freqs(path, &header)?;
+                (bytes, fp, rope_freqs, 0, true)
+            }
+            None => {
+                let (onnx, binding, rope_freqs, n_nodes) =
+                    build_onnx(path, &cfg, &options, &builder_id)?;
+                if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
+                    if let Err(e) = cache::write(cp, &onnx, &binding.fingerprint, &builder_id) {
+                        log::info!("ort: graph not cached at {}: {e}", cp.display());
+                    }
+                }
+                (onnx, binding, rope_freqs, n_nodes, false)
+            }
+        };
+        let graph_build_s = t0.elapsed().as_secs_f64();
+        if let Some(out) = &options.export {
+            cache::write(out, &onnx, &binding.fingerprint, &builder_id).map_err(|source| {
+                RuntimeError::Io {
+                    path: out.clone(),
+                    source,
+                }
+            })?;
+        }
+
+        let t1 = Instant::now();
+        let runner = Self::session(env, &options, &onnx)?;
+        let stats = OrtLoadStats {
+            from_cache,
+            graph_build_s,
+            onnx_bytes: onnx.len(),
+            session_create_s: t1.elapsed().as_secs_f64(),
+            n_nodes,
+        };
+        log::info!(
+            "ort: {} on {} ({} profile): graph {} {:.2} s, {} nodes, {:.1} MB; session {:.2} s",
+            path.display(),
+            options.ep.name(),
+            options.profile.name(),
+            if from_cache {
+                "read from cache in"
+            } else {
+                "built in"
+            },
+            stats.graph_build_s,
+            n_nodes,
+            stats.onnx_bytes as f64 / 1e6,
+            stats.session_create_s
+        );
+        Ok(Arc::new(OrtModel {
+            vocab,
+            cfg,
+            runner: Mutex::new(runner),
+            options,
+            stats,
+            rope_freqs,
+            binding,
+        }))
+    }
+
+    fn session(
+        env: &ort::environment::Environment,
+        options: &OrtOptions,
+        onnx: &[u8],
+    ) -> Result<OrtRunner, RuntimeError> {
+        let ep_name = options.ep.name();
+        let ep_err = |detail: String| RuntimeError::OrtEp {
+            ep: ep_name.clone(),
+            detail,
+        };
+        let mut b = OrtRunner::builder(env).map_err(|e| ep_err(e.to_string()))?;
+        if let Some(n) = options.n_threads {
+            b = b.with_intra_threads(n).map_err(|e| ep_err(e.to_string()))?;
+        }
+        if let Some(d) = options.ep.dispatch() {
+            b = b
+                .with_execution_providers([d.error_on_failure()])
+                .map_err(|e| ep_err(format!("not available in this ONNX Runtime library: {e}")))?;
+            if !options.cpu_fallback {
+                // Nodes the EP does not take are an error instead of a silent CPU fallback.
+                b = b
+                    .with_config_entry("session.disable_cpu_ep_fallback", "1")
+                    .map_err(|e| ep_err(e.to_string()))?;
+            }
+        }
+        b.commit_from_memory(onnx)
+            .map_err(|e| RuntimeError::OrtSession {
+                ep: ep_name.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.cfg.arch
+    }
+
+    /// The vocabulary-only llama.cpp model: tokenization shared with the llama.cpp backend.
+    pub fn vocab(&self) -> &Arc<Model> {
+        &self.vocab
+    }
+
+    /// The fingerprint and dimensions of the GGUF bytes the graph was built from.
+    pub fn binding(&self) -> &amend_edits::bundle::ModelBinding {
+        &self.binding
+    }
+
+    pub fn stats(&self) -> &OrtLoadStats {
+        &self.stats
+    }
+
+    pub fn options(&self) -> &OrtOptions {
+        &self.options
+    }
+
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, RuntimeError> {
+        self.vocab.tokenize(text, add_bos)
+    }
+
+    pub fn detokenize(&self, tokens: &[Token]) -> Result<String, RuntimeError> {
+        self.vocab.detokenize(tokens)
+    }
+}
+
+/// Reads the GGUF at `path` into memory this process owns and builds its graph: the ONNX
+/// bytes, the fingerprint of the very bytes read, RoPE frequency factors, the node count.
+fn build_onnx(
+    path: &Path,
+    cfg: &ModelConfig,
+    options: &OrtOptions,
+    builder_id: &str,
+) -> Result<
+    (
+        Vec<u8>,
+        amend_edits::bundle::ModelBinding,
+        Option<Vec<f32>>,
+        usize,
+    ),
+    RuntimeError,
+> {
+    let (mut file, len) =
+        amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+            .map_err(RuntimeError::File)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |detail: String| RuntimeError::InvalidGguf {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let gguf = GgufFile::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let rope_freqs = match gguf.header.tensor("rope_freqs.weight") {
+        Some(t) => Some(
+            quant::dequantize(
+                "rope_freqs.weight",
+                t.ggml_type,
+                t.n_elements() as usize,
+                1,
+                gguf.data_of(t).map_err(|e| invalid(e.to_string()))?,
+            )
+            .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?,
+        ),
+        None => None,
+    };
+    // The fingerprint of the very bytes the graph is built from.
+    let binding =
+        amend_edits::fingerprint::binding_of_bytes(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let g = graph::build(cfg, &gguf, options.profile, options.emulation)
+        .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
+    drop(gguf);
+    drop(bytes);
+    let fingerprint = cache::hex(&binding.fingerprint);
+    let metadata = vec![
+        ("amend.model_fingerprint".to_string(), fingerprint),
+        ("amend.graph".to_string(), builder_id.to_string()),
+        (
+            "amend.architecture".to_string(),
+            cfg.arch.name().to_string(),
+        ),
+    ];
+    let n_nodes = g.nodes.len();
+    let onnx = onnx::ModelProto {
+        graph: &g,
+        opsets: OPSETS,
+        producer: concat!("amend ", env!("CARGO_PKG_VERSION")),
+        metadata: &metadata,
+    }
+    .to_bytes();
+    Ok((onnx, binding, rope_freqs, n_nodes))
+}
+
+/// ONNX opset 21 (blockwise DequantizeLinear) and ORT's contrib ops.
+const OPSETS: &[(&str, i64)] = &[("", 21), ("com.microsoft", 1)];
+
+/// RoPE frequency factors (llama3-style models) from the file, without reading the weights.
+fn read_rope_freqs(
+    path: &Path,
+    header: &amend_edits::gguf::GgufHeader,
+) -> Result<Option<Vec<f32>>, RuntimeError> {
+    let Some(t) = header.tensor("rope_freqs.weight") else {
+        return Ok(None);
+    };
+    let io = |source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = t.byte_size().map_err(|e| RuntimeError::InvalidGguf {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if size > 1 << 20 {
+        return Err(RuntimeError::OrtGraph(
+            "rope_freqs.weight is implausibly large".into(),
+        ));
+    }
+    let (mut f, _) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+        .map_err(RuntimeError::File)?;
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(header.data_offset + t.offset))
+        .map_err(io)?;
+    let mut raw = vec![0u8; size as usize];
+    f.read_exact(&mut raw).map_err(io)?;
+    quant::dequantize(
+        "rope_freqs.weight",
+        t.ggml_type,
+        t.n_elements() as usize,
+        1,
+        &raw,
+    )
+    .map(Some)
+    .map_err(|e| RuntimeError::OrtGraph(e.to_string()))
+}
+
+/// The graph cache: `FILE` (the ONNX model) and `FILE.amend` (a text sidecar binding it to a
+/// model fingerprint and a graph builder, with the file's sha256 and length).
+mod cache {
+    use sha2::{Digest, Sha256};
+    use std::path::{Path, PathBuf};
+
+    const MAGIC: &str = "amend-onnx-cache 1";
+    const MAX_ONNX: u64 = 1 << 33;
+
+    pub fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn sidecar(p: &Path) -> PathBuf {
+        let mut s = p.as_os_str().to_os_string();
+        s.push(".amend");
+        PathBuf::from(s)
+    }
+
+    fn text(bytes: &[u8], fingerprint: &[u8], builder: &str) -> String {
+        format!(
+            "{MAGIC}\nmodel {}\ngraph {builder}\nsha256 {}\nbytes {}\n",
+            hex(fingerprint),
+            hex(&Sha256::digest(bytes)),
+            bytes.len()
+        )
+    }
+
+    /// The cached bytes, or why they cannot be used.
+    pub fn read(p: &Path, fingerprint: &[u8], builder: &str) -> Result<Vec<u8>, String> {
+        let side = sidecar(p);
+        let (mut f, _) = amend_edits::fsutil::open_regular(&side, 4096)
+            .map_err(|e| e.to_string())?;
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut f, &mut s).map_err(|e| format!("sidecar: {e}"))?;
+        let field = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix(' ')))
+                .map(str::to_string)
+        };
+        if s.lines().next() != Some(MAGIC) {
+            return Err("the sidecar is not an amend graph cache".into());
+        }
+        let want_model = hex(fingerprint);
+        match field("model") {
+            Some(m) if m == want_model => {}
+            Some(m) => {
+                return Err(format!(
+                    "it was built from another model (fingerprint {m}, this model {want_model})"
+                ))
+            }
+            None => return Err("the sidecar names no model".into()),
+        }
+        if field("graph").as_deref() != Some(builder) {
+            return Err(format!(
+                "it was built by another graph builder ({:?}, this one {builder:?})",
+                field("graph").unwrap_or_default()
+            ));
+        }
+        let (mut f, len) =
+            amend_edits::fsutil::open_regular(p, MAX_ONNX).map_err(|e| e.to_string())?;
+        if field("bytes") != Some(len.to_string()) {
+            return Err(format!(
+                "the file has {len} bytes, the sidecar says {:?}",
+                field("bytes")
+            ));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        std::io::Read::read_to_end(&mut f, &mut bytes).map_err(|e| e.to_string())?;
+        let sha = hex(&Sha256::digest(&bytes));
+        if field("sha256").as_deref() != Some(sha.as_str()) {
+            return Err(format!(
+                "the file is damaged (sha256 {sha} does not match its sidecar)"
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Writes the graph and its sidecar, each atomically (temp file, fsync, rename).
+    pub fn write(p: &Path, bytes: &[u8], fingerprint: &[u8], builder: &str) -> std::io::Result<()> {
+        let put = |dest: &Path, data: &[u8]| -> std::io::Result<()> {
+            let mut tmp = dest.as_os_str().to_os_string();
+            tmp.push(format!(".tmp{}", std::process::id()));
+            let tmp = PathBuf::from(tmp);
+            {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, data)?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, dest)
+        };
+        // The sidecar goes last: a crash in between leaves a graph no sidecar vouches for.
+        let _ = std::fs::remove_file(sidecar(p));
+        put(p, bytes)?;
+        put(&sidecar(p), text(bytes, fingerprint, builder).as_bytes())
+    }
+}
+
+/// One conversation on an [`OrtModel`]: the KV cache and the last evaluation's logits.
+pub struct OrtSession {
+    model: Arc<OrtModel>,
+    n_ctx: usize,
+    n_past: usize,
+    /// `past_key.{il}`, `past_value.{il}`, interleaved by layer.
+    kv: Vec<DynValue>,
+    /// Logits of the last evaluation, `rows.len() x n_vocab`; `rows[j]` is the index (into
+    /// the evaluated tokens) of row j.
+    logits: Vec<f32>,
+    rows: Vec<usize>,
+    cancel: crate::CancelHandle,
+}
+
+impl OrtSession {
+    pub fn new(model: &Arc<OrtModel>, n_ctx: usize) -> Result<OrtSession, RuntimeError> {
+        if n_ctx == 0 || n_ctx > crate::MAX_N_CTX as usize {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "n_ctx must be 1..={}",
+                crate::MAX_N_CTX
+            )));
+        }
+        let mut s = OrtSession {
+            model: model.clone(),
+            n_ctx,
+            n_past: 0,
+            kv: Vec::new(),
+            logits: Vec::new(),
+            rows: Vec::new(),
+            cancel: crate::CancelHandle(Arc::new(std::sync::atomic::AtomicBool::new(false))),
+        };
+        s.kv_clear()?;
+        Ok(s)
+    }
+
+    pub fn model(&self) -> &Arc<OrtModel> {
+        &self.model
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn empty_kv(&self, len: usize, data: Vec<f32>) -> Result<DynValue, RuntimeError> {
+        let c = &self.model.cfg;
+        let shape = vec![1i64, c.n_head_kv as i64, len as i64, c.head_dim as i64];
+        Ok(Tensor::from_array((shape, data))
+            .map_err(ort_err("KV tensor"))?
+            .into_dyn())
+    }
+
+    /// Empties the KV cache.
+    pub fn kv_clear(&mut self) -> Result<(), RuntimeError> {
+        let n = 2 * self.model.cfg.n_layer;
+        let mut kv = Vec::with_capacity(n);
+        for _ in 0..n {
+            kv.push(self.empty_kv(0, Vec::new())?);
+        }
+        self.kv = kv;
+        self.n_past = 0;
+        self.logits.clear();
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Keeps the first `keep` positions of the KV cache.
+    pub fn kv_truncate(&mut self, keep: usize) -> Result<(), RuntimeError> {
+        if keep > self.n_past {
+            return Err(RuntimeError::KvTruncate {
+                keep,
+                reason: format!("only {} positions are cached", self.n_past),
+            });
+        }
+        let c = &self.model.cfg;
+        let (nkv, hd, past) = (c.n_head_kv, c.head_dim, self.n_past);
+        let mut kv = Vec::with_capacity(self.kv.len());
+        for v in &self.kv {
+            let (_, data) = v
+                .try_extract_tensor::<f32>()
+                .map_err(ort_err("reading the KV cache"))?;
+            let mut out = Vec::with_capacity(nkv * keep * hd);
+            for h in 0..nkv {
+                out.extend_from_slice(&data[h * past * hd..][..keep * hd]);
+            }
+            kv.push(self.empty_kv(keep, out)?);
+        }
+        self.kv = kv;
+        self.n_past = keep;
+        self.logits.clear();
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// cos/sin `[T, hd/2]` of positions `p0..p0+t`, computed as ggml's RoPE does (theta
+    /// multiplied up per dimension pair in f32; frequency factors divide it).
+    fn rope(&self, p0: usize, t: usize, base: f32, freq_scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.model.cfg.head_dim;
+        let half = hd / 2;
+        let theta_scale = base.powf(-2.0 / hd as f32);
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in p0..p0 + t {
+            let mut theta_extrap = p as f32;
+            for i in 0..half {
+                let ff = self
+                    .model
+                    .rope_freqs
+                    .as_ref()
+                    .and_then(|f| f.get(i).copied())
+                    .unwrap_or(1.0);
+                let theta = freq_scale * (theta_extrap / ff);
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+                theta_extrap *= theta_scale;
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Evaluates `tokens` at the next positions; the logits of the positions `logits` selects
+    /// are then available through [`OrtSession::logits`].
+    pub fn eval(&mut self, tokens: &[Token], logits: Logits) -> Result<(), RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let c = self.model.cfg.clone();
+        for &t in tokens {
+            if t < 0 || t as usize >= c.n_vocab {
+                return Err(RuntimeError::InvalidToken {
+                    token: t,
+                    n_vocab: c.n_vocab as u32,
+                });
+            }
+        }
+        let (t, p) = (tokens.len(), self.n_past);
+        let s = p + t;
+        if s > self.n_ctx {
+            return Err(RuntimeError::ContextFull {
+                needed: s,
+                n_ctx: self.n_ctx as u32,
+            });
+        }
+        let mut rows: Vec<usize> = (0..t).filter(|&i| logits.wants(i, t)).collect();
+        // The graph always yields at least one row; an unwanted last row is dropped below.
+        let none = rows.is_empty();
+        if none {
+            rows.push(t - 1);
+        }
+        let e = ort_err("building inputs");
+        let half = c.head_dim / 2;
+        let mut inputs: Vec<(String, DynValue)> = Vec::new();
+        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+        inputs.push((
+            graph::INPUT_IDS.into(),
+            Tensor::from_array((vec![1i64, t as i64], ids))
+                .map_err(&e)?
+                .into_dyn(),
+        ));
+        let mask = |window: Option<usize>| {
+            let mut m = vec![0f32; t * s];
+            for i in 0..t {
+                let qp = p + i;
+                for j in 0..s {
+                    // llama.cpp masks a key after the query, or (sliding window) when
+                    // query pos - key pos >= n_swa.
+                    if j > qp || window.is_some_and(|w| qp - j >= w) {
+                        m[i * s + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            m
+        };
+        let (cos, sin) = self.rope(p, t, c.rope_base, c.rope_freq_scale);
+        inputs.push((
+            "rope_cos".into(),
+            Tensor::from_array((vec![t as i64, half as i64], cos))
+                .map_err(&e)?
+                .into_dyn(),
+        ));
+        inputs.push((
+            "rope_sin".into(),
+            Tensor::from_array((vec![t as i64, half as i64], sin))
+                .map_err(&e)?
+                .into_dyn(),
+        ));
+        inputs.push((
+            "mask".into(),
+            Tensor::from_array((vec![t as i64, s as i64], mask(None)))
+                .map_err(&e)?
+                .into_dyn(),
+        ));
+        if graph::has_swa(&c) {
+            let (cos, sin) = self.rope(p, t, c.rope_base_swa, 1.0);
+            inputs.push((
+                "rope_cos_swa".into(),
+                Tensor::from_array((vec![t as i64, half as i64], cos))
+                    .map_err(&e)?
+                    .into_dyn(),
+            ));
+            inputs.push((
+                "rope_sin_swa".into(),
+                Tensor::from_array((vec![t as i64, half as i64], sin))
+                    .map_err(&e)?
+                    .into_dyn(),
+            ));
+            inputs.push((
+                "mask_swa".into(),
+                Tensor::from_array((vec![t as i64, s as i64], mask(c.sliding_window)))
+                    .map_err(&e)?
+                    .into_dyn(),
+            ));
+        }
+        let r: Vec<i64> = rows.iter().map(|&x| x as i64).collect();
+        inputs.push((
+            graph::LOGIT_ROWS.into(),
+            Tensor::from_array((vec![rows.len() as i64], r))
+                .map_err(&e)?
+                .into_dyn(),
+        ));
+        let kv = std::mem::take(&mut self.kv);
+        for (i, v) in kv.into_iter().enumerate() {
+            let il = i / 2;
+            let name = if i % 2 == 0 {
+                graph::past_key(il)
+            } else {
+                graph::past_value(il)
+            };
+            inputs.push((name, v));
+        }
+
+        let model = self.model.clone();
+        let n_layer = c.n_layer;
+        let ran = {
+            let mut runner = model.runner.lock().unwrap_or_else(|e| e.into_inner());
+            let run = || -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
+                let mut out = runner
+                    .run(inputs)
+                    .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
+                let (_, l) = out[graph::LOGITS]
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("reading logits"))?;
+                let l = l.to_vec();
+                let mut kv = Vec::with_capacity(2 * n_layer);
+                for il in 0..n_layer {
+                    for name in [graph::present_key(il), graph::present_value(il)] {
+                        kv.push(out.remove(&name).ok_or_else(|| {
+                            RuntimeError::Ort(format!("the graph returned no `{name}`"))
+                        })?);
+                    }
+                }
+                Ok((l, kv))
+            };
+            run()
+        };
+        let (l, kv) = match ran {
+            Ok(x) => x,
+            Err(e) => {
+                // The cache was moved into the run: start over rather than keep a half state.
+                let _ = self.kv_clear();
+                return Err(e);
+            }
+        };
+        self.logits = if none { Vec::new() } else { l };
+        self.kv = kv;
+        self.rows = if none { Vec::new() } else { rows };
+        self.n_past = s;
+        Ok(())
+    }
+
+    /// Logits at index `i` of the last evaluated tokens.
+    pub fn logits(&self, i: usize) -> Result<&[f32], RuntimeError> {
+        let nv = self.model.cfg.n_vocab;
+        let j = self
+            .rows
+            .iter()
+            .position(|&r| r == i)
+            .ok_or(RuntimeError::NoLogits { index: i })?;
+        Ok(&self.logits[j * nv..(j + 1) * nv])
+    }
+
+    /// Logits of the last row the last evaluation produced.
+    pub fn last_logits(&self) -> Result<&[f32], RuntimeError> {
+        let i = *self
+            .rows
+            .last()
+            .ok_or(RuntimeError::NoLogits { index: 0 })?;
+        self.logits(i)
+    }
+
+    /// Greedy continuation of `prompt` (tokens), `n` tokens, stopping at end of generation.
+    pub fn generate_greedy(
+        &mut self,
+        prompt: &[Token],
+        n: usize,
+    ) -> Result<Vec<Token>, RuntimeError> {
+        self.eval(prompt, Logits::Last)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let tok = crate::reference::argmax(self.last_logits()?) as Token;
+            if self.model.vocab.is_eog(tok) {
+                break;
+            }
+            out.push(tok);
+            if out.len() == n {
+                break;
+            }
+            self.eval(&[tok], Logits::Last)?;
+        }
+        Ok(out)
+    }
+}
+
+impl OrtSession {
+    /// A handle that stops a running generation from any thread (between tokens).
+    pub fn cancel_handle(&self) -> crate::CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Generates from a text prompt with llama.cpp's tokenizer and sampler chain. Edits are not
+    /// applied on this backend yet (issue 14).
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        params: &crate::GenerateParams,
+        mut on_token: impl FnMut(&crate::TokenEvent<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<crate::GenerateOutput, RuntimeError> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let tokens = self.model.tokenize(prompt, params.add_bos)?;
+        crate::generate::generate_on(self, &tokens, params, &mut on_token)
+    }
+}
+
+impl crate::backend::Backend for OrtSession {
+    fn backend_name(&self) -> String {
+        format!("onnxruntime ({})", self.model.options.ep.name())
+    }
+    fn vocab(&self) -> &Arc<Model> {
+        &self.model.vocab
+    }
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+    fn kv_clear(&mut self) -> Result<(), RuntimeError> {
+        OrtSession::kv_clear(self)
+    }
+    fn kv_truncate(&mut self, keep: usize) -> Result<(), RuntimeError> {
+        OrtSession::kv_truncate(self, keep)
+    }
+    fn eval(&mut self, tokens: &[Token], options: crate::EvalOptions) -> Result<(), RuntimeError> {
+        OrtSession::eval(self, tokens, options.logits)
+    }
+    fn logits(&self, i: usize) -> Result<&[f32], RuntimeError> {
+        OrtSession::logits(self, i)
+    }
+    fn last_logits(&self) -> Result<&[f32], RuntimeError> {
+        OrtSession::last_logits(self)
+    }
+    fn sample(&mut self, sampler: &crate::generate::Sampler) -> Result<Token, RuntimeError> {
+        sampler.sample_logits(self.last_logits()?)
+    }
+    fn take_cancel(&mut self) -> bool {
+        self.cancel
+            .0
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+    fn supports(&self, _: crate::backend::Capability) -> bool {
+        // Edit slots as graph inputs are issue 14.
+        false
+    }
+}

@@ -1,0 +1,597 @@
+//! The ONNX Runtime backend (issue 13) on the CPU EP: exact GGUF weights, agreement with
+//! llama.cpp on the tiny model (and on gemma3 when present), and bad input.
+//!
+//! Needs the library from scripts/fetch-ort.sh (`make ort`); without it the tests are skipped,
+//! unless AMEND_REQUIRE_MODEL=1 (`make test`), which makes a missing library a failure.
+
+mod common;
+
+use std::path::PathBuf;
+
+use amend_edits::gguf::GgmlType;
+use amend_runtime::onnxruntime::{self as ortb, Ep, OrtModel, OrtOptions, OrtSession, Profile};
+use amend_runtime::{Architecture, Logits, RuntimeError, Session, SessionOptions};
+
+fn library() -> Option<PathBuf> {
+    let p = ortb::default_library(&Ep::Cpu);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "AMEND_REQUIRE_MODEL=1 but {} is missing (run `make ort`)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/fetch-ort.sh)",
+        p.display()
+    );
+    None
+}
+
+fn options(profile: Profile) -> OrtOptions {
+    OrtOptions {
+        profile,
+        n_threads: Some(1),
+        library: library(),
+        // Tests leave no graph beside the models (the cache has its own test).
+        cache: ortb::OnnxCache::Off,
+        ..Default::default()
+    }
+}
+
+/// Random but valid blocks of a quant type: finite f16 scales, any codes.
+fn random_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
+    let (bytes, scale_at): (usize, &[usize]) = match t {
+        GgmlType::Q8_0 => (34, &[0]),
+        GgmlType::Q4_0 => (18, &[0]),
+        GgmlType::Q5_0 => (22, &[0]),
+        GgmlType::Q4_K => (144, &[0, 2]),
+        GgmlType::Q6_K => (210, &[208]),
+        _ => unreachable!(),
+    };
+    let mut s = seed | 1;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut out = vec![0u8; bytes * n_blocks];
+    for b in out.chunks_exact_mut(bytes) {
+        for x in b.iter_mut() {
+            *x = next() as u8;
+        }
+        for &at in scale_at {
+            // A normal f16 in [2^-10, 2^-2), either sign (Q4_K's dmin positive, like real data).
+            let e = 5 + (next() % 8) as u16;
+            let h = (e << 10)
+                | (next() as u16 & 0x3ff)
+                | if at == 2 {
+                    0
+                } else {
+                    (next() as u16 & 1) << 15
+                };
+            b[at..at + 2].copy_from_slice(&h.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// ggml's own dequantization of `data` (n rows of k).
+fn ggml_dequantize(t: GgmlType, data: &[u8], n_values: usize) -> Vec<f32> {
+    use amend_runtime::sys;
+    let mut out = vec![0f32; n_values];
+    // SAFETY: ggml's type traits are static; to_float reads whole blocks of `data` (its length
+    // is n_values / block * block bytes) and writes n_values floats.
+    unsafe {
+        let traits = sys::ggml_get_type_traits(t.0 as sys::ggml_type);
+        let f = (*traits).to_float.expect("type has a to_float");
+        f(data.as_ptr().cast(), out.as_mut_ptr(), n_values as i64);
+    }
+    out
+}
+
+#[test]
+fn every_mapped_quant_type_is_ggml_bitwise() {
+    let Some(_) = library() else { return };
+    let (k, n) = (512usize, 8usize);
+    for t in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let bs = if matches!(t, GgmlType::Q4_K | GgmlType::Q6_K) {
+            256
+        } else {
+            32
+        };
+        let data = random_blocks(t, k / bs * n, 11 + t.0 as u64);
+        let ggml = ggml_dequantize(t, &data, k * n);
+        let ours = ortb::quant::dequantize("w", t, k, n, &data).unwrap();
+        let diff = ggml
+            .iter()
+            .zip(&ours)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            diff,
+            0,
+            "{t:?}: {diff} of {} values differ from ggml",
+            k * n
+        );
+        // What ONNX Runtime computes from the graph's form of the weight: x = identity rows.
+        for profile in [Profile::Cpu, Profile::Portable] {
+            let w =
+                ortb::probe_linear(&data, t, k, n, profile, library().as_deref().unwrap()).unwrap();
+            let mut bad = 0;
+            for r in 0..n {
+                for c in 0..k {
+                    // Bitwise, except the sign of a zero weight: the probe's sum (0 + -0) erases it.
+                    let (a, g) = (w[c * n + r], ggml[r * k + c]);
+                    if a.to_bits() != g.to_bits() && !(a == 0.0 && g == 0.0) {
+                        if bad < 5 {
+                            eprintln!("{t:?} {profile:?} row {r} col {c}: ort {a:e} ggml {g:e}");
+                        }
+                        bad += 1;
+                    }
+                }
+            }
+            assert_eq!(
+                bad,
+                0,
+                "{t:?} {profile:?}: {bad} of {} weights differ from ggml in ONNX Runtime",
+                k * n
+            );
+        }
+    }
+}
+
+/// Top-1 agreement along llama.cpp's greedy continuations, and the logit error.
+fn agreement(
+    arch: Architecture,
+    profile: Profile,
+    prompts: &[&str],
+    n: usize,
+) -> amend_runtime::parity::ParityReport {
+    let path = common::tiny_path(arch);
+    let llama = common::tiny(arch);
+    let mut reference = Session::new(
+        &llama,
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = OrtModel::open(&path, options(profile)).unwrap();
+    let mut cand = OrtSession::new(&m, 256).unwrap();
+    let toks: Vec<Vec<i32>> = prompts
+        .iter()
+        .map(|p| llama.tokenize(p, true).unwrap())
+        .collect();
+    amend_runtime::parity::parity(
+        &mut reference,
+        &mut cand,
+        &toks,
+        n,
+        amend_runtime::parity::Mode::Incremental,
+        |_, _| {},
+    )
+    .unwrap()
+}
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "hello world",
+    "water is made of",
+    "a the and",
+];
+
+#[test]
+fn tiny_models_agree_with_llama_cpp() {
+    let Some(_) = library() else { return };
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        for profile in [Profile::Cpu, Profile::Portable] {
+            let r = agreement(arch, profile, PROMPTS, 16);
+            eprintln!(
+                "{arch:?} {profile:?}: {:.1}% max err {:.2e} mean err {:.2e}",
+                r.agreement(),
+                r.max_abs_err,
+                r.mean_abs_err
+            );
+            // f32 weights: only llama.cpp's f16 KV cache separates the two.
+            assert!(
+                r.agreement() >= 97.0,
+                "{arch:?} {profile:?}: {:.1}%",
+                r.agreement()
+            );
+            assert!(
+                r.max_abs_err < 0.05,
+                "{arch:?} {profile:?}: max logit error {}",
+                r.max_abs_err
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_cache_incremental_equals_one_pass() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = OrtModel::open(&path, options(Profile::Cpu)).unwrap();
+    let toks = m.tokenize("The capital of France is Paris", true).unwrap();
+    let mut one = OrtSession::new(&m, 128).unwrap();
+    one.eval(&toks, Logits::All).unwrap();
+    let mut inc = OrtSession::new(&m, 128).unwrap();
+    inc.eval(&toks[..3], Logits::None).unwrap();
+    for (i, t) in toks.iter().enumerate().skip(3) {
+        inc.eval(&[*t], Logits::Last).unwrap();
+        let (a, b) = (one.logits(i).unwrap(), inc.last_logits().unwrap());
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "position {i}: {d}");
+    }
+    // Truncate and re-evaluate: the same logits again.
+    inc.kv_truncate(3).unwrap();
+    inc.eval(&toks[3..], Logits::Last).unwrap();
+    let (a, b) = (
+        one.logits(toks.len() - 1).unwrap(),
+        inc.last_logits().unwrap(),
+    );
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "after truncate: {d}");
+    assert!(matches!(
+        inc.kv_truncate(1000),
+        Err(RuntimeError::KvTruncate { .. })
+    ));
+    assert!(matches!(
+        inc.eval(&[], Logits::Last),
+        Err(RuntimeError::EmptyInput)
+    ));
+    assert!(matches!(
+        inc.eval(&[1 << 20], Logits::Last),
+        Err(RuntimeError::InvalidToken { .. })
+    ));
+    let long = vec![toks[1]; 200];
+    assert!(matches!(
+        inc.eval(&long, Logits::Last),
+        Err(RuntimeError::ContextFull { .. })
+    ));
+}
+
+#[test]
+fn generation_and_sampling_are_shared_with_llama_cpp() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let llama = common::tiny(Architecture::Llama);
+    let m = OrtModel::open(&path, options(Profile::Cpu)).unwrap();
+    let mut s = OrtSession::new(&m, 128).unwrap();
+    let mut l = Session::new(
+        &llama,
+        SessionOptions {
+            n_ctx: 128,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for temperature in [0.0, 0.8] {
+        let p = amend_runtime::GenerateParams {
+            max_tokens: 12,
+            temperature,
+            seed: 5,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let a = s
+            .generate("hello world", &p, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+        let b = l
+            .generate("hello world", &p, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(a.tokens.len(), 12);
+        assert_eq!(a.tokens, b.tokens, "temperature {temperature}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_specific_error() {
+    let Some(lib) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let dir = common::tmp_dir();
+    // A library path that does not exist, and one that is not ONNX Runtime.
+    let missing = OrtOptions {
+        library: Some(dir.join("nope.so")),
+        ..options(Profile::Cpu)
+    };
+    assert!(matches!(
+        OrtModel::open(&path, missing),
+        Err(RuntimeError::OrtLibrary { .. })
+    ));
+    let garbage = dir.join("garbage.so");
+    std::fs::write(&garbage, b"not a shared library").unwrap();
+    let e = OrtModel::open(
+        &path,
+        OrtOptions {
+            library: Some(garbage),
+            ..options(Profile::Cpu)
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, RuntimeError::OrtLibrary { .. }), "{e}");
+    // An EP this library does not have.
+    let e = OrtModel::open(
+        &path,
+        OrtOptions {
+            ep: Ep::Qnn,
+            ..options(Profile::Cpu)
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RuntimeError::OrtEp { .. } | RuntimeError::OrtSession { .. }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("qnn"), "{e}");
+    assert!(Ep::parse("tpu").is_err());
+    assert!(Ep::parse("cpu:GPU").is_err());
+    assert_eq!(Ep::parse("openvino").unwrap(), Ep::OpenVino("CPU".into()));
+    // An unsupported quant type names its tensor.
+    let q41 = dir.join("tiny-q4_1.gguf");
+    amend_runtime::testutil::write_tiny_model_typed(&q41, Architecture::Llama, 3, GgmlType::Q4_1)
+        .unwrap();
+    let e = OrtModel::open(&q41, options(Profile::Cpu)).unwrap_err();
+    assert!(matches!(e, RuntimeError::OrtGraph(_)), "{e}");
+    assert!(
+        e.to_string().contains("blk.0.") && e.to_string().contains("weight"),
+        "{e}"
+    );
+    // A model that is not a GGUF.
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, vec![0u8; 4096]).unwrap();
+    assert!(OrtModel::open(&junk, options(Profile::Cpu)).is_err());
+    // The library stays loaded and usable after all of that.
+    assert!(OrtModel::open(
+        &path,
+        OrtOptions {
+            library: Some(lib),
+            ..options(Profile::Cpu)
+        }
+    )
+    .is_ok());
+}
+
+#[test]
+fn quantized_tiny_model_agrees() {
+    let Some(_) = library() else { return };
+    let dir = common::tmp_dir();
+    for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0] {
+        let p = dir.join(format!("tiny-{t:?}.gguf"));
+        amend_runtime::testutil::write_tiny_model_typed(&p, Architecture::Llama, 7, t).unwrap();
+        let llama = amend_runtime::Model::open(
+            &p,
+            amend_runtime::ModelOptions {
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut reference = Session::new(
+            &llama,
+            SessionOptions {
+                n_ctx: 256,
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let m = OrtModel::open(&p, options(Profile::Cpu)).unwrap();
+        let mut cand = OrtSession::new(&m, 256).unwrap();
+        let toks: Vec<Vec<i32>> = PROMPTS
+            .iter()
+            .map(|s| llama.tokenize(s, true).unwrap())
+            .collect();
+        let r = amend_runtime::parity::parity(
+            &mut reference,
+            &mut cand,
+            &toks,
+            16,
+            amend_runtime::parity::Mode::Incremental,
+            |_, _| {},
+        )
+        .unwrap();
+        eprintln!("{t:?}: {:.1}% max err {:.2e}", r.agreement(), r.max_abs_err);
+        assert!(r.agreement() >= 90.0, "{t:?}: {:.1}%", r.agreement());
+    }
+}
+
+#[test]
+fn gemma3_agrees_with_llama_cpp() {
+    let Some(_) = library() else { return };
+    let Some(llama) = common::real_model() else {
+        return;
+    };
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/prompts-100.txt"
+    ))
+    .unwrap();
+    let prompts: Vec<Vec<i32>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(8)
+        .map(|l| llama.tokenize(l, true).unwrap())
+        .collect();
+    let mut reference = Session::new(
+        &llama,
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = OrtModel::open(llama.path(), options(Profile::Cpu)).unwrap();
+    let mut cand = OrtSession::new(&m, 512).unwrap();
+    let r = amend_runtime::parity::parity(
+        &mut reference,
+        &mut cand,
+        &prompts,
+        16,
+        amend_runtime::parity::Mode::Incremental,
+        |_, _| {},
+    )
+    .unwrap();
+    eprintln!("gemma3 cpu: {}", r.table("llama.cpp", "ort cpu"));
+    assert!(r.agreement() >= 95.0, "{:.1}%", r.agreement());
+}
+
+#[test]
+fn graph_cache_is_bound_to_the_model_and_checked() {
+    let Some(_) = library() else { return };
+    use amend_runtime::onnxruntime::OnnxCache;
+    let dir = common::tmp_dir().join("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
+    amend_runtime::testutil::write_tiny_model(&a, Architecture::Llama, 21).unwrap();
+    amend_runtime::testutil::write_tiny_model(&b, Architecture::Llama, 22).unwrap();
+    let open = |p: &std::path::Path, cache: OnnxCache| {
+        OrtModel::open(
+            p,
+            OrtOptions {
+                cache,
+                ..options(Profile::Cpu)
+            },
+        )
+    };
+    // Built and cached beside the model, then read back from the cache.
+    let first = open(&a, OnnxCache::BesideModel).unwrap();
+    assert!(!first.stats().from_cache);
+    let cached = dir.join("a.gguf.cpu.onnx");
+    assert!(cached.exists());
+    let second = open(&a, OnnxCache::BesideModel).unwrap();
+    assert!(second.stats().from_cache);
+    let greedy = |m: &std::sync::Arc<OrtModel>| {
+        let mut s = OrtSession::new(m, 64).unwrap();
+        let t = m.tokenize("hello world", true).unwrap();
+        s.generate_greedy(&t, 6).unwrap()
+    };
+    assert_eq!(greedy(&first), greedy(&second));
+    // Another model's graph, named explicitly: refused.
+    let e = open(&b, OnnxCache::File(cached.clone())).unwrap_err();
+    assert!(matches!(e, RuntimeError::OrtCache { .. }), "{e}");
+    assert!(e.to_string().contains("another model"), "{e}");
+    // A damaged graph: refused when named, rebuilt (and rewritten) when it is the cache.
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&cached, &bytes).unwrap();
+    let e = open(&a, OnnxCache::File(cached.clone())).unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::OrtCache { .. }) && e.to_string().contains("damaged"),
+        "{e}"
+    );
+    let rebuilt = open(&a, OnnxCache::BesideModel).unwrap();
+    assert!(!rebuilt.stats().from_cache);
+    assert!(open(&a, OnnxCache::BesideModel).unwrap().stats().from_cache);
+    // No sidecar: refused when named.
+    std::fs::remove_file(dir.join("a.gguf.cpu.onnx.amend")).unwrap();
+    let e = open(&a, OnnxCache::File(cached)).unwrap_err();
+    assert!(matches!(e, RuntimeError::OrtCache { .. }), "{e}");
+}
+
+#[test]
+fn llama_cpp_roundings_can_be_reproduced() {
+    let Some(_) = library() else { return };
+    use amend_runtime::onnxruntime::Emulation;
+    assert!(Emulation::parse("kv,bogus").is_err());
+    assert_eq!(Emulation::parse("none").unwrap().name(), "none");
+    assert_eq!(Emulation::parse("q80, kv").unwrap().name(), "kv,q80");
+    // Q8_0 layers: the q8_0 input rounding is exercised; the tiny model's 64-wide rows have
+    // no 256-blocks, so q8_K is skipped there.
+    let dir = common::tmp_dir();
+    let p = dir.join("tiny-emu-q8_0.gguf");
+    amend_runtime::testutil::write_tiny_model_typed(&p, Architecture::Llama, 7, GgmlType::Q8_0)
+        .unwrap();
+    let llama = amend_runtime::Model::open(
+        &p,
+        amend_runtime::ModelOptions {
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let toks: Vec<Vec<i32>> = PROMPTS
+        .iter()
+        .map(|s| llama.tokenize(s, true).unwrap())
+        .collect();
+    let mut errs = Vec::new();
+    for emu in [Emulation::default(), Emulation::all()] {
+        let mut reference = Session::new(
+            &llama,
+            SessionOptions {
+                n_ctx: 256,
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let m = OrtModel::open(
+            &p,
+            OrtOptions {
+                emulation: emu,
+                ..options(Profile::Cpu)
+            },
+        )
+        .unwrap();
+        let mut cand = OrtSession::new(&m, 256).unwrap();
+        let r = amend_runtime::parity::parity(
+            &mut reference,
+            &mut cand,
+            &toks,
+            16,
+            amend_runtime::parity::Mode::Incremental,
+            |_, _| {},
+        )
+        .unwrap();
+        eprintln!(
+            "{}: {:.1}% mean err {:.2e}",
+            emu.name(),
+            r.agreement(),
+            r.mean_abs_err
+        );
+        assert!(
+            r.agreement() >= 90.0,
+            "{}: {:.1}%",
+            emu.name(),
+            r.agreement()
+        );
+        errs.push(r.mean_abs_err);
+    }
+    // Reproducing llama.cpp's input rounding brings the logits closer to llama.cpp's.
+    assert!(
+        errs[1] < errs[0],
+        "mean logit error {} with roundings, {} without",
+        errs[1],
+        errs[0]
+    );
+}

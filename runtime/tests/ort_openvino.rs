@@ -1,0 +1,171 @@
+//! The ONNX Runtime backend on the OpenVINO EP (CPU device), the non-default EP these machines
+//! can run (issue 13). Its own test binary: one ONNX Runtime library per process, and this one
+//! is the `onnxruntime-openvino` build. Skipped without it unless AMEND_REQUIRE_MODEL=1.
+
+mod common;
+
+use amend_runtime::onnxruntime::{self as ortb, Ep, OrtModel, OrtOptions, OrtSession, Profile};
+use amend_runtime::{Architecture, RuntimeError, Session, SessionOptions};
+
+fn options(device: &str) -> Option<OrtOptions> {
+    let ep = Ep::OpenVino(device.into());
+    let lib = ortb::default_library(&ep);
+    if !lib.exists() {
+        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+            panic!(
+                "AMEND_REQUIRE_MODEL=1 but {} is missing (run `make ort`)",
+                lib.display()
+            );
+        }
+        eprintln!(
+            "skipped: {} is missing (run scripts/fetch-ort.sh)",
+            lib.display()
+        );
+        return None;
+    }
+    Some(OrtOptions {
+        ep,
+        profile: Profile::Cpu,
+        library: Some(lib),
+        n_threads: Some(1),
+        // Tests leave no graph beside the models.
+        cache: ortb::OnnxCache::Off,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn tiny_model_agrees_with_llama_cpp_on_openvino() {
+    let Some(opts) = options("CPU") else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let llama = common::tiny(Architecture::Llama);
+    let mut reference = Session::new(
+        &llama,
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = OrtModel::open(&path, opts).unwrap();
+    let mut cand = OrtSession::new(&m, 256).unwrap();
+    let toks: Vec<Vec<i32>> = [
+        "The capital of France is",
+        "hello world",
+        "water is made of",
+    ]
+    .iter()
+    .map(|p| llama.tokenize(p, true).unwrap())
+    .collect();
+    let r = amend_runtime::parity::parity(
+        &mut reference,
+        &mut cand,
+        &toks,
+        12,
+        amend_runtime::parity::Mode::Incremental,
+        |_, _| {},
+    )
+    .unwrap();
+    eprintln!(
+        "openvino tiny: {:.1}% max err {:.2e}",
+        r.agreement(),
+        r.max_abs_err
+    );
+    assert!(r.agreement() >= 97.0, "{:.1}%", r.agreement());
+}
+
+#[test]
+fn an_absent_device_is_a_specific_error() {
+    // No Intel NPU here: the EP must refuse, never fall back to the CPU silently.
+    let Some(opts) = options("NPU") else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let e = OrtModel::open(&path, opts).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RuntimeError::OrtEp { .. } | RuntimeError::OrtSession { .. }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("openvino:NPU"), "{e}");
+}
+
+#[test]
+fn gemma3_agrees_on_openvino() {
+    let Some(opts) = options("CPU") else { return };
+    let Some(llama) = common::real_model() else {
+        return;
+    };
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/prompts-100.txt"
+    ))
+    .unwrap();
+    let prompts: Vec<Vec<i32>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(8)
+        .map(|l| llama.tokenize(l, true).unwrap())
+        .collect();
+    let mut reference = Session::new(
+        &llama,
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = OrtModel::open(llama.path(), opts).unwrap();
+    let mut cand = OrtSession::new(&m, 512).unwrap();
+    let r = amend_runtime::parity::parity(
+        &mut reference,
+        &mut cand,
+        &prompts,
+        16,
+        amend_runtime::parity::Mode::Batch,
+        |_, _| {},
+    )
+    .unwrap();
+    eprintln!(
+        "gemma3 openvino: {}",
+        r.table("llama.cpp", "ort openvino:CPU")
+    );
+    assert!(r.agreement() >= 93.0, "{:.1}%", r.agreement());
+}
+
+#[test]
+fn a_node_the_ep_does_not_take_is_an_error_unless_fallback_is_asked() {
+    use amend_runtime::onnxruntime::onnx::{Attr, DataType, Dim, Graph, Node, ValueInfo};
+    let Some(opts) = options("CPU") else { return };
+    // String tensors: the OpenVINO EP takes none, so this node could only run on the CPU EP.
+    let vi = |name: &str| ValueInfo {
+        name: name.into(),
+        dtype: DataType::String,
+        shape: vec![Dim::Fixed(2)],
+    };
+    let g = Graph {
+        name: "strings".into(),
+        nodes: vec![Node {
+            op: "StringNormalizer",
+            domain: "",
+            name: "lower".into(),
+            inputs: vec!["s".into()],
+            outputs: vec!["t".into()],
+            // The "C" locale: the default en_US.UTF-8 may not be installed.
+            attrs: vec![
+                ("case_change_action", Attr::Str("LOWER".into())),
+                ("locale", Attr::Str("C".into())),
+            ],
+        }],
+        initializers: vec![],
+        inputs: vec![vi("s")],
+        outputs: vec![vi("t")],
+    };
+    let e = ortb::check_graph(&g, &opts).unwrap_err();
+    assert!(matches!(e, RuntimeError::OrtSession { .. }), "{e}");
+    assert!(e.to_string().contains("openvino:CPU"), "{e}");
+    // Asked for, the CPU EP takes it.
+    ortb::check_graph(&g, &OrtOptions { cpu_fallback: true, ..opts }).unwrap();
+}
