@@ -7,7 +7,7 @@ get_filename_component(_amend_prefix "${CMAKE_CURRENT_LIST_DIR}/../../.." ABSOLU
 
 # Native libraries a static link needs (pinned by scripts/test.d/ffi.sh against
 # `rustc --print native-static-libs`; llama.cpp is C++).
-set(AMEND_STATIC_NATIVE_LIBS stdc++ gcc_s util rt pthread m dl c)
+set(AMEND_STATIC_NATIVE_LIBS dl stdc++ gcc_s util rt pthread m dl c)
 
 if(NOT TARGET amend::amend)
   add_library(amend::amend STATIC IMPORTED)

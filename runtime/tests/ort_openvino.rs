@@ -167,5 +167,12 @@ fn a_node_the_ep_does_not_take_is_an_error_unless_fallback_is_asked() {
     assert!(matches!(e, RuntimeError::OrtSession { .. }), "{e}");
     assert!(e.to_string().contains("openvino:CPU"), "{e}");
     // Asked for, the CPU EP takes it.
-    ortb::check_graph(&g, &OrtOptions { cpu_fallback: true, ..opts }).unwrap();
+    ortb::check_graph(
+        &g,
+        &OrtOptions {
+            cpu_fallback: true,
+            ..opts
+        },
+    )
+    .unwrap();
 }

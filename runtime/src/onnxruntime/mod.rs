@@ -646,8 +646,8 @@ mod cache {
     /// The cached bytes, or why they cannot be used.
     pub fn read(p: &Path, fingerprint: &[u8], builder: &str) -> Result<Vec<u8>, String> {
         let side = sidecar(p);
-        let (mut f, _) = amend_edits::fsutil::open_regular(&side, 4096)
-            .map_err(|e| e.to_string())?;
+        let (mut f, _) =
+            amend_edits::fsutil::open_regular(&side, 4096).map_err(|e| e.to_string())?;
         let mut s = String::new();
         std::io::Read::read_to_string(&mut f, &mut s).map_err(|e| format!("sidecar: {e}"))?;
         let field = |k: &str| {
