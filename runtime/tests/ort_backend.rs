@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use amend_edits::gguf::GgmlType;
 use amend_runtime::onnxruntime::{self as ortb, Ep, OrtModel, OrtOptions, OrtSession, Profile};
+use amend_runtime::parity::Mode;
 use amend_runtime::{Architecture, Logits, RuntimeError, Session, SessionOptions};
 
 fn library() -> Option<PathBuf> {
@@ -157,32 +158,12 @@ fn agreement(
     prompts: &[&str],
     n: usize,
 ) -> amend_runtime::parity::ParityReport {
-    let path = common::tiny_path(arch);
     let llama = common::tiny(arch);
-    let mut reference = Session::new(
-        &llama,
-        SessionOptions {
-            n_ctx: 256,
-            n_threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let m = OrtModel::open(&path, options(profile)).unwrap();
-    let mut cand = OrtSession::new(&m, 256).unwrap();
     let toks: Vec<Vec<i32>> = prompts
         .iter()
         .map(|p| llama.tokenize(p, true).unwrap())
         .collect();
-    amend_runtime::parity::parity(
-        &mut reference,
-        &mut cand,
-        &toks,
-        n,
-        amend_runtime::parity::Mode::Incremental,
-        |_, _| {},
-    )
-    .unwrap()
+    common::ort_parity(&llama, options(profile), &toks, n, Mode::Incremental)
 }
 
 const PROMPTS: &[&str] = &[
@@ -383,45 +364,27 @@ fn bad_input_is_a_specific_error() {
 #[test]
 fn quantized_tiny_model_agrees() {
     let Some(_) = library() else { return };
-    let dir = common::tmp_dir();
     for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0] {
-        let p = dir.join(format!("tiny-{t:?}.gguf"));
-        amend_runtime::testutil::write_tiny_model_typed(&p, Architecture::Llama, 7, t).unwrap();
-        let llama = amend_runtime::Model::open(
-            &p,
-            amend_runtime::ModelOptions {
-                n_threads: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut reference = Session::new(
-            &llama,
-            SessionOptions {
-                n_ctx: 256,
-                n_threads: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let m = OrtModel::open(&p, options(Profile::Cpu)).unwrap();
-        let mut cand = OrtSession::new(&m, 256).unwrap();
+        let llama = typed_tiny(t, &format!("tiny-{t:?}.gguf"));
         let toks: Vec<Vec<i32>> = PROMPTS
             .iter()
             .map(|s| llama.tokenize(s, true).unwrap())
             .collect();
-        let r = amend_runtime::parity::parity(
-            &mut reference,
-            &mut cand,
-            &toks,
-            16,
-            amend_runtime::parity::Mode::Incremental,
-            |_, _| {},
-        )
-        .unwrap();
+        let r = common::ort_parity(&llama, options(Profile::Cpu), &toks, 16, Mode::Incremental);
         eprintln!("{t:?}: {:.1}% max err {:.2e}", r.agreement(), r.max_abs_err);
         assert!(r.agreement() >= 90.0, "{t:?}: {:.1}%", r.agreement());
     }
+}
+
+/// A tiny llama whose layer matrices are stored as `t`, opened on llama.cpp.
+fn typed_tiny(t: GgmlType, name: &str) -> std::sync::Arc<amend_runtime::Model> {
+    let p = common::tmp_dir().join(name);
+    amend_runtime::testutil::write_tiny_model_typed(&p, Architecture::Llama, 7, t).unwrap();
+    let o = amend_runtime::ModelOptions {
+        n_threads: Some(1),
+        ..Default::default()
+    };
+    amend_runtime::Model::open(&p, o).unwrap()
 }
 
 #[test]
@@ -430,37 +393,14 @@ fn gemma3_agrees_with_llama_cpp() {
     let Some(llama) = common::real_model() else {
         return;
     };
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../data/prompts-100.txt"
-    ))
-    .unwrap();
-    let prompts: Vec<Vec<i32>> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(8)
-        .map(|l| llama.tokenize(l, true).unwrap())
-        .collect();
-    let mut reference = Session::new(
+    let prompts = common::prompts_100(&llama, 8);
+    let r = common::ort_parity(
         &llama,
-        SessionOptions {
-            n_ctx: 512,
-            n_threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let m = OrtModel::open(llama.path(), options(Profile::Cpu)).unwrap();
-    let mut cand = OrtSession::new(&m, 512).unwrap();
-    let r = amend_runtime::parity::parity(
-        &mut reference,
-        &mut cand,
+        options(Profile::Cpu),
         &prompts,
         16,
-        amend_runtime::parity::Mode::Incremental,
-        |_, _| {},
-    )
-    .unwrap();
+        Mode::Incremental,
+    );
     eprintln!("gemma3 cpu: {}", r.table("llama.cpp", "ort cpu"));
     assert!(r.agreement() >= 95.0, "{:.1}%", r.agreement());
 }
@@ -528,51 +468,18 @@ fn llama_cpp_roundings_can_be_reproduced() {
     assert_eq!(Emulation::parse("q80, kv").unwrap().name(), "kv,q80");
     // Q8_0 layers: the q8_0 input rounding is exercised; the tiny model's 64-wide rows have
     // no 256-blocks, so q8_K is skipped there.
-    let dir = common::tmp_dir();
-    let p = dir.join("tiny-emu-q8_0.gguf");
-    amend_runtime::testutil::write_tiny_model_typed(&p, Architecture::Llama, 7, GgmlType::Q8_0)
-        .unwrap();
-    let llama = amend_runtime::Model::open(
-        &p,
-        amend_runtime::ModelOptions {
-            n_threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let llama = typed_tiny(GgmlType::Q8_0, "tiny-emu-q8_0.gguf");
     let toks: Vec<Vec<i32>> = PROMPTS
         .iter()
         .map(|s| llama.tokenize(s, true).unwrap())
         .collect();
     let mut errs = Vec::new();
     for emu in [Emulation::default(), Emulation::all()] {
-        let mut reference = Session::new(
-            &llama,
-            SessionOptions {
-                n_ctx: 256,
-                n_threads: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let m = OrtModel::open(
-            &p,
-            OrtOptions {
-                emulation: emu,
-                ..options(Profile::Cpu)
-            },
-        )
-        .unwrap();
-        let mut cand = OrtSession::new(&m, 256).unwrap();
-        let r = amend_runtime::parity::parity(
-            &mut reference,
-            &mut cand,
-            &toks,
-            16,
-            amend_runtime::parity::Mode::Incremental,
-            |_, _| {},
-        )
-        .unwrap();
+        let opts = OrtOptions {
+            emulation: emu,
+            ..options(Profile::Cpu)
+        };
+        let r = common::ort_parity(&llama, opts, &toks, 16, Mode::Incremental);
         eprintln!(
             "{}: {:.1}% mean err {:.2e}",
             emu.name(),

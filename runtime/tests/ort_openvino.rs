@@ -4,8 +4,9 @@
 
 mod common;
 
-use amend_runtime::onnxruntime::{self as ortb, Ep, OrtModel, OrtOptions, OrtSession, Profile};
-use amend_runtime::{Architecture, RuntimeError, Session, SessionOptions};
+use amend_runtime::onnxruntime::{self as ortb, Ep, OrtModel, OrtOptions, Profile};
+use amend_runtime::parity::Mode;
+use amend_runtime::{Architecture, RuntimeError};
 
 fn options(device: &str) -> Option<OrtOptions> {
     let ep = Ep::OpenVino(device.into());
@@ -37,19 +38,7 @@ fn options(device: &str) -> Option<OrtOptions> {
 #[test]
 fn tiny_model_agrees_with_llama_cpp_on_openvino() {
     let Some(opts) = options("CPU") else { return };
-    let path = common::tiny_path(Architecture::Llama);
     let llama = common::tiny(Architecture::Llama);
-    let mut reference = Session::new(
-        &llama,
-        SessionOptions {
-            n_ctx: 256,
-            n_threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let m = OrtModel::open(&path, opts).unwrap();
-    let mut cand = OrtSession::new(&m, 256).unwrap();
     let toks: Vec<Vec<i32>> = [
         "The capital of France is",
         "hello world",
@@ -58,15 +47,7 @@ fn tiny_model_agrees_with_llama_cpp_on_openvino() {
     .iter()
     .map(|p| llama.tokenize(p, true).unwrap())
     .collect();
-    let r = amend_runtime::parity::parity(
-        &mut reference,
-        &mut cand,
-        &toks,
-        12,
-        amend_runtime::parity::Mode::Incremental,
-        |_, _| {},
-    )
-    .unwrap();
+    let r = common::ort_parity(&llama, opts, &toks, 12, Mode::Incremental);
     eprintln!(
         "openvino tiny: {:.1}% max err {:.2e}",
         r.agreement(),
@@ -97,37 +78,9 @@ fn gemma3_agrees_on_openvino() {
     let Some(llama) = common::real_model() else {
         return;
     };
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../data/prompts-100.txt"
-    ))
-    .unwrap();
-    let prompts: Vec<Vec<i32>> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(8)
-        .map(|l| llama.tokenize(l, true).unwrap())
-        .collect();
-    let mut reference = Session::new(
-        &llama,
-        SessionOptions {
-            n_ctx: 512,
-            n_threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let m = OrtModel::open(llama.path(), opts).unwrap();
-    let mut cand = OrtSession::new(&m, 512).unwrap();
-    let r = amend_runtime::parity::parity(
-        &mut reference,
-        &mut cand,
-        &prompts,
-        16,
-        amend_runtime::parity::Mode::Batch,
-        |_, _| {},
-    )
-    .unwrap();
+    let prompts = common::prompts_100(&llama, 8);
+    // Batch mode: OpenVINO compiles once per input shape, and token by token every step has one.
+    let r = common::ort_parity(&llama, opts, &prompts, 16, Mode::Batch);
     eprintln!(
         "gemma3 openvino: {}",
         r.table("llama.cpp", "ort openvino:CPU")

@@ -807,20 +807,20 @@ pub fn build(
         let h = b.name_site(&h, HookPoint::new(il as u32, Site::FfnInput));
         let gate = b.linear(&h, &w("ffn_gate"))?;
         let up = b.linear(&h, &w("ffn_up"))?;
-        let act = if gemma && b.emu.gelu_f16 {
-            let g16 = b.f16_round(&gate);
-            let a = b.op_a(
-                "Gelu",
-                &[&g16],
-                vec![("approximate", Attr::Str("tanh".into()))],
-            );
-            b.f16_round(&a)
-        } else if gemma {
-            b.op_a(
-                "Gelu",
-                &[&gate],
-                vec![("approximate", Attr::Str("tanh".into()))],
-            )
+        let act = if gemma {
+            // ggml's GELU is an f16 table: input and output through f16 when reproduced.
+            let g = if b.emu.gelu_f16 {
+                b.f16_round(&gate)
+            } else {
+                gate
+            };
+            let tanh = vec![("approximate", Attr::Str("tanh".into()))];
+            let a = b.op_a("Gelu", &[&g], tanh);
+            if b.emu.gelu_f16 {
+                b.f16_round(&a)
+            } else {
+                a
+            }
         } else {
             let sg = b.op("Sigmoid", &[&gate]);
             b.op("Mul", &[&gate, &sg])

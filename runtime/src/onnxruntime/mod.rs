@@ -140,8 +140,21 @@ pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environmen
     // A FIFO would block dlopen; a directory or device is refused by name.
     amend_edits::fsutil::open_regular(&canonical, 1 << 31).map_err(|e| bad(e.to_string()))?;
     let builder = ort::init_from(&canonical).map_err(|e| bad(e.to_string()))?;
+    // ONNX Runtime's log goes to the `log` crate (target `onnxruntime`), never to stderr: the
+    // errors it logs are returned to the caller anyway.
+    let logger: ort::logging::LoggerFunction =
+        std::sync::Arc::new(|level, category, _id, location, message| {
+            use ort::logging::LogLevel as L;
+            let lvl = match level {
+                L::Verbose => log::Level::Trace,
+                L::Info | L::Warning => log::Level::Debug,
+                L::Error | L::Fatal => log::Level::Info,
+            };
+            log::log!(target: "onnxruntime", lvl, "[{category}] {location}: {message}");
+        });
     let env = builder
         .with_name("amend")
+        .with_logger(logger)
         .build()
         .map_err(|e| bad(e.to_string()))?;
     let _ = LOADED.set(Loaded {
@@ -865,16 +878,21 @@ impl OrtSession {
         if none {
             rows.push(t - 1);
         }
-        let e = ort_err("building inputs");
         let half = c.head_dim / 2;
         let mut inputs: Vec<(String, DynValue)> = Vec::new();
+        fn put<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+            inputs: &mut Vec<(String, DynValue)>,
+            name: &str,
+            shape: [usize; 2],
+            data: Vec<T>,
+        ) -> Result<(), RuntimeError> {
+            let v = Tensor::from_array((vec![shape[0] as i64, shape[1] as i64], data))
+                .map_err(ort_err("building inputs"))?;
+            inputs.push((name.to_string(), v.into_dyn()));
+            Ok(())
+        }
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        inputs.push((
-            graph::INPUT_IDS.into(),
-            Tensor::from_array((vec![1i64, t as i64], ids))
-                .map_err(&e)?
-                .into_dyn(),
-        ));
+        put(&mut inputs, graph::INPUT_IDS, [1, t], ids)?;
         let mask = |window: Option<usize>| {
             let mut m = vec![0f32; t * s];
             for i in 0..t {
@@ -890,52 +908,19 @@ impl OrtSession {
             m
         };
         let (cos, sin) = self.rope(p, t, c.rope_base, c.rope_freq_scale);
-        inputs.push((
-            "rope_cos".into(),
-            Tensor::from_array((vec![t as i64, half as i64], cos))
-                .map_err(&e)?
-                .into_dyn(),
-        ));
-        inputs.push((
-            "rope_sin".into(),
-            Tensor::from_array((vec![t as i64, half as i64], sin))
-                .map_err(&e)?
-                .into_dyn(),
-        ));
-        inputs.push((
-            "mask".into(),
-            Tensor::from_array((vec![t as i64, s as i64], mask(None)))
-                .map_err(&e)?
-                .into_dyn(),
-        ));
+        put(&mut inputs, "rope_cos", [t, half], cos)?;
+        put(&mut inputs, "rope_sin", [t, half], sin)?;
+        put(&mut inputs, "mask", [t, s], mask(None))?;
         if graph::has_swa(&c) {
             let (cos, sin) = self.rope(p, t, c.rope_base_swa, 1.0);
-            inputs.push((
-                "rope_cos_swa".into(),
-                Tensor::from_array((vec![t as i64, half as i64], cos))
-                    .map_err(&e)?
-                    .into_dyn(),
-            ));
-            inputs.push((
-                "rope_sin_swa".into(),
-                Tensor::from_array((vec![t as i64, half as i64], sin))
-                    .map_err(&e)?
-                    .into_dyn(),
-            ));
-            inputs.push((
-                "mask_swa".into(),
-                Tensor::from_array((vec![t as i64, s as i64], mask(c.sliding_window)))
-                    .map_err(&e)?
-                    .into_dyn(),
-            ));
+            put(&mut inputs, "rope_cos_swa", [t, half], cos)?;
+            put(&mut inputs, "rope_sin_swa", [t, half], sin)?;
+            put(&mut inputs, "mask_swa", [t, s], mask(c.sliding_window))?;
         }
         let r: Vec<i64> = rows.iter().map(|&x| x as i64).collect();
-        inputs.push((
-            graph::LOGIT_ROWS.into(),
-            Tensor::from_array((vec![rows.len() as i64], r))
-                .map_err(&e)?
-                .into_dyn(),
-        ));
+        let n_rows = r.len();
+        let v = Tensor::from_array((vec![n_rows as i64], r)).map_err(ort_err("building inputs"))?;
+        inputs.push((graph::LOGIT_ROWS.into(), v.into_dyn()));
         let kv = std::mem::take(&mut self.kv);
         for (i, v) in kv.into_iter().enumerate() {
             let il = i / 2;

@@ -67,3 +67,41 @@ pub fn real_model() -> Option<Arc<Model>> {
         })
         .clone()
 }
+
+/// The first `n` prompts of data/prompts-100.txt, tokenized by `model`.
+pub fn prompts_100(model: &Model, n: usize) -> Vec<Vec<i32>> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/prompts-100.txt"
+    ))
+    .unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(n)
+        .map(|l| model.tokenize(l, true).unwrap())
+        .collect()
+}
+
+/// Top-1 agreement and logit error of ONNX Runtime (`opts`) against llama.cpp on the same
+/// model file, along llama.cpp's greedy continuations of `prompts` (`n` tokens each).
+pub fn ort_parity(
+    llama: &Arc<Model>,
+    opts: amend_runtime::onnxruntime::OrtOptions,
+    prompts: &[Vec<i32>],
+    n: usize,
+    mode: amend_runtime::parity::Mode,
+) -> amend_runtime::parity::ParityReport {
+    use amend_runtime::onnxruntime::{OrtModel, OrtSession};
+    let mut reference = amend_runtime::Session::new(
+        llama,
+        amend_runtime::SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = OrtModel::open(llama.path(), opts).unwrap();
+    let mut cand = OrtSession::new(&m, 512).unwrap();
+    amend_runtime::parity::parity(&mut reference, &mut cand, prompts, n, mode, |_, _| {}).unwrap()
+}
