@@ -120,10 +120,10 @@ pub fn parity(
             }
             Mode::Incremental => {
                 candidate.eval(prompt, EvalOptions::prefill(Logits::Last))?;
-                for i in 0..n_tokens {
+                for (i, &tok) in cont.iter().enumerate() {
                     cand_logits.push(candidate.last_logits()?.to_vec());
                     if i + 1 < n_tokens {
-                        candidate.eval(&[cont[i]], EvalOptions::decode())?;
+                        candidate.eval(&[tok], EvalOptions::decode())?;
                     }
                 }
             }

@@ -395,8 +395,12 @@ impl OrtModel {
                 (bytes, fp, rope_freqs, 0, true)
             }
             None => {
-                let (onnx, binding, rope_freqs, n_nodes) =
-                    build_onnx(path, &cfg, &options, &builder_id)?;
+                let Built {
+                    onnx,
+                    binding,
+                    rope_freqs,
+                    n_nodes,
+                } = build_onnx(path, &cfg, &options, &builder_id)?;
                 if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
                     if let Err(e) = cache::write(cp, &onnx, &binding.fingerprint, &builder_id) {
                         log::info!("ort: graph not cached at {}: {e}", cp.display());
@@ -517,22 +521,22 @@ impl OrtModel {
     }
 }
 
-/// Reads the GGUF at `path` into memory this process owns and builds its graph: the ONNX
-/// bytes, the fingerprint of the very bytes read, RoPE frequency factors, the node count.
+/// A graph built from a GGUF.
+struct Built {
+    onnx: Vec<u8>,
+    /// The fingerprint of the very bytes the graph was built from.
+    binding: amend_edits::bundle::ModelBinding,
+    rope_freqs: Option<Vec<f32>>,
+    n_nodes: usize,
+}
+
+/// Reads the GGUF at `path` into memory this process owns and builds its graph.
 fn build_onnx(
     path: &Path,
     cfg: &ModelConfig,
     options: &OrtOptions,
     builder_id: &str,
-) -> Result<
-    (
-        Vec<u8>,
-        amend_edits::bundle::ModelBinding,
-        Option<Vec<f32>>,
-        usize,
-    ),
-    RuntimeError,
-> {
+) -> Result<Built, RuntimeError> {
     let (mut file, len) =
         amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
             .map_err(RuntimeError::File)?;
@@ -583,7 +587,12 @@ fn build_onnx(
         metadata: &metadata,
     }
     .to_bytes();
-    Ok((onnx, binding, rope_freqs, n_nodes))
+    Ok(Built {
+        onnx,
+        binding,
+        rope_freqs,
+        n_nodes,
+    })
 }
 
 /// ONNX opset 21 (blockwise DequantizeLinear) and ORT's contrib ops.

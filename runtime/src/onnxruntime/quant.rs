@@ -99,7 +99,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// Decodes one block into unsigned codes `q` (the `B` value before the offset) and calls
 /// `emit(sub_block, scale, min, codes)` per sub-block, where `w = scale * (code - offset) - min`.
 /// Offsets: Q8_0 128 (codes = qs + 128), Q5_0 16, Q4_0 8, Q6_K 32, Q4_K 0.
-fn decode_block(t: GgmlType, blk: &[u8], emit: &mut dyn FnMut(usize, f32, f32, &[u8])) {
+/// `emit(sub_block, scale, min, codes)`.
+type Emit<'a> = dyn FnMut(usize, f32, f32, &[u8]) + 'a;
+
+fn decode_block(t: GgmlType, blk: &[u8], emit: &mut Emit<'_>) {
     let mut codes = [0u8; 32];
     match t {
         GgmlType::Q8_0 => {
