@@ -56,6 +56,9 @@ pub struct OrtArgs {
     /// q4kf32, q6kf32 (docs/backends.md).
     #[arg(long, default_value = "none")]
     pub emulate: String,
+    /// An ONNX Runtime session configuration entry KEY=VALUE (repeatable).
+    #[arg(long = "ort-config")]
+    pub ort_config: Vec<String>,
 }
 
 impl OrtArgs {
@@ -76,6 +79,15 @@ impl OrtArgs {
                 (None, false) => OnnxCache::BesideModel,
             },
             emulation: Emulation::parse(&self.emulate).map_err(anyhow::Error::msg)?,
+            session_config: self
+                .ort_config
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }

@@ -316,6 +316,7 @@ mod tests {
                 onnx: None,
                 no_onnx_cache: false,
                 emulate: "none".into(),
+                ort_config: vec![],
             },
         }
     }

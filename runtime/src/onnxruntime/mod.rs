@@ -249,6 +249,9 @@ pub struct OrtOptions {
     pub cache: OnnxCache,
     /// llama.cpp roundings the graph reproduces (none by default; docs/backends.md).
     pub emulation: Emulation,
+    /// Extra ONNX Runtime session configuration entries (`key`, `value`), e.g.
+    /// `session.intra_op.allow_spinning`; an unknown key is ONNX Runtime's to refuse.
+    pub session_config: Vec<(String, String)>,
 }
 
 /// Where the built ONNX graph is kept between runs. A cached graph is used only when its
@@ -277,6 +280,7 @@ impl Default for OrtOptions {
             export: None,
             cache: OnnxCache::BesideModel,
             emulation: Emulation::default(),
+            session_config: Vec::new(),
         }
     }
 }
@@ -467,6 +471,11 @@ impl OrtModel {
         let mut b = OrtRunner::builder(env).map_err(|e| ep_err(e.to_string()))?;
         if let Some(n) = options.n_threads {
             b = b.with_intra_threads(n).map_err(|e| ep_err(e.to_string()))?;
+        }
+        for (k, v) in &options.session_config {
+            b = b
+                .with_config_entry(k, v)
+                .map_err(|e| ep_err(format!("session config {k}={v}: {e}")))?;
         }
         if let Some(d) = options.ep.dispatch() {
             b = b
