@@ -144,7 +144,6 @@ fn rss_kb() -> Option<u64> {
 /// single-token decodes (end of generation ignored).
 fn speed(b: &mut dyn Backend, prompt: &[i32], n: usize) -> anyhow::Result<(f64, f64)> {
     let params = GenerateParams {
-        max_tokens: n,
         ignore_eos: true,
         ..GenerateParams::greedy(n)
     };
@@ -173,6 +172,10 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     };
     let mut reference = session()?;
     let rss_llama = rss_kb().unwrap_or(0).saturating_sub(rss0);
+    let prompts: Vec<Vec<i32>> = lines
+        .iter()
+        .map(|l| llama.tokenize(l, true))
+        .collect::<Result<_, _>>()?;
     let mode = if args.batch {
         amend_runtime::parity::Mode::Batch
     } else {
@@ -180,10 +183,6 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     };
     if args.self_check {
         let mut other = session()?;
-        let prompts: Vec<Vec<i32>> = lines
-            .iter()
-            .map(|l| llama.tokenize(l, true))
-            .collect::<Result<_, _>>()?;
         let r = amend_runtime::parity::parity(
             &mut reference,
             &mut other,
@@ -200,10 +199,6 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     let open_s = t.elapsed().as_secs_f64();
     let rss_ort_open = rss_kb().unwrap_or(0).saturating_sub(rss0 + rss_llama);
     let mut candidate = OrtSession::new(&ort, 1024)?;
-    let prompts: Vec<Vec<i32>> = lines
-        .iter()
-        .map(|l| llama.tokenize(l, true))
-        .collect::<Result<_, _>>()?;
     let candidate_name = format!("onnxruntime {}", ort.options().ep.name());
     let report = amend_runtime::parity::parity(
         &mut reference,

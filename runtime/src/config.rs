@@ -155,8 +155,13 @@ impl ModelConfig {
             None
         };
         // ggml's ne of the embeddings is [n_embd, n_vocab].
-        let n_vocab = match header.tensor("token_embd.weight") {
-            Some(t) => t.ne[1] as usize,
+        let n_vocab = match header.tensor("token_embd.weight").map(|t| t.ne.get(1)) {
+            Some(Some(&n)) => n as usize,
+            Some(None) => {
+                return Err(ConfigError::Unsupported(
+                    "token_embd.weight is not a matrix".into(),
+                ))
+            }
             None => return Err(ConfigError::MissingTensor("token_embd.weight".into())),
         };
         Ok(ModelConfig {

@@ -298,25 +298,23 @@ impl<'a> Builder<'a> {
     }
 
     /// `x W^T` for the GGUF weight `name` (`ne = [in, out]`), exact weights.
-    fn linear(&mut self, x: &str, name: &str) -> Result<String, BuildError> {
+    /// A matrix tensor and its `(k, n)` = `(ne[0], ne[1])`, checked to have two dimensions.
+    fn matrix(&self, name: &str) -> Result<(&'a TensorInfo, usize, usize), BuildError> {
         let t = self.tensor_info(name)?;
-        let (k, n) = (t.ne[0] as usize, t.ne[1] as usize);
-        if t.ne.len() != 2 {
-            return Err(BuildError::Tensor {
+        match t.ne[..] {
+            [k, n] => Ok((t, k as usize, n as usize)),
+            _ => Err(BuildError::Tensor {
                 tensor: name.into(),
                 detail: format!("expected a matrix, got dims {:?}", t.ne),
-            });
+            }),
         }
+    }
+
+    fn linear(&mut self, x: &str, name: &str) -> Result<String, BuildError> {
+        let (t, k, n) = self.matrix(name)?;
         let ty = t.ggml_type;
         let lw = if ty == GgmlType::Q6_K && self.emu.q6k_f32 {
-            let w = quant::dequantize(name, ty, k, n, self.bytes(t)?)?;
-            let mut wt = vec![0f32; k * n];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = w[r * k + c];
-                }
-            }
-            LinearWeight::Float { k, n, wt }
+            quant::float_weight(name, ty, k, n, self.bytes(t)?)?
         } else {
             quant::linear_weight(name, ty, k, n, self.bytes(t)?)?
         };
@@ -657,15 +655,15 @@ pub fn build(
 
     // Token embeddings: Q8_0 rows are gathered as codes and scaled (exact, and the codes are
     // shared with a tied output projection); other types become an f32 table.
-    let te = b.tensor_info("token_embd.weight")?;
-    let (k, nv) = (te.ne[0] as usize, te.ne[1] as usize);
+    let (te, k, nv) = b.matrix("token_embd.weight")?;
     let tied = file.header.tensor("output.weight").is_none();
-    let mut tied_linear = None;
+    // The output projection reuses the embedding's codes (below).
+    let mut tied_codes = false;
     let mut x = if te.ggml_type == GgmlType::Q8_0 && profile == Profile::Cpu {
         let lw = quant::linear_weight("token_embd.weight", te.ggml_type, k, nv, b.bytes(te)?)?;
         let LinearWeight::NBits {
             b: codes, scales, ..
-        } = &lw
+        } = lw
         else {
             unreachable!("Q8_0 maps to MatMulNBits")
         };
@@ -673,12 +671,12 @@ pub fn build(
         let cn = b.init(TensorData::u8(
             "token_embd.weight.B",
             vec![nv as i64, kb as i64, 32],
-            codes.clone(),
+            codes,
         ));
         let sn = b.init(TensorData::f32(
             "token_embd.weight.scales",
             vec![(nv * kb) as i64],
-            scales,
+            &scales,
         ));
         let rows = b.op("Gather", &[&cn, INPUT_IDS]);
         let rf = b.op_a(
@@ -693,9 +691,7 @@ pub fn build(
         let srows = b.op("Gather", &[&s3, INPUT_IDS]);
         let v = b.op("Mul", &[&centred, &srows]);
         let eshape = b.ints(&[1, -1, k as i64]);
-        if tied {
-            tied_linear = Some(());
-        }
+        tied_codes = tied;
         b.op("Reshape", &[&v, &eshape])
     } else {
         let v = quant::dequantize("token_embd.weight", te.ggml_type, k, nv, b.bytes(te)?)?;
@@ -706,10 +702,9 @@ pub fn build(
         ));
         b.op("Gather", &[&t, INPUT_IDS])
     };
-    if let Some(s) = cfg.embed_scale {
-        // llama.cpp scales by sqrtf(n_embd) in f32.
+    if cfg.embed_scale.is_some() {
+        // llama.cpp scales by sqrtf(n_embd) in f32 (not the f64 root rounded).
         let sc = b.scalar("embd_scale", (cfg.n_embd as f32).sqrt());
-        let _ = s;
         x = b.op("Mul", &[&x, &sc]);
     }
     x = b.name_site(&x, HookPoint::new(0, Site::Embeddings));
@@ -839,7 +834,7 @@ pub fn build(
     let rows = b.op_a("Gather", &[&x, LOGIT_ROWS], vec![("axis", Attr::Int(1))]);
     let on = b.vector("output_norm.weight")?;
     let h = b.rms_norm(&rows, &on, cfg.rms_eps);
-    let mut logits = if tied_linear.is_some() {
+    let mut logits = if tied_codes {
         // Reuse the embedding's codes and scales: no second copy of the largest tensor.
         let h = if b.emu.act_q8_0 {
             b.round_blocks(&h, k, 32, false)

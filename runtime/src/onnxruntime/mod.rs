@@ -176,28 +176,16 @@ pub fn probe_linear(
     profile: Profile,
     library: &Path,
 ) -> Result<Vec<f32>, RuntimeError> {
-    let env = load_library(library)?;
     let lw = quant::linear_weight("w", t, k, n, data)
         .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
-    let g = graph::linear_probe(lw, profile);
-    let bytes = onnx::ModelProto {
-        graph: &g,
-        opsets: OPSETS,
-        producer: "amend probe",
-        metadata: &[],
-    }
-    .to_bytes();
-    let e = |e: String| RuntimeError::Ort(format!("probe session: {e}"));
-    let mut runner = OrtRunner::builder(env)
-        .map_err(|x| e(x.to_string()))?
-        .with_intra_threads(1)
-        .map_err(|x| e(x.to_string()))?
-        // The graph as written: ORT's CPU optimizer would fuse DequantizeLinear + MatMul into
-        // MatMulNBits with int8 activations, which is not what a probe of the weights wants.
-        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
-        .map_err(|x| e(x.to_string()))?
-        .commit_from_memory(&bytes)
-        .map_err(|x| e(x.to_string()))?;
+    let options = OrtOptions {
+        library: Some(library.to_path_buf()),
+        n_threads: Some(1),
+        ..Default::default()
+    };
+    // The graph as written: ORT's CPU optimizer would fuse DequantizeLinear + MatMul into
+    // MatMulNBits with int8 activations, which is not what a probe of the weights wants.
+    let mut runner = graph_session(&graph::linear_probe(lw, profile), &options, false)?;
     let mut eye = vec![0f32; k * k];
     for i in 0..k {
         eye[i * k + i] = 1.0;
@@ -216,11 +204,16 @@ pub fn probe_linear(
 /// fallback rule: tests use it to show what an EP refuses.
 #[doc(hidden)]
 pub fn check_graph(g: &onnx::Graph, options: &OrtOptions) -> Result<(), RuntimeError> {
-    let library = options
-        .library
-        .clone()
-        .unwrap_or_else(|| default_library(&options.ep));
-    let env = load_library(&library)?;
+    graph_session(g, options, true).map(drop)
+}
+
+/// A session for a small in-memory graph (probes and checks) on `options`' library and EP.
+fn graph_session(
+    g: &onnx::Graph,
+    options: &OrtOptions,
+    optimize: bool,
+) -> Result<OrtRunner, RuntimeError> {
+    let env = load_library(&options.library_path())?;
     let bytes = onnx::ModelProto {
         graph: g,
         opsets: OPSETS,
@@ -228,7 +221,7 @@ pub fn check_graph(g: &onnx::Graph, options: &OrtOptions) -> Result<(), RuntimeE
         metadata: &[],
     }
     .to_bytes();
-    OrtModel::session(env, options, &bytes).map(drop)
+    OrtModel::session(env, options, &bytes, optimize)
 }
 
 /// How to open a model on ONNX Runtime.
@@ -267,6 +260,15 @@ pub enum OnnxCache {
     /// This file (e.g. from `amend export-onnx`): it must exist and match; anything else is
     /// an [`RuntimeError::OrtCache`] error.
     File(PathBuf),
+}
+
+impl OrtOptions {
+    /// The library these options load: `library`, else [`default_library`] for the EP.
+    pub fn library_path(&self) -> PathBuf {
+        self.library
+            .clone()
+            .unwrap_or_else(|| default_library(&self.ep))
+    }
 }
 
 impl Default for OrtOptions {
@@ -330,10 +332,7 @@ impl OrtModel {
     ) -> Result<Arc<OrtModel>, RuntimeError> {
         let path = path.as_ref();
         crate::session::check_threads(options.n_threads, "n_threads")?;
-        let library = options
-            .library
-            .clone()
-            .unwrap_or_else(|| default_library(&options.ep));
+        let library = options.library_path();
         let env = load_library(&library)?;
         // The vocabulary (and every pre-load check of the file) through llama.cpp.
         let vocab = Model::open(
@@ -424,7 +423,7 @@ impl OrtModel {
         }
 
         let t1 = Instant::now();
-        let runner = Self::session(env, &options, &onnx)?;
+        let runner = Self::session(env, &options, &onnx, true)?;
         let stats = OrtLoadStats {
             from_cache,
             graph_build_s,
@@ -462,6 +461,7 @@ impl OrtModel {
         env: &ort::environment::Environment,
         options: &OrtOptions,
         onnx: &[u8],
+        optimize: bool,
     ) -> Result<OrtRunner, RuntimeError> {
         let ep_name = options.ep.name();
         let ep_err = |detail: String| RuntimeError::OrtEp {
@@ -471,6 +471,11 @@ impl OrtModel {
         let mut b = OrtRunner::builder(env).map_err(|e| ep_err(e.to_string()))?;
         if let Some(n) = options.n_threads {
             b = b.with_intra_threads(n).map_err(|e| ep_err(e.to_string()))?;
+        }
+        if !optimize {
+            b = b
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+                .map_err(|e| ep_err(e.to_string()))?;
         }
         for (k, v) in &options.session_config {
             b = b
@@ -873,7 +878,8 @@ impl OrtSession {
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
-        let c = self.model.cfg.clone();
+        let model = self.model.clone();
+        let c = &model.cfg;
         for &t in tokens {
             if t < 0 || t as usize >= c.n_vocab {
                 return Err(RuntimeError::InvalidToken {
@@ -929,7 +935,7 @@ impl OrtSession {
         put(&mut inputs, "rope_cos", [t, half], cos)?;
         put(&mut inputs, "rope_sin", [t, half], sin)?;
         put(&mut inputs, "mask", [t, s], mask(None))?;
-        if graph::has_swa(&c) {
+        if graph::has_swa(c) {
             let (cos, sin) = self.rope(p, t, c.rope_base_swa, 1.0);
             put(&mut inputs, "rope_cos_swa", [t, half], cos)?;
             put(&mut inputs, "rope_sin_swa", [t, half], sin)?;
@@ -950,7 +956,6 @@ impl OrtSession {
             inputs.push((name, v));
         }
 
-        let model = self.model.clone();
         let n_layer = c.n_layer;
         let ran = {
             let mut runner = model.runner.lock().unwrap_or_else(|e| e.into_inner());

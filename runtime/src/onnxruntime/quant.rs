@@ -200,16 +200,7 @@ pub fn linear_weight(
 ) -> Result<LinearWeight, QuantError> {
     check(name, t, k, n, data)?;
     match t {
-        GgmlType::F32 | GgmlType::F16 => {
-            let w = dequantize(name, t, k, n, data)?;
-            let mut wt = vec![0f32; k * n];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = w[r * k + c];
-                }
-            }
-            return Ok(LinearWeight::Float { k, n, wt });
-        }
+        GgmlType::F32 | GgmlType::F16 => return float_weight(name, t, k, n, data),
         _ => {}
     }
     let (bits, block, offset) = nbits_form(t);
@@ -255,6 +246,24 @@ pub fn linear_weight(
         zero_points,
         mins,
     })
+}
+
+/// Any supported type as exact f32 weights for a plain `MatMul` (`W^T`, `[k, n]`).
+pub fn float_weight(
+    name: &str,
+    t: GgmlType,
+    k: usize,
+    n: usize,
+    data: &[u8],
+) -> Result<LinearWeight, QuantError> {
+    let w = dequantize(name, t, k, n, data)?;
+    let mut wt = vec![0f32; k * n];
+    for r in 0..n {
+        for c in 0..k {
+            wt[c * n + r] = w[r * k + c];
+        }
+    }
+    Ok(LinearWeight::Float { k, n, wt })
 }
 
 /// The f32 values of a tensor (`[n, k]` row-major), computed as ggml does.
