@@ -38,7 +38,7 @@
 /**
  * The ABI version this header describes (see `amend_abi_version`).
  */
-#define AMEND_ABI_VERSION 1
+#define AMEND_ABI_VERSION 2
 
 /**
  * Length of an ed25519 public key in bytes.
@@ -308,19 +308,58 @@ typedef struct amend_bundle_info {
 } amend_bundle_info;
 
 /**
+ * Which engine runs a model (`amend_model_params.backend`).
+ */
+typedef uint32_t amend_backend;
+
+/**
  * How to load a model. Get defaults from `amend_model_default_params()` and change fields.
+ *
+ * `struct_size` is `sizeof(amend_model_params)` as the caller was compiled (the defaults set
+ * it): a caller built against an older, shorter struct keeps working as fields are added.
  */
 typedef struct amend_model_params {
   /**
-   * Memory-map the weights (default true): near-instant loading, pages shared between
-   * processes.
+   * `sizeof(amend_model_params)` of the caller's header (set by the defaults).
+   */
+  size_t struct_size;
+  /**
+   * Memory-map the weights (default true; llama.cpp): near-instant loading, pages shared
+   * between processes.
    */
   bool use_mmap;
   /**
    * Default thread count for this model's sessions, at most 512 (ggml's limit); 0 = the
    * machine's available parallelism (default 0). Larger values: `AMEND_ERR_INVALID_ARGUMENT`.
+   * On ONNX Runtime: its intra-op threads (0 = its default).
    */
   uint32_t n_threads;
+  /**
+   * `AMEND_BACKEND_LLAMA_CPP` (default) or `AMEND_BACKEND_ONNXRUNTIME`.
+   */
+  amend_backend backend;
+  /**
+   * ONNX Runtime: the execution provider, NUL-terminated: "cpu", "openvino[:CPU|GPU|NPU]",
+   * "qnn", "coreml", "nnapi", "xnnpack". NULL = "cpu". An EP the library lacks is
+   * `AMEND_ERR_MODEL_LOAD`, never a silent CPU fallback. Borrowed for the call only.
+   */
+  const char *ep;
+  /**
+   * ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
+   * scripts/fetch-ort.sh installed under ~/.cache/amend/ort). Borrowed for the call only.
+   */
+  const char *ort_library;
+  /**
+   * ONNX Runtime: the graph's edit slots, e.g. "cb:12:ffn_input:ffn_output;lr:blk.5.ffn_down.weight"
+   * (docs/backends.md; `amend inspect --pubkey` prints a bundle's). NULL or "" = none: the base graph, which
+   * refuses bundles with edits. Borrowed for the call only.
+   */
+  const char *edit_slots;
+  /**
+   * ONNX Runtime: let nodes the EP does not take run on its CPU EP (default false: such a
+   * graph is an error).
+   */
+  bool cpu_fallback;
 } amend_model_params;
 
 /**
@@ -543,6 +582,18 @@ typedef struct amend_verify_stream_state {
 } amend_verify_stream_state;
 
 /**
+ * llama.cpp on the CPU (the default).
+ */
+#define AMEND_BACKEND_LLAMA_CPP 0
+
+/**
+ * ONNX Runtime on an execution provider (`amend_model_params.ep`), from a graph built from the
+ * GGUF with its exact weights. Bundles' edits go through the graph's edit slots, fixed at open
+ * (`amend_model_params.edit_slots`).
+ */
+#define AMEND_BACKEND_ONNXRUNTIME 1
+
+/**
  * The `token` value of the last callback call of a generation when it only carries text
  * that was held back (see `amend_token_callback`).
  */
@@ -692,10 +743,15 @@ struct amend_model_params amend_model_default_params(void);
  * defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
  * `*out` is set to NULL.
  *
+ * With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
+ * `ort_library`, `edit_slots`, `cpu_fallback`); tokenization stays llama.cpp's.
+ *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
- * (`n_threads` above 512), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD`
- * (not GGUF, truncated, unsupported architecture, a hyperparameter llama.cpp would abort on:
- * the message names the GGUF key).
+ * (`n_threads` above 512, a `struct_size` this library does not know, an unknown backend, EP
+ * or slot), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
+ * truncated, unsupported architecture, a hyperparameter llama.cpp would abort on: the message
+ * names the GGUF key; ONNX Runtime library missing or unusable, EP absent, a graph the EP does
+ * not take).
  */
 enum amend_result amend_model_open(const char *path,
                                    const struct amend_model_params *params,

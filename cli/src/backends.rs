@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use amend_runtime::onnxruntime::{
-    Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile,
+    Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile, SlotLayout,
 };
 use amend_runtime::{Backend, GenerateParams, Session, SessionOptions};
 use anyhow::Context;
@@ -59,6 +59,28 @@ pub struct OrtArgs {
     /// An ONNX Runtime session configuration entry KEY=VALUE (repeatable).
     #[arg(long = "ort-config")]
     pub ort_config: Vec<String>,
+    /// Edit slots the graph gets besides those of the bundles given at open, so that bundles
+    /// swapped in later fit: `cb:LAYER:KEY_SITE:REPLACE_SITE`, `pn:LAYER:READ:WRITE:relu|gelu`,
+    /// `lr:TENSOR`, `;`-separated (docs/backends.md).
+    #[arg(long, default_value = "")]
+    pub slots: String,
+}
+
+impl Default for OrtArgs {
+    /// The command line's defaults (tests build `Args` by hand).
+    fn default() -> Self {
+        OrtArgs {
+            ep: "cpu".into(),
+            ort_lib: None,
+            profile: ProfileName::Cpu,
+            cpu_fallback: false,
+            onnx: None,
+            no_onnx_cache: false,
+            emulate: "none".into(),
+            ort_config: Vec::new(),
+            slots: String::new(),
+        }
+    }
 }
 
 impl OrtArgs {
@@ -88,6 +110,8 @@ impl OrtArgs {
                         .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
                 })
                 .collect::<anyhow::Result<_>>()?,
+            slots: SlotLayout::parse(&self.slots).map_err(|e| anyhow::anyhow!("--slots: {e}"))?,
+            capture: Vec::new(),
         })
     }
 }
@@ -97,7 +121,22 @@ pub fn open_ort(
     args: &OrtArgs,
     threads: Option<usize>,
 ) -> anyhow::Result<Arc<OrtModel>> {
-    OrtModel::open(path, args.options(threads)?)
+    open_ort_with_slots(path, args, threads, SlotLayout::default())
+}
+
+/// Opens the model on ONNX Runtime with `slots` (the bundles' edits) plus `--slots`.
+pub fn open_ort_with_slots(
+    path: &Path,
+    args: &OrtArgs,
+    threads: Option<usize>,
+    slots: SlotLayout,
+) -> anyhow::Result<Arc<OrtModel>> {
+    let mut options = args.options(threads)?;
+    options.slots.merge(&slots);
+    if !options.slots.is_empty() {
+        log::info!("ort: edit slots {}", options.slots.describe());
+    }
+    OrtModel::open(path, options)
         .with_context(|| format!("opening {} on ONNX Runtime", path.display()))
 }
 

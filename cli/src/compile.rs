@@ -99,6 +99,11 @@ pub struct Args {
     /// the compile fails).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     checkpoint_every: f64,
+    /// Also key and check the edits on ONNX Runtime with this execution provider (cpu,
+    /// openvino, ...): T-Patcher's neurons are then keyed on both backends' hidden states and
+    /// each edit must pass the closed-loop check on both (docs/backends.md).
+    #[arg(long, value_name = "EP")]
+    verify_ort: Option<String>,
     /// Test hook: stop with an error once K edits are done, as a killed compile would.
     #[arg(long, hide = true, value_name = "K")]
     test_stop_after: Option<usize>,
@@ -205,6 +210,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
         compiler.scope_model = Some(scope);
+    }
+    if let Some(ep) = &args.verify_ort {
+        if method != Method::TPatcher {
+            bail!("--verify-ort: only tpatcher keys its edits on hidden states a backend computes; the other methods carry over as they are (docs/backends.md)");
+        }
+        compiler.verify_ort = Some(amend_runtime::onnxruntime::OrtOptions {
+            ep: amend_runtime::onnxruntime::Ep::parse(ep)?,
+            n_threads: Some(1),
+            cache: amend_runtime::onnxruntime::OnnxCache::Off,
+            ..Default::default()
+        });
     }
     eprintln!(
         "loaded {} ({}) in {:.1} s; {} edit(s), method {}",

@@ -57,6 +57,12 @@ pub struct Args {
     /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
     #[arg(long)]
     scope_model: Option<PathBuf>,
+    /// The engine the variants run on: llama.cpp, or ONNX Runtime on an execution provider
+    /// (--ep), with the bundles' edits fed into the graph's edit slots.
+    #[arg(long, value_enum, default_value_t = crate::backends::BackendName::Llama)]
+    backend: crate::backends::BackendName,
+    #[command(flatten)]
+    ort: crate::backends::OrtArgs,
 }
 
 /// Opens the scope model when `bundle` needs one (once per process: `slot` caches it).
@@ -106,20 +112,50 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.bundles.is_empty() && args.pubkey.is_none() {
         anyhow::bail!("--pubkey is required with --bundle (bundles are verified before use)");
     }
-    let model = Model::open(&args.model, Default::default())
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-
-    let mut variants = vec![Variant::base()];
     let mut scope = None;
+    let mut loaded = Vec::new();
     for path in &args.bundles {
         let pubkey = args.pubkey.as_deref().expect("checked above");
-        variants.push(bundle_variant(
+        loaded.push(load_bundle(
             &args.model,
             path,
             pubkey,
-            args.protocol,
             (args.scope_model.as_deref(), args.threads, &mut scope),
         )?);
+    }
+    let (model, ort) = match args.backend {
+        crate::backends::BackendName::Llama => (
+            Model::open(&args.model, Default::default())
+                .with_context(|| format!("loading model {}", args.model.display()))?,
+            None,
+        ),
+        crate::backends::BackendName::Ort => {
+            // One graph for every variant: slots for all the bundles' edits.
+            let mut layout = amend_runtime::onnxruntime::SlotLayout::default();
+            for l in &loaded {
+                layout.merge(&amend_runtime::onnxruntime::SlotLayout::for_bundles([
+                    &*l.bundle
+                ])?);
+            }
+            let m =
+                crate::backends::open_ort_with_slots(&args.model, &args.ort, args.threads, layout)?;
+            (m.vocab().clone(), Some(m))
+        }
+    };
+    let mut variants = vec![match &ort {
+        None => Variant::base(),
+        Some(m) => {
+            let m = m.clone();
+            Variant::new("base", move |_, opts| {
+                Ok(amend_runtime::onnxruntime::OrtSession::new(
+                    &m,
+                    opts.n_ctx as usize,
+                )?)
+            })
+        }
+    }];
+    for l in loaded {
+        variants.push(l.variant(args.protocol, ort.clone())?);
     }
     let config = EvalConfig {
         gen_tokens: args.gen_tokens,
@@ -198,20 +234,27 @@ fn write_records(path: &Path, reports: &[VariantReport]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A variant running the model with the bundle at `path` applied: verified against `pubkey`,
-/// bound to `model_path`'s fingerprint, attached to each session as a live edit set. Its name is
-/// the bundle's file stem.
-fn bundle_variant(
+/// A verified bundle in its own live edit set, ready to become a variant.
+struct LoadedBundle {
+    name: String,
+    set: Arc<EditSet>,
+    bundle: Arc<amend_edits::Bundle>,
+    ids: Vec<String>,
+    scope: Option<Arc<amend_runtime::ScopeModel>>,
+}
+
+/// Verifies the bundle at `path` against `pubkey`, bound to `model_path`'s fingerprint, and
+/// adds it to a live edit set of its own. Its variant's name is the bundle's file stem.
+fn load_bundle(
     model_path: &Path,
     path: &Path,
     pubkey: &Path,
-    protocol: Protocol,
     scope: (
         Option<&Path>,
         Option<usize>,
         &mut Option<Arc<amend_runtime::ScopeModel>>,
     ),
-) -> anyhow::Result<Variant> {
+) -> anyhow::Result<LoadedBundle> {
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -236,44 +279,77 @@ fn bundle_variant(
         .iter()
         .map(|e| e.id.clone())
         .collect();
-    set.add(bundle, AddOptions::default())
+    set.add(bundle.clone(), AddOptions::default())
         .with_context(|| format!("bundle {}", path.display()))?;
-    let for_sessions = set.clone();
-    let variant = Variant::new(name.clone(), move |model, opts| {
-        let mut session = Session::new(model, opts.clone())?;
-        session.set_scope_model(scope.clone())?;
-        session.set_edit_set(Some(for_sessions.clone()))?;
-        Ok(session)
-    });
-    if protocol == Protocol::Batch {
-        return Ok(variant);
-    }
-    // Single: everything starts rolled back; each record restores its own edits (one
-    // snapshot per record, so a request never sees a half-switched set).
-    set.update(|tx| ids.iter().try_for_each(|id| tx.rollback_edit(id)))
-        .with_context(|| format!("bundle {}", path.display()))?;
-    let mut active: Option<String> = None;
-    Ok(variant.before_each_record(move |record| {
-        let fail = |reason: String| eval::EvalError::Variant {
-            name: name.clone(),
-            reason,
+    Ok(LoadedBundle {
+        name,
+        set,
+        bundle,
+        ids,
+        scope,
+    })
+}
+
+impl LoadedBundle {
+    /// The variant: each session (llama.cpp, or ONNX Runtime on `ort`) follows the live set.
+    fn variant(
+        self,
+        protocol: Protocol,
+        ort: Option<Arc<amend_runtime::onnxruntime::OrtModel>>,
+    ) -> anyhow::Result<Variant> {
+        let LoadedBundle {
+            name,
+            set,
+            ids,
+            scope,
+            ..
+        } = self;
+        let for_sessions = set.clone();
+        let variant = match ort {
+            None => Variant::new(name.clone(), move |model, opts| {
+                let mut session = Session::new(model, opts.clone())?;
+                session.set_scope_model(scope.clone())?;
+                session.set_edit_set(Some(for_sessions.clone()))?;
+                Ok(session)
+            }),
+            Some(m) => Variant::new(name.clone(), move |_, opts| {
+                let mut session =
+                    amend_runtime::onnxruntime::OrtSession::new(&m, opts.n_ctx as usize)?;
+                session.set_scope_model(scope.clone())?;
+                session.set_edit_set(Some(for_sessions.clone()))?;
+                Ok(session)
+            }),
         };
-        if !ids.contains(&record.id) {
-            return Err(fail(format!(
-                "--protocol single: record `{}` has no edit in the bundle (edit ids are the records' ids)",
-                record.id
-            )));
+        if protocol == Protocol::Batch {
+            return Ok(variant);
         }
-        let prev = active.replace(record.id.clone());
-        set.update(|tx| {
-            if let Some(prev) = &prev {
-                tx.rollback_edit(prev)?;
+        // Single: everything starts rolled back; each record restores its own edits (one
+        // snapshot per record, so a request never sees a half-switched set).
+        set.update(|tx| ids.iter().try_for_each(|id| tx.rollback_edit(id)))
+            .with_context(|| format!("bundle {name}"))?;
+        let mut active: Option<String> = None;
+        Ok(variant.before_each_record(move |record| {
+            let fail = |reason: String| eval::EvalError::Variant {
+                name: name.clone(),
+                reason,
+            };
+            if !ids.contains(&record.id) {
+                return Err(fail(format!(
+                    "--protocol single: record `{}` has no edit in the bundle (edit ids are the records' ids)",
+                    record.id
+                )));
             }
-            tx.restore_edit(&record.id)
-        })
-        .map_err(|e| fail(e.to_string()))?;
-        Ok(())
-    }))
+            let prev = active.replace(record.id.clone());
+            set.update(|tx| {
+                if let Some(prev) = &prev {
+                    tx.rollback_edit(prev)?;
+                }
+                tx.restore_edit(&record.id)
+            })
+            .map_err(|e| fail(e.to_string()))?;
+            Ok(())
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +391,8 @@ mod tests {
             threads: None,
             protocol: Protocol::Batch,
             scope_model: None,
+            backend: crate::backends::BackendName::Llama,
+            ort: Default::default(),
         }
     }
 

@@ -260,11 +260,21 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     } else {
         let trust = trust_from(&a.pubkey)?;
         Some(match Bundle::open_file(&a.bundle, &trust) {
-            Ok(_) => Ok(()),
+            Ok(b) => Ok(b),
             Err(bundle::OpenError::Bundle(e)) => Err(e.to_string()),
             Err(e) => return Err(e.into()),
         })
     };
+    // The edit slots an ONNX Runtime graph needs for this bundle (verified bundles only).
+    let slots = match &verified {
+        Some(Ok(b)) => Some(
+            amend_runtime::onnxruntime::SlotLayout::for_bundles([b])
+                .map(|l| l.describe())
+                .map_err(|e| e.to_string()),
+        ),
+        _ => None,
+    };
+    let verified = verified.map(|r| r.map(|_| ()));
     // Payload descriptors are only shown when the manifest passes its checks.
     let payloads = bundle::check_manifest(&m, None);
     if a.json {
@@ -286,6 +296,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
                 Err(_) => vec![],
             },
             "manifest_error": payloads.as_ref().err().map(|e| e.to_string()),
+            "ort_slots": slots.as_ref().and_then(|s| s.as_ref().ok()),
             "edits": m.edits.iter().map(|e| json!({"id": e.id, "layer": e.layer, "site": e.site,
                 "prompt": e.prompt, "target": e.target, "payload": e.payload, "first": e.first,
                 "count": e.count})).collect::<Vec<_>>(),
@@ -323,6 +334,14 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         m.model.n_embd,
         to_hex(&m.model.fingerprint)
     );
+    match &slots {
+        Some(Ok(l)) if l.is_empty() => {
+            println!("slots    none (ONNX Runtime: no edit slots needed)")
+        }
+        Some(Ok(l)) => println!("slots    {l} (ONNX Runtime: --slots / edit_slots)"),
+        Some(Err(e)) => println!("slots    ({e})"),
+        None => {}
+    }
     println!("sections {}", m.sections.len());
     for (i, s) in m.sections.iter().enumerate() {
         println!(

@@ -83,17 +83,29 @@ pub fn open_model(path: &std::path::Path, threads: Option<usize>) -> anyhow::Res
     .with_context(|| format!("opening model {}", path.display()))
 }
 
-/// Verifies the bundles and attaches them to the session (pinned per request).
-fn apply_edits(session: &mut Session, args: &Args) -> anyhow::Result<()> {
+/// Verifies the bundles into a live edit set (`None` without bundles).
+fn load_edits(args: &Args) -> anyhow::Result<Option<Arc<amend_edits::EditSet>>> {
     if args.bundles.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let set = crate::keys::load_edit_set(
+    Ok(Some(crate::keys::load_edit_set(
         &args.model,
         &args.bundles,
         &args.pubkeys,
         args.state.as_deref(),
-    )?;
+    )?))
+}
+
+/// Attaches the edit set to the session (pinned per request), with the scope model its
+/// memories need.
+fn apply_edits(
+    session: &mut dyn amend_runtime::Backend,
+    set: Option<Arc<amend_edits::EditSet>>,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let Some(set) = set else {
+        return Ok(());
+    };
     let mut scope = None;
     for ab in set.snapshot().bundles.iter() {
         crate::eval::scope_for(
@@ -194,7 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    apply_edits(&mut session, &args)?;
+    apply_edits(&mut session, load_edits(&args)?, &args)?;
     let params = generate_params(&args);
     let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
     if args.explain {
@@ -204,19 +216,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--backend ort`: the same generation on ONNX Runtime. Edits on this backend are issue 14:
-/// a bundle is refused rather than silently ignored.
+/// `--backend ort`: the same generation on ONNX Runtime, the bundles' edits fed into the
+/// graph's edit slots (the graph gets a slot for each of their edits, plus `--slots`).
 fn run_ort(args: Args) -> anyhow::Result<()> {
-    if !args.bundles.is_empty() {
-        anyhow::bail!(
-            "--backend ort does not apply bundles yet (edit slots in the ONNX graph are issue 14); \
-             nothing was generated"
-        );
-    }
-    let model = crate::backends::open_ort(&args.model, &args.ort, args.threads)?;
+    let set = load_edits(&args)?;
+    let layout = match &set {
+        Some(s) => amend_runtime::onnxruntime::SlotLayout::for_bundles(
+            s.snapshot().bundles.iter().map(|b| &*b.bundle),
+        )?,
+        None => Default::default(),
+    };
+    let model = crate::backends::open_ort_with_slots(&args.model, &args.ort, args.threads, layout)?;
     let mut session = amend_runtime::onnxruntime::OrtSession::new(&model, args.ctx as usize)?;
+    apply_edits(&mut session, set, &args)?;
     let params = generate_params(&args);
     let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
+    if args.explain {
+        print_explain(&session.explain());
+    }
     log_result(&result);
     Ok(())
 }
@@ -308,16 +325,7 @@ mod tests {
             state: None,
             scope_model: None,
             backend: crate::backends::BackendName::Llama,
-            ort: crate::backends::OrtArgs {
-                ep: "cpu".into(),
-                ort_lib: None,
-                profile: crate::backends::ProfileName::Cpu,
-                cpu_fallback: false,
-                onnx: None,
-                no_onnx_cache: false,
-                emulate: "none".into(),
-                ort_config: vec![],
-            },
+            ort: Default::default(),
         }
     }
 

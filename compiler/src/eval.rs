@@ -21,7 +21,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use amend_runtime::{
-    EvalOptions, GenerateParams, Logits, Model, Phase, RuntimeError, Session, SessionOptions, Token,
+    Backend, EvalOptions, GenerateParams, Logits, Model, Phase, RuntimeError, Session,
+    SessionOptions, Token,
 };
 use serde::{Deserialize, Serialize};
 
@@ -78,7 +79,7 @@ impl EvalConfig {
 }
 
 type SessionFactory =
-    Box<dyn FnMut(&Arc<Model>, &SessionOptions) -> Result<Session, EvalError> + Send>;
+    Box<dyn FnMut(&Arc<Model>, &SessionOptions) -> Result<Box<dyn Backend>, EvalError> + Send>;
 type RecordHook = Box<dyn FnMut(&EditRecord) -> Result<(), EvalError> + Send>;
 
 /// A model configuration to evaluate: the base model or the base model with edits applied.
@@ -94,14 +95,15 @@ impl Variant {
         Variant::new("base", |model, opts| Ok(Session::new(model, opts.clone())?))
     }
 
-    /// A variant whose sessions are built by `make` (which installs its edits).
-    pub fn new(
+    /// A variant whose sessions are built by `make` (which installs its edits), on any
+    /// backend (a llama.cpp [`Session`] or an ONNX Runtime session).
+    pub fn new<B: Backend + 'static>(
         name: impl Into<String>,
-        make: impl FnMut(&Arc<Model>, &SessionOptions) -> Result<Session, EvalError> + Send + 'static,
+        mut make: impl FnMut(&Arc<Model>, &SessionOptions) -> Result<B, EvalError> + Send + 'static,
     ) -> Variant {
         Variant {
             name: name.into(),
-            make_session: Box::new(make),
+            make_session: Box::new(move |m, o| Ok(Box::new(make(m, o)?) as Box<dyn Backend>)),
             before_record: None,
         }
     }
@@ -121,7 +123,7 @@ impl Variant {
         &mut self,
         model: &Arc<Model>,
         opts: &SessionOptions,
-    ) -> Result<Session, EvalError> {
+    ) -> Result<Box<dyn Backend>, EvalError> {
         (self.make_session)(model, opts)
     }
 }
@@ -239,8 +241,8 @@ pub fn argmax(logits: &[f32]) -> Token {
 /// Teacher forcing: evaluates prompt + answer in one batch (the last prompt token marked for
 /// edits that act there) and returns, for each answer token, the model's argmax at the position
 /// that predicts it.
-pub fn teacher_forced_argmax(
-    session: &mut Session,
+pub fn teacher_forced_argmax<B: Backend + ?Sized>(
+    session: &mut B,
     prompt: &[Token],
     answer: &[Token],
 ) -> Result<Vec<Token>, RuntimeError> {
@@ -251,7 +253,7 @@ pub fn teacher_forced_argmax(
     tokens.extend_from_slice(prompt);
     tokens.extend_from_slice(answer);
     let first = prompt.len() - 1;
-    session.kv_clear();
+    session.kv_clear()?;
     session.eval(
         &tokens[..tokens.len() - 1],
         EvalOptions {
@@ -294,7 +296,7 @@ pub fn evaluate(
                 f(record)?;
             }
             let (result, loc_tokens) = eval_record(
-                &mut session,
+                &mut *session,
                 record,
                 prep,
                 &variant.name,
@@ -380,20 +382,20 @@ impl Prepared {
 
 /// Teacher-forced argmax and answer tokens of one pair as a request: the session's edit set is
 /// pinned for it, and a memory edit in scope routes the prompt (then the routed prompt is scored).
-fn score(session: &mut Session, pair: &Pair) -> Result<(Vec<Token>, Vec<Token>), EvalError> {
+fn score(session: &mut dyn Backend, pair: &Pair) -> Result<(Vec<Token>, Vec<Token>), EvalError> {
     let request = session.begin_request(&pair.prompt)?;
     let routed;
     let (p, a) = if request.prompt == pair.prompt {
         (&pair.tokens.0, &pair.tokens.1)
     } else {
-        routed = prompt_answer_tokens(session.model(), &request.prompt, &pair.answer)?;
+        routed = prompt_answer_tokens(session.vocab(), &request.prompt, &pair.answer)?;
         (&routed.0, &routed.1)
     };
     let pred = teacher_forced_argmax(session, p, a)?;
     Ok((pred, a.clone()))
 }
 
-fn accuracy(session: &mut Session, pair: &Pair) -> Result<f64, EvalError> {
+fn accuracy(session: &mut dyn Backend, pair: &Pair) -> Result<f64, EvalError> {
     let (pred, answer) = score(session, pair)?;
     // Lengths match by construction.
     Ok(metrics::token_accuracy(&pred, &answer).unwrap_or(0.0))
@@ -402,7 +404,7 @@ fn accuracy(session: &mut Session, pair: &Pair) -> Result<f64, EvalError> {
 /// Scores one record in `session`. Returns the result and this variant's argmax tokens on the
 /// locality probes (the reference when this is the base variant).
 fn eval_record(
-    session: &mut Session,
+    session: &mut dyn Backend,
     record: &EditRecord,
     prep: &Prepared,
     variant: &str,
@@ -446,11 +448,11 @@ fn eval_record(
         .collect();
 
     let params = GenerateParams {
-        add_bos: session.model().info().add_bos,
+        add_bos: session.vocab().info().add_bos,
         ..GenerateParams::greedy(config.gen_tokens)
     };
     // The text entry point: it pins the edit set and lets a memory edit route the prompt.
-    let out = session.generate(&record.prompt, &params, |_| ControlFlow::Continue(()))?;
+    let out = session.generate_text(&record.prompt, &params, &mut |_| ControlFlow::Continue(()))?;
     let fluency = metrics::fluency(&format!("{}{}", record.prompt, out.text));
     let result = RecordResult {
         id: record.id.clone(),
@@ -552,7 +554,7 @@ pub fn probe_locality(
         } else {
             score(&mut base, &pair)?.0
         };
-        let (post, _) = score(&mut edited, &pair)?;
+        let (post, _) = score(&mut *edited, &pair)?;
         scores.push((prompt.to_string(), agreement(&pre, &post)));
     }
     let agreement = metrics::mean(scores.iter().map(|s| s.1)).unwrap_or(1.0);

@@ -120,6 +120,53 @@ pub unsafe fn read_params<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> 
     }
 }
 
+/// Reads a struct that starts with a `struct_size: usize` field: a caller compiled against an
+/// older header passes a shorter struct, whose missing fields keep `default()`'s values. A size
+/// below the first version's (`min`) or above this library's is `AMEND_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes (its first field).
+pub unsafe fn read_sized_params<T: Copy>(
+    p: *const T,
+    min: usize,
+    default: impl FnOnce() -> T,
+    arg: &str,
+) -> FfiResult<T> {
+    let mut out = default();
+    if p.is_null() {
+        return Ok(out);
+    }
+    // SAFETY: non-NULL and the struct begins with its size, per the caller's contract.
+    let size = unsafe { (p as *const usize).read_unaligned() };
+    let max = std::mem::size_of::<T>();
+    if size < min || size > max {
+        return Err(FfiError::new(
+            crate::amend_result::AMEND_ERR_INVALID_ARGUMENT,
+            format!(
+                "{arg}.struct_size is {size}: expected {min}..={max} (set it with the *_default_params() function of the header you compile against)"
+            ),
+        ));
+    }
+    // SAFETY: `size` bytes are readable (caller contract) and fit in `T`; the prefix of a
+    // `repr(C)` struct has the same layout in every version of the header.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
+    }
+    Ok(out)
+}
+
+/// A NUL-terminated UTF-8 string, or `None` for NULL.
+///
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string.
+pub unsafe fn opt_cstr<'a>(p: *const c_char, arg: &str) -> FfiResult<Option<&'a str>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: per the caller's contract.
+    unsafe { cstr(p, arg).map(Some) }
+}
+
 /// Copies `s` with a terminating NUL into `buf` (capacity `buf_len`), storing `s.len()` (without
 /// the NUL) in `*out_len` when `out_len` is not NULL. A buffer that is too small (NULL with
 /// length 0 is a valid size query) gets nothing written and `AMEND_ERR_BUFFER_TOO_SMALL`.

@@ -16,7 +16,12 @@ impl From<RuntimeError> for FfiError {
             | RuntimeError::InvalidGguf { .. }
             | RuntimeError::InvalidHparams { .. }
             | RuntimeError::UnsupportedArchitecture { .. }
-            | RuntimeError::LoadFailed { .. } => R::AMEND_ERR_MODEL_LOAD,
+            | RuntimeError::LoadFailed { .. }
+            | RuntimeError::OrtLibrary { .. }
+            | RuntimeError::OrtEp { .. }
+            | RuntimeError::OrtSession { .. }
+            | RuntimeError::OrtCache { .. }
+            | RuntimeError::OrtGraph(_) => R::AMEND_ERR_MODEL_LOAD,
             RuntimeError::ContextCreate { .. } => R::AMEND_ERR_CONTEXT,
             RuntimeError::InvalidOptions(_)
             | RuntimeError::InvalidParams(_)
@@ -27,7 +32,9 @@ impl From<RuntimeError> for FfiError {
             RuntimeError::Aborted => R::AMEND_ERR_CANCELLED,
             RuntimeError::LayerOutOfRange { .. }
             | RuntimeError::SiteUnavailable { .. }
-            | RuntimeError::InvalidEdit(_) => R::AMEND_ERR_EDIT_INVALID,
+            | RuntimeError::InvalidEdit(_)
+            | RuntimeError::EditSlot(_)
+            | RuntimeError::Unsupported(_) => R::AMEND_ERR_EDIT_INVALID,
             RuntimeError::ScopeModelInvalid { .. } => R::AMEND_ERR_SCOPE_MODEL,
             // The runtime's message names its Rust/CLI knobs; C callers get theirs.
             RuntimeError::ScopeModelMissing {

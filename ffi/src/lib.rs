@@ -55,7 +55,7 @@ pub extern "C" fn amend_abi_version() -> u32 {
 }
 
 /// The ABI version this header describes (see `amend_abi_version`).
-pub const AMEND_ABI_VERSION: u32 = 1;
+pub const AMEND_ABI_VERSION: u32 = 2;
 
 /// The name of a result code, e.g. "AMEND_ERR_NULL_ARGUMENT"; "AMEND_UNKNOWN_RESULT" for a
 /// value that is not a code. Static storage; never NULL.

@@ -4,16 +4,20 @@ use std::ffi::c_char;
 use std::sync::{Arc, OnceLock};
 
 use amend_edits::ModelBinding;
+use amend_runtime::onnxruntime::{Ep, OrtModel, OrtOptions, SlotLayout};
 use amend_runtime::{Model, ModelOptions};
 
 use crate::amend_result;
 use crate::args;
-use crate::error::{guard, FfiResult};
+use crate::error::{guard, FfiError, FfiResult};
 use crate::handle;
 use crate::types::*;
 
 pub(crate) struct ModelObj {
+    /// llama.cpp's model (vocabulary-only when `ort` runs the weights).
     pub model: Arc<Model>,
+    /// The model on ONNX Runtime (`AMEND_BACKEND_ONNXRUNTIME`).
+    pub ort: Option<Arc<OrtModel>>,
     /// The fingerprint bundles are bound to, computed on first use (hashes the weights once;
     /// cached next to the model file by amend_edits).
     binding: OnceLock<ModelBinding>,
@@ -24,7 +28,11 @@ impl ModelObj {
         if let Some(b) = self.binding.get() {
             return Ok(b);
         }
-        let b = self.model.binding()?;
+        let b = match &self.ort {
+            // The fingerprint of the very bytes the graph was built from.
+            Some(o) => o.binding().clone(),
+            None => self.model.binding()?,
+        };
         Ok(self.binding.get_or_init(|| b))
     }
 }
@@ -35,19 +43,34 @@ pub(crate) const MODEL: &str = "amend_model";
 #[no_mangle]
 pub extern "C" fn amend_model_default_params() -> amend_model_params {
     amend_model_params {
+        struct_size: std::mem::size_of::<amend_model_params>(),
         use_mmap: true,
         n_threads: 0,
+        backend: AMEND_BACKEND_LLAMA_CPP,
+        ep: std::ptr::null(),
+        ort_library: std::ptr::null(),
+        edit_slots: std::ptr::null(),
+        cpu_fallback: false,
     }
 }
+
+/// The size of `amend_model_params` in its first version (struct_size, use_mmap, n_threads,
+/// backend, ep, ort_library, edit_slots, cpu_fallback).
+const MODEL_PARAMS_V1: usize = std::mem::size_of::<amend_model_params>();
 
 /// Loads a GGUF model from `path` (NUL-terminated UTF-8). `params` may be NULL for the
 /// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
 /// `*out` is set to NULL.
 ///
+/// With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
+/// `ort_library`, `edit_slots`, `cpu_fallback`); tokenization stays llama.cpp's.
+///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
-/// (`n_threads` above 512), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD`
-/// (not GGUF, truncated, unsupported architecture, a hyperparameter llama.cpp would abort on:
-/// the message names the GGUF key).
+/// (`n_threads` above 512, a `struct_size` this library does not know, an unknown backend, EP
+/// or slot), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
+/// truncated, unsupported architecture, a hyperparameter llama.cpp would abort on: the message
+/// names the GGUF key; ONNX Runtime library missing or unusable, EP absent, a graph the EP does
+/// not take).
 #[no_mangle]
 pub extern "C" fn amend_model_open(
     path: *const c_char,
@@ -58,16 +81,55 @@ pub extern "C" fn amend_model_open(
         // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
         unsafe { args::clear_out(out, "out")? };
         let path = unsafe { args::cstr(path, "path")? };
-        let params = unsafe { args::read_params(params, || amend_model_default_params()) };
-        let options = ModelOptions {
-            use_mmap: params.use_mmap,
-            n_threads: (params.n_threads > 0).then_some(params.n_threads as usize),
-            vocab_only: false,
+        let params = unsafe {
+            args::read_sized_params(
+                params,
+                MODEL_PARAMS_V1,
+                || amend_model_default_params(),
+                "params",
+            )?
         };
-        let model = Model::open(path, options)?;
-        let obj = ModelObj {
-            model,
-            binding: OnceLock::new(),
+        let n_threads = (params.n_threads > 0).then_some(params.n_threads as usize);
+        let obj = match params.backend {
+            AMEND_BACKEND_LLAMA_CPP => ModelObj {
+                model: Model::open(
+                    path,
+                    ModelOptions {
+                        use_mmap: params.use_mmap,
+                        n_threads,
+                        vocab_only: false,
+                    },
+                )?,
+                ort: None,
+                binding: OnceLock::new(),
+            },
+            AMEND_BACKEND_ONNXRUNTIME => {
+                let invalid = |m: String| FfiError::new(amend_result::AMEND_ERR_INVALID_ARGUMENT, m);
+                let ep = unsafe { args::opt_cstr(params.ep, "params.ep")? }.unwrap_or("cpu");
+                let library = unsafe { args::opt_cstr(params.ort_library, "params.ort_library")? };
+                let slots = unsafe { args::opt_cstr(params.edit_slots, "params.edit_slots")? };
+                let options = OrtOptions {
+                    ep: Ep::parse(ep).map_err(|e| invalid(e.to_string()))?,
+                    library: library.map(Into::into),
+                    n_threads,
+                    cpu_fallback: params.cpu_fallback,
+                    slots: SlotLayout::parse(slots.unwrap_or(""))
+                        .map_err(|e| invalid(format!("params.edit_slots: {e}")))?,
+                    ..Default::default()
+                };
+                let ort = OrtModel::open(path, options)?;
+                ModelObj {
+                    model: ort.vocab().clone(),
+                    ort: Some(ort),
+                    binding: OnceLock::new(),
+                }
+            }
+            other => {
+                return Err(FfiError::new(
+                    amend_result::AMEND_ERR_INVALID_ARGUMENT,
+                    format!("params.backend {other}: expected AMEND_BACKEND_LLAMA_CPP (0) or AMEND_BACKEND_ONNXRUNTIME (1)"),
+                ))
+            }
         };
         // SAFETY: checked and cleared above.
         unsafe { args::write_out(out, handle::insert(obj), "out") }

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use amend_edits::keys::TrustStore;
 use amend_edits::{AddOptions, EditSet};
+use amend_runtime::onnxruntime::OrtSession;
 use amend_runtime::{
-    CancelHandle, EvalOptions, Explain, GenerateParams, Logits, Session, SessionOptions, StopReason,
+    Backend, CancelHandle, EvalOptions, Explain, GenerateParams, Logits, Session, SessionOptions,
+    StopReason,
 };
 
 use crate::amend_result;
@@ -19,7 +21,8 @@ use crate::model::{ModelObj, MODEL};
 use crate::types::*;
 
 pub(crate) struct SessionState {
-    pub session: Session,
+    /// llama.cpp or ONNX Runtime, as the model was opened.
+    pub session: Box<dyn Backend + Send>,
     /// The session's own edit set, created at the first activation (bundles arrive verified,
     /// so its trust store is empty).
     pub edits: Option<Arc<EditSet>>,
@@ -135,10 +138,22 @@ pub extern "C" fn amend_session_open(
             n_threads: nonzero(p.n_threads),
             n_threads_batch: nonzero(p.n_threads_batch),
         };
-        let session = Session::new(&m.model, options)?;
+        let (session, cancel): (Box<dyn Backend + Send>, CancelHandle) = match &m.ort {
+            None => {
+                let s = Session::new(&m.model, options)?;
+                let c = s.cancel_handle();
+                (Box::new(s), c)
+            }
+            Some(o) => {
+                // Threads were chosen when the model was opened (one ONNX Runtime session).
+                let s = OrtSession::new(o, options.n_ctx as usize)?;
+                let c = s.cancel_handle();
+                (Box::new(s), c)
+            }
+        };
         let obj = SessionObj {
             model: m.clone(),
-            cancel: session.cancel_handle(),
+            cancel,
             state: Mutex::new(SessionState {
                 session,
                 edits: None,
@@ -184,6 +199,10 @@ pub extern "C" fn amend_session_activate(
         // A bundle whose memories need a scope model the session lacks (or has another one of)
         // is refused whole, before anything of it reaches the edit set.
         amend_runtime::check_scope_model(&b.bundle, state.session.scope_model().map(|m| &**m))?;
+        // On ONNX Runtime the graph must have a slot for every edit of the bundle.
+        if let Some(o) = &s.model.ort {
+            o.check_fits(&b.bundle)?;
+        }
         let set = match &state.edits {
             Some(set) => set.clone(),
             None => {
@@ -405,7 +424,7 @@ pub extern "C" fn amend_session_generate(
         let params = generate_params(&params)?;
         let mut state = s.lock()?;
         let mut text_buf: Vec<u8> = Vec::new();
-        let result = state.session.generate(prompt, &params, |ev| {
+        let result = state.session.generate_text(prompt, &params, &mut |ev| {
             let Some(cb) = callback else {
                 return ControlFlow::Continue(());
             };
@@ -530,7 +549,7 @@ pub extern "C" fn amend_session_score(
         }
         let mut all = p.clone();
         all.extend_from_slice(&t);
-        sess.kv_clear();
+        sess.kv_clear()?;
         // Logits at index i predict token i+1: from the prompt's last token on.
         let first = p.len() - 1;
         let opts = EvalOptions {

@@ -55,16 +55,47 @@ pub struct amend_session {
     _private: [u8; 0],
 }
 
+/// Which engine runs a model (`amend_model_params.backend`).
+pub type amend_backend = u32;
+/// llama.cpp on the CPU (the default).
+pub const AMEND_BACKEND_LLAMA_CPP: amend_backend = 0;
+/// ONNX Runtime on an execution provider (`amend_model_params.ep`), from a graph built from the
+/// GGUF with its exact weights. Bundles' edits go through the graph's edit slots, fixed at open
+/// (`amend_model_params.edit_slots`).
+pub const AMEND_BACKEND_ONNXRUNTIME: amend_backend = 1;
+
 /// How to load a model. Get defaults from `amend_model_default_params()` and change fields.
+///
+/// `struct_size` is `sizeof(amend_model_params)` as the caller was compiled (the defaults set
+/// it): a caller built against an older, shorter struct keeps working as fields are added.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct amend_model_params {
-    /// Memory-map the weights (default true): near-instant loading, pages shared between
-    /// processes.
+    /// `sizeof(amend_model_params)` of the caller's header (set by the defaults).
+    pub struct_size: usize,
+    /// Memory-map the weights (default true; llama.cpp): near-instant loading, pages shared
+    /// between processes.
     pub use_mmap: bool,
     /// Default thread count for this model's sessions, at most 512 (ggml's limit); 0 = the
     /// machine's available parallelism (default 0). Larger values: `AMEND_ERR_INVALID_ARGUMENT`.
+    /// On ONNX Runtime: its intra-op threads (0 = its default).
     pub n_threads: u32,
+    /// `AMEND_BACKEND_LLAMA_CPP` (default) or `AMEND_BACKEND_ONNXRUNTIME`.
+    pub backend: amend_backend,
+    /// ONNX Runtime: the execution provider, NUL-terminated: "cpu", "openvino[:CPU|GPU|NPU]",
+    /// "qnn", "coreml", "nnapi", "xnnpack". NULL = "cpu". An EP the library lacks is
+    /// `AMEND_ERR_MODEL_LOAD`, never a silent CPU fallback. Borrowed for the call only.
+    pub ep: *const c_char,
+    /// ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
+    /// scripts/fetch-ort.sh installed under ~/.cache/amend/ort). Borrowed for the call only.
+    pub ort_library: *const c_char,
+    /// ONNX Runtime: the graph's edit slots, e.g. "cb:12:ffn_input:ffn_output;lr:blk.5.ffn_down.weight"
+    /// (docs/backends.md; `amend inspect --pubkey` prints a bundle's). NULL or "" = none: the base graph, which
+    /// refuses bundles with edits. Borrowed for the call only.
+    pub edit_slots: *const c_char,
+    /// ONNX Runtime: let nodes the EP does not take run on its CPU EP (default false: such a
+    /// graph is an error).
+    pub cpu_fallback: bool,
 }
 
 /// What a loaded model is. Strings are not included: see `amend_model_description`.

@@ -344,3 +344,106 @@ fn generation_parameters() {
     amend_session_free(s);
     amend_model_free(m);
 }
+
+/// `struct_size` outside what this library knows, and an unknown backend, are refused by name;
+/// a shorter struct (an older caller) would keep the defaults for the fields it lacks.
+#[test]
+fn model_params_size_and_backend() {
+    let full = std::mem::size_of::<amend_model_params>();
+    for size in [0usize, 1, full - 1, full + 8, usize::MAX] {
+        let (r, m) = open_model(&amend_model_params {
+            struct_size: size,
+            ..amend_model_default_params()
+        });
+        refused(r, "struct_size");
+        assert!(m.is_null());
+    }
+    for backend in [2u32, 99, u32::MAX] {
+        let (r, m) = open_model(&amend_model_params {
+            backend,
+            ..amend_model_default_params()
+        });
+        refused(r, "backend");
+        assert!(m.is_null());
+    }
+    let bad = std::ffi::CString::new("lr").unwrap();
+    let (r, m) = open_model(&amend_model_params {
+        backend: AMEND_BACKEND_ONNXRUNTIME,
+        edit_slots: bad.as_ptr(),
+        ..amend_model_default_params()
+    });
+    refused(r, "edit_slots");
+    assert!(m.is_null());
+    let ep = std::ffi::CString::new("tpu").unwrap();
+    let (r, m) = open_model(&amend_model_params {
+        backend: AMEND_BACKEND_ONNXRUNTIME,
+        ep: ep.as_ptr(),
+        ..amend_model_default_params()
+    });
+    assert_ne!(r, amend_result::AMEND_OK);
+    assert!(last_error().contains("tpu"), "{}", last_error());
+    assert!(m.is_null());
+}
+
+/// The same greedy generation through the C ABI on both backends (the tiny model's f32
+/// weights agree to ~1e-4, so the tokens are the same), when the ONNX Runtime library is there.
+#[test]
+fn onnxruntime_backend_through_the_c_abi() {
+    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
+    if !lib.exists() {
+        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", lib.display());
+        }
+        eprintln!("skipped: {} missing", lib.display());
+        return;
+    }
+    let generate = |backend: u32| {
+        let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
+        let (r, m) = open_model(&amend_model_params {
+            backend,
+            n_threads: 1,
+            edit_slots: slots.as_ptr(),
+            ..amend_model_default_params()
+        });
+        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        let mut s = ptr::null_mut();
+        assert_eq!(
+            amend_session_open(m, ptr::null(), &mut s),
+            amend_result::AMEND_OK,
+            "{}",
+            last_error()
+        );
+        let prompt = "hello world";
+        let params = amend_generate_params {
+            max_tokens: 6,
+            ..amend_generate_default_params()
+        };
+        extern "C" fn collect(
+            ud: *mut std::ffi::c_void,
+            t: amend_token,
+            _: *const std::ffi::c_char,
+            _: usize,
+        ) -> bool {
+            unsafe { (*(ud as *mut Vec<amend_token>)).push(t) };
+            true
+        }
+        let mut toks: Vec<amend_token> = Vec::new();
+        let r = amend_session_generate(
+            s,
+            prompt.as_ptr() as *const _,
+            prompt.len(),
+            &params,
+            Some(collect),
+            &mut toks as *mut Vec<amend_token> as *mut std::ffi::c_void,
+            ptr::null_mut(),
+        );
+        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        amend_session_free(s);
+        amend_model_free(m);
+        toks
+    };
+    let llama = generate(AMEND_BACKEND_LLAMA_CPP);
+    let ort = generate(AMEND_BACKEND_ONNXRUNTIME);
+    assert_eq!(llama.len(), 6);
+    assert_eq!(llama, ort);
+}

@@ -1,14 +1,19 @@
-//! The backend seam: what generation (and, next, the edit layer; issue 14) needs from an engine
-//! that runs a model. Two engines implement it: llama.cpp ([`crate::Session`]) and ONNX Runtime
+//! The backend seam: what generation and the edit layer need from an engine that runs a model. Two engines implement it: llama.cpp ([`crate::Session`]) and ONNX Runtime
 //! ([`crate::onnxruntime::OrtSession`]). Tokenization is llama.cpp's on both (the ONNX Runtime
 //! backend loads the same file vocabulary-only), and so is sampling (the same sampler chain,
 //! applied to each backend's logits).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
+use amend_edits::EditSet;
+
+use crate::editing::{Explain, Request};
 use crate::error::RuntimeError;
 use crate::generate::Sampler;
+use crate::generate::{GenerateOutput, GenerateParams, TokenEvent};
 use crate::model::Model;
+use crate::scope::ScopeModel;
 use crate::session::EvalOptions;
 use crate::Token;
 
@@ -43,6 +48,25 @@ pub trait Backend {
     /// A pending cancellation request, consumed.
     fn take_cancel(&mut self) -> bool;
     fn supports(&self, capability: Capability) -> bool;
+
+    /// Attaches a live edit set: each later request pins its current snapshot (`None`: the
+    /// base model). The edit layer above the seam (`editing`) is shared by both backends.
+    fn set_edit_set(&mut self, set: Option<Arc<EditSet>>) -> Result<(), RuntimeError>;
+    /// The scope model that routes scope-model memories.
+    fn set_scope_model(&mut self, scope: Option<Arc<ScopeModel>>) -> Result<(), RuntimeError>;
+    fn scope_model(&self) -> Option<&Arc<ScopeModel>>;
+    /// Starts a request: pins the snapshot, routes `prompt` through the memories, applies the
+    /// edits to the evaluations that follow.
+    fn begin_request(&mut self, prompt: &str) -> Result<Request, RuntimeError>;
+    /// What fired during the last request.
+    fn explain(&self) -> Explain;
+    /// Generates from a text prompt as a request (edits pinned, the prompt routed).
+    fn generate_text(
+        &mut self,
+        prompt: &str,
+        params: &GenerateParams,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, RuntimeError>;
 
     fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, RuntimeError> {
         self.vocab().tokenize(text, add_bos)

@@ -162,7 +162,7 @@ pub struct LowRankEvent {
 }
 
 /// The edit of `unit` (a row, neuron, record or tensor) of payload `p` of a bundle.
-fn edit_of(set: &ActiveSet, bundle: usize, p: usize, unit: usize) -> Option<String> {
+pub(crate) fn edit_of(set: &ActiveSet, bundle: usize, p: usize, unit: usize) -> Option<String> {
     let b = &set.bundles.get(bundle)?.bundle;
     b.manifest()
         .edits
@@ -174,89 +174,110 @@ fn edit_of(set: &ActiveSet, bundle: usize, p: usize, unit: usize) -> Option<Stri
         .map(|e| e.id.clone())
 }
 
-struct PlannedCodebook {
-    bundle: usize,
-    payload: usize,
-    rows: Range<usize>,
-    cb: Codebook<'static>,
+pub(crate) struct PlannedCodebook {
+    pub(crate) bundle: usize,
+    pub(crate) payload: usize,
+    pub(crate) rows: Range<usize>,
+    pub(crate) cb: Codebook<'static>,
 }
 
-struct PlannedNeurons {
-    bundle: usize,
-    payload: usize,
-    rows: Range<usize>,
-    pn: PatchNeurons<'static>,
+pub(crate) struct PlannedNeurons {
+    pub(crate) bundle: usize,
+    pub(crate) payload: usize,
+    pub(crate) rows: Range<usize>,
+    pub(crate) pn: PatchNeurons<'static>,
 }
 
-struct PlannedMemory {
-    bundle: usize,
-    payload: usize,
-    rows: Range<usize>,
-    mem: Memory<'static>,
+pub(crate) struct PlannedMemory {
+    pub(crate) bundle: usize,
+    pub(crate) payload: usize,
+    pub(crate) rows: Range<usize>,
+    pub(crate) mem: Memory<'static>,
 }
 
-/// A llama.cpp LoRA adapter owned by one plan (freed with it).
+/// One bundle's low-rank deltas: its explicit deltas merged into one set of tensors, or a
+/// GGUF-LoRA payload as delivered. Each backend applies them its own way (llama.cpp: an adapter;
+/// ONNX Runtime: slot inputs).
+pub(crate) struct PlannedLowRank {
+    pub(crate) bundle: usize,
+    /// The user's scale for the bundle ([`Session::set_lora_scale`]).
+    pub(crate) scale: f32,
+    pub(crate) source: LowRankSource,
+    /// Base tensors changed and the largest rank (explain).
+    pub(crate) tensors: usize,
+    pub(crate) rank: usize,
+}
+
+pub(crate) enum LowRankSource {
+    Merged(families::LowRankMerger),
+    Gguf(&'static [u8]),
+}
+
+/// A llama.cpp LoRA adapter built from one [`PlannedLowRank`] (freed on drop).
 struct Adapter {
     ptr: NonNull<sys::llama_adapter_lora>,
-    bundle: usize,
     scale: f32,
-    tensors: usize,
-    rank: usize,
+}
+
+// SAFETY: the adapter is only read by llama.cpp through a context the owning session drives
+// with &mut self.
+unsafe impl Send for Adapter {}
+unsafe impl Sync for Adapter {}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_adapter_lora_init_from_file_ptr; the owning session detaches
+        // it from its context before dropping it (`unpin`).
+        unsafe { sys::llama_adapter_lora_free(self.ptr.as_ptr()) };
+    }
 }
 
 impl Adapter {
-    /// Loads the GGUF-LoRA `blob` as bundle `bundle`'s adapter.
-    fn load(
-        model: &Model,
-        blob: &[u8],
-        bundle: usize,
-        scale: f32,
-    ) -> Result<Adapter, RuntimeError> {
+    fn load(model: &Model, lr: &PlannedLowRank, arch: &str) -> Result<Adapter, RuntimeError> {
         // Any tensor type (F32, F16, BF16, quantized) is handed to llama.cpp as it is, after the
-        // same structural check the bundle reader's families apply; llama.cpp then checks each
-        // tensor against the model's.
-        let info = families::inspect_gguf_lora(blob)
-            .map_err(|e| RuntimeError::InvalidEdit(format!("GGUF-LoRA of bundle {bundle}: {e}")))?;
-        let tensors = info.tensors.len();
-        let rank = info
-            .tensors
-            .iter()
-            .map(|t| t.rank as usize)
-            .max()
-            .unwrap_or(0);
+        // structural check of `EditPlan::build`; llama.cpp then checks each tensor against the
+        // model's.
+        let ptr = match &lr.source {
+            LowRankSource::Gguf(blob) => load_adapter(model, blob)?,
+            LowRankSource::Merged(m) => {
+                let low = m
+                    .to_low_rank()
+                    .map_err(|e| RuntimeError::InvalidEdit(e.to_string()))?;
+                load_adapter(model, &low.to_gguf_lora(arch))?
+            }
+        };
         Ok(Adapter {
-            ptr: load_adapter(model, blob)?,
-            bundle,
-            scale,
-            tensors,
-            rank,
+            ptr,
+            scale: lr.scale,
         })
     }
 }
 
-/// Everything one snapshot needs at inference, with the views borrowed from the snapshot.
-pub(crate) struct EditPlan {
-    codebooks: Vec<PlannedCodebook>,
-    neurons: Vec<PlannedNeurons>,
-    memories: Vec<PlannedMemory>,
-    adapters: Vec<Adapter>,
-    /// Owns the bundle bytes every `'static` view above borrows; declared last so it drops last.
-    set: Arc<ActiveSet>,
+/// What a plan needs of the model it is built for.
+pub(crate) trait PlanTarget {
+    /// The model (or graph) has this hook point.
+    fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError>;
+    fn n_layer(&self) -> u32;
 }
 
-// SAFETY: the adapters are only read by llama.cpp through a context the owning session drives
-// with &mut self; the views are immutable data.
-unsafe impl Send for EditPlan {}
-unsafe impl Sync for EditPlan {}
-
-impl Drop for EditPlan {
-    fn drop(&mut self) {
-        for a in &self.adapters {
-            // SAFETY: created by llama_adapter_lora_init_from_file_ptr for this plan; the owning
-            // session detaches it from its context before dropping the plan.
-            unsafe { sys::llama_adapter_lora_free(a.ptr.as_ptr()) };
-        }
+impl PlanTarget for Model {
+    fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError> {
+        self.node_name(p).map(|_| ())
     }
+    fn n_layer(&self) -> u32 {
+        self.info().n_layer
+    }
+}
+
+/// Everything one snapshot needs at inference, with the views borrowed from the snapshot. The
+/// same plan serves every backend.
+pub(crate) struct EditPlan {
+    pub(crate) codebooks: Vec<PlannedCodebook>,
+    pub(crate) neurons: Vec<PlannedNeurons>,
+    pub(crate) memories: Vec<PlannedMemory>,
+    pub(crate) low_rank: Vec<PlannedLowRank>,
+    /// Owns the bundle bytes every `'static` view above borrows; declared last so it drops last.
+    pub(crate) set: Arc<ActiveSet>,
 }
 
 /// Extends a view's lifetime to the plan's. SAFETY (callers): the data lives in a bundle owned by
@@ -288,8 +309,8 @@ reborrow!(PatchNeurons);
 reborrow!(Memory);
 
 impl EditPlan {
-    fn build(
-        model: &Model,
+    pub(crate) fn build(
+        model: &dyn PlanTarget,
         scope: Option<&ScopeModel>,
         set: Arc<ActiveSet>,
         lora_scales: &BTreeMap<String, f32>,
@@ -298,11 +319,10 @@ impl EditPlan {
             codebooks: Vec::new(),
             neurons: Vec::new(),
             memories: Vec::new(),
-            adapters: Vec::new(),
+            low_rank: Vec::new(),
             set: set.clone(),
         };
-        let arch = model.info().architecture.name();
-        let n_layer = model.info().n_layer;
+        let n_layer = model.n_layer();
         let bad = |what: String| RuntimeError::InvalidEdit(what);
         for (bi, ab) in set.bundles.iter().enumerate() {
             let b = &ab.bundle;
@@ -392,7 +412,22 @@ impl EditPlan {
                             continue;
                         }
                         if let Some(blob) = b.gguf_lora(p) {
-                            plan.adapters.push(Adapter::load(model, blob, bi, scale)?);
+                            let info = families::inspect_gguf_lora(blob)
+                                .map_err(|e| bad(format!("GGUF-LoRA of bundle {}: {e}", b.id())))?;
+                            // SAFETY: see `extend`; `plan.set` keeps the bundle alive.
+                            let blob: &'static [u8] = unsafe { std::mem::transmute(blob) };
+                            plan.low_rank.push(PlannedLowRank {
+                                bundle: bi,
+                                scale,
+                                source: LowRankSource::Gguf(blob),
+                                tensors: info.tensors.len(),
+                                rank: info
+                                    .tensors
+                                    .iter()
+                                    .map(|t| t.rank as usize)
+                                    .max()
+                                    .unwrap_or(0),
+                            });
                         }
                     }
                 }
@@ -401,8 +436,17 @@ impl EditPlan {
                 let lr = merger
                     .to_low_rank()
                     .map_err(|e| bad(format!("{}: {e}", b.id())))?;
-                let blob = lr.to_gguf_lora(arch);
-                plan.adapters.push(Adapter::load(model, &blob, bi, scale)?);
+                let (tensors, rank) = (
+                    lr.tensors().len(),
+                    lr.tensors().iter().map(|t| t.rank).max().unwrap_or(0),
+                );
+                plan.low_rank.push(PlannedLowRank {
+                    bundle: bi,
+                    scale,
+                    source: LowRankSource::Merged(merger),
+                    tensors,
+                    rank,
+                });
             }
         }
         Ok(plan)
@@ -412,7 +456,20 @@ impl EditPlan {
         self.codebooks.is_empty() && self.neurons.is_empty()
     }
 
-    fn bundle_id(&self, bi: usize) -> String {
+    /// The explain entries of the plan's low-rank deltas.
+    pub(crate) fn low_rank_events(&self) -> Vec<LowRankEvent> {
+        self.low_rank
+            .iter()
+            .map(|l| LowRankEvent {
+                bundle: self.bundle_id(l.bundle),
+                scale: l.scale,
+                tensors: l.tensors,
+                rank: l.rank,
+            })
+            .collect()
+    }
+
+    pub(crate) fn bundle_id(&self, bi: usize) -> String {
         self.set
             .bundles
             .get(bi)
@@ -421,8 +478,8 @@ impl EditPlan {
     }
 }
 
-fn check_point(model: &Model, layer: u32, site: Site) -> Result<(), RuntimeError> {
-    model.node_name(HookPoint::new(layer, site)).map(|_| ())
+fn check_point(model: &dyn PlanTarget, layer: u32, site: Site) -> Result<(), RuntimeError> {
+    model.check_point(HookPoint::new(layer, site))
 }
 
 /// Refuses a low-rank tensor for a layer the model does not have (llama.cpp would ignore it).
@@ -648,21 +705,44 @@ impl Hook for EditHook {
 }
 
 /// Per-session edit state: the live set, the plan of the last pinned snapshot and what fired.
+/// Backend-neutral; a backend keeps what it builds from a plan (adapters, slot feeds) itself.
 #[derive(Default)]
 pub(crate) struct SessionEdits {
     set: Option<Arc<EditSet>>,
     plan: Option<Arc<EditPlan>>,
     hook: Option<HookId>,
     lora_scales: BTreeMap<String, f32>,
-    explain: Arc<Mutex<Explain>>,
+    pub(crate) explain: Arc<Mutex<Explain>>,
     /// Routes scope-model memories (shared by the process's sessions).
     scope: Option<Arc<ScopeModel>>,
+    /// llama.cpp: the adapters built from `plan`'s low-rank deltas.
+    adapters: Vec<Adapter>,
 }
 
 impl SessionEdits {
-    /// Drops the plan (frees its adapters). The caller detached them from its context first.
+    /// Drops the plan and what was built from it. The caller detached it from its backend first.
     pub(crate) fn release(&mut self) {
+        self.adapters.clear();
         self.plan = None;
+    }
+
+    pub(crate) fn plan(&self) -> Option<&Arc<EditPlan>> {
+        self.plan.as_ref()
+    }
+
+    pub(crate) fn scope(&self) -> Option<&Arc<ScopeModel>> {
+        self.scope.as_ref()
+    }
+
+    pub(crate) fn explain_snapshot(&self) -> Explain {
+        self.explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn with_explain(&self, f: impl FnOnce(&mut Explain)) {
+        f(&mut self.explain.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -677,20 +757,271 @@ pub struct Request {
     pub answer: Option<String>,
 }
 
+/// What the edit layer needs of a backend session. The request logic (expiry, snapshot pinning,
+/// plan caching, memory routing, the answer plan, explain) is written once, in [`begin`], over
+/// this trait.
+pub(crate) trait EditHost {
+    fn edits(&self) -> &SessionEdits;
+    fn edits_mut(&mut self) -> &mut SessionEdits;
+    fn plan_target(&self) -> &dyn PlanTarget;
+    /// The tokenizer.
+    fn vocab_model(&self) -> &Model;
+    /// Builds the backend's state for a new plan (before it is pinned); an error leaves the
+    /// previous state released and nothing applied.
+    fn prepare(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError>;
+    /// Applies the pinned plan to the evaluations that follow.
+    fn install(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError>;
+    /// Stops applying edits (the plan stays cached): the base model.
+    fn uninstall(&mut self) -> Result<(), RuntimeError>;
+    /// A memory's base-model embedding of `text` (see [`Session::embed`]).
+    fn embed(
+        &mut self,
+        text: &str,
+        layer: u32,
+        site: Site,
+        pooling: Pooling,
+    ) -> Result<Vec<f32>, RuntimeError>;
+    fn set_answer(&mut self, plan: Option<crate::answer::AnswerPlan>);
+}
+
+/// Uninstalls and forgets the plan (the next request rebuilds it).
+pub(crate) fn unpin<H: EditHost + ?Sized>(h: &mut H) -> Result<(), RuntimeError> {
+    h.uninstall()?;
+    h.edits_mut().release();
+    Ok(())
+}
+
+pub(crate) fn set_edit_set<H: EditHost + ?Sized>(
+    h: &mut H,
+    set: Option<Arc<EditSet>>,
+) -> Result<(), RuntimeError> {
+    h.edits_mut().set = set;
+    unpin(h)
+}
+
+pub(crate) fn set_scope_model<H: EditHost + ?Sized>(
+    h: &mut H,
+    scope: Option<Arc<ScopeModel>>,
+) -> Result<(), RuntimeError> {
+    h.edits_mut().scope = scope;
+    unpin(h)
+}
+
+pub(crate) fn set_lora_scale<H: EditHost + ?Sized>(
+    h: &mut H,
+    bundle_id: &str,
+    scale: f32,
+) -> Result<(), RuntimeError> {
+    if !scale.is_finite() {
+        return Err(RuntimeError::InvalidOptions(format!(
+            "LoRA scale must be finite, got {scale}"
+        )));
+    }
+    h.edits_mut()
+        .lora_scales
+        .insert(bundle_id.to_string(), scale);
+    // Force a rebuild so the new scale is used.
+    unpin(h)
+}
+
+/// Starts a request: pins the attached set's current snapshot (building the plan only when it
+/// changed), routes `prompt` through the memories with the base model, and installs the plan.
+pub(crate) fn begin<H: EditHost + ?Sized>(
+    h: &mut H,
+    prompt: Option<&str>,
+) -> Result<Request, RuntimeError> {
+    h.edits().with_explain(|e| *e = Explain::default());
+    h.set_answer(None);
+    let Some(set) = h.edits().set.clone() else {
+        return Ok(Request {
+            prompt: prompt.unwrap_or_default().to_string(),
+            generation: None,
+            answer: None,
+        });
+    };
+    // Expiry per request: a bundle whose time has passed is removed (one swap, seen by every
+    // session of the set) before this request pins its snapshot.
+    let now = set.now();
+    let expiring: Vec<ExpiredEvent> = set
+        .snapshot()
+        .bundles
+        .iter()
+        .filter(|b| now >= b.bundle.manifest().expires)
+        .map(|b| ExpiredEvent {
+            bundle: b.id().to_string(),
+            expires: b.bundle.manifest().expires,
+            now,
+        })
+        .collect();
+    if !expiring.is_empty() {
+        set.drop_expired()
+            .map_err(|e| RuntimeError::InvalidEdit(format!("removing expired bundles: {e}")))?;
+        for e in &expiring {
+            log::warn!(
+                "bundle {} expired at {} (now {}): no longer applied",
+                e.bundle,
+                e.expires,
+                e.now
+            );
+        }
+        h.edits().with_explain(|ex| ex.expired = expiring);
+    }
+    let snap = set.snapshot();
+    let generation = snap.generation;
+    let same = h
+        .edits()
+        .plan
+        .as_ref()
+        .is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
+    if !same {
+        unpin(h)?;
+        let scales = h.edits().lora_scales.clone();
+        let scope = h.edits().scope.clone();
+        let plan = Arc::new(EditPlan::build(
+            h.plan_target(),
+            scope.as_deref(),
+            snap,
+            &scales,
+        )?);
+        if let Err(e) = h.prepare(&plan) {
+            h.edits_mut().release();
+            return Err(e);
+        }
+        h.edits_mut().plan = Some(plan);
+    }
+    let plan = h.edits().plan.clone().expect("set above");
+    // The scope check sees the base model: edits off.
+    let (routed, answer) = match prompt {
+        Some(p) if !plan.memories.is_empty() => {
+            h.uninstall()?;
+            route(h, &plan, p)?
+        }
+        p => (p.unwrap_or_default().to_string(), None),
+    };
+    if let Some(a) = &answer {
+        let (_, tokens) = crate::answer::prompt_answer_tokens(h.vocab_model(), &routed, a)?;
+        h.set_answer(Some(crate::answer::AnswerPlan::new(tokens)));
+    }
+    h.install(&plan)?;
+    let low_rank = plan.low_rank_events();
+    h.edits().with_explain(|ex| {
+        ex.generation = Some(generation);
+        ex.low_rank = low_rank;
+    });
+    Ok(Request {
+        prompt: routed,
+        generation: Some(generation),
+        answer,
+    })
+}
+
+/// The scope check: the prompt to evaluate and, with an `{answer}` template, the answer.
+pub(crate) fn route<H: EditHost + ?Sized>(
+    h: &mut H,
+    plan: &EditPlan,
+    prompt: &str,
+) -> Result<(String, Option<String>), RuntimeError> {
+    // (memory, hit, token terms); compared by (in scope, score).
+    let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
+    let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
+    let mut encoded: Option<crate::scope::ScopeEncoding> = None;
+    for (mi, m) in plan.memories.iter().enumerate() {
+        let (hit, terms) = match m.mem.embedder() {
+            Embedder::BaseModel {
+                layer,
+                site,
+                pooling,
+            } => {
+                let key = (layer, site, pooling);
+                let q = match cache.iter().find(|(k, _)| *k == key) {
+                    Some((_, q)) => q.clone(),
+                    None => {
+                        let q = h.embed(prompt, layer, site, pooling)?;
+                        cache.push((key, q.clone()));
+                        q
+                    }
+                };
+                (m.mem.nearest(&q, None), None)
+            }
+            Embedder::External { .. } => {
+                if encoded.is_none() {
+                    // The plan was built only after check_scope_model passed.
+                    let scope = h.edits().scope.clone().ok_or_else(|| {
+                        RuntimeError::InvalidEdit("no scope model configured".into())
+                    })?;
+                    encoded = Some(scope.encode(prompt)?);
+                }
+                let q = encoded.as_ref().expect("set above");
+                let Some(r) = m.mem.route(&q.pooled, &q.rows, None) else {
+                    continue;
+                };
+                let routing = m.mem.routing().expect("route returned a hit");
+                let hit = families::MemoryHit {
+                    index: r.index,
+                    score: r.pooled,
+                    in_scope: r.in_scope,
+                };
+                let terms = ScopeTerms {
+                    pooled: r.pooled,
+                    subject: r.subject,
+                    relation: r.relation,
+                    subject_threshold: routing.subject_threshold(),
+                    relation_threshold: routing.relation_threshold(),
+                    n_in_scope: r.n_in_scope,
+                };
+                (Some(hit), Some(terms))
+            }
+        };
+        if let Some(hit) = hit {
+            let better = best
+                .as_ref()
+                .is_none_or(|(_, b, _)| (hit.in_scope, hit.score) > (b.in_scope, b.score));
+            if better {
+                best = Some((mi, hit, terms));
+            }
+        }
+    }
+    let Some((mi, hit, terms)) = best else {
+        return Ok((prompt.to_string(), None));
+    };
+    let m = &plan.memories[mi];
+    let routed = if hit.in_scope {
+        m.mem
+            .render(hit.index, prompt)
+            .unwrap_or_else(|| prompt.to_string())
+    } else {
+        prompt.to_string()
+    };
+    let answer = hit
+        .in_scope
+        .then(|| m.mem.answer(hit.index).map(str::to_string))
+        .flatten();
+    let mut ex = h.edits().explain.lock().unwrap_or_else(|e| e.into_inner());
+    ex.memory = Some(MemoryEvent {
+        bundle: plan.bundle_id(m.bundle),
+        edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
+        record: m.rows.start + hit.index,
+        score: hit.score,
+        threshold: m.mem.threshold(),
+        in_scope: hit.in_scope,
+        routed_prompt: routed.clone(),
+        answer: answer.clone(),
+        scope_terms: terms,
+    });
+    Ok((routed, answer))
+}
+
 impl Session {
     /// Attaches a live edit set: each later request pins its current snapshot. `None` detaches
     /// (the base model, bitwise).
     pub fn set_edit_set(&mut self, set: Option<Arc<EditSet>>) -> Result<(), RuntimeError> {
-        self.edits_mut().set = set;
-        self.unpin()?;
-        Ok(())
+        set_edit_set(self, set)
     }
 
     /// The scope model that routes scope-model memories (`None`: bundles that need one fail
     /// with `ScopeModelMissing`). Takes effect at the next request.
     pub fn set_scope_model(&mut self, scope: Option<Arc<ScopeModel>>) -> Result<(), RuntimeError> {
-        self.edits_mut().scope = scope;
-        self.unpin()
+        set_scope_model(self, scope)
     }
 
     pub fn scope_model(&self) -> Option<&Arc<ScopeModel>> {
@@ -705,25 +1036,12 @@ impl Session {
     /// Scales the low-rank adapters of bundle `bundle_id` (default 1.0; 0.0 disables them, which
     /// gives back bitwise the logits without the adapter). Takes effect at the next request.
     pub fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
-        if !scale.is_finite() {
-            return Err(RuntimeError::InvalidOptions(format!(
-                "LoRA scale must be finite, got {scale}"
-            )));
-        }
-        self.edits_mut()
-            .lora_scales
-            .insert(bundle_id.to_string(), scale);
-        // Force a rebuild so the new scale is used.
-        self.unpin()
+        set_lora_scale(self, bundle_id, scale)
     }
 
     /// What fired during the last request.
     pub fn explain(&self) -> Explain {
-        self.edits_ref()
-            .explain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.edits_ref().explain_snapshot()
     }
 
     /// Starts a request: pins the attached set's current snapshot (rebuilding hooks and adapters
@@ -732,105 +1050,12 @@ impl Session {
     /// Generation calls this itself; call it before [`Session::eval`] when scoring with edits
     /// (then evaluate `Request::prompt`).
     pub fn begin_request(&mut self, prompt: &str) -> Result<Request, RuntimeError> {
-        self.begin(Some(prompt))
+        begin(self, Some(prompt))
     }
 
     /// Pins the attached set without a text prompt (memories are not consulted).
     pub fn pin_edits(&mut self) -> Result<Option<u64>, RuntimeError> {
-        Ok(self.begin(None)?.generation)
-    }
-
-    fn begin(&mut self, prompt: Option<&str>) -> Result<Request, RuntimeError> {
-        *self
-            .edits_ref()
-            .explain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Explain::default();
-        self.set_answer(None);
-        let Some(set) = self.edits_ref().set.clone() else {
-            return Ok(Request {
-                prompt: prompt.unwrap_or_default().to_string(),
-                generation: None,
-                answer: None,
-            });
-        };
-        // Expiry per request: a bundle whose time has passed is removed (one swap, seen by every
-        // session of the set) before this request pins its snapshot.
-        let now = set.now();
-        let expiring: Vec<ExpiredEvent> = set
-            .snapshot()
-            .bundles
-            .iter()
-            .filter(|b| now >= b.bundle.manifest().expires)
-            .map(|b| ExpiredEvent {
-                bundle: b.id().to_string(),
-                expires: b.bundle.manifest().expires,
-                now,
-            })
-            .collect();
-        if !expiring.is_empty() {
-            set.drop_expired()
-                .map_err(|e| RuntimeError::InvalidEdit(format!("removing expired bundles: {e}")))?;
-            for e in &expiring {
-                log::warn!(
-                    "bundle {} expired at {} (now {}): no longer applied",
-                    e.bundle,
-                    e.expires,
-                    e.now
-                );
-            }
-            self.edits_ref()
-                .explain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .expired = expiring;
-        }
-        let snap = set.snapshot();
-        let generation = snap.generation;
-        let same = self
-            .edits_ref()
-            .plan
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
-        if !same {
-            self.unpin()?;
-            let scales = self.edits_ref().lora_scales.clone();
-            let scope = self.edits_ref().scope.clone();
-            let plan = Arc::new(EditPlan::build(
-                self.model(),
-                scope.as_deref(),
-                snap,
-                &scales,
-            )?);
-            self.edits_mut().plan = Some(plan);
-        }
-        let plan = self.edits_ref().plan.clone().expect("set above");
-        // The scope check sees the base model: edit hooks and adapters off.
-        let (routed, answer) = match prompt {
-            Some(p) if !plan.memories.is_empty() => {
-                self.uninstall()?;
-                self.route(&plan, p)?
-            }
-            p => (p.unwrap_or_default().to_string(), None),
-        };
-        if let Some(a) = &answer {
-            let (_, tokens) = crate::answer::prompt_answer_tokens(self.model(), &routed, a)?;
-            self.set_answer(Some(crate::answer::AnswerPlan::new(tokens)));
-        }
-        self.install(&plan)?;
-        {
-            let mut ex = self
-                .edits_ref()
-                .explain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            ex.generation = Some(generation);
-        }
-        Ok(Request {
-            prompt: routed,
-            generation: Some(generation),
-            answer,
-        })
+        Ok(begin(self, None)?.generation)
     }
 
     /// Embeds `text` as a memory's base-model embedder does: hidden rows at `layer`/`site` over
@@ -844,7 +1069,7 @@ impl Session {
         pooling: Pooling,
     ) -> Result<Vec<f32>, RuntimeError> {
         // The base model: no edit hook, no adapters (the next request re-installs them).
-        self.uninstall()?;
+        EditHost::uninstall(self)?;
         let tokens = self.tokenize(text, true)?;
         let point = HookPoint::new(layer, site);
         let rows: Arc<Mutex<Vec<f32>>> = Arc::default();
@@ -881,156 +1106,6 @@ impl Session {
         Ok(v)
     }
 
-    /// The scope check: the prompt to evaluate and, with an `{answer}` template, the answer.
-    fn route(
-        &mut self,
-        plan: &EditPlan,
-        prompt: &str,
-    ) -> Result<(String, Option<String>), RuntimeError> {
-        // (memory, hit, token terms); compared by (in scope, score).
-        let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
-        let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
-        let mut encoded: Option<crate::scope::ScopeEncoding> = None;
-        for (mi, m) in plan.memories.iter().enumerate() {
-            let (hit, terms) = match m.mem.embedder() {
-                Embedder::BaseModel {
-                    layer,
-                    site,
-                    pooling,
-                } => {
-                    let key = (layer, site, pooling);
-                    let q = match cache.iter().find(|(k, _)| *k == key) {
-                        Some((_, q)) => q.clone(),
-                        None => {
-                            let q = self.embed(prompt, layer, site, pooling)?;
-                            cache.push((key, q.clone()));
-                            q
-                        }
-                    };
-                    (m.mem.nearest(&q, None), None)
-                }
-                Embedder::External { .. } => {
-                    if encoded.is_none() {
-                        // The plan was built only after check_scope_model passed.
-                        let scope = self.edits_ref().scope.clone().ok_or_else(|| {
-                            RuntimeError::InvalidEdit("no scope model configured".into())
-                        })?;
-                        encoded = Some(scope.encode(prompt)?);
-                    }
-                    let q = encoded.as_ref().expect("set above");
-                    let Some(r) = m.mem.route(&q.pooled, &q.rows, None) else {
-                        continue;
-                    };
-                    let routing = m.mem.routing().expect("route returned a hit");
-                    let hit = families::MemoryHit {
-                        index: r.index,
-                        score: r.pooled,
-                        in_scope: r.in_scope,
-                    };
-                    let terms = ScopeTerms {
-                        pooled: r.pooled,
-                        subject: r.subject,
-                        relation: r.relation,
-                        subject_threshold: routing.subject_threshold(),
-                        relation_threshold: routing.relation_threshold(),
-                        n_in_scope: r.n_in_scope,
-                    };
-                    (Some(hit), Some(terms))
-                }
-            };
-            if let Some(hit) = hit {
-                let better = best
-                    .as_ref()
-                    .is_none_or(|(_, b, _)| (hit.in_scope, hit.score) > (b.in_scope, b.score));
-                if better {
-                    best = Some((mi, hit, terms));
-                }
-            }
-        }
-        let Some((mi, hit, terms)) = best else {
-            return Ok((prompt.to_string(), None));
-        };
-        let m = &plan.memories[mi];
-        let routed = if hit.in_scope {
-            m.mem
-                .render(hit.index, prompt)
-                .unwrap_or_else(|| prompt.to_string())
-        } else {
-            prompt.to_string()
-        };
-        let answer = hit
-            .in_scope
-            .then(|| m.mem.answer(hit.index).map(str::to_string))
-            .flatten();
-        let mut ex = self
-            .edits_ref()
-            .explain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        ex.memory = Some(MemoryEvent {
-            bundle: plan.bundle_id(m.bundle),
-            edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
-            record: m.rows.start + hit.index,
-            score: hit.score,
-            threshold: m.mem.threshold(),
-            in_scope: hit.in_scope,
-            routed_prompt: routed.clone(),
-            answer: answer.clone(),
-            scope_terms: terms,
-        });
-        Ok((routed, answer))
-    }
-
-    fn install(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
-        if self.edits_ref().hook.is_none() && !plan.is_empty_of_hooks() {
-            let hook = EditHook {
-                plan: plan.clone(),
-                explain: self.edits_ref().explain.clone(),
-                replaces: Vec::new(),
-                adds: Vec::new(),
-                acts: Vec::new(),
-                delta: Vec::new(),
-            };
-            let id = self.add_hook(Box::new(hook))?;
-            self.edits_mut().hook = Some(id);
-        }
-        let mut ptrs: Vec<*mut sys::llama_adapter_lora> =
-            plan.adapters.iter().map(|a| a.ptr.as_ptr()).collect();
-        let mut scales: Vec<f32> = plan.adapters.iter().map(|a| a.scale).collect();
-        self.set_adapters(&mut ptrs, &mut scales)?;
-        let mut ex = self
-            .edits_ref()
-            .explain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        ex.low_rank = plan
-            .adapters
-            .iter()
-            .map(|a| LowRankEvent {
-                bundle: plan.bundle_id(a.bundle),
-                scale: a.scale,
-                tensors: a.tensors,
-                rank: a.rank,
-            })
-            .collect();
-        Ok(())
-    }
-
-    /// Removes the edit hook and adapters from the context (the plan stays cached).
-    fn uninstall(&mut self) -> Result<(), RuntimeError> {
-        if let Some(id) = self.edits_mut().hook.take() {
-            self.remove_hook(id);
-        }
-        self.set_adapters(&mut [], &mut [])
-    }
-
-    /// Uninstalls and forgets the plan (next request rebuilds it).
-    fn unpin(&mut self) -> Result<(), RuntimeError> {
-        self.uninstall()?;
-        self.edits_mut().release();
-        Ok(())
-    }
-
     fn set_adapters(
         &mut self,
         ptrs: &mut [*mut sys::llama_adapter_lora],
@@ -1051,5 +1126,70 @@ impl Session {
             )));
         }
         Ok(())
+    }
+}
+
+impl EditHost for Session {
+    fn edits(&self) -> &SessionEdits {
+        self.edits_ref()
+    }
+    fn edits_mut(&mut self) -> &mut SessionEdits {
+        Session::edits_mut(self)
+    }
+    fn plan_target(&self) -> &dyn PlanTarget {
+        &**self.model()
+    }
+    fn vocab_model(&self) -> &Model {
+        self.model()
+    }
+    fn prepare(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
+        let arch = self.model().info().architecture.name();
+        let adapters = plan
+            .low_rank
+            .iter()
+            .map(|l| Adapter::load(self.model(), l, arch))
+            .collect::<Result<Vec<_>, _>>()?;
+        Session::edits_mut(self).adapters = adapters;
+        Ok(())
+    }
+    fn install(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
+        if self.edits_ref().hook.is_none() && !plan.is_empty_of_hooks() {
+            let hook = EditHook {
+                plan: plan.clone(),
+                explain: self.edits_ref().explain.clone(),
+                replaces: Vec::new(),
+                adds: Vec::new(),
+                acts: Vec::new(),
+                delta: Vec::new(),
+            };
+            let id = self.add_hook(Box::new(hook))?;
+            Session::edits_mut(self).hook = Some(id);
+        }
+        let mut ptrs: Vec<*mut sys::llama_adapter_lora> = self
+            .edits_ref()
+            .adapters
+            .iter()
+            .map(|a| a.ptr.as_ptr())
+            .collect();
+        let mut scales: Vec<f32> = self.edits_ref().adapters.iter().map(|a| a.scale).collect();
+        self.set_adapters(&mut ptrs, &mut scales)
+    }
+    fn uninstall(&mut self) -> Result<(), RuntimeError> {
+        if let Some(id) = Session::edits_mut(self).hook.take() {
+            self.remove_hook(id);
+        }
+        self.set_adapters(&mut [], &mut [])
+    }
+    fn embed(
+        &mut self,
+        text: &str,
+        layer: u32,
+        site: Site,
+        pooling: Pooling,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        Session::embed(self, text, layer, site, pooling)
+    }
+    fn set_answer(&mut self, plan: Option<crate::answer::AnswerPlan>) {
+        Session::set_answer(self, plan)
     }
 }

@@ -88,6 +88,15 @@ pub enum RuntimeError {
     OrtGraph(String),
     #[error("ONNX Runtime: {0}")]
     Ort(String),
+    /// An edit the ONNX Runtime graph has no slot for (the graph's slot layout is fixed when it
+    /// is built); nothing of the snapshot was applied.
+    #[error(
+        "no edit slot: {0}; nothing was applied (open the model with a slot layout that covers it)"
+    )]
+    EditSlot(String),
+    /// A capability this backend lacks for an edit; nothing was applied.
+    #[error("not supported on this backend: {0}; nothing was applied")]
+    Unsupported(String),
     #[error("scope model {} is not usable: {detail}", path.display())]
     ScopeModelInvalid { path: PathBuf, detail: String },
     #[error("bundle {bundle} routes its memories with the scope model {fingerprint} ({model_id}), but no scope model is configured (CLI: --scope-model PATH; C: amend_scope_model_open + amend_session_set_scope_model; Rust: Session::set_scope_model); nothing of the bundle was applied")]

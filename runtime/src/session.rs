@@ -614,4 +614,30 @@ impl crate::backend::Backend for Session {
     fn supports(&self, _: crate::backend::Capability) -> bool {
         true
     }
+    fn set_edit_set(&mut self, set: Option<Arc<amend_edits::EditSet>>) -> Result<(), RuntimeError> {
+        Session::set_edit_set(self, set)
+    }
+    fn set_scope_model(
+        &mut self,
+        scope: Option<Arc<crate::ScopeModel>>,
+    ) -> Result<(), RuntimeError> {
+        Session::set_scope_model(self, scope)
+    }
+    fn begin_request(&mut self, prompt: &str) -> Result<crate::Request, RuntimeError> {
+        Session::begin_request(self, prompt)
+    }
+    fn scope_model(&self) -> Option<&Arc<crate::ScopeModel>> {
+        Session::scope_model(self)
+    }
+    fn explain(&self) -> crate::Explain {
+        Session::explain(self)
+    }
+    fn generate_text(
+        &mut self,
+        prompt: &str,
+        params: &crate::GenerateParams,
+        on_token: &mut dyn FnMut(&crate::TokenEvent<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<crate::GenerateOutput, RuntimeError> {
+        Session::generate(self, prompt, params, on_token)
+    }
 }

@@ -69,19 +69,7 @@ fn edit_set(m: &Model) -> Arc<EditSet> {
 }
 
 fn meta(m: &Model, id: &str, version: u64) -> BundleMeta {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    BundleMeta {
-        bundle_id: id.into(),
-        channel: id.into(),
-        version,
-        created: now - 10,
-        not_before: now - 10,
-        expires: now + 3600,
-        model: binding(m),
-    }
+    common::bundle_meta(m, id, version)
 }
 
 fn activate(set: &EditSet, b: &BundleBuilder) {

@@ -14,21 +14,7 @@ use amend_runtime::parity::Mode;
 use amend_runtime::{Architecture, Logits, RuntimeError, Session, SessionOptions};
 
 fn library() -> Option<PathBuf> {
-    let p = ortb::default_library(&Ep::Cpu);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-        panic!(
-            "AMEND_REQUIRE_MODEL=1 but {} is missing (run `make ort`)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-ort.sh)",
-        p.display()
-    );
-    None
+    common::ort_library()
 }
 
 fn options(profile: Profile) -> OrtOptions {

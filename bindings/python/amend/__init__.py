@@ -39,7 +39,7 @@ __all__ = [
 
 PUBLIC_KEY_LEN = 32
 FLUSH_TOKEN = -1
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class Result(enum.IntEnum):
@@ -104,7 +104,19 @@ class AmendError(Exception):
 # ---- C types -------------------------------------------------------------------------------
 
 class _ModelParams(ctypes.Structure):
-    _fields_ = [("use_mmap", ctypes.c_bool), ("n_threads", ctypes.c_uint32)]
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("use_mmap", ctypes.c_bool),
+        ("n_threads", ctypes.c_uint32),
+        ("backend", ctypes.c_uint32),
+        ("ep", ctypes.c_char_p),
+        ("ort_library", ctypes.c_char_p),
+        ("edit_slots", ctypes.c_char_p),
+        ("cpu_fallback", ctypes.c_bool),
+    ]
+
+
+BACKENDS = {"llama.cpp": 0, "onnxruntime": 1}
 
 
 class _ModelInfo(ctypes.Structure):
@@ -374,11 +386,23 @@ class Model(_Handle):
 
     _free_name = "amend_model_free"
 
-    def __init__(self, path, use_mmap: bool = True, n_threads: int = 0):
+    def __init__(self, path, use_mmap: bool = True, n_threads: int = 0,
+                 backend: str = "llama.cpp", ep: str = "cpu", ort_library=None,
+                 edit_slots: str = "", cpu_fallback: bool = False):
+        """`backend` "onnxruntime" runs the model on ONNX Runtime's execution provider `ep`
+        with the edit slots `edit_slots` (see docs/backends.md)."""
         lib = library()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         params = lib.amend_model_default_params()
         params.use_mmap = use_mmap
         params.n_threads = n_threads
+        params.backend = BACKENDS[backend]
+        # The strings are borrowed for the call: these locals keep them alive until it returns.
+        ep_b, slots_b = ep.encode(), edit_slots.encode()
+        lib_b = os.fsencode(ort_library) if ort_library is not None else None
+        params.ep, params.edit_slots, params.ort_library = ep_b, slots_b, lib_b
+        params.cpu_fallback = cpu_fallback
         out = ctypes.c_void_p()
         _check(lib.amend_model_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(out)))
         super().__init__(out.value)

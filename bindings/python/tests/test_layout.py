@@ -21,6 +21,8 @@ C_TYPES = {
     "amend_token": ctypes.c_int32,
     "enum amend_stop_reason": ctypes.c_int,
     "const char *": ctypes.c_char_p,
+    "size_t": ctypes.c_size_t,
+    "amend_backend": ctypes.c_uint32,
 }
 
 STRUCTS = {

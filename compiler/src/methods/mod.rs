@@ -216,6 +216,9 @@ pub struct Compiler {
     /// Finished edits to resume from and keep (`amend compile` writes `OUT.ckpt`); see
     /// [`crate::checkpoint`] and, per method, [`Method::checkpoints`].
     pub checkpoint: Option<Checkpoint>,
+    /// Also key and check edits on ONNX Runtime with these options (`amend compile
+    /// --verify-ort EP`): T-Patcher's neurons then fire on both backends' hidden states.
+    pub verify_ort: Option<amend_runtime::onnxruntime::OrtOptions>,
 }
 
 impl Compiler {
@@ -245,6 +248,7 @@ impl Compiler {
             model_path: model_path.to_path_buf(),
             scope_model: None,
             checkpoint: None,
+            verify_ort: None,
         })
     }
 

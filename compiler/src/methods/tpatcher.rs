@@ -91,6 +91,12 @@ pub(crate) fn compile(
     )
     .map_err(|e| CompileError::Runtime(e.to_string()))?;
     let memory = neutral_rows(c, &mut rs, layer)?;
+    // ONNX Runtime as a second device (`--verify-ort`): its rows key the neurons too, and every
+    // edit must pass the closed-loop check there as well.
+    let mut os = match &c.verify_ort {
+        Some(o) => Some(ort_session(c, o, layer)?),
+        None => None,
+    };
     let mut reports = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
@@ -115,7 +121,10 @@ pub(crate) fn compile(
             reports.push(d.report(t0.elapsed().as_secs_f64()));
             continue;
         }
-        let rows = runtime_edit_rows(&mut rs, &p, &a, layer, dim)?;
+        let mut rows = vec![runtime_edit_rows(&mut rs, &p, &a, layer, dim)?];
+        if let Some(os) = os.as_mut() {
+            rows.push(ort_edit_rows(os, &p, &a, layer, dim)?);
+        }
         let mut attempt = 0;
         let (t, check) = loop {
             let t = train(
@@ -130,7 +139,11 @@ pub(crate) fn compile(
                 attempt,
                 &mut report,
             )?;
-            let check = runtime_check(&mut rs, dim, &p, &a, layer, &neurons, &t)?;
+            let mut check = runtime_check(&mut rs, dim, &p, &a, layer, &neurons, &t)?;
+            if let Some(os) = os.as_mut() {
+                let o = ort_check(os, c, dim, &p, &a, layer, &neurons, &t)?;
+                check = (check.0 && o.0, check.1 && o.1);
+            }
             if (check.0 && check.1) || attempt >= hp.retries {
                 break (t, check);
             }
@@ -157,9 +170,19 @@ pub(crate) fn compile(
             success: t.success && check.0 && check.1,
             action: format!(
                 "{count} neuron(s), edit pre-activation >= {:.4} (teacher forced) {:.4} \
-                 (generation), neutral max {:.3}; runtime check: teacher forced {}, greedy {}, \
+                 (generation), neutral max {:.3}; runtime check{}: teacher forced {}, greedy {}, \
                  {} retrie(s)",
-                t.min_edit_act, t.min_gen_act, t.max_mem_act, check.0, check.1, attempt
+                t.min_edit_act,
+                t.min_gen_act,
+                t.max_mem_act,
+                if os.is_some() {
+                    " (llama.cpp and ONNX Runtime)"
+                } else {
+                    ""
+                },
+                check.0,
+                check.1,
+                attempt
             ),
         };
         c.finished(i, || Done::of(&rep, vec![t.biases, t.keys, t.values]))?;
@@ -336,24 +359,153 @@ fn runtime_check(
     let id = s.add_hook(Box::new(hook)).map_err(rt)?;
     let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
     let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
-    let res = (|| {
-        let tf = crate::eval::teacher_forced_argmax(s, &p, &a)? == a;
-        s.kv_clear();
-        s.prefill(&p, Logits::Last)?;
-        let mut greedy = true;
-        for (i, &want) in a.iter().enumerate() {
-            let got = crate::eval::argmax(s.last_logits()?);
-            if got != want {
-                greedy = false;
-                break;
-            }
-            if i + 1 < a.len() {
-                s.decode(got)?;
-            }
-        }
-        Ok((tf, greedy))
-    })();
+    let res = answer_check(s, &p, &a);
     s.remove_hook(id);
+    res.map_err(rt)
+}
+
+/// On any backend with the edits in place: (teacher-forced argmax == answer, greedy generation
+/// == answer).
+fn answer_check(
+    s: &mut dyn amend_runtime::Backend,
+    p: &[Token],
+    a: &[Token],
+) -> std::result::Result<(bool, bool), amend_runtime::RuntimeError> {
+    let tf = crate::eval::teacher_forced_argmax(s, p, a)? == a;
+    s.kv_clear()?;
+    s.eval(p, amend_runtime::EvalOptions::prefill(Logits::Last))?;
+    let mut greedy = true;
+    for (i, &want) in a.iter().enumerate() {
+        let got = crate::eval::argmax(s.last_logits()?);
+        if got != want {
+            greedy = false;
+            break;
+        }
+        if i + 1 < a.len() {
+            s.eval(&[got], amend_runtime::EvalOptions::decode())?;
+        }
+    }
+    Ok((tf, greedy))
+}
+
+/// An ONNX Runtime session for `--verify-ort`: the graph captures the FFN input at `layer` and
+/// has a neuron slot there.
+fn ort_session(
+    c: &Compiler,
+    options: &amend_runtime::onnxruntime::OrtOptions,
+    layer: usize,
+) -> Result<amend_runtime::onnxruntime::OrtSession> {
+    use amend_runtime::onnxruntime::{NeuronSlot, OrtModel, OrtSession};
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
+    let mut o = options.clone();
+    o.capture = vec![HookPoint::new(layer as u32, Site::FfnInput)];
+    o.slots.neurons.push(NeuronSlot {
+        layer: layer as u32,
+        read_site: Site::FfnInput,
+        write_site: Site::FfnOutput,
+        activation: Activation::Relu,
+    });
+    let m = OrtModel::open(&c.model_path, o).map_err(rt)?;
+    OrtSession::new(&m, 1024).map_err(rt)
+}
+
+/// [`runtime_edit_rows`] on ONNX Runtime: its FFN-input rows for the same two paths.
+fn ort_edit_rows(
+    s: &mut amend_runtime::onnxruntime::OrtSession,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    dim: usize,
+) -> Result<EditRows> {
+    let point = HookPoint::new(layer as u32, Site::FfnInput);
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
+    let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+    let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
+    let mut input = p.clone();
+    input.extend_from_slice(&a[..a.len() - 1]);
+    let missing = || CompileError::Runtime("--verify-ort: no captured FFN-input rows".into());
+    s.kv_clear().map_err(rt)?;
+    s.eval(&input, Logits::Last).map_err(rt)?;
+    let tf = s.captured(point).ok_or_else(missing)?.to_vec();
+    // Generation: the prompt's last row, then one decode per answer token.
+    s.kv_clear().map_err(rt)?;
+    s.eval(&p, Logits::Last).map_err(rt)?;
+    let rows = s.captured(point).ok_or_else(missing)?;
+    let mut gen = rows[rows.len() - dim..].to_vec();
+    for &t in &a[..a.len() - 1] {
+        s.eval_with(&[t], amend_runtime::EvalOptions::decode())
+            .map_err(rt)?;
+        gen.extend_from_slice(s.captured(point).ok_or_else(missing)?);
+    }
+    if tf.len() != input.len() * dim || gen.len() != answer.len() * dim {
+        return Err(missing());
+    }
+    Ok(EditRows { tf, gen })
+}
+
+/// [`runtime_check`] on ONNX Runtime: the neurons so far, as a bundle fed into the graph's
+/// slot (signed with a key of this process only), teacher forced and greedy.
+#[allow(clippy::too_many_arguments)]
+fn ort_check(
+    s: &mut amend_runtime::onnxruntime::OrtSession,
+    c: &Compiler,
+    dim: usize,
+    prompt: &[u32],
+    answer: &[u32],
+    layer: usize,
+    existing: &Neurons,
+    new: &Trained,
+) -> Result<(bool, bool)> {
+    use amend_edits::bundle::BundleMeta;
+    use amend_edits::{AddOptions, EditSet, TrustStore};
+    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
+    let cat = |a: &[f32], b: &[f32]| [a, b].concat();
+    let key = amend_edits::ed25519_dalek::SigningKey::from_bytes(&[0x5a; 32]);
+    let mut b = BundleBuilder::new(BundleMeta {
+        bundle_id: "verify".into(),
+        channel: "verify".into(),
+        version: 1,
+        created: 0,
+        not_before: 0,
+        expires: u64::MAX,
+        model: c.binding.clone(),
+    });
+    let n = existing.biases.len() + new.biases.len();
+    let pi = b.add_patch_neurons(
+        layer as u32,
+        Site::FfnInput,
+        Site::FfnOutput,
+        Activation::Relu.code(),
+        dim,
+        &cat(&existing.keys, &new.keys),
+        &cat(&existing.biases, &new.biases),
+        &cat(&existing.values, &new.values),
+    );
+    b.add_edit(
+        "verify",
+        layer as u32,
+        Site::FfnOutput,
+        "-",
+        "-",
+        pi,
+        0,
+        n as u32,
+    );
+    let bytes = b
+        .build_signed(&key)
+        .map_err(|e| CompileError::Runtime(format!("--verify-ort: {e}")))?;
+    let set = Arc::new(EditSet::new(
+        c.binding.clone(),
+        TrustStore::with_key(key.verifying_key()),
+    ));
+    set.open_bytes(bytes.as_slice())
+        .and_then(|bd| set.add(bd, AddOptions::default()))
+        .map_err(|e| CompileError::Runtime(format!("--verify-ort: {e}")))?;
+    s.set_edit_set(Some(set)).map_err(rt)?;
+    let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+    let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
+    let res = s.pin_edits().and_then(|_| answer_check(s, &p, &a));
+    s.set_edit_set(None).map_err(rt)?;
     res.map_err(rt)
 }
 
@@ -378,7 +530,7 @@ fn train(
     hp: &TPatcherParams,
     existing: &Neurons,
     memory: &Tensor,
-    rows: &EditRows,
+    paths: &[EditRows],
     attempt: usize,
     report: &mut dyn FnMut(usize, f32, bool),
 ) -> Result<Trained> {
@@ -407,8 +559,16 @@ fn train(
     let x_in = h.detach();
     fwd.run_one(layer, x_in.clone(), &mut cap)?;
     let outs = &cap.at[&out_point];
-    let xs = Tensor::from_slice(&rows.tf, (input.len(), dim), dev)?; // [T, dim]
-    let xs_gen = Tensor::from_slice(&rows.gen, (n_ans, dim), dev)?; // [A, dim]
+    // Every backend's rows (llama.cpp first, then ONNX Runtime with --verify-ort).
+    let tf_paths = paths
+        .iter()
+        .map(|r| Tensor::from_slice(&r.tf, (input.len(), dim), dev)) // [T, dim]
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let gen_paths = paths
+        .iter()
+        .map(|r| Tensor::from_slice(&r.gen, (n_ans, dim), dev)) // [A, dim]
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let xs = tf_paths[0].clone();
 
     // Earlier neurons (sequential editing) act during training too, as constants.
     let base_delta = if existing.biases.is_empty() {
@@ -441,12 +601,38 @@ fn train(
             .as_slice(),
         dev,
     )?;
-    let x_gen = xs_gen.index_select(&gen_idx, 0)?; // [m, dim]
+    // Each neuron's own input on every path: teacher forced and in generation, per backend.
+    let mut own_inputs = Vec::with_capacity(2 * paths.len());
+    for (tf, gen) in tf_paths.iter().zip(&gen_paths) {
+        own_inputs.push(tf.index_select(&idx, 0)?); // [m, dim]
+        own_inputs.push(gen.index_select(&gen_idx, 0)?);
+    }
     let x_norm = x_edit.sqr()?.sum_keepdim(1)?.sqrt()?; // [m, 1]
     let sq = (dim as f64).sqrt();
     let key_scale = (x_norm.clone() * sq)?.recip()?; // k = raw_k * key_scale
     let raw_k = Var::from_tensor(&(x_edit.broadcast_div(&x_norm)? * sq)?)?;
-    let bias = Var::from_tensor(&Tensor::full(-hp.threshold, m, dev)?)?;
+    // k.x is 1 on llama.cpp's teacher-forced row; on another path (generation, another
+    // backend) it can be a little lower. The bias is lowered by that much, so the neuron's
+    // pre-activation is at least 1 - threshold on every path.
+    let k0 = raw_k.as_tensor().broadcast_mul(&key_scale)?;
+    let mut min_dot = vec![1.0f32; m];
+    for x in &own_inputs {
+        for (j, d) in x
+            .mul(&k0)?
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .enumerate()
+        {
+            min_dot[j] = min_dot[j].min(d);
+        }
+    }
+    log::debug!("tpatcher: k.x on every path at the neurons' inputs: min {min_dot:?}");
+    let b0: Vec<f32> = min_dot
+        .iter()
+        .map(|&d| -hp.threshold + (1.0 - d).max(0.0))
+        .collect();
+    let bias = Var::from_tensor(&Tensor::from_slice(&b0, m, dev)?)?;
     let out_rows = outs.index_select(&idx, 0)?;
     // The activation on the edit input is about 1 - threshold: scale values up to match.
     let act0 = (1.0 - hp.threshold as f64).max(1e-3);
@@ -472,17 +658,19 @@ fn train(
         let k = raw_k.as_tensor().broadcast_mul(&key_scale)?; // [m, dim]
         let v = raw_v.as_tensor().broadcast_mul(&v_scale)?;
         let b = bias.as_tensor();
-        // The runtime's activations; at the answer positions the smaller of the teacher-forced
-        // and the generation one, so the value is trained for the weaker of the two.
+        // The runtime's activations; at the answer positions the smallest over the paths
+        // (teacher forced and generation, on each backend), so the value is trained for the
+        // weakest.
         let act_tf = xs.matmul(&k.t()?)?.broadcast_add(b)?.relu()?; // [T, m]
-        let act_gen = xs_gen.matmul(&k.t()?)?.broadcast_add(b)?.relu()?; // [A, m]
-        let act = Tensor::cat(
-            &[
-                act_tf.narrow(0, 0, last)?,
-                act_tf.narrow(0, last, n_ans)?.minimum(&act_gen)?,
-            ],
-            0,
-        )?;
+        let mut act_ans = act_tf.narrow(0, last, n_ans)?;
+        for (i, (tf, gen)) in tf_paths.iter().zip(&gen_paths).enumerate() {
+            if i > 0 {
+                let a = tf.matmul(&k.t()?)?.broadcast_add(b)?.relu()?;
+                act_ans = act_ans.minimum(&a.narrow(0, last, n_ans)?)?;
+            }
+            act_ans = act_ans.minimum(&gen.matmul(&k.t()?)?.broadcast_add(b)?.relu()?)?;
+        }
+        let act = Tensor::cat(&[act_tf.narrow(0, 0, last)?, act_ans], 0)?;
         let mut delta = act.matmul(&v)?;
         if let Some(d) = &base_delta {
             delta = (delta + d)?;
@@ -494,9 +682,15 @@ fn train(
         let hh = fwd.run_layers(layer, x_in.clone(), &mut hook as &mut dyn Hooks)?;
         let logits = fwd.logits(&hh, &at)?;
         let edit = nll(&logits, answer)?;
-        // Each neuron's pre-activation on its own input (the diagonal), both paths.
-        let a_edit = (x_edit.mul(&k)?.sum(1)? + b)?;
-        let a_gen = (x_gen.mul(&k)?.sum(1)? + b)?;
+        // Each neuron's pre-activation on its own input (the diagonal): the smallest over the
+        // teacher-forced paths and over the generation paths.
+        let pre = |x: &Tensor| -> candle_core::Result<Tensor> { x.mul(&k)?.sum(1)? + b };
+        let mut a_edit = pre(&own_inputs[0])?;
+        let mut a_gen = pre(&own_inputs[1])?;
+        for pair in own_inputs[2..].chunks(2) {
+            a_edit = a_edit.minimum(&pre(&pair[0])?)?;
+            a_gen = a_gen.minimum(&pre(&pair[1])?)?;
+        }
         let a_mem = memory.matmul(&k.t()?)?.broadcast_add(b)?; // [R, m]
         let act_loss = (a_edit
             .affine(-1.0, hp.edit_margin as f64)?

@@ -46,6 +46,15 @@ impl Distance {
     pub const fn normalized(self) -> bool {
         !matches!(self, Distance::Euclidean)
     }
+
+    /// A normalized distance from the cosine `cos` (in `[-1, 1]`) of a query and a unit key;
+    /// decreasing in `cos`. (Euclidean is not a function of the cosine: `1 - cos` is returned.)
+    pub fn distance_of_cos(self, cos: f32) -> f32 {
+        match self {
+            Distance::NormalizedEuclidean => libm::sqrtf((2.0 - 2.0 * cos).max(0.0)),
+            Distance::Cosine | Distance::Euclidean => 1.0 - cos,
+        }
+    }
 }
 
 /// The nearest active entry to a query.
@@ -195,12 +204,7 @@ impl<'a> Codebook<'a> {
                 }
                 let (i, d) = max_dot(self.keys, self.dim, key, active)?;
                 let cos = (d / norm).clamp(-1.0, 1.0);
-                let dist = if self.distance == Distance::Cosine {
-                    1.0 - cos
-                } else {
-                    libm::sqrtf((2.0 - 2.0 * cos).max(0.0))
-                };
-                (i, dist)
+                (i, self.distance.distance_of_cos(cos))
             }
         };
         Some(CodebookHit {

@@ -22,6 +22,7 @@ use amend_edits::{HookPoint, Site};
 
 use super::onnx::{Attr, DataType, Dim, Graph, Node, TensorData, ValueInfo};
 use super::quant::{self, LinearWeight, QuantError};
+use super::slots::{self, SlotLayout};
 use crate::arch::Forward;
 use crate::config::ModelConfig;
 
@@ -55,6 +56,8 @@ pub enum BuildError {
     Tensor { tensor: String, detail: String },
     #[error("the ONNX graph builder has no forward for architecture `{0}`")]
     Architecture(String),
+    #[error("edit slots: {0}")]
+    Slots(String),
 }
 
 /// Names of the graph's inputs and outputs.
@@ -80,8 +83,20 @@ pub fn site_tensor(p: HookPoint) -> String {
 
 /// Identifies what this builder writes for `profile` (graph layout version and the llama.cpp
 /// roundings it reproduces): a cached graph from another builder is not used.
-pub fn builder_id(profile: Profile, emu: &Emulation) -> String {
-    format!("v1 {} roundings={}", profile.name(), emu.name())
+pub fn builder_id(
+    profile: Profile,
+    emu: &Emulation,
+    slots: &SlotLayout,
+    capture: &[HookPoint],
+) -> String {
+    let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
+    format!(
+        "v1 {} roundings={} slots={} capture={}",
+        profile.name(),
+        emu.name(),
+        slots.describe(),
+        cap.join(",")
+    )
 }
 
 /// Whether the graph has the sliding-window inputs (`rope_*_swa`, `mask_swa`).
@@ -99,6 +114,13 @@ struct Builder<'a> {
     /// (f32) where a test needs the weights' exact products.
     accuracy: i64,
     emu: Emulation,
+    slots: SlotLayout,
+    /// The tensor of each hook site built so far, before any edit slot wrote it (what a slot
+    /// reading the site sees, as the llama.cpp hooks read before they write).
+    sites: std::collections::HashMap<HookPoint, String>,
+    /// Slot inputs and outputs added while building.
+    slot_inputs: Vec<ValueInfo>,
+    slot_outputs: Vec<ValueInfo>,
 }
 
 /// Roundings of llama.cpp's CPU backend the graph reproduces, so that both backends pick the
@@ -335,7 +357,185 @@ impl<'a> Builder<'a> {
         }
         let y = self.apply_linear(&xr, name, lw);
         self.accuracy = saved;
-        Ok(y)
+        match self.slots.low_rank.iter().position(|t| t == name) {
+            Some(i) => Ok(self.low_rank_slot(i, x, &y, k, n)),
+            None => Ok(y),
+        }
+    }
+
+    /// `[1, T, d]` as `[T, d]` and back.
+    fn rows2d(&mut self, x: &str, d: usize) -> String {
+        let sh = self.ints(&[-1, d as i64]);
+        self.op("Reshape", &[x, &sh])
+    }
+    fn rows3d(&mut self, x: &str, d: usize) -> String {
+        let sh = self.ints(&[1, -1, d as i64]);
+        self.op("Reshape", &[x, &sh])
+    }
+
+    fn slot_input(&mut self, name: String, dtype: DataType, shape: Vec<Dim>) -> String {
+        self.slot_inputs.push(input(&name, dtype, shape));
+        name
+    }
+
+    /// Low-rank slot `i` on a linear `y = x W^T` (`k` in, `n` out): `y + (x A^T) B^T` when on.
+    fn low_rank_slot(&mut self, i: usize, x: &str, y: &str, k: usize, n: usize) -> String {
+        let r = named(&format!("lr{i}_rank"));
+        let a = self.slot_input(
+            slots::lr_name(i, "a"),
+            DataType::Float,
+            vec![r.clone(), Dim::Fixed(k as i64)],
+        );
+        let b = self.slot_input(
+            slots::lr_name(i, "b"),
+            DataType::Float,
+            vec![Dim::Fixed(n as i64), r],
+        );
+        let on = self.slot_input(slots::lr_name(i, "on"), DataType::Bool, vec![Dim::Fixed(1)]);
+        let x2 = self.rows2d(x, k);
+        let tb = vec![("transB", Attr::Int(1))];
+        let u = self.op_a("Gemm", &[&x2, &a], tb.clone());
+        let d = self.op_a("Gemm", &[&u, &b], tb);
+        let d3 = self.rows3d(&d, n);
+        let sum = self.op("Add", &[y, &d3]);
+        self.op("Where", &[&on, &sum, y])
+    }
+
+    /// Codebook slot `i`: rows of `replace` whose `key` row is near an entry (and gated on)
+    /// become the entry's value.
+    fn codebook_slot(&mut self, i: usize, key: &str, replace: &str, d: usize) -> String {
+        let n = named(&format!("cb{i}_entries"));
+        let keys = self.slot_input(
+            slots::cb_name(i, "keys"),
+            DataType::Float,
+            vec![n.clone(), Dim::Fixed(d as i64)],
+        );
+        let values = self.slot_input(
+            slots::cb_name(i, "values"),
+            DataType::Float,
+            vec![n.clone(), Dim::Fixed(d as i64)],
+        );
+        let bound = self.slot_input(slots::cb_name(i, "cos_min"), DataType::Float, vec![n]);
+        let gate = self.slot_input(slots::cb_name(i, "gate"), DataType::Float, vec![named("T")]);
+        let x2 = self.rows2d(key, d);
+        let dots = self.op_a("Gemm", &[&x2, &keys], vec![("transB", Attr::Int(1))]);
+        let best = self.node(
+            "",
+            "ArgMax",
+            &[&dots],
+            vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
+            Some(slots::cb_name(i, "best")),
+        );
+        let ax1 = self.ints(&[1]);
+        let keep0 = vec![("keepdims", Attr::Int(0))];
+        let maxd = self.op_a("ReduceMax", &[&dots, &ax1], keep0.clone());
+        let sq = self.op_a("ReduceSumSquare", &[&x2, &ax1], keep0);
+        let norm = self.op("Sqrt", &[&sq]);
+        let cos = self.node(
+            "",
+            "Div",
+            &[&maxd, &norm],
+            vec![],
+            Some(slots::cb_name(i, "cos")),
+        );
+        self.slot_outputs
+            .push(input(&best, DataType::Int64, vec![named("T")]));
+        self.slot_outputs
+            .push(input(&cos, DataType::Float, vec![named("T")]));
+        let g0 = vec![("axis", Attr::Int(0))];
+        let thr = self.op_a("Gather", &[&bound, &best], g0.clone());
+        let ok = self.op("GreaterOrEqual", &[&cos, &thr]);
+        let zero = self.scalar(&format!("zero_{}", self.n), 0.0);
+        let on = self.op("Greater", &[&gate, &zero]);
+        let hit = self.op("And", &[&ok, &on]);
+        let sh = self.ints(&[1, -1, 1]);
+        let hit3 = self.op("Reshape", &[&hit, &sh]);
+        let vals = self.op_a("Gather", &[&values, &best], g0);
+        let vals3 = self.rows3d(&vals, d);
+        self.op("Where", &[&hit3, &vals3, replace])
+    }
+
+    /// Neuron slot `i`: `write + act(read K^T + b) V` on the rows where a neuron fired.
+    fn neuron_slot(
+        &mut self,
+        i: usize,
+        read: &str,
+        write: &str,
+        d: usize,
+        act: amend_edits::families::Activation,
+    ) -> String {
+        let m = named(&format!("pn{i}_neurons"));
+        let keys = self.slot_input(
+            slots::pn_name(i, "keys"),
+            DataType::Float,
+            vec![m.clone(), Dim::Fixed(d as i64)],
+        );
+        let bias = self.slot_input(slots::pn_name(i, "bias"), DataType::Float, vec![m.clone()]);
+        let values = self.slot_input(
+            slots::pn_name(i, "values"),
+            DataType::Float,
+            vec![m.clone(), Dim::Fixed(d as i64)],
+        );
+        let x2 = self.rows2d(read, d);
+        let z = self.op_a("Gemm", &[&x2, &keys, &bias], vec![("transB", Attr::Int(1))]);
+        let out = Some(slots::pn_name(i, "act"));
+        let a = match act {
+            amend_edits::families::Activation::Relu => self.node("", "Relu", &[&z], vec![], out),
+            amend_edits::families::Activation::Gelu => self.node(
+                "",
+                "Gelu",
+                &[&z],
+                vec![("approximate", Attr::Str("tanh".into()))],
+                out,
+            ),
+        };
+        self.slot_outputs
+            .push(input(&a, DataType::Float, vec![named("T"), m]));
+        let abs = self.op("Abs", &[&a]);
+        let ax1 = self.ints(&[1]);
+        let mx = self.op_a("ReduceMax", &[&abs, &ax1], vec![("keepdims", Attr::Int(1))]);
+        let zero = self.scalar(&format!("zero_{}", self.n), 0.0);
+        let fired = self.op("Greater", &[&mx, &zero]);
+        let sh = self.ints(&[1, -1, 1]);
+        let fired3 = self.op("Reshape", &[&fired, &sh]);
+        let delta = self.op("MatMul", &[&a, &values]);
+        let delta3 = self.rows3d(&delta, d);
+        let sum = self.op("Add", &[write, &delta3]);
+        self.op("Where", &[&fired3, &sum, write])
+    }
+
+    /// Names the hook site tensor `x` at `p` and applies the edit slots that write there
+    /// (codebooks first, then neurons, as the llama.cpp hook does); returns the tensor the
+    /// forward continues with.
+    fn site(&mut self, x: &str, p: HookPoint, d: usize) -> Result<String, BuildError> {
+        let named = self.name_site(x, p);
+        self.sites.insert(p, named.clone());
+        let mut out = named;
+        let read = |b: &Self, layer: u32, s: Site| {
+            b.sites
+                .get(&HookPoint::new(layer, s))
+                .cloned()
+                .ok_or_else(|| {
+                    BuildError::Slots(format!(
+                        "layer {layer}: site {s} is not read before it is written"
+                    ))
+                })
+        };
+        for i in 0..self.slots.codebooks.len() {
+            let c = self.slots.codebooks[i];
+            if HookPoint::new(c.layer, c.replace_site) == p {
+                let key = read(self, c.layer, c.key_site)?;
+                out = self.codebook_slot(i, &key, &out, d);
+            }
+        }
+        for i in 0..self.slots.neurons.len() {
+            let n = self.slots.neurons[i];
+            if HookPoint::new(n.layer, n.write_site) == p {
+                let r = read(self, n.layer, n.read_site)?;
+                out = self.neuron_slot(i, &r, &out, d, n.activation);
+            }
+        }
+        Ok(out)
     }
 
     /// `x` `[1, T, k]` rounded to 8-bit blocks as ggml quantizes a matmul input: q8_0
@@ -591,7 +791,10 @@ pub fn build(
     file: &GgufFile<'_>,
     profile: Profile,
     emu: Emulation,
+    slots: &SlotLayout,
+    capture: &[HookPoint],
 ) -> Result<Graph, BuildError> {
+    slots.check(cfg.n_layer).map_err(BuildError::Slots)?;
     let forward = cfg
         .arch
         .spec()
@@ -609,6 +812,10 @@ pub fn build(
         consts: Vec::new(),
         accuracy: 4,
         emu,
+        slots: slots.clone(),
+        sites: Default::default(),
+        slot_inputs: Vec::new(),
+        slot_outputs: Vec::new(),
     };
     let (nh, nkv, hd) = (cfg.n_head as i64, cfg.n_head_kv as i64, cfg.head_dim as i64);
     let swa = has_swa(cfg);
@@ -707,7 +914,7 @@ pub fn build(
         let sc = b.scalar("embd_scale", (cfg.n_embd as f32).sqrt());
         x = b.op("Mul", &[&x, &sc]);
     }
-    x = b.name_site(&x, HookPoint::new(0, Site::Embeddings));
+    x = b.site(&x, HookPoint::new(0, Site::Embeddings), cfg.n_embd)?;
 
     let attn_scale = b.scalar("attn_scale", cfg.attn_scale as f32);
     let q_shape = b.ints(&[0, 0, nh, hd]);
@@ -793,13 +1000,17 @@ pub fn build(
         if let Some(pn) = b.vector_opt(&w("post_attention_norm"))? {
             attn = b.rms_norm(&attn, &pn, cfg.rms_eps);
         }
-        let attn = b.name_site(&attn, HookPoint::new(il as u32, Site::AttnOutput));
+        let attn = b.site(
+            &attn,
+            HookPoint::new(il as u32, Site::AttnOutput),
+            cfg.n_embd,
+        )?;
         let x1 = b.op("Add", &[&x, &attn]);
 
         // Feed-forward.
         let fnw = b.vector(&w("ffn_norm"))?;
         let h = b.rms_norm(&x1, &fnw, cfg.rms_eps);
-        let h = b.name_site(&h, HookPoint::new(il as u32, Site::FfnInput));
+        let h = b.site(&h, HookPoint::new(il as u32, Site::FfnInput), cfg.n_embd)?;
         let gate = b.linear(&h, &w("ffn_gate"))?;
         let up = b.linear(&h, &w("ffn_up"))?;
         let act = if gemma {
@@ -825,9 +1036,13 @@ pub fn build(
         if let Some(pn) = b.vector_opt(&w("post_ffw_norm"))? {
             ffn = b.rms_norm(&ffn, &pn, cfg.rms_eps);
         }
-        let ffn = b.name_site(&ffn, HookPoint::new(il as u32, Site::FfnOutput));
+        let ffn = b.site(&ffn, HookPoint::new(il as u32, Site::FfnOutput), cfg.n_embd)?;
         let x2 = b.op("Add", &[&x1, &ffn]);
-        x = b.name_site(&x2, HookPoint::new(il as u32, Site::ResidualOut));
+        x = b.site(
+            &x2,
+            HookPoint::new(il as u32, Site::ResidualOut),
+            cfg.n_embd,
+        )?;
     }
 
     // Output: the wanted rows only, final norm, projection, optional soft-cap.
@@ -876,7 +1091,23 @@ pub fn build(
         outputs.push(input(&present_key(il), DataType::Float, kv_shape("S")));
         outputs.push(input(&present_value(il), DataType::Float, kv_shape("S")));
     }
+    outputs.append(&mut b.slot_outputs);
+    // Captured hook sites: the rows as the site computes them, before any slot writes there.
+    for &p in capture {
+        if !b.sites.contains_key(&p) {
+            return Err(BuildError::Slots(format!(
+                "capture: the graph has no site {p}"
+            )));
+        }
+        outputs.push(input(
+            &site_tensor(p),
+            DataType::Float,
+            vec![Dim::Fixed(1), named("T"), Dim::Fixed(cfg.n_embd as i64)],
+        ));
+    }
     b.g.outputs = outputs;
+    let mut slot_inputs = std::mem::take(&mut b.slot_inputs);
+    b.g.inputs.append(&mut slot_inputs);
     Ok(b.g)
 }
 
@@ -897,6 +1128,10 @@ pub fn linear_probe(lw: LinearWeight, profile: Profile) -> Graph {
         consts: Vec::new(),
         accuracy: 0,
         emu: Emulation::default(),
+        slots: SlotLayout::default(),
+        sites: Default::default(),
+        slot_inputs: Vec::new(),
+        slot_outputs: Vec::new(),
     };
     let y = b.apply_linear("x", "w", lw);
     b.node("", "Identity", &[&y], vec![], Some("y".into()));

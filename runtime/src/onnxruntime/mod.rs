@@ -12,6 +12,7 @@
 pub mod graph;
 pub mod onnx;
 pub mod quant;
+pub mod slots;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,12 +23,15 @@ use ort::session::Session as OrtRunner;
 use ort::value::{DynValue, Tensor};
 
 pub use graph::{Emulation, Profile};
+pub use slots::{CodebookSlot, NeuronSlot, SlotLayout};
 
 use crate::arch::Architecture;
 use crate::config::ModelConfig;
+use crate::editing::{EditHost, EditPlan, PlanTarget, SessionEdits};
 use crate::error::RuntimeError;
+use crate::hooks::Phase;
 use crate::model::{Model, ModelOptions};
-use crate::session::Logits;
+use crate::session::{EvalOptions, Logits};
 use crate::Token;
 
 /// An execution provider, as named on the command line (`--ep`).
@@ -245,6 +249,12 @@ pub struct OrtOptions {
     /// Extra ONNX Runtime session configuration entries (`key`, `value`), e.g.
     /// `session.intra_op.allow_spinning`; an unknown key is ONNX Runtime's to refuse.
     pub session_config: Vec<(String, String)>,
+    /// The edit slots the graph is built with ([`slots`]): a bundle whose edits need a slot
+    /// the layout lacks is refused by name. Empty: the base graph, which takes no edits.
+    pub slots: SlotLayout,
+    /// Hook sites whose rows every evaluation returns ([`OrtSession::captured`]): what the
+    /// compiler reads to key edits on this backend's own hidden states.
+    pub capture: Vec<amend_edits::HookPoint>,
 }
 
 /// Where the built ONNX graph is kept between runs. A cached graph is used only when its
@@ -283,6 +293,8 @@ impl Default for OrtOptions {
             cache: OnnxCache::BesideModel,
             emulation: Emulation::default(),
             session_config: Vec::new(),
+            slots: SlotLayout::default(),
+            capture: Vec::new(),
         }
     }
 }
@@ -308,6 +320,10 @@ pub struct OrtModel {
     stats: OrtLoadStats,
     rope_freqs: Option<Vec<f32>>,
     binding: amend_edits::bundle::ModelBinding,
+    /// `(n_in, n_out)` of each weight with a low-rank slot.
+    slot_dims: Vec<(String, usize, usize)>,
+    /// Every slot's sentinel: what runs without edits feed.
+    empty_feeds: OnceLock<Arc<slots::SlotFeeds>>,
 }
 
 impl std::fmt::Debug for OrtModel {
@@ -344,13 +360,26 @@ impl OrtModel {
             },
         )?;
         let arch = vocab.architecture();
-        let builder_id = graph::builder_id(options.profile, &options.emulation);
+        let builder_id = graph::builder_id(
+            options.profile,
+            &options.emulation,
+            &options.slots,
+            &options.capture,
+        );
         let cache_path = match &options.cache {
             OnnxCache::Off => None,
             OnnxCache::File(p) => Some(p.clone()),
             OnnxCache::BesideModel => {
                 let mut name = path.file_name().unwrap_or_default().to_os_string();
-                name.push(format!(".{}.onnx", options.profile.name()));
+                name.push(format!(".{}", options.profile.name()));
+                if !options.slots.is_empty() || !options.capture.is_empty() {
+                    // One cached graph per slot layout and capture list.
+                    let h = amend_edits::keys::to_hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                        builder_id.as_bytes(),
+                    ));
+                    name.push(format!(".slots-{}", &h[..12]));
+                }
+                name.push(".onnx");
                 Some(path.with_file_name(name))
             }
         };
@@ -392,6 +421,21 @@ impl OrtModel {
         };
         let cfg = ModelConfig::from_gguf(&header, &hp, arch)
             .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
+        options
+            .slots
+            .check(cfg.n_layer)
+            .map_err(RuntimeError::OrtGraph)?;
+        let mut slot_dims = Vec::with_capacity(options.slots.low_rank.len());
+        for name in &options.slots.low_rank {
+            match header.tensor(name).map(|t| &t.ne[..]) {
+                Some(&[k, n]) => slot_dims.push((name.clone(), k as usize, n as usize)),
+                _ => {
+                    return Err(RuntimeError::OrtGraph(format!(
+                        "low-rank slot on `{name}`: the model has no such matrix"
+                    )))
+                }
+            }
+        }
         let (onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
             Some((bytes, fp)) => {
                 let rope_freqs = read_rope_freqs(path, &header)?;
@@ -454,6 +498,8 @@ impl OrtModel {
             stats,
             rope_freqs,
             binding,
+            slot_dims,
+            empty_feeds: OnceLock::new(),
         }))
     }
 
@@ -533,6 +579,87 @@ impl OrtModel {
     pub fn detokenize(&self, tokens: &[Token]) -> Result<String, RuntimeError> {
         self.vocab.detokenize(tokens)
     }
+
+    /// The edit slots the graph was built with.
+    pub fn slots(&self) -> &SlotLayout {
+        &self.options.slots
+    }
+
+    /// Checks that the graph has a slot for every edit `bundle` carries (what activating it
+    /// needs); memories need none. Errors: [`RuntimeError::EditSlot`] naming the first missing.
+    pub fn check_fits(&self, bundle: &amend_edits::Bundle) -> Result<(), RuntimeError> {
+        let need = SlotLayout::for_bundles([bundle])?;
+        let have = &self.options.slots;
+        let missing = need
+            .codebooks
+            .iter()
+            .filter(|c| !have.codebooks.contains(c))
+            .map(|c| format!("cb:{}:{}:{}", c.layer, c.key_site, c.replace_site))
+            .chain(
+                need.neurons
+                    .iter()
+                    .filter(|n| !have.neurons.contains(n))
+                    .map(|n| format!("pn:{}:{}:{}", n.layer, n.read_site, n.write_site)),
+            )
+            .chain(
+                need.low_rank
+                    .iter()
+                    .filter(|t| !have.low_rank.contains(t))
+                    .map(|t| format!("lr:{t}")),
+            )
+            .collect::<Vec<_>>();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(RuntimeError::EditSlot(format!(
+            "bundle {} needs the slots {} and the graph has {}",
+            bundle.id(),
+            missing.join(";"),
+            if have.is_empty() {
+                "none".to_string()
+            } else {
+                have.describe()
+            }
+        )))
+    }
+
+    fn weight_dims(&self, name: &str) -> Option<(usize, usize)> {
+        self.slot_dims
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|&(_, k, n)| (k, n))
+    }
+
+    /// The feeds of `plan` (`None`: every slot's sentinel).
+    fn feeds(&self, plan: Option<&EditPlan>) -> Result<slots::SlotFeeds, RuntimeError> {
+        slots::SlotFeeds::build(plan, &self.options.slots, self.cfg.n_embd, &|n| {
+            self.weight_dims(n)
+        })
+    }
+
+    fn empty_feeds(&self) -> Result<Arc<slots::SlotFeeds>, RuntimeError> {
+        if let Some(f) = self.empty_feeds.get() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(self.feeds(None)?);
+        Ok(self.empty_feeds.get_or_init(|| f).clone())
+    }
+}
+
+impl PlanTarget for OrtModel {
+    fn check_point(&self, p: amend_edits::HookPoint) -> Result<(), RuntimeError> {
+        if slots::point_exists(p, self.cfg.n_layer as u32) {
+            Ok(())
+        } else {
+            Err(RuntimeError::LayerOutOfRange {
+                point: p,
+                n_layer: self.cfg.n_layer as u32,
+            })
+        }
+    }
+    fn n_layer(&self) -> u32 {
+        self.cfg.n_layer as u32
+    }
 }
 
 /// A graph built from a GGUF.
@@ -580,8 +707,15 @@ fn build_onnx(
     // The fingerprint of the very bytes the graph is built from.
     let binding =
         amend_edits::fingerprint::binding_of_bytes(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let g = graph::build(cfg, &gguf, options.profile, options.emulation)
-        .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
+    let g = graph::build(
+        cfg,
+        &gguf,
+        options.profile,
+        options.emulation,
+        &options.slots,
+        &options.capture,
+    )
+    .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
     drop(gguf);
     drop(bytes);
     let fingerprint = cache::hex(&binding.fingerprint);
@@ -761,6 +895,15 @@ pub struct OrtSession {
     logits: Vec<f32>,
     rows: Vec<usize>,
     cancel: crate::CancelHandle,
+    /// The edit layer's state (shared code with the llama.cpp backend: `editing`).
+    edits: SessionEdits,
+    /// What the pinned plan feeds into the graph's slots.
+    feeds: Option<Arc<slots::SlotFeeds>>,
+    /// The feeds apply to evaluations (off while a memory routes with the base model).
+    installed: bool,
+    answer: Option<crate::answer::AnswerPlan>,
+    /// Rows of the captured sites in the last evaluation (`OrtOptions::capture`), `[T, n_embd]`.
+    captured: Vec<(amend_edits::HookPoint, Vec<f32>)>,
 }
 
 impl OrtSession {
@@ -779,6 +922,11 @@ impl OrtSession {
             logits: Vec::new(),
             rows: Vec::new(),
             cancel: crate::CancelHandle(Arc::new(std::sync::atomic::AtomicBool::new(false))),
+            edits: SessionEdits::default(),
+            feeds: None,
+            installed: false,
+            answer: None,
+            captured: Vec::new(),
         };
         s.kv_clear()?;
         Ok(s)
@@ -815,6 +963,9 @@ impl OrtSession {
         self.n_past = 0;
         self.logits.clear();
         self.rows.clear();
+        if let Some(a) = &mut self.answer {
+            a.truncate(0);
+        }
         Ok(())
     }
 
@@ -843,6 +994,9 @@ impl OrtSession {
         self.n_past = keep;
         self.logits.clear();
         self.rows.clear();
+        if let Some(a) = &mut self.answer {
+            a.truncate(keep);
+        }
         Ok(())
     }
 
@@ -872,9 +1026,21 @@ impl OrtSession {
         (cos, sin)
     }
 
-    /// Evaluates `tokens` at the next positions; the logits of the positions `logits` selects
-    /// are then available through [`OrtSession::logits`].
+    /// Evaluates `tokens` at the next positions as a prompt (its last token marked as the last
+    /// prompt token); the logits of the positions `logits` selects are then available through
+    /// [`OrtSession::logits`].
     pub fn eval(&mut self, tokens: &[Token], logits: Logits) -> Result<(), RuntimeError> {
+        self.eval_with(tokens, EvalOptions::prefill(logits))
+    }
+
+    /// Evaluates `tokens` at the next positions with the pinned edits applied (see
+    /// [`EvalOptions`]: the phase and last prompt token gate codebook lookups).
+    pub fn eval_with(
+        &mut self,
+        tokens: &[Token],
+        options: EvalOptions,
+    ) -> Result<(), RuntimeError> {
+        let logits = options.logits;
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
@@ -945,6 +1111,33 @@ impl OrtSession {
         let n_rows = r.len();
         let v = Tensor::from_array((vec![n_rows as i64], r)).map_err(ort_err("building inputs"))?;
         inputs.push((graph::LOGIT_ROWS.into(), v.into_dyn()));
+        let last_prompt = match (options.last_prompt_token, options.phase) {
+            (Some(i), _) => Some(i),
+            (None, Phase::Prefill) => Some(t - 1),
+            (None, Phase::Decode) => None,
+        };
+        let mut feeds_in: Vec<(
+            std::borrow::Cow<'static, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::new();
+        let feeds = if self.installed {
+            self.feeds.clone()
+        } else {
+            None
+        };
+        let base_feeds;
+        let feeds = match (&feeds, model.options.slots.is_empty()) {
+            (Some(f), _) => Some(f.as_ref()),
+            (None, true) => None,
+            // A graph with slots and no edits pinned: every slot gets its sentinel.
+            (None, false) => {
+                base_feeds = model.empty_feeds()?;
+                Some(base_feeds.as_ref())
+            }
+        };
+        if let Some(f) = feeds {
+            f.inputs(t, last_prompt, &mut feeds_in)?;
+        }
         let kv = std::mem::take(&mut self.kv);
         for (i, v) in kv.into_iter().enumerate() {
             let il = i / 2;
@@ -957,12 +1150,46 @@ impl OrtSession {
         }
 
         let n_layer = c.n_layer;
+        let record = feeds.is_some() && self.installed;
+        let capture = &model.options.capture;
+        let mut captured = Vec::with_capacity(capture.len());
+        let plan = self.edits.plan().cloned();
+        let explain = self.edits.explain.clone();
         let ran = {
             let mut runner = model.runner.lock().unwrap_or_else(|e| e.into_inner());
             let run = || -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
+                let mut all: Vec<(
+                    std::borrow::Cow<'static, str>,
+                    ort::session::SessionInputValue<'_>,
+                )> = inputs
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect();
+                all.extend(feeds_in);
                 let mut out = runner
-                    .run(inputs)
+                    .run(all)
                     .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
+                if let (true, Some(f), Some(plan)) = (record, feeds, plan.as_ref()) {
+                    let floats = |name: &str| {
+                        out.get(name)
+                            .and_then(|v| v.try_extract_tensor::<f32>().ok())
+                            .map(|(_, d)| d.to_vec())
+                    };
+                    let ints = |name: &str| {
+                        out.get(name)
+                            .and_then(|v| v.try_extract_tensor::<i64>().ok())
+                            .map(|(_, d)| d.to_vec())
+                    };
+                    let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
+                    f.record(plan, t, last_prompt, p, &floats, &ints, &mut ex);
+                }
+                for &point in capture {
+                    let name = graph::site_tensor(point);
+                    let (_, rows) = out[name.as_str()]
+                        .try_extract_tensor::<f32>()
+                        .map_err(ort_err("reading a captured site"))?;
+                    captured.push((point, rows.to_vec()));
+                }
                 let (_, l) = out[graph::LOGITS]
                     .try_extract_tensor::<f32>()
                     .map_err(ort_err("reading logits"))?;
@@ -991,7 +1218,30 @@ impl OrtSession {
         self.kv = kv;
         self.rows = if none { Vec::new() } else { rows };
         self.n_past = s;
+        self.captured = captured;
+        // A routed memory's answer: forced as on the llama.cpp backend.
+        if let Some(mut plan) = self.answer.take() {
+            let nv = c.n_vocab;
+            for (j, &tok) in tokens.iter().enumerate() {
+                plan.observe(p + j, tok, last_prompt == Some(j));
+                if let Some(k) = self.rows.iter().position(|&r| r == j) {
+                    if let Some(forced) = plan.forced(p + j) {
+                        crate::answer::force(&mut self.logits[k * nv..(k + 1) * nv], forced);
+                    }
+                }
+            }
+            self.answer = Some(plan);
+        }
         Ok(())
+    }
+
+    /// The rows at `point` (one of `OrtOptions::capture`) in the last evaluation: `[T, n_embd]`
+    /// for its T tokens, as the site computes them (before edit slots write there).
+    pub fn captured(&self, point: amend_edits::HookPoint) -> Option<&[f32]> {
+        self.captured
+            .iter()
+            .find(|(p, _)| *p == point)
+            .map(|(_, r)| r.as_slice())
     }
 
     /// Logits at index `i` of the last evaluated tokens.
@@ -1037,14 +1287,104 @@ impl OrtSession {
     }
 }
 
+impl EditHost for OrtSession {
+    fn edits(&self) -> &SessionEdits {
+        &self.edits
+    }
+    fn edits_mut(&mut self) -> &mut SessionEdits {
+        &mut self.edits
+    }
+    fn plan_target(&self) -> &dyn PlanTarget {
+        &*self.model
+    }
+    fn vocab_model(&self) -> &Model {
+        &self.model.vocab
+    }
+    fn prepare(&mut self, plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
+        self.feeds = None;
+        for m in &plan.memories {
+            if let amend_edits::families::Embedder::BaseModel { .. } = m.mem.embedder() {
+                return Err(RuntimeError::Unsupported(format!(
+                    "bundle {}: a memory embedded with the base model's hidden states routes on llama.cpp only (recompile it with the scope model)",
+                    plan.bundle_id(m.bundle)
+                )));
+            }
+        }
+        self.feeds = Some(Arc::new(self.model.feeds(Some(plan))?));
+        Ok(())
+    }
+    fn install(&mut self, _plan: &Arc<EditPlan>) -> Result<(), RuntimeError> {
+        self.installed = true;
+        Ok(())
+    }
+    fn uninstall(&mut self) -> Result<(), RuntimeError> {
+        self.installed = false;
+        Ok(())
+    }
+    fn embed(
+        &mut self,
+        _text: &str,
+        _layer: u32,
+        _site: amend_edits::Site,
+        _pooling: amend_edits::families::Pooling,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        // `prepare` refuses such memories before any routing.
+        Err(RuntimeError::Unsupported(
+            "base-model memory embeddings on ONNX Runtime".into(),
+        ))
+    }
+    fn set_answer(&mut self, plan: Option<crate::answer::AnswerPlan>) {
+        self.answer = plan;
+    }
+}
+
+impl OrtSession {
+    /// Attaches a live edit set (as [`crate::Session::set_edit_set`]): each later request pins
+    /// its current snapshot and feeds it into the graph's slots. `None` detaches.
+    pub fn set_edit_set(
+        &mut self,
+        set: Option<Arc<amend_edits::EditSet>>,
+    ) -> Result<(), RuntimeError> {
+        crate::editing::set_edit_set(self, set)
+    }
+
+    /// The scope model that routes scope-model memories.
+    pub fn set_scope_model(
+        &mut self,
+        scope: Option<Arc<crate::ScopeModel>>,
+    ) -> Result<(), RuntimeError> {
+        crate::editing::set_scope_model(self, scope)
+    }
+
+    /// Scales bundle `bundle_id`'s low-rank deltas (0 disables them).
+    pub fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
+        crate::editing::set_lora_scale(self, bundle_id, scale)
+    }
+
+    /// Starts a request: see [`crate::Session::begin_request`].
+    pub fn begin_request(&mut self, prompt: &str) -> Result<crate::Request, RuntimeError> {
+        crate::editing::begin(self, Some(prompt))
+    }
+
+    /// Pins the attached set without a text prompt (memories are not consulted).
+    pub fn pin_edits(&mut self) -> Result<Option<u64>, RuntimeError> {
+        Ok(crate::editing::begin(self, None)?.generation)
+    }
+
+    /// What fired during the last request.
+    pub fn explain(&self) -> crate::Explain {
+        self.edits.explain_snapshot()
+    }
+}
+
 impl OrtSession {
     /// A handle that stops a running generation from any thread (between tokens).
     pub fn cancel_handle(&self) -> crate::CancelHandle {
         self.cancel.clone()
     }
 
-    /// Generates from a text prompt with llama.cpp's tokenizer and sampler chain. Edits are not
-    /// applied on this backend yet (issue 14).
+    /// Generates from a text prompt with llama.cpp's tokenizer and sampler chain, the attached
+    /// edit set pinned for the request (a memory may route the prompt).
     pub fn generate(
         &mut self,
         prompt: &str,
@@ -1054,7 +1394,8 @@ impl OrtSession {
         if prompt.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
-        let tokens = self.model.tokenize(prompt, params.add_bos)?;
+        let request = self.begin_request(prompt)?;
+        let tokens = self.model.tokenize(&request.prompt, params.add_bos)?;
         crate::generate::generate_on(self, &tokens, params, &mut on_token)
     }
 }
@@ -1079,7 +1420,7 @@ impl crate::backend::Backend for OrtSession {
         OrtSession::kv_truncate(self, keep)
     }
     fn eval(&mut self, tokens: &[Token], options: crate::EvalOptions) -> Result<(), RuntimeError> {
-        OrtSession::eval(self, tokens, options.logits)
+        OrtSession::eval_with(self, tokens, options)
     }
     fn logits(&self, i: usize) -> Result<&[f32], RuntimeError> {
         OrtSession::logits(self, i)
@@ -1095,8 +1436,38 @@ impl crate::backend::Backend for OrtSession {
             .0
             .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
-    fn supports(&self, _: crate::backend::Capability) -> bool {
-        // Edit slots as graph inputs are issue 14.
-        false
+    fn supports(&self, capability: crate::backend::Capability) -> bool {
+        use crate::backend::Capability as C;
+        match capability {
+            // Edits reach the graph through its slots; arbitrary row hooks do not exist here.
+            C::HookRows => false,
+            C::LowRank | C::Memory => true,
+        }
+    }
+    fn set_edit_set(&mut self, set: Option<Arc<amend_edits::EditSet>>) -> Result<(), RuntimeError> {
+        OrtSession::set_edit_set(self, set)
+    }
+    fn set_scope_model(
+        &mut self,
+        scope: Option<Arc<crate::ScopeModel>>,
+    ) -> Result<(), RuntimeError> {
+        OrtSession::set_scope_model(self, scope)
+    }
+    fn begin_request(&mut self, prompt: &str) -> Result<crate::Request, RuntimeError> {
+        OrtSession::begin_request(self, prompt)
+    }
+    fn scope_model(&self) -> Option<&Arc<crate::ScopeModel>> {
+        self.edits.scope()
+    }
+    fn explain(&self) -> crate::Explain {
+        OrtSession::explain(self)
+    }
+    fn generate_text(
+        &mut self,
+        prompt: &str,
+        params: &crate::GenerateParams,
+        on_token: &mut dyn FnMut(&crate::TokenEvent<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<crate::GenerateOutput, RuntimeError> {
+        OrtSession::generate(self, prompt, params, on_token)
     }
 }

@@ -15,6 +15,7 @@ pub enum DataType {
     Int64 = 7,
     /// Graph inputs and outputs only (no string constants are written).
     String = 8,
+    Bool = 9,
     Float16 = 10,
 }
 
@@ -22,7 +23,7 @@ impl DataType {
     pub fn size(self) -> usize {
         match self {
             DataType::Float | DataType::Int32 => 4,
-            DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Uint8 | DataType::Int8 | DataType::Bool => 1,
             DataType::Int64 => 8,
             DataType::Float16 => 2,
             DataType::String => 0,

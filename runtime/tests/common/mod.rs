@@ -105,3 +105,41 @@ pub fn ort_parity(
     let mut cand = OrtSession::new(&m, 512).unwrap();
     amend_runtime::parity::parity(&mut reference, &mut cand, prompts, n, mode, |_, _| {}).unwrap()
 }
+
+/// The ONNX Runtime CPU library from scripts/fetch-ort.sh, or None (test skipped) when it is
+/// missing and not required (AMEND_REQUIRE_MODEL=1 makes it a failure).
+pub fn ort_library() -> Option<PathBuf> {
+    use amend_runtime::onnxruntime::{default_library, Ep};
+    let p = default_library(&Ep::Cpu);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "AMEND_REQUIRE_MODEL=1 but {} is missing (run `make ort`)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/fetch-ort.sh)",
+        p.display()
+    );
+    None
+}
+
+/// Bundle metadata valid for an hour, bound to `m`'s file.
+pub fn bundle_meta(m: &Model, id: &str, version: u64) -> amend_edits::bundle::BundleMeta {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    amend_edits::bundle::BundleMeta {
+        bundle_id: id.into(),
+        channel: id.into(),
+        version,
+        created: now - 10,
+        not_before: now - 10,
+        expires: now + 3600,
+        model: amend_edits::fingerprint::model_binding(m.path()).unwrap(),
+    }
+}

@@ -55,7 +55,7 @@ public final class AmendTest {
         String bundles = System.getenv("AMEND_TEST_BUNDLES");
         String reference = System.getenv("AMEND_REFERENCE_BIN");
 
-        test("version", () -> check(Amend.version().split("\\.").length == 3 && Amend.abiVersion() == 1, Amend.version()));
+        test("version", () -> check(Amend.version().split("\\.").length == 3 && Amend.abiVersion() == 2, Amend.version()));
         test("Result constants match amend_result_name", () -> {
             // Every code the library names is a Result constant of that name, and back.
             java.util.Map<Integer, String> lib = new java.util.TreeMap<>();

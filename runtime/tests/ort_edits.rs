@@ -1,0 +1,562 @@
+//! Edits on the ONNX Runtime backend (issue 14), on the tiny model and the CPU EP: the same
+//! bundles give the same logits as on llama.cpp, an empty or rolled-back bundle leaves the
+//! logits bitwise those of the base graph, hot swaps under 8 threads give each request exactly
+//! its pinned snapshot's output, and edits the graph has no slot for are refused by name.
+//!
+//! Needs the library from scripts/fetch-ort.sh (skipped without it unless AMEND_REQUIRE_MODEL=1).
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use amend_edits::bundle::{BundleBuilder, BundleMeta};
+use amend_edits::ed25519_dalek::SigningKey;
+use amend_edits::families::LowRankTensor;
+use amend_edits::{AddOptions, Bundle, EditSet, HookPoint, ModelBinding, Site, TrustStore};
+use amend_runtime::onnxruntime::{self as ortb, OrtModel, OrtOptions, OrtSession, SlotLayout};
+use amend_runtime::{
+    Architecture, Backend, FnHook, GenerateParams, HookRows, Logits, Model, RuntimeError, Session,
+    SessionOptions,
+};
+
+const D: usize = amend_runtime::testutil::TINY_N_EMBD as usize;
+const A: &str = "The capital of France is";
+const UNRELATED: [&str; 3] = ["hello world", "water is made of", "a the and"];
+
+fn library() -> Option<PathBuf> {
+    common::ort_library()
+}
+
+fn ort_model(path: &std::path::Path, slots: SlotLayout) -> Arc<OrtModel> {
+    OrtModel::open(
+        path,
+        OrtOptions {
+            n_threads: Some(1),
+            library: library(),
+            cache: ortb::OnnxCache::Off,
+            slots,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn llama(m: &Arc<Model>) -> Session {
+    Session::new(
+        m,
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn edit_set(m: &Model) -> Arc<EditSet> {
+    let binding: ModelBinding = amend_edits::fingerprint::model_binding(m.path()).unwrap();
+    Arc::new(EditSet::new(
+        binding,
+        TrustStore::with_key(key().verifying_key()),
+    ))
+}
+
+fn meta(m: &Model, id: &str) -> BundleMeta {
+    common::bundle_meta(m, id, 1)
+}
+
+fn signed(set: &EditSet, b: &BundleBuilder) -> Arc<Bundle> {
+    let bytes = b.build_signed(&key()).unwrap();
+    Arc::new(Bundle::from_bytes(bytes.as_slice(), set.trust()).unwrap())
+}
+
+/// The last prompt token's row at `point` on llama.cpp.
+fn capture(s: &mut Session, prompt: &str, point: HookPoint) -> Vec<f32> {
+    let out: Arc<Mutex<Vec<f32>>> = Arc::default();
+    let sink = out.clone();
+    let id = s
+        .add_hook(Box::new(FnHook::new(
+            vec![point],
+            move |_, r: &mut HookRows<'_>| {
+                if let Some(i) = r.last_prompt_row() {
+                    *sink.lock().unwrap() = r.row(i).to_vec();
+                }
+            },
+        )))
+        .unwrap();
+    let toks = s.tokenize(prompt, true).unwrap();
+    s.kv_clear();
+    s.prefill(&toks, Logits::Last).unwrap();
+    s.remove_hook(id);
+    s.kv_clear();
+    let v = out.lock().unwrap().clone();
+    assert_eq!(v.len(), D);
+    v
+}
+
+/// Next-token logits of `prompt` as a request on any backend.
+fn next_logits(b: &mut dyn Backend, prompt: &str) -> Vec<f32> {
+    let req = b.begin_request(prompt).unwrap();
+    let toks = b.tokenize(&req.prompt, true).unwrap();
+    b.kv_clear().unwrap();
+    b.eval(&toks, amend_runtime::EvalOptions::prefill(Logits::Last))
+        .unwrap();
+    b.last_logits().unwrap().to_vec()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn bitwise(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn noise(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * scale
+        })
+        .collect()
+}
+
+/// Three bundles, one per family, each keyed on prompt A of the tiny model: a codebook at
+/// layer 1 (FFN input -> FFN output), patch neurons at layer 0, a rank-2 delta on layer 1's
+/// down projection.
+struct Bundles {
+    codebook: Arc<Bundle>,
+    neurons: Arc<Bundle>,
+    low_rank: Arc<Bundle>,
+}
+
+fn bundles(m: &Arc<Model>, set: &EditSet) -> Bundles {
+    let mut s = llama(m);
+    let mut seed = 11u64;
+    let mut x1 = capture(&mut s, A, HookPoint::new(1, Site::FfnInput));
+    assert!(amend_edits::families::l2_normalize(&mut x1));
+    let mut cb = BundleBuilder::new(meta(m, "cb"));
+    let value = noise(&mut seed, D, 40.0);
+    let p = cb.add_codebook(
+        1,
+        Site::FfnInput,
+        Site::FfnOutput,
+        1,
+        false,
+        D,
+        &x1,
+        &value,
+        &[0.05],
+    );
+    cb.add_edit("cb-a", 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+
+    let x0 = capture(&mut s, A, HookPoint::new(0, Site::FfnInput));
+    let n2: f32 = x0.iter().map(|v| v * v).sum();
+    let k: Vec<f32> = x0.iter().map(|v| v / n2).collect();
+    let mut pn = BundleBuilder::new(meta(m, "pn"));
+    let v = noise(&mut seed, D, 30.0);
+    let p = pn.add_patch_neurons(0, Site::FfnInput, Site::FfnOutput, 0, D, &k, &[-0.9], &v);
+    pn.add_edit("pn-a", 0, Site::FfnOutput, A, " Paris", p, 0, 1);
+
+    let n_ff = amend_runtime::testutil::TINY_N_FF as usize;
+    let a = noise(&mut seed, 2 * n_ff, 1.0);
+    let b = noise(&mut seed, 2 * D, 1.0);
+    let t = LowRankTensor {
+        name: "blk.1.ffn_down.weight",
+        n_in: n_ff,
+        n_out: D,
+        rank: 2,
+        a: &a,
+        b: &b,
+        alpha: 2.0,
+    };
+    let mut lr = BundleBuilder::new(meta(m, "lr"));
+    let p = lr.add_low_rank(&[t]);
+    lr.add_edit("lr-a", 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    Bundles {
+        codebook: signed(set, &cb),
+        neurons: signed(set, &pn),
+        low_rank: signed(set, &lr),
+    }
+}
+
+#[test]
+fn every_family_gives_llama_cpps_logits_and_fires_the_same_units() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let scratch = edit_set(&m);
+    let all = bundles(&m, &scratch);
+    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    assert_eq!(
+        layout.describe(),
+        "cb:1:ffn_input:ffn_output;pn:0:ffn_input:ffn_output:relu;lr:blk.1.ffn_down.weight"
+    );
+    let om = ort_model(&path, layout);
+    let base_l = next_logits(&mut llama(&m), A);
+    let base_o = next_logits(&mut OrtSession::new(&om, 256).unwrap(), A);
+    for (name, b) in [
+        ("codebook", &all.codebook),
+        ("neurons", &all.neurons),
+        ("low_rank", &all.low_rank),
+    ] {
+        let set = edit_set(&m);
+        set.add(b.clone(), AddOptions::default()).unwrap();
+        let mut l = llama(&m);
+        l.set_edit_set(Some(set.clone())).unwrap();
+        let mut o = OrtSession::new(&om, 256).unwrap();
+        o.set_edit_set(Some(set.clone())).unwrap();
+        let el = next_logits(&mut l, A);
+        let eo = next_logits(&mut o, A);
+        let moved = max_abs(&el, &base_l);
+        let gap = max_abs(&el, &eo);
+        eprintln!("{name}: edit moves the logits by {moved:.3}; llama.cpp vs ORT {gap:.2e}");
+        assert!(
+            moved > 0.5,
+            "{name}: the edit must change the logits ({moved})"
+        );
+        assert!(max_abs(&eo, &base_o) > 0.5, "{name}: ORT applied nothing");
+        assert!(gap < 0.05, "{name}: backends disagree by {gap}");
+        let (xl, xo) = (l.explain(), o.explain());
+        assert_eq!(
+            xl.codebook.len(),
+            xo.codebook.len(),
+            "{name}: {xl:?} / {xo:?}"
+        );
+        for (a, b) in xl.codebook.iter().zip(&xo.codebook) {
+            assert_eq!((a.entry, a.replaced, a.pos), (b.entry, b.replaced, b.pos));
+            assert!((a.distance - b.distance).abs() < 1e-3, "{a:?} {b:?}");
+        }
+        let fired = |x: &amend_runtime::Explain| {
+            x.neurons
+                .iter()
+                .map(|n| (n.neuron, n.positions, n.edit_id.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fired(&xl), fired(&xo), "{name}");
+        assert_eq!(xl.low_rank, xo.low_rank, "{name}");
+        // Other prompts: the same units fire on both backends, and where none fires the ORT
+        // logits are bitwise the base graph's.
+        if name != "low_rank" {
+            let mut silent = 0;
+            for p in UNRELATED {
+                let u = next_logits(&mut o, p);
+                let ul = next_logits(&mut l, p);
+                let (xl, xo) = (l.explain(), o.explain());
+                assert_eq!(fired(&xl), fired(&xo), "{name}: {p:?}");
+                let hits = |x: &amend_runtime::Explain| {
+                    x.codebook.iter().filter(|c| c.replaced).count() + x.neurons.len()
+                };
+                assert_eq!(hits(&xl), hits(&xo), "{name}: {p:?}: {xl:?} / {xo:?}");
+                assert!(max_abs(&u, &ul) < 0.05, "{name}: {p:?}");
+                if hits(&xo) == 0 {
+                    silent += 1;
+                    let ub = next_logits(&mut OrtSession::new(&om, 256).unwrap(), p);
+                    assert!(
+                        bitwise(&u, &ub),
+                        "{name}: {p:?} moved on ORT with nothing fired"
+                    );
+                }
+            }
+            assert!(silent >= 2, "{name}: the edit fires on unrelated prompts");
+        }
+    }
+}
+
+#[test]
+fn empty_and_rolled_back_bundles_give_the_base_graphs_logits_bitwise() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let set = edit_set(&m);
+    let all = bundles(&m, &set);
+    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    let base = ort_model(&path, SlotLayout::default());
+    let slotted = ort_model(&path, layout);
+    let greedy = |s: &mut OrtSession, p: &str| {
+        let out = s
+            .generate(p, &GenerateParams::greedy(6), |_| ControlFlow::Continue(()))
+            .unwrap();
+        (out.tokens, s.last_logits().unwrap().to_vec())
+    };
+    let mut b = OrtSession::new(&base, 256).unwrap();
+    let reference: Vec<_> = std::iter::once(A)
+        .chain(UNRELATED)
+        .map(|p| (next_logits(&mut b, p), greedy(&mut b, p)))
+        .collect();
+    let check = |s: &mut OrtSession, what: &str| {
+        for (p, (l, g)) in std::iter::once(A).chain(UNRELATED).zip(&reference) {
+            assert!(bitwise(&next_logits(s, p), l), "{what}: {p:?} prefill");
+            let (t, last) = greedy(s, p);
+            assert_eq!(&t, &g.0, "{what}: {p:?} tokens");
+            assert!(bitwise(&last, &g.1), "{what}: {p:?} decode logits");
+        }
+    };
+    // No edit set; an empty one; every edit rolled back; scale 0 on the low-rank bundle alone.
+    let mut s = OrtSession::new(&slotted, 256).unwrap();
+    check(&mut s, "no edit set");
+    s.set_edit_set(Some(set.clone())).unwrap();
+    check(&mut s, "empty edit set");
+    for b in [&all.codebook, &all.neurons, &all.low_rank] {
+        set.add(b.clone(), AddOptions::default()).unwrap();
+    }
+    assert!(
+        !bitwise(&next_logits(&mut s, A), &reference[0].0),
+        "the bundles are active"
+    );
+    for id in ["cb-a", "pn-a", "lr-a"] {
+        set.rollback_edit(id).unwrap();
+    }
+    check(&mut s, "all rolled back");
+    set.restore_edit("lr-a").unwrap();
+    s.set_lora_scale("lr", 0.0).unwrap();
+    check(&mut s, "low-rank at scale 0");
+}
+
+#[test]
+fn hot_swaps_under_eight_threads_give_each_request_its_pinned_snapshot() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let set = edit_set(&m);
+    let all = bundles(&m, &set);
+    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    let om = ort_model(&path, layout);
+    // The states the swapper moves through, and their outputs run serially.
+    let states: Vec<Vec<&Arc<Bundle>>> = vec![
+        vec![],
+        vec![&all.codebook],
+        vec![&all.codebook, &all.neurons],
+        vec![&all.low_rank],
+        vec![&all.codebook, &all.neurons, &all.low_rank],
+    ];
+    let run = |s: &mut OrtSession| {
+        s.generate(A, &GenerateParams::greedy(5), |_| ControlFlow::Continue(()))
+            .unwrap()
+            .tokens
+    };
+    let expected: Vec<Vec<i32>> = states
+        .iter()
+        .map(|st| {
+            let one = edit_set(&m);
+            for b in st {
+                one.add((*b).clone(), AddOptions::default()).unwrap();
+            }
+            let mut s = OrtSession::new(&om, 256).unwrap();
+            s.set_edit_set(Some(one)).unwrap();
+            run(&mut s)
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = expected.iter().collect();
+    assert!(distinct.len() >= 3, "the states must differ: {expected:?}");
+
+    // Every bundle is added once (versions are monotonic: a removed bundle cannot come back);
+    // a state is the set of edits not rolled back.
+    for b in [&all.codebook, &all.neurons, &all.low_rank] {
+        set.add(b.clone(), AddOptions::default()).unwrap();
+    }
+    let generation_state: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let to_state = |set: &EditSet, st: &[&Arc<Bundle>]| {
+        set.update(|tx| {
+            for (bundle, edit) in [("cb", "cb-a"), ("pn", "pn-a"), ("lr", "lr-a")] {
+                let want = st.iter().any(|b| b.id() == bundle);
+                let rolled = tx.state().get(bundle).unwrap().is_rolled_back(edit);
+                match (want, rolled) {
+                    (true, true) => tx.restore_edit(edit)?,
+                    (false, false) => tx.rollback_edit(edit)?,
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        set.snapshot().generation
+    };
+    generation_state
+        .lock()
+        .unwrap()
+        .push((to_state(&set, &states[0]), 0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results: Vec<Vec<(u64, Vec<i32>)>> = std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let (om, set) = (om.clone(), set.clone());
+                sc.spawn(move || {
+                    let mut s = OrtSession::new(&om, 256).unwrap();
+                    s.set_edit_set(Some(set)).unwrap();
+                    (0..6)
+                        .map(|_| {
+                            let t = run(&mut s);
+                            (s.explain().generation.unwrap(), t)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let swapper = {
+            let (set, gs, done) = (set.clone(), generation_state.clone(), done.clone());
+            let states = &states;
+            sc.spawn(move || {
+                let mut i = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    i = (i + 1) % states.len();
+                    let g = to_state(&set, &states[i]);
+                    gs.lock().unwrap().push((g, i));
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+            })
+        };
+        let r = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        swapper.join().unwrap();
+        r
+    });
+    let gs = generation_state.lock().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (g, tokens) in results.iter().flatten() {
+        let st = gs
+            .iter()
+            .find(|(gg, _)| gg == g)
+            .map(|&(_, s)| s)
+            .unwrap_or_else(|| panic!("generation {g} was never published"));
+        assert_eq!(tokens, &expected[st], "generation {g} (state {st})");
+        seen.insert(st);
+    }
+    eprintln!(
+        "{} requests over {} swaps saw {} distinct states",
+        results.iter().flatten().count(),
+        gs.len(),
+        seen.len()
+    );
+}
+
+#[test]
+fn edits_without_a_slot_or_support_are_refused_by_name_and_nothing_applies() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let set = edit_set(&m);
+    let all = bundles(&m, &set);
+    // A graph with the codebook's slot only.
+    let om = ort_model(&path, SlotLayout::for_bundles([&*all.codebook]).unwrap());
+    let mut s = OrtSession::new(&om, 256).unwrap();
+    let base = next_logits(&mut s, A);
+    s.set_edit_set(Some(set.clone())).unwrap();
+    set.add(all.codebook.clone(), AddOptions::default())
+        .unwrap();
+    set.add(all.low_rank.clone(), AddOptions::default())
+        .unwrap();
+    match s.begin_request(A) {
+        Err(RuntimeError::EditSlot(msg)) => {
+            assert!(msg.contains("blk.1.ffn_down.weight"), "{msg}")
+        }
+        other => panic!("expected EditSlot, got {other:?}"),
+    }
+    // Nothing of the refused snapshot applies: the session runs the base graph.
+    s.kv_clear().unwrap();
+    let toks = s.model().tokenize(A, true).unwrap();
+    s.eval(&toks, Logits::Last).unwrap();
+    assert!(bitwise(s.last_logits().unwrap(), &base));
+    set.remove("lr").unwrap();
+    assert!(s.begin_request(A).is_ok(), "the codebook alone fits");
+
+    // A neuron slot with another activation is another slot.
+    let gelu = SlotLayout::parse("pn:0:ffn_input:ffn_output:gelu").unwrap();
+    let om2 = ort_model(&path, gelu);
+    let mut s2 = OrtSession::new(&om2, 256).unwrap();
+    let set2 = edit_set(&m);
+    set2.add(all.neurons.clone(), AddOptions::default())
+        .unwrap();
+    s2.set_edit_set(Some(set2)).unwrap();
+    assert!(matches!(
+        s2.begin_request(A),
+        Err(RuntimeError::EditSlot(_))
+    ));
+
+    // A codebook with the plain Euclidean distance has no graph form.
+    let mut x = capture(&mut llama(&m), A, HookPoint::new(1, Site::FfnInput));
+    x.iter_mut().for_each(|v| *v *= 2.0);
+    let mut eu = BundleBuilder::new(meta(&m, "eu"));
+    let p = eu.add_codebook(
+        1,
+        Site::FfnInput,
+        Site::FfnOutput,
+        0,
+        false,
+        D,
+        &x,
+        &x,
+        &[0.5],
+    );
+    eu.add_edit("eu-a", 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    let set3 = edit_set(&m);
+    set3.add(signed(&set3, &eu), AddOptions::default()).unwrap();
+    let mut s3 = OrtSession::new(&om, 256).unwrap();
+    s3.set_edit_set(Some(set3)).unwrap();
+    assert!(matches!(
+        s3.begin_request(A),
+        Err(RuntimeError::Unsupported(_))
+    ));
+
+    // Layouts the graph cannot have: a weight the model lacks, a layer past the last.
+    for layout in ["lr:blk.9.ffn_down.weight", "cb:5:ffn_input:ffn_output"] {
+        let bad = OrtModel::open(
+            &path,
+            OrtOptions {
+                library: library(),
+                cache: ortb::OnnxCache::Off,
+                slots: SlotLayout::parse(layout).unwrap(),
+                ..Default::default()
+            },
+        );
+        assert!(
+            matches!(bad, Err(RuntimeError::OrtGraph(_))),
+            "{layout}: {bad:?}"
+        );
+    }
+}
+
+/// `OrtOptions::capture`: the rows ONNX Runtime computes at a hook site, per evaluation, are
+/// llama.cpp's rows at that site (what `amend compile --verify-ort` keys neurons on).
+#[test]
+fn captured_sites_match_llama_cpps_rows() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let point = HookPoint::new(1, Site::FfnInput);
+    let om = OrtModel::open(
+        &path,
+        OrtOptions {
+            n_threads: Some(1),
+            library: library(),
+            cache: ortb::OnnxCache::Off,
+            capture: vec![point],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut o = OrtSession::new(&om, 256).unwrap();
+    let toks = m.tokenize(A, true).unwrap();
+    o.eval(&toks, Logits::Last).unwrap();
+    let rows = o.captured(point).unwrap().to_vec();
+    assert_eq!(rows.len(), toks.len() * D);
+    let last = capture(&mut llama(&m), A, point);
+    let got = &rows[rows.len() - D..];
+    assert!(max_abs(got, &last) < 1e-3, "{}", max_abs(got, &last));
+    // A decode step captures its one row.
+    o.eval_with(&[toks[1]], amend_runtime::EvalOptions::decode())
+        .unwrap();
+    assert_eq!(o.captured(point).unwrap().len(), D);
+    assert!(o.captured(HookPoint::new(0, Site::FfnInput)).is_none());
+}
