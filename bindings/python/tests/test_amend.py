@@ -166,6 +166,30 @@ def test_same_tokens_as_rust_api(session, model_path):
     assert [str(t) for t in got.tokens] == want
 
 
+def test_backend_choice(model_path):
+    with pytest.raises(ValueError):
+        amend.Model(model_path, backend="tpu")
+    with pytest.raises(AmendError) as e:
+        amend.Model(model_path, backend="onnxruntime", edit_slots="cb:nope")
+    assert e.value.code == Result.ERR_INVALID_ARGUMENT
+    cache = os.environ.get("AMEND_CACHE") or os.path.expanduser("~/.cache/amend")
+    lib = os.environ.get("AMEND_ORT_LIB") or os.path.join(cache, "ort/cpu/libonnxruntime.so.1.32.0")
+    if not os.path.exists(lib):
+        pytest.skip("ONNX Runtime library missing (make ort)")
+    # The same greedy tokens on ONNX Runtime as on llama.cpp for this prompt.
+    m = amend.Model(model_path, backend="onnxruntime", ep="cpu", n_threads=1)
+    s = amend.Session(m, n_ctx=256)
+    got = s.generate(PROMPT, max_tokens=4).tokens
+    s.close()
+    m.close()
+    m2 = amend.Model(model_path)
+    s2 = amend.Session(m2, n_ctx=256)
+    want = s2.generate(PROMPT, max_tokens=4).tokens
+    s2.close()
+    m2.close()
+    assert got == want
+
+
 def test_closed_objects_raise(model_path):
     m = amend.Model(model_path)
     s = amend.Session(m, n_ctx=128)

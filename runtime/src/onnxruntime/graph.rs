@@ -91,7 +91,7 @@ pub fn builder_id(
 ) -> String {
     let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
     format!(
-        "v1 {} roundings={} slots={} capture={}",
+        "v2 {} roundings={} slots={} capture={}",
         profile.name(),
         emu.name(),
         slots.describe(),
@@ -401,8 +401,10 @@ impl<'a> Builder<'a> {
         self.op("Where", &[&on, &sum, y])
     }
 
-    /// Codebook slot `i`: rows of `replace` whose `key` row is near an entry (and gated on)
-    /// become the entry's value.
+    /// Codebook slot `i`: of the rows the host selects (`rows`: the last prompt token, or all
+    /// positions), those whose `key` row is near an entry become the entry's value in
+    /// `replace`. Only the selected rows are looked up, so a large codebook costs one row per
+    /// prompt, and the other rows are copied through untouched (ScatterND).
     fn codebook_slot(&mut self, i: usize, key: &str, replace: &str, d: usize) -> String {
         let n = named(&format!("cb{i}_entries"));
         let keys = self.slot_input(
@@ -416,9 +418,12 @@ impl<'a> Builder<'a> {
             vec![n.clone(), Dim::Fixed(d as i64)],
         );
         let bound = self.slot_input(slots::cb_name(i, "cos_min"), DataType::Float, vec![n]);
-        let gate = self.slot_input(slots::cb_name(i, "gate"), DataType::Float, vec![named("T")]);
+        let r = named(&format!("cb{i}_rows"));
+        let rows = self.slot_input(slots::cb_name(i, "rows"), DataType::Int64, vec![r.clone()]);
+        let g0 = vec![("axis", Attr::Int(0))];
         let x2 = self.rows2d(key, d);
-        let dots = self.op_a("Gemm", &[&x2, &keys], vec![("transB", Attr::Int(1))]);
+        let xs = self.op_a("Gather", &[&x2, &rows], g0.clone()); // [R, d]
+        let dots = self.op_a("Gemm", &[&xs, &keys], vec![("transB", Attr::Int(1))]);
         let best = self.node(
             "",
             "ArgMax",
@@ -429,7 +434,7 @@ impl<'a> Builder<'a> {
         let ax1 = self.ints(&[1]);
         let keep0 = vec![("keepdims", Attr::Int(0))];
         let maxd = self.op_a("ReduceMax", &[&dots, &ax1], keep0.clone());
-        let sq = self.op_a("ReduceSumSquare", &[&x2, &ax1], keep0);
+        let sq = self.op_a("ReduceSumSquare", &[&xs, &ax1], keep0);
         let norm = self.op("Sqrt", &[&sq]);
         let cos = self.node(
             "",
@@ -439,20 +444,19 @@ impl<'a> Builder<'a> {
             Some(slots::cb_name(i, "cos")),
         );
         self.slot_outputs
-            .push(input(&best, DataType::Int64, vec![named("T")]));
+            .push(input(&best, DataType::Int64, vec![r.clone()]));
         self.slot_outputs
-            .push(input(&cos, DataType::Float, vec![named("T")]));
-        let g0 = vec![("axis", Attr::Int(0))];
+            .push(input(&cos, DataType::Float, vec![r]));
         let thr = self.op_a("Gather", &[&bound, &best], g0.clone());
-        let ok = self.op("GreaterOrEqual", &[&cos, &thr]);
-        let zero = self.scalar(&format!("zero_{}", self.n), 0.0);
-        let on = self.op("Greater", &[&gate, &zero]);
-        let hit = self.op("And", &[&ok, &on]);
-        let sh = self.ints(&[1, -1, 1]);
-        let hit3 = self.op("Reshape", &[&hit, &sh]);
-        let vals = self.op_a("Gather", &[&values, &best], g0);
-        let vals3 = self.rows3d(&vals, d);
-        self.op("Where", &[&hit3, &vals3, replace])
+        let hit = self.op("GreaterOrEqual", &[&cos, &thr]); // [R]
+        let hit2 = self.op("Unsqueeze", &[&hit, &ax1]); // [R, 1]
+        let vals = self.op_a("Gather", &[&values, &best], g0.clone()); // [R, d]
+        let r2 = self.rows2d(replace, d);
+        let cur = self.op_a("Gather", &[&r2, &rows], g0);
+        let upd = self.op("Where", &[&hit2, &vals, &cur]);
+        let idx = self.op("Unsqueeze", &[&rows, &ax1]); // [R, 1]
+        let out = self.op("ScatterND", &[&r2, &idx, &upd]);
+        self.rows3d(&out, d)
     }
 
     /// Neuron slot `i`: `write + act(read K^T + b) V` on the rows where a neuron fired.

@@ -7,11 +7,12 @@
 //! fed ([`SlotFeeds`], built once per pinned snapshot).
 //!
 //! - Codebook slot `cb{i}` (GRACE): `keys [N, d]` (unit rows), `values [N, d]`, `cos_min [N]`,
-//!   `gate [T]`. The nearest key by cosine is found for every row; a row is replaced when its
-//!   gate is on and its cosine reaches the entry's `cos_min`, the radius turned into a cosine
-//!   bound on the host ([`cos_bound`]) so that the decision is the llama.cpp path's exactly, for
-//!   the same row. Outputs `best [T]` and `cos [T]` feed `explain`. A run whose rows are all
-//!   gated off is fed a one-entry sentinel (decode steps pay nothing for a large codebook).
+//!   `rows [R]`. The nearest key by cosine is found for the selected rows only (the last prompt
+//!   token, or every row for all-positions codebooks); a row is replaced when its cosine
+//!   reaches the entry's `cos_min`, the radius turned into a cosine bound on the host
+//!   ([`cos_bound`]) so that the decision is the llama.cpp path's exactly, for the same row.
+//!   Outputs `best [R]` and `cos [R]` feed `explain`. A run with no selected row is fed a
+//!   one-entry sentinel that never hits (decode steps pay nothing for a large codebook).
 //! - Neuron slot `pn{i}` (T-Patcher): `keys [M, d]`, `bias [M]`, `values [M, d]`;
 //!   `out = write + act(x K^T + b) V` on the rows where a neuron fired. Output `act [T, M]`.
 //! - Low-rank slot `lr{i}` on a base weight: `a [r, n_in]`, `b [n_out, r]` (scales folded in),
@@ -582,22 +583,23 @@ impl SlotFeeds {
             std::borrow::Cow<'static, str>,
             ort::session::SessionInputValue<'a>,
         )>,
-    ) -> Result<Vec<bool>, RuntimeError> {
-        let mut any_gate = Vec::with_capacity(self.codebooks.len());
+    ) -> Result<(), RuntimeError> {
         for (i, c) in self.codebooks.iter().enumerate() {
-            let gate: Vec<f32> = (0..n)
-                .map(|t| self.gated(i, t, last_prompt) as u8 as f32)
+            let rows: Vec<i64> = (0..n)
+                .filter(|&t| self.gated(i, t, last_prompt))
+                .map(|t| t as i64)
                 .collect();
-            let on = gate.iter().any(|&g| g > 0.0);
-            any_gate.push(on);
-            let src = match (&c.real, on) {
-                (Some(r), true) => r,
-                _ => &self.cb_sentinel,
+            // No row looked up: the sentinel (which never hits) on row 0.
+            let (src, rows) = match &c.real {
+                Some(r) if !rows.is_empty() => (r, rows),
+                _ => (&self.cb_sentinel, vec![0]),
             };
             for (w, v) in ["keys", "values", "cos_min"].iter().zip(src) {
                 out.push((cb_name(i, w).into(), v.into()));
             }
-            out.push((cb_name(i, "gate").into(), tensor_f32(&[n], gate)?.into()));
+            let rows = Tensor::from_array((vec![rows.len() as i64], rows))
+                .map_err(|e| RuntimeError::Ort(format!("building an edit slot input: {e}")))?;
+            out.push((cb_name(i, "rows").into(), rows.into_dyn().into()));
         }
         for (i, f) in self.neurons.iter().enumerate() {
             for (w, v) in ["keys", "bias", "values"].iter().zip(&f.values) {
@@ -609,7 +611,7 @@ impl SlotFeeds {
                 out.push((lr_name(i, w).into(), v.into()));
             }
         }
-        Ok(any_gate)
+        Ok(())
     }
 
     /// Records what fired in a run into `explain`: codebook lookups at the gated rows, neurons
@@ -633,20 +635,19 @@ impl SlotFeeds {
             else {
                 continue;
             };
-            for t in 0..n.min(cos.len()).min(idx.len()) {
-                if !self.gated(i, t, last_prompt) {
-                    continue;
-                }
-                let Some(&(m, e)) = usize::try_from(idx[t]).ok().and_then(|k| c.entries.get(k))
+            // The k-th looked-up row is the k-th gated row of the run.
+            let gated = (0..n).filter(|&t| self.gated(i, t, last_prompt));
+            for (k, t) in gated.enumerate().take(cos.len().min(idx.len())) {
+                let Some(&(m, e)) = usize::try_from(idx[k]).ok().and_then(|j| c.entries.get(j))
                 else {
                     continue;
                 };
                 let pc = &plan.codebooks[m];
                 // As the llama.cpp path: no lookup for a row without a direction.
-                if !cos[t].is_finite() {
+                if !cos[k].is_finite() {
                     continue;
                 }
-                let cosine = cos[t].clamp(-1.0, 1.0);
+                let cosine = cos[k].clamp(-1.0, 1.0);
                 let distance = pc.cb.distance().distance_of_cos(cosine);
                 let radius = pc.cb.radius(e);
                 explain.codebook.push(CodebookEvent {
@@ -657,7 +658,7 @@ impl SlotFeeds {
                     pos: (pos0 + t) as i32,
                     distance,
                     radius,
-                    replaced: cos[t] >= cos_bound(pc.cb.distance(), radius),
+                    replaced: cos[k] >= cos_bound(pc.cb.distance(), radius),
                 });
             }
         }
