@@ -4,13 +4,13 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use amend_edits::bundle::{BundleBuilder, BundleMeta, EmbedderDesc, MemoryRecordDesc};
 use amend_edits::ed25519_dalek::SigningKey;
 use amend_edits::families::{LowRankTensor, Pooling};
 use amend_edits::{AddOptions, Bundle, EditSet, HookPoint, ModelBinding, Site, TrustStore};
-use amend_runtime::{FnHook, GenerateParams, HookRows, Logits, Model, Session, SessionOptions};
+use amend_runtime::{GenerateParams, Logits, Model, Session, SessionOptions};
 
 const LAYER: u32 = 12;
 
@@ -78,26 +78,9 @@ fn activate(set: &EditSet, b: &BundleBuilder) {
     set.add(Arc::new(bundle), AddOptions::default()).unwrap();
 }
 
-/// The row at `point` of the last prompt token of `prompt`.
+/// The last prompt token's row at `point` on llama.cpp.
 fn capture(s: &mut Session, prompt: &str, point: HookPoint) -> Vec<f32> {
-    let out: Arc<Mutex<Vec<f32>>> = Arc::default();
-    let sink = out.clone();
-    let id = s
-        .add_hook(Box::new(FnHook::new(
-            vec![point],
-            move |_, r: &mut HookRows<'_>| {
-                if let Some(i) = r.last_prompt_row() {
-                    *sink.lock().unwrap() = r.row(i).to_vec();
-                }
-            },
-        )))
-        .unwrap();
-    let toks = s.tokenize(prompt, true).unwrap();
-    s.kv_clear();
-    s.prefill(&toks, Logits::Last).unwrap();
-    s.remove_hook(id);
-    s.kv_clear();
-    let v = out.lock().unwrap().clone();
+    let v = common::capture_last_row(s, prompt, point);
     assert_eq!(v.len(), 640, "captured {point} for {prompt:?}");
     v
 }

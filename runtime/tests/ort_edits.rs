@@ -17,8 +17,7 @@ use amend_edits::families::LowRankTensor;
 use amend_edits::{AddOptions, Bundle, EditSet, HookPoint, ModelBinding, Site, TrustStore};
 use amend_runtime::onnxruntime::{self as ortb, OrtModel, OrtOptions, OrtSession, SlotLayout};
 use amend_runtime::{
-    Architecture, Backend, FnHook, GenerateParams, HookRows, Logits, Model, RuntimeError, Session,
-    SessionOptions,
+    Architecture, Backend, GenerateParams, Logits, Model, RuntimeError, Session, SessionOptions,
 };
 
 const D: usize = amend_runtime::testutil::TINY_N_EMBD as usize;
@@ -78,25 +77,8 @@ fn signed(set: &EditSet, b: &BundleBuilder) -> Arc<Bundle> {
 
 /// The last prompt token's row at `point` on llama.cpp.
 fn capture(s: &mut Session, prompt: &str, point: HookPoint) -> Vec<f32> {
-    let out: Arc<Mutex<Vec<f32>>> = Arc::default();
-    let sink = out.clone();
-    let id = s
-        .add_hook(Box::new(FnHook::new(
-            vec![point],
-            move |_, r: &mut HookRows<'_>| {
-                if let Some(i) = r.last_prompt_row() {
-                    *sink.lock().unwrap() = r.row(i).to_vec();
-                }
-            },
-        )))
-        .unwrap();
-    let toks = s.tokenize(prompt, true).unwrap();
-    s.kv_clear();
-    s.prefill(&toks, Logits::Last).unwrap();
-    s.remove_hook(id);
-    s.kv_clear();
-    let v = out.lock().unwrap().clone();
-    assert_eq!(v.len(), D);
+    let v = common::capture_last_row(s, prompt, point);
+    assert_eq!(v.len(), D, "captured {point} for {prompt:?}");
     v
 }
 
@@ -191,14 +173,41 @@ fn bundles(m: &Arc<Model>, set: &EditSet) -> Bundles {
     }
 }
 
+/// The tiny model (path, llama.cpp model), an edit set, the three bundles (signed for it) and
+/// the slot layout they need.
+struct Fixture {
+    path: PathBuf,
+    m: Arc<Model>,
+    set: Arc<EditSet>,
+    all: Bundles,
+    layout: SlotLayout,
+}
+
+fn fixture() -> Fixture {
+    let path = common::tiny_path(Architecture::Llama);
+    let m = common::tiny(Architecture::Llama);
+    let set = edit_set(&m);
+    let all = bundles(&m, &set);
+    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    Fixture {
+        path,
+        m,
+        set,
+        all,
+        layout,
+    }
+}
+
 #[test]
 fn every_family_gives_llama_cpps_logits_and_fires_the_same_units() {
     let Some(_) = library() else { return };
-    let path = common::tiny_path(Architecture::Llama);
-    let m = common::tiny(Architecture::Llama);
-    let scratch = edit_set(&m);
-    let all = bundles(&m, &scratch);
-    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    let Fixture {
+        path,
+        m,
+        all,
+        layout,
+        ..
+    } = fixture();
     assert_eq!(
         layout.describe(),
         "cb:1:ffn_input:ffn_output;pn:0:ffn_input:ffn_output:relu;lr:blk.1.ffn_down.weight"
@@ -277,11 +286,13 @@ fn every_family_gives_llama_cpps_logits_and_fires_the_same_units() {
 #[test]
 fn empty_and_rolled_back_bundles_give_the_base_graphs_logits_bitwise() {
     let Some(_) = library() else { return };
-    let path = common::tiny_path(Architecture::Llama);
-    let m = common::tiny(Architecture::Llama);
-    let set = edit_set(&m);
-    let all = bundles(&m, &set);
-    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    let Fixture {
+        path,
+        set,
+        all,
+        layout,
+        ..
+    } = fixture();
     let base = ort_model(&path, SlotLayout::default());
     let slotted = ort_model(&path, layout);
     let greedy = |s: &mut OrtSession, p: &str| {
@@ -327,11 +338,13 @@ fn empty_and_rolled_back_bundles_give_the_base_graphs_logits_bitwise() {
 #[test]
 fn hot_swaps_under_eight_threads_give_each_request_its_pinned_snapshot() {
     let Some(_) = library() else { return };
-    let path = common::tiny_path(Architecture::Llama);
-    let m = common::tiny(Architecture::Llama);
-    let set = edit_set(&m);
-    let all = bundles(&m, &set);
-    let layout = SlotLayout::for_bundles([&*all.codebook, &*all.neurons, &*all.low_rank]).unwrap();
+    let Fixture {
+        path,
+        m,
+        set,
+        all,
+        layout,
+    } = fixture();
     let om = ort_model(&path, layout);
     // The states the swapper moves through, and their outputs run serially.
     let states: Vec<Vec<&Arc<Bundle>>> = vec![

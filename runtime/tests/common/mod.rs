@@ -143,3 +143,32 @@ pub fn bundle_meta(m: &Model, id: &str, version: u64) -> amend_edits::bundle::Bu
         model: amend_edits::fingerprint::model_binding(m.path()).unwrap(),
     }
 }
+
+/// The last prompt token's row at `point` when `prompt` is evaluated on llama.cpp (through a
+/// hook; the KV cache is cleared before and after).
+pub fn capture_last_row(
+    s: &mut amend_runtime::Session,
+    prompt: &str,
+    point: amend_edits::HookPoint,
+) -> Vec<f32> {
+    use amend_runtime::{FnHook, HookRows, Logits};
+    let out: Arc<std::sync::Mutex<Vec<f32>>> = Arc::default();
+    let sink = out.clone();
+    let id = s
+        .add_hook(Box::new(FnHook::new(
+            vec![point],
+            move |_, r: &mut HookRows<'_>| {
+                if let Some(i) = r.last_prompt_row() {
+                    *sink.lock().unwrap() = r.row(i).to_vec();
+                }
+            },
+        )))
+        .unwrap();
+    let toks = s.tokenize(prompt, true).unwrap();
+    s.kv_clear();
+    s.prefill(&toks, Logits::Last).unwrap();
+    s.remove_hook(id);
+    s.kv_clear();
+    let v = out.lock().unwrap().clone();
+    v
+}
