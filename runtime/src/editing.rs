@@ -1,5 +1,9 @@
-//! Applying the active [`EditSet`] in a session: codebooks and patch neurons as hooks, low-rank
-//! deltas as llama.cpp LoRA adapters, memories as a scope check that routes the prompt.
+//! Applying the active [`EditSet`] in a session, above the backend seam: the request path
+//! ([`begin`]: expiry, pinning, the per-snapshot [`EditPlan`], memory routing, the routed answer,
+//! explain) is written once over [`EditHost`]. On llama.cpp codebooks and patch neurons run as
+//! hooks and low-rank deltas as LoRA adapters (this file); on ONNX Runtime all of them are fed
+//! into the graph's edit slots (`onnxruntime::slots`). Memories are a scope check on the host
+//! that routes the prompt, on both.
 //!
 //! A session pins one [`ActiveSet`] snapshot per request ([`Session::begin_request`]): a hot swap
 //! published while a request runs takes effect at the next request, never in the middle of one.
@@ -705,11 +709,13 @@ impl Hook for EditHook {
 }
 
 /// Per-session edit state: the live set, the plan of the last pinned snapshot and what fired.
-/// Backend-neutral; a backend keeps what it builds from a plan (adapters, slot feeds) itself.
+/// The llama.cpp session also keeps its edit hook and adapters here (they are released with the
+/// plan); ONNX Runtime keeps its slot feeds in its session.
 #[derive(Default)]
 pub(crate) struct SessionEdits {
     set: Option<Arc<EditSet>>,
     plan: Option<Arc<EditPlan>>,
+    /// llama.cpp: the installed edit hook.
     hook: Option<HookId>,
     lora_scales: BTreeMap<String, f32>,
     pub(crate) explain: Arc<Mutex<Explain>>,

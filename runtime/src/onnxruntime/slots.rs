@@ -4,7 +4,7 @@
 //! site, fed through plain required inputs (never initializers: the OpenVINO EP ignores a fed
 //! value for an input that is also an initializer). Which slots a graph has is its
 //! [`SlotLayout`], fixed when the graph is built; a bundle swap or rollback changes only what is
-//! fed ([`SlotFeeds`], built once per pinned snapshot).
+//! fed (`SlotFeeds`, built once per pinned snapshot).
 //!
 //! - Codebook slot `cb{i}` (GRACE): `keys [N, d]` (unit rows), `values [N, d]`, `cos_min [N]`,
 //!   `rows [R]`. The nearest key by cosine is found for the selected rows only (the last prompt
