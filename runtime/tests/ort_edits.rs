@@ -476,6 +476,14 @@ fn edits_without_a_slot_or_support_are_refused_by_name_and_nothing_applies() {
         }
         other => panic!("expected EditSlot, got {other:?}"),
     }
+    // The same answer before activation (what amend_session_activate checks).
+    assert!(om.check_fits(&all.codebook).is_ok());
+    match om.check_fits(&all.low_rank) {
+        Err(RuntimeError::EditSlot(msg)) => {
+            assert!(msg.contains("lr:blk.1.ffn_down.weight"), "{msg}")
+        }
+        other => panic!("expected EditSlot, got {other:?}"),
+    }
     // Nothing of the refused snapshot applies: the session runs the base graph.
     s.kv_clear().unwrap();
     let toks = s.model().tokenize(A, true).unwrap();
@@ -522,8 +530,13 @@ fn edits_without_a_slot_or_support_are_refused_by_name_and_nothing_applies() {
         Err(RuntimeError::Unsupported(_))
     ));
 
-    // Layouts the graph cannot have: a weight the model lacks, a layer past the last.
-    for layout in ["lr:blk.9.ffn_down.weight", "cb:5:ffn_input:ffn_output"] {
+    // Layouts the graph cannot have: a weight the model lacks, a layer past the last, a
+    // matrix no linear reads (the embedding table, beside the model's own output.weight).
+    for layout in [
+        "lr:blk.9.ffn_down.weight",
+        "cb:5:ffn_input:ffn_output",
+        "lr:token_embd.weight",
+    ] {
         let bad = OrtModel::open(
             &path,
             OrtOptions {

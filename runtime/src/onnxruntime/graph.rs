@@ -120,6 +120,8 @@ struct Builder<'a> {
     sites: std::collections::HashMap<HookPoint, String>,
     /// Slot inputs and outputs added while building.
     slot_inputs: Vec<ValueInfo>,
+    /// Which low-rank slots a linear of the graph reads (an unread one is an error).
+    low_rank_used: Vec<bool>,
     slot_outputs: Vec<ValueInfo>,
 }
 
@@ -358,7 +360,10 @@ impl<'a> Builder<'a> {
         let y = self.apply_linear(&xr, name, lw);
         self.accuracy = saved;
         match self.slots.low_rank.iter().position(|t| t == name) {
-            Some(i) => Ok(self.low_rank_slot(i, x, &y, k, n)),
+            Some(i) => {
+                self.low_rank_used[i] = true;
+                Ok(self.low_rank_slot(i, x, &y, k, n))
+            }
             None => Ok(y),
         }
     }
@@ -819,6 +824,7 @@ pub fn build(
         slots: slots.clone(),
         sites: Default::default(),
         slot_inputs: Vec::new(),
+        low_rank_used: vec![false; slots.low_rank.len()],
         slot_outputs: Vec::new(),
     };
     let (nh, nkv, hd) = (cfg.n_head as i64, cfg.n_head_kv as i64, cfg.head_dim as i64);
@@ -1095,6 +1101,14 @@ pub fn build(
         outputs.push(input(&present_key(il), DataType::Float, kv_shape("S")));
         outputs.push(input(&present_value(il), DataType::Float, kv_shape("S")));
     }
+    // A weight no linear reads (the embedding table, a tied LM head's codes) has no place
+    // for a delta: refused here rather than fed into an input the graph lacks.
+    if let Some(i) = b.low_rank_used.iter().position(|u| !u) {
+        return Err(BuildError::Slots(format!(
+            "low-rank slot on `{}`: no linear of the graph reads this weight",
+            slots.low_rank[i]
+        )));
+    }
     outputs.append(&mut b.slot_outputs);
     // Captured hook sites: the rows as the site computes them, before any slot writes there.
     for &p in capture {
@@ -1135,6 +1149,7 @@ pub fn linear_probe(lw: LinearWeight, profile: Profile) -> Graph {
         slots: SlotLayout::default(),
         sites: Default::default(),
         slot_inputs: Vec::new(),
+        low_rank_used: Vec::new(),
         slot_outputs: Vec::new(),
     };
     let y = b.apply_linear("x", "w", lw);

@@ -588,33 +588,15 @@ impl OrtModel {
     /// Checks that the graph has a slot for every edit `bundle` carries (what activating it
     /// needs); memories need none. Errors: [`RuntimeError::EditSlot`] naming the first missing.
     pub fn check_fits(&self, bundle: &amend_edits::Bundle) -> Result<(), RuntimeError> {
-        let need = SlotLayout::for_bundles([bundle])?;
         let have = &self.options.slots;
-        let missing = need
-            .codebooks
-            .iter()
-            .filter(|c| !have.codebooks.contains(c))
-            .map(|c| format!("cb:{}:{}:{}", c.layer, c.key_site, c.replace_site))
-            .chain(
-                need.neurons
-                    .iter()
-                    .filter(|n| !have.neurons.contains(n))
-                    .map(|n| format!("pn:{}:{}:{}", n.layer, n.read_site, n.write_site)),
-            )
-            .chain(
-                need.low_rank
-                    .iter()
-                    .filter(|t| !have.low_rank.contains(t))
-                    .map(|t| format!("lr:{t}")),
-            )
-            .collect::<Vec<_>>();
+        let missing = SlotLayout::for_bundles([bundle])?.missing_from(have);
         if missing.is_empty() {
             return Ok(());
         }
         Err(RuntimeError::EditSlot(format!(
             "bundle {} needs the slots {} and the graph has {}",
             bundle.id(),
-            missing.join(";"),
+            missing.describe(),
             if have.is_empty() {
                 "none".to_string()
             } else {

@@ -112,6 +112,24 @@ impl SlotLayout {
         Ok(l)
     }
 
+    /// The slots of `self` that `have` lacks.
+    pub fn missing_from(&self, have: &SlotLayout) -> SlotLayout {
+        SlotLayout {
+            codebooks: (self.codebooks.iter())
+                .filter(|c| !have.codebooks.contains(c))
+                .copied()
+                .collect(),
+            neurons: (self.neurons.iter())
+                .filter(|n| !have.neurons.contains(n))
+                .copied()
+                .collect(),
+            low_rank: (self.low_rank.iter())
+                .filter(|t| !have.low_rank.contains(t))
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// Adds `other`'s slots.
     pub fn merge(&mut self, other: &SlotLayout) {
         self.codebooks.extend(other.codebooks.iter().copied());
