@@ -205,6 +205,12 @@ typedef enum amend_result {
    * from the session's scope model). Nothing of the bundle was applied.
    */
   AMEND_ERR_SCOPE_MODEL_MISMATCH = 315,
+  /**
+   * The bundle requires its edits to have been verified on the backend it runs on, and
+   * its verification record does not list this session's backend (see
+   * `amend_session_activate`). Nothing of the bundle was applied.
+   */
+  AMEND_ERR_BUNDLE_UNVERIFIED = 316,
 } amend_result;
 
 /**
@@ -547,7 +553,9 @@ typedef struct amend_edit_activity {
    */
   const char *edit_id;
   /**
-   * The edit family: "codebook", "patch_neurons", "low_rank" or "memory".
+   * The edit family: "codebook", "patch_neurons", "low_rank" or "memory"; or "unverified",
+   * a warning (edit_id "", counts 0): the bundle records where its edits were verified and
+   * this session's backend is not among them.
    */
   const char *family;
   /**
@@ -860,7 +868,12 @@ void amend_session_free(struct amend_session *session);
  * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
  * (its memories route with a scope model and the session has none: see
  * `amend_session_set_scope_model`), `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled against
- * another scope model). On every error nothing of the bundle is applied.
+ * another scope model), `AMEND_ERR_BUNDLE_UNVERIFIED` (the bundle requires edits verified on
+ * the session's backend, and its compiler did not verify them there). On every error nothing of
+ * the bundle is applied.
+ *
+ * A bundle that records where its edits were verified, without requiring it, is applied on any
+ * backend; on one it was not verified on, `amend_session_explain` reports a warning.
  */
 enum amend_result amend_session_activate(struct amend_session *session,
                                          const struct amend_bundle *bundle);

@@ -174,6 +174,14 @@ fn compile_verify_run_eval_one_edit() {
         s(&key),
     ]);
     assert!(report.contains("1/1 reach their target"), "{report}");
+    // The compiler checked the edit through the runtime and signed where into the bundle.
+    assert!(
+        report.contains("verified on llama.cpp: 1/1 edit(s) answer their target"),
+        "{report}"
+    );
+    let info = ok(&["inspect", s(&bundle), "--pubkey", s(&public)]);
+    assert!(info.contains("verified llama.cpp 1/1 (other backends warn"), "{info}");
+    assert!(info.contains("format   1.2"), "{info}");
     ok(&[
         "verify",
         s(&bundle),
@@ -613,4 +621,105 @@ fn compile_refuses_partial_and_drifting_bundles() {
     assert!(report.contains("probe locality: "), "{report}");
     assert!(!report.contains("below the minimum"), "{report}");
     assert_eq!(files_of(&dir, "good"), ["good.amend"]);
+}
+
+/// Both ONNX Runtime libraries of scripts/fetch-ort.sh, or a skip (a failure under
+/// AMEND_REQUIRE_MODEL=1).
+fn ort_libraries() -> bool {
+    use amend_runtime::onnxruntime::{default_library, Ep};
+    for ep in [Ep::Cpu, Ep::parse("openvino").unwrap()] {
+        let p = default_library(&ep);
+        if !p.exists() {
+            if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+                panic!("AMEND_REQUIRE_MODEL=1 but {} is missing (make ort)", p.display());
+            }
+            eprintln!("skipped: {} is missing", p.display());
+            return false;
+        }
+    }
+    true
+}
+
+/// `--verify-on` records the backends every edit was checked on; a runtime on another backend
+/// warns in explain, or refuses a bundle compiled with `--require-verified`.
+#[test]
+fn verification_record_binds_a_bundle_to_its_backends() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    if !ort_libraries() {
+        return;
+    }
+    let dir = tmp().join("verified");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("e2e-verified");
+    let edits = dir.join("edit.jsonl");
+    std::fs::write(
+        &edits,
+        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
+    )
+    .unwrap();
+    let compile = |out: &Path, extra: &[&str]| {
+        let args = compile_args(&model, "grace", &edits, out, &key, extra);
+        ok(&args)
+    };
+    let run = |bundle: &Path, ep: &str| {
+        amend(&[
+            "run", "--model", s(&model), "--prompt", PROMPT, "--max-tokens", "3", "--threads",
+            "1", "--bundle", s(bundle), "--pubkey", s(&public), "--backend", "ort", "--ep", ep,
+            "--no-onnx-cache", "--explain",
+        ])
+    };
+
+    let strict = dir.join("strict.amend");
+    let report = compile(
+        &strict,
+        &["--verify-on", "llama.cpp,ort:cpu", "--require-verified"],
+    );
+    for b in ["llama.cpp", "onnxruntime:cpu"] {
+        assert!(
+            report.contains(&format!("verified on {b}: 1/1 edit(s) answer their target")),
+            "{report}"
+        );
+    }
+    let info = ok(&["inspect", s(&strict), "--pubkey", s(&public)]);
+    assert!(
+        info.contains("verified llama.cpp 1/1, onnxruntime:cpu 1/1 (required"),
+        "{info}"
+    );
+    let on_cpu = run(&strict, "cpu");
+    assert!(on_cpu.status.success());
+    assert!(String::from_utf8_lossy(&on_cpu.stdout).contains("Berlin"));
+    assert!(!String::from_utf8_lossy(&on_cpu.stderr).contains("WARNING"));
+    // OpenVINO was not verified on: refused, nothing generated.
+    let on_ov = run(&strict, "openvino");
+    assert!(!on_ov.status.success());
+    assert!(on_ov.stdout.is_empty());
+    let err = String::from_utf8_lossy(&on_ov.stderr);
+    assert!(
+        err.contains("must run on a backend its edits were verified on")
+            && err.contains("onnxruntime:openvino:CPU"),
+        "{err}"
+    );
+
+    // The default record (llama.cpp only, not required): ONNX Runtime applies it and warns.
+    let lenient = dir.join("lenient.amend");
+    compile(&lenient, &[]);
+    let out = run(&lenient, "cpu");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARNING bundle") && err.contains("was not verified on onnxruntime:cpu"),
+        "{err}"
+    );
+
+    // --verify-on none: no record, a v1.1 bundle.
+    let bare = dir.join("bare.amend");
+    compile(&bare, &["--verify-on", "none"]);
+    let info = ok(&["inspect", s(&bare), "--pubkey", s(&public)]);
+    assert!(info.contains("format   1.1") && info.contains("not recorded"), "{info}");
+    refused(
+        &compile_args(&model, "grace", &edits, &dir.join("x.amend"), &key, &["--verify-on", "ort:warp9"]),
+        &["--verify-on ort:warp9"],
+    );
 }

@@ -104,6 +104,17 @@ pub struct Args {
     /// each edit must pass the closed-loop check on both (docs/backends.md).
     #[arg(long, value_name = "EP")]
     verify_ort: Option<String>,
+    /// Backends to check every edit on through the runtime after compiling (closed loop: the
+    /// edit's prompt must answer its target, teacher-forced and greedy), recorded in the signed
+    /// bundle (format 1.2): `llama.cpp`, `ort:EP` (e.g. `ort:cpu`, `ort:openvino`), comma-separated,
+    /// or `none` (no record: a v1.1 bundle). A runtime on a backend not recorded warns in
+    /// explain. `--verify-ort EP` adds `ort:EP`.
+    #[arg(long, default_value = "llama.cpp", value_name = "LIST")]
+    verify_on: String,
+    /// Make runtimes refuse the bundle on a backend where not every edit was verified
+    /// (AMEND_ERR_BUNDLE_UNVERIFIED) instead of warning.
+    #[arg(long)]
+    require_verified: bool,
     /// Test hook: stop with an error once K edits are done, as a killed compile would.
     #[arg(long, hide = true, value_name = "K")]
     test_stop_after: Option<usize>,
@@ -452,6 +463,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    // Verification: every edit through the runtime on each backend asked for; the record is
+    // signed into the bundle (the payloads do not change, so neither do the results).
+    let targets = verify_targets(&args)?;
+    let mut record = amend_edits::bundle::Verification {
+        backends: Vec::new(),
+        required: args.require_verified,
+    };
+    let verified = Arc::new(verified);
+    for t in &targets {
+        let v = verify_on(&compiler, verified.clone(), &trust, t, &args)?;
+        let failed: Vec<&str> = v.failed.iter().map(String::as_str).collect();
+        println!(
+            "verified on {}: {}/{} edit(s) answer their target (teacher-forced and greedy; {:.1} s)",
+            v.backend,
+            v.total - v.failed.len(),
+            v.total,
+            v.seconds
+        );
+        if !v.failed.is_empty() {
+            println!("  fail on {}: {}", v.backend, name_some(&failed, 20));
+            if !args.allow_partial {
+                bail!(
+                    "{} of {} edit(s) do not answer their target on {}: {}; nothing was written \
+                     to {} (pass --allow-partial to write the bundle anyway, with the record \
+                     saying so{})",
+                    v.failed.len(),
+                    v.total,
+                    v.backend,
+                    name_some(&failed, 20),
+                    args.out.display(),
+                    keep_note()
+                );
+            }
+        }
+        record.backends.push(amend_edits::bundle::VerifiedBackend {
+            backend: v.backend,
+            passed: (v.total - v.failed.len()) as u32,
+            total: v.total as u32,
+        });
+    }
+    if args.require_verified && targets.is_empty() {
+        bail!("--require-verified needs at least one backend in --verify-on");
+    }
+    let (bytes, verified) = if targets.is_empty() {
+        (bytes, verified)
+    } else {
+        let mut b = out.builder.clone();
+        b.set_verification(Some(record));
+        let bytes = b
+            .build_signed(&key)
+            .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+        let verified = Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
+            anyhow::anyhow!(
+                "the compiled bundle does not verify ({e}); nothing was written to {}",
+                args.out.display()
+            )
+        })?;
+        (bytes, Arc::new(verified))
+    };
+
     // Drift: the new bundle through the runtime, on prompts no edit is about.
     if args.no_drift_check {
         println!("drift check: skipped (--no-drift-check)");
@@ -562,9 +633,116 @@ struct Drift {
 /// Probe locality of `bundle` on the model the compiler holds: the fixed drift probes minus
 /// those about an edit (the new records' or the base bundle's), scored by
 /// `amend_compiler::eval::probe_locality` with the bundle in a live edit set.
+/// A backend `--verify-on` names.
+#[derive(Clone, Debug, PartialEq)]
+enum VerifyTarget {
+    Llama,
+    /// ONNX Runtime on this execution provider.
+    Ort(String),
+}
+
+fn verify_targets(args: &Args) -> anyhow::Result<Vec<VerifyTarget>> {
+    let mut out = Vec::new();
+    let list = args.verify_on.trim();
+    if !list.eq_ignore_ascii_case("none") {
+        for item in list.split(',').map(str::trim) {
+            let t = match item {
+                "llama.cpp" | "llama" => VerifyTarget::Llama,
+                _ => match item
+                    .strip_prefix("ort:")
+                    .or_else(|| item.strip_prefix("onnxruntime:"))
+                {
+                    Some(ep) => {
+                        amend_runtime::onnxruntime::Ep::parse(ep)
+                            .with_context(|| format!("--verify-on {item}"))?;
+                        VerifyTarget::Ort(ep.to_string())
+                    }
+                    None => bail!(
+                        "--verify-on {item:?}: expected llama.cpp, ort:EP (e.g. ort:cpu, \
+                         ort:openvino) or none"
+                    ),
+                },
+            };
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    if let Some(ep) = &args.verify_ort {
+        let t = VerifyTarget::Ort(ep.clone());
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+struct Verified {
+    backend: String,
+    total: usize,
+    failed: Vec<String>,
+    seconds: f64,
+}
+
+/// Runs every edit of `bundle` through the runtime on `target`: the edit's prompt as a request
+/// (memories routed, edits pinned), then its target teacher-forced and greedy.
+fn verify_on(
+    compiler: &Compiler,
+    bundle: Arc<Bundle>,
+    trust: &TrustStore,
+    target: &VerifyTarget,
+    args: &Args,
+) -> anyhow::Result<Verified> {
+    use amend_runtime::Backend;
+    let t0 = Instant::now();
+    let set = Arc::new(EditSet::new(compiler.binding.clone(), trust.clone()));
+    set.add(bundle.clone(), AddOptions::default())
+        .map_err(|e| anyhow::anyhow!("the compiled bundle does not load into an edit set: {e}"))?;
+    let threads = Some(args.threads.unwrap_or(1));
+    let mut session: Box<dyn Backend> = match target {
+        VerifyTarget::Llama => Box::new(amend_runtime::Session::new(
+            &compiler.runtime,
+            amend_runtime::SessionOptions {
+                n_ctx: 1024,
+                n_threads: threads,
+                ..Default::default()
+            },
+        )?),
+        VerifyTarget::Ort(ep) => {
+            // No graph cache: a compile's slot layout is its own (building takes ~2 s).
+            let ort = crate::backends::OrtArgs {
+                ep: ep.clone(),
+                no_onnx_cache: true,
+                ..Default::default()
+            };
+            let slots = amend_runtime::onnxruntime::SlotLayout::for_bundles([&*bundle])?;
+            let m = crate::backends::open_ort_with_slots(&args.model, &ort, threads, slots)?;
+            Box::new(amend_runtime::onnxruntime::OrtSession::new(&m, 1024)?)
+        }
+    };
+    session.set_scope_model(compiler.scope_model.clone())?;
+    session.set_edit_set(Some(set))?;
+    let mut failed = Vec::new();
+    for e in &bundle.manifest().edits {
+        let req = session.begin_request(&e.prompt)?;
+        let (p, a) =
+            amend_runtime::prompt_answer_tokens(session.vocab(), &req.prompt, &e.target)?;
+        let (tf, greedy) = eval::answer_check(&mut *session, &p, &a)?;
+        if !(tf && greedy) {
+            failed.push(e.id.clone());
+        }
+    }
+    Ok(Verified {
+        backend: session.backend_id(),
+        total: bundle.manifest().edits.len(),
+        failed,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
 fn drift_check(
     compiler: &Compiler,
-    bundle: Bundle,
+    bundle: Arc<Bundle>,
     trust: &TrustStore,
     records: &[dataset::EditRecord],
     base: Option<&Bundle>,
@@ -580,7 +758,7 @@ fn drift_check(
     }
     let probes = eval::drift_probes(&about);
     let set = Arc::new(EditSet::new(compiler.binding.clone(), trust.clone()));
-    set.add(Arc::new(bundle), AddOptions::default())
+    set.add(bundle, AddOptions::default())
         .map_err(|e| anyhow::anyhow!("the compiled bundle does not load into an edit set: {e}"))?;
     let scope = compiler.scope_model.clone();
     let mut variant = eval::Variant::new("compiled", move |model, opts| {

@@ -297,6 +297,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             },
             "manifest_error": payloads.as_ref().err().map(|e| e.to_string()),
             "ort_slots": slots.as_ref().and_then(|s| s.as_ref().ok()),
+            "verification": m.verification.as_ref().map(|v| json!({"required": v.required,
+                "backends": v.backends.iter().map(|b| json!({"backend": b.backend,
+                    "passed": b.passed, "total": b.total})).collect::<Vec<_>>()})),
             "edits": m.edits.iter().map(|e| json!({"id": e.id, "layer": e.layer, "site": e.site,
                 "prompt": e.prompt, "target": e.target, "payload": e.payload, "first": e.first,
                 "count": e.count})).collect::<Vec<_>>(),
@@ -327,6 +330,18 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         "valid    {} .. {} (created {})",
         m.not_before, m.expires, m.created
     );
+    match &m.verification {
+        None => println!("verified not recorded (format 1.1)"),
+        Some(v) => println!(
+            "verified {}{}",
+            v.describe(),
+            if v.required {
+                " (required: refused on other backends)"
+            } else {
+                " (other backends warn in explain)"
+            }
+        ),
+    }
     println!(
         "model    {} n_layer={} n_embd={} fingerprint {}",
         m.model.arch,

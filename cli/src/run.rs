@@ -129,6 +129,13 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             e.bundle, e.expires, e.now
         );
     }
+    for u in &ex.unverified {
+        eprintln!(
+            "explain: WARNING bundle {} was not verified on {} (verified on {}): its edits may \
+             miss here",
+            u.bundle, u.backend, u.verified
+        );
+    }
     if let Some(m) = &ex.memory {
         eprintln!(
             "explain: memory {} edit {} record {} score {:.4} threshold {:.4} {}",

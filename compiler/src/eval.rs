@@ -267,6 +267,30 @@ pub fn teacher_forced_argmax<B: Backend + ?Sized>(
         .collect()
 }
 
+/// On any backend with the edits in place: (teacher-forced argmax == answer, greedy generation
+/// == answer).
+pub fn answer_check(
+    s: &mut dyn amend_runtime::Backend,
+    p: &[Token],
+    a: &[Token],
+) -> std::result::Result<(bool, bool), amend_runtime::RuntimeError> {
+    let tf = teacher_forced_argmax(s, p, a)? == a;
+    s.kv_clear()?;
+    s.eval(p, amend_runtime::EvalOptions::prefill(Logits::Last))?;
+    let mut greedy = true;
+    for (i, &want) in a.iter().enumerate() {
+        let got = argmax(s.last_logits()?);
+        if got != want {
+            greedy = false;
+            break;
+        }
+        if i + 1 < a.len() {
+            s.eval(&[got], amend_runtime::EvalOptions::decode())?;
+        }
+    }
+    Ok((tf, greedy))
+}
+
 /// Evaluates `records` on every variant; the first variant must be the base model (its
 /// argmax tokens are the reference for locality). `progress` is called after each record.
 pub fn evaluate(

@@ -721,3 +721,98 @@ fn k45_trust_store_without_keys_refuses_everything() {
     let s = common::stream::stream(good().as_slice(), &TrustStore::new(), 64);
     assert!(matches!(s, Err(StreamError::UnknownKeyId(_))));
 }
+
+fn with_verification(v: Verification) -> AlignedBuf {
+    craft(good().as_slice(), true, |m, _| m.verification = Some(v))
+}
+
+fn backend(name: &str, passed: u32, total: u32) -> VerifiedBackend {
+    VerifiedBackend {
+        backend: name.into(),
+        passed,
+        total,
+    }
+}
+
+#[test]
+fn k46_verification_record() {
+    let n = manifest_of(good().as_slice()).edits.len() as u32;
+    // A good record: format 1.2, read back as written, and streamed alike at every chunk size.
+    let v = Verification {
+        backends: vec![
+            backend("llama.cpp", n, n),
+            backend("onnxruntime:cpu", n - 1, n),
+        ],
+        required: true,
+    };
+    let ok = with_verification(v.clone());
+    assert_eq!(read_header(ok.as_slice()).unwrap().minor.get(), 2);
+    let set = active_set();
+    let b = set.open_bytes(ok.as_slice()).unwrap();
+    assert_eq!(b.manifest().verification.as_ref(), Some(&v));
+    assert!(v.covers("llama.cpp") && !v.covers("onnxruntime:cpu"));
+    for chunk in [1, 7, 4096, ok.len()] {
+        common::stream::stream(ok.as_slice(), set.trust(), chunk).unwrap();
+    }
+    // Without a record the bundle stays v1.1, readable by v1.1 runtimes.
+    assert_eq!(read_header(good().as_slice()).unwrap().minor.get(), 1);
+
+    // Bad records: each refused by name, by the reader and the stream alike, nothing applied.
+    let bad = |v: Verification| bundle_err(refuse(&set, with_verification(v).as_slice()));
+    let one = |b: VerifiedBackend| Verification {
+        backends: vec![b],
+        required: false,
+    };
+    assert_eq!(
+        bad(one(backend("llama.cpp", n, n + 1))),
+        BundleError::BadManifest("verification: counts do not match the edits")
+    );
+    assert_eq!(
+        bad(one(backend("llama.cpp", n + 1, n))),
+        BundleError::BadManifest("verification: counts do not match the edits")
+    );
+    assert_eq!(
+        bad(one(backend("", n, n))),
+        BundleError::BadManifest("verification: empty backend name")
+    );
+    assert!(matches!(
+        bad(one(backend(&"x".repeat(65), n, n))),
+        BundleError::CapExceeded {
+            what: "backend name length",
+            ..
+        }
+    ));
+    assert_eq!(
+        bad(Verification {
+            backends: vec![backend("a", n, n), backend("a", 0, n)],
+            required: false,
+        }),
+        BundleError::BadManifest("verification: backend listed twice")
+    );
+    assert!(matches!(
+        bad(Verification {
+            backends: (0..17).map(|i| backend(&format!("b{i}"), n, n)).collect(),
+            required: false,
+        }),
+        BundleError::CapExceeded {
+            what: "verified backends",
+            ..
+        }
+    ));
+    // A record under a v1.1 header (re-signed, so only the minor rule catches it).
+    let mut v11 = ok.as_slice().to_vec();
+    v11[10] = 1;
+    let mut v11 = AlignedBuf::from_slice(&v11);
+    sign_in_place(v11.as_mut_slice(), &key(1)).unwrap();
+    assert_eq!(
+        bundle_err(refuse(&set, v11.as_slice())),
+        BundleError::BadHeader("minor: a verification record needs format 1.2")
+    );
+    // Junk after the record.
+    let mut bytes = encode_manifest(&manifest_of(ok.as_slice())).unwrap();
+    bytes.push(0);
+    assert_eq!(
+        decode_manifest(&bytes),
+        Err(BundleError::ManifestTrailingBytes(1))
+    );
+}

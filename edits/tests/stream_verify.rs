@@ -270,6 +270,7 @@ fn big_bundle(n: u64) -> AlignedBuf {
             first: 0,
             count: n as u32,
         }],
+        verification: None,
     };
     layout(&mut m).unwrap();
     let mut buf = assemble(&m, &[&rows, &rows, &radii]).unwrap();

@@ -3,7 +3,11 @@
  * prompt before and after activating it.
  *
  *   amend_demo [--model MODEL.gguf] [--bundle FILE.amend --key PUBKEY_HEX] [--prompt TEXT]
- *              [--tokens N] [--seed S] [--temperature T] [--ids]
+ *              [--scope-model SCOPE.gguf] [--tokens N] [--seed S] [--temperature T] [--ids]
+ *
+ * --scope-model opens the scope model a retrieval-memory (serac) bundle routes with, e.g.
+ * ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf; without it such a bundle is refused
+ * (AMEND_ERR_SCOPE_MODEL) and nothing of it is applied.
  *
  * The model defaults to $AMEND_MODEL, then ~/.cache/amend/gemma3-270m-q4_k_m.gguf. Build:
  *   cc amend_demo.c $(pkg-config --cflags --static --libs amend) -o amend_demo
@@ -64,7 +68,7 @@ static int parse_hex_key(const char *hex, uint8_t key[AMEND_PUBLIC_KEY_LEN]) {
 
 int main(int argc, char **argv) {
     const char *model_path = getenv("AMEND_MODEL");
-    const char *bundle_path = NULL, *key_hex = NULL;
+    const char *bundle_path = NULL, *key_hex = NULL, *scope_path = NULL;
     const char *prompt = "The capital of France is";
     char default_path[4096];
     amend_generate_params params = amend_generate_default_params();
@@ -83,6 +87,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--model")) model_path = argv[i + 1];
         else if (!strcmp(argv[i], "--bundle")) bundle_path = argv[i + 1];
         else if (!strcmp(argv[i], "--key")) key_hex = argv[i + 1];
+        else if (!strcmp(argv[i], "--scope-model")) scope_path = argv[i + 1];
         else if (!strcmp(argv[i], "--prompt")) prompt = argv[i + 1];
         else if (!strcmp(argv[i], "--tokens")) params.max_tokens = (uint32_t)atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seed")) params.seed = (uint32_t)strtoul(argv[i + 1], 0, 10);
@@ -110,6 +115,12 @@ int main(int argc, char **argv) {
 
     amend_session *session = NULL;
     check(amend_session_open(model, NULL, &session), "amend_session_open");
+    if (scope_path) {
+        amend_scope_model *scope = NULL;
+        check(amend_scope_model_open(scope_path, 0, &scope), "amend_scope_model_open");
+        check(amend_session_set_scope_model(session, scope), "amend_session_set_scope_model");
+        amend_scope_model_free(scope); /* the session keeps it alive */
+    }
     generate(session, "before", prompt, &params);
 
     amend_trust_store *trust = NULL;

@@ -53,6 +53,7 @@ impl From<RuntimeError> for FfiError {
                 )
             }
             RuntimeError::ScopeModelMismatch { .. } => R::AMEND_ERR_SCOPE_MODEL_MISMATCH,
+            RuntimeError::Unverified { .. } => R::AMEND_ERR_BUNDLE_UNVERIFIED,
             // Decode failures, hook failures, KV and logits bookkeeping: evaluation failed.
             _ => R::AMEND_ERR_DECODE,
         };

@@ -133,6 +133,10 @@ result_codes! {
         /// The bundle was compiled against another scope model (its recorded fingerprint differs
         /// from the session's scope model). Nothing of the bundle was applied.
         AMEND_ERR_SCOPE_MODEL_MISMATCH = 315,
+        /// The bundle requires its edits to have been verified on the backend it runs on, and
+        /// its verification record does not list this session's backend (see
+        /// `amend_session_activate`). Nothing of the bundle was applied.
+        AMEND_ERR_BUNDLE_UNVERIFIED = 316,
     }
 }
 

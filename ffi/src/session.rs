@@ -186,7 +186,12 @@ pub extern "C" fn amend_session_free(session: *mut amend_session) {
 /// `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
 /// (its memories route with a scope model and the session has none: see
 /// `amend_session_set_scope_model`), `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled against
-/// another scope model). On every error nothing of the bundle is applied.
+/// another scope model), `AMEND_ERR_BUNDLE_UNVERIFIED` (the bundle requires edits verified on
+/// the session's backend, and its compiler did not verify them there). On every error nothing of
+/// the bundle is applied.
+///
+/// A bundle that records where its edits were verified, without requiring it, is applied on any
+/// backend; on one it was not verified on, `amend_session_explain` reports a warning.
 #[no_mangle]
 pub extern "C" fn amend_session_activate(
     session: *mut amend_session,
@@ -199,6 +204,7 @@ pub extern "C" fn amend_session_activate(
         // A bundle whose memories need a scope model the session lacks (or has another one of)
         // is refused whole, before anything of it reaches the edit set.
         amend_runtime::check_scope_model(&b.bundle, state.session.scope_model().map(|m| &**m))?;
+        amend_runtime::check_verified(&b.bundle, &state.session.backend_id())?;
         // On ONNX Runtime the graph must have a slot for every edit of the bundle.
         if let Some(o) = &s.model.ort {
             o.check_fits(&b.bundle)?;
@@ -686,6 +692,10 @@ fn activities(e: &Explain) -> Vec<Activity> {
     }
     for l in &e.low_rank {
         add(&l.bundle, None, "low_rank", 0, 1, 1);
+    }
+    // A warning, not an activity: the bundle's edits were not verified on this backend.
+    for u in &e.unverified {
+        add(&u.bundle, None, "unverified", 0, 0, 0);
     }
     out
 }

@@ -243,7 +243,9 @@ pub struct amend_edit_activity {
     pub bundle_id: *const c_char,
     /// The edit's id within its bundle (NUL-terminated; "" for a bundle-wide low-rank adapter).
     pub edit_id: *const c_char,
-    /// The edit family: "codebook", "patch_neurons", "low_rank" or "memory".
+    /// The edit family: "codebook", "patch_neurons", "low_rank" or "memory"; or "unverified",
+    /// a warning (edit_id "", counts 0): the bundle records where its edits were verified and
+    /// this session's backend is not among them.
     pub family: *const c_char,
     /// The layer the edit acts at.
     pub layer: u32,

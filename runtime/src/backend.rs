@@ -32,6 +32,9 @@ pub enum Capability {
 pub trait Backend {
     /// For logs and errors: `llama.cpp`, `onnxruntime (openvino:CPU)`.
     fn backend_name(&self) -> String;
+    /// The id bundles' verification records name this backend by: `llama.cpp`,
+    /// `onnxruntime:openvino:CPU` (see `check_verified`).
+    fn backend_id(&self) -> String;
     /// The llama.cpp vocabulary every backend tokenizes with.
     fn vocab(&self) -> &Arc<Model>;
     fn n_ctx(&self) -> usize;

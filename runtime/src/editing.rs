@@ -27,6 +27,38 @@ use crate::model::Model;
 use crate::scope::ScopeModel;
 use crate::session::{EvalOptions, Logits, Session};
 
+/// The backend id of llama.cpp in a bundle's verification record (ONNX Runtime's:
+/// `onnxruntime::Ep::backend_id`, e.g. `onnxruntime:openvino:CPU`).
+pub const LLAMA_CPP_BACKEND_ID: &str = "llama.cpp";
+
+/// Checks `bundle`'s verification record against the backend it is about to run on (`backend`:
+/// [`crate::Backend::backend_id`]). `Ok(None)`: verified there, or the bundle has no record
+/// (v1.1, nothing to compare). `Ok(Some(event))`: not verified there, a warning for `explain`.
+/// `Err(Unverified)`: the bundle requires verification and lacks it; nothing of it is applied.
+pub fn check_verified(
+    bundle: &amend_edits::Bundle,
+    backend: &str,
+) -> Result<Option<UnverifiedEvent>, RuntimeError> {
+    let Some(v) = &bundle.manifest().verification else {
+        return Ok(None);
+    };
+    if v.covers(backend) {
+        return Ok(None);
+    }
+    if v.required {
+        return Err(RuntimeError::Unverified {
+            bundle: bundle.id().to_string(),
+            backend: backend.to_string(),
+            verified: v.describe(),
+        });
+    }
+    Ok(Some(UnverifiedEvent {
+        bundle: bundle.id().to_string(),
+        backend: backend.to_string(),
+        verified: v.describe(),
+    }))
+}
+
 /// Checks that every scope-model memory of `bundle` can be routed by `scope`: the bundle pins a
 /// fingerprint and the configured scope model has it. Errors: `ScopeModelMissing`,
 /// `ScopeModelMismatch`, `InvalidEdit` (a v1.0 payload naming an external model without a
@@ -89,6 +121,19 @@ pub struct Explain {
     /// Bundles that had expired by this request and were removed from the set before it
     /// (expiry is enforced per request, not only at activation).
     pub expired: Vec<ExpiredEvent>,
+    /// Active bundles whose verification record does not cover this backend: a warning (their
+    /// edits were checked elsewhere, and numerics differ a little between backends).
+    pub unverified: Vec<UnverifiedEvent>,
+}
+
+/// A bundle applied on a backend its compiler did not verify every edit on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnverifiedEvent {
+    pub bundle: String,
+    /// This session's backend id.
+    pub backend: String,
+    /// Where it was verified: `llama.cpp 34/34, onnxruntime:cpu 33/34`.
+    pub verified: String,
 }
 
 /// A bundle removed at the start of a request because its `expires` time had passed.
@@ -262,6 +307,8 @@ pub(crate) trait PlanTarget {
     /// The model (or graph) has this hook point.
     fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError>;
     fn n_layer(&self) -> u32;
+    /// The id bundles' verification records name this backend by.
+    fn backend_id(&self) -> String;
 }
 
 impl PlanTarget for Model {
@@ -270,6 +317,9 @@ impl PlanTarget for Model {
     }
     fn n_layer(&self) -> u32 {
         self.info().n_layer
+    }
+    fn backend_id(&self) -> String {
+        LLAMA_CPP_BACKEND_ID.into()
     }
 }
 
@@ -280,6 +330,8 @@ pub(crate) struct EditPlan {
     pub(crate) neurons: Vec<PlannedNeurons>,
     pub(crate) memories: Vec<PlannedMemory>,
     pub(crate) low_rank: Vec<PlannedLowRank>,
+    /// Bundles not verified on this backend (see [`check_verified`]).
+    pub(crate) unverified: Vec<UnverifiedEvent>,
     /// Owns the bundle bytes every `'static` view above borrows; declared last so it drops last.
     pub(crate) set: Arc<ActiveSet>,
 }
@@ -324,14 +376,19 @@ impl EditPlan {
             neurons: Vec::new(),
             memories: Vec::new(),
             low_rank: Vec::new(),
+            unverified: Vec::new(),
             set: set.clone(),
         };
         let n_layer = model.n_layer();
+        let backend = model.backend_id();
         let bad = |what: String| RuntimeError::InvalidEdit(what);
         for (bi, ab) in set.bundles.iter().enumerate() {
             let b = &ab.bundle;
             // Before anything of the bundle is planned: all of it or none.
             check_scope_model(b, scope)?;
+            if let Some(w) = check_verified(b, &backend)? {
+                plan.unverified.push(w);
+            }
             let scale = lora_scales.get(b.id()).copied().unwrap_or(1.0);
             // A bundle's explicit low-rank deltas become one adapter (see `LowRankMerger`: with
             // one adapter per edit llama.cpp's sum order, and so the output, varied per run).
@@ -913,6 +970,7 @@ pub(crate) fn begin<H: EditHost + ?Sized>(
     h.edits().with_explain(|ex| {
         ex.generation = Some(generation);
         ex.low_rank = low_rank;
+        ex.unverified = plan.unverified.clone();
     });
     Ok(Request {
         prompt: routed,

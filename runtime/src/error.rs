@@ -105,6 +105,14 @@ pub enum RuntimeError {
         model_id: String,
         fingerprint: String,
     },
+    /// The bundle demands verification (`Verification::required`) and was not verified on this
+    /// backend.
+    #[error("bundle {bundle} must run on a backend its edits were verified on, and {backend} is not one (verified on: {verified}); nothing of the bundle was applied (compile it with --verify-on {backend})")]
+    Unverified {
+        bundle: String,
+        backend: String,
+        verified: String,
+    },
     #[error("bundle {bundle} was compiled for the scope model {expected} ({model_id}), but the configured one ({}) is {got}; nothing of the bundle was applied", path.display())]
     ScopeModelMismatch {
         bundle: String,

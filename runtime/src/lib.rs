@@ -35,8 +35,8 @@ pub use backend::{Backend, Capability};
 pub use config::{ConfigError, ModelConfig};
 pub use detok::Detokenizer;
 pub use editing::{
-    check_scope_model, CodebookEvent, ExpiredEvent, Explain, LowRankEvent, MemoryEvent,
-    NeuronEvent, Request, ScopeTerms,
+    check_scope_model, check_verified, CodebookEvent, ExpiredEvent, Explain, LowRankEvent,
+    MemoryEvent, NeuronEvent, Request, ScopeTerms, UnverifiedEvent, LLAMA_CPP_BACKEND_ID,
 };
 pub use error::{Result, RuntimeError};
 pub use generate::{

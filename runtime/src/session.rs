@@ -578,6 +578,9 @@ impl crate::backend::Backend for Session {
     fn backend_name(&self) -> String {
         "llama.cpp".into()
     }
+    fn backend_id(&self) -> String {
+        crate::editing::LLAMA_CPP_BACKEND_ID.into()
+    }
     fn vocab(&self) -> &Arc<Model> {
         self.model()
     }

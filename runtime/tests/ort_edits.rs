@@ -594,3 +594,110 @@ fn captured_sites_match_llama_cpps_rows() {
     assert_eq!(o.captured(point).unwrap().len(), D);
     assert!(o.captured(HookPoint::new(0, Site::FfnInput)).is_none());
 }
+
+/// A one-edit codebook bundle (layer 1) whose v1.2 verification record lists `backends`.
+fn recorded(
+    f: &Fixture,
+    set: &EditSet,
+    id: &str,
+    backends: &[(&str, u32)],
+    required: bool,
+) -> Arc<Bundle> {
+    let mut seed = 5u64;
+    let mut b = BundleBuilder::new(meta(&f.m, id));
+    let mut key = noise(&mut seed, D, 1.0);
+    assert!(amend_edits::families::l2_normalize(&mut key));
+    let value = noise(&mut seed, D, 1.0);
+    let p = b.add_codebook(
+        1,
+        Site::FfnInput,
+        Site::FfnOutput,
+        1,
+        false,
+        D,
+        &key,
+        &value,
+        &[0.05],
+    );
+    b.add_edit(&format!("{id}-e"), 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    b.set_verification(Some(amend_edits::bundle::Verification {
+        backends: backends
+            .iter()
+            .map(|&(name, passed)| amend_edits::bundle::VerifiedBackend {
+                backend: name.into(),
+                passed,
+                total: 1,
+            })
+            .collect(),
+        required,
+    }));
+    signed(set, &b)
+}
+
+#[test]
+fn verification_records_warn_or_refuse_on_other_backends() {
+    if library().is_none() {
+        return;
+    }
+    let f = fixture();
+    let cpu = "onnxruntime:cpu";
+    let cases: [(&str, &[(&str, u32)], bool); 5] = [
+        ("v-llama", &[("llama.cpp", 1)], false),
+        ("v-llama-req", &[("llama.cpp", 1)], true),
+        ("v-both-req", &[("llama.cpp", 1), (cpu, 1)], true),
+        // 0 of 1 passed on the CPU EP: listed, yet not verified there.
+        ("v-cpu-failed", &[("llama.cpp", 1), (cpu, 0)], false),
+        ("v-cpu-failed-req", &[("llama.cpp", 1), (cpu, 0)], true),
+    ];
+    let probe = |b: &mut dyn Backend, bundle: Arc<Bundle>| {
+        let set = edit_set(&f.m);
+        set.add(bundle.clone(), AddOptions::default()).unwrap();
+        b.set_edit_set(Some(set)).unwrap();
+        let r = b.begin_request(A).map(|_| b.explain().unverified);
+        b.set_edit_set(None).unwrap();
+        (amend_runtime::check_verified(&bundle, &b.backend_id()), r)
+    };
+    let om = ort_model(&f.path, f.layout.clone());
+    let mut ort = OrtSession::new(&om, 256).unwrap();
+    let mut ll = llama(&f.m);
+    assert_eq!(ort.backend_id(), cpu);
+    assert_eq!(ll.backend_id(), amend_runtime::LLAMA_CPP_BACKEND_ID);
+    for (id, backends, required) in cases {
+        let bundle = recorded(&f, &f.set, id, backends, required);
+        for b in [&mut ll as &mut dyn Backend, &mut ort] {
+            let here = b.backend_id();
+            let covered = backends.iter().any(|&(n, p)| n == here && p == 1);
+            let (check, request) = probe(b, bundle.clone());
+            match (covered, required) {
+                (true, _) => {
+                    assert_eq!(check.unwrap(), None, "{id} on {here}");
+                    assert_eq!(request.unwrap(), vec![], "{id} on {here}");
+                }
+                (false, false) => {
+                    let w = check.unwrap().expect("a warning");
+                    assert_eq!((w.bundle.as_str(), w.backend.as_str()), (id, here.as_str()));
+                    let events = request.unwrap();
+                    assert_eq!(events, vec![w], "{id} on {here}: explain warns");
+                }
+                (false, true) => {
+                    // Refused at activation (check_verified) and, were it attached anyway, by
+                    // the request itself: nothing of it is applied.
+                    for e in [check.unwrap_err(), request.unwrap_err()] {
+                        match e {
+                            RuntimeError::Unverified {
+                                bundle, backend, ..
+                            } => assert_eq!((bundle.as_str(), backend.as_str()), (id, here.as_str())),
+                            e => panic!("{id} on {here}: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // A bundle without a record (v1.1) is applied without a warning on both.
+    for b in [&mut ll as &mut dyn Backend, &mut ort] {
+        let (check, request) = probe(b, f.all.codebook.clone());
+        assert_eq!(check.unwrap(), None);
+        assert_eq!(request.unwrap(), vec![]);
+    }
+}

@@ -116,12 +116,42 @@ fn chunked_eval_matches_single_batch_and_reference() {
     s.kv_clear();
     s.prefill(&toks, Logits::From(toks.len() - 3)).unwrap();
     assert!(s.logits(0).is_err());
-    assert_eq!(
+    same_rows(
         s.logits(toks.len() - 3).unwrap(),
-        &reference[toks.len() - 3][..]
+        &reference[toks.len() - 3],
+        "Logits::From",
     );
-    assert_eq!(s.last_logits().unwrap(), &reference[toks.len() - 1][..]);
+    same_rows(
+        s.last_logits().unwrap(),
+        &reference[toks.len() - 1],
+        "last",
+    );
     assert!(s.logits(toks.len()).is_err());
+}
+
+/// The logits of a batch that asks for fewer output rows against those of the batch asking for
+/// all. Bitwise on x86-64. aarch64 ggml picks the output projection's kernel by the number of
+/// rows, so its sums run in another order there (measured under qemu, docs/targets.md): there
+/// the rows must agree to 1e-4 and pick the same token.
+fn same_rows(got: &[f32], want: &[f32], what: &str) {
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(got, want, "{what}: not bitwise the all-rows batch");
+        return;
+    }
+    assert_eq!(got.len(), want.len());
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    assert!(max < 1e-4, "{what}: max diff {max} from the all-rows batch");
+    assert_eq!(argmax(got), argmax(want), "{what}: another token");
 }
 
 #[test]

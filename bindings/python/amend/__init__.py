@@ -78,6 +78,7 @@ class Result(enum.IntEnum):
     ERR_BUNDLE_TOO_LONG = 313
     ERR_SCOPE_MODEL = 314
     ERR_SCOPE_MODEL_MISMATCH = 315
+    ERR_BUNDLE_UNVERIFIED = 316
 
 
 class StopReason(enum.IntEnum):

@@ -359,33 +359,9 @@ fn runtime_check(
     let id = s.add_hook(Box::new(hook)).map_err(rt)?;
     let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
     let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
-    let res = answer_check(s, &p, &a);
+    let res = crate::eval::answer_check(s, &p, &a);
     s.remove_hook(id);
     res.map_err(rt)
-}
-
-/// On any backend with the edits in place: (teacher-forced argmax == answer, greedy generation
-/// == answer).
-fn answer_check(
-    s: &mut dyn amend_runtime::Backend,
-    p: &[Token],
-    a: &[Token],
-) -> std::result::Result<(bool, bool), amend_runtime::RuntimeError> {
-    let tf = crate::eval::teacher_forced_argmax(s, p, a)? == a;
-    s.kv_clear()?;
-    s.eval(p, amend_runtime::EvalOptions::prefill(Logits::Last))?;
-    let mut greedy = true;
-    for (i, &want) in a.iter().enumerate() {
-        let got = crate::eval::argmax(s.last_logits()?);
-        if got != want {
-            greedy = false;
-            break;
-        }
-        if i + 1 < a.len() {
-            s.eval(&[got], amend_runtime::EvalOptions::decode())?;
-        }
-    }
-    Ok((tf, greedy))
 }
 
 /// An ONNX Runtime session for `--verify-ort`: the graph captures the FFN input at `layer` and
@@ -504,7 +480,7 @@ fn ort_check(
     s.set_edit_set(Some(set)).map_err(rt)?;
     let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
     let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
-    let res = s.pin_edits().and_then(|_| answer_check(s, &p, &a));
+    let res = s.pin_edits().and_then(|_| crate::eval::answer_check(s, &p, &a));
     s.set_edit_set(None).map_err(rt)?;
     res.map_err(rt)
 }

@@ -13,10 +13,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// First 8 bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"AMENDBDL";
-/// Format version written by this crate. A reader refuses a higher major; minor bumps only add
-/// things a v1.0 reader refuses explicitly (new payload or section kinds).
+/// Format version this crate reads (and the highest it writes). A reader refuses a higher major;
+/// minor bumps only add things an older reader refuses explicitly: v1.1 new payload and section
+/// kinds, v1.2 the verification record after the manifest (a v1.1 reader refuses it as trailing
+/// bytes). The writer puts the lowest minor that holds the bundle's content in the header.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
+/// The minor a bundle with a verification record needs.
+pub const MINOR_VERIFICATION: u16 = 2;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -50,6 +54,9 @@ pub const MAX_SHAPE_RANK: usize = 4;
 /// Longest string in a manifest (ids, prompts, targets, memory texts, templates).
 pub const MAX_STRING_LEN: usize = 16 << 10;
 pub const MAX_LAYER: u32 = 4096;
+/// Backends in a verification record, and the length of a backend's name.
+pub const MAX_VERIFIED_BACKENDS: usize = 16;
+pub const MAX_BACKEND_NAME_LEN: usize = 64;
 
 /// The fixed 64-byte header. All integers little-endian; alignment 1 so it can be read in place.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -182,6 +189,59 @@ pub struct Manifest {
     pub sections: Vec<SectionEntry>,
     pub payloads: Vec<PayloadEntry>,
     pub edits: Vec<EditEntry>,
+    /// v1.2: the backends the compiler checked the edits on. Encoded after the fields above
+    /// (postcard has no optional trailing fields), only when present: see `encode_manifest`.
+    #[serde(skip)]
+    pub verification: Option<Verification>,
+}
+
+/// v1.2: where the compiler checked the bundle's edits through the runtime (closed loop: each
+/// edit's prompt answers its target, teacher-forced and greedy). Numerics differ a little between
+/// backends (llama.cpp, ONNX Runtime per execution provider), so an edit keyed on one may miss on
+/// another; a runtime on a backend not listed here warns in `explain`, or refuses the bundle when
+/// `required`.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub backends: Vec<VerifiedBackend>,
+    /// Refuse to apply the bundle on a backend where not every edit passed.
+    pub required: bool,
+}
+
+/// One backend of a [`Verification`].
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedBackend {
+    /// The runtime's backend id: `llama.cpp`, `onnxruntime:cpu`, `onnxruntime:openvino:CPU`.
+    pub backend: String,
+    /// Edits that passed on it, of `total` (= the manifest's edit count).
+    pub passed: u32,
+    pub total: u32,
+}
+
+#[cfg(feature = "alloc")]
+impl Verification {
+    /// Every edit passed on `backend`.
+    pub fn covers(&self, backend: &str) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.backend == backend && b.passed == b.total)
+    }
+
+    /// `llama.cpp 34/34, onnxruntime:cpu 33/34` (for messages).
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&alloc::format!("{} {}/{}", b.backend, b.passed, b.total));
+        }
+        if out.is_empty() {
+            out.push_str("no backend");
+        }
+        out
+    }
 }
 
 /// The base model a bundle was compiled for.

@@ -220,11 +220,17 @@ pub fn verify_signature(buf: &[u8], trust: &TrustStore) -> Result<KeyId, BundleE
 
 /// Decode the manifest bytes (no signature check: callers verify first; the fuzzer calls it on
 /// arbitrary input).
+/// A v1.2 verification record, when present, follows the v1.1 fields (see `encode_manifest`).
 pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
-    let (m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(bytes)
+    let (mut m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(bytes)
         .map_err(|e| BundleError::ManifestDecode(postcard_msg(e)))?;
     if !rest.is_empty() {
-        return Err(BundleError::ManifestTrailingBytes(rest.len()));
+        let (v, rest): (Verification, &[u8]) = postcard::take_from_bytes(rest)
+            .map_err(|e| BundleError::ManifestDecode(postcard_msg(e)))?;
+        if !rest.is_empty() {
+            return Err(BundleError::ManifestTrailingBytes(rest.len()));
+        }
+        m.verification = Some(v);
     }
     Ok(m)
 }
@@ -249,12 +255,24 @@ pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
     }
     let key_id = verify_signature(buf, trust)?;
     let manifest = decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
+    check_minor(&manifest, h.minor.get())?;
     let payloads = check_manifest(&manifest, Some((buf, h.payload_offset.get())))?;
     Ok(Verified {
         manifest,
         payloads,
         key_id,
     })
+}
+
+/// A manifest carrying v1.2 content under a lower minor is malformed (a v1.1 reader would take it
+/// for trailing bytes; this one must not read it as anything else).
+pub fn check_minor(m: &Manifest, minor: u16) -> Result<(), BundleError> {
+    if m.verification.is_some() && minor < MINOR_VERIFICATION {
+        return Err(BundleError::BadHeader(
+            "minor: a verification record needs format 1.2",
+        ));
+    }
+    Ok(())
 }
 
 fn cap(what: &'static str, value: usize, cap: usize) -> Result<(), BundleError> {
@@ -270,6 +288,25 @@ fn cap(what: &'static str, value: usize, cap: usize) -> Result<(), BundleError> 
 
 fn check_str(s: &str, what: &'static str) -> Result<(), BundleError> {
     cap(what, s.len(), MAX_STRING_LEN)
+}
+
+fn check_verification(v: &Verification, n_edits: usize) -> Result<(), BundleError> {
+    cap("verified backends", v.backends.len(), MAX_VERIFIED_BACKENDS)?;
+    for (i, b) in v.backends.iter().enumerate() {
+        cap("backend name length", b.backend.len(), MAX_BACKEND_NAME_LEN)?;
+        if b.backend.is_empty() {
+            return Err(BundleError::BadManifest("verification: empty backend name"));
+        }
+        if b.total as usize != n_edits || b.passed > b.total {
+            return Err(BundleError::BadManifest(
+                "verification: counts do not match the edits",
+            ));
+        }
+        if v.backends[..i].iter().any(|o| o.backend == b.backend) {
+            return Err(BundleError::BadManifest("verification: backend listed twice"));
+        }
+    }
+    Ok(())
 }
 
 /// Semantic checks of a decoded manifest. With `data` = (bundle, payload offset) also the section
@@ -290,6 +327,9 @@ pub fn check_manifest(
     cap("section count", m.sections.len(), MAX_SECTIONS)?;
     cap("payload count", m.payloads.len(), MAX_PAYLOADS)?;
     cap("edit count", m.edits.len(), MAX_EDITS)?;
+    if let Some(v) = &m.verification {
+        check_verification(v, m.edits.len())?;
+    }
     if m.model.n_embd as u64 > MAX_DIM || m.model.n_embd == 0 {
         return Err(BundleError::BadManifest("model n_embd"));
     }

@@ -435,6 +435,15 @@ impl StreamVerifier {
         self.key_id = key_id;
 
         let m = Manifest::index(&self.signed[HEADER_LEN..self.manifest_end as usize])?;
+        let minor = Header::read_from_bytes(&self.signed[..HEADER_LEN])
+            .map_err(|_| StreamError::BadHeader("header"))?
+            .minor
+            .get();
+        if m.verification.is_some() && minor < MINOR_VERIFICATION {
+            return Err(StreamError::BadHeader(
+                "minor: a verification record needs format 1.2",
+            ));
+        }
         let payload_offset = align_up(self.sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
             .ok_or(StreamError::BadHeader("payload_offset"))?;
         m.check(payload_offset, self.total)?;
@@ -764,6 +773,8 @@ struct Manifest<'a> {
     sections: (usize, u64),
     payloads: (usize, u64),
     edits: (usize, u64),
+    /// v1.2 verification record: where its backend list starts, its length.
+    verification: Option<(usize, u64)>,
 }
 
 /// A v1.1 memory's scope-model routing data (`EmbedderDesc::ScopeModel`), left in place.
@@ -1021,6 +1032,18 @@ impl<'a> Manifest<'a> {
         let sections = seq(&mut c, |c| c.section().map(drop)).map_err(Err)?;
         let payloads = seq(&mut c, |c| c.payload().map(drop)).map_err(Err)?;
         let edits = seq(&mut c, |c| c.edit().map(drop)).map_err(Err)?;
+        // v1.2: the verification record (backends, then `required`).
+        let mut verification = None;
+        if !c.done() {
+            let backends = seq(&mut c, |c| {
+                c.str()?;
+                c.u32()?;
+                c.u32().map(drop)
+            })
+            .map_err(Err)?;
+            c.bool().map_err(Err)?;
+            verification = Some(backends);
+        }
         if !c.done() {
             return Err(Ok(b.len() - c.at));
         }
@@ -1036,6 +1059,7 @@ impl<'a> Manifest<'a> {
             sections,
             payloads,
             edits,
+            verification,
         })
     }
 
@@ -1100,6 +1124,32 @@ impl<'a> Manifest<'a> {
         cap("section count", self.sections.1, MAX_SECTIONS as u64)?;
         cap("payload count", self.payloads.1, MAX_PAYLOADS as u64)?;
         cap("edit count", self.edits.1, MAX_EDITS as u64)?;
+        if let Some((at, n)) = self.verification {
+            cap("verified backends", n, MAX_VERIFIED_BACKENDS as u64)?;
+            let entry = |c: &mut Cur<'a>| -> R<(&'a str, u32, u32)> {
+                let d = |e| StreamError::ManifestDecode(e);
+                Ok((c.str().map_err(d)?, c.u32().map_err(d)?, c.u32().map_err(d)?))
+            };
+            let mut c = Cur::at(self.b, at);
+            for i in 0..n {
+                let (name, passed, total) = entry(&mut c)?;
+                cap("backend name length", name.len() as u64, MAX_BACKEND_NAME_LEN as u64)?;
+                if name.is_empty() {
+                    return Err(StreamError::BadManifest("verification: empty backend name"));
+                }
+                if total as u64 != self.edits.1 || passed > total {
+                    return Err(StreamError::BadManifest(
+                        "verification: counts do not match the edits",
+                    ));
+                }
+                let mut o = Cur::at(self.b, at);
+                for _ in 0..i {
+                    if entry(&mut o)?.0 == name {
+                        return Err(StreamError::BadManifest("verification: backend listed twice"));
+                    }
+                }
+            }
+        }
         if self.n_embd as u64 > MAX_DIM || self.n_embd == 0 {
             return Err(StreamError::BadManifest("model n_embd"));
         }

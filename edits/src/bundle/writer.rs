@@ -32,6 +32,7 @@ pub struct BundleBuilder {
     sections: Vec<(SectionEntry, Vec<u8>)>,
     payloads: Vec<Payload>,
     edits: Vec<EditEntry>,
+    verification: Option<Verification>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -49,7 +50,18 @@ impl BundleBuilder {
             sections: Vec::new(),
             payloads: Vec::new(),
             edits: Vec::new(),
+            verification: None,
         }
+    }
+
+    /// Records where the edits were checked (format 1.2); `None` leaves the bundle v1.1.
+    pub fn set_verification(&mut self, v: Option<Verification>) {
+        self.verification = v;
+    }
+
+    /// The edits declared so far.
+    pub fn edits(&self) -> &[EditEntry] {
+        &self.edits
     }
 
     /// Add a raw section; returns its index.
@@ -282,6 +294,7 @@ impl BundleBuilder {
             sections: self.sections.iter().map(|(e, _)| e.clone()).collect(),
             payloads: self.payloads.iter().map(Payload::to_entry).collect(),
             edits: self.edits.clone(),
+            verification: self.verification.clone(),
         };
         layout(&mut manifest)?;
         let blobs: Vec<&[u8]> = self.sections.iter().map(|(_, d)| d.as_slice()).collect();
@@ -307,9 +320,7 @@ pub fn layout(manifest: &mut Manifest) -> Result<(), BundleError> {
             pos = align_up(pos.saturating_add(s.len), SECTION_ALIGN)
                 .ok_or(BundleError::BadManifest("layout"))?;
         }
-        let len = postcard::to_allocvec(&*manifest)
-            .map_err(|_| BundleError::BadManifest("encode"))?
-            .len() as u64;
+        let len = encode_manifest(manifest)?.len() as u64;
         let sig = align_up(HEADER_LEN as u64 + len, 8).unwrap_or(u64::MAX);
         let po = align_up(sig + SIG_BLOCK_LEN as u64, SECTION_ALIGN).unwrap_or(u64::MAX);
         if po == payload_offset {
@@ -323,7 +334,7 @@ pub fn layout(manifest: &mut Manifest) -> Result<(), BundleError> {
 /// Lay out `manifest` and the section bytes at the offsets the manifest declares (which must be
 /// at or after the payload offset and not overlap). Low level: tests use it to craft bundles.
 pub fn assemble(manifest: &Manifest, blobs: &[&[u8]]) -> Result<AlignedBuf, BundleError> {
-    let m = postcard::to_allocvec(manifest).map_err(|_| BundleError::BadManifest("encode"))?;
+    let m = encode_manifest(manifest)?;
     let sig_offset = align_up((HEADER_LEN + m.len()) as u64, 8).unwrap_or(u64::MAX);
     let payload_offset =
         align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN).unwrap_or(u64::MAX);
@@ -342,7 +353,7 @@ pub fn assemble(manifest: &Manifest, blobs: &[&[u8]]) -> Result<AlignedBuf, Bund
     let header = Header {
         magic: MAGIC,
         major: U16::new(FORMAT_MAJOR),
-        minor: U16::new(FORMAT_MINOR),
+        minor: U16::new(manifest_minor(manifest)),
         flags: U32::new(0),
         header_len: U32::new(HEADER_LEN as u32),
         manifest_len: U32::new(m.len() as u32),
@@ -379,7 +390,22 @@ pub fn sign_in_place(buf: &mut [u8], key: &SigningKey) -> Result<(), BundleError
     Ok(())
 }
 
-/// The postcard encoding of a manifest (what the header's manifest_len counts).
+/// The manifest's bytes (what the header's manifest_len counts): the postcard encoding of the
+/// v1.1 fields, then, in v1.2, the postcard encoding of the verification record when there is one.
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, BundleError> {
-    postcard::to_allocvec(m).map_err(|_| BundleError::BadManifest("encode"))
+    let mut out = postcard::to_allocvec(m).map_err(|_| BundleError::BadManifest("encode"))?;
+    if let Some(v) = &m.verification {
+        out.extend(postcard::to_allocvec(v).map_err(|_| BundleError::BadManifest("encode"))?);
+    }
+    Ok(out)
+}
+
+/// The lowest format minor that holds `m`: bundles without v1.2 content stay readable by v1.1
+/// runtimes.
+pub fn manifest_minor(m: &Manifest) -> u16 {
+    if m.verification.is_some() {
+        MINOR_VERIFICATION
+    } else {
+        1
+    }
 }

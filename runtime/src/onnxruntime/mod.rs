@@ -73,6 +73,11 @@ impl Ep {
         Ok(ep)
     }
 
+    /// The id bundles' verification records name this backend by: `onnxruntime:` + [`Ep::name`].
+    pub fn backend_id(&self) -> String {
+        format!("onnxruntime:{}", self.name())
+    }
+
     pub fn name(&self) -> String {
         match self {
             Ep::Cpu => "cpu".into(),
@@ -638,6 +643,9 @@ impl PlanTarget for OrtModel {
                 n_layer: self.cfg.n_layer as u32,
             })
         }
+    }
+    fn backend_id(&self) -> String {
+        self.options.ep.backend_id()
     }
     fn n_layer(&self) -> u32 {
         self.cfg.n_layer as u32
@@ -1385,6 +1393,9 @@ impl OrtSession {
 impl crate::backend::Backend for OrtSession {
     fn backend_name(&self) -> String {
         format!("onnxruntime ({})", self.model.options.ep.name())
+    }
+    fn backend_id(&self) -> String {
+        self.model.options.ep.backend_id()
     }
     fn vocab(&self) -> &Arc<Model> {
         &self.model.vocab

@@ -21,6 +21,8 @@ public struct AmendError: Error, CustomStringConvertible {
     public static let scopeModel: Int32 = 314
     /// AMEND_ERR_SCOPE_MODEL_MISMATCH: the bundle was compiled against another scope model.
     public static let scopeModelMismatch: Int32 = 315
+    /// AMEND_ERR_BUNDLE_UNVERIFIED: the bundle requires edits verified on this backend.
+    public static let bundleUnverified: Int32 = 316
 }
 
 @inline(__always)

@@ -36,4 +36,5 @@ public final class Result {
     public static final int ERR_BUNDLE_TOO_LONG = 313;
     public static final int ERR_SCOPE_MODEL = 314;
     public static final int ERR_SCOPE_MODEL_MISMATCH = 315;
+    public static final int ERR_BUNDLE_UNVERIFIED = 316;
 }
