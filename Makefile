@@ -38,9 +38,8 @@ test: model scope-model corpus ort
 	AMEND_REQUIRE_MODEL=1 $(CARGO) test --release --workspace
 	@scripts/test-extra.sh
 
-# aarch64 cross build + qemu tests (issue 15). Not yet part of `make test`: its cold cross build of
-# llama.cpp has not been run end to end within CI's budget (docs/targets.md).
-test-aarch64: model
+# aarch64 cross build + qemu tests (issue 15), also run by `make test` (scripts/test.d/aarch64.sh).
+test-aarch64: model scope-model
 	AMEND_REQUIRE_MODEL=1 scripts/test-aarch64.sh
 
 bench: model

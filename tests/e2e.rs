@@ -180,7 +180,10 @@ fn compile_verify_run_eval_one_edit() {
         "{report}"
     );
     let info = ok(&["inspect", s(&bundle), "--pubkey", s(&public)]);
-    assert!(info.contains("verified llama.cpp 1/1 (other backends warn"), "{info}");
+    assert!(
+        info.contains("verified llama.cpp 1/1 (other backends warn"),
+        "{info}"
+    );
     assert!(info.contains("format   1.2"), "{info}");
     ok(&[
         "verify",
@@ -631,7 +634,10 @@ fn ort_libraries() -> bool {
         let p = default_library(&ep);
         if !p.exists() {
             if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-                panic!("AMEND_REQUIRE_MODEL=1 but {} is missing (make ort)", p.display());
+                panic!(
+                    "AMEND_REQUIRE_MODEL=1 but {} is missing (make ort)",
+                    p.display()
+                );
             }
             eprintln!("skipped: {} is missing", p.display());
             return false;
@@ -665,9 +671,25 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     };
     let run = |bundle: &Path, ep: &str| {
         amend(&[
-            "run", "--model", s(&model), "--prompt", PROMPT, "--max-tokens", "3", "--threads",
-            "1", "--bundle", s(bundle), "--pubkey", s(&public), "--backend", "ort", "--ep", ep,
-            "--no-onnx-cache", "--explain",
+            "run",
+            "--model",
+            s(&model),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "3",
+            "--threads",
+            "1",
+            "--bundle",
+            s(bundle),
+            "--pubkey",
+            s(&public),
+            "--backend",
+            "ort",
+            "--ep",
+            ep,
+            "--no-onnx-cache",
+            "--explain",
         ])
     };
 
@@ -717,9 +739,19 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     let bare = dir.join("bare.amend");
     compile(&bare, &["--verify-on", "none"]);
     let info = ok(&["inspect", s(&bare), "--pubkey", s(&public)]);
-    assert!(info.contains("format   1.1") && info.contains("not recorded"), "{info}");
+    assert!(
+        info.contains("format   1.1") && info.contains("not recorded"),
+        "{info}"
+    );
     refused(
-        &compile_args(&model, "grace", &edits, &dir.join("x.amend"), &key, &["--verify-on", "ort:warp9"]),
+        &compile_args(
+            &model,
+            "grace",
+            &edits,
+            &dir.join("x.amend"),
+            &key,
+            &["--verify-on", "ort:warp9"],
+        ),
         &["--verify-on ort:warp9"],
     );
 }

@@ -44,6 +44,8 @@ def header_api():
     types |= set(re.findall(r"typedef\s+[^;]*?\(\s*\*\s*(amend_\w+)\s*\)", text))
     types |= set(re.findall(r"typedef\s+\w+\s+(amend_\w+)\s*;", text))
     consts = set(re.findall(r"\b(AMEND_\w+)\b", text))
+    # Simple #define constants (AMEND_BACKEND_*) are imported by Swift as well.
+    consts |= set(re.findall(r"(?m)^\s*#define\s+(AMEND_\w+)\s+\S", HEADER.read_text()))
     return protos, types, consts
 
 

@@ -146,6 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked cheaply is checked before the model is loaded.
     let method: Method = args.method.parse()?;
     let format: DataFormat = args.format.parse().context("--format")?;
+    let targets = verify_targets(&args)?;
     if args.layer == Some(LayerArg::Auto) {
         if method == Method::Serac {
             bail!("--layer auto: serac's layer is its embedder's, which causal tracing does not choose; give an index");
@@ -230,6 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ep: amend_runtime::onnxruntime::Ep::parse(ep)?,
             n_threads: Some(1),
             cache: amend_runtime::onnxruntime::OnnxCache::Off,
+            library: ort_library_for(&targets),
             ..Default::default()
         });
     }
@@ -465,14 +467,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Verification: every edit through the runtime on each backend asked for; the record is
     // signed into the bundle (the payloads do not change, so neither do the results).
-    let targets = verify_targets(&args)?;
     let mut record = amend_edits::bundle::Verification {
         backends: Vec::new(),
         required: args.require_verified,
     };
     let verified = Arc::new(verified);
     for t in &targets {
-        let v = verify_on(&compiler, verified.clone(), &trust, t, &args)?;
+        let v = verify_on(&compiler, verified.clone(), &trust, t, &targets, &args)?;
         let failed: Vec<&str> = v.failed.iter().map(String::as_str).collect();
         println!(
             "verified on {}: {}/{} edit(s) answer their target (teacher-forced and greedy; {:.1} s)",
@@ -502,9 +503,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             passed: (v.total - v.failed.len()) as u32,
             total: v.total as u32,
         });
-    }
-    if args.require_verified && targets.is_empty() {
-        bail!("--require-verified needs at least one backend in --verify-on");
     }
     let (bytes, verified) = if targets.is_empty() {
         (bytes, verified)
@@ -630,15 +628,22 @@ struct Drift {
     seconds: f64,
 }
 
-/// Probe locality of `bundle` on the model the compiler holds: the fixed drift probes minus
-/// those about an edit (the new records' or the base bundle's), scored by
-/// `amend_compiler::eval::probe_locality` with the bundle in a live edit set.
 /// A backend `--verify-on` names.
 #[derive(Clone, Debug, PartialEq)]
 enum VerifyTarget {
     Llama,
     /// ONNX Runtime on this execution provider.
-    Ort(String),
+    Ort(amend_runtime::onnxruntime::Ep),
+}
+
+impl VerifyTarget {
+    /// The id the runtime and the record use (`openvino` and `openvino:CPU` are one backend).
+    fn id(&self) -> String {
+        match self {
+            VerifyTarget::Llama => amend_runtime::LLAMA_CPP_BACKEND_ID.into(),
+            VerifyTarget::Ort(ep) => ep.backend_id(),
+        }
+    }
 }
 
 fn verify_targets(args: &Args) -> anyhow::Result<Vec<VerifyTarget>> {
@@ -652,29 +657,41 @@ fn verify_targets(args: &Args) -> anyhow::Result<Vec<VerifyTarget>> {
                     .strip_prefix("ort:")
                     .or_else(|| item.strip_prefix("onnxruntime:"))
                 {
-                    Some(ep) => {
+                    Some(ep) => VerifyTarget::Ort(
                         amend_runtime::onnxruntime::Ep::parse(ep)
-                            .with_context(|| format!("--verify-on {item}"))?;
-                        VerifyTarget::Ort(ep.to_string())
-                    }
+                            .with_context(|| format!("--verify-on {item}"))?,
+                    ),
                     None => bail!(
                         "--verify-on {item:?}: expected llama.cpp, ort:EP (e.g. ort:cpu, \
                          ort:openvino) or none"
                     ),
                 },
             };
-            if !out.contains(&t) {
-                out.push(t);
-            }
-        }
-    }
-    if let Some(ep) = &args.verify_ort {
-        let t = VerifyTarget::Ort(ep.clone());
-        if !out.contains(&t) {
             out.push(t);
         }
     }
+    if let Some(ep) = &args.verify_ort {
+        out.push(VerifyTarget::Ort(
+            amend_runtime::onnxruntime::Ep::parse(ep).context("--verify-ort")?,
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|t| seen.insert(t.id()));
+    if args.require_verified && out.is_empty() {
+        bail!("--require-verified needs at least one backend in --verify-on");
+    }
     Ok(out)
+}
+
+/// The ONNX Runtime library every ORT backend of this compile runs on. A process can load only
+/// one, so with an OpenVINO EP in the list it is the OpenVINO build's (which has the CPU EP
+/// too); otherwise the default (`--ep`'s, or $AMEND_ORT_LIB).
+fn ort_library_for(targets: &[VerifyTarget]) -> Option<PathBuf> {
+    use amend_runtime::onnxruntime::{default_library, Ep};
+    targets.iter().find_map(|t| match t {
+        VerifyTarget::Ort(ep @ Ep::OpenVino(_)) => Some(default_library(ep)),
+        _ => None,
+    })
 }
 
 struct Verified {
@@ -691,6 +708,7 @@ fn verify_on(
     bundle: Arc<Bundle>,
     trust: &TrustStore,
     target: &VerifyTarget,
+    targets: &[VerifyTarget],
     args: &Args,
 ) -> anyhow::Result<Verified> {
     use amend_runtime::Backend;
@@ -711,8 +729,9 @@ fn verify_on(
         VerifyTarget::Ort(ep) => {
             // No graph cache: a compile's slot layout is its own (building takes ~2 s).
             let ort = crate::backends::OrtArgs {
-                ep: ep.clone(),
+                ep: ep.name(),
                 no_onnx_cache: true,
+                ort_lib: ort_library_for(targets),
                 ..Default::default()
             };
             let slots = amend_runtime::onnxruntime::SlotLayout::for_bundles([&*bundle])?;
@@ -725,8 +744,7 @@ fn verify_on(
     let mut failed = Vec::new();
     for e in &bundle.manifest().edits {
         let req = session.begin_request(&e.prompt)?;
-        let (p, a) =
-            amend_runtime::prompt_answer_tokens(session.vocab(), &req.prompt, &e.target)?;
+        let (p, a) = amend_runtime::prompt_answer_tokens(session.vocab(), &req.prompt, &e.target)?;
         let (tf, greedy) = eval::answer_check(&mut *session, &p, &a)?;
         if !(tf && greedy) {
             failed.push(e.id.clone());
@@ -740,6 +758,9 @@ fn verify_on(
     })
 }
 
+/// Probe locality of `bundle` on the model the compiler holds: the fixed drift probes minus
+/// those about an edit (the new records' or the base bundle's), scored by
+/// `amend_compiler::eval::probe_locality` with the bundle in a live edit set.
 fn drift_check(
     compiler: &Compiler,
     bundle: Arc<Bundle>,

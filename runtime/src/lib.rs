@@ -25,6 +25,9 @@ pub mod parity;
 pub mod reference;
 mod scope;
 mod session;
+/// Test scaffolding (a tiny GGUF writer) for this workspace's tests: not public API, compiled
+/// only for tests and with the `testutil` feature their dev-dependencies enable.
+#[cfg(any(test, feature = "testutil"))]
 #[doc(hidden)]
 pub mod testutil;
 
@@ -52,9 +55,6 @@ pub use scope::{
 pub use session::{
     CancelHandle, EvalOptions, Logits, Session, SessionOptions, MAX_N_CTX, MAX_THREADS,
 };
-
-/// The pinned llama.cpp bindings, for code that must call llama.cpp directly.
-pub use llama_cpp_sys_2 as sys;
 
 /// A token id.
 pub type Token = i32;

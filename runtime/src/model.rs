@@ -223,9 +223,9 @@ impl Model {
         self.info.architecture.node_name(point, self.info.n_layer)
     }
 
-    /// The raw llama.cpp model, for code that drives llama.cpp directly (benchmarks, references).
-    /// Valid while `self` lives; do not free it.
-    pub fn as_ptr(&self) -> *mut sys::llama_model {
+    /// The raw llama.cpp model, for the runtime's own calls into llama.cpp (not public API: no
+    /// caller outside this crate may hold llama.cpp pointers). Valid while `self` lives.
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
         self.ptr.as_ptr()
     }
 

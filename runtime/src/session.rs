@@ -252,8 +252,8 @@ impl Session {
         self.n_past
     }
 
-    /// The raw llama.cpp context (for code that must call llama.cpp directly, e.g. samplers).
-    pub fn as_ptr(&self) -> *mut sys::llama_context {
+    /// The raw llama.cpp context, for the runtime's own calls (samplers); not public API.
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_context {
         self.ctx.as_ptr()
     }
 

@@ -68,7 +68,7 @@ fn random_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
 
 /// ggml's own dequantization of `data` (n rows of k).
 fn ggml_dequantize(t: GgmlType, data: &[u8], n_values: usize) -> Vec<f32> {
-    use amend_runtime::sys;
+    use llama_cpp_sys_2 as sys;
     let mut out = vec![0f32; n_values];
     // SAFETY: ggml's type traits are static; to_float reads whole blocks of `data` (its length
     // is n_values / block * block bytes) and writes n_values floats.

@@ -686,7 +686,9 @@ fn verification_records_warn_or_refuse_on_other_backends() {
                         match e {
                             RuntimeError::Unverified {
                                 bundle, backend, ..
-                            } => assert_eq!((bundle.as_str(), backend.as_str()), (id, here.as_str())),
+                            } => {
+                                assert_eq!((bundle.as_str(), backend.as_str()), (id, here.as_str()))
+                            }
                             e => panic!("{id} on {here}: {e}"),
                         }
                     }

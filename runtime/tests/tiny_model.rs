@@ -121,11 +121,7 @@ fn chunked_eval_matches_single_batch_and_reference() {
         &reference[toks.len() - 3],
         "Logits::From",
     );
-    same_rows(
-        s.last_logits().unwrap(),
-        &reference[toks.len() - 1],
-        "last",
-    );
+    same_rows(s.last_logits().unwrap(), &reference[toks.len() - 1], "last");
     assert!(s.logits(toks.len()).is_err());
 }
 

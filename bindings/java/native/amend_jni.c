@@ -123,17 +123,34 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_liveHandles(JNIEnv *env, jclass c)
 }
 
 JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, jbyteArray path,
-                                                        jboolean use_mmap, jint n_threads) {
+                                                        jboolean use_mmap, jint n_threads,
+                                                        jint backend, jbyteArray ep,
+                                                        jbyteArray ort_library,
+                                                        jbyteArray edit_slots,
+                                                        jboolean cpu_fallback) {
     (void)c;
+    /* Optional strings: a null array is the C NULL default. */
     char *p = cstr_of(env, path, "path");
-    if (!p) return 0;
-    amend_model_params mp = amend_model_default_params();
-    mp.use_mmap = use_mmap;
-    mp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+    char *e = (p && ep) ? cstr_of(env, ep, "ep") : NULL;
+    char *l = (p && ort_library && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ort_library, "ortLibrary") : NULL;
+    char *s = (p && edit_slots && !(*env)->ExceptionCheck(env)) ? cstr_of(env, edit_slots, "editSlots") : NULL;
     amend_model *m = NULL;
-    amend_result r = amend_model_open(p, &mp, &m);
+    if (p && !(*env)->ExceptionCheck(env)) {
+        amend_model_params mp = amend_model_default_params();
+        mp.use_mmap = use_mmap;
+        mp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+        /* A negative number stays out of range: amend refuses it (ERR_INVALID_ARGUMENT). */
+        mp.backend = (amend_backend)(uint32_t)backend;
+        mp.ep = e;
+        mp.ort_library = l;
+        mp.edit_slots = s;
+        mp.cpu_fallback = cpu_fallback;
+        check(env, amend_model_open(p, &mp, &m));
+    }
     free(p);
-    check(env, r);
+    free(e);
+    free(l);
+    free(s);
     return J(m);
 }
 

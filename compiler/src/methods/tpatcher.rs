@@ -480,7 +480,9 @@ fn ort_check(
     s.set_edit_set(Some(set)).map_err(rt)?;
     let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
     let a: Vec<Token> = answer.iter().map(|&t| t as Token).collect();
-    let res = s.pin_edits().and_then(|_| crate::eval::answer_check(s, &p, &a));
+    let res = s
+        .pin_edits()
+        .and_then(|_| crate::eval::answer_check(s, &p, &a));
     s.set_edit_set(None).map_err(rt)?;
     res.map_err(rt)
 }

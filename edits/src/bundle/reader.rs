@@ -303,7 +303,9 @@ fn check_verification(v: &Verification, n_edits: usize) -> Result<(), BundleErro
             ));
         }
         if v.backends[..i].iter().any(|o| o.backend == b.backend) {
-            return Err(BundleError::BadManifest("verification: backend listed twice"));
+            return Err(BundleError::BadManifest(
+                "verification: backend listed twice",
+            ));
         }
     }
     Ok(())

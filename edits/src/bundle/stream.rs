@@ -1128,12 +1128,20 @@ impl<'a> Manifest<'a> {
             cap("verified backends", n, MAX_VERIFIED_BACKENDS as u64)?;
             let entry = |c: &mut Cur<'a>| -> R<(&'a str, u32, u32)> {
                 let d = |e| StreamError::ManifestDecode(e);
-                Ok((c.str().map_err(d)?, c.u32().map_err(d)?, c.u32().map_err(d)?))
+                Ok((
+                    c.str().map_err(d)?,
+                    c.u32().map_err(d)?,
+                    c.u32().map_err(d)?,
+                ))
             };
             let mut c = Cur::at(self.b, at);
             for i in 0..n {
                 let (name, passed, total) = entry(&mut c)?;
-                cap("backend name length", name.len() as u64, MAX_BACKEND_NAME_LEN as u64)?;
+                cap(
+                    "backend name length",
+                    name.len() as u64,
+                    MAX_BACKEND_NAME_LEN as u64,
+                )?;
                 if name.is_empty() {
                     return Err(StreamError::BadManifest("verification: empty backend name"));
                 }
@@ -1145,7 +1153,9 @@ impl<'a> Manifest<'a> {
                 let mut o = Cur::at(self.b, at);
                 for _ in 0..i {
                     if entry(&mut o)?.0 == name {
-                        return Err(StreamError::BadManifest("verification: backend listed twice"));
+                        return Err(StreamError::BadManifest(
+                            "verification: backend listed twice",
+                        ));
                     }
                 }
             }

@@ -40,13 +40,49 @@ public enum Amend {
     public static var abiVersion: UInt32 { amend_abi_version() }
 }
 
+/// `body` with a C string for `s`, or NULL for nil.
+func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) throws -> R) rethrows -> R {
+    guard let s else { return try body(nil) }
+    return try s.withCString { try body($0) }
+}
+
 public final class Model: @unchecked Sendable {
     let handle: OpaquePointer
 
-    public init(path: String) throws {
+    /// Which engine runs the model (amend_model_params.backend and its options).
+    public enum Backend: Sendable {
+        /// llama.cpp on the CPU.
+        case llamaCpp
+        /// ONNX Runtime on an execution provider ("cpu", "openvino[:CPU|GPU|NPU]", "coreml", ...);
+        /// `library` nil: $AMEND_ORT_LIB, else what scripts/fetch-ort.sh installed; `editSlots`
+        /// the graph's edit slots (docs/backends.md); `cpuFallback` lets nodes the EP does not
+        /// take run on the CPU EP.
+        case onnxRuntime(ep: String = "cpu", library: String? = nil, editSlots: String? = nil,
+                         cpuFallback: Bool = false)
+    }
+
+    public init(path: String, backend: Backend = .llamaCpp, threads: UInt32 = 0) throws {
         var out: OpaquePointer? = nil
         var params = amend_model_default_params()
-        try check(amend_model_open(path, &params, &out))
+        params.n_threads = threads
+        switch backend {
+        case .llamaCpp:
+            try check(amend_model_open(path, &params, &out))
+        case let .onnxRuntime(ep, library, editSlots, cpuFallback):
+            params.backend = amend_backend(AMEND_BACKEND_ONNXRUNTIME)
+            params.cpu_fallback = cpuFallback
+            // The strings are borrowed for the call only, as amend.h states.
+            try ep.withCString { e in
+                params.ep = e
+                try withOptionalCString(library) { l in
+                    params.ort_library = l
+                    try withOptionalCString(editSlots) { s in
+                        params.edit_slots = s
+                        try check(amend_model_open(path, &params, &out))
+                    }
+                }
+            }
+        }
         handle = out!
     }
 

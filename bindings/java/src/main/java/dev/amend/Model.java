@@ -10,8 +10,16 @@ public final class Model implements AutoCloseable {
 
     /** @param nThreads default threads for sessions; 0 = available parallelism */
     public Model(String path, boolean useMmap, int nThreads) {
-        handle = Native.modelOpen(path.getBytes(StandardCharsets.UTF_8), useMmap, nThreads);
+        this(path, new ModelOptions().useMmap(useMmap).nThreads(nThreads));
     }
+
+    /** Opens on the backend {@code options} names (llama.cpp, or ONNX Runtime on an EP). */
+    public Model(String path, ModelOptions options) {
+        handle = Native.modelOpen(utf8(path), options.useMmap, options.nThreads, options.backend,
+                utf8(options.ep), utf8(options.ortLibrary), utf8(options.editSlots), options.cpuFallback);
+    }
+
+    private static byte[] utf8(String s) { return s == null ? null : s.getBytes(StandardCharsets.UTF_8); }
 
     /** llama.cpp's description, e.g. "gemma3 270M Q4_K - Medium". */
     public String description() { return Native.modelDescription(handle); }

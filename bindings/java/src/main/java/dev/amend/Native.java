@@ -26,7 +26,9 @@ final class Native {
     static native String resultName(int code);
     static native long liveHandles();
 
-    static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads);
+    /** ep, ortLibrary, editSlots: UTF-8 or null (amend_model_params' NULL defaults). */
+    static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads, int backend,
+                                 byte[] ep, byte[] ortLibrary, byte[] editSlots, boolean cpuFallback);
     static native void modelFree(long model);
     static native String modelDescription(long model);
 

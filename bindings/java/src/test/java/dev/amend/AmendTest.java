@@ -75,6 +75,30 @@ public final class AmendTest {
             check(e.codeName().equals("AMEND_ERR_IO"), e.codeName());
         });
 
+        test("backend choice", () -> {
+            expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model, new ModelOptions().backend(7)));
+            expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
+                    new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).editSlots("cb:nope")));
+            String cache = System.getenv("AMEND_CACHE");
+            if (cache == null) cache = System.getProperty("user.home") + "/.cache/amend";
+            String lib = System.getenv("AMEND_ORT_LIB");
+            if (lib == null) lib = cache + "/ort/cpu/libonnxruntime.so.1.32.0";
+            if (!new java.io.File(lib).exists()) {
+                if ("1".equals(System.getenv("AMEND_REQUIRE_MODEL"))) throw new AssertionError(lib + " missing (make ort)");
+                System.out.println("  (skipped: " + lib + " missing)");
+                return;
+            }
+            // The same greedy tokens on ONNX Runtime (CPU EP) as on llama.cpp.
+            GenerateOptions g = new GenerateOptions().maxTokens(4);
+            try (Model o = new Model(model, new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).ep("cpu").nThreads(1));
+                 Session so = new Session(o, 256, 0);
+                 Model l = new Model(model);
+                 Session sl = new Session(l, 256, 0)) {
+                List<Integer> got = so.generate(PROMPT, g).tokens, want = sl.generate(PROMPT, g).tokens;
+                check(got.equals(want), got + " vs " + want);
+            }
+        });
+
         try (Model m = new Model(model); Session s = new Session(m, 512, 0)) {
             test("model info", () -> check(m.nLayer() == 18 && m.nEmbd() == 640 && m.description().contains("gemma3"), m.description()));
             test("greedy deterministic", () -> {

@@ -1,0 +1,33 @@
+package dev.amend;
+
+/**
+ * How to open a {@link Model} (amend_model_params): the backend (llama.cpp, or ONNX Runtime on an
+ * execution provider) and its options. Setters return this, for chaining.
+ */
+public final class ModelOptions {
+    /** AMEND_BACKEND_LLAMA_CPP: llama.cpp on the CPU (the default). */
+    public static final int BACKEND_LLAMA_CPP = 0;
+    /** AMEND_BACKEND_ONNXRUNTIME: ONNX Runtime on {@link #ep}. */
+    public static final int BACKEND_ONNXRUNTIME = 1;
+
+    boolean useMmap = true;
+    int nThreads;
+    int backend = BACKEND_LLAMA_CPP;
+    String ep, ortLibrary, editSlots;
+    boolean cpuFallback;
+
+    /** Memory-map the weights (llama.cpp; default true). */
+    public ModelOptions useMmap(boolean v) { useMmap = v; return this; }
+    /** Default threads for sessions (ONNX Runtime: intra-op threads); 0 = the default. */
+    public ModelOptions nThreads(int v) { nThreads = v; return this; }
+    /** {@link #BACKEND_LLAMA_CPP} or {@link #BACKEND_ONNXRUNTIME}; other values: ERR_INVALID_ARGUMENT. */
+    public ModelOptions backend(int v) { backend = v; return this; }
+    /** ONNX Runtime's execution provider: "cpu" (null), "openvino[:CPU|GPU|NPU]", "qnn", ... */
+    public ModelOptions ep(String v) { ep = v; return this; }
+    /** The ONNX Runtime library (null: $AMEND_ORT_LIB, else what scripts/fetch-ort.sh installed). */
+    public ModelOptions ortLibrary(String v) { ortLibrary = v; return this; }
+    /** The graph's edit slots, e.g. "cb:12:ffn_input:ffn_output" (docs/backends.md); null: none. */
+    public ModelOptions editSlots(String v) { editSlots = v; return this; }
+    /** Let nodes the EP does not take run on the CPU EP (default false: such a graph is an error). */
+    public ModelOptions cpuFallback(boolean v) { cpuFallback = v; return this; }
+}
