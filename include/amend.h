@@ -993,8 +993,9 @@ enum amend_result amend_session_score(struct amend_session *session,
 
 /**
  * Reports what the active edits did during the session's last generation or scoring: calls
- * `callback` once per (bundle, edit, family, layer) that was checked or fired, in order; a
- * callback returning false stops the listing. Nothing is reported when no bundle is active.
+ * `callback` once per (bundle, edit, family, layer) that was checked or fired, in order, and
+ * once (family "unverified", a warning) per active bundle whose verification record does not
+ * cover this session's backend; a callback returning false stops the listing. Nothing is reported when no bundle is active.
  * The callback runs after the session is released, so it may call functions on the session.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT` (including a NULL callback), `AMEND_ERR_INVALID_HANDLE`,

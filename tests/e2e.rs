@@ -94,6 +94,21 @@ fn keypair(name: &str) -> (PathBuf, PathBuf) {
     (prefix.with_extension("key"), prefix.with_extension("pub"))
 }
 
+/// A scratch directory `name`, a key pair `key_name` and a one-edit JSONL file in it (PROMPT ->
+/// "Berlin"): (dir, private key, public key, edits).
+fn one_edit(name: &str, key_name: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = tmp().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair(key_name);
+    let edits = dir.join("edit.jsonl");
+    std::fs::write(
+        &edits,
+        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
+    )
+    .unwrap();
+    (dir, key, public, edits)
+}
+
 fn generate(model: &Path, prompt: &str, bundle: Option<(&Path, &Path)>) -> String {
     let mut args = vec![
         "run",
@@ -144,15 +159,7 @@ fn compile_verify_run_eval_one_edit() {
     let Some(model) = real_model() else {
         return;
     };
-    let dir = tmp().join("one-edit");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (key, public) = keypair("e2e");
-    let edits = dir.join("edit.jsonl");
-    std::fs::write(
-        &edits,
-        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
-    )
-    .unwrap();
+    let (dir, key, public, edits) = one_edit("one-edit", "e2e");
 
     let before = generate(&model, PROMPT, None);
     // The base model greedily continues " the capital of the" here: no Berlin.
@@ -656,15 +663,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     if !ort_libraries() {
         return;
     }
-    let dir = tmp().join("verified");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (key, public) = keypair("e2e-verified");
-    let edits = dir.join("edit.jsonl");
-    std::fs::write(
-        &edits,
-        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
-    )
-    .unwrap();
+    let (dir, key, public, edits) = one_edit("verified", "e2e-verified");
     let compile = |out: &Path, extra: &[&str]| {
         let args = compile_args(&model, "grace", &edits, out, &key, extra);
         ok(&args)
@@ -698,15 +697,17 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         &strict,
         &["--verify-on", "llama.cpp,ort:cpu", "--require-verified"],
     );
-    for b in ["llama.cpp", "onnxruntime:cpu"] {
+    // ONNX Runtime's id carries the library's version (onnxruntime-1.32.0:cpu).
+    for b in ["llama.cpp", ":cpu"] {
         assert!(
-            report.contains(&format!("verified on {b}: 1/1 edit(s) answer their target")),
+            report.contains(&format!("{b}: 1/1 edit(s) answer their target")),
             "{report}"
         );
     }
     let info = ok(&["inspect", s(&strict), "--pubkey", s(&public)]);
     assert!(
-        info.contains("verified llama.cpp 1/1, onnxruntime:cpu 1/1 (required"),
+        info.contains("verified llama.cpp 1/1, onnxruntime-")
+            && info.contains(":cpu 1/1 (required"),
         "{info}"
     );
     let on_cpu = run(&strict, "cpu");
@@ -720,7 +721,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     let err = String::from_utf8_lossy(&on_ov.stderr);
     assert!(
         err.contains("must run on a backend its edits were verified on")
-            && err.contains("onnxruntime:openvino:CPU"),
+            && err.contains(":openvino:CPU"),
         "{err}"
     );
 
@@ -731,7 +732,9 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("WARNING bundle") && err.contains("was not verified on onnxruntime:cpu"),
+        err.contains("WARNING bundle")
+            && err.contains("was not verified on onnxruntime-")
+            && err.contains(":cpu (verified on llama.cpp 1/1)"),
         "{err}"
     );
 

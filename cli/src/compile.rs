@@ -637,11 +637,12 @@ enum VerifyTarget {
 }
 
 impl VerifyTarget {
-    /// The id the runtime and the record use (`openvino` and `openvino:CPU` are one backend).
+    /// One key per backend (`openvino` and `openvino:CPU` are one); the record names it by the
+    /// session's `backend_id`, which adds the ONNX Runtime version once a library is loaded.
     fn id(&self) -> String {
         match self {
             VerifyTarget::Llama => amend_runtime::LLAMA_CPP_BACKEND_ID.into(),
-            VerifyTarget::Ort(ep) => ep.backend_id(),
+            VerifyTarget::Ort(ep) => format!("ort:{}", ep.name()),
         }
     }
 }

@@ -640,14 +640,25 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         return;
     }
     let f = fixture();
-    let cpu = "onnxruntime:cpu";
-    let cases: [(&str, &[(&str, u32)], bool); 5] = [
+    let om = ort_model(&f.path, f.layout.clone());
+    let mut ort = OrtSession::new(&om, 256).unwrap();
+    let mut ll = llama(&f.m);
+    // The id carries the loaded library's version: another ONNX Runtime is another backend.
+    let cpu_id = ort.backend_id();
+    let cpu = cpu_id.as_str();
+    let version = amend_runtime::onnxruntime::library_version().unwrap();
+    assert_eq!(cpu, format!("onnxruntime-{version}:cpu"));
+    assert!(version.starts_with("1."), "{version}");
+    assert_eq!(ll.backend_id(), amend_runtime::LLAMA_CPP_BACKEND_ID);
+    let cases: [(&str, &[(&str, u32)], bool); 6] = [
         ("v-llama", &[("llama.cpp", 1)], false),
         ("v-llama-req", &[("llama.cpp", 1)], true),
         ("v-both-req", &[("llama.cpp", 1), (cpu, 1)], true),
         // 0 of 1 passed on the CPU EP: listed, yet not verified there.
         ("v-cpu-failed", &[("llama.cpp", 1), (cpu, 0)], false),
         ("v-cpu-failed-req", &[("llama.cpp", 1), (cpu, 0)], true),
+        // Verified on the CPU EP of another ONNX Runtime release: not this backend.
+        ("v-other-ort-req", &[("onnxruntime-0.0.1:cpu", 1)], true),
     ];
     let probe = |b: &mut dyn Backend, bundle: Arc<Bundle>| {
         let set = edit_set(&f.m);
@@ -657,11 +668,6 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         b.set_edit_set(None).unwrap();
         (amend_runtime::check_verified(&bundle, &b.backend_id()), r)
     };
-    let om = ort_model(&f.path, f.layout.clone());
-    let mut ort = OrtSession::new(&om, 256).unwrap();
-    let mut ll = llama(&f.m);
-    assert_eq!(ort.backend_id(), cpu);
-    assert_eq!(ll.backend_id(), amend_runtime::LLAMA_CPP_BACKEND_ID);
     for (id, backends, required) in cases {
         let bundle = recorded(&f, &f.set, id, backends, required);
         for b in [&mut ll as &mut dyn Backend, &mut ort] {

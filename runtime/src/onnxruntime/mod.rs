@@ -73,9 +73,12 @@ impl Ep {
         Ok(ep)
     }
 
-    /// The id bundles' verification records name this backend by: `onnxruntime:` + [`Ep::name`].
-    pub fn backend_id(&self) -> String {
-        format!("onnxruntime:{}", self.name())
+    /// The id bundles' verification records name this EP by, on the ONNX Runtime library of
+    /// `version`: `onnxruntime-1.24.1:openvino:CPU`. The version is part of it because kernels
+    /// change between releases: T-Patcher neurons keyed on 1.32.0's CPU EP missed on 1.24.1's
+    /// (2 of 34 dev edits, docs/backends.md).
+    pub fn backend_id(&self, version: &str) -> String {
+        format!("onnxruntime-{version}:{}", self.name())
     }
 
     pub fn name(&self) -> String {
@@ -121,6 +124,60 @@ pub fn default_library(ep: &Ep) -> PathBuf {
 struct Loaded {
     path: PathBuf,
     env: ort::environment::Environment,
+    /// `1.24.1`, the library's own version string (`unknown` if it does not say).
+    version: String,
+}
+
+/// The version of the ONNX Runtime library this process loaded (`None`: none loaded yet).
+pub fn library_version() -> Option<&'static str> {
+    LOADED.get().map(|l| l.version.as_str())
+}
+
+/// The version string of the ONNX Runtime library at `path`, which this process has loaded
+/// (`OrtGetApiBase()->GetVersionString()`, e.g. `1.24.1`); `unknown` if it cannot be read or is
+/// not a plain dotted number.
+fn version_of(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let read = || -> Option<String> {
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: RTLD_NOLOAD only returns a handle to a library already mapped (ort loaded it
+        // above; nothing is initialized twice), and the matching dlclose drops that reference.
+        // OrtGetApiBase has this signature in every ONNX Runtime release (ort_sys declares it),
+        // returns a static struct, and GetVersionString a static NUL-terminated string.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if h.is_null() {
+                return None;
+            }
+            let sym = libc::dlsym(h, c"OrtGetApiBase".as_ptr());
+            let v = if sym.is_null() {
+                None
+            } else {
+                let get: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase =
+                    std::mem::transmute(sym);
+                let base = get();
+                if base.is_null() {
+                    None
+                } else {
+                    let s = ((*base).GetVersionString)();
+                    (!s.is_null())
+                        .then(|| std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned())
+                }
+            };
+            libc::dlclose(h);
+            v
+        }
+    };
+    plain_version(read().as_deref().unwrap_or(""))
+}
+
+/// `v` if it is a plain dotted version (`1.24.1`), else `unknown` (it becomes part of an id).
+fn plain_version(v: &str) -> String {
+    if !v.is_empty() && v.len() <= 32 && v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        v.to_string()
+    } else {
+        "unknown".to_string()
+    }
 }
 
 static LOADED: OnceLock<Loaded> = OnceLock::new();
@@ -166,9 +223,11 @@ pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environmen
         .with_logger(logger)
         .build()
         .map_err(|e| bad(e.to_string()))?;
+    let version = version_of(&canonical);
     let _ = LOADED.set(Loaded {
         path: canonical,
         env,
+        version,
     });
     Ok(&LOADED.get().expect("just set").env)
 }
@@ -645,7 +704,9 @@ impl PlanTarget for OrtModel {
         }
     }
     fn backend_id(&self) -> String {
-        self.options.ep.backend_id()
+        self.options
+            .ep
+            .backend_id(library_version().unwrap_or("unknown"))
     }
     fn n_layer(&self) -> u32 {
         self.cfg.n_layer as u32
@@ -1395,7 +1456,7 @@ impl crate::backend::Backend for OrtSession {
         format!("onnxruntime ({})", self.model.options.ep.name())
     }
     fn backend_id(&self) -> String {
-        self.model.options.ep.backend_id()
+        PlanTarget::backend_id(&*self.model)
     }
     fn vocab(&self) -> &Arc<Model> {
         &self.model.vocab
@@ -1462,5 +1523,25 @@ impl crate::backend::Backend for OrtSession {
         on_token: &mut dyn FnMut(&crate::TokenEvent<'_>) -> std::ops::ControlFlow<()>,
     ) -> Result<crate::GenerateOutput, RuntimeError> {
         OrtSession::generate(self, prompt, params, on_token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn library_version_is_a_plain_dotted_number() {
+        assert_eq!(super::plain_version("1.24.1"), "1.24.1");
+        assert_eq!(super::plain_version("1.2;rm"), "unknown");
+        assert_eq!(super::plain_version(""), "unknown");
+        assert_eq!(super::plain_version(&"1".repeat(40)), "unknown");
+        // A path that is not a loaded library.
+        assert_eq!(
+            super::version_of(std::path::Path::new("/nonexistent.so")),
+            "unknown"
+        );
+        assert_eq!(
+            super::Ep::parse("openvino").unwrap().backend_id("1.24.1"),
+            "onnxruntime-1.24.1:openvino:CPU"
+        );
     }
 }
