@@ -596,6 +596,9 @@ fn compile_refuses_partial_and_drifting_bundles() {
     assert!(report.contains("not reached: dev-001"), "{report}");
     assert!(report.contains("2 edit(s) resumed"), "{report}");
     assert_eq!(files_of(&dir, "partial"), ["partial.amend"]);
+    // The closed loop through the runtime names the miss too, and the record says so: a
+    // runtime warns about this bundle even on llama.cpp.
+    assert!(report.contains("fail on llama.cpp: dev-001"), "{report}");
 
     // A radius covering every key: the edit's value replaces the FFN output everywhere.
     let one = dir.join("one.json");

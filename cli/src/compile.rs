@@ -718,15 +718,19 @@ fn verify_on(
     set.add(bundle.clone(), AddOptions::default())
         .map_err(|e| anyhow::anyhow!("the compiled bundle does not load into an edit set: {e}"))?;
     let threads = Some(args.threads.unwrap_or(1));
-    let mut session: Box<dyn Backend> = match target {
-        VerifyTarget::Llama => Box::new(amend_runtime::Session::new(
-            &compiler.runtime,
-            amend_runtime::SessionOptions {
-                n_ctx: 1024,
-                n_threads: threads,
-                ..Default::default()
-            },
-        )?),
+    let edits = &bundle.manifest().edits;
+    // One session per worker: llama.cpp sessions of one thread each run side by side (one
+    // session with all cores spin-waits on small batches); an ONNX Runtime model runs one
+    // request at a time, so it gets one worker.
+    let workers = match target {
+        VerifyTarget::Llama => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8)
+            .min(edits.len().max(1)),
+        VerifyTarget::Ort(_) => 1,
+    };
+    let ort_model = match target {
+        VerifyTarget::Llama => None,
         VerifyTarget::Ort(ep) => {
             // No graph cache: a compile's slot layout is its own (building takes ~2 s).
             let ort = crate::backends::OrtArgs {
@@ -736,24 +740,73 @@ fn verify_on(
                 ..Default::default()
             };
             let slots = amend_runtime::onnxruntime::SlotLayout::for_bundles([&*bundle])?;
-            let m = crate::backends::open_ort_with_slots(&args.model, &ort, threads, slots)?;
-            Box::new(amend_runtime::onnxruntime::OrtSession::new(&m, 1024)?)
+            Some(crate::backends::open_ort_with_slots(
+                &args.model,
+                &ort,
+                threads,
+                slots,
+            )?)
         }
     };
-    session.set_scope_model(compiler.scope_model.clone())?;
-    session.set_edit_set(Some(set))?;
-    let mut failed = Vec::new();
-    for e in &bundle.manifest().edits {
-        let req = session.begin_request(&e.prompt)?;
-        let (p, a) = amend_runtime::prompt_answer_tokens(session.vocab(), &req.prompt, &e.target)?;
-        let (tf, greedy) = eval::answer_check(&mut *session, &p, &a)?;
-        if !(tf && greedy) {
-            failed.push(e.id.clone());
+    // Only what the workers share (the compiler itself holds a session, which is not Sync).
+    let (runtime, scope) = (compiler.runtime.clone(), compiler.scope_model.clone());
+    let open = || -> anyhow::Result<Box<dyn Backend>> {
+        let mut session: Box<dyn Backend> = match &ort_model {
+            None => Box::new(amend_runtime::Session::new(
+                &runtime,
+                amend_runtime::SessionOptions {
+                    n_ctx: 1024,
+                    n_threads: Some(1),
+                    ..Default::default()
+                },
+            )?),
+            Some(m) => Box::new(amend_runtime::onnxruntime::OrtSession::new(m, 1024)?),
+        };
+        session.set_scope_model(scope.clone())?;
+        session.set_edit_set(Some(set.clone()))?;
+        Ok(session)
+    };
+    // Worker w checks edits w, w + workers, ...: (index, passed) per edit, and the backend id.
+    let check = |w: usize| -> anyhow::Result<(String, Vec<(usize, bool)>)> {
+        let mut session = open()?;
+        let mut out = Vec::new();
+        for (i, e) in edits.iter().enumerate().skip(w).step_by(workers) {
+            let req = session.begin_request(&e.prompt)?;
+            let (p, a) =
+                amend_runtime::prompt_answer_tokens(session.vocab(), &req.prompt, &e.target)?;
+            let (tf, greedy) = eval::answer_check(&mut *session, &p, &a)?;
+            out.push((i, tf && greedy));
+        }
+        Ok((session.backend_id(), out))
+    };
+    let results: Vec<anyhow::Result<(String, Vec<(usize, bool)>)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers).map(|w| sc.spawn(move || check(w))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a verification worker panicked")))
+            })
+            .collect()
+    });
+    let mut backend = String::new();
+    let mut passed = vec![false; edits.len()];
+    for r in results {
+        let (id, out) = r?;
+        backend = id;
+        for (i, ok) in out {
+            passed[i] = ok;
         }
     }
+    let failed = edits
+        .iter()
+        .zip(&passed)
+        .filter(|(_, ok)| !**ok)
+        .map(|(e, _)| e.id.clone())
+        .collect();
     Ok(Verified {
-        backend: session.backend_id(),
-        total: bundle.manifest().edits.len(),
+        backend,
+        total: edits.len(),
         failed,
         seconds: t0.elapsed().as_secs_f64(),
     })
