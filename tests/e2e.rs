@@ -109,7 +109,14 @@ fn one_edit(name: &str, key_name: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) 
     (dir, key, public, edits)
 }
 
-fn generate(model: &Path, prompt: &str, bundle: Option<(&Path, &Path)>) -> String {
+/// `amend run` of `prompt` (4 tokens, one thread), with `bundle` (and its public key) if given,
+/// plus `extra`.
+fn run_args<'a>(
+    model: &'a Path,
+    prompt: &'a str,
+    bundle: Option<(&'a Path, &'a Path)>,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "run",
         "--model",
@@ -124,7 +131,12 @@ fn generate(model: &Path, prompt: &str, bundle: Option<(&Path, &Path)>) -> Strin
     if let Some((b, p)) = bundle {
         args.extend(["--bundle", s(b), "--pubkey", s(p)]);
     }
-    ok(&args)
+    args.extend_from_slice(extra);
+    args
+}
+
+fn generate(model: &Path, prompt: &str, bundle: Option<(&Path, &Path)>) -> String {
+    ok(&run_args(model, prompt, bundle, &[]))
 }
 
 /// `amend eval` of `bundle` on `data`, short generations, one thread, plus `extra`.
@@ -250,21 +262,7 @@ fn compile_verify_run_eval_one_edit() {
         &["verify", s(&tampered), "--pubkey", s(&public)],
         &["sha256 mismatch"],
     );
-    let out = amend(&[
-        "run",
-        "--model",
-        s(&model),
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "4",
-        "--threads",
-        "1",
-        "--bundle",
-        s(&tampered),
-        "--pubkey",
-        s(&public),
-    ]);
+    let out = amend(&run_args(&model, PROMPT, Some((&tampered, &public)), &[]));
     assert!(!out.status.success());
     assert!(
         out.stdout.is_empty(),
@@ -672,27 +670,19 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         ok(&args)
     };
     let run = |bundle: &Path, ep: &str| {
-        amend(&[
-            "run",
-            "--model",
-            s(&model),
-            "--prompt",
+        amend(&run_args(
+            &model,
             PROMPT,
-            "--max-tokens",
-            "3",
-            "--threads",
-            "1",
-            "--bundle",
-            s(bundle),
-            "--pubkey",
-            s(&public),
-            "--backend",
-            "ort",
-            "--ep",
-            ep,
-            "--no-onnx-cache",
-            "--explain",
-        ])
+            Some((bundle, &public)),
+            &[
+                "--backend",
+                "ort",
+                "--ep",
+                ep,
+                "--no-onnx-cache",
+                "--explain",
+            ],
+        ))
     };
 
     let strict = dir.join("strict.amend");
