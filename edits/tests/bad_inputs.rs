@@ -741,7 +741,7 @@ fn k46_verification_record() {
     let v = Verification {
         backends: vec![
             backend("llama.cpp", n, n),
-            backend("onnxruntime:cpu", n - 1, n),
+            backend("onnxruntime-1.32.0:cpu", n - 1, n),
         ],
         required: true,
     };
@@ -750,7 +750,7 @@ fn k46_verification_record() {
     let set = active_set();
     let b = set.open_bytes(ok.as_slice()).unwrap();
     assert_eq!(b.manifest().verification.as_ref(), Some(&v));
-    assert!(v.covers("llama.cpp") && !v.covers("onnxruntime:cpu"));
+    assert!(v.covers("llama.cpp") && !v.covers("onnxruntime-1.32.0:cpu"));
     for chunk in [1, 7, 4096, ok.len()] {
         common::stream::stream(ok.as_slice(), set.trust(), chunk).unwrap();
     }
