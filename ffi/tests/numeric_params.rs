@@ -447,3 +447,143 @@ fn onnxruntime_backend_through_the_c_abi() {
     assert_eq!(llama.len(), 6);
     assert_eq!(llama, ort);
 }
+
+/// A bundle's verification record through the C ABI, on the tiny model: a bundle that requires
+/// verification on llama.cpp only is activated there and refused on ONNX Runtime
+/// (`AMEND_ERR_BUNDLE_UNVERIFIED`, nothing active); without `required` it is activated on ONNX
+/// Runtime and explain reports an `"unverified"` warning.
+#[test]
+fn verification_record_through_the_c_abi() {
+    use amend_edits::ed25519_dalek::SigningKey;
+    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
+    if !lib.exists() {
+        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", lib.display());
+        }
+        eprintln!("skipped: {} missing", lib.display());
+        return;
+    }
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let bundle = |id: &str, required: bool| -> Vec<u8> {
+        let d = amend_runtime::testutil::TINY_N_EMBD as usize;
+        let mut b = amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
+            bundle_id: id.into(),
+            channel: id.into(),
+            version: 1,
+            created: 0,
+            not_before: 0,
+            expires: u64::MAX,
+            model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
+        });
+        // A key no prompt comes near: the edit never fires, so only the record matters.
+        let mut k = vec![0.0f32; d];
+        k[0] = 1.0;
+        let p = b.add_codebook(
+            1,
+            amend_edits::Site::FfnInput,
+            amend_edits::Site::FfnOutput,
+            1,
+            false,
+            d,
+            &k,
+            &vec![0.5; d],
+            &[0.01],
+        );
+        b.add_edit("e", 1, amend_edits::Site::FfnOutput, "p", "t", p, 0, 1);
+        b.set_verification(Some(amend_edits::bundle::Verification {
+            backends: vec![amend_edits::bundle::VerifiedBackend {
+                backend: "llama.cpp".into(),
+                passed: 1,
+                total: 1,
+            }],
+            required,
+        }));
+        b.build_signed(&key).unwrap().as_slice().to_vec()
+    };
+    extern "C" fn families(ud: *mut std::ffi::c_void, a: *const amend_edit_activity) -> bool {
+        let f = unsafe { CStr::from_ptr((*a).family) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { (*(ud as *mut Vec<String>)).push(f) };
+        true
+    }
+    let mut trust = ptr::null_mut();
+    assert_eq!(
+        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
+        amend_result::AMEND_OK
+    );
+    // (activation result, active bundles, explain families after a generation)
+    let run = |backend: u32, bytes: &[u8]| -> (amend_result, usize, Vec<String>) {
+        let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
+        let (r, m) = open_model(&amend_model_params {
+            backend,
+            n_threads: 1,
+            edit_slots: slots.as_ptr(),
+            ..amend_model_default_params()
+        });
+        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        let mut s = ptr::null_mut();
+        assert_eq!(
+            amend_session_open(m, ptr::null(), &mut s),
+            amend_result::AMEND_OK
+        );
+        let mut b = ptr::null_mut();
+        assert_eq!(
+            amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
+            amend_result::AMEND_OK,
+            "{}",
+            last_error()
+        );
+        let activated = amend_session_activate(s, b);
+        if activated != amend_result::AMEND_OK {
+            assert!(last_error().contains("verified on"), "{}", last_error());
+        }
+        let mut n = 0usize;
+        assert_eq!(
+            amend_session_active_bundle_count(s, &mut n),
+            amend_result::AMEND_OK
+        );
+        let prompt = "hello world";
+        let params = amend_generate_params {
+            max_tokens: 1,
+            ..amend_generate_default_params()
+        };
+        let r = amend_session_generate(
+            s,
+            prompt.as_ptr() as *const _,
+            prompt.len(),
+            &params,
+            None,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        );
+        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        let mut fams: Vec<String> = Vec::new();
+        assert_eq!(
+            amend_session_explain(s, Some(families), &mut fams as *mut Vec<String> as *mut _),
+            amend_result::AMEND_OK
+        );
+        amend_bundle_free(b);
+        amend_session_free(s);
+        amend_model_free(m);
+        (activated, n, fams)
+    };
+    let strict = bundle("v-strict", true);
+    let lenient = bundle("v-lenient", false);
+    let ok = amend_result::AMEND_OK;
+    let (r, n, fams) = run(AMEND_BACKEND_LLAMA_CPP, &strict);
+    assert_eq!((r, n), (ok, 1));
+    assert!(!fams.iter().any(|f| f == "unverified"), "{fams:?}");
+    let (r, n, fams) = run(AMEND_BACKEND_ONNXRUNTIME, &strict);
+    assert_eq!((r, n), (amend_result::AMEND_ERR_BUNDLE_UNVERIFIED, 0));
+    assert!(
+        fams.is_empty(),
+        "nothing of a refused bundle applies: {fams:?}"
+    );
+    let (r, n, fams) = run(AMEND_BACKEND_ONNXRUNTIME, &lenient);
+    assert_eq!((r, n), (ok, 1));
+    assert!(fams.iter().any(|f| f == "unverified"), "{fams:?}");
+    let (_, _, fams) = run(AMEND_BACKEND_LLAMA_CPP, &lenient);
+    assert!(!fams.iter().any(|f| f == "unverified"), "{fams:?}");
+    amend_trust_store_free(trust);
+}
