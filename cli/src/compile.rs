@@ -99,10 +99,11 @@ pub struct Args {
     /// the compile fails).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     checkpoint_every: f64,
-    /// Also key and check the edits on ONNX Runtime with this execution provider (cpu,
-    /// openvino, ...): T-Patcher's neurons are then keyed on both backends' hidden states and
-    /// each edit must pass the closed-loop check on both (docs/backends.md).
-    #[arg(long, value_name = "EP")]
+    /// Also key and check the edits on ONNX Runtime with these execution providers
+    /// (comma-separated: cpu, openvino, ...): T-Patcher's neurons are then keyed on every
+    /// backend's hidden states and each edit must pass the closed-loop check on each
+    /// (docs/backends.md). Adds `ort:EP` to `--verify-on`.
+    #[arg(long, value_name = "EPS")]
     verify_ort: Option<String>,
     /// Backends to check every edit on through the runtime after compiling (closed loop: the
     /// edit's prompt must answer its target, teacher-forced and greedy), recorded in the signed
@@ -223,17 +224,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?;
         compiler.scope_model = Some(scope);
     }
-    if let Some(ep) = &args.verify_ort {
+    if args.verify_ort.is_some() {
         if method != Method::TPatcher {
             bail!("--verify-ort: only tpatcher keys its edits on hidden states a backend computes; the other methods carry over as they are (docs/backends.md)");
         }
-        compiler.verify_ort = Some(amend_runtime::onnxruntime::OrtOptions {
-            ep: amend_runtime::onnxruntime::Ep::parse(ep)?,
-            n_threads: Some(1),
-            cache: amend_runtime::onnxruntime::OnnxCache::Off,
-            library: ort_library_for(&targets),
-            ..Default::default()
-        });
+        for ep in verify_ort_eps(&args)? {
+            compiler
+                .verify_ort
+                .push(amend_runtime::onnxruntime::OrtOptions {
+                    ep,
+                    n_threads: Some(1),
+                    cache: amend_runtime::onnxruntime::OnnxCache::Off,
+                    library: ort_library_for(&targets),
+                    ..Default::default()
+                });
+        }
     }
     eprintln!(
         "loaded {} ({}) in {:.1} s; {} edit(s), method {}",
@@ -671,15 +676,29 @@ fn verify_targets(args: &Args) -> anyhow::Result<Vec<VerifyTarget>> {
             out.push(t);
         }
     }
-    if let Some(ep) = &args.verify_ort {
-        out.push(VerifyTarget::Ort(
-            amend_runtime::onnxruntime::Ep::parse(ep).context("--verify-ort")?,
-        ));
-    }
+    out.extend(verify_ort_eps(args)?.into_iter().map(VerifyTarget::Ort));
     let mut seen = std::collections::BTreeSet::new();
     out.retain(|t| seen.insert(t.id()));
     if args.require_verified && out.is_empty() {
         bail!("--require-verified needs at least one backend in --verify-on");
+    }
+    Ok(out)
+}
+
+/// `--verify-ort`'s EPs, without repeats (`openvino` and `openvino:CPU` are one).
+fn verify_ort_eps(args: &Args) -> anyhow::Result<Vec<amend_runtime::onnxruntime::Ep>> {
+    let mut out: Vec<amend_runtime::onnxruntime::Ep> = Vec::new();
+    for item in args
+        .verify_ort
+        .iter()
+        .flat_map(|l| l.split(','))
+        .map(str::trim)
+    {
+        let ep = amend_runtime::onnxruntime::Ep::parse(item)
+            .with_context(|| format!("--verify-ort {item}"))?;
+        if !out.contains(&ep) {
+            out.push(ep);
+        }
     }
     Ok(out)
 }

@@ -216,9 +216,10 @@ pub struct Compiler {
     /// Finished edits to resume from and keep (`amend compile` writes `OUT.ckpt`); see
     /// [`crate::checkpoint`] and, per method, [`Method::checkpoints`].
     pub checkpoint: Option<Checkpoint>,
-    /// Also key and check edits on ONNX Runtime with these options (`amend compile
-    /// --verify-ort EP`): T-Patcher's neurons then fire on both backends' hidden states.
-    pub verify_ort: Option<amend_runtime::onnxruntime::OrtOptions>,
+    /// Also key and check edits on ONNX Runtime with each of these options (`amend compile
+    /// --verify-ort cpu,openvino`): T-Patcher's neurons then fire on every backend's hidden
+    /// states. All of them run on one ONNX Runtime library (one per process).
+    pub verify_ort: Vec<amend_runtime::onnxruntime::OrtOptions>,
 }
 
 impl Compiler {
@@ -248,7 +249,7 @@ impl Compiler {
             model_path: model_path.to_path_buf(),
             scope_model: None,
             checkpoint: None,
-            verify_ort: None,
+            verify_ort: Vec::new(),
         })
     }
 

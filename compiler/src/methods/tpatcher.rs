@@ -91,12 +91,13 @@ pub(crate) fn compile(
     )
     .map_err(|e| CompileError::Runtime(e.to_string()))?;
     let memory = neutral_rows(c, &mut rs, layer)?;
-    // ONNX Runtime as a second device (`--verify-ort`): its rows key the neurons too, and every
-    // edit must pass the closed-loop check there as well.
-    let mut os = match &c.verify_ort {
-        Some(o) => Some(ort_session(c, o, layer)?),
-        None => None,
-    };
+    // ONNX Runtime EPs as more devices (`--verify-ort`): their rows key the neurons too, and
+    // every edit must pass the closed-loop check on each as well.
+    let mut os = c
+        .verify_ort
+        .iter()
+        .map(|o| ort_session(c, o, layer))
+        .collect::<Result<Vec<_>>>()?;
     let mut reports = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
@@ -122,7 +123,7 @@ pub(crate) fn compile(
             continue;
         }
         let mut rows = vec![runtime_edit_rows(&mut rs, &p, &a, layer, dim)?];
-        if let Some(os) = os.as_mut() {
+        for os in os.iter_mut() {
             rows.push(ort_edit_rows(os, &p, &a, layer, dim)?);
         }
         let mut attempt = 0;
@@ -140,7 +141,7 @@ pub(crate) fn compile(
                 &mut report,
             )?;
             let mut check = runtime_check(&mut rs, dim, &p, &a, layer, &neurons, &t)?;
-            if let Some(os) = os.as_mut() {
+            for os in os.iter_mut() {
                 let o = ort_check(os, c, dim, &p, &a, layer, &neurons, &t)?;
                 check = (check.0 && o.0, check.1 && o.1);
             }
@@ -175,10 +176,10 @@ pub(crate) fn compile(
                 t.min_edit_act,
                 t.min_gen_act,
                 t.max_mem_act,
-                if os.is_some() {
-                    " (llama.cpp and ONNX Runtime)"
-                } else {
+                if os.is_empty() {
                     ""
+                } else {
+                    " (llama.cpp and ONNX Runtime)"
                 },
                 check.0,
                 check.1,
