@@ -750,4 +750,26 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         ),
         &["--verify-on ort:warp9"],
     );
+    refused(
+        &compile_args(
+            &model,
+            "tpatcher",
+            &edits,
+            &dir.join("x.amend"),
+            &key,
+            &["--verify-ort", "cpu,warp9"],
+        ),
+        &["--verify-ort warp9"],
+    );
+    refused(
+        &compile_args(
+            &model,
+            "grace",
+            &edits,
+            &dir.join("x.amend"),
+            &key,
+            &["--verify-ort", "cpu"],
+        ),
+        &["only tpatcher"],
+    );
 }
