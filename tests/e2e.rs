@@ -739,37 +739,25 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         info.contains("format   1.1") && info.contains("not recorded"),
         "{info}"
     );
-    refused(
-        &compile_args(
-            &model,
+    // Bad lists are refused before anything is trained.
+    let bad: [(&str, &[&str], &str); 3] = [
+        (
             "grace",
-            &edits,
-            &dir.join("x.amend"),
-            &key,
             &["--verify-on", "ort:warp9"],
+            "--verify-on ort:warp9",
         ),
-        &["--verify-on ort:warp9"],
-    );
-    refused(
-        &compile_args(
-            &model,
+        (
             "tpatcher",
-            &edits,
-            &dir.join("x.amend"),
-            &key,
             &["--verify-ort", "cpu,warp9"],
+            "--verify-ort warp9",
         ),
-        &["--verify-ort warp9"],
-    );
-    refused(
-        &compile_args(
-            &model,
-            "grace",
-            &edits,
-            &dir.join("x.amend"),
-            &key,
-            &["--verify-ort", "cpu"],
-        ),
-        &["only tpatcher"],
-    );
+        ("grace", &["--verify-ort", "cpu"], "only tpatcher"),
+    ];
+    let x = dir.join("x.amend");
+    for (method, extra, needle) in bad {
+        refused(
+            &compile_args(&model, method, &edits, &x, &key, extra),
+            &[needle],
+        );
+    }
 }

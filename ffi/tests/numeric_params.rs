@@ -36,6 +36,39 @@ fn open_model(params: &amend_model_params) -> (amend_result, *mut amend_model) {
     (r, m)
 }
 
+/// The tiny model on `backend` with a codebook slot at layer 1 (ONNX Runtime), and a session.
+fn open_slotted(backend: u32) -> (*mut amend_model, *mut amend_session) {
+    let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
+    let (r, m) = open_model(&amend_model_params {
+        backend,
+        n_threads: 1,
+        edit_slots: slots.as_ptr(),
+        ..amend_model_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let mut s = ptr::null_mut();
+    assert_eq!(
+        amend_session_open(m, ptr::null(), &mut s),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    (m, s)
+}
+
+/// The ONNX Runtime library is there (a skip without it; a failure under AMEND_REQUIRE_MODEL=1).
+fn ort_library() -> bool {
+    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
+    if lib.exists() {
+        return true;
+    }
+    if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", lib.display());
+    }
+    eprintln!("skipped: {} missing", lib.display());
+    false
+}
+
 /// `r` is an invalid-argument error whose message names `param`.
 fn refused(r: amend_result, param: &str) {
     assert_eq!(
@@ -389,30 +422,11 @@ fn model_params_size_and_backend() {
 /// weights agree to ~1e-4, so the tokens are the same), when the ONNX Runtime library is there.
 #[test]
 fn onnxruntime_backend_through_the_c_abi() {
-    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
-    if !lib.exists() {
-        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", lib.display());
-        }
-        eprintln!("skipped: {} missing", lib.display());
+    if !ort_library() {
         return;
     }
     let generate = |backend: u32| {
-        let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
-        let (r, m) = open_model(&amend_model_params {
-            backend,
-            n_threads: 1,
-            edit_slots: slots.as_ptr(),
-            ..amend_model_default_params()
-        });
-        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-        let mut s = ptr::null_mut();
-        assert_eq!(
-            amend_session_open(m, ptr::null(), &mut s),
-            amend_result::AMEND_OK,
-            "{}",
-            last_error()
-        );
+        let (m, s) = open_slotted(backend);
         let prompt = "hello world";
         let params = amend_generate_params {
             max_tokens: 6,
@@ -455,12 +469,7 @@ fn onnxruntime_backend_through_the_c_abi() {
 #[test]
 fn verification_record_through_the_c_abi() {
     use amend_edits::ed25519_dalek::SigningKey;
-    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
-    if !lib.exists() {
-        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", lib.display());
-        }
-        eprintln!("skipped: {} missing", lib.display());
+    if !ort_library() {
         return;
     }
     let key = SigningKey::from_bytes(&[9; 32]);
@@ -514,19 +523,7 @@ fn verification_record_through_the_c_abi() {
     );
     // (activation result, active bundles, explain families after a generation)
     let run = |backend: u32, bytes: &[u8]| -> (amend_result, usize, Vec<String>) {
-        let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
-        let (r, m) = open_model(&amend_model_params {
-            backend,
-            n_threads: 1,
-            edit_slots: slots.as_ptr(),
-            ..amend_model_default_params()
-        });
-        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-        let mut s = ptr::null_mut();
-        assert_eq!(
-            amend_session_open(m, ptr::null(), &mut s),
-            amend_result::AMEND_OK
-        );
+        let (m, s) = open_slotted(backend);
         let mut b = ptr::null_mut();
         assert_eq!(
             amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
