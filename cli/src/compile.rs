@@ -374,22 +374,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         c.flush()?;
     }
 
-    let mut bytes = out
-        .builder
-        .build_signed(&key)
-        .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
-    if args.test_corrupt_output {
-        let n = bytes.len();
-        bytes.as_mut_slice()[n / 2] ^= 0x40;
-    }
     // The compiler checks its own output with the reader every device uses, before writing:
     // a bundle that no verifier accepts is never signed onto disk.
-    let verified = Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
-        anyhow::anyhow!(
-            "the compiled bundle does not verify ({e}); nothing was written to {}",
-            args.out.display()
-        )
-    })?;
+    let build_checked = |b: &amend_edits::BundleBuilder| -> anyhow::Result<(_, Bundle)> {
+        let mut bytes = b
+            .build_signed(&key)
+            .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
+        if args.test_corrupt_output {
+            let n = bytes.len();
+            bytes.as_mut_slice()[n / 2] ^= 0x40;
+        }
+        let verified = Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
+            anyhow::anyhow!(
+                "the compiled bundle does not verify ({e}); nothing was written to {}",
+                args.out.display()
+            )
+        })?;
+        Ok((bytes, verified))
+    };
+    let (bytes, verified) = build_checked(&out.builder)?;
     if let Some(sc) = out.calibration.as_ref().and_then(|c| c.scope.as_ref()) {
         println!(
             "serac scope model: subject threshold {:.4}, relation threshold {:.4}, pooled floor {:.2}: {}/{} synthesized hard negatives rejected{}",
@@ -509,20 +512,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             total: v.total as u32,
         });
     }
+    // The same payloads again, with the record in the manifest (signed and checked anew).
     let (bytes, verified) = if targets.is_empty() {
         (bytes, verified)
     } else {
         let mut b = out.builder.clone();
         b.set_verification(Some(record));
-        let bytes = b
-            .build_signed(&key)
-            .map_err(|e| anyhow::anyhow!("building the bundle: {e}"))?;
-        let verified = Bundle::from_bytes(bytes.as_slice(), &trust).map_err(|e| {
-            anyhow::anyhow!(
-                "the compiled bundle does not verify ({e}); nothing was written to {}",
-                args.out.display()
-            )
-        })?;
+        let (bytes, verified) = build_checked(&b)?;
         (bytes, Arc::new(verified))
     };
 

@@ -114,6 +114,25 @@ fn noise(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A bundle `id` with one codebook entry at layer 1 (FFN input -> FFN output, radius 0.05),
+/// edit `edit` on prompt A.
+fn codebook_builder(m: &Model, id: &str, edit: &str, key: &[f32], value: &[f32]) -> BundleBuilder {
+    let mut b = BundleBuilder::new(meta(m, id));
+    let p = b.add_codebook(
+        1,
+        Site::FfnInput,
+        Site::FfnOutput,
+        1,
+        false,
+        D,
+        key,
+        value,
+        &[0.05],
+    );
+    b.add_edit(edit, 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    b
+}
+
 /// Three bundles, one per family, each keyed on prompt A of the tiny model: a codebook at
 /// layer 1 (FFN input -> FFN output), patch neurons at layer 0, a rank-2 delta on layer 1's
 /// down projection.
@@ -128,20 +147,8 @@ fn bundles(m: &Arc<Model>, set: &EditSet) -> Bundles {
     let mut seed = 11u64;
     let mut x1 = capture(&mut s, A, HookPoint::new(1, Site::FfnInput));
     assert!(amend_edits::families::l2_normalize(&mut x1));
-    let mut cb = BundleBuilder::new(meta(m, "cb"));
     let value = noise(&mut seed, D, 40.0);
-    let p = cb.add_codebook(
-        1,
-        Site::FfnInput,
-        Site::FfnOutput,
-        1,
-        false,
-        D,
-        &x1,
-        &value,
-        &[0.05],
-    );
-    cb.add_edit("cb-a", 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    let cb = codebook_builder(m, "cb", "cb-a", &x1, &value);
 
     let x0 = capture(&mut s, A, HookPoint::new(0, Site::FfnInput));
     let n2: f32 = x0.iter().map(|v| v * v).sum();
@@ -604,22 +611,10 @@ fn recorded(
     required: bool,
 ) -> Arc<Bundle> {
     let mut seed = 5u64;
-    let mut b = BundleBuilder::new(meta(&f.m, id));
     let mut key = noise(&mut seed, D, 1.0);
     assert!(amend_edits::families::l2_normalize(&mut key));
     let value = noise(&mut seed, D, 1.0);
-    let p = b.add_codebook(
-        1,
-        Site::FfnInput,
-        Site::FfnOutput,
-        1,
-        false,
-        D,
-        &key,
-        &value,
-        &[0.05],
-    );
-    b.add_edit(&format!("{id}-e"), 1, Site::FfnOutput, A, " Paris", p, 0, 1);
+    let mut b = codebook_builder(&f.m, id, &format!("{id}-e"), &key, &value);
     b.set_verification(Some(amend_edits::bundle::Verification {
         backends: backends
             .iter()
