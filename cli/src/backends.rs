@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use amend_runtime::onnxruntime::{
-    Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile, SlotLayout,
+    Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile, SlotLayout, StaticShapes,
 };
 use amend_runtime::{Backend, GenerateParams, Session, SessionOptions};
 use anyhow::Context;
@@ -64,6 +64,10 @@ pub struct OrtArgs {
     /// `lr:TENSOR`, `;`-separated (docs/backends.md).
     #[arg(long, default_value = "")]
     pub slots: String,
+    /// Fixed shapes, as QNN needs: `CHUNK,WINDOW` builds a prefill graph of CHUNK tokens and a
+    /// one-token decode graph over a KV window of WINDOW positions (the context's limit).
+    #[arg(long)]
+    pub static_shapes: Option<String>,
 }
 
 impl Default for OrtArgs {
@@ -79,6 +83,7 @@ impl Default for OrtArgs {
             emulate: "none".into(),
             ort_config: Vec::new(),
             slots: String::new(),
+            static_shapes: None,
         }
     }
 }
@@ -112,6 +117,11 @@ impl OrtArgs {
                 .collect::<anyhow::Result<_>>()?,
             slots: SlotLayout::parse(&self.slots).map_err(|e| anyhow::anyhow!("--slots: {e}"))?,
             capture: Vec::new(),
+            static_shapes: self
+                .static_shapes
+                .as_deref()
+                .map(StaticShapes::parse)
+                .transpose()?,
         })
     }
 }
@@ -237,7 +247,12 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     let ort = open_ort(&args.model, &args.ort, Some(args.threads))?;
     let open_s = t.elapsed().as_secs_f64();
     let rss_ort_open = rss_kb().unwrap_or(0).saturating_sub(rss0 + rss_llama);
-    let mut candidate = OrtSession::new(&ort, 1024)?;
+    // A static KV window bounds the context.
+    let n_ctx = ort
+        .options()
+        .static_shapes
+        .map_or(1024, |s| s.window.min(1024));
+    let mut candidate = OrtSession::new(&ort, n_ctx)?;
     let candidate_name = format!("onnxruntime {}", ort.options().ep.name());
     let report = amend_runtime::parity::parity(
         &mut reference,

@@ -319,6 +319,80 @@ pub struct OrtOptions {
     /// Hook sites whose rows every evaluation returns ([`OrtSession::captured`]): what the
     /// compiler reads to key edits on this backend's own hidden states.
     pub capture: Vec<amend_edits::HookPoint>,
+    /// Fixed shapes for EPs that need them (QNN): two graphs, a prefill of `chunk` tokens and
+    /// a one-token decode, over a KV window of `window` positions ([`graph::Shapes::Static`]).
+    /// `None`: one graph with dynamic shapes.
+    pub static_shapes: Option<StaticShapes>,
+}
+
+/// A fixed prefill chunk and KV window ([`OrtOptions::static_shapes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticShapes {
+    /// Tokens per prefill run, 1..=512 (a shorter chunk is padded; one token runs the decode
+    /// graph).
+    pub chunk: usize,
+    /// Cached positions the graphs attend over: the session's context is at most this.
+    pub window: usize,
+}
+
+impl StaticShapes {
+    /// `CHUNK,WINDOW` (e.g. `64,1024`).
+    pub fn parse(s: &str) -> Result<StaticShapes, RuntimeError> {
+        let bad = |d: &str| RuntimeError::InvalidOptions(format!("static shapes `{s}`: {d}"));
+        let (c, w) = s
+            .split_once(',')
+            .ok_or_else(|| bad("expected CHUNK,WINDOW"))?;
+        let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad("not a number"));
+        let shapes = StaticShapes {
+            chunk: num(c)?,
+            window: num(w)?,
+        };
+        shapes.check()?;
+        Ok(shapes)
+    }
+
+    fn check(&self) -> Result<(), RuntimeError> {
+        if !(1..=512).contains(&self.chunk)
+            || self.window == 0
+            || self.window > crate::MAX_N_CTX as usize
+        {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "static shapes: chunk must be 1..=512 and window 1..={} (got {},{})",
+                crate::MAX_N_CTX,
+                self.chunk,
+                self.window
+            )));
+        }
+        Ok(())
+    }
+
+    /// The graphs: the prefill (the only one when `chunk` is 1), then the decode.
+    fn graphs(&self) -> Vec<graph::Shapes> {
+        let mut g = vec![graph::Shapes::Static {
+            tokens: self.chunk,
+            window: self.window,
+        }];
+        if self.chunk > 1 {
+            g.push(graph::Shapes::Static {
+                tokens: 1,
+                window: self.window,
+            });
+        }
+        g
+    }
+}
+
+/// Where the decode graph of a static pair lives, beside the prefill graph `p`:
+/// `m.onnx` -> `m.decode.onnx`.
+pub fn decode_graph_path(p: &Path) -> PathBuf {
+    let stem = p.file_stem().unwrap_or_default().to_os_string();
+    let mut name = stem;
+    name.push(".decode");
+    if let Some(ext) = p.extension() {
+        name.push(".");
+        name.push(ext);
+    }
+    p.with_file_name(name)
 }
 
 /// Where the built ONNX graph is kept between runs. A cached graph is used only when its
@@ -359,6 +433,7 @@ impl Default for OrtOptions {
             session_config: Vec::new(),
             slots: SlotLayout::default(),
             capture: Vec::new(),
+            static_shapes: None,
         }
     }
 }
@@ -380,6 +455,8 @@ pub struct OrtModel {
     vocab: Arc<Model>,
     cfg: ModelConfig,
     runner: Mutex<OrtRunner>,
+    /// With static shapes and a chunk over one token: the one-token decode graph's session.
+    decode: Option<Mutex<OrtRunner>>,
     options: OrtOptions,
     stats: OrtLoadStats,
     rope_freqs: Option<Vec<f32>>,
@@ -424,49 +501,8 @@ impl OrtModel {
             },
         )?;
         let arch = vocab.architecture();
-        let builder_id = graph::builder_id(
-            options.profile,
-            &options.emulation,
-            &options.slots,
-            &options.capture,
-        );
-        let cache_path = match &options.cache {
-            OnnxCache::Off => None,
-            OnnxCache::File(p) => Some(p.clone()),
-            OnnxCache::BesideModel => {
-                let mut name = path.file_name().unwrap_or_default().to_os_string();
-                name.push(format!(".{}", options.profile.name()));
-                if !options.slots.is_empty() || !options.capture.is_empty() {
-                    // One cached graph per slot layout and capture list.
-                    let h = amend_edits::keys::to_hex(&<sha2::Sha256 as sha2::Digest>::digest(
-                        builder_id.as_bytes(),
-                    ));
-                    name.push(format!(".slots-{}", &h[..12]));
-                }
-                name.push(".onnx");
-                Some(path.with_file_name(name))
-            }
-        };
-        let t0 = Instant::now();
-        // A cached graph: bound to the file's fingerprint (the runtime's fingerprint cache).
-        let mut cached = None;
-        if let Some(cp) = &cache_path {
-            let fp = vocab.binding().map_err(|e| RuntimeError::InvalidGguf {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
-            match cache::read(cp, &fp.fingerprint, &builder_id) {
-                Ok(bytes) => cached = Some((bytes, fp)),
-                Err(detail) => {
-                    if matches!(options.cache, OnnxCache::File(_)) {
-                        return Err(RuntimeError::OrtCache {
-                            path: cp.clone(),
-                            detail,
-                        });
-                    }
-                    log::info!("ort: not using the cached graph {}: {detail}", cp.display());
-                }
-            }
+        if let Some(st) = &options.static_shapes {
+            st.check()?;
         }
         let (header, hp) = {
             let header = amend_edits::gguf::GgufFile::read_header(path).map_err(|e| {
@@ -500,64 +536,138 @@ impl OrtModel {
                 }
             }
         }
-        let (onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
-            Some((bytes, fp)) => {
-                let rope_freqs = read_rope_freqs(path, &header)?;
-                (bytes, fp, rope_freqs, 0, true)
-            }
-            None => {
-                let Built {
-                    onnx,
-                    binding,
-                    rope_freqs,
-                    n_nodes,
-                } = build_onnx(path, &cfg, &options, &builder_id)?;
-                if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
-                    if let Err(e) = cache::write(cp, &onnx, &binding.fingerprint, &builder_id) {
-                        log::info!("ort: graph not cached at {}: {e}", cp.display());
+        // One graph, or a static pair: the prefill, then the one-token decode.
+        let all_shapes = match &options.static_shapes {
+            None => vec![graph::Shapes::Dynamic],
+            Some(st) => st.graphs(),
+        };
+        let mut stats = OrtLoadStats::default();
+        let mut runners = Vec::with_capacity(all_shapes.len());
+        let mut first = None;
+        for (gi, &shapes) in all_shapes.iter().enumerate() {
+            let builder_id = graph::builder_id(
+                options.profile,
+                &options.emulation,
+                &options.slots,
+                &options.capture,
+                shapes,
+            );
+            // The second graph of a static pair sits beside the first as `NAME.decode.onnx`.
+            let second = |p: PathBuf| if gi == 0 { p } else { decode_graph_path(&p) };
+            let cache_path = match &options.cache {
+                OnnxCache::Off => None,
+                OnnxCache::File(p) => Some(second(p.clone())),
+                OnnxCache::BesideModel => {
+                    let mut name = path.file_name().unwrap_or_default().to_os_string();
+                    name.push(format!(".{}", options.profile.name()));
+                    if !options.slots.is_empty()
+                        || !options.capture.is_empty()
+                        || shapes != graph::Shapes::Dynamic
+                    {
+                        // One cached graph per slot layout, capture list and shapes.
+                        let h = amend_edits::keys::to_hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                            builder_id.as_bytes(),
+                        ));
+                        name.push(format!(".slots-{}", &h[..12]));
+                    }
+                    name.push(".onnx");
+                    Some(path.with_file_name(name))
+                }
+            };
+            let t0 = Instant::now();
+            // A cached graph: bound to the file's fingerprint (the runtime's fingerprint cache).
+            let mut cached = None;
+            if let Some(cp) = &cache_path {
+                let fp = vocab.binding().map_err(|e| RuntimeError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                })?;
+                match cache::read(cp, &fp.fingerprint, &builder_id) {
+                    Ok(bytes) => cached = Some((bytes, fp)),
+                    Err(detail) => {
+                        if matches!(options.cache, OnnxCache::File(_)) {
+                            return Err(RuntimeError::OrtCache {
+                                path: cp.clone(),
+                                detail,
+                            });
+                        }
+                        log::info!("ort: not using the cached graph {}: {detail}", cp.display());
                     }
                 }
-                (onnx, binding, rope_freqs, n_nodes, false)
             }
-        };
-        let graph_build_s = t0.elapsed().as_secs_f64();
-        if let Some(out) = &options.export {
-            cache::write(out, &onnx, &binding.fingerprint, &builder_id).map_err(|source| {
-                RuntimeError::Io {
-                    path: out.clone(),
-                    source,
+            let (onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
+                Some((bytes, fp)) => {
+                    let rope_freqs = read_rope_freqs(path, &header)?;
+                    (bytes, fp, rope_freqs, 0, true)
                 }
-            })?;
-        }
-
-        let t1 = Instant::now();
-        let runner = Self::session(env, &options, &onnx, true)?;
-        let stats = OrtLoadStats {
-            from_cache,
-            graph_build_s,
-            onnx_bytes: onnx.len(),
-            session_create_s: t1.elapsed().as_secs_f64(),
-            n_nodes,
-        };
-        log::info!(
-            "ort: {} on {} ({} profile): graph {} {:.2} s, {} nodes, {:.1} MB; session {:.2} s",
-            path.display(),
-            options.ep.name(),
-            options.profile.name(),
-            if from_cache {
-                "read from cache in"
+                None => {
+                    let Built {
+                        onnx,
+                        binding,
+                        rope_freqs,
+                        n_nodes,
+                    } = build_onnx(path, &cfg, &options, shapes, &builder_id)?;
+                    if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
+                        if let Err(e) = cache::write(cp, &onnx, &binding.fingerprint, &builder_id) {
+                            log::info!("ort: graph not cached at {}: {e}", cp.display());
+                        }
+                    }
+                    (onnx, binding, rope_freqs, n_nodes, false)
+                }
+            };
+            let graph_build_s = t0.elapsed().as_secs_f64();
+            if let Some(out) = &options.export {
+                let out = second(out.clone());
+                cache::write(&out, &onnx, &binding.fingerprint, &builder_id).map_err(|source| {
+                    RuntimeError::Io {
+                        path: out.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let t1 = Instant::now();
+            runners.push(Self::session(env, &options, &onnx, true)?);
+            let session_create_s = t1.elapsed().as_secs_f64();
+            log::info!(
+                "ort: {} on {} ({} profile, {:?}): graph {} {:.2} s, {} nodes, {:.1} MB; session {:.2} s",
+                path.display(),
+                options.ep.name(),
+                options.profile.name(),
+                shapes,
+                if from_cache {
+                    "read from cache in"
+                } else {
+                    "built in"
+                },
+                graph_build_s,
+                n_nodes,
+                onnx.len() as f64 / 1e6,
+                session_create_s
+            );
+            stats.from_cache = if gi == 0 {
+                from_cache
             } else {
-                "built in"
-            },
-            stats.graph_build_s,
-            n_nodes,
-            stats.onnx_bytes as f64 / 1e6,
-            stats.session_create_s
-        );
+                stats.from_cache && from_cache
+            };
+            stats.graph_build_s += graph_build_s;
+            stats.onnx_bytes += onnx.len();
+            stats.session_create_s += session_create_s;
+            stats.n_nodes += n_nodes;
+            drop(onnx);
+            release_free_heap();
+            if first.is_none() {
+                first = Some((binding, rope_freqs));
+            }
+        }
+        let (binding, rope_freqs) = first.expect("at least one graph");
+        let mut runners = runners.into_iter();
+        let runner = runners.next().expect("at least one graph");
+        let decode = runners.next().map(Mutex::new);
         Ok(Arc::new(OrtModel {
             vocab,
             cfg,
             runner: Mutex::new(runner),
+            decode,
             options,
             stats,
             rope_freqs,
@@ -727,6 +837,7 @@ fn build_onnx(
     path: &Path,
     cfg: &ModelConfig,
     options: &OrtOptions,
+    shapes: graph::Shapes,
     builder_id: &str,
 ) -> Result<Built, RuntimeError> {
     let (mut file, len) =
@@ -765,6 +876,7 @@ fn build_onnx(
         options.emulation,
         &options.slots,
         &options.capture,
+        shapes,
     )
     .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
     drop(gguf);
@@ -792,6 +904,18 @@ fn build_onnx(
         rope_freqs,
         n_nodes,
     })
+}
+
+/// Hands the heap's free pages back to the system. Building the graph and creating the session
+/// free hundreds of megabytes in pieces below glibc's mmap threshold (the GGUF and ONNX bytes'
+/// neighbours, ONNX Runtime's parse and prepack scratch), which glibc otherwise keeps resident:
+/// 70 MB of the RSS after opening gemma3-270m (docs/backends.md).
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// ONNX opset 21 (blockwise DequantizeLinear) and ORT's contrib ops.
@@ -941,6 +1065,9 @@ pub struct OrtSession {
     n_past: usize,
     /// `past_key.{il}`, `past_value.{il}`, interleaved by layer.
     kv: Vec<DynValue>,
+    /// With static shapes, the KV window instead: per layer K then V, `[n_head_kv, window,
+    /// head_dim]`, positions `0..n_past` filled (the graphs mask the rest).
+    window: Vec<Vec<f32>>,
     /// Logits of the last evaluation, `rows.len() x n_vocab`; `rows[j]` is the index (into
     /// the evaluated tokens) of row j.
     logits: Vec<f32>,
@@ -965,11 +1092,27 @@ impl OrtSession {
                 crate::MAX_N_CTX
             )));
         }
+        if let Some(st) = model.options.static_shapes {
+            if n_ctx > st.window {
+                return Err(RuntimeError::InvalidOptions(format!(
+                    "n_ctx {n_ctx} exceeds the static KV window of {} positions",
+                    st.window
+                )));
+            }
+        }
+        let window = match model.options.static_shapes {
+            Some(st) => {
+                let c = &model.cfg;
+                vec![vec![0f32; c.n_head_kv * st.window * c.head_dim]; 2 * c.n_layer]
+            }
+            None => Vec::new(),
+        };
         let mut s = OrtSession {
             model: model.clone(),
             n_ctx,
             n_past: 0,
             kv: Vec::new(),
+            window,
             logits: Vec::new(),
             rows: Vec::new(),
             cancel: crate::CancelHandle(Arc::new(std::sync::atomic::AtomicBool::new(false))),
@@ -1007,8 +1150,10 @@ impl OrtSession {
     pub fn kv_clear(&mut self) -> Result<(), RuntimeError> {
         let n = 2 * self.model.cfg.n_layer;
         let mut kv = Vec::with_capacity(n);
-        for _ in 0..n {
-            kv.push(self.empty_kv(0, Vec::new())?);
+        if self.window.is_empty() {
+            for _ in 0..n {
+                kv.push(self.empty_kv(0, Vec::new())?);
+            }
         }
         self.kv = kv;
         self.n_past = 0;
@@ -1030,6 +1175,7 @@ impl OrtSession {
         }
         let c = &self.model.cfg;
         let (nkv, hd, past) = (c.n_head_kv, c.head_dim, self.n_past);
+        // The static window keeps its rows; the graphs mask positions from n_past on.
         let mut kv = Vec::with_capacity(self.kv.len());
         for v in &self.kv {
             let (_, data) = v
@@ -1112,6 +1258,9 @@ impl OrtSession {
                 needed: s,
                 n_ctx: self.n_ctx as u32,
             });
+        }
+        if let Some(st) = model.options.static_shapes {
+            return self.eval_static(st, tokens, options);
         }
         let mut rows: Vec<usize> = (0..t).filter(|&i| logits.wants(i, t)).collect();
         // The graph always yields at least one row; an unwanted last row is dropped below.
@@ -1270,9 +1419,14 @@ impl OrtSession {
         self.rows = if none { Vec::new() } else { rows };
         self.n_past = s;
         self.captured = captured;
-        // A routed memory's answer: forced as on the llama.cpp backend.
+        self.force_answer(tokens, p, last_prompt);
+        Ok(())
+    }
+
+    /// A routed memory's answer: forced into the evaluated rows as on the llama.cpp backend.
+    fn force_answer(&mut self, tokens: &[Token], p: usize, last_prompt: Option<usize>) {
         if let Some(mut plan) = self.answer.take() {
-            let nv = c.n_vocab;
+            let nv = self.model.cfg.n_vocab;
             for (j, &tok) in tokens.iter().enumerate() {
                 plan.observe(p + j, tok, last_prompt == Some(j));
                 if let Some(k) = self.rows.iter().position(|&r| r == j) {
@@ -1283,7 +1437,173 @@ impl OrtSession {
             }
             self.answer = Some(plan);
         }
+    }
+
+    /// [`OrtSession::eval_with`] on a static pair of graphs: the tokens run in segments of at
+    /// most `chunk` (padded to the graph's length), each ending where a row of logits is
+    /// wanted (the graphs return one row, their last real token's); every segment's new K and
+    /// V go into the window.
+    fn eval_static(
+        &mut self,
+        st: StaticShapes,
+        tokens: &[Token],
+        options: EvalOptions,
+    ) -> Result<(), RuntimeError> {
+        let (t, p) = (tokens.len(), self.n_past);
+        let wanted: Vec<usize> = (0..t).filter(|&i| options.logits.wants(i, t)).collect();
+        let nv = self.model.cfg.n_vocab;
+        let mut logits = Vec::with_capacity(wanted.len() * nv);
+        let mut start = 0;
+        while start < t {
+            let mut end = (start + st.chunk).min(t);
+            if let Some(&w) = wanted.iter().find(|&&w| w >= start && w < end) {
+                end = w + 1;
+            }
+            let row = match self.run_static(st, &tokens[start..end], p + start) {
+                Ok(row) => row,
+                Err(e) => {
+                    // Segments before this one are in the window: keep them, drop the rest.
+                    self.n_past = p + start;
+                    self.logits.clear();
+                    self.rows.clear();
+                    return Err(e);
+                }
+            };
+            if wanted.contains(&(end - 1)) {
+                logits.extend_from_slice(&row);
+            }
+            start = end;
+        }
+        self.logits = logits;
+        self.rows = wanted;
+        self.n_past = p + t;
+        self.captured.clear();
+        let last_prompt = match (options.last_prompt_token, options.phase) {
+            (Some(i), _) => Some(i),
+            (None, Phase::Prefill) => Some(t - 1),
+            (None, Phase::Decode) => None,
+        };
+        self.force_answer(tokens, p, last_prompt);
         Ok(())
+    }
+
+    /// One run of a static graph on `seg` (1..=chunk tokens) at positions `p0..`: returns the
+    /// logits of its last token and writes its K and V into the window.
+    fn run_static(
+        &mut self,
+        st: StaticShapes,
+        seg: &[Token],
+        p0: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let model = self.model.clone();
+        let c = &model.cfg;
+        let (n, w) = (seg.len(), st.window);
+        // The decode graph for one token when there is one; else the prefill graph, padded.
+        let (tg, runner) = match (&model.decode, n) {
+            (Some(d), 1) => (1, d),
+            _ => (st.chunk, &model.runner),
+        };
+        let (nkv, hd, half) = (c.n_head_kv, c.head_dim, c.head_dim / 2);
+        let mut ids: Vec<i64> = seg.iter().map(|&x| x as i64).collect();
+        ids.resize(tg, *ids.last().expect("a segment has a token"));
+        // Query i (at p0 + i) sees the filled window positions and the chunk's keys up to
+        // itself; a padded query sees the same, and nothing real attends to it.
+        let mask = |swa: Option<usize>| {
+            let mut m = vec![f32::NEG_INFINITY; tg * (w + tg)];
+            for i in 0..tg {
+                let qp = p0 + i;
+                let row = &mut m[i * (w + tg)..(i + 1) * (w + tg)];
+                let visible = |kp: usize| kp <= qp && !swa.is_some_and(|s| qp - kp >= s);
+                for (j, v) in row[..p0.min(w)].iter_mut().enumerate() {
+                    if visible(j) {
+                        *v = 0.0;
+                    }
+                }
+                for j in 0..=i {
+                    if visible(p0 + j) {
+                        row[w + j] = 0.0;
+                    }
+                }
+            }
+            m
+        };
+        let tensor = |shape: Vec<i64>, data: Vec<f32>| -> Result<DynValue, RuntimeError> {
+            Ok(Tensor::from_array((shape, data))
+                .map_err(ort_err("building inputs"))?
+                .into_dyn())
+        };
+        let mut inputs: Vec<(
+            std::borrow::Cow<'static, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::new();
+        let ids =
+            Tensor::from_array((vec![1i64, tg as i64], ids)).map_err(ort_err("building inputs"))?;
+        inputs.push((graph::INPUT_IDS.into(), ids.into_dyn().into()));
+        let (cos, sin) = self.rope(p0, tg, c.rope_base, c.rope_freq_scale);
+        let sh = vec![tg as i64, half as i64];
+        inputs.push(("rope_cos".into(), tensor(sh.clone(), cos)?.into()));
+        inputs.push(("rope_sin".into(), tensor(sh.clone(), sin)?.into()));
+        let msh = vec![tg as i64, (w + tg) as i64];
+        inputs.push(("mask".into(), tensor(msh.clone(), mask(None))?.into()));
+        if graph::has_swa(c) {
+            let (cos, sin) = self.rope(p0, tg, c.rope_base_swa, 1.0);
+            inputs.push(("rope_cos_swa".into(), tensor(sh.clone(), cos)?.into()));
+            inputs.push(("rope_sin_swa".into(), tensor(sh, sin)?.into()));
+            inputs.push((
+                "mask_swa".into(),
+                tensor(msh, mask(c.sliding_window))?.into(),
+            ));
+        }
+        let rows = Tensor::from_array((vec![1i64], vec![(n - 1) as i64]))
+            .map_err(ort_err("building inputs"))?;
+        inputs.push((graph::LOGIT_ROWS.into(), rows.into_dyn().into()));
+        // The window goes in as views of the session's own buffers: no copy per token.
+        let kv_shape = vec![1i64, nkv as i64, w as i64, hd as i64];
+        for (i, buf) in self.window.iter().enumerate() {
+            let il = i / 2;
+            let name = if i % 2 == 0 {
+                graph::past_key(il)
+            } else {
+                graph::past_value(il)
+            };
+            let v = ort::value::TensorRef::from_array_view((kv_shape.clone(), buf.as_slice()))
+                .map_err(ort_err("building inputs"))?;
+            inputs.push((name.into(), v.into()));
+        }
+        let (row, new_kv) = {
+            let mut r = runner.lock().unwrap_or_else(|e| e.into_inner());
+            let out = r
+                .run(inputs)
+                .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
+            let (_, l) = out[graph::LOGITS]
+                .try_extract_tensor::<f32>()
+                .map_err(ort_err("reading logits"))?;
+            let row = l.to_vec();
+            let mut new_kv = Vec::with_capacity(2 * c.n_layer);
+            for il in 0..c.n_layer {
+                for name in [graph::present_key(il), graph::present_value(il)] {
+                    let v = out.get(name.as_str()).ok_or_else(|| {
+                        RuntimeError::Ort(format!("the graph returned no `{name}`"))
+                    })?;
+                    let (_, d) = v
+                        .try_extract_tensor::<f32>()
+                        .map_err(ort_err("reading the new K and V"))?;
+                    new_kv.push(d.to_vec());
+                }
+            }
+            (row, new_kv)
+        };
+        // New rows [n_head_kv, tg, head_dim] (the first n real) into the window at p0.
+        for (buf, new) in self.window.iter_mut().zip(&new_kv) {
+            for h in 0..nkv {
+                for r in 0..n {
+                    let dst = (h * w + p0 + r) * hd;
+                    let src = (h * tg + r) * hd;
+                    buf[dst..dst + hd].copy_from_slice(&new[src..src + hd]);
+                }
+            }
+        }
+        Ok(row)
     }
 
     /// The rows at `point` (one of `OrtOptions::capture`) in the last evaluation: `[T, n_embd]`
