@@ -366,6 +366,16 @@ typedef struct amend_model_params {
    * graph is an error).
    */
   bool cpu_fallback;
+  /**
+   * ONNX Runtime, fixed shapes as QNN requires (fields added in the second version of this
+   * struct): a prefill graph of `static_chunk` tokens (1..=512) and a one-token decode graph
+   * over a KV window of `static_window` positions, which bounds the sessions' `n_ctx`
+   * (a larger one is `AMEND_ERR_INVALID_ARGUMENT` at `amend_session_open`). Both 0 (the
+   * default): dynamic shapes. Only one of them 0, values out of range, or either set with
+   * the llama.cpp backend: `AMEND_ERR_INVALID_ARGUMENT`. No edit slots with them yet.
+   */
+  size_t static_chunk;
+  size_t static_window;
 } amend_model_params;
 
 /**
@@ -752,11 +762,12 @@ struct amend_model_params amend_model_default_params(void);
  * `*out` is set to NULL.
  *
  * With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
- * `ort_library`, `edit_slots`, `cpu_fallback`); tokenization stays llama.cpp's.
+ * `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`); tokenization
+ * stays llama.cpp's.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
  * (`n_threads` above 512, a `struct_size` this library does not know, an unknown backend, EP
- * or slot), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
+ * or slot, bad static shapes), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
  * truncated, unsupported architecture, a hyperparameter llama.cpp would abort on: the message
  * names the GGUF key; ONNX Runtime library missing or unusable, EP absent, a graph the EP does
  * not take).

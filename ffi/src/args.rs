@@ -122,13 +122,15 @@ pub unsafe fn read_params<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> 
 
 /// Reads a struct that starts with a `struct_size: usize` field: a caller compiled against an
 /// older header passes a shorter struct, whose missing fields keep `default()`'s values. A size
-/// below the first version's (`min`) or above this library's is `AMEND_ERR_INVALID_ARGUMENT`.
+/// that is not one of the struct's versions (`versions`, ascending, the last this library's
+/// `size_of::<T>()`) is `AMEND_ERR_INVALID_ARGUMENT`: a size between two versions would cut a
+/// field in half.
 ///
 /// # Safety
 /// `p` is NULL or points to at least `struct_size` readable bytes (its first field).
 pub unsafe fn read_sized_params<T: Copy>(
     p: *const T,
-    min: usize,
+    versions: &[usize],
     default: impl FnOnce() -> T,
     arg: &str,
 ) -> FfiResult<T> {
@@ -138,12 +140,12 @@ pub unsafe fn read_sized_params<T: Copy>(
     }
     // SAFETY: non-NULL and the struct begins with its size, per the caller's contract.
     let size = unsafe { (p as *const usize).read_unaligned() };
-    let max = std::mem::size_of::<T>();
-    if size < min || size > max {
+    debug_assert_eq!(versions.last(), Some(&std::mem::size_of::<T>()));
+    if !versions.contains(&size) || size > std::mem::size_of::<T>() {
         return Err(FfiError::new(
             crate::amend_result::AMEND_ERR_INVALID_ARGUMENT,
             format!(
-                "{arg}.struct_size is {size}: expected {min}..={max} (set it with the *_default_params() function of the header you compile against)"
+                "{arg}.struct_size is {size}: expected one of {versions:?} (set it with the *_default_params() function of the header you compile against)"
             ),
         ));
     }

@@ -51,23 +51,27 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
         ort_library: std::ptr::null(),
         edit_slots: std::ptr::null(),
         cpu_fallback: false,
+        static_chunk: 0,
+        static_window: 0,
     }
 }
 
 /// The size of `amend_model_params` in its first version (struct_size, use_mmap, n_threads,
-/// backend, ep, ort_library, edit_slots, cpu_fallback).
-const MODEL_PARAMS_V1: usize = std::mem::size_of::<amend_model_params>();
+/// backend, ep, ort_library, edit_slots, cpu_fallback): the second version's fields are
+/// pointer-sized, so they start where the first version's padded struct ended.
+const MODEL_PARAMS_V1: usize = std::mem::offset_of!(amend_model_params, static_chunk);
 
 /// Loads a GGUF model from `path` (NUL-terminated UTF-8). `params` may be NULL for the
 /// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
 /// `*out` is set to NULL.
 ///
 /// With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
-/// `ort_library`, `edit_slots`, `cpu_fallback`); tokenization stays llama.cpp's.
+/// `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`); tokenization
+/// stays llama.cpp's.
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
 /// (`n_threads` above 512, a `struct_size` this library does not know, an unknown backend, EP
-/// or slot), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
+/// or slot, bad static shapes), `AMEND_ERR_IO` (missing or unreadable file), `AMEND_ERR_MODEL_LOAD` (not GGUF,
 /// truncated, unsupported architecture, a hyperparameter llama.cpp would abort on: the message
 /// names the GGUF key; ONNX Runtime library missing or unusable, EP absent, a graph the EP does
 /// not take).
@@ -84,12 +88,25 @@ pub extern "C" fn amend_model_open(
         let params = unsafe {
             args::read_sized_params(
                 params,
-                MODEL_PARAMS_V1,
+                &[MODEL_PARAMS_V1, std::mem::size_of::<amend_model_params>()],
                 || amend_model_default_params(),
                 "params",
             )?
         };
         let n_threads = (params.n_threads > 0).then_some(params.n_threads as usize);
+        let invalid = |m: String| FfiError::new(amend_result::AMEND_ERR_INVALID_ARGUMENT, m);
+        let static_shapes =
+            match (params.static_chunk, params.static_window) {
+                (0, 0) => None,
+                (chunk, window) if params.backend == AMEND_BACKEND_ONNXRUNTIME => Some(
+                    amend_runtime::onnxruntime::StaticShapes::parse(&format!("{chunk},{window}"))
+                        .map_err(|e| invalid(format!("params.static_chunk/static_window: {e}")))?,
+                ),
+                _ => return Err(invalid(
+                    "params.static_chunk/static_window: fixed shapes are an ONNX Runtime option"
+                        .into(),
+                )),
+            };
         let obj = match params.backend {
             AMEND_BACKEND_LLAMA_CPP => ModelObj {
                 model: Model::open(
@@ -104,7 +121,6 @@ pub extern "C" fn amend_model_open(
                 binding: OnceLock::new(),
             },
             AMEND_BACKEND_ONNXRUNTIME => {
-                let invalid = |m: String| FfiError::new(amend_result::AMEND_ERR_INVALID_ARGUMENT, m);
                 let ep = unsafe { args::opt_cstr(params.ep, "params.ep")? }.unwrap_or("cpu");
                 let library = unsafe { args::opt_cstr(params.ort_library, "params.ort_library")? };
                 let slots = unsafe { args::opt_cstr(params.edit_slots, "params.edit_slots")? };
@@ -115,6 +131,7 @@ pub extern "C" fn amend_model_open(
                     cpu_fallback: params.cpu_fallback,
                     slots: SlotLayout::parse(slots.unwrap_or(""))
                         .map_err(|e| invalid(format!("params.edit_slots: {e}")))?,
+                    static_shapes,
                     ..Default::default()
                 };
                 let ort = OrtModel::open(path, options)?;

@@ -96,6 +96,14 @@ pub struct amend_model_params {
     /// ONNX Runtime: let nodes the EP does not take run on its CPU EP (default false: such a
     /// graph is an error).
     pub cpu_fallback: bool,
+    /// ONNX Runtime, fixed shapes as QNN requires (fields added in the second version of this
+    /// struct): a prefill graph of `static_chunk` tokens (1..=512) and a one-token decode graph
+    /// over a KV window of `static_window` positions, which bounds the sessions' `n_ctx`
+    /// (a larger one is `AMEND_ERR_INVALID_ARGUMENT` at `amend_session_open`). Both 0 (the
+    /// default): dynamic shapes. Only one of them 0, values out of range, or either set with
+    /// the llama.cpp backend: `AMEND_ERR_INVALID_ARGUMENT`. No edit slots with them yet.
+    pub static_chunk: usize,
+    pub static_window: usize,
 }
 
 /// What a loaded model is. Strings are not included: see `amend_model_description`.

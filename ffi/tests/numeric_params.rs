@@ -378,12 +378,14 @@ fn generation_parameters() {
     amend_model_free(m);
 }
 
-/// `struct_size` outside what this library knows, and an unknown backend, are refused by name;
-/// a shorter struct (an older caller) would keep the defaults for the fields it lacks.
+/// A `struct_size` that is none of the struct's versions, and an unknown backend, are refused
+/// by name; the first version's size (an older caller) keeps the defaults for the fields it
+/// lacks.
 #[test]
 fn model_params_size_and_backend() {
     let full = std::mem::size_of::<amend_model_params>();
-    for size in [0usize, 1, full - 1, full + 8, usize::MAX] {
+    let v1 = std::mem::offset_of!(amend_model_params, static_chunk);
+    for size in [0usize, 1, v1 - 1, v1 + 4, full - 1, full + 8, usize::MAX] {
         let (r, m) = open_model(&amend_model_params {
             struct_size: size,
             ..amend_model_default_params()
@@ -416,6 +418,74 @@ fn model_params_size_and_backend() {
     assert_ne!(r, amend_result::AMEND_OK);
     assert!(last_error().contains("tpu"), "{}", last_error());
     assert!(m.is_null());
+    // Static shapes: both or neither, in range, and only on ONNX Runtime (checked before any
+    // library is loaded).
+    for (backend, chunk, window) in [
+        (AMEND_BACKEND_ONNXRUNTIME, 4, 0),
+        (AMEND_BACKEND_ONNXRUNTIME, 0, 64),
+        (AMEND_BACKEND_ONNXRUNTIME, 513, 1024),
+        (AMEND_BACKEND_ONNXRUNTIME, 4, usize::MAX),
+        (AMEND_BACKEND_LLAMA_CPP, 4, 64),
+    ] {
+        let (r, m) = open_model(&amend_model_params {
+            backend,
+            static_chunk: chunk,
+            static_window: window,
+            ..amend_model_default_params()
+        });
+        refused(r, "static_");
+        assert!(m.is_null());
+    }
+    // A caller built against the first version (no static fields) keeps the defaults.
+    let (r, m) = open_model(&amend_model_params {
+        struct_size: std::mem::offset_of!(amend_model_params, static_chunk),
+        n_threads: 1,
+        static_chunk: 7,
+        static_window: 7,
+        ..amend_model_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    amend_model_free(m);
+}
+
+/// Fixed shapes through the C ABI: the model opens with a static pair of graphs, and a session
+/// whose context exceeds the window is refused by name.
+#[test]
+fn static_shapes_through_the_c_abi() {
+    if !ort_library() {
+        return;
+    }
+    let (r, m) = open_model(&amend_model_params {
+        backend: AMEND_BACKEND_ONNXRUNTIME,
+        n_threads: 1,
+        static_chunk: 4,
+        static_window: 64,
+        ..amend_model_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let mut s = ptr::null_mut();
+    let too_long = amend_session_params {
+        n_ctx: 128,
+        ..amend_session_default_params()
+    };
+    assert_eq!(
+        amend_session_open(m, &too_long, &mut s),
+        amend_result::AMEND_ERR_INVALID_ARGUMENT
+    );
+    assert!(last_error().contains("window"), "{}", last_error());
+    assert!(s.is_null());
+    let fits = amend_session_params {
+        n_ctx: 64,
+        ..amend_session_default_params()
+    };
+    assert_eq!(
+        amend_session_open(m, &fits, &mut s),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    amend_session_free(s);
+    amend_model_free(m);
 }
 
 /// The same greedy generation through the C ABI on both backends (the tiny model's f32

@@ -114,6 +114,8 @@ class _ModelParams(ctypes.Structure):
         ("ort_library", ctypes.c_char_p),
         ("edit_slots", ctypes.c_char_p),
         ("cpu_fallback", ctypes.c_bool),
+        ("static_chunk", ctypes.c_size_t),
+        ("static_window", ctypes.c_size_t),
     ]
 
 
@@ -389,9 +391,10 @@ class Model(_Handle):
 
     def __init__(self, path, use_mmap: bool = True, n_threads: int = 0,
                  backend: str = "llama.cpp", ep: str = "cpu", ort_library=None,
-                 edit_slots: str = "", cpu_fallback: bool = False):
+                 edit_slots: str = "", cpu_fallback: bool = False, static_shapes=None):
         """`backend` "onnxruntime" runs the model on ONNX Runtime's execution provider `ep`
-        with the edit slots `edit_slots` (see docs/backends.md)."""
+        with the edit slots `edit_slots` (see docs/backends.md); `static_shapes=(chunk,
+        window)` fixes every shape, as QNN needs (sessions' n_ctx at most `window`)."""
         lib = library()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -404,6 +407,8 @@ class Model(_Handle):
         lib_b = os.fsencode(ort_library) if ort_library is not None else None
         params.ep, params.edit_slots, params.ort_library = ep_b, slots_b, lib_b
         params.cpu_fallback = cpu_fallback
+        if static_shapes is not None:
+            params.static_chunk, params.static_window = static_shapes
         out = ctypes.c_void_p()
         _check(lib.amend_model_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(out)))
         super().__init__(out.value)

@@ -188,6 +188,19 @@ def test_backend_choice(model_path):
     s2.close()
     m2.close()
     assert got == want
+    # Fixed shapes (a prefill chunk and a KV window, as QNN needs): the same tokens; a context
+    # beyond the window and half-given shapes are refused.
+    m3 = amend.Model(model_path, backend="onnxruntime", n_threads=1, static_shapes=(16, 256))
+    with pytest.raises(AmendError) as e:
+        amend.Session(m3, n_ctx=512)
+    assert e.value.code == Result.ERR_INVALID_ARGUMENT
+    s3 = amend.Session(m3, n_ctx=256)
+    assert s3.generate(PROMPT, max_tokens=4).tokens == want
+    s3.close()
+    m3.close()
+    with pytest.raises(AmendError) as e:
+        amend.Model(model_path, backend="onnxruntime", static_shapes=(16, 0))
+    assert e.value.code == Result.ERR_INVALID_ARGUMENT
 
 
 def test_closed_objects_raise(model_path):
