@@ -372,7 +372,9 @@ typedef struct amend_model_params {
    * over a KV window of `static_window` positions, which bounds the sessions' `n_ctx`
    * (a larger one is `AMEND_ERR_INVALID_ARGUMENT` at `amend_session_open`). Both 0 (the
    * default): dynamic shapes. Only one of them 0, values out of range, or either set with
-   * the llama.cpp backend: `AMEND_ERR_INVALID_ARGUMENT`. No edit slots with them yet.
+   * the llama.cpp backend: `AMEND_ERR_INVALID_ARGUMENT`. Edit slots then have a static
+   * capacity (1,024 codebook entries, 256 neurons, rank 64 per slot); a snapshot needing
+   * more is `AMEND_ERR_EDIT_INVALID` naming the slot, and nothing of it applies.
    */
   size_t static_chunk;
   size_t static_window;

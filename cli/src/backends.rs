@@ -65,7 +65,8 @@ pub struct OrtArgs {
     #[arg(long, default_value = "")]
     pub slots: String,
     /// Fixed shapes, as QNN needs: `CHUNK,WINDOW` builds a prefill graph of CHUNK tokens and a
-    /// one-token decode graph over a KV window of WINDOW positions (the context's limit).
+    /// one-token decode graph over a KV window of WINDOW positions (the context's limit);
+    /// `,ENTRIES,NEURONS,RANK` sets what each edit slot holds (default 1024,256,64).
     #[arg(long)]
     pub static_shapes: Option<String>,
 }

@@ -77,6 +77,12 @@ pub struct RomeParams {
     pub stop_loss: f32,
     /// Weight of the KL term on the essence prompt "{subject} is a".
     pub kl_factor: f32,
+    /// Same-subject prompts under other relations (`{}` = the subject) whose next-token
+    /// distribution v* keeps, each with this weight; 0 = none (see [`VStarParams`]).
+    #[serde(default)]
+    pub relation_kl_factor: f32,
+    #[serde(default)]
+    pub relation_prompts: Vec<String>,
     /// Weight of `‖delta‖² / ‖v0‖²`.
     pub weight_decay: f32,
     /// `‖delta‖ <= clamp_norm_factor · ‖v0‖`.
@@ -112,6 +118,8 @@ impl RomeParams {
             steps: self.steps,
             stop_loss: self.stop_loss,
             kl_factor: self.kl_factor,
+            relation_kl_factor: self.relation_kl_factor,
+            relation_prompts: self.relation_prompts.clone(),
             weight_decay: self.weight_decay,
             clamp_norm_factor: self.clamp_norm_factor,
         }
@@ -128,6 +136,12 @@ pub struct VStarParams {
     pub steps: usize,
     pub stop_loss: f32,
     pub kl_factor: f32,
+    /// Same-subject prompts under other relations (`{}` = the subject), each a KL term with
+    /// this weight: an update on the subject's key moves every fact about the subject, and
+    /// these ask v* to leave the subject's other relations where they were. A prompt sharing a
+    /// content word with the edit's own prompt is skipped (it may be the edited relation).
+    pub relation_kl_factor: f32,
+    pub relation_prompts: Vec<String>,
     pub weight_decay: f32,
     pub clamp_norm_factor: f32,
 }
@@ -145,6 +159,11 @@ pub struct MemitParams {
     pub steps: usize,
     pub stop_loss: f32,
     pub kl_factor: f32,
+    /// As `rome.relation_kl_factor` / `rome.relation_prompts`.
+    #[serde(default)]
+    pub relation_kl_factor: f32,
+    #[serde(default)]
+    pub relation_prompts: Vec<String>,
     pub weight_decay: f32,
     pub clamp_norm_factor: f32,
     /// Context prefixes the keys are averaged over (1..=6).
@@ -183,6 +202,8 @@ impl MemitParams {
             steps: self.steps,
             stop_loss: self.stop_loss,
             kl_factor: self.kl_factor,
+            relation_kl_factor: self.relation_kl_factor,
+            relation_prompts: self.relation_prompts.clone(),
             weight_decay: self.weight_decay,
             clamp_norm_factor: self.clamp_norm_factor,
         }
@@ -348,6 +369,27 @@ impl Hparams {
                 return bad(&format!("{name}.corpus_tokens"), "must be in 1..=50000000");
             }
         }
+        for (name, factor, prompts) in [
+            (
+                "rome",
+                self.rome.relation_kl_factor,
+                &self.rome.relation_prompts,
+            ),
+            ("memit", m.relation_kl_factor, &m.relation_prompts),
+        ] {
+            if !(factor >= 0.0) || !factor.is_finite() {
+                return bad(
+                    &format!("{name}.relation_kl_factor"),
+                    "must be a finite value >= 0",
+                );
+            }
+            if prompts.len() > 16 || prompts.iter().any(|p| p.matches("{}").count() != 1) {
+                return bad(
+                    &format!("{name}.relation_prompts"),
+                    "at most 16 prompts, each with exactly one `{}` for the subject",
+                );
+            }
+        }
         if m.batch == 0 {
             return bad("memit.batch", "must be >= 1");
         }
@@ -444,5 +486,24 @@ mod tests {
         assert!(e.to_string().contains("grace.radius"), "{e}");
         let e = Hparams::resolve(Arch::Gemma3, None, &["nope".into()]).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn relation_prompts_are_checked() {
+        let hp = Hparams::resolve(Arch::Gemma3, None, &[]).unwrap();
+        assert!(hp.memit.relation_kl_factor > 0.0 && !hp.memit.relation_prompts.is_empty());
+        assert_eq!(
+            hp.memit.v_star().relation_prompts,
+            hp.memit.relation_prompts
+        );
+        for bad in [
+            "memit.relation_prompts=[\"no subject\"]",
+            "memit.relation_prompts=[\"{} and {}\"]",
+            "rome.relation_kl_factor=-1",
+            "memit.relation_kl_factor=nan",
+        ] {
+            let e = Hparams::resolve(Arch::Gemma3, None, &[bad.into()]).unwrap_err();
+            assert!(e.to_string().contains("relation_"), "{bad}: {e}");
+        }
     }
 }

@@ -499,12 +499,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn static_shapes_match_dynamic_shapes() {
-    use amend_runtime::onnxruntime::{decode_graph_path, OnnxCache, SlotLayout, StaticShapes};
+    use amend_runtime::onnxruntime::{decode_graph_path, OnnxCache, StaticShapes};
     let Some(_) = library() else { return };
     let path = common::tiny_path(Architecture::Llama);
     let shapes = StaticShapes {
         chunk: 4,
         window: 96,
+        capacity: Default::default(),
     };
     let stat = |o: OrtOptions| OrtOptions {
         static_shapes: Some(shapes),
@@ -549,7 +550,24 @@ fn static_shapes_match_dynamic_shapes() {
         s.eval(&long, Logits::Last),
         Err(RuntimeError::ContextFull { .. })
     ));
-    for bad in ["4", "0,16", "4,0", "513,1024", "a,b", "4,99999999"] {
+    assert_eq!(
+        StaticShapes::parse("64,1024,100,10,4").unwrap().capacity,
+        amend_runtime::onnxruntime::SlotCapacity {
+            entries: 100,
+            neurons: 10,
+            rank: 4
+        }
+    );
+    for bad in [
+        "4",
+        "0,16",
+        "4,0",
+        "513,1024",
+        "a,b",
+        "4,99999999",
+        "4,16,1",
+        "4,16,0,1,1",
+    ] {
         assert!(
             matches!(
                 StaticShapes::parse(bad),
@@ -562,14 +580,15 @@ fn static_shapes_match_dynamic_shapes() {
         StaticShapes::parse("64,1024").unwrap(),
         StaticShapes {
             chunk: 64,
-            window: 1024
+            window: 1024,
+            capacity: Default::default(),
         }
     );
-    // Edit slots need dimensions of their own: not with static shapes yet.
+    // Captured sites (the compiler's) are not written with static shapes.
     let e = OrtModel::open(
         &path,
         OrtOptions {
-            slots: SlotLayout::parse("lr:blk.0.attn_q.weight").unwrap(),
+            capture: vec![amend_edits::HookPoint::new(0, amend_edits::Site::FfnInput)],
             ..stat(options(Profile::Cpu))
         },
     )
@@ -626,6 +645,7 @@ fn gemma3_static_shapes_match_dynamic_shapes() {
             static_shapes: Some(StaticShapes {
                 chunk: 16,
                 window: 128,
+                capacity: Default::default(),
             }),
             ..options(Profile::Cpu)
         },
@@ -668,6 +688,7 @@ fn gemma3_static_shapes_match_dynamic_shapes() {
             static_shapes: Some(StaticShapes {
                 chunk: 16,
                 window: 512,
+                capacity: Default::default(),
             }),
             ..options(Profile::Cpu)
         },

@@ -704,3 +704,126 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         assert_eq!(request.unwrap(), vec![]);
     }
 }
+
+/// Static shapes with static-capacity slots (`StaticShapes::capacity`): every family gives the
+/// dynamic graph's logits and fires the same units; unused capacity changes nothing; a snapshot
+/// needing more than a slot holds is refused naming the slot, and nothing of it applies.
+#[test]
+fn static_capacity_slots_match_the_dynamic_graph() {
+    use amend_runtime::onnxruntime::{SlotCapacity, StaticShapes};
+    let Some(_) = library() else { return };
+    let Fixture {
+        path,
+        m,
+        all,
+        layout,
+        ..
+    } = fixture();
+    let fixed = |capacity: SlotCapacity, layout: SlotLayout| {
+        OrtModel::open(
+            &path,
+            OrtOptions {
+                n_threads: Some(1),
+                library: library(),
+                cache: ortb::OnnxCache::Off,
+                slots: layout,
+                static_shapes: Some(StaticShapes {
+                    chunk: 4,
+                    window: 64,
+                    capacity,
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let roomy = SlotCapacity {
+        entries: 8,
+        neurons: 8,
+        rank: 8,
+    };
+    let dynamic = ort_model(&path, layout.clone());
+    let stat = fixed(roomy, layout.clone());
+    let plain = fixed(roomy, SlotLayout::default());
+    // No edits: the slots' padded sentinels leave the static base graph's logits bitwise.
+    let base = next_logits(&mut OrtSession::new(&plain, 64).unwrap(), A);
+    let empty = next_logits(&mut OrtSession::new(&stat, 64).unwrap(), A);
+    assert!(bitwise(&base, &empty), "{}", max_abs(&base, &empty));
+    for (name, b) in [
+        ("codebook", &all.codebook),
+        ("neurons", &all.neurons),
+        ("low_rank", &all.low_rank),
+    ] {
+        let set = edit_set(&m);
+        set.add(b.clone(), AddOptions::default()).unwrap();
+        let mut d = OrtSession::new(&dynamic, 64).unwrap();
+        d.set_edit_set(Some(set.clone())).unwrap();
+        let mut s = OrtSession::new(&stat, 64).unwrap();
+        s.set_edit_set(Some(set.clone())).unwrap();
+        let (ed, es) = (next_logits(&mut d, A), next_logits(&mut s, A));
+        assert!(
+            max_abs(&es, &base) > 0.5,
+            "{name}: the static graph applied nothing"
+        );
+        assert!(max_abs(&ed, &es) < 1e-4, "{name}: {}", max_abs(&ed, &es));
+        let (xd, xs) = (d.explain(), s.explain());
+        assert_eq!(xd.codebook.len(), xs.codebook.len(), "{name}");
+        for (a, b) in xd.codebook.iter().zip(&xs.codebook) {
+            assert_eq!(
+                (a.entry, a.replaced, a.pos),
+                (b.entry, b.replaced, b.pos),
+                "{name}"
+            );
+        }
+        let fired = |x: &amend_runtime::Explain| {
+            x.neurons
+                .iter()
+                .map(|n| (n.neuron, n.positions))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fired(&xd), fired(&xs), "{name}");
+        // Greedy generation (chunked prefill, then the decode graph) agrees too.
+        let greedy = |sess: &mut OrtSession| {
+            let t = sess.model().tokenize(A, true).unwrap();
+            sess.kv_clear().unwrap();
+            sess.generate_greedy(&t, 6).unwrap()
+        };
+        assert_eq!(greedy(&mut d), greedy(&mut s), "{name}");
+    }
+    // Over capacity: the rank-2 delta in a rank-1 slot is refused by name at the request, and
+    // nothing applies; the one-entry codebook fills its one-entry slot exactly.
+    let tight = fixed(
+        SlotCapacity {
+            entries: 1,
+            neurons: 1,
+            rank: 1,
+        },
+        layout,
+    );
+    let set = edit_set(&m);
+    set.add(all.codebook.clone(), AddOptions::default())
+        .unwrap();
+    set.add(all.low_rank.clone(), AddOptions::default())
+        .unwrap();
+    let mut s = OrtSession::new(&tight, 64).unwrap();
+    s.set_edit_set(Some(set.clone())).unwrap();
+    match s.begin_request(A) {
+        Err(RuntimeError::EditSlot(msg)) => {
+            assert!(
+                msg.contains("blk.1.ffn_down.weight") && msg.contains("holds 1"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected EditSlot, got {other:?}"),
+    }
+    s.kv_clear().unwrap();
+    let toks = s.model().tokenize(A, true).unwrap();
+    s.eval(&toks, Logits::Last).unwrap();
+    assert!(bitwise(s.last_logits().unwrap(), &base), "nothing applies");
+    set.remove("lr").unwrap();
+    assert!(s.begin_request(A).is_ok(), "the one-entry codebook fits");
+    assert!(SlotCapacity::parse("8,8,8").is_ok());
+    for bad in ["8,8", "0,8,8", "8,8,x", "8,8,8,8"] {
+        assert!(SlotCapacity::parse(bad).is_err(), "{bad}");
+    }
+}

@@ -127,7 +127,9 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
                                                         jint backend, jbyteArray ep,
                                                         jbyteArray ort_library,
                                                         jbyteArray edit_slots,
-                                                        jboolean cpu_fallback) {
+                                                        jboolean cpu_fallback,
+                                                        jlong static_chunk,
+                                                        jlong static_window) {
     (void)c;
     /* Optional strings: a null array is the C NULL default. */
     char *p = cstr_of(env, path, "path");
@@ -145,6 +147,9 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
         mp.ort_library = l;
         mp.edit_slots = s;
         mp.cpu_fallback = cpu_fallback;
+        /* A negative size becomes a huge one: amend refuses it (ERR_INVALID_ARGUMENT). */
+        mp.static_chunk = (size_t)static_chunk;
+        mp.static_window = (size_t)static_window;
         check(env, amend_model_open(p, &mp, &m));
     }
     free(p);

@@ -612,20 +612,35 @@ pub(crate) fn train_delta(
         .squeeze(0)?;
     let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-6);
 
-    // Essence prompt "{subject} is a": its next-token distribution should not move.
-    let essence = match r.subject.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(s) if hp.kl_factor > 0.0 => {
-            let toks = tokenize(c, s)?;
+    // KL prompts, each `(entry rows, subject's last token, scored position, base log-probs,
+    // weight)`: the essence prompt "{subject} is a" (keeps what the subject is) and the
+    // subject under other relations (keeps its other facts).
+    let mut kl_prompts = Vec::new();
+    if let Some(s) = r.subject.as_deref().filter(|s| !s.trim().is_empty()) {
+        let mut texts: Vec<(String, String, f32)> = Vec::new();
+        if hp.kl_factor > 0.0 {
+            texts.push((s.to_string(), " is a".to_string(), hp.kl_factor));
+        }
+        if hp.relation_kl_factor > 0.0 {
+            for t in &hp.relation_prompts {
+                if shares_content_word(t, &r.prompt, s) {
+                    continue;
+                }
+                let (pre, post) = t.split_once("{}").unwrap_or((t, ""));
+                texts.push((format!("{pre}{s}"), post.to_string(), hp.relation_kl_factor));
+            }
+        }
+        for (upto_subject, rest, weight) in texts {
+            let toks = tokenize(c, &upto_subject)?;
             let subj_e = toks.len().saturating_sub(1);
             let mut full = toks;
-            full.extend(tokenize_plain(c, " is a")?);
+            full.extend(tokenize_plain(c, &rest)?);
             let x_e = entry(c, &full, layer, deltas)?;
             let h = fwd.run_layers(layer, x_e.clone(), deltas)?;
             let lp0 = log_softmax_last(&fwd.logits(&h, &[full.len() - 1])?)?.detach();
-            Some((x_e, subj_e, full.len() - 1, lp0))
+            kl_prompts.push((x_e, subj_e, full.len() - 1, lp0, weight));
         }
-        _ => None,
-    };
+    }
 
     let n = fwd.cfg.n_embd;
     let delta = Var::from_tensor(&Tensor::zeros(n, DType::F32, &fwd.device)?)?;
@@ -655,17 +670,17 @@ pub(crate) fn train_delta(
         }
         let decay = (d.sqr()?.sum_all()? * (hp.weight_decay / (v0_norm * v0_norm)) as f64)?;
         let mut loss = (edit_loss + decay)?;
-        if let Some((x_e, subj_e, pos_e, lp0)) = &essence {
+        for (x_e, subj_e, pos_e, lp0, weight) in &kl_prompts {
             let mut hook = DeltaAt {
                 layer,
                 pos: *subj_e,
                 delta: d.clone(),
-                base: hook.base,
+                base: &mut *hook.base,
             };
             let h = fwd.run_layers(layer, x_e.clone(), &mut hook)?;
             let lp = log_softmax_last(&fwd.logits(&h, &[*pos_e])?)?;
             let kl = (lp0.exp()? * (lp0 - lp)?)?.sum_all()?;
-            loss = (loss + (kl * hp.kl_factor as f64)?)?;
+            loss = (loss + (kl * *weight as f64)?)?;
         }
         let grads = loss.backward()?;
         opt.step(&grads)?;
@@ -690,6 +705,34 @@ pub(crate) fn train_delta(
         success: best.2,
     })
 }
+
+/// Whether the relation prompt `template` shares a content word (4+ letters, outside the
+/// subject) with the edit's `prompt`: then it may ask about the edited relation itself, and
+/// keeping its distribution would fight the edit.
+fn shares_content_word(template: &str, prompt: &str, subject: &str) -> bool {
+    let words = |t: &str| -> Vec<String> {
+        t.split(|ch: char| !ch.is_alphanumeric())
+            .filter(|w| w.chars().count() >= 4)
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let subject_words = words(subject);
+    let prompt_words = words(prompt);
+    words(&template.replace("{}", " "))
+        .iter()
+        .filter(|w| !STOP_WORDS.contains(&w.as_str()) && !subject_words.contains(w))
+        .any(|w| {
+            prompt_words
+                .iter()
+                .any(|p| p == w || p.starts_with(w.as_str()) || w.starts_with(p.as_str()))
+        })
+}
+
+/// Words of 4+ letters that say nothing about a relation.
+const STOP_WORDS: [&str; 12] = [
+    "what", "which", "when", "where", "that", "this", "with", "from", "does", "have", "there",
+    "their",
+];
 
 /// `text` tokenized without BOS.
 pub(crate) fn tokenize_plain(c: &Compiler, text: &str) -> Result<Vec<u32>> {
@@ -843,4 +886,41 @@ pub(crate) fn compile(
     }
     let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;
     Ok((reports, gguf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares_content_word;
+
+    #[test]
+    fn relation_prompts_about_the_edited_relation_are_skipped() {
+        let born = "Where was Mahatma Gandhi born?";
+        assert!(shares_content_word(
+            "{} was born in",
+            born,
+            "Mahatma Gandhi"
+        ));
+        assert!(!shares_content_word(
+            "Who created {}?",
+            born,
+            "Mahatma Gandhi"
+        ));
+        // Question words and the subject's own words do not count.
+        assert!(!shares_content_word(
+            "Where is {} located?",
+            born,
+            "Mahatma Gandhi"
+        ));
+        // A word and its inflection share a stem ("belongs", "belong").
+        assert!(shares_content_word(
+            "{} belongs to",
+            "Which group does Gandhi belong to?",
+            "Gandhi"
+        ));
+        assert!(shares_content_word(
+            "Where is {} located?",
+            "The Eiffel Tower is located in",
+            "The Eiffel Tower"
+        ));
+    }
 }

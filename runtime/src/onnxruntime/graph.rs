@@ -22,7 +22,7 @@ use amend_edits::{HookPoint, Site};
 
 use super::onnx::{Attr, DataType, Dim, Graph, Node, TensorData, ValueInfo};
 use super::quant::{self, LinearWeight, QuantError};
-use super::slots::{self, SlotLayout};
+use super::slots::{self, SlotCapacity, SlotLayout};
 use crate::arch::Forward;
 use crate::config::ModelConfig;
 
@@ -123,6 +123,7 @@ pub fn builder_id(
     slots: &SlotLayout,
     capture: &[HookPoint],
     shapes: Shapes,
+    capacity: &SlotCapacity,
 ) -> String {
     let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
     let mut id = format!(
@@ -134,6 +135,9 @@ pub fn builder_id(
     );
     if shapes != Shapes::Dynamic {
         id.push_str(&format!(" shapes={}", shapes.name()));
+        if !slots.is_empty() {
+            id.push_str(&format!(" capacity={}", capacity.describe()));
+        }
     }
     id
 }
@@ -162,6 +166,9 @@ struct Builder<'a> {
     /// Which low-rank slots a linear of the graph reads (an unread one is an error).
     low_rank_used: Vec<bool>,
     slot_outputs: Vec<ValueInfo>,
+    /// The interface's shapes, and the slots' sizes when they are static.
+    shapes: Shapes,
+    capacity: Option<SlotCapacity>,
 }
 
 /// Roundings of llama.cpp's CPU backend the graph reproduces, so that both backends pick the
@@ -417,6 +424,14 @@ impl<'a> Builder<'a> {
         self.op("Reshape", &[x, &sh])
     }
 
+    /// A slot's own dimension: named, or its static capacity (`pick`).
+    fn slot_dim(&self, name: String, pick: fn(&SlotCapacity) -> usize) -> Dim {
+        match &self.capacity {
+            Some(c) => Dim::Fixed(pick(c) as i64),
+            None => Dim::Named(name),
+        }
+    }
+
     fn slot_input(&mut self, name: String, dtype: DataType, shape: Vec<Dim>) -> String {
         self.slot_inputs.push(input(&name, dtype, shape));
         name
@@ -424,7 +439,7 @@ impl<'a> Builder<'a> {
 
     /// Low-rank slot `i` on a linear `y = x W^T` (`k` in, `n` out): `y + (x A^T) B^T` when on.
     fn low_rank_slot(&mut self, i: usize, x: &str, y: &str, k: usize, n: usize) -> String {
-        let r = named(&format!("lr{i}_rank"));
+        let r = self.slot_dim(format!("lr{i}_rank"), |c| c.rank);
         let a = self.slot_input(
             slots::lr_name(i, "a"),
             DataType::Float,
@@ -450,7 +465,7 @@ impl<'a> Builder<'a> {
     /// `replace`. Only the selected rows are looked up, so a large codebook costs one row per
     /// prompt, and the other rows are copied through untouched (ScatterND).
     fn codebook_slot(&mut self, i: usize, key: &str, replace: &str, d: usize) -> String {
-        let n = named(&format!("cb{i}_entries"));
+        let n = self.slot_dim(format!("cb{i}_entries"), |c| c.entries);
         let keys = self.slot_input(
             slots::cb_name(i, "keys"),
             DataType::Float,
@@ -462,7 +477,8 @@ impl<'a> Builder<'a> {
             vec![n.clone(), Dim::Fixed(d as i64)],
         );
         let bound = self.slot_input(slots::cb_name(i, "cos_min"), DataType::Float, vec![n]);
-        let r = named(&format!("cb{i}_rows"));
+        // One looked-up row per run with static shapes (the last prompt token's).
+        let r = self.slot_dim(format!("cb{i}_rows"), |_| 1);
         let rows = self.slot_input(slots::cb_name(i, "rows"), DataType::Int64, vec![r.clone()]);
         let g0 = vec![("axis", Attr::Int(0))];
         let x2 = self.rows2d(key, d);
@@ -512,7 +528,7 @@ impl<'a> Builder<'a> {
         d: usize,
         act: amend_edits::families::Activation,
     ) -> String {
-        let m = named(&format!("pn{i}_neurons"));
+        let m = self.slot_dim(format!("pn{i}_neurons"), |c| c.neurons);
         let keys = self.slot_input(
             slots::pn_name(i, "keys"),
             DataType::Float,
@@ -538,7 +554,7 @@ impl<'a> Builder<'a> {
             ),
         };
         self.slot_outputs
-            .push(input(&a, DataType::Float, vec![named("T"), m]));
+            .push(input(&a, DataType::Float, vec![self.shapes.dim("T"), m]));
         let abs = self.op("Abs", &[&a]);
         let ax1 = self.ints(&[1]);
         let mx = self.op_a("ReduceMax", &[&abs, &ax1], vec![("keepdims", Attr::Int(1))]);
@@ -851,6 +867,7 @@ pub fn build(
     slots: &SlotLayout,
     capture: &[HookPoint],
     shapes: Shapes,
+    capacity: SlotCapacity,
 ) -> Result<Graph, BuildError> {
     slots.check(cfg.n_layer).map_err(BuildError::Slots)?;
     if let Shapes::Static { tokens, window } = shapes {
@@ -859,11 +876,9 @@ pub fn build(
                 "static shapes need at least one token and one window position".into(),
             ));
         }
-        // Slot inputs have dimensions of their own (entries, neurons, rank, looked-up rows):
-        // a static-capacity layout is not written yet.
-        if !slots.is_empty() || !capture.is_empty() {
+        if !capture.is_empty() {
             return Err(BuildError::Slots(
-                "static shapes take no edit slots or captured sites yet".into(),
+                "static shapes take no captured sites".into(),
             ));
         }
     }
@@ -890,6 +905,11 @@ pub fn build(
         slot_inputs: Vec::new(),
         low_rank_used: vec![false; slots.low_rank.len()],
         slot_outputs: Vec::new(),
+        shapes,
+        capacity: match shapes {
+            Shapes::Dynamic => None,
+            Shapes::Static { .. } => Some(capacity),
+        },
     };
     let (nh, nkv, hd) = (cfg.n_head as i64, cfg.n_head_kv as i64, cfg.head_dim as i64);
     let swa = has_swa(cfg);
@@ -1215,6 +1235,8 @@ pub fn linear_probe(lw: LinearWeight, profile: Profile) -> Graph {
         slot_inputs: Vec::new(),
         low_rank_used: Vec::new(),
         slot_outputs: Vec::new(),
+        shapes: Shapes::Dynamic,
+        capacity: None,
     };
     let y = b.apply_linear("x", "w", lw);
     b.node("", "Identity", &[&y], vec![], Some("y".into()));

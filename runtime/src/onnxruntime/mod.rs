@@ -23,7 +23,7 @@ use ort::session::Session as OrtRunner;
 use ort::value::{DynValue, Tensor};
 
 pub use graph::{Emulation, Profile};
-pub use slots::{CodebookSlot, NeuronSlot, SlotLayout};
+pub use slots::{CodebookSlot, NeuronSlot, SlotCapacity, SlotLayout};
 
 use crate::arch::Architecture;
 use crate::config::ModelConfig;
@@ -333,19 +333,29 @@ pub struct StaticShapes {
     pub chunk: usize,
     /// Cached positions the graphs attend over: the session's context is at most this.
     pub window: usize,
+    /// What each edit slot holds (slot inputs have fixed sizes too).
+    pub capacity: SlotCapacity,
 }
 
 impl StaticShapes {
-    /// `CHUNK,WINDOW` (e.g. `64,1024`).
+    /// `CHUNK,WINDOW` (e.g. `64,1024`), optionally followed by the slots' capacity
+    /// `,ENTRIES,NEURONS,RANK` (default [`SlotCapacity::default`]).
     pub fn parse(s: &str) -> Result<StaticShapes, RuntimeError> {
         let bad = |d: &str| RuntimeError::InvalidOptions(format!("static shapes `{s}`: {d}"));
-        let (c, w) = s
-            .split_once(',')
-            .ok_or_else(|| bad("expected CHUNK,WINDOW"))?;
+        let parts: Vec<&str> = s.splitn(3, ',').collect();
+        let [c, w, ref rest @ ..] = parts[..] else {
+            return Err(bad("expected CHUNK,WINDOW[,ENTRIES,NEURONS,RANK]"));
+        };
         let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad("not a number"));
+        let capacity = match *rest {
+            [] => SlotCapacity::default(),
+            [cap] => SlotCapacity::parse(cap).map_err(|e| bad(&e))?,
+            _ => unreachable!("splitn(3) gives at most three parts"),
+        };
         let shapes = StaticShapes {
             chunk: num(c)?,
             window: num(w)?,
+            capacity,
         };
         shapes.check()?;
         Ok(shapes)
@@ -551,6 +561,10 @@ impl OrtModel {
                 &options.slots,
                 &options.capture,
                 shapes,
+                &options
+                    .static_shapes
+                    .map(|s| s.capacity)
+                    .unwrap_or_default(),
             );
             // The second graph of a static pair sits beside the first as `NAME.decode.onnx`.
             let second = |p: PathBuf| if gi == 0 { p } else { decode_graph_path(&p) };
@@ -788,9 +802,13 @@ impl OrtModel {
 
     /// The feeds of `plan` (`None`: every slot's sentinel).
     fn feeds(&self, plan: Option<&EditPlan>) -> Result<slots::SlotFeeds, RuntimeError> {
-        slots::SlotFeeds::build(plan, &self.options.slots, self.cfg.n_embd, &|n| {
-            self.weight_dims(n)
-        })
+        slots::SlotFeeds::build(
+            plan,
+            &self.options.slots,
+            self.cfg.n_embd,
+            &|n| self.weight_dims(n),
+            self.options.static_shapes.map(|s| s.capacity),
+        )
     }
 
     fn empty_feeds(&self) -> Result<Arc<slots::SlotFeeds>, RuntimeError> {
@@ -877,6 +895,10 @@ fn build_onnx(
         &options.slots,
         &options.capture,
         shapes,
+        options
+            .static_shapes
+            .map(|s| s.capacity)
+            .unwrap_or_default(),
     )
     .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
     drop(gguf);
@@ -1452,6 +1474,11 @@ impl OrtSession {
         let (t, p) = (tokens.len(), self.n_past);
         let wanted: Vec<usize> = (0..t).filter(|&i| options.logits.wants(i, t)).collect();
         let nv = self.model.cfg.n_vocab;
+        let last_prompt = match (options.last_prompt_token, options.phase) {
+            (Some(i), _) => Some(i),
+            (None, Phase::Prefill) => Some(t - 1),
+            (None, Phase::Decode) => None,
+        };
         let mut logits = Vec::with_capacity(wanted.len() * nv);
         let mut start = 0;
         while start < t {
@@ -1459,7 +1486,10 @@ impl OrtSession {
             if let Some(&w) = wanted.iter().find(|&&w| w >= start && w < end) {
                 end = w + 1;
             }
-            let row = match self.run_static(st, &tokens[start..end], p + start) {
+            let lp = last_prompt
+                .filter(|&i| (start..end).contains(&i))
+                .map(|i| i - start);
+            let row = match self.run_static(st, &tokens[start..end], p + start, lp) {
                 Ok(row) => row,
                 Err(e) => {
                     // Segments before this one are in the window: keep them, drop the rest.
@@ -1478,24 +1508,34 @@ impl OrtSession {
         self.rows = wanted;
         self.n_past = p + t;
         self.captured.clear();
-        let last_prompt = match (options.last_prompt_token, options.phase) {
-            (Some(i), _) => Some(i),
-            (None, Phase::Prefill) => Some(t - 1),
-            (None, Phase::Decode) => None,
-        };
         self.force_answer(tokens, p, last_prompt);
         Ok(())
     }
 
-    /// One run of a static graph on `seg` (1..=chunk tokens) at positions `p0..`: returns the
-    /// logits of its last token and writes its K and V into the window.
+    /// One run of a static graph on `seg` (1..=chunk tokens) at positions `p0..` (`last_prompt`:
+    /// the index of the last prompt token within it, if there): returns the logits of its last
+    /// token and writes its K and V into the window.
     fn run_static(
         &mut self,
         st: StaticShapes,
         seg: &[Token],
         p0: usize,
+        last_prompt: Option<usize>,
     ) -> Result<Vec<f32>, RuntimeError> {
         let model = self.model.clone();
+        // The slots' feeds: the pinned plan's, or every slot's sentinel.
+        let installed = if self.installed {
+            self.feeds.clone()
+        } else {
+            None
+        };
+        let record = installed.is_some();
+        let feeds = match (installed, model.options.slots.is_empty()) {
+            (Some(f), _) => Some(f),
+            (None, true) => None,
+            (None, false) => Some(model.empty_feeds()?),
+        };
+        let plan = self.edits.plan().cloned();
         let c = &model.cfg;
         let (n, w) = (seg.len(), st.window);
         // The decode graph for one token when there is one; else the prefill graph, padded.
@@ -1557,6 +1597,9 @@ impl OrtSession {
         let rows = Tensor::from_array((vec![1i64], vec![(n - 1) as i64]))
             .map_err(ort_err("building inputs"))?;
         inputs.push((graph::LOGIT_ROWS.into(), rows.into_dyn().into()));
+        if let Some(f) = &feeds {
+            f.inputs(tg, last_prompt, &mut inputs)?;
+        }
         // The window goes in as views of the session's own buffers: no copy per token.
         let kv_shape = vec![1i64, nkv as i64, w as i64, hd as i64];
         for (i, buf) in self.window.iter().enumerate() {
@@ -1575,6 +1618,20 @@ impl OrtSession {
             let out = r
                 .run(inputs)
                 .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
+            if let (true, Some(f), Some(plan)) = (record, feeds.as_deref(), plan.as_ref()) {
+                let floats = |name: &str| {
+                    out.get(name)
+                        .and_then(|v| v.try_extract_tensor::<f32>().ok())
+                        .map(|(_, d)| d.to_vec())
+                };
+                let ints = |name: &str| {
+                    out.get(name)
+                        .and_then(|v| v.try_extract_tensor::<i64>().ok())
+                        .map(|(_, d)| d.to_vec())
+                };
+                let mut ex = self.edits.explain.lock().unwrap_or_else(|e| e.into_inner());
+                f.record(plan, n, last_prompt, p0, &floats, &ints, &mut ex);
+            }
             let (_, l) = out[graph::LOGITS]
                 .try_extract_tensor::<f32>()
                 .map_err(ort_err("reading logits"))?;

@@ -247,6 +247,67 @@ impl SlotLayout {
 }
 
 /// Input and output names of slot `i`'s tensors.
+/// How much each slot holds when the graph has static shapes ([`super::StaticShapes`]): the
+/// slot inputs' sizes are fixed at build, a shorter feed is padded with entries that never
+/// fire, and a bundle needing more is refused naming the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotCapacity {
+    /// Entries per codebook slot.
+    pub entries: usize,
+    /// Neurons per patch-neuron slot.
+    pub neurons: usize,
+    /// Rank per low-rank slot.
+    pub rank: usize,
+}
+
+impl Default for SlotCapacity {
+    fn default() -> Self {
+        SlotCapacity {
+            entries: 1024,
+            neurons: 256,
+            rank: 64,
+        }
+    }
+}
+
+impl SlotCapacity {
+    pub(crate) fn describe(&self) -> String {
+        format!("{},{},{}", self.entries, self.neurons, self.rank)
+    }
+
+    /// `ENTRIES,NEURONS,RANK`, each 1..=1,000,000.
+    pub fn parse(text: &str) -> Result<SlotCapacity, String> {
+        let v: Vec<usize> = text
+            .split(',')
+            .map(|x| x.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("slot capacity `{text}`: expected ENTRIES,NEURONS,RANK"))?;
+        match v[..] {
+            [entries, neurons, rank]
+                if [entries, neurons, rank]
+                    .iter()
+                    .all(|&x| (1..=1_000_000).contains(&x)) =>
+            {
+                Ok(SlotCapacity {
+                    entries,
+                    neurons,
+                    rank,
+                })
+            }
+            _ => Err(format!(
+                "slot capacity `{text}`: expected ENTRIES,NEURONS,RANK, each 1..=1000000"
+            )),
+        }
+    }
+}
+
+/// `n` rows of `width` values padded to `cap` rows with `fill` (static slots).
+fn pad_rows(mut v: Vec<f32>, n: usize, width: usize, cap: usize, fill: f32) -> Vec<f32> {
+    debug_assert_eq!(v.len(), n * width);
+    v.resize(cap.max(n) * width, fill);
+    v
+}
+
 pub fn cb_name(i: usize, what: &str) -> String {
     format!("slot.cb{i}.{what}")
 }
@@ -321,6 +382,8 @@ struct CodebookFeed {
 
 struct NeuronFeed {
     values: [DynValue; 3],
+    /// Columns of the `act` output (the feed's neurons, or the slot's static capacity).
+    width: usize,
     /// Column -> (plan neuron set, index within it); empty for the sentinel.
     columns: Vec<(usize, usize)>,
 }
@@ -343,8 +406,14 @@ impl SlotFeeds {
         layout: &SlotLayout,
         n_embd: usize,
         weight_dims: &dyn Fn(&str) -> Option<(usize, usize)>,
+        capacity: Option<SlotCapacity>,
     ) -> Result<SlotFeeds, RuntimeError> {
         let d = n_embd;
+        let over = |what: String, need: usize, cap: usize| {
+            RuntimeError::EditSlot(format!(
+                "{what} needs {need}, and the graph's static slot holds {cap}"
+            ))
+        };
         let (pcb, ppn, plr) = match plan {
             Some(p) => (&p.codebooks[..], &p.neurons[..], &p.low_rank[..]),
             None => (&[][..], &[][..], &[][..]),
@@ -395,6 +464,12 @@ impl SlotFeeds {
                 continue;
             }
             let all = pcb[members[0]].cb.all_positions();
+            if all && capacity.is_some() {
+                return Err(RuntimeError::Unsupported(format!(
+                    "bundle {}: an all-positions codebook with static shapes (the graph looks up one row per run)",
+                    bundle_id(pcb[members[0]].bundle)
+                )));
+            }
             if members.iter().any(|&m| pcb[m].cb.all_positions() != all) {
                 return Err(RuntimeError::Unsupported(
                     "codebooks at one slot disagree on all-positions lookup (one graph slot looks up at one set of positions)".into(),
@@ -416,20 +491,49 @@ impl SlotFeeds {
                     entries.push((m, e));
                 }
             }
+            let rows = match capacity {
+                Some(c) if n > c.entries => {
+                    let slot = &layout.codebooks[codebooks.len()];
+                    return Err(over(
+                        format!(
+                            "the codebook slot at layer {} ({} -> {}) for bundle {}: {n} entries",
+                            slot.layer,
+                            slot.key_site,
+                            slot.replace_site,
+                            bundle_id(pcb[members[0]].bundle)
+                        ),
+                        n,
+                        c.entries,
+                    ));
+                }
+                Some(c) => {
+                    // Padding: copies of the first key that never hit (+inf bound); ArgMax keeps
+                    // the first of equal dots, the real entry.
+                    let first = keys[..d].to_vec();
+                    for _ in n..c.entries {
+                        keys.extend_from_slice(&first);
+                    }
+                    values.resize(c.entries * d, 0.0);
+                    bounds.resize(c.entries, f32::INFINITY);
+                    c.entries
+                }
+                None => n,
+            };
             codebooks.push(CodebookFeed {
                 real: Some([
-                    tensor_f32(&[n, d], keys)?,
-                    tensor_f32(&[n, d], values)?,
-                    tensor_f32(&[n], bounds)?,
+                    tensor_f32(&[rows, d], keys)?,
+                    tensor_f32(&[rows, d], values)?,
+                    tensor_f32(&[rows], bounds)?,
                 ]),
                 all_positions: all,
                 entries,
             });
         }
+        let sentinel_rows = capacity.map_or(1, |c| c.entries);
         let cb_sentinel = [
-            tensor_f32(&[1, d], vec![0.0; d])?,
-            tensor_f32(&[1, d], vec![0.0; d])?,
-            tensor_f32(&[1], vec![f32::INFINITY])?,
+            tensor_f32(&[sentinel_rows, d], vec![0.0; sentinel_rows * d])?,
+            tensor_f32(&[sentinel_rows, d], vec![0.0; sentinel_rows * d])?,
+            tensor_f32(&[sentinel_rows], vec![f32::INFINITY; sentinel_rows])?,
         ];
 
         // Patch neurons.
@@ -464,14 +568,28 @@ impl SlotFeeds {
         let mut neurons = Vec::with_capacity(layout.neurons.len());
         for members in pn_members {
             let m: usize = members.iter().map(|&i| ppn[i].pn.len()).sum();
+            if let Some(c) = capacity.filter(|c| m > c.neurons) {
+                let slot = &layout.neurons[neurons.len()];
+                return Err(over(
+                    format!(
+                        "the patch-neuron slot at layer {} ({} -> {})",
+                        slot.layer, slot.read_site, slot.write_site
+                    ),
+                    m,
+                    c.neurons,
+                ));
+            }
+            // Static slots are padded to capacity, the rest of the feed included.
+            let width = capacity.map_or(m.max(1), |c| c.neurons);
             if m == 0 {
                 // Nothing fires: a zero key with a negative bias.
                 neurons.push(NeuronFeed {
                     values: [
-                        tensor_f32(&[1, d], vec![0.0; d])?,
-                        tensor_f32(&[1], vec![-1.0])?,
-                        tensor_f32(&[1, d], vec![0.0; d])?,
+                        tensor_f32(&[width, d], vec![0.0; width * d])?,
+                        tensor_f32(&[width], vec![-1.0; width])?,
+                        tensor_f32(&[width, d], vec![0.0; width * d])?,
                     ],
+                    width,
                     columns: Vec::new(),
                 });
                 continue;
@@ -491,12 +609,19 @@ impl SlotFeeds {
                     columns.push((i, j));
                 }
             }
+            // Padding: zero keys with a negative bias never fire (and write zero values).
+            let (keys, values) = (
+                pad_rows(keys, m, d, width, 0.0),
+                pad_rows(values, m, d, width, 0.0),
+            );
+            bias.resize(width, -1.0);
             neurons.push(NeuronFeed {
                 values: [
-                    tensor_f32(&[m, d], keys)?,
-                    tensor_f32(&[m], bias)?,
-                    tensor_f32(&[m, d], values)?,
+                    tensor_f32(&[width, d], keys)?,
+                    tensor_f32(&[width], bias)?,
+                    tensor_f32(&[width, d], values)?,
                 ],
+                width,
                 columns,
             });
         }
@@ -564,17 +689,39 @@ impl SlotFeeds {
                         )));
                     }
                     let s = t.scale();
+                    let rank = match capacity {
+                        Some(c) if t.rank > c.rank => {
+                            return Err(over(
+                                format!("the low-rank slot on `{name}`: rank {}", t.rank),
+                                t.rank,
+                                c.rank,
+                            ))
+                        }
+                        Some(c) => c.rank,
+                        None => t.rank,
+                    };
+                    // Static slots: zero rows of A and zero columns of B add exact zeros.
+                    let a = pad_rows(t.a.to_vec(), t.rank, n_in, rank, 0.0);
+                    let mut b = vec![0f32; n_out * rank];
+                    for o in 0..n_out {
+                        for r in 0..t.rank {
+                            b[o * rank + r] = t.b[o * t.rank + r] * s;
+                        }
+                    }
                     low_rank.push([
-                        tensor_f32(&[t.rank, n_in], t.a.to_vec())?,
-                        tensor_f32(&[n_out, t.rank], t.b.iter().map(|x| x * s).collect())?,
+                        tensor_f32(&[rank, n_in], a)?,
+                        tensor_f32(&[n_out, rank], b)?,
                         tensor_bool(true)?,
                     ]);
                 }
-                None => low_rank.push([
-                    tensor_f32(&[1, n_in], vec![0.0; n_in])?,
-                    tensor_f32(&[n_out, 1], vec![0.0; n_out])?,
-                    tensor_bool(false)?,
-                ]),
+                None => {
+                    let rank = capacity.map_or(1, |c| c.rank);
+                    low_rank.push([
+                        tensor_f32(&[rank, n_in], vec![0.0; rank * n_in])?,
+                        tensor_f32(&[n_out, rank], vec![0.0; n_out * rank])?,
+                        tensor_bool(false)?,
+                    ])
+                }
             }
         }
         Ok(SlotFeeds {
@@ -687,9 +834,8 @@ impl SlotFeeds {
             let Some(act) = output(&pn_name(i, "act")) else {
                 continue;
             };
-            let m = f.columns.len();
-            for row in act.chunks_exact(m).take(n) {
-                for (j, &a) in row.iter().enumerate() {
+            for row in act.chunks_exact(f.width).take(n) {
+                for (j, &a) in row.iter().enumerate().take(f.columns.len()) {
                     if a <= 0.0 {
                         continue;
                     }

@@ -56,9 +56,10 @@ public final class Model: @unchecked Sendable {
         /// ONNX Runtime on an execution provider ("cpu", "openvino[:CPU|GPU|NPU]", "coreml", ...);
         /// `library` nil: $AMEND_ORT_LIB, else what scripts/fetch-ort.sh installed; `editSlots`
         /// the graph's edit slots (docs/backends.md); `cpuFallback` lets nodes the EP does not
-        /// take run on the CPU EP.
+        /// take run on the CPU EP; `staticShapes` (chunk, window) fixes every shape, as QNN
+        /// needs (sessions' n_ctx at most `window`).
         case onnxRuntime(ep: String = "cpu", library: String? = nil, editSlots: String? = nil,
-                         cpuFallback: Bool = false)
+                         cpuFallback: Bool = false, staticShapes: (chunk: Int, window: Int)? = nil)
     }
 
     public init(path: String, backend: Backend = .llamaCpp, threads: UInt32 = 0) throws {
@@ -68,9 +69,14 @@ public final class Model: @unchecked Sendable {
         switch backend {
         case .llamaCpp:
             try check(amend_model_open(path, &params, &out))
-        case let .onnxRuntime(ep, library, editSlots, cpuFallback):
+        case let .onnxRuntime(ep, library, editSlots, cpuFallback, staticShapes):
             params.backend = amend_backend(AMEND_BACKEND_ONNXRUNTIME)
             params.cpu_fallback = cpuFallback
+            if let st = staticShapes {
+                // A negative size is refused by amend (a huge size_t), never trapped here.
+                params.static_chunk = st.chunk < 0 ? Int.max : st.chunk
+                params.static_window = st.window < 0 ? Int.max : st.window
+            }
             // The strings are borrowed for the call only, as amend.h states.
             try ep.withCString { e in
                 params.ep = e

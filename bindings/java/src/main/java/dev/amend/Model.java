@@ -16,7 +16,8 @@ public final class Model implements AutoCloseable {
     /** Opens on the backend {@code options} names (llama.cpp, or ONNX Runtime on an EP). */
     public Model(String path, ModelOptions options) {
         handle = Native.modelOpen(utf8(path), options.useMmap, options.nThreads, options.backend,
-                utf8(options.ep), utf8(options.ortLibrary), utf8(options.editSlots), options.cpuFallback);
+                utf8(options.ep), utf8(options.ortLibrary), utf8(options.editSlots), options.cpuFallback,
+                options.staticChunk, options.staticWindow);
     }
 
     private static byte[] utf8(String s) { return s == null ? null : s.getBytes(StandardCharsets.UTF_8); }

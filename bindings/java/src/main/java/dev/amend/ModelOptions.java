@@ -15,6 +15,7 @@ public final class ModelOptions {
     int backend = BACKEND_LLAMA_CPP;
     String ep, ortLibrary, editSlots;
     boolean cpuFallback;
+    long staticChunk, staticWindow;
 
     /** Memory-map the weights (llama.cpp; default true). */
     public ModelOptions useMmap(boolean v) { useMmap = v; return this; }
@@ -30,4 +31,10 @@ public final class ModelOptions {
     public ModelOptions editSlots(String v) { editSlots = v; return this; }
     /** Let nodes the EP does not take run on the CPU EP (default false: such a graph is an error). */
     public ModelOptions cpuFallback(boolean v) { cpuFallback = v; return this; }
+    /**
+     * Fixed shapes on ONNX Runtime, as QNN needs: a prefill graph of {@code chunk} tokens and a
+     * one-token decode graph over a KV window of {@code window} positions (sessions' n_ctx at most
+     * {@code window}); (0, 0), the default, is dynamic shapes.
+     */
+    public ModelOptions staticShapes(long chunk, long window) { staticChunk = chunk; staticWindow = window; return this; }
 }

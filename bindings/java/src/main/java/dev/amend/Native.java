@@ -28,7 +28,8 @@ final class Native {
 
     /** ep, ortLibrary, editSlots: UTF-8 or null (amend_model_params' NULL defaults). */
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads, int backend,
-                                 byte[] ep, byte[] ortLibrary, byte[] editSlots, boolean cpuFallback);
+                                 byte[] ep, byte[] ortLibrary, byte[] editSlots, boolean cpuFallback,
+                                 long staticChunk, long staticWindow);
     static native void modelFree(long model);
     static native String modelDescription(long model);
 

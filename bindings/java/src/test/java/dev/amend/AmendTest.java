@@ -96,6 +96,17 @@ public final class AmendTest {
                  Session sl = new Session(l, 256, 0)) {
                 List<Integer> got = so.generate(PROMPT, g).tokens, want = sl.generate(PROMPT, g).tokens;
                 check(got.equals(want), got + " vs " + want);
+                // Fixed shapes: the same tokens; a context beyond the window is refused.
+                try (Model st = new Model(model, new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME)
+                        .nThreads(1).staticShapes(16, 256))) {
+                    expect(Result.ERR_INVALID_ARGUMENT, () -> new Session(st, 512, 0));
+                    try (Session ss = new Session(st, 256, 0)) {
+                        List<Integer> fixed = ss.generate(PROMPT, g).tokens;
+                        check(fixed.equals(want), fixed + " vs " + want);
+                    }
+                }
+                expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
+                        new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).staticShapes(16, 0)));
             }
         });
 
