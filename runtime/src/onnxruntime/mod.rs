@@ -1392,18 +1392,8 @@ impl OrtSession {
                     .run(all)
                     .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
                 if let (true, Some(f), Some(plan)) = (record, feeds, plan.as_ref()) {
-                    let floats = |name: &str| {
-                        out.get(name)
-                            .and_then(|v| v.try_extract_tensor::<f32>().ok())
-                            .map(|(_, d)| d.to_vec())
-                    };
-                    let ints = |name: &str| {
-                        out.get(name)
-                            .and_then(|v| v.try_extract_tensor::<i64>().ok())
-                            .map(|(_, d)| d.to_vec())
-                    };
                     let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
-                    f.record(plan, t, last_prompt, p, &floats, &ints, &mut ex);
+                    f.record_run(plan, t, last_prompt, p, &out, &mut ex);
                 }
                 for &point in capture {
                     let name = graph::site_tensor(point);
@@ -1619,18 +1609,8 @@ impl OrtSession {
                 .run(inputs)
                 .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
             if let (true, Some(f), Some(plan)) = (record, feeds.as_deref(), plan.as_ref()) {
-                let floats = |name: &str| {
-                    out.get(name)
-                        .and_then(|v| v.try_extract_tensor::<f32>().ok())
-                        .map(|(_, d)| d.to_vec())
-                };
-                let ints = |name: &str| {
-                    out.get(name)
-                        .and_then(|v| v.try_extract_tensor::<i64>().ok())
-                        .map(|(_, d)| d.to_vec())
-                };
                 let mut ex = self.edits.explain.lock().unwrap_or_else(|e| e.into_inner());
-                f.record(plan, n, last_prompt, p0, &floats, &ints, &mut ex);
+                f.record_run(plan, n, last_prompt, p0, &out, &mut ex);
             }
             let (_, l) = out[graph::LOGITS]
                 .try_extract_tensor::<f32>()

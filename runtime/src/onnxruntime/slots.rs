@@ -779,6 +779,29 @@ impl SlotFeeds {
         Ok(())
     }
 
+    /// [`SlotFeeds::record`] from a run's outputs.
+    pub(crate) fn record_run(
+        &self,
+        plan: &EditPlan,
+        n: usize,
+        last_prompt: Option<usize>,
+        pos0: usize,
+        out: &ort::session::SessionOutputs<'_>,
+        explain: &mut Explain,
+    ) {
+        let floats = |name: &str| {
+            out.get(name)
+                .and_then(|v| v.try_extract_tensor::<f32>().ok())
+                .map(|(_, d)| d.to_vec())
+        };
+        let ints = |name: &str| {
+            out.get(name)
+                .and_then(|v| v.try_extract_tensor::<i64>().ok())
+                .map(|(_, d)| d.to_vec())
+        };
+        self.record(plan, n, last_prompt, pos0, &floats, &ints, explain);
+    }
+
     /// Records what fired in a run into `explain`: codebook lookups at the gated rows, neurons
     /// with a non-zero activation. `output(name)` reads a graph output; `pos0` is the position
     /// of the run's first row.
