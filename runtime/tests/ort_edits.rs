@@ -180,6 +180,25 @@ fn bundles(m: &Arc<Model>, set: &EditSet) -> Bundles {
     }
 }
 
+impl Bundles {
+    /// Each family's bundle with its name.
+    fn each(&self) -> [(&'static str, &Arc<Bundle>); 3] {
+        [
+            ("codebook", &self.codebook),
+            ("neurons", &self.neurons),
+            ("low_rank", &self.low_rank),
+        ]
+    }
+}
+
+/// The neurons that fired: (unit, positions, edit id).
+fn fired(x: &amend_runtime::Explain) -> Vec<(usize, usize, Option<String>)> {
+    x.neurons
+        .iter()
+        .map(|n| (n.neuron, n.positions, n.edit_id.clone()))
+        .collect()
+}
+
 /// The tiny model (path, llama.cpp model), an edit set, the three bundles (signed for it) and
 /// the slot layout they need.
 struct Fixture {
@@ -222,11 +241,7 @@ fn every_family_gives_llama_cpps_logits_and_fires_the_same_units() {
     let om = ort_model(&path, layout);
     let base_l = next_logits(&mut llama(&m), A);
     let base_o = next_logits(&mut OrtSession::new(&om, 256).unwrap(), A);
-    for (name, b) in [
-        ("codebook", &all.codebook),
-        ("neurons", &all.neurons),
-        ("low_rank", &all.low_rank),
-    ] {
+    for (name, b) in all.each() {
         let set = edit_set(&m);
         set.add(b.clone(), AddOptions::default()).unwrap();
         let mut l = llama(&m);
@@ -254,12 +269,6 @@ fn every_family_gives_llama_cpps_logits_and_fires_the_same_units() {
             assert_eq!((a.entry, a.replaced, a.pos), (b.entry, b.replaced, b.pos));
             assert!((a.distance - b.distance).abs() < 1e-3, "{a:?} {b:?}");
         }
-        let fired = |x: &amend_runtime::Explain| {
-            x.neurons
-                .iter()
-                .map(|n| (n.neuron, n.positions, n.edit_id.clone()))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(fired(&xl), fired(&xo), "{name}");
         assert_eq!(xl.low_rank, xo.low_rank, "{name}");
         // Other prompts: the same units fire on both backends, and where none fires the ORT
@@ -749,11 +758,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     let base = next_logits(&mut OrtSession::new(&plain, 64).unwrap(), A);
     let empty = next_logits(&mut OrtSession::new(&stat, 64).unwrap(), A);
     assert!(bitwise(&base, &empty), "{}", max_abs(&base, &empty));
-    for (name, b) in [
-        ("codebook", &all.codebook),
-        ("neurons", &all.neurons),
-        ("low_rank", &all.low_rank),
-    ] {
+    for (name, b) in all.each() {
         let set = edit_set(&m);
         set.add(b.clone(), AddOptions::default()).unwrap();
         let mut d = OrtSession::new(&dynamic, 64).unwrap();
@@ -775,12 +780,6 @@ fn static_capacity_slots_match_the_dynamic_graph() {
                 "{name}"
             );
         }
-        let fired = |x: &amend_runtime::Explain| {
-            x.neurons
-                .iter()
-                .map(|n| (n.neuron, n.positions))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(fired(&xd), fired(&xs), "{name}");
         // Greedy generation (chunked prefill, then the decode graph) agrees too.
         let greedy = |sess: &mut OrtSession| {
