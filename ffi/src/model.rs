@@ -95,18 +95,19 @@ pub extern "C" fn amend_model_open(
         };
         let n_threads = (params.n_threads > 0).then_some(params.n_threads as usize);
         let invalid = |m: String| FfiError::new(amend_result::AMEND_ERR_INVALID_ARGUMENT, m);
-        let static_shapes =
-            match (params.static_chunk, params.static_window) {
-                (0, 0) => None,
-                (chunk, window) if params.backend == AMEND_BACKEND_ONNXRUNTIME => Some(
-                    amend_runtime::onnxruntime::StaticShapes::parse(&format!("{chunk},{window}"))
-                        .map_err(|e| invalid(format!("params.static_chunk/static_window: {e}")))?,
-                ),
-                _ => return Err(invalid(
+        let static_shapes = match (params.static_chunk, params.static_window) {
+            (0, 0) => None,
+            (chunk, window) if params.backend == AMEND_BACKEND_ONNXRUNTIME => Some(
+                amend_runtime::onnxruntime::StaticShapes::new(chunk, window, Default::default())
+                    .map_err(|e| invalid(format!("params.static_chunk/static_window: {e}")))?,
+            ),
+            _ => {
+                return Err(invalid(
                     "params.static_chunk/static_window: fixed shapes are an ONNX Runtime option"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         let obj = match params.backend {
             AMEND_BACKEND_LLAMA_CPP => ModelObj {
                 model: Model::open(

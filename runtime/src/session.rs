@@ -103,6 +103,16 @@ impl EvalOptions {
             last_prompt_token: None,
         }
     }
+
+    /// The last prompt token's index among `n` evaluated tokens: `last_prompt_token`, else the
+    /// last token of a prefill, else none.
+    pub fn last_prompt(&self, n: usize) -> Option<usize> {
+        match (self.last_prompt_token, self.phase) {
+            (Some(i), _) => Some(i),
+            (None, Phase::Prefill) => n.checked_sub(1),
+            (None, Phase::Decode) => None,
+        }
+    }
 }
 
 /// Stops a running generation or evaluation from any thread. Clone freely.
@@ -392,11 +402,7 @@ impl Session {
                 n_ctx: self.n_ctx,
             });
         }
-        let last_prompt = match (options.last_prompt_token, options.phase) {
-            (Some(i), _) => Some(i),
-            (None, Phase::Prefill) => Some(n - 1),
-            (None, Phase::Decode) => None,
-        };
+        let last_prompt = options.last_prompt(n);
         self.logit_locs.clear();
         self.logit_locs.resize(n, LogitLoc::Absent);
         self.stored.clear();

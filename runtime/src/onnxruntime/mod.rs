@@ -29,7 +29,6 @@ use crate::arch::Architecture;
 use crate::config::ModelConfig;
 use crate::editing::{EditHost, EditPlan, PlanTarget, SessionEdits};
 use crate::error::RuntimeError;
-use crate::hooks::Phase;
 use crate::model::{Model, ModelOptions};
 use crate::session::{EvalOptions, Logits};
 use crate::Token;
@@ -352,9 +351,18 @@ impl StaticShapes {
             [cap] => SlotCapacity::parse(cap).map_err(|e| bad(&e))?,
             _ => unreachable!("splitn(3) gives at most three parts"),
         };
+        StaticShapes::new(num(c)?, num(w)?, capacity)
+    }
+
+    /// Checked: `chunk` 1..=512, `window` 1..=[`crate::MAX_N_CTX`].
+    pub fn new(
+        chunk: usize,
+        window: usize,
+        capacity: SlotCapacity,
+    ) -> Result<StaticShapes, RuntimeError> {
         let shapes = StaticShapes {
-            chunk: num(c)?,
-            window: num(w)?,
+            chunk,
+            window,
             capacity,
         };
         shapes.check()?;
@@ -551,7 +559,10 @@ impl OrtModel {
             None => vec![graph::Shapes::Dynamic],
             Some(st) => st.graphs(),
         };
-        let mut stats = OrtLoadStats::default();
+        let mut stats = OrtLoadStats {
+            from_cache: true,
+            ..Default::default()
+        };
         let mut runners = Vec::with_capacity(all_shapes.len());
         let mut first = None;
         for (gi, &shapes) in all_shapes.iter().enumerate() {
@@ -658,11 +669,7 @@ impl OrtModel {
                 onnx.len() as f64 / 1e6,
                 session_create_s
             );
-            stats.from_cache = if gi == 0 {
-                from_cache
-            } else {
-                stats.from_cache && from_cache
-            };
+            stats.from_cache &= from_cache;
             stats.graph_build_s += graph_build_s;
             stats.onnx_bytes += onnx.len();
             stats.session_create_s += session_create_s;
@@ -1333,30 +1340,13 @@ impl OrtSession {
         let n_rows = r.len();
         let v = Tensor::from_array((vec![n_rows as i64], r)).map_err(ort_err("building inputs"))?;
         inputs.push((graph::LOGIT_ROWS.into(), v.into_dyn()));
-        let last_prompt = match (options.last_prompt_token, options.phase) {
-            (Some(i), _) => Some(i),
-            (None, Phase::Prefill) => Some(t - 1),
-            (None, Phase::Decode) => None,
-        };
+        let last_prompt = options.last_prompt(t);
         let mut feeds_in: Vec<(
             std::borrow::Cow<'static, str>,
             ort::session::SessionInputValue<'_>,
         )> = Vec::new();
-        let feeds = if self.installed {
-            self.feeds.clone()
-        } else {
-            None
-        };
-        let base_feeds;
-        let feeds = match (&feeds, model.options.slots.is_empty()) {
-            (Some(f), _) => Some(f.as_ref()),
-            (None, true) => None,
-            // A graph with slots and no edits pinned: every slot gets its sentinel.
-            (None, false) => {
-                base_feeds = model.empty_feeds()?;
-                Some(base_feeds.as_ref())
-            }
-        };
+        let (feeds, record) = self.slot_feeds()?;
+        let feeds = feeds.as_deref();
         if let Some(f) = feeds {
             f.inputs(t, last_prompt, &mut feeds_in)?;
         }
@@ -1372,7 +1362,6 @@ impl OrtSession {
         }
 
         let n_layer = c.n_layer;
-        let record = feeds.is_some() && self.installed;
         let capture = &model.options.capture;
         let mut captured = Vec::with_capacity(capture.len());
         let plan = self.edits.plan().cloned();
@@ -1435,6 +1424,23 @@ impl OrtSession {
         Ok(())
     }
 
+    /// What a run feeds the graph's slots: the pinned plan's feeds while they apply, else every
+    /// slot's sentinel (none for a graph without slots); and whether the run records what fired.
+    fn slot_feeds(&self) -> Result<(Option<Arc<slots::SlotFeeds>>, bool), RuntimeError> {
+        let pinned = if self.installed {
+            self.feeds.clone()
+        } else {
+            None
+        };
+        let feeds = match (pinned, self.model.options.slots.is_empty()) {
+            (Some(f), _) => Some(f),
+            (None, true) => None,
+            (None, false) => Some(self.model.empty_feeds()?),
+        };
+        let record = self.installed && feeds.is_some();
+        Ok((feeds, record))
+    }
+
     /// A routed memory's answer: forced into the evaluated rows as on the llama.cpp backend.
     fn force_answer(&mut self, tokens: &[Token], p: usize, last_prompt: Option<usize>) {
         if let Some(mut plan) = self.answer.take() {
@@ -1464,11 +1470,7 @@ impl OrtSession {
         let (t, p) = (tokens.len(), self.n_past);
         let wanted: Vec<usize> = (0..t).filter(|&i| options.logits.wants(i, t)).collect();
         let nv = self.model.cfg.n_vocab;
-        let last_prompt = match (options.last_prompt_token, options.phase) {
-            (Some(i), _) => Some(i),
-            (None, Phase::Prefill) => Some(t - 1),
-            (None, Phase::Decode) => None,
-        };
+        let last_prompt = options.last_prompt(t);
         let mut logits = Vec::with_capacity(wanted.len() * nv);
         let mut start = 0;
         while start < t {
@@ -1513,18 +1515,7 @@ impl OrtSession {
         last_prompt: Option<usize>,
     ) -> Result<Vec<f32>, RuntimeError> {
         let model = self.model.clone();
-        // The slots' feeds: the pinned plan's, or every slot's sentinel.
-        let installed = if self.installed {
-            self.feeds.clone()
-        } else {
-            None
-        };
-        let record = installed.is_some();
-        let feeds = match (installed, model.options.slots.is_empty()) {
-            (Some(f), _) => Some(f),
-            (None, true) => None,
-            (None, false) => Some(model.empty_feeds()?),
-        };
+        let (feeds, record) = self.slot_feeds()?;
         let plan = self.edits.plan().cloned();
         let c = &model.cfg;
         let (n, w) = (seg.len(), st.window);
