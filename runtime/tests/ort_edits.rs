@@ -721,13 +721,8 @@ fn verification_records_warn_or_refuse_on_other_backends() {
 fn static_capacity_slots_match_the_dynamic_graph() {
     use amend_runtime::onnxruntime::{SlotCapacity, StaticShapes};
     let Some(_) = library() else { return };
-    let Fixture {
-        path,
-        m,
-        all,
-        layout,
-        ..
-    } = fixture();
+    let f = fixture();
+    let (path, m, all, layout) = (&f.path, &f.m, &f.all, f.layout.clone());
     let fixed = |capacity: SlotCapacity, layout: SlotLayout| {
         OrtModel::open(
             &path,
