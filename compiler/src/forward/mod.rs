@@ -126,29 +126,41 @@ impl Model {
     /// Runs layers `start..n_layer` on `x`, the residual stream entering layer `start`
     /// (`[T, n_embd]`, positions 0..T), and returns the residual stream after the last layer.
     /// Training steps start at the edited layer with the cached (constant) input of that layer.
-    pub fn run_layers(&self, start: usize, mut x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+    pub fn run_layers(&self, start: usize, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let masks = self.masks(t)?;
+        self.run_packed(start, x, &[t], hooks)
+    }
+
+    /// [`Model::run_layers`] on several sequences packed one after another: `lens` are their
+    /// lengths (summing to T); each sequence starts at position 0 and attends only to itself.
+    /// A training step with KL prompts is one pass instead of one per prompt (the per-op cost
+    /// of short sequences dominates on the CPU).
+    pub fn run_packed(
+        &self,
+        start: usize,
+        mut x: Tensor,
+        lens: &[usize],
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let layout = self.layout(lens)?;
+        if layout.rows != x.dim(0)? {
+            let msg = format!(
+                "packed lengths sum to {} rows, the stream has {}",
+                layout.rows,
+                x.dim(0)?
+            );
+            return Err(candle_core::Error::Msg(msg).into());
+        }
         for il in start..self.cfg.n_layer {
-            let mask = if self.cfg.swa_layers[il] {
-                &masks.1
-            } else {
-                &masks.0
-            };
-            x = self.block(il, &x, mask, hooks)?;
+            x = self.block(il, &x, &layout, hooks)?;
         }
         Ok(x)
     }
 
     /// Runs the single block `il` on `x`, the residual stream entering it.
     pub fn run_one(&self, il: usize, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let masks = self.masks(x.dim(0)?)?;
-        let mask = if self.cfg.swa_layers[il] {
-            &masks.1
-        } else {
-            &masks.0
-        };
-        self.block(il, &x, mask, hooks)
+        let layout = self.layout(&[x.dim(0)?])?;
+        self.block(il, &x, &layout, hooks)
     }
 
     /// Final norm and output projection of the rows `at` of the last residual stream.
@@ -168,13 +180,19 @@ impl Model {
     }
 
     /// One transformer block, as llama.cpp builds it for the architecture.
-    fn block(&self, il: usize, x: &Tensor, mask: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+    fn block(
+        &self,
+        il: usize,
+        x: &Tensor,
+        layout: &Layout,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let l = &self.layers[il];
         let gemma = self.cfg.arch.spec().forward == Some(Forward::Gemma3);
 
         // Attention.
         let h = rms_norm(x, &l.attn_norm, self.cfg.rms_eps)?;
-        let mut attn = self.attention(il, &h, mask, hooks)?;
+        let mut attn = self.attention(il, &h, layout, hooks)?;
         if let Some(w) = &l.attn_post_norm {
             attn = rms_norm(&attn, w, self.cfg.rms_eps)?;
         }
@@ -236,7 +254,7 @@ impl Model {
         &self,
         il: usize,
         h: &Tensor,
-        mask: &Tensor,
+        layout: &Layout,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -283,15 +301,13 @@ impl Model {
             Some(w) => rms_norm(&k, w, c.rms_eps)?,
             None => k,
         };
-        let swa = c.swa_layers[il];
-        let (base, scale) = if swa {
-            (c.rope_base_swa, 1.0)
+        let (mask, (cos, sin)) = if c.swa_layers[il] {
+            (&layout.swa_mask, &layout.swa_rope)
         } else {
-            (c.rope_base, c.rope_freq_scale)
+            (&layout.mask, &layout.rope)
         };
-        let (cos, sin) = self.rope_tables(t, base, scale)?;
-        let mut q = rope(&q, &cos, &sin, c.rope_neox)?;
-        let mut k = rope(&k, &cos, &sin, c.rope_neox)?;
+        let mut q = rope(&q, cos, sin, c.rope_neox)?;
+        let mut k = rope(&k, cos, sin, c.rope_neox)?;
         let mut v = v;
         if self.emulate_device {
             // The KV cache is f16 and CPU flash attention converts Q to f16.
@@ -335,30 +351,48 @@ impl Model {
         }
     }
 
-    /// Causal masks `[T, T]` (additive): full attention and sliding window.
-    fn masks(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// The masks and RoPE tables of a stream made of sequences of lengths `lens`.
+    fn layout(&self, lens: &[usize]) -> Result<Layout> {
+        // Each row's sequence and position within it.
+        let rows: Vec<(usize, usize)> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| (0..n).map(move |p| (s, p)))
+            .collect();
+        let t = rows.len();
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let mut full = vec![0f32; t * t];
-        let mut swa = vec![0f32; t * t];
-        for i in 0..t {
-            for j in 0..t {
-                if j > i {
-                    full[i * t + j] = f32::NEG_INFINITY;
-                    swa[i * t + j] = f32::NEG_INFINITY;
-                } else if i - j >= window {
-                    // llama.cpp masks a key when (query pos - key pos) >= n_swa.
-                    swa[i * t + j] = f32::NEG_INFINITY;
+        let mut full = vec![f32::NEG_INFINITY; t * t];
+        let mut swa = vec![f32::NEG_INFINITY; t * t];
+        for (i, &(si, pi)) in rows.iter().enumerate() {
+            for (j, &(sj, pj)) in rows.iter().enumerate().take(i + 1) {
+                if si != sj {
+                    continue;
+                }
+                full[i * t + j] = 0.0;
+                // llama.cpp masks a key when (query pos - key pos) >= n_swa.
+                if pi - pj < window {
+                    swa[i * t + j] = 0.0;
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(full, (t, t), &self.device)?,
-            Tensor::from_vec(swa, (t, t), &self.device)?,
-        ))
+        let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
+        let c = &self.cfg;
+        Ok(Layout {
+            rows: t,
+            mask: Tensor::from_vec(full, (t, t), &self.device)?,
+            swa_mask: Tensor::from_vec(swa, (t, t), &self.device)?,
+            rope: self.rope_tables(&positions, c.rope_base, c.rope_freq_scale)?,
+            swa_rope: self.rope_tables(&positions, c.rope_base_swa, 1.0)?,
+        })
     }
 
-    /// cos/sin tables `[T, head_dim/2]` for positions 0..T.
-    fn rope_tables(&self, t: usize, base: f32, freq_scale: f32) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables `[T, head_dim/2]` for the rows' positions.
+    fn rope_tables(
+        &self,
+        positions: &[usize],
+        base: f32,
+        freq_scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.cfg.head_dim / 2;
         let mut inv: Vec<f32> = (0..half)
             .map(|i| base.powf(-2.0 * i as f32 / self.cfg.head_dim as f32))
@@ -370,9 +404,10 @@ impl Model {
                 *x /= d;
             }
         }
+        let t = positions.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
+        for &p in positions {
             for &w in &inv {
                 let theta = p as f32 * freq_scale * w;
                 cos.push(theta.cos());
@@ -384,6 +419,15 @@ impl Model {
             Tensor::from_vec(sin, (t, half), &self.device)?,
         ))
     }
+}
+
+/// Additive attention masks `[T, T]` (full and sliding window) and RoPE tables of one stream.
+struct Layout {
+    rows: usize,
+    mask: Tensor,
+    swa_mask: Tensor,
+    rope: (Tensor, Tensor),
+    swa_rope: (Tensor, Tensor),
 }
 
 /// Calls the hook of `point` and returns its replacement, or `x` unchanged.

@@ -22,7 +22,7 @@ use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
-use crate::forward::{log_softmax_last, nll, replace_row, Capture, Hooks, Proj};
+use crate::forward::{log_softmax_last, nll, Capture, Hooks, Proj};
 use crate::hparams::{RomeParams, VStarParams};
 use crate::linalg::Cholesky;
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
@@ -553,10 +553,12 @@ pub(crate) fn averaged_key(
     Ok(Tensor::stack(&keys, 0)?.mean(0)?)
 }
 
-/// Adds a trainable row to the down projection's output at one position.
+/// Adds a trainable row to the down projection's output at some positions (one per packed
+/// sequence: the subject's last token of each).
 struct DeltaAt<'a> {
     layer: usize,
-    pos: usize,
+    /// `[T, 1]`: 1 at the rows that get the delta.
+    rows: Tensor,
     delta: Tensor,
     base: &'a mut LowRankDeltas,
 }
@@ -567,10 +569,7 @@ impl Hooks for DeltaAt<'_> {
         if layer != self.layer || proj != Proj::Down {
             return Ok(prev);
         }
-        let (t, _) = x.dims2()?;
-        let n = self.delta.dim(0)?;
-        let zeros = Tensor::zeros((t, n), DType::F32, x.device())?;
-        let add = replace_row(&zeros, self.pos, &self.delta)?;
+        let add = self.rows.matmul(&self.delta.unsqueeze(0)?)?;
         Ok(Some(super::add_to(prev, add)?))
     }
 }
@@ -612,9 +611,9 @@ pub(crate) fn train_delta(
         .squeeze(0)?;
     let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-6);
 
-    // KL prompts, each `(entry rows, subject's last token, scored position, base log-probs,
-    // weight)`: the essence prompt "{subject} is a" (keeps what the subject is) and the
-    // subject under other relations (keeps its other facts).
+    // KL prompts, each `(entry rows, subject's last token, base log-probs, weight)`: the
+    // essence prompt "{subject} is a" (keeps what the subject is) and the subject under other
+    // relations (keeps its other facts).
     let mut kl_prompts = Vec::new();
     if let Some(s) = r.subject.as_deref().filter(|s| !s.trim().is_empty()) {
         let mut texts: Vec<(String, String, f32)> = Vec::new();
@@ -638,9 +637,42 @@ pub(crate) fn train_delta(
             let x_e = entry(c, &full, layer, deltas)?;
             let h = fwd.run_layers(layer, x_e.clone(), deltas)?;
             let lp0 = log_softmax_last(&fwd.logits(&h, &[full.len() - 1])?)?.detach();
-            kl_prompts.push((x_e, subj_e, full.len() - 1, lp0, weight));
+            kl_prompts.push((x_e, subj_e, lp0, weight));
         }
     }
+
+    // One packed stream per step: the edit prompt, then every KL prompt. The delta goes in at
+    // each one's subject; the KL terms read each one's last row.
+    let mut lens = vec![input.len()];
+    let mut streams = vec![x_in];
+    let mut delta_rows = vec![subj];
+    let mut kl_at = Vec::new();
+    for (x_e, subj_e, _, _) in &kl_prompts {
+        let off: usize = lens.iter().sum();
+        let n = x_e.dim(0)?;
+        lens.push(n);
+        streams.push(x_e.clone());
+        delta_rows.push(off + subj_e);
+        kl_at.push(off + n - 1);
+    }
+    let x_all = Tensor::cat(&streams, 0)?;
+    let total: usize = lens.iter().sum();
+    let mut sel = vec![0f32; total];
+    for &i in &delta_rows {
+        sel[i] = 1.0;
+    }
+    let sel = Tensor::from_vec(sel, (total, 1), &fwd.device)?;
+    let kl_base = if kl_prompts.is_empty() {
+        None
+    } else {
+        let lp0 = Tensor::cat(
+            &kl_prompts.iter().map(|k| k.2.clone()).collect::<Vec<_>>(),
+            0,
+        )?;
+        let w: Vec<f32> = kl_prompts.iter().map(|k| k.3).collect();
+        let n = w.len();
+        Some((lp0, Tensor::from_vec(w, n, &fwd.device)?))
+    };
 
     let n = fwd.cfg.n_embd;
     let delta = Var::from_tensor(&Tensor::zeros(n, DType::F32, &fwd.device)?)?;
@@ -651,11 +683,11 @@ pub(crate) fn train_delta(
         let d = delta.as_tensor();
         let mut hook = DeltaAt {
             layer,
-            pos: subj,
+            rows: sel.clone(),
             delta: d.clone(),
             base: deltas,
         };
-        let h = fwd.run_layers(layer, x_in.clone(), &mut hook)?;
+        let h = fwd.run_packed(layer, x_all.clone(), &lens, &mut hook)?;
         let logits = fwd.logits(&h, &at)?;
         let edit_loss = nll(&logits, answer)?;
         let l = edit_loss.to_scalar::<f32>()?;
@@ -670,17 +702,10 @@ pub(crate) fn train_delta(
         }
         let decay = (d.sqr()?.sum_all()? * (hp.weight_decay / (v0_norm * v0_norm)) as f64)?;
         let mut loss = (edit_loss + decay)?;
-        for (x_e, subj_e, pos_e, lp0, weight) in &kl_prompts {
-            let mut hook = DeltaAt {
-                layer,
-                pos: *subj_e,
-                delta: d.clone(),
-                base: &mut *hook.base,
-            };
-            let h = fwd.run_layers(layer, x_e.clone(), &mut hook)?;
-            let lp = log_softmax_last(&fwd.logits(&h, &[*pos_e])?)?;
-            let kl = (lp0.exp()? * (lp0 - lp)?)?.sum_all()?;
-            loss = (loss + (kl * *weight as f64)?)?;
+        if let Some((lp0, w)) = &kl_base {
+            let lp = log_softmax_last(&fwd.logits(&h, &kl_at)?)?;
+            let kl = (lp0.exp()? * (lp0 - lp)?)?.sum(1)?;
+            loss = (loss + (kl * w)?.sum_all()?)?;
         }
         let grads = loss.backward()?;
         opt.step(&grads)?;
