@@ -696,9 +696,25 @@ fn gemma3_static_shapes_match_dynamic_shapes() {
         16,
         Mode::Incremental,
     );
-    eprintln!(
-        "gemma3 static 16x512: {}",
-        r.table("llama.cpp", "ort cpu static")
+    // The dynamic graph on the same prompts and positions: which side of a near tie a
+    // position falls on depends on the CPU's kernels (98.4% on one machine, 94.5% on an AMX
+    // one), so the static graph is held to the dynamic one's agreement, not to a constant.
+    let dyn_r = common::ort_parity(
+        &llama,
+        options(Profile::Cpu),
+        &prompts,
+        16,
+        Mode::Incremental,
     );
-    assert!(r.agreement() >= 95.0, "{:.1}%", r.agreement());
+    eprintln!(
+        "gemma3 static 16x512: {}\ngemma3 dynamic: {}",
+        r.table("llama.cpp", "ort cpu static"),
+        dyn_r.table("llama.cpp", "ort cpu dynamic")
+    );
+    assert!(
+        r.agreement() >= dyn_r.agreement() - 2.5 && r.agreement() >= 92.0,
+        "static {:.1}% against dynamic {:.1}%",
+        r.agreement(),
+        dyn_r.agreement()
+    );
 }
