@@ -543,6 +543,15 @@ impl EditSet {
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, EditSetError>,
     ) -> Result<(R, u64), EditSetError> {
+        self.update_with(f)
+    }
+
+    /// [`EditSet::update`] with the host's own error type: a host checks the prospective state
+    /// ([`Transaction::state`]) against what its backend can run before anything is published.
+    pub fn update_with<R, E: From<EditSetError>>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, E>,
+    ) -> Result<(R, u64), E> {
         let mut hist = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current.load_full();
         let mut tx = Transaction {
@@ -555,9 +564,9 @@ impl EditSet {
         // since this transaction began count too.
         if let Some(store) = &self.store {
             match store.check_and_raise(&tx.offers) {
-                Err(e) => return Err(EditSetError::VersionStore(e.to_string())),
+                Err(e) => return Err(EditSetError::VersionStore(e.to_string()).into()),
                 Ok(Err(Refusal::Replay { channel, version })) => {
-                    return Err(EditSetError::Replay { channel, version })
+                    return Err(EditSetError::Replay { channel, version }.into())
                 }
                 Ok(Err(Refusal::Downgrade {
                     channel,
@@ -568,7 +577,8 @@ impl EditSet {
                         channel,
                         current,
                         offered,
-                    })
+                    }
+                    .into())
                 }
                 Ok(Ok(())) => {}
             }

@@ -219,7 +219,16 @@ pub extern "C" fn amend_session_activate(
                 set
             }
         };
-        set.add(b.bundle.clone(), AddOptions::default())?;
+        // With static-capacity slots, the state about to be published must fit them: checked
+        // before the swap, so an overflowing bundle changes nothing.
+        let scope = state.session.scope_model().cloned();
+        set.update_with(|tx| -> FfiResult<()> {
+            tx.add(b.bundle.clone(), AddOptions::default())?;
+            if let Some(o) = &s.model.ort {
+                o.check_capacity(Arc::new(tx.state().clone()), scope.as_deref())?;
+            }
+            Ok(())
+        })?;
         Ok(())
     })
 }

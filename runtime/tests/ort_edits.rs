@@ -816,6 +816,46 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     assert!(bitwise(s.last_logits().unwrap(), &base), "nothing applies");
     set.remove("lr").unwrap();
     assert!(s.begin_request(A).is_ok(), "the one-entry codebook fits");
+    // At activation (what the C ABI does): the state about to be published is checked inside
+    // the edit set's transaction, so the overflowing bundle is refused and nothing changes
+    // (a fresh set: the one above has seen version 1 of the low-rank bundle).
+    let set = edit_set(&m);
+    set.add(all.codebook.clone(), AddOptions::default())
+        .unwrap();
+    s.set_edit_set(Some(set.clone())).unwrap();
+    let before = set.snapshot();
+    type AnyError = Box<dyn std::error::Error + Send + Sync>;
+    let r = set.update_with(|tx| -> Result<(), AnyError> {
+        tx.add(all.low_rank.clone(), AddOptions::default())?;
+        Ok(tight.check_capacity(Arc::new(tx.state().clone()), None)?)
+    });
+    match r.map_err(|e| e.downcast::<RuntimeError>().map(|e| *e)) {
+        Err(Ok(RuntimeError::EditSlot(msg))) => assert!(msg.contains("holds 1"), "{msg}"),
+        other => panic!("expected EditSlot, got {other:?}"),
+    }
+    let after = set.snapshot();
+    assert_eq!(after.generation, before.generation, "nothing published");
+    assert_eq!(after.list().len(), 1, "only the codebook is active");
+    assert!(s.begin_request(A).is_ok());
+    // The same check passes a state that fits, and is a no-op on a dynamic graph.
+    let fits = set.snapshot();
+    assert!(tight.check_capacity(fits, None).is_ok());
+    let mut over = (*set.snapshot()).clone();
+    set.update(|tx| {
+        tx.add(all.low_rank.clone(), AddOptions::default())?;
+        over = tx.state().clone();
+        Ok(())
+    })
+    .unwrap();
+    let over = Arc::new(over);
+    assert!(
+        stat.check_capacity(over.clone(), None).is_ok(),
+        "rank 8 holds it"
+    );
+    assert!(
+        dynamic.check_capacity(over, None).is_ok(),
+        "a dynamic graph has no capacity"
+    );
     assert!(SlotCapacity::parse("8,8,8").is_ok());
     for bad in ["8,8", "0,8,8", "8,8,x", "8,8,8,8"] {
         assert!(SlotCapacity::parse(bad).is_err(), "{bad}");

@@ -800,6 +800,22 @@ impl OrtModel {
         )))
     }
 
+    /// Checks that the edit-set state `set` fits the static-capacity slots (a no-op on a
+    /// dynamic graph): a host calls it inside the edit set's transaction on the state it
+    /// is about to publish ([`amend_edits::EditSet::update_with`]), so a bundle that overflows a slot is refused when it is activated
+    /// and nothing of it applies. Errors: [`RuntimeError::EditSlot`] naming the slot.
+    pub fn check_capacity(
+        &self,
+        set: Arc<amend_edits::ActiveSet>,
+        scope: Option<&crate::ScopeModel>,
+    ) -> Result<(), RuntimeError> {
+        if self.options.static_shapes.is_none() {
+            return Ok(());
+        }
+        let plan = EditPlan::build(self, scope, set, &Default::default())?;
+        self.feeds(Some(&plan)).map(|_| ())
+    }
+
     fn weight_dims(&self, name: &str) -> Option<(usize, usize)> {
         self.slot_dims
             .iter()
