@@ -878,7 +878,9 @@ void amend_session_free(struct amend_session *session);
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
  * `AMEND_ERR_MODEL_MISMATCH` (bundle for another model), `AMEND_ERR_EDIT_CONFLICT` (another
  * active bundle has the same id), `AMEND_ERR_BUNDLE_EXPIRED`, `AMEND_ERR_BUNDLE_DOWNGRADE`,
- * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model), `AMEND_ERR_SCOPE_MODEL`
+ * `AMEND_ERR_EDIT_INVALID` (an edit cannot be applied to this model; on ONNX Runtime also a
+ * bundle the graph has no slot for, or one that, with the active bundles, overflows a static
+ * slot's capacity: the message names the slot), `AMEND_ERR_SCOPE_MODEL`
  * (its memories route with a scope model and the session has none: see
  * `amend_session_set_scope_model`), `AMEND_ERR_SCOPE_MODEL_MISMATCH` (it was compiled against
  * another scope model), `AMEND_ERR_BUNDLE_UNVERIFIED` (the bundle requires edits verified on
