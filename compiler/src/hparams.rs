@@ -189,6 +189,10 @@ pub struct MemitParams {
     /// Template neighbours per edit (as `rome.neighbours`): kept keys with `neighbour_weight`.
     pub neighbours: usize,
     pub neighbour_weight: f64,
+    /// Candidates the neighbours are chosen from (`rome::neighbour_subjects`): with more than
+    /// `neighbours`, the ones whose key is closest to the subject's; 0 takes the next names.
+    #[serde(default)]
+    pub neighbour_pool: usize,
     /// Edits solved together; larger sets are compiled chunk by chunk (each chunk on top of the
     /// previous ones, whose keys stay in the covariance).
     pub batch: usize,
@@ -358,6 +362,9 @@ impl Hparams {
         if self.rome.neighbours > 256 || m.neighbours > 256 {
             return bad("rome/memit.neighbours", "must be at most 256");
         }
+        if self.memit.neighbour_pool > 1024 {
+            return bad("memit.neighbour_pool", "must be at most 1024");
+        }
         for (name, spec, tokens) in [
             ("rome", &self.rome.corpus, self.rome.corpus_tokens),
             ("memit", &m.corpus, m.corpus_tokens),
@@ -505,5 +512,10 @@ mod tests {
             let e = Hparams::resolve(Arch::Gemma3, None, &[bad.into()]).unwrap_err();
             assert!(e.to_string().contains("relation_"), "{bad}: {e}");
         }
+        let e = Hparams::resolve(Arch::Gemma3, None, &["memit.neighbour_pool=5000".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("neighbour_pool"), "{e}");
+        let hp = Hparams::resolve(Arch::Gemma3, None, &["memit.neighbour_pool=64".into()]).unwrap();
+        assert_eq!(hp.memit.neighbour_pool, 64);
     }
 }

@@ -128,16 +128,17 @@ impl Model {
     /// Training steps start at the edited layer with the cached (constant) input of that layer.
     pub fn run_layers(&self, start: usize, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let t = x.dim(0)?;
-        self.run_packed(start, x, &[t], hooks)
+        self.run_packed(start..self.cfg.n_layer, x, &[t], hooks)
     }
 
-    /// [`Model::run_layers`] on several sequences packed one after another: `lens` are their
-    /// lengths (summing to T); each sequence starts at position 0 and attends only to itself.
-    /// A training step with KL prompts is one pass instead of one per prompt (the per-op cost
-    /// of short sequences dominates on the CPU).
+    /// Runs the blocks `layers` on several sequences packed one after another (`x` is the
+    /// residual stream entering the first): `lens` are their lengths (summing to T); each
+    /// sequence starts at position 0 and attends only to itself. A training step with KL
+    /// prompts, or the keys of many short prompts, is one pass instead of one per prompt (the
+    /// per-op cost of short sequences dominates on the CPU).
     pub fn run_packed(
         &self,
-        start: usize,
+        layers: std::ops::Range<usize>,
         mut x: Tensor,
         lens: &[usize],
         hooks: &mut dyn Hooks,
@@ -151,7 +152,7 @@ impl Model {
             );
             return Err(candle_core::Error::Msg(msg).into());
         }
-        for il in start..self.cfg.n_layer {
+        for il in layers {
             x = self.block(il, &x, &layout, hooks)?;
         }
         Ok(x)

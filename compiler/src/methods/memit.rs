@@ -25,8 +25,8 @@
 use super::corpus::{Corpus, NullSpace};
 use super::rome::{
     averaged_key, base_deltas, corpus_covariances, down_key, entry, neighbour_keys,
-    null_space_kept, preserve_base_prompts, push_rank_one, subject_last, train_delta,
-    write_low_rank, LowRankDeltas, OwnedDelta,
+    neighbour_subjects, null_space_kept, preserve_base_prompts, push_rank_one, subject_last,
+    train_delta, write_low_rank, LowRankDeltas, OwnedDelta,
 };
 use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
@@ -193,17 +193,28 @@ pub(crate) fn compile(
     };
     drop(corpus);
     // Template neighbours of edit `i` at layer `l` (with the updates so far applied) join what
-    // layer `l` keeps: `C` with `neighbour_weight`, and the null space's kept keys.
-    let keep_neighbours = |c: &Compiler,
-                           r: &EditRecord,
-                           i: usize,
-                           li: usize,
-                           l: usize,
-                           deltas: &mut LowRankDeltas,
-                           covs: &mut [super::rome::Covariance],
-                           null: &mut Option<Vec<(NullSpace, Vec<Vec<f64>>)>>|
+    // layer `l` keeps: `C` with `neighbour_weight`, and the null space's kept keys. Their
+    // subjects are chosen once per edit, at the window's first layer.
+    let mut subjects: std::collections::HashMap<usize, Vec<String>> = Default::default();
+    let mut keep_neighbours = |c: &Compiler,
+                               r: &EditRecord,
+                               i: usize,
+                               li: usize,
+                               l: usize,
+                               deltas: &mut LowRankDeltas,
+                               covs: &mut [super::rome::Covariance],
+                               null: &mut Option<Vec<(NullSpace, Vec<Vec<f64>>)>>|
      -> Result<()> {
-        let keys = neighbour_keys(c, r, l, &entities, i * hp.neighbours, hp.neighbours, deltas)?;
+        let chosen = match subjects.get(&i) {
+            Some(s) => s.clone(),
+            None => {
+                let (n, pool) = (hp.neighbours, hp.neighbour_pool);
+                let s = neighbour_subjects(c, r, l, &entities, i * n, n, pool, deltas)?;
+                subjects.insert(i, s.clone());
+                s
+            }
+        };
+        let keys = neighbour_keys(c, r, l, &chosen, deltas)?;
         for k in keys {
             covs[li].add(&k, hp.neighbour_weight);
             if let Some(n) = null.as_mut() {

@@ -22,7 +22,7 @@ use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
-use crate::forward::{log_softmax_last, nll, Capture, Hooks, Proj};
+use crate::forward::{log_softmax_last, nll, Capture, HookList, Hooks, Proj};
 use crate::hparams::{RomeParams, VStarParams};
 use crate::linalg::Cholesky;
 use amend_edits::bundle::{BundleBuilder, LowRankTensorView, Payload};
@@ -493,20 +493,56 @@ pub(crate) fn down_key(
     Ok(k.get(pos)?)
 }
 
-/// Keys an edit must leave alone: its prompt up to the subject with `count` other subjects in
-/// the subject's place (`entities[start..]`, cyclically, skipping the subject itself), each
-/// the down-projection input at the substitute's last token. Same template, other subject:
-/// the neighbours a rank-one update on the subject's key leaks into most. None without a
-/// subject span.
-pub(crate) fn neighbour_keys(
+/// The down-projection inputs of `layer` at the last token of each of `prompts` (`[n_ff]`
+/// each), the prompts run as one packed stream with `deltas` applied.
+pub(crate) fn last_token_keys(
+    c: &Compiler,
+    prompts: &[Vec<u32>],
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f32>>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let xs = prompts
+        .iter()
+        .map(|p| c.fwd.embed(p, &mut *deltas))
+        .collect::<Result<Vec<_>>>()?;
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut cap = Capture::projection_inputs(&[(layer, Proj::Down)]);
+    let mut hooks = HookList(vec![&mut *deltas, &mut cap]);
+    c.fwd
+        .run_packed(0..layer + 1, Tensor::cat(&xs, 0)?, &lens, &mut hooks)?;
+    let k = cap
+        .input_of
+        .get(&(layer, Proj::Down))
+        .ok_or_else(|| CompileError::Candle("down-projection input not captured".into()))?;
+    let mut out = Vec::with_capacity(prompts.len());
+    let mut end = 0;
+    for n in lens {
+        end += n;
+        out.push(k.get(end - 1)?.to_vec1()?);
+    }
+    Ok(out)
+}
+
+/// The other subjects an edit's template neighbours use: `count` of `entities` (from `start`,
+/// cyclically, skipping the subject itself). With `pool > count`, the `pool` next candidates
+/// are ranked by the cosine of their key at `layer` (the prompt up to the subject, the
+/// candidate in the subject's place) to the subject's own key, and the `count` closest kept:
+/// the update leaks most into keys like the subject's ("Vietnam" for an edit about "Nepal"),
+/// which a random pick of WordNet names rarely contains.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn neighbour_subjects(
     c: &Compiler,
     r: &EditRecord,
     layer: usize,
     entities: &[String],
     start: usize,
     count: usize,
+    pool: usize,
     deltas: &mut LowRankDeltas,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<String>> {
     let Some(span) = r.subject_span() else {
         return Ok(Vec::new());
     };
@@ -514,22 +550,71 @@ pub(crate) fn neighbour_keys(
         return Ok(Vec::new());
     }
     let subject = &r.prompt[span.clone()];
-    let mut out = Vec::with_capacity(count);
+    let want = pool.max(count);
+    let mut names = Vec::with_capacity(want);
     for j in 0..entities.len() {
-        if out.len() == count {
+        if names.len() == want {
             break;
         }
         let e = &entities[(start + j) % entities.len()];
-        if e.eq_ignore_ascii_case(subject) {
-            continue;
+        if !e.eq_ignore_ascii_case(subject) {
+            names.push(e.clone());
         }
-        let toks = tokenize(c, &format!("{}{e}", &r.prompt[..span.start]))?;
-        if toks.is_empty() {
-            continue;
-        }
-        out.push(down_key(c, &toks, toks.len() - 1, layer, deltas)?.to_vec1()?);
     }
-    Ok(out)
+    if names.len() <= count {
+        return Ok(names);
+    }
+    let prefix = &r.prompt[..span.start];
+    let mut prompts = vec![tokenize(c, &r.prompt[..span.end])?];
+    for e in &names {
+        prompts.push(tokenize(c, &format!("{prefix}{e}"))?);
+    }
+    let keys = last_token_keys(c, &prompts, layer, deltas)?;
+    let norm = |v: &[f32]| {
+        v.iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12)
+    };
+    let own = &keys[0];
+    let mut ranked: Vec<(f64, usize)> = keys[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let dot: f64 = k.iter().zip(own).map(|(a, b)| *a as f64 * *b as f64).sum();
+            (dot / (norm(k) * norm(own)), i)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    Ok(ranked[..count]
+        .iter()
+        .map(|&(_, i)| names[i].clone())
+        .collect())
+}
+
+/// Keys an edit must leave alone: its prompt up to the subject with each of `subjects` (from
+/// [`neighbour_subjects`]) in the subject's place, each the down-projection input at the
+/// substitute's last token. Same template, other subject: the neighbours a rank-one update on
+/// the subject's key leaks into most. None without a subject span.
+pub(crate) fn neighbour_keys(
+    c: &Compiler,
+    r: &EditRecord,
+    layer: usize,
+    subjects: &[String],
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(span) = r.subject_span() else {
+        return Ok(Vec::new());
+    };
+    let mut prompts = Vec::with_capacity(subjects.len());
+    for e in subjects {
+        let toks = tokenize(c, &format!("{}{e}", &r.prompt[..span.start]))?;
+        if !toks.is_empty() {
+            prompts.push(toks);
+        }
+    }
+    last_token_keys(c, &prompts, layer, deltas)
 }
 
 /// ROME's key: the mean of the down-projection input at the subject's last token over the
@@ -687,7 +772,7 @@ pub(crate) fn train_delta(
             delta: d.clone(),
             base: deltas,
         };
-        let h = fwd.run_packed(layer, x_all.clone(), &lens, &mut hook)?;
+        let h = fwd.run_packed(layer..fwd.cfg.n_layer, x_all.clone(), &lens, &mut hook)?;
         let logits = fwd.logits(&h, &at)?;
         let edit_loss = nll(&logits, answer)?;
         let l = edit_loss.to_scalar::<f32>()?;
@@ -818,7 +903,9 @@ pub(crate) fn compile(
         // recomputed with the same updates in place).
         if let Some(cv) = cov.as_mut() {
             let start = i * hp.neighbours;
-            for k in neighbour_keys(c, r, layer, &entities, start, hp.neighbours, &mut deltas)? {
+            let n = hp.neighbours;
+            let subjects = neighbour_subjects(c, r, layer, &entities, start, n, 0, &mut deltas)?;
+            for k in neighbour_keys(c, r, layer, &subjects, &mut deltas)? {
                 cv.add(&k, hp.neighbour_weight);
                 if let Some((ns, kept)) = null.as_mut() {
                     let w = hp.neighbour_weight.sqrt();
