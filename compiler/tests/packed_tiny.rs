@@ -51,7 +51,12 @@ fn packed_sequences_match_separate_runs() {
             .collect();
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let packed = f
-            .run_packed(0, Tensor::cat(&streams, 0).unwrap(), &lens, &mut ())
+            .run_packed(
+                0..f.cfg.n_layer,
+                Tensor::cat(&streams, 0).unwrap(),
+                &lens,
+                &mut (),
+            )
             .unwrap();
         let mut off = 0;
         for (a, n) in alone.iter().zip(&lens) {
@@ -74,6 +79,6 @@ fn packed_sequences_match_separate_runs() {
         }
         // The lengths must cover the stream exactly.
         let x = Tensor::cat(&streams, 0).unwrap();
-        assert!(f.run_packed(0, x, &[7, 3], &mut ()).is_err());
+        assert!(f.run_packed(0..f.cfg.n_layer, x, &[7, 3], &mut ()).is_err());
     }
 }
