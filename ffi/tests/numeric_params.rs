@@ -654,3 +654,165 @@ fn verification_record_through_the_c_abi() {
     assert!(!fams.iter().any(|f| f == "unverified"), "{fams:?}");
     amend_trust_store_free(trust);
 }
+
+/// A bundle larger than a static slot's capacity is refused by `amend_session_activate` with
+/// `AMEND_ERR_EDIT_INVALID` naming the slot, and nothing of it applies (no active bundle, the
+/// base model's tokens); one that fits activates.
+#[test]
+fn static_capacity_is_checked_at_activation_through_the_c_abi() {
+    use amend_edits::ed25519_dalek::SigningKey;
+    if !ort_library() {
+        return;
+    }
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let d = amend_runtime::testutil::TINY_N_EMBD as usize;
+    // `n` codebook entries at layer 1 with distinct pseudo-random unit keys.
+    let bundle = |n: usize| -> Vec<u8> {
+        let mut b = amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
+            bundle_id: format!("cap-{n}"),
+            channel: "cap".into(),
+            version: 1,
+            created: 0,
+            not_before: 0,
+            expires: u64::MAX,
+            model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
+        });
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut keys = Vec::with_capacity(n * d);
+        for _ in 0..n {
+            let row: Vec<f32> = (0..d)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect();
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            keys.extend(row.iter().map(|x| x / norm));
+        }
+        let p = b.add_codebook(
+            1,
+            amend_edits::Site::FfnInput,
+            amend_edits::Site::FfnOutput,
+            1,
+            false,
+            d,
+            &keys,
+            &vec![0.5; n * d],
+            &vec![0.01; n],
+        );
+        b.add_edit(
+            "e",
+            1,
+            amend_edits::Site::FfnOutput,
+            "p",
+            "t",
+            p,
+            0,
+            n as u32,
+        );
+        b.build_signed(&key).unwrap().as_slice().to_vec()
+    };
+    let mut trust = ptr::null_mut();
+    assert_eq!(
+        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
+        amend_result::AMEND_OK
+    );
+    let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
+    let (r, m) = open_model(&amend_model_params {
+        backend: AMEND_BACKEND_ONNXRUNTIME,
+        n_threads: 1,
+        edit_slots: slots.as_ptr(),
+        static_chunk: 4,
+        static_window: 64,
+        ..amend_model_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let params = amend_session_params {
+        n_ctx: 64,
+        ..amend_session_default_params()
+    };
+    let mut s = ptr::null_mut();
+    assert_eq!(
+        amend_session_open(m, &params, &mut s),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    let greedy = |s: *mut amend_session| -> Vec<amend_token> {
+        extern "C" fn collect(
+            ud: *mut std::ffi::c_void,
+            t: amend_token,
+            _: *const std::ffi::c_char,
+            _: usize,
+        ) -> bool {
+            unsafe { (*(ud as *mut Vec<amend_token>)).push(t) };
+            true
+        }
+        let prompt = "hello world";
+        let gp = amend_generate_params {
+            max_tokens: 4,
+            ..amend_generate_default_params()
+        };
+        let mut toks: Vec<amend_token> = Vec::new();
+        let r = amend_session_generate(
+            s,
+            prompt.as_ptr() as *const _,
+            prompt.len(),
+            &gp,
+            Some(collect),
+            &mut toks as *mut Vec<amend_token> as *mut _,
+            ptr::null_mut(),
+        );
+        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        toks
+    };
+    let base = greedy(s);
+    let active = |s: *mut amend_session| {
+        let mut n = usize::MAX;
+        assert_eq!(
+            amend_session_active_bundle_count(s, &mut n),
+            amend_result::AMEND_OK
+        );
+        n
+    };
+    // 1,025 entries: one more than the static codebook slot holds.
+    let big = bundle(1025);
+    let mut b = ptr::null_mut();
+    assert_eq!(
+        amend_bundle_load_memory(trust, m, big.as_ptr(), big.len(), &mut b),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        amend_session_activate(s, b),
+        amend_result::AMEND_ERR_EDIT_INVALID
+    );
+    let msg = last_error();
+    assert!(msg.contains("1025") && msg.contains("1024"), "{msg}");
+    assert_eq!(active(s), 0, "nothing of a refused bundle is published");
+    assert_eq!(greedy(s), base);
+    amend_bundle_free(b);
+    // Two entries fit.
+    let small = bundle(2);
+    let mut b = ptr::null_mut();
+    assert_eq!(
+        amend_bundle_load_memory(trust, m, small.as_ptr(), small.len(), &mut b),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        amend_session_activate(s, b),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(active(s), 1);
+    amend_bundle_free(b);
+    amend_session_free(s);
+    amend_model_free(m);
+    amend_trust_store_free(trust);
+}
