@@ -69,6 +69,52 @@ fn ort_library() -> bool {
     false
 }
 
+/// `bytes` loaded as a bundle for `m`, verified against `trust`.
+fn load_bundle(
+    trust: *mut amend_trust_store,
+    m: *mut amend_model,
+    bytes: &[u8],
+) -> *mut amend_bundle {
+    let mut b = ptr::null_mut();
+    assert_eq!(
+        amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
+        amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    b
+}
+
+/// Greedy tokens of "hello world" on `s` (up to `max_tokens`).
+fn greedy_tokens(s: *mut amend_session, max_tokens: u32) -> Vec<amend_token> {
+    extern "C" fn collect(
+        ud: *mut std::ffi::c_void,
+        t: amend_token,
+        _: *const std::ffi::c_char,
+        _: usize,
+    ) -> bool {
+        unsafe { (*(ud as *mut Vec<amend_token>)).push(t) };
+        true
+    }
+    let prompt = "hello world";
+    let params = amend_generate_params {
+        max_tokens,
+        ..amend_generate_default_params()
+    };
+    let mut toks: Vec<amend_token> = Vec::new();
+    let r = amend_session_generate(
+        s,
+        prompt.as_ptr() as *const _,
+        prompt.len(),
+        &params,
+        Some(collect),
+        &mut toks as *mut Vec<amend_token> as *mut std::ffi::c_void,
+        ptr::null_mut(),
+    );
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    toks
+}
+
 /// `r` is an invalid-argument error whose message names `param`.
 fn refused(r: amend_result, param: &str) {
     assert_eq!(
@@ -497,31 +543,7 @@ fn onnxruntime_backend_through_the_c_abi() {
     }
     let generate = |backend: u32| {
         let (m, s) = open_slotted(backend);
-        let prompt = "hello world";
-        let params = amend_generate_params {
-            max_tokens: 6,
-            ..amend_generate_default_params()
-        };
-        extern "C" fn collect(
-            ud: *mut std::ffi::c_void,
-            t: amend_token,
-            _: *const std::ffi::c_char,
-            _: usize,
-        ) -> bool {
-            unsafe { (*(ud as *mut Vec<amend_token>)).push(t) };
-            true
-        }
-        let mut toks: Vec<amend_token> = Vec::new();
-        let r = amend_session_generate(
-            s,
-            prompt.as_ptr() as *const _,
-            prompt.len(),
-            &params,
-            Some(collect),
-            &mut toks as *mut Vec<amend_token> as *mut std::ffi::c_void,
-            ptr::null_mut(),
-        );
-        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+        let toks = greedy_tokens(s, 6);
         amend_session_free(s);
         amend_model_free(m);
         toks
@@ -594,13 +616,7 @@ fn verification_record_through_the_c_abi() {
     // (activation result, active bundles, explain families after a generation)
     let run = |backend: u32, bytes: &[u8]| -> (amend_result, usize, Vec<String>) {
         let (m, s) = open_slotted(backend);
-        let mut b = ptr::null_mut();
-        assert_eq!(
-            amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
-            amend_result::AMEND_OK,
-            "{}",
-            last_error()
-        );
+        let b = load_bundle(trust, m, bytes);
         let activated = amend_session_activate(s, b);
         if activated != amend_result::AMEND_OK {
             assert!(last_error().contains("verified on"), "{}", last_error());
@@ -740,35 +756,7 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
         "{}",
         last_error()
     );
-    let greedy = |s: *mut amend_session| -> Vec<amend_token> {
-        extern "C" fn collect(
-            ud: *mut std::ffi::c_void,
-            t: amend_token,
-            _: *const std::ffi::c_char,
-            _: usize,
-        ) -> bool {
-            unsafe { (*(ud as *mut Vec<amend_token>)).push(t) };
-            true
-        }
-        let prompt = "hello world";
-        let gp = amend_generate_params {
-            max_tokens: 4,
-            ..amend_generate_default_params()
-        };
-        let mut toks: Vec<amend_token> = Vec::new();
-        let r = amend_session_generate(
-            s,
-            prompt.as_ptr() as *const _,
-            prompt.len(),
-            &gp,
-            Some(collect),
-            &mut toks as *mut Vec<amend_token> as *mut _,
-            ptr::null_mut(),
-        );
-        assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-        toks
-    };
-    let base = greedy(s);
+    let base = greedy_tokens(s, 4);
     let active = |s: *mut amend_session| {
         let mut n = usize::MAX;
         assert_eq!(
@@ -778,14 +766,7 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
         n
     };
     // 1,025 entries: one more than the static codebook slot holds.
-    let big = bundle(1025);
-    let mut b = ptr::null_mut();
-    assert_eq!(
-        amend_bundle_load_memory(trust, m, big.as_ptr(), big.len(), &mut b),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
+    let b = load_bundle(trust, m, &bundle(1025));
     assert_eq!(
         amend_session_activate(s, b),
         amend_result::AMEND_ERR_EDIT_INVALID
@@ -793,17 +774,10 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
     let msg = last_error();
     assert!(msg.contains("1025") && msg.contains("1024"), "{msg}");
     assert_eq!(active(s), 0, "nothing of a refused bundle is published");
-    assert_eq!(greedy(s), base);
+    assert_eq!(greedy_tokens(s, 4), base);
     amend_bundle_free(b);
     // Two entries fit.
-    let small = bundle(2);
-    let mut b = ptr::null_mut();
-    assert_eq!(
-        amend_bundle_load_memory(trust, m, small.as_ptr(), small.len(), &mut b),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
+    let b = load_bundle(trust, m, &bundle(2));
     assert_eq!(
         amend_session_activate(s, b),
         amend_result::AMEND_OK,
