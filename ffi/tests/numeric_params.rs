@@ -69,6 +69,29 @@ fn ort_library() -> bool {
     false
 }
 
+/// A bundle builder for the tiny model, id and channel `id`, valid from 0 to forever.
+fn tiny_bundle_builder(id: &str) -> amend_edits::BundleBuilder {
+    amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
+        bundle_id: id.into(),
+        channel: id.into(),
+        version: 1,
+        created: 0,
+        not_before: 0,
+        expires: u64::MAX,
+        model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
+    })
+}
+
+/// A trust store holding `key`'s public half (free with `amend_trust_store_free`).
+fn trust_store(key: &amend_edits::ed25519_dalek::SigningKey) -> *mut amend_trust_store {
+    let mut trust = ptr::null_mut();
+    assert_eq!(
+        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
+        amend_result::AMEND_OK
+    );
+    trust
+}
+
 /// `bytes` loaded as a bundle for `m`, verified against `trust`.
 fn load_bundle(
     trust: *mut amend_trust_store,
@@ -567,15 +590,7 @@ fn verification_record_through_the_c_abi() {
     let key = SigningKey::from_bytes(&[9; 32]);
     let bundle = |id: &str, required: bool| -> Vec<u8> {
         let d = amend_runtime::testutil::TINY_N_EMBD as usize;
-        let mut b = amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
-            bundle_id: id.into(),
-            channel: id.into(),
-            version: 1,
-            created: 0,
-            not_before: 0,
-            expires: u64::MAX,
-            model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
-        });
+        let mut b = tiny_bundle_builder(id);
         // A key no prompt comes near: the edit never fires, so only the record matters.
         let mut k = vec![0.0f32; d];
         k[0] = 1.0;
@@ -608,11 +623,7 @@ fn verification_record_through_the_c_abi() {
         unsafe { (*(ud as *mut Vec<String>)).push(f) };
         true
     }
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
+    let trust = trust_store(&key);
     // (activation result, active bundles, explain families after a generation)
     let run = |backend: u32, bytes: &[u8]| -> (amend_result, usize, Vec<String>) {
         let (m, s) = open_slotted(backend);
@@ -672,8 +683,8 @@ fn verification_record_through_the_c_abi() {
 }
 
 /// A bundle larger than a static slot's capacity is refused by `amend_session_activate` with
-/// `AMEND_ERR_EDIT_INVALID` naming the slot, and nothing of it applies (no active bundle, the
-/// base model's tokens); one that fits activates.
+/// `AMEND_ERR_EDIT_INVALID`, a message giving what it needs and what the slot holds, and
+/// nothing of it applied (no active bundle, the base model's tokens); one that fits activates.
 #[test]
 fn static_capacity_is_checked_at_activation_through_the_c_abi() {
     use amend_edits::ed25519_dalek::SigningKey;
@@ -684,15 +695,7 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
     let d = amend_runtime::testutil::TINY_N_EMBD as usize;
     // `n` codebook entries at layer 1 with distinct pseudo-random unit keys.
     let bundle = |n: usize| -> Vec<u8> {
-        let mut b = amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
-            bundle_id: format!("cap-{n}"),
-            channel: "cap".into(),
-            version: 1,
-            created: 0,
-            not_before: 0,
-            expires: u64::MAX,
-            model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
-        });
+        let mut b = tiny_bundle_builder(&format!("cap-{n}"));
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut keys = Vec::with_capacity(n * d);
         for _ in 0..n {
@@ -730,11 +733,7 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
         );
         b.build_signed(&key).unwrap().as_slice().to_vec()
     };
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
+    let trust = trust_store(&key);
     let slots = std::ffi::CString::new("cb:1:ffn_input:ffn_output").unwrap();
     let (r, m) = open_model(&amend_model_params {
         backend: AMEND_BACKEND_ONNXRUNTIME,
