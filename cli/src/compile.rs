@@ -393,6 +393,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok((bytes, verified))
     };
     let (bytes, verified) = build_checked(&out.builder)?;
+    for p in verified.payloads() {
+        if let amend_edits::bundle::Payload::Memory(d) = p {
+            if let Some(h) = d.embedder.scope_head() {
+                println!(
+                    "serac scope head: {} x {} perceptrons, threshold {:.3}: it decides in scope (the cosine thresholds below are stored, not used)",
+                    h.members, h.hidden, h.threshold
+                );
+            }
+        }
+    }
     if let Some(sc) = out.calibration.as_ref().and_then(|c| c.scope.as_ref()) {
         println!(
             "serac scope model: subject threshold {:.4}, relation threshold {:.4}, pooled floor {:.2}: {}/{} synthesized hard negatives rejected{}",

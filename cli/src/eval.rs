@@ -74,7 +74,7 @@ pub fn scope_for(
 ) -> anyhow::Result<Option<Arc<amend_runtime::ScopeModel>>> {
     let needs = bundle.payloads().iter().any(|p| {
         matches!(p, amend_edits::bundle::Payload::Memory(d)
-            if matches!(d.embedder, amend_edits::bundle::EmbedderDesc::ScopeModel(_)))
+            if d.embedder.scope_routing().is_some())
     });
     if needs && slot.is_none() {
         let path = path

@@ -153,11 +153,19 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
         if let Some(a) = &m.answer {
             eprintln!("explain: memory answer {a:?}");
         }
-        if let Some(t) = &m.scope_terms {
-            eprintln!(
+        match &m.scope_terms {
+            Some(t) if t.head.is_some() => {
+                let (logit, threshold) = t.head.expect("matched");
+                eprintln!(
+                    "explain: scope model: pooled {:.4} subject {:.4} relation {:.4}; scope head logit {:.3} (threshold {:.3}); {} candidate(s) in scope",
+                    t.pooled, t.subject, t.relation, logit, threshold, t.n_in_scope
+                );
+            }
+            Some(t) => eprintln!(
                 "explain: scope model: pooled {:.4} subject {:.4} (threshold {:.4}) relation {:.4} (threshold {:.4}); {} candidate(s) in scope",
                 t.pooled, t.subject, t.subject_threshold, t.relation, t.relation_threshold, t.n_in_scope
-            );
+            ),
+            None => {}
         }
     }
     for c in &ex.codebook {

@@ -22,6 +22,76 @@ enum Command {
     /// memory (edit prompts and rephrases should reach their own edit, locality prompts
     /// nothing). Needs no base model.
     Route(RouteArgs),
+    /// Train the scope head (an ensemble of small perceptrons over a query-record pair's
+    /// features) on a labelled data set: positives are each record's prompt and rephrases,
+    /// negatives its locality prompts and every other pair the router examines. The threshold
+    /// is chosen on out-of-fold scores. Train on data you do not evaluate on.
+    TrainHead(TrainHeadArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainHeadArgs {
+    /// KnowEdit/EasyEdit JSON or JSONL with subjects, rephrases and locality prompts.
+    #[arg(long)]
+    data: PathBuf,
+    /// The head to write (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().members)]
+    members: usize,
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().hidden)]
+    hidden: usize,
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().l2)]
+    l2: f64,
+    /// Out-of-fold locality (%) the threshold must reach.
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().target_locality)]
+    target_locality: f64,
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().seed)]
+    seed: u64,
+}
+
+fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
+    use amend_compiler::methods::scope_head;
+    let records = amend_compiler::dataset::load(&a.data, Default::default())
+        .with_context(|| format!("--data {}", a.data.display()))?;
+    let path = a
+        .scope_model
+        .clone()
+        .or_else(amend_runtime::default_scope_model_path)
+        .context("--scope-model: no default path (HOME unset)")?;
+    let scope = amend_runtime::ScopeModel::open(&path, a.threads)
+        .with_context(|| format!("--scope-model {}", path.display()))?;
+    let o = scope_head::TrainOptions {
+        members: a.members,
+        hidden: a.hidden,
+        epochs: a.epochs,
+        l2: a.l2,
+        target_locality: a.target_locality,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let (head, rep) = scope_head::train(&scope, &records, &o, &mut |m| eprintln!("{m}"))?;
+    crate::compile::write_atomic(&a.out, &head.to_bytes()?)?;
+    println!(
+        "wrote {}: {} members x {} hidden, threshold {:.3}; {} pairs ({} positive); out of fold: rephrase {:.1}, locality {:.1}; {:.0} s",
+        a.out.display(),
+        head.members,
+        head.hidden,
+        rep.threshold,
+        rep.pairs,
+        rep.positives,
+        rep.oof_rephrase,
+        rep.oof_locality,
+        rep.seconds
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -89,13 +159,22 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
         .to_family()
         .map_err(|e| anyhow::anyhow!("memory payload: {e}"))?;
     let routing = mem.routing().context("the memory has no routing data")?;
-    println!(
-        "{} memories; pooled floor {:.3}, subject threshold {:.3}, relation threshold {:.3}",
-        mem.len(),
-        mem.threshold(),
-        routing.subject_threshold(),
-        routing.relation_threshold()
-    );
+    match routing.head() {
+        Some(h) => println!(
+            "{} memories; scope head ({} x {}), threshold {:.3}",
+            mem.len(),
+            h.members(),
+            h.hidden(),
+            h.threshold()
+        ),
+        None => println!(
+            "{} memories; pooled floor {:.3}, subject threshold {:.3}, relation threshold {:.3}",
+            mem.len(),
+            mem.threshold(),
+            routing.subject_threshold(),
+            routing.relation_threshold()
+        ),
+    }
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     let t0 = std::time::Instant::now();
     let mut n_encodes = 0usize;
@@ -172,6 +251,7 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Route(a) => route(a),
+        Command::TrainHead(a) => train_head(a),
         Command::Convert(a) => {
             let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
             let c = scope_model::convert(&a.from, ty)

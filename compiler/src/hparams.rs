@@ -61,6 +61,15 @@ pub struct SeracParams {
     /// costs ~40 scope-model encodes of synthesized negatives; the rest cost one encode each.
     #[serde(default = "default_calibration_records")]
     pub calibration_records: usize,
+    /// Scope model: the trained scope head that decides "in scope" ("builtin": the head in
+    /// data/scope-head.safetensors; "none": the calibrated cosine thresholds alone; else a path
+    /// written by `amend scope-model train-head`).
+    #[serde(default = "default_scope_head")]
+    pub scope_head: String,
+}
+
+fn default_scope_head() -> String {
+    "builtin".into()
 }
 
 fn default_calibration_records() -> usize {

@@ -344,7 +344,28 @@ fn peak_memory_on_a_256_mb_bundle() {
 /// accepts what the in-memory reader accepts, and both refuse a subject count of zero.
 #[test]
 fn scope_model_memory_streams_like_the_reader() {
-    let build = |counts: Vec<u32>| {
+    let build = |counts: Vec<u32>| scope_bundle(counts, None);
+    let good = build(vec![2, 1]);
+    assert!(Bundle::from_bytes(good.as_slice(), &trust()).is_ok());
+    for chunk in CHUNKS.iter().copied() {
+        assert!(
+            stream(good.as_slice(), &trust(), chunk).is_ok(),
+            "chunk {chunk}"
+        );
+    }
+    let bad = build(vec![3, 0]);
+    assert!(Bundle::from_bytes(bad.as_slice(), &trust()).is_err());
+    for chunk in CHUNKS.iter().copied() {
+        assert!(
+            stream(bad.as_slice(), &trust(), chunk).is_err(),
+            "chunk {chunk}"
+        );
+    }
+}
+
+/// A two-record scope-model memory over 4-d rows, optionally with a trained scope head.
+fn scope_bundle(counts: Vec<u32>, head: Option<(ScopeHeadDesc, Vec<f32>)>) -> AlignedBuf {
+    {
         let mut b = BundleBuilder::new(meta("scope", "main", 1));
         let s = 0.5f32;
         let rows = vec![s, s, s, s, 1.0, 0.0, 0.0, 0.0];
@@ -376,6 +397,7 @@ fn scope_model_memory_streams_like_the_reader() {
             0.3,
             "{edit}\n{prompt}",
             routing,
+            head.as_ref().map(|(d, w)| (d.clone(), w.as_slice())),
             records,
         );
         b.add_edit(
@@ -399,20 +421,110 @@ fn scope_model_memory_streams_like_the_reader() {
             1,
         );
         b.build_signed(&key(1)).unwrap()
+    }
+}
+
+/// A v1.3 memory with a trained scope head: written under minor 3, read and streamed alike,
+/// routed by the head; a head whose shape, biases or threshold are wrong is refused by both
+/// readers, and so is a head under a v1.2 header (re-signed, so only the minor rule catches it).
+#[test]
+fn scope_head_memory_streams_like_the_reader() {
+    let f = amend_edits::families::ScopeHead::n_features(4) + 2;
+    // One member, one hidden unit reading the relation cosine (feature 2): z = 10 rel - 5.
+    let mut w = vec![0f32; f];
+    w[2] = 1.0;
+    w[f - 1] = 10.0;
+    let desc = |bias: Vec<f32>, threshold: f32| ScopeHeadDesc {
+        members: 1,
+        hidden: 1,
+        weights: 0,
+        out_bias: bias,
+        threshold,
     };
-    let good = build(vec![2, 1]);
-    assert!(Bundle::from_bytes(good.as_slice(), &trust()).is_ok());
+    let good = scope_bundle(vec![2, 1], Some((desc(vec![-5.0], 0.0), w.clone())));
+    assert_eq!(
+        u16::from_le_bytes([good.as_slice()[10], good.as_slice()[11]]),
+        3
+    );
+    let b = Bundle::from_bytes(good.as_slice(), &trust()).unwrap();
     for chunk in CHUNKS.iter().copied() {
         assert!(
             stream(good.as_slice(), &trust(), chunk).is_ok(),
             "chunk {chunk}"
         );
     }
-    let bad = build(vec![3, 0]);
-    assert!(Bundle::from_bytes(bad.as_slice(), &trust()).is_err());
-    for chunk in CHUNKS.iter().copied() {
+    let view = b.memory(0, 0..2).unwrap();
+    let mem = view.to_family().unwrap();
+    let head = mem.routing().unwrap().head().unwrap();
+    assert_eq!(
+        (head.members(), head.hidden(), head.threshold()),
+        (1, 1, 0.0)
+    );
+    // A query about record "c": its subject row matched, the rest the record's relation.
+    let q = [1.0f32, 0.0, 0.0, 0.0];
+    let hit = mem
+        .route(&q, &[0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0], None)
+        .unwrap();
+    assert!(hit.in_scope, "{hit:?}");
+    // The head alone decides: its logit is the score, 10 relu(relation) - 5.
+    assert!(
+        (hit.score - (10.0 * hit.relation.max(0.0) - 5.0)).abs() < 1e-4,
+        "{hit:?}"
+    );
+    let refuse_both = |bad: &AlignedBuf, why: &str| {
         assert!(
-            stream(bad.as_slice(), &trust(), chunk).is_err(),
+            Bundle::from_bytes(bad.as_slice(), &trust()).is_err(),
+            "{why}"
+        );
+        for chunk in CHUNKS.iter().copied() {
+            assert!(
+                stream(bad.as_slice(), &trust(), chunk).is_err(),
+                "{why}: chunk {chunk}"
+            );
+        }
+    };
+    refuse_both(
+        &scope_bundle(vec![2, 1], Some((desc(vec![f32::NAN], 0.0), w.clone()))),
+        "NaN output bias",
+    );
+    refuse_both(
+        &scope_bundle(vec![2, 1], Some((desc(vec![0.0, 0.0], 0.0), w.clone()))),
+        "two biases for one member",
+    );
+    refuse_both(
+        &scope_bundle(
+            vec![2, 1],
+            Some((desc(vec![0.0], f32::INFINITY), w.clone())),
+        ),
+        "infinite threshold",
+    );
+    refuse_both(
+        &scope_bundle(
+            vec![2, 1],
+            Some((desc(vec![0.0], 0.0), w[..f - 1].to_vec())),
+        ),
+        "weights one value short",
+    );
+    let mut nan_w = w.clone();
+    nan_w[0] = f32::NAN;
+    refuse_both(
+        &scope_bundle(vec![2, 1], Some((desc(vec![0.0], 0.0), nan_w))),
+        "NaN weight",
+    );
+    let mut v12 = good.as_slice().to_vec();
+    v12[10] = 2;
+    let mut v12 = AlignedBuf::from_slice(&v12);
+    sign_in_place(v12.as_mut_slice(), &key(1)).unwrap();
+    assert!(matches!(
+        Bundle::from_bytes(v12.as_slice(), &trust()),
+        Err(e) if e.to_string().contains("scope head needs format 1.3")
+    ));
+    for chunk in CHUNKS.iter().copied() {
+        assert_eq!(
+            stream(v12.as_slice(), &trust(), chunk),
+            Err(StreamError::BadHeader(
+                "minor: a scope head needs format 1.3"
+            )),
             "chunk {chunk}"
         );
     }

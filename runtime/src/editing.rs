@@ -77,7 +77,8 @@ pub fn check_scope_model(
                     bundle.id()
                 )))
             }
-            amend_edits::bundle::EmbedderDesc::ScopeModel(sr) => {
+            amend_edits::bundle::EmbedderDesc::ScopeModel(sr)
+            | amend_edits::bundle::EmbedderDesc::ScopeModelHead(sr, _) => {
                 let hex = amend_edits::keys::to_hex(&sr.fingerprint);
                 let Some(m) = scope else {
                     return Err(RuntimeError::ScopeModelMissing {
@@ -195,6 +196,9 @@ pub struct ScopeTerms {
     pub relation: f32,
     pub subject_threshold: f32,
     pub relation_threshold: f32,
+    /// With a trained scope head (which then decides alone): its mean logit for the chosen
+    /// record and the threshold it must reach.
+    pub head: Option<(f32, f32)>,
     pub n_in_scope: usize,
 }
 
@@ -1031,6 +1035,7 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     relation: r.relation,
                     subject_threshold: routing.subject_threshold(),
                     relation_threshold: routing.relation_threshold(),
+                    head: routing.head().map(|h| (r.score, h.threshold())),
                     n_in_scope: r.n_in_scope,
                 };
                 (Some(hit), Some(terms))

@@ -10,6 +10,7 @@ pub mod lora;
 pub mod memit;
 mod optim;
 pub mod rome;
+pub mod scope_head;
 pub mod scope_routing;
 pub mod serac;
 pub mod tpatcher;

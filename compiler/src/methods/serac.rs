@@ -241,13 +241,14 @@ fn compile_scope(
         )
     })?;
     let fingerprint = scope.fingerprint();
+    let head = super::scope_head::load(&hp.scope_head, fingerprint, scope.n_embd())?;
     // (edit id, prompt, subject, target) of the base bundle's records, then of the new ones.
     let mut all: Vec<(String, String, String, String)> = Vec::new();
     if let Some(b) = base {
         for pl in b.payloads() {
             match pl {
                 Payload::Memory(d) => {
-                    let amend_edits::bundle::EmbedderDesc::ScopeModel(r) = &d.embedder else {
+                    let Some(r) = d.embedder.scope_routing() else {
                         return Err(CompileError::Bundle(
                             "--base-bundle's memory was not routed by the scope model; recompile it from its edits".into(),
                         ));
@@ -406,6 +407,18 @@ fn compile_scope(
             relation_threshold: cal.relation_threshold,
             subjects: all.iter().map(|a| a.2.clone()).collect(),
         },
+        head.as_ref().map(|h| {
+            (
+                amend_edits::bundle::ScopeHeadDesc {
+                    members: h.members as u32,
+                    hidden: h.hidden as u32,
+                    weights: 0,
+                    out_bias: h.out_bias.clone(),
+                    threshold: h.threshold,
+                },
+                h.weights.as_slice(),
+            )
+        }),
         recs,
     );
     for (row, (id, prompt, _, target)) in all.iter().enumerate() {
@@ -425,9 +438,7 @@ fn compile_scope(
 fn base_subject(b: &Bundle, id: &str) -> Option<String> {
     b.payloads().iter().find_map(|pl| {
         let Payload::Memory(d) = pl else { return None };
-        let amend_edits::bundle::EmbedderDesc::ScopeModel(r) = &d.embedder else {
-            return None;
-        };
+        let r = d.embedder.scope_routing()?;
         let i = d.records.iter().position(|rec| rec.edit_id == id)?;
         r.subjects.get(i).cloned()
     })

@@ -18,9 +18,11 @@ pub const MAGIC: [u8; 8] = *b"AMENDBDL";
 /// kinds, v1.2 the verification record after the manifest (a v1.1 reader refuses it as trailing
 /// bytes). The writer puts the lowest minor that holds the bundle's content in the header.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
 /// The minor a bundle with a verification record needs.
 pub const MINOR_VERIFICATION: u16 = 2;
+/// The minor a bundle with a trained scope head (`EmbedderDesc::ScopeModelHead`) needs.
+pub const MINOR_SCOPE_HEAD: u16 = 3;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -129,6 +131,8 @@ wire_codes! {
         MemoryRelation = 11,
         // v1.1: the subjects' token rows of the scope model, record after record (unit rows).
         MemorySubjectRows = 12,
+        // v1.3: a trained scope head's weights, [members * hidden, 3 * embed_dim + 5].
+        ScopeHeadWeights = 13,
     }
 }
 
@@ -364,6 +368,41 @@ pub enum EmbedderDesc {
     /// with what subject-aware routing needs. A v1.0 reader refuses the payload (unknown
     /// variant) rather than misreading it.
     ScopeModel(ScopeRoutingDesc),
+    /// v1.3: the same routing data, with a trained scope head that decides "in scope" instead
+    /// of the three cosine thresholds. A v1.2 reader refuses the payload (unknown variant).
+    ScopeModelHead(ScopeRoutingDesc, ScopeHeadDesc),
+}
+
+#[cfg(feature = "alloc")]
+impl EmbedderDesc {
+    /// The scope-model routing data, with or without a head.
+    pub fn scope_routing(&self) -> Option<&ScopeRoutingDesc> {
+        match self {
+            EmbedderDesc::ScopeModel(r) | EmbedderDesc::ScopeModelHead(r, _) => Some(r),
+            _ => None,
+        }
+    }
+    pub fn scope_head(&self) -> Option<&ScopeHeadDesc> {
+        match self {
+            EmbedderDesc::ScopeModelHead(_, h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// A trained scope head (`amend_edits::families::ScopeHead`): an ensemble of `members`
+/// one-hidden-layer perceptrons of `hidden` units over a (query, record) pair's features.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScopeHeadDesc {
+    pub members: u32,
+    pub hidden: u32,
+    /// Section `[members * hidden, 3 * embed_dim + 5]` (`ScopeHeadWeights`).
+    pub weights: u32,
+    /// Per member, the output bias.
+    pub out_bias: Vec<f32>,
+    /// The mean logit must reach this.
+    pub threshold: f32,
 }
 
 /// Routing data of a memory whose embeddings come from the scope model.
@@ -480,7 +519,7 @@ mod code_tests {
             assert_eq!(Dtype::from_code(d as u8), Some(d));
         }
         assert_eq!(SectionKind::from_code(0), None);
-        assert_eq!(SectionKind::from_code(13), None);
+        assert_eq!(SectionKind::from_code(14), None);
         assert_eq!(PayloadKind::from_code(6), None);
         assert_eq!(Dtype::from_code(2), None);
     }

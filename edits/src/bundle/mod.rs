@@ -295,8 +295,8 @@ impl<B: AsRef<[u8]>> Bundle<B> {
         if rows.start > rows.end || rows.end > d.records.len() {
             return None;
         }
-        let scope = match &d.embedder {
-            EmbedderDesc::ScopeModel(sr) => {
+        let scope = match d.embedder.scope_routing() {
+            Some(sr) => {
                 // Subject rows of records before `rows.start`, and of `rows`.
                 let counts = &sr.subject_counts[rows.clone()];
                 let before: usize = sr.subject_counts[..rows.start]
@@ -310,9 +310,16 @@ impl<B: AsRef<[u8]>> Bundle<B> {
                     subject_counts: counts,
                     subject_threshold: sr.subject_threshold,
                     relation_threshold: sr.relation_threshold,
+                    head: d.embedder.scope_head().map(|h| HeadView {
+                        members: h.members as usize,
+                        hidden: h.hidden as usize,
+                        weights: self.f32s(h.weights),
+                        out_bias: &h.out_bias,
+                        threshold: h.threshold,
+                    }),
                 })
             }
-            _ => None,
+            None => None,
         };
         Some(MemoryView {
             scope,
@@ -495,6 +502,18 @@ pub struct ScopeView<'a> {
     pub subject_counts: &'a [u32],
     pub subject_threshold: f32,
     pub relation_threshold: f32,
+    /// v1.3: the trained scope head (whole: it does not depend on the records).
+    pub head: Option<HeadView<'a>>,
+}
+
+/// Zero-copy view of a trained scope head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadView<'a> {
+    pub members: usize,
+    pub hidden: usize,
+    pub weights: &'a [f32],
+    pub out_bias: &'a [f32],
+    pub threshold: f32,
 }
 
 impl<'a> CodebookView<'a> {
@@ -572,10 +591,12 @@ impl<'a> MemoryView<'a> {
                 model_id,
                 fingerprint: None,
             },
-            EmbedderDesc::ScopeModel(sr) => families::Embedder::External {
-                model_id: &sr.model_id,
-                fingerprint: Some(&sr.fingerprint),
-            },
+            EmbedderDesc::ScopeModel(sr) | EmbedderDesc::ScopeModelHead(sr, _) => {
+                families::Embedder::External {
+                    model_id: &sr.model_id,
+                    fingerprint: Some(&sr.fingerprint),
+                }
+            }
         };
         let mem = families::Memory::new(
             self.embed_dim,
@@ -595,14 +616,27 @@ impl<'a> MemoryView<'a> {
         )?;
         match &self.scope {
             None => Ok(mem),
-            Some(sv) => mem.with_scope_routing(families::ScopeRouting::new(
-                self.embed_dim,
-                sv.relation,
-                sv.subject_rows,
-                sv.subject_counts,
-                sv.subject_threshold,
-                sv.relation_threshold,
-            )?),
+            Some(sv) => {
+                let mut routing = families::ScopeRouting::new(
+                    self.embed_dim,
+                    sv.relation,
+                    sv.subject_rows,
+                    sv.subject_counts,
+                    sv.subject_threshold,
+                    sv.relation_threshold,
+                )?;
+                if let Some(h) = &sv.head {
+                    routing = routing.with_head(families::ScopeHead::new(
+                        self.embed_dim,
+                        h.members,
+                        h.hidden,
+                        h.weights,
+                        h.out_bias,
+                        h.threshold,
+                    )?)?;
+                }
+                mem.with_scope_routing(routing)
+            }
         }
     }
 }

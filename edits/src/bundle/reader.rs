@@ -257,6 +257,11 @@ pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
     let manifest = decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
     check_minor(&manifest, h.minor.get())?;
     let payloads = check_manifest(&manifest, Some((buf, h.payload_offset.get())))?;
+    if h.minor.get() < MINOR_SCOPE_HEAD && payloads.iter().any(has_scope_head) {
+        return Err(BundleError::BadHeader(
+            "minor: a scope head needs format 1.3",
+        ));
+    }
     Ok(Verified {
         manifest,
         payloads,
@@ -273,6 +278,11 @@ pub fn check_minor(m: &Manifest, minor: u16) -> Result<(), BundleError> {
         ));
     }
     Ok(())
+}
+
+/// A memory payload routed by a trained scope head (format 1.3 content).
+pub fn has_scope_head(p: &Payload) -> bool {
+    matches!(p, Payload::Memory(d) if d.embedder.scope_head().is_some())
 }
 
 fn cap(what: &'static str, value: usize, cap: usize) -> Result<(), BundleError> {
@@ -768,7 +778,7 @@ fn check_payload(
                 check_str(&rec.text, "record text length")?;
             }
             r.take(d.embeddings, SectionKind::MemoryEmbeddings, &[n, e])?;
-            if let EmbedderDesc::ScopeModel(sr) = &d.embedder {
+            if let Some(sr) = d.embedder.scope_routing() {
                 check_str(&sr.model_id, "embedder id length")?;
                 if !(sr.subject_threshold.is_finite() && sr.relation_threshold.is_finite()) {
                     return Err(invalid("scope thresholds not finite"));
@@ -789,6 +799,28 @@ fn check_payload(
                 rows_cap(total)?;
                 r.take(sr.relation, SectionKind::MemoryRelation, &[n, e])?;
                 r.take(sr.subject_rows, SectionKind::MemorySubjectRows, &[total, e])?;
+                if let Some(h) = d.embedder.scope_head() {
+                    let (members, hidden) = (h.members as u64, h.hidden as u64);
+                    if members == 0
+                        || members > crate::families::ScopeHead::MAX_MEMBERS as u64
+                        || hidden == 0
+                        || hidden > crate::families::ScopeHead::MAX_HIDDEN as u64
+                        || h.out_bias.len() as u64 != members
+                    {
+                        return Err(invalid("scope head: member or hidden count"));
+                    }
+                    if !h.out_bias.iter().all(|b| b.is_finite()) {
+                        return Err(invalid("scope head: output bias not finite"));
+                    }
+                    if !h.threshold.is_finite() {
+                        return Err(invalid("scope head: threshold not finite"));
+                    }
+                    r.take(
+                        h.weights,
+                        SectionKind::ScopeHeadWeights,
+                        &[members * hidden, 3 * e + 5],
+                    )?;
+                }
             }
         }
     }

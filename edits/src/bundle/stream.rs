@@ -446,7 +446,7 @@ impl StreamVerifier {
         }
         let payload_offset = align_up(self.sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
             .ok_or(StreamError::BadHeader("payload_offset"))?;
-        m.check(payload_offset, self.total)?;
+        m.check(payload_offset, self.total, minor)?;
         self.sections_at = Some(m.sections.0 as u32);
         self.n_sections = m.sections.1 as u32;
         self.next = self.find_next();
@@ -788,6 +788,8 @@ struct ScopeDesc<'a> {
     n_subjects: u64,
     subject_threshold: f32,
     relation_threshold: f32,
+    /// v1.3: a trained scope head: members, hidden, weights section, output biases, threshold.
+    head: Option<(u32, u32, u32, Cur<'a>, u64, f32)>,
 }
 
 /// A payload descriptor, decoded in place.
@@ -872,7 +874,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
             let embedder = match c.varint(32)? {
                 0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
                 1 => Err(c.str()?),
-                2 => {
+                tag @ (2 | 3) => {
                     let model_id = c.str()?;
                     c.take(32)?; // the scope model's fingerprint
                     let relation = c.u32()?;
@@ -896,7 +898,20 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                         n_subjects,
                         subject_threshold: c.f32()?,
                         relation_threshold: c.f32()?,
+                        head: None,
                     });
+                    if tag == 3 {
+                        let (members, hidden, weights) = (c.u32()?, c.u32()?, c.u32()?);
+                        let n_bias = c.len()?;
+                        let bias = c.clone();
+                        for _ in 0..n_bias {
+                            c.f32()?;
+                        }
+                        let t = c.f32()?;
+                        if let Some(sd) = scope.as_mut() {
+                            sd.head = Some((members, hidden, weights, bias, n_bias, t));
+                        }
+                    }
                     Err(model_id)
                 }
                 _ => return Err("bad enum"),
@@ -1111,7 +1126,7 @@ impl<'a> Manifest<'a> {
 
     /// Every rule of `reader::check_manifest`, in its order, with the section bounds and
     /// overlap checks (`payload_offset`, `total`) where it checks them.
-    fn check(&self, payload_offset: u64, total: u64) -> R<()> {
+    fn check(&self, payload_offset: u64, total: u64, minor: u16) -> R<()> {
         check_str(self.bundle_id, "bundle id length")?;
         check_str(self.channel, "channel length")?;
         check_str(self.arch, "architecture length")?;
@@ -1226,7 +1241,7 @@ impl<'a> Manifest<'a> {
             let desc =
                 decode_desc(kind, body).map_err(|_| StreamError::DescriptorDecode { index: pi })?;
             refs.payload = pi;
-            check_payload(&desc, pi, n_embd, self.n_layer, &mut refs)?;
+            check_payload(&desc, pi, n_embd, self.n_layer, minor, &mut refs)?;
         }
         for i in 0..self.sections.1 as usize {
             if refs.used[i / 64] & (1 << (i % 64)) == 0 {
@@ -1279,7 +1294,14 @@ impl<'a> Manifest<'a> {
     }
 }
 
-fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -> R<()> {
+fn check_payload(
+    p: &Desc,
+    pi: usize,
+    n_embd: u64,
+    n_layer: u32,
+    minor: u16,
+    r: &mut Refs,
+) -> R<()> {
     let invalid = |reason| StreamError::InvalidPayload {
         payload: pi,
         reason,
@@ -1458,6 +1480,39 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                 rows_cap(total)?;
                 r.take(sd.relation, SectionKind::MemoryRelation, &[*n, e])?;
                 r.take(sd.subject_rows, SectionKind::MemorySubjectRows, &[total, e])?;
+                if let Some((members, hidden, weights, bias, n_bias, t)) = &sd.head {
+                    if minor < MINOR_SCOPE_HEAD {
+                        return Err(StreamError::BadHeader(
+                            "minor: a scope head needs format 1.3",
+                        ));
+                    }
+                    let (members, hidden) = (*members as u64, *hidden as u64);
+                    if members == 0
+                        || members > crate::families::ScopeHead::MAX_MEMBERS as u64
+                        || hidden == 0
+                        || hidden > crate::families::ScopeHead::MAX_HIDDEN as u64
+                        || *n_bias != members
+                    {
+                        return Err(invalid("scope head: member or hidden count"));
+                    }
+                    let mut c = bias.clone();
+                    for _ in 0..members {
+                        let b = c
+                            .f32()
+                            .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                        if !b.is_finite() {
+                            return Err(invalid("scope head: output bias not finite"));
+                        }
+                    }
+                    if !t.is_finite() {
+                        return Err(invalid("scope head: threshold not finite"));
+                    }
+                    r.take(
+                        *weights,
+                        SectionKind::ScopeHeadWeights,
+                        &[members * hidden, 3 * e + 5],
+                    )?;
+                }
             }
         }
     }

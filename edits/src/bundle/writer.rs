@@ -234,6 +234,7 @@ impl BundleBuilder {
         threshold: f32,
         template: &str,
         mut routing: ScopeRoutingDesc,
+        head: Option<(ScopeHeadDesc, &[f32])>,
         records: Vec<MemoryRecordDesc>,
     ) -> u32 {
         let n = records.len() as u64;
@@ -246,11 +247,23 @@ impl BundleBuilder {
             alloc::vec![total, e],
             subject_rows,
         );
+        let embedder = match head {
+            None => EmbedderDesc::ScopeModel(routing),
+            Some((mut h, weights)) => {
+                let rows = h.members as u64 * h.hidden as u64;
+                h.weights = self.add_f32(
+                    SectionKind::ScopeHeadWeights,
+                    alloc::vec![rows, 3 * e + 5],
+                    weights,
+                );
+                EmbedderDesc::ScopeModelHead(routing, h)
+            }
+        };
         self.add_payload(Payload::Memory(MemoryDesc {
             embed_dim: embed_dim as u32,
             threshold,
             template: template.into(),
-            embedder: EmbedderDesc::ScopeModel(routing),
+            embedder,
             embeddings: emb,
             records,
         }))
@@ -403,7 +416,14 @@ pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, BundleError> {
 /// The lowest format minor that holds `m`: bundles without v1.2 content stay readable by v1.1
 /// runtimes.
 pub fn manifest_minor(m: &Manifest) -> u16 {
-    if m.verification.is_some() {
+    let head = m.payloads.iter().any(|p| {
+        p.kind == PayloadKind::Memory as u16
+            && postcard::from_bytes::<MemoryDesc>(&p.body)
+                .is_ok_and(|d| d.embedder.scope_head().is_some())
+    });
+    if head {
+        MINOR_SCOPE_HEAD
+    } else if m.verification.is_some() {
         MINOR_VERIFICATION
     } else {
         1

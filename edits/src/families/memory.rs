@@ -84,6 +84,122 @@ pub struct ScopeRouting<'a> {
     offsets: Vec<usize>,
     subject_threshold: f32,
     relation_threshold: f32,
+    /// A trained scope head (format 1.3): when present it alone decides "in scope".
+    head: Option<ScopeHead<'a>>,
+}
+
+/// A trained scope head: an ensemble of one-hidden-layer perceptrons over the features of a
+/// (query, record) pair ([`ScopeHead::features`]), trained offline on labelled rephrases and
+/// neighbours (`amend scope-model train-head`). Its mean logit decides "in scope" where the
+/// three cosine thresholds cannot tell a rephrase from the same subject under another relation.
+#[derive(Clone, Debug)]
+pub struct ScopeHead<'a> {
+    members: usize,
+    hidden: usize,
+    /// `[members * hidden, n_features + 2]`: per hidden unit its input weights, its bias and
+    /// its output weight (standardization folded in).
+    weights: &'a [f32],
+    /// Per member, the output bias.
+    out_bias: &'a [f32],
+    threshold: f32,
+}
+
+impl<'a> ScopeHead<'a> {
+    /// Largest member and hidden counts a reader accepts.
+    pub const MAX_MEMBERS: usize = 16;
+    pub const MAX_HIDDEN: usize = 1024;
+
+    /// Features per pair for embeddings of `embed_dim`: pooled cosine, subject MaxSim, relation
+    /// cosine, then `rest * relation`, `query_pooled * record_pooled`, `|rest - relation|`.
+    pub fn n_features(embed_dim: usize) -> usize {
+        3 + 3 * embed_dim
+    }
+
+    /// Validate shapes, finiteness and bounds.
+    pub fn new(
+        embed_dim: usize,
+        members: usize,
+        hidden: usize,
+        weights: &'a [f32],
+        out_bias: &'a [f32],
+        threshold: f32,
+    ) -> Result<ScopeHead<'a>, InvalidPayload> {
+        if members == 0 || members > Self::MAX_MEMBERS || hidden == 0 || hidden > Self::MAX_HIDDEN {
+            return Err(InvalidPayload(
+                "scope head: member or hidden count out of range",
+            ));
+        }
+        check_matrix(
+            weights,
+            members * hidden,
+            Self::n_features(embed_dim) + 2,
+            "scope head: weights must be [members * hidden, features + 2]",
+            "scope head: non-finite weight",
+        )?;
+        if out_bias.len() != members || !out_bias.iter().all(|x| x.is_finite()) {
+            return Err(InvalidPayload(
+                "scope head: one finite output bias per member",
+            ));
+        }
+        if !threshold.is_finite() {
+            return Err(InvalidPayload("scope head: threshold not finite"));
+        }
+        Ok(ScopeHead {
+            members,
+            hidden,
+            weights,
+            out_bias,
+            threshold,
+        })
+    }
+
+    /// The feature vector of a pair (see [`ScopeHead::n_features`]); `rest` is the query's
+    /// non-subject rows' mean (unit, or zeros when none is left).
+    #[allow(clippy::too_many_arguments)]
+    pub fn features(
+        pooled: f32,
+        subject: f32,
+        relation: f32,
+        rest: &[f32],
+        record_relation: &[f32],
+        query_pooled: &[f32],
+        record_pooled: &[f32],
+        out: &mut Vec<f32>,
+    ) {
+        out.clear();
+        out.extend_from_slice(&[pooled, subject, relation]);
+        out.extend(rest.iter().zip(record_relation).map(|(a, b)| a * b));
+        out.extend(query_pooled.iter().zip(record_pooled).map(|(a, b)| a * b));
+        out.extend(rest.iter().zip(record_relation).map(|(a, b)| (a - b).abs()));
+    }
+
+    /// The ensemble's mean logit for a feature vector of [`ScopeHead::n_features`] values.
+    pub fn logit(&self, x: &[f32]) -> f32 {
+        let f = x.len();
+        let mut total = 0.0;
+        for (m, &b2) in self.out_bias.iter().enumerate() {
+            let mut z = b2;
+            let rows = &self.weights[m * self.hidden * (f + 2)..(m + 1) * self.hidden * (f + 2)];
+            for row in rows.chunks_exact(f + 2) {
+                let h = dot(&row[..f], x) + row[f];
+                if h > 0.0 {
+                    z += h * row[f + 1];
+                }
+            }
+            total += z;
+        }
+        total / self.members as f32
+    }
+
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+    pub fn members(&self) -> usize {
+        self.members
+    }
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
 }
 
 impl<'a> ScopeRouting<'a> {
@@ -136,7 +252,25 @@ impl<'a> ScopeRouting<'a> {
             offsets,
             subject_threshold,
             relation_threshold,
+            head: None,
         })
+    }
+
+    /// Attach a trained scope head (its embed_dim must be this routing's).
+    pub fn with_head(mut self, head: ScopeHead<'a>) -> Result<Self, InvalidPayload> {
+        if head.weights.len() / (head.members * head.hidden)
+            != ScopeHead::n_features(self.embed_dim) + 2
+        {
+            return Err(InvalidPayload(
+                "scope head: features do not match embed_dim",
+            ));
+        }
+        self.head = Some(head);
+        Ok(self)
+    }
+
+    pub fn head(&self) -> Option<&ScopeHead<'a>> {
+        self.head.as_ref()
     }
 
     pub fn subject_threshold(&self) -> f32 {
@@ -165,6 +299,21 @@ pub fn subject_relation(
     query_rows: &[f32],
     d: usize,
 ) -> (f32, f32) {
+    let mut rest = Vec::new();
+    subject_relation_rest(subject, relation, query_rows, d, &mut rest)
+}
+
+/// [`subject_relation`], also leaving the query's rest-mean (unit; zeros when no row is left)
+/// in `rest`, which the scope head reads.
+pub fn subject_relation_rest(
+    subject: &[f32],
+    relation: &[f32],
+    query_rows: &[f32],
+    d: usize,
+    rest: &mut Vec<f32>,
+) -> (f32, f32) {
+    rest.clear();
+    rest.resize(d, 0.0);
     let m = query_rows.len() / d;
     if m == 0 || subject.is_empty() {
         return (0.0, 0.0);
@@ -184,7 +333,6 @@ pub fn subject_relation(
         picked[best.1] = true;
     }
     let maxsim = sum / n_sub as f32;
-    let mut rest = alloc::vec![0f32; d];
     let mut any = false;
     for (j, q) in query_rows.chunks_exact(d).enumerate() {
         if !picked[j] {
@@ -192,10 +340,11 @@ pub fn subject_relation(
             rest.iter_mut().zip(q).for_each(|(r, x)| *r += x);
         }
     }
-    if !any || !super::l2_normalize(&mut rest) {
+    if !any || !super::l2_normalize(rest) {
+        rest.iter_mut().for_each(|r| *r = 0.0);
         return (maxsim, 0.0);
     }
-    (maxsim, dot(&rest, relation))
+    (maxsim, dot(rest, relation))
 }
 
 /// The result of [`Memory::route`].
@@ -209,7 +358,8 @@ pub struct RouteHit {
     pub subject: f32,
     /// Cosine of the relation embeddings (query with the subject-matched rows removed).
     pub relation: f32,
-    /// `pooled * subject`: the ranking score among in-scope records.
+    /// The ranking score among in-scope records: the scope head's logit when the memory has
+    /// one, else `pooled * subject`.
     pub score: f32,
     pub in_scope: bool,
     /// How many of the examined candidates were in scope (several: the best one is used).
@@ -387,19 +537,40 @@ impl<'a> Memory<'a> {
         }
         let mut best: Option<RouteHit> = None;
         let mut n_in = 0;
+        let (mut rest, mut x) = (Vec::new(), Vec::new());
         for &(pooled, i) in &top {
             let (subject, relation) =
-                subject_relation(r.subject_rows(i), r.relation(i), query_rows, d);
-            let in_scope = pooled >= self.threshold
-                && subject >= r.subject_threshold
-                && relation >= r.relation_threshold;
+                subject_relation_rest(r.subject_rows(i), r.relation(i), query_rows, d, &mut rest);
+            let (score, in_scope) = match &r.head {
+                // The head decides alone; its logit ranks the in-scope records.
+                Some(h) => {
+                    ScopeHead::features(
+                        pooled,
+                        subject,
+                        relation,
+                        &rest,
+                        r.relation(i),
+                        query_pooled,
+                        self.embedding(i),
+                        &mut x,
+                    );
+                    let z = h.logit(&x);
+                    (z, z >= h.threshold)
+                }
+                None => (
+                    pooled * subject,
+                    pooled >= self.threshold
+                        && subject >= r.subject_threshold
+                        && relation >= r.relation_threshold,
+                ),
+            };
             n_in += in_scope as usize;
             let hit = RouteHit {
                 index: i,
                 pooled,
                 subject,
                 relation,
-                score: pooled * subject,
+                score,
                 in_scope,
                 n_in_scope: 0,
             };
