@@ -344,21 +344,26 @@ fn peak_memory_on_a_256_mb_bundle() {
 /// accepts what the in-memory reader accepts, and both refuse a subject count of zero.
 #[test]
 fn scope_model_memory_streams_like_the_reader() {
-    let build = |counts: Vec<u32>| scope_bundle(counts, None);
-    let good = build(vec![2, 1]);
-    assert!(Bundle::from_bytes(good.as_slice(), &trust()).is_ok());
+    both_read(&scope_bundle(vec![2, 1], None), true, "subject counts 2, 1");
+    both_read(
+        &scope_bundle(vec![3, 0], None),
+        false,
+        "a subject count of zero",
+    );
+}
+
+/// The in-memory reader and the stream, at every chunk size, both accept or both refuse.
+fn both_read(b: &AlignedBuf, ok: bool, why: &str) {
+    assert_eq!(
+        Bundle::from_bytes(b.as_slice(), &trust()).is_ok(),
+        ok,
+        "{why}"
+    );
     for chunk in CHUNKS.iter().copied() {
-        assert!(
-            stream(good.as_slice(), &trust(), chunk).is_ok(),
-            "chunk {chunk}"
-        );
-    }
-    let bad = build(vec![3, 0]);
-    assert!(Bundle::from_bytes(bad.as_slice(), &trust()).is_err());
-    for chunk in CHUNKS.iter().copied() {
-        assert!(
-            stream(bad.as_slice(), &trust(), chunk).is_err(),
-            "chunk {chunk}"
+        assert_eq!(
+            stream(b.as_slice(), &trust(), chunk).is_ok(),
+            ok,
+            "{why}: chunk {chunk}"
         );
     }
 }
@@ -446,13 +451,8 @@ fn scope_head_memory_streams_like_the_reader() {
         u16::from_le_bytes([good.as_slice()[10], good.as_slice()[11]]),
         3
     );
+    both_read(&good, true, "a valid head");
     let b = Bundle::from_bytes(good.as_slice(), &trust()).unwrap();
-    for chunk in CHUNKS.iter().copied() {
-        assert!(
-            stream(good.as_slice(), &trust(), chunk).is_ok(),
-            "chunk {chunk}"
-        );
-    }
     let view = b.memory(0, 0..2).unwrap();
     let mem = view.to_family().unwrap();
     let head = mem.routing().unwrap().head().unwrap();
@@ -471,18 +471,7 @@ fn scope_head_memory_streams_like_the_reader() {
         (hit.score - (10.0 * hit.relation.max(0.0) - 5.0)).abs() < 1e-4,
         "{hit:?}"
     );
-    let refuse_both = |bad: &AlignedBuf, why: &str| {
-        assert!(
-            Bundle::from_bytes(bad.as_slice(), &trust()).is_err(),
-            "{why}"
-        );
-        for chunk in CHUNKS.iter().copied() {
-            assert!(
-                stream(bad.as_slice(), &trust(), chunk).is_err(),
-                "{why}: chunk {chunk}"
-            );
-        }
-    };
+    let refuse_both = |bad: &AlignedBuf, why: &str| both_read(bad, false, why);
     refuse_both(
         &scope_bundle(vec![2, 1], Some((desc(vec![f32::NAN], 0.0), w.clone()))),
         "NaN output bias",

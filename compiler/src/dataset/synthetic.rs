@@ -402,18 +402,22 @@ const NOUNS: &[&str] = &[
 ];
 const MODELS: &[&str] = &["Pro", "One", "X", "Mini", "Max", "Air", "500", "7"];
 
-/// xorshift64*: small, fast and the same on every platform.
-struct Rng(u64);
+/// xorshift64*: small, fast and the same on every platform (the compiler's one generator).
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         // Spread the seed (splitmix64 step) and never start at zero.
         let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         Rng((z ^ (z >> 31)) | 1)
     }
-    fn next(&mut self) -> u64 {
+    /// A generator at a given state (never zero).
+    pub(crate) fn from_state(state: u64) -> Self {
+        Rng(state | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

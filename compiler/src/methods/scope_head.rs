@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::optim::Adam;
 use super::scope_routing::{encode_record, RecordRouting};
+use crate::dataset::synthetic::Rng;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 
@@ -296,19 +297,9 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*: deterministic, dependency-free.
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-1, 1).
-    fn sym(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
+/// Uniform in [-1, 1).
+fn sym(rng: &mut Rng) -> f32 {
+    (rng.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
 /// One member: returns its rows (`[hidden, nf + 2]`, on standardized inputs) and output bias.
@@ -322,12 +313,12 @@ fn train_member(
     let dev = Device::Cpu;
     let n = y.len();
     let h = o.hidden;
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::from_state(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     // Glorot-uniform initialization, as scikit-learn's MLP.
     let a1 = (6.0 / (nf + h) as f32).sqrt();
     let a2 = (6.0 / (h + 1) as f32).sqrt();
-    let w1: Vec<f32> = (0..h * nf).map(|_| rng.sym() * a1).collect();
-    let w2: Vec<f32> = (0..h).map(|_| rng.sym() * a2).collect();
+    let w1: Vec<f32> = (0..h * nf).map(|_| sym(&mut rng) * a1).collect();
+    let w2: Vec<f32> = (0..h).map(|_| sym(&mut rng) * a2).collect();
     let w1 = Var::from_tensor(&Tensor::from_vec(w1, (nf, h), &dev)?)?;
     let b1 = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
     let w2 = Var::from_tensor(&Tensor::from_vec(w2, (h, 1), &dev)?)?;

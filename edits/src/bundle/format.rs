@@ -32,6 +32,10 @@ pub const SIG_BLOCK_LEN: usize = 72;
 pub const KEY_ID_LEN: usize = 8;
 
 // ---- caps: every count and length a reader accepts is bounded (documented in the spec) ----
+/// Largest member count of a scope head (v1.3).
+pub const MAX_SCOPE_HEAD_MEMBERS: usize = 16;
+/// Largest hidden-unit count of a scope head's member (v1.3).
+pub const MAX_SCOPE_HEAD_HIDDEN: usize = 1024;
 /// Largest bundle (bytes).
 /// Largest magnitude of any f32 in a tensor section. Finite is not enough: 3e38 squares to
 /// infinity in a distance and poisons the residual stream. gemma3's residual rows exceed the

@@ -802,9 +802,9 @@ fn check_payload(
                 if let Some(h) = d.embedder.scope_head() {
                     let (members, hidden) = (h.members as u64, h.hidden as u64);
                     if members == 0
-                        || members > crate::families::ScopeHead::MAX_MEMBERS as u64
+                        || members > MAX_SCOPE_HEAD_MEMBERS as u64
                         || hidden == 0
-                        || hidden > crate::families::ScopeHead::MAX_HIDDEN as u64
+                        || hidden > MAX_SCOPE_HEAD_HIDDEN as u64
                         || h.out_bias.len() as u64 != members
                     {
                         return Err(invalid("scope head: member or hidden count"));

@@ -1488,9 +1488,9 @@ fn check_payload(
                     }
                     let (members, hidden) = (*members as u64, *hidden as u64);
                     if members == 0
-                        || members > crate::families::ScopeHead::MAX_MEMBERS as u64
+                        || members > MAX_SCOPE_HEAD_MEMBERS as u64
                         || hidden == 0
-                        || hidden > crate::families::ScopeHead::MAX_HIDDEN as u64
+                        || hidden > MAX_SCOPE_HEAD_HIDDEN as u64
                         || *n_bias != members
                     {
                         return Err(invalid("scope head: member or hidden count"));

@@ -106,8 +106,8 @@ pub struct ScopeHead<'a> {
 
 impl<'a> ScopeHead<'a> {
     /// Largest member and hidden counts a reader accepts.
-    pub const MAX_MEMBERS: usize = 16;
-    pub const MAX_HIDDEN: usize = 1024;
+    pub const MAX_MEMBERS: usize = crate::bundle::MAX_SCOPE_HEAD_MEMBERS;
+    pub const MAX_HIDDEN: usize = crate::bundle::MAX_SCOPE_HEAD_HIDDEN;
 
     /// Features per pair for embeddings of `embed_dim`: pooled cosine, subject MaxSim, relation
     /// cosine, then `rest * relation`, `query_pooled * record_pooled`, `|rest - relation|`.
