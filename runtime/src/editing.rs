@@ -176,6 +176,8 @@ pub struct MemoryEvent {
     pub bundle: String,
     pub edit_id: Option<String>,
     pub record: usize,
+    /// What decided "in scope" against `threshold`: the cosine (base-model or scope-model
+    /// pooled), or a scope head's mean logit.
     pub score: f32,
     pub threshold: f32,
     pub in_scope: bool,
@@ -197,7 +199,7 @@ pub struct ScopeTerms {
     pub subject_threshold: f32,
     pub relation_threshold: f32,
     /// With a trained scope head (which then decides alone): its mean logit for the chosen
-    /// record and the threshold it must reach.
+    /// record and the threshold it must reach (also the event's `score` and `threshold`).
     pub head: Option<(f32, f32)>,
     pub n_in_scope: usize,
 }
@@ -1070,8 +1072,12 @@ pub(crate) fn route<H: EditHost + ?Sized>(
         bundle: plan.bundle_id(m.bundle),
         edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
         record: m.rows.start + hit.index,
-        score: hit.score,
-        threshold: m.mem.threshold(),
+        // What decided: the scope head's logit and threshold when the memory has one.
+        score: terms.as_ref().and_then(|t| t.head).map_or(hit.score, |h| h.0),
+        threshold: terms
+            .as_ref()
+            .and_then(|t| t.head)
+            .map_or(m.mem.threshold(), |h| h.1),
         in_scope: hit.in_scope,
         routed_prompt: routed.clone(),
         answer: answer.clone(),
