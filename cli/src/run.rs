@@ -154,8 +154,10 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             eprintln!("explain: memory answer {a:?}");
         }
         match &m.scope_terms {
-            Some(t) if t.head.is_some() => {
-                let (logit, threshold) = t.head.expect("matched");
+            Some(t @ amend_runtime::ScopeTerms {
+                head: Some((logit, threshold)),
+                ..
+            }) => {
                 eprintln!(
                     "explain: scope model: pooled {:.4} subject {:.4} relation {:.4}; scope head logit {:.3} (threshold {:.3}); {} candidate(s) in scope",
                     t.pooled, t.subject, t.relation, logit, threshold, t.n_in_scope

@@ -1067,17 +1067,15 @@ pub(crate) fn route<H: EditHost + ?Sized>(
         .in_scope
         .then(|| m.mem.answer(hit.index).map(str::to_string))
         .flatten();
+    let head = terms.as_ref().and_then(|t| t.head);
     let mut ex = h.edits().explain.lock().unwrap_or_else(|e| e.into_inner());
     ex.memory = Some(MemoryEvent {
         bundle: plan.bundle_id(m.bundle),
         edit_id: edit_of(&plan.set, m.bundle, m.payload, m.rows.start + hit.index),
         record: m.rows.start + hit.index,
         // What decided: the scope head's logit and threshold when the memory has one.
-        score: terms.as_ref().and_then(|t| t.head).map_or(hit.score, |h| h.0),
-        threshold: terms
-            .as_ref()
-            .and_then(|t| t.head)
-            .map_or(m.mem.threshold(), |h| h.1),
+        score: head.map_or(hit.score, |h| h.0),
+        threshold: head.map_or(m.mem.threshold(), |h| h.1),
         in_scope: hit.in_scope,
         routed_prompt: routed.clone(),
         answer: answer.clone(),

@@ -987,6 +987,9 @@ struct Refs<'m, 'a> {
     m: &'m Manifest<'a>,
     used: [u64; MAX_SECTIONS / 64],
     payload: usize,
+    /// A memory carries a scope head (format 1.3 content; checked against the minor last, as
+    /// the in-memory reader does).
+    scope_head: bool,
 }
 
 impl Refs<'_, '_> {
@@ -1232,6 +1235,7 @@ impl<'a> Manifest<'a> {
             m: self,
             used: [0; MAX_SECTIONS / 64],
             payload: 0,
+            scope_head: false,
         };
         let mut c = Cur::at(self.b, self.payloads.0);
         for pi in 0..self.payloads.1 as usize {
@@ -1241,7 +1245,7 @@ impl<'a> Manifest<'a> {
             let desc =
                 decode_desc(kind, body).map_err(|_| StreamError::DescriptorDecode { index: pi })?;
             refs.payload = pi;
-            check_payload(&desc, pi, n_embd, self.n_layer, minor, &mut refs)?;
+            check_payload(&desc, pi, n_embd, self.n_layer, &mut refs)?;
         }
         for i in 0..self.sections.1 as usize {
             if refs.used[i / 64] & (1 << (i % 64)) == 0 {
@@ -1290,18 +1294,16 @@ impl<'a> Manifest<'a> {
                 });
             }
         }
+        if refs.scope_head && minor < MINOR_SCOPE_HEAD {
+            return Err(StreamError::BadHeader(
+                "minor: a scope head needs format 1.3",
+            ));
+        }
         Ok(())
     }
 }
 
-fn check_payload(
-    p: &Desc,
-    pi: usize,
-    n_embd: u64,
-    n_layer: u32,
-    minor: u16,
-    r: &mut Refs,
-) -> R<()> {
+fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -> R<()> {
     let invalid = |reason| StreamError::InvalidPayload {
         payload: pi,
         reason,
@@ -1481,11 +1483,7 @@ fn check_payload(
                 r.take(sd.relation, SectionKind::MemoryRelation, &[*n, e])?;
                 r.take(sd.subject_rows, SectionKind::MemorySubjectRows, &[total, e])?;
                 if let Some((members, hidden, weights, bias, n_bias, t)) = &sd.head {
-                    if minor < MINOR_SCOPE_HEAD {
-                        return Err(StreamError::BadHeader(
-                            "minor: a scope head needs format 1.3",
-                        ));
-                    }
+                    r.scope_head = true;
                     let (members, hidden) = (*members as u64, *hidden as u64);
                     if members == 0
                         || members > MAX_SCOPE_HEAD_MEMBERS as u64

@@ -94,6 +94,7 @@ pub struct ScopeRouting<'a> {
 /// three cosine thresholds cannot tell a rephrase from the same subject under another relation.
 #[derive(Clone, Debug)]
 pub struct ScopeHead<'a> {
+    embed_dim: usize,
     members: usize,
     hidden: usize,
     /// `[members * hidden, n_features + 2]`: per hidden unit its input weights, its bias and
@@ -124,6 +125,9 @@ impl<'a> ScopeHead<'a> {
         out_bias: &'a [f32],
         threshold: f32,
     ) -> Result<ScopeHead<'a>, InvalidPayload> {
+        if embed_dim == 0 || embed_dim as u64 > crate::bundle::MAX_DIM {
+            return Err(InvalidPayload("scope head: embed_dim out of range"));
+        }
         if members == 0 || members > Self::MAX_MEMBERS || hidden == 0 || hidden > Self::MAX_HIDDEN {
             return Err(InvalidPayload(
                 "scope head: member or hidden count out of range",
@@ -145,6 +149,7 @@ impl<'a> ScopeHead<'a> {
             return Err(InvalidPayload("scope head: threshold not finite"));
         }
         Ok(ScopeHead {
+            embed_dim,
             members,
             hidden,
             weights,
@@ -175,7 +180,8 @@ impl<'a> ScopeHead<'a> {
 
     /// The ensemble's mean logit for a feature vector of [`ScopeHead::n_features`] values.
     pub fn logit(&self, x: &[f32]) -> f32 {
-        let f = x.len();
+        let f = Self::n_features(self.embed_dim);
+        debug_assert_eq!(x.len(), f);
         let mut total = 0.0;
         for (m, &b2) in self.out_bias.iter().enumerate() {
             let mut z = b2;
@@ -258,9 +264,7 @@ impl<'a> ScopeRouting<'a> {
 
     /// Attach a trained scope head (its embed_dim must be this routing's).
     pub fn with_head(mut self, head: ScopeHead<'a>) -> Result<Self, InvalidPayload> {
-        if head.weights.len() / (head.members * head.hidden)
-            != ScopeHead::n_features(self.embed_dim) + 2
-        {
+        if head.embed_dim != self.embed_dim {
             return Err(InvalidPayload(
                 "scope head: features do not match embed_dim",
             ));
@@ -855,6 +859,30 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn scope_head_refuses_bad_shapes_and_another_embed_dim() {
+        let w = vec![0.0f32; ScopeHead::n_features(2) + 2];
+        let b = [0.0f32];
+        assert!(ScopeHead::new(2, 1, 1, &w, &b, 0.0).is_ok());
+        for (e, m, h) in [
+            (0, 1, 1),
+            (1 << 17, 1, 1),
+            (2, 0, 1),
+            (2, 17, 1),
+            (2, 1, 1025),
+        ] {
+            assert!(ScopeHead::new(e, m, h, &w, &b, 0.0).is_err(), "{e} {m} {h}");
+        }
+        assert!(ScopeHead::new(2, 1, 1, &w[1..], &b, 0.0).is_err());
+        assert!(ScopeHead::new(2, 1, 1, &w, &[f32::NAN], 0.0).is_err());
+        assert!(ScopeHead::new(2, 1, 1, &w, &b, f32::NAN).is_err());
+        // A head of another embedding width does not attach to this routing.
+        let unit = [1.0f32, 0.0, 0.0];
+        let routing = ScopeRouting::new(3, &unit, &unit, &[1], 0.5, 0.5).unwrap();
+        let head = ScopeHead::new(2, 1, 1, &w, &b, 0.0).unwrap();
+        assert!(routing.with_head(head).is_err());
     }
 
     #[test]
