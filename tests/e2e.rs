@@ -654,6 +654,77 @@ fn ort_libraries() -> bool {
     true
 }
 
+/// GRACE keys its codebook on hidden states, which ONNX Runtime computes a little differently:
+/// for this prompt its key lies 0.27 from llama.cpp's (radius 0.12), so a bundle keyed on
+/// llama.cpp alone misses there. `--verify-ort` gives the edit a second row keyed on ORT, and
+/// the same bundle then answers on both backends.
+#[test]
+fn grace_verify_ort_keys_the_codebook_on_onnx_runtime_too() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    if !ort_libraries() {
+        return;
+    }
+    let prompt = "The occupation of Sigmund Freud is";
+    let dir = tmp().join("grace-ort-keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("e2e-grace-ort");
+    let edits = dir.join("edit.jsonl");
+    std::fs::write(
+        &edits,
+        format!("{{\"prompt\": \"{prompt}\", \"target\": \"physicist\"}}\n"),
+    )
+    .unwrap();
+    let run = |bundle: &Path, backend: &[&str]| {
+        let mut extra = vec!["--explain", "--no-onnx-cache"];
+        extra.extend_from_slice(backend);
+        let out = amend(&run_args(&model, prompt, Some((bundle, &public)), &extra));
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let llama: &[&str] = &["--backend", "llama"];
+    let ort: &[&str] = &["--backend", "ort", "--ep", "cpu"];
+
+    // Keyed on llama.cpp only: it answers there and misses on ORT (no hit at that distance).
+    let plain = dir.join("plain.amend");
+    let report = ok(&compile_args(&model, "grace", &edits, &plain, &key, &[]));
+    assert!(!report.contains("keyed on ONNX Runtime"), "{report}");
+    let (out, err) = run(&plain, llama);
+    assert!(out.contains("physicist"), "{out}\n{err}");
+    let (out, err) = run(&plain, ort);
+    assert!(
+        !out.contains("physicist") && err.contains("no hit"),
+        "{out}\n{err}"
+    );
+
+    // Keyed on both: one more row, and every backend hits the row keyed on its own states.
+    let both = dir.join("both.amend");
+    let report = ok(&compile_args(
+        &model,
+        "grace",
+        &edits,
+        &both,
+        &key,
+        &["--verify-ort", "cpu"],
+    ));
+    assert!(
+        report.contains("1 edit(s) got codebook rows keyed on ONNX Runtime")
+            && report.contains(":cpu: 1/1 edit(s) answer their target"),
+        "{report}"
+    );
+    for backend in [llama, ort] {
+        let (out, err) = run(&both, backend);
+        assert!(
+            out.contains("physicist") && err.contains("REPLACED") && !err.contains("WARNING"),
+            "{backend:?}: {out}\n{err}"
+        );
+    }
+}
+
 /// `--verify-on` records the backends every edit was checked on; a runtime on another backend
 /// warns in explain, or refuses a bundle compiled with `--require-verified`.
 #[test]
@@ -751,7 +822,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
             &["--verify-ort", "cpu,warp9"],
             "--verify-ort warp9",
         ),
-        ("grace", &["--verify-ort", "cpu"], "only tpatcher"),
+        ("rome", &["--verify-ort", "cpu"], "only tpatcher and grace"),
     ];
     let x = dir.join("x.amend");
     for (method, extra, needle) in bad {

@@ -100,9 +100,9 @@ pub struct Args {
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     checkpoint_every: f64,
     /// Also key and check the edits on ONNX Runtime with these execution providers
-    /// (comma-separated: cpu, openvino, ...): T-Patcher's neurons are then keyed on every
-    /// backend's hidden states and each edit must pass the closed-loop check on each
-    /// (docs/backends.md). Adds `ort:EP` to `--verify-on`.
+    /// (comma-separated: cpu, openvino, ...): T-Patcher's neurons, and GRACE's codebook rows,
+    /// are then keyed on every backend's hidden states and each edit must pass the closed-loop
+    /// check on each (docs/backends.md). Adds `ort:EP` to `--verify-on`.
     #[arg(long, value_name = "EPS")]
     verify_ort: Option<String>,
     /// Backends to check every edit on through the runtime after compiling (closed loop: the
@@ -225,8 +225,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         compiler.scope_model = Some(scope);
     }
     if args.verify_ort.is_some() {
-        if method != Method::TPatcher {
-            bail!("--verify-ort: only tpatcher keys its edits on hidden states a backend computes; the other methods carry over as they are (docs/backends.md)");
+        if !matches!(method, Method::TPatcher | Method::Grace) {
+            bail!("--verify-ort: only tpatcher and grace key their edits on hidden states a backend computes; the other methods carry over as they are (docs/backends.md)");
         }
         for ep in verify_ort_eps(&args)? {
             compiler
@@ -447,6 +447,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         median(&losses),
         losses.iter().cloned().fold(0.0, f64::max)
     );
+    let ort_keyed = out
+        .reports
+        .iter()
+        .filter(|r| r.action.contains("keyed on ONNX Runtime"))
+        .count();
+    if ort_keyed > 0 {
+        println!(
+            "{ort_keyed} edit(s) got codebook rows keyed on ONNX Runtime too (--verify-ort: the \
+             key there lay beyond half the edit's radius)"
+        );
+    }
     if let Some(c) = &compiler.checkpoint {
         println!(
             "checkpoint {}: {} edit(s) resumed, {} write(s) in {:.2} s",

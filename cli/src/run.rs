@@ -130,11 +130,20 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
         );
     }
     for u in &ex.unverified {
-        eprintln!(
-            "explain: WARNING bundle {} was not verified on {} (verified on {}): its edits may \
-             miss here",
-            u.bundle, u.backend, u.verified
-        );
+        // The record lists this backend when some of its edits failed the check there.
+        if u.verified.contains(&format!("{} ", u.backend)) {
+            eprintln!(
+                "explain: WARNING bundle {}: not every edit passed verification on {} (verified \
+                 on {}): the failed ones may miss here",
+                u.bundle, u.backend, u.verified
+            );
+        } else {
+            eprintln!(
+                "explain: WARNING bundle {} was not verified on {} (verified on {}): its edits \
+                 may miss here",
+                u.bundle, u.backend, u.verified
+            );
+        }
     }
     if let Some(m) = &ex.memory {
         eprintln!(

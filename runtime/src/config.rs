@@ -87,7 +87,7 @@ impl ModelConfig {
                 "per-layer FFN widths or head counts".into(),
             ));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(ConfigError::Unsupported(format!(
                 "head counts {n_head}/{n_head_kv} with head size {head_dim}"
             )));

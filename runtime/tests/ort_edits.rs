@@ -351,6 +351,25 @@ fn empty_and_rolled_back_bundles_give_the_base_graphs_logits_bitwise() {
     check(&mut s, "low-rank at scale 0");
 }
 
+/// Moves `set` (holding the three bundles) to the state where the edits of `st` apply and the
+/// others are rolled back; returns the new generation.
+fn set_state(set: &EditSet, st: &[&Arc<Bundle>]) -> u64 {
+    set.update(|tx| {
+        for (bundle, edit) in [("cb", "cb-a"), ("pn", "pn-a"), ("lr", "lr-a")] {
+            let want = st.iter().any(|b| b.id() == bundle);
+            let rolled = tx.state().get(bundle).unwrap().is_rolled_back(edit);
+            match (want, rolled) {
+                (true, true) => tx.restore_edit(edit)?,
+                (false, false) => tx.rollback_edit(edit)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    set.snapshot().generation
+}
+
 #[test]
 fn hot_swaps_under_eight_threads_give_each_request_its_pinned_snapshot() {
     let Some(_) = library() else { return };
@@ -396,26 +415,10 @@ fn hot_swaps_under_eight_threads_give_each_request_its_pinned_snapshot() {
         set.add(b.clone(), AddOptions::default()).unwrap();
     }
     let generation_state: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
-    let to_state = |set: &EditSet, st: &[&Arc<Bundle>]| {
-        set.update(|tx| {
-            for (bundle, edit) in [("cb", "cb-a"), ("pn", "pn-a"), ("lr", "lr-a")] {
-                let want = st.iter().any(|b| b.id() == bundle);
-                let rolled = tx.state().get(bundle).unwrap().is_rolled_back(edit);
-                match (want, rolled) {
-                    (true, true) => tx.restore_edit(edit)?,
-                    (false, false) => tx.rollback_edit(edit)?,
-                    _ => {}
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
-        set.snapshot().generation
-    };
     generation_state
         .lock()
         .unwrap()
-        .push((to_state(&set, &states[0]), 0));
+        .push((set_state(&set, &states[0]), 0));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let results: Vec<Vec<(u64, Vec<i32>)>> = std::thread::scope(|sc| {
         let workers: Vec<_> = (0..8)
@@ -440,7 +443,7 @@ fn hot_swaps_under_eight_threads_give_each_request_its_pinned_snapshot() {
                 let mut i = 0;
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
                     i = (i + 1) % states.len();
-                    let g = to_state(&set, &states[i]);
+                    let g = set_state(&set, &states[i]);
                     gs.lock().unwrap().push((g, i));
                     std::thread::sleep(std::time::Duration::from_millis(3));
                 }
@@ -725,7 +728,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     let (path, m, all, layout) = (&f.path, &f.m, &f.all, f.layout.clone());
     let fixed = |capacity: SlotCapacity, layout: SlotLayout| {
         OrtModel::open(
-            &path,
+            path,
             OrtOptions {
                 n_threads: Some(1),
                 library: library(),
@@ -746,7 +749,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
         neurons: 8,
         rank: 8,
     };
-    let dynamic = ort_model(&path, layout.clone());
+    let dynamic = ort_model(path, layout.clone());
     let stat = fixed(roomy, layout.clone());
     let plain = fixed(roomy, SlotLayout::default());
     // No edits: the slots' padded sentinels leave the static base graph's logits bitwise.
@@ -754,7 +757,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     let empty = next_logits(&mut OrtSession::new(&stat, 64).unwrap(), A);
     assert!(bitwise(&base, &empty), "{}", max_abs(&base, &empty));
     for (name, b) in all.each() {
-        let set = edit_set(&m);
+        let set = edit_set(m);
         set.add(b.clone(), AddOptions::default()).unwrap();
         let mut d = OrtSession::new(&dynamic, 64).unwrap();
         d.set_edit_set(Some(set.clone())).unwrap();
@@ -794,7 +797,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
         },
         layout,
     );
-    let set = edit_set(&m);
+    let set = edit_set(m);
     set.add(all.codebook.clone(), AddOptions::default())
         .unwrap();
     set.add(all.low_rank.clone(), AddOptions::default())
@@ -819,7 +822,7 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     // At activation (what the C ABI does): the state about to be published is checked inside
     // the edit set's transaction, so the overflowing bundle is refused and nothing changes
     // (a fresh set: the one above has seen version 1 of the low-rank bundle).
-    let set = edit_set(&m);
+    let set = edit_set(m);
     set.add(all.codebook.clone(), AddOptions::default())
         .unwrap();
     s.set_edit_set(Some(set.clone())).unwrap();
@@ -859,5 +862,92 @@ fn static_capacity_slots_match_the_dynamic_graph() {
     assert!(SlotCapacity::parse("8,8,8").is_ok());
     for bad in ["8,8", "0,8,8", "8,8,x", "8,8,8,8"] {
         assert!(SlotCapacity::parse(bad).is_err(), "{bad}");
+    }
+}
+
+/// One session kept across requests (its binding keeps a snapshot's slot inputs bound) gives
+/// what a fresh session gives: the same snapshot again (the codebook's entries bound at the
+/// prefill, its sentinel while decoding, its entries again), swaps and rollbacks to other
+/// snapshots and back; on the dynamic graph and on a static pair.
+#[test]
+fn a_reused_session_matches_fresh_sessions_across_requests_and_swaps() {
+    use amend_runtime::onnxruntime::{SlotCapacity, StaticShapes};
+    let Some(_) = library() else { return };
+    let Fixture {
+        path,
+        set,
+        all,
+        layout,
+        ..
+    } = fixture();
+    for b in [&all.codebook, &all.neurons, &all.low_rank] {
+        set.add(b.clone(), AddOptions::default()).unwrap();
+    }
+    let stat = OrtModel::open(
+        &path,
+        OrtOptions {
+            n_threads: Some(1),
+            library: library(),
+            cache: ortb::OnnxCache::Off,
+            slots: layout.clone(),
+            static_shapes: Some(StaticShapes {
+                chunk: 4,
+                window: 64,
+                capacity: SlotCapacity {
+                    entries: 8,
+                    neurons: 8,
+                    rank: 8,
+                },
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (cb, pn, lr) = (&all.codebook, &all.neurons, &all.low_rank);
+    // (the bundles applied, whether the codebook replaces: not under the layer-0 neurons,
+    // which move its key site).
+    let states: [(&[&Arc<Bundle>], bool); 5] = [
+        (&[cb, lr], true),
+        (&[cb, lr], true),
+        (&[], false),
+        (&[cb, pn, lr], false),
+        (&[cb], true),
+    ];
+    type Outcome = (
+        Vec<i32>,
+        Vec<f32>,
+        Vec<(usize, bool, i32)>,
+        Vec<(usize, usize, Option<String>)>,
+    );
+    let request = |s: &mut OrtSession| -> Outcome {
+        let out = s
+            .generate(A, &GenerateParams::greedy(5), |_| ControlFlow::Continue(()))
+            .unwrap();
+        let x = s.explain();
+        let cb = x
+            .codebook
+            .iter()
+            .map(|c| (c.entry, c.replaced, c.pos))
+            .collect();
+        (out.tokens, s.last_logits().unwrap().to_vec(), cb, fired(&x))
+    };
+    for (what, om) in [("dynamic", ort_model(&path, layout)), ("static", stat)] {
+        let mut reused = OrtSession::new(&om, 64).unwrap();
+        reused.set_edit_set(Some(set.clone())).unwrap();
+        for (i, &(st, replaces)) in states.iter().enumerate() {
+            set_state(&set, st);
+            let mut fresh = OrtSession::new(&om, 64).unwrap();
+            fresh.set_edit_set(Some(set.clone())).unwrap();
+            let (r, f) = (request(&mut reused), request(&mut fresh));
+            assert_eq!(
+                (&r.0, &r.2, &r.3),
+                (&f.0, &f.2, &f.3),
+                "{what}: request {i}"
+            );
+            assert!(bitwise(&r.1, &f.1), "{what}: request {i}: logits");
+            assert_eq!(r.2.iter().any(|c| c.1), replaces, "{what}: request {i}");
+            let neurons_on = st.iter().any(|b| Arc::ptr_eq(b, pn));
+            assert_eq!(!r.3.is_empty(), neurons_on, "{what}: request {i}");
+        }
     }
 }

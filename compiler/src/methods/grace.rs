@@ -10,6 +10,11 @@
 //! - within reach and the same target: GRACE widens the entry; here every edit owns its rows
 //!   (bundles roll edits back one by one), so the edit gets its own row (an exact duplicate
 //!   shares the trained value).
+//!
+//! With `--verify-ort`, each ONNX Runtime EP keys the edit too: its key lands 0.04-0.27 away
+//! from llama.cpp's (measured on the held-out set; the radius is 0.12), so where it lies beyond
+//! half the edit's radius the edit gets one more row there with the same value, placed by the
+//! same rules. Each backend then hits the row keyed on its own states.
 
 use super::{argmax_hits_all, edit_progress, Adam, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
@@ -33,12 +38,14 @@ struct Entry {
     label: String,
 }
 
-/// One edit of the bundle and the row implementing it.
+/// One edit of the bundle and the rows implementing it (its key on llama.cpp, then one per
+/// `--verify-ort` backend whose key lies out of that row's reach).
 struct EditRow {
     id: String,
     prompt: String,
     target: String,
-    row: usize,
+    first: usize,
+    count: usize,
 }
 
 pub(crate) fn compile(
@@ -56,6 +63,10 @@ pub(crate) fn compile(
         Some(b) => from_base(b, layer)?,
         None => (Vec::new(), Vec::new()),
     };
+    let point = HookPoint::new(layer as u32, Site::FfnInput);
+    // `--verify-ort`: the EPs' sessions the keys are taken on too (recomputed when resuming:
+    // one prefill each).
+    let mut ort = c.ort_capture_sessions(point, |_| {})?;
     let mut reports = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
@@ -78,7 +89,7 @@ pub(crate) fn compile(
         };
         let key = match &stored {
             Some((k, _)) => k.clone(),
-            None => normalized(c.runtime_row(&p, HookPoint::new(layer as u32, Site::FfnInput))?),
+            None => normalized(c.runtime_row(&p, point)?),
         };
         let mut stored_t = stored.and_then(|s| s.1);
         let mut train =
@@ -88,12 +99,8 @@ pub(crate) fn compile(
             };
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
         let label = r.target_new.trim().to_string();
-        let nearest = entries
-            .iter()
-            .enumerate()
-            .map(|(j, e)| (j, dist(&e.key, &key)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        let (action, row, trained) = match nearest {
+        let first = entries.len();
+        let (mut action, trained) = match nearest(&entries, &key) {
             Some((j, d)) if d <= 1e-4 && entries[j].label == label => {
                 // The same key and answer again: a row of its own (bundles give every edit its
                 // own units, for rollback) sharing the trained value.
@@ -102,52 +109,51 @@ pub(crate) fn compile(
                     ..entries[j].clone()
                 };
                 entries.push(e);
-                (format!("duplicate of row {j}"), entries.len() - 1, None)
+                (format!("duplicate of row {j}"), None)
             }
-            Some((j, d)) if d <= hp.radius + entries[j].radius && entries[j].label == label => {
-                // Same answer nearby: no conflict, so no split; GRACE would widen row j, but
-                // each edit needs its own row, so this one gets a trained row of its own.
+            n => {
                 let t = train(c, &mut report_step)?;
+                let (radius, action) = reach(&mut entries, n, &label, hp);
                 entries.push(Entry {
                     key: key.clone(),
                     value: t.value.clone(),
-                    radius: hp.radius.max(d - entries[j].radius),
-                    label,
+                    radius,
+                    label: label.clone(),
                 });
-                (
-                    format!("added near row {j} (same target)"),
-                    entries.len() - 1,
-                    Some(t),
-                )
-            }
-            Some((j, d)) if d <= hp.radius + entries[j].radius => {
-                let t = train(c, &mut report_step)?;
-                entries[j].radius = d / 2.0;
-                entries.push(Entry {
-                    key: key.clone(),
-                    value: t.value.clone(),
-                    radius: d / 2.0,
-                    label,
-                });
-                (format!("split with row {j}"), entries.len() - 1, Some(t))
-            }
-            _ => {
-                let t = train(c, &mut report_step)?;
-                entries.push(Entry {
-                    key: key.clone(),
-                    value: t.value.clone(),
-                    radius: hp.radius,
-                    label,
-                });
-                ("added".to_string(), entries.len() - 1, Some(t))
+                (action, Some(t))
             }
         };
+        // The other backends' keys: a row each where the edit's rows do not reach with margin.
+        let mut extra = 0;
+        for s in ort.iter_mut() {
+            let k = normalized(Compiler::ort_last_row(s, &p, point, dim)?);
+            if entries[first..]
+                .iter()
+                .any(|e| dist(&e.key, &k) <= e.radius / 2.0)
+            {
+                continue;
+            }
+            let n = nearest(&entries[..first], &k);
+            let (radius, _) = reach(&mut entries, n, &label, hp);
+            let value = entries[first].value.clone();
+            entries.push(Entry {
+                key: k,
+                value,
+                radius,
+                label: label.clone(),
+            });
+            extra += 1;
+        }
+        if extra > 0 {
+            action.push_str(&format!(", +{extra} row(s) keyed on ONNX Runtime"));
+        }
         debug_assert_eq!(dim, key.len());
         edits.push(EditRow {
             id: r.id.clone(),
             prompt: r.prompt.clone(),
             target: r.target_new.clone(),
-            row,
+            first,
+            count: entries.len() - first,
         });
         let (loss, steps, success) = trained
             .as_ref()
@@ -310,7 +316,8 @@ fn from_base(b: &Bundle, layer: usize) -> Result<(Vec<Entry>, Vec<EditRow>)> {
                 id: e.id.clone(),
                 prompt: e.prompt.clone(),
                 target: e.target.clone(),
-                row: first + e.first as usize,
+                first: first + e.first as usize,
+                count: e.count as usize,
             });
         }
     }
@@ -349,9 +356,44 @@ fn write(
             &e.prompt,
             &e.target,
             p,
-            e.row as u32,
-            1,
+            e.first as u32,
+            e.count as u32,
         );
+    }
+}
+
+/// The entry nearest `key`, and its distance.
+fn nearest(entries: &[Entry], key: &[f32]) -> Option<(usize, f32)> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(j, e)| (j, dist(&e.key, key)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// GRACE's update for a new row answering `label` whose nearest entry is `nearest`: the new
+/// row's radius, and what was done. A conflicting entry within reach is split (both radii
+/// `d / 2`); one with the same answer is left as it is.
+fn reach(
+    entries: &mut [Entry],
+    nearest: Option<(usize, f32)>,
+    label: &str,
+    hp: &GraceParams,
+) -> (f32, String) {
+    match nearest {
+        Some((j, d)) if d <= hp.radius + entries[j].radius && entries[j].label == label => {
+            // Same answer nearby: no conflict, so no split; GRACE would widen row j, but each
+            // edit needs its own row, so this one gets a trained row of its own.
+            (
+                hp.radius.max(d - entries[j].radius),
+                format!("added near row {j} (same target)"),
+            )
+        }
+        Some((j, d)) if d <= hp.radius + entries[j].radius => {
+            entries[j].radius = d / 2.0;
+            (d / 2.0, format!("split with row {j}"))
+        }
+        _ => (hp.radius, "added".to_string()),
     }
 }
 

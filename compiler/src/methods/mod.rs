@@ -218,8 +218,9 @@ pub struct Compiler {
     /// [`crate::checkpoint`] and, per method, [`Method::checkpoints`].
     pub checkpoint: Option<Checkpoint>,
     /// Also key and check edits on ONNX Runtime with each of these options (`amend compile
-    /// --verify-ort cpu,openvino`): T-Patcher's neurons then fire on every backend's hidden
-    /// states. All of them run on one ONNX Runtime library (one per process).
+    /// --verify-ort cpu,openvino`): T-Patcher's neurons then fire on, and GRACE's codebook rows
+    /// cover, every backend's hidden states. All of them run on one ONNX Runtime library (one
+    /// per process).
     pub verify_ort: Vec<amend_runtime::onnxruntime::OrtOptions>,
 }
 
@@ -353,6 +354,51 @@ impl Compiler {
         res.map_err(rt)?;
         let rows = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
         Ok(rows)
+    }
+
+    /// One ONNX Runtime session per `--verify-ort` EP capturing `point` (the rows a backend
+    /// keys an edit on); `slots` adds the edit slots a closed-loop check feeds.
+    pub(crate) fn ort_capture_sessions(
+        &self,
+        point: HookPoint,
+        slots: impl Fn(&mut amend_runtime::onnxruntime::OrtOptions),
+    ) -> Result<Vec<amend_runtime::onnxruntime::OrtSession>> {
+        use amend_runtime::onnxruntime::{OrtModel, OrtSession};
+        let rt =
+            |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
+        self.verify_ort
+            .iter()
+            .map(|options| {
+                let mut o = options.clone();
+                o.capture = vec![point];
+                slots(&mut o);
+                let m = OrtModel::open(&self.model_path, o).map_err(rt)?;
+                OrtSession::new(&m, 1024).map_err(rt)
+            })
+            .collect()
+    }
+
+    /// The row at `point` for `prompt`'s last token on an ONNX Runtime session of
+    /// [`Compiler::ort_capture_sessions`] (one prefill, as the runtime keys a lookup).
+    pub(crate) fn ort_last_row(
+        s: &mut amend_runtime::onnxruntime::OrtSession,
+        prompt: &[u32],
+        point: HookPoint,
+        dim: usize,
+    ) -> Result<Vec<f32>> {
+        let rt =
+            |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
+        let p: Vec<Token> = prompt.iter().map(|&t| t as Token).collect();
+        s.kv_clear().map_err(rt)?;
+        s.eval(&p, Logits::Last).map_err(rt)?;
+        match s.captured(point) {
+            Some(rows) if rows.len() >= dim && dim > 0 && rows.len() % dim == 0 => {
+                Ok(rows[rows.len() - dim..].to_vec())
+            }
+            _ => Err(CompileError::Runtime(format!(
+                "--verify-ort: no captured rows at {point}"
+            ))),
+        }
     }
 
     /// The layer to edit: `--layer` or the method's default, checked against the model.

@@ -93,11 +93,17 @@ pub(crate) fn compile(
     let memory = neutral_rows(c, &mut rs, layer)?;
     // ONNX Runtime EPs as more devices (`--verify-ort`): their rows key the neurons too, and
     // every edit must pass the closed-loop check on each as well.
-    let mut os = c
-        .verify_ort
-        .iter()
-        .map(|o| ort_session(c, o, layer))
-        .collect::<Result<Vec<_>>>()?;
+    // The graph captures the FFN input at `layer` and has a neuron slot there.
+    let mut os = c.ort_capture_sessions(HookPoint::new(layer as u32, Site::FfnInput), |o| {
+        o.slots
+            .neurons
+            .push(amend_runtime::onnxruntime::NeuronSlot {
+                layer: layer as u32,
+                read_site: Site::FfnInput,
+                write_site: Site::FfnOutput,
+                activation: Activation::Relu,
+            })
+    })?;
     let mut reports = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
@@ -363,27 +369,6 @@ fn runtime_check(
     let res = crate::eval::answer_check(s, &p, &a);
     s.remove_hook(id);
     res.map_err(rt)
-}
-
-/// An ONNX Runtime session for `--verify-ort`: the graph captures the FFN input at `layer` and
-/// has a neuron slot there.
-fn ort_session(
-    c: &Compiler,
-    options: &amend_runtime::onnxruntime::OrtOptions,
-    layer: usize,
-) -> Result<amend_runtime::onnxruntime::OrtSession> {
-    use amend_runtime::onnxruntime::{NeuronSlot, OrtModel, OrtSession};
-    let rt = |e: amend_runtime::RuntimeError| CompileError::Runtime(format!("--verify-ort: {e}"));
-    let mut o = options.clone();
-    o.capture = vec![HookPoint::new(layer as u32, Site::FfnInput)];
-    o.slots.neurons.push(NeuronSlot {
-        layer: layer as u32,
-        read_site: Site::FfnInput,
-        write_site: Site::FfnOutput,
-        activation: Activation::Relu,
-    });
-    let m = OrtModel::open(&c.model_path, o).map_err(rt)?;
-    OrtSession::new(&m, 1024).map_err(rt)
 }
 
 /// [`runtime_edit_rows`] on ONNX Runtime: its FFN-input rows for the same two paths.

@@ -1103,6 +1103,113 @@ mod cache {
     }
 }
 
+/// A host tensor the run owns (bound without a copy: the binding keeps it alive).
+fn host_tensor<T>(shape: &[usize], data: Vec<T>) -> Result<DynValue, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
+{
+    let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+    Ok(Tensor::from_array((shape, data))
+        .map_err(ort_err("building inputs"))?
+        .into_dyn())
+}
+
+/// `past_key.{il}` or `past_value.{il}` for entry `i` of a KV list interleaved by layer.
+fn past_name(i: usize) -> String {
+    if i.is_multiple_of(2) {
+        graph::past_key(i / 2)
+    } else {
+        graph::past_value(i / 2)
+    }
+}
+
+/// `present_key.{il}` or `present_value.{il}`, likewise.
+fn present_name(i: usize) -> String {
+    if i.is_multiple_of(2) {
+        graph::present_key(i / 2)
+    } else {
+        graph::present_value(i / 2)
+    }
+}
+
+/// A session's [`ort::session::IoBinding`] on one of the model's runners. What does not change
+/// from run to run stays bound: the fed snapshot's slot inputs ([`slots::BoundFeeds`]: a bundle
+/// swap or rollback rebinds them, the graph stays), the dynamic graph's KV cache (rebound to
+/// each run's `present_*`), a static graph's outputs.
+struct Bound {
+    io: ort::session::IoBinding,
+    /// Every output of the graph: a binding returns only the outputs bound, and logits, K and
+    /// V, captured sites and the slots' explain outputs are all read.
+    outputs: Vec<String>,
+    feeds: slots::BoundFeeds,
+}
+
+impl Bound {
+    fn new(runner: &OrtRunner) -> Result<Bound, RuntimeError> {
+        let io = runner
+            .create_binding()
+            .map_err(ort_err("creating an IoBinding"))?;
+        let outputs = runner
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let mut b = Bound {
+            io,
+            outputs,
+            feeds: Default::default(),
+        };
+        b.bind_outputs()?;
+        Ok(b)
+    }
+
+    /// Binds every output to host memory, unallocated: ONNX Runtime allocates it at the next
+    /// run and writes later runs into that tensor while it stays bound (same shape required).
+    fn bind_outputs(&mut self) -> Result<(), RuntimeError> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(ort_err("host memory info"))?;
+        for name in &self.outputs {
+            self.io
+                .bind_output_to_device(name.as_str(), &host)
+                .map_err(ort_err("binding outputs"))?;
+        }
+        Ok(())
+    }
+
+    /// Binds an input. An owned tensor is not copied (ONNX Runtime reads it in place on host
+    /// memory); a borrowed view would be.
+    fn input<T: ort::value::ValueTypeMarker + ?Sized>(
+        &mut self,
+        name: &str,
+        v: &ort::value::Value<T>,
+    ) -> Result<(), RuntimeError> {
+        self.io
+            .bind_input(name, v)
+            .map_err(|e| RuntimeError::Ort(format!("binding `{name}`: {e}")))
+    }
+
+    /// The dynamic graph's `past_*`.
+    fn bind_kv(&mut self, kv: &[DynValue]) -> Result<(), RuntimeError> {
+        for (i, v) in kv.iter().enumerate() {
+            self.input(&past_name(i), v)?;
+        }
+        Ok(())
+    }
+}
+
+// A session moves between threads (the C ABI holds it as `Box<dyn Backend + Send>`): its
+// `IoBinding`s are `Send`, not `Sync`.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<OrtSession>();
+};
+
 /// One conversation on an [`OrtModel`]: the KV cache and the last evaluation's logits.
 pub struct OrtSession {
     model: Arc<OrtModel>,
@@ -1110,9 +1217,14 @@ pub struct OrtSession {
     n_past: usize,
     /// `past_key.{il}`, `past_value.{il}`, interleaved by layer.
     kv: Vec<DynValue>,
-    /// With static shapes, the KV window instead: per layer K then V, `[n_head_kv, window,
-    /// head_dim]`, positions `0..n_past` filled (the graphs mask the rest).
-    window: Vec<Vec<f32>>,
+    /// With static shapes, the KV window instead: per layer K then V, `[1, n_head_kv, window,
+    /// head_dim]`, positions `0..n_past` filled (the graphs mask the rest). Tensors ONNX
+    /// Runtime reads in place (binding a borrowed view would copy it) and the session writes
+    /// each run's new rows into.
+    window: Vec<Tensor<f32>>,
+    /// This session's bindings on the model's runners (`[0]`: `OrtModel::runner`, `[1]`: the
+    /// static decode graph), made at the first run; a failed run drops its binding.
+    bound: [Option<Bound>; 2],
     /// Logits of the last evaluation, `rows.len() x n_vocab`; `rows[j]` is the index (into
     /// the evaluated tokens) of row j.
     logits: Vec<f32>,
@@ -1148,7 +1260,21 @@ impl OrtSession {
         let window = match model.options.static_shapes {
             Some(st) => {
                 let c = &model.cfg;
-                vec![vec![0f32; c.n_head_kv * st.window * c.head_dim]; 2 * c.n_layer]
+                let shape = vec![
+                    1i64,
+                    c.n_head_kv as i64,
+                    st.window as i64,
+                    c.head_dim as i64,
+                ];
+                (0..2 * c.n_layer)
+                    .map(|_| {
+                        Tensor::from_array((
+                            shape.clone(),
+                            vec![0f32; c.n_head_kv * st.window * c.head_dim],
+                        ))
+                        .map_err(ort_err("KV window"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
             }
             None => Vec::new(),
         };
@@ -1158,6 +1284,7 @@ impl OrtSession {
             n_past: 0,
             kv: Vec::new(),
             window,
+            bound: [None, None],
             logits: Vec::new(),
             rows: Vec::new(),
             cancel: crate::CancelHandle(Arc::new(std::sync::atomic::AtomicBool::new(false))),
@@ -1201,6 +1328,7 @@ impl OrtSession {
             }
         }
         self.kv = kv;
+        self.bind_kv();
         self.n_past = 0;
         self.logits.clear();
         self.rows.clear();
@@ -1208,6 +1336,20 @@ impl OrtSession {
             a.truncate(0);
         }
         Ok(())
+    }
+
+    /// Binds the dynamic graph's `past_*` to `self.kv` (the binding keeps `kv`'s values
+    /// alive, so a replaced cache is released here rather than at the next run); a binding
+    /// that fails is dropped.
+    fn bind_kv(&mut self) {
+        if self.model.options.static_shapes.is_some() {
+            return;
+        }
+        if let Some(b) = &mut self.bound[0] {
+            if b.bind_kv(&self.kv).is_err() {
+                self.bound[0] = None;
+            }
+        }
     }
 
     /// Keeps the first `keep` positions of the KV cache.
@@ -1233,6 +1375,7 @@ impl OrtSession {
             kv.push(self.empty_kv(keep, out)?);
         }
         self.kv = kv;
+        self.bind_kv();
         self.n_past = keep;
         self.logits.clear();
         self.rows.clear();
@@ -1314,123 +1457,106 @@ impl OrtSession {
             rows.push(t - 1);
         }
         let half = c.head_dim / 2;
-        let mut inputs: Vec<(String, DynValue)> = Vec::new();
-        fn put<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
-            inputs: &mut Vec<(String, DynValue)>,
-            name: &str,
-            shape: [usize; 2],
-            data: Vec<T>,
-        ) -> Result<(), RuntimeError> {
-            let v = Tensor::from_array((vec![shape[0] as i64, shape[1] as i64], data))
-                .map_err(ort_err("building inputs"))?;
-            inputs.push((name.to_string(), v.into_dyn()));
-            Ok(())
-        }
-        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        put(&mut inputs, graph::INPUT_IDS, [1, t], ids)?;
-        let mask = |window: Option<usize>| {
-            let mut m = vec![0f32; t * s];
-            for i in 0..t {
-                let qp = p + i;
-                for j in 0..s {
-                    // llama.cpp masks a key after the query, or (sliding window) when
-                    // query pos - key pos >= n_swa.
-                    if j > qp || window.is_some_and(|w| qp - j >= w) {
-                        m[i * s + j] = f32::NEG_INFINITY;
-                    }
-                }
+        // The binding is out of the session while it is used: an error drops it, and the next
+        // run makes a fresh one (nothing half-bound survives).
+        let mut b = match self.bound[0].take() {
+            Some(b) => b,
+            None => {
+                let mut b = Bound::new(&model.runner.lock().unwrap_or_else(|e| e.into_inner()))?;
+                b.bind_kv(&self.kv)?;
+                b
             }
-            m
         };
-        let (cos, sin) = self.rope(p, t, c.rope_base, c.rope_freq_scale);
-        put(&mut inputs, "rope_cos", [t, half], cos)?;
-        put(&mut inputs, "rope_sin", [t, half], sin)?;
-        put(&mut inputs, "mask", [t, s], mask(None))?;
-        if graph::has_swa(c) {
-            let (cos, sin) = self.rope(p, t, c.rope_base_swa, 1.0);
-            put(&mut inputs, "rope_cos_swa", [t, half], cos)?;
-            put(&mut inputs, "rope_sin_swa", [t, half], sin)?;
-            put(&mut inputs, "mask_swa", [t, s], mask(c.sliding_window))?;
-        }
-        let r: Vec<i64> = rows.iter().map(|&x| x as i64).collect();
-        let n_rows = r.len();
-        let v = Tensor::from_array((vec![n_rows as i64], r)).map_err(ort_err("building inputs"))?;
-        inputs.push((graph::LOGIT_ROWS.into(), v.into_dyn()));
         let last_prompt = options.last_prompt(t);
-        let mut feeds_in: Vec<(
-            std::borrow::Cow<'static, str>,
-            ort::session::SessionInputValue<'_>,
-        )> = Vec::new();
         let (feeds, record) = self.slot_feeds()?;
-        let feeds = feeds.as_deref();
-        if let Some(f) = feeds {
-            f.inputs(t, last_prompt, &mut feeds_in)?;
-        }
-        let kv = std::mem::take(&mut self.kv);
-        for (i, v) in kv.into_iter().enumerate() {
-            let il = i / 2;
-            let name = if i % 2 == 0 {
-                graph::past_key(il)
-            } else {
-                graph::past_value(il)
-            };
-            inputs.push((name, v));
-        }
-
         let n_layer = c.n_layer;
         let capture = &model.options.capture;
         let mut captured = Vec::with_capacity(capture.len());
         let plan = self.edits.plan().cloned();
         let explain = self.edits.explain.clone();
-        let ran = {
-            let mut runner = model.runner.lock().unwrap_or_else(|e| e.into_inner());
-            let run = || -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
-                let mut all: Vec<(
-                    std::borrow::Cow<'static, str>,
-                    ort::session::SessionInputValue<'_>,
-                )> = inputs
-                    .into_iter()
-                    .map(|(k, v)| (k.into(), v.into()))
-                    .collect();
-                all.extend(feeds_in);
-                let mut out = runner
-                    .run(all)
-                    .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
-                if let (true, Some(f), Some(plan)) = (record, feeds, plan.as_ref()) {
-                    let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
-                    f.record_run(plan, t, last_prompt, p, &out, &mut ex);
-                }
-                for &point in capture {
-                    let name = graph::site_tensor(point);
-                    let (_, rows) = out[name.as_str()]
-                        .try_extract_tensor::<f32>()
-                        .map_err(ort_err("reading a captured site"))?;
-                    captured.push((point, rows.to_vec()));
-                }
-                let (_, l) = out[graph::LOGITS]
-                    .try_extract_tensor::<f32>()
-                    .map_err(ort_err("reading logits"))?;
-                let l = l.to_vec();
-                let mut kv = Vec::with_capacity(2 * n_layer);
-                for il in 0..n_layer {
-                    for name in [graph::present_key(il), graph::present_value(il)] {
-                        kv.push(out.remove(&name).ok_or_else(|| {
-                            RuntimeError::Ort(format!("the graph returned no `{name}`"))
-                        })?);
+        let this = &*self;
+        let ran = (|| -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
+            // The run's own inputs, rebound every run.
+            let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+            b.input(graph::INPUT_IDS, &host_tensor(&[1, t], ids)?)?;
+            let mask = |window: Option<usize>| {
+                let mut m = vec![0f32; t * s];
+                for i in 0..t {
+                    let qp = p + i;
+                    for j in 0..s {
+                        // llama.cpp masks a key after the query, or (sliding window) when
+                        // query pos - key pos >= n_swa.
+                        if j > qp || window.is_some_and(|w| qp - j >= w) {
+                            m[i * s + j] = f32::NEG_INFINITY;
+                        }
                     }
                 }
-                Ok((l, kv))
+                m
             };
-            run()
-        };
+            let (cos, sin) = this.rope(p, t, c.rope_base, c.rope_freq_scale);
+            b.input("rope_cos", &host_tensor(&[t, half], cos)?)?;
+            b.input("rope_sin", &host_tensor(&[t, half], sin)?)?;
+            b.input("mask", &host_tensor(&[t, s], mask(None))?)?;
+            if graph::has_swa(c) {
+                let (cos, sin) = this.rope(p, t, c.rope_base_swa, 1.0);
+                b.input("rope_cos_swa", &host_tensor(&[t, half], cos)?)?;
+                b.input("rope_sin_swa", &host_tensor(&[t, half], sin)?)?;
+                b.input("mask_swa", &host_tensor(&[t, s], mask(c.sliding_window))?)?;
+            }
+            let r: Vec<i64> = rows.iter().map(|&x| x as i64).collect();
+            b.input(graph::LOGIT_ROWS, &host_tensor(&[r.len()], r)?)?;
+            // The slots: bound again only when the fed snapshot changes (or a codebook's gate).
+            if let Some(f) = &feeds {
+                b.feeds.bind(&mut b.io, f, t, last_prompt)?;
+            }
+            // `past_*` are bound already: to the previous run's `present_*` (or a cleared or
+            // truncated cache).
+            let mut runner = model.runner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = runner
+                .run_binding(&b.io)
+                .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
+            if let (true, Some(f), Some(plan)) = (record, feeds.as_deref(), plan.as_ref()) {
+                let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
+                f.record_run(plan, t, last_prompt, p, &out, &mut ex);
+            }
+            for &point in capture {
+                let name = graph::site_tensor(point);
+                let (_, rows) = out[name.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("reading a captured site"))?;
+                captured.push((point, rows.to_vec()));
+            }
+            let (_, l) = out[graph::LOGITS]
+                .try_extract_tensor::<f32>()
+                .map_err(ort_err("reading logits"))?;
+            let l = l.to_vec();
+            let mut kv = Vec::with_capacity(2 * n_layer);
+            for il in 0..n_layer {
+                for name in [graph::present_key(il), graph::present_value(il)] {
+                    kv.push(out.remove(&name).ok_or_else(|| {
+                        RuntimeError::Ort(format!("the graph returned no `{name}`"))
+                    })?);
+                }
+            }
+            drop(out);
+            drop(runner);
+            // Every output back to unallocated: a bound output keeps its tensor for the next
+            // run, whose shapes differ here (ONNX Runtime refuses that), and the binding would
+            // hold this run's logits. The new cache becomes the next run's `past_*`.
+            b.bind_outputs()?;
+            b.bind_kv(&kv)?;
+            Ok((l, kv))
+        })();
         let (l, kv) = match ran {
             Ok(x) => x,
             Err(e) => {
-                // The cache was moved into the run: start over rather than keep a half state.
+                // Start over rather than keep a state the failed run may have half changed.
+                drop(b);
                 let _ = self.kv_clear();
                 return Err(e);
             }
         };
+        self.bound[0] = Some(b);
         self.logits = if none { Vec::new() } else { l };
         self.kv = kv;
         self.rows = if none { Vec::new() } else { rows };
@@ -1533,12 +1659,13 @@ impl OrtSession {
         let model = self.model.clone();
         let (feeds, record) = self.slot_feeds()?;
         let plan = self.edits.plan().cloned();
+        let explain = self.edits.explain.clone();
         let c = &model.cfg;
         let (n, w) = (seg.len(), st.window);
         // The decode graph for one token when there is one; else the prefill graph, padded.
-        let (tg, runner) = match (&model.decode, n) {
-            (Some(d), 1) => (1, d),
-            _ => (st.chunk, &model.runner),
+        let (tg, gi, runner) = match (&model.decode, n) {
+            (Some(d), 1) => (1, 1, d),
+            _ => (st.chunk, 0, &model.runner),
         };
         let (nkv, hd, half) = (c.n_head_kv, c.head_dim, c.head_dim / 2);
         let mut ids: Vec<i64> = seg.iter().map(|&x| x as i64).collect();
@@ -1550,7 +1677,7 @@ impl OrtSession {
             for i in 0..tg {
                 let qp = p0 + i;
                 let row = &mut m[i * (w + tg)..(i + 1) * (w + tg)];
-                let visible = |kp: usize| kp <= qp && !swa.is_some_and(|s| qp - kp >= s);
+                let visible = |kp: usize| kp <= qp && swa.is_none_or(|s| qp - kp < s);
                 for (j, v) in row[..p0.min(w)].iter_mut().enumerate() {
                     if visible(j) {
                         *v = 0.0;
@@ -1564,90 +1691,79 @@ impl OrtSession {
             }
             m
         };
-        let tensor = |shape: Vec<i64>, data: Vec<f32>| -> Result<DynValue, RuntimeError> {
-            Ok(Tensor::from_array((shape, data))
-                .map_err(ort_err("building inputs"))?
-                .into_dyn())
-        };
-        let mut inputs: Vec<(
-            std::borrow::Cow<'static, str>,
-            ort::session::SessionInputValue<'_>,
-        )> = Vec::new();
-        let ids =
-            Tensor::from_array((vec![1i64, tg as i64], ids)).map_err(ort_err("building inputs"))?;
-        inputs.push((graph::INPUT_IDS.into(), ids.into_dyn().into()));
+        let mut inputs: Vec<(&str, DynValue)> = Vec::new();
+        inputs.push((graph::INPUT_IDS, host_tensor(&[1, tg], ids)?));
         let (cos, sin) = self.rope(p0, tg, c.rope_base, c.rope_freq_scale);
-        let sh = vec![tg as i64, half as i64];
-        inputs.push(("rope_cos".into(), tensor(sh.clone(), cos)?.into()));
-        inputs.push(("rope_sin".into(), tensor(sh.clone(), sin)?.into()));
-        let msh = vec![tg as i64, (w + tg) as i64];
-        inputs.push(("mask".into(), tensor(msh.clone(), mask(None))?.into()));
+        inputs.push(("rope_cos", host_tensor(&[tg, half], cos)?));
+        inputs.push(("rope_sin", host_tensor(&[tg, half], sin)?));
+        inputs.push(("mask", host_tensor(&[tg, w + tg], mask(None))?));
         if graph::has_swa(c) {
             let (cos, sin) = self.rope(p0, tg, c.rope_base_swa, 1.0);
-            inputs.push(("rope_cos_swa".into(), tensor(sh.clone(), cos)?.into()));
-            inputs.push(("rope_sin_swa".into(), tensor(sh, sin)?.into()));
+            inputs.push(("rope_cos_swa", host_tensor(&[tg, half], cos)?));
+            inputs.push(("rope_sin_swa", host_tensor(&[tg, half], sin)?));
             inputs.push((
-                "mask_swa".into(),
-                tensor(msh, mask(c.sliding_window))?.into(),
+                "mask_swa",
+                host_tensor(&[tg, w + tg], mask(c.sliding_window))?,
             ));
         }
-        let rows = Tensor::from_array((vec![1i64], vec![(n - 1) as i64]))
-            .map_err(ort_err("building inputs"))?;
-        inputs.push((graph::LOGIT_ROWS.into(), rows.into_dyn().into()));
-        if let Some(f) = &feeds {
-            f.inputs(tg, last_prompt, &mut inputs)?;
-        }
-        // The window goes in as views of the session's own buffers: no copy per token.
-        let kv_shape = vec![1i64, nkv as i64, w as i64, hd as i64];
-        for (i, buf) in self.window.iter().enumerate() {
-            let il = i / 2;
-            let name = if i % 2 == 0 {
-                graph::past_key(il)
-            } else {
-                graph::past_value(il)
-            };
-            let v = ort::value::TensorRef::from_array_view((kv_shape.clone(), buf.as_slice()))
-                .map_err(ort_err("building inputs"))?;
-            inputs.push((name.into(), v.into()));
-        }
-        let (row, new_kv) = {
+        inputs.push((graph::LOGIT_ROWS, host_tensor(&[1], vec![(n - 1) as i64])?));
+        // Out of the session while used, as in `eval_with`: an error drops it. Its outputs
+        // stay bound: a static graph's shapes never change, so ONNX Runtime writes every run
+        // into the tensors it allocated at the first.
+        let mut b = match self.bound[gi].take() {
+            Some(b) => b,
+            None => Bound::new(&runner.lock().unwrap_or_else(|e| e.into_inner()))?,
+        };
+        let window = &mut self.window;
+        let ran = (|| -> Result<Vec<f32>, RuntimeError> {
+            for (name, v) in &inputs {
+                b.input(name, v)?;
+            }
+            if let Some(f) = &feeds {
+                b.feeds.bind(&mut b.io, f, tg, last_prompt)?;
+            }
+            // The window's own tensors (no copy where ONNX Runtime reads host memory in
+            // place, as on every EP here), bound again each run so that an EP that copies
+            // inputs to its device at binding still sees the rows written since.
+            for (i, v) in window.iter().enumerate() {
+                b.input(&past_name(i), v)?;
+            }
             let mut r = runner.lock().unwrap_or_else(|e| e.into_inner());
             let out = r
-                .run(inputs)
+                .run_binding(&b.io)
                 .map_err(|err| RuntimeError::Ort(format!("run: {err}")))?;
             if let (true, Some(f), Some(plan)) = (record, feeds.as_deref(), plan.as_ref()) {
-                let mut ex = self.edits.explain.lock().unwrap_or_else(|e| e.into_inner());
+                let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
                 f.record_run(plan, n, last_prompt, p0, &out, &mut ex);
             }
             let (_, l) = out[graph::LOGITS]
                 .try_extract_tensor::<f32>()
                 .map_err(ort_err("reading logits"))?;
             let row = l.to_vec();
-            let mut new_kv = Vec::with_capacity(2 * c.n_layer);
-            for il in 0..c.n_layer {
-                for name in [graph::present_key(il), graph::present_value(il)] {
-                    let v = out.get(name.as_str()).ok_or_else(|| {
-                        RuntimeError::Ort(format!("the graph returned no `{name}`"))
-                    })?;
-                    let (_, d) = v
-                        .try_extract_tensor::<f32>()
-                        .map_err(ort_err("reading the new K and V"))?;
-                    new_kv.push(d.to_vec());
+            // New rows [n_head_kv, tg, head_dim] (the first n real) into the window at p0.
+            for (i, buf) in window.iter_mut().enumerate() {
+                let name = present_name(i);
+                let v = out
+                    .get(name.as_str())
+                    .ok_or_else(|| RuntimeError::Ort(format!("the graph returned no `{name}`")))?;
+                let (_, new) = v
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("reading the new K and V"))?;
+                let (_, buf) = buf.extract_tensor_mut();
+                for h in 0..nkv {
+                    for r in 0..n {
+                        let dst = (h * w + p0 + r) * hd;
+                        let src = (h * tg + r) * hd;
+                        buf[dst..dst + hd].copy_from_slice(&new[src..src + hd]);
+                    }
                 }
             }
-            (row, new_kv)
-        };
-        // New rows [n_head_kv, tg, head_dim] (the first n real) into the window at p0.
-        for (buf, new) in self.window.iter_mut().zip(&new_kv) {
-            for h in 0..nkv {
-                for r in 0..n {
-                    let dst = (h * w + p0 + r) * hd;
-                    let src = (h * tg + r) * hd;
-                    buf[dst..dst + hd].copy_from_slice(&new[src..src + hd]);
-                }
-            }
+            Ok(row)
+        })();
+        if ran.is_ok() {
+            self.bound[gi] = Some(b);
         }
-        Ok(row)
+        ran
     }
 
     /// The rows at `point` (one of `OrtOptions::capture`) in the last evaluation: `[T, n_embd]`

@@ -67,7 +67,7 @@ fn check(name: &str, t: GgmlType, k: usize, n: usize, data: &[u8]) -> Result<(),
         tensor: name.to_string(),
         detail,
     };
-    if k % bs != 0 {
+    if !k.is_multiple_of(bs) {
         return Err(shape(format!("row length {k} is not a multiple of {bs}")));
     }
     let want = (k / bs)

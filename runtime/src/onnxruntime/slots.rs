@@ -4,7 +4,8 @@
 //! site, fed through plain required inputs (never initializers: the OpenVINO EP ignores a fed
 //! value for an input that is also an initializer). Which slots a graph has is its
 //! [`SlotLayout`], fixed when the graph is built; a bundle swap or rollback changes only what is
-//! fed (`SlotFeeds`, built once per pinned snapshot).
+//! fed (`SlotFeeds`, built once per pinned snapshot, bound into a session's `IoBinding` once
+//! per snapshot: `BoundFeeds`).
 //!
 //! - Codebook slot `cb{i}` (GRACE): `keys [N, d]` (unit rows), `values [N, d]`, `cos_min [N]`,
 //!   `rows [R]`. The nearest key by cosine is found for the selected rows only (the last prompt
@@ -22,10 +23,12 @@
 //! unmodified tensor with `Where`, so the output is bitwise the base graph's.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use amend_edits::bundle::Payload;
 use amend_edits::families::{self, Activation, Distance};
 use amend_edits::{Bundle, HookPoint, Site};
+use ort::session::IoBinding;
 use ort::value::{DynValue, Tensor};
 
 use crate::editing::{edit_of, CodebookEvent, EditPlan, Explain, LowRankSource, NeuronEvent};
@@ -739,44 +742,19 @@ impl SlotFeeds {
         c.real.is_some() && (c.all_positions || last_prompt == Some(t))
     }
 
-    /// The slot inputs of one run of `n` rows.
-    pub(crate) fn inputs<'a>(
-        &'a self,
-        n: usize,
-        last_prompt: Option<usize>,
-        out: &mut Vec<(
-            std::borrow::Cow<'static, str>,
-            ort::session::SessionInputValue<'a>,
-        )>,
-    ) -> Result<(), RuntimeError> {
-        for (i, c) in self.codebooks.iter().enumerate() {
-            let rows: Vec<i64> = (0..n)
-                .filter(|&t| self.gated(i, t, last_prompt))
-                .map(|t| t as i64)
-                .collect();
-            // No row looked up: the sentinel (which never hits) on row 0.
-            let (src, rows) = match &c.real {
-                Some(r) if !rows.is_empty() => (r, rows),
-                _ => (&self.cb_sentinel, vec![0]),
-            };
-            for (w, v) in ["keys", "values", "cos_min"].iter().zip(src) {
-                out.push((cb_name(i, w).into(), v.into()));
-            }
-            let rows = Tensor::from_array((vec![rows.len() as i64], rows))
-                .map_err(|e| RuntimeError::Ort(format!("building an edit slot input: {e}")))?;
-            out.push((cb_name(i, "rows").into(), rows.into_dyn().into()));
+    /// The codebook slot `i` of one run of `n` rows: whether its real entries are fed (else the
+    /// sentinel) and the rows it looks up.
+    fn codebook_run(&self, i: usize, n: usize, last_prompt: Option<usize>) -> (bool, Vec<i64>) {
+        let rows: Vec<i64> = (0..n)
+            .filter(|&t| self.gated(i, t, last_prompt))
+            .map(|t| t as i64)
+            .collect();
+        // No row looked up: the sentinel (which never hits) on row 0.
+        if rows.is_empty() {
+            (false, vec![0])
+        } else {
+            (true, rows)
         }
-        for (i, f) in self.neurons.iter().enumerate() {
-            for (w, v) in ["keys", "bias", "values"].iter().zip(&f.values) {
-                out.push((pn_name(i, w).into(), v.into()));
-            }
-        }
-        for (i, v) in self.low_rank.iter().enumerate() {
-            for (w, v) in ["a", "b", "on"].iter().zip(v) {
-                out.push((lr_name(i, w).into(), v.into()));
-            }
-        }
-        Ok(())
     }
 
     /// [`SlotFeeds::record`] from a run's outputs.
@@ -884,6 +862,77 @@ impl SlotFeeds {
                 }
             }
         }
+    }
+}
+
+fn bind(io: &mut IoBinding, name: &str, v: &DynValue) -> Result<(), RuntimeError> {
+    io.bind_input(name, v)
+        .map_err(|e| RuntimeError::Ort(format!("binding the edit slot input `{name}`: {e}")))
+}
+
+/// What of a snapshot's feeds an [`IoBinding`] holds, so that a run rebinds only what changed:
+/// a snapshot's neuron and low-rank inputs once, a codebook's entries when its gate opens or
+/// closes (prefill's last prompt token vs decode), its `rows` when they change. Binding an
+/// owned tensor copies nothing (ONNX Runtime keeps a reference), so a swap or rollback is a
+/// few pointer updates: the graph is never rebuilt. A caller whose binding failed midway drops
+/// it with this state.
+#[derive(Default)]
+pub(crate) struct BoundFeeds {
+    /// The snapshot bound, compared by pointer (held, so that its address is not reused by a
+    /// later snapshot while bound).
+    feeds: Option<Arc<SlotFeeds>>,
+    /// Per codebook slot: real entries (else the sentinel) and the rows bound.
+    codebooks: Vec<(bool, Vec<i64>)>,
+}
+
+impl BoundFeeds {
+    /// Binds `feeds` for one run of `n` rows (`last_prompt`: the index of the last prompt token
+    /// within the run, if it is in it).
+    pub(crate) fn bind(
+        &mut self,
+        io: &mut IoBinding,
+        feeds: &Arc<SlotFeeds>,
+        n: usize,
+        last_prompt: Option<usize>,
+    ) -> Result<(), RuntimeError> {
+        if !self.feeds.as_ref().is_some_and(|f| Arc::ptr_eq(f, feeds)) {
+            self.feeds = None;
+            self.codebooks.clear();
+            for (i, f) in feeds.neurons.iter().enumerate() {
+                for (w, v) in ["keys", "bias", "values"].iter().zip(&f.values) {
+                    bind(io, &pn_name(i, w), v)?;
+                }
+            }
+            for (i, v) in feeds.low_rank.iter().enumerate() {
+                for (w, v) in ["a", "b", "on"].iter().zip(v) {
+                    bind(io, &lr_name(i, w), v)?;
+                }
+            }
+            self.feeds = Some(feeds.clone());
+        }
+        for (i, c) in feeds.codebooks.iter().enumerate() {
+            let (real, rows) = feeds.codebook_run(i, n, last_prompt);
+            let bound = self.codebooks.get(i);
+            if bound.map(|b| b.0) != Some(real) {
+                let src = match &c.real {
+                    Some(r) if real => r,
+                    _ => &feeds.cb_sentinel,
+                };
+                for (w, v) in ["keys", "values", "cos_min"].iter().zip(src) {
+                    bind(io, &cb_name(i, w), v)?;
+                }
+            }
+            if bound.map(|b| &b.1) != Some(&rows) {
+                let v = Tensor::from_array((vec![rows.len() as i64], rows.clone()))
+                    .map_err(|e| RuntimeError::Ort(format!("building an edit slot input: {e}")))?;
+                bind(io, &cb_name(i, "rows"), &v.into_dyn())?;
+            }
+            match self.codebooks.get_mut(i) {
+                Some(b) => *b = (real, rows),
+                None => self.codebooks.push((real, rows)),
+            }
+        }
+        Ok(())
     }
 }
 
