@@ -469,8 +469,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     for r in out.reports.iter().filter(|r| !r.success) {
         println!(
-            "  not reached: {} (loss {:.3} after {} steps)",
-            r.id, r.loss, r.steps
+            "  not reached: {} (loss {:.3} after {} steps; {})",
+            r.id, r.loss, r.steps, r.action
         );
     }
     let keep_note = || {
