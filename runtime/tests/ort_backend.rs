@@ -718,3 +718,89 @@ fn gemma3_static_shapes_match_dynamic_shapes() {
         dyn_r.agreement()
     );
 }
+
+/// Diagnostics (run with `--ignored --nocapture`; `PROMPT=... EMULATE=q80,q8k,...`): how far
+/// ONNX Runtime's rows drift from llama.cpp's, layer by layer, at the last prompt token, as the
+/// normalized distance `sqrt(2 - 2cos)` a codebook key is compared by. A key that lies farther
+/// than a codebook's radius on one backend misses there (docs/eval.md, mem-ho-083).
+#[test]
+#[ignore]
+fn per_layer_drift_from_llama_cpp() {
+    use amend_edits::{HookPoint, Site};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let prompt =
+        std::env::var("PROMPT").unwrap_or_else(|_| "The occupation of Sigmund Freud is".into());
+    let n = model.info().n_layer;
+    let sites = [
+        Site::AttnOutput,
+        Site::FfnInput,
+        Site::FfnOutput,
+        Site::ResidualOut,
+    ];
+    let points: Vec<HookPoint> = (0..n)
+        .flat_map(|l| sites.iter().map(move |&s| HookPoint::new(l, s)))
+        .collect();
+    let mut o = options(Profile::Cpu);
+    o.capture = points.clone();
+    if let Ok(e) = std::env::var("EMULATE") {
+        o.emulation = ortb::Emulation::parse(&e).unwrap();
+    }
+    let m = OrtModel::open(model.path(), o).unwrap();
+    let mut ls = Session::new(&model, SessionOptions::default()).unwrap();
+    let toks = ls.tokenize(&prompt, true).unwrap();
+    let mut os = OrtSession::new(&m, 512).unwrap();
+    os.eval(&toks, Logits::Last).unwrap();
+    // SELF=1: llama.cpp against itself instead, the same tokens decoded one by one (its floor).
+    let one_by_one = std::env::var("SELF").is_ok().then(|| {
+        use amend_runtime::{FnHook, HookRows};
+        let rows: Arc<Mutex<HashMap<HookPoint, Vec<f32>>>> = Arc::default();
+        let sink = rows.clone();
+        let mut s = Session::new(&model, SessionOptions::default()).unwrap();
+        s.add_hook(Box::new(FnHook::new(
+            points.clone(),
+            move |p, r: &mut HookRows<'_>| {
+                if r.n_rows() > 0 {
+                    let last = r.row(r.n_rows() - 1).to_vec();
+                    sink.lock().unwrap().insert(p, last);
+                }
+            },
+        )))
+        .unwrap();
+        for &t in &toks {
+            s.decode(t).unwrap();
+        }
+        let r = rows.lock().unwrap().clone();
+        r
+    });
+    let dist = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        ((2.0 - 2.0 * dot / (na * nb)).max(0.0).sqrt(), nb)
+    };
+    eprintln!(
+        "{prompt:?}: {} tokens; normalized distance (llama.cpp norm)",
+        toks.len()
+    );
+    for l in 0..n {
+        let mut line = format!("layer {l:2}:");
+        for &s in &sites {
+            let p = HookPoint::new(l, s);
+            let want = common::capture_last_row(&mut ls, &prompt, p);
+            let got = match &one_by_one {
+                Some(rows) => &rows[&p][..],
+                None => {
+                    let rows = os.captured(p).unwrap();
+                    &rows[rows.len() - want.len()..]
+                }
+            };
+            let (d, norm) = dist(got, &want);
+            line += &format!("  {s:?} {d:.4} ({norm:.0})");
+        }
+        eprintln!("{line}");
+    }
+}
