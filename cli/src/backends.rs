@@ -69,6 +69,10 @@ pub struct OrtArgs {
     /// `,ENTRIES,NEURONS,RANK` sets what each edit slot holds (default 1024,256,64).
     #[arg(long)]
     pub static_shapes: Option<String>,
+    /// Write ONNX Runtime's per-node profile to PREFIX_<date>_<time>.json, one file per
+    /// session, when it ends (docs/backends.md: reading it).
+    #[arg(long, value_name = "PREFIX")]
+    pub ort_trace: Option<PathBuf>,
 }
 
 impl Default for OrtArgs {
@@ -85,6 +89,7 @@ impl Default for OrtArgs {
             ort_config: Vec::new(),
             slots: String::new(),
             static_shapes: None,
+            ort_trace: None,
         }
     }
 }
@@ -123,6 +128,7 @@ impl OrtArgs {
                 .as_deref()
                 .map(StaticShapes::parse)
                 .transpose()?,
+            trace: self.ort_trace.clone(),
         })
     }
 }
@@ -173,6 +179,10 @@ pub struct ParityArgs {
     /// Decode tokens timed per backend in the speed comparison (0 = skip it).
     #[arg(long, default_value_t = 64)]
     pub speed_tokens: usize,
+    /// Speed rounds, the backends alternating; medians are reported (this machine's
+    /// run-to-run noise on one round is several percent).
+    #[arg(long, default_value_t = 5)]
+    pub speed_rounds: usize,
     /// Evaluate the continuation in one teacher-forced pass instead of token by token.
     #[arg(long)]
     pub batch: bool,
@@ -181,6 +191,8 @@ pub struct ParityArgs {
     #[arg(long)]
     pub self_check: bool,
 }
+
+use amend_runtime::bench::median;
 
 fn rss_kb() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -308,14 +320,39 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
             long.extend_from_slice(if long.is_empty() { &p[..] } else { &p[1..] });
         }
         let prompt = &long;
-        let (lp, ld) = speed(&mut reference, prompt, args.speed_tokens)?;
-        let (op, od) = speed(&mut candidate, prompt, args.speed_tokens)?;
+        let rounds = args.speed_rounds.max(1);
+        let (mut lps, mut lds, mut ops, mut ods) = (vec![], vec![], vec![], vec![]);
+        let (mut pr, mut dr) = (vec![], vec![]);
+        for _ in 0..rounds {
+            let (lp, ld) = speed(&mut reference, prompt, args.speed_tokens)?;
+            let (op, od) = speed(&mut candidate, prompt, args.speed_tokens)?;
+            lps.push(lp);
+            lds.push(ld);
+            ops.push(op);
+            ods.push(od);
+            pr.push(op / lp);
+            dr.push(od / ld);
+        }
+        let span = |v: &[f64]| {
+            let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().cloned().fold(0.0, f64::max);
+            format!("{lo:.2}-{hi:.2}")
+        };
         println!(
-            "| backend | prefill tok/s ({} tokens) | decode tok/s ({} tokens) |\n|---|---:|---:|\n| llama.cpp | {lp:.1} | {ld:.1} |\n| {candidate_name} | {op:.1} ({:.2}x) | {od:.1} ({:.2}x) |",
+            "| backend | prefill tok/s ({} tokens) | decode tok/s ({} tokens) |\n|---|---:|---:|\n| llama.cpp | {:.1} | {:.1} |\n| {candidate_name} | {:.1} ({:.2}x) | {:.1} ({:.2}x) |",
             prompt.len(),
             args.speed_tokens,
-            op / lp,
-            od / ld
+            median(&lps),
+            median(&lds),
+            median(&ops),
+            median(&pr),
+            median(&ods),
+            median(&dr)
+        );
+        println!(
+            "medians of {rounds} alternating round(s); ratio per round: prefill {}, decode {}",
+            span(&pr),
+            span(&dr)
         );
     }
     let rss_ort = rss_both.saturating_sub(rss_llama);

@@ -176,7 +176,8 @@ impl BenchReport {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+/// Median of `v` (0 when empty): the one median every benchmark and report uses.
+pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();

@@ -242,6 +242,58 @@ fn kv_cache_incremental_equals_one_pass() {
     ));
 }
 
+/// `OrtOptions::trace` (`--ort-trace`): ONNX Runtime writes its per-node profile when the
+/// model's sessions end, one timed kernel event per node per run.
+#[test]
+fn trace_writes_the_per_node_profile() {
+    let Some(_) = library() else { return };
+    let dir = common::tmp_dir().join("trace");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("trace");
+    let path = common::tiny_path(Architecture::Llama);
+    {
+        let m = OrtModel::open(
+            &path,
+            OrtOptions {
+                trace: Some(prefix.clone()),
+                ..options(Profile::Cpu)
+            },
+        )
+        .unwrap();
+        let toks = m.tokenize("The capital of France is", true).unwrap();
+        let mut s = OrtSession::new(&m, 64).unwrap();
+        s.eval(&toks, Logits::Last).unwrap();
+        s.eval(&[toks[1]], Logits::Last).unwrap();
+    }
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let events = events.as_array().expect("a Chrome-trace array");
+    let runs = events.iter().filter(|e| e["name"] == "model_run").count();
+    assert!(runs >= 2, "{runs} model_run events");
+    // The tiny model's weights are f32: its projections are MatMul (or a fused form).
+    let matmuls = events
+        .iter()
+        .filter(|e| {
+            e["cat"] == "Node"
+                && e["args"]["op_name"]
+                    .as_str()
+                    .is_some_and(|op| op.contains("MatMul"))
+        })
+        .count();
+    assert!(matmuls >= 2, "{matmuls} matmul kernel events");
+    // Without the option nothing is written.
+    let m = OrtModel::open(&path, options(Profile::Cpu)).unwrap();
+    drop(m);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+}
+
 #[test]
 fn generation_and_sampling_are_shared_with_llama_cpp() {
     let Some(_) = library() else { return };

@@ -554,16 +554,4 @@ pub fn check_unique_ids(records: &[EditRecord], base: Option<&Bundle>) -> Result
 }
 
 /// Median of `xs` (0 when empty).
-pub fn median(xs: &[f64]) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+pub use amend_runtime::bench::median;

@@ -322,6 +322,9 @@ pub struct OrtOptions {
     /// a one-token decode, over a KV window of `window` positions ([`graph::Shapes::Static`]).
     /// `None`: one graph with dynamic shapes.
     pub static_shapes: Option<StaticShapes>,
+    /// Write ONNX Runtime's own profile (every node's time, per run) to
+    /// `PREFIX_<date>_<time>.json` when a session ends: where the time goes on an EP.
+    pub trace: Option<PathBuf>,
 }
 
 /// A fixed prefill chunk and KV window ([`OrtOptions::static_shapes`]).
@@ -452,6 +455,7 @@ impl Default for OrtOptions {
             slots: SlotLayout::default(),
             capture: Vec::new(),
             static_shapes: None,
+            trace: None,
         }
     }
 }
@@ -712,6 +716,11 @@ impl OrtModel {
         let mut b = OrtRunner::builder(env).map_err(|e| ep_err(e.to_string()))?;
         if let Some(n) = options.n_threads {
             b = b.with_intra_threads(n).map_err(|e| ep_err(e.to_string()))?;
+        }
+        if let Some(p) = &options.trace {
+            b = b
+                .with_profiling(p)
+                .map_err(|e| ep_err(format!("profiling to {}: {e}", p.display())))?;
         }
         if !optimize {
             b = b
