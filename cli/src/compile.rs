@@ -395,6 +395,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (bytes, verified) = build_checked(&out.builder)?;
     for p in verified.payloads() {
         if let amend_edits::bundle::Payload::Memory(d) = p {
+            if let Some(g) = d.embedder.relation_groups() {
+                let grouped = g.record_group.iter().filter(|&&x| x != u16::MAX).count();
+                println!(
+                    "serac relation groups: {} groups, {} templates, min score {:.2}: {grouped}/{} records have a group (their query's group decides in scope; the head decides the rest)",
+                    g.names.len(),
+                    g.template_group.len(),
+                    g.min_score,
+                    g.record_group.len()
+                );
+            }
             if let Some(h) = d.embedder.scope_head() {
                 println!(
                     "serac scope head: {} x {} perceptrons, threshold {:.3}: it decides in scope (the cosine thresholds below are stored, not used)",

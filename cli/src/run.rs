@@ -178,6 +178,12 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             ),
             None => {}
         }
+        if let Some((record, query)) = m.scope_terms.as_ref().and_then(|t| t.groups.as_ref()) {
+            eprintln!(
+                "explain: relation groups decided: the record's relation is {record:?}, the query's {}",
+                query.as_deref().map_or("none (no template close enough)".to_string(), |q| format!("{q:?}"))
+            );
+        }
     }
     for c in &ex.codebook {
         eprintln!(

@@ -6,28 +6,10 @@
 //! the same with the group deciding the relation (pooled and subject terms unchanged). Misplaced
 //! prompts are printed (`REPH`, `SUBJ`). Usage: relation_study DATA.json LEXICON.txt [MIN_SCORE]
 use amend_compiler::dataset::{self, DataFormat};
+use amend_compiler::methods::relation_groups::Lexicon;
 use amend_compiler::methods::scope_routing::{encode_record, terms};
+use amend_edits::families::{strip_subject, RelationGroups};
 use amend_runtime::ScopeModel;
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn strip_subject(text: &str, subject: &str) -> String {
-    let (l, s) = (text.to_ascii_lowercase(), subject.to_ascii_lowercase());
-    match l.rfind(&s) {
-        Some(i) => {
-            let mut pre = &text[..i];
-            for art in ["the ", "The "] {
-                if pre.ends_with(art) {
-                    pre = &pre[..pre.len() - art.len()];
-                }
-            }
-            format!("{pre}it{}", &text[i + s.len()..])
-        }
-        None => text.to_string(),
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -36,25 +18,27 @@ fn main() {
     let tau: f32 = args.get(3).map(|t| t.parse().unwrap()).unwrap_or(0.0);
     let scope =
         ScopeModel::open(amend_runtime::default_scope_model_path().unwrap(), Some(2)).unwrap();
-    let mut groups: Vec<(String, Vec<Vec<f32>>)> = Vec::new();
-    for line in lex.lines().filter(|l| !l.trim().is_empty()) {
-        let mut it = line.split('|');
-        let name = it.next().unwrap().to_string();
-        let embs = it
-            .map(|t| scope.encode(&t.replace("{}", "it")).unwrap().pooled)
-            .collect();
-        groups.push((name, embs));
-    }
-    let classify = |text: &str, subject: &str| -> (usize, f32, f32) {
-        let q = scope.encode(&strip_subject(text, subject)).unwrap().pooled;
-        let mut sc: Vec<(f32, usize)> = groups
-            .iter()
-            .enumerate()
-            .map(|(g, (_, es))| (es.iter().map(|e| dot(e, &q)).fold(f32::MIN, f32::max), g))
-            .collect();
-        sc.sort_by(|a, b| b.0.total_cmp(&a.0));
-        (sc[0].1, sc[0].0, sc[0].0 - sc[1].0)
+    let lex = Lexicon::parse(&lex).unwrap();
+    let templates = lex.encode(&scope).unwrap();
+    let none: [u16; 0] = [];
+    let groups = RelationGroups::new(
+        scope.n_embd(),
+        &templates,
+        &lex.template_group,
+        lex.names.iter().map(String::as_str).collect(),
+        &none,
+        -1.0,
+    )
+    .unwrap();
+    // The nearest template's group and cosine (every text gets one here: the study applies
+    // MIN_SCORE itself, and a text without the subject is classified whole).
+    let classify = |text: &str, subject: &str| -> (usize, f32) {
+        let t = strip_subject(text, subject).unwrap_or_else(|| text.to_string());
+        let q = scope.encode(&t).unwrap().pooled;
+        let (g, c) = groups.classify(&q).unwrap();
+        (g as usize, c)
     };
+    let name = |g: usize| groups.name(g as u16);
     let (mut reph, mut reph_same, mut subj, mut subj_same, mut rel, mut rel_same) =
         (0, 0, 0, 0, 0, 0);
     let (mut rec_conf, mut reph_conf, mut reph_conf_same, mut subj_conf, mut subj_conf_diff) =
@@ -68,7 +52,7 @@ fn main() {
     let mut total = [0usize; 4];
     for r in &data {
         let s = r.subject.clone().unwrap_or_default();
-        let (g, top, _) = classify(&r.prompt, &s);
+        let (g, top) = classify(&r.prompt, &s);
         let rr = encode_record(&scope, &r.prompt, &s).unwrap();
         let mut probe = |kind: usize, text: &str| {
             let (po, su, re) = terms(&scope, &rr, text).unwrap();
@@ -76,7 +60,7 @@ fn main() {
             let a = po >= pf && su >= sf && re >= rf;
             routed_a[kind] += a as usize;
             let b = if top >= tau {
-                let (gq, tq, _) = classify(text, &s);
+                let (gq, tq) = classify(text, &s);
                 po >= pf && su >= sf && gq == g && tq >= tau
             } else {
                 a
@@ -97,7 +81,7 @@ fn main() {
         let conf = top >= tau;
         rec_conf += conf as usize;
         for p in &r.rephrase_prompts {
-            let (gp, tp, _) = classify(p, &s);
+            let (gp, tp) = classify(p, &s);
             reph += 1;
             reph_same += (gp == g) as usize;
             if conf && tp >= tau {
@@ -107,13 +91,19 @@ fn main() {
             if gp != g {
                 println!(
                     "REPH {} [{} {:.2}] -> [{} {:.2}] {:?} / {:?}",
-                    r.id, groups[g].0, top, groups[gp].0, tp, r.prompt, p
+                    r.id,
+                    name(g),
+                    top,
+                    name(gp),
+                    tp,
+                    r.prompt,
+                    p
                 );
             }
         }
         for pr in &r.locality {
             if pr.kind == "Subject_Specificity" {
-                let (gp, tp, _) = classify(&pr.prompt, &s);
+                let (gp, tp) = classify(&pr.prompt, &s);
                 subj += 1;
                 subj_same += (gp == g) as usize;
                 if conf && tp >= tau {
@@ -123,11 +113,14 @@ fn main() {
                 if gp == g {
                     println!(
                         "SUBJ {} [{}] {:?} / {:?}",
-                        r.id, groups[g].0, r.prompt, pr.prompt
+                        r.id,
+                        name(g),
+                        r.prompt,
+                        pr.prompt
                     );
                 }
             } else if pr.kind == "Relation_Specificity" {
-                let (gp, _, _) = classify(&pr.prompt, "");
+                let (gp, _) = classify(&pr.prompt, "");
                 rel += 1;
                 rel_same += (gp == g) as usize;
             }

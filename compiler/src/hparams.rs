@@ -66,10 +66,26 @@ pub struct SeracParams {
     /// written by `amend scope-model train-head`).
     #[serde(default = "default_scope_head")]
     pub scope_head: String,
+    /// Scope model: relation groups ("builtin": the lexicon in data/relation-groups.txt;
+    /// "none": no groups; else a lexicon file): where a record's relation is in a group, the
+    /// query's group decides (docs/methods.md).
+    #[serde(default = "default_relation_groups")]
+    pub relation_groups: String,
+    /// Scope model: a text belongs to its nearest template's group from this cosine on.
+    #[serde(default = "default_relation_min_score")]
+    pub relation_min_score: f32,
 }
 
 fn default_scope_head() -> String {
     "builtin".into()
+}
+
+fn default_relation_groups() -> String {
+    "builtin".into()
+}
+
+fn default_relation_min_score() -> f32 {
+    0.6
 }
 
 fn default_calibration_records() -> usize {
@@ -428,6 +444,7 @@ impl Hparams {
                 "serac.max_relation_threshold",
                 self.serac.max_relation_threshold,
             ),
+            ("serac.relation_min_score", self.serac.relation_min_score),
         ] {
             if !(-1.0..=1.0).contains(&v) {
                 return bad(name, "must be a cosine in [-1, 1]");

@@ -370,6 +370,15 @@ fn both_read(b: &AlignedBuf, ok: bool, why: &str) {
 
 /// A two-record scope-model memory over 4-d rows, optionally with a trained scope head.
 fn scope_bundle(counts: Vec<u32>, head: Option<(ScopeHeadDesc, Vec<f32>)>) -> AlignedBuf {
+    scope_bundle_with(counts, head, None)
+}
+
+/// [`scope_bundle`], optionally with relation groups (format 1.4).
+fn scope_bundle_with(
+    counts: Vec<u32>,
+    head: Option<(ScopeHeadDesc, Vec<f32>)>,
+    groups: Option<(RelationGroupsDesc, Vec<f32>)>,
+) -> AlignedBuf {
     {
         let mut b = BundleBuilder::new(meta("scope", "main", 1));
         let s = 0.5f32;
@@ -403,6 +412,7 @@ fn scope_bundle(counts: Vec<u32>, head: Option<(ScopeHeadDesc, Vec<f32>)>) -> Al
             "{edit}\n{prompt}",
             routing,
             head.as_ref().map(|(d, w)| (d.clone(), w.as_slice())),
+            groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
             records,
         );
         b.add_edit(
@@ -513,6 +523,139 @@ fn scope_head_memory_streams_like_the_reader() {
             stream(v12.as_slice(), &trust(), chunk),
             Err(StreamError::BadHeader(
                 "minor: a scope head needs format 1.3"
+            )),
+            "chunk {chunk}"
+        );
+    }
+}
+
+/// Relation groups (format 1.4): written as minor 4, read and streamed alike, routed by group
+/// (the query's group decides for a record that has one; without a stripped query the
+/// thresholds do); every malformed field refused by both readers; a 1.3 header refused.
+#[test]
+fn relation_groups_stream_like_the_reader_and_decide_routing() {
+    let none = amend_edits::families::RelationGroups::NONE;
+    // Two groups, one template each: "g0" = e2, "g1" = e3; record "a" in g0, "c" in g1.
+    let templates = vec![0.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+    let desc =
+        |template_group: Vec<u16>, record_group: Vec<u16>, min_score: f32| RelationGroupsDesc {
+            templates: 0,
+            template_group,
+            names: vec!["g0".into(), "g1".into()],
+            record_group,
+            min_score,
+        };
+    let good = scope_bundle_with(
+        vec![2, 1],
+        None,
+        Some((desc(vec![0, 1], vec![0, 1], 0.6), templates.clone())),
+    );
+    assert_eq!(
+        u16::from_le_bytes([good.as_slice()[10], good.as_slice()[11]]),
+        4
+    );
+    both_read(&good, true, "valid relation groups");
+    let b = Bundle::from_bytes(good.as_slice(), &trust()).unwrap();
+    let mem = b.memory(0, 0..2).unwrap().to_family().unwrap();
+    let routing = mem.routing().unwrap();
+    let groups = routing.groups().unwrap();
+    assert_eq!(
+        (groups.record_group(0), groups.record_group(1)),
+        (Some(0), Some(1))
+    );
+    assert_eq!(groups.name(1), "g1");
+    assert_eq!(routing.subject(1), Some("c"));
+    // A query about "a": pooled like a's row, its subject's rows matched, one other row.
+    let s = 0.5f32;
+    let (q, rows) = (
+        [s, s, s, s],
+        [
+            1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+        ],
+    );
+    let route = |stripped: Option<[f32; 4]>| {
+        mem.route_with(&q, &rows, None, &mut |_| stripped.map(|v| v.to_vec()))
+            .unwrap()
+    };
+    let hit = route(Some([0.0, 0.0, 1.0, 0.0]));
+    assert!(hit.in_scope && hit.index == 0, "{hit:?}");
+    assert_eq!(hit.groups, Some((0, Some(0))));
+    // In g1: "a" is out; "c" (its subject half-matched) is in, by its own group.
+    let hit = route(Some([0.0, 0.0, 0.0, 1.0]));
+    assert!(hit.in_scope && hit.index == 1, "{hit:?}");
+    assert_eq!(hit.groups, Some((1, Some(1))));
+    // Near no template (cosine 0.5 < 0.6): nothing is in scope.
+    let hit = route(Some([s, s, s, s]));
+    assert!(!hit.in_scope, "{hit:?}");
+    // No stripped query: the thresholds decide ("a": relation 0.5 >= 0.4).
+    let hit = route(None);
+    assert!(
+        hit.in_scope && hit.index == 0 && hit.groups.is_none(),
+        "{hit:?}"
+    );
+    assert_eq!(mem.route(&q, &rows, None).unwrap().groups, None);
+
+    let refuse_both = |g: RelationGroupsDesc, t: Vec<f32>, why: &str| {
+        both_read(
+            &scope_bundle_with(vec![2, 1], None, Some((g, t))),
+            false,
+            why,
+        )
+    };
+    refuse_both(
+        desc(vec![0, 1], vec![0], 0.6),
+        templates.clone(),
+        "one group for two records",
+    );
+    refuse_both(
+        desc(vec![0, 2], vec![0, 1], 0.6),
+        templates.clone(),
+        "template group 2 of 2",
+    );
+    refuse_both(
+        desc(vec![0, 1], vec![0, 7], 0.6),
+        templates.clone(),
+        "record group 7 of 2",
+    );
+    refuse_both(
+        desc(vec![0, 1], vec![0, 1], f32::NAN),
+        templates.clone(),
+        "NaN min_score",
+    );
+    refuse_both(
+        desc(vec![0, 1], vec![0, 1], 1.5),
+        templates.clone(),
+        "min_score 1.5",
+    );
+    refuse_both(desc(vec![], vec![none, none], 0.6), vec![], "no templates");
+    refuse_both(
+        desc(vec![0, 1], vec![0, 1], 0.6),
+        templates[..7].to_vec(),
+        "templates one value short",
+    );
+    // A record without a group is valid.
+    both_read(
+        &scope_bundle_with(
+            vec![2, 1],
+            None,
+            Some((desc(vec![0, 1], vec![none, 1], 0.6), templates.clone())),
+        ),
+        true,
+        "a record without a group",
+    );
+    let mut v13 = good.as_slice().to_vec();
+    v13[10] = 3;
+    let mut v13 = AlignedBuf::from_slice(&v13);
+    sign_in_place(v13.as_mut_slice(), &key(1)).unwrap();
+    assert!(matches!(
+        Bundle::from_bytes(v13.as_slice(), &trust()),
+        Err(e) if e.to_string().contains("relation groups need format 1.4")
+    ));
+    for chunk in CHUNKS.iter().copied() {
+        assert_eq!(
+            stream(v13.as_slice(), &trust(), chunk),
+            Err(StreamError::BadHeader(
+                "minor: relation groups need format 1.4"
             )),
             "chunk {chunk}"
         );

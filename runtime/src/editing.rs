@@ -78,7 +78,8 @@ pub fn check_scope_model(
                 )))
             }
             amend_edits::bundle::EmbedderDesc::ScopeModel(sr)
-            | amend_edits::bundle::EmbedderDesc::ScopeModelHead(sr, _) => {
+            | amend_edits::bundle::EmbedderDesc::ScopeModelHead(sr, _)
+            | amend_edits::bundle::EmbedderDesc::ScopeModelGroups(sr, _, _) => {
                 let hex = amend_edits::keys::to_hex(&sr.fingerprint);
                 let Some(m) = scope else {
                     return Err(RuntimeError::ScopeModelMissing {
@@ -202,6 +203,9 @@ pub struct ScopeTerms {
     /// record and the threshold it must reach (also the event's `score` and `threshold`).
     pub head: Option<(f32, f32)>,
     pub n_in_scope: usize,
+    /// Where relation groups decided (format 1.4): the record's group and the query's (`None`:
+    /// no template was close enough), by name.
+    pub groups: Option<(String, Option<String>)>,
 }
 
 /// A low-rank adapter applied to the request.
@@ -1022,7 +1026,10 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     encoded = Some(scope.encode(prompt)?);
                 }
                 let q = encoded.as_ref().expect("set above");
-                let Some(r) = m.mem.route(&q.pooled, &q.rows, None) else {
+                let scope = h.edits().scope.clone().expect("encoded above");
+                let Some(r) = m.mem.route_with(&q.pooled, &q.rows, None, &mut |i| {
+                    scope.stripped_pooled(prompt, m.mem.routing()?.subject(i)?)
+                }) else {
                     continue;
                 };
                 let routing = m.mem.routing().expect("route returned a hit");
@@ -1039,6 +1046,10 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     relation_threshold: routing.relation_threshold(),
                     head: routing.head().map(|h| (r.score, h.threshold())),
                     n_in_scope: r.n_in_scope,
+                    groups: r.groups.and_then(|(rg, qg)| {
+                        let g = routing.groups()?;
+                        Some((g.name(rg).to_string(), qg.map(|q| g.name(q).to_string())))
+                    }),
                 };
                 (Some(hit), Some(terms))
             }

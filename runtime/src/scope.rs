@@ -237,6 +237,15 @@ impl ScopeModel {
         self.encode_tokens(self.tokenize(text)?)
     }
 
+    /// The pooled embedding of `query` with `subject` replaced by "it"
+    /// ([`amend_edits::families::strip_subject`]): what relation groups classify. `None` when
+    /// the subject does not occur in the query or the encode fails (routing then falls back to
+    /// the head or the thresholds for that record).
+    pub fn stripped_pooled(&self, query: &str, subject: &str) -> Option<Vec<f32>> {
+        let text = amend_edits::families::strip_subject(query, subject)?;
+        self.encode(&text).ok().map(|e| e.pooled)
+    }
+
     /// Encodes content tokens (from [`ScopeModel::tokenize`], no [CLS]/[SEP]): routing encodes
     /// a prompt with its subject's tokens taken out this way, so the relation is compared
     /// without the subject's words. Ids outside the vocabulary are an error.

@@ -9,6 +9,7 @@ pub mod grace;
 pub mod lora;
 pub mod memit;
 mod optim;
+pub mod relation_groups;
 pub mod rome;
 pub mod scope_head;
 pub mod scope_routing;

@@ -381,6 +381,23 @@ fn compile_scope(
         subject_rows.extend_from_slice(&r.subject_rows);
         counts.push((r.subject_rows.len() / dim) as u32);
     }
+    // Relation groups: the lexicon's templates and each record's group (one encode each).
+    let groups = match super::relation_groups::Lexicon::load(&hp.relation_groups)? {
+        Some(lex) => {
+            let templates = lex.encode(&scope)?;
+            let pairs: Vec<(&str, &str)> =
+                all.iter().map(|a| (a.1.as_str(), a.2.as_str())).collect();
+            let desc = super::relation_groups::record_groups(
+                &scope,
+                &lex,
+                &templates,
+                hp.relation_min_score,
+                &pairs,
+            )?;
+            Some((desc, templates))
+        }
+        None => None,
+    };
     let recs: Vec<MemoryRecordDesc> = all
         .iter()
         .map(|(id, prompt, _, target)| MemoryRecordDesc {
@@ -419,6 +436,7 @@ fn compile_scope(
                 h.weights.as_slice(),
             )
         }),
+        groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
         recs,
     );
     for (row, (id, prompt, _, target)) in all.iter().enumerate() {

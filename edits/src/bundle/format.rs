@@ -18,11 +18,13 @@ pub const MAGIC: [u8; 8] = *b"AMENDBDL";
 /// kinds, v1.2 the verification record after the manifest (a v1.1 reader refuses it as trailing
 /// bytes). The writer puts the lowest minor that holds the bundle's content in the header.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 3;
+pub const FORMAT_MINOR: u16 = 4;
 /// The minor a bundle with a verification record needs.
 pub const MINOR_VERIFICATION: u16 = 2;
 /// The minor a bundle with a trained scope head (`EmbedderDesc::ScopeModelHead`) needs.
 pub const MINOR_SCOPE_HEAD: u16 = 3;
+/// The minor a bundle with relation groups (`EmbedderDesc::ScopeModelGroups`) needs.
+pub const MINOR_RELATION_GROUPS: u16 = 4;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -36,6 +38,10 @@ pub const KEY_ID_LEN: usize = 8;
 pub const MAX_SCOPE_HEAD_MEMBERS: usize = 16;
 /// Largest hidden-unit count of a scope head's member (v1.3).
 pub const MAX_SCOPE_HEAD_HIDDEN: usize = 1024;
+/// Largest number of relation templates of a memory (v1.4).
+pub const MAX_RELATION_TEMPLATES: usize = 4096;
+/// Largest number of relation groups of a memory (v1.4); `u16::MAX` marks a record without one.
+pub const MAX_RELATION_GROUPS: usize = 1024;
 /// Largest bundle (bytes).
 /// Largest magnitude of any f32 in a tensor section. Finite is not enough: 3e38 squares to
 /// infinity in a distance and poisons the residual stream. gemma3's residual rows exceed the
@@ -137,6 +143,8 @@ wire_codes! {
         MemorySubjectRows = 12,
         // v1.3: a trained scope head's weights, [members * hidden, 3 * embed_dim + 5].
         ScopeHeadWeights = 13,
+        // v1.4: relation templates of the scope model, [n_templates, embed_dim] (unit rows).
+        RelationTemplates = 14,
     }
 }
 
@@ -375,6 +383,11 @@ pub enum EmbedderDesc {
     /// v1.3: the same routing data, with a trained scope head that decides "in scope" instead
     /// of the three cosine thresholds. A v1.2 reader refuses the payload (unknown variant).
     ScopeModelHead(ScopeRoutingDesc, ScopeHeadDesc),
+    /// v1.4: the same, with relation groups: where a record's relation is one of the groups,
+    /// the query's group (its text with the record's subject replaced by "it", classified by
+    /// the nearest template) decides instead of the head or the relation threshold. A v1.3
+    /// reader refuses the payload (unknown variant).
+    ScopeModelGroups(ScopeRoutingDesc, Option<ScopeHeadDesc>, RelationGroupsDesc),
 }
 
 #[cfg(feature = "alloc")]
@@ -382,16 +395,44 @@ impl EmbedderDesc {
     /// The scope-model routing data, with or without a head.
     pub fn scope_routing(&self) -> Option<&ScopeRoutingDesc> {
         match self {
-            EmbedderDesc::ScopeModel(r) | EmbedderDesc::ScopeModelHead(r, _) => Some(r),
+            EmbedderDesc::ScopeModel(r)
+            | EmbedderDesc::ScopeModelHead(r, _)
+            | EmbedderDesc::ScopeModelGroups(r, _, _) => Some(r),
             _ => None,
         }
     }
     pub fn scope_head(&self) -> Option<&ScopeHeadDesc> {
         match self {
-            EmbedderDesc::ScopeModelHead(_, h) => Some(h),
+            EmbedderDesc::ScopeModelHead(_, h) | EmbedderDesc::ScopeModelGroups(_, Some(h), _) => {
+                Some(h)
+            }
             _ => None,
         }
     }
+    pub fn relation_groups(&self) -> Option<&RelationGroupsDesc> {
+        match self {
+            EmbedderDesc::ScopeModelGroups(_, _, g) => Some(g),
+            _ => None,
+        }
+    }
+}
+
+/// Relation groups of a scope-model memory (v1.4): a lexicon of relation templates, each
+/// encoded by the scope model with its subject replaced by "it", grouped by relation.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelationGroupsDesc {
+    /// Section `[n_templates, embed_dim]` (`RelationTemplates`), unit rows.
+    pub templates: u32,
+    /// Per template, its group (an index into `names`).
+    pub template_group: Vec<u16>,
+    /// Per group, its name (for `explain`).
+    pub names: Vec<String>,
+    /// Per record, its relation's group, or `u16::MAX` where none was close enough (the head
+    /// or the thresholds decide for that record).
+    pub record_group: Vec<u16>,
+    /// A text belongs to its nearest template's group when the cosine reaches this.
+    pub min_score: f32,
 }
 
 /// A trained scope head (`amend_edits::families::ScopeHead`): an ensemble of `members`
@@ -455,6 +496,9 @@ pub struct MemoryDesc {
 /// A decoded, validated payload descriptor.
 #[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq)]
+// A memory's descriptor is the largest; a bundle holds a handful of payloads, so boxing it
+// would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Payload {
     Codebook(CodebookDesc),
     PatchNeurons(PatchNeuronsDesc),
@@ -523,7 +567,7 @@ mod code_tests {
             assert_eq!(Dtype::from_code(d as u8), Some(d));
         }
         assert_eq!(SectionKind::from_code(0), None);
-        assert_eq!(SectionKind::from_code(14), None);
+        assert_eq!(SectionKind::from_code(15), None);
         assert_eq!(PayloadKind::from_code(6), None);
         assert_eq!(Dtype::from_code(2), None);
     }

@@ -9,6 +9,7 @@ pub mod reader;
 pub mod stream;
 pub mod writer;
 
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
@@ -317,6 +318,14 @@ impl<B: AsRef<[u8]>> Bundle<B> {
                         out_bias: &h.out_bias,
                         threshold: h.threshold,
                     }),
+                    subjects: &sr.subjects[rows.clone()],
+                    groups: d.embedder.relation_groups().map(|g| GroupsView {
+                        templates: self.f32s(g.templates),
+                        template_group: &g.template_group,
+                        names: &g.names,
+                        record_group: &g.record_group[rows.clone()],
+                        min_score: g.min_score,
+                    }),
                 })
             }
             None => None,
@@ -504,6 +513,20 @@ pub struct ScopeView<'a> {
     pub relation_threshold: f32,
     /// v1.3: the trained scope head (whole: it does not depend on the records).
     pub head: Option<HeadView<'a>>,
+    /// Per record, its subject.
+    pub subjects: &'a [String],
+    /// v1.4: relation groups (the templates whole, the record groups of these records).
+    pub groups: Option<GroupsView<'a>>,
+}
+
+/// Zero-copy view of a memory's relation groups over some records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupsView<'a> {
+    pub templates: &'a [f32],
+    pub template_group: &'a [u16],
+    pub names: &'a [String],
+    pub record_group: &'a [u16],
+    pub min_score: f32,
 }
 
 /// Zero-copy view of a trained scope head.
@@ -591,12 +614,12 @@ impl<'a> MemoryView<'a> {
                 model_id,
                 fingerprint: None,
             },
-            EmbedderDesc::ScopeModel(sr) | EmbedderDesc::ScopeModelHead(sr, _) => {
-                families::Embedder::External {
-                    model_id: &sr.model_id,
-                    fingerprint: Some(&sr.fingerprint),
-                }
-            }
+            EmbedderDesc::ScopeModel(sr)
+            | EmbedderDesc::ScopeModelHead(sr, _)
+            | EmbedderDesc::ScopeModelGroups(sr, _, _) => families::Embedder::External {
+                model_id: &sr.model_id,
+                fingerprint: Some(&sr.fingerprint),
+            },
         };
         let mem = families::Memory::new(
             self.embed_dim,
@@ -634,6 +657,19 @@ impl<'a> MemoryView<'a> {
                         h.out_bias,
                         h.threshold,
                     )?)?;
+                }
+                if let Some(g) = &sv.groups {
+                    routing = routing.with_groups(
+                        families::RelationGroups::new(
+                            self.embed_dim,
+                            g.templates,
+                            g.template_group,
+                            g.names.iter().map(String::as_str).collect(),
+                            g.record_group,
+                            g.min_score,
+                        )?,
+                        sv.subjects.iter().map(String::as_str).collect(),
+                    )?;
                 }
                 mem.with_scope_routing(routing)
             }

@@ -262,6 +262,11 @@ pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
             "minor: a scope head needs format 1.3",
         ));
     }
+    if h.minor.get() < MINOR_RELATION_GROUPS && payloads.iter().any(has_relation_groups) {
+        return Err(BundleError::BadHeader(
+            "minor: relation groups need format 1.4",
+        ));
+    }
     Ok(Verified {
         manifest,
         payloads,
@@ -278,6 +283,37 @@ pub fn check_minor(m: &Manifest, minor: u16) -> Result<(), BundleError> {
         ));
     }
     Ok(())
+}
+
+/// The counts and values of relation groups over `n` records (their template section is
+/// checked where sections are): both readers apply these same rules.
+pub fn check_relation_groups(g: &RelationGroupsDesc, n: u64) -> Result<(), &'static str> {
+    let (t, k) = (g.template_group.len(), g.names.len());
+    if t == 0 || t > MAX_RELATION_TEMPLATES || k == 0 || k > MAX_RELATION_GROUPS {
+        return Err("relation groups: template or group count");
+    }
+    if g.record_group.len() as u64 != n {
+        return Err("relation groups: one group per record");
+    }
+    if g.template_group.iter().any(|&x| x as usize >= k)
+        || g.record_group
+            .iter()
+            .any(|&x| x != u16::MAX && x as usize >= k)
+    {
+        return Err("relation groups: group id out of range");
+    }
+    if g.names.iter().any(|s| s.len() > MAX_STRING_LEN) {
+        return Err("relation groups: name length");
+    }
+    if !(g.min_score.is_finite() && (-1.0..=1.0).contains(&g.min_score)) {
+        return Err("relation groups: min_score must be a cosine in [-1, 1]");
+    }
+    Ok(())
+}
+
+/// A memory payload with relation groups (format 1.4 content).
+pub fn has_relation_groups(p: &Payload) -> bool {
+    matches!(p, Payload::Memory(d) if d.embedder.relation_groups().is_some())
 }
 
 /// A memory payload routed by a trained scope head (format 1.3 content).
@@ -819,6 +855,14 @@ fn check_payload(
                         h.weights,
                         SectionKind::ScopeHeadWeights,
                         &[members * hidden, 3 * e + 5],
+                    )?;
+                }
+                if let Some(g) = d.embedder.relation_groups() {
+                    check_relation_groups(g, n).map_err(invalid)?;
+                    r.take(
+                        g.templates,
+                        SectionKind::RelationTemplates,
+                        &[g.template_group.len() as u64, e],
                     )?;
                 }
             }

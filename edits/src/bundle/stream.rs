@@ -790,9 +790,27 @@ struct ScopeDesc<'a> {
     relation_threshold: f32,
     /// v1.3: a trained scope head: members, hidden, weights section, output biases, threshold.
     head: Option<(u32, u32, u32, Cur<'a>, u64, f32)>,
+    /// v1.4: relation groups, left in place.
+    groups: Option<GroupsDesc<'a>>,
+}
+
+/// v1.4 relation groups (`RelationGroupsDesc`), left in place.
+#[derive(Clone)]
+struct GroupsDesc<'a> {
+    templates: u32,
+    template_group: Cur<'a>,
+    n_templates: u64,
+    names: Cur<'a>,
+    n_names: u64,
+    record_group: Cur<'a>,
+    n_records: u64,
+    min_score: f32,
 }
 
 /// A payload descriptor, decoded in place.
+// One lives at a time, on the stack; boxing the memory variant would need an allocator, which
+// this verifier does without.
+#[allow(clippy::large_enum_variant)]
 enum Desc<'a> {
     Codebook {
         layer: u32,
@@ -874,7 +892,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
             let embedder = match c.varint(32)? {
                 0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
                 1 => Err(c.str()?),
-                tag @ (2 | 3) => {
+                tag @ (2..=4) => {
                     let model_id = c.str()?;
                     c.take(32)?; // the scope model's fingerprint
                     let relation = c.u32()?;
@@ -899,8 +917,11 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                         subject_threshold: c.f32()?,
                         relation_threshold: c.f32()?,
                         head: None,
+                        groups: None,
                     });
-                    if tag == 3 {
+                    // v1.4 (tag 4): the head is optional.
+                    let has_head = tag == 3 || (tag == 4 && c.bool()?);
+                    if has_head {
                         let (members, hidden, weights) = (c.u32()?, c.u32()?, c.u32()?);
                         let n_bias = c.len()?;
                         let bias = c.clone();
@@ -910,6 +931,37 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                         let t = c.f32()?;
                         if let Some(sd) = scope.as_mut() {
                             sd.head = Some((members, hidden, weights, bias, n_bias, t));
+                        }
+                    }
+                    if tag == 4 {
+                        let templates = c.u32()?;
+                        let n_templates = c.len()?;
+                        let template_group = c.clone();
+                        for _ in 0..n_templates {
+                            c.u16()?;
+                        }
+                        let n_names = c.len()?;
+                        let names = c.clone();
+                        for _ in 0..n_names {
+                            c.str()?;
+                        }
+                        let n_records = c.len()?;
+                        let record_group = c.clone();
+                        for _ in 0..n_records {
+                            c.u16()?;
+                        }
+                        let min_score = c.f32()?;
+                        if let Some(sd) = scope.as_mut() {
+                            sd.groups = Some(GroupsDesc {
+                                templates,
+                                template_group,
+                                n_templates,
+                                names,
+                                n_names,
+                                record_group,
+                                n_records,
+                                min_score,
+                            });
                         }
                     }
                     Err(model_id)
@@ -990,6 +1042,8 @@ struct Refs<'m, 'a> {
     /// A memory carries a scope head (format 1.3 content; checked against the minor last, as
     /// the in-memory reader does).
     scope_head: bool,
+    /// A memory carries relation groups (format 1.4 content; likewise).
+    relation_groups: bool,
 }
 
 impl Refs<'_, '_> {
@@ -1236,6 +1290,7 @@ impl<'a> Manifest<'a> {
             used: [0; MAX_SECTIONS / 64],
             payload: 0,
             scope_head: false,
+            relation_groups: false,
         };
         let mut c = Cur::at(self.b, self.payloads.0);
         for pi in 0..self.payloads.1 as usize {
@@ -1297,6 +1352,11 @@ impl<'a> Manifest<'a> {
         if refs.scope_head && minor < MINOR_SCOPE_HEAD {
             return Err(StreamError::BadHeader(
                 "minor: a scope head needs format 1.3",
+            ));
+        }
+        if refs.relation_groups && minor < MINOR_RELATION_GROUPS {
+            return Err(StreamError::BadHeader(
+                "minor: relation groups need format 1.4",
             ));
         }
         Ok(())
@@ -1510,6 +1570,47 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                         SectionKind::ScopeHeadWeights,
                         &[members * hidden, 3 * e + 5],
                     )?;
+                }
+                if let Some(g) = &sd.groups {
+                    r.relation_groups = true;
+                    // The in-memory reader's `check_relation_groups`, in its order.
+                    let (t, k) = (g.n_templates, g.n_names);
+                    if t == 0
+                        || t > MAX_RELATION_TEMPLATES as u64
+                        || k == 0
+                        || k > MAX_RELATION_GROUPS as u64
+                    {
+                        return Err(invalid("relation groups: template or group count"));
+                    }
+                    if g.n_records != *n {
+                        return Err(invalid("relation groups: one group per record"));
+                    }
+                    let decode = |_| StreamError::DescriptorDecode { index: pi };
+                    let mut c = g.template_group.clone();
+                    for _ in 0..t {
+                        if c.u16().map_err(decode)? as u64 >= k {
+                            return Err(invalid("relation groups: group id out of range"));
+                        }
+                    }
+                    let mut c = g.record_group.clone();
+                    for _ in 0..g.n_records {
+                        let x = c.u16().map_err(decode)?;
+                        if x != u16::MAX && x as u64 >= k {
+                            return Err(invalid("relation groups: group id out of range"));
+                        }
+                    }
+                    let mut c = g.names.clone();
+                    for _ in 0..k {
+                        if c.str().map_err(decode)?.len() > MAX_STRING_LEN {
+                            return Err(invalid("relation groups: name length"));
+                        }
+                    }
+                    if !(g.min_score.is_finite() && (-1.0..=1.0).contains(&g.min_score)) {
+                        return Err(invalid(
+                            "relation groups: min_score must be a cosine in [-1, 1]",
+                        ));
+                    }
+                    r.take(g.templates, SectionKind::RelationTemplates, &[t, e])?;
                 }
             }
         }

@@ -235,6 +235,7 @@ impl BundleBuilder {
         template: &str,
         mut routing: ScopeRoutingDesc,
         head: Option<(ScopeHeadDesc, &[f32])>,
+        groups: Option<(RelationGroupsDesc, &[f32])>,
         records: Vec<MemoryRecordDesc>,
     ) -> u32 {
         let n = records.len() as u64;
@@ -247,16 +248,23 @@ impl BundleBuilder {
             alloc::vec![total, e],
             subject_rows,
         );
-        let embedder = match head {
-            None => EmbedderDesc::ScopeModel(routing),
-            Some((mut h, weights)) => {
-                let rows = h.members as u64 * h.hidden as u64;
-                h.weights = self.add_f32(
-                    SectionKind::ScopeHeadWeights,
-                    alloc::vec![rows, 3 * e + 5],
-                    weights,
-                );
-                EmbedderDesc::ScopeModelHead(routing, h)
+        let head = head.map(|(mut h, weights)| {
+            let rows = h.members as u64 * h.hidden as u64;
+            h.weights = self.add_f32(
+                SectionKind::ScopeHeadWeights,
+                alloc::vec![rows, 3 * e + 5],
+                weights,
+            );
+            h
+        });
+        let embedder = match (head, groups) {
+            (None, None) => EmbedderDesc::ScopeModel(routing),
+            (Some(h), None) => EmbedderDesc::ScopeModelHead(routing, h),
+            (head, Some((mut g, templates))) => {
+                let t = g.template_group.len() as u64;
+                g.templates =
+                    self.add_f32(SectionKind::RelationTemplates, alloc::vec![t, e], templates);
+                EmbedderDesc::ScopeModelGroups(routing, head, g)
             }
         };
         self.add_payload(Payload::Memory(MemoryDesc {
@@ -416,12 +424,15 @@ pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, BundleError> {
 /// The lowest format minor that holds `m`: bundles without v1.2 content stay readable by v1.1
 /// runtimes.
 pub fn manifest_minor(m: &Manifest) -> u16 {
-    let head = m.payloads.iter().any(|p| {
-        p.kind == PayloadKind::Memory as u16
-            && postcard::from_bytes::<MemoryDesc>(&p.body)
-                .is_ok_and(|d| d.embedder.scope_head().is_some())
-    });
-    if head {
+    let memory = |f: fn(&MemoryDesc) -> bool| {
+        m.payloads.iter().any(|p| {
+            p.kind == PayloadKind::Memory as u16
+                && postcard::from_bytes::<MemoryDesc>(&p.body).is_ok_and(|d| f(&d))
+        })
+    };
+    if memory(|d| d.embedder.relation_groups().is_some()) {
+        MINOR_RELATION_GROUPS
+    } else if memory(|d| d.embedder.scope_head().is_some()) {
         MINOR_SCOPE_HEAD
     } else if m.verification.is_some() {
         MINOR_VERIFICATION

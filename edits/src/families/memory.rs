@@ -86,6 +86,142 @@ pub struct ScopeRouting<'a> {
     relation_threshold: f32,
     /// A trained scope head (format 1.3): when present it alone decides "in scope".
     head: Option<ScopeHead<'a>>,
+    /// Relation groups (format 1.4): for a record with a group, the query's group decides.
+    groups: Option<RelationGroups<'a>>,
+    /// Per record, its subject (what [`strip_subject`] replaces in the query).
+    subjects: Vec<&'a str>,
+}
+
+/// Relation groups of a memory (format 1.4): a lexicon of relation templates (unit rows of the
+/// scope model, each template's subject replaced by "it") in named groups, and each record's
+/// group. A text belongs to the group of its nearest template when the cosine reaches
+/// `min_score`. Rephrases keep their record's relation and a subject's other facts do not, so
+/// for a record with a group, "in scope" is: the pooled and subject terms pass and the query,
+/// its subject replaced ([`strip_subject`]), falls in the record's group.
+#[derive(Clone, Debug)]
+pub struct RelationGroups<'a> {
+    embed_dim: usize,
+    templates: &'a [f32],
+    template_group: &'a [u16],
+    names: Vec<&'a str>,
+    record_group: &'a [u16],
+    min_score: f32,
+}
+
+impl<'a> RelationGroups<'a> {
+    /// A record without a group.
+    pub const NONE: u16 = u16::MAX;
+
+    /// Validates every size, group id and value; `record_group` has one entry per record of the
+    /// memory it is attached to ([`ScopeRouting::with_groups`]).
+    pub fn new(
+        embed_dim: usize,
+        templates: &'a [f32],
+        template_group: &'a [u16],
+        names: Vec<&'a str>,
+        record_group: &'a [u16],
+        min_score: f32,
+    ) -> Result<Self, InvalidPayload> {
+        let n = template_group.len();
+        if n == 0 || names.is_empty() || names.len() >= Self::NONE as usize {
+            return Err(InvalidPayload("relation groups: no templates or groups"));
+        }
+        check_matrix(
+            templates,
+            n,
+            embed_dim,
+            "relation groups: templates must be [n_templates, embed_dim]",
+            "relation groups: non-finite template",
+        )?;
+        check_unit_rows(
+            templates,
+            embed_dim,
+            "relation groups: templates must be unit",
+        )?;
+        if template_group.iter().any(|&g| g as usize >= names.len()) {
+            return Err(InvalidPayload(
+                "relation groups: template group out of range",
+            ));
+        }
+        if record_group
+            .iter()
+            .any(|&g| g != Self::NONE && g as usize >= names.len())
+        {
+            return Err(InvalidPayload("relation groups: record group out of range"));
+        }
+        if !(min_score.is_finite() && (-1.0..=1.0).contains(&min_score)) {
+            return Err(InvalidPayload(
+                "relation groups: min_score must be a cosine in [-1, 1]",
+            ));
+        }
+        Ok(RelationGroups {
+            embed_dim,
+            templates,
+            template_group,
+            names,
+            record_group,
+            min_score,
+        })
+    }
+
+    /// The group of a unit vector (its nearest template's) and that cosine, or `None` when no
+    /// template reaches `min_score` or the size is wrong.
+    pub fn classify(&self, pooled: &[f32]) -> Option<(u16, f32)> {
+        if pooled.len() != self.embed_dim {
+            return None;
+        }
+        let mut best = (f32::MIN, 0u16);
+        for (row, &g) in self
+            .templates
+            .chunks_exact(self.embed_dim)
+            .zip(self.template_group)
+        {
+            let c = dot(row, pooled);
+            if c > best.0 {
+                best = (c, g);
+            }
+        }
+        (best.0 >= self.min_score).then_some((best.1, best.0))
+    }
+
+    /// Record `i`'s group (`None`: the head or the thresholds decide for it).
+    pub fn record_group(&self, i: usize) -> Option<u16> {
+        self.record_group
+            .get(i)
+            .copied()
+            .filter(|&g| g != Self::NONE)
+    }
+
+    pub fn name(&self, group: u16) -> &'a str {
+        self.names.get(group as usize).copied().unwrap_or("")
+    }
+
+    pub fn min_score(&self) -> f32 {
+        self.min_score
+    }
+}
+
+/// `text` with its last occurrence of `subject` (ASCII case-insensitive; a preceding "the "
+/// dropped) replaced by "it": what a relation template looks like. `None` when the subject
+/// does not occur.
+pub fn strip_subject(text: &str, subject: &str) -> Option<String> {
+    if subject.is_empty() {
+        return None;
+    }
+    let (l, s) = (text.to_ascii_lowercase(), subject.to_ascii_lowercase());
+    let i = l.rfind(&s)?;
+    // ASCII lowering keeps byte offsets, so `i` is a boundary in `text` too.
+    let mut pre = &text[..i];
+    for article in ["the ", "The "] {
+        if let Some(p) = pre.strip_suffix(article) {
+            pre = p;
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(pre);
+    out.push_str("it");
+    out.push_str(&text[i + s.len()..]);
+    Some(out)
 }
 
 /// A trained scope head: an ensemble of one-hidden-layer perceptrons over the features of a
@@ -259,7 +395,40 @@ impl<'a> ScopeRouting<'a> {
             subject_threshold,
             relation_threshold,
             head: None,
+            groups: None,
+            subjects: Vec::new(),
         })
+    }
+
+    /// Attach relation groups (one group entry per record) and the records' subjects.
+    pub fn with_groups(
+        mut self,
+        groups: RelationGroups<'a>,
+        subjects: Vec<&'a str>,
+    ) -> Result<Self, InvalidPayload> {
+        let n = self.offsets.len() - 1;
+        if groups.embed_dim != self.embed_dim {
+            return Err(InvalidPayload(
+                "relation groups: templates do not match embed_dim",
+            ));
+        }
+        if groups.record_group.len() != n || subjects.len() != n {
+            return Err(InvalidPayload(
+                "relation groups: one group and one subject per record",
+            ));
+        }
+        self.groups = Some(groups);
+        self.subjects = subjects;
+        Ok(self)
+    }
+
+    pub fn groups(&self) -> Option<&RelationGroups<'a>> {
+        self.groups.as_ref()
+    }
+
+    /// Record `i`'s subject (when relation groups are attached).
+    pub fn subject(&self, i: usize) -> Option<&'a str> {
+        self.subjects.get(i).copied()
     }
 
     /// Attach a trained scope head (its embed_dim must be this routing's).
@@ -368,6 +537,9 @@ pub struct RouteHit {
     pub in_scope: bool,
     /// How many of the examined candidates were in scope (several: the best one is used).
     pub n_in_scope: usize,
+    /// Where relation groups decided: the record's group and the query's (`None`: no template
+    /// was close enough).
+    pub groups: Option<(u16, Option<u16>)>,
 }
 
 /// A piece of a parsed template.
@@ -520,6 +692,22 @@ impl<'a> Memory<'a> {
         query_rows: &[f32],
         active: Option<&[bool]>,
     ) -> Option<RouteHit> {
+        self.route_with(query_pooled, query_rows, active, &mut |_| None)
+    }
+
+    /// [`Memory::route`] with relation groups: `stripped(i)` gives the pooled unit embedding
+    /// of the query with record `i`'s subject replaced ([`strip_subject`], one more encode), or
+    /// `None` (the subject is not in the query: the head or the thresholds decide). It is
+    /// asked only for candidates whose record has a group and whose pooled and subject terms
+    /// pass. A record decided by its group is in scope when the query falls in that group;
+    /// in-scope records decided by groups rank before those the head decided.
+    pub fn route_with(
+        &self,
+        query_pooled: &[f32],
+        query_rows: &[f32],
+        active: Option<&[bool]>,
+        stripped: &mut dyn FnMut(usize) -> Option<Vec<f32>>,
+    ) -> Option<RouteHit> {
         let r = self.routing.as_ref()?;
         let d = self.embed_dim;
         if query_pooled.len() != d || query_rows.len() % d != 0 {
@@ -545,9 +733,17 @@ impl<'a> Memory<'a> {
         for &(pooled, i) in &top {
             let (subject, relation) =
                 subject_relation_rest(r.subject_rows(i), r.relation(i), query_rows, d, &mut rest);
-            let (score, in_scope) = match &r.head {
+            // Relation groups decide where the record has one and the query names the subject.
+            let by_group = r
+                .groups
+                .as_ref()
+                .and_then(|g| Some((g, g.record_group(i)?)))
+                .filter(|_| pooled >= self.threshold && subject >= r.subject_threshold)
+                .and_then(|(g, rg)| Some((rg, g.classify(&stripped(i)?).map(|(q, _)| q))));
+            let (score, in_scope) = match (&r.head, by_group) {
+                (_, Some((rg, qg))) => (pooled * subject, qg == Some(rg)),
                 // The head decides alone; its logit ranks the in-scope records.
-                Some(h) => {
+                (Some(h), None) => {
                     ScopeHead::features(
                         pooled,
                         subject,
@@ -561,7 +757,7 @@ impl<'a> Memory<'a> {
                     let z = h.logit(&x);
                     (z, z >= h.threshold)
                 }
-                None => (
+                (None, None) => (
                     pooled * subject,
                     pooled >= self.threshold
                         && subject >= r.subject_threshold
@@ -577,10 +773,14 @@ impl<'a> Memory<'a> {
                 score,
                 in_scope,
                 n_in_scope: 0,
+                groups: by_group,
             };
             let better = match &best {
                 None => true,
-                Some(b) => (in_scope, hit.score) > (b.in_scope, b.score),
+                Some(b) => {
+                    (in_scope, by_group.is_some() && in_scope, hit.score)
+                        > (b.in_scope, b.groups.is_some() && b.in_scope, b.score)
+                }
             };
             if better {
                 best = Some(hit);

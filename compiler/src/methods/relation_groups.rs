@@ -1,0 +1,145 @@
+//! Relation groups for scope-model memories (format 1.4; docs/methods.md). A lexicon names
+//! relations and lists, per relation, templates in statement and question form (`{}` = the
+//! subject): `data/relation-groups.txt`, one group a line, `name|template|template...`. Each
+//! template is encoded by the scope model with its subject replaced by "it"; a record's group is
+//! its prompt's nearest template's (its subject replaced likewise) when the cosine reaches
+//! `serac.relation_min_score`. The runtime classifies the query against the same templates, so a
+//! rephrase ("In Thailand, people pay with the") meets its record ("The currency of Thailand is
+//! the") while the subject's other facts ("The official language of Thailand is") do not.
+
+use amend_edits::bundle::{RelationGroupsDesc, MAX_RELATION_GROUPS, MAX_RELATION_TEMPLATES};
+use amend_edits::families::{strip_subject, RelationGroups};
+use amend_runtime::ScopeModel;
+
+use crate::error::{CompileError, Result};
+
+/// The built-in lexicon (chosen on data/memory-dev.json; docs/eval.md).
+pub const BUILTIN: &str = include_str!("../../../data/relation-groups.txt");
+
+/// A parsed lexicon: group names and templates, each template's group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lexicon {
+    pub names: Vec<String>,
+    pub templates: Vec<String>,
+    pub template_group: Vec<u16>,
+}
+
+impl Lexicon {
+    /// Parses `name|template|...` lines (blank lines and `#` comments skipped). Every template
+    /// holds `{}` once; names are unique; the counts stay within the format's caps.
+    pub fn parse(text: &str) -> Result<Lexicon> {
+        let bad = |line: usize, why: &str| {
+            CompileError::Hparams(format!("relation groups, line {}: {why}", line + 1))
+        };
+        let mut lex = Lexicon {
+            names: Vec::new(),
+            templates: Vec::new(),
+            template_group: Vec::new(),
+        };
+        for (ln, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split('|');
+            let name = parts.next().unwrap_or("").trim();
+            if name.is_empty() || lex.names.iter().any(|n| n == name) {
+                return Err(bad(ln, "a group needs a unique name"));
+            }
+            let g = lex.names.len() as u16;
+            let before = lex.templates.len();
+            for t in parts {
+                let t = t.trim();
+                if t.matches("{}").count() != 1 {
+                    return Err(bad(ln, "each template holds {} exactly once"));
+                }
+                lex.templates.push(t.to_string());
+                lex.template_group.push(g);
+            }
+            if lex.templates.len() == before {
+                return Err(bad(ln, "a group needs at least one template"));
+            }
+            lex.names.push(name.to_string());
+        }
+        if lex.names.is_empty() {
+            return Err(bad(0, "no groups"));
+        }
+        if lex.names.len() > MAX_RELATION_GROUPS || lex.templates.len() > MAX_RELATION_TEMPLATES {
+            return Err(CompileError::Hparams(format!(
+                "relation groups: {} groups, {} templates (at most {MAX_RELATION_GROUPS} and {MAX_RELATION_TEMPLATES})",
+                lex.names.len(),
+                lex.templates.len()
+            )));
+        }
+        Ok(lex)
+    }
+
+    /// `serac.relation_groups`: "builtin", "none" (no groups) or a lexicon file.
+    pub fn load(spec: &str) -> Result<Option<Lexicon>> {
+        match spec {
+            "none" => Ok(None),
+            "builtin" => Lexicon::parse(BUILTIN).map(Some),
+            path => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    CompileError::Hparams(format!("serac.relation_groups: {path}: {e}"))
+                })?;
+                Lexicon::parse(&text).map(Some)
+            }
+        }
+    }
+
+    /// The templates' unit rows `[n_templates, n_embd]`, each encoded with "it" for `{}`.
+    pub fn encode(&self, scope: &ScopeModel) -> Result<Vec<f32>> {
+        let mut rows = Vec::with_capacity(self.templates.len() * scope.n_embd());
+        for t in &self.templates {
+            let e = scope
+                .encode(&t.replace("{}", "it"))
+                .map_err(|e| CompileError::Runtime(e.to_string()))?;
+            rows.extend_from_slice(&e.pooled);
+        }
+        Ok(rows)
+    }
+}
+
+/// The bundle's relation groups for records `(prompt, subject)`: each record's group by its
+/// prompt, or none (`u16::MAX`) when no template reaches `min_score`. `templates` from
+/// [`Lexicon::encode`].
+pub fn record_groups(
+    scope: &ScopeModel,
+    lex: &Lexicon,
+    templates: &[f32],
+    min_score: f32,
+    records: &[(&str, &str)],
+) -> Result<RelationGroupsDesc> {
+    let no_records: [u16; 0] = [];
+    let names: Vec<&str> = lex.names.iter().map(String::as_str).collect();
+    let groups = RelationGroups::new(
+        scope.n_embd(),
+        templates,
+        &lex.template_group,
+        names,
+        &no_records,
+        min_score,
+    )
+    .map_err(|e| CompileError::Hparams(format!("relation groups: {}", e.0)))?;
+    let mut record_group = Vec::with_capacity(records.len());
+    for (prompt, subject) in records {
+        let g = match strip_subject(prompt, subject) {
+            Some(text) => {
+                let e = scope
+                    .encode(&text)
+                    .map_err(|e| CompileError::Runtime(e.to_string()))?;
+                groups.classify(&e.pooled).map(|(g, _)| g)
+            }
+            None => None,
+        };
+        record_group.push(g.unwrap_or(RelationGroups::NONE));
+    }
+    Ok(RelationGroupsDesc {
+        templates: 0,
+        template_group: lex.template_group.clone(),
+        names: lex.names.clone(),
+        record_group,
+        min_score,
+    })
+}
