@@ -199,8 +199,9 @@ pub struct ScopeTerms {
     pub relation: f32,
     pub subject_threshold: f32,
     pub relation_threshold: f32,
-    /// With a trained scope head (which then decides alone): its mean logit for the chosen
-    /// record and the threshold it must reach (also the event's `score` and `threshold`).
+    /// With a trained scope head that decided (not where relation groups did): its mean logit
+    /// for the chosen record and the threshold it must reach (also the event's `score` and
+    /// `threshold`).
     pub head: Option<(f32, f32)>,
     pub n_in_scope: usize,
     /// Where relation groups decided (format 1.4): the record's group and the query's (`None`:
@@ -1044,7 +1045,11 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     relation: r.relation,
                     subject_threshold: routing.subject_threshold(),
                     relation_threshold: routing.relation_threshold(),
-                    head: routing.head().map(|h| (r.score, h.threshold())),
+                    // Where relation groups decided, the head did not.
+                    head: routing
+                        .head()
+                        .filter(|_| r.groups.is_none())
+                        .map(|h| (r.score, h.threshold())),
                     n_in_scope: r.n_in_scope,
                     groups: r.groups.and_then(|(rg, qg)| {
                         let g = routing.groups()?;
