@@ -3,25 +3,10 @@
 //! worded another way falls in its record's group and the subject's other facts do not, and a
 //! compiled memory routes by group through the bundle.
 
-use std::path::PathBuf;
+mod common;
 
 use amend_compiler::methods::relation_groups::{record_groups, Lexicon, BUILTIN};
 use amend_edits::families::{strip_subject, RelationGroups};
-
-fn scope_model() -> Option<std::sync::Arc<amend_runtime::ScopeModel>> {
-    let path: PathBuf = amend_runtime::default_scope_model_path()?;
-    if !path.exists() {
-        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!(
-                "AMEND_REQUIRE_MODEL=1 but the scope model {} is missing (make scope-model)",
-                path.display()
-            );
-        }
-        eprintln!("skipped: no scope model at {}", path.display());
-        return None;
-    }
-    Some(amend_runtime::ScopeModel::open(&path, Some(2)).unwrap())
-}
 
 #[test]
 fn lexicons_parse_and_malformed_ones_are_refused() {
@@ -55,7 +40,9 @@ fn lexicons_parse_and_malformed_ones_are_refused() {
 
 #[test]
 fn rephrases_share_their_records_group_and_other_facts_do_not() {
-    let Some(scope) = scope_model() else { return };
+    let Some(scope) = common::scope_model() else {
+        return;
+    };
     let lex = Lexicon::parse(BUILTIN).unwrap();
     let templates = lex.encode(&scope).unwrap();
     let records = [

@@ -6,25 +6,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::methods::scope_head::{self, HeadFile, TrainOptions, BUILTIN};
-
-fn scope_model() -> Option<std::sync::Arc<amend_runtime::ScopeModel>> {
-    let path: PathBuf = amend_runtime::default_scope_model_path()?;
-    if !path.exists() {
-        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!(
-                "AMEND_REQUIRE_MODEL=1 but the scope model {} is missing (make scope-model)",
-                path.display()
-            );
-        }
-        eprintln!("skipped: no scope model at {}", path.display());
-        return None;
-    }
-    Some(amend_runtime::ScopeModel::open(&path, Some(2)).unwrap())
-}
 
 #[test]
 fn shipped_head_parses_round_trips_and_damage_is_refused() {
@@ -70,7 +54,9 @@ fn shipped_head_parses_round_trips_and_damage_is_refused() {
 
 #[test]
 fn shipped_head_matches_the_scope_model_and_training_meets_its_target() {
-    let Some(scope) = scope_model() else { return };
+    let Some(scope) = common::scope_model() else {
+        return;
+    };
     let h = HeadFile::parse(BUILTIN).unwrap();
     assert_eq!(
         h.scope_fingerprint,

@@ -354,3 +354,20 @@ pub fn locality_tokens(
     let same = before.iter().zip(&after).filter(|(x, y)| x == y).count();
     (same, before.len())
 }
+
+/// The default scope model, or `None` (skipped) when it is absent, unless
+/// AMEND_REQUIRE_MODEL=1 (`make test`), which makes its absence a failure.
+pub fn scope_model() -> Option<std::sync::Arc<amend_runtime::ScopeModel>> {
+    let path: PathBuf = amend_runtime::default_scope_model_path()?;
+    if !path.exists() {
+        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+            panic!(
+                "AMEND_REQUIRE_MODEL=1 but the scope model {} is missing (make scope-model)",
+                path.display()
+            );
+        }
+        eprintln!("skipped: no scope model at {}", path.display());
+        return None;
+    }
+    Some(amend_runtime::ScopeModel::open(&path, Some(2)).unwrap())
+}
