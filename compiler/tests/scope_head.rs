@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::methods::scope_head::{self, HeadFile, TrainOptions, BUILTIN};
 
