@@ -5,7 +5,7 @@
 
 mod common;
 
-use amend_compiler::methods::relation_groups::{record_groups, Lexicon, BUILTIN};
+use amend_compiler::methods::relation_groups::{record_groups, Lexicon, BUILTIN, MAX_LEXICON_LEN};
 use amend_edits::families::{strip_subject, RelationGroups};
 
 #[test]
@@ -31,6 +31,28 @@ fn lexicons_parse_and_malformed_ones_are_refused() {
     assert!(Lexicon::load("none").unwrap().is_none());
     assert!(Lexicon::load("builtin").unwrap().is_some());
     assert!(Lexicon::load("/nonexistent/lexicon.txt").is_err());
+    // Hostile paths: a directory, a FIFO (refused, never waited on), a file over the cap.
+    let dir = std::env::temp_dir().join(format!("amend-lexicon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    let huge = dir.join("huge.txt");
+    let f = std::fs::File::create(&huge).unwrap();
+    f.set_len(MAX_LEXICON_LEN + 1).unwrap();
+    let mut paths = vec![dir.clone(), huge];
+    if made.is_ok_and(|s| s.success()) {
+        paths.push(fifo);
+    }
+    for p in paths {
+        let err = Lexicon::load(p.to_str().unwrap()).unwrap_err().to_string();
+        assert!(
+            err.contains("serac.relation_groups"),
+            "{}: {err}",
+            p.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         strip_subject("When was the PlayStation released?", "PlayStation").as_deref(),
         Some("When was it released?")

@@ -16,6 +16,9 @@ use crate::error::{CompileError, Result};
 /// The built-in lexicon (chosen on data/memory-dev.json; docs/eval.md).
 pub const BUILTIN: &str = include_str!("../../../data/relation-groups.txt");
 
+/// Largest lexicon file read (bytes): 4,096 templates of a few hundred bytes fit well within.
+pub const MAX_LEXICON_LEN: u64 = 4 << 20;
+
 /// A parsed lexicon: group names and templates, each template's group.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lexicon {
@@ -80,9 +83,13 @@ impl Lexicon {
             "none" => Ok(None),
             "builtin" => Lexicon::parse(BUILTIN).map(Some),
             path => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    CompileError::Hparams(format!("serac.relation_groups: {path}: {e}"))
-                })?;
+                // A regular file within the cap (a FIFO, a device or a directory is refused,
+                // never waited on).
+                let text = amend_edits::fsutil::read_regular_string(
+                    std::path::Path::new(path),
+                    MAX_LEXICON_LEN,
+                )
+                .map_err(|e| CompileError::Hparams(format!("serac.relation_groups {path}: {e}")))?;
                 Lexicon::parse(&text).map(Some)
             }
         }
