@@ -181,9 +181,7 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     let mut check = |kind: &str, prompt: &str, own: &str| -> anyhow::Result<()> {
         let q = scope.encode(prompt)?;
         n_encodes += 1;
-        let hit = mem.route_with(&q.pooled, &q.rows, None, &mut |i| {
-            scope.stripped_pooled(prompt, mem.routing()?.subject(i)?)
-        });
+        let hit = scope.route(&mem, prompt, &q);
         let t = tallies.entry(kind.to_string()).or_default();
         t.n += 1;
         let (verdict, id) = match hit {

@@ -999,7 +999,7 @@ pub(crate) fn route<H: EditHost + ?Sized>(
     // (memory, hit, token terms); compared by (in scope, score).
     let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
     let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
-    let mut encoded: Option<crate::scope::ScopeEncoding> = None;
+    let mut encoded: Option<(Arc<ScopeModel>, crate::scope::ScopeEncoding)> = None;
     for (mi, m) in plan.memories.iter().enumerate() {
         let (hit, terms) = match m.mem.embedder() {
             Embedder::BaseModel {
@@ -1024,13 +1024,11 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     let scope = h.edits().scope.clone().ok_or_else(|| {
                         RuntimeError::InvalidEdit("no scope model configured".into())
                     })?;
-                    encoded = Some(scope.encode(prompt)?);
+                    let q = scope.encode(prompt)?;
+                    encoded = Some((scope, q));
                 }
-                let q = encoded.as_ref().expect("set above");
-                let scope = h.edits().scope.clone().expect("encoded above");
-                let Some(r) = m.mem.route_with(&q.pooled, &q.rows, None, &mut |i| {
-                    scope.stripped_pooled(prompt, m.mem.routing()?.subject(i)?)
-                }) else {
+                let (scope, q) = encoded.as_ref().expect("set above");
+                let Some(r) = scope.route(&m.mem, prompt, q) else {
                     continue;
                 };
                 let routing = m.mem.routing().expect("route returned a hit");

@@ -246,6 +246,20 @@ impl ScopeModel {
         self.encode(&text).ok().map(|e| e.pooled)
     }
 
+    /// Routes `prompt` (`q`: its encode by this model) through a scope-model memory, relation
+    /// groups included (their stripped queries encoded here): what the runtime and
+    /// `amend scope-model route` both do.
+    pub fn route(
+        &self,
+        mem: &amend_edits::families::Memory<'_>,
+        prompt: &str,
+        q: &ScopeEncoding,
+    ) -> Option<amend_edits::families::RouteHit> {
+        mem.route_with(&q.pooled, &q.rows, None, &mut |i| {
+            self.stripped_pooled(prompt, mem.routing()?.subject(i)?)
+        })
+    }
+
     /// Encodes content tokens (from [`ScopeModel::tokenize`], no [CLS]/[SEP]): routing encodes
     /// a prompt with its subject's tokens taken out this way, so the relation is compared
     /// without the subject's words. Ids outside the vocabulary are an error.

@@ -730,6 +730,8 @@ impl<'a> Memory<'a> {
         let mut best: Option<RouteHit> = None;
         let mut n_in = 0;
         let (mut rest, mut x) = (Vec::new(), Vec::new());
+        // Per subject: the query's group with that subject stripped (`None`: not in the query).
+        let mut query_groups: Vec<(&str, Option<Option<u16>>)> = Vec::new();
         for &(pooled, i) in &top {
             let (subject, relation) =
                 subject_relation_rest(r.subject_rows(i), r.relation(i), query_rows, d, &mut rest);
@@ -739,7 +741,19 @@ impl<'a> Memory<'a> {
                 .as_ref()
                 .and_then(|g| Some((g, g.record_group(i)?)))
                 .filter(|_| pooled >= self.threshold && subject >= r.subject_threshold)
-                .and_then(|(g, rg)| Some((rg, g.classify(&stripped(i)?).map(|(q, _)| q))));
+                .and_then(|(g, rg)| {
+                    // Candidates about the same subject share one stripped encode.
+                    let s = r.subject(i).unwrap_or("");
+                    let q = match query_groups.iter().find(|(m, _)| *m == s) {
+                        Some(&(_, q)) => q,
+                        None => {
+                            let q = stripped(i).map(|v| g.classify(&v).map(|(q, _)| q));
+                            query_groups.push((s, q));
+                            q
+                        }
+                    };
+                    Some((rg, q?))
+                });
             let (score, in_scope) = match (&r.head, by_group) {
                 (_, Some((rg, qg))) => (pooled * subject, qg == Some(rg)),
                 // The head decides alone; its logit ranks the in-scope records.
@@ -1036,6 +1050,43 @@ mod tests {
         assert!(!h.in_scope);
         assert!(ScopeRouting::new(3, &rel, &subj, &[1, 0], 0.9, 0.5).is_err());
         assert!(ScopeRouting::new(3, &rel, &subj, &[1, 1], 1.5, 0.5).is_err());
+    }
+
+    /// Two records about one subject, in two relation groups: the query's group picks one, and
+    /// the stripped query is encoded once for both.
+    #[test]
+    fn relation_groups_pick_the_record_and_share_one_encode_per_subject() {
+        let emb = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        let rel = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let subj = [0.0, 1.0, 0.0, 0.0, 1.0, 0.0];
+        let templates = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        let ext = Embedder::External {
+            model_id: "m",
+            fingerprint: Some(&[1; 32]),
+        };
+        let groups =
+            RelationGroups::new(3, &templates, &[0, 1], vec!["g0", "g1"], &[1, 0], 0.6).unwrap();
+        let m = Memory::new(3, &emb, 0.5, vec![rec("a"), rec("b")], "{prompt}", ext)
+            .unwrap()
+            .with_scope_routing(
+                ScopeRouting::new(3, &rel, &subj, &[1, 1], 0.5, 0.5)
+                    .unwrap()
+                    .with_groups(groups, vec!["X", "X"])
+                    .unwrap(),
+            )
+            .unwrap();
+        let s = 0.5f32.sqrt();
+        let mut calls = 0;
+        let h = m
+            .route_with(&[s, s, 0.0], &[0.0, 1.0, 0.0], None, &mut |_| {
+                calls += 1;
+                Some(alloc::vec![0.0, 0.0, 1.0])
+            })
+            .unwrap();
+        assert_eq!(calls, 1);
+        // Group 0 is record 1's.
+        assert!(h.in_scope && h.index == 1 && h.n_in_scope == 1, "{h:?}");
+        assert_eq!(h.groups, Some((0, Some(0))));
     }
 
     #[test]
