@@ -468,6 +468,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              key there lay beyond half the edit's radius)"
         );
     }
+    let weighted: Vec<&str> = out
+        .reports
+        .iter()
+        .filter(|r| r.action.contains(", weighted "))
+        .map(|r| r.id.as_str())
+        .collect();
+    if !weighted.is_empty() {
+        println!(
+            "{} edit(s) weighted up and solved again by memit's margin loop (short of \
+             memit.margin_nll after the batch's solve): {}",
+            weighted.len(),
+            weighted.join(", ")
+        );
+    }
     if let Some(c) = &compiler.checkpoint {
         println!(
             "checkpoint {}: {} edit(s) resumed, {} write(s) in {:.2} s",

@@ -221,6 +221,24 @@ pub struct MemitParams {
     /// Edits solved together; larger sets are compiled chunk by chunk (each chunk on top of the
     /// previous ones, whose keys stay in the covariance).
     pub batch: usize,
+    /// The margin loop: an edit that misses its target after the batch's solve (teacher-forced,
+    /// the compiler's forward), or one of whose target tokens has an NLL above `margin_nll`,
+    /// gets its key weighted `margin_factor` times more and the batch is solved again, at most
+    /// `margin_rounds` times. 0 rounds: off.
+    #[serde(default = "default_margin_nll")]
+    pub margin_nll: f32,
+    #[serde(default)]
+    pub margin_rounds: usize,
+    #[serde(default = "default_margin_factor")]
+    pub margin_factor: f64,
+}
+
+fn default_margin_nll() -> f32 {
+    std::f32::consts::LN_2
+}
+
+fn default_margin_factor() -> f64 {
+    4.0
 }
 
 impl MemitParams {
@@ -386,6 +404,12 @@ impl Hparams {
         }
         if self.rome.neighbours > 256 || m.neighbours > 256 {
             return bad("rome/memit.neighbours", "must be at most 256");
+        }
+        if !(m.margin_nll > 0.0) || !(m.margin_factor > 1.0) || m.margin_rounds > 8 {
+            return bad(
+                "memit.margin_nll/margin_factor/margin_rounds",
+                "need margin_nll > 0, margin_factor > 1 and at most 8 rounds",
+            );
         }
         if self.memit.neighbour_pool > 1024 {
             return bad("memit.neighbour_pool", "must be at most 1024");

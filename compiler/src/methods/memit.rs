@@ -32,11 +32,12 @@ use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
-use crate::forward::{nll, rms_norm, Hooks, Proj};
+use crate::forward::{log_softmax_last, nll, rms_norm, Hooks, Proj};
 use crate::hparams::MemitParams;
 use amend_edits::bundle::BundleBuilder;
 use amend_edits::Bundle;
 use candle_core::Tensor;
+use std::cmp::Ordering::Equal;
 use std::time::Instant;
 
 /// The edited layers: `memit.layers`, shifted so that the top one is `top` when given.
@@ -130,21 +131,37 @@ struct Pending<'r> {
     kept: Vec<Vec<f32>>,
 }
 
-/// Teacher-forced target NLL and success (every target token the argmax) with `deltas`.
+/// How an edit stands after a solve (teacher-forced, with `deltas`).
+#[derive(Clone, Copy)]
+struct Check {
+    /// Mean target NLL.
+    loss: f32,
+    /// Every target token the argmax.
+    success: bool,
+    /// The largest NLL of one target token: below ln 2, every token has probability above 1/2.
+    worst: f32,
+}
+
 fn check(
     c: &Compiler,
     prompt: &[u32],
     answer: &[u32],
     deltas: &mut LowRankDeltas,
-) -> Result<(f32, bool)> {
+) -> Result<Check> {
     let mut input = prompt.to_vec();
     input.extend_from_slice(&answer[..answer.len() - 1]);
     let at: Vec<usize> = (prompt.len() - 1..input.len()).collect();
     let logits = c.fwd.forward(&input, deltas, &at)?;
     let loss = nll(&logits, answer)?.to_scalar::<f32>()?;
     let targets = Tensor::new(answer, &c.fwd.device)?;
-    let ok = argmax_hits_all(&logits, &targets)?;
-    Ok((loss, ok))
+    let success = argmax_hits_all(&logits, &targets)?;
+    let lp = log_softmax_last(&logits)?.gather(&targets.unsqueeze(1)?, 1)?;
+    let worst = -lp.min_all()?.to_scalar::<f32>()?;
+    Ok(Check {
+        loss,
+        success,
+        worst,
+    })
 }
 
 pub(crate) fn compile(
@@ -306,57 +323,125 @@ pub(crate) fn compile(
                 kept: Vec::with_capacity(3 * layers.len()),
             });
         }
-        // 2. Spread the residuals over the window, lowest layer first.
+        // 2. Spread the residuals over the window, lowest layer first. Then the margin loop: an
+        // edit that misses its target after the batch's solve, or one of whose target tokens
+        // has an NLL above `memit.margin_nll`, has its key and value weighted up (weighted least
+        // squares, `ΔW = R W Kᵀ (w·C + K W Kᵀ)⁻¹`) and the batch is solved again from the same
+        // state, up to `memit.margin_rounds` times: a target the compiler's forward only just
+        // reaches is one the quantized model misses.
         let t_spread = Instant::now();
-        for (li, &l) in layers.iter().enumerate() {
-            let left = (layers.len() - li) as f64;
-            let mut keys = Vec::with_capacity(pending.len());
-            let mut values = Vec::with_capacity(pending.len());
-            for (j, e) in pending.iter().enumerate() {
-                keep_neighbours(
-                    c,
-                    e.record,
-                    first + j,
-                    li,
-                    l,
-                    &mut deltas,
-                    &mut covs,
-                    &mut null,
-                )?;
-                let k: Vec<f32> =
-                    averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?.to_vec1()?;
-                let h = residual_after(c, &e.prompt, e.subj, top, &mut deltas)?;
-                let r = ((&e.z - h)? / left)?;
-                let y = down_output(c, &e.prompt, e.subj, l, &mut deltas)?;
-                values.push(down_change(c, l, &y, &r)?.to_vec1::<f32>()?);
-                covs[li].add(&k, 1.0);
-                keys.push(k);
+        let (deltas0, covs0) = (deltas.clone(), covs.clone());
+        let kept0: Option<Vec<usize>> =
+            null.as_ref().map(|n| n.iter().map(|k| k.1.len()).collect());
+        let mut weights = vec![1.0f64; pending.len()];
+        let mut checks;
+        let mut round = 0;
+        // Per round: (edits short, their summed excess NLL) and the weights solved with. Weighting
+        // some edits up can push others out; the round with the fewest short edits is the one
+        // kept (solved once more when it was not the last), so the loop never ships a solve
+        // worse than the unweighted one.
+        let mut rounds: Vec<((usize, f32), Vec<f64>)> = Vec::new();
+        let mut replay = false;
+        loop {
+            for (li, &l) in layers.iter().enumerate() {
+                let left = (layers.len() - li) as f64;
+                let mut keys = Vec::with_capacity(pending.len());
+                let mut values = Vec::with_capacity(pending.len());
+                for (j, e) in pending.iter().enumerate() {
+                    keep_neighbours(
+                        c,
+                        e.record,
+                        first + j,
+                        li,
+                        l,
+                        &mut deltas,
+                        &mut covs,
+                        &mut null,
+                    )?;
+                    // Weight w: key and value scaled by √w (unweighted edits untouched, so a
+                    // compile without margin rounds is bitwise what it was).
+                    let s = weights[j].sqrt();
+                    let scaled = |t: Tensor| if s == 1.0 { Ok(t) } else { t * s };
+                    let k = averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?;
+                    let k: Vec<f32> = scaled(k)?.to_vec1()?;
+                    let h = residual_after(c, &e.prompt, e.subj, top, &mut deltas)?;
+                    let r = scaled(((&e.z - h)? / left)?)?;
+                    let y = down_output(c, &e.prompt, e.subj, l, &mut deltas)?;
+                    values.push(down_change(c, l, &y, &r)?.to_vec1::<f32>()?);
+                    covs[li].add(&k, 1.0);
+                    keys.push(k);
+                }
+                // Solve against the whole batch's keys before applying any of the updates.
+                let dirs: Vec<Vec<f32>> = match null.as_mut() {
+                    Some(n) => {
+                        let (ns, kept) = &mut n[li];
+                        ns.directions(kept, &keys, hp.null_space_ridge)?
+                    }
+                    None => keys.iter().map(|k| covs[li].solve(k)).collect(),
+                };
+                for (((e, m), r), k) in pending.iter_mut().zip(dirs).zip(values).zip(keys) {
+                    if !m.iter().chain(&r).all(|x| x.is_finite()) {
+                        return Err(CompileError::Hparams(format!(
+                            "memit: non-finite update for {:?} at layer {l}; raise memit.cov_lambda",
+                            e.record.id
+                        )));
+                    }
+                    if c.checkpoint.is_some() {
+                        e.kept.extend([k, m.clone(), r.clone()]);
+                    }
+                    e.deltas.push(push_rank_one(c, &mut deltas, l, m, r)?);
+                }
             }
-            // Solve against the whole batch's keys before applying any of the updates.
-            let dirs: Vec<Vec<f32>> = match null.as_mut() {
-                Some(n) => {
-                    let (ns, kept) = &mut n[li];
-                    ns.directions(kept, &keys, hp.null_space_ridge)?
+            checks = Vec::with_capacity(pending.len());
+            for e in &pending {
+                checks.push(check(c, &e.prompt, &e.answer, &mut deltas)?);
+            }
+            let short: Vec<usize> = (0..pending.len())
+                .filter(|&j| !checks[j].success || checks[j].worst > hp.margin_nll)
+                .collect();
+            if replay || short.is_empty() {
+                break;
+            }
+            let excess = short
+                .iter()
+                .map(|&j| (checks[j].worst - hp.margin_nll).max(0.0))
+                .sum::<f32>();
+            rounds.push(((short.len(), excess), weights.clone()));
+            if round == hp.margin_rounds {
+                let best = (0..rounds.len())
+                    .min_by(|&a, &b| rounds[a].0.partial_cmp(&rounds[b].0).unwrap_or(Equal))
+                    .unwrap_or(round);
+                if best == round {
+                    break;
                 }
-                None => keys.iter().map(|k| covs[li].solve(k)).collect(),
-            };
-            for (((e, m), r), k) in pending.iter_mut().zip(dirs).zip(values).zip(keys) {
-                if !m.iter().chain(&r).all(|x| x.is_finite()) {
-                    return Err(CompileError::Hparams(format!(
-                        "memit: non-finite update for {:?} at layer {l}; raise memit.cov_lambda",
-                        e.record.id
-                    )));
+                weights = rounds[best].1.clone();
+                replay = true;
+            } else {
+                round += 1;
+                for j in short {
+                    weights[j] *= hp.margin_factor;
                 }
-                if c.checkpoint.is_some() {
-                    e.kept.extend([k, m.clone(), r.clone()]);
+            }
+            deltas = deltas0.clone();
+            covs = covs0.clone();
+            if let (Some(n), Some(k0)) = (null.as_mut(), &kept0) {
+                for (layer, &len) in n.iter_mut().zip(k0) {
+                    layer.1.truncate(len);
                 }
-                e.deltas.push(push_rank_one(c, &mut deltas, l, m, r)?);
+            }
+            for e in pending.iter_mut() {
+                e.deltas.clear();
+                e.kept.clear();
             }
         }
         let spread = t_spread.elapsed().as_secs_f64() / pending.len() as f64;
         for (j, e) in pending.into_iter().enumerate() {
-            let (loss, success) = check(c, &e.prompt, &e.answer, &mut deltas)?;
+            let Check { loss, success, .. } = checks[j];
             edit_progress(progress, first + j, total, &e.record.id)(e.steps, loss, true);
+            let weighted = match weights[j] {
+                w if w > 1.0 => format!(", weighted {w}x"),
+                _ => String::new(),
+            };
             let rep = EditReport {
                 id: e.record.id.clone(),
                 loss,
@@ -364,7 +449,7 @@ pub(crate) fn compile(
                 seconds: e.seconds + spread,
                 success,
                 action: format!(
-                    "rank-one on each of {} (subject token {}, batch of {})",
+                    "rank-one on each of {} (subject token {}, batch of {}{weighted})",
                     names.join(", "),
                     e.subj,
                     chunk.len()

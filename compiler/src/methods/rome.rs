@@ -47,6 +47,7 @@ pub const CONTEXT_PREFIXES: [&str; 6] = [
 /// the covariance corpus ([`super::corpus`]), held as its Cholesky factor; earlier edits' keys
 /// are added as rank-one updates so a later edit barely moves them (ROME's `C⁻¹k` direction,
 /// made sequential).
+#[derive(Clone)]
 pub(crate) struct Covariance(Cholesky);
 
 impl Covariance {
@@ -198,7 +199,7 @@ pub(crate) fn preserve_base_prompts(
 type LowRankTerm = (Tensor, Tensor, f32);
 
 /// Accumulated low-rank deltas applied in the candle forward: `y += (x Aᵀ) Bᵀ · scale`.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct LowRankDeltas {
     terms: HashMap<(usize, Proj), Vec<LowRankTerm>>,
 }
