@@ -551,6 +551,12 @@ pub(crate) fn align_up(x: u64, a: u64) -> Option<u64> {
     Some(x.checked_add(a - 1)? & !(a - 1))
 }
 
+/// A finite cosine in [-1, 1]: what every stored scope threshold and score must be (NaN and
+/// ±inf fail). Both readers and the in-memory families check it.
+pub fn is_cosine(x: f32) -> bool {
+    x.is_finite() && (-1.0..=1.0).contains(&x)
+}
+
 #[cfg(test)]
 mod code_tests {
     use super::*;

@@ -305,7 +305,7 @@ pub fn check_relation_groups(g: &RelationGroupsDesc, n: u64) -> Result<(), &'sta
     if g.names.iter().any(|s| s.len() > MAX_STRING_LEN) {
         return Err("relation groups: name length");
     }
-    if !(g.min_score.is_finite() && (-1.0..=1.0).contains(&g.min_score)) {
+    if !super::format::is_cosine(g.min_score) {
         return Err("relation groups: min_score must be a cosine in [-1, 1]");
     }
     Ok(())

@@ -1605,7 +1605,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                             return Err(invalid("relation groups: name length"));
                         }
                     }
-                    if !(g.min_score.is_finite() && (-1.0..=1.0).contains(&g.min_score)) {
+                    if !super::format::is_cosine(g.min_score) {
                         return Err(invalid(
                             "relation groups: min_score must be a cosine in [-1, 1]",
                         ));

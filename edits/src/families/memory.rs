@@ -15,6 +15,7 @@ use alloc::vec::Vec;
 use super::{
     check_matrix, check_unit_rows, dot, max_dot_indexed, F16Rows, InvalidPayload, Pooling,
 };
+use crate::bundle::format::is_cosine;
 use crate::site::Site;
 
 /// The text of one memorized edit (borrowed from the bundle).
@@ -149,7 +150,7 @@ impl<'a> RelationGroups<'a> {
         {
             return Err(InvalidPayload("relation groups: record group out of range"));
         }
-        if !(min_score.is_finite() && (-1.0..=1.0).contains(&min_score)) {
+        if !is_cosine(min_score) {
             return Err(InvalidPayload(
                 "relation groups: min_score must be a cosine in [-1, 1]",
             ));
@@ -381,7 +382,7 @@ impl<'a> ScopeRouting<'a> {
         )?;
         check_unit_rows(subject_rows, embed_dim, "memory: subject rows must be unit")?;
         for t in [subject_threshold, relation_threshold] {
-            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
+            if !is_cosine(t) {
                 return Err(InvalidPayload(
                     "memory: scope thresholds must be cosines in [-1, 1]",
                 ));
@@ -626,7 +627,7 @@ impl<'a> Memory<'a> {
             embed_dim,
             "memory: embeddings must be L2-normalized",
         )?;
-        if !(threshold.is_finite() && (-1.0..=1.0).contains(&threshold)) {
+        if !is_cosine(threshold) {
             return Err(InvalidPayload(
                 "memory: threshold must be a cosine in [-1, 1]",
             ));
