@@ -32,7 +32,7 @@ use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
-use crate::forward::{log_softmax_last, nll, rms_norm, Hooks, Proj};
+use crate::forward::{log_softmax_last, rms_norm, Hooks, Proj};
 use crate::hparams::MemitParams;
 use amend_edits::bundle::BundleBuilder;
 use amend_edits::Bundle;
@@ -152,11 +152,14 @@ fn check(
     input.extend_from_slice(&answer[..answer.len() - 1]);
     let at: Vec<usize> = (prompt.len() - 1..input.len()).collect();
     let logits = c.fwd.forward(&input, deltas, &at)?;
-    let loss = nll(&logits, answer)?.to_scalar::<f32>()?;
     let targets = Tensor::new(answer, &c.fwd.device)?;
     let success = argmax_hits_all(&logits, &targets)?;
-    let lp = log_softmax_last(&logits)?.gather(&targets.unsqueeze(1)?, 1)?;
-    let worst = -lp.min_all()?.to_scalar::<f32>()?;
+    // Each target token's NLL (as `nll` computes them), once for the mean and the worst.
+    let token_nll = log_softmax_last(&logits)?
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .neg()?;
+    let loss = token_nll.mean_all()?.to_scalar::<f32>()?;
+    let worst = token_nll.max_all()?.to_scalar::<f32>()?;
     Ok(Check {
         loss,
         success,
