@@ -133,6 +133,11 @@ pub struct RomeParams {
     /// corpus entities in the subject's place; their keys join `C` with `neighbour_weight`.
     pub neighbours: usize,
     pub neighbour_weight: f64,
+    /// The smallest update that still holds (0 = off): the edit's value delta is scaled down
+    /// to the smallest fraction (bisection, 1/32 steps) at which every target token keeps an NLL
+    /// at most this (teacher-forced, the compiler's forward, the rank-one update applied).
+    #[serde(default)]
+    pub shrink_nll: f32,
 }
 
 impl RomeParams {
@@ -227,6 +232,14 @@ pub struct MemitParams {
     /// `margin_rounds` times. 0 rounds: off.
     #[serde(default = "default_margin_nll")]
     pub margin_nll: f32,
+    /// In the margin loop, a weighted edit's key is its own prompt's (not the average over the
+    /// context prefixes).
+    #[serde(default)]
+    pub margin_own_key: bool,
+    /// As `rome.shrink_nll`, for v* at the top layer (the value delta at the subject's last
+    /// token, before it is spread over the window); 0 = off.
+    #[serde(default)]
+    pub shrink_nll: f32,
     #[serde(default)]
     pub margin_rounds: usize,
     #[serde(default = "default_margin_factor")]
@@ -373,6 +386,9 @@ impl Hparams {
         }
         if !(self.rome.cov_lambda > 0.0) {
             return bad("rome.cov_lambda", "must be > 0");
+        }
+        if !(self.rome.shrink_nll >= 0.0) || !(self.memit.shrink_nll >= 0.0) {
+            return bad("rome.shrink_nll/memit.shrink_nll", "must be >= 0 (0 = off)");
         }
         if !(self.rome.preserve_weight >= 0.0) {
             return bad("rome.preserve_weight", "must be >= 0");

@@ -24,15 +24,16 @@
 
 use super::corpus::{Corpus, NullSpace};
 use super::rome::{
-    averaged_key, base_deltas, corpus_covariances, down_key, entry, neighbour_keys,
-    neighbour_subjects, null_space_kept, preserve_base_prompts, push_rank_one, subject_last,
-    train_delta, write_low_rank, LowRankDeltas, OwnedDelta,
+    averaged_key, base_deltas, check, corpus_covariances, delta_meets, down_key, down_output,
+    entry, neighbour_keys, neighbour_subjects, null_space_kept, preserve_base_prompts,
+    push_rank_one, smallest_fraction, subject_last, train_delta, write_low_rank, Check,
+    LowRankDeltas, OwnedDelta,
 };
-use super::{argmax_hits_all, edit_progress, Compiler, EditReport, Progress};
+use super::{edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
-use crate::forward::{log_softmax_last, rms_norm, Hooks, Proj};
+use crate::forward::{rms_norm, Proj};
 use crate::hparams::MemitParams;
 use amend_edits::bundle::BundleBuilder;
 use amend_edits::Bundle;
@@ -88,22 +89,6 @@ fn down_change(c: &Compiler, layer: usize, y: &Tensor, r: &Tensor) -> Result<Ten
     Ok((r * ginv)?.broadcast_mul(&rms)?)
 }
 
-/// The down-projection output of `layer` at `pos` of `tokens` (`[n_embd]`), deltas included.
-fn down_output(
-    c: &Compiler,
-    tokens: &[u32],
-    pos: usize,
-    layer: usize,
-    deltas: &mut LowRankDeltas,
-) -> Result<Tensor> {
-    let k = down_key(c, tokens, pos, layer, deltas)?.unsqueeze(0)?;
-    let mut y = k.matmul(&c.fwd.layers[layer].w_down.t()?)?;
-    if let Some(d) = deltas.linear_delta(layer, Proj::Down, &k)? {
-        y = (y + d)?;
-    }
-    Ok(y.squeeze(0)?)
-}
-
 /// The residual stream after block `layer` at `pos` of `tokens` (`[n_embd]`).
 fn residual_after(
     c: &Compiler,
@@ -123,48 +108,14 @@ struct Pending<'r> {
     subj: usize,
     /// Target residual after the top layer at the subject's last token.
     z: Tensor,
+    /// The fraction of v*'s delta kept (`memit.shrink_nll`).
+    fraction: f32,
     steps: usize,
     seconds: f64,
     deltas: Vec<OwnedDelta>,
     /// Per layer of the window: the key, the update's direction and value (what a resumed
     /// compile replays, see `crate::checkpoint`).
     kept: Vec<Vec<f32>>,
-}
-
-/// How an edit stands after a solve (teacher-forced, with `deltas`).
-#[derive(Clone, Copy)]
-struct Check {
-    /// Mean target NLL.
-    loss: f32,
-    /// Every target token the argmax.
-    success: bool,
-    /// The largest NLL of one target token: below ln 2, every token has probability above 1/2.
-    worst: f32,
-}
-
-fn check(
-    c: &Compiler,
-    prompt: &[u32],
-    answer: &[u32],
-    deltas: &mut LowRankDeltas,
-) -> Result<Check> {
-    let mut input = prompt.to_vec();
-    input.extend_from_slice(&answer[..answer.len() - 1]);
-    let at: Vec<usize> = (prompt.len() - 1..input.len()).collect();
-    let logits = c.fwd.forward(&input, deltas, &at)?;
-    let targets = Tensor::new(answer, &c.fwd.device)?;
-    let success = argmax_hits_all(&logits, &targets)?;
-    // Each target token's NLL (as `nll` computes them), once for the mean and the worst.
-    let token_nll = log_softmax_last(&logits)?
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .neg()?;
-    let loss = token_nll.mean_all()?.to_scalar::<f32>()?;
-    let worst = token_nll.max_all()?.to_scalar::<f32>()?;
-    Ok(Check {
-        loss,
-        success,
-        worst,
-    })
 }
 
 pub(crate) fn compile(
@@ -310,8 +261,19 @@ pub(crate) fn compile(
                 &mut deltas,
                 &mut report_step,
             )?;
+            let mut value = t.delta;
+            let fraction = if hp.shrink_nll > 0.0 {
+                let m = hp.shrink_nll;
+                smallest_fraction(|s| {
+                    let v: Vec<f32> = value.iter().map(|x| x * s).collect();
+                    delta_meets(c, top, subj, &v, &p, &a, m, &mut deltas)
+                })?
+            } else {
+                1.0
+            };
+            value.iter_mut().for_each(|x| *x *= fraction);
             let y = down_output(c, &p, subj, top, &mut deltas)?;
-            let v = Tensor::from_slice(&t.delta, y.dims1()?, &c.fwd.device)?;
+            let v = Tensor::from_slice(&value, y.dims1()?, &c.fwd.device)?;
             let gain = (ffn_out(c, top, &(&y + v)?)? - ffn_out(c, top, &y)?)?;
             let z = (residual_after(c, &p, subj, top, &mut deltas)? + gain)?;
             pending.push(Pending {
@@ -320,6 +282,7 @@ pub(crate) fn compile(
                 answer: a,
                 subj,
                 z,
+                fraction,
                 steps: t.steps,
                 seconds: t0.elapsed().as_secs_f64(),
                 deltas: Vec::with_capacity(layers.len()),
@@ -365,7 +328,14 @@ pub(crate) fn compile(
                     // compile without margin rounds is bitwise what it was).
                     let s = weights[j].sqrt();
                     let scaled = |t: Tensor| if s == 1.0 { Ok(t) } else { t * s };
-                    let k = averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?;
+                    // A weighted edit is short on its own prompt: with `margin_own_key` the
+                    // solve meets that prompt's key instead of the average over the context
+                    // prefixes (an update on the average need not carry the prompt itself).
+                    let k = if weights[j] > 1.0 && hp.margin_own_key {
+                        down_key(c, &e.prompt, e.subj, l, &mut deltas)?
+                    } else {
+                        averaged_key(c, e.record, l, hp.context_prefixes, &mut deltas)?
+                    };
                     let k: Vec<f32> = scaled(k)?.to_vec1()?;
                     let h = residual_after(c, &e.prompt, e.subj, top, &mut deltas)?;
                     let r = scaled(((&e.z - h)? / left)?)?;
@@ -441,10 +411,13 @@ pub(crate) fn compile(
         for (j, e) in pending.into_iter().enumerate() {
             let Check { loss, success, .. } = checks[j];
             edit_progress(progress, first + j, total, &e.record.id)(e.steps, loss, true);
-            let weighted = match weights[j] {
+            let mut weighted = match weights[j] {
                 w if w > 1.0 => format!(", weighted {w}x"),
                 _ => String::new(),
             };
+            if e.fraction < 1.0 {
+                weighted.push_str(&format!(", v* scaled {}", e.fraction));
+            }
             let rep = EditReport {
                 id: e.record.id.clone(),
                 loss,

@@ -427,6 +427,58 @@ pub(crate) fn push_rank_one(
     })
 }
 
+/// The down-projection output of `layer` at `pos` of `tokens` (`[n_embd]`), deltas included.
+pub(crate) fn down_output(
+    c: &Compiler,
+    tokens: &[u32],
+    pos: usize,
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Tensor> {
+    let k = down_key(c, tokens, pos, layer, deltas)?.unsqueeze(0)?;
+    let mut y = k.matmul(&c.fwd.layers[layer].w_down.t()?)?;
+    if let Some(d) = deltas.linear_delta(layer, Proj::Down, &k)? {
+        y = (y + d)?;
+    }
+    Ok(y.squeeze(0)?)
+}
+
+/// How an edit stands after a solve (teacher-forced, with `deltas`).
+#[derive(Clone, Copy)]
+pub(crate) struct Check {
+    /// Mean target NLL.
+    pub loss: f32,
+    /// Every target token the argmax.
+    pub success: bool,
+    /// The largest NLL of one target token: below ln 2, every token has probability above 1/2.
+    pub worst: f32,
+}
+
+pub(crate) fn check(
+    c: &Compiler,
+    prompt: &[u32],
+    answer: &[u32],
+    deltas: &mut dyn Hooks,
+) -> Result<Check> {
+    let mut input = prompt.to_vec();
+    input.extend_from_slice(&answer[..answer.len() - 1]);
+    let at: Vec<usize> = (prompt.len() - 1..input.len()).collect();
+    let logits = c.fwd.forward(&input, deltas, &at)?;
+    let targets = Tensor::new(answer, &c.fwd.device)?;
+    let success = argmax_hits_all(&logits, &targets)?;
+    // Each target token's NLL (as `nll` computes them), once for the mean and the worst.
+    let token_nll = log_softmax_last(&logits)?
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .neg()?;
+    let loss = token_nll.mean_all()?.to_scalar::<f32>()?;
+    let worst = token_nll.max_all()?.to_scalar::<f32>()?;
+    Ok(Check {
+        loss,
+        success,
+        worst,
+    })
+}
+
 /// Index of the subject's last token in `prompt_tokens` (tokenizing the prompt up to the end
 /// of the subject), or the last prompt token when the subject is unknown or absent.
 pub(crate) fn subject_last(c: &Compiler, r: &EditRecord, prompt_tokens: &[u32]) -> Result<usize> {
@@ -897,6 +949,8 @@ pub(crate) fn compile(
     };
     let mut reports = Vec::with_capacity(records.len());
     let mut written = Vec::with_capacity(records.len());
+    // What the final check needs of each edit.
+    let mut kept: Vec<Kept> = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
@@ -919,6 +973,7 @@ pub(crate) fn compile(
             let n_embd = c.fwd.cfg.n_embd;
             let v = d.vecs_of(&[n_ff, n_embd, n_ff])?;
             let dl = push_rank_one(c, &mut deltas, layer, v[0].clone(), v[1].clone())?;
+            kept.push(Kept::of(c, r)?);
             if let Some(cv) = cov.as_mut() {
                 cv.add(&v[2], hp.preserve_weight);
             }
@@ -975,8 +1030,26 @@ pub(crate) fn compile(
             });
         }
         let u: Vec<f32> = (k_star / denom as f64)?.to_vec1()?;
-        let d = push_rank_one(c, &mut deltas, layer, u, t.delta)?;
+        let mut value = t.delta;
+        let mut shrunk = String::new();
+        if hp.shrink_nll > 0.0 {
+            // Checked with the rank-one update itself (it reaches every position whose key
+            // aligns with the subject's, not only the subject's last token).
+            let s = smallest_fraction(|s| {
+                let mut with = deltas.clone();
+                let v = value.iter().map(|x| x * s).collect();
+                push_rank_one(c, &mut with, layer, u.clone(), v)?;
+                let ck = check(c, &p, &a, &mut with)?;
+                Ok(ck.success && ck.worst <= hp.shrink_nll)
+            })?;
+            if s < 1.0 {
+                value.iter_mut().for_each(|x| *x *= s);
+                shrunk = format!(", value scaled {s}");
+            }
+        }
+        let d = push_rank_one(c, &mut deltas, layer, u, value)?;
         let k: Vec<f32> = k.to_vec1()?;
+        kept.push(Kept::of(c, r)?);
         if let Some(cv) = cov.as_mut() {
             // Later edits should leave this one's key alone.
             cv.add(&k, hp.preserve_weight);
@@ -991,19 +1064,110 @@ pub(crate) fn compile(
             steps: t.steps,
             seconds: t0.elapsed().as_secs_f64(),
             success: t.success,
-            action: format!("rank-one on {name} (subject token {subj})"),
+            action: format!("rank-one on {name} (subject token {subj}{shrunk})"),
         };
         c.finished(i, || Done::of(&rep, vec![d.a.clone(), d.b.clone(), k]))?;
         reports.push(rep);
         written.push((r, layer, vec![d]));
     }
+    // Each edit as it stands with every edit of the compile applied: what the bundle does on
+    // the device, and what `--allow-partial` is about (a later edit can undo an earlier one).
+    for (rep, e) in reports.iter_mut().zip(&kept) {
+        let ck = check(c, &e.prompt, &e.answer, &mut deltas)?;
+        rep.loss = ck.loss;
+        rep.success = ck.success;
+    }
     let gguf = write_low_rank(builder, c.fwd.cfg.arch.name(), base, &written)?;
     Ok((reports, gguf))
 }
 
+/// The smallest fraction `s` of an edit's value delta (bisection in 1/32 steps) for which
+/// `meets(s)`: `rome.shrink_nll` / `memit.shrink_nll`. v* stops once its loss is below
+/// `stop_loss`, and Adam's last step usually overshoots; the excess is what moves neighbouring
+/// prompts and the other edits. 1 when the full delta does not meet it either.
+pub(crate) fn smallest_fraction(mut meets: impl FnMut(f32) -> Result<bool>) -> Result<f32> {
+    if !meets(1.0)? {
+        return Ok(1.0);
+    }
+    let (mut lo, mut hi) = (0.0f32, 1.0f32);
+    for _ in 0..5 {
+        let mid = (lo + hi) / 2.0;
+        if meets(mid)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// Whether the value `delta` added at `subj` of the edit prompt (at `layer`'s down projection,
+/// on top of `deltas`) carries the edit: every target token the argmax with an NLL at most
+/// `margin` (teacher-forced, the compiler's forward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn delta_meets(
+    c: &Compiler,
+    layer: usize,
+    subj: usize,
+    delta: &[f32],
+    prompt: &[u32],
+    answer: &[u32],
+    margin: f32,
+    deltas: &mut LowRankDeltas,
+) -> Result<bool> {
+    let t = prompt.len() + answer.len() - 1;
+    let mut sel = vec![0f32; t];
+    sel[subj] = 1.0;
+    let mut hook = DeltaAt {
+        layer,
+        rows: Tensor::from_vec(sel, (t, 1), &c.fwd.device)?,
+        delta: Tensor::from_slice(delta, delta.len(), &c.fwd.device)?,
+        base: deltas,
+    };
+    let ck = check(c, prompt, answer, &mut hook)?;
+    Ok(ck.success && ck.worst <= margin)
+}
+
+/// One edit of a ROME compile, for the final check.
+struct Kept {
+    prompt: Vec<u32>,
+    answer: Vec<u32>,
+}
+
+impl Kept {
+    fn of(c: &Compiler, r: &EditRecord) -> Result<Kept> {
+        let (prompt, answer) = c.tokens(&r.prompt, &r.target_new)?;
+        Ok(Kept { prompt, answer })
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::shares_content_word;
+    use super::{shares_content_word, smallest_fraction};
+
+    #[test]
+    fn smallest_fraction_bisects_to_the_next_32nd_above_the_threshold() {
+        let mut calls = Vec::new();
+        let s = smallest_fraction(|s| {
+            calls.push(s);
+            Ok(s >= 0.3)
+        })
+        .unwrap();
+        assert_eq!(s, 0.3125);
+        // The full delta first, then five halvings.
+        assert_eq!(calls, [1.0, 0.5, 0.25, 0.375, 0.3125, 0.28125]);
+        // A delta that does not meet the margin at all is kept whole.
+        assert_eq!(smallest_fraction(|_| Ok(false)).unwrap(), 1.0);
+        // Every fraction meets it: the smallest tried.
+        assert_eq!(smallest_fraction(|_| Ok(true)).unwrap(), 0.03125);
+        // An error stops the search.
+        assert!(smallest_fraction(|s| if s < 1.0 {
+            Err(crate::error::CompileError::Hparams("x".into()))
+        } else {
+            Ok(true)
+        })
+        .is_err());
+    }
 
     #[test]
     fn relation_prompts_about_the_edited_relation_are_skipped() {
