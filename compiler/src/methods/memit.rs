@@ -370,7 +370,7 @@ pub(crate) fn compile(
                 checks.push(check(c, &e.prompt, &e.answer, &mut deltas)?);
             }
             let short: Vec<usize> = (0..pending.len())
-                .filter(|&j| !checks[j].success || checks[j].worst > hp.margin_nll)
+                .filter(|&j| !checks[j].holds(hp.margin_nll))
                 .collect();
             if replay || short.is_empty() {
                 break;

@@ -454,6 +454,13 @@ pub(crate) struct Check {
     pub worst: f32,
 }
 
+impl Check {
+    /// Every target token the argmax, each with an NLL of at most `margin`.
+    pub(crate) fn holds(&self, margin: f32) -> bool {
+        self.success && self.worst <= margin
+    }
+}
+
 pub(crate) fn check(
     c: &Compiler,
     prompt: &[u32],
@@ -949,8 +956,8 @@ pub(crate) fn compile(
     };
     let mut reports = Vec::with_capacity(records.len());
     let mut written = Vec::with_capacity(records.len());
-    // What the final check needs of each edit.
-    let mut kept: Vec<Kept> = Vec::with_capacity(records.len());
+    // Each edit's prompt and answer tokens, for the final check.
+    let mut tokens: Vec<(Vec<u32>, Vec<u32>)> = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let t0 = Instant::now();
         let mut report_step = edit_progress(progress, i, records.len(), &r.id);
@@ -973,7 +980,7 @@ pub(crate) fn compile(
             let n_embd = c.fwd.cfg.n_embd;
             let v = d.vecs_of(&[n_ff, n_embd, n_ff])?;
             let dl = push_rank_one(c, &mut deltas, layer, v[0].clone(), v[1].clone())?;
-            kept.push(Kept::of(c, r)?);
+            tokens.push(c.tokens(&r.prompt, &r.target_new)?);
             if let Some(cv) = cov.as_mut() {
                 cv.add(&v[2], hp.preserve_weight);
             }
@@ -1040,7 +1047,7 @@ pub(crate) fn compile(
                 let v = value.iter().map(|x| x * s).collect();
                 push_rank_one(c, &mut with, layer, u.clone(), v)?;
                 let ck = check(c, &p, &a, &mut with)?;
-                Ok(ck.success && ck.worst <= hp.shrink_nll)
+                Ok(ck.holds(hp.shrink_nll))
             })?;
             if s < 1.0 {
                 value.iter_mut().for_each(|x| *x *= s);
@@ -1049,7 +1056,7 @@ pub(crate) fn compile(
         }
         let d = push_rank_one(c, &mut deltas, layer, u, value)?;
         let k: Vec<f32> = k.to_vec1()?;
-        kept.push(Kept::of(c, r)?);
+        tokens.push((p, a));
         if let Some(cv) = cov.as_mut() {
             // Later edits should leave this one's key alone.
             cv.add(&k, hp.preserve_weight);
@@ -1072,8 +1079,8 @@ pub(crate) fn compile(
     }
     // Each edit as it stands with every edit of the compile applied: what the bundle does on
     // the device, and what `--allow-partial` is about (a later edit can undo an earlier one).
-    for (rep, e) in reports.iter_mut().zip(&kept) {
-        let ck = check(c, &e.prompt, &e.answer, &mut deltas)?;
+    for (rep, (p, a)) in reports.iter_mut().zip(&tokens) {
+        let ck = check(c, p, a, &mut deltas)?;
         rep.loss = ck.loss;
         rep.success = ck.success;
     }
@@ -1125,20 +1132,7 @@ pub(crate) fn delta_meets(
         base: deltas,
     };
     let ck = check(c, prompt, answer, &mut hook)?;
-    Ok(ck.success && ck.worst <= margin)
-}
-
-/// One edit of a ROME compile, for the final check.
-struct Kept {
-    prompt: Vec<u32>,
-    answer: Vec<u32>,
-}
-
-impl Kept {
-    fn of(c: &Compiler, r: &EditRecord) -> Result<Kept> {
-        let (prompt, answer) = c.tokens(&r.prompt, &r.target_new)?;
-        Ok(Kept { prompt, answer })
-    }
+    Ok(ck.holds(margin))
 }
 
 #[cfg(test)]
