@@ -543,6 +543,23 @@ mod tests {
         }
     }
 
+    /// The shipped presets (runtime/hparams/presets/) stay loadable over every default.
+    #[test]
+    fn presets_parse_for_every_arch() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/hparams/presets");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            for a in Arch::all() {
+                let hp = Hparams::resolve(a, Some(&path), &[]).unwrap();
+                let base = Hparams::resolve(a, None, &[]).unwrap();
+                assert_ne!(hp, base, "{} changes nothing", path.display());
+            }
+            n += 1;
+        }
+        assert!(n > 0, "no presets in {}", dir.display());
+    }
+
     #[test]
     fn set_overrides_and_rejects_unknown_keys() {
         let hp = Hparams::resolve(

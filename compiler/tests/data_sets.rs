@@ -1,6 +1,6 @@
 //! The repository's evaluation sets (data/*.json) are well formed for the retrieval-memory and
 //! low-rank evaluations: sizes, probe kinds, styles, and no leakage between the development set,
-//! the held-out set and the original dev edits. No model needed.
+//! the held-out sets and the original dev edits. No model needed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -113,13 +113,36 @@ fn check_memory_set(name: &str, min: usize, id_prefix: &str) -> Vec<EditRecord> 
     recs
 }
 
+/// No record of `set` has the subject of a record in one of `others` (named for the message).
+fn assert_subjects_disjoint(set: &[EditRecord], others: &[(&str, &[EditRecord])]) {
+    for (name, other) in others {
+        let subjects: HashSet<_> = other.iter().filter_map(|r| r.subject.as_deref()).collect();
+        for r in set {
+            let s = r.subject.as_deref().unwrap();
+            assert!(
+                !subjects.contains(s),
+                "{}: subject {s} also in {name}",
+                r.id
+            );
+        }
+    }
+}
+
 #[test]
 fn memory_sets_are_well_formed_and_disjoint() {
     let dev = check_memory_set("memory-dev.json", 240, "mem-dev-");
     let heldout = check_memory_set("memory-heldout.json", 80, "mem-ho-");
+    let heldout2 = check_memory_set("memory-heldout2.json", 80, "mem-h2-");
+    let heldout3 = check_memory_set("memory-heldout3.json", 60, "mem-h3-");
     let original = records("dev-edits.json");
 
-    let all: Vec<&EditRecord> = dev.iter().chain(&heldout).chain(&original).collect();
+    let all: Vec<&EditRecord> = dev
+        .iter()
+        .chain(&heldout)
+        .chain(&heldout2)
+        .chain(&heldout3)
+        .chain(&original)
+        .collect();
     let mut ids = HashSet::new();
     for r in &all {
         assert!(
@@ -130,15 +153,26 @@ fn memory_sets_are_well_formed_and_disjoint() {
     }
 
     // The held-out part is about other subjects than the development part.
-    let dev_subjects: HashSet<_> = dev.iter().filter_map(|r| r.subject.as_deref()).collect();
-    for r in &heldout {
-        let s = r.subject.as_deref().unwrap();
-        assert!(
-            !dev_subjects.contains(s),
-            "{}: subject {s} also in memory-dev",
-            r.id
-        );
-    }
+    assert_subjects_disjoint(&heldout, &[("memory-dev", &dev)]);
+    // The second held-out set is about subjects in no other file.
+    assert_subjects_disjoint(
+        &heldout2,
+        &[
+            ("memory-dev", &dev),
+            ("memory-heldout", &heldout),
+            ("dev-edits", &original),
+        ],
+    );
+    // So is the third.
+    assert_subjects_disjoint(
+        &heldout3,
+        &[
+            ("memory-dev", &dev),
+            ("memory-heldout", &heldout),
+            ("memory-heldout2", &heldout2),
+            ("dev-edits", &original),
+        ],
+    );
 
     // A probe that is some edit's prompt or rephrase would measure that edit, not locality.
     let edit_prompts: HashSet<&str> = all

@@ -30,6 +30,13 @@ fn lexicons_parse_and_malformed_ones_are_refused() {
     }
     assert!(Lexicon::load("none").unwrap().is_none());
     assert!(Lexicon::load("builtin").unwrap().is_some());
+    // The shipped alternative lexicon loads as a file and keeps every built-in group.
+    let wikidata = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/relation-groups-wikidata.txt"
+    );
+    let wide = Lexicon::load(wikidata).unwrap().unwrap();
+    assert!(wide.names.len() > lex.names.len() && lex.names.iter().all(|n| wide.names.contains(n)));
     assert!(Lexicon::load("/nonexistent/lexicon.txt").is_err());
     // Hostile paths: a directory, a FIFO (refused, never waited on), a file over the cap.
     let dir = std::env::temp_dir().join(format!("amend-lexicon-{}", std::process::id()));
