@@ -398,10 +398,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if let Some(g) = d.embedder.relation_groups() {
                 let grouped = g.record_group.iter().filter(|&&x| x != u16::MAX).count();
                 println!(
-                    "serac relation groups: {} groups, {} templates, min score {:.2}: {grouped}/{} records have a group (their query's group decides in scope; the head decides the rest)",
+                    "serac relation groups: {} groups, {} templates, min score {:.2}, margin {:.2}: {grouped}/{} records have a group (their query's group decides in scope; the head decides the rest)",
                     g.names.len(),
                     g.template_group.len(),
                     g.min_score,
+                    d.embedder.relation_margin(),
                     g.record_group.len()
                 );
             }

@@ -31,9 +31,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TrainHeadArgs {
-    /// KnowEdit/EasyEdit JSON or JSONL with subjects, rephrases and locality prompts.
-    #[arg(long)]
-    data: PathBuf,
+    /// KnowEdit/EasyEdit JSON or JSONL with subjects, rephrases and locality prompts; give it
+    /// more than once to train on several sets (their records in the order given).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// The head to write (safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -59,8 +60,13 @@ struct TrainHeadArgs {
 
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
-    let records = amend_compiler::dataset::load(&a.data, Default::default())
-        .with_context(|| format!("--data {}", a.data.display()))?;
+    let mut records = Vec::new();
+    for d in &a.data {
+        records.extend(
+            amend_compiler::dataset::load(d, Default::default())
+                .with_context(|| format!("--data {}", d.display()))?,
+        );
+    }
     let path = a
         .scope_model
         .clone()

@@ -74,6 +74,11 @@ pub struct SeracParams {
     /// Scope model: a text belongs to its nearest template's group from this cosine on.
     #[serde(default = "default_relation_min_score")]
     pub relation_min_score: f32,
+    /// Scope model: a query also stays with a record whose group's best template scores within
+    /// this of the query's best template (0: the nearest template's group must be the record's;
+    /// above 0 the bundle needs format 1.5).
+    #[serde(default = "default_relation_margin")]
+    pub relation_margin: f32,
 }
 
 fn default_scope_head() -> String {
@@ -86,6 +91,10 @@ fn default_relation_groups() -> String {
 
 fn default_relation_min_score() -> f32 {
     0.6
+}
+
+fn default_relation_margin() -> f32 {
+    0.05
 }
 
 fn default_calibration_records() -> usize {
@@ -492,6 +501,9 @@ impl Hparams {
         }
         if self.serac.calibration_records == 0 {
             return bad("serac.calibration_records", "must be at least 1");
+        }
+        if !(0.0..=2.0).contains(&self.serac.relation_margin) {
+            return bad("serac.relation_margin", "must be in [0, 2]");
         }
         if !(self.serac.margin >= 0.0 && self.serac.margin < 1.0) {
             return bad("serac.margin", "must be in [0, 1)");

@@ -134,6 +134,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout = check_memory_set("memory-heldout.json", 80, "mem-ho-");
     let heldout2 = check_memory_set("memory-heldout2.json", 80, "mem-h2-");
     let heldout3 = check_memory_set("memory-heldout3.json", 60, "mem-h3-");
+    let heldout4 = check_memory_set("memory-heldout4.json", 60, "mem-h4-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -141,6 +142,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout)
         .chain(&heldout2)
         .chain(&heldout3)
+        .chain(&heldout4)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -170,6 +172,18 @@ fn memory_sets_are_well_formed_and_disjoint() {
             ("memory-dev", &dev),
             ("memory-heldout", &heldout),
             ("memory-heldout2", &heldout2),
+            ("dev-edits", &original),
+        ],
+    );
+    // And the fourth (the only one no SERAC choice has seen: the scope head is trained on the
+    // other four memory sets).
+    assert_subjects_disjoint(
+        &heldout4,
+        &[
+            ("memory-dev", &dev),
+            ("memory-heldout", &heldout),
+            ("memory-heldout2", &heldout2),
+            ("memory-heldout3", &heldout3),
             ("dev-edits", &original),
         ],
     );

@@ -379,6 +379,16 @@ fn scope_bundle_with(
     head: Option<(ScopeHeadDesc, Vec<f32>)>,
     groups: Option<(RelationGroupsDesc, Vec<f32>)>,
 ) -> AlignedBuf {
+    scope_bundle_margin(counts, head, groups, 0.0)
+}
+
+/// [`scope_bundle_with`] with a relation-group margin (format 1.5 when it is not 0).
+fn scope_bundle_margin(
+    counts: Vec<u32>,
+    head: Option<(ScopeHeadDesc, Vec<f32>)>,
+    groups: Option<(RelationGroupsDesc, Vec<f32>)>,
+    margin: f32,
+) -> AlignedBuf {
     {
         let mut b = BundleBuilder::new(meta("scope", "main", 1));
         let s = 0.5f32;
@@ -413,6 +423,7 @@ fn scope_bundle_with(
             routing,
             head.as_ref().map(|(d, w)| (d.clone(), w.as_slice())),
             groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
+            margin,
             records,
         );
         b.add_edit(
@@ -656,6 +667,75 @@ fn relation_groups_stream_like_the_reader_and_decide_routing() {
             stream(v13.as_slice(), &trust(), chunk),
             Err(StreamError::BadHeader(
                 "minor: relation groups need format 1.4"
+            )),
+            "chunk {chunk}"
+        );
+    }
+}
+
+/// A relation-group margin (format 1.5): written as minor 5 only when it is not 0, read and
+/// streamed alike; a query whose best template is in another group but whose record's group is
+/// within the margin routes home; a margin outside [0, 2] and a 1.4 header refused by both.
+#[test]
+fn relation_margin_streams_like_the_reader_and_widens_the_group() {
+    let templates = vec![0.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+    let desc = || RelationGroupsDesc {
+        templates: 0,
+        template_group: vec![0, 1],
+        names: vec!["g0".into(), "g1".into()],
+        record_group: vec![0, 1],
+        min_score: 0.6,
+    };
+    let minor = |b: &AlignedBuf| u16::from_le_bytes([b.as_slice()[10], b.as_slice()[11]]);
+    let plain = scope_bundle_margin(vec![2, 1], None, Some((desc(), templates.clone())), 0.0);
+    assert_eq!(minor(&plain), 4, "no margin: the bundle stays 1.4");
+    let wide = scope_bundle_margin(vec![2, 1], None, Some((desc(), templates.clone())), 0.05);
+    assert_eq!(minor(&wide), 5);
+    both_read(&wide, true, "margin 0.05");
+    // A query about "a" whose stripped relation is a little nearer g1 (0.714) than g0 (0.700).
+    let s = 0.5f32;
+    let q = [s, s, s, s];
+    let rows = [
+        1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+    ];
+    let n = (0.7f32 * 0.7 + 0.714 * 0.714).sqrt();
+    let stripped = [0.0, 0.0, 0.7 / n, 0.714 / n];
+    let route = |b: &AlignedBuf| {
+        let b = Bundle::from_bytes(b.as_slice(), &trust()).unwrap();
+        let mem = b.memory(0, 0..2).unwrap().to_family().unwrap();
+        let margin = mem.routing().unwrap().groups().unwrap().margin();
+        let hit = mem
+            .route_with(&q, &rows, None, &mut |_| Some(stripped.to_vec()))
+            .unwrap();
+        (margin, hit.index, hit.in_scope, hit.groups)
+    };
+    // Without the margin only "c" (group g1) takes it; with it "a" stays in scope and wins.
+    assert_eq!(route(&plain), (0.0, 1, true, Some((1, Some(1)))));
+    assert_eq!(route(&wide), (0.05, 0, true, Some((0, Some(1)))));
+    for (m, why) in [
+        (f32::NAN, "NaN margin"),
+        (-0.1, "margin -0.1"),
+        (2.5, "margin 2.5"),
+    ] {
+        both_read(
+            &scope_bundle_margin(vec![2, 1], None, Some((desc(), templates.clone())), m),
+            false,
+            why,
+        );
+    }
+    let mut v14 = wide.as_slice().to_vec();
+    v14[10] = 4;
+    let mut v14 = AlignedBuf::from_slice(&v14);
+    sign_in_place(v14.as_mut_slice(), &key(1)).unwrap();
+    assert!(matches!(
+        Bundle::from_bytes(v14.as_slice(), &trust()),
+        Err(e) if e.to_string().contains("a relation-group margin needs format 1.5")
+    ));
+    for chunk in CHUNKS.iter().copied() {
+        assert_eq!(
+            stream(v14.as_slice(), &trust(), chunk),
+            Err(StreamError::BadHeader(
+                "minor: a relation-group margin needs format 1.5"
             )),
             "chunk {chunk}"
         );

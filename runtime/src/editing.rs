@@ -79,7 +79,8 @@ pub fn check_scope_model(
             }
             amend_edits::bundle::EmbedderDesc::ScopeModel(sr)
             | amend_edits::bundle::EmbedderDesc::ScopeModelHead(sr, _)
-            | amend_edits::bundle::EmbedderDesc::ScopeModelGroups(sr, _, _) => {
+            | amend_edits::bundle::EmbedderDesc::ScopeModelGroups(sr, _, _)
+            | amend_edits::bundle::EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _) => {
                 let hex = amend_edits::keys::to_hex(&sr.fingerprint);
                 let Some(m) = scope else {
                     return Err(RuntimeError::ScopeModelMissing {

@@ -437,6 +437,7 @@ fn compile_scope(
             )
         }),
         groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
+        hp.relation_margin,
         recs,
     );
     for (row, (id, prompt, _, target)) in all.iter().enumerate() {

@@ -18,13 +18,15 @@ pub const MAGIC: [u8; 8] = *b"AMENDBDL";
 /// kinds, v1.2 the verification record after the manifest (a v1.1 reader refuses it as trailing
 /// bytes). The writer puts the lowest minor that holds the bundle's content in the header.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 4;
+pub const FORMAT_MINOR: u16 = 5;
 /// The minor a bundle with a verification record needs.
 pub const MINOR_VERIFICATION: u16 = 2;
 /// The minor a bundle with a trained scope head (`EmbedderDesc::ScopeModelHead`) needs.
 pub const MINOR_SCOPE_HEAD: u16 = 3;
 /// The minor a bundle with relation groups (`EmbedderDesc::ScopeModelGroups`) needs.
 pub const MINOR_RELATION_GROUPS: u16 = 4;
+/// The minor a bundle with a relation-group margin (`EmbedderDesc::ScopeModelGroupsMargin`) needs.
+pub const MINOR_RELATION_MARGIN: u16 = 5;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -388,6 +390,15 @@ pub enum EmbedderDesc {
     /// the nearest template) decides instead of the head or the relation threshold. A v1.3
     /// reader refuses the payload (unknown variant).
     ScopeModelGroups(ScopeRoutingDesc, Option<ScopeHeadDesc>, RelationGroupsDesc),
+    /// v1.5: the same, with a margin: a query also belongs with a record whose group's best
+    /// template scores within the margin (a cosine difference in `[0, 2]`) of its best template
+    /// overall. A v1.4 reader refuses the payload (unknown variant).
+    ScopeModelGroupsMargin(
+        ScopeRoutingDesc,
+        Option<ScopeHeadDesc>,
+        RelationGroupsDesc,
+        f32,
+    ),
 }
 
 #[cfg(feature = "alloc")]
@@ -397,22 +408,31 @@ impl EmbedderDesc {
         match self {
             EmbedderDesc::ScopeModel(r)
             | EmbedderDesc::ScopeModelHead(r, _)
-            | EmbedderDesc::ScopeModelGroups(r, _, _) => Some(r),
+            | EmbedderDesc::ScopeModelGroups(r, _, _)
+            | EmbedderDesc::ScopeModelGroupsMargin(r, _, _, _) => Some(r),
             _ => None,
         }
     }
     pub fn scope_head(&self) -> Option<&ScopeHeadDesc> {
         match self {
-            EmbedderDesc::ScopeModelHead(_, h) | EmbedderDesc::ScopeModelGroups(_, Some(h), _) => {
-                Some(h)
-            }
+            EmbedderDesc::ScopeModelHead(_, h)
+            | EmbedderDesc::ScopeModelGroups(_, Some(h), _)
+            | EmbedderDesc::ScopeModelGroupsMargin(_, Some(h), _, _) => Some(h),
             _ => None,
         }
     }
     pub fn relation_groups(&self) -> Option<&RelationGroupsDesc> {
         match self {
-            EmbedderDesc::ScopeModelGroups(_, _, g) => Some(g),
+            EmbedderDesc::ScopeModelGroups(_, _, g)
+            | EmbedderDesc::ScopeModelGroupsMargin(_, _, g, _) => Some(g),
             _ => None,
+        }
+    }
+    /// The relation-group margin (v1.5; 0 without one).
+    pub fn relation_margin(&self) -> f32 {
+        match self {
+            EmbedderDesc::ScopeModelGroupsMargin(_, _, _, m) => *m,
+            _ => 0.0,
         }
     }
 }

@@ -325,6 +325,7 @@ impl<B: AsRef<[u8]>> Bundle<B> {
                         names: &g.names,
                         record_group: &g.record_group[rows.clone()],
                         min_score: g.min_score,
+                        margin: d.embedder.relation_margin(),
                     }),
                 })
             }
@@ -527,6 +528,8 @@ pub struct GroupsView<'a> {
     pub names: &'a [String],
     pub record_group: &'a [u16],
     pub min_score: f32,
+    /// v1.5 (0 before).
+    pub margin: f32,
 }
 
 /// Zero-copy view of a trained scope head.
@@ -616,7 +619,8 @@ impl<'a> MemoryView<'a> {
             },
             EmbedderDesc::ScopeModel(sr)
             | EmbedderDesc::ScopeModelHead(sr, _)
-            | EmbedderDesc::ScopeModelGroups(sr, _, _) => families::Embedder::External {
+            | EmbedderDesc::ScopeModelGroups(sr, _, _)
+            | EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _) => families::Embedder::External {
                 model_id: &sr.model_id,
                 fingerprint: Some(&sr.fingerprint),
             },
@@ -667,7 +671,8 @@ impl<'a> MemoryView<'a> {
                             g.names.iter().map(String::as_str).collect(),
                             g.record_group,
                             g.min_score,
-                        )?,
+                        )?
+                        .with_margin(g.margin)?,
                         sv.subjects.iter().map(String::as_str).collect(),
                     )?;
                 }

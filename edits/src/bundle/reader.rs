@@ -267,6 +267,11 @@ pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
             "minor: relation groups need format 1.4",
         ));
     }
+    if h.minor.get() < MINOR_RELATION_MARGIN && payloads.iter().any(has_relation_margin) {
+        return Err(BundleError::BadHeader(
+            "minor: a relation-group margin needs format 1.5",
+        ));
+    }
     Ok(Verified {
         manifest,
         payloads,
@@ -309,6 +314,19 @@ pub fn check_relation_groups(g: &RelationGroupsDesc, n: u64) -> Result<(), &'sta
         return Err("relation groups: min_score must be a cosine in [-1, 1]");
     }
     Ok(())
+}
+
+/// A relation-group margin is a cosine difference in `[0, 2]` (both readers apply this).
+pub fn check_relation_margin(m: f32) -> Result<(), &'static str> {
+    if !(0.0..=2.0).contains(&m) {
+        return Err("relation groups: margin must be in [0, 2]");
+    }
+    Ok(())
+}
+
+/// A memory payload with a relation-group margin (format 1.5 content).
+pub fn has_relation_margin(p: &Payload) -> bool {
+    matches!(p, Payload::Memory(d) if d.embedder.relation_margin() != 0.0)
 }
 
 /// A memory payload with relation groups (format 1.4 content).
@@ -859,6 +877,7 @@ fn check_payload(
                 }
                 if let Some(g) = d.embedder.relation_groups() {
                     check_relation_groups(g, n).map_err(invalid)?;
+                    check_relation_margin(d.embedder.relation_margin()).map_err(invalid)?;
                     r.take(
                         g.templates,
                         SectionKind::RelationTemplates,

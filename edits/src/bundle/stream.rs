@@ -805,6 +805,8 @@ struct GroupsDesc<'a> {
     record_group: Cur<'a>,
     n_records: u64,
     min_score: f32,
+    /// v1.5 (tag 5); 0 before.
+    margin: f32,
 }
 
 /// A payload descriptor, decoded in place.
@@ -892,7 +894,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
             let embedder = match c.varint(32)? {
                 0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
                 1 => Err(c.str()?),
-                tag @ (2..=4) => {
+                tag @ (2..=5) => {
                     let model_id = c.str()?;
                     c.take(32)?; // the scope model's fingerprint
                     let relation = c.u32()?;
@@ -919,8 +921,8 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                         head: None,
                         groups: None,
                     });
-                    // v1.4 (tag 4): the head is optional.
-                    let has_head = tag == 3 || (tag == 4 && c.bool()?);
+                    // v1.4 (tags 4 and 5): the head is optional.
+                    let has_head = tag == 3 || (tag >= 4 && c.bool()?);
                     if has_head {
                         let (members, hidden, weights) = (c.u32()?, c.u32()?, c.u32()?);
                         let n_bias = c.len()?;
@@ -933,7 +935,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                             sd.head = Some((members, hidden, weights, bias, n_bias, t));
                         }
                     }
-                    if tag == 4 {
+                    if tag >= 4 {
                         let templates = c.u32()?;
                         let n_templates = c.len()?;
                         let template_group = c.clone();
@@ -951,6 +953,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                             c.u16()?;
                         }
                         let min_score = c.f32()?;
+                        let margin = if tag == 5 { c.f32()? } else { 0.0 };
                         if let Some(sd) = scope.as_mut() {
                             sd.groups = Some(GroupsDesc {
                                 templates,
@@ -961,6 +964,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                                 record_group,
                                 n_records,
                                 min_score,
+                                margin,
                             });
                         }
                     }
@@ -1044,6 +1048,8 @@ struct Refs<'m, 'a> {
     scope_head: bool,
     /// A memory carries relation groups (format 1.4 content; likewise).
     relation_groups: bool,
+    /// A memory carries a relation-group margin (format 1.5 content).
+    relation_margin: bool,
 }
 
 impl Refs<'_, '_> {
@@ -1291,6 +1297,7 @@ impl<'a> Manifest<'a> {
             payload: 0,
             scope_head: false,
             relation_groups: false,
+            relation_margin: false,
         };
         let mut c = Cur::at(self.b, self.payloads.0);
         for pi in 0..self.payloads.1 as usize {
@@ -1357,6 +1364,11 @@ impl<'a> Manifest<'a> {
         if refs.relation_groups && minor < MINOR_RELATION_GROUPS {
             return Err(StreamError::BadHeader(
                 "minor: relation groups need format 1.4",
+            ));
+        }
+        if refs.relation_margin && minor < MINOR_RELATION_MARGIN {
+            return Err(StreamError::BadHeader(
+                "minor: a relation-group margin needs format 1.5",
             ));
         }
         Ok(())
@@ -1610,6 +1622,11 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                             "relation groups: min_score must be a cosine in [-1, 1]",
                         ));
                     }
+                    // The in-memory reader's `check_relation_margin`.
+                    if !(0.0..=2.0).contains(&g.margin) {
+                        return Err(invalid("relation groups: margin must be in [0, 2]"));
+                    }
+                    r.relation_margin |= g.margin != 0.0;
                     r.take(g.templates, SectionKind::RelationTemplates, &[t, e])?;
                 }
             }

@@ -236,6 +236,7 @@ impl BundleBuilder {
         mut routing: ScopeRoutingDesc,
         head: Option<(ScopeHeadDesc, &[f32])>,
         groups: Option<(RelationGroupsDesc, &[f32])>,
+        relation_margin: f32,
         records: Vec<MemoryRecordDesc>,
     ) -> u32 {
         let n = records.len() as u64;
@@ -264,7 +265,12 @@ impl BundleBuilder {
                 let t = g.template_group.len() as u64;
                 g.templates =
                     self.add_f32(SectionKind::RelationTemplates, alloc::vec![t, e], templates);
-                EmbedderDesc::ScopeModelGroups(routing, head, g)
+                // A margin needs format 1.5; without one the bundle stays 1.4.
+                if relation_margin != 0.0 {
+                    EmbedderDesc::ScopeModelGroupsMargin(routing, head, g, relation_margin)
+                } else {
+                    EmbedderDesc::ScopeModelGroups(routing, head, g)
+                }
             }
         };
         self.add_payload(Payload::Memory(MemoryDesc {
@@ -430,7 +436,9 @@ pub fn manifest_minor(m: &Manifest) -> u16 {
                 && postcard::from_bytes::<MemoryDesc>(&p.body).is_ok_and(|d| f(&d))
         })
     };
-    if memory(|d| d.embedder.relation_groups().is_some()) {
+    if memory(|d| d.embedder.relation_margin() != 0.0) {
+        MINOR_RELATION_MARGIN
+    } else if memory(|d| d.embedder.relation_groups().is_some()) {
         MINOR_RELATION_GROUPS
     } else if memory(|d| d.embedder.scope_head().is_some()) {
         MINOR_SCOPE_HEAD

@@ -98,7 +98,10 @@ pub struct ScopeRouting<'a> {
 /// group. A text belongs to the group of its nearest template when the cosine reaches
 /// `min_score`. Rephrases keep their record's relation and a subject's other facts do not, so
 /// for a record with a group, "in scope" is: the pooled and subject terms pass and the query,
-/// its subject replaced ([`strip_subject`]), falls in the record's group.
+/// its subject replaced ([`strip_subject`]), falls in the record's group, or (format 1.5) its
+/// best template in the record's group scores within `margin` of its best template overall: a
+/// rephrase worded like a sibling relation stays home, while another relation of the subject
+/// sits far below (docs/eval.md).
 #[derive(Clone, Debug)]
 pub struct RelationGroups<'a> {
     embed_dim: usize,
@@ -107,6 +110,7 @@ pub struct RelationGroups<'a> {
     names: Vec<&'a str>,
     record_group: &'a [u16],
     min_score: f32,
+    margin: f32,
 }
 
 impl<'a> RelationGroups<'a> {
@@ -162,7 +166,61 @@ impl<'a> RelationGroups<'a> {
             names,
             record_group,
             min_score,
+            margin: 0.0,
         })
+    }
+
+    /// Largest margin a bundle may carry (cosines differ by at most 2).
+    pub const MAX_MARGIN: f32 = 2.0;
+
+    /// Accept a query whose best template in the record's group is within `margin` of its best
+    /// template overall (0: the nearest template's group must be the record's).
+    pub fn with_margin(mut self, margin: f32) -> Result<Self, InvalidPayload> {
+        if !(0.0..=Self::MAX_MARGIN).contains(&margin) {
+            return Err(InvalidPayload("relation groups: margin must be in [0, 2]"));
+        }
+        self.margin = margin;
+        Ok(self)
+    }
+
+    pub fn margin(&self) -> f32 {
+        self.margin
+    }
+
+    /// Per group, the best template cosine of a unit vector (`None`: wrong size).
+    pub fn group_scores(&self, pooled: &[f32]) -> Option<Vec<f32>> {
+        if pooled.len() != self.embed_dim {
+            return None;
+        }
+        let mut best = alloc::vec![f32::MIN; self.names.len()];
+        for (row, &g) in self
+            .templates
+            .chunks_exact(self.embed_dim)
+            .zip(self.template_group)
+        {
+            let c = dot(row, pooled);
+            let b = &mut best[g as usize];
+            if c > *b {
+                *b = c;
+            }
+        }
+        Some(best)
+    }
+
+    /// From [`RelationGroups::group_scores`]: the query's group (its best group, when that
+    /// reaches `min_score`; the lowest index wins a tie, as in [`RelationGroups::classify`])
+    /// and whether it belongs with a record of group `record`.
+    pub fn decide(&self, scores: &[f32], record: u16) -> (Option<u16>, bool) {
+        let mut top = (f32::MIN, 0u16);
+        for (g, &c) in scores.iter().enumerate() {
+            if c > top.0 {
+                top = (c, g as u16);
+            }
+        }
+        let group = (top.0 >= self.min_score).then_some(top.1);
+        let own = scores.get(record as usize).copied().unwrap_or(f32::MIN);
+        let fits = group == Some(record) || (group.is_some() && own >= top.0 - self.margin);
+        (group, fits)
     }
 
     /// The group of a unit vector (its nearest template's) and that cosine, or `None` when no
@@ -731,8 +789,9 @@ impl<'a> Memory<'a> {
         let mut best: Option<RouteHit> = None;
         let mut n_in = 0;
         let (mut rest, mut x) = (Vec::new(), Vec::new());
-        // Per subject: the query's group with that subject stripped (`None`: not in the query).
-        let mut query_groups: Vec<(&str, Option<Option<u16>>)> = Vec::new();
+        // Per subject: the query's group scores with that subject stripped (`None`: not in the
+        // query).
+        let mut query_groups: Vec<(&str, Option<Vec<f32>>)> = Vec::new();
         for &(pooled, i) in &top {
             let (subject, relation) =
                 subject_relation_rest(r.subject_rows(i), r.relation(i), query_rows, d, &mut rest);
@@ -745,18 +804,19 @@ impl<'a> Memory<'a> {
                 .and_then(|(g, rg)| {
                     // Candidates about the same subject share one stripped encode.
                     let s = r.subject(i).unwrap_or("");
-                    let q = match query_groups.iter().find(|(m, _)| *m == s) {
-                        Some(&(_, q)) => q,
+                    let at = match query_groups.iter().position(|(m, _)| *m == s) {
+                        Some(at) => at,
                         None => {
-                            let q = stripped(i).map(|v| g.classify(&v).map(|(q, _)| q));
+                            let q = stripped(i).and_then(|v| g.group_scores(&v));
                             query_groups.push((s, q));
-                            q
+                            query_groups.len() - 1
                         }
                     };
-                    Some((rg, q?))
+                    let (qg, fits) = g.decide(query_groups[at].1.as_deref()?, rg);
+                    Some(((rg, qg), fits))
                 });
             let (score, in_scope) = match (&r.head, by_group) {
-                (_, Some((rg, qg))) => (pooled * subject, qg == Some(rg)),
+                (_, Some((_, fits))) => (pooled * subject, fits),
                 // The head decides alone; its logit ranks the in-scope records.
                 (Some(h), None) => {
                     ScopeHead::features(
@@ -788,7 +848,7 @@ impl<'a> Memory<'a> {
                 score,
                 in_scope,
                 n_in_scope: 0,
-                groups: by_group,
+                groups: by_group.map(|(g, _)| g),
             };
             let better = match &best {
                 None => true,
