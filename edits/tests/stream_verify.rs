@@ -521,23 +521,7 @@ fn scope_head_memory_streams_like_the_reader() {
         &scope_bundle(vec![2, 1], Some((desc(vec![0.0], 0.0), nan_w))),
         "NaN weight",
     );
-    let mut v12 = good.as_slice().to_vec();
-    v12[10] = 2;
-    let mut v12 = AlignedBuf::from_slice(&v12);
-    sign_in_place(v12.as_mut_slice(), &key(1)).unwrap();
-    assert!(matches!(
-        Bundle::from_bytes(v12.as_slice(), &trust()),
-        Err(e) if e.to_string().contains("scope head needs format 1.3")
-    ));
-    for chunk in CHUNKS.iter().copied() {
-        assert_eq!(
-            stream(v12.as_slice(), &trust(), chunk),
-            Err(StreamError::BadHeader(
-                "minor: a scope head needs format 1.3"
-            )),
-            "chunk {chunk}"
-        );
-    }
+    refused_under_minor(&good, 2, "minor: a scope head needs format 1.3");
 }
 
 /// Relation groups (format 1.4): written as minor 4, read and streamed alike, routed by group
@@ -654,23 +638,7 @@ fn relation_groups_stream_like_the_reader_and_decide_routing() {
         true,
         "a record without a group",
     );
-    let mut v13 = good.as_slice().to_vec();
-    v13[10] = 3;
-    let mut v13 = AlignedBuf::from_slice(&v13);
-    sign_in_place(v13.as_mut_slice(), &key(1)).unwrap();
-    assert!(matches!(
-        Bundle::from_bytes(v13.as_slice(), &trust()),
-        Err(e) if e.to_string().contains("relation groups need format 1.4")
-    ));
-    for chunk in CHUNKS.iter().copied() {
-        assert_eq!(
-            stream(v13.as_slice(), &trust(), chunk),
-            Err(StreamError::BadHeader(
-                "minor: relation groups need format 1.4"
-            )),
-            "chunk {chunk}"
-        );
-    }
+    refused_under_minor(&good, 3, "minor: relation groups need format 1.4");
 }
 
 /// A relation-group margin (format 1.5): written as minor 5 only when it is not 0, read and
@@ -723,20 +691,23 @@ fn relation_margin_streams_like_the_reader_and_widens_the_group() {
             why,
         );
     }
-    let mut v14 = wide.as_slice().to_vec();
-    v14[10] = 4;
-    let mut v14 = AlignedBuf::from_slice(&v14);
-    sign_in_place(v14.as_mut_slice(), &key(1)).unwrap();
+    refused_under_minor(&wide, 4, "minor: a relation-group margin needs format 1.5");
+}
+
+/// `b` re-signed with header minor `minor` is refused by both readers with `reason`.
+fn refused_under_minor(b: &AlignedBuf, minor: u8, reason: &'static str) {
+    let mut v = b.as_slice().to_vec();
+    v[10] = minor;
+    let mut v = AlignedBuf::from_slice(&v);
+    sign_in_place(v.as_mut_slice(), &key(1)).unwrap();
     assert!(matches!(
-        Bundle::from_bytes(v14.as_slice(), &trust()),
-        Err(e) if e.to_string().contains("a relation-group margin needs format 1.5")
+        Bundle::from_bytes(v.as_slice(), &trust()),
+        Err(e) if e.to_string().contains(reason.trim_start_matches("minor: "))
     ));
     for chunk in CHUNKS.iter().copied() {
         assert_eq!(
-            stream(v14.as_slice(), &trust(), chunk),
-            Err(StreamError::BadHeader(
-                "minor: a relation-group margin needs format 1.5"
-            )),
+            stream(v.as_slice(), &trust(), chunk),
+            Err(StreamError::BadHeader(reason)),
             "chunk {chunk}"
         );
     }
