@@ -52,6 +52,11 @@ pub struct Args {
     /// Compile on top of this bundle (signed by --key): the output is its next version.
     #[arg(long)]
     base_bundle: Option<PathBuf>,
+    /// A built-in preset laid over the defaults before --hparams and --set: `auto` (MEMIT on a
+    /// batch whose prompts are all statements takes `memit-statements`; anything else the
+    /// defaults), `none`, or a preset's name (runtime/hparams/presets/).
+    #[arg(long, default_value = "auto", value_name = "auto|none|NAME")]
+    preset: String,
     /// A TOML file overriding the model's default hyperparameters.
     #[arg(long)]
     hparams: Option<PathBuf>,
@@ -195,7 +200,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut compiler =
         Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
-    let hp = Hparams::resolve(compiler.fwd.cfg.arch, args.hparams.as_deref(), &args.set)?;
+    let preset = match args.preset.as_str() {
+        "none" => None,
+        "auto" => {
+            let p = amend_compiler::hparams::auto_preset(
+                method,
+                records.iter().map(|r| r.prompt.as_str()),
+            );
+            if let Some(p) = p {
+                eprintln!("preset {p}: every prompt is a statement (--preset none for the defaults; docs/eval.md)");
+            }
+            p
+        }
+        name => Some(name),
+    };
+    let hp = Hparams::resolve_with(
+        compiler.fwd.cfg.arch,
+        preset,
+        args.hparams.as_deref(),
+        &args.set,
+    )?;
     if args.print_hparams {
         println!("{}", toml::to_string_pretty(&hp)?);
         return Ok(());

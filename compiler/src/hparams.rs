@@ -8,6 +8,44 @@ use crate::forward::Arch;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The presets compiled in (the files of runtime/hparams/presets/, by name): what
+/// `amend compile --preset NAME` lays over the defaults.
+pub const PRESETS: &[(&str, &str)] = &[(
+    "memit-statements",
+    include_str!("../../runtime/hparams/presets/memit-statements.toml"),
+)];
+
+fn preset_text(name: &str) -> Result<&'static str> {
+    PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            CompileError::Hparams(format!(
+                "unknown preset {name:?} (built in: {}, or auto, or none)",
+                names.join(", ")
+            ))
+        })
+}
+
+/// The preset `amend compile --preset auto` (the default) takes for a batch: MEMIT edits whose
+/// prompts are all statements ("Steve Jobs co-founded", no question mark) get
+/// "memit-statements", whose locality held on three statement sets nobody tuned on where the
+/// defaults' did not (docs/eval.md, issue 17); a batch with any question keeps the defaults,
+/// which the preset costs edit success and rephrase on.
+pub fn auto_preset<'a>(
+    method: crate::Method,
+    mut prompts: impl Iterator<Item = &'a str>,
+) -> Option<&'static str> {
+    let mut any = false;
+    let statements = prompts.all(|p| {
+        any = true;
+        !p.trim_end().ends_with('?')
+    });
+    (method == crate::Method::Memit && any && statements).then_some("memit-statements")
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hparams {
@@ -317,9 +355,27 @@ impl Hparams {
     /// Defaults for `arch`, overlaid by the TOML file `file` and then by `sets`
     /// (`section.key=value`, the value parsed as TOML, else taken as a string).
     pub fn resolve(arch: Arch, file: Option<&Path>, sets: &[String]) -> Result<Hparams> {
+        Self::resolve_with(arch, None, file, sets)
+    }
+
+    /// [`Hparams::resolve`] with a built-in preset ([`PRESETS`], by name) laid over the
+    /// defaults first: the file and `sets` still override it.
+    pub fn resolve_with(
+        arch: Arch,
+        preset: Option<&str>,
+        file: Option<&Path>,
+        sets: &[String],
+    ) -> Result<Hparams> {
         let mut table: toml::Table = Self::defaults_text(arch)
             .parse()
             .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
+        if let Some(name) = preset {
+            let text = preset_text(name)?;
+            let over: toml::Table = text
+                .parse()
+                .map_err(|e| CompileError::Hparams(format!("preset {name}: {e}")))?;
+            merge(&mut table, over, "")?;
+        }
         if let Some(path) = file {
             let text = amend_edits::fsutil::read_regular_string(
                 path,
@@ -570,6 +626,47 @@ mod tests {
             n += 1;
         }
         assert!(n > 0, "no presets in {}", dir.display());
+    }
+
+    /// The compiled-in presets are the shipped files, and `--preset auto` picks the statements
+    /// preset exactly for all-statement MEMIT batches.
+    #[test]
+    fn built_in_presets_match_the_files_and_auto_picks_by_prompt_form() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/hparams/presets");
+        for (name, text) in PRESETS {
+            let path = dir.join(format!("{name}.toml"));
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), *text);
+            for a in Arch::all() {
+                assert_eq!(
+                    Hparams::resolve_with(a, Some(name), None, &[]).unwrap(),
+                    Hparams::resolve(a, Some(&path), &[]).unwrap()
+                );
+            }
+        }
+        let hp = Hparams::resolve_with(Arch::Gemma3, Some("memit-statements"), None, &[]).unwrap();
+        assert!(hp.memit.null_space && hp.memit.relation_kl_factor == 1.0);
+        // The file and --set still win over the preset.
+        let hp = Hparams::resolve_with(
+            Arch::Gemma3,
+            Some("memit-statements"),
+            None,
+            &["memit.null_space=false".into()],
+        )
+        .unwrap();
+        assert!(!hp.memit.null_space);
+        let e = Hparams::resolve_with(Arch::Gemma3, Some("nope"), None, &[]).unwrap_err();
+        assert!(e.to_string().contains("memit-statements"), "{e}");
+
+        use crate::Method;
+        let st = ["Steve Jobs co-founded", "The Danube flows through"];
+        let mixed = ["Steve Jobs co-founded", "Who founded Apple? "];
+        assert_eq!(
+            auto_preset(Method::Memit, st.into_iter()),
+            Some("memit-statements")
+        );
+        assert_eq!(auto_preset(Method::Memit, mixed.into_iter()), None);
+        assert_eq!(auto_preset(Method::Rome, st.into_iter()), None);
+        assert_eq!(auto_preset(Method::Memit, std::iter::empty()), None);
     }
 
     #[test]
