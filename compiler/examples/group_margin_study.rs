@@ -7,7 +7,7 @@
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::methods::relation_groups::Lexicon;
 use amend_compiler::methods::scope_routing::{encode_record, terms};
-use amend_edits::families::strip_subject;
+use amend_edits::families::{strip_subject, RelationGroups};
 use amend_runtime::ScopeModel;
 
 fn main() {
@@ -17,18 +17,23 @@ fn main() {
     let scope =
         ScopeModel::open(amend_runtime::default_scope_model_path().unwrap(), Some(2)).unwrap();
     let templates = lex.encode(&scope).unwrap();
-    let d = scope.n_embd();
-    let n_groups = lex.names.len();
-    // Per group, the best template cosine of a text with `subject` replaced by "it".
+    let none: [u16; 0] = [];
+    let groups = RelationGroups::new(
+        scope.n_embd(),
+        &templates,
+        &lex.template_group,
+        lex.names.iter().map(String::as_str).collect(),
+        &none,
+        -1.0,
+    )
+    .unwrap();
+    // Per group, the best template cosine of a text with `subject` replaced by "it" (what the
+    // runtime's margin rule reads).
     let group_scores = |text: &str, subject: &str| -> Vec<f32> {
         let t = strip_subject(text, subject).unwrap_or_else(|| text.to_string());
-        let q = scope.encode(&t).unwrap().pooled;
-        let mut best = vec![f32::MIN; n_groups];
-        for (row, &g) in templates.chunks_exact(d).zip(&lex.template_group) {
-            let c: f32 = row.iter().zip(&q).map(|(a, b)| a * b).sum();
-            best[g as usize] = best[g as usize].max(c);
-        }
-        best
+        groups
+            .group_scores(&scope.encode(&t).unwrap().pooled)
+            .unwrap()
     };
     let argmax = |v: &[f32]| {
         let mut b = 0;

@@ -558,7 +558,7 @@ impl Hparams {
         if self.serac.calibration_records == 0 {
             return bad("serac.calibration_records", "must be at least 1");
         }
-        if !(0.0..=2.0).contains(&self.serac.relation_margin) {
+        if !amend_edits::bundle::format::is_relation_margin(self.serac.relation_margin) {
             return bad("serac.relation_margin", "must be in [0, 2]");
         }
         if !(self.serac.margin >= 0.0 && self.serac.margin < 1.0) {

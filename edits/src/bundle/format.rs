@@ -577,6 +577,12 @@ pub fn is_cosine(x: f32) -> bool {
     x.is_finite() && (-1.0..=1.0).contains(&x)
 }
 
+/// A relation-group margin: a difference of two cosines, in [0, 2] (NaN fails). Both readers,
+/// the family and the compiler's hyperparameters check it.
+pub fn is_relation_margin(x: f32) -> bool {
+    (0.0..=2.0).contains(&x)
+}
+
 #[cfg(test)]
 mod code_tests {
     use super::*;

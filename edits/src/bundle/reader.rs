@@ -316,14 +316,6 @@ pub fn check_relation_groups(g: &RelationGroupsDesc, n: u64) -> Result<(), &'sta
     Ok(())
 }
 
-/// A relation-group margin is a cosine difference in `[0, 2]` (both readers apply this).
-pub fn check_relation_margin(m: f32) -> Result<(), &'static str> {
-    if !(0.0..=2.0).contains(&m) {
-        return Err("relation groups: margin must be in [0, 2]");
-    }
-    Ok(())
-}
-
 /// A memory payload with a relation-group margin (format 1.5 content).
 pub fn has_relation_margin(p: &Payload) -> bool {
     matches!(p, Payload::Memory(d) if d.embedder.relation_margin() != 0.0)
@@ -877,7 +869,9 @@ fn check_payload(
                 }
                 if let Some(g) = d.embedder.relation_groups() {
                     check_relation_groups(g, n).map_err(invalid)?;
-                    check_relation_margin(d.embedder.relation_margin()).map_err(invalid)?;
+                    if !super::format::is_relation_margin(d.embedder.relation_margin()) {
+                        return Err(invalid("relation groups: margin must be in [0, 2]"));
+                    }
                     r.take(
                         g.templates,
                         SectionKind::RelationTemplates,

@@ -1622,8 +1622,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                             "relation groups: min_score must be a cosine in [-1, 1]",
                         ));
                     }
-                    // The in-memory reader's `check_relation_margin`.
-                    if !(0.0..=2.0).contains(&g.margin) {
+                    if !super::format::is_relation_margin(g.margin) {
                         return Err(invalid("relation groups: margin must be in [0, 2]"));
                     }
                     r.relation_margin |= g.margin != 0.0;

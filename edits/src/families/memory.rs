@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use super::{
     check_matrix, check_unit_rows, dot, max_dot_indexed, F16Rows, InvalidPayload, Pooling,
 };
-use crate::bundle::format::is_cosine;
+use crate::bundle::format::{is_cosine, is_relation_margin};
 use crate::site::Site;
 
 /// The text of one memorized edit (borrowed from the bundle).
@@ -170,13 +170,10 @@ impl<'a> RelationGroups<'a> {
         })
     }
 
-    /// Largest margin a bundle may carry (cosines differ by at most 2).
-    pub const MAX_MARGIN: f32 = 2.0;
-
     /// Accept a query whose best template in the record's group is within `margin` of its best
     /// template overall (0: the nearest template's group must be the record's).
     pub fn with_margin(mut self, margin: f32) -> Result<Self, InvalidPayload> {
-        if !(0.0..=Self::MAX_MARGIN).contains(&margin) {
+        if !is_relation_margin(margin) {
             return Err(InvalidPayload("relation groups: margin must be in [0, 2]"));
         }
         self.margin = margin;
