@@ -421,8 +421,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let amend_edits::bundle::Payload::Memory(d) = p {
             if let Some(g) = d.embedder.relation_groups() {
                 let grouped = g.record_group.iter().filter(|&&x| x != u16::MAX).count();
+                let rule = match d.embedder.group_vote() {
+                    Some(w) => format!("they vote {w:.1} on the head's logit; the head decides"),
+                    None => {
+                        "their query's group decides in scope; the head decides the rest".into()
+                    }
+                };
                 println!(
-                    "serac relation groups: {} groups, {} templates, min score {:.2}, margin {:.2}: {grouped}/{} records have a group (their query's group decides in scope; the head decides the rest)",
+                    "serac relation groups: {} groups, {} templates, min score {:.2}, margin {:.2}: {grouped}/{} records have a group ({rule})",
                     g.names.len(),
                     g.template_group.len(),
                     g.min_score,

@@ -178,11 +178,17 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
             ),
             None => {}
         }
-        if let Some((record, query)) = m.scope_terms.as_ref().and_then(|t| t.groups.as_ref()) {
-            eprintln!(
-                "explain: relation groups decided: the record's relation is {record:?}, the query's {}",
-                query.as_deref().map_or("none (no template close enough)".to_string(), |q| format!("{q:?}"))
-            );
+        if let Some(t) = &m.scope_terms {
+            if let Some((record, query)) = &t.groups {
+                let how = match t.vote {
+                    Some(v) => format!("voted {v:+.1} on the head's logit"),
+                    None => "decided".to_string(),
+                };
+                eprintln!(
+                    "explain: relation groups {how}: the record's relation is {record:?}, the query's {}",
+                    query.as_deref().map_or("none (no template close enough)".to_string(), |q| format!("{q:?}"))
+                );
+            }
         }
     }
     for c in &ex.codebook {

@@ -214,11 +214,22 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
         };
         if a.verbose && verdict != wanted {
             let h = hit.expect("a verdict other than out has a hit");
+            // Which rule spoke: the groups (record's / query's, "-" for none) and their vote.
+            let groups = match (h.groups, routing.groups()) {
+                (Some((rg, qg)), Some(g)) => format!(
+                    " groups {}/{}{}",
+                    g.name(rg),
+                    qg.map_or("-", |q| g.name(q)),
+                    h.vote.map_or(String::new(), |v| format!(" vote {v:+.1}"))
+                ),
+                _ => String::new(),
+            };
             println!(
-                "  {kind}: {verdict} {id} pooled {:.3} subject {:.3} relation {:.3} ({}): {prompt:?}",
+                "  {kind}: {verdict} {id} pooled {:.3} subject {:.3} relation {:.3} score {:.2}{groups} ({}): {prompt:?}",
                 h.pooled,
                 h.subject,
                 h.relation,
+                h.score,
                 mem.record(h.index).map_or("", |r| r.edit_id)
             );
         }

@@ -7,7 +7,7 @@
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::methods::relation_groups::Lexicon;
 use amend_compiler::methods::scope_routing::{encode_record, terms};
-use amend_edits::families::{strip_subject, RelationGroups};
+use amend_edits::families::strip_subject;
 use amend_runtime::ScopeModel;
 
 fn main() {
@@ -17,16 +17,7 @@ fn main() {
     let scope =
         ScopeModel::open(amend_runtime::default_scope_model_path().unwrap(), Some(2)).unwrap();
     let templates = lex.encode(&scope).unwrap();
-    let none: [u16; 0] = [];
-    let groups = RelationGroups::new(
-        scope.n_embd(),
-        &templates,
-        &lex.template_group,
-        lex.names.iter().map(String::as_str).collect(),
-        &none,
-        -1.0,
-    )
-    .unwrap();
+    let groups = lex.groups(scope.n_embd(), &templates, -1.0).unwrap();
     // Per group, the best template cosine of a text with `subject` replaced by "it" (what the
     // runtime's margin rule reads).
     let group_scores = |text: &str, subject: &str| -> Vec<f32> {

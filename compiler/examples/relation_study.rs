@@ -8,7 +8,7 @@
 use amend_compiler::dataset::{self, DataFormat};
 use amend_compiler::methods::relation_groups::Lexicon;
 use amend_compiler::methods::scope_routing::{encode_record, terms};
-use amend_edits::families::{strip_subject, RelationGroups};
+use amend_edits::families::strip_subject;
 use amend_runtime::ScopeModel;
 
 fn main() {
@@ -20,16 +20,7 @@ fn main() {
         ScopeModel::open(amend_runtime::default_scope_model_path().unwrap(), Some(2)).unwrap();
     let lex = Lexicon::parse(&lex).unwrap();
     let templates = lex.encode(&scope).unwrap();
-    let none: [u16; 0] = [];
-    let groups = RelationGroups::new(
-        scope.n_embd(),
-        &templates,
-        &lex.template_group,
-        lex.names.iter().map(String::as_str).collect(),
-        &none,
-        -1.0,
-    )
-    .unwrap();
+    let groups = lex.groups(scope.n_embd(), &templates, -1.0).unwrap();
     // The nearest template's group and cosine (every text gets one here: the study applies
     // MIN_SCORE itself, and a text without the subject is classified whole).
     let classify = |text: &str, subject: &str| -> (usize, f32) {

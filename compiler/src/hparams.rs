@@ -117,6 +117,22 @@ pub struct SeracParams {
     /// above 0 the bundle needs format 1.5).
     #[serde(default = "default_relation_margin")]
     pub relation_margin: f32,
+    /// Scope model: how relation groups and the scope head combine. "vote" (format 1.6): the
+    /// groups move the head's logit by `relation_vote_weight`, up for a query in the record's
+    /// group, down for one in another, not at all for a query in no group; "decide" (formats
+    /// 1.4/1.5): the groups decide alone and a query in no group is out of scope.
+    #[serde(default = "default_relation_rule")]
+    pub relation_rule: String,
+    #[serde(default = "default_relation_vote_weight")]
+    pub relation_vote_weight: f32,
+}
+
+fn default_relation_rule() -> String {
+    "vote".into()
+}
+
+fn default_relation_vote_weight() -> f32 {
+    8.0
 }
 
 fn default_scope_head() -> String {
@@ -561,6 +577,12 @@ impl Hparams {
         if !amend_edits::bundle::format::is_relation_margin(self.serac.relation_margin) {
             return bad("serac.relation_margin", "must be in [0, 2]");
         }
+        if !matches!(self.serac.relation_rule.as_str(), "vote" | "decide") {
+            return bad("serac.relation_rule", "must be \"vote\" or \"decide\"");
+        }
+        if !amend_edits::bundle::format::is_group_weight(self.serac.relation_vote_weight) {
+            return bad("serac.relation_vote_weight", "must be in [0, 1000]");
+        }
         if !(self.serac.margin >= 0.0 && self.serac.margin < 1.0) {
             return bad("serac.margin", "must be in [0, 1)");
         }
@@ -709,5 +731,46 @@ mod tests {
         assert!(e.to_string().contains("neighbour_pool"), "{e}");
         let hp = Hparams::resolve(Arch::Gemma3, None, &["memit.neighbour_pool=64".into()]).unwrap();
         assert_eq!(hp.memit.neighbour_pool, 64);
+    }
+
+    #[test]
+    fn relation_rule_and_vote_weight_are_checked() {
+        for a in Arch::all() {
+            let hp = Hparams::resolve(a, None, &[]).unwrap();
+            assert_eq!(
+                (
+                    hp.serac.relation_rule.as_str(),
+                    hp.serac.relation_vote_weight
+                ),
+                ("vote", 8.0),
+                "{a:?}"
+            );
+        }
+        for (set, name) in [
+            ("serac.relation_rule=\"maybe\"", "serac.relation_rule"),
+            (
+                "serac.relation_vote_weight=nan",
+                "serac.relation_vote_weight",
+            ),
+            (
+                "serac.relation_vote_weight=-1",
+                "serac.relation_vote_weight",
+            ),
+            (
+                "serac.relation_vote_weight=2000",
+                "serac.relation_vote_weight",
+            ),
+            ("serac.relation_margin=3", "serac.relation_margin"),
+        ] {
+            let e = Hparams::resolve(Arch::Gemma3, None, &[set.into()]).unwrap_err();
+            assert!(e.to_string().contains(name), "{set}: {e}");
+        }
+        let hp = Hparams::resolve(
+            Arch::Gemma3,
+            None,
+            &["serac.relation_rule=\"decide\"".into()],
+        )
+        .unwrap();
+        assert_eq!(hp.serac.relation_rule, "decide");
     }
 }

@@ -135,6 +135,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout2 = check_memory_set("memory-heldout2.json", 80, "mem-h2-");
     let heldout3 = check_memory_set("memory-heldout3.json", 60, "mem-h3-");
     let heldout4 = check_memory_set("memory-heldout4.json", 60, "mem-h4-");
+    let heldout5 = check_memory_set("memory-heldout5.json", 60, "mem-h5-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -143,6 +144,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout2)
         .chain(&heldout3)
         .chain(&heldout4)
+        .chain(&heldout5)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -184,6 +186,18 @@ fn memory_sets_are_well_formed_and_disjoint() {
             ("memory-heldout", &heldout),
             ("memory-heldout2", &heldout2),
             ("memory-heldout3", &heldout3),
+            ("dev-edits", &original),
+        ],
+    );
+    // And the fifth, written in session 18 by a writer that read no compiler code or lexicon.
+    assert_subjects_disjoint(
+        &heldout5,
+        &[
+            ("memory-dev", &dev),
+            ("memory-heldout", &heldout),
+            ("memory-heldout2", &heldout2),
+            ("memory-heldout3", &heldout3),
+            ("memory-heldout4", &heldout4),
             ("dev-edits", &original),
         ],
     );

@@ -389,6 +389,17 @@ fn scope_bundle_margin(
     groups: Option<(RelationGroupsDesc, Vec<f32>)>,
     margin: f32,
 ) -> AlignedBuf {
+    scope_bundle_vote(counts, head, groups, margin, None)
+}
+
+/// [`scope_bundle_margin`] whose groups vote with the head (format 1.6 with a head).
+fn scope_bundle_vote(
+    counts: Vec<u32>,
+    head: Option<(ScopeHeadDesc, Vec<f32>)>,
+    groups: Option<(RelationGroupsDesc, Vec<f32>)>,
+    margin: f32,
+    vote: Option<f32>,
+) -> AlignedBuf {
     {
         let mut b = BundleBuilder::new(meta("scope", "main", 1));
         let s = 0.5f32;
@@ -424,6 +435,7 @@ fn scope_bundle_margin(
             head.as_ref().map(|(d, w)| (d.clone(), w.as_slice())),
             groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
             margin,
+            vote,
             records,
         );
         b.add_edit(
@@ -692,6 +704,110 @@ fn relation_margin_streams_like_the_reader_and_widens_the_group() {
         );
     }
     refused_under_minor(&wide, 4, "minor: a relation-group margin needs format 1.5");
+}
+
+/// Relation groups voting with the head (format 1.6): written as minor 6, read and streamed
+/// alike; the head's logit moves up by the weight for a query in the record's group, down for
+/// one in another group, and not at all for a query in no group, which the groups alone
+/// (format 1.4) refuse; a weight outside [0, 1000] and a 1.5 header refused by both.
+#[test]
+fn group_vote_streams_like_the_reader_and_moves_the_heads_logit() {
+    let f = amend_edits::families::ScopeHead::n_features(4) + 2;
+    // z = 10 relu(relation) - 4: 1 for record "a" under the query below (relation 0.5).
+    let mut w = vec![0f32; f];
+    w[2] = 1.0;
+    w[f - 1] = 10.0;
+    let head = || {
+        Some((
+            ScopeHeadDesc {
+                members: 1,
+                hidden: 1,
+                weights: 0,
+                out_bias: vec![-4.0],
+                threshold: 0.0,
+            },
+            w.clone(),
+        ))
+    };
+    let templates = vec![0.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+    let groups = || {
+        Some((
+            RelationGroupsDesc {
+                templates: 0,
+                template_group: vec![0, 1],
+                names: vec!["g0".into(), "g1".into()],
+                record_group: vec![0, 1],
+                min_score: 0.6,
+            },
+            templates.clone(),
+        ))
+    };
+    let minor = |b: &AlignedBuf| u16::from_le_bytes([b.as_slice()[10], b.as_slice()[11]]);
+    let head_only = scope_bundle(vec![2, 1], head());
+    let decide = scope_bundle_vote(vec![2, 1], head(), groups(), 0.0, None);
+    let vote = scope_bundle_vote(vec![2, 1], head(), groups(), 0.0, Some(3.0));
+    assert_eq!((minor(&decide), minor(&vote)), (4, 6));
+    // Without a head there is nothing to vote on: the groups decide and the bundle stays 1.4.
+    assert_eq!(
+        minor(&scope_bundle_vote(
+            vec![2, 1],
+            None,
+            groups(),
+            0.0,
+            Some(3.0)
+        )),
+        4
+    );
+    both_read(&vote, true, "vote 3");
+    // Record "a" alone; the query's rows: its subject's two, then [0, 0, 1, 0].
+    let s = 0.5f32;
+    let q = [s, s, s, s];
+    let rows = [
+        1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+    ];
+    let route = |b: &AlignedBuf, stripped: [f32; 4]| {
+        let b = Bundle::from_bytes(b.as_slice(), &trust()).unwrap();
+        let mem = b.memory(0, 0..2).unwrap().to_family().unwrap();
+        let hit = mem
+            .route_with(&q, &rows, Some(&[true, false]), &mut |_| {
+                Some(stripped.to_vec())
+            })
+            .unwrap();
+        (hit.in_scope, hit.score, hit.groups)
+    };
+    let (in_g0, in_g1, in_none) = (
+        [0.0, 0.0, 1.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+        [1.0, 0.0, 0.0, 0.0],
+    );
+    let (z_in, z, _) = route(&head_only, in_none);
+    assert!(z_in && (z - 1.0).abs() < 1e-4, "head alone: {z}");
+    let close = |got: (bool, f32, Option<(u16, Option<u16>)>), want: (bool, f32, Option<u16>)| {
+        assert_eq!((got.0, got.2), (want.0, Some((0, want.2))), "{got:?}");
+        assert!((got.1 - want.1).abs() < 1e-4, "{got:?} against {want:?}");
+    };
+    close(route(&vote, in_g0), (true, z + 3.0, Some(0)));
+    close(route(&vote, in_g1), (false, z - 3.0, Some(1)));
+    // A query in no group: the head decides alone under a vote; the groups alone refuse it.
+    close(route(&vote, in_none), (true, z, None));
+    assert_eq!(route(&decide, in_none).0, false);
+    assert_eq!(route(&decide, in_g0).0, true);
+    for (v, why) in [
+        (f32::NAN, "NaN weight"),
+        (-1.0, "weight -1"),
+        (1001.0, "weight 1001"),
+    ] {
+        both_read(
+            &scope_bundle_vote(vec![2, 1], head(), groups(), 0.0, Some(v)),
+            false,
+            why,
+        );
+    }
+    refused_under_minor(
+        &vote,
+        5,
+        "minor: relation groups voting with the head need format 1.6",
+    );
 }
 
 /// `b` re-signed with header minor `minor` is refused by both readers with `reason`.

@@ -80,7 +80,8 @@ pub fn check_scope_model(
             amend_edits::bundle::EmbedderDesc::ScopeModel(sr)
             | amend_edits::bundle::EmbedderDesc::ScopeModelHead(sr, _)
             | amend_edits::bundle::EmbedderDesc::ScopeModelGroups(sr, _, _)
-            | amend_edits::bundle::EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _) => {
+            | amend_edits::bundle::EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _)
+            | amend_edits::bundle::EmbedderDesc::ScopeModelGroupsVote(sr, _, _, _, _) => {
                 let hex = amend_edits::keys::to_hex(&sr.fingerprint);
                 let Some(m) = scope else {
                     return Err(RuntimeError::ScopeModelMissing {
@@ -205,9 +206,12 @@ pub struct ScopeTerms {
     /// `threshold`).
     pub head: Option<(f32, f32)>,
     pub n_in_scope: usize,
-    /// Where relation groups decided (format 1.4): the record's group and the query's (`None`:
-    /// no template was close enough), by name.
+    /// Where relation groups decided (format 1.4) or voted (1.6): the record's group and the
+    /// query's (`None`: no template was close enough), by name.
     pub groups: Option<(String, Option<String>)>,
+    /// Where the groups voted with the head (format 1.6): what they added to its logit
+    /// (included in `head`'s logit).
+    pub vote: Option<f32>,
 }
 
 /// A low-rank adapter applied to the request.
@@ -1044,11 +1048,12 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     relation: r.relation,
                     subject_threshold: routing.subject_threshold(),
                     relation_threshold: routing.relation_threshold(),
-                    // Where relation groups decided, the head did not.
+                    // Where relation groups decided, the head did not; where they voted, it did.
                     head: routing
                         .head()
-                        .filter(|_| r.groups.is_none())
+                        .filter(|_| r.groups.is_none() || r.vote.is_some())
                         .map(|h| (r.score, h.threshold())),
+                    vote: r.vote,
                     n_in_scope: r.n_in_scope,
                     groups: r.groups.and_then(|(rg, qg)| {
                         let g = routing.groups()?;

@@ -106,6 +106,25 @@ impl Lexicon {
         }
         Ok(rows)
     }
+
+    /// The lexicon as the runtime classifies with it, over no records: `templates` from
+    /// [`Lexicon::encode`] with `embed_dim` values a row.
+    pub fn groups<'a>(
+        &'a self,
+        embed_dim: usize,
+        templates: &'a [f32],
+        min_score: f32,
+    ) -> Result<RelationGroups<'a>> {
+        RelationGroups::new(
+            embed_dim,
+            templates,
+            &self.template_group,
+            self.names.iter().map(String::as_str).collect(),
+            &[],
+            min_score,
+        )
+        .map_err(|e| CompileError::Hparams(format!("relation groups: {}", e.0)))
+    }
 }
 
 /// The bundle's relation groups for records `(prompt, subject)`: each record's group by its
@@ -118,17 +137,7 @@ pub fn record_groups(
     min_score: f32,
     records: &[(&str, &str)],
 ) -> Result<RelationGroupsDesc> {
-    let no_records: [u16; 0] = [];
-    let names: Vec<&str> = lex.names.iter().map(String::as_str).collect();
-    let groups = RelationGroups::new(
-        scope.n_embd(),
-        templates,
-        &lex.template_group,
-        names,
-        &no_records,
-        min_score,
-    )
-    .map_err(|e| CompileError::Hparams(format!("relation groups: {}", e.0)))?;
+    let groups = lex.groups(scope.n_embd(), templates, min_score)?;
     let mut record_group = Vec::with_capacity(records.len());
     for (prompt, subject) in records {
         let g = match strip_subject(prompt, subject) {

@@ -438,6 +438,7 @@ fn compile_scope(
         }),
         groups.as_ref().map(|(g, t)| (g.clone(), t.as_slice())),
         hp.relation_margin,
+        (hp.relation_rule == "vote").then_some(hp.relation_vote_weight),
         recs,
     );
     for (row, (id, prompt, _, target)) in all.iter().enumerate() {

@@ -18,7 +18,7 @@ pub const MAGIC: [u8; 8] = *b"AMENDBDL";
 /// kinds, v1.2 the verification record after the manifest (a v1.1 reader refuses it as trailing
 /// bytes). The writer puts the lowest minor that holds the bundle's content in the header.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 5;
+pub const FORMAT_MINOR: u16 = 6;
 /// The minor a bundle with a verification record needs.
 pub const MINOR_VERIFICATION: u16 = 2;
 /// The minor a bundle with a trained scope head (`EmbedderDesc::ScopeModelHead`) needs.
@@ -27,6 +27,9 @@ pub const MINOR_SCOPE_HEAD: u16 = 3;
 pub const MINOR_RELATION_GROUPS: u16 = 4;
 /// The minor a bundle with a relation-group margin (`EmbedderDesc::ScopeModelGroupsMargin`) needs.
 pub const MINOR_RELATION_MARGIN: u16 = 5;
+/// The minor a bundle whose relation groups vote with the scope head
+/// (`EmbedderDesc::ScopeModelGroupsVote`) needs.
+pub const MINOR_GROUP_VOTE: u16 = 6;
 /// Size of [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every payload section (relative to the start of the bundle).
@@ -399,6 +402,19 @@ pub enum EmbedderDesc {
         RelationGroupsDesc,
         f32,
     ),
+    /// v1.6: the groups vote with the head instead of deciding alone: the head's logit is moved
+    /// by `weight` up when the query falls in the record's group (margin included), down when
+    /// it falls in another group, and not at all when no template reaches `min_score` (the
+    /// lexicon does not know the query's relation); in scope when the moved logit reaches the
+    /// head's threshold. Fields: routing, head, groups, margin, weight (in `[0, 1000]`). A
+    /// v1.5 reader refuses the payload (unknown variant).
+    ScopeModelGroupsVote(
+        ScopeRoutingDesc,
+        ScopeHeadDesc,
+        RelationGroupsDesc,
+        f32,
+        f32,
+    ),
 }
 
 #[cfg(feature = "alloc")]
@@ -409,7 +425,8 @@ impl EmbedderDesc {
             EmbedderDesc::ScopeModel(r)
             | EmbedderDesc::ScopeModelHead(r, _)
             | EmbedderDesc::ScopeModelGroups(r, _, _)
-            | EmbedderDesc::ScopeModelGroupsMargin(r, _, _, _) => Some(r),
+            | EmbedderDesc::ScopeModelGroupsMargin(r, _, _, _)
+            | EmbedderDesc::ScopeModelGroupsVote(r, _, _, _, _) => Some(r),
             _ => None,
         }
     }
@@ -417,22 +434,32 @@ impl EmbedderDesc {
         match self {
             EmbedderDesc::ScopeModelHead(_, h)
             | EmbedderDesc::ScopeModelGroups(_, Some(h), _)
-            | EmbedderDesc::ScopeModelGroupsMargin(_, Some(h), _, _) => Some(h),
+            | EmbedderDesc::ScopeModelGroupsMargin(_, Some(h), _, _)
+            | EmbedderDesc::ScopeModelGroupsVote(_, h, _, _, _) => Some(h),
             _ => None,
         }
     }
     pub fn relation_groups(&self) -> Option<&RelationGroupsDesc> {
         match self {
             EmbedderDesc::ScopeModelGroups(_, _, g)
-            | EmbedderDesc::ScopeModelGroupsMargin(_, _, g, _) => Some(g),
+            | EmbedderDesc::ScopeModelGroupsMargin(_, _, g, _)
+            | EmbedderDesc::ScopeModelGroupsVote(_, _, g, _, _) => Some(g),
             _ => None,
         }
     }
     /// The relation-group margin (v1.5; 0 without one).
     pub fn relation_margin(&self) -> f32 {
         match self {
-            EmbedderDesc::ScopeModelGroupsMargin(_, _, _, m) => *m,
+            EmbedderDesc::ScopeModelGroupsMargin(_, _, _, m)
+            | EmbedderDesc::ScopeModelGroupsVote(_, _, _, m, _) => *m,
             _ => 0.0,
+        }
+    }
+    /// The weight of the groups' vote with the head (v1.6; `None`: the groups decide alone).
+    pub fn group_vote(&self) -> Option<f32> {
+        match self {
+            EmbedderDesc::ScopeModelGroupsVote(_, _, _, _, w) => Some(*w),
+            _ => None,
         }
     }
 }
@@ -581,6 +608,12 @@ pub fn is_cosine(x: f32) -> bool {
 /// the family and the compiler's hyperparameters check it.
 pub fn is_relation_margin(x: f32) -> bool {
     (0.0..=2.0).contains(&x)
+}
+
+/// The weight of relation groups' vote with the scope head (v1.6): a shift of the head's logit,
+/// in [0, 1000] (NaN fails). Both readers, the family and the compiler's hyperparameters check it.
+pub fn is_group_weight(x: f32) -> bool {
+    (0.0..=1000.0).contains(&x)
 }
 
 #[cfg(test)]

@@ -326,6 +326,7 @@ impl<B: AsRef<[u8]>> Bundle<B> {
                         record_group: &g.record_group[rows.clone()],
                         min_score: g.min_score,
                         margin: d.embedder.relation_margin(),
+                        vote: d.embedder.group_vote(),
                     }),
                 })
             }
@@ -530,6 +531,8 @@ pub struct GroupsView<'a> {
     pub min_score: f32,
     /// v1.5 (0 before).
     pub margin: f32,
+    /// v1.6: the weight of the groups' vote with the head (`None`: they decide alone).
+    pub vote: Option<f32>,
 }
 
 /// Zero-copy view of a trained scope head.
@@ -620,7 +623,8 @@ impl<'a> MemoryView<'a> {
             EmbedderDesc::ScopeModel(sr)
             | EmbedderDesc::ScopeModelHead(sr, _)
             | EmbedderDesc::ScopeModelGroups(sr, _, _)
-            | EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _) => families::Embedder::External {
+            | EmbedderDesc::ScopeModelGroupsMargin(sr, _, _, _)
+            | EmbedderDesc::ScopeModelGroupsVote(sr, _, _, _, _) => families::Embedder::External {
                 model_id: &sr.model_id,
                 fingerprint: Some(&sr.fingerprint),
             },
@@ -672,7 +676,8 @@ impl<'a> MemoryView<'a> {
                             g.record_group,
                             g.min_score,
                         )?
-                        .with_margin(g.margin)?,
+                        .with_margin(g.margin)?
+                        .with_vote(g.vote)?,
                         sv.subjects.iter().map(String::as_str).collect(),
                     )?;
                 }

@@ -272,6 +272,11 @@ pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
             "minor: a relation-group margin needs format 1.5",
         ));
     }
+    if h.minor.get() < MINOR_GROUP_VOTE && payloads.iter().any(has_group_vote) {
+        return Err(BundleError::BadHeader(
+            "minor: relation groups voting with the head need format 1.6",
+        ));
+    }
     Ok(Verified {
         manifest,
         payloads,
@@ -314,6 +319,11 @@ pub fn check_relation_groups(g: &RelationGroupsDesc, n: u64) -> Result<(), &'sta
         return Err("relation groups: min_score must be a cosine in [-1, 1]");
     }
     Ok(())
+}
+
+/// A memory payload whose relation groups vote with the head (format 1.6 content).
+pub fn has_group_vote(p: &Payload) -> bool {
+    matches!(p, Payload::Memory(d) if d.embedder.group_vote().is_some())
 }
 
 /// A memory payload with a relation-group margin (format 1.5 content).
@@ -871,6 +881,13 @@ fn check_payload(
                     check_relation_groups(g, n).map_err(invalid)?;
                     if !super::format::is_relation_margin(d.embedder.relation_margin()) {
                         return Err(invalid("relation groups: margin must be in [0, 2]"));
+                    }
+                    if !d
+                        .embedder
+                        .group_vote()
+                        .is_none_or(super::format::is_group_weight)
+                    {
+                        return Err(invalid("relation groups: vote weight must be in [0, 1000]"));
                     }
                     r.take(
                         g.templates,

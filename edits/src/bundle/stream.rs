@@ -805,8 +805,10 @@ struct GroupsDesc<'a> {
     record_group: Cur<'a>,
     n_records: u64,
     min_score: f32,
-    /// v1.5 (tag 5); 0 before.
+    /// v1.5 (tags 5 and 6); 0 before.
     margin: f32,
+    /// v1.6 (tag 6): the weight of the groups' vote with the head.
+    vote: Option<f32>,
 }
 
 /// A payload descriptor, decoded in place.
@@ -894,7 +896,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
             let embedder = match c.varint(32)? {
                 0 => Ok((c.u32()?, c.byte()?, c.byte()?)),
                 1 => Err(c.str()?),
-                tag @ (2..=5) => {
+                tag @ (2..=6) => {
                     let model_id = c.str()?;
                     c.take(32)?; // the scope model's fingerprint
                     let relation = c.u32()?;
@@ -921,8 +923,8 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                         head: None,
                         groups: None,
                     });
-                    // v1.4 (tags 4 and 5): the head is optional.
-                    let has_head = tag == 3 || (tag >= 4 && c.bool()?);
+                    // v1.4 (tags 4 and 5): the head is optional; v1.6 (tag 6) has one.
+                    let has_head = tag == 3 || tag == 6 || (tag >= 4 && c.bool()?);
                     if has_head {
                         let (members, hidden, weights) = (c.u32()?, c.u32()?, c.u32()?);
                         let n_bias = c.len()?;
@@ -953,7 +955,8 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                             c.u16()?;
                         }
                         let min_score = c.f32()?;
-                        let margin = if tag == 5 { c.f32()? } else { 0.0 };
+                        let margin = if tag >= 5 { c.f32()? } else { 0.0 };
+                        let vote = if tag == 6 { Some(c.f32()?) } else { None };
                         if let Some(sd) = scope.as_mut() {
                             sd.groups = Some(GroupsDesc {
                                 templates,
@@ -965,6 +968,7 @@ fn decode_desc(kind: PayloadKind, body: &[u8]) -> D<Desc<'_>> {
                                 n_records,
                                 min_score,
                                 margin,
+                                vote,
                             });
                         }
                     }
@@ -1050,6 +1054,8 @@ struct Refs<'m, 'a> {
     relation_groups: bool,
     /// A memory carries a relation-group margin (format 1.5 content).
     relation_margin: bool,
+    /// A memory's relation groups vote with its head (format 1.6 content).
+    group_vote: bool,
 }
 
 impl Refs<'_, '_> {
@@ -1298,6 +1304,7 @@ impl<'a> Manifest<'a> {
             scope_head: false,
             relation_groups: false,
             relation_margin: false,
+            group_vote: false,
         };
         let mut c = Cur::at(self.b, self.payloads.0);
         for pi in 0..self.payloads.1 as usize {
@@ -1369,6 +1376,11 @@ impl<'a> Manifest<'a> {
         if refs.relation_margin && minor < MINOR_RELATION_MARGIN {
             return Err(StreamError::BadHeader(
                 "minor: a relation-group margin needs format 1.5",
+            ));
+        }
+        if refs.group_vote && minor < MINOR_GROUP_VOTE {
+            return Err(StreamError::BadHeader(
+                "minor: relation groups voting with the head need format 1.6",
             ));
         }
         Ok(())
@@ -1626,6 +1638,10 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                         return Err(invalid("relation groups: margin must be in [0, 2]"));
                     }
                     r.relation_margin |= g.margin != 0.0;
+                    if !g.vote.is_none_or(super::format::is_group_weight) {
+                        return Err(invalid("relation groups: vote weight must be in [0, 1000]"));
+                    }
+                    r.group_vote |= g.vote.is_some();
                     r.take(g.templates, SectionKind::RelationTemplates, &[t, e])?;
                 }
             }

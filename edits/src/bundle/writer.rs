@@ -223,7 +223,8 @@ impl BundleBuilder {
 
     /// A scope-model memory (v1.1): `embeddings` and `relation` are `[n, embed_dim]`,
     /// `subject_rows` `[sum(routing.subject_counts), embed_dim]`; the section indices in
-    /// `routing` are filled in here.
+    /// `routing` are filled in here. `group_vote` (v1.6) makes the groups vote with the head
+    /// by that weight; it needs both a head and groups, and is dropped without either.
     #[allow(clippy::too_many_arguments)]
     pub fn add_scope_memory(
         &mut self,
@@ -237,6 +238,7 @@ impl BundleBuilder {
         head: Option<(ScopeHeadDesc, &[f32])>,
         groups: Option<(RelationGroupsDesc, &[f32])>,
         relation_margin: f32,
+        group_vote: Option<f32>,
         records: Vec<MemoryRecordDesc>,
     ) -> u32 {
         let n = records.len() as u64;
@@ -265,11 +267,16 @@ impl BundleBuilder {
                 let t = g.template_group.len() as u64;
                 g.templates =
                     self.add_f32(SectionKind::RelationTemplates, alloc::vec![t, e], templates);
-                // A margin needs format 1.5; without one the bundle stays 1.4.
-                if relation_margin != 0.0 {
-                    EmbedderDesc::ScopeModelGroupsMargin(routing, head, g, relation_margin)
-                } else {
-                    EmbedderDesc::ScopeModelGroups(routing, head, g)
+                // A vote needs a head and format 1.6, a margin 1.5; without either the bundle
+                // stays 1.4.
+                match (head, group_vote) {
+                    (Some(h), Some(w)) => {
+                        EmbedderDesc::ScopeModelGroupsVote(routing, h, g, relation_margin, w)
+                    }
+                    (head, _) if relation_margin != 0.0 => {
+                        EmbedderDesc::ScopeModelGroupsMargin(routing, head, g, relation_margin)
+                    }
+                    (head, _) => EmbedderDesc::ScopeModelGroups(routing, head, g),
                 }
             }
         };
@@ -436,7 +443,9 @@ pub fn manifest_minor(m: &Manifest) -> u16 {
                 && postcard::from_bytes::<MemoryDesc>(&p.body).is_ok_and(|d| f(&d))
         })
     };
-    if memory(|d| d.embedder.relation_margin() != 0.0) {
+    if memory(|d| d.embedder.group_vote().is_some()) {
+        MINOR_GROUP_VOTE
+    } else if memory(|d| d.embedder.relation_margin() != 0.0) {
         MINOR_RELATION_MARGIN
     } else if memory(|d| d.embedder.relation_groups().is_some()) {
         MINOR_RELATION_GROUPS

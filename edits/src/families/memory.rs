@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use super::{
     check_matrix, check_unit_rows, dot, max_dot_indexed, F16Rows, InvalidPayload, Pooling,
 };
-use crate::bundle::format::{is_cosine, is_relation_margin};
+use crate::bundle::format::{is_cosine, is_group_weight, is_relation_margin};
 use crate::site::Site;
 
 /// The text of one memorized edit (borrowed from the bundle).
@@ -111,6 +111,7 @@ pub struct RelationGroups<'a> {
     record_group: &'a [u16],
     min_score: f32,
     margin: f32,
+    vote: Option<f32>,
 }
 
 impl<'a> RelationGroups<'a> {
@@ -167,6 +168,7 @@ impl<'a> RelationGroups<'a> {
             record_group,
             min_score,
             margin: 0.0,
+            vote: None,
         })
     }
 
@@ -182,6 +184,25 @@ impl<'a> RelationGroups<'a> {
 
     pub fn margin(&self) -> f32 {
         self.margin
+    }
+
+    /// Vote with the scope head instead of deciding alone (format 1.6): the head's logit moves
+    /// up by `weight` when the query falls in the record's group, down when it falls in
+    /// another, and stays where the query reaches no group (the lexicon does not know its
+    /// relation, so it says nothing). `None`: the groups decide alone, and a query in no group
+    /// is out of scope. A memory without a head ignores the vote.
+    pub fn with_vote(mut self, weight: Option<f32>) -> Result<Self, InvalidPayload> {
+        if !weight.is_none_or(is_group_weight) {
+            return Err(InvalidPayload(
+                "relation groups: vote weight must be in [0, 1000]",
+            ));
+        }
+        self.vote = weight;
+        Ok(self)
+    }
+
+    pub fn vote(&self) -> Option<f32> {
+        self.vote
     }
 
     /// Per group, the best template cosine of a unit vector (`None`: wrong size).
@@ -593,9 +614,12 @@ pub struct RouteHit {
     pub in_scope: bool,
     /// How many of the examined candidates were in scope (several: the best one is used).
     pub n_in_scope: usize,
-    /// Where relation groups decided: the record's group and the query's (`None`: no template
-    /// was close enough).
+    /// Where relation groups decided or voted: the record's group and the query's (`None`: no
+    /// template was close enough).
     pub groups: Option<(u16, Option<u16>)>,
+    /// Where the groups vote with the head (format 1.6): what they added to its logit (+weight,
+    /// -weight or 0; `score` includes it). `None` where they decided alone or did not apply.
+    pub vote: Option<f32>,
 }
 
 /// A piece of a parsed template.
@@ -756,7 +780,9 @@ impl<'a> Memory<'a> {
     /// `None` (the subject is not in the query: the head or the thresholds decide). It is
     /// asked only for candidates whose record has a group and whose pooled and subject terms
     /// pass. A record decided by its group is in scope when the query falls in that group;
-    /// in-scope records decided by groups rank before those the head decided.
+    /// in-scope records decided by groups rank before those the head decided. Where the groups
+    /// vote ([`RelationGroups::with_vote`]) and there is a head, the head decides every record,
+    /// its logit moved by the vote, and that moved logit ranks them.
     pub fn route_with(
         &self,
         query_pooled: &[f32],
@@ -812,7 +838,15 @@ impl<'a> Memory<'a> {
                     let (qg, fits) = g.decide(query_groups[at].1.as_deref()?, rg);
                     Some(((rg, qg), fits))
                 });
-            let (score, in_scope) = match (&r.head, by_group) {
+            let vote = r
+                .groups
+                .as_ref()
+                .and_then(|g| g.vote)
+                .filter(|_| r.head.is_some());
+            // With a vote, groups only decide through the head's logit below.
+            let decides = by_group.filter(|_| vote.is_none());
+            let mut voted = None;
+            let (score, in_scope) = match (&r.head, decides) {
                 (_, Some((_, fits))) => (pooled * subject, fits),
                 // The head decides alone; its logit ranks the in-scope records.
                 (Some(h), None) => {
@@ -826,7 +860,15 @@ impl<'a> Memory<'a> {
                         self.embedding(i),
                         &mut x,
                     );
-                    let z = h.logit(&x);
+                    // The vote: +1 in the record's group, -1 in another, 0 where the query
+                    // reaches no group or the record has none.
+                    let g = match by_group {
+                        Some(((_, Some(_)), true)) => 1.0,
+                        Some(((_, Some(_)), false)) => -1.0,
+                        _ => 0.0,
+                    };
+                    voted = vote.map(|w| w * g);
+                    let z = h.logit(&x) + voted.unwrap_or(0.0);
                     (z, z >= h.threshold)
                 }
                 (None, None) => (
@@ -846,12 +888,13 @@ impl<'a> Memory<'a> {
                 in_scope,
                 n_in_scope: 0,
                 groups: by_group.map(|(g, _)| g),
+                vote: voted,
             };
             let better = match &best {
                 None => true,
                 Some(b) => {
-                    (in_scope, by_group.is_some() && in_scope, hit.score)
-                        > (b.in_scope, b.groups.is_some() && b.in_scope, b.score)
+                    let grouped = |h: &RouteHit| vote.is_none() && h.groups.is_some() && h.in_scope;
+                    (in_scope, grouped(&hit), hit.score) > (b.in_scope, grouped(b), b.score)
                 }
             };
             if better {
