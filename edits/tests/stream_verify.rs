@@ -462,23 +462,36 @@ fn scope_bundle_vote(
     }
 }
 
+/// The weights of a one-member, one-unit head over 4-d embeddings whose unit reads the relation
+/// cosine (feature 2) with output weight 10: its logit is `10 relu(relation) + out_bias`.
+fn relation_head_weights() -> Vec<f32> {
+    let f = amend_edits::families::ScopeHead::n_features(4) + 2;
+    let mut w = vec![0f32; f];
+    w[2] = 1.0;
+    w[f - 1] = 10.0;
+    w
+}
+
+/// A one-member, one-unit scope head descriptor (its weights section filled in by the writer).
+fn head_desc(out_bias: Vec<f32>, threshold: f32) -> ScopeHeadDesc {
+    ScopeHeadDesc {
+        members: 1,
+        hidden: 1,
+        weights: 0,
+        out_bias,
+        threshold,
+    }
+}
+
 /// A v1.3 memory with a trained scope head: written under minor 3, read and streamed alike,
 /// routed by the head; a head whose shape, biases or threshold are wrong is refused by both
 /// readers, and so is a head under a v1.2 header (re-signed, so only the minor rule catches it).
 #[test]
 fn scope_head_memory_streams_like_the_reader() {
-    let f = amend_edits::families::ScopeHead::n_features(4) + 2;
     // One member, one hidden unit reading the relation cosine (feature 2): z = 10 rel - 5.
-    let mut w = vec![0f32; f];
-    w[2] = 1.0;
-    w[f - 1] = 10.0;
-    let desc = |bias: Vec<f32>, threshold: f32| ScopeHeadDesc {
-        members: 1,
-        hidden: 1,
-        weights: 0,
-        out_bias: bias,
-        threshold,
-    };
+    let w = relation_head_weights();
+    let f = w.len();
+    let desc = head_desc;
     let good = scope_bundle(vec![2, 1], Some((desc(vec![-5.0], 0.0), w.clone())));
     assert_eq!(
         u16::from_le_bytes([good.as_slice()[10], good.as_slice()[11]]),
@@ -712,23 +725,9 @@ fn relation_margin_streams_like_the_reader_and_widens_the_group() {
 /// (format 1.4) refuse; a weight outside [0, 1000] and a 1.5 header refused by both.
 #[test]
 fn group_vote_streams_like_the_reader_and_moves_the_heads_logit() {
-    let f = amend_edits::families::ScopeHead::n_features(4) + 2;
     // z = 10 relu(relation) - 4: 1 for record "a" under the query below (relation 0.5).
-    let mut w = vec![0f32; f];
-    w[2] = 1.0;
-    w[f - 1] = 10.0;
-    let head = || {
-        Some((
-            ScopeHeadDesc {
-                members: 1,
-                hidden: 1,
-                weights: 0,
-                out_bias: vec![-4.0],
-                threshold: 0.0,
-            },
-            w.clone(),
-        ))
-    };
+    let w = relation_head_weights();
+    let head = || Some((head_desc(vec![-4.0], 0.0), w.clone()));
     let templates = vec![0.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
     let groups = || {
         Some((
