@@ -36,14 +36,23 @@ fn preset_text(name: &str) -> Result<&'static str> {
 /// which the preset costs edit success and rephrase on.
 pub fn auto_preset<'a>(
     method: crate::Method,
-    mut prompts: impl Iterator<Item = &'a str>,
+    prompts: impl Iterator<Item = &'a str>,
 ) -> Option<&'static str> {
-    let mut any = false;
-    let statements = prompts.all(|p| {
-        any = true;
-        !p.trim_end().ends_with('?')
-    });
-    (method == crate::Method::Memit && any && statements).then_some("memit-statements")
+    let (questions, statements) = prompt_forms(prompts);
+    (method == crate::Method::Memit && questions == 0 && statements > 0)
+        .then_some("memit-statements")
+}
+
+/// How many prompts are questions (ending in a question mark) and how many statements: the
+/// two forms MEMIT wants different settings for.
+pub fn prompt_forms<'a>(prompts: impl Iterator<Item = &'a str>) -> (usize, usize) {
+    prompts.fold((0, 0), |(q, s), p| {
+        if p.trim_end().ends_with('?') {
+            (q + 1, s)
+        } else {
+            (q, s + 1)
+        }
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -689,6 +698,8 @@ mod tests {
         assert_eq!(auto_preset(Method::Memit, mixed.into_iter()), None);
         assert_eq!(auto_preset(Method::Rome, st.into_iter()), None);
         assert_eq!(auto_preset(Method::Memit, std::iter::empty()), None);
+        assert_eq!(prompt_forms(mixed.into_iter()), (1, 1));
+        assert_eq!(prompt_forms(st.into_iter()), (0, 2));
     }
 
     #[test]
