@@ -815,6 +815,14 @@ impl<'a> Memory<'a> {
         // Per subject: the query's group scores with that subject stripped (`None`: not in the
         // query).
         let mut query_groups: Vec<(&str, Option<Vec<f32>>)> = Vec::new();
+        // The groups' vote weight, where they vote and there is a head to vote with.
+        let vote = r
+            .groups
+            .as_ref()
+            .and_then(|g| g.vote)
+            .filter(|_| r.head.is_some());
+        // Without a vote, in-scope records the groups decided rank before the head's.
+        let grouped = |h: &RouteHit| vote.is_none() && h.groups.is_some() && h.in_scope;
         for &(pooled, i) in &top {
             let (subject, relation) =
                 subject_relation_rest(r.subject_rows(i), r.relation(i), query_rows, d, &mut rest);
@@ -838,11 +846,6 @@ impl<'a> Memory<'a> {
                     let (qg, fits) = g.decide(query_groups[at].1.as_deref()?, rg);
                     Some(((rg, qg), fits))
                 });
-            let vote = r
-                .groups
-                .as_ref()
-                .and_then(|g| g.vote)
-                .filter(|_| r.head.is_some());
             // With a vote, groups only decide through the head's logit below.
             let decides = by_group.filter(|_| vote.is_none());
             let mut voted = None;
@@ -867,7 +870,7 @@ impl<'a> Memory<'a> {
                         Some(((_, Some(_)), false)) => -1.0,
                         _ => 0.0,
                     };
-                    voted = vote.map(|w| w * g);
+                    voted = by_group.and(vote).map(|w| w * g);
                     let z = h.logit(&x) + voted.unwrap_or(0.0);
                     (z, z >= h.threshold)
                 }
@@ -892,10 +895,7 @@ impl<'a> Memory<'a> {
             };
             let better = match &best {
                 None => true,
-                Some(b) => {
-                    let grouped = |h: &RouteHit| vote.is_none() && h.groups.is_some() && h.in_scope;
-                    (in_scope, grouped(&hit), hit.score) > (b.in_scope, grouped(b), b.score)
-                }
+                Some(b) => (in_scope, grouped(&hit), hit.score) > (b.in_scope, grouped(b), b.score),
             };
             if better {
                 best = Some(hit);
