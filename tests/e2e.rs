@@ -634,6 +634,118 @@ fn compile_refuses_partial_and_drifting_bundles() {
     assert_eq!(files_of(&dir, "good"), ["good.amend"]);
 }
 
+/// MEMIT under `--preset auto` compiles a batch that mixes questions and statements in two
+/// stages (the questions with the defaults, then the statements with memit-statements on top):
+/// the same deltas as the two compiles a user would run by hand (`--base-bundle`), one bundle of
+/// one version, and a compile stopped in the first stage resumes to the same bytes.
+#[test]
+fn memit_compiles_a_mixed_batch_form_by_form() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let dir = tmp().join("split");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("e2e-split");
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../data/memory-dev.json")).unwrap();
+    let first = |question: bool| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["prompt"].as_str().unwrap().ends_with('?') == question)
+            .unwrap()
+            .clone()
+    };
+    let (q, st) = (first(true), first(false));
+    let write = |name: &str, recs: Vec<serde_json::Value>| {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_vec(&recs).unwrap()).unwrap();
+        p
+    };
+    // Statement first: the stages go by form, not by order.
+    let mixed = write("mixed.json", vec![st.clone(), q.clone()]);
+    let questions = write("questions.json", vec![q]);
+    let statements = write("statements.json", vec![st]);
+    let base = ["--no-drift-check", "--allow-partial", "--threads", "1"];
+
+    let split = dir.join("split.amend");
+    let out = amend_with(
+        &compile_args(&model, "memit", &mixed, &split, &key, &base),
+        &[EPOCH],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", tail(&err, 2000));
+    assert!(
+        err.contains("mixes 1 question(s) and 1 statement(s)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stage 1/2: 1 questions with preset none"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stage 2/2: 1 statements with preset memit-statements"),
+        "{err}"
+    );
+    assert_eq!(files_of(&dir, "split"), ["split.amend", "split.lora.gguf"]);
+    let info = ok(&["inspect", s(&split), "--pubkey", s(&public)]);
+    assert!(info.contains("version 1"), "{info}");
+
+    // By hand: the questions, then the statements on top (auto picks the preset for them).
+    let q_only = dir.join("hand-q.amend");
+    ok(&compile_args(
+        &model,
+        "memit",
+        &questions,
+        &q_only,
+        &key,
+        &[&base[..], &["--preset", "none"]].concat(),
+    ));
+    let by_hand = dir.join("hand.amend");
+    ok(&compile_args(
+        &model,
+        "memit",
+        &statements,
+        &by_hand,
+        &key,
+        &[&base[..], &["--base-bundle", s(&q_only)]].concat(),
+    ));
+    assert_eq!(
+        std::fs::read(dir.join("split.lora.gguf")).unwrap(),
+        std::fs::read(dir.join("hand.lora.gguf")).unwrap(),
+        "the split compile's deltas differ from the two compiles by hand"
+    );
+
+    // Stopped after the first stage's edit: its checkpoint is kept, and the rerun resumes it.
+    let part = dir.join("part.amend");
+    let stopped = amend_with(
+        &compile_args(
+            &model,
+            "memit",
+            &mixed,
+            &part,
+            &key,
+            &[&base[..], &["--test-stop-after", "1"]].concat(),
+        ),
+        &[EPOCH],
+    );
+    assert!(!stopped.status.success());
+    assert_eq!(files_of(&dir, "part"), ["part.amend.ckpt.questions"]);
+    let resumed = amend_with(
+        &compile_args(&model, "memit", &mixed, &part, &key, &base),
+        &[EPOCH],
+    );
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{}", tail(&err, 2000));
+    assert!(err.contains("1/1 edit(s) already done"), "{err}");
+    assert_eq!(
+        std::fs::read(&split).unwrap(),
+        std::fs::read(&part).unwrap(),
+        "the resumed split compile differs from the uninterrupted one"
+    );
+    assert_eq!(files_of(&dir, "part"), ["part.amend", "part.lora.gguf"]);
+}
+
 /// Both ONNX Runtime libraries of scripts/fetch-ort.sh, or a skip (a failure under
 /// AMEND_REQUIRE_MODEL=1).
 fn ort_libraries() -> bool {

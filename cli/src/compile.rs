@@ -53,7 +53,9 @@ pub struct Args {
     #[arg(long)]
     base_bundle: Option<PathBuf>,
     /// A built-in preset laid over the defaults before --hparams and --set: `auto` (MEMIT on a
-    /// batch whose prompts are all statements takes `memit-statements`; anything else the
+    /// batch whose prompts are all statements takes `memit-statements`; a MEMIT batch that mixes
+    /// questions and statements is compiled in two stages into one bundle, the questions with
+    /// the defaults, then the statements on top with `memit-statements`; anything else the
     /// defaults), `none`, or a preset's name (runtime/hparams/presets/).
     #[arg(long, default_value = "auto", value_name = "auto|none|NAME")]
     preset: String,
@@ -200,41 +202,80 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut compiler =
         Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
-    let preset = match args.preset.as_str() {
-        "none" => None,
-        "auto" => {
-            let p = amend_compiler::hparams::auto_preset(
-                method,
-                records.iter().map(|r| r.prompt.as_str()),
-            );
-            if let Some(p) = p {
-                eprintln!("preset {p}: every prompt is a statement (--preset none for the defaults; docs/eval.md)");
-            }
-            let (q, s) =
-                amend_compiler::hparams::prompt_forms(records.iter().map(|r| r.prompt.as_str()));
-            if method == Method::Memit && q > 0 && s > 0 {
-                // Measured on heldout5: one mixed batch 89.7 edit success / 82.5 locality,
-                // the forms compiled apart 98.3 / 85.3 (docs/eval.md).
-                eprintln!(
-                    "note: the batch mixes {q} question(s) and {s} statement(s), so the defaults are kept; \
-                     in one mixed batch question edits miss more and statements keep fewer neighbours: \
-                     compile the questions first, then the statements with --base-bundle (docs/eval.md)"
+    // The plan: one batch, or, for MEMIT under `--preset auto` when the batch mixes the two
+    // prompt forms, the questions with the defaults and then the statements on top of them with
+    // the statements preset: one bundle. Measured on heldout5: one mixed batch 89.7 edit
+    // success / 82.5 locality, the forms compiled apart 98.3 / 85.3 (docs/eval.md).
+    let (n_questions, n_statements) =
+        amend_compiler::hparams::prompt_forms(records.iter().map(|r| r.prompt.as_str()));
+    let split =
+        method == Method::Memit && args.preset == "auto" && n_questions > 0 && n_statements > 0;
+    let stages: Vec<Stage> = if split {
+        eprintln!(
+            "preset auto: the batch mixes {n_questions} question(s) and {n_statements} statement(s): \
+             the questions are compiled first with the defaults, then the statements on top of them \
+             with memit-statements, into one bundle (--preset none: one batch with the defaults; \
+             docs/eval.md)"
+        );
+        let (questions, statements): (Vec<_>, Vec<_>) = records
+            .iter()
+            .cloned()
+            .partition(|r| amend_compiler::hparams::is_question(&r.prompt));
+        vec![
+            Stage {
+                label: "questions",
+                preset: None,
+                records: questions,
+            },
+            Stage {
+                label: "statements",
+                preset: Some("memit-statements"),
+                records: statements,
+            },
+        ]
+    } else {
+        let preset = match args.preset.as_str() {
+            "none" => None,
+            "auto" => {
+                let p = amend_compiler::hparams::auto_preset(
+                    method,
+                    records.iter().map(|r| r.prompt.as_str()),
                 );
+                if let Some(p) = p {
+                    eprintln!("preset {p}: every prompt is a statement (--preset none for the defaults; docs/eval.md)");
+                }
+                p
             }
-            p
-        }
-        name => Some(name),
+            name => Some(name),
+        };
+        vec![Stage {
+            label: "",
+            preset,
+            records: records.clone(),
+        }]
     };
-    let hp = Hparams::resolve_with(
-        compiler.fwd.cfg.arch,
-        preset,
-        args.hparams.as_deref(),
-        &args.set,
-    )?;
+    let hps = stages
+        .iter()
+        .map(|s| {
+            Hparams::resolve_with(
+                compiler.fwd.cfg.arch,
+                s.preset,
+                args.hparams.as_deref(),
+                &args.set,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if args.print_hparams {
-        println!("{}", toml::to_string_pretty(&hp)?);
+        for (s, hp) in stages.iter().zip(&hps) {
+            if stages.len() > 1 {
+                println!("# the {}' stage", s.label);
+            }
+            println!("{}", toml::to_string_pretty(hp)?);
+        }
         return Ok(());
     }
+    // What the steps below read (one stage unless MEMIT splits, and MEMIT reads none of it).
+    let hp = &hps[0];
     let layer = match args.layer {
         None => None,
         Some(LayerArg::Index(l)) => Some(l),
@@ -284,7 +325,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         method.name()
     );
 
-    // The checkpoint: bound to everything that determines the bundle, signed with --key.
     let identity_base = BundleIdentity {
         bundle_id: args.bundle_id.clone(),
         channel: args.channel.clone(),
@@ -292,122 +332,181 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         expires: u64::MAX,
         created: None,
     };
-    let ckpt_path = checkpoint::path_for(&args.out);
-    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
-    let parts = checkpoint_parts(
-        &compiler,
-        method,
-        &hp,
-        layer,
-        &records,
-        base.as_ref().map(|b| b.bytes()),
-        &identity_base,
-    )?;
-    let stored = if method.checkpoints().is_none() || args.restart {
-        None
-    } else {
-        Checkpoint::load(&ckpt_path, &parts, &ids, &key)?
-    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     // Reproducible output: SOURCE_DATE_EPOCH, else the interrupted run's time, else now.
-    let created = match std::env::var("SOURCE_DATE_EPOCH") {
+    let pinned = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) => Some(
             v.trim()
                 .parse::<u64>()
                 .context("SOURCE_DATE_EPOCH: not a number of seconds")?,
         ),
         Err(_) => None,
-    }
-    .or(stored.as_ref().map(|c| c.created))
-    .unwrap_or(now);
-    if method.checkpoints().is_some() {
-        let mut ckpt = match stored {
-            Some(c) => {
-                eprintln!(
-                    "resuming from {}: {}/{} edit(s) already done",
-                    ckpt_path.display(),
-                    c.len(),
-                    records.len()
-                );
-                c
-            }
-            None => Checkpoint::new(
-                ckpt_path.clone(),
-                parts,
-                created,
-                records.len(),
-                key.clone(),
-            ),
-        };
-        ckpt.interval = std::time::Duration::from_secs_f64(args.checkpoint_every);
-        ckpt.stop_after = args.test_stop_after;
-        compiler.checkpoint = Some(ckpt);
-    }
-
+    };
+    let mut created = None;
     // Without a terminal (CI, a log file, nohup) the bar draws nothing: print one log line per
     // finished edit instead.
     let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (n_records, mut n_done) = (records.len(), 0usize);
     let bar = crate::progress_bar(records.len() as u64, "edits");
-    let identity = BundleIdentity {
-        created: Some(created),
-        ..identity_base
-    };
-    let t_compile = Instant::now();
-    let out = compiler.compile(
-        method,
-        &records,
-        &hp,
-        layer,
-        base.as_ref(),
-        &identity,
-        &mut |p| {
-            bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
-            if p.done {
-                bar.inc(1);
-                n_done += 1;
-                if log_lines {
-                    eprintln!(
-                        "compile: {n_done}/{n_records} edit {} done: {} steps, loss {:.3} [{:.1} s]",
-                        p.id,
-                        p.step,
-                        p.loss,
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
+    let mut progress = |p: &amend_compiler::methods::Progress| {
+        bar.set_message(format!("{} step {} loss {:.3}", p.id, p.step, p.loss));
+        if p.done {
+            bar.inc(1);
+            n_done += 1;
+            if log_lines {
+                eprintln!(
+                    "compile: {n_done}/{n_records} edit {} done: {} steps, loss {:.3} [{:.1} s]",
+                    p.id,
+                    p.step,
+                    p.loss,
+                    t0.elapsed().as_secs_f64()
+                );
             }
-        },
-    );
-    bar.finish_and_clear();
-    let compile_secs = t_compile.elapsed().as_secs_f64();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            // Keep what finished: the same command resumes after it.
-            if let Some(c) = compiler.checkpoint.as_mut() {
-                if !c.is_empty() && !matches!(e, amend_compiler::CompileError::Interrupted { .. }) {
-                    match c.flush() {
-                        Ok(()) => eprintln!(
-                            "{}/{} edit(s) finished are kept in {}: run the same command again to resume",
-                            c.len(),
-                            n_records,
-                            c.path().display()
-                        ),
-                        Err(fe) => eprintln!("could not keep the finished edits: {fe}"),
-                    }
-                }
-            }
-            return Err(e.into());
         }
     };
-    // Everything is trained: keep it all, so a refusal below (--allow-partial, --allow-drift)
-    // costs a rerun no training.
-    if let Some(c) = compiler.checkpoint.as_mut() {
-        c.flush()?;
+    let t_compile = Instant::now();
+    // Each stage's checkpoint, kept (flushed) once the stage is trained.
+    let mut ckpts: Vec<Checkpoint> = Vec::new();
+    // The earlier stages' output, the next stage's base (signed by --key, never written).
+    let mut stage_base: Option<Bundle> = None;
+    let mut reports = Vec::new();
+    let mut last = None;
+    for (k, (stage, hp)) in stages.iter().zip(&hps).enumerate() {
+        let stage_base_ref = stage_base.as_ref().or(base.as_ref());
+        // The checkpoint: bound to everything that determines the stage's output, signed with
+        // --key.
+        let ckpt_path = if stages.len() == 1 {
+            checkpoint::path_for(&args.out)
+        } else {
+            let mut p = checkpoint::path_for(&args.out).into_os_string();
+            p.push(format!(".{}", stage.label));
+            PathBuf::from(p)
+        };
+        let ids: Vec<&str> = stage.records.iter().map(|r| r.id.as_str()).collect();
+        // A later stage is the same version as the first (the bundle written is one version).
+        let identity_k = BundleIdentity {
+            version: stage_base.as_ref().map(|b| b.manifest().version),
+            created,
+            ..identity_base.clone()
+        };
+        let parts = checkpoint_parts(
+            &compiler,
+            method,
+            hp,
+            layer,
+            &stage.records,
+            stage_base_ref.map(|b| b.bytes()),
+            &identity_k,
+        )?;
+        let stored = if method.checkpoints().is_none() || args.restart {
+            None
+        } else {
+            Checkpoint::load(&ckpt_path, &parts, &ids, &key)?
+        };
+        if created.is_none() {
+            created = Some(pinned.or(stored.as_ref().map(|c| c.created)).unwrap_or(now));
+        }
+        let created = created.unwrap_or(now);
+        if method.checkpoints().is_some() {
+            let mut ckpt = match stored {
+                Some(c) => {
+                    eprintln!(
+                        "resuming from {}: {}/{} edit(s) already done",
+                        ckpt_path.display(),
+                        c.len(),
+                        stage.records.len()
+                    );
+                    c
+                }
+                None => Checkpoint::new(
+                    ckpt_path.clone(),
+                    parts,
+                    created,
+                    stage.records.len(),
+                    key.clone(),
+                ),
+            };
+            ckpt.interval = std::time::Duration::from_secs_f64(args.checkpoint_every);
+            ckpt.stop_after = args.test_stop_after;
+            compiler.checkpoint = Some(ckpt);
+        }
+        let identity = BundleIdentity {
+            created: Some(created),
+            ..identity_k
+        };
+        if stages.len() > 1 {
+            eprintln!(
+                "stage {}/{}: {} {} with preset {}",
+                k + 1,
+                stages.len(),
+                stage.records.len(),
+                stage.label,
+                stage.preset.unwrap_or("none")
+            );
+        }
+        let out = compiler.compile(
+            method,
+            &stage.records,
+            hp,
+            layer,
+            stage_base_ref,
+            &identity,
+            &mut progress,
+        );
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                // Keep what finished: the same command resumes after it.
+                if let Some(c) = compiler.checkpoint.as_mut() {
+                    if !c.is_empty()
+                        && !matches!(e, amend_compiler::CompileError::Interrupted { .. })
+                    {
+                        match c.flush() {
+                            Ok(()) => eprintln!(
+                                "{}/{} edit(s) finished are kept in {}: run the same command again to resume",
+                                c.len(),
+                                stage.records.len(),
+                                c.path().display()
+                            ),
+                            Err(fe) => eprintln!("could not keep the finished edits: {fe}"),
+                        }
+                    }
+                }
+                bar.finish_and_clear();
+                return Err(e.into());
+            }
+        };
+        // Everything is trained: keep it all, so a refusal below (--allow-partial,
+        // --allow-drift) costs a rerun no training.
+        if let Some(mut c) = compiler.checkpoint.take() {
+            c.flush()?;
+            ckpts.push(c);
+        }
+        if k + 1 < stages.len() {
+            let bytes = out
+                .builder
+                .build_signed(&key)
+                .map_err(|e| anyhow::anyhow!("building the {}' bundle: {e}", stage.label))?;
+            stage_base = Some(
+                Bundle::from_bytes(bytes.as_slice(), &trust)
+                    .map_err(|e| anyhow::anyhow!("the {}' bundle: {e}", stage.label))?,
+            );
+        }
+        reports.extend(out.reports.iter().cloned());
+        last = Some(out);
     }
+    bar.finish_and_clear();
+    let compile_secs = t_compile.elapsed().as_secs_f64();
+    // The last stage's bundle carries every stage's edits; the reports are every stage's (an
+    // earlier stage's were checked before the later stages' edits: the runtime check below
+    // sees them all).
+    let out = amend_compiler::methods::CompileOutput {
+        reports,
+        ..last.context("no stage compiled")?
+    };
 
     // The compiler checks its own output with the reader every device uses, before writing:
     // a bundle that no verifier accepts is never signed onto disk.
@@ -486,11 +585,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|r| r.id.as_str())
         .collect();
     println!(
-        "compiled {} edit(s) with {}, {}/{} reach their target (teacher-forced, compiler forward)",
+        "compiled {} edit(s) with {}, {}/{} reach their target (teacher-forced, compiler forward{})",
         out.reports.len(),
         method.name(),
         out.reports.len() - missed.len(),
-        out.reports.len()
+        out.reports.len(),
+        if stages.len() > 1 {
+            "; each stage's edits checked when it was made: the runtime check below sees every edit"
+        } else {
+            ""
+        }
     );
     println!(
         "time per edit: median {:.2} s (total {:.1} s); final loss: median {:.3}, max {:.3}",
@@ -524,7 +628,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             weighted.join(", ")
         );
     }
-    if let Some(c) = &compiler.checkpoint {
+    for c in &ckpts {
         println!(
             "checkpoint {}: {} edit(s) resumed, {} write(s) in {:.2} s",
             c.path().display(),
@@ -540,12 +644,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let keep_note = || {
-        compiler.checkpoint.as_ref().map_or(String::new(), |c| {
-            format!(
-                "; the trained edits are kept in {}, so rerunning costs no training",
-                c.path().display()
-            )
-        })
+        if ckpts.is_empty() {
+            return String::new();
+        }
+        let paths: Vec<String> = ckpts
+            .iter()
+            .map(|c| c.path().display().to_string())
+            .collect();
+        format!(
+            "; the trained edits are kept in {}, so rerunning costs no training",
+            paths.join(" and ")
+        )
     };
     if !missed.is_empty() && !args.allow_partial {
         bail!(
@@ -657,11 +766,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         }
     );
-    if let Some(c) = &compiler.checkpoint {
+    for c in &ckpts {
         c.remove()
             .with_context(|| format!("removing {}", c.path().display()))?;
     }
     Ok(())
+}
+
+/// One compile of a batch: its records and the preset its hyperparameters start from.
+struct Stage<'a> {
+    /// "questions" or "statements" when MEMIT compiles the forms apart; empty otherwise.
+    label: &'static str,
+    preset: Option<&'a str>,
+    records: Vec<dataset::EditRecord>,
 }
 
 /// At most `n` of `ids`, then "and K more".

@@ -43,11 +43,16 @@ pub fn auto_preset<'a>(
         .then_some("memit-statements")
 }
 
+/// Whether a prompt is in question form (it ends in a question mark).
+pub fn is_question(prompt: &str) -> bool {
+    prompt.trim_end().ends_with('?')
+}
+
 /// How many prompts are questions (ending in a question mark) and how many statements: the
 /// two forms MEMIT wants different settings for.
 pub fn prompt_forms<'a>(prompts: impl Iterator<Item = &'a str>) -> (usize, usize) {
     prompts.fold((0, 0), |(q, s), p| {
-        if p.trim_end().ends_with('?') {
+        if is_question(p) {
             (q + 1, s)
         } else {
             (q, s + 1)

@@ -136,6 +136,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout3 = check_memory_set("memory-heldout3.json", 60, "mem-h3-");
     let heldout4 = check_memory_set("memory-heldout4.json", 60, "mem-h4-");
     let heldout5 = check_memory_set("memory-heldout5.json", 60, "mem-h5-");
+    let heldout6 = check_memory_set("memory-heldout6.json", 60, "mem-h6-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -145,6 +146,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout3)
         .chain(&heldout4)
         .chain(&heldout5)
+        .chain(&heldout6)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -198,6 +200,19 @@ fn memory_sets_are_well_formed_and_disjoint() {
             ("memory-heldout2", &heldout2),
             ("memory-heldout3", &heldout3),
             ("memory-heldout4", &heldout4),
+            ("dev-edits", &original),
+        ],
+    );
+    // And the sixth, written in session 19 the same way, in a directory of its own.
+    assert_subjects_disjoint(
+        &heldout6,
+        &[
+            ("memory-dev", &dev),
+            ("memory-heldout", &heldout),
+            ("memory-heldout2", &heldout2),
+            ("memory-heldout3", &heldout3),
+            ("memory-heldout4", &heldout4),
+            ("memory-heldout5", &heldout5),
             ("dev-edits", &original),
         ],
     );

@@ -48,6 +48,9 @@ impl Adam {
             let Some(g) = grads.get(self.vars[i].as_tensor()) else {
                 continue;
             };
+            // A gradient keeps its step's graph alive through its op; the moments built from it
+            // would chain every step's graph together (scope-head training grew past 20 GB).
+            let g = &g.detach();
             self.m[i] = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mhat = (&self.m[i] / bc1)?;
