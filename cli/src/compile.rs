@@ -406,10 +406,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             Checkpoint::load(&ckpt_path, &parts, &ids, &key)?
         };
-        if created.is_none() {
-            created = Some(pinned.or(stored.as_ref().map(|c| c.created)).unwrap_or(now));
-        }
-        let created = created.unwrap_or(now);
+        // The first stage fixes the time every stage's bundle is built with.
+        let created = *created
+            .get_or_insert_with(|| pinned.or(stored.as_ref().map(|c| c.created)).unwrap_or(now));
         if method.checkpoints().is_some() {
             let mut ckpt = match stored {
                 Some(c) => {
@@ -456,7 +455,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &identity,
             &mut progress,
         );
-        let out = match out {
+        let mut out = match out {
             Ok(o) => o,
             Err(e) => {
                 // Keep what finished: the same command resumes after it.
@@ -495,7 +494,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("the {}' bundle: {e}", stage.label))?,
             );
         }
-        reports.extend(out.reports.iter().cloned());
+        reports.append(&mut out.reports);
         last = Some(out);
     }
     bar.finish_and_clear();
