@@ -722,6 +722,12 @@ pub(crate) mod tests {
 
     /// The real model, or `None` (test skipped) when it is missing and not required.
     pub(crate) fn real_model() -> Option<Arc<Model>> {
+        let path = real_model_path()?;
+        Some(Model::open(&path, Default::default()).expect("model loads"))
+    }
+
+    /// The real model's path, or `None` (test skipped) when it is missing and not required.
+    pub(crate) fn real_model_path() -> Option<std::path::PathBuf> {
         let path = std::env::var_os("AMEND_MODEL")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -738,7 +744,7 @@ pub(crate) mod tests {
             eprintln!("skipped: real model {} not found", path.display());
             return None;
         }
-        Some(Model::open(&path, Default::default()).expect("model loads"))
+        Some(path)
     }
 
     fn is_gemma(model: &Model) -> bool {

@@ -210,6 +210,13 @@ pub struct RomeParams {
     /// corpus entities in the subject's place; their keys join `C` with `neighbour_weight`.
     pub neighbours: usize,
     pub neighbour_weight: f64,
+    /// Pin every position, not only the subject's (`rome::pinned_keys`): the keys at the edit
+    /// prompt's other positions and at every position of its template neighbours from the
+    /// substitute on join `C` with `neighbour_weight`, so the update acts where v* was trained,
+    /// at the subject's last token, and not through the relation's tokens of prompts sharing
+    /// the template.
+    #[serde(default)]
+    pub pin_positions: bool,
     /// The smallest update that still holds (0 = off): the edit's value delta is scaled down
     /// to the smallest fraction (bisection, 1/32 steps) at which every target token keeps an NLL
     /// at most this (teacher-forced, the compiler's forward, the rank-one update applied).
@@ -504,6 +511,9 @@ impl Hparams {
         if !(self.rome.null_space_threshold > 0.0) || !(self.rome.null_space_ridge > 0.0) {
             return bad("rome.null_space_threshold/null_space_ridge", "must be > 0");
         }
+        if self.rome.pin_positions && !self.rome.covariance {
+            return bad("rome.pin_positions", "needs rome.covariance = true");
+        }
         if self.rome.null_space && !self.rome.covariance {
             return bad("rome.null_space", "needs rome.covariance = true");
         }
@@ -723,6 +733,13 @@ mod tests {
         assert!(e.to_string().contains("grace.radius"), "{e}");
         let e = Hparams::resolve(Arch::Gemma3, None, &["nope".into()]).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+        // Pinned positions join the covariance, so they need one.
+        let sets = [
+            "rome.covariance=false".into(),
+            "rome.pin_positions=true".into(),
+        ];
+        let e = Hparams::resolve(Arch::Gemma3, None, &sets).unwrap_err();
+        assert!(e.to_string().contains("rome.pin_positions"), "{e}");
     }
 
     #[test]

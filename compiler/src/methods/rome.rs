@@ -561,6 +561,19 @@ pub(crate) fn last_token_keys(
     layer: usize,
     deltas: &mut LowRankDeltas,
 ) -> Result<Vec<Vec<f32>>> {
+    let starts: Vec<usize> = prompts.iter().map(|p| p.len().saturating_sub(1)).collect();
+    keys_from(c, prompts, &starts, layer, deltas)
+}
+
+/// The down-projection inputs of `layer` at every position from `starts[i]` on of each of
+/// `prompts` (`[n_ff]` each, in order), the prompts run as one packed stream with `deltas`.
+pub(crate) fn keys_from(
+    c: &Compiler,
+    prompts: &[Vec<u32>],
+    starts: &[usize],
+    layer: usize,
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f32>>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -578,10 +591,12 @@ pub(crate) fn last_token_keys(
         .get(&(layer, Proj::Down))
         .ok_or_else(|| CompileError::Candle("down-projection input not captured".into()))?;
     let mut out = Vec::with_capacity(prompts.len());
-    let mut end = 0;
-    for n in lens {
-        end += n;
-        out.push(k.get(end - 1)?.to_vec1()?);
+    let mut begin = 0;
+    for (n, &from) in lens.into_iter().zip(starts) {
+        for pos in from.min(n.saturating_sub(1))..n {
+            out.push(k.get(begin + pos)?.to_vec1()?);
+        }
+        begin += n;
     }
     Ok(out)
 }
@@ -675,6 +690,42 @@ pub(crate) fn neighbour_keys(
         }
     }
     last_token_keys(c, &prompts, layer, deltas)
+}
+
+/// `rome.pin_positions`: the keys an edit's update should leave alone besides its subject's:
+/// its own prompt `p` at every position but BOS and the subject's last token `subj`, and each
+/// template neighbour (the whole prompt, `subjects` in the subject's place) from the
+/// substitute's last token to the end. Sequential edits at one layer damage each other and
+/// their neighbours through these positions: the relation's tokens read keys that every prompt
+/// of the template shares.
+pub(crate) fn pinned_keys(
+    c: &Compiler,
+    r: &EditRecord,
+    p: &[u32],
+    subj: usize,
+    layer: usize,
+    subjects: &[String],
+    deltas: &mut LowRankDeltas,
+) -> Result<Vec<Vec<f32>>> {
+    let mut prompts = vec![p.to_vec()];
+    let mut starts = vec![1];
+    if let Some(span) = r.subject_span() {
+        let (before, after) = (&r.prompt[..span.start], &r.prompt[span.end..]);
+        for e in subjects {
+            let upto = tokenize(c, &format!("{before}{e}"))?;
+            let whole = tokenize(c, &format!("{before}{e}{after}"))?;
+            if !upto.is_empty() && whole.len() >= upto.len() {
+                starts.push(upto.len() - 1);
+                prompts.push(whole);
+            }
+        }
+    }
+    let mut keys = keys_from(c, &prompts, &starts, layer, deltas)?;
+    // The edit's own subject key is its constraint, not a key to keep.
+    if subj >= 1 && subj < p.len() {
+        keys.remove(subj - 1);
+    }
+    Ok(keys)
 }
 
 /// ROME's key: the mean of the down-projection input at the subject's last token over the
@@ -967,7 +1018,14 @@ pub(crate) fn compile(
             let start = i * hp.neighbours;
             let n = hp.neighbours;
             let subjects = neighbour_subjects(c, r, layer, &entities, start, n, 0, &mut deltas)?;
-            for k in neighbour_keys(c, r, layer, &subjects, &mut deltas)? {
+            let keys = if hp.pin_positions {
+                let (p, _) = c.tokens(&r.prompt, &r.target_new)?;
+                let subj = subject_last(c, r, &p)?;
+                pinned_keys(c, r, &p, subj, layer, &subjects, &mut deltas)?
+            } else {
+                neighbour_keys(c, r, layer, &subjects, &mut deltas)?
+            };
+            for k in keys {
                 cv.add(&k, hp.neighbour_weight);
                 if let Some((ns, kept)) = null.as_mut() {
                     let w = hp.neighbour_weight.sqrt();
@@ -1137,7 +1195,100 @@ pub(crate) fn delta_meets(
 
 #[cfg(test)]
 mod tests {
-    use super::{shares_content_word, smallest_fraction};
+    use super::{
+        averaged_key, corpus_covariances, down_key, pinned_keys, shares_content_word,
+        smallest_fraction, subject_last, tokenize, Compiler, Corpus, EditRecord, LowRankDeltas,
+    };
+
+    /// `rome.pin_positions` keeps the edit prompt's keys at every position but BOS and the
+    /// subject's last token, then each template neighbour's from its substitute's last token
+    /// to the end, each the key a forward of that prompt alone gives (the packed run does not
+    /// mix prompts).
+    #[test]
+    fn pinned_keys_are_every_position_but_the_subject() {
+        let Some(path) = crate::eval::tests::real_model_path() else {
+            return;
+        };
+        let c = Compiler::open(&path).unwrap();
+        let r = EditRecord {
+            id: "pin".into(),
+            prompt: "Where was Mahatma Gandhi born?".into(),
+            subject: Some("Mahatma Gandhi".into()),
+            target_new: "Lille".into(),
+            ground_truth: None,
+            rephrase_prompts: Vec::new(),
+            locality: Vec::new(),
+            portability: Vec::new(),
+        };
+        let layer = 6;
+        let mut d = LowRankDeltas::default();
+        let (p, _) = c.tokens(&r.prompt, &r.target_new).unwrap();
+        let subj = subject_last(&c, &r, &p).unwrap();
+        let subjects = ["Angela Merkel".to_string(), "Lisbon".to_string()];
+        let keys = pinned_keys(&c, &r, &p, subj, layer, &subjects, &mut d).unwrap();
+        let mut want: Vec<(Vec<u32>, usize)> = (1..p.len())
+            .filter(|&i| i != subj)
+            .map(|i| (p.clone(), i))
+            .collect();
+        for e in &subjects {
+            let upto = tokenize(&c, &format!("Where was {e}")).unwrap();
+            let whole = tokenize(&c, &format!("Where was {e} born?")).unwrap();
+            assert!(whole.len() > upto.len(), "{e}: the template goes on");
+            want.extend((upto.len() - 1..whole.len()).map(|i| (whole.clone(), i)));
+        }
+        assert_eq!(keys.len(), want.len());
+        let own: Vec<f32> = down_key(&c, &p, subj, layer, &mut d)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let diff = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        };
+        for (k, (toks, pos)) in keys.iter().zip(&want) {
+            let single: Vec<f32> = down_key(&c, toks, *pos, layer, &mut d)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                diff(k, &single) < 1e-3,
+                "position {pos}: {}",
+                diff(k, &single)
+            );
+            // The subject's own key is the update's constraint, never a key it keeps.
+            assert!(diff(k, &own) > 1e-2, "position {pos} is the subject's key");
+        }
+
+        // What pinning buys: ROME's direction u = C⁻¹k* / (C⁻¹k*·k) meets the subject's key
+        // (u·k = 1: the whole delta) and, with the pinned keys in C, barely reaches the other
+        // positions (the delta times u·x there). Without them it reaches them.
+        let corpus = Corpus::open("neutral").unwrap();
+        let reach = |pin: bool, d: &mut LowRankDeltas| {
+            let (mut covs, _) = corpus_covariances(&c, &corpus, 4096, &[layer], 1.0, 0.1).unwrap();
+            let mut cv = covs.pop().unwrap();
+            if pin {
+                keys.iter().for_each(|k| cv.add(k, 1.0));
+            }
+            let ks: Vec<f32> = averaged_key(&c, &r, layer, 4, d)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let dir = cv.solve(&ks);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+            let denom = dot(&dir, &own);
+            let worst = keys
+                .iter()
+                .map(|x| (dot(&dir, x) / denom).abs())
+                .fold(0f32, f32::max);
+            (dot(&dir, &own) / denom, worst)
+        };
+        let (own_on, pinned) = reach(true, &mut d);
+        let (_, free) = reach(false, &mut d);
+        eprintln!("u.x at the other positions: {free:.4} free, {pinned:.4} pinned");
+        assert!((own_on - 1.0).abs() < 1e-4);
+        assert!(pinned < 0.05, "pinned positions still reached: {pinned}");
+        assert!(free > 4.0 * pinned, "free {free}, pinned {pinned}");
+    }
 
     #[test]
     fn smallest_fraction_bisects_to_the_next_32nd_above_the_threshold() {
