@@ -944,3 +944,81 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         );
     }
 }
+
+/// `amend scope-model route --dump F`: one JSON line per prompt of the data set (edit prompts,
+/// rephrases, locality probes), each naming its kind, its own edit and the best candidate with
+/// its score; every edit prompt routes to its own memory.
+#[test]
+fn scope_model_route_dumps_every_prompt() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let scope = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/amend/all-minilm-l6-v2-q8_0.gguf");
+    if !scope.exists() {
+        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", scope.display());
+        }
+        eprintln!("skipped: {} is missing", scope.display());
+        return;
+    }
+    let dir = tmp().join("route-dump");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("e2e-route");
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../data/memory-dev.json")).unwrap();
+    let some = &all.as_array().unwrap()[..3];
+    let data = dir.join("three.json");
+    std::fs::write(&data, serde_json::to_vec(some).unwrap()).unwrap();
+    let bundle = dir.join("three.amend");
+    let mut args = compile_args(&model, "serac", &data, &bundle, &key, &[]);
+    args.extend(["--scope-model", s(&scope)]);
+    ok(&args);
+    let dump = dir.join("route.jsonl");
+    ok(&[
+        "scope-model",
+        "route",
+        "--bundle",
+        s(&bundle),
+        "--pubkey",
+        s(&public),
+        "--data",
+        s(&data),
+        "--scope-model",
+        s(&scope),
+        "--dump",
+        s(&dump),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected: usize = some
+        .iter()
+        .map(|r| {
+            let n_loc: usize = r["locality"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_array().unwrap().len())
+                .sum();
+            1 + r["rephrase_prompt"].as_array().unwrap().len() + n_loc
+        })
+        .sum();
+    assert_eq!(lines.len(), expected);
+    for (r, l) in some
+        .iter()
+        .zip(lines.iter().filter(|l| l["kind"] == "edit prompt"))
+    {
+        assert_eq!(l["own"], r["id"]);
+        assert_eq!(l["prompt"], r["prompt"]);
+        assert_eq!(l["best"], r["id"], "{l}");
+        assert_eq!(l["in_scope"], true, "{l}");
+        assert!(l["score"].as_f64().unwrap().is_finite());
+    }
+    assert!(lines.iter().any(|l| l["kind"] == "rephrase"));
+    assert!(lines
+        .iter()
+        .any(|l| l["kind"].as_str().unwrap().starts_with("locality: ")));
+}

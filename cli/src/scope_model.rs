@@ -120,6 +120,10 @@ struct RouteArgs {
     /// Print every misrouted prompt.
     #[arg(long)]
     verbose: bool,
+    /// Also write one JSON line per prompt (kind, own edit, the best candidate, its terms and
+    /// score, in scope or not) for offline analysis.
+    #[arg(long)]
+    dump: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -184,10 +188,29 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     let t0 = std::time::Instant::now();
     let mut n_encodes = 0usize;
+    let mut dump = match &a.dump {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--dump {}", p.display()))?,
+        )),
+        None => None,
+    };
     let mut check = |kind: &str, prompt: &str, own: &str| -> anyhow::Result<()> {
         let q = scope.encode(prompt)?;
         n_encodes += 1;
         let hit = scope.route(&mem, prompt, &q);
+        if let Some(w) = dump.as_mut() {
+            use std::io::Write;
+            let line = match &hit {
+                Some(h) => serde_json::json!({
+                    "kind": kind, "own": own, "prompt": prompt,
+                    "best": mem.record(h.index).map_or("", |r| r.edit_id),
+                    "pooled": h.pooled, "subject": h.subject, "relation": h.relation,
+                    "score": h.score, "in_scope": h.in_scope,
+                }),
+                None => serde_json::json!({"kind": kind, "own": own, "prompt": prompt}),
+            };
+            writeln!(w, "{line}")?;
+        }
         let t = tallies.entry(kind.to_string()).or_default();
         t.n += 1;
         let (verdict, id) = match hit {

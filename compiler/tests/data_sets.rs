@@ -137,6 +137,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout4 = check_memory_set("memory-heldout4.json", 60, "mem-h4-");
     let heldout5 = check_memory_set("memory-heldout5.json", 60, "mem-h5-");
     let heldout6 = check_memory_set("memory-heldout6.json", 60, "mem-h6-");
+    let heldout7 = check_memory_set("memory-heldout7.json", 60, "mem-h7-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -147,6 +148,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout4)
         .chain(&heldout5)
         .chain(&heldout6)
+        .chain(&heldout7)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -158,64 +160,25 @@ fn memory_sets_are_well_formed_and_disjoint() {
         );
     }
 
-    // The held-out part is about other subjects than the development part.
+    // The held-out part is about other subjects than the development part, and each later
+    // held-out set about subjects in no earlier file (heldout4 on: written by writers that read
+    // no compiler code or lexicon; heldout6 and heldout7 in directories of their own).
     assert_subjects_disjoint(&heldout, &[("memory-dev", &dev)]);
-    // The second held-out set is about subjects in no other file.
-    assert_subjects_disjoint(
-        &heldout2,
-        &[
-            ("memory-dev", &dev),
-            ("memory-heldout", &heldout),
-            ("dev-edits", &original),
-        ],
-    );
-    // So is the third.
-    assert_subjects_disjoint(
-        &heldout3,
-        &[
-            ("memory-dev", &dev),
-            ("memory-heldout", &heldout),
-            ("memory-heldout2", &heldout2),
-            ("dev-edits", &original),
-        ],
-    );
-    // And the fourth (the only one no SERAC choice has seen: the scope head is trained on the
-    // other four memory sets).
-    assert_subjects_disjoint(
-        &heldout4,
-        &[
-            ("memory-dev", &dev),
-            ("memory-heldout", &heldout),
-            ("memory-heldout2", &heldout2),
-            ("memory-heldout3", &heldout3),
-            ("dev-edits", &original),
-        ],
-    );
-    // And the fifth, written in session 18 by a writer that read no compiler code or lexicon.
-    assert_subjects_disjoint(
-        &heldout5,
-        &[
-            ("memory-dev", &dev),
-            ("memory-heldout", &heldout),
-            ("memory-heldout2", &heldout2),
-            ("memory-heldout3", &heldout3),
-            ("memory-heldout4", &heldout4),
-            ("dev-edits", &original),
-        ],
-    );
-    // And the sixth, written in session 19 the same way, in a directory of its own.
-    assert_subjects_disjoint(
-        &heldout6,
-        &[
-            ("memory-dev", &dev),
-            ("memory-heldout", &heldout),
-            ("memory-heldout2", &heldout2),
-            ("memory-heldout3", &heldout3),
-            ("memory-heldout4", &heldout4),
-            ("memory-heldout5", &heldout5),
-            ("dev-edits", &original),
-        ],
-    );
+    let in_order: [(&str, &[EditRecord]); 8] = [
+        ("memory-dev", &dev),
+        ("memory-heldout", &heldout),
+        ("memory-heldout2", &heldout2),
+        ("memory-heldout3", &heldout3),
+        ("memory-heldout4", &heldout4),
+        ("memory-heldout5", &heldout5),
+        ("memory-heldout6", &heldout6),
+        ("memory-heldout7", &heldout7),
+    ];
+    for i in 2..in_order.len() {
+        let mut earlier = in_order[..i].to_vec();
+        earlier.push(("dev-edits", &original));
+        assert_subjects_disjoint(in_order[i].1, &earlier);
+    }
 
     // A probe that is some edit's prompt or rephrase would measure that edit, not locality.
     let edit_prompts: HashSet<&str> = all
