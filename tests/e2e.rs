@@ -24,12 +24,18 @@ fn tmp() -> PathBuf {
 }
 
 fn real_model() -> Option<PathBuf> {
-    let path = std::env::var_os("AMEND_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
-        });
+    present(
+        std::env::var_os("AMEND_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            }),
+    )
+}
+
+/// `path` when it exists; else `None` (the test skips), or a panic under AMEND_REQUIRE_MODEL=1.
+fn present(path: PathBuf) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
@@ -953,15 +959,9 @@ fn scope_model_route_dumps_every_prompt() {
     let Some(model) = real_model() else {
         return;
     };
-    let scope = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/amend/all-minilm-l6-v2-q8_0.gguf");
-    if !scope.exists() {
-        if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-            panic!("AMEND_REQUIRE_MODEL=1 but {} is missing", scope.display());
-        }
-        eprintln!("skipped: {} is missing", scope.display());
+    let Some(scope) = amend_runtime::default_scope_model_path().and_then(present) else {
         return;
-    }
+    };
     let dir = tmp().join("route-dump");
     std::fs::create_dir_all(&dir).unwrap();
     let (key, public) = keypair("e2e-route");

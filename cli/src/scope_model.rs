@@ -188,12 +188,8 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     let t0 = std::time::Instant::now();
     let mut n_encodes = 0usize;
-    let mut dump = match &a.dump {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("--dump {}", p.display()))?,
-        )),
-        None => None,
-    };
+    // Collected, then written once through the CLI's atomic writer.
+    let mut dump: Option<Vec<u8>> = a.dump.as_ref().map(|_| Vec::new());
     let mut check = |kind: &str, prompt: &str, own: &str| -> anyhow::Result<()> {
         let q = scope.encode(prompt)?;
         n_encodes += 1;
@@ -268,6 +264,9 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
         }
     }
     let per = t0.elapsed().as_secs_f64() * 1e3 / n_encodes.max(1) as f64;
+    if let (Some(path), Some(bytes)) = (&a.dump, &dump) {
+        crate::compile::write_atomic(path, bytes)?;
+    }
     println!("| prompts | n | own edit | another edit | out of scope | several in scope |");
     println!("|---|---|---|---|---|---|");
     let pct = |x: usize, n: usize| 100.0 * x as f64 / n.max(1) as f64;

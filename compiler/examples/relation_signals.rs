@@ -6,10 +6,11 @@
 //! Usage: relation_signals state|answer|align DATA.json [OUT.tsv]
 //! - `state`: the base model's last-token residual (`l_out-L`, through the runtime's hooks),
 //!   cosine centred on the mean over the set's edit prompts (what a compiler sees), per layer.
-//! - `answer`: the base model's mean log p of " {ground_truth}" and of " {target_new}" after
-//!   the probe minus after the edit prompt, and the Bhattacharyya coefficient of the next-token
-//!   distributions after `{probe} Answer:` and `{prompt} Answer:`. OUT.tsv gets one line per
-//!   probe (id, kind, Δlog p ground truth, Δlog p target, BC, prompt).
+//! - `answer`: the base model's mean log p of the ground truth and of `target_new` after the
+//!   probe minus after the edit prompt (the tokens `amend eval` scores; `gt_study.rs` measured
+//!   the first on dev), and the Bhattacharyya coefficient of the next-token distributions after
+//!   `{probe} Answer:` and `{prompt} Answer:`. OUT.tsv gets one line per probe (id, kind,
+//!   Δlog p ground truth, Δlog p target, BC, prompt).
 //! - `align`: scope-model terms the scope head does not read: how well the record's non-subject
 //!   rows find a match among the query's (mean, min) and the other way round, and the pooled
 //!   cosine with the subject replaced by "it".
@@ -19,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use amend_compiler::dataset::{self, DataFormat, EditRecord};
 use amend_edits::families::strip_subject;
 use amend_edits::{HookPoint, Site};
-use amend_runtime::{FnHook, Logits, Model, ScopeModel, Session, SessionOptions};
+use amend_runtime::{
+    prompt_answer_tokens, FnHook, Logits, Model, ScopeModel, Session, SessionOptions,
+};
 
 /// Probe kinds: rephrase, same subject, same relation, unrelated.
 const KINDS: usize = 4;
@@ -141,10 +144,11 @@ fn state(data: &[EditRecord]) {
 
 fn answer(data: &[EditRecord], out: Option<&str>) {
     let mut s = base_session();
-    // Mean log p of `answer`'s tokens after `prompt`, teacher forced.
+    let model = s.model().clone();
+    // Mean log p of `answer`'s tokens after `prompt`, teacher forced (split as `amend eval`
+    // splits prompt and answer).
     let lp = |s: &mut Session, prompt: &str, answer: &str| -> f32 {
-        let p = s.tokenize(prompt, true).unwrap();
-        let a = s.tokenize(&format!(" {answer}"), false).unwrap();
+        let (p, a) = prompt_answer_tokens(&model, prompt, answer).unwrap();
         let mut t = p.clone();
         t.extend_from_slice(&a);
         s.kv_clear();
