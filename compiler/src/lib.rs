@@ -21,6 +21,8 @@ pub mod linalg;
 pub mod methods;
 // The scope model (all-MiniLM-L6-v2) converted to a llama.cpp GGUF.
 pub mod scope_model;
+// Tuning the scope model (LoRA on its top layers, contrastive).
+pub mod scope_tune;
 
 pub use error::CompileError;
 pub use hparams::Hparams;

@@ -179,8 +179,97 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Converts the checkpoint in `dir` (see the module docs).
-pub fn convert(dir: &Path, ty: WeightType) -> Result<Converted> {
+/// Low-rank factors to merge (`amend scope-model tune`): per projection `P`, `P.lora_a`
+/// `[rank, in]` and `P.lora_b` `[out, rank]` (scale folded in), so `P.weight += B A`.
+struct Factors {
+    pairs: BTreeMap<String, (Vec<f32>, Vec<f32>, usize)>,
+}
+
+fn f32_data(t: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f32>> {
+    if t.dtype() != Dtype::F32 {
+        return Err(bad(format!("{name}: expected F32, got {:?}", t.dtype())));
+    }
+    let data: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(bad(format!("{name}: non-finite value")));
+    }
+    Ok(data)
+}
+
+impl Factors {
+    fn read(path: &Path) -> Result<Factors> {
+        let bytes = amend_edits::fsutil::read_regular(path, 64 << 20)
+            .map_err(|e| bad(format!("--tune {}: {e}", path.display())))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("--tune {}: {e}", path.display())))?;
+        let mut pairs = BTreeMap::new();
+        for name in st.names() {
+            let Some(p) = name.strip_suffix(".lora_a") else {
+                if name.ends_with(".lora_b") {
+                    continue;
+                }
+                return Err(bad(format!("--tune: unexpected tensor {name}")));
+            };
+            let bname = format!("{p}.lora_b");
+            let a = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            let b = st
+                .tensor(&bname)
+                .map_err(|e| bad(format!("--tune: {bname}: {e}")))?;
+            let (&[r, _], &[_, rb]) = (a.shape(), b.shape()) else {
+                return Err(bad(format!("--tune: {p}: factors must be matrices")));
+            };
+            if r != rb || r == 0 {
+                return Err(bad(format!("--tune: {p}: ranks differ")));
+            }
+            pairs.insert(
+                p.to_string(),
+                (f32_data(&a, name)?, f32_data(&b, &bname)?, r),
+            );
+        }
+        if st.names().len() != 2 * pairs.len() {
+            return Err(bad("--tune: a lora_b without its lora_a"));
+        }
+        Ok(Factors { pairs })
+    }
+
+    /// `w [out, in]` plus B A for the projection `sname` (`….weight`), if it has factors.
+    fn merge(&mut self, sname: &str, shape: &[usize], w: &mut [f32]) -> Result<()> {
+        let Some(p) = sname.strip_suffix(".weight") else {
+            return Ok(());
+        };
+        let p = p.strip_prefix("bert.").unwrap_or(p);
+        let Some((a, b, r)) = self.pairs.remove(p) else {
+            return Ok(());
+        };
+        let &[out, inp] = shape else {
+            return Err(bad(format!("--tune: {p} is not a matrix")));
+        };
+        if a.len() != r * inp || b.len() != out * r {
+            return Err(bad(format!(
+                "--tune: {p}: factor shapes do not fit [{out}, {inp}]"
+            )));
+        }
+        for o in 0..out {
+            let row = &mut w[o * inp..(o + 1) * inp];
+            for k in 0..r {
+                let bk = b[o * r + k];
+                for (x, ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                    *x += bk * ak;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Converts the checkpoint in `dir` (see the module docs), merging tuned low-rank factors
+/// when `tune` names a file of them.
+pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Converted> {
+    let mut factors = tune.map(Factors::read).transpose()?;
     let cfg = read_json(dir, "config.json")?;
     if cfg.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
         return Err(bad("config.json: model_type is not \"bert\""));
@@ -260,16 +349,9 @@ pub fn convert(dir: &Path, ty: WeightType) -> Result<Converted> {
     let mut n_params = 0u64;
     for (gname, sname) in &names {
         let t = st.tensor(sname).map_err(|e| bad(format!("{sname}: {e}")))?;
-        if t.dtype() != Dtype::F32 {
-            return Err(bad(format!("{sname}: expected F32, got {:?}", t.dtype())));
-        }
-        let data: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if data.iter().any(|v| !v.is_finite()) {
-            return Err(bad(format!("{sname}: non-finite weight")));
+        let mut data = f32_data(&t, sname)?;
+        if let Some(f) = factors.as_mut() {
+            f.merge(sname, t.shape(), &mut data)?;
         }
         n_params += data.len() as u64;
         // GGUF's ne is the row-major shape reversed (ne[0] is the row length).
@@ -287,6 +369,9 @@ pub fn convert(dir: &Path, ty: WeightType) -> Result<Converted> {
             }
         };
         res.map_err(|e| bad(format!("{gname}: {e}")))?;
+    }
+    if let Some(p) = factors.as_ref().and_then(|f| f.pairs.keys().next()) {
+        return Err(bad(format!("--tune: the checkpoint has no projection {p}")));
     }
     let expected = 5 + 16 * n_layer as usize;
     if names.len() != expected {

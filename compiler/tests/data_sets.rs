@@ -138,6 +138,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout5 = check_memory_set("memory-heldout5.json", 60, "mem-h5-");
     let heldout6 = check_memory_set("memory-heldout6.json", 60, "mem-h6-");
     let heldout7 = check_memory_set("memory-heldout7.json", 60, "mem-h7-");
+    let heldout8 = check_memory_set("memory-heldout8.json", 80, "mem-h8-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -149,6 +150,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout5)
         .chain(&heldout6)
         .chain(&heldout7)
+        .chain(&heldout8)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -162,9 +164,9 @@ fn memory_sets_are_well_formed_and_disjoint() {
 
     // The held-out part is about other subjects than the development part, and each later
     // held-out set about subjects in no earlier file (heldout4 on: written by writers that read
-    // no compiler code or lexicon; heldout6 and heldout7 in directories of their own).
+    // no compiler code or lexicon; heldout6 to heldout8 in directories of their own).
     assert_subjects_disjoint(&heldout, &[("memory-dev", &dev)]);
-    let in_order: [(&str, &[EditRecord]); 8] = [
+    let in_order: [(&str, &[EditRecord]); 9] = [
         ("memory-dev", &dev),
         ("memory-heldout", &heldout),
         ("memory-heldout2", &heldout2),
@@ -173,6 +175,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         ("memory-heldout5", &heldout5),
         ("memory-heldout6", &heldout6),
         ("memory-heldout7", &heldout7),
+        ("memory-heldout8", &heldout8),
     ];
     for i in 2..in_order.len() {
         let mut earlier = in_order[..i].to_vec();

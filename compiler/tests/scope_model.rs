@@ -36,7 +36,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn open(dir: &std::path::Path, ty: WeightType, name: &str) -> (PathBuf, Arc<ScopeModel>) {
-    let c = convert(dir, ty).unwrap();
+    let c = convert(dir, ty, None).unwrap();
     let p = tmp(name);
     std::fs::write(&p, &c.bytes).unwrap();
     (p.clone(), ScopeModel::open(&p, Some(2)).unwrap())
@@ -144,4 +144,103 @@ fn converted_model_tokenizes_embeds_and_refuses_bad_input() {
         other => panic!("llama model as scope model: {other:?}"),
     }
     let _ = std::fs::remove_dir_all(q8_path.parent().unwrap());
+}
+
+/// The tuner's candle BERT is the model llama.cpp runs: its pooled vectors match the converted
+/// GGUF's (f16), untouched and with random low-rank factors merged by `convert --tune`; bad
+/// factor files are refused naming what is wrong.
+#[test]
+fn tuner_forward_matches_the_converted_model_with_and_without_factors() {
+    use amend_compiler::scope_tune::{factors_to_bytes, Bert, Encoder};
+    let Some(dir) = checkpoint() else { return };
+    // Its own directory: the other test removes its own when done.
+    let tmp_tune = |name: &str| {
+        let d = std::env::temp_dir().join(format!("amend-scope-tune-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join(name)
+    };
+    let texts = [
+        "The capital of France is",
+        "When was Albert Einstein born?",
+        "Which company makes the PlayStation?",
+    ];
+    let compare = |bert: Bert, gguf: &ScopeModel, what: &str| {
+        let mut enc = Encoder::new(bert, 4, gguf, &dir).unwrap();
+        let ids: Vec<usize> = texts.iter().map(|t| enc.add(gguf, t).unwrap()).collect();
+        enc.cache_frozen().unwrap();
+        let ours = enc.pooled(&ids).unwrap().to_vec2::<f32>().unwrap();
+        for (t, row) in texts.iter().zip(&ours) {
+            let c = cos(row, &gguf.encode(t).unwrap().pooled);
+            assert!(c >= 0.999, "{what}: {t:?}: cos(candle, llama.cpp) = {c}");
+        }
+        ours
+    };
+    let plain_path = tmp_tune("plain-f16.gguf");
+    std::fs::write(
+        &plain_path,
+        convert(&dir, WeightType::F16, None).unwrap().bytes,
+    )
+    .unwrap();
+    let plain = ScopeModel::open(&plain_path, Some(2)).unwrap();
+    let base = compare(Bert::load(&dir).unwrap(), &plain, "untuned");
+
+    // Random factors, large enough to move every pooled vector.
+    let mut bert = Bert::load(&dir).unwrap();
+    bert.add_lora(2, 4, 1.0, 7).unwrap();
+    for (i, p) in bert.lora.values().enumerate() {
+        let b = p.b.as_tensor();
+        let r = candle_core::Tensor::randn(0f32, 0.05, b.dims(), b.device()).unwrap();
+        assert!(i < 12);
+        p.b.set(&r).unwrap();
+    }
+    let factors = tmp_tune("factors.safetensors");
+    std::fs::write(&factors, factors_to_bytes(&bert).unwrap()).unwrap();
+    let c = convert(&dir, WeightType::F16, Some(&factors)).unwrap();
+    let tuned_path = tmp_tune("tuned-f16.gguf");
+    std::fs::write(&tuned_path, &c.bytes).unwrap();
+    let tuned = ScopeModel::open(&tuned_path, Some(2)).unwrap();
+    let moved = compare(bert, &tuned, "tuned");
+    for (a, b) in base.iter().zip(&moved) {
+        assert!(cos(a, b) < 0.995, "the factors did not change the model");
+    }
+
+    // Bad factor files: garbage, a projection the checkpoint lacks, mismatched shapes.
+    let bad = |bytes: &[u8], expect: &str| {
+        let p = tmp_tune("bad-factors.safetensors");
+        std::fs::write(&p, bytes).unwrap();
+        let e = convert(&dir, WeightType::F16, Some(&p))
+            .err()
+            .expect(expect)
+            .to_string();
+        assert!(e.contains(expect), "{e} lacks {expect:?}");
+    };
+    bad(b"not safetensors", "--tune");
+    let one = |name: &str, a: (usize, usize), b: (usize, usize)| {
+        let t = |shape: (usize, usize)| {
+            let v = vec![0u8; shape.0 * shape.1 * 4];
+            (v, vec![shape.0, shape.1])
+        };
+        let (va, sa) = t(a);
+        let (vb, sb) = t(b);
+        let views = vec![
+            (
+                format!("{name}.lora_a"),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sa, &va).unwrap(),
+            ),
+            (
+                format!("{name}.lora_b"),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sb, &vb).unwrap(),
+            ),
+        ];
+        safetensors::serialize(views, None).unwrap()
+    };
+    bad(
+        &one("encoder.layer.9.attention.self.query", (4, 384), (384, 4)),
+        "no projection encoder.layer.9",
+    );
+    bad(
+        &one("encoder.layer.5.attention.self.query", (4, 100), (384, 4)),
+        "factor shapes",
+    );
+    let _ = std::fs::remove_dir_all(tuned_path.parent().unwrap());
 }

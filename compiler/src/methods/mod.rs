@@ -8,7 +8,7 @@ pub mod corpus;
 pub mod grace;
 pub mod lora;
 pub mod memit;
-mod optim;
+pub(crate) mod optim;
 pub mod relation_groups;
 pub mod rome;
 pub mod scope_head;

@@ -297,11 +297,6 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-/// Uniform in [-1, 1).
-fn sym(rng: &mut Rng) -> f32 {
-    (rng.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
-
 /// One member: returns its rows (`[hidden, nf + 2]`, on standardized inputs) and output bias.
 fn train_member(
     x: &[f32],
@@ -317,8 +312,8 @@ fn train_member(
     // Glorot-uniform initialization, as scikit-learn's MLP.
     let a1 = (6.0 / (nf + h) as f32).sqrt();
     let a2 = (6.0 / (h + 1) as f32).sqrt();
-    let w1: Vec<f32> = (0..h * nf).map(|_| sym(&mut rng) * a1).collect();
-    let w2: Vec<f32> = (0..h).map(|_| sym(&mut rng) * a2).collect();
+    let w1: Vec<f32> = (0..h * nf).map(|_| rng.sym() * a1).collect();
+    let w2: Vec<f32> = (0..h).map(|_| rng.sym() * a2).collect();
     let w1 = Var::from_tensor(&Tensor::from_vec(w1, (nf, h), &dev)?)?;
     let b1 = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
     let w2 = Var::from_tensor(&Tensor::from_vec(w2, (h, 1), &dev)?)?;
