@@ -43,8 +43,8 @@ struct TuneArgs {
     /// several sets.
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
-    /// A relation lexicon (`name|template|...`) whose templates give more pairs; "none" for
-    /// none.
+    /// A relation lexicon (`name|template|...`) whose templates give more pairs; "builtin" for
+    /// data/relation-groups.txt, "none" for none.
     #[arg(long, default_value = "data/relation-groups-wikidata.txt")]
     lexicon: String,
     /// Records only reported on (rephrase-against-same-subject AUC), never trained on.
@@ -86,26 +86,25 @@ fn load_sets(
     Ok(records)
 }
 
+/// The scope model at `path`, or the default one.
+fn open_scope(
+    path: Option<PathBuf>,
+    threads: Option<usize>,
+) -> anyhow::Result<std::sync::Arc<amend_runtime::ScopeModel>> {
+    let path = path
+        .or_else(amend_runtime::default_scope_model_path)
+        .context("--scope-model: no default path (HOME unset)")?;
+    amend_runtime::ScopeModel::open(&path, threads)
+        .with_context(|| format!("--scope-model {}", path.display()))
+}
+
 fn tune(a: TuneArgs) -> anyhow::Result<()> {
     use amend_compiler::scope_tune;
     let records = load_sets(&a.data, "--data")?;
     let validation = load_sets(&a.validation, "--validation")?;
-    let lexicon = match a.lexicon.as_str() {
-        "none" => None,
-        p => Some(
-            amend_compiler::methods::relation_groups::Lexicon::parse(
-                &std::fs::read_to_string(p).with_context(|| format!("--lexicon {p}"))?,
-            )
-            .with_context(|| format!("--lexicon {p}"))?,
-        ),
-    };
-    let path = a
-        .scope_model
-        .clone()
-        .or_else(amend_runtime::default_scope_model_path)
-        .context("--scope-model: no default path (HOME unset)")?;
-    let scope = amend_runtime::ScopeModel::open(&path, Some(1))
-        .with_context(|| format!("--scope-model {}", path.display()))?;
+    let lexicon = amend_compiler::methods::relation_groups::Lexicon::load(&a.lexicon)
+        .with_context(|| format!("--lexicon {}", a.lexicon))?;
+    let scope = open_scope(a.scope_model.clone(), Some(1))?;
     let o = scope_tune::TuneOptions {
         layers: a.layers,
         rank: a.rank,
@@ -171,20 +170,8 @@ struct TrainHeadArgs {
 
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
-    let mut records = Vec::new();
-    for d in &a.data {
-        records.extend(
-            amend_compiler::dataset::load(d, Default::default())
-                .with_context(|| format!("--data {}", d.display()))?,
-        );
-    }
-    let path = a
-        .scope_model
-        .clone()
-        .or_else(amend_runtime::default_scope_model_path)
-        .context("--scope-model: no default path (HOME unset)")?;
-    let scope = amend_runtime::ScopeModel::open(&path, a.threads)
-        .with_context(|| format!("--scope-model {}", path.display()))?;
+    let records = load_sets(&a.data, "--data")?;
+    let scope = open_scope(a.scope_model.clone(), a.threads)?;
     let o = scope_head::TrainOptions {
         members: a.members,
         hidden: a.hidden,

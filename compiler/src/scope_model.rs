@@ -67,7 +67,7 @@ fn bad(what: impl Into<String>) -> CompileError {
     CompileError::Hparams(format!("scope model: {}", what.into()))
 }
 
-fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {
+pub(crate) fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {
     let p = dir.join(name);
     let text = std::fs::read_to_string(&p)
         .map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;

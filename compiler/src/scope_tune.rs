@@ -30,6 +30,7 @@ use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::methods::optim::Adam;
 use crate::methods::relation_groups::Lexicon;
+use crate::scope_model::read_json;
 
 /// The projections a tune adapts, by checkpoint module name.
 pub const TUNED_MODULES: [&str; 6] = [
@@ -104,11 +105,7 @@ pub struct Bert {
 impl Bert {
     /// Loads `model.safetensors` and `config.json` of a sentence-transformers checkpoint.
     pub fn load(dir: &Path) -> Result<Bert> {
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("config.json"))
-                .map_err(|e| bad(format!("config.json: {e}")))?,
-        )
-        .map_err(|e| bad(format!("config.json: {e}")))?;
+        let cfg = read_json(dir, "config.json")?;
         let get = |k: &str| {
             cfg.get(k)
                 .and_then(|v| v.as_u64())
@@ -269,12 +266,9 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(bert: Bert, first: usize, scope: &ScopeModel, dir: &Path) -> Result<Encoder> {
-        let tok: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("tokenizer.json"))
-                .map_err(|e| bad(format!("tokenizer.json: {e}")))?,
-        )
-        .map_err(|e| bad(format!("tokenizer.json: {e}")))?;
+    /// `dir`'s tokenizer.json gives the [CLS] and [SEP] ids.
+    pub fn new(bert: Bert, first: usize, dir: &Path) -> Result<Encoder> {
+        let tok = read_json(dir, "tokenizer.json")?;
         let id = |t: &str| {
             tok.pointer(&format!("/model/vocab/{t}"))
                 .and_then(|v| v.as_u64())
@@ -282,7 +276,6 @@ impl Encoder {
                 .ok_or_else(|| bad(format!("tokenizer.json lacks {t}")))
         };
         let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
-        let _ = scope;
         Ok(Encoder {
             bert,
             first,
@@ -615,7 +608,7 @@ pub fn tune(
     }
     bert.add_lora(o.layers, o.rank, o.scale, o.seed)?;
     let first = bert.n_layer() - o.layers;
-    let mut enc = Encoder::new(bert, first, scope, dir)?;
+    let mut enc = Encoder::new(bert, first, dir)?;
     let mut rng = Rng::new(o.seed ^ 0x5eed);
     let base_items = record_items(&mut enc, scope, records)?;
     let mut subjects: Vec<String> = records.iter().filter_map(|r| r.subject.clone()).collect();
@@ -739,15 +732,18 @@ pub fn hard_case_auc(
         }
     }
     enc.cache_frozen()?;
-    let all: Vec<usize> = (0..enc.ids.len()).collect();
-    let mut e = Vec::with_capacity(all.len());
-    for chunk in all.chunks(64) {
+    // Only the validation texts (the cache also holds every training text).
+    let mut used: Vec<usize> = pairs.iter().flat_map(|p| [p.0, p.1]).collect();
+    used.sort_unstable();
+    used.dedup();
+    let mut e: HashMap<usize, Vec<f32>> = HashMap::with_capacity(used.len());
+    for chunk in used.chunks(64) {
         let t = enc.pooled(chunk)?.detach();
-        e.extend(t.to_vec2::<f32>()?);
+        e.extend(chunk.iter().copied().zip(t.to_vec2::<f32>()?));
     }
     let mut s: [[Vec<f32>; 2]; 2] = Default::default();
     for (a, b, positive, stripped) in pairs {
-        let c: f32 = e[a].iter().zip(&e[b]).map(|(x, y)| x * y).sum();
+        let c: f32 = e[&a].iter().zip(&e[&b]).map(|(x, y)| x * y).sum();
         s[stripped as usize][positive as usize].push(c);
     }
     Ok((auc(&s[0][1], &s[0][0]), auc(&s[1][1], &s[1][0])))

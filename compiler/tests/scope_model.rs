@@ -165,7 +165,7 @@ fn tuner_forward_matches_the_converted_model_with_and_without_factors() {
         "Which company makes the PlayStation?",
     ];
     let compare = |bert: Bert, gguf: &ScopeModel, what: &str| {
-        let mut enc = Encoder::new(bert, 4, gguf, &dir).unwrap();
+        let mut enc = Encoder::new(bert, 4, &dir).unwrap();
         let ids: Vec<usize> = texts.iter().map(|t| enc.add(gguf, t).unwrap()).collect();
         enc.cache_frozen().unwrap();
         let ours = enc.pooled(&ids).unwrap().to_vec2::<f32>().unwrap();
