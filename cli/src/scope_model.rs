@@ -161,7 +161,12 @@ struct TrainHeadArgs {
     epochs: usize,
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().l2)]
     l2: f64,
-    /// Out-of-fold locality (%) the threshold must reach.
+    /// Records the threshold is chosen on instead of out-of-fold scores (more than once for
+    /// several sets): data neither the head nor the scope model's tune was trained on. Skips
+    /// the folds.
+    #[arg(long)]
+    calibrate: Vec<PathBuf>,
+    /// Locality (%) the threshold must reach, out of fold or on the calibration records.
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().target_locality)]
     target_locality: f64,
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().seed)]
@@ -171,6 +176,7 @@ struct TrainHeadArgs {
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
     let records = load_sets(&a.data, "--data")?;
+    let calibration = load_sets(&a.calibrate, "--calibrate")?;
     let scope = open_scope(a.scope_model.clone(), a.threads)?;
     let o = scope_head::TrainOptions {
         members: a.members,
@@ -181,16 +187,19 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let (head, rep) = scope_head::train(&scope, &records, &o, &mut |m| eprintln!("{m}"))?;
+    let (head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
+        eprintln!("{m}")
+    })?;
     crate::compile::write_atomic(&a.out, &head.to_bytes()?)?;
     println!(
-        "wrote {}: {} members x {} hidden, threshold {:.3}; {} pairs ({} positive); out of fold: rephrase {:.1}, locality {:.1}; {:.0} s",
+        "wrote {}: {} members x {} hidden, threshold {:.3}; {} pairs ({} positive); {}: rephrase {:.1}, locality {:.1}; {:.0} s",
         a.out.display(),
         head.members,
         head.hidden,
         rep.threshold,
         rep.pairs,
         rep.positives,
+        if rep.calibrated { "on the calibration records" } else { "out of fold" },
         rep.oof_rephrase,
         rep.oof_locality,
         rep.seconds

@@ -67,10 +67,10 @@ pub struct TuneOptions {
 impl Default for TuneOptions {
     fn default() -> Self {
         TuneOptions {
-            layers: 2,
-            rank: 8,
+            layers: 4,
+            rank: 16,
             scale: 2.0,
-            epochs: 1,
+            epochs: 3,
             lr: 1e-3,
             temperature: 0.05,
             batch: 32,

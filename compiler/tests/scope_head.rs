@@ -64,6 +64,7 @@ fn shipped_head_matches_the_scope_model_and_training_meets_its_target() {
     );
     let records =
         dataset::load(&common::repo_file("data/memory-dev.json"), DataFormat::Auto).unwrap();
+    let calibration: Vec<_> = records[40..60].to_vec();
     let records: Vec<_> = records.into_iter().take(40).collect();
     let o = TrainOptions {
         members: 1,
@@ -73,18 +74,15 @@ fn shipped_head_matches_the_scope_model_and_training_meets_its_target() {
         target_locality: 95.0,
         ..Default::default()
     };
-    let (head, rep) = scope_head::train(&scope, &records, &o, &mut |_| {}).unwrap();
+    let (head, rep) = scope_head::train(&scope, &records, &[], &o, &mut |_| {}).unwrap();
     eprintln!("{rep:?}");
+    assert!(!rep.calibrated);
     assert!(rep.oof_locality >= 95.0, "{rep:?}");
     assert_eq!(head.scope_fingerprint, scope.fingerprint());
     assert_eq!(HeadFile::parse(&head.to_bytes().unwrap()).unwrap(), head);
     // On the pairs it was trained on, the head at its threshold routes rephrases home.
     let p = scope_head::pairs(&scope, &records).unwrap();
-    let fam = head.family().unwrap();
-    let scores: Vec<f32> =
-        p.x.chunks_exact(p.n_features)
-            .map(|x| fam.logit(x))
-            .collect();
+    let scores = scope_head::score_pairs(&head, &p).unwrap();
     let (reph, loc) = scope_head::route_rates(&p, &scores, head.threshold);
     eprintln!("training pairs: rephrase {reph:.1}, locality {loc:.1}");
     assert!(
@@ -92,8 +90,28 @@ fn shipped_head_matches_the_scope_model_and_training_meets_its_target() {
         "rephrase {reph:.1}, locality {loc:.1}"
     );
     // Fewer records than folds: refused.
-    let e = scope_head::train(&scope, &records[..2], &o, &mut |_| {})
+    let e = scope_head::train(&scope, &records[..2], &[], &o, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("a record per fold"), "{e}");
+    // Calibrated on records it was not trained on: the threshold is the lowest at which those
+    // records' locality probes meet the target, and the report gives their figures.
+    let (head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |_| {}).unwrap();
+    eprintln!("calibrated: {rep:?}");
+    assert!(rep.calibrated && rep.oof_locality >= 95.0, "{rep:?}");
+    let c = scope_head::pairs(&scope, &calibration).unwrap();
+    let scores = scope_head::score_pairs(&head, &c).unwrap();
+    assert_eq!(
+        scope_head::route_rates(&c, &scores, head.threshold),
+        (rep.oof_rephrase, rep.oof_locality)
+    );
+    let below = scores
+        .iter()
+        .copied()
+        .filter(|&s| s < head.threshold)
+        .fold(f32::NEG_INFINITY, f32::max);
+    assert!(
+        scope_head::route_rates(&c, &scores, below).1 < 95.0,
+        "a lower threshold also met the target: not the lowest"
+    );
 }

@@ -291,7 +291,10 @@ pub struct TrainReport {
     pub pairs: usize,
     pub positives: usize,
     pub threshold: f32,
-    /// Out of fold: rephrases routed to their own record, locality probes routed nowhere (%).
+    /// Whether the threshold was chosen on calibration records (the two rates below are
+    /// theirs) rather than out of fold.
+    pub calibrated: bool,
+    /// Out of fold (or on the calibration records): rephrases routed to their own record, locality probes routed nowhere (%).
     pub oof_rephrase: f64,
     pub oof_locality: f64,
     pub seconds: f64,
@@ -472,11 +475,45 @@ fn scores(
         .collect())
 }
 
-/// Train the head: out-of-fold scores (records in `folds` groups) choose the threshold, then
-/// the ensemble is trained on every pair.
+/// The head's logit for every pair, in order.
+pub fn score_pairs(head: &HeadFile, p: &Pairs) -> Result<Vec<f32>> {
+    Ok(scores(head, p, 0..p.y.len())?
+        .into_iter()
+        .map(|x| x.1)
+        .collect())
+}
+
+/// The lowest threshold at which `scores` route locality probes nowhere at least `target`% of
+/// the time.
+pub fn lowest_threshold(p: &Pairs, scores: &[f32], target: f64) -> Result<f32> {
+    let mut cands: Vec<f32> = scores.to_vec();
+    cands.sort_by(|a, b| a.total_cmp(b));
+    cands.dedup();
+    let (mut lo, mut hi) = (0usize, cands.len().saturating_sub(1));
+    if cands.is_empty() || route_rates(p, scores, cands[hi]).1 < target {
+        return Err(bad("no threshold reaches the target locality"));
+    }
+    // Locality rises with the threshold: bisect for the first candidate that meets the target.
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if route_rates(p, scores, cands[mid]).1 >= target {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(cands[lo])
+}
+
+/// Train the head on `records`. The threshold is chosen on `calibration` records when there are
+/// any (routed among themselves, scored by the trained head): records neither the head nor the
+/// scope model's tune saw, so the threshold is not set on a fit. Without them it is chosen on
+/// out-of-fold scores (records in `folds` groups), which is optimistic when the scope model
+/// was tuned on the same records.
 pub fn train(
     scope: &ScopeModel,
     records: &[EditRecord],
+    calibration: &[EditRecord],
     o: &TrainOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(HeadFile, TrainReport)> {
@@ -501,7 +538,30 @@ pub fn train(
         p.y.len(),
         records.len()
     ));
+    let all: Vec<usize> = (0..p.y.len()).collect();
     let d = scope.n_embd();
+    if !calibration.is_empty() {
+        let mut head = train_ensemble(&p, &all, o, d)?;
+        let c = pairs(scope, calibration)?;
+        let s = score_pairs(&head, &c)?;
+        let threshold = lowest_threshold(&c, &s, o.target_locality)
+            .map_err(|e| bad(format!("calibration records: {e}")))?;
+        let (cal_rephrase, cal_locality) = route_rates(&c, &s, threshold);
+        head.threshold = threshold;
+        head.scope_fingerprint = scope.fingerprint();
+        return Ok((
+            head,
+            TrainReport {
+                pairs: p.y.len(),
+                positives,
+                threshold,
+                calibrated: true,
+                oof_rephrase: cal_rephrase,
+                oof_locality: cal_locality,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+        ));
+    }
     let fold_of = |i: usize| p.probe_record[p.probe[i]] % o.folds;
     let mut oof = vec![0f32; p.y.len()];
     for k in 0..o.folds {
@@ -517,28 +577,9 @@ pub fn train(
             t0.elapsed().as_secs_f64()
         ));
     }
-    // The lowest threshold whose out-of-fold locality reaches the target.
-    let mut cands: Vec<f32> = oof.clone();
-    cands.sort_by(|a, b| a.total_cmp(b));
-    cands.dedup();
-    let mut chosen = None;
-    let (mut lo, mut hi) = (0usize, cands.len() - 1);
-    // Locality rises with the threshold: bisect for the first candidate that meets the target.
-    if route_rates(&p, &oof, cands[hi]).1 >= o.target_locality {
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if route_rates(&p, &oof, cands[mid]).1 >= o.target_locality {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        chosen = Some(cands[lo]);
-    }
-    let threshold =
-        chosen.ok_or_else(|| bad("no threshold reaches the target locality out of fold"))?;
+    let threshold = lowest_threshold(&p, &oof, o.target_locality)
+        .map_err(|e| bad(format!("out of fold: {e}")))?;
     let (oof_rephrase, oof_locality) = route_rates(&p, &oof, threshold);
-    let all: Vec<usize> = (0..p.y.len()).collect();
     let mut head = train_ensemble(&p, &all, o, d)?;
     head.threshold = threshold;
     head.scope_fingerprint = scope.fingerprint();
@@ -548,6 +589,7 @@ pub fn train(
             pairs: p.y.len(),
             positives,
             threshold,
+            calibrated: false,
             oof_rephrase,
             oof_locality,
             seconds: t0.elapsed().as_secs_f64(),
