@@ -292,7 +292,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .clone()
             .or_else(amend_runtime::default_scope_model_path)
             .context("--scope-model: no default path (HOME unset)")?;
-        let scope = amend_runtime::ScopeModel::open(&path, args.threads).with_context(|| {
+        // The scope model's own default (one thread), not --threads: see DEFAULT_SCOPE_THREADS.
+        let scope = amend_runtime::ScopeModel::open(&path, None).with_context(|| {
             format!(
                 "--scope-model {} (make it with scripts/fetch-scope-model.sh)",
                 path.display()

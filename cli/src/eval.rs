@@ -120,7 +120,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.model,
             path,
             pubkey,
-            (args.scope_model.as_deref(), args.threads, &mut scope),
+            // The scope model on its default one thread, whatever --threads gives the base model.
+            (args.scope_model.as_deref(), None, &mut scope),
         )?);
     }
     let (model, ort) = match args.backend {

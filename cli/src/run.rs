@@ -108,12 +108,8 @@ fn apply_edits(
     };
     let mut scope = None;
     for ab in set.snapshot().bundles.iter() {
-        crate::eval::scope_for(
-            &ab.bundle,
-            args.scope_model.as_deref(),
-            args.threads,
-            &mut scope,
-        )?;
+        // The scope model on its default one thread, whatever --threads gives the base model.
+        crate::eval::scope_for(&ab.bundle, args.scope_model.as_deref(), None, &mut scope)?;
     }
     session.set_scope_model(scope)?;
     session.set_edit_set(Some(set))?;

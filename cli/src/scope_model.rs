@@ -151,6 +151,7 @@ struct TrainHeadArgs {
     /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
     #[arg(long)]
     scope_model: Option<PathBuf>,
+    /// Threads for the scope model (default 1).
     #[arg(long)]
     threads: Option<usize>,
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().members)]
@@ -221,7 +222,7 @@ struct RouteArgs {
     /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
     #[arg(long)]
     scope_model: Option<PathBuf>,
-    /// Threads for the scope model.
+    /// Threads for the scope model (default 1).
     #[arg(long)]
     threads: Option<usize>,
     /// Print every misrouted prompt.

@@ -116,6 +116,15 @@ fn converted_model_tokenizes_embeds_and_refuses_bad_input() {
     assert_eq!(a.tokens.len(), amend_runtime::SCOPE_MAX_TOKENS - 2);
     assert_eq!(a, b);
 
+    // No thread count named: one thread (a second one spins when other work shares the
+    // cores), giving what two threads give.
+    let one = ScopeModel::open(&q8_path, None).unwrap();
+    assert_eq!(one.n_threads(), 1);
+    assert_eq!(amend_runtime::DEFAULT_SCOPE_THREADS, 1);
+    assert_eq!(q8.n_threads(), 2);
+    let text = "Which river flows through Phnom Penh?";
+    assert_eq!(one.encode(text).unwrap(), q8.encode(text).unwrap());
+
     // Bad files: missing, truncated, not a bert model.
     match ScopeModel::open(tmp("missing.gguf"), None) {
         Err(RuntimeError::NotFound { .. }) => {}

@@ -4,7 +4,7 @@ use std::ffi::c_char;
 use std::path::Path;
 use std::sync::Arc;
 
-use amend_runtime::{RuntimeError, ScopeModel, MAX_THREADS};
+use amend_runtime::{RuntimeError, ScopeModel, DEFAULT_SCOPE_THREADS, MAX_THREADS};
 
 use crate::amend_result;
 use crate::args;
@@ -23,8 +23,8 @@ pub(crate) fn scope_model(ptr: *const amend_scope_model) -> FfiResult<Arc<ScopeM
     handle::get::<ScopeModelObj, _>(ptr, SCOPE_MODEL, "scope")
 }
 
-/// Validates `n_threads` as `amend_model_params.n_threads` is validated: 0 = the machine's
-/// available parallelism (capped at `MAX_THREADS`), otherwise 1..=512.
+/// Validates `n_threads`: 0 = the runtime's default (`DEFAULT_SCOPE_THREADS`, one thread),
+/// otherwise 1..=512.
 fn threads(n_threads: u32) -> FfiResult<usize> {
     let n = n_threads as usize;
     if n > MAX_THREADS {
@@ -36,9 +36,7 @@ fn threads(n_threads: u32) -> FfiResult<usize> {
     if n > 0 {
         return Ok(n);
     }
-    Ok(std::thread::available_parallelism()
-        .map_or(2, |p| p.get())
-        .min(MAX_THREADS))
+    Ok(DEFAULT_SCOPE_THREADS)
 }
 
 /// Opens the scope model at `path` and writes its handle through `out` (already checked and
@@ -66,8 +64,9 @@ fn open(path: &Path, n_threads: u32, out: *mut *mut amend_scope_model) -> FfiRes
 /// Opens the scope model that routes retrieval memories: a `bert` GGUF such as
 /// `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf` (`scripts/fetch-scope-model.sh`, `amend
 /// scope-model convert`). `path` is NUL-terminated UTF-8 (see `amend_scope_model_open_bytes`
-/// for other paths). `n_threads` are the encoder's threads, at most 512; 0 = the machine's
-/// available parallelism.
+/// for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
+/// short encode gains little from more, and on cores other work keeps busy ggml's spinning
+/// workers make two threads about a hundred times slower than one: docs/runtime.md).
 ///
 /// Lifetime: on success `*out` receives a new handle that the caller owns and frees with
 /// `amend_scope_model_free` (once; any time). Sessions that were given it

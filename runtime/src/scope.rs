@@ -23,6 +23,12 @@ use crate::Token;
 /// for all-MiniLM-L6-v2. Longer prompts keep their first `MAX_TOKENS - 2` content tokens.
 pub const MAX_TOKENS: usize = 256;
 
+/// Encoder threads when the caller names none. One: a prompt of a few dozen tokens gains little
+/// from a second thread on a quiet machine (5.2 against 3.0 ms), while ggml's workers spin at a
+/// barrier after every node, so with the cores shared by other work two threads took 784 ms an
+/// encode against 7 ms for one (`cargo bench -p amend-runtime --bench busy_cores`, 2 cores).
+pub const DEFAULT_SCOPE_THREADS: usize = 1;
+
 /// One encoded text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScopeEncoding {
@@ -52,6 +58,7 @@ pub struct ScopeModel {
     sep: Token,
     fingerprint: [u8; 32],
     path: PathBuf,
+    n_threads: usize,
 }
 
 // SAFETY: the model is read-only after loading; the context and batch are only used under the
@@ -67,7 +74,8 @@ fn invalid(path: &Path, detail: impl Into<String>) -> RuntimeError {
 }
 
 impl ScopeModel {
-    /// Validates and loads a scope-model GGUF. Errors: `NotFound`, `ScopeModelInvalid` (not a
+    /// Validates and loads a scope-model GGUF with `n_threads` encoder threads (`None`:
+    /// [`DEFAULT_SCOPE_THREADS`]). Errors: `NotFound`, `ScopeModelInvalid` (not a
     /// GGUF, truncated, not a `bert` encoder with a WordPiece vocabulary), `LoadFailed`.
     pub fn open(
         path: impl AsRef<Path>,
@@ -151,9 +159,7 @@ impl ScopeModel {
             return Err(invalid(path, "missing dimensions or [CLS]/[SEP] ids"));
         }
         let max_tokens = MAX_TOKENS.min(n_ctx_train as usize);
-        let threads = n_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .max(1) as i32;
+        let threads = n_threads.unwrap_or(DEFAULT_SCOPE_THREADS).max(1) as i32;
         // SAFETY: FFI with a live model.
         let ctx = unsafe {
             let mut p = sys::llama_context_default_params();
@@ -185,6 +191,7 @@ impl ScopeModel {
             sep,
             fingerprint,
             path: path.to_path_buf(),
+            n_threads: threads as usize,
         }))
     }
 
@@ -195,6 +202,11 @@ impl ScopeModel {
 
     pub fn n_embd(&self) -> usize {
         self.n_embd
+    }
+
+    /// Encoder threads (llama.cpp's `n_threads`).
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
     }
 
     pub fn path(&self) -> &Path {

@@ -519,7 +519,7 @@ class ScopeModel(_Handle):
     keep it alive, so it may be closed while they are open. Thread-safe.
 
     A file that is missing, not a regular file, corrupt or not a `bert` encoder raises
-    AmendError with ERR_SCOPE_MODEL. `n_threads`: encoder threads, at most 512; 0 = all cores.
+    AmendError with ERR_SCOPE_MODEL. `n_threads`: encoder threads, at most 512; 0 = one (docs/runtime.md, Threading).
     """
 
     _free_name = "amend_scope_model_free"

@@ -192,7 +192,7 @@ public final class ScopeModel: @unchecked Sendable {
     let handle: OpaquePointer
 
     /// Throws AmendError `scopeModel` (314) for a file that is missing, not a regular file,
-    /// corrupt or not a `bert` encoder. `threads`: at most 512; 0 = available parallelism.
+    /// corrupt or not a `bert` encoder. `threads`: at most 512; 0 = one (docs/runtime.md).
     public init(path: String, threads: UInt32 = 0) throws {
         // The path's bytes through amend_scope_model_open_bytes (no NUL needed).
         let bytes = Array(path.utf8)

@@ -17,7 +17,7 @@ public final class ScopeModel implements AutoCloseable {
 
     public ScopeModel(String path) { this(path, 0); }
 
-    /** @param nThreads encoder threads, at most 512; 0 = available parallelism */
+    /** @param nThreads encoder threads, at most 512; 0 = one (docs/runtime.md, Threading) */
     public ScopeModel(String path, int nThreads) {
         this(path.getBytes(StandardCharsets.UTF_8), nThreads);
     }
