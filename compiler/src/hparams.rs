@@ -581,6 +581,15 @@ impl Hparams {
         }
         for (name, v) in [
             ("serac.pooled_threshold", self.serac.pooled_threshold),
+            ("serac.relation_min_score", self.serac.relation_min_score),
+        ] {
+            if !(-1.0..=1.0).contains(&v) {
+                return bad(name, "must be a cosine in [-1, 1]");
+            }
+        }
+        // Caps on thresholds calibrated into [0, cap] (a negative cap used to panic in the
+        // calibration's clamp).
+        for (name, v) in [
             (
                 "serac.max_subject_threshold",
                 self.serac.max_subject_threshold,
@@ -589,10 +598,12 @@ impl Hparams {
                 "serac.max_relation_threshold",
                 self.serac.max_relation_threshold,
             ),
-            ("serac.relation_min_score", self.serac.relation_min_score),
         ] {
-            if !(-1.0..=1.0).contains(&v) {
-                return bad(name, "must be a cosine in [-1, 1]");
+            if !(0.0..=1.0).contains(&v) {
+                return bad(
+                    name,
+                    "must be in [0, 1] (a cap on a calibrated cosine threshold)",
+                );
             }
         }
         if self.serac.calibration_records == 0 {
@@ -794,6 +805,14 @@ mod tests {
                 "serac.relation_vote_weight",
             ),
             ("serac.relation_margin=3", "serac.relation_margin"),
+            (
+                "serac.max_subject_threshold=-1",
+                "serac.max_subject_threshold",
+            ),
+            (
+                "serac.max_relation_threshold=nan",
+                "serac.max_relation_threshold",
+            ),
         ] {
             let e = Hparams::resolve(Arch::Gemma3, None, &[set.into()]).unwrap_err();
             assert!(e.to_string().contains(name), "{set}: {e}");

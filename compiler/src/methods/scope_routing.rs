@@ -303,7 +303,8 @@ pub fn calibrate(
             .filter(|n| n.kind == NegativeKind::SwappedSubject && n.pooled >= pooled_floor)
             .map(|n| n.subject),
     ) + margin;
-    let subject_threshold = s_raw.clamp(0.0, max_subject);
+    // max/min, not clamp: clamp panics on a cap below 0 (Hparams refuses one; this stays total).
+    let subject_threshold = s_raw.max(0.0).min(max_subject);
     // The relation threshold sits above a high quantile, not the maximum: the built-in
     // relations include near-synonyms of many edits' own relation ("founded by" / "created
     // by"), which are not negatives at all (measured on memory-dev: the top 1% of "other
@@ -318,7 +319,7 @@ pub fn calibrate(
         0 => f32::NEG_INFINITY,
         n => rel[((n - 1) as f32 * RELATION_QUANTILE).round() as usize],
     } + margin;
-    let relation_threshold = r_raw.clamp(0.0, max_relation);
+    let relation_threshold = r_raw.max(0.0).min(max_relation);
     let rejected = negs
         .iter()
         .filter(|n| {
