@@ -478,8 +478,10 @@ fn child(bundle: &Path, state: &Path) -> String {
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
+    // Anywhere in a line: with one test thread (RUST_TEST_THREADS=1, as `make test` runs) libtest
+    // prints "test state_child ... " before the test runs, on the line its output continues.
     s.lines()
-        .find_map(|l| l.strip_prefix("OUTCOME "))
+        .find_map(|l| l.find("OUTCOME ").map(|at| &l[at + "OUTCOME ".len()..]))
         .unwrap_or_else(|| panic!("child printed no outcome: {s}"))
         .to_string()
 }
