@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use amend_compiler::dataset::{self, DataFormat, EditRecord};
+use amend_compiler::methods::Adam;
 use amend_compiler::scope_tune::{auc, Bert};
 use amend_runtime::ScopeModel;
 use candle_core::{DType, Device, Tensor, Var};
@@ -135,35 +136,6 @@ fn logits(bert: &Bert, x: &Tensor, mask: &Tensor, first: usize, w: &Var, b: &Var
         .unwrap()
 }
 
-struct Adam {
-    vars: Vec<Var>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    t: i32,
-    lr: f64,
-}
-
-impl Adam {
-    fn step(&mut self, g: &candle_core::backprop::GradStore) {
-        self.t += 1;
-        let (b1, b2) = (0.9f64, 0.999f64);
-        for i in 0..self.vars.len() {
-            let Some(gr) = g.get(self.vars[i].as_tensor()) else {
-                continue;
-            };
-            let gr = gr.detach();
-            self.m[i] = ((&self.m[i] * b1).unwrap() + (&gr * (1.0 - b1)).unwrap()).unwrap();
-            self.v[i] =
-                ((&self.v[i] * b2).unwrap() + (gr.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
-            let mh = (&self.m[i] / (1.0 - b1.powi(self.t))).unwrap();
-            let vh = (&self.v[i] / (1.0 - b2.powi(self.t))).unwrap();
-            let upd = (mh / (vh.sqrt().unwrap() + 1e-8).unwrap()).unwrap();
-            let new = (self.vars[i].as_tensor() - (upd * self.lr).unwrap()).unwrap();
-            self.vars[i].set(&new).unwrap();
-        }
-    }
-}
-
 fn recall_at(pos: &[f32], neg: &[f32], fpr: f64) -> (f64, f32) {
     let mut n = neg.to_vec();
     n.sort_by(|a, b| b.total_cmp(a));
@@ -245,13 +217,7 @@ fn main() {
     let mut vars = bert.vars();
     vars.push(w.clone());
     vars.push(b.clone());
-    let mut opt = Adam {
-        m: vars.iter().map(|v| v.zeros_like().unwrap()).collect(),
-        v: vars.iter().map(|v| v.zeros_like().unwrap()).collect(),
-        vars,
-        t: 0,
-        lr,
-    };
+    let mut opt = Adam::new(vars, lr).unwrap();
     let t0 = std::time::Instant::now();
     let mut tp = pairs(&scope, &train, cls, sep, true);
     let vp = pairs(&scope, &valid, cls, sep, false);
@@ -309,7 +275,7 @@ fn main() {
             let ln = ((y.ones_like().unwrap() - y).unwrap() * sp(&zc)).unwrap();
             let loss = (lp.unwrap() + ln).unwrap().mean_all().unwrap();
             let g = loss.backward().unwrap();
-            opt.step(&g);
+            opt.step(&g).unwrap();
             total += loss.to_scalar::<f32>().unwrap();
         }
         let mut scores = Vec::new();
