@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use amend_runtime::onnxruntime::{
     Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile, SlotLayout, StaticShapes,
+    WeightMemory,
 };
 use amend_runtime::{Backend, GenerateParams, Session, SessionOptions};
 use anyhow::Context;
@@ -73,6 +74,11 @@ pub struct OrtArgs {
     /// session, when it ends (docs/backends.md: reading it).
     #[arg(long, value_name = "PREFIX")]
     pub ort_trace: Option<PathBuf>,
+    /// Where the graph's weights live: `lean` (pages the process owns, those only the
+    /// prepacking MatMulNBits reads given back after a bitwise probe), `owned` (nothing given
+    /// back) or `inline` (ONNX Runtime's own copy beside the prepacked one; docs/backends.md).
+    #[arg(long, default_value = "lean")]
+    pub ort_weights: String,
 }
 
 impl Default for OrtArgs {
@@ -90,6 +96,7 @@ impl Default for OrtArgs {
             slots: String::new(),
             static_shapes: None,
             ort_trace: None,
+            ort_weights: "lean".into(),
         }
     }
 }
@@ -129,6 +136,7 @@ impl OrtArgs {
                 .map(StaticShapes::parse)
                 .transpose()?,
             trace: self.ort_trace.clone(),
+            weight_memory: WeightMemory::parse(&self.ort_weights)?,
         })
     }
 }
@@ -190,16 +198,110 @@ pub struct ParityArgs {
     /// floor any other backend is measured against.
     #[arg(long)]
     pub self_check: bool,
+    /// Also measure each backend's memory in a process of its own (this command run again
+    /// with `--rss-probe`): opened, then the speed prompt and decode run once. In the shared
+    /// process the ONNX Runtime figure after the run also holds what llama.cpp's runs grew.
+    #[arg(long)]
+    pub rss_alone: bool,
+    /// Internal (`--rss-alone`): open this backend only (llama or ort), run the speed
+    /// workload once, print its memory and exit.
+    #[arg(long, hide = true)]
+    pub rss_probe: Option<String>,
 }
 
 use amend_runtime::bench::median;
 
 fn rss_kb() -> Option<u64> {
+    status_kb("VmRSS:")
+}
+
+/// A `/proc/self/status` figure in kB (`VmRSS:`, `VmHWM:`).
+fn status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// The speed test's prompt: the first prompts joined to about 128 tokens.
+fn speed_prompt(prompts: &[Vec<i32>]) -> Vec<i32> {
+    let mut long = Vec::new();
+    for p in prompts {
+        if long.len() >= 128 {
+            break;
+        }
+        long.extend_from_slice(if long.is_empty() { &p[..] } else { &p[1..] });
+    }
+    long
+}
+
+/// `--rss-probe`: one backend alone in this process. Prints
+/// `rss-probe BACKEND open_kb=.. run_kb=.. peak_kb=..` (growth over the process before opening).
+fn rss_probe(args: &ParityArgs, which: &str, lines: &[&str]) -> anyhow::Result<()> {
+    let rss0 = rss_kb().unwrap_or(0);
+    let (open_kb, run_kb) = match which {
+        "llama" => {
+            let llama = crate::run::open_model(&args.model, Some(args.threads))?;
+            let mut s = Session::new(
+                &llama,
+                SessionOptions {
+                    n_ctx: 1024,
+                    n_threads: Some(args.threads),
+                    ..Default::default()
+                },
+            )?;
+            let open = rss_kb().unwrap_or(0).saturating_sub(rss0);
+            let prompts: Vec<Vec<i32>> = lines
+                .iter()
+                .map(|l| llama.tokenize(l, true))
+                .collect::<Result<_, _>>()?;
+            speed(&mut s, &speed_prompt(&prompts), args.speed_tokens.max(1))?;
+            (open, rss_kb().unwrap_or(0).saturating_sub(rss0))
+        }
+        "ort" => {
+            let ort = open_ort(&args.model, &args.ort, Some(args.threads))?;
+            let mut s = OrtSession::new(&ort, 1024)?;
+            let open = rss_kb().unwrap_or(0).saturating_sub(rss0);
+            let prompts: Vec<Vec<i32>> = lines
+                .iter()
+                .map(|l| ort.tokenize(l, true))
+                .collect::<Result<_, _>>()?;
+            speed(&mut s, &speed_prompt(&prompts), args.speed_tokens.max(1))?;
+            (open, rss_kb().unwrap_or(0).saturating_sub(rss0))
+        }
+        other => anyhow::bail!("--rss-probe {other:?}: expected llama or ort"),
+    };
+    let peak = status_kb("VmHWM:").unwrap_or(0).saturating_sub(rss0);
+    println!("rss-probe {which} open_kb={open_kb} run_kb={run_kb} peak_kb={peak}");
+    Ok(())
+}
+
+/// `--rss-alone`: runs this command again once per backend with `--rss-probe`, and reads the
+/// figures it prints.
+fn rss_alone(which: &str) -> anyhow::Result<[u64; 3]> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let out = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .args(["--rss-probe", which])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the memory probe")?;
+    anyhow::ensure!(out.status.success(), "the {which} memory probe failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("rss-probe "))
+        .with_context(|| format!("the {which} memory probe printed no figures"))?;
+    let mut v = [0u64; 3];
+    for (slot, key) in v.iter_mut().zip(["open_kb=", "run_kb=", "peak_kb="]) {
+        *slot = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|x| x.parse().ok())
+            .with_context(|| format!("the {which} memory probe: no {key}"))?;
+    }
+    Ok(v)
 }
 
 /// Prefill and decode speed of a backend: one prompt of `prompt_len` tokens, then `n` greedy
@@ -219,6 +321,9 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if let Some(n) = args.limit {
         lines.truncate(n);
+    }
+    if let Some(which) = &args.rss_probe {
+        return rss_probe(&args, which, &lines);
     }
     let rss0 = rss_kb().unwrap_or(0);
     let llama = crate::run::open_model(&args.model, Some(args.threads))?;
@@ -311,14 +416,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
         st.session_create_s
     );
     if args.speed_tokens > 0 {
-        // A prompt of about 128 tokens: the first prompts joined.
-        let mut long = Vec::new();
-        for p in &prompts {
-            if long.len() >= 128 {
-                break;
-            }
-            long.extend_from_slice(if long.is_empty() { &p[..] } else { &p[1..] });
-        }
+        let long = speed_prompt(&prompts);
         let prompt = &long;
         let rounds = args.speed_rounds.max(1);
         let (mut lps, mut lds, mut ops, mut ods) = (vec![], vec![], vec![], vec![]);
@@ -363,6 +461,27 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
         rss_ort as f64 / rss_llama.max(1) as f64,
         rss_ort_open as f64 / 1024.0
     );
+    if args.rss_alone {
+        let l = rss_alone("llama")?;
+        let o = rss_alone("ort")?;
+        let mb = |kb: u64| kb as f64 / 1024.0;
+        println!(
+            "RSS, each backend alone in a process (growth over the process before opening; the \
+             speed prompt and {} decoded tokens):\n| | llama.cpp | ONNX Runtime | ratio |\n|---|---:|---:|---:|",
+            args.speed_tokens.max(1)
+        );
+        for (i, what) in ["after opening", "after the run", "peak"]
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "| {what} | {:.0} MB | {:.0} MB | {:.2}x |",
+                mb(l[i]),
+                mb(o[i]),
+                o[i] as f64 / l[i].max(1) as f64
+            );
+        }
+    }
     Ok(())
 }
 

@@ -8,9 +8,10 @@ use crate::error::{amend_result as R, FfiError};
 impl From<RuntimeError> for FfiError {
     fn from(e: RuntimeError) -> Self {
         let code = match &e {
-            RuntimeError::NotFound { .. } | RuntimeError::Io { .. } | RuntimeError::File(_) => {
-                R::AMEND_ERR_IO
-            }
+            RuntimeError::NotFound { .. }
+            | RuntimeError::Io { .. }
+            | RuntimeError::File(_)
+            | RuntimeError::ModelChanged { .. } => R::AMEND_ERR_IO,
             RuntimeError::NotGguf { .. }
             | RuntimeError::Truncated { .. }
             | RuntimeError::InvalidGguf { .. }

@@ -19,6 +19,10 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// Bytes read from the model after open no longer match what was opened (the file was
+    /// rewritten in place): refused, never used.
+    #[error("{} changed after it was opened: {detail}", path.display())]
+    ModelChanged { path: PathBuf, detail: String },
     #[error("{} is not a GGUF file (bad magic {magic:02x?})", path.display())]
     NotGguf { path: PathBuf, magic: Vec<u8> },
     #[error("{} is truncated: {detail}", path.display())]

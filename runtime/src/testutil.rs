@@ -109,6 +109,26 @@ pub fn write_tiny_model_typed(
     seed: u64,
     ty: GgmlType,
 ) -> std::io::Result<()> {
+    write_tiny(path, arch, seed, ty, false)
+}
+
+/// [`write_tiny_model`] as gemma3-270m Q4_K_M stores its embeddings: a Q8_0 token-embedding
+/// table that is also the output projection (no `output.weight`), Q8_0 layer matrices.
+pub fn write_tiny_model_tied_q8_0(
+    path: &Path,
+    arch: Architecture,
+    seed: u64,
+) -> std::io::Result<()> {
+    write_tiny(path, arch, seed, GgmlType::Q8_0, true)
+}
+
+fn write_tiny(
+    path: &Path,
+    arch: Architecture,
+    seed: u64,
+    ty: GgmlType,
+    tied_q8_0: bool,
+) -> std::io::Result<()> {
     let a = arch.name();
     assert!(
         arch != Architecture::Gemma3,
@@ -147,7 +167,8 @@ pub fn write_tiny_model_typed(
     let err = |e| std::io::Error::other(format!("{e:?}"));
     let ones = |n: u64| vec![1.0f32; n as usize];
     let t = |w: &mut GgufWriter, name: &str, ne: &[u64], data: Vec<f32>| {
-        if ty == GgmlType::F32 || ne.len() != 2 || !name.starts_with("blk.") {
+        let quantized = name.starts_with("blk.") || (tied_q8_0 && name == "token_embd.weight");
+        if ty == GgmlType::F32 || ne.len() != 2 || !quantized {
             w.add_tensor_f32(name, ne, &data).map(|_| ()).map_err(err)
         } else {
             w.add_tensor_raw(name, ty, ne, quantize(ty, &data))
@@ -159,7 +180,9 @@ pub fn write_tiny_model_typed(
     t(&mut w, "token_embd.weight", &[n_embd, n_vocab], emb)?;
     t(&mut w, "output_norm.weight", &[n_embd], ones(n_embd))?;
     let out = rng.vec((n_embd * n_vocab) as usize, 0.3);
-    t(&mut w, "output.weight", &[n_embd, n_vocab], out)?;
+    if !tied_q8_0 {
+        t(&mut w, "output.weight", &[n_embd, n_vocab], out)?;
+    }
     let s_in = 1.7 / (n_embd as f32).sqrt();
     let s_ff = 1.7 / (n_ff as f32).sqrt();
     // The per-layer tensors the architecture table lists for `arch`.

@@ -856,3 +856,96 @@ fn per_layer_drift_from_llama_cpp() {
         eprintln!("{line}");
     }
 }
+
+/// Where the graph's weights live changes no logit, `lean` gives the pages of the weights
+/// `MatMulNBits` prepacks back to the system, and the token-embedding rows the host feeds
+/// (a tied Q8_0 table, as gemma3-270m Q4_K_M has) are checked against the table opened.
+#[test]
+fn weight_memory_is_lean_and_fed_embedding_rows_are_checked() {
+    let Some(_) = library() else { return };
+    use amend_runtime::onnxruntime::WeightMemory;
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = common::tmp_dir().join("lean");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("tied-q8.gguf");
+    amend_runtime::testutil::write_tiny_model_tied_q8_0(&p, Architecture::Llama, 5).unwrap();
+    let open = |w: WeightMemory| {
+        OrtModel::open(
+            &p,
+            OrtOptions {
+                weight_memory: w,
+                ..options(Profile::Cpu)
+            },
+        )
+        .unwrap()
+    };
+    let prompt = "hello world";
+    let logits = |m: &std::sync::Arc<OrtModel>| -> Result<Vec<f32>, RuntimeError> {
+        let mut s = OrtSession::new(m, 64)?;
+        let t = m.tokenize(prompt, true)?;
+        s.eval(&t, Logits::All)?;
+        let mut out = Vec::new();
+        for i in 0..t.len() {
+            out.extend_from_slice(s.logits(i)?);
+        }
+        Ok(out)
+    };
+    let inline = open(WeightMemory::Inline);
+    let owned = open(WeightMemory::Owned);
+    let lean = open(WeightMemory::Lean);
+    assert_eq!(inline.weight_pages(), (0, 0));
+    let (held, released) = owned.weight_pages();
+    assert!(held > 0 && released == 0, "{held} {released}");
+    let (held, released) = lean.weight_pages();
+    // Every layer matrix and the table (read by the output projection only) are given back.
+    assert!(
+        released * 10 >= held * 8,
+        "{released} of {held} bytes released"
+    );
+    let want = logits(&inline).unwrap();
+    for (name, m) in [("owned", &owned), ("lean", &lean)] {
+        let got = logits(m).unwrap();
+        assert!(
+            want.iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: logits differ from inline"
+        );
+    }
+    // The same model on llama.cpp: the host-fed rows and the tied projection agree with it.
+    let llama = amend_runtime::Model::open(
+        &p,
+        amend_runtime::ModelOptions {
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let toks: Vec<Vec<i32>> = PROMPTS
+        .iter()
+        .map(|s| llama.tokenize(s, true).unwrap())
+        .collect();
+    let r = common::ort_parity(&llama, options(Profile::Cpu), &toks, 16, Mode::Incremental);
+    assert!(r.agreement() >= 90.0, "{:.1}%", r.agreement());
+    // A row rewritten in place after open: refused, never fed; other rows are still served.
+    let ids = lean.tokenize(prompt, true).unwrap();
+    let header = amend_edits::gguf::GgufFile::read_header(&p).unwrap();
+    let te = header.tensor("token_embd.weight").unwrap();
+    let row_bytes = (te.ne[0] / 32 * 34) as u64;
+    let victim = *ids.last().unwrap();
+    let at = header.data_offset + te.offset + victim as u64 * row_bytes + 7;
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[0x5a]).unwrap();
+    drop(f);
+    let e = logits(&lean).unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::ModelChanged { .. })
+            && e.to_string().contains(&format!("row {victim}")),
+        "{e}"
+    );
+    let mut s = OrtSession::new(&lean, 16).unwrap();
+    let first = ids[0];
+    assert_ne!(first, victim);
+    s.eval(&[first], Logits::Last).unwrap();
+}

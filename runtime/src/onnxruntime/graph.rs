@@ -96,6 +96,19 @@ pub enum BuildError {
 
 /// Names of the graph's inputs and outputs.
 pub const INPUT_IDS: &str = "input_ids";
+/// With [`fed_embedding_rows`]: the prompt's token-embedding rows as the GGUF holds them,
+/// `[1, T, n_embd / 32, 32]` Q8_0 codes (offset 128) and `[1, T, n_embd / 32, 1]` scales, read
+/// by the host instead of a `Gather` over the whole table (docs/backends.md, Memory).
+pub const EMBD_CODES: &str = "embd_codes";
+pub const EMBD_SCALES: &str = "embd_scales";
+
+/// Whether the graph takes the token embeddings' rows as inputs ([`EMBD_CODES`]) instead of
+/// token ids: a Q8_0 table on the `cpu` profile. The table's codes then stay in the graph only
+/// for a tied output projection, whose `MatMulNBits` computes from its prepacked copy, so the
+/// source pages can be given back ([`super::WeightMemory::Lean`]).
+pub fn fed_embedding_rows(token_embd: GgmlType, profile: Profile) -> bool {
+    token_embd == GgmlType::Q8_0 && profile == Profile::Cpu
+}
 pub const LOGIT_ROWS: &str = "logit_rows";
 pub const LOGITS: &str = "logits";
 pub fn past_key(il: usize) -> String {
@@ -127,7 +140,7 @@ pub fn builder_id(
 ) -> String {
     let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
     let mut id = format!(
-        "v4 {} roundings={} slots={} capture={}",
+        "v5 {} roundings={} slots={} capture={}",
         profile.name(),
         emu.name(),
         slots.describe(),
@@ -915,8 +928,30 @@ pub fn build(
     let swa = has_swa(cfg);
 
     // Inputs.
-    let mut inputs = vec![
-        input(INPUT_IDS, DataType::Int64, vec![Dim::Fixed(1), dim("T")]),
+    let (te, k, nv) = b.matrix("token_embd.weight")?;
+    let fed_rows = fed_embedding_rows(te.ggml_type, profile);
+    let mut inputs = if fed_rows {
+        let kb = Dim::Fixed(k as i64 / 32);
+        vec![
+            input(
+                EMBD_CODES,
+                DataType::Uint8,
+                vec![Dim::Fixed(1), dim("T"), kb.clone(), Dim::Fixed(32)],
+            ),
+            input(
+                EMBD_SCALES,
+                DataType::Float,
+                vec![Dim::Fixed(1), dim("T"), kb, Dim::Fixed(1)],
+            ),
+        ]
+    } else {
+        vec![input(
+            INPUT_IDS,
+            DataType::Int64,
+            vec![Dim::Fixed(1), dim("T")],
+        )]
+    };
+    inputs.extend([
         input(
             "rope_cos",
             DataType::Float,
@@ -928,7 +963,7 @@ pub fn build(
             vec![dim("T"), Dim::Fixed(hd / 2)],
         ),
         input("mask", DataType::Float, vec![dim("T"), dim("S")]),
-    ];
+    ]);
     if swa {
         for name in ["rope_cos_swa", "rope_sin_swa"] {
             inputs.push(input(
@@ -947,13 +982,13 @@ pub fn build(
     }
     b.g.inputs = inputs;
 
-    // Token embeddings: Q8_0 rows are gathered as codes and scaled (exact, and the codes are
-    // shared with a tied output projection); other types become an f32 table.
-    let (te, k, nv) = b.matrix("token_embd.weight")?;
+    // Token embeddings: Q8_0 rows come in as codes and scales (read by the host) and are
+    // scaled here (exact; the table's codes stay for a tied output projection only); other
+    // types become an f32 table gathered here.
     let tied = file.header.tensor("output.weight").is_none();
     // The output projection reuses the embedding's codes (below).
     let mut tied_codes = false;
-    let mut x = if te.ggml_type == GgmlType::Q8_0 && profile == Profile::Cpu {
+    let mut x = if fed_rows {
         let lw = quant::linear_weight("token_embd.weight", te.ggml_type, k, nv, b.bytes(te)?)?;
         let LinearWeight::NBits {
             b: codes, scales, ..
@@ -962,28 +997,26 @@ pub fn build(
             unreachable!("Q8_0 maps to MatMulNBits")
         };
         let kb = k / 32;
-        let cn = b.init(TensorData::u8(
+        // The table stays in the graph even when nothing reads it (untied): the host checks
+        // the rows it feeds against these very bytes (`embedding::EmbeddingRows`).
+        b.init(TensorData::u8(
             "token_embd.weight.B",
             vec![nv as i64, kb as i64, 32],
             codes,
         ));
-        let sn = b.init(TensorData::f32(
+        b.init(TensorData::f32(
             "token_embd.weight.scales",
             vec![(nv * kb) as i64],
             &scales,
         ));
-        let rows = b.op("Gather", &[&cn, INPUT_IDS]);
         let rf = b.op_a(
             "Cast",
-            &[&rows],
+            &[EMBD_CODES],
             vec![("to", Attr::Int(DataType::Float as i64))],
         );
         let off = b.scalar("embd_offset", 128.0);
         let centred = b.op("Sub", &[&rf, &off]);
-        let sshape = b.ints(&[nv as i64, kb as i64, 1]);
-        let s3 = b.op("Reshape", &[&sn, &sshape]);
-        let srows = b.op("Gather", &[&s3, INPUT_IDS]);
-        let v = b.op("Mul", &[&centred, &srows]);
+        let v = b.op("Mul", &[&centred, EMBD_SCALES]);
         let eshape = b.ints(&[1, -1, k as i64]);
         tied_codes = tied;
         b.op("Reshape", &[&v, &eshape])

@@ -9,10 +9,12 @@
 //! - [`OrtModel`] holds the built ONNX Runtime session; [`OrtSession`] a conversation's KV cache
 //!   (graph inputs and outputs) and its last logits.
 
+pub mod embedding;
 pub mod graph;
 pub mod onnx;
 pub mod quant;
 pub mod slots;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -288,7 +290,7 @@ fn graph_session(
         metadata: &[],
     }
     .to_bytes();
-    OrtModel::session(env, options, &bytes, optimize)
+    OrtModel::session(env, options, &bytes, optimize, None).map(|(r, _)| r)
 }
 
 /// How to open a model on ONNX Runtime.
@@ -325,6 +327,38 @@ pub struct OrtOptions {
     /// Write ONNX Runtime's own profile (every node's time, per run) to
     /// `PREFIX_<date>_<time>.json` when a session ends: where the time goes on an EP.
     pub trace: Option<PathBuf>,
+    /// Where the graph's weights live once the session is open ([`WeightMemory`]).
+    pub weight_memory: WeightMemory,
+}
+
+/// Where the graph's weights live ([`weights`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightMemory {
+    /// In the ONNX bytes ONNX Runtime parses: its parsed copy stays beside the copy
+    /// `MatMulNBits` prepacks, so the quantized weights are held twice.
+    Inline,
+    /// In pages this process owns, read by ONNX Runtime in place as external data; nothing
+    /// released (what a graph whose weights are read at run time needs).
+    Owned,
+    /// On the CPU EP, as `Owned`, and the pages of the weights only `MatMulNBits` reads (it
+    /// computes from its prepacked copy) are given back once a probe's logits are checked
+    /// bitwise equal before and after: each of those weights held once. On other EPs, which
+    /// compile their own copy, as `Inline` (measured: pages beside OpenVINO's copy add 280 MB).
+    #[default]
+    Lean,
+}
+
+impl WeightMemory {
+    pub fn parse(s: &str) -> Result<WeightMemory, RuntimeError> {
+        match s {
+            "inline" => Ok(WeightMemory::Inline),
+            "owned" => Ok(WeightMemory::Owned),
+            "lean" => Ok(WeightMemory::Lean),
+            _ => Err(RuntimeError::OrtGraph(format!(
+                "weight memory `{s}`: expected inline, owned or lean"
+            ))),
+        }
+    }
 }
 
 /// A fixed prefill chunk and KV window ([`OrtOptions::static_shapes`]).
@@ -456,6 +490,7 @@ impl Default for OrtOptions {
             capture: Vec::new(),
             static_shapes: None,
             trace: None,
+            weight_memory: WeightMemory::default(),
         }
     }
 }
@@ -487,6 +522,12 @@ pub struct OrtModel {
     slot_dims: Vec<(String, usize, usize)>,
     /// Every slot's sentinel: what runs without edits feed.
     empty_feeds: OnceLock<Arc<slots::SlotFeeds>>,
+    /// The token-embedding rows the host feeds ([`graph::fed_embedding_rows`]); `None`: the
+    /// graph gathers them from token ids.
+    embd: Option<embedding::EmbeddingRows>,
+    /// The graphs' weights, read in place by the sessions above ([`WeightMemory`]); declared
+    /// after them so that they are dropped after the sessions.
+    weights: Mutex<Vec<(PageValues, weights::Externalized)>>,
 }
 
 impl std::fmt::Debug for OrtModel {
@@ -568,6 +609,8 @@ impl OrtModel {
             ..Default::default()
         };
         let mut runners = Vec::with_capacity(all_shapes.len());
+        let mut weight_pages = Vec::new();
+        let mut embd = None;
         let mut first = None;
         for (gi, &shapes) in all_shapes.iter().enumerate() {
             let builder_id = graph::builder_id(
@@ -654,8 +697,59 @@ impl OrtModel {
                     }
                 })?;
             }
+            if gi == 0
+                && header
+                    .tensor("token_embd.weight")
+                    .is_some_and(|t| graph::fed_embedding_rows(t.ggml_type, options.profile))
+            {
+                let table = |name: &str| {
+                    weights::find_initializer(&onnx, name)
+                        .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
+                        .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
+                };
+                let t = Instant::now();
+                embd = Some(embedding::EmbeddingRows::open(
+                    path,
+                    &header,
+                    table("token_embd.weight.B")?,
+                    table("token_embd.weight.scales")?,
+                )?);
+                log::info!(
+                    "ort: token-embedding rows fed by the host, digests in {:.2} s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
             let t1 = Instant::now();
-            runners.push(Self::session(env, &options, &onnx, true)?);
+            let onnx_len = onnx.len();
+            let mut onnx = Some(onnx);
+            let ext = match options.weight_memory {
+                // Another EP compiles its own copy of the weights: pages beside it only add.
+                WeightMemory::Inline => None,
+                WeightMemory::Lean if !matches!(options.ep, Ep::Cpu) => None,
+                WeightMemory::Owned | WeightMemory::Lean => {
+                    let e =
+                        weights::externalize(onnx.as_deref().unwrap_or_default()).map_err(|e| {
+                            RuntimeError::OrtGraph(format!(
+                                "moving the weights out of the graph: {e}"
+                            ))
+                        })?;
+                    // The pages hold the weights now: the inline bytes need not overlap with
+                    // ONNX Runtime's prepacking (the peak while opening).
+                    onnx = None;
+                    release_free_heap();
+                    Some(e)
+                }
+            };
+            let (runner, values) = match (&ext, &onnx) {
+                (Some(e), _) => Self::session(env, &options, &e.onnx, true, Some(e))?,
+                (None, Some(o)) => Self::session(env, &options, o, true, None)?,
+                (None, None) => unreachable!("inline bytes are kept without pages"),
+            };
+            runners.push(runner);
+            if let (Some(mut e), Some(v)) = (ext, values) {
+                e.onnx = Vec::new();
+                weight_pages.push((v, e));
+            }
             let session_create_s = t1.elapsed().as_secs_f64();
             log::info!(
                 "ort: {} on {} ({} profile, {:?}): graph {} {:.2} s, {} nodes, {:.1} MB; session {:.2} s",
@@ -670,12 +764,12 @@ impl OrtModel {
                 },
                 graph_build_s,
                 n_nodes,
-                onnx.len() as f64 / 1e6,
+                onnx_len as f64 / 1e6,
                 session_create_s
             );
             stats.from_cache &= from_cache;
             stats.graph_build_s += graph_build_s;
-            stats.onnx_bytes += onnx.len();
+            stats.onnx_bytes += onnx_len;
             stats.session_create_s += session_create_s;
             stats.n_nodes += n_nodes;
             drop(onnx);
@@ -688,7 +782,10 @@ impl OrtModel {
         let mut runners = runners.into_iter();
         let runner = runners.next().expect("at least one graph");
         let decode = runners.next().map(Mutex::new);
-        Ok(Arc::new(OrtModel {
+        let lean = options.weight_memory == WeightMemory::Lean
+            && matches!(options.ep, Ep::Cpu)
+            && !weight_pages.is_empty();
+        let model = Arc::new(OrtModel {
             vocab,
             cfg,
             runner: Mutex::new(runner),
@@ -699,7 +796,85 @@ impl OrtModel {
             binding,
             slot_dims,
             empty_feeds: OnceLock::new(),
-        }))
+            embd,
+            weights: Mutex::new(weight_pages),
+        });
+        if lean {
+            if let Err(e) = model.release_prepacked_weights() {
+                // A library that still reads a prepacked weight: open again keeping the pages
+                // (correct, just larger), rather than refusing a model that works.
+                let options = OrtOptions {
+                    weight_memory: WeightMemory::Owned,
+                    ..model.options.clone()
+                };
+                log::warn!("ort: {e}; opening again with weight memory `owned`");
+                drop(model);
+                return Self::open(path, options);
+            }
+        }
+        Ok(model)
+    }
+
+    /// Gives back the pages of the weights only `MatMulNBits` reads (it computes from its
+    /// prepacked copy), checked by a probe: the last logits of a 4-token prompt and of one
+    /// decoded token, computed before and after, must be bitwise equal. If they are not, the ONNX
+    /// Runtime library read a released weight: an error, and `open` opens the model again
+    /// with [`WeightMemory::Owned`].
+    fn release_prepacked_weights(self: &Arc<Self>) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        let probe = |model: &Arc<OrtModel>| -> Result<Vec<f32>, RuntimeError> {
+            let mut s = OrtSession::new(model, 16)?;
+            let mut tokens = model.vocab.tokenize("The capital of France is", true)?;
+            tokens.truncate(4);
+            // Every weight is read by the prefill (several rows) and by the decode (one row);
+            // the last rows' logits depend on all of them.
+            s.eval(&tokens, Logits::Last)?;
+            let mut out = s.last_logits()?.to_vec();
+            let next = crate::reference::argmax(s.last_logits()?) as Token;
+            s.eval_with(&[next], EvalOptions::decode())?;
+            out.extend_from_slice(s.last_logits()?);
+            Ok(out)
+        };
+        let before = probe(self)?;
+        let released = {
+            let mut w = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+            let mut n = 0;
+            for (_, e) in w.iter_mut() {
+                n += e
+                    .release_prepacked()
+                    .map_err(|e| RuntimeError::OrtGraph(format!("releasing weight pages: {e}")))?;
+            }
+            n
+        };
+        let after = probe(self)?;
+        if before
+            .iter()
+            .zip(&after)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(RuntimeError::OrtSession {
+                ep: self.options.ep.name(),
+                detail: "this ONNX Runtime library reads MatMulNBits weights after prepacking \
+                         them (a probe's logits changed once their pages were given back)"
+                    .into(),
+            });
+        }
+        log::info!(
+            "ort: {:.1} MB of prepacked weights' pages released, probe equal ({:.2} s)",
+            released as f64 / 1e6,
+            t0.elapsed().as_secs_f64()
+        );
+        release_free_heap();
+        Ok(())
+    }
+
+    /// Bytes of weight pages the process owns, and how many of them it gave back.
+    pub fn weight_pages(&self) -> (usize, usize) {
+        let w = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            w.iter().map(|(_, e)| e.pages.len()).sum(),
+            w.iter().map(|(_, e)| e.pages.released()).sum(),
+        )
     }
 
     fn session(
@@ -707,7 +882,8 @@ impl OrtModel {
         options: &OrtOptions,
         onnx: &[u8],
         optimize: bool,
-    ) -> Result<OrtRunner, RuntimeError> {
+        pages: Option<&weights::Externalized>,
+    ) -> Result<(OrtRunner, Option<PageValues>), RuntimeError> {
         let ep_name = options.ep.name();
         let ep_err = |detail: String| RuntimeError::OrtEp {
             ep: ep_name.clone(),
@@ -743,7 +919,18 @@ impl OrtModel {
                     .map_err(|e| ep_err(e.to_string()))?;
             }
         }
+        let values =
+            match pages {
+                Some(p) => Some(add_weight_pages(&mut b, p).map_err(|detail| {
+                    RuntimeError::OrtSession {
+                        ep: ep_name.clone(),
+                        detail,
+                    }
+                })?),
+                None => None,
+            };
         b.commit_from_memory(onnx)
+            .map(|r| (r, values))
             .map_err(|e| RuntimeError::OrtSession {
                 ep: ep_name.clone(),
                 detail: e.to_string(),
@@ -958,6 +1145,141 @@ fn build_onnx(
         rope_freqs,
         n_nodes,
     })
+}
+
+/// ONNX Runtime tensors over a graph's [`weights::WeightPages`], one per moved initializer,
+/// handed to its session with `AddInitializer`: the session computes from (and prepacks from)
+/// the pages themselves instead of a copy. Released after the session (`OrtModel` field order).
+struct PageValues(Vec<*mut ort::sys::OrtValue>);
+
+// SAFETY: the values are only released (in Drop); ONNX Runtime values may move between threads.
+unsafe impl Send for PageValues {}
+unsafe impl Sync for PageValues {}
+
+impl Drop for PageValues {
+    fn drop(&mut self) {
+        let api = ort::api();
+        for &v in &self.0 {
+            // SAFETY: each value was created by CreateTensorWithDataAsOrtValue and is released once.
+            unsafe { (api.ReleaseValue)(v) };
+        }
+    }
+}
+
+/// Reads and releases a non-null status: its message.
+///
+/// # Safety
+/// `status` must be a status returned by an ONNX Runtime call, not yet released.
+unsafe fn status_message(status: *mut ort::sys::OrtStatus) -> String {
+    let api = ort::api();
+    let msg = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status))
+        .to_string_lossy()
+        .into_owned();
+    (api.ReleaseStatus)(status);
+    msg
+}
+
+/// Lets the session read the external data [`weights::FILE_NAME`] from `ext`'s pages and hands
+/// it a tensor over the pages for every moved initializer, so that it neither reads nor copies
+/// them elsewhere. The pages and the returned values must outlive the session.
+fn add_weight_pages(
+    b: &mut ort::session::builder::SessionBuilder,
+    ext: &weights::Externalized,
+) -> Result<PageValues, String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let check = |status: ort::sys::OrtStatusPtr, what: &str| -> Result<(), String> {
+        if status.0.is_null() {
+            Ok(())
+        } else {
+            // SAFETY: a non-null status just returned by ONNX Runtime.
+            Err(format!("{what}: {}", unsafe { status_message(status.0) }))
+        }
+    };
+    let name: Vec<ort::sys::os_char> = weights::FILE_NAME
+        .bytes()
+        .map(|c| c as ort::sys::os_char)
+        .chain([0])
+        .collect();
+    let names = [name.as_ptr()];
+    let buffers = [ext.pages.as_ptr().cast_mut().cast::<std::ffi::c_char>()];
+    let lengths = [ext.pages.len()];
+    // SAFETY: the builder's options pointer is live; the arrays hold one entry each and outlive
+    // the call; ONNX Runtime only reads the buffer (it is mapped read-only).
+    check(
+        unsafe {
+            (api.AddExternalInitializersFromMemory)(
+                b.ptr_mut(),
+                names.as_ptr(),
+                buffers.as_ptr(),
+                lengths.as_ptr(),
+                1,
+            )
+        },
+        "external weights",
+    )?;
+    let mut info = std::ptr::null_mut();
+    // SAFETY: an out-pointer to a local.
+    check(
+        unsafe {
+            (api.CreateCpuMemoryInfo)(
+                ort::sys::OrtAllocatorType::OrtDeviceAllocator,
+                ort::sys::OrtMemType::OrtMemTypeDefault,
+                &mut info,
+            )
+        },
+        "memory info",
+    )?;
+    let mut values = PageValues(Vec::with_capacity(ext.tensors.len()));
+    let mut result = Ok(());
+    for t in &ext.tensors {
+        let dtype = match t.dtype {
+            1 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            2 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+            3 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+            6 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
+            7 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+            10 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+            d => {
+                result = Err(format!("{}: element type {d} not handled", t.name));
+                break;
+            }
+        };
+        let Ok(cname) = std::ffi::CString::new(t.name.as_str()) else {
+            result = Err(format!("{:?}: a NUL in the name", t.name));
+            break;
+        };
+        let mut v = std::ptr::null_mut();
+        // SAFETY: the range lies inside the pages (built by `externalize`), which outlive the
+        // value; ONNX Runtime does not take ownership of the data.
+        let status = unsafe {
+            (api.CreateTensorWithDataAsOrtValue)(
+                info,
+                ext.pages.as_ptr().add(t.range.start).cast_mut().cast(),
+                t.range.len(),
+                t.dims.as_ptr(),
+                t.dims.len(),
+                dtype,
+                &mut v,
+            )
+        };
+        if let Err(e) = check(status, &t.name) {
+            result = Err(e);
+            break;
+        }
+        values.0.push(v);
+        // SAFETY: live options, a NUL-terminated name and a value kept alive by `values`.
+        if let Err(e) = check(
+            unsafe { (api.AddInitializer)(b.ptr_mut(), cname.as_ptr(), v) },
+            &t.name,
+        ) {
+            result = Err(e);
+            break;
+        }
+    }
+    // SAFETY: created above; the values keep their own copy of it.
+    unsafe { (api.ReleaseMemoryInfo)(info) };
+    result.map(|()| values)
 }
 
 /// Hands the heap's free pages back to the system. Building the graph and creating the session
@@ -1487,7 +1809,15 @@ impl OrtSession {
         let ran = (|| -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
             // The run's own inputs, rebound every run.
             let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-            b.input(graph::INPUT_IDS, &host_tensor(&[1, t], ids)?)?;
+            match &model.embd {
+                Some(e) => {
+                    let (codes, scales) = e.rows(&ids)?;
+                    let kb = c.n_embd / 32;
+                    b.input(graph::EMBD_CODES, &host_tensor(&[1, t, kb, 32], codes)?)?;
+                    b.input(graph::EMBD_SCALES, &host_tensor(&[1, t, kb, 1], scales)?)?;
+                }
+                None => b.input(graph::INPUT_IDS, &host_tensor(&[1, t], ids)?)?,
+            }
             let mask = |window: Option<usize>| {
                 let mut m = vec![0f32; t * s];
                 for i in 0..t {
@@ -1701,7 +2031,15 @@ impl OrtSession {
             m
         };
         let mut inputs: Vec<(&str, DynValue)> = Vec::new();
-        inputs.push((graph::INPUT_IDS, host_tensor(&[1, tg], ids)?));
+        match &model.embd {
+            Some(e) => {
+                let (codes, scales) = e.rows(&ids)?;
+                let kb = c.n_embd / 32;
+                inputs.push((graph::EMBD_CODES, host_tensor(&[1, tg, kb, 32], codes)?));
+                inputs.push((graph::EMBD_SCALES, host_tensor(&[1, tg, kb, 1], scales)?));
+            }
+            None => inputs.push((graph::INPUT_IDS, host_tensor(&[1, tg], ids)?)),
+        }
         let (cos, sin) = self.rope(p0, tg, c.rope_base, c.rope_freq_scale);
         inputs.push(("rope_cos", host_tensor(&[tg, half], cos)?));
         inputs.push(("rope_sin", host_tensor(&[tg, half], sin)?));

@@ -158,7 +158,7 @@ fn int_len(field: u32, v: i64) -> usize {
     key_len(field) + varint_len(v as u64)
 }
 
-fn put_int(out: &mut Vec<u8>, field: u32, v: i64) {
+pub(super) fn put_int(out: &mut Vec<u8>, field: u32, v: i64) {
     put_key(out, field, VARINT);
     put_varint(out, v as u64);
 }
@@ -167,7 +167,7 @@ fn bytes_len(field: u32, n: usize) -> usize {
     key_len(field) + varint_len(n as u64) + n
 }
 
-fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     put_key(out, field, LEN);
     put_varint(out, b.len() as u64);
     out.extend_from_slice(b);
