@@ -931,7 +931,7 @@ fn weight_memory_is_lean_and_fed_embedding_rows_are_checked() {
     let ids = lean.tokenize(prompt, true).unwrap();
     let header = amend_edits::gguf::GgufFile::read_header(&p).unwrap();
     let te = header.tensor("token_embd.weight").unwrap();
-    let row_bytes = (te.ne[0] / 32 * 34) as u64;
+    let row_bytes = te.ne[0] / 32 * 34;
     let victim = *ids.last().unwrap();
     let at = header.data_offset + te.offset + victim as u64 * row_bytes + 7;
     let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
