@@ -859,7 +859,8 @@ fn per_layer_drift_from_llama_cpp() {
 
 /// Where the graph's weights live changes no logit, `lean` gives the pages of the weights
 /// `MatMulNBits` prepacks back to the system, and the token-embedding rows the host feeds
-/// (a tied Q8_0 table, as gemma3-270m Q4_K_M has) are checked against the table opened.
+/// (a tied Q8_0 table, as gemma3-270m Q4_K_M has, as codes or as f32 rows; an f32 table) are
+/// checked against the table opened.
 #[test]
 fn weight_memory_is_lean_and_fed_embedding_rows_are_checked() {
     let Some(_) = library() else { return };
@@ -927,25 +928,54 @@ fn weight_memory_is_lean_and_fed_embedding_rows_are_checked() {
         .collect();
     let r = common::ort_parity(&llama, options(Profile::Cpu), &toks, 16, Mode::Incremental);
     assert!(r.agreement() >= 90.0, "{:.1}%", r.agreement());
-    // A row rewritten in place after open: refused, never fed; other rows are still served.
-    let ids = lean.tokenize(prompt, true).unwrap();
-    let header = amend_edits::gguf::GgufFile::read_header(&p).unwrap();
-    let te = header.tensor("token_embd.weight").unwrap();
-    let row_bytes = te.ne[0] / 32 * 34;
-    let victim = *ids.last().unwrap();
-    let at = header.data_offset + te.offset + victim as u64 * row_bytes + 7;
-    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&[0x5a]).unwrap();
-    drop(f);
-    let e = logits(&lean).unwrap_err();
-    assert!(
-        matches!(e, RuntimeError::ModelChanged { .. })
-            && e.to_string().contains(&format!("row {victim}")),
-        "{e}"
+    // The same table read as f32 rows (the `portable` profile dequantizes on the host).
+    let portable = OrtModel::open(&p, options(Profile::Portable)).unwrap();
+    let r = common::ort_parity(
+        &llama,
+        options(Profile::Portable),
+        &toks,
+        16,
+        Mode::Incremental,
     );
-    let mut s = OrtSession::new(&lean, 16).unwrap();
-    let first = ids[0];
-    assert_ne!(first, victim);
-    s.eval(&[first], Logits::Last).unwrap();
+    assert!(r.agreement() >= 90.0, "portable: {:.1}%", r.agreement());
+    // A row rewritten in place after open: refused, never fed, in either form; other rows are
+    // still served. The default tiny model's f32 table too.
+    let f32_table = common::tiny_path(Architecture::Llama);
+    let f32_copy = dir.join("f32-table.gguf");
+    std::fs::copy(&f32_table, &f32_copy).unwrap();
+    let f32_model = OrtModel::open(&f32_copy, options(Profile::Cpu)).unwrap();
+    for (path, m) in [(&p, &lean), (&p, &portable), (&f32_copy, &f32_model)] {
+        let ids = m.tokenize(prompt, true).unwrap();
+        logits(m).unwrap();
+        let header = amend_edits::gguf::GgufFile::read_header(path).unwrap();
+        let te = header.tensor("token_embd.weight").unwrap();
+        let row_bytes = te.byte_size().unwrap() / te.ne[1];
+        let victim = *ids.last().unwrap();
+        let at = header.data_offset + te.offset + victim as u64 * row_bytes + 7;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut byte = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        std::io::Read::read_exact(&mut f, &mut byte).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[byte[0] ^ 0x5a]).unwrap();
+        drop(f);
+        let e = logits(m).unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::ModelChanged { .. })
+                && e.to_string().contains(&format!("row {victim}")),
+            "{e}"
+        );
+        let mut s = OrtSession::new(m, 16).unwrap();
+        let first = ids[0];
+        assert_ne!(first, victim);
+        s.eval(&[first], Logits::Last).unwrap();
+        // Put back: the next model opens the same file.
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+    }
 }

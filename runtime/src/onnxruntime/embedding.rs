@@ -1,12 +1,13 @@
-//! Token-embedding rows read by the host ([`super::graph::fed_embedding_rows`]).
+//! Token-embedding rows read by the host ([`super::graph::EmbeddingInput`]).
 //!
-//! A `Gather` in the graph would keep the whole table resident beside the copy the tied output
-//! projection's `MatMulNBits` prepacks (189 MB twice for gemma3-270m). Instead the host reads the
-//! rows a run needs from the GGUF file, converts them exactly as the graph builder does, and
-//! feeds them. Those bytes are read after open, from a file another process could rewrite, so
-//! every row is checked against a digest taken at open from the graph's own copy of the table
-//! (bytes already verified: built from the fingerprinted file, or a cached graph checked by its
-//! sha256). A row that does not match is an error, never an input.
+//! A `Gather` in the graph would keep the whole table resident: beside the copy the tied output
+//! projection's `MatMulNBits` prepacks (189 MB twice for gemma3-270m on the `cpu` profile), or as
+//! an f32 table (671 MB on the `portable` profile). Instead the host reads the rows a run needs
+//! from the GGUF file, converts them exactly as the graph builder does, and feeds them. Those
+//! bytes are read after open, from a file another process could rewrite, so every row is checked
+//! against a digest taken at open from the graph's own copy of the table (bytes already
+//! verified: built from the fingerprinted file, or a cached graph checked by its sha256). A row
+//! that does not match is an error, never an input.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use amend_edits::gguf::GgmlType;
 use sha2::{Digest, Sha256};
 
+use super::graph::EmbeddingInput;
 use super::quant::{self, LinearWeight};
 use crate::error::RuntimeError;
 
@@ -25,93 +27,136 @@ pub struct EmbeddingRows {
     path: PathBuf,
     /// Absolute offset of the table in the file.
     offset: u64,
-    /// Bytes per row in the file (Q8_0: n_embd / 32 blocks of 34 bytes).
+    /// The table's type in the file.
+    ty: GgmlType,
+    /// Bytes per row in the file.
     row_bytes: usize,
     n_embd: usize,
+    form: EmbeddingInput,
     digests: Vec<[u8; DIGEST]>,
+}
+
+/// Rows as the graph takes them ([`EmbeddingInput`]).
+pub enum Rows {
+    /// Codes `[T * n_embd]` and scales `[T * n_embd / 32]`.
+    Q8_0(Vec<u8>, Vec<f32>),
+    /// `[T * n_embd]`.
+    F32(Vec<f32>),
 }
 
 impl std::fmt::Debug for EmbeddingRows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddingRows")
             .field("path", &self.path)
+            .field("form", &self.form)
             .field("rows", &self.digests.len())
             .finish()
     }
 }
 
-fn digest(codes: &[u8], scales: &[f32]) -> [u8; DIGEST] {
+fn digest(parts: &[&[u8]]) -> [u8; DIGEST] {
     let mut h = Sha256::new();
-    h.update(codes);
-    for s in scales {
-        h.update(s.to_le_bytes());
+    for p in parts {
+        h.update(p);
     }
     h.finalize()[..DIGEST].try_into().expect("16 of 32 bytes")
 }
 
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 impl EmbeddingRows {
     /// Opens the table `token_embd.weight` of the GGUF at `path` (`header` already read from
-    /// it), with one digest per row from `codes` (`[n_vocab * n_embd]`) and `scales`
-    /// (`[n_vocab * n_embd / 32]` f32, little-endian): the graph's own copy.
+    /// it), taking one digest per row from the graph's own copy: for [`EmbeddingInput::Q8_0`]
+    /// `table` is the codes (`[n_vocab * n_embd]`) and `scales` the f32 scales
+    /// (`[n_vocab * n_embd / 32]`, little-endian); for [`EmbeddingInput::F32`] `table` is the
+    /// GGUF's bytes ([`super::graph::EMBD_TABLE`]) and `scales` is empty.
     pub fn open(
         path: &Path,
         header: &amend_edits::gguf::GgufHeader,
-        codes: &[u8],
+        form: EmbeddingInput,
+        table: &[u8],
         scales: &[u8],
     ) -> Result<EmbeddingRows, RuntimeError> {
         let bad = |detail: String| RuntimeError::OrtGraph(format!("token embeddings: {detail}"));
         let t = header
             .tensor("token_embd.weight")
             .ok_or_else(|| bad("the model has no token_embd.weight".into()))?;
-        if t.ggml_type != GgmlType::Q8_0 || t.ne.len() != 2 {
-            return Err(bad("expected a 2-D Q8_0 table".into()));
+        if t.ne.len() != 2 || (form == EmbeddingInput::Q8_0 && t.ggml_type != GgmlType::Q8_0) {
+            return Err(bad("expected a 2-D table of the graph's type".into()));
         }
         let (n_embd, n_rows) = (t.ne[0] as usize, t.ne[1] as usize);
-        if n_embd == 0 || n_embd % 32 != 0 {
-            return Err(bad(format!("row length {n_embd} is not a multiple of 32")));
+        let size = t.byte_size().map_err(|e| bad(e.to_string()))? as usize;
+        if n_embd == 0 || n_rows == 0 || size % n_rows != 0 {
+            return Err(bad(format!("{n_rows} rows of {n_embd} in {size} bytes")));
         }
-        let kb = n_embd / 32;
-        if codes.len() != n_rows * n_embd || scales.len() != n_rows * kb * 4 {
-            return Err(bad(format!(
-                "the graph's table holds {} codes and {} scale bytes, the file {n_rows} rows of {n_embd}",
-                codes.len(),
-                scales.len()
-            )));
-        }
+        let row_bytes = size / n_rows;
+        let digests: Vec<[u8; DIGEST]> = match form {
+            EmbeddingInput::Q8_0 => {
+                if n_embd % 32 != 0 {
+                    return Err(bad(format!("row length {n_embd} is not a multiple of 32")));
+                }
+                let kb = n_embd / 32;
+                if table.len() != n_rows * n_embd || scales.len() != n_rows * kb * 4 {
+                    return Err(bad(format!(
+                        "the graph's table holds {} codes and {} scale bytes, the file {n_rows} rows of {n_embd}",
+                        table.len(),
+                        scales.len()
+                    )));
+                }
+                table
+                    .chunks_exact(n_embd)
+                    .zip(scales.chunks_exact(kb * 4))
+                    .map(|(c, s)| digest(&[c, s]))
+                    .collect()
+            }
+            EmbeddingInput::F32 => {
+                if table.len() != size {
+                    return Err(bad(format!(
+                        "the graph's table holds {} bytes, the file {size}",
+                        table.len()
+                    )));
+                }
+                table
+                    .chunks_exact(row_bytes)
+                    .map(|r| digest(&[r]))
+                    .collect()
+            }
+        };
         let offset = header
             .data_offset
             .checked_add(t.offset)
             .ok_or_else(|| bad("offset overflows".into()))?;
         let (file, _) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
             .map_err(RuntimeError::File)?;
-        let digests = codes
-            .chunks_exact(n_embd)
-            .zip(scales.chunks_exact(kb * 4))
-            .map(|(c, s)| {
-                let s: Vec<f32> = s
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                digest(c, &s)
-            })
-            .collect();
         Ok(EmbeddingRows {
             file,
             path: path.to_path_buf(),
             offset,
-            row_bytes: kb * 34,
+            ty: t.ggml_type,
+            row_bytes,
             n_embd,
+            form,
             digests,
         })
     }
 
-    /// The rows of `ids` as the graph takes them: codes `[T * n_embd]` and scales
-    /// `[T * n_embd / 32]`. Errors: an id out of range, a read that fails, or a row whose bytes
-    /// differ from the table's at open ([`RuntimeError::ModelChanged`]).
-    pub fn rows(&self, ids: &[i64]) -> Result<(Vec<u8>, Vec<f32>), RuntimeError> {
-        let mut codes = Vec::with_capacity(ids.len() * self.n_embd);
-        let mut scales = Vec::with_capacity(ids.len() * self.n_embd / 32);
+    pub fn form(&self) -> EmbeddingInput {
+        self.form
+    }
+
+    /// The rows of `ids` as the graph takes them. Errors: an id out of range, a read that
+    /// fails, or a row whose bytes differ from the table's at open
+    /// ([`RuntimeError::ModelChanged`]).
+    pub fn rows(&self, ids: &[i64]) -> Result<Rows, RuntimeError> {
+        let n = ids.len() * self.n_embd;
+        let mut out = match self.form {
+            EmbeddingInput::Q8_0 => Rows::Q8_0(Vec::with_capacity(n), Vec::with_capacity(n / 32)),
+            EmbeddingInput::F32 => Rows::F32(Vec::with_capacity(n)),
+        };
         let mut raw = vec![0u8; self.row_bytes];
+        let graph_err = |e: quant::QuantError| RuntimeError::OrtGraph(e.to_string());
         for &id in ids {
             let row = usize::try_from(id)
                 .ok()
@@ -125,23 +170,37 @@ impl EmbeddingRows {
                 path: self.path.clone(),
                 source,
             })?;
-            let LinearWeight::NBits {
-                b: c, scales: s, ..
-            } = quant::linear_weight("token_embd.weight", GgmlType::Q8_0, self.n_embd, 1, &raw)
-                .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?
-            else {
-                unreachable!("Q8_0 maps to MatMulNBits")
+            let changed = || RuntimeError::ModelChanged {
+                path: self.path.clone(),
+                detail: format!("token embedding row {row} differs from the one opened"),
             };
-            if digest(&c, &s) != self.digests[row] {
-                return Err(RuntimeError::ModelChanged {
-                    path: self.path.clone(),
-                    detail: format!("token embedding row {row} differs from the one opened"),
-                });
+            match &mut out {
+                Rows::Q8_0(codes, scales) => {
+                    let LinearWeight::NBits {
+                        b: c, scales: s, ..
+                    } = quant::linear_weight("token_embd.weight", self.ty, self.n_embd, 1, &raw)
+                        .map_err(graph_err)?
+                    else {
+                        unreachable!("Q8_0 maps to MatMulNBits")
+                    };
+                    if digest(&[&c, &f32_bytes(&s)]) != self.digests[row] {
+                        return Err(changed());
+                    }
+                    codes.extend_from_slice(&c);
+                    scales.extend_from_slice(&s);
+                }
+                Rows::F32(rows) => {
+                    if digest(&[&raw]) != self.digests[row] {
+                        return Err(changed());
+                    }
+                    rows.extend(
+                        quant::dequantize("token_embd.weight", self.ty, self.n_embd, 1, &raw)
+                            .map_err(graph_err)?,
+                    );
+                }
             }
-            codes.extend_from_slice(&c);
-            scales.extend_from_slice(&s);
         }
-        Ok((codes, scales))
+        Ok(out)
     }
 }
 

@@ -95,20 +95,41 @@ pub enum BuildError {
 }
 
 /// Names of the graph's inputs and outputs.
-pub const INPUT_IDS: &str = "input_ids";
-/// With [`fed_embedding_rows`]: the prompt's token-embedding rows as the GGUF holds them,
-/// `[1, T, n_embd / 32, 32]` Q8_0 codes (offset 128) and `[1, T, n_embd / 32, 1]` scales, read
-/// by the host instead of a `Gather` over the whole table (docs/backends.md, Memory).
+/// The prompt's token-embedding rows come in as inputs, read by the host from the GGUF
+/// (`embedding::EmbeddingRows`), never as a table in the graph: a `Gather` would keep the
+/// whole table resident (docs/backends.md, Memory). [`EmbeddingInput`] says in which form.
+/// With [`EmbeddingInput::Q8_0`]: `[1, T, n_embd / 32, 32]` codes (`qs + 128`) and
+/// `[1, T, n_embd / 32, 1]` scales, as the GGUF holds them.
 pub const EMBD_CODES: &str = "embd_codes";
 pub const EMBD_SCALES: &str = "embd_scales";
+/// With [`EmbeddingInput::F32`]: `[1, T, n_embd]` rows dequantized on the host.
+pub const EMBD_ROWS: &str = "embd_rows";
+/// With [`EmbeddingInput::F32`]: the GGUF's table bytes, unread by any node, kept so that the
+/// host checks the rows it reads against the graph's own (verified) copy; `[n_vocab, row bytes]`.
+pub const EMBD_TABLE: &str = "token_embd.weight.gguf";
 
-/// Whether the graph takes the token embeddings' rows as inputs ([`EMBD_CODES`]) instead of
-/// token ids: a Q8_0 table on the `cpu` profile. The table's codes then stay in the graph only
-/// for a tied output projection, whose `MatMulNBits` computes from its prepacked copy, so the
-/// source pages can be given back ([`super::WeightMemory::Lean`]).
-pub fn fed_embedding_rows(token_embd: GgmlType, profile: Profile) -> bool {
-    token_embd == GgmlType::Q8_0 && profile == Profile::Cpu
+/// How the graph takes the token embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingInput {
+    /// A Q8_0 table on the `cpu` profile: codes and scales, scaled in the graph (exact). The
+    /// table's codes stay in the graph only for a tied output projection, whose `MatMulNBits`
+    /// computes from its prepacked copy ([`super::WeightMemory::Lean`]).
+    Q8_0,
+    /// Any other table or profile: f32 rows, dequantized on the host as the graph builder
+    /// dequantizes (`quant::dequantize`).
+    F32,
 }
+
+impl EmbeddingInput {
+    pub fn of(token_embd: GgmlType, profile: Profile) -> EmbeddingInput {
+        if token_embd == GgmlType::Q8_0 && profile == Profile::Cpu {
+            EmbeddingInput::Q8_0
+        } else {
+            EmbeddingInput::F32
+        }
+    }
+}
+
 pub const LOGIT_ROWS: &str = "logit_rows";
 pub const LOGITS: &str = "logits";
 pub fn past_key(il: usize) -> String {
@@ -140,7 +161,7 @@ pub fn builder_id(
 ) -> String {
     let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
     let mut id = format!(
-        "v5 {} roundings={} slots={} capture={}",
+        "v6 {} roundings={} slots={} capture={}",
         profile.name(),
         emu.name(),
         slots.describe(),
@@ -929,8 +950,8 @@ pub fn build(
 
     // Inputs.
     let (te, k, nv) = b.matrix("token_embd.weight")?;
-    let fed_rows = fed_embedding_rows(te.ggml_type, profile);
-    let mut inputs = if fed_rows {
+    let embedding = EmbeddingInput::of(te.ggml_type, profile);
+    let mut inputs = if embedding == EmbeddingInput::Q8_0 {
         let kb = Dim::Fixed(k as i64 / 32);
         vec![
             input(
@@ -946,9 +967,9 @@ pub fn build(
         ]
     } else {
         vec![input(
-            INPUT_IDS,
-            DataType::Int64,
-            vec![Dim::Fixed(1), dim("T")],
+            EMBD_ROWS,
+            DataType::Float,
+            vec![Dim::Fixed(1), dim("T"), Dim::Fixed(k as i64)],
         )]
     };
     inputs.extend([
@@ -988,7 +1009,7 @@ pub fn build(
     let tied = file.header.tensor("output.weight").is_none();
     // The output projection reuses the embedding's codes (below).
     let mut tied_codes = false;
-    let mut x = if fed_rows {
+    let mut x = if embedding == EmbeddingInput::Q8_0 {
         let lw = quant::linear_weight("token_embd.weight", te.ggml_type, k, nv, b.bytes(te)?)?;
         let LinearWeight::NBits {
             b: codes, scales, ..
@@ -1021,13 +1042,22 @@ pub fn build(
         tied_codes = tied;
         b.op("Reshape", &[&v, &eshape])
     } else {
-        let v = quant::dequantize("token_embd.weight", te.ggml_type, k, nv, b.bytes(te)?)?;
-        let t = b.init(TensorData::f32(
-            "token_embd.weight.f32",
-            vec![nv as i64, k as i64],
-            &v,
+        let raw = b.bytes(te)?;
+        // A type the builder cannot dequantize fails here, naming the tensor, as it did when
+        // the table was built into the graph.
+        quant::dequantize(
+            "token_embd.weight",
+            te.ggml_type,
+            k,
+            1,
+            &raw[..raw.len() / nv],
+        )?;
+        b.init(TensorData::u8(
+            EMBD_TABLE,
+            vec![nv as i64, (raw.len() / nv) as i64],
+            raw.to_vec(),
         ));
-        b.op("Gather", &[&t, INPUT_IDS])
+        EMBD_ROWS.to_string()
     };
     if cfg.embed_scale.is_some() {
         // llama.cpp scales by sqrtf(n_embd) in f32 (not the f64 root rounded).

@@ -522,9 +522,8 @@ pub struct OrtModel {
     slot_dims: Vec<(String, usize, usize)>,
     /// Every slot's sentinel: what runs without edits feed.
     empty_feeds: OnceLock<Arc<slots::SlotFeeds>>,
-    /// The token-embedding rows the host feeds ([`graph::fed_embedding_rows`]); `None`: the
-    /// graph gathers them from token ids.
-    embd: Option<embedding::EmbeddingRows>,
+    /// The token-embedding rows the host feeds ([`graph::EmbeddingInput`]).
+    embd: embedding::EmbeddingRows,
     /// The graphs' weights, read in place by the sessions above ([`WeightMemory`]); declared
     /// after them so that they are dropped after the sessions.
     weights: Mutex<Vec<(PageValues, weights::Externalized)>>,
@@ -697,25 +696,35 @@ impl OrtModel {
                     }
                 })?;
             }
-            if gi == 0
-                && header
-                    .tensor("token_embd.weight")
-                    .is_some_and(|t| graph::fed_embedding_rows(t.ggml_type, options.profile))
-            {
+            if gi == 0 {
+                let te = header.tensor("token_embd.weight").ok_or_else(|| {
+                    RuntimeError::OrtGraph("the model has no token_embd.weight".into())
+                })?;
+                let form = graph::EmbeddingInput::of(te.ggml_type, options.profile);
                 let table = |name: &str| {
                     weights::find_initializer(&onnx, name)
                         .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
                         .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
                 };
                 let t = Instant::now();
-                embd = Some(embedding::EmbeddingRows::open(
-                    path,
-                    &header,
-                    table("token_embd.weight.B")?,
-                    table("token_embd.weight.scales")?,
-                )?);
+                embd = Some(match form {
+                    graph::EmbeddingInput::Q8_0 => embedding::EmbeddingRows::open(
+                        path,
+                        &header,
+                        form,
+                        table("token_embd.weight.B")?,
+                        table("token_embd.weight.scales")?,
+                    )?,
+                    graph::EmbeddingInput::F32 => embedding::EmbeddingRows::open(
+                        path,
+                        &header,
+                        form,
+                        table(graph::EMBD_TABLE)?,
+                        &[],
+                    )?,
+                });
                 log::info!(
-                    "ort: token-embedding rows fed by the host, digests in {:.2} s",
+                    "ort: token-embedding rows ({form:?}) fed by the host, digests in {:.2} s",
                     t.elapsed().as_secs_f64()
                 );
             }
@@ -796,7 +805,7 @@ impl OrtModel {
             binding,
             slot_dims,
             empty_feeds: OnceLock::new(),
-            embd,
+            embd: embd.expect("the first graph's embedding rows"),
             weights: Mutex::new(weight_pages),
         });
         if lean {
@@ -1809,14 +1818,15 @@ impl OrtSession {
         let ran = (|| -> Result<(Vec<f32>, Vec<DynValue>), RuntimeError> {
             // The run's own inputs, rebound every run.
             let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-            match &model.embd {
-                Some(e) => {
-                    let (codes, scales) = e.rows(&ids)?;
+            match model.embd.rows(&ids)? {
+                embedding::Rows::Q8_0(codes, scales) => {
                     let kb = c.n_embd / 32;
                     b.input(graph::EMBD_CODES, &host_tensor(&[1, t, kb, 32], codes)?)?;
                     b.input(graph::EMBD_SCALES, &host_tensor(&[1, t, kb, 1], scales)?)?;
                 }
-                None => b.input(graph::INPUT_IDS, &host_tensor(&[1, t], ids)?)?,
+                embedding::Rows::F32(rows) => {
+                    b.input(graph::EMBD_ROWS, &host_tensor(&[1, t, c.n_embd], rows)?)?
+                }
             }
             let mask = |window: Option<usize>| {
                 let mut m = vec![0f32; t * s];
@@ -2031,14 +2041,15 @@ impl OrtSession {
             m
         };
         let mut inputs: Vec<(&str, DynValue)> = Vec::new();
-        match &model.embd {
-            Some(e) => {
-                let (codes, scales) = e.rows(&ids)?;
+        match model.embd.rows(&ids)? {
+            embedding::Rows::Q8_0(codes, scales) => {
                 let kb = c.n_embd / 32;
                 inputs.push((graph::EMBD_CODES, host_tensor(&[1, tg, kb, 32], codes)?));
                 inputs.push((graph::EMBD_SCALES, host_tensor(&[1, tg, kb, 1], scales)?));
             }
-            None => inputs.push((graph::INPUT_IDS, host_tensor(&[1, tg], ids)?)),
+            embedding::Rows::F32(rows) => {
+                inputs.push((graph::EMBD_ROWS, host_tensor(&[1, tg, c.n_embd], rows)?))
+            }
         }
         let (cos, sin) = self.rope(p0, tg, c.rope_base, c.rope_freq_scale);
         inputs.push(("rope_cos", host_tensor(&[tg, half], cos)?));
