@@ -4,7 +4,9 @@
 //! `qwen2.cpp`, `qwen3.cpp`) and the compiler's candle forward step by step.
 //!
 //! Inputs (T new tokens, P cached positions, S = P + T, R rows of logits):
-//! - `input_ids` int64 `[1, T]`;
+//! - the tokens' embedding rows, read by the host ([`EmbeddingInput`]): `embd_codes` u8
+//!   `[1, T, n_embd/32, 32]` and `embd_scales` f32 `[1, T, n_embd/32, 1]`, or `embd_rows` f32
+//!   `[1, T, n_embd]`;
 //! - `rope_cos`, `rope_sin` f32 `[T, head_dim/2]` (full-attention layers) and, when the model
 //!   has sliding-window layers, `rope_cos_swa`, `rope_sin_swa`: computed on the host as ggml
 //!   computes them;
