@@ -240,6 +240,16 @@ fn speed_prompt(prompts: &[Vec<i32>]) -> Vec<i32> {
 /// `rss-probe BACKEND open_kb=.. run_kb=.. peak_kb=..` (growth over the process before opening).
 fn rss_probe(args: &ParityArgs, which: &str, lines: &[&str]) -> anyhow::Result<()> {
     let rss0 = rss_kb().unwrap_or(0);
+    // Memory right after opening, then after the speed workload.
+    let measure = |b: &mut dyn Backend| -> anyhow::Result<(u64, u64)> {
+        let open = rss_kb().unwrap_or(0).saturating_sub(rss0);
+        let prompts: Vec<Vec<i32>> = lines
+            .iter()
+            .map(|l| b.vocab().tokenize(l, true))
+            .collect::<Result<_, _>>()?;
+        speed(b, &speed_prompt(&prompts), args.speed_tokens.max(1))?;
+        Ok((open, rss_kb().unwrap_or(0).saturating_sub(rss0)))
+    };
     let (open_kb, run_kb) = match which {
         "llama" => {
             let llama = crate::run::open_model(&args.model, Some(args.threads))?;
@@ -251,24 +261,11 @@ fn rss_probe(args: &ParityArgs, which: &str, lines: &[&str]) -> anyhow::Result<(
                     ..Default::default()
                 },
             )?;
-            let open = rss_kb().unwrap_or(0).saturating_sub(rss0);
-            let prompts: Vec<Vec<i32>> = lines
-                .iter()
-                .map(|l| llama.tokenize(l, true))
-                .collect::<Result<_, _>>()?;
-            speed(&mut s, &speed_prompt(&prompts), args.speed_tokens.max(1))?;
-            (open, rss_kb().unwrap_or(0).saturating_sub(rss0))
+            measure(&mut s)?
         }
         "ort" => {
             let ort = open_ort(&args.model, &args.ort, Some(args.threads))?;
-            let mut s = OrtSession::new(&ort, 1024)?;
-            let open = rss_kb().unwrap_or(0).saturating_sub(rss0);
-            let prompts: Vec<Vec<i32>> = lines
-                .iter()
-                .map(|l| ort.tokenize(l, true))
-                .collect::<Result<_, _>>()?;
-            speed(&mut s, &speed_prompt(&prompts), args.speed_tokens.max(1))?;
-            (open, rss_kb().unwrap_or(0).saturating_sub(rss0))
+            measure(&mut OrtSession::new(&ort, 1024)?)?
         }
         other => anyhow::bail!("--rss-probe {other:?}: expected llama or ort"),
     };
