@@ -696,38 +696,6 @@ impl OrtModel {
                     }
                 })?;
             }
-            if gi == 0 {
-                let te = header.tensor("token_embd.weight").ok_or_else(|| {
-                    RuntimeError::OrtGraph("the model has no token_embd.weight".into())
-                })?;
-                let form = graph::EmbeddingInput::of(te.ggml_type, options.profile);
-                let table = |name: &str| {
-                    weights::find_initializer(&onnx, name)
-                        .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
-                        .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
-                };
-                let t = Instant::now();
-                embd = Some(match form {
-                    graph::EmbeddingInput::Q8_0 => embedding::EmbeddingRows::open(
-                        path,
-                        &header,
-                        form,
-                        table("token_embd.weight.B")?,
-                        table("token_embd.weight.scales")?,
-                    )?,
-                    graph::EmbeddingInput::F32 => embedding::EmbeddingRows::open(
-                        path,
-                        &header,
-                        form,
-                        table(graph::EMBD_TABLE)?,
-                        &[],
-                    )?,
-                });
-                log::info!(
-                    "ort: token-embedding rows ({form:?}) fed by the host, digests in {:.2} s",
-                    t.elapsed().as_secs_f64()
-                );
-            }
             let t1 = Instant::now();
             let onnx_len = onnx.len();
             let mut onnx = Some(onnx);
@@ -749,11 +717,57 @@ impl OrtModel {
                     Some(e)
                 }
             };
-            let (runner, values) = match (&ext, &onnx) {
-                (Some(e), _) => Self::session(env, &options, &e.onnx, true, Some(e))?,
-                (None, Some(o)) => Self::session(env, &options, o, true, None)?,
-                (None, None) => unreachable!("inline bytes are kept without pages"),
+            // The first graph's embedding table gives the host's row digests, computed on a
+            // second thread while ONNX Runtime creates the session (both only read the bytes).
+            let table = |name: &str| -> Result<&[u8], RuntimeError> {
+                match (&ext, &onnx) {
+                    (Some(e), _) => e.bytes_of(name),
+                    (None, Some(o)) => weights::find_initializer(o, name),
+                    (None, None) => unreachable!("inline bytes are kept without pages"),
+                }
+                .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
+                .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
             };
+            let digest_rows = || -> Result<embedding::EmbeddingRows, RuntimeError> {
+                let t = Instant::now();
+                let te = header.tensor("token_embd.weight").ok_or_else(|| {
+                    RuntimeError::OrtGraph("the model has no token_embd.weight".into())
+                })?;
+                let form = graph::EmbeddingInput::of(te.ggml_type, options.profile);
+                let (codes, scales) = match form {
+                    graph::EmbeddingInput::Q8_0 => (
+                        table("token_embd.weight.B")?,
+                        table("token_embd.weight.scales")?,
+                    ),
+                    graph::EmbeddingInput::F32 => (table(graph::EMBD_TABLE)?, &[][..]),
+                };
+                let rows = embedding::EmbeddingRows::open(path, &header, form, codes, scales)?;
+                log::info!(
+                    "ort: token-embedding rows ({form:?}) fed by the host, digests in {:.2} s",
+                    t.elapsed().as_secs_f64()
+                );
+                Ok(rows)
+            };
+            let (session, rows) = std::thread::scope(|sc| {
+                let rows = (gi == 0).then(|| sc.spawn(digest_rows));
+                let session = match (&ext, &onnx) {
+                    (Some(e), _) => Self::session(env, &options, &e.onnx, true, Some(e)),
+                    (None, Some(o)) => Self::session(env, &options, o, true, None),
+                    (None, None) => unreachable!("inline bytes are kept without pages"),
+                };
+                let rows = rows.map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::OrtGraph(
+                            "the embedding digests' thread panicked".into(),
+                        ))
+                    })
+                });
+                (session, rows)
+            });
+            let (runner, values) = session?;
+            if let Some(rows) = rows {
+                embd = Some(rows?);
+            }
             runners.push(runner);
             if let (Some(mut e), Some(v)) = (ext, values) {
                 e.onnx = Vec::new();

@@ -179,6 +179,18 @@ pub struct Externalized {
 }
 
 impl Externalized {
+    /// The bytes of initializer `name`: in the pages, or inline in the model if it was small.
+    pub fn bytes_of(&self, name: &str) -> Result<Option<&[u8]>, String> {
+        match self.tensors.iter().find(|t| t.name == name) {
+            // SAFETY: the range lies inside the pages (built by `externalize`); they are
+            // read-only, and only `release`, which takes `&mut self`, changes them.
+            Some(t) => Ok(Some(unsafe {
+                std::slice::from_raw_parts(self.pages.as_ptr().add(t.range.start), t.range.len())
+            })),
+            None => find_initializer(&self.onnx, name),
+        }
+    }
+
     /// Releases every initializer only `MatMulNBits` reads; returns the bytes released.
     pub fn release_prepacked(&mut self) -> std::io::Result<usize> {
         let before = self.pages.released();
@@ -531,6 +543,11 @@ mod tests {
             Some(10_000)
         );
         assert_eq!(find_initializer(&bytes, "none").unwrap(), None);
+        assert_eq!(
+            e.bytes_of("w").unwrap(),
+            find_initializer(&bytes, "w").unwrap()
+        );
+        assert_eq!(e.bytes_of("small").unwrap(), Some(&[1u8, 2, 3, 4][..]));
         let text = String::from_utf8_lossy(&e.onnx);
         assert!(text.contains(FILE_NAME) && text.contains("small"));
         // Releasing w gives back its whole pages (two of its 10,000 bytes' three) and zeroes them.
