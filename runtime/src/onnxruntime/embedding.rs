@@ -142,10 +142,6 @@ impl EmbeddingRows {
         })
     }
 
-    pub fn form(&self) -> EmbeddingInput {
-        self.form
-    }
-
     /// The rows of `ids` as the graph takes them. Errors: an id out of range, a read that
     /// fails, or a row whose bytes differ from the table's at open
     /// ([`RuntimeError::ModelChanged`]).

@@ -96,7 +96,8 @@ pub enum BuildError {
     Slots(String),
 }
 
-/// Names of the graph's inputs and outputs.
+// Names of the graph's inputs and outputs.
+
 /// The prompt's token-embedding rows come in as inputs, read by the host from the GGUF
 /// (`embedding::EmbeddingRows`), never as a table in the graph: a `Gather` would keep the
 /// whole table resident (docs/backends.md, Memory). [`EmbeddingInput`] says in which form.
@@ -109,6 +110,10 @@ pub const EMBD_ROWS: &str = "embd_rows";
 /// With [`EmbeddingInput::F32`]: the GGUF's table bytes, unread by any node, kept so that the
 /// host checks the rows it reads against the graph's own (verified) copy; `[n_vocab, row bytes]`.
 pub const EMBD_TABLE: &str = "token_embd.weight.gguf";
+/// With [`EmbeddingInput::Q8_0`]: the table's codes and scales, the tied output projection's
+/// `MatMulNBits` inputs, from which the host's row digests are taken.
+pub const EMBD_Q8_CODES_TABLE: &str = "token_embd.weight.B";
+pub const EMBD_Q8_SCALES_TABLE: &str = "token_embd.weight.scales";
 
 /// How the graph takes the token embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1023,12 +1028,12 @@ pub fn build(
         // The table stays in the graph even when nothing reads it (untied): the host checks
         // the rows it feeds against these very bytes (`embedding::EmbeddingRows`).
         b.init(TensorData::u8(
-            "token_embd.weight.B",
+            EMBD_Q8_CODES_TABLE,
             vec![nv as i64, kb as i64, 32],
             codes,
         ));
         b.init(TensorData::f32(
-            "token_embd.weight.scales",
+            EMBD_Q8_SCALES_TABLE,
             vec![(nv * kb) as i64],
             &scales,
         ));
@@ -1210,7 +1215,7 @@ pub fn build(
         b.node(
             "com.microsoft",
             "MatMulNBits",
-            &[&h, "token_embd.weight.B", "token_embd.weight.scales"],
+            &[&h, EMBD_Q8_CODES_TABLE, EMBD_Q8_SCALES_TABLE],
             vec![
                 ("K", Attr::Int(k as i64)),
                 ("N", Attr::Int(nv as i64)),

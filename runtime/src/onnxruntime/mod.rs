@@ -354,7 +354,7 @@ impl WeightMemory {
             "inline" => Ok(WeightMemory::Inline),
             "owned" => Ok(WeightMemory::Owned),
             "lean" => Ok(WeightMemory::Lean),
-            _ => Err(RuntimeError::OrtGraph(format!(
+            _ => Err(RuntimeError::InvalidOptions(format!(
                 "weight memory `{s}`: expected inline, owned or lean"
             ))),
         }
@@ -666,7 +666,7 @@ impl OrtModel {
                     }
                 }
             }
-            let (onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
+            let (mut onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
                 Some((bytes, fp)) => {
                     let rope_freqs = read_rope_freqs(path, &header)?;
                     (bytes, fp, rope_freqs, 0, true)
@@ -698,32 +698,29 @@ impl OrtModel {
             }
             let t1 = Instant::now();
             let onnx_len = onnx.len();
-            let mut onnx = Some(onnx);
             let ext = match options.weight_memory {
                 // Another EP compiles its own copy of the weights: pages beside it only add.
                 WeightMemory::Inline => None,
                 WeightMemory::Lean if !matches!(options.ep, Ep::Cpu) => None,
                 WeightMemory::Owned | WeightMemory::Lean => {
-                    let e =
-                        weights::externalize(onnx.as_deref().unwrap_or_default()).map_err(|e| {
-                            RuntimeError::OrtGraph(format!(
-                                "moving the weights out of the graph: {e}"
-                            ))
-                        })?;
+                    let e = weights::externalize(&onnx).map_err(|e| {
+                        RuntimeError::OrtGraph(format!("moving the weights out of the graph: {e}"))
+                    })?;
                     // The pages hold the weights now: the inline bytes need not overlap with
                     // ONNX Runtime's prepacking (the peak while opening).
-                    onnx = None;
+                    onnx = Vec::new();
                     release_free_heap();
                     Some(e)
                 }
             };
+            // The model ONNX Runtime parses: without the weights when they moved to pages.
+            let model_bytes: &[u8] = ext.as_ref().map_or(&onnx, |e| &e.onnx);
             // The first graph's embedding table gives the host's row digests, computed on a
             // second thread while ONNX Runtime creates the session (both only read the bytes).
             let table = |name: &str| -> Result<&[u8], RuntimeError> {
-                match (&ext, &onnx) {
-                    (Some(e), _) => e.bytes_of(name),
-                    (None, Some(o)) => weights::find_initializer(o, name),
-                    (None, None) => unreachable!("inline bytes are kept without pages"),
+                match &ext {
+                    Some(e) => e.bytes_of(name),
+                    None => weights::find_initializer(model_bytes, name),
                 }
                 .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
                 .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
@@ -736,8 +733,8 @@ impl OrtModel {
                 let form = graph::EmbeddingInput::of(te.ggml_type, options.profile);
                 let (codes, scales) = match form {
                     graph::EmbeddingInput::Q8_0 => (
-                        table("token_embd.weight.B")?,
-                        table("token_embd.weight.scales")?,
+                        table(graph::EMBD_Q8_CODES_TABLE)?,
+                        table(graph::EMBD_Q8_SCALES_TABLE)?,
                     ),
                     graph::EmbeddingInput::F32 => (table(graph::EMBD_TABLE)?, &[][..]),
                 };
@@ -750,11 +747,7 @@ impl OrtModel {
             };
             let (session, rows) = std::thread::scope(|sc| {
                 let rows = (gi == 0).then(|| sc.spawn(digest_rows));
-                let session = match (&ext, &onnx) {
-                    (Some(e), _) => Self::session(env, &options, &e.onnx, true, Some(e)),
-                    (None, Some(o)) => Self::session(env, &options, o, true, None),
-                    (None, None) => unreachable!("inline bytes are kept without pages"),
-                };
+                let session = Self::session(env, &options, model_bytes, true, ext.as_ref());
                 let rows = rows.map(|h| {
                     h.join().unwrap_or_else(|_| {
                         Err(RuntimeError::OrtGraph(
@@ -805,9 +798,8 @@ impl OrtModel {
         let mut runners = runners.into_iter();
         let runner = runners.next().expect("at least one graph");
         let decode = runners.next().map(Mutex::new);
-        let lean = options.weight_memory == WeightMemory::Lean
-            && matches!(options.ep, Ep::Cpu)
-            && !weight_pages.is_empty();
+        // Pages exist for `lean` on the CPU EP only (other EPs take the inline bytes).
+        let lean = options.weight_memory == WeightMemory::Lean && !weight_pages.is_empty();
         let model = Arc::new(OrtModel {
             vocab,
             cfg,

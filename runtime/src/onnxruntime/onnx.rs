@@ -174,7 +174,7 @@ pub(super) fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
 }
 
 /// A message whose encoded length is known before it is written.
-trait Message {
+pub(super) trait Message {
     fn body_len(&self) -> usize;
     fn write_body(&self, out: &mut Vec<u8>);
 }
@@ -183,7 +183,7 @@ fn msg_len(field: u32, m: &dyn Message) -> usize {
     bytes_len(field, m.body_len())
 }
 
-fn put_msg(out: &mut Vec<u8>, field: u32, m: &dyn Message) {
+pub(super) fn put_msg(out: &mut Vec<u8>, field: u32, m: &dyn Message) {
     put_key(out, field, LEN);
     put_varint(out, m.body_len() as u64);
     let before = out.len();
@@ -191,7 +191,8 @@ fn put_msg(out: &mut Vec<u8>, field: u32, m: &dyn Message) {
     debug_assert_eq!(out.len() - before, m.body_len());
 }
 
-struct KeyValue<'a>(&'a str, &'a str);
+/// A `StringStringEntryProto` (metadata, external-data references).
+pub(super) struct KeyValue<'a>(pub &'a str, pub &'a str);
 impl Message for KeyValue<'_> {
     fn body_len(&self) -> usize {
         bytes_len(1, self.0.len()) + bytes_len(2, self.1.len())

@@ -167,7 +167,7 @@ pub struct External {
     pub dims: Vec<i64>,
     /// Read only by `MatMulNBits` as its quantized weight, scales or zero points (the inputs
     /// the kernel prepacks at session creation on the CPU EP), or by no node at all.
-    pub prepacked_only: bool,
+    pub releasable: bool,
 }
 
 /// A model whose large initializers live in [`WeightPages`].
@@ -195,7 +195,7 @@ impl Externalized {
     pub fn release_prepacked(&mut self) -> std::io::Result<usize> {
         let before = self.pages.released();
         for t in &self.tensors {
-            if t.prepacked_only {
+            if t.releasable {
                 self.pages.release(t.range.clone())?;
             }
         }
@@ -287,19 +287,18 @@ fn string(f: &Field<'_>) -> Result<String, String> {
         .map_err(|_| format!("field {}: not UTF-8", f.num))
 }
 
-fn put_len(out: &mut Vec<u8>, num: u32, body: &[u8]) {
-    onnx::put_bytes(out, num, body);
+/// The model's graph field (`ModelProto.graph` = 7).
+fn graph_field<'a, 'b>(top: &'b [Field<'a>]) -> Result<&'b Field<'a>, String> {
+    top.iter()
+        .find(|f| f.num == 7 && f.wire == LEN)
+        .ok_or_else(|| "the model has no graph".to_string())
 }
 
 /// The raw bytes of the initializer `name` of `model` (ONNX bytes, weights inline); `None`
 /// when the graph has no such initializer with raw data.
 pub fn find_initializer<'a>(model: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
     let top = fields(model)?;
-    let graph = top
-        .iter()
-        .find(|f| f.num == 7 && f.wire == LEN)
-        .ok_or("the model has no graph")?;
-    for f in fields(graph.body)? {
+    for f in fields(graph_field(&top)?.body)? {
         if f.num != 5 || f.wire != LEN {
             continue;
         }
@@ -319,13 +318,10 @@ pub fn find_initializer<'a>(model: &'a [u8], name: &str) -> Result<Option<&'a [u
 /// them as external data in [`FILE_NAME`]. Errors: a malformed model (a message to report).
 pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
     let top = fields(model)?;
-    let graph = top
-        .iter()
-        .find(|f| f.num == 7 && f.wire == LEN)
-        .ok_or("the model has no graph")?;
+    let graph = graph_field(&top)?;
     let gfields = fields(graph.body)?;
 
-    // Who reads each value: (op_type, input index) per use, from the graph's nodes.
+    // Who reads each value: (read by MatMulNBits, input index) per use, from the graph's nodes.
     let mut uses: HashMap<&[u8], Vec<(bool, usize)>> = HashMap::new();
     for f in gfields.iter().filter(|f| f.num == 1 && f.wire == LEN) {
         let nf = fields(f.body)?;
@@ -405,7 +401,7 @@ pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
         for p in &plans {
             buf[p.offset..p.offset + p.raw.len()].copy_from_slice(p.raw);
             // Unread initializers too (a table kept only for the host's row checks).
-            let prepacked_only = uses
+            let releasable = uses
                 .get(p.name.as_bytes())
                 .is_none_or(|u| u.iter().all(|&(mm, i)| mm && (1..=3).contains(&i)));
             tensors.push(External {
@@ -413,7 +409,7 @@ pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
                 range: p.offset..p.offset + p.raw.len(),
                 dtype: p.dtype,
                 dims: p.dims.clone(),
-                prepacked_only,
+                releasable,
             });
         }
     }
@@ -439,18 +435,15 @@ pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
             ("offset", p.offset.to_string()),
             ("length", p.raw.len().to_string()),
         ] {
-            let mut kv = Vec::new();
-            put_len(&mut kv, 1, k.as_bytes());
-            put_len(&mut kv, 2, v.as_bytes());
-            put_len(&mut t, 13, &kv);
+            onnx::put_msg(&mut t, 13, &onnx::KeyValue(k, &v));
         }
         onnx::put_int(&mut t, 14, 1);
-        put_len(&mut gout, 5, &t);
+        onnx::put_bytes(&mut gout, 5, &t);
     }
     let mut out = Vec::with_capacity(model.len() - graph.body.len() + gout.len() + 16);
     for f in &top {
         if std::ptr::eq(f.encoded, graph.encoded) {
-            put_len(&mut out, 7, &gout);
+            onnx::put_bytes(&mut out, 7, &gout);
         } else {
             out.extend_from_slice(f.encoded);
         }
@@ -520,13 +513,13 @@ mod tests {
         assert_eq!(e.tensors.len(), 2, "w and s move, `small` stays inline");
         let w = &e.tensors[0];
         assert_eq!((w.name.as_str(), w.range.start % PAGE), ("w", 0));
-        assert!(w.prepacked_only, "only MatMulNBits reads w");
+        assert!(w.releasable, "only MatMulNBits reads w");
         assert_eq!(
             (w.dtype, &w.dims[..]),
             (DataType::Uint8 as i32, &[10_000i64][..])
         );
         assert_eq!(e.tensors[1].dims, [2048]);
-        assert!(!e.tensors[1].prepacked_only, "Add also reads s");
+        assert!(!e.tensors[1].releasable, "Add also reads s");
         // SAFETY: the pages hold `len` readable bytes.
         let pages = unsafe { std::slice::from_raw_parts(e.pages.as_ptr(), e.pages.len()) };
         assert!(pages[w.range.clone()]
