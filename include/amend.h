@@ -378,6 +378,16 @@ typedef struct amend_model_params {
    */
   size_t static_chunk;
   size_t static_window;
+  /**
+   * ONNX Runtime: options for the execution provider (field added in the third version of
+   * this struct), NUL-terminated, one `KEY=VALUE` per line (a value may hold `=` and `;`,
+   * not a newline), given to the EP as they are after amend's own (a same key replaces
+   * amend's): e.g. "backend_path=libQnnHtp.so" for QNN's NPU backend. NULL or "" = none.
+   * A line without `=`, or options with the llama.cpp backend or an EP that takes none
+   * (cpu, nnapi): `AMEND_ERR_INVALID_ARGUMENT`; an option the EP refuses:
+   * `AMEND_ERR_MODEL_LOAD` naming the keys. Borrowed for the call only.
+   */
+  const char *ep_options;
 } amend_model_params;
 
 /**
@@ -764,7 +774,8 @@ struct amend_model_params amend_model_default_params(void);
  * `*out` is set to NULL.
  *
  * With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
- * `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`); tokenization
+ * `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`,
+ * `ep_options`); tokenization
  * stays llama.cpp's.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`

@@ -60,6 +60,11 @@ pub struct OrtArgs {
     /// An ONNX Runtime session configuration entry KEY=VALUE (repeatable).
     #[arg(long = "ort-config")]
     pub ort_config: Vec<String>,
+    /// An option for the execution provider KEY=VALUE (repeatable), given to it as it is:
+    /// QNN's `backend_path=libQnnHtp.so`, OpenVINO's `load_config={...}` (which replaces
+    /// amend's default, docs/backends.md).
+    #[arg(long = "ep-option")]
+    pub ep_option: Vec<String>,
     /// Edit slots the graph gets besides those of the bundles given at open, so that bundles
     /// swapped in later fit: `cb:LAYER:KEY_SITE:REPLACE_SITE`, `pn:LAYER:READ:WRITE:relu|gelu`,
     /// `lr:TENSOR`, `;`-separated (docs/backends.md).
@@ -93,12 +98,25 @@ impl Default for OrtArgs {
             no_onnx_cache: false,
             emulate: "none".into(),
             ort_config: Vec::new(),
+            ep_option: Vec::new(),
             slots: String::new(),
             static_shapes: None,
             ort_trace: None,
             ort_weights: "lean".into(),
         }
     }
+}
+
+/// `KEY=VALUE` pairs of a repeatable flag (the value may hold `=`).
+fn key_values(flag: &str, items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("{flag} {kv:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 impl OrtArgs {
@@ -119,15 +137,8 @@ impl OrtArgs {
                 (None, false) => OnnxCache::BesideModel,
             },
             emulation: Emulation::parse(&self.emulate).map_err(anyhow::Error::msg)?,
-            session_config: self
-                .ort_config
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow::anyhow!("--ort-config {kv:?}: expected KEY=VALUE"))
-                })
-                .collect::<anyhow::Result<_>>()?,
+            session_config: key_values("--ort-config", &self.ort_config)?,
+            ep_options: key_values("--ep-option", &self.ep_option)?,
             slots: SlotLayout::parse(&self.slots).map_err(|e| anyhow::anyhow!("--slots: {e}"))?,
             capture: Vec::new(),
             static_shapes: self

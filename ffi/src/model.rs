@@ -53,6 +53,7 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
         cpu_fallback: false,
         static_chunk: 0,
         static_window: 0,
+        ep_options: std::ptr::null(),
     }
 }
 
@@ -60,13 +61,16 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
 /// backend, ep, ort_library, edit_slots, cpu_fallback): the second version's fields are
 /// pointer-sized, so they start where the first version's padded struct ended.
 const MODEL_PARAMS_V1: usize = std::mem::offset_of!(amend_model_params, static_chunk);
+/// ... and in its second (`static_chunk`, `static_window`), before `ep_options`.
+const MODEL_PARAMS_V2: usize = std::mem::offset_of!(amend_model_params, ep_options);
 
 /// Loads a GGUF model from `path` (NUL-terminated UTF-8). `params` may be NULL for the
 /// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
 /// `*out` is set to NULL.
 ///
 /// With `backend` `AMEND_BACKEND_ONNXRUNTIME` the model runs on ONNX Runtime (`ep`,
-/// `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`); tokenization
+/// `ort_library`, `edit_slots`, `cpu_fallback`, `static_chunk`, `static_window`,
+/// `ep_options`); tokenization
 /// stays llama.cpp's.
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_UTF8`, `AMEND_ERR_INVALID_ARGUMENT`
@@ -88,7 +92,11 @@ pub extern "C" fn amend_model_open(
         let params = unsafe {
             args::read_sized_params(
                 params,
-                &[MODEL_PARAMS_V1, std::mem::size_of::<amend_model_params>()],
+                &[
+                    MODEL_PARAMS_V1,
+                    MODEL_PARAMS_V2,
+                    std::mem::size_of::<amend_model_params>(),
+                ],
                 || amend_model_default_params(),
                 "params",
             )?
@@ -108,6 +116,21 @@ pub extern "C" fn amend_model_open(
                 ))
             }
         };
+        let ep_options = unsafe { args::opt_cstr(params.ep_options, "params.ep_options")? }
+            .unwrap_or("")
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| invalid(format!("params.ep_options: `{l}` is not KEY=VALUE")))
+            })
+            .collect::<FfiResult<Vec<_>>>()?;
+        if !ep_options.is_empty() && params.backend != AMEND_BACKEND_ONNXRUNTIME {
+            return Err(invalid(
+                "params.ep_options: provider options are an ONNX Runtime option".into(),
+            ));
+        }
         let obj = match params.backend {
             AMEND_BACKEND_LLAMA_CPP => ModelObj {
                 model: Model::open(
@@ -133,6 +156,7 @@ pub extern "C" fn amend_model_open(
                     slots: SlotLayout::parse(slots.unwrap_or(""))
                         .map_err(|e| invalid(format!("params.edit_slots: {e}")))?,
                     static_shapes,
+                    ep_options,
                     ..Default::default()
                 };
                 let ort = OrtModel::open(path, options)?;

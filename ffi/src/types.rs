@@ -106,6 +106,14 @@ pub struct amend_model_params {
     /// more is `AMEND_ERR_EDIT_INVALID` naming the slot, and nothing of it applies.
     pub static_chunk: usize,
     pub static_window: usize,
+    /// ONNX Runtime: options for the execution provider (field added in the third version of
+    /// this struct), NUL-terminated, one `KEY=VALUE` per line (a value may hold `=` and `;`,
+    /// not a newline), given to the EP as they are after amend's own (a same key replaces
+    /// amend's): e.g. "backend_path=libQnnHtp.so" for QNN's NPU backend. NULL or "" = none.
+    /// A line without `=`, or options with the llama.cpp backend or an EP that takes none
+    /// (cpu, nnapi): `AMEND_ERR_INVALID_ARGUMENT`; an option the EP refuses:
+    /// `AMEND_ERR_MODEL_LOAD` naming the keys. Borrowed for the call only.
+    pub ep_options: *const c_char,
 }
 
 /// What a loaded model is. Strings are not included: see `amend_model_description`.

@@ -505,16 +505,44 @@ fn model_params_size_and_backend() {
         refused(r, "static_");
         assert!(m.is_null());
     }
-    // A caller built against the first version (no static fields) keeps the defaults.
-    let (r, m) = open_model(&amend_model_params {
-        struct_size: std::mem::offset_of!(amend_model_params, static_chunk),
-        n_threads: 1,
-        static_chunk: 7,
-        static_window: 7,
-        ..amend_model_default_params()
-    });
-    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-    amend_model_free(m);
+    // Provider options: KEY=VALUE lines, only on ONNX Runtime, only for EPs that take them
+    // (checked before any library is loaded).
+    let line = std::ffi::CString::new("backend_path=libQnnHtp.so\nno equals sign").unwrap();
+    let one = std::ffi::CString::new("num_of_threads=1").unwrap();
+    for (backend, options, named) in [
+        (AMEND_BACKEND_ONNXRUNTIME, &line, "no equals sign"),
+        (AMEND_BACKEND_LLAMA_CPP, &one, "ep_options"),
+        (
+            AMEND_BACKEND_ONNXRUNTIME,
+            &one,
+            "cpu takes no provider options",
+        ),
+    ] {
+        let (r, m) = open_model(&amend_model_params {
+            backend,
+            ep_options: options.as_ptr(),
+            ..amend_model_default_params()
+        });
+        refused(r, named);
+        assert!(m.is_null());
+    }
+    // A caller built against the first version (no static fields) or the second (no provider
+    // options) keeps the defaults for what it lacks.
+    for (size, name) in [
+        (std::mem::offset_of!(amend_model_params, static_chunk), "v1"),
+        (std::mem::offset_of!(amend_model_params, ep_options), "v2"),
+    ] {
+        let (r, m) = open_model(&amend_model_params {
+            struct_size: size,
+            n_threads: 1,
+            static_chunk: if name == "v1" { 7 } else { 0 },
+            static_window: if name == "v1" { 7 } else { 0 },
+            ep_options: line.as_ptr(),
+            ..amend_model_default_params()
+        });
+        assert_eq!(r, amend_result::AMEND_OK, "{name}: {}", last_error());
+        amend_model_free(m);
+    }
 }
 
 /// Fixed shapes through the C ABI: the model opens with a static pair of graphs, and a session

@@ -851,7 +851,7 @@ fn per_layer_drift_from_llama_cpp() {
                 }
             };
             let (d, norm) = dist(got, &want);
-            line += &format!("  {s:?} {d:.4} ({norm:.0})");
+            line += &format!("  {s:?} {d:.1e} ({norm:.0})");
         }
         eprintln!("{line}");
     }

@@ -129,13 +129,15 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
                                                         jbyteArray edit_slots,
                                                         jboolean cpu_fallback,
                                                         jlong static_chunk,
-                                                        jlong static_window) {
+                                                        jlong static_window,
+                                                        jbyteArray ep_options) {
     (void)c;
     /* Optional strings: a null array is the C NULL default. */
     char *p = cstr_of(env, path, "path");
     char *e = (p && ep) ? cstr_of(env, ep, "ep") : NULL;
     char *l = (p && ort_library && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ort_library, "ortLibrary") : NULL;
     char *s = (p && edit_slots && !(*env)->ExceptionCheck(env)) ? cstr_of(env, edit_slots, "editSlots") : NULL;
+    char *o = (p && ep_options && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ep_options, "epOptions") : NULL;
     amend_model *m = NULL;
     if (p && !(*env)->ExceptionCheck(env)) {
         amend_model_params mp = amend_model_default_params();
@@ -150,12 +152,14 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
         /* A negative size becomes a huge one: amend refuses it (ERR_INVALID_ARGUMENT). */
         mp.static_chunk = (size_t)static_chunk;
         mp.static_window = (size_t)static_window;
+        mp.ep_options = o;
         check(env, amend_model_open(p, &mp, &m));
     }
     free(p);
     free(e);
     free(l);
     free(s);
+    free(o);
     return J(m);
 }
 

@@ -116,6 +116,7 @@ class _ModelParams(ctypes.Structure):
         ("cpu_fallback", ctypes.c_bool),
         ("static_chunk", ctypes.c_size_t),
         ("static_window", ctypes.c_size_t),
+        ("ep_options", ctypes.c_char_p),
     ]
 
 
@@ -391,10 +392,12 @@ class Model(_Handle):
 
     def __init__(self, path, use_mmap: bool = True, n_threads: int = 0,
                  backend: str = "llama.cpp", ep: str = "cpu", ort_library=None,
-                 edit_slots: str = "", cpu_fallback: bool = False, static_shapes=None):
+                 edit_slots: str = "", cpu_fallback: bool = False, static_shapes=None,
+                 ep_options=None):
         """`backend` "onnxruntime" runs the model on ONNX Runtime's execution provider `ep`
         with the edit slots `edit_slots` (see docs/backends.md); `static_shapes=(chunk,
-        window)` fixes every shape, as QNN needs (sessions' n_ctx at most `window`)."""
+        window)` fixes every shape, as QNN needs (sessions' n_ctx at most `window`);
+        `ep_options`, a dict, goes to the EP as it is (e.g. {"backend_path": "libQnnHtp.so"})."""
         lib = library()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -407,6 +410,16 @@ class Model(_Handle):
         lib_b = os.fsencode(ort_library) if ort_library is not None else None
         params.ep, params.edit_slots, params.ort_library = ep_b, slots_b, lib_b
         params.cpu_fallback = cpu_fallback
+        options_b = None
+        if ep_options:
+            lines = []
+            for k, v in ep_options.items():
+                k, v = str(k), str(v)
+                if "\n" in k + v or "=" in k or not k:
+                    raise ValueError(f"ep_options: bad option {k!r}={v!r}")
+                lines.append(f"{k}={v}")
+            options_b = "\n".join(lines).encode()
+        params.ep_options = options_b
         if static_shapes is not None:
             params.static_chunk, params.static_window = static_shapes
         out = ctypes.c_void_p()

@@ -201,6 +201,13 @@ def test_backend_choice(model_path):
     with pytest.raises(AmendError) as e:
         amend.Model(model_path, backend="onnxruntime", static_shapes=(16, 0))
     assert e.value.code == Result.ERR_INVALID_ARGUMENT
+    # Provider options reach the library: the CPU EP takes none, refused by name.
+    with pytest.raises(AmendError) as e:
+        amend.Model(model_path, backend="onnxruntime", ep_options={"num_of_threads": "1"})
+    assert e.value.code == Result.ERR_INVALID_ARGUMENT
+    assert "provider options" in e.value.message
+    with pytest.raises(ValueError):
+        amend.Model(model_path, backend="onnxruntime", ep_options={"a\nb": "1"})
 
 
 def test_closed_objects_raise(model_path):

@@ -16,6 +16,8 @@ public final class ModelOptions {
     String ep, ortLibrary, editSlots;
     boolean cpuFallback;
     long staticChunk, staticWindow;
+    /** KEY=VALUE lines (amend_model_params.ep_options), or null. */
+    String epOptions;
 
     /** Memory-map the weights (llama.cpp; default true). */
     public ModelOptions useMmap(boolean v) { useMmap = v; return this; }
@@ -37,4 +39,15 @@ public final class ModelOptions {
      * {@code window}); (0, 0), the default, is dynamic shapes.
      */
     public ModelOptions staticShapes(long chunk, long window) { staticChunk = chunk; staticWindow = window; return this; }
+    /**
+     * An option for the execution provider, given to it as it is (repeatable), e.g.
+     * {@code epOption("backend_path", "libQnnHtp.so")} for QNN's NPU backend. A key with '=' or
+     * a newline anywhere: IllegalArgumentException.
+     */
+    public ModelOptions epOption(String key, String value) {
+        if (key.isEmpty() || key.contains("=") || (key + value).contains("\n"))
+            throw new IllegalArgumentException("epOption: bad option " + key + "=" + value);
+        epOptions = (epOptions == null ? "" : epOptions + "\n") + key + "=" + value;
+        return this;
+    }
 }

@@ -26,10 +26,10 @@ final class Native {
     static native String resultName(int code);
     static native long liveHandles();
 
-    /** ep, ortLibrary, editSlots: UTF-8 or null (amend_model_params' NULL defaults). */
+    /** ep, ortLibrary, editSlots, epOptions: UTF-8 or null (amend_model_params' NULL defaults). */
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads, int backend,
                                  byte[] ep, byte[] ortLibrary, byte[] editSlots, boolean cpuFallback,
-                                 long staticChunk, long staticWindow);
+                                 long staticChunk, long staticWindow, byte[] epOptions);
     static native void modelFree(long model);
     static native String modelDescription(long model);
 

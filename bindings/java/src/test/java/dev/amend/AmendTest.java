@@ -79,6 +79,9 @@ public final class AmendTest {
             expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model, new ModelOptions().backend(7)));
             expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
                     new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).editSlots("cb:nope")));
+            // Provider options reach amend: the CPU EP takes none (refused before any library loads).
+            expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
+                    new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).epOption("num_of_threads", "1")));
             String cache = System.getenv("AMEND_CACHE");
             if (cache == null) cache = System.getProperty("user.home") + "/.cache/amend";
             String lib = System.getenv("AMEND_ORT_LIB");
