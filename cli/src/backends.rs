@@ -54,7 +54,7 @@ pub struct OrtArgs {
     #[arg(long)]
     pub no_onnx_cache: bool,
     /// llama.cpp roundings to reproduce in the graph: none, or a list of kv, gelu, q80, q8k,
-    /// q4kf32, q6kf32 (docs/backends.md).
+    /// q6kf32 (docs/backends.md).
     #[arg(long, default_value = "none")]
     pub emulate: String,
     /// An ONNX Runtime session configuration entry KEY=VALUE (repeatable).

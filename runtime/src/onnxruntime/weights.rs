@@ -165,8 +165,9 @@ pub struct External {
     /// `TensorProto.DataType` and dimensions: what a tensor over the pages needs.
     pub dtype: i32,
     pub dims: Vec<i64>,
-    /// Read only by `MatMulNBits` as its quantized weight, scales or zero points (the inputs
-    /// the kernel prepacks at session creation on the CPU EP), or by no node at all.
+    /// Read only by `MatMulNBits` as inputs its kernel prepacks at session creation on the CPU
+    /// EP (the quantized weight; scales and zero points too at `accuracy_level` 4), or by no
+    /// node at all.
     pub releasable: bool,
 }
 
@@ -281,6 +282,20 @@ fn fields(b: &[u8]) -> Result<Vec<Field<'_>>, String> {
     Ok(out)
 }
 
+/// A node's `accuracy_level` attribute (`NodeProto.attribute` = 5: `name` = 1, `i` = 3).
+fn accuracy_level(node: &[Field<'_>]) -> Result<Option<u64>, String> {
+    for a in node.iter().filter(|x| x.num == 5 && x.wire == LEN) {
+        let af = fields(a.body)?;
+        if af.iter().any(|x| x.num == 1 && x.body == b"accuracy_level") {
+            return Ok(af
+                .iter()
+                .find(|x| x.num == 3 && x.wire == VARINT)
+                .map(|x| x.value));
+        }
+    }
+    Ok(None)
+}
+
 fn string(f: &Field<'_>) -> Result<String, String> {
     std::str::from_utf8(f.body)
         .map(str::to_string)
@@ -321,17 +336,22 @@ pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
     let graph = graph_field(&top)?;
     let gfields = fields(graph.body)?;
 
-    // Who reads each value: (read by MatMulNBits, input index) per use, from the graph's nodes.
-    let mut uses: HashMap<&[u8], Vec<(bool, usize)>> = HashMap::new();
+    // Whether each use of a value leaves it to a prepacked copy: `MatMulNBits` prepacks its
+    // quantized weight (input 1) at session creation, and its scales and zero points (inputs 2
+    // and 3) too at `accuracy_level` 4 (int8 activations); with f32 activations its kernel
+    // reads those at run time (measured: the probe's logits changed once they were released).
+    let mut uses: HashMap<&[u8], Vec<bool>> = HashMap::new();
     for f in gfields.iter().filter(|f| f.num == 1 && f.wire == LEN) {
         let nf = fields(f.body)?;
         let is_mmnb = nf.iter().any(|x| x.num == 4 && x.body == b"MatMulNBits");
+        let int8 = is_mmnb && accuracy_level(&nf)? == Some(4);
         for (i, x) in nf
             .iter()
             .filter(|x| x.num == 1 && x.wire == LEN)
             .enumerate()
         {
-            uses.entry(x.body).or_default().push((is_mmnb, i));
+            let prepacked = is_mmnb && (i == 1 || (int8 && (2..=3).contains(&i)));
+            uses.entry(x.body).or_default().push(prepacked);
         }
     }
 
@@ -403,7 +423,7 @@ pub fn externalize(model: &[u8]) -> Result<Externalized, String> {
             // Unread initializers too (a table kept only for the host's row checks).
             let releasable = uses
                 .get(p.name.as_bytes())
-                .is_none_or(|u| u.iter().all(|&(mm, i)| mm && (1..=3).contains(&i)));
+                .is_none_or(|u| u.iter().all(|&prepacked| prepacked));
             tensors.push(External {
                 name: p.name.clone(),
                 range: p.offset..p.offset + p.raw.len(),
@@ -504,6 +524,57 @@ mod tests {
             metadata: &[],
         }
         .to_bytes()
+    }
+
+    /// Scales are releasable where `MatMulNBits` prepacks them (int8 activations) and kept
+    /// where its kernel reads them at run time (f32 activations); the weight codes are both.
+    #[test]
+    fn scales_are_releasable_only_at_accuracy_level_4() {
+        let mm = |name: &str, level: i64| Node {
+            op: "MatMulNBits",
+            domain: "com.microsoft",
+            name: name.into(),
+            inputs: vec!["x".into(), format!("w{level}"), format!("s{level}")],
+            outputs: vec![format!("y{level}")],
+            attrs: vec![("accuracy_level", onnx::Attr::Int(level))],
+        };
+        let vi = |name: &str| ValueInfo {
+            name: name.into(),
+            dtype: DataType::Float,
+            shape: vec![Dim::Fixed(1)],
+        };
+        let graph = Graph {
+            name: "g".into(),
+            nodes: vec![mm("int8", 4), mm("f32", 1)],
+            initializers: [4, 1]
+                .iter()
+                .flat_map(|l| {
+                    [
+                        TensorData::u8(format!("w{l}"), vec![8192], vec![7; 8192]),
+                        TensorData::f32(format!("s{l}"), vec![2048], &[0.5; 2048]),
+                    ]
+                })
+                .collect(),
+            inputs: vec![vi("x")],
+            outputs: vec![vi("y4"), vi("y1")],
+        };
+        let bytes = ModelProto {
+            graph: &graph,
+            opsets: &[("", 21), ("com.microsoft", 1)],
+            producer: "p",
+            metadata: &[],
+        }
+        .to_bytes();
+        let e = externalize(&bytes).unwrap();
+        let releasable: Vec<(&str, bool)> = e
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.releasable))
+            .collect();
+        assert_eq!(
+            releasable,
+            [("w4", true), ("s4", true), ("w1", true), ("s1", false)]
+        );
     }
 
     #[test]
