@@ -129,6 +129,11 @@ fn provider_options_reach_the_ep_and_bad_ones_are_refused() {
     // No key; options for an EP that takes none.
     let e = OrtModel::open(&path, with(&[("", "1")], opts.ep.clone())).unwrap_err();
     assert!(matches!(e, RuntimeError::InvalidOptions(_)), "{e}");
+    let e = OrtModel::open(&path, with(&[("cache_dir", "a\0b")], opts.ep.clone())).unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::InvalidOptions(_)) && e.to_string().contains("NUL"),
+        "{e}"
+    );
     let e = OrtModel::open(&path, with(&[("num_of_threads", "1")], Ep::Cpu)).unwrap_err();
     assert!(
         matches!(e, RuntimeError::InvalidOptions(_)) && e.to_string().contains("cpu"),

@@ -130,6 +130,13 @@ impl Ep {
                     self.name()
                 )));
             }
+            // The library takes C strings: a NUL would cut the option (`ort` panics on it).
+            if k.contains('\0') || v.contains('\0') {
+                return Err(RuntimeError::InvalidOptions(format!(
+                    "{}: provider option {k:?} holds a NUL byte",
+                    self.name()
+                )));
+            }
             options.retain(|(d, _)| d != k);
             options.push((k.clone(), v.clone()));
         }
