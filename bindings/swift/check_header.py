@@ -7,6 +7,8 @@
    touches a function Swift uses fails here until the Swift code is reviewed and the pin
    updated with --bless), and the pin lists exactly the functions Swift uses.
 4. Every `amend_*` type and constant Swift names exists in the header.
+5. Every field Swift reads or sets on a C struct it made (`var p = amend_x_default_params()`,
+   `var s = amend_score()`) is a field of that struct in the header.
 Prints "N passed, N failed".
 """
 import re
@@ -47,6 +49,37 @@ def header_api():
     # Simple #define constants (AMEND_BACKEND_*) are imported by Swift as well.
     consts |= set(re.findall(r"(?m)^\s*#define\s+(AMEND_\w+)\s+\S", HEADER.read_text()))
     return protos, types, consts
+
+
+def struct_fields():
+    """Field names of each `typedef struct amend_x { ... } amend_x;` in the header."""
+    text = strip_comments(HEADER.read_text())
+    fields = {}
+    for m in re.finditer(r"typedef\s+struct\s+(amend_\w+)\s*\{(.*?)\}\s*\1\s*;", text, flags=re.S):
+        names = set()
+        for decl in m.group(2).split(";"):
+            f = re.search(r"(\w+)\s*(?:\[[^\]]*\])?\s*$", decl.strip())
+            if f:
+                names.add(f.group(1))
+        fields[m.group(1)] = names
+    return fields
+
+
+def field_uses(src, protos):
+    """(variable's struct, field) for each `v.field` after `var v = amend_x...()`, the struct
+    being what that call returns; a later `var v = ...` rebinds v."""
+    binds = []
+    for m in re.finditer(r"\bvar\s+(\w+)\s*=\s*(amend_\w+)\s*\(\s*\)", src):
+        name, call = m.group(1), m.group(2)
+        ret = re.match(r"(?:struct\s+)?(amend_\w+)\s+" + call + r"\(", protos[call][0]) if call in protos else None
+        struct = ret.group(1) if ret else call  # `amend_score()`: Swift's zeroed-struct init
+        binds.append((m.start(), name, struct))
+    uses = []
+    for m in re.finditer(r"\b(\w+)\.([a-z_][a-z0-9_]*)\b", src):
+        owner = [b for b in binds if b[1] == m.group(1) and b[0] < m.start()]
+        if owner:
+            uses.append((owner[-1][2], m.group(2)))
+    return uses
 
 
 def call_arg_counts(src, name):
@@ -106,6 +139,11 @@ def main():
         if f in pinned:
             ok(pinned[f] == protos[f][0], f"signature changed: pinned {pinned[f]!r}, header {protos[f][0]!r}")
     ok(len(funcs) >= 15, f"only {len(funcs)} C functions found in the Swift sources")
+    fields = struct_fields()
+    uses = field_uses(src, protos)
+    for struct, field in sorted(set(uses)):
+        ok(field in fields.get(struct, ()), f"Swift uses {struct}.{field}, which amend.h does not declare")
+    ok(len(set(uses)) >= 10, f"only {len(set(uses))} struct fields found in the Swift sources")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

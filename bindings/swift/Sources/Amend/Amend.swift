@@ -57,9 +57,19 @@ public final class Model: @unchecked Sendable {
         /// `library` nil: $AMEND_ORT_LIB, else what scripts/fetch-ort.sh installed; `editSlots`
         /// the graph's edit slots (docs/backends.md); `cpuFallback` lets nodes the EP does not
         /// take run on the CPU EP; `staticShapes` (chunk, window) fixes every shape, as QNN
-        /// needs (sessions' n_ctx at most `window`).
+        /// needs (sessions' n_ctx at most `window`); `epOptions` are the execution provider's
+        /// own options (QNN's "backend_path", OpenVINO's "load_config"), each replacing
+        /// amend's default of the same key.
         case onnxRuntime(ep: String = "cpu", library: String? = nil, editSlots: String? = nil,
-                         cpuFallback: Bool = false, staticShapes: (chunk: Int, window: Int)? = nil)
+                         cpuFallback: Bool = false, staticShapes: (chunk: Int, window: Int)? = nil,
+                         epOptions: [String: String] = [:])
+    }
+
+    /// `KEY=VALUE` lines for amend_model_params.ep_options, nil when there are none. A key or
+    /// value with "=" misplaced, a newline or a NUL is amend's to refuse, not trapped here.
+    static func optionLines(_ options: [String: String]) -> String? {
+        if options.isEmpty { return nil }
+        return options.keys.sorted().map { "\($0)=\(options[$0]!)" }.joined(separator: "\n")
     }
 
     public init(path: String, backend: Backend = .llamaCpp, threads: UInt32 = 0) throws {
@@ -69,7 +79,7 @@ public final class Model: @unchecked Sendable {
         switch backend {
         case .llamaCpp:
             try check(amend_model_open(path, &params, &out))
-        case let .onnxRuntime(ep, library, editSlots, cpuFallback, staticShapes):
+        case let .onnxRuntime(ep, library, editSlots, cpuFallback, staticShapes, epOptions):
             params.backend = amend_backend(AMEND_BACKEND_ONNXRUNTIME)
             params.cpu_fallback = cpuFallback
             if let st = staticShapes {
@@ -84,7 +94,10 @@ public final class Model: @unchecked Sendable {
                     params.ort_library = l
                     try withOptionalCString(editSlots) { s in
                         params.edit_slots = s
-                        try check(amend_model_open(path, &params, &out))
+                        try withOptionalCString(Model.optionLines(epOptions)) { o in
+                            params.ep_options = o
+                            try check(amend_model_open(path, &params, &out))
+                        }
                     }
                 }
             }

@@ -26,6 +26,20 @@ final class AmendTests: XCTestCase {
         }
     }
 
+    func testProviderOptionLinesAndRefusals() throws {
+        XCTAssertNil(Model.optionLines([:]))
+        XCTAssertEqual(Model.optionLines(["b": "2", "a": "1"]), "a=1\nb=2")
+        guard let path = ProcessInfo.processInfo.environment["AMEND_MODEL"] else { throw XCTSkip("AMEND_MODEL not set") }
+        // The CPU EP takes no provider options, and an option needs a key: both refused before
+        // any library loads (102, AMEND_ERR_INVALID_ARGUMENT).
+        XCTAssertThrowsError(try Model(path: path, backend: .onnxRuntime(ep: "cpu", epOptions: ["x": "1"]))) { error in
+            XCTAssertEqual((error as? AmendError)?.code, 102)
+        }
+        XCTAssertThrowsError(try Model(path: path, backend: .onnxRuntime(ep: "openvino", epOptions: ["": "1"]))) { error in
+            XCTAssertEqual((error as? AmendError)?.code, 102)
+        }
+    }
+
     func testMissingModelThrows() {
         XCTAssertThrowsError(try Model(path: "/nonexistent.gguf")) { error in
             XCTAssertEqual((error as? AmendError)?.code, 108)
