@@ -831,7 +831,10 @@ fn grace_verify_ort_keys_the_codebook_on_onnx_runtime_too() {
     ));
     assert!(
         report.contains("1 edit(s) got codebook rows keyed on ONNX Runtime")
-            && report.contains(":cpu: 1/1 edit(s) answer their target"),
+            && report.contains(&format!(
+                ":cpu/g{}-cpu: 1/1 edit(s) answer their target",
+                amend_runtime::onnxruntime::graph::GRAPH_VERSION
+            )),
         "{report}"
     );
     for backend in [llama, ort] {
@@ -879,8 +882,12 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         &strict,
         &["--verify-on", "llama.cpp,ort:cpu", "--require-verified"],
     );
-    // ONNX Runtime's id carries the library's version (onnxruntime-1.32.0:cpu).
-    for b in ["llama.cpp", ":cpu"] {
+    // ONNX Runtime's id carries the library's version and the graph's (onnxruntime-1.32.0:cpu/g7-cpu).
+    let cpu_id = format!(
+        ":cpu/g{}-cpu",
+        amend_runtime::onnxruntime::graph::GRAPH_VERSION
+    );
+    for b in ["llama.cpp", cpu_id.as_str()] {
         assert!(
             report.contains(&format!("{b}: 1/1 edit(s) answer their target")),
             "{report}"
@@ -889,7 +896,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     let info = ok(&["inspect", s(&strict), "--pubkey", s(&public)]);
     assert!(
         info.contains("verified llama.cpp 1/1, onnxruntime-")
-            && info.contains(":cpu 1/1 (required"),
+            && info.contains(&format!("{cpu_id} 1/1 (required")),
         "{info}"
     );
     let on_cpu = run(&strict, "cpu");
@@ -916,7 +923,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     assert!(
         err.contains("WARNING bundle")
             && err.contains("was not verified on onnxruntime-")
-            && err.contains(":cpu (verified on llama.cpp 1/1)"),
+            && err.contains(&format!("{cpu_id} (verified on llama.cpp 1/1)")),
         "{err}"
     );
 

@@ -33,8 +33,8 @@ pub trait Backend {
     /// For logs and errors: `llama.cpp`, `onnxruntime (openvino:CPU)`.
     fn backend_name(&self) -> String;
     /// The id bundles' verification records name this backend by: `llama.cpp`,
-    /// `onnxruntime-1.24.1:openvino:CPU`: the ONNX Runtime release, EP and device (see
-    /// `check_verified`).
+    /// `onnxruntime-1.24.1:openvino:CPU/g7-cpu`: the ONNX Runtime release, EP and device, and
+    /// the graph's version and profile (`OrtOptions::backend_id`; see `check_verified`).
     fn backend_id(&self) -> String;
     /// The llama.cpp vocabulary every backend tokenizes with.
     fn vocab(&self) -> &Arc<Model>;

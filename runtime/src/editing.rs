@@ -28,7 +28,7 @@ use crate::scope::ScopeModel;
 use crate::session::{EvalOptions, Logits, Session};
 
 /// The backend id of llama.cpp in a bundle's verification record (ONNX Runtime's:
-/// `onnxruntime::Ep::backend_id`, e.g. `onnxruntime-1.24.1:openvino:CPU`).
+/// `onnxruntime::OrtOptions::backend_id`, e.g. `onnxruntime-1.24.1:openvino:CPU/g7-cpu`).
 pub const LLAMA_CPP_BACKEND_ID: &str = "llama.cpp";
 
 /// Checks `bundle`'s verification record against the backend it is about to run on (`backend`:
@@ -136,7 +136,7 @@ pub struct UnverifiedEvent {
     pub bundle: String,
     /// This session's backend id.
     pub backend: String,
-    /// Where it was verified: `llama.cpp 34/34, onnxruntime-1.32.0:cpu 33/34`.
+    /// Where it was verified: `llama.cpp 34/34, onnxruntime-1.32.0:cpu/g7-cpu 33/34`.
     pub verified: String,
 }
 

@@ -654,7 +654,8 @@ fn verification_records_warn_or_refuse_on_other_backends() {
     let cpu_id = ort.backend_id();
     let cpu = cpu_id.as_str();
     let version = amend_runtime::onnxruntime::library_version().unwrap();
-    assert_eq!(cpu, format!("onnxruntime-{version}:cpu"));
+    let g = amend_runtime::onnxruntime::graph::GRAPH_VERSION;
+    assert_eq!(cpu, format!("onnxruntime-{version}:cpu/g{g}-cpu"));
     assert!(version.starts_with("1."), "{version}");
     assert_eq!(ll.backend_id(), amend_runtime::LLAMA_CPP_BACKEND_ID);
     let cases: [(&str, &[(&str, u32)], bool); 6] = [
@@ -665,7 +666,7 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         ("v-cpu-failed", &[("llama.cpp", 1), (cpu, 0)], false),
         ("v-cpu-failed-req", &[("llama.cpp", 1), (cpu, 0)], true),
         // Verified on the CPU EP of another ONNX Runtime release: not this backend.
-        ("v-other-ort-req", &[("onnxruntime-0.0.1:cpu", 1)], true),
+        ("v-other-ort-req", &[("onnxruntime-0.0.1:cpu/g7-cpu", 1)], true),
     ];
     let probe = |b: &mut dyn Backend, bundle: Arc<Bundle>| {
         let set = edit_set(&f.m);

@@ -233,8 +233,8 @@ pub struct Verification {
 #[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifiedBackend {
-    /// The runtime's backend id: `llama.cpp`, `onnxruntime-1.32.0:cpu`,
-    /// `onnxruntime-1.24.1:openvino:CPU`.
+    /// The runtime's backend id: `llama.cpp`, `onnxruntime-1.32.0:cpu/g7-cpu`,
+    /// `onnxruntime-1.24.1:openvino:CPU/g7-portable-1a2b3c4d`.
     pub backend: String,
     /// Edits that passed on it, of `total` (= the manifest's edit count).
     pub passed: u32,
@@ -250,7 +250,7 @@ impl Verification {
             .any(|b| b.backend == backend && b.passed == b.total)
     }
 
-    /// `llama.cpp 34/34, onnxruntime-1.32.0:cpu 33/34` (for messages).
+    /// `llama.cpp 34/34, onnxruntime-1.32.0:cpu/g7-cpu 33/34` (for messages).
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for (i, b) in self.backends.iter().enumerate() {

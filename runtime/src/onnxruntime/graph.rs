@@ -156,6 +156,11 @@ pub fn site_tensor(p: HookPoint) -> String {
     format!("blk.{}.{}", p.layer, p.site.name())
 }
 
+/// The graph layout's version: bumped whenever what the builder writes changes, numerics
+/// included (v7: 4-bit matmuls at f32 activations). Part of [`builder_id`], so cached graphs of
+/// another version are rebuilt, and of the backend id bundles are verified on.
+pub const GRAPH_VERSION: u32 = 7;
+
 /// Identifies what this builder writes for `profile` (graph layout version and the llama.cpp
 /// roundings it reproduces): a cached graph from another builder is not used.
 pub fn builder_id(
@@ -168,7 +173,7 @@ pub fn builder_id(
 ) -> String {
     let cap: Vec<String> = capture.iter().map(|&p| site_tensor(p)).collect();
     let mut id = format!(
-        "v7 {} roundings={} slots={} capture={}",
+        "v{GRAPH_VERSION} {} roundings={} slots={} capture={}",
         profile.name(),
         emu.name(),
         slots.describe(),

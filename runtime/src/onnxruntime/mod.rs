@@ -74,14 +74,6 @@ impl Ep {
         Ok(ep)
     }
 
-    /// The id bundles' verification records name this EP by, on the ONNX Runtime library of
-    /// `version`: `onnxruntime-1.24.1:openvino:CPU`. The version is part of it because kernels
-    /// change between releases: T-Patcher neurons keyed on 1.32.0's CPU EP missed on 1.24.1's
-    /// (2 of 34 dev edits, docs/backends.md).
-    pub fn backend_id(&self, version: &str) -> String {
-        format!("onnxruntime-{version}:{}", self.name())
-    }
-
     pub fn name(&self) -> String {
         match self {
             Ep::Cpu => "cpu".into(),
@@ -419,6 +411,44 @@ pub enum WeightMemory {
     /// compile their own copy, as `Inline` (measured: pages beside OpenVINO's copy add 280 MB).
     #[default]
     Lean,
+}
+
+impl OrtOptions {
+    /// The id bundles' verification records name this backend by, on the ONNX Runtime
+    /// library of `version`: `onnxruntime-1.32.0:cpu/g7-cpu`, or with non-default settings
+    /// `onnxruntime-1.24.1:openvino:CPU/g7-portable-1a2b3c4d`. Everything in it changes the
+    /// numbers an edit is checked against: the release (kernels change: T-Patcher neurons keyed
+    /// on 1.32.0's CPU EP missed on 1.24.1's, 2 of 34 dev edits), the EP and device, the graph's
+    /// version and profile (v7 moved GRACE keys), and, as the first 8 hex digits of a SHA-256
+    /// (record names are at most 64 bytes), the roundings, fixed shapes and provider options
+    /// the user gave (amend's own defaults are part of the graph version). Slots, capture and
+    /// threads are not: empty slots are bitwise the base graph.
+    pub fn backend_id(&self, version: &str) -> String {
+        let mut id = format!(
+            "onnxruntime-{version}:{}/g{}-{}",
+            self.ep.name(),
+            graph::GRAPH_VERSION,
+            self.profile.name()
+        );
+        let mut extra = Vec::new();
+        let emu = self.emulation.name();
+        if emu != "none" {
+            extra.push(format!("roundings={emu}"));
+        }
+        if let Some(st) = &self.static_shapes {
+            extra.push(format!("static={}x{}", st.chunk, st.window));
+        }
+        let mut given = self.ep_options.clone();
+        given.sort();
+        extra.extend(given.into_iter().map(|(k, v)| format!("{k}={v}")));
+        if !extra.is_empty() {
+            use sha2::{Digest, Sha256};
+            let h = Sha256::digest(extra.join("\n").as_bytes());
+            id.push('-');
+            id.push_str(&cache::hex(&h[..4]));
+        }
+        id
+    }
 }
 
 impl WeightMemory {
@@ -1165,7 +1195,6 @@ impl PlanTarget for OrtModel {
     }
     fn backend_id(&self) -> String {
         self.options
-            .ep
             .backend_id(library_version().unwrap_or("unknown"))
     }
     fn n_layer(&self) -> u32 {
@@ -2481,9 +2510,70 @@ mod tests {
             super::version_of(std::path::Path::new("/nonexistent.so")),
             "unknown"
         );
-        assert_eq!(
-            super::Ep::parse("openvino").unwrap().backend_id("1.24.1"),
-            "onnxruntime-1.24.1:openvino:CPU"
-        );
+    }
+
+    #[test]
+    fn backend_id_names_what_changes_the_numbers() {
+        use super::{graph, Ep, OrtOptions, Profile, StaticShapes};
+        let g = graph::GRAPH_VERSION;
+        let ov = OrtOptions {
+            ep: Ep::parse("openvino").unwrap(),
+            ..Default::default()
+        };
+        let base = format!("onnxruntime-1.24.1:openvino:CPU/g{g}-cpu");
+        assert_eq!(ov.backend_id("1.24.1"), base);
+        // Threads do not change the numbers; the rest does, each its own id.
+        let same = OrtOptions {
+            n_threads: Some(2),
+            ..ov.clone()
+        };
+        assert_eq!(same.backend_id("1.24.1"), base);
+        let variants = [
+            OrtOptions {
+                profile: Profile::Portable,
+                ..ov.clone()
+            },
+            OrtOptions {
+                emulation: graph::Emulation::parse("kv,gelu").unwrap(),
+                ..ov.clone()
+            },
+            OrtOptions {
+                static_shapes: Some(StaticShapes::parse("64,1024").unwrap()),
+                ..ov.clone()
+            },
+            OrtOptions {
+                static_shapes: Some(StaticShapes::parse("32,1024").unwrap()),
+                ..ov.clone()
+            },
+            OrtOptions {
+                ep_options: vec![("load_config".into(), "{}".into())],
+                ..ov.clone()
+            },
+            OrtOptions {
+                ep_options: vec![("load_config".into(), "{ }".into())],
+                ..ov.clone()
+            },
+        ];
+        let mut ids: Vec<String> = variants.iter().map(|o| o.backend_id("1.24.1")).collect();
+        assert_eq!(ids[0], format!("onnxruntime-1.24.1:openvino:CPU/g{g}-portable"));
+        for id in &ids[1..] {
+            let hash = id.strip_prefix(&format!("{base}-")).expect(id);
+            assert!(hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        // The same options in another order are the same backend.
+        let two = |a: (&str, &str), b: (&str, &str)| OrtOptions {
+            ep_options: vec![(a.0.into(), a.1.into()), (b.0.into(), b.1.into())],
+            ..ov.clone()
+        };
+        let (x, y) = (("a", "1"), ("b", "2"));
+        assert_eq!(two(x, y).backend_id("1.24.1"), two(y, x).backend_id("1.24.1"));
+        ids.push(two(x, y).backend_id("1.24.1"));
+        ids.push(ov.backend_id("1.32.0"));
+        ids.push(base);
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "every variant is its own backend: {ids:?}");
+        assert!(ids.iter().all(|id| id.len() <= 64), "{ids:?}");
     }
 }
