@@ -666,7 +666,11 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         ("v-cpu-failed", &[("llama.cpp", 1), (cpu, 0)], false),
         ("v-cpu-failed-req", &[("llama.cpp", 1), (cpu, 0)], true),
         // Verified on the CPU EP of another ONNX Runtime release: not this backend.
-        ("v-other-ort-req", &[("onnxruntime-0.0.1:cpu/g7-cpu", 1)], true),
+        (
+            "v-other-ort-req",
+            &[("onnxruntime-0.0.1:cpu/g7-cpu", 1)],
+            true,
+        ),
     ];
     let probe = |b: &mut dyn Backend, bundle: Arc<Bundle>| {
         let set = edit_set(&f.m);

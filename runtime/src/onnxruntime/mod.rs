@@ -2555,10 +2555,16 @@ mod tests {
             },
         ];
         let mut ids: Vec<String> = variants.iter().map(|o| o.backend_id("1.24.1")).collect();
-        assert_eq!(ids[0], format!("onnxruntime-1.24.1:openvino:CPU/g{g}-portable"));
+        assert_eq!(
+            ids[0],
+            format!("onnxruntime-1.24.1:openvino:CPU/g{g}-portable")
+        );
         for id in &ids[1..] {
             let hash = id.strip_prefix(&format!("{base}-")).expect(id);
-            assert!(hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+            assert!(
+                hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+                "{id}"
+            );
         }
         // The same options in another order are the same backend.
         let two = |a: (&str, &str), b: (&str, &str)| OrtOptions {
@@ -2566,7 +2572,10 @@ mod tests {
             ..ov.clone()
         };
         let (x, y) = (("a", "1"), ("b", "2"));
-        assert_eq!(two(x, y).backend_id("1.24.1"), two(y, x).backend_id("1.24.1"));
+        assert_eq!(
+            two(x, y).backend_id("1.24.1"),
+            two(y, x).backend_id("1.24.1")
+        );
         ids.push(two(x, y).backend_id("1.24.1"));
         ids.push(ov.backend_id("1.32.0"));
         ids.push(base);
