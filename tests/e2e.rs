@@ -1029,3 +1029,82 @@ fn scope_model_route_dumps_every_prompt() {
         .iter()
         .any(|l| l["kind"].as_str().unwrap().starts_with("locality: ")));
 }
+
+/// A rephrase that describes its subject in passing ("Rome, the Italian capital, was built on
+/// the banks of which river?") routes home: the router tries the query once more without the
+/// description. These nine rephrases of data/memory-heldout11.json routed nowhere before that
+/// rule (session 27).
+#[test]
+fn scope_model_routes_rephrases_that_describe_their_subject() {
+    let Some(model) = real_model() else {
+        return;
+    };
+    let Some(scope) = amend_runtime::default_scope_model_path().and_then(present) else {
+        return;
+    };
+    let dir = tmp().join("route-appositive");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("e2e-appositive");
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../data/memory-heldout11.json")).unwrap();
+    let ids = [4, 6, 11, 21, 25, 31, 40, 42, 46].map(|i| format!("mem-h11-{i:03}"));
+    let some: Vec<&serde_json::Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| ids.iter().any(|id| r["id"] == id.as_str()))
+        .collect();
+    assert_eq!(some.len(), ids.len());
+    let data = dir.join("nine.json");
+    std::fs::write(&data, serde_json::to_vec(&some).unwrap()).unwrap();
+    let bundle = dir.join("nine.amend");
+    let mut args = compile_args(&model, "serac", &data, &bundle, &key, &["--no-drift-check"]);
+    args.extend(["--scope-model", s(&scope), "--verify-on", "none"]);
+    ok(&args);
+    let dump = dir.join("route.jsonl");
+    ok(&[
+        "scope-model",
+        "route",
+        "--bundle",
+        s(&bundle),
+        "--pubkey",
+        s(&public),
+        "--data",
+        s(&data),
+        "--scope-model",
+        s(&scope),
+        "--dump",
+        s(&dump),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let described: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["kind"] == "rephrase"
+                && amend_edits::families::without_appositives(l["prompt"].as_str().unwrap())
+                    .is_some()
+        })
+        .collect();
+    assert_eq!(
+        described.len(),
+        ids.len(),
+        "one described rephrase per record"
+    );
+    for l in described {
+        assert!(l["in_scope"] == true && l["best"] == l["own"], "{l}");
+    }
+    // The same subjects' other facts stay out, but for one probe whose answer is the edit's
+    // own ("Which company bought WhatsApp in 2014?" against "Which company is the owner of
+    // WhatsApp?"), routed home with or without the rule.
+    for l in lines
+        .iter()
+        .filter(|l| l["kind"] == "locality: Subject_Specificity")
+    {
+        let same_answer = l["prompt"] == "Which company bought WhatsApp in 2014?";
+        assert!(l["in_scope"] == false || same_answer, "{l}");
+    }
+}

@@ -261,7 +261,34 @@ impl ScopeModel {
     /// Routes `prompt` (`q`: its encode by this model) through a scope-model memory, relation
     /// groups included (their stripped queries encoded here): what the runtime and
     /// `amend scope-model route` both do.
+    ///
+    /// A prompt that routes nowhere and describes something in passing ("Rome, the Italian
+    /// capital, was built on") is routed once more without the description
+    /// ([`amend_edits::families::without_appositives`]; one more encode, for those prompts only),
+    /// and that route is taken when it is in scope.
     pub fn route(
+        &self,
+        mem: &amend_edits::families::Memory<'_>,
+        prompt: &str,
+        q: &ScopeEncoding,
+    ) -> Option<amend_edits::families::RouteHit> {
+        let hit = self.route_one(mem, prompt, q);
+        if hit.as_ref().is_some_and(|h| h.in_scope) {
+            return hit;
+        }
+        let Some(core) = amend_edits::families::without_appositives(prompt) else {
+            return hit;
+        };
+        let Ok(qc) = self.encode(&core) else {
+            return hit;
+        };
+        match self.route_one(mem, &core, &qc) {
+            Some(h) if h.in_scope => Some(h),
+            _ => hit,
+        }
+    }
+
+    fn route_one(
         &self,
         mem: &amend_edits::families::Memory<'_>,
         prompt: &str,

@@ -301,6 +301,46 @@ pub fn strip_subject(text: &str, subject: &str) -> Option<String> {
     Some(out)
 }
 
+/// `text` without the descriptions set off by commas that open with an article ("Rome, the
+/// Italian capital, was built on" -> "Rome was built on"), or `None` when it has none. Users
+/// describe the subject in passing; the stored prompt does not, and the description pulls the
+/// query's embedding away from its record (most rephrases the router missed on held-out sets
+/// that carried one). A description is `, ` + `the`/`a`/`an` + at most 16 more words + `,`
+/// with no sentence end inside; what follows the second comma is kept.
+pub fn without_appositives(text: &str) -> Option<String> {
+    const MAX_WORDS: usize = 16;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(i) = rest.find(", ") {
+        let after = &rest[i + 2..];
+        let opens = ["the ", "The ", "a ", "an "]
+            .iter()
+            .any(|a| after.starts_with(a));
+        let close = after.find(',').filter(|&j| {
+            let inner = &after[..j];
+            opens
+                && !inner.contains(['.', '?', '!', ';', ':', '(', ')'])
+                && inner.split_whitespace().count() <= MAX_WORDS
+                // Something must follow the description.
+                && !after[j + 1..].trim().is_empty()
+        });
+        match close {
+            Some(j) => {
+                out.push_str(&rest[..i]);
+                rest = &after[j + 1..];
+                changed = true;
+            }
+            None => {
+                out.push_str(&rest[..i + 2]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
 /// A trained scope head: an ensemble of one-hidden-layer perceptrons over the features of a
 /// (query, record) pair ([`ScopeHead::features`]), trained offline on labelled rephrases and
 /// neighbours (`amend scope-model train-head`). Its mean logit decides "in scope" where the
@@ -1124,6 +1164,42 @@ mod tests {
         let (maxsim, _) = subject_relation(&[0.0, 0.0, 1.0], &relation, &q[..6], 3);
         assert!(maxsim.abs() < 1e-6);
         assert_eq!(subject_relation(&subject, &relation, &[], 3), (0.0, 0.0));
+    }
+
+    #[test]
+    fn without_appositives_drops_descriptions_set_off_by_commas() {
+        let w = |t: &str| without_appositives(t);
+        assert_eq!(
+            w("Rome, the Italian capital, was built on the banks of which river?").as_deref(),
+            Some("Rome was built on the banks of which river?")
+        );
+        assert_eq!(
+            w("The Analytical Engine, a 19th-century design for a mechanical computer, was conceived by whom?").as_deref(),
+            Some("The Analytical Engine was conceived by whom?")
+        );
+        // Two descriptions.
+        assert_eq!(
+            w("Nirvana, the grunge band, and Pearl Jam, an American band, came from").as_deref(),
+            Some("Nirvana and Pearl Jam came from")
+        );
+        // Not a description: no article, a clause, nothing after it, too long, no second comma.
+        for t in [
+            "The body's oxygen carriers, red blood cells, are made in the",
+            "In 1969, John Lennon married the artist",
+            "Which city is home to it, the tower?",
+            "Paris, the city of a thousand lights and many many more words than any description should ever hold, is in",
+            "Who painted the ceiling, the famous one",
+            "Plain text without commas",
+            "",
+        ] {
+            assert_eq!(w(t), None, "{t}");
+        }
+        // Non-ASCII text keeps its characters.
+        assert_eq!(
+            w("Salvador Dalí, the painter of melting clocks, belonged to the movement called")
+                .as_deref(),
+            Some("Salvador Dalí belonged to the movement called")
+        );
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub use low_rank::{
     inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankMerger, LowRankTensor,
 };
 pub use memory::{
-    strip_subject, subject_relation, subject_relation_rest, Embedder, Memory, MemoryHit,
-    MemoryRecord, RelationGroups, RouteHit, ScopeHead, ScopeRouting,
+    strip_subject, subject_relation, subject_relation_rest, without_appositives, Embedder, Memory,
+    MemoryHit, MemoryRecord, RelationGroups, RouteHit, ScopeHead, ScopeRouting,
 };
 pub use neurons::{Activation, PatchNeurons};
 
