@@ -302,13 +302,18 @@ pub fn strip_subject(text: &str, subject: &str) -> Option<String> {
 }
 
 /// `text` without the descriptions set off by commas that open with an article ("Rome, the
-/// Italian capital, was built on" -> "Rome was built on"), or `None` when it has none. Users
-/// describe the subject in passing; the stored prompt does not, and the description pulls the
-/// query's embedding away from its record (most rephrases the router missed on held-out sets
-/// that carried one). A description is `, ` + `the`/`a`/`an` + at most 16 more words + `,`
-/// with no sentence end inside; what follows the second comma is kept.
+/// Italian capital, was built on" -> "Rome was built on"; "Who wrote Don Giovanni, the 1787
+/// opera?" -> "Who wrote Don Giovanni?"), or `None` when it has none. Users describe the
+/// subject in passing; the stored prompt does not, and the description pulls the query's
+/// embedding away from its record (most rephrases the router missed on held-out sets that
+/// carried one). A description is `, ` + `the`/`a`/`an` + at most 16 more words, with no sentence
+/// end inside, closed by a `,` that something follows, or by the `?` that ends the text.
 pub fn without_appositives(text: &str) -> Option<String> {
     const MAX_WORDS: usize = 16;
+    let description = |inner: &str| {
+        !inner.contains(['.', '?', '!', ';', ':', '(', ')', ','])
+            && inner.split_whitespace().count() <= MAX_WORDS
+    };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut changed = false;
@@ -317,18 +322,20 @@ pub fn without_appositives(text: &str) -> Option<String> {
         let opens = ["the ", "The ", "a ", "an "]
             .iter()
             .any(|a| after.starts_with(a));
-        let close = after.find(',').filter(|&j| {
-            let inner = &after[..j];
-            opens
-                && !inner.contains(['.', '?', '!', ';', ':', '(', ')'])
-                && inner.split_whitespace().count() <= MAX_WORDS
-                // Something must follow the description.
-                && !after[j + 1..].trim().is_empty()
-        });
-        match close {
-            Some(j) => {
+        // Where the description ends and what is kept from there.
+        let end = match after.find(',') {
+            Some(j) if !after[j + 1..].trim().is_empty() => Some((j, j + 1)),
+            Some(_) => None,
+            None => after
+                .trim_end()
+                .strip_suffix('?')
+                .map(|q| (q.len(), q.len())),
+        }
+        .filter(|&(j, _)| opens && description(&after[..j]));
+        match end {
+            Some((_, keep)) => {
                 out.push_str(&rest[..i]);
-                rest = &after[j + 1..];
+                rest = &after[keep..];
                 changed = true;
             }
             None => {
@@ -1186,14 +1193,25 @@ mod tests {
         for t in [
             "The body's oxygen carriers, red blood cells, are made in the",
             "In 1969, John Lennon married the artist",
-            "Which city is home to it, the tower?",
             "Paris, the city of a thousand lights and many many more words than any description should ever hold, is in",
             "Who painted the ceiling, the famous one",
+            "Who painted the ceiling, the famous one.",
             "Plain text without commas",
             "",
         ] {
             assert_eq!(w(t), None, "{t}");
         }
+        // A description that ends the question.
+        assert_eq!(
+            w("Which language is official in Suriname, the small country on South America's northern coast?").as_deref(),
+            Some("Which language is official in Suriname?")
+        );
+        assert_eq!(
+            w("Who is the father of Athena, the Greek goddess of wisdom?  ").as_deref(),
+            Some("Who is the father of Athena?  ")
+        );
+        // ... but not a statement's end (the answer follows).
+        assert_eq!(w("The capital of Peru, the Andean country"), None);
         // Non-ASCII text keeps its characters.
         assert_eq!(
             w("Salvador Dalí, the painter of melting clocks, belonged to the movement called")
