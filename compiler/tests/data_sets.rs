@@ -143,6 +143,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout10 = check_memory_set("memory-heldout10.json", 32, "mem-h10-");
     let heldout11 = check_memory_set("memory-heldout11.json", 60, "mem-h11-");
     let heldout12 = check_memory_set("memory-heldout12.json", 60, "mem-h12-");
+    let heldout13 = check_memory_set("memory-heldout13.json", 60, "mem-h13-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -159,6 +160,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout10)
         .chain(&heldout11)
         .chain(&heldout12)
+        .chain(&heldout13)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -174,7 +176,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     // held-out set about subjects in no earlier file (heldout4 on: written by writers that read
     // no compiler code or lexicon; heldout6 to heldout8 in directories of their own).
     assert_subjects_disjoint(&heldout, &[("memory-dev", &dev)]);
-    let in_order: [(&str, &[EditRecord]); 13] = [
+    let in_order: [(&str, &[EditRecord]); 14] = [
         ("memory-dev", &dev),
         ("memory-heldout", &heldout),
         ("memory-heldout2", &heldout2),
@@ -188,6 +190,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         ("memory-heldout10", &heldout10),
         ("memory-heldout11", &heldout11),
         ("memory-heldout12", &heldout12),
+        ("memory-heldout13", &heldout13),
     ];
     for i in 2..in_order.len() {
         let mut earlier = in_order[..i].to_vec();
