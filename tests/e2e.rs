@@ -958,27 +958,23 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     }
 }
 
-/// `amend scope-model route --dump F`: one JSON line per prompt of the data set (edit prompts,
-/// rephrases, locality probes), each naming its kind, its own edit and the best candidate with
-/// its score; every edit prompt routes to its own memory.
-#[test]
-fn scope_model_route_dumps_every_prompt() {
-    let Some(model) = real_model() else {
-        return;
-    };
-    let Some(scope) = amend_runtime::default_scope_model_path().and_then(present) else {
-        return;
-    };
-    let dir = tmp().join("route-dump");
+/// Compiles `records` with `amend compile --method serac` (in `name`'s own directory, with `extra`
+/// compile flags) and routes the same records with `amend scope-model route --dump`: the dump's
+/// lines. `None` (test skipped) without the real model or the scope model.
+fn serac_route_dump(
+    name: &str,
+    records: &[&serde_json::Value],
+    extra: &[&str],
+) -> Option<Vec<serde_json::Value>> {
+    let model = real_model()?;
+    let scope = amend_runtime::default_scope_model_path().and_then(present)?;
+    let dir = tmp().join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let (key, public) = keypair("e2e-route");
-    let all: serde_json::Value =
-        serde_json::from_str(include_str!("../data/memory-dev.json")).unwrap();
-    let some = &all.as_array().unwrap()[..3];
-    let data = dir.join("three.json");
-    std::fs::write(&data, serde_json::to_vec(some).unwrap()).unwrap();
-    let bundle = dir.join("three.amend");
-    let mut args = compile_args(&model, "serac", &data, &bundle, &key, &[]);
+    let (key, public) = keypair(&format!("e2e-{name}"));
+    let data = dir.join("records.json");
+    std::fs::write(&data, serde_json::to_vec(records).unwrap()).unwrap();
+    let bundle = dir.join("records.amend");
+    let mut args = compile_args(&model, "serac", &data, &bundle, &key, extra);
     args.extend(["--scope-model", s(&scope)]);
     ok(&args);
     let dump = dir.join("route.jsonl");
@@ -996,11 +992,26 @@ fn scope_model_route_dumps_every_prompt() {
         "--dump",
         s(&dump),
     ]);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    Some(
+        std::fs::read_to_string(&dump)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
+}
+
+/// `amend scope-model route --dump F`: one JSON line per prompt of the data set (edit prompts,
+/// rephrases, locality probes), each naming its kind, its own edit and the best candidate with
+/// its score; every edit prompt routes to its own memory.
+#[test]
+fn scope_model_route_dumps_every_prompt() {
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../data/memory-dev.json")).unwrap();
+    let some: Vec<&serde_json::Value> = all.as_array().unwrap()[..3].iter().collect();
+    let Some(lines) = serac_route_dump("route-dump", &some, &[]) else {
+        return;
+    };
     let expected: usize = some
         .iter()
         .map(|r| {
@@ -1036,15 +1047,6 @@ fn scope_model_route_dumps_every_prompt() {
 /// rule (session 27).
 #[test]
 fn scope_model_routes_rephrases_that_describe_their_subject() {
-    let Some(model) = real_model() else {
-        return;
-    };
-    let Some(scope) = amend_runtime::default_scope_model_path().and_then(present) else {
-        return;
-    };
-    let dir = tmp().join("route-appositive");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (key, public) = keypair("e2e-appositive");
     let all: serde_json::Value =
         serde_json::from_str(include_str!("../data/memory-heldout11.json")).unwrap();
     let ids = [4, 6, 11, 21, 25, 31, 40, 42, 46].map(|i| format!("mem-h11-{i:03}"));
@@ -1055,32 +1057,10 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
         .filter(|r| ids.iter().any(|id| r["id"] == id.as_str()))
         .collect();
     assert_eq!(some.len(), ids.len());
-    let data = dir.join("nine.json");
-    std::fs::write(&data, serde_json::to_vec(&some).unwrap()).unwrap();
-    let bundle = dir.join("nine.amend");
-    let mut args = compile_args(&model, "serac", &data, &bundle, &key, &["--no-drift-check"]);
-    args.extend(["--scope-model", s(&scope), "--verify-on", "none"]);
-    ok(&args);
-    let dump = dir.join("route.jsonl");
-    ok(&[
-        "scope-model",
-        "route",
-        "--bundle",
-        s(&bundle),
-        "--pubkey",
-        s(&public),
-        "--data",
-        s(&data),
-        "--scope-model",
-        s(&scope),
-        "--dump",
-        s(&dump),
-    ]);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let extra = ["--no-drift-check", "--verify-on", "none"];
+    let Some(lines) = serac_route_dump("route-appositive", &some, &extra) else {
+        return;
+    };
     let described: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| {
