@@ -302,9 +302,9 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     // Collected, then written once through the CLI's atomic writer.
     let mut dump: Option<Vec<u8>> = a.dump.as_ref().map(|_| Vec::new());
     let mut check = |kind: &str, prompt: &str, own: &str| -> anyhow::Result<()> {
-        let q = scope.encode(prompt)?;
+        let q = scope.query(prompt)?;
         n_encodes += 1;
-        let hit = scope.route(&mem, prompt, &q);
+        let hit = scope.route(&mem, &q);
         if let Some(w) = dump.as_mut() {
             use std::io::Write;
             let line = match &hit {

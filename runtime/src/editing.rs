@@ -1004,7 +1004,7 @@ pub(crate) fn route<H: EditHost + ?Sized>(
     // (memory, hit, token terms); compared by (in scope, score).
     let mut best: Option<(usize, families::MemoryHit, Option<ScopeTerms>)> = None;
     let mut cache: Vec<((u32, Site, Pooling), Vec<f32>)> = Vec::new();
-    let mut encoded: Option<(Arc<ScopeModel>, crate::scope::ScopeEncoding)> = None;
+    let mut encoded: Option<(Arc<ScopeModel>, crate::scope::RouteQuery<'_>)> = None;
     for (mi, m) in plan.memories.iter().enumerate() {
         let (hit, terms) = match m.mem.embedder() {
             Embedder::BaseModel {
@@ -1029,11 +1029,11 @@ pub(crate) fn route<H: EditHost + ?Sized>(
                     let scope = h.edits().scope.clone().ok_or_else(|| {
                         RuntimeError::InvalidEdit("no scope model configured".into())
                     })?;
-                    let q = scope.encode(prompt)?;
+                    let q = scope.query(prompt)?;
                     encoded = Some((scope, q));
                 }
                 let (scope, q) = encoded.as_ref().expect("set above");
-                let Some(r) = scope.route(&m.mem, prompt, q) else {
+                let Some(r) = scope.route(&m.mem, q) else {
                     continue;
                 };
                 let routing = m.mem.routing().expect("route returned a hit");

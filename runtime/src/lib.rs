@@ -49,8 +49,8 @@ pub use generate::{
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};
 pub use scope::{
-    default_path as default_scope_model_path, ScopeEncoding, ScopeModel, DEFAULT_SCOPE_THREADS,
-    MAX_TOKENS as SCOPE_MAX_TOKENS,
+    default_path as default_scope_model_path, RouteQuery, ScopeEncoding, ScopeModel,
+    DEFAULT_SCOPE_THREADS, MAX_TOKENS as SCOPE_MAX_TOKENS,
 };
 pub use session::{
     CancelHandle, EvalOptions, Logits, Session, SessionOptions, MAX_N_CTX, MAX_THREADS,

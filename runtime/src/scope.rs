@@ -8,6 +8,7 @@
 //! unit vector (sentence-transformers' pooling: every token, [CLS] and [SEP] included) and the
 //! per-token unit rows of the content tokens (for the subject and relation terms of routing).
 
+use std::cell::OnceCell;
 use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -40,6 +41,15 @@ pub struct ScopeEncoding {
     pub tokens: Vec<Token>,
     /// The text had more than `MAX_TOKENS - 2` content tokens; the rest was not read.
     pub truncated: bool,
+}
+
+/// A prompt to route, encoded once: its own encode, and the encode of its form without
+/// descriptions in passing, made on first need and kept for every further memory routed.
+#[derive(Debug)]
+pub struct RouteQuery<'a> {
+    prompt: &'a str,
+    encoding: ScopeEncoding,
+    core: OnceCell<Option<(String, ScopeEncoding)>>,
 }
 
 struct Ctx {
@@ -258,31 +268,42 @@ impl ScopeModel {
         self.encode(&text).ok().map(|e| e.pooled)
     }
 
-    /// Routes `prompt` (`q`: its encode by this model) through a scope-model memory, relation
-    /// groups included (their stripped queries encoded here): what the runtime and
+    /// `prompt` encoded for routing ([`ScopeModel::route`]).
+    pub fn query<'a>(&self, prompt: &'a str) -> Result<RouteQuery<'a>, RuntimeError> {
+        Ok(RouteQuery {
+            prompt,
+            encoding: self.encode(prompt)?,
+            core: OnceCell::new(),
+        })
+    }
+
+    /// Routes a query ([`ScopeModel::query`]) through a scope-model memory, relation groups
+    /// included (their stripped queries encoded here): what the runtime and
     /// `amend scope-model route` both do.
     ///
     /// A prompt that routes nowhere and describes something in passing ("Rome, the Italian
     /// capital, was built on") is routed once more without the description
-    /// ([`amend_edits::families::without_appositives`]; one more encode, for those prompts only),
-    /// and that route is taken when it is in scope.
+    /// ([`amend_edits::families::without_appositives`]; one more encode, for those prompts only,
+    /// made once per query whatever the number of memories), and that route is taken when it
+    /// is in scope.
     pub fn route(
         &self,
         mem: &amend_edits::families::Memory<'_>,
-        prompt: &str,
-        q: &ScopeEncoding,
+        q: &RouteQuery<'_>,
     ) -> Option<amend_edits::families::RouteHit> {
-        let hit = self.route_one(mem, prompt, q);
+        let hit = self.route_one(mem, q.prompt, &q.encoding);
         if hit.as_ref().is_some_and(|h| h.in_scope) {
             return hit;
         }
-        let Some(core) = amend_edits::families::without_appositives(prompt) else {
+        let core = q.core.get_or_init(|| {
+            let text = amend_edits::families::without_appositives(q.prompt)?;
+            let encoding = self.encode(&text).ok()?;
+            Some((text, encoding))
+        });
+        let Some((text, encoding)) = core else {
             return hit;
         };
-        let Ok(qc) = self.encode(&core) else {
-            return hit;
-        };
-        match self.route_one(mem, &core, &qc) {
+        match self.route_one(mem, text, encoding) {
             Some(h) if h.in_scope => Some(h),
             _ => hit,
         }
