@@ -201,12 +201,18 @@ fn compile_verify_run_eval_one_edit() {
     assert!(report.contains("1/1 reach their target"), "{report}");
     // The compiler checked the edit through the runtime and signed where into the bundle.
     assert!(
-        report.contains("verified on llama.cpp: 1/1 edit(s) answer their target"),
+        report.contains(&format!(
+            "verified on {}: 1/1 edit(s) answer their target",
+            amend_runtime::LLAMA_CPP_BACKEND_ID
+        )),
         "{report}"
     );
     let info = ok(&["inspect", s(&bundle), "--pubkey", s(&public)]);
     assert!(
-        info.contains("verified llama.cpp 1/1 (other backends warn"),
+        info.contains(&format!(
+            "verified {} 1/1 (other backends warn",
+            amend_runtime::LLAMA_CPP_BACKEND_ID
+        )),
         "{info}"
     );
     assert!(info.contains("format   1.2"), "{info}");
@@ -887,7 +893,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         ":cpu/g{}-cpu",
         amend_runtime::onnxruntime::graph::GRAPH_VERSION
     );
-    for b in ["llama.cpp", cpu_id.as_str()] {
+    for b in [amend_runtime::LLAMA_CPP_BACKEND_ID, cpu_id.as_str()] {
         assert!(
             report.contains(&format!("{b}: 1/1 edit(s) answer their target")),
             "{report}"
@@ -895,7 +901,10 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     }
     let info = ok(&["inspect", s(&strict), "--pubkey", s(&public)]);
     assert!(
-        info.contains("verified llama.cpp 1/1, onnxruntime-")
+        info.contains(&format!(
+            "verified {} 1/1, onnxruntime-",
+            amend_runtime::LLAMA_CPP_BACKEND_ID
+        ))
             && info.contains(&format!("{cpu_id} 1/1 (required")),
         "{info}"
     );
@@ -923,7 +932,10 @@ fn verification_record_binds_a_bundle_to_its_backends() {
     assert!(
         err.contains("WARNING bundle")
             && err.contains("was not verified on onnxruntime-")
-            && err.contains(&format!("{cpu_id} (verified on llama.cpp 1/1)")),
+            && err.contains(&format!(
+                "{cpu_id} (verified on {} 1/1)",
+                amend_runtime::LLAMA_CPP_BACKEND_ID
+            )),
         "{err}"
     );
 

@@ -636,7 +636,7 @@ fn verification_record_through_the_c_abi() {
         b.add_edit("e", 1, amend_edits::Site::FfnOutput, "p", "t", p, 0, 1);
         b.set_verification(Some(amend_edits::bundle::Verification {
             backends: vec![amend_edits::bundle::VerifiedBackend {
-                backend: "llama.cpp".into(),
+                backend: amend_runtime::LLAMA_CPP_BACKEND_ID.into(),
                 passed: 1,
                 total: 1,
             }],

@@ -27,9 +27,16 @@ use crate::model::Model;
 use crate::scope::ScopeModel;
 use crate::session::{EvalOptions, Logits, Session};
 
-/// The backend id of llama.cpp in a bundle's verification record (ONNX Runtime's:
-/// `onnxruntime::OrtOptions::backend_id`, e.g. `onnxruntime-1.24.1:openvino:CPU/g7-cpu`).
-pub const LLAMA_CPP_BACKEND_ID: &str = "llama.cpp";
+/// The `llama-cpp-sys-2` release this runtime links. It pins llama.cpp's source, so its kernels
+/// and roundings: the numbers an edit was verified against. A test holds it to the workspace's pin.
+pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
+
+/// The backend id of llama.cpp in a bundle's verification record: `llama.cpp-`, the
+/// [`LLAMA_CPP_SYS_VERSION`] and the device (the CPU, the only one this build runs on). A bundle
+/// verified on another build of llama.cpp names another id, so it warns here (or is refused when
+/// it requires verification) instead of counting as verified. ONNX Runtime's:
+/// `onnxruntime::OrtOptions::backend_id`, e.g. `onnxruntime-1.24.1:openvino:CPU/g7-cpu`.
+pub const LLAMA_CPP_BACKEND_ID: &str = "llama.cpp-0.1.161:cpu";
 
 /// Checks `bundle`'s verification record against the backend it is about to run on (`backend`:
 /// [`crate::Backend::backend_id`]). `Ok(None)`: verified there, or the bundle has no record
@@ -1284,5 +1291,29 @@ impl EditHost for Session {
     }
     fn set_answer(&mut self, plan: Option<crate::answer::AnswerPlan>) {
         Session::set_answer(self, plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The id names the llama.cpp the workspace pins: a bump of `llama-cpp-sys-2` without this
+    /// constant would let bundles verified on the old build count as verified on the new one.
+    #[test]
+    fn llama_cpp_backend_id_names_the_pinned_build() {
+        let manifest = include_str!("../../Cargo.toml");
+        let line = manifest
+            .lines()
+            .find(|l| l.trim_start().starts_with("llama-cpp-sys-2 "))
+            .expect("the workspace pins llama-cpp-sys-2");
+        let pin = line
+            .split("version = \"=")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("an exact version pin (=X.Y.Z)");
+        assert_eq!(pin, LLAMA_CPP_SYS_VERSION, "{line}");
+        assert_eq!(LLAMA_CPP_BACKEND_ID, format!("llama.cpp-{pin}:cpu"));
+        assert!(LLAMA_CPP_BACKEND_ID.len() <= 64);
     }
 }

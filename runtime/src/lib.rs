@@ -40,6 +40,7 @@ pub use detok::Detokenizer;
 pub use editing::{
     check_scope_model, check_verified, CodebookEvent, ExpiredEvent, Explain, LowRankEvent,
     MemoryEvent, NeuronEvent, Request, ScopeTerms, UnverifiedEvent, LLAMA_CPP_BACKEND_ID,
+    LLAMA_CPP_SYS_VERSION,
 };
 pub use error::{Result, RuntimeError};
 pub use generate::{

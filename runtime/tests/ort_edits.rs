@@ -658,13 +658,21 @@ fn verification_records_warn_or_refuse_on_other_backends() {
     assert_eq!(cpu, format!("onnxruntime-{version}:cpu/g{g}-cpu"));
     assert!(version.starts_with("1."), "{version}");
     assert_eq!(ll.backend_id(), amend_runtime::LLAMA_CPP_BACKEND_ID);
-    let cases: [(&str, &[(&str, u32)], bool); 6] = [
-        ("v-llama", &[("llama.cpp", 1)], false),
-        ("v-llama-req", &[("llama.cpp", 1)], true),
-        ("v-both-req", &[("llama.cpp", 1), (cpu, 1)], true),
+    let ll_id = amend_runtime::LLAMA_CPP_BACKEND_ID;
+    assert_eq!(
+        ll_id,
+        format!("llama.cpp-{}:cpu", amend_runtime::LLAMA_CPP_SYS_VERSION)
+    );
+    let cases: [(&str, &[(&str, u32)], bool); 7] = [
+        ("v-llama", &[(ll_id, 1)], false),
+        ("v-llama-req", &[(ll_id, 1)], true),
+        ("v-both-req", &[(ll_id, 1), (cpu, 1)], true),
         // 0 of 1 passed on the CPU EP: listed, yet not verified there.
-        ("v-cpu-failed", &[("llama.cpp", 1), (cpu, 0)], false),
-        ("v-cpu-failed-req", &[("llama.cpp", 1), (cpu, 0)], true),
+        ("v-cpu-failed", &[(ll_id, 1), (cpu, 0)], false),
+        ("v-cpu-failed-req", &[(ll_id, 1), (cpu, 0)], true),
+        // Verified on another llama.cpp build (or recorded before builds were named): refused
+        // where required, on llama.cpp as well.
+        ("v-other-llama-req", &[("llama.cpp", 1)], true),
         // Verified on the CPU EP of another ONNX Runtime release: not this backend.
         (
             "v-other-ort-req",
