@@ -904,8 +904,7 @@ fn verification_record_binds_a_bundle_to_its_backends() {
         info.contains(&format!(
             "verified {} 1/1, onnxruntime-",
             amend_runtime::LLAMA_CPP_BACKEND_ID
-        ))
-            && info.contains(&format!("{cpu_id} 1/1 (required")),
+        )) && info.contains(&format!("{cpu_id} 1/1 (required")),
         "{info}"
     );
     let on_cpu = run(&strict, "cpu");
