@@ -608,7 +608,34 @@ fn compile_refuses_partial_and_drifting_bundles() {
     assert_eq!(files_of(&dir, "partial"), ["partial.amend"]);
     // The closed loop through the runtime names the miss too, and the record says so: a
     // runtime warns about this bundle even on llama.cpp.
-    assert!(report.contains("fail on llama.cpp: dev-001"), "{report}");
+    assert!(
+        report.contains(&format!(
+            "fail on {}: dev-001",
+            amend_runtime::LLAMA_CPP_BACKEND_ID
+        )),
+        "{report}"
+    );
+
+    // T-Patcher says why an edit falls short: one step leaves the target unanswered.
+    let tp = dir.join("tp.amend");
+    let report = ok(&compile_args(
+        &model,
+        "tpatcher",
+        &edits,
+        &tp,
+        &key,
+        &[
+            "--set",
+            "tpatcher.steps=1",
+            "--no-drift-check",
+            "--allow-partial",
+        ],
+    ));
+    assert!(
+        report.contains("not reached: dev-001")
+            && report.contains("; short: the compiler's forward does not answer the target"),
+        "{report}"
+    );
 
     // A radius covering every key: the edit's value replaces the FFN output everywhere.
     let one = dir.join("one.json");

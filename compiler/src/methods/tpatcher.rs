@@ -169,6 +169,21 @@ pub(crate) fn compile(
             count,
         });
         report(t.steps, t.loss, true);
+        // Why an edit falls short, in words: the numbers alone read as a pass (the runtime check
+        // can pass while the neuron also fires on unrelated text).
+        let mut short = Vec::new();
+        if t.max_mem_act >= 0.0 {
+            short.push(format!(
+                "fires on the neutral corpus (pre-activation {:.3} >= 0), so it would change \
+                 unrelated text",
+                t.max_mem_act
+            ));
+        } else if !t.success {
+            short.push("the compiler's forward does not answer the target".to_string());
+        }
+        if !(check.0 && check.1) {
+            short.push("the runtime check fails".to_string());
+        }
         let rep = EditReport {
             id: r.id.clone(),
             loss: t.loss,
@@ -178,7 +193,7 @@ pub(crate) fn compile(
             action: format!(
                 "{count} neuron(s), edit pre-activation >= {:.4} (teacher forced) {:.4} \
                  (generation), neutral max {:.3}; runtime check{}: teacher forced {}, greedy {}, \
-                 {} retrie(s)",
+                 {} retrie(s){}{}",
                 t.min_edit_act,
                 t.min_gen_act,
                 t.max_mem_act,
@@ -189,7 +204,9 @@ pub(crate) fn compile(
                 },
                 check.0,
                 check.1,
-                attempt
+                attempt,
+                if short.is_empty() { "" } else { "; short: " },
+                short.join("; ")
             ),
         };
         c.finished(i, || Done::of(&rep, vec![t.biases, t.keys, t.values]))?;
