@@ -144,6 +144,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     let heldout11 = check_memory_set("memory-heldout11.json", 60, "mem-h11-");
     let heldout12 = check_memory_set("memory-heldout12.json", 60, "mem-h12-");
     let heldout13 = check_memory_set("memory-heldout13.json", 60, "mem-h13-");
+    let heldout14 = check_memory_set("memory-heldout14.json", 60, "mem-h14-");
     let original = records("dev-edits.json");
 
     let all: Vec<&EditRecord> = dev
@@ -161,6 +162,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         .chain(&heldout11)
         .chain(&heldout12)
         .chain(&heldout13)
+        .chain(&heldout14)
         .chain(&original)
         .collect();
     let mut ids = HashSet::new();
@@ -176,7 +178,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
     // held-out set about subjects in no earlier file (heldout4 on: written by writers that read
     // no compiler code or lexicon; heldout6 to heldout8 in directories of their own).
     assert_subjects_disjoint(&heldout, &[("memory-dev", &dev)]);
-    let in_order: [(&str, &[EditRecord]); 14] = [
+    let in_order: [(&str, &[EditRecord]); 15] = [
         ("memory-dev", &dev),
         ("memory-heldout", &heldout),
         ("memory-heldout2", &heldout2),
@@ -191,6 +193,7 @@ fn memory_sets_are_well_formed_and_disjoint() {
         ("memory-heldout11", &heldout11),
         ("memory-heldout12", &heldout12),
         ("memory-heldout13", &heldout13),
+        ("memory-heldout14", &heldout14),
     ];
     for i in 2..in_order.len() {
         let mut earlier = in_order[..i].to_vec();
