@@ -108,3 +108,42 @@ fn tpatcher_edits_gemma3() {
         "locality {loc_same}/{loc_n}"
     );
 }
+
+/// An edit whose frozen key already fires on the neutral corpus (mem-ho-001 of
+/// data/memory-heldout.json, an edit request only: some neutral row lies as far along the key as
+/// the edit's own input) cannot be silenced by training values. It stops at the loss target like
+/// any other edit instead of running every step, and is reported short, saying why.
+#[test]
+fn tpatcher_reports_a_key_that_fires_on_neutral_text_without_training_on() {
+    use amend_compiler::dataset::{self, DataFormat};
+    use amend_compiler::{Compiler, Hparams};
+    let Some(path) = common::real_model_path() else {
+        return;
+    };
+    let records = dataset::load(
+        &common::repo_file("data/memory-heldout.json"),
+        DataFormat::Auto,
+    )
+    .unwrap();
+    let one: Vec<_> = records
+        .into_iter()
+        .filter(|r| r.id == "mem-ho-001")
+        .collect();
+    assert_eq!(one.len(), 1);
+    let mut c = Compiler::open(&path).unwrap();
+    let hp = Hparams::resolve(c.fwd.cfg.arch, None, &[]).unwrap();
+    let r = common::compile(&mut c, Method::TPatcher, &one, &hp, None, None)
+        .reports
+        .remove(0);
+    assert!(
+        !r.success && r.action.contains("; short: fires on the neutral corpus"),
+        "{}",
+        r.action
+    );
+    assert!(
+        r.steps < hp.tpatcher.steps,
+        "{} steps: {}",
+        r.steps,
+        r.action
+    );
+}
