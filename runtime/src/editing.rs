@@ -27,16 +27,23 @@ use crate::model::Model;
 use crate::scope::ScopeModel;
 use crate::session::{EvalOptions, Logits, Session};
 
+/// The `llama-cpp-sys-2` release this runtime links, once for both constants below.
+macro_rules! llama_cpp_sys_version {
+    () => {
+        "0.1.161"
+    };
+}
+
 /// The `llama-cpp-sys-2` release this runtime links. It pins llama.cpp's source, so its kernels
 /// and roundings: the numbers an edit was verified against. A test holds it to the workspace's pin.
-pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
+pub const LLAMA_CPP_SYS_VERSION: &str = llama_cpp_sys_version!();
 
 /// The backend id of llama.cpp in a bundle's verification record: `llama.cpp-`, the
 /// [`LLAMA_CPP_SYS_VERSION`] and the device (the CPU, the only one this build runs on). A bundle
 /// verified on another build of llama.cpp names another id, so it warns here (or is refused when
 /// it requires verification) instead of counting as verified. ONNX Runtime's:
 /// `onnxruntime::OrtOptions::backend_id`, e.g. `onnxruntime-1.24.1:openvino:CPU/g7-cpu`.
-pub const LLAMA_CPP_BACKEND_ID: &str = "llama.cpp-0.1.161:cpu";
+pub const LLAMA_CPP_BACKEND_ID: &str = concat!("llama.cpp-", llama_cpp_sys_version!(), ":cpu");
 
 /// Checks `bundle`'s verification record against the backend it is about to run on (`backend`:
 /// [`crate::Backend::backend_id`]). `Ok(None)`: verified there, or the bundle has no record

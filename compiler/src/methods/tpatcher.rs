@@ -621,19 +621,6 @@ fn train(
         * (hp.init_value_scale as f64 / act0))?)
         .detach(); // [m, 1]
     let raw_v = Var::from_tensor(&Tensor::zeros((m, dim), candle_core::DType::F32, dev)?)?;
-    // A frozen key that already fires on a neutral row stays so: training the values cannot
-    // silence it (that row lies as far along the key as the edit's input). Such an edit stops
-    // at the loss target like any other instead of training on for nothing; it is reported
-    // short. (Training its key instead was measured and not kept: docs/methods.md.)
-    let silence_reachable = hp.train_keys
-        || memory
-            .matmul(&k0.t()?)?
-            .broadcast_add(bias.as_tensor())?
-            .max_keepdim(0)?
-            .max_keepdim(1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?[0]
-            < 0.0;
     let trainable = if hp.train_keys {
         vec![raw_k.clone(), bias.clone(), raw_v.clone()]
     } else {
@@ -726,8 +713,12 @@ fn train(
         }
         report(step, l_edit, false);
         steps = step + 1;
+        // With frozen keys (the default) `silent` never changes: a key that already fires on a
+        // neutral row keeps firing whatever the values learn, so such an edit stops at the loss
+        // target like any other instead of training on for nothing; it is reported short.
+        // (Training its key instead was measured and not kept: docs/methods.md.)
         if success
-            && (silent || !silence_reachable)
+            && (silent || !hp.train_keys)
             && l_edit < stop_loss
             && min_edit.min(min_gen) >= hp.edit_margin
         {
