@@ -187,6 +187,13 @@ impl GgmlType {
         self.info().map(|i| i.0)
     }
 
+    /// A type llama.cpp stores model weights in and computes with: the float and quantized
+    /// types, not the integer types, F64, or the activation-only Q8_1 and Q8_K (their CPU dot
+    /// products do not exist for weights).
+    pub fn is_weight_type(self) -> bool {
+        self.info().is_some() && !matches!(self.0, 9 | 15 | 24..=28)
+    }
+
     /// Bytes of a tensor of this type and shape; errors for unknown types, `ne[0]` not a multiple
     /// of the block size, and overflow.
     pub fn byte_size(self, tensor: &str, ne: &[u64]) -> Result<u64, GgufError> {

@@ -14,7 +14,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::{GgufArray, GgufHeader, GgufValue};
+use super::{GgmlType, GgufArray, GgufHeader, GgufValue};
 
 /// llama.cpp's `LLAMA_MAX_LAYERS`: more layers is a GGML_ASSERT at load.
 pub const MAX_LAYERS: u64 = 512;
@@ -71,6 +71,89 @@ pub struct ModelHparams {
     pub n_vocab: u32,
     /// Every `tokenizer.ggml.*_token_id` key, in file order, each below `n_vocab`.
     pub special_tokens: Vec<(String, u32)>,
+}
+
+/// The `tokenizer.ggml.model` values accepted: SentencePiece (gemma3, llama 2), byte-level BPE
+/// (llama 3, qwen2, qwen3) and WordPiece (the `bert` scope model). llama.cpp knows others, but
+/// the architectures amend runs use these, and each one's failure modes are checked below.
+pub const TOKENIZERS: &[&str] = &["llama", "gpt2", "bert"];
+
+/// llama.cpp's `LLAMA_TOKEN_TYPE_BYTE`.
+const TOKEN_TYPE_BYTE: i64 = 6;
+
+/// What llama.cpp's vocabulary load and tokenizers assume of the token list, where breaking it
+/// aborts the process instead of failing the load:
+/// - every token text is unique (`GGML_ASSERT(id_to_token.size() == token_to_id.size())`);
+/// - a SentencePiece vocabulary has a token for every byte, `<0xXX>` (or the character itself
+///   for ASCII): its byte fallback looks them up with `unordered_map::at` while tokenizing, and
+///   the `std::out_of_range` a missing one throws cannot cross the C API;
+/// - a WordPiece vocabulary has no byte-typed tokens (rendering one is `GGML_ABORT`).
+fn check_vocabulary(h: &GgufHeader, tokenizer: &str, tokens: &[String]) -> Result<(), HparamError> {
+    const TOKENS: &str = "tokenizer.ggml.tokens";
+    let mut sorted: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return err(
+            TOKENS,
+            format!(
+                "the token {:?} appears more than once (llama.cpp asserts every token is unique)",
+                w[0]
+            ),
+        );
+    }
+    let has = |t: &str| sorted.binary_search(&t).is_ok();
+    match tokenizer {
+        "llama" => {
+            let mut buf = String::new();
+            for b in 0..=255u8 {
+                buf.clear();
+                buf.push_str(&format!("<0x{b:02X}>"));
+                let ascii = b.is_ascii() && {
+                    let c = [b];
+                    core::str::from_utf8(&c).is_ok_and(has)
+                };
+                if !has(&buf) && !ascii {
+                    return err(
+                        TOKENS,
+                        format!(
+                            "a SentencePiece vocabulary needs the byte token {buf} (llama.cpp's byte fallback aborts without it)"
+                        ),
+                    );
+                }
+            }
+        }
+        "bert" => {
+            const TYPES: &str = "tokenizer.ggml.token_type";
+            if let Some(types) = h
+                .get(TYPES)
+                .and_then(GgufValue::as_array)
+                .and_then(array_ints_signed)
+            {
+                if let Some(i) = types.iter().position(|&t| t == TOKEN_TYPE_BYTE) {
+                    return err(
+                        TYPES,
+                        format!("token {i} is a byte token, which a WordPiece vocabulary cannot render (llama.cpp aborts)"),
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The values of an integer array as i64 (token types are i32 in llama.cpp's files).
+fn array_ints_signed(a: &GgufArray) -> Option<Vec<i64>> {
+    Some(match a {
+        GgufArray::I32(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::U32(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::I8(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::U8(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::I16(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::U16(v) => v.iter().map(|&x| x as i64).collect(),
+        GgufArray::I64(v) => v.clone(),
+        _ => return None,
+    })
 }
 
 /// An integer key, `None` when absent.
@@ -287,22 +370,26 @@ impl ModelHparams {
 
         // Vocabulary.
         const MODEL: &str = "tokenizer.ggml.model";
-        match h.get(MODEL) {
-            Some(GgufValue::String(s)) if s != "none" && s != "no_vocab" && !s.is_empty() => {}
+        let tokenizer = match h.get(MODEL) {
+            Some(GgufValue::String(s)) if TOKENIZERS.contains(&s.as_str()) => s.as_str(),
             Some(v) => {
                 return err(
                     MODEL,
                     format!(
-                        "{} is not a tokenizer (llama.cpp cannot tokenize without one)",
-                        show(v)
+                        "{} is not a tokenizer amend runs (one of {})",
+                        show(v),
+                        TOKENIZERS.join(", ")
                     ),
                 )
             }
             None => return err(MODEL, "is missing".to_string()),
-        }
+        };
         const TOKENS: &str = "tokenizer.ggml.tokens";
         let n_vocab = match h.get(TOKENS) {
-            Some(GgufValue::Array(GgufArray::String(t))) => t.len() as u64,
+            Some(GgufValue::Array(GgufArray::String(t))) => {
+                check_vocabulary(h, tokenizer, t)?;
+                t.len() as u64
+            }
             Some(v) => {
                 return err(
                     TOKENS,
@@ -410,6 +497,24 @@ impl ModelHparams {
             }
         }
         for t in &h.tensors {
+            // llama.cpp multiplies and adds 1-D tensors (norms, biases) as f32 rows (ggml's binary
+            // ops abort on an f16 one) and runs matrices through type-specific dot products (an
+            // integer or activation-only type has none: a segfault).
+            if t.ne.len() <= 1 && t.ggml_type != GgmlType::F32 {
+                return err(
+                    &t.name,
+                    format!("a 1-D tensor must be F32, got {}", t.ggml_type),
+                );
+            }
+            if t.ne.len() > 1 && !t.ggml_type.is_weight_type() {
+                return err(
+                    &t.name,
+                    format!(
+                        "{} is not a weight type llama.cpp computes with",
+                        t.ggml_type
+                    ),
+                );
+            }
             let Some(rest) = t.name.strip_prefix("blk.") else {
                 continue;
             };

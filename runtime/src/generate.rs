@@ -163,6 +163,32 @@ pub struct TokenEvent<'a> {
 // The C++ shim (src/shim.cpp): llama.cpp calls that can throw, with the exception caught on
 // the C++ side and returned as a code (0 done, 1 out of memory, 2 another exception).
 extern "C" {
+    fn amend_decode(
+        ctx: *mut sys::llama_context,
+        batch: *const sys::llama_batch,
+        encode: bool,
+        out: *mut i32,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn amend_tokenize(
+        vocab: *const sys::llama_vocab,
+        text: *const std::ffi::c_char,
+        text_len: i32,
+        tokens: *mut sys::llama_token,
+        n_tokens_max: i32,
+        add_special: bool,
+        parse_special: bool,
+        out: *mut i32,
+    ) -> i32;
+    fn amend_token_to_piece(
+        vocab: *const sys::llama_vocab,
+        token: sys::llama_token,
+        buf: *mut std::ffi::c_char,
+        length: i32,
+        lstrip: i32,
+        special: bool,
+        out: *mut i32,
+    ) -> i32;
     fn amend_sampler_init_penalties(
         n_vocab: i32,
         penalty_last_n: i32,
@@ -186,6 +212,94 @@ extern "C" {
 }
 
 /// The error for a shim code other than 0.
+/// llama.cpp's tokenizer through the shim: a C++ exception is `CppException`, never an abort.
+///
+/// # Safety
+/// As `llama_tokenize`: a live vocabulary, `text` valid for `text_len` bytes, `tokens` for
+/// `n_max` tokens.
+pub(crate) unsafe fn tokenize_raw(
+    vocab: *const sys::llama_vocab,
+    text: &[u8],
+    tokens: &mut [sys::llama_token],
+    add_special: bool,
+) -> Result<i32, RuntimeError> {
+    let len =
+        i32::try_from(text.len()).map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
+    let n_max =
+        i32::try_from(tokens.len()).map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
+    let mut n = 0;
+    // SAFETY: the caller's vocabulary; the slices give the pointers and lengths.
+    let code = unsafe {
+        amend_tokenize(
+            vocab,
+            text.as_ptr() as *const std::ffi::c_char,
+            len,
+            tokens.as_mut_ptr(),
+            n_max,
+            add_special,
+            false,
+            &mut n,
+        )
+    };
+    if code != 0 {
+        return Err(cpp_exception("llama_tokenize", code));
+    }
+    Ok(n)
+}
+
+/// llama.cpp's `llama_token_to_piece` through the shim (no special tokens rendered).
+///
+/// # Safety
+/// A live vocabulary and a token id below its size.
+pub(crate) unsafe fn token_to_piece_raw(
+    vocab: *const sys::llama_vocab,
+    token: sys::llama_token,
+    buf: &mut [u8],
+) -> Result<i32, RuntimeError> {
+    let len = i32::try_from(buf.len()).unwrap_or(i32::MAX);
+    let mut n = 0;
+    // SAFETY: the caller's vocabulary and token; `buf` has `len` bytes of room.
+    let code = unsafe {
+        amend_token_to_piece(
+            vocab,
+            token,
+            buf.as_mut_ptr() as *mut std::ffi::c_char,
+            len,
+            0,
+            false,
+            &mut n,
+        )
+    };
+    if code != 0 {
+        return Err(cpp_exception("llama_token_to_piece", code));
+    }
+    Ok(n)
+}
+
+/// `llama_decode` (or, with `encode`, `llama_encode`) through the shim: llama.cpp's return code,
+/// or `CppException` where it threw.
+///
+/// # Safety
+/// As `llama_decode`: a live context and a well-formed batch.
+pub(crate) unsafe fn decode_raw(
+    ctx: *mut sys::llama_context,
+    batch: &sys::llama_batch,
+    encode: bool,
+) -> Result<i32, RuntimeError> {
+    let mut rc = 0;
+    // SAFETY: per this function's contract; the shim reads the batch by value.
+    let code = unsafe { amend_decode(ctx, batch, encode, &mut rc) };
+    if code != 0 {
+        let call = if encode {
+            "llama_encode"
+        } else {
+            "llama_decode"
+        };
+        return Err(cpp_exception(call, code));
+    }
+    Ok(rc)
+}
+
 fn cpp_exception(call: &'static str, code: i32) -> RuntimeError {
     RuntimeError::CppException {
         call,
@@ -281,6 +395,15 @@ impl Sampler {
 mod shim_tests {
     extern "C" {
         fn amend_shim_selftest(kind: i32) -> i32;
+        fn amend_shim_batch_size() -> usize;
+    }
+
+    /// The shim's `llama_batch` (passed by value to `llama_decode`) is llama.h's.
+    #[test]
+    fn shim_batch_layout_is_llama_h() {
+        // SAFETY: a plain C function without arguments.
+        let n = unsafe { amend_shim_batch_size() };
+        assert_eq!(n, std::mem::size_of::<llama_cpp_sys_2::llama_batch>());
     }
 
     /// The shim's try/catch is linked and works: a thrown `bad_alloc` or `runtime_error` comes

@@ -236,21 +236,16 @@ impl Model {
 
     /// Tokenizes `text`. With `add_bos`, BOS is prepended when the model's tokenizer asks for it.
     pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, RuntimeError> {
-        let len = i32::try_from(text.len())
-            .map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
         let mut out: Vec<Token> = vec![0; text.len() + 2];
         for _ in 0..2 {
-            // SAFETY: `out` has room for `out.len()` tokens; text pointer/len are valid.
+            // SAFETY: a live vocabulary; the slices give pointers and lengths.
             let n = unsafe {
-                sys::llama_tokenize(
+                crate::generate::tokenize_raw(
                     self.vocab.as_ptr(),
-                    text.as_ptr() as *const c_char,
-                    len,
-                    out.as_mut_ptr(),
-                    out.len() as i32,
+                    text.as_bytes(),
+                    &mut out,
                     add_bos,
-                    false,
-                )
+                )?
             };
             if n >= 0 {
                 out.truncate(n as usize);
@@ -270,16 +265,9 @@ impl Model {
         self.check_token(token)?;
         let mut buf = vec![0u8; 32];
         for _ in 0..2 {
-            // SAFETY: buf has buf.len() bytes of room.
+            // SAFETY: a live vocabulary and a checked token.
             let n = unsafe {
-                sys::llama_token_to_piece(
-                    self.vocab.as_ptr(),
-                    token,
-                    buf.as_mut_ptr() as *mut c_char,
-                    buf.len() as i32,
-                    0,
-                    false,
-                )
+                crate::generate::token_to_piece_raw(self.vocab.as_ptr(), token, &mut buf)?
             };
             if n >= 0 {
                 buf.truncate(n as usize);

@@ -100,7 +100,7 @@ impl RawContext {
                 let t0 = Instant::now();
                 let c0 = thread_cpu_time();
                 fill(&mut batch, prompt, 0);
-                let rc = sys::llama_decode(self.ctx.as_ptr(), batch);
+                let rc = crate::generate::decode_raw(self.ctx.as_ptr(), &batch, false)?;
                 if rc != 0 {
                     return Err(RuntimeError::Decode { code: rc });
                 }
@@ -123,7 +123,7 @@ impl RawContext {
                         break;
                     }
                     fill(&mut batch, &[tok], prompt.len() + i);
-                    let rc = sys::llama_decode(self.ctx.as_ptr(), batch);
+                    let rc = crate::generate::decode_raw(self.ctx.as_ptr(), &batch, false)?;
                     if rc != 0 {
                         return Err(RuntimeError::Decode { code: rc });
                     }
@@ -152,8 +152,9 @@ impl RawContext {
                 **batch.seq_id.add(j) = 0;
                 *batch.logits.add(j) = 1;
             }
-            let rc = sys::llama_decode(self.ctx.as_ptr(), batch);
+            let rc = crate::generate::decode_raw(self.ctx.as_ptr(), &batch, false);
             sys::llama_batch_free(batch);
+            let rc = rc?;
             if rc != 0 {
                 return Err(RuntimeError::Decode { code: rc });
             }

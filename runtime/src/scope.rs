@@ -9,7 +9,7 @@
 //! per-token unit rows of the content tokens (for the subject and relation terms of routing).
 
 use std::cell::OnceCell;
-use std::ffi::{c_char, CString};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -124,6 +124,16 @@ impl ScopeModel {
                 return Err(invalid(path, format!("no tensor {t}")));
             }
         }
+        // llama.cpp's bert graph adds the first row of the token-type table to f32 activations:
+        // any other type aborts in ggml's binary ops.
+        if let Some(t) = header.tensor("token_types.weight") {
+            if t.ggml_type != amend_edits::gguf::GgmlType::F32 {
+                return Err(invalid(
+                    path,
+                    format!("token_types.weight must be F32, got {}", t.ggml_type),
+                ));
+            }
+        }
         let fingerprint = amend_edits::fingerprint::model_binding(path)
             .map_err(|e| invalid(path, e.to_string()))?
             .fingerprint;
@@ -225,21 +235,16 @@ impl ScopeModel {
 
     /// The content tokens of `text` (WordPiece, no [CLS]/[SEP]), not truncated.
     pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RuntimeError> {
-        let len = i32::try_from(text.len())
-            .map_err(|_| RuntimeError::Tokenize("text too long".into()))?;
         let mut out: Vec<Token> = vec![0; text.len() + 2];
         for _ in 0..2 {
-            // SAFETY: `out` has room for `out.len()` tokens; text pointer/len are valid.
+            // SAFETY: a live vocabulary; the slices give pointers and lengths.
             let n = unsafe {
-                sys::llama_tokenize(
+                crate::generate::tokenize_raw(
                     self.vocab.as_ptr(),
-                    text.as_ptr() as *const c_char,
-                    len,
-                    out.as_mut_ptr(),
-                    out.len() as i32,
+                    text.as_bytes(),
+                    &mut out,
                     false,
-                    false,
-                )
+                )?
             };
             if n >= 0 {
                 out.truncate(n as usize);
@@ -355,7 +360,7 @@ impl ScopeModel {
                     *(*b.seq_id.add(i)).add(0) = 0;
                     *b.logits.add(i) = 1;
                 }
-                let rc = sys::llama_encode(c.ctx.as_ptr(), *b);
+                let rc = crate::generate::decode_raw(c.ctx.as_ptr(), b, true)?;
                 if rc != 0 {
                     return Err(RuntimeError::Decode { code: rc });
                 }

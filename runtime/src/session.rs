@@ -449,11 +449,20 @@ impl Session {
                 }
             }
             // SAFETY: live context and a well-formed batch; hooks run inside on this thread.
-            let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) };
+            let rc = unsafe { crate::generate::decode_raw(self.ctx.as_ptr(), &self.batch, false) };
             let hook_error = if hooks_on {
                 self.hooks_mut().error.take()
             } else {
                 None
+            };
+            let rc = match rc {
+                Ok(rc) => rc,
+                Err(e) => {
+                    // llama.cpp threw: what it kept of this chunk is unknown, so re-read it.
+                    self.logit_locs.clear();
+                    self.resync_n_past();
+                    return Err(e);
+                }
             };
             if rc != 0 {
                 self.logit_locs.clear();

@@ -85,6 +85,72 @@ int amend_sampler_sample_logits(struct llama_sampler * smpl, const float * logit
     }
 }
 
+struct llama_vocab;
+int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                       int32_t * tokens, int32_t n_tokens_max, bool add_special,
+                       bool parse_special);
+int32_t llama_token_to_piece(const struct llama_vocab * vocab, int32_t token, char * buf,
+                             int32_t length, int32_t lstrip, bool special);
+
+// Tokenizing looks tokens up with `unordered_map::at` (the byte fallback): a vocabulary the
+// pre-load checks let through but that lacks a token would throw `std::out_of_range` here.
+int amend_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                   int32_t * tokens, int32_t n_tokens_max, bool add_special, bool parse_special,
+                   int32_t * out) noexcept {
+    try {
+        *out = llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special,
+                              parse_special);
+        return 0;
+    } catch (const std::bad_alloc &) {
+        return 1;
+    } catch (...) {
+        return 2;
+    }
+}
+
+int amend_token_to_piece(const struct llama_vocab * vocab, int32_t token, char * buf,
+                         int32_t length, int32_t lstrip, bool special, int32_t * out) noexcept {
+    try {
+        *out = llama_token_to_piece(vocab, token, buf, length, lstrip, special);
+        return 0;
+    } catch (const std::bad_alloc &) {
+        return 1;
+    } catch (...) {
+        return 2;
+    }
+}
+
+// As in llama.h (its size is checked against the Rust bindings by a test in generate.rs).
+struct llama_batch {
+    int32_t n_tokens;
+    int32_t * token;
+    float * embd;
+    int32_t * pos;
+    int32_t * n_seq_id;
+    int32_t ** seq_id;
+    int8_t * logits;
+};
+int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch);
+int32_t llama_encode(struct llama_context * ctx, struct llama_batch batch);
+
+size_t amend_shim_batch_size(void) noexcept {
+    return sizeof(struct llama_batch);
+}
+
+// Evaluation allocates (graph reservations, output buffers, the batch splitter) and can throw
+// std::bad_alloc or std::runtime_error on its way to the return codes it documents.
+int amend_decode(struct llama_context * ctx, const struct llama_batch * batch, bool encode,
+                 int32_t * out) noexcept {
+    try {
+        *out = encode ? llama_encode(ctx, *batch) : llama_decode(ctx, *batch);
+        return 0;
+    } catch (const std::bad_alloc &) {
+        return 1;
+    } catch (...) {
+        return 2;
+    }
+}
+
 // Proves the catch machinery of this object (tests): throws what `kind` asks for and catches it
 // like the wrappers above.
 int amend_shim_selftest(int kind) noexcept {

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use amend_edits::gguf::{GgufFile, GgufValue, GgufWriter};
+use amend_edits::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufWriter};
 use amend_runtime::{Architecture, Model, ModelOptions, RuntimeError};
 
 /// The tiny llama model rewritten by `edit` (metadata and tensors copied, then edited).
@@ -20,6 +20,7 @@ fn variant(
         .iter()
         .map(|t| Tensor {
             name: t.name.clone(),
+            ty: t.ggml_type,
             ne: t.ne.clone(),
             data: f.data_of(t).unwrap().to_vec(),
         })
@@ -30,8 +31,7 @@ fn variant(
         w.add(&k, v);
     }
     for t in tensors {
-        w.add_tensor_raw(&t.name, amend_edits::gguf::GgmlType::F32, &t.ne, t.data)
-            .unwrap();
+        w.add_tensor_raw(&t.name, t.ty, &t.ne, t.data).unwrap();
     }
     let p = common::tmp_dir().join(format!("hp-{tag}.gguf"));
     w.write_to(&p).unwrap();
@@ -40,6 +40,7 @@ fn variant(
 
 struct Tensor {
     name: String,
+    ty: GgmlType,
     ne: Vec<u64>,
     data: Vec<u8>,
 }
@@ -176,4 +177,55 @@ fn missing_and_misshapen_tensors() {
     // The unmodified copy still loads: the check refuses only what is wrong.
     let ok = variant("unchanged", |_, _| {});
     Model::open(&ok, ModelOptions::default()).unwrap();
+}
+
+fn tokens(meta: &mut [(String, GgufValue)]) -> &mut Vec<String> {
+    match meta.iter_mut().find(|(k, _)| k == "tokenizer.ggml.tokens") {
+        Some((_, GgufValue::Array(GgufArray::String(t)))) => t,
+        _ => panic!("the tiny model has a token list"),
+    }
+}
+
+/// Vocabularies and tensor types that pass the structure checks but that llama.cpp aborts the
+/// process on (found by tests/hostile_models.rs), each refused naming the key or tensor.
+#[test]
+fn vocabularies_and_tensor_types() {
+    // GGML_ASSERT(id_to_token.size() == token_to_id.size()) in the vocabulary load.
+    let p = variant("dup-token", |m, _| {
+        let t = tokens(m);
+        t[280] = t[281].clone();
+    });
+    assert!(refused(&p, "tokenizer.ggml.tokens").contains("more than once"));
+    // std::out_of_range from the SentencePiece byte fallback, through the C API, while
+    // tokenizing a prompt that needs the byte.
+    let p = variant("no-byte-token", |m, _| {
+        let t = tokens(m);
+        let i = t.iter().position(|x| x == "<0xC3>").unwrap();
+        t[i] = "<byteC3>".into();
+    });
+    assert!(refused(&p, "tokenizer.ggml.tokens").contains("<0xC3>"));
+    // GGML_ABORT rendering a byte token of a WordPiece vocabulary at load.
+    let p = set("tokenizer.ggml.model", "bert");
+    assert!(refused(&p, "tokenizer.ggml.token_type").contains("byte token"));
+    // A tokenizer amend does not run.
+    assert!(bad("tokenizer.ggml.model", "rwkv").contains("llama, gpt2, bert"));
+    // ggml's binary ops abort on an f32 x f16 multiply (a norm) at the first decode.
+    let p = variant("f16-norm", |_, ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blk.1.ffn_norm.weight")
+            .unwrap();
+        t.ty = GgmlType::F16;
+        t.data.truncate(t.data.len() / 2);
+    });
+    assert!(refused(&p, "blk.1.ffn_norm.weight").contains("must be F32"));
+    // No dot product for an I32 matrix: a segfault in the matmul.
+    let p = variant("i32-matrix", |_, ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_v.weight")
+            .unwrap();
+        t.ty = GgmlType(26);
+    });
+    assert!(refused(&p, "blk.0.attn_v.weight").contains("not a weight type"));
 }

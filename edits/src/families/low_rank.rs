@@ -443,6 +443,13 @@ fn lora_pairs<'f>(f: &'f GgufFile<'_>) -> Result<(String, f32, Vec<Pair<'f>>), I
                 ))
             }
         };
+        // llama.cpp multiplies both through type-specific dot products: an integer or
+        // activation-only type has none (a segfault inside llama.cpp).
+        if !a.ggml_type.is_weight_type() || !b.ggml_type.is_weight_type() {
+            return Err(InvalidPayload(
+                "GGUF-LoRA: tensor type is not a weight type llama.cpp computes with",
+            ));
+        }
         // Data must be present and sized (also rejects types this reader cannot size).
         f.data_of(a)
             .and(f.data_of(b))
@@ -707,6 +714,31 @@ mod tests {
                 scale: 1.0
             }]
         );
+        // Integer and activation-only types are refused by both (llama.cpp has no matmul).
+        for ty in [GgmlType(26), GgmlType(24), GgmlType(28), GgmlType::Q8_K] {
+            let mut w = GgufWriter::new();
+            w.add("general.architecture", "llama")
+                .add("general.type", "adapter")
+                .add("adapter.type", "lora");
+            let (n, bytes_per) = if ty == GgmlType::Q8_K {
+                (256, 292)
+            } else {
+                (2, 0)
+            };
+            let size = |rows: u64| {
+                if bytes_per > 0 {
+                    vec![0u8; bytes_per * rows as usize]
+                } else {
+                    vec![0u8; ty.byte_size("w", &[n, rows]).unwrap() as usize]
+                }
+            };
+            w.add_tensor_raw("w.lora_a", ty, &[n, 1], size(1)).unwrap();
+            w.add_tensor_raw("w.lora_b", GgmlType::F32, &[1, 1], vec![0; 4])
+                .unwrap();
+            let b = w.to_bytes();
+            let err = inspect_gguf_lora(&b).unwrap_err();
+            assert!(err.0.contains("weight type"), "{ty}: {}", err.0);
+        }
         // Misaligned memory is refused, not read unaligned.
         let mut shifted = vec![0u8; 1];
         shifted.extend_from_slice(&bytes);

@@ -1,0 +1,561 @@
+//! Model files built to hurt: structurally valid GGUFs whose metadata or tensor table lies
+//! (a head count of 0, a NaN epsilon, a vocabulary shorter than the embedding table, a tensor
+//! with its dimensions swapped, ...). Each mutant is opened and run by the `amend` binary in a
+//! child process, on llama.cpp and on ONNX Runtime's CPU EP: the child must either generate or
+//! exit with an error message. A signal (llama.cpp's `GGML_ASSERT` aborts, a division by zero,
+//! a segfault), a Rust panic or a hang is a failure, because inside a host app it would take the
+//! app down.
+//!
+//! The mutations are systematic, not random: every metadata key gets edge values of its own
+//! type and of another type and is deleted; every tensor gets its dimensions swapped or changed,
+//! its type changed, or is deleted. `HOSTILE_MODELS_REAL=1` adds the real model's metadata
+//! mutations (each mutant is a 253 MB copy, so they are off by default).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use amend_edits::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufWriter};
+use amend_runtime::testutil::write_tiny_model_typed;
+use amend_runtime::Architecture;
+
+fn tmp() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("amend-hostile-models-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .clone()
+}
+
+/// Edge values for a metadata value: of its own type, then of other types.
+fn edge_values(v: &GgufValue) -> Vec<(&'static str, GgufValue)> {
+    use GgufValue as V;
+    let mut out: Vec<(&'static str, GgufValue)> = match v {
+        V::U32(_) | V::U64(_) | V::I32(_) | V::I64(_) | V::U16(_) | V::U8(_) => vec![
+            ("0", V::U32(0)),
+            ("1", V::U32(1)),
+            ("3", V::U32(3)),
+            ("1000", V::U32(1000)),
+            ("2^31", V::U32(1 << 31)),
+            ("u32::MAX", V::U32(u32::MAX)),
+            ("-1 (i32)", V::I32(-1)),
+            ("2^40 (u64)", V::U64(1 << 40)),
+        ],
+        V::F32(_) | V::F64(_) => vec![
+            ("0.0", V::F32(0.0)),
+            ("-1.0", V::F32(-1.0)),
+            ("NaN", V::F32(f32::NAN)),
+            ("inf", V::F32(f32::INFINITY)),
+            ("1e30", V::F32(1e30)),
+            ("1e-30", V::F32(1e-30)),
+        ],
+        V::Bool(b) => vec![("flipped", V::Bool(!b))],
+        V::String(_) => vec![
+            ("empty", V::String(String::new())),
+            ("llama", V::String("llama".into())),
+            ("gemma3", V::String("gemma3".into())),
+            ("bert", V::String("bert".into())),
+            ("4 KB", V::String("x".repeat(4096))),
+        ],
+        V::Array(a) => array_edges(a),
+        V::I8(_) | V::I16(_) => vec![("-1", V::I32(-1))],
+    };
+    // Another type than the reader expects.
+    match v {
+        V::String(_) | V::Array(_) => out.push(("a u32", V::U32(7))),
+        _ => out.push(("a string", V::String("7".into()))),
+    }
+    out
+}
+
+fn array_edges(a: &GgufArray) -> Vec<(&'static str, GgufValue)> {
+    use GgufArray as A;
+    let n = a.len();
+    let half = n / 2;
+    let mut out = vec![];
+    let cut = |k: usize| -> GgufArray {
+        match a {
+            A::U8(v) => A::U8(v[..k].to_vec()),
+            A::I8(v) => A::I8(v[..k].to_vec()),
+            A::U16(v) => A::U16(v[..k].to_vec()),
+            A::I16(v) => A::I16(v[..k].to_vec()),
+            A::U32(v) => A::U32(v[..k].to_vec()),
+            A::I32(v) => A::I32(v[..k].to_vec()),
+            A::U64(v) => A::U64(v[..k].to_vec()),
+            A::I64(v) => A::I64(v[..k].to_vec()),
+            A::F32(v) => A::F32(v[..k].to_vec()),
+            A::F64(v) => A::F64(v[..k].to_vec()),
+            A::Bool(v) => A::Bool(v[..k].to_vec()),
+            A::String(v) => A::String(v[..k].to_vec()),
+            A::Array(v) => A::Array(v[..k].to_vec()),
+        }
+    };
+    out.push(("empty array", GgufValue::Array(cut(0))));
+    if n > 1 {
+        out.push(("one element", GgufValue::Array(cut(1))));
+        out.push(("first half", GgufValue::Array(cut(half))));
+        out.push(("one short", GgufValue::Array(cut(n - 1))));
+    }
+    // Values inside the array that lie.
+    match a {
+        A::I32(v) => {
+            out.push(("all -1", GgufValue::Array(A::I32(vec![-1; v.len()]))));
+            out.push(("all 99", GgufValue::Array(A::I32(vec![99; v.len()]))));
+        }
+        A::U32(v) => {
+            out.push((
+                "all u32::MAX",
+                GgufValue::Array(A::U32(vec![u32::MAX; v.len()])),
+            ));
+        }
+        A::F32(v) => {
+            out.push(("all NaN", GgufValue::Array(A::F32(vec![f32::NAN; v.len()]))));
+        }
+        A::String(v) => {
+            out.push((
+                "all empty strings",
+                GgufValue::Array(A::String(vec![String::new(); v.len()])),
+            ));
+            let mut d = v.clone();
+            if d.len() > 4 {
+                d[3] = d[4].clone();
+            }
+            out.push(("a duplicate token", GgufValue::Array(A::String(d))));
+            let mut e = v.clone();
+            if e.len() > 300 {
+                e[300] = String::new();
+            }
+            out.push(("one empty token", GgufValue::Array(A::String(e))));
+            // SentencePiece's byte fallback looks these up while tokenizing.
+            let renamed: Vec<String> = v
+                .iter()
+                .map(|t| match t.strip_prefix("<0x") {
+                    Some(rest) => format!("<byte{rest}"),
+                    None => t.clone(),
+                })
+                .collect();
+            out.push(("byte tokens renamed", GgufValue::Array(A::String(renamed))));
+            out.push(("an f32 array", GgufValue::Array(A::F32(vec![0.0; v.len()]))));
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Rewrites `f` with its metadata replaced by `meta` and its tensors by `tensors` (name, type,
+/// dims, data).
+fn rewrite(
+    meta: &[(String, GgufValue)],
+    tensors: &[(String, GgmlType, Vec<u64>, Vec<u8>)],
+) -> Option<Vec<u8>> {
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add(k, v.clone());
+    }
+    for (name, ty, ne, data) in tensors {
+        w.add_tensor_raw(name, *ty, ne, data.clone()).ok()?;
+    }
+    Some(w.to_bytes())
+}
+
+/// Which mutations [`mutants`] makes.
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    /// Metadata and every tensor.
+    All,
+    /// Metadata, and the tensors outside the layers plus layer 0's.
+    FirstLayer,
+    /// Metadata only.
+    Metadata,
+}
+
+/// Every mutation of the model in `bytes`: each metadata key, then (per `scope`) tensors. Each
+/// mutant goes to `each` (what it is, the rewritten file) as it is made: the real model's are
+/// 253 MB apiece.
+fn mutants(bytes: &[u8], scope: Scope, each: &mut dyn FnMut(String, Vec<u8>)) {
+    let f = GgufFile::parse(bytes).expect("the seed model parses");
+    let meta: Vec<(String, GgufValue)> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .cloned()
+        .collect();
+    let tensors: Vec<(String, GgmlType, Vec<u64>, Vec<u8>)> = f
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.ggml_type,
+                t.ne.clone(),
+                f.data_of(t).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    for (i, (k, v)) in meta.iter().enumerate() {
+        for (label, nv) in edge_values(v) {
+            let mut m = meta.clone();
+            m[i].1 = nv;
+            if let Some(b) = rewrite(&m, &tensors) {
+                each(format!("{k} = {label}"), b);
+            }
+        }
+        let mut m = meta.clone();
+        m.remove(i);
+        if let Some(b) = rewrite(&m, &tensors) {
+            each(format!("{k} deleted"), b);
+        }
+    }
+    if scope == Scope::Metadata {
+        return;
+    }
+    for (i, (name, ty, ne, data)) in tensors.iter().enumerate() {
+        if scope == Scope::FirstLayer && name.starts_with("blk.") && !name.starts_with("blk.0.") {
+            continue;
+        }
+        let mut with = |what: String, t: Option<(GgmlType, Vec<u64>, Vec<u8>)>| {
+            let mut ts = tensors.clone();
+            match t {
+                Some((ty, ne, d)) => ts[i] = (name.clone(), ty, ne, d),
+                None => {
+                    ts.remove(i);
+                }
+            }
+            if let Some(b) = rewrite(&meta, &ts) {
+                each(what, b);
+            }
+        };
+        with(format!("{name} deleted"), None);
+        if ne.len() == 2 && ne[0] != ne[1] && *ty == GgmlType::F32 {
+            with(
+                format!("{name} dims swapped"),
+                Some((*ty, vec![ne[1], ne[0]], data.clone())),
+            );
+        }
+        if *ty == GgmlType::F32 {
+            let n: u64 = ne.iter().product();
+            // Half the rows (or half the length): a shape that disagrees with the hparams.
+            let mut half = ne.clone();
+            let last = half.len() - 1;
+            if half[last] > 1 {
+                half[last] /= 2;
+                let len = (half.iter().product::<u64>() * 4) as usize;
+                with(
+                    format!("{name} half its last dim"),
+                    Some((*ty, half, data[..len].to_vec())),
+                );
+            }
+            // One more dimension of 1 is harmless; of 2 it is not.
+            let mut more = ne.clone();
+            more.push(2);
+            let mut d = data.clone();
+            d.extend_from_slice(data);
+            with(format!("{name} an extra dim of 2"), Some((*ty, more, d)));
+            // The same values as f16 under an f32 name: type changed.
+            let h: Vec<u8> = (0..n as usize)
+                .flat_map(|_| 0x3c00u16.to_le_bytes())
+                .collect();
+            with(
+                format!("{name} as F16"),
+                Some((GgmlType::F16, ne.clone(), h)),
+            );
+            // Types llama.cpp's matmuls and the graph builder may not take.
+            if ne.len() == 2 {
+                with(
+                    format!("{name} as I32"),
+                    Some((GgmlType(26), ne.clone(), data.clone())),
+                );
+                let h: Vec<u8> = (0..n as usize)
+                    .flat_map(|_| 0x3f80u16.to_le_bytes())
+                    .collect();
+                with(
+                    format!("{name} as BF16"),
+                    Some((GgmlType::BF16, ne.clone(), h)),
+                );
+            }
+            // NaN weights.
+            let nan: Vec<u8> = (0..n as usize)
+                .flat_map(|_| f32::NAN.to_le_bytes())
+                .collect();
+            with(format!("{name} all NaN"), Some((*ty, ne.clone(), nan)));
+        }
+    }
+    // A tensor nobody asked for, and one with a layer index past block_count.
+    let mut ts = tensors.clone();
+    ts.push((
+        "blk.99.attn_norm.weight".into(),
+        GgmlType::F32,
+        vec![tensors[1].2[0]],
+        vec![0; tensors[1].2[0] as usize * 4],
+    ));
+    if let Some(b) = rewrite(&meta, &ts) {
+        each("blk.99.attn_norm.weight added".into(), b);
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Ran,
+    Refused,
+    Panicked,
+    Signal(i32),
+    Hung,
+}
+
+/// Where a mutant is opened: `amend run` on a backend, or the scope model's open and encode
+/// in a child of this test binary (the scope model has no CLI command of its own to load it).
+#[derive(Clone, Copy, Debug)]
+enum Opener {
+    Run(&'static [&'static str]),
+    Scope,
+}
+
+const LLAMA: Opener = Opener::Run(&[]);
+const ORT_CPU: Opener = Opener::Run(&["--backend", "ort", "--ep", "cpu", "--no-onnx-cache"]);
+const PROMPT: &str = "the cat sat on the é\n";
+
+/// Opens `model` in a child process, with a deadline.
+fn run_child(model: &Path, how: Opener) -> (Outcome, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = match how {
+        Opener::Run(backend) => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_amend"));
+            c.args(["run", "--model"]).arg(model).args([
+                "--prompt",
+                PROMPT,
+                "--max-tokens",
+                "3",
+                "--threads",
+                "1",
+                "--ctx",
+                "64",
+            ]);
+            c.args(backend);
+            c
+        }
+        Opener::Scope => {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--exact",
+                "scope_model_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(SCOPE_CHILD, model);
+            c
+        }
+    };
+    let mut child = cmd
+        .env_remove("AMEND_MODEL")
+        .env("RUST_LOG", "off")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let deadline = Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let outcome = match status {
+        None => Outcome::Hung,
+        Some(s) if s.success() => Outcome::Ran,
+        Some(s) => match s.signal() {
+            Some(sig) => Outcome::Signal(sig),
+            None if err.contains("panicked") && !err.contains(REFUSED) => Outcome::Panicked,
+            None => Outcome::Refused,
+        },
+    };
+    (outcome, err)
+}
+
+const SCOPE_CHILD: &str = "AMEND_HOSTILE_SCOPE_MODEL";
+/// What the scope-model child prints when the open or encode returned an error.
+const REFUSED: &str = "scope model refused:";
+
+/// The child side of [`Opener::Scope`]: a no-op unless the parent set the variable.
+#[test]
+fn scope_model_child() {
+    let Some(path) = std::env::var_os(SCOPE_CHILD) else {
+        return;
+    };
+    let r = amend_runtime::ScopeModel::open(&path, Some(1)).and_then(|m| m.encode(PROMPT));
+    if let Err(e) = r {
+        println!("{REFUSED} {e}");
+        std::process::exit(2);
+    }
+}
+
+/// Opens every mutant of `bytes` on each opener; returns the failures (signal, panic, hang).
+fn check(seed: &str, bytes: &[u8], scope: Scope, openers: &[Opener]) -> Vec<String> {
+    let filter = std::env::var("HOSTILE_MODELS_FILTER").ok();
+    let mut bad = vec![];
+    let (mut n, mut ran, mut refused) = (0, 0, 0);
+    let path = mutant_dir().join(format!("{seed}-mutant.gguf"));
+    mutants(bytes, scope, &mut |what, b| {
+        if filter.as_deref().is_some_and(|f| !what.contains(f)) {
+            return;
+        }
+        n += 1;
+        std::fs::write(&path, &b).unwrap();
+        for &how in openers {
+            match run_child(&path, how) {
+                (Outcome::Ran, _) => ran += 1,
+                (Outcome::Refused, _) => refused += 1,
+                (o, err) => {
+                    // Keep the file for a look (the directory is per run, under the temp dir).
+                    let keep = tmp().join(format!("crash-{seed}-{}.gguf", bad.len()));
+                    std::fs::write(&keep, &b).unwrap();
+                    let line = err
+                        .lines()
+                        .find(|l| l.contains("GGML_ASSERT") || l.contains("what()"))
+                        .unwrap_or_else(|| err.lines().next().unwrap_or(""));
+                    bad.push(format!(
+                        "{seed}: {what} {how:?}: {o:?}: {line} ({})",
+                        keep.display()
+                    ));
+                    eprintln!("FAIL {}", bad.last().unwrap());
+                }
+            }
+        }
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path.with_extension("gguf.amendfp"));
+    let _ = std::fs::remove_dir(mutant_dir());
+    eprintln!(
+        "{seed}: {n} mutants x {} openers: ran {ran}, refused {refused}, failed {}",
+        openers.len(),
+        bad.len()
+    );
+    bad
+}
+
+/// Mutants are written to RAM where there is a tmpfs (the real models' are 25-253 MB each).
+fn mutant_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let d = shm.join(format!("amend-hostile-models-{}", std::process::id()));
+        if std::fs::create_dir_all(&d).is_ok() {
+            return d;
+        }
+    }
+    tmp()
+}
+
+fn ort_installed() -> bool {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let installed = Path::new(&home).join(".cache/amend/ort/cpu").exists();
+    if !installed {
+        assert!(
+            !std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1"),
+            "AMEND_REQUIRE_MODEL=1 but ONNX Runtime is not installed (make ort)"
+        );
+        eprintln!("ONNX Runtime is not installed: llama.cpp only");
+    }
+    installed
+}
+
+fn cache_file(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/amend")
+        .join(name);
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        !std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1"),
+        "AMEND_REQUIRE_MODEL=1 but {} is missing",
+        p.display()
+    );
+    eprintln!("skipped: {} is missing", p.display());
+    None
+}
+
+#[test]
+fn tiny_model_mutants_never_crash_the_process() {
+    let mut backends = vec![LLAMA];
+    if ort_installed() {
+        backends.push(ORT_CPU);
+    }
+    let mut bad = vec![];
+    for (arch, ty) in [
+        (Architecture::Llama, GgmlType::F32),
+        (Architecture::Qwen3, GgmlType::F32),
+        (Architecture::Qwen2, GgmlType::Q8_0),
+    ] {
+        let p = tmp().join(format!("seed-{}.gguf", arch.name()));
+        write_tiny_model_typed(&p, arch, 7, ty).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        // The seed itself runs on every backend.
+        for &b in &backends {
+            let (o, err) = run_child(&p, b);
+            assert_eq!(o, Outcome::Ran, "seed {arch:?} {b:?}: {err}");
+        }
+        bad.extend(check(arch.name(), &bytes, Scope::All, &backends));
+    }
+    assert!(
+        bad.is_empty(),
+        "{} mutants crashed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// The scope model (a `bert` encoder with a WordPiece vocabulary, opened by the runtime when a
+/// bundle's memories need it): its metadata, and the tensors outside layers 1 and up.
+#[test]
+fn scope_model_mutants_never_crash_the_process() {
+    let Some(p) = cache_file("all-minilm-l6-v2-q8_0.gguf") else {
+        return;
+    };
+    let bytes = std::fs::read(&p).unwrap();
+    let (o, err) = run_child(&p, Opener::Scope);
+    assert_eq!(o, Outcome::Ran, "the scope model itself: {err}");
+    let bad = check("scope", &bytes, Scope::FirstLayer, &[Opener::Scope]);
+    assert!(
+        bad.is_empty(),
+        "{} mutants crashed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// The default model's metadata (each mutant a 253 MB copy: run with HOSTILE_MODELS_REAL=1).
+#[test]
+fn real_model_metadata_mutants_never_crash_the_process() {
+    if std::env::var("HOSTILE_MODELS_REAL").is_err() {
+        eprintln!("skipped: set HOSTILE_MODELS_REAL=1 (253 MB per mutant)");
+        return;
+    }
+    let Some(p) = cache_file("gemma3-270m-q4_k_m.gguf") else {
+        return;
+    };
+    let bytes = std::fs::read(&p).unwrap();
+    let mut backends = vec![LLAMA];
+    if std::env::var("HOSTILE_MODELS_REAL").as_deref() == Ok("ort") {
+        backends.push(ORT_CPU);
+    }
+    let bad = check("gemma3", &bytes, Scope::Metadata, &backends);
+    assert!(
+        bad.is_empty(),
+        "{} mutants crashed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
