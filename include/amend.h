@@ -330,8 +330,10 @@ typedef struct amend_model_params {
    */
   size_t struct_size;
   /**
-   * Memory-map the weights (default true; llama.cpp): near-instant loading, pages shared
-   * between processes.
+   * Memory-map the weights (default true; llama.cpp). On Linux what is mapped is a private,
+   * sealed in-memory copy of the file the runtime makes at open, so a process that rewrites
+   * the model file after it was opened changes nothing this model computes
+   * (docs/security.md); elsewhere the file itself.
    */
   bool use_mmap;
   /**

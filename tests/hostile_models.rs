@@ -315,6 +315,8 @@ enum Opener {
 
 const LLAMA: Opener = Opener::Run(&[]);
 const ORT_CPU: Opener = Opener::Run(&["--backend", "ort", "--ep", "cpu", "--no-onnx-cache"]);
+const ORT_OPENVINO: Opener =
+    Opener::Run(&["--backend", "ort", "--ep", "openvino", "--no-onnx-cache"]);
 const PROMPT: &str = "the cat sat on the é\n";
 
 /// Opens `model` in a child process, with a deadline.
@@ -492,6 +494,10 @@ fn tiny_model_mutants_never_crash_the_process() {
     let mut backends = vec![LLAMA];
     if ort_installed() {
         backends.push(ORT_CPU);
+        // OpenVINO compiles the graph again with its own plugin (HOSTILE_MODELS_OPENVINO=1).
+        if std::env::var("HOSTILE_MODELS_OPENVINO").is_ok() {
+            backends.push(ORT_OPENVINO);
+        }
     }
     let mut bad = vec![];
     for (arch, ty) in [

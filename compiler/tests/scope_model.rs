@@ -253,3 +253,34 @@ fn tuner_forward_matches_the_converted_model_with_and_without_factors() {
     );
     let _ = std::fs::remove_dir_all(tuned_path.parent().unwrap());
 }
+
+/// The scope model runs from a private sealed copy (docs/security.md): its token-embedding table
+/// overwritten in place after open changes no encoding, and the fingerprint stays the one of the
+/// bytes it runs.
+#[test]
+fn scope_model_file_rewritten_after_open_changes_nothing() {
+    use std::io::{Seek, SeekFrom, Write};
+    let Some(dir) = checkpoint() else { return };
+    let (p, m) = open(&dir, WeightType::Q8_0, "rewritten.gguf");
+    let text = "When was the Eiffel Tower built?";
+    let before = m.encode(text).unwrap();
+    let fp = m.fingerprint();
+    let bytes = std::fs::read(&p).unwrap();
+    let f = amend_edits::gguf::GgufFile::parse(&bytes).unwrap();
+    let t = f.tensor("token_embd.weight").unwrap();
+    let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    w.seek(SeekFrom::Start(f.data_offset + t.offset)).unwrap();
+    w.write_all(&vec![0x11; t.byte_size().unwrap() as usize])
+        .unwrap();
+    w.sync_all().unwrap();
+    let after = m.encode(text).unwrap();
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    if cfg!(target_os = "linux") {
+        assert!(same(&before.pooled, &after.pooled) && same(&before.rows, &after.rows));
+        assert_eq!(m.fingerprint(), fp);
+    }
+    // The rewritten file is another scope model.
+    let again = ScopeModel::open(&p, Some(1)).unwrap();
+    assert_ne!(again.fingerprint(), fp);
+    assert!(!same(&again.encode(text).unwrap().pooled, &before.pooled));
+}

@@ -195,6 +195,50 @@ fn model_binding_with(
     Ok(b)
 }
 
+/// The cache key of an open model file (device, inode, length, mtime, ctime): equal before and
+/// after a read means no write reached the file in between (see the module docs).
+pub fn file_key(file: &std::fs::File) -> Result<String, std::io::Error> {
+    cache_key(file).map(|(k, _)| k)
+}
+
+/// The binding of `copy`, a private copy of the model at `path` made while `path`'s key was
+/// `key` before and after the copy (the caller checks both with [`file_key`]): the cached
+/// fingerprint of `path` when its entry has that key and is not racy (the copy then holds the
+/// bytes that were hashed), else the hash of the copy itself, cached for `path` if its key still
+/// holds.
+pub fn model_binding_of_copy(
+    path: &Path,
+    key: &str,
+    copy: &std::fs::File,
+    layout: &ModelLayout,
+    hp: &ModelHparams,
+) -> Result<ModelBinding, FingerprintError> {
+    let file = open_model(path).ok();
+    let current = file.as_ref().and_then(|f| cache_key(f).ok());
+    if let Some((k, ctime)) = &current {
+        if k == key {
+            if let Ok(text) = crate::fsutil::read_regular_string(
+                &cache_path(path),
+                crate::fsutil::MAX_KEY_FILE_LEN,
+            ) {
+                if let Some((b, hashed_at)) = parse_cache(&text, key) {
+                    if hashed_at >= ctime + RACY_NS {
+                        return Ok(b);
+                    }
+                }
+            }
+        }
+    }
+    let started = now_ns();
+    // SAFETY: read-only mapping of the caller's private, sealed copy (nothing can write it).
+    let map = unsafe { memmap2::Mmap::map(copy)? };
+    let b = hash_model(&map, layout, hp)?;
+    if current.is_some_and(|(k, _)| k == key) {
+        let _ = write_cache(path, key, started, &b);
+    }
+    Ok(b)
+}
+
 /// Fingerprint without the cache (always hashes everything).
 pub fn model_binding_uncached(path: impl AsRef<Path>) -> Result<ModelBinding, FingerprintError> {
     let file = open_model(path.as_ref())?;

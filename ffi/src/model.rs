@@ -138,7 +138,7 @@ pub extern "C" fn amend_model_open(
                     ModelOptions {
                         use_mmap: params.use_mmap,
                         n_threads,
-                        vocab_only: false,
+                        ..Default::default()
                     },
                 )?,
                 ort: None,

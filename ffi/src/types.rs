@@ -73,8 +73,10 @@ pub const AMEND_BACKEND_ONNXRUNTIME: amend_backend = 1;
 pub struct amend_model_params {
     /// `sizeof(amend_model_params)` of the caller's header (set by the defaults).
     pub struct_size: usize,
-    /// Memory-map the weights (default true; llama.cpp): near-instant loading, pages shared
-    /// between processes.
+    /// Memory-map the weights (default true; llama.cpp). On Linux what is mapped is a private,
+    /// sealed in-memory copy of the file the runtime makes at open, so a process that rewrites
+    /// the model file after it was opened changes nothing this model computes
+    /// (docs/security.md); elsewhere the file itself.
     pub use_mmap: bool,
     /// Default thread count for this model's sessions, at most 512 (ggml's limit); 0 = the
     /// machine's available parallelism (default 0). Larger values: `AMEND_ERR_INVALID_ARGUMENT`.

@@ -69,6 +69,8 @@ pub struct ScopeModel {
     fingerprint: [u8; 32],
     path: PathBuf,
     n_threads: usize,
+    /// The sealed copy llama.cpp runs from (kept open for the model's life).
+    _copy: Option<crate::model::PrivateCopy>,
 }
 
 // SAFETY: the model is read-only after loading; the context and batch are only used under the
@@ -81,6 +83,53 @@ fn invalid(path: &Path, detail: impl Into<String>) -> RuntimeError {
         path: path.to_path_buf(),
         detail: detail.into(),
     }
+}
+
+/// The scope model's pre-load checks of the file at `path` (errors name `shown`): the header and
+/// hyperparameters the base model gets, a `bert` encoder with a WordPiece vocabulary, and what
+/// llama.cpp's bert graph would abort on.
+fn check_scope_file(
+    path: &Path,
+    shown: &Path,
+) -> Result<
+    (
+        amend_edits::gguf::GgufHeader,
+        amend_edits::gguf::ModelHparams,
+    ),
+    RuntimeError,
+> {
+    let header = amend_edits::gguf::GgufFile::read_header(path)
+        .map_err(|e| invalid(shown, e.to_string()))?;
+    let hp = amend_edits::gguf::ModelHparams::from_header(&header)
+        .map_err(|e| invalid(shown, e.to_string()))?;
+    if header.architecture() != Some("bert") {
+        return Err(invalid(
+            shown,
+            format!(
+                "architecture {:?}, expected \"bert\" (convert one with `amend scope-model convert`)",
+                header.architecture().unwrap_or("none")
+            ),
+        ));
+    }
+    if header.get_str("tokenizer.ggml.model") != Some("bert") {
+        return Err(invalid(shown, "no WordPiece (\"bert\") vocabulary"));
+    }
+    for t in ["token_embd.weight", "position_embd.weight"] {
+        if header.tensor(t).is_none() {
+            return Err(invalid(shown, format!("no tensor {t}")));
+        }
+    }
+    // llama.cpp's bert graph adds the first row of the token-type table to f32 activations:
+    // any other type aborts in ggml's binary ops.
+    if let Some(t) = header.tensor("token_types.weight") {
+        if t.ggml_type != amend_edits::gguf::GgmlType::F32 {
+            return Err(invalid(
+                shown,
+                format!("token_types.weight must be F32, got {}", t.ggml_type),
+            ));
+        }
+    }
+    Ok((header, hp))
 }
 
 impl ScopeModel {
@@ -103,42 +152,32 @@ impl ScopeModel {
                 _ => invalid(path, e.to_string()),
             });
         }
-        let header = amend_edits::gguf::GgufFile::read_header(path)
-            .map_err(|e| invalid(path, e.to_string()))?;
-        amend_edits::gguf::ModelHparams::from_header(&header)
-            .map_err(|e| invalid(path, e.to_string()))?;
-        if header.architecture() != Some("bert") {
-            return Err(invalid(
-                path,
-                format!(
-                    "architecture {:?}, expected \"bert\" (convert one with `amend scope-model convert`)",
-                    header.architecture().unwrap_or("none")
-                ),
-            ));
-        }
-        if header.get_str("tokenizer.ggml.model") != Some("bert") {
-            return Err(invalid(path, "no WordPiece (\"bert\") vocabulary"));
-        }
-        for t in ["token_embd.weight", "position_embd.weight"] {
-            if header.tensor(t).is_none() {
-                return Err(invalid(path, format!("no tensor {t}")));
-            }
-        }
-        // llama.cpp's bert graph adds the first row of the token-type table to f32 activations:
-        // any other type aborts in ggml's binary ops.
-        if let Some(t) = header.tensor("token_types.weight") {
-            if t.ggml_type != amend_edits::gguf::GgmlType::F32 {
-                return Err(invalid(
+        // The file as given first (nothing is copied of a file that is not a scope model), then
+        // the private sealed copy llama.cpp will read (see `ModelOptions::private_copy`).
+        check_scope_file(path, path)?;
+        let copy = crate::model::PrivateCopy::of(path)?;
+        let (load_path, fingerprint) = match &copy {
+            Some(c) => {
+                let (header, hp) = check_scope_file(&c.path(), path)?;
+                let layout = amend_edits::fingerprint::ModelLayout::from(&header);
+                let b = amend_edits::fingerprint::model_binding_of_copy(
                     path,
-                    format!("token_types.weight must be F32, got {}", t.ggml_type),
-                ));
+                    c.key(),
+                    c.file(),
+                    &layout,
+                    &hp,
+                )
+                .map_err(|e| invalid(path, e.to_string()))?;
+                (c.path(), b.fingerprint)
             }
-        }
-        let fingerprint = amend_edits::fingerprint::model_binding(path)
-            .map_err(|e| invalid(path, e.to_string()))?
-            .fingerprint;
+            None => {
+                let b = amend_edits::fingerprint::model_binding(path)
+                    .map_err(|e| invalid(path, e.to_string()))?;
+                (path.to_path_buf(), b.fingerprint)
+            }
+        };
         crate::init_backend();
-        let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+        let cpath = CString::new(load_path.as_os_str().as_encoded_bytes())
             .map_err(|_| invalid(path, "path contains a NUL byte"))?;
         // SAFETY: plain FFI; the params struct is a value, the path a valid C string.
         let model = unsafe {
@@ -212,6 +251,7 @@ impl ScopeModel {
             fingerprint,
             path: path.to_path_buf(),
             n_threads: threads as usize,
+            _copy: copy,
         }))
     }
 

@@ -696,3 +696,91 @@ fn bench_runs_every_variant() {
         Err(RuntimeError::InvalidParams(_))
     ));
 }
+
+/// Overwrites `len` bytes at `start` of the file at `p` in place.
+fn w_rewrite(p: &std::path::Path, start: usize, len: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut w = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    w.seek(SeekFrom::Start(start as u64)).unwrap();
+    w.write_all(&vec![0x3f; len]).unwrap();
+    w.sync_all().unwrap();
+}
+
+/// A model file rewritten in place, or truncated, after it was opened (another process with write
+/// access to the model directory): with the private copy (the default) the model computes what
+/// it computed before, bitwise, and keeps the fingerprint of the bytes it runs; mapping the file
+/// instead
+/// (`private_copy: false`) the rewrite reaches the weights llama.cpp reads.
+#[test]
+fn model_file_rewritten_after_open_changes_nothing() {
+    let src = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
+    let f = amend_edits::gguf::GgufFile::parse(&src).unwrap();
+    let t = f.tensor("output.weight").unwrap();
+    let start = (f.data_offset + t.offset) as usize;
+    let len = t.byte_size().unwrap() as usize;
+    let logits = |m: &Arc<Model>| {
+        let toks = m.tokenize(PROMPT, true).unwrap();
+        let mut s = session(m);
+        s.prefill(&toks, Logits::Last).unwrap();
+        s.last_logits().unwrap().to_vec()
+    };
+    for private_copy in [true, false] {
+        let p = common::tmp_dir().join(format!("rewritten-{private_copy}.gguf"));
+        std::fs::write(&p, &src).unwrap();
+        let m = Model::open(
+            &p,
+            ModelOptions {
+                n_threads: Some(1),
+                private_copy,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.runs_from_private_copy(),
+            private_copy && cfg!(target_os = "linux")
+        );
+        let binding = m.binding().unwrap();
+        let before = logits(&m);
+        // The output projection overwritten in place: same length, same inode, other values.
+        w_rewrite(&p, start, len);
+        let after = logits(&m);
+        if m.runs_from_private_copy() {
+            assert!(
+                before
+                    .iter()
+                    .zip(&after)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "the private copy must not see the rewrite"
+            );
+            assert_eq!(
+                m.binding().unwrap(),
+                binding,
+                "the bytes run are the bytes bound"
+            );
+            // Truncated under it: no SIGBUS (a mapped file would end the process here).
+            let len_now = std::fs::metadata(&p).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len_now / 2)
+                .unwrap();
+            let truncated = logits(&m);
+            assert!(before
+                .iter()
+                .zip(&truncated)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            std::fs::write(&p, &src).unwrap();
+            w_rewrite(&p, start, len);
+        } else {
+            assert_ne!(
+                before, after,
+                "a mapped file shows the rewrite (why the copy exists)"
+            );
+        }
+        // Opening the rewritten file again is another model (another fingerprint).
+        let again = Model::open(&p, ModelOptions::default()).unwrap();
+        assert_ne!(again.binding().unwrap().fingerprint, binding.fingerprint);
+    }
+}
