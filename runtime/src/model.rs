@@ -433,7 +433,13 @@ impl PrivateCopy {
             libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
         // SAFETY: fcntl on a descriptor we own.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(io(std::io::Error::last_os_error()));
+            // Unsealed, the copy can still only be written through this process's descriptor
+            // (/proc/PID/fd, ptrace rights needed): better than the file, so keep it, and say so.
+            log::warn!(
+                "{}: cannot seal the private copy ({}); running from it unsealed",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         log::debug!(
             "{}: private sealed copy of {len} bytes in {:.3} s",
