@@ -390,6 +390,14 @@ typedef struct amend_model_params {
    * `AMEND_ERR_MODEL_LOAD` naming the keys. Borrowed for the call only.
    */
   const char *ep_options;
+  /**
+   * llama.cpp backend (field added in the fourth version of this struct): run from a private,
+   * sealed in-memory copy of the model file (default true, Linux), so that a process that
+   * rewrites or truncates the file after this call changes nothing the model computes
+   * (docs/security.md). It costs one copy of the file at open and makes the weights memory
+   * the kernel cannot drop and re-read under pressure; false maps the file itself.
+   */
+  bool private_copy;
 } amend_model_params;
 
 /**

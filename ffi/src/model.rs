@@ -54,6 +54,7 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
         static_chunk: 0,
         static_window: 0,
         ep_options: std::ptr::null(),
+        private_copy: true,
     }
 }
 
@@ -63,6 +64,8 @@ pub extern "C" fn amend_model_default_params() -> amend_model_params {
 const MODEL_PARAMS_V1: usize = std::mem::offset_of!(amend_model_params, static_chunk);
 /// ... and in its second (`static_chunk`, `static_window`), before `ep_options`.
 const MODEL_PARAMS_V2: usize = std::mem::offset_of!(amend_model_params, ep_options);
+/// ... and in its third (`ep_options`), before `private_copy` (the end of the pointer).
+const MODEL_PARAMS_V3: usize = std::mem::offset_of!(amend_model_params, private_copy);
 
 /// Loads a GGUF model from `path` (NUL-terminated UTF-8). `params` may be NULL for the
 /// defaults. On success `*out` receives a handle to free with `amend_model_free`; on failure
@@ -95,6 +98,7 @@ pub extern "C" fn amend_model_open(
                 &[
                     MODEL_PARAMS_V1,
                     MODEL_PARAMS_V2,
+                    MODEL_PARAMS_V3,
                     std::mem::size_of::<amend_model_params>(),
                 ],
                 || amend_model_default_params(),
@@ -138,6 +142,7 @@ pub extern "C" fn amend_model_open(
                     ModelOptions {
                         use_mmap: params.use_mmap,
                         n_threads,
+                        private_copy: params.private_copy,
                         ..Default::default()
                     },
                 )?,

@@ -116,6 +116,12 @@ pub struct amend_model_params {
     /// (cpu, nnapi): `AMEND_ERR_INVALID_ARGUMENT`; an option the EP refuses:
     /// `AMEND_ERR_MODEL_LOAD` naming the keys. Borrowed for the call only.
     pub ep_options: *const c_char,
+    /// llama.cpp backend (field added in the fourth version of this struct): run from a private,
+    /// sealed in-memory copy of the model file (default true, Linux), so that a process that
+    /// rewrites or truncates the file after this call changes nothing the model computes
+    /// (docs/security.md). It costs one copy of the file at open and makes the weights memory
+    /// the kernel cannot drop and re-read under pressure; false maps the file itself.
+    pub private_copy: bool,
 }
 
 /// What a loaded model is. Strings are not included: see `amend_model_description`.

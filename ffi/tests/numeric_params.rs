@@ -526,23 +526,37 @@ fn model_params_size_and_backend() {
         refused(r, named);
         assert!(m.is_null());
     }
-    // A caller built against the first version (no static fields) or the second (no provider
-    // options) keeps the defaults for what it lacks.
+    // A caller built against the first version (no static fields), the second (no provider
+    // options) or the third (no private_copy) keeps the defaults for what it lacks.
     for (size, name) in [
         (std::mem::offset_of!(amend_model_params, static_chunk), "v1"),
         (std::mem::offset_of!(amend_model_params, ep_options), "v2"),
+        (std::mem::offset_of!(amend_model_params, private_copy), "v3"),
     ] {
         let (r, m) = open_model(&amend_model_params {
             struct_size: size,
             n_threads: 1,
             static_chunk: if name == "v1" { 7 } else { 0 },
             static_window: if name == "v1" { 7 } else { 0 },
-            ep_options: line.as_ptr(),
+            ep_options: if name == "v3" {
+                std::ptr::null()
+            } else {
+                line.as_ptr()
+            },
+            private_copy: false,
             ..amend_model_default_params()
         });
         assert_eq!(r, amend_result::AMEND_OK, "{name}: {}", last_error());
         amend_model_free(m);
     }
+    // The model file mapped as it is (no private copy), as a caller may choose.
+    let (r, m) = open_model(&amend_model_params {
+        n_threads: 1,
+        private_copy: false,
+        ..amend_model_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    amend_model_free(m);
 }
 
 /// Fixed shapes through the C ABI: the model opens with a static pair of graphs, and a session

@@ -117,6 +117,7 @@ class _ModelParams(ctypes.Structure):
         ("static_chunk", ctypes.c_size_t),
         ("static_window", ctypes.c_size_t),
         ("ep_options", ctypes.c_char_p),
+        ("private_copy", ctypes.c_bool),
     ]
 
 
@@ -393,11 +394,13 @@ class Model(_Handle):
     def __init__(self, path, use_mmap: bool = True, n_threads: int = 0,
                  backend: str = "llama.cpp", ep: str = "cpu", ort_library=None,
                  edit_slots: str = "", cpu_fallback: bool = False, static_shapes=None,
-                 ep_options=None):
+                 ep_options=None, private_copy: bool = True):
         """`backend` "onnxruntime" runs the model on ONNX Runtime's execution provider `ep`
         with the edit slots `edit_slots` (see docs/backends.md); `static_shapes=(chunk,
         window)` fixes every shape, as QNN needs (sessions' n_ctx at most `window`);
-        `ep_options`, a dict, goes to the EP as it is (e.g. {"backend_path": "libQnnHtp.so"})."""
+        `ep_options`, a dict, goes to the EP as it is (e.g. {"backend_path": "libQnnHtp.so"});
+        `private_copy` (llama.cpp, Linux) runs from a sealed in-memory copy of the file, which
+        another process cannot change (docs/security.md); False maps the file itself."""
         lib = library()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -410,6 +413,7 @@ class Model(_Handle):
         lib_b = os.fsencode(ort_library) if ort_library is not None else None
         params.ep, params.edit_slots, params.ort_library = ep_b, slots_b, lib_b
         params.cpu_fallback = cpu_fallback
+        params.private_copy = private_copy
         options_b = None
         if ep_options:
             lines = []
