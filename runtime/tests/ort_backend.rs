@@ -491,8 +491,43 @@ fn graph_cache_is_bound_to_the_model_and_checked() {
     let rebuilt = open(&a, OnnxCache::BesideModel).unwrap();
     assert!(!rebuilt.stats().from_cache);
     assert!(open(&a, OnnxCache::BesideModel).unwrap().stats().from_cache);
+    // A planted graph (here: another model's weights) whose sidecar anyone could write: the
+    // right fingerprint, builder, sha256 and length, but no MAC of this installation. The
+    // automatic cache does not run it (rebuilt from the GGUF); named explicitly it is the
+    // caller's choice.
+    let side = dir.join("a.gguf.cpu.onnx.amend");
+    let good = std::fs::read_to_string(&side).unwrap();
+    assert!(good.lines().any(|l| l.starts_with("mac ")), "{good}");
+    let _ = open(&b, OnnxCache::BesideModel).unwrap();
+    let planted = std::fs::read(dir.join("b.gguf.cpu.onnx")).unwrap();
+    std::fs::write(&cached, &planted).unwrap();
+    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&planted)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let forged: String = good
+        .lines()
+        .filter(|l| !l.starts_with("mac "))
+        .map(|l| match l.split_once(' ') {
+            Some(("sha256", _)) => format!("sha256 {sha}\n"),
+            Some(("bytes", _)) => format!("bytes {}\n", planted.len()),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    for text in [forged.clone(), format!("{forged}mac {}\n", "0".repeat(64))] {
+        std::fs::write(&side, &text).unwrap();
+        let m = open(&a, OnnxCache::BesideModel).unwrap();
+        assert!(!m.stats().from_cache, "a planted graph ran");
+        assert_eq!(greedy(&m), greedy(&first));
+        // Rebuilt and rewritten with the MAC: the cache works again.
+        assert!(open(&a, OnnxCache::BesideModel).unwrap().stats().from_cache);
+        std::fs::write(&cached, &planted).unwrap();
+    }
+    std::fs::write(&side, &forged).unwrap();
+    let named = open(&a, OnnxCache::File(cached.clone())).unwrap();
+    assert!(named.stats().from_cache, "a named file needs no MAC");
     // No sidecar: refused when named.
-    std::fs::remove_file(dir.join("a.gguf.cpu.onnx.amend")).unwrap();
+    std::fs::remove_file(&side).unwrap();
     let e = open(&a, OnnxCache::File(cached)).unwrap_err();
     assert!(matches!(e, RuntimeError::OrtCache { .. }), "{e}");
 }

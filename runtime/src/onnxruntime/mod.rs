@@ -761,7 +761,22 @@ impl OrtModel {
                     path: path.to_path_buf(),
                     detail: e.to_string(),
                 })?;
-                match cache::read(cp, &fp.fingerprint, &builder_id) {
+                // The automatic cache needs this installation's key; a named file does not.
+                let key = match &options.cache {
+                    OnnxCache::BesideModel => match cache::key() {
+                        Ok(k) => Some(Some(k)),
+                        Err(why) => {
+                            log::info!("ort: no graph cache ({why}): the graph is built");
+                            None
+                        }
+                    },
+                    _ => Some(None),
+                };
+                let r = match &key {
+                    Some(k) => cache::read(cp, &fp.fingerprint, &builder_id, k.as_ref()),
+                    None => Err("no cache key".into()),
+                };
+                match r {
                     Ok(bytes) => cached = Some((bytes, fp)),
                     Err(detail) => {
                         if matches!(options.cache, OnnxCache::File(_)) {
@@ -787,8 +802,20 @@ impl OrtModel {
                         n_nodes,
                     } = build_onnx(path, &cfg, &options, shapes, &builder_id)?;
                     if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
-                        if let Err(e) = cache::write(cp, &onnx, &binding.fingerprint, &builder_id) {
-                            log::info!("ort: graph not cached at {}: {e}", cp.display());
+                        match cache::key() {
+                            Ok(k) => {
+                                let w = cache::write(
+                                    cp,
+                                    &onnx,
+                                    &binding.fingerprint,
+                                    &builder_id,
+                                    Some(&k),
+                                );
+                                if let Err(e) = w {
+                                    log::info!("ort: graph not cached at {}: {e}", cp.display());
+                                }
+                            }
+                            Err(why) => log::info!("ort: graph not cached ({why})"),
                         }
                     }
                     (onnx, binding, rope_freqs, n_nodes, false)
@@ -797,12 +824,12 @@ impl OrtModel {
             let graph_build_s = t0.elapsed().as_secs_f64();
             if let Some(out) = &options.export {
                 let out = second(out.clone());
-                cache::write(&out, &onnx, &binding.fingerprint, &builder_id).map_err(|source| {
-                    RuntimeError::Io {
+                let key = cache::key().ok();
+                cache::write(&out, &onnx, &binding.fingerprint, &builder_id, key.as_ref())
+                    .map_err(|source| RuntimeError::Io {
                         path: out.clone(),
                         source,
-                    }
-                })?;
+                    })?;
             }
             let t1 = Instant::now();
             let onnx_len = onnx.len();
@@ -1480,12 +1507,119 @@ fn read_rope_freqs(
 
 /// The graph cache: `FILE` (the ONNX model) and `FILE.amend` (a text sidecar binding it to a
 /// model fingerprint and a graph builder, with the file's sha256 and length).
+///
+/// The cache beside the model lives in the model's directory, which others may be able to
+/// write: anyone can compute a sha256, so a planted graph with a matching sidecar would run
+/// under the model's fingerprint, and bundles bound to that fingerprint would apply to it. So the
+/// automatic cache's sidecar also carries an HMAC-SHA256 under a random key of this installation
+/// (`~/.cache/amend/graph-cache.key`, or `$AMEND_CACHE`, created 0600 on first use and refused
+/// if others can read it): a graph this installation did not write is not used, only rebuilt.
+/// A file named explicitly (`--onnx`, from `amend export-onnx`, possibly on another machine)
+/// needs no MAC: the caller chose it.
 mod cache {
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};
 
     const MAGIC: &str = "amend-onnx-cache 1";
     const MAX_ONNX: u64 = 1 << 33;
+
+    /// HMAC-SHA256 (RFC 2104) of `msg` under a 32-byte key.
+    fn hmac(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+        let mut k = [0u8; 64];
+        k[..32].copy_from_slice(key);
+        let pad = |x: u8| k.map(|b| b ^ x);
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
+            .chain_update(msg)
+            .finalize();
+        Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize()
+            .into()
+    }
+
+    /// Constant-time equality of two MACs given as hex.
+    fn same(a: &str, b: &str) -> bool {
+        a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    }
+
+    /// This installation's cache key: read, or created (0600, exclusively) on first use.
+    /// `Err` says why there is none (the automatic cache is then neither read nor written).
+    pub fn key() -> Result<[u8; 32], String> {
+        let dir = std::env::var_os("AMEND_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amend")))
+            .ok_or("no $HOME or $AMEND_CACHE for the graph cache key")?;
+        let path = dir.join("graph-cache.key");
+        let parse = |text: &str| -> Result<[u8; 32], String> {
+            amend_edits::keys::decode_key_bytes(text.trim().as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        match amend_edits::fsutil::open_regular(&path, 256) {
+            Ok((mut f, _)) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    let md = f.metadata().map_err(|e| e.to_string())?;
+                    // SAFETY: geteuid has no preconditions.
+                    let me = unsafe { libc::geteuid() };
+                    if md.uid() != me || md.mode() & 0o077 != 0 {
+                        return Err(format!(
+                            "{} is readable or writable by others (mode {:o}, owner {}): not used",
+                            path.display(),
+                            md.mode() & 0o777,
+                            md.uid()
+                        ));
+                    }
+                }
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text).map_err(|e| e.to_string())?;
+                parse(&text)
+            }
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let key = amend_edits::keys::generate_signing_key()
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                match opts.open(&path) {
+                    Ok(mut f) => {
+                        let text = format!("{}\n", amend_edits::keys::to_hex(&key));
+                        std::io::Write::write_all(&mut f, text.as_bytes())
+                            .and_then(|_| f.sync_all())
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        Ok(key)
+                    }
+                    // Another process created it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key_again(&path),
+                    Err(e) => Err(format!("{}: {e}", path.display())),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn hmac_is_rfc_4231() {
+        // RFC 4231 test case 2 (a short key is zero-padded, as here).
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        assert_eq!(
+            hex(&hmac(&key, b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(same("ab", "ab") && !same("ab", "ac") && !same("ab", "abc"));
+    }
+
+    fn key_again(path: &Path) -> Result<[u8; 32], String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        amend_edits::keys::decode_key_bytes(text.trim().as_bytes()).map_err(|e| e.to_string())
+    }
 
     pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
@@ -1497,17 +1631,29 @@ mod cache {
         PathBuf::from(s)
     }
 
-    fn text(bytes: &[u8], fingerprint: &[u8], builder: &str) -> String {
-        format!(
+    /// The sidecar's text; with `key`, a last line `mac HEX` over everything before it.
+    fn text(bytes: &[u8], fingerprint: &[u8], builder: &str, key: Option<&[u8; 32]>) -> String {
+        let mut t = format!(
             "{MAGIC}\nmodel {}\ngraph {builder}\nsha256 {}\nbytes {}\n",
             hex(fingerprint),
             hex(&Sha256::digest(bytes)),
             bytes.len()
-        )
+        );
+        if let Some(k) = key {
+            let mac = hex(&hmac(k, t.as_bytes()));
+            t.push_str(&format!("mac {mac}\n"));
+        }
+        t
     }
 
-    /// The cached bytes, or why they cannot be used.
-    pub fn read(p: &Path, fingerprint: &[u8], builder: &str) -> Result<Vec<u8>, String> {
+    /// The cached bytes, or why they cannot be used. With `key` (the automatic cache) the
+    /// sidecar must carry this installation's MAC.
+    pub fn read(
+        p: &Path,
+        fingerprint: &[u8],
+        builder: &str,
+        key: Option<&[u8; 32]>,
+    ) -> Result<Vec<u8>, String> {
         let side = sidecar(p);
         let (mut f, _) =
             amend_edits::fsutil::open_regular(&side, 4096).map_err(|e| e.to_string())?;
@@ -1520,6 +1666,16 @@ mod cache {
         };
         if s.lines().next() != Some(MAGIC) {
             return Err("the sidecar is not an amend graph cache".into());
+        }
+        if let Some(k) = key {
+            let signed = s.find("\nmac ").map(|i| &s[..i + 1]);
+            let ok = match (signed, field("mac")) {
+                (Some(signed), Some(mac)) => same(&mac, &hex(&hmac(k, signed.as_bytes()))),
+                _ => false,
+            };
+            if !ok {
+                return Err("this installation did not write it (no valid MAC)".into());
+            }
         }
         let want_model = hex(fingerprint);
         match field("model") {
@@ -1556,8 +1712,15 @@ mod cache {
         Ok(bytes)
     }
 
-    /// Writes the graph and its sidecar, each atomically (temp file, fsync, rename).
-    pub fn write(p: &Path, bytes: &[u8], fingerprint: &[u8], builder: &str) -> std::io::Result<()> {
+    /// Writes the graph and its sidecar, each atomically (temp file, fsync, rename); with `key`,
+    /// the sidecar carries this installation's MAC.
+    pub fn write(
+        p: &Path,
+        bytes: &[u8],
+        fingerprint: &[u8],
+        builder: &str,
+        key: Option<&[u8; 32]>,
+    ) -> std::io::Result<()> {
         let put = |dest: &Path, data: &[u8]| -> std::io::Result<()> {
             let mut tmp = dest.as_os_str().to_os_string();
             tmp.push(format!(".tmp{}", std::process::id()));
@@ -1572,7 +1735,10 @@ mod cache {
         // The sidecar goes last: a crash in between leaves a graph no sidecar vouches for.
         let _ = std::fs::remove_file(sidecar(p));
         put(p, bytes)?;
-        put(&sidecar(p), text(bytes, fingerprint, builder).as_bytes())
+        put(
+            &sidecar(p),
+            text(bytes, fingerprint, builder, key).as_bytes(),
+        )
     }
 }
 
