@@ -517,6 +517,10 @@ fn tiny_model_mutants_never_crash_the_process() {
         }
         bad.extend(check(arch.name(), &bytes, Scope::All, &backends));
     }
+    assert_none_crashed(&bad);
+}
+
+fn assert_none_crashed(bad: &[String]) {
     assert!(
         bad.is_empty(),
         "{} mutants crashed:\n{}",
@@ -536,12 +540,7 @@ fn scope_model_mutants_never_crash_the_process() {
     let (o, err) = run_child(&p, Opener::Scope);
     assert_eq!(o, Outcome::Ran, "the scope model itself: {err}");
     let bad = check("scope", &bytes, Scope::FirstLayer, &[Opener::Scope]);
-    assert!(
-        bad.is_empty(),
-        "{} mutants crashed:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert_none_crashed(&bad);
 }
 
 /// The default model's metadata (each mutant a 253 MB copy: run with HOSTILE_MODELS_REAL=1).
@@ -560,10 +559,5 @@ fn real_model_metadata_mutants_never_crash_the_process() {
         backends.push(ORT_CPU);
     }
     let bad = check("gemma3", &bytes, Scope::Metadata, &backends);
-    assert!(
-        bad.is_empty(),
-        "{} mutants crashed:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert_none_crashed(&bad);
 }

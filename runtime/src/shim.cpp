@@ -10,6 +10,18 @@
 #include <stdexcept>
 #include <vector>
 
+// Runs `f`, turning any exception into the codes above.
+template <class F> static int guarded(F && f) noexcept {
+    try {
+        f();
+        return 0;
+    } catch (const std::bad_alloc &) {
+        return 1;
+    } catch (...) {
+        return 2;
+    }
+}
+
 extern "C" {
 struct llama_sampler;
 struct llama_context;
@@ -37,34 +49,25 @@ void llama_sampler_accept(struct llama_sampler * smpl, int32_t token);
 int amend_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
                                  float penalty_freq, float penalty_present,
                                  struct llama_sampler ** out) noexcept {
-    try {
+    *out = nullptr;
+    const int r = guarded([&] {
         *out = llama_sampler_init_penalties(n_vocab, penalty_last_n, penalty_repeat, penalty_freq,
                                             penalty_present);
-        return *out != nullptr ? 0 : 1;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    });
+    return r == 0 && *out == nullptr ? 1 : r;
 }
 
 int amend_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx,
                          int32_t * out) noexcept {
-    try {
-        *out = llama_sampler_sample(smpl, ctx, idx);
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    return guarded([&] { *out = llama_sampler_sample(smpl, ctx, idx); });
 }
 
 // Samples from a logits row that did not come from a llama.cpp context (the ONNX Runtime
 // backend), with the same sampler chain: apply, then accept, as llama_sampler_sample does.
 int amend_sampler_sample_logits(struct llama_sampler * smpl, const float * logits, int32_t n_vocab,
                                 int32_t * out) noexcept {
-    try {
+    bool selected = true;
+    const int r = guarded([&] {
         std::vector<llama_token_data> cur((size_t) n_vocab);
         for (int32_t i = 0; i < n_vocab; i++) {
             cur[(size_t) i] = llama_token_data{ i, logits[i], 0.0f };
@@ -72,17 +75,14 @@ int amend_sampler_sample_logits(struct llama_sampler * smpl, const float * logit
         llama_token_data_array arr = { cur.data(), cur.size(), -1, false };
         llama_sampler_apply(smpl, &arr);
         if (arr.selected < 0 || (size_t) arr.selected >= arr.size) {
-            return 3;
+            selected = false;
+            return;
         }
         const int32_t tok = arr.data[arr.selected].id;
         llama_sampler_accept(smpl, tok);
         *out = tok;
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    });
+    return r == 0 && !selected ? 3 : r;
 }
 
 struct llama_vocab;
@@ -97,27 +97,15 @@ int32_t llama_token_to_piece(const struct llama_vocab * vocab, int32_t token, ch
 int amend_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
                    int32_t * tokens, int32_t n_tokens_max, bool add_special, bool parse_special,
                    int32_t * out) noexcept {
-    try {
+    return guarded([&] {
         *out = llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special,
                               parse_special);
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    });
 }
 
 int amend_token_to_piece(const struct llama_vocab * vocab, int32_t token, char * buf,
                          int32_t length, int32_t lstrip, bool special, int32_t * out) noexcept {
-    try {
-        *out = llama_token_to_piece(vocab, token, buf, length, lstrip, special);
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    return guarded([&] { *out = llama_token_to_piece(vocab, token, buf, length, lstrip, special); });
 }
 
 // As in llama.h (its size is checked against the Rust bindings by a test in generate.rs).
@@ -141,31 +129,19 @@ size_t amend_shim_batch_size(void) noexcept {
 // std::bad_alloc or std::runtime_error on its way to the return codes it documents.
 int amend_decode(struct llama_context * ctx, const struct llama_batch * batch, bool encode,
                  int32_t * out) noexcept {
-    try {
-        *out = encode ? llama_encode(ctx, *batch) : llama_decode(ctx, *batch);
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    return guarded([&] { *out = encode ? llama_encode(ctx, *batch) : llama_decode(ctx, *batch); });
 }
 
 // Proves the catch machinery of this object (tests): throws what `kind` asks for and catches it
 // like the wrappers above.
 int amend_shim_selftest(int kind) noexcept {
-    try {
+    return guarded([&] {
         if (kind == 1) {
             throw std::bad_alloc();
         }
         if (kind == 2) {
             throw std::runtime_error("selftest");
         }
-        return 0;
-    } catch (const std::bad_alloc &) {
-        return 1;
-    } catch (...) {
-        return 2;
-    }
+    });
 }
 }
