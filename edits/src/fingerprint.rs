@@ -168,14 +168,8 @@ fn model_binding_with(
 ) -> Result<ModelBinding, FingerprintError> {
     let file = open_model(path)?;
     let (key, ctime) = cache_key(&file)?;
-    if let Ok(text) =
-        crate::fsutil::read_regular_string(&cache_path(path), crate::fsutil::MAX_KEY_FILE_LEN)
-    {
-        if let Some((b, hashed_at)) = parse_cache(&text, &key) {
-            if hashed_at >= ctime + RACY_NS {
-                return Ok(b);
-            }
-        }
+    if let Some(b) = cached(path, &key, ctime) {
+        return Ok(b);
     }
     let started = now_ns();
     // SAFETY: read-only mapping; a model truncated while it is hashed is outside the threat
@@ -215,19 +209,12 @@ pub fn model_binding_of_copy(
 ) -> Result<ModelBinding, FingerprintError> {
     let file = open_model(path).ok();
     let current = file.as_ref().and_then(|f| cache_key(f).ok());
-    if let Some((k, ctime)) = &current {
-        if k == key {
-            if let Ok(text) = crate::fsutil::read_regular_string(
-                &cache_path(path),
-                crate::fsutil::MAX_KEY_FILE_LEN,
-            ) {
-                if let Some((b, hashed_at)) = parse_cache(&text, key) {
-                    if hashed_at >= ctime + RACY_NS {
-                        return Ok(b);
-                    }
-                }
-            }
-        }
+    let hit = current
+        .as_ref()
+        .filter(|(k, _)| k == key)
+        .and_then(|(_, ctime)| cached(path, key, *ctime));
+    if let Some(b) = hit {
+        return Ok(b);
     }
     let started = now_ns();
     // SAFETY: read-only mapping of the caller's private, sealed copy (nothing can write it).
@@ -237,6 +224,16 @@ pub fn model_binding_of_copy(
         let _ = write_cache(path, key, started, &b);
     }
     Ok(b)
+}
+
+/// The cache entry of `path` for `key` (the file's current key, ctime `ctime`), unless it is
+/// racy (see the module docs).
+fn cached(path: &Path, key: &str, ctime: u128) -> Option<ModelBinding> {
+    let text =
+        crate::fsutil::read_regular_string(&cache_path(path), crate::fsutil::MAX_KEY_FILE_LEN)
+            .ok()?;
+    let (b, hashed_at) = parse_cache(&text, key)?;
+    (hashed_at >= ctime + RACY_NS).then_some(b)
 }
 
 /// Fingerprint without the cache (always hashes everything).
