@@ -719,6 +719,18 @@ impl OrtModel {
         let mut weight_pages = Vec::new();
         let mut embd = None;
         let mut first = None;
+        // The automatic cache needs this installation's key (read once per open); a named file
+        // does not. Without a key the automatic cache is neither read nor written.
+        let cache_key = match &options.cache {
+            OnnxCache::BesideModel => match cache::key() {
+                Ok(k) => Some(k),
+                Err(why) => {
+                    log::info!("ort: no graph cache ({why}): the graph is built");
+                    None
+                }
+            },
+            _ => None,
+        };
         for (gi, &shapes) in all_shapes.iter().enumerate() {
             let builder_id = graph::builder_id(
                 options.profile,
@@ -761,20 +773,9 @@ impl OrtModel {
                     path: path.to_path_buf(),
                     detail: e.to_string(),
                 })?;
-                // The automatic cache needs this installation's key; a named file does not.
-                let key = match &options.cache {
-                    OnnxCache::BesideModel => match cache::key() {
-                        Ok(k) => Some(Some(k)),
-                        Err(why) => {
-                            log::info!("ort: no graph cache ({why}): the graph is built");
-                            None
-                        }
-                    },
-                    _ => Some(None),
-                };
-                let r = match &key {
-                    Some(k) => cache::read(cp, &fp.fingerprint, &builder_id, k.as_ref()),
-                    None => Err("no cache key".into()),
+                let r = match (&options.cache, &cache_key) {
+                    (OnnxCache::BesideModel, None) => Err("no cache key".into()),
+                    (_, key) => cache::read(cp, &fp.fingerprint, &builder_id, key.as_ref()),
                 };
                 match r {
                     Ok(bytes) => cached = Some((bytes, fp)),
@@ -801,21 +802,12 @@ impl OrtModel {
                         rope_freqs,
                         n_nodes,
                     } = build_onnx(path, &cfg, &options, shapes, &builder_id)?;
-                    if let (Some(cp), OnnxCache::BesideModel) = (&cache_path, &options.cache) {
-                        match cache::key() {
-                            Ok(k) => {
-                                let w = cache::write(
-                                    cp,
-                                    &onnx,
-                                    &binding.fingerprint,
-                                    &builder_id,
-                                    Some(&k),
-                                );
-                                if let Err(e) = w {
-                                    log::info!("ort: graph not cached at {}: {e}", cp.display());
-                                }
-                            }
-                            Err(why) => log::info!("ort: graph not cached ({why})"),
+                    if let (Some(cp), OnnxCache::BesideModel, Some(k)) =
+                        (&cache_path, &options.cache, &cache_key)
+                    {
+                        let w = cache::write(cp, &onnx, &binding.fingerprint, &builder_id, Some(k));
+                        if let Err(e) = w {
+                            log::info!("ort: graph not cached at {}: {e}", cp.display());
                         }
                     }
                     (onnx, binding, rope_freqs, n_nodes, false)
@@ -1552,55 +1544,63 @@ mod cache {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amend")))
             .ok_or("no $HOME or $AMEND_CACHE for the graph cache key")?;
         let path = dir.join("graph-cache.key");
-        let parse = |text: &str| -> Result<[u8; 32], String> {
-            amend_edits::keys::decode_key_bytes(text.trim().as_bytes())
-                .map_err(|e| format!("{}: {e}", path.display()))
-        };
-        match amend_edits::fsutil::open_regular(&path, 256) {
-            Ok((mut f, _)) => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::MetadataExt;
-                    let md = f.metadata().map_err(|e| e.to_string())?;
-                    // SAFETY: geteuid has no preconditions.
-                    let me = unsafe { libc::geteuid() };
-                    if md.uid() != me || md.mode() & 0o077 != 0 {
-                        return Err(format!(
-                            "{} is readable or writable by others (mode {:o}, owner {}): not used",
-                            path.display(),
-                            md.mode() & 0o777,
-                            md.uid()
-                        ));
-                    }
-                }
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut f, &mut text).map_err(|e| e.to_string())?;
-                parse(&text)
-            }
-            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let key = amend_edits::keys::generate_signing_key()
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                match opts.open(&path) {
-                    Ok(mut f) => {
-                        let text = format!("{}\n", amend_edits::keys::to_hex(&key));
-                        std::io::Write::write_all(&mut f, text.as_bytes())
-                            .and_then(|_| f.sync_all())
-                            .map_err(|e| format!("{}: {e}", path.display()))?;
-                        Ok(key)
-                    }
-                    // Another process created it first: use theirs.
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key_again(&path),
-                    Err(e) => Err(format!("{}: {e}", path.display())),
-                }
-            }
-            Err(e) => Err(e.to_string()),
+        if let Some(k) = read_key(&path)? {
+            return Ok(k);
         }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let key = amend_edits::keys::generate_signing_key()
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(&path) {
+            Ok(mut f) => {
+                let text = format!("{}\n", amend_edits::keys::to_hex(&key));
+                std::io::Write::write_all(&mut f, text.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(key)
+            }
+            // Another process created it first: use theirs, with the same checks.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                read_key(&path)?.ok_or_else(|| {
+                    format!("{}: created and removed by another process", path.display())
+                })
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The key in `path`, `None` when there is no such file; an error when it is unusable
+    /// (others may read or write it, another user owns it, not a key).
+    fn read_key(path: &Path) -> Result<Option<[u8; 32]>, String> {
+        let (mut f, _) = match amend_edits::fsutil::open_regular(path, 256) {
+            Ok(f) => f,
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let md = f.metadata().map_err(|e| e.to_string())?;
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if md.uid() != me || md.mode() & 0o077 != 0 {
+                return Err(format!(
+                    "{} is readable or writable by others (mode {:o}, owner {}): not used",
+                    path.display(),
+                    md.mode() & 0o777,
+                    md.uid()
+                ));
+            }
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).map_err(|e| e.to_string())?;
+        amend_edits::keys::decode_key_bytes(text.trim().as_bytes())
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     #[cfg(test)]
@@ -1614,11 +1614,6 @@ mod cache {
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         assert!(same("ab", "ab") && !same("ab", "ac") && !same("ab", "abc"));
-    }
-
-    fn key_again(path: &Path) -> Result<[u8; 32], String> {
-        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-        amend_edits::keys::decode_key_bytes(text.trim().as_bytes()).map_err(|e| e.to_string())
     }
 
     pub fn hex(b: &[u8]) -> String {
