@@ -67,7 +67,8 @@ pub struct ModelOptions {
     /// file after (or while) it is opened changes nothing this model computes. Costs one copy of
     /// the file at open (about 0.1-0.3 s for 253 MB from the page cache) and makes the weights
     /// unevictable memory (`Shmem`) instead of file pages the kernel can drop and re-read.
-    /// Off, llama.cpp maps the file itself. Ignored for `vocab_only`.
+    /// Off, llama.cpp maps the file itself. With `vocab_only` only the header is copied (the
+    /// tensor data stays a hole): the vocabulary llama.cpp parses is the one checked.
     pub private_copy: bool,
 }
 
@@ -118,8 +119,10 @@ pub struct Model {
     /// What the pre-load check read: the fingerprint hashes it without parsing the file again.
     layout: ModelLayout,
     hparams: ModelHparams,
-    /// The sealed copy llama.cpp runs from, and its binding (computed at open from the copy).
-    private: Option<(PrivateCopy, ModelBinding)>,
+    /// The sealed copy llama.cpp loaded: the whole file, or its header for `vocab_only`.
+    copy: Option<PrivateCopy>,
+    /// The binding of a whole-file copy (computed at open from the copy).
+    copy_binding: Option<ModelBinding>,
 }
 
 // SAFETY: llama.cpp's model (weights, vocab) is read-only after loading and is documented to be
@@ -147,28 +150,29 @@ impl Model {
         // The file as given is checked first, so that nothing is copied of a file that is not a
         // model (a 5 GB sparse file is refused in microseconds).
         let checked = check_gguf(path, path)?;
-        let copy = if options.private_copy && !options.vocab_only {
-            PrivateCopy::of(path)?
-        } else {
-            None
+        let copy = match (options.private_copy, options.vocab_only) {
+            (false, _) => None,
+            (true, false) => PrivateCopy::of(path, None)?,
+            // Vocabulary-only: the header is all llama.cpp reads (and the file's length, which
+            // it checks the tensor extents against: the rest of the copy is a hole).
+            (true, true) => PrivateCopy::of(path, Some(checked.1.data_offset))?,
         };
         // What llama.cpp reads is what is checked: the sealed copy where there is one.
         let (load_path, (architecture, layout, hparams)) = match &copy {
             Some(c) => (c.path(), check_gguf(&c.path(), path)?),
             None => (path.to_path_buf(), checked),
         };
-        let private = match copy {
-            Some(c) => {
-                let b = amend_edits::fingerprint::model_binding_of_copy(
+        let copy_binding = match &copy {
+            Some(c) if !options.vocab_only => Some(
+                amend_edits::fingerprint::model_binding_of_copy(
                     path, &c.key, &c.file, &layout, &hparams,
                 )
                 .map_err(|e| RuntimeError::InvalidGguf {
                     path: path.to_path_buf(),
                     detail: e.to_string(),
-                })?;
-                Some((c, b))
-            }
-            None => None,
+                })?,
+            ),
+            _ => None,
         };
         let arch_name = hparams.arch.clone();
         init_backend();
@@ -223,7 +227,8 @@ impl Model {
             options,
             layout,
             hparams,
-            private,
+            copy,
+            copy_binding,
         }))
     }
 
@@ -251,15 +256,25 @@ impl Model {
     /// The fingerprint bundles are bound to (cached next to the model; see
     /// [`amend_edits::fingerprint`]), from the header already read by [`Model::open`].
     pub fn binding(&self) -> Result<ModelBinding, FingerprintError> {
-        if let Some((_, b)) = &self.private {
+        if let Some(b) = &self.copy_binding {
             return Ok(b.clone());
         }
         amend_edits::fingerprint::model_binding_parsed(&self.path, &self.layout, &self.hparams)
     }
 
-    /// Whether llama.cpp runs from a private, sealed copy of the file ([`ModelOptions::private_copy`]).
+    /// Whether llama.cpp loaded a private, sealed copy of the file ([`ModelOptions::private_copy`];
+    /// of its header only, for `vocab_only`).
     pub fn runs_from_private_copy(&self) -> bool {
-        self.private.is_some()
+        self.copy.is_some()
+    }
+
+    /// The file the pre-load checks passed on and llama.cpp loaded: the sealed copy where there
+    /// is one (`/proc/self/fd/N`, valid while `self` lives), else the model's path.
+    pub(crate) fn checked_path(&self) -> PathBuf {
+        match &self.copy {
+            Some(c) => c.path(),
+            None => self.path.clone(),
+        }
     }
 
     /// The graph node name a hook point maps to on this model (validated against the layer count).
@@ -376,10 +391,34 @@ pub(crate) struct PrivateCopy {
 }
 
 impl PrivateCopy {
-    /// Copies `path` into a sealed memfd. `None` where the platform has no memfd (llama.cpp then
-    /// maps the file itself); an error where the file changed while it was copied.
+    /// Copies `path` into a sealed memfd: all of it, or its first `header` bytes with the rest
+    /// left a hole of the file's length (no memory). `None` where the platform has no memfd
+    /// (llama.cpp then maps the file itself); an error where the file changed while it was copied.
     #[cfg(target_os = "linux")]
-    pub(crate) fn of(path: &Path) -> Result<Option<PrivateCopy>, RuntimeError> {
+    pub(crate) fn of(
+        path: &Path,
+        header: Option<u64>,
+    ) -> Result<Option<PrivateCopy>, RuntimeError> {
+        // A file replaced while it is copied (an update renamed over it: the inode read loses a
+        // link, which changes its ctime) is copied again from the path, which names the new one;
+        // a file written in place throughout is refused.
+        let mut tries = 0;
+        loop {
+            match Self::copy_once(path, header) {
+                Err(RuntimeError::ModelChanged { .. }) if tries < 2 => {
+                    tries += 1;
+                    log::info!(
+                        "{}: changed while it was copied; copying again",
+                        path.display()
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn copy_once(path: &Path, header: Option<u64>) -> Result<Option<PrivateCopy>, RuntimeError> {
         use std::os::fd::{AsRawFd, FromRawFd};
         let io = |source: std::io::Error| RuntimeError::Io {
             path: path.to_path_buf(),
@@ -389,10 +428,11 @@ impl PrivateCopy {
             amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
                 .map_err(RuntimeError::File)?;
         let key = amend_edits::fingerprint::file_key(&src).map_err(io)?;
+        let n = header.map_or(len, |h| h.min(len));
         // A copy takes RAM the page cache would otherwise lend and take back: a model that would
         // fill more than half of what is available runs from the mapped file instead.
         if let Some(avail) = mem_available() {
-            if len > avail / 2 {
+            if n > avail / 2 {
                 log::warn!(
                     "{}: {len} bytes is more than half the available memory ({avail}): \
                      llama.cpp maps the file itself, without a private copy",
@@ -420,10 +460,11 @@ impl PrivateCopy {
         let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
         let t0 = std::time::Instant::now();
         // std copies in the kernel (copy_file_range / sendfile) where it can.
-        let copied =
-            std::io::copy(&mut std::io::Read::take(&mut src, len), &mut file).map_err(io)?;
+        let copied = std::io::copy(&mut std::io::Read::take(&mut src, n), &mut file).map_err(io)?;
+        // The file's full length (its tail a hole): llama.cpp checks tensor extents against it.
+        file.set_len(len).map_err(io)?;
         let after = amend_edits::fingerprint::file_key(&src).map_err(io)?;
-        if copied != len || after != key {
+        if copied != n || after != key {
             return Err(RuntimeError::ModelChanged {
                 path: path.to_path_buf(),
                 detail: "the model file changed while it was read".into(),
@@ -442,7 +483,7 @@ impl PrivateCopy {
             );
         }
         log::debug!(
-            "{}: private sealed copy of {len} bytes in {:.3} s",
+            "{}: private sealed copy of {n} of {len} bytes in {:.3} s",
             path.display(),
             t0.elapsed().as_secs_f64()
         );
@@ -450,7 +491,7 @@ impl PrivateCopy {
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub(crate) fn of(_: &Path) -> Result<Option<PrivateCopy>, RuntimeError> {
+    pub(crate) fn of(_: &Path, _: Option<u64>) -> Result<Option<PrivateCopy>, RuntimeError> {
         log::debug!("no memfd on this platform: llama.cpp maps the model file itself");
         Ok(None)
     }

@@ -155,7 +155,7 @@ impl ScopeModel {
         // The file as given first (nothing is copied of a file that is not a scope model), then
         // the private sealed copy llama.cpp will read (see `ModelOptions::private_copy`).
         check_scope_file(path, path)?;
-        let copy = crate::model::PrivateCopy::of(path)?;
+        let copy = crate::model::PrivateCopy::of(path, None)?;
         let (load_path, fingerprint) = match &copy {
             Some(c) => {
                 let (header, hp) = check_scope_file(&c.path(), path)?;

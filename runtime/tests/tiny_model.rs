@@ -784,3 +784,70 @@ fn model_file_rewritten_after_open_changes_nothing() {
         assert_ne!(again.binding().unwrap().fingerprint, binding.fingerprint);
     }
 }
+
+/// A model file replaced by rename while it is opened (how updates are installed) is copied
+/// again from the path: every open succeeds, with the old file's or the new one's binding.
+/// (The old inode's ctime changes when it loses its link, so the copy's check sees a change.)
+#[test]
+fn model_replaced_by_rename_while_opened_opens() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = common::tmp_dir().join("renamed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("model.gguf");
+    let versions: Vec<_> = [7u64, 8]
+        .iter()
+        .map(|&seed| {
+            let v = dir.join(format!("v{seed}.gguf"));
+            amend_runtime::testutil::write_tiny_model(&v, Architecture::Llama, seed).unwrap();
+            v
+        })
+        .collect();
+    std::fs::copy(&versions[0], &p).unwrap();
+    let bindings: Vec<_> = versions
+        .iter()
+        .map(|v| amend_edits::fingerprint::model_binding_uncached(v).unwrap())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let replacer = {
+        let (stop, p, versions, dir) = (stop.clone(), p.clone(), versions.clone(), dir.clone());
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let tmp = dir.join(format!("tmp{n}"));
+                std::fs::copy(&versions[n % 2], &tmp).unwrap();
+                std::fs::rename(&tmp, &p).unwrap();
+                n += 1;
+                // Hundreds of updates a second, still far more than any deployment sees.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let mut opened = 0;
+    for _ in 0..500 {
+        let m = Model::open(
+            &p,
+            ModelOptions {
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        );
+        match m {
+            Ok(m) => {
+                if m.runs_from_private_copy() {
+                    let b = m.binding().unwrap();
+                    assert!(bindings.contains(&b), "a binding of neither version");
+                }
+                opened += 1;
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                panic!("open {opened} failed while the file was replaced: {e}");
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let renames = replacer.join().unwrap();
+    assert!(renames > 10, "the file was replaced {renames} times");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -674,8 +674,11 @@ impl OrtModel {
         if let Some(st) = &options.static_shapes {
             st.check()?;
         }
+        // The header the checks passed on and llama.cpp read the vocabulary from (its sealed copy):
+        // the graph's configuration agrees with the vocabulary even if the file is rewritten now.
+        let checked = vocab.checked_path();
         let (header, hp) = {
-            let header = amend_edits::gguf::GgufFile::read_header(path).map_err(|e| {
+            let header = amend_edits::gguf::GgufFile::read_header(&checked).map_err(|e| {
                 RuntimeError::InvalidGguf {
                     path: path.to_path_buf(),
                     detail: e.to_string(),
@@ -801,7 +804,7 @@ impl OrtModel {
                         binding,
                         rope_freqs,
                         n_nodes,
-                    } = build_onnx(path, &cfg, &options, shapes, &builder_id)?;
+                    } = build_onnx(path, &checked, &cfg, &options, shapes, &builder_id)?;
                     if let (Some(cp), OnnxCache::BesideModel, Some(k)) =
                         (&cache_path, &options.cache, &cache_key)
                     {
@@ -1231,8 +1234,12 @@ struct Built {
 }
 
 /// Reads the GGUF at `path` into memory this process owns and builds its graph.
+/// Builds the graph of the model at `path` from one read of its bytes, which must begin with
+/// the header at `checked` (the one `cfg` and the vocabulary come from), or
+/// [`RuntimeError::ModelChanged`].
 fn build_onnx(
     path: &Path,
+    checked: &Path,
     cfg: &ModelConfig,
     options: &OrtOptions,
     shapes: graph::Shapes,
@@ -1251,6 +1258,12 @@ fn build_onnx(
         detail,
     };
     let gguf = GgufFile::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
+    if !starts_with_header(&bytes, checked, gguf.header.data_offset)? {
+        return Err(RuntimeError::ModelChanged {
+            path: path.to_path_buf(),
+            detail: "the header read for the graph differs from the one checked at open".into(),
+        });
+    }
     let rope_freqs = match gguf.header.tensor("rope_freqs.weight") {
         Some(t) => Some(
             quant::dequantize(
@@ -1459,6 +1472,24 @@ fn release_free_heap() {
 const OPSETS: &[(&str, i64)] = &[("", 21), ("com.microsoft", 1)];
 
 /// RoPE frequency factors (llama3-style models) from the file, without reading the weights.
+/// Whether `bytes` begins with the `n` header bytes of the file at `checked` (which is as long
+/// as `bytes`).
+fn starts_with_header(bytes: &[u8], checked: &Path, n: u64) -> Result<bool, RuntimeError> {
+    let io = |source| RuntimeError::Io {
+        path: checked.to_path_buf(),
+        source,
+    };
+    let (mut file, len) =
+        amend_edits::fsutil::open_regular(checked, amend_edits::fsutil::MAX_MODEL_LEN)
+            .map_err(RuntimeError::File)?;
+    if len != bytes.len() as u64 || n > len {
+        return Ok(false);
+    }
+    let mut header = vec![0u8; n as usize];
+    std::io::Read::read_exact(&mut file, &mut header).map_err(io)?;
+    Ok(header == bytes[..n as usize])
+}
+
 fn read_rope_freqs(
     path: &Path,
     header: &amend_edits::gguf::GgufHeader,
@@ -2660,6 +2691,65 @@ impl crate::backend::Backend for OrtSession {
 
 #[cfg(test)]
 mod tests {
+    /// The graph is built from one read of the file, which must carry the header the vocabulary
+    /// and the configuration came from: a file rewritten after the vocabulary loaded (here with
+    /// other tensor types, which would build without complaint) is refused.
+    #[test]
+    fn a_model_rewritten_after_its_vocabulary_loaded_is_refused() {
+        use super::{build_onnx, graph, OrtOptions};
+        use crate::{testutil, Architecture, Model, ModelOptions, RuntimeError};
+        use amend_edits::gguf::{GgmlType, GgufFile, ModelHparams};
+        let dir = std::env::temp_dir().join(format!("amend-ort-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
+        testutil::write_tiny_model(&a, Architecture::Llama, 7).unwrap();
+        testutil::write_tiny_model_typed(&b, Architecture::Llama, 7, GgmlType::Q8_0).unwrap();
+        let vocab = Model::open(
+            &a,
+            ModelOptions {
+                vocab_only: true,
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let checked = vocab.checked_path();
+        if cfg!(target_os = "linux") {
+            // llama.cpp read the vocabulary from a sealed copy of the header; the tensor data is
+            // a hole of the file's length.
+            assert!(vocab.runs_from_private_copy());
+            assert_ne!(checked, a);
+            let copy = std::fs::read(&checked).unwrap();
+            let file = std::fs::read(&a).unwrap();
+            let d = GgufFile::read_header(&a).unwrap().data_offset as usize;
+            assert_eq!(copy.len(), file.len());
+            assert_eq!(copy[..d], file[..d]);
+            assert!(copy[d..].iter().all(|&x| x == 0));
+            assert!(file[d..].iter().any(|&x| x != 0));
+        }
+        let header = GgufFile::read_header(&checked).unwrap();
+        let hp = ModelHparams::from_header(&header).unwrap();
+        let cfg = crate::config::ModelConfig::from_gguf(&header, &hp, Architecture::Llama).unwrap();
+        let options = OrtOptions::default();
+        let build = || build_onnx(&a, &checked, &cfg, &options, graph::Shapes::Dynamic, "t");
+        assert!(build().is_ok());
+        // Rewritten in place, after the vocabulary loaded and before the graph reads the file.
+        std::fs::write(&a, std::fs::read(&b).unwrap()).unwrap();
+        match build() {
+            Err(RuntimeError::ModelChanged { detail, .. }) => {
+                assert!(detail.contains("header"), "{detail}")
+            }
+            other => panic!("expected ModelChanged, got {:?}", other.map(|_| ())),
+        }
+        // The new file alone is a model the graph builder takes.
+        let hb = GgufFile::read_header(&b).unwrap();
+        let hpb = ModelHparams::from_header(&hb).unwrap();
+        let cfgb = crate::config::ModelConfig::from_gguf(&hb, &hpb, Architecture::Llama).unwrap();
+        assert!(build_onnx(&b, &b, &cfgb, &options, graph::Shapes::Dynamic, "t").is_ok());
+        drop(vocab);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn library_version_is_a_plain_dotted_number() {
         assert_eq!(super::plain_version("1.24.1"), "1.24.1");
