@@ -130,7 +130,8 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
                                                         jboolean cpu_fallback,
                                                         jlong static_chunk,
                                                         jlong static_window,
-                                                        jbyteArray ep_options) {
+                                                        jbyteArray ep_options,
+                                                        jboolean private_copy) {
     (void)c;
     /* Optional strings: a null array is the C NULL default. */
     char *p = cstr_of(env, path, "path");
@@ -153,6 +154,7 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
         mp.static_chunk = (size_t)static_chunk;
         mp.static_window = (size_t)static_window;
         mp.ep_options = o;
+        mp.private_copy = private_copy;
         check(env, amend_model_open(p, &mp, &m));
     }
     free(p);

@@ -72,10 +72,15 @@ public final class Model: @unchecked Sendable {
         return options.keys.sorted().map { "\($0)=\(options[$0]!)" }.joined(separator: "\n")
     }
 
-    public init(path: String, backend: Backend = .llamaCpp, threads: UInt32 = 0) throws {
+    /// `privateCopy` (llama.cpp, Linux; default true) runs from a sealed in-memory copy of the
+    /// file, so a process that rewrites or truncates the file after open changes nothing this
+    /// model computes; false maps the file itself.
+    public init(path: String, backend: Backend = .llamaCpp, threads: UInt32 = 0,
+                privateCopy: Bool = true) throws {
         var out: OpaquePointer? = nil
         var params = amend_model_default_params()
         params.n_threads = threads
+        params.private_copy = privateCopy
         switch backend {
         case .llamaCpp:
             try check(amend_model_open(path, &params, &out))

@@ -17,7 +17,7 @@ public final class Model implements AutoCloseable {
     public Model(String path, ModelOptions options) {
         handle = Native.modelOpen(utf8(path), options.useMmap, options.nThreads, options.backend,
                 utf8(options.ep), utf8(options.ortLibrary), utf8(options.editSlots), options.cpuFallback,
-                options.staticChunk, options.staticWindow, utf8(options.epOptions));
+                options.staticChunk, options.staticWindow, utf8(options.epOptions), options.privateCopy);
     }
 
     private static byte[] utf8(String s) { return s == null ? null : s.getBytes(StandardCharsets.UTF_8); }

@@ -11,6 +11,7 @@ public final class ModelOptions {
     public static final int BACKEND_ONNXRUNTIME = 1;
 
     boolean useMmap = true;
+    boolean privateCopy = true;
     int nThreads;
     int backend = BACKEND_LLAMA_CPP;
     String ep, ortLibrary, editSlots;
@@ -21,6 +22,12 @@ public final class ModelOptions {
 
     /** Memory-map the weights (llama.cpp; default true). */
     public ModelOptions useMmap(boolean v) { useMmap = v; return this; }
+    /**
+     * Run from a private, sealed in-memory copy of the file (llama.cpp on Linux; default true): a
+     * process that rewrites or truncates the model file after open changes nothing this model
+     * computes. False: llama.cpp maps the file itself.
+     */
+    public ModelOptions privateCopy(boolean v) { privateCopy = v; return this; }
     /** Default threads for sessions (ONNX Runtime: intra-op threads); 0 = the default. */
     public ModelOptions nThreads(int v) { nThreads = v; return this; }
     /** {@link #BACKEND_LLAMA_CPP} or {@link #BACKEND_ONNXRUNTIME}; other values: ERR_INVALID_ARGUMENT. */

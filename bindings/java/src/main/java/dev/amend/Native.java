@@ -29,7 +29,8 @@ final class Native {
     /** ep, ortLibrary, editSlots, epOptions: UTF-8 or null (amend_model_params' NULL defaults). */
     static native long modelOpen(byte[] pathUtf8, boolean useMmap, int nThreads, int backend,
                                  byte[] ep, byte[] ortLibrary, byte[] editSlots, boolean cpuFallback,
-                                 long staticChunk, long staticWindow, byte[] epOptions);
+                                 long staticChunk, long staticWindow, byte[] epOptions,
+                                 boolean privateCopy);
     static native void modelFree(long model);
     static native String modelDescription(long model);
 

@@ -49,6 +49,11 @@ public final class AmendTest {
         throw new AssertionError("expected AmendException " + code);
     }
 
+    /** This process's memory mappings (Linux). */
+    private static String maps() throws java.io.IOException {
+        return new String(Files.readAllBytes(Paths.get("/proc/self/maps")), StandardCharsets.UTF_8);
+    }
+
     public static void main(String[] args) throws Exception {
         String model = System.getenv("AMEND_MODEL");
         check(model != null && Files.isRegularFile(Paths.get(model)), "AMEND_MODEL must name the model file");
@@ -110,6 +115,34 @@ public final class AmendTest {
                 }
                 expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
                         new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).staticShapes(16, 0)));
+            }
+        });
+
+        test("privateCopy: a sealed copy the file's rewrites cannot reach, or the mapped file", () -> {
+            Path file = Files.createTempFile("amend-java-", ".gguf");
+            try {
+                Files.copy(Paths.get(model), file, java.nio.file.StandardCopyOption.REPLACE_EXISTING);
+                GenerateOptions g = new GenerateOptions().maxTokens(6).stopAtEos(false);
+                List<Integer> mapped;
+                try (Model m = new Model(file.toString(), new ModelOptions().privateCopy(false));
+                     Session s = new Session(m, 256, 0)) {
+                    check(maps().contains(file.toString()), "privateCopy(false): llama.cpp maps the file");
+                    mapped = s.generate(PROMPT, g).tokens;
+                }
+                try (Model m = new Model(file.toString(), new ModelOptions());
+                     Session s = new Session(m, 256, 0)) {
+                    check(!maps().contains(file.toString()), "the default maps a private copy, not the file");
+                    List<Integer> before = s.generate(PROMPT, g).tokens;
+                    check(before.equals(mapped), before + " vs " + mapped);
+                    // Truncated under the open model: a mapped file would end the JVM with SIGBUS.
+                    try (java.io.RandomAccessFile f = new java.io.RandomAccessFile(file.toFile(), "rw")) {
+                        f.setLength(f.length() / 2);
+                    }
+                    List<Integer> after = s.generate(PROMPT, g).tokens;
+                    check(after.equals(before), after + " vs " + before);
+                }
+            } finally {
+                Files.deleteIfExists(file);
             }
         });
 
