@@ -84,7 +84,10 @@ pub enum RuntimeError {
     OrtLibrary { path: PathBuf, detail: String },
     #[error("execution provider {ep}: {detail}")]
     OrtEp { ep: String, detail: String },
-    #[error("ONNX Runtime cannot run the graph on {ep} (nodes it does not take are an error unless CPU fallback is allowed): {detail}")]
+    /// ONNX Runtime refused to create a session for the graph on `ep`: nodes the EP does not
+    /// take with CPU fallback off (ONNX Runtime's message says so), or a graph its checker finds
+    /// invalid (a damaged named `.onnx` file).
+    #[error("ONNX Runtime cannot run the graph on {ep}: {detail}")]
     OrtSession { ep: String, detail: String },
     #[error("cached ONNX graph {} cannot be used: {detail}", path.display())]
     OrtCache { path: PathBuf, detail: String },

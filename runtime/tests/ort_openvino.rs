@@ -174,6 +174,7 @@ fn a_node_the_ep_does_not_take_is_an_error_unless_fallback_is_asked() {
     let e = ortb::check_graph(&g, &opts).unwrap_err();
     assert!(matches!(e, RuntimeError::OrtSession { .. }), "{e}");
     assert!(e.to_string().contains("openvino:CPU"), "{e}");
+    assert!(e.to_string().contains("--cpu-fallback"), "{e}");
     // Asked for, the CPU EP takes it.
     ortb::check_graph(
         &g,

@@ -1096,9 +1096,15 @@ impl OrtModel {
             };
         b.commit_from_memory(onnx)
             .map(|r| (r, values))
-            .map_err(|e| RuntimeError::OrtSession {
-                ep: ep_name.clone(),
-                detail: e.to_string(),
+            .map_err(|e| {
+                let mut detail = e.to_string();
+                if !options.cpu_fallback && detail.contains("fallback") {
+                    detail.push_str(" (CPU fallback is off: --cpu-fallback, or cpu_fallback in the APIs, allows it)");
+                }
+                RuntimeError::OrtSession {
+                    ep: ep_name.clone(),
+                    detail,
+                }
             })
     }
 
