@@ -10,7 +10,8 @@
 //! The mutations are systematic, not random: every metadata key gets edge values of its own
 //! type and of another type and is deleted; every tensor gets its dimensions swapped or changed,
 //! its type changed, or is deleted. `HOSTILE_MODELS_REAL=1` adds the real model's metadata
-//! mutations (each mutant is a 253 MB copy, so they are off by default).
+//! mutations (each mutant is a 253 MB copy, so they are off by default). A graph named with
+//! `--onnx` gets byte-level mutants of its own (`named_graph_mutants_never_crash_the_process`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -322,6 +323,11 @@ const PROMPT: &str = "the cat sat on the é\n";
 
 /// Opens `model` in a child process, with a deadline.
 fn run_child(model: &Path, how: Opener) -> (Outcome, String) {
+    run_child_with(model, how, &[])
+}
+
+/// [`run_child`] with more arguments for `amend run`.
+fn run_child_with(model: &Path, how: Opener, extra: &[&std::ffi::OsStr]) -> (Outcome, String) {
     use std::os::unix::process::ExitStatusExt;
     let mut cmd = match how {
         Opener::Run(backend) => {
@@ -336,7 +342,7 @@ fn run_child(model: &Path, how: Opener) -> (Outcome, String) {
                 "--ctx",
                 "64",
             ]);
-            c.args(backend);
+            c.args(backend).args(extra);
             c
         }
         Opener::Scope => {
@@ -517,6 +523,143 @@ fn tiny_model_mutants_never_crash_the_process() {
         }
         bad.extend(check(arch.name(), &bytes, Scope::All, &backends));
     }
+    assert_none_crashed(&bad);
+}
+
+/// A graph named with `--onnx` is the caller's file, checked by its sidecar (sha256, length,
+/// model fingerprint), not rebuilt: a damaged one whose sidecar was written to match is handed
+/// to ONNX Runtime. Mutants of the tiny model's exported graph: every integer attribute `axis`
+/// set to 0, 1 and 3, and 300 random byte changes in the graph's structure (its first 4 KB and
+/// last 8 KB; the weights between are numbers only), each run on the CPU and OpenVINO EPs.
+/// OpenVINO ran a graph with a wrong concatenation axis, and amend panicked reading its empty
+/// logits; every output is now checked before it is read.
+#[test]
+fn named_graph_mutants_never_crash_the_process() {
+    use std::ffi::OsStr;
+    if !ort_installed() {
+        return;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let mut eps: Vec<&str> = vec!["cpu"];
+    if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
+        eps.push("openvino");
+    }
+    let dir = tmp().join("named-graph");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.gguf");
+    write_tiny_model_typed(&model, Architecture::Llama, 7, GgmlType::F32).unwrap();
+    let graph = dir.join("m.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_amend"))
+        .args(["export-onnx", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&graph)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let good = std::fs::read(&graph).unwrap();
+    let sidecar = std::fs::read_to_string(dir.join("m.onnx.amend")).unwrap();
+    let mut mutants: Vec<(String, Vec<u8>)> = vec![];
+    let pattern = b"\n\x04axis\x18";
+    for at in (0..good.len() - pattern.len()).filter(|&i| &good[i..i + pattern.len()] == pattern) {
+        for v in [0u8, 1, 3] {
+            let mut b = good.clone();
+            b[at + pattern.len()] = v;
+            mutants.push((format!("axis at {at} = {v}"), b));
+        }
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let structure = |r: u64| {
+        let r = r as usize;
+        if r % 2 == 0 {
+            r / 2 % 4096
+        } else {
+            good.len() - 1 - r / 2 % 8192
+        }
+    };
+    for i in 0..300 {
+        let mut b = good.clone();
+        let what = match next() % 3 {
+            0 => {
+                for _ in 0..1 + next() % 3 {
+                    let at = structure(next());
+                    b[at] ^= 1 << (next() % 8);
+                }
+                "bit flips"
+            }
+            1 => {
+                let at = structure(next());
+                b[at] = [0u8, 0xff, 0x7f, 0x80][(next() % 4) as usize];
+                "a byte set"
+            }
+            _ => {
+                b.truncate(structure(next()));
+                "truncated"
+            }
+        };
+        mutants.push((format!("random {i}: {what}"), b));
+    }
+    let path = dir.join("mutant.onnx");
+    let (mut ran, mut refused, mut bad) = (0, 0, vec![]);
+    for (what, b) in &mutants {
+        std::fs::write(&path, b).unwrap();
+        let sha: String = <sha2::Sha256 as sha2::Digest>::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        let side: String = sidecar
+            .lines()
+            .filter(|l| !l.starts_with("mac "))
+            .map(|l| match l.split_once(' ') {
+                Some(("sha256", _)) => format!("sha256 {sha}\n"),
+                Some(("bytes", _)) => format!("bytes {}\n", b.len()),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(dir.join("mutant.onnx.amend"), side).unwrap();
+        for ep in &eps {
+            let args = [
+                OsStr::new("--backend"),
+                OsStr::new("ort"),
+                OsStr::new("--ep"),
+                OsStr::new(ep),
+                OsStr::new("--onnx"),
+                path.as_os_str(),
+            ];
+            match run_child_with(&model, LLAMA, &args) {
+                (Outcome::Ran, _) => ran += 1,
+                (Outcome::Refused, _) => refused += 1,
+                (o, err) => {
+                    let keep = tmp().join(format!("crash-graph-{}.onnx", bad.len()));
+                    std::fs::write(&keep, b).unwrap();
+                    let line = err.lines().find(|l| l.contains("panicked")).unwrap_or("");
+                    bad.push(format!(
+                        "{what} on {ep}: {o:?}: {line} ({})",
+                        keep.display()
+                    ));
+                    eprintln!("FAIL {}", bad.last().unwrap());
+                }
+            }
+        }
+    }
+    eprintln!(
+        "named graphs: {} mutants x {} EPs: ran {ran}, refused {refused}, failed {}",
+        mutants.len(),
+        eps.len(),
+        bad.len()
+    );
+    assert!(refused > 0 && ran > 0, "the mutants exercised nothing");
     assert_none_crashed(&bad);
 }
 

@@ -185,3 +185,67 @@ fn a_node_the_ep_does_not_take_is_an_error_unless_fallback_is_asked() {
     )
     .unwrap();
 }
+
+/// A named graph that OpenVINO runs although it does not compute this model's shapes (here the
+/// first layer's new values concatenated along the wrong axis, a one-byte change that ONNX
+/// Runtime's CPU EP refuses at open and OpenVINO accepts): every run is an error naming the
+/// output, never an out-of-range read (it was a panic indexing the empty logits).
+#[test]
+fn a_named_graph_with_wrong_output_shapes_is_an_error_not_a_panic() {
+    use amend_runtime::onnxruntime::{OnnxCache, OrtSession};
+    let Some(opts) = options("CPU") else { return };
+    let dir = common::tmp_dir().join("wrong-shapes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.gguf");
+    amend_runtime::testutil::write_tiny_model(&model, Architecture::Llama, 31).unwrap();
+    let graph = dir.join("m.onnx");
+    OrtModel::open(
+        &model,
+        OrtOptions {
+            export: Some(graph.clone()),
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    // AttributeProto "axis", i = 2 (the KV concatenation along the positions): made 3.
+    let pattern = b"Concat*\x0b\n\x04axis\x18\x02";
+    // The second such node: the values' concatenation (the keys' feeds a MatMul whose shape
+    // check would refuse the graph at open).
+    let at = (0..bytes.len() - pattern.len())
+        .filter(|&i| &bytes[i..i + pattern.len()] == pattern)
+        .nth(1)
+        .expect("the graph concatenates the KV cache along axis 2");
+    bytes[at + pattern.len() - 1] = 3;
+    std::fs::write(&graph, &bytes).unwrap();
+    let side = dir.join("m.onnx.amend");
+    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let text: String = std::fs::read_to_string(&side)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("mac "))
+        .map(|l| match l.split_once(' ') {
+            Some(("sha256", _)) => format!("sha256 {sha}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&side, text).unwrap();
+    let m = OrtModel::open(
+        &model,
+        OrtOptions {
+            cache: OnnxCache::File(graph.clone()),
+            ..opts
+        },
+    );
+    // OpenVINO 1.24.1's checker lets the shape through (the CPU EP's does not).
+    let m = m.expect("the OpenVINO EP opens the graph");
+    let mut s = OrtSession::new(&m, 64).unwrap();
+    let t = m.tokenize("hello world", true).unwrap();
+    let e = s.generate_greedy(&t, 4).unwrap_err();
+    assert!(e.to_string().contains("does not compute this model"), "{e}");
+    // The session stays usable for what it can do: the next run is an error again, not a panic.
+    assert!(s.generate_greedy(&t, 1).is_err());
+}

@@ -330,6 +330,29 @@ pub fn probe_linear(
     Ok(y.to_vec())
 }
 
+/// The f32 values of a graph output, exactly `want` of them. The graph may come from a named
+/// `.onnx` file that is damaged or built for other shapes, and an EP may run a graph whose shapes
+/// its checker let through: a missing output, another type or another count is an error here,
+/// never an out-of-range read later.
+fn output_f32<'a>(
+    v: Option<&'a DynValue>,
+    name: &str,
+    want: usize,
+) -> Result<&'a [f32], RuntimeError> {
+    let v = v.ok_or_else(|| RuntimeError::Ort(format!("the graph returned no `{name}`")))?;
+    let (_, data) = v
+        .try_extract_tensor::<f32>()
+        .map_err(|e| RuntimeError::Ort(format!("the graph's `{name}`: {e}")))?;
+    if data.len() != want {
+        return Err(RuntimeError::Ort(format!(
+            "the graph's `{name}` has {} values where this model needs {want}: the graph does not \
+             compute this model",
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
 /// Creates (and drops) a session for an arbitrary graph with `options`' library, EP and
 /// fallback rule: tests use it to show what an EP refuses.
 #[doc(hidden)]
@@ -2201,21 +2224,21 @@ impl OrtSession {
             }
             for &point in capture {
                 let name = graph::site_tensor(point);
-                let (_, rows) = out[name.as_str()]
-                    .try_extract_tensor::<f32>()
-                    .map_err(ort_err("reading a captured site"))?;
+                let rows = output_f32(out.get(name.as_str()), &name, t * c.n_embd)?;
                 captured.push((point, rows.to_vec()));
             }
-            let (_, l) = out[graph::LOGITS]
-                .try_extract_tensor::<f32>()
-                .map_err(ort_err("reading logits"))?;
+            let l = output_f32(
+                out.get(graph::LOGITS),
+                graph::LOGITS,
+                rows.len() * c.n_vocab,
+            )?;
             let l = l.to_vec();
             let mut kv = Vec::with_capacity(2 * n_layer);
             for il in 0..n_layer {
                 for name in [graph::present_key(il), graph::present_value(il)] {
-                    kv.push(out.remove(&name).ok_or_else(|| {
-                        RuntimeError::Ort(format!("the graph returned no `{name}`"))
-                    })?);
+                    let v = out.remove(&name);
+                    output_f32(v.as_ref(), &name, c.n_head_kv * s * c.head_dim)?;
+                    kv.push(v.expect("checked by output_f32"));
                 }
             }
             drop(out);
@@ -2425,19 +2448,11 @@ impl OrtSession {
                 let mut ex = explain.lock().unwrap_or_else(|e| e.into_inner());
                 f.record_run(plan, n, last_prompt, p0, &out, &mut ex);
             }
-            let (_, l) = out[graph::LOGITS]
-                .try_extract_tensor::<f32>()
-                .map_err(ort_err("reading logits"))?;
-            let row = l.to_vec();
+            let row = output_f32(out.get(graph::LOGITS), graph::LOGITS, c.n_vocab)?.to_vec();
             // New rows [n_head_kv, tg, head_dim] (the first n real) into the window at p0.
             for (i, buf) in window.iter_mut().enumerate() {
                 let name = present_name(i);
-                let v = out
-                    .get(name.as_str())
-                    .ok_or_else(|| RuntimeError::Ort(format!("the graph returned no `{name}`")))?;
-                let (_, new) = v
-                    .try_extract_tensor::<f32>()
-                    .map_err(ort_err("reading the new K and V"))?;
+                let new = output_f32(out.get(name.as_str()), &name, nkv * tg * hd)?;
                 let (_, buf) = buf.extract_tensor_mut();
                 for h in 0..nkv {
                     for r in 0..n {
