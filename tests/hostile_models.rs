@@ -613,21 +613,8 @@ fn named_graph_mutants_never_crash_the_process() {
     let path = dir.join("mutant.onnx");
     let (mut ran, mut refused, mut bad) = (0, 0, vec![]);
     for (what, b) in &mutants {
-        std::fs::write(&path, b).unwrap();
-        let sha: String = <sha2::Sha256 as sha2::Digest>::digest(b)
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect();
-        let side: String = sidecar
-            .lines()
-            .filter(|l| !l.starts_with("mac "))
-            .map(|l| match l.split_once(' ') {
-                Some(("sha256", _)) => format!("sha256 {sha}\n"),
-                Some(("bytes", _)) => format!("bytes {}\n", b.len()),
-                _ => format!("{l}\n"),
-            })
-            .collect();
-        std::fs::write(dir.join("mutant.onnx.amend"), side).unwrap();
+        std::fs::write(path.with_extension("onnx.amend"), &sidecar).unwrap();
+        amend_runtime::testutil::forge_graph_sidecar(&path, b).unwrap();
         for ep in &eps {
             let args = [
                 OsStr::new("--backend"),

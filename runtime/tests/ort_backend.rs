@@ -500,20 +500,7 @@ fn graph_cache_is_bound_to_the_model_and_checked() {
     assert!(good.lines().any(|l| l.starts_with("mac ")), "{good}");
     let _ = open(&b, OnnxCache::BesideModel).unwrap();
     let planted = std::fs::read(dir.join("b.gguf.cpu.onnx")).unwrap();
-    std::fs::write(&cached, &planted).unwrap();
-    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&planted)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
-    let forged: String = good
-        .lines()
-        .filter(|l| !l.starts_with("mac "))
-        .map(|l| match l.split_once(' ') {
-            Some(("sha256", _)) => format!("sha256 {sha}\n"),
-            Some(("bytes", _)) => format!("bytes {}\n", planted.len()),
-            _ => format!("{l}\n"),
-        })
-        .collect();
+    let forged = amend_runtime::testutil::forge_graph_sidecar(&cached, &planted).unwrap();
     for text in [forged.clone(), format!("{forged}mac {}\n", "0".repeat(64))] {
         std::fs::write(&side, &text).unwrap();
         let m = open(&a, OnnxCache::BesideModel).unwrap();

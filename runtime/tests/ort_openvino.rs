@@ -217,22 +217,7 @@ fn a_named_graph_with_wrong_output_shapes_is_an_error_not_a_panic() {
         .nth(1)
         .expect("the graph concatenates the KV cache along axis 2");
     bytes[at + pattern.len() - 1] = 3;
-    std::fs::write(&graph, &bytes).unwrap();
-    let side = dir.join("m.onnx.amend");
-    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
-    let text: String = std::fs::read_to_string(&side)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with("mac "))
-        .map(|l| match l.split_once(' ') {
-            Some(("sha256", _)) => format!("sha256 {sha}\n"),
-            _ => format!("{l}\n"),
-        })
-        .collect();
-    std::fs::write(&side, text).unwrap();
+    amend_runtime::testutil::forge_graph_sidecar(&graph, &bytes).unwrap();
     let m = OrtModel::open(
         &model,
         OrtOptions {
