@@ -582,7 +582,7 @@ fn named_graph_mutants_never_crash_the_process() {
     };
     let structure = |r: u64| {
         let r = r as usize;
-        if r % 2 == 0 {
+        if r.is_multiple_of(2) {
             r / 2 % 4096
         } else {
             good.len() - 1 - r / 2 % 8192
