@@ -93,6 +93,25 @@ def test_greedy_generation_is_deterministic(session):
     assert a.stop_reason == StopReason.MAX_TOKENS
 
 
+def test_private_copy(model_path, tmp_path):
+    # private_copy reaches the C struct: off, llama.cpp maps the file (it is in this process's
+    # mappings); on (the default), a truncation under the open model changes nothing (a mapped
+    # file would end the process with SIGBUS).
+    import shutil
+    f = tmp_path / "m.gguf"
+    shutil.copyfile(model_path, f)
+    maps = lambda: open("/proc/self/maps").read()
+    with amend.Model(str(f), private_copy=False) as m, amend.Session(m, n_ctx=256) as s:
+        assert str(f) in maps()
+        mapped = s.generate(PROMPT, max_tokens=6, stop_at_eos=False).tokens
+    with amend.Model(str(f)) as m, amend.Session(m, n_ctx=256) as s:
+        assert str(f) not in maps()
+        before = s.generate(PROMPT, max_tokens=6, stop_at_eos=False).tokens
+        assert before == mapped
+        os.truncate(f, os.path.getsize(f) // 2)
+        assert s.generate(PROMPT, max_tokens=6, stop_at_eos=False).tokens == before
+
+
 def test_callback_stops_generation(session):
     seen = []
     g = session.generate(PROMPT, max_tokens=16, stop_at_eos=False,
