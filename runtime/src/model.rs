@@ -434,7 +434,7 @@ impl PrivateCopy {
         if let Some(avail) = mem_available() {
             if n > avail / 2 {
                 log::warn!(
-                    "{}: {len} bytes is more than half the available memory ({avail}): \
+                    "{}: {n} bytes to copy is more than half the available memory ({avail}): \
                      llama.cpp maps the file itself, without a private copy",
                     path.display()
                 );

@@ -1262,10 +1262,9 @@ struct Built {
     n_nodes: usize,
 }
 
-/// Reads the GGUF at `path` into memory this process owns and builds its graph.
-/// Builds the graph of the model at `path` from one read of its bytes, which must begin with
-/// the header at `checked` (the one `cfg` and the vocabulary come from), or
-/// [`RuntimeError::ModelChanged`].
+/// Reads the GGUF at `path` into memory this process owns and builds its graph from that one
+/// read, which must begin with the header at `checked` (the one `cfg` and the vocabulary come
+/// from), else [`RuntimeError::ModelChanged`].
 fn build_onnx(
     path: &Path,
     checked: &Path,
@@ -1500,7 +1499,6 @@ fn release_free_heap() {
 /// ONNX opset 21 (blockwise DequantizeLinear) and ORT's contrib ops.
 const OPSETS: &[(&str, i64)] = &[("", 21), ("com.microsoft", 1)];
 
-/// RoPE frequency factors (llama3-style models) from the file, without reading the weights.
 /// Whether `bytes` begins with the `n` header bytes of the file at `checked` (which is as long
 /// as `bytes`).
 fn starts_with_header(bytes: &[u8], checked: &Path, n: u64) -> Result<bool, RuntimeError> {
@@ -1519,6 +1517,7 @@ fn starts_with_header(bytes: &[u8], checked: &Path, n: u64) -> Result<bool, Runt
     Ok(header == bytes[..n as usize])
 }
 
+/// RoPE frequency factors (llama3-style models) from the file, without reading the weights.
 fn read_rope_freqs(
     path: &Path,
     header: &amend_edits::gguf::GgufHeader,
