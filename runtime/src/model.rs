@@ -154,8 +154,10 @@ impl Model {
             (false, _) => None,
             (true, false) => PrivateCopy::of(path, None)?,
             // Vocabulary-only: the header is all llama.cpp reads (and the file's length, which
-            // it checks the tensor extents against: the rest of the copy is a hole).
-            (true, true) => PrivateCopy::of(path, Some(checked.1.data_offset))?,
+            // it checks the tensor extents against: the rest of the copy is a hole), plus the
+            // small tensors the ONNX Runtime backend reads at open (`HOST_READ_TENSORS`), so that
+            // they too are the bytes that were fingerprinted.
+            (true, true) => PrivateCopy::of(path, Some(&vocab_only_parts(path, &checked.1)?))?,
         };
         // What llama.cpp reads is what is checked: the sealed copy where there is one.
         let (load_path, (architecture, layout, hparams)) = match &copy {
@@ -391,20 +393,21 @@ pub(crate) struct PrivateCopy {
 }
 
 impl PrivateCopy {
-    /// Copies `path` into a sealed memfd: all of it, or its first `header` bytes with the rest
-    /// left a hole of the file's length (no memory). `None` where the platform has no memfd
-    /// (llama.cpp then maps the file itself); an error where the file changed while it was copied.
+    /// Copies `path` into a sealed memfd: all of it, or only the byte ranges `parts` gives
+    /// (`(offset, length)`, the header first) with the rest left a hole of the file's length (no
+    /// memory). `None` where the platform has no memfd (llama.cpp then maps the file itself); an
+    /// error where the file changed while it was copied.
     #[cfg(target_os = "linux")]
     pub(crate) fn of(
         path: &Path,
-        header: Option<u64>,
+        parts: Option<&[(u64, u64)]>,
     ) -> Result<Option<PrivateCopy>, RuntimeError> {
         // A file replaced while it is copied (an update renamed over it: the inode read loses a
         // link, which changes its ctime) is copied again from the path, which names the new one;
         // a file written in place throughout is refused.
         let mut tries = 0;
         loop {
-            match Self::copy_once(path, header) {
+            match Self::copy_once(path, parts) {
                 Err(RuntimeError::ModelChanged { .. }) if tries < 2 => {
                     tries += 1;
                     log::info!(
@@ -418,7 +421,10 @@ impl PrivateCopy {
     }
 
     #[cfg(target_os = "linux")]
-    fn copy_once(path: &Path, header: Option<u64>) -> Result<Option<PrivateCopy>, RuntimeError> {
+    fn copy_once(
+        path: &Path,
+        parts: Option<&[(u64, u64)]>,
+    ) -> Result<Option<PrivateCopy>, RuntimeError> {
         use std::os::fd::{AsRawFd, FromRawFd};
         let io = |source: std::io::Error| RuntimeError::Io {
             path: path.to_path_buf(),
@@ -428,7 +434,15 @@ impl PrivateCopy {
             amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
                 .map_err(RuntimeError::File)?;
         let key = amend_edits::fingerprint::file_key(&src).map_err(io)?;
-        let n = header.map_or(len, |h| h.min(len));
+        // Each part clipped to the file (the caller read the ranges from a header that the copy
+        // is checked against again).
+        let whole = [(0, len)];
+        let parts: Vec<(u64, u64)> = parts
+            .unwrap_or(&whole)
+            .iter()
+            .map(|&(at, n)| (at.min(len), n.min(len - at.min(len))))
+            .collect();
+        let n: u64 = parts.iter().map(|p| p.1).sum();
         // A copy takes RAM the page cache would otherwise lend and take back: a model that would
         // fill more than half of what is available runs from the mapped file instead.
         if let Some(avail) = mem_available() {
@@ -459,8 +473,15 @@ impl PrivateCopy {
         // SAFETY: a fresh descriptor this function owns.
         let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
         let t0 = std::time::Instant::now();
-        // std copies in the kernel (copy_file_range / sendfile) where it can.
-        let copied = std::io::copy(&mut std::io::Read::take(&mut src, n), &mut file).map_err(io)?;
+        let mut copied = 0;
+        for &(at, n) in &parts {
+            use std::io::Seek;
+            src.seek(std::io::SeekFrom::Start(at)).map_err(io)?;
+            file.seek(std::io::SeekFrom::Start(at)).map_err(io)?;
+            // std copies in the kernel (copy_file_range / sendfile) where it can.
+            copied +=
+                std::io::copy(&mut std::io::Read::take(&mut src, n), &mut file).map_err(io)?;
+        }
         // The file's full length (its tail a hole): llama.cpp checks tensor extents against it.
         file.set_len(len).map_err(io)?;
         let after = amend_edits::fingerprint::file_key(&src).map_err(io)?;
@@ -491,7 +512,10 @@ impl PrivateCopy {
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub(crate) fn of(_: &Path, _: Option<u64>) -> Result<Option<PrivateCopy>, RuntimeError> {
+    pub(crate) fn of(
+        _: &Path,
+        _: Option<&[(u64, u64)]>,
+    ) -> Result<Option<PrivateCopy>, RuntimeError> {
         log::debug!("no memfd on this platform: llama.cpp maps the model file itself");
         Ok(None)
     }
@@ -509,6 +533,31 @@ impl PrivateCopy {
     pub(crate) fn file(&self) -> &std::fs::File {
         &self.file
     }
+}
+
+/// Tensors the ONNX Runtime backend reads from the model at open besides its graph (RoPE
+/// frequency factors, for the host's RoPE tables): a vocabulary-only load copies them with the
+/// header. At most this many bytes each.
+pub(crate) const HOST_READ_TENSORS: &[&str] = &["rope_freqs.weight"];
+pub(crate) const HOST_READ_TENSOR_MAX: u64 = 1 << 20;
+
+/// The byte ranges a vocabulary-only private copy holds: the header, and each of
+/// [`HOST_READ_TENSORS`] the model has, where it is at most [`HOST_READ_TENSOR_MAX`] bytes.
+fn vocab_only_parts(path: &Path, layout: &ModelLayout) -> Result<Vec<(u64, u64)>, RuntimeError> {
+    let mut parts = vec![(0, layout.data_offset)];
+    let header = GgufFile::read_header(path).map_err(|e| gguf_error(path, e))?;
+    for name in HOST_READ_TENSORS {
+        if let Some(t) = header.tensor(name) {
+            match t.byte_size() {
+                Ok(n) if n <= HOST_READ_TENSOR_MAX => {
+                    parts.push((header.data_offset + t.offset, n));
+                }
+                // Not copied: whoever reads it refuses it by the same bound.
+                _ => {}
+            }
+        }
+    }
+    Ok(parts)
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.

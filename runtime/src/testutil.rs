@@ -109,7 +109,7 @@ pub fn write_tiny_model_typed(
     seed: u64,
     ty: GgmlType,
 ) -> std::io::Result<()> {
-    write_tiny(path, arch, seed, ty, false)
+    write_tiny(path, arch, seed, ty, false, None)
 }
 
 /// [`write_tiny_model`] as gemma3-270m Q4_K_M stores its embeddings: a Q8_0 token-embedding
@@ -119,7 +119,18 @@ pub fn write_tiny_model_tied_q8_0(
     arch: Architecture,
     seed: u64,
 ) -> std::io::Result<()> {
-    write_tiny(path, arch, seed, GgmlType::Q8_0, true)
+    write_tiny(path, arch, seed, GgmlType::Q8_0, true, None)
+}
+
+/// [`write_tiny_model`] with llama3-style RoPE frequency factors (`rope_freqs.weight`, one per
+/// dimension pair of a head: [`TINY_N_EMBD`] / [`TINY_N_HEAD`] / 2 values).
+pub fn write_tiny_model_rope_freqs(
+    path: &Path,
+    arch: Architecture,
+    seed: u64,
+    rope_freqs: &[f32],
+) -> std::io::Result<()> {
+    write_tiny(path, arch, seed, GgmlType::F32, false, Some(rope_freqs))
 }
 
 fn write_tiny(
@@ -128,6 +139,7 @@ fn write_tiny(
     seed: u64,
     ty: GgmlType,
     tied_q8_0: bool,
+    rope_freqs: Option<&[f32]>,
 ) -> std::io::Result<()> {
     let a = arch.name();
     assert!(
@@ -182,6 +194,9 @@ fn write_tiny(
     let out = rng.vec((n_embd * n_vocab) as usize, 0.3);
     if !tied_q8_0 {
         t(&mut w, "output.weight", &[n_embd, n_vocab], out)?;
+    }
+    if let Some(f) = rope_freqs {
+        t(&mut w, "rope_freqs.weight", &[f.len() as u64], f.to_vec())?;
     }
     let s_in = 1.7 / (n_embd as f32).sqrt();
     let s_ff = 1.7 / (n_ff as f32).sqrt();

@@ -414,6 +414,50 @@ fn quantized_tiny_model_agrees() {
     }
 }
 
+/// llama3-style RoPE frequency factors: the host's RoPE tables divide by them as ggml does.
+#[test]
+fn rope_frequency_factors_agree_with_llama_cpp() {
+    let Some(_) = library() else { return };
+    let freqs = [1.0f32, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0];
+    let p = common::tmp_dir().join("tiny-rope-freqs.gguf");
+    amend_runtime::testutil::write_tiny_model_rope_freqs(&p, Architecture::Llama, 7, &freqs)
+        .unwrap();
+    let o = amend_runtime::ModelOptions {
+        n_threads: Some(1),
+        ..Default::default()
+    };
+    let llama = amend_runtime::Model::open(&p, o).unwrap();
+    let toks: Vec<Vec<i32>> = PROMPTS
+        .iter()
+        .map(|s| llama.tokenize(s, true).unwrap())
+        .collect();
+    let r = common::ort_parity(&llama, options(Profile::Cpu), &toks, 16, Mode::Incremental);
+    eprintln!(
+        "rope_freqs: {:.1}% max err {:.2e}",
+        r.agreement(),
+        r.max_abs_err
+    );
+    assert!(r.agreement() >= 97.0, "{:.1}%", r.agreement());
+    assert!(r.max_abs_err < 0.05, "max logit error {}", r.max_abs_err);
+    // The factors matter: the same weights without them give other logits.
+    let with = OrtModel::open(&p, options(Profile::Cpu)).unwrap();
+    let without = OrtModel::open(
+        common::tiny_path(Architecture::Llama),
+        options(Profile::Cpu),
+    )
+    .unwrap();
+    let mut a = OrtSession::new(&with, 64).unwrap();
+    let mut b = OrtSession::new(&without, 64).unwrap();
+    let t = &toks[0];
+    a.eval(t, Logits::Last).unwrap();
+    b.eval(t, Logits::Last).unwrap();
+    let d = max_diff(
+        a.logits(t.len() - 1).unwrap(),
+        b.logits(t.len() - 1).unwrap(),
+    );
+    assert!(d > 1e-3, "rope_freqs changed no logit ({d})");
+}
+
 /// A tiny llama whose layer matrices are stored as `t`, opened on llama.cpp.
 fn typed_tiny(t: GgmlType, name: &str) -> std::sync::Arc<amend_runtime::Model> {
     let p = common::tmp_dir().join(name);

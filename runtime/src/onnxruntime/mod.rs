@@ -818,7 +818,9 @@ impl OrtModel {
             }
             let (mut onnx, binding, rope_freqs, n_nodes, from_cache) = match cached {
                 Some((bytes, fp)) => {
-                    let rope_freqs = read_rope_freqs(path, &header)?;
+                    // From the sealed copy the vocabulary loaded from (it holds these bytes too):
+                    // the values the fingerprint `fp` was taken over.
+                    let rope_freqs = read_rope_freqs(&checked, path, &header)?;
                     (bytes, fp, rope_freqs, 0, true)
                 }
                 None => {
@@ -1293,6 +1295,15 @@ fn build_onnx(
         });
     }
     let rope_freqs = match gguf.header.tensor("rope_freqs.weight") {
+        // The bound the cache-hit path reads them under (from the vocabulary's copy).
+        Some(t)
+            if t.byte_size()
+                .map_or(true, |n| n > crate::model::HOST_READ_TENSOR_MAX) =>
+        {
+            return Err(RuntimeError::OrtGraph(
+                "rope_freqs.weight is implausibly large".into(),
+            ))
+        }
         Some(t) => Some(
             quant::dequantize(
                 "rope_freqs.weight",
@@ -1517,8 +1528,11 @@ fn starts_with_header(bytes: &[u8], checked: &Path, n: u64) -> Result<bool, Runt
     Ok(header == bytes[..n as usize])
 }
 
-/// RoPE frequency factors (llama3-style models) from the file, without reading the weights.
+/// RoPE frequency factors (llama3-style models) from `checked` (the model's sealed copy, which
+/// holds them: [`crate::model::HOST_READ_TENSORS`]), without reading the weights; errors name
+/// `path`, the model the caller gave.
 fn read_rope_freqs(
+    checked: &Path,
     path: &Path,
     header: &amend_edits::gguf::GgufHeader,
 ) -> Result<Option<Vec<f32>>, RuntimeError> {
@@ -1533,12 +1547,12 @@ fn read_rope_freqs(
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;
-    if size > 1 << 20 {
+    if size > crate::model::HOST_READ_TENSOR_MAX {
         return Err(RuntimeError::OrtGraph(
             "rope_freqs.weight is implausibly large".into(),
         ));
     }
-    let (mut f, _) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
+    let (mut f, _) = amend_edits::fsutil::open_regular(checked, amend_edits::fsutil::MAX_MODEL_LEN)
         .map_err(RuntimeError::File)?;
     use std::io::{Read, Seek, SeekFrom};
     f.seek(SeekFrom::Start(header.data_offset + t.offset))
@@ -2766,6 +2780,57 @@ mod tests {
         let hpb = ModelHparams::from_header(&hb).unwrap();
         let cfgb = crate::config::ModelConfig::from_gguf(&hb, &hpb, Architecture::Llama).unwrap();
         assert!(build_onnx(&b, &b, &cfgb, &options, graph::Shapes::Dynamic, "t").is_ok());
+        drop(vocab);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The cache-hit path reads the RoPE frequency factors from the vocabulary's sealed copy, so
+    /// a file rewritten after open does not change them.
+    #[test]
+    fn rope_freqs_come_from_the_sealed_copy() {
+        use super::read_rope_freqs;
+        use crate::{testutil, Architecture, Model, ModelOptions};
+        use amend_edits::gguf::GgufFile;
+        let dir = std::env::temp_dir().join(format!("amend-ort-rope-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
+        let freqs = [1.0f32, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0];
+        testutil::write_tiny_model_rope_freqs(&a, Architecture::Llama, 7, &freqs).unwrap();
+        let other = [4.0f32; 8];
+        testutil::write_tiny_model_rope_freqs(&b, Architecture::Llama, 7, &other).unwrap();
+        let vocab = Model::open(
+            &a,
+            ModelOptions {
+                vocab_only: true,
+                n_threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let checked = vocab.checked_path();
+        let header = GgufFile::read_header(&checked).unwrap();
+        assert_eq!(
+            read_rope_freqs(&checked, &a, &header).unwrap().unwrap(),
+            freqs
+        );
+        // The file now holds other factors at the same offsets (the same layout).
+        std::fs::write(&a, std::fs::read(&b).unwrap()).unwrap();
+        assert_eq!(read_rope_freqs(&a, &a, &header).unwrap().unwrap(), other);
+        let want: &[f32] = if cfg!(target_os = "linux") {
+            assert!(vocab.runs_from_private_copy());
+            // Only the header and the factors were copied: the weights are a hole.
+            let copy = std::fs::read(&checked).unwrap();
+            let d = header.data_offset as usize;
+            let nonzero = copy[d..].iter().filter(|&&x| x != 0).count();
+            assert!(nonzero > 0 && nonzero <= 4 * freqs.len(), "{nonzero}");
+            &freqs
+        } else {
+            &other
+        };
+        assert_eq!(
+            read_rope_freqs(&checked, &a, &header).unwrap().unwrap(),
+            want
+        );
         drop(vocab);
         let _ = std::fs::remove_dir_all(&dir);
     }
