@@ -676,6 +676,47 @@ fn signed_values_of_3e38_are_refused() {
     assert_eq!(set.list()[0].version, 1);
 }
 
+/// A GGUF-LoRA payload carries its values inside a blob, not in f32 sections: the same bound
+/// applies to them (and to its alpha), so a trusted key cannot ship 3e38 through llama.cpp's
+/// adapter either.
+#[test]
+fn signed_gguf_lora_values_of_3e38_are_refused() {
+    let (set, g) = live_set_with_good_bundle();
+    let lora = |value: f32, alpha: f32| {
+        let mut w = amend_edits::gguf::GgufWriter::new();
+        w.add("general.architecture", "gemma3")
+            .add("general.type", "adapter")
+            .add("adapter.type", "lora")
+            .add("adapter.lora.alpha", alpha);
+        let mut a = vec![0.25f32; 8];
+        a[3] = value;
+        w.add_tensor_f32("blk.10.ffn_down.weight.lora_a", &[8, 1], &a)
+            .unwrap()
+            .add_tensor_f32("blk.10.ffn_down.weight.lora_b", &[1, 8], &[0.5; 8])
+            .unwrap();
+        let b = fake_binding();
+        let mut bb = BundleBuilder::new(meta(&b, "main", 2, u64::MAX));
+        let p = bb.add_gguf_lora(w.to_bytes());
+        bb.add_edit("e0", 10, Site::FfnOutput, "p", "t", p, 0, 1);
+        bb.build_signed(&key()).unwrap()
+    };
+    // The same adapter with ordinary values opens.
+    assert!(set.open_bytes(lora(0.5, 1.0).as_slice()).is_ok());
+    for (value, alpha, want) in [
+        (3.0e38f32, 1.0f32, "value"),
+        (-2.0e6, 1.0, "value"),
+        (0.5, 3.0e38, "alpha"),
+    ] {
+        let e = set.open_bytes(lora(value, alpha).as_slice()).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("magnitude bound") && text.contains(want),
+            "{value} {alpha}: {text}"
+        );
+    }
+    assert_eq!(set.snapshot().generation, g);
+}
+
 #[test]
 fn signed_radius_of_1e30_is_refused() {
     let (set, g) = live_set_with_good_bundle();

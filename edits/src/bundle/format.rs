@@ -47,14 +47,14 @@ pub const MAX_SCOPE_HEAD_HIDDEN: usize = 1024;
 pub const MAX_RELATION_TEMPLATES: usize = 4096;
 /// Largest number of relation groups of a memory (v1.4); `u16::MAX` marks a record without one.
 pub const MAX_RELATION_GROUPS: usize = 1024;
-/// Largest bundle (bytes).
-/// Largest magnitude of any f32 in a tensor section. Finite is not enough: 3e38 squares to
+/// Largest magnitude of any f32 in a tensor section (and of a GGUF-LoRA's values and alpha). Finite is not enough: 3e38 squares to
 /// infinity in a distance and poisons the residual stream. gemma3's residual rows exceed the
 /// f16 range (65504), so the bound is 1e6: far above any real activation, far below overflow
 /// (640 squared rows of 1e6 sum to 6.4e14).
 pub const MAX_ABS_VALUE: f32 = 1.0e6;
 /// Largest codebook radius for the normalized distances, whose range is [0, 2].
 pub const MAX_NORMALIZED_RADIUS: f32 = 2.0;
+/// Largest bundle (bytes).
 pub const MAX_BUNDLE_LEN: u64 = 4 << 30;
 /// Largest postcard manifest (bytes).
 pub const MAX_MANIFEST_LEN: u32 = 64 << 20;

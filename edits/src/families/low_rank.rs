@@ -12,6 +12,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::InvalidPayload;
+use crate::bundle::MAX_ABS_VALUE;
 use crate::gguf::{cast_f32, GgmlType, GgufError, GgufFile, GgufWriter, TensorInfo};
 
 /// ggml's `GGML_MAX_NAME` (64, including the terminating NUL).
@@ -72,13 +73,18 @@ impl<'a> LowRankTensor<'a> {
         if self.n_out.checked_mul(self.rank) != Some(self.b.len()) {
             return Err(InvalidPayload("low-rank: B must be [n_out, rank]"));
         }
-        if !(self.alpha.is_finite() && self.alpha != 0.0) {
+        // The bundle reader bounds f32 sections as it hashes them; a GGUF-LoRA carries its
+        // values inside a blob, so the same bound is checked here for both.
+        let bounded = |x: f32| x.abs() <= MAX_ABS_VALUE; // false for NaN
+        if !(bounded(self.alpha) && self.alpha != 0.0) {
             return Err(InvalidPayload(
-                "low-rank: alpha must be finite and non-zero",
+                "low-rank: alpha must be non-zero, finite and within the magnitude bound 1e6",
             ));
         }
-        if !self.a.iter().chain(self.b).all(|x| x.is_finite()) {
-            return Err(InvalidPayload("low-rank: non-finite value in A or B"));
+        if !self.a.iter().chain(self.b).all(|&x| bounded(x)) {
+            return Err(InvalidPayload(
+                "low-rank: a value in A or B is not finite or exceeds the magnitude bound 1e6",
+            ));
         }
         Ok(())
     }
