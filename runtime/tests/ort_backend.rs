@@ -557,6 +557,22 @@ fn graph_cache_is_bound_to_the_model_and_checked() {
     std::fs::write(&side, &forged).unwrap();
     let named = open(&a, OnnxCache::File(cached.clone())).unwrap();
     assert!(named.stats().from_cache, "a named file needs no MAC");
+    // A named graph without the token-embedding table the host digests its rows against
+    // (the initializer renamed, same length): the file's fault, named as such.
+    let mut bytes = std::fs::read(dir.join("b.gguf.cpu.onnx")).unwrap();
+    let table = ortb::graph::EMBD_TABLE.as_bytes();
+    let at = bytes
+        .windows(table.len())
+        .position(|w| w == table)
+        .expect("the graph names its table");
+    bytes[at] = b'X';
+    amend_runtime::testutil::forge_graph_sidecar(&cached, &bytes).unwrap();
+    let e = open(&a, OnnxCache::File(cached.clone())).unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::OrtCache { .. }) && e.to_string().contains("has no"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("cannot build"), "{e}");
     // No sidecar: refused when named.
     std::fs::remove_file(&side).unwrap();
     let e = open(&a, OnnxCache::File(cached)).unwrap_err();

@@ -853,13 +853,22 @@ impl OrtModel {
             }
             let t1 = Instant::now();
             let onnx_len = onnx.len();
+            // A graph read from a file that turns out unusable is that file's fault, not the
+            // builder's.
+            let graph_err = |detail: String| match (&cache_path, from_cache) {
+                (Some(p), true) => RuntimeError::OrtCache {
+                    path: p.clone(),
+                    detail,
+                },
+                _ => RuntimeError::OrtGraph(detail),
+            };
             let ext = match options.weight_memory {
                 // Another EP compiles its own copy of the weights: pages beside it only add.
                 WeightMemory::Inline => None,
                 WeightMemory::Lean if !matches!(options.ep, Ep::Cpu) => None,
                 WeightMemory::Owned | WeightMemory::Lean => {
                     let e = weights::externalize(&onnx).map_err(|e| {
-                        RuntimeError::OrtGraph(format!("moving the weights out of the graph: {e}"))
+                        graph_err(format!("moving the weights out of the graph: {e}"))
                     })?;
                     // The pages hold the weights now: the inline bytes need not overlap with
                     // ONNX Runtime's prepacking (the peak while opening).
@@ -877,8 +886,8 @@ impl OrtModel {
                     Some(e) => e.bytes_of(name),
                     None => weights::find_initializer(model_bytes, name),
                 }
-                .map_err(|e| RuntimeError::OrtGraph(format!("the graph: {e}")))?
-                .ok_or_else(|| RuntimeError::OrtGraph(format!("the graph has no {name}")))
+                .map_err(|e| graph_err(format!("the graph: {e}")))?
+                .ok_or_else(|| graph_err(format!("the graph has no {name}")))
             };
             let digest_rows = || -> Result<embedding::EmbeddingRows, RuntimeError> {
                 let t = Instant::now();
