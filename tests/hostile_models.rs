@@ -691,3 +691,187 @@ fn real_model_metadata_mutants_never_crash_the_process() {
     let bad = check("gemma3", &bytes, Scope::Metadata, &backends);
     assert_none_crashed(&bad);
 }
+
+/// A bundle's GGUF-LoRA goes whole to llama.cpp's adapter loader (and, on ONNX Runtime, into the
+/// graph's low-rank slots), and a signing key can ship any adapter the format allows. Mutants of
+/// a valid adapter for the tiny model, each signed into a bundle bound to it and applied by `amend
+/// run` in a child on llama.cpp and on ONNX Runtime's CPU EP: every metadata key and tensor
+/// mutated as the models' are, plus adapters on tensors the model lacks or treats specially
+/// (the token embedding, whose adapter llama.cpp applies by row lookup), of other shapes.
+#[test]
+fn gguf_lora_bundle_mutants_never_crash_the_process() {
+    use amend_edits::ed25519_dalek::SigningKey;
+    use amend_edits::families::{LowRank, LowRankTensor};
+    use amend_edits::keys::to_hex;
+    use amend_edits::{BundleBuilder, BundleMeta, Site};
+    use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_FF};
+    use std::ffi::OsStr;
+    let mut backends = vec![LLAMA];
+    if ort_installed() {
+        backends.push(ORT_CPU);
+    }
+    let dir = tmp().join("lora");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.gguf");
+    write_tiny_model_typed(&model, Architecture::Llama, 7, GgmlType::F32).unwrap();
+    let binding = amend_edits::fingerprint::model_binding(&model).unwrap();
+    let n_vocab = {
+        let bytes = std::fs::read(&model).unwrap();
+        let f = GgufFile::parse(&bytes).unwrap();
+        f.tensor("token_embd.weight").unwrap().ne[1] as usize
+    };
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let pubkey = dir.join("k.pub");
+    std::fs::write(&pubkey, to_hex(key.verifying_key().as_bytes()) + "\n").unwrap();
+    let bundle = dir.join("b.amend");
+    let (ff, e) = (TINY_N_FF as usize, TINY_N_EMBD as usize);
+    let vals = |n: usize, s: f32| (0..n).map(|i| ((i * 7919 % 13) as f32 - 6.0) * s).collect();
+    let (a0, b0): (Vec<f32>, Vec<f32>) = (vals(2 * ff, 0.05), vals(e * 2, 0.05));
+    let (a1, b1): (Vec<f32>, Vec<f32>) = (vals(2 * e, 0.05), vals(e * 2, 0.05));
+    let seed = LowRank::new(vec![
+        LowRankTensor {
+            name: "blk.0.ffn_down.weight",
+            n_in: ff,
+            n_out: e,
+            rank: 2,
+            a: &a0,
+            b: &b0,
+            alpha: 2.0,
+        },
+        LowRankTensor {
+            name: "blk.1.attn_q.weight",
+            n_in: e,
+            n_out: e,
+            rank: 2,
+            a: &a1,
+            b: &b1,
+            alpha: 2.0,
+        },
+    ])
+    .unwrap()
+    .to_gguf_lora("llama");
+    let args = [
+        OsStr::new("--bundle"),
+        bundle.as_os_str(),
+        OsStr::new("--pubkey"),
+        pubkey.as_os_str(),
+    ];
+    use std::cell::{Cell, RefCell};
+    let (n, ran, refused, bad) = (
+        Cell::new(0),
+        Cell::new(0),
+        Cell::new(0),
+        RefCell::new(vec![]),
+    );
+    let apply = |what: String, blob: Vec<u8>| {
+        n.set(n.get() + 1);
+        let mut bb = BundleBuilder::new(BundleMeta {
+            bundle_id: "lora".into(),
+            channel: "main".into(),
+            version: 1,
+            created: 0,
+            not_before: 0,
+            expires: u64::MAX,
+            model: binding.clone(),
+        });
+        let p = bb.add_gguf_lora(blob.clone());
+        bb.add_edit("e0", 0, Site::FfnOutput, "p", "t", p, 0, 1);
+        std::fs::write(&bundle, bb.build_signed(&key).unwrap().as_slice()).unwrap();
+        for &how in &backends {
+            match run_child_with(&model, how, &args) {
+                (Outcome::Ran, _) => ran.set(ran.get() + 1),
+                (Outcome::Refused, _) => refused.set(refused.get() + 1),
+                (o, err) => {
+                    let mut bad = bad.borrow_mut();
+                    let keep = tmp().join(format!("crash-lora-{}.gguf", bad.len()));
+                    std::fs::write(&keep, &blob).unwrap();
+                    let line = err
+                        .lines()
+                        .find(|l| l.contains("GGML_ASSERT") || l.contains("what()"))
+                        .unwrap_or_else(|| err.lines().next().unwrap_or(""));
+                    bad.push(format!(
+                        "lora: {what} {how:?}: {o:?}: {line} ({})",
+                        keep.display()
+                    ));
+                    eprintln!("FAIL {}", bad.last().unwrap());
+                }
+            }
+        }
+    };
+    // The seed applies on every backend.
+    apply("the seed".into(), seed.clone());
+    assert_eq!(
+        (ran.get(), n.get()),
+        (backends.len(), 1),
+        "the seed adapter did not run: {:?}",
+        bad.borrow()
+    );
+    mutants(&seed, Scope::All, &mut |what, blob| apply(what, blob));
+    // Adapters a converter would not write: shapes that pair up (so the format's checks pass)
+    // on tensors the model lacks, has in another shape, or applies by row lookup.
+    let raw = |tensors: &[(&str, Vec<u64>, Vec<u64>)]| {
+        let mut w = GgufWriter::new();
+        w.add("general.architecture", "llama")
+            .add("general.type", "adapter")
+            .add("adapter.type", "lora")
+            .add("adapter.lora.alpha", 1.0f32);
+        for (name, na, nb) in tensors {
+            let len = |ne: &Vec<u64>| ne.iter().product::<u64>() as usize;
+            w.add_tensor_f32(&format!("{name}.lora_a"), na, &vals(len(na), 0.01))
+                .unwrap()
+                .add_tensor_f32(&format!("{name}.lora_b"), nb, &vals(len(nb), 0.01))
+                .unwrap();
+        }
+        w.to_bytes()
+    };
+    let (e64, ff64, v64) = (e as u64, ff as u64, n_vocab as u64);
+    for (what, tensors) in [
+        (
+            "a layer past the model's",
+            vec![("blk.7.ffn_down.weight", vec![ff64, 2], vec![2, e64])],
+        ),
+        (
+            "a tensor the model lacks",
+            vec![("blk.0.ffn_gate_exps.weight", vec![e64, 2], vec![2, ff64])],
+        ),
+        (
+            "a norm (1-D in the model)",
+            vec![("output_norm.weight", vec![e64, 2], vec![2, e64])],
+        ),
+        (
+            "transposed",
+            vec![("blk.0.ffn_down.weight", vec![e64, 2], vec![2, ff64])],
+        ),
+        (
+            "the output projection",
+            vec![("output.weight", vec![e64, 2], vec![2, v64])],
+        ),
+        (
+            "the token embedding as a matrix",
+            vec![("token_embd.weight", vec![e64, 2], vec![2, v64])],
+        ),
+        // llama.cpp checks a token-embedding adapter as B [_, n_embd] and A [_, n_vocab] only,
+        // then multiplies B by A's rows: unless A's rows are B's width, ggml asserts.
+        (
+            "the token embedding by rows",
+            vec![("token_embd.weight", vec![5, v64], vec![v64, e64])],
+        ),
+        (
+            "the token embedding by rows, agreeing",
+            vec![("token_embd.weight", vec![v64, v64], vec![v64, e64])],
+        ),
+    ] {
+        apply(what.into(), raw(&tensors));
+    }
+    let bad = bad.into_inner();
+    eprintln!(
+        "GGUF-LoRA bundles: {} adapters x {} backends: ran {}, refused {}, failed {}",
+        n.get(),
+        backends.len(),
+        ran.get(),
+        refused.get(),
+        bad.len()
+    );
+    assert!(refused.get() > 0, "the mutants exercised nothing");
+    assert_none_crashed(&bad);
+}

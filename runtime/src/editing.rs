@@ -337,6 +337,8 @@ pub(crate) trait PlanTarget {
     /// The model (or graph) has this hook point.
     fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError>;
     fn n_layer(&self) -> u32;
+    /// A low-rank delta `[n_in] -> [n_out]` on the tensor `name` fits the model.
+    fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError>;
     /// The id bundles' verification records name this backend by.
     fn backend_id(&self) -> String;
 }
@@ -347,6 +349,9 @@ impl PlanTarget for Model {
     }
     fn n_layer(&self) -> u32 {
         self.info().n_layer
+    }
+    fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError> {
+        Model::check_low_rank(self, name, n_in, n_out)
     }
     fn backend_id(&self) -> String {
         LLAMA_CPP_BACKEND_ID.into()
@@ -409,7 +414,6 @@ impl EditPlan {
             unverified: Vec::new(),
             set: set.clone(),
         };
-        let n_layer = model.n_layer();
         let backend = model.backend_id();
         let bad = |what: String| RuntimeError::InvalidEdit(what);
         for (bi, ab) in set.bundles.iter().enumerate() {
@@ -494,7 +498,7 @@ impl EditPlan {
                         let lr = amend_edits::bundle::LowRankTensorView::to_family(&views)
                             .map_err(|e| bad(format!("{}: {e}", b.id())))?;
                         for t in lr.tensors() {
-                            check_tensor_name(t.name, n_layer)?;
+                            model.check_low_rank(t.name, t.n_in as u64, t.n_out as u64)?;
                             merger.add(t).map_err(|e| bad(format!("{}: {e}", b.id())))?;
                         }
                     }
@@ -505,6 +509,9 @@ impl EditPlan {
                         if let Some(blob) = b.gguf_lora(p) {
                             let info = families::inspect_gguf_lora(blob)
                                 .map_err(|e| bad(format!("GGUF-LoRA of bundle {}: {e}", b.id())))?;
+                            for t in &info.tensors {
+                                model.check_low_rank(&t.name, t.n_in, t.n_out)?;
+                            }
                             // SAFETY: see `extend`; `plan.set` keeps the bundle alive.
                             let blob: &'static [u8] = unsafe { std::mem::transmute(blob) };
                             plan.low_rank.push(PlannedLowRank {
@@ -571,22 +578,6 @@ impl EditPlan {
 
 fn check_point(model: &dyn PlanTarget, layer: u32, site: Site) -> Result<(), RuntimeError> {
     model.check_point(HookPoint::new(layer, site))
-}
-
-/// Refuses a low-rank tensor for a layer the model does not have (llama.cpp would ignore it).
-fn check_tensor_name(name: &str, n_layer: u32) -> Result<(), RuntimeError> {
-    if let Some(rest) = name.strip_prefix("blk.") {
-        let layer: Option<u32> = rest.split('.').next().and_then(|s| s.parse().ok());
-        match layer {
-            Some(l) if l < n_layer => {}
-            _ => {
-                return Err(RuntimeError::InvalidEdit(format!(
-                "low-rank tensor {name:?} names a layer the model does not have ({n_layer} layers)"
-            )))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Loads a GGUF-LoRA from memory: llama.cpp reads adapters from a `FILE*`, which `fmemopen`

@@ -119,6 +119,9 @@ pub struct Model {
     /// What the pre-load check read: the fingerprint hashes it without parsing the file again.
     layout: ModelLayout,
     hparams: ModelHparams,
+    /// The 2-D tensors' shapes, from the checked header (what low-rank deltas are checked
+    /// against before llama.cpp sees them).
+    matrices: Matrices,
     /// The sealed copy llama.cpp loaded: the whole file, or its header for `vocab_only`.
     copy: Option<PrivateCopy>,
     /// The binding of a whole-file copy (computed at open from the copy).
@@ -160,7 +163,7 @@ impl Model {
             (true, true) => PrivateCopy::of(path, Some(&vocab_only_parts(path, &checked.1)?))?,
         };
         // What llama.cpp reads is what is checked: the sealed copy where there is one.
-        let (load_path, (architecture, layout, hparams)) = match &copy {
+        let (load_path, (architecture, layout, hparams, matrices)) = match &copy {
             Some(c) => (c.path(), check_gguf(&c.path(), path)?),
             None => (path.to_path_buf(), checked),
         };
@@ -229,6 +232,7 @@ impl Model {
             options,
             layout,
             hparams,
+            matrices,
             copy,
             copy_binding,
         }))
@@ -272,6 +276,37 @@ impl Model {
 
     /// The file the pre-load checks passed on and llama.cpp loaded: the sealed copy where there
     /// is one (`/proc/self/fd/N`, valid while `self` lives), else the model's path.
+    /// Whether a low-rank delta `W += B A` of `[n_in] -> [n_out]` on the tensor `name` is one
+    /// llama.cpp applies as a plain matrix product: the model has `name` as a `[n_in, n_out]`
+    /// matrix, and it is not the token embedding. llama.cpp applies an adapter on the token
+    /// embedding by row lookup, with A and B in another layout that it checks only in part: a
+    /// mismatch there is a `GGML_ASSERT` abort at the first decode, so it is refused here.
+    pub(crate) fn check_low_rank(
+        &self,
+        name: &str,
+        n_in: u64,
+        n_out: u64,
+    ) -> Result<(), RuntimeError> {
+        let fail = |why: String| {
+            Err(RuntimeError::InvalidEdit(format!(
+                "low-rank tensor {name:?}: {why}"
+            )))
+        };
+        if name == "token_embd.weight" {
+            return fail("deltas on the token embedding are not supported".into());
+        }
+        match self.matrices.get(name) {
+            None => fail(format!(
+                "the model has no such matrix ({} layers)",
+                self.info().n_layer
+            )),
+            Some(&[a, b]) if [a, b] != [n_in, n_out] => fail(format!(
+                "[{n_in}, {n_out}] does not fit the model's [{a}, {b}]"
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
     pub(crate) fn checked_path(&self) -> PathBuf {
         match &self.copy {
             Some(c) => c.path(),
@@ -574,10 +609,7 @@ fn mem_available() -> Option<u64> {
 /// length), a supported architecture, hyperparameters llama.cpp cannot abort on, and the tensors
 /// the architecture needs. llama.cpp aborts the process (not returns an error) on some malformed
 /// files, so everything it would trip on must be refused here.
-fn check_gguf(
-    path: &Path,
-    shown: &Path,
-) -> Result<(Architecture, ModelLayout, ModelHparams), RuntimeError> {
+fn check_gguf(path: &Path, shown: &Path) -> Result<Checked, RuntimeError> {
     let header = GgufFile::read_header(path).map_err(|e| gguf_error(shown, e))?;
     let Some(arch_name) = header.architecture() else {
         return Err(RuntimeError::InvalidGguf {
@@ -599,8 +631,19 @@ fn check_gguf(
     architecture
         .check_tensors(&header, &hparams)
         .map_err(invalid)?;
-    Ok((architecture, ModelLayout::from(&header), hparams))
+    let matrices = (header.tensors.iter())
+        .filter_map(|t| match t.ne[..] {
+            [n_in, n_out] => Some((t.name.clone(), [n_in, n_out])),
+            _ => None,
+        })
+        .collect();
+    Ok((architecture, ModelLayout::from(&header), hparams, matrices))
 }
+
+/// What [`check_gguf`] learns of a model: its architecture, layout, hyperparameters, and the
+/// shapes (`[n_in, n_out]`) of its 2-D tensors.
+type Checked = (Architecture, ModelLayout, ModelHparams, Matrices);
+type Matrices = std::collections::HashMap<String, [u64; 2]>;
 
 fn gguf_error(path: &Path, e: GgufError) -> RuntimeError {
     let path = path.to_path_buf();

@@ -1262,6 +1262,11 @@ impl PlanTarget for OrtModel {
     fn n_layer(&self) -> u32 {
         self.cfg.n_layer as u32
     }
+    /// The same tensors as on llama.cpp (the vocabulary's checked header), so that a bundle
+    /// fits both backends or neither.
+    fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError> {
+        self.vocab.check_low_rank(name, n_in, n_out)
+    }
 }
 
 /// A graph built from a GGUF.
