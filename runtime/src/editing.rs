@@ -336,7 +336,6 @@ impl Adapter {
 pub(crate) trait PlanTarget {
     /// The model (or graph) has this hook point.
     fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError>;
-    fn n_layer(&self) -> u32;
     /// A low-rank delta `[n_in] -> [n_out]` on the tensor `name` fits the model.
     fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError>;
     /// The id bundles' verification records name this backend by.
@@ -346,9 +345,6 @@ pub(crate) trait PlanTarget {
 impl PlanTarget for Model {
     fn check_point(&self, p: HookPoint) -> Result<(), RuntimeError> {
         self.node_name(p).map(|_| ())
-    }
-    fn n_layer(&self) -> u32 {
-        self.info().n_layer
     }
     fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError> {
         Model::check_low_rank(self, name, n_in, n_out)

@@ -1259,9 +1259,6 @@ impl PlanTarget for OrtModel {
         self.options
             .backend_id(library_version().unwrap_or("unknown"))
     }
-    fn n_layer(&self) -> u32 {
-        self.cfg.n_layer as u32
-    }
     /// The same tensors as on llama.cpp (the vocabulary's checked header), so that a bundle
     /// fits both backends or neither.
     fn check_low_rank(&self, name: &str, n_in: u64, n_out: u64) -> Result<(), RuntimeError> {
