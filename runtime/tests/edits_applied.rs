@@ -430,6 +430,75 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
     assert!(!s.explain().memory.unwrap().in_scope);
 }
 
+/// An answering memory whose target is as long as the format allows (16 KB of text, thousands of
+/// tokens) in a small context: generation stops with the context full, what it said is the
+/// answer's beginning, and the session still
+/// serves the next request; no panic, no abort inside llama.cpp.
+#[test]
+fn answer_longer_than_the_context_stops_at_it() {
+    let Some(m) = model() else { return };
+    let (layer, site, pooling) = (14u32, Site::FfnInput, Pooling::Last);
+    let mut s = Session::new(
+        &m,
+        SessionOptions {
+            n_ctx: 64,
+            n_threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let edit_prompt = "The capital of France is";
+    let e_edit = s.embed(edit_prompt, layer, site, pooling).unwrap();
+    let words = ["Ulaanbaatar", " é", " 日本", " Bay", "\n", " ∑", " x"];
+    let mut target = String::new();
+    let mut i = 0;
+    while target.len() < amend_edits::bundle::MAX_STRING_LEN - 16 {
+        target.push_str(words[i % words.len()]);
+        i += 1;
+    }
+    let set = edit_set(&m);
+    let mut bb = BundleBuilder::new(meta(&m, "mem-long", 1));
+    let p = bb.add_memory(
+        640,
+        &e_edit,
+        0.99,
+        "{prompt}{answer}",
+        EmbedderDesc::BaseModel {
+            layer,
+            site: site.code(),
+            pooling: pooling.code(),
+        },
+        vec![MemoryRecordDesc {
+            edit_id: "long".into(),
+            prompt: edit_prompt.into(),
+            target: target.clone(),
+            text: "t".into(),
+        }],
+    );
+    bb.add_edit("long", layer, site, edit_prompt, "t", p, 0, 1);
+    activate(&set, &bb);
+    s.set_edit_set(Some(set)).unwrap();
+    for n in [8, 200] {
+        let r = s.generate(edit_prompt, &GenerateParams::greedy(n), |_| {
+            std::ops::ControlFlow::Continue(())
+        });
+        eprintln!(
+            "{n} tokens: {:?}",
+            r.as_ref().map(|o| o.text.len()).map_err(|e| e.to_string())
+        );
+        if let Ok(o) = &r {
+            assert!(target.starts_with(o.text.trim_start()), "{:?}", o.text);
+        }
+    }
+    // The session serves the next request.
+    let o = s
+        .generate("Water is made of", &GenerateParams::greedy(4), |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(!o.text.is_empty());
+}
+
 /// A memory that answers (`{prompt}{answer}`): the routed prompt is unchanged, the target's
 /// tokens come first in the logits right after it (generation, teacher forcing), the model
 /// speaks freely after the answer or once the text leaves it, and out-of-scope prompts run the
