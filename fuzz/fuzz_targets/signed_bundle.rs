@@ -108,6 +108,16 @@ impl Cur<'_> {
             }
         }
     }
+    fn records(&mut self, n: usize) -> Vec<MemoryRecordDesc> {
+        (0..n)
+            .map(|_| MemoryRecordDesc {
+                edit_id: self.string(),
+                prompt: self.string(),
+                target: self.string(),
+                text: self.string(),
+            })
+            .collect()
+    }
     fn site(&mut self) -> Site {
         Site::from_code(self.below(5) as u8).unwrap_or(Site::FfnOutput)
     }
@@ -211,14 +221,7 @@ fuzz_target!(|data: &[u8]| {
                 let n = 1 + c.below(3) as usize;
                 let e = 1 + c.below(6) as usize;
                 let emb = c.floats(n * e, e);
-                let records = (0..n)
-                    .map(|_| MemoryRecordDesc {
-                        edit_id: c.string(),
-                        prompt: c.string(),
-                        target: c.string(),
-                        text: c.string(),
-                    })
-                    .collect();
+                let records = c.records(n);
                 let embedder = if c.u8() < 200 {
                     EmbedderDesc::BaseModel {
                         layer: c.below(n_layer + 1),
@@ -358,14 +361,7 @@ fuzz_target!(|data: &[u8]| {
                 });
                 let margin = if c.u8() < 128 { 0.0 } else { c.cosine() };
                 let vote = (c.u8() < 128).then(|| c.cosine() * 16.0);
-                let records = (0..n)
-                    .map(|_| MemoryRecordDesc {
-                        edit_id: c.string(),
-                        prompt: c.string(),
-                        target: c.string(),
-                        text: c.string(),
-                    })
-                    .collect();
+                let records = c.records(n);
                 let thr = c.cosine();
                 let tpl = if c.u8() < 230 {
                     "{prompt}{answer}".to_string()

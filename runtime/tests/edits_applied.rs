@@ -430,6 +430,48 @@ fn memory_routes_in_scope_rephrases_and_leaves_out_of_scope_bitwise() {
     assert!(!s.explain().memory.unwrap().in_scope);
 }
 
+/// A bundle `id` with one answering memory (`{prompt}{answer}`, threshold 0.99) keyed on
+/// `key`, the base model's row of `edit_prompt` at `at`.
+fn answering_memory(
+    m: &Model,
+    id: &str,
+    key: &[f32],
+    (layer, site, pooling): (u32, Site, Pooling),
+    edit_prompt: &str,
+    target: &str,
+    text: &str,
+) -> BundleBuilder {
+    let mut bb = BundleBuilder::new(meta(m, id, 1));
+    let p = bb.add_memory(
+        640,
+        key,
+        0.99,
+        "{prompt}{answer}",
+        EmbedderDesc::BaseModel {
+            layer,
+            site: site.code(),
+            pooling: pooling.code(),
+        },
+        vec![MemoryRecordDesc {
+            edit_id: format!("{id}-edit"),
+            prompt: edit_prompt.into(),
+            target: target.into(),
+            text: text.into(),
+        }],
+    );
+    bb.add_edit(
+        &format!("{id}-edit"),
+        layer,
+        site,
+        edit_prompt,
+        target,
+        p,
+        0,
+        1,
+    );
+    bb
+}
+
 /// An answering memory whose target is as long as the format allows (16 KB of text, thousands of
 /// tokens) in a small context: generation stops with the context full, what it said is the
 /// answer's beginning, and the session still
@@ -457,25 +499,16 @@ fn answer_longer_than_the_context_stops_at_it() {
         i += 1;
     }
     let set = edit_set(&m);
-    let mut bb = BundleBuilder::new(meta(&m, "mem-long", 1));
-    let p = bb.add_memory(
-        640,
+    let text = "t";
+    let bb = answering_memory(
+        &m,
+        "mem-long",
         &e_edit,
-        0.99,
-        "{prompt}{answer}",
-        EmbedderDesc::BaseModel {
-            layer,
-            site: site.code(),
-            pooling: pooling.code(),
-        },
-        vec![MemoryRecordDesc {
-            edit_id: "long".into(),
-            prompt: edit_prompt.into(),
-            target: target.clone(),
-            text: "t".into(),
-        }],
+        (layer, site, pooling),
+        edit_prompt,
+        &target,
+        &text,
     );
-    bb.add_edit("long", layer, site, edit_prompt, "t", p, 0, 1);
     activate(&set, &bb);
     s.set_edit_set(Some(set)).unwrap();
     for n in [8, 200] {
@@ -512,33 +545,14 @@ fn answering_memory_forces_the_target_then_lets_the_model_speak() {
     let e_edit = s.embed(edit_prompt, layer, site, pooling).unwrap();
     let base = base_logits(&m, &UNRELATED[2..]);
     let set = edit_set(&m);
-    let mut bb = BundleBuilder::new(meta(&m, "mem-answer", 1));
-    let p = bb.add_memory(
-        640,
+    let bb = answering_memory(
+        &m,
+        "mem-answer",
         &e_edit,
-        0.99,
-        "{prompt}{answer}",
-        EmbedderDesc::BaseModel {
-            layer,
-            site: site.code(),
-            pooling: pooling.code(),
-        },
-        vec![MemoryRecordDesc {
-            edit_id: "france-answer".into(),
-            prompt: edit_prompt.into(),
-            target: "Ulaanbaatar Bay".into(),
-            text: "The capital of France is Ulaanbaatar Bay.".into(),
-        }],
-    );
-    bb.add_edit(
-        "france-answer",
-        layer,
-        site,
+        (layer, site, pooling),
         edit_prompt,
         "Ulaanbaatar Bay",
-        p,
-        0,
-        1,
+        "The capital of France is Ulaanbaatar Bay.",
     );
     activate(&set, &bb);
     s.set_edit_set(Some(set)).unwrap();

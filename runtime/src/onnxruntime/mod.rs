@@ -2742,22 +2742,14 @@ mod tests {
     #[test]
     fn a_model_rewritten_after_its_vocabulary_loaded_is_refused() {
         use super::{build_onnx, graph, OrtOptions};
-        use crate::{testutil, Architecture, Model, ModelOptions, RuntimeError};
+        use crate::{testutil, Architecture, RuntimeError};
         use amend_edits::gguf::{GgmlType, GgufFile, ModelHparams};
         let dir = std::env::temp_dir().join(format!("amend-ort-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
         testutil::write_tiny_model(&a, Architecture::Llama, 7).unwrap();
         testutil::write_tiny_model_typed(&b, Architecture::Llama, 7, GgmlType::Q8_0).unwrap();
-        let vocab = Model::open(
-            &a,
-            ModelOptions {
-                vocab_only: true,
-                n_threads: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let vocab = vocab_only(&a);
         let checked = vocab.checked_path();
         if cfg!(target_os = "linux") {
             // llama.cpp read the vocabulary from a sealed copy of the header; the tensor data is
@@ -2795,12 +2787,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `path` opened as the ONNX Runtime backend opens it for its tokenizer.
+    fn vocab_only(path: &std::path::Path) -> std::sync::Arc<crate::Model> {
+        let options = crate::ModelOptions {
+            vocab_only: true,
+            n_threads: Some(1),
+            ..Default::default()
+        };
+        crate::Model::open(path, options).unwrap()
+    }
+
     /// The cache-hit path reads the RoPE frequency factors from the vocabulary's sealed copy, so
     /// a file rewritten after open does not change them.
     #[test]
     fn rope_freqs_come_from_the_sealed_copy() {
         use super::read_rope_freqs;
-        use crate::{testutil, Architecture, Model, ModelOptions};
+        use crate::{testutil, Architecture};
         use amend_edits::gguf::GgufFile;
         let dir = std::env::temp_dir().join(format!("amend-ort-rope-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -2809,15 +2811,7 @@ mod tests {
         testutil::write_tiny_model_rope_freqs(&a, Architecture::Llama, 7, &freqs).unwrap();
         let other = [4.0f32; 8];
         testutil::write_tiny_model_rope_freqs(&b, Architecture::Llama, 7, &other).unwrap();
-        let vocab = Model::open(
-            &a,
-            ModelOptions {
-                vocab_only: true,
-                n_threads: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let vocab = vocab_only(&a);
         let checked = vocab.checked_path();
         let header = GgufFile::read_header(&checked).unwrap();
         assert_eq!(
