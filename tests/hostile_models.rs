@@ -695,7 +695,7 @@ fn real_model_metadata_mutants_never_crash_the_process() {
 /// A bundle's GGUF-LoRA goes whole to llama.cpp's adapter loader (and, on ONNX Runtime, into the
 /// graph's low-rank slots), and a signing key can ship any adapter the format allows. Mutants of
 /// a valid adapter for the tiny model, each signed into a bundle bound to it and applied by `amend
-/// run` in a child on llama.cpp and on ONNX Runtime's CPU EP: every metadata key and tensor
+/// run` in a child on llama.cpp and on ONNX Runtime's CPU and OpenVINO EPs: every metadata key and tensor
 /// mutated as the models' are, plus adapters on tensors the model lacks or treats specially
 /// (the token embedding, whose adapter llama.cpp applies by row lookup), of other shapes.
 #[test]
@@ -709,6 +709,10 @@ fn gguf_lora_bundle_mutants_never_crash_the_process() {
     let mut backends = vec![LLAMA];
     if ort_installed() {
         backends.push(ORT_CPU);
+        let home = std::env::var("HOME").unwrap_or_default();
+        if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
+            backends.push(ORT_OPENVINO);
+        }
     }
     let dir = tmp().join("lora");
     std::fs::create_dir_all(&dir).unwrap();
