@@ -414,11 +414,26 @@ fn scope_model_child() {
 /// Opens every mutant of `bytes` on each opener; returns the failures (signal, panic, hang).
 fn check(seed: &str, bytes: &[u8], scope: Scope, openers: &[Opener]) -> Vec<String> {
     let filter = std::env::var("HOSTILE_MODELS_FILTER").ok();
+    check_filtered(seed, bytes, scope, filter.as_deref(), openers)
+}
+
+/// [`check`] for the tensor mutants whose description names `tensor` only.
+fn check_only(seed: &str, bytes: &[u8], tensor: &str, openers: &[Opener]) -> Vec<String> {
+    check_filtered(seed, bytes, Scope::All, Some(tensor), openers)
+}
+
+fn check_filtered(
+    seed: &str,
+    bytes: &[u8],
+    scope: Scope,
+    filter: Option<&str>,
+    openers: &[Opener],
+) -> Vec<String> {
     let mut bad = vec![];
     let (mut n, mut ran, mut refused) = (0, 0, 0);
     let path = mutant_dir().join(format!("{seed}-mutant.gguf"));
     mutants(bytes, scope, &mut |what, b| {
-        if filter.as_deref().is_some_and(|f| !what.contains(f)) {
+        if filter.is_some_and(|f| !what.contains(f)) {
             return;
         }
         n += 1;
@@ -523,6 +538,18 @@ fn tiny_model_mutants_never_crash_the_process() {
         }
         bad.extend(check(arch.name(), &bytes, Scope::All, &backends));
     }
+    // llama3-style RoPE frequency factors, which the ONNX Runtime backend reads on the host:
+    // only mutants of that tensor (the rest is the llama seed's above).
+    let p = tmp().join("seed-llama-rope.gguf");
+    let freqs = [1.0f32, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0];
+    amend_runtime::testutil::write_tiny_model_rope_freqs(&p, Architecture::Llama, 7, &freqs)
+        .unwrap();
+    for &b in &backends {
+        let (o, err) = run_child(&p, b);
+        assert_eq!(o, Outcome::Ran, "seed rope_freqs {b:?}: {err}");
+    }
+    let bytes = std::fs::read(&p).unwrap();
+    bad.extend(check_only("llama-rope", &bytes, "rope_freqs", &backends));
     assert_none_crashed(&bad);
 }
 

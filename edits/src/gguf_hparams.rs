@@ -455,6 +455,9 @@ impl ModelHparams {
         expect("token_embd.weight", &[e, v])?;
         expect("output.weight", &[e, v])?;
         expect("output_norm.weight", &[e])?;
+        // llama3-style RoPE frequency factors, one per rotated pair (llama.cpp refuses another
+        // length at load; the ONNX Runtime backend reads them on the host).
+        expect("rope_freqs.weight", &[self.n_rot as u64 / 2])?;
         for il in 0..self.n_layer as usize {
             let (q, kv) = (self.n_head[il] as u64, self.n_head_kv[il] as u64);
             let (dk, dv) = (self.head_dim_k as u64, self.head_dim_v as u64);

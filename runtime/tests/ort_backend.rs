@@ -456,6 +456,23 @@ fn rope_frequency_factors_agree_with_llama_cpp() {
         b.logits(t.len() - 1).unwrap(),
     );
     assert!(d > 1e-3, "rope_freqs changed no logit ({d})");
+    // Factors of another length: llama.cpp refuses them at load, so both backends refuse them
+    // before (ONNX Runtime ran them before session 31, reading the ones there were).
+    let short = common::tmp_dir().join("tiny-rope-freqs-short.gguf");
+    amend_runtime::testutil::write_tiny_model_rope_freqs(
+        &short,
+        Architecture::Llama,
+        7,
+        &freqs[..4],
+    )
+    .unwrap();
+    let e = OrtModel::open(&short, options(Profile::Cpu)).unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::InvalidHparams { .. }) && e.to_string().contains("rope_freqs"),
+        "{e}"
+    );
+    let e = amend_runtime::Model::open(&short, Default::default()).unwrap_err();
+    assert!(e.to_string().contains("rope_freqs"), "{e}");
 }
 
 /// A tiny llama whose layer matrices are stored as `t`, opened on llama.cpp.
