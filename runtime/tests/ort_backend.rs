@@ -190,6 +190,29 @@ fn tiny_models_agree_with_llama_cpp() {
     }
 }
 
+/// Both backends clamp a session's context to the model's trained context (the tiny model's
+/// 512), so that they stop, and check sampling windows, at the same length.
+#[test]
+fn session_context_is_clamped_as_on_llama_cpp() {
+    let Some(_) = library() else { return };
+    let path = common::tiny_path(Architecture::Llama);
+    let m = OrtModel::open(&path, options(Profile::Cpu)).unwrap();
+    let llama = common::tiny(Architecture::Llama);
+    for asked in [64usize, 4096] {
+        let o = OrtSession::new(&m, asked).unwrap();
+        let options = SessionOptions {
+            n_ctx: asked as u32,
+            ..Default::default()
+        };
+        let l = Session::new(&llama, options).unwrap();
+        assert_eq!(o.n_ctx(), l.n_ctx() as usize, "asked {asked}");
+        assert_eq!(
+            o.n_ctx(),
+            asked.min(amend_runtime::testutil::TINY_N_CTX as usize)
+        );
+    }
+}
+
 #[test]
 fn kv_cache_incremental_equals_one_pass() {
     let Some(_) = library() else { return };

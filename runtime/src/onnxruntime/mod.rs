@@ -1960,6 +1960,9 @@ pub struct OrtSession {
 }
 
 impl OrtSession {
+    /// A session of `n_ctx` positions, at most the model's trained context, as a llama.cpp
+    /// [`crate::Session`] clamps it (so that both backends stop, and check sampling windows,
+    /// at the same length).
     pub fn new(model: &Arc<OrtModel>, n_ctx: usize) -> Result<OrtSession, RuntimeError> {
         if n_ctx == 0 || n_ctx > crate::MAX_N_CTX as usize {
             return Err(RuntimeError::InvalidOptions(format!(
@@ -1967,6 +1970,10 @@ impl OrtSession {
                 crate::MAX_N_CTX
             )));
         }
+        let n_ctx = match model.vocab.info().n_ctx_train as usize {
+            0 => n_ctx,
+            train => n_ctx.min(train),
+        };
         if let Some(st) = model.options.static_shapes {
             if n_ctx > st.window {
                 return Err(RuntimeError::InvalidOptions(format!(
