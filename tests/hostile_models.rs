@@ -438,8 +438,15 @@ fn check_filtered(
         }
         n += 1;
         std::fs::write(&path, &b).unwrap();
+        let mut outcomes = vec![];
         for &how in openers {
-            match run_child(&path, how) {
+            let r = run_child(&path, how);
+            outcomes.push(match &r.0 {
+                Outcome::Ran => "ran".to_string(),
+                Outcome::Refused => format!("refused ({})", r.1.lines().last().unwrap_or("")),
+                other => format!("{other:?}"),
+            });
+            match r {
                 (Outcome::Ran, _) => ran += 1,
                 (Outcome::Refused, _) => refused += 1,
                 (o, err) => {
@@ -457,6 +464,16 @@ fn check_filtered(
                     eprintln!("FAIL {}", bad.last().unwrap());
                 }
             }
+        }
+        // The backends take the same files: a file one runs and another refuses is a check
+        // missing on one side. Known: ONNX Runtime's graph has no BF16 weights (a specific
+        // error naming the tensor).
+        let ran_on = outcomes.iter().filter(|o| *o == "ran").count();
+        if ran_on != 0 && ran_on != outcomes.len() && !what.ends_with(" as BF16") {
+            bad.push(format!(
+                "{seed}: {what}: the backends disagree: {outcomes:?}"
+            ));
+            eprintln!("FAIL {}", bad.last().unwrap());
         }
     });
     let _ = std::fs::remove_file(&path);
