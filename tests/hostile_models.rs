@@ -528,17 +528,23 @@ fn cache_file(name: &str) -> Option<PathBuf> {
     None
 }
 
-#[test]
-fn tiny_model_mutants_never_crash_the_process() {
+/// llama.cpp, and ONNX Runtime's CPU and OpenVINO EPs where installed (OpenVINO compiles the
+/// graph again with its own plugin, and its own checks).
+fn backends() -> Vec<Opener> {
     let mut backends = vec![LLAMA];
     if ort_installed() {
         backends.push(ORT_CPU);
-        // OpenVINO compiles the graph again with its own plugin (and its own checks).
         let home = std::env::var("HOME").unwrap_or_default();
         if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
             backends.push(ORT_OPENVINO);
         }
     }
+    backends
+}
+
+#[test]
+fn tiny_model_mutants_never_crash_the_process() {
+    let backends = backends();
     let mut bad = vec![];
     for (arch, ty) in [
         (Architecture::Llama, GgmlType::F32),
@@ -750,14 +756,7 @@ fn gguf_lora_bundle_mutants_never_crash_the_process() {
     use amend_edits::{BundleBuilder, BundleMeta, Site};
     use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_FF};
     use std::ffi::OsStr;
-    let mut backends = vec![LLAMA];
-    if ort_installed() {
-        backends.push(ORT_CPU);
-        let home = std::env::var("HOME").unwrap_or_default();
-        if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
-            backends.push(ORT_OPENVINO);
-        }
-    }
+    let backends = backends();
     let dir = tmp().join("lora");
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("m.gguf");
