@@ -160,13 +160,20 @@ impl Model {
             // it checks the tensor extents against: the rest of the copy is a hole), plus the
             // small tensors the ONNX Runtime backend reads at open (`HOST_READ_TENSORS`), so that
             // they too are the bytes that were fingerprinted.
-            (true, true) => PrivateCopy::of(path, Some(&vocab_only_parts(path, &checked.1)?))?,
+            (true, true) => PrivateCopy::of(path, Some(&checked.vocab_only_parts))?,
         };
         // What llama.cpp reads is what is checked: the sealed copy where there is one.
-        let (load_path, (architecture, layout, hparams, matrices)) = match &copy {
+        let (load_path, checked) = match &copy {
             Some(c) => (c.path(), check_gguf(&c.path(), path)?),
             None => (path.to_path_buf(), checked),
         };
+        let Checked {
+            architecture,
+            layout,
+            hparams,
+            matrices,
+            ..
+        } = checked;
         let copy_binding = match &copy {
             Some(c) if !options.vocab_only => Some(
                 amend_edits::fingerprint::model_binding_of_copy(
@@ -274,8 +281,6 @@ impl Model {
         self.copy.is_some()
     }
 
-    /// The file the pre-load checks passed on and llama.cpp loaded: the sealed copy where there
-    /// is one (`/proc/self/fd/N`, valid while `self` lives), else the model's path.
     /// Whether a low-rank delta `W += B A` of `[n_in] -> [n_out]` on the tensor `name` is one
     /// llama.cpp applies as a plain matrix product: the model has `name` as a `[n_in, n_out]`
     /// matrix, and it is not the token embedding. llama.cpp applies an adapter on the token
@@ -307,6 +312,8 @@ impl Model {
         }
     }
 
+    /// The file the pre-load checks passed on and llama.cpp loaded: the sealed copy where there
+    /// is one (`/proc/self/fd/N`, valid while `self` lives), else the model's path.
     pub(crate) fn checked_path(&self) -> PathBuf {
         match &self.copy {
             Some(c) => c.path(),
@@ -572,28 +579,9 @@ impl PrivateCopy {
 
 /// Tensors the ONNX Runtime backend reads from the model at open besides its graph (RoPE
 /// frequency factors, for the host's RoPE tables): a vocabulary-only load copies them with the
-/// header. At most this many bytes each.
+/// header ([`check_gguf`]). At most [`HOST_READ_TENSOR_MAX`] bytes each.
 pub(crate) const HOST_READ_TENSORS: &[&str] = &["rope_freqs.weight"];
 pub(crate) const HOST_READ_TENSOR_MAX: u64 = 1 << 20;
-
-/// The byte ranges a vocabulary-only private copy holds: the header, and each of
-/// [`HOST_READ_TENSORS`] the model has, where it is at most [`HOST_READ_TENSOR_MAX`] bytes.
-fn vocab_only_parts(path: &Path, layout: &ModelLayout) -> Result<Vec<(u64, u64)>, RuntimeError> {
-    let mut parts = vec![(0, layout.data_offset)];
-    let header = GgufFile::read_header(path).map_err(|e| gguf_error(path, e))?;
-    for name in HOST_READ_TENSORS {
-        if let Some(t) = header.tensor(name) {
-            match t.byte_size() {
-                Ok(n) if n <= HOST_READ_TENSOR_MAX => {
-                    parts.push((header.data_offset + t.offset, n));
-                }
-                // Not copied: whoever reads it refuses it by the same bound.
-                _ => {}
-            }
-        }
-    }
-    Ok(parts)
-}
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
 #[cfg(target_os = "linux")]
@@ -637,12 +625,34 @@ fn check_gguf(path: &Path, shown: &Path) -> Result<Checked, RuntimeError> {
             _ => None,
         })
         .collect();
-    Ok((architecture, ModelLayout::from(&header), hparams, matrices))
+    // The header, and each of HOST_READ_TENSORS the model has within the size bound (one that
+    // is not copied is refused by whoever reads it, under the same bound).
+    let mut vocab_only_parts = vec![(0, header.data_offset)];
+    for t in HOST_READ_TENSORS.iter().filter_map(|n| header.tensor(n)) {
+        if let Some(n) = t.byte_size().ok().filter(|&n| n <= HOST_READ_TENSOR_MAX) {
+            vocab_only_parts.push((header.data_offset + t.offset, n));
+        }
+    }
+    Ok(Checked {
+        architecture,
+        layout: ModelLayout::from(&header),
+        hparams,
+        matrices,
+        vocab_only_parts,
+    })
 }
 
-/// What [`check_gguf`] learns of a model: its architecture, layout, hyperparameters, and the
-/// shapes (`[n_in, n_out]`) of its 2-D tensors.
-type Checked = (Architecture, ModelLayout, ModelHparams, Matrices);
+/// What [`check_gguf`] learns of a model.
+struct Checked {
+    architecture: Architecture,
+    layout: ModelLayout,
+    hparams: ModelHparams,
+    /// The shapes (`[n_in, n_out]`) of its 2-D tensors.
+    matrices: Matrices,
+    /// The byte ranges `(offset, length)` a vocabulary-only private copy holds.
+    vocab_only_parts: Vec<(u64, u64)>,
+}
+
 type Matrices = std::collections::HashMap<String, [u64; 2]>;
 
 fn gguf_error(path: &Path, e: GgufError) -> RuntimeError {

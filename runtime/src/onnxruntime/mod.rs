@@ -1305,16 +1305,8 @@ fn build_onnx(
             detail: "the header read for the graph differs from the one checked at open".into(),
         });
     }
+    // The header is the checked one (above), whose shape check holds these to `[n_rot / 2]` f32.
     let rope_freqs = match gguf.header.tensor("rope_freqs.weight") {
-        // The bound the cache-hit path reads them under (from the vocabulary's copy).
-        Some(t)
-            if t.byte_size()
-                .map_or(true, |n| n > crate::model::HOST_READ_TENSOR_MAX) =>
-        {
-            return Err(RuntimeError::OrtGraph(
-                "rope_freqs.weight is implausibly large".into(),
-            ))
-        }
         Some(t) => Some(
             quant::dequantize(
                 "rope_freqs.weight",
