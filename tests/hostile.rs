@@ -360,6 +360,102 @@ fn sparse_5gb_as_model_refused_at_once() {
     let _ = std::fs::remove_file(&p);
 }
 
+/// A model holding a NaN or infinite weight, or a NaN scale in a quantized block, is refused at
+/// open on every backend, naming the tensor and where in it (ggml computes with whatever the file
+/// holds: llama.cpp answered garbage, ONNX Runtime nothing), and leaves no fingerprint cache
+/// entry behind, so nothing later takes it for checked.
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    use amend_edits::gguf::{GgmlType, GgufFile};
+    use amend_runtime::{testutil, Architecture, ModelOptions};
+    let dir = tmp().join("non-finite");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seed = dir.join("seed.gguf");
+    testutil::write_tiny_model_typed(&seed, Architecture::Qwen2, 7, GgmlType::Q8_0).unwrap();
+    let bytes = std::fs::read(&seed).unwrap();
+    let f = GgufFile::parse(&bytes).unwrap();
+    let at = |name: &str, byte: u64| {
+        let t = f.tensor(name).unwrap();
+        (f.data_offset + t.offset + byte) as usize
+    };
+    let patch = |name: &str, at: usize, with: &[u8]| {
+        let mut b = bytes.clone();
+        b[at..at + with.len()].copy_from_slice(with);
+        let p = dir.join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let cases = [
+        (
+            // Q8_0 blocks are 34 bytes, the f16 scale first.
+            patch(
+                "scale.gguf",
+                at("blk.0.attn_q.weight", 3 * 34),
+                &0x7e00u16.to_le_bytes(),
+            ),
+            "tensor \"blk.0.attn_q.weight\" holds NaN (the d of block 3)",
+        ),
+        (
+            patch(
+                "norm.gguf",
+                at("output_norm.weight", 5 * 4),
+                &f32::INFINITY.to_le_bytes(),
+            ),
+            "tensor \"output_norm.weight\" holds infinity (element 5)",
+        ),
+    ];
+    let ort = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/amend/ort/cpu")
+        .exists();
+    for (path, why) in &cases {
+        for private_copy in [true, false] {
+            let o = ModelOptions {
+                private_copy,
+                ..Default::default()
+            };
+            match Model::open(path, o) {
+                Err(RuntimeError::InvalidGguf { detail, .. }) => {
+                    assert!(detail.contains(why), "{detail}")
+                }
+                Err(e) => panic!("{}: {e}", path.display()),
+                Ok(_) => panic!("{} opened", path.display()),
+            }
+        }
+        // ONNX Runtime, building the graph, and with the graph cache (which binds the cached
+        // graph to the fingerprint first).
+        let ort_runs: &[&[&str]] = if ort {
+            &[&["--no-onnx-cache"], &[]]
+        } else {
+            &[]
+        };
+        for extra in ort_runs {
+            let mut args = vec![os("run"), os("--model"), path.as_os_str()];
+            args.extend(
+                [
+                    "--backend",
+                    "ort",
+                    "--ep",
+                    "cpu",
+                    "--prompt",
+                    "x",
+                    "--max-tokens",
+                    "1",
+                ]
+                .map(os),
+            );
+            args.extend(extra.iter().map(os));
+            let (ok, _, err) = amend(&args);
+            assert!(!ok && err.contains(why), "ort {extra:?}: {err}");
+        }
+        assert!(
+            !amend_edits::fingerprint::cache_path(path).exists(),
+            "a refused model left a fingerprint cache entry"
+        );
+    }
+    // The seed itself opens (the patches, not the model, are refused).
+    Model::open(&seed, Default::default()).unwrap();
+}
+
 fn keypair(name: &str) -> (PathBuf, PathBuf) {
     let prefix = tmp().join(name);
     let (k, p) = (prefix.with_extension("key"), prefix.with_extension("pub"));

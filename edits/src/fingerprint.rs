@@ -5,7 +5,9 @@
 //! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens), so two files
 //! that differ only in metadata differ; the tensor table carries every tensor's name, type, shape
 //! and offset, so another quantization of the same model differs there; the data makes a
-//! fine-tune of the same shape differ too.
+//! fine-tune of the same shape differ too. The same pass checks that every tensor's floats
+//! (float weights, quantized blocks' scales) are finite, so a file that hashes, and its cache
+//! entry, vouch for that too.
 //! Hashing all data costs about half a second per 250 MB, so the result is cached next to the
 //! model in `<model>.amendfp`, keyed by what a content change cannot keep equal: device, inode,
 //! length, mtime and the inode change time (ctime), which the kernel sets on every write and
@@ -29,11 +31,14 @@ pub enum FingerprintError {
     Gguf(#[from] GgufError),
     #[error("invalid model hyperparameters: {0}")]
     Hparams(#[from] HparamError),
+    #[error("the model's header changed since it was checked")]
+    Changed,
 }
 
 const DOMAIN: &[u8] = b"amend-model-fp-v2";
 // amendfp3: the v2 fingerprint (hyperparameters hashed); a v1-era entry is never reused.
-const CACHE_MAGIC: &str = "amendfp3";
+// amendfp4: entries also vouch that every tensor's floats are finite (checked as they are hashed).
+const CACHE_MAGIC: &str = "amendfp4";
 /// A cache entry is trusted only when the model's ctime is at least this much older than the
 /// moment its hash began.
 pub const RACY_NS: u128 = 2_000_000_000;
@@ -60,24 +65,37 @@ impl From<&GgufHeader> for ModelLayout {
 pub fn binding_of_bytes(bytes: &[u8]) -> Result<ModelBinding, FingerprintError> {
     let f = GgufFile::parse(bytes)?;
     let hp = ModelHparams::from_header(&f)?;
-    hash_model(bytes, &ModelLayout::from(&f.header), &hp)
+    hash_parsed(&f, &hp)
 }
 
 /// The fingerprint of the file `bytes` whose header was already parsed and validated into
-/// `layout` and `hp` (no second parse).
+/// `layout` and `hp`. The tensor table is parsed again (milliseconds, against the hash's half
+/// second) to check every tensor's floats in the same pass over the data.
 fn hash_model(
     bytes: &[u8],
     layout: &ModelLayout,
     hp: &ModelHparams,
 ) -> Result<ModelBinding, FingerprintError> {
+    let f = GgufFile::parse(bytes)?;
+    if ModelLayout::from(&f.header) != *layout {
+        return Err(FingerprintError::Changed);
+    }
+    hash_parsed(&f, hp)
+}
+
+/// Checks that every tensor's floats are finite (so a cached fingerprint also vouches for
+/// that: see the module docs) and hashes.
+fn hash_parsed(f: &GgufFile<'_>, hp: &ModelHparams) -> Result<ModelBinding, FingerprintError> {
+    f.check_finite()?;
+    let bytes = f.bytes();
+    let layout = ModelLayout::from(&f.header);
     let (t0, t1) = layout.tensor_table;
     let len = bytes.len() as u64;
     if t0 > t1 || t1 > len || layout.data_offset > len {
-        // The file changed since its header was parsed.
         return Err(GgufError::Truncated {
-            what: "tensor table",
-            offset: t0,
-            needed: t1.saturating_sub(t0),
+            what: "tensor data",
+            offset: layout.data_offset,
+            needed: 0,
             len,
         }
         .into());
@@ -106,7 +124,7 @@ pub fn cache_path(model: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The cache key of an opened model file: `amendfp2 dev ino len mtime_ns ctime_ns`, and the
+/// The cache key of an opened model file: `amendfp4 dev ino len mtime_ns ctime_ns`, and the
 /// ctime in ns.
 fn cache_key(file: &std::fs::File) -> Result<(String, u128), std::io::Error> {
     let md = file.metadata()?;

@@ -119,6 +119,29 @@ pub enum GgufError {
     MissingKey { key: String, expected: &'static str },
     #[error("I/O error reading {path}: {message}")]
     Io { path: String, message: String },
+    #[error("tensor {tensor:?} holds {value} ({})", NonFiniteAt(.block, .field))]
+    NonFinite {
+        tensor: String,
+        /// Index of the block (of the element, for the float types).
+        block: u64,
+        /// "value" for float types, else the block field (e.g. "d", "dmin").
+        field: &'static str,
+        /// "NaN" or "infinity".
+        value: &'static str,
+    },
+}
+
+/// Where [`GgufError::NonFinite`] found its value: an element of a float tensor, or a field of a
+/// quantized block.
+struct NonFiniteAt<'a>(&'a u64, &'a &'static str);
+
+impl fmt::Display for NonFiniteAt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self.1 {
+            "value" => write!(f, "element {}", self.0),
+            field => write!(f, "the {field} of block {}", self.0),
+        }
+    }
 }
 
 /// A ggml tensor type id. Unknown ids are kept (a file may use a type this reader does not size);
@@ -187,6 +210,51 @@ impl GgmlType {
         self.info().map(|i| i.0)
     }
 
+    /// The floating-point fields of a block of this type, as ggml validates row data: the
+    /// element itself for the float types, the scales (`d`, and `dmin` or `m`) for the quantized
+    /// types; their quants and integer sub-scales are finite by construction. Empty for the
+    /// integer types and IQ1_M (its scale is packed into the quants).
+    const fn float_fields(self) -> &'static [(usize, Float, &'static str)] {
+        use Float::*;
+        match self.0 {
+            0 => &[(0, F32, "value")],
+            1 => &[(0, F16, "value")],
+            30 => &[(0, Bf16, "value")],
+            28 => &[(0, F64, "value")],
+            // Q4_0, Q5_0, Q8_0, IQ4_NL, and the IQ types whose block starts with `d`.
+            2 | 6 | 8 | 20 | 16 | 17 | 18 | 19 | 21 | 22 | 23 => &[(0, F16, "d")],
+            3 | 7 => &[(0, F16, "d"), (2, F16, "m")],
+            9 => &[(0, F16, "d"), (2, F16, "s")],
+            12 | 13 => &[(0, F16, "d"), (2, F16, "dmin")],
+            10 => &[(80, F16, "d"), (82, F16, "dmin")],
+            11 => &[(108, F16, "d")],
+            14 => &[(208, F16, "d")],
+            15 => &[(0, F32, "d")],
+            34 => &[(52, F16, "d")],
+            35 => &[(64, F16, "d")],
+            39 => &[(0, E8m0, "e")],
+            _ => &[],
+        }
+    }
+
+    /// The first non-finite float of `data`, a whole number of this type's blocks: (block index,
+    /// field, "NaN" or "infinity"). ggml computes with whatever a file holds, so a NaN scale is
+    /// otherwise a model that silently answers garbage.
+    pub fn first_non_finite(self, data: &[u8]) -> Option<(u64, &'static str, &'static str)> {
+        let block = self.info()?.2 as usize;
+        for &(at, kind, field) in self.float_fields() {
+            let width = kind.width();
+            let found = data
+                .chunks_exact(block)
+                .enumerate()
+                .find_map(|(i, b)| kind.non_finite(&b[at..at + width]).map(|v| (i as u64, v)));
+            if let Some((i, v)) = found {
+                return Some((i, field, v));
+            }
+        }
+        None
+    }
+
     /// A type llama.cpp stores model weights in and computes with: the float and quantized
     /// types, not the integer types, F64, or the activation-only Q8_1 and Q8_K (their CPU dot
     /// products do not exist for weights).
@@ -229,6 +297,60 @@ impl fmt::Display for GgmlType {
         match self.name() {
             Some(n) => f.write_str(n),
             None => write!(f, "ggml type {}", self.0),
+        }
+    }
+}
+
+/// How a block field stores its float.
+#[derive(Clone, Copy)]
+enum Float {
+    F16,
+    Bf16,
+    F32,
+    F64,
+    /// A power-of-two exponent byte (MXFP4's scale): 0xff is NaN.
+    E8m0,
+}
+
+impl Float {
+    const fn width(self) -> usize {
+        match self {
+            Float::F16 | Float::Bf16 => 2,
+            Float::F32 => 4,
+            Float::F64 => 8,
+            Float::E8m0 => 1,
+        }
+    }
+
+    /// "NaN" or "infinity" when the little-endian `b` (exactly [`Float::width`] bytes) is not a
+    /// finite number: all exponent bits set.
+    fn non_finite(self, b: &[u8]) -> Option<&'static str> {
+        let (exp, mantissa) = match self {
+            Float::F16 => {
+                let v = u16::from_le_bytes([b[0], b[1]]) as u64;
+                (v & 0x7c00 == 0x7c00, v & 0x03ff)
+            }
+            Float::Bf16 => {
+                let v = u16::from_le_bytes([b[0], b[1]]) as u64;
+                (v & 0x7f80 == 0x7f80, v & 0x007f)
+            }
+            Float::F32 => {
+                let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+                (v & 0x7f80_0000 == 0x7f80_0000, v & 0x007f_ffff)
+            }
+            Float::F64 => {
+                let v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                (
+                    v & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000,
+                    v & 0x000f_ffff_ffff_ffff,
+                )
+            }
+            Float::E8m0 => return (b[0] == 0xff).then_some("NaN"),
+        };
+        match (exp, mantissa) {
+            (false, _) => None,
+            (true, 0) => Some("infinity"),
+            (true, _) => Some("NaN"),
         }
     }
 }
@@ -580,6 +702,29 @@ impl<'a> GgufFile<'a> {
             });
         }
         Ok(&self.bytes[start as usize..end as usize])
+    }
+
+    /// Every tensor's floats are finite (see [`GgmlType::first_non_finite`]); the first that is
+    /// not is named.
+    pub fn check_finite(&self) -> Result<(), GgufError> {
+        // A type this reader cannot size is refused where its size is needed, not here.
+        for t in self
+            .header
+            .tensors
+            .iter()
+            .filter(|t| t.ggml_type.info().is_some())
+        {
+            let data = self.data_of(t)?;
+            if let Some((block, field, value)) = t.ggml_type.first_non_finite(data) {
+                return Err(GgufError::NonFinite {
+                    tensor: t.name.clone(),
+                    block,
+                    field,
+                    value,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The data of an F32 tensor as f32 values, borrowed when the bytes are 4-byte aligned on a
@@ -1383,6 +1528,90 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(w.to_bytes(), bytes);
+    }
+
+    #[test]
+    fn non_finite_floats_are_found_in_every_type() {
+        let mut checked = 0;
+        for id in 0..64 {
+            let ty = GgmlType(id);
+            let Some((_, _, block)) = ty.info() else {
+                continue;
+            };
+            let block = block as usize;
+            for &(at, kind, field) in ty.float_fields() {
+                assert!(at + kind.width() <= block, "{ty}: {field} past the block");
+                // Largest finite and NaN/infinity patterns of this field's float.
+                let (max, nan, inf): (Vec<u8>, Vec<u8>, Option<Vec<u8>>) = match kind {
+                    Float::F16 => (
+                        0x7bffu16.to_le_bytes().into(),
+                        0x7e00u16.to_le_bytes().into(),
+                        Some(0xfc00u16.to_le_bytes().into()),
+                    ),
+                    Float::Bf16 => (
+                        0x7f7fu16.to_le_bytes().into(),
+                        0x7fc0u16.to_le_bytes().into(),
+                        Some(0xff80u16.to_le_bytes().into()),
+                    ),
+                    Float::F32 => (
+                        f32::MAX.to_le_bytes().into(),
+                        f32::NAN.to_le_bytes().into(),
+                        Some(f32::NEG_INFINITY.to_le_bytes().into()),
+                    ),
+                    Float::F64 => (
+                        f64::MAX.to_le_bytes().into(),
+                        f64::NAN.to_le_bytes().into(),
+                        Some(f64::INFINITY.to_le_bytes().into()),
+                    ),
+                    Float::E8m0 => (vec![0xfe], vec![0xff], None),
+                };
+                let mut data = vec![0u8; 4 * block];
+                data[block + at..block + at + max.len()].copy_from_slice(&max);
+                assert_eq!(ty.first_non_finite(&data), None, "{ty} {field}");
+                let mut bad = data.clone();
+                bad[2 * block + at..2 * block + at + nan.len()].copy_from_slice(&nan);
+                assert_eq!(ty.first_non_finite(&bad), Some((2, field, "NaN")), "{ty}");
+                if let Some(inf) = inf {
+                    let mut bad = data.clone();
+                    bad[3 * block + at..3 * block + at + inf.len()].copy_from_slice(&inf);
+                    assert_eq!(
+                        ty.first_non_finite(&bad),
+                        Some((3, field, "infinity")),
+                        "{ty}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        // The fields of every float, quantized and IQ type but IQ1_M (the integer types have
+        // none): 4 float types, 17 types with one scale, 6 with two.
+        assert_eq!(checked, 33);
+        assert_eq!(GgmlType(26).first_non_finite(&[0xff; 16]), None);
+
+        // A file: the first tensor holding one is named.
+        let bytes = sample();
+        assert_eq!(GgufFile::parse(&bytes).unwrap().check_finite(), Ok(()));
+        let mut w = GgufWriter::new();
+        w.add_tensor_f32("ok", &[2], &[1.0, 2.0]).unwrap();
+        let mut q = vec![0u8; 2 * 34];
+        q[34..36].copy_from_slice(&0x7c00u16.to_le_bytes());
+        w.add_tensor_raw("q", GgmlType::Q8_0, &[32, 2], q).unwrap();
+        w.add_tensor_f32("nan", &[1], &[f32::NAN]).unwrap();
+        let bytes = w.to_bytes();
+        let e = GgufFile::parse(&bytes).unwrap().check_finite().unwrap_err();
+        assert_eq!(
+            e,
+            GgufError::NonFinite {
+                tensor: "q".into(),
+                block: 1,
+                field: "d",
+                value: "infinity"
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "tensor \"q\" holds infinity (the d of block 1)"
+        );
     }
 
     #[test]

@@ -186,6 +186,16 @@ impl Model {
             ),
             _ => None,
         };
+        if copy.is_none() && !options.vocab_only {
+            // The check of every tensor's floats rides on the fingerprint's pass over the data
+            // (cached next to the model): without a copy it runs here all the same.
+            amend_edits::fingerprint::model_binding_parsed(path, &layout, &hparams).map_err(
+                |e| RuntimeError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                },
+            )?;
+        }
         let arch_name = hparams.arch.clone();
         init_backend();
         let cpath = CString::new(load_path.as_os_str().as_encoded_bytes()).map_err(|_| {

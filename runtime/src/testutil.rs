@@ -101,8 +101,8 @@ pub fn write_tiny_model(path: &Path, arch: Architecture, seed: u64) -> std::io::
     write_tiny_model_typed(path, arch, seed, GgmlType::F32)
 }
 
-/// [`write_tiny_model`] with the layer matrices stored as `ty` (F32, or the 32-element block
-/// types Q8_0, Q5_0, Q4_0, Q4_1, quantized as ggml's reference quantizers do).
+/// [`write_tiny_model`] with the layer matrices stored as `ty` (F32, F16, BF16, or the 32-element
+/// block types Q8_0, Q5_0, Q4_0, Q4_1, quantized as ggml's reference quantizers do).
 pub fn write_tiny_model_typed(
     path: &Path,
     arch: Architecture,
@@ -232,6 +232,25 @@ fn write_tiny(
 
 /// ggml's reference quantizers (`quantize_row_*_ref`) for the 32-element block types.
 fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F16 => {
+            return x
+                .iter()
+                .flat_map(|&v| f32_to_f16(v).to_le_bytes())
+                .collect()
+        }
+        // Round to nearest even, as ggml's f32 -> bf16 (the values are finite).
+        GgmlType::BF16 => {
+            return x
+                .iter()
+                .flat_map(|&v| {
+                    let b = v.to_bits();
+                    (((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes()
+                })
+                .collect()
+        }
+        _ => {}
+    }
     let mut out = Vec::new();
     for b in x.chunks_exact(32) {
         let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -31,6 +31,8 @@ fn options(profile: Profile) -> OrtOptions {
 /// Random but valid blocks of a quant type: finite f16 scales, any codes.
 fn random_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
     let (bytes, scale_at): (usize, &[usize]) = match t {
+        // Every value a "scale": any finite half or bfloat16.
+        GgmlType::F16 | GgmlType::BF16 => (2, &[0]),
         GgmlType::Q8_0 => (34, &[0]),
         GgmlType::Q4_0 => (18, &[0]),
         GgmlType::Q5_0 => (22, &[0]),
@@ -49,6 +51,12 @@ fn random_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
     for b in out.chunks_exact_mut(bytes) {
         for x in b.iter_mut() {
             *x = next() as u8;
+        }
+        if t == GgmlType::BF16 {
+            // Exponent 0x70..0x8f: 2^-15 .. 2^17, either sign.
+            let h = ((0x70 + (next() % 32) as u16) << 7) | (next() as u16 & 0x807f);
+            b.copy_from_slice(&h.to_le_bytes());
+            continue;
         }
         for &at in scale_at {
             // A normal f16 in [2^-10, 2^-2), either sign (Q4_K's dmin positive, like real data).
@@ -90,11 +98,13 @@ fn every_mapped_quant_type_is_ggml_bitwise() {
         GgmlType::Q5_0,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::BF16,
     ] {
-        let bs = if matches!(t, GgmlType::Q4_K | GgmlType::Q6_K) {
-            256
-        } else {
-            32
+        let bs = match t {
+            GgmlType::Q4_K | GgmlType::Q6_K => 256,
+            GgmlType::F16 | GgmlType::BF16 => 1,
+            _ => 32,
         };
         let data = random_blocks(t, k / bs * n, 11 + t.0 as u64);
         let ggml = ggml_dequantize(t, &data, k * n);
@@ -425,7 +435,13 @@ fn bad_input_is_a_specific_error() {
 #[test]
 fn quantized_tiny_model_agrees() {
     let Some(_) = library() else { return };
-    for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0] {
+    for t in [
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_0,
+        GgmlType::F16,
+        GgmlType::BF16,
+    ] {
         let llama = typed_tiny(t, &format!("tiny-{t:?}.gguf"));
         let toks: Vec<Vec<i32>> = PROMPTS
             .iter()

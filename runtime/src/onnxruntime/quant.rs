@@ -12,7 +12,7 @@ use amend_edits::gguf::{f16_to_f32, GgmlType};
 /// Why a tensor cannot be expressed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantError {
-    #[error("tensor `{tensor}` has ggml type {ty}, which the ONNX graph builder does not map (supported: F32, F16, Q4_0, Q8_0, Q5_0, Q4_K, Q6_K)")]
+    #[error("tensor `{tensor}` has ggml type {ty}, which the ONNX graph builder does not map (supported: F32, F16, BF16, Q4_0, Q8_0, Q5_0, Q4_K, Q6_K)")]
     Unsupported { tensor: String, ty: String },
     #[error("tensor `{tensor}`: {detail}")]
     Shape { tensor: String, detail: String },
@@ -21,7 +21,8 @@ pub enum QuantError {
 /// A linear weight `[N, K]` (out, in) as the graph takes it.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
-    /// `MatMul(A, W^T)`: f32 `[K, N]`, already transposed (F32, F16 sources).
+    /// `MatMul(A, W^T)`: f32 `[K, N]`, already transposed (F32, F16, BF16 sources: each value
+    /// exactly, as ggml converts it).
     Float { k: usize, n: usize, wt: Vec<f32> },
     /// `MatMulNBits`: B `[N, K/block, block*bits/8]`, scales `[N, K/block]`, an optional
     /// explicit zero point (packed like B) and, for Q4_K, `mins` `[K/32, N]`: subtract
@@ -48,7 +49,7 @@ fn type_name(t: GgmlType) -> String {
 fn block_shape(t: GgmlType) -> Option<(usize, usize)> {
     Some(match t {
         GgmlType::F32 => (1, 4),
-        GgmlType::F16 => (1, 2),
+        GgmlType::F16 | GgmlType::BF16 => (1, 2),
         GgmlType::Q4_0 => (32, 18),
         GgmlType::Q8_0 => (32, 34),
         GgmlType::Q5_0 => (32, 22),
@@ -200,7 +201,7 @@ pub fn linear_weight(
 ) -> Result<LinearWeight, QuantError> {
     check(name, t, k, n, data)?;
     match t {
-        GgmlType::F32 | GgmlType::F16 => return float_weight(name, t, k, n, data),
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return float_weight(name, t, k, n, data),
         _ => {}
     }
     let (bits, block, offset) = nbits_form(t);
@@ -283,6 +284,13 @@ pub fn dequantize(
                 .collect())
         }
         GgmlType::F16 => return Ok((0..k * n).map(|i| f16(data, 2 * i)).collect()),
+        // The upper half of an f32: exact.
+        GgmlType::BF16 => {
+            return Ok(data
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect())
+        }
         _ => {}
     }
     let (_, block, offset) = nbits_form(t);
