@@ -1126,3 +1126,37 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
         assert!(l["in_scope"] == false || same_answer, "{l}");
     }
 }
+
+/// A context smaller than the default repetition window (64 tokens) runs on both backends: the
+/// default window shrinks to the context (the session's, which the model's trained context may
+/// cap). An explicit window larger than the context is refused, naming both.
+#[test]
+fn a_context_below_the_default_repeat_window_runs() {
+    let model = tmp().join("small-ctx.gguf");
+    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    let m = s(&model);
+    let base = [
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "a b",
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+    ];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    let mut backends: Vec<&[&str]> = vec![&[]];
+    if ort_libraries() {
+        backends.push(&["--backend", "ort", "--no-onnx-cache"]);
+    }
+    for b in backends {
+        ok(&with(&[&["--ctx", "16"], b].concat()));
+        refused(
+            &with(&[&["--ctx", "16", "--repeat-last-n", "17"], b].concat()),
+            &["repeat_last_n 17 is outside 0..=16"],
+        );
+    }
+}

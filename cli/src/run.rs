@@ -33,6 +33,10 @@ pub struct Args {
     /// Repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at, at most the context [default:
+    /// 64, or the session's context when that is smaller].
+    #[arg(long)]
+    pub repeat_last_n: Option<i32>,
     /// Sampling seed (default: random).
     #[arg(long)]
     pub seed: Option<u32>,
@@ -241,7 +245,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     apply_edits(&mut session, load_edits(&args)?, &args)?;
-    let params = generate_params(&args);
+    let params = generate_params(&args, session.n_ctx() as usize);
     let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
     if args.explain {
         print_explain(&session.explain());
@@ -263,7 +267,7 @@ fn run_ort(args: Args) -> anyhow::Result<()> {
     let model = crate::backends::open_ort_with_slots(&args.model, &args.ort, args.threads, layout)?;
     let mut session = amend_runtime::onnxruntime::OrtSession::new(&model, args.ctx as usize)?;
     apply_edits(&mut session, set, &args)?;
-    let params = generate_params(&args);
+    let params = generate_params(&args, session.n_ctx());
     let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
     if args.explain {
         print_explain(&session.explain());
@@ -306,7 +310,9 @@ fn log_result(result: &amend_runtime::GenerateOutput) {
     );
 }
 
-fn generate_params(args: &Args) -> GenerateParams {
+/// The sampling parameters of `args` for a session of `n_ctx` tokens (the context asked for, or
+/// less: sessions cap it at the model's trained context).
+fn generate_params(args: &Args, n_ctx: usize) -> GenerateParams {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -320,6 +326,12 @@ fn generate_params(args: &Args) -> GenerateParams {
         top_p: args.top_p,
         min_p: args.min_p,
         repeat_penalty: args.repeat_penalty,
+        // An explicit value out of range is the session's error; the default fits any context.
+        repeat_last_n: args.repeat_last_n.unwrap_or_else(|| {
+            GenerateParams::default()
+                .repeat_last_n
+                .min(n_ctx.min(i32::MAX as usize) as i32)
+        }),
         seed,
         stop: args.stop.clone(),
         ..Default::default()
