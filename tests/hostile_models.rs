@@ -70,6 +70,16 @@ fn edge_values(v: &GgufValue) -> Vec<(&'static str, GgufValue)> {
         V::String(_) | V::Array(_) => out.push(("a u32", V::U32(7))),
         _ => out.push(("a string", V::String("7".into()))),
     }
+    // The same value under another type of its kind (llama.cpp reads each key as one exact
+    // type; a reader that converts would run what it refuses).
+    if let Some(x) = v.as_u64() {
+        out.push(("the same value as u64", V::U64(x)));
+        out.push(("the same value as i32", V::I32(x as i32)));
+        out.push(("the same value as u16", V::U16(x as u16)));
+    }
+    if let V::F32(x) = v {
+        out.push(("the same value as f64", V::F64(*x as f64)));
+    }
     out
 }
 

@@ -134,17 +134,23 @@ fn array_ints_signed(a: &GgufArray) -> Option<Vec<i64>> {
     })
 }
 
-/// An integer key, `None` when absent.
+/// An integer key, `None` when absent. llama.cpp reads each integer hyperparameter as a u32 and
+/// refuses any other type at load, so a u32 is all that is taken here: a reader that converted
+/// would let the ONNX Runtime backend run files llama.cpp refuses.
 fn int(h: &GgufHeader, key: &str) -> Result<Option<u64>, HparamError> {
     match h.get(key) {
         None => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(x) => Ok(Some(x)),
-            None => err(
-                key,
-                format!("must be a non-negative integer, got {}", show(v)),
-            ),
-        },
+        Some(GgufValue::U32(x)) => Ok(Some(*x as u64)),
+        Some(v) => err(key, format!("must be a u32, got {}", show(v))),
+    }
+}
+
+/// A float key, `None` when absent: an f32, the one type llama.cpp reads floats as.
+fn float(h: &GgufHeader, key: &str) -> Result<Option<f32>, HparamError> {
+    match h.get(key) {
+        None => Ok(None),
+        Some(GgufValue::F32(x)) => Ok(Some(*x)),
+        Some(v) => err(key, format!("must be an f32, got {}", show(v))),
     }
 }
 
@@ -175,10 +181,11 @@ fn per_layer(
         return Ok(None);
     };
     let vals: Vec<u64> = match v {
-        GgufValue::Array(a) => {
+        // llama.cpp takes an array of u32 or i32 for a per-layer value, and nothing else.
+        GgufValue::Array(a @ (GgufArray::U32(_) | GgufArray::I32(_))) => {
             let vals = array_ints(a).ok_or_else(|| HparamError {
                 key: key.to_string(),
-                reason: "must be an integer or an array of integers".to_string(),
+                reason: "has a negative entry".to_string(),
             })?;
             if vals.len() != n_layer as usize {
                 return err(
@@ -188,10 +195,16 @@ fn per_layer(
             }
             vals
         }
-        other => match other.as_u64() {
-            Some(x) => alloc::vec![x; n_layer as usize],
-            None => return err(key, format!("must be an integer, got {}", show(other))),
-        },
+        GgufValue::U32(x) => alloc::vec![*x as u64; n_layer as usize],
+        other => {
+            return err(
+                key,
+                format!(
+                    "must be a u32 or an array of u32 or i32, got {}",
+                    show(other)
+                ),
+            )
+        }
     };
     for (il, &x) in vals.iter().enumerate() {
         if !(lo..=hi).contains(&x) {
@@ -228,13 +241,10 @@ fn show(v: &GgufValue) -> String {
 
 /// An epsilon: finite and in [0, 1].
 fn epsilon(h: &GgufHeader, key: &str) -> Result<Option<f32>, HparamError> {
-    match h.get(key) {
+    match float(h, key)? {
         None => Ok(None),
-        Some(v) => match v.as_f32() {
-            Some(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(Some(x)),
-            Some(x) => err(key, format!("{x} is not a finite epsilon in [0, 1]")),
-            None => err(key, format!("must be a float, got {}", show(v))),
-        },
+        Some(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(Some(x)),
+        Some(x) => err(key, format!("{x} is not a finite epsilon in [0, 1]")),
     }
 }
 
@@ -331,19 +341,45 @@ impl ModelHparams {
             }
         }
         let key_base = k("rope.freq_base");
-        let rope_freq_base = match h.get(&key_base) {
-            None => None,
-            Some(v) => match v.as_f32() {
-                Some(x) if x > 0.0 => Some(x),
-                _ => return err(&key_base, format!("must be a float > 0, got {}", show(v))),
-            },
+        let rope_freq_base = match float(h, &key_base)? {
+            Some(x) if x <= 0.0 => return err(&key_base, format!("must be > 0, got {x}")),
+            x => x,
         };
         for key in [k("rope.scaling.factor"), k("rope.scale_linear")] {
-            if let Some(v) = h.get(&key) {
-                if !v.as_f32().is_some_and(|x| x >= 0.0) {
-                    return err(&key, format!("must be a float >= 0, got {}", show(v)));
-                }
+            if let Some(x) = float(h, &key)?.filter(|&x| x < 0.0) {
+                return err(&key, format!("must be >= 0, got {x}"));
             }
+        }
+        // The other keys either backend reads, in the type llama.cpp reads them as (checked
+        // whether or not this architecture's llama.cpp code reads them, so that both backends
+        // refuse the same files).
+        for key in [
+            "rope.freq_base_swa",
+            "final_logit_softcapping",
+            "attention.scale",
+        ] {
+            float(h, &k(key))?;
+        }
+        int(h, &k("attention.sliding_window"))?;
+        let key_swa = k("attention.sliding_window_pattern");
+        match h.get(&key_swa) {
+            None
+            | Some(GgufValue::U32(_))
+            | Some(GgufValue::Array(GgufArray::Bool(_) | GgufArray::U32(_) | GgufArray::I32(_))) => {
+            }
+            Some(v) => {
+                return err(
+                    &key_swa,
+                    format!(
+                        "must be a u32 or an array of bool, u32 or i32, got {}",
+                        show(v)
+                    ),
+                )
+            }
+        }
+        let key_scaling = k("rope.scaling.type");
+        if let Some(v) = h.get(&key_scaling).filter(|v| v.as_str().is_none()) {
+            return err(&key_scaling, format!("must be a string, got {}", show(v)));
         }
 
         // Vocabulary.

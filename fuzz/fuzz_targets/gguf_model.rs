@@ -1,6 +1,6 @@
 //! Arbitrary bytes through the one GGUF parser and every check a model file gets before
 //! llama.cpp or the ONNX graph builder sees it (structure, hyperparameters, vocabulary, tensor
-//! types and shapes), and through the GGUF-LoRA reader a bundle's low-rank payload goes through.
+//! types and shapes, every tensor's floats finite), and through the GGUF-LoRA reader a bundle's low-rank payload goes through.
 //! The seeds are tiny llama/qwen3 models (Q4_0, Q8_0 layers) and a rank-1 GGUF-LoRA.
 #![no_main]
 
@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         for t in &f.tensors {
             let _ = f.data_of(t);
         }
+        let _ = f.check_finite();
     }
     let _ = inspect_gguf_lora(data);
     let buf = AlignedBuf::from_slice(data);

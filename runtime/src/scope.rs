@@ -5,7 +5,7 @@
 //!
 //! Opened once per process and shared by sessions (`Arc<ScopeModel>`): the llama.cpp context
 //! sits behind a mutex, an encode takes a few milliseconds. One encode gives both the mean-pooled
-//! unit vector (sentence-transformers' pooling: every token, [CLS] and [SEP] included) and the
+//! unit vector (sentence-transformers' pooling: every token, `[CLS]` and `[SEP]` included) and the
 //! per-token unit rows of the content tokens (for the subject and relation terms of routing).
 
 use std::cell::OnceCell;
@@ -20,7 +20,7 @@ use llama_cpp_sys_2 as sys;
 use crate::error::RuntimeError;
 use crate::Token;
 
-/// Tokens one encode sees, [CLS] and [SEP] included: sentence-transformers' `max_seq_length`
+/// Tokens one encode sees, `[CLS]` and `[SEP]` included: sentence-transformers' `max_seq_length`
 /// for all-MiniLM-L6-v2. Longer prompts keep their first `MAX_TOKENS - 2` content tokens.
 pub const MAX_TOKENS: usize = 256;
 
@@ -33,9 +33,9 @@ pub const DEFAULT_SCOPE_THREADS: usize = 1;
 /// One encoded text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScopeEncoding {
-    /// Mean of every token's output row ([CLS] and [SEP] included), L2-normalized.
+    /// Mean of every token's output row (`[CLS]` and `[SEP]` included), L2-normalized.
     pub pooled: Vec<f32>,
-    /// The content tokens' rows (no [CLS]/[SEP]), each L2-normalized, `[tokens.len(), n_embd]`.
+    /// The content tokens' rows (no `[CLS]`/`[SEP]`), each L2-normalized, `[tokens.len(), n_embd]`.
     pub rows: Vec<f32>,
     /// The content token ids, after truncation.
     pub tokens: Vec<Token>,
@@ -273,7 +273,7 @@ impl ScopeModel {
         &self.path
     }
 
-    /// The content tokens of `text` (WordPiece, no [CLS]/[SEP]), not truncated.
+    /// The content tokens of `text` (WordPiece, no `[CLS]`/`[SEP]`), not truncated.
     pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RuntimeError> {
         let mut out: Vec<Token> = vec![0; text.len() + 2];
         for _ in 0..2 {
@@ -365,7 +365,7 @@ impl ScopeModel {
         })
     }
 
-    /// Encodes content tokens (from [`ScopeModel::tokenize`], no [CLS]/[SEP]): routing encodes
+    /// Encodes content tokens (from [`ScopeModel::tokenize`], no `[CLS]`/`[SEP]`): routing encodes
     /// a prompt with its subject's tokens taken out this way, so the relation is compared
     /// without the subject's words. Ids outside the vocabulary are an error.
     pub fn encode_tokens(&self, mut tokens: Vec<Token>) -> Result<ScopeEncoding, RuntimeError> {

@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 
 use super::InvalidPayload;
 use crate::bundle::MAX_ABS_VALUE;
-use crate::gguf::{cast_f32, GgmlType, GgufError, GgufFile, GgufWriter, TensorInfo};
+use crate::gguf::{cast_f32, GgmlType, GgufError, GgufFile, GgufValue, GgufWriter, TensorInfo};
 
 /// ggml's `GGML_MAX_NAME` (64, including the terminating NUL).
 const MAX_TENSOR_NAME: usize = 63;
@@ -417,12 +417,24 @@ fn lora_pairs<'f>(f: &'f GgufFile<'_>) -> Result<(String, f32, Vec<Pair<'f>>), I
         .architecture()
         .ok_or(InvalidPayload("GGUF-LoRA: general.architecture missing"))?
         .to_string();
+    // llama.cpp reads alpha with `gguf_get_val_f32`, which asserts the type: an f64 (or any
+    // other type) there aborts the process, so exactly an f32 is taken.
     let alpha = match f.get("adapter.lora.alpha") {
         None => 0.0,
-        Some(v) => v.as_f32().filter(|a| a.is_finite()).ok_or(InvalidPayload(
-            "GGUF-LoRA: adapter.lora.alpha is not a finite float",
-        ))?,
+        Some(GgufValue::F32(a)) if a.is_finite() => *a,
+        Some(_) => {
+            return Err(InvalidPayload(
+                "GGUF-LoRA: adapter.lora.alpha is not a finite f32",
+            ))
+        }
     };
+    // An activated LoRA applies only after its invocation tokens: not what a bundle's low-rank
+    // edit means, and not applied alike by both backends.
+    if f.get("adapter.alora.invocation_tokens").is_some() {
+        return Err(InvalidPayload(
+            "GGUF-LoRA: activated LoRA (adapter.alora.invocation_tokens) is not supported",
+        ));
+    }
     let mut pairs = Vec::new();
     for a in &f.tensors {
         let base = match a.name.strip_suffix(SUFFIX_A) {
@@ -691,6 +703,29 @@ mod tests {
         let got = LowRank::from_gguf_blob(as_bytes(&store, b.len())).unwrap();
         assert_eq!(got.tensors()[0].scale(), 1.0);
         assert_eq!(got.tensors()[0].name, "w");
+        // Keys llama.cpp reads with type-asserting getters take exactly that type (an f64 alpha
+        // aborted the process inside llama.cpp), and an activated LoRA is refused.
+        for (key, value, why) in [
+            (
+                "adapter.lora.alpha",
+                GgufValue::F64(8.0),
+                "not a finite f32",
+            ),
+            ("adapter.lora.alpha", GgufValue::U32(8), "not a finite f32"),
+            (
+                "adapter.alora.invocation_tokens",
+                GgufValue::Array(crate::gguf::GgufArray::U32(vec![1, 2])),
+                "activated LoRA",
+            ),
+        ] {
+            let mut w2 = w.clone();
+            w2.add(key, value);
+            let b = w2.to_bytes();
+            let store = aligned(&b);
+            let err = LowRank::from_gguf_blob(as_bytes(&store, b.len())).unwrap_err();
+            assert!(err.0.contains(why), "{key}: {}", err.0);
+            assert!(inspect_gguf_lora(&b).unwrap_err().0.contains(why), "{key}");
+        }
         // F16 tensors are refused with a clear message.
         let mut w16 = GgufWriter::new();
         w16.add("general.architecture", "llama")
