@@ -777,7 +777,7 @@ impl<'a> GgufFile<'a> {
 
 /// Reinterpret little-endian f32 bytes in place when alignment and endianness allow.
 pub fn cast_f32(bytes: &[u8]) -> Option<&[f32]> {
-    if cfg!(target_endian = "big") || bytes.len() % 4 != 0 {
+    if cfg!(target_endian = "big") || !bytes.len().is_multiple_of(4) {
         return None;
     }
     // SAFETY: every bit pattern is a valid f32; `align_to` only yields the aligned middle part,

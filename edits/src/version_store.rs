@@ -232,7 +232,7 @@ impl VersionStore {
 struct Lock(#[allow(dead_code)] File);
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()

@@ -100,7 +100,7 @@ fn readers_always_see_one_consistent_version() {
         set.update(|tx| {
             tx.add(a, AddOptions::default())?;
             tx.add(b, AddOptions::default())?;
-            if k % 3 == 0 {
+            if k.is_multiple_of(3) {
                 // Roll back the same edit in both bundles (topmost first, then the other).
                 tx.rollback_edit("e-cb-0")?;
                 tx.rollback_edit("e-cb-0")?;
@@ -109,14 +109,14 @@ fn readers_always_see_one_consistent_version() {
         })
         .unwrap();
         swaps += 1;
-        if k % 4 == 0 {
+        if k.is_multiple_of(4) {
             thread::sleep(std::time::Duration::from_micros(50));
         }
-        if k % 7 == 0 {
+        if k.is_multiple_of(7) {
             set.restore_previous().unwrap();
             swaps += 1;
         }
-        if k % 11 == 0 {
+        if k.is_multiple_of(11) {
             set.update(|tx| {
                 tx.rollback_edit("e-mem-1")?;
                 tx.rollback_edit("e-mem-1")

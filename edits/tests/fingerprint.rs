@@ -35,7 +35,7 @@ fn tiny_gguf_with(weight: f32, quant_tag: &str, edit: impl FnOnce(&mut GgufWrite
     w.add_tensor_f32(
         "token_embd.weight",
         &[common::DIM as u64, 2],
-        &vec![weight; common::DIM * 2],
+        &[weight; common::DIM * 2],
     )
     .unwrap();
     w.to_bytes()

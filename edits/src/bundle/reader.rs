@@ -250,7 +250,7 @@ fn postcard_msg(e: postcard::Error) -> &'static str {
 /// Full verification of a bundle buffer against a trust store. `buf` must be 4-byte aligned.
 pub fn verify(buf: &[u8], trust: &TrustStore) -> Result<Verified, BundleError> {
     let h = read_header(buf)?;
-    if buf.as_ptr() as usize % 4 != 0 {
+    if !(buf.as_ptr() as usize).is_multiple_of(4) {
         return Err(BundleError::MisalignedBuffer);
     }
     let key_id = verify_signature(buf, trust)?;

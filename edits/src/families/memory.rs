@@ -839,7 +839,7 @@ impl<'a> Memory<'a> {
     ) -> Option<RouteHit> {
         let r = self.routing.as_ref()?;
         let d = self.embed_dim;
-        if query_pooled.len() != d || query_rows.len() % d != 0 {
+        if query_pooled.len() != d || !query_rows.len().is_multiple_of(d) {
             return None;
         }
         // Top candidates by pooled cosine (a small insertion-sorted list).

@@ -91,7 +91,7 @@ pub fn l2_normalize(v: &mut [f32]) -> bool {
 
 /// Pool `rows` (`[t, dim]` row-major, `t >= 1`) into one `dim`-vector (not normalized).
 pub fn pooled(rows: &[f32], dim: usize, pooling: Pooling) -> Result<Vec<f32>, InvalidPayload> {
-    if dim == 0 || rows.is_empty() || rows.len() % dim != 0 {
+    if dim == 0 || rows.is_empty() || !rows.len().is_multiple_of(dim) {
         return Err(InvalidPayload(
             "pooled: rows must be a non-empty [t, dim] matrix",
         ));

@@ -167,7 +167,7 @@ impl<'a> PatchNeurons<'a> {
 
     /// Apply to `rows` rows of `dim` (`xs` and `outs` both `[rows, dim]`); returns total fired.
     pub fn apply_rows(&self, xs: &[f32], outs: &mut [f32]) -> usize {
-        if xs.len() != outs.len() || xs.len() % self.dim != 0 {
+        if xs.len() != outs.len() || !xs.len().is_multiple_of(self.dim) {
             return 0;
         }
         xs.chunks_exact(self.dim)
