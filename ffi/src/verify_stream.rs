@@ -69,7 +69,7 @@ fn state<'a>(p: *mut amend_verify_stream_state) -> FfiResult<&'a mut StreamVerif
     if p.is_null() {
         return Err(FfiError::null("state"));
     }
-    if p as usize % align_of::<amend_verify_stream_state>() != 0 {
+    if !(p as usize).is_multiple_of(align_of::<amend_verify_stream_state>()) {
         return Err(FfiError::new(
             amend_result::AMEND_ERR_INVALID_ARGUMENT,
             "`state` is not 8-byte aligned (declare an amend_verify_stream_state)",
@@ -120,7 +120,7 @@ pub extern "C" fn amend_verify_stream_init(
                 ),
             ));
         }
-        if state as usize % align_of::<amend_verify_stream_state>() != 0 {
+        if !(state as usize).is_multiple_of(align_of::<amend_verify_stream_state>()) {
             return Err(FfiError::new(
                 amend_result::AMEND_ERR_INVALID_ARGUMENT,
                 "`state` is not 8-byte aligned (declare an amend_verify_stream_state)",

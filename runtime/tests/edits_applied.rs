@@ -507,7 +507,7 @@ fn answer_longer_than_the_context_stops_at_it() {
         (layer, site, pooling),
         edit_prompt,
         &target,
-        &text,
+        text,
     );
     activate(&set, &bb);
     s.set_edit_set(Some(set)).unwrap();

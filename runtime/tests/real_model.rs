@@ -402,7 +402,7 @@ fn cancellation_stops_within_one_token() {
     assert_eq!(out.stop_reason, StopReason::Cancelled);
     assert!(out.n_generated < 400);
     // At most one token was produced after the cancel request.
-    let after = last_token_at.map_or(false, |t| t > cancelled_at);
+    let after = last_token_at.is_some_and(|t| t > cancelled_at);
     let per_token = out.timings.decode.as_secs_f64() / out.n_generated.max(1) as f64;
     assert!(
         (stopped_at - cancelled_at).as_secs_f64() < 3.0 * per_token + 0.05,

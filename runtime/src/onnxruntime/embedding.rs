@@ -88,7 +88,7 @@ impl EmbeddingRows {
         }
         let (n_embd, n_rows) = (t.ne[0] as usize, t.ne[1] as usize);
         let size = t.byte_size().map_err(|e| bad(e.to_string()))? as usize;
-        if n_embd == 0 || n_rows == 0 || size % n_rows != 0 {
+        if n_embd == 0 || n_rows == 0 || !size.is_multiple_of(n_rows) {
             return Err(bad(format!("{n_rows} rows of {n_embd} in {size} bytes")));
         }
         let row_bytes = size / n_rows;
