@@ -131,6 +131,47 @@ fn floats() {
     bad("llama.attention.scale", f64::NAN);
 }
 
+/// llama.cpp reads each integer hyperparameter as a u32 and each float as an f32, refusing any
+/// other type; so does the one parser (before, it converted, and the ONNX Runtime backend ran
+/// files llama.cpp refused). Per-layer values may be arrays of u32 or i32, as in llama.cpp.
+#[test]
+fn metadata_types_are_llama_cpps() {
+    // Files of their own (other tests set the same keys, in parallel).
+    let n = std::cell::Cell::new(0);
+    let with = |key: &str, value: GgufValue| {
+        n.set(n.get() + 1);
+        variant(&format!("types-{}", n.get()), |meta, _| {
+            match meta.iter_mut().find(|(k, _)| k == key) {
+                Some(slot) => slot.1 = value,
+                None => meta.push((key.to_string(), value)),
+            }
+        })
+    };
+    let bad = |key: &str, value: GgufValue| refused(&with(key, value), key);
+    let msg = bad("llama.context_length", GgufValue::U64(512));
+    assert!(msg.contains("must be a u32, got U64(512)"), "{msg}");
+    bad("llama.block_count", GgufValue::U16(2));
+    bad("llama.attention.head_count", GgufValue::I32(4));
+    let msg = bad("llama.rope.freq_base", GgufValue::F64(10000.0));
+    assert!(msg.contains("must be an f32"), "{msg}");
+    bad(
+        "llama.attention.layer_norm_rms_epsilon",
+        GgufValue::F64(1e-5),
+    );
+    bad("llama.attention.scale", GgufValue::U32(1));
+    bad("llama.attention.sliding_window", GgufValue::U64(1 << 40));
+    bad("llama.rope.scaling.type", GgufValue::U32(1));
+    bad(
+        "llama.attention.head_count",
+        GgufValue::Array(GgufArray::U64(vec![4, 4])),
+    );
+    // The tiny model's own head count as per-layer arrays of i32 and u32 still opens.
+    for heads in [GgufArray::I32(vec![4, 4]), GgufArray::U32(vec![4, 4])] {
+        let p = with("llama.attention.head_count", GgufValue::Array(heads));
+        Model::open(p, ModelOptions::default()).unwrap();
+    }
+}
+
 #[test]
 fn context_and_vocabulary() {
     bad("llama.context_length", 0u32);
