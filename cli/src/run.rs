@@ -361,6 +361,7 @@ mod tests {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.1,
+            repeat_last_n: None,
             seed: Some(1),
             threads: Some(1),
             ctx: 128,
