@@ -435,13 +435,14 @@ impl ModelHparams {
             if !(key.starts_with("tokenizer.ggml.") && key.ends_with("_token_id")) {
                 continue;
             }
-            match v.as_u64() {
-                Some(id) if id < n_vocab as u64 => special_tokens.push((key.clone(), id as u32)),
+            // A u32, as llama.cpp reads it (another type fails its load with no reason given).
+            match v {
+                GgufValue::U32(id) if *id < n_vocab => special_tokens.push((key.clone(), *id)),
                 _ => {
                     return err(
                         key,
                         format!(
-                            "{} is not a token id below the vocabulary size {n_vocab}",
+                            "{} is not a u32 token id below the vocabulary size {n_vocab}",
                             show(v)
                         ),
                     )

@@ -161,6 +161,8 @@ fn metadata_types_are_llama_cpps() {
     bad("llama.attention.scale", GgufValue::U32(1));
     bad("llama.attention.sliding_window", GgufValue::U64(1 << 40));
     bad("llama.rope.scaling.type", GgufValue::U32(1));
+    let msg = bad("tokenizer.ggml.bos_token_id", GgufValue::U64(1));
+    assert!(msg.contains("is not a u32 token id"), "{msg}");
     bad(
         "llama.attention.head_count",
         GgufValue::Array(GgufArray::U64(vec![4, 4])),
