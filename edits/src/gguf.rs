@@ -762,7 +762,7 @@ impl<'a> GgufFile<'a> {
                 .collect(),
             GgmlType::BF16 => data
                 .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
                 .collect(),
             other => {
                 return Err(GgufError::WrongTensorType {
@@ -1435,6 +1435,11 @@ pub fn f32_to_f16(x: f32) -> u16 {
 /// IEEE f16 bits -> f32 (exact).
 pub fn f16_to_f32(h: u16) -> f32 {
     half::f16::from_bits(h).to_f32()
+}
+
+/// bfloat16 bits -> f32 (exact: the upper half of an f32).
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 #[cfg(test)]

@@ -214,19 +214,12 @@ fn per_layer(
     Ok(Some(vals.into_iter().map(|x| x as u32).collect()))
 }
 
+/// A per-layer array's values: the u32 or i32 arrays llama.cpp takes (`None` for another type,
+/// or a negative entry).
 fn array_ints(a: &GgufArray) -> Option<Vec<u64>> {
-    fn conv<T: Copy>(v: &[T], f: impl Fn(T) -> Option<u64>) -> Option<Vec<u64>> {
-        v.iter().map(|&x| f(x)).collect()
-    }
     match a {
-        GgufArray::U8(v) => conv(v, |x| Some(x.into())),
-        GgufArray::U16(v) => conv(v, |x| Some(x.into())),
-        GgufArray::U32(v) => conv(v, |x| Some(x.into())),
-        GgufArray::U64(v) => conv(v, Some),
-        GgufArray::I8(v) => conv(v, |x| u64::try_from(x).ok()),
-        GgufArray::I16(v) => conv(v, |x| u64::try_from(x).ok()),
-        GgufArray::I32(v) => conv(v, |x| u64::try_from(x).ok()),
-        GgufArray::I64(v) => conv(v, |x| u64::try_from(x).ok()),
+        GgufArray::U32(v) => Some(v.iter().map(|&x| x.into()).collect()),
+        GgufArray::I32(v) => v.iter().map(|&x| u64::try_from(x).ok()).collect(),
         _ => None,
     }
 }

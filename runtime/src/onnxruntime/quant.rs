@@ -7,7 +7,7 @@
 //! does `MatMulNBits` (B is `[N, K/block, block*bits/8]`), which makes the repacking local to
 //! a block.
 
-use amend_edits::gguf::{f16_to_f32, GgmlType};
+use amend_edits::gguf::{bf16_to_f32, f16_to_f32, GgmlType};
 
 /// Why a tensor cannot be expressed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -284,11 +284,10 @@ pub fn dequantize(
                 .collect())
         }
         GgmlType::F16 => return Ok((0..k * n).map(|i| f16(data, 2 * i)).collect()),
-        // The upper half of an f32: exact.
         GgmlType::BF16 => {
             return Ok(data
                 .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
                 .collect())
         }
         _ => {}
