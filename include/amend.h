@@ -490,7 +490,8 @@ typedef struct amend_generate_params {
   float repeat_penalty;
   /**
    * How many recent tokens the repetition penalty looks at, at most the session's `n_ctx`
-   * (default 64).
+   * (default 64). Read and checked only while `repeat_penalty` is not 1, so the defaults
+   * work on any context.
    */
   uint32_t repeat_last_n;
   /**

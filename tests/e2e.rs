@@ -1129,7 +1129,8 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
 
 /// A context smaller than the default repetition window (64 tokens) runs on both backends: the
 /// default window shrinks to the context (the session's, which the model's trained context may
-/// cap). An explicit window larger than the context is refused, naming both.
+/// cap), with the penalty on or off. An explicit window larger than the context is refused,
+/// naming both, when the penalty that reads it is on.
 #[test]
 fn a_context_below_the_default_repeat_window_runs() {
     let model = tmp().join("small-ctx.gguf");
@@ -1154,8 +1155,24 @@ fn a_context_below_the_default_repeat_window_runs() {
     }
     for b in backends {
         ok(&with(&[&["--ctx", "16"], b].concat()));
+        ok(&with(
+            &[&["--ctx", "16", "--repeat-penalty", "1.1"], b].concat(),
+        ));
         refused(
-            &with(&[&["--ctx", "16", "--repeat-last-n", "17"], b].concat()),
+            &with(
+                &[
+                    &[
+                        "--ctx",
+                        "16",
+                        "--repeat-penalty",
+                        "1.1",
+                        "--repeat-last-n",
+                        "17",
+                    ],
+                    b,
+                ]
+                .concat(),
+            ),
             &["repeat_last_n 17 is outside 0..=16"],
         );
     }

@@ -180,7 +180,8 @@ pub struct amend_generate_params {
     /// Penalty for repeating recent tokens, finite and > 0; 1 = off (default 1).
     pub repeat_penalty: f32,
     /// How many recent tokens the repetition penalty looks at, at most the session's `n_ctx`
-    /// (default 64).
+    /// (default 64). Read and checked only while `repeat_penalty` is not 1, so the defaults
+    /// work on any context.
     pub repeat_last_n: u32,
     /// Sampling seed: the same seed, prompt, active edits and parameters give the same tokens.
     /// Any value but UINT32_MAX (llama.cpp's "random seed").

@@ -447,6 +447,51 @@ fn generation_parameters() {
     amend_model_free(m);
 }
 
+/// The default generation parameters work on a session whose context is smaller than their
+/// repetition window (64 tokens): the window is read only with the penalty on, and then a
+/// window beyond the context is refused by name.
+#[test]
+fn default_generation_fits_a_small_context() {
+    let (r, m, s) = with_session(amend_session_params {
+        n_ctx: 16,
+        n_threads: 1,
+        n_threads_batch: 1,
+        ..amend_session_default_params()
+    });
+    assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
+    let prompt = "hello";
+    let generate = |p: amend_generate_params| {
+        amend_session_generate(
+            s,
+            prompt.as_ptr() as *const _,
+            prompt.len(),
+            &p,
+            None,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    let d = || amend_generate_params {
+        max_tokens: 4,
+        ..amend_generate_default_params()
+    };
+    assert!(d().repeat_last_n > 16);
+    assert_eq!(generate(d()), amend_result::AMEND_OK, "{}", last_error());
+    let penalty = amend_generate_params {
+        repeat_penalty: 1.1,
+        ..d()
+    };
+    refused(generate(penalty), "repeat_last_n");
+    assert!(last_error().contains("outside 0..=16"), "{}", last_error());
+    let fits = amend_generate_params {
+        repeat_last_n: 16,
+        ..penalty
+    };
+    assert_eq!(generate(fits), amend_result::AMEND_OK, "{}", last_error());
+    amend_session_free(s);
+    amend_model_free(m);
+}
+
 /// A `struct_size` that is none of the struct's versions, and an unknown backend, are refused
 /// by name; the first version's size (an older caller) keeps the defaults for the fields it
 /// lacks.

@@ -26,7 +26,8 @@ pub struct GenerateParams {
     /// 1.0 = off.
     pub repeat_penalty: f32,
     /// How many recent tokens the repetition penalty looks at: 0..=the session's `n_ctx` (it
-    /// cannot look further back than the context holds).
+    /// cannot look further back than the context holds). Read, and checked, only when
+    /// `repeat_penalty` is not 1, so the default (64) fits any context while the penalty is off.
     pub repeat_last_n: i32,
     /// Any value but `u32::MAX` (llama.cpp's "pick a random seed", which would break the
     /// same-seed-same-tokens promise).
@@ -69,7 +70,15 @@ impl GenerateParams {
     /// Checks every parameter for a session with context `n_ctx`.
     fn validate(&self, n_ctx: u32) -> Result<(), RuntimeError> {
         let bad = |m: &str| Err(RuntimeError::InvalidParams(m.to_string()));
-        if !(0..=n_ctx as i64).contains(&(self.repeat_last_n as i64)) {
+        if self.repeat_last_n < 0 {
+            return Err(RuntimeError::InvalidParams(format!(
+                "repeat_last_n {} is negative",
+                self.repeat_last_n
+            )));
+        }
+        // The window is allocated only for the penalty sampler (`Sampler::new`): with the
+        // penalty off the value is not used, and the default must not fail a small context.
+        if self.repeat_penalty != 1.0 && self.repeat_last_n as i64 > n_ctx as i64 {
             return Err(RuntimeError::InvalidParams(format!(
                 "repeat_last_n {} is outside 0..={n_ctx} (the session's n_ctx)",
                 self.repeat_last_n
@@ -622,7 +631,36 @@ pub(crate) fn generate_on<B: Backend + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::held_suffix_len;
+    use super::{held_suffix_len, GenerateParams};
+
+    #[test]
+    fn the_penalty_window_is_checked_when_the_penalty_is_on() {
+        // The defaults (penalty off, window 64) fit a context smaller than the window.
+        GenerateParams::default().validate(16).unwrap();
+        let on = GenerateParams {
+            repeat_penalty: 1.1,
+            ..Default::default()
+        };
+        let e = on.validate(16).unwrap_err().to_string();
+        assert!(e.contains("repeat_last_n 64 is outside 0..=16"), "{e}");
+        on.validate(64).unwrap();
+        GenerateParams {
+            repeat_last_n: 16,
+            ..on.clone()
+        }
+        .validate(16)
+        .unwrap();
+        for p in [on, GenerateParams::default()] {
+            let e = GenerateParams {
+                repeat_last_n: -1,
+                ..p
+            }
+            .validate(16)
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("repeat_last_n -1 is negative"), "{e}");
+        }
+    }
 
     #[test]
     fn holds_possible_stop_prefixes() {
