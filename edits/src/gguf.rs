@@ -17,7 +17,7 @@ use core::fmt;
 
 #[path = "gguf_hparams.rs"]
 mod hparams;
-pub use hparams::{HparamError, ModelHparams};
+pub use hparams::{HparamError, ModelHparams, SwaPattern, ROPE_SCALING_TYPES};
 
 /// `GGUF` in file order.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

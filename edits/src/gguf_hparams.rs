@@ -68,9 +68,57 @@ pub struct ModelHparams {
     pub rms_eps: Option<f32>,
     pub norm_eps: Option<f32>,
     pub rope_freq_base: Option<f32>,
+    /// `rope.freq_base_swa`: the RoPE base of sliding-window layers.
+    pub rope_freq_base_swa: Option<f32>,
+    /// `rope.scaling.type`, one of [`ROPE_SCALING_TYPES`] (llama.cpp takes "linear" when the key
+    /// is absent).
+    pub rope_scaling: Option<String>,
+    /// `rope.scaling.factor`, else the older `rope.scale_linear`, as llama.cpp reads them (0 or
+    /// absent: no scaling).
+    pub rope_scaling_factor: Option<f32>,
+    pub final_logit_softcapping: Option<f32>,
+    pub attention_scale: Option<f32>,
+    /// `attention.sliding_window` (0: none).
+    pub sliding_window: Option<u32>,
+    pub sliding_window_pattern: Option<SwaPattern>,
     pub n_vocab: u32,
     /// Every `tokenizer.ggml.*_token_id` key, in file order, each below `n_vocab`.
     pub special_tokens: Vec<(String, u32)>,
+}
+
+/// llama.cpp's RoPE scaling names; any other string is a `GGML_ASSERT` in its load.
+pub const ROPE_SCALING_TYPES: &[&str] = &["none", "linear", "yarn", "longrope"];
+
+/// Which layers use the sliding window (`attention.sliding_window_pattern`), in the two forms
+/// llama.cpp reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SwaPattern {
+    /// Every `p`-th layer attends fully, the others use the window (0: every layer does).
+    Period(u32),
+    /// One entry per layer from the start, non-zero for a sliding-window layer; layers past the
+    /// end attend fully (llama.cpp's zero-filled array).
+    Layers(Vec<bool>),
+}
+
+impl SwaPattern {
+    /// Per layer, whether it uses the sliding window, as llama.cpp's `set_swa_pattern` (dense
+    /// layer last in each period) or its array read decides; `None` is the architecture's
+    /// default period.
+    pub fn layers(pattern: Option<&SwaPattern>, n_layer: usize, default_period: u32) -> Vec<bool> {
+        match pattern {
+            Some(SwaPattern::Layers(v)) => {
+                (0..n_layer).map(|il| v.get(il) == Some(&true)).collect()
+            }
+            Some(SwaPattern::Period(p)) => period(*p, n_layer),
+            None => period(default_period, n_layer),
+        }
+    }
+}
+
+fn period(p: u32, n_layer: usize) -> Vec<bool> {
+    (0..n_layer as u32)
+        .map(|il| p == 0 || il % p < p - 1)
+        .collect()
 }
 
 /// The `tokenizer.ggml.model` values accepted: SentencePiece (gemma3, llama 2), byte-level BPE
@@ -343,22 +391,30 @@ impl ModelHparams {
                 return err(&key, format!("must be >= 0, got {x}"));
             }
         }
+        let key_factor = k("rope.scaling.factor");
+        let rope_scaling_factor = match float(h, &key_factor)? {
+            Some(x) => Some(x),
+            None => float(h, &k("rope.scale_linear"))?,
+        };
         // The other keys either backend reads, in the type llama.cpp reads them as (checked
         // whether or not this architecture's llama.cpp code reads them, so that both backends
         // refuse the same files).
-        for key in [
-            "rope.freq_base_swa",
-            "final_logit_softcapping",
-            "attention.scale",
-        ] {
-            float(h, &k(key))?;
-        }
-        int(h, &k("attention.sliding_window"))?;
+        let rope_freq_base_swa = float(h, &k("rope.freq_base_swa"))?;
+        let final_logit_softcapping = float(h, &k("final_logit_softcapping"))?;
+        let attention_scale = float(h, &k("attention.scale"))?;
+        let sliding_window = int(h, &k("attention.sliding_window"))?.map(|w| w as u32);
         let key_swa = k("attention.sliding_window_pattern");
-        match h.get(&key_swa) {
-            None
-            | Some(GgufValue::U32(_))
-            | Some(GgufValue::Array(GgufArray::Bool(_) | GgufArray::U32(_) | GgufArray::I32(_))) => {
+        let sliding_window_pattern = match h.get(&key_swa) {
+            None => None,
+            Some(GgufValue::U32(p)) => Some(SwaPattern::Period(*p)),
+            // llama.cpp copies the array into its per-layer table: non-zero is a sliding-window
+            // layer, and more entries than it has layers is a load error.
+            Some(GgufValue::Array(GgufArray::Bool(v))) => Some(SwaPattern::Layers(v.clone())),
+            Some(GgufValue::Array(GgufArray::U32(v))) => {
+                Some(SwaPattern::Layers(v.iter().map(|&x| x != 0).collect()))
+            }
+            Some(GgufValue::Array(GgufArray::I32(v))) => {
+                Some(SwaPattern::Layers(v.iter().map(|&x| x != 0).collect()))
             }
             Some(v) => {
                 return err(
@@ -369,10 +425,113 @@ impl ModelHparams {
                     ),
                 )
             }
+        };
+        if let Some(SwaPattern::Layers(v)) = &sliding_window_pattern {
+            if v.len() as u64 > MAX_LAYERS {
+                return err(
+                    &key_swa,
+                    format!(
+                        "has {} entries, llama.cpp takes at most {MAX_LAYERS}",
+                        v.len()
+                    ),
+                );
+            }
         }
         let key_scaling = k("rope.scaling.type");
-        if let Some(v) = h.get(&key_scaling).filter(|v| v.as_str().is_none()) {
-            return err(&key_scaling, format!("must be a string, got {}", show(v)));
+        let rope_scaling = match h.get(&key_scaling) {
+            None => None,
+            // Another name is a GGML_ASSERT in llama.cpp's load (a process abort).
+            Some(GgufValue::String(t)) if ROPE_SCALING_TYPES.contains(&t.as_str()) => {
+                Some(t.clone())
+            }
+            Some(v) => {
+                return err(
+                    &key_scaling,
+                    format!(
+                        "must be one of llama.cpp's RoPE scaling types ({}), got {}",
+                        ROPE_SCALING_TYPES.join(", "),
+                        show(v)
+                    ),
+                )
+            }
+        };
+        // Keys that llama.cpp asserts on (a process abort, not a load error) or follows where
+        // the ONNX graph would not: mixture-of-experts counts, multi-token-prediction layers,
+        // non-causal attention in a decoder, sliding-window layers of another head size.
+        for key in [
+            "expert_count",
+            "expert_used_count",
+            "expert_group_count",
+            "expert_group_used_count",
+        ] {
+            if let Some(v) = h.get(&k(key)).filter(|v| !matches!(v, GgufValue::U32(0))) {
+                return err(
+                    &k(key),
+                    format!("{}: mixture-of-experts models are not supported", show(v)),
+                );
+            }
+        }
+        let key_nextn = k("nextn_predict_layers");
+        if let Some(v) = h
+            .get(&key_nextn)
+            .filter(|v| !matches!(v, GgufValue::U32(0)))
+        {
+            return err(
+                &key_nextn,
+                format!(
+                    "{}: multi-token-prediction layers are not supported",
+                    show(v)
+                ),
+            );
+        }
+        let key_causal = k("attention.causal");
+        match h.get(&key_causal) {
+            None | Some(GgufValue::Bool(true)) => {}
+            Some(GgufValue::Bool(false)) if arch == "bert" => {}
+            Some(v) => {
+                return err(
+                    &key_causal,
+                    format!("{}: a decoder amend runs must attend causally", show(v)),
+                )
+            }
+        }
+        // Keys llama.cpp's loader reads in a strict type (another fails its load) that neither
+        // forward uses: checked for their type only, so that both backends refuse the same files.
+        for key in [
+            "embedding_length_out",
+            "pooling_type",
+            "rope.scaling.original_context_length",
+            "vocab_size",
+        ] {
+            int(h, &k(key))?;
+        }
+        float(h, &k("rope.scaling.alpha"))?;
+        let key_finetuned = k("rope.scaling.finetuned");
+        if let Some(v) = h
+            .get(&key_finetuned)
+            .filter(|v| !matches!(v, GgufValue::Bool(_)))
+        {
+            return err(&key_finetuned, format!("must be a bool, got {}", show(v)));
+        }
+        // llama.cpp multiplies RoPE's output by this factor; the other forwards do not.
+        let key_attn_factor = k("rope.scaling.attn_factor");
+        if let Some(x) = float(h, &key_attn_factor)?.filter(|&x| x != 1.0) {
+            return err(
+                &key_attn_factor,
+                format!("{x}: a RoPE attention factor other than 1 is not supported"),
+            );
+        }
+        for (key, full) in [
+            ("attention.key_length_swa", head_dim_k),
+            ("attention.value_length_swa", head_dim_v),
+            ("rope.dimension_count_swa", n_rot),
+        ] {
+            if let Some(x) = int(h, &k(key))?.filter(|&x| x != full as u64) {
+                return err(
+                    &k(key),
+                    format!("{x} differs from the full-attention layers' {full} (the supported graphs use one head size)"),
+                );
+            }
         }
 
         // Vocabulary.
@@ -457,6 +616,13 @@ impl ModelHparams {
             rms_eps,
             norm_eps,
             rope_freq_base,
+            rope_freq_base_swa,
+            rope_scaling,
+            rope_scaling_factor,
+            final_logit_softcapping,
+            attention_scale,
+            sliding_window,
+            sliding_window_pattern,
             n_vocab,
             special_tokens,
         };
@@ -567,11 +733,37 @@ impl ModelHparams {
             put(key.len() as u32);
             put(*id);
         }
+        // The forward constants (fingerprint v3): files that differ only in RoPE scaling, the
+        // sliding window, soft-capping or the attention scale compute differently.
+        for f in [
+            self.rope_freq_base_swa,
+            self.rope_scaling_factor,
+            self.final_logit_softcapping,
+            self.attention_scale,
+        ] {
+            put(f.map_or(u32::MAX, f32::to_bits));
+        }
+        put(self.sliding_window.unwrap_or(u32::MAX));
+        match &self.sliding_window_pattern {
+            None => put(u32::MAX),
+            Some(SwaPattern::Period(p)) => {
+                put(0);
+                put(*p);
+            }
+            Some(SwaPattern::Layers(v)) => {
+                put(1);
+                put(v.len() as u32);
+                v.iter().for_each(|&x| put(x as u32));
+            }
+        }
+        let scaling = self.rope_scaling.as_deref().unwrap_or("");
+        put(scaling.len() as u32);
         let mut bytes = out;
         bytes.extend_from_slice(self.arch.as_bytes());
         for (key, _) in &self.special_tokens {
             bytes.extend_from_slice(key.as_bytes());
         }
+        bytes.extend_from_slice(scaling.as_bytes());
         bytes
     }
 }

@@ -3,7 +3,7 @@
 //! [`ModelHparams`]. One derivation, so the backends cannot disagree on, say, which gemma3
 //! layers use the sliding window.
 
-use amend_edits::gguf::{GgufArray, GgufHeader, GgufValue, ModelHparams};
+use amend_edits::gguf::{GgufHeader, ModelHparams, SwaPattern};
 
 use crate::arch::{Architecture, Forward};
 
@@ -56,25 +56,7 @@ impl ModelConfig {
         arch: Architecture,
     ) -> Result<ModelConfig, ConfigError> {
         let gemma = arch.spec().forward == Some(Forward::Gemma3);
-        let a = arch.name();
-        let k = |s: &str| format!("{a}.{s}");
-        let u32_opt = |key: &str| -> Result<Option<usize>, ConfigError> {
-            match header.get(key) {
-                None => Ok(None),
-                Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                    ConfigError::Unsupported(format!("metadata `{key}` is not an integer"))
-                }),
-            }
-        };
-        let f32_opt = |key: &str| -> Result<Option<f32>, ConfigError> {
-            match header.get(key) {
-                None => Ok(None),
-                Some(v) => v.as_f32().map(Some).ok_or_else(|| {
-                    ConfigError::Unsupported(format!("metadata `{key}` is not a float"))
-                }),
-            }
-        };
-        // Head counts, head sizes, RoPE width and epsilons were validated with the header.
+        // Every value below was read and type-checked once, by `ModelHparams::from_header`.
         let n_layer = hp.n_layer as usize;
         let n_embd = hp.n_embd as usize;
         let n_ff = hp.n_ff[0] as usize;
@@ -92,45 +74,35 @@ impl ModelConfig {
                 "head counts {n_head}/{n_head_kv} with head size {head_dim}"
             )));
         }
-        let rms_eps = hp
-            .rms_eps
-            .ok_or_else(|| ConfigError::MissingMetadata(k("attention.layer_norm_rms_epsilon")))?
-            as f64;
-        let rope_base = f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0);
-        let rope_base_swa = f32_opt(&k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-        let rope_freq_scale = match header.get(&k("rope.scaling.type")) {
-            None => 1.0,
-            Some(GgufValue::String(t)) if t == "none" => 1.0,
-            Some(GgufValue::String(t)) if t == "linear" => {
-                1.0 / f32_opt(&k("rope.scaling.factor"))?.unwrap_or(1.0)
-            }
-            Some(GgufValue::String(t)) => {
+        let rms_eps = hp.rms_eps.ok_or_else(|| {
+            ConfigError::MissingMetadata(format!(
+                "{}.attention.layer_norm_rms_epsilon",
+                arch.name()
+            ))
+        })? as f64;
+        // llama.cpp's defaults where a key is absent.
+        let rope_base = hp.rope_freq_base.unwrap_or(10000.0);
+        let rope_base_swa = hp.rope_freq_base_swa.unwrap_or(10000.0);
+        // As llama.cpp: no type means "linear", and the factor (0: none) divides positions.
+        let rope_freq_scale = match hp.rope_scaling.as_deref() {
+            Some("none") => 1.0,
+            None | Some("linear") => match hp.rope_scaling_factor {
+                Some(f) if f != 0.0 => 1.0 / f,
+                _ => 1.0,
+            },
+            Some(t) => {
                 return Err(ConfigError::Unsupported(format!("RoPE scaling `{t}`")));
             }
-            Some(_) => 1.0,
         };
 
         let mut sliding_window = None;
         let mut swa_layers = vec![false; n_layer];
         if gemma {
-            if let Some(w) = u32_opt(&k("attention.sliding_window"))?.filter(|&w| w > 0) {
-                sliding_window = Some(w);
+            if let Some(w) = hp.sliding_window.filter(|&w| w > 0) {
+                sliding_window = Some(w as usize);
                 // llama.cpp: an explicit per-layer array, else a period (default 6: five
                 // sliding-window layers, then one full-attention layer).
-                let key = k("attention.sliding_window_pattern");
-                match header.get(&key) {
-                    Some(GgufValue::Array(GgufArray::Bool(vals))) => {
-                        for (i, &v) in vals.iter().enumerate().take(n_layer) {
-                            swa_layers[i] = v;
-                        }
-                    }
-                    _ => {
-                        let p = u32_opt(&key)?.unwrap_or(6);
-                        for (il, s) in swa_layers.iter_mut().enumerate() {
-                            *s = p == 0 || il % p < p - 1;
-                        }
-                    }
-                }
+                swa_layers = SwaPattern::layers(hp.sliding_window_pattern.as_ref(), n_layer, 6);
             }
         }
 
@@ -142,13 +114,13 @@ impl ModelConfig {
                 1.0 / (head_dim as f64).sqrt()
             }
         } else {
-            match f32_opt(&k("attention.scale"))? {
+            match hp.attention_scale {
                 Some(s) if s != 0.0 => s as f64,
                 _ => 1.0 / (head_dim as f64).sqrt(),
             }
         };
         let final_softcap = if gemma {
-            f32_opt(&k("final_logit_softcapping"))?
+            hp.final_logit_softcapping
                 .filter(|&c| c != 0.0)
                 .map(|c| c as f64)
         } else {
@@ -184,5 +156,109 @@ impl ModelConfig {
             embed_scale: gemma.then(|| (n_embd as f64).sqrt()),
             final_softcap,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amend_edits::gguf::{GgufArray, GgufFile, GgufValue};
+
+    /// The tiny llama's header under `arch`'s name, with `extra` keys set (`{a}` is the name).
+    fn header(arch: Architecture, extra: &[(&str, GgufValue)]) -> Result<ModelConfig, String> {
+        let dir = std::env::temp_dir().join(format!("amend-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tiny.gguf");
+        if !p.exists() {
+            // Written aside and renamed: tests run in parallel.
+            let tmp =
+                dir.join(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+            crate::testutil::write_tiny_model(&tmp, Architecture::Llama, 7).unwrap();
+            std::fs::rename(&tmp, &p).unwrap();
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let mut h = GgufFile::parse(&bytes).unwrap().header;
+        let a = arch.name();
+        for (k, v) in h.metadata.iter_mut() {
+            if let Some(rest) = k.strip_prefix("llama.") {
+                *k = format!("{a}.{rest}");
+            } else if k == "general.architecture" {
+                *v = GgufValue::String(a.to_string());
+            }
+        }
+        for (k, v) in extra {
+            let k = k.replace("{a}", a);
+            h.metadata.retain(|(x, _)| *x != k);
+            h.metadata.push((k, v.clone()));
+        }
+        let hp = ModelHparams::from_header(&h).map_err(|e| e.to_string())?;
+        ModelConfig::from_gguf(&h, &hp, arch).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sliding_window_layers_in_every_form_llama_cpp_reads() {
+        let g = Architecture::Gemma3;
+        let window = ("{a}.attention.sliding_window", GgufValue::U32(4));
+        let pattern = |v: GgufValue| [window.clone(), ("{a}.attention.sliding_window_pattern", v)];
+        let n = header(g, &[]).unwrap().n_layer;
+        // The default period, 6: five windowed layers, then a full one.
+        let c = header(g, std::slice::from_ref(&window)).unwrap();
+        assert_eq!(c.sliding_window, Some(4));
+        assert_eq!(
+            c.swa_layers,
+            (0..n).map(|il| il % 6 < 5).collect::<Vec<_>>()
+        );
+        let c = header(g, &pattern(GgufValue::U32(2))).unwrap();
+        assert_eq!(
+            c.swa_layers,
+            (0..n).map(|il| il % 2 == 0).collect::<Vec<_>>()
+        );
+        // Arrays of bool, u32 and i32 (non-zero: windowed); layers past the end attend fully.
+        let want: Vec<bool> = (0..n).map(|il| il == 0).collect();
+        for v in [
+            GgufValue::Array(GgufArray::Bool(vec![true])),
+            GgufValue::Array(GgufArray::U32(vec![7])),
+            GgufValue::Array(GgufArray::I32(vec![-1])),
+        ] {
+            assert_eq!(
+                header(g, &pattern(v.clone())).unwrap().swa_layers,
+                want,
+                "{v:?}"
+            );
+        }
+        let e = header(
+            g,
+            &pattern(GgufValue::Array(GgufArray::Bool(vec![true; 513]))),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("513 entries, llama.cpp takes at most 512"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rope_scaling_as_llama_cpp_reads_it() {
+        let l = Architecture::Llama;
+        let scale = |extra: &[(&str, GgufValue)]| header(l, extra).map(|c| c.rope_freq_scale);
+        assert_eq!(scale(&[]), Ok(1.0));
+        // No type is llama.cpp's "linear"; the older key is read when the newer one is absent.
+        let factor = ("{a}.rope.scaling.factor", GgufValue::F32(4.0));
+        assert_eq!(scale(std::slice::from_ref(&factor)), Ok(0.25));
+        assert_eq!(
+            scale(&[("{a}.rope.scale_linear", GgufValue::F32(2.0))]),
+            Ok(0.5)
+        );
+        let typed = |t: &str| ("{a}.rope.scaling.type", GgufValue::String(t.into()));
+        assert_eq!(scale(&[typed("linear"), factor.clone()]), Ok(0.25));
+        assert_eq!(scale(&[typed("none"), factor.clone()]), Ok(1.0));
+        assert_eq!(
+            scale(&[("{a}.rope.scaling.factor", GgufValue::F32(0.0))]),
+            Ok(1.0)
+        );
+        let e = scale(&[typed("yarn"), factor]).unwrap_err();
+        assert!(e.contains("RoPE scaling `yarn`"), "{e}");
+        let e = scale(&[typed("foo")]).unwrap_err();
+        assert!(e.contains("none, linear, yarn, longrope"), "{e}");
     }
 }

@@ -514,6 +514,77 @@ fn rope_frequency_factors_agree_with_llama_cpp() {
     assert!(e.to_string().contains("rope_freqs"), "{e}");
 }
 
+/// The tiny llama with metadata `extra` added (a file per `tag`).
+fn tiny_with(tag: &str, extra: &[(&str, amend_edits::gguf::GgufValue)]) -> PathBuf {
+    use amend_edits::gguf::{GgufFile, GgufWriter};
+    let bytes = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
+    let f = GgufFile::parse(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &f.metadata {
+        w.add(k, v.clone());
+    }
+    for (k, v) in extra {
+        w.add(k, v.clone());
+    }
+    for t in &f.tensors {
+        w.add_tensor_raw(&t.name, t.ggml_type, &t.ne, f.data_of(t).unwrap().to_vec())
+            .unwrap();
+    }
+    let p = common::tmp_dir().join(format!("tiny-{tag}.gguf"));
+    w.write_to(&p).unwrap();
+    p
+}
+
+/// Linear RoPE scaling as llama.cpp reads it: a factor with no scaling type is "linear", and
+/// the older `rope.scale_linear` key counts when `rope.scaling.factor` is absent. Before session
+/// 33 the graph scaled positions only with an explicit "linear" type (so these models ran
+/// unscaled on ONNX Runtime and scaled on llama.cpp).
+#[test]
+fn rope_scaling_without_a_type_agrees_with_llama_cpp() {
+    use amend_edits::gguf::GgufValue::F32;
+    let Some(_) = library() else { return };
+    let o = amend_runtime::ModelOptions {
+        n_threads: Some(1),
+        ..Default::default()
+    };
+    let plain = OrtModel::open(
+        common::tiny_path(Architecture::Llama),
+        options(Profile::Cpu),
+    )
+    .unwrap();
+    for (tag, key) in [
+        ("rope-factor", "llama.rope.scaling.factor"),
+        ("rope-scale-linear", "llama.rope.scale_linear"),
+    ] {
+        let p = tiny_with(tag, &[(key, F32(4.0))]);
+        let llama = amend_runtime::Model::open(&p, o.clone()).unwrap();
+        let toks: Vec<Vec<i32>> = PROMPTS
+            .iter()
+            .map(|s| llama.tokenize(s, true).unwrap())
+            .collect();
+        let r = common::ort_parity(&llama, options(Profile::Cpu), &toks, 16, Mode::Incremental);
+        eprintln!("{key}: {:.1}% max err {:.2e}", r.agreement(), r.max_abs_err);
+        assert!(r.agreement() >= 97.0, "{key}: {:.1}%", r.agreement());
+        assert!(
+            r.max_abs_err < 0.05,
+            "{key}: max logit error {}",
+            r.max_abs_err
+        );
+        // The factor matters: the same weights unscaled give other logits.
+        let scaled = OrtModel::open(&p, options(Profile::Cpu)).unwrap();
+        let mut a = OrtSession::new(&scaled, 64).unwrap();
+        let mut b = OrtSession::new(&plain, 64).unwrap();
+        let t = &toks[0];
+        a.eval(t, Logits::Last).unwrap();
+        b.eval(t, Logits::Last).unwrap();
+        let d = max_diff(
+            a.logits(t.len() - 1).unwrap(),
+            b.logits(t.len() - 1).unwrap(),
+        );
+        assert!(d > 1e-3, "{key} changed no logit ({d})");
+    }
+}
+
 /// A tiny llama whose layer matrices are stored as `t`, opened on llama.cpp.
 fn typed_tiny(t: GgmlType, name: &str) -> std::sync::Arc<amend_runtime::Model> {
     let p = common::tmp_dir().join(name);
