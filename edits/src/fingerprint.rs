@@ -1,8 +1,10 @@
 //! The base-model fingerprint bundles are bound to.
 //!
-//! `sha256("amend-model-fp-v2" || arch || n_layer || n_embd || hyperparameters || tensor table
+//! `sha256("amend-model-fp-v3" || arch || n_layer || n_embd || hyperparameters || tensor table
 //! bytes || tensor data)`: the hyperparameters are the validated [`ModelHparams`] llama.cpp builds
-//! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens), so two files
+//! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens, and since v3 the
+//! forward constants: RoPE scaling and the sliding-window base, window and pattern, soft-capping,
+//! attention scale), so two files
 //! that differ only in metadata differ; the tensor table carries every tensor's name, type, shape
 //! and offset, so another quantization of the same model differs there; the data makes a
 //! fine-tune of the same shape differ too. The same pass checks that every tensor's floats
@@ -35,10 +37,11 @@ pub enum FingerprintError {
     Changed,
 }
 
-const DOMAIN: &[u8] = b"amend-model-fp-v2";
+const DOMAIN: &[u8] = b"amend-model-fp-v3";
 // amendfp3: the v2 fingerprint (hyperparameters hashed); a v1-era entry is never reused.
 // amendfp4: entries also vouch that every tensor's floats are finite (checked as they are hashed).
-const CACHE_MAGIC: &str = "amendfp4";
+// amendfp5: the v3 fingerprint (the forward constants hashed too).
+const CACHE_MAGIC: &str = "amendfp5";
 /// A cache entry is trusted only when the model's ctime is at least this much older than the
 /// moment its hash began.
 pub const RACY_NS: u128 = 2_000_000_000;
@@ -124,7 +127,7 @@ pub fn cache_path(model: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The cache key of an opened model file: `amendfp4 dev ino len mtime_ns ctime_ns`, and the
+/// The cache key of an opened model file: `amendfp5 dev ino len mtime_ns ctime_ns`, and the
 /// ctime in ns.
 fn cache_key(file: &std::fs::File) -> Result<(String, u128), std::io::Error> {
     let md = file.metadata()?;

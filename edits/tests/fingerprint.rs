@@ -103,6 +103,34 @@ fn hyperparameters_are_in_the_fingerprint() {
         let b = binding_of_bytes(&other).unwrap();
         assert_ne!(base.fingerprint, b.fingerprint, "{key}");
     }
+    // The forward constants (v3): each changes what the model computes, so each changes the
+    // fingerprint (v2 left them out: these files shared one fingerprint and so one bundle).
+    use amend_edits::gguf::{GgufArray, GgufValue};
+    let mut seen = vec![base.fingerprint];
+    for (key, value) in [
+        ("gemma3.final_logit_softcapping", GgufValue::F32(30.0)),
+        ("gemma3.attention.scale", GgufValue::F32(0.5)),
+        ("gemma3.rope.freq_base_swa", GgufValue::F32(20000.0)),
+        ("gemma3.rope.scaling.factor", GgufValue::F32(8.0)),
+        ("gemma3.rope.scaling.type", GgufValue::String("none".into())),
+        ("gemma3.attention.sliding_window", GgufValue::U32(512)),
+        ("gemma3.attention.sliding_window_pattern", GgufValue::U32(4)),
+        (
+            "gemma3.attention.sliding_window_pattern",
+            GgufValue::Array(GgufArray::Bool(vec![true, false])),
+        ),
+        (
+            "gemma3.attention.sliding_window_pattern",
+            GgufValue::Array(GgufArray::Bool(vec![true, true])),
+        ),
+    ] {
+        let other = tiny_gguf_with(1.0, "a", |w| {
+            w.add(key, value.clone());
+        });
+        let b = binding_of_bytes(&other).unwrap();
+        assert!(!seen.contains(&b.fingerprint), "{key} = {value:?}");
+        seen.push(b.fingerprint);
+    }
     // A value llama.cpp would abort on is refused, naming the key.
     let bad = tiny_gguf_with(1.0, "a", |w| {
         w.add("gemma3.attention.layer_norm_rms_epsilon", f32::NAN);
