@@ -187,6 +187,62 @@ enum Scope {
 /// Every mutation of the model in `bytes`: each metadata key, then (per `scope`) tensors. Each
 /// mutant goes to `each` (what it is, the rewritten file) as it is made: the real model's are
 /// 253 MB apiece.
+/// Architecture keys (after `{arch}.`) llama.cpp's loader and context read, for the added-key
+/// mutants: the base hyperparameters, RoPE scaling, mixture-of-experts counts, sliding-window
+/// and other architectures' knobs.
+const ADDED_ARCH_KEYS: &[&str] = &[
+    "embedding_length_out",
+    "attention.causal",
+    "pooling_type",
+    "nextn_predict_layers",
+    "expert_count",
+    "expert_used_count",
+    "expert_group_count",
+    "expert_group_used_count",
+    "expert_shared_count",
+    "rope.scaling.finetuned",
+    "rope.scaling.original_context_length",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.attn_factor",
+    "rope.scaling.alpha",
+    "rope.scaling.yarn_log_multiplier",
+    "rope.scaling.yarn_ext_factor",
+    "rope.scaling.yarn_attn_factor",
+    "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+    "attention.key_length_swa",
+    "attention.value_length_swa",
+    "rope.dimension_count_swa",
+    "vocab_size",
+    "attention.sliding_window",
+    "attention.sliding_window_pattern",
+    "rope.freq_base_swa",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "attention.scale",
+    "attention.layer_norm_epsilon",
+    "logit_scale",
+    "residual_scale",
+    "embedding_scale",
+    "attention.clamp_kqv",
+    "attention.max_alibi_bias",
+    "use_parallel_residual",
+    "decoder_start_token_id",
+];
+
+/// Tokenizer keys llama.cpp's vocabulary load reads, for the added-key mutants.
+const ADDED_TOKENIZER_KEYS: &[&str] = &[
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "tokenizer.ggml.add_sep_token",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.remove_extra_whitespaces",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.precompiled_charsmap",
+];
+
 fn mutants(bytes: &[u8], scope: Scope, each: &mut dyn FnMut(String, Vec<u8>)) {
     let f = GgufFile::parse(bytes).expect("the seed model parses");
     let meta: Vec<(String, GgufValue)> = f
@@ -219,6 +275,47 @@ fn mutants(bytes: &[u8], scope: Scope, each: &mut dyn FnMut(String, Vec<u8>)) {
         m.remove(i);
         if let Some(b) = rewrite(&m, &tensors) {
             each(format!("{k} deleted"), b);
+        }
+    }
+    // Keys llama.cpp reads that the seed lacks, added under values of several types: mutating
+    // the seed's own keys never reached them, and six such keys aborted the process (session
+    // 33: an unknown `rope.scaling.type`, expert counts, `nextn_predict_layers`).
+    let arch = match f.get("general.architecture") {
+        Some(GgufValue::String(a)) => a.clone(),
+        _ => String::new(),
+    };
+    // Models only: a LoRA adapter's loader reads none of these.
+    let adapter = meta.iter().any(|(k, _)| k == "adapter.type");
+    let arch_keys: &[&str] = if adapter {
+        &[]
+    } else if arch == "llama" || arch == "gemma3" {
+        ADDED_ARCH_KEYS
+    } else {
+        &[]
+    };
+    let added = arch_keys.iter().map(|k| format!("{arch}.{k}")).chain(
+        ADDED_TOKENIZER_KEYS
+            .iter()
+            .filter(|_| !adapter)
+            .map(|k| k.to_string()),
+    );
+    for key in added {
+        if meta.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        for (label, v) in [
+            ("u32 0", GgufValue::U32(0)),
+            ("u32 2", GgufValue::U32(2)),
+            ("u32 max", GgufValue::U32(u32::MAX)),
+            ("f32 4", GgufValue::F32(4.0)),
+            ("false", GgufValue::Bool(false)),
+            ("a string", GgufValue::String("foo".into())),
+        ] {
+            let mut m = meta.clone();
+            m.push((key.clone(), v));
+            if let Some(b) = rewrite(&m, &tensors) {
+                each(format!("{key} added as {label}"), b);
+            }
         }
     }
     if scope == Scope::Metadata {
@@ -754,7 +851,16 @@ fn real_model_metadata_mutants_never_crash_the_process() {
     if std::env::var("HOSTILE_MODELS_REAL").as_deref() == Ok("ort") {
         backends.push(ORT_CPU);
     }
-    let bad = check("gemma3", &bytes, Scope::Metadata, &backends);
+    // `HOSTILE_MODELS_REAL_FILTER=TEXT`: only the mutants whose label holds TEXT (e.g.
+    // " added as " for the added keys).
+    let filter = std::env::var("HOSTILE_MODELS_REAL_FILTER").ok();
+    let bad = check_filtered(
+        "gemma3",
+        &bytes,
+        Scope::Metadata,
+        filter.as_deref(),
+        &backends,
+    );
     assert_none_crashed(&bad);
 }
 
