@@ -362,7 +362,7 @@ pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Conver
         } else {
             match ty {
                 WeightType::F16 => w.add_tensor_f16(gname, &ne, &data),
-                WeightType::Q8_0 if ne[0] % 32 == 0 => {
+                WeightType::Q8_0 if ne[0].is_multiple_of(32) => {
                     w.add_tensor_raw(gname, GgmlType::Q8_0, &ne, quantize_q8_0(&data))
                 }
                 WeightType::Q8_0 => w.add_tensor_f16(gname, &ne, &data),
