@@ -1,10 +1,10 @@
 //! The base-model fingerprint bundles are bound to.
 //!
-//! `sha256("amend-model-fp-v3" || arch || n_layer || n_embd || hyperparameters || tensor table
+//! `sha256("amend-model-fp-v2" || arch || n_layer || n_embd || hyperparameters || tensor table
 //! bytes || tensor data)`: the hyperparameters are the validated [`ModelHparams`] llama.cpp builds
-//! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens, and since v3 the
-//! forward constants: RoPE scaling and the sliding-window base, window and pattern, soft-capping,
-//! attention scale), so two files
+//! the graph from (head counts, head sizes, epsilons, vocabulary, special tokens, and since session 33
+//! the forward constants where a file sets any: RoPE scaling and the sliding-window base, window
+//! and pattern, soft-capping, attention scale), so two files
 //! that differ only in metadata differ; the tensor table carries every tensor's name, type, shape
 //! and offset, so another quantization of the same model differs there; the data makes a
 //! fine-tune of the same shape differ too. The same pass checks that every tensor's floats
@@ -37,10 +37,10 @@ pub enum FingerprintError {
     Changed,
 }
 
-const DOMAIN: &[u8] = b"amend-model-fp-v3";
+const DOMAIN: &[u8] = b"amend-model-fp-v2";
 // amendfp3: the v2 fingerprint (hyperparameters hashed); a v1-era entry is never reused.
 // amendfp4: entries also vouch that every tensor's floats are finite (checked as they are hashed).
-// amendfp5: the v3 fingerprint (the forward constants hashed too).
+// amendfp5: the forward constants are hashed too, where a file sets them.
 const CACHE_MAGIC: &str = "amendfp5";
 /// A cache entry is trusted only when the model's ctime is at least this much older than the
 /// moment its hash began.
@@ -110,6 +110,11 @@ fn hash_parsed(f: &GgufFile<'_>, hp: &ModelHparams) -> Result<ModelBinding, Fing
     h.update(hp.n_layer.to_le_bytes());
     h.update(hp.n_embd.to_le_bytes());
     h.update(hp.hash_bytes());
+    // Since session 33; absent (and the fingerprint unchanged) for files without them.
+    if let Some(forward) = hp.forward_hash_bytes() {
+        h.update(b"forward constants");
+        h.update(forward);
+    }
     h.update(&bytes[t0 as usize..t1 as usize]);
     h.update(&bytes[layout.data_offset as usize..]);
     Ok(ModelBinding {

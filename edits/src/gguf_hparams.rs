@@ -733,14 +733,35 @@ impl ModelHparams {
             put(key.len() as u32);
             put(*id);
         }
-        // The forward constants (fingerprint v3): files that differ only in RoPE scaling, the
-        // sliding window, soft-capping or the attention scale compute differently.
-        for f in [
+        let mut bytes = out;
+        bytes.extend_from_slice(self.arch.as_bytes());
+        for (key, _) in &self.special_tokens {
+            bytes.extend_from_slice(key.as_bytes());
+        }
+        bytes
+    }
+
+    /// The forward constants' encoding for the fingerprint (RoPE scaling, the sliding window and
+    /// its pattern and RoPE base, soft-capping, attention scale), `None` when the file sets none
+    /// of them: fingerprints of such files (the scope model, most llama-family files) are the
+    /// ones computed before these were hashed (session 33).
+    pub fn forward_hash_bytes(&self) -> Option<Vec<u8>> {
+        let floats = [
             self.rope_freq_base_swa,
             self.rope_scaling_factor,
             self.final_logit_softcapping,
             self.attention_scale,
-        ] {
+        ];
+        if floats.iter().all(Option::is_none)
+            && self.sliding_window.is_none()
+            && self.sliding_window_pattern.is_none()
+            && self.rope_scaling.is_none()
+        {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut put = |x: u32| out.extend_from_slice(&x.to_le_bytes());
+        for f in floats {
             put(f.map_or(u32::MAX, f32::to_bits));
         }
         put(self.sliding_window.unwrap_or(u32::MAX));
@@ -758,12 +779,7 @@ impl ModelHparams {
         }
         let scaling = self.rope_scaling.as_deref().unwrap_or("");
         put(scaling.len() as u32);
-        let mut bytes = out;
-        bytes.extend_from_slice(self.arch.as_bytes());
-        for (key, _) in &self.special_tokens {
-            bytes.extend_from_slice(key.as_bytes());
-        }
-        bytes.extend_from_slice(scaling.as_bytes());
-        bytes
+        out.extend_from_slice(scaling.as_bytes());
+        Some(out)
     }
 }

@@ -103,8 +103,9 @@ fn hyperparameters_are_in_the_fingerprint() {
         let b = binding_of_bytes(&other).unwrap();
         assert_ne!(base.fingerprint, b.fingerprint, "{key}");
     }
-    // The forward constants (v3): each changes what the model computes, so each changes the
-    // fingerprint (v2 left them out: these files shared one fingerprint and so one bundle).
+    // The forward constants (hashed since session 33): each changes what the model computes, so
+    // each changes the fingerprint (before, these files shared one fingerprint and so one
+    // bundle). `base` sets none of them, so its fingerprint is the one it had before.
     use amend_edits::gguf::{GgufArray, GgufValue};
     let mut seen = vec![base.fingerprint];
     for (key, value) in [
