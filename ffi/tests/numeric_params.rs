@@ -255,6 +255,20 @@ fn session_sizes_and_threads() {
     amend_model_free(m);
 }
 
+/// `amend_session_generate` of "hello" with `p`, no callback.
+fn generate_hello(s: *mut amend_session, p: amend_generate_params) -> amend_result {
+    let prompt = "hello";
+    amend_session_generate(
+        s,
+        prompt.as_ptr() as *const _,
+        prompt.len(),
+        &p,
+        None,
+        ptr::null_mut(),
+        ptr::null_mut(),
+    )
+}
+
 #[test]
 fn generation_parameters() {
     let (r, m, s) = with_session(amend_session_params {
@@ -264,18 +278,7 @@ fn generation_parameters() {
         ..amend_session_default_params()
     });
     assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-    let prompt = "hello";
-    let generate = |p: amend_generate_params| {
-        amend_session_generate(
-            s,
-            prompt.as_ptr() as *const _,
-            prompt.len(),
-            &p,
-            None,
-            ptr::null_mut(),
-            ptr::null_mut(),
-        )
-    };
+    let generate = |p: amend_generate_params| generate_hello(s, p);
     let d = || amend_generate_params {
         max_tokens: 4,
         temperature: 0.7,
@@ -459,18 +462,7 @@ fn default_generation_fits_a_small_context() {
         ..amend_session_default_params()
     });
     assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-    let prompt = "hello";
-    let generate = |p: amend_generate_params| {
-        amend_session_generate(
-            s,
-            prompt.as_ptr() as *const _,
-            prompt.len(),
-            &p,
-            None,
-            ptr::null_mut(),
-            ptr::null_mut(),
-        )
-    };
+    let generate = |p: amend_generate_params| generate_hello(s, p);
     let d = || amend_generate_params {
         max_tokens: 4,
         ..amend_generate_default_params()

@@ -485,15 +485,7 @@ fn rope_frequency_factors_agree_with_llama_cpp() {
         options(Profile::Cpu),
     )
     .unwrap();
-    let mut a = OrtSession::new(&with, 64).unwrap();
-    let mut b = OrtSession::new(&without, 64).unwrap();
-    let t = &toks[0];
-    a.eval(t, Logits::Last).unwrap();
-    b.eval(t, Logits::Last).unwrap();
-    let d = max_diff(
-        a.logits(t.len() - 1).unwrap(),
-        b.logits(t.len() - 1).unwrap(),
-    );
+    let d = last_logits_diff(&with, &without, &toks[0]);
     assert!(d > 1e-3, "rope_freqs changed no logit ({d})");
     // Factors of another length: llama.cpp refuses them at load, so both backends refuse them
     // before (ONNX Runtime ran them before session 31, reading the ones there were).
@@ -572,15 +564,7 @@ fn rope_scaling_without_a_type_agrees_with_llama_cpp() {
         );
         // The factor matters: the same weights unscaled give other logits.
         let scaled = OrtModel::open(&p, options(Profile::Cpu)).unwrap();
-        let mut a = OrtSession::new(&scaled, 64).unwrap();
-        let mut b = OrtSession::new(&plain, 64).unwrap();
-        let t = &toks[0];
-        a.eval(t, Logits::Last).unwrap();
-        b.eval(t, Logits::Last).unwrap();
-        let d = max_diff(
-            a.logits(t.len() - 1).unwrap(),
-            b.logits(t.len() - 1).unwrap(),
-        );
+        let d = last_logits_diff(&scaled, &plain, &toks[0]);
         assert!(d > 1e-3, "{key} changed no logit ({d})");
     }
 }
@@ -751,6 +735,18 @@ fn llama_cpp_roundings_can_be_reproduced() {
 }
 
 /// Largest absolute difference of two logits rows.
+/// The largest difference between two models' last-token logits of `t`.
+fn last_logits_diff(a: &std::sync::Arc<OrtModel>, b: &std::sync::Arc<OrtModel>, t: &[i32]) -> f32 {
+    let mut a = OrtSession::new(a, 64).unwrap();
+    let mut b = OrtSession::new(b, 64).unwrap();
+    a.eval(t, Logits::Last).unwrap();
+    b.eval(t, Logits::Last).unwrap();
+    max_diff(
+        a.logits(t.len() - 1).unwrap(),
+        b.logits(t.len() - 1).unwrap(),
+    )
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
