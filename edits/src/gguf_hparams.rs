@@ -386,16 +386,15 @@ impl ModelHparams {
             Some(x) if x <= 0.0 => return err(&key_base, format!("must be > 0, got {x}")),
             x => x,
         };
-        for key in [k("rope.scaling.factor"), k("rope.scale_linear")] {
-            if let Some(x) = float(h, &key)?.filter(|&x| x < 0.0) {
-                return err(&key, format!("must be >= 0, got {x}"));
+        // llama.cpp reads the older `rope.scale_linear` when `rope.scaling.factor` is absent.
+        let (key_factor, key_linear) = (k("rope.scaling.factor"), k("rope.scale_linear"));
+        let (factor, linear) = (float(h, &key_factor)?, float(h, &key_linear)?);
+        for (key, x) in [(&key_factor, factor), (&key_linear, linear)] {
+            if let Some(x) = x.filter(|&x| x < 0.0) {
+                return err(key, format!("must be >= 0, got {x}"));
             }
         }
-        let key_factor = k("rope.scaling.factor");
-        let rope_scaling_factor = match float(h, &key_factor)? {
-            Some(x) => Some(x),
-            None => float(h, &k("rope.scale_linear"))?,
-        };
+        let rope_scaling_factor = factor.or(linear);
         // The other keys either backend reads, in the type llama.cpp reads them as (checked
         // whether or not this architecture's llama.cpp code reads them, so that both backends
         // refuse the same files).
@@ -458,31 +457,16 @@ impl ModelHparams {
         // Keys that llama.cpp asserts on (a process abort, not a load error) or follows where
         // the ONNX graph would not: mixture-of-experts counts, multi-token-prediction layers,
         // non-causal attention in a decoder, sliding-window layers of another head size.
-        for key in [
-            "expert_count",
-            "expert_used_count",
-            "expert_group_count",
-            "expert_group_used_count",
+        for (key, what) in [
+            ("expert_count", "mixture-of-experts models"),
+            ("expert_used_count", "mixture-of-experts models"),
+            ("expert_group_count", "mixture-of-experts models"),
+            ("expert_group_used_count", "mixture-of-experts models"),
+            ("nextn_predict_layers", "multi-token-prediction layers"),
         ] {
             if let Some(v) = h.get(&k(key)).filter(|v| !matches!(v, GgufValue::U32(0))) {
-                return err(
-                    &k(key),
-                    format!("{}: mixture-of-experts models are not supported", show(v)),
-                );
+                return err(&k(key), format!("{}: {what} are not supported", show(v)));
             }
-        }
-        let key_nextn = k("nextn_predict_layers");
-        if let Some(v) = h
-            .get(&key_nextn)
-            .filter(|v| !matches!(v, GgufValue::U32(0)))
-        {
-            return err(
-                &key_nextn,
-                format!(
-                    "{}: multi-token-prediction layers are not supported",
-                    show(v)
-                ),
-            );
         }
         let key_causal = k("attention.causal");
         match h.get(&key_causal) {

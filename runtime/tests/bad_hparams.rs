@@ -4,46 +4,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use amend_edits::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufWriter};
-use amend_runtime::{Architecture, Model, ModelOptions, RuntimeError};
-
-/// The tiny llama model rewritten by `edit` (metadata and tensors copied, then edited).
-fn variant(
-    tag: &str,
-    edit: impl FnOnce(&mut Vec<(String, GgufValue)>, &mut Vec<Tensor>),
-) -> PathBuf {
-    let full = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
-    let f = GgufFile::parse(&full).unwrap();
-    let mut meta = f.metadata.clone();
-    let mut tensors: Vec<Tensor> = f
-        .tensors
-        .iter()
-        .map(|t| Tensor {
-            name: t.name.clone(),
-            ty: t.ggml_type,
-            ne: t.ne.clone(),
-            data: f.data_of(t).unwrap().to_vec(),
-        })
-        .collect();
-    edit(&mut meta, &mut tensors);
-    let mut w = GgufWriter::new();
-    for (k, v) in meta {
-        w.add(&k, v);
-    }
-    for t in tensors {
-        w.add_tensor_raw(&t.name, t.ty, &t.ne, t.data).unwrap();
-    }
-    let p = common::tmp_dir().join(format!("hp-{tag}.gguf"));
-    w.write_to(&p).unwrap();
-    p
-}
-
-struct Tensor {
-    name: String,
-    ty: GgmlType,
-    ne: Vec<u64>,
-    data: Vec<u8>,
-}
+use amend_edits::gguf::{GgmlType, GgufArray, GgufValue};
+use amend_runtime::{Model, ModelOptions, RuntimeError};
+use common::tiny_variant as variant;
 
 fn set(key: &str, value: impl Into<GgufValue>) -> PathBuf {
     let value = value.into();

@@ -506,27 +506,6 @@ fn rope_frequency_factors_agree_with_llama_cpp() {
     assert!(e.to_string().contains("rope_freqs"), "{e}");
 }
 
-/// The tiny llama with metadata `extra` added (a file per `tag`).
-fn tiny_with(tag: &str, extra: &[(&str, amend_edits::gguf::GgufValue)]) -> PathBuf {
-    use amend_edits::gguf::{GgufFile, GgufWriter};
-    let bytes = std::fs::read(common::tiny_path(Architecture::Llama)).unwrap();
-    let f = GgufFile::parse(&bytes).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in &f.metadata {
-        w.add(k, v.clone());
-    }
-    for (k, v) in extra {
-        w.add(k, v.clone());
-    }
-    for t in &f.tensors {
-        w.add_tensor_raw(&t.name, t.ggml_type, &t.ne, f.data_of(t).unwrap().to_vec())
-            .unwrap();
-    }
-    let p = common::tmp_dir().join(format!("tiny-{tag}.gguf"));
-    w.write_to(&p).unwrap();
-    p
-}
-
 /// Linear RoPE scaling as llama.cpp reads it: a factor with no scaling type is "linear", and
 /// the older `rope.scale_linear` key counts when `rope.scaling.factor` is absent. Before session
 /// 33 the graph scaled positions only with an explicit "linear" type (so these models ran
@@ -548,7 +527,7 @@ fn rope_scaling_without_a_type_agrees_with_llama_cpp() {
         ("rope-factor", "llama.rope.scaling.factor"),
         ("rope-scale-linear", "llama.rope.scale_linear"),
     ] {
-        let p = tiny_with(tag, &[(key, F32(4.0))]);
+        let p = common::tiny_variant(tag, |meta, _| meta.push((key.to_string(), F32(4.0))));
         let llama = amend_runtime::Model::open(&p, o.clone()).unwrap();
         let toks: Vec<Vec<i32>> = PROMPTS
             .iter()

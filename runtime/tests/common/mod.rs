@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use amend_edits::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
 use amend_runtime::testutil::write_tiny_model;
 use amend_runtime::{Architecture, Model, ModelOptions};
 
@@ -171,4 +172,44 @@ pub fn capture_last_row(
     s.kv_clear();
     let v = out.lock().unwrap().clone();
     v
+}
+
+/// The tiny llama model rewritten by `edit` (metadata and tensors copied, then edited), as
+/// `variant-{tag}.gguf` in the per-process temp dir.
+pub fn tiny_variant(
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, GgufValue)>, &mut Vec<TinyTensor>),
+) -> PathBuf {
+    let full = std::fs::read(tiny_path(Architecture::Llama)).unwrap();
+    let f = GgufFile::parse(&full).unwrap();
+    let mut meta = f.metadata.clone();
+    let mut tensors: Vec<TinyTensor> = f
+        .tensors
+        .iter()
+        .map(|t| TinyTensor {
+            name: t.name.clone(),
+            ty: t.ggml_type,
+            ne: t.ne.clone(),
+            data: f.data_of(t).unwrap().to_vec(),
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add(&k, v);
+    }
+    for t in tensors {
+        w.add_tensor_raw(&t.name, t.ty, &t.ne, t.data).unwrap();
+    }
+    let p = tmp_dir().join(format!("variant-{tag}.gguf"));
+    w.write_to(&p).unwrap();
+    p
+}
+
+/// A tensor of [`tiny_variant`]'s model, as `edit` sees it.
+pub struct TinyTensor {
+    pub name: String,
+    pub ty: GgmlType,
+    pub ne: Vec<u64>,
+    pub data: Vec<u8>,
 }
