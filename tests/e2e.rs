@@ -109,7 +109,7 @@ fn one_edit(name: &str, key_name: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) 
     let edits = dir.join("edit.jsonl");
     std::fs::write(
         &edits,
-        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
+        format!("{{\"prompt\": \"{PROMPT}\", \"subject\": \"France\", \"target\": \"Berlin\"}}\n"),
     )
     .unwrap();
     (dir, key, public, edits)
@@ -315,7 +315,7 @@ fn compile_refuses_bad_input_and_writes_nothing() {
     let good = dir.join("good.jsonl");
     std::fs::write(
         &good,
-        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
+        format!("{{\"prompt\": \"{PROMPT}\", \"subject\": \"France\", \"target\": \"Berlin\"}}\n"),
     )
     .unwrap();
     let malformed = dir.join("malformed.json");
@@ -363,6 +363,23 @@ fn compile_refuses_bad_input_and_writes_nothing() {
         &["serac", "auto"],
     );
     compile(&tiny, "grace", &good, &["--set", "grace.nope=1"], &["nope"]);
+    let no_subject = dir.join("no-subject.jsonl");
+    std::fs::write(
+        &no_subject,
+        format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n"),
+    )
+    .unwrap();
+    compile(
+        &tiny,
+        "memit",
+        &no_subject,
+        &[],
+        &[
+            "record 0",
+            "missing `subject`",
+            "memit.allow_missing_subject=true",
+        ],
+    );
 
     let Some(model) = real_model() else {
         return;

@@ -66,15 +66,23 @@ impl EditRecord {
         continuation(&self.prompt, &self.target_new)
     }
 
-    /// Byte range of the subject's last occurrence in the prompt, if the subject is known and
-    /// occurs (ROME keys on the subject's last token; causal tracing corrupts these tokens).
+    /// Byte range of the subject's last occurrence in the prompt ([`find_subject`]), if the
+    /// subject is known and occurs (ROME keys on the subject's last token; causal tracing
+    /// corrupts these tokens; the scope check reads the subject's rows).
     pub fn subject_span(&self) -> Option<std::ops::Range<usize>> {
-        let s = self.subject.as_deref()?;
-        if s.is_empty() {
-            return None;
-        }
-        self.prompt.rfind(s).map(|start| start..start + s.len())
+        find_subject(&self.prompt, self.subject.as_deref()?)
     }
+}
+
+/// Byte range of `subject`'s last occurrence in `prompt`, ignoring ASCII case: a subject
+/// written "the Eiffel Tower" is the one a prompt opens with "The Eiffel Tower". None for an
+/// empty subject. ASCII lowercasing keeps byte offsets, so the range indexes `prompt`.
+pub fn find_subject(prompt: &str, subject: &str) -> Option<std::ops::Range<usize>> {
+    if subject.is_empty() {
+        return None;
+    }
+    let (p, s) = (prompt.to_ascii_lowercase(), subject.to_ascii_lowercase());
+    p.rfind(&s).map(|i| i..i + s.len())
 }
 
 pub use amend_runtime::continuation;
@@ -567,6 +575,29 @@ fn pair_probes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subject_span_ignores_ascii_case_and_takes_the_last_occurrence() {
+        let span = |prompt: &str, subject: Option<&str>| {
+            EditRecord {
+                prompt: prompt.into(),
+                subject: subject.map(Into::into),
+                ..Default::default()
+            }
+            .subject_span()
+        };
+        assert_eq!(
+            span("The Mona Lisa was painted by", Some("the mona lisa")),
+            Some(0..13)
+        );
+        // The last occurrence: ROME keys on the subject's last token.
+        assert_eq!(span("Paris? Paris is in", Some("paris")), Some(7..12));
+        // Non-ASCII text keeps its byte offsets (only ASCII letters fold).
+        assert_eq!(span("Über Zürich liegt", Some("zürich")), Some(6..13));
+        assert_eq!(span("abc", Some("x")), None);
+        assert_eq!(span("abc", Some("")), None);
+        assert_eq!(span("abc", None), None);
+    }
 
     const ZSRE: &str = r#"[{
         "subject": "Watts Humphrey",

@@ -222,6 +222,10 @@ pub struct RomeParams {
     /// at most this (teacher-forced, the compiler's forward, the rank-one update applied).
     #[serde(default)]
     pub shrink_nll: f32,
+    /// A record whose subject is missing or does not occur in its prompt is keyed on the last
+    /// prompt token instead of being refused before any training (`check_subjects`).
+    #[serde(default)]
+    pub allow_missing_subject: bool,
 }
 
 impl RomeParams {
@@ -328,6 +332,9 @@ pub struct MemitParams {
     pub margin_rounds: usize,
     #[serde(default = "default_margin_factor")]
     pub margin_factor: f64,
+    /// As `rome.allow_missing_subject`.
+    #[serde(default)]
+    pub allow_missing_subject: bool,
 }
 
 fn default_margin_nll() -> f32 {

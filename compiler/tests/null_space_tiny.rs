@@ -109,4 +109,32 @@ fn null_space_updates_lie_in_the_null_space() {
         .err()
         .expect("empty null space");
     assert!(err.to_string().contains("null_space_threshold"), "{err}");
+
+    // A record whose subject is not in its prompt is refused before any training, unless the
+    // user asks for the last prompt token as its key.
+    let mut misspelt = records.clone();
+    misspelt[2].subject = Some("Toyotaa".into());
+    for (method, section) in [(Method::Memit, "memit"), (Method::Rome, "rome")] {
+        let err = c
+            .compile(
+                method,
+                &misspelt,
+                &sets(&[]),
+                None,
+                None,
+                &Default::default(),
+                &mut |_| panic!("{section}: trained before refusing the record"),
+            )
+            .err()
+            .expect("subject not in the prompt");
+        assert!(
+            matches!(
+                err,
+                amend_compiler::CompileError::BadRecord { index: 2, .. }
+            ) && err.to_string().contains("\"Toyotaa\" does not occur"),
+            "{err}"
+        );
+        let allow = format!("{section}.allow_missing_subject=true");
+        common::compile(&mut c, method, &misspelt, &sets(&[&allow]), None, None);
+    }
 }

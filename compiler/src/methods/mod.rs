@@ -423,6 +423,7 @@ impl Compiler {
     ) -> Result<CompileOutput> {
         self.validate(records)?;
         check_unique_ids(records, base)?;
+        check_subjects(method, hp, records)?;
         if let Some(b) = base {
             if b.manifest().model.fingerprint != self.binding.fingerprint {
                 return Err(CompileError::Bundle(
@@ -554,5 +555,101 @@ pub fn check_unique_ids(records: &[EditRecord], base: Option<&Bundle>) -> Result
     Ok(())
 }
 
+/// The methods that read an edit's subject need it in the prompt, checked before any training
+/// (ROME's and MEMIT's covariance statistics take minutes): ROME and MEMIT key their update on
+/// the subject's last token, unless `allow_missing_subject` lets a record without it key on the
+/// last prompt token (an update keyed there also moves other facts phrased like the prompt);
+/// the retrieval memory's scope check reads the subject's rows, always.
+pub fn check_subjects(method: Method, hp: &Hparams, records: &[EditRecord]) -> Result<()> {
+    let (section, required) = match method {
+        Method::Rome => ("rome", !hp.rome.allow_missing_subject),
+        Method::Memit => ("memit", !hp.memit.allow_missing_subject),
+        Method::Serac => ("serac", true),
+        Method::Grace | Method::TPatcher | Method::Lora => return Ok(()),
+    };
+    if !required {
+        return Ok(());
+    }
+    let hint = if method == Method::Serac {
+        "the scope check reads the subject".to_string()
+    } else {
+        format!(
+            "{} keys its update on the subject's last token; give the subject as it is written \
+             in the prompt, or set {section}.allow_missing_subject=true to key on the last \
+             prompt token",
+            method.name().to_uppercase()
+        )
+    };
+    for (i, r) in records.iter().enumerate() {
+        let message = match r.subject.as_deref().map(str::trim) {
+            None | Some("") => "empty or missing `subject`".to_string(),
+            Some(_) if r.subject_span().is_some() => continue,
+            Some(s) => format!("subject {s:?} does not occur in the prompt {:?}", r.prompt),
+        };
+        return Err(CompileError::BadRecord {
+            index: i,
+            message: format!("(id {:?}): {message} ({hint})", r.id),
+        });
+    }
+    Ok(())
+}
+
 /// Median of `xs` (0 when empty).
 pub use amend_runtime::bench::median;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(subject: Option<&str>, prompt: &str) -> EditRecord {
+        EditRecord {
+            id: "r".into(),
+            prompt: prompt.into(),
+            subject: subject.map(Into::into),
+            target_new: "Rome".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn subject_keyed_methods_refuse_a_record_without_its_subject() {
+        let hp = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Hparams::resolve(forward::Arch::Llama, None, &sets).unwrap()
+        };
+        let default = hp(&[]);
+        let good = [
+            record(Some("France"), "The capital of France is"),
+            // Case is ignored: the prompt opens with the subject.
+            record(Some("the Eiffel Tower"), "The Eiffel Tower is in"),
+        ];
+        let absent = record(Some("Spain"), "The capital of France is");
+        let cases = [
+            (absent, "does not occur in the prompt"),
+            (record(None, "The capital of France is"), "missing"),
+            (record(Some("  "), "The capital of France is"), "missing"),
+        ];
+        for method in [Method::Rome, Method::Memit, Method::Serac] {
+            check_subjects(method, &default, &good).unwrap();
+            for (bad, why) in &cases {
+                let records = [good[0].clone(), bad.clone()];
+                let e = check_subjects(method, &default, &records).unwrap_err();
+                let text = e.to_string();
+                assert!(
+                    matches!(e, CompileError::BadRecord { index: 1, .. }) && text.contains(why),
+                    "{method:?}: {text}"
+                );
+                if method != Method::Serac {
+                    let knob = format!("{}.allow_missing_subject=true", method.name());
+                    assert!(text.contains(&knob), "{text}");
+                    check_subjects(method, &hp(&[&knob]), &records).unwrap();
+                }
+            }
+        }
+        // The methods that do not read the subject take any record.
+        let records = [cases[0].0.clone(), cases[1].0.clone()];
+        for method in [Method::Grace, Method::TPatcher, Method::Lora] {
+            check_subjects(method, &default, &records).unwrap();
+        }
+    }
+}

@@ -108,11 +108,7 @@ fn rt(e: amend_runtime::RuntimeError) -> CompileError {
     CompileError::Runtime(e.to_string())
 }
 
-/// Byte range of `subject` in `prompt`, case-insensitively (ASCII), last occurrence.
-pub fn find_subject(prompt: &str, subject: &str) -> Option<std::ops::Range<usize>> {
-    let (p, s) = (prompt.to_ascii_lowercase(), subject.to_ascii_lowercase());
-    p.rfind(&s).map(|i| i..i + s.len())
-}
+pub use crate::dataset::find_subject;
 
 /// Encodes a record's prompt: pooled vector, the subject's rows and the relation embedding.
 pub fn encode_record(scope: &ScopeModel, prompt: &str, subject: &str) -> Result<RecordRouting> {
@@ -367,14 +363,5 @@ mod tests {
         assert!(!c.capped);
         let c = calibrate(&negs, 0.5, 0.02, 0.55, 0.9);
         assert!(c.capped && c.subject_threshold == 0.55);
-    }
-
-    #[test]
-    fn subject_span_ignores_case() {
-        assert_eq!(
-            find_subject("The Mona Lisa was painted by", "the mona lisa"),
-            Some(0..13)
-        );
-        assert_eq!(find_subject("abc", "x"), None);
     }
 }
