@@ -3,7 +3,7 @@
 //! [`ModelHparams`]. One derivation, so the backends cannot disagree on, say, which gemma3
 //! layers use the sliding window.
 
-use amend_edits::gguf::{GgufHeader, ModelHparams, SwaPattern};
+use amend_edits::gguf::{ModelHparams, SwaPattern};
 
 use crate::arch::{Architecture, Forward};
 
@@ -14,8 +14,6 @@ pub enum ConfigError {
     Unsupported(String),
     #[error("missing metadata `{0}`")]
     MissingMetadata(String),
-    #[error("missing tensor `{0}`")]
-    MissingTensor(String),
 }
 
 /// Dimensions and constants of a model, from its GGUF metadata.
@@ -49,12 +47,8 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Derives the constants of `arch` from a validated header.
-    pub fn from_gguf(
-        header: &GgufHeader,
-        hp: &ModelHparams,
-        arch: Architecture,
-    ) -> Result<ModelConfig, ConfigError> {
+    /// Derives the constants of `arch` from a validated file's hyperparameters.
+    pub fn from_hparams(hp: &ModelHparams, arch: Architecture) -> Result<ModelConfig, ConfigError> {
         let gemma = arch.spec().forward == Some(Forward::Gemma3);
         // Every value below was read and type-checked once, by `ModelHparams::from_header`.
         let n_layer = hp.n_layer as usize;
@@ -126,16 +120,9 @@ impl ModelConfig {
         } else {
             None
         };
-        // ggml's ne of the embeddings is [n_embd, n_vocab].
-        let n_vocab = match header.tensor("token_embd.weight").map(|t| t.ne.get(1)) {
-            Some(Some(&n)) => n as usize,
-            Some(None) => {
-                return Err(ConfigError::Unsupported(
-                    "token_embd.weight is not a matrix".into(),
-                ))
-            }
-            None => return Err(ConfigError::MissingTensor("token_embd.weight".into())),
-        };
+        // The parser ties `token_embd.weight` (required by the architecture table) to
+        // [n_embd, n_vocab].
+        let n_vocab = hp.n_vocab as usize;
         Ok(ModelConfig {
             arch,
             n_layer,
@@ -192,7 +179,7 @@ mod tests {
             h.metadata.push((k, v.clone()));
         }
         let hp = ModelHparams::from_header(&h).map_err(|e| e.to_string())?;
-        ModelConfig::from_gguf(&h, &hp, arch).map_err(|e| e.to_string())
+        ModelConfig::from_hparams(&hp, arch).map_err(|e| e.to_string())
     }
 
     #[test]

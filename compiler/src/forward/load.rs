@@ -144,10 +144,9 @@ impl Weights {
     /// The model's [`Config`] from its metadata (derived by the runtime, for every backend).
     pub fn config(&self) -> Result<Config> {
         use amend_runtime::ConfigError as E;
-        Config::from_gguf(&self.header, &self.hparams, self.arch).map_err(|e| match e {
+        Config::from_hparams(&self.hparams, self.arch).map_err(|e| match e {
             E::Unsupported(m) => CompileError::UnsupportedModel(m),
             E::MissingMetadata(k) => CompileError::MissingMetadata(k),
-            E::MissingTensor(t) => CompileError::MissingTensor(t),
         })
     }
 }

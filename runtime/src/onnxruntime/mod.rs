@@ -715,7 +715,7 @@ impl OrtModel {
             })?;
             (header, hp)
         };
-        let cfg = ModelConfig::from_gguf(&header, &hp, arch)
+        let cfg = ModelConfig::from_hparams(&hp, arch)
             .map_err(|e| RuntimeError::OrtGraph(e.to_string()))?;
         options
             .slots
@@ -2765,7 +2765,7 @@ mod tests {
         }
         let header = GgufFile::read_header(&checked).unwrap();
         let hp = ModelHparams::from_header(&header).unwrap();
-        let cfg = crate::config::ModelConfig::from_gguf(&header, &hp, Architecture::Llama).unwrap();
+        let cfg = crate::config::ModelConfig::from_hparams(&hp, Architecture::Llama).unwrap();
         let options = OrtOptions::default();
         let build = || build_onnx(&a, &checked, &cfg, &options, graph::Shapes::Dynamic, "t");
         assert!(build().is_ok());
@@ -2780,7 +2780,7 @@ mod tests {
         // The new file alone is a model the graph builder takes.
         let hb = GgufFile::read_header(&b).unwrap();
         let hpb = ModelHparams::from_header(&hb).unwrap();
-        let cfgb = crate::config::ModelConfig::from_gguf(&hb, &hpb, Architecture::Llama).unwrap();
+        let cfgb = crate::config::ModelConfig::from_hparams(&hpb, Architecture::Llama).unwrap();
         assert!(build_onnx(&b, &b, &cfgb, &options, graph::Shapes::Dynamic, "t").is_ok());
         drop(vocab);
         let _ = std::fs::remove_dir_all(&dir);
