@@ -998,7 +998,9 @@ fn verify_on(
         }
         Ok((session.backend_id(), out))
     };
-    let results: Vec<anyhow::Result<(String, Vec<(usize, bool)>)>> = std::thread::scope(|sc| {
+    // Per worker: the backend's id and, per request checked, whether it answered its target.
+    type Checked = anyhow::Result<(String, Vec<(usize, bool)>)>;
+    let results: Vec<Checked> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..workers).map(|w| sc.spawn(move || check(w))).collect();
         handles
             .into_iter()

@@ -55,8 +55,8 @@ impl Cholesky {
         }
         for i in (0..n).rev() {
             let mut s = y[i];
-            for j in i + 1..n {
-                s -= self.l[j * n + i] * y[j];
+            for (j, yj) in y.iter().enumerate().skip(i + 1) {
+                s -= self.l[j * n + i] * yj;
             }
             y[i] = s / self.l[i * n + i];
         }
@@ -72,9 +72,9 @@ impl Cholesky {
             let r = (lii * lii + x[i] * x[i]).sqrt();
             let (c, s) = (r / lii, x[i] / lii);
             self.l[i * n + i] = r;
-            for j in i + 1..n {
-                let lji = (self.l[j * n + i] + s * x[j]) / c;
-                x[j] = c * x[j] - s * lji;
+            for (j, xj) in x.iter_mut().enumerate().skip(i + 1) {
+                let lji = (self.l[j * n + i] + s * *xj) / c;
+                *xj = c * *xj - s * lji;
                 self.l[j * n + i] = lji;
             }
         }

@@ -35,7 +35,8 @@ fn per_layer_error() {
             points.push(HookPoint::new(l, site));
         }
     }
-    let got: Arc<Mutex<Vec<(HookPoint, Vec<f32>)>>> = Arc::default();
+    type Rows = Vec<(HookPoint, Vec<f32>)>;
+    let got: Arc<Mutex<Rows>> = Arc::default();
     let g2 = got.clone();
     s.add_hook(Box::new(FnHook::new(points.clone(), move |p, rows| {
         if rows.n_rows() > 0 {

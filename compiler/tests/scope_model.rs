@@ -218,8 +218,7 @@ fn tuner_forward_matches_the_converted_model_with_and_without_factors() {
         let p = tmp_tune("bad-factors.safetensors");
         std::fs::write(&p, bytes).unwrap();
         let e = convert(&dir, WeightType::F16, Some(&p))
-            .err()
-            .expect(expect)
+            .expect_err(expect)
             .to_string();
         assert!(e.contains(expect), "{e} lacks {expect:?}");
     };

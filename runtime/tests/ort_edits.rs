@@ -663,7 +663,9 @@ fn verification_records_warn_or_refuse_on_other_backends() {
         ll_id,
         format!("llama.cpp-{}:cpu", amend_runtime::LLAMA_CPP_SYS_VERSION)
     );
-    let cases: [(&str, &[(&str, u32)], bool); 7] = [
+    // (bundle name, backends verified on with edits passed, verification required)
+    type Case<'a> = (&'a str, &'a [(&'a str, u32)], bool);
+    let cases: [Case; 7] = [
         ("v-llama", &[(ll_id, 1)], false),
         ("v-llama-req", &[(ll_id, 1)], true),
         ("v-both-req", &[(ll_id, 1), (cpu, 1)], true),

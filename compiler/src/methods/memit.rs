@@ -22,12 +22,12 @@
 //! by chunk, each chunk on top of the previous ones (whose keys stay in the covariance, so later
 //! chunks keep them), and on top of `--base-bundle`'s low-rank deltas.
 
-use super::corpus::{Corpus, NullSpace};
+use super::corpus::Corpus;
 use super::rome::{
     averaged_key, base_deltas, check, corpus_covariances, delta_meets, down_key, down_output,
     entry, neighbour_keys, neighbour_subjects, null_space_kept, preserve_base_prompts,
     push_rank_one, smallest_fraction, subject_last, train_delta, write_low_rank, Check,
-    LowRankDeltas, OwnedDelta,
+    LowRankDeltas, NullKept, OwnedDelta,
 };
 use super::{edit_progress, Compiler, EditReport, Progress};
 use crate::checkpoint::Done;
@@ -147,7 +147,7 @@ pub(crate) fn compile(
     }
     // AlphaEdit: per layer, the null space of the corpus keys and the projected keys of the
     // edits to keep (the base bundle's prompts, earlier chunks).
-    let mut null: Option<Vec<(NullSpace, Vec<Vec<f64>>)>> = None;
+    let mut null: Option<Vec<NullKept>> = None;
     if hp.null_space {
         let mut per_layer = Vec::with_capacity(layers.len());
         for m in &moments {
@@ -174,7 +174,7 @@ pub(crate) fn compile(
                                l: usize,
                                deltas: &mut LowRankDeltas,
                                covs: &mut [super::rome::Covariance],
-                               null: &mut Option<Vec<(NullSpace, Vec<Vec<f64>>)>>|
+                               null: &mut Option<Vec<NullKept>>|
      -> Result<()> {
         let chosen = match subjects.get(&i) {
             Some(s) => s.clone(),

@@ -148,6 +148,9 @@ pub(crate) fn base_prompt_keys(
     })
 }
 
+/// A layer's AlphaEdit null space and the projected keys its updates must keep.
+pub(crate) type NullKept = (NullSpace, Vec<Vec<f64>>);
+
 /// AlphaEdit's null space of `m` (refused when empty) and the projected keys of the base
 /// bundle's prompts, which the updates must keep.
 pub(crate) fn null_space_kept(
@@ -157,7 +160,7 @@ pub(crate) fn null_space_kept(
     threshold: f64,
     section: &str,
     deltas: &mut LowRankDeltas,
-) -> Result<(NullSpace, Vec<Vec<f64>>)> {
+) -> Result<NullKept> {
     let ns = NullSpace::of(m, threshold)?;
     log::info!(
         "{section} layer {}: null space of {} of {} dimensions (threshold {threshold})",
@@ -978,7 +981,7 @@ pub(crate) fn compile(
     let name = Proj::Down.weight_name(layer);
     let n_ff = c.fwd.cfg.n_ff;
     // AlphaEdit: the null space of the corpus keys and the projected keys to keep.
-    let mut null: Option<(NullSpace, Vec<Vec<f64>>)> = None;
+    let mut null: Option<NullKept> = None;
     // The corpus gives C and, for the template neighbours, the entities.
     let mut entities = Vec::new();
     let mut cov = if hp.covariance {

@@ -905,6 +905,7 @@ fn named(s: &str) -> Dim {
 }
 
 /// Builds the graph of the model in `file`.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     cfg: &ModelConfig,
     file: &GgufFile<'_>,

@@ -783,6 +783,7 @@ impl SlotFeeds {
     /// Records what fired in a run into `explain`: codebook lookups at the gated rows, neurons
     /// with a non-zero activation. `output(name)` reads a graph output; `pos0` is the position
     /// of the run's first row.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn record(
         &self,
         plan: &EditPlan,
