@@ -1147,7 +1147,9 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
 /// A context smaller than the default repetition window (64 tokens) runs on both backends: the
 /// default window shrinks to the context (the session's, which the model's trained context may
 /// cap), with the penalty on or off. An explicit window larger than the context is refused,
-/// naming both, when the penalty that reads it is on.
+/// naming both, when the penalty that reads it is on. Negative sampling values reach the
+/// library's checks (clap would take "-1" for a flag): a negative temperature is greedy, a
+/// negative top-k or window is refused by name. A generation the context cuts short says so.
 #[test]
 fn a_context_below_the_default_repeat_window_runs() {
     let model = tmp().join("small-ctx.gguf");
@@ -1191,6 +1193,24 @@ fn a_context_below_the_default_repeat_window_runs() {
                 .concat(),
             ),
             &["repeat_last_n 17 is outside 0..=16"],
+        );
+        let greedy = ok(&with(&[&["--temp", "0"], b].concat()));
+        assert_eq!(ok(&with(&[&["--temp", "-1"], b].concat())), greedy);
+        refused(
+            &with(&[&["--top-k", "-5"], b].concat()),
+            &["top_k must be >= 0"],
+        );
+        refused(
+            &with(&[&["--repeat-last-n", "-1"], b].concat()),
+            &["repeat_last_n -1 is negative"],
+        );
+        // The prompt's 3 tokens and 4 more do not fit in 5.
+        let full = amend(&with(&[&["--ctx", "5"], b].concat()));
+        assert!(full.status.success());
+        let err = String::from_utf8_lossy(&full.stderr);
+        assert!(
+            err.contains("the context of 5 tokens is full (raise --ctx)"),
+            "{err}"
         );
     }
 }

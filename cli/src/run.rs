@@ -18,24 +18,24 @@ pub struct Args {
     pub prompt: String,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = 0.0)]
+    /// Sampling temperature; 0 or less = greedy.
+    #[arg(long = "temp", default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Top-k (0 = off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true)]
     pub top_k: i32,
     /// Top-p (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Min-p (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// How many recent tokens the repetition penalty looks at, at most the context [default:
     /// 64, or the session's context when that is smaller].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repeat_last_n: Option<i32>,
     /// Sampling seed (default: random).
     #[arg(long)]
@@ -245,12 +245,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     apply_edits(&mut session, load_edits(&args)?, &args)?;
-    let params = generate_params(&args, session.n_ctx() as usize);
+    let n_ctx = session.n_ctx() as usize;
+    let params = generate_params(&args, n_ctx);
     let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
     if args.explain {
         print_explain(&session.explain());
     }
-    log_result(&result);
+    log_result(&result, n_ctx);
     Ok(())
 }
 
@@ -272,7 +273,7 @@ fn run_ort(args: Args) -> anyhow::Result<()> {
     if args.explain {
         print_explain(&session.explain());
     }
-    log_result(&result);
+    log_result(&result, session.n_ctx());
     Ok(())
 }
 
@@ -298,7 +299,15 @@ fn to_stdout(
     Ok(result)
 }
 
-fn log_result(result: &amend_runtime::GenerateOutput) {
+fn log_result(result: &amend_runtime::GenerateOutput, n_ctx: usize) {
+    // Generation cut short by the context is not an error, but the user asked for more.
+    if result.stop_reason == amend_runtime::StopReason::ContextFull {
+        eprintln!(
+            "amend: stopped after {} generated token(s): the context of {n_ctx} tokens is full \
+             (raise --ctx)",
+            result.n_generated
+        );
+    }
     let t = &result.timings;
     log::info!(
         "{} prompt tokens ({:.1} tok/s), {} generated ({:.1} tok/s), stop: {:?}",
