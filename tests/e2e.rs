@@ -363,6 +363,14 @@ fn compile_refuses_bad_input_and_writes_nothing() {
         &["serac", "auto"],
     );
     compile(&tiny, "grace", &good, &["--set", "grace.nope=1"], &["nope"]);
+    // Checked with the arguments: it used to fail at the drift check, after training.
+    compile(
+        &tiny,
+        "grace",
+        &good,
+        &["--threads", "0"],
+        &["--threads", "1..=512"],
+    );
     let no_subject = dir.join("no-subject.jsonl");
     std::fs::write(
         &no_subject,

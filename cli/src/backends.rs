@@ -193,7 +193,7 @@ pub struct ParityArgs {
     #[arg(long, default_value_t = 32)]
     pub tokens: usize,
     /// CPU threads for both backends.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = crate::parse_threads, default_value_t = 1)]
     pub threads: usize,
     /// Decode tokens timed per backend in the speed comparison (0 = skip it).
     #[arg(long, default_value_t = 64)]

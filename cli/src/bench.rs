@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// CPU threads (default: all available).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     pub threads: Option<usize>,
     /// Layer of the hooks (default: the middle layer).
     #[arg(long)]

@@ -47,7 +47,7 @@ pub struct Args {
     /// llama.cpp threads for `--layer auto`'s tracing (default: all cores; 1 is much faster on
     /// a machine other work keeps busy, where llama.cpp's thread pool spin-waits) and for the
     /// drift probes (default 1).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     threads: Option<usize>,
     /// Compile on top of this bundle (signed by --key): the output is its next version.
     #[arg(long)]

@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     gen_tokens: usize,
     /// Threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     threads: Option<usize>,
     /// `batch`: every edit of a bundle active for every record (what a device runs).
     /// `single`: each record sees only its own edit(s), the others rolled back (KnowEdit's

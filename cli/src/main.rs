@@ -16,6 +16,16 @@ pub fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Every `--threads`: a count the runtime takes (1..=MAX_THREADS), checked when the arguments
+/// are read, so a compile never trains for hours to fail at its drift check.
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let max = amend_runtime::MAX_THREADS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a thread count in 1..={max}")),
+    }
+}
+
 mod backends;
 mod bench;
 mod compile;

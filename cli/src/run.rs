@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long)]
     pub seed: Option<u32>,
     /// CPU threads (default: all available).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     pub threads: Option<usize>,
     /// Context length in tokens.
     #[arg(long, default_value_t = 2048)]

@@ -152,7 +152,7 @@ struct TrainHeadArgs {
     #[arg(long)]
     scope_model: Option<PathBuf>,
     /// Threads for the scope model (default 1).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     threads: Option<usize>,
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().members)]
     members: usize,
@@ -223,7 +223,7 @@ struct RouteArgs {
     #[arg(long)]
     scope_model: Option<PathBuf>,
     /// Threads for the scope model (default 1).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     threads: Option<usize>,
     /// Print every misrouted prompt.
     #[arg(long)]
