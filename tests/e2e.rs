@@ -291,7 +291,7 @@ fn compile_verify_run_eval_one_edit() {
 fn compile_refuses_bad_input_and_writes_nothing() {
     let dir = tmp().join("bad");
     std::fs::create_dir_all(&dir).unwrap();
-    let (key, _) = keypair("e2e-bad");
+    let (key, public) = keypair("e2e-bad");
     let out = dir.join("never.amend");
     let compile = |model: &Path, method: &str, edits: &Path, extra: &[&str], needles: &[&str]| {
         let mut args = vec![
@@ -371,6 +371,48 @@ fn compile_refuses_bad_input_and_writes_nothing() {
         &["--threads", "0"],
         &["--threads", "1..=512"],
     );
+    // The two key files look alike (64 hex characters): a public key given to sign with was
+    // read as a secret seed and signed with a key nobody trusts.
+    let (m, e, o, k, p) = (s(&tiny), s(&good), s(&out), s(&key), s(&public));
+    refused(
+        &[
+            "compile", "--model", m, "--method", "grace", "--edits", e, "--out", o, "--key", p,
+        ],
+        &["that is a public key file"],
+    );
+    refused(&["sign", o, "--key", p], &["that is a public key file"]);
+    refused(
+        &["verify", o, "--pubkey", k],
+        &["that is a secret key file"],
+    );
+    refused(
+        &[
+            "run", "--model", m, "--prompt", "a", "--bundle", o, "--pubkey", k,
+        ],
+        &["that is a secret key file"],
+    );
+    assert!(!out.exists());
+    // Where the bundle cannot be written is found before training, not after it.
+    let bad_out = |o: &Path, needle: &str| {
+        refused(
+            &[
+                "compile",
+                "--model",
+                m,
+                "--method",
+                "grace",
+                "--edits",
+                e,
+                "--out",
+                s(o),
+                "--key",
+                k,
+            ],
+            &[needle],
+        )
+    };
+    bad_out(&dir, "that is a directory");
+    bad_out(&dir.join("missing").join("b.amend"), "does not exist");
     let no_subject = dir.join("no-subject.jsonl");
     std::fs::write(
         &no_subject,

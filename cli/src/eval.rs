@@ -260,11 +260,7 @@ fn load_bundle(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
-    let key_bytes =
-        amend_edits::fsutil::read_regular(pubkey, amend_edits::fsutil::MAX_KEY_FILE_LEN)
-            .with_context(|| format!("reading public key {}", pubkey.display()))?;
-    let key = amend_edits::keys::verifying_key_from_file_bytes(&key_bytes)
-        .map_err(|e| anyhow::anyhow!("public key {}: {e}", pubkey.display()))?;
+    let key = crate::keys::read_verifying_key(pubkey)?;
     let binding = amend_edits::fingerprint::model_binding(model_path)
         .with_context(|| format!("fingerprinting model {}", model_path.display()))?;
     let set = Arc::new(EditSet::new(binding, TrustStore::with_key(key)));

@@ -114,9 +114,7 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {
-    let key_bytes = read_regular(&a.key, MAX_KEY_FILE_LEN)?;
-    let sk = keys::signing_key_from_file_bytes(&key_bytes)
-        .with_context(|| format!("{}", a.key.display()))?;
+    let sk = read_signing_key(&a.key)?;
     // Header checked before the rest is read (a 5 GB sparse file or a FIFO costs nothing).
     let mut buf = bundle::read_file(&a.bundle)?.as_ref().to_vec();
     // Refuse to sign something whose manifest does not even decode: signing vouches for it.
@@ -138,13 +136,52 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `path`'s file name ends in `.ext`.
+fn has_ext(path: &Path, ext: &str) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+}
+
+/// The secret key of a signing command (`--key PREFIX.key`). Both key files are 64 hex
+/// characters, so a `PREFIX.pub` given here would be read as a secret seed and sign with a key
+/// nobody trusts, found only when a device refuses the bundle: it is refused by name.
+pub(crate) fn read_signing_key(
+    path: &Path,
+) -> anyhow::Result<amend_edits::ed25519_dalek::SigningKey> {
+    if has_ext(path, "pub") {
+        bail!(
+            "--key {}: that is a public key file; signing takes the secret key (PREFIX.key from \
+             `amend keygen`)",
+            path.display()
+        );
+    }
+    let bytes = read_regular(path, MAX_KEY_FILE_LEN).with_context(|| "--key")?;
+    keys::signing_key_from_file_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("--key {}: {e}", path.display()))
+}
+
+/// A public key bundles must be signed with (`--pubkey PREFIX.pub`). A `PREFIX.key` is the
+/// secret key, which never leaves the signing machine: refused by name.
+pub(crate) fn read_verifying_key(
+    path: &Path,
+) -> anyhow::Result<amend_edits::ed25519_dalek::VerifyingKey> {
+    if has_ext(path, "key") {
+        bail!(
+            "--pubkey {}: that is a secret key file; verifying takes the public key (PREFIX.pub), \
+             and the secret key should not be copied to where bundles are checked",
+            path.display()
+        );
+    }
+    let bytes = read_regular(path, MAX_KEY_FILE_LEN)
+        .with_context(|| format!("reading public key {}", path.display()))?;
+    keys::verifying_key_from_file_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("public key {}: {e}", path.display()))
+}
+
 pub(crate) fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
     let mut t = TrustStore::new();
     for f in files {
-        let bytes = read_regular(f, MAX_KEY_FILE_LEN)?;
-        let vk = keys::verifying_key_from_file_bytes(&bytes)
-            .with_context(|| format!("{}", f.display()))?;
-        t.add(vk)?;
+        t.add(read_verifying_key(f)?)?;
     }
     Ok(t)
 }
