@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--checkpoint-every must be a number of seconds >= 0");
     }
     let key = crate::keys::read_signing_key(&args.key)?;
-    check_out(&args.out)?;
+    crate::check_output_path("--out", &args.out)?;
     let mut records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
     if !args.use_probes {
@@ -1133,40 +1133,4 @@ mod tests {
             "{s}"
         );
     }
-}
-
-/// `--out` must name a file in a directory that takes new files: the checkpoint is written
-/// beside it after the first edit and the bundle at the end, so a compile that trained for
-/// hours must not be the first to find out.
-fn check_out(out: &Path) -> anyhow::Result<()> {
-    if out.is_dir() {
-        bail!(
-            "--out {}: that is a directory; give the bundle's file name",
-            out.display()
-        );
-    }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "--out {}: the directory {} does not exist",
-            out.display(),
-            dir.display()
-        );
-    }
-    let probe = dir.join(format!(".amend-out-probe-{}", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .and_then(|_| std::fs::remove_file(&probe))
-        .with_context(|| {
-            format!(
-                "--out {}: cannot create files in {}",
-                out.display(),
-                dir.display()
-            )
-        })
 }

@@ -112,6 +112,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.bundles.is_empty() && args.pubkey.is_none() {
         anyhow::bail!("--pubkey is required with --bundle (bundles are verified before use)");
     }
+    for (flag, path) in [
+        ("--out", &args.out),
+        ("--summary", &args.summary),
+        ("--markdown", &args.markdown),
+    ] {
+        if let Some(p) = path {
+            crate::check_output_path(flag, p)?;
+        }
+    }
     let mut scope = None;
     let mut loaded = Vec::new();
     for path in &args.bundles {
@@ -439,6 +448,14 @@ mod tests {
         let err = run(a).unwrap_err();
         assert!(err.to_string().contains("--pubkey"), "{err}");
         assert!(!dir.join("summary.json").exists());
+        // Output paths are checked before the model loads (an evaluation can take an hour).
+        let mut a = args(dir.join("no-model.gguf"), dir.join("bad.json"), &dir);
+        a.summary = Some(dir.clone());
+        let err = run(a).unwrap_err();
+        assert!(
+            err.to_string().contains("--summary") && err.to_string().contains("directory"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

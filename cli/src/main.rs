@@ -26,6 +26,43 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
     }
 }
 
+/// An output file a long command writes at its end (`compile --out`, `eval --summary`): it must
+/// name a file in a directory that takes new files, checked before the work, so that hours of
+/// training or evaluation are not the first to find out.
+pub fn check_output_path(flag: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if out.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: that is a directory; give a file name",
+            out.display()
+        );
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: the directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".amend-out-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot create files in {}",
+                out.display(),
+                dir.display()
+            )
+        })
+}
+
 mod backends;
 mod bench;
 mod compile;
