@@ -407,6 +407,30 @@ fn bad_input_is_a_specific_error() {
     assert!(Ep::parse("tpu").is_err());
     assert!(Ep::parse("cpu:GPU").is_err());
     assert_eq!(Ep::parse("openvino").unwrap(), Ep::OpenVino("CPU".into()));
+    // OpenVINO device names: any case in, upper case out; a name the EP would not know (it
+    // then takes no node) is refused at parse.
+    for (given, taken) in [
+        ("openvino:cpu", "CPU"),
+        ("openvino:GPU.1", "GPU.1"),
+        ("openvino:auto:gpu,cpu", "AUTO:GPU,CPU"),
+        ("openvino:HETERO:NPU,CPU", "HETERO:NPU,CPU"),
+    ] {
+        assert_eq!(Ep::parse(given).unwrap(), Ep::OpenVino(taken.into()));
+    }
+    for bad in [
+        "openvino:",
+        "openvino:FOO",
+        "openvino:GPU.x",
+        "openvino:AUTO:",
+        "openvino:X:CPU",
+    ] {
+        let e = Ep::parse(bad).unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::InvalidOptions(_))
+                && e.to_string().contains("OpenVINO device"),
+            "{bad}: {e}"
+        );
+    }
     // An unsupported quant type names its tensor.
     let q41 = dir.join("tiny-q4_1.gguf");
     amend_runtime::testutil::write_tiny_model_typed(&q41, Architecture::Llama, 3, GgmlType::Q4_1)

@@ -141,6 +141,16 @@ fn provider_options_reach_the_ep_and_bad_ones_are_refused() {
     );
     // A good one opens.
     OrtModel::open(&path, with(&[("num_of_threads", "1")], opts.ep.clone())).unwrap();
+    // A device the machine lacks (no GPU here): the EP is in the library but does not start,
+    // which the error says instead of "not available in this library".
+    if let Err(e) = OrtModel::open(&path, with(&[], Ep::OpenVino("GPU".into()))) {
+        assert!(
+            matches!(e, RuntimeError::OrtEp { .. })
+                && e.to_string()
+                    .contains("has it, but it did not start on device GPU"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

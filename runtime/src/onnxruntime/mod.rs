@@ -47,7 +47,47 @@ pub enum Ep {
     Xnnpack,
 }
 
+/// An OpenVINO device name as its EP takes it: CPU, GPU or NPU, optionally `.N`, or AUTO:,
+/// HETERO: or MULTI: with a comma list of those; written in any case, given upper case. The EP
+/// takes no node of the graph on a name it does not know, so without this check a typo
+/// surfaced as "nodes assigned to the CPU EP" (or as a silent CPU fallback).
+fn openvino_device(d: &str) -> Result<String, RuntimeError> {
+    let up = d.trim().to_ascii_uppercase();
+    let plain = |n: &str| {
+        let (root, index) = n.split_once('.').unwrap_or((n, "0"));
+        matches!(root, "CPU" | "GPU" | "NPU")
+            && !index.is_empty()
+            && index.bytes().all(|b| b.is_ascii_digit())
+    };
+    let ok = match up.split_once(':') {
+        Some(("AUTO" | "HETERO" | "MULTI", list)) => list.split(',').all(plain),
+        Some(_) => false,
+        None => plain(&up) || up == "AUTO",
+    };
+    if ok {
+        Ok(up)
+    } else {
+        Err(RuntimeError::InvalidOptions(format!(
+            "OpenVINO device `{d}`: expected CPU, GPU or NPU (optionally .N, e.g. GPU.1), or \
+             AUTO:, HETERO: or MULTI: with a comma list of them"
+        )))
+    }
+}
+
 impl Ep {
+    /// Whether the loaded ONNX Runtime library was built with this EP (None: it could not say).
+    fn in_library(&self) -> Option<bool> {
+        use ort::ep::{self, ExecutionProvider};
+        match self {
+            Ep::Cpu => Some(true),
+            Ep::OpenVino(_) => ep::OpenVINO::is_available().ok(),
+            Ep::Qnn => ep::QNN::is_available().ok(),
+            Ep::CoreMl => ep::CoreML::is_available().ok(),
+            Ep::Nnapi => ep::NNAPI::is_available().ok(),
+            Ep::Xnnpack => ep::XNNPACK::is_available().ok(),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Ep, RuntimeError> {
         let (name, dev) = match s.split_once(':') {
             Some((n, d)) => (n, Some(d)),
@@ -55,7 +95,7 @@ impl Ep {
         };
         let ep = match name.to_ascii_lowercase().as_str() {
             "cpu" => Ep::Cpu,
-            "openvino" => Ep::OpenVino(dev.unwrap_or("CPU").to_string()),
+            "openvino" => Ep::OpenVino(openvino_device(dev.unwrap_or("CPU"))?),
             "qnn" => Ep::Qnn,
             "coreml" => Ep::CoreMl,
             "nnapi" => Ep::Nnapi,
@@ -1098,9 +1138,24 @@ impl OrtModel {
             b = b
                 .with_execution_providers([d.error_on_failure()])
                 .map_err(|e| {
-                    // ONNX Runtime gives one message for both causes.
+                    // ONNX Runtime gives one message for every cause; the library's list of
+                    // EPs tells a missing EP from one that failed to start.
+                    let in_library = options.ep.in_library();
+                    let device = match &options.ep {
+                        Ep::OpenVino(d) => format!(" on device {d} (is it present on this machine?)"),
+                        _ => String::new(),
+                    };
                     let options = &options.ep_options;
-                    ep_err(if options.is_empty() {
+                    ep_err(if in_library == Some(true) {
+                        let given = if options.is_empty() {
+                            String::new()
+                        } else {
+                            let keys: Vec<&str> =
+                                options.iter().map(|(k, _)| k.as_str()).collect();
+                            format!(", with the provider options given ({})", keys.join(", "))
+                        };
+                        format!("this ONNX Runtime library has it, but it did not start{device}{given}: {e}")
+                    } else if options.is_empty() {
                         format!("not available in this ONNX Runtime library: {e}")
                     } else {
                         let keys: Vec<&str> = options.iter().map(|(k, _)| k.as_str()).collect();
