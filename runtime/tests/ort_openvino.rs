@@ -94,7 +94,18 @@ fn gemma3_agrees_on_openvino() {
     );
     assert!(r.agreement() >= 93.0, "{:.1}%", r.agreement());
     // amend's default (f32 activations) adds no rounding of its own to llama.cpp's: closer
-    // (100 prompts: mean logit error 0.190 against 0.230, docs/backends.md).
+    // (100 prompts: mean logit error 0.190 against 0.230, docs/backends.md). OpenVINO's CPU
+    // device requantizes only where the CPU has int8 dot products (VNNI, AMX): on an AVX2-only
+    // CPU (a 2-core AMD EPYC here, session 34) both settings give the same logits.
+    let int8_dots = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.split_whitespace()
+            .any(|f| matches!(f, "avx512_vnni" | "avx_vnni" | "amx_int8"))
+    });
+    let same = r.mean_abs_err == q.mean_abs_err && r.agreement() == q.agreement();
+    if same && !int8_dots {
+        eprintln!("this CPU has no VNNI or AMX: OpenVINO did not requantize, nothing to compare");
+        return;
+    }
     assert!(
         r.mean_abs_err < q.mean_abs_err * 0.95,
         "default {:.4} against requantized {:.4}",
