@@ -413,6 +413,15 @@ fn compile_refuses_bad_input_and_writes_nothing() {
     };
     bad_out(&dir, "that is a directory");
     bad_out(&dir.join("missing").join("b.amend"), "does not exist");
+    // The bundle is renamed over --out: a FIFO (or /dev/null) there would be replaced.
+    let fifo = dir.join("out.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    bad_out(&fifo, "that is a FIFO, not a regular file");
     let no_subject = dir.join("no-subject.jsonl");
     std::fs::write(
         &no_subject,

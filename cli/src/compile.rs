@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--checkpoint-every must be a number of seconds >= 0");
     }
     let key = crate::keys::read_signing_key(&args.key)?;
-    crate::check_output_path("--out", &args.out)?;
+    crate::check_output_path("--out", &args.out, true)?;
     let mut records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
     if !args.use_probes {

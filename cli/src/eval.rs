@@ -118,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("--markdown", &args.markdown),
     ] {
         if let Some(p) = path {
-            crate::check_output_path(flag, p)?;
+            crate::check_output_path(flag, p, false)?;
         }
     }
     let mut scope = None;

@@ -28,14 +28,26 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
 
 /// An output file a long command writes at its end (`compile --out`, `eval --summary`): it must
 /// name a file in a directory that takes new files, checked before the work, so that hours of
-/// training or evaluation are not the first to find out.
-pub fn check_output_path(flag: &str, out: &std::path::Path) -> anyhow::Result<()> {
+/// training or evaluation are not the first to find out. A file written by renaming a new one
+/// over it (`replaced`: bundles, factors, heads) must be a regular file if it exists: the rename
+/// would replace a device node such as /dev/null. Eval's reports are written in place, so
+/// /dev/null or a pipe (`--summary >(jq .)`) serve there.
+pub fn check_output_path(flag: &str, out: &std::path::Path, replaced: bool) -> anyhow::Result<()> {
     use anyhow::Context;
-    if out.is_dir() {
-        anyhow::bail!(
-            "{flag} {}: that is a directory; give a file name",
-            out.display()
-        );
+    if let Ok(md) = std::fs::metadata(out) {
+        if md.is_dir() {
+            anyhow::bail!(
+                "{flag} {}: that is a directory; give a file name",
+                out.display()
+            );
+        }
+        if replaced && !md.is_file() {
+            anyhow::bail!(
+                "{flag} {}: that is a {}, not a regular file",
+                out.display(),
+                amend_edits::fsutil::kind_name(&md.file_type())
+            );
+        }
     }
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -100,7 +100,7 @@ fn open_scope(
 
 fn tune(a: TuneArgs) -> anyhow::Result<()> {
     use amend_compiler::scope_tune;
-    crate::check_output_path("--out", &a.out)?;
+    crate::check_output_path("--out", &a.out, true)?;
     let records = load_sets(&a.data, "--data")?;
     let validation = load_sets(&a.validation, "--validation")?;
     let lexicon = amend_compiler::methods::relation_groups::Lexicon::load(&a.lexicon)
@@ -177,7 +177,7 @@ struct TrainHeadArgs {
 
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
-    crate::check_output_path("--out", &a.out)?;
+    crate::check_output_path("--out", &a.out, true)?;
     let records = load_sets(&a.data, "--data")?;
     let calibration = load_sets(&a.calibrate, "--calibrate")?;
     let scope = open_scope(a.scope_model.clone(), a.threads)?;
@@ -265,7 +265,7 @@ struct Tally {
 fn route(a: RouteArgs) -> anyhow::Result<()> {
     use amend_edits::bundle::Payload;
     if let Some(d) = &a.dump {
-        crate::check_output_path("--dump", d)?;
+        crate::check_output_path("--dump", d, true)?;
     }
     let records = amend_compiler::dataset::load(&a.data, Default::default())
         .with_context(|| format!("--data {}", a.data.display()))?;

@@ -32,7 +32,8 @@ impl FileError {
     }
 }
 
-fn kind_name(ft: &std::fs::FileType) -> &'static str {
+/// What a file that is not a regular file is, for messages ("FIFO", "character device", ...).
+pub fn kind_name(ft: &std::fs::FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
