@@ -125,6 +125,7 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
     let trust = TrustStore::with_key(sk.verifying_key());
     Bundle::from_bytes(&buf, &trust).context("bundle does not verify after signing")?;
     let out = a.out.unwrap_or(a.bundle);
+    crate::check_output_path("--out", &out, true)?;
     write_atomic(&out, &buf, false)?;
     println!(
         "signed {} ({} v{}) with key {}",
