@@ -62,27 +62,11 @@ fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Write `data` to `path` via a temporary file and rename (no half-written files).
+/// Write `data` to `path` atomically (`fsutil::write_atomic`: temporary file, fsync, rename,
+/// directory fsync); a secret key is created 0600.
 fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
-    let tmp = with_ext(path, &format!(".tmp{}", std::process::id()));
-    {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let _ = secret;
-        let mut f = opts
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    amend_edits::fsutil::write_atomic(path, data, secret.then_some(0o600))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
