@@ -561,10 +561,10 @@ pub fn check_unique_ids(records: &[EditRecord], base: Option<&Bundle>) -> Result
 /// last prompt token (an update keyed there also moves other facts phrased like the prompt);
 /// the retrieval memory's scope check reads the subject's rows, always.
 pub fn check_subjects(method: Method, hp: &Hparams, records: &[EditRecord]) -> Result<()> {
-    let (section, required) = match method {
-        Method::Rome => ("rome", !hp.rome.allow_missing_subject),
-        Method::Memit => ("memit", !hp.memit.allow_missing_subject),
-        Method::Serac => ("serac", true),
+    let required = match method {
+        Method::Rome => !hp.rome.allow_missing_subject,
+        Method::Memit => !hp.memit.allow_missing_subject,
+        Method::Serac => true,
         Method::Grace | Method::TPatcher | Method::Lora => return Ok(()),
     };
     if !required {
@@ -575,9 +575,10 @@ pub fn check_subjects(method: Method, hp: &Hparams, records: &[EditRecord]) -> R
     } else {
         format!(
             "{} keys its update on the subject's last token; give the subject as it is written \
-             in the prompt, or set {section}.allow_missing_subject=true to key on the last \
+             in the prompt, or set {}.allow_missing_subject=true to key on the last \
              prompt token",
-            method.name().to_uppercase()
+            method.name().to_uppercase(),
+            method.name()
         )
     };
     for (i, r) in records.iter().enumerate() {
