@@ -363,6 +363,26 @@ fn compile_refuses_bad_input_and_writes_nothing() {
         &["serac", "auto"],
     );
     compile(&tiny, "grace", &good, &["--set", "grace.nope=1"], &["nope"]);
+    // A scope model given to a method that routes without one would be silently ignored.
+    compile(
+        &tiny,
+        "grace",
+        &good,
+        &["--scope-model", s(&tiny)],
+        &["--scope-model", "grace would ignore it"],
+    );
+    compile(
+        &tiny,
+        "serac",
+        &good,
+        &[
+            "--scope-model",
+            s(&tiny),
+            "--set",
+            "serac.embedder=\"base\"",
+        ],
+        &["--scope-model", "serac.embedder is \"base\""],
+    );
     // Checked with the arguments: it used to fail at the drift check, after training.
     compile(
         &tiny,

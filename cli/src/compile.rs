@@ -163,6 +163,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("--auto-records must be at least 1");
         }
     }
+    if args.scope_model.is_some() && method != Method::Serac {
+        bail!(
+            "--scope-model: only serac routes its memories with a scope model; {} would ignore it",
+            method.name()
+        );
+    }
     if !(0.0..=100.0).contains(&args.min_probe_locality) {
         bail!("--min-probe-locality must be a percentage in 0..=100");
     }
@@ -283,6 +289,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.threads,
         )?),
     };
+    if method == Method::Serac && hp.serac.embedder != "scope" && args.scope_model.is_some() {
+        bail!(
+            "--scope-model: serac.embedder is {:?}, which routes without a scope model; it would be ignored",
+            hp.serac.embedder
+        );
+    }
     if method == Method::Serac && hp.serac.embedder == "scope" {
         let path = args
             .scope_model

@@ -127,24 +127,57 @@ pub const MAX_TEXT_FILE_LEN: u64 = 1 << 30;
 /// GGUF models (weights are mapped by llama.cpp, not read whole).
 pub const MAX_MODEL_LEN: u64 = 1 << 40;
 
+/// The per-call part of [`write_atomic`]'s temporary names.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Write `data` to `path` atomically: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. Readers see the old or the new file, never a mix; `mode` applies
 /// on unix (0o600 for secrets).
+///
+/// An existing `path` must be a regular file (a link to one is replaced as a link): renaming
+/// over a FIFO, a device or a directory would replace the node itself (`--out /dev/null` as
+/// root), so that is an `InvalidInput` error and nothing is written. The temporary file is
+/// created exclusively (`O_EXCL`, which also refuses a planted symlink in a shared directory)
+/// under a name unique to this process and call, so two threads writing one path do not
+/// share it.
 pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let res = (|| {
+    if let Ok(md) = std::fs::metadata(path) {
+        if !md.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a {}, not a regular file; nothing was written",
+                    path.display(),
+                    kind_name(&md.file_type())
+                ),
+            ));
+        }
+    }
+    let (tmp, mut f) = loop {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(
+            ".tmp{}.{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let tmp = PathBuf::from(tmp);
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         if let Some(m) = mode {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(m);
         }
         let _ = mode;
-        let mut f = opts.open(&tmp)?;
+        match opts.open(&tmp) {
+            Ok(f) => break (tmp, f),
+            // A leftover of an earlier process with this id: take the next name.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let res = (|| {
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
@@ -236,5 +269,94 @@ mod tests {
         write_atomic(&p, b"one", None).unwrap();
         write_atomic(&p, b"two", Some(0o600)).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The mode applies to the new file (the one renamed into place).
+            let m = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o600, "{m:o}");
+        }
+    }
+
+    #[test]
+    fn atomic_write_refuses_a_node_that_is_not_a_regular_file() {
+        let d = tmp("atomic-dir");
+        std::fs::create_dir_all(&d).unwrap();
+        let e = write_atomic(&d, b"x", None).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        assert!(d.is_dir());
+        #[cfg(unix)]
+        {
+            let fifo = tmp("atomic-fifo");
+            let _ = std::fs::remove_file(&fifo);
+            let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            let e = write_atomic(&fifo, b"x", None).unwrap_err();
+            assert!(e.to_string().contains("is a FIFO"), "{e}");
+            use std::os::unix::fs::FileTypeExt;
+            assert!(std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo());
+            // No temporary file is left beside it.
+            let parent = fifo.parent().unwrap();
+            let left: Vec<_> = std::fs::read_dir(parent)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("atomic-fifo.tmp")
+                })
+                .collect();
+            assert!(left.is_empty());
+            let _ = std::fs::remove_file(&fifo);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_write_never_writes_through_a_planted_temporary_name() {
+        // Another user plants `PATH.tmpPID.N` as a link to a file of ours: exclusive creation
+        // refuses it and the next name is taken, so the link's target is untouched.
+        let p = tmp("atomic-planted");
+        let victim = tmp("atomic-victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let _ = std::fs::remove_file(&p);
+        let mut planted = Vec::new();
+        let next = TMP_SEQ.load(std::sync::atomic::Ordering::Relaxed);
+        for n in next..next + 256 {
+            let name = PathBuf::from(format!("{}.tmp{}.{n}", p.display(), std::process::id()));
+            let _ = std::fs::remove_file(&name);
+            std::os::unix::fs::symlink(&victim, &name).unwrap();
+            planted.push(name);
+        }
+        for _ in 0..3 {
+            write_atomic(&p, b"new", None).unwrap();
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        for name in planted {
+            let _ = std::fs::remove_file(name);
+        }
+    }
+
+    #[test]
+    fn atomic_writes_from_threads_to_one_path_do_not_collide() {
+        let p = tmp("atomic-threads");
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(p, &[t; 4096], None).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(got.len(), 4096);
+        assert!(got.iter().all(|&b| b == got[0]), "a mix of two writers");
     }
 }
