@@ -1293,3 +1293,708 @@ fn a_context_below_the_default_repeat_window_runs() {
         );
     }
 }
+
+/// `amend` that must exit within `secs` (a refusal that regressed into a hang fails the test
+/// instead of blocking it). Output goes through files: a full pipe cannot stall the child.
+fn amend_within(args: &[&str], secs: u64) -> Output {
+    use std::process::Stdio;
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (o, e) = (
+        tmp().join(format!("within-{n}.out")),
+        tmp().join(format!("within-{n}.err")),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amend"))
+        .args(args)
+        .env_remove("AMEND_MODEL")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap())
+        .spawn()
+        .expect("the amend binary runs");
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("amend {args:?} still ran after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = Output {
+        status,
+        stdout: std::fs::read(&o).unwrap(),
+        stderr: std::fs::read(&e).unwrap(),
+    };
+    eprintln!(
+        "$ amend {}\n  exit {:?}\n  stderr (tail): {}",
+        args.join(" "),
+        out.status.code(),
+        tail(&String::from_utf8_lossy(&out.stderr), 3)
+    );
+    out
+}
+
+/// Like `refused`, within `secs`.
+fn refused_within(args: &[&str], secs: u64, needles: &[&str]) {
+    let out = amend_within(args, secs);
+    assert!(!out.status.success(), "amend {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "stderr of {args:?} lacks {n:?}:\n{err}");
+    }
+}
+
+fn dir_listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `amend locate` refuses, before the model loads or any trace runs, sample counts that would
+/// allocate or run without bound (99999999999 aborted allocating 2.4 TB; 1000000 ran forever),
+/// a noise scale of 0 (nothing corrupted), --window with --residual-only (which has no window),
+/// a window wider than the model, and a blank prompt, subject or target; it writes nothing.
+#[test]
+fn locate_refuses_bad_values_before_tracing() {
+    let dir = tmp().join("locate-values");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny.gguf");
+    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    let out_dir = dir.join("out");
+    let (m, o) = (s(&model), s(&out_dir));
+    let fact = |prompt: &'static str, subject: &'static str, target: &'static str| {
+        vec![
+            "locate",
+            "--model",
+            m,
+            "--prompt",
+            prompt,
+            "--subject",
+            subject,
+            "--target",
+            target,
+            "--out-dir",
+            o,
+            "--threads",
+            "1",
+        ]
+    };
+    let with = |extra: &[&'static str]| [&fact("a b c", "b", "c")[..], extra].concat();
+    for n in ["99999999999", "1000000", "101", "0"] {
+        refused_within(&with(&["--samples", n]), 60, &["--samples", "1..=100"]);
+    }
+    for x in ["--noise=0", "--noise=-1", "--noise=1e9", "--noise=nan"] {
+        refused_within(&with(&[x]), 60, &["--noise", "(0, 100]"]);
+    }
+    refused_within(
+        &with(&["--window", "1", "--residual-only"]),
+        60,
+        &["--window", "--residual-only"],
+    );
+    // The tiny model has 2 layers.
+    refused_within(&with(&["--window", "3"]), 60, &["--window 3", "1..=2"]);
+    for (args, flag) in [
+        (fact("a b c", "b", ""), "--target"),
+        (fact("a b c", "b", "  "), "--target"),
+        (fact(" ", " ", "c"), "--prompt"),
+        (fact("a b c", "", "c"), "--subject"),
+    ] {
+        refused_within(&args, 60, &[flag, "empty"]);
+    }
+    refused_within(
+        &fact("a b c", "d", "c"),
+        60,
+        &["--subject \"d\" does not occur in --prompt"],
+    );
+    assert!(!out_dir.exists(), "a refused locate created {o}");
+}
+
+/// `amend locate` checks the files it will write (--out-dir/NAME.json and .png) before the
+/// trace: a FIFO there blocked forever after the trace, a directory failed only after it (with
+/// the json already written), an empty --name wrote `.json`, and a file as --out-dir said "File
+/// exists". Each is refused by flag with nothing written; a good run writes exactly both files.
+#[test]
+fn locate_checks_its_outputs_before_tracing() {
+    let dir = tmp().join("locate-outputs");
+    let out = dir.join("loc");
+    std::fs::create_dir_all(&out).unwrap();
+    let model = dir.join("tiny.gguf");
+    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    let fifo = out.join("fifo.json");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    std::fs::create_dir(out.join("dirname.png")).unwrap();
+    let before = dir_listing(&out);
+    let base = |out_dir: &str, name: &str| -> Vec<String> {
+        [
+            "locate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a b c",
+            "--subject",
+            "b",
+            "--target",
+            "c",
+            "--samples",
+            "1",
+            "--threads",
+            "1",
+            "--residual-only",
+            "--out-dir",
+            out_dir,
+            "--name",
+            name,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |out_dir: &str, name: &str, needles: &[&str]| {
+        let args = base(out_dir, name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_within(&args, 60, needles);
+    };
+    let o = s(&out);
+    run(o, "fifo", &["--out-dir/--name", "fifo.json", "FIFO"]);
+    run(
+        o,
+        "dirname",
+        &["--out-dir/--name", "dirname.png", "directory"],
+    );
+    run(o, "", &["--name \"\""]);
+    run(o, "  ", &["--name"]);
+    run(o, "sub/x", &["--name \"sub/x\""]);
+    run(s(&model), "t", &["--out-dir", "not a directory"]);
+    run(
+        &format!("{}/sub", s(&model)),
+        "t",
+        &["--out-dir", "not a directory"],
+    );
+    assert_eq!(dir_listing(&out), before, "a refused locate wrote into {o}");
+
+    // A good run into a directory it creates: both files, no temporary left behind (the real
+    // model: the tiny llama graph has no embeddings hook to corrupt).
+    let Some(real) = real_model() else {
+        return;
+    };
+    let fresh = dir.join("fresh/sub");
+    let done = amend_within(
+        &[
+            "locate",
+            "--model",
+            s(&real),
+            "--prompt",
+            PROMPT,
+            "--subject",
+            "France",
+            "--target",
+            " Paris",
+            "--samples",
+            "1",
+            "--threads",
+            "1",
+            "--residual-only",
+            "--out-dir",
+            s(&fresh),
+            "--name",
+            "t",
+        ],
+        300,
+    );
+    assert!(done.status.success());
+    assert_eq!(dir_listing(&fresh), ["t.json", "t.png"]);
+}
+
+/// `amend bench` bounds its token counts before any benchmark runs: --gen-tokens by a clap range
+/// (99999999999 reached the session as n_ctx 0, 2000000000 failed creating a context), and
+/// --prompt-tokens + --gen-tokens by the model's trained context (the tiny model's 512; more
+/// ran for minutes), naming the flags; --rounds 0 too.
+#[test]
+fn bench_bounds_its_token_counts_by_the_context() {
+    let model = tmp().join("bench-tiny.gguf");
+    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    let m = s(&model);
+    let bench =
+        |extra: &[&'static str]| [&["bench", "--model", m, "--threads", "1"][..], extra].concat();
+    for g in ["99999999999", "3000000000", "2000000000", "0"] {
+        refused_within(&bench(&["--gen-tokens", g]), 60, &["--gen-tokens", "1..="]);
+    }
+    refused_within(
+        &bench(&["--prompt-tokens", "128", "--gen-tokens", "400"]),
+        60,
+        &[
+            "--prompt-tokens 128 + --gen-tokens 400",
+            "context length 512",
+            "at most 384",
+        ],
+    );
+    refused_within(&bench(&["--rounds", "0"]), 60, &["--rounds", "1..="]);
+    refused_within(
+        &bench(&["--prompt-tokens", "513"]),
+        60,
+        &["--prompt-tokens", "1..=512"],
+    );
+}
+
+/// all-MiniLM-L6-v2's unpacked checkpoint (AMEND_SCOPE_CHECKPOINT or ~/.cache/amend), or `None`.
+fn scope_checkpoint() -> Option<PathBuf> {
+    let dir = std::env::var_os("AMEND_SCOPE_CHECKPOINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/amend/all-minilm-l6-v2/checkpoint")
+        });
+    present(dir.join("model.safetensors"))?;
+    Some(dir)
+}
+
+/// all-MiniLM-L6-v2's config.json with `key` set to `v` (JSON), in a new directory `name`
+/// beside links to the real checkpoint's other files when `real` is given.
+fn scope_checkpoint_with(name: &str, key: &str, v: &str, real: Option<&Path>) -> PathBuf {
+    let dir = tmp().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = serde_json::json!({
+        "model_type": "bert", "hidden_act": "gelu", "hidden_size": 384,
+        "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+        "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+    });
+    c[key] = serde_json::from_str(v).unwrap();
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        if let Some(r) = real {
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(r.join(f), dir.join(f)).unwrap();
+            #[cfg(not(unix))]
+            std::fs::copy(r.join(f), dir.join(f)).unwrap();
+        }
+    }
+    dir
+}
+
+/// `args` fails, its stderr names every one of `needles`, and `out` is as it was (absent, or
+/// still holding `before`).
+fn refused_writing_nothing(args: &[&str], needles: &[&str], out: &Path, before: Option<&[u8]>) {
+    refused(args, needles);
+    assert_eq!(
+        std::fs::read(out).ok().as_deref(),
+        before,
+        "{args:?} wrote {out:?}"
+    );
+}
+
+/// `amend scope-model tune`: counts that size allocations and rates that would train NaN
+/// factors are refused when the arguments are read (`--rank 99999999999` used to abort the
+/// process allocating 153 TB, `--lr NaN` to write NaN factors with exit 0, `--epochs 0` untrained
+/// ones); --layers and --rank again against the checkpoint's config.json, before the data
+/// (missing here) or the weights are read.
+#[test]
+fn scope_model_tune_refuses_bad_counts_and_rates_up_front() {
+    let from = scope_checkpoint_with("tune-args", "x", "0", None);
+    let out = tmp().join("tune-args.safetensors");
+    let missing = tmp().join("no-such-data.json");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = ["scope-model", "tune", "--from", s(&from), "--data"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        a.extend([
+            s(&missing).into(),
+            "--lexicon".into(),
+            "none".into(),
+            "--out".into(),
+        ]);
+        a.push(s(&out).into());
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    for (extra, needles) in [
+        (&["--rank", "99999999999"][..], &["--rank", "1..=65536"][..]),
+        (&["--rank", "385"], &["--rank 385", "1..=384"]),
+        (&["--rank", "0"], &["--rank", "1..="]),
+        (&["--layers", "7"], &["--layers 7", "1..=6"]),
+        (&["--layers", "0"], &["--layers", "1..="]),
+        (&["--epochs", "0"], &["--epochs", ">= 1"]),
+        (&["--lr", "NaN"], &["--lr", "finite number > 0"]),
+        (&["--lr", "inf"], &["--lr", "finite number > 0"]),
+        (&["--lr=-1"], &["--lr", "finite number > 0"]),
+        (
+            &["--temperature", "0"],
+            &["--temperature", "finite number > 0"],
+        ),
+        (
+            &["--lexicon-items", "99999999"],
+            &["--lexicon-items", "0..=1000"],
+        ),
+    ] {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        refused_writing_nothing(&a, needles, &out, None);
+    }
+    // Within the bounds, the next thing read is the (missing) data.
+    let a = args(&["--rank", "384", "--layers", "6"]);
+    let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+    refused_writing_nothing(&a, &["--data"], &out, None);
+}
+
+/// `amend scope-model train-head`: --target-locality is a percentage in (0, 100] (NaN used to
+/// write a head, 0 or -1 one that takes everything in scope, 150 to fail after training every
+/// fold), --epochs 0 failed after training, --members/--hidden 0 failed without naming the
+/// flag. All refused when the arguments are read, before the (missing) data.
+#[test]
+fn scope_model_train_head_refuses_bad_options_up_front() {
+    let out = tmp().join("head-args.safetensors");
+    let missing = tmp().join("no-such-data.json");
+    for (extra, needles) in [
+        (
+            &["--target-locality", "NaN"][..],
+            &["--target-locality", "(0, 100]"][..],
+        ),
+        (
+            &["--target-locality=-1"],
+            &["--target-locality", "(0, 100]"],
+        ),
+        (
+            &["--target-locality", "0"],
+            &["--target-locality", "(0, 100]"],
+        ),
+        (
+            &["--target-locality", "150"],
+            &["--target-locality", "(0, 100]"],
+        ),
+        (&["--epochs", "0"], &["--epochs", ">= 1"]),
+        (&["--members", "0"], &["--members", "1..=16"]),
+        (&["--members", "17"], &["--members", "1..=16"]),
+        (&["--hidden", "0"], &["--hidden", "1..=1024"]),
+        (&["--hidden", "99999999999"], &["--hidden", "1..=1024"]),
+        (&["--l2", "NaN"], &["--l2", "finite number >= 0"]),
+        (&["--l2=-1"], &["--l2", "finite number >= 0"]),
+    ] {
+        let mut a = vec![
+            "scope-model",
+            "train-head",
+            "--data",
+            s(&missing),
+            "--out",
+            s(&out),
+        ];
+        a.extend(extra);
+        refused_writing_nothing(&a, needles, &out, None);
+    }
+}
+
+/// `amend scope-model convert`: a config.json the tensors or the GGUF reader do not take is
+/// refused naming the key, and the file at --out is left as it was (the invalid GGUF used to be
+/// written first, replacing it); a count that does not fit is refused, not wrapped. An error
+/// of the --tune file is reported against --tune alone, not under --from.
+#[test]
+fn scope_model_convert_refuses_bad_configs_and_keeps_out() {
+    // A bad --tune file is read first: no checkpoint needed.
+    let from = scope_checkpoint_with("convert-none", "x", "0", None);
+    let out = tmp().join("convert.gguf");
+    let good: &[u8] = b"a good file";
+    std::fs::write(&out, good).unwrap();
+    // F32 zeros of each (name, shape).
+    let safetensors = |tensors: &[(&str, &[usize])]| {
+        let (mut header, mut at) = (serde_json::Map::new(), 0);
+        for (name, shape) in tensors {
+            let end = at + 4 * shape.iter().product::<usize>();
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [at, end]}),
+            );
+            at = end;
+        }
+        let header = serde_json::Value::Object(header).to_string();
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; at]);
+        b
+    };
+    let tune = tmp().join("bad-tune.safetensors");
+    std::fs::write(&tune, safetensors(&[("threshold", &[1])])).unwrap();
+    let args = |from: &Path, tune: Option<&Path>| {
+        let mut a = vec![
+            "scope-model".to_string(),
+            "convert".into(),
+            "--from".into(),
+            s(from).into(),
+            "--out".into(),
+            s(&out).into(),
+        ];
+        if let Some(t) = tune {
+            a.extend(["--tune".into(), s(t).into()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| amend(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    let o = run(args(&from, Some(&tune)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("--tune {}: unexpected tensor threshold", s(&tune))),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--from"),
+        "a --tune error under --from: {err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), good);
+
+    let Some(real) = scope_checkpoint() else {
+        return;
+    };
+    for (key, v, needle) in [
+        (
+            "num_attention_heads",
+            "5",
+            "num_attention_heads 5 does not divide hidden_size 384",
+        ),
+        (
+            "max_position_embeddings",
+            "0",
+            "max_position_embeddings 0 is not an integer in 1..",
+        ),
+        ("layer_norm_eps", "-1", "layer_norm_eps -1"),
+        (
+            "hidden_size",
+            "99999999999",
+            "hidden_size 99999999999 is not an integer in 1..=",
+        ),
+        ("hidden_size", "768", "config.json (hidden_size 768"),
+        (
+            "num_hidden_layers",
+            "0",
+            "num_hidden_layers 0 is not an integer in 1..",
+        ),
+        ("num_hidden_layers", "5", "num_hidden_layers is 5"),
+        ("num_hidden_layers", "7", "lacks encoder.layer.6."),
+    ] {
+        let dir = scope_checkpoint_with(&format!("convert-{key}"), key, v, Some(&real));
+        let a = args(&dir, None);
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        refused_writing_nothing(&a, &["--from", needle], &out, Some(good));
+    }
+    // Factors that do not fit the checkpoint are a --tune error too.
+    let p = "encoder.layer.9.attention.self.query";
+    std::fs::write(
+        &tune,
+        safetensors(&[
+            (&format!("{p}.lora_a"), &[4, 384]),
+            (&format!("{p}.lora_b"), &[384, 4]),
+        ]),
+    )
+    .unwrap();
+    let o = run(args(&real, Some(&tune)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!(
+            "--tune {}: the checkpoint has no projection {p}",
+            s(&tune)
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--from"),
+        "a --tune error under --from: {err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), good);
+}
+
+/// `amend export-onnx`, `amend parity` and `amend keygen` refuse outputs and inputs that would
+/// destroy a file, hang or be ignored, before any work and writing nothing; an EP this machine
+/// cannot start does not fail an export (the graph is checked on the CPU EP and it says so).
+#[test]
+fn export_parity_and_keygen_refuse_bad_paths_and_values() {
+    let dir = tmp().join("outputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = dir.join("tiny.gguf");
+    amend_runtime::testutil::write_tiny_model(&tiny, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    let tiny_bytes = std::fs::read(&tiny).unwrap();
+    let fifo = dir.join("out.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let is_fifo = |p: &Path| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(p).unwrap().file_type().is_fifo()
+    };
+    let m = s(&tiny);
+
+    // keygen: a .pub that cannot be written must not cost the old .key.
+    let prefix = dir.join("k");
+    ok(&["keygen", "--out", s(&prefix), "--force"]);
+    let old_key = std::fs::read(dir.join("k.key")).unwrap();
+    std::fs::remove_file(dir.join("k.pub")).unwrap();
+    std::fs::create_dir(dir.join("k.pub")).unwrap();
+    refused(
+        &["keygen", "--out", s(&prefix), "--force"],
+        &["k.pub", "that is a directory"],
+    );
+    assert_eq!(std::fs::read(dir.join("k.key")).unwrap(), old_key);
+    refused(
+        &["keygen", "--out", &format!("{}/", dir.display())],
+        &["--out", "not a directory"],
+    );
+    assert!(!dir.join(".key").exists());
+
+    // parity: a FIFO of prompts is refused at once (it used to block), an empty set of
+    // prompts and a continuation longer than the context before anything is compared.
+    refused(
+        &["parity", "--model", m, "--prompts", s(&fifo)],
+        &["--prompts", "FIFO"],
+    );
+    let blank = dir.join("blank.txt");
+    std::fs::write(&blank, "\n  \n").unwrap();
+    refused(
+        &["parity", "--model", m, "--prompts", s(&blank)],
+        &["--prompts", "no prompt"],
+    );
+    refused(&["parity", "--model", m, "--limit", "0"], &["--limit"]);
+    refused(
+        &["parity", "--model", m, "--speed-rounds", "0"],
+        &["--speed-rounds"],
+    );
+    refused(
+        &[
+            "parity",
+            "--model",
+            m,
+            "--tokens",
+            "99999999999",
+            "--limit",
+            "1",
+        ],
+        &["--tokens 99999999999", "prompt 1", "1024"],
+    );
+    refused(&["parity", "--model", m, "--self-check"], &["--batch"]);
+    refused(
+        &[
+            "parity",
+            "--model",
+            m,
+            "--self-check",
+            "--batch",
+            "--ep",
+            "openvino",
+        ],
+        &["--ep", "--self-check"],
+    );
+    refused(
+        &[
+            "parity",
+            "--model",
+            m,
+            "--limit",
+            "1",
+            "--ort-trace",
+            &format!("{}/missing/p", dir.display()),
+        ],
+        &["--ort-trace", "does not exist"],
+    );
+
+    // export-onnx: the model itself, a FIFO, a directory and a run-this-graph flag.
+    let copy = dir.join("copy.gguf");
+    std::fs::copy(&tiny, &copy).unwrap();
+    refused(
+        &["export-onnx", "--model", s(&copy), "--out", s(&copy)],
+        &["--out", "the model file itself"],
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), tiny_bytes);
+    assert!(!dir.join("copy.gguf.amend").exists());
+    refused(
+        &["export-onnx", "--model", m, "--out", s(&fifo)],
+        &["--out", "FIFO"],
+    );
+    assert!(is_fifo(&fifo));
+    refused(
+        &["export-onnx", "--model", m, "--out", s(&dir)],
+        &["--out", "that is a directory"],
+    );
+    refused(
+        &[
+            "export-onnx",
+            "--model",
+            m,
+            "--out",
+            s(&dir.join("g.onnx")),
+            "--onnx",
+            m,
+        ],
+        &["--onnx", "builds the graph"],
+    );
+    refused(
+        &[
+            "export-onnx",
+            "--model",
+            m,
+            "--out",
+            s(&dir.join("g.onnx")),
+            "--static-shapes",
+            "8,4",
+        ],
+        &["static shapes", "no longer than the window"],
+    );
+    assert!(!dir.join("g.onnx").exists());
+    if !ort_libraries() {
+        return;
+    }
+    // A failed export leaves nothing: an unknown quant-free failure is hard to make, so use a
+    // graph option the builder refuses after the library loads (a low-rank slot on a matrix
+    // the model lacks).
+    let g = dir.join("g.onnx");
+    refused(
+        &[
+            "export-onnx",
+            "--model",
+            m,
+            "--out",
+            s(&g),
+            "--slots",
+            "lr:no.such.weight",
+        ],
+        &["no.such.weight"],
+    );
+    assert!(!g.exists() && !dir.join("g.onnx.amend").exists());
+    // QNN is not in this library: the graph is written and checked on the CPU EP.
+    let out = ok(&[
+        "export-onnx",
+        "--model",
+        m,
+        "--out",
+        s(&g),
+        "--ep",
+        "qnn",
+        "--profile",
+        "portable",
+    ]);
+    assert!(
+        out.contains("loads on cpu") && out.contains("not checked on qnn"),
+        "{out}"
+    );
+    assert!(g.exists() && dir.join("g.onnx.amend").exists());
+    assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp")));
+}

@@ -120,7 +120,45 @@ fn key_values(flag: &str, items: &[String]) -> anyhow::Result<Vec<(String, Strin
 }
 
 impl OrtArgs {
+    /// The first ONNX Runtime flag given a value other than its default (for commands that
+    /// would ignore it).
+    pub fn changed_flag(&self) -> Option<&'static str> {
+        let d = OrtArgs::default();
+        [
+            ("--ep", self.ep != d.ep),
+            ("--ort-lib", self.ort_lib.is_some()),
+            ("--profile", self.profile != d.profile),
+            ("--cpu-fallback", self.cpu_fallback),
+            ("--onnx", self.onnx.is_some()),
+            ("--no-onnx-cache", self.no_onnx_cache),
+            ("--emulate", self.emulate != d.emulate),
+            ("--ort-config", !self.ort_config.is_empty()),
+            ("--ep-option", !self.ep_option.is_empty()),
+            ("--slots", self.slots != d.slots),
+            ("--static-shapes", self.static_shapes.is_some()),
+            ("--ort-trace", self.ort_trace.is_some()),
+            ("--ort-weights", self.ort_weights != d.ort_weights),
+        ]
+        .into_iter()
+        .find_map(|(flag, changed)| changed.then_some(flag))
+    }
+
     pub fn options(&self, threads: Option<usize>) -> anyhow::Result<OrtOptions> {
+        if let Some(t) = &self.ort_trace {
+            // ONNX Runtime writes the profile when the session ends and says nothing if it
+            // cannot: a missing directory would lose it silently.
+            let dir = match t.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "--ort-trace {}: the directory {} does not exist",
+                    t.display(),
+                    dir.display()
+                );
+            }
+        }
         Ok(OrtOptions {
             ep: Ep::parse(&self.ep)?,
             profile: match self.profile {
@@ -183,14 +221,15 @@ pub struct ParityArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub ort: OrtArgs,
-    /// Prompts, one per line.
-    #[arg(long, default_value = "data/prompts-100.txt")]
-    pub prompts: PathBuf,
-    /// Only the first N prompts.
+    /// Prompts, one per line (default: the 100 prompts of data/prompts-100.txt, built in).
     #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Only the first N prompts.
+    #[arg(long, value_parser = crate::parse_count)]
     pub limit: Option<usize>,
-    /// Greedy tokens per prompt (positions compared).
-    #[arg(long, default_value_t = 32)]
+    /// Greedy tokens per prompt (positions compared); each prompt and its tokens must fit
+    /// the context of 1,024 positions.
+    #[arg(long, default_value_t = 32, value_parser = crate::parse_count)]
     pub tokens: usize,
     /// CPU threads for both backends.
     #[arg(long, value_parser = crate::parse_threads, default_value_t = 1)]
@@ -200,14 +239,14 @@ pub struct ParityArgs {
     pub speed_tokens: usize,
     /// Speed rounds, the backends alternating; medians are reported (this machine's
     /// run-to-run noise on one round is several percent).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::parse_count)]
     pub speed_rounds: usize,
     /// Evaluate the continuation in one teacher-forced pass instead of token by token.
     #[arg(long)]
     pub batch: bool,
-    /// Compare llama.cpp with itself instead (teacher-forced batch vs token-by-token): the
-    /// floor any other backend is measured against.
-    #[arg(long)]
+    /// Compare llama.cpp with itself instead (teacher-forced batch vs token-by-token, so it
+    /// needs --batch): the floor any other backend is measured against.
+    #[arg(long, requires = "batch")]
     pub self_check: bool,
     /// Also measure each backend's memory in a process of its own (this command run again
     /// with `--rss-probe`): opened, then the speed prompt and decode run once. In the shared
@@ -323,12 +362,68 @@ fn speed(b: &mut dyn Backend, prompt: &[i32], n: usize) -> anyhow::Result<(f64, 
     Ok((out.timings.prefill_tok_s(), out.timings.decode_tok_s()))
 }
 
+/// The context both backends get in `amend parity`.
+const PARITY_N_CTX: usize = 1024;
+
+/// Each prompt plus `tokens` must fit `n_ctx`, and the speed prompt plus its decode too:
+/// checked before any comparison runs, not found when the context fills.
+fn check_parity_lengths(
+    args: &ParityArgs,
+    prompts: &[Vec<i32>],
+    n_ctx: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() + args.tokens > n_ctx)
+    {
+        anyhow::bail!(
+            "--tokens {}: prompt {} has {} tokens, and with its continuation it needs {} positions; {what} has {n_ctx}",
+            args.tokens,
+            i + 1,
+            p.len(),
+            p.len() + args.tokens
+        );
+    }
+    if args.speed_tokens > 0 && !args.self_check {
+        let long = speed_prompt(prompts).len();
+        if long + args.speed_tokens > n_ctx {
+            anyhow::bail!(
+                "--speed-tokens {}: the speed prompt has {long} tokens, so it needs {} positions; {what} has {n_ctx}",
+                args.speed_tokens,
+                long + args.speed_tokens
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.prompts)
-        .with_context(|| format!("reading {}", args.prompts.display()))?;
+    let text = match &args.prompts {
+        Some(p) => {
+            amend_edits::fsutil::read_regular_string(p, amend_edits::fsutil::MAX_TEXT_FILE_LEN)
+                .with_context(|| format!("--prompts {}", p.display()))?
+        }
+        None => include_str!("../../data/prompts-100.txt").to_string(),
+    };
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if let Some(n) = args.limit {
         lines.truncate(n);
+    }
+    if lines.is_empty() {
+        anyhow::bail!(
+            "--prompts {}: no prompt in it (one per line; blank lines are skipped)",
+            args.prompts.as_deref().unwrap_or(Path::new("")).display()
+        );
+    }
+    if args.self_check {
+        if let Some(flag) = args.ort.changed_flag() {
+            anyhow::bail!("{flag}: --self-check compares llama.cpp with itself; no ONNX Runtime option applies");
+        }
+        if args.rss_alone {
+            anyhow::bail!("--rss-alone: --self-check measures no memory");
+        }
     }
     if let Some(which) = &args.rss_probe {
         return rss_probe(&args, which, &lines);
@@ -339,7 +434,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
         Session::new(
             &llama,
             SessionOptions {
-                n_ctx: 1024,
+                n_ctx: PARITY_N_CTX as u32,
                 n_threads: Some(args.threads),
                 ..Default::default()
             },
@@ -351,6 +446,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
         .iter()
         .map(|l| llama.tokenize(l, true))
         .collect::<Result<_, _>>()?;
+    check_parity_lengths(&args, &prompts, PARITY_N_CTX, "the context")?;
     let mode = if args.batch {
         amend_runtime::parity::Mode::Batch
     } else {
@@ -377,7 +473,8 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     let n_ctx = ort
         .options()
         .static_shapes
-        .map_or(1024, |s| s.window.min(1024));
+        .map_or(PARITY_N_CTX, |s| s.window.min(PARITY_N_CTX));
+    check_parity_lengths(&args, &prompts, n_ctx, "the static KV window")?;
     let mut candidate = OrtSession::new(&ort, n_ctx)?;
     let candidate_name = format!("onnxruntime {}", ort.options().ep.name());
     let report = amend_runtime::parity::parity(
@@ -426,7 +523,7 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
     if args.speed_tokens > 0 {
         let long = speed_prompt(&prompts);
         let prompt = &long;
-        let rounds = args.speed_rounds.max(1);
+        let rounds = args.speed_rounds;
         let (mut lps, mut lds, mut ops, mut ods) = (vec![], vec![], vec![], vec![]);
         let (mut pr, mut dr) = (vec![], vec![]);
         for _ in 0..rounds {
@@ -505,13 +602,79 @@ pub struct ExportArgs {
     pub ort: OrtArgs,
 }
 
-/// Builds the graph (loading it on the EP as a check) and writes it.
+/// Device and inode of an existing file (links followed), to tell two names of one file apart.
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Builds the graph (loading it on the EP as a check) and writes it. A failed export leaves
+/// nothing it wrote; an EP this machine cannot start (QNN on a workstation) does not fail it:
+/// the graph is checked on the CPU EP instead, and the output says so.
 pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
+    if let Some(p) = &args.ort.onnx {
+        anyhow::bail!(
+            "--onnx {}: export-onnx builds the graph from --model (`amend run --onnx` runs a graph)",
+            p.display()
+        );
+    }
     let mut options = args.ort.options(None)?;
+    let files = amend_runtime::onnxruntime::export_paths(&args.out, options.static_shapes.as_ref());
+    let model = file_id(&args.model);
+    for f in &files {
+        crate::check_output_path("--out", f, true)?;
+        if model.is_some() && file_id(f) == model {
+            anyhow::bail!(
+                "--out {}: that is the model file itself (--model); give another name",
+                f.display()
+            );
+        }
+    }
+    let before: Vec<_> = files.iter().map(|f| file_id(f)).collect();
+    // What this run wrote (a new file, or a new inode renamed over an old one).
+    let written = || -> Vec<&PathBuf> {
+        files
+            .iter()
+            .zip(&before)
+            .filter(|(f, b)| file_id(f).is_some() && file_id(f) != **b)
+            .map(|(f, _)| f)
+            .collect()
+    };
+    let remove_written = || {
+        for f in written() {
+            let _ = std::fs::remove_file(f);
+        }
+    };
     options.export = Some(args.out.clone());
     options.cache = OnnxCache::Off;
-    let m = OrtModel::open(&args.model, options)
-        .with_context(|| format!("building the ONNX graph of {}", args.model.display()))?;
+    let what = || format!("building the ONNX graph of {}", args.model.display());
+    let (m, unchecked) = match OrtModel::open(&args.model, options.clone()) {
+        Ok(m) => (m, None),
+        Err(amend_runtime::RuntimeError::OrtEp { ep, detail })
+            if written().len() == files.len() =>
+        {
+            // The graph was written before the session: check it loads on the CPU EP.
+            let cpu = OrtOptions {
+                ep: Ep::Cpu,
+                ep_options: Vec::new(),
+                export: None,
+                cache: OnnxCache::File(args.out.clone()),
+                ..options
+            };
+            match OrtModel::open(&args.model, cpu) {
+                Ok(m) => (m, Some((ep, detail))),
+                Err(e) => {
+                    remove_written();
+                    return Err(e)
+                        .with_context(|| format!("{}: checking it on the CPU EP", what()));
+                }
+            }
+        }
+        Err(e) => {
+            remove_written();
+            return Err(e).with_context(what);
+        }
+    };
     println!(
         "{}: {} nodes, {:.1} MB, built in {:.2} s, loads on {}",
         args.out.display(),
@@ -520,5 +683,11 @@ pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
         m.stats().graph_build_s,
         m.options().ep.name()
     );
+    if let Some((ep, detail)) = unchecked {
+        println!(
+            "not checked on {ep}: it does not start with this ONNX Runtime library ({detail}); \
+             load the file on the target device"
+        );
+    }
     Ok(())
 }

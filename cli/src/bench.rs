@@ -11,13 +11,17 @@ pub struct Args {
     #[arg(long, env = "AMEND_MODEL")]
     pub model: PathBuf,
     /// Prompt length in tokens (1..=512).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub prompt_tokens: usize,
-    /// Generated tokens per run.
-    #[arg(long, default_value_t = 32)]
+    /// Generated tokens per run (with --prompt-tokens, at most the model's context length).
+    #[arg(long, default_value_t = 32,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=MAX_GEN_TOKENS))]
     pub gen_tokens: usize,
-    /// Rounds (each runs every variant once, in rotating order; medians are reported).
-    #[arg(long, default_value_t = 5)]
+    /// Rounds (each runs every variant once, in rotating order; medians are reported; 1..=1000).
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub rounds: usize,
     /// CPU threads (default: all available).
     #[arg(long, value_parser = crate::parse_threads)]
@@ -27,11 +31,27 @@ pub struct Args {
     pub layer: Option<u32>,
 }
 
+/// With 512 prompt tokens and run_bench's 8 spare, the context it sizes (the next power of two)
+/// stays within the runtime's limit even for a model that does not state its trained context.
+const MAX_GEN_TOKENS: u64 = amend_runtime::MAX_N_CTX as u64 - 520;
+
 /// Ratios below this are flagged.
 const TARGET_RATIO: f64 = 0.97;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = crate::run::open_model(&args.model, args.threads)?;
+    // Sessions are capped at the trained context (and the raw llama.cpp context is not): a run
+    // longer than it would fail or measure an overflowing context, after minutes of work.
+    let n_ctx_train = model.info().n_ctx_train as usize;
+    let total = args.prompt_tokens + args.gen_tokens;
+    if n_ctx_train > 0 && total > n_ctx_train {
+        anyhow::bail!(
+            "--prompt-tokens {} + --gen-tokens {} = {total} tokens do not fit in the model's context length {n_ctx_train}; give --gen-tokens at most {}",
+            args.prompt_tokens,
+            args.gen_tokens,
+            n_ctx_train.saturating_sub(args.prompt_tokens)
+        );
+    }
     let config = BenchConfig {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,

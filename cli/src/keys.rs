@@ -70,11 +70,20 @@ fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
 }
 
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    if a.out.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        bail!(
+            "--out {}: a prefix for PREFIX.key and PREFIX.pub, not a directory",
+            a.out.display()
+        );
+    }
     let (kp, pp) = (with_ext(&a.out, ".key"), with_ext(&a.out, ".pub"));
+    // Both paths before either file is written: a .pub that cannot be written must not cost
+    // the old .key (with --force) and leave a key without its public half.
     for p in [&kp, &pp] {
         if p.exists() && !a.force {
             bail!("{} exists (use --force to overwrite)", p.display());
         }
+        crate::check_output_path("--out", p, true)?;
     }
     let sk = keys::generate_signing_key().context("reading OS randomness")?;
     let vk = sk.verifying_key();

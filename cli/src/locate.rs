@@ -30,17 +30,21 @@ pub struct Args {
     /// Directory for trace.png and trace.json (created if missing).
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
-    /// File name stem of the outputs.
+    /// File name stem of the outputs (no '/').
     #[arg(long, default_value = "trace")]
     name: String,
-    /// Noise samples averaged per measurement.
-    #[arg(long, default_value_t = 3)]
+    /// Noise samples averaged per measurement (1..=100; each multiplies the trace's work).
+    #[arg(long, default_value_t = 3,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=locate::MAX_SAMPLES as u64))]
     samples: usize,
-    /// Noise σ in multiples of the embeddings' standard deviation.
-    #[arg(long, default_value_t = 3.0)]
+    /// Noise σ in multiples of the embeddings' standard deviation (> 0, at most 100).
+    #[arg(long, default_value_t = 3.0, value_parser = parse_noise)]
     noise: f32,
-    /// Layers restored together for the FFN/attention traces (default n_layer/4).
-    #[arg(long)]
+    /// Layers restored together for the FFN/attention traces (1..=n_layer, default n_layer/4;
+    /// not with --residual-only, which traces no window).
+    #[arg(long, conflicts_with = "residual_only",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     window: Option<usize>,
     /// Trace only the residual stream (a third of the work).
     #[arg(long)]
@@ -52,9 +56,112 @@ pub struct Args {
     threads: Option<usize>,
 }
 
+/// Largest noise scale accepted: far past ROME's 3, where the subject is already noise.
+const MAX_NOISE: f32 = 100.0;
+
+fn parse_noise(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        // A scale of 0 corrupts nothing: the trace would measure no effect at all.
+        Ok(x) if x > 0.0 && x <= MAX_NOISE => Ok(x),
+        _ => Err(format!(
+            "{s:?} is not a noise scale in (0, {MAX_NOISE}] (multiples of the embeddings' σ)"
+        )),
+    }
+}
+
+/// Longest `--name`: `{name}.json` plus write_atomic's temporary suffix must fit in a file name.
+const MAX_NAME_BYTES: usize = 200;
+
+/// The outputs' paths (json, png), checked before the trace so that minutes of tracing are not
+/// the first to find a bad --out-dir/--name. Nothing is created here.
+fn output_paths(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let name = &args.name;
+    if name.trim().is_empty() || name.contains('/') || name.len() > MAX_NAME_BYTES {
+        anyhow::bail!(
+            "--name {name:?}: give a file name stem (not empty, no '/', at most {MAX_NAME_BYTES} bytes); the outputs are --out-dir/NAME.json and .png"
+        );
+    }
+    let dir = &args.out_dir;
+    match std::fs::metadata(dir) {
+        Ok(md) if !md.is_dir() => anyhow::bail!(
+            "--out-dir {}: that is a {}, not a directory",
+            dir.display(),
+            if md.is_file() {
+                "file"
+            } else {
+                amend_edits::fsutil::kind_name(&md.file_type())
+            }
+        ),
+        Ok(_) => {}
+        Err(_) => {
+            // Created after the trace: its nearest existing ancestor must take new directories.
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| std::fs::symlink_metadata(a).is_ok())
+                .unwrap_or(Path::new("."));
+            if !ancestor.is_dir() {
+                anyhow::bail!(
+                    "--out-dir {}: {} is not a directory",
+                    dir.display(),
+                    ancestor.display()
+                );
+            }
+            let probe = ancestor.join(format!(".amend-locate-probe-{}", std::process::id()));
+            std::fs::create_dir(&probe)
+                .and_then(|_| std::fs::remove_dir(&probe))
+                .with_context(|| {
+                    format!(
+                        "--out-dir {}: cannot create directories in {}",
+                        dir.display(),
+                        ancestor.display()
+                    )
+                })?;
+        }
+    }
+    let json = dir.join(format!("{name}.json"));
+    let png = dir.join(format!("{name}.png"));
+    if dir.is_dir() {
+        // Both are renamed into place, so an existing one must be a regular file.
+        crate::check_output_path("--out-dir/--name", &json, true)?;
+        crate::check_output_path("--out-dir/--name", &png, true)?;
+    }
+    Ok((json, png))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    for (flag, v) in [
+        ("--prompt", &args.prompt),
+        ("--subject", &args.subject),
+        ("--target", &args.target),
+    ] {
+        if v.trim().is_empty() {
+            anyhow::bail!("{flag} is empty (or only whitespace); give the fact's text");
+        }
+    }
+    if !args.prompt.contains(args.subject.as_str()) {
+        anyhow::bail!(
+            "--subject {:?} does not occur in --prompt {:?}",
+            args.subject,
+            args.prompt
+        );
+    }
+    let (json_path, png_path) = output_paths(&args)?;
     let model = Model::open(&args.model, Default::default())
         .with_context(|| format!("loading model {}", args.model.display()))?;
+    let n_layer = model.info().n_layer as usize;
+    if let Some(w) = args.window {
+        if w > n_layer {
+            anyhow::bail!("--window {w}: the model has {n_layer} layers; give 1..={n_layer}");
+        }
+    }
     let config = TraceConfig {
         noise_scale: args.noise,
         samples: args.samples,
@@ -81,11 +188,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    let json_path = args.out_dir.join(format!("{}.json", args.name));
-    std::fs::write(&json_path, serde_json::to_string_pretty(&result)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    let png_path = args.out_dir.join(format!("{}.png", args.name));
-    render_heatmap(&result, &png_path)?;
+    // The heatmap is rendered beside its destination and renamed into place after the json,
+    // so a failed render leaves neither file.
+    let png_tmp = args
+        .out_dir
+        .join(format!(".{}.tmp{}.png", args.name, std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&png_tmp)
+        .with_context(|| format!("creating {}", png_tmp.display()))?;
+    let written = render_heatmap(&result, &png_tmp).and_then(|()| {
+        let json = serde_json::to_string_pretty(&result)? + "\n";
+        amend_edits::fsutil::write_atomic(&json_path, json.as_bytes(), None)
+            .with_context(|| format!("writing {}", json_path.display()))?;
+        std::fs::rename(&png_tmp, &png_path)
+            .with_context(|| format!("writing {}", png_path.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&png_tmp);
+    }
+    written?;
 
     println!(
         "p(\"{}\") clean {:.4}, subject corrupted {:.4}",

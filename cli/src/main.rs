@@ -26,6 +26,15 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A count of at least 1 (`--epochs`, `--tokens`, `--limit`, ...): 0 would do nothing, or fail
+/// only after the work.
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number >= 1")),
+    }
+}
+
 /// An output file a long command writes at its end (`compile --out`, `eval --summary`): it must
 /// name a file in a directory that takes new files, checked before the work, so that hours of
 /// training or evaluation are not the first to find out. A file written by renaming a new one

@@ -43,9 +43,10 @@ struct TuneArgs {
     /// several sets.
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
-    /// A relation lexicon (`name|template|...`) whose templates give more pairs; "builtin" for
-    /// data/relation-groups.txt, "none" for none.
-    #[arg(long, default_value = "data/relation-groups-wikidata.txt")]
+    /// A relation lexicon (`name|template|...`) whose templates give more pairs: a file,
+    /// "wikidata" (data/relation-groups-wikidata.txt, built in), "builtin"
+    /// (data/relation-groups.txt, built in) or "none".
+    #[arg(long, default_value = "wikidata")]
     lexicon: String,
     /// Records only reported on (rephrase-against-same-subject AUC), never trained on.
     #[arg(long)]
@@ -56,20 +57,69 @@ struct TuneArgs {
     /// The scope model whose tokenizer is used (default: the cached one).
     #[arg(long)]
     scope_model: Option<PathBuf>,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().layers)]
+    // Counts are bounded here (they size allocations); --layers and --rank again against the
+    // checkpoint's config.json before anything is loaded.
+    /// Top layers adapted: 1..=the checkpoint's layer count.
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().layers,
+          value_parser = count(1..=amend_compiler::scope_model::MAX_LAYERS))]
     layers: usize,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().rank)]
+    /// Rank of the factors: 1..=the checkpoint's hidden size.
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().rank,
+          value_parser = count(1..=amend_compiler::scope_model::MAX_EMBD))]
     rank: usize,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().epochs)]
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().epochs, value_parser = crate::parse_count)]
     epochs: usize,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lr)]
+    /// Learning rate: finite, > 0.
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lr, value_parser = positive)]
     lr: f64,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().temperature)]
+    /// InfoNCE temperature: finite, > 0.
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().temperature, value_parser = positive_f32)]
     temperature: f32,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lexicon_items)]
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lexicon_items,
+          value_parser = count(0..=amend_compiler::scope_tune::MAX_LEXICON_ITEMS as u64))]
     lexicon_items: usize,
     #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().seed)]
     seed: u64,
+}
+
+/// A count flag in `range` (`usize`).
+fn count(range: impl std::ops::RangeBounds<u64>) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(range)
+}
+
+fn float(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A rate or temperature: finite and > 0 (NaN or a negative rate trains NaN factors).
+fn positive(s: &str) -> Result<f64, String> {
+    match float(s)? {
+        x if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s} is not a finite number > 0")),
+    }
+}
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    match positive(s)? as f32 {
+        x if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s} is not a finite f32 > 0")),
+    }
+}
+
+/// A penalty: finite and >= 0.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match float(s)? {
+        x if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s} is not a finite number >= 0")),
+    }
+}
+
+/// A percentage in (0, 100]: 0 or less lets every pair in scope, above 100 none.
+fn percent(s: &str) -> Result<f64, String> {
+    match float(s)? {
+        x if x > 0.0 && x <= 100.0 => Ok(x),
+        _ => Err(format!("{s} is not a percentage in (0, 100]")),
+    }
 }
 
 fn load_sets(
@@ -101,11 +151,6 @@ fn open_scope(
 fn tune(a: TuneArgs) -> anyhow::Result<()> {
     use amend_compiler::scope_tune;
     crate::check_output_path("--out", &a.out, true)?;
-    let records = load_sets(&a.data, "--data")?;
-    let validation = load_sets(&a.validation, "--validation")?;
-    let lexicon = amend_compiler::methods::relation_groups::Lexicon::load(&a.lexicon)
-        .with_context(|| format!("--lexicon {}", a.lexicon))?;
-    let scope = open_scope(a.scope_model.clone(), Some(1))?;
     let o = scope_tune::TuneOptions {
         layers: a.layers,
         rank: a.rank,
@@ -116,6 +161,15 @@ fn tune(a: TuneArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    // Against the checkpoint's sizes before the data, the scope model or the weights load.
+    let cfg = amend_compiler::scope_model::BertConfig::read(&a.from)
+        .with_context(|| format!("--from {}", a.from.display()))?;
+    o.check(&cfg)?;
+    let records = load_sets(&a.data, "--data")?;
+    let validation = load_sets(&a.validation, "--validation")?;
+    let lexicon = amend_compiler::methods::relation_groups::Lexicon::load(&a.lexicon)
+        .with_context(|| format!("--lexicon {}", a.lexicon))?;
+    let scope = open_scope(a.scope_model.clone(), Some(1))?;
     let (enc, rep) = scope_tune::tune(
         &a.from,
         &scope,
@@ -155,21 +209,27 @@ struct TrainHeadArgs {
     /// Threads for the scope model (default 1).
     #[arg(long, value_parser = crate::parse_threads)]
     threads: Option<usize>,
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().members)]
+    /// Ensemble members: 1..=16 (what a bundle's reader accepts).
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().members,
+          value_parser = count(1..=amend_edits::bundle::MAX_SCOPE_HEAD_MEMBERS as u64))]
     members: usize,
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().hidden)]
+    /// Hidden units per member: 1..=1024 (what a bundle's reader accepts).
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().hidden,
+          value_parser = count(1..=amend_edits::bundle::MAX_SCOPE_HEAD_HIDDEN as u64))]
     hidden: usize,
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().epochs)]
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().epochs, value_parser = crate::parse_count)]
     epochs: usize,
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().l2)]
+    /// L2 penalty: finite, >= 0.
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().l2, value_parser = non_negative)]
     l2: f64,
     /// Records the threshold is chosen on instead of out-of-fold scores (more than once for
     /// several sets): data neither the head nor the scope model's tune was trained on. Skips
     /// the folds.
     #[arg(long)]
     calibrate: Vec<PathBuf>,
-    /// Locality (%) the threshold must reach, out of fold or on the calibration records.
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().target_locality)]
+    /// Locality (%) the threshold must reach, out of fold or on the calibration records:
+    /// in (0, 100].
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().target_locality, value_parser = percent)]
     target_locality: f64,
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().seed)]
     seed: u64,
@@ -178,9 +238,6 @@ struct TrainHeadArgs {
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
     crate::check_output_path("--out", &a.out, true)?;
-    let records = load_sets(&a.data, "--data")?;
-    let calibration = load_sets(&a.calibrate, "--calibrate")?;
-    let scope = open_scope(a.scope_model.clone(), a.threads)?;
     let o = scope_head::TrainOptions {
         members: a.members,
         hidden: a.hidden,
@@ -190,6 +247,10 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    o.check()?;
+    let records = load_sets(&a.data, "--data")?;
+    let calibration = load_sets(&a.calibrate, "--calibrate")?;
+    let scope = open_scope(a.scope_model.clone(), a.threads)?;
     let (head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
         eprintln!("{m}")
     })?;
@@ -410,11 +471,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Tune(a) => tune(a),
         Command::Convert(a) => {
             let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
-            let c = scope_model::convert(&a.from, ty, a.tune.as_deref())
-                .with_context(|| format!("--from {}", a.from.display()))?;
+            crate::check_output_path("--out", &a.out, true)?;
+            let c = match scope_model::convert_checked(&a.from, ty, a.tune.as_deref()) {
+                Ok(c) => c,
+                Err(scope_model::ConvertError::Tune(m)) => {
+                    let t = a.tune.as_deref().unwrap_or(std::path::Path::new(""));
+                    // A read error names the file already.
+                    if m.starts_with(&t.display().to_string()) {
+                        anyhow::bail!("--tune {m}")
+                    }
+                    anyhow::bail!("--tune {}: {m}", t.display())
+                }
+                Err(scope_model::ConvertError::Checkpoint(e)) => {
+                    return Err(e).with_context(|| format!("--from {}", a.from.display()))
+                }
+            };
+            // Checked before the write: an invalid file never replaces the one at --out.
+            let fp = amend_edits::fingerprint::binding_of_bytes(&c.bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "--from {}: the converted file does not parse: {e}",
+                    a.from.display()
+                )
+            })?;
             crate::compile::write_atomic(&a.out, &c.bytes)?;
-            let fp = amend_edits::fingerprint::binding_of_bytes(&c.bytes)
-                .map_err(|e| anyhow::anyhow!("the converted file does not parse: {e}"))?;
             println!(
                 "wrote {} ({} bytes, {} tensors, {} parameters, vocabulary {}); fingerprint {}",
                 a.out.display(),

@@ -119,7 +119,7 @@ pub struct SeracParams {
     #[serde(default = "default_scope_head")]
     pub scope_head: String,
     /// Scope model: relation groups ("builtin": the lexicon in data/relation-groups.txt;
-    /// "none": no groups; else a lexicon file): where a record's relation is in a group, the
+    /// "wikidata": data/relation-groups-wikidata.txt; "none": no groups; else a lexicon file): where a record's relation is in a group, the
     /// query's group decides (docs/methods.md).
     #[serde(default = "default_relation_groups")]
     pub relation_groups: String,

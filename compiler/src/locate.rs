@@ -43,6 +43,10 @@ pub enum LocateError {
     NoRecords,
 }
 
+/// Most noise samples per measurement: each multiplies the whole trace's forward passes (ROME
+/// uses 10; 100 already takes hours on a CPU).
+pub const MAX_SAMPLES: usize = 100;
+
 /// Causal-tracing settings.
 #[derive(Clone, Debug)]
 pub struct TraceConfig {
@@ -123,15 +127,17 @@ pub fn trace(
     config: &TraceConfig,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<TraceResult, LocateError> {
-    if config.samples == 0 {
-        return Err(LocateError::InvalidConfig(
-            "samples must be at least 1".into(),
-        ));
+    if !(1..=MAX_SAMPLES).contains(&config.samples) {
+        return Err(LocateError::InvalidConfig(format!(
+            "samples must be in 1..={MAX_SAMPLES}"
+        )));
     }
-    if !(config.noise_scale.is_finite() && config.noise_scale >= 0.0) {
-        return Err(LocateError::InvalidConfig(
-            "noise scale must be >= 0".into(),
-        ));
+    // The noise is a scale of the embeddings' σ: 0 would corrupt nothing.
+    if !(config.noise_scale.is_finite() && config.noise_scale > 0.0) {
+        return Err(LocateError::InvalidConfig("noise scale must be > 0".into()));
+    }
+    if target.trim().is_empty() {
+        return Err(LocateError::EmptyTarget(target.to_string()));
     }
     let n_layer = model.info().n_layer;
     let window = config.window.unwrap_or((n_layer as usize / 4).max(1));
@@ -427,7 +433,7 @@ fn subject_token_range(
         subject: subject.to_string(),
         prompt: prompt.to_string(),
     };
-    if subject.is_empty() {
+    if subject.trim().is_empty() {
         return Err(not_found());
     }
     let start = prompt.rfind(subject).ok_or_else(not_found)?;
@@ -540,6 +546,44 @@ mod tests {
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         assert!(mean.abs() < 0.01, "{mean}");
         assert!((std_dev(&v) - 1.0).abs() < 0.01);
+    }
+
+    /// Settings that would allocate or run without bound, corrupt nothing, or trace no answer
+    /// are refused before any run (the tiny model: no real model needed).
+    #[test]
+    fn refuses_bad_settings_before_tracing() {
+        let path =
+            std::env::temp_dir().join(format!("amend-locate-tiny-{}.gguf", std::process::id()));
+        amend_runtime::testutil::write_tiny_model(&path, amend_runtime::Architecture::Llama, 3)
+            .unwrap();
+        let model = Model::open(&path, Default::default()).unwrap();
+        let run = |config: TraceConfig, target: &str| {
+            let mut calls = 0;
+            let r = trace(&model, "a b c", "b", target, &config, |_, _| calls += 1);
+            assert_eq!(calls, 0);
+            r.err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let base = TraceConfig::default;
+        for samples in [0, MAX_SAMPLES + 1, 99_999_999_999] {
+            let e = run(TraceConfig { samples, ..base() }, "c");
+            assert!(
+                e.contains(&format!("samples must be in 1..={MAX_SAMPLES}")),
+                "{e}"
+            );
+        }
+        let e = run(
+            TraceConfig {
+                noise_scale: 0.0,
+                ..base()
+            },
+            "c",
+        );
+        assert!(e.contains("noise scale must be > 0"), "{e}");
+        for target in ["", "  "] {
+            let e = run(base(), target);
+            assert!(e.contains("tokenizes to nothing"), "{e}");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -74,10 +74,204 @@ pub(crate) fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", p.display())))
 }
 
-fn cfg_u64(cfg: &serde_json::Value, key: &str) -> Result<u64> {
-    cfg.get(key)
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| bad(format!("config.json lacks {key}")))
+/// A BERT checkpoint's `config.json`, checked: every count in the range the GGUF reader (and
+/// llama.cpp) accepts, so nothing wraps when it is written as a u32, and the width divides
+/// into the heads. [`BertConfig::check_tensor`] ties the tensors to it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BertConfig {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+    pub n_types: usize,
+    pub eps: f32,
+}
+
+/// The GGUF reader's limits (edits/src/gguf_hparams.rs), for the counts `convert` writes.
+pub const MAX_LAYERS: u64 = 512;
+pub const MAX_EMBD: u64 = 1 << 16;
+const MAX_FF: u64 = 1 << 20;
+const MAX_HEADS: u64 = 4096;
+const MAX_CTX: u64 = 1 << 24;
+const MAX_TYPES: u64 = 1 << 16;
+
+impl BertConfig {
+    /// Reads and checks `dir/config.json`.
+    pub fn read(dir: &Path) -> Result<BertConfig> {
+        BertConfig::from_json(&read_json(dir, "config.json")?)
+    }
+
+    pub fn from_json(cfg: &serde_json::Value) -> Result<BertConfig> {
+        if cfg.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
+            return Err(bad("config.json: model_type is not \"bert\""));
+        }
+        if cfg.get("hidden_act").and_then(|v| v.as_str()) != Some("gelu") {
+            return Err(bad("config.json: hidden_act must be gelu"));
+        }
+        let count = |key: &str, max: u64, default: Option<u64>| -> Result<usize> {
+            let v = match (cfg.get(key), default) {
+                (None, Some(d)) => return Ok(d as usize),
+                (None, None) => return Err(bad(format!("config.json lacks {key}"))),
+                (Some(v), _) => v,
+            };
+            match v.as_u64() {
+                Some(n) if (1..=max).contains(&n) => Ok(n as usize),
+                _ => Err(bad(format!(
+                    "config.json: {key} {v} is not an integer in 1..={max}"
+                ))),
+            }
+        };
+        let n_embd = count("hidden_size", MAX_EMBD, None)?;
+        let n_layer = count("num_hidden_layers", MAX_LAYERS, None)?;
+        let n_head = count("num_attention_heads", MAX_HEADS, None)?;
+        let n_ff = count("intermediate_size", MAX_FF, None)?;
+        let n_ctx = count("max_position_embeddings", MAX_CTX, None)?;
+        let n_types = count("type_vocab_size", MAX_TYPES, Some(2))?;
+        if n_embd % n_head != 0 {
+            return Err(bad(format!(
+                "config.json: num_attention_heads {n_head} does not divide hidden_size {n_embd}"
+            )));
+        }
+        let eps = match cfg.get("layer_norm_eps") {
+            None => 1e-12,
+            Some(v) => match v.as_f64().map(|x| x as f32) {
+                Some(x) if x.is_finite() && x > 0.0 && x <= 1.0 => x,
+                _ => {
+                    return Err(bad(format!(
+                        "config.json: layer_norm_eps {v} is not a finite epsilon in (0, 1]"
+                    )))
+                }
+            },
+        };
+        Ok(BertConfig {
+            n_embd,
+            n_layer,
+            n_head,
+            n_ff,
+            n_ctx,
+            n_types,
+            eps,
+        })
+    }
+
+    /// The shape config.json gives the checkpoint tensor `name` (`bert.` prefix optional;
+    /// `n_vocab` rows for the word embeddings, any when `None`), or `None` for a tensor the
+    /// conversion drops. An encoder layer past `num_hidden_layers` or a parameter BERT does not
+    /// have is an error.
+    pub fn shape_of(&self, name: &str, n_vocab: Option<usize>) -> Result<Option<Vec<usize>>> {
+        let d = self.n_embd;
+        let Some(g) = gguf_tensor_name(name) else {
+            return Ok(None);
+        };
+        let vec = |n: usize| Some(vec![n]);
+        let shape = match g.as_str() {
+            "token_embd.weight" => Some(vec![n_vocab.unwrap_or(usize::MAX), d]),
+            "position_embd.weight" => Some(vec![self.n_ctx, d]),
+            "token_types.weight" => Some(vec![self.n_types, d]),
+            "token_embd_norm.weight" | "token_embd_norm.bias" => vec(d),
+            _ => {
+                // blk.N.MODULE.PARAM (gguf_tensor_name's only other form).
+                let mut parts = g.splitn(3, '.').skip(1);
+                let (Some(n), Some(rest)) = (parts.next(), parts.next()) else {
+                    return Err(bad(format!("unexpected tensor {name}")));
+                };
+                let n: usize = n.parse().unwrap_or(usize::MAX);
+                if n >= self.n_layer {
+                    return Err(bad(format!(
+                        "the checkpoint has {name}, but config.json's num_hidden_layers is {}",
+                        self.n_layer
+                    )));
+                }
+                match rest {
+                    "attn_q.weight" | "attn_k.weight" | "attn_v.weight" | "attn_output.weight" => {
+                        Some(vec![d, d])
+                    }
+                    "ffn_up.weight" => Some(vec![self.n_ff, d]),
+                    "ffn_up.bias" => vec(self.n_ff),
+                    "ffn_down.weight" => Some(vec![d, self.n_ff]),
+                    "attn_q.bias"
+                    | "attn_k.bias"
+                    | "attn_v.bias"
+                    | "attn_output.bias"
+                    | "ffn_down.bias"
+                    | "attn_output_norm.weight"
+                    | "attn_output_norm.bias"
+                    | "layer_output_norm.weight"
+                    | "layer_output_norm.bias" => vec(d),
+                    _ => return Err(bad(format!("unexpected tensor {name}"))),
+                }
+            }
+        };
+        Ok(shape)
+    }
+
+    /// Checks the tensor `name` of `shape` against config.json (see [`BertConfig::shape_of`]).
+    pub fn check_tensor(&self, name: &str, shape: &[usize], n_vocab: Option<usize>) -> Result<()> {
+        let Some(want) = self.shape_of(name, n_vocab)? else {
+            return Ok(());
+        };
+        let fits = want.len() == shape.len()
+            && want
+                .iter()
+                .zip(shape)
+                .all(|(&w, &s)| w == usize::MAX || w == s);
+        if !fits {
+            let show = |s: &[usize]| {
+                s.iter()
+                    .map(|&x| {
+                        if x == usize::MAX {
+                            "_".into()
+                        } else {
+                            x.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(bad(format!(
+                "{name} has shape [{}], config.json (hidden_size {}, intermediate_size {}, max_position_embeddings {}, type_vocab_size {}) and the vocabulary give [{}]",
+                show(shape),
+                self.n_embd,
+                self.n_ff,
+                self.n_ctx,
+                self.n_types,
+                show(&want)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checkpoint names (without `bert.`) of every tensor a conversion needs, in order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "word_embeddings.weight",
+            "position_embeddings.weight",
+            "token_type_embeddings.weight",
+            "LayerNorm.weight",
+            "LayerNorm.bias",
+        ]
+        .iter()
+        .map(|n| format!("embeddings.{n}"))
+        .collect();
+        for l in 0..self.n_layer {
+            for m in [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "attention.output.LayerNorm",
+                "intermediate.dense",
+                "output.dense",
+                "output.LayerNorm",
+            ] {
+                for p in ["weight", "bias"] {
+                    v.push(format!("encoder.layer.{l}.{m}.{p}"));
+                }
+            }
+        }
+        v
+    }
 }
 
 /// The vocabulary in id order with llama.cpp's phantom-space rule, and each token's type.
@@ -180,14 +374,18 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
 }
 
 /// Low-rank factors to merge (`amend scope-model tune`): per projection `P`, `P.lora_a`
-/// `[rank, in]` and `P.lora_b` `[out, rank]` (scale folded in), so `P.weight += B A`.
+/// `[rank, in]` and `P.lora_b` `[out, rank]` (scale folded in), so `P.weight += B A`. Errors
+/// are plain messages: the caller says which input (`--tune`) they are about.
 struct Factors {
     pairs: BTreeMap<String, (Vec<f32>, Vec<f32>, usize)>,
 }
 
-fn f32_data(t: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f32>> {
+fn f32_data(
+    t: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+) -> std::result::Result<Vec<f32>, String> {
     if t.dtype() != Dtype::F32 {
-        return Err(bad(format!("{name}: expected F32, got {:?}", t.dtype())));
+        return Err(format!("{name}: expected F32, got {:?}", t.dtype()));
     }
     let data: Vec<f32> = t
         .data()
@@ -195,35 +393,31 @@ fn f32_data(t: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     if data.iter().any(|v| !v.is_finite()) {
-        return Err(bad(format!("{name}: non-finite value")));
+        return Err(format!("{name}: non-finite value"));
     }
     Ok(data)
 }
 
 impl Factors {
-    fn read(path: &Path) -> Result<Factors> {
-        let bytes = amend_edits::fsutil::read_regular(path, 64 << 20)
-            .map_err(|e| bad(format!("--tune {}: {e}", path.display())))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("--tune {}: {e}", path.display())))?;
+    fn read(path: &Path) -> std::result::Result<Factors, String> {
+        let bytes = amend_edits::fsutil::read_regular(path, 64 << 20).map_err(|e| e.to_string())?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
         let mut pairs = BTreeMap::new();
         for name in st.names() {
             let Some(p) = name.strip_suffix(".lora_a") else {
                 if name.ends_with(".lora_b") {
                     continue;
                 }
-                return Err(bad(format!("--tune: unexpected tensor {name}")));
+                return Err(format!("unexpected tensor {name}"));
             };
             let bname = format!("{p}.lora_b");
-            let a = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
-            let b = st
-                .tensor(&bname)
-                .map_err(|e| bad(format!("--tune: {bname}: {e}")))?;
+            let a = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+            let b = st.tensor(&bname).map_err(|e| format!("{bname}: {e}"))?;
             let (&[r, _], &[_, rb]) = (a.shape(), b.shape()) else {
-                return Err(bad(format!("--tune: {p}: factors must be matrices")));
+                return Err(format!("{p}: factors must be matrices"));
             };
             if r != rb || r == 0 {
-                return Err(bad(format!("--tune: {p}: ranks differ")));
+                return Err(format!("{p}: ranks differ"));
             }
             pairs.insert(
                 p.to_string(),
@@ -231,13 +425,18 @@ impl Factors {
             );
         }
         if st.names().len() != 2 * pairs.len() {
-            return Err(bad("--tune: a lora_b without its lora_a"));
+            return Err("a lora_b without its lora_a".into());
         }
         Ok(Factors { pairs })
     }
 
     /// `w [out, in]` plus B A for the projection `sname` (`….weight`), if it has factors.
-    fn merge(&mut self, sname: &str, shape: &[usize], w: &mut [f32]) -> Result<()> {
+    fn merge(
+        &mut self,
+        sname: &str,
+        shape: &[usize],
+        w: &mut [f32],
+    ) -> std::result::Result<(), String> {
         let Some(p) = sname.strip_suffix(".weight") else {
             return Ok(());
         };
@@ -246,12 +445,10 @@ impl Factors {
             return Ok(());
         };
         let &[out, inp] = shape else {
-            return Err(bad(format!("--tune: {p} is not a matrix")));
+            return Err(format!("{p} is not a matrix"));
         };
         if a.len() != r * inp || b.len() != out * r {
-            return Err(bad(format!(
-                "--tune: {p}: factor shapes do not fit [{out}, {inp}]"
-            )));
+            return Err(format!("{p}: factor shapes do not fit [{out}, {inp}]"));
         }
         for o in 0..out {
             let row = &mut w[o * inp..(o + 1) * inp];
@@ -266,27 +463,67 @@ impl Factors {
     }
 }
 
-/// Converts the checkpoint in `dir` (see the module docs), merging tuned low-rank factors
-/// when `tune` names a file of them.
+/// A failed conversion, by the input at fault: the checkpoint, or the tuned factors (their
+/// file, or their fit to the checkpoint), so that the CLI names `--from` or `--tune`.
+#[derive(Debug)]
+pub enum ConvertError {
+    Checkpoint(CompileError),
+    Tune(String),
+}
+
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConvertError::Checkpoint(e) => e.fmt(f),
+            ConvertError::Tune(m) => write!(f, "scope model: --tune: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ConvertError {}
+
+impl From<CompileError> for ConvertError {
+    fn from(e: CompileError) -> Self {
+        ConvertError::Checkpoint(e)
+    }
+}
+
+impl From<ConvertError> for CompileError {
+    fn from(e: ConvertError) -> Self {
+        match e {
+            ConvertError::Checkpoint(e) => e,
+            ConvertError::Tune(m) => bad(format!("--tune: {m}")),
+        }
+    }
+}
+
+/// [`convert_checked`] with one error type.
 pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Converted> {
-    let mut factors = tune.map(Factors::read).transpose()?;
-    let cfg = read_json(dir, "config.json")?;
-    if cfg.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
-        return Err(bad("config.json: model_type is not \"bert\""));
-    }
-    let n_embd = cfg_u64(&cfg, "hidden_size")?;
-    let n_layer = cfg_u64(&cfg, "num_hidden_layers")?;
-    let n_head = cfg_u64(&cfg, "num_attention_heads")?;
-    let n_ff = cfg_u64(&cfg, "intermediate_size")?;
-    let n_ctx = cfg_u64(&cfg, "max_position_embeddings")?;
-    let n_types = cfg_u64(&cfg, "type_vocab_size").unwrap_or(2);
-    let eps = cfg
-        .get("layer_norm_eps")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(1e-12) as f32;
-    if cfg.get("hidden_act").and_then(|v| v.as_str()) != Some("gelu") {
-        return Err(bad("config.json: hidden_act must be gelu"));
-    }
+    Ok(convert_checked(dir, ty, tune)?)
+}
+
+/// Converts the checkpoint in `dir` (see the module docs), merging tuned low-rank factors
+/// when `tune` names a file of them. config.json is checked against the tensors, so a
+/// conversion that succeeds has the shapes its header says.
+pub fn convert_checked(
+    dir: &Path,
+    ty: WeightType,
+    tune: Option<&Path>,
+) -> std::result::Result<Converted, ConvertError> {
+    let mut factors = tune
+        .map(Factors::read)
+        .transpose()
+        .map_err(ConvertError::Tune)?;
+    let cfg = BertConfig::read(dir)?;
+    let (n_embd, n_layer, n_head, n_ff, n_ctx, n_types, eps) = (
+        cfg.n_embd as u32,
+        cfg.n_layer as u32,
+        cfg.n_head as u32,
+        cfg.n_ff as u32,
+        cfg.n_ctx as u32,
+        cfg.n_types as u32,
+        cfg.eps,
+    );
     let tok_cfg = read_json(dir, "tokenizer_config.json").ok();
     let lowercase = tok_cfg
         .as_ref()
@@ -314,17 +551,17 @@ pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Conver
     w.add("general.name", "all-MiniLM-L6-v2");
     w.add("general.license", "apache-2.0");
     w.add("general.file_type", ty.file_type());
-    w.add("bert.context_length", n_ctx as u32);
-    w.add("bert.embedding_length", n_embd as u32);
-    w.add("bert.feed_forward_length", n_ff as u32);
-    w.add("bert.block_count", n_layer as u32);
-    w.add("bert.attention.head_count", n_head as u32);
+    w.add("bert.context_length", n_ctx);
+    w.add("bert.embedding_length", n_embd);
+    w.add("bert.feed_forward_length", n_ff);
+    w.add("bert.block_count", n_layer);
+    w.add("bert.attention.head_count", n_head);
     w.add("bert.attention.layer_norm_epsilon", eps);
     w.add("bert.attention.causal", false);
     // Mean pooling, as the checkpoint's 1_Pooling/config.json says.
     w.add("bert.pooling_type", 1u32);
     w.add("tokenizer.ggml.model", "bert");
-    w.add("tokenizer.ggml.token_type_count", n_types as u32);
+    w.add("tokenizer.ggml.token_type_count", n_types);
     w.add("tokenizer.ggml.normalizer.lowercase", lowercase);
     w.add("tokenizer.ggml.normalizer.strip_accents", lowercase);
     w.add("tokenizer.ggml.bos_token_id", id_of("[CLS]")?);
@@ -341,17 +578,41 @@ pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Conver
 
     // Sorted names: the output is byte-identical run to run (its sha256 is recorded).
     let mut names: BTreeMap<String, String> = BTreeMap::new();
-    for name in st.names() {
+    let mut st_names = st.names();
+    st_names.sort();
+    for name in st_names {
         if let Some(g) = gguf_tensor_name(name) {
-            names.insert(g, name.to_string());
+            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            cfg.check_tensor(name, t.shape(), Some(n_vocab))?;
+            if names.insert(g, name.to_string()).is_some() {
+                return Err(
+                    bad(format!("{name} appears with and without the bert. prefix")).into(),
+                );
+            }
         }
+    }
+    // Every tensor is one config.json gives (checked above), so a short count is a missing one.
+    let have: std::collections::BTreeSet<&str> = names
+        .values()
+        .map(|n| n.strip_prefix("bert.").unwrap_or(n))
+        .collect();
+    if let Some(m) = cfg
+        .tensor_names()
+        .iter()
+        .find(|n| !have.contains(n.as_str()))
+    {
+        return Err(bad(format!(
+            "the checkpoint lacks {m} (config.json: num_hidden_layers {n_layer})"
+        ))
+        .into());
     }
     let mut n_params = 0u64;
     for (gname, sname) in &names {
         let t = st.tensor(sname).map_err(|e| bad(format!("{sname}: {e}")))?;
-        let mut data = f32_data(&t, sname)?;
+        let mut data = f32_data(&t, sname).map_err(bad)?;
         if let Some(f) = factors.as_mut() {
-            f.merge(sname, t.shape(), &mut data)?;
+            f.merge(sname, t.shape(), &mut data)
+                .map_err(ConvertError::Tune)?;
         }
         n_params += data.len() as u64;
         // GGUF's ne is the row-major shape reversed (ne[0] is the row length).
@@ -371,13 +632,8 @@ pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Conver
         res.map_err(|e| bad(format!("{gname}: {e}")))?;
     }
     if let Some(p) = factors.as_ref().and_then(|f| f.pairs.keys().next()) {
-        return Err(bad(format!("--tune: the checkpoint has no projection {p}")));
-    }
-    let expected = 5 + 16 * n_layer as usize;
-    if names.len() != expected {
-        return Err(bad(format!(
-            "the checkpoint has {} of the {expected} BERT tensors expected",
-            names.len()
+        return Err(ConvertError::Tune(format!(
+            "the checkpoint has no projection {p}"
         )));
     }
     Ok(Converted {
@@ -389,8 +645,105 @@ pub fn convert(dir: &Path, ty: WeightType, tune: Option<&Path>) -> Result<Conver
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// all-MiniLM-L6-v2's config.json with `key` set to `v` (removed when `Null`).
+    pub(crate) fn minilm_config(key: &str, v: serde_json::Value) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "model_type": "bert", "hidden_act": "gelu", "hidden_size": 384,
+            "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+        });
+        match v {
+            serde_json::Value::Null => c.as_object_mut().unwrap().remove(key),
+            v => c.as_object_mut().unwrap().insert(key.into(), v),
+        };
+        c
+    }
+
+    /// Every count is refused outside what a u32 GGUF field and the reader take, naming the
+    /// key: 99999999999 used to wrap to 1215752191, 0 layers to read as "101 of 5 tensors".
+    #[test]
+    fn bert_config_refuses_bad_values() {
+        let ok = BertConfig::from_json(&minilm_config("x", 0.into())).unwrap();
+        assert_eq!((ok.n_embd, ok.n_layer, ok.n_head), (384, 6, 12));
+        for (key, v, msg) in [
+            (
+                "hidden_size",
+                serde_json::json!(99999999999u64),
+                "hidden_size 99999999999",
+            ),
+            ("hidden_size", serde_json::json!(-1), "hidden_size -1"),
+            (
+                "num_hidden_layers",
+                0.into(),
+                "num_hidden_layers 0 is not an integer in 1..=512",
+            ),
+            (
+                "num_attention_heads",
+                5.into(),
+                "num_attention_heads 5 does not divide",
+            ),
+            (
+                "max_position_embeddings",
+                0.into(),
+                "max_position_embeddings 0",
+            ),
+            (
+                "intermediate_size",
+                serde_json::Value::Null,
+                "lacks intermediate_size",
+            ),
+            ("type_vocab_size", "2".into(), "type_vocab_size \"2\""),
+            (
+                "layer_norm_eps",
+                serde_json::json!(-1.0),
+                "layer_norm_eps -1",
+            ),
+            (
+                "layer_norm_eps",
+                serde_json::json!(1e-60),
+                "not a finite epsilon",
+            ),
+        ] {
+            let e = BertConfig::from_json(&minilm_config(key, v))
+                .expect_err(msg)
+                .to_string();
+            assert!(e.contains(msg), "{e} lacks {msg:?}");
+        }
+    }
+
+    #[test]
+    fn bert_config_ties_the_tensors_to_it() {
+        let c = BertConfig::from_json(&minilm_config("num_hidden_layers", 2.into())).unwrap();
+        assert_eq!(c.tensor_names().len(), 5 + 16 * 2);
+        c.check_tensor(
+            "bert.encoder.layer.1.intermediate.dense.weight",
+            &[1536, 384],
+            None,
+        )
+        .unwrap();
+        c.check_tensor("embeddings.word_embeddings.weight", &[7, 384], None)
+            .unwrap();
+        c.check_tensor("pooler.dense.weight", &[1, 1], None)
+            .unwrap();
+        let e = |name: &str, shape: &[usize], n_vocab| {
+            c.check_tensor(name, shape, n_vocab)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            e("encoder.layer.2.output.dense.bias", &[384], None).contains("num_hidden_layers is 2")
+        );
+        assert!(
+            e("encoder.layer.0.output.dense.weight", &[1536, 384], None).contains("[384, 1536]")
+        );
+        assert!(e("embeddings.word_embeddings.weight", &[7, 384], Some(8)).contains("[8, 384]"));
+        assert!(
+            e("encoder.layer.0.output.LayerNorm.gamma", &[384], None).contains("unexpected tensor")
+        );
+    }
 
     #[test]
     fn tensor_names() {

@@ -30,7 +30,7 @@ use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 use crate::methods::optim::Adam;
 use crate::methods::relation_groups::Lexicon;
-use crate::scope_model::read_json;
+use crate::scope_model::{read_json, BertConfig};
 
 /// The projections a tune adapts, by checkpoint module name.
 pub const TUNED_MODULES: [&str; 6] = [
@@ -41,6 +41,9 @@ pub const TUNED_MODULES: [&str; 6] = [
     "intermediate.dense",
     "output.dense",
 ];
+
+/// The most lexicon items per relation per epoch (each is texts to encode every epoch).
+pub const MAX_LEXICON_ITEMS: usize = 1000;
 
 /// Hyperparameters of [`tune`].
 #[derive(Clone, Debug)]
@@ -82,6 +85,54 @@ impl Default for TuneOptions {
     }
 }
 
+impl TuneOptions {
+    /// Checks the options against the checkpoint's config.json (its layer count and hidden
+    /// size), before anything is loaded or allocated. Errors name the CLI's flags.
+    pub fn check(&self, cfg: &BertConfig) -> Result<()> {
+        let flag = |f: &str, v: &dyn std::fmt::Display, range: String| {
+            Err(bad(format!("--{f} {v} is outside {range}")))
+        };
+        if self.layers == 0 || self.layers > cfg.n_layer {
+            return flag(
+                "layers",
+                &self.layers,
+                format!("1..={} (the checkpoint's layer count)", cfg.n_layer),
+            );
+        }
+        if self.rank == 0 || self.rank > cfg.n_embd {
+            return flag(
+                "rank",
+                &self.rank,
+                format!("1..={} (the checkpoint's hidden size)", cfg.n_embd),
+            );
+        }
+        if self.epochs == 0 {
+            return flag("epochs", &self.epochs, "1..".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return flag("lr", &self.lr, "finite numbers > 0".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return flag(
+                "temperature",
+                &self.temperature,
+                "finite numbers > 0".into(),
+            );
+        }
+        if self.lexicon_items > MAX_LEXICON_ITEMS {
+            return flag(
+                "lexicon-items",
+                &self.lexicon_items,
+                format!("0..={MAX_LEXICON_ITEMS}"),
+            );
+        }
+        if !self.scale.is_finite() {
+            return Err(bad("the LoRA scale must be finite"));
+        }
+        Ok(())
+    }
+}
+
 fn bad(what: impl Into<String>) -> CompileError {
     CompileError::Hparams(format!("scope tune: {}", what.into()))
 }
@@ -105,18 +156,8 @@ pub struct Bert {
 impl Bert {
     /// Loads `model.safetensors` and `config.json` of a sentence-transformers checkpoint.
     pub fn load(dir: &Path) -> Result<Bert> {
-        let cfg = read_json(dir, "config.json")?;
-        let get = |k: &str| {
-            cfg.get(k)
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| bad(format!("config.json lacks {k}")))
-        };
-        let n_layer = get("num_hidden_layers")? as usize;
-        let n_head = get("num_attention_heads")? as usize;
-        let eps = cfg
-            .get("layer_norm_eps")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1e-12);
+        let cfg = BertConfig::read(dir)?;
+        let (n_layer, n_head, eps) = (cfg.n_layer, cfg.n_head, cfg.eps as f64);
         let raw = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
         let w = raw
             .into_iter()
@@ -124,6 +165,10 @@ impl Bert {
             .filter(|(k, _)| k != "embeddings.position_ids")
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<HashMap<_, _>>>()?;
+        // The shapes config.json gives: the options were checked against its sizes.
+        for (k, v) in &w {
+            cfg.check_tensor(k, v.dims(), None)?;
+        }
         Ok(Bert {
             w,
             n_layer,
@@ -602,10 +647,8 @@ pub fn tune(
     progress: &mut dyn FnMut(String),
 ) -> Result<(Encoder, TuneReport)> {
     let t0 = std::time::Instant::now();
+    o.check(&BertConfig::read(dir)?)?;
     let mut bert = Bert::load(dir)?;
-    if o.layers == 0 || o.layers > bert.n_layer() || o.rank == 0 {
-        return Err(bad("layers must be 1..=n_layer and rank positive"));
-    }
     bert.add_lora(o.layers, o.rank, o.scale, o.seed)?;
     let first = bert.n_layer() - o.layers;
     let mut enc = Encoder::new(bert, first, dir)?;
@@ -780,4 +823,31 @@ pub fn factors_to_bytes(bert: &Bert) -> Result<Vec<u8>> {
         })
         .collect::<Result<_>>()?;
     safetensors::serialize(tensors, None).map_err(|e| bad(format!("serialize: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Options are checked against the checkpoint's sizes, naming the flag and its range:
+    /// `--rank 99999999999` used to abort allocating the factors, `--lr NaN` to train NaN.
+    #[test]
+    fn options_checked_against_the_checkpoint() {
+        let cfg = BertConfig::from_json(&crate::scope_model::tests::minilm_config("x", 0.into()))
+            .unwrap();
+        TuneOptions::default().check(&cfg).unwrap();
+        let e = |f: &dyn Fn(&mut TuneOptions)| {
+            let mut o = TuneOptions::default();
+            f(&mut o);
+            o.check(&cfg).unwrap_err().to_string()
+        };
+        assert!(e(&|o| o.rank = 99999999999).contains("--rank 99999999999 is outside 1..=384"));
+        assert!(e(&|o| o.rank = 0).contains("--rank 0"));
+        assert!(e(&|o| o.layers = 7).contains("--layers 7 is outside 1..=6"));
+        assert!(e(&|o| o.epochs = 0).contains("--epochs 0"));
+        assert!(e(&|o| o.lr = f64::NAN).contains("--lr NaN"));
+        assert!(e(&|o| o.lr = -1.0).contains("--lr -1"));
+        assert!(e(&|o| o.temperature = 0.0).contains("--temperature 0"));
+        assert!(e(&|o| o.lexicon_items = MAX_LEXICON_ITEMS + 1).contains("--lexicon-items"));
+    }
 }

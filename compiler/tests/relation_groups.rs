@@ -37,6 +37,9 @@ fn lexicons_parse_and_malformed_ones_are_refused() {
     );
     let wide = Lexicon::load(wikidata).unwrap().unwrap();
     assert!(wide.names.len() > lex.names.len() && lex.names.iter().all(|n| wide.names.contains(n)));
+    // ... and built in under its name, the same lexicon (no data/ needed where it runs).
+    let built_in = Lexicon::load("wikidata").unwrap().unwrap();
+    assert_eq!(built_in.names, wide.names);
     assert!(Lexicon::load("/nonexistent/lexicon.txt").is_err());
     // Hostile paths: a directory, a FIFO (refused, never waited on), a file over the cap.
     let dir = std::env::temp_dir().join(format!("amend-lexicon-{}", std::process::id()));

@@ -827,6 +827,8 @@ fn static_shapes_match_dynamic_shapes() {
         "4,99999999",
         "4,16,1",
         "4,16,0,1,1",
+        // A prefill chunk longer than the KV window it is appended to.
+        "8,4",
     ] {
         assert!(
             matches!(

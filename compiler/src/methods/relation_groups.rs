@@ -15,6 +15,9 @@ use crate::error::{CompileError, Result};
 
 /// The built-in lexicon (chosen on data/memory-dev.json; docs/eval.md).
 pub const BUILTIN: &str = include_str!("../../../data/relation-groups.txt");
+/// The broad lexicon from Wikidata's most used properties (`"wikidata"`), built in so that an
+/// installed binary does not look for data/ in the working directory.
+pub const WIKIDATA: &str = include_str!("../../../data/relation-groups-wikidata.txt");
 
 /// Largest lexicon file read (bytes): 4,096 templates of a few hundred bytes fit well within.
 pub const MAX_LEXICON_LEN: u64 = 4 << 20;
@@ -77,11 +80,13 @@ impl Lexicon {
         Ok(lex)
     }
 
-    /// `serac.relation_groups`: "builtin", "none" (no groups) or a lexicon file.
+    /// `serac.relation_groups`: "builtin", "wikidata" (both built in), "none" (no groups) or a
+    /// lexicon file.
     pub fn load(spec: &str) -> Result<Option<Lexicon>> {
         match spec {
             "none" => Ok(None),
             "builtin" => Lexicon::parse(BUILTIN).map(Some),
+            "wikidata" => Lexicon::parse(WIKIDATA).map(Some),
             path => {
                 // A regular file within the cap (a FIFO, a device or a directory is refused,
                 // never waited on).

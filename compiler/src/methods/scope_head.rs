@@ -269,6 +269,48 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
+impl TrainOptions {
+    /// Checks the options before any work. Errors name the CLI's flags and their ranges.
+    pub fn check(&self) -> Result<()> {
+        let out = |f: &str, v: &dyn std::fmt::Display, range: &str| {
+            Err(bad(format!("--{f} {v} is outside {range}")))
+        };
+        if self.members == 0 || self.members > ScopeHead::MAX_MEMBERS {
+            return out(
+                "members",
+                &self.members,
+                &format!("1..={}", ScopeHead::MAX_MEMBERS),
+            );
+        }
+        if self.hidden == 0 || self.hidden > ScopeHead::MAX_HIDDEN {
+            return out(
+                "hidden",
+                &self.hidden,
+                &format!("1..={}", ScopeHead::MAX_HIDDEN),
+            );
+        }
+        if self.epochs == 0 {
+            return out("epochs", &self.epochs, "1..");
+        }
+        if !(self.l2.is_finite() && self.l2 >= 0.0) {
+            return out("l2", &self.l2, "finite numbers >= 0");
+        }
+        // A percentage of locality probes routed nowhere: 0 or less accepts every threshold
+        // (everything in scope), above 100 none.
+        if !(self.target_locality > 0.0 && self.target_locality <= 100.0) {
+            return out(
+                "target-locality",
+                &self.target_locality,
+                "(0, 100] (percent)",
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) || self.batch == 0 {
+            return Err(bad("lr must be finite and positive, batch positive"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
@@ -517,13 +559,7 @@ pub fn train(
     o: &TrainOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(HeadFile, TrainReport)> {
-    if o.members == 0
-        || o.members > ScopeHead::MAX_MEMBERS
-        || o.hidden == 0
-        || o.hidden > ScopeHead::MAX_HIDDEN
-    {
-        return Err(bad("members or hidden out of range"));
-    }
+    o.check()?;
     if o.folds < 2 || records.len() < o.folds {
         return Err(bad("need at least 2 folds and a record per fold"));
     }
@@ -595,4 +631,33 @@ pub fn train(
             seconds: t0.elapsed().as_secs_f64(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bad options are refused before any training, naming the flag and its range.
+    #[test]
+    fn options_checked_up_front() {
+        TrainOptions::default().check().unwrap();
+        let e = |f: &dyn Fn(&mut TrainOptions)| {
+            let mut o = TrainOptions::default();
+            f(&mut o);
+            o.check().unwrap_err().to_string()
+        };
+        assert!(e(&|o| o.members = 0).contains("--members 0 is outside 1..=16"));
+        assert!(e(&|o| o.hidden = 0).contains("--hidden 0 is outside 1..=1024"));
+        assert!(e(&|o| o.epochs = 0).contains("--epochs 0"));
+        assert!(e(&|o| o.l2 = f64::NAN).contains("--l2 NaN"));
+        for t in [f64::NAN, -1.0, 0.0, 150.0] {
+            assert!(e(&|o| o.target_locality = t).contains("--target-locality"));
+        }
+        TrainOptions {
+            target_locality: 100.0,
+            ..Default::default()
+        }
+        .check()
+        .unwrap();
+    }
 }

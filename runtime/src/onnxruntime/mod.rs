@@ -573,12 +573,14 @@ impl StaticShapes {
     }
 
     fn check(&self) -> Result<(), RuntimeError> {
+        // A prefill chunk is appended to the KV window, so it cannot be longer than it.
         if !(1..=512).contains(&self.chunk)
             || self.window == 0
             || self.window > crate::MAX_N_CTX as usize
+            || self.chunk > self.window
         {
             return Err(RuntimeError::InvalidOptions(format!(
-                "static shapes: chunk must be 1..=512 and window 1..={} (got {},{})",
+                "static shapes: chunk must be 1..=512 and window 1..={}, the chunk no longer than the window (got {},{})",
                 crate::MAX_N_CTX,
                 self.chunk,
                 self.window
@@ -601,6 +603,19 @@ impl StaticShapes {
         }
         g
     }
+}
+
+/// The files an export to `out` writes: the graph and its sidecar, and for a static pair the
+/// decode graph and its sidecar too.
+pub fn export_paths(out: &Path, static_shapes: Option<&StaticShapes>) -> Vec<PathBuf> {
+    let mut graphs = vec![out.to_path_buf()];
+    if static_shapes.is_some_and(|s| s.chunk > 1) {
+        graphs.push(decode_graph_path(out));
+    }
+    graphs
+        .into_iter()
+        .flat_map(|g| [cache::sidecar(&g), g].into_iter().rev())
+        .collect()
 }
 
 /// Where the decode graph of a static pair lives, beside the prefill graph `p`:
@@ -861,7 +876,9 @@ impl OrtModel {
                     // From the sealed copy the vocabulary loaded from (it holds these bytes too):
                     // the values the fingerprint `fp` was taken over.
                     let rope_freqs = read_rope_freqs(&checked, path, &header)?;
-                    (bytes, fp, rope_freqs, 0, true)
+                    // A malformed graph is ONNX Runtime's to refuse, below.
+                    let n_nodes = weights::count_nodes(&bytes).unwrap_or(0);
+                    (bytes, fp, rope_freqs, n_nodes, true)
                 }
                 None => {
                     let Built {
@@ -1751,7 +1768,7 @@ mod cache {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    fn sidecar(p: &Path) -> PathBuf {
+    pub(super) fn sidecar(p: &Path) -> PathBuf {
         let mut s = p.as_os_str().to_os_string();
         s.push(".amend");
         PathBuf::from(s)
@@ -1847,17 +1864,9 @@ mod cache {
         builder: &str,
         key: Option<&[u8; 32]>,
     ) -> std::io::Result<()> {
-        let put = |dest: &Path, data: &[u8]| -> std::io::Result<()> {
-            let mut tmp = dest.as_os_str().to_os_string();
-            tmp.push(format!(".tmp{}", std::process::id()));
-            let tmp = PathBuf::from(tmp);
-            {
-                let mut f = std::fs::File::create(&tmp)?;
-                std::io::Write::write_all(&mut f, data)?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, dest)
-        };
+        // The one atomic writer: it refuses a FIFO or device at `dest` and leaves no
+        // temporary file behind on failure.
+        let put = |dest: &Path, data: &[u8]| amend_edits::fsutil::write_atomic(dest, data, None);
         // The sidecar goes last: a crash in between leaves a graph no sidecar vouches for.
         let _ = std::fs::remove_file(sidecar(p));
         put(p, bytes)?;

@@ -309,6 +309,16 @@ fn graph_field<'a, 'b>(top: &'b [Field<'a>]) -> Result<&'b Field<'a>, String> {
         .ok_or_else(|| "the model has no graph".to_string())
 }
 
+/// How many nodes the graph of `model` has (`GraphProto.node` = 1): a cached graph's count,
+/// which the builder gives only for a graph it builds.
+pub fn count_nodes(model: &[u8]) -> Result<usize, String> {
+    let top = fields(model)?;
+    Ok(fields(graph_field(&top)?.body)?
+        .iter()
+        .filter(|f| f.num == 1 && f.wire == LEN)
+        .count())
+}
+
 /// The raw bytes of the initializer `name` of `model` (ONNX bytes, weights inline); `None`
 /// when the graph has no such initializer with raw data.
 pub fn find_initializer<'a>(model: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
