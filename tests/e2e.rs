@@ -1173,6 +1173,30 @@ fn scope_model_route_dumps_every_prompt() {
     assert!(lines
         .iter()
         .any(|l| l["kind"].as_str().unwrap().starts_with("locality: ")));
+    // Data the bundle holds no edit of is refused, not tallied as a router that never routes.
+    let dir = tmp().join("route-dump");
+    let other = dir.join("other.json");
+    let rest: Vec<&serde_json::Value> = all.as_array().unwrap()[3..5].iter().collect();
+    std::fs::write(&other, serde_json::to_vec(&rest).unwrap()).unwrap();
+    let scope = amend_runtime::default_scope_model_path().unwrap();
+    refused(
+        &[
+            "scope-model",
+            "route",
+            "--bundle",
+            s(&dir.join("records.amend")),
+            "--pubkey",
+            s(&tmp().join("e2e-route-dump.pub")),
+            "--data",
+            s(&other),
+            "--scope-model",
+            s(&scope),
+        ],
+        &[
+            "--data",
+            "none of its 2 record ids is an edit of the bundle",
+        ],
+    );
 }
 
 /// A rephrase that describes its subject in passing ("Rome, the Italian capital, was built on

@@ -346,6 +346,28 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
         .to_family()
         .map_err(|e| anyhow::anyhow!("memory payload: {e}"))?;
     let routing = mem.routing().context("the memory has no routing data")?;
+    // Records the bundle holds no edit for can never route home: data that does not belong to
+    // the bundle would print a table of zeros that reads like a broken router.
+    let ids: std::collections::HashSet<&str> = (0..mem.len())
+        .filter_map(|i| mem.record(i).map(|r| r.edit_id))
+        .collect();
+    let foreign = records
+        .iter()
+        .filter(|r| !ids.contains(r.id.as_str()))
+        .count();
+    if foreign == records.len() {
+        anyhow::bail!(
+            "--data {}: none of its {} record ids is an edit of the bundle (route the data the bundle was compiled from)",
+            a.data.display(),
+            records.len()
+        );
+    }
+    if foreign > 0 {
+        eprintln!(
+            "warning: {foreign} of the {} records of --data are not edits of the bundle: their prompts cannot route home",
+            records.len()
+        );
+    }
     match routing.head() {
         Some(h) => println!(
             "{} memories; scope head ({} x {}), threshold {:.3}",

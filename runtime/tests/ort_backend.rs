@@ -699,6 +699,7 @@ fn llama_cpp_roundings_can_be_reproduced() {
     use amend_runtime::onnxruntime::Emulation;
     assert!(Emulation::parse("kv,bogus").is_err());
     assert_eq!(Emulation::parse("none").unwrap().name(), "none");
+    assert!(Emulation::parse("none,kv").is_err());
     assert_eq!(Emulation::parse("q80, kv").unwrap().name(), "kv,q80");
     // Q8_0 layers: the q8_0 input rounding is exercised; the tiny model's 64-wide rows have
     // no 256-blocks, so q8_K is skipped there.
