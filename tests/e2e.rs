@@ -90,6 +90,13 @@ fn refused(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// A tiny llama GGUF written at `path` (for what needs a model file but not the real model).
+fn tiny_model(path: PathBuf) -> PathBuf {
+    amend_runtime::testutil::write_tiny_model(&path, amend_runtime::Architecture::Llama, 3)
+        .unwrap();
+    path
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -334,9 +341,7 @@ fn compile_refuses_bad_input_and_writes_nothing() {
 
     // An architecture without a forward: a tiny llama GGUF renamed to another llama.cpp
     // architecture (names are stored as plain strings; the check runs before any tensor load).
-    let tiny = dir.join("tiny.gguf");
-    amend_runtime::testutil::write_tiny_model(&tiny, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let tiny = tiny_model(dir.join("tiny.gguf"));
     let renamed = dir.join("mamba.gguf");
     let bytes = std::fs::read(&tiny).unwrap();
     let mut patched = Vec::with_capacity(bytes.len());
@@ -1255,9 +1260,7 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
 /// negative top-k or window is refused by name. A generation the context cuts short says so.
 #[test]
 fn a_context_below_the_default_repeat_window_runs() {
-    let model = tmp().join("small-ctx.gguf");
-    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let model = tiny_model(tmp().join("small-ctx.gguf"));
     let m = s(&model);
     let base = [
         "run",
@@ -1389,9 +1392,7 @@ fn dir_listing(dir: &Path) -> Vec<String> {
 fn locate_refuses_bad_values_before_tracing() {
     let dir = tmp().join("locate-values");
     std::fs::create_dir_all(&dir).unwrap();
-    let model = dir.join("tiny.gguf");
-    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
     let out_dir = dir.join("out");
     let (m, o) = (s(&model), s(&out_dir));
     let fact = |prompt: &'static str, subject: &'static str, target: &'static str| {
@@ -1450,9 +1451,7 @@ fn locate_checks_its_outputs_before_tracing() {
     let dir = tmp().join("locate-outputs");
     let out = dir.join("loc");
     std::fs::create_dir_all(&out).unwrap();
-    let model = dir.join("tiny.gguf");
-    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
     let fifo = out.join("fifo.json");
     let c = std::ffi::CString::new(s(&fifo)).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
@@ -1544,9 +1543,7 @@ fn locate_checks_its_outputs_before_tracing() {
 /// ran for minutes), naming the flags; --rounds 0 too.
 #[test]
 fn bench_bounds_its_token_counts_by_the_context() {
-    let model = tmp().join("bench-tiny.gguf");
-    amend_runtime::testutil::write_tiny_model(&model, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let model = tiny_model(tmp().join("bench-tiny.gguf"));
     let m = s(&model);
     let bench =
         |extra: &[&'static str]| [&["bench", "--model", m, "--threads", "1"][..], extra].concat();
@@ -1847,9 +1844,7 @@ fn scope_model_convert_refuses_bad_configs_and_keeps_out() {
 fn export_parity_and_keygen_refuse_bad_paths_and_values() {
     let dir = tmp().join("outputs");
     std::fs::create_dir_all(&dir).unwrap();
-    let tiny = dir.join("tiny.gguf");
-    amend_runtime::testutil::write_tiny_model(&tiny, amend_runtime::Architecture::Llama, 3)
-        .unwrap();
+    let tiny = tiny_model(dir.join("tiny.gguf"));
     let tiny_bytes = std::fs::read(&tiny).unwrap();
     let fifo = dir.join("out.fifo");
     let _ = std::fs::remove_file(&fifo);
