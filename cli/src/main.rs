@@ -166,7 +166,52 @@ fn main() {
         Command::ScopeModel(a) => scope_model::run(a),
     };
     if let Err(e) = result {
-        eprintln!("amend: error: {e:#}");
+        eprintln!("amend: error: {}", error_chain(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes joined with ": " (as `{:#}`), leaving out a cause the message
+/// before it already ends with: error types that print their source and also return it
+/// (`RuntimeError::Io`) would otherwise say it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if !out.is_empty() && out.ends_with(&m) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&m);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::error_chain;
+    use anyhow::Context;
+
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_said_once() {
+        let io = amend_runtime::RuntimeError::Io {
+            path: "d1".into(),
+            source: std::io::Error::from_raw_os_error(21),
+        };
+        let e = Err::<(), _>(io).context("building the graph").unwrap_err();
+        let text = error_chain(&e);
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert!(
+            text.starts_with("building the graph: cannot read d1: "),
+            "{text}"
+        );
+        // Causes that add something are all kept, in order.
+        let e = Err::<(), _>(std::io::Error::other("disk full"))
+            .context("writing b.amend")
+            .context("--out b.amend")
+            .unwrap_err();
+        assert_eq!(error_chain(&e), "--out b.amend: writing b.amend: disk full");
     }
 }
