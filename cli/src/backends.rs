@@ -636,8 +636,10 @@ pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
         files
             .iter()
             .zip(&before)
-            .filter(|(f, b)| file_id(f).is_some() && file_id(f) != **b)
-            .map(|(f, _)| f)
+            .filter_map(|(f, b)| {
+                let now = file_id(f);
+                (now.is_some() && now != *b).then_some(f)
+            })
             .collect()
     };
     let remove_written = || {
