@@ -153,7 +153,8 @@ typedef enum amend_result {
    */
   AMEND_ERR_SIGNATURE = 303,
   /**
-   * The bundle is signed by a key that is not in the trust store.
+   * The bundle is signed by a key that is not in the trust store. Also when a trusted key
+   * is the signer's secret key given in place of its public key (the message says so).
    */
   AMEND_ERR_UNTRUSTED_KEY = 304,
   /**

@@ -1439,6 +1439,14 @@ fn locate_refuses_bad_values_before_tracing() {
         60,
         &["--subject \"d\" does not occur in --prompt"],
     );
+    // A prompt past the model's context (the tiny model's is 512) is refused before the
+    // clean run.
+    let long: &'static str = Box::leak(format!("{}c", "a b ".repeat(400)).into_boxed_str());
+    refused_within(
+        &fact(long, "b", "c"),
+        60,
+        &["the prompt is", "the model's context is 512"],
+    );
     assert!(!out_dir.exists(), "a refused locate created {o}");
 }
 
@@ -2016,4 +2024,71 @@ fn export_parity_and_keygen_refuse_bad_paths_and_values() {
         .file_name()
         .to_string_lossy()
         .contains(".tmp")));
+}
+
+/// A secret key copied where its public key belongs, under a `.pub` name (past the by-name
+/// check of `.key` files): `verify` and `run` say so instead of "unknown key" or a bare "not a
+/// valid public key". Needs no real model.
+#[test]
+fn secret_key_given_as_the_public_key_is_named() {
+    use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
+    use amend_edits::ed25519_dalek::{SigningKey, VerifyingKey};
+    let dir = tmp().join("secret-as-pub");
+    std::fs::create_dir_all(&dir).unwrap();
+    // About half of all secret seeds are also a curve point, and so pass for a public key.
+    let seed = |point: bool| {
+        (2..=255u8)
+            .find(|&s| VerifyingKey::from_bytes(&[s; 32]).is_ok_and(|k| !k.is_weak()) == point)
+            .unwrap()
+    };
+    let key_file = |name: &str, bytes: [u8; 32]| {
+        let p = dir.join(name);
+        std::fs::write(&p, amend_edits::keys::to_hex(&bytes) + "\n").unwrap();
+        p
+    };
+    let signer = SigningKey::from_bytes(&[seed(true); 32]);
+    let mut b = BundleBuilder::new(BundleMeta {
+        bundle_id: "secret-as-pub".into(),
+        channel: "main".into(),
+        version: 1,
+        created: 0,
+        not_before: 0,
+        expires: 4_000_000_000,
+        model: ModelBinding {
+            fingerprint: [0; 32],
+            arch: "llama".into(),
+            n_layer: 3,
+            n_embd: 4,
+        },
+    });
+    let site = amend_edits::Site::FfnOutput;
+    let (k, v) = ([1.0, 0.0, 0.0, 0.0], [0.5; 4]);
+    let cb = b.add_codebook(1, site, site, 0, false, 4, &k, &v, &[0.1]);
+    b.add_edit("e", 1, site, "p", " t", cb, 0, 1);
+    let bundle = dir.join("b.amend");
+    std::fs::write(&bundle, b.build_signed(&signer).unwrap().as_slice()).unwrap();
+
+    let public = key_file("signer.pub", signer.verifying_key().to_bytes());
+    ok(&["verify", s(&bundle), "--pubkey", s(&public)]);
+    let secret = key_file("device.pub", signer.to_bytes());
+    let named = [
+        "trusted key 0 is the signer's secret key",
+        "trust the .pub file",
+    ];
+    refused(&["verify", s(&bundle), "--pubkey", s(&secret)], &named);
+    let model = tiny_model(dir.join("tiny.gguf"));
+    let out = amend(&run_args(&model, "a b", Some((&bundle, &secret)), &[]));
+    assert!(!out.status.success() && out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(named.iter().all(|n| err.contains(n)), "{err}");
+    // A secret seed that is no point is refused as the key is read, with the hint.
+    let other = key_file("other.pub", [seed(false); 32]);
+    refused(
+        &["verify", s(&bundle), "--pubkey", s(&other)],
+        &[
+            "not a valid ed25519 public key",
+            "secret key file",
+            "use the .pub beside it",
+        ],
+    );
 }

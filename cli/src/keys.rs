@@ -182,7 +182,9 @@ pub(crate) fn trust_from(files: &[PathBuf]) -> anyhow::Result<TrustStore> {
 
 pub(crate) fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<BundleBytes>> {
     Bundle::open_file(path, trust)
-        .with_context(|| format!("{} is not a valid bundle", path.display()))
+        // Not "invalid": a good bundle is also refused for the trust given (an unknown key,
+        // a secret key trusted in place of its public key).
+        .with_context(|| format!("bundle {} refused", path.display()))
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {

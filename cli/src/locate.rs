@@ -188,8 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    // The heatmap is rendered beside its destination and renamed into place after the json,
-    // so a failed render leaves neither file.
+    // The heatmap is rendered to a temporary file first and placed after the json, so a
+    // failed render leaves neither file.
     let png_tmp = args
         .out_dir
         .join(format!(".{}.tmp{}.png", args.name, std::process::id()));
@@ -202,12 +202,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&result)? + "\n";
         amend_edits::fsutil::write_atomic(&json_path, json.as_bytes(), None)
             .with_context(|| format!("writing {}", json_path.display()))?;
-        std::fs::rename(&png_tmp, &png_path)
+        // plotters writes to a path; the one atomic writer places its bytes (and refuses a
+        // target that became a FIFO or device during the trace).
+        let png = std::fs::read(&png_tmp)
+            .with_context(|| format!("reading back {}", png_tmp.display()))?;
+        amend_edits::fsutil::write_atomic(&png_path, &png, None)
             .with_context(|| format!("writing {}", png_path.display()))
     });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&png_tmp);
-    }
+    let _ = std::fs::remove_file(&png_tmp);
     written?;
 
     println!(

@@ -67,7 +67,9 @@ struct TuneArgs {
     #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().rank,
           value_parser = count(1..=amend_compiler::scope_model::MAX_EMBD))]
     rank: usize,
-    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().epochs, value_parser = crate::parse_count)]
+    /// Passes over the training pairs: 1..=1000.
+    #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().epochs,
+          value_parser = count(1..=amend_compiler::scope_tune::MAX_EPOCHS as u64))]
     epochs: usize,
     /// Learning rate: finite, > 0.
     #[arg(long, default_value_t = amend_compiler::scope_tune::TuneOptions::default().lr, value_parser = positive)]
@@ -217,7 +219,9 @@ struct TrainHeadArgs {
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().hidden,
           value_parser = count(1..=amend_edits::bundle::MAX_SCOPE_HEAD_HIDDEN as u64))]
     hidden: usize,
-    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().epochs, value_parser = crate::parse_count)]
+    /// Passes over the labelled pairs: 1..=10000.
+    #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().epochs,
+          value_parser = count(1..=amend_compiler::methods::scope_head::MAX_EPOCHS as u64))]
     epochs: usize,
     /// L2 penalty: finite, >= 0.
     #[arg(long, default_value_t = amend_compiler::methods::scope_head::TrainOptions::default().l2, value_parser = non_negative)]

@@ -152,6 +152,14 @@ pub fn trace(
         .ok_or_else(|| LocateError::EmptyTarget(target.to_string()))?;
     let subject_tokens = subject_token_range(model, prompt, subject, &tokens)?;
     let n = tokens.len();
+    // Refused before any run: a prompt past the model's context would fail (or be cut) only
+    // after the clean run, and every traced position re-runs the rest of the prompt.
+    let n_ctx = model.info().n_ctx_train as usize;
+    if n + 8 > n_ctx {
+        return Err(LocateError::InvalidConfig(format!(
+            "the prompt is {n} tokens; the model's context is {n_ctx} (a trace needs 8 more)"
+        )));
+    }
 
     let mut session = Session::new(
         model,

@@ -45,6 +45,10 @@ pub const TUNED_MODULES: [&str; 6] = [
 /// The most lexicon items per relation per epoch (each is texts to encode every epoch).
 pub const MAX_LEXICON_ITEMS: usize = 1000;
 
+/// Most epochs a tune takes (the default is 3; one epoch over the built-in sets is minutes):
+/// more is a typo that would run for days, not a choice.
+pub const MAX_EPOCHS: usize = 1000;
+
 /// Hyperparameters of [`tune`].
 #[derive(Clone, Debug)]
 pub struct TuneOptions {
@@ -106,8 +110,8 @@ impl TuneOptions {
                 format!("1..={} (the checkpoint's hidden size)", cfg.n_embd),
             );
         }
-        if self.epochs == 0 {
-            return flag("epochs", &self.epochs, "1..".into());
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            return flag("epochs", &self.epochs, format!("1..={MAX_EPOCHS}"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return flag("lr", &self.lr, "finite numbers > 0".into());
@@ -845,6 +849,7 @@ mod tests {
         assert!(e(&|o| o.rank = 0).contains("--rank 0"));
         assert!(e(&|o| o.layers = 7).contains("--layers 7 is outside 1..=6"));
         assert!(e(&|o| o.epochs = 0).contains("--epochs 0"));
+        assert!(e(&|o| o.epochs = 99999999999).contains("--epochs 99999999999 is outside 1..=1000"));
         assert!(e(&|o| o.lr = f64::NAN).contains("--lr NaN"));
         assert!(e(&|o| o.lr = -1.0).contains("--lr -1"));
         assert!(e(&|o| o.temperature = 0.0).contains("--temperature 0"));

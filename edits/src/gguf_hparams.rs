@@ -276,7 +276,18 @@ fn show(v: &GgufValue) -> String {
     match v {
         GgufValue::String(s) => format!("the string {s:?}"),
         GgufValue::Array(a) => format!("an array of {}", a.len()),
-        other => format!("{other:?}"),
+        // The value with its GGUF type, as a user reads it (`the u32 999999999`).
+        GgufValue::U8(x) => format!("the u8 {x}"),
+        GgufValue::I8(x) => format!("the i8 {x}"),
+        GgufValue::U16(x) => format!("the u16 {x}"),
+        GgufValue::I16(x) => format!("the i16 {x}"),
+        GgufValue::U32(x) => format!("the u32 {x}"),
+        GgufValue::I32(x) => format!("the i32 {x}"),
+        GgufValue::U64(x) => format!("the u64 {x}"),
+        GgufValue::I64(x) => format!("the i64 {x}"),
+        GgufValue::F32(x) => format!("the f32 {x}"),
+        GgufValue::F64(x) => format!("the f64 {x}"),
+        GgufValue::Bool(x) => format!("the bool {x}"),
     }
 }
 

@@ -22,11 +22,28 @@ pub fn key_id(key: &VerifyingKey) -> KeyId {
     id
 }
 
+/// Which of `trusted` (raw 32-byte keys), read as an ed25519 secret seed, is the key named
+/// `signer`: both key files are 32 bytes, so a secret key given where the public key belongs
+/// is only told apart here, once a bundle names the key. One scalar multiplication per key, so
+/// the verifiers call it only when the signer is not trusted.
+pub fn secret_seed_index(
+    signer: &KeyId,
+    trusted: impl IntoIterator<Item = [u8; 32]>,
+) -> Option<usize> {
+    trusted
+        .into_iter()
+        .position(|k| key_id(&SigningKey::from_bytes(&k).verifying_key()) == *signer)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("key file is neither 32 raw bytes nor 64 hex characters")]
     BadEncoding,
-    #[error("not a valid ed25519 public key")]
+    // Half of all secret seeds do not decode as a point: hint at the likely slip.
+    #[error(
+        "not a valid ed25519 public key (if it is a secret key file, use the .pub \
+         beside it)"
+    )]
     BadPublicKey,
     #[error("weak ed25519 public key (small-order point): any signature could verify under it")]
     WeakPublicKey,

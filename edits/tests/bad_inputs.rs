@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use amend_edits::bundle::*;
+use amend_edits::ed25519_dalek::VerifyingKey;
 use amend_edits::editset::{AddOptions, EditSet, EditSetError};
 use amend_edits::keys::{key_id, TrustStore};
 use common::*;
@@ -393,6 +394,20 @@ fn k26_infinity_in_payload() {
     );
 }
 
+/// A finite value over the magnitude bound: refused by the reader and, at every chunk size,
+/// by the streaming verifier (which used to let it through: it checked only NaN and infinity).
+#[test]
+fn k26b_value_over_the_bound_in_payload() {
+    let set = active_set();
+    for x in [2.0e6f32, -MAX_ABS_VALUE * 1.5, f32::MAX] {
+        assert_eq!(
+            bundle_err(refuse(&set, poison(x).as_slice())),
+            BundleError::ValueOutOfRange { index: 1 },
+            "{x}"
+        );
+    }
+}
+
 #[test]
 fn k27_counts_beyond_caps() {
     let set = active_set();
@@ -543,7 +558,17 @@ fn k34_duplicate_edit_id() {
     });
     assert_eq!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::DuplicateEditId("e-cb-0".into())
+        BundleError::DuplicateEditId { index: 1 }
+    );
+    // Two repeats: the first in manifest order is named (edit 2), not the first in id order
+    // (edit 3 repeats e-cb-0, which sorts before e-cb-1).
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.edits[3].id = m.edits[0].id.clone();
+        m.edits[2].id = m.edits[1].id.clone();
+    });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::DuplicateEditId { index: 2 }
     );
 }
 
@@ -719,7 +744,63 @@ fn k45_trust_store_without_keys_refuses_everything() {
     let b = verify(good().as_slice(), &TrustStore::new());
     assert!(matches!(b, Err(BundleError::UnknownKeyId(_))));
     let s = common::stream::stream(good().as_slice(), &TrustStore::new(), 64);
-    assert!(matches!(s, Err(StreamError::UnknownKeyId(_))));
+    assert!(matches!(s, Err(BundleError::UnknownKeyId(_))));
+}
+
+/// The first seed byte `s` whose `[s; 32]` does (or does not) decode as an ed25519 point:
+/// about half of all 32-byte strings do, so a secret seed may pass for a public key or not.
+fn seed_that_is_a_point(point: bool) -> u8 {
+    (2..=255u8)
+        .find(|&s| VerifyingKey::from_bytes(&[s; 32]).is_ok_and(|k| !k.is_weak()) == point)
+        .unwrap()
+}
+
+#[test]
+fn k45b_secret_key_trusted_in_place_of_the_public_key() {
+    let seed = seed_that_is_a_point(true);
+    let k = key(seed);
+    let mut b = good();
+    sign_in_place(b.as_mut_slice(), &k).unwrap();
+    // Trust key(1)'s public key and, second, k's secret seed read as a public key.
+    let mut t = trust();
+    t.add(VerifyingKey::from_bytes(&k.to_bytes()).unwrap())
+        .unwrap();
+    let want = BundleError::SecretKeyTrusted { index: 1 };
+    assert_eq!(verify(b.as_slice(), &t).map(drop), Err(want));
+    assert_eq!(Bundle::from_bytes(b.as_slice(), &t).map(drop), Err(want));
+    for chunk in common::stream::CHUNKS.iter().copied() {
+        assert_eq!(common::stream::stream(b.as_slice(), &t, chunk), Err(want));
+    }
+    // The stream's raw key list, where the secret is the first key.
+    let mut v = StreamVerifier::new(&[k.to_bytes()]).unwrap();
+    assert_eq!(
+        v.update(b.as_slice()),
+        Err(BundleError::SecretKeyTrusted { index: 0 })
+    );
+    assert!(want.to_string().contains("secret key"), "{want}");
+    // Unchanged: the public key verifies, and a key that is neither stays unknown.
+    let ok = TrustStore::with_key(k.verifying_key());
+    assert!(verify(b.as_slice(), &ok).is_ok());
+    assert!(common::stream::stream(b.as_slice(), &ok, 64).is_ok());
+    let unknown = BundleError::UnknownKeyId(key_id(&k.verifying_key()));
+    assert_eq!(verify(b.as_slice(), &trust()).map(drop), Err(unknown));
+    assert_eq!(
+        common::stream::stream(b.as_slice(), &trust(), 64),
+        Err(unknown)
+    );
+}
+
+#[test]
+fn k45c_secret_key_that_is_no_point_is_refused_where_it_is_trusted() {
+    // Such a seed never reaches a verifier: the key is refused as it is added, with a hint.
+    let seed = seed_that_is_a_point(false);
+    let file = amend_edits::keys::to_hex(&[seed; 32]);
+    let e = amend_edits::keys::verifying_key_from_file_bytes(file.as_bytes()).unwrap_err();
+    assert_eq!(e, amend_edits::keys::KeyError::BadPublicKey);
+    assert!(e.to_string().contains("secret key file"), "{e}");
+    let s = StreamVerifier::new(&[[seed; 32]]).map(drop).unwrap_err();
+    assert_eq!(s, BundleError::BadTrustedKey(0));
+    assert!(s.to_string().contains("secret key file"), "{s}");
 }
 
 fn with_verification(v: Verification) -> AlignedBuf {

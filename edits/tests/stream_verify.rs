@@ -49,7 +49,7 @@ fn stream_that_ends_early() {
     let mut v = StreamVerifier::from_trust(&t);
     assert_eq!(
         v.finish(),
-        Err(StreamError::Truncated {
+        Err(BundleError::EndedEarly {
             needed: 64,
             have: 0
         })
@@ -59,7 +59,7 @@ fn stream_that_ends_early() {
         for chunk in [1, 7, 4096] {
             assert_eq!(
                 stream(&g.as_slice()[..cut], &t, chunk),
-                Err(StreamError::Truncated {
+                Err(BundleError::EndedEarly {
                     needed,
                     have: cut as u64
                 }),
@@ -80,7 +80,7 @@ fn stream_that_continues_past_the_declared_length() {
     for chunk in [1, 3, 64, 4096, usize::MAX] {
         assert_eq!(
             stream(&more, &t, chunk),
-            Err(StreamError::PastDeclaredLength { declared }),
+            Err(BundleError::PastDeclaredLength { declared }),
             "chunk {chunk}"
         );
     }
@@ -88,16 +88,16 @@ fn stream_that_continues_past_the_declared_length() {
     v.update(g.as_slice()).unwrap();
     assert_eq!(
         v.update(&[0]),
-        Err(StreamError::PastDeclaredLength { declared })
+        Err(BundleError::PastDeclaredLength { declared })
     );
     // The error sticks: a refused stream cannot be finished into success.
     assert_eq!(
         v.update(&[]),
-        Err(StreamError::PastDeclaredLength { declared })
+        Err(BundleError::PastDeclaredLength { declared })
     );
     assert_eq!(
         v.finish(),
-        Err(StreamError::PastDeclaredLength { declared })
+        Err(BundleError::PastDeclaredLength { declared })
     );
     // An empty chunk changes nothing.
     let mut v = StreamVerifier::from_trust(&t);
@@ -117,7 +117,7 @@ fn manifest_over_the_stream_cap_is_refused_precisely() {
     let len = read_header(v.as_slice()).unwrap().manifest_len.get();
     assert_eq!(
         stream(v.as_slice(), &trust(), 4096),
-        Err(StreamError::ManifestTooLarge {
+        Err(BundleError::ManifestTooLarge {
             len,
             cap: STREAM_MAX_MANIFEST_LEN
         })
@@ -153,12 +153,12 @@ fn trusted_keys_are_checked() {
     bad[0] = 2;
     assert_eq!(
         StreamVerifier::new(&[*key(1).verifying_key().as_bytes(), bad]).map(drop),
-        Err(StreamError::BadTrustedKey(1))
+        Err(BundleError::BadTrustedKey(1))
     );
     let many = [*key(1).verifying_key().as_bytes(); 17];
     assert_eq!(
         StreamVerifier::new(&many).map(drop),
-        Err(StreamError::TooManyKeys)
+        Err(BundleError::TooManyKeys)
     );
     // Raw keys work like a trust store.
     let g = good();
@@ -169,7 +169,7 @@ fn trusted_keys_are_checked() {
     v.update(g.as_slice()).unwrap_err();
     assert!(matches!(
         stream(g.as_slice(), &TrustStore::new(), 1),
-        Err(StreamError::UnknownKeyId(_))
+        Err(BundleError::UnknownKeyId(_))
     ));
 }
 
@@ -335,8 +335,8 @@ fn peak_memory_on_a_256_mb_bundle() {
         .position(|s| (s.offset..s.offset + s.len).contains(&(at as u64)));
     let got = stream(&bad, &trust(), 1 << 20);
     match last {
-        Some(index) => assert_eq!(got, Err(StreamError::SectionHash { index })),
-        None => assert_eq!(got, Err(StreamError::NonZeroPadding { offset: at as u64 })),
+        Some(index) => assert_eq!(got, Err(BundleError::SectionHash { index })),
+        None => assert_eq!(got, Err(BundleError::NonZeroPadding { offset: at as u64 })),
     }
 }
 
@@ -822,7 +822,7 @@ fn refused_under_minor(b: &AlignedBuf, minor: u8, reason: &'static str) {
     for chunk in CHUNKS.iter().copied() {
         assert_eq!(
             stream(v.as_slice(), &trust(), chunk),
-            Err(StreamError::BadHeader(reason)),
+            Err(BundleError::BadHeader(reason)),
             "chunk {chunk}"
         );
     }

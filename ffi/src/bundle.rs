@@ -78,7 +78,10 @@ pub extern "C" fn amend_trust_store_new(
             let key = VerifyingKey::from_bytes(raw).map_err(|_| {
                 FfiError::new(
                     amend_result::AMEND_ERR_INVALID_KEY,
-                    format!("key {i} is not a valid ed25519 public key"),
+                    format!(
+                        "key {i} is not a valid ed25519 public key (if it was read from a \
+                         secret key file, use the .pub beside it)"
+                    ),
                 )
             })?;
             trust.add(key).map_err(|e: KeyError| {

@@ -67,24 +67,59 @@ use amend_edits::fingerprint::FingerprintError;
 use amend_edits::keys::KeyError;
 use amend_edits::{BundleError, EditSetError};
 
+/// The one mapping of bundle refusals to codes, for the in-memory loaders and the streaming
+/// verifier alike. Exhaustive on purpose: a new refusal must choose its code here.
 impl From<BundleError> for FfiError {
     fn from(e: BundleError) -> Self {
         use BundleError as B;
-        let code = match &e {
+        let code = match e {
+            // A short buffer is malformed; a stream that stops early has its own code.
+            B::Truncated { .. } => R::AMEND_ERR_BUNDLE_FORMAT,
+            B::EndedEarly { .. } => R::AMEND_ERR_BUNDLE_TRUNCATED,
+            B::PastDeclaredLength { .. } => R::AMEND_ERR_BUNDLE_TOO_LONG,
             B::UnsupportedVersion { .. } => R::AMEND_ERR_BUNDLE_VERSION,
             B::SectionHash { .. } | B::NonFinite { .. } | B::ValueOutOfRange { .. } => {
                 R::AMEND_ERR_BUNDLE_INTEGRITY
             }
             B::Unsigned | B::BadSignature => R::AMEND_ERR_SIGNATURE,
-            B::UnknownKeyId(_) => R::AMEND_ERR_UNTRUSTED_KEY,
+            B::UnknownKeyId(_) | B::SecretKeyTrusted { .. } => R::AMEND_ERR_UNTRUSTED_KEY,
+            B::BadTrustedKey(_) => R::AMEND_ERR_INVALID_KEY,
+            B::TooManyKeys => R::AMEND_ERR_INVALID_ARGUMENT,
             B::PayloadDimension { .. }
             | B::InvalidPayload { .. }
             | B::BadEdit { .. }
-            | B::DuplicateEditId(_) => R::AMEND_ERR_EDIT_INVALID,
-            // Everything else is a malformed byte stream: magic, header, manifest, sections.
-            _ => R::AMEND_ERR_BUNDLE_FORMAT,
+            | B::DuplicateEditId { .. } => R::AMEND_ERR_EDIT_INVALID,
+            // A malformed byte stream: magic, header, manifest, sections (a manifest over the
+            // streaming verifier's cap included).
+            B::BadMagic
+            | B::BadHeader(_)
+            | B::LengthMismatch { .. }
+            | B::CapExceeded { .. }
+            | B::ManifestTooLarge { .. }
+            | B::MisalignedBuffer
+            | B::ManifestDecode(_)
+            | B::ManifestTrailingBytes(_)
+            | B::BadManifest(_)
+            | B::SectionOutOfBounds { .. }
+            | B::SectionMisaligned { .. }
+            | B::SectionOverlap { .. }
+            | B::NonZeroPadding { .. }
+            | B::UnknownSectionKind { .. }
+            | B::UnknownDtype { .. }
+            | B::SectionShape { .. }
+            | B::UnreferencedSection { .. }
+            | B::UnknownPayloadKind { .. }
+            | B::DescriptorDecode { .. }
+            | B::BadSectionRef { .. }
+            | B::UnknownSite { .. }
+            | B::UnknownCode { .. } => R::AMEND_ERR_BUNDLE_FORMAT,
         };
-        FfiError::new(code, format!("invalid bundle: {e}"))
+        // The trusted keys are at fault, not the bundle.
+        let message = match e {
+            B::BadTrustedKey(_) | B::TooManyKeys | B::SecretKeyTrusted { .. } => e.to_string(),
+            _ => format!("invalid bundle: {e}"),
+        };
+        FfiError::new(code, message)
     }
 }
 
@@ -103,7 +138,7 @@ impl From<EditSetError> for FfiError {
     fn from(e: EditSetError) -> Self {
         use EditSetError as E;
         let code = match &e {
-            E::Bundle(b) => return b.clone().into(),
+            E::Bundle(b) => return (*b).into(),
             E::Expired { .. } | E::NotYetValid { .. } => R::AMEND_ERR_BUNDLE_EXPIRED,
             E::Replay { .. } | E::Downgrade { .. } => R::AMEND_ERR_BUNDLE_DOWNGRADE,
             E::VersionStore(_) => R::AMEND_ERR_IO,

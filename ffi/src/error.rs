@@ -104,7 +104,8 @@ result_codes! {
         AMEND_ERR_BUNDLE_INTEGRITY = 302,
         /// The bundle's signature is invalid.
         AMEND_ERR_SIGNATURE = 303,
-        /// The bundle is signed by a key that is not in the trust store.
+        /// The bundle is signed by a key that is not in the trust store. Also when a trusted key
+        /// is the signer's secret key given in place of its public key (the message says so).
         AMEND_ERR_UNTRUSTED_KEY = 304,
         /// The bundle was compiled for another model.
         AMEND_ERR_MODEL_MISMATCH = 305,

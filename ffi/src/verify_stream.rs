@@ -5,7 +5,7 @@
 
 use std::mem::{align_of, size_of, MaybeUninit};
 
-use amend_edits::bundle::{StreamError, StreamVerifier};
+use amend_edits::bundle::StreamVerifier;
 use amend_edits::keys::MAX_TRUSTED_KEYS;
 
 use crate::amend_result;
@@ -38,31 +38,6 @@ const MAGIC: u64 = u64::from_le_bytes(*b"amndVST1");
 const _: () = assert!(size_of::<amend_verify_stream_state>() == AMEND_VERIFY_STREAM_STATE_SIZE);
 const _: () = assert!(size_of::<State>() <= AMEND_VERIFY_STREAM_STATE_SIZE);
 const _: () = assert!(align_of::<State>() <= align_of::<amend_verify_stream_state>());
-
-impl From<StreamError> for FfiError {
-    fn from(e: StreamError) -> Self {
-        use amend_result as R;
-        use StreamError as S;
-        let code = match &e {
-            S::Truncated { .. } => R::AMEND_ERR_BUNDLE_TRUNCATED,
-            S::PastDeclaredLength { .. } => R::AMEND_ERR_BUNDLE_TOO_LONG,
-            S::UnsupportedVersion { .. } => R::AMEND_ERR_BUNDLE_VERSION,
-            S::SectionHash { .. } | S::NonFinite { .. } => R::AMEND_ERR_BUNDLE_INTEGRITY,
-            S::Unsigned | S::BadSignature => R::AMEND_ERR_SIGNATURE,
-            S::UnknownKeyId(_) => R::AMEND_ERR_UNTRUSTED_KEY,
-            S::BadTrustedKey(_) => R::AMEND_ERR_INVALID_KEY,
-            S::TooManyKeys => R::AMEND_ERR_INVALID_ARGUMENT,
-            S::PayloadDimension { .. }
-            | S::InvalidPayload { .. }
-            | S::BadEdit { .. }
-            | S::DuplicateEditId { .. } => R::AMEND_ERR_EDIT_INVALID,
-            // Everything else is a malformed byte stream (as for amend_bundle_load_*), including
-            // a manifest over the streaming verifier's cap.
-            _ => R::AMEND_ERR_BUNDLE_FORMAT,
-        };
-        FfiError::new(code, format!("invalid bundle stream: {e}"))
-    }
-}
 
 /// The initialised state behind `state` (NULL, misaligned and uninitialised are refused).
 fn state<'a>(p: *mut amend_verify_stream_state) -> FfiResult<&'a mut StreamVerifier> {
@@ -190,6 +165,8 @@ pub extern "C" fn amend_verify_stream_finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amend_edits::bundle::BundleError as B;
+    use amend_result as R;
 
     #[test]
     fn state_fits_and_wrong_size_is_specific() {
@@ -211,5 +188,218 @@ mod tests {
             amend_verify_stream_finish(std::ptr::null_mut()),
             amend_result::AMEND_ERR_NULL_ARGUMENT
         );
+    }
+
+    /// One mapping serves the loaders and the stream: every refusal keeps the code it had
+    /// when the stream had its own error type.
+    #[test]
+    fn every_bundle_error_keeps_its_code() {
+        let cases = [
+            (
+                B::Truncated {
+                    needed: 64,
+                    have: 0,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::EndedEarly {
+                    needed: 64,
+                    have: 0,
+                },
+                R::AMEND_ERR_BUNDLE_TRUNCATED,
+            ),
+            (
+                B::PastDeclaredLength { declared: 64 },
+                R::AMEND_ERR_BUNDLE_TOO_LONG,
+            ),
+            (B::BadMagic, R::AMEND_ERR_BUNDLE_FORMAT),
+            (
+                B::UnsupportedVersion { major: 2, minor: 0 },
+                R::AMEND_ERR_BUNDLE_VERSION,
+            ),
+            (B::BadHeader("flags"), R::AMEND_ERR_BUNDLE_FORMAT),
+            (
+                B::LengthMismatch {
+                    declared: 64,
+                    actual: 65,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::CapExceeded {
+                    what: "x",
+                    value: 2,
+                    cap: 1,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::ManifestTooLarge {
+                    len: 9000,
+                    cap: 5056,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (B::MisalignedBuffer, R::AMEND_ERR_BUNDLE_FORMAT),
+            (B::Unsigned, R::AMEND_ERR_SIGNATURE),
+            (B::UnknownKeyId([1; 8]), R::AMEND_ERR_UNTRUSTED_KEY),
+            (B::SecretKeyTrusted { index: 0 }, R::AMEND_ERR_UNTRUSTED_KEY),
+            (B::BadSignature, R::AMEND_ERR_SIGNATURE),
+            (B::BadTrustedKey(0), R::AMEND_ERR_INVALID_KEY),
+            (B::TooManyKeys, R::AMEND_ERR_INVALID_ARGUMENT),
+            (B::ManifestDecode("bad"), R::AMEND_ERR_BUNDLE_FORMAT),
+            (B::ManifestTrailingBytes(1), R::AMEND_ERR_BUNDLE_FORMAT),
+            (B::BadManifest("x"), R::AMEND_ERR_BUNDLE_FORMAT),
+            (
+                B::SectionOutOfBounds { index: 0 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::SectionMisaligned { index: 0 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (B::SectionOverlap { a: 0, b: 1 }, R::AMEND_ERR_BUNDLE_FORMAT),
+            (B::NonZeroPadding { offset: 9 }, R::AMEND_ERR_BUNDLE_FORMAT),
+            (
+                B::UnknownSectionKind { index: 0, kind: 99 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::UnknownDtype { index: 0, dtype: 9 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (B::SectionShape { index: 0 }, R::AMEND_ERR_BUNDLE_FORMAT),
+            (B::SectionHash { index: 0 }, R::AMEND_ERR_BUNDLE_INTEGRITY),
+            (B::NonFinite { index: 0 }, R::AMEND_ERR_BUNDLE_INTEGRITY),
+            (
+                B::ValueOutOfRange { index: 0 },
+                R::AMEND_ERR_BUNDLE_INTEGRITY,
+            ),
+            (
+                B::UnreferencedSection { index: 0 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::UnknownPayloadKind { index: 0, kind: 9 },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (B::DescriptorDecode { index: 0 }, R::AMEND_ERR_BUNDLE_FORMAT),
+            (
+                B::BadSectionRef {
+                    payload: 0,
+                    section: 1,
+                    reason: "x",
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::UnknownSite {
+                    payload: 0,
+                    code: 99,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::UnknownCode {
+                    payload: 0,
+                    what: "distance",
+                    code: 9,
+                },
+                R::AMEND_ERR_BUNDLE_FORMAT,
+            ),
+            (
+                B::PayloadDimension {
+                    payload: 0,
+                    what: "layer",
+                    value: 99,
+                    model: 18,
+                },
+                R::AMEND_ERR_EDIT_INVALID,
+            ),
+            (
+                B::InvalidPayload {
+                    payload: 0,
+                    reason: "x",
+                },
+                R::AMEND_ERR_EDIT_INVALID,
+            ),
+            (
+                B::BadEdit {
+                    index: 0,
+                    reason: "x",
+                },
+                R::AMEND_ERR_EDIT_INVALID,
+            ),
+            (B::DuplicateEditId { index: 1 }, R::AMEND_ERR_EDIT_INVALID),
+        ];
+        for (e, code) in cases {
+            let got = FfiError::from(e);
+            assert_eq!(got.code, code, "{e:?}");
+            assert!(got.message.contains(&e.to_string()), "{}", got.message);
+        }
+    }
+
+    /// A trusted "public key" that is the signer's secret seed is named as such through the C
+    /// ABI, under the untrusted-key code.
+    #[test]
+    fn secret_key_given_as_a_trusted_key_is_named() {
+        use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
+        use amend_edits::ed25519_dalek::{SigningKey, VerifyingKey};
+        use amend_edits::Site;
+        // A seed whose bytes are also a curve point (about half are): init takes it.
+        let seed = (1..=255u8)
+            .find(|&s| VerifyingKey::from_bytes(&[s; 32]).is_ok_and(|k| !k.is_weak()))
+            .unwrap();
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let mut b = BundleBuilder::new(BundleMeta {
+            bundle_id: "b".into(),
+            channel: "main".into(),
+            version: 1,
+            created: 0,
+            not_before: 0,
+            expires: u64::MAX,
+            model: ModelBinding {
+                fingerprint: [0; 32],
+                arch: "gemma3".into(),
+                n_layer: 4,
+                n_embd: 4,
+            },
+        });
+        let (k, v) = ([1.0, 0.0, 0.0, 0.0], [0.5; 4]);
+        let cb = b.add_codebook(
+            1,
+            Site::FfnOutput,
+            Site::FfnOutput,
+            0,
+            false,
+            4,
+            &k,
+            &v,
+            &[0.1],
+        );
+        b.add_edit("e", 1, Site::FfnOutput, "p", " t", cb, 0, 1);
+        let bundle = b.build_signed(&key).unwrap();
+        let run = |trusted: [u8; 32]| {
+            let mut st = Box::new(amend_verify_stream_state { opaque: [0; 800] });
+            let size = AMEND_VERIFY_STREAM_STATE_SIZE;
+            assert_eq!(
+                amend_verify_stream_init(&mut *st, size, trusted.as_ptr(), 1),
+                R::AMEND_OK
+            );
+            let bytes = bundle.as_slice();
+            match amend_verify_stream_update(&mut *st, bytes.as_ptr(), bytes.len()) {
+                R::AMEND_OK => amend_verify_stream_finish(&mut *st),
+                code => code,
+            }
+        };
+        assert_eq!(run(key.to_bytes()), R::AMEND_ERR_UNTRUSTED_KEY);
+        let msg = unsafe { std::ffi::CStr::from_ptr(crate::error::last_error_ptr()) };
+        let msg = msg.to_str().unwrap();
+        assert!(
+            msg.contains("trusted key 0 is the signer's secret key"),
+            "{msg}"
+        );
+        assert_eq!(run(key.verifying_key().to_bytes()), R::AMEND_OK);
     }
 }

@@ -23,7 +23,8 @@ pub enum RuntimeError {
     /// rewritten in place): refused, never used.
     #[error("{} changed after it was opened: {detail}", path.display())]
     ModelChanged { path: PathBuf, detail: String },
-    #[error("{} is not a GGUF file (bad magic {magic:02x?})", path.display())]
+    /// `magic`: the file's first bytes, at most 4 (none for an empty file).
+    #[error("{} is not a GGUF file ({})", path.display(), if magic.is_empty() { "it is empty".to_string() } else { format!("bad magic {magic:02x?}") })]
     NotGguf { path: PathBuf, magic: Vec<u8> },
     #[error("{} is truncated: {detail}", path.display())]
     Truncated { path: PathBuf, detail: String },
@@ -89,7 +90,7 @@ pub enum RuntimeError {
     /// invalid (a damaged named `.onnx` file).
     #[error("ONNX Runtime cannot run the graph on {ep}: {detail}")]
     OrtSession { ep: String, detail: String },
-    #[error("cached ONNX graph {} cannot be used: {detail}", path.display())]
+    #[error("ONNX graph {} cannot be used: {detail}", path.display())]
     OrtCache { path: PathBuf, detail: String },
     #[error("cannot build the ONNX graph: {0}")]
     OrtGraph(String),

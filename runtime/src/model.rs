@@ -668,10 +668,14 @@ type Matrices = std::collections::HashMap<String, [u64; 2]>;
 fn gguf_error(path: &Path, e: GgufError) -> RuntimeError {
     let path = path.to_path_buf();
     match e {
-        GgufError::BadMagic(magic) => RuntimeError::NotGguf {
-            path,
-            magic: magic.to_vec(),
-        },
+        GgufError::BadMagic(magic) => {
+            // Only the bytes the file has (the parser pads a short file's magic with zeros).
+            let len = std::fs::metadata(&path).map_or(4, |m| m.len().min(4) as usize);
+            RuntimeError::NotGguf {
+                path,
+                magic: magic[..len].to_vec(),
+            }
+        }
         GgufError::Truncated { .. } | GgufError::CountTooLarge { .. } => RuntimeError::Truncated {
             path,
             detail: e.to_string(),

@@ -119,7 +119,7 @@ fn metadata_types_are_llama_cpps() {
     };
     let bad = |key: &str, value: GgufValue| refused(&with(key, value), key);
     let msg = bad("llama.context_length", GgufValue::U64(512));
-    assert!(msg.contains("must be a u32, got U64(512)"), "{msg}");
+    assert!(msg.contains("must be a u32, got the u64 512"), "{msg}");
     bad("llama.block_count", GgufValue::U16(2));
     bad("llama.attention.head_count", GgufValue::I32(4));
     let msg = bad("llama.rope.freq_base", GgufValue::F64(10000.0));

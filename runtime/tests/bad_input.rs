@@ -21,9 +21,20 @@ fn text_file_renamed_gguf() {
     std::fs::write(&p, "these are my notes, not a model\n").unwrap();
     let err = open(&p).unwrap_err();
     assert!(matches!(err, RuntimeError::NotGguf { .. }), "{err}");
+    assert!(
+        err.to_string().contains("bad magic [74, 68, 65, 73]"),
+        "{err}"
+    );
+    // An empty file or one shorter than the magic: said as such, not as zero bytes it lacks.
     let empty = common::tmp_dir().join("empty.gguf");
     std::fs::write(&empty, "").unwrap();
-    assert!(matches!(open(&empty), Err(RuntimeError::NotGguf { .. })));
+    let err = open(&empty).unwrap_err();
+    assert!(matches!(err, RuntimeError::NotGguf { .. }), "{err}");
+    assert!(err.to_string().ends_with("(it is empty)"), "{err}");
+    let short = common::tmp_dir().join("short.gguf");
+    std::fs::write(&short, "ab").unwrap();
+    let err = open(&short).unwrap_err();
+    assert!(err.to_string().ends_with("(bad magic [61, 62])"), "{err}");
     assert!(matches!(
         open(&common::tmp_dir()),
         Err(RuntimeError::File(_))

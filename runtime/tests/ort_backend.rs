@@ -445,6 +445,33 @@ fn bad_input_is_a_specific_error() {
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, vec![0u8; 4096]).unwrap();
     assert!(OrtModel::open(&junk, options(Profile::Cpu)).is_err());
+    // A session configuration key this library does not read (ONNX Runtime would keep it and
+    // ignore it): refused by name. The real key, and an EP option given by its `ep.` form, are
+    // taken.
+    let config = |k: &str| OrtOptions {
+        session_config: vec![(k.to_string(), "0".to_string())],
+        ..options(Profile::Cpu)
+    };
+    for bad in [
+        "session.intra_op.allow_spining",
+        "ep.cpu.no_such_option",
+        "ep.",
+        "",
+    ] {
+        let e = OrtModel::open(&path, config(bad)).unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::InvalidOptions(_))
+                && e.to_string().contains(&format!("{bad:?}")),
+            "{bad}: {e}"
+        );
+    }
+    for good in [
+        "session.intra_op.allow_spinning",
+        "session.disable_prepacking",
+        "ep.context_enable",
+    ] {
+        assert!(OrtModel::open(&path, config(good)).is_ok(), "{good}");
+    }
     // The library stays loaded and usable after all of that.
     assert!(OrtModel::open(
         &path,

@@ -251,6 +251,10 @@ pub fn pairs(scope: &ScopeModel, records: &[EditRecord]) -> Result<Pairs> {
     Ok(p)
 }
 
+/// Most epochs a head trains (the default is 60, a few minutes): more is a typo that would run
+/// for days, not a choice.
+pub const MAX_EPOCHS: usize = 10_000;
+
 /// Training options. The defaults are what the shipped head was trained with.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -289,8 +293,8 @@ impl TrainOptions {
                 &format!("1..={}", ScopeHead::MAX_HIDDEN),
             );
         }
-        if self.epochs == 0 {
-            return out("epochs", &self.epochs, "1..");
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            return out("epochs", &self.epochs, &format!("1..={MAX_EPOCHS}"));
         }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             return out("l2", &self.l2, "finite numbers >= 0");
@@ -649,6 +653,9 @@ mod tests {
         assert!(e(&|o| o.members = 0).contains("--members 0 is outside 1..=16"));
         assert!(e(&|o| o.hidden = 0).contains("--hidden 0 is outside 1..=1024"));
         assert!(e(&|o| o.epochs = 0).contains("--epochs 0"));
+        assert!(
+            e(&|o| o.epochs = 99999999999).contains("--epochs 99999999999 is outside 1..=10000")
+        );
         assert!(e(&|o| o.l2 = f64::NAN).contains("--l2 NaN"));
         for t in [f64::NAN, -1.0, 0.0, 150.0] {
             assert!(e(&|o| o.target_locality = t).contains("--target-locality"));

@@ -637,3 +637,28 @@ mod code_tests {
         assert_eq!(Dtype::from_code(2), None);
     }
 }
+
+// The value checks both verifiers run on f32 sections (here: they need no allocator).
+
+/// True when no little-endian f32 in `bytes` is NaN or infinite (exponent bits all ones).
+/// Written branch-free over u32 lanes so it vectorizes.
+pub fn all_finite(bytes: &[u8]) -> bool {
+    let mut bad = 0u32;
+    for c in bytes.chunks_exact(4) {
+        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
+    }
+    bad == 0
+}
+
+/// True when every little-endian f32 in `bytes` is finite with `|x| <= MAX_ABS_VALUE` (NaN and
+/// infinity have larger magnitude bits, so one unsigned compare covers all three).
+pub fn within_bound(bytes: &[u8]) -> bool {
+    let max = MAX_ABS_VALUE.to_bits();
+    let mut bad = 0u32;
+    for c in bytes.chunks_exact(4) {
+        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bad |= ((x & 0x7fff_ffff) > max) as u32;
+    }
+    bad == 0
+}

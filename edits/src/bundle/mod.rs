@@ -4,6 +4,7 @@
 //! before anything is interpreted; a [`Bundle`] then hands out typed views whose slices borrow
 //! the buffer (an mmap or an [`AlignedBuf`]).
 
+pub mod error;
 pub mod format;
 pub mod reader;
 pub mod stream;
@@ -13,14 +14,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+pub use error::BundleError;
 pub use format::*;
 pub use reader::{
-    all_finite, check_manifest, decode_manifest, read_header, read_header_of, units, verify,
-    verify_signature, within_bound, BundleError, Verified,
+    check_manifest, decode_manifest, read_header, read_header_of, units, verify,
+    verify_signature, Verified,
 };
-pub use stream::{
-    StreamError, StreamVerified, StreamVerifier, STREAM_MAX_MANIFEST_LEN, STREAM_SIGNED_CAP,
-};
+pub use stream::{StreamVerified, StreamVerifier, STREAM_MAX_MANIFEST_LEN, STREAM_SIGNED_CAP};
 pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};
 
 use crate::families::{self, InvalidPayload};

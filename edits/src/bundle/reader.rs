@@ -4,7 +4,6 @@
 //! header structure → signature over header+manifest → manifest decode → section table
 //! (bounds, alignment, overlap, zero padding) → section hashes → descriptors, shapes, finiteness.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
@@ -12,100 +11,10 @@ use ed25519_dalek::Signature;
 use sha2::{Digest, Sha256};
 use zerocopy::FromBytes;
 
+use super::error::BundleError;
 use super::format::*;
-use crate::keys::{KeyId, TrustStore};
+use crate::keys::{secret_seed_index, KeyId, TrustStore};
 use crate::site::Site;
-
-/// Why a bundle was refused. Each variant is one distinct failure.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum BundleError {
-    #[error("bundle truncated: need {needed} bytes, have {have}")]
-    Truncated { needed: u64, have: u64 },
-    #[error("not an amend bundle (bad magic)")]
-    BadMagic,
-    #[error("bundle format {major}.{minor} is newer than this reader ({FORMAT_MAJOR}.x)")]
-    UnsupportedVersion { major: u16, minor: u16 },
-    #[error("invalid header field: {0}")]
-    BadHeader(&'static str),
-    #[error("header says {declared} bytes but the buffer has {actual}")]
-    LengthMismatch { declared: u64, actual: u64 },
-    #[error("{what} is {value}, over the cap of {cap}")]
-    CapExceeded {
-        what: &'static str,
-        value: u64,
-        cap: u64,
-    },
-    #[error("bundle buffer is not 4-byte aligned (copy it into an AlignedBuf)")]
-    MisalignedBuffer,
-    #[error("bundle is not signed")]
-    Unsigned,
-    #[error("signed by unknown key {}", crate::keys::to_hex(.0))]
-    UnknownKeyId(KeyId),
-    #[error("signature does not verify")]
-    BadSignature,
-    #[error("manifest does not decode: {0}")]
-    ManifestDecode(&'static str),
-    #[error("manifest has {0} trailing bytes")]
-    ManifestTrailingBytes(usize),
-    #[error("invalid manifest field: {0}")]
-    BadManifest(&'static str),
-    #[error("section {index} lies outside the payload area")]
-    SectionOutOfBounds { index: usize },
-    #[error("section {index} is not {SECTION_ALIGN}-byte aligned")]
-    SectionMisaligned { index: usize },
-    #[error("sections {a} and {b} overlap")]
-    SectionOverlap { a: usize, b: usize },
-    #[error("non-zero padding byte at offset {offset}")]
-    NonZeroPadding { offset: u64 },
-    #[error("section {index} has unknown kind {kind}")]
-    UnknownSectionKind { index: usize, kind: u16 },
-    #[error("section {index} has unknown dtype {dtype}")]
-    UnknownDtype { index: usize, dtype: u8 },
-    #[error("section {index}: shape does not match its length")]
-    SectionShape { index: usize },
-    #[error("section {index}: sha256 mismatch")]
-    SectionHash { index: usize },
-    #[error("section {index}: NaN or infinity")]
-    NonFinite { index: usize },
-    #[error("section {index}: a value exceeds the magnitude bound {MAX_ABS_VALUE:e}")]
-    ValueOutOfRange { index: usize },
-    #[error("section {index} is not referenced by any payload")]
-    UnreferencedSection { index: usize },
-    #[error("payload {index} has unknown kind {kind}")]
-    UnknownPayloadKind { index: usize, kind: u16 },
-    #[error("payload {index}: descriptor does not decode")]
-    DescriptorDecode { index: usize },
-    #[error("payload {payload}: bad reference to section {section}: {reason}")]
-    BadSectionRef {
-        payload: usize,
-        section: u32,
-        reason: &'static str,
-    },
-    #[error("payload {payload}: unknown site code {code}")]
-    UnknownSite { payload: usize, code: u8 },
-    #[error("payload {payload}: unknown {what} code {code}")]
-    UnknownCode {
-        payload: usize,
-        what: &'static str,
-        code: u8,
-    },
-    #[error("payload {payload}: {what} is {value}, the model has {model}")]
-    PayloadDimension {
-        payload: usize,
-        what: &'static str,
-        value: u64,
-        model: u64,
-    },
-    #[error("payload {payload}: {reason}")]
-    InvalidPayload {
-        payload: usize,
-        reason: &'static str,
-    },
-    #[error("edit {index}: {reason}")]
-    BadEdit { index: usize, reason: &'static str },
-    #[error("duplicate edit id {0:?}")]
-    DuplicateEditId(String),
-}
 
 /// The verified metadata of a bundle (owned; the tensors stay in the buffer).
 #[derive(Clone, Debug, PartialEq)]
@@ -208,9 +117,13 @@ pub fn verify_signature(buf: &[u8], trust: &TrustStore) -> Result<KeyId, BundleE
     if block.iter().all(|&b| b == 0) {
         return Err(BundleError::Unsigned);
     }
-    let key = trust
-        .get(&key_id)
-        .ok_or(BundleError::UnknownKeyId(key_id))?;
+    let Some(key) = trust.get(&key_id) else {
+        let raw = trust.keys().map(|k| *k.as_bytes());
+        return Err(match secret_seed_index(&key_id, raw) {
+            Some(index) => BundleError::SecretKeyTrusted { index },
+            None => BundleError::UnknownKeyId(key_id),
+        });
+    };
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&block[KEY_ID_LEN..]);
     key.verify_strict(msg, &Signature::from_bytes(&sig))
@@ -463,7 +376,7 @@ pub fn check_manifest(
     }
 
     // Edits.
-    let mut ids: Vec<&str> = Vec::with_capacity(m.edits.len());
+    let mut ids: Vec<(&str, usize)> = Vec::with_capacity(m.edits.len());
     let mut ranges: Vec<(u32, u32, u32)> = Vec::with_capacity(m.edits.len());
     for (i, e) in m.edits.iter().enumerate() {
         check_str(&e.id, "edit id length")?;
@@ -500,12 +413,18 @@ pub fn check_manifest(
                 reason: "units out of range",
             });
         }
-        ids.push(&e.id);
+        ids.push((e.id.as_str(), i));
         ranges.push((e.payload, e.first, e.count));
     }
     ids.sort_unstable();
-    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
-        return Err(BundleError::DuplicateEditId(String::from(w[0])));
+    // The first edit (in manifest order) whose id an earlier one has, as the stream reports it.
+    if let Some(index) = ids
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .min()
+    {
+        return Err(BundleError::DuplicateEditId { index });
     }
     ranges.sort_unstable();
     for (k, w) in ranges.windows(2).enumerate() {
@@ -629,29 +548,6 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(x)
-}
-
-/// True when no little-endian f32 in `bytes` is NaN or infinite (exponent bits all ones).
-/// Written branch-free over u32 lanes so it vectorizes.
-pub fn all_finite(bytes: &[u8]) -> bool {
-    let mut bad = 0u32;
-    for c in bytes.chunks_exact(4) {
-        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
-    }
-    bad == 0
-}
-
-/// True when every little-endian f32 in `bytes` is finite with `|x| <= MAX_ABS_VALUE` (NaN and
-/// infinity have larger magnitude bits, so one unsigned compare covers all three).
-pub fn within_bound(bytes: &[u8]) -> bool {
-    let max = MAX_ABS_VALUE.to_bits();
-    let mut bad = 0u32;
-    for c in bytes.chunks_exact(4) {
-        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        bad |= ((x & 0x7fff_ffff) > max) as u32;
-    }
-    bad == 0
 }
 
 struct SectionRefs<'m, 'u> {

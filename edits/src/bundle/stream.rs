@@ -4,12 +4,17 @@
 //!
 //! What it checks is what [`super::verify`] checks (header, signature over header + manifest,
 //! manifest decode and every manifest rule, section table, zero padding, each section's length
-//! and sha256, no NaN/Inf in f32 sections), in the same order except that the manifest rules
+//! and sha256, no NaN/Inf and no value over `MAX_ABS_VALUE` in f32 sections), in the same order
+//! except that the manifest rules
 //! all run when the signature block has arrived (before any payload byte), and each section's
 //! hash when its last byte has. Two things are outside its reach: the buffer alignment
 //! (`MisalignedBuffer`: a property of where the caller keeps the bytes, not of the bundle) and
 //! the families' content checks that [`super::Bundle::open`] adds (radii ≥ 0, unit-norm keys,
 //! GGUF-LoRA structure), which need the payload as a whole.
+//!
+//! A refusal is the reader's [`BundleError`] for the same fault, or one only a stream has:
+//! `EndedEarly` (at `finish`), `PastDeclaredLength`, `ManifestTooLarge`, and `BadTrustedKey` /
+//! `TooManyKeys` (at `init`).
 //!
 //! ## Memory
 //!
@@ -29,112 +34,18 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 use zerocopy::FromBytes;
 
+use super::error::BundleError;
 use super::format::*;
-use crate::keys::{KeyId, MAX_TRUSTED_KEYS};
+use crate::keys::{secret_seed_index, KeyId, MAX_TRUSTED_KEYS};
 use crate::site::Site;
 
 /// Bytes of header + manifest the streaming verifier buffers (the signed message).
 pub const STREAM_SIGNED_CAP: usize = 5120;
 /// Largest manifest the streaming verifier accepts (a larger one is
-/// [`StreamError::ManifestTooLarge`]); `amend inspect` prints a bundle's manifest length.
+/// [`BundleError::ManifestTooLarge`]); `amend inspect` prints a bundle's manifest length.
 pub const STREAM_MAX_MANIFEST_LEN: u32 = (STREAM_SIGNED_CAP - HEADER_LEN) as u32;
 
-/// Why a stream was refused. The variants mirror [`super::BundleError`] (same names for the
-/// same faults) plus the three a stream adds: [`StreamError::ManifestTooLarge`],
-/// [`StreamError::PastDeclaredLength`] and [`StreamError::Truncated`] at `finish`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum StreamError {
-    #[error("stream ended early: need {needed} bytes, got {have}")]
-    Truncated { needed: u64, have: u64 },
-    #[error("stream continues past the declared length of {declared} bytes")]
-    PastDeclaredLength { declared: u64 },
-    #[error("not an amend bundle (bad magic)")]
-    BadMagic,
-    #[error("bundle format {major}.{minor} is newer than this reader ({FORMAT_MAJOR}.x)")]
-    UnsupportedVersion { major: u16, minor: u16 },
-    #[error("invalid header field: {0}")]
-    BadHeader(&'static str),
-    #[error("{what} is {value}, over the cap of {cap}")]
-    CapExceeded {
-        what: &'static str,
-        value: u64,
-        cap: u64,
-    },
-    #[error("manifest is {len} bytes; the streaming verifier holds at most {cap}")]
-    ManifestTooLarge { len: u32, cap: u32 },
-    #[error("bundle is not signed")]
-    Unsigned,
-    #[error("signed by a key that is not trusted (key id {0:02x?})")]
-    UnknownKeyId(KeyId),
-    #[error("signature does not verify")]
-    BadSignature,
-    #[error("trusted key {0} is not a valid ed25519 public key")]
-    BadTrustedKey(usize),
-    #[error("more than {MAX_TRUSTED_KEYS} trusted keys")]
-    TooManyKeys,
-    #[error("manifest does not decode: {0}")]
-    ManifestDecode(&'static str),
-    #[error("manifest has {0} trailing bytes")]
-    ManifestTrailingBytes(usize),
-    #[error("invalid manifest field: {0}")]
-    BadManifest(&'static str),
-    #[error("section {index} lies outside the payload area")]
-    SectionOutOfBounds { index: usize },
-    #[error("section {index} is not {SECTION_ALIGN}-byte aligned")]
-    SectionMisaligned { index: usize },
-    #[error("sections {a} and {b} overlap")]
-    SectionOverlap { a: usize, b: usize },
-    #[error("non-zero padding byte at offset {offset}")]
-    NonZeroPadding { offset: u64 },
-    #[error("section {index} has unknown kind {kind}")]
-    UnknownSectionKind { index: usize, kind: u16 },
-    #[error("section {index} has unknown dtype {dtype}")]
-    UnknownDtype { index: usize, dtype: u8 },
-    #[error("section {index}: shape does not match its length")]
-    SectionShape { index: usize },
-    #[error("section {index}: sha256 mismatch")]
-    SectionHash { index: usize },
-    #[error("section {index}: NaN or infinity")]
-    NonFinite { index: usize },
-    #[error("section {index} is not referenced by any payload")]
-    UnreferencedSection { index: usize },
-    #[error("payload {index} has unknown kind {kind}")]
-    UnknownPayloadKind { index: usize, kind: u16 },
-    #[error("payload {index}: descriptor does not decode")]
-    DescriptorDecode { index: usize },
-    #[error("payload {payload}: bad reference to section {section}: {reason}")]
-    BadSectionRef {
-        payload: usize,
-        section: u32,
-        reason: &'static str,
-    },
-    #[error("payload {payload}: unknown site code {code}")]
-    UnknownSite { payload: usize, code: u8 },
-    #[error("payload {payload}: unknown {what} code {code}")]
-    UnknownCode {
-        payload: usize,
-        what: &'static str,
-        code: u8,
-    },
-    #[error("payload {payload}: {what} is {value}, the model has {model}")]
-    PayloadDimension {
-        payload: usize,
-        what: &'static str,
-        value: u64,
-        model: u64,
-    },
-    #[error("payload {payload}: {reason}")]
-    InvalidPayload {
-        payload: usize,
-        reason: &'static str,
-    },
-    #[error("edit {index}: {reason}")]
-    BadEdit { index: usize, reason: &'static str },
-    #[error("edit {index} repeats an earlier edit's id")]
-    DuplicateEditId { index: usize },
-}
-
-type R<T> = Result<T, StreamError>;
+type R<T> = Result<T, BundleError>;
 
 /// What a completed stream proved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +64,9 @@ struct Current {
     want: [u8; 32],
     sha: Sha256,
     is_f32: bool,
+    /// No NaN or infinity so far, and no value over [`MAX_ABS_VALUE`] (the reader's two checks).
     finite: bool,
+    bounded: bool,
     /// Bytes of an f32 split across chunks.
     part: [u8; 4],
     part_len: u8,
@@ -181,7 +94,7 @@ pub struct StreamVerifier {
     /// (offset, index) of the next section to start.
     next: Option<(u64, u32)>,
     cur: Option<Current>,
-    failed: Option<StreamError>,
+    failed: Option<BundleError>,
 }
 
 impl StreamVerifier {
@@ -209,9 +122,9 @@ impl StreamVerifier {
     pub fn init<'s>(slot: &'s mut MaybeUninit<Self>, public_keys: &[[u8; 32]]) -> R<&'s mut Self> {
         let mut keys: heapless::Vec<(KeyId, [u8; 32]), MAX_TRUSTED_KEYS> = heapless::Vec::new();
         for (i, k) in public_keys.iter().enumerate() {
-            let vk = VerifyingKey::from_bytes(k).map_err(|_| StreamError::BadTrustedKey(i))?;
+            let vk = VerifyingKey::from_bytes(k).map_err(|_| BundleError::BadTrustedKey(i))?;
             keys.push((crate::keys::key_id(&vk), *k))
-                .map_err(|_| StreamError::TooManyKeys)?;
+                .map_err(|_| BundleError::TooManyKeys)?;
         }
         let p = slot.as_mut_ptr();
         // SAFETY: each field of `*p` is written exactly once through a raw pointer (no reference
@@ -282,7 +195,7 @@ impl StreamVerifier {
             self.total
         };
         if self.pos < needed {
-            let e = StreamError::Truncated {
+            let e = BundleError::EndedEarly {
                 needed,
                 have: self.pos,
             };
@@ -311,7 +224,7 @@ impl StreamVerifier {
                 continue;
             }
             if data.len() as u64 > self.total - pos {
-                return Err(StreamError::PastDeclaredLength {
+                return Err(BundleError::PastDeclaredLength {
                     declared: self.total,
                 });
             }
@@ -348,32 +261,32 @@ impl StreamVerifier {
     fn on_header(&mut self) -> R<()> {
         let h = match Header::read_from_bytes(&self.signed[..HEADER_LEN]) {
             Ok(h) => h,
-            Err(_) => return Err(StreamError::BadHeader("header")),
+            Err(_) => return Err(BundleError::BadHeader("header")),
         };
         if h.magic != MAGIC {
-            return Err(StreamError::BadMagic);
+            return Err(BundleError::BadMagic);
         }
         if h.major.get() != FORMAT_MAJOR {
-            return Err(StreamError::UnsupportedVersion {
+            return Err(BundleError::UnsupportedVersion {
                 major: h.major.get(),
                 minor: h.minor.get(),
             });
         }
         if h.header_len.get() as usize != HEADER_LEN {
-            return Err(StreamError::BadHeader("header_len"));
+            return Err(BundleError::BadHeader("header_len"));
         }
         if h.flags.get() != 0 {
-            return Err(StreamError::BadHeader("flags"));
+            return Err(BundleError::BadHeader("flags"));
         }
         if h.reserved0.get() != 0 || h.reserved1.get() != 0 {
-            return Err(StreamError::BadHeader("reserved"));
+            return Err(BundleError::BadHeader("reserved"));
         }
         if h.sig_len.get() as usize != SIG_BLOCK_LEN {
-            return Err(StreamError::BadHeader("sig_len"));
+            return Err(BundleError::BadHeader("sig_len"));
         }
         let total = h.total_len.get();
         if total > MAX_BUNDLE_LEN {
-            return Err(StreamError::CapExceeded {
+            return Err(BundleError::CapExceeded {
                 what: "bundle length",
                 value: total,
                 cap: MAX_BUNDLE_LEN,
@@ -381,27 +294,27 @@ impl StreamVerifier {
         }
         let m_len = h.manifest_len.get();
         if m_len > MAX_MANIFEST_LEN {
-            return Err(StreamError::CapExceeded {
+            return Err(BundleError::CapExceeded {
                 what: "manifest length",
                 value: m_len as u64,
                 cap: MAX_MANIFEST_LEN as u64,
             });
         }
         let manifest_end = HEADER_LEN as u64 + m_len as u64;
-        let sig_offset = align_up(manifest_end, 8).ok_or(StreamError::BadHeader("sig_offset"))?;
+        let sig_offset = align_up(manifest_end, 8).ok_or(BundleError::BadHeader("sig_offset"))?;
         if h.sig_offset.get() != sig_offset {
-            return Err(StreamError::BadHeader("sig_offset"));
+            return Err(BundleError::BadHeader("sig_offset"));
         }
         let payload_offset = align_up(sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
-            .ok_or(StreamError::BadHeader("payload_offset"))?;
+            .ok_or(BundleError::BadHeader("payload_offset"))?;
         if h.payload_offset.get() != payload_offset {
-            return Err(StreamError::BadHeader("payload_offset"));
+            return Err(BundleError::BadHeader("payload_offset"));
         }
         if total < payload_offset || total % SECTION_ALIGN != 0 {
-            return Err(StreamError::BadHeader("total_len"));
+            return Err(BundleError::BadHeader("total_len"));
         }
         if m_len > STREAM_MAX_MANIFEST_LEN {
-            return Err(StreamError::ManifestTooLarge {
+            return Err(BundleError::ManifestTooLarge {
                 len: m_len,
                 cap: STREAM_MAX_MANIFEST_LEN,
             });
@@ -416,36 +329,42 @@ impl StreamVerifier {
     fn on_signature(&mut self) -> R<()> {
         let block = &self.sig;
         if block.iter().all(|&b| b == 0) {
-            return Err(StreamError::Unsigned);
+            return Err(BundleError::Unsigned);
         }
         let mut key_id = [0u8; KEY_ID_LEN];
         key_id.copy_from_slice(&block[..KEY_ID_LEN]);
-        let raw = self
+        let Some(raw) = self
             .keys
             .iter()
             .find(|(id, _)| *id == key_id)
             .map(|(_, k)| *k)
-            .ok_or(StreamError::UnknownKeyId(key_id))?;
-        let key = VerifyingKey::from_bytes(&raw).map_err(|_| StreamError::BadSignature)?;
+        else {
+            let raw = self.keys.iter().map(|(_, k)| *k);
+            return Err(match secret_seed_index(&key_id, raw) {
+                Some(index) => BundleError::SecretKeyTrusted { index },
+                None => BundleError::UnknownKeyId(key_id),
+            });
+        };
+        let key = VerifyingKey::from_bytes(&raw).map_err(|_| BundleError::BadSignature)?;
         let mut sig = [0u8; 64];
         sig.copy_from_slice(&block[KEY_ID_LEN..]);
         let msg = &self.signed[..self.manifest_end as usize];
         key.verify_strict(msg, &Signature::from_bytes(&sig))
-            .map_err(|_| StreamError::BadSignature)?;
+            .map_err(|_| BundleError::BadSignature)?;
         self.key_id = key_id;
 
         let m = Manifest::index(&self.signed[HEADER_LEN..self.manifest_end as usize])?;
         let minor = Header::read_from_bytes(&self.signed[..HEADER_LEN])
-            .map_err(|_| StreamError::BadHeader("header"))?
+            .map_err(|_| BundleError::BadHeader("header"))?
             .minor
             .get();
         if m.verification.is_some() && minor < MINOR_VERIFICATION {
-            return Err(StreamError::BadHeader(
+            return Err(BundleError::BadHeader(
                 "minor: a verification record needs format 1.2",
             ));
         }
         let payload_offset = align_up(self.sig_offset + SIG_BLOCK_LEN as u64, SECTION_ALIGN)
-            .ok_or(StreamError::BadHeader("payload_offset"))?;
+            .ok_or(BundleError::BadHeader("payload_offset"))?;
         m.check(payload_offset, self.total, minor)?;
         self.sections_at = Some(m.sections.0 as u32);
         self.n_sections = m.sections.1 as u32;
@@ -484,7 +403,7 @@ impl StreamVerifier {
             let at = self.sections_at.unwrap_or(0) as usize;
             let s = Cur::at(self.manifest(), at)
                 .nth_section(index)
-                .map_err(StreamError::ManifestDecode)?;
+                .map_err(BundleError::ManifestDecode)?;
             self.cur = Some(Current {
                 index,
                 end: s.offset + s.len,
@@ -492,6 +411,7 @@ impl StreamVerifier {
                 sha: Sha256::new(),
                 is_f32: s.dtype == Dtype::F32 as u8,
                 finite: true,
+                bounded: true,
                 part: [0; 4],
                 part_len: 0,
             });
@@ -508,10 +428,13 @@ impl StreamVerifier {
         if let Some(c) = self.cur.take() {
             let index = c.index as usize;
             if c.sha.finalize().as_slice() != c.want {
-                return Err(StreamError::SectionHash { index });
+                return Err(BundleError::SectionHash { index });
             }
             if !c.finite {
-                return Err(StreamError::NonFinite { index });
+                return Err(BundleError::NonFinite { index });
+            }
+            if !c.bounded {
+                return Err(BundleError::ValueOutOfRange { index });
             }
         }
         Ok(())
@@ -542,6 +465,14 @@ impl StreamVerifier {
 }
 
 impl Current {
+    /// Whole f32s: the bound is checked in one pass; which fault it is, only when it fails.
+    fn check(&mut self, values: &[u8]) {
+        if !within_bound(values) {
+            self.bounded = false;
+            self.finite &= all_finite(values);
+        }
+    }
+
     fn feed(&mut self, mut d: &[u8]) {
         self.sha.update(d);
         if !self.is_f32 {
@@ -553,7 +484,8 @@ impl Current {
             self.part_len += 1;
             d = &d[1..];
             if self.part_len == 4 {
-                self.finite &= finite(&self.part);
+                let value = self.part;
+                self.check(&value);
                 self.part_len = 0;
             }
         }
@@ -561,26 +493,17 @@ impl Current {
             return; // still inside a split f32 (or exactly done with it)
         }
         let whole = d.len() / 4 * 4;
-        self.finite &= finite(&d[..whole]);
+        self.check(&d[..whole]);
         let tail = &d[whole..];
         self.part[..tail.len()].copy_from_slice(tail);
         self.part_len = tail.len() as u8;
     }
 }
 
-/// No NaN/Inf among the little-endian f32s of `bytes` (branch-free so it vectorizes).
-fn finite(bytes: &[u8]) -> bool {
-    let mut bad = 0u32;
-    for c in bytes.chunks_exact(4) {
-        let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        bad |= ((x & 0x7f80_0000) == 0x7f80_0000) as u32;
-    }
-    bad == 0
-}
 
 fn zero(d: &[u8], pos: u64) -> R<()> {
     match d.iter().position(|&b| b != 0) {
-        Some(k) => Err(StreamError::NonZeroPadding {
+        Some(k) => Err(BundleError::NonZeroPadding {
             offset: pos + k as u64,
         }),
         None => Ok(()),
@@ -1026,7 +949,7 @@ fn lowrank_tensor<'a>(c: &mut Cur<'a>) -> D<TensorDesc<'a>> {
 
 fn cap(what: &'static str, value: u64, cap: u64) -> R<()> {
     if value > cap {
-        return Err(StreamError::CapExceeded { what, value, cap });
+        return Err(BundleError::CapExceeded { what, value, cap });
     }
     Ok(())
 }
@@ -1038,7 +961,7 @@ fn check_str(s: &str, what: &'static str) -> R<()> {
 fn site(payload: usize, code: u8) -> R<()> {
     match Site::from_code(code) {
         Some(_) => Ok(()),
-        None => Err(StreamError::UnknownSite { payload, code }),
+        None => Err(BundleError::UnknownSite { payload, code }),
     }
 }
 
@@ -1060,7 +983,7 @@ struct Refs<'m, 'a> {
 
 impl Refs<'_, '_> {
     fn take(&mut self, idx: u32, kind: SectionKind, shape: &[u64]) -> R<()> {
-        let err = |reason| StreamError::BadSectionRef {
+        let err = |reason| BundleError::BadSectionRef {
             payload: self.payload,
             section: idx,
             reason,
@@ -1088,8 +1011,8 @@ impl<'a> Manifest<'a> {
     /// Decode (as postcard would, refusing trailing bytes) and note where each part is.
     fn index(b: &'a [u8]) -> R<Self> {
         Self::index_inner(b).map_err(|e| match e {
-            Ok(n) => StreamError::ManifestTrailingBytes(n),
-            Err(m) => StreamError::ManifestDecode(m),
+            Ok(n) => BundleError::ManifestTrailingBytes(n),
+            Err(m) => BundleError::ManifestDecode(m),
         })
     }
 
@@ -1157,7 +1080,7 @@ impl<'a> Manifest<'a> {
     fn each_section(&self, mut f: impl FnMut(usize, Sec) -> R<()>) -> R<()> {
         let mut c = Cur::at(self.b, self.sections.0);
         for i in 0..self.sections.1 as usize {
-            f(i, c.section().map_err(StreamError::ManifestDecode)?)?;
+            f(i, c.section().map_err(BundleError::ManifestDecode)?)?;
         }
         Ok(())
     }
@@ -1200,10 +1123,10 @@ impl<'a> Manifest<'a> {
         check_str(self.channel, "channel length")?;
         check_str(self.arch, "architecture length")?;
         if self.bundle_id.is_empty() {
-            return Err(StreamError::BadManifest("empty bundle id"));
+            return Err(BundleError::BadManifest("empty bundle id"));
         }
         if self.not_before > self.expires {
-            return Err(StreamError::BadManifest("not_before after expiry"));
+            return Err(BundleError::BadManifest("not_before after expiry"));
         }
         cap("section count", self.sections.1, MAX_SECTIONS as u64)?;
         cap("payload count", self.payloads.1, MAX_PAYLOADS as u64)?;
@@ -1211,7 +1134,7 @@ impl<'a> Manifest<'a> {
         if let Some((at, n)) = self.verification {
             cap("verified backends", n, MAX_VERIFIED_BACKENDS as u64)?;
             let entry = |c: &mut Cur<'a>| -> R<(&'a str, u32, u32)> {
-                let d = |e| StreamError::ManifestDecode(e);
+                let d = |e| BundleError::ManifestDecode(e);
                 Ok((
                     c.str().map_err(d)?,
                     c.u32().map_err(d)?,
@@ -1227,17 +1150,17 @@ impl<'a> Manifest<'a> {
                     MAX_BACKEND_NAME_LEN as u64,
                 )?;
                 if name.is_empty() {
-                    return Err(StreamError::BadManifest("verification: empty backend name"));
+                    return Err(BundleError::BadManifest("verification: empty backend name"));
                 }
                 if total as u64 != self.edits.1 || passed > total {
-                    return Err(StreamError::BadManifest(
+                    return Err(BundleError::BadManifest(
                         "verification: counts do not match the edits",
                     ));
                 }
                 let mut o = Cur::at(self.b, at);
                 for _ in 0..i {
                     if entry(&mut o)?.0 == name {
-                        return Err(StreamError::BadManifest(
+                        return Err(BundleError::BadManifest(
                             "verification: backend listed twice",
                         ));
                     }
@@ -1245,19 +1168,19 @@ impl<'a> Manifest<'a> {
             }
         }
         if self.n_embd as u64 > MAX_DIM || self.n_embd == 0 {
-            return Err(StreamError::BadManifest("model n_embd"));
+            return Err(BundleError::BadManifest("model n_embd"));
         }
         if self.n_layer > MAX_LAYER {
-            return Err(StreamError::BadManifest("model n_layer"));
+            return Err(BundleError::BadManifest("model n_layer"));
         }
 
         // Section table.
         self.each_section(|i, s| {
-            let kind = SectionKind::from_code(s.kind).ok_or(StreamError::UnknownSectionKind {
+            let kind = SectionKind::from_code(s.kind).ok_or(BundleError::UnknownSectionKind {
                 index: i,
                 kind: s.kind,
             })?;
-            let dtype = Dtype::from_code(s.dtype).ok_or(StreamError::UnknownDtype {
+            let dtype = Dtype::from_code(s.dtype).ok_or(BundleError::UnknownDtype {
                 index: i,
                 dtype: s.dtype,
             })?;
@@ -1267,13 +1190,13 @@ impl<'a> Manifest<'a> {
                 Dtype::F32
             };
             if dtype != want || s.rank == 0 || s.rank > MAX_SHAPE_RANK as u64 {
-                return Err(StreamError::SectionShape { index: i });
+                return Err(BundleError::SectionShape { index: i });
             }
             if s.elems.and_then(|e| e.checked_mul(dtype.size())) != Some(s.len) {
-                return Err(StreamError::SectionShape { index: i });
+                return Err(BundleError::SectionShape { index: i });
             }
             if s.offset % SECTION_ALIGN != 0 {
-                return Err(StreamError::SectionMisaligned { index: i });
+                return Err(BundleError::SectionMisaligned { index: i });
             }
             Ok(())
         })?;
@@ -1281,7 +1204,7 @@ impl<'a> Manifest<'a> {
         self.each_section(|i, s| {
             let end = s.offset.checked_add(s.len);
             if s.offset < payload_offset || end.is_none_or(|e| e > total) {
-                return Err(StreamError::SectionOutOfBounds { index: i });
+                return Err(BundleError::SectionOutOfBounds { index: i });
             }
             Ok(())
         })?;
@@ -1289,7 +1212,7 @@ impl<'a> Manifest<'a> {
             self.each_section(|j, b| {
                 // a before b in (offset, index) order and a runs into b.
                 if (a.offset, i) < (b.offset, j) && a.offset + a.len > b.offset {
-                    return Err(StreamError::SectionOverlap { a: i, b: j });
+                    return Err(BundleError::SectionOverlap { a: i, b: j });
                 }
                 Ok(())
             })
@@ -1308,17 +1231,17 @@ impl<'a> Manifest<'a> {
         };
         let mut c = Cur::at(self.b, self.payloads.0);
         for pi in 0..self.payloads.1 as usize {
-            let (kind, body) = c.payload().map_err(StreamError::ManifestDecode)?;
+            let (kind, body) = c.payload().map_err(BundleError::ManifestDecode)?;
             let kind = PayloadKind::from_code(kind)
-                .ok_or(StreamError::UnknownPayloadKind { index: pi, kind })?;
+                .ok_or(BundleError::UnknownPayloadKind { index: pi, kind })?;
             let desc =
-                decode_desc(kind, body).map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                decode_desc(kind, body).map_err(|_| BundleError::DescriptorDecode { index: pi })?;
             refs.payload = pi;
             check_payload(&desc, pi, n_embd, self.n_layer, &mut refs)?;
         }
         for i in 0..self.sections.1 as usize {
             if refs.used[i / 64] & (1 << (i % 64)) == 0 {
-                return Err(StreamError::UnreferencedSection { index: i });
+                return Err(BundleError::UnreferencedSection { index: i });
             }
         }
 
@@ -1327,7 +1250,7 @@ impl<'a> Manifest<'a> {
             check_str(e.id, "edit id length")?;
             check_str(e.prompt, "prompt length")?;
             check_str(e.target, "target length")?;
-            let bad = |reason| StreamError::BadEdit { index: i, reason };
+            let bad = |reason| BundleError::BadEdit { index: i, reason };
             if e.id.is_empty() {
                 return Err(bad("empty id"));
             }
@@ -1347,7 +1270,7 @@ impl<'a> Manifest<'a> {
         }
         for (j, b) in self.edits().enumerate() {
             if self.edits().take(j).any(|a| a.id == b.id) {
-                return Err(StreamError::DuplicateEditId { index: j });
+                return Err(BundleError::DuplicateEditId { index: j });
             }
         }
         for (j, b) in self.edits().enumerate() {
@@ -1357,29 +1280,29 @@ impl<'a> Manifest<'a> {
                 a.payload == b.payload && a0 < b1 && b0 < a1
             });
             if clash {
-                return Err(StreamError::BadEdit {
+                return Err(BundleError::BadEdit {
                     index: j,
                     reason: "two edits claim the same units",
                 });
             }
         }
         if refs.scope_head && minor < MINOR_SCOPE_HEAD {
-            return Err(StreamError::BadHeader(
+            return Err(BundleError::BadHeader(
                 "minor: a scope head needs format 1.3",
             ));
         }
         if refs.relation_groups && minor < MINOR_RELATION_GROUPS {
-            return Err(StreamError::BadHeader(
+            return Err(BundleError::BadHeader(
                 "minor: relation groups need format 1.4",
             ));
         }
         if refs.relation_margin && minor < MINOR_RELATION_MARGIN {
-            return Err(StreamError::BadHeader(
+            return Err(BundleError::BadHeader(
                 "minor: a relation-group margin needs format 1.5",
             ));
         }
         if refs.group_vote && minor < MINOR_GROUP_VOTE {
-            return Err(StreamError::BadHeader(
+            return Err(BundleError::BadHeader(
                 "minor: relation groups voting with the head need format 1.6",
             ));
         }
@@ -1388,13 +1311,13 @@ impl<'a> Manifest<'a> {
 }
 
 fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -> R<()> {
-    let invalid = |reason| StreamError::InvalidPayload {
+    let invalid = |reason| BundleError::InvalidPayload {
         payload: pi,
         reason,
     };
     let layer_ok = |layer: u32| {
         if layer >= n_layer {
-            Err(StreamError::PayloadDimension {
+            Err(BundleError::PayloadDimension {
                 payload: pi,
                 what: "layer",
                 value: layer as u64,
@@ -1406,7 +1329,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
     };
     let rows_cap = |n: u64| {
         if n > MAX_ROWS {
-            Err(StreamError::CapExceeded {
+            Err(BundleError::CapExceeded {
                 what: "rows",
                 value: n,
                 cap: MAX_ROWS,
@@ -1419,7 +1342,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
     };
     let code = |what, code, max| {
         if code > max {
-            Err(StreamError::UnknownCode {
+            Err(BundleError::UnknownCode {
                 payload: pi,
                 what,
                 code,
@@ -1475,14 +1398,14 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
             let mut c = tensors.clone();
             for _ in 0..*n {
                 let t = lowrank_tensor(&mut c)
-                    .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                    .map_err(|_| BundleError::DescriptorDecode { index: pi })?;
                 check_str(t.name, "tensor name length")?;
                 let (n_in, n_out, rank) = (t.n_in as u64, t.n_out as u64, t.rank as u64);
                 if rank == 0 || rank > MAX_RANK || n_in == 0 || n_out == 0 {
                     return Err(invalid("low-rank dims"));
                 }
                 if n_in > MAX_DIM * 4 || n_out > MAX_DIM * 4 {
-                    return Err(StreamError::CapExceeded {
+                    return Err(BundleError::CapExceeded {
                         what: "low-rank width",
                         value: n_in.max(n_out),
                         cap: MAX_DIM * 4,
@@ -1536,7 +1459,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                 for w in what {
                     let s = c
                         .str()
-                        .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                        .map_err(|_| BundleError::DescriptorDecode { index: pi })?;
                     check_str(s, w)?;
                 }
             }
@@ -1549,7 +1472,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                 if sd.n_counts != *n || sd.n_subjects != *n {
                     return Err(invalid("scope routing: one subject per record"));
                 }
-                let decode = |_| StreamError::DescriptorDecode { index: pi };
+                let decode = |_| BundleError::DescriptorDecode { index: pi };
                 let mut c = sd.subjects.clone();
                 for _ in 0..*n {
                     check_str(c.str().map_err(decode)?, "subject length")?;
@@ -1581,7 +1504,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                     for _ in 0..members {
                         let b = c
                             .f32()
-                            .map_err(|_| StreamError::DescriptorDecode { index: pi })?;
+                            .map_err(|_| BundleError::DescriptorDecode { index: pi })?;
                         if !b.is_finite() {
                             return Err(invalid("scope head: output bias not finite"));
                         }
@@ -1609,7 +1532,7 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                     if g.n_records != *n {
                         return Err(invalid("relation groups: one group per record"));
                     }
-                    let decode = |_| StreamError::DescriptorDecode { index: pi };
+                    let decode = |_| BundleError::DescriptorDecode { index: pi };
                     let mut c = g.template_group.clone();
                     for _ in 0..t {
                         if c.u16().map_err(decode)? as u64 >= k {

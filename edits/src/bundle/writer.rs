@@ -8,8 +8,9 @@ use sha2::{Digest, Sha256};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
 
+use super::error::BundleError;
 use super::format::*;
-use super::reader::{read_header, signed_parts, BundleError};
+use super::reader::{read_header, signed_parts};
 use super::AlignedBuf;
 use crate::keys::key_id;
 

@@ -12,7 +12,7 @@ pub fn stream(
     bytes: &[u8],
     trust: &TrustStore,
     chunk: usize,
-) -> Result<StreamVerified, StreamError> {
+) -> Result<StreamVerified, BundleError> {
     let mut slot = Box::<StreamVerifier>::new_uninit();
     let v = StreamVerifier::init_from_trust(&mut slot, trust);
     for c in bytes.chunks(chunk.clamp(1, bytes.len().max(1))) {
@@ -26,7 +26,7 @@ pub fn stream_random(
     bytes: &[u8],
     trust: &TrustStore,
     mut seed: u64,
-) -> Result<StreamVerified, StreamError> {
+) -> Result<StreamVerified, BundleError> {
     let mut slot = Box::<StreamVerifier>::new_uninit();
     let v = StreamVerifier::init_from_trust(&mut slot, trust);
     let mut rest = bytes;
@@ -42,26 +42,28 @@ pub fn stream_random(
     v.finish()
 }
 
-/// Does the stream's error name the reader's fault? Same variant and fields, except where
-/// a stream differs by nature: trailing bytes are seen as they arrive (no buffer length), the
-/// reader's overlap and duplicate reports name sorted positions, and a manifest over the
-/// stream's cap is refused before anything else.
-pub fn same_fault(s: &StreamError, e: &BundleError, bytes: &[u8]) -> bool {
+/// Does the stream's error name the reader's fault? Both are `BundleError`s: the same value,
+/// except where a stream differs by nature: it sees the end of the bytes or bytes past the end
+/// as they arrive (no buffer length), the reader's overlap reports name sorted positions, and a
+/// manifest over the stream's cap is refused before anything else.
+pub fn same_fault(s: &BundleError, e: &BundleError, bytes: &[u8]) -> bool {
     let manifest_len = bytes
         .get(20..24)
         .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
-    if let StreamError::ManifestTooLarge { len, cap } = s {
+    if let BundleError::ManifestTooLarge { len, cap } = s {
         return *len == manifest_len && manifest_len > *cap;
     }
-    match (s, e) {
-        (
-            StreamError::PastDeclaredLength { declared },
-            BundleError::LengthMismatch { declared: d, .. },
-        ) => declared == d,
-        (StreamError::SectionOverlap { .. }, BundleError::SectionOverlap { .. }) => true,
-        (StreamError::DuplicateEditId { .. }, BundleError::DuplicateEditId(_)) => true,
-        (StreamError::BadEdit { reason: a, .. }, BundleError::BadEdit { reason: b, .. }) => a == b,
-        _ => format!("{s:?}") == format!("{e:?}"),
+    use BundleError as B;
+    match (*s, *e) {
+        (B::EndedEarly { needed, have }, B::Truncated { needed: n, have: h }) => {
+            (needed, have) == (n, h)
+        }
+        (B::PastDeclaredLength { declared }, B::LengthMismatch { declared: d, .. }) => {
+            declared == d
+        }
+        (B::SectionOverlap { .. }, B::SectionOverlap { .. }) => true,
+        (B::BadEdit { reason: a, .. }, B::BadEdit { reason: b, .. }) => a == b,
+        _ => s == e,
     }
 }
 

@@ -282,6 +282,69 @@ fn plain_version(v: &str) -> String {
     }
 }
 
+/// ONNX Runtime keeps a session configuration entry whose key it does not know and never reads
+/// it, so a misspelt key (`session.intra_op.allow_spining`) would silently do nothing. The keys
+/// it reads are string literals in its libraries: a key found in none of them (the loaded
+/// library and the `libonnxruntime_providers_*` beside it) is refused. For `ep.NAME.OPTION`,
+/// which ONNX Runtime builds from an EP's name, OPTION must be found instead.
+fn check_session_config(library: &Path, entries: &[(String, String)]) -> Result<(), RuntimeError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let library = std::fs::canonicalize(library).unwrap_or_else(|_| library.to_path_buf());
+    let mut files = vec![library.clone()];
+    if let Some(dir) = library.parent().and_then(|d| std::fs::read_dir(d).ok()) {
+        let mut providers: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime_providers_"))
+            })
+            .collect();
+        providers.sort();
+        files.extend(providers);
+    }
+    let mut images = Vec::new();
+    for f in &files {
+        // The loaded library is a regular file (load_library checked it); a provider library
+        // that cannot be read only narrows what is known.
+        if let Ok((mut file, len)) = amend_edits::fsutil::open_regular(f, 1 << 31) {
+            let mut b = Vec::with_capacity(len as usize);
+            if std::io::Read::read_to_end(&mut file, &mut b).is_ok() {
+                images.push(b);
+            }
+        }
+    }
+    // A literal ends with its NUL; the linker may share its tail with a longer string, so
+    // only the end is anchored.
+    let known = |name: &str| {
+        let mut needle = name.as_bytes().to_vec();
+        needle.push(0);
+        images
+            .iter()
+            .any(|img| img.windows(needle.len()).any(|w| w == needle.as_slice()))
+    };
+    for (key, _) in entries {
+        let option = key
+            .strip_prefix("ep.")
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(_, option)| option);
+        // Every key ONNX Runtime defines is `AREA[.SUBAREA...].NAME`.
+        let shaped = key.contains('.') && !key.starts_with('.') && !key.ends_with('.');
+        if !shaped || !(known(key) || option.is_some_and(|o| !o.is_empty() && known(o))) {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "ONNX Runtime session configuration key {key:?} is not one this ONNX Runtime \
+                 ({}) reads: it is in none of its libraries, and ONNX Runtime would ignore it \
+                 without a word (check the spelling against \
+                 onnxruntime_session_options_config_keys.h of this version)",
+                library.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 static LOADED: OnceLock<Loaded> = OnceLock::new();
 static LOAD_LOCK: Mutex<()> = Mutex::new(());
 
@@ -436,7 +499,8 @@ pub struct OrtOptions {
     /// llama.cpp roundings the graph reproduces (none by default; docs/backends.md).
     pub emulation: Emulation,
     /// Extra ONNX Runtime session configuration entries (`key`, `value`), e.g.
-    /// `session.intra_op.allow_spinning`; an unknown key is ONNX Runtime's to refuse.
+    /// `session.intra_op.allow_spinning`. A key the loaded library does not read is refused at
+    /// open (ONNX Runtime itself would keep it and ignore it).
     pub session_config: Vec<(String, String)>,
     /// Options for the execution provider (`key`, `value`), given to it as they are after
     /// amend's own ([`Ep::default_options`]; a same key replaces amend's): QNN's
@@ -739,6 +803,7 @@ impl OrtModel {
             .provider_options(options.n_threads, &options.ep_options)?;
         let library = options.library_path();
         let env = load_library(&library)?;
+        check_session_config(&library, &options.session_config)?;
         // The vocabulary (and every pre-load check of the file) through llama.cpp.
         let vocab = Model::open(
             path,
@@ -1797,9 +1862,18 @@ mod cache {
         builder: &str,
         key: Option<&[u8; 32]>,
     ) -> Result<Vec<u8>, String> {
+        // The graph first: a missing graph is named as such, not by its sidecar.
+        let (mut graph, len) =
+            amend_edits::fsutil::open_regular(p, MAX_ONNX).map_err(|e| e.to_string())?;
         let side = sidecar(p);
         let (mut f, _) =
-            amend_edits::fsutil::open_regular(&side, 4096).map_err(|e| e.to_string())?;
+            amend_edits::fsutil::open_regular(&side, 4096).map_err(|e| match e.io_kind() {
+                Some(std::io::ErrorKind::NotFound) => format!(
+                    "its sidecar {} is missing (`amend export-onnx` writes the two together)",
+                    side.display()
+                ),
+                _ => e.to_string(),
+            })?;
         let mut s = String::new();
         std::io::Read::read_to_string(&mut f, &mut s).map_err(|e| format!("sidecar: {e}"))?;
         let field = |k: &str| {
@@ -1836,8 +1910,6 @@ mod cache {
                 field("graph").unwrap_or_default()
             ));
         }
-        let (mut f, len) =
-            amend_edits::fsutil::open_regular(p, MAX_ONNX).map_err(|e| e.to_string())?;
         if field("bytes") != Some(len.to_string()) {
             return Err(format!(
                 "the file has {len} bytes, the sidecar says {:?}",
@@ -1845,7 +1917,7 @@ mod cache {
             ));
         }
         let mut bytes = Vec::with_capacity(len as usize);
-        std::io::Read::read_to_end(&mut f, &mut bytes).map_err(|e| e.to_string())?;
+        std::io::Read::read_to_end(&mut graph, &mut bytes).map_err(|e| e.to_string())?;
         let sha = hex(&Sha256::digest(&bytes));
         if field("sha256").as_deref() != Some(sha.as_str()) {
             return Err(format!(
