@@ -469,7 +469,8 @@ typedef struct amend_generate_params {
    */
   uint32_t max_tokens;
   /**
-   * Sampling temperature, finite; <= 0 = greedy (default 0).
+   * Sampling temperature, finite; <= 0 = greedy (default 0); a positive value below 1e-6
+   * is refused (the scaled logits would overflow).
    */
   float temperature;
   /**

@@ -2031,7 +2031,6 @@ fn export_parity_and_keygen_refuse_bad_paths_and_values() {
 /// valid public key". Needs no real model.
 #[test]
 fn secret_key_given_as_the_public_key_is_named() {
-    use amend_edits::bundle::{BundleBuilder, BundleMeta, ModelBinding};
     use amend_edits::ed25519_dalek::{SigningKey, VerifyingKey};
     let dir = tmp().join("secret-as-pub");
     std::fs::create_dir_all(&dir).unwrap();
@@ -2047,26 +2046,13 @@ fn secret_key_given_as_the_public_key_is_named() {
         p
     };
     let signer = SigningKey::from_bytes(&[seed(true); 32]);
-    let mut b = BundleBuilder::new(BundleMeta {
-        bundle_id: "secret-as-pub".into(),
-        channel: "main".into(),
-        version: 1,
-        created: 0,
-        not_before: 0,
-        expires: 4_000_000_000,
-        model: ModelBinding {
-            fingerprint: [0; 32],
-            arch: "llama".into(),
-            n_layer: 3,
-            n_embd: 4,
-        },
-    });
-    let site = amend_edits::Site::FfnOutput;
-    let (k, v) = ([1.0, 0.0, 0.0, 0.0], [0.5; 4]);
-    let cb = b.add_codebook(1, site, site, 0, false, 4, &k, &v, &[0.1]);
-    b.add_edit("e", 1, site, "p", " t", cb, 0, 1);
     let bundle = dir.join("b.amend");
-    std::fs::write(&bundle, b.build_signed(&signer).unwrap().as_slice()).unwrap();
+    crafted_bundle(
+        &bundle,
+        &key_file("signer.key", signer.to_bytes()),
+        "{prompt}",
+        |_| {},
+    );
 
     let public = key_file("signer.pub", signer.verifying_key().to_bytes());
     ok(&["verify", s(&bundle), "--pubkey", s(&public)]);
@@ -2090,5 +2076,835 @@ fn secret_key_given_as_the_public_key_is_named() {
             "secret key file",
             "use the .pub beside it",
         ],
+    );
+}
+
+/// `amend eval` on the tiny model, base only, two generated tokens, one thread, plus `extra`.
+fn tiny_eval_args<'a>(model: &'a Path, data: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "eval",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--gen-tokens",
+        "2",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `amend eval`'s report flags may not name an input (the edit requests, the model, the key, a
+/// bundle) or one another: each was replaced, exit 0. Refused before any work (the bundle and
+/// key here are not even valid), every input left as it was; /dev/null serves several outputs.
+#[test]
+fn eval_outputs_are_not_its_inputs_nor_each_other() {
+    let dir = tmp().join("eval-outputs-apart");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let (bundle, public) = (dir.join("bb.amend"), dir.join("kp.pub"));
+    std::fs::write(&bundle, b"not a bundle").unwrap();
+    std::fs::write(&public, b"not a key").unwrap();
+    let same = dir.join("same.json");
+    let inputs = [&model, &data, &bundle, &public];
+    let before: Vec<Vec<u8>> = inputs.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let with_bundle = ["--bundle", s(&bundle), "--pubkey", s(&public)];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--out", s(&data)], vec!["--out", "the --data file"]),
+        (
+            vec!["--markdown", s(&model)],
+            vec!["--markdown", "the --model file"],
+        ),
+        (
+            [&with_bundle[..], &["--summary", s(&public)]].concat(),
+            vec!["--summary", "the --pubkey file"],
+        ),
+        (
+            [&with_bundle[..], &["--out", s(&bundle)]].concat(),
+            vec!["--out", "the --bundle file"],
+        ),
+        (
+            vec!["--out", s(&same), "--summary", s(&same)],
+            vec!["--summary", "--out", "name the same file"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        refused(&tiny_eval_args(&model, &data, &extra), &needles);
+    }
+    for (p, b) in inputs.iter().zip(&before) {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{} changed", p.display());
+    }
+    assert!(!same.exists());
+    ok(&tiny_eval_args(
+        &model,
+        &data,
+        &[
+            "--out",
+            "/dev/null",
+            "--summary",
+            "/dev/null",
+            "--markdown",
+            "/dev/null",
+        ],
+    ));
+}
+
+/// `amend eval` refuses, before any work: --pubkey without --bundle (it was ignored), two
+/// bundles that would be one variant (one file stem, or `base`), --gen-tokens 0 (fluency was
+/// scored on the prompt alone), and duplicate record ids (which `compile` refuses).
+#[test]
+fn eval_refuses_ignored_keys_clashing_variants_and_duplicate_ids() {
+    let dir = tmp().join("eval-refusals");
+    std::fs::create_dir_all(dir.join("x")).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let public = dir.join("kp.pub");
+    std::fs::write(&public, b"not a key").unwrap();
+    let (b1, xb1, base) = (
+        dir.join("b1.amend"),
+        dir.join("x/b1.amend"),
+        dir.join("base.amend"),
+    );
+    for b in [&b1, &xb1, &base] {
+        std::fs::write(b, b"not a bundle").unwrap();
+    }
+    let summary = dir.join("s.json");
+    let sum = ["--summary", s(&summary)];
+    refused(
+        &tiny_eval_args(
+            &model,
+            &data,
+            &[&sum[..], &["--pubkey", s(&public)]].concat(),
+        ),
+        &["--pubkey", "without --bundle"],
+    );
+    let two = [
+        "--bundle",
+        s(&b1),
+        "--bundle",
+        s(&xb1),
+        "--pubkey",
+        s(&public),
+    ];
+    refused(
+        &tiny_eval_args(&model, &data, &[&sum[..], &two[..]].concat()),
+        &[s(&b1), s(&xb1), "variant `b1`"],
+    );
+    refused(
+        &tiny_eval_args(
+            &model,
+            &data,
+            &[&sum[..], &["--bundle", s(&base), "--pubkey", s(&public)]].concat(),
+        ),
+        &[s(&base), "`base`"],
+    );
+    let mut zero = tiny_eval_args(&model, &data, &sum);
+    zero[6] = "0";
+    refused(&zero, &["--gen-tokens", "'0'", ">= 1"]);
+    let dup = dir.join("dup.jsonl");
+    std::fs::write(
+        &dup,
+        "{\"id\": \"a\", \"prompt\": \"a b\", \"target\": \"c\"}\n\
+         {\"id\": \"a\", \"prompt\": \"d e\", \"target\": \"f\"}\n",
+    )
+    .unwrap();
+    refused(
+        &tiny_eval_args(&model, &dup, &sum),
+        &["--data", "edit ids must be unique", "\"a\""],
+    );
+    assert!(!summary.exists());
+}
+
+/// `amend eval --out FIFO` with no reader hung after the whole evaluation (the open waits for
+/// a reader): refused before the work. A FIFO with its reader gets the records; a full device
+/// is named by its flag.
+#[test]
+fn eval_report_to_a_fifo_or_a_full_device() {
+    let dir = tmp().join("eval-fifo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let fifo = dir.join("ff");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    refused_within(
+        &tiny_eval_args(&model, &data, &["--out", s(&fifo)]),
+        30,
+        &["--out", s(&fifo), "no reader"],
+    );
+    let got = dir.join("got.jsonl");
+    let mut reader = Command::new("cat")
+        .arg(&fifo)
+        .stdout(std::fs::File::create(&got).unwrap())
+        .spawn()
+        .unwrap();
+    let out = amend_within(&tiny_eval_args(&model, &data, &["--out", s(&fifo)]), 60);
+    // `cat` ends at the end of the records; kill it only if it does not.
+    let t0 = std::time::Instant::now();
+    while reader.try_wait().unwrap().is_none() && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = reader.kill();
+    reader.wait().unwrap();
+    assert!(out.status.success());
+    let lines = std::fs::read_to_string(&got).unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    assert!(lines.contains("\"variant\":\"base\""), "{lines}");
+    if Path::new("/dev/full").exists() {
+        for flag in ["--out", "--summary", "--markdown"] {
+            refused(
+                &tiny_eval_args(&model, &data, &[flag, "/dev/full"]),
+                &[&format!("{flag} /dev/full: cannot write it")],
+            );
+        }
+    }
+}
+
+/// `compile` refuses before any work, writing nothing: an output that is one of its inputs
+/// (the key, its public key, the model, the edits), out-of-range or ignored values (a
+/// checkpoint interval past a week, a count without bound, a layer the model lacks, inf, a
+/// negative loss, another method's key, a key given twice, an empty or control-character
+/// bundle id or channel), flags the combination would ignore, and two records for one prompt.
+/// Needs no real model.
+#[test]
+fn compile_refuses_clashing_outputs_and_ignored_values_up_front() {
+    let (dir, key, public, edits) = one_edit("qa-compile", "qa-compile");
+    let model = tiny_model(dir.join("m.gguf"));
+    let base = ["--no-drift-check", "--allow-partial", "--threads", "1"];
+    for (out, flag) in [
+        (&key, "the --key file"),
+        (&public, "the --key's public key file"),
+        (&model, "the --model file"),
+        (&edits, "the --edits file"),
+    ] {
+        let before = std::fs::read(out).unwrap();
+        refused_within(
+            &compile_args(&model, "grace", &edits, out, &key, &base),
+            60,
+            &[flag, "would replace it"],
+        );
+        assert_eq!(std::fs::read(out).unwrap(), before, "{}", out.display());
+    }
+    let out = dir.join("o.amend");
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--checkpoint-every", "1e20"],
+            &["--checkpoint-every", "604800"],
+        ),
+        (
+            &["--checkpoint-every", "99999999999999999999"],
+            &["--checkpoint-every", "a week"],
+        ),
+        (
+            &["--set", "grace.steps=99999999999999"],
+            &["grace.steps", "1..=10000"],
+        ),
+        (
+            &["--set", "grace.layer=99"],
+            &["--set grace.layer=99", "the model has"],
+        ),
+        (&["--set", "grace.lr=inf"], &["grace.lr", "finite"]),
+        (
+            &["--set", "grace.stop_loss=-1"],
+            &["grace.stop_loss", ">= 0"],
+        ),
+        (&["--set", "grace.stop_loss=inf"], &["grace.stop_loss"]),
+        (
+            &["--set", "rome.lr=5"],
+            &["--set rome.lr=5", "--method grace"],
+        ),
+        (
+            &["--set", "grace.lr=1", "--set", "grace.lr=2"],
+            &["grace.lr", "more than once"],
+        ),
+        (&["--bundle-id", ""], &["--bundle-id", "empty"]),
+        (&["--channel", ""], &["--channel", "empty"]),
+        (&["--channel", "a\nb"], &["--channel", "control"]),
+        (&["--bundle-id", "a\u{7f}b"], &["--bundle-id", "control"]),
+        (
+            &["--auto-records", "3"],
+            &["--auto-records", "--layer auto"],
+        ),
+        (
+            &["--min-probe-locality", "50"],
+            &["--min-probe-locality", "--no-drift-check"],
+        ),
+        (&["--allow-drift"], &["--allow-drift", "--no-drift-check"]),
+        (&["--use-probes"], &["--use-probes", "serac"]),
+    ];
+    let long_id = "i".repeat(100_000);
+    let long = [&["--bundle-id", long_id.as_str()][..]];
+    for extra in cases.iter().map(|(e, _)| *e).chain(long.iter().copied()) {
+        let needles: &[&str] = cases
+            .iter()
+            .find(|(e, _)| *e == extra)
+            .map_or(&["--bundle-id", "16384"], |(_, n)| *n);
+        refused_within(
+            &compile_args(
+                &model,
+                "grace",
+                &edits,
+                &out,
+                &key,
+                &[&base[..], extra].concat(),
+            ),
+            60,
+            needles,
+        );
+    }
+    // Two records for one prompt, named with their ids, whether the targets differ or not.
+    for (name, second, needles) in [
+        (
+            "conflict.jsonl",
+            "London",
+            &["different targets", "\"Berlin\" and \"London\""][..],
+        ),
+        (
+            "duplicate.jsonl",
+            "Berlin",
+            &["same target \"Berlin\" (a duplicate)"][..],
+        ),
+    ] {
+        let f = dir.join(name);
+        std::fs::write(
+            &f,
+            format!(
+                "{{\"id\": \"a\", \"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n\
+                 {{\"id\": \"b\", \"prompt\": \" {PROMPT} \", \"target\": \"{second}\"}}\n"
+            ),
+        )
+        .unwrap();
+        let mut all = vec!["records 0 (id \"a\") and 1 (id \"b\")", "same prompt"];
+        all.extend_from_slice(needles);
+        refused_within(
+            &compile_args(&model, "grace", &f, &out, &key, &base),
+            60,
+            &all,
+        );
+    }
+    assert!(files_of(&dir, "o.amend").is_empty());
+    // The same command with none of these writes the bundle.
+    ok(&compile_args(&model, "grace", &edits, &out, &key, &base));
+}
+
+/// A record without an id appended onto a bundle made from one: it is numbered after the base's
+/// edits instead of clashing with its id "0"; the next version stays on the base's channel, and a
+/// different --channel is refused. Needs no real model.
+#[test]
+fn compile_numbers_id_less_records_after_the_base_bundle() {
+    let (dir, key, public, edits) = one_edit("qa-base", "qa-base");
+    let model = tiny_model(dir.join("m.gguf"));
+    let base = ["--no-drift-check", "--allow-partial", "--threads", "1"];
+    let first = dir.join("v1.amend");
+    ok(&compile_args(
+        &model,
+        "grace",
+        &edits,
+        &first,
+        &key,
+        &[&base[..], &["--channel", "beta"]].concat(),
+    ));
+    let more = dir.join("more.jsonl");
+    std::fs::write(
+        &more,
+        format!("{{\"prompt\": \"{UNRELATED}\", \"target\": \"Paris\"}}\n"),
+    )
+    .unwrap();
+    let second = dir.join("v2.amend");
+    let on_base = [&base[..], &["--base-bundle", s(&first)]].concat();
+    refused_within(
+        &compile_args(
+            &model,
+            "grace",
+            &more,
+            &second,
+            &key,
+            &[&on_base[..], &["--channel", "gamma"]].concat(),
+        ),
+        60,
+        &["--channel \"gamma\"", "\"beta\""],
+    );
+    assert!(!second.exists());
+    ok(&compile_args(
+        &model, "grace", &more, &second, &key, &on_base,
+    ));
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "inspect",
+        s(&second),
+        "--pubkey",
+        s(&public),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(info["channel"], "beta", "{info}");
+    assert_eq!(info["version"], 2, "{info}");
+    let ids: Vec<&str> = info["edits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["0", "1"], "{info}");
+}
+
+/// `data synth` keeps an existing --out unless --force, writes JSON lines to a .jsonl name
+/// (which `compile --format auto` reads as such) and bounds --n. Needs no real model.
+#[test]
+fn data_synth_keeps_files_writes_json_lines_and_bounds_n() {
+    let dir = tmp().join("qa-synth");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let before = std::fs::read(&model).unwrap();
+    refused(
+        &["data", "synth", "--n", "3", "--out", s(&model)],
+        &["--out", "exists", "--force"],
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    let lines = dir.join("syn.jsonl");
+    for force in [&[][..], &["--force"][..]] {
+        ok(&[
+            &["data", "synth", "--n", "3", "--out", s(&lines)][..],
+            force,
+        ]
+        .concat());
+        let text = std::fs::read_to_string(&lines).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        for l in text.lines() {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(r["prompt"].is_string(), "{l}");
+        }
+    }
+    let big = dir.join("big.json");
+    refused(
+        &["data", "synth", "--n", "100001", "--out", s(&big)],
+        &["--n", "100000"],
+    );
+    assert!(!big.exists());
+}
+
+/// A small valid bundle (a codebook edit and a one-record memory, for a 3-layer, 4-wide llama)
+/// that `f` may then change (the manifest is laid out again), signed with the key file `key`:
+/// what a hostile signer could write, including what the builder refuses.
+fn crafted_bundle(
+    path: &Path,
+    key: &Path,
+    template: &str,
+    f: impl FnOnce(&mut amend_edits::bundle::Manifest),
+) {
+    use amend_edits::bundle::*;
+    let mut b = BundleBuilder::new(BundleMeta {
+        bundle_id: "crafted".into(),
+        channel: "main".into(),
+        version: 1,
+        created: 0,
+        not_before: 0,
+        expires: 4_000_000_000,
+        model: ModelBinding {
+            fingerprint: [0; 32],
+            arch: "llama".into(),
+            n_layer: 3,
+            n_embd: 4,
+        },
+    });
+    let site = amend_edits::Site::FfnOutput;
+    let cb = b.add_codebook(
+        1,
+        site,
+        site,
+        0,
+        false,
+        4,
+        &[1.0, 0.0, 0.0, 0.0],
+        &[0.5; 4],
+        &[0.1],
+    );
+    b.add_edit("e", 1, site, "p", " t", cb, 0, 1);
+    let record = MemoryRecordDesc {
+        edit_id: "m".into(),
+        prompt: "a".into(),
+        target: "b".into(),
+        text: "a is b".into(),
+    };
+    let embedder = EmbedderDesc::BaseModel {
+        layer: 1,
+        site: 4,
+        pooling: 0,
+    };
+    let mem = b.add_memory(
+        4,
+        &[1.0, 0.0, 0.0, 0.0],
+        0.8,
+        template,
+        embedder,
+        vec![record],
+    );
+    b.add_edit("m", 1, amend_edits::Site::ResidualOut, "a", "b", mem, 0, 1);
+    let base = b.build_unsigned().unwrap();
+    let base = base.as_slice();
+    let h = read_header(base).unwrap();
+    let mut m =
+        decode_manifest(&base[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize]).unwrap();
+    let blobs: Vec<Vec<u8>> = m
+        .sections
+        .iter()
+        .map(|s| base[s.offset as usize..(s.offset + s.len) as usize].to_vec())
+        .collect();
+    f(&mut m);
+    layout(&mut m).unwrap();
+    let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    let mut out = assemble(&m, &refs).unwrap();
+    let sk = amend_edits::keys::signing_key_from_file_bytes(&std::fs::read(key).unwrap()).unwrap();
+    sign_in_place(out.as_mut_slice(), &sk).unwrap();
+    std::fs::write(path, out.as_slice()).unwrap();
+}
+
+/// No control character reaches the terminal: only line ends.
+fn assert_no_controls(text: &str, what: &str) {
+    let bad: Vec<char> = text
+        .chars()
+        .filter(|&c| c.is_control() && c != '\n')
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what} prints control characters {bad:?}:\n{text}"
+    );
+}
+
+/// QA: a bundle id with a newline and ESC made `inspect` print a forged "signer ... (verified)"
+/// line and hide the real one. The format refuses control characters in ids and the channel
+/// (verify says which), and `inspect` escapes every string from the bundle, in text and JSON,
+/// whether or not the manifest passes its checks.
+#[test]
+fn inspect_escapes_bundle_text_and_ids_with_controls_are_refused() {
+    use amend_edits::bundle::{Verification, VerifiedBackend};
+    let dir = tmp().join("inspect-escapes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("inspect-escapes");
+    let forged =
+        "trusted (channel default, version 9)\nsigner   8541918fafa16588 (verified)\n\x1b[8m";
+    let spoof = dir.join("spoof.amend");
+    crafted_bundle(&spoof, &key, "{prompt}", |m| {
+        m.bundle_id = forged.into();
+        m.edits[0].id = "e\n  x layer 1".into();
+    });
+    let text = ok(&["inspect", s(&spoof)]);
+    assert_no_controls(&text, "inspect");
+    let signers: Vec<&str> = text.lines().filter(|l| l.starts_with("signer")).collect();
+    assert_eq!(signers.len(), 1, "{text}");
+    assert!(signers[0].contains("NOT checked"), "{text}");
+    assert!(
+        text.contains(r"version 9)\nsigner") && text.contains(r"\u{1b}[8m"),
+        "{text}"
+    );
+    assert!(text.contains("control character in bundle id"), "{text}");
+    refused(
+        &["verify", s(&spoof), "--pubkey", s(&public)],
+        &["control character in bundle id"],
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", s(&spoof), "--json"])).unwrap();
+    assert_eq!(json["bundle_id"], forged);
+
+    // A valid bundle: prompts, memory templates, the architecture and backend names may hold
+    // such characters (a C1 CSI, U+009B, acts as ESC [ on some terminals); shown escaped.
+    let text_bundle = dir.join("text.amend");
+    crafted_bundle(&text_bundle, &key, "{prompt}\x1b[2J\u{9b}8m", |m| {
+        m.model.arch = "llama\x1b[8m".into();
+        m.edits[0].prompt = "line one\nline two\x1b[1A".into();
+        m.verification = Some(Verification {
+            backends: vec![VerifiedBackend {
+                backend: "cpu\x1b[8m\u{7f}".into(),
+                passed: 2,
+                total: 2,
+            }],
+            required: false,
+        });
+    });
+    let text = ok(&["inspect", s(&text_bundle), "--pubkey", s(&public)]);
+    assert_no_controls(&text, "inspect");
+    assert!(
+        text.contains("(verified)") && text.contains(r"\u{9b}8m"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r"cpu\u{1b}[8m\u{7f}") && text.contains(r"llama\u{1b}[8m"),
+        "{text}"
+    );
+    let raw = ok(&["inspect", s(&text_bundle), "--pubkey", s(&public), "--json"]);
+    assert_no_controls(&raw, "inspect --json");
+    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(json["payloads"][1]["template"], "{prompt}\x1b[2J\u{9b}8m");
+    assert_eq!(
+        json["verification"]["backends"][0]["backend"],
+        "cpu\x1b[8m\u{7f}"
+    );
+    let out = ok(&["verify", s(&text_bundle), "--pubkey", s(&public)]);
+    assert_no_controls(&out, "verify");
+}
+
+/// QA: `sign --out` could replace its own --key (or the public key beside it): the secret key
+/// was lost. Refused before anything is written, as is --out naming the bundle by another name.
+#[test]
+fn sign_refuses_an_out_that_is_its_key_or_bundle() {
+    let dir = tmp().join("sign-out-apart");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("sign-out-apart");
+    let bundle = dir.join("b.amend");
+    crafted_bundle(&bundle, &key, "{prompt}", |_| {});
+    let (k0, p0, b0) = (
+        std::fs::read(&key).unwrap(),
+        std::fs::read(&public).unwrap(),
+        std::fs::read(&bundle).unwrap(),
+    );
+    refused(
+        &["sign", "--key", s(&key), s(&bundle), "--out", s(&key)],
+        &["--out", "--key", "give another name"],
+    );
+    refused(
+        &["sign", "--key", s(&key), s(&bundle), "--out", s(&public)],
+        &["--out", "key file"],
+    );
+    let hard = dir.join("b-hard.amend");
+    std::fs::hard_link(&bundle, &hard).unwrap();
+    refused(
+        &["sign", "--key", s(&key), s(&bundle), "--out", s(&hard)],
+        &["--out", "BUNDLE"],
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), k0);
+    assert_eq!(std::fs::read(&public).unwrap(), p0);
+    assert_eq!(std::fs::read(&bundle).unwrap(), b0);
+    ok(&[
+        "sign",
+        "--key",
+        s(&key),
+        s(&bundle),
+        "--out",
+        s(&dir.join("c.amend")),
+    ]);
+}
+
+/// QA: signing in place made a mode 600 or 444 bundle 644, replaced a symlink by a regular
+/// file (its target left unsigned), split a hard link, and re-signed another key's bundle
+/// without a word.
+#[test]
+fn sign_in_place_keeps_the_mode_and_refuses_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp().join("sign-in-place");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k1, p1) = keypair("sign-in-place-1");
+    let (k2, _) = keypair("sign-in-place-2");
+    let bundle = dir.join("b.amend");
+    crafted_bundle(&bundle, &k1, "{prompt}", |_| {});
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for m in [0o600, 0o444, 0o640] {
+        std::fs::set_permissions(&bundle, std::fs::Permissions::from_mode(m)).unwrap();
+        ok(&["sign", "--key", s(&k1), s(&bundle)]);
+        assert_eq!(mode(&bundle), m);
+    }
+    std::fs::set_permissions(&bundle, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Another key's signature is replaced with a notice naming both keys.
+    let out = amend(&["sign", "--key", s(&k2), s(&bundle)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("was signed by key"),
+        "{err}"
+    );
+    assert!(ok(&["sign", "--key", s(&k1), s(&bundle)]).contains("signed"));
+    ok(&["verify", s(&bundle), "--pubkey", s(&p1)]);
+
+    let link = dir.join("link.amend");
+    std::os::unix::fs::symlink(&bundle, &link).unwrap();
+    refused(
+        &["sign", "--key", s(&k2), s(&link)],
+        &["symbolic link", s(&bundle), "--out"],
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let hard = dir.join("hard.amend");
+    std::fs::hard_link(&bundle, &hard).unwrap();
+    refused(
+        &["sign", "--key", s(&k2), s(&hard)],
+        &["hard links", "--out"],
+    );
+    let before = std::fs::read(&bundle).unwrap();
+    assert_eq!(std::fs::read(&hard).unwrap(), before);
+    // With --out a hard-linked bundle is only read; a new file takes the bundle's mode.
+    let out = dir.join("out.amend");
+    ok(&["sign", "--key", s(&k2), s(&hard), "--out", s(&out)]);
+    assert_eq!(mode(&out), 0o600);
+}
+
+/// QA: `verify --state` (read only) left a `FILE.lock`, `run --state` on a bad state file left
+/// one too, and neither error named --state.
+#[test]
+fn verify_state_is_read_only_and_bad_state_files_are_named() {
+    let dir = tmp().join("state-read-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = keypair("state-read-only");
+    let bundle = dir.join("b.amend");
+    crafted_bundle(&bundle, &key, "{prompt}", |_| {});
+    let lock = |p: &Path| PathBuf::from(format!("{}.lock", p.display()));
+    let missing = dir.join("missing.state");
+    ok(&[
+        "verify",
+        s(&bundle),
+        "--pubkey",
+        s(&public),
+        "--state",
+        s(&missing),
+    ]);
+    assert!(!missing.exists() && !lock(&missing).exists());
+    let binary = dir.join("binary.state");
+    std::fs::write(&binary, b"\xff\xfe\x00").unwrap();
+    let fifo = dir.join("fifo.state");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let model = tiny_model(dir.join("tiny.gguf"));
+    for bad in [&binary, &fifo] {
+        refused(
+            &[
+                "verify",
+                s(&bundle),
+                "--pubkey",
+                s(&public),
+                "--state",
+                s(bad),
+            ],
+            &["--state", s(bad)],
+        );
+        let out = amend(&[
+            "run",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a b",
+            "--max-tokens",
+            "1",
+            "--threads",
+            "1",
+            "--bundle",
+            s(&bundle),
+            "--pubkey",
+            s(&public),
+            "--state",
+            s(bad),
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--state") && err.contains(s(bad)), "{err}");
+        assert!(!lock(bad).exists(), "{} left behind", lock(bad).display());
+    }
+}
+
+/// Standard output that cannot be written ends a command with an error, never std's panic
+/// (exit 101, "failed printing to stdout") or a silent exit 0: a full disk is exit 1 with a
+/// message; a reader that went away, the shell's SIGPIPE status 141, quietly.
+#[test]
+fn stdout_failures_are_errors_not_panics() {
+    use std::process::Stdio;
+    let dir = tmp().join("stdout-failures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
+    let keys = dir.join("k");
+    let run = |args: &[&str], stdout: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_amend"))
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let full = || Stdio::from(std::fs::File::create("/dev/full").unwrap());
+    let m = s(&model);
+    for args in [
+        vec!["info", "--model", m],
+        vec![
+            "run",
+            "--model",
+            m,
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "4",
+            "--threads",
+            "1",
+        ],
+        vec!["keygen", "--out", s(&keys)],
+    ] {
+        let out = run(&args, full());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("writing standard output"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A closed pipe: the reader is gone before the first line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amend"))
+        .args(["info", "--model", m])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `amend run` refuses flags it would ignore or cut silently, before the model opens: an ONNX
+/// Runtime flag without --backend ort, --pubkey without --bundle, a --ctx past the model's
+/// trained context (the tiny model's is 512), and a temperature so small the logits overflow.
+#[test]
+fn run_refuses_flags_it_would_ignore() {
+    let dir = tmp().join("run-flags");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
+    let m = s(&model);
+    let run = |extra: &[&'static str]| -> Vec<&str> {
+        [
+            &[
+                "run",
+                "--model",
+                m,
+                "--prompt",
+                "hello",
+                "--max-tokens",
+                "2",
+                "--threads",
+                "1",
+            ][..],
+            extra,
+        ]
+        .concat()
+    };
+    refused(&run(&["--ep", "qnn"]), &["--ep", "needs --backend ort"]);
+    refused(
+        &run(&["--onnx", "x.onnx"]),
+        &["--onnx", "needs --backend ort"],
+    );
+    refused(
+        &run(&["--pubkey", "k.pub"]),
+        &["--pubkey", "needs --bundle"],
+    );
+    refused(&run(&["--ctx", "1000"]), &["--ctx 1000", "at most 512"]);
+    refused(&run(&["--temp", "1e-40"]), &["--temp", "0 is greedy"]);
+    refused(&run(&["--ctx", "1"]), &["more than --ctx 1 holds"]);
+    // The default context is cut to the model's, silently: that is the default's meaning.
+    ok(&run(&[]));
+    // eval takes the same ONNX Runtime flags, under the same rule.
+    let data = dir.join("e.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    refused(
+        &["eval", "--model", m, "--data", s(&data), "--ep", "qnn"],
+        &["--ep", "needs --backend ort"],
     );
 }

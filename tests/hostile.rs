@@ -722,11 +722,13 @@ fn compile_refuses_ids_colliding_with_the_base_bundle_and_writes_nothing() {
     bb.add_edit("1", 10, Site::FfnOutput, "p", "t", p, 1, 1);
     let base = tmp().join("base.amend");
     std::fs::write(&base, bb.build_signed(&key()).unwrap().as_slice()).unwrap();
-    // New records without ids get the default ids "0", "1": the base's.
+    // New records whose own ids are the base's "0", "1" (id-less records are numbered after
+    // the base's ids: e2e::compile_numbers_id_less_records_after_the_base_bundle).
     let edits = tmp().join("new.jsonl");
     std::fs::write(
         &edits,
-        "{\"prompt\": \"a\", \"target\": \"b\"}\n{\"prompt\": \"c\", \"target\": \"d\"}\n",
+        "{\"id\": \"0\", \"prompt\": \"a\", \"target\": \"b\"}\n\
+         {\"id\": \"1\", \"prompt\": \"c\", \"target\": \"d\"}\n",
     )
     .unwrap();
     let out = tmp().join("next.amend");

@@ -143,6 +143,17 @@ impl OrtArgs {
         .find_map(|(flag, changed)| changed.then_some(flag))
     }
 
+    /// With the llama.cpp backend every ONNX Runtime flag would be ignored: an error naming
+    /// the first one given.
+    pub fn check_backend(&self, backend: BackendName) -> anyhow::Result<()> {
+        match (backend, self.changed_flag()) {
+            (BackendName::Llama, Some(flag)) => {
+                anyhow::bail!("{flag} is an ONNX Runtime option: it needs --backend ort")
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn options(&self, threads: Option<usize>) -> anyhow::Result<OrtOptions> {
         if let Some(t) = &self.ort_trace {
             // ONNX Runtime writes the profile when the session ends and says nothing if it

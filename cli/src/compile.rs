@@ -41,9 +41,9 @@ pub struct Args {
     /// records (see `amend locate`). Default: the method's, from the hyperparameters.
     #[arg(long)]
     layer: Option<LayerArg>,
-    /// With `--layer auto`: how many records (those with a subject) are traced.
-    #[arg(long, default_value_t = 4)]
-    auto_records: usize,
+    /// With `--layer auto`: how many records (those with a subject) are traced (default 4).
+    #[arg(long)]
+    auto_records: Option<usize>,
     /// llama.cpp threads for `--layer auto`'s tracing (default: all cores; 1 is much faster on
     /// a machine other work keeps busy, where llama.cpp's thread pool spin-waits) and for the
     /// drift probes (default 1).
@@ -68,8 +68,9 @@ pub struct Args {
     /// Bundle id and channel written into the manifest.
     #[arg(long, default_value = "amend-edits")]
     bundle_id: String,
-    #[arg(long, default_value = "default")]
-    channel: String,
+    /// Default `default`; with --base-bundle, the base's channel (the next version stays on it).
+    #[arg(long)]
+    channel: Option<String>,
     /// Print the hyperparameters in effect and exit.
     #[arg(long)]
     print_hparams: bool,
@@ -89,8 +90,9 @@ pub struct Args {
     /// with the base model on the fixed drift probes (data/drift-probes.txt, 50 ordinary
     /// prompts no edit is about; two prompt batches each: about 9 s of one core for
     /// gemma3-270m, more for larger models). Below it the bundle is not written.
-    #[arg(long, default_value_t = 95.0, value_name = "PERCENT")]
-    min_probe_locality: f64,
+    /// Default 95.
+    #[arg(long, value_name = "PERCENT")]
+    min_probe_locality: Option<f64>,
     /// Write the bundle even when its probe locality is below --min-probe-locality.
     #[arg(long)]
     allow_drift: bool,
@@ -102,9 +104,9 @@ pub struct Args {
     /// hyperparameters, layer, edits, base bundle, bundle id) is refused without this.
     #[arg(long)]
     restart: bool,
-    /// Least seconds between two checkpoint writes (the finished edits are also kept when
-    /// the compile fails).
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    /// Least seconds between two checkpoint writes, 0 to 604800 (a week) (the finished edits
+    /// are also kept when the compile fails).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_checkpoint_every)]
     checkpoint_every: f64,
     /// Also key and check the edits on ONNX Runtime with these execution providers
     /// (comma-separated: cpu, openvino, ...): T-Patcher's neurons, and GRACE's codebook rows,
@@ -129,6 +131,187 @@ pub struct Args {
     /// Test hook: flip a byte of the signed bundle before the compiler's own check of it.
     #[arg(long, hide = true)]
     test_corrupt_output: bool,
+}
+
+/// The longest `--checkpoint-every`: a week, in seconds (larger values never write one, and
+/// do not fit a `Duration`).
+const MAX_CHECKPOINT_EVERY: f64 = 7.0 * 24.0 * 3600.0;
+
+fn parse_checkpoint_every(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=MAX_CHECKPOINT_EVERY).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds in 0..={MAX_CHECKPOINT_EVERY} (a week)"
+        )),
+    }
+}
+
+impl Args {
+    fn min_locality(&self) -> f64 {
+        self.min_probe_locality.unwrap_or(95.0)
+    }
+}
+
+/// A bundle id or channel as the bundle format takes it (edits/src/bundle/reader.rs
+/// `check_manifest`): not empty, at most `MAX_STRING_LEN` bytes, no control characters.
+fn check_manifest_name(flag: &str, v: &str) -> anyhow::Result<()> {
+    let max = amend_edits::bundle::format::MAX_STRING_LEN;
+    if v.is_empty() {
+        bail!("{flag} is empty; give a name");
+    }
+    if v.len() > max {
+        bail!("{flag}: {} bytes, at most {max} are accepted", v.len());
+    }
+    if v.chars().any(char::is_control) {
+        bail!("{flag} {v:?}: control characters are not accepted");
+    }
+    Ok(())
+}
+
+/// Two records with the same prompt: one bundle cannot answer it two ways, and an exact
+/// duplicate compiles two rows for one fact.
+fn check_distinct_prompts(records: &[dataset::EditRecord]) -> anyhow::Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Some(&j) = seen.get(r.prompt.trim()) {
+            let first: &dataset::EditRecord = &records[j];
+            let what = if first.target_new.trim() == r.target_new.trim() {
+                format!("the same target {:?} (a duplicate)", r.target_new)
+            } else {
+                format!(
+                    "different targets ({:?} and {:?})",
+                    first.target_new, r.target_new
+                )
+            };
+            bail!(
+                "--edits: records {j} (id {:?}) and {i} (id {:?}) have the same prompt {:?} with \
+                 {what}; give each prompt once",
+                first.id,
+                r.id,
+                r.prompt.trim()
+            );
+        }
+        seen.insert(r.prompt.trim(), i);
+    }
+    Ok(())
+}
+
+/// For each record of `path` (read as `dataset::load` reads it), whether it gives its own id;
+/// `None` when the file cannot be read so (the loader has already refused it then).
+fn records_with_ids(path: &Path, format: DataFormat) -> Option<Vec<bool>> {
+    use serde_json::Value;
+    let text =
+        amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)
+            .ok()?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let jsonl = match format {
+        DataFormat::Jsonl => true,
+        DataFormat::Auto => {
+            ext.eq_ignore_ascii_case("jsonl")
+                || ext.eq_ignore_ascii_case("ndjson")
+                || !(text.trim_start().starts_with('[')
+                    || (text.trim_start().starts_with('{')
+                        && serde_json::from_str::<Value>(&text).is_ok()))
+        }
+        _ => false,
+    };
+    let items: Vec<Value> = if jsonl {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).ok())
+            .collect::<Option<_>>()?
+    } else {
+        match serde_json::from_str(&text).ok()? {
+            Value::Array(a) => a,
+            v => vec![v],
+        }
+    };
+    // The loader's rule (compiler/src/dataset.rs `parse_record`): a string or number id.
+    Some(
+        items
+            .iter()
+            .map(|v| {
+                ["id", "case_id", "record_id"].iter().any(|k| {
+                    v.get(k)
+                        .is_some_and(|x| matches!(x, Value::String(_) | Value::Number(_)))
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Records without an id of their own are numbered on from the base bundle's numeric ids, so
+/// that `0, 1, ...` of an appended file do not clash with the base's own automatic ids.
+fn continue_auto_ids(records: &mut [dataset::EditRecord], own_id: &[bool], base: &Bundle) {
+    let mut used: std::collections::HashSet<String> =
+        base.manifest().edits.iter().map(|e| e.id.clone()).collect();
+    for (r, own) in records.iter().zip(own_id) {
+        if *own {
+            used.insert(r.id.clone());
+        }
+    }
+    let mut next = base
+        .manifest()
+        .edits
+        .iter()
+        .filter_map(|e| e.id.parse::<u64>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    for (r, own) in records.iter_mut().zip(own_id) {
+        if !*own {
+            while used.contains(&next.to_string()) {
+                next += 1;
+            }
+            r.id = next.to_string();
+            used.insert(r.id.clone());
+            next += 1;
+        }
+    }
+}
+
+/// A layer given in `--set METHOD.layer=L` or the `--hparams` file must be in the model: only
+/// the built-in defaults (made for 16-28 layer models) are clamped to a smaller one.
+fn check_explicit_layer(args: &Args, method: Method, n_layer: usize) -> anyhow::Result<()> {
+    if method == Method::Memit {
+        return Ok(()); // memit checks its window against the model before any work
+    }
+    let name = method.name();
+    let mut given: Vec<(String, toml::Value)> = Vec::new();
+    if let Some(path) = &args.hparams {
+        let text =
+            amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)?;
+        if let Some(v) = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get(name)?.get("layer").cloned())
+        {
+            given.push((format!("--hparams {}: {name}.layer", path.display()), v));
+        }
+    }
+    for s in &args.set {
+        if let Some((k, v)) = s.split_once('=') {
+            if k.split_whitespace().collect::<String>() == format!("{name}.layer") {
+                given.push((format!("--set {s}"), toml::Value::String(v.trim().into())));
+            }
+        }
+    }
+    for (what, v) in given {
+        if args.layer.is_some() {
+            bail!("{what} and --layer both give the layer; give one");
+        }
+        let l = match v {
+            toml::Value::Integer(i) => i,
+            toml::Value::String(s) => s.parse().unwrap_or(-1),
+            _ => -1,
+        };
+        if !(0..n_layer as i64).contains(&l) {
+            bail!(
+                "{what}: the model has {n_layer} layers, so the layer must be in 0..={}",
+                n_layer.saturating_sub(1)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--layer`: an index or `auto`.
@@ -159,8 +342,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if method == Method::Serac {
             bail!("--layer auto: serac's layer is its embedder's, which causal tracing does not choose; give an index");
         }
-        if args.auto_records == 0 {
+        if args.auto_records == Some(0) {
             bail!("--auto-records must be at least 1");
+        }
+    } else if let Some(n) = args.auto_records {
+        bail!("--auto-records {n}: only --layer auto traces records; give --layer auto or drop --auto-records");
+    }
+    // Flags the chosen combination would ignore.
+    if args.no_drift_check {
+        if let Some(p) = args.min_probe_locality {
+            bail!("--min-probe-locality {p} with --no-drift-check: no drift check runs to compare with it; give one of the two");
+        }
+        if args.allow_drift {
+            bail!("--allow-drift with --no-drift-check: no drift check runs; give one of the two");
+        }
+    }
+    if args.use_probes && method != Method::Serac {
+        bail!(
+            "--use-probes: only serac reads the records' rephrase and locality prompts; {} would ignore them",
+            method.name()
+        );
+    }
+    check_manifest_name("--bundle-id", &args.bundle_id)?;
+    if let Some(c) = &args.channel {
+        check_manifest_name("--channel", c)?;
+    }
+    // A --set key only the chosen method's section is read from, each given once.
+    for s in &args.set {
+        let section = s.split(['.', '=']).next().unwrap_or("").trim();
+        if section != method.name() {
+            bail!(
+                "--set {s}: --method {} reads only the `{}.` keys; `{section}` would be ignored",
+                method.name(),
+                method.name()
+            );
         }
     }
     if args.scope_model.is_some() && method != Method::Serac {
@@ -169,7 +384,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             method.name()
         );
     }
-    if !(0.0..=100.0).contains(&args.min_probe_locality) {
+    if !(0.0..=100.0).contains(&args.min_locality()) {
         bail!("--min-probe-locality must be a percentage in 0..=100");
     }
     if !(args.checkpoint_every.is_finite() && args.checkpoint_every >= 0.0) {
@@ -177,8 +392,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let key = crate::keys::read_signing_key(&args.key)?;
     crate::check_output_path("--out", &args.out, true)?;
+    // Nothing written may replace an input: the bundle, its checkpoints and LoRA file.
+    let ckpt = checkpoint::path_for(&args.out);
+    let stage_ckpts: Vec<PathBuf> = ["questions", "statements"]
+        .iter()
+        .map(|l| {
+            let mut p = ckpt.clone().into_os_string();
+            p.push(format!(".{l}"));
+            PathBuf::from(p)
+        })
+        .collect();
+    let lora_out = args.out.with_extension("lora.gguf");
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out), ("--out's checkpoint", &ckpt)];
+    if method == Method::Memit {
+        outputs.extend(
+            stage_ckpts
+                .iter()
+                .map(|p| ("--out's stage checkpoint", p.as_path())),
+        );
+    }
+    if method == Method::Lora {
+        outputs.push(("--out's GGUF-LoRA", &lora_out));
+    }
+    let public = args.key.with_extension("pub");
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("--model", &args.model),
+        ("--edits", &args.edits),
+        ("--key", &args.key),
+        ("--key's public key", &public),
+    ];
+    for (flag, p) in [
+        ("--base-bundle", &args.base_bundle),
+        ("--hparams", &args.hparams),
+        ("--scope-model", &args.scope_model),
+    ] {
+        if let Some(p) = p {
+            inputs.push((flag, p));
+        }
+    }
+    crate::check_outputs_apart(&outputs, &inputs)?;
     let mut records = dataset::load(&args.edits, format)
         .with_context(|| format!("--edits {}", args.edits.display()))?;
+    check_distinct_prompts(&records)?;
     if !args.use_probes {
         // The honest protocol: the compiler sees only the edit requests.
         for r in &mut records {
@@ -200,6 +455,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if let Some(b) = &base {
+        let theirs = &b.manifest().channel;
+        if let Some(c) = args.channel.as_ref().filter(|c| *c != theirs) {
+            bail!(
+                "--channel {c:?}: --base-bundle is on channel {theirs:?}, and its next version \
+                 stays there; drop --channel (or compile without --base-bundle)"
+            );
+        }
+        if let Some(own) = records_with_ids(&args.edits, format) {
+            if own.len() == records.len() {
+                continue_auto_ids(&mut records, &own, b);
+            }
+        }
+    }
     amend_compiler::methods::check_unique_ids(&records, base.as_ref())?;
 
     let t0 = Instant::now();
@@ -268,6 +537,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    check_explicit_layer(&args, method, compiler.fwd.cfg.n_layer)?;
     if args.print_hparams {
         for (s, hp) in stages.iter().zip(&hps) {
             if stages.len() > 1 {
@@ -285,7 +555,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(LayerArg::Auto) => Some(auto_layer(
             &compiler,
             &records,
-            args.auto_records,
+            args.auto_records.unwrap_or(4),
             args.threads,
         )?),
     };
@@ -337,7 +607,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let identity_base = BundleIdentity {
         bundle_id: args.bundle_id.clone(),
-        channel: args.channel.clone(),
+        channel: args.channel.clone().unwrap_or_else(|| "default".into()),
         version: None,
         expires: u64::MAX,
         created: None,
@@ -736,18 +1006,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "probe locality: {pct:.1}% next-token agreement with the base model on {} drift \
              probe(s) (minimum {:.1}%; {:.1} s)",
-            drift.probes, args.min_probe_locality, drift.seconds
+            drift.probes,
+            args.min_locality(),
+            drift.seconds
         );
         for (p, a) in &drift.worst {
             println!("  drifts: {p:?} ({:.0}% agreement)", 100.0 * a);
         }
-        if pct < args.min_probe_locality {
+        if pct < args.min_locality() {
             if !args.allow_drift {
                 bail!(
                     "the bundle moves the model on unrelated prompts: probe locality {pct:.1}% \
                      is below --min-probe-locality {:.1}%; nothing was written to {} (pass \
                      --allow-drift to write it anyway{})",
-                    args.min_probe_locality,
+                    args.min_locality(),
                     args.out.display(),
                     keep_note()
                 );

@@ -6,9 +6,9 @@ use anyhow::{bail, Context};
 
 use amend_compiler::dataset::{synthetic, to_knowedit};
 
-/// Enough for the 10,000-edit benchmarks with room to spare; the generator's name space holds far
-/// more, but a bigger file is almost certainly a typo.
-const MAX_RECORDS: usize = 1_000_000;
+/// Ten times the 10,000-edit benchmarks: the whole set is built in memory (a million records
+/// took 3.8 GB), and a bigger file is almost certainly a typo.
+const MAX_RECORDS: usize = 100_000;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,9 +31,12 @@ struct SynthArgs {
     /// Generator seed (the same n and seed always give the same file).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Output JSON file.
+    /// Output file: JSON lines when its name ends in .jsonl, else a KnowEdit JSON array.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -53,7 +56,14 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
+        if !args.force {
+            bail!(
+                "--out {}: exists; pass --force to replace it",
+                args.out.display()
+            );
+        }
     }
+    crate::check_output_path("--out", &args.out, true)?;
     let records = synthetic(args.n, args.seed);
     let mut json = to_knowedit(&records);
     // The style field the repository's data sets carry (eval reports styles apart).
@@ -61,8 +71,22 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         let question = r["prompt"].as_str().is_some_and(|p| p.ends_with('?'));
         r["style"] = (if question { "question" } else { "statement" }).into();
     }
-    let text = serde_json::to_string_pretty(&json)? + "\n";
-    std::fs::write(&args.out, text).with_context(|| format!("--out {}", args.out.display()))?;
+    // `compile --format auto` reads a .jsonl name as JSON lines.
+    let jsonl = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+    let text = if jsonl {
+        let mut t = String::new();
+        for r in json.as_array().into_iter().flatten() {
+            t += &(serde_json::to_string(r)? + "\n");
+        }
+        t
+    } else {
+        serde_json::to_string_pretty(&json)? + "\n"
+    };
+    amend_edits::fsutil::write_atomic(&args.out, text.as_bytes(), None)
+        .with_context(|| format!("--out {}", args.out.display()))?;
     eprintln!(
         "wrote {} synthetic edits (seed {}) to {}",
         records.len(),
@@ -85,6 +109,7 @@ mod tests {
             n,
             seed: 4,
             out: out.clone(),
+            force: true,
         };
         synth(args(25)).unwrap();
         let loaded = amend_compiler::dataset::load(&out, Default::default()).unwrap();
@@ -102,9 +127,31 @@ mod tests {
             n: 3,
             seed: 1,
             out: dir.clone(),
+            force: true,
         })
         .unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
+        // An existing file is kept without --force; a .jsonl name gets JSON lines.
+        let keep = |out: &std::path::Path| SynthArgs {
+            n: 3,
+            seed: 1,
+            out: out.to_path_buf(),
+            force: false,
+        };
+        let err = synth(keep(&out)).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(
+            amend_compiler::dataset::load(&out, Default::default())
+                .unwrap()
+                .len(),
+            25
+        );
+        let lines = dir.join("syn.jsonl");
+        synth(keep(&lines)).unwrap();
+        let text = std::fs::read_to_string(&lines).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        let loaded = amend_compiler::dataset::load(&lines, Default::default()).unwrap();
+        assert_eq!(loaded, synthetic(3, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

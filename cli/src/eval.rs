@@ -41,8 +41,9 @@ pub struct Args {
     /// Evaluate only the first N records.
     #[arg(long)]
     limit: Option<usize>,
-    /// Greedy tokens generated per prompt for fluency and generation metrics.
-    #[arg(long, default_value_t = 100)]
+    /// Greedy tokens generated per prompt for fluency and generation metrics (at least 1:
+    /// with none, fluency would score the prompt alone and the generation metrics nothing).
+    #[arg(long, default_value_t = 100, value_parser = crate::parse_count)]
     gen_tokens: usize,
     /// Threads (default: all cores).
     #[arg(long, value_parser = crate::parse_threads)]
@@ -101,33 +102,46 @@ pub enum Protocol {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.ort.check_backend(args.backend)?;
+    if !args.bundles.is_empty() && args.pubkey.is_none() {
+        anyhow::bail!("--pubkey is required with --bundle (bundles are verified before use)");
+    }
+    if let (Some(p), true) = (&args.pubkey, args.bundles.is_empty()) {
+        anyhow::bail!(
+            "--pubkey {} without --bundle: the key verifies bundles and none is given; add \
+             --bundle FILE or drop --pubkey",
+            p.display()
+        );
+    }
+    let names = variant_names(&args.bundles)?;
+    check_outputs(&args)?;
     let mut records = dataset::load(&args.data, args.data_format)
         .with_context(|| format!("reading edit requests from {}", args.data.display()))?;
+    // As `compile` does: per-record lines are keyed by id.
+    amend_compiler::methods::check_unique_ids(&records, None)
+        .with_context(|| format!("--data {}", args.data.display()))?;
     if let Some(n) = args.limit {
         if n == 0 {
             anyhow::bail!("--limit must be at least 1");
         }
         records.truncate(n);
     }
-    if !args.bundles.is_empty() && args.pubkey.is_none() {
-        anyhow::bail!("--pubkey is required with --bundle (bundles are verified before use)");
-    }
-    for (flag, path) in [
-        ("--out", &args.out),
-        ("--summary", &args.summary),
-        ("--markdown", &args.markdown),
-    ] {
-        if let Some(p) = path {
-            crate::check_output_path(flag, p, false)?;
-        }
-    }
+    let prepare = |flag, path: &Option<PathBuf>| {
+        path.as_deref()
+            .map(|p| Output::prepare(flag, p))
+            .transpose()
+    };
+    let out = prepare("--out", &args.out)?;
+    let summary = prepare("--summary", &args.summary)?;
+    let markdown = prepare("--markdown", &args.markdown)?;
     let mut scope = None;
     let mut loaded = Vec::new();
-    for path in &args.bundles {
+    for (path, name) in args.bundles.iter().zip(names) {
         let pubkey = args.pubkey.as_deref().expect("checked above");
         loaded.push(load_bundle(
             &args.model,
             path,
+            name,
             pubkey,
             // The scope model on its default one thread, whatever --threads gives the base model.
             (args.scope_model.as_deref(), None, &mut scope),
@@ -183,21 +197,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let elapsed = started.elapsed();
 
-    if let Some(path) = &args.out {
-        write_records(path, &reports)?;
+    if let Some(out) = out {
+        out.write(&records_jsonl(&reports)?)?;
     }
-    if let Some(path) = &args.summary {
+    if let Some(summary) = summary {
         let value = summary_json(&reports);
-        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        summary.write((serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
     }
     let rows: Vec<(String, Summary)> = reports
         .iter()
         .map(|r| (r.name.clone(), r.summary.clone()))
         .collect();
     let table = eval::markdown_table(&rows);
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(markdown) = markdown {
+        markdown.write(table.as_bytes())?;
     }
     print!("{table}");
     eprintln!(
@@ -229,19 +242,153 @@ fn summary_json(reports: &[VariantReport]) -> serde_json::Value {
     }
 }
 
-fn write_records(path: &Path, reports: &[VariantReport]) -> anyhow::Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
+fn records_jsonl(reports: &[VariantReport]) -> anyhow::Result<Vec<u8>> {
+    let mut w = Vec::new();
     for report in reports {
         for r in &report.records {
             serde_json::to_writer(&mut w, r)?;
-            w.write_all(b"\n")?;
+            w.push(b'\n');
         }
     }
-    w.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(w)
+}
+
+/// The variants' names, the bundles' file stems: each must be its own and not `base`, or the
+/// summary's keys, the table's rows and the per-record lines would mix two variants.
+fn variant_names(bundles: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for path in bundles {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        if name == "base" {
+            anyhow::bail!(
+                "--bundle {}: variants are named by the bundle's file stem, and `base` is the \
+                 base model's; give the bundle another file name (a symbolic link serves)",
+                path.display()
+            );
+        }
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            if bundles[i] == *path {
+                anyhow::bail!("--bundle {} is given twice", path.display());
+            }
+            anyhow::bail!(
+                "--bundle {} and --bundle {} would both be the variant `{name}` (variants are \
+                 named by the bundle's file stem); give one another file name (a symbolic link \
+                 serves)",
+                bundles[i].display(),
+                path.display()
+            );
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// No output may be an input or another output (`--out d.jsonl --data d.jsonl` replaced the
+/// edit requests). A character device (/dev/null) may serve several outputs.
+fn check_outputs(args: &Args) -> anyhow::Result<()> {
+    let outputs: Vec<(&str, &Path)> = [
+        ("--out", &args.out),
+        ("--summary", &args.summary),
+        ("--markdown", &args.markdown),
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| Some((flag, p.as_deref()?)))
+    .filter(|(_, p)| {
+        use std::os::unix::fs::FileTypeExt;
+        !std::fs::metadata(p).is_ok_and(|m| m.file_type().is_char_device())
+    })
+    .collect();
+    let scope = args
+        .scope_model
+        .clone()
+        .or_else(amend_runtime::default_scope_model_path);
+    let mut inputs: Vec<(&str, &Path)> = vec![("--model", &args.model), ("--data", &args.data)];
+    inputs.extend(args.bundles.iter().map(|b| ("--bundle", b.as_path())));
+    inputs.extend(args.pubkey.as_deref().map(|p| ("--pubkey", p)));
+    inputs.extend(scope.as_deref().map(|p| ("--scope-model", p)));
+    inputs.extend(args.ort.ort_lib.as_deref().map(|p| ("--ort-lib", p)));
+    inputs.extend(args.ort.onnx.as_deref().map(|p| ("--onnx", p)));
+    crate::check_outputs_apart(&outputs, &inputs)
+}
+
+/// A report file, checked before the evaluation and written after it, in place (so /dev/null
+/// or a pipe serve). A FIFO or a device is opened now: opening a FIFO for writing waits for a
+/// reader, and with none `--out FIFO` hung after the whole evaluation.
+struct Output {
+    flag: &'static str,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+/// How long a FIFO output may wait for its reader before it is refused.
+const FIFO_READER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Output {
+    fn prepare(flag: &'static str, path: &Path) -> anyhow::Result<Output> {
+        use std::os::unix::fs::FileTypeExt;
+        let cannot = || format!("{flag} {}: cannot write it", path.display());
+        let file = match std::fs::metadata(path) {
+            Ok(md) if md.file_type().is_fifo() => Some(open_fifo(flag, path)?),
+            Ok(md) if !md.is_file() && !md.is_dir() => Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(cannot)?,
+            ),
+            Ok(md) => {
+                crate::check_output_path(flag, path, false)?;
+                if md.is_file() {
+                    // Writable now (not truncated: a refused or failed run keeps it).
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .with_context(cannot)?;
+                }
+                None
+            }
+            Err(_) => {
+                crate::check_output_path(flag, path, false)?;
+                None
+            }
+        };
+        Ok(Output {
+            flag,
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(self, bytes: &[u8]) -> anyhow::Result<()> {
+        let written = match self.file {
+            Some(mut f) => f.write_all(bytes).and_then(|()| f.flush()),
+            None => std::fs::write(&self.path, bytes),
+        };
+        written.with_context(|| format!("{} {}: cannot write it", self.flag, self.path.display()))
+    }
+}
+
+/// Opens the FIFO at `path` for writing once a reader has it open, refusing it when none does
+/// within [`FIFO_READER_WAIT`]. The open blocks until a reader comes, so it runs on a thread
+/// (portable, unlike O_NONBLOCK's value); one left waiting ends with the process.
+fn open_fifo(flag: &str, path: &Path) -> anyhow::Result<std::fs::File> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::OpenOptions::new().write(true).open(p));
+    });
+    match rx.recv_timeout(FIFO_READER_WAIT) {
+        Ok(file) => file.with_context(|| format!("{flag} {}: cannot write it", path.display())),
+        Err(_) => anyhow::bail!(
+            "{flag} {}: a FIFO that nothing reads (no reader opened it within {} s); start its \
+             reader first (e.g. `cat {} &`) or give a file",
+            path.display(),
+            FIFO_READER_WAIT.as_secs(),
+            path.display()
+        ),
+    }
 }
 
 /// A verified bundle in its own live edit set, ready to become a variant.
@@ -254,10 +401,11 @@ struct LoadedBundle {
 }
 
 /// Verifies the bundle at `path` against `pubkey`, bound to `model_path`'s fingerprint, and
-/// adds it to a live edit set of its own. Its variant's name is the bundle's file stem.
+/// adds it to a live edit set of its own, as the variant `name`.
 fn load_bundle(
     model_path: &Path,
     path: &Path,
+    name: String,
     pubkey: &Path,
     scope: (
         Option<&Path>,
@@ -265,10 +413,6 @@ fn load_bundle(
         &mut Option<Arc<amend_runtime::ScopeModel>>,
     ),
 ) -> anyhow::Result<LoadedBundle> {
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
     let key = crate::keys::read_verifying_key(pubkey)?;
     let binding = amend_edits::fingerprint::model_binding(model_path)
         .with_context(|| format!("fingerprinting model {}", model_path.display()))?;

@@ -107,27 +107,146 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {
+    let (out, out_flag) = match &a.out {
+        Some(o) => (o.clone(), "--out"),
+        None => (a.bundle.clone(), "BUNDLE"),
+    };
+    // The output must not be the key (or, with --out, the bundle) through any name or link.
+    let mut inputs = vec![("--key", a.key.as_path())];
+    if a.out.is_some() {
+        inputs.push(("BUNDLE", a.bundle.as_path()));
+    }
+    crate::check_outputs_apart(&[(out_flag, out.as_path())], &inputs)?;
+    // A key file is never the output, even one that is not --key (k.pub beside k.key).
+    if a.out.is_some() && (has_ext(&out, "key") || has_ext(&out, "pub")) {
+        bail!(
+            "--out {}: that names a key file (.key or .pub); give the signed bundle another \
+             name (such as NAME.amend)",
+            out.display()
+        );
+    }
+    if a.out.is_none() {
+        check_sign_in_place(&a.bundle)?;
+    }
+    crate::check_output_path(out_flag, &out, true)?;
+    // The replaced file keeps its permission bits (a private bundle stays private); a new
+    // --out file takes the bundle's.
+    let mode = file_mode(&out).or_else(|| file_mode(&a.bundle));
     let sk = read_signing_key(&a.key)?;
     // Header checked before the rest is read (a 5 GB sparse file or a FIFO costs nothing).
     let mut buf = bundle::read_file(&a.bundle)?.as_ref().to_vec();
     // Refuse to sign something whose manifest does not even decode: signing vouches for it.
     let h = bundle::read_header(&buf)?;
     let m = bundle::decode_manifest(&buf[HEADER_LEN..HEADER_LEN + h.manifest_len.get() as usize])?;
+    let at = h.sig_offset.get() as usize;
+    let old_id: [u8; bundle::KEY_ID_LEN] = buf[at..at + bundle::KEY_ID_LEN].try_into()?;
     bundle::sign_in_place(&mut buf, &sk)?;
     // Check the result completely before writing it.
     let trust = TrustStore::with_key(sk.verifying_key());
     Bundle::from_bytes(&buf, &trust).context("bundle does not verify after signing")?;
-    let out = a.out.unwrap_or(a.bundle);
-    crate::check_output_path("--out", &out, true)?;
-    write_atomic(&out, &buf, false)?;
+    let new_id = key_id(&sk.verifying_key());
+    // An unsigned bundle has a zeroed signature block; another key's signature is replaced.
+    if old_id != [0; bundle::KEY_ID_LEN] && old_id != new_id {
+        eprintln!(
+            "note: {} was signed by key {}; its signature is replaced by key {}'s",
+            a.bundle.display(),
+            to_hex(&old_id),
+            to_hex(&new_id)
+        );
+    }
+    amend_edits::fsutil::write_atomic(&out, &buf, mode)
+        .with_context(|| format!("writing {}", out.display()))?;
+    // The temporary file's mode went through the umask: restore the exact bits.
+    #[cfg(unix)]
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", out.display()))?;
+    }
     println!(
         "signed {} ({} v{}) with key {}",
         out.display(),
-        m.bundle_id,
+        esc(&m.bundle_id),
         m.version,
-        to_hex(&key_id(&sk.verifying_key()))
+        to_hex(&new_id)
     );
     Ok(())
+}
+
+/// The permission bits of an existing file (unix).
+fn file_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Signing in place replaces the file by rename: a symbolic link would become a regular file
+/// (its target left unsigned), and a hard link would be split from its other names.
+fn check_sign_in_place(bundle: &Path) -> anyhow::Result<()> {
+    let Ok(md) = std::fs::symlink_metadata(bundle) else {
+        return Ok(()); // Not there: reading it says so.
+    };
+    if md.file_type().is_symlink() {
+        let target = std::fs::read_link(bundle)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        bail!(
+            "{} is a symbolic link to {target}: signing in place would replace the link with a \
+             regular file and leave {target} unsigned; sign {target} itself, or give --out",
+            bundle.display()
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if md.nlink() > 1 {
+            bail!(
+                "{} has {} hard links: signing in place would give this name a new file and \
+                 leave the other names unsigned; give --out",
+                bundle.display(),
+                md.nlink()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `s` with control characters (newline, ESC, U+0080..U+009F, ...) escaped (`\n`, `\u{1b}`):
+/// text from a bundle must not add, rewrite or hide lines of what the terminal shows.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// serde_json writes DEL and U+0080..U+009F raw (a C1 control such as CSI U+009B acts like
+/// `ESC [` on some terminals): write them as `\u00XX`. They only occur inside JSON strings,
+/// where the escape means the same character.
+fn json_escape_c1(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether `path`'s file name ends in `.ext`.
@@ -187,8 +306,25 @@ pub(crate) fn open(path: &Path, trust: &TrustStore) -> anyhow::Result<Bundle<Bun
         .with_context(|| format!("bundle {} refused", path.display()))
 }
 
+/// The context of a `--state` error: the flag, the value and what it takes.
+fn state_flag(state: &Path) -> String {
+    format!(
+        "--state {} (the version store: a state file written by amend, or a path for a new one)",
+        state.display()
+    )
+}
+
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     let trust = trust_from(&a.pubkey)?;
+    // Read only: verify never raises a mark, so it creates nothing (no lock file either).
+    let store = match &a.state {
+        Some(state) => Some((
+            state,
+            amend_edits::version_store::VersionStore::open_read_only(state)
+                .with_context(|| state_flag(state))?,
+        )),
+        None => None,
+    };
     let b = open(&a.bundle, &trust)?;
     let m = b.manifest();
     let now = SystemClock.now();
@@ -198,9 +334,8 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     if now < m.not_before {
         bail!("bundle is not valid before {} (now {now})", m.not_before);
     }
-    if let Some(state) = &a.state {
-        let store = amend_edits::version_store::VersionStore::open(state)?;
-        if let Some(mark) = store.get(&m.channel)? {
+    if let Some((state, store)) = &store {
+        if let Some(mark) = store.get(&m.channel).with_context(|| state_flag(state))? {
             if m.version < mark.version {
                 bail!(
                     "channel {:?} is at version {} in {}; {} would be a downgrade",
@@ -230,8 +365,8 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     }
     println!(
         "OK {} channel {} v{}: {} payloads, {} edits, {} payload bytes, signed by {}{}",
-        m.bundle_id,
-        m.channel,
+        esc(&m.bundle_id),
+        esc(&m.channel),
         m.version,
         m.payloads.len(),
         m.edits.len(),
@@ -337,12 +472,16 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
                 "prompt": e.prompt, "target": e.target, "payload": e.payload, "first": e.first,
                 "count": e.count})).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", json_escape_c1(&serde_json::to_string_pretty(&v)?));
         return Ok(());
     }
+    // Every string from the bundle is escaped: it is not checked yet (nor at all without
+    // --pubkey), and a newline or ESC in it could forge or hide lines below.
     println!(
         "bundle   {} (channel {}, version {})",
-        m.bundle_id, m.channel, m.version
+        esc(&m.bundle_id),
+        esc(&m.channel),
+        m.version
     );
     println!(
         "format   {}.{}, {} bytes, manifest {} bytes",
@@ -357,7 +496,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             to_hex(signer)
         ),
         Some(Ok(())) => println!("signer   {} (verified)", to_hex(signer)),
-        Some(Err(e)) => println!("signer   {} (INVALID: {e})", to_hex(signer)),
+        Some(Err(e)) => println!("signer   {} (INVALID: {})", to_hex(signer), esc(e)),
     }
     println!(
         "valid    {} .. {} (created {})",
@@ -367,7 +506,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         None => println!("verified not recorded (format 1.1)"),
         Some(v) => println!(
             "verified {}{}",
-            v.describe(),
+            esc(&v.describe()),
             if v.required {
                 " (required: refused on other backends)"
             } else {
@@ -377,7 +516,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     }
     println!(
         "model    {} n_layer={} n_embd={} fingerprint {}",
-        m.model.arch,
+        esc(&m.model.arch),
         m.model.n_layer,
         m.model.n_embd,
         to_hex(&m.model.fingerprint)
@@ -386,8 +525,8 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         Some(Ok(l)) if l.is_empty() => {
             println!("slots    none (ONNX Runtime: no edit slots needed)")
         }
-        Some(Ok(l)) => println!("slots    {l} (ONNX Runtime: --slots / edit_slots)"),
-        Some(Err(e)) => println!("slots    ({e})"),
+        Some(Ok(l)) => println!("slots    {} (ONNX Runtime: --slots / edit_slots)", esc(l)),
+        Some(Err(e)) => println!("slots    ({})", esc(e)),
         None => {}
     }
     println!("sections {}", m.sections.len());
@@ -401,16 +540,16 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         Ok(ps) => {
             println!("payloads {}", ps.len());
             for (i, p) in ps.iter().enumerate() {
-                println!("  [{i}] {}", payload_json(&m, i, p));
+                println!("  [{i}] {}", esc(&payload_json(&m, i, p).to_string()));
             }
         }
-        Err(e) => println!("payloads: manifest invalid: {e}"),
+        Err(e) => println!("payloads: manifest invalid: {}", esc(&e.to_string())),
     }
     println!("edits    {}", m.edits.len());
     for e in &m.edits {
         println!(
             "  {} layer {} site {}: {:?} -> {:?} (payload {} units {}..{})",
-            e.id,
+            esc(&e.id),
             e.layer,
             e.site,
             e.prompt,
@@ -440,11 +579,18 @@ pub(crate) fn load_edit_set(
         );
     }
     let trust = trust_from(pubkeys)?;
+    // Before the model is fingerprinted: a bad --state is an argument error.
+    let store = match state {
+        Some(state) => Some(
+            amend_edits::version_store::VersionStore::open(state)
+                .with_context(|| state_flag(state))?,
+        ),
+        None => None,
+    };
     let binding = amend_edits::fingerprint::model_binding(model)
         .with_context(|| format!("fingerprinting {}", model.display()))?;
     let mut set = amend_edits::EditSet::new(binding, trust);
-    if let Some(state) = state {
-        let store = amend_edits::version_store::VersionStore::open(state)?;
+    if let Some(store) = store {
         set = set.with_version_store(std::sync::Arc::new(store));
     }
     for path in bundles {

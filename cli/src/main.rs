@@ -57,6 +57,11 @@ pub fn check_output_path(flag: &str, out: &std::path::Path, replaced: bool) -> a
                 amend_edits::fsutil::kind_name(&md.file_type())
             );
         }
+        if !md.is_file() {
+            // A device or pipe written in place (/dev/null, `>(jq .)`): its directory (/dev,
+            // /dev/fd) need not take new files, so the probe below would refuse it wrongly.
+            return Ok(());
+        }
     }
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -82,6 +87,97 @@ pub fn check_output_path(flag: &str, out: &std::path::Path, replaced: bool) -> a
                 dir.display()
             )
         })
+}
+
+/// Which file a path names, so that two spellings of one file (a link, `./x`, a hard link)
+/// compare equal: its device and inode when it exists, else its directory's canonical path
+/// and its name.
+#[derive(PartialEq)]
+enum FileIdentity {
+    Inode(u64, u64),
+    Path(std::path::PathBuf),
+}
+
+fn file_identity(p: &std::path::Path) -> FileIdentity {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(m) = std::fs::metadata(p) {
+        return FileIdentity::Inode(m.dev(), m.ino());
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    FileIdentity::Path(dir.join(p.file_name().unwrap_or_default()))
+}
+
+/// Outputs that must not be any of the command's inputs, nor one another: writing one would
+/// replace a model, a signing key, the edit requests or another output before (or instead of)
+/// the result. Checked before any work; `outputs` and `inputs` are (flag, path) pairs, and an
+/// input that does not exist is skipped (its own check reports it).
+pub fn check_outputs_apart(
+    outputs: &[(&str, &std::path::Path)],
+    inputs: &[(&str, &std::path::Path)],
+) -> anyhow::Result<()> {
+    for (i, (flag, out)) in outputs.iter().enumerate() {
+        let id = file_identity(out);
+        for (in_flag, input) in inputs {
+            if std::fs::metadata(input).is_ok() && file_identity(input) == id {
+                anyhow::bail!(
+                    "{flag} {}: that is the {in_flag} file ({}); writing it would replace it, \
+                     give another name",
+                    out.display(),
+                    input.display()
+                );
+            }
+        }
+        for (other_flag, other) in &outputs[..i] {
+            if file_identity(other) == id {
+                anyhow::bail!(
+                    "{flag} {} and {other_flag} {} name the same file; give each its own",
+                    out.display(),
+                    other.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Standard output that cannot be written (a closed pipe, a full disk) ends the command with an
+/// error instead of std's panic: these shadow std's `println!` and `print!` in every module.
+macro_rules! println {
+    () => {
+        $crate::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// What `println!` and `print!` call.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(e);
+    }
+}
+
+/// Ends the process after a failed write to standard output. A reader that went away (`| head`)
+/// ends it quietly with the status a shell gives a process killed by SIGPIPE, as other tools
+/// do; anything else (a full disk) is an error.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("amend: error: writing standard output: {e}");
+    std::process::exit(1);
 }
 
 mod backends;
@@ -168,6 +264,10 @@ fn main() {
     if let Err(e) = result {
         eprintln!("amend: error: {}", error_chain(&e));
         std::process::exit(1);
+    }
+    // Text still buffered (a line not ended) is written now; a failure is the command's.
+    if let Err(e) = std::io::Write::flush(&mut std::io::stdout()) {
+        stdout_failed(e);
     }
 }
 

@@ -21,15 +21,15 @@ pub struct Args {
     /// Sampling temperature; 0 or less = greedy.
     #[arg(long = "temp", default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    /// Top-k (0 = off).
-    #[arg(long, default_value_t = 40, allow_negative_numbers = true)]
-    pub top_k: i32,
-    /// Top-p (1 = off).
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
-    pub top_p: f32,
-    /// Min-p (0 = off).
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub min_p: f32,
+    /// Top-k (0 = off) [default: 40]. Sampling only (--temp above 0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i32>,
+    /// Top-p (1 = off) [default: 0.95]. Sampling only.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Min-p (0 = off) [default: 0.05]. Sampling only.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
     /// Repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
@@ -37,15 +37,17 @@ pub struct Args {
     /// 64, or the session's context when that is smaller].
     #[arg(long, allow_negative_numbers = true)]
     pub repeat_last_n: Option<i32>,
-    /// Sampling seed (default: random).
+    /// Sampling seed (default: random). Sampling only.
     #[arg(long)]
     pub seed: Option<u32>,
     /// CPU threads (default: all available).
     #[arg(long, value_parser = crate::parse_threads)]
     pub threads: Option<usize>,
-    /// Context length in tokens.
-    #[arg(long, default_value_t = 2048)]
-    pub ctx: u32,
+    /// Context length in tokens, at most the model's trained context [default: 2048, or the
+    /// model's trained context when that is smaller].
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<u32>::new()
+          .range(1..=amend_runtime::MAX_N_CTX as u64))]
+    pub ctx: Option<u32>,
     /// Stop before this string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -231,27 +233,108 @@ pub fn print_explain(ex: &amend_runtime::Explain) {
     }
 }
 
+/// Sampling defaults (llama.cpp's common ones), applied when the flags are not given.
+const DEFAULT_TOP_K: i32 = 40;
+const DEFAULT_TOP_P: f32 = 0.95;
+const DEFAULT_MIN_P: f32 = 0.05;
+
+/// The context a run asks for before the model is known.
+const DEFAULT_CTX: u32 = 2048;
+
+/// Flags checked before any work: ones that would be ignored in this combination are errors
+/// (or, for sampling knobs that greedy decoding does not read, a note), and the sampling values
+/// are checked as generation will.
+fn check_flags(args: &Args) -> anyhow::Result<()> {
+    args.ort.check_backend(args.backend)?;
+    if args.bundles.is_empty() {
+        for (flag, given) in [
+            ("--pubkey", !args.pubkeys.is_empty()),
+            ("--state", args.state.is_some()),
+            ("--scope-model", args.scope_model.is_some()),
+        ] {
+            if given {
+                anyhow::bail!("{flag} applies to bundles: it needs --bundle");
+            }
+        }
+    }
+    if args.prompt.is_empty() {
+        anyhow::bail!("--prompt is empty; give the text to continue");
+    }
+    if args.temperature <= 0.0 {
+        let unused: Vec<&str> = [
+            ("--seed", args.seed.is_some()),
+            ("--top-k", args.top_k.is_some()),
+            ("--top-p", args.top_p.is_some()),
+            ("--min-p", args.min_p.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, given)| given.then_some(f))
+        .collect();
+        if !unused.is_empty() {
+            let verb = if unused.len() == 1 {
+                "applies"
+            } else {
+                "apply"
+            };
+            eprintln!(
+                "amend: note: {} only {verb} when sampling (--temp above 0); this run is greedy",
+                unused.join(", ")
+            );
+        }
+    }
+    if args.repeat_penalty == 1.0 && args.repeat_last_n.is_some() {
+        eprintln!("amend: note: --repeat-last-n only applies with a --repeat-penalty other than 1");
+    }
+    let ctx = args.ctx.unwrap_or(DEFAULT_CTX);
+    generate_params(args, ctx as usize)
+        .validate(ctx)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "sampling flags (--temp, --top-k, --top-p, --min-p, --repeat-penalty, \
+                 --repeat-last-n, --seed, --stop): {e}"
+            )
+        })
+}
+
+/// The context to open: `--ctx`, which must fit the model's trained context (a session would
+/// cut it silently), else the default cut to it.
+fn context_for(args: &Args, n_ctx_train: u32) -> anyhow::Result<u32> {
+    match args.ctx {
+        Some(c) if n_ctx_train > 0 && c > n_ctx_train => anyhow::bail!(
+            "--ctx {c}: the model was trained on a context of {n_ctx_train} tokens; give at most \
+             {n_ctx_train}"
+        ),
+        Some(c) => Ok(c),
+        None if n_ctx_train > 0 => Ok(DEFAULT_CTX.min(n_ctx_train)),
+        None => Ok(DEFAULT_CTX),
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_flags(&args)?;
     if args.backend == crate::backends::BackendName::Ort {
         return run_ort(args);
     }
+    // Bundles, keys and the version store first: a bad one is found before the model loads.
+    let set = load_edits(&args)?;
     let model = open_model(&args.model, args.threads)?;
+    let n_ctx_train = model.info().n_ctx_train;
     let mut session = Session::new(
         &model,
         SessionOptions {
-            n_ctx: args.ctx,
+            n_ctx: context_for(&args, n_ctx_train)?,
             n_threads: args.threads,
             ..Default::default()
         },
     )?;
-    apply_edits(&mut session, load_edits(&args)?, &args)?;
+    apply_edits(&mut session, set, &args)?;
     let n_ctx = session.n_ctx() as usize;
     let params = generate_params(&args, n_ctx);
-    let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
+    let result = to_stdout(|on| session.generate(&args.prompt, &params, on), n_ctx)?;
     if args.explain {
         print_explain(&session.explain());
     }
-    log_result(&result, n_ctx);
+    log_result(&result, n_ctx, n_ctx_train as usize);
     Ok(())
 }
 
@@ -266,14 +349,19 @@ fn run_ort(args: Args) -> anyhow::Result<()> {
         None => Default::default(),
     };
     let model = crate::backends::open_ort_with_slots(&args.model, &args.ort, args.threads, layout)?;
-    let mut session = amend_runtime::onnxruntime::OrtSession::new(&model, args.ctx as usize)?;
+    let n_ctx_train = model.vocab().info().n_ctx_train;
+    let mut session = amend_runtime::onnxruntime::OrtSession::new(
+        &model,
+        context_for(&args, n_ctx_train)? as usize,
+    )?;
     apply_edits(&mut session, set, &args)?;
-    let params = generate_params(&args, session.n_ctx());
-    let result = to_stdout(|on| session.generate(&args.prompt, &params, on))?;
+    let n_ctx = session.n_ctx();
+    let params = generate_params(&args, n_ctx);
+    let result = to_stdout(|on| session.generate(&args.prompt, &params, on), n_ctx)?;
     if args.explain {
         print_explain(&session.explain());
     }
-    log_result(&result, session.n_ctx());
+    log_result(&result, n_ctx, n_ctx_train as usize);
     Ok(())
 }
 
@@ -282,6 +370,7 @@ fn to_stdout(
     generate: impl FnOnce(
         &mut dyn FnMut(&amend_runtime::TokenEvent<'_>) -> ControlFlow<()>,
     ) -> amend_runtime::Result<amend_runtime::GenerateOutput>,
+    n_ctx: usize,
 ) -> anyhow::Result<amend_runtime::GenerateOutput> {
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
@@ -292,19 +381,40 @@ fn to_stdout(
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
+    })
+    .map_err(|e| match e {
+        // The prompt alone does not fit: say which flag sets the room.
+        amend_runtime::RuntimeError::ContextFull { needed, .. } => {
+            anyhow::anyhow!("the prompt needs {needed} positions, more than --ctx {n_ctx} holds")
+        }
+        e => e.into(),
     })?;
-    if write_err.is_none() {
-        let _ = writeln!(out);
+    match write_err {
+        None => {
+            if let Err(e) = writeln!(out).and_then(|()| out.flush()) {
+                crate::stdout_failed(e);
+            }
+        }
+        // The text did not reach the reader: not a success (a full disk), or the end a
+        // closed pipe asks for.
+        Some(e) => crate::stdout_failed(e),
     }
     Ok(result)
 }
 
-fn log_result(result: &amend_runtime::GenerateOutput, n_ctx: usize) {
+fn log_result(result: &amend_runtime::GenerateOutput, n_ctx: usize, n_ctx_train: usize) {
     // Generation cut short by the context is not an error, but the user asked for more.
     if result.stop_reason == amend_runtime::StopReason::ContextFull {
+        let hint = if n_ctx_train > 0 && n_ctx >= n_ctx_train {
+            "the model's whole trained context; shorten the prompt".to_string()
+        } else if n_ctx_train > 0 {
+            format!("raise --ctx, up to {n_ctx_train}")
+        } else {
+            "raise --ctx".to_string()
+        };
         eprintln!(
             "amend: stopped after {} generated token(s): the context of {n_ctx} tokens is full \
-             (raise --ctx)",
+             ({hint})",
             result.n_generated
         );
     }
@@ -331,9 +441,9 @@ fn generate_params(args: &Args, n_ctx: usize) -> GenerateParams {
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
+        top_k: args.top_k.unwrap_or(DEFAULT_TOP_K),
+        top_p: args.top_p.unwrap_or(DEFAULT_TOP_P),
+        min_p: args.min_p.unwrap_or(DEFAULT_MIN_P),
         repeat_penalty: args.repeat_penalty,
         // An explicit value out of range is the session's error; the default fits any context.
         repeat_last_n: args.repeat_last_n.unwrap_or_else(|| {
@@ -366,14 +476,14 @@ mod tests {
             prompt: "hello world".into(),
             max_tokens: 4,
             temperature: 0.7,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
+            top_k: Some(40),
+            top_p: Some(0.95),
+            min_p: Some(0.05),
             repeat_penalty: 1.1,
             repeat_last_n: None,
             seed: Some(1),
             threads: Some(1),
-            ctx: 128,
+            ctx: Some(128),
             stop: vec!["zz".into()],
             bundles: vec![],
             pubkeys: vec![],
@@ -388,6 +498,102 @@ mod tests {
     #[test]
     fn runs_on_a_tiny_model() {
         run(args(tiny_model_path("run"))).unwrap();
+    }
+
+    /// Flags that would be ignored in this combination, and sampling values generation would
+    /// refuse, are errors before the model opens (the model path does not exist here).
+    #[test]
+    fn flags_are_checked_before_any_work() {
+        let base = || Args {
+            temperature: 0.0,
+            ..args(PathBuf::from("/nonexistent/model.gguf"))
+        };
+        let refused = |a: Args, needles: &[&str]| {
+            let msg = format!("{:#}", run(a).unwrap_err());
+            for n in needles {
+                assert!(msg.contains(n), "{n:?} not in {msg}");
+            }
+            assert!(!msg.contains("model file not found"), "{msg}");
+        };
+        let ort = crate::backends::OrtArgs {
+            ep: "qnn".into(),
+            ..Default::default()
+        };
+        refused(Args { ort, ..base() }, &["--ep", "--backend ort"]);
+        let ort = crate::backends::OrtArgs {
+            ort_config: vec!["a=b".into()],
+            ..Default::default()
+        };
+        refused(Args { ort, ..base() }, &["--ort-config", "--backend ort"]);
+        refused(
+            Args {
+                pubkeys: vec!["k.pub".into()],
+                ..base()
+            },
+            &["--pubkey", "needs --bundle"],
+        );
+        refused(
+            Args {
+                state: Some("s".into()),
+                ..base()
+            },
+            &["--state", "needs --bundle"],
+        );
+        refused(
+            Args {
+                scope_model: Some("m.gguf".into()),
+                ..base()
+            },
+            &["--scope-model", "needs --bundle"],
+        );
+        refused(
+            Args {
+                prompt: String::new(),
+                ..base()
+            },
+            &["--prompt is empty"],
+        );
+        for t in [1e-40f32, 1e-9] {
+            refused(
+                Args {
+                    temperature: t,
+                    ..base()
+                },
+                &["sampling flags", "--temp", "0 is greedy"],
+            );
+        }
+        refused(
+            Args {
+                top_p: Some(0.0),
+                ..base()
+            },
+            &["sampling flags", "top_p"],
+        );
+    }
+
+    /// `--ctx` past the model's trained context is refused (a session would cut it silently);
+    /// without it the default is cut to fit.
+    #[test]
+    fn context_fits_the_model() {
+        let a = |ctx| Args {
+            ctx,
+            ..args(PathBuf::from("m.gguf"))
+        };
+        assert_eq!(context_for(&a(None), 512).unwrap(), 512);
+        assert_eq!(context_for(&a(None), 32768).unwrap(), DEFAULT_CTX);
+        assert_eq!(context_for(&a(Some(512)), 512).unwrap(), 512);
+        let e = context_for(&a(Some(1000)), 512).unwrap_err().to_string();
+        assert!(e.contains("--ctx 1000") && e.contains("at most 512"), "{e}");
+        let p = tiny_model_path("ctx");
+        let e = format!(
+            "{:#}",
+            run(Args {
+                ctx: Some(100_000),
+                ..args(p)
+            })
+            .unwrap_err()
+        );
+        assert!(e.contains("--ctx 100000"), "{e}");
     }
 
     #[test]

@@ -339,12 +339,26 @@ fn clean_prompt(s: &str) -> String {
     s.trim_start().trim_end_matches([' ', '\t']).to_string()
 }
 
+/// "missing", with the other names the field is read under (a JSONL file says `target`).
+fn missing(names: &[&str]) -> String {
+    match names {
+        [] | [_] => "missing".to_string(),
+        [_, rest @ ..] => format!(
+            "missing (also read as {})",
+            rest.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 fn required_text(
     ctx: &Ctx,
     obj: &Map<String, Value>,
     names: &[&'static str],
 ) -> Result<String, DatasetError> {
-    let (name, v) = first_key(obj, names).ok_or_else(|| ctx.err(names[0], "missing"))?;
+    let (name, v) = first_key(obj, names).ok_or_else(|| ctx.err(names[0], missing(names)))?;
     if !matches!(v, Value::String(_) | Value::Array(_)) {
         return Err(ctx.err(name, format!("expected a string, found {}", type_name(v))));
     }
@@ -379,6 +393,13 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         Some((_, Value::Number(n))) => n.to_string(),
         _ => index.to_string(),
     };
+    // A bundle refuses such ids (they could forge lines of output): say so before training.
+    if amend_edits::bundle::stream::has_control(&id) {
+        return Err(ctx.err(
+            "id",
+            format!("{id:?} holds a control character, which bundle ids may not"),
+        ));
+    }
     // ZsRE/counterfact: prompt; WikiBio: text; MEND-style zsre: src.
     let prompt = clean_prompt(&required_text(&ctx, obj, &["prompt", "text", "src"])?);
     if prompt.is_empty() {
@@ -740,7 +761,14 @@ mod tests {
         let t = r#"[{"prompt": "a"}]"#;
         assert_eq!(
             parse_knowedit(t).unwrap_err().to_string(),
-            "record 0: field `target_new`: missing"
+            "record 0: field `target_new`: missing (also read as `target`, `labels`, `alt`)"
+        );
+
+        let t = r#"[{"id": "a\u001b[8m", "prompt": "a", "target_new": "b"}]"#;
+        let e = parse_knowedit(t).unwrap_err().to_string();
+        assert!(
+            e.contains("field `id`") && e.contains("control character"),
+            "{e}"
         );
 
         let t = r#"[{"prompt": 5, "target_new": "b"}]"#;

@@ -432,7 +432,24 @@ impl Hparams {
             let over: toml::Table = text
                 .parse()
                 .map_err(|e| CompileError::Hparams(format!("{}: {e}", path.display())))?;
-            merge(&mut table, over, "")?;
+            merge(&mut table, over, "").map_err(|e| match e {
+                CompileError::Hparams(m) => {
+                    CompileError::Hparams(format!("--hparams {}: {m}", path.display()))
+                }
+                e => e,
+            })?;
+        }
+        // A key given twice would silently take the last value.
+        let mut seen = std::collections::BTreeSet::new();
+        for s in sets {
+            if let Some((key, _)) = s.split_once('=') {
+                let key: String = key.split_whitespace().collect();
+                if !seen.insert(key.clone()) {
+                    return Err(CompileError::Hparams(format!(
+                        "--set {key}: given more than once; give each key once"
+                    )));
+                }
+            }
         }
         for s in sets {
             let (key, value) = s.split_once('=').ok_or_else(|| {
@@ -466,6 +483,57 @@ impl Hparams {
 
     fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: &str| Err(CompileError::Hparams(format!("`{k}` {why}")));
+        // Every number must be finite: an inf rate or loss trains on NaN or never stops.
+        let table = toml::Value::try_from(self)
+            .map_err(|e| CompileError::Hparams(format!("hyperparameters: {e}")))?;
+        if let Some((k, v)) = non_finite(&table, "") {
+            return bad(&k, &format!("must be a finite number, got {v}"));
+        }
+        for (k, v) in [
+            ("grace.stop_loss", self.grace.stop_loss),
+            ("tpatcher.stop_loss", self.tpatcher.stop_loss),
+            ("rome.stop_loss", self.rome.stop_loss),
+            ("memit.stop_loss", self.memit.stop_loss),
+            ("lora.stop_loss", self.lora.stop_loss),
+        ] {
+            if !(v >= 0.0) {
+                return bad(k, &format!("must be a loss >= 0, got {v}"));
+            }
+        }
+        // Upper bounds on counts: a typo such as steps=99999999999999 would run for ever.
+        let layer_cap = amend_edits::bundle::format::MAX_LAYER as usize - 1;
+        for (k, v, lo, hi) in [
+            ("grace.steps", self.grace.steps, 1, MAX_STEPS),
+            ("tpatcher.steps", self.tpatcher.steps, 1, MAX_STEPS),
+            ("rome.steps", self.rome.steps, 1, MAX_STEPS),
+            ("memit.steps", self.memit.steps, 1, MAX_STEPS),
+            ("lora.steps", self.lora.steps, 1, MAX_STEPS),
+            ("tpatcher.retries", self.tpatcher.retries, 0, 16),
+            ("memit.batch", self.memit.batch, 1, 100_000),
+            ("lora.rank", self.lora.rank, 1, 1024),
+            (
+                "serac.calibration_records",
+                self.serac.calibration_records,
+                1,
+                100_000,
+            ),
+            ("memit.layers (count)", self.memit.layers.len(), 0, 256),
+            ("grace.layer", self.grace.layer, 0, layer_cap),
+            ("tpatcher.layer", self.tpatcher.layer, 0, layer_cap),
+            ("rome.layer", self.rome.layer, 0, layer_cap),
+            ("serac.layer", self.serac.layer, 0, layer_cap),
+            ("lora.layer", self.lora.layer, 0, layer_cap),
+            (
+                "memit.layers",
+                self.memit.layers.iter().copied().max().unwrap_or(0),
+                0,
+                layer_cap,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(k, &format!("must be in {lo}..={hi}, got {v}"));
+            }
+        }
         if !(self.grace.lr > 0.0) {
             return bad("grace.lr", "must be > 0");
         }
@@ -638,6 +706,26 @@ impl Hparams {
     }
 }
 
+/// The most optimisation steps a method takes per edit (the defaults take 25 to 150).
+pub const MAX_STEPS: usize = 10_000;
+
+/// The first number in `v` that is not finite, with its dotted key.
+fn non_finite(v: &toml::Value, prefix: &str) -> Option<(String, f64)> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some((prefix.to_string(), *f)),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            non_finite(v, &name)
+        }),
+        toml::Value::Array(a) => a.iter().find_map(|v| non_finite(v, prefix)),
+        _ => None,
+    }
+}
+
 /// `a.b = v` style value: TOML when it parses (numbers, booleans, arrays), else a string.
 fn parse_value(s: &str) -> toml::Value {
     format!("v = {s}")
@@ -758,6 +846,59 @@ mod tests {
         ];
         let e = Hparams::resolve(Arch::Gemma3, None, &sets).unwrap_err();
         assert!(e.to_string().contains("rome.pin_positions"), "{e}");
+    }
+
+    /// Non-finite values, negative losses, huge counts, out-of-format layers and a key set
+    /// twice are refused, naming the key.
+    #[test]
+    fn values_are_finite_bounded_and_set_once() {
+        for (set, name) in [
+            ("grace.lr=inf", "grace.lr"),
+            ("rome.kl_factor=-inf", "rome.kl_factor"),
+            ("grace.stop_loss=-1", "grace.stop_loss"),
+            ("grace.stop_loss=inf", "grace.stop_loss"),
+            ("lora.stop_loss=nan", "lora.stop_loss"),
+            ("grace.steps=99999999999999", "grace.steps"),
+            ("tpatcher.steps=10001", "tpatcher.steps"),
+            ("tpatcher.retries=1000", "tpatcher.retries"),
+            ("memit.batch=100001", "memit.batch"),
+            ("lora.rank=100000", "lora.rank"),
+            ("memit.steps=20000", "memit.steps"),
+            ("grace.layer=5000", "grace.layer"),
+            ("memit.layers=[1, 9999]", "memit.layers"),
+        ] {
+            let e = Hparams::resolve(Arch::Gemma3, None, &[set.into()]).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(name)
+                    && (m.contains("..=") || m.contains(">= 0") || m.contains("finite")),
+                "{set}: {m}"
+            );
+        }
+        let hp = Hparams::resolve(Arch::Gemma3, None, &["grace.steps=10000".into()]).unwrap();
+        assert_eq!(hp.grace.steps, MAX_STEPS);
+        let e = Hparams::resolve(
+            Arch::Gemma3,
+            None,
+            &["grace.lr=1".into(), "grace . lr = 2".into()],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("grace.lr: given more than once"),
+            "{e}"
+        );
+        // A file's unknown key names the file.
+        let dir = std::env::temp_dir().join(format!("amend-hp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("unk.toml");
+        std::fs::write(&f, "[grace]\nbogus = 1\n").unwrap();
+        let e = Hparams::resolve(Arch::Gemma3, Some(&f), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unk.toml: unknown key `grace.bogus`"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct VersionStore {
     path: PathBuf,
+    /// Opened by [`VersionStore::open_read_only`]: reads take no lock and create nothing.
+    read_only: bool,
 }
 
 impl VersionStore {
@@ -70,9 +72,25 @@ impl VersionStore {
     pub fn open(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
         let store = VersionStore {
             path: path.as_ref().to_path_buf(),
+            read_only: false,
         };
-        // Fail early on a path that is not a readable state file (a FIFO, a directory, junk).
-        let _lock = store.lock()?;
+        // Fail early on a path that is not a readable state file (a FIFO, a directory, junk),
+        // before the lock file is created: a refused path leaves nothing behind. Reading
+        // without the lock is safe: the file is only ever replaced whole, by rename.
+        store.read()?;
+        drop(store.lock()?);
+        Ok(store)
+    }
+
+    /// Read the state file at `path` without ever writing: no lock file is created (the file
+    /// is replaced atomically, so an unlocked read sees the old or the new marks, never a mix).
+    /// [`check_and_raise`](Self::check_and_raise) and [`set`](Self::set) refuse. A missing
+    /// file means no marks yet.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
+        let store = VersionStore {
+            path: path.as_ref().to_path_buf(),
+            read_only: true,
+        };
         store.read()?;
         Ok(store)
     }
@@ -89,6 +107,12 @@ impl VersionStore {
     }
 
     fn lock(&self) -> Result<Lock, StoreError> {
+        if self.read_only {
+            return Err(self.io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "opened read-only",
+            )));
+        }
         let mut p = self.path.as_os_str().to_owned();
         p.push(".lock");
         let f = std::fs::OpenOptions::new()
@@ -167,6 +191,9 @@ impl VersionStore {
 
     /// All marks (read under the lock).
     pub fn marks(&self) -> Result<BTreeMap<String, Mark>, StoreError> {
+        if self.read_only {
+            return self.read();
+        }
         let _lock = self.lock()?;
         self.read()
     }
@@ -290,6 +317,58 @@ mod tests {
             Ok(())
         );
         assert_eq!(s.get(&ch).unwrap().unwrap().version, 9);
+    }
+
+    fn lock_of(p: &Path) -> PathBuf {
+        let mut l = p.as_os_str().to_owned();
+        l.push(".lock");
+        PathBuf::from(l)
+    }
+
+    #[test]
+    fn read_only_open_creates_nothing_and_refuses_writes() {
+        let p = tmp("ro-missing.state");
+        let _ = std::fs::remove_file(lock_of(&p));
+        let s = VersionStore::open_read_only(&p).unwrap();
+        assert_eq!(s.get("main").unwrap(), None);
+        assert!(s
+            .check_and_raise(&[("main".into(), 1, [1; 32], false)])
+            .is_err());
+        assert!(s
+            .set(
+                "main",
+                Mark {
+                    version: 1,
+                    digest: [1; 32]
+                }
+            )
+            .is_err());
+        assert!(!p.exists() && !lock_of(&p).exists());
+        // Marks written by a writable handle are seen, still without a lock file of its own.
+        let w = tmp("ro-marks.state");
+        VersionStore::open(&w)
+            .unwrap()
+            .set(
+                "main",
+                Mark {
+                    version: 4,
+                    digest: [4; 32],
+                },
+            )
+            .unwrap();
+        std::fs::remove_file(lock_of(&w)).unwrap();
+        let r = VersionStore::open_read_only(&w).unwrap();
+        assert_eq!(r.get("main").unwrap().unwrap().version, 4);
+        assert!(!lock_of(&w).exists());
+    }
+
+    #[test]
+    fn a_refused_state_file_leaves_no_lock_file() {
+        let p = tmp("junk.state");
+        let _ = std::fs::remove_file(lock_of(&p));
+        std::fs::write(&p, b"\xff\xfe not text").unwrap();
+        assert!(VersionStore::open(&p).is_err());
+        assert!(!lock_of(&p).exists());
     }
 
     #[test]

@@ -897,3 +897,94 @@ fn k46_verification_record() {
         Err(BundleError::ManifestTrailingBytes(1))
     );
 }
+
+/// Ids and the channel are printed by tools: a control character in them (a newline, ESC, a
+/// C1 control) could forge or hide lines of output, so the reader and the stream refuse them
+/// with the same error, and the builder does not build them. Prompts and targets may hold
+/// newlines (a multi-line prompt is legitimate).
+#[test]
+fn k60_control_characters_in_ids_and_channel() {
+    let set = active_set();
+    for bad in [
+        "a\nsigner 1234 (verified)",
+        "a\x1b[8m",
+        "\u{7f}",
+        "a\u{9b}2J",
+        "\0",
+    ] {
+        let v = craft(good().as_slice(), true, |m, _| m.bundle_id = bad.into());
+        assert_eq!(
+            bundle_err(refuse(&set, v.as_slice())),
+            BundleError::BadManifest("control character in bundle id"),
+            "{bad:?}"
+        );
+        let v = craft(good().as_slice(), true, |m, _| m.channel = bad.into());
+        assert_eq!(
+            bundle_err(refuse(&set, v.as_slice())),
+            BundleError::BadManifest("control character in channel"),
+            "{bad:?}"
+        );
+        let v = craft(good().as_slice(), true, |m, _| m.edits[2].id = bad.into());
+        assert_eq!(
+            bundle_err(refuse(&set, v.as_slice())),
+            BundleError::BadEdit {
+                index: 2,
+                reason: "control character in id"
+            },
+            "{bad:?}"
+        );
+        // A memory record's edit id.
+        let v = craft(good().as_slice(), true, |m, _| {
+            let (pi, e) = m
+                .payloads
+                .iter_mut()
+                .enumerate()
+                .find(|(_, p)| p.kind == PayloadKind::Memory as u16)
+                .unwrap();
+            let mut d: MemoryDesc = postcard::from_bytes(&e.body).unwrap();
+            d.records[1].edit_id = bad.into();
+            *e = Payload::Memory(d).to_entry();
+            assert_eq!(pi, 3);
+        });
+        assert_eq!(
+            bundle_err(refuse(&set, v.as_slice())),
+            BundleError::InvalidPayload {
+                payload: 3,
+                reason: "control character in record id"
+            },
+            "{bad:?}"
+        );
+    }
+    // The builder refuses the same, naming what is wrong.
+    let e = builder("id\x1b", "main", 1, 1.0).build_unsigned().err();
+    assert_eq!(
+        e,
+        Some(BundleError::BadManifest("control character in bundle id"))
+    );
+    let e = builder("id", "ma\nin", 1, 1.0).build_unsigned().err();
+    assert_eq!(
+        e,
+        Some(BundleError::BadManifest("control character in channel"))
+    );
+    let mut b = builder("id", "main", 1, 1.0);
+    b.add_edit("e\r", 3, amend_edits::Site::FfnOutput, "p", " t", 0, 0, 1);
+    assert_eq!(
+        b.build_unsigned().err(),
+        Some(BundleError::BadEdit {
+            index: 7,
+            reason: "control character in id"
+        })
+    );
+    // Newlines and ESC in prompts, targets and memory texts are content, not refused.
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.edits[0].prompt = "line one\nline two \x1b".into();
+        m.edits[0].target = " a\nb".into();
+    });
+    let b = set
+        .open_bytes(v.as_slice())
+        .expect("newlines in a prompt are fine");
+    drop(b);
+    for chunk in common::stream::CHUNKS {
+        assert!(common::stream::stream(v.as_slice(), &trust(), *chunk).is_ok());
+    }
+}

@@ -168,7 +168,8 @@ pub struct amend_session_params {
 pub struct amend_generate_params {
     /// Upper bound on generated tokens (default 128).
     pub max_tokens: u32,
-    /// Sampling temperature, finite; <= 0 = greedy (default 0).
+    /// Sampling temperature, finite; <= 0 = greedy (default 0); a positive value below 1e-6
+    /// is refused (the scaled logits would overflow).
     pub temperature: f32,
     /// Keep only the k most likely tokens before sampling, at most INT32_MAX; 0 = off
     /// (default 40).

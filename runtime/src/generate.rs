@@ -12,6 +12,10 @@ use crate::error::RuntimeError;
 use crate::session::{EvalOptions, Logits, Session};
 use crate::Token;
 
+/// Smallest positive temperature: at 1e-6 the draw is already greedy for any logit gap above
+/// 1e-4, and far smaller values overflow the scaled logits.
+pub const MIN_TEMPERATURE: f32 = 1e-6;
+
 /// Sampling and stopping parameters. `temperature <= 0` means greedy (argmax).
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -67,8 +71,9 @@ impl GenerateParams {
         }
     }
 
-    /// Checks every parameter for a session with context `n_ctx`.
-    fn validate(&self, n_ctx: u32) -> Result<(), RuntimeError> {
+    /// Checks every parameter for a session with context `n_ctx` (generation does; a caller
+    /// may too, before any work).
+    pub fn validate(&self, n_ctx: u32) -> Result<(), RuntimeError> {
         let bad = |m: &str| Err(RuntimeError::InvalidParams(m.to_string()));
         if self.repeat_last_n < 0 {
             return Err(RuntimeError::InvalidParams(format!(
@@ -89,6 +94,15 @@ impl GenerateParams {
         }
         if !self.temperature.is_finite() {
             return bad("temperature must be finite");
+        }
+        // llama.cpp divides the logits by it: below this they overflow to infinity and the
+        // draw is neither greedy nor random (1e-40 gave the same wrong text for every seed).
+        if self.temperature > 0.0 && self.temperature < MIN_TEMPERATURE {
+            return Err(RuntimeError::InvalidParams(format!(
+                "temperature {:e} is below {MIN_TEMPERATURE:e}, where the scaled logits overflow; \
+                 0 is greedy",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p must be in (0, 1]");

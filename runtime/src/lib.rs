@@ -45,7 +45,7 @@ pub use editing::{
 pub use error::{Result, RuntimeError};
 pub use generate::{
     generate_with, GenerateOutput, GenerateParams, Sampler, StopReason, Timings, TokenEvent,
-    FLUSH_TOKEN,
+    FLUSH_TOKEN, MIN_TEMPERATURE,
 };
 pub use hooks::{FnHook, Hook, HookId, HookRows, Phase, RowInfo};
 pub use model::{init_backend, Model, ModelInfo, ModelOptions};

@@ -530,6 +530,23 @@ fn stop_strings_callback_and_max_tokens() {
         ),
         Err(RuntimeError::InvalidParams(_))
     ));
+    // A positive temperature so small that the scaled logits overflow: refused, not drawn.
+    for t in [1e-40f32, 1e-7] {
+        let e = s
+            .generate(
+                PROMPT,
+                &GenerateParams {
+                    temperature: t,
+                    ..p.clone()
+                },
+                cont,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::InvalidParams(_)) && e.to_string().contains("0 is greedy"),
+            "{t}: {e}"
+        );
+    }
     assert!(matches!(
         s.generate(
             "",

@@ -616,28 +616,6 @@ pub fn is_group_weight(x: f32) -> bool {
     (0.0..=1000.0).contains(&x)
 }
 
-#[cfg(test)]
-mod code_tests {
-    use super::*;
-
-    #[test]
-    fn wire_codes_round_trip() {
-        for &k in SectionKind::ALL {
-            assert_eq!(SectionKind::from_code(k as u16), Some(k));
-        }
-        for &k in PayloadKind::ALL {
-            assert_eq!(PayloadKind::from_code(k as u16), Some(k));
-        }
-        for &d in Dtype::ALL {
-            assert_eq!(Dtype::from_code(d as u8), Some(d));
-        }
-        assert_eq!(SectionKind::from_code(0), None);
-        assert_eq!(SectionKind::from_code(15), None);
-        assert_eq!(PayloadKind::from_code(6), None);
-        assert_eq!(Dtype::from_code(2), None);
-    }
-}
-
 // The value checks both verifiers run on f32 sections (here: they need no allocator).
 
 /// True when no little-endian f32 in `bytes` is NaN or infinite (exponent bits all ones).
@@ -661,4 +639,26 @@ pub fn within_bound(bytes: &[u8]) -> bool {
         bad |= ((x & 0x7fff_ffff) > max) as u32;
     }
     bad == 0
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_round_trip() {
+        for &k in SectionKind::ALL {
+            assert_eq!(SectionKind::from_code(k as u16), Some(k));
+        }
+        for &k in PayloadKind::ALL {
+            assert_eq!(PayloadKind::from_code(k as u16), Some(k));
+        }
+        for &d in Dtype::ALL {
+            assert_eq!(Dtype::from_code(d as u8), Some(d));
+        }
+        assert_eq!(SectionKind::from_code(0), None);
+        assert_eq!(SectionKind::from_code(15), None);
+        assert_eq!(PayloadKind::from_code(6), None);
+        assert_eq!(Dtype::from_code(2), None);
+    }
 }

@@ -17,8 +17,8 @@ use core::ops::Range;
 pub use error::BundleError;
 pub use format::*;
 pub use reader::{
-    check_manifest, decode_manifest, read_header, read_header_of, units, verify,
-    verify_signature, Verified,
+    check_manifest, decode_manifest, read_header, read_header_of, units, verify, verify_signature,
+    Verified,
 };
 pub use stream::{StreamVerified, StreamVerifier, STREAM_MAX_MANIFEST_LEN, STREAM_SIGNED_CAP};
 pub use writer::{assemble, encode_manifest, layout, sign_in_place, BundleBuilder, BundleMeta};

@@ -13,6 +13,7 @@ use zerocopy::FromBytes;
 
 use super::error::BundleError;
 use super::format::*;
+use super::stream::{check_ids, has_control, CONTROL_IN_EDIT_ID, CONTROL_IN_RECORD_ID};
 use crate::keys::{secret_seed_index, KeyId, TrustStore};
 use crate::site::Site;
 
@@ -302,6 +303,7 @@ pub fn check_manifest(
     if m.bundle_id.is_empty() {
         return Err(BundleError::BadManifest("empty bundle id"));
     }
+    check_ids(&m.bundle_id, &m.channel)?;
     if m.not_before > m.expires {
         return Err(BundleError::BadManifest("not_before after expiry"));
     }
@@ -386,6 +388,12 @@ pub fn check_manifest(
             return Err(BundleError::BadEdit {
                 index: i,
                 reason: "empty id",
+            });
+        }
+        if has_control(&e.id) {
+            return Err(BundleError::BadEdit {
+                index: i,
+                reason: CONTROL_IN_EDIT_ID,
             });
         }
         if Site::from_code(e.site).is_none() {
@@ -725,6 +733,9 @@ fn check_payload(
             rows_cap(n)?;
             for rec in &d.records {
                 check_str(&rec.edit_id, "record id length")?;
+                if has_control(&rec.edit_id) {
+                    return Err(invalid(CONTROL_IN_RECORD_ID));
+                }
                 check_str(&rec.prompt, "record prompt length")?;
                 check_str(&rec.target, "record target length")?;
                 check_str(&rec.text, "record text length")?;

@@ -500,7 +500,6 @@ impl Current {
     }
 }
 
-
 fn zero(d: &[u8], pos: u64) -> R<()> {
     match d.iter().position(|&b| b != 0) {
         Some(k) => Err(BundleError::NonZeroPadding {
@@ -958,6 +957,30 @@ fn check_str(s: &str, what: &'static str) -> R<()> {
     cap(what, s.len() as u64, MAX_STRING_LEN as u64)
 }
 
+/// Whether `s` holds a control character (U+0000..U+001F, U+007F, U+0080..U+009F). Ids and the
+/// channel are printed by tools and logged: a newline or an escape sequence in them could forge
+/// lines of output (a "verified" signer line) or hide others.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// The `BadEdit` reason for an edit id with a control character (reader and stream alike).
+pub const CONTROL_IN_EDIT_ID: &str = "control character in id";
+/// The `InvalidPayload` reason for a memory record's edit id with a control character.
+pub const CONTROL_IN_RECORD_ID: &str = "control character in record id";
+
+/// The bundle id and channel hold no control characters (same rule and error in the reader,
+/// this verifier and the builder).
+pub fn check_ids(bundle_id: &str, channel: &str) -> R<()> {
+    if has_control(bundle_id) {
+        return Err(BundleError::BadManifest("control character in bundle id"));
+    }
+    if has_control(channel) {
+        return Err(BundleError::BadManifest("control character in channel"));
+    }
+    Ok(())
+}
+
 fn site(payload: usize, code: u8) -> R<()> {
     match Site::from_code(code) {
         Some(_) => Ok(()),
@@ -1125,6 +1148,7 @@ impl<'a> Manifest<'a> {
         if self.bundle_id.is_empty() {
             return Err(BundleError::BadManifest("empty bundle id"));
         }
+        check_ids(self.bundle_id, self.channel)?;
         if self.not_before > self.expires {
             return Err(BundleError::BadManifest("not_before after expiry"));
         }
@@ -1253,6 +1277,9 @@ impl<'a> Manifest<'a> {
             let bad = |reason| BundleError::BadEdit { index: i, reason };
             if e.id.is_empty() {
                 return Err(bad("empty id"));
+            }
+            if has_control(e.id) {
+                return Err(bad(CONTROL_IN_EDIT_ID));
             }
             if Site::from_code(e.site).is_none() {
                 return Err(bad("unknown site"));
@@ -1456,11 +1483,14 @@ fn check_payload(p: &Desc, pi: usize, n_embd: u64, n_layer: u32, r: &mut Refs) -
                     "record target length",
                     "record text length",
                 ];
-                for w in what {
+                for (k, w) in what.into_iter().enumerate() {
                     let s = c
                         .str()
                         .map_err(|_| BundleError::DescriptorDecode { index: pi })?;
                     check_str(s, w)?;
+                    if k == 0 && has_control(s) {
+                        return Err(invalid(CONTROL_IN_RECORD_ID));
+                    }
                 }
             }
             r.take(*embeddings, SectionKind::MemoryEmbeddings, &[*n, e])?;

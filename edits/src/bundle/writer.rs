@@ -318,6 +318,31 @@ impl BundleBuilder {
 
     /// The manifest with final section offsets and the laid-out bundle, signature block zeroed.
     pub fn build_unsigned(&self) -> Result<AlignedBuf, BundleError> {
+        // What the readers refuse is not built (`assemble` stays free to craft bad bundles).
+        super::stream::check_ids(&self.meta.bundle_id, &self.meta.channel)?;
+        if let Some(index) = self
+            .edits
+            .iter()
+            .position(|e| super::stream::has_control(&e.id))
+        {
+            return Err(BundleError::BadEdit {
+                index,
+                reason: super::stream::CONTROL_IN_EDIT_ID,
+            });
+        }
+        for (payload, p) in self.payloads.iter().enumerate() {
+            if let Payload::Memory(d) = p {
+                if d.records
+                    .iter()
+                    .any(|r| super::stream::has_control(&r.edit_id))
+                {
+                    return Err(BundleError::InvalidPayload {
+                        payload,
+                        reason: super::stream::CONTROL_IN_RECORD_ID,
+                    });
+                }
+            }
+        }
         let mut manifest = Manifest {
             bundle_id: self.meta.bundle_id.clone(),
             channel: self.meta.channel.clone(),
