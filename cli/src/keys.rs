@@ -227,11 +227,22 @@ fn esc(s: &str) -> String {
     for c in s.chars() {
         if c.is_control() {
             out.extend(c.escape_debug());
+        } else if invisible(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Format characters a terminal draws as nothing but that reorder or hide text around them
+/// (bidi overrides and isolates, zero-width marks): `inspect` shows them, escaped, so that an
+/// id cannot display as another.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// serde_json writes DEL and U+0080..U+009F raw (a C1 control such as CSI U+009B acts like
@@ -599,4 +610,22 @@ pub(crate) fn load_edit_set(
             .with_context(|| format!("activating {}", path.display()))?;
     }
     Ok(std::sync::Arc::new(set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    /// What `inspect` prints of a bundle's text: control characters and the invisible format
+    /// characters that reorder or hide text are escaped; other text is kept.
+    #[test]
+    fn printed_text_cannot_reorder_or_hide_lines() {
+        assert_eq!(esc("a\nb\x1b[8m"), "a\\nb\\u{1b}[8m");
+        assert_eq!(esc("id\u{202e}gnp.exe"), "id\\u{202e}gnp.exe");
+        assert_eq!(
+            esc("x\u{200b}y\u{2066}z\u{feff}"),
+            "x\\u{200b}y\\u{2066}z\\u{feff}"
+        );
+        assert_eq!(esc("Café — 東京"), "Café — 東京");
+    }
 }
