@@ -410,8 +410,18 @@ impl Hparams {
         file: Option<&Path>,
         sets: &[String],
     ) -> Result<Hparams> {
-        let mut table: toml::Table = Self::defaults_text(arch)
+        let table: toml::Table = Self::defaults_text(arch)
             .parse()
+            .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
+        // Through the typed form and back: a key the defaults file leaves to its serde
+        // default (`serac.calibration_records`) is then a key `--set` and files may give.
+        let typed: Hparams =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    CompileError::Hparams(format!("built-in defaults: {e}"))
+                })?;
+        let mut table = toml::Table::try_from(&typed)
             .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
         if let Some(name) = preset {
             let text = preset_text(name)?;
@@ -755,6 +765,22 @@ fn merge(base: &mut toml::Table, over: toml::Table, prefix: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hyperparameter the defaults file leaves to its serde default can still be set.
+    #[test]
+    fn keys_with_serde_defaults_can_be_set() {
+        let hp = Hparams::resolve(
+            Arch::Gemma3,
+            None,
+            &["serac.calibration_records=64".to_string()],
+        )
+        .unwrap();
+        assert_eq!(hp.serac.calibration_records, 64);
+        let e = Hparams::resolve(Arch::Gemma3, None, &["serac.no_such_key=1".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `serac.no_such_key`"), "{e}");
+    }
 
     #[test]
     fn defaults_parse_for_every_arch() {
