@@ -2085,6 +2085,16 @@ fn secret_key_given_as_the_public_key_is_named() {
     );
 }
 
+/// A scratch directory `name` with the tiny model and a one-record data file: (dir, model, data).
+fn tiny_eval_scratch(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tmp().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    (dir, model, data)
+}
+
 /// `amend eval` on the tiny model, base only, two generated tokens, one thread, plus `extra`.
 fn tiny_eval_args<'a>(model: &'a Path, data: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
@@ -2107,11 +2117,7 @@ fn tiny_eval_args<'a>(model: &'a Path, data: &'a Path, extra: &[&'a str]) -> Vec
 /// key here are not even valid), every input left as it was; /dev/null serves several outputs.
 #[test]
 fn eval_outputs_are_not_its_inputs_nor_each_other() {
-    let dir = tmp().join("eval-outputs-apart");
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = tiny_model(dir.join("m.gguf"));
-    let data = dir.join("d.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let (dir, model, data) = tiny_eval_scratch("eval-outputs-apart");
     let (bundle, public) = (dir.join("bb.amend"), dir.join("kp.pub"));
     std::fs::write(&bundle, b"not a bundle").unwrap();
     std::fs::write(&public, b"not a key").unwrap();
@@ -2164,11 +2170,8 @@ fn eval_outputs_are_not_its_inputs_nor_each_other() {
 /// scored on the prompt alone), and duplicate record ids (which `compile` refuses).
 #[test]
 fn eval_refuses_ignored_keys_clashing_variants_and_duplicate_ids() {
-    let dir = tmp().join("eval-refusals");
+    let (dir, model, data) = tiny_eval_scratch("eval-refusals");
     std::fs::create_dir_all(dir.join("x")).unwrap();
-    let model = tiny_model(dir.join("m.gguf"));
-    let data = dir.join("d.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
     let public = dir.join("kp.pub");
     std::fs::write(&public, b"not a key").unwrap();
     let (b1, xb1, base) = (
@@ -2231,11 +2234,7 @@ fn eval_refuses_ignored_keys_clashing_variants_and_duplicate_ids() {
 /// is named by its flag.
 #[test]
 fn eval_report_to_a_fifo_or_a_full_device() {
-    let dir = tmp().join("eval-fifo");
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = tiny_model(dir.join("m.gguf"));
-    let data = dir.join("d.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let (dir, model, data) = tiny_eval_scratch("eval-fifo");
     let fifo = dir.join("ff");
     let c = std::ffi::CString::new(s(&fifo)).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
@@ -2907,8 +2906,7 @@ fn run_refuses_flags_it_would_ignore() {
     // The default context is cut to the model's, silently: that is the default's meaning.
     ok(&run(&[]));
     // eval takes the same ONNX Runtime flags, under the same rule.
-    let data = dir.join("e.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a b\", \"target\": \"c\"}\n").unwrap();
+    let (_, _, data) = tiny_eval_scratch("run-flags-eval");
     refused(
         &["eval", "--model", m, "--data", s(&data), "--ep", "qnn"],
         &["--ep", "needs --backend ort"],
