@@ -162,7 +162,7 @@ fn check_manifest_name(flag: &str, v: &str) -> anyhow::Result<()> {
     if v.len() > max {
         bail!("{flag}: {} bytes, at most {max} are accepted", v.len());
     }
-    if v.chars().any(char::is_control) {
+    if amend_edits::bundle::stream::has_control(v) {
         bail!("{flag} {v:?}: control characters are not accepted");
     }
     Ok(())

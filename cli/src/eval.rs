@@ -338,15 +338,14 @@ impl Output {
                     .open(path)
                     .with_context(cannot)?,
             ),
-            Ok(md) => {
+            Ok(_) => {
+                // A regular file (a directory is refused here), writable now: opened, not
+                // truncated, so a refused or failed run keeps it.
                 crate::check_output_path(flag, path, false)?;
-                if md.is_file() {
-                    // Writable now (not truncated: a refused or failed run keeps it).
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .with_context(cannot)?;
-                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(cannot)?;
                 None
             }
             Err(_) => {

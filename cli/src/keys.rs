@@ -156,13 +156,6 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
     }
     amend_edits::fsutil::write_atomic(&out, &buf, mode)
         .with_context(|| format!("writing {}", out.display()))?;
-    // The temporary file's mode went through the umask: restore the exact bits.
-    #[cfg(unix)]
-    if let Some(mode) = mode {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", out.display()))?;
-    }
     println!(
         "signed {} ({} v{}) with key {}",
         out.display(),

@@ -131,8 +131,9 @@ pub const MAX_MODEL_LEN: u64 = 1 << 40;
 static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Write `data` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// fsync of the directory. Readers see the old or the new file, never a mix; `mode` applies
-/// on unix (0o600 for secrets).
+/// fsync of the directory. Readers see the old or the new file, never a mix; on unix the file
+/// gets exactly `mode` (0o600 for secrets; not narrowed by the umask, so a replaced file can
+/// keep its own bits) before any byte is written.
 ///
 /// An existing `path` must be a regular file (a link to one is replaced as a link): renaming
 /// over a FIFO, a device or a directory would replace the node itself (`--out /dev/null` as
@@ -178,6 +179,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
         }
     };
     let res = (|| {
+        #[cfg(unix)]
+        if let Some(m) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(m))?;
+        }
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
@@ -275,6 +281,11 @@ mod tests {
             // The mode applies to the new file (the one renamed into place).
             let m = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(m & 0o777, 0o600, "{m:o}");
+            // Exactly the mode asked for, whatever the umask takes away from new files
+            // (`sign` keeps a replaced bundle's bits this way).
+            write_atomic(&p, b"three", Some(0o666)).unwrap();
+            let m = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o666, "{m:o}");
         }
     }
 

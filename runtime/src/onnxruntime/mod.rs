@@ -305,17 +305,12 @@ fn check_session_config(library: &Path, entries: &[(String, String)]) -> Result<
         providers.sort();
         files.extend(providers);
     }
-    let mut images = Vec::new();
-    for f in &files {
-        // The loaded library is a regular file (load_library checked it); a provider library
-        // that cannot be read only narrows what is known.
-        if let Ok((mut file, len)) = amend_edits::fsutil::open_regular(f, 1 << 31) {
-            let mut b = Vec::with_capacity(len as usize);
-            if std::io::Read::read_to_end(&mut file, &mut b).is_ok() {
-                images.push(b);
-            }
-        }
-    }
+    // The loaded library is a regular file (load_library checked it); a provider library
+    // that cannot be read only narrows what is known.
+    let images: Vec<Vec<u8>> = files
+        .iter()
+        .filter_map(|f| amend_edits::fsutil::read_regular(f, 1 << 31).ok())
+        .collect();
     // A literal ends with its NUL; the linker may share its tail with a longer string, so
     // only the end is anchored.
     let known = |name: &str| {
