@@ -2651,10 +2651,29 @@ fn inspect_escapes_bundle_text_and_ids_with_controls_are_refused() {
     );
     let out = ok(&["verify", s(&text_bundle), "--pubkey", s(&public)]);
     assert_no_controls(&out, "verify");
+
+    // Characters shown as nothing or as a line break: escaped in texts, refused in ids.
+    let hidden = dir.join("hidden.amend");
+    crafted_bundle(&hidden, &key, "{prompt}", |m| {
+        m.edits[0].prompt = "Paris\u{202e}nilreB\u{2028}signer x (verified)".into();
+    });
+    let text = ok(&["inspect", s(&hidden), "--pubkey", s(&public)]);
+    assert!(
+        text.contains(r"Paris\u{202e}nilreB\u{2028}signer") && !text.contains('\u{2028}'),
+        "{text}"
+    );
+    let spoof_id = dir.join("spoof-id.amend");
+    crafted_bundle(&spoof_id, &key, "{prompt}", |m| {
+        m.edits[0].id = "par\u{200b}is".into();
+    });
+    refused(
+        &["verify", s(&spoof_id), "--pubkey", s(&public)],
+        &["control character in id"],
+    );
 }
 
 /// QA: `sign --out` could replace its own --key (or the public key beside it): the secret key
-/// was lost. Refused before anything is written, as is --out naming the bundle by another name.
+/// was lost. Refused before anything is written; --out naming the bundle itself signs in place.
 #[test]
 fn sign_refuses_an_out_that_is_its_key_or_bundle() {
     let dir = tmp().join("sign-out-apart");
@@ -2677,9 +2696,10 @@ fn sign_refuses_an_out_that_is_its_key_or_bundle() {
     );
     let hard = dir.join("b-hard.amend");
     std::fs::hard_link(&bundle, &hard).unwrap();
+    // --out naming the bundle by another name is signing in place, which a hard link refuses.
     refused(
         &["sign", "--key", s(&key), s(&bundle), "--out", s(&hard)],
-        &["--out", "BUNDLE"],
+        &["hard links", "--out a new file"],
     );
     assert_eq!(std::fs::read(&key).unwrap(), k0);
     assert_eq!(std::fs::read(&public).unwrap(), p0);
@@ -2692,6 +2712,12 @@ fn sign_refuses_an_out_that_is_its_key_or_bundle() {
         "--out",
         s(&dir.join("c.amend")),
     ]);
+    // --out spelling the bundle's own path signs it in place (it used to be refused).
+    std::fs::remove_file(&hard).unwrap();
+    let (k2, p2) = keypair("sign-out-apart-2");
+    let same = format!("{}/./b.amend", dir.display());
+    ok(&["sign", "--key", s(&k2), s(&bundle), "--out", &same]);
+    ok(&["verify", s(&bundle), "--pubkey", s(&p2)]);
 }
 
 /// QA: signing in place made a mode 600 or 444 bundle 644, replaced a symlink by a regular
@@ -2910,5 +2936,498 @@ fn run_refuses_flags_it_would_ignore() {
     refused(
         &["eval", "--model", m, "--data", s(&data), "--ep", "qnn"],
         &["--ep", "needs --backend ort"],
+    );
+}
+
+/// On a base bundle, a record numbered by its index because its `id` is no id (`true`; the
+/// loader then ignores its `case_id` too) is numbered on after the base, as the loader numbered
+/// it, instead of keeping the base's id "0" (compile once re-read the file and took `case_id`
+/// for its own id). Needs no real model.
+#[test]
+fn compile_numbers_records_as_the_loader_read_their_ids() {
+    let (dir, key, public, edits) = one_edit("qa-loader-ids", "qa-loader-ids");
+    let model = tiny_model(dir.join("m.gguf"));
+    let base = ["--no-drift-check", "--allow-partial", "--threads", "1"];
+    let first = dir.join("v1.amend");
+    ok(&compile_args(&model, "grace", &edits, &first, &key, &base));
+    let more = dir.join("more.jsonl");
+    std::fs::write(
+        &more,
+        format!(
+            "{{\"id\": true, \"case_id\": 9, \"prompt\": \"{UNRELATED}\", \"target\": \"Paris\"}}\n"
+        ),
+    )
+    .unwrap();
+    let second = dir.join("v2.amend");
+    let on_base = [&base[..], &["--base-bundle", s(&first)]].concat();
+    ok(&compile_args(
+        &model, "grace", &more, &second, &key, &on_base,
+    ));
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "inspect",
+        s(&second),
+        "--pubkey",
+        s(&public),
+        "--json",
+    ]))
+    .unwrap();
+    let ids: Vec<&str> = info["edits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["0", "1"], "{info}");
+}
+
+/// A layer the `--hparams` file gives is checked like one `--set` gives, naming the file and
+/// the key: outside the model, or with `--layer`, it is refused before any work. The layer in
+/// effect is the one checked: a file's layer that `--set` overrides is not refused. Needs no
+/// real model.
+#[test]
+fn compile_checks_the_layer_in_effect_and_names_where_it_was_given() {
+    let (dir, key, _public, edits) = one_edit("qa-hp-layer", "qa-hp-layer");
+    let model = tiny_model(dir.join("m.gguf"));
+    let hp = dir.join("hp.toml");
+    std::fs::write(&hp, "[grace]\nlayer = 99\n").unwrap();
+    let out = dir.join("o.amend");
+    let base = [
+        "--no-drift-check",
+        "--allow-partial",
+        "--threads",
+        "1",
+        "--hparams",
+        s(&hp),
+    ];
+    let from_file = format!("--hparams {}: grace.layer", hp.display());
+    refused_within(
+        &compile_args(&model, "grace", &edits, &out, &key, &base),
+        60,
+        &[&from_file, "the model has 2 layers", "0..=1"],
+    );
+    refused_within(
+        &compile_args(
+            &model,
+            "grace",
+            &edits,
+            &out,
+            &key,
+            &[&base[..], &["--layer", "1"]].concat(),
+        ),
+        60,
+        &[&from_file, "and --layer both give the layer"],
+    );
+    refused_within(
+        &compile_args(
+            &model,
+            "grace",
+            &edits,
+            &out,
+            &key,
+            &[&base[..], &["--set", "grace.layer=7"]].concat(),
+        ),
+        60,
+        &["--set grace.layer=7", "the model has 2 layers"],
+    );
+    assert!(!out.exists());
+    ok(&compile_args(
+        &model,
+        "grace",
+        &edits,
+        &out,
+        &key,
+        &[&base[..], &["--set", "grace.layer=1"]].concat(),
+    ));
+    assert!(out.exists());
+}
+
+/// `data synth` refuses an --out that is no regular file as `check_output_path` names it (a
+/// directory, a FIFO), with or without --force, and writes nothing. Needs no real model.
+#[test]
+fn data_synth_names_what_an_output_that_is_no_file_is() {
+    let dir = tmp().join("qa-synth-kind");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("out.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for force in [&[][..], &["--force"][..]] {
+        refused(
+            &[&["data", "synth", "--n", "2", "--out", s(&dir)][..], force].concat(),
+            &["--out", "that is a directory"],
+        );
+        refused(
+            &[&["data", "synth", "--n", "2", "--out", s(&fifo)][..], force].concat(),
+            &["--out", "that is a FIFO, not a regular file"],
+        );
+    }
+    assert_eq!(dir_listing(&dir), ["out.fifo"]);
+}
+
+/// Each output of `export-onnx`, `locate` and the `scope-model` commands is kept apart from the
+/// command's inputs (or a link to one): writing it renamed the output over the ONNX Runtime
+/// library (`export-onnx --out LIB`), the model (`locate` with `--out-dir/NAME.json` the
+/// model), a checkpoint file or the --tune factors (`convert`), the data, bundle or key
+/// (`route --dump`) and the data (`train-head`, `tune --out`), all with exit 0. Refused by
+/// flag before any work, each input left as it was.
+#[test]
+fn outputs_that_name_an_input_are_refused_in_the_other_commands() {
+    let dir = tmp().join("outputs-apart");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
+    let link = |target: &Path, name: &str| {
+        let l = dir.join(name);
+        let _ = std::fs::remove_file(&l);
+        std::os::unix::fs::symlink(target, &l).unwrap();
+        l
+    };
+    let is_link = |p: &Path| std::fs::symlink_metadata(p).unwrap().is_symlink();
+
+    // locate: the model under the name of the trace's json (the tiny model fails its trace, so
+    // the refusal must come first and name both).
+    let trace = link(&model, "trace.json");
+    refused_within(
+        &[
+            "locate",
+            "--model",
+            s(&trace),
+            "--prompt",
+            "a b c",
+            "--subject",
+            "b",
+            "--target",
+            "c",
+            "--samples",
+            "1",
+            "--threads",
+            "1",
+            "--out-dir",
+            s(&dir),
+        ],
+        60,
+        &["--out-dir/--name", "that is the --model file"],
+    );
+    assert!(is_link(&trace));
+
+    // scope-model convert: a checkpoint file or the --tune factors as --out.
+    let from = scope_checkpoint_with("outputs-apart-ckpt", "x", "0", None);
+    let config = std::fs::read(from.join("config.json")).unwrap();
+    let factors = dir.join("factors.safetensors");
+    std::fs::write(&factors, b"not factors").unwrap();
+    for (out, tune) in [
+        (from.join("config.json"), None),
+        (factors.clone(), Some(&factors)),
+    ] {
+        let mut a = vec![
+            "scope-model",
+            "convert",
+            "--from",
+            s(&from),
+            "--out",
+            s(&out),
+        ];
+        if let Some(t) = tune {
+            a.extend(["--tune", s(t)]);
+        }
+        let flag = if tune.is_some() { "--tune" } else { "--from" };
+        refused(&a, &["--out", &format!("that is the {flag} file")]);
+    }
+    assert_eq!(std::fs::read(from.join("config.json")).unwrap(), config);
+    assert_eq!(std::fs::read(&factors).unwrap(), b"not factors");
+    // --from must be the checkpoint's directory.
+    refused(
+        &[
+            "scope-model",
+            "convert",
+            "--from",
+            s(&model),
+            "--out",
+            s(&dir.join("x.gguf")),
+        ],
+        &["--from", "not a directory"],
+    );
+
+    // scope-model tune and train-head: --out as --data (or --calibrate).
+    let data = dir.join("records.json");
+    let records = r#"[{"prompt": "a b", "subject": "a", "target_new": "c"}]"#;
+    std::fs::write(&data, records).unwrap();
+    refused(
+        &[
+            "scope-model",
+            "tune",
+            "--from",
+            s(&from),
+            "--data",
+            s(&data),
+            "--out",
+            s(&data),
+        ],
+        &["--out", "that is the --data file"],
+    );
+    let other = dir.join("other.json");
+    std::fs::write(&other, records).unwrap();
+    for (flag, out) in [("--data", &data), ("--calibrate", &other)] {
+        refused(
+            &[
+                "scope-model",
+                "train-head",
+                "--data",
+                s(&data),
+                "--calibrate",
+                s(&other),
+                "--out",
+                s(out),
+            ],
+            &["--out", &format!("that is the {flag} file")],
+        );
+    }
+    // Too few records for the folds: said of --data, before the scope model loads.
+    refused(
+        &[
+            "scope-model",
+            "train-head",
+            "--data",
+            s(&data),
+            "--out",
+            s(&dir.join("head.safetensors")),
+            "--scope-model",
+            s(&dir.join("missing.gguf")),
+        ],
+        &["--data: 1 record(s)", "at least 5"],
+    );
+    // With --calibrate the folds are unused: no such limit (here the scope model is missing).
+    let out = amend(&[
+        "scope-model",
+        "train-head",
+        "--data",
+        s(&data),
+        "--calibrate",
+        s(&other),
+        "--out",
+        s(&dir.join("head.safetensors")),
+        "--scope-model",
+        s(&dir.join("missing.gguf")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("missing.gguf") && !err.contains("at least 5"),
+        "{err}"
+    );
+
+    // scope-model route: --dump as the data, the bundle or the key (checked before any is read).
+    let bundle = dir.join("b.amend");
+    let key = dir.join("k.pub");
+    std::fs::write(&bundle, b"bundle").unwrap();
+    std::fs::write(&key, b"key").unwrap();
+    for (flag, dump) in [("--data", &data), ("--bundle", &bundle), ("--pubkey", &key)] {
+        refused(
+            &[
+                "scope-model",
+                "route",
+                "--bundle",
+                s(&bundle),
+                "--pubkey",
+                s(&key),
+                "--data",
+                s(&data),
+                "--dump",
+                s(dump),
+            ],
+            &["--dump", &format!("that is the {flag} file")],
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), records);
+    assert_eq!(std::fs::read(&bundle).unwrap(), b"bundle");
+    assert_eq!(std::fs::read(&key).unwrap(), b"key");
+
+    // export-onnx: the ONNX Runtime library it loads (a link to it here).
+    if !ort_libraries() {
+        return;
+    }
+    let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
+    let lib_link = link(&lib, "libort.so");
+    refused(
+        &[
+            "export-onnx",
+            "--model",
+            s(&model),
+            "--ort-lib",
+            s(&lib_link),
+            "--out",
+            s(&lib_link),
+        ],
+        &["--out", "that is the --ort-lib file"],
+    );
+    assert!(is_link(&lib_link));
+    assert!(!dir.join("libort.so.amend").exists());
+}
+
+/// A decode rate needs at least 2 generated tokens (the first comes from the prefill):
+/// `bench --gen-tokens 1` and `parity --speed-tokens 1` printed decode 0.0 tok/s and NaN
+/// ratios with exit 0, which bench's verdict did not flag. A hook layer past the model is
+/// refused naming --layer, parity's speed rounds are bounded like bench's (a million ran
+/// without end), and an ONNX Runtime value the library refuses names its flag.
+#[test]
+fn speed_counts_layers_and_ort_values_are_refused_by_flag() {
+    let dir = tmp().join("speed-counts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(dir.join("tiny.gguf"));
+    let m = s(&model);
+    refused_within(
+        &["bench", "--model", m, "--threads", "1", "--gen-tokens", "1"],
+        60,
+        &["--gen-tokens 1", "at least 2"],
+    );
+    refused_within(
+        &[
+            "bench",
+            "--model",
+            m,
+            "--threads",
+            "1",
+            "--rounds",
+            "1",
+            "--layer",
+            "2",
+        ],
+        60,
+        &["--layer 2", "0..=1"],
+    );
+    let parity = |extra: &[&'static str]| {
+        [
+            &["parity", "--model", m, "--limit", "1", "--tokens", "2"][..],
+            extra,
+        ]
+        .concat()
+    };
+    refused_within(
+        &parity(&["--speed-tokens", "1"]),
+        60,
+        &["--speed-tokens 1", "at least 2"],
+    );
+    refused_within(
+        &parity(&["--speed-rounds", "1000000"]),
+        60,
+        &["--speed-rounds", "1..=1000"],
+    );
+    let out = dir.join("g.onnx");
+    for (flag, value) in [
+        ("--ep", "bogus"),
+        ("--emulate", "bogus"),
+        ("--static-shapes", "8,4"),
+        ("--ort-weights", "bogus"),
+    ] {
+        refused(
+            &["export-onnx", "--model", m, "--out", s(&out), flag, value],
+            &[&format!("{flag} \"{value}\"")],
+        );
+    }
+    assert!(!out.exists());
+}
+
+/// `keygen --out` naming a directory as `.`, `..` or `DIR/.` is refused like `DIR/` (it wrote
+/// the hidden files `..key` and `...key`), and a dangling link at PREFIX.key is an existing
+/// file: replaced only with --force.
+#[test]
+fn keygen_refuses_directory_prefixes_and_keeps_links() {
+    let dir = tmp().join("keygen-prefixes");
+    std::fs::create_dir_all(&dir).unwrap();
+    for p in [format!("{}/.", s(&dir)), format!("{}/sub/..", s(&dir))] {
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        refused(&["keygen", "--out", &p], &["--out", "not a directory"]);
+    }
+    let dangling = dir.join("k.key");
+    let _ = std::fs::remove_file(&dangling);
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    refused(
+        &["keygen", "--out", s(&dir.join("k"))],
+        &["k.key exists", "--force"],
+    );
+    assert!(std::fs::symlink_metadata(&dangling).unwrap().is_symlink());
+    assert_eq!(
+        dir_listing(&dir),
+        ["k.key", "sub"],
+        "a refused keygen wrote a file"
+    );
+}
+
+/// `scope-model route` prints the data's locality kinds in its table: a control character in
+/// one (a newline and a row of made-up figures, an ESC sequence) is escaped, not a forged row.
+#[test]
+fn scope_model_route_escapes_the_data_text_it_prints() {
+    let kind = "X\n| edit prompt | 9 | 100.0 | 0.0 | 0.0 | 0.0 |\u{1b}[31m";
+    let record = serde_json::json!({
+        "id": "ctl-1",
+        "prompt": "The capital of France is",
+        "subject": "France",
+        "target_new": "Berlin",
+        "rephrase_prompt": ["France's capital city is"],
+        "locality": {kind: [{"prompt": "The capital of Italy is", "ground_truth": "Rome"}]},
+    });
+    let Some(lines) = serac_route_dump("route-escape", &[&record], &["--no-drift-check"]) else {
+        return;
+    };
+    assert!(!lines.is_empty());
+    let dir = tmp().join("route-escape");
+    let out = ok(&[
+        "scope-model",
+        "route",
+        "--bundle",
+        s(&dir.join("records.amend")),
+        "--pubkey",
+        s(&tmp().join("e2e-route-escape.pub")),
+        "--data",
+        s(&dir.join("records.json")),
+        "--verbose",
+    ]);
+    assert!(!out.contains('\u{1b}'), "{out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("| edit prompt | 9 |")),
+        "{out}"
+    );
+    assert!(out.contains("| locality: X\\n| edit prompt | 9 |"), "{out}");
+}
+
+/// `run --scope-model` is opened only when a bundle's memories route with a scope model: with
+/// a bundle that has none it is not used, and `run` says so (a wrong path used to pass unseen).
+#[test]
+fn run_says_when_the_scope_model_is_not_used() {
+    let (dir, key, public, edits) = one_edit("run-scope-unused", "run-scope-unused");
+    let tiny = tiny_model(dir.join("tiny.gguf"));
+    let out = dir.join("g.amend");
+    ok(&compile_args(
+        &tiny,
+        "grace",
+        &edits,
+        &out,
+        &key,
+        &["--threads", "1", "--allow-partial", "--no-drift-check"],
+    ));
+    let missing = dir.join("no-such-scope.gguf");
+    let r = amend(&[
+        "run",
+        "--model",
+        s(&tiny),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--bundle",
+        s(&out),
+        "--pubkey",
+        s(&public),
+        "--scope-model",
+        s(&missing),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("--scope-model") && err.contains("not used"),
+        "{err}"
     );
 }

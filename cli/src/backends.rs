@@ -170,8 +170,10 @@ impl OrtArgs {
                 );
             }
         }
+        // Each value's error names its flag: the library's messages alone ("invalid session
+        // options: ...") do not say which of a dozen flags to change.
         Ok(OrtOptions {
-            ep: Ep::parse(&self.ep)?,
+            ep: Ep::parse(&self.ep).with_context(|| format!("--ep {:?}", self.ep))?,
             profile: match self.profile {
                 ProfileName::Cpu => Profile::Cpu,
                 ProfileName::Portable => Profile::Portable,
@@ -185,7 +187,8 @@ impl OrtArgs {
                 (None, true) => OnnxCache::Off,
                 (None, false) => OnnxCache::BesideModel,
             },
-            emulation: Emulation::parse(&self.emulate).map_err(anyhow::Error::msg)?,
+            emulation: Emulation::parse(&self.emulate)
+                .map_err(|e| anyhow::anyhow!("--emulate {:?}: {e}", self.emulate))?,
             session_config: key_values("--ort-config", &self.ort_config)?,
             ep_options: key_values("--ep-option", &self.ep_option)?,
             slots: SlotLayout::parse(&self.slots).map_err(|e| anyhow::anyhow!("--slots: {e}"))?,
@@ -193,10 +196,11 @@ impl OrtArgs {
             static_shapes: self
                 .static_shapes
                 .as_deref()
-                .map(StaticShapes::parse)
+                .map(|v| StaticShapes::parse(v).with_context(|| format!("--static-shapes {v:?}")))
                 .transpose()?,
             trace: self.ort_trace.clone(),
-            weight_memory: WeightMemory::parse(&self.ort_weights)?,
+            weight_memory: WeightMemory::parse(&self.ort_weights)
+                .with_context(|| format!("--ort-weights {:?}", self.ort_weights))?,
         })
     }
 }
@@ -245,12 +249,14 @@ pub struct ParityArgs {
     /// CPU threads for both backends.
     #[arg(long, value_parser = crate::parse_threads, default_value_t = 1)]
     pub threads: usize,
-    /// Decode tokens timed per backend in the speed comparison (0 = skip it).
+    /// Tokens generated per backend in the speed comparison: 0 skips it, else at least 2 (the
+    /// first comes from the prefill; decode is timed over the rest).
     #[arg(long, default_value_t = 64)]
     pub speed_tokens: usize,
-    /// Speed rounds, the backends alternating; medians are reported (this machine's
-    /// run-to-run noise on one round is several percent).
-    #[arg(long, default_value_t = 5, value_parser = crate::parse_count)]
+    /// Speed rounds (1..=1000), the backends alternating; medians are reported (this
+    /// machine's run-to-run noise on one round is several percent).
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub speed_rounds: usize,
     /// Evaluate the continuation in one teacher-forced pass instead of token by token.
     #[arg(long)]
@@ -435,6 +441,13 @@ pub fn parity(args: ParityArgs) -> anyhow::Result<()> {
         if args.rss_alone {
             anyhow::bail!("--rss-alone: --self-check measures no memory");
         }
+    }
+    if args.speed_tokens == 1 {
+        // One token is all prefill: decode would be timed over nothing (0 tok/s, NaN ratio).
+        anyhow::bail!(
+            "--speed-tokens 1: give 0 (no speed comparison) or at least 2 (the first token \
+             comes from the prefill; decode is timed over the rest)"
+        );
     }
     if let Some(which) = &args.rss_probe {
         return rss_probe(&args, which, &lines);
@@ -631,6 +644,20 @@ pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
     }
     let mut options = args.ort.options(None)?;
     let files = amend_runtime::onnxruntime::export_paths(&args.out, options.static_shapes.as_ref());
+    // The ONNX Runtime library (and the provider library beside it) is read too: --out naming
+    // it would replace the library with the graph.
+    let lib = options.library_path();
+    let lib_flag = if args.ort.ort_lib.is_some() {
+        "--ort-lib"
+    } else {
+        "ONNX Runtime library"
+    };
+    let shared = lib.with_file_name("libonnxruntime_providers_shared.so");
+    let outs: Vec<(&str, &Path)> = files.iter().map(|f| ("--out", f.as_path())).collect();
+    crate::check_outputs_apart(
+        &outs,
+        &[(lib_flag, lib.as_path()), (lib_flag, shared.as_path())],
+    )?;
     let model = file_id(&args.model);
     for f in &files {
         crate::check_output_path("--out", f, true)?;

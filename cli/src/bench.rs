@@ -14,7 +14,8 @@ pub struct Args {
     #[arg(long, default_value_t = 128,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub prompt_tokens: usize,
-    /// Generated tokens per run (with --prompt-tokens, at most the model's context length).
+    /// Generated tokens per run: at least 2 (the first comes from the prefill; decode is timed
+    /// over the rest) and, with --prompt-tokens, at most the model's context length.
     #[arg(long, default_value_t = 32,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
               .range(1..=MAX_GEN_TOKENS))]
@@ -39,7 +40,23 @@ const MAX_GEN_TOKENS: u64 = amend_runtime::MAX_N_CTX as u64 - 520;
 const TARGET_RATIO: f64 = 0.97;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.gen_tokens < 2 {
+        // One token is all prefill: every decode rate would be 0 and its ratio NaN, which no
+        // verdict flags.
+        anyhow::bail!(
+            "--gen-tokens {}: give at least 2 (the first token comes from the prefill; decode \
+             is timed over the rest)",
+            args.gen_tokens
+        );
+    }
     let model = crate::run::open_model(&args.model, args.threads)?;
+    let n_layer = model.info().n_layer;
+    if let Some(l) = args.layer.filter(|&l| l >= n_layer) {
+        anyhow::bail!(
+            "--layer {l}: the model has {n_layer} layers; give 0..={}",
+            n_layer.saturating_sub(1)
+        );
+    }
     // Sessions are capped at the trained context (and the raw llama.cpp context is not): a run
     // longer than it would fail or measure an overflowing context, after minutes of work.
     let n_ctx_train = model.info().n_ctx_train as usize;

@@ -196,60 +196,17 @@ fn check_distinct_prompts(records: &[dataset::EditRecord]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// For each record of `path` (read as `dataset::load` reads it), whether it gives its own id;
-/// `None` when the file cannot be read so (the loader has already refused it then).
-fn records_with_ids(path: &Path, format: DataFormat) -> Option<Vec<bool>> {
-    use serde_json::Value;
-    let text =
-        amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)
-            .ok()?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let jsonl = match format {
-        DataFormat::Jsonl => true,
-        DataFormat::Auto => {
-            ext.eq_ignore_ascii_case("jsonl")
-                || ext.eq_ignore_ascii_case("ndjson")
-                || !(text.trim_start().starts_with('[')
-                    || (text.trim_start().starts_with('{')
-                        && serde_json::from_str::<Value>(&text).is_ok()))
-        }
-        _ => false,
-    };
-    let items: Vec<Value> = if jsonl {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).ok())
-            .collect::<Option<_>>()?
-    } else {
-        match serde_json::from_str(&text).ok()? {
-            Value::Array(a) => a,
-            v => vec![v],
-        }
-    };
-    // The loader's rule (compiler/src/dataset.rs `parse_record`): a string or number id.
-    Some(
-        items
-            .iter()
-            .map(|v| {
-                ["id", "case_id", "record_id"].iter().any(|k| {
-                    v.get(k)
-                        .is_some_and(|x| matches!(x, Value::String(_) | Value::Number(_)))
-                })
-            })
-            .collect(),
-    )
-}
-
 /// Records without an id of their own are numbered on from the base bundle's numeric ids, so
 /// that `0, 1, ...` of an appended file do not clash with the base's own automatic ids.
-fn continue_auto_ids(records: &mut [dataset::EditRecord], own_id: &[bool], base: &Bundle) {
+fn continue_auto_ids(records: &mut [dataset::EditRecord], base: &Bundle) {
     let mut used: std::collections::HashSet<String> =
         base.manifest().edits.iter().map(|e| e.id.clone()).collect();
-    for (r, own) in records.iter().zip(own_id) {
-        if *own {
-            used.insert(r.id.clone());
-        }
-    }
+    used.extend(
+        records
+            .iter()
+            .filter(|r| !r.id_from_index)
+            .map(|r| r.id.clone()),
+    );
     let mut next = base
         .manifest()
         .edits
@@ -257,59 +214,42 @@ fn continue_auto_ids(records: &mut [dataset::EditRecord], own_id: &[bool], base:
         .filter_map(|e| e.id.parse::<u64>().ok())
         .max()
         .map_or(0, |m| m + 1);
-    for (r, own) in records.iter_mut().zip(own_id) {
-        if !*own {
-            while used.contains(&next.to_string()) {
-                next += 1;
-            }
-            r.id = next.to_string();
-            used.insert(r.id.clone());
+    for r in records.iter_mut().filter(|r| r.id_from_index) {
+        while used.contains(&next.to_string()) {
             next += 1;
         }
+        r.id = next.to_string();
+        used.insert(r.id.clone());
+        next += 1;
     }
 }
 
 /// A layer given in `--set METHOD.layer=L` or the `--hparams` file must be in the model: only
 /// the built-in defaults (made for 16-28 layer models) are clamped to a smaller one.
-fn check_explicit_layer(args: &Args, method: Method, n_layer: usize) -> anyhow::Result<()> {
-    if method == Method::Memit {
-        return Ok(()); // memit checks its window against the model before any work
+fn check_explicit_layer(
+    args: &Args,
+    method: Method,
+    hp: &Hparams,
+    given: &amend_compiler::hparams::Given,
+    n_layer: usize,
+) -> anyhow::Result<()> {
+    // memit checks its window against the model before any work.
+    let Some(layer) = hp.layer(method) else {
+        return Ok(());
+    };
+    let key = format!("{}.layer", method.name());
+    let Some(origin) = given.get(&key) else {
+        return Ok(());
+    };
+    let what = origin.describe(&key);
+    if args.layer.is_some() {
+        bail!("{what} and --layer both give the layer; give one");
     }
-    let name = method.name();
-    let mut given: Vec<(String, toml::Value)> = Vec::new();
-    if let Some(path) = &args.hparams {
-        let text =
-            amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)?;
-        if let Some(v) = text
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|t| t.get(name)?.get("layer").cloned())
-        {
-            given.push((format!("--hparams {}: {name}.layer", path.display()), v));
-        }
-    }
-    for s in &args.set {
-        if let Some((k, v)) = s.split_once('=') {
-            if k.split_whitespace().collect::<String>() == format!("{name}.layer") {
-                given.push((format!("--set {s}"), toml::Value::String(v.trim().into())));
-            }
-        }
-    }
-    for (what, v) in given {
-        if args.layer.is_some() {
-            bail!("{what} and --layer both give the layer; give one");
-        }
-        let l = match v {
-            toml::Value::Integer(i) => i,
-            toml::Value::String(s) => s.parse().unwrap_or(-1),
-            _ => -1,
-        };
-        if !(0..n_layer as i64).contains(&l) {
-            bail!(
-                "{what}: the model has {n_layer} layers, so the layer must be in 0..={}",
-                n_layer.saturating_sub(1)
-            );
-        }
+    if layer >= n_layer {
+        bail!(
+            "{what}: the model has {n_layer} layers, so the layer must be in 0..={}",
+            n_layer.saturating_sub(1)
+        );
     }
     Ok(())
 }
@@ -463,11 +403,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                  stays there; drop --channel (or compile without --base-bundle)"
             );
         }
-        if let Some(own) = records_with_ids(&args.edits, format) {
-            if own.len() == records.len() {
-                continue_auto_ids(&mut records, &own, b);
-            }
-        }
+        continue_auto_ids(&mut records, b);
     }
     amend_compiler::methods::check_unique_ids(&records, base.as_ref())?;
 
@@ -526,10 +462,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             records: records.clone(),
         }]
     };
-    let hps = stages
+    let resolved = stages
         .iter()
         .map(|s| {
-            Hparams::resolve_with(
+            Hparams::resolve_given(
                 compiler.fwd.cfg.arch,
                 s.preset,
                 args.hparams.as_deref(),
@@ -537,7 +473,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    check_explicit_layer(&args, method, compiler.fwd.cfg.n_layer)?;
+    // The user's keys are the same in every stage (only the preset differs).
+    let given = resolved[0].1.clone();
+    let hps: Vec<Hparams> = resolved.into_iter().map(|(hp, _)| hp).collect();
+    check_explicit_layer(&args, method, &hps[0], &given, compiler.fwd.cfg.n_layer)?;
     if args.print_hparams {
         for (s, hp) in stages.iter().zip(&hps) {
             if stages.len() > 1 {

@@ -49,21 +49,14 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
     if args.n == 0 || args.n > MAX_RECORDS {
         bail!("--n must be between 1 and {MAX_RECORDS}, got {}", args.n);
     }
-    if let Ok(meta) = std::fs::metadata(&args.out) {
-        if !meta.is_file() {
-            bail!(
-                "--out {}: exists and is not a regular file",
-                args.out.display()
-            );
-        }
-        if !args.force {
-            bail!(
-                "--out {}: exists; pass --force to replace it",
-                args.out.display()
-            );
-        }
-    }
+    // First: it refuses what is there but no regular file, with or without --force.
     crate::check_output_path("--out", &args.out, true)?;
+    if !args.force && std::fs::metadata(&args.out).is_ok() {
+        bail!(
+            "--out {}: exists; pass --force to replace it",
+            args.out.display()
+        );
+    }
     let records = synthetic(args.n, args.seed);
     let mut json = to_knowedit(&records);
     // The style field the repository's data sets carry (eval reports styles apart).
@@ -122,15 +115,17 @@ mod tests {
         }
         assert!(synth(args(0)).is_err());
         assert!(synth(args(MAX_RECORDS + 1)).is_err());
-        // A directory is not overwritten.
-        let err = synth(SynthArgs {
-            n: 3,
-            seed: 1,
-            out: dir.clone(),
-            force: true,
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // A directory is not overwritten, and is named as one with or without --force.
+        for force in [true, false] {
+            let err = synth(SynthArgs {
+                n: 3,
+                seed: 1,
+                out: dir.clone(),
+                force,
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("that is a directory"), "{err}");
+        }
         // An existing file is kept without --force; a .jsonl name gets JSON lines.
         let keep = |out: &std::path::Path| SynthArgs {
             n: 3,

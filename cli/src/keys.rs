@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use amend_edits::bundle::stream::invisible;
 use amend_edits::bundle::{self, Bundle, BundleBytes, Manifest, Payload, HEADER_LEN};
 use amend_edits::editset::{check_binding, Clock, SystemClock};
 use amend_edits::fsutil::{read_regular, MAX_KEY_FILE_LEN};
@@ -70,7 +71,10 @@ fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
 }
 
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
-    if a.out.as_os_str().as_encoded_bytes().ends_with(b"/") {
+    let bytes = a.out.as_os_str().as_encoded_bytes();
+    // `.`, `..` and `dir/.` name directories too: they wrote the hidden files `..key`, `...key`.
+    let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    if bytes.ends_with(b"/") || last == b"." || last == b".." {
         bail!(
             "--out {}: a prefix for PREFIX.key and PREFIX.pub, not a directory",
             a.out.display()
@@ -80,7 +84,8 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     // Both paths before either file is written: a .pub that cannot be written must not cost
     // the old .key (with --force) and leave a key without its public half.
     for p in [&kp, &pp] {
-        if p.exists() && !a.force {
+        // symlink_metadata: a dangling link is a file there too, replaced only with --force.
+        if std::fs::symlink_metadata(p).is_ok() && !a.force {
             bail!("{} exists (use --force to overwrite)", p.display());
         }
         crate::check_output_path("--out", p, true)?;
@@ -111,22 +116,22 @@ pub fn sign(a: SignArgs) -> anyhow::Result<()> {
         Some(o) => (o.clone(), "--out"),
         None => (a.bundle.clone(), "BUNDLE"),
     };
-    // The output must not be the key (or, with --out, the bundle) through any name or link.
-    let mut inputs = vec![("--key", a.key.as_path())];
-    if a.out.is_some() {
-        inputs.push(("BUNDLE", a.bundle.as_path()));
-    }
-    crate::check_outputs_apart(&[(out_flag, out.as_path())], &inputs)?;
+    // --out naming the bundle itself, however spelled, is signing in place (with its checks).
+    let in_place = a.out.is_none()
+        || (std::fs::metadata(&a.bundle).is_ok()
+            && crate::file_identity(&out) == crate::file_identity(&a.bundle));
+    // The output must not be the key (or another name of the bundle) through any name or link.
+    crate::check_outputs_apart(&[(out_flag, out.as_path())], &[("--key", a.key.as_path())])?;
     // A key file is never the output, even one that is not --key (k.pub beside k.key).
-    if a.out.is_some() && (has_ext(&out, "key") || has_ext(&out, "pub")) {
+    if !in_place && (has_ext(&out, "key") || has_ext(&out, "pub")) {
         bail!(
             "--out {}: that names a key file (.key or .pub); give the signed bundle another \
              name (such as NAME.amend)",
             out.display()
         );
     }
-    if a.out.is_none() {
-        check_sign_in_place(&a.bundle)?;
+    if in_place {
+        check_sign_in_place(&out)?;
     }
     crate::check_output_path(out_flag, &out, true)?;
     // The replaced file keeps its permission bits (a private bundle stays private); a new
@@ -194,7 +199,7 @@ fn check_sign_in_place(bundle: &Path) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "?".into());
         bail!(
             "{} is a symbolic link to {target}: signing in place would replace the link with a \
-             regular file and leave {target} unsigned; sign {target} itself, or give --out",
+             regular file and leave {target} unsigned; sign {target} itself, or give --out a new file",
             bundle.display()
         );
     }
@@ -204,7 +209,7 @@ fn check_sign_in_place(bundle: &Path) -> anyhow::Result<()> {
         if md.nlink() > 1 {
             bail!(
                 "{} has {} hard links: signing in place would give this name a new file and \
-                 leave the other names unsigned; give --out",
+                 leave the other names unsigned; give --out a new file",
                 bundle.display(),
                 md.nlink()
             );
@@ -214,28 +219,20 @@ fn check_sign_in_place(bundle: &Path) -> anyhow::Result<()> {
 }
 
 /// `s` with control characters (newline, ESC, U+0080..U+009F, ...) escaped (`\n`, `\u{1b}`):
-/// text from a bundle must not add, rewrite or hide lines of what the terminal shows.
-fn esc(s: &str) -> String {
+/// text from a bundle or a data file must not add, rewrite or hide lines of what the terminal
+/// shows. Invisible format characters and line separators are shown escaped too.
+pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_control() {
             out.extend(c.escape_debug());
-        } else if invisible(c) {
+        } else if invisible(c) || matches!(c, '\u{2028}' | '\u{2029}') {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         } else {
             out.push(c);
         }
     }
     out
-}
-
-/// Format characters a terminal draws as nothing but that reorder or hide text around them
-/// (bidi overrides and isolates, zero-width marks): `inspect` shows them, escaped, so that an
-/// id cannot display as another.
-fn invisible(c: char) -> bool {
-    matches!(c,
-        '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// serde_json writes DEL and U+0080..U+009F raw (a C1 control such as CSI U+009B acts like

@@ -133,6 +133,11 @@ fn output_paths(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
         crate::check_output_path("--out-dir/--name", &json, true)?;
         crate::check_output_path("--out-dir/--name", &png, true)?;
     }
+    // Either output renamed over the model (or a link to it) would replace it with the trace.
+    crate::check_outputs_apart(
+        &[("--out-dir/--name", &json), ("--out-dir/--name", &png)],
+        &[("--model", &args.model)],
+    )?;
     Ok((json, png))
 }
 

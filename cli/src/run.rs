@@ -117,6 +117,13 @@ fn apply_edits(
         // The scope model on its default one thread, whatever --threads gives the base model.
         crate::eval::scope_for(&ab.bundle, args.scope_model.as_deref(), None, &mut scope)?;
     }
+    if let (Some(p), None) = (&args.scope_model, &scope) {
+        // Opened only when a bundle routes with it: say so, or a wrong path passes unseen.
+        eprintln!(
+            "note: --scope-model {} not used: no bundle given has memories that route with a scope model",
+            p.display()
+        );
+    }
     session.set_scope_model(scope)?;
     session.set_edit_set(Some(set))?;
     Ok(())

@@ -1,8 +1,9 @@
 //! `amend scope-model`: the scope model memories route with (all-MiniLM-L6-v2 as a bert GGUF).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::keys::esc;
 use anyhow::Context;
 
 use amend_compiler::scope_model::{self, WeightType};
@@ -138,6 +139,52 @@ fn load_sets(
     Ok(records)
 }
 
+/// `--scope-model`, else the default path (`None`: no HOME).
+fn scope_path(path: Option<&PathBuf>) -> Option<PathBuf> {
+    path.cloned()
+        .or_else(amend_runtime::default_scope_model_path)
+}
+
+/// The files of a checkpoint directory that `convert` and `tune` read.
+fn checkpoint_files(from: &Path) -> Vec<PathBuf> {
+    [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ]
+    .iter()
+    .map(|f| from.join(f))
+    .collect()
+}
+
+/// `--from` must be a directory: the library's "cannot read FILE/config.json: Not a
+/// directory" does not say what --from is meant to name.
+fn check_checkpoint_dir(from: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(from) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(md) => anyhow::bail!(
+            "--from {}: that is a {}, not a directory; give the unzipped checkpoint's directory \
+             (config.json, tokenizer.json, model.safetensors)",
+            from.display(),
+            if md.is_file() {
+                "file"
+            } else {
+                amend_edits::fsutil::kind_name(&md.file_type())
+            }
+        ),
+        Err(e) => Err(e).with_context(|| format!("--from {}", from.display())),
+    }
+}
+
+/// An output that must not be any of the command's input files (nor a link to one): each is
+/// written by renaming over the path, which would replace the data, a bundle, a key, a
+/// checkpoint file or the scope model with the output.
+fn check_out_apart(flag: &str, out: &Path, inputs: &[(&str, PathBuf)]) -> anyhow::Result<()> {
+    let inputs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    crate::check_outputs_apart(&[(flag, out)], &inputs)
+}
+
 /// The scope model at `path`, or the default one.
 fn open_scope(
     path: Option<PathBuf>,
@@ -153,6 +200,16 @@ fn open_scope(
 fn tune(a: TuneArgs) -> anyhow::Result<()> {
     use amend_compiler::scope_tune;
     crate::check_output_path("--out", &a.out, true)?;
+    check_checkpoint_dir(&a.from)?;
+    let mut inputs: Vec<(&str, PathBuf)> = checkpoint_files(&a.from)
+        .into_iter()
+        .map(|f| ("--from", f))
+        .collect();
+    inputs.extend(a.data.iter().map(|d| ("--data", d.clone())));
+    inputs.extend(a.validation.iter().map(|d| ("--validation", d.clone())));
+    inputs.push(("--lexicon", PathBuf::from(&a.lexicon)));
+    inputs.extend(scope_path(a.scope_model.as_ref()).map(|p| ("--scope-model", p)));
+    check_out_apart("--out", &a.out, &inputs)?;
     let o = scope_tune::TuneOptions {
         layers: a.layers,
         rank: a.rank,
@@ -242,6 +299,10 @@ struct TrainHeadArgs {
 fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     use amend_compiler::methods::scope_head;
     crate::check_output_path("--out", &a.out, true)?;
+    let mut inputs: Vec<(&str, PathBuf)> = a.data.iter().map(|d| ("--data", d.clone())).collect();
+    inputs.extend(a.calibrate.iter().map(|d| ("--calibrate", d.clone())));
+    inputs.extend(scope_path(a.scope_model.as_ref()).map(|p| ("--scope-model", p)));
+    check_out_apart("--out", &a.out, &inputs)?;
     let o = scope_head::TrainOptions {
         members: a.members,
         hidden: a.hidden,
@@ -254,6 +315,17 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     o.check()?;
     let records = load_sets(&a.data, "--data")?;
     let calibration = load_sets(&a.calibrate, "--calibrate")?;
+    // Without --calibrate the trainer needs a record per fold; its own message names no flag
+    // and comes after the scope model loads.
+    if calibration.is_empty() && records.len() < o.folds {
+        anyhow::bail!(
+            "--data: {} record(s); train-head needs at least {} (the threshold's out-of-fold \
+             check splits them into {} folds)",
+            records.len(),
+            o.folds,
+            o.folds
+        );
+    }
     let scope = open_scope(a.scope_model.clone(), a.threads)?;
     let (head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
         eprintln!("{m}")
@@ -331,6 +403,13 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     use amend_edits::bundle::Payload;
     if let Some(d) = &a.dump {
         crate::check_output_path("--dump", d, true)?;
+        let mut inputs = vec![
+            ("--bundle", a.bundle.clone()),
+            ("--pubkey", a.pubkey.clone()),
+            ("--data", a.data.clone()),
+        ];
+        inputs.extend(scope_path(a.scope_model.as_ref()).map(|p| ("--scope-model", p)));
+        check_out_apart("--dump", d, &inputs)?;
     }
     let records = amend_compiler::dataset::load(&a.data, Default::default())
         .with_context(|| format!("--data {}", a.data.display()))?;
@@ -435,7 +514,11 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
             "own"
         };
         if a.verbose && verdict != wanted {
-            let h = hit.expect("a verdict other than out has a hit");
+            // A rephrase routed nowhere has no hit at all (no candidate): no terms to print.
+            let Some(h) = hit else {
+                println!("  {}: {verdict} (no candidate): {prompt:?}", esc(kind));
+                return Ok(());
+            };
             // Which rule spoke: the groups (record's / query's, "-" for none) and their vote.
             let groups = match (h.groups, routing.groups()) {
                 (Some((rg, qg)), Some(g)) => format!(
@@ -446,13 +529,14 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
                 ),
                 _ => String::new(),
             };
+            let (kind, id) = (esc(kind), esc(id));
             println!(
                 "  {kind}: {verdict} {id} pooled {:.3} subject {:.3} relation {:.3} score {:.2}{groups} ({}): {prompt:?}",
                 h.pooled,
                 h.subject,
                 h.relation,
                 h.score,
-                mem.record(h.index).map_or("", |r| r.edit_id)
+                esc(mem.record(h.index).map_or("", |r| r.edit_id))
             );
         }
         Ok(())
@@ -475,7 +559,8 @@ fn route(a: RouteArgs) -> anyhow::Result<()> {
     let pct = |x: usize, n: usize| 100.0 * x as f64 / n.max(1) as f64;
     for (k, t) in &tallies {
         println!(
-            "| {k} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            esc(k),
             t.n,
             pct(t.own, t.n),
             pct(t.other, t.n),
@@ -498,6 +583,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Convert(a) => {
             let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
             crate::check_output_path("--out", &a.out, true)?;
+            check_checkpoint_dir(&a.from)?;
+            let mut inputs: Vec<(&str, PathBuf)> = checkpoint_files(&a.from)
+                .into_iter()
+                .map(|f| ("--from", f))
+                .collect();
+            inputs.extend(a.tune.iter().map(|t| ("--tune", t.clone())));
+            check_out_apart("--out", &a.out, &inputs)?;
             let c = match scope_model::convert_checked(&a.from, ty, a.tune.as_deref()) {
                 Ok(c) => c,
                 Err(scope_model::ConvertError::Tune(m)) => {

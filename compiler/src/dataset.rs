@@ -45,8 +45,13 @@ impl Probe {
 /// One edit request, normalised from any supported input shape.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EditRecord {
-    /// `id` / `case_id` from the file when present, else the record index.
+    /// `id` / `case_id` / `record_id` from the file when present, else the record index.
     pub id: String,
+    /// Whether `id` is the record's index because the file gave none (`compile --base-bundle`
+    /// numbers such records on from the base's ids). Not serialized: it describes the input,
+    /// and JSON written from records (checkpoint digests) must not change with it.
+    #[serde(skip)]
+    pub id_from_index: bool,
     pub prompt: String,
     pub subject: Option<String>,
     pub target_new: String,
@@ -388,10 +393,10 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         .as_object()
         .ok_or_else(|| ctx.err("", format!("expected an object, found {}", type_name(v))))?;
 
-    let id = match first_key(obj, &["id", "case_id", "record_id"]) {
-        Some((_, Value::String(s))) => s.clone(),
-        Some((_, Value::Number(n))) => n.to_string(),
-        _ => index.to_string(),
+    let (id, id_from_index) = match first_key(obj, &["id", "case_id", "record_id"]) {
+        Some((_, Value::String(s))) => (s.clone(), false),
+        Some((_, Value::Number(n))) => (n.to_string(), false),
+        _ => (index.to_string(), true),
     };
     // A bundle refuses such ids (they could forge lines of output): say so before training.
     if amend_edits::bundle::stream::has_control(&id) {
@@ -459,6 +464,7 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
 
     Ok(EditRecord {
         id,
+        id_from_index,
         prompt,
         subject,
         target_new,
@@ -750,6 +756,41 @@ mod tests {
         assert_eq!(r[1].id, "7");
         // After a newline the target follows directly.
         assert_eq!(r[1].continuation(), "x");
+    }
+
+    /// A record's own id (string or number, under any of its names) is marked as given; a
+    /// missing, null or non-scalar one falls back to the index, marked so. The mark is not
+    /// serialized (checkpoint digests hash records as JSON).
+    #[test]
+    fn ids_from_the_file_are_told_from_index_ids() {
+        let t = concat!(
+            "{\"id\": \"a\", \"prompt\": \"p0\", \"target\": \"t\"}\n",
+            "{\"prompt\": \"p1\", \"target\": \"t\"}\n",
+            "{\"case_id\": 7, \"prompt\": \"p2\", \"target\": \"t\"}\n",
+            "{\"record_id\": \"r\", \"prompt\": \"p3\", \"target\": \"t\"}\n",
+            "{\"id\": null, \"prompt\": \"p4\", \"target\": \"t\"}\n",
+            "{\"id\": true, \"case_id\": 9, \"prompt\": \"p5\", \"target\": \"t\"}\n",
+        );
+        let r = parse_jsonl(t).unwrap();
+        let got: Vec<(&str, bool)> = r.iter().map(|r| (r.id.as_str(), r.id_from_index)).collect();
+        assert_eq!(
+            got,
+            [
+                ("a", false),
+                ("1", true),
+                ("7", false),
+                ("r", false),
+                ("4", true),
+                ("5", true)
+            ]
+        );
+        let json = serde_json::to_string(&r[1]).unwrap();
+        assert!(!json.contains("id_from_index"), "{json}");
+        let k = parse_knowedit(
+            r#"[{"prompt": "p", "target_new": "t"}, {"id": 3, "prompt": "q", "target_new": "t"}]"#,
+        )
+        .unwrap();
+        assert!(k[0].id_from_index && !k[1].id_from_index);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::error::{CompileError, Result};
 use crate::forward::Arch;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The presets compiled in (the files of runtime/hparams/presets/, by name): what
 /// `amend compile --preset NAME` lays over the defaults.
@@ -410,6 +410,18 @@ impl Hparams {
         file: Option<&Path>,
         sets: &[String],
     ) -> Result<Hparams> {
+        Self::resolve_given(arch, preset, file, sets).map(|(hp, _)| hp)
+    }
+
+    /// [`Hparams::resolve_with`], also telling which keys the user gave (the file and `sets`)
+    /// from those left to the built-in defaults and preset.
+    pub fn resolve_given(
+        arch: Arch,
+        preset: Option<&str>,
+        file: Option<&Path>,
+        sets: &[String],
+    ) -> Result<(Hparams, Given)> {
+        let mut given = Given::new();
         let table: toml::Table = Self::defaults_text(arch)
             .parse()
             .map_err(|e| CompileError::Hparams(format!("built-in defaults: {e}")))?;
@@ -442,6 +454,9 @@ impl Hparams {
             let over: toml::Table = text
                 .parse()
                 .map_err(|e| CompileError::Hparams(format!("{}: {e}", path.display())))?;
+            for key in leaf_keys(&over, "") {
+                given.insert(key, Origin::File(path.to_path_buf()));
+            }
             merge(&mut table, over, "").map_err(|e| match e {
                 CompileError::Hparams(m) => {
                     CompileError::Hparams(format!("--hparams {}: {m}", path.display()))
@@ -483,12 +498,26 @@ impl Hparams {
                 )));
             }
             sec.insert(field.to_string(), value);
+            given.insert(format!("{section}.{field}"), Origin::Set(s.clone()));
         }
         let hp: Hparams = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| CompileError::Hparams(e.to_string()))?;
         hp.validate()?;
-        Ok(hp)
+        Ok((hp, given))
+    }
+
+    /// The layer `method` edits (MEMIT edits a window, `memit.layers`: None).
+    pub fn layer(&self, method: crate::Method) -> Option<usize> {
+        use crate::Method;
+        match method {
+            Method::Grace => Some(self.grace.layer),
+            Method::TPatcher => Some(self.tpatcher.layer),
+            Method::Rome => Some(self.rome.layer),
+            Method::Lora => Some(self.lora.layer),
+            Method::Serac => Some(self.serac.layer),
+            Method::Memit => None,
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -716,6 +745,47 @@ impl Hparams {
     }
 }
 
+/// Where a hyperparameter the user gave comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The `--hparams` file.
+    File(PathBuf),
+    /// A `--set` argument, as given.
+    Set(String),
+}
+
+impl Origin {
+    /// How a message names the value of `key`: `--hparams FILE: grace.layer` or
+    /// `--set grace.layer=40`.
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            Origin::File(path) => format!("--hparams {}: {key}", path.display()),
+            Origin::Set(s) => format!("--set {s}"),
+        }
+    }
+}
+
+/// The keys the user gave, dotted (`grace.layer`), with where each came from; a key both the
+/// file and `--set` give is the `--set`'s, which wins. The defaults and presets are not in it.
+pub type Given = std::collections::BTreeMap<String, Origin>;
+
+/// The dotted keys of the values (not the tables) in `t`.
+fn leaf_keys(t: &toml::Table, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in t {
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(sub) => out.extend(leaf_keys(sub, &name)),
+            _ => out.push(name),
+        }
+    }
+    out
+}
+
 /// The most optimisation steps a method takes per edit (the defaults take 25 to 150).
 pub const MAX_STEPS: usize = 10_000;
 
@@ -924,6 +994,43 @@ mod tests {
                 .contains("unk.toml: unknown key `grace.bogus`"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The keys the file and `--set` give are told apart from the defaults' and the preset's,
+    /// each with its origin; `--set` wins a key both give.
+    #[test]
+    fn given_keys_name_their_origin() {
+        let dir = std::env::temp_dir().join(format!("amend-hp-given-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("g.toml");
+        std::fs::write(&f, "[grace]\nlayer = 3\nlr = 2.0\n[rome]\nlayer = 4\n").unwrap();
+        let (hp, given) = Hparams::resolve_given(
+            Arch::Gemma3,
+            Some("memit-statements"),
+            Some(&f),
+            &["grace.layer=5".into(), "tpatcher.steps=3".into()],
+        )
+        .unwrap();
+        assert_eq!(hp.layer(crate::Method::Grace), Some(5));
+        assert_eq!(hp.layer(crate::Method::Rome), Some(4));
+        assert_eq!(hp.layer(crate::Method::Memit), None);
+        let keys: Vec<&str> = given.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["grace.layer", "grace.lr", "rome.layer", "tpatcher.steps"]
+        );
+        assert_eq!(given["grace.layer"], Origin::Set("grace.layer=5".into()));
+        assert_eq!(
+            given["rome.layer"].describe("rome.layer"),
+            format!("--hparams {}: rome.layer", f.display())
+        );
+        assert_eq!(
+            given["grace.layer"].describe("grace.layer"),
+            "--set grace.layer=5"
+        );
+        let (_, none) = Hparams::resolve_given(Arch::Gemma3, None, None, &[]).unwrap();
+        assert!(none.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

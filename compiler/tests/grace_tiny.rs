@@ -14,6 +14,7 @@ use amend_runtime::Architecture;
 fn record(i: usize, prompt: &str, target: &str) -> EditRecord {
     EditRecord {
         id: format!("e{i}"),
+        id_from_index: false,
         prompt: prompt.to_string(),
         subject: None,
         target_new: target.to_string(),

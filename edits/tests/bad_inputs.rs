@@ -302,10 +302,54 @@ fn k19_overlapping_sections() {
         layout(m).unwrap();
         m.sections[1].offset = m.sections[0].offset;
     });
-    assert!(matches!(
+    assert_eq!(
         bundle_err(refuse(&set, v.as_slice())),
-        BundleError::SectionOverlap { .. }
-    ));
+        BundleError::SectionOverlap { a: 0, b: 1 }
+    );
+    // The reader names the pair the stream names (`refuse` checks the stream): the first
+    // section, in index order, that runs into another, then that other.
+    let v = craft(good().as_slice(), false, |m, _| {
+        layout(m).unwrap();
+        m.sections[2].offset = m.sections[0].offset;
+    });
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::SectionOverlap { a: 0, b: 2 }
+    );
+}
+
+/// Two edits claiming the same units: both verifiers name the first edit, in manifest order,
+/// that claims units an earlier edit has (not a position in some sorted order).
+#[test]
+fn k19b_edits_claiming_the_same_units() {
+    let set = active_set();
+    // Edit 5 (the memory's second record) claims edit 4's record.
+    let v = craft(good().as_slice(), true, |m, _| m.edits[5].first = 0);
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::BadEdit {
+            index: 5,
+            reason: "two edits claim the same units"
+        }
+    );
+    // Edit 1 reaches back into edit 0's rows of the codebook.
+    let v = craft(good().as_slice(), true, |m, _| m.edits[1].first = 1);
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::BadEdit {
+            index: 1,
+            reason: "two edits claim the same units"
+        }
+    );
+    // Edit 0 grows over edit 1's row: edit 1 is the one that finds its units taken.
+    let v = craft(good().as_slice(), true, |m, _| m.edits[0].count = 3);
+    assert_eq!(
+        bundle_err(refuse(&set, v.as_slice())),
+        BundleError::BadEdit {
+            index: 1,
+            reason: "two edits claim the same units"
+        }
+    );
 }
 
 #[test]
@@ -911,6 +955,12 @@ fn k60_control_characters_in_ids_and_channel() {
         "\u{7f}",
         "a\u{9b}2J",
         "\0",
+        // Shown as nothing, yet they make one id display as another or break its line.
+        "paris\u{202e}",
+        "par\u{200b}is",
+        "\u{feff}id",
+        "a\u{2028}signer",
+        "id\u{e0041}",
     ] {
         let v = craft(good().as_slice(), true, |m, _| m.bundle_id = bad.into());
         assert_eq!(
@@ -975,6 +1025,13 @@ fn k60_control_characters_in_ids_and_channel() {
             reason: "control character in id"
         })
     );
+    // Ids in any script are fine: only characters that display as nothing or break lines are
+    // refused.
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.edits[0].id = "Париж-東京-مدينة-é".into();
+        m.bundle_id = "bündle-日本".into();
+    });
+    drop(set.open_bytes(v.as_slice()).expect("ids in any script"));
     // Newlines and ESC in prompts, targets and memory texts are content, not refused.
     let v = craft(good().as_slice(), true, |m, _| {
         m.edits[0].prompt = "line one\nline two \x1b".into();

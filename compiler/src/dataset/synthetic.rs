@@ -532,6 +532,7 @@ fn generate(n: usize, seed: u64) -> Vec<(usize, EditRecord)> {
             rel_idx,
             EditRecord {
                 id: format!("syn-{seed}-{:05}", i + 1),
+                id_from_index: false,
                 prompt: fill(templates[0], &subject),
                 subject: Some(subject.clone()),
                 target_new: target.to_string(),

@@ -1213,6 +1213,7 @@ mod tests {
         let c = Compiler::open(&path).unwrap();
         let r = EditRecord {
             id: "pin".into(),
+            id_from_index: false,
             prompt: "Where was Mahatma Gandhi born?".into(),
             subject: Some("Mahatma Gandhi".into()),
             target_new: "Lille".into(),

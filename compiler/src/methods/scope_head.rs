@@ -564,7 +564,8 @@ pub fn train(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(HeadFile, TrainReport)> {
     o.check()?;
-    if o.folds < 2 || records.len() < o.folds {
+    // Folds serve only the out-of-fold threshold: with calibration records they are unused.
+    if calibration.is_empty() && (o.folds < 2 || records.len() < o.folds) {
         return Err(bad("need at least 2 folds and a record per fold"));
     }
     let t0 = std::time::Instant::now();

@@ -379,7 +379,7 @@ pub fn check_manifest(
 
     // Edits.
     let mut ids: Vec<(&str, usize)> = Vec::with_capacity(m.edits.len());
-    let mut ranges: Vec<(u32, u32, u32)> = Vec::with_capacity(m.edits.len());
+    let mut ranges: Vec<(u32, u32, u64)> = Vec::with_capacity(m.edits.len());
     for (i, e) in m.edits.iter().enumerate() {
         check_str(&e.id, "edit id length")?;
         check_str(&e.prompt, "prompt length")?;
@@ -422,7 +422,7 @@ pub fn check_manifest(
             });
         }
         ids.push((e.id.as_str(), i));
-        ranges.push((e.payload, e.first, e.count));
+        ranges.push((e.payload, e.first, end));
     }
     ids.sort_unstable();
     // The first edit (in manifest order) whose id an earlier one has, as the stream reports it.
@@ -434,16 +434,35 @@ pub fn check_manifest(
     {
         return Err(BundleError::DuplicateEditId { index });
     }
-    ranges.sort_unstable();
-    for (k, w) in ranges.windows(2).enumerate() {
-        if w[0].0 == w[1].0 && w[0].1 + w[0].2 > w[1].1 {
-            return Err(BundleError::BadEdit {
-                index: k,
-                reason: "two edits claim the same units",
-            });
-        }
+    if let Some(index) = first_unit_clash(&ranges) {
+        return Err(BundleError::BadEdit {
+            index,
+            reason: "two edits claim the same units",
+        });
     }
     Ok(payloads)
+}
+
+/// The first edit, in manifest order, whose units (`(payload, first, end)`) overlap an earlier
+/// edit's: the index the streaming verifier reports. The edits before it are disjoint, so the
+/// earlier range that starts last before this one ends is the only one that can reach into it.
+fn first_unit_clash(ranges: &[(u32, u32, u64)]) -> Option<usize> {
+    let mut seen = alloc::collections::BTreeMap::<(u32, u32), u64>::new();
+    for (j, &(payload, first, end)) in ranges.iter().enumerate() {
+        let before = seen
+            .range((payload, 0)..=(payload, first))
+            .next_back()
+            .is_some_and(|(_, &e)| e > first as u64);
+        let after = seen
+            .range((payload, first)..)
+            .next()
+            .is_some_and(|(&(p, f), _)| p == payload && (f as u64) < end);
+        if before || after {
+            return Some(j);
+        }
+        seen.insert((payload, first), end);
+    }
+    None
 }
 
 /// Decodes a payload descriptor of `kind` (postcard, no trailing bytes); `None` when it does not
@@ -483,19 +502,27 @@ pub fn units(m: &Manifest, p: &Payload) -> usize {
 
 fn check_section_bytes(m: &Manifest, buf: &[u8], payload_offset: u64) -> Result<(), BundleError> {
     let total = buf.len() as u64;
-    let mut order: Vec<usize> = (0..m.sections.len()).collect();
-    order.sort_unstable_by_key(|&i| m.sections[i].offset);
-    for &i in &order {
-        let s = &m.sections[i];
+    // Faults are named as the streaming verifier names them: the first section out of bounds
+    // in index order, and the first overlapping pair in index order.
+    for (i, s) in m.sections.iter().enumerate() {
         let end = s.offset.checked_add(s.len);
         if s.offset < payload_offset || end.is_none_or(|e| e > total) {
             return Err(BundleError::SectionOutOfBounds { index: i });
         }
     }
-    for w in order.windows(2) {
-        let (a, b) = (&m.sections[w[0]], &m.sections[w[1]]);
-        if a.offset + a.len > b.offset {
-            return Err(BundleError::SectionOverlap { a: w[0], b: w[1] });
+    let mut order: Vec<usize> = (0..m.sections.len()).collect();
+    order.sort_unstable_by_key(|&i| (m.sections[i].offset, i));
+    let overlaps = |a: usize, b: usize| {
+        let (x, y) = (&m.sections[a], &m.sections[b]);
+        (x.offset, a) < (y.offset, b) && x.offset + x.len > y.offset
+    };
+    if order.windows(2).any(|w| overlaps(w[0], w[1])) {
+        // Only on refusal: the stream's pairwise order (at most MAX_SECTIONS^2 comparisons).
+        let n = m.sections.len();
+        for a in 0..n {
+            if let Some(b) = (0..n).find(|&b| overlaps(a, b)) {
+                return Err(BundleError::SectionOverlap { a, b });
+            }
         }
     }
     // Every byte outside header/manifest/signature/sections must be zero, so that no bit of the

@@ -957,11 +957,25 @@ fn check_str(s: &str, what: &'static str) -> R<()> {
     cap(what, s.len() as u64, MAX_STRING_LEN as u64)
 }
 
-/// Whether `s` holds a control character (U+0000..U+001F, U+007F, U+0080..U+009F). Ids and the
-/// channel are printed by tools and logged: a newline or an escape sequence in them could forge
-/// lines of output (a "verified" signer line) or hide others.
+/// Whether `s` holds a control character (U+0000..U+001F, U+007F, U+0080..U+009F), a line or
+/// paragraph separator (U+2028, U+2029), or an [`invisible`] character. Ids and the channel are
+/// printed by tools, logged and shown by host apps: a newline or an escape sequence in them could
+/// forge lines of output (a "verified" signer line) or hide others, and a bidi override or a
+/// zero-width mark makes one id display as another (rollback by id then misses).
 pub fn has_control(s: &str) -> bool {
-    s.chars().any(char::is_control)
+    s.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || invisible(c))
+}
+
+/// Format characters a display draws as nothing but that reorder or hide the text around them:
+/// bidi marks, overrides and isolates, zero-width marks and joiners, the word joiner and
+/// invisible operators, the BOM, interlinear annotation marks, and tag characters (which can
+/// smuggle hidden text). Tools escape them when printing bundle text; ids may not hold them.
+pub fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// The `BadEdit` reason for an edit id with a control character (reader and stream alike).

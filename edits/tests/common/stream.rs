@@ -44,8 +44,8 @@ pub fn stream_random(
 
 /// Does the stream's error name the reader's fault? Both are `BundleError`s: the same value,
 /// except where a stream differs by nature: it sees the end of the bytes or bytes past the end
-/// as they arrive (no buffer length), the reader's overlap reports name sorted positions, and a
-/// manifest over the stream's cap is refused before anything else.
+/// as they arrive (no buffer length), and a manifest over the stream's cap is refused before
+/// anything else.
 pub fn same_fault(s: &BundleError, e: &BundleError, bytes: &[u8]) -> bool {
     let manifest_len = bytes
         .get(20..24)
@@ -61,8 +61,6 @@ pub fn same_fault(s: &BundleError, e: &BundleError, bytes: &[u8]) -> bool {
         (B::PastDeclaredLength { declared }, B::LengthMismatch { declared: d, .. }) => {
             declared == d
         }
-        (B::SectionOverlap { .. }, B::SectionOverlap { .. }) => true,
-        (B::BadEdit { reason: a, .. }, B::BadEdit { reason: b, .. }) => a == b,
         _ => s == e,
     }
 }
