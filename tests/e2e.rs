@@ -2449,13 +2449,25 @@ fn compile_numbers_id_less_records_after_the_base_bundle() {
     .unwrap();
     assert_eq!(info["channel"], "beta", "{info}");
     assert_eq!(info["version"], 2, "{info}");
-    let ids: Vec<&str> = info["edits"]
+    assert_eq!(edit_ids(&second, &public), ["0", "1"]);
+}
+
+/// The edit ids of a bundle, in manifest order (`inspect --json`).
+fn edit_ids(bundle: &Path, public: &Path) -> Vec<String> {
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "inspect",
+        s(bundle),
+        "--pubkey",
+        s(public),
+        "--json",
+    ]))
+    .unwrap();
+    info["edits"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["0", "1"], "{info}");
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// `data synth` keeps an existing --out unless --force, writes JSON lines to a .jsonl name
@@ -2963,21 +2975,7 @@ fn compile_numbers_records_as_the_loader_read_their_ids() {
     ok(&compile_args(
         &model, "grace", &more, &second, &key, &on_base,
     ));
-    let info: serde_json::Value = serde_json::from_str(&ok(&[
-        "inspect",
-        s(&second),
-        "--pubkey",
-        s(&public),
-        "--json",
-    ]))
-    .unwrap();
-    let ids: Vec<&str> = info["edits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["0", "1"], "{info}");
+    assert_eq!(edit_ids(&second, &public), ["0", "1"]);
 }
 
 /// A layer the `--hparams` file gives is checked like one `--set` gives, naming the file and

@@ -163,7 +163,10 @@ fn check_manifest_name(flag: &str, v: &str) -> anyhow::Result<()> {
         bail!("{flag}: {} bytes, at most {max} are accepted", v.len());
     }
     if amend_edits::bundle::stream::has_control(v) {
-        bail!("{flag} {v:?}: control characters are not accepted");
+        bail!(
+            "{flag} {v:?}: control and invisible characters (line breaks, escapes, bidi and \
+             zero-width marks) are not accepted"
+        );
     }
     Ok(())
 }

@@ -145,24 +145,12 @@ fn scope_path(path: Option<&PathBuf>) -> Option<PathBuf> {
         .or_else(amend_runtime::default_scope_model_path)
 }
 
-/// The files of a checkpoint directory that `convert` and `tune` read.
-fn checkpoint_files(from: &Path) -> Vec<PathBuf> {
-    [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "model.safetensors",
-    ]
-    .iter()
-    .map(|f| from.join(f))
-    .collect()
-}
-
-/// `--from` must be a directory: the library's "cannot read FILE/config.json: Not a
-/// directory" does not say what --from is meant to name.
-fn check_checkpoint_dir(from: &Path) -> anyhow::Result<()> {
+/// `--from`, checked to be a directory, and the checkpoint files in it that a command reads
+/// (outputs must not replace them). The library's "cannot read FILE/config.json: Not a
+/// directory" does not say what --from is meant to name, so that is said first.
+fn checkpoint_inputs(from: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     match std::fs::metadata(from) {
-        Ok(md) if md.is_dir() => Ok(()),
+        Ok(md) if md.is_dir() => {}
         Ok(md) => anyhow::bail!(
             "--from {}: that is a {}, not a directory; give the unzipped checkpoint's directory \
              (config.json, tokenizer.json, model.safetensors)",
@@ -173,8 +161,17 @@ fn check_checkpoint_dir(from: &Path) -> anyhow::Result<()> {
                 amend_edits::fsutil::kind_name(&md.file_type())
             }
         ),
-        Err(e) => Err(e).with_context(|| format!("--from {}", from.display())),
+        Err(e) => return Err(e).with_context(|| format!("--from {}", from.display())),
     }
+    Ok([
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ]
+    .iter()
+    .map(|f| ("--from", from.join(f)))
+    .collect())
 }
 
 /// An output that must not be any of the command's input files (nor a link to one): each is
@@ -200,11 +197,7 @@ fn open_scope(
 fn tune(a: TuneArgs) -> anyhow::Result<()> {
     use amend_compiler::scope_tune;
     crate::check_output_path("--out", &a.out, true)?;
-    check_checkpoint_dir(&a.from)?;
-    let mut inputs: Vec<(&str, PathBuf)> = checkpoint_files(&a.from)
-        .into_iter()
-        .map(|f| ("--from", f))
-        .collect();
+    let mut inputs = checkpoint_inputs(&a.from)?;
     inputs.extend(a.data.iter().map(|d| ("--data", d.clone())));
     inputs.extend(a.validation.iter().map(|d| ("--validation", d.clone())));
     inputs.push(("--lexicon", PathBuf::from(&a.lexicon)));
@@ -583,11 +576,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Convert(a) => {
             let ty: WeightType = a.ty.parse().map_err(|e| anyhow::anyhow!("--type {e}"))?;
             crate::check_output_path("--out", &a.out, true)?;
-            check_checkpoint_dir(&a.from)?;
-            let mut inputs: Vec<(&str, PathBuf)> = checkpoint_files(&a.from)
-                .into_iter()
-                .map(|f| ("--from", f))
-                .collect();
+            let mut inputs = checkpoint_inputs(&a.from)?;
             inputs.extend(a.tune.iter().map(|t| ("--tune", t.clone())));
             check_out_apart("--out", &a.out, &inputs)?;
             let c = match scope_model::convert_checked(&a.from, ty, a.tune.as_deref()) {

@@ -402,7 +402,10 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
     if amend_edits::bundle::stream::has_control(&id) {
         return Err(ctx.err(
             "id",
-            format!("{id:?} holds a control character, which bundle ids may not"),
+            format!(
+                "{id:?} holds a control or invisible character (a line break, an escape, a \
+                 bidi or zero-width mark), which bundle ids may not"
+            ),
         ));
     }
     // ZsRE/counterfact: prompt; WikiBio: text; MEND-style zsre: src.
@@ -805,12 +808,14 @@ mod tests {
             "record 0: field `target_new`: missing (also read as `target`, `labels`, `alt`)"
         );
 
-        let t = r#"[{"id": "a\u001b[8m", "prompt": "a", "target_new": "b"}]"#;
-        let e = parse_knowedit(t).unwrap_err().to_string();
-        assert!(
-            e.contains("field `id`") && e.contains("control character"),
-            "{e}"
-        );
+        for id in [r"a\u001b[8m", r"pa\u200bris", r"x\u202e", r"a\u2028b"] {
+            let t = format!(r#"[{{"id": "{id}", "prompt": "a", "target_new": "b"}}]"#);
+            let e = parse_knowedit(&t).unwrap_err().to_string();
+            assert!(
+                e.contains("field `id`") && e.contains("control or invisible character"),
+                "{e}"
+            );
+        }
 
         let t = r#"[{"prompt": 5, "target_new": "b"}]"#;
         assert!(parse_knowedit(t)
