@@ -324,6 +324,8 @@ typedef uint32_t amend_backend;
  *
  * `struct_size` is `sizeof(amend_model_params)` as the caller was compiled (the defaults set
  * it): a caller built against an older, shorter struct keeps working as fields are added.
+ * Its `bool` fields, as those of every parameter struct, are read as C flags: any nonzero
+ * byte is true.
  */
 typedef struct amend_model_params {
   /**
@@ -673,7 +675,9 @@ enum amend_result amend_last_error_code(void);
 /**
  * A message describing why the last amend call made on this thread failed ("" if it
  * succeeded). Never NULL. The string belongs to amend and stays valid until the next amend
- * call on this thread: copy it to keep it.
+ * call on this thread: copy it to keep it. Every amend function may also be called from a
+ * thread-exit destructor (a pthread key destructor, a C++ `thread_local`'s); a failure there
+ * keeps its code, and its message may be a fixed text saying it is unavailable.
  */
 const char *amend_last_error(void);
 
@@ -687,9 +691,9 @@ size_t amend_live_handles(void);
  * Creates a trust store from `n_keys` ed25519 public keys stored back to back at `keys`
  * (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
  *
- * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (no keys, size overflow),
- * `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point). At most
- * `AMEND_MAX_TRUSTED_KEYS` keys; duplicates count once.
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (`n_keys` 0 or above
+ * `AMEND_MAX_TRUSTED_KEYS`, refused before any key is read), `AMEND_ERR_INVALID_KEY` (bytes
+ * that are not an ed25519 point). Duplicates count once.
  */
 enum amend_result amend_trust_store_new(const uint8_t *keys,
                                         size_t n_keys,
@@ -945,8 +949,9 @@ enum amend_result amend_session_set_scope_model(struct amend_session *session,
  * before the session's first `amend_session_activate`.
  *
  * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
- * `AMEND_ERR_INVALID_ARGUMENT` (empty path, or bundles were already activated), `AMEND_ERR_IO`
- * (the file cannot be read, locked or is malformed).
+ * `AMEND_ERR_INVALID_ARGUMENT` (empty path, a bundle was already activated, or the session
+ * already has a state file; a refused activation does not count), `AMEND_ERR_IO` (the file
+ * cannot be read, locked or is malformed).
  */
 enum amend_result amend_session_set_state_file(struct amend_session *session,
                                                const uint8_t *path,

@@ -9,6 +9,11 @@
 4. Every `amend_*` type and constant Swift names exists in the header.
 5. Every field Swift reads or sets on a C struct it made (`var p = amend_x_default_params()`,
    `var s = amend_score()`) is a field of that struct in the header.
+6. No `baseAddress!` outside `withUTF8Bytes`: an empty array has no base address, so "" would
+   trap the host app instead of reaching amend's error.
+7. No Swift String is passed straight to a `const char *` of the C API (`amend_f(..., text)`)
+   except after `refuseNul`: a C string is cut at a NUL, so amend would act on another path or
+   id.
 Prints "N passed, N failed".
 """
 import re
@@ -144,6 +149,21 @@ def main():
     for struct, field in sorted(set(uses)):
         ok(field in fields.get(struct, ()), f"Swift uses {struct}.{field}, which amend.h does not declare")
     ok(len(set(uses)) >= 10, f"only {len(set(uses))} struct fields found in the Swift sources")
+    bangs = [m.start() for m in re.finditer(r"baseAddress!", src)]
+    helper = re.search(r"func withUTF8Bytes.*?\n}\n", src, flags=re.S)
+    inside = [b for b in bangs if helper and helper.start() <= b < helper.end()]
+    ok(len(bangs) == len(inside) and len(inside) == 1,
+       f"{len(bangs) - len(inside)} `baseAddress!` outside withUTF8Bytes (\"\" traps there)")
+    # String parameters of public functions that go to a C string must pass refuseNul first.
+    for m in re.finditer(r"public (?:static )?(?:func (\w+)|init)\(([^)]*)\)", src):
+        f, params = m.group(1) or "init", m.group(2)
+        for name in re.findall(r"(\w+): String\b(?!\?)", params):
+            body = src[m.start():]
+            body = body[: body.find("\n    }\n") if "\n    }\n" in body else len(body)]
+            direct = re.search(rf"amend_\w+\([^)]*\b{name}\b\s*[,)]", body)
+            if direct:
+                ok(f"refuseNul({name}" in body,
+                   f"{f}: String {name} goes to a C string without refuseNul (cut at a NUL)")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -105,18 +105,43 @@ pub unsafe fn clear_out<H>(p: *mut *mut H, arg: &str) -> FfiResult<()> {
     unsafe { write_out(p, std::ptr::null_mut(), arg) }
 }
 
-/// A parameter-struct argument by value: NULL means `default()`.
+/// A parameter-struct argument by value: NULL means `default()`. `bools` are the offsets of its
+/// `bool` fields: each is read as C reads a flag (any nonzero byte is true), since a byte other
+/// than 0 or 1 in a Rust `bool` (a field left uninitialised, a struct filled with memset) is
+/// undefined behaviour.
 ///
 /// # Safety
-/// `p` is NULL or points to a readable, initialised `T` (a struct the caller filled, e.g. from
-/// the matching `amend_*_default_params()`).
-pub unsafe fn read_params<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> T {
+/// `p` is NULL or points to a readable `T` (a struct the caller filled, e.g. from the matching
+/// `amend_*_default_params()`).
+pub unsafe fn read_params<T: Copy>(p: *const T, bools: &[usize], default: impl FnOnce() -> T) -> T {
     if p.is_null() {
-        default()
-    } else {
-        // SAFETY: non-NULL, aligned, readable and initialised per the caller's contract; `T` is
-        // `Copy`, so reading it moves nothing out of the caller's memory.
-        unsafe { p.read() }
+        return default();
+    }
+    let mut out = std::mem::MaybeUninit::new(default());
+    // SAFETY: non-NULL and readable for size_of::<T>() bytes per the caller's contract; the
+    // flags are made valid before the bytes are used as a `T`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p as *const u8,
+            out.as_mut_ptr() as *mut u8,
+            std::mem::size_of::<T>(),
+        );
+        normalize_bools(out.as_mut_ptr() as *mut u8, std::mem::size_of::<T>(), bools);
+        out.assume_init()
+    }
+}
+
+/// Rewrites the flag bytes at `bools` (offsets below `len`) of the struct at `base` to 0 or 1.
+///
+/// # Safety
+/// `base` is writable for `len` bytes.
+unsafe fn normalize_bools(base: *mut u8, len: usize, bools: &[usize]) {
+    for &at in bools.iter().filter(|&&at| at < len) {
+        // SAFETY: `at < len`, inside the struct.
+        unsafe {
+            let b = base.add(at);
+            b.write((b.read() != 0) as u8);
+        }
     }
 }
 
@@ -124,19 +149,19 @@ pub unsafe fn read_params<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> 
 /// older header passes a shorter struct, whose missing fields keep `default()`'s values. A size
 /// that is not one of the struct's versions (`versions`, ascending, the last this library's
 /// `size_of::<T>()`) is `AMEND_ERR_INVALID_ARGUMENT`: a size between two versions would cut a
-/// field in half.
+/// field in half. `bools` as for [`read_params`].
 ///
 /// # Safety
 /// `p` is NULL or points to at least `struct_size` readable bytes (its first field).
 pub unsafe fn read_sized_params<T: Copy>(
     p: *const T,
     versions: &[usize],
+    bools: &[usize],
     default: impl FnOnce() -> T,
     arg: &str,
 ) -> FfiResult<T> {
-    let mut out = default();
     if p.is_null() {
-        return Ok(out);
+        return Ok(default());
     }
     // SAFETY: non-NULL and the struct begins with its size, per the caller's contract.
     let size = unsafe { (p as *const usize).read_unaligned() };
@@ -149,12 +174,15 @@ pub unsafe fn read_sized_params<T: Copy>(
             ),
         ));
     }
+    let mut out = std::mem::MaybeUninit::new(default());
     // SAFETY: `size` bytes are readable (caller contract) and fit in `T`; the prefix of a
-    // `repr(C)` struct has the same layout in every version of the header.
+    // `repr(C)` struct has the same layout in every version of the header. The flags are made
+    // valid before the bytes are used as a `T`.
     unsafe {
-        std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
+        std::ptr::copy_nonoverlapping(p as *const u8, out.as_mut_ptr() as *mut u8, size);
+        normalize_bools(out.as_mut_ptr() as *mut u8, size, bools);
+        Ok(out.assume_init())
     }
-    Ok(out)
 }
 
 /// A NUL-terminated UTF-8 string, or `None` for NULL.
@@ -255,6 +283,58 @@ mod tests {
             );
             assert_eq!(bytes(std::ptr::null(), 0, "data").unwrap(), &[] as &[u8]);
             assert_eq!(text(b"hi".as_ptr() as *const c_char, 2, "p").unwrap(), "hi");
+        }
+    }
+
+    #[test]
+    fn flags_with_garbage_bytes_read_as_true() {
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct P {
+            struct_size: usize,
+            a: bool,
+            n: u32,
+            b: bool,
+        }
+        let offs = [std::mem::offset_of!(P, a), std::mem::offset_of!(P, b)];
+        let default = || P {
+            struct_size: std::mem::size_of::<P>(),
+            a: false,
+            n: 0,
+            b: false,
+        };
+        let mut raw = [0u8; std::mem::size_of::<P>()];
+        raw[..8].copy_from_slice(&std::mem::size_of::<P>().to_ne_bytes());
+        raw[offs[0]] = 0xfe;
+        raw[offs[1]] = 0x02;
+        let p = raw.as_ptr() as *const P;
+        let bytes = |v: P| {
+            let v = std::mem::MaybeUninit::new(v);
+            let b = v.as_ptr() as *const u8;
+            unsafe { (b.add(offs[0]).read(), b.add(offs[1]).read()) }
+        };
+        // `raw` is a byte array: read through an aligned copy of the struct.
+        let mut aligned = std::mem::MaybeUninit::<P>::uninit();
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                p as *const u8,
+                aligned.as_mut_ptr() as *mut u8,
+                raw.len(),
+            );
+            assert_eq!(bytes(read_params(aligned.as_ptr(), &offs, default)), (1, 1));
+            let v = read_sized_params(
+                aligned.as_ptr(),
+                &[std::mem::size_of::<P>()],
+                &offs,
+                default,
+                "p",
+            );
+            assert_eq!(bytes(v.unwrap()), (1, 1));
+        }
+        raw[offs[0]] = 0;
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), aligned.as_mut_ptr() as *mut u8, raw.len());
+            assert_eq!(bytes(read_params(aligned.as_ptr(), &offs, default)), (0, 1));
         }
     }
 

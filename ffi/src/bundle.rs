@@ -46,9 +46,9 @@ pub(crate) const BUNDLE: &str = "amend_bundle";
 /// Creates a trust store from `n_keys` ed25519 public keys stored back to back at `keys`
 /// (`n_keys * AMEND_PUBLIC_KEY_LEN` bytes). Bundles signed by any of them are accepted.
 ///
-/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (no keys, size overflow),
-/// `AMEND_ERR_INVALID_KEY` (bytes that are not an ed25519 point). At most
-/// `AMEND_MAX_TRUSTED_KEYS` keys; duplicates count once.
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_ARGUMENT` (`n_keys` 0 or above
+/// `AMEND_MAX_TRUSTED_KEYS`, refused before any key is read), `AMEND_ERR_INVALID_KEY` (bytes
+/// that are not an ed25519 point). Duplicates count once.
 #[no_mangle]
 pub extern "C" fn amend_trust_store_new(
     keys: *const u8,
@@ -64,12 +64,15 @@ pub extern "C" fn amend_trust_store_new(
                 "a trust store needs at least one key (n_keys is 0)",
             ));
         }
-        let len = n_keys.checked_mul(AMEND_PUBLIC_KEY_LEN).ok_or_else(|| {
-            FfiError::new(
+        // Before any key is read: a huge count (a length mix-up) must not walk past the
+        // caller's buffer until a key happens to be invalid.
+        if n_keys > AMEND_MAX_TRUSTED_KEYS {
+            return Err(FfiError::new(
                 amend_result::AMEND_ERR_INVALID_ARGUMENT,
-                format!("n_keys {n_keys} overflows the key buffer size"),
-            )
-        })?;
+                format!("n_keys is {n_keys}; give 1 to {AMEND_MAX_TRUSTED_KEYS} keys"),
+            ));
+        }
+        let len = n_keys * AMEND_PUBLIC_KEY_LEN;
         // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let bytes = unsafe { args::bytes(keys, len, "keys")? };
         let mut trust = TrustStore::new();

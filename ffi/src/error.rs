@@ -1,6 +1,6 @@
 //! Result codes, the thread-local last error and the panic boundary every entry point runs in.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -185,17 +185,19 @@ impl FfiError {
 
 pub type FfiResult<T> = Result<T, FfiError>;
 
-struct LastError {
-    code: amend_result,
-    message: CString,
+thread_local! {
+    // The code has no destructor (a const-initialised `Cell` of a `Copy` enum), so it stays
+    // readable while the thread's storage is torn down: a pthread key destructor or a C++
+    // `thread_local` destructor that frees an amend handle at thread exit must not abort.
+    static LAST_CODE: Cell<amend_result> = const { Cell::new(amend_result::AMEND_OK) };
+    // The message needs a destructor; after it ran, `try_with` fails and a fixed text stands in.
+    static LAST_MESSAGE: RefCell<CString> = RefCell::new(CString::default());
 }
 
-thread_local! {
-    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError {
-        code: amend_result::AMEND_OK,
-        message: CString::default(),
-    });
-}
+/// What `amend_last_error` says for a failure recorded after this thread's message storage was
+/// destroyed (a call from a thread-exit destructor).
+const MESSAGE_GONE: &CStr =
+    c"amend: the message of this failure is unavailable (the thread is exiting); see amend_last_error_code";
 
 /// Records `err` as this thread's last error (interior NULs in the message become spaces so
 /// the message is never silently cut).
@@ -206,33 +208,29 @@ pub fn set_last_error(err: &FfiError) {
         .map(|b| if b == 0 { b' ' } else { b })
         .collect();
     let message = CString::new(bytes).unwrap_or_default();
-    LAST_ERROR.with(|e| {
-        *e.borrow_mut() = LastError {
-            code: err.code,
-            message,
-        }
-    });
+    LAST_CODE.set(err.code);
+    let _ = LAST_MESSAGE.try_with(|m| *m.borrow_mut() = message);
 }
 
 /// Forgets this thread's last error: each entry point starts with it, so the message always
 /// describes the latest call.
 pub fn clear_last_error() {
-    LAST_ERROR.with(|e| {
-        let mut e = e.borrow_mut();
-        if e.code != amend_result::AMEND_OK {
-            e.code = amend_result::AMEND_OK;
-            e.message = CString::default();
-        }
-    });
+    if LAST_CODE.replace(amend_result::AMEND_OK) != amend_result::AMEND_OK {
+        let _ = LAST_MESSAGE.try_with(|m| *m.borrow_mut() = CString::default());
+    }
 }
 
 pub fn last_error_code() -> amend_result {
-    LAST_ERROR.with(|e| e.borrow().code)
+    LAST_CODE.get()
 }
 
 /// Pointer to the thread-local message; valid until the next amend call on this thread.
 pub fn last_error_ptr() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().message.as_ptr())
+    match LAST_MESSAGE.try_with(|m| m.borrow().as_ptr()) {
+        Ok(p) => p,
+        Err(_) if LAST_CODE.get() == amend_result::AMEND_OK => c"".as_ptr(),
+        Err(_) => MESSAGE_GONE.as_ptr(),
+    }
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

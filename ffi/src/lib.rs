@@ -76,7 +76,9 @@ pub extern "C" fn amend_last_error_code() -> amend_result {
 
 /// A message describing why the last amend call made on this thread failed ("" if it
 /// succeeded). Never NULL. The string belongs to amend and stays valid until the next amend
-/// call on this thread: copy it to keep it.
+/// call on this thread: copy it to keep it. Every amend function may also be called from a
+/// thread-exit destructor (a pthread key destructor, a C++ `thread_local`'s); a failure there
+/// keeps its code, and its message may be a fixed text saying it is unavailable.
 #[no_mangle]
 pub extern "C" fn amend_last_error() -> *const c_char {
     error::last_error_ptr()

@@ -101,6 +101,11 @@ pub extern "C" fn amend_model_open(
                     MODEL_PARAMS_V3,
                     std::mem::size_of::<amend_model_params>(),
                 ],
+                &[
+                    std::mem::offset_of!(amend_model_params, use_mmap),
+                    std::mem::offset_of!(amend_model_params, cpu_fallback),
+                    std::mem::offset_of!(amend_model_params, private_copy),
+                ],
                 || amend_model_default_params(),
                 "params",
             )?

@@ -26,6 +26,8 @@ pub(crate) struct SessionState {
     /// The session's own edit set, created at the first activation (bundles arrive verified,
     /// so its trust store is empty).
     pub edits: Option<Arc<EditSet>>,
+    /// `edits` was created by `amend_session_set_state_file` (for its refusal message).
+    pub state_file: bool,
 }
 
 pub(crate) struct SessionObj {
@@ -130,7 +132,7 @@ pub extern "C" fn amend_session_open(
         // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
         unsafe { args::clear_out(out, "out")? };
         let m = handle::get::<ModelObj, _>(model, MODEL, "model")?;
-        let p = unsafe { args::read_params(params, || amend_session_default_params()) };
+        let p = unsafe { args::read_params(params, &[], || amend_session_default_params()) };
         let nonzero = |v: u32| (v > 0).then_some(v as usize);
         let options = SessionOptions {
             n_ctx: p.n_ctx,
@@ -157,6 +159,7 @@ pub extern "C" fn amend_session_open(
             state: Mutex::new(SessionState {
                 session,
                 edits: None,
+                state_file: false,
             }),
         };
         // SAFETY: checked and cleared above.
@@ -211,14 +214,13 @@ pub extern "C" fn amend_session_activate(
         if let Some(o) = &s.model.ort {
             o.check_fits(&b.bundle)?;
         }
-        let set = match &state.edits {
-            Some(set) => set.clone(),
+        // The session's first edit set is attached only once a bundle is in it: a refused
+        // first activation leaves the session without one (a state file may still be set).
+        let (set, fresh) = match &state.edits {
+            Some(set) => (set.clone(), false),
             None => {
                 let binding = s.model.binding()?.clone();
-                let set = Arc::new(EditSet::new(binding, TrustStore::new()));
-                state.session.set_edit_set(Some(set.clone()))?;
-                state.edits = Some(set.clone());
-                set
+                (Arc::new(EditSet::new(binding, TrustStore::new())), true)
             }
         };
         // With static-capacity slots, the state about to be published must fit them: checked
@@ -231,6 +233,10 @@ pub extern "C" fn amend_session_activate(
             }
             Ok(())
         })?;
+        if fresh {
+            state.session.set_edit_set(Some(set.clone()))?;
+            state.edits = Some(set);
+        }
         Ok(())
     })
 }
@@ -286,8 +292,9 @@ pub extern "C" fn amend_session_set_scope_model(
 /// before the session's first `amend_session_activate`.
 ///
 /// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_BUSY`,
-/// `AMEND_ERR_INVALID_ARGUMENT` (empty path, or bundles were already activated), `AMEND_ERR_IO`
-/// (the file cannot be read, locked or is malformed).
+/// `AMEND_ERR_INVALID_ARGUMENT` (empty path, a bundle was already activated, or the session
+/// already has a state file; a refused activation does not count), `AMEND_ERR_IO` (the file
+/// cannot be read, locked or is malformed).
 #[no_mangle]
 pub extern "C" fn amend_session_set_state_file(
     session: *mut amend_session,
@@ -300,10 +307,12 @@ pub extern "C" fn amend_session_set_state_file(
         let path = unsafe { args::path_bytes(path, path_len, "path")? };
         let mut state = s.lock()?;
         if state.edits.is_some() {
-            return Err(FfiError::new(
-                amend_result::AMEND_ERR_INVALID_ARGUMENT,
-                "set the state file before the first amend_session_activate",
-            ));
+            let why = if state.state_file {
+                "the session already has a state file (one per session)"
+            } else {
+                "set the state file before the first amend_session_activate"
+            };
+            return Err(FfiError::new(amend_result::AMEND_ERR_INVALID_ARGUMENT, why));
         }
         let store = amend_edits::version_store::VersionStore::open(&path)
             .map_err(|e| FfiError::new(amend_result::AMEND_ERR_IO, e.to_string()))?;
@@ -312,6 +321,7 @@ pub extern "C" fn amend_session_set_state_file(
             Arc::new(EditSet::new(binding, TrustStore::new()).with_version_store(Arc::new(store)));
         state.session.set_edit_set(Some(set.clone()))?;
         state.edits = Some(set);
+        state.state_file = true;
         Ok(())
     })
 }
@@ -437,7 +447,16 @@ pub extern "C" fn amend_session_generate(
         let s = self::session(session)?;
         // SAFETY (all `args` calls): the pointers are NULL or valid as the header documents.
         let prompt = unsafe { args::text(prompt, prompt_len, "prompt")? };
-        let params = unsafe { args::read_params(params, || amend_generate_default_params()) };
+        let params = unsafe {
+            args::read_params(
+                params,
+                &[
+                    std::mem::offset_of!(amend_generate_params, add_bos),
+                    std::mem::offset_of!(amend_generate_params, stop_at_eos),
+                ],
+                || amend_generate_default_params(),
+            )
+        };
         let params = generate_params(&params)?;
         let mut state = s.lock()?;
         let mut text_buf: Vec<u8> = Vec::new();

@@ -68,6 +68,8 @@ pub const AMEND_BACKEND_ONNXRUNTIME: amend_backend = 1;
 ///
 /// `struct_size` is `sizeof(amend_model_params)` as the caller was compiled (the defaults set
 /// it): a caller built against an older, shorter struct keeps working as fields are added.
+/// Its `bool` fields, as those of every parameter struct, are read as C flags: any nonzero
+/// byte is true.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct amend_model_params {

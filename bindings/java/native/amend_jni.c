@@ -5,6 +5,7 @@
  */
 #include <jni.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,18 +14,41 @@
 #define H(p) ((void *)(uintptr_t)(p))
 #define J(p) ((jlong)(uintptr_t)(p))
 
-static void throw_amend(JNIEnv *env, amend_result r) {
+/* A Java String of `n` bytes of UTF-8 (not JNI's modified UTF-8, which NewStringUTF wants:
+ * a 4-byte character, as in an id or a path amend quotes, is not valid there). */
+static jstring utf8_string(JNIEnv *env, const char *s, size_t n) {
+    jbyteArray bytes = (*env)->NewByteArray(env, (jsize)n);
+    if (!bytes) return NULL;
+    (*env)->SetByteArrayRegion(env, bytes, 0, (jsize)n, (const jbyte *)s);
+    jclass str = (*env)->FindClass(env, "java/lang/String");
+    jmethodID ctor = str ? (*env)->GetMethodID(env, str, "<init>", "([BLjava/lang/String;)V") : NULL;
+    jstring cs = (*env)->NewStringUTF(env, "UTF-8");
+    jstring out = (ctor && cs) ? (jstring)(*env)->NewObject(env, str, ctor, bytes, cs) : NULL;
+    (*env)->DeleteLocalRef(env, bytes);
+    if (str) (*env)->DeleteLocalRef(env, str);
+    if (cs) (*env)->DeleteLocalRef(env, cs);
+    return out;
+}
+
+static void throw_amend_msg(JNIEnv *env, amend_result r, const char *message) {
     jclass cls = (*env)->FindClass(env, "dev/amend/AmendException");
     if (!cls) return;
     jmethodID ctor = (*env)->GetMethodID(env, cls, "<init>", "(ILjava/lang/String;Ljava/lang/String;)V");
     if (!ctor) return;
     jstring name = (*env)->NewStringUTF(env, amend_result_name(r));
-    /* The message is UTF-8 from amend; NewStringUTF wants modified UTF-8, which is identical
-     * except for NUL and 4-byte sequences: amend messages contain neither NUL, and a 4-byte
-     * character would at worst be shown wrongly. */
-    jstring msg = (*env)->NewStringUTF(env, amend_last_error());
+    jstring msg = utf8_string(env, message, strlen(message));
+    if (!name || !msg) return;
     jobject ex = (*env)->NewObject(env, cls, ctor, (jint)r, name, msg);
     if (ex) (*env)->Throw(env, (jthrowable)ex);
+}
+
+static void throw_amend(JNIEnv *env, amend_result r) {
+    throw_amend_msg(env, r, amend_last_error());
+}
+
+static void throw_iae(JNIEnv *env, const char *what) {
+    jclass cls = (*env)->FindClass(env, "java/lang/IllegalArgumentException");
+    if (cls) (*env)->ThrowNew(env, cls, what);
 }
 
 /* Returns nonzero (and throws) on failure. */
@@ -39,8 +63,8 @@ static void throw_npe(JNIEnv *env, const char *what) {
     if (cls) (*env)->ThrowNew(env, cls, what);
 }
 
-/* A NUL-terminated malloc'd copy of a byte[] (NULL + exception on failure). */
-static char *cstr_of(JNIEnv *env, jbyteArray a, const char *what) {
+/* A malloc'd copy of a byte[] with a NUL after it (NULL + exception on failure). */
+static char *bytes_of(JNIEnv *env, jbyteArray a, const char *what) {
     if (!a) {
         throw_npe(env, what);
         return NULL;
@@ -55,6 +79,32 @@ static char *cstr_of(JNIEnv *env, jbyteArray a, const char *what) {
     (*env)->GetByteArrayRegion(env, a, 0, n, (jbyte *)s);
     s[n] = 0;
     return s;
+}
+
+/* A byte[] for a NUL-terminated C parameter (a path, an id, an option): one with a NUL byte
+ * is refused (ERR_INVALID_ARGUMENT), since C would act on the part before it (another file,
+ * another bundle). */
+static char *cstr_of(JNIEnv *env, jbyteArray a, const char *what) {
+    char *s = bytes_of(env, a, what);
+    if (!s) return NULL;
+    size_t n = (size_t)(*env)->GetArrayLength(env, a);
+    if (strlen(s) != n) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s contains a NUL byte (at byte %zu)", what, strlen(s));
+        free(s);
+        throw_amend_msg(env, AMEND_ERR_INVALID_ARGUMENT, msg);
+        return NULL;
+    }
+    return s;
+}
+
+/* A count that C takes unsigned: a negative one is refused, not clamped or wrapped. */
+static int negative(JNIEnv *env, jint v, const char *what) {
+    if (v >= 0) return 0;
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s is %d: it must not be negative", what, (int)v);
+    throw_iae(env, msg);
+    return 1;
 }
 
 
@@ -88,16 +138,7 @@ static jstring string_out(JNIEnv *env, getter_t fn, const void *h, size_t index)
     char *buf = malloc(n + 1);
     if (!buf) return NULL;
     jstring s = NULL;
-    if (!check(env, fn(h, index, buf, n + 1, NULL))) {
-        jbyteArray bytes = (*env)->NewByteArray(env, (jsize)n);
-        if (bytes) {
-            (*env)->SetByteArrayRegion(env, bytes, 0, (jsize)n, (const jbyte *)buf);
-            jclass str = (*env)->FindClass(env, "java/lang/String");
-            jmethodID ctor = str ? (*env)->GetMethodID(env, str, "<init>", "([BLjava/lang/String;)V") : NULL;
-            jstring cs = (*env)->NewStringUTF(env, "UTF-8");
-            if (ctor && cs) s = (jstring)(*env)->NewObject(env, str, ctor, bytes, cs);
-        }
-    }
+    if (!check(env, fn(h, index, buf, n + 1, NULL))) s = utf8_string(env, buf, n);
     free(buf);
     return s;
 }
@@ -133,9 +174,10 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
                                                         jbyteArray ep_options,
                                                         jboolean private_copy) {
     (void)c;
+    if (negative(env, n_threads, "nThreads")) return 0;
     /* Optional strings: a null array is the C NULL default. */
     char *p = cstr_of(env, path, "path");
-    char *e = (p && ep) ? cstr_of(env, ep, "ep") : NULL;
+    char *e = (p && ep && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ep, "ep") : NULL;
     char *l = (p && ort_library && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ort_library, "ortLibrary") : NULL;
     char *s = (p && edit_slots && !(*env)->ExceptionCheck(env)) ? cstr_of(env, edit_slots, "editSlots") : NULL;
     char *o = (p && ep_options && !(*env)->ExceptionCheck(env)) ? cstr_of(env, ep_options, "epOptions") : NULL;
@@ -143,7 +185,7 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
     if (p && !(*env)->ExceptionCheck(env)) {
         amend_model_params mp = amend_model_default_params();
         mp.use_mmap = use_mmap;
-        mp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+        mp.n_threads = (uint32_t)n_threads;
         /* A negative number stays out of range: amend refuses it (ERR_INVALID_ARGUMENT). */
         mp.backend = (amend_backend)(uint32_t)backend;
         mp.ep = e;
@@ -169,12 +211,13 @@ JNIEXPORT jlong JNICALL Java_dev_amend_Native_modelOpen(JNIEnv *env, jclass c, j
 JNIEXPORT jlong JNICALL Java_dev_amend_Native_scopeModelOpen(JNIEnv *env, jclass c,
                                                              jbyteArray path, jint n_threads) {
     (void)c;
-    char *p = cstr_of(env, path, "path");
+    if (negative(env, n_threads, "nThreads")) return 0;
+    /* A NUL inside is amend's to refuse (amend_scope_model_open_bytes). */
+    char *p = bytes_of(env, path, "path");
     if (!p) return 0;
     size_t n = (size_t)(*env)->GetArrayLength(env, path);
     amend_scope_model *m = NULL;
-    amend_result r = amend_scope_model_open_bytes((const uint8_t *)p, n,
-                                                  (uint32_t)(n_threads < 0 ? 0 : n_threads), &m);
+    amend_result r = amend_scope_model_open_bytes((const uint8_t *)p, n, (uint32_t)n_threads, &m);
     free(p);
     check(env, r);
     return J(m);
@@ -242,10 +285,12 @@ JNIEXPORT void JNICALL Java_dev_amend_Native_trustStoreFree(JNIEnv *env, jclass 
 JNIEXPORT jlong JNICALL Java_dev_amend_Native_bundleLoadFile(JNIEnv *env, jclass c, jlong t, jlong m,
                                                              jbyteArray path) {
     (void)c;
-    char *p = cstr_of(env, path, "path");
+    /* The path's exact bytes: amend refuses a NUL inside (amend_bundle_load_file_bytes). */
+    char *p = bytes_of(env, path, "path");
     if (!p) return 0;
     amend_bundle *b = NULL;
-    amend_result r = amend_bundle_load_file(H(t), H(m), p, &b);
+    size_t n = (size_t)(*env)->GetArrayLength(env, path);
+    amend_result r = amend_bundle_load_file_bytes(H(t), H(m), (const uint8_t *)p, n, &b);
     free(p);
     check(env, r);
     return J(b);
@@ -292,9 +337,10 @@ JNIEXPORT jstring JNICALL Java_dev_amend_Native_bundleEditId(JNIEnv *env, jclass
 JNIEXPORT jlong JNICALL Java_dev_amend_Native_sessionOpen(JNIEnv *env, jclass c, jlong m, jint n_ctx,
                                                           jint n_threads) {
     (void)c;
+    if (negative(env, n_ctx, "nCtx") || negative(env, n_threads, "nThreads")) return 0;
     amend_session_params sp = amend_session_default_params();
     if (n_ctx > 0) sp.n_ctx = (uint32_t)n_ctx;
-    sp.n_threads = (uint32_t)(n_threads < 0 ? 0 : n_threads);
+    sp.n_threads = (uint32_t)n_threads;
     amend_session *s = NULL;
     check(env, amend_session_open(H(m), &sp, &s));
     return J(s);
@@ -355,9 +401,9 @@ typedef struct {
 static bool explain_cb(void *user_data, const amend_edit_activity *a) {
     explain_t *e = (explain_t *)user_data;
     JNIEnv *env = e->env;
-    jstring b = (*env)->NewStringUTF(env, a->bundle_id);
-    jstring id = (*env)->NewStringUTF(env, a->edit_id);
-    jstring f = (*env)->NewStringUTF(env, a->family);
+    jstring b = utf8_string(env, a->bundle_id, strlen(a->bundle_id));
+    jstring id = utf8_string(env, a->edit_id, strlen(a->edit_id));
+    jstring f = utf8_string(env, a->family, strlen(a->family));
     if (!b || !id || !f) return false;
     jobject o = (*env)->NewObject(env, e->cls, e->ctor, b, id, f, (jint)a->layer, (jint)a->n_fired,
                                   (jint)a->n_checked);
@@ -431,10 +477,11 @@ JNIEXPORT jintArray JNICALL Java_dev_amend_Native_sessionGenerate(JNIEnv *env, j
         throw_npe(env, "prompt");
         return NULL;
     }
+    if (negative(env, max_tokens, "maxTokens") || negative(env, top_k, "topK")) return NULL;
     amend_generate_params gp = amend_generate_default_params();
-    gp.max_tokens = (uint32_t)(max_tokens < 0 ? 0 : max_tokens);
+    gp.max_tokens = (uint32_t)max_tokens;
     gp.temperature = temperature;
-    gp.top_k = (uint32_t)(top_k < 0 ? 0 : top_k);
+    gp.top_k = (uint32_t)top_k;
     gp.top_p = top_p;
     gp.min_p = min_p;
     gp.seed = (uint32_t)seed;
@@ -469,9 +516,9 @@ JNIEXPORT void JNICALL Java_dev_amend_Native_sessionCancel(JNIEnv *env, jclass c
 JNIEXPORT jdoubleArray JNICALL Java_dev_amend_Native_sessionScore(JNIEnv *env, jclass c, jlong s,
                                                                   jbyteArray prompt, jbyteArray target) {
     (void)c;
-    char *p = cstr_of(env, prompt, "prompt");
+    char *p = bytes_of(env, prompt, "prompt");
     if (!p) return NULL;
-    char *t = cstr_of(env, target, "target");
+    char *t = bytes_of(env, target, "target");
     if (!t) {
         free(p);
         return NULL;

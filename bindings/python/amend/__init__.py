@@ -1,7 +1,11 @@
 """Python bindings for amend (ctypes over the C ABI in include/amend.h).
 
 Objects own their C handle and free it on close() / context exit / garbage collection.
-Every failing call raises AmendError carrying the result code and amend's message.
+Every failing call raises AmendError carrying the result code and amend's message. Text with a
+NUL byte where C takes a NUL-terminated string (a model path, an id, an option) is refused
+before the call (AmendError, ERR_INVALID_ARGUMENT), never cut short at the NUL; an integer
+parameter C cannot hold (negative, or too large for its C type) raises ValueError naming it,
+never wraps around.
 """
 
 from __future__ import annotations
@@ -322,6 +326,29 @@ def _text(s, what: str) -> bytes:
     raise TypeError(f"{what} must be str or bytes, not {type(s).__name__}")
 
 
+def _cstr(b: bytes, what: str) -> bytes:
+    """`b` for a NUL-terminated C parameter: C would stop at an embedded NUL and act on a
+    different path or id, so it is refused as amend's `_bytes` functions refuse it."""
+    at = b.find(b"\0")
+    if at >= 0:
+        raise AmendError(Result.ERR_INVALID_ARGUMENT, f"{what} contains a NUL byte (at byte {at})")
+    return b
+
+
+def _path(p, what: str = "path") -> bytes:
+    return _cstr(os.fsencode(p), what)
+
+
+def _uint(v, what: str, bits: int = 32) -> int:
+    """An integer parameter checked against its C type: ctypes would silently wrap -1 to
+    UINT32_MAX (max_tokens: generate until the context is full) and 2**32 to 0."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+    if not 0 <= v < (1 << bits):
+        raise ValueError(f"{what} {v} is outside 0..={(1 << bits) - 1}")
+    return v
+
+
 def version() -> str:
     return library().amend_version().decode()
 
@@ -406,11 +433,11 @@ class Model(_Handle):
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         params = lib.amend_model_default_params()
         params.use_mmap = use_mmap
-        params.n_threads = n_threads
+        params.n_threads = _uint(n_threads, "n_threads")
         params.backend = BACKENDS[backend]
         # The strings are borrowed for the call: these locals keep them alive until it returns.
-        ep_b, slots_b = ep.encode(), edit_slots.encode()
-        lib_b = os.fsencode(ort_library) if ort_library is not None else None
+        ep_b, slots_b = _cstr(ep.encode(), "ep"), _cstr(edit_slots.encode(), "edit_slots")
+        lib_b = _path(ort_library, "ort_library") if ort_library is not None else None
         params.ep, params.edit_slots, params.ort_library = ep_b, slots_b, lib_b
         params.cpu_fallback = cpu_fallback
         params.private_copy = private_copy
@@ -422,12 +449,16 @@ class Model(_Handle):
                 if "\n" in k + v or "=" in k or not k:
                     raise ValueError(f"ep_options: bad option {k!r}={v!r}")
                 lines.append(f"{k}={v}")
-            options_b = "\n".join(lines).encode()
+            options_b = _cstr("\n".join(lines).encode(), "ep_options")
         params.ep_options = options_b
         if static_shapes is not None:
-            params.static_chunk, params.static_window = static_shapes
+            chunk, window = static_shapes
+            bits = 8 * ctypes.sizeof(ctypes.c_size_t)
+            params.static_chunk = _uint(chunk, "static_shapes chunk", bits)
+            params.static_window = _uint(window, "static_shapes window", bits)
+        raw = _path(path)
         out = ctypes.c_void_p()
-        _check(lib.amend_model_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(out)))
+        _check(lib.amend_model_open(raw, ctypes.byref(params), ctypes.byref(out)))
         super().__init__(out.value)
 
     @property
@@ -464,8 +495,10 @@ class Bundle(_Handle):
 
     @classmethod
     def load_file(cls, trust: TrustStore, model: Model, path) -> "Bundle":
+        # The path's exact bytes (any path the OS accepts; a NUL is refused, not cut at).
+        raw = os.fsencode(path)
         out = ctypes.c_void_p()
-        _check(library().amend_bundle_load_file(trust, model, os.fsencode(path), ctypes.byref(out)))
+        _check(library().amend_bundle_load_file_bytes(trust, model, raw, len(raw), ctypes.byref(out)))
         return cls(out.value)
 
     @classmethod
@@ -543,6 +576,7 @@ class ScopeModel(_Handle):
 
     def __init__(self, path, n_threads: int = 0):
         raw = os.fsencode(path)  # bytes: any path the OS accepts, UTF-8 or not
+        n_threads = _uint(n_threads, "n_threads")
         out = ctypes.c_void_p()
         _check(library().amend_scope_model_open_bytes(raw, len(raw), n_threads, ctypes.byref(out)))
         super().__init__(out.value)
@@ -556,9 +590,9 @@ class Session(_Handle):
     def __init__(self, model: Model, n_ctx: int = 0, n_threads: int = 0):
         lib = library()
         params = lib.amend_session_default_params()
-        if n_ctx:
+        if _uint(n_ctx, "n_ctx"):
             params.n_ctx = n_ctx
-        params.n_threads = n_threads
+        params.n_threads = _uint(n_threads, "n_threads")
         out = ctypes.c_void_p()
         _check(lib.amend_session_open(model, ctypes.byref(params), ctypes.byref(out)))
         super().__init__(out.value)
@@ -568,13 +602,13 @@ class Session(_Handle):
     def _params(max_tokens, temperature, seed, top_k, top_p, min_p, stop_at_eos) -> _GenerateParams:
         p = library().amend_generate_default_params()
         if max_tokens is not None:
-            p.max_tokens = max_tokens
+            p.max_tokens = _uint(max_tokens, "max_tokens")
         if temperature is not None:
             p.temperature = temperature
         if seed is not None:
-            p.seed = seed
+            p.seed = _uint(seed, "seed")
         if top_k is not None:
-            p.top_k = top_k
+            p.top_k = _uint(top_k, "top_k")
         if top_p is not None:
             p.top_p = top_p
         if min_p is not None:
@@ -636,13 +670,20 @@ class Session(_Handle):
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (generation runs on a worker thread;
-        closing the iterator early cancels it)."""
+        closing the iterator early stops it at its next token)."""
         q: "queue.Queue" = queue.Queue()
         done = object()
+        # Not cancel(): a cancel that arrives after the generation ended is kept and would
+        # stop this session's next generation (ERR_CANCELLED).
+        stop = threading.Event()
+
+        def on_token(_t, s):
+            q.put(s)
+            return not stop.is_set()
 
         def run():
             try:
-                self.generate(prompt, on_token=lambda _t, s: (q.put(s), True)[1], **kwargs)
+                self.generate(prompt, on_token=on_token, **kwargs)
                 q.put(done)
             except BaseException as e:
                 q.put(e)
@@ -663,7 +704,7 @@ class Session(_Handle):
                     yield item
         finally:
             if not finished:
-                self.cancel()
+                stop.set()
             worker.join()
 
     def cancel(self) -> None:
@@ -689,10 +730,12 @@ class Session(_Handle):
         _check(library().amend_session_set_scope_model(self, scope))
 
     def rollback_bundle(self, bundle_id: str) -> None:
-        _check(library().amend_session_rollback_bundle(self, bundle_id.encode()))
+        raw = _cstr(_text(bundle_id, "bundle_id"), "bundle_id")
+        _check(library().amend_session_rollback_bundle(self, raw))
 
     def rollback_edit(self, edit_id: str) -> None:
-        _check(library().amend_session_rollback_edit(self, edit_id.encode()))
+        raw = _cstr(_text(edit_id, "edit_id"), "edit_id")
+        _check(library().amend_session_rollback_edit(self, raw))
 
     @property
     def active_bundles(self) -> List[str]:

@@ -78,7 +78,10 @@ static void test_null_everywhere(void) {
     EXPECT(amend_trust_store_new(NULL, 1, &trust), AMEND_ERR_NULL_ARGUMENT, "keys");
     EXPECT(amend_trust_store_new(NULL, 0, &trust), AMEND_ERR_INVALID_ARGUMENT, "at least one");
     uint8_t key[AMEND_PUBLIC_KEY_LEN] = {0};
-    EXPECT(amend_trust_store_new(key, SIZE_MAX, &trust), AMEND_ERR_INVALID_ARGUMENT, "overflow");
+    EXPECT(amend_trust_store_new(key, SIZE_MAX, &trust), AMEND_ERR_INVALID_ARGUMENT, "n_keys");
+    /* Above AMEND_MAX_TRUSTED_KEYS: refused before any key past the first is read. */
+    EXPECT(amend_trust_store_new(key, AMEND_MAX_TRUSTED_KEYS + 1, &trust), AMEND_ERR_INVALID_ARGUMENT,
+           "give 1 to 16 keys");
     amend_bundle *bundle = NULL;
     EXPECT(amend_bundle_load_file(NULL, NULL, "b.amend", &bundle), AMEND_ERR_NULL_ARGUMENT,
            "trust");
@@ -205,6 +208,40 @@ static void test_scope_model_misuse(void) {
     CHECK(amend_last_error_code() == AMEND_OK, "free(NULL) set an error");
     amend_scope_model_free((amend_scope_model *)(uintptr_t)0xdeadbeef0);
     CHECK(amend_last_error_code() == AMEND_ERR_INVALID_HANDLE, "free of a forged handle");
+}
+
+/* Per-thread handles freed by a pthread key destructor, as C libraries clean up: it runs after
+ * amend's own thread-local storage was destroyed, and used to abort the process. */
+static pthread_key_t exit_key;
+static amend_result exit_codes[2];
+
+static void free_at_exit(void *p) {
+    amend_trust_store_free((amend_trust_store *)p);
+    exit_codes[0] = amend_last_error_code();
+    amend_trust_store_free((amend_trust_store *)p); /* a double free, reported */
+    exit_codes[1] = amend_last_error_code();
+    CHECK(amend_last_error() != NULL && amend_last_error()[0] != 0, "no message at thread exit");
+}
+
+static void *exit_worker(void *arg) {
+    (void)arg;
+    amend_trust_store *t = NULL;
+    /* A failure first: amend's message storage is in use on this thread. */
+    EXPECT(amend_trust_store_new(NULL, 1, &t), AMEND_ERR_NULL_ARGUMENT, "keys");
+    EXPECT_OK(amend_trust_store_new(RFC8032_KEY, 1, &t));
+    pthread_setspecific(exit_key, t);
+    return NULL;
+}
+
+static void test_free_at_thread_exit(void) {
+    CHECK(pthread_key_create(&exit_key, free_at_exit) == 0, "pthread_key_create");
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, exit_worker, NULL) == 0, "pthread_create");
+    pthread_join(th, NULL);
+    pthread_key_delete(exit_key);
+    CHECK(exit_codes[0] == AMEND_OK && exit_codes[1] == AMEND_ERR_INVALID_HANDLE,
+          "at thread exit: free %s, double free %s", amend_result_name(exit_codes[0]),
+          amend_result_name(exit_codes[1]));
 }
 
 /* ---- tests with a real model ---------------------------------------------------------- */
@@ -633,6 +670,7 @@ int main(int argc, char **argv) {
     test_trust_store_lifecycle();
     test_missing_model();
     test_scope_model_misuse();
+    test_free_at_thread_exit();
     if (argc > 1) {
         test_with_model(argv[1]);
         test_session_outlives_model(argv[1]);

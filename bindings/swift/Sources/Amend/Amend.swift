@@ -16,6 +16,7 @@ public struct AmendError: Error, CustomStringConvertible {
 
     static let cancelled: Int32 = 205
     static let busy: Int32 = 105
+    static let invalidArgument: Int32 = 102
     /// AMEND_ERR_SCOPE_MODEL: a bundle needs a scope model the session lacks, or the scope-model
     /// file is missing, not a regular file, corrupt or not a `bert` encoder.
     public static let scopeModel: Int32 = 314
@@ -40,10 +41,32 @@ public enum Amend {
     public static var abiVersion: UInt32 { amend_abi_version() }
 }
 
-/// `body` with a C string for `s`, or NULL for nil.
-func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) throws -> R) rethrows -> R {
+/// Throws for text with a NUL: passed as a C string it would be cut there, and amend would act
+/// on another path or id ("model.gguf\0junk" opening "model.gguf").
+func refuseNul(_ s: String, _ what: String) throws {
+    if s.utf8.contains(0) {
+        throw AmendError(
+            code: AmendError.invalidArgument, name: "AMEND_ERR_INVALID_ARGUMENT",
+            message: "\(what) holds a NUL character")
+    }
+}
+
+/// `body` with a C string for `s`, or NULL for nil; text with a NUL throws (see refuseNul).
+func withOptionalCString<R>(_ s: String?, _ what: String, _ body: (UnsafePointer<CChar>?) throws -> R) throws -> R {
     guard let s else { return try body(nil) }
+    try refuseNul(s, what)
     return try s.withCString { try body($0) }
+}
+
+/// `body` with the UTF-8 bytes of `s` and their count. The buffer is never empty (a NUL is
+/// appended and not counted), so its base address exists even for "".
+func withUTF8Bytes<R>(_ s: String, _ body: (UnsafePointer<CChar>, Int) throws -> R) rethrows -> R {
+    var bytes = Array(s.utf8)
+    let count = bytes.count
+    bytes.append(0)
+    return try bytes.withUnsafeBufferPointer { b in
+        try b.baseAddress!.withMemoryRebound(to: CChar.self, capacity: b.count) { try body($0, count) }
+    }
 }
 
 public final class Model: @unchecked Sendable {
@@ -66,7 +89,8 @@ public final class Model: @unchecked Sendable {
     }
 
     /// `KEY=VALUE` lines for amend_model_params.ep_options, nil when there are none. A key or
-    /// value with "=" misplaced, a newline or a NUL is amend's to refuse, not trapped here.
+    /// value with "=" misplaced or a newline is amend's to refuse; a NUL throws when the lines
+    /// are passed (it would cut them).
     static func optionLines(_ options: [String: String]) -> String? {
         if options.isEmpty { return nil }
         return options.keys.sorted().map { "\($0)=\(options[$0]!)" }.joined(separator: "\n")
@@ -81,6 +105,7 @@ public final class Model: @unchecked Sendable {
         var params = amend_model_default_params()
         params.n_threads = threads
         params.private_copy = privateCopy
+        try refuseNul(path, "path")
         switch backend {
         case .llamaCpp:
             try check(amend_model_open(path, &params, &out))
@@ -93,13 +118,13 @@ public final class Model: @unchecked Sendable {
                 params.static_window = st.window < 0 ? Int.max : st.window
             }
             // The strings are borrowed for the call only, as amend.h states.
-            try ep.withCString { e in
+            try withOptionalCString(ep, "ep") { e in
                 params.ep = e
-                try withOptionalCString(library) { l in
+                try withOptionalCString(library, "library") { l in
                     params.ort_library = l
-                    try withOptionalCString(editSlots) { s in
+                    try withOptionalCString(editSlots, "editSlots") { s in
                         params.edit_slots = s
-                        try withOptionalCString(Model.optionLines(epOptions)) { o in
+                        try withOptionalCString(Model.optionLines(epOptions), "epOptions") { o in
                             params.ep_options = o
                             try check(amend_model_open(path, &params, &out))
                         }
@@ -148,8 +173,13 @@ public final class Bundle: @unchecked Sendable {
     init(handle: OpaquePointer) { self.handle = handle }
 
     public static func load(file path: String, trust: TrustStore, model: Model) throws -> Bundle {
+        // The path's bytes through amend_bundle_load_file_bytes: a NUL is refused by amend,
+        // not cut at.
+        let bytes = Array(path.utf8)
         var out: OpaquePointer? = nil
-        try check(amend_bundle_load_file(trust.handle, model.handle, path, &out))
+        try bytes.withUnsafeBufferPointer { b in
+            try check(amend_bundle_load_file_bytes(trust.handle, model.handle, b.baseAddress, b.count, &out))
+        }
         return Bundle(handle: out!)
     }
 
@@ -248,8 +278,14 @@ public final class Session: @unchecked Sendable {
     public func setScopeModel(_ scope: ScopeModel?) throws {
         try check(amend_session_set_scope_model(handle, scope?.handle))
     }
-    public func rollback(bundleId: String) throws { try check(amend_session_rollback_bundle(handle, bundleId)) }
-    public func rollback(editId: String) throws { try check(amend_session_rollback_edit(handle, editId)) }
+    public func rollback(bundleId: String) throws {
+        try refuseNul(bundleId, "bundleId")
+        try check(amend_session_rollback_bundle(handle, bundleId))
+    }
+    public func rollback(editId: String) throws {
+        try refuseNul(editId, "editId")
+        try check(amend_session_rollback_edit(handle, editId))
+    }
 
     /// Ids of the active bundles, bottom to top.
     public func activeBundles() throws -> [String] {
@@ -301,29 +337,38 @@ public final class Session: @unchecked Sendable {
             return token == -1 ? true : onToken(token, piece)
         }
         let userData = Unmanaged.passUnretained(sink).toOpaque()
-        var utf8 = Array(prompt.utf8)
         var result = amend_generation()
-        let r = utf8.withUnsafeMutableBufferPointer { p in
-            p.baseAddress!.withMemoryRebound(to: CChar.self, capacity: p.count) { cp in
-                amend_session_generate(handle, cp, p.count, &params, tokenTrampoline, userData, &result)
-            }
+        // An empty prompt reaches amend (which refuses it) instead of trapping on a nil buffer.
+        let r = withUTF8Bytes(prompt) { cp, n in
+            amend_session_generate(handle, cp, n, &params, tokenTrampoline, userData, &result)
         }
         withExtendedLifetime(sink) {}
         try check(r)
         return text
     }
 
-    /// Streams generated text as an AsyncSequence. Generation runs on a detached task;
-    /// cancelling the consuming task (or ending iteration early) cancels generation.
+    /// Set once by the consumer of `tokens`, read by the generating thread.
+    private final class StopFlag: @unchecked Sendable {
+        private let lock = NSLock()
+        private var stopped = false
+        func stop() { lock.lock(); stopped = true; lock.unlock() }
+        var isStopped: Bool { lock.lock(); defer { lock.unlock() }; return stopped }
+    }
+
+    /// Streams generated text as an AsyncSequence. Generation runs on a separate thread;
+    /// cancelling the consuming task (or ending iteration early) stops it at the next token.
+    /// It stops through the token callback, not cancel(): a cancel made after the generation
+    /// ended would be kept by amend and fail the session's next generation.
     public func tokens(
         _ prompt: String, options: GenerateOptions = GenerateOptions()
     ) -> AsyncThrowingStream<String, Error> {
         AsyncThrowingStream { continuation in
+            let flag = StopFlag()
             let worker = Thread {
                 do {
                     try self.generate(prompt, options: options) { _, piece in
                         if !piece.isEmpty { continuation.yield(piece) }
-                        return true
+                        return !flag.isStopped
                     }
                     continuation.finish()
                 } catch {
@@ -331,7 +376,7 @@ public final class Session: @unchecked Sendable {
                 }
             }
             continuation.onTermination = { @Sendable termination in
-                if case .cancelled = termination { self.cancel() }
+                if case .cancelled = termination { flag.stop() }
             }
             worker.start()
         }
@@ -340,14 +385,10 @@ public final class Session: @unchecked Sendable {
     /// Teacher-forced log-probability of `target` after `prompt` with the active edits.
     public func score(prompt: String, target: String) throws -> Score {
         var s = amend_score()
-        let p = Array(prompt.utf8), t = Array(target.utf8)
-        let r = p.withUnsafeBufferPointer { pb in
-            t.withUnsafeBufferPointer { tb in
-                pb.baseAddress!.withMemoryRebound(to: CChar.self, capacity: pb.count) { pc in
-                    tb.baseAddress!.withMemoryRebound(to: CChar.self, capacity: tb.count) { tc in
-                        amend_session_score(handle, pc, pb.count, tc, tb.count, &s)
-                    }
-                }
+        // Empty text reaches amend (which refuses it) instead of trapping on a nil buffer.
+        let r = withUTF8Bytes(prompt) { pc, pn in
+            withUTF8Bytes(target) { tc, tn in
+                amend_session_score(handle, pc, pn, tc, tn, &s)
             }
         }
         try check(r)

@@ -201,6 +201,44 @@ public final class AmendTest {
             test("forged handle", () -> expect(Result.ERR_INVALID_HANDLE, () -> Native.sessionCancel(0xdead0L)));
             test("null handle", () -> expect(Result.ERR_NULL_ARGUMENT, () -> Native.sessionCancel(0L)));
             test("rollback unknown bundle", () -> expect(Result.ERR_NOT_FOUND, () -> s.rollbackBundle("nope")));
+            // C reads these NUL-terminated: it would act on the part before the NUL.
+            test("a NUL inside a path or id is refused, not cut at", () -> {
+                AmendException e = expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model + "\0.ignored"));
+                check(e.getMessage().contains("NUL"), e.getMessage());
+                e = expect(Result.ERR_INVALID_ARGUMENT, () -> s.rollbackBundle("nope\0tail"));
+                check(e.getMessage().contains("bundleId contains a NUL byte (at byte 4)"), e.getMessage());
+                expect(Result.ERR_INVALID_ARGUMENT, () -> s.rollbackEdit("nope\0tail"));
+                // RFC 8032 test vector 1: a valid ed25519 public key.
+                byte[] rfc = {(byte) 0xd7, 0x5a, (byte) 0x98, 0x01, (byte) 0x82, (byte) 0xb1, 0x0a, (byte) 0xb7,
+                    (byte) 0xd5, 0x4b, (byte) 0xfe, (byte) 0xd3, (byte) 0xc9, 0x64, 0x07, 0x3a, 0x0e, (byte) 0xe1,
+                    0x72, (byte) 0xf3, (byte) 0xda, (byte) 0xa6, 0x23, 0x25, (byte) 0xaf, 0x02, 0x1a, 0x68,
+                    (byte) 0xf7, 0x07, 0x51, 0x1a};
+                try (TrustStore trust = new TrustStore(rfc)) {
+                    expect(Result.ERR_INVALID_ARGUMENT, () -> Bundle.loadFile(trust, m, "/nonexistent.amend\0x"));
+                }
+            });
+            // They used to be clamped to 0: maxTokens -1 generated nothing, topK -1 turned top-k off.
+            test("negative counts are refused, not clamped", () -> {
+                for (Body b : new Body[] {
+                        () -> s.generate(PROMPT, new GenerateOptions().maxTokens(-1)),
+                        () -> s.generate(PROMPT, new GenerateOptions().maxTokens(1).topK(-1)),
+                        () -> new Session(m, -1, 0),
+                        () -> new Session(m, 64, -1),
+                        () -> new Model(model, true, -1),
+                        () -> new ScopeModel(model, -1)}) {
+                    try {
+                        b.run();
+                        throw new AssertionError("accepted a negative count");
+                    } catch (IllegalArgumentException e) {
+                        check(e.getMessage().contains("must not be negative"), e.getMessage());
+                    }
+                }
+            });
+            // A message quoting a 4-byte character arrives whole (not as JNI modified UTF-8).
+            test("messages keep 4-byte characters", () -> {
+                AmendException e = expect(Result.ERR_NOT_FOUND, () -> s.rollbackBundle("id-\uD83D\uDE00"));
+                check(e.getMessage().contains("id-\uD83D\uDE00"), e.getMessage());
+            });
             if (reference != null) {
                 test("same tokens as the Rust API (seed 42, temperature 0.8)", () -> {
                     Process p = new ProcessBuilder(reference, "--model", model, "--tokens", "12", "--seed", "42",
