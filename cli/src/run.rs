@@ -296,12 +296,36 @@ fn check_flags(args: &Args) -> anyhow::Result<()> {
     generate_params(args, ctx as usize)
         .validate(ctx)
         .map_err(|e| {
-            anyhow::anyhow!(
-                "sampling flags (--temp, --top-k, --top-p, --min-p, --repeat-penalty, \
-                 --repeat-last-n, --seed, --stop): {e}"
-            )
+            // The runtime names the parameter's field (`repeat_last_n 5000 is outside ...`):
+            // say which flag gave it.
+            let m = match &e {
+                amend_runtime::RuntimeError::InvalidParams(m) => m.clone(),
+                other => other.to_string(),
+            };
+            match SAMPLING_FLAGS
+                .iter()
+                .find(|(field, _)| m.starts_with(field))
+            {
+                Some((_, flag)) => anyhow::anyhow!("{flag}: {m}"),
+                None => anyhow::anyhow!(
+                    "sampling flags (--temp, --top-k, --top-p, --min-p, --repeat-penalty, \
+                     --repeat-last-n, --seed, --stop): {m}"
+                ),
+            }
         })
 }
+
+/// The runtime's generation-parameter fields, as its messages begin, and the flags that set them.
+const SAMPLING_FLAGS: [(&str, &str); 8] = [
+    ("temperature", "--temp"),
+    ("top_k", "--top-k"),
+    ("top_p", "--top-p"),
+    ("min_p", "--min-p"),
+    ("repeat_penalty", "--repeat-penalty"),
+    ("repeat_last_n", "--repeat-last-n"),
+    ("seed", "--seed"),
+    ("stop strings", "--stop"),
+];
 
 /// The context to open: `--ctx`, which must fit the model's trained context (a session would
 /// cut it silently), else the default cut to it.
@@ -566,7 +590,7 @@ mod tests {
                     temperature: t,
                     ..base()
                 },
-                &["sampling flags", "--temp", "0 is greedy"],
+                &["--temp: temperature", "0 is greedy"],
             );
         }
         refused(
@@ -574,7 +598,21 @@ mod tests {
                 top_p: Some(0.0),
                 ..base()
             },
-            &["sampling flags", "top_p"],
+            &["--top-p: top_p"],
+        );
+        // The flag given is named, not the whole group of sampling flags.
+        let msg = format!(
+            "{:#}",
+            run(Args {
+                repeat_last_n: Some(5000),
+                ctx: Some(128),
+                ..base()
+            })
+            .unwrap_err()
+        );
+        assert!(
+            msg.starts_with("--repeat-last-n: repeat_last_n 5000") && !msg.contains("--seed"),
+            "{msg}"
         );
     }
 

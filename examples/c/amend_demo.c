@@ -10,7 +10,7 @@
  * (AMEND_ERR_SCOPE_MODEL) and nothing of it is applied.
  *
  * The model defaults to $AMEND_MODEL, then ~/.cache/amend/gemma3-270m-q4_k_m.gguf. Build:
- *   cc amend_demo.c $(pkg-config --cflags --static --libs amend) -o amend_demo
+ *   cc amend_demo.c $(pkg-config --cflags --libs amend-static) -o amend_demo
  * or with CMake: find_package(amend) and link amend::amend (see CMakeLists.txt here).
  */
 #include <amend.h>
