@@ -74,6 +74,10 @@ pub enum RuntimeError {
     KvTruncate { keep: usize, reason: String },
     #[error("no logits for index {index} of the last evaluation")]
     NoLogits { index: usize },
+    /// Generation refuses to sample from such a row: greedy would pick token 0 and llama.cpp's
+    /// samplers sort NaN (undefined behaviour in C++).
+    #[error("the logits for generated token {index} are not usable: {detail} (a hook, edit or LoRA scale made the hidden states non-finite)")]
+    NonFiniteLogits { index: usize, detail: String },
     #[error("edit cannot be applied: {0}")]
     InvalidEdit(String),
     #[error("llama.cpp threw {what} in {call}")]

@@ -93,7 +93,10 @@ impl GenerateParams {
             return bad("seed 4294967295 is llama.cpp's random-seed value; use another seed");
         }
         if !self.temperature.is_finite() {
-            return bad("temperature must be finite");
+            return bad(&format!(
+                "temperature {} is not finite; 0 or less is greedy, else {MIN_TEMPERATURE:e} or more",
+                self.temperature
+            ));
         }
         // llama.cpp divides the logits by it: below this they overflow to infinity and the
         // draw is neither greedy nor random (1e-40 gave the same wrong text for every seed).
@@ -105,16 +108,28 @@ impl GenerateParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p must be in (0, 1]");
+            return bad(&format!(
+                "top_p {} is outside (0, 1] (1 is off)",
+                self.top_p
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p must be in [0, 1]");
+            return bad(&format!(
+                "min_p {} is outside [0, 1] (0 is off)",
+                self.min_p
+            ));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return bad("repeat_penalty must be finite and > 0");
+            return bad(&format!(
+                "repeat_penalty {} is not a finite number > 0 (1 is off)",
+                self.repeat_penalty
+            ));
         }
         if self.top_k < 0 {
-            return bad("top_k must be >= 0");
+            return bad(&format!(
+                "top_k must be >= 0 (0 is off), got {}",
+                self.top_k
+            ));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop strings must not be empty");
@@ -522,6 +537,37 @@ pub fn generate_with(
     generate_on(b, prompt, params, &mut |_| ControlFlow::Continue(()))
 }
 
+/// Refuses a logits row no token can be drawn from: a NaN or +inf anywhere, or no finite value
+/// (-inf alone is a masked token). The common case is one branch-free pass over the exponent
+/// bits, which vectorizes (about 20 us for gemma3's 262,144 logits against a ~20 ms token);
+/// only a row holding a non-finite value is walked again.
+fn check_logits(row: &[f32], index: usize) -> Result<(), RuntimeError> {
+    const EXP: u32 = 0x7f80_0000; // all exponent bits set: inf or NaN
+    let any_non_finite = row
+        .iter()
+        .fold(0u32, |acc, x| acc | ((x.to_bits() & EXP == EXP) as u32));
+    if any_non_finite == 0 && !row.is_empty() {
+        return Ok(());
+    }
+    let mut finite = false;
+    for (t, &x) in row.iter().enumerate() {
+        if x.is_nan() || x == f32::INFINITY {
+            return Err(RuntimeError::NonFiniteLogits {
+                index,
+                detail: format!("the logit of token {t} is {x}"),
+            });
+        }
+        finite |= x.is_finite();
+    }
+    if !finite {
+        return Err(RuntimeError::NonFiniteLogits {
+            index,
+            detail: format!("all {} logits are -inf", row.len()),
+        });
+    }
+    Ok(())
+}
+
 /// The generation loop of every backend: clears the KV cache, prefills `prompt` and samples up
 /// to `max_tokens` tokens, streaming text through `on_token` (stop strings held back).
 pub(crate) fn generate_on<B: Backend + ?Sized>(
@@ -574,10 +620,12 @@ pub(crate) fn generate_on<B: Backend + ?Sized>(
         if out.n_generated >= params.max_tokens {
             break StopReason::MaxTokens;
         }
+        let row = b.last_logits()?;
+        check_logits(row, out.n_generated)?;
         let tok = match &sampler {
             // Plain greedy: argmax in place (first maximum, as llama.cpp's greedy sampler)
             // instead of building llama.cpp's n_vocab candidate array every token.
-            None => crate::reference::argmax(b.last_logits()?) as Token,
+            None => crate::reference::argmax(row) as Token,
             Some(s) => b.sample(s)?,
         };
         if !params.ignore_eos && model.is_eog(tok) {

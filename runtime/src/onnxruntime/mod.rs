@@ -645,6 +645,15 @@ impl StaticShapes {
                 self.window
             )));
         }
+        // The fields are public: a capacity built by hand gets the check `SlotCapacity::parse`
+        // makes (0 failed inside ONNX Runtime at the first run, 2^40 aborted allocating).
+        if !self.capacity.in_range() {
+            return Err(RuntimeError::InvalidOptions(format!(
+                "static shapes: slot capacity {} (entries, neurons, rank) must be 1..={} each",
+                self.capacity.describe(),
+                slots::MAX_SLOT_CAPACITY
+            )));
+        }
         Ok(())
     }
 
@@ -662,6 +671,51 @@ impl StaticShapes {
         }
         g
     }
+}
+
+/// Refuses an export that would replace one of the open's own inputs (the model, the library,
+/// a named graph): the export renames a new file over its path, so `export: Some(model)`
+/// replaced the GGUF with the graph.
+fn check_export(model: &Path, options: &OrtOptions) -> Result<(), RuntimeError> {
+    let Some(out) = &options.export else {
+        return Ok(());
+    };
+    let mut inputs = vec![("model", model.to_path_buf())];
+    inputs.push(("ONNX Runtime library", options.library_path()));
+    if let OnnxCache::File(g) = &options.cache {
+        inputs.extend(
+            export_paths(g, options.static_shapes.as_ref())
+                .into_iter()
+                .map(|p| ("named ONNX graph", p)),
+        );
+    }
+    for target in export_paths(out, options.static_shapes.as_ref()) {
+        for (what, input) in &inputs {
+            if same_file(&target, input) {
+                return Err(RuntimeError::InvalidOptions(format!(
+                    "export {}: that is the {what} {}; exporting would replace it, give another path; nothing was written",
+                    target.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two existing paths are one file (device and inode; links followed).
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The files an export to `out` writes: the graph and its sidecar, and for a static pair the
@@ -792,6 +846,7 @@ impl OrtModel {
     ) -> Result<Arc<OrtModel>, RuntimeError> {
         let path = path.as_ref();
         crate::session::check_threads(options.n_threads, "n_threads")?;
+        check_export(path, &options)?;
         // Before the library loads: options no EP could take are the caller's mistake.
         options
             .ep
@@ -2089,7 +2144,7 @@ impl OrtSession {
     pub fn new(model: &Arc<OrtModel>, n_ctx: usize) -> Result<OrtSession, RuntimeError> {
         if n_ctx == 0 || n_ctx > crate::MAX_N_CTX as usize {
             return Err(RuntimeError::InvalidOptions(format!(
-                "n_ctx must be 1..={}",
+                "n_ctx {n_ctx} is outside 1..={}",
                 crate::MAX_N_CTX
             )));
         }

@@ -273,9 +273,20 @@ impl Default for SlotCapacity {
     }
 }
 
+/// The largest value of each slot capacity (entries, neurons, rank).
+pub const MAX_SLOT_CAPACITY: usize = 1_000_000;
+
 impl SlotCapacity {
     pub(crate) fn describe(&self) -> String {
         format!("{},{},{}", self.entries, self.neurons, self.rank)
+    }
+
+    /// Each value is in 1..=[`MAX_SLOT_CAPACITY`] (the fields are public, so a capacity built by
+    /// hand is checked too).
+    pub(crate) fn in_range(&self) -> bool {
+        [self.entries, self.neurons, self.rank]
+            .iter()
+            .all(|x| (1..=MAX_SLOT_CAPACITY).contains(x))
     }
 
     /// `ENTRIES,NEURONS,RANK`, each 1..=1,000,000.
@@ -285,21 +296,24 @@ impl SlotCapacity {
             .map(|x| x.trim().parse::<usize>())
             .collect::<Result<_, _>>()
             .map_err(|_| format!("slot capacity `{text}`: expected ENTRIES,NEURONS,RANK"))?;
-        match v[..] {
-            [entries, neurons, rank]
-                if [entries, neurons, rank]
-                    .iter()
-                    .all(|&x| (1..=1_000_000).contains(&x)) =>
-            {
-                Ok(SlotCapacity {
-                    entries,
-                    neurons,
-                    rank,
-                })
-            }
-            _ => Err(format!(
-                "slot capacity `{text}`: expected ENTRIES,NEURONS,RANK, each 1..=1000000"
-            )),
+        let c = match v[..] {
+            [entries, neurons, rank] => SlotCapacity {
+                entries,
+                neurons,
+                rank,
+            },
+            _ => SlotCapacity {
+                entries: 0,
+                neurons: 0,
+                rank: 0,
+            },
+        };
+        if c.in_range() {
+            Ok(c)
+        } else {
+            Err(format!(
+                "slot capacity `{text}`: expected ENTRIES,NEURONS,RANK, each 1..={MAX_SLOT_CAPACITY}"
+            ))
         }
     }
 }
