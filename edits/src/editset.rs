@@ -91,6 +91,8 @@ pub enum EditSetError {
     UnknownEdit(String),
     #[error("edit {0:?} is already rolled back")]
     AlreadyRolledBack(String),
+    #[error("edit {0:?} is active, not rolled back: there is nothing to restore")]
+    NotRolledBack(String),
     #[error("no previous state to restore")]
     NoHistory,
     #[error("{0}")]
@@ -427,7 +429,16 @@ impl Transaction<'_> {
                 return Ok(());
             }
         }
-        Err(EditSetError::UnknownEdit(edit_id.into()))
+        let active = self
+            .work
+            .bundles
+            .iter()
+            .any(|ab| ab.bundle.manifest().edits.iter().any(|e| e.id == edit_id));
+        Err(if active {
+            EditSetError::NotRolledBack(edit_id.into())
+        } else {
+            EditSetError::UnknownEdit(edit_id.into())
+        })
     }
 
     /// The state being built.

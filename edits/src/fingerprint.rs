@@ -166,8 +166,12 @@ fn now_ns() -> u128 {
 }
 
 fn open_model(path: &Path) -> Result<std::fs::File, FingerprintError> {
-    let (file, _) = crate::fsutil::open_regular(path, crate::fsutil::MAX_MODEL_LEN)
-        .map_err(|e| FingerprintError::Io(std::io::Error::other(e.to_string())))?;
+    let (file, _) =
+        crate::fsutil::open_regular(path, crate::fsutil::MAX_MODEL_LEN).map_err(|e| {
+            // Keep the kind (NotFound, PermissionDenied) for callers that branch on it.
+            let kind = e.io_kind().unwrap_or(std::io::ErrorKind::InvalidInput);
+            FingerprintError::Io(std::io::Error::new(kind, e.to_string()))
+        })?;
     Ok(file)
 }
 

@@ -156,13 +156,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
         }
     }
     let (tmp, mut f) = loop {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(
+        let suffix = format!(
             ".tmp{}.{}",
             std::process::id(),
             TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let tmp = PathBuf::from(tmp);
+        );
+        let tmp = tmp_name(path, &suffix);
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -195,6 +194,23 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Longest file name that gets its temporary file named after it: `NAME.tmpPID.N` must fit in
+/// the 255 bytes most file systems allow, or a name that is itself valid could not be written.
+const MAX_NAMED_TMP: usize = 200;
+
+/// The temporary name beside `path`: `PATH` + `suffix`, or, for a file name too long to extend,
+/// `.amend` + `suffix` in the same directory.
+fn tmp_name(path: &Path, suffix: &str) -> PathBuf {
+    match path.file_name() {
+        Some(name) if name.len() > MAX_NAMED_TMP => path.with_file_name(format!(".amend{suffix}")),
+        _ => {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(suffix);
+            PathBuf::from(tmp)
+        }
+    }
 }
 
 /// fsync the directory holding `path` so a rename survives a power cut (best effort: not every

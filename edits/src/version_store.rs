@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::keys::{decode_key_bytes, to_hex};
+use crate::keys::to_hex;
 
 const MAGIC: &str = "amend-versions-v1";
 /// A state file holds at most this many bytes (a few thousand channels).
@@ -42,8 +42,12 @@ pub enum StoreError {
     },
     #[error(transparent)]
     File(#[from] crate::fsutil::FileError),
-    #[error("version store {}: malformed line {line}", .path.display())]
-    Malformed { path: PathBuf, line: usize },
+    #[error("version store {}: malformed line {line}: {reason}", .path.display())]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        reason: &'static str,
+    },
 }
 
 /// A channel's mark refused an offered bundle.
@@ -62,6 +66,10 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct VersionStore {
     path: PathBuf,
+    /// `path` with the symlinks of its last component resolved: the file read and replaced and
+    /// the one `.lock` beside it, so every path naming one state file shares one lock and a
+    /// write does not replace the link with a file of its own.
+    file: PathBuf,
     /// Opened by [`VersionStore::open_read_only`]: reads take no lock and create nothing.
     read_only: bool,
 }
@@ -70,10 +78,7 @@ impl VersionStore {
     /// Use (and create when missing) the state file at `path`. The file itself is only read and
     /// replaced under the lock; a missing file means no marks yet.
     pub fn open(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
-        let store = VersionStore {
-            path: path.as_ref().to_path_buf(),
-            read_only: false,
-        };
+        let store = VersionStore::at(path.as_ref(), false)?;
         // Fail early on a path that is not a readable state file (a FIFO, a directory, junk),
         // before the lock file is created: a refused path leaves nothing behind. Reading
         // without the lock is safe: the file is only ever replaced whole, by rename.
@@ -87,12 +92,21 @@ impl VersionStore {
     /// [`check_and_raise`](Self::check_and_raise) and [`set`](Self::set) refuse. A missing
     /// file means no marks yet.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
-        let store = VersionStore {
-            path: path.as_ref().to_path_buf(),
-            read_only: true,
-        };
+        let store = VersionStore::at(path.as_ref(), true)?;
         store.read()?;
         Ok(store)
+    }
+
+    fn at(path: &Path, read_only: bool) -> Result<VersionStore, StoreError> {
+        let file = resolve_links(path).map_err(|error| StoreError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Ok(VersionStore {
+            path: path.to_path_buf(),
+            file,
+            read_only,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -113,17 +127,27 @@ impl VersionStore {
                 "opened read-only",
             )));
         }
-        let mut p = self.path.as_os_str().to_owned();
+        let mut p = self.file.as_os_str().to_owned();
         p.push(".lock");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(PathBuf::from(p))
-            .map_err(|e| self.io(e))?;
-        if !f.metadata().map_err(|e| self.io(e))?.is_file() {
-            return Err(self.io(std::io::Error::other("lock file is not a regular file")));
+        let lock_path = PathBuf::from(p);
+        // Errors name the lock file: a read-only directory refuses it, not the state file.
+        let io = |error| StoreError::Io {
+            path: lock_path.clone(),
+            error,
+        };
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        // A link planted as the lock file must not make us create its target.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        }
+        let f = opts.open(&lock_path).map_err(io)?;
+        if !f.metadata().map_err(io)?.is_file() {
+            return Err(io(std::io::Error::other(
+                "the lock file is not a regular file",
+            )));
         }
         #[cfg(unix)]
         {
@@ -136,7 +160,7 @@ impl VersionStore {
                 }
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(self.io(e));
+                    return Err(io(e));
                 }
             }
         }
@@ -144,33 +168,53 @@ impl VersionStore {
     }
 
     fn read(&self) -> Result<BTreeMap<String, Mark>, StoreError> {
-        let text = match crate::fsutil::read_regular_string(&self.path, MAX_STATE_LEN) {
+        let text = match crate::fsutil::read_regular_string(&self.file, MAX_STATE_LEN) {
             Ok(t) => t,
             Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
                 return Ok(BTreeMap::new())
             }
             Err(e) => return Err(e.into()),
         };
-        let bad = |line| StoreError::Malformed {
+        let bad = |line, reason| StoreError::Malformed {
             path: self.path.clone(),
             line,
+            reason,
         };
-        let mut lines = text.lines();
-        if lines.next() != Some(MAGIC) {
-            return Err(bad(1));
+        // The writer's exact form only: a hand-edited or corrupted file is refused, never read
+        // as fewer or lower marks.
+        let mut lines = text.split_terminator('\n');
+        match lines.next() {
+            Some(MAGIC) => {}
+            None => return Err(bad(1, "empty file (expected the header amend-versions-v1)")),
+            Some(_) => return Err(bad(1, "not the header amend-versions-v1")),
+        }
+        if !text.ends_with('\n') {
+            return Err(bad(text.lines().count(), "truncated (no final newline)"));
         }
         let mut marks = BTreeMap::new();
         for (i, l) in lines.enumerate() {
+            let n = i + 2;
             let mut f = l.split(' ');
             let (Some(v), Some(d), Some(c), None) = (f.next(), f.next(), f.next(), f.next()) else {
-                return Err(bad(i + 2));
+                return Err(bad(n, "expected '<version> <digest hex> <channel hex>'"));
             };
-            let version: u64 = v.parse().map_err(|_| bad(i + 2))?;
-            let digest = decode_key_bytes(d.as_bytes()).map_err(|_| bad(i + 2))?;
+            let canonical = !v.is_empty()
+                && v.bytes().all(|b| b.is_ascii_digit())
+                && (v == "0" || !v.starts_with('0'));
+            let version: u64 = v
+                .parse()
+                .ok()
+                .filter(|_| canonical)
+                .ok_or_else(|| bad(n, "version is not a decimal u64"))?;
+            let digest: [u8; 32] = from_hex(d)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad(n, "digest is not 64 lowercase hex characters"))?;
             let channel = from_hex(c)
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| bad(i + 2))?;
-            marks.insert(channel, Mark { version, digest });
+                .ok_or_else(|| bad(n, "channel is not lowercase hex of UTF-8 text"))?;
+            if marks.insert(channel, Mark { version, digest }).is_some() {
+                return Err(bad(n, "a second line for the same channel"));
+            }
         }
         Ok(marks)
     }
@@ -186,7 +230,7 @@ impl VersionStore {
                 to_hex(c.as_bytes())
             ));
         }
-        crate::fsutil::write_atomic(&self.path, text.as_bytes(), None).map_err(|e| self.io(e))
+        crate::fsutil::write_atomic(&self.file, text.as_bytes(), None).map_err(|e| self.io(e))
     }
 
     /// All marks (read under the lock).
@@ -258,17 +302,43 @@ impl VersionStore {
 /// Held while the store is read or replaced; dropping closes the file, which releases the flock.
 struct Lock(#[allow(dead_code)] File);
 
+/// Lowercase hex only (what [`to_hex`] writes).
 fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
+    let val = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     s.as_bytes()
         .chunks(2)
-        .map(|c| {
-            let t = core::str::from_utf8(c).ok()?;
-            u8::from_str_radix(t, 16).ok()
-        })
+        .map(|c| Some((val(c[0])? << 4) | val(c[1])?))
         .collect()
+}
+
+/// `path` with the symbolic links of its last component followed (a dangling link gives its
+/// missing target, which the first write creates). Links in the directories above need no
+/// resolving: the lock file beside the resolved name is one file however they are named.
+fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    // The kernel's own limit on links followed in one lookup.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.file_type().is_symlink() => {
+                let target = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(std::io::Error::other(
+        "too many levels of symbolic links (a loop?)",
+    ))
 }
 
 #[cfg(test)]

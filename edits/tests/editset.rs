@@ -89,6 +89,15 @@ fn add_replace_rollback_and_views() {
     // restore_edit re-enables.
     set.restore_edit("e-lr").unwrap();
     assert_eq!(set.snapshot().low_rank_views().count(), 2);
+    // An active edit has nothing to restore (it used to be called unknown); an absent one is.
+    assert_eq!(
+        set.restore_edit("e-lr"),
+        Err(EditSetError::NotRolledBack("e-lr".into()))
+    );
+    assert_eq!(
+        set.restore_edit("no-such-edit"),
+        Err(EditSetError::UnknownEdit("no-such-edit".into()))
+    );
     let _ = Arc::strong_count(&removed);
 }
 

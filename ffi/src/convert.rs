@@ -145,7 +145,9 @@ impl From<EditSetError> for FfiError {
             E::WrongModel | E::ArchMismatch { .. } | E::DimensionMismatch { .. } => {
                 R::AMEND_ERR_MODEL_MISMATCH
             }
-            E::DuplicateBundle(_) | E::AlreadyRolledBack(_) => R::AMEND_ERR_EDIT_CONFLICT,
+            E::DuplicateBundle(_) | E::AlreadyRolledBack(_) | E::NotRolledBack(_) => {
+                R::AMEND_ERR_EDIT_CONFLICT
+            }
             E::UnknownBundle(_) | E::UnknownEdit(_) | E::NoHistory => R::AMEND_ERR_NOT_FOUND,
         };
         FfiError::new(code, e.to_string())

@@ -611,8 +611,9 @@ pub fn subject_relation_rest(
 ) -> (f32, f32) {
     rest.clear();
     rest.resize(d, 0.0);
-    let m = query_rows.len() / d;
-    if m == 0 || subject.is_empty() {
+    // d == 0 or a subject shorter than one row: nothing to compare (no division by zero).
+    let m = query_rows.len().checked_div(d).unwrap_or(0);
+    if m == 0 || subject.len() < d {
         return (0.0, 0.0);
     }
     let mut picked = alloc::vec![false; m];
