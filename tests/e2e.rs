@@ -2951,10 +2951,10 @@ fn run_refuses_flags_it_would_ignore() {
     );
 }
 
-/// On a base bundle, a record numbered by its index because its `id` is no id (`true`; the
-/// loader then ignores its `case_id` too) is numbered on after the base, as the loader numbered
-/// it, instead of keeping the base's id "0" (compile once re-read the file and took `case_id`
-/// for its own id). Needs no real model.
+/// On a base bundle, records keep the ids the loader read: a null `id` defers to `case_id` (9
+/// here, kept). An id that is `true` is refused before any work (it used to be numbered by its
+/// index, and compile then re-read the file and took `case_id` for its id). Needs no real
+/// model.
 #[test]
 fn compile_numbers_records_as_the_loader_read_their_ids() {
     let (dir, key, public, edits) = one_edit("qa-loader-ids", "qa-loader-ids");
@@ -2966,7 +2966,7 @@ fn compile_numbers_records_as_the_loader_read_their_ids() {
     std::fs::write(
         &more,
         format!(
-            "{{\"id\": true, \"case_id\": 9, \"prompt\": \"{UNRELATED}\", \"target\": \"Paris\"}}\n"
+            "{{\"id\": null, \"case_id\": 9, \"prompt\": \"{UNRELATED}\", \"target\": \"Paris\"}}\n"
         ),
     )
     .unwrap();
@@ -2975,7 +2975,20 @@ fn compile_numbers_records_as_the_loader_read_their_ids() {
     ok(&compile_args(
         &model, "grace", &more, &second, &key, &on_base,
     ));
-    assert_eq!(edit_ids(&second, &public), ["0", "1"]);
+    assert_eq!(edit_ids(&second, &public), ["0", "9"]);
+    let odd = dir.join("odd.jsonl");
+    std::fs::write(
+        &odd,
+        format!("{{\"id\": true, \"prompt\": \"{UNRELATED}\", \"target\": \"Paris\"}}\n"),
+    )
+    .unwrap();
+    let third = dir.join("v3.amend");
+    refused_within(
+        &compile_args(&model, "grace", &odd, &third, &key, &on_base),
+        60,
+        &["field `id`", "a boolean is not an id"],
+    );
+    assert!(!third.exists());
 }
 
 /// A layer the `--hparams` file gives is checked like one `--set` gives, naming the file and
@@ -3428,4 +3441,110 @@ fn run_says_when_the_scope_model_is_not_used() {
         err.contains("--scope-model") && err.contains("not used"),
         "{err}"
     );
+}
+
+/// Edit files as KnowEdit/EasyEdit users write them (session 37): a UTF-8 byte order mark and
+/// ROME's `{}` subject template are read (the prompt used to be trained raw, "{} is ..."), and
+/// an id a bundle refuses is refused with its record before any training (it used to fail after
+/// training, at the bundle's verification, naming no record).
+#[test]
+fn compile_reads_bom_and_subject_templates_and_refuses_bad_ids_up_front() {
+    let (dir, key, _public, _) = one_edit("edit-file-contents", "edit-file-contents");
+    let tiny = tiny_model(dir.join("tiny.gguf"));
+    let edits = dir.join("template.json");
+    std::fs::write(
+        &edits,
+        "\u{feff}[\r\n{\"prompt\": \"{} is a native speaker of\", \"subject\": \"Danielle Darrieux\",\r\n \"target_new\": {\"str\": \"English\"}}\r\n]\r\n",
+    )
+    .unwrap();
+    let out = dir.join("t.amend");
+    ok(&compile_args(
+        &tiny,
+        "grace",
+        &edits,
+        &out,
+        &key,
+        &["--threads", "1", "--allow-partial", "--no-drift-check"],
+    ));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--json", s(&out)])).unwrap();
+    let edit = &json["edits"][0];
+    assert_eq!(edit["prompt"], "Danielle Darrieux is a native speaker of");
+    assert_eq!(edit["target"], "English");
+
+    for (name, line, needles) in [
+        (
+            "empty-id",
+            r#"{"id": "", "prompt": "a", "target": "b"}"#,
+            vec!["line 2", "record 1", "field `id`", "empty"],
+        ),
+        (
+            "dup-key",
+            r#"{"prompt": "a", "prompt": "b", "target": "c"}"#,
+            vec!["line 2", "duplicate key `prompt`"],
+        ),
+        (
+            "no-subject",
+            r#"{"prompt": "{} is", "target": "b"}"#,
+            vec!["line 2", "field `prompt`", "no `subject`"],
+        ),
+    ] {
+        let edits = dir.join(format!("{name}.jsonl"));
+        std::fs::write(
+            &edits,
+            format!("{{\"prompt\": \"{PROMPT}\", \"target\": \"Berlin\"}}\n{line}\n"),
+        )
+        .unwrap();
+        let out = dir.join(format!("{name}.amend"));
+        let r = amend(&compile_args(
+            &tiny,
+            "grace",
+            &edits,
+            &out,
+            &key,
+            &["--threads", "1", "--allow-partial"],
+        ));
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        for n in &needles {
+            assert!(err.contains(n), "{name}: lacks {n:?}:\n{err}");
+        }
+        // Refused before the model loads or anything trains.
+        assert!(
+            !err.contains("loaded") && !err.contains("compile:"),
+            "{err}"
+        );
+        assert!(
+            files_of(&dir, name).iter().all(|f| f.ends_with(".jsonl")),
+            "{name}"
+        );
+    }
+}
+
+/// More records than a bundle holds (MAX_EDITS, 262,144) are refused before the model loads:
+/// training started anyway, and only the bundle writer would have refused them, hours later.
+#[test]
+fn compile_refuses_more_records_than_a_bundle_holds_up_front() {
+    let (dir, key, _public, _edits) = one_edit("qa-too-many", "qa-too-many");
+    let n = amend_edits::bundle::MAX_EDITS + 1;
+    let mut text = String::with_capacity(n * 40);
+    for i in 0..n {
+        text.push_str(&format!("{{\"prompt\": \"p{i} is\", \"target\": \"t\"}}\n"));
+    }
+    let many = dir.join("many.jsonl");
+    std::fs::write(&many, text).unwrap();
+    let out = dir.join("o.amend");
+    refused_within(
+        &compile_args(
+            &dir.join("no-model.gguf"),
+            "grace",
+            &many,
+            &out,
+            &key,
+            &["--threads", "1"],
+        ),
+        60,
+        &["--edits", "262145 record(s)", "at most 262144 edits"],
+    );
+    assert!(!out.exists());
 }

@@ -409,6 +409,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         continue_auto_ids(&mut records, b);
     }
     amend_compiler::methods::check_unique_ids(&records, base.as_ref())?;
+    // One edit per record: a bundle holds at most MAX_EDITS, which the writer would find only
+    // after training them all.
+    let base_edits = base.as_ref().map_or(0, |b| b.manifest().edits.len());
+    if records.len() + base_edits > amend_edits::bundle::MAX_EDITS {
+        bail!(
+            "--edits {}: {} record(s){}; a bundle holds at most {} edits: split the file",
+            args.edits.display(),
+            records.len(),
+            if base_edits > 0 {
+                format!(" on top of --base-bundle's {base_edits}")
+            } else {
+                String::new()
+            },
+            amend_edits::bundle::MAX_EDITS
+        );
+    }
 
     let t0 = Instant::now();
     let mut compiler =

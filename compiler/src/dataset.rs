@@ -19,8 +19,16 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+/// The most bytes one text field (prompt, target, subject, probe, id) may hold: a bundle stores
+/// prompts, targets and ids up to this, and a longer probe is no edit test (a 50 MB prompt took
+/// 9 s and 2 GB before the token limit refused it).
+pub const MAX_FIELD_LEN: usize = amend_edits::bundle::MAX_STRING_LEN;
+/// The most rephrases, locality or portability probes one record may carry (KnowEdit has a few;
+/// a million would keep `amend eval` busy for hours).
+pub const MAX_PROBES: usize = 1024;
 
 pub mod synthetic;
 pub use synthetic::synthetic;
@@ -134,16 +142,103 @@ pub enum DatasetError {
     },
     #[error("expected a JSON array of edit records (KnowEdit format), found {found}")]
     NotAnArray { found: &'static str },
-    #[error("record {index}: field `{field}`: {reason}")]
+    #[error("record {index}: {}", field_reason(.field, .reason))]
     Record {
         index: usize,
         field: String,
         reason: String,
     },
+    /// A record error in a JSONL file, with the line it is on (blank lines make the record
+    /// index and the line number differ).
+    #[error("line {line}: {error}")]
+    Line {
+        line: usize,
+        error: Box<DatasetError>,
+    },
     #[error("no edit records in the input")]
     NoRecords,
     #[error("unknown data format `{0}` (expected knowedit, jsonl or auto)")]
     UnknownFormat(String),
+}
+
+fn field_reason(field: &str, reason: &str) -> String {
+    if field.is_empty() {
+        reason.to_string()
+    } else {
+        format!("field `{field}`: {reason}")
+    }
+}
+
+/// The text without a UTF-8 byte order mark (Windows editors write one; JSON parsers refuse it).
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// A JSON value whose objects hold each key once: serde_json keeps the last of two silently,
+/// so `{"prompt": "a", "prompt": "b"}` would have edited "b".
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{key}` in one object"
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0)
 }
 
 /// Read and parse an edit file.
@@ -155,20 +250,21 @@ pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetE
                 path: path.to_path_buf(),
                 error: std::io::Error::other(e.to_string()),
             })?;
+    let text = strip_bom(&text);
     let format = match format {
         DataFormat::Auto => {
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             if ext.eq_ignore_ascii_case("jsonl") || ext.eq_ignore_ascii_case("ndjson") {
                 DataFormat::Jsonl
             } else {
-                detect(&text)
+                detect(text)
             }
         }
         f => f,
     };
     match format {
-        DataFormat::Jsonl => parse_jsonl(&text),
-        _ => parse_knowedit(&text),
+        DataFormat::Jsonl => parse_jsonl(text),
+        _ => parse_knowedit(text),
     }
 }
 
@@ -219,7 +315,7 @@ pub fn to_knowedit(records: &[EditRecord]) -> Value {
 fn detect(text: &str) -> DataFormat {
     match text.trim_start().chars().next() {
         Some('[') => DataFormat::KnowEdit,
-        Some('{') if serde_json::from_str::<Value>(text).is_ok() => DataFormat::KnowEdit,
+        Some('{') if parse_json(text).is_ok() => DataFormat::KnowEdit,
         _ => DataFormat::Jsonl,
     }
 }
@@ -227,7 +323,7 @@ fn detect(text: &str) -> DataFormat {
 /// Parse a KnowEdit/EasyEdit JSON document: an array of records (a single record object is
 /// accepted too).
 pub fn parse_knowedit(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
-    let value: Value = serde_json::from_str(text).map_err(DatasetError::Json)?;
+    let value = parse_json(strip_bom(text)).map_err(DatasetError::Json)?;
     let items = match value {
         Value::Array(items) => items,
         Value::Object(_) => vec![value],
@@ -251,16 +347,20 @@ pub fn parse_knowedit(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
 /// Parse JSONL: one object per non-blank line, `{prompt, target}` or any KnowEdit record shape.
 pub fn parse_jsonl(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
     let mut records = Vec::new();
-    for (line_no, line) in text.lines().enumerate() {
+    for (line_no, line) in strip_bom(text).lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(line).map_err(|error| DatasetError::JsonLine {
+        let value = parse_json(line).map_err(|error| DatasetError::JsonLine {
             line: line_no + 1,
             error,
         })?;
-        records.push(parse_record(records.len(), &value)?);
+        let record = parse_record(records.len(), &value).map_err(|e| DatasetError::Line {
+            line: line_no + 1,
+            error: Box::new(e),
+        })?;
+        records.push(record);
     }
     if records.is_empty() {
         return Err(DatasetError::NoRecords);
@@ -303,17 +403,30 @@ fn first_key<'a>(
         .find_map(|n| obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
 }
 
-/// A text value: a string, or the first alternative of a (nested) list of strings.
-/// `Ok(None)` for an empty list.
+/// A text value: a string, or the first alternative of a (nested) list of strings, or ROME's
+/// `{"str": ..}` object. `Ok(None)` for an empty list.
 fn first_text(ctx: &Ctx, field: &str, v: &Value) -> Result<Option<String>, DatasetError> {
     match v {
+        Value::String(s) if s.len() > MAX_FIELD_LEN => Err(ctx.err(
+            field,
+            format!("{} bytes, at most {MAX_FIELD_LEN} are read", s.len()),
+        )),
         Value::String(s) => Ok(Some(s.clone())),
         Value::Array(items) => match items.first() {
             None => Ok(None),
             Some(first) => first_text(ctx, field, first),
         },
-        // Some files carry numeric answers (years, counts).
+        // Some files carry numeric answers (years, counts). A fraction or exponent would come
+        // back rewritten (1.50 as "1.5", 1e3 as "1000.0"), so only integers are read.
+        Value::Number(n) if n.is_f64() => Err(ctx.err(
+            field,
+            format!("the number {n} is not an integer; write the text as a string"),
+        )),
         Value::Number(n) => Ok(Some(n.to_string())),
+        // ROME's CounterFact: `target_new: {"str": "English", "id": "Q1860"}`.
+        Value::Object(o) if o.contains_key("str") => {
+            first_text(ctx, &format!("{field}.str"), &o["str"])
+        }
         other => Err(ctx.err(
             field,
             format!(
@@ -327,6 +440,10 @@ fn first_text(ctx: &Ctx, field: &str, v: &Value) -> Result<Option<String>, Datas
 /// All texts of a string or list (each list element contributes its first alternative).
 fn all_texts(ctx: &Ctx, field: &str, v: &Value) -> Result<Vec<String>, DatasetError> {
     match v {
+        Value::Array(items) if items.len() > MAX_PROBES => Err(ctx.err(
+            field,
+            format!("{} entries, at most {MAX_PROBES} a record", items.len()),
+        )),
         Value::Array(items) => {
             let mut out = Vec::new();
             for item in items {
@@ -358,13 +475,31 @@ fn missing(names: &[&str]) -> String {
     }
 }
 
+/// A required text under the first of `names`; `numbers` also reads an integer (a year as a
+/// target), as the optional fields do.
 fn required_text(
     ctx: &Ctx,
     obj: &Map<String, Value>,
     names: &[&'static str],
+    numbers: bool,
 ) -> Result<String, DatasetError> {
-    let (name, v) = first_key(obj, names).ok_or_else(|| ctx.err(names[0], missing(names)))?;
-    if !matches!(v, Value::String(_) | Value::Array(_)) {
+    let (name, v) = first_key(obj, names).ok_or_else(|| {
+        let mut why = missing(names);
+        if obj.contains_key("requested_rewrite") {
+            why.push_str(
+                "; ROME's nested `requested_rewrite` shape is not read: give prompt, subject and \
+                 target_new at the top level",
+            );
+        }
+        ctx.err(names[0], why)
+    })?;
+    let ok = match v {
+        Value::String(_) | Value::Array(_) => true,
+        Value::Number(_) => numbers,
+        Value::Object(o) => o.contains_key("str"),
+        _ => false,
+    };
+    if !ok {
         return Err(ctx.err(name, format!("expected a string, found {}", type_name(v))));
     }
     let text = first_text(ctx, name, v)?.unwrap_or_default();
@@ -394,8 +529,39 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         .ok_or_else(|| ctx.err("", format!("expected an object, found {}", type_name(v))))?;
 
     let (id, id_from_index) = match first_key(obj, &["id", "case_id", "record_id"]) {
-        Some((_, Value::String(s))) => (s.clone(), false),
+        Some((name, Value::String(s))) => {
+            // The bundle refuses these, but only after training.
+            if s.trim().is_empty() {
+                return Err(ctx.err(name, format!("{s:?} is empty; give an id or leave it out")));
+            }
+            if s.len() > MAX_FIELD_LEN {
+                return Err(ctx.err(
+                    name,
+                    format!("{} bytes, at most {MAX_FIELD_LEN} are accepted", s.len()),
+                ));
+            }
+            (s.clone(), false)
+        }
+        // A fraction or a number past 2^64 comes back rewritten (1.2345678901234568e+22), and
+        // two such ids could meet.
+        Some((name, Value::Number(n))) if n.is_f64() => {
+            return Err(ctx.err(
+                name,
+                format!("the number {n} is not an integer; write the id as a string"),
+            ))
+        }
         Some((_, Value::Number(n))) => (n.to_string(), false),
+        // `true`, a list or an object is a mistake, not "no id": numbering the record by its
+        // index would hide it (null is read as no id, as exports write it).
+        Some((name, v @ (Value::Bool(_) | Value::Array(_) | Value::Object(_)))) => {
+            return Err(ctx.err(
+                name,
+                format!(
+                    "{} is not an id; give a string or a whole number, or leave it out",
+                    type_name(v)
+                ),
+            ))
+        }
         _ => (index.to_string(), true),
     };
     // A bundle refuses such ids (they could forge lines of output): say so before training.
@@ -409,26 +575,34 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         ));
     }
     // ZsRE/counterfact: prompt; WikiBio: text; MEND-style zsre: src.
-    let prompt = clean_prompt(&required_text(&ctx, obj, &["prompt", "text", "src"])?);
-    if prompt.is_empty() {
-        return Err(ctx.err("prompt", "empty"));
-    }
+    let prompt_names = ["prompt", "text", "src"];
+    let raw_prompt = required_text(&ctx, obj, &prompt_names, false)?;
     // KnowEdit: target_new; WikiBio: labels; MEND zsre: alt; plain JSONL: target.
-    let target_new = required_text(&ctx, obj, &["target_new", "target", "labels", "alt"])?
+    let target_new = required_text(&ctx, obj, &["target_new", "target", "labels", "alt"], true)?
         .trim()
         .to_string();
     let subject = optional_text(&ctx, obj, &["subject", "concept"])?;
+    let prompt_name = first_key(obj, &prompt_names).map_or("prompt", |(n, _)| n);
+    let prompt = clean_prompt(&fill_subject(
+        &ctx,
+        prompt_name,
+        raw_prompt,
+        subject.as_deref(),
+    )?);
+    if prompt.is_empty() {
+        return Err(ctx.err(prompt_name, "empty"));
+    }
     let ground_truth = optional_text(&ctx, obj, &["ground_truth", "target_true", "answers"])?;
 
     let mut rephrase_prompts = Vec::new();
     for name in ["rephrase_prompt", "rephrase_prompts", "rephrase"] {
         if let Some(v) = obj.get(name).filter(|v| !v.is_null()) {
-            rephrase_prompts.extend(
-                all_texts(&ctx, name, v)?
-                    .iter()
-                    .map(|s| clean_prompt(s))
-                    .filter(|s| !s.is_empty()),
-            );
+            for text in all_texts(&ctx, name, v)? {
+                let text = clean_prompt(&fill_subject(&ctx, name, text, subject.as_deref())?);
+                if !text.is_empty() {
+                    rephrase_prompts.push(text);
+                }
+            }
         }
     }
 
@@ -450,20 +624,36 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
             gts,
         )?);
     }
-    // MEND-style zsre: loc / loc_ans.
-    if let (Some(p), Some(a)) = (obj.get("loc"), obj.get("loc_ans")) {
-        locality.extend(pair_probes(
+    // MEND-style zsre: loc / loc_ans (one without the other used to be dropped silently).
+    match (
+        obj.get("loc").filter(|v| !v.is_null()),
+        obj.get("loc_ans").filter(|v| !v.is_null()),
+    ) {
+        (Some(p), Some(a)) => locality.extend(pair_probes(
             &ctx,
             "loc",
             "locality",
             all_texts(&ctx, "loc", p)?,
             all_texts(&ctx, "loc_ans", a)?,
-        )?);
+        )?),
+        (Some(_), None) => return Err(ctx.err("loc_ans", "missing (`loc` needs its answer)")),
+        (None, Some(_)) => return Err(ctx.err("loc", "missing (`loc_ans` is given without it)")),
+        (None, None) => {}
     }
     let portability = match obj.get("portability").filter(|v| !v.is_null()) {
         Some(v) => probe_groups(&ctx, "portability", v)?,
         None => Vec::new(),
     };
+
+    for (field, n) in [
+        ("rephrase_prompt", rephrase_prompts.len()),
+        ("locality", locality.len()),
+        ("portability", portability.len()),
+    ] {
+        if n > MAX_PROBES {
+            return Err(ctx.err(field, format!("{n} prompts, at most {MAX_PROBES} a record")));
+        }
+    }
 
     Ok(EditRecord {
         id,
@@ -476,6 +666,32 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         locality,
         portability,
     })
+}
+
+/// A prompt written as a template, `"{} is a native speaker of"` with `subject` (ROME's and
+/// EasyEdit's CounterFact), with the subject filled in (it was trained on raw). A `{}` without a
+/// subject, or more than one, is refused: there is nothing, or no one thing, to fill.
+fn fill_subject(
+    ctx: &Ctx,
+    field: &str,
+    text: String,
+    subject: Option<&str>,
+) -> Result<String, DatasetError> {
+    match (text.matches("{}").count(), subject) {
+        (0, _) => Ok(text),
+        (1, Some(s)) => Ok(text.replacen("{}", s, 1)),
+        (1, None) => Err(ctx.err(
+            field,
+            format!(
+                "{text:?} holds a `{{}}` subject placeholder, but the record has no `subject` \
+                 to fill it with"
+            ),
+        )),
+        (n, _) => Err(ctx.err(
+            field,
+            format!("{text:?} holds {n} `{{}}` placeholders; a template takes the subject once"),
+        )),
+    }
 }
 
 /// `locality` / `portability`: an object mapping a probe kind to either a list of
@@ -513,6 +729,10 @@ fn probe_list(
 ) -> Result<(), DatasetError> {
     match v {
         Value::Null => Ok(()),
+        Value::Array(items) if items.len() > MAX_PROBES => Err(ctx.err(
+            path,
+            format!("{} probes, at most {MAX_PROBES} a record", items.len()),
+        )),
         Value::Array(items) => {
             for (j, item) in items.iter().enumerate() {
                 let item_path = format!("{path}[{j}]");
@@ -772,7 +992,6 @@ mod tests {
             "{\"case_id\": 7, \"prompt\": \"p2\", \"target\": \"t\"}\n",
             "{\"record_id\": \"r\", \"prompt\": \"p3\", \"target\": \"t\"}\n",
             "{\"id\": null, \"prompt\": \"p4\", \"target\": \"t\"}\n",
-            "{\"id\": true, \"case_id\": 9, \"prompt\": \"p5\", \"target\": \"t\"}\n",
         );
         let r = parse_jsonl(t).unwrap();
         let got: Vec<(&str, bool)> = r.iter().map(|r| (r.id.as_str(), r.id_from_index)).collect();
@@ -784,9 +1003,20 @@ mod tests {
                 ("7", false),
                 ("r", false),
                 ("4", true),
-                ("5", true)
             ]
         );
+        // An id that is no id is refused, naming it (it was numbered by its index, hiding it).
+        for bad in ["true", "[1]", "{\"a\": 1}"] {
+            let e = parse_jsonl(&format!(
+                "{{\"id\": {bad}, \"prompt\": \"p\", \"target\": \"t\"}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("field `id`") && e.contains("is not an id"),
+                "{e}"
+            );
+        }
         let json = serde_json::to_string(&r[1]).unwrap();
         assert!(!json.contains("id_from_index"), "{json}");
         let k = parse_knowedit(
@@ -878,6 +1108,174 @@ mod tests {
             }
         }
         assert!(records.iter().filter(|r| !r.portability.is_empty()).count() >= 5);
+    }
+
+    /// Session 37 hostile-input findings, each misread or accepted by the old parser.
+    #[test]
+    fn byte_order_mark_is_skipped() {
+        let r = parse_knowedit("\u{feff}[{\"prompt\": \"a\", \"target_new\": \"b\"}]").unwrap();
+        assert_eq!(r[0].prompt, "a");
+        let r = parse_jsonl("\u{feff}{\"prompt\": \"a\", \"target\": \"b\"}\r\n\r\n").unwrap();
+        assert_eq!((r.len(), r[0].target_new.as_str()), (1, "b"));
+        // Through `load`, a BOM before a multi-line array must not make it look like JSONL.
+        let dir = std::env::temp_dir().join(format!("amend-dataset-bom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bom.json");
+        std::fs::write(
+            &f,
+            "\u{feff}[\n{\"prompt\": \"a\",\n \"target_new\": \"b\"}\n]\n",
+        )
+        .unwrap();
+        assert_eq!(load(&f, DataFormat::Auto).unwrap()[0].target_new, "b");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let e = parse_knowedit(r#"[{"prompt": "a", "prompt": "b", "target_new": "c"}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate key `prompt`"), "{e}");
+        let e = parse_jsonl("{\"prompt\": \"a\", \"target\": \"c\", \"target\": \"d\"}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("line 1:") && e.contains("duplicate key `target`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn subject_placeholders_are_filled_or_refused() {
+        let t = r#"[{"prompt": "{} is a native speaker of", "subject": "Danielle Darrieux",
+            "target_new": {"str": "English", "id": "Q1860"}, "rephrase_prompt": ["Where {} lives, people speak"]}]"#;
+        let r = &parse_knowedit(t).unwrap()[0];
+        assert_eq!(r.prompt, "Danielle Darrieux is a native speaker of");
+        assert_eq!(
+            r.rephrase_prompts,
+            ["Where Danielle Darrieux lives, people speak"]
+        );
+        assert_eq!(r.target_new, "English");
+        assert_eq!(&r.prompt[r.subject_span().unwrap()], "Danielle Darrieux");
+        for (t, needles) in [
+            (
+                r#"[{"prompt": "{} is a native speaker of", "target_new": "x"}]"#,
+                ["record 0: field `prompt`", "no `subject`"],
+            ),
+            (
+                r#"[{"prompt": "{} and {} are", "subject": "s", "target_new": "x"}]"#,
+                ["record 0: field `prompt`", "2 `{}` placeholders"],
+            ),
+            (
+                r#"[{"prompt": "p", "rephrase": "{} is", "target_new": "x"}]"#,
+                ["record 0: field `rephrase`", "no `subject`"],
+            ),
+        ] {
+            let e = parse_knowedit(t).unwrap_err().to_string();
+            assert!(needles.iter().all(|n| e.contains(n)), "{e}");
+        }
+    }
+
+    #[test]
+    fn ids_that_a_bundle_refuses_or_that_would_be_rewritten_are_refused_up_front() {
+        let long = format!(
+            r#"[{{"id": "{}", "prompt": "a", "target_new": "b"}}]"#,
+            "x".repeat(20_000)
+        );
+        for (t, needles) in [
+            (
+                r#"[{"id": "", "prompt": "a", "target_new": "b"}]"#.to_string(),
+                vec!["record 0: field `id`", "empty"],
+            ),
+            (
+                r#"[{"case_id": "  ", "prompt": "a", "target_new": "b"}]"#.to_string(),
+                vec!["field `case_id`", "empty"],
+            ),
+            (long, vec!["field `id`", "20000 bytes"]),
+            (
+                r#"[{"id": 12345678901234567890123, "prompt": "a", "target_new": "b"}]"#
+                    .to_string(),
+                vec!["field `id`", "not an integer"],
+            ),
+            (
+                r#"[{"id": 1.5, "prompt": "a", "target_new": "b"}]"#.to_string(),
+                vec!["field `id`", "not an integer"],
+            ),
+        ] {
+            let e = parse_knowedit(&t).unwrap_err().to_string();
+            assert!(needles.iter().all(|n| e.contains(n)), "{e}");
+        }
+    }
+
+    #[test]
+    fn oversized_fields_and_probe_lists_are_refused() {
+        let t = format!(
+            r#"[{{"prompt": "{}", "target_new": "b"}}]"#,
+            "w ".repeat(10_000)
+        );
+        let e = parse_knowedit(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("field `prompt`") && e.contains("20000 bytes"),
+            "{e}"
+        );
+        let many: Vec<String> = (0..2000).map(|i| format!("q{i}")).collect();
+        let t = serde_json::json!([{"prompt": "a", "target_new": "b", "rephrase_prompt": many}]);
+        let e = parse_knowedit(&t.to_string()).unwrap_err().to_string();
+        assert!(
+            e.contains("field `rephrase_prompt`") && e.contains("2000"),
+            "{e}"
+        );
+        let probes: Vec<_> = (0..2000)
+            .map(|i| serde_json::json!({"prompt": format!("q{i}"), "ground_truth": "g"}))
+            .collect();
+        let t = serde_json::json!([{"prompt": "a", "target_new": "b", "locality": {"K": probes}}]);
+        let e = parse_knowedit(&t.to_string()).unwrap_err().to_string();
+        assert!(
+            e.contains("field `locality.K`") && e.contains("2000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn jsonl_record_errors_name_the_line_and_no_empty_field() {
+        for (line, what) in [("null", "null"), ("[]", "an array"), ("5", "a number")] {
+            let t = format!("{{\"prompt\": \"a\", \"target\": \"b\"}}\n\n{line}\n");
+            let e = parse_jsonl(&t).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("line 3: record 1: expected an object, found {what}")
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_and_mend_locality_are_read_exactly_or_refused() {
+        // A year as the target, as a ground truth already could be.
+        let r =
+            &parse_knowedit(r#"[{"prompt": "He was born in", "target_new": 1984}]"#).unwrap()[0];
+        assert_eq!(r.target_new, "1984");
+        let e = parse_knowedit(r#"[{"prompt": "p", "target_new": "b", "ground_truth": 1.50}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field `ground_truth`") && e.contains("not an integer"),
+            "{e}"
+        );
+        let e =
+            parse_knowedit(r#"[{"prompt": "p", "target_new": "b", "loc": "nq question: who"}]"#)
+                .unwrap_err()
+                .to_string();
+        assert_eq!(
+            e,
+            "record 0: field `loc_ans`: missing (`loc` needs its answer)"
+        );
+        let e = parse_knowedit(r#"[{"case_id": 0, "requested_rewrite": {"prompt": "{} is"}}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field `prompt`") && e.contains("requested_rewrite"),
+            "{e}"
+        );
     }
 
     #[test]

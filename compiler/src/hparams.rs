@@ -443,17 +443,16 @@ impl Hparams {
             merge(&mut table, over, "")?;
         }
         if let Some(path) = file {
-            let text = amend_edits::fsutil::read_regular_string(
-                path,
-                amend_edits::fsutil::MAX_TEXT_FILE_LEN,
-            )
-            .map_err(|e| CompileError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
+            let text =
+                amend_edits::fsutil::read_regular_string(path, MAX_HPARAMS_LEN).map_err(|e| {
+                    CompileError::Io {
+                        path: path.to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                })?;
+            let over: toml::Table = text.parse().map_err(|e| {
+                CompileError::Hparams(format!("{}: {}", path.display(), toml_error(&text, &e)))
             })?;
-            let over: toml::Table = text
-                .parse()
-                .map_err(|e| CompileError::Hparams(format!("{}: {e}", path.display())))?;
             for key in leaf_keys(&over, "") {
                 given.insert(key, Origin::File(path.to_path_buf()));
             }
@@ -500,10 +499,33 @@ impl Hparams {
             sec.insert(field.to_string(), value);
             given.insert(format!("{section}.{field}"), Origin::Set(s.clone()));
         }
+        // A wrong type or value names the file or `--set` that gave it.
         let hp: Hparams = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| CompileError::Hparams(e.to_string()))?;
-        hp.validate()?;
+            .map_err(|e: toml::de::Error| {
+                let text = e.to_string();
+                let msg = match text.split_once("\nin `") {
+                    Some((why, key)) => {
+                        let key = key.trim_end().trim_end_matches('`');
+                        format!("{}: {why}", origin_or_key(&given, key))
+                    }
+                    None => text,
+                };
+                CompileError::Hparams(msg)
+            })?;
+        hp.validate().map_err(|e| match e {
+            CompileError::Hparams(m) => {
+                let key = m.strip_prefix('`').and_then(|r| r.split_once('`'));
+                match key.and_then(|(k, _)| given.get(k).map(|o| (k, o))) {
+                    Some((k, o)) => CompileError::Hparams(format!(
+                        "{}: {m}",
+                        o.describe(k).trim_end_matches(&format!(": {k}"))
+                    )),
+                    None => CompileError::Hparams(m),
+                }
+            }
+            e => e,
+        })?;
         Ok((hp, given))
     }
 
@@ -784,6 +806,39 @@ fn leaf_keys(t: &toml::Table, prefix: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Largest `--hparams` file read (bytes): the defaults are 5 KB, and a parse error quotes the
+/// line it is on.
+pub const MAX_HPARAMS_LEN: u64 = 1 << 20;
+
+/// How a message names `key`: where the user gave it (`--hparams FILE: grace.steps`,
+/// `--set grace.steps=0`), else the key in backticks.
+fn origin_or_key(given: &Given, key: &str) -> String {
+    match given.get(key) {
+        Some(o) => o.describe(key),
+        None => format!("`{key}`"),
+    }
+}
+
+/// A TOML parse error, with the quoted source line when it is short; a long line (a value
+/// nested 10,000 deep) is named by line and column instead of printed whole.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = span.start.min(text.len());
+    if !text.is_char_boundary(start) {
+        return e.to_string();
+    }
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    if line_end - line_start <= 200 {
+        return e.to_string();
+    }
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    format!("line {line}, column {column}: {}", e.message())
 }
 
 /// The most optimisation steps a method takes per edit (the defaults take 25 to 150).
@@ -1105,5 +1160,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(hp.serac.relation_rule, "decide");
+    }
+    /// Session 37: a hostile `--hparams` file is refused small, and a wrong type or value names
+    /// the file it came from.
+    #[test]
+    fn hparams_file_errors_name_the_file_and_stay_short() {
+        let dir = std::env::temp_dir().join(format!("amend-hp-hostile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |name: &str, text: &str| {
+            let f = dir.join(name);
+            std::fs::write(&f, text).unwrap();
+            let e = Hparams::resolve(Arch::Gemma3, Some(&f), &[])
+                .unwrap_err()
+                .to_string();
+            (e, f.display().to_string())
+        };
+        let (e, f) = err("float.toml", "[grace]\nsteps = 60.0\n");
+        assert!(
+            e.contains(&format!("--hparams {f}: grace.steps: invalid type")),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        let (e, f) = err("zero.toml", "[grace]\nsteps = 0\n");
+        assert!(
+            e.contains(&format!("--hparams {f}: `grace.steps` must be in")),
+            "{e}"
+        );
+        let (e, _) = err("nan.toml", "[grace]\nlr = nan\n");
+        assert!(e.contains("`grace.lr` must be a finite number"), "{e}");
+        let (e, _) = err(
+            "deep.toml",
+            &format!("x = {}{}\n", "[".repeat(10_000), "]".repeat(10_000)),
+        );
+        assert!(
+            e.len() < 500 && e.contains("line 1, column"),
+            "{} bytes: {}",
+            e.len(),
+            &e[..e.len().min(300)]
+        );
+        let (e, _) = err("big.toml", &format!("# {}\n", "x".repeat(2 << 20)));
+        assert!(
+            e.contains("cap") || e.contains("large") || e.contains("bytes"),
+            "{e}"
+        );
+        // A `--set` value is named by its flag.
+        let e = Hparams::resolve(Arch::Gemma3, None, &["grace.steps=\"x\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--set grace.steps=\"x\": invalid type"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,9 @@
 //! rephrase ("In Thailand, people pay with the") meets its record ("The currency of Thailand is
 //! the") while the subject's other facts ("The official language of Thailand is") do not.
 
-use amend_edits::bundle::{RelationGroupsDesc, MAX_RELATION_GROUPS, MAX_RELATION_TEMPLATES};
+use amend_edits::bundle::{
+    RelationGroupsDesc, MAX_RELATION_GROUPS, MAX_RELATION_TEMPLATES, MAX_STRING_LEN,
+};
 use amend_edits::families::{strip_subject, RelationGroups};
 use amend_runtime::ScopeModel;
 
@@ -32,7 +34,9 @@ pub struct Lexicon {
 
 impl Lexicon {
     /// Parses `name|template|...` lines (blank lines and `#` comments skipped). Every template
-    /// holds `{}` once; names are unique; the counts stay within the format's caps.
+    /// holds `{}` once and appears once in the lexicon; names are unique and printable; the
+    /// counts stay within the format's caps, checked as lines are read (a 3 MB file of one-line
+    /// groups took 54 s before the count was refused).
     pub fn parse(text: &str) -> Result<Lexicon> {
         let bad = |line: usize, why: &str| {
             CompileError::Hparams(format!("relation groups, line {}: {why}", line + 1))
@@ -42,6 +46,10 @@ impl Lexicon {
             templates: Vec::new(),
             template_group: Vec::new(),
         };
+        let mut names = std::collections::HashSet::new();
+        // Each template with the line it is on: one template in two groups cannot classify.
+        let mut seen = std::collections::HashMap::new();
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (ln, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -49,33 +57,59 @@ impl Lexicon {
             }
             let mut parts = line.split('|');
             let name = parts.next().unwrap_or("").trim();
-            if name.is_empty() || lex.names.iter().any(|n| n == name) {
-                return Err(bad(ln, "a group needs a unique name"));
+            if name.is_empty() || !names.insert(name) {
+                return Err(bad(ln, &format!("a group needs a unique name ({name:?})")));
+            }
+            if amend_edits::bundle::stream::has_control(name) || name.len() > MAX_STRING_LEN {
+                return Err(bad(
+                    ln,
+                    &format!(
+                        "group name {name:?}: at most {MAX_STRING_LEN} bytes, no control or \
+                         invisible characters"
+                    ),
+                ));
+            }
+            if lex.names.len() == MAX_RELATION_GROUPS {
+                return Err(bad(
+                    ln,
+                    &format!("more than {MAX_RELATION_GROUPS} groups (the format's cap)"),
+                ));
             }
             let g = lex.names.len() as u16;
             let before = lex.templates.len();
             for t in parts {
                 let t = t.trim();
                 if t.matches("{}").count() != 1 {
-                    return Err(bad(ln, "each template holds {} exactly once"));
+                    return Err(bad(
+                        ln,
+                        &format!("template {t:?}: each template holds {{}} exactly once"),
+                    ));
+                }
+                if let Some(first) = seen.insert(t, ln) {
+                    return Err(bad(
+                        ln,
+                        &format!("template {t:?} is also on line {}; give it once", first + 1),
+                    ));
+                }
+                if lex.templates.len() == MAX_RELATION_TEMPLATES {
+                    return Err(bad(
+                        ln,
+                        &format!("more than {MAX_RELATION_TEMPLATES} templates (the format's cap)"),
+                    ));
                 }
                 lex.templates.push(t.to_string());
                 lex.template_group.push(g);
             }
             if lex.templates.len() == before {
-                return Err(bad(ln, "a group needs at least one template"));
+                return Err(bad(
+                    ln,
+                    &format!("group {name:?} needs at least one template"),
+                ));
             }
             lex.names.push(name.to_string());
         }
         if lex.names.is_empty() {
             return Err(bad(0, "no groups"));
-        }
-        if lex.names.len() > MAX_RELATION_GROUPS || lex.templates.len() > MAX_RELATION_TEMPLATES {
-            return Err(CompileError::Hparams(format!(
-                "relation groups: {} groups, {} templates (at most {MAX_RELATION_GROUPS} and {MAX_RELATION_TEMPLATES})",
-                lex.names.len(),
-                lex.templates.len()
-            )));
         }
         Ok(lex)
     }
@@ -163,4 +197,58 @@ pub fn record_groups(
         record_group,
         min_score,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_lexicons_parse() {
+        assert!(Lexicon::parse(BUILTIN).unwrap().names.len() > 10);
+        assert!(Lexicon::parse(WIKIDATA).unwrap().names.len() > 10);
+    }
+
+    fn refused(text: &str) -> String {
+        Lexicon::parse(text).unwrap_err().to_string()
+    }
+
+    /// Session 37 hostile lexicons: each was accepted, misread or slow before.
+    #[test]
+    fn hostile_lexicons_are_refused_by_line_or_read_right() {
+        // A byte order mark is not part of the first group's name.
+        let lex = Lexicon::parse("\u{feff}capital|The capital of {} is\r\n").unwrap();
+        assert_eq!(lex.names, ["capital"]);
+        let e = refused("a|The capital of {} is\nb|x {}|The capital of {} is\n");
+        assert!(e.contains("line 2") && e.contains("also on line 1"), "{e}");
+        let e = refused("a|{} is|{} is\n");
+        assert!(e.contains("line 1") && e.contains("\"{} is\""), "{e}");
+        let e = refused("a|{} is|The capital of\n");
+        assert!(
+            e.contains("\"The capital of\"") && e.contains("exactly once"),
+            "{e}"
+        );
+        let e = refused("a\u{1b}[2J|{} is\n");
+        assert!(e.contains("line 1") && e.contains("control"), "{e}");
+        let e = refused("a|{} is\nb\n");
+        assert!(e.contains("line 2") && e.contains("\"b\""), "{e}");
+    }
+
+    #[test]
+    fn a_huge_lexicon_is_refused_at_the_cap_quickly() {
+        let text: String = (0..300_000).map(|i| format!("g{i}|{{}} x{i}\n")).collect();
+        let t = std::time::Instant::now();
+        let e = refused(&text);
+        assert!(
+            e.contains(&format!("line {}", MAX_RELATION_GROUPS + 1)),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+        let one: String = "g|".to_string()
+            + &(0..5000)
+                .map(|i| format!("{{}} x{i}"))
+                .collect::<Vec<_>>()
+                .join("|");
+        assert!(refused(&one).contains("templates"));
+    }
 }
