@@ -2,13 +2,17 @@
 //! gives the same tokens as the Rust API for the same seed (real model; skipped without it
 //! unless AMEND_REQUIRE_MODEL=1).
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::ptr;
 
 use amend::*;
 use amend_runtime::{GenerateParams, Model, ModelOptions, Session, SessionOptions};
+
+#[path = "common/util.rs"]
+mod util;
+use util::last_error;
 
 fn model_path() -> Option<PathBuf> {
     let p = std::env::var_os("AMEND_MODEL")
@@ -27,12 +31,6 @@ fn model_path() -> Option<PathBuf> {
     );
     println!("model {} missing: skipped", p.display());
     None
-}
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 #[test]

@@ -3,7 +3,6 @@
 //! in their `bool` fields are read as C reads them (nonzero = true), and the streaming verifier
 //! keeps its first error however the bytes after it are chunked.
 
-use std::ffi::CStr;
 use std::path::PathBuf;
 use std::ptr;
 
@@ -11,24 +10,9 @@ use amend::*;
 use amend_edits::ed25519_dalek::SigningKey;
 use amend_edits::{BundleBuilder, BundleMeta, Site};
 
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn tiny_model_path() -> PathBuf {
-    // Written once per process: tests run on several threads.
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let p = dir.join(format!("ffi-careless-tiny-{}.gguf", std::process::id()));
-        amend_runtime::testutil::write_tiny_model(&p, amend_runtime::Architecture::Llama, 3)
-            .unwrap();
-        p
-    })
-    .clone()
-}
+#[path = "common/util.rs"]
+mod util;
+use util::last_error;
 
 fn scratch(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -39,7 +23,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn open_model() -> *mut amend_model {
-    let path = std::ffi::CString::new(tiny_model_path().to_str().unwrap()).unwrap();
+    let path = std::ffi::CString::new(util::tiny_model_path("careless").to_str().unwrap()).unwrap();
     let params = amend_model_params {
         n_threads: 1,
         ..amend_model_default_params()
@@ -75,7 +59,8 @@ const KEY: [u8; 32] = [7; 32];
 
 /// A signed one-edit bundle for the tiny model, valid from `not_before` to `expires`.
 fn bundle_bytes(id: &str, version: u64, not_before: u64, expires: u64) -> Vec<u8> {
-    let binding = amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap();
+    let binding =
+        amend_edits::fingerprint::model_binding(util::tiny_model_path("careless")).unwrap();
     let d = binding.n_embd as usize;
     let mut b = BundleBuilder::new(BundleMeta {
         bundle_id: id.into(),
@@ -230,7 +215,7 @@ fn trust_store_key_count_is_checked_before_reading() {
 /// uninitialised field) are read as C reads flags: nonzero is true.
 #[test]
 fn garbage_in_bool_fields_reads_as_true() {
-    let path = std::ffi::CString::new(tiny_model_path().to_str().unwrap()).unwrap();
+    let path = std::ffi::CString::new(util::tiny_model_path("careless").to_str().unwrap()).unwrap();
     let mut mp = amend_model_params {
         n_threads: 1,
         ..amend_model_default_params()

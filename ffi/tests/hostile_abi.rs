@@ -3,7 +3,7 @@
 //! refused, and two sessions sharing a version store file refuse a replay of v1 after v9.
 //! Real model; skipped without it unless AMEND_REQUIRE_MODEL=1.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::ptr;
@@ -11,6 +11,10 @@ use std::ptr;
 use amend::*;
 use amend_edits::ed25519_dalek::SigningKey;
 use amend_edits::{BundleBuilder, BundleMeta, ModelBinding, Site};
+
+#[path = "common/util.rs"]
+mod util;
+use util::last_error;
 
 fn model_path() -> Option<PathBuf> {
     let p = std::env::var_os("AMEND_MODEL")
@@ -29,12 +33,6 @@ fn model_path() -> Option<PathBuf> {
     );
     println!("model {} missing: skipped", p.display());
     None
-}
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 fn bundle(binding: &ModelBinding, version: u64) -> Vec<u8> {

@@ -4,33 +4,16 @@
 //! `bad_alloc`, `n_threads` = 100000 aborted in ggml, values above INT32_MAX wrapped negative).
 
 use std::ffi::CStr;
-use std::path::PathBuf;
 use std::ptr;
 
 use amend::*;
 
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn tiny_model_path() -> PathBuf {
-    // Written once per process: the tests run on several threads, and one writing the file
-    // while another opens it read a half-written model.
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let p = dir.join(format!("ffi-numeric-tiny-{}.gguf", std::process::id()));
-        amend_runtime::testutil::write_tiny_model(&p, amend_runtime::Architecture::Llama, 3)
-            .unwrap();
-        p
-    })
-    .clone()
-}
+#[path = "common/util.rs"]
+mod util;
+use util::last_error;
 
 fn open_model(params: &amend_model_params) -> (amend_result, *mut amend_model) {
-    let path = std::ffi::CString::new(tiny_model_path().to_str().unwrap()).unwrap();
+    let path = std::ffi::CString::new(util::tiny_model_path("numeric").to_str().unwrap()).unwrap();
     let mut m = ptr::null_mut();
     let r = amend_model_open(path.as_ptr(), params, &mut m);
     (r, m)
@@ -78,7 +61,7 @@ fn tiny_bundle_builder(id: &str) -> amend_edits::BundleBuilder {
         created: 0,
         not_before: 0,
         expires: u64::MAX,
-        model: amend_edits::fingerprint::model_binding(tiny_model_path()).unwrap(),
+        model: amend_edits::fingerprint::model_binding(util::tiny_model_path("numeric")).unwrap(),
     })
 }
 

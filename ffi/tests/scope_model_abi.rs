@@ -17,6 +17,10 @@ use std::ptr;
 use amend::*;
 use amend_edits::ed25519_dalek::SigningKey;
 
+#[path = "common/util.rs"]
+mod util;
+use util::last_error;
+
 fn required() -> bool {
     std::env::var("AMEND_REQUIRE_MODEL").as_deref() == Ok("1")
 }
@@ -46,12 +50,6 @@ fn model_path() -> Option<PathBuf> {
 
 fn scope_path() -> Option<PathBuf> {
     existing(serac::default_scope_model_path(), "scope model")
-}
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(amend_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 fn tmp_dir(name: &str) -> PathBuf {
