@@ -25,8 +25,13 @@ pub enum CompileError {
     MissingTensor(String),
     #[error("option --layer: layer {layer} is out of range (the model has {n_layer} layers, 0..={max})", max = n_layer.saturating_sub(1))]
     LayerOutOfRange { layer: usize, n_layer: usize },
-    #[error("edit record {index}: {message}")]
-    BadRecord { index: usize, message: String },
+    #[error("edit record {index}{}: {message}", id.as_ref().map(|i| format!(" (id {i:?})")).unwrap_or_default())]
+    BadRecord {
+        index: usize,
+        /// The record's id, when it has one to name.
+        id: Option<String>,
+        message: String,
+    },
     #[error("edit ids must be unique: {ids:?} appear more than once among the edit records")]
     DuplicateEditIds { ids: Vec<String> },
     #[error("edit ids {ids:?} of the new records are already used by --base-bundle (give the records explicit, new ids)")]

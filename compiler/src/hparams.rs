@@ -443,13 +443,8 @@ impl Hparams {
             merge(&mut table, over, "")?;
         }
         if let Some(path) = file {
-            let text =
-                amend_edits::fsutil::read_regular_string(path, MAX_HPARAMS_LEN).map_err(|e| {
-                    CompileError::Io {
-                        path: path.to_path_buf(),
-                        source: std::io::Error::other(e.to_string()),
-                    }
-                })?;
+            let text = amend_edits::fsutil::read_regular_string(path, MAX_HPARAMS_LEN)
+                .map_err(|e| CompileError::Hparams(format!("--hparams: {e}")))?;
             let over: toml::Table = text.parse().map_err(|e| {
                 CompileError::Hparams(format!("{}: {}", path.display(), toml_error(&text, &e)))
             })?;
@@ -1200,7 +1195,7 @@ mod tests {
         );
         let (e, _) = err("big.toml", &format!("# {}\n", "x".repeat(2 << 20)));
         assert!(
-            e.contains("cap") || e.contains("large") || e.contains("bytes"),
+            e.contains("--hparams: ") && (e.contains("cap") || e.contains("bytes")),
             "{e}"
         );
         // A `--set` value is named by its flag.

@@ -275,13 +275,15 @@ impl Compiler {
         if records.is_empty() {
             return Err(CompileError::BadRecord {
                 index: 0,
+                id: None,
                 message: "no edit records".into(),
             });
         }
         for (i, r) in records.iter().enumerate() {
             let bad = |m: &str| CompileError::BadRecord {
                 index: i,
-                message: format!("(id {:?}): {m}", r.id),
+                id: Some(r.id.clone()),
+                message: m.to_string(),
             };
             if r.prompt.trim().is_empty() {
                 return Err(bad("empty prompt"));
@@ -585,11 +587,18 @@ pub fn check_subjects(method: Method, hp: &Hparams, records: &[EditRecord]) -> R
         let message = match r.subject.as_deref().map(str::trim) {
             None | Some("") => "empty or missing `subject`".to_string(),
             Some(_) if r.subject_span().is_some() => continue,
+            // "Café" typed as e + U+0301 does not match "Café" with é: say so.
+            Some(s) if !s.is_ascii() => format!(
+                "subject {s:?} does not occur in the prompt {:?} (accented letters must be \
+                 written the same way in both: composed or decomposed Unicode)",
+                r.prompt
+            ),
             Some(s) => format!("subject {s:?} does not occur in the prompt {:?}", r.prompt),
         };
         return Err(CompileError::BadRecord {
             index: i,
-            message: format!("(id {:?}): {message} ({hint})", r.id),
+            id: Some(r.id.clone()),
+            message: format!("{message} ({hint})"),
         });
     }
     Ok(())
@@ -625,8 +634,14 @@ mod tests {
             record(Some("the Eiffel Tower"), "The Eiffel Tower is in"),
         ];
         let absent = record(Some("Spain"), "The capital of France is");
+        // The subject decomposed (e + U+0301), the prompt composed (U+00E9).
+        let nfd = record(
+            Some("Cafe\u{301} Society"),
+            "Caf\u{e9} Society is a film by",
+        );
         let cases = [
             (absent, "does not occur in the prompt"),
+            (nfd, "composed or decomposed Unicode"),
             (record(None, "The capital of France is"), "missing"),
             (record(Some("  "), "The capital of France is"), "missing"),
         ];
@@ -639,6 +654,11 @@ mod tests {
                 assert!(
                     matches!(e, CompileError::BadRecord { index: 1, .. }) && text.contains(why),
                     "{method:?}: {text}"
+                );
+                // The id sits beside the index: `edit record 1 (id "x"): ...`.
+                assert!(
+                    text.starts_with(&format!("edit record 1 (id {:?}): ", bad.id)),
+                    "{text}"
                 );
                 if method != Method::Serac {
                     let knob = format!("{}.allow_missing_subject=true", method.name());

@@ -1089,9 +1089,9 @@ pub(crate) fn compile(
         if !(denom.abs() > 1e-8) {
             return Err(CompileError::BadRecord {
                 index: i,
+                id: Some(r.id.clone()),
                 message: format!(
-                    "(id {:?}): rome: the subject's key is degenerate (k*·k = {denom}); try another --layer",
-                    r.id
+                    "rome: the subject's key is degenerate (k*·k = {denom}); try another --layer"
                 ),
             });
         }
