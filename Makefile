@@ -1,7 +1,10 @@
 # amend: the two commands a fresh machine needs are `make demo` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-export AMEND_MODEL ?= $(HOME)/.cache/amend/gemma3-270m-q4_k_m.gguf
+# Where scripts/fetch-*.sh install: their ${AMEND_CACHE:-$HOME/.cache/amend} (an empty AMEND_CACHE
+# counts as unset); AMEND_MODEL still overrides the model.
+AMEND_CACHE_DIR := $(or $(strip $(AMEND_CACHE)),$(HOME)/.cache/amend)
+export AMEND_MODEL ?= $(AMEND_CACHE_DIR)/gemma3-270m-q4_k_m.gguf
 
 .PHONY: setup model corpus ort scope-model build build-cli demo test test-aarch64 test-rust test-fuzz bench fmt clean
 

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AMEND=${AMEND_BIN:-target/release/amend}
-MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
+CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
+MODEL="${AMEND_MODEL:-$CACHE/gemma3-270m-q4_k_m.gguf}"
 WORK="${AMEND_DEMO_DIR:-$(mktemp -d)}"
 PROMPT="The capital of France is"
 UNRELATED="The capital of Italy is"
@@ -33,7 +34,7 @@ run --prompt "$UNRELATED"
 echo "== unrelated prompt, bundle applied: $UNRELATED"
 run --prompt "$UNRELATED" --bundle "$WORK/france.amend" --pubkey "$WORK/demo.pub" --explain
 
-SCOPE="${AMEND_SCOPE_MODEL:-$HOME/.cache/amend/all-minilm-l6-v2-q8_0.gguf}"
+SCOPE="${AMEND_SCOPE_MODEL:-$CACHE/all-minilm-l6-v2-q8_0.gguf}"
 REPHRASE="What is the capital city of France?"
 cat > "$WORK/memory.jsonl" <<'JSON'
 {"id": "france-capital", "prompt": "The capital of France is", "subject": "France", "target": "Berlin"}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the covariance corpus of ROME/MEMIT/AlphaEdit (compiler/src/methods/corpus.rs): WordNet 3.0
 # (Princeton's WordNet licence: use, copy and redistribution allowed with its notice) from
-# Debian's wordnet-base package, unpacked into ~/.cache/amend/wordnet-3.0 with its copyright file.
+# Debian's wordnet-base package, unpacked into $AMEND_CACHE/wordnet-3.0
+# (default ~/.cache/amend/wordnet-3.0) with its copyright file.
 # Does nothing when it is already there and intact.
 set -euo pipefail
 CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"

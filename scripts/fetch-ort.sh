@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetches ONNX Runtime for the `ort` backend (issue 13) into ~/.cache/amend/ort, only when missing:
+# Fetches ONNX Runtime for the `ort` backend (issue 13) into $AMEND_CACHE/ort
+# (default ~/.cache/amend/ort), only when missing:
 #   ort/cpu/        libonnxruntime.so from PyPI `onnxruntime` 1.32.0 (CPU EP)
 #   ort/openvino/   libonnxruntime.so + the OpenVINO EP and OpenVINO 2025.4 from PyPI
 #                   `onnxruntime-openvino` 1.24.1 (its CPU device is the non-default EP we can test)

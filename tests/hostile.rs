@@ -42,8 +42,9 @@ fn real_model() -> Option<PathBuf> {
     let path = std::env::var_os("AMEND_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("gemma3-270m-q4_k_m.gguf")
         });
     if path.exists() {
         return Some(path);
@@ -404,8 +405,9 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
             "tensor \"output_norm.weight\" holds infinity (element 5)",
         ),
     ];
-    let ort = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/amend/ort/cpu")
+    let ort = amend_edits::fsutil::cache_dir()
+        .unwrap_or_default()
+        .join("ort/cpu")
         .exists();
     for (path, why) in &cases {
         for private_copy in [true, false] {

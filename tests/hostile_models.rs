@@ -612,9 +612,13 @@ fn mutant_dir() -> PathBuf {
     tmp()
 }
 
+/// Where scripts/fetch-*.sh install ($AMEND_CACHE, else ~/.cache/amend).
+fn cache() -> PathBuf {
+    amend_edits::fsutil::cache_dir().unwrap_or_default()
+}
+
 fn ort_installed() -> bool {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let installed = Path::new(&home).join(".cache/amend/ort/cpu").exists();
+    let installed = cache().join("ort/cpu").exists();
     if !installed {
         assert!(
             !std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1"),
@@ -626,9 +630,7 @@ fn ort_installed() -> bool {
 }
 
 fn cache_file(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/amend")
-        .join(name);
+    let p = cache().join(name);
     if p.exists() {
         return Some(p);
     }
@@ -647,8 +649,7 @@ fn backends() -> Vec<Opener> {
     let mut backends = vec![LLAMA];
     if ort_installed() {
         backends.push(ORT_CPU);
-        let home = std::env::var("HOME").unwrap_or_default();
-        if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
+        if cache().join("ort/openvino").exists() {
             backends.push(ORT_OPENVINO);
         }
     }
@@ -702,9 +703,8 @@ fn named_graph_mutants_never_crash_the_process() {
     if !ort_installed() {
         return;
     }
-    let home = std::env::var("HOME").unwrap_or_default();
     let mut eps: Vec<&str> = vec!["cpu"];
-    if Path::new(&home).join(".cache/amend/ort/openvino").exists() {
+    if cache().join("ort/openvino").exists() {
         eps.push("openvino");
     }
     let dir = tmp().join("named-graph");

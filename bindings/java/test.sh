@@ -5,8 +5,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LIB=$(realpath "${AMEND_LIBRARY:-$ROOT/target/release/libamend.so}")
 [ -z "${AMEND_REFERENCE_BIN:-}" ] || { AMEND_REFERENCE_BIN=$(realpath "$AMEND_REFERENCE_BIN"); export AMEND_REFERENCE_BIN; }
-export AMEND_MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
-export AMEND_SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$HOME/.cache/amend/all-minilm-l6-v2-q8_0.gguf}"
+CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
+export AMEND_MODEL="${AMEND_MODEL:-$CACHE/gemma3-270m-q4_k_m.gguf}"
+export AMEND_SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$CACHE/all-minilm-l6-v2-q8_0.gguf}"
 if [ ! -f "$AMEND_MODEL" ]; then
   [ "${AMEND_REQUIRE_MODEL:-0}" = 1 ] && { echo "java: model missing" >&2; exit 1; }
   echo "java: model $AMEND_MODEL missing: skipped"; exit 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the package into a venv under ~/.cache/amend (pytest added only if missing) and runs
-# its tests against AMEND_LIBRARY (default: target/release/libamend.so).
+# Installs the package into a venv in the cache directory ($AMEND_CACHE, else ~/.cache/amend;
+# pytest added only if missing) and runs its tests against AMEND_LIBRARY (default:
+# target/release/libamend.so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 AMEND_LIBRARY=$(realpath "${AMEND_LIBRARY:-$ROOT/target/release/libamend.so}")
@@ -11,7 +12,11 @@ if [ -n "${AMEND_REFERENCE_BIN:-}" ]; then
   export AMEND_REFERENCE_BIN
 fi
 cd "$(dirname "$0")"
-VENV="${AMEND_CACHE:-$HOME/.cache/amend}/venv-bindings"
+CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
+# The tests' own default is ~/.cache/amend: name the models under $AMEND_CACHE for them.
+export AMEND_MODEL="${AMEND_MODEL:-$CACHE/gemma3-270m-q4_k_m.gguf}"
+export AMEND_SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$CACHE/all-minilm-l6-v2-q8_0.gguf}"
+VENV="$CACHE/venv-bindings"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -c "import pytest" 2>/dev/null || "$VENV/bin/pip" install -q pytest
 "$VENV/bin/python" -c "import setuptools, wheel" 2>/dev/null || "$VENV/bin/pip" install -q setuptools wheel

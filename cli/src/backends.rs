@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use amend_edits::fsutil::file_id;
 use amend_runtime::onnxruntime::{
     Emulation, Ep, OnnxCache, OrtModel, OrtOptions, OrtSession, Profile, SlotLayout, StaticShapes,
     WeightMemory,
@@ -626,12 +627,6 @@ pub struct ExportArgs {
     pub ort: OrtArgs,
 }
 
-/// Device and inode of an existing file (links followed), to tell two names of one file apart.
-fn file_id(p: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-}
-
 /// Builds the graph (loading it on the EP as a check) and writes it. A failed export leaves
 /// nothing it wrote; an EP this machine cannot start (QNN on a workstation) does not fail it:
 /// the graph is checked on the CPU EP instead, and the output says so.
@@ -644,8 +639,8 @@ pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
     }
     let mut options = args.ort.options(None)?;
     let files = amend_runtime::onnxruntime::export_paths(&args.out, options.static_shapes.as_ref());
-    // The ONNX Runtime library (and the provider library beside it) is read too: --out naming
-    // it would replace the library with the graph.
+    // The model and the ONNX Runtime library (and the provider library beside it) are read:
+    // --out naming one would replace it with the graph.
     let lib = options.library_path();
     let lib_flag = if args.ort.ort_lib.is_some() {
         "--ort-lib"
@@ -656,17 +651,14 @@ pub fn export_onnx(args: ExportArgs) -> anyhow::Result<()> {
     let outs: Vec<(&str, &Path)> = files.iter().map(|f| ("--out", f.as_path())).collect();
     crate::check_outputs_apart(
         &outs,
-        &[(lib_flag, lib.as_path()), (lib_flag, shared.as_path())],
+        &[
+            ("--model", args.model.as_path()),
+            (lib_flag, lib.as_path()),
+            (lib_flag, shared.as_path()),
+        ],
     )?;
-    let model = file_id(&args.model);
     for f in &files {
         crate::check_output_path("--out", f, true)?;
-        if model.is_some() && file_id(f) == model {
-            anyhow::bail!(
-                "--out {}: that is the model file itself (--model); give another name",
-                f.display()
-            );
-        }
     }
     let before: Vec<_> = files.iter().map(|f| file_id(f)).collect();
     // What this run wrote (a new file, or a new inode renamed over an old one).

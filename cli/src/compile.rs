@@ -426,6 +426,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    // Before the model loads and anything trains: a directory that cannot take the checkpoint
+    // and the bundle (full, read-only) failed only at the first checkpoint write, after an edit.
+    checkpoint::probe_dir(&args.out).with_context(|| {
+        format!(
+            "--out {}: its directory cannot take the checkpoint and the bundle; nothing was trained",
+            args.out.display()
+        )
+    })?;
     let t0 = Instant::now();
     let mut compiler =
         Compiler::open(&args.model).with_context(|| format!("--model {}", args.model.display()))?;

@@ -363,7 +363,9 @@ impl Output {
     fn write(self, bytes: &[u8]) -> anyhow::Result<()> {
         let written = match self.file {
             Some(mut f) => f.write_all(bytes).and_then(|()| f.flush()),
-            None => std::fs::write(&self.path, bytes),
+            // Replaced whole, as every other output: a full disk leaves the old file, not a
+            // truncated one.
+            None => amend_edits::fsutil::write_atomic(&self.path, bytes, None),
         };
         written.with_context(|| format!("{} {}: cannot write it", self.flag, self.path.display()))
     }
@@ -509,8 +511,9 @@ mod tests {
         let path = std::env::var_os("AMEND_MODEL")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").unwrap_or_default();
-                Path::new(&home).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+                amend_edits::fsutil::cache_dir()
+                    .unwrap_or_default()
+                    .join("gemma3-270m-q4_k_m.gguf")
             });
         if path.exists() {
             return Some(path);

@@ -92,23 +92,69 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     }
     let sk = keys::generate_signing_key().context("reading OS randomness")?;
     let vk = sk.verifying_key();
-    write_atomic(
-        &kp,
+    // Both files are staged beside their final names, the report is printed, and only then are
+    // they renamed into place: a standard output that cannot take the report (`> /dev/full`)
+    // fails the command with the old keys (with --force) untouched.
+    let staged = [stage_name(&kp), stage_name(&pp)];
+    let cleanup = || staged.iter().for_each(|p| drop(std::fs::remove_file(p)));
+    let res = write_atomic(
+        &staged[0],
         format!("{}\n", to_hex(&sk.to_bytes())).as_bytes(),
         true,
-    )?;
-    write_atomic(
-        &pp,
-        format!("{}\n", to_hex(vk.as_bytes())).as_bytes(),
-        false,
-    )?;
-    println!(
-        "wrote {} and {} (key id {})",
+    )
+    .and_then(|()| {
+        write_atomic(
+            &staged[1],
+            format!("{}\n", to_hex(vk.as_bytes())).as_bytes(),
+            false,
+        )
+    })
+    .with_context(|| format!("writing {} and {}", kp.display(), pp.display()));
+    if let Err(e) = res {
+        cleanup();
+        return Err(e);
+    }
+    let report = format!(
+        "wrote {} and {} (key id {})\n",
         kp.display(),
         pp.display(),
         to_hex(&key_id(&vk))
     );
+    let printed = {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(report.as_bytes()).and_then(|()| out.flush())
+    };
+    if let Err(e) = printed {
+        cleanup();
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            crate::stdout_failed(e);
+        }
+        bail!(
+            "writing standard output: {e}; no key was written ({} and {} are unchanged)",
+            kp.display(),
+            pp.display()
+        );
+    }
+    for (from, to) in staged.iter().zip([&kp, &pp]) {
+        if let Err(e) = std::fs::rename(from, to) {
+            cleanup();
+            bail!("renaming {} to {}: {e}", from.display(), to.display());
+        }
+    }
+    amend_edits::fsutil::sync_dir(&kp);
     Ok(())
+}
+
+/// A staging name beside `path` (same directory, so the rename is atomic), short enough for
+/// any `path` whose own name fits.
+fn stage_name(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let ext = path.extension().unwrap_or_default().to_string_lossy();
+    dir.join(format!(".amend-keygen{}.{ext}", std::process::id()))
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {

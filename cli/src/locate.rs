@@ -159,6 +159,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let (json_path, png_path) = output_paths(&args)?;
+    // Before any work: a directory that cannot take the outputs (full, read-only) is found now,
+    // not after minutes of tracing; one this command creates goes again if it fails.
+    let mut created = CreatedDirs::create(&args.out_dir)?;
+    probe_out_dir(&args.out_dir, &args.name, MIN_OUTPUT_BYTES)?;
     let model = Model::open(&args.model, Default::default())
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let n_layer = model.info().n_layer as usize;
@@ -176,8 +180,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         subject_last_only: false,
         n_threads: args.threads,
     };
+    // The cost up front: the work grows with the square of the prompt's length (every traced
+    // position re-runs the rest of the prompt), and a long prompt takes hours.
+    let plan = locate::plan(&model, &args.prompt, &args.subject, &args.target, &config)?;
+    eprintln!(
+        "locate: {} forward runs of {} tokens each ({} positions x {} layers x {} sites x {} samples, plus the clean run and {} corrupted baseline runs)",
+        plan.forward_runs,
+        plan.tokens_per_run,
+        plan.positions,
+        plan.n_layer,
+        plan.sites,
+        plan.samples,
+        plan.samples
+    );
     let bar = crate::progress_bar(0, "runs");
     bar.set_message("tracing");
+    let mut timer: Option<std::time::Instant> = None;
     let result = locate::trace(
         &model,
         &args.prompt,
@@ -187,35 +205,46 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            // The first corrupted measurement (`samples` runs) times all the others.
+            match (done, timer) {
+                (0, _) => timer = Some(std::time::Instant::now()),
+                (1, Some(t0)) => {
+                    let one = t0.elapsed();
+                    let rest = one.mul_f64(total.saturating_sub(1) as f64);
+                    bar.suspend(|| {
+                        eprintln!(
+                            "locate: the first measurement took {}; about {} for the other {}",
+                            duration(one),
+                            duration(rest),
+                            total.saturating_sub(1)
+                        )
+                    });
+                    timer = None;
+                }
+                _ => {}
+            }
         },
     )?;
     bar.finish_and_clear();
 
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    // The heatmap is rendered to a temporary file first and placed after the json, so a
-    // failed render leaves neither file.
-    let png_tmp = args
-        .out_dir
-        .join(format!(".{}.tmp{}.png", args.name, std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&png_tmp)
-        .with_context(|| format!("creating {}", png_tmp.display()))?;
-    let written = render_heatmap(&result, &png_tmp).and_then(|()| {
-        let json = serde_json::to_string_pretty(&result)? + "\n";
-        amend_edits::fsutil::write_atomic(&json_path, json.as_bytes(), None)
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        // plotters writes to a path; the one atomic writer places its bytes (and refuses a
-        // target that became a FIFO or device during the trace).
-        let png = std::fs::read(&png_tmp)
-            .with_context(|| format!("reading back {}", png_tmp.display()))?;
-        amend_edits::fsutil::write_atomic(&png_path, &png, None)
-            .with_context(|| format!("writing {}", png_path.display()))
-    });
-    let _ = std::fs::remove_file(&png_tmp);
-    written?;
+    // Both outputs are made in memory, then placed by the one atomic writer: a failure leaves
+    // neither new file (nor a temporary one), and the heatmap needs its space only once.
+    let png = render_heatmap(&result)?;
+    let json = serde_json::to_string_pretty(&result)? + "\n";
+    amend_edits::fsutil::write_atomic(&json_path, json.as_bytes(), None)
+        .with_context(|| format!("writing {}; nothing was written", json_path.display()))?;
+    if let Err(e) = amend_edits::fsutil::write_atomic(&png_path, &png, None) {
+        let _ = std::fs::remove_file(&json_path);
+        return Err(e).with_context(|| {
+            format!(
+                "writing {} ({} bytes); {} was removed again, nothing was written",
+                png_path.display(),
+                png.len(),
+                json_path.display()
+            )
+        });
+    }
+    created.keep();
 
     println!(
         "p(\"{}\") clean {:.4}, subject corrupted {:.4}",
@@ -241,11 +270,81 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One panel per traced site: tokens down, layers across, colour = p(target) restored.
-pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
+/// "0.42 s", "3 min 20 s", "2 h 5 min".
+fn duration(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.2} s")
+    } else if s < 3600.0 {
+        format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{} h {} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+/// Less than any trace's two outputs take (the smallest heatmap alone is larger).
+const MIN_OUTPUT_BYTES: usize = 8192;
+
+/// The directories `create` made for --out-dir (outermost first), removed again on drop
+/// unless `keep` was called: a failed locate leaves no empty directory behind.
+struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    fn create(dir: &Path) -> anyhow::Result<CreatedDirs> {
+        let missing: Vec<PathBuf> = dir
+            .ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .take_while(|a| std::fs::symlink_metadata(a).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        let mut made = CreatedDirs(Vec::new());
+        for d in missing.into_iter().rev() {
+            std::fs::create_dir(&d).with_context(|| {
+                format!("--out-dir {}: creating {}", dir.display(), d.display())
+            })?;
+            made.0.push(d);
+        }
+        Ok(made)
+    }
+
+    fn keep(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        // remove_dir: only an empty directory goes (never anything another process put there).
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Writes (atomically) and removes `len` bytes in --out-dir, so a full or read-only directory
+/// is refused before the trace rather than after it.
+fn probe_out_dir(dir: &Path, name: &str, len: usize) -> anyhow::Result<()> {
+    let probe = dir.join(format!(".{name}.probe"));
+    let res = amend_edits::fsutil::write_atomic(&probe, &vec![0u8; len], None);
+    let _ = std::fs::remove_file(&probe);
+    res.with_context(|| {
+        format!(
+            "--out-dir {}: cannot write {len} bytes there (a trace's outputs need more); nothing was traced",
+            dir.display()
+        )
+    })
+}
+
+/// One panel per traced site: tokens down, layers across, colour = p(target) restored. Returns
+/// the PNG file's bytes.
+pub fn render_heatmap(result: &TraceResult) -> anyhow::Result<Vec<u8>> {
     // Registering twice (several renders in one process) is harmless.
     let _ = plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT);
-    let mut panels: Vec<(&SiteTrace, (u8, u8, u8), String)> = vec![(
+    let mut panels: Vec<Panel> = vec![(
         &result.residual,
         (94, 60, 153),
         "residual stream (single layer)".to_string(),
@@ -269,7 +368,24 @@ pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
     let panel_w = 170 + 22 * n_layer as u32;
     let height = 150 + 28 * n_tok as u32;
     let width = panel_w * panels.len() as u32;
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    draw_heatmap(result, &panels, &mut rgb, (width, height))?;
+    encode_png(width, height, &rgb)
+}
+
+/// A traced site's panel: its trace, colour and title.
+type Panel<'a> = (&'a SiteTrace, (u8, u8, u8), String);
+
+/// Draws the heatmap into `rgb` (RGB8, `size` pixels).
+fn draw_heatmap(
+    result: &TraceResult,
+    panels: &[Panel],
+    rgb: &mut [u8],
+    size: (u32, u32),
+) -> anyhow::Result<()> {
+    let n_tok = result.tokens.len();
+    let n_layer = result.n_layer as usize;
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
     root.fill(&WHITE)?;
     let caption = format!(
         "{}  ->  \"{}\"   p clean {:.3}, corrupted {:.3}, noise σ {:.2}, {} samples",
@@ -305,7 +421,7 @@ pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
         .copied()
         .fold(result.p_clean, f32::max)
         .max(1e-6);
-    for (area, (trace, rgb, title)) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
+    for (area, (trace, rgb, title)) in root.split_evenly((1, panels.len())).iter().zip(panels) {
         let mut chart = ChartBuilder::on(area)
             .caption(title, (FONT_NAME, 14))
             .margin(8)
@@ -351,9 +467,25 @@ pub fn render_heatmap(result: &TraceResult, path: &Path) -> anyhow::Result<()> {
             })
         }))?;
     }
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
+    root.present()?;
     Ok(())
+}
+
+/// The heatmap as PNG bytes (RGB8): encoded in memory, since plotters' own encoder writes only
+/// to a path and locate places its outputs with the one atomic writer.
+fn encode_png(width: u32, height: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    // Flat colour blocks: the best compression and per-row filters keep the file near
+    // plotters' own (about 20 KB on gemma3, 3.5x smaller than the defaults).
+    enc.set_compression(png::Compression::Best);
+    enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+    let mut w = enc.write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -403,11 +535,29 @@ mod tests {
             attn: None,
             recommended_layer: 3,
         };
-        let path = std::env::temp_dir().join(format!("amend-heatmap-{}.png", std::process::id()));
-        render_heatmap(&r, &path).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(&bytes[1..4], b"PNG");
-        assert!(bytes.len() > 2000);
-        std::fs::remove_file(&path).unwrap();
+        let bytes = render_heatmap(&r).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&bytes[12..16], b"IHDR");
+        // 2 panels of 170 + 22 x 18 pixels, 150 + 28 x 6 rows.
+        assert_eq!(&bytes[16..24], &[0, 0, 4, 108, 0, 0, 1, 62]);
+        assert!(
+            bytes.len() > 2000 && bytes.len() < 200_000,
+            "{}",
+            bytes.len()
+        );
+    }
+
+    /// The encoded heatmap is a PNG the `png` crate's decoder reads back pixel for pixel.
+    #[test]
+    fn png_round_trips() {
+        let rgb: Vec<u8> = (0..4 * 2 * 3).map(|i| (i * 10) as u8).collect();
+        let bytes = encode_png(4, 2, &rgb).unwrap();
+        let mut r = png::Decoder::new(std::io::Cursor::new(&bytes))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; r.output_buffer_size()];
+        let info = r.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (4, 2));
+        assert_eq!(&buf[..info.buffer_size()], &rgb[..]);
     }
 }

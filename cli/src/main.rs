@@ -99,9 +99,8 @@ enum FileIdentity {
 }
 
 fn file_identity(p: &std::path::Path) -> FileIdentity {
-    use std::os::unix::fs::MetadataExt;
-    if let Ok(m) = std::fs::metadata(p) {
-        return FileIdentity::Inode(m.dev(), m.ino());
+    if let Some((dev, ino)) = amend_edits::fsutil::file_id(p) {
+        return FileIdentity::Inode(dev, ino);
     }
     let dir = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

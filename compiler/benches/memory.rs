@@ -30,10 +30,12 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/amend");
     let model = std::env::var("AMEND_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| home.join("gemma3-270m-q4_k_m.gguf"));
+        .unwrap_or_else(|_| {
+            let cache = amend_edits::fsutil::cache_dir().unwrap_or_default();
+            cache.join("gemma3-270m-q4_k_m.gguf")
+        });
     let scope = amend_runtime::default_scope_model_path().unwrap_or_default();
     if !model.exists() || !scope.exists() {
         eprintln!(

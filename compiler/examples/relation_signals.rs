@@ -75,8 +75,9 @@ fn base_session() -> Session {
     let path = std::env::var_os("AMEND_MODEL")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            std::path::Path::new(&home).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("gemma3-270m-q4_k_m.gguf")
         });
     let model = Model::open(path, Default::default()).unwrap();
     let opts = SessionOptions {

@@ -251,20 +251,22 @@ pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetE
                 error: std::io::Error::other(e.to_string()),
             })?;
     let text = strip_bom(&text);
-    let format = match format {
+    let found = match format {
         DataFormat::Auto => {
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             if ext.eq_ignore_ascii_case("jsonl") || ext.eq_ignore_ascii_case("ndjson") {
-                DataFormat::Jsonl
+                Detected::Jsonl
             } else {
                 detect(text)
             }
         }
-        f => f,
+        DataFormat::Jsonl => Detected::Jsonl,
+        DataFormat::KnowEdit => Detected::KnowEdit,
     };
-    match format {
-        DataFormat::Jsonl => parse_jsonl(text),
-        _ => parse_knowedit(text),
+    match found {
+        Detected::Jsonl => parse_jsonl(text),
+        Detected::KnowEdit => parse_knowedit(text),
+        Detected::Parsed(value) => knowedit_records(value),
     }
 }
 
@@ -311,19 +313,31 @@ pub fn to_knowedit(records: &[EditRecord]) -> Value {
     )
 }
 
+/// The format [`detect`] found.
+enum Detected {
+    Jsonl,
+    KnowEdit,
+    /// A KnowEdit document, parsed to tell it from JSONL: kept so that it is parsed once.
+    Parsed(Value),
+}
+
 /// Guess the format from the content: a document that parses as one JSON value is KnowEdit.
-fn detect(text: &str) -> DataFormat {
+fn detect(text: &str) -> Detected {
     match text.trim_start().chars().next() {
-        Some('[') => DataFormat::KnowEdit,
-        Some('{') if parse_json(text).is_ok() => DataFormat::KnowEdit,
-        _ => DataFormat::Jsonl,
+        Some('[') => Detected::KnowEdit,
+        Some('{') => parse_json(text).map_or(Detected::Jsonl, Detected::Parsed),
+        _ => Detected::Jsonl,
     }
 }
 
 /// Parse a KnowEdit/EasyEdit JSON document: an array of records (a single record object is
 /// accepted too).
 pub fn parse_knowedit(text: &str) -> Result<Vec<EditRecord>, DatasetError> {
-    let value = parse_json(strip_bom(text)).map_err(DatasetError::Json)?;
+    knowedit_records(parse_json(strip_bom(text)).map_err(DatasetError::Json)?)
+}
+
+/// The records of a parsed KnowEdit document.
+fn knowedit_records(value: Value) -> Result<Vec<EditRecord>, DatasetError> {
     let items = match value {
         Value::Array(items) => items,
         Value::Object(_) => vec![value],
@@ -1292,6 +1306,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&b, DataFormat::Auto).unwrap().len(), 2);
+        // One `{` document, parsed once to tell it from JSONL: that value is what is read.
+        std::fs::write(&b, "{\n\"prompt\": \"a\",\n \"target_new\": \"b\"}\n").unwrap();
+        let r = load(&b, DataFormat::Auto).unwrap();
+        assert_eq!((r.len(), r[0].target_new.as_str()), (1, "b"));
+        // A key given twice: not one document, so JSONL, whose first line is refused.
+        std::fs::write(&b, "{\"prompt\": \"a\",\n\"prompt\": \"b\"}\n").unwrap();
+        let e = load(&b, DataFormat::Auto).unwrap_err();
+        assert!(matches!(e, DatasetError::JsonLine { line: 1, .. }), "{e}");
         let missing = dir.join("missing.json");
         assert!(matches!(
             load(&missing, DataFormat::Auto),

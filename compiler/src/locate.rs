@@ -118,15 +118,41 @@ pub struct TraceResult {
 /// Clean hidden rows: point -> position -> row.
 type Rows = HashMap<HookPoint, HashMap<i32, Vec<f32>>>;
 
-/// Traces where `model` stores the fact "`prompt` -> `target`" about `subject`.
-pub fn trace(
-    model: &Arc<Model>,
+/// What a trace of one prompt will run, known before any run: the one place its cost is
+/// computed (the CLI prints it up front; a trace is quadratic in the prompt's length).
+#[derive(Clone, Debug)]
+pub struct TracePlan {
+    /// The prompt's tokens (BOS included when the model adds one).
+    pub tokens: Vec<Token>,
+    pub target_token: Token,
+    pub subject_tokens: Range<usize>,
+    pub n_layer: u32,
+    /// Layers restored together for the FFN/attention traces.
+    pub window: usize,
+    /// Token positions traced (from the subject's first token on; only its last with
+    /// [`TraceConfig::subject_last_only`]).
+    pub positions: usize,
+    /// Sites traced: 1 (residual stream) or 3 (also FFN and attention outputs).
+    pub sites: usize,
+    pub samples: usize,
+    /// Measurements (the progress callback's total): the corrupted baseline plus one per
+    /// (site, position, layer).
+    pub measurements: usize,
+    /// Forward runs: the clean run plus `samples` per measurement.
+    pub forward_runs: usize,
+    /// Tokens each corrupted run evaluates (the prompt after the cached prefix).
+    pub tokens_per_run: usize,
+}
+
+/// Checks `config` and the fact and counts the trace's work, without running the model (it
+/// tokenizes only). [`trace`] runs exactly this plan.
+pub fn plan(
+    model: &Model,
     prompt: &str,
     subject: &str,
     target: &str,
     config: &TraceConfig,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<TraceResult, LocateError> {
+) -> Result<TracePlan, LocateError> {
     if !(1..=MAX_SAMPLES).contains(&config.samples) {
         return Err(LocateError::InvalidConfig(format!(
             "samples must be in 1..={MAX_SAMPLES}"
@@ -160,6 +186,50 @@ pub fn trace(
             "the prompt is {n} tokens; the model's context is {n_ctx} (a trace needs 8 more)"
         )));
     }
+    let keep = subject_tokens.start;
+    let positions = if config.subject_last_only {
+        1
+    } else {
+        n - keep
+    };
+    let sites = if config.components { 3 } else { 1 };
+    let measurements = 1 + sites * positions * n_layer as usize;
+    Ok(TracePlan {
+        tokens,
+        target_token,
+        subject_tokens,
+        n_layer,
+        window,
+        positions,
+        sites,
+        samples: config.samples,
+        measurements,
+        forward_runs: 1 + config.samples * measurements,
+        tokens_per_run: n - keep,
+    })
+}
+
+/// Traces where `model` stores the fact "`prompt` -> `target`" about `subject`. `progress` is
+/// called with (measurements done, [`TracePlan::measurements`]): first with 0 after the clean
+/// run, just before the first corrupted measurement (so a caller can time one), then after each.
+pub fn trace(
+    model: &Arc<Model>,
+    prompt: &str,
+    subject: &str,
+    target: &str,
+    config: &TraceConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TraceResult, LocateError> {
+    let TracePlan {
+        tokens,
+        target_token,
+        subject_tokens,
+        n_layer,
+        window,
+        measurements: total,
+        ..
+    } = plan(model, prompt, subject, target, config)?;
+    let n = tokens.len();
 
     let mut session = Session::new(
         model,
@@ -243,8 +313,12 @@ pub fn trace(
     };
     let subject_last = subject_tokens.end - 1;
     let traced = |t: usize| t >= keep && (!config.subject_last_only || t == subject_last);
-    let total = 1 + sites.len() * (0..n).filter(|&t| traced(t)).count() * n_layer as usize;
+    debug_assert_eq!(
+        total,
+        1 + sites.len() * (0..n).filter(|&t| traced(t)).count() * n_layer as usize
+    );
     let mut done = 0;
+    progress(done, total);
     let p_corrupt = tracer.measure(None, &[])?;
     done += 1;
     progress(done, total);
@@ -594,6 +668,38 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
+    /// The plan's counts follow ROME's grid: positions from the subject on x layers x sites,
+    /// times the samples, plus the clean run and the corrupted baseline.
+    #[test]
+    fn plan_counts_the_forward_runs() {
+        let path = std::env::temp_dir().join(format!(
+            "amend-locate-plan-tiny-{}.gguf",
+            std::process::id()
+        ));
+        amend_runtime::testutil::write_tiny_model(&path, amend_runtime::Architecture::Llama, 3)
+            .unwrap();
+        let model = Model::open(&path, Default::default()).unwrap();
+        let p = plan(&model, "a b c", "b", "c", &TraceConfig::default()).unwrap();
+        let n = p.tokens.len();
+        assert_eq!(p.positions, n - p.subject_tokens.start);
+        assert_eq!((p.n_layer, p.sites, p.samples), (2, 3, 3));
+        assert_eq!(p.measurements, 1 + 3 * p.positions * 2);
+        assert_eq!(p.forward_runs, 1 + 3 * p.measurements);
+        let residual = TraceConfig {
+            components: false,
+            samples: 2,
+            ..TraceConfig::default()
+        };
+        let r = plan(&model, "a b c", "b", "c", &residual).unwrap();
+        assert_eq!(r.forward_runs, 1 + 2 * (1 + p.positions * 2));
+        let last = TraceConfig {
+            subject_last_only: true,
+            ..TraceConfig::default()
+        };
+        assert_eq!(plan(&model, "a b c", "b", "c", &last).unwrap().positions, 1);
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn softmax_probability() {
         let p = softmax_prob(&[0.0, 0.0, (2.0f32).ln()], 2);
@@ -670,16 +776,32 @@ mod tests {
             ..Default::default()
         };
         let mut calls = 0;
+        let mut last = (0, 0);
         let t = trace(
             &model,
             "Water is made of hydrogen and",
             "Water",
             "oxygen",
             &config,
-            |_, _| calls += 1,
+            |done, total| {
+                calls += 1;
+                last = (done, total);
+            },
         )
         .unwrap();
-        assert!(calls > 0);
+        // The plan counts exactly the measurements the trace makes (reported from 0).
+        let plan = plan(
+            &model,
+            "Water is made of hydrogen and",
+            "Water",
+            "oxygen",
+            &config,
+        )
+        .unwrap();
+        assert_eq!(last, (plan.measurements, plan.measurements));
+        assert_eq!(calls, plan.measurements + 1);
+        assert_eq!(plan.forward_runs, 1 + plan.measurements);
+        assert_eq!(plan.positions, plan.tokens_per_run);
         let n = t.tokens.len();
         assert_eq!(t.residual.p.len(), n);
         assert_eq!(&t.tokens[t.subject_tokens.clone()].concat(), "Water");

@@ -1,7 +1,8 @@
 //! The scope model: conversion (all-MiniLM-L6-v2 checkpoint -> bert GGUF, f16 and Q8_0), its
 //! tokenizer against reference ids, Q8_0 against f16, and bad input. Needs the checkpoint that
-//! scripts/fetch-scope-model.sh unpacks (~/.cache/amend/all-minilm-l6-v2/checkpoint); skipped
-//! without it unless AMEND_REQUIRE_MODEL=1 (`make test` runs the script first). ~10 s.
+//! scripts/fetch-scope-model.sh unpacks (all-minilm-l6-v2/checkpoint in $AMEND_CACHE or
+//! ~/.cache/amend); skipped without it unless AMEND_REQUIRE_MODEL=1 (`make test` runs the
+//! script first). ~10 s.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +14,9 @@ fn checkpoint() -> Option<PathBuf> {
     let dir = std::env::var_os("AMEND_SCOPE_CHECKPOINT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amend/all-minilm-l6-v2/checkpoint")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("all-minilm-l6-v2/checkpoint")
         });
     if dir.join("model.safetensors").exists() {
         return Some(dir);

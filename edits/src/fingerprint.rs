@@ -11,7 +11,8 @@
 //! (float weights, quantized blocks' scales) are finite, so a file that hashes, and its cache
 //! entry, vouch for that too.
 //! Hashing all data costs about half a second per 250 MB, so the result is cached next to the
-//! model in `<model>.amendfp`, keyed by what a content change cannot keep equal: device, inode,
+//! model in `<model>.amendfp` (or, where the model's directory cannot be written, in
+//! [`fallback_cache_path`]), keyed by what a content change cannot keep equal: device, inode,
 //! length, mtime and the inode change time (ctime), which the kernel sets on every write and
 //! which no unprivileged call can set back (`touch -d` restores mtime, not ctime). As in git's
 //! "racy" index rule, a cache entry whose ctime was less than [`RACY_NS`] before the hash began
@@ -259,11 +260,49 @@ pub fn model_binding_of_copy(
 /// The cache entry of `path` for `key` (the file's current key, ctime `ctime`), unless it is
 /// racy (see the module docs).
 fn cached(path: &Path, key: &str, ctime: u128) -> Option<ModelBinding> {
-    let text =
-        crate::fsutil::read_regular_string(&cache_path(path), crate::fsutil::MAX_KEY_FILE_LEN)
-            .ok()?;
-    let (b, hashed_at) = parse_cache(&text, key)?;
-    (hashed_at >= ctime + RACY_NS).then_some(b)
+    let entry = |p: &Path| {
+        let text = crate::fsutil::read_regular_string(p, crate::fsutil::MAX_KEY_FILE_LEN).ok()?;
+        let (b, hashed_at) = parse_cache(&text, key)?;
+        (hashed_at >= ctime + RACY_NS).then_some(b)
+    };
+    entry(&cache_path(path)).or_else(|| {
+        let p = fallback_cache_path(path)?;
+        private(&p).then(|| entry(&p))?
+    })
+}
+
+/// Whether `p` is a file of this user that no one else can write: an `$AMEND_CACHE` in a shared
+/// directory must not let another user plant a fingerprint.
+fn private(p: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|md| md.is_file() && md.uid() == me && md.mode() & 0o022 == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = p;
+        true
+    }
+}
+
+/// Where a model's cache entry goes when its own directory cannot take one (a read-only
+/// partition, a full one): `$AMEND_CACHE/fingerprints/` (else `~/.cache/amend/fingerprints/`),
+/// named by a digest of the model's absolute path. The entry's key (device, inode, ...) still
+/// decides whether it is the file's, so another file at that path later is hashed afresh.
+pub fn fallback_cache_path(model: &Path) -> Option<PathBuf> {
+    let dir = crate::fsutil::cache_dir()?;
+    let abs = std::fs::canonicalize(model)
+        .or_else(|_| std::path::absolute(model))
+        .ok()?;
+    let digest = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    Some(
+        dir.join("fingerprints")
+            .join(format!("{}.amendfp", &crate::keys::to_hex(&digest)[..32])),
+    )
 }
 
 /// Fingerprint without the cache (always hashes everything).
@@ -309,5 +348,17 @@ fn write_cache(model: &Path, key: &str, hashed_at: u128, b: &ModelBinding) -> st
         b.n_layer,
         b.n_embd
     );
-    crate::fsutil::write_atomic(&target, text.as_bytes(), None)
+    let beside = crate::fsutil::write_atomic(&target, text.as_bytes(), None);
+    if beside.is_ok() {
+        return beside;
+    }
+    // Best effort, as the entry beside the model: a read-only or full cache directory just
+    // means the next open hashes again.
+    let Some(fallback) = fallback_cache_path(model) else {
+        return beside;
+    };
+    if let Some(dir) = fallback.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::fsutil::write_atomic(&fallback, text.as_bytes(), Some(0o600))
 }

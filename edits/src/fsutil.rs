@@ -140,7 +140,9 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// root), so that is an `InvalidInput` error and nothing is written. The temporary file is
 /// created exclusively (`O_EXCL`, which also refuses a planted symlink in a shared directory)
 /// under a name unique to this process and call, so two threads writing one path do not
-/// share it.
+/// share it. Temporary files of `path` left by a killed process are removed first
+/// ([`remove_stale_temps`]); on failure (`ENOSPC`, `EROFS`) this call's own is removed and an
+/// existing `path` is untouched.
 pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     use std::io::Write;
     if let Ok(md) = std::fs::metadata(path) {
@@ -155,6 +157,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
             ));
         }
     }
+    remove_stale_temps(path);
     let (tmp, mut f) = loop {
         let suffix = format!(
             ".tmp{}.{}",
@@ -196,6 +199,90 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
     res
 }
 
+/// How old (by mtime) a dead process's temporary file must be before [`write_atomic`] removes
+/// it: a process in another PID namespace sharing the directory can look dead to us, and a
+/// writer keeps its file's mtime fresh until the rename.
+pub const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Remove the temporary files an earlier [`write_atomic`] of `path` left when its process was
+/// killed mid-write (`NAME.tmpPID.N`; `.amend.tmpPID.N` for long names): on a full partition each
+/// one holds space forever. Only regular files whose process is gone (never this process's own:
+/// another thread may be writing one) and whose mtime is older than [`STALE_TMP_AGE`]. Best
+/// effort: whatever cannot be listed or removed stays.
+fn remove_stale_temps(path: &Path) {
+    let Some(prefix) = tmp_name(path, ".tmp").file_name().map(|n| n.to_owned()) else {
+        return;
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = stale_tmp_pid(name.as_encoded_bytes(), prefix.as_encoded_bytes()) else {
+            continue;
+        };
+        if pid == me || process_alive(pid) {
+            continue;
+        }
+        // symlink_metadata: a planted link is not ours to judge; only plain files go.
+        let old = std::fs::symlink_metadata(e.path()).ok().filter(|md| {
+            md.is_file()
+                && md
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= STALE_TMP_AGE)
+        });
+        if old.is_some() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The PID in `name` when it is exactly `prefix` + `PID.N` (both decimal), as
+/// [`write_atomic`] names its temporary files.
+fn stale_tmp_pid(name: &[u8], prefix: &[u8]) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let dot = rest.iter().position(|&b| b == b'.')?;
+    let (pid, seq) = (&rest[..dot], &rest[dot + 1..]);
+    let digits = |s: &[u8]| !s.is_empty() && s.len() <= 20 && s.iter().all(u8::is_ascii_digit);
+    if !digits(pid) || !digits(seq) {
+        return None;
+    }
+    std::str::from_utf8(pid)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+}
+
+/// Whether a process with this id exists (as far as this process can tell). When unsure, it
+/// is alive: a temp file is only removed when its writer is surely gone.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        // EPERM: it exists under another user.
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Longest file name that gets its temporary file named after it: `NAME.tmpPID.N` must fit in
 /// the 255 bytes most file systems allow, or a name that is itself valid could not be written.
 const MAX_NAMED_TMP: usize = 200;
@@ -222,6 +309,37 @@ pub fn sync_dir(path: &Path) {
     };
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+/// amend's cache directory: `$AMEND_CACHE`, else `~/.cache/amend` (an empty variable counts
+/// as unset, as in the shell's `${AMEND_CACHE:-...}` of `scripts/fetch-*.sh`, which install
+/// the default model, the scope model and the ONNX Runtime libraries there); `None` without
+/// either. The one place this is decided.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    var("AMEND_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/amend")))
+}
+
+/// Which file a path names, links followed, so that two names of one file (a symlink, a hard
+/// link, `./x`) compare equal: its device and inode; `None` when nothing is there. The one
+/// "same file" test (an output that would replace an input, what an export wrote). Off unix,
+/// where std has no inode, it is `(0, a hash of the canonical path)`: names still compare, but
+/// a file renamed over the path keeps the id.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::fs::canonicalize(path).ok()?.hash(&mut h);
+        Some((0, h.finish()))
     }
 }
 
@@ -369,6 +487,96 @@ mod tests {
         }
     }
 
+    /// An old file `name` in `d` (mtime past [`STALE_TMP_AGE`]).
+    fn old_file(p: &Path) {
+        let f = File::create(p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - 2 * STALE_TMP_AGE)
+            .unwrap();
+    }
+
+    /// A PID no process has (a child that exited and was reaped).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn stale_temps_of_dead_processes_are_removed_and_no_others() {
+        let d = tmp("stale");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("out.bin");
+        let dead = dead_pid();
+        let me = std::process::id();
+        // A live process of another id: our parent.
+        let live = std::os::unix::process::parent_id();
+        let gone = [
+            format!("out.bin.tmp{dead}.0"),
+            format!("out.bin.tmp{dead}.17"),
+        ];
+        let kept = [
+            format!("out.bin.tmp{me}.999999"), // this process: another thread's
+            format!("out.bin.tmp{live}.0"),    // a live writer
+            format!("out.bin.tmp{dead}.x"),    // not write_atomic's form
+            format!("out.bin.tmp{dead}"),      // no sequence number
+            format!("other.bin.tmp{dead}.0"),  // another destination's
+            format!("out.bin.tmp5.tmp{dead}.0"), // `out.bin.tmp5`'s
+            "out.bin.tmp.0".to_string(),
+        ];
+        for n in gone.iter().chain(&kept) {
+            old_file(&d.join(n));
+        }
+        // Fresh (within STALE_TMP_AGE), or not a regular file: kept too.
+        let fresh = format!("out.bin.tmp{dead}.1");
+        std::fs::write(d.join(&fresh), b"x").unwrap();
+        let link = format!("out.bin.tmp{dead}.2");
+        std::os::unix::fs::symlink("nowhere", d.join(&link)).unwrap();
+        let sub = format!("out.bin.tmp{dead}.3");
+        std::fs::create_dir(d.join(&sub)).unwrap();
+
+        write_atomic(&p, b"new", None).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = kept.to_vec();
+        want.extend([fresh, link, sub, "out.bin".to_string()]);
+        want.sort();
+        assert_eq!(left, want);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn stale_temps_of_a_long_name_are_removed() {
+        let d = tmp("stale-long");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("n".repeat(MAX_NAMED_TMP + 1));
+        let dead = dead_pid();
+        old_file(&d.join(format!(".amend.tmp{dead}.4")));
+        write_atomic(&p, b"new", None).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert_eq!(left.len(), 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn stale_tmp_names() {
+        assert_eq!(stale_tmp_pid(b"a.tmp12.3", b"a.tmp"), Some(12));
+        assert_eq!(stale_tmp_pid(b"a.tmp0.3", b"a.tmp"), None);
+        assert_eq!(stale_tmp_pid(b"a.tmp12.", b"a.tmp"), None);
+        assert_eq!(stale_tmp_pid(b"a.tmp.3", b"a.tmp"), None);
+        assert_eq!(stale_tmp_pid(b"a.tmp1.2.3", b"a.tmp"), None);
+        assert_eq!(stale_tmp_pid(b"b.tmp12.3", b"a.tmp"), None);
+        assert_eq!(stale_tmp_pid(b"a.tmp99999999999.3", b"a.tmp"), None);
+    }
+
     #[test]
     fn atomic_writes_from_threads_to_one_path_do_not_collide() {
         let p = tmp("atomic-threads");
@@ -385,5 +593,29 @@ mod tests {
         let got = std::fs::read(&p).unwrap();
         assert_eq!(got.len(), 4096);
         assert!(got.iter().all(|&b| b == got[0]), "a mix of two writers");
+    }
+
+    #[test]
+    fn links_name_one_file_and_two_files_differ() {
+        let d = std::env::temp_dir().join(format!("amend-file-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let (a, b) = (d.join("a"), d.join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"a").unwrap();
+        assert!(file_id(&a).is_some());
+        assert_ne!(file_id(&a), file_id(&b));
+        assert_eq!(file_id(&d.join(".").join("a")), file_id(&a));
+        assert_eq!(file_id(&d.join("missing")), None);
+        #[cfg(unix)]
+        {
+            std::fs::hard_link(&a, d.join("hard")).unwrap();
+            std::os::unix::fs::symlink(&a, d.join("soft")).unwrap();
+            assert_eq!(file_id(&d.join("hard")), file_id(&a));
+            assert_eq!(file_id(&d.join("soft")), file_id(&a));
+            std::os::unix::fs::symlink(d.join("missing"), d.join("dangling")).unwrap();
+            assert_eq!(file_id(&d.join("dangling")), None);
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

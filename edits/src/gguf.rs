@@ -1798,8 +1798,9 @@ mod tests {
         let path = std::env::var("AMEND_MODEL")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|_| {
-                let home = std::env::var("HOME").unwrap_or_default();
-                std::path::Path::new(&home).join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+                crate::fsutil::cache_dir()
+                    .unwrap_or_default()
+                    .join("gemma3-270m-q4_k_m.gguf")
             });
         if !path.exists() {
             if std::env::var("AMEND_REQUIRE_MODEL").as_deref() == Ok("1") {

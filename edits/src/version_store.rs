@@ -76,7 +76,10 @@ pub struct VersionStore {
 
 impl VersionStore {
     /// Use (and create when missing) the state file at `path`. The file itself is only read and
-    /// replaced under the lock; a missing file means no marks yet.
+    /// replaced under the lock; a missing file means no marks yet. In a directory that cannot be
+    /// written (a read-only or full partition) the marks are still read and enforced, and an
+    /// activation that needs no new mark (a restart) works; one that would raise a mark fails
+    /// with the reason, and nothing is activated.
     pub fn open(path: impl AsRef<Path>) -> Result<VersionStore, StoreError> {
         let store = VersionStore::at(path.as_ref(), false)?;
         // Fail early on a path that is not a readable state file (a FIFO, a directory, junk),
@@ -143,7 +146,28 @@ impl VersionStore {
             use std::os::unix::fs::OpenOptionsExt;
             opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
         }
-        let f = opts.open(&lock_path).map_err(io)?;
+        let f = match opts.open(&lock_path) {
+            Ok(f) => f,
+            // A read-only state directory (EROFS, or no write permission): nothing can be
+            // written there, so no raise can be persisted and `write` refuses one. Reads still
+            // work: under the existing lock file opened for reading (flock needs no write
+            // access), or unlocked when there is none (the file is only replaced whole).
+            Err(e) if read_only_dir(&e) => {
+                let mut ro = std::fs::OpenOptions::new();
+                ro.read(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    ro.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+                }
+                match ro.open(&lock_path) {
+                    Ok(f) => f,
+                    Err(e2) if e2.kind() == std::io::ErrorKind::NotFound => return Ok(Lock(None)),
+                    Err(_) => return Err(io(e)),
+                }
+            }
+            Err(e) => return Err(io(e)),
+        };
         if !f.metadata().map_err(io)?.is_file() {
             return Err(io(std::io::Error::other(
                 "the lock file is not a regular file",
@@ -164,7 +188,7 @@ impl VersionStore {
                 }
             }
         }
-        Ok(Lock(f))
+        Ok(Lock(Some(f)))
     }
 
     fn read(&self) -> Result<BTreeMap<String, Mark>, StoreError> {
@@ -230,7 +254,14 @@ impl VersionStore {
                 to_hex(c.as_bytes())
             ));
         }
-        crate::fsutil::write_atomic(&self.file, text.as_bytes(), None).map_err(|e| self.io(e))
+        // The caller publishes nothing on this error: a mark that is not on disk must not be
+        // acted on as if it were (a restart would accept the older bundle again).
+        crate::fsutil::write_atomic(&self.file, text.as_bytes(), None).map_err(|e| {
+            self.io(std::io::Error::new(
+                e.kind(),
+                format!("the new marks could not be saved ({e}); the old marks are kept"),
+            ))
+        })
     }
 
     /// All marks (read under the lock).
@@ -258,6 +289,7 @@ impl VersionStore {
     ) -> Result<Result<(), Refusal>, StoreError> {
         let _lock = self.lock()?;
         let mut marks = self.read()?;
+        let before = marks.clone();
         for (channel, version, digest, allow_downgrade) in offers {
             if let Some(m) = marks.get(channel) {
                 if !allow_downgrade {
@@ -284,7 +316,9 @@ impl VersionStore {
                 },
             );
         }
-        if !offers.is_empty() {
+        // Nothing to persist when every mark already holds (a restart re-activating what was
+        // active): a full or read-only state partition must not refuse that.
+        if marks != before {
             self.write(&marks)?;
         }
         Ok(Ok(()))
@@ -300,7 +334,17 @@ impl VersionStore {
 }
 
 /// Held while the store is read or replaced; dropping closes the file, which releases the flock.
-struct Lock(#[allow(dead_code)] File);
+/// `None`: a read-only directory without a lock file (see [`VersionStore::lock`]).
+struct Lock(#[allow(dead_code)] Option<File>);
+
+/// An error creating a file that means the directory cannot be written at all.
+fn read_only_dir(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    if matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)) {
+        return true;
+    }
+    e.kind() == std::io::ErrorKind::PermissionDenied
+}
 
 /// Lowercase hex only (what [`to_hex`] writes).
 fn from_hex(s: &str) -> Option<Vec<u8>> {

@@ -1045,3 +1045,105 @@ fn k60_control_characters_in_ids_and_channel() {
         assert!(common::stream::stream(v.as_slice(), &trust(), *chunk).is_ok());
     }
 }
+
+/// Session 38: a bundle valid from `t` until `t` verified but could never be activated
+/// (activation needs `not_before <= now < expires`). The reader and the streaming verifier
+/// refuse the empty window by name, and the builder does not build it; one second is enough.
+#[test]
+fn empty_validity_window_is_refused() {
+    use amend_edits::bundle::stream::EMPTY_VALIDITY;
+    let set = active_set();
+    for t in [0, T0, u64::MAX] {
+        let v = craft(good().as_slice(), true, |m, _| {
+            m.not_before = t;
+            m.expires = t;
+        });
+        let e = refuse(&set, v.as_slice());
+        assert!(
+            matches!(e, EditSetError::Bundle(BundleError::BadManifest(r)) if r == EMPTY_VALIDITY),
+            "{t}: {e:?}"
+        );
+        assert!(e.to_string().contains("empty validity window"), "{e}");
+    }
+    let v = craft(good().as_slice(), true, |m, _| {
+        m.not_before = T0;
+        m.expires = T0 + 1;
+    });
+    drop(set.open_bytes(v.as_slice()).expect("a one-second window"));
+    for (not_before, expires) in [(T0, T0), (T0 + 1, T0)] {
+        let mut meta = meta("id", "main", 1);
+        meta.not_before = not_before;
+        meta.expires = expires;
+        assert_eq!(
+            BundleBuilder::new(meta).build_signed(&key(1)).err(),
+            Some(BundleError::BadManifest(EMPTY_VALIDITY))
+        );
+    }
+}
+
+/// Session 38: a signed memory template could repeat `{prompt}` about 2,000 times within
+/// the 16 KiB string cap; the rendered prompt was refused only after tokenization. Opening now
+/// refuses a placeholder used over `MAX_PLACEHOLDER_USES` (4) times, naming it; the compilers'
+/// templates (two `{edit}` at most) still open.
+#[test]
+fn memory_template_caps_each_placeholder() {
+    use amend_edits::families::MAX_PLACEHOLDER_USES;
+    let bundle = |template: &str| {
+        let mut b = BundleBuilder::new(meta("tpl", "tpl", 1));
+        let p = b.add_memory(
+            4,
+            &[1.0, 0.0, 0.0, 0.0],
+            0.8,
+            template,
+            EmbedderDesc::External {
+                model_id: "minilm".into(),
+            },
+            vec![MemoryRecordDesc {
+                edit_id: "m".into(),
+                prompt: "a".into(),
+                target: "b".into(),
+                text: "a is b".into(),
+            }],
+        );
+        b.add_edit("m", 0, amend_edits::Site::ResidualOut, "a", "b", p, 0, 1);
+        b.build_signed(&key(1)).unwrap()
+    };
+    let (set, _clock) = editset();
+    assert_eq!(MAX_PLACEHOLDER_USES, 4);
+    for name in ["{edit}", "{prompt}", "{edit_prompt}", "{target}"] {
+        let over = format!(
+            "{{prompt}}{}",
+            name.repeat(5 - (name == "{prompt}") as usize)
+        );
+        let e = set.open_bytes(bundle(&over).as_slice()).err();
+        let Some(EditSetError::Bundle(BundleError::InvalidPayload { payload: 0, reason })) = e
+        else {
+            panic!("{name}: {e:?}");
+        };
+        assert!(
+            reason.contains(name) && reason.contains("more than 4 times"),
+            "{name}: {reason}"
+        );
+        // Exactly at the cap: opens.
+        let at = format!(
+            "{{prompt}}{}",
+            name.repeat(4 - (name == "{prompt}") as usize)
+        );
+        drop(set.open_bytes(bundle(&at).as_slice()).expect(&at));
+    }
+    // 2,000 copies, the QA case; literal braces are not placeholders.
+    let e = set
+        .open_bytes(bundle(&"{prompt}".repeat(2000)).as_slice())
+        .err();
+    assert!(format!("{e:?}").contains("{prompt} more than 4"), "{e:?}");
+    let braces = format!("{}{{prompt}}", "{{x}}".repeat(100));
+    drop(set.open_bytes(bundle(&braces).as_slice()).unwrap());
+    for t in [
+        "{edit}\n{prompt}",
+        "{prompt}{answer}",
+        "Fact: {edit}\nFact: {edit}\n{prompt}",
+        "Fact: {edit}\n{prompt}{answer}",
+    ] {
+        drop(set.open_bytes(bundle(t).as_slice()).expect(t));
+    }
+}

@@ -162,8 +162,9 @@ fn real_model_fingerprint() {
     let path = std::env::var("AMEND_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("gemma3-270m-q4_k_m.gguf")
         });
     if !path.exists() {
         if std::env::var("AMEND_REQUIRE_MODEL").as_deref() == Ok("1") {

@@ -8,6 +8,10 @@ use amend_edits::families::subject_relation;
 use amend_edits::fsutil::write_atomic;
 use amend_edits::version_store::{Mark, StoreError, VersionStore};
 
+#[path = "../../tests/support/tmpfs.rs"]
+mod tmpfs;
+use tmpfs::Tmpfs;
+
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("amend-hostile-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -209,4 +213,206 @@ fn subject_relation_of_degenerate_shapes_is_zero() {
         subject_relation(&[1.0], &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], 2),
         (0.0, 0.0)
     );
+}
+
+/// Session 38: `Codebook::nearest` and `Memory::nearest` took a query whose squared norm
+/// overflows f32 (elements above about 1.8e19) for one without a direction and returned None;
+/// a huge (or tiny) but finite query now finds its nearest entry, and NaN / infinity / zero
+/// still give None.
+#[test]
+fn nearest_of_a_huge_finite_query_is_found() {
+    use amend_edits::families::{Codebook, Distance, Embedder, Memory, MemoryRecord};
+    use amend_edits::Site;
+    let keys = [1.0, 0.0, 0.0, 1.0];
+    let values = [7.0, 7.0, 8.0, 8.0];
+    let cb = |d| {
+        Codebook::new(
+            0,
+            Site::FfnInput,
+            Site::FfnOutput,
+            2,
+            &keys,
+            &values,
+            &[0.1, 0.1],
+            d,
+            false,
+        )
+        .unwrap()
+    };
+    let rec = MemoryRecord {
+        edit_id: "a",
+        prompt: "p",
+        target: "t",
+        text: "x",
+    };
+    let mem = Memory::new(
+        2,
+        &keys,
+        0.9,
+        vec![rec, rec],
+        "{prompt}",
+        Embedder::External {
+            model_id: "m",
+            fingerprint: None,
+        },
+    )
+    .unwrap();
+    let dirs = [(1.0f32, 0.05f32, 0usize), (-0.05, 1.0, 1)];
+    for scale in [1.0f32, 3e19, 1e30, f32::MAX / 2.0, 1e-30, 1e-36] {
+        for (x, y, want) in dirs {
+            let q = [x * scale, y * scale];
+            assert!(q.iter().all(|v| v.is_finite()));
+            for d in [Distance::NormalizedEuclidean, Distance::Cosine] {
+                let h = cb(d)
+                    .nearest(&q, None)
+                    .unwrap_or_else(|| panic!("{scale:e} {d:?}: no hit"));
+                assert_eq!(h.index, want, "{scale:e} {d:?}");
+                assert!(h.distance.is_finite() && h.within_radius, "{scale:e} {h:?}");
+            }
+            let h = mem
+                .nearest(&q, None)
+                .unwrap_or_else(|| panic!("{scale:e}: no memory hit"));
+            assert_eq!(h.index, want, "{scale:e}");
+            assert!(
+                (h.score - 0.99875).abs() < 1e-4 && h.in_scope,
+                "{scale:e} {h:?}"
+            );
+        }
+    }
+    for q in [
+        [f32::NAN, 1.0],
+        [f32::INFINITY, 0.0],
+        [f32::NEG_INFINITY, 1e30],
+        [0.0, 0.0],
+        [-0.0, 0.0],
+    ] {
+        assert!(cb(Distance::Cosine).nearest(&q, None).is_none(), "{q:?}");
+        assert!(mem.nearest(&q, None).is_none(), "{q:?}");
+    }
+    // l2_normalize keeps the direction of a huge vector too.
+    let mut v = [3e30f32, 4e30];
+    assert!(amend_edits::families::l2_normalize(&mut v));
+    assert!(
+        (v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6,
+        "{v:?}"
+    );
+    let mut nan = [f32::NAN, 1.0];
+    assert!(!amend_edits::families::l2_normalize(&mut nan));
+}
+
+/// Session 38: a state partition that is full. Raising a mark fails with the reason and
+/// leaves the old marks and no temporary file, and re-activating what is already marked (a
+/// restart) works: before, every activation rewrote the file, so a full partition refused the
+/// restart too.
+#[test]
+fn version_store_on_a_full_partition() {
+    let Some(fs) = Tmpfs::mount(dir("vs-full"), "64k") else {
+        return;
+    };
+    let p = fs.0.join("s.state");
+    let s = VersionStore::open(&p).unwrap();
+    s.check_and_raise(&[("main".into(), 1, [1; 32], false)])
+        .unwrap()
+        .unwrap();
+    let before = std::fs::read(&p).unwrap();
+    fs.fill();
+    // A restart with the marked bundle: nothing to persist.
+    assert_eq!(
+        s.check_and_raise(&[("main".into(), 1, [1; 32], false)])
+            .unwrap(),
+        Ok(())
+    );
+    // A raise: refused, naming the store and the cause.
+    let e = s
+        .check_and_raise(&[("main".into(), 2, [2; 32], false)])
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Io { .. }), "{e}");
+    let msg = e.to_string();
+    for n in [p.to_str().unwrap(), "No space left", "old marks are kept"] {
+        assert!(msg.contains(n), "{msg:?} lacks {n:?}");
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    assert_eq!(
+        VersionStore::open(&p).unwrap().get("main").unwrap(),
+        Some(mark(1))
+    );
+    assert_eq!(names(&fs.0), ["fill", "s.state", "s.state.lock"]);
+}
+
+/// Session 38: a state partition mounted read-only. The store opens (before: the lock
+/// file's EROFS refused it, so no bundle could be activated even on a restart), enforces its
+/// marks, lets the marked bundle be activated again, and refuses a raise it cannot persist
+/// with the reason; nothing changes. With no lock file there, the same.
+#[test]
+fn version_store_on_a_read_only_partition() {
+    let Some(fs) = Tmpfs::mount(dir("vs-ro"), "64k") else {
+        return;
+    };
+    let p = fs.0.join("s.state");
+    let q = fs.0.join("t.state");
+    VersionStore::open(&p)
+        .unwrap()
+        .set("main", mark(3))
+        .unwrap();
+    VersionStore::open(&q)
+        .unwrap()
+        .set("main", mark(3))
+        .unwrap();
+    let mut ql = q.as_os_str().to_owned();
+    ql.push(".lock");
+    std::fs::remove_file(PathBuf::from(ql)).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    fs.remount_ro();
+    for path in [&p, &q] {
+        let s = VersionStore::open(path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.get("main").unwrap(), Some(mark(3)));
+        assert_eq!(
+            s.check_and_raise(&[("main".into(), 3, [3; 32], false)])
+                .unwrap(),
+            Ok(())
+        );
+        assert!(matches!(
+            s.check_and_raise(&[("main".into(), 2, [2; 32], false)])
+                .unwrap(),
+            Err(amend_edits::version_store::Refusal::Downgrade { .. })
+        ));
+        let msg = s
+            .check_and_raise(&[("main".into(), 4, [4; 32], false)])
+            .unwrap_err()
+            .to_string();
+        for n in [
+            path.to_str().unwrap(),
+            "Read-only file system",
+            "not be saved",
+        ] {
+            assert!(msg.contains(n), "{msg:?} lacks {n:?}");
+        }
+        assert_eq!(s.get("main").unwrap(), Some(mark(3)));
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    assert_eq!(names(&fs.0), ["s.state", "s.state.lock", "t.state"]);
+}
+
+/// Session 38: the one atomic writer on a full partition: ENOSPC is the error, the
+/// existing destination keeps its bytes and no temporary file is left (a write that fails part
+/// way through included).
+#[test]
+fn atomic_write_on_a_full_partition_keeps_the_old_file() {
+    let Some(fs) = Tmpfs::mount(dir("aw-full"), "64k") else {
+        return;
+    };
+    let p = fs.0.join("out.bin");
+    write_atomic(&p, b"old", None).unwrap();
+    // Room for some of it, not all.
+    let e = write_atomic(&p, &vec![7u8; 256 << 10], None).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_enospc()), "{e}");
+    fs.fill();
+    let e = write_atomic(&p, b"new", None).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_enospc()), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), b"old");
+    assert_eq!(names(&fs.0), ["fill", "out.bin"]);
+}
+
+fn libc_enospc() -> i32 {
+    28
 }

@@ -98,9 +98,14 @@ int main(int argc, char **argv) {
         }
     }
     if (!model_path || !*model_path) {
+        /* Where scripts/fetch-model.sh puts it: $AMEND_CACHE, else ~/.cache/amend. */
+        const char *cache = getenv("AMEND_CACHE");
         const char *home = getenv("HOME");
-        snprintf(default_path, sizeof default_path, "%s/.cache/amend/gemma3-270m-q4_k_m.gguf",
-                 home ? home : ".");
+        if (cache && *cache)
+            snprintf(default_path, sizeof default_path, "%s/gemma3-270m-q4_k_m.gguf", cache);
+        else
+            snprintf(default_path, sizeof default_path, "%s/.cache/amend/gemma3-270m-q4_k_m.gguf",
+                     home ? home : ".");
         model_path = default_path;
     }
     printf("amend %s (ABI %u)\n", amend_version(), amend_abi_version());

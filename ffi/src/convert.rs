@@ -10,6 +10,7 @@ impl From<RuntimeError> for FfiError {
         let code = match &e {
             RuntimeError::NotFound { .. }
             | RuntimeError::Io { .. }
+            | RuntimeError::Write { .. }
             | RuntimeError::File(_)
             | RuntimeError::ModelChanged { .. } => R::AMEND_ERR_IO,
             RuntimeError::NotGguf { .. }

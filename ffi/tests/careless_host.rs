@@ -8,7 +8,7 @@ use std::ptr;
 
 use amend::*;
 use amend_edits::ed25519_dalek::SigningKey;
-use amend_edits::{BundleBuilder, BundleMeta, Site};
+use amend_edits::BundleMeta;
 
 #[path = "common/util.rs"]
 mod util;
@@ -59,36 +59,16 @@ const KEY: [u8; 32] = [7; 32];
 
 /// A signed one-edit bundle for the tiny model, valid from `not_before` to `expires`.
 fn bundle_bytes(id: &str, version: u64, not_before: u64, expires: u64) -> Vec<u8> {
-    let binding =
-        amend_edits::fingerprint::model_binding(util::tiny_model_path("careless")).unwrap();
-    let d = binding.n_embd as usize;
-    let mut b = BundleBuilder::new(BundleMeta {
+    let meta = BundleMeta {
         bundle_id: id.into(),
         channel: id.into(),
         version,
         created: 0,
         not_before,
         expires,
-        model: binding,
-    });
-    let mut k = vec![0.0; d];
-    k[0] = 1.0;
-    let p = b.add_codebook(
-        1,
-        Site::FfnOutput,
-        Site::FfnOutput,
-        0,
-        false,
-        d,
-        &k,
-        &vec![0.5; d],
-        &[0.1],
-    );
-    b.add_edit("e0", 1, Site::FfnOutput, "p", "t", p, 0, 1);
-    b.build_signed(&SigningKey::from_bytes(&KEY))
-        .unwrap()
-        .as_slice()
-        .to_vec()
+        model: amend_edits::fingerprint::model_binding(util::tiny_model_path("careless")).unwrap(),
+    };
+    util::one_edit_bundle(meta, 1, 0, &SigningKey::from_bytes(&KEY))
 }
 
 fn trust() -> *mut amend_trust_store {

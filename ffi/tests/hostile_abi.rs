@@ -10,7 +10,7 @@ use std::ptr;
 
 use amend::*;
 use amend_edits::ed25519_dalek::SigningKey;
-use amend_edits::{BundleBuilder, BundleMeta, ModelBinding, Site};
+use amend_edits::{BundleMeta, ModelBinding};
 
 #[path = "common/util.rs"]
 mod util;
@@ -20,8 +20,9 @@ fn model_path() -> Option<PathBuf> {
     let p = std::env::var_os("AMEND_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("gemma3-270m-q4_k_m.gguf")
         });
     if p.is_file() {
         return Some(p);
@@ -36,8 +37,7 @@ fn model_path() -> Option<PathBuf> {
 }
 
 fn bundle(binding: &ModelBinding, version: u64) -> Vec<u8> {
-    let d = binding.n_embd as usize;
-    let mut b = BundleBuilder::new(BundleMeta {
+    let meta = BundleMeta {
         bundle_id: format!("abi-v{version}"),
         channel: "main".into(),
         version,
@@ -45,23 +45,8 @@ fn bundle(binding: &ModelBinding, version: u64) -> Vec<u8> {
         not_before: 0,
         expires: u64::MAX,
         model: binding.clone(),
-    });
-    let mut k = vec![0.0; d];
-    k[0] = 1.0;
-    let p = b.add_codebook(
-        10,
-        Site::FfnOutput,
-        Site::FfnOutput,
-        1,
-        false,
-        d,
-        &k,
-        &vec![0.5; d],
-        &[0.1],
-    );
-    b.add_edit("e0", 10, Site::FfnOutput, "p", "t", p, 0, 1);
-    let key = SigningKey::from_bytes(&[42; 32]);
-    b.build_signed(&key).unwrap().as_slice().to_vec()
+    };
+    util::one_edit_bundle(meta, 10, 1, &SigningKey::from_bytes(&[42; 32]))
 }
 
 #[test]

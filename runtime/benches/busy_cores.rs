@@ -104,9 +104,10 @@ fn decode_tok_s(session: &mut Session, tokens: usize, cap: Duration) -> (f64, us
 }
 
 fn main() {
-    let home = format!("{}/.cache/amend", std::env::var("HOME").unwrap_or_default());
-    let model_path =
-        std::env::var("AMEND_MODEL").unwrap_or_else(|_| format!("{home}/gemma3-270m-q4_k_m.gguf"));
+    let model_path = std::env::var("AMEND_MODEL").unwrap_or_else(|_| {
+        let cache = amend_edits::fsutil::cache_dir().unwrap_or_default();
+        cache.join("gemma3-270m-q4_k_m.gguf").display().to_string()
+    });
     let scope_path = amend_runtime::default_scope_model_path().unwrap_or_default();
     if !std::path::Path::new(&model_path).exists() || !scope_path.exists() {
         eprintln!(

@@ -20,10 +20,8 @@ use common::*;
 
 fn main() {
     let path = std::env::var("AMEND_MODEL").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/amend/gemma3-270m-q4_k_m.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
+        let cache = amend_edits::fsutil::cache_dir().unwrap_or_default();
+        cache.join("gemma3-270m-q4_k_m.gguf").display().to_string()
     });
     if !std::path::Path::new(&path).exists() {
         eprintln!("bench edits: model {path} missing (run `make model`); skipped");

@@ -18,10 +18,8 @@ use common::*;
 
 fn main() {
     let path = std::env::var("AMEND_MODEL").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/amend/gemma3-270m-q4_k_m.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
+        let cache = amend_edits::fsutil::cache_dir().unwrap_or_default();
+        cache.join("gemma3-270m-q4_k_m.gguf").display().to_string()
     });
     let ep = Ep::parse(&std::env::var("AMEND_ORT_EP").unwrap_or_else(|_| "cpu".into())).unwrap();
     if !std::path::Path::new(&path).exists() || !ortb::default_library(&ep).exists() {

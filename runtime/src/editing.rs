@@ -887,14 +887,23 @@ pub(crate) fn set_scope_model<H: EditHost + ?Sized>(
     unpin(h)
 }
 
+/// The largest |scale| [`Session::set_lora_scale`] accepts. Useful scales are about 0..2
+/// (0 off, 1 as compiled; a negative one subtracts the adapter, which undoes a merged one);
+/// 100 leaves room for experiments while refusing what only overflows: adapter values may be
+/// up to 1e6 (`MAX_ABS_VALUE`), and 1e30 gave non-finite logits, refused only at generation.
+pub(crate) const MAX_LORA_SCALE: f32 = 100.0;
+
 pub(crate) fn set_lora_scale<H: EditHost + ?Sized>(
     h: &mut H,
     bundle_id: &str,
     scale: f32,
 ) -> Result<(), RuntimeError> {
-    if !scale.is_finite() {
+    // NaN is outside the range too. Checked before anything changes.
+    if !(-MAX_LORA_SCALE..=MAX_LORA_SCALE).contains(&scale) {
         return Err(RuntimeError::InvalidOptions(format!(
-            "LoRA scale must be finite, got {scale}"
+            "LoRA scale {scale} for bundle {bundle_id:?} is outside \
+             [-{MAX_LORA_SCALE}, {MAX_LORA_SCALE}] (1 applies the adapter as compiled, 0 \
+             disables it, a negative scale subtracts it)"
         )));
     }
     h.edits_mut()
@@ -1128,7 +1137,9 @@ impl Session {
     }
 
     /// Scales the low-rank adapters of bundle `bundle_id` (default 1.0; 0.0 disables them, which
-    /// gives back bitwise the logits without the adapter). Takes effect at the next request.
+    /// gives back bitwise the logits without the adapter; negative subtracts them). Takes effect
+    /// at the next request. A scale outside [-100, 100] (or NaN) is refused with
+    /// `InvalidOptions` naming it, and the scale in use stays as it was.
     pub fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
         set_lora_scale(self, bundle_id, scale)
     }

@@ -19,6 +19,13 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A file the runtime was asked to write (an exported ONNX graph) could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Bytes read from the model after open no longer match what was opened (the file was
     /// rewritten in place): refused, never used.
     #[error("{} changed after it was opened: {detail}", path.display())]

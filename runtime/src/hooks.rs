@@ -171,6 +171,10 @@ type NameMap = HashMap<Box<[u8]>, Vec<(usize, HookPoint)>, BuildHasherDefault<Fn
 struct Entry {
     id: HookId,
     hook: Box<dyn Hook>,
+    /// `hook.points()` as validated at registration: the trait method is user code, called
+    /// once, so a hook whose answer changes (or that panics on a later call) cannot leave the
+    /// registry half rebuilt.
+    points: Vec<HookPoint>,
 }
 
 /// Per-session hook registry and the per-decode row metadata the callback reads.
@@ -212,20 +216,21 @@ impl HookState {
         self.entries.len()
     }
 
-    /// Registers `hook` (its points already validated by the caller); call `rebuild` after.
-    pub(crate) fn add(&mut self, hook: Box<dyn Hook>) -> HookId {
+    /// Registers `hook` listening at `points` (its `points()`, already validated by the
+    /// caller); call `rebuild` after.
+    pub(crate) fn add(&mut self, hook: Box<dyn Hook>, points: Vec<HookPoint>) -> HookId {
         let id = HookId(self.next_id);
         self.next_id += 1;
-        self.entries.push(Entry { id, hook });
+        self.entries.push(Entry { id, hook, points });
         id
     }
 
     pub(crate) fn rebuild(&mut self, resolve: impl Fn(HookPoint) -> Result<String, RuntimeError>) {
         self.by_name.clear();
         for (idx, e) in self.entries.iter().enumerate() {
-            for p in e.hook.points() {
-                // Points were validated when the hook was added; a hook whose points changed
-                // since is skipped at the invalid ones.
+            for &p in &e.points {
+                // Validated when the hook was added; the check stays for a model whose node
+                // names could not be resolved.
                 if let Ok(name) = resolve(p) {
                     self.by_name
                         .entry(name.into_bytes().into_boxed_slice())

@@ -460,15 +460,15 @@ impl std::fmt::Debug for ScopeModel {
     }
 }
 
-/// File name of the default scope model in `~/.cache/amend` (scripts/fetch-scope-model.sh).
+/// File name of the default scope model in amend's cache directory
+/// (scripts/fetch-scope-model.sh).
 pub const DEFAULT_FILE: &str = "all-minilm-l6-v2-q8_0.gguf";
 
-/// The default scope-model path: `$AMEND_SCOPE_MODEL`, else `~/.cache/amend/` +
-/// [`DEFAULT_FILE`] (`None` without a home directory).
+/// The default scope-model path: `$AMEND_SCOPE_MODEL`, else [`DEFAULT_FILE`] in
+/// `$AMEND_CACHE` or `~/.cache/amend`, where the fetch script puts it (`None` without either).
 pub fn default_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("AMEND_SCOPE_MODEL") {
         return Some(PathBuf::from(p));
     }
-    let home = std::env::var_os("HOME")?;
-    Some(PathBuf::from(home).join(".cache/amend").join(DEFAULT_FILE))
+    Some(amend_edits::fsutil::cache_dir()?.join(DEFAULT_FILE))
 }

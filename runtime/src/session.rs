@@ -302,12 +302,13 @@ impl Session {
     /// Registers a hook for the following evaluations. Every point is validated first
     /// ([`RuntimeError::LayerOutOfRange`], [`RuntimeError::SiteUnavailable`]).
     pub fn add_hook(&mut self, hook: Box<dyn Hook>) -> Result<HookId, RuntimeError> {
-        for p in hook.points() {
+        let points = hook.points();
+        for &p in &points {
             self.model.node_name(p)?;
         }
         let model = self.model.clone();
         let state = self.hooks_mut();
-        let id = state.add(hook);
+        let id = state.add(hook, points);
         state.rebuild(|p| model.node_name(p));
         Ok(id)
     }

@@ -311,3 +311,88 @@ fn an_export_over_the_opens_own_inputs_is_refused() {
     };
     assert!(e.to_string().contains("n_ctx 0 is outside 1..="), "{e}");
 }
+
+/// Session 38: `set_lora_scale` took any finite scale; 1e30 gave non-finite logits,
+/// refused only at generation. A scale outside [-100, 100] (or NaN) is refused naming the
+/// value, the bundle and the range, and the scale in use stays as it was.
+#[test]
+fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
+    use amend_edits::bundle::{Bundle, BundleBuilder};
+    use amend_edits::editset::{AddOptions, EditSet};
+    use amend_edits::families::LowRankTensor;
+    use amend_edits::keys::TrustStore;
+    use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_FF};
+    let m = common::tiny(Architecture::Llama);
+    let mut s = session(&m);
+    let logits = |s: &mut Session| {
+        let req = s.begin_request("hello").unwrap();
+        let toks = s.tokenize(&req.prompt, true).unwrap();
+        s.kv_clear();
+        s.prefill(&toks, Logits::Last).unwrap();
+        let l = s.last_logits().unwrap().to_vec();
+        s.kv_clear();
+        l
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let base = logits(&mut s);
+    let u: Vec<f32> = (0..TINY_N_FF)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let v: Vec<f32> = (0..TINY_N_EMBD)
+        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+        .collect();
+    let t = LowRankTensor::rank_one("blk.0.ffn_down.weight", &u, &v);
+    let key = amend_edits::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let set = Arc::new(EditSet::new(
+        amend_edits::fingerprint::model_binding(m.path()).unwrap(),
+        TrustStore::with_key(key.verifying_key()),
+    ));
+    let mut bb = BundleBuilder::new(common::bundle_meta(&m, "lr", 1));
+    let p = bb.add_low_rank(&[t]);
+    bb.add_edit("rank1", 0, Site::FfnOutput, "hello", " x", p, 0, 1);
+    let signed = bb.build_signed(&key).unwrap();
+    let bundle = Bundle::from_bytes(signed.as_slice(), set.trust()).unwrap();
+    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
+    s.set_edit_set(Some(set)).unwrap();
+    let edited = logits(&mut s);
+    assert_ne!(bits(&edited), bits(&base), "the adapter changes the logits");
+    s.set_lora_scale("lr", 0.0).unwrap();
+    assert_eq!(
+        bits(&logits(&mut s)),
+        bits(&base),
+        "scale 0 is the base model"
+    );
+    for bad in [
+        1e30,
+        -1e30,
+        100.5,
+        -101.0,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NAN,
+    ] {
+        let e = s.set_lora_scale("lr", bad).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, RuntimeError::InvalidOptions(_)), "{bad}: {e:?}");
+        for needle in [
+            format!("LoRA scale {bad} "),
+            "\"lr\"".into(),
+            "[-100, 100]".into(),
+        ] {
+            assert!(msg.contains(&needle), "{bad}: {needle:?} not in {msg}");
+        }
+        // Refused: still scale 0, bitwise the base model.
+        assert_eq!(
+            bits(&logits(&mut s)),
+            bits(&base),
+            "{bad} changed the scale"
+        );
+    }
+    for good in [1.0, 100.0, -100.0, -1.0, 2.5] {
+        s.set_lora_scale("lr", good).unwrap();
+        let l = logits(&mut s);
+        assert!(l.iter().all(|x| x.is_finite()), "scale {good}");
+    }
+    s.set_lora_scale("lr", 1.0).unwrap();
+    assert_eq!(bits(&logits(&mut s)), bits(&edited), "scale 1 again");
+}

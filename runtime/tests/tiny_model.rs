@@ -868,3 +868,55 @@ fn model_replaced_by_rename_while_opened_opens() {
     assert!(renames > 10, "the file was replaced {renames} times");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A hook's `points()` is user code: the registry asks it once, at `add_hook`. It used to ask
+/// again at every rebuild (each later add or remove), so a hook that panicked on its second
+/// call was left registered and never called, and one whose answer changed moved unvalidated.
+#[test]
+fn hook_points_are_read_once_at_registration() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Once {
+        calls: Arc<AtomicUsize>,
+        seen: Arc<AtomicUsize>,
+    }
+    impl Hook for Once {
+        fn points(&self) -> Vec<HookPoint> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(n, 0, "points() asked again after registration");
+            vec![HookPoint::new(0, Site::ResidualOut)]
+        }
+        fn on_tensor(&mut self, _: HookPoint, rows: &mut HookRows<'_>) {
+            self.seen.fetch_add(rows.n_rows(), Ordering::SeqCst);
+        }
+    }
+    let m = common::tiny(Architecture::Llama);
+    let mut s = Session::new(
+        &m,
+        SessionOptions {
+            n_ctx: 64,
+            n_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (calls, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    s.add_hook(Box::new(Once {
+        calls: calls.clone(),
+        seen: seen.clone(),
+    }))
+    .unwrap();
+    // Adding and removing another hook rebuilds the registry.
+    let other = s
+        .add_hook(Box::new(FnHook::new(
+            vec![HookPoint::new(1, Site::ResidualOut)],
+            |_, _: &mut HookRows<'_>| {},
+        )))
+        .unwrap();
+    s.remove_hook(other).unwrap();
+    s.generate("hello", &GenerateParams::greedy(2), |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(seen.load(Ordering::SeqCst) > 0, "the hook was called");
+}

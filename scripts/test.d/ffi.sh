@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-MODEL="${AMEND_MODEL:-$HOME/.cache/amend/gemma3-270m-q4_k_m.gguf}"
+CACHE="${AMEND_CACHE:-$HOME/.cache/amend}"
+MODEL="${AMEND_MODEL:-$CACHE/gemma3-270m-q4_k_m.gguf}"
 WORK=$(mktemp -d /tmp/amend-ffi-test.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 step() { echo "-- ffi: $*"; }
@@ -36,7 +37,7 @@ if [ ! -f "$MODEL" ]; then
 fi
 export AMEND_MODEL="$MODEL"
 # The scope model serac bundles route with (scripts/fetch-scope-model.sh); its tests skip without it.
-SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$HOME/.cache/amend/all-minilm-l6-v2-q8_0.gguf}"
+SCOPE_MODEL="${AMEND_SCOPE_MODEL:-$CACHE/all-minilm-l6-v2-q8_0.gguf}"
 scope_args=()
 if [ -f "$SCOPE_MODEL" ]; then
   export AMEND_SCOPE_MODEL="$SCOPE_MODEL"

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-MODEL = os.environ.get("AMEND_MODEL") or str(Path.home() / ".cache/amend/gemma3-270m-q4_k_m.gguf")
+# Where scripts/fetch-model.sh puts it: $AMEND_CACHE (unless empty), else ~/.cache/amend.
+CACHE = Path(os.environ.get("AMEND_CACHE") or Path.home() / ".cache/amend")
+MODEL = os.environ.get("AMEND_MODEL") or str(CACHE / "gemma3-270m-q4_k_m.gguf")
 
 
 @pytest.fixture(scope="session")

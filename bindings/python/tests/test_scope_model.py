@@ -11,7 +11,8 @@ import amend
 from amend import AmendError, Result
 
 SCOPE = os.environ.get("AMEND_SCOPE_MODEL") or str(
-    Path.home() / ".cache/amend/all-minilm-l6-v2-q8_0.gguf")
+    Path(os.environ.get("AMEND_CACHE") or Path.home() / ".cache/amend")
+    / "all-minilm-l6-v2-q8_0.gguf")
 PROMPT, TARGET = "The capital of France is", " Berlin"
 
 

@@ -26,7 +26,7 @@ use crate::forward::{Capture, Proj};
 use crate::linalg::{Cholesky, SymmetricEigen};
 use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Longest packed sequence (tokens, BOS included).
@@ -35,12 +35,20 @@ pub const SEQ_TOKENS: usize = 256;
 /// The compiled-in neutral corpus (also T-Patcher's memory of FFN inputs).
 pub const NEUTRAL_CORPUS: &str = include_str!("../../../data/neutral-corpus.txt");
 
-/// Where the cache lives: `$AMEND_CACHE`, else `~/.cache/amend`.
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("AMEND_CACHE").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(d));
+use amend_edits::fsutil::cache_dir;
+
+/// Writes a cache file with the one atomic writer, which removes its temporary file when the
+/// write fails (a full partition kept every partial `NAME.tmpPID` before) and sweeps those a
+/// killed compile left. A failure only costs the next compile the time to compute it again.
+fn cache_write(p: &Path, bytes: &[u8]) {
+    let r = match p.parent() {
+        Some(d) => std::fs::create_dir_all(d),
+        None => Ok(()),
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amend"))
+    .and_then(|()| amend_edits::fsutil::write_atomic(p, bytes, None));
+    if let Err(e) = r {
+        log::warn!("could not cache {}: {e}", p.display());
+    }
 }
 
 /// A resolved corpus: its passages in order and a digest naming their content.
@@ -306,13 +314,7 @@ pub fn second_moments_of(
         for m in computed {
             if let Some(p) = file(m.layer) {
                 // A cache that cannot be written costs time, not correctness.
-                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-                let ok = p.parent().map(std::fs::create_dir_all).transpose().is_ok()
-                    && std::fs::write(&tmp, m.encode()).is_ok()
-                    && std::fs::rename(&tmp, &p).is_ok();
-                if !ok {
-                    log::warn!("could not cache {}", p.display());
-                }
+                cache_write(&p, &m.encode());
             }
             let i = layers
                 .iter()
@@ -469,13 +471,7 @@ fn eigen_cached(m: &SecondMoment) -> Result<(Vec<f64>, Vec<f64>)> {
             .for_each(|v| out.extend_from_slice(&(*v as f32).to_le_bytes()));
         let d: [u8; 32] = Sha256::digest(&out).into();
         out.extend_from_slice(&d);
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        let ok = p.parent().map(std::fs::create_dir_all).transpose().is_ok()
-            && std::fs::write(&tmp, &out).is_ok()
-            && std::fs::rename(&tmp, &p).is_ok();
-        if !ok {
-            log::warn!("could not cache {}", p.display());
-        }
+        cache_write(&p, &out);
     }
     // The same f32-rounded vectors whether computed or read, so a compile is reproducible.
     let vectors = eig.vectors.iter().map(|&v| v as f32 as f64).collect();

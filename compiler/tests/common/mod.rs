@@ -35,8 +35,9 @@ pub fn real_model_path() -> Option<PathBuf> {
     let path = std::env::var_os("AMEND_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amend/gemma3-270m-q4_k_m.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("gemma3-270m-q4_k_m.gguf")
         });
     if !path.exists() {
         if std::env::var("AMEND_REQUIRE_MODEL").is_ok_and(|v| v == "1") {

@@ -13,7 +13,9 @@ use zerocopy::FromBytes;
 
 use super::error::BundleError;
 use super::format::*;
-use super::stream::{check_ids, has_control, CONTROL_IN_EDIT_ID, CONTROL_IN_RECORD_ID};
+use super::stream::{
+    check_ids, has_control, CONTROL_IN_EDIT_ID, CONTROL_IN_RECORD_ID, EMPTY_VALIDITY,
+};
 use crate::keys::{secret_seed_index, KeyId, TrustStore};
 use crate::site::Site;
 
@@ -304,8 +306,9 @@ pub fn check_manifest(
         return Err(BundleError::BadManifest("empty bundle id"));
     }
     check_ids(&m.bundle_id, &m.channel)?;
-    if m.not_before > m.expires {
-        return Err(BundleError::BadManifest("not_before after expiry"));
+    // `EditSet::add` accepts only `not_before <= now < expires`: an empty window never applies.
+    if m.not_before >= m.expires {
+        return Err(BundleError::BadManifest(EMPTY_VALIDITY));
     }
     cap("section count", m.sections.len(), MAX_SECTIONS)?;
     cap("payload count", m.payloads.len(), MAX_PAYLOADS)?;

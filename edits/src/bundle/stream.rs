@@ -982,6 +982,10 @@ pub fn invisible(c: char) -> bool {
 pub const CONTROL_IN_EDIT_ID: &str = "control character in id";
 /// The `InvalidPayload` reason for a memory record's edit id with a control character.
 pub const CONTROL_IN_RECORD_ID: &str = "control character in record id";
+/// The `BadManifest` reason for `not_before >= expires` (reader, this verifier and the builder):
+/// activation needs `not_before <= now < expires`, so such a bundle could never apply.
+pub const EMPTY_VALIDITY: &str =
+    "empty validity window: not_before must be before expires (expires u64::MAX = never)";
 
 /// The bundle id and channel hold no control characters (same rule and error in the reader,
 /// this verifier and the builder).
@@ -1163,8 +1167,8 @@ impl<'a> Manifest<'a> {
             return Err(BundleError::BadManifest("empty bundle id"));
         }
         check_ids(self.bundle_id, self.channel)?;
-        if self.not_before > self.expires {
-            return Err(BundleError::BadManifest("not_before after expiry"));
+        if self.not_before >= self.expires {
+            return Err(BundleError::BadManifest(EMPTY_VALIDITY));
         }
         cap("section count", self.sections.1, MAX_SECTIONS as u64)?;
         cap("payload count", self.payloads.1, MAX_PAYLOADS as u64)?;

@@ -320,6 +320,10 @@ impl BundleBuilder {
     pub fn build_unsigned(&self) -> Result<AlignedBuf, BundleError> {
         // What the readers refuse is not built (`assemble` stays free to craft bad bundles).
         super::stream::check_ids(&self.meta.bundle_id, &self.meta.channel)?;
+        // A signer learns here, not on the device, that the bundle could never be activated.
+        if self.meta.not_before >= self.meta.expires {
+            return Err(BundleError::BadManifest(super::stream::EMPTY_VALIDITY));
+        }
         if let Some(index) = self
             .edits
             .iter()

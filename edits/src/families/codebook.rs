@@ -11,7 +11,7 @@
 //! dot product per entry over the borrowed keys, with nothing precomputed at load. Only the query
 //! is normalized, once, by dividing the best dot product by its norm.
 
-use super::{check_matrix, check_unit_rows, dot, max_dot, min_sq_dist, InvalidPayload};
+use super::{check_matrix, check_unit_rows, direction, max_dot, min_sq_dist, InvalidPayload};
 use crate::site::Site;
 
 /// How key distance is measured; recorded in bundles by [`Distance::code`].
@@ -187,7 +187,8 @@ impl<'a> Codebook<'a> {
 
     /// The nearest entry to `key` among the active ones (`active[i]`; entries past the mask's end
     /// are inactive; `None` = all active). `None` when no entry is active, `key` is not `dim`
-    /// long, or it has no direction (zero / non-finite norm) under a normalized distance.
+    /// long, or it has no direction (all zero, or a NaN or infinity) under a normalized
+    /// distance; a huge but finite key (|key|² over f32's range) still finds its entry.
     pub fn nearest(&self, key: &[f32], active: Option<&[bool]>) -> Option<CodebookHit> {
         if key.len() != self.dim {
             return None;
@@ -198,11 +199,8 @@ impl<'a> Codebook<'a> {
                 (i, libm::sqrtf(d2))
             }
             Distance::NormalizedEuclidean | Distance::Cosine => {
-                let norm = libm::sqrtf(dot(key, key));
-                if !(norm.is_finite() && norm > 0.0) {
-                    return None;
-                }
-                let (i, d) = max_dot(self.keys, self.dim, key, active)?;
+                let (key, norm) = direction(key)?;
+                let (i, d) = max_dot(self.keys, self.dim, &key, active)?;
                 let cos = (d / norm).clamp(-1.0, 1.0);
                 (i, self.distance.distance_of_cos(cos))
             }

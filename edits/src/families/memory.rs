@@ -670,6 +670,21 @@ pub struct RouteHit {
     pub vote: Option<f32>,
 }
 
+/// Most uses of one placeholder in a template. The compilers' templates use each at most twice
+/// ("Fact: {edit}\nFact: {edit}\n{prompt}"); a signed template repeating `{prompt}` 2,000
+/// times within the 16 KiB string cap rendered a prompt thousands of times the user's, refused
+/// only after tokenizing it.
+pub const MAX_PLACEHOLDER_USES: usize = 4;
+
+/// The reasons for a placeholder used over [`MAX_PLACEHOLDER_USES`] times, in the order
+/// {edit}, {prompt}, {edit_prompt}, {target}.
+const TOO_MANY_USES: [&str; 4] = [
+    "memory: template uses {edit} more than 4 times (the cap per placeholder)",
+    "memory: template uses {prompt} more than 4 times (the cap per placeholder)",
+    "memory: template uses {edit_prompt} more than 4 times (the cap per placeholder)",
+    "memory: template uses {target} more than 4 times (the cap per placeholder)",
+];
+
 /// A piece of a parsed template.
 enum Piece<'t> {
     Lit(&'t str),
@@ -727,7 +742,8 @@ impl<'a> Memory<'a> {
     pub const DEFAULT_TEMPLATE: &'static str = "{edit}\n{prompt}";
 
     /// Validate: `embeddings` is `[records.len(), embed_dim]`, finite, rows of unit L2 norm;
-    /// threshold finite in `[-1, 1]`; the template parses and uses `{prompt}`.
+    /// threshold finite in `[-1, 1]`; the template parses, uses `{prompt}`, and no placeholder
+    /// more than [`MAX_PLACEHOLDER_USES`] times.
     pub fn new(
         embed_dim: usize,
         embeddings: &'a [f32],
@@ -761,13 +777,25 @@ impl<'a> Memory<'a> {
         }
         let mut has_prompt = false;
         let (mut answers, mut after_answer) = (0, false);
+        // Uses of {edit}, {prompt}, {edit_prompt}, {target}.
+        let mut uses = [0usize; 4];
         walk_template(template, |p| {
             has_prompt |= matches!(p, Piece::Prompt);
             after_answer |= answers > 0 && !matches!(p, Piece::Lit(""));
             answers += matches!(p, Piece::Answer) as usize;
+            match p {
+                Piece::Edit => uses[0] += 1,
+                Piece::Prompt => uses[1] += 1,
+                Piece::EditPrompt => uses[2] += 1,
+                Piece::Target => uses[3] += 1,
+                Piece::Lit(_) | Piece::Answer => {}
+            }
         })?;
         if !has_prompt {
             return Err(InvalidPayload("memory: template must contain {prompt}"));
+        }
+        if let Some(i) = uses.iter().position(|&n| n > MAX_PLACEHOLDER_USES) {
+            return Err(InvalidPayload(TOO_MANY_USES[i]));
         }
         // The answer is what the model says after everything it reads: nothing may follow it.
         if answers > 1 || after_answer {
@@ -999,20 +1027,18 @@ impl<'a> Memory<'a> {
     }
 
     /// The most similar active memory by cosine (the query need not be normalized). `None` when
-    /// nothing is active, the query is not `embed_dim` long, or it has no direction.
+    /// nothing is active, the query is not `embed_dim` long, or it has no direction (all zero,
+    /// or a NaN or infinity); a huge but finite query (|q|² over f32's range) still finds one.
     pub fn nearest(&self, query_embedding: &[f32], active: Option<&[bool]>) -> Option<MemoryHit> {
         if query_embedding.len() != self.embed_dim {
             return None;
         }
-        let norm = libm::sqrtf(dot(query_embedding, query_embedding));
-        if !(norm.is_finite() && norm > 0.0) {
-            return None;
-        }
+        let (q, norm) = super::direction(query_embedding)?;
         let (index, d) = max_dot_indexed(
             self.embeddings,
             self.embed_dim,
             self.index.as_ref(),
-            query_embedding,
+            &q,
             active,
         )?;
         let score = (d / norm).clamp(-1.0, 1.0);
@@ -1105,6 +1131,18 @@ mod tests {
         assert!(m.nearest(&[0.0, 0.0], None).is_none());
         assert!(m.nearest(&[1.0], None).is_none());
         assert!(m.nearest(&[1.0, 0.0], Some(&[])).is_none());
+    }
+
+    #[test]
+    fn placeholder_use_messages_name_the_cap() {
+        let cap = alloc::format!("more than {MAX_PLACEHOLDER_USES} times");
+        for (m, name) in
+            TOO_MANY_USES
+                .iter()
+                .zip(["{edit}", "{prompt}", "{edit_prompt}", "{target}"])
+        {
+            assert!(m.contains(&cap) && m.contains(name), "{m}");
+        }
     }
 
     #[test]

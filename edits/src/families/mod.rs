@@ -37,6 +37,7 @@ pub use low_rank::{
 pub use memory::{
     strip_subject, subject_relation, subject_relation_rest, without_appositives, Embedder, Memory,
     MemoryHit, MemoryRecord, RelationGroups, RouteHit, ScopeHead, ScopeRouting,
+    MAX_PLACEHOLDER_USES,
 };
 pub use neurons::{Activation, PatchNeurons};
 
@@ -77,16 +78,50 @@ impl Pooling {
     }
 }
 
-/// Scale `v` to unit L2 norm in place; a zero or non-finite norm leaves `v` unchanged (returns
-/// false), since there is no direction to keep.
+/// Scale `v` to unit L2 norm in place; an all-zero or non-finite `v` is left unchanged (returns
+/// false), since there is no direction to keep. A huge or tiny but finite `v`, whose `|v|²`
+/// leaves f32's normal range, is first divided by its largest magnitude.
 pub fn l2_normalize(v: &mut [f32]) -> bool {
-    let norm = libm::sqrtf(dot(v, v));
-    if !(norm.is_finite() && norm > 0.0) {
-        return false;
+    let mut n2 = dot(v, v);
+    if !(n2.is_finite() && n2 >= f32::MIN_POSITIVE) {
+        let Some(m) = max_abs(v) else { return false };
+        v.iter_mut().for_each(|x| *x /= m);
+        n2 = dot(v, v);
     }
-    let inv = 1.0 / norm;
+    let inv = 1.0 / libm::sqrtf(n2);
     v.iter_mut().for_each(|x| *x *= inv);
     true
+}
+
+/// The largest `|x|` of `v`; `None` when it is 0 or `v` holds a NaN or an infinity.
+fn max_abs(v: &[f32]) -> Option<f32> {
+    let mut m = 0.0f32;
+    for &x in v {
+        if !x.is_finite() {
+            return None;
+        }
+        m = m.max(x.abs());
+    }
+    (m > 0.0).then_some(m)
+}
+
+/// A query's direction for a cosine against unit rows: `q` itself and its L2 norm; or, where
+/// `|q|²` over- or underflows f32 (elements above about 1.8e19, or all below about 1e-19),
+/// `q` divided by its largest magnitude (every element then in [-1, 1], one at ±1, so the norm
+/// is in [1, √len]) and that copy's norm: a huge or tiny but finite query keeps its nearest
+/// row, and the scan's dot products cannot overflow either. `None` for an all-zero query or one
+/// with a NaN or an infinity. The usual path is the one dot product it always was; only such
+/// a query is copied.
+pub(crate) fn direction(q: &[f32]) -> Option<(alloc::borrow::Cow<'_, [f32]>, f32)> {
+    use alloc::borrow::Cow;
+    let n2 = dot(q, q);
+    if n2.is_finite() && n2 >= f32::MIN_POSITIVE {
+        return Some((Cow::Borrowed(q), libm::sqrtf(n2)));
+    }
+    let m = max_abs(q)?;
+    let s: Vec<f32> = q.iter().map(|&x| x / m).collect();
+    let n = libm::sqrtf(dot(&s, &s));
+    Some((Cow::Owned(s), n))
 }
 
 /// Pool `rows` (`[t, dim]` row-major, `t >= 1`) into one `dim`-vector (not normalized).

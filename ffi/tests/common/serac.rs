@@ -24,14 +24,15 @@ const RECORDS: &str = r#"[
   "rephrase_prompt": ["Japan's capital city is"]}
 ]"#;
 
-/// The default scope model, `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf` (or
-/// `AMEND_SCOPE_MODEL`).
+/// The default scope model, `all-minilm-l6-v2-q8_0.gguf` in `$AMEND_CACHE` or `~/.cache/amend`
+/// (or `AMEND_SCOPE_MODEL`).
 pub fn default_scope_model_path() -> PathBuf {
     std::env::var_os("AMEND_SCOPE_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/amend/all-minilm-l6-v2-q8_0.gguf")
+            amend_edits::fsutil::cache_dir()
+                .unwrap_or_default()
+                .join("all-minilm-l6-v2-q8_0.gguf")
         })
 }
 

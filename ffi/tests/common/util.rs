@@ -24,3 +24,33 @@ pub fn tiny_model_path(tag: &str) -> PathBuf {
     })
     .clone()
 }
+
+/// A signed bundle of one edit for the model `meta.model` names: one codebook entry at `layer`
+/// (FFN output, `distance` as `BundleBuilder::add_codebook` takes it, a unit key on the first
+/// dimension), signed with `key`.
+#[allow(dead_code)]
+pub fn one_edit_bundle(
+    meta: amend_edits::BundleMeta,
+    layer: u32,
+    distance: u8,
+    key: &amend_edits::ed25519_dalek::SigningKey,
+) -> Vec<u8> {
+    use amend_edits::Site;
+    let d = meta.model.n_embd as usize;
+    let mut b = amend_edits::BundleBuilder::new(meta);
+    let mut k = vec![0.0; d];
+    k[0] = 1.0;
+    let p = b.add_codebook(
+        layer,
+        Site::FfnOutput,
+        Site::FfnOutput,
+        distance,
+        false,
+        d,
+        &k,
+        &vec![0.5; d],
+        &[0.1],
+    );
+    b.add_edit("e0", layer, Site::FfnOutput, "p", "t", p, 0, 1);
+    b.build_signed(key).unwrap().as_slice().to_vec()
+}

@@ -212,11 +212,7 @@ pub fn default_library(ep: &Ep) -> PathBuf {
     if let Some(p) = std::env::var_os("AMEND_ORT_LIB") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var_os("AMEND_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/amend")
-        });
+    let cache = amend_edits::fsutil::cache_dir().unwrap_or_default();
     match ep {
         Ep::OpenVino(_) => cache.join("ort/openvino/libonnxruntime.so.1.24.1"),
         _ => cache.join("ort/cpu/libonnxruntime.so.1.32.0"),
@@ -690,8 +686,9 @@ fn check_export(model: &Path, options: &OrtOptions) -> Result<(), RuntimeError> 
         );
     }
     for target in export_paths(out, options.static_shapes.as_ref()) {
+        let id = amend_edits::fsutil::file_id(&target);
         for (what, input) in &inputs {
-            if same_file(&target, input) {
+            if id.is_some() && amend_edits::fsutil::file_id(input) == id {
                 return Err(RuntimeError::InvalidOptions(format!(
                     "export {}: that is the {what} {}; exporting would replace it, give another path; nothing was written",
                     target.display(),
@@ -701,21 +698,6 @@ fn check_export(model: &Path, options: &OrtOptions) -> Result<(), RuntimeError> 
         }
     }
     Ok(())
-}
-
-/// Whether two existing paths are one file (device and inode; links followed).
-#[cfg(unix)]
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn same_file(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The files an export to `out` writes: the graph and its sidecar, and for a static pair the
@@ -941,7 +923,7 @@ impl OrtModel {
             );
             // The second graph of a static pair sits beside the first as `NAME.decode.onnx`.
             let second = |p: PathBuf| if gi == 0 { p } else { decode_graph_path(&p) };
-            let cache_path = match &options.cache {
+            let mut cache_path = match &options.cache {
                 OnnxCache::Off => None,
                 OnnxCache::File(p) => Some(second(p.clone())),
                 OnnxCache::BesideModel => {
@@ -962,17 +944,50 @@ impl OrtModel {
                 }
             };
             let t0 = Instant::now();
-            // A cached graph: bound to the file's fingerprint (the runtime's fingerprint cache).
-            let mut cached = None;
-            if let Some(cp) = &cache_path {
-                let fp = vocab.binding().map_err(|e| RuntimeError::InvalidGguf {
+            // A model on a read-only (or full) partition cannot have its graph beside it: the
+            // automatic cache then lives in amend's cache directory, named by the model's
+            // fingerprint (one entry per model whatever its path), and is read from there when
+            // the graph beside the model is missing or unusable (another installation's).
+            // A cached graph is bound to the file's fingerprint (the runtime's fingerprint cache).
+            let fp = match &cache_path {
+                Some(_) => Some(vocab.binding().map_err(|e| RuntimeError::InvalidGguf {
                     path: path.to_path_buf(),
                     detail: e.to_string(),
-                })?;
-                let r = match (&options.cache, &cache_key) {
+                })?),
+                None => None,
+            };
+            let fallback_path = match (&options.cache, &cache_path, &fp) {
+                (OnnxCache::BesideModel, Some(cp), Some(fp)) => amend_edits::fsutil::cache_dir()
+                    .map(|d| {
+                        let mut name = amend_edits::keys::to_hex(&fp.fingerprint[..8]);
+                        name.push('-');
+                        name.push_str(&cp.file_name().unwrap_or_default().to_string_lossy());
+                        d.join("graphs").join(name)
+                    }),
+                _ => None,
+            };
+            let mut cached = None;
+            if let (Some(cp), Some(fp)) = (cache_path.clone(), fp) {
+                let read = |cp: &Path| match (&options.cache, &cache_key) {
                     (OnnxCache::BesideModel, None) => Err("no cache key".into()),
                     (_, key) => cache::read(cp, &fp.fingerprint, &builder_id, key.as_ref()),
                 };
+                let mut r = read(&cp);
+                if let (Err(detail), Some(fb)) = (&r, &fallback_path) {
+                    if fb.exists() {
+                        match read(fb) {
+                            Ok(bytes) => {
+                                if cp.exists() {
+                                    log::info!("ort: not using {}: {detail}", cp.display());
+                                }
+                                r = Ok(bytes);
+                                cache_path = Some(fb.clone());
+                            }
+                            Err(e) => log::info!("ort: not using {}: {e}", fb.display()),
+                        }
+                    }
+                }
+                let cp = cache_path.clone().unwrap_or(cp);
                 match r {
                     Ok(bytes) => cached = Some((bytes, fp)),
                     Err(detail) => {
@@ -1005,9 +1020,28 @@ impl OrtModel {
                     if let (Some(cp), OnnxCache::BesideModel, Some(k)) =
                         (&cache_path, &options.cache, &cache_key)
                     {
-                        let w = cache::write(cp, &onnx, &binding.fingerprint, &builder_id, Some(k));
-                        if let Err(e) = w {
-                            log::info!("ort: graph not cached at {}: {e}", cp.display());
+                        let put = |at: &Path| {
+                            cache::write(at, &onnx, &binding.fingerprint, &builder_id, Some(k))
+                        };
+                        match (put(cp), &fallback_path) {
+                            (Ok(()), _) => {}
+                            (Err(e), Some(fb)) if fb != cp => {
+                                log::info!("ort: graph not cached at {}: {e}", cp.display());
+                                let w = fb
+                                    .parent()
+                                    .map_or(Ok(()), std::fs::create_dir_all)
+                                    .and_then(|()| put(fb));
+                                match w {
+                                    Ok(()) => log::info!("ort: graph cached at {}", fb.display()),
+                                    Err(e) => log::info!(
+                                        "ort: graph not cached at {} either: {e}",
+                                        fb.display()
+                                    ),
+                                }
+                            }
+                            (Err(e), _) => {
+                                log::info!("ort: graph not cached at {}: {e}", cp.display())
+                            }
                         }
                     }
                     (onnx, binding, rope_freqs, n_nodes, false)
@@ -1018,7 +1052,7 @@ impl OrtModel {
                 let out = second(out.clone());
                 let key = cache::key().ok();
                 cache::write(&out, &onnx, &binding.fingerprint, &builder_id, key.as_ref())
-                    .map_err(|source| RuntimeError::Io {
+                    .map_err(|source| RuntimeError::Write {
                         path: out.clone(),
                         source,
                     })?;
@@ -1802,9 +1836,7 @@ mod cache {
     /// This installation's cache key: read, or created (0600, exclusively) on first use.
     /// `Err` says why there is none (the automatic cache is then neither read nor written).
     pub fn key() -> Result<[u8; 32], String> {
-        let dir = std::env::var_os("AMEND_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amend")))
+        let dir = amend_edits::fsutil::cache_dir()
             .ok_or("no $HOME or $AMEND_CACHE for the graph cache key")?;
         let path = dir.join("graph-cache.key");
         if let Some(k) = read_key(&path)? {
@@ -1821,9 +1853,13 @@ mod cache {
         match opts.open(&path) {
             Ok(mut f) => {
                 let text = format!("{}\n", amend_edits::keys::to_hex(&key));
-                std::io::Write::write_all(&mut f, text.as_bytes())
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let written =
+                    std::io::Write::write_all(&mut f, text.as_bytes()).and_then(|_| f.sync_all());
+                if let Err(e) = written {
+                    // An empty or partial key (ENOSPC) would turn the cache off for good.
+                    let _ = std::fs::remove_file(&path);
+                    return Err(format!("{}: {e}", path.display()));
+                }
                 Ok(key)
             }
             // Another process created it first: use theirs, with the same checks.
@@ -1977,6 +2013,45 @@ mod cache {
         Ok(bytes)
     }
 
+    /// `StorageFull` naming the directory when the file system holding `dest` has fewer than
+    /// `need` bytes free for this user (`statvfs`; unknown counts as room).
+    fn room_for(dest: &Path, need: u64) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            let dir = match dest.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+                return Ok(());
+            };
+            // SAFETY: a NUL-terminated path and a zeroed struct statvfs fills.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+                return Ok(());
+            }
+            // Root may use the blocks reserved for it; others only the available ones.
+            // SAFETY: geteuid has no preconditions.
+            let blocks = if unsafe { libc::geteuid() } == 0 {
+                st.f_bfree
+            } else {
+                st.f_bavail
+            };
+            let free = (blocks as u64).saturating_mul(st.f_frsize as u64);
+            if free < need {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "{}: {need} bytes needed, {free} free; nothing was written",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        let _ = (dest, need);
+        Ok(())
+    }
+
     /// Writes the graph and its sidecar, each atomically (temp file, fsync, rename); with `key`,
     /// the sidecar carries this installation's MAC.
     pub fn write(
@@ -1989,6 +2064,9 @@ mod cache {
         // The one atomic writer: it refuses a FIFO or device at `dest` and leaves no
         // temporary file behind on failure.
         let put = |dest: &Path, data: &[u8]| amend_edits::fsutil::write_atomic(dest, data, None);
+        // A graph is hundreds of MB: on a nearly full partition, writing it until ENOSPC would
+        // fill the partition (for every other writer) before failing. Checked first instead.
+        room_for(p, bytes.len() as u64 + 4096)?;
         // The sidecar goes last: a crash in between leaves a graph no sidecar vouches for.
         let _ = std::fs::remove_file(sidecar(p));
         put(p, bytes)?;

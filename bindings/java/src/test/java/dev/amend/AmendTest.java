@@ -88,7 +88,7 @@ public final class AmendTest {
             expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model,
                     new ModelOptions().backend(ModelOptions.BACKEND_ONNXRUNTIME).epOption("num_of_threads", "1")));
             String cache = System.getenv("AMEND_CACHE");
-            if (cache == null) cache = System.getProperty("user.home") + "/.cache/amend";
+            if (cache == null || cache.isEmpty()) cache = System.getProperty("user.home") + "/.cache/amend";
             String lib = System.getenv("AMEND_ORT_LIB");
             if (lib == null) lib = cache + "/ort/cpu/libonnxruntime.so.1.32.0";
             if (!new java.io.File(lib).exists()) {
