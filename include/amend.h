@@ -967,6 +967,22 @@ enum amend_result amend_session_rollback_bundle(struct amend_session *session,
                                                 const char *bundle_id);
 
 /**
+ * Scales the low-rank (LoRA/ROME/MEMIT) adapters of the active bundle with id `bundle_id`
+ * (NUL-terminated UTF-8, read during the call only) by `scale`: 1 applies them as compiled
+ * (the default), 0 disables them (the logits are then bitwise those without the bundle's
+ * adapters), a negative scale subtracts them. Takes effect at the session's next request and
+ * lasts until changed; the bundle's other edits are not affected.
+ *
+ * Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,
+ * `AMEND_ERR_BUSY`, `AMEND_ERR_INVALID_ARGUMENT` (`scale` NaN, infinite or outside
+ * [-100, 100]), `AMEND_ERR_NOT_FOUND` (no active bundle has that id). On any error the
+ * scale in use stays as it was.
+ */
+enum amend_result amend_session_set_lora_scale(struct amend_session *session,
+                                               const char *bundle_id,
+                                               float scale);
+
+/**
  * Deactivates the single active edit with id `edit_id` (NUL-terminated); the rest of its
  * bundle stays active.
  *

@@ -3922,6 +3922,16 @@ fn locate_args(
     v
 }
 
+/// A tiny model in `dir` (created) and a full 64 KiB tmpfs on `dir/full`; `None` where this
+/// process may not mount.
+fn tiny_model_and_full_partition(dir: &Path) -> Option<(PathBuf, Tmpfs)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let model = tiny_model(dir.join("m.gguf"));
+    let full = Tmpfs::mount(dir.join("full"), "64k")?;
+    full.fill();
+    Some((model, full))
+}
+
 /// Session 38: `amend locate` on a full partition is refused before the model loads (before,
 /// it failed after the trace, naming its PNG temporary), leaves no --out-dir it created, and
 /// its two outputs are all or nothing: where the json fits but the heatmap does not, neither
@@ -3930,12 +3940,9 @@ fn locate_args(
 #[test]
 fn locate_on_a_full_partition_writes_all_or_nothing() {
     let dir = tmp().join("locate-full");
-    std::fs::create_dir_all(&dir).unwrap();
-    let tiny = tiny_model(dir.join("tiny.gguf"));
-    let Some(full) = Tmpfs::mount(dir.join("full"), "64k") else {
+    let Some((tiny, full)) = tiny_model_and_full_partition(&dir) else {
         return;
     };
-    full.fill();
     for out_dir in [full.0.clone(), full.0.join("new/sub")] {
         let args = locate_args(&tiny, "a b c", "b", "c", &out_dir, &["--samples", "1"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -4057,11 +4064,9 @@ fn locate_says_its_forward_runs_and_time_up_front() {
 #[test]
 fn compile_on_a_full_partition_is_refused_before_training() {
     let (dir, key, _, edits) = one_edit("compile-full", "compile-full");
-    let model = tiny_model(dir.join("m.gguf"));
-    let Some(full) = Tmpfs::mount(dir.join("full"), "64k") else {
+    let Some((model, full)) = tiny_model_and_full_partition(&dir) else {
         return;
     };
-    full.fill();
     let out = full.0.join("b.amend");
     let extra = ["--no-drift-check", "--allow-partial", "--threads", "1"];
     for method in ["grace", "rome"] {
@@ -4086,13 +4091,9 @@ fn export_onnx_that_cannot_write_says_so() {
     if !ort_libraries() {
         return;
     }
-    let dir = tmp().join("export-full");
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = tiny_model(dir.join("m.gguf"));
-    let Some(full) = Tmpfs::mount(dir.join("full"), "64k") else {
+    let Some((model, full)) = tiny_model_and_full_partition(&tmp().join("export-full")) else {
         return;
     };
-    full.fill();
     let onnx = full.0.join("m.onnx");
     let lib = amend_runtime::onnxruntime::default_library(&amend_runtime::onnxruntime::Ep::Cpu);
     let args = [

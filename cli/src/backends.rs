@@ -38,7 +38,7 @@ pub struct OrtArgs {
     #[arg(long, default_value = "cpu")]
     pub ep: String,
     /// The ONNX Runtime library (default $AMEND_ORT_LIB, else what scripts/fetch-ort.sh
-    /// installed for the EP under ~/.cache/amend/ort).
+    /// installed for the EP under $AMEND_CACHE/ort, default ~/.cache/amend/ort).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
     /// Operator profile of the graph.

@@ -74,8 +74,8 @@ pub struct Args {
     /// Print the hyperparameters in effect and exit.
     #[arg(long)]
     print_hparams: bool,
-    /// The scope model serac's memories route with (a `bert` GGUF; default
-    /// $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf, made by
+    /// The scope model serac's memories route with (a `bert` GGUF; default $AMEND_SCOPE_MODEL,
+    /// else all-minilm-l6-v2-q8_0.gguf in $AMEND_CACHE or ~/.cache/amend, made by
     /// scripts/fetch-scope-model.sh).
     #[arg(long)]
     scope_model: Option<PathBuf>,

@@ -54,8 +54,9 @@ pub struct Args {
     /// once, sequentially).
     #[arg(long, default_value = "batch")]
     protocol: Protocol,
-    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL
-    /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
+    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL,
+    /// else all-minilm-l6-v2-q8_0.gguf in $AMEND_CACHE or ~/.cache/amend); opened only when a
+    /// bundle needs it.
     #[arg(long)]
     scope_model: Option<PathBuf>,
     /// The engine the variants run on: llama.cpp, or ONNX Runtime on an execution provider

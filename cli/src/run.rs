@@ -66,8 +66,9 @@ pub struct Args {
     /// memory hit and score, low-rank adapters).
     #[arg(long)]
     pub explain: bool,
-    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL
-    /// or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf); opened only when a bundle needs it.
+    /// The scope model for bundles whose memories route with one (default $AMEND_SCOPE_MODEL,
+    /// else all-minilm-l6-v2-q8_0.gguf in $AMEND_CACHE or ~/.cache/amend); opened only when a
+    /// bundle needs it.
     #[arg(long)]
     pub scope_model: Option<PathBuf>,
     /// The engine: llama.cpp (CPU) or ONNX Runtime on an execution provider (--ep).

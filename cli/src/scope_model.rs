@@ -255,7 +255,8 @@ struct TrainHeadArgs {
     /// The head to write (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
+    /// The scope model (default $AMEND_SCOPE_MODEL, else all-minilm-l6-v2-q8_0.gguf in
+    /// $AMEND_CACHE or ~/.cache/amend).
     #[arg(long)]
     scope_model: Option<PathBuf>,
     /// Threads for the scope model (default 1).
@@ -351,7 +352,8 @@ struct RouteArgs {
     /// KnowEdit/EasyEdit JSON or JSONL: edit ids are the records' ids.
     #[arg(long)]
     data: PathBuf,
-    /// The scope model (default $AMEND_SCOPE_MODEL or ~/.cache/amend/all-minilm-l6-v2-q8_0.gguf).
+    /// The scope model (default $AMEND_SCOPE_MODEL, else all-minilm-l6-v2-q8_0.gguf in
+    /// $AMEND_CACHE or ~/.cache/amend).
     #[arg(long)]
     scope_model: Option<PathBuf>,
     /// Threads for the scope model (default 1).

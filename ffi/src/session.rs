@@ -350,6 +350,43 @@ pub extern "C" fn amend_session_rollback_bundle(
     })
 }
 
+/// Scales the low-rank (LoRA/ROME/MEMIT) adapters of the active bundle with id `bundle_id`
+/// (NUL-terminated UTF-8, read during the call only) by `scale`: 1 applies them as compiled
+/// (the default), 0 disables them (the logits are then bitwise those without the bundle's
+/// adapters), a negative scale subtracts them. Takes effect at the session's next request and
+/// lasts until changed; the bundle's other edits are not affected.
+///
+/// Errors: `AMEND_ERR_NULL_ARGUMENT`, `AMEND_ERR_INVALID_HANDLE`, `AMEND_ERR_INVALID_UTF8`,
+/// `AMEND_ERR_BUSY`, `AMEND_ERR_INVALID_ARGUMENT` (`scale` NaN, infinite or outside
+/// [-100, 100]), `AMEND_ERR_NOT_FOUND` (no active bundle has that id). On any error the
+/// scale in use stays as it was.
+#[no_mangle]
+pub extern "C" fn amend_session_set_lora_scale(
+    session: *mut amend_session,
+    bundle_id: *const c_char,
+    scale: f32,
+) -> amend_result {
+    guard("amend_session_set_lora_scale", || {
+        let s = self::session(session)?;
+        // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
+        let id = unsafe { args::cstr(bundle_id, "bundle_id")? };
+        let mut state = s.lock()?;
+        // The runtime keeps a scale for any id; here an unknown id is the caller's mistake,
+        // reported as rollback_bundle reports it.
+        let active = state
+            .edits
+            .as_ref()
+            .is_some_and(|set| set.snapshot().bundles.iter().any(|b| b.id() == id));
+        if !active {
+            return Err(FfiError::new(
+                amend_result::AMEND_ERR_NOT_FOUND,
+                format!("no active bundle has id `{id}`"),
+            ));
+        }
+        state.session.set_lora_scale(id, scale).map_err(Into::into)
+    })
+}
+
 /// Deactivates the single active edit with id `edit_id` (NUL-terminated); the rest of its
 /// bundle stays active.
 ///

@@ -59,6 +59,8 @@ pub trait Backend {
     /// The scope model that routes scope-model memories.
     fn set_scope_model(&mut self, scope: Option<Arc<ScopeModel>>) -> Result<(), RuntimeError>;
     fn scope_model(&self) -> Option<&Arc<ScopeModel>>;
+    /// Scales bundle `bundle_id`'s low-rank adapters (`Session::set_lora_scale`).
+    fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError>;
     /// Starts a request: pins the snapshot, routes `prompt` through the memories, applies the
     /// edits to the evaluations that follow.
     fn begin_request(&mut self, prompt: &str) -> Result<Request, RuntimeError>;

@@ -642,6 +642,9 @@ impl crate::backend::Backend for Session {
     ) -> Result<(), RuntimeError> {
         Session::set_scope_model(self, scope)
     }
+    fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
+        Session::set_lora_scale(self, bundle_id, scale)
+    }
     fn begin_request(&mut self, prompt: &str) -> Result<crate::Request, RuntimeError> {
         Session::begin_request(self, prompt)
     }

@@ -376,6 +376,16 @@ JNIEXPORT void JNICALL Java_dev_amend_Native_sessionRollbackEdit(JNIEnv *env, jc
     check(env, r);
 }
 
+JNIEXPORT void JNICALL Java_dev_amend_Native_sessionSetLoraScale(JNIEnv *env, jclass c, jlong s,
+                                                                 jbyteArray id, jfloat scale) {
+    (void)c;
+    char *p = cstr_of(env, id, "bundleId");
+    if (!p) return;
+    amend_result r = amend_session_set_lora_scale(H(s), p, scale);
+    free(p);
+    check(env, r);
+}
+
 JNIEXPORT jobjectArray JNICALL Java_dev_amend_Native_sessionActiveBundles(JNIEnv *env, jclass c, jlong s) {
     (void)c;
     size_t n = 0;

@@ -248,6 +248,7 @@ _SIGNATURES = {
     "amend_session_set_state_file": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t]),
     "amend_session_rollback_bundle": (_RES, [_P, ctypes.c_char_p]),
     "amend_session_rollback_edit": (_RES, [_P, ctypes.c_char_p]),
+    "amend_session_set_lora_scale": (_RES, [_P, ctypes.c_char_p, ctypes.c_float]),
     "amend_session_active_bundle_count": (_RES, [_P, ctypes.POINTER(ctypes.c_size_t)]),
     "amend_session_active_bundle_id": (_RES, [_P, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]),
     "amend_session_generate": (_RES, [_P, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_GenerateParams), _TOKEN_CB, _P, ctypes.POINTER(_Generation)]),
@@ -732,6 +733,17 @@ class Session(_Handle):
     def rollback_bundle(self, bundle_id: str) -> None:
         raw = _cstr(_text(bundle_id, "bundle_id"), "bundle_id")
         _check(library().amend_session_rollback_bundle(self, raw))
+
+    def set_lora_scale(self, bundle_id: str, scale: float) -> None:
+        """Scales the low-rank adapters of active bundle `bundle_id` from the next request on:
+        1 as compiled, 0 disables them, negative subtracts them. Raises ERR_INVALID_ARGUMENT for
+        a NaN, infinite or |scale| > 100 and ERR_NOT_FOUND for an id no active bundle has; the
+        scale in use is then unchanged."""
+        raw = _cstr(_text(bundle_id, "bundle_id"), "bundle_id")
+        # ctypes would take a bool as 1.0; a str would fail with an unhelpful ArgumentError.
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float, not {type(scale).__name__}")
+        _check(library().amend_session_set_lora_scale(self, raw, float(scale)))
 
     def rollback_edit(self, edit_id: str) -> None:
         raw = _cstr(_text(edit_id, "edit_id"), "edit_id")

@@ -336,3 +336,31 @@ def test_no_handles_leak(model):
 
     gc.collect()
     assert amend.live_handles() == 1, amend.live_handles()
+
+
+def test_set_lora_scale_scales_the_adapter(session, model, bundles):
+    base = session.score(PROMPT, " Paris").logprob_sum
+    with _trust(bundles) as trust:
+        session.activate(amend.Bundle.load_file(trust, model, os.path.join(bundles, "lora.amend")))
+    edited = session.score(PROMPT, " Paris").logprob_sum
+    assert edited != base, "the bundle changed nothing"
+    session.set_lora_scale("test-lora", 0.0)
+    assert session.score(PROMPT, " Paris").logprob_sum == base
+    for bad in (float("nan"), 1e30, -101.0):
+        with pytest.raises(AmendError) as e:
+            session.set_lora_scale("test-lora", bad)
+        assert e.value.code == Result.ERR_INVALID_ARGUMENT and "LoRA scale" in str(e.value)
+    assert session.score(PROMPT, " Paris").logprob_sum == base, "a refusal changed the scale"
+    session.set_lora_scale("test-lora", 1)
+    assert session.score(PROMPT, " Paris").logprob_sum == edited
+
+
+def test_set_lora_scale_refuses_unknown_ids_and_non_numbers(session):
+    with pytest.raises(AmendError) as e:
+        session.set_lora_scale("no-such-bundle", 0.5)
+    assert e.value.code == Result.ERR_NOT_FOUND and "no-such-bundle" in str(e.value)
+    with pytest.raises(AmendError) as e:
+        session.set_lora_scale(b"\xff", 0.5)
+    assert e.value.code == Result.ERR_INVALID_UTF8
+    with pytest.raises(TypeError):
+        session.set_lora_scale("test-lora", "1")

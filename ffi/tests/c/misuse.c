@@ -12,6 +12,7 @@
 #define _DEFAULT_SOURCE
 #include "amend.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +98,7 @@ static void test_null_everywhere(void) {
            "session");
     EXPECT(amend_session_activate(NULL, NULL), AMEND_ERR_NULL_ARGUMENT, "session");
     EXPECT(amend_session_rollback_bundle(NULL, "id"), AMEND_ERR_NULL_ARGUMENT, "session");
+    EXPECT(amend_session_set_lora_scale(NULL, "id", 1.0f), AMEND_ERR_NULL_ARGUMENT, "session");
     EXPECT(amend_session_rollback_edit(NULL, "id"), AMEND_ERR_NULL_ARGUMENT, "session");
     size_t n;
     EXPECT(amend_session_active_bundle_count(NULL, &n), AMEND_ERR_NULL_ARGUMENT, "session");
@@ -583,6 +585,25 @@ static void test_bundles(const char *model_path, const char *dir) {
     amend_bundle_free(lora); /* the session keeps the active edits */
     EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &edited, NULL));
     CHECK(strcmp(base.text, edited.text) != 0, "the LoRA bundle changed nothing: %s", base.text);
+    /* Its adapter scaled: 0 is the base model, 1 as compiled; refusals change nothing. */
+    collect_t off = {0}, on = {0};
+    EXPECT(amend_session_set_lora_scale(session, "test-lora", NAN), AMEND_ERR_INVALID_ARGUMENT,
+           "LoRA scale");
+    EXPECT(amend_session_set_lora_scale(session, "test-lora", 1e30f), AMEND_ERR_INVALID_ARGUMENT,
+           "LoRA scale");
+    EXPECT(amend_session_set_lora_scale(session, NULL, 0.0f), AMEND_ERR_NULL_ARGUMENT, "bundle_id");
+    EXPECT(amend_session_set_lora_scale(session, "\xff", 0.0f), AMEND_ERR_INVALID_UTF8,
+           "bundle_id");
+    EXPECT(amend_session_set_lora_scale(session, "test-good", 0.0f), AMEND_ERR_NOT_FOUND,
+           "test-good");
+    EXPECT_OK(amend_session_set_lora_scale(session, "test-lora", 0.0f));
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &off, NULL));
+    CHECK(strcmp(base.text, off.text) == 0, "scale 0 is not the base model: %s vs %s", base.text,
+          off.text);
+    EXPECT_OK(amend_session_set_lora_scale(session, "test-lora", 1.0f));
+    EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &on, NULL));
+    CHECK(strcmp(edited.text, on.text) == 0, "scale 1 is not the bundle as compiled: %s vs %s",
+          edited.text, on.text);
     EXPECT_OK(amend_session_rollback_bundle(session, "test-lora"));
     EXPECT_OK(amend_session_generate(session, prompt, strlen(prompt), &gp, collect, &rolled, NULL));
     CHECK(strcmp(base.text, rolled.text) == 0, "rollback did not restore: %s vs %s", base.text,

@@ -2978,6 +2978,9 @@ impl crate::backend::Backend for OrtSession {
     ) -> Result<(), RuntimeError> {
         OrtSession::set_scope_model(self, scope)
     }
+    fn set_lora_scale(&mut self, bundle_id: &str, scale: f32) -> Result<(), RuntimeError> {
+        OrtSession::set_lora_scale(self, bundle_id, scale)
+    }
     fn begin_request(&mut self, prompt: &str) -> Result<crate::Request, RuntimeError> {
         OrtSession::begin_request(self, prompt)
     }

@@ -282,6 +282,14 @@ public final class Session: @unchecked Sendable {
         try refuseNul(bundleId, "bundleId")
         try check(amend_session_rollback_bundle(handle, bundleId))
     }
+    /// Scales the low-rank adapters of active bundle `bundleId` from the next request on: 1 as
+    /// compiled, 0 disables them, negative subtracts them. Throws AMEND_ERR_INVALID_ARGUMENT for
+    /// a NaN, infinite or |scale| > 100 and AMEND_ERR_NOT_FOUND for an id no active bundle has;
+    /// the scale in use is then unchanged.
+    public func setLoraScale(bundleId: String, scale: Float) throws {
+        try refuseNul(bundleId, "bundleId")
+        try check(amend_session_set_lora_scale(handle, bundleId, scale))
+    }
     public func rollback(editId: String) throws {
         try refuseNul(editId, "editId")
         try check(amend_session_rollback_edit(handle, editId))

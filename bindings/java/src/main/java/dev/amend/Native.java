@@ -57,6 +57,7 @@ final class Native {
     static native void sessionActivate(long session, long bundle);
     static native void sessionRollbackBundle(long session, byte[] idUtf8);
     static native void sessionRollbackEdit(long session, byte[] idUtf8);
+    static native void sessionSetLoraScale(long session, byte[] idUtf8, float scale);
     static native String[] sessionActiveBundles(long session);
     static native EditActivity[] sessionExplain(long session);
     /** Returns n_prompt_tokens, n_generated, stop_reason. */

@@ -69,6 +69,15 @@ public final class Session implements AutoCloseable {
     }
     public void rollbackBundle(String bundleId) { Native.sessionRollbackBundle(handle, bundleId.getBytes(StandardCharsets.UTF_8)); }
     public void rollbackEdit(String editId) { Native.sessionRollbackEdit(handle, editId.getBytes(StandardCharsets.UTF_8)); }
+    /**
+     * Scales the low-rank adapters of active bundle {@code bundleId} from the next request on: 1 as
+     * compiled, 0 disables them, negative subtracts them. Throws {@link AmendException} with
+     * {@link Result#ERR_INVALID_ARGUMENT} for a NaN, infinite or |scale| &gt; 100 and
+     * {@link Result#ERR_NOT_FOUND} for an id no active bundle has; the scale in use is then unchanged.
+     */
+    public void setLoraScale(String bundleId, float scale) {
+        Native.sessionSetLoraScale(handle, bundleId.getBytes(StandardCharsets.UTF_8), scale);
+    }
     public List<String> activeBundles() { return Arrays.asList(Native.sessionActiveBundles(handle)); }
 
     /** What the active edits did during the last generation or scoring. */

@@ -201,6 +201,7 @@ public final class AmendTest {
             test("forged handle", () -> expect(Result.ERR_INVALID_HANDLE, () -> Native.sessionCancel(0xdead0L)));
             test("null handle", () -> expect(Result.ERR_NULL_ARGUMENT, () -> Native.sessionCancel(0L)));
             test("rollback unknown bundle", () -> expect(Result.ERR_NOT_FOUND, () -> s.rollbackBundle("nope")));
+            test("LoRA scale of an unknown bundle", () -> expect(Result.ERR_NOT_FOUND, () -> s.setLoraScale("nope", 0.5f)));
             // C reads these NUL-terminated: it would act on the part before the NUL.
             test("a NUL inside a path or id is refused, not cut at", () -> {
                 AmendException e = expect(Result.ERR_INVALID_ARGUMENT, () -> new Model(model + "\0.ignored"));
@@ -285,6 +286,25 @@ public final class AmendTest {
                         expect(Result.ERR_EDIT_CONFLICT, () -> s.rollbackEdit("e-paris"));
                         s.rollbackBundle("test-good");
                         check(s.activeBundles().isEmpty(), "active after rollback");
+                    }
+                });
+                test("bundles: LoRA scale 0 is the base model, 1 the bundle", () -> {
+                    // A session of its own: the versions of a channel only move forward in one.
+                    try (Session ls = new Session(m, 256, 0);
+                         TrustStore trust = new TrustStore(Files.readAllBytes(Paths.get(bundles, "key.raw")));
+                         Bundle b = Bundle.loadFile(trust, m, Paths.get(bundles, "lora.amend").toString())) {
+                        double base = ls.score(PROMPT, " Paris").logprobSum;
+                        ls.activate(b);
+                        double edited = ls.score(PROMPT, " Paris").logprobSum;
+                        check(edited != base, "the bundle changed nothing");
+                        ls.setLoraScale("test-lora", 0f);
+                        check(ls.score(PROMPT, " Paris").logprobSum == base, "scale 0 is not the base model");
+                        AmendException e = expect(Result.ERR_INVALID_ARGUMENT, () -> ls.setLoraScale("test-lora", Float.NaN));
+                        check(e.getMessage().contains("LoRA scale"), e.getMessage());
+                        expect(Result.ERR_INVALID_ARGUMENT, () -> ls.setLoraScale("test-lora", 1e30f));
+                        check(ls.score(PROMPT, " Paris").logprobSum == base, "a refusal changed the scale");
+                        ls.setLoraScale("test-lora", 1f);
+                        check(ls.score(PROMPT, " Paris").logprobSum == edited, "scale 1 is not the bundle");
                     }
                 });
                 String scope = System.getenv("AMEND_SCOPE_MODEL");
