@@ -23,19 +23,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn open_model() -> *mut amend_model {
-    let path = std::ffi::CString::new(util::tiny_model_path("careless").to_str().unwrap()).unwrap();
-    let params = amend_model_params {
-        n_threads: 1,
-        ..amend_model_default_params()
-    };
-    let mut m = ptr::null_mut();
-    assert_eq!(
-        amend_model_open(path.as_ptr(), &params, &mut m),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    m
+    util::open_tiny_model("careless")
 }
 
 fn open_session(m: *mut amend_model) -> *mut amend_session {

@@ -59,25 +59,8 @@ fn lora_bundle(key: &amend_edits::ed25519_dalek::SigningKey) -> Vec<u8> {
 
 #[test]
 fn set_lora_scale_scales_the_adapter_and_refuses_bad_arguments() {
-    let path = CString::new(util::tiny_model_path("lora").to_str().unwrap()).unwrap();
-    let params = amend_model_params {
-        n_threads: 1,
-        ..amend_model_default_params()
-    };
-    let mut m = ptr::null_mut();
-    assert_eq!(
-        amend_model_open(path.as_ptr(), &params, &mut m),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    let mut s = ptr::null_mut();
-    assert_eq!(
-        amend_session_open(m, ptr::null(), &mut s),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
+    let m = util::open_tiny_model("lora");
+    let s = util::open_session(m);
     let id = CString::new("lr").unwrap();
     // No bundle active yet: the id is unknown.
     assert_eq!(

@@ -29,14 +29,7 @@ fn open_slotted(backend: u32) -> (*mut amend_model, *mut amend_session) {
         ..amend_model_default_params()
     });
     assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-    let mut s = ptr::null_mut();
-    assert_eq!(
-        amend_session_open(m, ptr::null(), &mut s),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    (m, s)
+    (m, util::open_session(m))
 }
 
 /// The ONNX Runtime library is there (a skip without it; a failure under AMEND_REQUIRE_MODEL=1).

@@ -25,6 +25,37 @@ pub fn tiny_model_path(tag: &str) -> PathBuf {
     .clone()
 }
 
+/// The tiny model of [`tiny_model_path`]`(tag)` opened on llama.cpp with one thread.
+#[allow(dead_code)]
+pub fn open_tiny_model(tag: &str) -> *mut amend::amend_model {
+    let path = std::ffi::CString::new(tiny_model_path(tag).to_str().unwrap()).unwrap();
+    let params = amend::amend_model_params {
+        n_threads: 1,
+        ..amend::amend_model_default_params()
+    };
+    let mut m = std::ptr::null_mut();
+    assert_eq!(
+        amend::amend_model_open(path.as_ptr(), &params, &mut m),
+        amend::amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    m
+}
+
+/// A session on `m` with the default parameters.
+#[allow(dead_code)]
+pub fn open_session(m: *mut amend::amend_model) -> *mut amend::amend_session {
+    let mut s = std::ptr::null_mut();
+    assert_eq!(
+        amend::amend_session_open(m, std::ptr::null(), &mut s),
+        amend::amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    s
+}
+
 /// A signed bundle of one edit for the model `meta.model` names: one codebook entry at `layer`
 /// (FFN output, `distance` as `BundleBuilder::add_codebook` takes it, a unit key on the first
 /// dimension), signed with `key`.
