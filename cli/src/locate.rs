@@ -94,7 +94,8 @@ fn output_paths(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
         ),
         Ok(_) => {}
         Err(_) => {
-            // Created after the trace: its nearest existing ancestor must take new directories.
+            // Created (before the trace) by `CreatedDirs::create`, whose error says why it
+            // cannot be; a file in the way is named here.
             let ancestor = dir
                 .ancestors()
                 .skip(1)
@@ -114,16 +115,6 @@ fn output_paths(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
                     ancestor.display()
                 );
             }
-            let probe = ancestor.join(format!(".amend-locate-probe-{}", std::process::id()));
-            std::fs::create_dir(&probe)
-                .and_then(|_| std::fs::remove_dir(&probe))
-                .with_context(|| {
-                    format!(
-                        "--out-dir {}: cannot create directories in {}",
-                        dir.display(),
-                        ancestor.display()
-                    )
-                })?;
         }
     }
     let json = dir.join(format!("{name}.json"));
@@ -328,10 +319,7 @@ impl Drop for CreatedDirs {
 /// Writes (atomically) and removes `len` bytes in --out-dir, so a full or read-only directory
 /// is refused before the trace rather than after it.
 fn probe_out_dir(dir: &Path, name: &str, len: usize) -> anyhow::Result<()> {
-    let probe = dir.join(format!(".{name}.probe"));
-    let res = amend_edits::fsutil::write_atomic(&probe, &vec![0u8; len], None);
-    let _ = std::fs::remove_file(&probe);
-    res.with_context(|| {
+    amend_edits::fsutil::probe_write(&dir.join(format!(".{name}.probe")), len).with_context(|| {
         format!(
             "--out-dir {}: cannot write {len} bytes there (a trace's outputs need more); nothing was traced",
             dir.display()

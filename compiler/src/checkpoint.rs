@@ -49,18 +49,14 @@ pub fn path_for(out: &Path) -> PathBuf {
 }
 
 /// Checks, before any training, that the directory of `out` takes a checkpoint's first write
-/// and the bundle: a file the size of a checkpoint's header (and a page) is written atomically
-/// beside `out` and removed again. A full or read-only partition is refused here rather than
-/// at the first checkpoint write, after the first edit has trained.
+/// and the bundle: a page is written atomically beside `out` and removed again. A full or
+/// read-only partition is refused here rather than at the first checkpoint write, after the
+/// first edit has trained.
 pub fn probe_dir(out: &Path) -> Result<()> {
     let mut p = path_for(out).into_os_string();
     p.push(".probe");
     let probe = PathBuf::from(p);
-    let mut bytes = MAGIC.to_vec();
-    bytes.resize(4096, 0);
-    let res = amend_edits::fsutil::write_atomic(&probe, &bytes, Some(0o600));
-    let _ = std::fs::remove_file(&probe);
-    res.map_err(|e| {
+    amend_edits::fsutil::probe_write(&probe, 4096).map_err(|e| {
         CompileError::Checkpoint(format!(
             "cannot write beside {} ({}: {e})",
             out.display(),

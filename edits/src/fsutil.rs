@@ -312,6 +312,15 @@ pub fn sync_dir(path: &Path) {
     }
 }
 
+/// Writes `len` bytes to `path` through [`write_atomic`] and removes the file again: whether
+/// the directory takes a file now (a full or read-only partition does not), checked by a long
+/// command before its work rather than at its first real write.
+pub fn probe_write(path: &Path, len: usize) -> std::io::Result<()> {
+    let res = write_atomic(path, &vec![0u8; len], None);
+    let _ = std::fs::remove_file(path);
+    res
+}
+
 /// amend's cache directory: `$AMEND_CACHE`, else `~/.cache/amend` (an empty variable counts
 /// as unset, as in the shell's `${AMEND_CACHE:-...}` of `scripts/fetch-*.sh`, which install
 /// the default model, the scope model and the ONNX Runtime libraries there); `None` without

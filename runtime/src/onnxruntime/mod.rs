@@ -1025,7 +1025,7 @@ impl OrtModel {
                         };
                         match (put(cp), &fallback_path) {
                             (Ok(()), _) => {}
-                            (Err(e), Some(fb)) if fb != cp => {
+                            (Err(e), Some(fb)) => {
                                 log::info!("ort: graph not cached at {}: {e}", cp.display());
                                 let w = fb
                                     .parent()
@@ -1039,7 +1039,7 @@ impl OrtModel {
                                     ),
                                 }
                             }
-                            (Err(e), _) => {
+                            (Err(e), None) => {
                                 log::info!("ort: graph not cached at {}: {e}", cp.display())
                             }
                         }
