@@ -113,11 +113,13 @@ typedef enum amend_result {
    */
   AMEND_ERR_STATE_SIZE = 109,
   /**
-   * The model file could not be loaded (missing, not GGUF, unsupported architecture).
+   * The model file could not be loaded (missing, not GGUF, unsupported architecture,
+   * more than the process's memory can hold).
    */
   AMEND_ERR_MODEL_LOAD = 200,
   /**
-   * An inference context could not be created (out of memory, bad context size).
+   * An inference context could not be created (out of memory, bad context size, the
+   * process at its thread limit).
    */
   AMEND_ERR_CONTEXT = 201,
   /**
@@ -357,7 +359,8 @@ typedef struct amend_model_params {
   const char *ep;
   /**
    * ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
-   * scripts/fetch-ort.sh installed under ~/.cache/amend/ort). Borrowed for the call only.
+   * scripts/fetch-ort.sh installed under $AMEND_CACHE/ort, by default ~/.cache/amend/ort).
+   * Borrowed for the call only.
    */
   const char *ort_library;
   /**
@@ -831,9 +834,9 @@ enum amend_result amend_model_description(const struct amend_model *model,
 
 /**
  * Opens the scope model that routes retrieval memories: a `bert` GGUF such as
- * `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf` (`scripts/fetch-scope-model.sh`, `amend
- * scope-model convert`). `path` is NUL-terminated UTF-8 (see `amend_scope_model_open_bytes`
- * for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
+ * `$AMEND_CACHE/all-minilm-l6-v2-q8_0.gguf` (`~/.cache/amend` by default;
+ * `scripts/fetch-scope-model.sh`, `amend scope-model convert`). `path` is NUL-terminated
+ * UTF-8 (see `amend_scope_model_open_bytes` for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
  * short encode gains little from more, and on cores other work keeps busy ggml's spinning
  * workers make two threads about a hundred times slower than one: docs/runtime.md).
  *

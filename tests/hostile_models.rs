@@ -442,8 +442,12 @@ fn run_child(model: &Path, how: Opener) -> (Outcome, String) {
 
 /// [`run_child`] with more arguments for `amend run`.
 fn run_child_with(model: &Path, how: Opener, extra: &[&std::ffi::OsStr]) -> (Outcome, String) {
-    use std::os::unix::process::ExitStatusExt;
-    let mut cmd = match how {
+    outcome_of(child_command(model, how, 1, extra))
+}
+
+/// The child that opens `model` with `threads` compute threads.
+fn child_command(model: &Path, how: Opener, threads: u32, extra: &[&std::ffi::OsStr]) -> Command {
+    match how {
         Opener::Run(backend) => {
             let mut c = Command::new(env!("CARGO_BIN_EXE_amend"));
             c.args(["run", "--model"]).arg(model).args([
@@ -452,7 +456,7 @@ fn run_child_with(model: &Path, how: Opener, extra: &[&std::ffi::OsStr]) -> (Out
                 "--max-tokens",
                 "3",
                 "--threads",
-                "1",
+                &threads.to_string(),
                 "--ctx",
                 "64",
             ]);
@@ -468,10 +472,16 @@ fn run_child_with(model: &Path, how: Opener, extra: &[&std::ffi::OsStr]) -> (Out
                 "--test-threads",
                 "1",
             ])
-            .env(SCOPE_CHILD, model);
+            .env(SCOPE_CHILD, model)
+            .env(SCOPE_CHILD_THREADS, threads.to_string());
             c
         }
-    };
+    }
+}
+
+/// Runs `cmd` with a deadline and says how it ended.
+fn outcome_of(mut cmd: Command) -> (Outcome, String) {
+    use std::os::unix::process::ExitStatusExt;
     let mut child = cmd
         .env_remove("AMEND_MODEL")
         .env("RUST_LOG", "off")
@@ -509,6 +519,7 @@ fn run_child_with(model: &Path, how: Opener, extra: &[&std::ffi::OsStr]) -> (Out
 }
 
 const SCOPE_CHILD: &str = "AMEND_HOSTILE_SCOPE_MODEL";
+const SCOPE_CHILD_THREADS: &str = "AMEND_HOSTILE_SCOPE_THREADS";
 /// What the scope-model child prints when the open or encode returned an error.
 const REFUSED: &str = "scope model refused:";
 
@@ -518,7 +529,11 @@ fn scope_model_child() {
     let Some(path) = std::env::var_os(SCOPE_CHILD) else {
         return;
     };
-    let r = amend_runtime::ScopeModel::open(&path, Some(1)).and_then(|m| m.encode(PROMPT));
+    let threads = std::env::var(SCOPE_CHILD_THREADS)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let r = amend_runtime::ScopeModel::open(&path, Some(threads)).and_then(|m| m.encode(PROMPT));
     if let Err(e) = r {
         println!("{REFUSED} {e}");
         std::process::exit(2);
@@ -1043,4 +1058,142 @@ fn gguf_lora_bundle_mutants_never_crash_the_process() {
     );
     assert!(refused.get() > 0, "the mutants exercised nothing");
     assert_none_crashed(&bad);
+}
+
+/// A host app at its thread limit (`RLIMIT_NPROC`, a cgroup's `pids.max`, systemd's
+/// `TasksMax`). ggml started a llama.cpp context's threads at every decode and aborted the
+/// process (`GGML_ASSERT(rc == 0)`, signal 6) when it could not; the ONNX Runtime backend's
+/// open panicked spawning a helper thread. Each child runs with no room for one more thread
+/// (`RLIMIT_NPROC` 1, as `nobody` when this test is root, whom the limit does not bind): one
+/// compute thread runs, more are refused at open with an error naming the thread limit.
+#[test]
+fn thread_limit_never_crashes_the_process() {
+    use std::os::unix::process::CommandExt;
+    let root = unsafe { libc::geteuid() } == 0;
+    // Everything the child reads, where `nobody` can read it.
+    let dir = tmp().join("thread-limit");
+    let cache_dir = dir.join("cache");
+    std::fs::create_dir_all(&cache_dir).unwrap();
+    let link = |from: &Path, to: &Path| {
+        if !to.exists() && std::fs::hard_link(from, to).is_err() {
+            std::fs::copy(from, to).unwrap();
+        }
+    };
+    let model = dir.join("tiny.gguf");
+    write_tiny_model_typed(&model, Architecture::Llama, 7, GgmlType::F32).unwrap();
+    let mut openers = vec![LLAMA];
+    if ort_installed() {
+        let ort = cache_dir.join("ort/cpu");
+        std::fs::create_dir_all(&ort).unwrap();
+        for e in std::fs::read_dir(cache().join("ort/cpu")).unwrap() {
+            let e = e.unwrap();
+            link(&e.path(), &ort.join(e.file_name()));
+        }
+        openers.push(ORT_CPU);
+    }
+    let scope = cache_file("all-minilm-l6-v2-q8_0.gguf").map(|p| {
+        let to = dir.join("scope.gguf");
+        link(&p, &to);
+        to
+    });
+    if root {
+        // `nobody` writes the fingerprint caches here (and reads the rest).
+        let mode = |p: &Path, m: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        mode(&tmp(), 0o755);
+        mode(&dir, 0o777);
+        mode(&cache_dir, 0o777);
+    }
+    let limited = |model: &Path, how: Opener, threads: u32| {
+        let mut cmd = child_command(model, how, threads, &[]);
+        cmd.env("AMEND_CACHE", &cache_dir);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = || Err(std::io::Error::last_os_error());
+                if root
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(65534) != 0
+                        || libc::setuid(65534) != 0)
+                {
+                    return fail();
+                }
+                let one = libc::rlimit {
+                    rlim_cur: 1,
+                    rlim_max: 1,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &one) != 0 {
+                    return fail();
+                }
+                Ok(())
+            });
+        }
+        outcome_of(cmd)
+    };
+    let mut cases: Vec<(&Path, Opener)> = openers.iter().map(|&o| (model.as_path(), o)).collect();
+    if let Some(s) = &scope {
+        cases.push((s, Opener::Scope));
+    }
+    for (path, how) in cases {
+        let (o, err) = limited(path, how, 1);
+        assert_eq!(
+            o,
+            Outcome::Ran,
+            "{how:?}, 1 thread, at the thread limit: {err}"
+        );
+        for threads in [2, 4] {
+            let (o, err) = limited(path, how, threads);
+            assert_eq!(o, Outcome::Refused, "{how:?}, {threads} threads: {err}");
+            assert!(
+                err.contains("thread limit") || err.contains("pthread_create failed"),
+                "{how:?}, {threads} threads: the error does not say why: {err}"
+            );
+        }
+    }
+}
+
+/// A process whose address space cannot hold the model (`RLIMIT_AS`: a 32-bit app, a sandbox).
+/// The ONNX Runtime backend's model-sized buffers (the model's bytes, each tensor's conversion,
+/// the serialized graph) aborted the process (`memory allocation of 253113024 bytes failed`);
+/// they are now checked and refused. llama.cpp's own load fails cleanly. Smaller Rust
+/// allocations still abort when they fail, so this limit is set below the model's size, where
+/// the first large buffer is the one refused.
+#[test]
+fn address_space_smaller_than_the_model_is_an_error() {
+    use std::os::unix::process::CommandExt;
+    let Some(model) = cache_file("gemma3-270m-q4_k_m.gguf") else {
+        return;
+    };
+    // (opener, whether amend's own check gives the message)
+    let mut openers = vec![(LLAMA, false)];
+    if ort_installed() {
+        openers.push((ORT_CPU, true));
+    }
+    for (how, ours) in openers {
+        let mut cmd = child_command(&model, how, 1, &[]);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 300 << 20,
+                    rlim_max: 300 << 20,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (o, err) = outcome_of(cmd);
+        assert_eq!(
+            o,
+            Outcome::Refused,
+            "{how:?} in 300 MB of address space: {err}"
+        );
+        if ours {
+            assert!(err.contains("not enough memory"), "{how:?}: {err}");
+        }
+    }
 }

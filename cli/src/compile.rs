@@ -1248,12 +1248,21 @@ fn verify_on(
     // Per worker: the backend's id and, per request checked, whether it answered its target.
     type Checked = anyhow::Result<(String, Vec<(usize, bool)>)>;
     let results: Vec<Checked> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..workers).map(|w| sc.spawn(move || check(w))).collect();
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                std::thread::Builder::new()
+                    .spawn_scoped(sc, move || check(w))
+                    .map_err(|_| w)
+            })
+            .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a verification worker panicked")))
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a verification worker panicked"))),
+                // At the process's thread limit: that worker's share runs here.
+                Err(w) => check(w),
             })
             .collect()
     });

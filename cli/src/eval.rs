@@ -378,9 +378,16 @@ impl Output {
 fn open_fifo(flag: &str, path: &Path) -> anyhow::Result<std::fs::File> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_path_buf();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::fs::OpenOptions::new().write(true).open(p));
-    });
+    std::thread::Builder::new()
+        .spawn(move || {
+            let _ = tx.send(std::fs::OpenOptions::new().write(true).open(p));
+        })
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot start a thread to open it",
+                path.display()
+            )
+        })?;
     match rx.recv_timeout(FIFO_READER_WAIT) {
         Ok(file) => file.with_context(|| format!("{flag} {}: cannot write it", path.display())),
         Err(_) => anyhow::bail!(

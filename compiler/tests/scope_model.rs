@@ -127,6 +127,15 @@ fn converted_model_tokenizes_embeds_and_refuses_bad_input() {
     let text = "Which river flows through Phnom Penh?";
     assert_eq!(one.encode(text).unwrap(), q8.encode(text).unwrap());
 
+    // Thread counts outside 1..=MAX_THREADS are refused before anything is loaded, as for a
+    // session (0 was taken as 1; a count past ggml's limit reached llama.cpp).
+    for n in [0, amend_runtime::MAX_THREADS + 1, usize::MAX] {
+        match ScopeModel::open(&q8_path, Some(n)) {
+            Err(RuntimeError::InvalidOptions(m)) => assert!(m.contains("n_threads"), "{m}"),
+            other => panic!("{n} threads: {other:?}"),
+        }
+    }
+
     // Bad files: missing, truncated, not a bert model.
     match ScopeModel::open(tmp("missing.gguf"), None) {
         Err(RuntimeError::NotFound { .. }) => {}

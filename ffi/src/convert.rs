@@ -23,8 +23,11 @@ impl From<RuntimeError> for FfiError {
             | RuntimeError::OrtEp { .. }
             | RuntimeError::OrtSession { .. }
             | RuntimeError::OrtCache { .. }
-            | RuntimeError::OrtGraph(_) => R::AMEND_ERR_MODEL_LOAD,
-            RuntimeError::ContextCreate { .. } => R::AMEND_ERR_CONTEXT,
+            | RuntimeError::OrtGraph(_)
+            | RuntimeError::OutOfMemory { .. } => R::AMEND_ERR_MODEL_LOAD,
+            RuntimeError::ContextCreate { .. } | RuntimeError::Threads { .. } => {
+                R::AMEND_ERR_CONTEXT
+            }
             RuntimeError::InvalidOptions(_)
             | RuntimeError::InvalidParams(_)
             | RuntimeError::InvalidToken { .. }
@@ -38,6 +41,7 @@ impl From<RuntimeError> for FfiError {
             | RuntimeError::EditSlot(_)
             | RuntimeError::Unsupported(_) => R::AMEND_ERR_EDIT_INVALID,
             RuntimeError::ScopeModelInvalid { .. } => R::AMEND_ERR_SCOPE_MODEL,
+            RuntimeError::UnknownBundle(_) => R::AMEND_ERR_NOT_FOUND,
             // The runtime's message names its Rust/CLI knobs; C callers get theirs.
             RuntimeError::ScopeModelMissing {
                 bundle,

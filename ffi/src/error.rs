@@ -84,9 +84,11 @@ result_codes! {
         /// A caller-provided state struct has the wrong size (`state_size` differs from the size
         /// this library was built with: the header and the library do not match).
         AMEND_ERR_STATE_SIZE = 109,
-        /// The model file could not be loaded (missing, not GGUF, unsupported architecture).
+        /// The model file could not be loaded (missing, not GGUF, unsupported architecture,
+        /// more than the process's memory can hold).
         AMEND_ERR_MODEL_LOAD = 200,
-        /// An inference context could not be created (out of memory, bad context size).
+        /// An inference context could not be created (out of memory, bad context size, the
+        /// process at its thread limit).
         AMEND_ERR_CONTEXT = 201,
         /// The text could not be tokenized.
         AMEND_ERR_TOKENIZE = 202,

@@ -47,7 +47,9 @@ fn open(path: &Path, n_threads: u32, out: *mut *mut amend_scope_model) -> FfiRes
     let n = threads(n_threads)?;
     let scope = ScopeModel::open(path, Some(n)).map_err(|e| {
         let code = match &e {
-            RuntimeError::ContextCreate { .. } => amend_result::AMEND_ERR_CONTEXT,
+            RuntimeError::ContextCreate { .. } | RuntimeError::Threads { .. } => {
+                amend_result::AMEND_ERR_CONTEXT
+            }
             _ => amend_result::AMEND_ERR_SCOPE_MODEL,
         };
         let detail = match &e {
@@ -62,9 +64,9 @@ fn open(path: &Path, n_threads: u32, out: *mut *mut amend_scope_model) -> FfiRes
 }
 
 /// Opens the scope model that routes retrieval memories: a `bert` GGUF such as
-/// `~/.cache/amend/all-minilm-l6-v2-q8_0.gguf` (`scripts/fetch-scope-model.sh`, `amend
-/// scope-model convert`). `path` is NUL-terminated UTF-8 (see `amend_scope_model_open_bytes`
-/// for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
+/// `$AMEND_CACHE/all-minilm-l6-v2-q8_0.gguf` (`~/.cache/amend` by default;
+/// `scripts/fetch-scope-model.sh`, `amend scope-model convert`). `path` is NUL-terminated
+/// UTF-8 (see `amend_scope_model_open_bytes` for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
 /// short encode gains little from more, and on cores other work keeps busy ggml's spinning
 /// workers make two threads about a hundred times slower than one: docs/runtime.md).
 ///

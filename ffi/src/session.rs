@@ -371,18 +371,7 @@ pub extern "C" fn amend_session_set_lora_scale(
         // SAFETY: pointer arguments are NULL or valid as the header documents; `args` checks.
         let id = unsafe { args::cstr(bundle_id, "bundle_id")? };
         let mut state = s.lock()?;
-        // The runtime keeps a scale for any id; here an unknown id is the caller's mistake,
-        // reported as rollback_bundle reports it.
-        let active = state
-            .edits
-            .as_ref()
-            .is_some_and(|set| set.snapshot().bundles.iter().any(|b| b.id() == id));
-        if !active {
-            return Err(FfiError::new(
-                amend_result::AMEND_ERR_NOT_FOUND,
-                format!("no active bundle has id `{id}`"),
-            ));
-        }
+        // An id no active bundle has is the runtime's UnknownBundle: AMEND_ERR_NOT_FOUND.
         state.session.set_lora_scale(id, scale).map_err(Into::into)
     })
 }

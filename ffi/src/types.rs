@@ -91,7 +91,8 @@ pub struct amend_model_params {
     /// `AMEND_ERR_MODEL_LOAD`, never a silent CPU fallback. Borrowed for the call only.
     pub ep: *const c_char,
     /// ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
-    /// scripts/fetch-ort.sh installed under ~/.cache/amend/ort). Borrowed for the call only.
+    /// scripts/fetch-ort.sh installed under $AMEND_CACHE/ort, by default ~/.cache/amend/ort).
+    /// Borrowed for the call only.
     pub ort_library: *const c_char,
     /// ONNX Runtime: the graph's edit slots, e.g. "cb:12:ffn_input:ffn_output;lr:blk.5.ffn_down.weight"
     /// (docs/backends.md; `amend inspect --pubkey` prints a bundle's). NULL or "" = none: the base graph, which

@@ -906,6 +906,16 @@ pub(crate) fn set_lora_scale<H: EditHost + ?Sized>(
              disables it, a negative scale subtracts it)"
         )));
     }
+    // A scale belongs to an active bundle: an id no active bundle has is the caller's mistake
+    // (a typo would otherwise be kept silently and scale nothing).
+    let active = h
+        .edits()
+        .set
+        .as_ref()
+        .is_some_and(|set| set.snapshot().bundles.iter().any(|b| b.id() == bundle_id));
+    if !active {
+        return Err(RuntimeError::UnknownBundle(bundle_id.to_string()));
+    }
     h.edits_mut()
         .lora_scales
         .insert(bundle_id.to_string(), scale);
@@ -964,6 +974,11 @@ pub(crate) fn begin<H: EditHost + ?Sized>(
         .is_some_and(|p| Arc::ptr_eq(&p.set, &snap));
     if !same {
         unpin(h)?;
+        // The scales of bundles that left the set go with them: a bundle added again (or
+        // another one under that id) starts as compiled, at 1.
+        h.edits_mut()
+            .lora_scales
+            .retain(|id, _| snap.bundles.iter().any(|b| b.id() == id));
         let scales = h.edits().lora_scales.clone();
         let scope = h.edits().scope.clone();
         let plan = Arc::new(EditPlan::build(

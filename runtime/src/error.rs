@@ -49,6 +49,19 @@ pub enum RuntimeError {
     LoadFailed { path: PathBuf },
     #[error("llama.cpp failed to create a context (n_ctx {n_ctx})")]
     ContextCreate { n_ctx: u32 },
+    /// A buffer as large as the model (its bytes, its graph) could not be allocated: the
+    /// process's address space or memory limit is too small for this backend. Nothing was
+    /// opened; smaller buffers than this are not checked (they abort, as any Rust allocation).
+    #[error("not enough memory for {what} ({bytes} bytes)")]
+    OutOfMemory { what: String, bytes: u64 },
+    /// The process is at its thread limit (`RLIMIT_NPROC`, a cgroup's `pids.max`): nothing was
+    /// created. Fewer threads (1 starts none) or fewer live threads in the process help.
+    #[error("cannot start {wanted} compute thread(s) for the context (the process is at its thread limit; ask for fewer threads): {source}")]
+    Threads {
+        wanted: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid session options: {0}")]
     InvalidOptions(String),
     #[error("invalid generation parameters: {0}")]
@@ -87,6 +100,9 @@ pub enum RuntimeError {
     NonFiniteLogits { index: usize, detail: String },
     #[error("edit cannot be applied: {0}")]
     InvalidEdit(String),
+    /// No bundle with this id is active in the session's edit set.
+    #[error("no active bundle has id {0:?}")]
+    UnknownBundle(String),
     #[error("llama.cpp threw {what} in {call}")]
     CppException {
         call: &'static str,

@@ -30,6 +30,7 @@ mod session;
 #[cfg(any(test, feature = "testutil"))]
 #[doc(hidden)]
 pub mod testutil;
+mod threads;
 
 pub use amend_edits::{HookPoint, Site};
 pub use answer::{continuation, prompt_answer_tokens, AnswerPlan};

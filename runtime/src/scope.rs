@@ -55,6 +55,8 @@ pub struct RouteQuery<'a> {
 struct Ctx {
     ctx: NonNull<sys::llama_context>,
     batch: sys::llama_batch,
+    /// The context's compute threads (none for one thread); dropped after `ctx` is freed.
+    pool: Option<crate::threads::ComputePool>,
 }
 
 /// A loaded scope model (see the module docs). `Send + Sync`.
@@ -135,12 +137,14 @@ fn check_scope_file(
 impl ScopeModel {
     /// Validates and loads a scope-model GGUF with `n_threads` encoder threads (`None`:
     /// [`DEFAULT_SCOPE_THREADS`]). Errors: `NotFound`, `ScopeModelInvalid` (not a
-    /// GGUF, truncated, not a `bert` encoder with a WordPiece vocabulary), `LoadFailed`.
+    /// GGUF, truncated, not a `bert` encoder with a WordPiece vocabulary), `LoadFailed`,
+    /// `InvalidOptions` (threads outside 1..=[`crate::MAX_THREADS`]), `Threads`.
     pub fn open(
         path: impl AsRef<Path>,
         n_threads: Option<usize>,
     ) -> Result<Arc<ScopeModel>, RuntimeError> {
         let path = path.as_ref();
+        crate::session::check_threads(n_threads, "n_threads")?;
         // Refuse a FIFO, directory or device before anything reads the path, then the same
         // header and hyperparameter checks the base model gets (llama.cpp can abort otherwise).
         if let Err(e) = amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
@@ -219,6 +223,7 @@ impl ScopeModel {
         }
         let max_tokens = MAX_TOKENS.min(n_ctx_train as usize);
         let threads = n_threads.unwrap_or(DEFAULT_SCOPE_THREADS).max(1) as i32;
+        let pool = crate::threads::ComputePool::new(threads as usize)?;
         // SAFETY: FFI with a live model.
         let ctx = unsafe {
             let mut p = sys::llama_context_default_params();
@@ -237,13 +242,17 @@ impl ScopeModel {
         let ctx = NonNull::new(ctx).ok_or(RuntimeError::ContextCreate {
             n_ctx: max_tokens as u32,
         })?;
+        if let Some(pool) = &pool {
+            // SAFETY: both live; the pool outlives the context (dropped after it).
+            unsafe { pool.attach(ctx.as_ptr()) };
+        }
         // SAFETY: token/pos/seq arrays for max_tokens tokens, 1 sequence each.
         let batch = unsafe { sys::llama_batch_init(max_tokens as i32, 0, 1) };
         guard.0 = None;
         Ok(Arc::new(ScopeModel {
             model,
             vocab,
-            ctx: Mutex::new(Ctx { ctx, batch }),
+            ctx: Mutex::new(Ctx { ctx, batch, pool }),
             n_embd: n_embd as usize,
             max_tokens,
             cls,
@@ -399,6 +408,9 @@ impl ScopeModel {
                     *b.n_seq_id.add(i) = 1;
                     *(*b.seq_id.add(i)).add(0) = 0;
                     *b.logits.add(i) = 1;
+                }
+                if let Some(pool) = &c.pool {
+                    pool.check_fork(c.ctx.as_ptr());
                 }
                 let rc = crate::generate::decode_raw(c.ctx.as_ptr(), b, true)?;
                 if rc != 0 {

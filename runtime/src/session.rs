@@ -167,6 +167,8 @@ pub struct Session {
     edits: crate::editing::SessionEdits,
     /// The routed memory's answer for the current request (see `answer`).
     answer: Option<crate::answer::AnswerPlan>,
+    /// The context's compute threads (none for one thread); dropped after `ctx` is freed.
+    pool: Option<crate::threads::ComputePool>,
 }
 
 // SAFETY: the context and hook state are owned by the session and used only through &mut self
@@ -207,6 +209,8 @@ impl Session {
             .clamp(1, MAX_THREADS) as i32;
         // Checked above: within 1..=MAX_THREADS, so the cast cannot wrap.
         let threads_batch = options.n_threads_batch.map_or(threads, |n| n as i32);
+        // Before the context: a thread limit is an error here, never an abort in a decode.
+        let pool = crate::threads::ComputePool::new(threads.max(threads_batch) as usize)?;
         let hooks = NonNull::from(Box::leak(Box::new(HookState::new(info.n_embd as usize))));
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: FFI; the user-data pointers outlive the context (freed after it in Drop).
@@ -230,6 +234,10 @@ impl Session {
             drop(unsafe { Box::from_raw(hooks.as_ptr()) });
             return Err(RuntimeError::ContextCreate { n_ctx });
         };
+        if let Some(pool) = &pool {
+            // SAFETY: both live; the pool outlives the context (freed after it in Drop).
+            unsafe { pool.attach(ctx.as_ptr()) };
+        }
         // SAFETY: allocates token/pos/seq arrays for n_ubatch tokens, 1 sequence each.
         let batch = unsafe { sys::llama_batch_init(n_ubatch as i32, 0, 1) };
         Ok(Session {
@@ -246,6 +254,7 @@ impl Session {
             stored: Vec::new(),
             edits: Default::default(),
             answer: None,
+            pool,
         })
     }
 
@@ -448,6 +457,10 @@ impl Session {
                     **b.seq_id.add(j) = 0;
                     *b.logits.add(j) = options.logits.wants(base + j, n) as i8;
                 }
+            }
+            if let Some(pool) = &self.pool {
+                // SAFETY: the live context the pool is attached to.
+                unsafe { pool.check_fork(self.ctx.as_ptr()) };
             }
             // SAFETY: live context and a well-formed batch; hooks run inside on this thread.
             let rc = unsafe { crate::generate::decode_raw(self.ctx.as_ptr(), &self.batch, false) };

@@ -353,7 +353,7 @@ fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
     let signed = bb.build_signed(&key).unwrap();
     let bundle = Bundle::from_bytes(signed.as_slice(), set.trust()).unwrap();
     set.add(Arc::new(bundle), AddOptions::default()).unwrap();
-    s.set_edit_set(Some(set)).unwrap();
+    s.set_edit_set(Some(set.clone())).unwrap();
     let edited = logits(&mut s);
     assert_ne!(bits(&edited), bits(&base), "the adapter changes the logits");
     s.set_lora_scale("lr", 0.0).unwrap();
@@ -395,4 +395,33 @@ fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
     }
     s.set_lora_scale("lr", 1.0).unwrap();
     assert_eq!(bits(&logits(&mut s)), bits(&edited), "scale 1 again");
+
+    // Session 39: an id no active bundle has was kept silently (the C ABI alone refused it).
+    s.set_lora_scale("lr", 0.0).unwrap();
+    for unknown in ["lr2", "", "LR"] {
+        match s.set_lora_scale(unknown, 1.0) {
+            Err(RuntimeError::UnknownBundle(id)) => assert_eq!(id, unknown),
+            other => panic!("{unknown:?}: {other:?}"),
+        }
+    }
+    assert_eq!(bits(&logits(&mut s)), bits(&base), "still scale 0");
+    // A scale leaves with its bundle: removed, then its next version (same id and adapter)
+    // added, the bundle is as compiled.
+    set.update(|tx| tx.remove("lr").map(|_| ())).unwrap();
+    assert_eq!(bits(&logits(&mut s)), bits(&base), "no bundle");
+    assert!(matches!(
+        s.set_lora_scale("lr", 0.0),
+        Err(RuntimeError::UnknownBundle(_))
+    ));
+    let mut bb = BundleBuilder::new(common::bundle_meta(&m, "lr", 2));
+    let p = bb.add_low_rank(&[LowRankTensor::rank_one("blk.0.ffn_down.weight", &u, &v)]);
+    bb.add_edit("rank1", 0, Site::FfnOutput, "hello", " x", p, 0, 1);
+    let v2 = bb.build_signed(&key).unwrap();
+    let v2 = Bundle::from_bytes(v2.as_slice(), set.trust()).unwrap();
+    set.add(Arc::new(v2), AddOptions::default()).unwrap();
+    assert_eq!(
+        bits(&logits(&mut s)),
+        bits(&edited),
+        "version 2 at scale 1, not version 1's 0"
+    );
 }

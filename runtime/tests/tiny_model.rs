@@ -920,3 +920,72 @@ fn hook_points_are_read_once_at_registration() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert!(seen.load(Ordering::SeqCst) > 0, "the hook was called");
 }
+
+/// A session's compute threads are started once with it (threads.rs), not by ggml at every
+/// decode: the logits are bitwise those of plain llama.cpp with the same thread count, and a
+/// `fork()`ed child, which has none of the parent's threads, still evaluates (on ggml's
+/// per-call threads) instead of waiting forever, and can drop the session.
+#[test]
+fn compute_threads_match_plain_llama_cpp_and_survive_fork() {
+    let m = common::tiny(Architecture::Llama);
+    let toks = m
+        .tokenize("hello world and the water is made of hydrogen", true)
+        .unwrap();
+    for threads in [2, 3] {
+        let mut raw = RawContext::new(&m, 512, 512, threads).unwrap();
+        let reference = raw.all_logits(&toks).unwrap();
+        let opts = SessionOptions {
+            n_ctx: 512,
+            n_threads: Some(threads),
+            ..Default::default()
+        };
+        let mut s = Session::new(&m, opts.clone()).unwrap();
+        s.prefill(&toks, Logits::All).unwrap();
+        for (i, r) in reference.iter().enumerate() {
+            assert_eq!(
+                s.logits(i).unwrap(),
+                &r[..],
+                "{threads} threads, position {i}"
+            );
+        }
+        // SAFETY: the child only runs this session's code, then leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.kv_clear();
+                s.prefill(&toks, Logits::All).unwrap();
+                let same = (0..toks.len()).all(|i| s.logits(i).unwrap() == &reference[i][..]);
+                drop(s);
+                // A session made in the child gets threads of its own.
+                let mut fresh = Session::new(&m, opts.clone()).unwrap();
+                fresh.prefill(&toks, Logits::All).unwrap();
+                same && fresh.last_logits().unwrap() == &reference[toks.len() - 1][..]
+            }));
+            unsafe { libc::_exit(if matches!(ok, Ok(true)) { 0 } else { 1 }) };
+        }
+        let start = std::time::Instant::now();
+        let status = loop {
+            let mut status = 0;
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                break Some(status);
+            }
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let status = status.expect("the forked child hung evaluating with the parent's threads");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{threads} threads: the forked child failed (status {status:#x})"
+        );
+        // The parent's session still runs on its own threads.
+        s.kv_clear();
+        s.prefill(&toks, Logits::All).unwrap();
+        assert_eq!(s.last_logits().unwrap(), &reference[toks.len() - 1][..]);
+    }
+}

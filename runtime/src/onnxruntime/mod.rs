@@ -1116,14 +1116,23 @@ impl OrtModel {
                 Ok(rows)
             };
             let (session, rows) = std::thread::scope(|sc| {
-                let rows = (gi == 0).then(|| sc.spawn(digest_rows));
+                // At the process's thread limit the digests run here, after the session.
+                let spawned = (gi == 0).then(|| {
+                    std::thread::Builder::new()
+                        .name("amend-digests".into())
+                        .spawn_scoped(sc, digest_rows)
+                });
                 let session = Self::session(env, &options, model_bytes, true, ext.as_ref());
-                let rows = rows.map(|h| {
-                    h.join().unwrap_or_else(|_| {
+                let rows = spawned.map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
                         Err(RuntimeError::OrtGraph(
                             "the embedding digests' thread panicked".into(),
                         ))
-                    })
+                    }),
+                    Err(e) => {
+                        log::debug!("ort: no thread for the embedding digests ({e}): inline");
+                        digest_rows()
+                    }
                 });
                 (session, rows)
             });
@@ -1496,6 +1505,21 @@ struct Built {
     n_nodes: usize,
 }
 
+/// An empty buffer with room for `len` bytes, or [`RuntimeError::OutOfMemory`]: the model and
+/// its graph are the allocations as large as the input (253 MB for the default model), the ones
+/// a tight address space (a 32-bit process, `RLIMIT_AS`) refuses first.
+fn byte_buffer(len: u64, what: &str) -> Result<Vec<u8>, RuntimeError> {
+    let mut v = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| v.try_reserve_exact(n).ok())
+        .ok_or_else(|| RuntimeError::OutOfMemory {
+            what: what.into(),
+            bytes: len,
+        })?;
+    Ok(v)
+}
+
 /// Reads the GGUF at `path` into memory this process owns and builds its graph from that one
 /// read, which must begin with the header at `checked` (the one `cfg` and the vocabulary come
 /// from), else [`RuntimeError::ModelChanged`].
@@ -1510,7 +1534,7 @@ fn build_onnx(
     let (mut file, len) =
         amend_edits::fsutil::open_regular(path, amend_edits::fsutil::MAX_MODEL_LEN)
             .map_err(RuntimeError::File)?;
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = byte_buffer(len, "the model's bytes")?;
     std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|source| RuntimeError::Io {
         path: path.to_path_buf(),
         source,
@@ -1575,7 +1599,11 @@ fn build_onnx(
         producer: concat!("amend ", env!("CARGO_PKG_VERSION")),
         metadata: &metadata,
     }
-    .to_bytes();
+    .try_to_bytes()
+    .map_err(|n| RuntimeError::OutOfMemory {
+        what: "the serialized graph".into(),
+        bytes: n as u64,
+    })?;
     Ok(Built {
         onnx,
         binding,
@@ -2002,7 +2030,7 @@ mod cache {
                 field("bytes")
             ));
         }
-        let mut bytes = Vec::with_capacity(len as usize);
+        let mut bytes = super::byte_buffer(len, "the cached graph").map_err(|e| e.to_string())?;
         std::io::Read::read_to_end(&mut graph, &mut bytes).map_err(|e| e.to_string())?;
         let sha = hex(&Sha256::digest(&bytes));
         if field("sha256").as_deref() != Some(sha.as_str()) {

@@ -428,6 +428,16 @@ impl ModelProto<'_> {
         self.write_body(&mut out);
         out
     }
+
+    /// [`Self::to_bytes`] for a model with its weights (hundreds of MB): an allocation that
+    /// fails is an error (the bytes it needed), not an abort.
+    pub fn try_to_bytes(&self) -> Result<Vec<u8>, usize> {
+        let n = self.body_len();
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|_| n)?;
+        self.write_body(&mut out);
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

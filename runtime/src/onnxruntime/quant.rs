@@ -16,6 +16,23 @@ pub enum QuantError {
     Unsupported { tensor: String, ty: String },
     #[error("tensor `{tensor}`: {detail}")]
     Shape { tensor: String, detail: String },
+    #[error("tensor `{tensor}`: not enough memory for its {bytes}-byte conversion")]
+    OutOfMemory { tensor: String, bytes: u64 },
+}
+
+/// `n` zeros, or [`QuantError::OutOfMemory`]: a tensor's conversion buffers are as large as
+/// the tensor (160 MB for the default model's embedding table), the allocations a tight
+/// address space refuses first, and a refused one must not abort the host.
+fn zeroed<T: Clone + Default>(tensor: &str, n: usize) -> Result<Vec<T>, QuantError> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        return Err(QuantError::OutOfMemory {
+            tensor: tensor.into(),
+            bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+        });
+    }
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 /// A linear weight `[N, K]` (out, in) as the graph takes it.
@@ -208,9 +225,12 @@ pub fn linear_weight(
     let (gbs, gbytes) = block_shape(t).unwrap();
     let kb = k / block;
     let blob = block * bits as usize / 8;
-    let mut b = vec![0u8; n * kb * blob];
-    let mut scales = vec![0f32; n * kb];
-    let mut mins = (t == GgmlType::Q4_K).then(|| vec![0f32; kb * n]);
+    let mut b = zeroed::<u8>(name, n * kb * blob)?;
+    let mut scales = zeroed::<f32>(name, n * kb)?;
+    let mut mins = match t {
+        GgmlType::Q4_K => Some(zeroed::<f32>(name, kb * n)?),
+        _ => None,
+    };
     for row in 0..n {
         for g in 0..k / gbs {
             let blk = &data[(row * (k / gbs) + g) * gbytes..][..gbytes];
@@ -236,7 +256,10 @@ pub fn linear_weight(
         }
     }
     // 4-bit: default zero point is 8, which is Q4_0's offset; Q4_K needs an explicit 0.
-    let zero_points = (t == GgmlType::Q4_K).then(|| vec![0u8; n * kb.div_ceil(2)]);
+    let zero_points = match t {
+        GgmlType::Q4_K => Some(zeroed::<u8>(name, n * kb.div_ceil(2))?),
+        _ => None,
+    };
     Ok(LinearWeight::NBits {
         k,
         n,
@@ -258,7 +281,7 @@ pub fn float_weight(
     data: &[u8],
 ) -> Result<LinearWeight, QuantError> {
     let w = dequantize(name, t, k, n, data)?;
-    let mut wt = vec![0f32; k * n];
+    let mut wt = zeroed::<f32>(name, k * n)?;
     for r in 0..n {
         for c in 0..k {
             wt[c * n + r] = w[r * k + c];
@@ -294,7 +317,7 @@ pub fn dequantize(
     }
     let (_, block, offset) = nbits_form(t);
     let (gbs, gbytes) = block_shape(t).unwrap();
-    let mut out = vec![0f32; k * n];
+    let mut out = zeroed::<f32>(name, k * n)?;
     for (i, blk) in data.chunks_exact(gbytes).enumerate() {
         let base = i * gbs;
         decode_block(t, blk, &mut |sub, scale, min, codes| {
