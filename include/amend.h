@@ -360,7 +360,8 @@ typedef struct amend_model_params {
   /**
    * ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
    * scripts/fetch-ort.sh installed under $AMEND_CACHE/ort, by default ~/.cache/amend/ort).
-   * Borrowed for the call only.
+   * Borrowed for the call only. The first load sets ORT_DISABLE_TELEMETRY=1 in the process
+   * environment unless the variable is set (ONNX Runtime's telemetry; docs/security.md).
    */
   const char *ort_library;
   /**

@@ -1060,6 +1060,48 @@ fn gguf_lora_bundle_mutants_never_crash_the_process() {
     assert_none_crashed(&bad);
 }
 
+/// A resource limit a child runs under (`setrlimit` between fork and exec).
+#[derive(Clone, Copy)]
+enum Limit {
+    /// `RLIMIT_NPROC`: processes and threads of the user.
+    Threads(u64),
+    /// `RLIMIT_AS`, bytes.
+    AddressSpace(u64),
+    /// `RLIMIT_FSIZE`, bytes.
+    FileSize(u64),
+}
+
+/// Runs `cmd` under `limit`, as `nobody` (uid and gid 65534, no groups) when `as_nobody`.
+fn with_limit(cmd: &mut Command, limit: Limit, as_nobody: bool) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if as_nobody
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0)
+            {
+                return fail();
+            }
+            let (resource, value) = match limit {
+                Limit::Threads(n) => (libc::RLIMIT_NPROC, n),
+                Limit::AddressSpace(n) => (libc::RLIMIT_AS, n),
+                Limit::FileSize(n) => (libc::RLIMIT_FSIZE, n),
+            };
+            let lim = libc::rlimit {
+                rlim_cur: value as libc::rlim_t,
+                rlim_max: value as libc::rlim_t,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A host app at its thread limit (`RLIMIT_NPROC`, a cgroup's `pids.max`, systemd's
 /// `TasksMax`). ggml started a llama.cpp context's threads at every decode and aborted the
 /// process (`GGML_ASSERT(rc == 0)`, signal 6) when it could not; the ONNX Runtime backend's
@@ -1068,7 +1110,6 @@ fn gguf_lora_bundle_mutants_never_crash_the_process() {
 /// compute thread runs, more are refused at open with an error naming the thread limit.
 #[test]
 fn thread_limit_never_crashes_the_process() {
-    use std::os::unix::process::CommandExt;
     let root = unsafe { libc::geteuid() } == 0;
     // Everything the child reads, where `nobody` can read it.
     let dir = tmp().join("thread-limit");
@@ -1109,27 +1150,8 @@ fn thread_limit_never_crashes_the_process() {
     let limited = |model: &Path, how: Opener, threads: u32| {
         let mut cmd = child_command(model, how, threads, &[]);
         cmd.env("AMEND_CACHE", &cache_dir);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fail = || Err(std::io::Error::last_os_error());
-                if root
-                    && (libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(65534) != 0
-                        || libc::setuid(65534) != 0)
-                {
-                    return fail();
-                }
-                let one = libc::rlimit {
-                    rlim_cur: 1,
-                    rlim_max: 1,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &one) != 0 {
-                    return fail();
-                }
-                Ok(())
-            });
-        }
+        // Root is not bound by RLIMIT_NPROC: the child runs as `nobody`.
+        with_limit(&mut cmd, Limit::Threads(1), root);
         outcome_of(cmd)
     };
     let mut cases: Vec<(&Path, Opener)> = openers.iter().map(|&o| (model.as_path(), o)).collect();
@@ -1162,7 +1184,6 @@ fn thread_limit_never_crashes_the_process() {
 /// the first large buffer is the one refused.
 #[test]
 fn address_space_smaller_than_the_model_is_an_error() {
-    use std::os::unix::process::CommandExt;
     let Some(model) = cache_file("gemma3-270m-q4_k_m.gguf") else {
         return;
     };
@@ -1173,19 +1194,7 @@ fn address_space_smaller_than_the_model_is_an_error() {
     }
     for (how, ours) in openers {
         let mut cmd = child_command(&model, how, 1, &[]);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 300 << 20,
-                    rlim_max: 300 << 20,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        with_limit(&mut cmd, Limit::AddressSpace(300 << 20), false);
         let (o, err) = outcome_of(cmd);
         assert_eq!(
             o,
@@ -1196,4 +1205,99 @@ fn address_space_smaller_than_the_model_is_an_error() {
             assert!(err.contains("not enough memory"), "{how:?}: {err}");
         }
     }
+}
+
+/// A process with a file size limit (`RLIMIT_FSIZE`). The kernel does not fail a write past it:
+/// it sends `SIGXFSZ`, which ends the process. amend wrote the model's private copy (a memfd is
+/// a file) and the ONNX graph cache beside the model on its own, so opening a model killed the
+/// host (signal 25). Now the private copy is skipped (llama.cpp maps the file, with a warning),
+/// a cache file over the limit is not written (the model runs), and a file the user asked for
+/// (`export-onnx --out`) is a clear error.
+#[test]
+fn file_size_limit_never_kills_the_process() {
+    let dir = tmp().join("file-size-limit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny.gguf");
+    write_tiny_model_typed(&model, Architecture::Llama, 7, GgmlType::F32).unwrap();
+    let limit = 4096;
+    assert!(std::fs::metadata(&model).unwrap().len() > limit);
+    let mut openers = vec![LLAMA];
+    if ort_installed() {
+        // The graph cache on: it writes the tiny graph (more than the limit) beside the model.
+        openers.push(Opener::Run(&["--backend", "ort", "--ep", "cpu"]));
+    }
+    if let Some(scope) = cache_file("all-minilm-l6-v2-q8_0.gguf") {
+        let (o, err) = {
+            let mut cmd = child_command(&scope, Opener::Scope, 1, &[]);
+            with_limit(&mut cmd, Limit::FileSize(limit), false);
+            outcome_of(cmd)
+        };
+        assert_eq!(
+            o,
+            Outcome::Ran,
+            "scope model under RLIMIT_FSIZE {limit}: {err}"
+        );
+    }
+    for how in openers {
+        let mut cmd = child_command(&model, how, 1, &[]);
+        with_limit(&mut cmd, Limit::FileSize(limit), false);
+        let (o, err) = outcome_of(cmd);
+        assert_eq!(o, Outcome::Ran, "{how:?} under RLIMIT_FSIZE {limit}: {err}");
+    }
+    if ort_installed() {
+        let out_path = dir.join("exported.onnx");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amend"));
+        cmd.args(["export-onnx", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out_path);
+        with_limit(&mut cmd, Limit::FileSize(limit), false);
+        let (o, err) = outcome_of(cmd);
+        assert_eq!(o, Outcome::Refused, "export-onnx --out: {err}");
+        assert!(err.contains("file size limit"), "{err}");
+        assert!(!out_path.exists(), "a cut graph was left");
+    }
+}
+
+/// ONNX Runtime 1.29+ (the 1.32.0 CPU wheel `make ort` installs) wrote a persistent device id
+/// and an SQLite event store for Microsoft's telemetry collector under
+/// `$HOME/.cache/Microsoft/DeveloperTools/.onnxruntime` from inside the host app, unasked.
+/// amend sets `ORT_DISABLE_TELEMETRY=1` before loading the library unless the process has the
+/// variable: opening and running a model on each ONNX Runtime build leaves `$HOME` empty.
+#[test]
+fn onnx_runtime_writes_nothing_to_home() {
+    if !ort_installed() {
+        return;
+    }
+    let mut openers = vec![ORT_CPU];
+    if cache().join("ort/openvino").exists() {
+        openers.push(ORT_OPENVINO);
+    }
+    let dir = tmp().join("telemetry");
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let model = dir.join("tiny.gguf");
+    write_tiny_model_typed(&model, Architecture::Llama, 7, GgmlType::F32).unwrap();
+    for how in openers {
+        let mut cmd = child_command(&model, how, 1, &[]);
+        cmd.env("HOME", &home)
+            .env("AMEND_CACHE", cache())
+            .env_remove(amend_runtime::onnxruntime::ORT_TELEMETRY_VAR);
+        let (o, err) = outcome_of(cmd);
+        assert_eq!(o, Outcome::Ran, "{how:?}: {err}");
+        let left: Vec<_> = walk(&home);
+        assert!(left.is_empty(), "{how:?} wrote under $HOME: {left:?}");
+    }
+}
+
+/// Every path below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path());
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
 }

@@ -142,7 +142,8 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// under a name unique to this process and call, so two threads writing one path do not
 /// share it. Temporary files of `path` left by a killed process are removed first
 /// ([`remove_stale_temps`]); on failure (`ENOSPC`, `EROFS`) this call's own is removed and an
-/// existing `path` is untouched.
+/// existing `path` is untouched. A file longer than the process's `RLIMIT_FSIZE` is refused
+/// before anything is written ([`within_file_size_limit`]).
 pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     use std::io::Write;
     if let Ok(md) = std::fs::metadata(path) {
@@ -157,6 +158,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
             ));
         }
     }
+    within_file_size_limit(path, data.len() as u64)?;
     remove_stale_temps(path);
     let (tmp, mut f) = loop {
         let suffix = format!(
@@ -297,6 +299,44 @@ fn tmp_name(path: &Path, suffix: &str) -> PathBuf {
             tmp.push(suffix);
             PathBuf::from(tmp)
         }
+    }
+}
+
+/// This process's file size limit (`RLIMIT_FSIZE`) in bytes; `None` when there is none.
+pub fn file_size_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) } == 0
+            && r.rlim_cur != libc::RLIM_INFINITY
+        {
+            // rlim_t is 32 bits on some targets (32-bit Android).
+            #[allow(clippy::unnecessary_cast)]
+            return Some(r.rlim_cur as u64);
+        }
+    }
+    None
+}
+
+/// `FileTooLarge` naming `path` when a file of `len` bytes would pass this process's
+/// `RLIMIT_FSIZE`. The kernel does not fail such a write: it sends `SIGXFSZ`, whose default
+/// action ends the process, so a host app would die for a cache file amend chose to write.
+/// Checked before every write that can be large (the atomic writer, the model's private copy).
+pub fn within_file_size_limit(path: &Path, len: u64) -> std::io::Result<()> {
+    match file_size_limit() {
+        Some(limit) if len > limit => Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!(
+                "{}: {len} bytes are more than this process's file size limit (RLIMIT_FSIZE, \
+                 {limit} bytes); nothing was written",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -92,7 +92,8 @@ pub struct amend_model_params {
     pub ep: *const c_char,
     /// ONNX Runtime: the library to load (NULL = $AMEND_ORT_LIB, else what
     /// scripts/fetch-ort.sh installed under $AMEND_CACHE/ort, by default ~/.cache/amend/ort).
-    /// Borrowed for the call only.
+    /// Borrowed for the call only. The first load sets ORT_DISABLE_TELEMETRY=1 in the process
+    /// environment unless the variable is set (ONNX Runtime's telemetry; docs/security.md).
     pub ort_library: *const c_char,
     /// ONNX Runtime: the graph's edit slots, e.g. "cb:12:ffn_input:ffn_output;lr:blk.5.ffn_down.weight"
     /// (docs/backends.md; `amend inspect --pubkey` prints a bundle's). NULL or "" = none: the base graph, which

@@ -76,3 +76,48 @@ def test_stream_closed_early_stops_the_generation(session):
     next(it)
     it.close()  # returns once the worker stopped (at its next token)
     assert len(session.generate(PROMPT, max_tokens=2, stop_at_eos=False).tokens) == 2
+
+
+def test_session_made_before_fork_generates_in_the_child(model):
+    """A process that forks after making a session (multiprocessing's "fork" start method):
+    the child has none of the parent's compute threads. Since session 39 they are started once
+    per session, and the child's first decode goes back to per-call threads instead of waiting
+    for them forever; the child's text is the parent's."""
+    import os
+    import select
+    import signal
+
+    import amend
+
+    s = amend.Session(model, n_ctx=512, n_threads=2)
+    try:
+        want = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only the session's calls, then _exit
+            code = 1
+            try:
+                os.close(r)
+                text = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
+                os.write(w, text.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 60)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+            raise AssertionError("the forked child hung generating with the parent's session")
+        got = b""
+        while chunk := os.read(r, 4096):
+            got += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert got.decode() == want
+        # The parent's session still generates on its own threads.
+        assert s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text == want
+    finally:
+        s.close()

@@ -339,6 +339,31 @@ fn check_session_config(library: &Path, entries: &[(String, String)]) -> Result<
 static LOADED: OnceLock<Loaded> = OnceLock::new();
 static LOAD_LOCK: Mutex<()> = Mutex::new(());
 
+/// ONNX Runtime's telemetry opt-out. Since 1.29 its builds for Linux, macOS, Android and iOS
+/// (the PyPI 1.32.0 wheel `make ort` installs among them) keep a persistent device id and an
+/// SQLite event store under `~/.cache/Microsoft/DeveloperTools/.onnxruntime` and upload events
+/// to Microsoft's collector; only this variable, set before its first environment, turns all of
+/// that off (`DisableTelemetryEvents` comes after the environment, and the id, exist). An edge
+/// runtime inside someone else's app must not do that on its own: [`load_library`] sets it to
+/// `1` unless the process already has it (a host that wants ONNX Runtime's telemetry sets it to
+/// `0` first).
+pub const ORT_TELEMETRY_VAR: &str = "ORT_DISABLE_TELEMETRY";
+
+/// Whether ONNX Runtime's telemetry stays off: the variable is set to `1` where the process
+/// has none (once, under `LOAD_LOCK`, before the library is loaded), and any value but `0`
+/// counts as off. Setting a variable races with `getenv` on other threads: a host that starts
+/// such threads before its first ONNX Runtime model sets the variable itself at startup, and
+/// then amend leaves the environment alone.
+fn telemetry_off() -> bool {
+    match std::env::var_os(ORT_TELEMETRY_VAR) {
+        Some(v) => v != "0",
+        None => {
+            std::env::set_var(ORT_TELEMETRY_VAR, "1");
+            true
+        }
+    }
+}
+
 /// Loads the ONNX Runtime library at `path` for this process. A second call with the same file
 /// is free; with another file it is an error (ONNX Runtime cannot be unloaded). A missing file,
 /// a FIFO, a library without the ONNX Runtime API or one older than 1.24 is a specific error,
@@ -361,6 +386,7 @@ pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environmen
     }
     // A FIFO would block dlopen; a directory or device is refused by name.
     amend_edits::fsutil::open_regular(&canonical, 1 << 31).map_err(|e| bad(e.to_string()))?;
+    let telemetry_off = telemetry_off();
     let builder = ort::init_from(&canonical).map_err(|e| bad(e.to_string()))?;
     // ONNX Runtime's log goes to the `log` crate (target `onnxruntime`), never to stderr: the
     // errors it logs are returned to the caller anyway.
@@ -377,6 +403,8 @@ pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environmen
     let env = builder
         .with_name("amend")
         .with_logger(logger)
+        // Also off through the API (Windows builds' ETW events honour only this).
+        .with_telemetry(!telemetry_off)
         .build()
         .map_err(|e| bad(e.to_string()))?;
     let version = version_of(&canonical);
