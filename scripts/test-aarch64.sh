@@ -69,8 +69,11 @@ grep -E "^test result: ok. [1-9]" "$log" | head -3
 
 step "runtime tests on the tiny models under qemu"
 # Every tiny-model test runs (one compares logit rows to 1e-4 on aarch64 instead of bitwise:
-# aarch64 ggml sums the output projection in another order when fewer rows are asked for).
-nice cargo test --release --target "$T" "${SEL[@]}" --test tiny_model -q >"$log" 2>&1 \
+# aarch64 ggml sums the output projection in another order when fewer rows are asked for), but
+# the fork test: qemu-user cannot fork a guest that has threads (qemu's own assertion,
+# `cpu == current_cpu`, ends the child), which says nothing about aarch64.
+nice cargo test --release --target "$T" "${SEL[@]}" --test tiny_model -q -- \
+  --skip session_made_before_fork_evaluates_in_the_child >"$log" 2>&1 \
   || { tail -40 "$log"; fail "runtime tiny_model tests under qemu"; }
 grep -E "^test result" "$log"
 

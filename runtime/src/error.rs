@@ -54,9 +54,10 @@ pub enum RuntimeError {
     /// opened; smaller buffers than this are not checked (they abort, as any Rust allocation).
     #[error("not enough memory for {what} ({bytes} bytes)")]
     OutOfMemory { what: String, bytes: u64 },
-    /// The process is at its thread limit (`RLIMIT_NPROC`, a cgroup's `pids.max`): nothing was
-    /// created. Fewer threads (1 starts none) or fewer live threads in the process help.
-    #[error("cannot start {wanted} compute thread(s) for the context (the process is at its thread limit; ask for fewer threads): {source}")]
+    /// The process is at its thread limit (`RLIMIT_NPROC`, a cgroup's `pids.max`) or out of
+    /// address space for the threads' stacks: nothing was created. Fewer threads (1 starts
+    /// none) or fewer live threads in the process help.
+    #[error("cannot start {wanted} compute thread(s) for the context (the process is at its thread limit or out of memory for their stacks; ask for fewer threads): {source}")]
     Threads {
         wanted: usize,
         #[source]

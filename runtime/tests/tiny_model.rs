@@ -922,32 +922,56 @@ fn hook_points_are_read_once_at_registration() {
 }
 
 /// A session's compute threads are started once with it (threads.rs), not by ggml at every
-/// decode: the logits are bitwise those of plain llama.cpp with the same thread count, and a
-/// `fork()`ed child, which has none of the parent's threads, still evaluates (on ggml's
-/// per-call threads) instead of waiting forever, and can drop the session.
+/// decode: the logits are bitwise those of plain llama.cpp with the same thread count.
 #[test]
-fn compute_threads_match_plain_llama_cpp_and_survive_fork() {
+fn compute_threads_match_plain_llama_cpp() {
     let m = common::tiny(Architecture::Llama);
     let toks = m
         .tokenize("hello world and the water is made of hydrogen", true)
         .unwrap();
     for threads in [2, 3] {
-        let mut raw = RawContext::new(&m, 512, 512, threads).unwrap();
-        let reference = raw.all_logits(&toks).unwrap();
-        let opts = SessionOptions {
-            n_ctx: 512,
-            n_threads: Some(threads),
-            ..Default::default()
-        };
-        let mut s = Session::new(&m, opts.clone()).unwrap();
-        s.prefill(&toks, Logits::All).unwrap();
-        for (i, r) in reference.iter().enumerate() {
-            assert_eq!(
-                s.logits(i).unwrap(),
-                &r[..],
-                "{threads} threads, position {i}"
-            );
-        }
+        let (_, reference, _) = threaded_session(&m, &toks, threads);
+        assert_eq!(reference.len(), toks.len());
+    }
+}
+
+/// A session on `threads` threads that has evaluated `toks`, plain llama.cpp's logits for them
+/// with as many threads (checked bitwise against the session's), and the session's options.
+fn threaded_session(
+    m: &Arc<Model>,
+    toks: &[Token],
+    threads: usize,
+) -> (Session, Vec<Vec<f32>>, SessionOptions) {
+    let mut raw = RawContext::new(m, 512, 512, threads).unwrap();
+    let reference = raw.all_logits(toks).unwrap();
+    let opts = SessionOptions {
+        n_ctx: 512,
+        n_threads: Some(threads),
+        ..Default::default()
+    };
+    let mut s = Session::new(m, opts.clone()).unwrap();
+    s.prefill(toks, Logits::All).unwrap();
+    for (i, r) in reference.iter().enumerate() {
+        assert_eq!(
+            s.logits(i).unwrap(),
+            &r[..],
+            "{threads} threads, position {i}"
+        );
+    }
+    (s, reference, opts)
+}
+
+/// A `fork()`ed child has none of the parent's threads: a session made before the fork still
+/// evaluates there (on ggml's per-call threads) instead of waiting forever for the pool's, and
+/// can drop the session. (Skipped under qemu-user, which cannot fork a threaded guest.)
+#[test]
+fn session_made_before_fork_evaluates_in_the_child() {
+    let m = common::tiny(Architecture::Llama);
+    let toks = m
+        .tokenize("hello world and the water is made of hydrogen", true)
+        .unwrap();
+    for threads in [2, 3] {
+        let (mut s, reference, opts) = threaded_session(&m, &toks, threads);
         // SAFETY: the child only runs this session's code, then leaves with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
