@@ -78,46 +78,82 @@ def test_stream_closed_early_stops_the_generation(session):
     assert len(session.generate(PROMPT, max_tokens=2, stop_at_eos=False).tokens) == 2
 
 
+def _child_generates_the_parent_text(s):
+    """Forks; the child generates with `s` (made by the parent) and sends its text back."""
+    import os
+    import select
+    import signal
+
+    want = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only the session's calls, then _exit
+        code = 1
+        try:
+            os.close(r)
+            text = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
+            os.write(w, text.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        raise AssertionError("the forked child hung generating with the parent's session")
+    got = b""
+    while chunk := os.read(r, 4096):
+        got += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert got.decode() == want
+    # The parent's session still generates on its own threads.
+    assert s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text == want
+
+
 def test_session_made_before_fork_generates_in_the_child(model):
     """A process that forks after making a session (multiprocessing's "fork" start method):
     the child has none of the parent's compute threads. Since session 39 they are started once
     per session, and the child's first decode goes back to per-call threads instead of waiting
     for them forever; the child's text is the parent's."""
-    import os
-    import select
-    import signal
-
-    import amend
-
     s = amend.Session(model, n_ctx=512, n_threads=2)
     try:
-        want = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: only the session's calls, then _exit
-            code = 1
-            try:
-                os.close(r)
-                text = s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text
-                os.write(w, text.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        ready, _, _ = select.select([r], [], [], 60)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(r)
-            raise AssertionError("the forked child hung generating with the parent's session")
-        got = b""
-        while chunk := os.read(r, 4096):
-            got += chunk
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-        assert got.decode() == want
-        # The parent's session still generates on its own threads.
-        assert s.generate(PROMPT, max_tokens=8, stop_at_eos=False).text == want
+        _child_generates_the_parent_text(s)
     finally:
         s.close()
+
+
+def _ort_library():
+    import os
+
+    cache = os.environ.get("AMEND_CACHE") or os.path.expanduser("~/.cache/amend")
+    lib = os.environ.get("AMEND_ORT_LIB") or os.path.join(cache, "ort/cpu/libonnxruntime.so.1.32.0")
+    if not os.path.exists(lib):
+        pytest.skip("ONNX Runtime library missing (make ort)")
+    return lib
+
+
+def test_onnx_runtime_session_made_before_fork_and_telemetry_off(model_path):
+    """The same on ONNX Runtime's CPU EP with 2 threads; and loading ONNX Runtime through the
+    C ABI set ORT_DISABLE_TELEMETRY=1 in the process (ONNX Runtime 1.29+ keeps a device id and
+    an event store for Microsoft's collector otherwise) unless the process had the variable."""
+    import ctypes
+    import os
+
+    _ort_library()
+    m = amend.Model(model_path, backend="onnxruntime", ep="cpu", n_threads=2)
+    try:
+        s = amend.Session(m, n_ctx=256, n_threads=2)
+        try:
+            _child_generates_the_parent_text(s)
+        finally:
+            s.close()
+    finally:
+        m.close()
+    if "ORT_DISABLE_TELEMETRY" not in os.environ:  # the variable as the process started
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_char_p
+        assert libc.getenv(b"ORT_DISABLE_TELEMETRY") == b"1"
