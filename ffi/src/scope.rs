@@ -66,9 +66,10 @@ fn open(path: &Path, n_threads: u32, out: *mut *mut amend_scope_model) -> FfiRes
 /// Opens the scope model that routes retrieval memories: a `bert` GGUF such as
 /// `$AMEND_CACHE/all-minilm-l6-v2-q8_0.gguf` (`~/.cache/amend` by default;
 /// `scripts/fetch-scope-model.sh`, `amend scope-model convert`). `path` is NUL-terminated
-/// UTF-8 (see `amend_scope_model_open_bytes` for other paths). `n_threads` are the encoder's threads, at most 512; 0 = one thread (a
-/// short encode gains little from more, and on cores other work keeps busy ggml's spinning
-/// workers make two threads about a hundred times slower than one: docs/runtime.md).
+/// UTF-8 (see `amend_scope_model_open_bytes` for other paths). `n_threads` are the encoder's
+/// threads, at most 512; 0 = one thread (a short encode gains little from more, and on cores
+/// other work keeps busy ggml's spinning workers make two threads many times slower than one:
+/// docs/runtime.md).
 ///
 /// Lifetime: on success `*out` receives a new handle that the caller owns and frees with
 /// `amend_scope_model_free` (once; any time). Sessions that were given it

@@ -36,13 +36,7 @@ fn score_bits(s: *mut amend_session) -> u64 {
 fn lora_bundle(key: &amend_edits::ed25519_dalek::SigningKey) -> Vec<u8> {
     use amend_edits::families::LowRankTensor;
     use amend_edits::Site;
-    use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_FF};
-    let u: Vec<f32> = (0..TINY_N_FF)
-        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-        .collect();
-    let v: Vec<f32> = (0..TINY_N_EMBD)
-        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
-        .collect();
+    let (u, v) = amend_runtime::testutil::rank_one_ffn_down_factors();
     let mut b = amend_edits::BundleBuilder::new(amend_edits::BundleMeta {
         bundle_id: "lr".into(),
         channel: "lr".into(),

@@ -509,12 +509,8 @@ impl PrivateCopy {
         }
         // A memfd is a file: writing (or sizing) it past RLIMIT_FSIZE would end the process
         // with SIGXFSZ. Such a process runs from the mapped file, as without memfd.
-        if let Some(limit) = amend_edits::fsutil::file_size_limit().filter(|&l| len > l) {
-            log::warn!(
-                "{}: {len} bytes are more than this process's file size limit (RLIMIT_FSIZE, \
-                 {limit} bytes): llama.cpp maps the file itself, without a private copy",
-                path.display()
-            );
+        if let Err(e) = amend_edits::fsutil::within_file_size_limit(path, len) {
+            log::warn!("{e}: llama.cpp maps the file itself, without a private copy");
             return Ok(None);
         }
         // SAFETY: plain syscall with a static NUL-terminated name.

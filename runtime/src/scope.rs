@@ -222,7 +222,8 @@ impl ScopeModel {
             return Err(invalid(path, "missing dimensions or [CLS]/[SEP] ids"));
         }
         let max_tokens = MAX_TOKENS.min(n_ctx_train as usize);
-        let threads = n_threads.unwrap_or(DEFAULT_SCOPE_THREADS).max(1) as i32;
+        // Checked at the top: within 1..=MAX_THREADS.
+        let threads = n_threads.unwrap_or(DEFAULT_SCOPE_THREADS) as i32;
         let pool = crate::threads::ComputePool::new(threads as usize)?;
         // SAFETY: FFI with a live model.
         let ctx = unsafe {

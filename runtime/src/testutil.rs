@@ -68,6 +68,19 @@ impl Rng {
     }
 }
 
+/// The factors of a fixed rank-one delta `u v^T` on the tiny model's `blk.0.ffn_down.weight`
+/// (`u`: `TINY_N_FF` values, `v`: `TINY_N_EMBD`), small enough to keep the logits finite and
+/// large enough to change them; for `LowRankTensor::rank_one`.
+pub fn rank_one_ffn_down_factors() -> (Vec<f32>, Vec<f32>) {
+    let u = (0..TINY_N_FF)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let v = (0..TINY_N_EMBD)
+        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+        .collect();
+    (u, v)
+}
+
 /// The tiny vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens, then [`TINY_WORDS`].
 pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];

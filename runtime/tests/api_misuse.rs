@@ -321,7 +321,6 @@ fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
     use amend_edits::editset::{AddOptions, EditSet};
     use amend_edits::families::LowRankTensor;
     use amend_edits::keys::TrustStore;
-    use amend_runtime::testutil::{TINY_N_EMBD, TINY_N_FF};
     let m = common::tiny(Architecture::Llama);
     let mut s = session(&m);
     let logits = |s: &mut Session| {
@@ -335,24 +334,21 @@ fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let base = logits(&mut s);
-    let u: Vec<f32> = (0..TINY_N_FF)
-        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-        .collect();
-    let v: Vec<f32> = (0..TINY_N_EMBD)
-        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
-        .collect();
-    let t = LowRankTensor::rank_one("blk.0.ffn_down.weight", &u, &v);
+    let (u, v) = amend_runtime::testutil::rank_one_ffn_down_factors();
     let key = amend_edits::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let set = Arc::new(EditSet::new(
         amend_edits::fingerprint::model_binding(m.path()).unwrap(),
         TrustStore::with_key(key.verifying_key()),
     ));
-    let mut bb = BundleBuilder::new(common::bundle_meta(&m, "lr", 1));
-    let p = bb.add_low_rank(&[t]);
-    bb.add_edit("rank1", 0, Site::FfnOutput, "hello", " x", p, 0, 1);
-    let signed = bb.build_signed(&key).unwrap();
-    let bundle = Bundle::from_bytes(signed.as_slice(), set.trust()).unwrap();
-    set.add(Arc::new(bundle), AddOptions::default()).unwrap();
+    // Bundle `lr` at `version`: the rank-one adapter above, verified by the set's trust store.
+    let lr_bundle = |version: u64| {
+        let mut bb = BundleBuilder::new(common::bundle_meta(&m, "lr", version));
+        let p = bb.add_low_rank(&[LowRankTensor::rank_one("blk.0.ffn_down.weight", &u, &v)]);
+        bb.add_edit("rank1", 0, Site::FfnOutput, "hello", " x", p, 0, 1);
+        let signed = bb.build_signed(&key).unwrap();
+        Arc::new(Bundle::from_bytes(signed.as_slice(), set.trust()).unwrap())
+    };
+    set.add(lr_bundle(1), AddOptions::default()).unwrap();
     s.set_edit_set(Some(set.clone())).unwrap();
     let edited = logits(&mut s);
     assert_ne!(bits(&edited), bits(&base), "the adapter changes the logits");
@@ -413,12 +409,7 @@ fn lora_scale_outside_its_range_is_refused_and_changes_nothing() {
         s.set_lora_scale("lr", 0.0),
         Err(RuntimeError::UnknownBundle(_))
     ));
-    let mut bb = BundleBuilder::new(common::bundle_meta(&m, "lr", 2));
-    let p = bb.add_low_rank(&[LowRankTensor::rank_one("blk.0.ffn_down.weight", &u, &v)]);
-    bb.add_edit("rank1", 0, Site::FfnOutput, "hello", " x", p, 0, 1);
-    let v2 = bb.build_signed(&key).unwrap();
-    let v2 = Bundle::from_bytes(v2.as_slice(), set.trust()).unwrap();
-    set.add(Arc::new(v2), AddOptions::default()).unwrap();
+    set.add(lr_bundle(2), AddOptions::default()).unwrap();
     assert_eq!(
         bits(&logits(&mut s)),
         bits(&edited),

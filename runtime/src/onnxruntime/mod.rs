@@ -354,7 +354,7 @@ pub const ORT_TELEMETRY_VAR: &str = "ORT_DISABLE_TELEMETRY";
 /// counts as off. Setting a variable races with `getenv` on other threads: a host that starts
 /// such threads before its first ONNX Runtime model sets the variable itself at startup, and
 /// then amend leaves the environment alone.
-fn telemetry_off() -> bool {
+fn disable_telemetry_unless_set() -> bool {
     match std::env::var_os(ORT_TELEMETRY_VAR) {
         Some(v) => v != "0",
         None => {
@@ -386,7 +386,7 @@ pub fn load_library(path: &Path) -> Result<&'static ort::environment::Environmen
     }
     // A FIFO would block dlopen; a directory or device is refused by name.
     amend_edits::fsutil::open_regular(&canonical, 1 << 31).map_err(|e| bad(e.to_string()))?;
-    let telemetry_off = telemetry_off();
+    let telemetry_off = disable_telemetry_unless_set();
     let builder = ort::init_from(&canonical).map_err(|e| bad(e.to_string()))?;
     // ONNX Runtime's log goes to the `log` crate (target `onnxruntime`), never to stderr: the
     // errors it logs are returned to the caller anyway.
