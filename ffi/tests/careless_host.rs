@@ -60,24 +60,7 @@ fn bundle_bytes(id: &str, version: u64, not_before: u64, expires: u64) -> Vec<u8
 }
 
 fn trust() -> *mut amend_trust_store {
-    let vk = SigningKey::from_bytes(&KEY).verifying_key();
-    let mut t = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(vk.as_bytes().as_ptr(), 1, &mut t),
-        amend_result::AMEND_OK
-    );
-    t
-}
-
-fn load(t: *mut amend_trust_store, m: *mut amend_model, bytes: &[u8]) -> *mut amend_bundle {
-    let mut b = ptr::null_mut();
-    assert_eq!(
-        amend_bundle_load_memory(t, m, bytes.as_ptr(), bytes.len(), &mut b),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    b
+    util::trust_store(&SigningKey::from_bytes(&KEY))
 }
 
 /// A refused activation changes nothing: the session had no edit set before it and has none
@@ -86,7 +69,7 @@ fn load(t: *mut amend_trust_store, m: *mut amend_model, bytes: &[u8]) -> *mut am
 fn refused_activation_leaves_the_session_as_it_was() {
     let dir = scratch("activate");
     let (m, t) = (open_model(), trust());
-    let expired = load(t, m, &bundle_bytes("old", 1, 0, 1));
+    let expired = util::load_bundle(t, m, &bundle_bytes("old", 1, 0, 1));
     let s = open_session(m);
     assert_eq!(
         amend_session_activate(s, expired),
@@ -119,7 +102,7 @@ fn refused_activation_leaves_the_session_as_it_was() {
         last_error()
     );
     // After an activation that succeeded, a state file is too late.
-    let good = load(t, m, &bundle_bytes("good", 3, 0, u64::MAX));
+    let good = util::load_bundle(t, m, &bundle_bytes("good", 3, 0, u64::MAX));
     let s2 = open_session(m);
     assert_eq!(
         amend_session_activate(s2, good),

@@ -64,19 +64,8 @@ fn set_lora_scale_scales_the_adapter_and_refuses_bad_arguments() {
     let base = score_bits(s);
 
     let key = amend_edits::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
-    let bytes = lora_bundle(&key);
-    let mut b = ptr::null_mut();
-    assert_eq!(
-        amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
+    let trust = util::trust_store(&key);
+    let b = util::load_bundle(trust, m, &lora_bundle(&key));
     assert_eq!(amend_session_activate(s, b), amend_result::AMEND_OK);
     let edited = score_bits(s);
     assert_ne!(edited, base, "the adapter changes the score");

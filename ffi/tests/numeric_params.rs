@@ -10,7 +10,7 @@ use amend::*;
 
 #[path = "common/util.rs"]
 mod util;
-use util::last_error;
+use util::{last_error, load_bundle, trust_store};
 
 fn open_model(params: &amend_model_params) -> (amend_result, *mut amend_model) {
     let path = std::ffi::CString::new(util::tiny_model_path("numeric").to_str().unwrap()).unwrap();
@@ -56,32 +56,6 @@ fn tiny_bundle_builder(id: &str) -> amend_edits::BundleBuilder {
         expires: u64::MAX,
         model: amend_edits::fingerprint::model_binding(util::tiny_model_path("numeric")).unwrap(),
     })
-}
-
-/// A trust store holding `key`'s public half (free with `amend_trust_store_free`).
-fn trust_store(key: &amend_edits::ed25519_dalek::SigningKey) -> *mut amend_trust_store {
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
-    trust
-}
-
-/// `bytes` loaded as a bundle for `m`, verified against `trust`.
-fn load_bundle(
-    trust: *mut amend_trust_store,
-    m: *mut amend_model,
-    bytes: &[u8],
-) -> *mut amend_bundle {
-    let mut b = ptr::null_mut();
-    assert_eq!(
-        amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    b
 }
 
 /// Greedy tokens of "hello world" on `s` (up to `max_tokens`).

@@ -85,3 +85,31 @@ pub fn one_edit_bundle(
     b.add_edit("e0", layer, Site::FfnOutput, "p", "t", p, 0, 1);
     b.build_signed(key).unwrap().as_slice().to_vec()
 }
+
+/// A trust store holding `key`'s public half (free with `amend_trust_store_free`).
+#[allow(dead_code)]
+pub fn trust_store(key: &amend_edits::ed25519_dalek::SigningKey) -> *mut amend::amend_trust_store {
+    let mut trust = std::ptr::null_mut();
+    assert_eq!(
+        amend::amend_trust_store_new(key.verifying_key().as_bytes().as_ptr(), 1, &mut trust),
+        amend::amend_result::AMEND_OK
+    );
+    trust
+}
+
+/// `bytes` loaded as a bundle for `m`, verified against `trust`.
+#[allow(dead_code)]
+pub fn load_bundle(
+    trust: *mut amend::amend_trust_store,
+    m: *mut amend::amend_model,
+    bytes: &[u8],
+) -> *mut amend::amend_bundle {
+    let mut b = std::ptr::null_mut();
+    assert_eq!(
+        amend::amend_bundle_load_memory(trust, m, bytes.as_ptr(), bytes.len(), &mut b),
+        amend::amend_result::AMEND_OK,
+        "{}",
+        last_error()
+    );
+    b
+}
