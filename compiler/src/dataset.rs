@@ -87,16 +87,9 @@ impl EditRecord {
     }
 }
 
-/// Byte range of `subject`'s last occurrence in `prompt`, ignoring ASCII case: a subject
-/// written "the Eiffel Tower" is the one a prompt opens with "The Eiffel Tower". None for an
-/// empty subject. ASCII lowercasing keeps byte offsets, so the range indexes `prompt`.
-pub fn find_subject(prompt: &str, subject: &str) -> Option<std::ops::Range<usize>> {
-    if subject.is_empty() {
-        return None;
-    }
-    let (p, s) = (prompt.to_ascii_lowercase(), subject.to_ascii_lowercase());
-    p.rfind(&s).map(|i| i..i + s.len())
-}
+/// The compiler keys on the subject as the record writes it (ASCII case aside); the runtime's
+/// routing also finds it as users type it (`find_subject_as_typed`).
+pub use amend_edits::families::find_subject;
 
 pub use amend_runtime::continuation;
 

@@ -66,12 +66,7 @@ fn hostile_inputs_through_the_c_abi() {
     );
     assert!(last_error().contains("weak"), "{}", last_error());
 
-    let vk = SigningKey::from_bytes(&[42; 32]).verifying_key();
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(vk.as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
+    let trust = util::trust_store(&SigningKey::from_bytes(&[42; 32]));
     let cpath = CString::new(path.as_os_str().as_bytes()).unwrap();
     let mut model = ptr::null_mut();
     assert_eq!(

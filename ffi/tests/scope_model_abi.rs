@@ -239,12 +239,7 @@ fn serac_bundle_needs_its_scope_model() {
     let other_file = PathBuf::from(std::ffi::OsStr::from_bytes(&other_name));
     serac::modified_copy(&scope_file, &other_file).unwrap();
 
-    let vk = key.verifying_key();
-    let mut trust = ptr::null_mut();
-    assert_eq!(
-        amend_trust_store_new(vk.as_bytes().as_ptr(), 1, &mut trust),
-        amend_result::AMEND_OK
-    );
+    let trust = util::trust_store(&key);
     let mut model = ptr::null_mut();
     let c = cpath(&model_file);
     assert_eq!(

@@ -89,7 +89,8 @@ pub struct ScopeRouting<'a> {
     head: Option<ScopeHead<'a>>,
     /// Relation groups (format 1.4): for a record with a group, the query's group decides.
     groups: Option<RelationGroups<'a>>,
-    /// Per record, its subject (what [`strip_subject`] replaces in the query).
+    /// Per record, its subject (what [`strip_subject`](super::strip_subject) replaces in the
+    /// query, found as users type it).
     subjects: Vec<&'a str>,
 }
 
@@ -98,8 +99,8 @@ pub struct ScopeRouting<'a> {
 /// group. A text belongs to the group of its nearest template when the cosine reaches
 /// `min_score`. Rephrases keep their record's relation and a subject's other facts do not, so
 /// for a record with a group, "in scope" is: the pooled and subject terms pass and the query,
-/// its subject replaced ([`strip_subject`]), falls in the record's group, or (format 1.5) its
-/// best template in the record's group scores within `margin` of its best template overall: a
+/// its subject replaced ([`strip_subject`](super::strip_subject)), falls in the record's group,
+/// or (format 1.5) its best template in the record's group scores within `margin` of its best template overall: a
 /// rephrase worded like a sibling relation stays home, while another relation of the subject
 /// sits far below (docs/eval.md).
 #[derive(Clone, Debug)]
@@ -276,29 +277,6 @@ impl<'a> RelationGroups<'a> {
     pub fn min_score(&self) -> f32 {
         self.min_score
     }
-}
-
-/// `text` with its last occurrence of `subject` (ASCII case-insensitive; a preceding "the "
-/// dropped) replaced by "it": what a relation template looks like. `None` when the subject
-/// does not occur.
-pub fn strip_subject(text: &str, subject: &str) -> Option<String> {
-    if subject.is_empty() {
-        return None;
-    }
-    let (l, s) = (text.to_ascii_lowercase(), subject.to_ascii_lowercase());
-    let i = l.rfind(&s)?;
-    // ASCII lowering keeps byte offsets, so `i` is a boundary in `text` too.
-    let mut pre = &text[..i];
-    for article in ["the ", "The "] {
-        if let Some(p) = pre.strip_suffix(article) {
-            pre = p;
-        }
-    }
-    let mut out = String::with_capacity(text.len());
-    out.push_str(pre);
-    out.push_str("it");
-    out.push_str(&text[i + s.len()..]);
-    Some(out)
 }
 
 /// `text` without the descriptions set off by commas that open with an article ("Rome, the
@@ -852,8 +830,9 @@ impl<'a> Memory<'a> {
     }
 
     /// [`Memory::route`] with relation groups: `stripped(i)` gives the pooled unit embedding
-    /// of the query with record `i`'s subject replaced ([`strip_subject`], one more encode), or
-    /// `None` (the subject is not in the query: the head or the thresholds decide). It is
+    /// of the query with record `i`'s subject replaced ([`strip_subject`](super::strip_subject),
+    /// one more encode), or `None` (the subject is not in the query, even as users type it:
+    /// the head or the thresholds decide). It is
     /// asked only for candidates whose record has a group and whose pooled and subject terms
     /// pass. A record decided by its group is in scope when the query falls in that group;
     /// in-scope records decided by groups rank before those the head decided. Where the groups

@@ -29,17 +29,18 @@ mod codebook;
 mod low_rank;
 mod memory;
 mod neurons;
+mod subject;
 
 pub use codebook::{Codebook, CodebookHit, Distance};
 pub use low_rank::{
     inspect_gguf_lora, GgufLoraInfo, GgufLoraTensor, LowRank, LowRankMerger, LowRankTensor,
 };
 pub use memory::{
-    strip_subject, subject_relation, subject_relation_rest, without_appositives, Embedder, Memory,
-    MemoryHit, MemoryRecord, RelationGroups, RouteHit, ScopeHead, ScopeRouting,
-    MAX_PLACEHOLDER_USES,
+    subject_relation, subject_relation_rest, without_appositives, Embedder, Memory, MemoryHit,
+    MemoryRecord, RelationGroups, RouteHit, ScopeHead, ScopeRouting, MAX_PLACEHOLDER_USES,
 };
 pub use neurons::{Activation, PatchNeurons};
+pub use subject::{find_subject, find_subject_as_typed, fold, strip_subject};
 
 /// A payload that cannot be used: wrong shape, non-finite value, bad parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
