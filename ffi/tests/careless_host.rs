@@ -27,20 +27,15 @@ fn open_model() -> *mut amend_model {
 }
 
 fn open_session(m: *mut amend_model) -> *mut amend_session {
-    let params = amend_session_params {
-        n_ctx: 64,
-        n_threads: 1,
-        n_threads_batch: 1,
-        ..amend_session_default_params()
-    };
-    let mut s = ptr::null_mut();
-    assert_eq!(
-        amend_session_open(m, &params, &mut s),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
-    );
-    s
+    util::open_session_with(
+        m,
+        &amend_session_params {
+            n_ctx: 64,
+            n_threads: 1,
+            n_threads_batch: 1,
+            ..amend_session_default_params()
+        },
+    )
 }
 
 const KEY: [u8; 32] = [7; 32];

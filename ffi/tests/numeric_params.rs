@@ -773,16 +773,12 @@ fn static_capacity_is_checked_at_activation_through_the_c_abi() {
         ..amend_model_default_params()
     });
     assert_eq!(r, amend_result::AMEND_OK, "{}", last_error());
-    let params = amend_session_params {
-        n_ctx: 64,
-        ..amend_session_default_params()
-    };
-    let mut s = ptr::null_mut();
-    assert_eq!(
-        amend_session_open(m, &params, &mut s),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
+    let s = util::open_session_with(
+        m,
+        &amend_session_params {
+            n_ctx: 64,
+            ..amend_session_default_params()
+        },
     );
     let base = greedy_tokens(s, 4);
     let active = |s: *mut amend_session| {

@@ -125,16 +125,12 @@ fn child(model: &std::path::Path) {
         assert!(msg.contains("thread limit"), "{threads} threads: {msg}");
     }
     // One thread starts none: the session opens on the same model and generates.
-    let params = amend_session_params {
-        n_threads: 1,
-        ..amend_session_default_params()
-    };
-    let mut s = ptr::null_mut();
-    assert_eq!(
-        amend_session_open(m, &params, &mut s),
-        amend_result::AMEND_OK,
-        "{}",
-        last_error()
+    let s = util::open_session_with(
+        m,
+        &amend_session_params {
+            n_threads: 1,
+            ..amend_session_default_params()
+        },
     );
     let mut gparams = amend_generate_default_params();
     gparams.max_tokens = 3;

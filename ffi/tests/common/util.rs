@@ -46,9 +46,18 @@ pub fn open_tiny_model(tag: &str) -> *mut amend::amend_model {
 /// A session on `m` with the default parameters.
 #[allow(dead_code)]
 pub fn open_session(m: *mut amend::amend_model) -> *mut amend::amend_session {
+    open_session_with(m, &amend::amend_session_default_params())
+}
+
+/// A session on `m` with `params`.
+#[allow(dead_code)]
+pub fn open_session_with(
+    m: *mut amend::amend_model,
+    params: &amend::amend_session_params,
+) -> *mut amend::amend_session {
     let mut s = std::ptr::null_mut();
     assert_eq!(
-        amend::amend_session_open(m, std::ptr::null(), &mut s),
+        amend::amend_session_open(m, params, &mut s),
         amend::amend_result::AMEND_OK,
         "{}",
         last_error()
