@@ -275,6 +275,38 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any text and subject from characters that fold in every way (marks, accents,
+        /// capitals, apostrophes, dashes, spaces of several kinds, letters that lowercase to
+        /// two characters): a range found lies on the text's character boundaries and covers
+        /// a folded occurrence; where the exact form occurs, its range is the one returned.
+        #[test]
+        fn matching_any_text_never_panics_and_keeps_the_exact_form(
+            text in "[aeEéÉ\u{301}\u{308} \u{a0}\t'\u{2019}\u{2013}İßẞǅ\u{1e9e}x-]{0,24}",
+            subject in "[aeEéÉ\u{301}\u{308} \u{a0}'\u{2019}\u{2013}İßẞǅx-]{0,6}",
+        ) {
+            let exact = find_subject(&text, &subject);
+            let typed = find_subject_as_typed(&text, &subject);
+            if exact.is_some() {
+                proptest::prop_assert_eq!(&typed, &exact);
+            }
+            if let Some(r) = typed {
+                let part = text.get(r.clone());
+                proptest::prop_assert!(part.is_some(), "{:?} / {:?}: {:?}", text, subject, r);
+                let fold = |t: &str| {
+                    let (f, _) = folded(t);
+                    f.trim_matches(' ').to_string()
+                };
+                proptest::prop_assert!(
+                    exact.is_some() || fold(part.unwrap()) == fold(&subject),
+                    "{:?} / {:?}: {:?}", text, subject, r
+                );
+                proptest::prop_assert!(strip_subject(&text, &subject).is_some());
+            }
+        }
+    }
+
     #[test]
     fn the_latin_tables_follow_unicode_decompositions() {
         use unicode_normalization::char::decompose_canonical;
