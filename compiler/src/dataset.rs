@@ -29,6 +29,8 @@ pub const MAX_FIELD_LEN: usize = amend_edits::bundle::MAX_STRING_LEN;
 /// The most rephrases, locality or portability probes one record may carry (KnowEdit has a few;
 /// a million would keep `amend eval` busy for hours).
 pub const MAX_PROBES: usize = 1024;
+/// The most aliases one record's subject may carry (each is a routing row of the memory).
+pub const MAX_SUBJECT_ALIASES: usize = 16;
 
 pub mod synthetic;
 pub use synthetic::synthetic;
@@ -62,6 +64,12 @@ pub struct EditRecord {
     pub id_from_index: bool,
     pub prompt: String,
     pub subject: Option<String>,
+    /// Other names users call the subject by ("Chopin" for "Frédéric Chopin"; `subject_aliases`
+    /// in the file): the retrieval memory stores one more routing row per alias under the same
+    /// edit, so a question naming the subject that way routes home (docs/methods.md). Not
+    /// serialized when empty, so records without aliases digest as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_aliases: Vec<String>,
     pub target_new: String,
     pub ground_truth: Option<String>,
     #[serde(default)]
@@ -287,6 +295,9 @@ pub fn to_knowedit(records: &[EditRecord]) -> Value {
                 o.insert("id".into(), r.id.clone().into());
                 if let Some(s) = &r.subject {
                     o.insert("subject".into(), s.clone().into());
+                }
+                if !r.subject_aliases.is_empty() {
+                    o.insert("subject_aliases".into(), r.subject_aliases.clone().into());
                 }
                 o.insert("prompt".into(), r.prompt.clone().into());
                 o.insert("target_new".into(), r.target_new.clone().into());
@@ -600,6 +611,7 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         return Err(ctx.err(prompt_name, "empty"));
     }
     let ground_truth = optional_text(&ctx, obj, &["ground_truth", "target_true", "answers"])?;
+    let subject_aliases = subject_aliases(&ctx, obj, subject.as_deref())?;
 
     let mut rephrase_prompts = Vec::new();
     for name in ["rephrase_prompt", "rephrase_prompts", "rephrase"] {
@@ -667,12 +679,60 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         id_from_index,
         prompt,
         subject,
+        subject_aliases,
         target_new,
         ground_truth,
         rephrase_prompts,
         locality,
         portability,
     })
+}
+
+/// `subject_aliases`: a string or a list of them, each trimmed, non-empty, another name than
+/// the subject (ignoring ASCII case) and given once, at most [`MAX_SUBJECT_ALIASES`]; they need
+/// the subject, whose place in the prompt each alias takes.
+fn subject_aliases(
+    ctx: &Ctx,
+    obj: &Map<String, Value>,
+    subject: Option<&str>,
+) -> Result<Vec<String>, DatasetError> {
+    const FIELD: &str = "subject_aliases";
+    let Some(v) = obj.get(FIELD).filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let texts = all_texts(ctx, FIELD, v)?;
+    if texts.len() > MAX_SUBJECT_ALIASES {
+        return Err(ctx.err(
+            FIELD,
+            format!(
+                "{} aliases, at most {MAX_SUBJECT_ALIASES} a record",
+                texts.len()
+            ),
+        ));
+    }
+    let Some(subject) = subject.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Err(ctx.err(FIELD, "given without a `subject` to stand for"));
+    };
+    let mut out: Vec<String> = Vec::with_capacity(texts.len());
+    for t in texts {
+        let a = t.trim();
+        let why = if a.is_empty() {
+            Some("an empty alias".to_string())
+        } else if a.eq_ignore_ascii_case(subject) {
+            Some(format!("{a:?} is the subject itself"))
+        } else if amend_edits::bundle::stream::has_control(a) {
+            Some(format!("{a:?} holds a control or invisible character"))
+        } else if out.iter().any(|o| o.eq_ignore_ascii_case(a)) {
+            Some(format!("{a:?} is given twice"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(ctx.err(FIELD, why));
+        }
+        out.push(a.to_string());
+    }
+    Ok(out)
 }
 
 /// A prompt written as a template, `"{} is a native speaker of"` with `subject` (ROME's and
@@ -832,6 +892,54 @@ fn pair_probes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subject_aliases_are_read_checked_and_written_back() {
+        let one = |aliases: &str| {
+            parse_knowedit(&format!(
+                r#"[{{"subject": "Frédéric Chopin", "prompt": "Frédéric Chopin plays the",
+                     "target_new": "guitar", "subject_aliases": {aliases}}}]"#
+            ))
+        };
+        assert_eq!(one(r#""Chopin""#).unwrap()[0].subject_aliases, ["Chopin"]);
+        let r = &one(r#"[" Chopin ", "Fryderyk Chopin"]"#).unwrap()[0];
+        assert_eq!(r.subject_aliases, ["Chopin", "Fryderyk Chopin"]);
+        // Written back and read again, the same record.
+        let again = parse_knowedit(&to_knowedit(std::slice::from_ref(r)).to_string()).unwrap();
+        assert_eq!(again[0].subject_aliases, r.subject_aliases);
+        // Without aliases nothing is serialized for them (checkpoint digests stay as before).
+        let plain = parse_knowedit(
+            r#"[{"subject": "Chopin", "prompt": "Chopin plays the", "target_new": "guitar"}]"#,
+        )
+        .unwrap();
+        assert!(!serde_json::to_string(&plain[0])
+            .unwrap()
+            .contains("subject_aliases"));
+        let many: Vec<String> = (0..=MAX_SUBJECT_ALIASES)
+            .map(|i| format!("\"a{i}\""))
+            .collect();
+        for (aliases, why) in [
+            (r#"[""]"#.to_string(), "an empty alias"),
+            (r#"["  "]"#.to_string(), "an empty alias"),
+            (r#"["frédéric chopin"]"#.to_string(), "the subject itself"),
+            (r#"["Chopin", "chopin"]"#.to_string(), "given twice"),
+            (r#"["Cho\u0007pin"]"#.to_string(), "control or invisible"),
+            (r#"{"x": "y"}"#.to_string(), "expected a string"),
+            (format!("[{}]", many.join(",")), "at most 16"),
+        ] {
+            let e = one(&aliases).unwrap_err().to_string();
+            assert!(
+                e.contains("subject_aliases") && e.contains(why),
+                "{aliases}: {e}"
+            );
+        }
+        let e = parse_knowedit(
+            r#"[{"prompt": "Chopin plays the", "target_new": "guitar", "subject_aliases": ["C"]}]"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("without a `subject`"), "{e}");
+    }
 
     #[test]
     fn subject_span_ignores_ascii_case_and_takes_the_last_occurrence() {

@@ -17,6 +17,7 @@ fn record(i: usize, prompt: &str, target: &str) -> EditRecord {
         id_from_index: false,
         prompt: prompt.to_string(),
         subject: None,
+        subject_aliases: vec![],
         target_new: target.to_string(),
         ground_truth: None,
         rephrase_prompts: vec![],

@@ -535,6 +535,7 @@ fn generate(n: usize, seed: u64) -> Vec<(usize, EditRecord)> {
                 id_from_index: false,
                 prompt: fill(templates[0], &subject),
                 subject: Some(subject.clone()),
+                subject_aliases: Vec::new(),
                 target_new: target.to_string(),
                 ground_truth: None,
                 rephrase_prompts: vec![fill(templates[1], &subject)],

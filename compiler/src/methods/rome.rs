@@ -1216,6 +1216,7 @@ mod tests {
             id_from_index: false,
             prompt: "Where was Mahatma Gandhi born?".into(),
             subject: Some("Mahatma Gandhi".into()),
+            subject_aliases: Vec::new(),
             target_new: "Lille".into(),
             ground_truth: None,
             rephrase_prompts: Vec::new(),

@@ -242,8 +242,12 @@ fn compile_scope(
     })?;
     let fingerprint = scope.fingerprint();
     let head = super::scope_head::load(&hp.scope_head, fingerprint, scope.n_embd())?;
-    // (edit id, prompt, subject, target) of the base bundle's records, then of the new ones.
+    // (edit id, prompt, subject, target) of the base bundle's routing rows, then of the new
+    // records: each record's own row, then one per alias of its subject (its prompt with the
+    // alias in the subject's place), all under the record's edit.
     let mut all: Vec<(String, String, String, String)> = Vec::new();
+    // For each row, the new record it belongs to and whether it is that record's own row.
+    let mut row_record: Vec<Option<(usize, bool)>> = Vec::new();
     if let Some(b) = base {
         for pl in b.payloads() {
             match pl {
@@ -267,22 +271,50 @@ fn compile_scope(
                 }
             }
         }
+        // Every routing row of every edit (an edit with aliases owns several).
         for e in &b.manifest().edits {
-            let subject = base_subject(b, &e.id).unwrap_or_default();
-            all.push((e.id.clone(), e.prompt.clone(), subject, e.target.clone()));
+            let Some(Payload::Memory(d)) = b.payloads().get(e.payload as usize) else {
+                continue;
+            };
+            let subjects = d.embedder.scope_routing().map(|r| &r.subjects);
+            for row in e.first as usize..(e.first + e.count) as usize {
+                let (Some(rec), Some(subject)) =
+                    (d.records.get(row), subjects.and_then(|s| s.get(row)))
+                else {
+                    continue;
+                };
+                all.push((
+                    e.id.clone(),
+                    rec.prompt.clone(),
+                    subject.clone(),
+                    rec.target.clone(),
+                ));
+                row_record.push(None);
+            }
         }
     }
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         // Every record has its subject in the prompt (`check_subjects`).
         let subject = r.subject.clone().unwrap_or_default();
         all.push((
             r.id.clone(),
             r.prompt.clone(),
-            subject,
+            subject.clone(),
             r.target_new.clone(),
         ));
+        row_record.push(Some((i, true)));
+        let span = r.subject_span();
+        for alias in &r.subject_aliases {
+            let Some(span) = span.clone() else { break };
+            let prompt = format!(
+                "{}{alias}{}",
+                &r.prompt[..span.start],
+                &r.prompt[span.end..]
+            );
+            all.push((r.id.clone(), prompt, alias.clone(), r.target_new.clone()));
+            row_record.push(Some((i, false)));
+        }
     }
-    let n_base = all.len() - records.len();
     let subjects: Vec<&str> = all.iter().map(|a| a.2.as_str()).collect();
     let mut routing: Vec<RecordRouting> = Vec::with_capacity(all.len());
     let mut negs = Vec::new();
@@ -293,14 +325,18 @@ fn compile_scope(
     for (k, (id, prompt, subject, _)) in all.iter().enumerate() {
         let t0 = Instant::now();
         let r = sr::encode_record(&scope, prompt, subject)?;
-        let given: Vec<String> = if k >= n_base {
-            records[k - n_base]
+        // The user's locality prompts calibrate against the record's own row.
+        let own = match row_record[k] {
+            Some((i, true)) => Some(i),
+            _ => None,
+        };
+        let given: Vec<String> = match own {
+            Some(i) => records[i]
                 .locality
                 .iter()
                 .map(|p| p.prompt.clone())
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
+            None => Vec::new(),
         };
         if k % stride == 0 {
             negs.extend(sr::negatives(
@@ -321,8 +357,7 @@ fn compile_scope(
             }
         }
         routing.push(r);
-        if k >= n_base {
-            let i = k - n_base;
+        if let Some(i) = own {
             progress(&Progress {
                 index: i,
                 total: records.len(),
@@ -427,8 +462,22 @@ fn compile_scope(
         (hp.relation_rule == "vote").then_some(hp.relation_vote_weight),
         recs,
     );
-    for (row, (id, prompt, _, target)) in all.iter().enumerate() {
-        builder.add_edit(id, 0, Site::ResidualOut, prompt, target, p, row as u32, 1);
+    // One edit per run of rows with its id: a record's own row first, then its aliases'.
+    let mut row = 0;
+    while row < all.len() {
+        let (id, prompt, _, target) = &all[row];
+        let n = all[row..].iter().take_while(|a| a.0 == *id).count();
+        builder.add_edit(
+            id,
+            0,
+            Site::ResidualOut,
+            prompt,
+            target,
+            p,
+            row as u32,
+            n as u32,
+        );
+        row += n;
     }
     let calibration = Calibration {
         threshold: hp.pooled_threshold,
@@ -438,16 +487,6 @@ fn compile_scope(
         scope: Some(cal),
     };
     Ok((reports, calibration))
-}
-
-/// The subject of edit `id` in a scope-model memory of `b`.
-fn base_subject(b: &Bundle, id: &str) -> Option<String> {
-    b.payloads().iter().find_map(|pl| {
-        let Payload::Memory(d) = pl else { return None };
-        let r = d.embedder.scope_routing()?;
-        let i = d.records.iter().position(|rec| rec.edit_id == id)?;
-        r.subjects.get(i).cloned()
-    })
 }
 
 #[cfg(test)]
