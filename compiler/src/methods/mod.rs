@@ -426,6 +426,18 @@ impl Compiler {
         self.validate(records)?;
         check_unique_ids(records, base)?;
         check_subjects(method, hp, records)?;
+        // Only the scope model's router reads aliases; say so rather than drop them unseen.
+        let with_aliases = records
+            .iter()
+            .filter(|r| !r.subject_aliases.is_empty())
+            .count();
+        if with_aliases > 0 && !(method == Method::Serac && hp.serac.embedder == "scope") {
+            log::warn!(
+                "{with_aliases} record(s) give subject_aliases, which only serac with the scope \
+                 model routes; {} ignores them",
+                method.name()
+            );
+        }
         if let Some(b) = base {
             if b.manifest().model.fingerprint != self.binding.fingerprint {
                 return Err(CompileError::Bundle(
