@@ -1425,23 +1425,41 @@ fn scope_model_routes_a_subject_named_by_its_alias() {
     let Some(lines) = serac_route_dump("route-alias", &refs, &extra) else {
         return;
     };
-    let inspect = ok(&[
-        "inspect",
-        "--json",
-        s(&tmp().join("route-alias").join("records.amend")),
-    ]);
-    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
-    let counts: Vec<u64> = inspect["edits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["count"].as_u64().unwrap())
-        .collect();
+    let dir = tmp().join("route-alias");
+    let counts = |bundle: &Path| -> Vec<u64> {
+        let inspect = ok(&["inspect", "--json", s(bundle)]);
+        let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+        inspect["edits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["count"].as_u64().unwrap())
+            .collect()
+    };
+    let first = dir.join("records.amend");
     assert_eq!(
-        counts,
+        counts(&first),
         [2, 2, 2, 2],
         "one edit per record, its alias a second row"
     );
+    // A next version on top keeps every row of the earlier edits (it took one per edit before
+    // aliases) and adds its own.
+    let more = dir.join("more.json");
+    let next: Vec<&serde_json::Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["id"] == "mem-dev-055")
+        .collect();
+    std::fs::write(&more, serde_json::to_vec(&next).unwrap()).unwrap();
+    let second = dir.join("v2.amend");
+    let model = real_model().unwrap();
+    let key = tmp().join("e2e-route-alias.key");
+    let scope = amend_runtime::default_scope_model_path().unwrap();
+    let mut args = compile_args(&model, "serac", &more, &second, &key, &extra);
+    args.extend(["--scope-model", s(&scope), "--base-bundle", s(&first)]);
+    ok(&args);
+    assert_eq!(counts(&second), [2, 2, 2, 2, 1]);
     let line = |own: &serde_json::Value, kind: &serde_json::Value, prompt: &str| {
         lines
             .iter()

@@ -272,16 +272,22 @@ fn compile_scope(
             }
         }
         // Every routing row of every edit (an edit with aliases owns several).
+        // The reader checked every range; a row missing here is refused, never dropped.
+        let missing = |id: &str| {
+            CompileError::Bundle(format!(
+                "--base-bundle: edit {id:?} has no scope-model memory row to keep"
+            ))
+        };
         for e in &b.manifest().edits {
             let Some(Payload::Memory(d)) = b.payloads().get(e.payload as usize) else {
-                continue;
+                return Err(missing(&e.id));
             };
             let subjects = d.embedder.scope_routing().map(|r| &r.subjects);
             for row in e.first as usize..(e.first + e.count) as usize {
                 let (Some(rec), Some(subject)) =
                     (d.records.get(row), subjects.and_then(|s| s.get(row)))
                 else {
-                    continue;
+                    return Err(missing(&e.id));
                 };
                 all.push((
                     e.id.clone(),
