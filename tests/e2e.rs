@@ -1261,6 +1261,29 @@ fn scope_model_routes_rephrases_that_describe_their_subject() {
     }
 }
 
+/// The record `id` of a KnowEdit array, cloned.
+fn record_by_id(all: &serde_json::Value, id: &str) -> serde_json::Value {
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no record {id}"))
+        .clone()
+}
+
+/// The route-dump line of `prompt` with the same own edit and kind as `l`: the line of a
+/// prompt's twin as written, for a line of the prompt retyped.
+fn twin_line<'a>(
+    lines: &'a [serde_json::Value],
+    l: &serde_json::Value,
+    prompt: &str,
+) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|w| w["own"] == l["own"] && w["kind"] == l["kind"] && w["prompt"] == prompt)
+        .unwrap_or_else(|| panic!("no line for {prompt:?}"))
+}
+
 /// A query typed the way phones and users type it routes as the record's own spelling does:
 /// without accents ("Pele"), in decomposed Unicode (e + U+0301), with the keyboard's curly
 /// apostrophe ("O’Neal"). The scope model already reads the first two as the record's
@@ -1301,13 +1324,7 @@ fn scope_model_routes_a_subject_as_users_type_it() {
     };
     let mut records: Vec<serde_json::Value> = Vec::new();
     for id in ids {
-        let mut r = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone();
+        let mut r = record_by_id(&all, id);
         let rephrases: Vec<String> = r["rephrase_prompt"]
             .as_array()
             .unwrap()
@@ -1336,19 +1353,13 @@ fn scope_model_routes_a_subject_as_users_type_it() {
     let Some(lines) = serac_route_dump("route-as-typed", &refs, &extra) else {
         return;
     };
-    let line = |own: &serde_json::Value, kind: &serde_json::Value, prompt: &str| {
-        lines
-            .iter()
-            .find(|l| l["own"] == *own && l["kind"] == *kind && l["prompt"] == prompt)
-            .unwrap_or_else(|| panic!("no line for {prompt:?}"))
-    };
     let mut compared = 0;
     for l in &lines {
         let prompt = l["prompt"].as_str().unwrap();
         let Some((_, written)) = variants.iter().find(|(t, _)| t == prompt) else {
             continue;
         };
-        let w = line(&l["own"], &l["kind"], written);
+        let w = twin_line(&lines, l, written);
         assert_eq!(
             (&l["in_scope"], &l["best"]),
             (&w["in_scope"], &w["best"]),
@@ -1383,13 +1394,7 @@ fn scope_model_routes_a_subject_named_by_its_alias() {
     let mut aliased: Vec<(String, String)> = Vec::new();
     let mut records: Vec<serde_json::Value> = Vec::new();
     for id in ids {
-        let mut r = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone();
+        let mut r = record_by_id(&all, id);
         let subject = r["subject"].as_str().unwrap().to_string();
         let alias = subject.split(' ').next_back().unwrap().to_string();
         r["subject_aliases"] = serde_json::json!([alias]);
@@ -1460,17 +1465,11 @@ fn scope_model_routes_a_subject_named_by_its_alias() {
     args.extend(["--scope-model", s(&scope), "--base-bundle", s(&first)]);
     ok(&args);
     assert_eq!(counts(&second), [2, 2, 2, 2, 1]);
-    let line = |own: &serde_json::Value, kind: &serde_json::Value, prompt: &str| {
-        lines
-            .iter()
-            .find(|l| l["own"] == *own && l["kind"] == *kind && l["prompt"] == prompt)
-            .unwrap_or_else(|| panic!("no line for {prompt:?}"))
-    };
     let home = |l: &serde_json::Value| l["in_scope"] == true && l["best"] == l["own"];
     let (mut rephrases, mut home_by_alias) = (0, 0);
     for (a, written) in &aliased {
         let l = lines.iter().find(|l| l["prompt"] == a.as_str()).unwrap();
-        let w = line(&l["own"], &l["kind"], written);
+        let w = twin_line(&lines, l, written);
         if l["kind"] == "rephrase" {
             rephrases += 1;
             home_by_alias += home(l) as usize;
