@@ -4222,6 +4222,32 @@ fn locate_on_a_full_partition_writes_all_or_nothing() {
     );
     assert!(!err.contains(".tmp"), "{err}");
     assert_eq!(dir_listing(&full.0), ["fill"]);
+    // The same failure over an earlier trace's outputs keeps both of them (session 41: the
+    // new JSON was put in place, then removed when the heatmap failed, so the old one was lost).
+    std::fs::remove_file(full.0.join("fill")).unwrap();
+    let earlier = full.0.join("y");
+    std::fs::create_dir(&earlier).unwrap();
+    std::fs::write(earlier.join("t.json"), b"earlier json").unwrap();
+    std::fs::write(earlier.join("t.png"), b"earlier png").unwrap();
+    full.fill_leaving(pages("t.json") + pages("t.png") - 1);
+    let args_y = args_in(&earlier);
+    let args_y: Vec<&str> = args_y.iter().map(String::as_str).collect();
+    let out = amend_within(&args_y, 300);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("t.png") && err.contains("No space left on device"),
+        "{err}"
+    );
+    assert_eq!(dir_listing(&earlier), ["t.json", "t.png"], "{err}");
+    assert_eq!(
+        std::fs::read(earlier.join("t.json")).unwrap(),
+        b"earlier json"
+    );
+    assert_eq!(
+        std::fs::read(earlier.join("t.png")).unwrap(),
+        b"earlier png"
+    );
     std::fs::remove_file(full.0.join("fill")).unwrap();
     let out = amend_within(&args, 300);
     assert!(out.status.success());

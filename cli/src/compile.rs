@@ -994,11 +994,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    write_atomic(&args.out, bytes.as_slice())?;
+    // The bundle and its GGUF-LoRA are both staged before either is put in place: a LoRA that
+    // cannot be written leaves the old bundle too.
+    let lora_path = args.out.with_extension("lora.gguf");
+    let mut staged = vec![stage(&args.out, bytes.as_slice())?];
     if let Some(lora) = &out.gguf_lora {
-        let p = args.out.with_extension("lora.gguf");
-        write_atomic(&p, lora)?;
-        println!("wrote {} (GGUF-LoRA for llama.cpp)", p.display());
+        staged.push(stage(&lora_path, lora)?);
+    }
+    for s in staged {
+        let path = s.path().to_path_buf();
+        s.commit()
+            .with_context(|| format!("renaming the new {} into place", path.display()))?;
+    }
+    if out.gguf_lora.is_some() {
+        println!("wrote {} (GGUF-LoRA for llama.cpp)", lora_path.display());
     }
     println!(
         "wrote {} ({} bytes){}",
@@ -1375,6 +1384,13 @@ fn auto_layer(
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     amend_edits::fsutil::write_atomic(path, bytes, None)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The first half of [`write_atomic`]: written and synced beside `path`, put in place by
+/// `commit` (removed if dropped).
+fn stage(path: &Path, bytes: &[u8]) -> anyhow::Result<amend_edits::fsutil::Staged> {
+    amend_edits::fsutil::stage(path, bytes, None)
+        .with_context(|| format!("writing {}; nothing was written", path.display()))
 }
 
 #[cfg(test)]

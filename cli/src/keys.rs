@@ -63,13 +63,6 @@ fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Write `data` to `path` atomically (`fsutil::write_atomic`: temporary file, fsync, rename,
-/// directory fsync); a secret key is created 0600.
-fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
-    amend_edits::fsutil::write_atomic(path, data, secret.then_some(0o600))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     let bytes = a.out.as_os_str().as_encoded_bytes();
     // `.`, `..` and `dir/.` name directories too: they wrote the hidden files `..key`, `...key`.
@@ -94,26 +87,13 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     let vk = sk.verifying_key();
     // Both files are staged beside their final names, the report is printed, and only then are
     // they renamed into place: a standard output that cannot take the report (`> /dev/full`)
-    // fails the command with the old keys (with --force) untouched.
-    let staged = [stage_name(&kp), stage_name(&pp)];
-    let cleanup = || staged.iter().for_each(|p| drop(std::fs::remove_file(p)));
-    let res = write_atomic(
-        &staged[0],
-        format!("{}\n", to_hex(&sk.to_bytes())).as_bytes(),
-        true,
-    )
-    .and_then(|()| {
-        write_atomic(
-            &staged[1],
-            format!("{}\n", to_hex(vk.as_bytes())).as_bytes(),
-            false,
-        )
-    })
-    .with_context(|| format!("writing {} and {}", kp.display(), pp.display()));
-    if let Err(e) = res {
-        cleanup();
-        return Err(e);
-    }
+    // fails the command with the old keys (with --force) untouched. A process killed before
+    // the renames leaves temporary files named after the keys, which the next keygen removes.
+    let secret = format!("{}\n", to_hex(&sk.to_bytes()));
+    let public = format!("{}\n", to_hex(vk.as_bytes()));
+    let staged = amend_edits::fsutil::stage(&kp, secret.as_bytes(), Some(0o600))
+        .and_then(|k| Ok([k, amend_edits::fsutil::stage(&pp, public.as_bytes(), None)?]))
+        .with_context(|| format!("writing {} and {}", kp.display(), pp.display()))?;
     let report = format!(
         "wrote {} and {} (key id {})\n",
         kp.display(),
@@ -126,7 +106,7 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
         out.write_all(report.as_bytes()).and_then(|()| out.flush())
     };
     if let Err(e) = printed {
-        cleanup();
+        drop(staged);
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             crate::stdout_failed(e);
         }
@@ -136,25 +116,12 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
             pp.display()
         );
     }
-    for (from, to) in staged.iter().zip([&kp, &pp]) {
-        if let Err(e) = std::fs::rename(from, to) {
-            cleanup();
-            bail!("renaming {} to {}: {e}", from.display(), to.display());
-        }
+    for s in staged {
+        let to = s.path().to_path_buf();
+        s.commit()
+            .with_context(|| format!("renaming the new {} into place", to.display()))?;
     }
-    amend_edits::fsutil::sync_dir(&kp);
     Ok(())
-}
-
-/// A staging name beside `path` (same directory, so the rename is atomic), short enough for
-/// any `path` whose own name fits.
-fn stage_name(path: &Path) -> PathBuf {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let ext = path.extension().unwrap_or_default().to_string_lossy();
-    dir.join(format!(".amend-keygen{}.{ext}", std::process::id()))
 }
 
 pub fn sign(a: SignArgs) -> anyhow::Result<()> {

@@ -218,22 +218,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
 
-    // Both outputs are made in memory, then placed by the one atomic writer: a failure leaves
-    // neither new file (nor a temporary one), and the heatmap needs its space only once.
+    // Both outputs are made in memory and staged beside their names before either is put in
+    // place: a failure (no space, a read-only directory) leaves the old NAME.json and NAME.png
+    // of an earlier trace as they were, and no temporary file.
     let png = render_heatmap(&result)?;
     let json = serde_json::to_string_pretty(&result)? + "\n";
-    amend_edits::fsutil::write_atomic(&json_path, json.as_bytes(), None)
-        .with_context(|| format!("writing {}; nothing was written", json_path.display()))?;
-    if let Err(e) = amend_edits::fsutil::write_atomic(&png_path, &png, None) {
-        let _ = std::fs::remove_file(&json_path);
-        return Err(e).with_context(|| {
-            format!(
-                "writing {} ({} bytes); {} was removed again, nothing was written",
-                png_path.display(),
-                png.len(),
-                json_path.display()
-            )
-        });
+    let staged = [(&json_path, json.as_bytes()), (&png_path, &png[..])]
+        .into_iter()
+        .map(|(path, data)| {
+            amend_edits::fsutil::stage(path, data, None).with_context(|| {
+                format!(
+                    "writing {} ({} bytes); nothing was written",
+                    path.display(),
+                    data.len()
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for s in staged {
+        let path = s.path().to_path_buf();
+        s.commit()
+            .with_context(|| format!("renaming the new {} into place", path.display()))?;
     }
     created.keep();
 

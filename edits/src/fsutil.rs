@@ -145,6 +145,51 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// existing `path` is untouched. A file longer than the process's `RLIMIT_FSIZE` is refused
 /// before anything is written ([`within_file_size_limit`]).
 pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    stage(path, data, mode)?.commit()
+}
+
+/// A file written and synced beside its final name, not yet in place: [`Staged::commit`]
+/// renames it there, dropping it removes it. Several files that belong together (a key and its
+/// public half, a trace and its heatmap) are all staged before any is committed, so running out
+/// of space or permission on one leaves every old file as it was; only a failed rename between
+/// two commits (same directory: practically never) can leave a mix.
+#[must_use = "a staged file is removed when dropped; commit it to put it in place"]
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// The final name.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rename the staged file over its final name and sync the directory. On error the staged
+    /// file is removed and the final name is as it was.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        sync_dir(&self.path);
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The first half of [`write_atomic`] (every check, the temporary file written and synced under
+/// `mode`), for callers that put several files in place together. A process killed between
+/// the two halves leaves a temporary file named after `path`, which the next write of `path`
+/// removes ([`remove_stale_temps`]).
+pub fn stage(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<Staged> {
     use std::io::Write;
     if let Ok(md) = std::fs::metadata(path) {
         if !md.is_file() {
@@ -182,23 +227,20 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Res
             Err(e) => return Err(e),
         }
     };
-    let res = (|| {
-        #[cfg(unix)]
-        if let Some(m) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(m))?;
-        }
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path);
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    // From here the temporary file is removed on every error (the guard's drop).
+    let staged = Staged {
+        tmp,
+        path: path.to_path_buf(),
+        committed: false,
+    };
+    #[cfg(unix)]
+    if let Some(m) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(m))?;
     }
-    res
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(staged)
 }
 
 /// How old (by mtime) a dead process's temporary file must be before [`write_atomic`] removes
@@ -470,6 +512,42 @@ mod tests {
             let m = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(m & 0o777, 0o666, "{m:o}");
         }
+    }
+
+    /// Files staged together: none is in place until committed, a dropped one leaves no
+    /// temporary file and its old file as it was, a committed one is the new bytes.
+    #[test]
+    fn staged_files_are_in_place_only_when_committed() {
+        let d = tmp("staged");
+        std::fs::create_dir_all(&d).unwrap();
+        let (a, b) = (d.join("a.json"), d.join("b.png"));
+        write_atomic(&a, b"old a", None).unwrap();
+        write_atomic(&b, b"old b", None).unwrap();
+        let sa = stage(&a, b"new a", None).unwrap();
+        let sb = stage(&b, b"new b", Some(0o600)).unwrap();
+        assert_eq!(sb.path(), b);
+        // Staged but not committed: the old files, and one temporary file each beside them.
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 4);
+        drop(sb);
+        sa.commit().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"old b");
+        let mut names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "b.png"]);
+        // A commit whose rename fails (the final name became a directory) removes its file.
+        std::fs::remove_file(&b).unwrap();
+        let sb = stage(&b, b"x", None).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(b.join("keep"), b"").unwrap();
+        assert!(sb.commit().is_err());
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2);
+        assert!(b.join("keep").exists());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
