@@ -6,7 +6,7 @@ CARGO ?= cargo
 AMEND_CACHE_DIR := $(or $(strip $(AMEND_CACHE)),$(HOME)/.cache/amend)
 export AMEND_MODEL ?= $(AMEND_CACHE_DIR)/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup model corpus ort scope-model build build-cli demo test test-aarch64 test-rust test-fuzz bench fmt clean
+.PHONY: setup model corpus ort scope-model scope-head-check build build-cli demo test test-aarch64 test-rust test-fuzz bench fmt clean
 
 setup:
 	@scripts/setup-deps.sh
@@ -32,6 +32,11 @@ build-cli: setup
 # The scope model serac's memories route with (needs the amend binary to convert it).
 scope-model: build-cli
 	@scripts/fetch-scope-model.sh >/dev/null
+
+# Rebuild data/scope-head.safetensors from the recipe it records and compare bytes (~2 min; on a
+# CPU like the one that trained it, see the script).
+scope-head-check: build-cli scope-model
+	@scripts/check-scope-head.sh
 
 demo: model build-cli scope-model
 	@scripts/demo.sh

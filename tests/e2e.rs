@@ -1961,6 +1961,76 @@ fn scope_model_train_head_refuses_bad_options_up_front() {
     }
 }
 
+/// `amend scope-model train-head` records its recipe in the head (session 41): the command with
+/// the data files by name and every option, and each file's sha256 as `sha256sum` prints it; the
+/// same command twice gives the same bytes (before, the header's order changed from run to run,
+/// and the shipped head could not be traced to how it was made). A small head on two small sets
+/// (~20 s); skipped without the scope model.
+#[test]
+fn scope_model_train_head_records_its_recipe_and_is_deterministic() {
+    use sha2::Digest;
+    let Some(scope) = amend_runtime::default_scope_model_path().and_then(present) else {
+        return;
+    };
+    let dir = tmp().join("train-head-recipe");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let (data, calibrate) = (
+        repo.join("memory-heldout9.json"),
+        repo.join("memory-heldout10.json"),
+    );
+    let train = |out: &Path| {
+        ok(&[
+            "scope-model",
+            "train-head",
+            "--scope-model",
+            s(&scope),
+            "--data",
+            s(&data),
+            "--calibrate",
+            s(&calibrate),
+            "--members",
+            "2",
+            "--hidden",
+            "8",
+            "--epochs",
+            "3",
+            "--out",
+            s(out),
+        ]);
+        std::fs::read(out).unwrap()
+    };
+    let first = train(&dir.join("a.safetensors"));
+    assert_eq!(
+        train(&dir.join("b.safetensors")),
+        first,
+        "not deterministic"
+    );
+    let head = amend_compiler::methods::scope_head::HeadFile::parse(&first).unwrap();
+    let recipe = &head.provenance["trained_with"];
+    assert!(
+        recipe.starts_with("amend ")
+            && recipe.contains(
+                " scope-model train-head --data memory-heldout9.json --calibrate \
+                 memory-heldout10.json --members 2 --hidden 8 --epochs 3 --l2 0.3 \
+                 --target-locality 98.5 --seed 1"
+            ),
+        "{recipe}"
+    );
+    // No directory of this machine in the recipe.
+    assert!(!recipe.contains('/'), "{recipe}");
+    let line = |p: &Path| {
+        format!(
+            "{}  {}\n",
+            amend_edits::keys::to_hex(&sha2::Sha256::digest(std::fs::read(p).unwrap())),
+            p.file_name().unwrap().to_str().unwrap()
+        )
+    };
+    assert_eq!(head.provenance["data_sha256"], line(&data));
+    assert_eq!(head.provenance["calibrate_sha256"], line(&calibrate));
+}
+
 /// `amend scope-model convert`: a config.json the tensors or the GGUF reader do not take is
 /// refused naming the key, and the file at --out is left as it was (the invalid GGUF used to be
 /// written first, replacing it); a count that does not fit is refused, not wrapped. An error

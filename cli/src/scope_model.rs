@@ -129,14 +129,31 @@ fn load_sets(
     paths: &[PathBuf],
     flag: &str,
 ) -> anyhow::Result<Vec<amend_compiler::dataset::EditRecord>> {
+    load_sets_hashed(paths, flag).map(|(records, _)| records)
+}
+
+/// [`load_sets`], and one `sha256  file name` line per file (as `sha256sum` prints them).
+fn load_sets_hashed(
+    paths: &[PathBuf],
+    flag: &str,
+) -> anyhow::Result<(Vec<amend_compiler::dataset::EditRecord>, String)> {
     let mut records = Vec::new();
+    let mut lines = String::new();
     for d in paths {
-        records.extend(
-            amend_compiler::dataset::load(d, Default::default())
-                .with_context(|| format!("{flag} {}", d.display()))?,
-        );
+        let (r, digest) = amend_compiler::dataset::load_hashed(d, Default::default())
+            .with_context(|| format!("{flag} {}", d.display()))?;
+        records.extend(r);
+        lines += &format!("{}  {}\n", amend_edits::keys::to_hex(&digest), file_name(d));
     }
-    Ok(records)
+    Ok((records, lines))
+}
+
+/// A path's file name, lossily (for records, not for opening).
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .unwrap_or(p.as_os_str())
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// `--scope-model`, else the default path (`None`: no HOME).
@@ -307,8 +324,8 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     o.check()?;
-    let records = load_sets(&a.data, "--data")?;
-    let calibration = load_sets(&a.calibrate, "--calibrate")?;
+    let (records, data_sha256) = load_sets_hashed(&a.data, "--data")?;
+    let (calibration, calibrate_sha256) = load_sets_hashed(&a.calibrate, "--calibrate")?;
     // Without --calibrate the trainer needs a record per fold; its own message names no flag
     // and comes after the scope model loads.
     if calibration.is_empty() && records.len() < o.folds {
@@ -321,9 +338,36 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
         );
     }
     let scope = open_scope(a.scope_model.clone(), a.threads)?;
-    let (head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
+    let (mut head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
         eprintln!("{m}")
     })?;
+    // The recipe, by file name (a path would carry this machine's directories), so a shipped
+    // head can be rebuilt and checked: data/README.md, `make scope-head-check`.
+    let names = |flag: &str, paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| format!(" {flag} {}", file_name(p)))
+            .collect::<String>()
+    };
+    let command = format!(
+        "amend {} scope-model train-head{}{} --members {} --hidden {} --epochs {} --l2 {} \
+         --target-locality {} --seed {}",
+        env!("CARGO_PKG_VERSION"),
+        names("--data", &a.data),
+        names("--calibrate", &a.calibrate),
+        o.members,
+        o.hidden,
+        o.epochs,
+        o.l2,
+        o.target_locality,
+        o.seed
+    );
+    head.provenance.insert("trained_with".into(), command);
+    head.provenance.insert("data_sha256".into(), data_sha256);
+    if !a.calibrate.is_empty() {
+        head.provenance
+            .insert("calibrate_sha256".into(), calibrate_sha256);
+    }
     crate::compile::write_atomic(&a.out, &head.to_bytes()?)?;
     println!(
         "wrote {}: {} members x {} hidden, threshold {:.3}; {} pairs ({} positive); {}: rephrase {:.1}, locality {:.1}; {:.0} s",

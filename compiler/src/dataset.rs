@@ -244,6 +244,15 @@ fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
 
 /// Read and parse an edit file.
 pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetError> {
+    load_hashed(path, format).map(|(records, _)| records)
+}
+
+/// [`load`], and the sha256 of the bytes the records were parsed from (a trained artifact
+/// records which data it saw).
+pub fn load_hashed(
+    path: &Path,
+    format: DataFormat,
+) -> Result<(Vec<EditRecord>, [u8; 32]), DatasetError> {
     // A FIFO, directory or device is refused without blocking; the cap is checked first.
     let text =
         amend_edits::fsutil::read_regular_string(path, amend_edits::fsutil::MAX_TEXT_FILE_LEN)
@@ -251,6 +260,10 @@ pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetE
                 path: path.to_path_buf(),
                 error: std::io::Error::other(e.to_string()),
             })?;
+    let digest = {
+        use sha2::Digest;
+        sha2::Sha256::digest(text.as_bytes())
+    };
     let text = strip_bom(&text);
     let found = match format {
         DataFormat::Auto => {
@@ -264,11 +277,12 @@ pub fn load(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>, DatasetE
         DataFormat::Jsonl => Detected::Jsonl,
         DataFormat::KnowEdit => Detected::KnowEdit,
     };
-    match found {
+    let records = match found {
         Detected::Jsonl => parse_jsonl(text),
         Detected::KnowEdit => parse_knowedit(text),
         Detected::Parsed(value) => knowedit_records(value),
-    }
+    }?;
+    Ok((records, digest.into()))
 }
 
 /// Records as a KnowEdit JSON array (`id`, `subject`, `prompt`, `target_new`, `ground_truth`,
@@ -611,7 +625,7 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
         return Err(ctx.err(prompt_name, "empty"));
     }
     let ground_truth = optional_text(&ctx, obj, &["ground_truth", "target_true", "answers"])?;
-    let subject_aliases = subject_aliases(&ctx, obj, subject.as_deref())?;
+    let subject_aliases = subject_aliases(&ctx, obj, subject.as_deref(), &prompt)?;
 
     let mut rephrase_prompts = Vec::new();
     for name in ["rephrase_prompt", "rephrase_prompts", "rephrase"] {
@@ -690,11 +704,13 @@ fn parse_record(index: usize, v: &Value) -> Result<EditRecord, DatasetError> {
 
 /// `subject_aliases`: a string or a list of them, each trimmed, non-empty, another name than
 /// the subject (ignoring ASCII case) and given once, at most [`MAX_SUBJECT_ALIASES`]; they need
-/// the subject, whose place in the prompt each alias takes.
+/// the subject, whose place in the prompt each alias takes, so the prompt so written must fit a
+/// bundle string too.
 fn subject_aliases(
     ctx: &Ctx,
     obj: &Map<String, Value>,
     subject: Option<&str>,
+    prompt: &str,
 ) -> Result<Vec<String>, DatasetError> {
     const FIELD: &str = "subject_aliases";
     let Some(v) = obj.get(FIELD).filter(|v| !v.is_null()) else {
@@ -724,6 +740,15 @@ fn subject_aliases(
             Some(format!("{a:?} holds a control or invisible character"))
         } else if out.iter().any(|o| o.eq_ignore_ascii_case(a)) {
             Some(format!("{a:?} is given twice"))
+        } else if prompt.len().saturating_sub(subject.len()) + a.len() > MAX_FIELD_LEN {
+            // The subject's span in the prompt is as long as the subject (found up to ASCII
+            // case), so this is the routing row's prompt length.
+            Some(format!(
+                "the prompt with the {}-byte alias in the subject's place would be {} bytes, at \
+                 most {MAX_FIELD_LEN}",
+                a.len(),
+                prompt.len().saturating_sub(subject.len()) + a.len()
+            ))
         } else {
             None
         };
@@ -939,6 +964,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("without a `subject`"), "{e}");
+        // A prompt that fits a bundle string, and an alias longer than the subject that would
+        // make its routing row's prompt not fit: refused here, not when the bundle is written.
+        let long = |alias_len: usize| {
+            let pad = "x".repeat(MAX_FIELD_LEN - " Chopin plays the".len());
+            parse_knowedit(&format!(
+                r#"[{{"subject": "Chopin", "prompt": "{pad} Chopin plays the",
+                     "target_new": "guitar", "subject_aliases": ["{}"]}}]"#,
+                "C".repeat(alias_len)
+            ))
+        };
+        assert_eq!(long(6).unwrap()[0].prompt.len(), MAX_FIELD_LEN);
+        let e = long(7).unwrap_err().to_string();
+        assert!(
+            e.contains("subject_aliases") && e.contains(&format!("{} bytes", MAX_FIELD_LEN + 1)),
+            "{e}"
+        );
     }
 
     #[test]

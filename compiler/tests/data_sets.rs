@@ -218,3 +218,44 @@ fn memory_sets_are_well_formed_and_disjoint() {
         }
     }
 }
+
+/// The shipped scope head (data/scope-head.safetensors, the compiler's builtin) names the
+/// command that made it and the sha256 of every set it was trained and calibrated on, and those
+/// sets in data/ still hash the same: editing a training set without retraining the head, or
+/// shipping a head without its recipe, fails here (session 41: the head shipped in session 23
+/// was not what its documented command made). The rebuild itself: `make scope-head-check`.
+#[test]
+fn the_shipped_scope_head_names_its_recipe_and_the_data_still_matches() {
+    use sha2::Digest;
+    let head = amend_compiler::methods::scope_head::HeadFile::parse(
+        amend_compiler::methods::scope_head::BUILTIN,
+    )
+    .unwrap();
+    let command = &head.provenance["trained_with"];
+    let mut named = 0;
+    for key in ["data_sha256", "calibrate_sha256"] {
+        let flag = if key == "data_sha256" {
+            "--data"
+        } else {
+            "--calibrate"
+        };
+        for line in head.provenance[key].lines() {
+            let (hex, name) = line.split_once("  ").unwrap();
+            let bytes = std::fs::read(data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                amend_edits::keys::to_hex(&sha2::Sha256::digest(&bytes)),
+                hex,
+                "data/{name} changed since the shipped scope head was trained on it; retrain \
+                 it with the command in its trained_with metadata"
+            );
+            assert!(command.contains(&format!("{flag} {name}")), "{command}");
+            named += 1;
+        }
+    }
+    // dev, heldout..heldout6, calibrated on heldout7 (docs/methods.md).
+    assert_eq!(named, 8, "{:?}", head.provenance);
+    assert!(
+        command.contains("--calibrate memory-heldout7.json"),
+        "{command}"
+    );
+}

@@ -12,7 +12,7 @@
 //! folds), never on the training fit. The head is a file (safetensors) bound to the scope
 //! model's fingerprint; `amend compile --method serac` copies it into the bundle.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use amend_edits::families::{dot, subject_relation_rest, ScopeHead};
 use amend_runtime::ScopeModel;
@@ -24,8 +24,9 @@ use crate::dataset::synthetic::Rng;
 use crate::dataset::EditRecord;
 use crate::error::{CompileError, Result};
 
-/// The head the project ships: trained on data/memory-dev.json with [`TrainOptions::default`]
-/// against the default scope model (all-MiniLM-L6-v2 Q8_0).
+/// The head the project ships: trained by the command its `trained_with` metadata holds (the
+/// data files' sha256 beside it, [`HeadFile::provenance`]) against the default scope model (the
+/// tuned all-MiniLM-L6-v2 Q8_0).
 pub const BUILTIN: &[u8] = include_bytes!("../../../data/scope-head.safetensors");
 
 /// A head as stored: weights `[members * hidden, features + 2]` (input weights, bias, output
@@ -40,7 +41,18 @@ pub struct HeadFile {
     pub out_bias: Vec<f32>,
     pub threshold: f32,
     pub scope_fingerprint: [u8; 32],
+    /// How the head was made, as `amend scope-model train-head` records it (`trained_with`: the
+    /// command; `data_sha256` and `calibrate_sha256`: `sha256  file name` lines), so a shipped
+    /// head can be traced to its recipe and rebuilt. Not read by routing, not copied into
+    /// bundles.
+    pub provenance: BTreeMap<String, String>,
 }
+
+/// Metadata keys a head file holds for routing; any other key is [`HeadFile::provenance`].
+const ROUTING_KEYS: [&str; 4] = ["embed_dim", "members", "hidden", "scope_fingerprint"];
+
+/// Longest provenance value kept (a command line, a few dozen hash lines).
+pub const MAX_PROVENANCE_LEN: usize = 64 << 10;
 
 /// The head `serac.scope_head` names: "builtin" (the shipped head), "none" (the cosine
 /// thresholds alone), or a path. A head trained on another scope model is refused.
@@ -117,7 +129,22 @@ impl HeadFile {
             out_bias: f32s("out_bias")?,
             threshold: *threshold.first().ok_or_else(|| bad("threshold is empty"))?,
             scope_fingerprint: fp,
+            provenance: md
+                .iter()
+                .filter(|(k, _)| !ROUTING_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
+        if let Some((k, v)) = h
+            .provenance
+            .iter()
+            .find(|(_, v)| v.len() > MAX_PROVENANCE_LEN)
+        {
+            return Err(bad(format!(
+                "metadata {k:?} is {} bytes, at most {MAX_PROVENANCE_LEN}",
+                v.len()
+            )));
+        }
         h.family().map_err(|e| bad(e.0))?;
         Ok(h)
     }
@@ -149,6 +176,13 @@ impl HeadFile {
             ("out_bias", view(vec![self.members], &b)?),
             ("threshold", view(vec![1], &t)?),
         ];
+        if let Some(k) = self
+            .provenance
+            .keys()
+            .find(|k| ROUTING_KEYS.contains(&k.as_str()))
+        {
+            return Err(bad(format!("provenance key {k:?} is a routing key")));
+        }
         let md: HashMap<String, String> = [
             ("embed_dim", self.embed_dim.to_string()),
             ("members", self.members.to_string()),
@@ -160,9 +194,47 @@ impl HeadFile {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(self.provenance.clone())
         .collect();
-        safetensors::serialize(tensors, Some(md)).map_err(|e| bad(e.to_string()))
+        let bytes = safetensors::serialize(tensors, Some(md)).map_err(|e| bad(e.to_string()))?;
+        sorted_header(bytes)
     }
+}
+
+/// safetensors writes its JSON header from hash maps, in an order that changes from run to run;
+/// the same head must be the same bytes (a shipped head is checked against a rebuild), so the
+/// header is written again with its keys sorted and padded as before to a multiple of 8 bytes.
+/// The tensor data and its offsets do not move.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+        .filter(|&n| bytes.len() >= 8 + n)
+        .ok_or_else(|| bad("serialized header out of bounds"))?;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])
+        .map_err(|e| bad(format!("serialized header: {e}")))?;
+    // serde_json's map keeps insertion order when a dependency turns on `preserve_order`: the
+    // metadata goes through a BTreeMap of its own.
+    let header: BTreeMap<String, serde_json::Value> = header
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match (k.as_str(), v) {
+                ("__metadata__", serde_json::Value::Object(m)) => {
+                    serde_json::to_value(m.into_iter().collect::<BTreeMap<_, _>>())
+                        .map_err(|e| bad(e.to_string()))?
+                }
+                (_, v) => v,
+            };
+            Ok((k, v))
+        })
+        .collect::<Result<_>>()?;
+    let mut json = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Labelled pairs: features `[n, n_features]`, label, which probe each pair belongs to, and per
@@ -474,6 +546,7 @@ fn train_ensemble(
         out_bias,
         threshold: 0.0,
         scope_fingerprint: [0; 32],
+        provenance: BTreeMap::new(),
     })
 }
 
@@ -641,6 +714,62 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small valid head with provenance.
+    fn small_head() -> HeadFile {
+        let (embed_dim, members, hidden) = (4, 2, 3);
+        let nf = ScopeHead::n_features(embed_dim) + 2;
+        HeadFile {
+            embed_dim,
+            members,
+            hidden,
+            weights: (0..members * hidden * nf)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect(),
+            out_bias: vec![0.1, -0.2],
+            threshold: 1.5,
+            scope_fingerprint: [7; 32],
+            provenance: [
+                ("trained_with", "amend scope-model train-head --data a.json"),
+                ("data_sha256", "00ff  a.json"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        }
+    }
+
+    /// The same head is the same bytes, whatever order safetensors' hash maps take (each call
+    /// builds new ones with new random keys), and its provenance comes back; a provenance key
+    /// that is a routing key is refused.
+    #[test]
+    fn head_bytes_are_deterministic_and_keep_provenance() {
+        let h = small_head();
+        let first = h.to_bytes().unwrap();
+        for _ in 0..32 {
+            assert_eq!(h.to_bytes().unwrap(), first);
+        }
+        let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+        let at = |k: &str| header.find(k).unwrap();
+        assert!(at("data_sha256") < at("embed_dim") && at("embed_dim") < at("trained_with"));
+        assert!(at("out_bias") < at("threshold") && at("threshold") < at("weights"));
+        let back = HeadFile::parse(&first).unwrap();
+        assert_eq!(back, h);
+        let mut bad_key = small_head();
+        bad_key.provenance.insert("members".into(), "9".into());
+        assert!(bad_key
+            .to_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("routing key"));
+        let mut long = small_head();
+        long.provenance
+            .insert("note".into(), "x".repeat(MAX_PROVENANCE_LEN + 1));
+        let e = HeadFile::parse(&long.to_bytes().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("\"note\" is"), "{e}");
+    }
 
     /// Bad options are refused before any training, naming the flag and its range.
     #[test]
