@@ -4278,37 +4278,33 @@ fn locate_on_a_full_partition_writes_all_or_nothing() {
             .len()
             .div_ceil(4096)
     };
-    // Room for the json and all but one page of the heatmap.
-    full.fill_leaving(pages("t.json") + pages("t.png") - 1);
+    // With room for the json and all but one page of the heatmap, the trace into `out_dir`
+    // fails naming the heatmap: its standard error.
+    let heatmap_refused = |out_dir: &Path| {
+        full.fill_leaving(pages("t.json") + pages("t.png") - 1);
+        let args = args_in(out_dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = amend_within(&args, 300);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success());
+        assert!(
+            err.contains("t.png") && err.contains("No space left on device"),
+            "{err}"
+        );
+        std::fs::remove_file(full.0.join("fill")).unwrap();
+        err
+    };
     let out_dir = full.0.join("x");
-    let args = args_in(&out_dir);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = amend_within(&args, 300);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("t.png") && err.contains("No space left on device"),
-        "{err}"
-    );
+    let err = heatmap_refused(&out_dir);
     assert!(!err.contains(".tmp"), "{err}");
-    assert_eq!(dir_listing(&full.0), ["fill"]);
+    assert_eq!(dir_listing(&full.0), Vec::<String>::new());
     // The same failure over an earlier trace's outputs keeps both of them (session 41: the
     // new JSON was put in place, then removed when the heatmap failed, so the old one was lost).
-    std::fs::remove_file(full.0.join("fill")).unwrap();
     let earlier = full.0.join("y");
     std::fs::create_dir(&earlier).unwrap();
     std::fs::write(earlier.join("t.json"), b"earlier json").unwrap();
     std::fs::write(earlier.join("t.png"), b"earlier png").unwrap();
-    full.fill_leaving(pages("t.json") + pages("t.png") - 1);
-    let args_y = args_in(&earlier);
-    let args_y: Vec<&str> = args_y.iter().map(String::as_str).collect();
-    let out = amend_within(&args_y, 300);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("t.png") && err.contains("No space left on device"),
-        "{err}"
-    );
+    let err = heatmap_refused(&earlier);
     assert_eq!(dir_listing(&earlier), ["t.json", "t.png"], "{err}");
     assert_eq!(
         std::fs::read(earlier.join("t.json")).unwrap(),
@@ -4318,9 +4314,9 @@ fn locate_on_a_full_partition_writes_all_or_nothing() {
         std::fs::read(earlier.join("t.png")).unwrap(),
         b"earlier png"
     );
-    std::fs::remove_file(full.0.join("fill")).unwrap();
-    let out = amend_within(&args, 300);
-    assert!(out.status.success());
+    let args = args_in(&out_dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(amend_within(&args, 300).status.success());
     assert_eq!(dir_listing(&out_dir), ["t.json", "t.png"]);
 }
 

@@ -439,6 +439,16 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// The sorted names in `d`.
+    fn listing(d: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("amend-fsutil-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -533,12 +543,7 @@ mod tests {
         sa.commit().unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), b"new a");
         assert_eq!(std::fs::read(&b).unwrap(), b"old b");
-        let mut names: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["a.json", "b.png"]);
+        assert_eq!(listing(&d), ["a.json", "b.png"]);
         // A commit whose rename fails (the final name became a directory) removes its file.
         std::fs::remove_file(&b).unwrap();
         let sb = stage(&b, b"x", None).unwrap();
@@ -666,11 +671,7 @@ mod tests {
 
         write_atomic(&p, b"new", None).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
-        let mut left: Vec<String> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
+        let left = listing(&d);
         let mut want: Vec<String> = kept.to_vec();
         want.extend([fresh, link, sub, "out.bin".to_string()]);
         want.sort();
