@@ -148,6 +148,31 @@ fn load_sets_hashed(
     Ok((records, lines))
 }
 
+/// How a shipped file was made, for its metadata ([`amend_compiler::artifact`]): the command
+/// `amend VERSION scope-model SUB` with the files by name (a path would carry this machine's
+/// directories) and every option as a flag, and the training sets' sha256 lines.
+fn recipe(
+    sub: &str,
+    files: &[(&str, &[PathBuf])],
+    options: &[(&str, String)],
+    data_sha256: String,
+) -> std::collections::BTreeMap<String, String> {
+    let mut command = format!("amend {} scope-model {sub}", env!("CARGO_PKG_VERSION"));
+    for (flag, paths) in files {
+        for p in *paths {
+            command += &format!(" {flag} {}", file_name(p));
+        }
+    }
+    for (flag, value) in options {
+        command += &format!(" {flag} {value}");
+    }
+    use amend_compiler::artifact::{DATA_SHA256, TRAINED_WITH};
+    [(TRAINED_WITH, command), (DATA_SHA256, data_sha256)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 /// A path's file name, lossily (for records, not for opening).
 fn file_name(p: &Path) -> String {
     p.file_name()
@@ -234,7 +259,7 @@ fn tune(a: TuneArgs) -> anyhow::Result<()> {
     let cfg = amend_compiler::scope_model::BertConfig::read(&a.from)
         .with_context(|| format!("--from {}", a.from.display()))?;
     o.check(&cfg)?;
-    let records = load_sets(&a.data, "--data")?;
+    let (records, data_sha256) = load_sets_hashed(&a.data, "--data")?;
     let validation = load_sets(&a.validation, "--validation")?;
     let lexicon = amend_compiler::methods::relation_groups::Lexicon::load(&a.lexicon)
         .with_context(|| format!("--lexicon {}", a.lexicon))?;
@@ -248,7 +273,27 @@ fn tune(a: TuneArgs) -> anyhow::Result<()> {
         &o,
         &mut |m| eprintln!("{m}"),
     )?;
-    crate::compile::write_atomic(&a.out, &scope_tune::factors_to_bytes(&enc.bert)?)?;
+    // A lexicon file is named by its file name; "wikidata", "builtin" and "none" as given.
+    let lexicon_name = file_name(Path::new(&a.lexicon));
+    let provenance = recipe(
+        "tune",
+        &[("--data", &a.data)],
+        &[
+            ("--lexicon", lexicon_name),
+            ("--layers", a.layers.to_string()),
+            ("--rank", a.rank.to_string()),
+            ("--epochs", a.epochs.to_string()),
+            ("--lr", a.lr.to_string()),
+            ("--temperature", a.temperature.to_string()),
+            ("--lexicon-items", a.lexicon_items.to_string()),
+            ("--seed", a.seed.to_string()),
+        ],
+        data_sha256,
+    );
+    crate::compile::write_atomic(
+        &a.out,
+        &scope_tune::factors_to_bytes(&enc.bert, provenance)?,
+    )?;
     println!(
         "wrote {}: rank {} on the top {} layers; {} items, {} texts, {} steps, last loss {:.4}; {:.0} s",
         a.out.display(),
@@ -341,29 +386,19 @@ fn train_head(a: TrainHeadArgs) -> anyhow::Result<()> {
     let (mut head, rep) = scope_head::train(&scope, &records, &calibration, &o, &mut |m| {
         eprintln!("{m}")
     })?;
-    // The recipe, by file name (a path would carry this machine's directories), so a shipped
-    // head can be rebuilt and checked: data/README.md, `make scope-head-check`.
-    let names = |flag: &str, paths: &[PathBuf]| {
-        paths
-            .iter()
-            .map(|p| format!(" {flag} {}", file_name(p)))
-            .collect::<String>()
-    };
-    let command = format!(
-        "amend {} scope-model train-head{}{} --members {} --hidden {} --epochs {} --l2 {} \
-         --target-locality {} --seed {}",
-        env!("CARGO_PKG_VERSION"),
-        names("--data", &a.data),
-        names("--calibrate", &a.calibrate),
-        o.members,
-        o.hidden,
-        o.epochs,
-        o.l2,
-        o.target_locality,
-        o.seed
+    head.provenance = recipe(
+        "train-head",
+        &[("--data", &a.data), ("--calibrate", &a.calibrate)],
+        &[
+            ("--members", o.members.to_string()),
+            ("--hidden", o.hidden.to_string()),
+            ("--epochs", o.epochs.to_string()),
+            ("--l2", o.l2.to_string()),
+            ("--target-locality", o.target_locality.to_string()),
+            ("--seed", o.seed.to_string()),
+        ],
+        data_sha256,
     );
-    head.provenance.insert("trained_with".into(), command);
-    head.provenance.insert("data_sha256".into(), data_sha256);
     if !a.calibrate.is_empty() {
         head.provenance
             .insert("calibrate_sha256".into(), calibrate_sha256);

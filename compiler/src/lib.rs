@@ -23,6 +23,8 @@ pub mod methods;
 pub mod scope_model;
 // Tuning the scope model (LoRA on its top layers, contrastive).
 pub mod scope_tune;
+// Shipped trained files: deterministic bytes, their recipe in the metadata.
+pub mod artifact;
 
 pub use error::CompileError;
 pub use hparams::Hparams;

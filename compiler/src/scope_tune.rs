@@ -797,8 +797,12 @@ pub fn hard_case_auc(
 }
 
 /// The tuned factors as safetensors: per adapted projection `{name}.lora_a` `[rank, in]` and
-/// `{name}.lora_b` `[out, rank]`, already multiplied by the scale into B.
-pub fn factors_to_bytes(bert: &Bert) -> Result<Vec<u8>> {
+/// `{name}.lora_b` `[out, rank]`, already multiplied by the scale into B; `provenance` (how they
+/// were made: [`crate::artifact`]) goes into the metadata, which conversion does not read.
+pub fn factors_to_bytes(
+    bert: &Bert,
+    provenance: std::collections::BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut map: Vec<(String, Tensor)> = Vec::new();
     let mut names: Vec<&String> = bert.lora.keys().collect();
     names.sort();
@@ -826,7 +830,7 @@ pub fn factors_to_bytes(bert: &Bert) -> Result<Vec<u8>> {
                 .map_err(|e| bad(format!("{n}: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize(tensors, None).map_err(|e| bad(format!("serialize: {e}")))
+    crate::artifact::serialize(tensors, provenance).map_err(|e| bad(format!("serialize: {e}")))
 }
 
 #[cfg(test)]

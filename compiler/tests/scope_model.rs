@@ -214,7 +214,18 @@ fn tuner_forward_matches_the_converted_model_with_and_without_factors() {
         p.b.set(&r).unwrap();
     }
     let factors = tmp_tune("factors.safetensors");
-    std::fs::write(&factors, factors_to_bytes(&bert).unwrap()).unwrap();
+    // With a recipe in the metadata, as `amend scope-model tune` writes them (conversion reads
+    // the tensors only).
+    let recipe = [(
+        "trained_with".to_string(),
+        "amend x scope-model tune".to_string(),
+    )];
+    let bytes = factors_to_bytes(&bert, recipe.clone().into_iter().collect()).unwrap();
+    assert_eq!(
+        bytes,
+        factors_to_bytes(&bert, recipe.into_iter().collect()).unwrap()
+    );
+    std::fs::write(&factors, bytes).unwrap();
     let c = convert(&dir, WeightType::F16, Some(&factors)).unwrap();
     let tuned_path = tmp_tune("tuned-f16.gguf");
     std::fs::write(&tuned_path, &c.bytes).unwrap();

@@ -12,7 +12,7 @@
 //! folds), never on the training fit. The head is a file (safetensors) bound to the scope
 //! model's fingerprint; `amend compile --method serac` copies it into the bundle.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use amend_edits::families::{dot, subject_relation_rest, ScopeHead};
 use amend_runtime::ScopeModel;
@@ -183,58 +183,22 @@ impl HeadFile {
         {
             return Err(bad(format!("provenance key {k:?} is a routing key")));
         }
-        let md: HashMap<String, String> = [
-            ("embed_dim", self.embed_dim.to_string()),
-            ("members", self.members.to_string()),
-            ("hidden", self.hidden.to_string()),
+        let mut md: BTreeMap<String, String> = self.provenance.clone();
+        md.extend([
+            ("embed_dim".to_string(), self.embed_dim.to_string()),
+            ("members".to_string(), self.members.to_string()),
+            ("hidden".to_string(), self.hidden.to_string()),
             (
-                "scope_fingerprint",
+                "scope_fingerprint".to_string(),
                 amend_edits::keys::to_hex(&self.scope_fingerprint),
             ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain(self.provenance.clone())
-        .collect();
-        let bytes = safetensors::serialize(tensors, Some(md)).map_err(|e| bad(e.to_string()))?;
-        sorted_header(bytes)
+        ]);
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect();
+        crate::artifact::serialize(tensors, md).map_err(bad)
     }
-}
-
-/// safetensors writes its JSON header from hash maps, in an order that changes from run to run;
-/// the same head must be the same bytes (a shipped head is checked against a rebuild), so the
-/// header is written again with its keys sorted and padded as before to a multiple of 8 bytes.
-/// The tensor data and its offsets do not move.
-fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
-    let n = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
-        .filter(|&n| bytes.len() >= 8 + n)
-        .ok_or_else(|| bad("serialized header out of bounds"))?;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])
-        .map_err(|e| bad(format!("serialized header: {e}")))?;
-    // serde_json's map keeps insertion order when a dependency turns on `preserve_order`: the
-    // metadata goes through a BTreeMap of its own.
-    let header: BTreeMap<String, serde_json::Value> = header
-        .into_iter()
-        .map(|(k, v)| {
-            let v = match (k.as_str(), v) {
-                ("__metadata__", serde_json::Value::Object(m)) => {
-                    serde_json::to_value(m.into_iter().collect::<BTreeMap<_, _>>())
-                        .map_err(|e| bad(e.to_string()))?
-                }
-                (_, v) => v,
-            };
-            Ok((k, v))
-        })
-        .collect::<Result<_>>()?;
-    let mut json = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&bytes[8 + n..]);
-    Ok(out)
 }
 
 /// Labelled pairs: features `[n, n_features]`, label, which probe each pair belongs to, and per
