@@ -1001,11 +1001,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(lora) = &out.gguf_lora {
         staged.push(stage(&lora_path, lora)?);
     }
-    for s in staged {
-        let path = s.path().to_path_buf();
-        s.commit()
-            .with_context(|| format!("renaming the new {} into place", path.display()))?;
-    }
+    amend_edits::fsutil::commit_all(staged)?;
     if out.gguf_lora.is_some() {
         println!("wrote {} (GGUF-LoRA for llama.cpp)", lora_path.display());
     }

@@ -116,11 +116,7 @@ pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
             pp.display()
         );
     }
-    for s in staged {
-        let to = s.path().to_path_buf();
-        s.commit()
-            .with_context(|| format!("renaming the new {} into place", to.display()))?;
-    }
+    amend_edits::fsutil::commit_all(staged)?;
     Ok(())
 }
 

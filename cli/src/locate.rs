@@ -235,11 +235,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for s in staged {
-        let path = s.path().to_path_buf();
-        s.commit()
-            .with_context(|| format!("renaming the new {} into place", path.display()))?;
-    }
+    amend_edits::fsutil::commit_all(staged)?;
     created.keep();
 
     println!(

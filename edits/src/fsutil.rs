@@ -177,6 +177,21 @@ impl Staged {
     }
 }
 
+/// Commit files staged together, in order. A failed rename names its path ("renaming the new
+/// PATH into place"); the files after it are dropped, so removed.
+pub fn commit_all(staged: impl IntoIterator<Item = Staged>) -> std::io::Result<()> {
+    for s in staged {
+        let path = s.path.clone();
+        s.commit().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("renaming the new {} into place: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
@@ -549,7 +564,12 @@ mod tests {
         let sb = stage(&b, b"x", None).unwrap();
         std::fs::create_dir(&b).unwrap();
         std::fs::write(b.join("keep"), b"").unwrap();
-        assert!(sb.commit().is_err());
+        let e = commit_all([sb]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("renaming the new {} into place", b.display())),
+            "{e}"
+        );
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2);
         assert!(b.join("keep").exists());
         let _ = std::fs::remove_dir_all(&d);
